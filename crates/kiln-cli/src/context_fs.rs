@@ -1,0 +1,78 @@
+//! A build context on disk: walked once (pruned by `.dockerignore`), hashed on demand.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use kiln_dockerfile::context::{ContextEntry, ContextError, ContextFiles, EntryKind};
+use kiln_dockerfile::ignore::PatternList;
+use kiln_types::{Digest, Sha256Writer};
+
+/// A directory used as build context.
+pub struct FsContext {
+    root: PathBuf,
+    entries: Vec<ContextEntry>,
+    digests: RefCell<HashMap<String, Digest>>,
+}
+
+impl FsContext {
+    /// Lists `root`, leaving out what `ignore` excludes. Excluded directories are skipped
+    /// whole unless an exception pattern may re-include something below them.
+    pub fn walk(root: &Path, ignore: &PatternList) -> io::Result<FsContext> {
+        let mut entries = Vec::new();
+        walk_dir(root, "", ignore, &mut entries)?;
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(FsContext { root: root.to_path_buf(), entries, digests: RefCell::default() })
+    }
+}
+
+fn walk_dir(dir: &Path, prefix: &str, ignore: &PatternList, out: &mut Vec<ContextEntry>) -> io::Result<()> {
+    let mut children: Vec<_> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    children.sort_by_key(|e| e.file_name());
+    for child in children {
+        let name = child.file_name().to_string_lossy().into_owned();
+        let path = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+        let meta = fs::symlink_metadata(child.path())?;
+        let excluded = ignore.is_excluded(&path);
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.is_dir() {
+            if excluded && !ignore.must_descend(&path) {
+                continue;
+            }
+            if !excluded {
+                out.push(ContextEntry { path: path.clone(), kind: EntryKind::Dir, mode });
+            }
+            walk_dir(&child.path(), &path, ignore, out)?;
+        } else if !excluded {
+            let kind = if meta.file_type().is_symlink() {
+                EntryKind::Symlink(fs::read_link(child.path())?.to_string_lossy().into_owned())
+            } else {
+                EntryKind::File
+            };
+            out.push(ContextEntry { path, kind, mode });
+        }
+    }
+    Ok(())
+}
+
+impl ContextFiles for FsContext {
+    fn entries(&self) -> &[ContextEntry] {
+        &self.entries
+    }
+
+    fn file_digest(&self, path: &str) -> Result<Digest, ContextError> {
+        if let Some(d) = self.digests.borrow().get(path) {
+            return Ok(*d);
+        }
+        let read_error = |e: io::Error| ContextError::Read { path: path.to_owned(), message: e.to_string() };
+        let mut file = fs::File::open(self.root.join(path)).map_err(read_error)?;
+        let mut hasher = Sha256Writer::new();
+        io::copy(&mut file, &mut hasher).map_err(read_error)?;
+        let digest = hasher.finish();
+        self.digests.borrow_mut().insert(path.to_owned(), digest);
+        Ok(digest)
+    }
+}

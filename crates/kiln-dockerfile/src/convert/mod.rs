@@ -1,0 +1,247 @@
+//! Conversion of a Dockerfile into a build graph, one output per requested platform.
+//!
+//! Stages are dispatched on demand, starting from the target: a stage is converted only
+//! when something the target needs refers to it (`FROM <stage>`, `COPY --from`,
+//! `RUN --mount from=`), so unused stages never reach the graph. Each stage is converted at
+//! most once per platform and a reference back into a stage still being converted is a
+//! cycle. Identical work across stages and platforms collapses in the [`GraphBuilder`].
+
+mod copy;
+mod dispatch;
+mod exec;
+mod state;
+
+use std::collections::BTreeMap;
+
+use kiln_graph::{Graph, GraphBuilder, Output};
+use kiln_types::Platform;
+
+use crate::context::ContextFiles;
+use crate::image::{ImageConfig, ImageMetadata};
+use crate::instructions::{parse_dockerfile, Dockerfile};
+use crate::shell::Lexer;
+use state::StageResult;
+
+/// What to build and with which inputs.
+pub struct ConvertOptions<'a> {
+    /// File name used in error messages, e.g. `Dockerfile` or `app/Dockerfile.prod`.
+    pub file_name: String,
+    /// Stage to build (name or index); the last stage when `None`.
+    pub target: Option<String>,
+    /// `--build-arg` values.
+    pub build_args: BTreeMap<String, String>,
+    /// Target platforms; the build platform when empty.
+    pub platforms: Vec<Platform>,
+    /// The platform builds run on (`BUILDPLATFORM`).
+    pub build_platform: Platform,
+    /// The build context.
+    pub context: &'a dyn ContextFiles,
+    /// Base image configs known before the build.
+    pub images: &'a dyn ImageMetadata,
+}
+
+/// The converted build: a graph plus the image config of each output.
+#[derive(Debug, Clone)]
+pub struct BuildPlan {
+    /// The graph, one output per platform.
+    pub graph: Graph,
+    /// Image config of each output, in the same order as `graph.outputs`.
+    pub images: Vec<ImageConfig>,
+    /// Name of the target stage.
+    pub target: String,
+    /// Non-fatal findings, for people.
+    pub warnings: Vec<String>,
+}
+
+/// A front-end error, located in the Dockerfile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct FrontendError {
+    /// The Dockerfile's name.
+    pub file: String,
+    /// The line the error is about, 1-based.
+    pub line: Option<usize>,
+    /// The stage being converted.
+    pub stage: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl FrontendError {
+    fn render(&self) -> String {
+        let place = match self.line {
+            Some(line) => format!("{}:{line}", self.file),
+            None => self.file.clone(),
+        };
+        match &self.stage {
+            Some(stage) => format!("{place}: stage {stage}: {}", self.message),
+            None => format!("{place}: {}", self.message),
+        }
+    }
+}
+
+/// Why a step of conversion failed: a bare message the caller locates, or an error
+/// already located elsewhere (in another stage) that passes through unchanged.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    Message(String),
+    Located(FrontendError),
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Message(message)
+    }
+}
+
+impl From<FrontendError> for Failure {
+    fn from(error: FrontendError) -> Self {
+        Failure::Located(error)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        Failure::Message(message.to_owned())
+    }
+}
+
+/// Parses and converts a Dockerfile.
+pub fn convert(text: &str, options: &ConvertOptions<'_>) -> Result<BuildPlan, FrontendError> {
+    let file_error = |line: Option<usize>, message: String| FrontendError {
+        file: options.file_name.clone(),
+        line,
+        stage: None,
+        message,
+    };
+    let dockerfile = parse_dockerfile(text).map_err(|e| file_error(Some(e.line), e.message))?;
+    let target = resolve_target(&dockerfile, options.target.as_deref()).map_err(|m| file_error(None, m))?;
+    let platforms = if options.platforms.is_empty() { vec![options.build_platform.clone()] } else { options.platforms.clone() };
+    let mut builder = GraphBuilder::new();
+    let mut outputs = Vec::new();
+    let mut images = Vec::new();
+    let mut warnings: Vec<String> = dockerfile.warnings.iter().map(|w| format!("{}:{}: {}", options.file_name, w.line, w.message)).collect();
+    for platform in &platforms {
+        let mut converter = Converter::new(&dockerfile, options, platform.clone(), platforms.len() > 1, &mut builder)?;
+        let result = converter.stage(target, None)?;
+        warnings.append(&mut converter.warnings);
+        outputs.push(Output { platform: platform.clone(), digest: result.root });
+        images.push(result.config);
+    }
+    warnings.dedup();
+    let graph = builder.finish(outputs);
+    Ok(BuildPlan { graph, images, target: dockerfile.stages[target].display_name(), warnings })
+}
+
+fn resolve_target(file: &Dockerfile, target: Option<&str>) -> Result<usize, String> {
+    let Some(name) = target else { return Ok(file.stages.len() - 1) };
+    let lower = name.to_lowercase();
+    if let Some(stage) = file.stages.iter().find(|s| s.from.name.as_deref() == Some(lower.as_str())) {
+        return Ok(stage.index);
+    }
+    let names: Vec<String> = file.stages.iter().filter_map(|s| s.from.name.clone()).collect();
+    Err(format!("target stage {name:?} could not be found (stages: {})", names.join(", ")))
+}
+
+/// Per-stage conversion progress, so each stage converts once and cycles are caught.
+#[derive(Clone)]
+enum Slot {
+    Pending,
+    InProgress,
+    Done(StageResult),
+}
+
+/// Converts the stages of one platform.
+pub(crate) struct Converter<'a> {
+    file: &'a Dockerfile,
+    options: &'a ConvertOptions<'a>,
+    target_platform: Platform,
+    prefix_platform: bool,
+    builder: &'a mut GraphBuilder,
+    slots: Vec<Slot>,
+    /// Global ARGs with values and the automatic platform ARGs: the FROM environment.
+    meta_env: Vec<(String, String)>,
+    lexer: Lexer,
+    warnings: Vec<String>,
+}
+
+/// The automatic platform ARGs BuildKit defines.
+fn platform_args(build: &Platform, target: &Platform) -> Vec<(String, String)> {
+    let mut args = Vec::new();
+    for (prefix, p) in [("BUILD", build), ("TARGET", target)] {
+        args.push((format!("{prefix}PLATFORM"), p.to_string()));
+        args.push((format!("{prefix}OS"), p.os.clone()));
+        args.push((format!("{prefix}ARCH"), p.architecture.clone()));
+        args.push((format!("{prefix}VARIANT"), p.variant.clone().unwrap_or_default()));
+    }
+    args
+}
+
+impl<'a> Converter<'a> {
+    fn new(
+        file: &'a Dockerfile,
+        options: &'a ConvertOptions<'a>,
+        target_platform: Platform,
+        prefix_platform: bool,
+        builder: &'a mut GraphBuilder,
+    ) -> Result<Self, FrontendError> {
+        let lexer = Lexer::new(file.directives.escape);
+        let mut meta_env = platform_args(&options.build_platform, &target_platform);
+        for (decl, line) in &file.meta_args {
+            let value = match (options.build_args.get(&decl.key), &decl.default) {
+                (Some(v), _) => Some(v.clone()),
+                (None, Some(default)) => Some(lexer.process_word(default, &meta_env).map_err(|e| {
+                    FrontendError { file: options.file_name.clone(), line: Some(*line), stage: None, message: e.to_string() }
+                })?),
+                (None, None) => None,
+            };
+            if let Some(v) = value {
+                meta_env.push((decl.key.clone(), v));
+            }
+        }
+        Ok(Converter {
+            file,
+            options,
+            target_platform,
+            prefix_platform,
+            builder,
+            slots: vec![Slot::Pending; file.stages.len()],
+            meta_env,
+            lexer,
+            warnings: Vec::new(),
+        })
+    }
+
+    /// Converts stage `index` (once) and returns its result. `referrer` is the stage and
+    /// line that needs it, for the cycle error.
+    pub(crate) fn stage(&mut self, index: usize, referrer: Option<(&str, usize)>) -> Result<StageResult, FrontendError> {
+        match &self.slots[index] {
+            Slot::Done(result) => return Ok(result.clone()),
+            Slot::InProgress => {
+                let name = self.file.stages[index].display_name();
+                let (via, line) = referrer.map_or((name.clone(), None), |(s, l)| (s.to_owned(), Some(l)));
+                return Err(FrontendError {
+                    file: self.options.file_name.clone(),
+                    line,
+                    stage: Some(via),
+                    message: format!("stage cycle: stage {name} depends on itself"),
+                });
+            }
+            Slot::Pending => {}
+        }
+        self.slots[index] = Slot::InProgress;
+        let result = self.dispatch_stage(index)?;
+        self.slots[index] = Slot::Done(result.clone());
+        Ok(result)
+    }
+
+    /// Finds a stage by name or, when `allow_index`, by number.
+    pub(crate) fn find_stage(&self, name: &str, before: Option<usize>, allow_index: bool) -> Option<usize> {
+        let limit = before.unwrap_or(self.file.stages.len());
+        if allow_index && let Ok(i) = name.parse::<usize>() {
+            return (i < self.file.stages.len()).then_some(i);
+        }
+        let lower = name.to_lowercase();
+        self.file.stages[..limit].iter().find(|s| s.from.name.as_deref() == Some(lower.as_str())).map(|s| s.index)
+    }
+}
