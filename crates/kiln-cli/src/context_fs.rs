@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use kiln_dockerfile::context::{ContextEntry, ContextError, ContextFiles, EntryKind};
-use kiln_dockerfile::ignore::PatternList;
+use kiln_dockerfile::ignore::{PatternList, WalkState};
 use kiln_types::{Digest, Sha256Writer};
 
 /// A directory used as build context.
@@ -23,20 +23,28 @@ impl FsContext {
     /// whole unless an exception pattern may re-include something below them.
     pub fn walk(root: &Path, ignore: &PatternList) -> io::Result<FsContext> {
         let mut entries = Vec::new();
-        walk_dir(root, "", ignore, &mut entries)?;
+        walk_dir(root, "", ignore, &WalkState::default(), &mut entries)?;
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(FsContext { root: root.to_path_buf(), entries, digests: RefCell::default() })
     }
 }
 
-fn walk_dir(dir: &Path, prefix: &str, ignore: &PatternList, out: &mut Vec<ContextEntry>) -> io::Result<()> {
+/// Walks one directory. Exclusion uses the parent's match state, as BuildKit's fsutil
+/// walker does (moby's `MatchesUsingParentResults`).
+fn walk_dir(
+    dir: &Path,
+    prefix: &str,
+    ignore: &PatternList,
+    parent: &WalkState,
+    out: &mut Vec<ContextEntry>,
+) -> io::Result<()> {
     let mut children: Vec<_> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     children.sort_by_key(|e| e.file_name());
     for child in children {
         let name = child.file_name().to_string_lossy().into_owned();
         let path = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
         let meta = fs::symlink_metadata(child.path())?;
-        let excluded = ignore.is_excluded(&path);
+        let (excluded, state) = ignore.walk_match(&path, parent);
         let mode = meta.permissions().mode() & 0o7777;
         if meta.is_dir() {
             if excluded && !ignore.must_descend(&path) {
@@ -45,7 +53,7 @@ fn walk_dir(dir: &Path, prefix: &str, ignore: &PatternList, out: &mut Vec<Contex
             if !excluded {
                 out.push(ContextEntry { path: path.clone(), kind: EntryKind::Dir, mode });
             }
-            walk_dir(&child.path(), &path, ignore, out)?;
+            walk_dir(&child.path(), &path, ignore, &state, out)?;
         } else if !excluded {
             let kind = if meta.file_type().is_symlink() {
                 EntryKind::Symlink(fs::read_link(child.path())?.to_string_lossy().into_owned())

@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
-use kiln_dockerfile::image::NoImageMetadata;
 use kiln_dockerfile::ignore::PatternList;
-use kiln_dockerfile::{convert, ConvertOptions};
+use kiln_dockerfile::image::NoImageMetadata;
+use kiln_dockerfile::{ConvertOptions, convert};
 use kiln_graph::{render_dot, render_json, render_text};
 use kiln_types::Platform;
 
@@ -50,12 +50,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let ignore = read_dockerignore(&args.context, args.file.as_deref())?;
     let context = FsContext::walk(&args.context, &ignore)
         .with_context(|| format!("reading build context {}", args.context.display()))?;
-    let platforms = args
-        .platform
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| p.parse::<Platform>())
-        .collect::<Result<Vec<_>, _>>()?;
+    let platforms =
+        args.platform.iter().filter(|p| !p.is_empty()).map(|p| p.parse::<Platform>()).collect::<Result<Vec<_>, _>>()?;
     let options = ConvertOptions {
         file_name,
         target: args.target,
@@ -85,9 +81,8 @@ fn read_dockerfile(context: &Path, file: Option<&Path>) -> anyhow::Result<(Strin
     }
     let path = file.map_or_else(|| context.join("Dockerfile"), Path::to_path_buf);
     let bytes = std::fs::read(&path).with_context(|| format!("reading Dockerfile {}", path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!("{}: not valid UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to())
-    })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not valid UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to()))?;
     Ok((path.display().to_string(), text))
 }
 

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use kiln_types::{Digest, Sha256Writer};
 
-use crate::ignore::{glob_match, has_glob, PatternList};
+use crate::ignore::{PatternList, glob_match, has_glob};
 
 /// What a context entry is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,11 +107,8 @@ pub fn select<'a>(
         let before = chosen.len();
         let mut any = false;
         for entry in context.entries() {
-            let hit = if has_glob(source) {
-                matches_wildcard(source, &entry.path)?
-            } else {
-                is_under(&entry.path, source)
-            };
+            let hit =
+                if has_glob(source) { matches_wildcard(source, &entry.path)? } else { is_under(&entry.path, source) };
             if hit {
                 any = true;
                 if !exclude.is_excluded(&entry.path) {
@@ -173,8 +170,10 @@ impl MemoryContext {
             ctx.contents.insert(path, content.as_bytes().to_vec());
         }
         let dir_entries = dirs.into_iter().map(|path| ContextEntry { path, kind: EntryKind::Dir, mode: 0o755 });
-        let file_entries = ctx.contents.keys().map(|path| ContextEntry { path: path.clone(), kind: EntryKind::File, mode: 0o644 });
-        let mut entries: Vec<ContextEntry> = dir_entries.chain(file_entries).filter(|e| !dockerignore.is_excluded(&e.path)).collect();
+        let file_entries =
+            ctx.contents.keys().map(|path| ContextEntry { path: path.clone(), kind: EntryKind::File, mode: 0o644 });
+        let mut entries: Vec<ContextEntry> =
+            dir_entries.chain(file_entries).filter(|e| !dockerignore.is_excluded(&e.path)).collect();
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         ctx.entries = entries;
         ctx

@@ -10,10 +10,13 @@
 //!   wildcards in `COPY`/`ADD` sources one path segment at a time.
 //!
 //! Moby compiles every pattern into a Go regular expression by rewriting it character by
-//! character. This module builds an equivalent expression for the `regex` crate, except that
-//! it reads character classes and `\` escapes by the `filepath.Match` grammar (which moby
-//! already uses to validate patterns), so that a class or an escaped letter always means what
-//! the glob syntax says instead of whatever Go's regexp makes of the raw text.
+//! character, with byte-comparison shortcuts for plain, `prefix**` and `**suffix` patterns.
+//! This module builds the same expressions for the `regex` crate and keeps those shortcuts and
+//! their quirks (`**foo` is a plain suffix test, a bare `^` anchors). The one deliberate
+//! difference: character classes and `\` escapes are read by the `filepath.Match` grammar that
+//! moby already validates patterns with, so `[*]` is a class holding `*` and `\d` is the
+//! letter `d`. Moby hands that raw text to Go's regexp instead, which turns it into a nested
+//! class, a digit class or a match-time error.
 
 use std::fmt::Write as _;
 use std::iter::Peekable;
@@ -21,9 +24,9 @@ use std::str::Chars;
 
 use regex::Regex;
 
-/// The longest line, in bytes, that Go's `bufio.Scanner` accepts by default.
+/// The buffer limit of Go's default `bufio.Scanner`: a line this long or longer cannot be read.
 ///
-/// Moby reads ignore files with a default scanner, so a longer line makes the whole file fail.
+/// Moby reads ignore files with a default scanner, so such a line makes the whole file fail.
 const MAX_IGNORE_LINE: usize = 64 * 1024;
 
 /// The byte-order mark that may open an ignore file or a pattern.
@@ -151,6 +154,38 @@ impl PatternList {
         excluded
     }
 
+    /// Decides `path` the way fsutil's walker does, reusing its parent directory's result.
+    ///
+    /// This is moby's `MatchesUsingParentResults`, which the walker that sends the build
+    /// context calls: pass the state returned for the parent directory (or the default state
+    /// at the top level, which falls back to checking parent directories as [`Self::is_excluded`]
+    /// does) and keep the returned state for the children. It differs from `is_excluded` in one
+    /// corner: an exception skipped at the parent because nothing was excluded yet is later
+    /// tested against the child's own path only, so `["a/c", "!a"]` excludes `a/c` here but not
+    /// in `is_excluded`.
+    #[must_use]
+    pub fn walk_match(&self, path: &str, parent: &WalkState) -> (bool, WalkState) {
+        // A state from another list carries no usable information, so it counts as none.
+        let inherited = (parent.0.len() == self.patterns.len()).then_some(&parent.0);
+        let parents = if inherited.is_some() { Vec::new() } else { parent_dirs(path) };
+        let mut state = vec![false; self.patterns.len()];
+        let mut excluded = false;
+        for (index, pattern) in self.patterns.iter().enumerate() {
+            let mut hit = inherited.is_some_and(|matched| matched[index]);
+            if !hit {
+                if pattern.exclusion != excluded {
+                    continue;
+                }
+                hit = pattern.matches(path) || parents.iter().any(|dir| pattern.matches(dir));
+            }
+            state[index] = hit;
+            if hit {
+                excluded = !pattern.exclusion;
+            }
+        }
+        (excluded, WalkState(state))
+    }
+
     /// For an excluded directory: true when the walker must still descend because some exception
     /// pattern could match a path below it.
     ///
@@ -160,19 +195,13 @@ impl PatternList {
     /// directory visited this way is not itself sent unless something below it is included.
     #[must_use]
     pub fn must_descend(&self, dir: &str) -> bool {
-        let exceptions: Vec<&str> = self
-            .patterns
-            .iter()
-            .filter(|p| p.exclusion)
-            .map(|p| without_trailing_glob(&p.cleaned))
-            .collect();
+        let exceptions: Vec<&str> =
+            self.patterns.iter().filter(|p| p.exclusion).map(|p| without_trailing_glob(&p.cleaned)).collect();
         if exceptions.iter().any(|e| e.contains(WALKER_PATTERN_CHARS)) {
             return true;
         }
         let dir_slash = format!("{dir}/");
-        exceptions
-            .iter()
-            .any(|e| format!("{e}/").starts_with(&dir_slash))
+        exceptions.iter().any(|e| format!("{e}/").starts_with(&dir_slash))
     }
 
     /// Compiles one raw pattern and appends it, unless it is blank.
@@ -183,6 +212,12 @@ impl PatternList {
         Ok(())
     }
 }
+
+/// Which patterns matched a directory, handed down to its children by [`PatternList::walk_match`].
+///
+/// The default value means "no parent information", as for entries at the top of the walk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalkState(Vec<bool>);
 
 /// Reads the text of a .dockerignore file into raw pattern strings, like moby's
 /// `ignorefile.ReadAll`.
@@ -196,10 +231,7 @@ impl PatternList {
 ///
 /// Fails only on a line of 64 KiB or more, which Go's line scanner refuses.
 pub fn read_ignore_file(text: &str) -> Result<Vec<String>, PatternError> {
-    Ok(ignore_file_entries(text)?
-        .into_iter()
-        .map(|(_, pattern)| pattern)
-        .collect())
+    Ok(ignore_file_entries(text)?.into_iter().map(|(_, pattern)| pattern).collect())
 }
 
 /// Reads an ignore file into `(1-based line, pattern)` pairs.
@@ -214,11 +246,7 @@ fn ignore_file_entries(text: &str) -> Result<Vec<(usize, String)>, PatternError>
             return Err(PatternError::LineTooLong { line });
         }
         let raw = raw.strip_suffix('\r').unwrap_or(raw);
-        let raw = if index == 0 {
-            raw.strip_prefix(BOM).unwrap_or(raw)
-        } else {
-            raw
-        };
+        let raw = if index == 0 { raw.strip_prefix(BOM).unwrap_or(raw) } else { raw };
         if let Some(pattern) = normalize_ignore_line(raw) {
             entries.push((line, pattern));
         }
@@ -255,11 +283,7 @@ fn normalize_ignore_line(line: &str) -> Option<String> {
             pattern.remove(0);
         }
     }
-    Some(if invert {
-        format!("!{pattern}")
-    } else {
-        pattern
-    })
+    Some(if invert { format!("!{pattern}") } else { pattern })
 }
 
 /// One compiled pattern of a [`PatternList`].
@@ -305,34 +329,25 @@ impl Pattern {
         if trimmed.is_empty() {
             return Ok(None);
         }
+        let pattern = trimmed.to_string();
         // Moby cleans before looking at '!', so "!./x" keeps its "./" and "!a/../b" loses its '!'.
         let cleaned = clean_path(trimmed);
         let (exclusion, body) = match cleaned.strip_prefix('!') {
-            Some("") => {
-                let pattern = trimmed.to_string();
-                return Err(PatternError::IllegalExclusion { pattern, line });
-            }
+            Some("") => return Err(PatternError::IllegalExclusion { pattern, line }),
             Some(rest) => (true, rest),
             None => (false, cleaned.as_str()),
         };
-        let bad = || PatternError::BadPattern {
-            pattern: trimmed.to_string(),
-            line,
-        };
-        go_match(body.as_bytes(), b".").map_err(|_| bad())?;
+        // Moby checks the syntax with filepath.Match before building anything, so do the same.
+        if go_match(body.as_bytes(), b".").is_err() {
+            return Err(PatternError::BadPattern { pattern, line });
+        }
+        // The regex can still fail (a reversed range such as "[z-a]"), which moby reports as
+        // a bad pattern too, though only once a path is matched.
         let matcher = build_matcher(body).map_err(|err| match err {
-            regex::Error::CompiledTooBig(_) => PatternError::TooLarge {
-                pattern: trimmed.to_string(),
-                line,
-            },
-            _ => bad(),
+            regex::Error::CompiledTooBig(_) => PatternError::TooLarge { pattern, line },
+            _ => PatternError::BadPattern { pattern, line },
         })?;
-        let cleaned = body.to_string();
-        Ok(Some(Self {
-            cleaned,
-            exclusion,
-            matcher,
-        }))
+        Ok(Some(Self { cleaned: body.to_string(), exclusion, matcher }))
     }
 
     /// The pattern as [`PatternList::patterns`] shows it.
@@ -348,9 +363,7 @@ impl Pattern {
         match &self.matcher {
             Matcher::Exact => path == self.cleaned,
             Matcher::Prefix => {
-                let prefix = pattern
-                    .get(..pattern.len().saturating_sub(2))
-                    .unwrap_or(&[]);
+                let prefix = pattern.get(..pattern.len().saturating_sub(2)).unwrap_or(&[]);
                 path_bytes.starts_with(prefix)
             }
             Matcher::Suffix => {
@@ -358,9 +371,7 @@ impl Pattern {
                 // mid-character and then matches almost nothing; bytes reproduce that safely.
                 let suffix = pattern.get(2..).unwrap_or(&[]);
                 path_bytes.ends_with(suffix)
-                    || suffix
-                        .split_first()
-                        .is_some_and(|(first, rest)| *first == b'/' && path_bytes == rest)
+                    || suffix.split_first().is_some_and(|(first, rest)| *first == b'/' && path_bytes == rest)
             }
             Matcher::Regex(re) => re.is_match(path),
         }
@@ -519,10 +530,7 @@ fn parent_dirs(path: &str) -> Vec<String> {
     if parent == "." {
         return Vec::new();
     }
-    let mut dirs: Vec<String> = parent
-        .match_indices('/')
-        .map(|(at, _)| parent[..at].to_string())
-        .collect();
+    let mut dirs: Vec<String> = parent.match_indices('/').map(|(at, _)| parent[..at].to_string()).collect();
     dirs.push(parent);
     dirs
 }
@@ -566,10 +574,8 @@ fn clean_path(path: &str) -> String {
 /// Fails with [`PatternError::BadPattern`] when the pattern is malformed: an unclosed or empty
 /// class, an unescaped `-` or `]` where a class member belongs, or a trailing `\`.
 pub fn glob_match(pattern: &str, name: &str) -> Result<bool, PatternError> {
-    go_match(pattern.as_bytes(), name.as_bytes()).map_err(|BadGlob| PatternError::BadPattern {
-        pattern: pattern.to_string(),
-        line: None,
-    })
+    go_match(pattern.as_bytes(), name.as_bytes())
+        .map_err(|BadGlob| PatternError::BadPattern { pattern: pattern.to_string(), line: None })
 }
 
 /// True when the string contains glob metacharacters (`*`, `?`, `[`), as BuildKit checks before wildcard expansion.
@@ -599,25 +605,25 @@ struct BadGlob;
 /// Working on bytes rather than characters matters: Go lets a `*` skip single bytes, so a
 /// following `?` or class may start inside a multi-byte character, and this reproduces that.
 fn go_match(mut pattern: &[u8], mut name: &[u8]) -> Result<bool, BadGlob> {
-    'chunks: while !pattern.is_empty() {
+    while !pattern.is_empty() {
         let (star, chunk, rest) = scan_chunk(pattern);
         pattern = rest;
         if star && chunk.is_empty() {
             // A trailing star matches the rest of the name unless a separator remains.
             return Ok(!name.contains(&b'/'));
         }
-        if let Some(tail) = match_chunk(chunk, name)?
-            && (tail.is_empty() || !pattern.is_empty())
-        {
-            name = tail;
-            continue;
-        }
-        if star && let Some(tail) = match_after_star(chunk, name, pattern.is_empty())? {
-            name = tail;
-            continue 'chunks;
-        }
-        validate_rest(pattern)?;
-        return Ok(false);
+        // A chunk's syntax does not depend on the name, so checking it once lets the matching
+        // below stop at the first mismatch, where Go parses the whole chunk every time.
+        check_chunk(chunk)?;
+        let last = pattern.is_empty();
+        let found = match_chunk(chunk, name)
+            .filter(|tail| !last || tail.is_empty())
+            .or_else(|| star.then(|| match_after_star(chunk, name, last)).flatten());
+        let Some(tail) = found else {
+            validate_rest(pattern)?;
+            return Ok(false);
+        };
+        name = tail;
     }
     Ok(name.is_empty())
 }
@@ -625,22 +631,18 @@ fn go_match(mut pattern: &[u8], mut name: &[u8]) -> Result<bool, BadGlob> {
 /// Lets a star skip 1.. bytes of `name` (never a `/`) before `chunk` matches.
 ///
 /// The last chunk must also consume the whole name.
-fn match_after_star<'a>(
-    chunk: &[u8],
-    name: &'a [u8],
-    last: bool,
-) -> Result<Option<&'a [u8]>, BadGlob> {
+fn match_after_star<'a>(chunk: &[u8], name: &'a [u8], last: bool) -> Option<&'a [u8]> {
     for skip in 1..=name.len() {
         if name[skip - 1] == b'/' {
             break;
         }
-        if let Some(tail) = match_chunk(chunk, &name[skip..])?
+        if let Some(tail) = match_chunk(chunk, &name[skip..])
             && (!last || tail.is_empty())
         {
-            return Ok(Some(tail));
+            return Some(tail);
         }
     }
-    Ok(None)
+    None
 }
 
 /// Checks the syntax of the pattern left after a failed match, so errors are never masked.
@@ -648,7 +650,7 @@ fn validate_rest(mut pattern: &[u8]) -> Result<(), BadGlob> {
     while !pattern.is_empty() {
         let (_, chunk, rest) = scan_chunk(pattern);
         pattern = rest;
-        match_chunk(chunk, b"")?;
+        check_chunk(chunk)?;
     }
     Ok(())
 }
@@ -661,7 +663,7 @@ fn scan_chunk(pattern: &[u8]) -> (bool, &[u8], &[u8]) {
     let mut i = 0;
     while i < pattern.len() {
         match pattern[i] {
-            // Skip the escaped byte; a trailing '\' is reported by match_chunk.
+            // Skip the escaped byte; a trailing '\' is reported by check_chunk.
             b'\\' if i + 1 < pattern.len() => i += 1,
             b'[' => in_range = true,
             b']' => in_range = false,
@@ -673,51 +675,56 @@ fn scan_chunk(pattern: &[u8]) -> (bool, &[u8], &[u8]) {
     (stars > 0, &pattern[..i], &pattern[i..])
 }
 
-/// Matches a star-free chunk against the start of `s`, returning what is left of `s`.
-///
-/// After a mismatch the chunk is still parsed to the end, so a syntax error is reported
-/// whatever the name.
-fn match_chunk<'a>(mut chunk: &[u8], mut s: &'a [u8]) -> Result<Option<&'a [u8]>, BadGlob> {
-    let mut failed = false;
+/// Checks the syntax of a star-free chunk: its classes, and that no `\` ends it.
+fn check_chunk(mut chunk: &[u8]) -> Result<(), BadGlob> {
     while let Some((&head, rest)) = chunk.split_first() {
-        failed |= s.is_empty();
+        chunk = match head {
+            b'[' => match_class(rest, 0)?.1,
+            b'\\' => rest.get(1..).ok_or(BadGlob)?,
+            _ => rest,
+        };
+    }
+    Ok(())
+}
+
+/// Matches a checked, star-free chunk against the start of `s`, returning what is left of `s`.
+fn match_chunk<'a>(mut chunk: &[u8], mut s: &'a [u8]) -> Option<&'a [u8]> {
+    while let Some((&head, rest)) = chunk.split_first() {
+        if s.is_empty() {
+            return None;
+        }
         chunk = match head {
             b'[' => {
-                let r = if failed { 0 } else { take_rune(&mut s) };
-                let (hit, rest) = match_class(rest, r)?;
-                failed |= !hit;
-                rest
-            }
-            b'?' => {
-                if !failed {
-                    failed = s.first() == Some(&b'/');
-                    take_rune(&mut s);
+                let r = take_rune(&mut s);
+                let (hit, rest) = match_class(rest, r).ok()?;
+                if !hit {
+                    return None;
                 }
                 rest
             }
+            b'?' if s.first() == Some(&b'/') => return None,
+            b'?' => {
+                take_rune(&mut s);
+                rest
+            }
             b'\\' => {
-                let (&lit, rest) = rest.split_first().ok_or(BadGlob)?;
-                match_byte(lit, &mut s, &mut failed);
+                let (&lit, rest) = rest.split_first()?;
+                s = match_byte(lit, s)?;
                 rest
             }
             lit => {
-                match_byte(lit, &mut s, &mut failed);
+                s = match_byte(lit, s)?;
                 rest
             }
         };
     }
-    Ok(if failed { None } else { Some(s) })
+    Some(s)
 }
 
-/// Compares one literal pattern byte with the next byte of the name, unless already failed.
-fn match_byte(lit: u8, s: &mut &[u8], failed: &mut bool) {
-    if *failed {
-        return;
-    }
-    if let Some((&b, rest)) = s.split_first() {
-        *failed = b != lit;
-        *s = rest;
-    }
+/// Consumes one byte of the name if it equals the literal pattern byte.
+fn match_byte(lit: u8, s: &[u8]) -> Option<&[u8]> {
+    let (&b, rest) = s.split_first()?;
+    (b == lit).then_some(rest)
 }
 
 /// Parses a class body (after `[`) and tests `r` against it.
@@ -795,24 +802,16 @@ mod tests {
 
     /// Compiles `patterns` with `PatternList::new` and checks the verdict for `path`.
     fn check(patterns: &[&str], path: &str, expected: bool) {
-        let list = PatternList::new(patterns)
-            .unwrap_or_else(|err| panic!("patterns {patterns:?} failed to compile: {err}"));
-        assert_eq!(
-            list.is_excluded(path),
-            expected,
-            "patterns={patterns:?} path={path:?}"
-        );
+        let list =
+            PatternList::new(patterns).unwrap_or_else(|err| panic!("patterns {patterns:?} failed to compile: {err}"));
+        assert_eq!(list.is_excluded(path), expected, "patterns={patterns:?} path={path:?}");
     }
 
     /// Parses `text` as an ignore file and checks the verdict for `path`.
     fn check_file(text: &str, path: &str, expected: bool) {
         let list = PatternList::parse_ignore_file(text)
             .unwrap_or_else(|err| panic!("ignore file {text:?} failed to parse: {err}"));
-        assert_eq!(
-            list.is_excluded(path),
-            expected,
-            "file={text:?} path={path:?}"
-        );
+        assert_eq!(list.is_excluded(path), expected, "file={text:?} path={path:?}");
     }
 
     /// patternmatcher's TestMatches table (single patterns, MatchesOrParentMatches).
@@ -887,11 +886,7 @@ mod tests {
             "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
             true,
         ),
-        (
-            "dist/*.whl",
-            "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
-            true,
-        ),
+        ("dist/*.whl", "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl", true),
         ("a\\*b", "a*b", true),
     ];
 
@@ -905,24 +900,13 @@ mod tests {
     /// patternmatcher's multi-pattern table plus its small single-purpose tests.
     const MOBY_MULTI: &[(&[&str], &str, bool)] = &[
         (&["**", "!util/docker/web"], "util/docker/web/foo", false),
+        (&["**", "!util/docker/web", "util/docker/web/foo"], "util/docker/web/foo", true),
         (
-            &["**", "!util/docker/web", "util/docker/web/foo"],
-            "util/docker/web/foo",
-            true,
-        ),
-        (
-            &[
-                "**",
-                "!dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
-            ],
+            &["**", "!dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl"],
             "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
             false,
         ),
-        (
-            &["**", "!dist/*.whl"],
-            "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
-            false,
-        ),
+        (&["**", "!dist/*.whl"], "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl", false),
         (&["*"], "fileutils.go", true),
         (&["*.go"], "fileutils.go", true),
         (&["!fileutils.go", "*.go"], "fileutils.go", true),
@@ -945,26 +929,10 @@ mod tests {
 
     /// Exceptions, ordering and the parent-directory rule, including fsutil's open tests.
     const EXCEPTIONS: &[(&[&str], &str, bool)] = &[
-        (
-            &["foo", "!foo/bar", "foo/bar/baz", "!foo/bar/baz/x"],
-            "foo/bar/baz/x",
-            false,
-        ),
-        (
-            &["foo", "!foo/bar", "foo/bar/baz", "!foo/bar/baz/x"],
-            "foo/bar/baz/y",
-            true,
-        ),
-        (
-            &["foo", "!foo/bar", "foo/bar/baz", "!foo/bar/baz/x"],
-            "foo/bar/other",
-            false,
-        ),
-        (
-            &["foo", "!foo/bar", "foo/bar/baz", "!foo/bar/baz/x"],
-            "foo/other",
-            true,
-        ),
+        (&["foo", "!foo/bar", "foo/bar/baz", "!foo/bar/baz/x"], "foo/bar/baz/x", false),
+        (&["foo", "!foo/bar", "foo/bar/baz", "!foo/bar/baz/x"], "foo/bar/baz/y", true),
+        (&["foo", "!foo/bar", "foo/bar/baz", "!foo/bar/baz/x"], "foo/bar/other", false),
+        (&["foo", "!foo/bar", "foo/bar/baz", "!foo/bar/baz/x"], "foo/other", true),
         (&["a"], "a/b/c/d", true),
         (&["a/b"], "a/b/c/d", true),
         (&["a/b"], "a/bc/d", false),
@@ -989,16 +957,8 @@ mod tests {
         (&["**/*.go"], "c.go", true),
         (&["*.md", "!README.md"], "README.md", false),
         (&["*.md", "!README.md"], "CHANGES.md", true),
-        (
-            &["*.md", "!README*.md", "README-secret.md"],
-            "README-secret.md",
-            true,
-        ),
-        (
-            &["*.md", "!README*.md", "README-secret.md"],
-            "README-public.md",
-            false,
-        ),
+        (&["*.md", "!README*.md", "README-secret.md"], "README-secret.md", true),
+        (&["*.md", "!README*.md", "README-secret.md"], "README-public.md", false),
     ];
 
     #[test]
@@ -1133,10 +1093,7 @@ mod tests {
             match expected {
                 Some(expected) => check(&[pattern], path, expected),
                 None => assert!(
-                    matches!(
-                        PatternList::new(&[pattern]),
-                        Err(PatternError::BadPattern { .. })
-                    ),
+                    matches!(PatternList::new(&[pattern]), Err(PatternError::BadPattern { .. })),
                     "pattern {pattern:?} should be rejected"
                 ),
             }
@@ -1236,10 +1193,9 @@ mod tests {
             let got = glob_match(pattern, name);
             match expected {
                 Some(expected) => assert_eq!(got, Ok(expected), "{pattern:?} vs {name:?}"),
-                None => assert!(
-                    matches!(got, Err(PatternError::BadPattern { .. })),
-                    "{pattern:?} vs {name:?} gave {got:?}"
-                ),
+                None => {
+                    assert!(matches!(got, Err(PatternError::BadPattern { .. })), "{pattern:?} vs {name:?} gave {got:?}")
+                }
             }
         }
     }
@@ -1266,10 +1222,7 @@ mod tests {
         ("**/foo/bar", Kind::Suffix),
         ("a(b)c/def", Kind::Exact),
         ("a.|)$(}+{bc", Kind::Exact),
-        (
-            "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
-            Kind::Exact,
-        ),
+        ("dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl", Kind::Exact),
         ("foo**", Kind::Prefix),
         ("a\\.b", Kind::Regex),
         ("a]b", Kind::Regex),
@@ -1307,19 +1260,8 @@ mod tests {
     fn read_ignore_file_like_moby() {
         // ignorefile's TestReadAll.
         let content = "test1\n/test2\n/a/file/here\n\nlastfile\n# this is a comment\n! /inverted/abs/path\n!\n! ";
-        let expected = [
-            "test1",
-            "test2",
-            "a/file/here",
-            "lastfile",
-            "!inverted/abs/path",
-            "!",
-            "!",
-        ];
-        assert_eq!(
-            read_ignore_file(content),
-            Ok(expected.map(String::from).to_vec())
-        );
+        let expected = ["test1", "test2", "a/file/here", "lastfile", "!inverted/abs/path", "!", "!"];
+        assert_eq!(read_ignore_file(content), Ok(expected.map(String::from).to_vec()));
         assert_eq!(read_ignore_file(""), Ok(vec![]));
         let cases: &[(&str, &[&str])] = &[
             ("\u{FEFF}#comment\nfoo", &["foo"]),
@@ -1331,11 +1273,7 @@ mod tests {
             ("a\n\n\n", &["a"]),
         ];
         for &(text, expected) in cases {
-            assert_eq!(
-                read_ignore_file(text),
-                Ok(expected.iter().map(ToString::to_string).collect()),
-                "{text:?}"
-            );
+            assert_eq!(read_ignore_file(text), Ok(expected.iter().map(ToString::to_string).collect()), "{text:?}");
         }
     }
 
@@ -1356,13 +1294,7 @@ mod tests {
         let err = PatternList::new(&["!"]).unwrap_err();
         assert_eq!(err.to_string(), "illegal exclusion pattern \"!\"");
         let err = PatternList::new(&["ok", "!/"]).unwrap_err();
-        assert_eq!(
-            err,
-            PatternError::IllegalExclusion {
-                pattern: "!/".into(),
-                line: None
-            }
-        );
+        assert_eq!(err, PatternError::IllegalExclusion { pattern: "!/".into(), line: None });
         let err = PatternList::parse_ignore_file("a\n\n# c\n!\n").unwrap_err();
         assert_eq!(err.to_string(), "illegal exclusion pattern \"!\" on line 4");
         let err = PatternList::parse_ignore_file("a\n[\n").unwrap_err();
@@ -1376,15 +1308,22 @@ mod tests {
     }
 
     #[test]
+    fn oversized_patterns_fail_cleanly() {
+        let huge = "?".repeat(60_000);
+        let err = PatternList::new(&[huge.as_str()]).unwrap_err();
+        assert!(matches!(err, PatternError::TooLarge { line: None, .. }), "{err:?}");
+        // The glob matcher has no size limit and must stay fast on long inputs.
+        let deep = format!("**/{}", "x/".repeat(20_000));
+        assert_eq!(glob_match(&deep, &"a".repeat(60_000)), Ok(false));
+    }
+
+    #[test]
     fn long_lines_fail_like_bufio() {
         let fits = "a".repeat(MAX_IGNORE_LINE - 1);
         assert!(PatternList::parse_ignore_file(&fits).is_ok());
         let long = format!("[\n{}", "a".repeat(MAX_IGNORE_LINE));
         // The over-long line wins over the bad pattern before it, as the file is read first.
-        assert_eq!(
-            PatternList::parse_ignore_file(&long).unwrap_err(),
-            PatternError::LineTooLong { line: 2 }
-        );
+        assert_eq!(PatternList::parse_ignore_file(&long).unwrap_err(), PatternError::LineTooLong { line: 2 });
         let with_cr = format!("{}\r\n", "a".repeat(MAX_IGNORE_LINE - 1));
         assert!(read_ignore_file(&with_cr).is_err());
     }
@@ -1418,16 +1357,19 @@ mod tests {
     fn must_descend_table() {
         for &(patterns, dir, expected) in DESCEND {
             let list = PatternList::new(patterns).expect("valid patterns");
-            assert!(
-                list.is_excluded(dir),
-                "{dir:?} should be excluded by {patterns:?}"
-            );
-            assert_eq!(
-                list.must_descend(dir),
-                expected,
-                "patterns={patterns:?} dir={dir:?}"
-            );
+            assert!(list.is_excluded(dir), "{dir:?} should be excluded by {patterns:?}");
+            assert_eq!(list.must_descend(dir), expected, "patterns={patterns:?} dir={dir:?}");
         }
+    }
+
+    /// A directory the test walker is inside.
+    struct OpenDir {
+        path: String,
+        /// Whether the directory itself has been reported.
+        reported: bool,
+        /// Whether nothing below it is visited.
+        skipped: bool,
+        state: WalkState,
     }
 
     /// Walks entries given in walk order (`"dir x"` / `"file x"`) the way fsutil's filter does:
@@ -1435,27 +1377,29 @@ mod tests {
     /// once it or something below it is included.
     fn walk(entries: &[&str], patterns: &[&str]) -> Vec<String> {
         let list = PatternList::new(patterns).expect("valid patterns");
-        // Each open directory: (path, reported, skipped).
-        let mut stack: Vec<(String, bool, bool)> = Vec::new();
+        let mut stack: Vec<OpenDir> = Vec::new();
         let mut out = Vec::new();
         for entry in entries {
             let (kind, path) = entry.split_once(' ').expect("kind and path");
-            stack.retain(|(dir, _, _)| path.starts_with(&format!("{dir}/")));
-            if stack.iter().any(|(_, _, skipped)| *skipped) {
+            stack.retain(|open| path.starts_with(&format!("{}/", open.path)));
+            if stack.iter().any(|open| open.skipped) {
                 continue;
             }
-            let is_dir = kind == "dir";
-            let excluded = list.is_excluded(path);
+            let parent = stack.last().map(|open| open.state.clone()).unwrap_or_default();
+            let (excluded, state) = list.walk_match(path, &parent);
+            assert_eq!(excluded, list.is_excluded(path), "{patterns:?} {path:?}");
             if !excluded {
-                for (dir, reported, _) in stack.iter_mut().filter(|(_, r, _)| !*r) {
-                    out.push(format!("dir {dir}"));
-                    *reported = true;
+                for open in stack.iter_mut().filter(|open| !open.reported) {
+                    out.push(format!("dir {}", open.path));
+                    open.reported = true;
                 }
                 out.push(entry.to_string());
             }
-            if is_dir {
+            if kind == "dir" {
                 let skipped = excluded && !list.must_descend(path);
-                stack.push((path.to_string(), !excluded, skipped));
+                let path = path.to_string();
+                let reported = !excluded;
+                stack.push(OpenDir { path, reported, skipped, state });
             }
         }
         out
@@ -1464,15 +1408,9 @@ mod tests {
     #[test]
     fn walker_follows_fsutil() {
         let tree = ["file bar", "dir foo", "file foo/bar2", "file foo2"];
-        assert_eq!(
-            walk(&tree, &["foo*", "!foo/bar2"]),
-            ["file bar", "dir foo", "file foo/bar2"]
-        );
+        assert_eq!(walk(&tree, &["foo*", "!foo/bar2"]), ["file bar", "dir foo", "file foo/bar2"]);
         let nested = ["dir foo", "file foo/bar"];
-        assert_eq!(
-            walk(&nested, &["foo", "!foo/bar"]),
-            ["dir foo", "file foo/bar"]
-        );
+        assert_eq!(walk(&nested, &["foo", "!foo/bar"]), ["dir foo", "file foo/bar"]);
         assert!(walk(&nested, &["foo"]).is_empty());
         let deep = ["dir foo", "dir foo/bar", "file foo/bar/baz", "file foo/x"];
         assert_eq!(walk(&deep, &["**/bar"]), ["dir foo", "file foo/x"]);
@@ -1480,10 +1418,25 @@ mod tests {
             walk(&deep, &["**/bar", "!foo/bar/baz"]),
             ["dir foo", "dir foo/bar", "file foo/bar/baz", "file foo/x"]
         );
-        assert_eq!(
-            walk(&deep, &["*", "!**/baz"]),
-            ["dir foo", "dir foo/bar", "file foo/bar/baz"]
-        );
+        assert_eq!(walk(&deep, &["*", "!**/baz"]), ["dir foo", "dir foo/bar", "file foo/bar/baz"]);
+    }
+
+    #[test]
+    fn walk_match_keeps_fsutil_corner() {
+        let list = PatternList::new(&["a/c", "!a"]).expect("valid patterns");
+        let (dir_excluded, dir_state) = list.walk_match("a", &WalkState::default());
+        assert!(!dir_excluded);
+        assert!(list.walk_match("a/c", &dir_state).0);
+        assert!(!list.is_excluded("a/c"));
+        // Without parent information it falls back to the parent-directory rule.
+        assert!(!list.walk_match("a/c", &WalkState::default()).0);
+        // Inherited matches apply without re-testing the child.
+        let list = PatternList::new(&["a", "!a/b"]).expect("valid patterns");
+        let (excluded, state) = list.walk_match("a", &WalkState::default());
+        assert!(excluded);
+        let (excluded, state) = list.walk_match("a/b", &state);
+        assert!(!excluded);
+        assert!(!list.walk_match("a/b/c", &state).0);
     }
 
     #[test]
@@ -1551,45 +1504,34 @@ mod tests {
 
     impl Lcg {
         fn below(&mut self, n: usize) -> usize {
-            self.0 = self
-                .0
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
+            self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             ((self.0 >> 33) as usize) % n
         }
 
         fn string(&mut self, alphabet: &[char], max_len: usize) -> String {
             let len = self.below(max_len + 1);
-            (0..len)
-                .map(|_| alphabet[self.below(alphabet.len())])
-                .collect()
+            (0..len).map(|_| alphabet[self.below(alphabet.len())]).collect()
         }
     }
 
     const GARBLE: &[char] = &[
-        'a', 'b', '/', '*', '?', '[', ']', '^', '!', '-', '\\', '.', ' ', '#', 'é', '☺',
-        '\u{FEFF}', '\n', '\r', '{', '(', '$', '|', '+',
+        'a', 'b', '/', '*', '?', '[', ']', '^', '!', '-', '\\', '.', ' ', '#', 'é', '☺', '\u{FEFF}', '\n', '\r', '{',
+        '(', '$', '|', '+',
     ];
 
     #[test]
     fn garbled_input_never_panics() {
         let mut rng = Lcg(0x5eed);
         for _ in 0..3000 {
-            let patterns: Vec<String> =
-                (0..=rng.below(4)).map(|_| rng.string(GARBLE, 12)).collect();
+            let patterns: Vec<String> = (0..=rng.below(4)).map(|_| rng.string(GARBLE, 12)).collect();
             let file = patterns.join("\n");
             let _ = read_ignore_file(&file);
-            for list in [
-                PatternList::new(&patterns),
-                PatternList::parse_ignore_file(&file),
-            ]
-            .into_iter()
-            .flatten()
-            {
+            for list in [PatternList::new(&patterns), PatternList::parse_ignore_file(&file)].into_iter().flatten() {
                 let _ = list.patterns();
                 for _ in 0..4 {
                     let path = rng.string(GARBLE, 10);
-                    let _ = list.is_excluded(&path);
+                    let fresh = list.walk_match(&path, &WalkState::default()).0;
+                    assert_eq!(fresh, list.is_excluded(&path), "{patterns:?} {path:?}");
                     let _ = list.must_descend(&path);
                 }
             }
@@ -1600,10 +1542,7 @@ mod tests {
 
     /// True when a '^' may act as moby's regex anchor rather than a class negation.
     fn has_anchor_caret(pattern: &str) -> bool {
-        pattern.contains("\\[")
-            || pattern
-                .match_indices('^')
-                .any(|(at, _)| !pattern[..at].ends_with('['))
+        pattern.contains("\\[") || pattern.match_indices('^').any(|(at, _)| !pattern[..at].ends_with('['))
     }
 
     /// Without `**`, '/', a leading '!' or a bare '^', a single pattern must agree with `filepath.Match`

@@ -15,4 +15,4 @@ pub mod instructions;
 pub mod parser;
 pub mod shell;
 
-pub use convert::{convert, BuildPlan, ConvertOptions, FrontendError};
+pub use convert::{BuildPlan, ConvertOptions, FrontendError, convert};

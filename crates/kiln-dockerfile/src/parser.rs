@@ -10,7 +10,7 @@ mod words;
 use std::collections::BTreeMap;
 
 pub use dump::{dump_ast, go_quote};
-use words::{extract_builder_flags, parse_json_array, parse_words, split_whitespace, JsonArray};
+use words::{JsonArray, extract_builder_flags, parse_json_array, parse_words, split_whitespace};
 
 use crate::shell::Lexer;
 
@@ -233,7 +233,7 @@ impl<'a> Parser<'a> {
             return Ok(());
         }
         if self.directive_scan.seen.insert(key.clone(), ()).is_some() {
-            return Err(error(self.line + 1, format!("only one {key} parser directive can be used")));
+            return Err(error(self.line, format!("only one {key} parser directive can be used")));
         }
         let directives = &mut self.ast.directives;
         match key.as_str() {
@@ -243,7 +243,7 @@ impl<'a> Parser<'a> {
                     "`" => '`',
                     other => {
                         let msg = format!("invalid escape token '{other}' does not match ` or \\");
-                        return Err(error(self.line + 1, msg));
+                        return Err(error(self.line, msg));
                     }
                 }
             }
@@ -273,7 +273,10 @@ impl<'a> Parser<'a> {
                 heredoc.content.push_str(raw);
             }
             if !terminated {
-                let msg = format!("unterminated heredoc: no line with the delimiter {:?} before the end of the file", heredoc.name);
+                let msg = format!(
+                    "unterminated heredoc: no line with the delimiter {:?} before the end of the file",
+                    heredoc.name
+                );
                 return Err(error(start_line, msg));
             }
         }
@@ -305,19 +308,21 @@ fn directive_parts(line: &str) -> Option<(&str, &str)> {
     Some((key, value))
 }
 
-/// Removes a trailing escape character (and blanks after it); `true` means the logical line ends.
+/// Removes a trailing escape character (and blanks after it); `true` means the logical line
+/// ends. As in BuildKit, an escape preceded by another escape (`\\` at the end) is an
+/// escaped escape, not a continuation.
 fn trim_continuation(line: &str, escape: char) -> (&str, bool) {
     let trimmed = line.trim_end_matches([' ', '\t']);
     match trimmed.strip_suffix(escape) {
-        Some(rest) => (rest, false),
-        None => (line, true),
+        Some(rest) if !rest.ends_with(escape) => (rest, false),
+        _ => (line, true),
     }
 }
 
 /// Builds a node from one logical line; errors are plain messages, located by the caller.
 fn node_from_line(line: &str, escape: char) -> Result<Node, String> {
     let trimmed = line.trim();
-    let (keyword, rest) = match trimmed.find(|c: char| matches!(c, '\t' | '\u{b}' | '\u{c}' | '\r' | ' ')) {
+    let (keyword, rest) = match trimmed.find(['\t', '\u{b}', '\u{c}', '\r', ' ']) {
         Some(i) => (&trimmed[..i], trimmed[i..].trim_start_matches([' ', '\t', '\u{b}', '\u{c}', '\r'])),
         None => (trimmed, ""),
     };
@@ -337,16 +342,8 @@ fn parse_arguments(node: &mut Node, rest: &str, escape: char) -> Result<(), Stri
         "label" => node.args = name_value(rest, "LABEL", escape)?,
         "expose" | "from" => node.args = split_whitespace(rest),
         "healthcheck" => health_config(node, rest)?,
-        "maintainer" | "stopsignal" | "user" | "workdir" => {
-            if !rest.is_empty() {
-                node.args = vec![rest.to_owned()];
-            }
-        }
-        "onbuild" => {
-            if !rest.is_empty() {
-                node.sub = Some(Box::new(node_from_line(rest, escape)?));
-            }
-        }
+        "maintainer" | "stopsignal" | "user" | "workdir" if !rest.is_empty() => node.args = vec![rest.to_owned()],
+        "onbuild" if !rest.is_empty() => node.sub = Some(Box::new(node_from_line(rest, escape)?)),
         _ => {}
     }
     Ok(())

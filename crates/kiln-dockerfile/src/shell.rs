@@ -29,10 +29,7 @@ impl<S: BuildHasher> Env for HashMap<String, String, S> {
 /// process environment built up by successive `ENV` instructions.
 impl Env for [(String, String)] {
     fn get(&self, name: &str) -> Option<String> {
-        self.iter()
-            .rev()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.clone())
+        self.iter().rev().find(|(key, _)| key == name).map(|(_, value)| value.clone())
     }
 }
 
@@ -145,13 +142,7 @@ impl Lexer {
     /// Creates a lexer whose escape character is `escape` (`\` or `` ` ``).
     #[must_use]
     pub fn new(escape: char) -> Self {
-        Self {
-            escape,
-            raw_quotes: false,
-            raw_escapes: false,
-            skip_unset_env: false,
-            skip_process_quotes: false,
-        }
+        Self { escape, raw_quotes: false, raw_escapes: false, skip_unset_env: false, skip_process_quotes: false }
     }
 
     /// Keeps quote characters in the output (BuildKit's `RawQuotes`).
@@ -190,11 +181,7 @@ impl Lexer {
 
     /// Like [`Lexer::process_word`], but also returns the names of variables that were
     /// referenced but unset (BuildKit `ProcessWordWithMatches`' "unmatched" set), sorted.
-    pub fn process_word_with_unmatched(
-        &self,
-        word: &str,
-        env: &dyn Env,
-    ) -> Result<(String, Vec<String>), ShellError> {
+    pub fn process_word_with_unmatched(&self, word: &str, env: &dyn Env) -> Result<(String, Vec<String>), ShellError> {
         let outcome = self.run(word, env)?;
         Ok((outcome.result, outcome.unmatched.into_iter().collect()))
     }
@@ -209,11 +196,7 @@ impl Lexer {
     fn run(&self, word: &str, env: &dyn Env) -> Result<Outcome, ShellError> {
         let mut scan = Scan::new(self, env, word);
         let (result, words) = scan.until(None, self.raw_escapes)?;
-        Ok(Outcome {
-            result,
-            words,
-            unmatched: scan.unmatched,
-        })
+        Ok(Outcome { result, words, unmatched: scan.unmatched })
     }
 }
 
@@ -245,21 +228,8 @@ struct Scan<'a> {
 impl<'a> Scan<'a> {
     fn new(lexer: &'a Lexer, env: &'a dyn Env, source: &'a str) -> Self {
         // BuildKit reads words through Go's text/scanner, which drops a leading byte order mark.
-        let chars = source
-            .strip_prefix('\u{feff}')
-            .unwrap_or(source)
-            .chars()
-            .collect();
-        Scan {
-            lexer,
-            env,
-            source,
-            chars,
-            pos: 0,
-            word_buf: String::new(),
-            unmatched: BTreeSet::new(),
-            depth: 0,
-        }
+        let chars = source.strip_prefix('\u{feff}').unwrap_or(source).chars().collect();
+        Scan { lexer, env, source, chars, pos: 0, word_buf: String::new(), unmatched: BTreeSet::new(), depth: 0 }
     }
 
     fn peek(&self) -> Option<char> {
@@ -281,11 +251,7 @@ impl<'a> Scan<'a> {
     /// Scans until `stop` (consumed) or, when `stop` is `None`, the end of input. Returns the
     /// expanded text and its split words. `raw_escapes` says whether escape characters are
     /// kept; operators override it for their nested words, as BuildKit does.
-    fn until(
-        &mut self,
-        stop: Option<char>,
-        raw_escapes: bool,
-    ) -> Result<(String, Vec<String>), ShellError> {
+    fn until(&mut self, stop: Option<char>, raw_escapes: bool) -> Result<(String, Vec<String>), ShellError> {
         let mut result = String::new();
         let mut words = Vec::new();
         self.word_buf.clear();
@@ -319,12 +285,7 @@ impl<'a> Scan<'a> {
 
     /// Consumes one ordinary character, or an escape and the character it protects.
     /// Returns false when an escape character ends the input, which ends the scan.
-    fn plain_char(
-        &mut self,
-        raw_escapes: bool,
-        result: &mut String,
-        words: &mut Vec<String>,
-    ) -> bool {
+    fn plain_char(&mut self, raw_escapes: bool, result: &mut String, words: &mut Vec<String>) -> bool {
         let Some(ch) = self.next() else {
             return false;
         };
@@ -458,10 +419,7 @@ impl<'a> Scan<'a> {
         }
         self.next();
         if self.depth >= MAX_NESTING {
-            return Err(ShellError::NestingTooDeep {
-                limit: MAX_NESTING,
-                word: self.word(),
-            });
+            return Err(ShellError::NestingTooDeep { limit: MAX_NESTING, word: self.word() });
         }
         self.depth += 1;
         let expanded = self.braced();
@@ -539,10 +497,7 @@ impl<'a> Scan<'a> {
     }
 
     fn unsupported(&self, modifier: String) -> ShellError {
-        ShellError::UnsupportedModifier {
-            modifier,
-            word: self.word(),
-        }
+        ShellError::UnsupportedModifier { modifier, word: self.word() }
     }
 
     /// Replaces an error from a nested scan that ran into the end of input with `missing`,
@@ -554,12 +509,7 @@ impl<'a> Scan<'a> {
     /// Handles `${name<op>word}`, where `op` is `-`, `+`, `?`, `#`, `##`, `%` or `%%`,
     /// optionally preceded by `:` (`null_is_unset`). The word is always expanded, even when
     /// its value is not used, so its errors and unset variables are always reported.
-    fn operator(
-        &mut self,
-        name: &str,
-        null_is_unset: bool,
-        op: char,
-    ) -> Result<String, ShellError> {
+    fn operator(&mut self, name: &str, null_is_unset: bool, op: char) -> Result<String, ShellError> {
         let colon = if null_is_unset { ":" } else { "" };
         let written_op = format!("{colon}{op}");
         // Patterns keep their escapes so that `\*` can still mean a literal star.
@@ -574,9 +524,7 @@ impl<'a> Scan<'a> {
         if value.is_none() && self.lexer.skip_unset_env {
             return Ok(format!("${{{name}{written_op}{word}}}"));
         }
-        let empty = value
-            .as_deref()
-            .is_none_or(|v| null_is_unset && v.is_empty());
+        let empty = value.as_deref().is_none_or(|v| null_is_unset && v.is_empty());
         match op {
             '-' if empty => Ok(word),
             '-' => Ok(value.unwrap_or_default()),
@@ -651,26 +599,14 @@ impl<'a> Scan<'a> {
 }
 
 /// Result of `${name?message}` and `${name:?message}`.
-fn required(
-    name: &str,
-    value: Option<String>,
-    empty: bool,
-    message: String,
-) -> Result<String, ShellError> {
+fn required(name: &str, value: Option<String>, empty: bool, message: String) -> Result<String, ShellError> {
     let default = match &value {
         None => "is not allowed to be unset",
         Some(_) if empty => "is not allowed to be empty",
         Some(v) => return Ok(v.clone()),
     };
-    let message = if message.is_empty() {
-        default.to_string()
-    } else {
-        message
-    };
-    Err(ShellError::Required {
-        name: name.to_string(),
-        message,
-    })
+    let message = if message.is_empty() { default.to_string() } else { message };
+    Err(ShellError::Required { name: name.to_string(), message })
 }
 
 /// Replaces every match the way Go's `Regexp.ReplaceAllString` does: an empty match right
@@ -725,10 +661,7 @@ fn expand_template(template: &str, matched: &str) -> String {
 fn group_reference(rest: &[char]) -> Option<(String, usize)> {
     let braced = rest.first() == Some(&'{');
     let start = usize::from(braced);
-    let len = rest[start..]
-        .iter()
-        .take_while(|&&c| is_letter(c) || is_digit(c) || c == '_')
-        .count();
+    let len = rest[start..].iter().take_while(|&&c| is_letter(c) || is_digit(c) || c == '_').count();
     if len == 0 || (braced && rest.get(start + len) != Some(&'}')) {
         return None;
     }
@@ -742,11 +675,7 @@ fn reverse_pattern(pattern: &str) -> String {
     let mut units: Vec<&[char]> = Vec::new();
     let mut i = 0;
     while i < chars.len() {
-        let len = if chars[i] == '\\' && i + 1 < chars.len() {
-            2
-        } else {
-            1
-        };
+        let len = if chars[i] == '\\' && i + 1 < chars.len() { 2 } else { 1 };
         units.push(&chars[i..i + len]);
         i += len;
     }
@@ -762,11 +691,7 @@ fn is_letter(ch: char) -> bool {
 /// Go's `unicode.IsDigit`. Exact for Latin-1 (only `0`-`9`); beyond it, approximated by the
 /// Numeric property, which also admits superscripts and similar number forms.
 fn is_digit(ch: char) -> bool {
-    if u32::from(ch) < 0x100 {
-        ch.is_ascii_digit()
-    } else {
-        ch.is_numeric()
-    }
+    if u32::from(ch) < 0x100 { ch.is_ascii_digit() } else { ch.is_numeric() }
 }
 
 /// The POSIX special parameters; in a Dockerfile they are never set.
@@ -811,10 +736,7 @@ struct Threads {
 
 impl Threads {
     fn new(states: usize) -> Self {
-        Threads {
-            list: Vec::new(),
-            seen: vec![false; states],
-        }
+        Threads { list: Vec::new(), seen: vec![false; states] }
     }
 }
 
@@ -895,9 +817,7 @@ impl Glob {
             threads.list.extend(end.map(|pc| (pc, start)));
         } else {
             threads.list.extend(end.map(|pc| (pc, start)));
-            threads
-                .list
-                .extend(stars.iter().rev().map(|&star| (star, start)));
+            threads.list.extend(stars.iter().rev().map(|&star| (star, start)));
         }
     }
 }
@@ -1129,10 +1049,7 @@ mod tests {
     #[test]
     fn replace_operators() {
         let cases = [
-            (
-                "${PATH_/\\/tmp/} - ${PATH_//\\/tmp/}",
-                "/tmp/bar.txt - /bar.txt",
-            ),
+            ("${PATH_/\\/tmp/} - ${PATH_//\\/tmp/}", "/tmp/bar.txt - /bar.txt"),
             ("${PATH_/\\/?/X}", "Xmp/tmp/bar.txt"),
             ("${URL/http:\\/\\//https://}", "https://google.de"),
             ("${PATH_//\\//\\/}", "\\/tmp\\/tmp\\/bar.txt"),
@@ -1170,19 +1087,10 @@ mod tests {
             ("${PWD:=000}", "unsupported modifier (:=) in ${PWD:=000}"),
             ("${XXX:YYY}", "unsupported modifier (:Y) in ${XXX:YYY}"),
             ("${FOO:#x}", "unsupported modifier (:#) in ${FOO:#x}"),
-            (
-                "${FOO#\\x}",
-                "invalid pattern (\\x) in ${FOO#\\x}: invalid escape '\\x'",
-            ),
+            ("${FOO#\\x}", "invalid pattern (\\x) in ${FOO#\\x}: invalid escape '\\x'"),
             ("${FOO%x\\}", "missing '}' in ${FOO%x\\}"),
-            (
-                "${FOO#$BS}",
-                "invalid pattern (\\) in ${FOO#$BS}: it ends with an escape character",
-            ),
-            (
-                "${FOO%\\xa}",
-                "invalid pattern (\\xa) in ${FOO%\\xa}: invalid escape '\\x'",
-            ),
+            ("${FOO#$BS}", "invalid pattern (\\) in ${FOO#$BS}: it ends with an escape character"),
+            ("${FOO%\\xa}", "invalid pattern (\\xa) in ${FOO%\\xa}: invalid escape '\\x'"),
         ];
         for (input, expected) in cases {
             check_err(input, expected);
@@ -1235,9 +1143,8 @@ mod tests {
     #[test]
     fn unmatched_variables_are_reported_sorted() {
         let lexer = Lexer::new('\\');
-        let (word, unmatched) = lexer
-            .process_word_with_unmatched("${ZED:-.}$PWD${ABC}${PWD:+$MID}$1", &env())
-            .expect("valid word");
+        let (word, unmatched) =
+            lexer.process_word_with_unmatched("${ZED:-.}$PWD${ABC}${PWD:+$MID}$1", &env()).expect("valid word");
         assert_eq!(word, "./home");
         assert_eq!(unmatched, ["1", "ABC", "MID", "ZED"]);
     }
@@ -1265,10 +1172,7 @@ mod tests {
         // A nested operator word clears the partial word before it, as in BuildKit.
         check_words("a he${XXX:-x}y", &["a", "xy"]);
         check_words("he\"${PWD#/}\" z", &["home", "z"]);
-        assert_eq!(
-            Lexer::new('\\').process_word("a he${XXX:-x}y", &env()),
-            Ok("a hexy".to_string())
-        );
+        assert_eq!(Lexer::new('\\').process_word("a he${XXX:-x}y", &env()), Ok("a hexy".to_string()));
     }
 
     #[test]
@@ -1295,10 +1199,7 @@ mod tests {
         assert_eq!(lexer.process_word("$A", &map), Ok("1".to_string()));
         let hash: HashMap<String, String> = [("A".to_string(), "2".to_string())].into();
         assert_eq!(lexer.process_word("$A", &hash), Ok("2".to_string()));
-        let pairs = vec![
-            ("A".to_string(), "3".to_string()),
-            ("A".to_string(), "4".to_string()),
-        ];
+        let pairs = vec![("A".to_string(), "3".to_string()), ("A".to_string(), "4".to_string())];
         assert_eq!(lexer.process_word("$A", &pairs), Ok("4".to_string()));
         assert_eq!(Env::get(pairs.as_slice(), "A"), Some("4".to_string()));
         let closure = |name: &str| (name == "A").then(|| "5".to_string());
@@ -1320,17 +1221,14 @@ mod tests {
         let value = "a".repeat(2000);
         let env = |name: &str| (name == "V").then(|| value.clone());
         let word = format!("${{V#{}b}}", "*a".repeat(50));
-        assert_eq!(
-            Lexer::new('\\').process_word(&word, &env),
-            Ok(value.clone())
-        );
+        assert_eq!(Lexer::new('\\').process_word(&word, &env), Ok(value.clone()));
     }
 
     #[test]
     fn garbled_input_never_panics() {
         const PIECES: &[&str] = &[
-            "$", "{", "}", ":", "-", "+", "?", "#", "%", "/", "\\", "`", "'", "\"", " ", "<", "*",
-            "a", "PWD", "NULL", "1", "@", "한", "\u{feff}", "\n", "${", "${PWD", "\\}",
+            "$", "{", "}", ":", "-", "+", "?", "#", "%", "/", "\\", "`", "'", "\"", " ", "<", "*", "a", "PWD", "NULL",
+            "1", "@", "한", "\u{feff}", "\n", "${", "${PWD", "\\}",
         ];
         let mut state: u64 = 0x2545_f491_4f6c_dd1d;
         let mut next = |bound: usize| {

@@ -253,10 +253,7 @@ mod tests {
         // Pinned so that an accidental change of the canonical encoding is noticed: it would
         // invalidate every cache entry ever written.
         let op = Op::Merge(crate::MergeOp {});
-        assert_eq!(
-            vertex_digest(&op, &[]).to_string(),
-            vertex_digest(&Op::Merge(crate::MergeOp {}), &[]).to_string()
-        );
+        assert_eq!(vertex_digest(&op, &[]).to_string(), vertex_digest(&Op::Merge(crate::MergeOp {}), &[]).to_string());
         assert_ne!(vertex_digest(&op, &[]), vertex_digest(&op, &[Digest::of(b"")]));
     }
 }

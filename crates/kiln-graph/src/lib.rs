@@ -13,7 +13,7 @@ mod render;
 
 pub use builder::{Graph, GraphBuilder, GraphError, Output, Vertex, VertexMeta};
 pub use op::{
-    CacheSharing, Chown, CopyAction, ExecOp, FileAction, FileOp, Input, MergeOp, Mount, MountKind,
-    NetworkMode, Op, OpKind, SecretMount, SecurityMode, SourceOp, SshMount,
+    CacheSharing, Chown, CopyAction, ExecOp, FileAction, FileOp, Input, MergeOp, Mount, MountKind, NetworkMode, Op,
+    OpKind, SecretMount, SecurityMode, SourceOp, SshMount,
 };
 pub use render::{render_dot, render_json, render_text};

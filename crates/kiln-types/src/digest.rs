@@ -59,11 +59,8 @@ impl FromStr for Digest {
     type Err = DigestError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let hex_part = s
-            .strip_prefix("sha256:")
-            .ok_or_else(|| DigestError::Algorithm(s.to_owned()))?;
-        let valid = hex_part.len() == 64
-            && hex_part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let hex_part = s.strip_prefix("sha256:").ok_or_else(|| DigestError::Algorithm(s.to_owned()))?;
+        let valid = hex_part.len() == 64 && hex_part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !valid {
             return Err(DigestError::Hex(s.to_owned()));
         }
@@ -131,16 +128,19 @@ mod tests {
     #[test]
     fn empty_input_has_the_well_known_digest() {
         let d = Digest::of(b"");
-        assert_eq!(
-            d.to_string(),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(d.to_string(), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(d.to_string().parse::<Digest>(), Ok(d));
     }
 
     #[test]
     fn rejects_malformed_digests() {
-        for bad in ["", "sha256:", "md5:abcd", "sha256:XYZ", "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"] {
+        for bad in [
+            "",
+            "sha256:",
+            "md5:abcd",
+            "sha256:XYZ",
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+        ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad}");
         }
     }

@@ -70,9 +70,7 @@ fn normalize_arch(arch: &str, variant: Option<&str>) -> (String, Option<String>)
 }
 
 fn valid_component(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 impl FromStr for Platform {

@@ -5,12 +5,12 @@ use kiln_graph::{CopyAction, FileAction, FileOp, Input, MergeOp, Op, SourceOp, V
 use kiln_types::Digest;
 
 use super::dispatch::{display, parse_chown};
-use super::state::{input_index, StageState};
+use super::state::{StageState, input_index};
 use super::{Converter, Failure};
 use crate::context::clean_relative;
 use crate::ignore::has_glob;
 use crate::instructions::{AddCopy, Command};
-use crate::parser::{parse_heredoc, Heredoc};
+use crate::parser::{Heredoc, parse_heredoc};
 use crate::shell::Lexer;
 
 /// One source of a COPY/ADD after expansion.
@@ -40,18 +40,23 @@ fn valid_chmod(mode: &str) -> bool {
     let symbolic = mode.split(',').all(|clause| {
         let who_len = clause.find(|c: char| !"ugoa".contains(c)).unwrap_or(clause.len());
         let rest = &clause[who_len..];
-        rest.starts_with(['+', '-', '='])
-            && rest[1..].chars().all(|c| "rwxXst".contains(c))
+        rest.starts_with(['+', '-', '=']) && rest[1..].chars().all(|c| "rwxXst".contains(c))
     });
     octal || (!mode.is_empty() && symbolic)
 }
 
 impl Converter<'_> {
-    pub(super) fn dispatch_copy(&mut self, state: &mut StageState, command: &Command, copy: &AddCopy) -> Result<(), Failure> {
+    pub(super) fn dispatch_copy(
+        &mut self,
+        state: &mut StageState,
+        command: &Command,
+        copy: &AddCopy,
+    ) -> Result<(), Failure> {
         let keyword = if copy.is_add { "ADD" } else { "COPY" };
         let sources = self.expand_sources(state, copy)?;
         let dest_word = self.expand(state, &copy.dest)?;
-        let dest_is_dir = dest_word.ends_with('/') || dest_word == "." || dest_word.ends_with("/.") || dest_word.is_empty();
+        let dest_is_dir =
+            dest_word.ends_with('/') || dest_word == "." || dest_word.ends_with("/.") || dest_word.is_empty();
         let mut dest = state.resolve_path(&dest_word);
         if dest_is_dir && dest != "/" {
             dest.push('/');
@@ -71,7 +76,10 @@ impl Converter<'_> {
             Some(c) => {
                 let mode = self.expand(state, c)?;
                 if !valid_chmod(&mode) {
-                    return Err(format!("invalid chmod parameter: {mode:?} (use octal like 0755 or symbolic like u+x)").into());
+                    return Err(format!(
+                        "invalid chmod parameter: {mode:?} (use octal like 0755 or symbolic like u+x)"
+                    )
+                    .into());
                 }
                 Some(mode)
             }
@@ -94,11 +102,16 @@ impl Converter<'_> {
         let base = if copy.link { Input::Scratch } else { state.root_input(&mut inputs) };
         let actions = self.copy_actions(state, command, copy, sources, &template, &mut inputs)?;
         let meta = state.next_meta(&display(command), (command.start_line, command.end_line));
-        let copied = self.builder.add(Op::File(FileOp { base, actions }), inputs, meta.clone()).map_err(|e| e.to_string())?;
+        let copied =
+            self.builder.add(Op::File(FileOp { base, actions }), inputs, meta.clone()).map_err(|e| e.to_string())?;
         state.root = match (copy.link, state.root) {
             (true, Some(root)) => {
                 let merge_meta = VertexMeta { name: format!("{} (link)", meta.name), ..meta };
-                Some(self.builder.add(Op::Merge(MergeOp {}), vec![root, copied], merge_meta).map_err(|e| e.to_string())?)
+                Some(
+                    self.builder
+                        .add(Op::Merge(MergeOp {}), vec![root, copied], merge_meta)
+                        .map_err(|e| e.to_string())?,
+                )
             }
             _ => Some(copied),
         };
@@ -143,7 +156,8 @@ impl Converter<'_> {
         inputs: &mut Vec<Digest>,
     ) -> Result<Vec<FileAction>, Failure> {
         let mut actions = Vec::new();
-        let paths: Vec<String> = sources.iter().filter_map(|s| if let Source::Path(p) = s { Some(p.clone()) } else { None }).collect();
+        let paths: Vec<String> =
+            sources.iter().filter_map(|s| if let Source::Path(p) = s { Some(p.clone()) } else { None }).collect();
         if !paths.is_empty() {
             let cleaned: Vec<String> = paths.iter().map(|p| clean_relative(p)).collect();
             let from = match &copy.from {
@@ -171,7 +185,12 @@ impl Converter<'_> {
     }
 
     fn inline_vertex(&mut self, state: &StageState, doc: &Heredoc) -> Result<Digest, Failure> {
-        let action = FileAction::Mkfile { path: format!("/{}", doc.name), mode: 0o644, data: doc.chomped_content(), chown: None };
+        let action = FileAction::Mkfile {
+            path: format!("/{}", doc.name),
+            mode: 0o644,
+            data: doc.chomped_content(),
+            chown: None,
+        };
         let op = Op::File(FileOp { base: Input::Scratch, actions: vec![action] });
         let meta = VertexMeta {
             name: "[internal] preparing inline document".into(),
@@ -182,7 +201,13 @@ impl Converter<'_> {
         Ok(self.builder.add(op, vec![], meta).map_err(|e| e.to_string())?)
     }
 
-    fn http_vertex(&mut self, state: &StageState, command: &Command, url: &str, checksum: Option<&str>) -> Result<(Digest, String), Failure> {
+    fn http_vertex(
+        &mut self,
+        state: &StageState,
+        command: &Command,
+        url: &str,
+        checksum: Option<&str>,
+    ) -> Result<(Digest, String), Failure> {
         let checksum = match checksum {
             Some(c) => Some(c.parse::<Digest>().map_err(|e| format!("--checksum: {e}"))?),
             None => None,
@@ -202,11 +227,19 @@ impl Converter<'_> {
         Ok((digest, format!("/{filename}")))
     }
 
-    fn git_vertex(&mut self, state: &StageState, command: &Command, url: &str, keep_git_dir: bool) -> Result<Digest, Failure> {
+    fn git_vertex(
+        &mut self,
+        state: &StageState,
+        command: &Command,
+        url: &str,
+        keep_git_dir: bool,
+    ) -> Result<Digest, Failure> {
         let (remote, fragment) = url.split_once('#').map_or((url, None), |(r, f)| (r, Some(f)));
         let (reference, subdir) = match fragment {
             Some(f) => match f.split_once(':') {
-                Some((r, s)) => (Some(r.to_owned()).filter(|r| !r.is_empty()), Some(s.to_owned()).filter(|s| !s.is_empty())),
+                Some((r, s)) => {
+                    (Some(r.to_owned()).filter(|r| !r.is_empty()), Some(s.to_owned()).filter(|s| !s.is_empty()))
+                }
                 None => (Some(f.to_owned()).filter(|r| !r.is_empty()), None),
             },
             None => (None, None),

@@ -4,22 +4,19 @@
 use kiln_graph::{Chown, FileAction, FileOp, Op, SourceOp};
 use kiln_types::{ImageReference, Platform};
 
-use super::state::{StageResult, StageState, DEFAULT_PATH};
+use super::state::{DEFAULT_PATH, StageResult, StageState};
 use super::{Converter, Failure, FrontendError};
-use crate::instructions::{parse_instruction, ArgDecl, Command, CommandLine, Healthcheck, Instruction, KeyValue};
 use crate::image::HealthConfig;
+use crate::instructions::{ArgDecl, Command, CommandLine, Healthcheck, Instruction, KeyValue, parse_instruction};
 use crate::parser;
 
 impl Converter<'_> {
     pub(super) fn error(&self, stage: &str, line: Option<usize>, failure: Failure) -> FrontendError {
         match failure {
             Failure::Located(e) => e,
-            Failure::Message(message) => FrontendError {
-                file: self.options.file_name.clone(),
-                line,
-                stage: Some(stage.to_owned()),
-                message,
-            },
+            Failure::Message(message) => {
+                FrontendError { file: self.options.file_name.clone(), line, stage: Some(stage.to_owned()), message }
+            }
         }
     }
 
@@ -99,7 +96,13 @@ impl Converter<'_> {
         let ast = parser::parse(trigger).map_err(|e| format!("ONBUILD trigger {trigger:?}: {}", e.message))?;
         let node = ast.nodes.first().ok_or("empty ONBUILD trigger")?;
         let instruction = parse_instruction(node).map_err(|e| format!("ONBUILD trigger {trigger:?}: {e}"))?;
-        Ok(Command { instruction, keyword: node.instruction.to_uppercase(), original: node.original.clone(), start_line: 0, end_line: 0 })
+        Ok(Command {
+            instruction,
+            keyword: node.instruction.to_uppercase(),
+            original: node.original.clone(),
+            start_line: 0,
+            end_line: 0,
+        })
     }
 
     pub(super) fn dispatch(&mut self, state: &mut StageState, command: &Command) -> Result<(), Failure> {
@@ -204,7 +207,8 @@ impl Converter<'_> {
         let chown = (!state.config.user.is_empty()).then(|| parse_chown(&state.config.user));
         let mut inputs = Vec::new();
         let base = state.root_input(&mut inputs);
-        let op = Op::File(FileOp { base, actions: vec![FileAction::Mkdir { path, mode: 0o755, parents: true, chown }] });
+        let op =
+            Op::File(FileOp { base, actions: vec![FileAction::Mkdir { path, mode: 0o755, parents: true, chown }] });
         let meta = state.next_meta(&display(command), (command.start_line, command.end_line));
         state.root = Some(self.builder.add(op, inputs, meta).map_err(|e| e.to_string())?);
         Ok(())
@@ -237,7 +241,8 @@ impl Converter<'_> {
         let signal = self.expand(state, signal)?;
         let name = signal.strip_prefix("SIG").unwrap_or(&signal);
         let valid = signal.parse::<u32>().is_ok_and(|n| n > 0)
-            || (!name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '+' || c == '-'));
+            || (!name.is_empty()
+                && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '+' || c == '-'));
         if !valid {
             return Err(format!("invalid signal: {signal}").into());
         }

@@ -4,11 +4,11 @@ use kiln_graph::{ExecOp, FileAction, FileOp, Input, Mount, MountKind, Op, Secret
 use kiln_types::{Digest, ImageReference};
 
 use super::dispatch::{display, shell_of};
-use super::state::{input_index, StageState};
+use super::state::{StageState, input_index};
 use super::{Converter, Failure};
 use crate::context::{clean_relative, select, selection_digest};
 use crate::ignore::PatternList;
-use crate::instructions::{parse_mount, Command, MountType, Run, RunMount};
+use crate::instructions::{Command, MountType, Run, RunMount, parse_mount};
 use crate::parser::parse_heredoc;
 
 /// Where RUN heredoc scripts with a shebang are mounted, as in BuildKit.
@@ -95,7 +95,13 @@ impl Converter<'_> {
         Ok(self.builder.add(op, vec![], meta).map_err(|e| e.to_string())?)
     }
 
-    fn mount(&mut self, state: &StageState, command: &Command, m: RunMount, inputs: &mut Vec<Digest>) -> Result<Mount, Failure> {
+    fn mount(
+        &mut self,
+        state: &StageState,
+        command: &Command,
+        m: RunMount,
+        inputs: &mut Vec<Digest>,
+    ) -> Result<Mount, Failure> {
         let target = state.resolve_path(m.target.as_deref().unwrap_or_default());
         let kind = match m.kind {
             MountType::Bind => {
@@ -104,7 +110,8 @@ impl Converter<'_> {
             }
             MountType::Cache => {
                 let seeded = m.from.is_some();
-                let (from, source) = if seeded { self.mount_source(state, command, &m, inputs)? } else { (Input::Scratch, "/".into()) };
+                let (from, source) =
+                    if seeded { self.mount_source(state, command, &m, inputs)? } else { (Input::Scratch, "/".into()) };
                 MountKind::Cache {
                     id: m.id.clone().unwrap_or_else(|| target.clone()),
                     sharing: m.sharing,
@@ -161,7 +168,12 @@ impl Converter<'_> {
     }
 
     /// The filesystem named by `--from` or `from=`: a stage (by name or index), else an image.
-    pub(super) fn named_source(&mut self, state: &StageState, command: &Command, from: &str) -> Result<Option<Digest>, Failure> {
+    pub(super) fn named_source(
+        &mut self,
+        state: &StageState,
+        command: &Command,
+        from: &str,
+    ) -> Result<Option<Digest>, Failure> {
         if let Some(index) = self.find_stage(from, None, true) {
             let result = self.stage(index, Some((&state.name, command.start_line))).map_err(Failure::Located)?;
             return Ok(result.root);
@@ -172,9 +184,12 @@ impl Converter<'_> {
         if from.eq_ignore_ascii_case("scratch") {
             return Ok(None);
         }
-        let reference: ImageReference = from
-            .parse()
-            .map_err(|e| format!("--from={from} is neither a stage of this Dockerfile nor a valid image reference: {e}"))?;
+        if !from.contains(['/', ':', '@', '.']) {
+            return Err(self.unknown_stage(from).into());
+        }
+        let reference: ImageReference = from.parse().map_err(|e| {
+            format!("--from={from} is neither a stage of this Dockerfile nor a valid image reference: {e}")
+        })?;
         let op = Op::Source(SourceOp::Image { reference: reference.clone(), platform: state.platform.clone() });
         let meta = kiln_graph::VertexMeta {
             name: format!("[{}] FROM {reference}", state.name),
@@ -183,6 +198,21 @@ impl Converter<'_> {
             lines: Some((command.start_line, command.end_line)),
         };
         Ok(Some(self.builder.add(op, vec![], meta).map_err(|e| e.to_string())?))
+    }
+
+    /// A bare word that names no stage is far more often a typo than an image: BuildKit
+    /// would try to pull `docker.io/library/<word>`. Kiln asks for an explicit reference.
+    fn unknown_stage(&self, from: &str) -> String {
+        let names: Vec<String> = self.file.stages.iter().filter_map(|s| s.from.name.clone()).collect();
+        let close = names.iter().find(|n| crate::instructions::edit_distance(n, &from.to_lowercase()) <= 2);
+        let hint = match close {
+            Some(name) => format!(" (did you mean {name}?)"),
+            None => String::new(),
+        };
+        format!(
+            "--from={from}: no stage with that name{hint}; stages are [{}]; to copy from an image write a full reference such as {from}:latest",
+            names.join(", ")
+        )
     }
 
     /// A local-context source vertex keyed by the content of exactly the files selected.
@@ -204,7 +234,11 @@ impl Converter<'_> {
             content,
         });
         let meta = kiln_graph::VertexMeta {
-            name: format!("[context] load {} ({} entries)", sources.iter().map(|s| if s.is_empty() { "." } else { s }).collect::<Vec<_>>().join(" "), selected.len()),
+            name: format!(
+                "[context] load {} ({} entries)",
+                sources.iter().map(|s| if s.is_empty() { "." } else { s }).collect::<Vec<_>>().join(" "),
+                selected.len()
+            ),
             stage: Some(state.name.clone()),
             platform: None,
             lines: Some((command.start_line, command.end_line)),

@@ -18,7 +18,7 @@ use kiln_types::Platform;
 
 use crate::context::ContextFiles;
 use crate::image::{ImageConfig, ImageMetadata};
-use crate::instructions::{parse_dockerfile, Dockerfile};
+use crate::instructions::{Dockerfile, parse_dockerfile};
 use crate::shell::Lexer;
 use state::StageResult;
 
@@ -116,11 +116,13 @@ pub fn convert(text: &str, options: &ConvertOptions<'_>) -> Result<BuildPlan, Fr
     };
     let dockerfile = parse_dockerfile(text).map_err(|e| file_error(Some(e.line), e.message))?;
     let target = resolve_target(&dockerfile, options.target.as_deref()).map_err(|m| file_error(None, m))?;
-    let platforms = if options.platforms.is_empty() { vec![options.build_platform.clone()] } else { options.platforms.clone() };
+    let platforms =
+        if options.platforms.is_empty() { vec![options.build_platform.clone()] } else { options.platforms.clone() };
     let mut builder = GraphBuilder::new();
     let mut outputs = Vec::new();
     let mut images = Vec::new();
-    let mut warnings: Vec<String> = dockerfile.warnings.iter().map(|w| format!("{}:{}: {}", options.file_name, w.line, w.message)).collect();
+    let mut warnings: Vec<String> =
+        dockerfile.warnings.iter().map(|w| format!("{}:{}: {}", options.file_name, w.line, w.message)).collect();
     for platform in &platforms {
         let mut converter = Converter::new(&dockerfile, options, platform.clone(), platforms.len() > 1, &mut builder)?;
         let result = converter.stage(target, None)?;
@@ -148,7 +150,7 @@ fn resolve_target(file: &Dockerfile, target: Option<&str>) -> Result<usize, Stri
 enum Slot {
     Pending,
     InProgress,
-    Done(StageResult),
+    Done(Box<StageResult>),
 }
 
 /// Converts the stages of one platform.
@@ -159,6 +161,8 @@ pub(crate) struct Converter<'a> {
     prefix_platform: bool,
     builder: &'a mut GraphBuilder,
     slots: Vec<Slot>,
+    /// Stages being converted, outermost first, to describe cycles.
+    stack: Vec<usize>,
     /// Global ARGs with values and the automatic platform ARGs: the FROM environment.
     meta_env: Vec<(String, String)>,
     lexer: Lexer,
@@ -190,8 +194,11 @@ impl<'a> Converter<'a> {
         for (decl, line) in &file.meta_args {
             let value = match (options.build_args.get(&decl.key), &decl.default) {
                 (Some(v), _) => Some(v.clone()),
-                (None, Some(default)) => Some(lexer.process_word(default, &meta_env).map_err(|e| {
-                    FrontendError { file: options.file_name.clone(), line: Some(*line), stage: None, message: e.to_string() }
+                (None, Some(default)) => Some(lexer.process_word(default, &meta_env).map_err(|e| FrontendError {
+                    file: options.file_name.clone(),
+                    line: Some(*line),
+                    stage: None,
+                    message: e.to_string(),
                 })?),
                 (None, None) => None,
             };
@@ -206,6 +213,7 @@ impl<'a> Converter<'a> {
             prefix_platform,
             builder,
             slots: vec![Slot::Pending; file.stages.len()],
+            stack: Vec::new(),
             meta_env,
             lexer,
             warnings: Vec::new(),
@@ -214,24 +222,33 @@ impl<'a> Converter<'a> {
 
     /// Converts stage `index` (once) and returns its result. `referrer` is the stage and
     /// line that needs it, for the cycle error.
-    pub(crate) fn stage(&mut self, index: usize, referrer: Option<(&str, usize)>) -> Result<StageResult, FrontendError> {
+    pub(crate) fn stage(
+        &mut self,
+        index: usize,
+        referrer: Option<(&str, usize)>,
+    ) -> Result<StageResult, FrontendError> {
         match &self.slots[index] {
-            Slot::Done(result) => return Ok(result.clone()),
+            Slot::Done(result) => return Ok((**result).clone()),
             Slot::InProgress => {
-                let name = self.file.stages[index].display_name();
-                let (via, line) = referrer.map_or((name.clone(), None), |(s, l)| (s.to_owned(), Some(l)));
+                let start = self.stack.iter().position(|&i| i == index).unwrap_or(0);
+                let chain: Vec<String> =
+                    self.stack[start..].iter().chain([&index]).map(|&i| self.file.stages[i].display_name()).collect();
+                let (via, line) = referrer.map_or((None, None), |(s, l)| (Some(s.to_owned()), Some(l)));
                 return Err(FrontendError {
                     file: self.options.file_name.clone(),
                     line,
-                    stage: Some(via),
-                    message: format!("stage cycle: stage {name} depends on itself"),
+                    stage: via,
+                    message: format!("stage cycle: {} (a stage cannot depend on itself)", chain.join(" -> ")),
                 });
             }
             Slot::Pending => {}
         }
         self.slots[index] = Slot::InProgress;
-        let result = self.dispatch_stage(index)?;
-        self.slots[index] = Slot::Done(result.clone());
+        self.stack.push(index);
+        let result = self.dispatch_stage(index);
+        self.stack.pop();
+        let result = result?;
+        self.slots[index] = Slot::Done(Box::new(result.clone()));
         Ok(result)
     }
 
@@ -245,3 +262,6 @@ impl<'a> Converter<'a> {
         self.file.stages[..limit].iter().find(|s| s.from.name.as_deref() == Some(lower.as_str())).map(|s| s.index)
     }
 }
+
+#[cfg(test)]
+mod tests;

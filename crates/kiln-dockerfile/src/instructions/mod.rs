@@ -11,7 +11,7 @@ use kiln_graph::{NetworkMode, SecurityMode};
 
 use crate::parser::{self, Ast, Directives, Heredoc, Node, Warning};
 use flags::{FlagKind, Flags};
-pub use mount::{parse_mount, MountType, RunMount};
+pub use mount::{MountType, RunMount, parse_mount};
 
 /// A `key=value` pair from ENV or LABEL, unexpanded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,7 +245,10 @@ fn split_stages(ast: Ast) -> Result<Dockerfile, InstructionError> {
     }
     if file.stages.is_empty() {
         let line = ast.nodes.last().map_or(1, |n| n.end_line);
-        return Err(InstructionError { line, message: "no FROM instruction: a Dockerfile needs at least one stage".into() });
+        return Err(InstructionError {
+            line,
+            message: "no FROM instruction: a Dockerfile needs at least one stage".into(),
+        });
     }
     Ok(file)
 }
@@ -305,8 +308,24 @@ pub fn parse_instruction(node: &Node) -> Result<Instruction, String> {
 }
 
 const KEYWORDS: [&str; 18] = [
-    "add", "arg", "cmd", "copy", "entrypoint", "env", "expose", "from", "healthcheck", "label",
-    "maintainer", "onbuild", "run", "shell", "stopsignal", "user", "volume", "workdir",
+    "add",
+    "arg",
+    "cmd",
+    "copy",
+    "entrypoint",
+    "env",
+    "expose",
+    "from",
+    "healthcheck",
+    "label",
+    "maintainer",
+    "onbuild",
+    "run",
+    "shell",
+    "stopsignal",
+    "user",
+    "volume",
+    "workdir",
 ];
 
 fn unknown_instruction(word: &str) -> String {
@@ -318,7 +337,8 @@ fn unknown_instruction(word: &str) -> String {
     }
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
+/// Levenshtein distance, for "did you mean" hints.
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {

@@ -140,10 +140,7 @@ fn empty_mount() -> RunMount {
 }
 
 /// Parses one `--mount` value; `expand` expands variables in option values.
-pub fn parse_mount(
-    spec: &str,
-    expand: &mut dyn FnMut(&str) -> Result<String, String>,
-) -> Result<RunMount, String> {
+pub fn parse_mount(spec: &str, expand: &mut dyn FnMut(&str) -> Result<String, String>) -> Result<RunMount, String> {
     let mut mount = empty_mount();
     let mut readonly: Option<bool> = None;
     for field in csv_fields(spec)? {
@@ -167,7 +164,9 @@ fn apply_field(
     value: Option<&str>,
     spec: &str,
 ) -> Result<(), String> {
-    let required = |v: Option<&str>| v.map(str::to_owned).ok_or_else(|| format!("invalid field '{key}' must be a key=value pair in {spec:?}"));
+    let required = |v: Option<&str>| {
+        v.map(str::to_owned).ok_or_else(|| format!("invalid field '{key}' must be a key=value pair in {spec:?}"))
+    };
     match key {
         "type" => mount.kind = parse_type(&required(value)?)?,
         "from" => mount.from = Some(required(value)?),
@@ -229,11 +228,7 @@ fn finish_mount(mut mount: RunMount, readonly: Option<bool>, spec: &str) -> Resu
         MountType::Ssh => {
             mount.id.get_or_insert_with(|| "default".to_owned());
         }
-        MountType::Cache => {
-            if mount.id.is_none() {
-                mount.id = mount.target.clone();
-            }
-        }
+        MountType::Cache if mount.id.is_none() => mount.id = mount.target.clone(),
         _ => {}
     }
     let takes_from = matches!(mount.kind, MountType::Bind | MountType::Cache);

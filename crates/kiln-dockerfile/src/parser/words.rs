@@ -132,10 +132,7 @@ pub(super) fn split_whitespace(rest: &str) -> Vec<String> {
     if rest.is_empty() {
         return Vec::new();
     }
-    rest.split(['\t', '\u{b}', '\u{c}', '\r', ' '])
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
+    rest.split(['\t', '\u{b}', '\u{c}', '\r', ' ']).filter(|s| !s.is_empty()).map(str::to_owned).collect()
 }
 
 /// What a would-be JSON argument turned out to be.
@@ -156,8 +153,7 @@ pub(super) fn parse_json_array(rest: &str) -> JsonArray {
     match serde_json::from_str::<Vec<serde_json::Value>>(rest) {
         Err(_) => JsonArray::NotJson,
         Ok(values) => {
-            let strings: Option<Vec<String>> =
-                values.into_iter().map(|v| v.as_str().map(str::to_owned)).collect();
+            let strings: Option<Vec<String>> = values.into_iter().map(|v| v.as_str().map(str::to_owned)).collect();
             strings.map_or(JsonArray::NotStrings, JsonArray::Strings)
         }
     }

@@ -1,0 +1,384 @@
+//! Conversion tests: Dockerfiles in, graph properties out.
+
+use std::collections::BTreeMap;
+
+use kiln_graph::{FileAction, Graph, MountKind, Op, OpKind, SourceOp};
+use kiln_types::Platform;
+
+use super::*;
+use crate::context::MemoryContext;
+use crate::ignore::PatternList;
+use crate::image::NoImageMetadata;
+
+struct Build<'a> {
+    files: Vec<(&'a str, &'a str)>,
+    ignore: &'a str,
+    target: Option<&'a str>,
+    args: Vec<(&'a str, &'a str)>,
+    platforms: Vec<&'a str>,
+}
+
+fn build<'a>() -> Build<'a> {
+    Build {
+        files: vec![("a.txt", "a"), ("src/main.rs", "fn main() {}")],
+        ignore: "",
+        target: None,
+        args: vec![],
+        platforms: vec![],
+    }
+}
+
+impl Build<'_> {
+    fn convert(&self, dockerfile: &str) -> Result<BuildPlan, FrontendError> {
+        let context = MemoryContext::new(&self.files, &PatternList::parse_ignore_file(self.ignore).unwrap());
+        let options = ConvertOptions {
+            file_name: "Dockerfile".into(),
+            target: self.target.map(str::to_owned),
+            build_args: self.args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            platforms: self.platforms.iter().map(|p| p.parse().unwrap()).collect(),
+            build_platform: "linux/amd64".parse().unwrap(),
+            context: &context,
+            images: &NoImageMetadata,
+        };
+        convert(dockerfile, &options)
+    }
+
+    #[track_caller]
+    fn plan(&self, dockerfile: &str) -> BuildPlan {
+        self.convert(dockerfile).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[track_caller]
+    fn error(&self, dockerfile: &str) -> String {
+        self.convert(dockerfile).expect_err("expected a conversion error").to_string()
+    }
+}
+
+fn execs(graph: &Graph) -> Vec<&kiln_graph::ExecOp> {
+    graph.vertices.iter().filter_map(|v| if let Op::Exec(e) = &v.op { Some(e) } else { None }).collect()
+}
+
+fn exec_commands(graph: &Graph) -> Vec<String> {
+    execs(graph).iter().map(|e| e.args.last().cloned().unwrap_or_default()).collect()
+}
+
+fn env_of<'a>(exec: &'a kiln_graph::ExecOp, key: &str) -> Option<&'a str> {
+    exec.env.iter().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+const TWO_SAME: &str = "FROM busybox AS one\nRUN make\nFROM busybox AS two\nRUN make\nFROM busybox\nCOPY --from=one /o /1\nCOPY --from=two /o /2\n";
+
+#[test]
+fn identical_steps_in_two_stages_are_one_vertex() {
+    let plan = build().plan(TWO_SAME);
+    assert_eq!(exec_commands(&plan.graph), ["make"]);
+    let images = plan.graph.vertices.iter().filter(|v| v.op.kind() == OpKind::Source).count();
+    assert_eq!(images, 1, "one busybox source for all stages");
+}
+
+#[test]
+fn a_different_env_makes_two_vertices() {
+    let plan = build().plan("FROM busybox AS one\nENV X=1\nRUN make\nFROM busybox AS two\nENV X=2\nRUN make\nFROM busybox\nCOPY --from=one /o /1\nCOPY --from=two /o /2\n");
+    let execs = execs(&plan.graph);
+    assert_eq!(execs.len(), 2);
+    let mut values: Vec<_> = execs.iter().map(|e| env_of(e, "X").unwrap()).collect();
+    values.sort();
+    assert_eq!(values, ["1", "2"]);
+}
+
+#[test]
+fn unused_stages_are_not_converted() {
+    let file = "FROM busybox AS unused\nRUN never\nFROM busybox AS used\nRUN needed\nFROM busybox AS final\nCOPY --from=used /n /n\n";
+    let plan = build().plan(file);
+    assert_eq!(exec_commands(&plan.graph), ["needed"]);
+    // A broken unused stage does not fail the build either, as in BuildKit.
+    let broken = "FROM busybox AS unused\nCOPY --from=nowhere:1 missing.txt /\nFROM busybox\nRUN ok\n";
+    assert_eq!(exec_commands(&build().plan(broken).graph), ["ok"]);
+}
+
+#[test]
+fn target_selects_a_stage_by_name() {
+    let file = "FROM busybox AS a\nRUN in-a\nFROM busybox AS b\nRUN in-b\n";
+    let plan = Build { target: Some("a"), ..build() }.plan(file);
+    assert_eq!(exec_commands(&plan.graph), ["in-a"]);
+    assert_eq!(plan.target, "a");
+    let err = Build { target: Some("c"), ..build() }.error(file);
+    assert!(err.contains("target stage \"c\" could not be found"), "{err}");
+}
+
+#[test]
+fn stages_are_reached_through_from_copy_and_mounts() {
+    let file = "FROM busybox AS base\nRUN base\nFROM base AS via-from\nRUN child\nFROM busybox AS via-mount\nRUN mounted\nFROM busybox AS via-index\nRUN indexed\nFROM via-from\nRUN --mount=from=via-mount,target=/m ls /m\nCOPY --from=3 /x /x\n";
+    let mut commands = exec_commands(&build().plan(file).graph);
+    commands.sort();
+    assert_eq!(commands, ["base", "child", "indexed", "ls /m", "mounted"]);
+}
+
+fn copy_vertex_of<'a>(plan: &'a BuildPlan, dest: &str) -> &'a kiln_graph::Vertex {
+    plan.graph
+        .vertices
+        .iter()
+        .find(|v| matches!(&v.op, Op::File(f) if f.actions.iter().any(|a| matches!(a, FileAction::Copy(c) if c.dest == dest))))
+        .unwrap_or_else(|| panic!("no COPY to {dest}"))
+}
+
+#[test]
+fn context_copies_are_keyed_by_selected_content_only() {
+    let file = "FROM busybox\nCOPY src/ /src/\nCOPY a.txt /a.txt\n";
+    let before = build().plan(file);
+    let edited = Build { files: vec![("a.txt", "changed"), ("src/main.rs", "fn main() {}")], ..build() }.plan(file);
+    assert_eq!(copy_vertex_of(&before, "/src/").digest, copy_vertex_of(&edited, "/src/").digest);
+    assert_ne!(copy_vertex_of(&before, "/a.txt").digest, copy_vertex_of(&edited, "/a.txt").digest);
+    let unrelated =
+        Build { files: vec![("a.txt", "a"), ("src/main.rs", "fn main() {}"), ("README", "new")], ..build() }.plan(file);
+    assert_eq!(before.graph.outputs, unrelated.graph.outputs, "a new unrelated file changes nothing");
+}
+
+#[test]
+fn the_same_copy_in_two_targets_is_one_vertex() {
+    let file = "FROM busybox AS a\nCOPY src/ /src/\nRUN build-a\nFROM busybox AS b\nCOPY src/ /src/\nRUN build-b\nFROM busybox\nCOPY --from=a /x /a\nCOPY --from=b /x /b\n";
+    let plan = build().plan(file);
+    let copies = plan.graph.vertices.iter().filter(|v| v.meta.name.contains("COPY src/")).count();
+    assert_eq!(copies, 1);
+    let locals = plan.graph.vertices.iter().filter(|v| matches!(v.op, Op::Source(SourceOp::Local { .. }))).count();
+    assert_eq!(locals, 1);
+}
+
+#[test]
+fn dockerignore_and_exclude_shape_the_selection() {
+    let file = "FROM busybox\nCOPY . /app/\n";
+    let plain = build().plan(file);
+    let ignoring = Build { ignore: "a.txt", ..build() }.plan(file);
+    assert_ne!(copy_vertex_of(&plain, "/app/").digest, copy_vertex_of(&ignoring, "/app/").digest);
+    let excluded = build().plan("FROM busybox\nCOPY --exclude=a.txt . /app/\n");
+    let Some(Op::Source(SourceOp::Local { exclude, content, .. })) = excluded
+        .graph
+        .vertices
+        .iter()
+        .map(|v| &v.op)
+        .find(|op| matches!(op, Op::Source(SourceOp::Local { .. })))
+        .cloned()
+    else {
+        panic!()
+    };
+    assert_eq!(exclude, ["a.txt"]);
+    let Some(Op::Source(SourceOp::Local { content: ignored_content, .. })) = ignoring
+        .graph
+        .vertices
+        .iter()
+        .map(|v| &v.op)
+        .find(|op| matches!(op, Op::Source(SourceOp::Local { .. })))
+        .cloned()
+    else {
+        panic!()
+    };
+    assert_eq!(content, ignored_content, "both select the same files");
+}
+
+#[test]
+fn missing_context_files_are_named_with_their_line() {
+    let err = build().error("FROM busybox\n\nCOPY nope.txt /\n");
+    assert_eq!(err, "Dockerfile:3: stage stage-0: nope.txt: not found in the build context");
+}
+
+#[test]
+fn copy_sources_cannot_escape_the_context() {
+    let plan = build().plan("FROM busybox\nCOPY ../../a.txt /a\n");
+    let vertex = copy_vertex_of(&plan, "/a");
+    let Op::File(file) = &vertex.op else { panic!() };
+    let FileAction::Copy(copy) = &file.actions[0] else { panic!() };
+    assert_eq!(copy.sources, ["/a.txt"]);
+}
+
+#[test]
+fn args_follow_buildkit_scoping() {
+    let file = "ARG BASE=busybox\nARG VERSION=1\nFROM ${BASE}:${VERSION}\nRUN echo $VERSION\nARG VERSION\nARG LOCAL=l-$VERSION\nRUN echo $VERSION $LOCAL\n";
+    let plan = build().plan(file);
+    let Op::Source(SourceOp::Image { reference, .. }) = &plan.graph.vertices[0].op else { panic!() };
+    assert_eq!(reference.to_string(), "docker.io/library/busybox:1");
+    let execs = execs(&plan.graph);
+    assert_eq!(env_of(execs[0], "VERSION"), None, "a global ARG is invisible until redeclared");
+    assert_eq!(env_of(execs[1], "VERSION"), Some("1"));
+    assert_eq!(env_of(execs[1], "LOCAL"), Some("l-1"));
+    let overridden = Build { args: vec![("VERSION", "2"), ("LOCAL", "x")], ..build() }.plan(file);
+    let execs = super::tests::execs(&overridden.graph);
+    assert_eq!(env_of(execs[1], "VERSION"), Some("2"));
+    assert_eq!(env_of(execs[1], "LOCAL"), Some("x"));
+}
+
+#[test]
+fn env_uses_old_values_within_one_instruction_and_wins_over_arg() {
+    let plan = build().plan("FROM busybox\nENV a=old\nENV a=new b=$a\nARG a=from-arg\nRUN env\n");
+    let exec = execs(&plan.graph)[0];
+    assert_eq!(env_of(exec, "a"), Some("new"));
+    assert_eq!(env_of(exec, "b"), Some("old"));
+    assert_eq!(plan.images[0].env_get("b"), Some("old"));
+}
+
+#[test]
+fn platform_args_and_multi_platform_outputs() {
+    let file = "FROM --platform=$BUILDPLATFORM busybox AS tools\nRUN gen\nFROM busybox\nARG TARGETARCH\nCOPY --from=tools /g /g\nRUN echo $TARGETARCH\n";
+    let plan = Build { platforms: vec!["linux/amd64", "linux/arm64"], ..build() }.plan(file);
+    assert_eq!(plan.graph.outputs.len(), 2);
+    let commands = exec_commands(&plan.graph);
+    assert_eq!(commands.iter().filter(|c| *c == "gen").count(), 1, "build-platform stage shared: {commands:?}");
+    let arches: Vec<_> = execs(&plan.graph).iter().filter_map(|e| env_of(e, "TARGETARCH")).collect();
+    assert_eq!(arches, ["amd64", "arm64"]);
+    let platforms: Vec<Platform> = execs(&plan.graph).iter().map(|e| e.platform.clone()).collect();
+    assert!(platforms.contains(&"linux/arm64".parse().unwrap()));
+    assert!(plan.graph.vertices.iter().any(|v| v.meta.name.starts_with("[linux/arm64 stage-1")));
+}
+
+#[test]
+fn stage_cycles_are_reported_with_the_chain() {
+    let err = build().error("FROM busybox AS a\nCOPY --from=b /x /x\nFROM busybox AS b\nCOPY --from=a /y /y\n");
+    assert_eq!(err, "Dockerfile:2: stage a: stage cycle: b -> a -> b (a stage cannot depend on itself)");
+    let err = build().error("FROM busybox AS a\nRUN --mount=from=a,target=/x true\n");
+    assert!(err.contains("stage cycle: a -> a"), "{err}");
+}
+
+#[test]
+fn unknown_from_names_are_errors_with_a_hint() {
+    let err = build().error("FROM busybox AS build\nRUN x\nFROM busybox\nCOPY --from=biuld /a /a\n");
+    assert!(
+        err.starts_with("Dockerfile:4: stage stage-1: --from=biuld: no stage with that name (did you mean build?)"),
+        "{err}"
+    );
+    let err = build().error("FROM busybox\nCOPY --from=7 /a /a\n");
+    assert!(err.contains("no stage with that index"), "{err}");
+    let plan = build().plan("FROM busybox\nCOPY --from=nginx:1.25 /etc/nginx /n\n");
+    assert!(plan.graph.vertices.iter().any(|v| v.meta.name.ends_with("FROM docker.io/library/nginx:1.25")));
+}
+
+#[test]
+fn workdir_and_relative_paths() {
+    let plan = build().plan("FROM busybox\nWORKDIR /app\nWORKDIR sub\nCOPY a.txt rel/\nRUN pwd\n");
+    let exec = execs(&plan.graph)[0];
+    assert_eq!(exec.cwd, "/app/sub");
+    assert!(copy_vertex_of(&plan, "/app/sub/rel/").meta.name.contains("COPY a.txt rel/"));
+    assert_eq!(plan.images[0].working_dir, "/app/sub");
+}
+
+#[test]
+fn run_forms_mounts_and_heredocs() {
+    let file = "FROM busybox\nSHELL [\"/bin/bash\", \"-c\"]\nRUN [\"echo\", \"exec\"]\nRUN --network=none --mount=type=cache,target=/root/.cache --mount=type=secret,id=tok --mount=target=/src,source=src echo shell\nRUN <<EOF\necho heredoc\nEOF\nRUN <<EOF\n#!/bin/sh\necho script\nEOF\n";
+    let plan = build().plan(file);
+    let execs = execs(&plan.graph);
+    assert_eq!(execs[0].args, ["echo", "exec"]);
+    assert_eq!(execs[1].args, ["/bin/bash", "-c", "echo shell"]);
+    assert_eq!(execs[1].network, kiln_graph::NetworkMode::None);
+    let kinds: Vec<_> = execs[1].mounts.iter().map(|m| (m.target.as_str(), &m.kind)).collect();
+    assert!(matches!(kinds[0], ("/root/.cache", MountKind::Cache { .. })));
+    assert!(matches!(kinds[1], ("/run/secrets/tok", MountKind::Secret(_))));
+    assert!(matches!(kinds[2], ("/src", MountKind::Bind { readwrite: false, .. })));
+    assert_eq!(execs[2].args, ["/bin/bash", "-c", "echo heredoc\n"]);
+    assert_eq!(execs[3].args, ["/bin/bash", "-c", "/dev/pipes/EOF"]);
+    assert_eq!(execs[3].mounts[0].target, "/dev/pipes/");
+}
+
+#[test]
+fn copy_heredocs_expand_unless_quoted() {
+    let plan = build().plan("FROM busybox\nENV NAME=kiln\nCOPY <<A <<'B' /etc/\nhello $NAME\nA\nraw $NAME\nB\n");
+    let data: Vec<String> = plan
+        .graph
+        .vertices
+        .iter()
+        .filter_map(|v| match &v.op {
+            Op::File(f) => f
+                .actions
+                .iter()
+                .find_map(|a| if let FileAction::Mkfile { data, .. } = a { Some(data.clone()) } else { None }),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(data, ["hello kiln\n", "raw $NAME\n"]);
+}
+
+#[test]
+fn link_copies_become_merges() {
+    let plan = build().plan("FROM busybox\nCOPY --link a.txt /a\n");
+    let last = plan.graph.vertices.last().unwrap();
+    assert_eq!(last.op.kind(), OpKind::Merge);
+    assert_eq!(last.inputs.len(), 2);
+    let copy = copy_vertex_of(&plan, "/a");
+    let Op::File(file) = &copy.op else { panic!() };
+    assert_eq!(file.base, kiln_graph::Input::Scratch, "a linked copy does not depend on its base");
+}
+
+#[test]
+fn add_sources() {
+    let plan = build().plan("FROM busybox\nADD --checksum=sha256:0000000000000000000000000000000000000000000000000000000000000000 https://example.com/x.tar.gz /d/\nADD https://github.com/moby/buildkit.git#v0.12:docs /docs\nADD a.txt /a\n");
+    let sources: Vec<&SourceOp> =
+        plan.graph.vertices.iter().filter_map(|v| if let Op::Source(s) = &v.op { Some(s) } else { None }).collect();
+    assert!(
+        sources
+            .iter()
+            .any(|s| matches!(s, SourceOp::Http { filename, checksum: Some(_), .. } if filename == "x.tar.gz"))
+    );
+    assert!(sources.iter().any(
+        |s| matches!(s, SourceOp::Git { reference: Some(r), subdir: Some(d), .. } if r == "v0.12" && d == "docs")
+    ));
+    let add_local = copy_vertex_of(&plan, "/a");
+    let Op::File(file) = &add_local.op else { panic!() };
+    assert!(matches!(&file.actions[0], FileAction::Copy(c) if c.unpack));
+    let err = build().error("FROM busybox\nADD --checksum=sha256:00 a.txt /a\n");
+    assert!(err.contains("--checksum"), "{err}");
+}
+
+#[test]
+fn image_config_accumulates_and_inherits() {
+    let file = "FROM busybox AS base\nLABEL a=1 \"b c\"=\"2 3\"\nEXPOSE 80 53/udp 8000-8001\nUSER app\nVOLUME /data\nSTOPSIGNAL SIGINT\nHEALTHCHECK --interval=5s CMD check\nCMD [\"serve\"]\nONBUILD RUN echo triggered\nFROM base\nENTRYPOINT [\"run\"]\n";
+    let plan = build().plan(file);
+    let config = &plan.images[0];
+    assert_eq!(config.labels.get("b c").map(String::as_str), Some("2 3"));
+    let ports: Vec<_> = config.exposed_ports.iter().cloned().collect();
+    assert_eq!(ports, ["53/udp", "80/tcp", "8000/tcp", "8001/tcp"]);
+    assert_eq!(config.user, "app");
+    assert_eq!(config.stop_signal.as_deref(), Some("SIGINT"));
+    assert_eq!(config.entrypoint, Some(vec!["run".to_owned()]));
+    assert_eq!(config.cmd, None, "ENTRYPOINT resets an inherited CMD");
+    assert!(config.on_build.is_empty(), "triggers run in the child and are not inherited further");
+    assert_eq!(exec_commands(&plan.graph), ["echo triggered"]);
+    let json = serde_json::to_value(config).unwrap();
+    assert_eq!(json["ExposedPorts"]["80/tcp"], serde_json::json!({}));
+}
+
+#[test]
+fn errors_name_file_line_and_stage() {
+    let cases = [
+        ("FROM busybox\nFORM x\n", "Dockerfile:2: unknown instruction: FORM (did you mean FROM?)"),
+        ("RUN x\nFROM busybox\n", "Dockerfile:1: RUN comes before the first FROM: only ARG may precede FROM"),
+        ("FROM busybox\nCOPY only\n", "Dockerfile:2: COPY requires at least two arguments"),
+        ("FROM busybox\nCOPY --chmod=999 a.txt /\n", "Dockerfile:2: stage stage-0: invalid chmod parameter"),
+        (
+            "FROM busybox\nRUN --mount=type=nfs,target=/x true\n",
+            "Dockerfile:2: --mount: unsupported mount type \"nfs\"",
+        ),
+        ("FROM busybox\nCOPY --bogus a.txt /\n", "Dockerfile:2: unknown flag: bogus"),
+        ("FROM busybox AS 1st\n", "Dockerfile:1: invalid name for build stage"),
+        ("FROM --platform=linux busybox\n", "Dockerfile:1: stage stage-0: FROM --platform: invalid platform"),
+        ("FROM busybox\nARG\n", "Dockerfile:2: ARG requires at least one argument"),
+        ("FROM busybox\nARG =x\n", "Dockerfile:2: ARG names can not be blank"),
+        ("FROM busybox\nONBUILD ONBUILD RUN x\n", "Dockerfile:2: chaining ONBUILD"),
+        ("FROM busybox\nSHELL /bin/sh\n", "Dockerfile:2: SHELL requires the arguments to be in JSON form"),
+        ("FROM busybox\nEXPOSE eighty\n", "Dockerfile:2: stage stage-0: invalid containerPort: eighty"),
+        ("FROM busybox\nRUN echo ${x\n", ""),
+        ("FROM busybox\nENV a=${b:?required}\n", "Dockerfile:2: stage stage-0: b: required"),
+        ("FROM busybox\nCOPY a.txt src/main.rs /notadir\n", "destination must be a directory"),
+        ("FROM busybox\nRUN <<EOF\nunterminated\n", "Dockerfile:2: unterminated heredoc"),
+    ];
+    for (file, expected) in cases {
+        match build().convert(file) {
+            Err(e) => assert!(e.to_string().starts_with(expected) || e.to_string().contains(expected), "{file:?}: {e}"),
+            // `RUN echo ${x` is passed to the shell unexpanded, as BuildKit does.
+            Ok(_) => assert!(expected.is_empty(), "{file:?} converted"),
+        }
+    }
+}
+
+#[test]
+fn digests_are_deterministic() {
+    let a = build().plan(TWO_SAME);
+    let b = build().plan(TWO_SAME);
+    assert_eq!(a.graph, b.graph);
+}
