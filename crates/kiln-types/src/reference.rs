@@ -3,8 +3,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
 use crate::Digest;
 
 /// A parsed, normalised image reference: `docker.io/library/busybox:latest`.
@@ -137,18 +135,7 @@ impl fmt::Debug for ImageReference {
     }
 }
 
-impl Serialize for ImageReference {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for ImageReference {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_as_string!(ImageReference);
 
 #[cfg(test)]
 mod tests {

@@ -121,15 +121,5 @@ pub(crate) fn input_index(inputs: &mut Vec<Digest>, digest: Digest) -> Input {
 
 /// Cleans an absolute path: `.` and `..` resolved, no trailing slash (except `/`).
 pub(crate) fn clean_absolute(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            p => parts.push(p),
-        }
-    }
-    format!("/{}", parts.join("/"))
+    format!("/{}", crate::context::clean_relative(path))
 }

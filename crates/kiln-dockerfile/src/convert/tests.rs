@@ -144,6 +144,17 @@ fn the_same_copy_in_two_targets_is_one_vertex() {
     assert_eq!(locals, 1);
 }
 
+/// The one local-context source of a plan.
+fn local_source(plan: &BuildPlan) -> &SourceOp {
+    let mut locals = plan.graph.vertices.iter().filter_map(|v| match &v.op {
+        Op::Source(s @ SourceOp::Local { .. }) => Some(s),
+        _ => None,
+    });
+    let local = locals.next().expect("a local source");
+    assert!(locals.next().is_none(), "exactly one local source");
+    local
+}
+
 #[test]
 fn dockerignore_and_exclude_shape_the_selection() {
     let file = "FROM busybox\nCOPY . /app/\n";
@@ -151,27 +162,9 @@ fn dockerignore_and_exclude_shape_the_selection() {
     let ignoring = Build { ignore: "a.txt", ..build() }.plan(file);
     assert_ne!(copy_vertex_of(&plain, "/app/").digest, copy_vertex_of(&ignoring, "/app/").digest);
     let excluded = build().plan("FROM busybox\nCOPY --exclude=a.txt . /app/\n");
-    let Some(Op::Source(SourceOp::Local { exclude, content, .. })) = excluded
-        .graph
-        .vertices
-        .iter()
-        .map(|v| &v.op)
-        .find(|op| matches!(op, Op::Source(SourceOp::Local { .. })))
-        .cloned()
-    else {
-        panic!()
-    };
-    assert_eq!(exclude, ["a.txt"]);
-    let Some(Op::Source(SourceOp::Local { content: ignored_content, .. })) = ignoring
-        .graph
-        .vertices
-        .iter()
-        .map(|v| &v.op)
-        .find(|op| matches!(op, Op::Source(SourceOp::Local { .. })))
-        .cloned()
-    else {
-        panic!()
-    };
+    let SourceOp::Local { exclude, content, .. } = local_source(&excluded) else { unreachable!() };
+    assert_eq!(exclude, &["a.txt"]);
+    let SourceOp::Local { content: ignored_content, .. } = local_source(&ignoring) else { unreachable!() };
     assert_eq!(content, ignored_content, "both select the same files");
 }
 
