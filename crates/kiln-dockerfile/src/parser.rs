@@ -115,6 +115,11 @@ fn error(line: usize, message: impl Into<String>) -> ParseError {
     ParseError { line, message: message.into() }
 }
 
+/// How deeply `ONBUILD` may wrap instructions in the raw parse (`ONBUILD ONBUILD ...`, which
+/// the instruction layer then rejects). Each level recurses, so the limit keeps hostile input
+/// from overflowing the stack.
+pub const MAX_ONBUILD_NESTING: usize = 16;
+
 /// Instructions whose shell or file arguments may open heredocs.
 const HEREDOC_INSTRUCTIONS: [&str; 3] = ["add", "copy", "run"];
 
@@ -198,7 +203,7 @@ impl<'a> Parser<'a> {
                 let message = format!("empty continuation line found in: {logical}");
                 self.ast.warnings.push(Warning { line: self.line, message });
             }
-            let mut node = node_from_line(&logical, self.escape()).map_err(|m| error(start_line, m))?;
+            let mut node = node_from_line(&logical, self.escape(), 0).map_err(|m| error(start_line, m))?;
             node.comments = std::mem::take(&mut comments);
             node.start_line = start_line;
             self.read_heredocs(&mut node, &logical, start_line)?;
@@ -320,7 +325,7 @@ fn trim_continuation(line: &str, escape: char) -> (&str, bool) {
 }
 
 /// Builds a node from one logical line; errors are plain messages, located by the caller.
-fn node_from_line(line: &str, escape: char) -> Result<Node, String> {
+fn node_from_line(line: &str, escape: char, depth: usize) -> Result<Node, String> {
     let trimmed = line.trim();
     let (keyword, rest) = match trimmed.find(['\t', '\u{b}', '\u{c}', '\r', ' ']) {
         Some(i) => (&trimmed[..i], trimmed[i..].trim_start_matches([' ', '\t', '\u{b}', '\u{c}', '\r'])),
@@ -329,11 +334,11 @@ fn node_from_line(line: &str, escape: char) -> Result<Node, String> {
     let instruction = keyword.to_lowercase();
     let (rest, flags) = extract_builder_flags(rest);
     let mut node = Node { instruction, original: line.to_owned(), flags, ..Node::default() };
-    parse_arguments(&mut node, rest, escape)?;
+    parse_arguments(&mut node, rest, escape, depth)?;
     Ok(node)
 }
 
-fn parse_arguments(node: &mut Node, rest: &str, escape: char) -> Result<(), String> {
+fn parse_arguments(node: &mut Node, rest: &str, escape: char, depth: usize) -> Result<(), String> {
     match node.instruction.as_str() {
         "add" | "copy" | "volume" => maybe_json_to_list(node, rest)?,
         "arg" => node.args = parse_words(rest, escape),
@@ -343,7 +348,12 @@ fn parse_arguments(node: &mut Node, rest: &str, escape: char) -> Result<(), Stri
         "expose" | "from" => node.args = split_whitespace(rest),
         "healthcheck" => health_config(node, rest)?,
         "maintainer" | "stopsignal" | "user" | "workdir" if !rest.is_empty() => node.args = vec![rest.to_owned()],
-        "onbuild" if !rest.is_empty() => node.sub = Some(Box::new(node_from_line(rest, escape)?)),
+        "onbuild" if !rest.is_empty() => {
+            if depth >= MAX_ONBUILD_NESTING {
+                return Err(format!("ONBUILD nested more than {MAX_ONBUILD_NESTING} levels deep"));
+            }
+            node.sub = Some(Box::new(node_from_line(rest, escape, depth + 1)?));
+        }
         _ => {}
     }
     Ok(())

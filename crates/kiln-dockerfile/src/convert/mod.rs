@@ -145,6 +145,12 @@ fn resolve_target(file: &Dockerfile, target: Option<&str>) -> Result<usize, Stri
     Err(format!("target stage {name:?} could not be found (stages: {})", names.join(", ")))
 }
 
+/// How many stages may be in conversion at once, i.e. the longest chain of stages each
+/// needing the next. Stages convert recursively, so the limit keeps a hostile Dockerfile from
+/// overflowing the stack (each level costs tens of KiB in a debug build); real Dockerfiles
+/// chain a handful of stages.
+pub const MAX_STAGE_DEPTH: usize = 32;
+
 /// Per-stage conversion progress, so each stage converts once and cycles are caught.
 #[derive(Clone)]
 enum Slot {
@@ -242,6 +248,17 @@ impl<'a> Converter<'a> {
                 });
             }
             Slot::Pending => {}
+        }
+        if self.stack.len() >= MAX_STAGE_DEPTH {
+            let (via, line) = referrer.map_or((None, None), |(s, l)| (Some(s.to_owned()), Some(l)));
+            return Err(FrontendError {
+                file: self.options.file_name.clone(),
+                line,
+                stage: via,
+                message: format!(
+                    "stage dependency chain is deeper than {MAX_STAGE_DEPTH} stages (FROM <stage>, COPY --from and --mount from= chains)"
+                ),
+            });
         }
         self.slots[index] = Slot::InProgress;
         self.stack.push(index);

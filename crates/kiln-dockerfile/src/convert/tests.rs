@@ -375,3 +375,29 @@ fn digests_are_deterministic() {
     let b = build().plan(TWO_SAME);
     assert_eq!(a.graph, b.graph);
 }
+
+/// `FROM scratch AS s0`, then `n` stages each needing the one before, through `link`.
+fn stage_chain(n: usize, link: impl Fn(usize) -> String) -> String {
+    let mut file = String::from("FROM busybox AS s0\nRUN base\n");
+    for i in 0..n {
+        file.push_str(&link(i));
+    }
+    file
+}
+
+#[test]
+fn deep_stage_chains_convert_up_to_the_limit_and_then_fail_cleanly() {
+    // Runs in a default 2 MiB test thread of a debug build, the tightest stack Kiln runs on.
+    let copy_chain = |i: usize| format!("FROM busybox AS s{}\nCOPY --from=s{i} /x /x{i}\n", i + 1);
+    let from_chain = |i: usize| format!("FROM s{i} AS s{}\nRUN step{i}\n", i + 1);
+    let mount_chain = |i: usize| format!("FROM busybox AS s{}\nRUN --mount=from=s{i},target=/m true{i}\n", i + 1);
+    for link in [&copy_chain as &dyn Fn(usize) -> String, &from_chain, &mount_chain] {
+        let deepest = MAX_STAGE_DEPTH - 1;
+        let plan = build().plan(&stage_chain(deepest, link));
+        assert!(exec_commands(&plan.graph).contains(&"base".to_owned()));
+        for n in [MAX_STAGE_DEPTH, 1000] {
+            let err = build().error(&stage_chain(n, link));
+            assert!(err.contains(&format!("stage dependency chain is deeper than {MAX_STAGE_DEPTH} stages")), "{err}");
+        }
+    }
+}

@@ -176,3 +176,14 @@ fn garbage_never_panics() {
         let _ = parse(&text);
     }
 }
+
+#[test]
+fn onbuild_nesting_is_bounded() {
+    let nested = |n: usize| format!("FROM a\n{}RUN x\n", "ONBUILD ".repeat(n));
+    assert!(parse(&nested(MAX_ONBUILD_NESTING)).is_ok());
+    for n in [MAX_ONBUILD_NESTING + 1, 10_000] {
+        let err = parse(&nested(n)).expect_err("too deep");
+        assert_eq!(err.line, 2);
+        assert!(err.message.contains("ONBUILD nested more than"), "{err}");
+    }
+}
