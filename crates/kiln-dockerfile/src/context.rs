@@ -104,7 +104,6 @@ pub fn select<'a>(
 ) -> Result<Vec<&'a ContextEntry>, ContextError> {
     let mut chosen: BTreeMap<&str, &ContextEntry> = BTreeMap::new();
     for source in sources {
-        let before = chosen.len();
         let mut any = false;
         for entry in context.entries() {
             let hit =
@@ -116,9 +115,9 @@ pub fn select<'a>(
                 }
             }
         }
-        let source_is_root = source.is_empty();
-        if !any && !source_is_root && chosen.len() == before {
-            return Err(ContextError::NotFound(if source.is_empty() { ".".into() } else { source.clone() }));
+        // The context root always exists, even when `.dockerignore` leaves it empty.
+        if !any && !source.is_empty() {
+            return Err(ContextError::NotFound(source.clone()));
         }
     }
     Ok(chosen.into_values().collect())

@@ -7,7 +7,7 @@
 mod dump;
 mod words;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use dump::{dump_ast, go_quote};
 use words::{JsonArray, extract_builder_flags, parse_json_array, parse_words, split_whitespace};
@@ -144,7 +144,7 @@ struct Parser<'a> {
 #[derive(Default)]
 struct DirectiveScan {
     done: bool,
-    seen: BTreeMap<String, ()>,
+    seen: BTreeSet<String>,
 }
 
 impl<'a> Parser<'a> {
@@ -237,7 +237,7 @@ impl<'a> Parser<'a> {
             self.directive_scan.done = true;
             return Ok(());
         }
-        if self.directive_scan.seen.insert(key.clone(), ()).is_some() {
+        if !self.directive_scan.seen.insert(key.clone()) {
             return Err(error(self.line, format!("only one {key} parser directive can be used")));
         }
         let directives = &mut self.ast.directives;

@@ -1,6 +1,6 @@
 //! Renderings of a graph for `kiln plan`: JSON (a stable contract), a text tree and DOT.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
 use kiln_types::Digest;
@@ -38,13 +38,14 @@ fn vertex_json(v: &Vertex) -> Value {
 /// A readable tree per output: each vertex under the vertex that uses it. A vertex that was
 /// already printed is shown once more by name only, marked `(shared)`.
 pub fn render_text(graph: &Graph) -> String {
+    let index: HashMap<Digest, &Vertex> = graph.vertices.iter().map(|v| (v.digest, v)).collect();
     let mut out = String::new();
     for output in &graph.outputs {
         let _ = writeln!(out, "{}", output.platform);
         match output.digest {
             Some(root) => {
                 let mut seen = HashSet::new();
-                write_tree(graph, root, 1, &mut seen, &mut out);
+                write_tree(&index, root, 1, &mut seen, &mut out);
             }
             None => out.push_str("  (empty image)\n"),
         }
@@ -53,9 +54,15 @@ pub fn render_text(graph: &Graph) -> String {
     out
 }
 
-fn write_tree(graph: &Graph, digest: Digest, depth: usize, seen: &mut HashSet<Digest>, out: &mut String) {
+fn write_tree(
+    index: &HashMap<Digest, &Vertex>,
+    digest: Digest,
+    depth: usize,
+    seen: &mut HashSet<Digest>,
+    out: &mut String,
+) {
     let indent = "  ".repeat(depth);
-    let Some(vertex) = graph.vertex(&digest) else {
+    let Some(vertex) = index.get(&digest) else {
         let _ = writeln!(out, "{indent}{digest} (missing)");
         return;
     };
@@ -67,7 +74,7 @@ fn write_tree(graph: &Graph, digest: Digest, depth: usize, seen: &mut HashSet<Di
     }
     let _ = writeln!(out, "{indent}{} [{kind} {short}]", vertex.meta.name);
     for input in &vertex.inputs {
-        write_tree(graph, *input, depth + 1, seen, out);
+        write_tree(index, *input, depth + 1, seen, out);
     }
 }
 

@@ -8,7 +8,6 @@ use super::dispatch::{display, parse_chown};
 use super::state::{StageState, input_index};
 use super::{Converter, Failure};
 use crate::context::clean_relative;
-use crate::ignore::has_glob;
 use crate::instructions::{AddCopy, Command};
 use crate::parser::{Heredoc, parse_heredoc};
 use crate::shell::Lexer;
@@ -61,8 +60,7 @@ impl Converter<'_> {
         if dest_is_dir && dest != "/" {
             dest.push('/');
         }
-        let many = sources.len() > 1 || sources.iter().any(|s| matches!(s, Source::Path(p) if has_glob(p)));
-        if many && !dest_is_dir && copy.sources.len() > 1 {
+        if copy.sources.len() > 1 && !dest_is_dir {
             return Err(format!(
                 "when using {keyword} with more than one source file, the destination must be a directory and end with a /"
             )
@@ -102,16 +100,11 @@ impl Converter<'_> {
         let base = if copy.link { Input::Scratch } else { state.root_input(&mut inputs) };
         let actions = self.copy_actions(state, command, copy, sources, &template, &mut inputs)?;
         let meta = state.next_meta(&display(command), (command.start_line, command.end_line));
-        let copied =
-            self.builder.add(Op::File(FileOp { base, actions }), inputs, meta.clone()).map_err(|e| e.to_string())?;
+        let copied = self.builder.add(Op::File(FileOp { base, actions }), inputs, meta.clone())?;
         state.root = match (copy.link, state.root) {
             (true, Some(root)) => {
                 let merge_meta = VertexMeta { name: format!("{} (link)", meta.name), ..meta };
-                Some(
-                    self.builder
-                        .add(Op::Merge(MergeOp {}), vec![root, copied], merge_meta)
-                        .map_err(|e| e.to_string())?,
-                )
+                Some(self.builder.add(Op::Merge(MergeOp {}), vec![root, copied], merge_meta)?)
             }
             _ => Some(copied),
         };
@@ -128,7 +121,7 @@ impl Converter<'_> {
                 if doc.expand {
                     let env = state.expansion_env();
                     let lexer = Lexer::new('\\').skip_process_quotes(true);
-                    doc.content = lexer.process_word(&doc.content, &env).map_err(|e| e.to_string())?;
+                    doc.content = lexer.process_word(&doc.content, &env)?;
                 }
                 sources.push(Source::Inline(doc));
                 continue;
@@ -178,8 +171,8 @@ impl Converter<'_> {
                 Source::Git(url) => (self.git_vertex(state, command, &url, copy.keep_git_dir)?, "/".to_owned()),
             };
             let from = input_index(inputs, vertex);
-            let unpack = false;
-            actions.push(FileAction::Copy(CopyAction { from, sources: vec![path], unpack, ..template.clone() }));
+            // Only local archives are unpacked; downloads and heredocs are copied as they are.
+            actions.push(FileAction::Copy(CopyAction { from, sources: vec![path], unpack: false, ..template.clone() }));
         }
         Ok(actions)
     }
@@ -192,13 +185,8 @@ impl Converter<'_> {
             chown: None,
         };
         let op = Op::File(FileOp { base: Input::Scratch, actions: vec![action] });
-        let meta = VertexMeta {
-            name: "[internal] preparing inline document".into(),
-            stage: Some(state.name.clone()),
-            platform: None,
-            lines: None,
-        };
-        Ok(self.builder.add(op, vec![], meta).map_err(|e| e.to_string())?)
+        let meta = state.unnumbered_meta("[internal] preparing inline document".to_owned(), false, None);
+        Ok(self.builder.add(op, vec![], meta)?)
     }
 
     fn http_vertex(
@@ -217,13 +205,12 @@ impl Converter<'_> {
         let filename = after_scheme.split_once('/').map(|(_, p)| p.rsplit('/').next().unwrap_or("")).unwrap_or("");
         let filename = if filename.is_empty() { "__unnamed__".to_owned() } else { filename.to_owned() };
         let op = Op::Source(SourceOp::Http { url: url.to_owned(), checksum, filename: filename.clone() });
-        let meta = VertexMeta {
-            name: format!("[{}] ADD {url}", state.name),
-            stage: Some(state.name.clone()),
-            platform: None,
-            lines: Some((command.start_line, command.end_line)),
-        };
-        let digest = self.builder.add(op, vec![], meta).map_err(|e| e.to_string())?;
+        let meta = state.unnumbered_meta(
+            format!("[{}] ADD {url}", state.name),
+            false,
+            Some((command.start_line, command.end_line)),
+        );
+        let digest = self.builder.add(op, vec![], meta)?;
         Ok((digest, format!("/{filename}")))
     }
 
@@ -245,12 +232,11 @@ impl Converter<'_> {
             None => (None, None),
         };
         let op = Op::Source(SourceOp::Git { remote: remote.to_owned(), reference, subdir, keep_git_dir });
-        let meta = VertexMeta {
-            name: format!("[{}] ADD {url}", state.name),
-            stage: Some(state.name.clone()),
-            platform: None,
-            lines: Some((command.start_line, command.end_line)),
-        };
-        Ok(self.builder.add(op, vec![], meta).map_err(|e| e.to_string())?)
+        let meta = state.unnumbered_meta(
+            format!("[{}] ADD {url}", state.name),
+            false,
+            Some((command.start_line, command.end_line)),
+        );
+        Ok(self.builder.add(op, vec![], meta)?)
     }
 }

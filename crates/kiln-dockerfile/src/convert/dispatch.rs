@@ -39,13 +39,13 @@ impl Converter<'_> {
 
     fn start_stage(&mut self, index: usize) -> Result<StageState, Failure> {
         let stage = &self.file.stages[index];
-        let base = self.lexer.process_word(&stage.from.image, &self.meta_env).map_err(|e| e.to_string())?;
+        let base = self.lexer.process_word(&stage.from.image, &self.meta_env)?;
         if base.is_empty() {
             return Err(format!("base name ({}) should not be blank", stage.from.image).into());
         }
         let platform = match &stage.from.platform {
             Some(p) => {
-                let expanded = self.lexer.process_word(p, &self.meta_env).map_err(|e| e.to_string())?;
+                let expanded = self.lexer.process_word(p, &self.meta_env)?;
                 expanded.parse::<Platform>().map_err(|e| format!("FROM --platform: {e}"))?
             }
             None => self.target_platform.clone(),
@@ -87,7 +87,7 @@ impl Converter<'_> {
         let reference: ImageReference = base.parse().map_err(|e| format!("FROM {base}: {e}"))?;
         let meta = state.next_meta(&format!("FROM {reference}"), (line, line));
         let op = Op::Source(SourceOp::Image { reference: reference.clone(), platform: state.platform.clone() });
-        state.root = Some(self.builder.add(op, vec![], meta).map_err(|e| e.to_string())?);
+        state.root = Some(self.builder.add(op, vec![], meta)?);
         state.config = self.options.images.config(&reference, &state.platform).unwrap_or_default();
         Ok(())
     }
@@ -150,7 +150,7 @@ impl Converter<'_> {
 
     pub(super) fn expand(&self, state: &StageState, word: &str) -> Result<String, Failure> {
         let env = state.expansion_env();
-        Ok(self.lexer.process_word(word, &env).map_err(|e| e.to_string())?)
+        Ok(self.lexer.process_word(word, &env)?)
     }
 
     fn dispatch_env(&mut self, state: &mut StageState, pairs: &[KeyValue]) -> Result<(), Failure> {
@@ -210,14 +210,14 @@ impl Converter<'_> {
         let op =
             Op::File(FileOp { base, actions: vec![FileAction::Mkdir { path, mode: 0o755, parents: true, chown }] });
         let meta = state.next_meta(&display(command), (command.start_line, command.end_line));
-        state.root = Some(self.builder.add(op, inputs, meta).map_err(|e| e.to_string())?);
+        state.root = Some(self.builder.add(op, inputs, meta)?);
         Ok(())
     }
 
     fn dispatch_expose(&mut self, state: &mut StageState, words: &[String]) -> Result<(), Failure> {
         let env = state.expansion_env();
         for word in words {
-            for spec in self.lexer.process_words(word, &env).map_err(|e| e.to_string())? {
+            for spec in self.lexer.process_words(word, &env)? {
                 for port in parse_port_spec(&spec)? {
                     state.config.exposed_ports.insert(port);
                 }

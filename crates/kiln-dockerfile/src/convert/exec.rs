@@ -39,7 +39,7 @@ impl Converter<'_> {
             platform: state.platform.clone(),
         });
         let meta = state.next_meta(&display(command), (command.start_line, command.end_line));
-        state.root = Some(self.builder.add(op, inputs, meta).map_err(|e| e.to_string())?);
+        state.root = Some(self.builder.add(op, inputs, meta)?);
         Ok(())
     }
 
@@ -86,13 +86,8 @@ impl Converter<'_> {
     fn script_vertex(&mut self, state: &StageState, name: &str, data: &str) -> Result<Digest, Failure> {
         let action = FileAction::Mkfile { path: format!("/{name}"), mode: 0o755, data: data.to_owned(), chown: None };
         let op = Op::File(FileOp { base: Input::Scratch, actions: vec![action] });
-        let meta = kiln_graph::VertexMeta {
-            name: "[internal] preparing inline document".into(),
-            stage: Some(state.name.clone()),
-            platform: Some(state.platform.clone()),
-            lines: None,
-        };
-        Ok(self.builder.add(op, vec![], meta).map_err(|e| e.to_string())?)
+        let meta = state.unnumbered_meta("[internal] preparing inline document".to_owned(), true, None);
+        Ok(self.builder.add(op, vec![], meta)?)
     }
 
     fn mount(
@@ -191,13 +186,12 @@ impl Converter<'_> {
             format!("--from={from} is neither a stage of this Dockerfile nor a valid image reference: {e}")
         })?;
         let op = Op::Source(SourceOp::Image { reference: reference.clone(), platform: state.platform.clone() });
-        let meta = kiln_graph::VertexMeta {
-            name: format!("[{}] FROM {reference}", state.name),
-            stage: Some(state.name.clone()),
-            platform: Some(state.platform.clone()),
-            lines: Some((command.start_line, command.end_line)),
-        };
-        Ok(Some(self.builder.add(op, vec![], meta).map_err(|e| e.to_string())?))
+        let meta = state.unnumbered_meta(
+            format!("[{}] FROM {reference}", state.name),
+            true,
+            Some((command.start_line, command.end_line)),
+        );
+        Ok(Some(self.builder.add(op, vec![], meta)?))
     }
 
     /// A bare word that names no stage is far more often a typo than an image: BuildKit
@@ -225,24 +219,23 @@ impl Converter<'_> {
     ) -> Result<Digest, Failure> {
         let patterns = PatternList::new(exclude).map_err(|e| format!("--exclude: {e}"))?;
         let context = self.options.context;
-        let selected = select(context, sources, &patterns).map_err(|e| e.to_string())?;
-        let content = selection_digest(context, &selected).map_err(|e| e.to_string())?;
+        let selected = select(context, sources, &patterns)?;
+        let content = selection_digest(context, &selected)?;
         let op = Op::Source(SourceOp::Local {
             name: "context".into(),
             include: sources.to_vec(),
             exclude: exclude.to_vec(),
             content,
         });
-        let meta = kiln_graph::VertexMeta {
-            name: format!(
+        let meta = state.unnumbered_meta(
+            format!(
                 "[context] load {} ({} entries)",
                 sources.iter().map(|s| if s.is_empty() { "." } else { s }).collect::<Vec<_>>().join(" "),
                 selected.len()
             ),
-            stage: Some(state.name.clone()),
-            platform: None,
-            lines: Some((command.start_line, command.end_line)),
-        };
-        Ok(self.builder.add(op, vec![], meta).map_err(|e| e.to_string())?)
+            false,
+            Some((command.start_line, command.end_line)),
+        );
+        Ok(self.builder.add(op, vec![], meta)?)
     }
 }

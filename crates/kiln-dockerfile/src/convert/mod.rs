@@ -94,6 +94,19 @@ impl From<String> for Failure {
     }
 }
 
+/// The errors conversion steps meet, each turned into a message the caller locates.
+macro_rules! failure_from_display {
+    ($($ty:ty),*) => {$(
+        impl From<$ty> for Failure {
+            fn from(error: $ty) -> Self {
+                Failure::Message(error.to_string())
+            }
+        }
+    )*};
+}
+
+failure_from_display!(kiln_graph::GraphError, crate::shell::ShellError, crate::context::ContextError);
+
 impl From<FrontendError> for Failure {
     fn from(error: FrontendError) -> Self {
         Failure::Located(error)
@@ -239,26 +252,16 @@ impl<'a> Converter<'a> {
                 let start = self.stack.iter().position(|&i| i == index).unwrap_or(0);
                 let chain: Vec<String> =
                     self.stack[start..].iter().chain([&index]).map(|&i| self.file.stages[i].display_name()).collect();
-                let (via, line) = referrer.map_or((None, None), |(s, l)| (Some(s.to_owned()), Some(l)));
-                return Err(FrontendError {
-                    file: self.options.file_name.clone(),
-                    line,
-                    stage: via,
-                    message: format!("stage cycle: {} (a stage cannot depend on itself)", chain.join(" -> ")),
-                });
+                let message = format!("stage cycle: {} (a stage cannot depend on itself)", chain.join(" -> "));
+                return Err(self.referrer_error(referrer, message));
             }
             Slot::Pending => {}
         }
         if self.stack.len() >= MAX_STAGE_DEPTH {
-            let (via, line) = referrer.map_or((None, None), |(s, l)| (Some(s.to_owned()), Some(l)));
-            return Err(FrontendError {
-                file: self.options.file_name.clone(),
-                line,
-                stage: via,
-                message: format!(
-                    "stage dependency chain is deeper than {MAX_STAGE_DEPTH} stages (FROM <stage>, COPY --from and --mount from= chains)"
-                ),
-            });
+            let message = format!(
+                "stage dependency chain is deeper than {MAX_STAGE_DEPTH} stages (FROM <stage>, COPY --from and --mount from= chains)"
+            );
+            return Err(self.referrer_error(referrer, message));
         }
         self.slots[index] = Slot::InProgress;
         self.stack.push(index);
@@ -267,6 +270,12 @@ impl<'a> Converter<'a> {
         let result = result?;
         self.slots[index] = Slot::Done(Box::new(result.clone()));
         Ok(result)
+    }
+
+    /// An error located at the instruction that referred to a stage (none for the target).
+    fn referrer_error(&self, referrer: Option<(&str, usize)>, message: String) -> FrontendError {
+        let (stage, line) = referrer.map_or((None, None), |(s, l)| (Some(s.to_owned()), Some(l)));
+        FrontendError { file: self.options.file_name.clone(), line, stage, message }
     }
 
     /// Finds a stage by name or, when `allow_index`, by number.

@@ -87,6 +87,17 @@ impl StageState {
         }
     }
 
+    /// Metadata for a vertex outside the `[i/n]` numbering (sources, heredoc files). Only
+    /// platform-specific vertices record the stage's platform.
+    pub fn unnumbered_meta(&self, name: String, platform_specific: bool, lines: Option<(usize, usize)>) -> VertexMeta {
+        VertexMeta {
+            name,
+            stage: Some(self.name.clone()),
+            platform: platform_specific.then(|| self.platform.clone()),
+            lines,
+        }
+    }
+
     fn prefix(&self) -> String {
         let mut parts = Vec::new();
         if self.show_platform {
