@@ -166,7 +166,10 @@ impl Converter<'_> {
         for source in sources {
             let (vertex, path) = match source {
                 Source::Path(_) => continue,
-                Source::Inline(doc) => (self.inline_vertex(state, &doc)?, format!("/{}", doc.name)),
+                Source::Inline(doc) => (
+                    self.inline_document(state, &doc.name, &doc.chomped_content(), 0o644, false)?,
+                    format!("/{}", doc.name),
+                ),
                 Source::Url(url) => self.http_vertex(state, command, &url, copy.checksum.as_deref())?,
                 Source::Git(url) => (self.git_vertex(state, command, &url, copy.keep_git_dir)?, "/".to_owned()),
             };
@@ -175,18 +178,6 @@ impl Converter<'_> {
             actions.push(FileAction::Copy(CopyAction { from, sources: vec![path], unpack: false, ..template.clone() }));
         }
         Ok(actions)
-    }
-
-    fn inline_vertex(&mut self, state: &StageState, doc: &Heredoc) -> Result<Digest, Failure> {
-        let action = FileAction::Mkfile {
-            path: format!("/{}", doc.name),
-            mode: 0o644,
-            data: doc.chomped_content(),
-            chown: None,
-        };
-        let op = Op::File(FileOp { base: Input::Scratch, actions: vec![action] });
-        let meta = state.unnumbered_meta("[internal] preparing inline document".to_owned(), false, None);
-        Ok(self.builder.add(op, vec![], meta)?)
     }
 
     fn http_vertex(

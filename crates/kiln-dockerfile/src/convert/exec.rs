@@ -58,7 +58,7 @@ impl Converter<'_> {
         if let Some(first) = line.heredocs.first() {
             let lone = args.len() == 1 && parse_heredoc(&args[0]).ok().flatten().is_some();
             if lone && first.content.starts_with("#!") {
-                let script = self.script_vertex(state, &first.name, &first.chomped_content())?;
+                let script = self.inline_document(state, &first.name, &first.chomped_content(), 0o755, true)?;
                 let input = input_index(inputs, script);
                 let bind = MountKind::Bind { input, source: "/".into(), readwrite: false };
                 mounts.push(Mount { target: PIPES_DIR.into(), kind: bind });
@@ -83,10 +83,19 @@ impl Converter<'_> {
         Ok(args)
     }
 
-    fn script_vertex(&mut self, state: &StageState, name: &str, data: &str) -> Result<Digest, Failure> {
-        let action = FileAction::Mkfile { path: format!("/{name}"), mode: 0o755, data: data.to_owned(), chown: None };
+    /// A heredoc body as a one-file filesystem: `/<name>` with `mode`. A RUN script is
+    /// platform-specific (it runs on the stage's platform); a COPY source is not.
+    pub(super) fn inline_document(
+        &mut self,
+        state: &StageState,
+        name: &str,
+        data: &str,
+        mode: u32,
+        platform_specific: bool,
+    ) -> Result<Digest, Failure> {
+        let action = FileAction::Mkfile { path: format!("/{name}"), mode, data: data.to_owned(), chown: None };
         let op = Op::File(FileOp { base: Input::Scratch, actions: vec![action] });
-        let meta = state.unnumbered_meta("[internal] preparing inline document".to_owned(), true, None);
+        let meta = state.unnumbered_meta("[internal] preparing inline document".to_owned(), platform_specific, None);
         Ok(self.builder.add(op, vec![], meta)?)
     }
 
