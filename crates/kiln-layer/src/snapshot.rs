@@ -1,0 +1,303 @@
+//! The snapshot store: layer directories on disk, stacked with overlayfs.
+//!
+//! A snapshot is a chain of layers, bottom first. Running a step mounts the chain as overlay
+//! lower directories with a fresh upper directory; committing moves the upper directory into
+//! the store as a new layer, whiteouts and opaque directories already in overlay format.
+//! Layers never change after they are committed, so any number of mounts may share them.
+//!
+//! Layout under the root: `l/<id>` layers, `a/<n>` active mounts (upper, work, merged),
+//! `e0` and `e1` empty directories for chains too short for overlayfs.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kiln_cas::BlobStore;
+use kiln_kv::SharedKv;
+use kiln_types::Digest;
+use nix::mount::{MntFlags, MsFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::export::{Compression, LayerBlob, TarOptions, export_layer};
+use crate::unpack::unpack_layer;
+use crate::{LayerError, io_at};
+
+const LAYERS_TREE: &str = "layers";
+const DIFF_IDS_TREE: &str = "layer-diff-ids";
+const BLOBS_TREE: &str = "layer-blobs";
+/// Mount options must fit in one page; leave room for the upper and work paths.
+const MAX_MOUNT_OPTIONS: usize = 3800;
+
+/// The id of a layer in the store: 16 hex characters, short to keep overlay options small.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LayerId(String);
+
+impl LayerId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Parses an id as written by [`LayerId::as_str`].
+    pub fn parse(text: &str) -> Option<LayerId> {
+        (text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit())).then(|| LayerId(text.to_string()))
+    }
+
+    fn from_digest(digest: &Digest) -> LayerId {
+        LayerId(digest.hex()[..16].to_string())
+    }
+}
+
+impl std::fmt::Display for LayerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the store records about a layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// Its diff id, when known (imported layers, or once exported).
+    pub diff_id: Option<Digest>,
+}
+
+/// Layer directories plus the overlay mounts over them.
+pub struct SnapshotStore {
+    root: PathBuf,
+    kv: SharedKv,
+}
+
+static MOUNT_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl SnapshotStore {
+    /// Opens the store, unmounting and removing whatever a crashed process left active.
+    pub fn open(root: &Path, kv: SharedKv) -> Result<SnapshotStore, LayerError> {
+        let store = SnapshotStore { root: root.to_path_buf(), kv };
+        let active = root.join("a");
+        if active.exists() {
+            for entry in fs::read_dir(&active).map_err(io_at(&active))? {
+                let dir = entry.map_err(io_at(&active))?.path();
+                unmount_quietly(&dir.join("m"));
+                fs::remove_dir_all(&dir).map_err(io_at(&dir))?;
+            }
+        }
+        for dir in ["l", "a", "e0", "e1"] {
+            let dir = root.join(dir);
+            fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        }
+        Ok(store)
+    }
+
+    /// The directory holding a layer's files.
+    pub fn layer_path(&self, id: &LayerId) -> PathBuf {
+        self.root.join("l").join(id.as_str())
+    }
+
+    /// Whether the layer is present.
+    pub fn has_layer(&self, id: &LayerId) -> bool {
+        self.layer_path(id).is_dir()
+    }
+
+    /// The layer already unpacked from a tar with this diff id, if any.
+    pub fn layer_for_diff_id(&self, diff_id: &Digest) -> Result<Option<LayerId>, LayerError> {
+        let found = self.kv.get(DIFF_IDS_TREE, diff_id.hex().as_bytes())?;
+        Ok(found.and_then(|id| LayerId::parse(&String::from_utf8_lossy(&id))).filter(|id| self.has_layer(id)))
+    }
+
+    /// Unpacks a layer tar (any compression) into the store, once: a layer with the same diff
+    /// id is reused. With `expected_diff_id`, content that hashes differently is rejected.
+    pub fn import_layer(
+        &self,
+        reader: impl std::io::Read,
+        expected_diff_id: Option<&Digest>,
+    ) -> Result<LayerId, LayerError> {
+        if let Some(diff_id) = expected_diff_id
+            && let Some(id) = self.layer_for_diff_id(diff_id)?
+        {
+            return Ok(id);
+        }
+        let staging = self.new_active_dir()?;
+        let target = staging.join("u");
+        fs::create_dir(&target).map_err(io_at(&target))?;
+        let result = unpack_layer(reader, &target).and_then(|stats| {
+            if let Some(expected) = expected_diff_id
+                && *expected != stats.diff_id
+            {
+                return Err(LayerError::DiffIdMismatch { expected: *expected, actual: stats.diff_id });
+            }
+            self.publish(&target, LayerId::from_digest(&stats.diff_id), Some(stats.diff_id))
+        });
+        let _ = fs::remove_dir_all(&staging);
+        result
+    }
+
+    /// Mounts the chain read-write over a fresh upper directory.
+    pub fn prepare(&self, chain: &[LayerId]) -> Result<ActiveSnapshot, LayerError> {
+        let mut lowers = self.lowerdirs(chain)?;
+        let dir = self.new_active_dir()?;
+        let (upper, work, merged) = (dir.join("u"), dir.join("w"), dir.join("m"));
+        for path in [&upper, &work, &merged] {
+            fs::create_dir(path).map_err(io_at(path))?;
+        }
+        if chain.is_empty() {
+            lowers = self.root.join("e0").display().to_string();
+        }
+        let options = format!("lowerdir={lowers},upperdir={},workdir={}", upper.display(), work.display());
+        let mut active = ActiveSnapshot { dir, mounted: false, committed: false };
+        mount_overlay(&merged, &options, MsFlags::empty(), chain.len())?;
+        active.mounted = true;
+        Ok(active)
+    }
+
+    /// Mounts the chain read-only, for copying from it or bind-mounting parts of it.
+    pub fn view(&self, chain: &[LayerId]) -> Result<ActiveSnapshot, LayerError> {
+        let mut lowers = self.lowerdirs(chain)?;
+        let dir = self.new_active_dir()?;
+        let merged = dir.join("m");
+        fs::create_dir(&merged).map_err(io_at(&merged))?;
+        // Overlayfs without an upper directory wants at least two lower directories.
+        for empty in ["e0", "e1"].iter().take(2usize.saturating_sub(chain.len())) {
+            if !lowers.is_empty() {
+                lowers.push(':');
+            }
+            lowers.push_str(&self.root.join(empty).display().to_string());
+        }
+        let mut view = ActiveSnapshot { dir, mounted: false, committed: false };
+        mount_overlay(&merged, &format!("lowerdir={lowers}"), MsFlags::MS_RDONLY, chain.len())?;
+        view.mounted = true;
+        Ok(view)
+    }
+
+    /// Unmounts an active snapshot and turns its upper directory into a layer. Returns `None`
+    /// when the step changed nothing.
+    pub fn commit(&self, mut active: ActiveSnapshot) -> Result<Option<LayerId>, LayerError> {
+        active.unmount()?;
+        let upper = active.dir.join("u");
+        let empty = fs::read_dir(&upper).map_err(io_at(&upper))?.next().is_none();
+        active.committed = true;
+        if empty {
+            return Ok(None);
+        }
+        let id = LayerId::from_digest(&Digest::of(format!("{}:{}", active.dir.display(), unique()).as_bytes()));
+        self.publish(&upper, id, None).map(Some)
+    }
+
+    /// Exports a layer to the blob store, reusing an earlier export with the same settings.
+    pub fn export(
+        &self,
+        id: &LayerId,
+        cas: &BlobStore,
+        compression: Compression,
+        options: &TarOptions,
+    ) -> Result<LayerBlob, LayerError> {
+        let key = format!("{id}/{compression:?}/{:?}", options.source_date_epoch);
+        if let Some(bytes) = self.kv.get(BLOBS_TREE, key.as_bytes())?
+            && let Ok(blob) = serde_json::from_slice::<LayerBlob>(&bytes)
+            && cas.contains(&blob.digest)
+        {
+            return Ok(blob);
+        }
+        let blob = export_layer(&self.layer_path(id), cas, compression, options)?;
+        self.kv.put(BLOBS_TREE, key.as_bytes(), &serde_json::to_vec(&blob).expect("serialisable"))?;
+        Ok(blob)
+    }
+
+    /// The stored record of a layer.
+    pub fn record(&self, id: &LayerId) -> Result<Option<LayerRecord>, LayerError> {
+        let bytes = self.kv.get(LAYERS_TREE, id.as_str().as_bytes())?;
+        Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    fn publish(&self, dir: &Path, id: LayerId, diff_id: Option<Digest>) -> Result<LayerId, LayerError> {
+        let dest = self.layer_path(&id);
+        if dest.exists() {
+            fs::remove_dir_all(dir).map_err(io_at(dir))?;
+        } else {
+            fs::rename(dir, &dest).map_err(io_at(&dest))?;
+        }
+        let record = serde_json::to_vec(&LayerRecord { diff_id }).expect("serialisable");
+        self.kv.put(LAYERS_TREE, id.as_str().as_bytes(), &record)?;
+        if let Some(diff_id) = diff_id {
+            self.kv.put(DIFF_IDS_TREE, diff_id.hex().as_bytes(), id.as_str().as_bytes())?;
+        }
+        Ok(id)
+    }
+
+    fn lowerdirs(&self, chain: &[LayerId]) -> Result<String, LayerError> {
+        let mut parts = Vec::with_capacity(chain.len());
+        for id in chain.iter().rev() {
+            if !self.has_layer(id) {
+                return Err(LayerError::MissingLayer(id.clone()));
+            }
+            parts.push(self.layer_path(id).display().to_string());
+        }
+        Ok(parts.join(":"))
+    }
+
+    fn new_active_dir(&self) -> Result<PathBuf, LayerError> {
+        let n = MOUNT_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = self.root.join("a").join(format!("{}-{n}", std::process::id()));
+        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        Ok(dir)
+    }
+}
+
+fn unique() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+fn mount_overlay(merged: &Path, options: &str, flags: MsFlags, layers: usize) -> Result<(), LayerError> {
+    if options.len() > MAX_MOUNT_OPTIONS {
+        return Err(LayerError::TooManyLayers(layers));
+    }
+    nix::mount::mount(Some("overlay"), merged, Some("overlay"), flags, Some(options))
+        .map_err(|errno| LayerError::Mount { target: merged.to_path_buf(), reason: errno.desc().to_string() })
+}
+
+fn unmount_quietly(merged: &Path) {
+    if nix::mount::umount2(merged, MntFlags::empty()).is_err() {
+        let _ = nix::mount::umount2(merged, MntFlags::MNT_DETACH);
+    }
+}
+
+/// A mounted snapshot; dropping it unmounts and removes its directories.
+#[derive(Debug)]
+pub struct ActiveSnapshot {
+    dir: PathBuf,
+    mounted: bool,
+    committed: bool,
+}
+
+impl ActiveSnapshot {
+    /// The merged root filesystem.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("m")
+    }
+
+    /// The upper directory, where the step's changes collect.
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("u")
+    }
+
+    fn unmount(&mut self) -> Result<(), LayerError> {
+        if self.mounted {
+            let merged = self.root();
+            nix::mount::umount2(&merged, MntFlags::empty())
+                .map_err(|errno| LayerError::Mount { target: merged.clone(), reason: errno.desc().to_string() })?;
+            self.mounted = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ActiveSnapshot {
+    fn drop(&mut self) {
+        if self.mounted {
+            unmount_quietly(&self.root());
+        }
+        let _ = self.committed;
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,335 @@
+//! Layer tars byte for byte, round trips, hostile tars, and overlay snapshots (as root).
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, lchown, symlink};
+use std::path::Path;
+use std::sync::Arc;
+
+use kiln_cas::BlobStore;
+use kiln_kv::MemoryKv;
+use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+
+use super::*;
+
+const EPOCH: u64 = 1_700_000_000;
+
+/// One tar entry as the tests compare it.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    path: String,
+    kind: char,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: u64,
+    link: Option<String>,
+    data: Vec<u8>,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+fn read_tar(bytes: &[u8]) -> Vec<Seen> {
+    let mut archive = tar::Archive::new(bytes);
+    let mut seen = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let header = entry.header().clone();
+        let kind = match header.entry_type() {
+            tar::EntryType::Regular => 'f',
+            tar::EntryType::Directory => 'd',
+            tar::EntryType::Symlink => 'l',
+            tar::EntryType::Link => 'h',
+            tar::EntryType::Char => 'c',
+            tar::EntryType::Fifo => 'p',
+            other => panic!("unexpected {other:?}"),
+        };
+        let mut xattrs = Vec::new();
+        if let Some(ext) = entry.pax_extensions().unwrap() {
+            for ext in ext {
+                let ext = ext.unwrap();
+                xattrs.push((ext.key().unwrap().to_string(), ext.value_bytes().to_vec()));
+            }
+        }
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        seen.push(Seen {
+            path: String::from_utf8(entry.path_bytes().to_vec()).unwrap(),
+            kind,
+            mode: header.mode().unwrap(),
+            uid: header.uid().unwrap(),
+            gid: header.gid().unwrap(),
+            mtime: header.mtime().unwrap(),
+            link: entry.link_name().unwrap().map(|l| l.display().to_string()),
+            data,
+            xattrs,
+        });
+    }
+    seen
+}
+
+fn seen(path: &str, kind: char, mode: u32, link: Option<&str>, data: &[u8]) -> Seen {
+    Seen {
+        path: path.to_string(),
+        kind,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: EPOCH,
+        link: link.map(str::to_string),
+        data: data.to_vec(),
+        xattrs: Vec::new(),
+    }
+}
+
+/// A layer directory in overlay format exercising every entry kind.
+fn sample_layer(dir: &Path) {
+    fs::create_dir_all(dir.join("etc/conf.d")).unwrap();
+    fs::create_dir_all(dir.join("usr/bin")).unwrap();
+    fs::write(dir.join("usr/bin/tool"), b"#!/bin/sh\necho tool\n").unwrap();
+    fs::set_permissions(dir.join("usr/bin/tool"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::hard_link(dir.join("usr/bin/tool"), dir.join("usr/bin/tool-alias")).unwrap();
+    symlink("tool", dir.join("usr/bin/link")).unwrap();
+    fs::write(dir.join("etc/owned"), b"mine").unwrap();
+    lchown(dir.join("etc/owned"), Some(1000), Some(100)).unwrap();
+    fs::set_permissions(dir.join("etc/owned"), fs::Permissions::from_mode(0o640)).unwrap();
+    xattr::set(dir.join("etc/owned"), "user.kiln", b"tagged").unwrap();
+    xattr::set(dir.join("etc/conf.d"), OPAQUE_XATTR, b"y").unwrap();
+    fs::write(dir.join("etc/conf.d/new.conf"), b"x=1\n").unwrap();
+    mknod(&dir.join("etc/removed"), SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).unwrap();
+    nix::unistd::mkfifo(&dir.join("etc/pipe"), Mode::from_bits_truncate(0o600)).unwrap();
+    for path in ["etc", "etc/conf.d", "usr", "usr/bin"] {
+        fs::set_permissions(dir.join(path), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+fn export_plain(dir: &Path) -> Vec<u8> {
+    write_layer_tar(dir, Vec::new(), &TarOptions { source_date_epoch: Some(EPOCH) }).unwrap()
+}
+
+#[test]
+fn layer_tar_has_exact_entries_with_whiteouts_and_opaque_markers() {
+    let dir = tempfile::tempdir().unwrap();
+    sample_layer(dir.path());
+    let entries = read_tar(&export_plain(dir.path()));
+    let mut owned = seen("etc/owned", 'f', 0o640, None, b"mine");
+    owned.uid = 1000;
+    owned.gid = 100;
+    owned.xattrs = vec![("SCHILY.xattr.user.kiln".to_string(), b"tagged".to_vec())];
+    let expected = vec![
+        seen("etc", 'd', 0o755, None, b""),
+        seen("etc/conf.d", 'd', 0o755, None, b""),
+        seen("etc/conf.d/.wh..wh..opq", 'f', 0, None, b""),
+        seen("etc/conf.d/new.conf", 'f', 0o644, None, b"x=1\n"),
+        owned,
+        seen("etc/pipe", 'p', 0o600, None, b""),
+        seen("etc/.wh.removed", 'f', 0, None, b""),
+        seen("usr", 'd', 0o755, None, b""),
+        seen("usr/bin", 'd', 0o755, None, b""),
+        seen("usr/bin/link", 'l', 0o777, Some("tool"), b""),
+        seen("usr/bin/tool", 'f', 0o4755, None, b"#!/bin/sh\necho tool\n"),
+        seen("usr/bin/tool-alias", 'h', 0o4755, Some("usr/bin/tool"), b""),
+    ];
+    assert_eq!(entries, expected);
+}
+
+#[test]
+fn equal_content_gives_equal_digests_and_epoch_clamps_times() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    sample_layer(a.path());
+    sample_layer(b.path());
+    assert_eq!(export_plain(a.path()), export_plain(b.path()));
+
+    let cas_dir = tempfile::tempdir().unwrap();
+    let cas = BlobStore::open(cas_dir.path(), Arc::new(MemoryKv::new())).unwrap();
+    let options = TarOptions { source_date_epoch: Some(EPOCH) };
+    for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
+        let first = export_layer(a.path(), &cas, compression, &options).unwrap();
+        let second = export_layer(b.path(), &cas, compression, &options).unwrap();
+        assert_eq!(first, second, "{compression:?}");
+        assert_eq!(first.diff_id, kiln_types::Digest::of(&export_plain(a.path())));
+        let stats =
+            unpack_layer(cas.open_blob(&first.digest).unwrap(), &cas_dir.path().join(format!("{compression:?}")))
+                .unwrap();
+        assert_eq!(stats.diff_id, first.diff_id, "{compression:?}");
+    }
+    fs::write(b.path().join("etc/owned"), b"MINE").unwrap();
+    assert_ne!(export_plain(a.path()), export_plain(b.path()));
+}
+
+#[test]
+fn unpack_restores_what_export_wrote() {
+    let (src, dest) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    sample_layer(src.path());
+    let tar = export_plain(src.path());
+    let stats = unpack_layer(&tar[..], dest.path()).unwrap();
+    assert_eq!(stats.diff_id, kiln_types::Digest::of(&tar));
+    assert_eq!(read_tar(&export_plain(dest.path())), read_tar(&tar));
+
+    let removed = fs::symlink_metadata(dest.path().join("etc/removed")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&removed.file_type()));
+    assert_eq!(removed.rdev(), 0);
+    assert_eq!(xattr::get(dest.path().join("etc/conf.d"), OPAQUE_XATTR).unwrap().as_deref(), Some(&b"y"[..]));
+    let tool = fs::metadata(dest.path().join("usr/bin/tool")).unwrap();
+    assert_eq!(tool.nlink(), 2);
+    assert_eq!(tool.mode() & 0o7777, 0o4755);
+    assert_eq!(tool.mtime(), EPOCH as i64);
+    let owned = fs::metadata(dest.path().join("etc/owned")).unwrap();
+    assert_eq!((owned.uid(), owned.gid()), (1000, 100));
+    assert_eq!(fs::metadata(dest.path().join("etc")).unwrap().mtime(), EPOCH as i64);
+}
+
+/// Appends an entry with raw name bytes, bypassing the tar crate's own path checks.
+fn raw_entry(builder: &mut tar::Builder<Vec<u8>>, name: &str, kind: tar::EntryType, link: &str, data: &[u8]) {
+    let mut header = tar::Header::new_old();
+    let old = header.as_old_mut();
+    old.name[..name.len()].copy_from_slice(name.as_bytes());
+    old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+    header.set_entry_type(kind);
+    header.set_mode(0o644);
+    header.set_size(data.len() as u64);
+    header.set_cksum();
+    builder.append(&header, data).unwrap();
+}
+
+fn hostile(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, kind, link) in entries {
+        let data: &[u8] = if *kind == tar::EntryType::Regular { b"pwned" } else { b"" };
+        raw_entry(&mut builder, name, *kind, link, data);
+    }
+    builder.into_inner().unwrap()
+}
+
+#[test]
+fn hostile_tars_are_rejected_without_writing_outside() {
+    use tar::EntryType::{Directory, Link, Regular, Symlink};
+    type Case<'a> = (&'a str, Vec<(&'a str, tar::EntryType, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        ("dotdot", vec![("../evil", Regular, "")], "climbs out"),
+        ("nested dotdot", vec![("a/b/../../../evil", Regular, "")], "climbs out"),
+        ("symlink parent", vec![("link", Symlink, "OUTSIDE"), ("link/evil", Regular, "")], "is a symlink"),
+        ("relative symlink parent", vec![("up", Symlink, "../.."), ("up/evil", Regular, "")], "is a symlink"),
+        ("hardlink out", vec![("h", Link, "../../etc/passwd")], "climbs out"),
+        ("hardlink absolute", vec![("h", Link, "/etc/passwd")], "not in this layer"),
+        (
+            "hardlink through symlink",
+            vec![("s", Symlink, "OUTSIDE"), ("h", Link, "s/secret")],
+            "passes through a symlink",
+        ),
+        ("hardlink to dir", vec![("d", Directory, ""), ("h", Link, "d")], "is a directory"),
+    ];
+    for (label, entries, message) in cases {
+        let scratch = tempfile::tempdir().unwrap();
+        let outside = scratch.path().join("outside");
+        let dest = scratch.path().join("a/b/dest");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("secret"), b"secret").unwrap();
+        fs::create_dir_all(&dest).unwrap();
+        let entries: Vec<_> = entries
+            .iter()
+            .map(|(n, k, l)| (*n, *k, if *l == "OUTSIDE" { outside.to_str().unwrap() } else { *l }))
+            .collect();
+        let err = unpack_layer(&hostile(&entries)[..], &dest).unwrap_err();
+        assert!(err.to_string().contains(message), "{label}: {err}");
+        assert!(matches!(err, LayerError::TarSlip { .. }), "{label}: {err}");
+        let outside_names: Vec<_> = fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(outside_names, vec!["secret"], "{label}");
+        assert!(!scratch.path().join("a/evil").exists() && !scratch.path().join("evil").exists(), "{label}");
+        assert_eq!(fs::read(outside.join("secret")).unwrap(), b"secret", "{label}");
+    }
+}
+
+#[test]
+fn absolute_names_land_inside_the_destination() {
+    use tar::EntryType::Regular;
+    let dest = tempfile::tempdir().unwrap();
+    unpack_layer(&hostile(&[("/abs/file", Regular, ""), ("./dot/file", Regular, "")])[..], dest.path()).unwrap();
+    assert_eq!(fs::read(dest.path().join("abs/file")).unwrap(), b"pwned");
+    assert_eq!(fs::read(dest.path().join("dot/file")).unwrap(), b"pwned");
+}
+
+#[test]
+fn garbage_is_a_clear_error() {
+    let dest = tempfile::tempdir().unwrap();
+    let err = unpack_layer(&[0x1f, 0x8b, 1, 2, 3][..], dest.path()).unwrap_err();
+    assert!(matches!(err, LayerError::BadTar { .. } | LayerError::Io { .. }), "{err}");
+}
+
+fn mounts_under(root: &Path) -> usize {
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = root.display().to_string();
+    table.lines().filter(|line| line.split(' ').nth(4).is_some_and(|point| point.starts_with(&root))).count()
+}
+
+#[test]
+fn overlay_snapshot_captures_changes_as_a_layer() {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = SnapshotStore::open(&scratch.path().join("snap"), Arc::new(MemoryKv::new())).unwrap();
+    let base_src = scratch.path().join("base");
+    fs::create_dir_all(base_src.join("etc/conf.d")).unwrap();
+    fs::write(base_src.join("etc/conf.d/old.conf"), b"old").unwrap();
+    fs::write(base_src.join("etc/hostname"), b"base").unwrap();
+    fs::write(base_src.join("keep"), b"keep").unwrap();
+    let base_tar = export_plain(&base_src);
+    let base = store.import_layer(&base_tar[..], Some(&kiln_types::Digest::of(&base_tar))).unwrap();
+    assert_eq!(store.import_layer(&base_tar[..], Some(&kiln_types::Digest::of(&base_tar))).unwrap(), base);
+
+    let active = store.prepare(std::slice::from_ref(&base)).unwrap();
+    let root = active.root();
+    assert_eq!(fs::read(root.join("keep")).unwrap(), b"keep");
+    fs::remove_file(root.join("etc/hostname")).unwrap();
+    fs::remove_dir_all(root.join("etc/conf.d")).unwrap();
+    fs::create_dir(root.join("etc/conf.d")).unwrap();
+    fs::write(root.join("etc/conf.d/new.conf"), b"new").unwrap();
+    fs::write(root.join("added"), b"added").unwrap();
+    let layer = store.commit(active).unwrap().expect("changes make a layer");
+    assert_eq!(mounts_under(scratch.path()), 0);
+
+    let names: Vec<_> = read_tar(&export_plain(&store.layer_path(&layer))).into_iter().map(|e| e.path).collect();
+    assert_eq!(
+        names,
+        ["added", "etc", "etc/conf.d", "etc/conf.d/.wh..wh..opq", "etc/conf.d/new.conf", "etc/.wh.hostname"]
+    );
+
+    let view = store.view(&[base.clone(), layer.clone()]).unwrap();
+    assert!(!view.root().join("etc/hostname").exists());
+    assert!(!view.root().join("etc/conf.d/old.conf").exists());
+    assert_eq!(fs::read(view.root().join("etc/conf.d/new.conf")).unwrap(), b"new");
+    assert!(fs::write(view.root().join("x"), b"").is_err(), "views are read-only");
+    drop(view);
+
+    let unchanged = store.prepare(&[base, layer]).unwrap();
+    assert_eq!(store.commit(unchanged).unwrap(), None);
+    let empty = store.view(&[]).unwrap();
+    assert_eq!(fs::read_dir(empty.root()).unwrap().count(), 0);
+    drop(empty);
+    assert_eq!(mounts_under(scratch.path()), 0);
+    assert_eq!(fs::read_dir(scratch.path().join("snap/a")).unwrap().count(), 0);
+}
+
+#[test]
+fn reopening_the_store_clears_a_crashed_mount() {
+    let scratch = tempfile::tempdir().unwrap();
+    let root = scratch.path().join("snap");
+    let store = SnapshotStore::open(&root, Arc::new(MemoryKv::new())).unwrap();
+    let active = store.prepare(&[]).unwrap();
+    std::mem::forget(active);
+    assert_eq!(mounts_under(scratch.path()), 1);
+    let _store = SnapshotStore::open(&root, Arc::new(MemoryKv::new())).unwrap();
+    assert_eq!(mounts_under(scratch.path()), 0);
+    assert_eq!(fs::read_dir(root.join("a")).unwrap().count(), 0);
+}
+
+#[test]
+fn wrong_diff_id_and_missing_layers_are_errors() {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = SnapshotStore::open(scratch.path(), Arc::new(MemoryKv::new())).unwrap();
+    let tar = hostile(&[("file", tar::EntryType::Regular, "")]);
+    let wrong = kiln_types::Digest::of(b"not it");
+    let err = store.import_layer(&tar[..], Some(&wrong)).unwrap_err();
+    assert!(err.to_string().contains(&wrong.to_string()), "{err}");
+    let missing = LayerId::parse("0123456789abcdef").unwrap();
+    let err = store.prepare(&[missing]).unwrap_err();
+    assert!(err.to_string().contains("0123456789abcdef"), "{err}");
+    assert_eq!(fs::read_dir(scratch.path().join("a")).unwrap().count(), 0);
+}

@@ -1,0 +1,249 @@
+//! OCI layer tar → layer directory in overlayfs format, refusing anything that escapes it.
+//!
+//! `.wh.<name>` becomes a character device 0/0 and `.wh..wh..opq` the opaque xattr, so the
+//! result can be an overlay lower directory as is. Entry names with `..` that climb out,
+//! entries whose parent is a symlink, and hard links to outside paths are errors that name
+//! the entry (tar-slip), never writes outside the destination.
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{PermissionsExt, lchown, symlink};
+use std::path::{Path, PathBuf};
+
+use kiln_types::{Digest, Sha256Writer};
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags, makedev, mknod, utimensat};
+use nix::sys::time::TimeSpec;
+
+use crate::export::{OPAQUE_MARKER, OPAQUE_XATTR, WHITEOUT_PREFIX};
+use crate::resolve::clean_lexically;
+use crate::{LayerError, io_at};
+
+/// What unpacking found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackStats {
+    /// Digest of the uncompressed tar stream.
+    pub diff_id: Digest,
+    /// Number of entries written.
+    pub entries: u64,
+}
+
+/// Unpacks a layer (plain, gzip or zstd, detected from its first bytes) into `dest`, which
+/// should be a new, empty directory.
+pub fn unpack_layer(reader: impl Read, dest: &Path) -> Result<UnpackStats, LayerError> {
+    fs::create_dir_all(dest).map_err(io_at(dest))?;
+    let mut buffered = BufReader::new(reader);
+    let magic = buffered.fill_buf().map_err(io_at(dest))?;
+    let decompressed: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(buffered))
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::Decoder::with_buffer(buffered).map_err(io_at(dest))?)
+    } else {
+        Box::new(buffered)
+    };
+    let mut hashing = HashingReader { inner: decompressed, hasher: Sha256Writer::new() };
+    let mut unpacker = Unpacker { dest, dir_times: Vec::new(), entries: 0 };
+    {
+        let mut archive = tar::Archive::new(&mut hashing);
+        for entry in archive.entries().map_err(io_at(dest))? {
+            let entry = entry.map_err(|e| LayerError::BadTar { reason: e.to_string() })?;
+            unpacker.entry(entry)?;
+        }
+    }
+    // The diff id covers the whole stream, including the end-of-archive padding.
+    io::copy(&mut hashing, &mut io::sink()).map_err(io_at(dest))?;
+    unpacker.finish()?;
+    Ok(UnpackStats { diff_id: hashing.hasher.finish(), entries: unpacker.entries })
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256Writer,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+struct Unpacker<'a> {
+    dest: &'a Path,
+    /// Directory modification times, applied last because writing children changes them.
+    dir_times: Vec<(PathBuf, u64)>,
+    entries: u64,
+}
+
+impl Unpacker<'_> {
+    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), LayerError> {
+        let raw_name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let slip = |reason: &str| LayerError::TarSlip { entry: raw_name.clone(), reason: reason.to_string() };
+        let rel = clean_lexically(&raw_name).ok_or_else(|| slip("climbs out of the layer with `..`"))?;
+        let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
+            return Ok(()); // The root itself ("./"): nothing to create.
+        };
+        let parent = self.ensure_parent(&rel).map_err(|e| match e {
+            ParentError::Symlink(p) => slip(&format!("its parent {} is a symlink", p.display())),
+            ParentError::Io(path, source) => LayerError::Io { path, source },
+        })?;
+        let path = parent.join(&name);
+        self.entries += 1;
+
+        let name_bytes = name.as_bytes();
+        if name_bytes == OPAQUE_MARKER.as_bytes() {
+            xattr::set(&parent, OPAQUE_XATTR, b"y").map_err(io_at(&parent))?;
+            return Ok(());
+        }
+        if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+            let target = parent.join(std::ffi::OsStr::from_bytes(hidden));
+            remove_existing(&target)?;
+            mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).map_err(|e| io_at(&target)(e.into()))?;
+            return Ok(());
+        }
+
+        let header = entry.header().clone();
+        let kind = header.entry_type();
+        let is_dir = kind.is_dir();
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() && is_dir => {}
+            Ok(_) => remove_existing(&path)?,
+            Err(_) => {}
+        }
+        let mode = header.mode().map_err(|e| LayerError::BadTar { reason: format!("{raw_name}: {e}") })? & 0o7777;
+        match kind {
+            tar::EntryType::Directory => {
+                if !path.is_dir() {
+                    fs::create_dir(&path).map_err(io_at(&path))?;
+                }
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let mut file = File::create_new(&path).map_err(io_at(&path))?;
+                io::copy(&mut entry, &mut file).map_err(io_at(&path))?;
+            }
+            tar::EntryType::Symlink => {
+                let target = entry.link_name().ok().flatten().ok_or_else(|| slip("symlink without a target"))?;
+                symlink(&*target, &path).map_err(io_at(&path))?;
+            }
+            tar::EntryType::Link => {
+                let target = entry.link_name_bytes().ok_or_else(|| slip("hard link without a target"))?;
+                let target = String::from_utf8_lossy(&target).into_owned();
+                let source = self.hardlink_source(&target).map_err(|reason| slip(&reason))?;
+                fs::hard_link(&source, &path).map_err(io_at(&path))?;
+                return Ok(());
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                let major = header.device_major().ok().flatten().unwrap_or(0);
+                let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                let flag = match kind {
+                    tar::EntryType::Char => SFlag::S_IFCHR,
+                    tar::EntryType::Block => SFlag::S_IFBLK,
+                    _ => SFlag::S_IFIFO,
+                };
+                let dev = makedev(major.into(), minor.into());
+                mknod(&path, flag, Mode::from_bits_truncate(mode), dev).map_err(|e| io_at(&path)(e.into()))?;
+            }
+            other => {
+                return Err(LayerError::BadTar { reason: format!("{raw_name}: unsupported entry type {other:?}") });
+            }
+        }
+        self.apply_metadata(&mut entry, &header, &path, mode)
+    }
+
+    fn apply_metadata<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        header: &tar::Header,
+        path: &Path,
+        mode: u32,
+    ) -> Result<(), LayerError> {
+        let uid = header.uid().unwrap_or(0) as u32;
+        let gid = header.gid().unwrap_or(0) as u32;
+        lchown(path, Some(uid), Some(gid)).map_err(io_at(path))?;
+        let kind = header.entry_type();
+        if kind != tar::EntryType::Symlink {
+            // chown clears set-id bits, so the mode goes on afterwards.
+            fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_at(path))?;
+        }
+        if let Ok(Some(extensions)) = entry.pax_extensions() {
+            for extension in extensions.flatten() {
+                if let Some(name) = extension.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                    let name = std::ffi::OsStr::from_bytes(name);
+                    if !name.as_bytes().starts_with(b"trusted.overlay.") {
+                        xattr::set(path, name, extension.value_bytes()).map_err(io_at(path))?;
+                    }
+                }
+            }
+        }
+        let mtime = header.mtime().unwrap_or(0);
+        if kind.is_dir() {
+            self.dir_times.push((path.to_path_buf(), mtime));
+        } else {
+            set_mtime(path, mtime)?;
+        }
+        Ok(())
+    }
+
+    /// Creates missing parent directories of `rel` and returns the parent's path. A parent
+    /// that is a symlink is refused instead of followed.
+    fn ensure_parent(&self, rel: &Path) -> Result<PathBuf, ParentError> {
+        let mut current = self.dest.to_path_buf();
+        let Some(parent) = rel.parent() else { return Ok(current) };
+        for component in parent.components() {
+            current.push(component);
+            match fs::symlink_metadata(&current) {
+                Ok(meta) if meta.file_type().is_symlink() => return Err(ParentError::Symlink(current)),
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    fs::remove_file(&current).map_err(|e| ParentError::Io(current.clone(), e))?;
+                    fs::create_dir(&current).map_err(|e| ParentError::Io(current.clone(), e))?;
+                }
+                Err(_) => fs::create_dir(&current).map_err(|e| ParentError::Io(current.clone(), e))?,
+            }
+        }
+        Ok(current)
+    }
+
+    fn hardlink_source(&self, target: &str) -> Result<PathBuf, String> {
+        let rel = clean_lexically(target).ok_or("hard link target climbs out of the layer")?;
+        let mut current = self.dest.to_path_buf();
+        for component in rel.components() {
+            current.push(component);
+            let meta = fs::symlink_metadata(&current)
+                .map_err(|_| format!("hard link target {target} is not in this layer"))?;
+            if meta.file_type().is_symlink() && current != self.dest.join(&rel) {
+                return Err(format!("hard link target {target} passes through a symlink"));
+            }
+        }
+        if current.is_dir() && !current.is_symlink() {
+            return Err(format!("hard link target {target} is a directory"));
+        }
+        Ok(current)
+    }
+
+    fn finish(&mut self) -> Result<(), LayerError> {
+        for (path, mtime) in self.dir_times.drain(..).rev() {
+            set_mtime(&path, mtime)?;
+        }
+        Ok(())
+    }
+}
+
+enum ParentError {
+    Symlink(PathBuf),
+    Io(PathBuf, io::Error),
+}
+
+fn remove_existing(path: &Path) -> Result<(), LayerError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path).map_err(io_at(path)),
+        Ok(_) => fs::remove_file(path).map_err(io_at(path)),
+        Err(_) => Ok(()),
+    }
+}
+
+fn set_mtime(path: &Path, mtime: u64) -> Result<(), LayerError> {
+    let time = TimeSpec::new(mtime as i64, 0);
+    utimensat(None, path, &time, &time, UtimensatFlags::NoFollowSymlink).map_err(|e| io_at(path)(e.into()))
+}
