@@ -1,6 +1,7 @@
 //! `cargo xtask`: Kiln's single automation entry point (ci, conformance, demo).
 
 mod conformance;
+mod setup;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,6 +72,7 @@ fn find_corpus() -> Option<PathBuf> {
 }
 
 fn ci(corpus: Option<PathBuf>) -> anyhow::Result<()> {
+    setup::ensure_packages()?;
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
     cargo(&["test", "--workspace", "--quiet"])?;

@@ -1,0 +1,298 @@
+//! The libcontainer half: OCI spec from a [`RunSpec`], create, start, wait, delete.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use kiln_runner::{Limits, Network, RunMount, RunMountKind, RunResult, RunSpec};
+use libcontainer::container::Container;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::network::link::LinkClient;
+use libcontainer::network::wrapper::create_network_client;
+use libcontainer::oci_spec::runtime::{
+    Capabilities, Capability, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, RootBuilder,
+    Spec,
+};
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::resource::{Resource, getrlimit};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitStatus, waitpid};
+
+/// Capabilities a build step gets by default: containerd's default set, as BuildKit uses.
+const DEFAULT_CAPABILITIES: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+/// Extra capabilities for `--security=insecure`.
+const INSECURE_CAPABILITIES: &[Capability] = &[
+    Capability::SysAdmin,
+    Capability::NetAdmin,
+    Capability::SysPtrace,
+    Capability::SysModule,
+    Capability::SysRawio,
+    Capability::SysResource,
+    Capability::SysTime,
+    Capability::SysNice,
+    Capability::DacReadSearch,
+    Capability::LinuxImmutable,
+    Capability::IpcLock,
+    Capability::IpcOwner,
+    Capability::Lease,
+    Capability::AuditControl,
+    Capability::Syslog,
+    Capability::Bpf,
+    Capability::Perfmon,
+];
+
+fn containers_root(state_root: &Path) -> PathBuf {
+    state_root.join("c")
+}
+
+fn bundle_dir(state_root: &Path, id: &str) -> PathBuf {
+    state_root.join("b").join(id)
+}
+
+/// Runs the step to completion and deletes its container, whatever happens.
+pub fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
+    cleanup(&spec.state_root, Some(&spec.id))?;
+    if spec.network == Network::None {
+        unshare(CloneFlags::CLONE_NEWNET).context("creating a network namespace")?;
+        // A fresh namespace has its loopback down; build steps expect 127.0.0.1 to work.
+        LinkClient::new(create_network_client())
+            .and_then(|mut links| links.set_up(1))
+            .map_err(|e| anyhow::anyhow!("bringing up loopback: {e}"))?;
+    }
+    let bundle = bundle_dir(&spec.state_root, &spec.id);
+    fs::create_dir_all(&bundle).with_context(|| format!("creating {}", bundle.display()))?;
+    let result = run_in_bundle(spec, &bundle);
+    let cleaned = cleanup(&spec.state_root, Some(&spec.id));
+    let result = result?;
+    cleaned?;
+    Ok(result)
+}
+
+fn run_in_bundle(spec: &RunSpec, bundle: &Path) -> anyhow::Result<RunResult> {
+    oci_spec(spec)?.save(bundle.join("config.json")).context("writing config.json")?;
+    let started = Instant::now();
+    let mut container = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
+        .with_root_path(containers_root(&spec.state_root))?
+        .with_stdin(File::open("/dev/null")?)
+        .validate_id()?
+        .as_init(bundle)
+        .with_systemd(false)
+        .with_detach(false)
+        .build()
+        .context("creating the container")?;
+    container.start().context("starting the container")?;
+    let pid = container.pid().context("the started container has no pid")?;
+
+    // The watchdog thread starts only after libcontainer is done forking.
+    let (done, finished) = mpsc::channel::<()>();
+    let timeout = spec.timeout_ms.map(Duration::from_millis);
+    let watchdog = timeout.map(|timeout| {
+        std::thread::spawn(move || {
+            if finished.recv_timeout(timeout) == Err(mpsc::RecvTimeoutError::Timeout) {
+                // Killing init ends its whole pid namespace.
+                let _ = kill(pid, Signal::SIGKILL);
+                return true;
+            }
+            false
+        })
+    });
+    let (exit_code, signal) = loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => break (code, None),
+            Ok(WaitStatus::Signaled(_, signal, _)) => break (128 + signal as i32, Some(signal as i32)),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(errno) => bail!("waiting for the container: {errno}"),
+        }
+    };
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    let _ = done.send(());
+    let timed_out = watchdog.map(|w| w.join().unwrap_or(false)).unwrap_or(false);
+    container.delete(true).context("deleting the container")?;
+    Ok(RunResult { exit_code, signal, timed_out, elapsed_us })
+}
+
+/// Deletes the container `id` (or every container) under the state root, killing what still
+/// runs in its cgroup, and removes bundles.
+pub fn cleanup(state_root: &Path, id: Option<&str>) -> anyhow::Result<()> {
+    let ids: Vec<String> = match id {
+        Some(id) => vec![id.to_string()],
+        None => ["c", "b"]
+            .iter()
+            .flat_map(|sub| fs::read_dir(state_root.join(sub)).into_iter().flatten().flatten())
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect(),
+    };
+    for id in ids {
+        cleanup_one(state_root, &id)?;
+    }
+    Ok(())
+}
+
+fn cleanup_one(state_root: &Path, id: &str) -> anyhow::Result<()> {
+    let dir = containers_root(state_root).join(id);
+    let bundle = bundle_dir(state_root, id);
+    let cgroup = Spec::load(bundle.join("config.json"))
+        .ok()
+        .and_then(|spec| spec.linux().as_ref().and_then(|linux| linux.cgroups_path().clone()));
+    if dir.exists() {
+        if let Ok(mut container) = Container::load(dir.clone()) {
+            // Failing here is expected when processes are still exiting; the cgroup sweep
+            // below finishes the job.
+            let _ = container.delete(true);
+        }
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    if let Some(cgroup) = cgroup {
+        remove_cgroup(&cgroup)?;
+    }
+    if bundle.exists() {
+        fs::remove_dir_all(&bundle).with_context(|| format!("removing {}", bundle.display()))?;
+    }
+    Ok(())
+}
+
+/// Kills every process in the cgroup (in every hierarchy: v1, hybrid or v2) and removes its
+/// directories, waiting a bounded time for the processes to exit.
+fn remove_cgroup(cgroup: &Path) -> anyhow::Result<()> {
+    let relative = cgroup.strip_prefix("/").unwrap_or(cgroup);
+    let base = Path::new("/sys/fs/cgroup");
+    let mut dirs: Vec<PathBuf> = fs::read_dir(base)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|hierarchy| hierarchy.path().join(relative))
+        .chain(std::iter::once(base.join(relative)))
+        .filter(|dir| dir.is_dir())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dirs.is_empty() {
+        for dir in &dirs {
+            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|line| line.trim().parse::<i32>().ok()) {
+                let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            let _ = fs::remove_dir(dir);
+        }
+        dirs.retain(|dir| dir.exists());
+        if !dirs.is_empty() {
+            if Instant::now() > deadline {
+                bail!("cgroup {} still has processes after SIGKILL", cgroup.display());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
+}
+
+fn oci_spec(spec: &RunSpec) -> anyhow::Result<Spec> {
+    let mut oci = Spec::default();
+    oci.set_hostname(Some(spec.hostname.clone()));
+    oci.set_root(Some(RootBuilder::default().path(spec.rootfs.clone()).readonly(false).build()?));
+
+    let process = oci.process_mut().as_mut().context("default spec has a process")?;
+    process.set_args(Some(spec.args.clone()));
+    process.set_env(Some(spec.env.clone()));
+    process.set_cwd(PathBuf::from(&spec.cwd));
+    process.set_no_new_privileges(Some(false));
+    let user = process.user_mut();
+    user.set_uid(spec.uid);
+    user.set_gid(spec.gid);
+    user.set_additional_gids(Some(spec.additional_gids.clone()));
+    let mut caps: Capabilities = DEFAULT_CAPABILITIES.iter().copied().collect();
+    if spec.insecure {
+        caps.extend(INSECURE_CAPABILITIES.iter().copied());
+    }
+    process.set_capabilities(Some(
+        LinuxCapabilitiesBuilder::default()
+            .bounding(caps.clone())
+            .effective(caps.clone())
+            .permitted(caps)
+            .inheritable(Capabilities::new())
+            .ambient(Capabilities::new())
+            .build()?,
+    ));
+    // As many open files as the worker may grant: raising the hard limit past its own needs
+    // CAP_SYS_RESOURCE, which a worker in a pod may not have.
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
+    let nofile = hard.min(1_048_576);
+    let nofile = PosixRlimitBuilder::default().typ(PosixRlimitType::RlimitNofile).hard(nofile).soft(nofile);
+    process.set_rlimits(Some(vec![nofile.build()?]));
+
+    let mut mounts: Vec<Mount> = oci.mounts().clone().unwrap_or_default();
+    // The cgroup filesystem is of no use to a build step and costs a mount per controller.
+    mounts.retain(|m| m.destination() != Path::new("/sys/fs/cgroup"));
+    for mount in &spec.mounts {
+        mounts.push(oci_mount(mount)?);
+    }
+    oci.set_mounts(Some(mounts));
+
+    let linux = oci.linux_mut().as_mut().context("default spec has linux settings")?;
+    if let Some(namespaces) = linux.namespaces_mut() {
+        // The runner already sits in the namespace the step should use (see `run`).
+        namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+    }
+    linux.set_cgroups_path(Some(PathBuf::from(format!("{}/{}", spec.cgroup_parent.trim_end_matches('/'), spec.id))));
+    linux.set_resources(Some(resources(&spec.limits)?));
+    if spec.insecure {
+        linux.set_masked_paths(Some(Vec::new()));
+        linux.set_readonly_paths(Some(Vec::new()));
+    }
+    Ok(oci)
+}
+
+fn oci_mount(mount: &RunMount) -> anyhow::Result<Mount> {
+    let builder = MountBuilder::default().destination(PathBuf::from(&mount.target));
+    let built = match &mount.kind {
+        RunMountKind::Bind { source, readonly } => {
+            let mut options = vec!["rbind".to_string()];
+            if *readonly {
+                options.push("ro".to_string());
+            }
+            builder.typ("bind").source(source.clone()).options(options).build()?
+        }
+        RunMountKind::Tmpfs { size } => {
+            let mut options = vec!["nosuid".to_string(), "nodev".to_string()];
+            if let Some(size) = size {
+                options.push(format!("size={size}"));
+            }
+            builder.typ("tmpfs").source("tmpfs").options(options).build()?
+        }
+    };
+    Ok(built)
+}
+
+fn resources(limits: &Limits) -> anyhow::Result<libcontainer::oci_spec::runtime::LinuxResources> {
+    let mut resources = LinuxResourcesBuilder::default();
+    if let Some(bytes) = limits.memory_bytes {
+        resources = resources.memory(LinuxMemoryBuilder::default().limit(bytes).swap(bytes).build()?);
+    }
+    if let Some(quota) = limits.cpu_quota_us {
+        resources = resources.cpu(LinuxCpuBuilder::default().quota(quota).period(100_000u64).build()?);
+    }
+    if let Some(pids) = limits.pids {
+        resources = resources.pids(LinuxPidsBuilder::default().limit(pids).build()?);
+    }
+    Ok(resources.build()?)
+}

@@ -1,0 +1,40 @@
+//! `kiln-runner`: runs one build step in an OCI container and reports how it ended.
+//!
+//! Single-threaded by design until the container has started (libcontainer forks with raw
+//! `clone3` and changes the process's working directory while it creates a container); see
+//! the library docs for the protocol with the worker.
+
+mod container;
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use kiln_runner::{RUNNER_FAILED, RunSpec};
+
+fn main() {
+    if let Err(error) = dispatch(std::env::args().skip(1).collect()) {
+        eprintln!("kiln-runner: {error:#}");
+        std::process::exit(RUNNER_FAILED);
+    }
+}
+
+fn dispatch(args: Vec<String>) -> anyhow::Result<()> {
+    let (command, options) = args.split_first().context("usage: kiln-runner run|cleanup [OPTIONS]")?;
+    let option =
+        |name: &str| -> Option<&String> { options.iter().position(|a| a == name).and_then(|i| options.get(i + 1)) };
+    match command.as_str() {
+        "run" => {
+            let spec_path = option("--spec").context("run needs --spec FILE")?;
+            let result_path = option("--result").context("run needs --result FILE")?;
+            let text = std::fs::read(spec_path).with_context(|| format!("reading {spec_path}"))?;
+            let spec: RunSpec = serde_json::from_slice(&text).with_context(|| format!("parsing {spec_path}"))?;
+            let result = container::run(&spec)?;
+            std::fs::write(result_path, serde_json::to_vec(&result)?).with_context(|| format!("writing {result_path}"))
+        }
+        "cleanup" => {
+            let state_root = PathBuf::from(option("--state-root").context("cleanup needs --state-root DIR")?);
+            container::cleanup(&state_root, option("--id").map(String::as_str))
+        }
+        other => bail!("unknown command {other:?}; expected run or cleanup"),
+    }
+}

@@ -1,0 +1,228 @@
+//! Runs the real `kiln-runner` binary on a busybox root filesystem (as root).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_runner::{Limits, Network, RunMount, RunMountKind, RunResult, RunSpec};
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    /// A root filesystem holding a static busybox and its applets, nothing else.
+    fn new() -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("rootfs/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed (cargo xtask ci)");
+        let applets = Command::new("/bin/busybox").arg("--list").output().unwrap();
+        for applet in String::from_utf8(applets.stdout).unwrap().lines().filter(|a| *a != "busybox") {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+        Sandbox { dir }
+    }
+
+    fn rootfs(&self) -> PathBuf {
+        self.dir.path().join("rootfs")
+    }
+
+    fn state_root(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn spec(&self, id: &str, script: &str) -> RunSpec {
+        RunSpec {
+            id: id.to_string(),
+            state_root: self.state_root(),
+            rootfs: self.rootfs(),
+            args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: vec!["PATH=/bin".into(), "GREETING=hi there".into()],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![0],
+            hostname: "buildkitsandbox".into(),
+            network: Network::None,
+            insecure: false,
+            mounts: Vec::new(),
+            limits: Limits::default(),
+            cgroup_parent: "/kiln-runner-test".into(),
+            timeout_ms: Some(20_000),
+        }
+    }
+
+    fn spawn(&self, spec: &RunSpec) -> (std::process::Child, PathBuf) {
+        let spec_path = self.dir.path().join(format!("{}.json", spec.id));
+        let result_path = self.dir.path().join(format!("{}.result", spec.id));
+        std::fs::write(&spec_path, serde_json::to_vec(spec).unwrap()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln-runner"))
+            .args(["run", "--spec"])
+            .arg(&spec_path)
+            .arg("--result")
+            .arg(&result_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, result_path)
+    }
+
+    fn run(&self, spec: &RunSpec) -> (RunResult, String, String) {
+        let (child, result_path) = self.spawn(spec);
+        let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&stderr).into_owned();
+        assert!(status.success(), "runner failed: {stderr}");
+        let result = serde_json::from_slice(&std::fs::read(result_path).unwrap()).unwrap();
+        (result, String::from_utf8_lossy(&stdout).into_owned(), stderr)
+    }
+
+    /// Nothing of any container is left in the state root.
+    fn assert_clean(&self) {
+        for sub in ["c", "b"] {
+            let dir = self.state_root().join(sub);
+            let left: Vec<_> =
+                std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+            assert!(left.is_empty(), "left behind in {}: {left:?}", dir.display());
+        }
+    }
+}
+
+fn wait_for(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn exit_code_output_user_env_and_cwd_come_through() {
+    let sandbox = Sandbox::new();
+    std::fs::create_dir_all(sandbox.rootfs().join("work")).unwrap();
+    let mut spec =
+        sandbox.spec("basics", "echo \"$GREETING\"; id -u; id -g; id -G; pwd; hostname; echo oops >&2; exit 7");
+    spec.cwd = "/work".into();
+    spec.uid = 1000;
+    spec.gid = 1001;
+    spec.additional_gids = vec![1001, 2000];
+    let (result, stdout, stderr) = sandbox.run(&spec);
+    assert_eq!(result.exit_code, 7);
+    assert_eq!((result.signal, result.timed_out), (None, false));
+    assert_eq!(stdout, "hi there\n1000\n1001\n1001 2000\n/work\nbuildkitsandbox\n");
+    assert_eq!(stderr, "oops\n");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn network_none_has_only_loopback_and_it_is_up() {
+    let sandbox = Sandbox::new();
+    let script = "ls /sys/class/net; cat /sys/class/net/lo/operstate; nc -l -p 4000 > /tmp/got & sleep 0.2; \
+                  echo ping | nc 127.0.0.1 4000; wait; cat /tmp/got";
+    let mut spec = sandbox.spec("netnone", script);
+    spec.mounts.push(RunMount { target: "/tmp".into(), kind: RunMountKind::Tmpfs { size: Some(1 << 20) } });
+    let (result, stdout, stderr) = sandbox.run(&spec);
+    assert_eq!(result.exit_code, 0, "{stderr}");
+    assert_eq!(stdout, "lo\nunknown\nping\n");
+
+    let mut spec = sandbox.spec("networker", "ls /sys/class/net | wc -l");
+    spec.network = Network::Worker;
+    let (_, stdout, _) = sandbox.run(&spec);
+    let host_interfaces = std::fs::read_dir("/sys/class/net").unwrap().count();
+    assert_eq!(stdout.trim(), host_interfaces.to_string());
+    sandbox.assert_clean();
+}
+
+#[test]
+fn pids_and_memory_limits_are_enforced() {
+    let sandbox = Sandbox::new();
+    let script = "for i in 1 2 3 4 5 6 7 8; do sleep 0.2 & done; wait";
+    let (_, _, stderr) = sandbox.run(&sandbox.spec("unlimited", script));
+    assert!(!stderr.contains("can't fork"), "{stderr}");
+    let mut spec = sandbox.spec("pids", script);
+    spec.limits.pids = Some(4);
+    let (_, _, stderr) = sandbox.run(&spec);
+    assert!(stderr.contains("can't fork"), "{stderr}");
+
+    let mut spec = sandbox.spec("memory", "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived");
+    spec.limits.memory_bytes = Some(32 << 20);
+    let (result, stdout, _) = sandbox.run(&spec);
+    assert_ne!(result.exit_code, 0);
+    assert!(!stdout.contains("survived"));
+    sandbox.assert_clean();
+}
+
+#[test]
+fn timeout_kills_the_step() {
+    let sandbox = Sandbox::new();
+    let mut spec = sandbox.spec("timeout", "sleep 30");
+    spec.timeout_ms = Some(300);
+    let started = Instant::now();
+    let (result, _, _) = sandbox.run(&spec);
+    assert!(result.timed_out);
+    assert_eq!(result.signal, Some(9));
+    assert_eq!(result.exit_code, 137);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    sandbox.assert_clean();
+}
+
+#[test]
+fn mounts_bind_read_only_and_tmpfs() {
+    let sandbox = Sandbox::new();
+    let shared = sandbox.dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("input"), "from the host\n").unwrap();
+    let mut spec = sandbox.spec(
+        "mounts",
+        "cat /src/input; touch /src/new 2>/dev/null || echo read-only; \
+                                           echo scratch > /scratch/f && cat /scratch/f",
+    );
+    spec.mounts
+        .push(RunMount { target: "/src".into(), kind: RunMountKind::Bind { source: shared.clone(), readonly: true } });
+    spec.mounts.push(RunMount { target: "/scratch".into(), kind: RunMountKind::Tmpfs { size: None } });
+    let (result, stdout, _) = sandbox.run(&spec);
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(stdout, "from the host\nread-only\nscratch\n");
+    assert!(!shared.join("new").exists());
+    sandbox.assert_clean();
+}
+
+fn cgroup_exists(parent: &str, id: &str) -> bool {
+    ["pids", "memory", "unified"].iter().any(|c| Path::new(&format!("/sys/fs/cgroup/{c}{parent}/{id}")).exists())
+}
+
+#[test]
+fn cleanup_removes_what_a_killed_runner_left() {
+    let sandbox = Sandbox::new();
+    let mut spec = sandbox.spec("orphan", "echo started; exec sleep 60");
+    spec.cgroup_parent = "/kiln-runner-test-orphan".into();
+    let (mut child, _) = sandbox.spawn(&spec);
+    let state = sandbox.state_root().join("c/orphan");
+    wait_for("the container to start", || {
+        state.join("state.json").exists() && cgroup_exists(&spec.cgroup_parent, "orphan")
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_kiln-runner"))
+        .args(["cleanup", "--state-root"])
+        .arg(sandbox.state_root())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    sandbox.assert_clean();
+    assert!(!cgroup_exists(&spec.cgroup_parent, "orphan"), "cgroup left behind");
+}
+
+#[test]
+fn a_missing_command_is_a_runner_error() {
+    let sandbox = Sandbox::new();
+    let mut spec = sandbox.spec("missing", "");
+    spec.args = vec!["/no/such/binary".into()];
+    let (child, _) = sandbox.spawn(&spec);
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(kiln_runner::RUNNER_FAILED));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("kiln-runner:"));
+    sandbox.assert_clean();
+}
