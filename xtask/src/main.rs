@@ -1,5 +1,6 @@
 //! `cargo xtask`: Kiln's single automation entry point (ci, conformance, demo).
 
+mod base_image;
 mod conformance;
 mod setup;
 
@@ -32,6 +33,9 @@ enum Task {
     },
     /// Show Kiln planning the example builds under tests/fixtures.
     Demo,
+    /// Build a small busybox base image (OCI layout under target/kiln-base/oci), push it to
+    /// the local registry (started when none answers) and print its reference last.
+    BaseImage,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +49,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Demo => demo(),
+        Task::BaseImage => {
+            let reference = base_image::run()?;
+            println!("{reference}");
+            Ok(())
+        }
     }
 }
 
