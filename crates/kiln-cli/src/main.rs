@@ -1,7 +1,6 @@
 //! `kiln`: the Kiln client. Today it plans builds (`kiln plan`); building arrives with the
 //! solver.
 
-mod context_fs;
 mod plan;
 
 use std::process::ExitCode;

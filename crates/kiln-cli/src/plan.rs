@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
+use kiln_context::FsContext;
 use kiln_dockerfile::ignore::PatternList;
 use kiln_dockerfile::image::NoImageMetadata;
 use kiln_dockerfile::{ConvertOptions, convert};
 use kiln_graph::{render_dot, render_json, render_text};
 use kiln_types::Platform;
 
-use crate::context_fs::FsContext;
 
 /// Arguments of `kiln plan`.
 #[derive(Args)]

@@ -19,7 +19,7 @@ use kiln_types::Digest;
 use nix::mount::{MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::export::{Compression, LayerBlob, TarOptions, export_layer};
+use crate::export::{Compression, LayerBlob, OPAQUE_XATTR, TarOptions, export_layer};
 use crate::unpack::unpack_layer;
 use crate::{LayerError, io_at};
 
@@ -145,7 +145,7 @@ impl SnapshotStore {
             lowers = self.root.join("e0").display().to_string();
         }
         let options = format!("lowerdir={lowers},upperdir={},workdir={}", upper.display(), work.display());
-        let mut active = ActiveSnapshot { dir, mounted: false, committed: false };
+        let mut active = ActiveSnapshot { dir, chain: chain.to_vec(), mounted: false };
         mount_overlay(&merged, &options, MsFlags::empty(), chain.len())?;
         active.mounted = true;
         Ok(active)
@@ -164,7 +164,7 @@ impl SnapshotStore {
             }
             lowers.push_str(&self.root.join(empty).display().to_string());
         }
-        let mut view = ActiveSnapshot { dir, mounted: false, committed: false };
+        let mut view = ActiveSnapshot { dir, chain: chain.to_vec(), mounted: false };
         mount_overlay(&merged, &format!("lowerdir={lowers}"), MsFlags::MS_RDONLY, chain.len())?;
         view.mounted = true;
         Ok(view)
@@ -172,16 +172,61 @@ impl SnapshotStore {
 
     /// Unmounts an active snapshot and turns its upper directory into a layer. Returns `None`
     /// when the step changed nothing.
-    pub fn commit(&self, mut active: ActiveSnapshot) -> Result<Option<LayerId>, LayerError> {
+    pub fn commit(&self, active: ActiveSnapshot) -> Result<Option<LayerId>, LayerError> {
+        self.commit_pruned(active, &[])
+    }
+
+    /// Like [`SnapshotStore::commit`], first removing mountpoint stubs the runtime created
+    /// (`stubs`, relative paths that did not exist before the step) when they are still empty,
+    /// with the empty directories above them that were created for them or are unchanged
+    /// copies of a lower directory. A step that changed nothing else then adds no layer.
+    pub fn commit_pruned(&self, mut active: ActiveSnapshot, stubs: &[String]) -> Result<Option<LayerId>, LayerError> {
         active.unmount()?;
         let upper = active.dir.join("u");
+        for stub in stubs {
+            self.prune_stub(&upper, &active.chain, Path::new(stub))?;
+        }
         let empty = fs::read_dir(&upper).map_err(io_at(&upper))?.next().is_none();
-        active.committed = true;
         if empty {
             return Ok(None);
         }
         let id = LayerId::from_digest(&Digest::of(format!("{}:{}", active.dir.display(), unique()).as_bytes()));
         self.publish(&upper, id, None).map(Some)
+    }
+
+    fn prune_stub(&self, upper: &Path, chain: &[LayerId], stub: &Path) -> Result<(), LayerError> {
+        let path = upper.join(stub);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.len() == 0 => fs::remove_file(&path).map_err(io_at(&path))?,
+            Ok(meta) if meta.is_dir() && is_empty_dir(&path)? => fs::remove_dir(&path).map_err(io_at(&path))?,
+            _ => return Ok(()),
+        }
+        let mut rel = stub.parent();
+        while let Some(dir_rel) = rel.filter(|r| !r.as_os_str().is_empty()) {
+            let dir = upper.join(dir_rel);
+            let Ok(meta) = fs::symlink_metadata(&dir) else { break };
+            if !meta.is_dir() || !is_empty_dir(&dir)? || xattr::get(&dir, OPAQUE_XATTR).ok().flatten().is_some() {
+                break;
+            }
+            let unchanged_copy = match self.lower_entry(chain, dir_rel) {
+                None => true,
+                Some(lower) => {
+                    use std::os::unix::fs::MetadataExt as _;
+                    lower.is_dir() && (lower.mode(), lower.uid(), lower.gid()) == (meta.mode(), meta.uid(), meta.gid())
+                }
+            };
+            if !unchanged_copy {
+                break;
+            }
+            fs::remove_dir(&dir).map_err(io_at(&dir))?;
+            rel = dir_rel.parent();
+        }
+        Ok(())
+    }
+
+    /// The topmost lower-layer entry at `rel`, if any layer has one.
+    fn lower_entry(&self, chain: &[LayerId], rel: &Path) -> Option<fs::Metadata> {
+        chain.iter().rev().find_map(|id| fs::symlink_metadata(self.layer_path(id).join(rel)).ok())
     }
 
     /// Exports a layer to the blob store, reusing an earlier export with the same settings.
@@ -244,6 +289,10 @@ impl SnapshotStore {
     }
 }
 
+fn is_empty_dir(dir: &Path) -> Result<bool, LayerError> {
+    Ok(fs::read_dir(dir).map_err(io_at(dir))?.next().is_none())
+}
+
 fn unique() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
@@ -266,8 +315,8 @@ fn unmount_quietly(merged: &Path) {
 #[derive(Debug)]
 pub struct ActiveSnapshot {
     dir: PathBuf,
+    chain: Vec<LayerId>,
     mounted: bool,
-    committed: bool,
 }
 
 impl ActiveSnapshot {
@@ -297,7 +346,6 @@ impl Drop for ActiveSnapshot {
         if self.mounted {
             unmount_quietly(&self.root());
         }
-        let _ = self.committed;
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

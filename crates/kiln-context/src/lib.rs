@@ -1,7 +1,11 @@
-//! A build context on disk: walked once (pruned by `.dockerignore`), hashed on demand.
+//! A build context on disk: walked once (pruned by `.dockerignore`), hashed on demand, and
+//! materialised into a snapshot when a step copies from it.
+//!
+//! Materialised files keep their mode and modification time and belong to root, as
+//! BuildKit's local source does, so an unchanged context gives byte-identical layers.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt as _;
@@ -15,7 +19,7 @@ use kiln_types::{Digest, Sha256Writer};
 pub struct FsContext {
     root: PathBuf,
     entries: Vec<ContextEntry>,
-    digests: RefCell<HashMap<String, Digest>>,
+    digests: Mutex<HashMap<String, Digest>>,
 }
 
 impl FsContext {
@@ -25,8 +29,56 @@ impl FsContext {
         let mut entries = Vec::new();
         walk_dir(root, "", ignore, &WalkState::default(), &mut entries)?;
         entries.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(FsContext { root: root.to_path_buf(), entries, digests: RefCell::default() })
+        Ok(FsContext { root: root.to_path_buf(), entries, digests: Mutex::default() })
     }
+
+    /// The context directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Copies the selected entries (with the directories above them) into `dest`, owned by
+    /// root, keeping modes and modification times.
+    pub fn materialize(&self, selected: &[&ContextEntry], dest: &Path) -> io::Result<()> {
+        let mut dirs: Vec<(PathBuf, PathBuf)> = Vec::new();
+        for entry in selected {
+            let source = self.root.join(&entry.path);
+            let target = dest.join(&entry.path);
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            match &entry.kind {
+                EntryKind::Dir => {
+                    fs::create_dir_all(&target)?;
+                    dirs.push((source, target));
+                    continue;
+                }
+                EntryKind::Symlink(link) => std::os::unix::fs::symlink(link, &target)?,
+                EntryKind::File => {
+                    fs::copy(&source, &target)?;
+                }
+            }
+            finish_entry(&source, &target)?;
+        }
+        // Directory times last: creating their children changed them.
+        for (source, target) in dirs.iter().rev() {
+            finish_entry(source, target)?;
+        }
+        Ok(())
+    }
+}
+
+/// Root ownership, the source's mode and modification time.
+fn finish_entry(source: &Path, target: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::symlink_metadata(source)?;
+    std::os::unix::fs::lchown(target, Some(0), Some(0))?;
+    if !meta.file_type().is_symlink() {
+        fs::set_permissions(target, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    }
+    let mtime = nix::sys::time::TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+    nix::sys::stat::utimensat(None, target, &mtime, &mtime, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
+        .map_err(io::Error::from)
 }
 
 /// Walks one directory. Exclusion uses the parent's match state, as BuildKit's fsutil
@@ -72,7 +124,7 @@ impl ContextFiles for FsContext {
     }
 
     fn file_digest(&self, path: &str) -> Result<Digest, ContextError> {
-        if let Some(d) = self.digests.borrow().get(path) {
+        if let Some(d) = self.digests.lock().unwrap_or_else(|p| p.into_inner()).get(path) {
             return Ok(*d);
         }
         let read_error = |e: io::Error| ContextError::Read { path: path.to_owned(), message: e.to_string() };
@@ -80,7 +132,7 @@ impl ContextFiles for FsContext {
         let mut hasher = Sha256Writer::new();
         io::copy(&mut file, &mut hasher).map_err(read_error)?;
         let digest = hasher.finish();
-        self.digests.borrow_mut().insert(path.to_owned(), digest);
+        self.digests.lock().unwrap_or_else(|p| p.into_inner()).insert(path.to_owned(), digest);
         Ok(digest)
     }
 }

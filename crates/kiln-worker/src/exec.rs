@@ -1,0 +1,218 @@
+//! Exec vertices: a container over an overlay of the rootfs chain, run by `kiln-runner`.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use kiln_graph::{ExecOp, NetworkMode, SecurityMode};
+use kiln_layer::resolve_in_root;
+use kiln_runner::{Network, RUNNER_FAILED, RunMount, RunMountKind, RunResult, RunSpec};
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
+
+use crate::user::resolve_user;
+use crate::{BuildInputs, LogLine, Snapshot, Stream, Worker, WorkerError, blocking, chain};
+
+/// Output lines kept for the error message of a failed step.
+const TAIL_LINES: usize = 20;
+/// Paths the runtime mounts over in every container.
+const RUNTIME_TARGETS: [&str; 5] = ["/proc", "/dev", "/sys", "/etc/hosts", "/etc/resolv.conf"];
+const HOSTS: &str = "127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+
+/// Removes the step directory (secrets, spec, hosts files) however the step ends.
+struct StepDir(PathBuf);
+
+impl Drop for StepDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Deletes the step's container if the runner did not finish (killed or cancelled).
+struct RunnerGuard {
+    runner: PathBuf,
+    state_root: PathBuf,
+    id: String,
+    finished: bool,
+}
+
+impl Drop for RunnerGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::process::Command::new(&self.runner)
+                .args(["cleanup", "--id", &self.id, "--state-root"])
+                .arg(&self.state_root)
+                .status();
+        }
+    }
+}
+
+impl Worker {
+    pub(crate) async fn exec(
+        &self,
+        exec: &ExecOp,
+        inputs: &[Snapshot],
+        build: &BuildInputs,
+        name: &str,
+    ) -> Result<Snapshot, WorkerError> {
+        let fail = |message: String| WorkerError::Failed { vertex: name.to_string(), message };
+        let base = chain(&exec.rootfs, inputs).map_err(fail)?.to_vec();
+        let id = self.step_id();
+        let step_dir = StepDir(self.config.root.join("steps").join(&id));
+        std::fs::create_dir_all(&step_dir.0).map_err(|e| fail(format!("{}: {e}", step_dir.0.display())))?;
+
+        let snapshots = Arc::clone(&self.snapshots);
+        let chain_for_mount = base.clone();
+        let active = blocking(move || snapshots.prepare(&chain_for_mount).map_err(|e| e.to_string())).await.map_err(fail)?;
+        let rootfs = active.root();
+        let user = resolve_user(&rootfs, &exec.user).map_err(fail)?;
+        let cwd = resolve_in_root(&rootfs, &exec.cwd, true).map_err(|e| fail(format!("working directory: {e}")))?;
+        std::fs::create_dir_all(&cwd).map_err(|e| fail(format!("creating working directory {}: {e}", exec.cwd)))?;
+
+        let mut mounts = self.prepare_mounts(&exec.mounts, inputs, build, &step_dir.0).await.map_err(fail)?;
+        let mut run_mounts = self.runtime_files(&step_dir.0).map_err(fail)?;
+        run_mounts.append(&mut mounts.run_mounts);
+        let targets: Vec<String> =
+            RUNTIME_TARGETS.iter().map(|t| t.to_string()).chain(run_mounts.iter().map(|m| m.target.clone())).collect();
+        let stubs = missing_paths(&rootfs, &targets);
+
+        let mut env = exec.env.clone();
+        env.append(&mut mounts.env);
+        let spec = RunSpec {
+            id: id.clone(),
+            state_root: self.config.root.join("runner"),
+            rootfs: rootfs.clone(),
+            args: exec.args.clone(),
+            env,
+            cwd: exec.cwd.clone(),
+            uid: user.uid,
+            gid: user.gid,
+            additional_gids: user.additional_gids,
+            hostname: "buildkitsandbox".into(),
+            network: match exec.network {
+                NetworkMode::Default => Network::Worker,
+                NetworkMode::None => Network::None,
+                NetworkMode::Host => Network::Host,
+            },
+            insecure: exec.security == SecurityMode::Insecure,
+            mounts: run_mounts,
+            limits: self.config.limits,
+            cgroup_parent: self.config.cgroup_parent.clone(),
+            timeout_ms: self.config.step_timeout.map(|t| t.as_millis() as u64),
+        };
+        let outcome = self.run_container(&spec, &step_dir.0, build).await;
+        drop(mounts);
+        let (result, tail) = outcome.map_err(fail)?;
+        if result.exit_code != 0 {
+            let status = if result.timed_out {
+                "timed out".to_string()
+            } else if let Some(signal) = result.signal {
+                format!("killed by signal {signal}")
+            } else {
+                format!("exit code: {}", result.exit_code)
+            };
+            return Err(WorkerError::StepFailed {
+                vertex: name.to_string(),
+                command: exec.args.join(" "),
+                status,
+                tail: tail.into_iter().collect(),
+            });
+        }
+        let snapshots = Arc::clone(&self.snapshots);
+        let layer = blocking(move || snapshots.commit_pruned(active, &stubs).map_err(|e| e.to_string())).await.map_err(fail)?;
+        let mut layers = base;
+        layers.extend(layer);
+        Ok(Snapshot { layers })
+    }
+
+    /// `/etc/hosts` and `/etc/resolv.conf` for the step, outside its rootfs.
+    fn runtime_files(&self, step_dir: &Path) -> Result<Vec<RunMount>, String> {
+        let hosts = step_dir.join("hosts");
+        let resolv = step_dir.join("resolv.conf");
+        std::fs::write(&hosts, HOSTS).map_err(|e| e.to_string())?;
+        let host_resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
+        std::fs::write(&resolv, host_resolv).map_err(|e| e.to_string())?;
+        let bind = |target: &str, source: PathBuf| RunMount {
+            target: target.to_string(),
+            kind: RunMountKind::Bind { source, readonly: false },
+        };
+        Ok(vec![bind("/etc/hosts", hosts), bind("/etc/resolv.conf", resolv)])
+    }
+
+    /// Starts the runner, streams its output to the log sink, and waits for the result.
+    async fn run_container(
+        &self,
+        spec: &RunSpec,
+        step_dir: &Path,
+        build: &BuildInputs,
+    ) -> Result<(RunResult, VecDeque<String>), String> {
+        let spec_path = step_dir.join("spec.json");
+        let result_path = step_dir.join("result.json");
+        std::fs::write(&spec_path, serde_json::to_vec(spec).expect("serialisable")).map_err(|e| e.to_string())?;
+        let mut guard = RunnerGuard {
+            runner: self.config.runner.clone(),
+            state_root: spec.state_root.clone(),
+            id: spec.id.clone(),
+            finished: false,
+        };
+        let mut child = tokio::process::Command::new(&self.config.runner)
+            .arg("run")
+            .arg("--spec")
+            .arg(&spec_path)
+            .arg("--result")
+            .arg(&result_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", self.config.runner.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let (out_tail, err_tail, status) = tokio::join!(
+            pump(stdout, Stream::Stdout, build),
+            pump(stderr, Stream::Stderr, build),
+            child.wait()
+        );
+        let status = status.map_err(|e| format!("waiting for the runner: {e}"))?;
+        guard.finished = true;
+        let mut tail: VecDeque<String> = out_tail.into_iter().chain(err_tail).collect();
+        while tail.len() > TAIL_LINES {
+            tail.pop_front();
+        }
+        if status.code() == Some(RUNNER_FAILED) || !status.success() {
+            let reason = tail.back().cloned().unwrap_or_else(|| format!("runner exited with {status}"));
+            return Err(format!("running the step failed: {reason}"));
+        }
+        let bytes = std::fs::read(&result_path).map_err(|e| format!("reading the runner's result: {e}"))?;
+        let result = serde_json::from_slice(&bytes).map_err(|e| format!("parsing the runner's result: {e}"))?;
+        Ok((result, tail))
+    }
+}
+
+/// Forwards lines to the log sink and keeps the last few.
+async fn pump(reader: impl AsyncRead + Unpin, stream: Stream, build: &BuildInputs) -> VecDeque<String> {
+    let mut lines = BufReader::new(reader).lines();
+    let mut tail = VecDeque::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(logs) = &build.logs {
+            let _ = logs.send(LogLine { stream, line: line.clone() });
+        }
+        tail.push_back(line);
+        if tail.len() > TAIL_LINES {
+            tail.pop_front();
+        }
+    }
+    tail
+}
+
+/// For each mount target missing from the rootfs, the target relative to the root: the
+/// runtime creates it as a mountpoint, and the commit removes it again.
+fn missing_paths(rootfs: &Path, targets: &[String]) -> Vec<String> {
+    targets
+        .iter()
+        .filter_map(|target| resolve_in_root(rootfs, target, false).ok())
+        .filter(|path| std::fs::symlink_metadata(path).is_err())
+        .filter_map(|path| path.strip_prefix(rootfs).ok().map(|rel| rel.to_string_lossy().into_owned()))
+        .collect()
+}

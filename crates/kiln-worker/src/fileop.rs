@@ -1,0 +1,281 @@
+//! File vertices: COPY, mkfile, mkdir and rm applied to an overlay of the base chain, with
+//! every path resolved inside its own root.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_dockerfile::ignore::{PatternList, glob_match, has_glob};
+use kiln_graph::{Chown, CopyAction, FileAction, FileOp, Input};
+use kiln_layer::{ActiveSnapshot, SnapshotStore, resolve_in_root};
+use nix::sys::stat::{UtimensatFlags, utimensat};
+use nix::sys::time::TimeSpec;
+
+use crate::user::resolve_owner;
+use crate::{Snapshot, Worker, blocking, chain};
+
+impl Worker {
+    pub(crate) async fn file(&self, op: &FileOp, inputs: &[Snapshot]) -> Result<Snapshot, String> {
+        let base = chain(&op.base, inputs)?.to_vec();
+        let snapshots = Arc::clone(&self.snapshots);
+        let (actions, inputs) = (op.actions.clone(), inputs.to_vec());
+        blocking(move || {
+            let active = snapshots.prepare(&base).map_err(|e| e.to_string())?;
+            let mut sources = Sources { snapshots: &snapshots, inputs: &inputs, views: HashMap::new() };
+            for action in &actions {
+                apply(action, &active.root(), &mut sources)?;
+            }
+            drop(sources);
+            let layer = snapshots.commit(active).map_err(|e| e.to_string())?;
+            let mut layers = base;
+            layers.extend(layer);
+            Ok(Snapshot { layers })
+        })
+        .await
+    }
+}
+
+/// Read-only views of the inputs copies read from, mounted once per file op.
+struct Sources<'a> {
+    snapshots: &'a SnapshotStore,
+    inputs: &'a [Snapshot],
+    views: HashMap<usize, ActiveSnapshot>,
+}
+
+impl Sources<'_> {
+    fn root(&mut self, input: &Input) -> Result<PathBuf, String> {
+        let index = match input {
+            Input::Scratch => return Ok(PathBuf::from("/nonexistent-scratch")),
+            Input::Index(i) => *i,
+        };
+        if !self.views.contains_key(&index) {
+            let layers = chain(input, self.inputs)?;
+            let view = self.snapshots.view(layers).map_err(|e| e.to_string())?;
+            self.views.insert(index, view);
+        }
+        Ok(self.views[&index].root())
+    }
+}
+
+fn apply(action: &FileAction, root: &Path, sources: &mut Sources<'_>) -> Result<(), String> {
+    match action {
+        FileAction::Copy(copy) => {
+            let source_root = sources.root(&copy.from)?;
+            copy_action(copy, &source_root, root)
+        }
+        FileAction::Mkfile { path, mode, data, chown } => {
+            let owner = owner(root, chown.as_ref())?;
+            let target = resolve_in_root(root, path, false).map_err(|e| format!("{path}: {e}"))?;
+            remove_non_dir(&target)?;
+            fs::write(&target, data).map_err(|e| format!("{path}: {e}"))?;
+            set_meta(&target, Some(*mode), owner.or(Some((0, 0))))
+        }
+        FileAction::Mkdir { path, mode, parents, chown } => {
+            let owner = owner(root, chown.as_ref())?;
+            let target = resolve_in_root(root, path, true).map_err(|e| format!("{path}: {e}"))?;
+            if target.is_dir() {
+                return Ok(());
+            }
+            mkdir(root, &target, *parents, *mode, owner).map_err(|e| format!("mkdir {path}: {e}"))
+        }
+        FileAction::Rm { path, allow_not_found } => {
+            let target = resolve_in_root(root, path, false).map_err(|e| format!("{path}: {e}"))?;
+            match fs::symlink_metadata(&target) {
+                Ok(meta) if meta.is_dir() => fs::remove_dir_all(&target).map_err(|e| format!("rm {path}: {e}")),
+                Ok(_) => fs::remove_file(&target).map_err(|e| format!("rm {path}: {e}")),
+                Err(_) if *allow_not_found => Ok(()),
+                Err(_) => Err(format!("rm {path}: not found")),
+            }
+        }
+    }
+}
+
+fn owner(root: &Path, chown: Option<&Chown>) -> Result<Option<(u32, u32)>, String> {
+    chown.map(|c| resolve_owner(root, &c.user, c.group.as_deref()).map_err(|e| format!("--chown: {e}"))).transpose()
+}
+
+/// Creates `target` (and, with `parents`, missing directories above it) with `mode`.
+fn mkdir(root: &Path, target: &Path, parents: bool, mode: u32, owner: Option<(u32, u32)>) -> Result<(), String> {
+    let mut missing = Vec::new();
+    let mut current = target.to_path_buf();
+    while !current.exists() && current.starts_with(root) && current != root {
+        missing.push(current.clone());
+        if !current.pop() {
+            break;
+        }
+    }
+    if missing.len() > 1 && !parents {
+        return Err("parent directory does not exist".into());
+    }
+    for dir in missing.iter().rev() {
+        fs::create_dir(dir).map_err(|e| e.to_string())?;
+        set_meta(dir, Some(mode), owner)?;
+    }
+    Ok(())
+}
+
+/// The octal `--chmod` value; symbolic modes are not supported yet.
+fn parse_chmod(chmod: Option<&String>) -> Result<Option<u32>, String> {
+    chmod
+        .map(|text| {
+            u32::from_str_radix(text, 8)
+                .ok()
+                .filter(|mode| *mode <= 0o7777)
+                .ok_or_else(|| format!("--chmod={text}: only octal modes are supported"))
+        })
+        .transpose()
+}
+
+/// Source paths after wildcard expansion, as (path relative to the source root, host path).
+fn expand_sources(copy: &CopyAction, source_root: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut expanded = Vec::new();
+    for source in &copy.sources {
+        let clean = source.trim_start_matches('/').trim_end_matches('/');
+        if has_glob(clean) {
+            let before = expanded.len();
+            glob_walk(source_root, "", clean.split('/').collect::<Vec<_>>().as_slice(), &mut expanded)?;
+            if expanded.len() == before {
+                return Err(format!("{source}: no source files were specified (no match)"));
+            }
+        } else {
+            let host = resolve_in_root(source_root, clean, true).map_err(|e| format!("{source}: {e}"))?;
+            if fs::symlink_metadata(&host).is_err() {
+                return Err(format!("{source}: not found"));
+            }
+            expanded.push((clean.to_string(), host));
+        }
+    }
+    Ok(expanded)
+}
+
+fn glob_walk(root: &Path, prefix: &str, segments: &[&str], out: &mut Vec<(String, PathBuf)>) -> Result<(), String> {
+    let Some((first, rest)) = segments.split_first() else { return Ok(()) };
+    let dir = resolve_in_root(root, prefix, true).map_err(|e| e.to_string())?;
+    let Ok(entries) = fs::read_dir(&dir) else { return Ok(()) };
+    let mut names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    for name in names {
+        if !glob_match(first, &name).map_err(|e| format!("{first}: {e}"))? {
+            continue;
+        }
+        let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        if rest.is_empty() {
+            let host = resolve_in_root(root, &rel, true).map_err(|e| e.to_string())?;
+            out.push((rel, host));
+        } else {
+            glob_walk(root, &rel, rest, out)?;
+        }
+    }
+    Ok(())
+}
+
+struct CopyOptions {
+    owner: Option<(u32, u32)>,
+    mode: Option<u32>,
+    exclude: PatternList,
+}
+
+fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Result<(), String> {
+    let options = CopyOptions {
+        owner: owner(dest_root, copy.chown.as_ref())?,
+        mode: parse_chmod(copy.chmod.as_ref())?,
+        exclude: PatternList::new(&copy.exclude).map_err(|e| format!("--exclude: {e}"))?,
+    };
+    let sources = expand_sources(copy, source_root)?;
+    let dest_text = &copy.dest;
+    let dest = resolve_in_root(dest_root, dest_text, true).map_err(|e| format!("{dest_text}: {e}"))?;
+    let into_dir = dest_text.ends_with('/') || sources.len() > 1 || dest.is_dir();
+    for (rel, host) in sources {
+        let meta = fs::metadata(&host).map_err(|e| format!("{rel}: {e}"))?;
+        let target = if copy.parents {
+            dest.join(&rel)
+        } else if meta.is_dir() {
+            dest.clone()
+        } else if into_dir {
+            dest.join(Path::new(&rel).file_name().unwrap_or_default())
+        } else {
+            dest.clone()
+        };
+        if let Some(parent) = target.parent()
+            && !parent.exists()
+        {
+            mkdir(dest_root, parent, true, 0o755, options.owner).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        if meta.is_dir() {
+            copy_tree(&host, &target, "", &options)?;
+        } else {
+            copy_entry(&host, &target, &options)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies a directory's contents (not the directory itself, as COPY does) into `target`.
+fn copy_tree(source: &Path, target: &Path, rel: &str, options: &CopyOptions) -> Result<(), String> {
+    if !target.is_dir() {
+        remove_non_dir(target)?;
+        fs::create_dir(target).map_err(|e| format!("{}: {e}", target.display()))?;
+        let mode = fs::metadata(source).map(|m| m.mode() & 0o7777).unwrap_or(0o755);
+        set_meta(target, Some(options.mode.unwrap_or(mode)), options.owner.or(Some((0, 0))))?;
+    }
+    let mut entries: Vec<_> = fs::read_dir(source).map_err(|e| format!("{}: {e}", source.display()))?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name();
+        let child_rel = if rel.is_empty() { name.to_string_lossy().into_owned() } else { format!("{rel}/{}", name.to_string_lossy()) };
+        if !options.exclude.is_empty() && options.exclude.is_excluded(&child_rel) {
+            continue;
+        }
+        let (from, to) = (source.join(&name), target.join(&name));
+        let meta = fs::symlink_metadata(&from).map_err(|e| format!("{}: {e}", from.display()))?;
+        if meta.is_dir() {
+            copy_tree(&from, &to, &child_rel, options)?;
+            copy_times(&from, &to)?;
+        } else {
+            copy_entry(&from, &to, options)?;
+        }
+    }
+    copy_times(source, target)
+}
+
+/// Copies one non-directory entry, never writing through an existing symlink.
+fn copy_entry(from: &Path, to: &Path, options: &CopyOptions) -> Result<(), String> {
+    let meta = fs::symlink_metadata(from).map_err(|e| format!("{}: {e}", from.display()))?;
+    remove_non_dir(to)?;
+    if meta.file_type().is_symlink() {
+        let link = fs::read_link(from).map_err(|e| format!("{}: {e}", from.display()))?;
+        std::os::unix::fs::symlink(link, to).map_err(|e| format!("{}: {e}", to.display()))?;
+        let owner = options.owner.unwrap_or((meta.uid(), meta.gid()));
+        std::os::unix::fs::lchown(to, Some(owner.0), Some(owner.1)).map_err(|e| format!("{}: {e}", to.display()))?;
+    } else {
+        fs::copy(from, to).map_err(|e| format!("{}: {e}", from.display()))?;
+        let mode = options.mode.unwrap_or(meta.mode() & 0o7777);
+        set_meta(to, Some(mode), Some(options.owner.unwrap_or((meta.uid(), meta.gid()))))?;
+    }
+    copy_times(from, to)
+}
+
+fn remove_non_dir(path: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.is_dir() => fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display())),
+        _ => Ok(()),
+    }
+}
+
+fn set_meta(path: &Path, mode: Option<u32>, owner: Option<(u32, u32)>) -> Result<(), String> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(mode) = mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn copy_times(from: &Path, to: &Path) -> Result<(), String> {
+    let meta = fs::symlink_metadata(from).map_err(|e| format!("{}: {e}", from.display()))?;
+    let time = TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+    utimensat(None, to, &time, &time, UtimensatFlags::NoFollowSymlink).map_err(|e| format!("{}: {e}", to.display()))
+}

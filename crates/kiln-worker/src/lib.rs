@@ -1,0 +1,242 @@
+//! The worker agent's core: execute one build-graph vertex over its inputs' snapshots.
+//!
+//! - Exec vertices run in a container through the `kiln-runner` child process (libcontainer
+//!   never runs in this multi-threaded process) over an overlay of the rootfs chain; the
+//!   upper directory becomes the vertex's layer.
+//! - File vertices are applied by the worker itself to an overlay of the base chain, with
+//!   every path resolved inside its root.
+//! - Sources pull images (once per layer: unpacked layers are reused) and materialise
+//!   context files; merges stack chains.
+//!
+//! Invariants: no mount, container or temporary directory outlives the call that created
+//! it, on success, failure or cancellation (drop of the future); secrets are only ever in a
+//! per-step directory outside every snapshot.
+
+mod exec;
+mod fileop;
+mod mounts;
+mod source;
+mod user;
+
+pub use user::{ResolvedUser, resolve_owner, resolve_user};
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use kiln_cas::BlobStore;
+use kiln_context::FsContext;
+use kiln_graph::{Input, Op, Vertex};
+use kiln_kv::SharedKv;
+use kiln_layer::{LayerId, SnapshotStore};
+use kiln_registry::{RegistryClient, RegistryOptions, ResolvedImage};
+use kiln_runner::Limits;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// A vertex result: a chain of layers, bottom first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The layers.
+    pub layers: Vec<LayerId>,
+}
+
+/// What executing a vertex produced.
+#[derive(Debug, Clone)]
+pub struct VertexOutput {
+    /// The result filesystem.
+    pub snapshot: Snapshot,
+    /// For image sources: the resolved image (pinned manifest, config).
+    pub image: Option<ResolvedImage>,
+}
+
+/// Which output stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// One line of step output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// The stream.
+    pub stream: Stream,
+    /// The line, without its newline.
+    pub line: String,
+}
+
+/// Per-build inputs the graph refers to by name.
+#[derive(Default, Clone)]
+pub struct BuildInputs {
+    /// Local contexts by name (`context` is the main one).
+    pub contexts: HashMap<String, Arc<FsContext>>,
+    /// Secrets by id.
+    pub secrets: HashMap<String, Vec<u8>>,
+    /// Where step output goes, if anywhere.
+    pub logs: Option<mpsc::UnboundedSender<LogLine>>,
+}
+
+/// How a worker runs steps.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// State directory (blobs, layers, cache mounts, runner state).
+    pub root: PathBuf,
+    /// The `kiln-runner` executable.
+    pub runner: PathBuf,
+    /// cgroup path prefix for step containers.
+    pub cgroup_parent: String,
+    /// cgroup limits per step.
+    pub limits: Limits,
+    /// Kill a step after this long.
+    pub step_timeout: Option<Duration>,
+    /// Registry access.
+    pub registry: RegistryOptions,
+}
+
+impl WorkerConfig {
+    /// Defaults for a worker rooted at `root`, using the runner found next to this program.
+    pub fn new(root: &Path) -> WorkerConfig {
+        WorkerConfig {
+            root: root.to_path_buf(),
+            runner: kiln_runner::locate().unwrap_or_else(|| PathBuf::from("kiln-runner")),
+            cgroup_parent: "/kiln".to_string(),
+            limits: Limits::default(),
+            step_timeout: None,
+            registry: RegistryOptions::default(),
+        }
+    }
+}
+
+/// Why a vertex failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A RUN step exited non-zero (or was killed).
+    #[error("{vertex}: process {command:?} did not complete successfully: {status}{}", tail_text(.tail))]
+    StepFailed {
+        /// The vertex's name, with its Dockerfile line.
+        vertex: String,
+        /// The command as run.
+        command: String,
+        /// `exit code: N`, `killed by signal N` or `timed out`.
+        status: String,
+        /// The last output lines.
+        tail: Vec<String>,
+    },
+    /// Anything else: a missing path, a bad user, a registry or store failure.
+    #[error("{vertex}: {message}")]
+    Failed {
+        /// The vertex's name, with its Dockerfile line.
+        vertex: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+fn tail_text(tail: &[String]) -> String {
+    if tail.is_empty() { String::new() } else { format!("\n{}", tail.join("\n")) }
+}
+
+/// The worker's stores and clients.
+pub struct Worker {
+    config: WorkerConfig,
+    cas: Arc<BlobStore>,
+    snapshots: Arc<SnapshotStore>,
+    registry: RegistryClient,
+    cache_mounts: mounts::CacheMounts,
+    next_step: AtomicU64,
+}
+
+impl Worker {
+    /// Opens the worker's stores under `config.root` (clearing what a crash left) with
+    /// metadata in `kv`.
+    pub fn open(config: WorkerConfig, kv: SharedKv) -> Result<Worker, WorkerError> {
+        let failed = |message: String| WorkerError::Failed { vertex: "worker".into(), message };
+        let cas = BlobStore::open(&config.root.join("blobs"), kv.clone()).map_err(|e| failed(e.to_string()))?;
+        let snapshots = SnapshotStore::open(&config.root.join("snapshots"), kv).map_err(|e| failed(e.to_string()))?;
+        let registry = RegistryClient::new(config.registry.clone()).map_err(|e| failed(e.to_string()))?;
+        let steps = config.root.join("steps");
+        let _ = std::fs::remove_dir_all(&steps);
+        std::fs::create_dir_all(&steps).map_err(|e| failed(format!("{}: {e}", steps.display())))?;
+        let cleanup = std::process::Command::new(&config.runner)
+            .args(["cleanup", "--state-root"])
+            .arg(config.root.join("runner"))
+            .status();
+        if !cleanup.map(|s| s.success()).unwrap_or(false) {
+            return Err(failed(format!("cannot run {} to clean up old containers", config.runner.display())));
+        }
+        let cache_mounts = mounts::CacheMounts::new(config.root.join("cache"));
+        Ok(Worker {
+            config,
+            cas: Arc::new(cas),
+            snapshots: Arc::new(snapshots),
+            registry,
+            cache_mounts,
+            next_step: AtomicU64::new(0),
+        })
+    }
+
+    /// The blob store.
+    pub fn cas(&self) -> &Arc<BlobStore> {
+        &self.cas
+    }
+
+    /// The snapshot store.
+    pub fn snapshots(&self) -> &Arc<SnapshotStore> {
+        &self.snapshots
+    }
+
+    /// Executes `vertex` given the outputs of its inputs, in order.
+    pub async fn execute(
+        &self,
+        vertex: &Vertex,
+        inputs: &[Snapshot],
+        build: &BuildInputs,
+    ) -> Result<VertexOutput, WorkerError> {
+        let name = vertex_name(vertex);
+        let fail = |message: String| WorkerError::Failed { vertex: name.clone(), message };
+        if inputs.len() != vertex.inputs.len() {
+            return Err(fail(format!("expected {} inputs, got {}", vertex.inputs.len(), inputs.len())));
+        }
+        let plain = |snapshot: Snapshot| VertexOutput { snapshot, image: None };
+        match &vertex.op {
+            Op::Source(source) => self.source(source, build).await.map_err(fail),
+            Op::Exec(exec) => self.exec(exec, inputs, build, &name).await.map(plain),
+            Op::File(file) => self.file(file, inputs).await.map(plain).map_err(fail),
+            Op::Merge(_) => {
+                Ok(plain(Snapshot { layers: inputs.iter().flat_map(|s| s.layers.iter().cloned()).collect() }))
+            }
+        }
+    }
+
+    fn step_id(&self) -> String {
+        format!("k{}-{}", std::process::id(), self.next_step.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The chain an op input refers to.
+fn chain<'a>(input: &Input, inputs: &'a [Snapshot]) -> Result<&'a [LayerId], String> {
+    match input {
+        Input::Scratch => Ok(&[]),
+        Input::Index(i) => inputs.get(*i).map(|s| s.layers.as_slice()).ok_or_else(|| format!("input {i} is missing")),
+    }
+}
+
+/// `NAME (line N)` for messages, so failures point at the Dockerfile.
+fn vertex_name(vertex: &Vertex) -> String {
+    match vertex.meta.lines {
+        Some((start, end)) if start == end => format!("{} (line {start})", vertex.meta.name),
+        Some((start, end)) => format!("{} (lines {start}-{end})", vertex.meta.name),
+        None => vertex.meta.name.clone(),
+    }
+}
+
+/// Runs blocking filesystem work off the async threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| format!("worker task failed: {e}"))?
+}

@@ -1,0 +1,142 @@
+//! `RUN --mount`: bind views of other inputs, persistent cache directories, tmpfs, secrets.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kiln_graph::{CacheSharing, Mount, MountKind};
+use kiln_layer::{ActiveSnapshot, resolve_in_root};
+use kiln_runner::{RunMount, RunMountKind};
+use kiln_types::Digest;
+use tokio::sync::OwnedMutexGuard;
+
+use crate::{BuildInputs, Snapshot, Worker, chain};
+
+/// Cache mount directories: `ROOT/<sha256(id)>/<instance>`. Instance 0 is shared and locked
+/// mounts' directory; `private` mounts take the first instance nobody holds.
+pub(crate) struct CacheMounts {
+    root: PathBuf,
+    locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl CacheMounts {
+    pub(crate) fn new(root: PathBuf) -> CacheMounts {
+        CacheMounts { root, locks: Mutex::default() }
+    }
+
+    fn lock_for(&self, dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(locks.entry(dir.to_path_buf()).or_default())
+    }
+
+    /// The directory for a cache mount, and the lock that keeps it ours until the step ends.
+    async fn acquire(
+        &self,
+        id: &str,
+        sharing: CacheSharing,
+    ) -> Result<(PathBuf, Option<OwnedMutexGuard<()>>), String> {
+        let base = self.root.join(Digest::of(id.as_bytes()).hex());
+        match sharing {
+            CacheSharing::Shared => Ok((base.join("0"), None)),
+            CacheSharing::Locked => {
+                let dir = base.join("0");
+                let guard = self.lock_for(&dir).lock_owned().await;
+                Ok((dir, Some(guard)))
+            }
+            CacheSharing::Private => {
+                for instance in 0.. {
+                    let dir = base.join(instance.to_string());
+                    if let Ok(guard) = self.lock_for(&dir).try_lock_owned() {
+                        return Ok((dir, Some(guard)));
+                    }
+                }
+                unreachable!("the instance search is unbounded")
+            }
+        }
+    }
+}
+
+/// Everything a step's mounts hold until the container exits.
+#[derive(Default)]
+pub(crate) struct PreparedMounts {
+    pub(crate) run_mounts: Vec<RunMount>,
+    pub(crate) env: Vec<String>,
+    views: Vec<ActiveSnapshot>,
+    guards: Vec<OwnedMutexGuard<()>>,
+}
+
+impl Worker {
+    /// Prepares the mounts of a RUN step; secrets go to `step_dir`, never into a snapshot.
+    pub(crate) async fn prepare_mounts(
+        &self,
+        mounts: &[Mount],
+        inputs: &[Snapshot],
+        build: &BuildInputs,
+        step_dir: &Path,
+    ) -> Result<PreparedMounts, String> {
+        let mut prepared = PreparedMounts::default();
+        for mount in mounts {
+            let target = mount.target.clone();
+            match &mount.kind {
+                MountKind::Bind { input, source, readwrite } => {
+                    let layers = chain(input, inputs)?.to_vec();
+                    // A writable bind mount gets its own overlay, thrown away afterwards.
+                    let view = if *readwrite { self.snapshots.prepare(&layers) } else { self.snapshots.view(&layers) }
+                        .map_err(|e| format!("--mount target={target}: {e}"))?;
+                    let host = resolve_in_root(&view.root(), source, true).map_err(|e| format!("{source}: {e}"))?;
+                    if !host.exists() {
+                        return Err(format!("--mount target={target}: {source} not found in the mounted filesystem"));
+                    }
+                    prepared.views.push(view);
+                    prepared.run_mounts.push(bind(target, host, !readwrite));
+                }
+                MountKind::Cache { id, sharing, readonly, mode, uid, gid, .. } => {
+                    let (dir, guard) = self.cache_mounts.acquire(id, *sharing).await?;
+                    if !dir.exists() {
+                        std::fs::create_dir_all(&dir).map_err(|e| format!("cache {id}: {e}"))?;
+                        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(*mode))
+                            .and_then(|()| std::os::unix::fs::chown(&dir, Some(*uid), Some(*gid)))
+                            .map_err(|e| format!("cache {id}: {e}"))?;
+                    }
+                    prepared.guards.extend(guard);
+                    prepared.run_mounts.push(bind(target, dir, *readonly));
+                }
+                MountKind::Tmpfs { size } => {
+                    prepared.run_mounts.push(RunMount { target, kind: RunMountKind::Tmpfs { size: *size } });
+                }
+                MountKind::Secret(secret) => {
+                    let Some(value) = build.secrets.get(&secret.id) else {
+                        if secret.required {
+                            return Err(format!("secret {} is required but was not provided", secret.id));
+                        }
+                        continue;
+                    };
+                    if let Some(name) = &secret.env {
+                        prepared.env.push(format!("{name}={}", String::from_utf8_lossy(value)));
+                    }
+                    if !target.is_empty() {
+                        let dir = step_dir.join("secrets");
+                        std::fs::create_dir_all(&dir).map_err(|e| format!("secret {}: {e}", secret.id))?;
+                        let file = dir.join(Digest::of(secret.id.as_bytes()).hex());
+                        std::fs::write(&file, value)
+                            .and_then(|()| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(secret.mode)))
+                            .and_then(|()| std::os::unix::fs::chown(&file, Some(secret.uid), Some(secret.gid)))
+                            .map_err(|e| format!("secret {}: {e}", secret.id))?;
+                        prepared.run_mounts.push(bind(target, file, true));
+                    }
+                }
+                MountKind::Ssh(ssh) => {
+                    if ssh.required {
+                        return Err(format!("ssh mount {}: SSH agent forwarding is not supported yet", ssh.id));
+                    }
+                }
+            }
+        }
+        Ok(prepared)
+    }
+}
+
+fn bind(target: String, source: PathBuf, readonly: bool) -> RunMount {
+    RunMount { target, kind: RunMountKind::Bind { source, readonly } }
+}

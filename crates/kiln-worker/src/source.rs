@@ -1,0 +1,50 @@
+//! Source vertices: base images (pulled once, layers unpacked once) and build contexts.
+
+use std::sync::Arc;
+
+use kiln_dockerfile::context::select;
+use kiln_dockerfile::ignore::PatternList;
+use kiln_graph::SourceOp;
+use kiln_layer::LayerId;
+
+use crate::{BuildInputs, Snapshot, VertexOutput, Worker, blocking};
+
+impl Worker {
+    pub(crate) async fn source(&self, source: &SourceOp, build: &BuildInputs) -> Result<VertexOutput, String> {
+        match source {
+            SourceOp::Image { reference, platform } => {
+                let image = self.registry.pull(reference, platform, &self.cas).await.map_err(|e| e.to_string())?;
+                let snapshots = Arc::clone(&self.snapshots);
+                let cas = Arc::clone(&self.cas);
+                let layers: Vec<_> = image.layers().map(|(layer, diff_id)| (layer.digest, *diff_id)).collect();
+                let chain = blocking(move || {
+                    let mut chain: Vec<LayerId> = Vec::with_capacity(layers.len());
+                    for (digest, diff_id) in layers {
+                        let blob = cas.open_blob(&digest).map_err(|e| e.to_string())?;
+                        chain.push(snapshots.import_layer(blob, Some(&diff_id)).map_err(|e| format!("layer {digest}: {e}"))?);
+                    }
+                    Ok(chain)
+                })
+                .await?;
+                Ok(VertexOutput { snapshot: Snapshot { layers: chain }, image: Some(image) })
+            }
+            SourceOp::Local { name, include, exclude, .. } => {
+                let context = build.contexts.get(name).cloned().ok_or_else(|| format!("build context {name:?} was not provided"))?;
+                let (include, exclude) = (include.clone(), exclude.clone());
+                let snapshots = Arc::clone(&self.snapshots);
+                let layers = blocking(move || {
+                    let patterns = PatternList::new(&exclude).map_err(|e| format!("--exclude: {e}"))?;
+                    let selected = select(context.as_ref(), &include, &patterns).map_err(|e| e.to_string())?;
+                    let active = snapshots.prepare(&[]).map_err(|e| e.to_string())?;
+                    context.materialize(&selected, &active.root()).map_err(|e| format!("copying the build context: {e}"))?;
+                    let layer = snapshots.commit(active).map_err(|e| e.to_string())?;
+                    Ok(layer.into_iter().collect())
+                })
+                .await?;
+                Ok(VertexOutput { snapshot: Snapshot { layers }, image: None })
+            }
+            SourceOp::Http { url, .. } => Err(format!("ADD from {url}: HTTP sources are not supported yet")),
+            SourceOp::Git { remote, .. } => Err(format!("ADD from {remote}: git sources are not supported yet")),
+        }
+    }
+}
