@@ -13,7 +13,6 @@ use kiln_dockerfile::{ConvertOptions, convert};
 use kiln_graph::{render_dot, render_json, render_text};
 use kiln_types::Platform;
 
-
 /// Arguments of `kiln plan`.
 #[derive(Args)]
 pub struct PlanArgs {

@@ -5,11 +5,11 @@
 //! BuildKit's local source does, so an unchanged context gives byte-identical layers.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use kiln_dockerfile::context::{ContextEntry, ContextError, ContextFiles, EntryKind};
 use kiln_dockerfile::ignore::{PatternList, WalkState};

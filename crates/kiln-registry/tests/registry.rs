@@ -3,63 +3,16 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use kiln_cas::BlobStore;
 use kiln_kv::MemoryKv;
 use kiln_layer::{Compression, TarOptions, export_layer};
 use kiln_registry::*;
+use kiln_testkit::TestRegistry;
 use kiln_types::{Digest, ImageReference, Platform};
-
-struct Registry {
-    child: Child,
-    addr: String,
-    dir: tempfile::TempDir,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = format!(
-            "version: 0.1\nlog: {{ level: error }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\n  delete: {{ enabled: true }}\nhttp: {{ addr: {addr} }}\n",
-            dir.path().join("data").display()
-        );
-        std::fs::write(dir.path().join("config.yml"), config).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.path().join("config.yml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker-registry is installed (cargo xtask ci installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "registry did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Registry { child, addr, dir }
-    }
-
-    fn reference(&self, name: &str) -> ImageReference {
-        format!("{}/{name}", self.addr).parse().unwrap()
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn store(dir: &Path) -> Arc<BlobStore> {
     Arc::new(BlobStore::open(dir, Arc::new(MemoryKv::new())).unwrap())
@@ -108,7 +61,7 @@ fn skopeo(args: &[&str]) -> String {
 
 #[tokio::test]
 async fn push_then_pull_round_trips_and_skopeo_agrees() {
-    let registry = Registry::start();
+    let registry = TestRegistry::start();
     let scratch = tempfile::tempdir().unwrap();
     let local = store(&scratch.path().join("local"));
     let manifest = build_image(&local, scratch.path(), "linux/amd64", "hello");
@@ -137,7 +90,7 @@ async fn push_then_pull_round_trips_and_skopeo_agrees() {
 
 #[tokio::test]
 async fn an_index_resolves_to_exactly_the_requested_platform() {
-    let registry = Registry::start();
+    let registry = TestRegistry::start();
     let scratch = tempfile::tempdir().unwrap();
     let cas = store(&scratch.path().join("cas"));
     let amd64 = build_image(&cas, scratch.path(), "linux/amd64", "amd64");
@@ -172,7 +125,7 @@ async fn an_index_resolves_to_exactly_the_requested_platform() {
 
 #[tokio::test]
 async fn missing_images_and_dead_registries_are_clear_errors() {
-    let registry = Registry::start();
+    let registry = TestRegistry::start();
     let scratch = tempfile::tempdir().unwrap();
     let cas = store(scratch.path());
     let platform: Platform = "linux/amd64".parse().unwrap();
@@ -192,7 +145,7 @@ async fn missing_images_and_dead_registries_are_clear_errors() {
 
 #[tokio::test]
 async fn a_corrupted_blob_in_the_registry_never_enters_the_store() {
-    let registry = Registry::start();
+    let registry = TestRegistry::start();
     let scratch = tempfile::tempdir().unwrap();
     let local = store(&scratch.path().join("local"));
     let manifest = build_image(&local, scratch.path(), "linux/amd64", "precious");
@@ -218,7 +171,7 @@ async fn a_corrupted_blob_in_the_registry_never_enters_the_store() {
 
 #[tokio::test]
 async fn oci_layouts_round_trip_and_skopeo_reads_them() {
-    let registry = Registry::start();
+    let registry = TestRegistry::start();
     let scratch = tempfile::tempdir().unwrap();
     let cas = store(&scratch.path().join("cas"));
     let manifest = build_image(&cas, scratch.path(), "linux/amd64", "layout");

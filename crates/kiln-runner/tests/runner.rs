@@ -14,13 +14,7 @@ impl Sandbox {
     /// A root filesystem holding a static busybox and its applets, nothing else.
     fn new() -> Sandbox {
         let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("rootfs/bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed (cargo xtask ci)");
-        let applets = Command::new("/bin/busybox").arg("--list").output().unwrap();
-        for applet in String::from_utf8(applets.stdout).unwrap().lines().filter(|a| *a != "busybox") {
-            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-        }
+        kiln_testkit::busybox_rootfs(&dir.path().join("rootfs"));
         Sandbox { dir }
     }
 

@@ -63,7 +63,8 @@ impl Worker {
 
         let snapshots = Arc::clone(&self.snapshots);
         let chain_for_mount = base.clone();
-        let active = blocking(move || snapshots.prepare(&chain_for_mount).map_err(|e| e.to_string())).await.map_err(fail)?;
+        let active =
+            blocking(move || snapshots.prepare(&chain_for_mount).map_err(|e| e.to_string())).await.map_err(fail)?;
         let rootfs = active.root();
         let user = resolve_user(&rootfs, &exec.user).map_err(fail)?;
         let cwd = resolve_in_root(&rootfs, &exec.cwd, true).map_err(|e| fail(format!("working directory: {e}")))?;
@@ -119,7 +120,8 @@ impl Worker {
             });
         }
         let snapshots = Arc::clone(&self.snapshots);
-        let layer = blocking(move || snapshots.commit_pruned(active, &stubs).map_err(|e| e.to_string())).await.map_err(fail)?;
+        let layer =
+            blocking(move || snapshots.commit_pruned(active, &stubs).map_err(|e| e.to_string())).await.map_err(fail)?;
         let mut layers = base;
         layers.extend(layer);
         Ok(Snapshot { layers })
@@ -169,11 +171,8 @@ impl Worker {
             .map_err(|e| format!("starting {}: {e}", self.config.runner.display()))?;
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
-        let (out_tail, err_tail, status) = tokio::join!(
-            pump(stdout, Stream::Stdout, build),
-            pump(stderr, Stream::Stderr, build),
-            child.wait()
-        );
+        let (out_tail, err_tail, status) =
+            tokio::join!(pump(stdout, Stream::Stdout, build), pump(stderr, Stream::Stderr, build), child.wait());
         let status = status.map_err(|e| format!("waiting for the runner: {e}"))?;
         guard.finished = true;
         let mut tail: VecDeque<String> = out_tail.into_iter().chain(err_tail).collect();

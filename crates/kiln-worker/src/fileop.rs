@@ -220,11 +220,16 @@ fn copy_tree(source: &Path, target: &Path, rel: &str, options: &CopyOptions) -> 
         let mode = fs::metadata(source).map(|m| m.mode() & 0o7777).unwrap_or(0o755);
         set_meta(target, Some(options.mode.unwrap_or(mode)), options.owner.or(Some((0, 0))))?;
     }
-    let mut entries: Vec<_> = fs::read_dir(source).map_err(|e| format!("{}: {e}", source.display()))?.flatten().collect();
+    let mut entries: Vec<_> =
+        fs::read_dir(source).map_err(|e| format!("{}: {e}", source.display()))?.flatten().collect();
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let name = entry.file_name();
-        let child_rel = if rel.is_empty() { name.to_string_lossy().into_owned() } else { format!("{rel}/{}", name.to_string_lossy()) };
+        let child_rel = if rel.is_empty() {
+            name.to_string_lossy().into_owned()
+        } else {
+            format!("{rel}/{}", name.to_string_lossy())
+        };
         if !options.exclude.is_empty() && options.exclude.is_excluded(&child_rel) {
             continue;
         }

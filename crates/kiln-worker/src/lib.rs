@@ -149,7 +149,6 @@ pub struct Worker {
     snapshots: Arc<SnapshotStore>,
     registry: RegistryClient,
     cache_mounts: mounts::CacheMounts,
-    next_step: AtomicU64,
 }
 
 impl Worker {
@@ -171,14 +170,7 @@ impl Worker {
             return Err(failed(format!("cannot run {} to clean up old containers", config.runner.display())));
         }
         let cache_mounts = mounts::CacheMounts::new(config.root.join("cache"));
-        Ok(Worker {
-            config,
-            cas: Arc::new(cas),
-            snapshots: Arc::new(snapshots),
-            registry,
-            cache_mounts,
-            next_step: AtomicU64::new(0),
-        })
+        Ok(Worker { config, cas: Arc::new(cas), snapshots: Arc::new(snapshots), registry, cache_mounts })
     }
 
     /// The blob store.
@@ -214,8 +206,11 @@ impl Worker {
         }
     }
 
+    /// A container id unique on this machine: the process id and a process-wide counter
+    /// (several workers may share a process, as in tests).
     fn step_id(&self) -> String {
-        format!("k{}-{}", std::process::id(), self.next_step.fetch_add(1, Ordering::Relaxed))
+        static NEXT_STEP: AtomicU64 = AtomicU64::new(0);
+        format!("k{}-{}", std::process::id(), NEXT_STEP.fetch_add(1, Ordering::Relaxed))
     }
 }
 

@@ -31,11 +31,7 @@ impl CacheMounts {
     }
 
     /// The directory for a cache mount, and the lock that keeps it ours until the step ends.
-    async fn acquire(
-        &self,
-        id: &str,
-        sharing: CacheSharing,
-    ) -> Result<(PathBuf, Option<OwnedMutexGuard<()>>), String> {
+    async fn acquire(&self, id: &str, sharing: CacheSharing) -> Result<(PathBuf, Option<OwnedMutexGuard<()>>), String> {
         let base = self.root.join(Digest::of(id.as_bytes()).hex());
         match sharing {
             CacheSharing::Shared => Ok((base.join("0"), None)),
@@ -120,7 +116,9 @@ impl Worker {
                         std::fs::create_dir_all(&dir).map_err(|e| format!("secret {}: {e}", secret.id))?;
                         let file = dir.join(Digest::of(secret.id.as_bytes()).hex());
                         std::fs::write(&file, value)
-                            .and_then(|()| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(secret.mode)))
+                            .and_then(|()| {
+                                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(secret.mode))
+                            })
                             .and_then(|()| std::os::unix::fs::chown(&file, Some(secret.uid), Some(secret.gid)))
                             .map_err(|e| format!("secret {}: {e}", secret.id))?;
                         prepared.run_mounts.push(bind(target, file, true));

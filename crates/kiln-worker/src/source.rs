@@ -21,7 +21,9 @@ impl Worker {
                     let mut chain: Vec<LayerId> = Vec::with_capacity(layers.len());
                     for (digest, diff_id) in layers {
                         let blob = cas.open_blob(&digest).map_err(|e| e.to_string())?;
-                        chain.push(snapshots.import_layer(blob, Some(&diff_id)).map_err(|e| format!("layer {digest}: {e}"))?);
+                        chain.push(
+                            snapshots.import_layer(blob, Some(&diff_id)).map_err(|e| format!("layer {digest}: {e}"))?,
+                        );
                     }
                     Ok(chain)
                 })
@@ -29,14 +31,20 @@ impl Worker {
                 Ok(VertexOutput { snapshot: Snapshot { layers: chain }, image: Some(image) })
             }
             SourceOp::Local { name, include, exclude, .. } => {
-                let context = build.contexts.get(name).cloned().ok_or_else(|| format!("build context {name:?} was not provided"))?;
+                let context = build
+                    .contexts
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| format!("build context {name:?} was not provided"))?;
                 let (include, exclude) = (include.clone(), exclude.clone());
                 let snapshots = Arc::clone(&self.snapshots);
                 let layers = blocking(move || {
                     let patterns = PatternList::new(&exclude).map_err(|e| format!("--exclude: {e}"))?;
                     let selected = select(context.as_ref(), &include, &patterns).map_err(|e| e.to_string())?;
                     let active = snapshots.prepare(&[]).map_err(|e| e.to_string())?;
-                    context.materialize(&selected, &active.root()).map_err(|e| format!("copying the build context: {e}"))?;
+                    context
+                        .materialize(&selected, &active.root())
+                        .map_err(|e| format!("copying the build context: {e}"))?;
                     let layer = snapshots.commit(active).map_err(|e| e.to_string())?;
                     Ok(layer.into_iter().collect())
                 })

@@ -105,8 +105,11 @@ mod tests {
     fn users_and_groups_resolve_like_docker() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("etc")).unwrap();
-        std::fs::write(root.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n")
-            .unwrap();
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+        )
+        .unwrap();
         std::fs::write(root.path().join("etc/group"), "root:x:0:\napp:x:1001:\nwheel:x:10:app,other\n").unwrap();
         let user = |spec: &str| resolve_user(root.path(), spec);
         assert_eq!(user("").unwrap(), ResolvedUser { uid: 0, gid: 0, additional_gids: vec![0] });

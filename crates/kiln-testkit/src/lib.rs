@@ -1,0 +1,135 @@
+//! Helpers shared by integration tests: real parts, started and torn down per test.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_cas::BlobStore;
+use kiln_layer::{Compression, TarOptions, export_layer};
+use kiln_registry::{OCI_CONFIG, OCI_MANIFEST};
+use kiln_types::{Digest, ImageReference};
+
+/// A `docker-registry` on a free loopback port with its storage in a temporary directory;
+/// killed on drop.
+pub struct TestRegistry {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestRegistry {
+    /// Starts the registry and waits until it accepts connections.
+    pub fn start() -> TestRegistry {
+        let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("an address").port();
+        let addr = format!("127.0.0.1:{port}");
+        let dir = tempfile::tempdir().expect("registry directory");
+        let config = format!(
+            "version: 0.1\nlog: {{ level: error }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\n  delete: {{ enabled: true }}\nhttp: {{ addr: {addr} }}\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config).expect("registry config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed (cargo xtask ci installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start on {addr}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        TestRegistry { child, addr, dir }
+    }
+
+    /// `ADDR/name` as a reference.
+    pub fn reference(&self, name: &str) -> ImageReference {
+        format!("{}/{name}", self.addr).parse().expect("a valid reference")
+    }
+
+    /// The registry's storage directory (to corrupt blobs on purpose).
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Fills `rootfs` with a static busybox, its applets, and root/nobody users.
+pub fn busybox_rootfs(rootfs: &Path) {
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin");
+    std::fs::create_dir_all(rootfs.join("etc")).expect("etc");
+    std::fs::create_dir_all(rootfs.join("tmp")).expect("tmp");
+    let sticky = std::os::unix::fs::PermissionsExt::from_mode(0o1777);
+    std::fs::set_permissions(rootfs.join("tmp"), sticky).expect("tmp mode");
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed (cargo xtask ci)");
+    let applets = Command::new("/bin/busybox").arg("--list").output().expect("busybox runs");
+    for applet in String::from_utf8_lossy(&applets.stdout).lines().filter(|a| *a != "busybox") {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
+    }
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )
+    .expect("passwd");
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").expect("group");
+}
+
+/// Stores a one-layer image of `rootfs` for `platform` (e.g. `linux/amd64`) in the blob
+/// store; returns the manifest digest.
+pub fn store_image(cas: &BlobStore, rootfs: &Path, platform: &str) -> Digest {
+    let layer =
+        export_layer(rootfs, cas, Compression::Gzip, &TarOptions { source_date_epoch: Some(0) }).expect("layer");
+    let (os, arch) = platform.split_once('/').expect("os/arch");
+    let config = serde_json::json!({
+        "architecture": arch, "os": os,
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id.to_string()]}
+    });
+    let config = cas.put(&serde_json::to_vec(&config).expect("json"), None).expect("config");
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config.digest.to_string(), "size": config.size},
+        "layers": [{"mediaType": Compression::Gzip.oci_media_type(), "digest": layer.digest.to_string(), "size": layer.size}]
+    });
+    cas.put(&serde_json::to_vec(&manifest).expect("json"), None).expect("manifest").digest
+}
+
+/// The `kiln-runner` executable, built on demand when this test binary's package did not
+/// build it (`cargo test -p SOME-CRATE` builds only that crate's binaries).
+pub fn runner_binary() -> PathBuf {
+    if let Some(path) = kiln_runner_locate() {
+        return path;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo).args(["build", "--quiet", "--bin", "kiln-runner"]).status().expect("cargo runs");
+    assert!(status.success(), "building kiln-runner failed");
+    kiln_runner_locate().expect("kiln-runner was just built")
+}
+
+fn kiln_runner_locate() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join("kiln-runner"), dir.parent()?.join("kiln-runner")].into_iter().find(|p| p.is_file())
+}
+
+/// Mount points under `root` in this process's mount table.
+pub fn mounts_under(root: &Path) -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let root = root.display().to_string();
+    table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|p| p.starts_with(&root))
+        .map(str::to_string)
+        .collect()
+}

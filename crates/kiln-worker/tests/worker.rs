@@ -1,0 +1,230 @@
+//! Dockerfiles converted by the front end and executed vertex by vertex on a real worker:
+//! real containers over real overlay mounts, a base image from a real registry.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_cas::BlobStore;
+use kiln_context::FsContext;
+use kiln_dockerfile::ignore::PatternList;
+use kiln_dockerfile::image::NoImageMetadata;
+use kiln_dockerfile::{ConvertOptions, convert};
+use kiln_graph::Graph;
+use kiln_kv::MemoryKv;
+use kiln_registry::{RegistryClient, RegistryOptions};
+use kiln_testkit::{TestRegistry, busybox_rootfs, mounts_under, runner_binary, store_image};
+use kiln_types::{Digest, ImageReference, Platform};
+use kiln_worker::{BuildInputs, Snapshot, Worker, WorkerConfig, WorkerError};
+
+struct Fixture {
+    _registry: TestRegistry,
+    base: ImageReference,
+    dir: tempfile::TempDir,
+    worker: Worker,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let registry = TestRegistry::start();
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = dir.path().join("image");
+        let cas = Arc::new(BlobStore::open(&scratch.join("cas"), Arc::new(MemoryKv::new())).unwrap());
+        busybox_rootfs(&scratch.join("rootfs"));
+        let manifest = store_image(&cas, &scratch.join("rootfs"), "linux/amd64");
+        let base = registry.reference("kiln/busybox:test");
+        RegistryClient::new(RegistryOptions::default()).unwrap().push(&base, &manifest, &cas).await.unwrap();
+        let mut config = WorkerConfig::new(&dir.path().join("worker"));
+        config.runner = runner_binary();
+        config.cgroup_parent = "/kiln-worker-test".into();
+        let worker = Worker::open(config, Arc::new(MemoryKv::new())).unwrap();
+        Fixture { _registry: registry, base, dir, worker }
+    }
+
+    fn context(&self, files: &[(&str, &str)]) -> PathBuf {
+        let context = self.dir.path().join("context");
+        std::fs::create_dir_all(&context).unwrap();
+        for (name, content) in files {
+            std::fs::write(context.join(name), content).unwrap();
+        }
+        context
+    }
+
+    fn plan(&self, dockerfile: &str, context: &Path) -> (Graph, Arc<FsContext>) {
+        let text = dockerfile.replace("BASE", &self.base.to_string());
+        let context = Arc::new(FsContext::walk(context, &PatternList::default()).unwrap());
+        let options = ConvertOptions {
+            file_name: "Dockerfile".into(),
+            target: None,
+            build_args: Default::default(),
+            platforms: vec!["linux/amd64".parse::<Platform>().unwrap()],
+            build_platform: Platform::host(),
+            context: context.as_ref(),
+            images: &NoImageMetadata,
+        };
+        (convert(&text, &options).unwrap().graph, context)
+    }
+
+    /// Executes every vertex in order, as a solver without parallelism or cache would.
+    async fn build(&self, graph: &Graph, build: &BuildInputs) -> Result<HashMap<Digest, Snapshot>, WorkerError> {
+        let mut done: HashMap<Digest, Snapshot> = HashMap::new();
+        for vertex in &graph.vertices {
+            let inputs: Vec<Snapshot> = vertex.inputs.iter().map(|d| done[d].clone()).collect();
+            let output = self.worker.execute(vertex, &inputs, build).await?;
+            done.insert(vertex.digest, output.snapshot);
+        }
+        Ok(done)
+    }
+
+    fn final_snapshot(graph: &Graph, done: &HashMap<Digest, Snapshot>) -> Snapshot {
+        done[graph.outputs[0].digest.as_ref().unwrap()].clone()
+    }
+
+    fn assert_nothing_left(&self) {
+        let root = self.dir.path().join("worker");
+        assert_eq!(mounts_under(&root), Vec::<String>::new());
+        for sub in ["runner/c", "runner/b", "steps", "snapshots/a"] {
+            let left: Vec<_> =
+                std::fs::read_dir(root.join(sub)).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+            assert!(left.is_empty(), "{sub}: {left:?}");
+        }
+    }
+}
+
+fn inputs(context: &Arc<FsContext>, secrets: &[(&str, &str)]) -> BuildInputs {
+    BuildInputs {
+        contexts: HashMap::from([("context".to_string(), Arc::clone(context))]),
+        secrets: secrets.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+        logs: None,
+    }
+}
+
+fn read(worker: &Worker, snapshot: &Snapshot, path: &str) -> Option<(String, u32, u32, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let view = worker.snapshots().view(&snapshot.layers).unwrap();
+    let file = view.root().join(path.trim_start_matches('/'));
+    let meta = std::fs::symlink_metadata(&file).ok()?;
+    let content = std::fs::read_to_string(&file).unwrap_or_default();
+    Some((content, meta.mode() & 0o7777, meta.uid(), meta.gid()))
+}
+
+fn content(worker: &Worker, snapshot: &Snapshot, path: &str) -> Option<String> {
+    read(worker, snapshot, path).map(|(c, ..)| c)
+}
+
+#[tokio::test]
+async fn a_multi_stage_dockerfile_builds_into_real_layers() {
+    let fixture = Fixture::new().await;
+    let context = fixture.context(&[("app.txt", "from the context\n"), ("other.log", "log\n")]);
+    let dockerfile = "\
+FROM BASE AS base
+RUN echo built > /built && mkdir -p /app && echo $HOME > /app/home
+FROM base AS final
+WORKDIR /app
+COPY app.txt ./
+COPY --chown=nobody:nogroup --chmod=640 app.txt /app/owned.txt
+COPY --from=base /built /app/copied
+COPY *.log /logs/
+RUN --mount=type=secret,id=token test \"$(cat /run/secrets/token)\" = s3cr3t && echo ok > /app/secret-ok
+RUN --mount=type=tmpfs,target=/scratch echo temp > /scratch/t && cat /scratch/t > /app/from-tmpfs
+RUN rm /built
+USER nobody
+RUN id -u > /tmp/uid && pwd > /tmp/pwd
+";
+    let (graph, context) = fixture.plan(dockerfile, &context);
+    let done = fixture.build(&graph, &inputs(&context, &[("token", "s3cr3t")])).await.unwrap();
+    let result = Fixture::final_snapshot(&graph, &done);
+    let worker = &fixture.worker;
+
+    assert_eq!(content(worker, &result, "/app/home").as_deref(), Some("/root\n"));
+    assert_eq!(read(worker, &result, "/app/app.txt").unwrap().0, "from the context\n");
+    assert_eq!(read(worker, &result, "/app/owned.txt").unwrap(), ("from the context\n".into(), 0o640, 65534, 65534));
+    assert_eq!(content(worker, &result, "/app/copied").as_deref(), Some("built\n"));
+    assert_eq!(content(worker, &result, "/logs/other.log").as_deref(), Some("log\n"));
+    assert_eq!(content(worker, &result, "/app/secret-ok").as_deref(), Some("ok\n"));
+    assert_eq!(content(worker, &result, "/app/from-tmpfs").as_deref(), Some("temp\n"));
+    assert_eq!(content(worker, &result, "/built"), None, "RUN rm is a whiteout over the base");
+    assert_eq!(content(worker, &result, "/tmp/uid").as_deref(), Some("65534\n"));
+    assert_eq!(content(worker, &result, "/tmp/pwd").as_deref(), Some("/app\n"));
+
+    // Mountpoints the runtime created and the secret never reach a layer.
+    for layer in &result.layers {
+        let dir = worker.snapshots().layer_path(layer);
+        for stub in ["proc", "dev", "sys", "etc/hosts", "etc/resolv.conf", "run", "scratch"] {
+            assert!(std::fs::symlink_metadata(dir.join(stub)).is_err(), "{stub} in layer {layer}");
+        }
+        let grep = std::process::Command::new("grep").args(["-r", "-l", "s3cr3t"]).arg(&dir).output().unwrap();
+        assert!(grep.stdout.is_empty(), "secret found in {}", String::from_utf8_lossy(&grep.stdout));
+    }
+    fixture.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_step_that_changes_nothing_adds_no_layer_and_cache_mounts_persist() {
+    let fixture = Fixture::new().await;
+    let context = fixture.context(&[]);
+    let (graph, context) = fixture.plan(
+        "FROM BASE\nRUN true\nRUN --mount=type=cache,target=/cache,sharing=locked echo x >> /cache/log && wc -l < /cache/log > /count\n",
+        &context,
+    );
+    let build = inputs(&context, &[]);
+    let first = fixture.build(&graph, &build).await.unwrap();
+    let layers = |done: &HashMap<Digest, Snapshot>, index: usize| done[&graph.vertices[index].digest].layers.clone();
+    assert_eq!(layers(&first, 0), layers(&first, 1), "RUN true adds no layer");
+    assert_eq!(content(&fixture.worker, &Fixture::final_snapshot(&graph, &first), "/count").unwrap().trim(), "1");
+    let second = fixture.build(&graph, &build).await.unwrap();
+    assert_eq!(content(&fixture.worker, &Fixture::final_snapshot(&graph, &second), "/count").unwrap().trim(), "2");
+    fixture.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn failures_name_the_step_its_line_exit_code_and_output() {
+    let fixture = Fixture::new().await;
+    let context = fixture.context(&[]);
+    let (graph, context) = fixture.plan("FROM BASE\n\nRUN echo first line; echo second line >&2; exit 3\n", &context);
+    let err = fixture.build(&graph, &inputs(&context, &[])).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, WorkerError::StepFailed { .. }), "{text}");
+    for expected in ["(line 3)", "exit code: 3", "first line", "second line", "RUN echo first line"] {
+        assert!(text.contains(expected), "{expected:?} missing from: {text}");
+    }
+
+    let (graph, context) = fixture.plan("FROM BASE AS a\nFROM BASE\nCOPY --from=a /nope /x\n", &fixture.context(&[]));
+    let err = fixture.build(&graph, &inputs(&context, &[])).await.unwrap_err().to_string();
+    assert!(err.contains("/nope: not found") && err.contains("(line 3)"), "{err}");
+
+    let (graph, context) = fixture.plan("FROM BASE\nUSER ghost\nRUN true\n", &fixture.context(&[]));
+    let err = fixture.build(&graph, &inputs(&context, &[])).await.unwrap_err().to_string();
+    assert!(err.contains("unable to find user ghost"), "{err}");
+
+    let (graph, context) =
+        fixture.plan("FROM BASE\nRUN --mount=type=secret,id=missing,required=true true\n", &fixture.context(&[]));
+    let err = fixture.build(&graph, &inputs(&context, &[])).await.unwrap_err().to_string();
+    assert!(err.contains("secret missing is required"), "{err}");
+    fixture.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn cancelling_a_running_step_leaves_nothing_behind() {
+    let fixture = Fixture::new().await;
+    let context = fixture.context(&[]);
+    let (graph, context) = fixture.plan("FROM BASE\nRUN sleep 60\n", &context);
+    let build = inputs(&context, &[]);
+    let base = fixture.worker.execute(&graph.vertices[0], &[], &build).await.unwrap().snapshot;
+    let containers = fixture.dir.path().join("worker/runner/c");
+    let base = [base];
+    let run = fixture.worker.execute(&graph.vertices[1], &base, &build);
+    let watch = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::fs::read_dir(&containers).map(|d| d.count()).unwrap_or(0) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the container never started");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        _ = run => panic!("sleep 60 finished early"),
+        () = watch => {}
+    }
+    // The step future is dropped here: cancellation.
+    fixture.assert_nothing_left();
+}
