@@ -333,3 +333,37 @@ fn wrong_diff_id_and_missing_layers_are_errors() {
     assert!(err.to_string().contains("0123456789abcdef"), "{err}");
     assert_eq!(fs::read_dir(scratch.path().join("a")).unwrap().count(), 0);
 }
+
+#[test]
+fn archives_extract_inside_the_root_following_its_symlinks() {
+    use tar::EntryType::{Regular, Symlink};
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    fs::create_dir_all(root.path().join("usr/lib")).unwrap();
+    symlink("usr/lib", root.path().join("lib")).unwrap();
+    symlink(outside.path(), root.path().join("escape")).unwrap();
+    let archive = hostile(&[
+        ("lib/libx.so", Regular, ""),
+        ("escape/evil", Regular, ""),
+        (".wh.kept", Regular, ""),
+        ("link", Symlink, "/etc/passwd"),
+    ]);
+    let mut compressed = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut compressed, &archive).unwrap();
+    let compressed = compressed.finish().unwrap();
+    let tar_path = root.path().join("upload.tar.gz");
+    fs::write(&tar_path, &compressed).unwrap();
+    assert!(is_archive(&tar_path));
+    assert!(!is_archive(&root.path().join("usr")));
+
+    assert_eq!(extract_archive(&compressed[..], root.path(), root.path()).unwrap(), 4);
+    assert_eq!(fs::read(root.path().join("usr/lib/libx.so")).unwrap(), b"pwned");
+    assert_eq!(fs::read(root.path().join("escape/evil")).ok(), None, "the absolute symlink is not followed out");
+    assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+    assert_eq!(fs::read(root.path().join(".wh.kept")).unwrap(), b"pwned", "no whiteouts in ADD archives");
+    assert_eq!(fs::read_link(root.path().join("link")).unwrap(), Path::new("/etc/passwd"));
+
+    let err =
+        extract_archive(&hostile(&[("../../x", Regular, "")])[..], root.path(), &root.path().join("usr")).unwrap_err();
+    assert!(matches!(err, LayerError::TarSlip { .. }), "{err}");
+}

@@ -16,7 +16,7 @@ use nix::sys::stat::{Mode, SFlag, UtimensatFlags, makedev, mknod, utimensat};
 use nix::sys::time::TimeSpec;
 
 use crate::export::{OPAQUE_MARKER, OPAQUE_XATTR, WHITEOUT_PREFIX};
-use crate::resolve::clean_lexically;
+use crate::resolve::{clean_lexically, resolve_in_root};
 use crate::{LayerError, io_at};
 
 /// What unpacking found.
@@ -32,17 +32,9 @@ pub struct UnpackStats {
 /// should be a new, empty directory.
 pub fn unpack_layer(reader: impl Read, dest: &Path) -> Result<UnpackStats, LayerError> {
     fs::create_dir_all(dest).map_err(io_at(dest))?;
-    let mut buffered = BufReader::new(reader);
-    let magic = buffered.fill_buf().map_err(io_at(dest))?;
-    let decompressed: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::MultiGzDecoder::new(buffered))
-    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::Decoder::with_buffer(buffered).map_err(io_at(dest))?)
-    } else {
-        Box::new(buffered)
-    };
+    let decompressed = decompress(reader).map_err(io_at(dest))?;
     let mut hashing = HashingReader { inner: decompressed, hasher: Sha256Writer::new() };
-    let mut unpacker = Unpacker { dest, dir_times: Vec::new(), entries: 0 };
+    let mut unpacker = Unpacker { dest, confine: Confine::Layer, dir_times: Vec::new(), entries: 0 };
     {
         let mut archive = tar::Archive::new(&mut hashing);
         for entry in archive.entries().map_err(io_at(dest))? {
@@ -54,6 +46,52 @@ pub fn unpack_layer(reader: impl Read, dest: &Path) -> Result<UnpackStats, Layer
     io::copy(&mut hashing, &mut io::sink()).map_err(io_at(dest))?;
     unpacker.finish()?;
     Ok(UnpackStats { diff_id: hashing.hasher.finish(), entries: unpacker.entries })
+}
+
+/// Plain, gzip or zstd, told apart by the first bytes.
+fn decompress<'r>(reader: impl Read + 'r) -> io::Result<Box<dyn Read + 'r>> {
+    let mut buffered = BufReader::new(reader);
+    let magic = buffered.fill_buf()?;
+    Ok(if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(buffered))
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::Decoder::with_buffer(buffered)?)
+    } else {
+        Box::new(buffered)
+    })
+}
+
+/// Whether the file is a tar archive, plain or gzip/zstd-compressed (what `ADD` unpacks).
+pub fn is_archive(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else { return false };
+    let Ok(reader) = decompress(file) else { return false };
+    // A first header with a valid checksum, as Docker's detection reads one entry.
+    let mut archive = tar::Archive::new(reader);
+    matches!(archive.entries().map(|mut entries| entries.next()), Ok(Some(Ok(_))))
+}
+
+/// Extracts a tar archive (plain, gzip or zstd) into `dest` inside `root`, as `ADD` does:
+/// names and links resolve inside `root` (symlinks in the existing tree are followed there),
+/// `.wh.` files are ordinary files. Returns the number of entries.
+pub fn extract_archive(reader: impl Read, root: &Path, dest: &Path) -> Result<u64, LayerError> {
+    fs::create_dir_all(dest).map_err(io_at(dest))?;
+    let mut unpacker = Unpacker { dest, confine: Confine::Root(root), dir_times: Vec::new(), entries: 0 };
+    let mut archive = tar::Archive::new(decompress(reader).map_err(io_at(dest))?);
+    for entry in archive.entries().map_err(io_at(dest))? {
+        let entry = entry.map_err(|e| LayerError::BadTar { reason: e.to_string() })?;
+        unpacker.entry(entry)?;
+    }
+    unpacker.finish()?;
+    Ok(unpacker.entries)
+}
+
+/// How entry paths are kept inside the destination.
+#[derive(Clone, Copy)]
+enum Confine<'a> {
+    /// A layer: symlinked parents are refused, whiteouts are translated.
+    Layer,
+    /// A tree inside this root: symlinks resolve inside the root, no whiteouts.
+    Root(&'a Path),
 }
 
 struct HashingReader<R> {
@@ -71,6 +109,7 @@ impl<R: Read> Read for HashingReader<R> {
 
 struct Unpacker<'a> {
     dest: &'a Path,
+    confine: Confine<'a>,
     /// Directory modification times, applied last because writing children changes them.
     dir_times: Vec<(PathBuf, u64)>,
     entries: u64,
@@ -92,11 +131,12 @@ impl Unpacker<'_> {
         self.entries += 1;
 
         let name_bytes = name.as_bytes();
-        if name_bytes == OPAQUE_MARKER.as_bytes() {
+        let layer = matches!(self.confine, Confine::Layer);
+        if layer && name_bytes == OPAQUE_MARKER.as_bytes() {
             xattr::set(&parent, OPAQUE_XATTR, b"y").map_err(io_at(&parent))?;
             return Ok(());
         }
-        if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+        if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()).filter(|_| layer) {
             let target = parent.join(std::ffi::OsStr::from_bytes(hidden));
             remove_existing(&target)?;
             mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).map_err(|e| io_at(&target)(e.into()))?;
@@ -188,6 +228,13 @@ impl Unpacker<'_> {
     /// Creates missing parent directories of `rel` and returns the parent's path. A parent
     /// that is a symlink is refused instead of followed.
     fn ensure_parent(&self, rel: &Path) -> Result<PathBuf, ParentError> {
+        if let Confine::Root(root) = self.confine {
+            let parent = self.dest.join(rel.parent().unwrap_or(Path::new("")));
+            let relative = parent.strip_prefix(root).unwrap_or(&parent).to_string_lossy().into_owned();
+            let resolved = resolve_in_root(root, &relative, true).map_err(|e| ParentError::Io(parent.clone(), e))?;
+            fs::create_dir_all(&resolved).map_err(|e| ParentError::Io(resolved.clone(), e))?;
+            return Ok(resolved);
+        }
         let mut current = self.dest.to_path_buf();
         let Some(parent) = rel.parent() else { return Ok(current) };
         for component in parent.components() {
@@ -207,6 +254,16 @@ impl Unpacker<'_> {
 
     fn hardlink_source(&self, target: &str) -> Result<PathBuf, String> {
         let rel = clean_lexically(target).ok_or("hard link target climbs out of the layer")?;
+        if let Confine::Root(root) = self.confine {
+            let full = self.dest.join(&rel);
+            let relative = full.strip_prefix(root).unwrap_or(&full).to_string_lossy().into_owned();
+            let source = resolve_in_root(root, &relative, false).map_err(|e| e.to_string())?;
+            return match fs::symlink_metadata(&source) {
+                Ok(meta) if !meta.is_dir() => Ok(source),
+                Ok(_) => Err(format!("hard link target {target} is a directory")),
+                Err(_) => Err(format!("hard link target {target} is not in the archive")),
+            };
+        }
         let mut current = self.dest.to_path_buf();
         for component in rel.components() {
             current.push(component);

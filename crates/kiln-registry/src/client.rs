@@ -52,7 +52,8 @@ impl Default for RegistryOptions {
 pub struct RegistryClient {
     https: Client,
     http: Client,
-    options: Arc<RegistryOptions>,
+    pub(crate) web: reqwest::Client,
+    pub(crate) options: Arc<RegistryOptions>,
 }
 
 impl RegistryClient {
@@ -70,9 +71,16 @@ impl RegistryClient {
             Client::try_from(config)
                 .map_err(|e| RegistryError::new("creating", "registry client", ErrorKind::Invalid, e.to_string()))
         };
+        let web = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .user_agent("kiln")
+            .build()
+            .map_err(|e| RegistryError::new("creating", "HTTP client", ErrorKind::Invalid, e.to_string()))?;
         Ok(RegistryClient {
             https: build(ClientProtocol::Https)?,
             http: build(ClientProtocol::Http)?,
+            web,
             options: Arc::new(options),
         })
     }
@@ -85,7 +93,7 @@ impl RegistryClient {
             || host == "[::1]"
     }
 
-    async fn client_for(&self, image: &ImageReference) -> &Client {
+    pub(crate) async fn client_for(&self, image: &ImageReference) -> &Client {
         let client = if self.plain_http(&image.registry) { &self.http } else { &self.https };
         let auth = self.options.credentials.for_registry(&image.registry);
         let oci = to_oci(image);
@@ -94,7 +102,12 @@ impl RegistryClient {
     }
 
     /// Runs `operation` with a timeout, retrying transient failures with backoff.
-    async fn retry<T, F, Fut>(&self, action: &str, image: &ImageReference, mut operation: F) -> Result<T, RegistryError>
+    pub(crate) async fn retry<T, F, Fut>(
+        &self,
+        action: &str,
+        image: &dyn std::fmt::Display,
+        mut operation: F,
+    ) -> Result<T, RegistryError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, RegistryError>>,

@@ -1,4 +1,5 @@
-//! OCI distribution for Kiln: the only crate that talks to registries (over `oci-client`).
+//! OCI distribution for Kiln: the only crate that talks to registries (over `oci-client`),
+//! and the one that downloads `ADD <url>` sources (over reqwest, the same HTTP stack).
 //!
 //! Invariants:
 //! - Manifests and configs keep the registry's exact bytes; their digests are checked against
@@ -12,12 +13,14 @@
 mod auth;
 mod client;
 mod error;
+mod http;
 mod image;
 mod layout;
 
 pub use auth::Credentials;
 pub use client::{RegistryClient, RegistryOptions};
 pub use error::{ErrorKind, RegistryError};
+pub use http::Download;
 pub use image::{
     ACCEPTED_MANIFESTS, ConfigFile, DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST,
     Descriptor, Index, Manifest, ManifestKind, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, PlatformField, ResolvedImage,

@@ -31,7 +31,7 @@ use kiln_context::FsContext;
 use kiln_graph::{Input, Op, Vertex};
 use kiln_kv::SharedKv;
 use kiln_layer::{LayerId, SnapshotStore};
-use kiln_registry::{RegistryClient, RegistryOptions, ResolvedImage};
+use kiln_registry::{Credentials, RegistryClient, RegistryOptions, ResolvedImage};
 use kiln_runner::Limits;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -100,16 +100,21 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// Defaults for a worker rooted at `root`, using the runner found next to this program.
-    pub fn new(root: &Path) -> WorkerConfig {
-        WorkerConfig {
+    /// Defaults for a worker rooted at `root`, using the runner found next to this program
+    /// and the credentials of `~/.docker/config.json` (an unreadable file is an error).
+    pub fn new(root: &Path) -> Result<WorkerConfig, String> {
+        let credentials = match Credentials::default_path() {
+            Some(path) => Credentials::load(&path)?,
+            None => Credentials::default(),
+        };
+        Ok(WorkerConfig {
             root: root.to_path_buf(),
             runner: kiln_runner::locate().unwrap_or_else(|| PathBuf::from("kiln-runner")),
             cgroup_parent: "/kiln".to_string(),
             limits: Limits::default(),
             step_timeout: None,
-            registry: RegistryOptions::default(),
-        }
+            registry: RegistryOptions { credentials, ..RegistryOptions::default() },
+        })
     }
 }
 

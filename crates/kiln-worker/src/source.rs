@@ -1,5 +1,6 @@
 //! Source vertices: base images (pulled once, layers unpacked once) and build contexts.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;
 
 use kiln_dockerfile::context::select;
@@ -51,7 +52,31 @@ impl Worker {
                 .await?;
                 Ok(VertexOutput { snapshot: Snapshot { layers }, image: None })
             }
-            SourceOp::Http { url, .. } => Err(format!("ADD from {url}: HTTP sources are not supported yet")),
+            SourceOp::Http { url, checksum, filename } => {
+                let download =
+                    self.registry.download(url, checksum.as_ref(), &self.cas).await.map_err(|e| e.to_string())?;
+                let (snapshots, cas, filename) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas), filename.clone());
+                let layers = blocking(move || {
+                    let active = snapshots.prepare(&[]).map_err(|e| e.to_string())?;
+                    let target = active.root().join(filename.trim_start_matches('/'));
+                    std::fs::copy(cas.path(&download.digest), &target).map_err(|e| format!("{filename}: {e}"))?;
+                    // As BuildKit: downloaded files are 0600, owned by root, with a fixed time.
+                    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| e.to_string())?;
+                    let epoch = nix::sys::time::TimeSpec::new(0, 0);
+                    nix::sys::stat::utimensat(
+                        None,
+                        &target,
+                        &epoch,
+                        &epoch,
+                        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    Ok(snapshots.commit(active).map_err(|e| e.to_string())?.into_iter().collect())
+                })
+                .await?;
+                Ok(VertexOutput { snapshot: Snapshot { layers }, image: None })
+            }
             SourceOp::Git { remote, .. } => Err(format!("ADD from {remote}: git sources are not supported yet")),
         }
     }

@@ -34,7 +34,7 @@ impl Fixture {
         let manifest = store_image(&cas, &scratch.join("rootfs"), "linux/amd64");
         let base = registry.reference("kiln/busybox:test");
         RegistryClient::new(RegistryOptions::default()).unwrap().push(&base, &manifest, &cas).await.unwrap();
-        let mut config = WorkerConfig::new(&dir.path().join("worker"));
+        let mut config = WorkerConfig::new(&dir.path().join("worker")).unwrap();
         config.runner = runner_binary();
         config.cgroup_parent = "/kiln-worker-test".into();
         let worker = Worker::open(config, Arc::new(MemoryKv::new())).unwrap();
@@ -226,5 +226,77 @@ async fn cancelling_a_running_step_leaves_nothing_behind() {
         () = watch => {}
     }
     // The step future is dropped here: cancellation.
+    fixture.assert_nothing_left();
+}
+
+/// `python3 -m http.server` on a free loopback port, serving `dir`; killed on drop.
+struct HttpServer(std::process::Child, u16);
+
+impl HttpServer {
+    fn start(dir: &Path) -> HttpServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new("python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "http.server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        HttpServer(child, port)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn add_unpacks_local_archives_and_downloads_urls_with_checksums() {
+    let fixture = Fixture::new().await;
+    let context = fixture.context(&[]);
+    let staging = fixture.dir.path().join("staging");
+    std::fs::create_dir_all(staging.join("pkg")).unwrap();
+    std::fs::write(staging.join("pkg/one.txt"), "one\n").unwrap();
+    let tar = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(context.join("bundle.tar.gz"))
+        .arg("-C")
+        .arg(&staging)
+        .arg("pkg")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let served = fixture.dir.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::write(served.join("payload.txt"), "downloaded\n").unwrap();
+    let server = HttpServer::start(&served);
+    let url = format!("http://127.0.0.1:{}/payload.txt", server.1);
+    let checksum = Digest::of(b"downloaded\n");
+
+    let dockerfile = format!("FROM BASE\nADD bundle.tar.gz /opt/\nADD --checksum={checksum} {url} /downloads/\n");
+    let (graph, ctx) = fixture.plan(&dockerfile, &context);
+    let done = fixture.build(&graph, &inputs(&ctx, &[])).await.unwrap();
+    let result = Fixture::final_snapshot(&graph, &done);
+    assert_eq!(content(&fixture.worker, &result, "/opt/pkg/one.txt").as_deref(), Some("one\n"));
+    let (body, mode, uid, _) = read(&fixture.worker, &result, "/downloads/payload.txt").unwrap();
+    assert_eq!((body.as_str(), mode, uid), ("downloaded\n", 0o600, 0));
+
+    let wrong = Digest::of(b"something else");
+    let (graph, ctx) = fixture.plan(&format!("FROM BASE\nADD --checksum={wrong} {url} /x\n"), &context);
+    let err = fixture.build(&graph, &inputs(&ctx, &[])).await.unwrap_err().to_string();
+    assert!(err.contains("checksum mismatch") && err.contains(&wrong.to_string()), "{err}");
+
+    let missing = format!("http://127.0.0.1:{}/missing.txt", server.1);
+    let (graph, ctx) = fixture.plan(&format!("FROM BASE\nADD {missing} /x\n"), &context);
+    let err = fixture.build(&graph, &inputs(&ctx, &[])).await.unwrap_err().to_string();
+    assert!(err.contains("404") && err.contains("missing.txt"), "{err}");
     fixture.assert_nothing_left();
 }
