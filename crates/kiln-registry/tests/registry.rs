@@ -192,3 +192,29 @@ async fn oci_layouts_round_trip_and_skopeo_reads_them() {
     let pulled = client().resolve(&reference, &platform, &fresh).await.unwrap();
     assert_eq!(pulled.manifest_digest, manifest, "skopeo kept the digest of our layout's manifest");
 }
+
+#[tokio::test]
+async fn registries_that_need_credentials_get_them_from_docker_config() {
+    let registry = TestRegistry::start_with_auth(Some(("kiln", "s3cret")));
+    let scratch = tempfile::tempdir().unwrap();
+    let cas = store(&scratch.path().join("cas"));
+    let manifest = build_image(&cas, scratch.path(), "linux/amd64", "private");
+    let reference = registry.reference("kiln/private:v1");
+    let with = |user: &str, password: &str| {
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let config = format!(r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#, registry.addr);
+        let credentials = Credentials::parse(config.as_bytes()).unwrap();
+        RegistryClient::new(RegistryOptions { credentials, ..RegistryOptions::default() }).unwrap()
+    };
+    with("kiln", "s3cret").push(&reference, &manifest, &cas).await.unwrap();
+    let platform: Platform = "linux/amd64".parse().unwrap();
+    let fresh = store(&scratch.path().join("fresh"));
+    assert_eq!(with("kiln", "s3cret").pull(&reference, &platform, &fresh).await.unwrap().manifest_digest, manifest);
+
+    for client in [client(), with("kiln", "wrong")] {
+        let err = client.resolve(&reference, &platform, &fresh).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unauthorized, "{err}");
+        assert!(err.to_string().contains("kiln/private:v1") && err.to_string().contains("401"), "{err}");
+    }
+}

@@ -22,6 +22,12 @@ pub struct TestRegistry {
 impl TestRegistry {
     /// Starts the registry and waits until it accepts connections.
     pub fn start() -> TestRegistry {
+        TestRegistry::start_with_auth(None)
+    }
+
+    /// Starts a registry that demands basic authentication as `user`/`password` (htpasswd
+    /// with bcrypt, hashed by Python's `crypt`) when given.
+    pub fn start_with_auth(auth: Option<(&str, &str)>) -> TestRegistry {
         let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("an address").port();
         let addr = format!("127.0.0.1:{port}");
         let dir = tempfile::tempdir().expect("registry directory");
@@ -29,6 +35,18 @@ impl TestRegistry {
             "version: 0.1\nlog: {{ level: error }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\n  delete: {{ enabled: true }}\nhttp: {{ addr: {addr} }}\n",
             dir.path().join("data").display()
         );
+        let mut config = config;
+        if let Some((user, password)) = auth {
+            let hash = Command::new("python3")
+                .args(["-W", "ignore", "-c", "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))"])
+                .arg(password)
+                .output()
+                .expect("python3 runs");
+            let hash = String::from_utf8(hash.stdout).expect("a bcrypt hash");
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{user}:{}", hash.trim())).expect("htpasswd");
+            config.push_str(&format!("auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n", htpasswd.display()));
+        }
         std::fs::write(dir.path().join("config.yml"), config).expect("registry config");
         let child = Command::new("docker-registry")
             .arg("serve")
