@@ -38,7 +38,12 @@ impl TestRegistry {
         let mut config = config;
         if let Some((user, password)) = auth {
             let hash = Command::new("python3")
-                .args(["-W", "ignore", "-c", "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))"])
+                .args([
+                    "-W",
+                    "ignore",
+                    "-c",
+                    "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                ])
                 .arg(password)
                 .output()
                 .expect("python3 runs");

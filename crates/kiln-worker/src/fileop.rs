@@ -13,6 +13,7 @@ use kiln_layer::{ActiveSnapshot, SnapshotStore, extract_archive, is_archive, res
 use nix::sys::stat::{UtimensatFlags, utimensat};
 use nix::sys::time::TimeSpec;
 
+use crate::chmod::Chmod;
 use crate::user::resolve_owner;
 use crate::{Snapshot, Worker, blocking, chain};
 
@@ -116,18 +117,6 @@ fn mkdir(root: &Path, target: &Path, parents: bool, mode: u32, owner: Option<(u3
     Ok(())
 }
 
-/// The octal `--chmod` value; symbolic modes are not supported yet.
-fn parse_chmod(chmod: Option<&String>) -> Result<Option<u32>, String> {
-    chmod
-        .map(|text| {
-            u32::from_str_radix(text, 8)
-                .ok()
-                .filter(|mode| *mode <= 0o7777)
-                .ok_or_else(|| format!("--chmod={text}: only octal modes are supported"))
-        })
-        .transpose()
-}
-
 /// Source paths after wildcard expansion, as (path relative to the source root, host path).
 fn expand_sources(copy: &CopyAction, source_root: &Path) -> Result<Vec<(String, PathBuf)>, String> {
     let mut expanded = Vec::new();
@@ -173,14 +162,14 @@ fn glob_walk(root: &Path, prefix: &str, segments: &[&str], out: &mut Vec<(String
 
 struct CopyOptions {
     owner: Option<(u32, u32)>,
-    mode: Option<u32>,
+    mode: Option<Chmod>,
     exclude: PatternList,
 }
 
 fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Result<(), String> {
     let options = CopyOptions {
         owner: owner(dest_root, copy.chown.as_ref())?,
-        mode: parse_chmod(copy.chmod.as_ref())?,
+        mode: copy.chmod.as_deref().map(Chmod::parse).transpose()?,
         exclude: PatternList::new(&copy.exclude).map_err(|e| format!("--exclude: {e}"))?,
     };
     let sources = expand_sources(copy, source_root)?;
@@ -218,13 +207,21 @@ fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Resul
     Ok(())
 }
 
+/// Copies a directory's contents into an existing directory, keeping owners, modes and times
+/// (seeding a cache mount from `from=`).
+pub(crate) fn copy_contents(source: &Path, target: &Path) -> Result<(), String> {
+    let options = CopyOptions { owner: None, mode: None, exclude: PatternList::default() };
+    copy_tree(source, target, "", &options)
+}
+
 /// Copies a directory's contents (not the directory itself, as COPY does) into `target`.
 fn copy_tree(source: &Path, target: &Path, rel: &str, options: &CopyOptions) -> Result<(), String> {
     if !target.is_dir() {
         remove_non_dir(target)?;
         fs::create_dir(target).map_err(|e| format!("{}: {e}", target.display()))?;
         let mode = fs::metadata(source).map(|m| m.mode() & 0o7777).unwrap_or(0o755);
-        set_meta(target, Some(options.mode.unwrap_or(mode)), options.owner.or(Some((0, 0))))?;
+        let mode = options.mode.as_ref().map_or(mode, |chmod| chmod.apply(mode, true));
+        set_meta(target, Some(mode), options.owner.or(Some((0, 0))))?;
     }
     let mut entries: Vec<_> =
         fs::read_dir(source).map_err(|e| format!("{}: {e}", source.display()))?.flatten().collect();
@@ -262,7 +259,7 @@ fn copy_entry(from: &Path, to: &Path, options: &CopyOptions) -> Result<(), Strin
         std::os::unix::fs::lchown(to, Some(owner.0), Some(owner.1)).map_err(|e| format!("{}: {e}", to.display()))?;
     } else {
         fs::copy(from, to).map_err(|e| format!("{}: {e}", from.display()))?;
-        let mode = options.mode.unwrap_or(meta.mode() & 0o7777);
+        let mode = options.mode.as_ref().map_or(meta.mode() & 0o7777, |chmod| chmod.apply(meta.mode(), false));
         set_meta(to, Some(mode), Some(options.owner.unwrap_or((meta.uid(), meta.gid()))))?;
     }
     copy_times(from, to)

@@ -11,7 +11,8 @@ use kiln_runner::{RunMount, RunMountKind};
 use kiln_types::Digest;
 use tokio::sync::OwnedMutexGuard;
 
-use crate::{BuildInputs, Snapshot, Worker, chain};
+use crate::fileop::copy_contents;
+use crate::{BuildInputs, Snapshot, Worker, blocking, chain};
 
 /// Cache mount directories: `ROOT/<sha256(id)>/<instance>`. Instance 0 is shared and locked
 /// mounts' directory; `private` mounts take the first instance nobody holds.
@@ -87,13 +88,30 @@ impl Worker {
                     prepared.views.push(view);
                     prepared.run_mounts.push(bind(target, host, !readwrite));
                 }
-                MountKind::Cache { id, sharing, readonly, mode, uid, gid, .. } => {
+                MountKind::Cache { id, sharing, from, source, readonly, mode, uid, gid } => {
                     let (dir, guard) = self.cache_mounts.acquire(id, *sharing).await?;
                     if !dir.exists() {
-                        std::fs::create_dir_all(&dir).map_err(|e| format!("cache {id}: {e}"))?;
-                        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(*mode))
-                            .and_then(|()| std::os::unix::fs::chown(&dir, Some(*uid), Some(*gid)))
-                            .map_err(|e| format!("cache {id}: {e}"))?;
+                        // A new cache starts as a copy of `from` (at `source`) when given.
+                        let seed = from.as_ref().map(|input| chain(input, inputs).map(<[_]>::to_vec)).transpose()?;
+                        let (snapshots, dir, source, id) =
+                            (Arc::clone(&self.snapshots), dir.clone(), source.clone(), id.clone());
+                        let (mode, uid, gid) = (*mode, *uid, *gid);
+                        blocking(move || {
+                            let staging = dir.with_extension("new");
+                            let _ = std::fs::remove_dir_all(&staging);
+                            std::fs::create_dir_all(&staging).map_err(|e| format!("cache {id}: {e}"))?;
+                            if let Some(layers) = seed {
+                                let view = snapshots.view(&layers).map_err(|e| format!("cache {id}: {e}"))?;
+                                let from = resolve_in_root(&view.root(), &source, true)
+                                    .map_err(|e| format!("cache {id}: {e}"))?;
+                                copy_contents(&from, &staging).map_err(|e| format!("cache {id} from={source}: {e}"))?;
+                            }
+                            std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+                                .and_then(|()| std::os::unix::fs::chown(&staging, Some(uid), Some(gid)))
+                                .and_then(|()| std::fs::rename(&staging, &dir))
+                                .map_err(|e| format!("cache {id}: {e}"))
+                        })
+                        .await?;
                     }
                     prepared.guards.extend(guard);
                     prepared.run_mounts.push(bind(target, dir, *readonly));

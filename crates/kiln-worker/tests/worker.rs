@@ -300,3 +300,24 @@ async fn add_unpacks_local_archives_and_downloads_urls_with_checksums() {
     assert!(err.contains("404") && err.contains("missing.txt"), "{err}");
     fixture.assert_nothing_left();
 }
+
+#[tokio::test]
+async fn cache_mounts_seed_from_a_stage_and_symbolic_chmod_applies() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let fixture = Fixture::new().await;
+    let context = fixture.context(&[("app.txt", "app\n")]);
+    std::fs::set_permissions(context.join("app.txt"), std::fs::Permissions::from_mode(0o664)).unwrap();
+    let dockerfile = "\
+FROM BASE AS seed
+RUN mkdir /seed && echo seeded > /seed/file
+FROM BASE
+COPY --chmod=u+x,go-w app.txt /app.txt
+RUN --mount=type=cache,target=/c,from=seed,source=/seed cat /c/file > /out
+";
+    let (graph, ctx) = fixture.plan(dockerfile, &context);
+    let done = fixture.build(&graph, &inputs(&ctx, &[])).await.unwrap();
+    let result = Fixture::final_snapshot(&graph, &done);
+    assert_eq!(content(&fixture.worker, &result, "/out").as_deref(), Some("seeded\n"));
+    assert_eq!(read(&fixture.worker, &result, "/app.txt").unwrap().1, 0o744);
+    fixture.assert_nothing_left();
+}
