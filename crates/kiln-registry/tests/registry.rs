@@ -218,3 +218,28 @@ async fn registries_that_need_credentials_get_them_from_docker_config() {
         assert!(err.to_string().contains("kiln/private:v1") && err.to_string().contains("401"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_registry_that_never_answers_times_out_after_retries() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Accept connections and hold them open without a word.
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let scratch = tempfile::tempdir().unwrap();
+    let reference: ImageReference = format!("{addr}/kiln/silent:v1").parse().unwrap();
+    let options =
+        RegistryOptions { attempts: 2, timeout: std::time::Duration::from_millis(500), ..RegistryOptions::default() };
+    let err = RegistryClient::new(options)
+        .unwrap()
+        .resolve(&reference, &"linux/amd64".parse().unwrap(), &store(scratch.path()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Timeout, "{err}");
+    assert!(err.to_string().contains("kiln/silent:v1") && err.to_string().contains("after 2 attempts"), "{err}");
+    silent.abort();
+}

@@ -302,7 +302,7 @@ async fn add_unpacks_local_archives_and_downloads_urls_with_checksums() {
 }
 
 #[tokio::test]
-async fn cache_mounts_seed_from_a_stage_and_symbolic_chmod_applies() {
+async fn cache_mounts_seed_from_a_stage_symbolic_chmod_applies_and_copy_link_merges() {
     use std::os::unix::fs::PermissionsExt as _;
     let fixture = Fixture::new().await;
     let context = fixture.context(&[("app.txt", "app\n")]);
@@ -312,6 +312,7 @@ FROM BASE AS seed
 RUN mkdir /seed && echo seeded > /seed/file
 FROM BASE
 COPY --chmod=u+x,go-w app.txt /app.txt
+COPY --link app.txt /linked/app.txt
 RUN --mount=type=cache,target=/c,from=seed,source=/seed cat /c/file > /out
 ";
     let (graph, ctx) = fixture.plan(dockerfile, &context);
@@ -319,5 +320,6 @@ RUN --mount=type=cache,target=/c,from=seed,source=/seed cat /c/file > /out
     let result = Fixture::final_snapshot(&graph, &done);
     assert_eq!(content(&fixture.worker, &result, "/out").as_deref(), Some("seeded\n"));
     assert_eq!(read(&fixture.worker, &result, "/app.txt").unwrap().1, 0o744);
+    assert_eq!(content(&fixture.worker, &result, "/linked/app.txt").as_deref(), Some("app\n"), "COPY --link merges");
     fixture.assert_nothing_left();
 }
