@@ -302,17 +302,21 @@ async fn add_unpacks_local_archives_and_downloads_urls_with_checksums() {
 }
 
 #[tokio::test]
-async fn cache_mounts_seed_from_a_stage_symbolic_chmod_applies_and_copy_link_merges() {
+async fn cache_seeds_chmod_link_exclude_and_parents() {
     use std::os::unix::fs::PermissionsExt as _;
     let fixture = Fixture::new().await;
-    let context = fixture.context(&[("app.txt", "app\n")]);
+    let context = fixture.context(&[("app.txt", "app\n"), ("noise.log", "noise\n")]);
     std::fs::set_permissions(context.join("app.txt"), std::fs::Permissions::from_mode(0o664)).unwrap();
+    std::fs::create_dir_all(context.join("sub/deep")).unwrap();
+    std::fs::write(context.join("sub/deep/f.txt"), "deep\n").unwrap();
     let dockerfile = "\
 FROM BASE AS seed
 RUN mkdir /seed && echo seeded > /seed/file
 FROM BASE
 COPY --chmod=u+x,go-w app.txt /app.txt
 COPY --link app.txt /linked/app.txt
+COPY --exclude=*.log . /ctx/
+COPY --parents sub/deep/f.txt /p/
 RUN --mount=type=cache,target=/c,from=seed,source=/seed cat /c/file > /out
 ";
     let (graph, ctx) = fixture.plan(dockerfile, &context);
@@ -321,5 +325,9 @@ RUN --mount=type=cache,target=/c,from=seed,source=/seed cat /c/file > /out
     assert_eq!(content(&fixture.worker, &result, "/out").as_deref(), Some("seeded\n"));
     assert_eq!(read(&fixture.worker, &result, "/app.txt").unwrap().1, 0o744);
     assert_eq!(content(&fixture.worker, &result, "/linked/app.txt").as_deref(), Some("app\n"), "COPY --link merges");
+    assert_eq!(content(&fixture.worker, &result, "/ctx/app.txt").as_deref(), Some("app\n"));
+    assert_eq!(content(&fixture.worker, &result, "/ctx/noise.log"), None, "--exclude");
+    assert_eq!(content(&fixture.worker, &result, "/ctx/sub/deep/f.txt").as_deref(), Some("deep\n"));
+    assert_eq!(content(&fixture.worker, &result, "/p/sub/deep/f.txt").as_deref(), Some("deep\n"), "--parents");
     fixture.assert_nothing_left();
 }
