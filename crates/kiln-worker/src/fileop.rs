@@ -161,6 +161,8 @@ fn glob_walk(root: &Path, prefix: &str, segments: &[&str], out: &mut Vec<(String
 }
 
 struct CopyOptions {
+    /// The destination root: every target resolves inside it.
+    root: PathBuf,
     owner: Option<(u32, u32)>,
     mode: Option<Chmod>,
     exclude: PatternList,
@@ -168,6 +170,7 @@ struct CopyOptions {
 
 fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Result<(), String> {
     let options = CopyOptions {
+        root: dest_root.to_path_buf(),
         owner: owner(dest_root, copy.chown.as_ref())?,
         mode: copy.chmod.as_deref().map(Chmod::parse).transpose()?,
         exclude: PatternList::new(&copy.exclude).map_err(|e| format!("--exclude: {e}"))?,
@@ -193,6 +196,9 @@ fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Resul
         } else {
             dest.clone()
         };
+        // Symlinks already in the destination (`--parents` paths, `dest/name`) resolve inside
+        // its root; the last component is replaced, never written through.
+        let target = within(dest_root, &target, false)?;
         if let Some(parent) = target.parent()
             && !parent.exists()
         {
@@ -210,12 +216,15 @@ fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Resul
 /// Copies a directory's contents into an existing directory, keeping owners, modes and times
 /// (seeding a cache mount from `from=`).
 pub(crate) fn copy_contents(source: &Path, target: &Path) -> Result<(), String> {
-    let options = CopyOptions { owner: None, mode: None, exclude: PatternList::default() };
+    let options = CopyOptions { root: target.to_path_buf(), owner: None, mode: None, exclude: PatternList::default() };
     copy_tree(source, target, "", &options)
 }
 
 /// Copies a directory's contents (not the directory itself, as COPY does) into `target`.
 fn copy_tree(source: &Path, target: &Path, rel: &str, options: &CopyOptions) -> Result<(), String> {
+    // A symlink where a directory goes is followed inside the destination root, as BuildKit
+    // does, never to the host.
+    let target = &within(&options.root, target, true)?;
     if !target.is_dir() {
         remove_non_dir(target)?;
         fs::create_dir(target).map_err(|e| format!("{}: {e}", target.display()))?;
@@ -263,6 +272,12 @@ fn copy_entry(from: &Path, to: &Path, options: &CopyOptions) -> Result<(), Strin
         set_meta(to, Some(mode), Some(options.owner.unwrap_or((meta.uid(), meta.gid()))))?;
     }
     copy_times(from, to)
+}
+
+/// `path` (somewhere under `root`) re-resolved inside `root`.
+fn within(root: &Path, path: &Path, follow_last: bool) -> Result<PathBuf, String> {
+    let rel = path.strip_prefix(root).unwrap_or(path).to_string_lossy().into_owned();
+    resolve_in_root(root, &rel, follow_last).map_err(|e| format!("{rel}: {e}"))
 }
 
 fn remove_non_dir(path: &Path) -> Result<(), String> {

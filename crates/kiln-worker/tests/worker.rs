@@ -331,3 +331,26 @@ RUN --mount=type=cache,target=/c,from=seed,source=/seed cat /c/file > /out
     assert_eq!(content(&fixture.worker, &result, "/p/sub/deep/f.txt").as_deref(), Some("deep\n"), "--parents");
     fixture.assert_nothing_left();
 }
+
+#[tokio::test]
+async fn copies_follow_destination_symlinks_inside_the_image_never_to_the_host() {
+    let fixture = Fixture::new().await;
+    let marker = format!("kiln-escape-test-{}.txt", std::process::id());
+    let context = fixture.context(&[]);
+    std::fs::create_dir_all(context.join("d/sub")).unwrap();
+    std::fs::write(context.join("d").join(&marker), "inside\n").unwrap();
+    std::fs::write(context.join("d/sub").join(&marker), "deeper\n").unwrap();
+    let dockerfile = "\
+FROM BASE
+RUN mkdir -p /t /u && ln -s /etc /t/d && ln -s /etc /u/sub
+COPY d/ /t/d/
+COPY d/ /u/
+";
+    let (graph, ctx) = fixture.plan(dockerfile, &context);
+    let done = fixture.build(&graph, &inputs(&ctx, &[])).await.unwrap();
+    let result = Fixture::final_snapshot(&graph, &done);
+    assert!(!Path::new("/etc").join(&marker).exists(), "a COPY wrote to the host's /etc");
+    assert_eq!(content(&fixture.worker, &result, &format!("/etc/{marker}")).as_deref(), Some("deeper\n"));
+    assert_eq!(content(&fixture.worker, &result, &format!("/u/{marker}")).as_deref(), Some("inside\n"));
+    fixture.assert_nothing_left();
+}
