@@ -1,7 +1,6 @@
 //! Pull and push over the OCI distribution API, with retries, into and out of the blob store.
 
 use std::future::Future;
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use crate::error::{ErrorKind, RegistryError, classify};
 use crate::image::{
     ACCEPTED_MANIFESTS, ConfigFile, Descriptor, ManifestKind, ResolvedImage, offered_platforms, select_platform,
 };
+use crate::sink::{SinkError, stream_into_store};
 
 /// How the client reaches registries.
 #[derive(Debug, Clone)]
@@ -256,41 +256,12 @@ impl RegistryClient {
             let digest = blob.digest.to_string();
             let stream =
                 client.pull_blob_stream(&oci, digest.as_str()).await.map_err(|e| oci_error(&action, &name, &e))?;
-            let (sender, receiver) = std::sync::mpsc::sync_channel::<Bytes>(16);
-            let store = Arc::clone(cas);
-            let (expected, size) = (blob.digest, blob.size);
-            let writer = tokio::task::spawn_blocking(move || -> Result<(), CasError> {
-                let mut ingest = store.ingest()?;
-                for chunk in receiver {
-                    ingest.write_all(&chunk).map_err(|source| CasError::Io { path: store.path(&expected), source })?;
-                }
-                if ingest.size() != size {
-                    return Err(CasError::SizeMismatch { digest: expected, expected: size, actual: ingest.size() });
-                }
-                ingest.commit(Some(&expected)).map(|_| ())
-            });
-            let mut stream = stream.stream;
-            let mut failure = None;
-            while let Some(chunk) = stream.next().await {
-                match chunk {
-                    Ok(chunk) => {
-                        if sender.send(chunk).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        failure = Some(RegistryError::new(&action, &name, ErrorKind::Network, e.to_string()));
-                        break;
-                    }
-                }
+            match stream_into_store(stream.stream, cas, Some(blob.digest), Some(blob.size)).await {
+                Ok(_) => Ok(()),
+                Err(SinkError::Body(e)) => Err(RegistryError::new(&action, &name, ErrorKind::Network, e)),
+                Err(SinkError::Task(e)) => Err(RegistryError::new(&action, &name, ErrorKind::Invalid, e)),
+                Err(SinkError::Store(e)) => Err(cas_error(&action, &name, e)),
             }
-            drop(sender);
-            let written =
-                writer.await.map_err(|e| RegistryError::new(&action, &name, ErrorKind::Invalid, e.to_string()))?;
-            if let Some(failure) = failure {
-                return Err(failure);
-            }
-            written.map_err(|e| cas_error(&action, &name, e))
         })
         .await
     }

@@ -1,14 +1,13 @@
 //! `ADD <url>`: downloads into the blob store, checked against `--checksum` when given.
 
-use std::io::Write as _;
 use std::sync::Arc;
 
-use futures_util::StreamExt as _;
 use kiln_cas::{BlobStore, CasError};
 use kiln_types::Digest;
 
 use crate::client::RegistryClient;
 use crate::error::{ErrorKind, RegistryError};
+use crate::sink::{SinkError, stream_into_store};
 
 /// A finished download.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,43 +45,15 @@ impl RegistryClient {
                 };
                 return Err(failure(kind, format!("the server answered {status}")));
             }
-            let (sender, receiver) = std::sync::mpsc::sync_channel::<bytes::Bytes>(16);
-            let store = Arc::clone(cas);
-            let expected = checksum.copied();
-            let writer = tokio::task::spawn_blocking(move || -> Result<Download, CasError> {
-                let mut ingest = store.ingest()?;
-                for chunk in receiver {
-                    ingest.write_all(&chunk).map_err(|source| CasError::Io { path: "download".into(), source })?;
+            match stream_into_store(response.bytes_stream(), cas, checksum.copied(), None).await {
+                Ok(info) => Ok(Download { digest: info.digest, size: info.size }),
+                Err(SinkError::Body(e)) => Err(failure(ErrorKind::Network, format!("reading the body: {e}"))),
+                Err(SinkError::Task(e)) => Err(failure(ErrorKind::Invalid, e)),
+                Err(SinkError::Store(CasError::DigestMismatch { expected, actual, .. })) => {
+                    Err(failure(ErrorKind::Integrity, format!("checksum mismatch: expected {expected}, got {actual}")))
                 }
-                let info = ingest.commit(expected.as_ref())?;
-                Ok(Download { digest: info.digest, size: info.size })
-            });
-            let mut body = response.bytes_stream();
-            let mut broken = None;
-            while let Some(chunk) = body.next().await {
-                match chunk {
-                    Ok(chunk) => {
-                        if sender.send(chunk).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        broken = Some(failure(ErrorKind::Network, format!("reading the body: {e}")));
-                        break;
-                    }
-                }
+                Err(SinkError::Store(other)) => Err(failure(ErrorKind::Invalid, other.to_string())),
             }
-            drop(sender);
-            let written = writer.await.map_err(|e| failure(ErrorKind::Invalid, e.to_string()))?;
-            if let Some(broken) = broken {
-                return Err(broken);
-            }
-            written.map_err(|e| match e {
-                CasError::DigestMismatch { expected, actual, .. } => {
-                    failure(ErrorKind::Integrity, format!("checksum mismatch: expected {expected}, got {actual}"))
-                }
-                other => failure(ErrorKind::Invalid, other.to_string()),
-            })
         })
         .await
     }

@@ -16,6 +16,7 @@ mod error;
 mod http;
 mod image;
 mod layout;
+mod sink;
 
 pub use auth::Credentials;
 pub use client::{RegistryClient, RegistryOptions};
