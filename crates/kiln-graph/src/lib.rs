@@ -11,7 +11,7 @@ mod builder;
 mod op;
 mod render;
 
-pub use builder::{Graph, GraphBuilder, GraphError, Output, Vertex, VertexMeta};
+pub use builder::{Graph, GraphBuilder, GraphError, Output, Vertex, VertexMeta, vertex_digest};
 pub use op::{
     CacheSharing, Chown, CopyAction, ExecOp, FileAction, FileOp, Input, MergeOp, Mount, MountKind, NetworkMode, Op,
     OpKind, SecretMount, SecurityMode, SourceOp, SshMount,

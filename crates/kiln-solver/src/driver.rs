@@ -1,0 +1,236 @@
+//! The async driver around [`SolverState`]: one task owns the state and handles one event at
+//! a time; executions run as their own tasks and report back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kiln_graph::{Graph, Op};
+use kiln_kv::SharedKv;
+use kiln_types::Digest;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::state::{BuildId, BuildOptions, Command, Effect, SolverState};
+use crate::{Event, Executed, Executor, LogLine, now_ms};
+
+const CACHE_TREE: &str = "solver-cache";
+
+/// How the driver runs executions.
+#[derive(Debug, Clone)]
+pub struct SolverConfig {
+    /// The worker's max-parallelism: executions of exec and file vertices at once, held only
+    /// around the execution itself (not around cache lookups or source resolution).
+    pub worker_parallelism: usize,
+}
+
+impl Default for SolverConfig {
+    fn default() -> Self {
+        SolverConfig { worker_parallelism: 16 }
+    }
+}
+
+enum Message<E: Executor> {
+    Submit {
+        graph: Graph,
+        options: BuildOptions,
+        build: Arc<E::Build>,
+        events: mpsc::UnboundedSender<Event<E::Output>>,
+        id: BuildId,
+    },
+    Cancel(BuildId),
+    Started {
+        key: Digest,
+        at: u64,
+    },
+    Log {
+        key: Digest,
+        line: LogLine,
+    },
+    Finished {
+        key: Digest,
+        result: Result<Executed<E::Output>, String>,
+        at: u64,
+    },
+}
+
+/// A handle on a running build: its events and a way to cancel it.
+pub struct BuildHandle<O> {
+    /// The build's id.
+    pub id: BuildId,
+    /// Progress events, ending with [`Event::Finished`].
+    pub events: mpsc::UnboundedReceiver<Event<O>>,
+    cancel: Box<dyn Fn() + Send + Sync>,
+}
+
+impl<O> BuildHandle<O> {
+    /// Cancels the build; shared work continues for other builds that wait on it.
+    pub fn cancel(&self) {
+        (self.cancel)();
+    }
+
+    /// Waits for the end, dropping progress events.
+    pub async fn wait(mut self) -> (Result<Vec<Option<O>>, String>, Vec<crate::VertexRecord>) {
+        while let Some(event) = self.events.recv().await {
+            if let Event::Finished(result, records) = event {
+                return (result, records);
+            }
+        }
+        (Err("the solver stopped".into()), Vec::new())
+    }
+}
+
+/// The solver service.
+pub struct Solver<E: Executor> {
+    sender: mpsc::UnboundedSender<Message<E>>,
+    next_build: std::sync::atomic::AtomicU64,
+}
+
+impl<E: Executor> Solver<E> {
+    /// Starts the driver task. Cache entries persist in `kv` when given (and are loaded
+    /// from it now).
+    pub fn start(executor: Arc<E>, config: SolverConfig, kv: Option<SharedKv>) -> Result<Solver<E>, String> {
+        let mut state = SolverState::default();
+        if let Some(kv) = &kv {
+            for (key, value) in kv.scan_prefix(CACHE_TREE, b"").map_err(|e| e.to_string())? {
+                let key = std::str::from_utf8(&key).ok().and_then(|k| k.parse::<Digest>().ok());
+                if let (Some(key), Ok(output)) = (key, serde_json::from_slice(&value)) {
+                    state.apply(Command::Restore { key, output });
+                }
+            }
+        }
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let driver = Driver {
+            state,
+            executor,
+            kv,
+            slots: Arc::new(Semaphore::new(config.worker_parallelism.max(1))),
+            sender: sender.clone(),
+            builds: HashMap::new(),
+            running: HashMap::new(),
+            logs: HashMap::new(),
+        };
+        tokio::spawn(driver.run(receiver));
+        Ok(Solver { sender, next_build: std::sync::atomic::AtomicU64::new(1) })
+    }
+
+    /// Submits a build; its progress arrives on the handle.
+    pub fn submit(&self, graph: Graph, options: BuildOptions, build: Arc<E::Build>) -> BuildHandle<E::Output> {
+        let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (events, receiver) = mpsc::unbounded_channel();
+        let _ = self.sender.send(Message::Submit { graph, options, build, events, id });
+        let sender = self.sender.clone();
+        BuildHandle { id, events: receiver, cancel: Box::new(move || drop(sender.send(Message::Cancel(id)))) }
+    }
+}
+
+/// A build's executor inputs and where its events go.
+type BuildEntry<E> = (Arc<<E as Executor>::Build>, mpsc::UnboundedSender<Event<<E as Executor>::Output>>);
+
+struct Driver<E: Executor> {
+    state: SolverState<E::Output>,
+    executor: Arc<E>,
+    kv: Option<SharedKv>,
+    slots: Arc<Semaphore>,
+    sender: mpsc::UnboundedSender<Message<E>>,
+    builds: HashMap<BuildId, BuildEntry<E>>,
+    running: HashMap<Digest, JoinHandle<()>>,
+    /// Output so far of each running job, replayed to builds that join it late.
+    logs: HashMap<Digest, Vec<LogLine>>,
+}
+
+impl<E: Executor> Driver<E> {
+    async fn run(mut self, mut receiver: mpsc::UnboundedReceiver<Message<E>>) {
+        while let Some(message) = receiver.recv().await {
+            self.handle(message);
+        }
+    }
+
+    fn handle(&mut self, message: Message<E>) {
+        let effects = match message {
+            Message::Submit { graph, options, build, events, id } => {
+                self.builds.insert(id, (build, events));
+                self.state.apply(Command::Submit { build: id, graph, options, at: now_ms() })
+            }
+            Message::Cancel(id) => self.state.apply(Command::Cancel { build: id }),
+            Message::Started { key, at } => {
+                self.state.apply(Command::Started { key, worker: self.executor.worker_name(), at })
+            }
+            Message::Log { key, line } => {
+                for (build, vertex) in self.state.waiters(&key) {
+                    self.emit(build, Event::Log { vertex, line: line.clone() });
+                }
+                self.logs.entry(key).or_default().push(line);
+                Vec::new()
+            }
+            Message::Finished { key, result, at } => {
+                self.running.remove(&key);
+                self.logs.remove(&key);
+                self.state.apply(Command::Finished { key, result, at })
+            }
+        };
+        for effect in effects {
+            self.perform(effect);
+        }
+    }
+
+    fn emit(&mut self, build: BuildId, event: Event<E::Output>) {
+        let finished = matches!(event, Event::Finished(..));
+        if let Some((_, events)) = self.builds.get(&build) {
+            let _ = events.send(event);
+        }
+        if finished {
+            self.builds.remove(&build);
+        }
+    }
+
+    fn perform(&mut self, effect: Effect<E::Output>) {
+        match effect {
+            Effect::Emit { build, event } => self.emit(build, event),
+            Effect::Replay { key, build, vertex } => {
+                for line in self.logs.get(&key).cloned().unwrap_or_default() {
+                    self.emit(build, Event::Log { vertex, line });
+                }
+            }
+            Effect::Store { key, output } => {
+                if let Some(kv) = &self.kv {
+                    let value = serde_json::to_vec(&output).expect("outputs serialise");
+                    // A lost cache entry only costs a re-execution; never fail a build for it.
+                    let _ = kv.put(CACHE_TREE, key.to_string().as_bytes(), &value);
+                }
+            }
+            Effect::Abort { key } => {
+                if let Some(task) = self.running.remove(&key) {
+                    task.abort();
+                }
+                self.logs.remove(&key);
+            }
+            Effect::Run { key, vertex, inputs, build } => {
+                let Some((context, _)) = self.builds.get(&build) else { return };
+                let (executor, context, sender) =
+                    (Arc::clone(&self.executor), Arc::clone(context), self.sender.clone());
+                // Sources resolve and transfer; only real work takes a worker slot.
+                let slots = matches!(vertex.op, Op::Exec(_) | Op::File(_)).then(|| Arc::clone(&self.slots));
+                let task = tokio::spawn(async move {
+                    let _slot = match slots {
+                        Some(slots) => Some(slots.acquire_owned().await.expect("the semaphore is never closed")),
+                        None => None,
+                    };
+                    let _ = sender.send(Message::Started { key, at: now_ms() });
+                    let (logs, mut log_lines) = mpsc::unbounded_channel();
+                    let forward = {
+                        let sender = sender.clone();
+                        tokio::spawn(async move {
+                            while let Some(line) = log_lines.recv().await {
+                                let _ = sender.send(Message::Log { key, line });
+                            }
+                        })
+                    };
+                    let result = executor.execute(*vertex, inputs, context, logs).await;
+                    let _ = forward.await;
+                    let _ = sender.send(Message::Finished { key, result, at: now_ms() });
+                });
+                self.running.insert(key, task);
+            }
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! The scheduling state and its one deterministic transition function.
+//!
+//! Everything that decides what runs — builds, vertex states, the in-flight table keyed by
+//! cache key, the cache index — lives in [`SolverState`] and changes only in
+//! [`SolverState::apply`]. Commands carry every outside fact (results, times), so replaying
+//! the same commands gives the same state and the same effects.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use kiln_graph::{Graph, Op, SourceOp, Vertex, vertex_digest};
+use kiln_types::{Digest, Sha256Writer};
+use serde::{Deserialize, Serialize};
+
+use crate::{Event, Executed};
+
+/// A build's id, unique within one solver.
+pub type BuildId = u64;
+
+/// Per-build settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Execute every cacheable vertex even when the cache has it (`--no-cache`).
+    pub no_cache: bool,
+    /// At most this many of the build's own executions at once (`--max-parallelism`).
+    pub max_parallelism: Option<usize>,
+}
+
+/// How a vertex ended, as the metadata file reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// This build executed it.
+    Executed,
+    /// The cache had it.
+    Cached,
+    /// Another build was executing it; this one waited for that result.
+    Deduplicated,
+    /// It never ran (the build failed or was cancelled first).
+    Skipped,
+    /// It failed.
+    Failed,
+}
+
+/// One vertex of a build, for progress and the metadata file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VertexRecord {
+    /// Vertex digest.
+    pub digest: Digest,
+    /// Progress name, e.g. `[build 2/3] RUN make`.
+    pub name: String,
+    /// `source`, `exec`, `file` or `merge`, as `kiln plan` prints it.
+    pub kind: String,
+    /// The stage it was created for.
+    pub stage: Option<String>,
+    /// How it ended.
+    pub status: Status,
+    /// The worker that executed it (for deduplicated vertices: the one the result came from).
+    pub worker: Option<String>,
+    /// Its platform.
+    pub platform: Option<String>,
+    /// When execution started (ms since the epoch).
+    pub started: Option<u64>,
+    /// When it finished (ms since the epoch).
+    pub completed: Option<u64>,
+}
+
+/// An input to [`SolverState::apply`].
+#[derive(Debug, Clone)]
+pub enum Command<O> {
+    /// A new build of `graph`.
+    Submit {
+        /// Its id.
+        build: BuildId,
+        /// The graph (topological, pruned to what the outputs need).
+        graph: Graph,
+        /// Its options.
+        options: BuildOptions,
+        /// The time.
+        at: u64,
+    },
+    /// An execution began on `worker`.
+    Started {
+        /// The job's cache key.
+        key: Digest,
+        /// The worker.
+        worker: String,
+        /// The time.
+        at: u64,
+    },
+    /// An execution ended.
+    Finished {
+        /// The job's cache key.
+        key: Digest,
+        /// The result or the error message.
+        result: Result<Executed<O>, String>,
+        /// The time.
+        at: u64,
+    },
+    /// The build's client gave up.
+    Cancel {
+        /// The build.
+        build: BuildId,
+    },
+    /// A cache entry known from earlier runs.
+    Restore {
+        /// The cache key.
+        key: Digest,
+        /// The result.
+        output: O,
+    },
+}
+
+/// What the driver must do after a command.
+#[derive(Debug, Clone)]
+pub enum Effect<O> {
+    /// Execute a job.
+    Run {
+        /// The job's cache key.
+        key: Digest,
+        /// The vertex.
+        vertex: Box<Vertex>,
+        /// Its inputs' outputs, in order.
+        inputs: Vec<O>,
+        /// The build whose inputs (contexts, secrets) the execution uses.
+        build: BuildId,
+    },
+    /// Stop a job nobody waits for any more; its result must not be recorded.
+    Abort {
+        /// The job's cache key.
+        key: Digest,
+    },
+    /// Send a progress event to a build.
+    Emit {
+        /// The build.
+        build: BuildId,
+        /// The event.
+        event: Event<O>,
+    },
+    /// Replay a running job's output so far to a build that just started waiting on it.
+    Replay {
+        /// The job's cache key.
+        key: Digest,
+        /// The build.
+        build: BuildId,
+        /// The vertex as that build knows it.
+        vertex: Digest,
+    },
+    /// Persist a cache entry.
+    Store {
+        /// The cache key.
+        key: Digest,
+        /// The result.
+        output: O,
+    },
+}
+
+enum VertexState<O> {
+    /// Waiting for this many inputs.
+    Blocked(usize),
+    /// Waiting for a job.
+    Waiting,
+    /// Done; `key` is the key its users compute theirs from.
+    Done { output: O, key: Digest },
+    /// Failed or abandoned.
+    Failed,
+}
+
+struct Build<O> {
+    vertices: Vec<Vertex>,
+    index: HashMap<Digest, usize>,
+    users: Vec<Vec<usize>>,
+    states: Vec<VertexState<O>>,
+    records: Vec<VertexRecord>,
+    outputs: Vec<Option<usize>>,
+    options: BuildOptions,
+    /// Jobs this build owns that are executing.
+    running: usize,
+    /// Jobs this build owns that wait for one of its parallelism slots.
+    queue: VecDeque<Digest>,
+}
+
+struct Job<O> {
+    vertex: Vertex,
+    inputs: Vec<O>,
+    owner: BuildId,
+    waiters: Vec<(BuildId, usize)>,
+    started: Option<(u64, String)>,
+    cacheable: bool,
+}
+
+/// The solver's whole state.
+pub struct SolverState<O> {
+    builds: BTreeMap<BuildId, Build<O>>,
+    jobs: BTreeMap<Digest, Job<O>>,
+    cache: HashMap<Digest, O>,
+}
+
+impl<O> Default for SolverState<O> {
+    fn default() -> Self {
+        SolverState { builds: BTreeMap::new(), jobs: BTreeMap::new(), cache: HashMap::new() }
+    }
+}
+
+/// The key of a vertex from its inputs' keys, and whether a result may be served from the
+/// cache. Sources that resolve something remote run every build.
+pub fn cache_key(vertex: &Vertex, input_keys: &[Digest]) -> (Digest, bool) {
+    match &vertex.op {
+        Op::Source(SourceOp::Local { .. }) | Op::Source(SourceOp::Http { checksum: Some(_), .. }) => {
+            (vertex.digest, true)
+        }
+        Op::Source(_) => (vertex.digest, false),
+        op => (vertex_digest(op, input_keys), true),
+    }
+}
+
+/// The key users of a source see once it resolved to `pin`.
+fn pinned_key(key: &Digest, pin: &Digest) -> Digest {
+    let mut hasher = Sha256Writer::new();
+    hasher.field(b"kiln.pinned");
+    hasher.field(key.as_bytes());
+    hasher.field(pin.as_bytes());
+    hasher.finish()
+}
+
+impl<O: Clone> SolverState<O> {
+    /// Builds in progress.
+    pub fn build_count(&self) -> usize {
+        self.builds.len()
+    }
+
+    /// Jobs queued or executing.
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// The builds waiting on a job, with the vertex each knows it as.
+    pub fn waiters(&self, key: &Digest) -> Vec<(BuildId, Digest)> {
+        let Some(job) = self.jobs.get(key) else { return Vec::new() };
+        job.waiters
+            .iter()
+            .filter_map(|(b, i)| self.builds.get(b).map(|build| (*b, build.vertices[*i].digest)))
+            .collect()
+    }
+
+    /// Applies one command and returns what must happen because of it.
+    pub fn apply(&mut self, command: Command<O>) -> Vec<Effect<O>> {
+        let mut effects = Vec::new();
+        match command {
+            Command::Submit { build, graph, options, at } => self.submit(build, graph, options, at, &mut effects),
+            Command::Started { key, worker, at } => self.started(key, worker, at, &mut effects),
+            Command::Finished { key, result, at } => self.finished(key, result, at, &mut effects),
+            Command::Cancel { build } => self.fail_build(build, "the build was cancelled".into(), &mut effects),
+            Command::Restore { key, output } => {
+                self.cache.insert(key, output);
+            }
+        }
+        effects
+    }
+
+    fn submit(&mut self, id: BuildId, graph: Graph, options: BuildOptions, at: u64, effects: &mut Vec<Effect<O>>) {
+        let index: HashMap<Digest, usize> = graph.vertices.iter().enumerate().map(|(i, v)| (v.digest, i)).collect();
+        let mut users = vec![Vec::new(); graph.vertices.len()];
+        let mut states = Vec::with_capacity(graph.vertices.len());
+        for (i, vertex) in graph.vertices.iter().enumerate() {
+            for input in &vertex.inputs {
+                users[index[input]].push(i);
+            }
+            states.push(VertexState::Blocked(vertex.inputs.len()));
+        }
+        let records = graph.vertices.iter().map(record_of).collect();
+        let outputs = graph.outputs.iter().map(|o| o.digest.map(|d| index[&d])).collect();
+        let build = Build {
+            vertices: graph.vertices,
+            index,
+            users,
+            states,
+            records,
+            outputs,
+            options,
+            running: 0,
+            queue: VecDeque::new(),
+        };
+        let roots: Vec<usize> = (0..build.vertices.len()).filter(|i| build.vertices[*i].inputs.is_empty()).collect();
+        self.builds.insert(id, build);
+        for root in roots {
+            self.ready(id, root, at, effects);
+        }
+        self.finish_if_done(id, effects);
+    }
+
+    /// All inputs of the vertex are done: serve it from the cache, join a job, or start one.
+    fn ready(&mut self, id: BuildId, index: usize, at: u64, effects: &mut Vec<Effect<O>>) {
+        let Some(build) = self.builds.get_mut(&id) else { return };
+        let vertex = &build.vertices[index];
+        let mut input_keys = Vec::with_capacity(vertex.inputs.len());
+        let mut inputs = Vec::with_capacity(vertex.inputs.len());
+        for input in &vertex.inputs {
+            match &build.states[build.index[input]] {
+                VertexState::Done { output, key } => {
+                    input_keys.push(*key);
+                    inputs.push(output.clone());
+                }
+                _ => unreachable!("ready only after every input is done"),
+            }
+        }
+        let (key, cacheable) = cache_key(vertex, &input_keys);
+        if cacheable
+            && !build.options.no_cache
+            && let Some(output) = self.cache.get(&key).cloned()
+        {
+            build.records[index].started = Some(at);
+            self.complete(id, index, output, key, Status::Cached, None, at, effects);
+            return;
+        }
+        build.states[index] = VertexState::Waiting;
+        let vertex_digest = vertex.digest;
+        if let Some(job) = self.jobs.get_mut(&key) {
+            job.waiters.push((id, index));
+            if let Some((started, _)) = &job.started {
+                build.records[index].started = Some(*started);
+                effects.push(Effect::Emit { build: id, event: Event::Started { vertex: vertex_digest, at: *started } });
+                effects.push(Effect::Replay { key, build: id, vertex: vertex_digest });
+            }
+            return;
+        }
+        let job =
+            Job { vertex: vertex.clone(), inputs, owner: id, waiters: vec![(id, index)], started: None, cacheable };
+        self.jobs.insert(key, job);
+        build.queue.push_back(key);
+        self.start_queued(id, effects);
+    }
+
+    fn start_queued(&mut self, id: BuildId, effects: &mut Vec<Effect<O>>) {
+        let Some(build) = self.builds.get_mut(&id) else { return };
+        let limit = build.options.max_parallelism.unwrap_or(usize::MAX).max(1);
+        while build.running < limit {
+            let Some(key) = build.queue.pop_front() else { break };
+            let Some(job) = self.jobs.get(&key) else { continue };
+            build.running += 1;
+            effects.push(Effect::Run {
+                key,
+                vertex: Box::new(job.vertex.clone()),
+                inputs: job.inputs.clone(),
+                build: id,
+            });
+        }
+    }
+
+    fn started(&mut self, key: Digest, worker: String, at: u64, effects: &mut Vec<Effect<O>>) {
+        let Some(job) = self.jobs.get_mut(&key) else { return };
+        job.started = Some((at, worker));
+        for (id, index) in &job.waiters {
+            if let Some(build) = self.builds.get_mut(id) {
+                build.records[*index].started = Some(at);
+                let vertex = build.vertices[*index].digest;
+                effects.push(Effect::Emit { build: *id, event: Event::Started { vertex, at } });
+            }
+        }
+    }
+
+    fn finished(&mut self, key: Digest, result: Result<Executed<O>, String>, at: u64, effects: &mut Vec<Effect<O>>) {
+        let Some(job) = self.jobs.remove(&key) else { return }; // aborted: nothing to record
+        if let Some(owner) = self.builds.get_mut(&job.owner) {
+            owner.running = owner.running.saturating_sub(1);
+        }
+        let worker = job.started.as_ref().map(|(_, w)| w.clone());
+        match result {
+            Ok(executed) => {
+                if job.cacheable {
+                    self.cache.insert(key, executed.output.clone());
+                    effects.push(Effect::Store { key, output: executed.output.clone() });
+                }
+                let user_key = executed.pin.map_or(key, |pin| pinned_key(&key, &pin));
+                for (id, index) in job.waiters {
+                    let status = if id == job.owner { Status::Executed } else { Status::Deduplicated };
+                    if let Some(build) = self.builds.get_mut(&id) {
+                        build.records[index].worker = worker.clone();
+                    }
+                    self.complete(id, index, executed.output.clone(), user_key, status, None, at, effects);
+                }
+            }
+            Err(error) => {
+                for (id, index) in job.waiters {
+                    let Some(build) = self.builds.get_mut(&id) else { continue };
+                    build.states[index] = VertexState::Failed;
+                    let record = &mut build.records[index];
+                    record.status = Status::Failed;
+                    record.worker = worker.clone();
+                    record.completed = Some(at);
+                    let record = record.clone();
+                    let event = Event::Completed { record, error: Some(error.clone()) };
+                    effects.push(Effect::Emit { build: id, event });
+                    self.fail_build(id, error.clone(), effects);
+                }
+            }
+        }
+        self.start_queued(job.owner, effects);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn complete(
+        &mut self,
+        id: BuildId,
+        index: usize,
+        output: O,
+        key: Digest,
+        status: Status,
+        error: Option<String>,
+        at: u64,
+        effects: &mut Vec<Effect<O>>,
+    ) {
+        let Some(build) = self.builds.get_mut(&id) else { return };
+        build.states[index] = VertexState::Done { output, key };
+        let record = &mut build.records[index];
+        record.status = status;
+        record.completed = Some(at);
+        effects.push(Effect::Emit { build: id, event: Event::Completed { record: record.clone(), error } });
+        let mut now_ready = Vec::new();
+        for user in build.users[index].clone() {
+            if let VertexState::Blocked(left) = &mut build.states[user] {
+                *left -= 1;
+                if *left == 0 {
+                    now_ready.push(user);
+                }
+            }
+        }
+        for user in now_ready {
+            self.ready(id, user, at, effects);
+        }
+        self.finish_if_done(id, effects);
+    }
+
+    fn finish_if_done(&mut self, id: BuildId, effects: &mut Vec<Effect<O>>) {
+        let Some(build) = self.builds.get(&id) else { return };
+        let done = |i: &usize| matches!(build.states[*i], VertexState::Done { .. });
+        if !build.outputs.iter().flatten().all(done) {
+            return;
+        }
+        let build = self.builds.remove(&id).expect("present");
+        let outputs = build
+            .outputs
+            .iter()
+            .map(|o| {
+                o.map(|i| match &build.states[i] {
+                    VertexState::Done { output, .. } => output.clone(),
+                    _ => unreachable!("checked above"),
+                })
+            })
+            .collect();
+        effects.push(Effect::Emit { build: id, event: Event::Finished(Ok(outputs), build.records) });
+    }
+
+    /// Ends a build with an error: it stops waiting on every job; jobs nobody else waits for
+    /// are aborted, the others pass to a remaining waiter.
+    fn fail_build(&mut self, id: BuildId, error: String, effects: &mut Vec<Effect<O>>) {
+        let Some(build) = self.builds.remove(&id) else { return };
+        let mut new_owners = Vec::new();
+        let keys: Vec<Digest> = self.jobs.keys().copied().collect();
+        for key in keys {
+            let job = self.jobs.get_mut(&key).expect("listed");
+            job.waiters.retain(|(b, _)| *b != id);
+            if job.waiters.is_empty() {
+                let job = self.jobs.remove(&key).expect("listed");
+                if job.owner == id && !build.queue.contains(&key) {
+                    effects.push(Effect::Abort { key });
+                }
+            } else if job.owner == id {
+                let heir = job.waiters[0].0;
+                job.owner = heir;
+                new_owners.push((heir, key, !build.queue.contains(&key)));
+            }
+        }
+        for (heir, key, running) in new_owners {
+            if let Some(heir_build) = self.builds.get_mut(&heir) {
+                if running {
+                    heir_build.running += 1;
+                } else {
+                    heir_build.queue.push_back(key);
+                }
+            }
+            self.start_queued(heir, effects);
+        }
+        effects.push(Effect::Emit { build: id, event: Event::Finished(Err(error), build.records) });
+    }
+}
+
+fn record_of(vertex: &Vertex) -> VertexRecord {
+    VertexRecord {
+        digest: vertex.digest,
+        name: vertex.meta.name.clone(),
+        kind: vertex.op.kind().as_str().to_string(),
+        stage: vertex.meta.stage.clone(),
+        status: Status::Skipped,
+        worker: None,
+        platform: vertex.meta.platform.as_ref().map(|p| p.to_string()),
+        started: None,
+        completed: None,
+    }
+}
+
+#[cfg(test)]
+mod tests;
