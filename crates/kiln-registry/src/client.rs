@@ -105,7 +105,7 @@ impl RegistryClient {
     pub(crate) async fn retry<T, F, Fut>(
         &self,
         action: &str,
-        image: &dyn std::fmt::Display,
+        image: &(dyn std::fmt::Display + Sync),
         mut operation: F,
     ) -> Result<T, RegistryError>
     where
@@ -194,7 +194,10 @@ impl RegistryClient {
         cas: &Arc<BlobStore>,
     ) -> Result<ResolvedImage, RegistryError> {
         let resolved = self.resolve(image, platform, cas).await?;
-        futures_util::stream::iter(resolved.manifest.layers.iter().map(|layer| self.fetch_blob(image, layer, cas)))
+        // Collected first: a closure inside the stream type trips the compiler's Send check
+        // for callers that box this future.
+        let fetches: Vec<_> = resolved.manifest.layers.iter().map(|layer| self.fetch_blob(image, layer, cas)).collect();
+        futures_util::stream::iter(fetches)
             .buffer_unordered(self.options.parallel_downloads.max(1))
             .try_collect::<Vec<()>>()
             .await?;

@@ -371,8 +371,19 @@ impl<O: Clone> SolverState<O> {
                     effects.push(Effect::Store { key, output: executed.output.clone() });
                 }
                 let user_key = executed.pin.map_or(key, |pin| pinned_key(&key, &pin));
+                // A source that resolved to what an earlier build already had counts as cached
+                // (an image already pulled and unpacked), as BuildKit reports it.
+                let already_had = executed.pin.is_some() && self.cache.contains_key(&user_key);
+                if executed.pin.is_some() && !already_had {
+                    self.cache.insert(user_key, executed.output.clone());
+                    effects.push(Effect::Store { key: user_key, output: executed.output.clone() });
+                }
                 for (id, index) in job.waiters {
-                    let status = if id == job.owner { Status::Executed } else { Status::Deduplicated };
+                    let status = match (id == job.owner, already_had) {
+                        (true, true) => Status::Cached,
+                        (true, false) => Status::Executed,
+                        (false, _) => Status::Deduplicated,
+                    };
                     if let Some(build) = self.builds.get_mut(&id) {
                         build.records[index].worker = worker.clone();
                     }

@@ -11,7 +11,7 @@ use kiln_runner::{Network, RUNNER_FAILED, RunMount, RunMountKind, RunResult, Run
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 
 use crate::user::resolve_user;
-use crate::{BuildInputs, LogLine, Snapshot, Stream, Worker, WorkerError, blocking, chain};
+use crate::{BuildInputs, LogLine, LogStream, Snapshot, Worker, WorkerError, blocking, chain};
 
 /// Output lines kept for the error message of a failed step.
 const TAIL_LINES: usize = 20;
@@ -172,7 +172,7 @@ impl Worker {
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let (out_tail, err_tail, status) =
-            tokio::join!(pump(stdout, Stream::Stdout, build), pump(stderr, Stream::Stderr, build), child.wait());
+            tokio::join!(pump(stdout, LogStream::Stdout, build), pump(stderr, LogStream::Stderr, build), child.wait());
         let status = status.map_err(|e| format!("waiting for the runner: {e}"))?;
         guard.finished = true;
         let mut tail: VecDeque<String> = out_tail.into_iter().chain(err_tail).collect();
@@ -190,7 +190,7 @@ impl Worker {
 }
 
 /// Forwards lines to the log sink and keeps the last few.
-async fn pump(reader: impl AsyncRead + Unpin, stream: Stream, build: &BuildInputs) -> VecDeque<String> {
+async fn pump(reader: impl AsyncRead + Unpin, stream: LogStream, build: &BuildInputs) -> VecDeque<String> {
     let mut lines = BufReader::new(reader).lines();
     let mut tail = VecDeque::new();
     while let Ok(Some(line)) = lines.next_line().await {

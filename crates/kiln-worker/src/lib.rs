@@ -14,11 +14,14 @@
 
 mod chmod;
 mod exec;
+mod executor;
 mod fileop;
 mod mounts;
 mod source;
 mod user;
 
+pub use executor::LocalExecutor;
+pub use kiln_solver::{LogLine, LogStream};
 pub use user::{ResolvedUser, resolve_owner, resolve_user};
 
 use std::collections::HashMap;
@@ -35,7 +38,6 @@ use kiln_layer::{LayerId, SnapshotStore};
 use kiln_registry::{Credentials, RegistryClient, RegistryOptions, ResolvedImage};
 use kiln_runner::Limits;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 /// A vertex result: a chain of layers, bottom first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -53,25 +55,6 @@ pub struct VertexOutput {
     pub image: Option<ResolvedImage>,
 }
 
-/// Which output stream a log line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stream {
-    /// Standard output.
-    Stdout,
-    /// Standard error.
-    Stderr,
-}
-
-/// One line of step output.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogLine {
-    /// The stream.
-    pub stream: Stream,
-    /// The line, without its newline.
-    pub line: String,
-}
-
 /// Per-build inputs the graph refers to by name.
 #[derive(Default, Clone)]
 pub struct BuildInputs {
@@ -80,7 +63,7 @@ pub struct BuildInputs {
     /// Secrets by id.
     pub secrets: HashMap<String, Vec<u8>>,
     /// Where step output goes, if anywhere.
-    pub logs: Option<mpsc::UnboundedSender<LogLine>>,
+    pub logs: Option<kiln_solver::LogSink>,
 }
 
 /// How a worker runs steps.

@@ -1,5 +1,6 @@
-//! Dockerfiles converted by the front end and executed vertex by vertex on a real worker:
-//! real containers over real overlay mounts, a base image from a real registry.
+//! Dockerfiles converted by the front end and executed on a real worker, vertex by vertex
+//! here and through the solver in `solve`: real containers over real overlay mounts, a base
+//! image from a real registry.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,11 +18,14 @@ use kiln_testkit::{TestRegistry, busybox_rootfs, mounts_under, runner_binary, st
 use kiln_types::{Digest, ImageReference, Platform};
 use kiln_worker::{BuildInputs, Snapshot, Worker, WorkerConfig, WorkerError};
 
+#[path = "worker/solve.rs"]
+mod solve;
+
 struct Fixture {
     _registry: TestRegistry,
     base: ImageReference,
     dir: tempfile::TempDir,
-    worker: Worker,
+    worker: Arc<Worker>,
 }
 
 impl Fixture {
@@ -37,7 +41,7 @@ impl Fixture {
         let mut config = WorkerConfig::new(&dir.path().join("worker")).unwrap();
         config.runner = runner_binary();
         config.cgroup_parent = "/kiln-worker-test".into();
-        let worker = Worker::open(config, Arc::new(MemoryKv::new())).unwrap();
+        let worker = Arc::new(Worker::open(config, Arc::new(MemoryKv::new())).unwrap());
         Fixture { _registry: registry, base, dir, worker }
     }
 

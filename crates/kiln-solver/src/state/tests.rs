@@ -115,7 +115,7 @@ fn a_finished_build_is_served_from_the_cache_unless_no_cache() {
     let effects = drive(&mut state, submitted, pin);
     assert_eq!(runs(&effects).iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), ["FROM"], "sources always resolve");
     let (_, records) = finished(&effects, 2).unwrap();
-    assert_eq!(records.iter().filter(|r| r.status == Status::Cached).count(), 2, "{records:?}");
+    assert!(records.iter().all(|r| r.status == Status::Cached), "fully cached: {records:?}");
 
     let submitted = submit(&mut state, 3, graph(&["a"]), BuildOptions { no_cache: true, ..Default::default() });
     let effects = drive(&mut state, submitted, pin);

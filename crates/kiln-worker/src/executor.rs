@@ -1,0 +1,45 @@
+//! The solver's placement interface implemented by a worker in the same process.
+
+use std::sync::Arc;
+
+use kiln_graph::Vertex;
+use kiln_solver::{BoxFuture, Executed, Executor, LogSink};
+
+use crate::{BuildInputs, Snapshot, Worker};
+
+/// Executes vertices on a local [`Worker`].
+pub struct LocalExecutor {
+    worker: Arc<Worker>,
+    name: String,
+}
+
+impl LocalExecutor {
+    /// An executor for `worker`, reported as `name` in records.
+    pub fn new(worker: Arc<Worker>, name: &str) -> LocalExecutor {
+        LocalExecutor { worker, name: name.to_string() }
+    }
+}
+
+impl Executor for LocalExecutor {
+    type Output = Snapshot;
+    type Build = BuildInputs;
+
+    fn execute(
+        &self,
+        vertex: Vertex,
+        inputs: Vec<Snapshot>,
+        build: Arc<BuildInputs>,
+        logs: LogSink,
+    ) -> BoxFuture<Result<Executed<Snapshot>, String>> {
+        let worker = Arc::clone(&self.worker);
+        Box::pin(async move {
+            let build = BuildInputs { logs: Some(logs), ..(*build).clone() };
+            let output = worker.execute(&vertex, &inputs, &build).await.map_err(|e| e.to_string())?;
+            Ok(Executed { output: output.snapshot, pin: output.image.map(|image| image.manifest_digest) })
+        })
+    }
+
+    fn worker_name(&self) -> String {
+        self.name.clone()
+    }
+}
