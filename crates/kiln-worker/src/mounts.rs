@@ -19,11 +19,14 @@ use crate::{BuildInputs, Snapshot, Worker, blocking, chain};
 pub(crate) struct CacheMounts {
     root: PathBuf,
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while a cache directory is created and seeded, so concurrent first uses of a
+    /// shared cache create it once.
+    creating: tokio::sync::Mutex<()>,
 }
 
 impl CacheMounts {
     pub(crate) fn new(root: PathBuf) -> CacheMounts {
-        CacheMounts { root, locks: Mutex::default() }
+        CacheMounts { root, locks: Mutex::default(), creating: tokio::sync::Mutex::new(()) }
     }
 
     fn lock_for(&self, dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
@@ -90,6 +93,7 @@ impl Worker {
                 }
                 MountKind::Cache { id, sharing, from, source, readonly, mode, uid, gid } => {
                     let (dir, guard) = self.cache_mounts.acquire(id, *sharing).await?;
+                    let creating = self.cache_mounts.creating.lock().await;
                     if !dir.exists() {
                         // A new cache starts as a copy of `from` (at `source`) when given.
                         let seed = from.as_ref().map(|input| chain(input, inputs).map(<[_]>::to_vec)).transpose()?;
@@ -113,6 +117,7 @@ impl Worker {
                         })
                         .await?;
                     }
+                    drop(creating);
                     prepared.guards.extend(guard);
                     prepared.run_mounts.push(bind(target, dir, *readonly));
                 }
