@@ -10,6 +10,7 @@
 //! - Picking a platform out of an index is exact (normalised os/arch/variant); there is no
 //!   fallback to another platform.
 
+mod assemble;
 mod auth;
 mod client;
 mod error;
@@ -18,6 +19,7 @@ mod image;
 mod layout;
 mod sink;
 
+pub use assemble::{ArchiveFormat, History, MediaTypes, NewImage, NewLayer, store_image, store_index, write_archive};
 pub use auth::Credentials;
 pub use client::{RegistryClient, RegistryOptions};
 pub use error::{ErrorKind, RegistryError};
@@ -27,4 +29,4 @@ pub use image::{
     Descriptor, Index, Manifest, ManifestKind, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, PlatformField, ResolvedImage,
     RootFs, offered_platforms, select_platform,
 };
-pub use layout::{LayoutError, read_layout, write_layout};
+pub use layout::{LayoutError, REF_NAME, read_layout, write_layout};

@@ -23,7 +23,9 @@ macro_rules! serde_as_string {
 mod digest;
 mod platform;
 mod reference;
+mod time;
 
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use platform::{Platform, PlatformError};
 pub use reference::{ImageReference, ReferenceError};
+pub use time::rfc3339_millis;

@@ -15,6 +15,7 @@
 mod chmod;
 mod exec;
 mod executor;
+mod export;
 mod fileop;
 mod mounts;
 mod source;
@@ -170,6 +171,11 @@ impl Worker {
     /// The snapshot store.
     pub fn snapshots(&self) -> &Arc<SnapshotStore> {
         &self.snapshots
+    }
+
+    /// The registry client (shared by pulls, resolution and pushes).
+    pub fn registry(&self) -> &RegistryClient {
+        &self.registry
     }
 
     /// Executes `vertex` given the outputs of its inputs, in order.

@@ -1,0 +1,222 @@
+//! One build: context, two-pass conversion, solve, export.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_context::FsContext;
+use kiln_dockerfile::ignore::PatternList;
+use kiln_dockerfile::image::{ImageConfig, ImageMetadata, NoImageMetadata};
+use kiln_dockerfile::{BuildPlan, ConvertOptions, convert};
+use kiln_graph::{Op, SourceOp};
+use kiln_solver::{BuildOptions, Event, LogLine, VertexRecord};
+use kiln_types::{Digest, ImageReference, Platform};
+use kiln_worker::BuildInputs;
+use tokio::sync::mpsc;
+
+use crate::{Engine, OutputSpec};
+
+/// What a client asks to build.
+#[derive(Debug, Clone, Default)]
+pub struct BuildRequest {
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// Its name, for error messages.
+    pub file_name: String,
+    /// The context directory (on the engine's machine).
+    pub context: PathBuf,
+    /// The `.dockerignore` text that applies.
+    pub dockerignore: String,
+    /// Target stage (default: the last).
+    pub target: Option<String>,
+    /// Build arguments.
+    pub build_args: BTreeMap<String, String>,
+    /// Target platforms (default: the engine's).
+    pub platforms: Vec<Platform>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--max-parallelism`.
+    pub max_parallelism: Option<usize>,
+    /// Secrets by id.
+    pub secrets: HashMap<String, Vec<u8>>,
+    /// Where the result goes.
+    pub outputs: Vec<OutputSpec>,
+}
+
+/// Progress of a build, in order.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// The graph is known: every vertex, in execution order.
+    Planned {
+        /// Initial records (status `skipped` until they finish).
+        vertices: Vec<VertexRecord>,
+    },
+    /// A vertex started.
+    Started {
+        /// The vertex.
+        vertex: Digest,
+        /// Milliseconds since the epoch.
+        at: u64,
+    },
+    /// A line of a vertex's output.
+    Log {
+        /// The vertex.
+        vertex: Digest,
+        /// The line.
+        line: LogLine,
+    },
+    /// A vertex finished.
+    Completed {
+        /// Its record.
+        record: VertexRecord,
+        /// Its error, if it failed.
+        error: Option<String>,
+    },
+    /// An export step (`exporting layers`, `pushing REF`, ...).
+    Export {
+        /// What is exported.
+        name: String,
+        /// Start, ms since the epoch.
+        started: u64,
+        /// End, once done.
+        completed: Option<u64>,
+    },
+}
+
+/// A finished build.
+#[derive(Debug, Clone)]
+pub struct BuildSummary {
+    /// Every vertex.
+    pub records: Vec<VertexRecord>,
+    /// The image (manifest or index) digest, when an image was exported.
+    pub image: Option<Digest>,
+}
+
+/// A failed build: the message names the step, its Dockerfile line and output.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct BuildFailure {
+    /// What went wrong.
+    pub message: String,
+    /// Every vertex, as far as the build got.
+    pub records: Vec<VertexRecord>,
+}
+
+impl BuildFailure {
+    fn early(message: impl Into<String>) -> BuildFailure {
+        BuildFailure { message: message.into(), records: Vec::new() }
+    }
+}
+
+/// Base image configs resolved before the second conversion pass.
+struct ResolvedImages(HashMap<(String, Platform), ImageConfig>);
+
+impl ImageMetadata for ResolvedImages {
+    fn config(&self, reference: &ImageReference, platform: &Platform) -> Option<ImageConfig> {
+        self.0.get(&(reference.to_string(), platform.clone())).cloned()
+    }
+}
+
+impl Engine {
+    /// Runs a build to the end, sending progress as it goes.
+    pub async fn build(
+        &self,
+        request: BuildRequest,
+        progress: mpsc::UnboundedSender<Progress>,
+    ) -> Result<BuildSummary, BuildFailure> {
+        let ignore = PatternList::parse_ignore_file(&request.dockerignore)
+            .map_err(|e| BuildFailure::early(format!(".dockerignore: {e}")))?;
+        let context_dir = request.context.clone();
+        let context = tokio::task::spawn_blocking(move || FsContext::walk(&context_dir, &ignore))
+            .await
+            .map_err(|e| BuildFailure::early(e.to_string()))?
+            .map_err(|e| BuildFailure::early(format!("reading build context {}: {e}", request.context.display())))?;
+        let context = Arc::new(context);
+        let plan = self.plan(&request, &context).await.map_err(BuildFailure::early)?;
+        let _ = progress.send(Progress::Planned { vertices: plan.graph.vertices.iter().map(initial_record).collect() });
+
+        let inputs = BuildInputs {
+            contexts: HashMap::from([("context".to_string(), context)]),
+            secrets: request.secrets.clone(),
+            logs: None,
+        };
+        let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };
+        let mut handle = self.solver.submit(plan.graph.clone(), options, Arc::new(inputs));
+        let (result, records) = loop {
+            match handle.events.recv().await {
+                Some(Event::Started { vertex, at }) => drop(progress.send(Progress::Started { vertex, at })),
+                Some(Event::Log { vertex, line }) => drop(progress.send(Progress::Log { vertex, line })),
+                Some(Event::Completed { record, error }) => drop(progress.send(Progress::Completed { record, error })),
+                Some(Event::Finished(result, records)) => break (result, records),
+                None => return Err(BuildFailure::early("the solver stopped")),
+            }
+        };
+        let results = match result {
+            Ok(results) => results,
+            Err(message) => return Err(BuildFailure { message, records }),
+        };
+        match self.export(&plan, &results, &request, &progress).await {
+            Ok(image) => Ok(BuildSummary { records, image }),
+            Err(message) => Err(BuildFailure { message, records }),
+        }
+    }
+
+    /// Converts the Dockerfile, resolving the base images' configs in between.
+    async fn plan(&self, request: &BuildRequest, context: &Arc<FsContext>) -> Result<BuildPlan, String> {
+        let first = convert(&request.dockerfile, &convert_options(request, context, &NoImageMetadata))
+            .map_err(|e| e.to_string())?;
+        let mut wanted: Vec<(ImageReference, Platform)> = first
+            .graph
+            .vertices
+            .iter()
+            .filter_map(|v| match &v.op {
+                Op::Source(SourceOp::Image { reference, platform }) => Some((reference.clone(), platform.clone())),
+                _ => None,
+            })
+            .collect();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(first);
+        }
+        let registry = self.worker.registry();
+        let cas = self.worker.cas();
+        let mut configs = HashMap::new();
+        for (reference, platform) in wanted {
+            let image = registry.resolve(&reference, &platform, cas).await.map_err(|e| e.to_string())?;
+            let config = serde_json::from_value(image.config.config.clone()).unwrap_or_default();
+            configs.insert((reference.to_string(), platform), config);
+        }
+        let resolved = ResolvedImages(configs);
+        convert(&request.dockerfile, &convert_options(request, context, &resolved)).map_err(|e| e.to_string())
+    }
+}
+
+fn convert_options<'a>(
+    request: &BuildRequest,
+    context: &'a FsContext,
+    images: &'a dyn ImageMetadata,
+) -> ConvertOptions<'a> {
+    ConvertOptions {
+        file_name: request.file_name.clone(),
+        target: request.target.clone(),
+        build_args: request.build_args.clone(),
+        platforms: request.platforms.clone(),
+        build_platform: Platform::host(),
+        context,
+        images,
+    }
+}
+
+fn initial_record(vertex: &kiln_graph::Vertex) -> VertexRecord {
+    VertexRecord {
+        digest: vertex.digest,
+        name: vertex.meta.name.clone(),
+        kind: vertex.op.kind().as_str().to_string(),
+        stage: vertex.meta.stage.clone(),
+        status: kiln_solver::Status::Skipped,
+        worker: None,
+        platform: vertex.meta.platform.as_ref().map(|p| p.to_string()),
+        started: None,
+        completed: None,
+    }
+}

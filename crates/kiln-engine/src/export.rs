@@ -1,0 +1,170 @@
+//! Exporting a solved build: image documents, pushes, tarballs, plain files.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kiln_dockerfile::BuildPlan;
+use kiln_layer::TarOptions;
+use kiln_registry::{
+    ArchiveFormat, Descriptor, History, MediaTypes, NewImage, NewLayer, store_image, store_index, write_archive,
+};
+use kiln_solver::now_ms;
+use kiln_types::{Digest, rfc3339_millis};
+use kiln_worker::Snapshot;
+use tokio::sync::mpsc;
+
+use crate::{BuildRequest, Engine, OutputSpec, Progress};
+
+impl Engine {
+    /// Runs every requested output; returns the image digest when an image was made.
+    pub(crate) async fn export(
+        &self,
+        plan: &BuildPlan,
+        results: &[Option<Snapshot>],
+        request: &BuildRequest,
+        progress: &mpsc::UnboundedSender<Progress>,
+    ) -> Result<Option<Digest>, String> {
+        let epoch = match request.build_args.get("SOURCE_DATE_EPOCH") {
+            Some(text) => {
+                Some(text.parse::<u64>().map_err(|_| format!("SOURCE_DATE_EPOCH={text} is not a number of seconds"))?)
+            }
+            None => None,
+        };
+        let options = TarOptions { source_date_epoch: epoch };
+        let created = rfc3339_millis(epoch.map_or_else(now_ms, |seconds| seconds * 1000));
+        let empty = Snapshot::default();
+        let snapshots: Vec<&Snapshot> = results.iter().map(|r| r.as_ref().unwrap_or(&empty)).collect();
+        let mut images: HashMap<bool, Descriptor> = HashMap::new();
+        let mut image_digest = None;
+        for output in &request.outputs {
+            let media = match output {
+                OutputSpec::Image { media, .. } => Some(*media),
+                OutputSpec::Oci { .. } => Some(MediaTypes::Oci),
+                OutputSpec::Docker { .. } => Some(MediaTypes::Docker),
+                _ => None,
+            };
+            if let Some(media) = media {
+                if let std::collections::hash_map::Entry::Vacant(slot) = images.entry(media == MediaTypes::Oci) {
+                    let step = self.step(progress, "exporting layers and image config");
+                    slot.insert(self.store_images(plan, &snapshots, media, options, &created).await?);
+                    step.done();
+                }
+            }
+            match output {
+                OutputSpec::Image { names, push, media } => {
+                    let image = &images[&(*media == MediaTypes::Oci)];
+                    image_digest = Some(image.digest);
+                    if *push {
+                        for name in names {
+                            let reference = name.parse().map_err(|e| format!("--output name={name}: {e}"))?;
+                            let step = self.step(progress, &format!("pushing {name}"));
+                            self.worker
+                                .registry()
+                                .push(&reference, &image.digest, self.worker.cas())
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            step.done();
+                        }
+                    }
+                }
+                OutputSpec::Oci { dest, names } | OutputSpec::Docker { dest, names } => {
+                    let format = if matches!(output, OutputSpec::Oci { .. }) {
+                        ArchiveFormat::Oci
+                    } else {
+                        ArchiveFormat::Docker
+                    };
+                    let image = images[&(format == ArchiveFormat::Oci)].clone();
+                    image_digest = Some(image.digest);
+                    let step = self.step(progress, &format!("writing {}", dest.display()));
+                    let (cas, dest, names) = (Arc::clone(self.worker.cas()), dest.clone(), names.clone());
+                    tokio::task::spawn_blocking(move || write_archive(&dest, &image, &names, &cas, format))
+                        .await
+                        .map_err(|e| e.to_string())??;
+                    step.done();
+                }
+                OutputSpec::Local { dest } => {
+                    let step = self.step(progress, &format!("copying files to {}", dest.display()));
+                    for (i, snapshot) in snapshots.iter().enumerate() {
+                        let target = if snapshots.len() == 1 { dest.clone() } else { dest.join(platform_dir(plan, i)) };
+                        self.worker.export_local(snapshot, &target).await?;
+                    }
+                    step.done();
+                }
+                OutputSpec::Tar { dest } => {
+                    if snapshots.len() != 1 {
+                        return Err("type=tar holds one platform; use type=local for several".into());
+                    }
+                    let step = self.step(progress, &format!("writing {}", dest.display()));
+                    self.worker.export_tar(snapshots[0], dest, options).await?;
+                    step.done();
+                }
+            }
+        }
+        Ok(image_digest)
+    }
+
+    /// The image of each output platform, under an index when there are several.
+    async fn store_images(
+        &self,
+        plan: &BuildPlan,
+        snapshots: &[&Snapshot],
+        media: MediaTypes,
+        options: TarOptions,
+        created: &str,
+    ) -> Result<Descriptor, String> {
+        let mut manifests = Vec::new();
+        for (i, snapshot) in snapshots.iter().enumerate() {
+            let blobs = self.worker.export_layers(snapshot, options).await?;
+            let layers: Vec<NewLayer> = blobs
+                .iter()
+                .map(|b| NewLayer {
+                    digest: b.digest,
+                    diff_id: b.diff_id,
+                    size: b.size,
+                    media_type: b.compression.oci_media_type().into(),
+                })
+                .collect();
+            let history = layers
+                .iter()
+                .map(|_| History { created: created.to_string(), created_by: "kiln build".into(), empty_layer: false })
+                .collect();
+            let image = NewImage {
+                platform: plan.graph.outputs[i].platform.clone(),
+                config: serde_json::to_value(&plan.images[i]).map_err(|e| e.to_string())?,
+                layers,
+                history,
+                created: created.to_string(),
+            };
+            manifests.push(store_image(self.worker.cas(), &image, media).map_err(|e| e.to_string())?);
+        }
+        if manifests.len() == 1 {
+            let mut single = manifests.remove(0);
+            single.platform = None;
+            return Ok(single);
+        }
+        store_index(self.worker.cas(), manifests, media).map_err(|e| e.to_string())
+    }
+
+    fn step<'a>(&self, progress: &'a mpsc::UnboundedSender<Progress>, name: &str) -> ExportStep<'a> {
+        let started = now_ms();
+        let _ = progress.send(Progress::Export { name: name.to_string(), started, completed: None });
+        ExportStep { progress, name: name.to_string(), started }
+    }
+}
+
+struct ExportStep<'a> {
+    progress: &'a mpsc::UnboundedSender<Progress>,
+    name: String,
+    started: u64,
+}
+
+impl ExportStep<'_> {
+    fn done(self) {
+        let _ =
+            self.progress.send(Progress::Export { name: self.name, started: self.started, completed: Some(now_ms()) });
+    }
+}
+
+fn platform_dir(plan: &BuildPlan, index: usize) -> String {
+    plan.graph.outputs[index].platform.to_string().replace('/', "_")
+}

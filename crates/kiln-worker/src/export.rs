@@ -1,0 +1,52 @@
+//! Results out of the snapshot store: layer blobs for images, and the plain files for
+//! `type=local` and `type=tar`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_layer::{Compression, LayerBlob, TarOptions, write_layer_tar};
+
+use crate::fileop::copy_contents;
+use crate::{Snapshot, Worker, blocking};
+
+impl Worker {
+    /// Each layer of the snapshot as a compressed blob in the blob store (cached per layer).
+    pub async fn export_layers(&self, snapshot: &Snapshot, options: TarOptions) -> Result<Vec<LayerBlob>, String> {
+        let (snapshots, cas, layers) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas), snapshot.layers.clone());
+        blocking(move || {
+            layers
+                .iter()
+                .map(|id| {
+                    snapshots.export(id, &cas, Compression::Gzip, &options).map_err(|e| format!("layer {id}: {e}"))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Copies the snapshot's files into `dest` (created when missing), keeping owners,
+    /// modes and times.
+    pub async fn export_local(&self, snapshot: &Snapshot, dest: &Path) -> Result<(), String> {
+        let (snapshots, layers, dest) = (Arc::clone(&self.snapshots), snapshot.layers.clone(), dest.to_path_buf());
+        blocking(move || {
+            let view = snapshots.view(&layers).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+            copy_contents(&view.root(), &dest)
+        })
+        .await
+    }
+
+    /// Writes the snapshot's files as one tarball.
+    pub async fn export_tar(&self, snapshot: &Snapshot, dest: &Path, options: TarOptions) -> Result<(), String> {
+        let (snapshots, layers, dest): (_, _, PathBuf) =
+            (Arc::clone(&self.snapshots), snapshot.layers.clone(), dest.to_path_buf());
+        blocking(move || {
+            let view = snapshots.view(&layers).map_err(|e| e.to_string())?;
+            let file = std::fs::File::create(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+            let writer =
+                write_layer_tar(&view.root(), std::io::BufWriter::new(file), &options).map_err(|e| e.to_string())?;
+            writer.into_inner().map(drop).map_err(|e| format!("{}: {e}", dest.display()))
+        })
+        .await
+    }
+}
