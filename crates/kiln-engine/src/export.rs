@@ -43,12 +43,12 @@ impl Engine {
                 OutputSpec::Docker { .. } => Some(MediaTypes::Docker),
                 _ => None,
             };
-            if let Some(media) = media {
-                if let std::collections::hash_map::Entry::Vacant(slot) = images.entry(media == MediaTypes::Oci) {
-                    let step = self.step(progress, "exporting layers and image config");
-                    slot.insert(self.store_images(plan, &snapshots, media, options, &created).await?);
-                    step.done();
-                }
+            if let Some(media) = media
+                && let std::collections::hash_map::Entry::Vacant(slot) = images.entry(media == MediaTypes::Oci)
+            {
+                let step = self.step(progress, "exporting layers and image config");
+                slot.insert(self.store_images(plan, &snapshots, media, options, &created).await?);
+                step.done();
             }
             match output {
                 OutputSpec::Image { names, push, media } => {
