@@ -1,7 +1,11 @@
-//! `kiln`: the Kiln client. Today it plans builds (`kiln plan`); building arrives with the
-//! solver.
+//! `kiln`: the Kiln client. `kiln plan` prints a build graph offline; `kiln build` runs a
+//! build on a daemon (the embedded one, started on demand, unless `--addr`).
 
+mod build;
+mod embedded;
+mod input;
 mod plan;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -11,6 +15,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "kiln", version, about)]
 struct Cli {
+    /// Daemon to use (`unix:///path` or `http://host:port`); default: the embedded one.
+    #[arg(long, global = true, env = "KILN_ADDR")]
+    addr: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -19,15 +26,21 @@ struct Cli {
 enum Command {
     /// Print the build graph Kiln would execute, without running anything.
     Plan(plan::PlanArgs),
+    /// Build an image from a Dockerfile.
+    Build(build::BuildArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Plan(args) => plan::run(args),
+        Command::Plan(args) => plan::run(args).map(|()| true),
+        Command::Build(args) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(build::run(args, cli.addr.as_deref()))),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE

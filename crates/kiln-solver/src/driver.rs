@@ -62,6 +62,13 @@ pub struct BuildHandle<O> {
     cancel: Box<dyn Fn() + Send + Sync>,
 }
 
+impl<O> Drop for BuildHandle<O> {
+    /// Dropping the handle cancels the build (a no-op once it finished).
+    fn drop(&mut self) {
+        (self.cancel)();
+    }
+}
+
 impl<O> BuildHandle<O> {
     /// Cancels the build; shared work continues for other builds that wait on it.
     pub fn cancel(&self) {
@@ -69,7 +76,7 @@ impl<O> BuildHandle<O> {
     }
 
     /// Waits for the end, dropping progress events.
-    pub async fn wait(mut self) -> (Result<Vec<Option<O>>, String>, Vec<crate::VertexRecord>) {
+    pub async fn wait(&mut self) -> (Result<Vec<Option<O>>, String>, Vec<crate::VertexRecord>) {
         while let Some(event) = self.events.recv().await {
             if let Event::Finished(result, records) = event {
                 return (result, records);

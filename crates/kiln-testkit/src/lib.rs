@@ -127,22 +127,27 @@ pub fn store_image(cas: &BlobStore, rootfs: &Path, platform: &str) -> Digest {
     cas.put(&serde_json::to_vec(&manifest).expect("json"), None).expect("manifest").digest
 }
 
-/// The `kiln-runner` executable, built on demand when this test binary's package did not
-/// build it (`cargo test -p SOME-CRATE` builds only that crate's binaries).
+/// The `kiln-runner` executable (see [`workspace_binary`]).
 pub fn runner_binary() -> PathBuf {
-    if let Some(path) = kiln_runner_locate() {
+    workspace_binary("kiln-runner")
+}
+
+/// A binary of this workspace (`kiln-runner`, `kilnd`, `kiln`), built on demand when this test
+/// binary's package did not build it (`cargo test -p SOME-CRATE` builds only that crate's).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    if let Some(path) = locate_binary(name) {
         return path;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo).args(["build", "--quiet", "--bin", "kiln-runner"]).status().expect("cargo runs");
-    assert!(status.success(), "building kiln-runner failed");
-    kiln_runner_locate().expect("kiln-runner was just built")
+    let status = Command::new(cargo).args(["build", "--quiet", "--bin", name]).status().expect("cargo runs");
+    assert!(status.success(), "building {name} failed");
+    locate_binary(name).unwrap_or_else(|| panic!("{name} was just built"))
 }
 
-fn kiln_runner_locate() -> Option<PathBuf> {
+fn locate_binary(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    [dir.join("kiln-runner"), dir.parent()?.join("kiln-runner")].into_iter().find(|p| p.is_file())
+    [dir.join(name), dir.parent()?.join(name)].into_iter().find(|p| p.is_file())
 }
 
 /// Mount points under `root` in this process's mount table.

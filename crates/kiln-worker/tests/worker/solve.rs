@@ -167,7 +167,7 @@ async fn concurrent_builds_share_one_execution_and_one_failure() {
     let handles: Vec<_> =
         (0..5).map(|_| solver.submit(graph.clone(), BuildOptions::default(), Arc::new(build.clone()))).collect();
     let mut statuses_seen = Vec::new();
-    for handle in handles {
+    for mut handle in handles {
         let (result, records) = handle.wait().await;
         let image = result.unwrap()[0].clone().unwrap();
         assert_eq!(content(&fixture.worker, &image, "/out").as_deref(), Some("built\n"));

@@ -1,0 +1,175 @@
+//! `kiln build`: send a build to the daemon (the embedded one unless `--addr`), show its
+//! progress, write the metadata file, exit non-zero on failure.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use kiln_client::{BuildEvent, BuildRequest};
+
+use crate::embedded;
+use crate::input::{parse_build_args, read_dockerfile, read_dockerignore};
+use crate::progress::{Mode, Renderer, records_json};
+
+/// Arguments of `kiln build`, as `docker buildx build` spells them.
+#[derive(Args)]
+pub struct BuildArgs {
+    /// Build context directory.
+    #[arg(default_value = ".")]
+    context: PathBuf,
+    /// Dockerfile path (default: CONTEXT/Dockerfile; `-` reads standard input).
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Image name; without `--output` the image is kept in the daemon's store.
+    #[arg(short = 't', long = "tag")]
+    tags: Vec<String>,
+    /// Stage to build (default: the last one).
+    #[arg(long)]
+    target: Option<String>,
+    /// Build-time variable `KEY=VALUE` (`KEY` alone takes the value from the environment).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    build_args: Vec<String>,
+    /// Target platforms, comma-separated (default: the daemon's).
+    #[arg(long, value_delimiter = ',')]
+    platform: Vec<String>,
+    /// Execute every step even when the cache has it.
+    #[arg(long)]
+    no_cache: bool,
+    /// Import cache from a registry or S3 (not supported yet).
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    cache_from: Vec<String>,
+    /// Export cache to a registry or S3 (not supported yet).
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    cache_to: Vec<String>,
+    /// Output: `type=image,name=REF,push=true`, `type=oci|docker,dest=F.tar`, `type=local,dest=DIR`, `type=tar,dest=F.tar`.
+    #[arg(short = 'o', long = "output", value_name = "SPEC")]
+    outputs: Vec<String>,
+    /// Shorthand for `--output type=image,push=true` with the `-t` names.
+    #[arg(long)]
+    push: bool,
+    /// Progress output.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    progress: Mode,
+    /// Write a JSON summary of the build (one record per vertex) to this file.
+    #[arg(long = "metadata-file", value_name = "FILE")]
+    metadata_file: Option<PathBuf>,
+    /// At most this many of this build's steps at once.
+    #[arg(long = "max-parallelism", value_name = "N")]
+    max_parallelism: Option<u32>,
+    /// Secret for `RUN --mount=type=secret`: `id=ID,src=PATH` or `id=ID,env=VAR`.
+    #[arg(long = "secret", value_name = "SPEC")]
+    secrets: Vec<String>,
+}
+
+/// Runs `kiln build`; returns whether the build succeeded (errors before it started are `Err`).
+pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool> {
+    if !args.cache_from.is_empty() || !args.cache_to.is_empty() {
+        bail!("--cache-from/--cache-to: remote cache import and export are not supported yet");
+    }
+    let context = std::path::absolute(&args.context).context("resolving the context path")?;
+    if !context.is_dir() {
+        bail!("build context {} is not a directory", context.display());
+    }
+    let (file_name, dockerfile) = read_dockerfile(&context, args.file.as_deref())?;
+    let (dockerignore, _) = read_dockerignore(&context, args.file.as_deref())?;
+    let request = BuildRequest {
+        dockerfile,
+        file_name,
+        context,
+        dockerignore,
+        target: args.target.clone(),
+        build_args: parse_build_args(&args.build_args)?,
+        platforms: args.platform.iter().filter(|p| !p.is_empty()).cloned().collect(),
+        no_cache: args.no_cache,
+        max_parallelism: args.max_parallelism,
+        secrets: read_secrets(&args.secrets)?,
+        outputs: outputs(&args)?,
+    };
+    let client = embedded::connect(address).await?;
+    let mut events = client.build(request).await.map_err(anyhow::Error::msg)?;
+    let mut renderer = Renderer::new(args.progress);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let (error, image, records) = loop {
+        tokio::select! {
+            event = events.next() => match event.map_err(anyhow::Error::msg)? {
+                Some(BuildEvent::Result { error, image, records }) => {
+                    renderer.event(&BuildEvent::Result { error: error.clone(), image, records: records.clone() });
+                    break (error, image, records);
+                }
+                Some(event) => renderer.event(&event),
+                None => bail!("the daemon closed the build without a result"),
+            },
+            _ = tick.tick() => renderer.draw(false),
+        }
+    };
+    renderer.draw(true);
+    if let Some(path) = &args.metadata_file {
+        let metadata = serde_json::json!({
+            "vertices": records_json(&records),
+            "status": if error.is_none() { "succeeded" } else { "failed" },
+            "error": error,
+            "containerimage.digest": image.map(|d| d.to_string()),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&metadata)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    match error {
+        None => Ok(true),
+        Some(error) => {
+            eprintln!("ERROR: failed to solve: {error}");
+            Ok(false)
+        }
+    }
+}
+
+/// `--output` specs with `dest=` made absolute (the daemon may run elsewhere on this
+/// machine), plus the `-t`/`--push` shorthands.
+fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<String>> {
+    let mut outputs = Vec::new();
+    for spec in &args.outputs {
+        let absolute = |path: &str| std::path::absolute(path).map(|p| p.display().to_string());
+        if !spec.contains('=') {
+            outputs.push(format!("type=local,dest={}", absolute(spec)?));
+            continue;
+        }
+        let parts: Vec<String> = spec
+            .split(',')
+            .map(|part| match part.split_once('=') {
+                Some(("dest", path)) => absolute(path).map(|p| format!("dest={p}")),
+                _ => Ok(part.to_string()),
+            })
+            .collect::<Result<_, _>>()?;
+        outputs.push(parts.join(","));
+    }
+    if outputs.is_empty() {
+        for tag in &args.tags {
+            outputs.push(format!("type=image,name={tag},push={}", args.push));
+        }
+    } else if args.push {
+        bail!("--push goes with -t NAME, not with --output (use type=image,push=true)");
+    }
+    Ok(outputs)
+}
+
+fn read_secrets(specs: &[String]) -> anyhow::Result<HashMap<String, Vec<u8>>> {
+    let mut secrets = HashMap::new();
+    for spec in specs {
+        let fields: HashMap<&str, &str> = spec.split(',').filter_map(|p| p.split_once('=')).collect();
+        let id = fields.get("id").with_context(|| format!("--secret {spec}: needs id=ID"))?;
+        let value = match (fields.get("src").or(fields.get("source")), fields.get("env")) {
+            (Some(path), _) => {
+                std::fs::read(Path::new(path)).with_context(|| format!("--secret {spec}: reading {path}"))?
+            }
+            (None, Some(var)) => {
+                std::env::var(var).with_context(|| format!("--secret {spec}: ${var} is not set"))?.into_bytes()
+            }
+            (None, None) => std::env::var(id)
+                .map(String::into_bytes)
+                .with_context(|| format!("--secret {spec}: needs src=PATH or env=VAR"))?,
+        };
+        secrets.insert(id.to_string(), value);
+    }
+    Ok(secrets)
+}

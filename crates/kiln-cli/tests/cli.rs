@@ -1,0 +1,18 @@
+//! The real `kiln` binary end to end: `plan` offline, `build` against a real embedded daemon.
+
+use std::process::Command;
+
+#[path = "cli/build.rs"]
+mod build;
+#[path = "cli/plan.rs"]
+mod plan;
+
+/// Runs `kiln` with `args`; returns success, stdout and stderr.
+fn kiln(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

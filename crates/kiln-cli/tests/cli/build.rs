@@ -1,0 +1,174 @@
+//! `kiln build` on the embedded default: the client starts `kilnd --standalone` in a fresh
+//! state directory, real containers run, a real registry receives the image.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_cas::BlobStore;
+use kiln_kv::MemoryKv;
+use kiln_registry::{RegistryClient, RegistryOptions};
+use kiln_testkit::{TestRegistry, busybox_rootfs, store_image, workspace_binary};
+use serde_json::Value;
+
+/// A state directory whose embedded daemon is stopped at the end.
+struct Setup {
+    registry: TestRegistry,
+    base: String,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        // `kiln` finds `kilnd` next to itself; `kilnd` finds `kiln-runner` the same way.
+        workspace_binary("kilnd");
+        workspace_binary("kiln-runner");
+        let registry = TestRegistry::start();
+        let dir = tempfile::tempdir().unwrap();
+        let cas = Arc::new(BlobStore::open(&dir.path().join("image-cas"), Arc::new(MemoryKv::new())).unwrap());
+        busybox_rootfs(&dir.path().join("rootfs"));
+        let manifest = store_image(&cas, &dir.path().join("rootfs"), "linux/amd64");
+        let base = registry.reference("kiln/busybox:cli");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime
+            .block_on(RegistryClient::new(RegistryOptions::default()).unwrap().push(&base, &manifest, &cas))
+            .unwrap();
+        Setup { base: base.to_string(), registry, dir }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn context(&self, name: &str, dockerfile: &str) -> PathBuf {
+        let context = self.dir.path().join(name);
+        std::fs::create_dir_all(&context).unwrap();
+        std::fs::write(context.join("Dockerfile"), dockerfile.replace("BASE", &self.base)).unwrap();
+        context
+    }
+
+    fn kiln(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command.args(args).env("KILN_ROOT", self.root()).env_remove("KILN_ADDR");
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.kiln(args).output().unwrap()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let Ok(pid) = std::fs::read_to_string(self.root().join("kilnd.pid")) else { return };
+        let _ = Command::new("kill").arg(pid.trim()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{}", pid.trim())).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn read_metadata(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn statuses(metadata: &Value) -> Vec<String> {
+    metadata["vertices"].as_array().unwrap().iter().map(|v| v["status"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn builds_report_progress_metadata_results_and_failures() {
+    let setup = Setup::new();
+    let context = setup.context(
+        "app",
+        "FROM BASE AS a\nRUN echo from-a > /a\nFROM BASE AS b\nRUN echo from-b > /b\nFROM BASE\nCOPY --from=a /a /a\nCOPY --from=b /b /b\nCMD [\"cat\", \"/a\"]\n",
+    );
+    let image = format!("{}/kiln/cli:v1", setup.registry.addr);
+    let meta = setup.dir.path().join("meta.json");
+    let context_arg = context.to_str().unwrap();
+    let meta_arg = meta.to_str().unwrap();
+    let out =
+        setup.run(&["build", "--progress", "plain", "--metadata-file", meta_arg, "-t", &image, "--push", context_arg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("#1 ") && stderr.contains("DONE") && stderr.contains("pushing"), "{stderr}");
+
+    let metadata = read_metadata(&meta);
+    assert_eq!(metadata["status"], "succeeded");
+    assert!(metadata["containerimage.digest"].as_str().unwrap().starts_with("sha256:"));
+    for vertex in metadata["vertices"].as_array().unwrap() {
+        for field in ["digest", "name", "kind", "stage", "status", "worker", "platform", "started", "completed"] {
+            assert!(vertex.get(field).is_some_and(|v| !v.is_null()), "{field} missing in {vertex}");
+        }
+        assert!(vertex["started"].as_str().unwrap().ends_with('Z'), "RFC 3339: {vertex}");
+    }
+    assert!(statuses(&metadata).iter().all(|s| s == "executed"), "{metadata}");
+    let inspect =
+        Command::new("skopeo").args(["inspect", "--tls-verify=false", &format!("docker://{image}")]).output().unwrap();
+    assert!(inspect.status.success(), "{}", text(&inspect.stderr));
+
+    // A second build is fully cached; JSON progress is one object per line.
+    let out = setup.run(&["build", "--progress", "json", "--metadata-file", meta_arg, context_arg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.lines().all(|line| serde_json::from_str::<Value>(line).is_ok()), "{stdout}");
+    assert!(stdout.lines().any(|line| line.contains("\"type\":\"result\"")));
+    assert!(statuses(&read_metadata(&meta)).iter().all(|s| s == "cached"), "{}", read_metadata(&meta));
+
+    let failing = setup.context("failing", "FROM BASE\nRUN echo doomed-output && exit 3\n");
+    let out = setup.run(&["build", "--progress", "plain", "--metadata-file", meta_arg, failing.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    for expected in ["ERROR: failed to solve", "exit code: 3", "(line 2)", "doomed-output"] {
+        assert!(stderr.contains(expected), "{expected:?} missing: {stderr}");
+    }
+    assert_eq!(read_metadata(&meta)["status"], "failed");
+
+    let out = setup.run(&["build", "--cache-to", "type=registry,ref=x", context_arg]);
+    assert!(!out.status.success() && text(&out.stderr).contains("not supported yet"));
+}
+
+#[test]
+fn concurrent_local_builds_share_one_daemon_and_one_execution() {
+    let setup = Setup::new();
+    let context = setup.context("shared", "FROM BASE\nRUN sleep 1 && echo shared > /shared\n");
+    let children: Vec<_> = (0..3)
+        .map(|i| {
+            let meta = setup.dir.path().join(format!("meta-{i}.json"));
+            let child = setup
+                .kiln(&[
+                    "build",
+                    "--progress",
+                    "plain",
+                    "--metadata-file",
+                    meta.to_str().unwrap(),
+                    context.to_str().unwrap(),
+                ])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (child, meta)
+        })
+        .collect();
+    let mut runs = Vec::new();
+    for (child, meta) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let metadata = read_metadata(&meta);
+        let run = metadata["vertices"].as_array().unwrap().iter().find(|v| v["kind"] == "exec").unwrap().clone();
+        runs.push(run["status"].as_str().unwrap().to_string());
+    }
+    runs.sort();
+    assert_eq!(runs, ["deduplicated", "deduplicated", "executed"], "one execution for three builds");
+    let daemons = Command::new("pgrep")
+        .args(["-f", &format!("kilnd --standalone --root {}", setup.root().display())])
+        .output()
+        .unwrap();
+    assert_eq!(text(&daemons.stdout).lines().count(), 1, "one embedded daemon");
+}

@@ -1,0 +1,224 @@
+//! A typed client of a Kiln daemon: connects over a unix socket (`unix:///path`, the
+//! embedded default) or TCP (`http://host:port`) and turns the event stream into Rust
+//! values (the only place besides `kiln-api` that sees proto types).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use hyper_util::rt::TokioIo;
+use kiln_proto::v1::{self, build_event::Event, control_client::ControlClient};
+use kiln_solver::{LogLine, LogStream, Status, VertexRecord};
+use kiln_types::Digest;
+use tonic::transport::{Channel, Endpoint};
+
+/// What to build (paths absolute, on the daemon's machine).
+#[derive(Debug, Clone, Default)]
+pub struct BuildRequest {
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// Its name, for error messages.
+    pub file_name: String,
+    /// The context directory.
+    pub context: PathBuf,
+    /// The `.dockerignore` text that applies.
+    pub dockerignore: String,
+    /// Target stage.
+    pub target: Option<String>,
+    /// Build arguments.
+    pub build_args: BTreeMap<String, String>,
+    /// Platforms, as `os/arch[/variant]`.
+    pub platforms: Vec<String>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--max-parallelism`.
+    pub max_parallelism: Option<u32>,
+    /// Secrets by id.
+    pub secrets: HashMap<String, Vec<u8>>,
+    /// `--output` specs.
+    pub outputs: Vec<String>,
+}
+
+/// A build event as the client sees it.
+#[derive(Debug, Clone)]
+pub enum BuildEvent {
+    /// Every vertex, in execution order.
+    Planned(Vec<VertexRecord>),
+    /// A vertex started.
+    Started {
+        /// The vertex.
+        vertex: Digest,
+        /// ms since the epoch.
+        at: u64,
+    },
+    /// A line of output.
+    Log {
+        /// The vertex.
+        vertex: Digest,
+        /// The line.
+        line: LogLine,
+    },
+    /// A vertex finished.
+    Completed {
+        /// Its record.
+        record: VertexRecord,
+        /// Its error.
+        error: Option<String>,
+    },
+    /// An export step.
+    Export {
+        /// What.
+        name: String,
+        /// Start.
+        started: u64,
+        /// End.
+        completed: Option<u64>,
+    },
+    /// The end: always last.
+    Result {
+        /// The error, when the build failed.
+        error: Option<String>,
+        /// The exported image's digest.
+        image: Option<Digest>,
+        /// Every vertex.
+        records: Vec<VertexRecord>,
+    },
+}
+
+/// A connection to a daemon.
+#[derive(Clone)]
+pub struct Client {
+    control: ControlClient<Channel>,
+}
+
+/// What the daemon says about itself.
+#[derive(Debug, Clone)]
+pub struct Info {
+    /// Its version.
+    pub version: String,
+    /// Its worker's name.
+    pub worker: String,
+    /// Its state directory.
+    pub root: String,
+    /// Platforms it builds.
+    pub platforms: Vec<String>,
+}
+
+impl Client {
+    /// Connects to `unix:///path/to/socket` or `http://host:port`.
+    pub async fn connect(address: &str) -> Result<Client, String> {
+        let channel = if let Some(path) = address.strip_prefix("unix://") {
+            let path = PathBuf::from(path);
+            Endpoint::from_static("http://kilnd.local")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+                }))
+                .await
+        } else {
+            Endpoint::from_shared(address.to_string()).map_err(|e| format!("{address}: {e}"))?.connect().await
+        }
+        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        Ok(Client { control: ControlClient::new(channel) })
+    }
+
+    /// Asks the daemon to describe itself.
+    pub async fn info(&self) -> Result<Info, String> {
+        let info =
+            self.control.clone().info(v1::InfoRequest {}).await.map_err(|e| e.message().to_string())?.into_inner();
+        Ok(Info { version: info.version, worker: info.worker, root: info.root, platforms: info.platforms })
+    }
+
+    /// Starts a build; events arrive on the stream until [`BuildEvent::Result`]. Dropping the
+    /// stream cancels the build.
+    pub async fn build(&self, request: BuildRequest) -> Result<BuildEvents, String> {
+        let request = v1::BuildRequest {
+            dockerfile: request.dockerfile,
+            file_name: request.file_name,
+            context_path: request.context.display().to_string(),
+            dockerignore: request.dockerignore,
+            target: request.target.unwrap_or_default(),
+            build_args: request.build_args.into_iter().collect(),
+            platforms: request.platforms,
+            no_cache: request.no_cache,
+            max_parallelism: request.max_parallelism.unwrap_or(0),
+            secrets: request.secrets,
+            outputs: request.outputs,
+        };
+        let stream = self.control.clone().build(request).await.map_err(|e| e.message().to_string())?.into_inner();
+        Ok(BuildEvents { stream })
+    }
+}
+
+/// The events of one build.
+pub struct BuildEvents {
+    stream: tonic::Streaming<v1::BuildEvent>,
+}
+
+impl BuildEvents {
+    /// The next event; `None` after the result.
+    pub async fn next(&mut self) -> Result<Option<BuildEvent>, String> {
+        loop {
+            let Some(event) = self.stream.message().await.map_err(|e| format!("the daemon: {}", e.message()))? else {
+                return Ok(None);
+            };
+            if let Some(event) = event.event {
+                return Ok(Some(from_proto(event)));
+            }
+        }
+    }
+}
+
+fn digest(text: &str) -> Digest {
+    text.parse().unwrap_or_else(|_| Digest::of(text.as_bytes()))
+}
+
+fn nonzero(value: u64) -> Option<u64> {
+    (value != 0).then_some(value)
+}
+
+fn nonempty(value: String) -> Option<String> {
+    (!value.is_empty()).then_some(value)
+}
+
+fn record(record: v1::VertexRecord) -> VertexRecord {
+    VertexRecord {
+        digest: digest(&record.digest),
+        name: record.name,
+        kind: record.kind,
+        stage: nonempty(record.stage),
+        status: match record.status.as_str() {
+            "executed" => Status::Executed,
+            "cached" => Status::Cached,
+            "deduplicated" => Status::Deduplicated,
+            "failed" => Status::Failed,
+            _ => Status::Skipped,
+        },
+        worker: nonempty(record.worker),
+        platform: nonempty(record.platform),
+        started: nonzero(record.started),
+        completed: nonzero(record.completed),
+    }
+}
+
+fn from_proto(event: Event) -> BuildEvent {
+    match event {
+        Event::Planned(planned) => BuildEvent::Planned(planned.vertices.into_iter().map(record).collect()),
+        Event::Started(started) => BuildEvent::Started { vertex: digest(&started.digest), at: started.at },
+        Event::Log(log) => BuildEvent::Log {
+            vertex: digest(&log.digest),
+            line: LogLine { stream: if log.stderr { LogStream::Stderr } else { LogStream::Stdout }, line: log.line },
+        },
+        Event::Completed(completed) => BuildEvent::Completed {
+            record: completed.record.map(record).unwrap_or_else(|| record(v1::VertexRecord::default())),
+            error: nonempty(completed.error),
+        },
+        Event::Export(step) => {
+            BuildEvent::Export { name: step.name, started: step.started, completed: nonzero(step.completed) }
+        }
+        Event::Result(result) => BuildEvent::Result {
+            error: (!result.ok).then_some(result.error),
+            image: nonempty(result.image_digest).map(|d| digest(&d)),
+            records: result.records.into_iter().map(record).collect(),
+        },
+    }
+}

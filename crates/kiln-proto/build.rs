@@ -1,0 +1,12 @@
+//! Compiles proto/kiln/v1/*.proto with protox (pure Rust) and tonic-prost-build.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = ["kiln/v1/control.proto"];
+    let descriptors = protox::compile(files, [&root])?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    for file in files {
+        println!("cargo:rerun-if-changed={}", root.join(file).display());
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Generated gRPC code only; `kiln-api` converts between these types and Kiln's own.
+#![allow(missing_docs)]
+
+/// `kiln.v1`: the control service.
+pub mod v1 {
+    tonic::include_proto!("kiln.v1");
+}
