@@ -31,7 +31,8 @@ enum Task {
         #[arg(long)]
         corpus: PathBuf,
     },
-    /// Show Kiln planning the example builds under tests/fixtures.
+    /// Run a real build on the embedded default (after setting up packages, base image and
+    /// registry) and show its progress and result.
     Demo,
     /// Build a small busybox base image (OCI layout under target/kiln-base/oci), push it to
     /// the local registry (started when none answers) and print its reference last.
@@ -98,24 +99,54 @@ fn ci(corpus: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The README's first command: set up what a fresh machine lacks, then run a real build on
+/// the embedded default (and once more, to show the cache), and show the result.
 fn demo() -> anyhow::Result<()> {
-    cargo(&["build", "--quiet", "--bin", "kiln"])?;
-    let kiln = workspace_root().join("target/debug/kiln");
-    let fixtures = workspace_root().join("tests/fixtures");
-    for name in ["parallel", "identical", "env-differ", "unused", "context"] {
-        println!("\n== kiln plan tests/fixtures/{name}");
-        let status = Command::new(&kiln).arg("plan").arg(fixtures.join(name)).status().context("running kiln")?;
+    let base = base_image::run()?;
+    cargo(&["build", "--quiet", "--workspace", "--bins"])?;
+    let root = workspace_root();
+    let kiln = root.join("target/debug/kiln");
+    let out = root.join("target/kiln-demo");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let registry = std::env::var("KILN_REGISTRY").unwrap_or_else(|_| base_image::DEFAULT_REGISTRY.to_string());
+    let image = format!("{registry}/kiln/demo:latest");
+    let build = |label: &str, metadata: &str| -> anyhow::Result<serde_json::Value> {
+        println!("\n== {label}: kiln build tests/fixtures/demo (base {base})");
+        let metadata = out.join(metadata);
+        let status = Command::new(&kiln)
+            .args(["build", "--build-arg", &format!("BASE={base}")])
+            .arg("--output")
+            .arg(format!("type=image,name={image},push=true"))
+            .arg("--output")
+            .arg(format!("type=local,dest={}", out.join("rootfs").display()))
+            .arg("--metadata-file")
+            .arg(&metadata)
+            .arg(root.join("tests/fixtures/demo"))
+            .status()
+            .context("running kiln build")?;
         if !status.success() {
-            bail!("kiln plan {name} failed");
+            bail!("kiln build failed");
         }
+        Ok(serde_json::from_slice(&std::fs::read(&metadata)?)?)
+    };
+    let first = build("first build", "first.json")?;
+    let second = build("the same build again", "second.json")?;
+    for (label, metadata) in [("first build", &first), ("second build", &second)] {
+        let mut counts = std::collections::BTreeMap::new();
+        for vertex in metadata["vertices"].as_array().into_iter().flatten() {
+            *counts.entry(vertex["status"].as_str().unwrap_or("?").to_string()).or_insert(0) += 1;
+        }
+        println!("{label}: {counts:?}");
     }
-    println!("\n== kiln plan tests/fixtures/multi-platform --platform linux/amd64,linux/arm64");
-    let status = Command::new(&kiln)
-        .args(["plan", "--platform", "linux/amd64,linux/arm64"])
-        .arg(fixtures.join("multi-platform"))
-        .status()?;
-    if !status.success() {
-        bail!("kiln plan multi-platform failed");
+    println!("\npushed {image} ({})", first["containerimage.digest"].as_str().unwrap_or("?"));
+    for file in ["frontend.txt", "backend.txt", "docs.txt", "message.txt"] {
+        let path = out.join("rootfs/app").join(file);
+        print!(
+            "/app/{file}: {}",
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
+        );
     }
+    println!("metadata: {}", out.join("first.json").display());
     Ok(())
 }

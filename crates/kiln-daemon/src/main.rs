@@ -26,7 +26,8 @@ struct Args {
     /// Also serve clients on this TCP address (HOST:PORT).
     #[arg(long)]
     listen: Option<String>,
-    /// Executions at once on this worker (default: the number of CPUs).
+    /// Executions at once on this worker (default: four per CPU, since build steps often wait
+    /// on IO or sleep; BuildKit has no limit unless configured).
     #[arg(long)]
     max_parallelism: Option<usize>,
 }
@@ -44,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
 
     let worker = WorkerConfig::new(&root).map_err(anyhow::Error::msg)?;
     let max_parallelism =
-        args.max_parallelism.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        args.max_parallelism.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     let engine = Arc::new(Engine::start(EngineConfig { worker, max_parallelism, name: "local".into() })?);
     eprintln!("kilnd: standalone, state in {}, socket {}", root.display(), socket.display());
     let pid_file = root.join("kilnd.pid");
