@@ -139,7 +139,12 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         return path;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo).args(["build", "--quiet", "--bin", name]).status().expect("cargo runs");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--bin", name])
+        .current_dir(workspace)
+        .status()
+        .expect("cargo runs");
     assert!(status.success(), "building {name} failed");
     locate_binary(name).unwrap_or_else(|| panic!("{name} was just built"))
 }

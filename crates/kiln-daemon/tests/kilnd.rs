@@ -1,0 +1,51 @@
+//! The real `kilnd` binary: it serves on its socket, answers, and stops cleanly on SIGTERM.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn standalone_daemon_serves_its_socket_and_stops_on_sigterm() {
+    let root = tempfile::tempdir().unwrap();
+    let runner = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .args(["--standalone", "--root"])
+        .arg(root.path())
+        .env("KILN_RUNNER", &runner)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = root.path().join("kilnd.sock");
+    wait_until("the socket", || socket.exists());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let info = runtime.block_on(async {
+        let client = kiln_client::Client::connect(&format!("unix://{}", socket.display())).await.unwrap();
+        client.info().await.unwrap()
+    });
+    assert_eq!(info.root, root.path().display().to_string());
+    assert_eq!(info.worker, "local");
+    let pid = std::fs::read_to_string(root.path().join("kilnd.pid")).unwrap();
+    assert_eq!(pid.trim(), daemon.id().to_string());
+
+    // A second daemon on the same state directory refuses to start and leaves the first alone.
+    let second =
+        Command::new(env!("CARGO_BIN_EXE_kilnd")).args(["--standalone", "--root"]).arg(root.path()).output().unwrap();
+    assert!(!second.status.success());
+    assert!(socket.exists());
+
+    Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "kilnd exits cleanly on SIGTERM");
+    assert!(!socket.exists() && !root.path().join("kilnd.pid").exists());
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_kilnd")).output().unwrap();
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("only --standalone"));
+}
