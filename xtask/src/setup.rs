@@ -10,6 +10,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "/bin/busybox"),
     ("docker-registry", "/usr/bin/docker-registry"),
     ("skopeo", "/usr/bin/skopeo"),
+    // Docker's BuildKit: the reference the engine's output is compared with.
+    ("docker.io", "/usr/sbin/dockerd"),
 ];
 
 /// Installs whichever of [`PACKAGES`] are missing.

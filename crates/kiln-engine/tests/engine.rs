@@ -184,3 +184,156 @@ async fn base_image_config_reaches_the_graph_and_failures_name_the_line() {
     let message = result.unwrap_err().message;
     assert!(message.contains("Dockerfile:2") && message.contains("missing.txt"), "{message}");
 }
+
+/// A private `dockerd` (Debian's docker.io) with its state in a temporary directory; stopped
+/// on drop.
+struct Dockerd {
+    child: std::process::Child,
+    socket: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    fn start() -> Dockerd {
+        let dir = tempfile::Builder::new().prefix("kd").tempdir_in("/tmp").unwrap();
+        let socket = format!("unix://{}", dir.path().join("docker.sock").display());
+        let child = Command::new("dockerd")
+            .args(["--iptables=false", "--bridge=none", "-H", &socket])
+            .arg("--data-root")
+            .arg(dir.path().join("data"))
+            .arg("--exec-root")
+            .arg(dir.path().join("x"))
+            .arg("--pidfile")
+            .arg(dir.path().join("docker.pid"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dockerd is installed (cargo xtask ci installs docker.io)");
+        let dockerd = Dockerd { child, socket, _dir: dir };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !dockerd.docker(&["info"]).status.success() {
+            assert!(std::time::Instant::now() < deadline, "dockerd did not start");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        dockerd
+    }
+
+    fn docker(&self, args: &[&str]) -> std::process::Output {
+        Command::new("/usr/bin/docker")
+            .args(args)
+            .env("DOCKER_HOST", &self.socket)
+            .env("DOCKER_BUILDKIT", "1")
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.docker(args);
+        assert!(output.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+type Entries = std::collections::BTreeMap<String, (u8, u32, u64, u64, String, Vec<u8>)>;
+
+/// Every entry of a filesystem tarball: kind, permission bits, owner, link target, content hash.
+fn tar_entries(path: &Path) -> Entries {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let mut archive = tar::Archive::new(std::fs::File::open(path).unwrap());
+    let mut entries = Entries::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name =
+            String::from_utf8_lossy(&entry.path_bytes()).trim_start_matches("./").trim_end_matches('/').to_string();
+        if name.is_empty() {
+            continue;
+        }
+        let header = entry.header().clone();
+        let link = entry.link_name().unwrap().map(|l| l.display().to_string()).unwrap_or_default();
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).unwrap();
+        let value = (
+            header.entry_type().as_byte(),
+            header.mode().unwrap() & 0o7777,
+            header.uid().unwrap(),
+            header.gid().unwrap(),
+            link,
+            sha2::Sha256::digest(&content).to_vec(),
+        );
+        entries.insert(name, value);
+    }
+    entries
+}
+
+#[tokio::test]
+async fn files_match_what_docker_buildkit_builds_from_the_same_dockerfile() {
+    let fixture = Fixture::new().await;
+    let dockerd = Dockerd::start();
+    let archive = fixture.dir.path().join("base.tar");
+    run(
+        "skopeo",
+        &[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{}", fixture.base),
+            &format!("docker-archive:{}:kiln/busybox:latest", archive.display()),
+        ],
+    );
+    dockerd.ok(&["load", "-i", archive.to_str().unwrap()]);
+
+    let dockerfile = "\
+FROM BASE AS build
+RUN mkdir -p /out/sub && echo compiled > /out/app && chmod 750 /out/app && ln -s app /out/link && echo deep > /out/sub/f
+FROM BASE
+WORKDIR /srv
+COPY --from=build /out/ ./
+COPY notes.txt ./
+RUN mkdir -p /data && chown 1234:5678 /data && rm /bin/vi && rm -rf /home && echo changed >> /etc/group
+USER nobody
+RUN echo as-nobody > /tmp/who
+";
+    let tarball = fixture.dir.path().join("kiln.tar");
+    let outputs = vec![OutputSpec::Tar { dest: tarball.clone() }];
+    let request = fixture.request(dockerfile, &[("notes.txt", "notes\n")], outputs);
+    fixture.build(request).await.0.unwrap();
+
+    let docker_context = fixture.dir.path().join("docker-context");
+    std::fs::create_dir_all(&docker_context).unwrap();
+    std::fs::write(docker_context.join("Dockerfile"), dockerfile.replace("BASE", "kiln/busybox:latest")).unwrap();
+    std::fs::copy(fixture.dir.path().join("context/notes.txt"), docker_context.join("notes.txt")).unwrap();
+    dockerd.ok(&["build", "--network=none", "-q", "-t", "reference", docker_context.to_str().unwrap()]);
+    let container = dockerd.ok(&["create", "reference"]);
+    let exported = fixture.dir.path().join("docker.tar");
+    dockerd.ok(&["export", "-o", exported.to_str().unwrap(), &container]);
+
+    // What `docker create` adds to every container (mountpoints, its own files), not part of
+    // the image.
+    let container_only = [
+        ".dockerenv",
+        "etc/hostname",
+        "etc/hosts",
+        "etc/mtab",
+        "etc/resolv.conf",
+        "dev",
+        "dev/console",
+        "dev/pts",
+        "dev/shm",
+        "proc",
+        "sys",
+    ];
+    let mut theirs = tar_entries(&exported);
+    theirs.retain(|name, _| !container_only.contains(&name.as_str()));
+    let ours = tar_entries(&tarball);
+    let differences: Vec<&String> =
+        theirs.keys().chain(ours.keys()).filter(|name| theirs.get(*name) != ours.get(*name)).collect();
+    assert!(differences.is_empty(), "entries differ from Docker's BuildKit: {differences:?}");
+    assert!(ours.contains_key("srv/sub/f") && ours.contains_key("tmp/who") && !ours.contains_key("bin/vi"));
+}
