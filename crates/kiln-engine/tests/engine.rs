@@ -301,7 +301,11 @@ USER nobody
 RUN echo as-nobody > /tmp/who
 ";
     let tarball = fixture.dir.path().join("kiln.tar");
-    let outputs = vec![OutputSpec::Tar { dest: tarball.clone() }];
+    let image_archive = fixture.dir.path().join("kiln-image.tar");
+    let outputs = vec![
+        OutputSpec::Tar { dest: tarball.clone() },
+        OutputSpec::Docker { dest: image_archive.clone(), names: vec!["kiln/built:v1".into()] },
+    ];
     let request = fixture.request(dockerfile, &[("notes.txt", "notes\n")], outputs);
     fixture.build(request).await.0.unwrap();
 
@@ -336,4 +340,11 @@ RUN echo as-nobody > /tmp/who
         theirs.keys().chain(ours.keys()).filter(|name| theirs.get(*name) != ours.get(*name)).collect();
     assert!(differences.is_empty(), "entries differ from Docker's BuildKit: {differences:?}");
     assert!(ours.contains_key("srv/sub/f") && ours.contains_key("tmp/who") && !ours.contains_key("bin/vi"));
+
+    // `docker load` reads the type=docker tarball, and Docker runs the image as Kiln built it.
+    let loaded = dockerd.ok(&["load", "-i", image_archive.to_str().unwrap()]);
+    assert!(loaded.contains("kiln/built:v1"), "{loaded}");
+    let script = "cat /tmp/who; id -u; pwd; ls -l /srv/app | cut -c1-10; cat /srv/sub/f";
+    let ran = dockerd.ok(&["run", "--rm", "--network=none", "kiln/built:v1", "sh", "-c", script]);
+    assert_eq!(ran, "as-nobody\n65534\n/srv\n-rwxr-x---\ndeep");
 }
