@@ -348,3 +348,58 @@ RUN echo as-nobody > /tmp/who
     let ran = dockerd.ok(&["run", "--rm", "--network=none", "kiln/built:v1", "sh", "-c", script]);
     assert_eq!(ran, "as-nobody\n65534\n/srv\n-rwxr-x---\ndeep");
 }
+
+#[tokio::test]
+async fn a_multi_platform_request_exports_one_index() {
+    let fixture = Fixture::new().await;
+    // Only build-platform stages run: the target stages are scratch plus a COPY, so no
+    // emulation is needed to produce an arm64 image here.
+    let dockerfile = "\
+FROM --platform=$BUILDPLATFORM BASE AS build
+ARG TARGETARCH
+RUN mkdir /out && echo \"built for $TARGETARCH\" > /out/target
+FROM scratch
+COPY --from=build /out/ /
+";
+    let pushed = format!("{}/kiln/multi:v1", fixture.registry.addr);
+    let mut request = fixture.request(
+        dockerfile,
+        &[],
+        vec![OutputSpec::parse(&format!("type=image,name={pushed},push=true,oci-mediatypes=true")).unwrap()],
+    );
+    request.platforms = vec!["linux/amd64".parse().unwrap(), "linux/arm64".parse().unwrap()];
+    fixture.build(request).await.0.unwrap();
+
+    let raw: serde_json::Value = serde_json::from_str(&run(
+        "skopeo",
+        &["inspect", "--raw", "--tls-verify=false", &format!("docker://{pushed}")],
+    ))
+    .unwrap();
+    assert_eq!(raw["mediaType"], "application/vnd.oci.image.index.v1+json");
+    let platforms: Vec<String> = raw["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            format!("{}/{}", m["platform"]["os"].as_str().unwrap(), m["platform"]["architecture"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    for (arch, expected) in [("arm64", "built for arm64\n"), ("amd64", "built for amd64\n")] {
+        let layout = fixture.dir.path().join(format!("pulled-{arch}"));
+        run(
+            "skopeo",
+            &[
+                "copy",
+                "--override-arch",
+                arch,
+                "--src-tls-verify=false",
+                &format!("docker://{pushed}"),
+                &format!("oci:{}:x", layout.display()),
+            ],
+        );
+        let rootfs = fixture.dir.path().join(format!("rootfs-{arch}"));
+        unpack_layout(&layout, &rootfs);
+        assert_eq!(std::fs::read_to_string(rootfs.join("target")).unwrap(), expected);
+    }
+}
