@@ -1,6 +1,7 @@
 //! `cargo xtask`: Kiln's single automation entry point (ci, conformance, demo).
 
 mod base_image;
+mod bench;
 mod conformance;
 mod setup;
 
@@ -34,6 +35,18 @@ enum Task {
     /// Run a real build on the embedded default (after setting up packages, base image and
     /// registry) and show its progress and result.
     Demo,
+    /// Measure the scenarios under bench/scenarios with Kiln and Docker's BuildKit, side by side.
+    Bench {
+        /// Only this scenario.
+        #[arg(long)]
+        scenario: Option<String>,
+        /// Timed runs per tool (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Write the results as JSON here (default: target/kiln-bench/results.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Build a small busybox base image (OCI layout under target/kiln-base/oci), push it to
     /// the local registry (started when none answers) and print its reference last.
     BaseImage,
@@ -50,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Demo => demo(),
+        Task::Bench { scenario, runs, json } => bench::run(scenario, runs.max(1), json),
         Task::BaseImage => {
             let reference = base_image::run()?;
             println!("{reference}");
