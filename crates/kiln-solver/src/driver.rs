@@ -11,7 +11,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::state::{BuildId, BuildOptions, Command, Effect, SolverState};
-use crate::{Event, Executed, Executor, LogLine, now_ms};
+use crate::{Event, Executed, Executor, LogLine, LogSink, now_ms};
 
 const CACHE_TREE: &str = "solver-cache";
 
@@ -223,17 +223,11 @@ impl<E: Executor> Driver<E> {
                         None => None,
                     };
                     let _ = sender.send(Message::Started { key, at: now_ms() });
-                    let (logs, mut log_lines) = mpsc::unbounded_channel();
-                    let forward = {
-                        let sender = sender.clone();
-                        tokio::spawn(async move {
-                            while let Some(line) = log_lines.recv().await {
-                                let _ = sender.send(Message::Log { key, line });
-                            }
-                        })
-                    };
+                    // Lines go straight into the driver's queue, tagged with the job, ahead of
+                    // the job's result (no task per job).
+                    let log_sender = sender.clone();
+                    let logs = LogSink::new(move |line| log_sender.send(Message::Log { key, line }).is_ok());
                     let result = executor.execute(*vertex, inputs, context, logs).await;
-                    let _ = forward.await;
                     let _ = sender.send(Message::Finished { key, result, at: now_ms() });
                 });
                 self.running.insert(key, task);

@@ -51,8 +51,32 @@ pub struct LogLine {
     pub line: String,
 }
 
-/// Where an executor sends a vertex's output lines.
-pub type LogSink = mpsc::UnboundedSender<LogLine>;
+/// Where an executor sends a vertex's output lines (to every build waiting on the vertex).
+#[derive(Clone)]
+pub struct LogSink(Arc<dyn Fn(LogLine) -> bool + Send + Sync>);
+
+impl LogSink {
+    /// A sink that calls `deliver` for each line; `deliver` says whether anyone still listens.
+    pub fn new(deliver: impl Fn(LogLine) -> bool + Send + Sync + 'static) -> LogSink {
+        LogSink(Arc::new(deliver))
+    }
+
+    /// A sink that forwards into a channel.
+    pub fn channel(sender: mpsc::UnboundedSender<LogLine>) -> LogSink {
+        LogSink::new(move |line| sender.send(line).is_ok())
+    }
+
+    /// Sends one line; `Err` when nobody listens any more.
+    pub fn send(&self, line: LogLine) -> Result<(), LogLine> {
+        if (self.0)(line.clone()) { Ok(()) } else { Err(line) }
+    }
+}
+
+impl std::fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogSink")
+    }
+}
 
 /// What executing a vertex produced.
 #[derive(Debug, Clone, PartialEq, Eq)]

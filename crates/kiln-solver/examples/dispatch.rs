@@ -1,0 +1,133 @@
+//! Coordinator scale with fake workers: BUILDS concurrent builds, each a chain of VERTICES
+//! vertices, on an executor that finishes every vertex at once. Prints one JSON object:
+//! dispatch throughput, p50/p99 dispatch latency (an input finishing → its user starting)
+//! and peak RSS. `cargo run --release -p kiln-solver --example dispatch -- BUILDS VERTICES SLOTS`
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_graph::{ExecOp, GraphBuilder, Input, NetworkMode, Op, Output, SecurityMode, SourceOp, Vertex, VertexMeta};
+use kiln_solver::{BoxFuture, BuildOptions, Executed, Executor, LogSink, Solver, SolverConfig};
+use kiln_types::{Digest, Platform};
+
+#[derive(Default)]
+struct Fake {
+    /// When each vertex finished, and when each started, by digest.
+    finished: Mutex<HashMap<Digest, Instant>>,
+    latencies: Mutex<Vec<Duration>>,
+}
+
+impl Executor for Fake {
+    type Output = u64;
+    type Build = ();
+
+    fn execute(&self, vertex: Vertex, _: Vec<u64>, _: Arc<()>, _: LogSink) -> BoxFuture<Result<Executed<u64>, String>> {
+        let now = Instant::now();
+        let mut finished = self.finished.lock().unwrap();
+        if let Some(input) = vertex.inputs.first().and_then(|d| finished.get(d)) {
+            self.latencies.lock().unwrap().push(now.saturating_duration_since(*input));
+        }
+        finished.insert(vertex.digest, Instant::now());
+        Box::pin(async { Ok(Executed { output: 1, pin: None }) })
+    }
+
+    fn worker_name(&self) -> String {
+        "fake".into()
+    }
+}
+
+fn chain(build: usize, vertices: usize) -> kiln_graph::Graph {
+    let meta = |name: String| VertexMeta { name, stage: None, platform: None, lines: None };
+    let mut graph = GraphBuilder::new();
+    let source = Op::Source(SourceOp::Local {
+        name: "context".into(),
+        include: vec![],
+        exclude: vec![],
+        content: Digest::of(format!("build {build}").as_bytes()),
+    });
+    let mut last = graph.add(source, vec![], meta("source".into())).unwrap();
+    for step in 1..vertices {
+        let op = Op::Exec(ExecOp {
+            args: vec![format!("step {step}")],
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+            network: NetworkMode::None,
+            security: SecurityMode::Sandbox,
+            rootfs: Input::Index(0),
+            mounts: vec![],
+            platform: Platform::host(),
+        });
+        last = graph.add(op, vec![last], meta(format!("step {step}"))).unwrap();
+    }
+    graph.finish(vec![Output { platform: Platform::host(), digest: Some(last) }])
+}
+
+fn rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let (builds, vertices, slots) = (
+        args.first().copied().unwrap_or(1000),
+        args.get(1).copied().unwrap_or(50),
+        args.get(2).copied().unwrap_or(100),
+    );
+    let graphs: Vec<_> = (0..builds).map(|b| chain(b, vertices)).collect();
+    let fake = Arc::new(Fake::default());
+    let solver = Solver::start(Arc::clone(&fake), SolverConfig { worker_parallelism: slots }, None).unwrap();
+    let peak = Arc::new(Mutex::new(rss_mb()));
+    let sampler = {
+        let peak = Arc::clone(&peak);
+        tokio::spawn(async move {
+            loop {
+                let rss = rss_mb();
+                {
+                    let mut peak = peak.lock().unwrap();
+                    *peak = peak.max(rss);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut handles: Vec<_> =
+        graphs.into_iter().map(|g| solver.submit(g, BuildOptions::default(), Arc::new(()))).collect();
+    for handle in &mut handles {
+        let (result, _) = handle.wait().await;
+        result.expect("fake builds succeed");
+    }
+    let elapsed = started.elapsed();
+    sampler.abort();
+    let mut latencies = fake.latencies.lock().unwrap().clone();
+    latencies.sort();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let total = builds * vertices;
+    println!(
+        "{}",
+        serde_json::json!({
+            "builds": builds, "vertices_per_build": vertices, "slots": slots,
+            "vertices": total,
+            "seconds": elapsed.as_secs_f64(),
+            "dispatches_per_second": total as f64 / elapsed.as_secs_f64(),
+            "p50_ms": percentile(0.50).as_secs_f64() * 1000.0,
+            "p99_ms": percentile(0.99).as_secs_f64() * 1000.0,
+            "peak_rss_mb": *peak.lock().unwrap(),
+        })
+    );
+}
