@@ -14,6 +14,7 @@ use kiln_types::{Digest, ImageReference, Platform};
 use kiln_worker::BuildInputs;
 use tokio::sync::mpsc;
 
+use crate::history::{self, BaseHistories};
 use crate::{Engine, OutputSpec};
 
 /// What a client asks to build.
@@ -132,7 +133,7 @@ impl Engine {
             .map_err(|e| BuildFailure::early(e.to_string()))?
             .map_err(|e| BuildFailure::early(format!("reading build context {}: {e}", request.context.display())))?;
         let context = Arc::new(context);
-        let plan = self.plan(&request, &context).await.map_err(BuildFailure::early)?;
+        let (plan, bases) = self.plan(&request, &context).await.map_err(BuildFailure::early)?;
         let _ = progress.send(Progress::Planned { vertices: plan.graph.vertices.iter().map(initial_record).collect() });
 
         let inputs = BuildInputs {
@@ -142,11 +143,17 @@ impl Engine {
         };
         let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };
         let mut handle = self.solver.submit(plan.graph.clone(), options, Arc::new(inputs));
+        let mut vertex_outputs = HashMap::new();
         let (result, records) = loop {
             match handle.events.recv().await {
                 Some(Event::Started { vertex, at }) => drop(progress.send(Progress::Started { vertex, at })),
                 Some(Event::Log { vertex, line }) => drop(progress.send(Progress::Log { vertex, line })),
-                Some(Event::Completed { record, error }) => drop(progress.send(Progress::Completed { record, error })),
+                Some(Event::Completed { record, error, output }) => {
+                    if let Some(output) = output {
+                        vertex_outputs.insert(record.digest, output);
+                    }
+                    let _ = progress.send(Progress::Completed { record, error });
+                }
                 Some(Event::Finished(result, records)) => break (result, records),
                 None => return Err(BuildFailure::early("the solver stopped")),
             }
@@ -155,14 +162,18 @@ impl Engine {
             Ok(results) => results,
             Err(message) => return Err(BuildFailure { message, records }),
         };
-        match self.export(&plan, &results, &request, &progress).await {
+        match self.export(&plan, &results, &vertex_outputs, &bases, &request, &progress).await {
             Ok(image) => Ok(BuildSummary { records, image }),
             Err(message) => Err(BuildFailure { message, records }),
         }
     }
 
     /// Converts the Dockerfile, resolving the base images' configs in between.
-    async fn plan(&self, request: &BuildRequest, context: &Arc<FsContext>) -> Result<BuildPlan, String> {
+    async fn plan(
+        &self,
+        request: &BuildRequest,
+        context: &Arc<FsContext>,
+    ) -> Result<(BuildPlan, BaseHistories), String> {
         let first = convert(&request.dockerfile, &convert_options(request, context, &NoImageMetadata))
             .map_err(|e| e.to_string())?;
         let mut wanted: Vec<(ImageReference, Platform)> = first
@@ -176,18 +187,22 @@ impl Engine {
             .collect();
         wanted.dedup();
         if wanted.is_empty() {
-            return Ok(first);
+            return Ok((first, BaseHistories::new()));
         }
         let registry = self.worker.registry();
         let cas = self.worker.cas();
         let mut configs = HashMap::new();
+        let mut bases = BaseHistories::new();
         for (reference, platform) in wanted {
             let image = registry.resolve(&reference, &platform, cas).await.map_err(|e| e.to_string())?;
             let config = serde_json::from_value(image.config.config.clone()).unwrap_or_default();
+            bases.insert((reference.to_string(), platform.clone()), history::from_config(&image.config.history));
             configs.insert((reference.to_string(), platform), config);
         }
         let resolved = ResolvedImages(configs);
-        convert(&request.dockerfile, &convert_options(request, context, &resolved)).map_err(|e| e.to_string())
+        let plan =
+            convert(&request.dockerfile, &convert_options(request, context, &resolved)).map_err(|e| e.to_string())?;
+        Ok((plan, bases))
     }
 }
 

@@ -13,6 +13,7 @@ use kiln_types::{Digest, rfc3339_millis};
 use kiln_worker::Snapshot;
 use tokio::sync::mpsc;
 
+use crate::history::{self, BaseHistories};
 use crate::{BuildRequest, Engine, OutputSpec, Progress};
 
 impl Engine {
@@ -21,6 +22,8 @@ impl Engine {
         &self,
         plan: &BuildPlan,
         results: &[Option<Snapshot>],
+        vertex_outputs: &HashMap<Digest, Snapshot>,
+        bases: &BaseHistories,
         request: &BuildRequest,
         progress: &mpsc::UnboundedSender<Progress>,
     ) -> Result<Option<Digest>, String> {
@@ -47,7 +50,13 @@ impl Engine {
                 && let std::collections::hash_map::Entry::Vacant(slot) = images.entry(media == MediaTypes::Oci)
             {
                 let step = self.step(progress, "exporting layers and image config");
-                slot.insert(self.store_images(plan, &snapshots, media, options, &created).await?);
+                let histories: Vec<Option<Vec<History>>> = plan
+                    .graph
+                    .outputs
+                    .iter()
+                    .map(|o| history::history(&plan.graph, o.digest, vertex_outputs, bases, &created))
+                    .collect();
+                slot.insert(self.store_images(plan, &snapshots, &histories, media, options, &created).await?);
                 step.done();
             }
             match output {
@@ -108,6 +117,7 @@ impl Engine {
         &self,
         plan: &BuildPlan,
         snapshots: &[&Snapshot],
+        histories: &[Option<Vec<History>>],
         media: MediaTypes,
         options: TarOptions,
         created: &str,
@@ -124,10 +134,16 @@ impl Engine {
                     media_type: b.compression.oci_media_type().into(),
                 })
                 .collect();
-            let history = layers
-                .iter()
-                .map(|_| History { created: created.to_string(), created_by: "kiln build".into(), empty_layer: false })
-                .collect();
+            let history = histories[i].clone().unwrap_or_else(|| {
+                layers
+                    .iter()
+                    .map(|_| History {
+                        created: created.to_string(),
+                        created_by: "kiln build".into(),
+                        empty_layer: false,
+                    })
+                    .collect()
+            });
             let image = NewImage {
                 platform: plan.graph.outputs[i].platform.clone(),
                 config: serde_json::to_value(&plan.images[i]).map_err(|e| e.to_string())?,

@@ -7,6 +7,7 @@
 
 mod build;
 mod export;
+mod history;
 mod output;
 
 pub use build::{BuildFailure, BuildRequest, BuildSummary, Progress};

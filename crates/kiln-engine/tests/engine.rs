@@ -134,6 +134,17 @@ CMD [\"cat\", \"/srv/app\"]
     assert_eq!(config["Cmd"], serde_json::json!(["cat", "/srv/app"]));
     assert_eq!(config["Labels"]["org.example"], "kiln");
     assert!(config["ExposedPorts"].get("8080/tcp").is_some(), "{config}");
+    // `docker history`: the base image's entry, then one per instruction that made a layer.
+    let history: Vec<&str> =
+        inspect["history"].as_array().unwrap().iter().map(|h| h["created_by"].as_str().unwrap()).collect();
+    assert_eq!(history.first(), Some(&"kiln-testkit busybox rootfs"), "{history:?}");
+    for instruction in ["WORKDIR /srv # kiln", "COPY --from=build /out/app ./app # kiln", "COPY notes.txt /srv/ # kiln"]
+    {
+        assert!(history.contains(&instruction), "{instruction:?} missing from {history:?}");
+    }
+    let layers = inspect["rootfs"]["diff_ids"].as_array().unwrap().len();
+    let non_empty = inspect["history"].as_array().unwrap().iter().filter(|h| h["empty_layer"] != true).count();
+    assert_eq!(layers, non_empty, "one non-empty history entry per layer");
     let layout = fixture.dir.path().join("pulled");
     run(
         "skopeo",

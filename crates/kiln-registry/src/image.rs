@@ -146,6 +146,9 @@ pub struct ConfigFile {
     pub config: serde_json::Value,
     /// The layers' diff ids.
     pub rootfs: RootFs,
+    /// The image's history entries, as the registry has them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<serde_json::Value>,
 }
 
 /// `rootfs` of an image config.

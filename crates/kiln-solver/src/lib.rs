@@ -131,6 +131,8 @@ pub enum Event<O> {
         record: VertexRecord,
         /// The error, when it failed.
         error: Option<String>,
+        /// Its result, when it succeeded.
+        output: Option<O>,
     },
     /// The build is over: one result per graph output (`None` for an empty image), or the
     /// error; and the record of every vertex.

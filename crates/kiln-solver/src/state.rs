@@ -399,7 +399,7 @@ impl<O: Clone> SolverState<O> {
                     record.worker = worker.clone();
                     record.completed = Some(at);
                     let record = record.clone();
-                    let event = Event::Completed { record, error: Some(error.clone()) };
+                    let event = Event::Completed { record, error: Some(error.clone()), output: None };
                     effects.push(Effect::Emit { build: id, event });
                     self.fail_build(id, error.clone(), effects);
                 }
@@ -421,11 +421,12 @@ impl<O: Clone> SolverState<O> {
         effects: &mut Vec<Effect<O>>,
     ) {
         let Some(build) = self.builds.get_mut(&id) else { return };
-        build.states[index] = VertexState::Done { output, key };
+        build.states[index] = VertexState::Done { output: output.clone(), key };
         let record = &mut build.records[index];
         record.status = status;
         record.completed = Some(at);
-        effects.push(Effect::Emit { build: id, event: Event::Completed { record: record.clone(), error } });
+        let event = Event::Completed { record: record.clone(), error, output: Some(output) };
+        effects.push(Effect::Emit { build: id, event });
         let mut now_ready = Vec::new();
         for user in build.users[index].clone() {
             if let VertexState::Blocked(left) = &mut build.states[user] {

@@ -116,7 +116,8 @@ pub fn store_image(cas: &BlobStore, rootfs: &Path, platform: &str) -> Digest {
     let config = serde_json::json!({
         "architecture": arch, "os": os,
         "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id.to_string()]}
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id.to_string()]},
+        "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "kiln-testkit busybox rootfs"}]
     });
     let config = cas.put(&serde_json::to_vec(&config).expect("json"), None).expect("config");
     let manifest = serde_json::json!({
