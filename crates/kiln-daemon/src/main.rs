@@ -8,12 +8,16 @@ use std::sync::Arc;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use kiln_api::ControlService;
+use kiln_config::ConfigFile;
 use kiln_engine::{Engine, EngineConfig};
 use kiln_worker::WorkerConfig;
 
 #[derive(Parser)]
 #[command(name = "kilnd", version, about = "The Kiln daemon")]
 struct Args {
+    /// Configuration file with `[coordinator]` and/or `[worker]` sections.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Run the coordinator and a worker in this one process.
     #[arg(long)]
     standalone: bool,
@@ -34,7 +38,24 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let mut worker_settings = None;
+    if let Some(path) = &args.config {
+        let config = ConfigFile::load(path)?.validate(&path.display().to_string())?;
+        match (config.coordinator, config.worker) {
+            (Some(coordinator), Some(worker)) => {
+                args.standalone = true;
+                args.root = worker.root.clone();
+                args.listen.get_or_insert(coordinator.listen.to_string());
+                args.max_parallelism.get_or_insert(worker.max_parallelism);
+                worker_settings = Some(worker);
+            }
+            _ => bail!(
+                "{}: a coordinator or a worker alone is not supported by this kilnd yet; give both sections (standalone)",
+                path.display()
+            ),
+        }
+    }
     if !args.standalone {
         bail!(
             "only --standalone is supported by this kilnd (the cluster roles come with [coordinator]/[worker] config)"
@@ -43,7 +64,12 @@ async fn main() -> anyhow::Result<()> {
     let root = std::path::absolute(&args.root).context("resolving --root")?;
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
 
-    let worker = WorkerConfig::new(&root).map_err(anyhow::Error::msg)?;
+    let mut worker = WorkerConfig::new(&root).map_err(anyhow::Error::msg)?;
+    if let Some(settings) = &worker_settings {
+        worker.cgroup_parent = settings.cgroup_parent.clone();
+        worker.step_timeout = settings.step_timeout;
+        worker.registry.insecure = settings.insecure_registries.clone();
+    }
     let max_parallelism =
         args.max_parallelism.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     let engine = Arc::new(Engine::start(EngineConfig { worker, max_parallelism, name: "local".into() })?);

@@ -49,3 +49,40 @@ fn standalone_daemon_serves_its_socket_and_stops_on_sigterm() {
     let refused = Command::new(env!("CARGO_BIN_EXE_kilnd")).output().unwrap();
     assert!(String::from_utf8_lossy(&refused.stderr).contains("only --standalone"));
 }
+
+#[test]
+fn a_config_file_with_both_roles_runs_standalone_and_bad_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("kiln.toml");
+    let root = dir.path().join("worker");
+    std::fs::write(
+        &config,
+        format!(
+            "[coordinator]\nlisten = \"127.0.0.1:{port}\"\n[worker]\nroot = \"{}\"\nmax-parallelism = 2\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let runner = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .arg("--config")
+        .arg(&config)
+        .env("KILN_RUNNER", &runner)
+        .spawn()
+        .unwrap();
+    wait_until("the TCP listener", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let info = runtime.block_on(async {
+        let client = kiln_client::Client::connect(&format!("http://127.0.0.1:{port}")).await.unwrap();
+        client.info().await.unwrap()
+    });
+    assert_eq!(info.root, root.display().to_string());
+    Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
+    assert!(daemon.wait().unwrap().success());
+
+    std::fs::write(&config, "[worker]\ncoordinator = \"http://127.0.0.1:1\"\nmax-paralelism = 2\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kilnd")).arg("--config").arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("kiln.toml") && stderr.contains("max-paralelism"), "{stderr}");
+}

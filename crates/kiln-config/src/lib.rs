@@ -1,0 +1,318 @@
+//! `kilnd`'s configuration: one TOML file with a `[coordinator]` and/or a `[worker]` section.
+//!
+//! The file maps onto serde structs that refuse unknown keys (a typo is an error, not a
+//! silently ignored setting); every field documents its default. [`ConfigFile::validate`]
+//! turns the text values (addresses, URLs, platforms, durations, sizes) into typed ones, with
+//! errors that name the key.
+
+mod units;
+
+pub use units::{parse_duration, parse_size};
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_types::Platform;
+use serde::Deserialize;
+
+/// A configuration problem, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// The key, e.g. `worker.platforms[1]`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The coordinator role.
+    pub coordinator: Option<CoordinatorSection>,
+    /// The worker role.
+    pub worker: Option<WorkerSection>,
+}
+
+/// `[coordinator]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CoordinatorSection {
+    /// Address for clients and workers, `HOST:PORT`. Required.
+    pub listen: String,
+    /// State directory. Default: `/var/lib/kiln/coordinator`.
+    #[serde(default = "default_coordinator_root")]
+    pub root: PathBuf,
+    /// A worker whose lease is not renewed for this long is lost. Default: `10s`.
+    #[serde(default = "default_lease_timeout")]
+    pub lease_timeout: String,
+    /// A build waiting for a worker of its platform fails after this long. Default: `5m`.
+    #[serde(default = "default_placement_timeout")]
+    pub placement_timeout: String,
+    /// Times a vertex is requeued after its worker is lost. Default: `3`.
+    #[serde(default = "default_retry_budget")]
+    pub retry_budget: u32,
+}
+
+/// `[worker]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WorkerSection {
+    /// The coordinator's URL, `http://HOST:PORT`. Required unless the file also has a
+    /// `[coordinator]` (standalone).
+    pub coordinator: Option<String>,
+    /// Address of this worker's blob service for peers, `HOST:PORT`. Default: `127.0.0.1:0`.
+    #[serde(default = "default_worker_listen")]
+    pub listen: String,
+    /// State directory. Default: `/var/lib/kiln/worker`.
+    #[serde(default = "default_worker_root")]
+    pub root: PathBuf,
+    /// Platforms this worker builds for; each must be runnable here. Default: the host's.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    /// Labels for placement. Default: none.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Executions at once. Default: four per CPU.
+    pub max_parallelism: Option<usize>,
+    /// cgroup path prefix for step containers. Default: `/kiln`.
+    #[serde(default = "default_cgroup_parent")]
+    pub cgroup_parent: String,
+    /// Kill a step after this long. Default: no limit.
+    pub step_timeout: Option<String>,
+    /// Registries spoken to over plain HTTP, `HOST:PORT` (loopback ones always are). Default: none.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Garbage collection of the worker's store.
+    #[serde(default)]
+    pub gc: GcSection,
+}
+
+/// `[worker.gc]`: BuildKit's policy knobs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GcSection {
+    /// Space kept even when unused, e.g. `10GB`. Default: `10GB`.
+    pub reserved_space: Option<String>,
+    /// Collect above this much used space. Default: no limit.
+    pub max_used_space: Option<String>,
+    /// Collect when less than this is free on the disk. Default: none.
+    pub min_free_space: Option<String>,
+    /// Keep records used within this long. Default: `48h`.
+    pub keep_duration: Option<String>,
+}
+
+fn default_coordinator_root() -> PathBuf {
+    PathBuf::from("/var/lib/kiln/coordinator")
+}
+fn default_worker_root() -> PathBuf {
+    PathBuf::from("/var/lib/kiln/worker")
+}
+fn default_lease_timeout() -> String {
+    "10s".into()
+}
+fn default_placement_timeout() -> String {
+    "5m".into()
+}
+fn default_retry_budget() -> u32 {
+    3
+}
+fn default_worker_listen() -> String {
+    "127.0.0.1:0".into()
+}
+fn default_cgroup_parent() -> String {
+    "/kiln".into()
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The coordinator role, when configured.
+    pub coordinator: Option<CoordinatorConfig>,
+    /// The worker role, when configured.
+    pub worker: Option<WorkerConfig>,
+}
+
+/// The coordinator role, typed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoordinatorConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// State directory.
+    pub root: PathBuf,
+    /// Lease timeout.
+    pub lease_timeout: Duration,
+    /// Placement timeout.
+    pub placement_timeout: Duration,
+    /// Requeues per vertex after worker loss.
+    pub retry_budget: u32,
+}
+
+/// The worker role, typed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerConfig {
+    /// The coordinator's URL (`None` when standalone).
+    pub coordinator: Option<String>,
+    /// Blob service address.
+    pub listen: SocketAddr,
+    /// State directory.
+    pub root: PathBuf,
+    /// Platforms.
+    pub platforms: Vec<Platform>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Executions at once.
+    pub max_parallelism: usize,
+    /// cgroup prefix.
+    pub cgroup_parent: String,
+    /// Step timeout.
+    pub step_timeout: Option<Duration>,
+    /// Plain-HTTP registries.
+    pub insecure_registries: Vec<String>,
+    /// GC policy.
+    pub gc: GcPolicy,
+}
+
+/// Garbage collection limits, in bytes and time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GcPolicy {
+    /// Always kept.
+    pub reserved_space: u64,
+    /// Upper bound on used space.
+    pub max_used_space: Option<u64>,
+    /// Lower bound on free disk space.
+    pub min_free_space: Option<u64>,
+    /// Recently used records are kept this long.
+    pub keep_duration: Duration,
+}
+
+impl ConfigFile {
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        ConfigFile::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text; `path` names it in errors.
+    pub fn parse(text: &str, path: &str) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_string(), message: e.to_string().trim_end().to_string() })
+    }
+
+    /// Checks every value and converts it; `path` names the file in errors.
+    pub fn validate(&self, path: &str) -> Result<Config, ConfigError> {
+        let invalid =
+            |key: &str, message: String| ConfigError::Invalid { path: path.to_string(), key: key.to_string(), message };
+        if self.coordinator.is_none() && self.worker.is_none() {
+            return Err(invalid("(file)", "needs a [coordinator] or a [worker] section".into()));
+        }
+        let coordinator = match &self.coordinator {
+            None => None,
+            Some(c) => Some(CoordinatorConfig {
+                listen: c
+                    .listen
+                    .parse()
+                    .map_err(|e| invalid("coordinator.listen", format!("{:?} is not HOST:PORT ({e})", c.listen)))?,
+                root: c.root.clone(),
+                lease_timeout: parse_duration(&c.lease_timeout).map_err(|e| invalid("coordinator.lease-timeout", e))?,
+                placement_timeout: parse_duration(&c.placement_timeout)
+                    .map_err(|e| invalid("coordinator.placement-timeout", e))?,
+                retry_budget: c.retry_budget,
+            }),
+        };
+        let worker = match &self.worker {
+            None => None,
+            Some(w) => {
+                let coordinator_url = match (&w.coordinator, &self.coordinator) {
+                    (Some(url), _) => {
+                        let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+                        if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
+                            return Err(invalid("worker.coordinator", format!("{url:?} is not http://HOST:PORT")));
+                        }
+                        Some(url.clone())
+                    }
+                    (None, Some(_)) => None,
+                    (None, None) => {
+                        return Err(invalid("worker.coordinator", "required without a [coordinator] section".into()));
+                    }
+                };
+                let mut platforms = Vec::new();
+                for (i, text) in w.platforms.iter().enumerate() {
+                    platforms.push(
+                        text.parse::<Platform>()
+                            .map_err(|e| invalid(&format!("worker.platforms[{i}]"), e.to_string()))?,
+                    );
+                }
+                if platforms.is_empty() {
+                    platforms.push(Platform::host());
+                }
+                let max_parallelism = match w.max_parallelism {
+                    Some(0) => return Err(invalid("worker.max-parallelism", "must be at least 1".into())),
+                    Some(n) => n,
+                    None => 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+                };
+                let size = |key: &str, value: &Option<String>| {
+                    value.as_deref().map(|v| parse_size(v).map_err(|e| invalid(key, e))).transpose()
+                };
+                Some(WorkerConfig {
+                    coordinator: coordinator_url,
+                    listen: w
+                        .listen
+                        .parse()
+                        .map_err(|e| invalid("worker.listen", format!("{:?} is not HOST:PORT ({e})", w.listen)))?,
+                    root: w.root.clone(),
+                    platforms,
+                    labels: w.labels.clone(),
+                    max_parallelism,
+                    cgroup_parent: w.cgroup_parent.clone(),
+                    step_timeout: w
+                        .step_timeout
+                        .as_deref()
+                        .map(|t| parse_duration(t).map_err(|e| invalid("worker.step-timeout", e)))
+                        .transpose()?,
+                    insecure_registries: w.insecure_registries.clone(),
+                    gc: GcPolicy {
+                        reserved_space: size("worker.gc.reserved-space", &w.gc.reserved_space)?
+                            .unwrap_or(10_000_000_000),
+                        max_used_space: size("worker.gc.max-used-space", &w.gc.max_used_space)?,
+                        min_free_space: size("worker.gc.min-free-space", &w.gc.min_free_space)?,
+                        keep_duration: match &w.gc.keep_duration {
+                            Some(d) => parse_duration(d).map_err(|e| invalid("worker.gc.keep-duration", e))?,
+                            None => Duration::from_secs(48 * 3600),
+                        },
+                    },
+                })
+            }
+        };
+        Ok(Config { coordinator, worker })
+    }
+}
+
+#[cfg(test)]
+mod tests;

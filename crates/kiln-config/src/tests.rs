@@ -1,0 +1,71 @@
+//! Config parsing: the examples under deploy/config, defaults, and errors that name the key.
+
+use super::*;
+
+fn validate(text: &str) -> Result<Config, String> {
+    ConfigFile::parse(text, "kiln.toml").and_then(|file| file.validate("kiln.toml")).map_err(|e| e.to_string())
+}
+
+#[test]
+fn every_example_under_deploy_config_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let file = ConfigFile::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            file.validate(&path.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 4, "expected the example configs, found {seen}");
+}
+
+#[test]
+fn defaults_fill_what_is_left_out() {
+    let config = validate("[worker]\ncoordinator = \"http://127.0.0.1:7070\"\n").unwrap();
+    let worker = config.worker.unwrap();
+    assert_eq!(worker.platforms, vec![Platform::host()]);
+    assert_eq!(worker.root, PathBuf::from("/var/lib/kiln/worker"));
+    assert_eq!(worker.gc.keep_duration, Duration::from_secs(48 * 3600));
+    assert_eq!(worker.gc.reserved_space, 10_000_000_000);
+    assert!(worker.max_parallelism >= 4);
+    let config = validate("[coordinator]\nlisten = \"127.0.0.1:7070\"\n").unwrap();
+    let coordinator = config.coordinator.unwrap();
+    assert_eq!((coordinator.lease_timeout, coordinator.retry_budget), (Duration::from_secs(10), 3));
+}
+
+#[test]
+fn mistakes_are_errors_that_name_the_key() {
+    let cases = [
+        ("[worker]\ncoordinator = \"http://c:1\"\nmax-paralelism = 4\n", "unknown field `max-paralelism`"),
+        ("[coordinator]\nlisten = \"nowhere\"\n", "coordinator.listen"),
+        ("[worker]\ncoordinator = \"ftp://c:1\"\n", "worker.coordinator"),
+        ("[worker]\nroot = \"/w\"\n", "worker.coordinator: required"),
+        ("[worker]\ncoordinator = \"http://c:1\"\nplatforms = [\"linux/amd64\", \"\"]\n", "worker.platforms[1]"),
+        ("[worker]\ncoordinator = \"http://c:1\"\nmax-parallelism = 0\n", "at least 1"),
+        (
+            "[worker]\ncoordinator = \"http://c:1\"\n[worker.gc]\nreserved-space = \"lots\"\n",
+            "worker.gc.reserved-space",
+        ),
+        ("[coordinator]\nlisten = \"127.0.0.1:1\"\nlease-timeout = \"10 parsecs\"\n", "coordinator.lease-timeout"),
+        ("[runner]\n", "unknown field `runner`"),
+        ("", "needs a [coordinator] or a [worker]"),
+        ("[worker\n", "kiln.toml"),
+    ];
+    for (text, expected) in cases {
+        let err = validate(text).unwrap_err();
+        assert!(err.contains(expected), "{text:?}: {err}");
+        assert!(err.starts_with("kiln.toml"), "{err}");
+    }
+}
+
+#[test]
+fn units_parse() {
+    assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+    assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+    assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+    assert_eq!(parse_size("10GB").unwrap(), 10_000_000_000);
+    assert_eq!(parse_size("42").unwrap(), 42);
+    assert!(parse_duration("5").is_err() && parse_size("5XB").is_err());
+}

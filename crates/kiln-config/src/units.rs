@@ -1,0 +1,42 @@
+//! Durations (`500ms`, `10s`, `5m`, `48h`) and sizes (`512MiB`, `10GB`, `1024`) in config values.
+
+use std::time::Duration;
+
+/// Parses `N` followed by `ms`, `s`, `m`, `h` or `d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 10s, 5m or 48h"))?;
+    let millis = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?} is not a duration like 10s, 5m or 48h")),
+    };
+    value.checked_mul(millis).map(Duration::from_millis).ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// Parses a byte count with an optional `KB/MB/GB/TB` (powers of 1000) or `KiB/MiB/GiB/TiB`
+/// (powers of 1024) suffix.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a size like 512MiB or 10GB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1000,
+        "MB" => 1000_u64.pow(2),
+        "GB" => 1000_u64.pow(3),
+        "TB" => 1000_u64.pow(4),
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return Err(format!("{text:?} is not a size like 512MiB or 10GB")),
+    };
+    value.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
+}
