@@ -1,5 +1,5 @@
-//! `cargo xtask base-image`: a small busybox image as an OCI layout, pushed to a local
-//! registry that this command starts when none answers.
+//! `cargo xtask base-image`: a small busybox image (linux/amd64 and linux/arm64) as an OCI
+//! layout, pushed to a local registry that this command starts when none answers.
 //!
 //! The layer is built from Debian's `busybox-static` with GNU tar in a reproducible way
 //! (sorted names, fixed times and owners), so every machine gets the same digests.
@@ -24,13 +24,14 @@ pub const IMAGE_NAME: &str = "kiln/busybox:latest";
 /// Builds the layout, makes sure a registry runs, pushes, and returns the image reference.
 pub fn run() -> anyhow::Result<String> {
     setup::ensure_packages()?;
+    setup::ensure_arm64()?;
     let out = workspace_root().join("target/kiln-base");
     let layout = build_layout(&out)?;
     let registry = std::env::var("KILN_REGISTRY").unwrap_or_else(|_| DEFAULT_REGISTRY.to_string());
     ensure_registry(&registry)?;
     let reference = format!("{registry}/{IMAGE_NAME}");
     let status = Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
         .arg(format!("oci:{}:busybox", layout.display()))
         .arg(format!("docker://{reference}"))
         .status()
@@ -41,14 +42,49 @@ pub fn run() -> anyhow::Result<String> {
     Ok(reference)
 }
 
-/// Builds `OUT/oci`, an OCI layout holding the image tagged `busybox`.
+/// Builds `OUT/oci`, an OCI layout whose `busybox` tag is an index of a linux/amd64 and a
+/// linux/arm64 image (Debian's busybox-static of each architecture).
 pub fn build_layout(out: &Path) -> anyhow::Result<PathBuf> {
-    let rootfs = out.join("rootfs");
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
     }
-    build_rootfs(&rootfs)?;
-    let layer_tar = out.join("layer.tar");
+    let layout = out.join("oci");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let mut manifests = Vec::new();
+    for (architecture, busybox) in [("amd64", PathBuf::from("/bin/busybox")), ("arm64", setup::arm64_busybox())] {
+        let (digest, size) = build_image(out, &blobs, architecture, &busybox)?;
+        manifests.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest, "size": size,
+            "platform": {"architecture": architecture, "os": "linux"}
+        }));
+    }
+    let image_index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests
+    });
+    let (index_digest, index_size) = write_blob(&blobs, &serde_json::to_vec(&image_index)?)?;
+    let layout_index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": index_digest, "size": index_size,
+            "annotations": {"org.opencontainers.image.ref.name": "busybox"}
+        }]
+    });
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&layout_index)?)?;
+    std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    Ok(layout)
+}
+
+/// One platform's image: rootfs, reproducible layer, config and manifest in `blobs`.
+fn build_image(out: &Path, blobs: &Path, architecture: &str, busybox: &Path) -> anyhow::Result<(String, u64)> {
+    let rootfs = out.join(format!("rootfs-{architecture}"));
+    build_rootfs(&rootfs, busybox)?;
+    let layer_tar = out.join(format!("layer-{architecture}.tar"));
     let tar = Command::new("tar")
         .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "--numeric-owner", "--format=gnu", "-C"])
         .arg(&rootfs)
@@ -64,18 +100,14 @@ pub fn build_layout(out: &Path) -> anyhow::Result<PathBuf> {
     if !gzip.success() {
         bail!("gzip failed with {gzip}");
     }
-    let layout = out.join("oci");
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs)?;
     let diff_id = sha256_file(&layer_tar)?;
-    let layer_gz = out.join("layer.tar.gz");
+    let layer_gz = out.join(format!("layer-{architecture}.tar.gz"));
     let layer_digest = sha256_file(&layer_gz)?;
     let layer_size = std::fs::metadata(&layer_gz)?.len();
     std::fs::rename(&layer_gz, blobs.join(&layer_digest[7..]))?;
-
     let config = serde_json::json!({
         "created": "1970-01-01T00:00:00Z",
-        "architecture": "amd64",
+        "architecture": architecture,
         "os": "linux",
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
@@ -84,37 +116,24 @@ pub fn build_layout(out: &Path) -> anyhow::Result<PathBuf> {
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "cargo xtask base-image (Debian busybox-static)"}]
     });
-    let (config_digest, config_size) = write_blob(&blobs, &serde_json::to_vec(&config)?)?;
+    let (config_digest, config_size) = write_blob(blobs, &serde_json::to_vec(&config)?)?;
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer_size}]
     });
-    let (manifest_digest, manifest_size) = write_blob(&blobs, &serde_json::to_vec(&manifest)?)?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest, "size": manifest_size,
-            "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {"org.opencontainers.image.ref.name": "busybox"}
-        }]
-    });
-    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
-    std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    Ok(layout)
+    write_blob(blobs, &serde_json::to_vec(&manifest)?)
 }
 
 /// A root filesystem with busybox, its applets as symlinks, and the usual directories.
-fn build_rootfs(rootfs: &Path) -> anyhow::Result<()> {
+fn build_rootfs(rootfs: &Path, busybox: &Path) -> anyhow::Result<()> {
     for dir in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "var", "home", "proc", "sys", "dev"] {
         std::fs::create_dir_all(rootfs.join(dir))?;
     }
     set_mode(&rootfs.join("tmp"), 0o1777)?;
     set_mode(&rootfs.join("root"), 0o700)?;
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).context("copying /bin/busybox")?;
+    std::fs::copy(busybox, rootfs.join("bin/busybox")).with_context(|| format!("copying {}", busybox.display()))?;
     let list = Command::new("/bin/busybox").arg("--list-full").output().context("listing busybox applets")?;
     for applet in String::from_utf8(list.stdout)?.lines().filter(|a| *a != "bin/busybox") {
         let link = rootfs.join(applet);

@@ -97,6 +97,7 @@ fn find_corpus() -> Option<PathBuf> {
 
 fn ci(corpus: Option<PathBuf>) -> anyhow::Result<()> {
     setup::ensure_packages()?;
+    setup::ensure_arm64()?;
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
     cargo(&["test", "--workspace", "--quiet"])?;

@@ -12,7 +12,68 @@ const PACKAGES: &[(&str, &str)] = &[
     ("skopeo", "/usr/bin/skopeo"),
     // Docker's BuildKit: the reference the engine's output is compared with.
     ("docker.io", "/usr/sbin/dockerd"),
+    // arm64 binaries on this x86-64 machine, for multi-platform builds.
+    ("qemu-user-static", "/usr/bin/qemu-aarch64-static"),
+    ("binfmt-support", "/usr/sbin/update-binfmts"),
 ];
+
+/// Where the arm64 busybox lands (tests and the base image read it from here).
+pub fn arm64_busybox() -> std::path::PathBuf {
+    crate::workspace_root().join("target/kiln-arm64/busybox")
+}
+
+/// Makes arm64 binaries runnable here (binfmt_misc with qemu's fix-binary flag, so they also
+/// run inside containers) and fetches Debian's arm64 `busybox-static`.
+pub fn ensure_arm64() -> anyhow::Result<()> {
+    let binfmt = Path::new("/proc/sys/fs/binfmt_misc");
+    if !binfmt.join("register").exists() {
+        run("mount", &["-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"])?;
+    }
+    if !binfmt.join("qemu-aarch64").exists() {
+        run("update-binfmts", &["--enable", "qemu-aarch64"])?;
+    }
+    let busybox = arm64_busybox();
+    if busybox.exists() {
+        return Ok(());
+    }
+    let dir = busybox.parent().expect("has a parent").to_path_buf();
+    std::fs::create_dir_all(&dir)?;
+    let architectures = Command::new("dpkg").arg("--print-foreign-architectures").output()?;
+    if !String::from_utf8_lossy(&architectures.stdout).lines().any(|a| a == "arm64") {
+        run("dpkg", &["--add-architecture", "arm64"])?;
+        run("apt-get", &["update", "-qq"])?;
+    }
+    let download =
+        Command::new("apt-get").args(["download", "-qq", "busybox-static:arm64"]).current_dir(&dir).status()?;
+    if !download.success() {
+        run("apt-get", &["update", "-qq"])?;
+        let retry =
+            Command::new("apt-get").args(["download", "-qq", "busybox-static:arm64"]).current_dir(&dir).status()?;
+        if !retry.success() {
+            bail!("apt-get download busybox-static:arm64 failed");
+        }
+    }
+    let deb = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("the downloaded busybox-static:arm64 package")?;
+    let unpacked = dir.join("deb");
+    run("dpkg-deb", &["-x", deb.to_str().unwrap_or_default(), unpacked.to_str().unwrap_or_default()])?;
+    std::fs::rename(unpacked.join("bin/busybox"), &busybox)?;
+    let _ = std::fs::remove_dir_all(&unpacked);
+    let _ = std::fs::remove_file(&deb);
+    Ok(())
+}
+
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("$ {program} {}", args.join(" "));
+    let status = Command::new(program).args(args).status().with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
 
 /// Installs whichever of [`PACKAGES`] are missing.
 pub fn ensure_packages() -> anyhow::Result<()> {

@@ -66,7 +66,7 @@ impl Control for ControlService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             worker: self.engine.name().to_string(),
             root: self.root.display().to_string(),
-            platforms: vec![kiln_types::Platform::host().to_string()],
+            platforms: self.engine.platforms().iter().map(|p| p.to_string()).collect(),
         }))
     }
 }

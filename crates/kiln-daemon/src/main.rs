@@ -72,7 +72,20 @@ async fn main() -> anyhow::Result<()> {
     }
     let max_parallelism =
         args.max_parallelism.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
-    let engine = Arc::new(Engine::start(EngineConfig { worker, max_parallelism, name: "local".into() })?);
+    // A worker may declare only platforms it can run (natively or through a fix-binary
+    // binfmt emulator); by default it declares all of them.
+    let runnable = kiln_worker::runnable_platforms();
+    let platforms = match &worker_settings {
+        Some(settings) => {
+            if let Some(missing) = settings.platforms.iter().find(|p| !runnable.contains(p)) {
+                let runnable: Vec<String> = runnable.iter().map(|p| p.to_string()).collect();
+                bail!("worker.platforms: {missing} cannot run on this machine (it runs {})", runnable.join(", "));
+            }
+            settings.platforms.clone()
+        }
+        None => runnable,
+    };
+    let engine = Arc::new(Engine::start(EngineConfig { worker, max_parallelism, name: "local".into(), platforms })?);
     eprintln!("kilnd: standalone, state in {}, socket {}", root.display(), socket.display());
     let pid_file = root.join("kilnd.pid");
     std::fs::write(&pid_file, std::process::id().to_string())

@@ -134,6 +134,7 @@ impl Engine {
             .map_err(|e| BuildFailure::early(format!("reading build context {}: {e}", request.context.display())))?;
         let context = Arc::new(context);
         let (plan, bases) = self.plan(&request, &context).await.map_err(BuildFailure::early)?;
+        self.check_platforms(&plan).map_err(BuildFailure::early)?;
         let _ = progress.send(Progress::Planned { vertices: plan.graph.vertices.iter().map(initial_record).collect() });
 
         let inputs = BuildInputs {
@@ -166,6 +167,24 @@ impl Engine {
             Ok(image) => Ok(BuildSummary { records, image }),
             Err(message) => Err(BuildFailure { message, records }),
         }
+    }
+
+    /// Every RUN must be for a platform this engine runs; never a silent fallback to another.
+    fn check_platforms(&self, plan: &BuildPlan) -> Result<(), String> {
+        for vertex in &plan.graph.vertices {
+            if let Op::Exec(exec) = &vertex.op
+                && !self.platforms.contains(&exec.platform)
+            {
+                let available: Vec<String> = self.platforms.iter().map(|p| p.to_string()).collect();
+                return Err(format!(
+                    "{}: no worker runs {} (this one runs {})",
+                    vertex.meta.name,
+                    exec.platform,
+                    available.join(", ")
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Converts the Dockerfile, resolving the base images' configs in between.

@@ -29,6 +29,8 @@ pub struct EngineConfig {
     pub max_parallelism: usize,
     /// The worker's name in records.
     pub name: String,
+    /// Platforms it executes RUN steps for (default: [`kiln_worker::runnable_platforms`]).
+    pub platforms: Vec<kiln_types::Platform>,
 }
 
 /// A worker and the solver that schedules on it.
@@ -36,6 +38,7 @@ pub struct Engine {
     worker: Arc<Worker>,
     solver: Solver<LocalExecutor>,
     name: String,
+    platforms: Vec<kiln_types::Platform>,
 }
 
 /// Why an engine could not start.
@@ -61,7 +64,8 @@ impl Engine {
         let worker = Arc::new(Worker::open(config.worker, Arc::clone(&kv)).map_err(|e| e.to_string())?);
         let executor = Arc::new(LocalExecutor::new(Arc::clone(&worker), &config.name));
         let solver = Solver::start(executor, SolverConfig { worker_parallelism: config.max_parallelism }, Some(kv))?;
-        Ok(Engine { worker, solver, name: config.name })
+        let platforms = if config.platforms.is_empty() { kiln_worker::runnable_platforms() } else { config.platforms };
+        Ok(Engine { worker, solver, name: config.name, platforms })
     }
 
     /// The worker.
@@ -72,5 +76,10 @@ impl Engine {
     /// The worker's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The platforms it executes RUN steps for.
+    pub fn platforms(&self) -> &[kiln_types::Platform] {
+        &self.platforms
     }
 }

@@ -33,7 +33,9 @@ impl Fixture {
         let mut worker = WorkerConfig::new(&dir.path().join("engine")).unwrap();
         worker.runner = runner_binary();
         worker.cgroup_parent = "/kiln-engine-test".into();
-        let engine = Engine::start(EngineConfig { worker, max_parallelism: 4, name: "local".into() }).unwrap();
+        let engine =
+            Engine::start(EngineConfig { worker, max_parallelism: 4, name: "local".into(), platforms: vec![] })
+                .unwrap();
         Fixture { base: base.to_string(), registry, dir, engine }
     }
 
@@ -413,4 +415,67 @@ COPY --from=build /out/ /
         unpack_layout(&layout, &rootfs);
         assert_eq!(std::fs::read_to_string(rootfs.join("target")).unwrap(), expected);
     }
+}
+
+#[tokio::test]
+async fn run_steps_execute_on_each_requested_platform_and_unknown_platforms_fail() {
+    let fixture = Fixture::new().await;
+    // A two-platform base image: amd64, and arm64 with Debian's arm64 busybox.
+    let cas = Arc::new(BlobStore::open(&fixture.dir.path().join("multi-cas"), Arc::new(MemoryKv::new())).unwrap());
+    busybox_rootfs(&fixture.dir.path().join("rootfs-amd64"));
+    kiln_testkit::arm64_busybox_rootfs(&fixture.dir.path().join("rootfs-arm64"));
+    let mut manifests = Vec::new();
+    for (platform, rootfs) in [("linux/amd64", "rootfs-amd64"), ("linux/arm64", "rootfs-arm64")] {
+        let digest = store_image(&cas, &fixture.dir.path().join(rootfs), platform);
+        let (os, architecture) = platform.split_once('/').unwrap();
+        manifests.push(kiln_registry::Descriptor {
+            media_type: kiln_registry::OCI_MANIFEST.into(),
+            digest,
+            size: cas.info(&digest).unwrap().size,
+            platform: Some(kiln_registry::PlatformField {
+                architecture: architecture.into(),
+                os: os.into(),
+                variant: None,
+            }),
+            annotations: Default::default(),
+        });
+    }
+    let index = kiln_registry::store_index(&cas, manifests, kiln_registry::MediaTypes::Oci).unwrap();
+    let base = fixture.registry.reference("kiln/busybox:multi");
+    RegistryClient::new(RegistryOptions::default()).unwrap().push(&base, &index.digest, &cas).await.unwrap();
+
+    let pushed = format!("{}/kiln/arch:v1", fixture.registry.addr);
+    let output = OutputSpec::parse(&format!("type=image,name={pushed},push=true,oci-mediatypes=true")).unwrap();
+    let mut request = fixture.request(&format!("FROM {base}\nRUN uname -m > /arch\n"), &[], vec![output]);
+    request.platforms = vec!["linux/amd64".parse().unwrap(), "linux/arm64".parse().unwrap()];
+    let (result, _) = fixture.build(request).await;
+    result.unwrap();
+    for (arch, expected) in [("amd64", "x86_64\n"), ("arm64", "aarch64\n")] {
+        let layout = fixture.dir.path().join(format!("arch-{arch}"));
+        run(
+            "skopeo",
+            &[
+                "copy",
+                "--override-arch",
+                arch,
+                "--src-tls-verify=false",
+                &format!("docker://{pushed}"),
+                &format!("oci:{}:x", layout.display()),
+            ],
+        );
+        let rootfs = fixture.dir.path().join(format!("arch-rootfs-{arch}"));
+        unpack_layout(&layout, &rootfs);
+        assert_eq!(std::fs::read_to_string(rootfs.join("arch")).unwrap(), expected, "{arch}");
+    }
+
+    // A base image without the platform fails at resolution, naming what the index offers.
+    let mut request = fixture.request(&format!("FROM {base}\nRUN true\n"), &[], vec![]);
+    request.platforms = vec!["linux/s390x".parse().unwrap()];
+    let message = fixture.build(request).await.0.unwrap_err().message;
+    assert!(message.contains("no image for platform linux/s390x"), "{message}");
+    // A RUN for a platform no worker runs fails before anything executes.
+    let mut request = fixture.request("FROM scratch\nRUN true\n", &[], vec![]);
+    request.platforms = vec!["linux/s390x".parse().unwrap()];
+    let message = fixture.build(request).await.0.unwrap_err().message;
+    assert!(message.contains("no worker runs linux/s390x") && message.contains("linux/amd64"), "{message}");
 }

@@ -86,6 +86,21 @@ impl Drop for TestRegistry {
     }
 }
 
+/// The arm64 static busybox `cargo xtask ci` fetches (`$KILN_ARM64_BUSYBOX` overrides).
+pub fn arm64_busybox() -> PathBuf {
+    std::env::var_os("KILN_ARM64_BUSYBOX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/kiln-arm64/busybox"))
+}
+
+/// Like [`busybox_rootfs`] with the arm64 busybox (runs here through qemu-user-static).
+pub fn arm64_busybox_rootfs(rootfs: &Path) {
+    busybox_rootfs(rootfs);
+    let binary = arm64_busybox();
+    std::fs::copy(&binary, rootfs.join("bin/busybox"))
+        .unwrap_or_else(|e| panic!("{}: {e} (cargo xtask ci fetches the arm64 busybox)", binary.display()));
+}
+
 /// Fills `rootfs` with a static busybox, its applets, and root/nobody users.
 pub fn busybox_rootfs(rootfs: &Path) {
     let bin = rootfs.join("bin");

@@ -18,11 +18,13 @@ mod executor;
 mod export;
 mod fileop;
 mod mounts;
+mod platforms;
 mod source;
 mod user;
 
 pub use executor::LocalExecutor;
 pub use kiln_solver::{LogLine, LogStream};
+pub use platforms::runnable_platforms;
 pub use user::{ResolvedUser, resolve_owner, resolve_user};
 
 use std::collections::HashMap;
