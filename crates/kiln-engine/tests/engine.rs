@@ -89,6 +89,17 @@ fn unpack_layout(layout: &Path, dest: &Path) {
     }
 }
 
+/// A file of one architecture's image in a pushed index, as skopeo pulls it.
+fn pulled_file(fixture: &Fixture, reference: &str, arch: &str, path: &str) -> String {
+    let layout = fixture.dir.path().join(format!("pulled-{}-{arch}", reference.replace(['/', ':'], "_")));
+    let source = format!("docker://{reference}");
+    let dest = format!("oci:{}:x", layout.display());
+    run("skopeo", &["copy", "--override-arch", arch, "--src-tls-verify=false", &source, &dest]);
+    let rootfs = layout.with_extension("rootfs");
+    unpack_layout(&layout, &rootfs);
+    std::fs::read_to_string(rootfs.join(path)).unwrap()
+}
+
 #[tokio::test]
 async fn a_build_exports_to_every_output_type_and_other_clients_read_them() {
     let fixture = Fixture::new().await;
@@ -399,21 +410,7 @@ COPY --from=build /out/ /
         .collect();
     assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
     for (arch, expected) in [("arm64", "built for arm64\n"), ("amd64", "built for amd64\n")] {
-        let layout = fixture.dir.path().join(format!("pulled-{arch}"));
-        run(
-            "skopeo",
-            &[
-                "copy",
-                "--override-arch",
-                arch,
-                "--src-tls-verify=false",
-                &format!("docker://{pushed}"),
-                &format!("oci:{}:x", layout.display()),
-            ],
-        );
-        let rootfs = fixture.dir.path().join(format!("rootfs-{arch}"));
-        unpack_layout(&layout, &rootfs);
-        assert_eq!(std::fs::read_to_string(rootfs.join("target")).unwrap(), expected);
+        assert_eq!(pulled_file(&fixture, &pushed, arch, "target"), expected);
     }
 }
 
@@ -451,21 +448,7 @@ async fn run_steps_execute_on_each_requested_platform_and_unknown_platforms_fail
     let (result, _) = fixture.build(request).await;
     result.unwrap();
     for (arch, expected) in [("amd64", "x86_64\n"), ("arm64", "aarch64\n")] {
-        let layout = fixture.dir.path().join(format!("arch-{arch}"));
-        run(
-            "skopeo",
-            &[
-                "copy",
-                "--override-arch",
-                arch,
-                "--src-tls-verify=false",
-                &format!("docker://{pushed}"),
-                &format!("oci:{}:x", layout.display()),
-            ],
-        );
-        let rootfs = fixture.dir.path().join(format!("arch-rootfs-{arch}"));
-        unpack_layout(&layout, &rootfs);
-        assert_eq!(std::fs::read_to_string(rootfs.join("arch")).unwrap(), expected, "{arch}");
+        assert_eq!(pulled_file(&fixture, &pushed, arch, "arch"), expected, "{arch}");
     }
 
     // A base image without the platform fails at resolution, naming what the index offers.
