@@ -140,7 +140,6 @@ impl Engine {
         let inputs = BuildInputs {
             contexts: HashMap::from([("context".to_string(), context)]),
             secrets: request.secrets.clone(),
-            logs: None,
         };
         let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };
         let mut handle = self.solver.submit(plan.graph.clone(), options, Arc::new(inputs));
@@ -195,7 +194,8 @@ impl Engine {
     ) -> Result<(BuildPlan, BaseHistories), String> {
         let first = convert(&request.dockerfile, &convert_options(request, context, &NoImageMetadata))
             .map_err(|e| e.to_string())?;
-        let mut wanted: Vec<(ImageReference, Platform)> = first
+        // Each (reference, platform) is one source vertex: the graph already merged repeats.
+        let wanted: Vec<(ImageReference, Platform)> = first
             .graph
             .vertices
             .iter()
@@ -204,7 +204,6 @@ impl Engine {
                 _ => None,
             })
             .collect();
-        wanted.dedup();
         if wanted.is_empty() {
             return Ok((first, BaseHistories::new()));
         }

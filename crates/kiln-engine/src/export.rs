@@ -37,7 +37,7 @@ impl Engine {
         let created = rfc3339_millis(epoch.map_or_else(now_ms, |seconds| seconds * 1000));
         let empty = Snapshot::default();
         let snapshots: Vec<&Snapshot> = results.iter().map(|r| r.as_ref().unwrap_or(&empty)).collect();
-        let mut images: HashMap<bool, Descriptor> = HashMap::new();
+        let mut images: HashMap<MediaTypes, Descriptor> = HashMap::new();
         let mut image_digest = None;
         for output in &request.outputs {
             let media = match output {
@@ -47,7 +47,7 @@ impl Engine {
                 _ => None,
             };
             if let Some(media) = media
-                && let std::collections::hash_map::Entry::Vacant(slot) = images.entry(media == MediaTypes::Oci)
+                && let std::collections::hash_map::Entry::Vacant(slot) = images.entry(media)
             {
                 let step = self.step(progress, "exporting layers and image config");
                 let histories: Vec<Option<Vec<History>>> = plan
@@ -61,7 +61,7 @@ impl Engine {
             }
             match output {
                 OutputSpec::Image { names, push, media } => {
-                    let image = &images[&(*media == MediaTypes::Oci)];
+                    let image = &images[media];
                     image_digest = Some(image.digest);
                     if *push {
                         for name in names {
@@ -77,12 +77,11 @@ impl Engine {
                     }
                 }
                 OutputSpec::Oci { dest, names } | OutputSpec::Docker { dest, names } => {
-                    let format = if matches!(output, OutputSpec::Oci { .. }) {
-                        ArchiveFormat::Oci
-                    } else {
-                        ArchiveFormat::Docker
+                    let (format, media) = match output {
+                        OutputSpec::Oci { .. } => (ArchiveFormat::Oci, MediaTypes::Oci),
+                        _ => (ArchiveFormat::Docker, MediaTypes::Docker),
                     };
-                    let image = images[&(format == ArchiveFormat::Oci)].clone();
+                    let image = images[&media].clone();
                     image_digest = Some(image.digest);
                     let step = self.step(progress, &format!("writing {}", dest.display()));
                     let (cas, dest, names) = (Arc::clone(self.worker.cas()), dest.clone(), names.clone());

@@ -15,7 +15,7 @@ use crate::image::{
 };
 
 /// Which family of media types documents use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MediaTypes {
     /// OCI image spec types.
     Oci,

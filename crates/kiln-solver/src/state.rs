@@ -312,7 +312,7 @@ impl<O: Clone> SolverState<O> {
             && let Some(output) = self.cache.get(&key).cloned()
         {
             build.records[index].started = Some(at);
-            self.complete(id, index, output, key, Status::Cached, None, at, effects);
+            self.complete(id, index, output, key, Status::Cached, at, effects);
             return;
         }
         build.states[index] = VertexState::Waiting;
@@ -390,7 +390,7 @@ impl<O: Clone> SolverState<O> {
                     if let Some(build) = self.builds.get_mut(&id) {
                         build.records[index].worker = worker.clone();
                     }
-                    self.complete(id, index, executed.output.clone(), user_key, status, None, at, effects);
+                    self.complete(id, index, executed.output.clone(), user_key, status, at, effects);
                 }
             }
             Err(error) => {
@@ -419,7 +419,6 @@ impl<O: Clone> SolverState<O> {
         output: O,
         key: Digest,
         status: Status,
-        error: Option<String>,
         at: u64,
         effects: &mut Vec<Effect<O>>,
     ) {
@@ -428,7 +427,7 @@ impl<O: Clone> SolverState<O> {
         let record = &mut build.records[index];
         record.status = status;
         record.completed = Some(at);
-        let event = Event::Completed { record: record.clone(), error, output: Some(output) };
+        let event = Event::Completed { record: record.clone(), error: None, output: Some(output) };
         effects.push(Effect::Emit { build: id, event });
         let mut now_ready = Vec::new();
         for user in build.users[index].clone() {

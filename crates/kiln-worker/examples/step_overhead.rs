@@ -40,7 +40,7 @@ async fn main() {
     let mut config = WorkerConfig::new(&dir.path().join("worker")).unwrap();
     config.runner = runner_binary();
     let worker = Worker::open(config, Arc::new(MemoryKv::new())).unwrap();
-    let build = BuildInputs { contexts: HashMap::new(), secrets: HashMap::new(), logs: None };
+    let build = BuildInputs { contexts: HashMap::new(), secrets: HashMap::new() };
     let meta = |name: &str| VertexMeta { name: name.into(), stage: None, platform: None, lines: None };
     let source = Vertex {
         digest: Digest::of(b"source"),
@@ -49,7 +49,7 @@ async fn main() {
         meta: meta("FROM"),
     };
     let started = Instant::now();
-    let image = worker.execute(&source, &[], &build).await.unwrap().snapshot;
+    let image = worker.execute(&source, &[], &build, None).await.unwrap().snapshot;
     println!("pull + unpack of the base image: {:.1} ms", started.elapsed().as_secs_f64() * 1000.0);
 
     let exec = Vertex {
@@ -71,7 +71,7 @@ async fn main() {
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs + 2 {
         let started = Instant::now();
-        worker.execute(&exec, std::slice::from_ref(&image), &build).await.unwrap();
+        worker.execute(&exec, std::slice::from_ref(&image), &build, None).await.unwrap();
         samples.push(started.elapsed());
     }
     summary("exec vertex RUN /bin/true, network=none (2 warm-up runs dropped)", samples.split_off(2));
@@ -83,7 +83,7 @@ async fn main() {
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
         let started = Instant::now();
-        worker.execute(&exec_worker_net, std::slice::from_ref(&image), &build).await.unwrap();
+        worker.execute(&exec_worker_net, std::slice::from_ref(&image), &build, None).await.unwrap();
         samples.push(started.elapsed());
     }
     summary("exec vertex RUN /bin/true, network=worker", samples);

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use kiln_graph::{ExecOp, NetworkMode, SecurityMode};
 use kiln_layer::resolve_in_root;
-use kiln_runner::{Network, RUNNER_FAILED, RunMount, RunMountKind, RunResult, RunSpec};
+use kiln_runner::{Network, RunMount, RunMountKind, RunResult, RunSpec};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 
 use crate::user::resolve_user;
-use crate::{BuildInputs, LogLine, LogStream, Snapshot, Worker, WorkerError, blocking, chain};
+use crate::{BuildInputs, LogLine, LogSink, LogStream, Snapshot, Worker, WorkerError, blocking, chain};
 
 /// Output lines kept for the error message of a failed step.
 const TAIL_LINES: usize = 20;
@@ -53,6 +53,7 @@ impl Worker {
         exec: &ExecOp,
         inputs: &[Snapshot],
         build: &BuildInputs,
+        logs: Option<&LogSink>,
         name: &str,
     ) -> Result<Snapshot, WorkerError> {
         let fail = |message: String| WorkerError::Failed { vertex: name.to_string(), message };
@@ -101,7 +102,7 @@ impl Worker {
             cgroup_parent: self.config.cgroup_parent.clone(),
             timeout_ms: self.config.step_timeout.map(|t| t.as_millis() as u64),
         };
-        let outcome = self.run_container(&spec, &step_dir.0, build).await;
+        let outcome = self.run_container(&spec, &step_dir.0, logs).await;
         drop(mounts);
         let (result, tail) = outcome.map_err(fail)?;
         if result.exit_code != 0 {
@@ -146,7 +147,7 @@ impl Worker {
         &self,
         spec: &RunSpec,
         step_dir: &Path,
-        build: &BuildInputs,
+        logs: Option<&LogSink>,
     ) -> Result<(RunResult, VecDeque<String>), String> {
         let spec_path = step_dir.join("spec.json");
         let result_path = step_dir.join("result.json");
@@ -172,14 +173,14 @@ impl Worker {
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let (out_tail, err_tail, status) =
-            tokio::join!(pump(stdout, LogStream::Stdout, build), pump(stderr, LogStream::Stderr, build), child.wait());
+            tokio::join!(pump(stdout, LogStream::Stdout, logs), pump(stderr, LogStream::Stderr, logs), child.wait());
         let status = status.map_err(|e| format!("waiting for the runner: {e}"))?;
         guard.finished = true;
         let mut tail: VecDeque<String> = out_tail.into_iter().chain(err_tail).collect();
         while tail.len() > TAIL_LINES {
             tail.pop_front();
         }
-        if status.code() == Some(RUNNER_FAILED) || !status.success() {
+        if !status.success() {
             let reason = tail.back().cloned().unwrap_or_else(|| format!("runner exited with {status}"));
             return Err(format!("running the step failed: {reason}"));
         }
@@ -190,11 +191,11 @@ impl Worker {
 }
 
 /// Forwards lines to the log sink and keeps the last few.
-async fn pump(reader: impl AsyncRead + Unpin, stream: LogStream, build: &BuildInputs) -> VecDeque<String> {
+async fn pump(reader: impl AsyncRead + Unpin, stream: LogStream, logs: Option<&LogSink>) -> VecDeque<String> {
     let mut lines = BufReader::new(reader).lines();
     let mut tail = VecDeque::new();
     while let Ok(Some(line)) = lines.next_line().await {
-        if let Some(logs) = &build.logs {
+        if let Some(logs) = logs {
             let _ = logs.send(LogLine { stream, line: line.clone() });
         }
         tail.push_back(line);

@@ -33,8 +33,7 @@ impl Executor for LocalExecutor {
     ) -> BoxFuture<Result<Executed<Snapshot>, String>> {
         let worker = Arc::clone(&self.worker);
         Box::pin(async move {
-            let build = BuildInputs { logs: Some(logs), ..(*build).clone() };
-            let output = worker.execute(&vertex, &inputs, &build).await.map_err(|e| e.to_string())?;
+            let output = worker.execute(&vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
             Ok(Executed { output: output.snapshot, pin: output.image.map(|image| image.manifest_digest) })
         })
     }

@@ -23,7 +23,7 @@ mod source;
 mod user;
 
 pub use executor::LocalExecutor;
-pub use kiln_solver::{LogLine, LogStream};
+pub use kiln_solver::{LogLine, LogSink, LogStream};
 pub use platforms::runnable_platforms;
 pub use user::{ResolvedUser, resolve_owner, resolve_user};
 
@@ -65,8 +65,6 @@ pub struct BuildInputs {
     pub contexts: HashMap<String, Arc<FsContext>>,
     /// Secrets by id.
     pub secrets: HashMap<String, Vec<u8>>,
-    /// Where step output goes, if anywhere.
-    pub logs: Option<kiln_solver::LogSink>,
 }
 
 /// How a worker runs steps.
@@ -180,12 +178,14 @@ impl Worker {
         &self.registry
     }
 
-    /// Executes `vertex` given the outputs of its inputs, in order.
+    /// Executes `vertex` given the outputs of its inputs, in order; a RUN step's output
+    /// lines go to `logs` when given.
     pub async fn execute(
         &self,
         vertex: &Vertex,
         inputs: &[Snapshot],
         build: &BuildInputs,
+        logs: Option<&LogSink>,
     ) -> Result<VertexOutput, WorkerError> {
         let name = vertex_name(vertex);
         let fail = |message: String| WorkerError::Failed { vertex: name.clone(), message };
@@ -195,7 +195,7 @@ impl Worker {
         let plain = |snapshot: Snapshot| VertexOutput { snapshot, image: None };
         match &vertex.op {
             Op::Source(source) => self.source(source, build).await.map_err(fail),
-            Op::Exec(exec) => self.exec(exec, inputs, build, &name).await.map(plain),
+            Op::Exec(exec) => self.exec(exec, inputs, build, logs, &name).await.map(plain),
             Op::File(file) => self.file(file, inputs).await.map(plain).map_err(fail),
             Op::Merge(_) => {
                 Ok(plain(Snapshot { layers: inputs.iter().flat_map(|s| s.layers.iter().cloned()).collect() }))

@@ -74,7 +74,7 @@ impl Fixture {
         let mut done: HashMap<Digest, Snapshot> = HashMap::new();
         for vertex in &graph.vertices {
             let inputs: Vec<Snapshot> = vertex.inputs.iter().map(|d| done[d].clone()).collect();
-            let output = self.worker.execute(vertex, &inputs, build).await?;
+            let output = self.worker.execute(vertex, &inputs, build, None).await?;
             done.insert(vertex.digest, output.snapshot);
         }
         Ok(done)
@@ -99,7 +99,6 @@ fn inputs(context: &Arc<FsContext>, secrets: &[(&str, &str)]) -> BuildInputs {
     BuildInputs {
         contexts: HashMap::from([("context".to_string(), Arc::clone(context))]),
         secrets: secrets.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
-        logs: None,
     }
 }
 
@@ -214,10 +213,10 @@ async fn cancelling_a_running_step_leaves_nothing_behind() {
     let context = fixture.context(&[]);
     let (graph, context) = fixture.plan("FROM BASE\nRUN sleep 60\n", &context);
     let build = inputs(&context, &[]);
-    let base = fixture.worker.execute(&graph.vertices[0], &[], &build).await.unwrap().snapshot;
+    let base = fixture.worker.execute(&graph.vertices[0], &[], &build, None).await.unwrap().snapshot;
     let containers = fixture.dir.path().join("worker/runner/c");
     let base = [base];
-    let run = fixture.worker.execute(&graph.vertices[1], &base, &build);
+    let run = fixture.worker.execute(&graph.vertices[1], &base, &build, None);
     let watch = async {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::fs::read_dir(&containers).map(|d| d.count()).unwrap_or(0) == 0 {
