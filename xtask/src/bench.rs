@@ -14,6 +14,8 @@ use crate::{base_image, cargo, setup, workspace_root};
 /// A scenario's `scenario.json`.
 struct Scenario {
     name: String,
+    /// The build context with the Dockerfile: the scenario's own directory, or another
+    /// scenario's (`"context": "../NAME"`) when only the mode or limits differ.
     dir: PathBuf,
     /// The critical path in seconds (what an ideal scheduler with no overhead would take).
     ideal: f64,
@@ -43,8 +45,11 @@ fn load_scenarios(only: Option<&str>) -> anyhow::Result<Vec<Scenario>> {
             max_parallelism: spec["max_parallelism"].as_u64().map(|n| n as u32),
             edit: spec["edit"].as_str().map(str::to_string),
             executions: spec["executions"].as_u64(),
+            dir: match spec["context"].as_str() {
+                Some(other) => dir.join(other),
+                None => dir.clone(),
+            },
             name,
-            dir,
         });
     }
     if scenarios.is_empty() {
