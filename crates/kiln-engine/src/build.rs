@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kiln_context::FsContext;
 use kiln_dockerfile::ignore::PatternList;
-use kiln_dockerfile::image::{ImageConfig, ImageMetadata, NoImageMetadata};
+use kiln_dockerfile::image::{ImageConfig, ImageMetadata};
 use kiln_dockerfile::{BuildPlan, ConvertOptions, convert};
 use kiln_graph::{Op, SourceOp};
 use kiln_solver::{BuildOptions, Event, LogLine, VertexRecord};
@@ -109,7 +109,8 @@ impl BuildFailure {
     }
 }
 
-/// Base image configs resolved before the second conversion pass.
+/// Base image configs resolved before the second conversion pass (none in the first: an
+/// unknown image has an empty config there).
 struct ResolvedImages(HashMap<(String, Platform), ImageConfig>);
 
 impl ImageMetadata for ResolvedImages {
@@ -192,8 +193,7 @@ impl Engine {
         request: &BuildRequest,
         context: &Arc<FsContext>,
     ) -> Result<(BuildPlan, BaseHistories), String> {
-        let first = convert(&request.dockerfile, &convert_options(request, context, &NoImageMetadata))
-            .map_err(|e| e.to_string())?;
+        let first = convert_blocking(request, context, ResolvedImages(HashMap::new())).await?;
         // Each (reference, platform) is one source vertex: the graph already merged repeats.
         let wanted: Vec<(ImageReference, Platform)> = first
             .graph
@@ -217,27 +217,35 @@ impl Engine {
             bases.insert((reference.to_string(), platform.clone()), history::from_config(&image.config.history));
             configs.insert((reference.to_string(), platform), config);
         }
-        let resolved = ResolvedImages(configs);
-        let plan =
-            convert(&request.dockerfile, &convert_options(request, context, &resolved)).map_err(|e| e.to_string())?;
+        let plan = convert_blocking(request, context, ResolvedImages(configs)).await?;
         Ok((plan, bases))
     }
 }
 
-fn convert_options<'a>(
+/// Converts off the async threads: the front end reads and hashes the context files a COPY
+/// selects (cached in the context, so the second pass reads nothing again).
+async fn convert_blocking(
     request: &BuildRequest,
-    context: &'a FsContext,
-    images: &'a dyn ImageMetadata,
-) -> ConvertOptions<'a> {
-    ConvertOptions {
-        file_name: request.file_name.clone(),
-        target: request.target.clone(),
-        build_args: request.build_args.clone(),
-        platforms: request.platforms.clone(),
-        build_platform: Platform::host(),
-        context,
-        images,
-    }
+    context: &Arc<FsContext>,
+    images: ResolvedImages,
+) -> Result<BuildPlan, String> {
+    let (dockerfile, context) = (request.dockerfile.clone(), Arc::clone(context));
+    let (file_name, target) = (request.file_name.clone(), request.target.clone());
+    let (build_args, platforms) = (request.build_args.clone(), request.platforms.clone());
+    tokio::task::spawn_blocking(move || {
+        let options = ConvertOptions {
+            file_name,
+            target,
+            build_args,
+            platforms,
+            build_platform: Platform::host(),
+            context: context.as_ref(),
+            images: &images,
+        };
+        convert(&dockerfile, &options).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 fn initial_record(vertex: &kiln_graph::Vertex) -> VertexRecord {
