@@ -62,14 +62,20 @@ impl Worker {
         let step_dir = StepDir(self.config.root.join("steps").join(&id));
         std::fs::create_dir_all(&step_dir.0).map_err(|e| fail(format!("{}: {e}", step_dir.0.display())))?;
 
-        let snapshots = Arc::clone(&self.snapshots);
-        let chain_for_mount = base.clone();
-        let active =
-            blocking(move || snapshots.prepare(&chain_for_mount).map_err(|e| e.to_string())).await.map_err(fail)?;
+        // Mount, read the image's users and create the working directory off the async threads.
+        let (snapshots, chain_for_mount) = (Arc::clone(&self.snapshots), base.clone());
+        let (user_spec, cwd_spec) = (exec.user.clone(), exec.cwd.clone());
+        let (active, user) = blocking(move || {
+            let active = snapshots.prepare(&chain_for_mount).map_err(|e| e.to_string())?;
+            let user = resolve_user(&active.root(), &user_spec)?;
+            let cwd =
+                resolve_in_root(&active.root(), &cwd_spec, true).map_err(|e| format!("working directory: {e}"))?;
+            std::fs::create_dir_all(&cwd).map_err(|e| format!("creating working directory {cwd_spec}: {e}"))?;
+            Ok((active, user))
+        })
+        .await
+        .map_err(fail)?;
         let rootfs = active.root();
-        let user = resolve_user(&rootfs, &exec.user).map_err(fail)?;
-        let cwd = resolve_in_root(&rootfs, &exec.cwd, true).map_err(|e| fail(format!("working directory: {e}")))?;
-        std::fs::create_dir_all(&cwd).map_err(|e| fail(format!("creating working directory {}: {e}", exec.cwd)))?;
 
         let mut mounts = self.prepare_mounts(&exec.mounts, inputs, build, &step_dir.0).await.map_err(fail)?;
         let mut run_mounts = self.runtime_files(&step_dir.0).map_err(fail)?;
