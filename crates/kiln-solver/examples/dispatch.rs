@@ -29,7 +29,7 @@ impl Executor for Fake {
             self.latencies.lock().unwrap().push(now.saturating_duration_since(*input));
         }
         finished.insert(vertex.digest, Instant::now());
-        Box::pin(async { Ok(Executed { output: 1, pin: None }) })
+        Box::pin(async { Ok(Executed { output: 1, pin: None, worker: None }) })
     }
 
     fn worker_name(&self) -> String {

@@ -14,6 +14,7 @@
 //! cache: they run every build, and their key is pinned by what they resolved to (the image's
 //! manifest digest), so a moved tag changes every key below it.
 
+pub mod cluster;
 mod driver;
 pub mod state;
 
@@ -86,6 +87,9 @@ pub struct Executed<O> {
     /// For sources that resolve something (an image's manifest digest): what they resolved
     /// to. It pins the cache keys of everything below.
     pub pin: Option<Digest>,
+    /// The worker that executed it, when the executor knows better than
+    /// [`Executor::worker_name`] (a cluster).
+    pub worker: Option<String>,
 }
 
 /// The thing that executes a vertex: the one placement interface.

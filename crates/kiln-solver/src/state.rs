@@ -366,9 +366,12 @@ impl<O: Clone> SolverState<O> {
         if let Some(owner) = self.builds.get_mut(&job.owner) {
             owner.running = owner.running.saturating_sub(1);
         }
-        let worker = job.started.as_ref().map(|(_, w)| w.clone());
+        let mut worker = job.started.as_ref().map(|(_, w)| w.clone());
         match result {
             Ok(executed) => {
+                if executed.worker.is_some() {
+                    worker.clone_from(&executed.worker);
+                }
                 if job.cacheable {
                     self.cache.insert(key, executed.output.clone());
                     effects.push(Effect::Store { key, output: executed.output.clone() });

@@ -34,7 +34,7 @@ impl Executor for LocalExecutor {
         let worker = Arc::clone(&self.worker);
         Box::pin(async move {
             let output = worker.execute(&vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
-            Ok(Executed { output: output.snapshot, pin: output.image.map(|image| image.manifest_digest) })
+            Ok(Executed { output: output.snapshot, pin: output.image.map(|image| image.manifest_digest), worker: None })
         })
     }
 

@@ -60,7 +60,7 @@ fn finished(effects: &[Effect<String>], build: BuildId) -> Option<Ending> {
 }
 
 fn ok(output: &str, pin: Option<Digest>) -> Result<Executed<String>, String> {
-    Ok(Executed { output: output.into(), pin })
+    Ok(Executed { output: output.into(), pin, worker: None })
 }
 
 /// Runs every `Run` effect to success (outputs named after the vertex), repeatedly, and

@@ -1,0 +1,538 @@
+//! The cluster's scheduling state: workers (leases, loads, the layers they hold), queued and
+//! assigned jobs with their epochs. It changes only through [`ClusterState::apply`], a
+//! deterministic function of [`ClusterCommand`]s (times arrive inside commands), so it can be
+//! replicated like the solver's state.
+//!
+//! Placement: a job goes only to a worker of its platform with a free slot. Among those, the
+//! worker holding most of the job's input bytes wins unless its load is above
+//! [`ClusterSettings::locality_load_bound`]; then the least-loaded one does. Builds take turns
+//! (round-robin over builds with queued jobs), so one huge build cannot starve a small one.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+
+use kiln_types::{Digest, Platform};
+use serde::{Deserialize, Serialize};
+
+/// A job's id, unique in the coordinator.
+pub type JobId = u64;
+
+/// A layer by content: the digest of its uncompressed tar and that tar's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LayerDesc {
+    /// The diff id.
+    pub diff_id: Digest,
+    /// Bytes of the uncompressed tar.
+    pub size: u64,
+}
+
+/// A vertex result in the cluster: its filesystem as layers, bottom first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Layers {
+    /// The layers.
+    pub layers: Vec<LayerDesc>,
+}
+
+/// What a worker tells about itself when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Its unique name.
+    pub name: String,
+    /// Platforms it runs.
+    pub platforms: Vec<Platform>,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+    /// Jobs at once.
+    pub max_parallelism: usize,
+    /// Free bytes on its state directory's disk.
+    pub free_disk: u64,
+    /// Its blob service (`http://HOST:PORT`) for peers.
+    pub address: String,
+}
+
+/// A worker as listed by `kiln workers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// What it registered.
+    pub info: WorkerInfo,
+    /// Jobs running on it.
+    pub running: usize,
+    /// It finishes its work and takes no more.
+    pub draining: bool,
+    /// Its last heartbeat (ms since the epoch).
+    pub last_heartbeat: u64,
+    /// Layers the coordinator knows it holds.
+    pub layers: usize,
+}
+
+/// Timeouts and bounds.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// A worker without a heartbeat for this long is lost.
+    pub lease_ms: u64,
+    /// A job no connected worker can run fails after this long.
+    pub placement_timeout_ms: u64,
+    /// Times a job is requeued after losing its worker before it fails.
+    pub retry_budget: u32,
+    /// Above this load (running / slots), locality no longer wins over the least-loaded worker.
+    pub locality_load_bound: f64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings { lease_ms: 10_000, placement_timeout_ms: 300_000, retry_budget: 3, locality_load_bound: 0.5 }
+    }
+}
+
+/// What a job needs from placement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSpec {
+    /// The build it runs for (builds take turns).
+    pub build: u64,
+    /// The platform it must run on; `None`: any worker.
+    pub platform: Option<Platform>,
+    /// Its input layers (for locality).
+    pub inputs: Vec<LayerDesc>,
+}
+
+/// An input to [`ClusterState::apply`].
+#[derive(Debug, Clone)]
+pub enum ClusterCommand {
+    /// A worker connected (replacing an earlier session of the same name).
+    Register {
+        /// What it told.
+        info: WorkerInfo,
+        /// Layers it already holds.
+        layers: Vec<Digest>,
+        /// The time.
+        at: u64,
+    },
+    /// A worker's lease renewal.
+    Heartbeat {
+        /// The worker.
+        worker: String,
+        /// Its session.
+        session: u64,
+        /// Free disk now.
+        free_disk: u64,
+        /// The time.
+        at: u64,
+    },
+    /// A worker's connection ended.
+    Disconnect {
+        /// The worker.
+        worker: String,
+        /// Its session.
+        session: u64,
+        /// The time.
+        at: u64,
+    },
+    /// A worker finishes what it runs and takes nothing new.
+    Drain {
+        /// The worker.
+        worker: String,
+        /// Its session.
+        session: u64,
+    },
+    /// A job to place.
+    Submit {
+        /// Its id.
+        job: JobId,
+        /// What placement needs.
+        spec: JobSpec,
+        /// The time.
+        at: u64,
+    },
+    /// A worker's result for an assignment (success or a step failure alike).
+    Report {
+        /// The job.
+        job: JobId,
+        /// The assignment's epoch.
+        epoch: u32,
+        /// The reporting worker.
+        worker: String,
+        /// The layers it now holds.
+        layers: Vec<LayerDesc>,
+    },
+    /// Nobody needs the job any more.
+    Cancel {
+        /// The job.
+        job: JobId,
+    },
+    /// Time passed: expire leases and placement timeouts.
+    Tick {
+        /// The time.
+        at: u64,
+    },
+}
+
+/// What the driver must do after a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterEffect {
+    /// The worker's session number.
+    Registered {
+        /// The worker.
+        worker: String,
+        /// Its session.
+        session: u64,
+    },
+    /// Send the job to the worker.
+    Assign {
+        /// The job.
+        job: JobId,
+        /// The assignment's epoch.
+        epoch: u32,
+        /// The worker.
+        worker: String,
+    },
+    /// Tell the worker to stop the job.
+    Revoke {
+        /// The job.
+        job: JobId,
+        /// The worker.
+        worker: String,
+    },
+    /// The report is the job's result.
+    Accept {
+        /// The job.
+        job: JobId,
+        /// The worker that produced it.
+        worker: String,
+    },
+    /// A report for an assignment that is no longer current: dropped.
+    Late {
+        /// The job.
+        job: JobId,
+        /// The reporting worker.
+        worker: String,
+    },
+    /// The job failed without a result.
+    Fail {
+        /// The job.
+        job: JobId,
+        /// Why.
+        error: String,
+    },
+    /// The job waits for a worker (said once per wait).
+    Waiting {
+        /// The job.
+        job: JobId,
+        /// Why.
+        message: String,
+    },
+    /// A worker was lost; its jobs were requeued or failed.
+    Lost {
+        /// The worker.
+        worker: String,
+        /// The session that ended.
+        session: u64,
+    },
+}
+
+struct WorkerEntry {
+    info: WorkerInfo,
+    session: u64,
+    expires: u64,
+    last_heartbeat: u64,
+    running: BTreeSet<JobId>,
+    draining: bool,
+    layers: HashSet<Digest>,
+}
+
+impl WorkerEntry {
+    fn load(&self) -> f64 {
+        self.running.len() as f64 / self.info.max_parallelism.max(1) as f64
+    }
+
+    fn has_slot(&self) -> bool {
+        !self.draining && self.running.len() < self.info.max_parallelism.max(1)
+    }
+
+    fn runs(&self, platform: Option<&Platform>) -> bool {
+        platform.is_none_or(|p| self.info.platforms.contains(p))
+    }
+}
+
+struct Job {
+    spec: JobSpec,
+    epoch: u32,
+    losses: u32,
+    assigned: Option<String>,
+    queued_at: u64,
+    waiting_said: bool,
+}
+
+/// The cluster's scheduling state.
+#[derive(Default)]
+pub struct ClusterState {
+    settings: ClusterSettings,
+    workers: BTreeMap<String, WorkerEntry>,
+    jobs: BTreeMap<JobId, Job>,
+    queues: BTreeMap<u64, VecDeque<JobId>>,
+    /// The build served last (round-robin).
+    cursor: u64,
+    sessions: u64,
+}
+
+impl ClusterState {
+    /// An empty cluster.
+    pub fn new(settings: ClusterSettings) -> ClusterState {
+        ClusterState { settings, ..ClusterState::default() }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    /// Applies one command.
+    pub fn apply(&mut self, command: ClusterCommand) -> Vec<ClusterEffect> {
+        let mut effects = Vec::new();
+        match command {
+            ClusterCommand::Register { info, layers, at } => {
+                if self.workers.contains_key(&info.name) {
+                    self.lose(&info.name.clone(), at, &mut effects);
+                }
+                self.sessions += 1;
+                let name = info.name.clone();
+                let entry = WorkerEntry {
+                    info,
+                    session: self.sessions,
+                    expires: at + self.settings.lease_ms,
+                    last_heartbeat: at,
+                    running: BTreeSet::new(),
+                    draining: false,
+                    layers: layers.into_iter().collect(),
+                };
+                self.workers.insert(name.clone(), entry);
+                effects.push(ClusterEffect::Registered { worker: name, session: self.sessions });
+            }
+            ClusterCommand::Heartbeat { worker, session, free_disk, at } => {
+                if let Some(entry) = self.workers.get_mut(&worker).filter(|e| e.session == session) {
+                    entry.expires = at + self.settings.lease_ms;
+                    entry.last_heartbeat = at;
+                    entry.info.free_disk = free_disk;
+                }
+            }
+            ClusterCommand::Disconnect { worker, session, at } => {
+                if self.workers.get(&worker).is_some_and(|e| e.session == session) {
+                    self.lose(&worker, at, &mut effects);
+                }
+            }
+            ClusterCommand::Drain { worker, session } => {
+                if let Some(entry) = self.workers.get_mut(&worker).filter(|e| e.session == session) {
+                    entry.draining = true;
+                }
+            }
+            ClusterCommand::Submit { job, spec, at } => {
+                self.queues.entry(spec.build).or_default().push_back(job);
+                self.jobs
+                    .insert(job, Job { spec, epoch: 0, losses: 0, assigned: None, queued_at: at, waiting_said: false });
+            }
+            ClusterCommand::Report { job, epoch, worker, layers } => {
+                let current =
+                    self.jobs.get(&job).is_some_and(|j| j.epoch == epoch && j.assigned.as_ref() == Some(&worker));
+                if current {
+                    self.jobs.remove(&job);
+                    if let Some(entry) = self.workers.get_mut(&worker) {
+                        entry.running.remove(&job);
+                        entry.layers.extend(layers.iter().map(|l| l.diff_id));
+                    }
+                    effects.push(ClusterEffect::Accept { job, worker });
+                } else {
+                    effects.push(ClusterEffect::Late { job, worker });
+                }
+            }
+            ClusterCommand::Cancel { job } => {
+                if let Some(removed) = self.jobs.remove(&job) {
+                    match removed.assigned {
+                        Some(worker) => {
+                            if let Some(entry) = self.workers.get_mut(&worker) {
+                                entry.running.remove(&job);
+                            }
+                            effects.push(ClusterEffect::Revoke { job, worker });
+                        }
+                        None => self.unqueue(removed.spec.build, job),
+                    }
+                }
+            }
+            ClusterCommand::Tick { at } => self.tick(at, &mut effects),
+        }
+        self.dispatch(&mut effects);
+        effects
+    }
+
+    /// The connected workers, by name.
+    pub fn workers(&self) -> Vec<WorkerStatus> {
+        self.workers
+            .values()
+            .map(|e| WorkerStatus {
+                info: e.info.clone(),
+                running: e.running.len(),
+                draining: e.draining,
+                last_heartbeat: e.last_heartbeat,
+                layers: e.layers.len(),
+            })
+            .collect()
+    }
+
+    /// The blob addresses of workers holding a layer, `except` the named one.
+    pub fn holders(&self, diff_id: &Digest, except: &str) -> Vec<String> {
+        self.workers
+            .values()
+            .filter(|e| e.info.name != except && e.layers.contains(diff_id))
+            .map(|e| e.info.address.clone())
+            .collect()
+    }
+
+    /// Jobs waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
+    fn unqueue(&mut self, build: u64, job: JobId) {
+        if let Some(queue) = self.queues.get_mut(&build) {
+            queue.retain(|j| *j != job);
+            if queue.is_empty() {
+                self.queues.remove(&build);
+            }
+        }
+    }
+
+    /// Removes a worker; its jobs go back to the front of their builds' queues (with a new
+    /// epoch) until their retry budget is spent.
+    fn lose(&mut self, worker: &str, at: u64, effects: &mut Vec<ClusterEffect>) {
+        let Some(entry) = self.workers.remove(worker) else { return };
+        effects.push(ClusterEffect::Lost { worker: worker.to_string(), session: entry.session });
+        for job_id in entry.running {
+            let Some(job) = self.jobs.get_mut(&job_id) else { continue };
+            job.assigned = None;
+            job.epoch += 1;
+            job.losses += 1;
+            job.queued_at = at;
+            if job.losses > self.settings.retry_budget {
+                let losses = job.losses;
+                self.jobs.remove(&job_id);
+                effects.push(ClusterEffect::Fail {
+                    job: job_id,
+                    error: format!("its worker was lost {losses} times (last: {worker}); retry budget spent"),
+                });
+            } else {
+                let build = job.spec.build;
+                self.queues.entry(build).or_default().push_front(job_id);
+            }
+        }
+    }
+
+    fn tick(&mut self, at: u64, effects: &mut Vec<ClusterEffect>) {
+        let expired: Vec<String> =
+            self.workers.values().filter(|e| e.expires <= at).map(|e| e.info.name.clone()).collect();
+        for worker in expired {
+            self.lose(&worker, at, effects);
+        }
+        let mut failed = Vec::new();
+        for queue in self.queues.values() {
+            for job_id in queue {
+                let Some(job) = self.jobs.get_mut(job_id) else { continue };
+                let platform = job.spec.platform.as_ref();
+                if self.workers.values().any(|w| !w.draining && w.runs(platform)) {
+                    continue;
+                }
+                let wanted = platform.map_or_else(|| "any platform".to_string(), |p| p.to_string());
+                if at.saturating_sub(job.queued_at) >= self.settings.placement_timeout_ms {
+                    let error = format!(
+                        "no worker for {wanted} within {} s (connected: {})",
+                        self.settings.placement_timeout_ms / 1000,
+                        describe_workers(&self.workers)
+                    );
+                    failed.push((*job_id, job.spec.build, error));
+                } else if !job.waiting_said {
+                    job.waiting_said = true;
+                    let message =
+                        format!("waiting for a worker for {wanted} (connected: {})", describe_workers(&self.workers));
+                    effects.push(ClusterEffect::Waiting { job: *job_id, message });
+                }
+            }
+        }
+        for (job, build, error) in failed {
+            self.jobs.remove(&job);
+            self.unqueue(build, job);
+            effects.push(ClusterEffect::Fail { job, error });
+        }
+    }
+
+    /// Places queued jobs while workers have free slots, one job per build in turn.
+    fn dispatch(&mut self, effects: &mut Vec<ClusterEffect>) {
+        loop {
+            if self.queues.is_empty() || !self.workers.values().any(WorkerEntry::has_slot) {
+                return;
+            }
+            let order: Vec<u64> = self
+                .queues
+                .range(self.cursor + 1..)
+                .chain(self.queues.range(..=self.cursor))
+                .map(|(build, _)| *build)
+                .collect();
+            let mut placed_any = false;
+            for build in order {
+                let Some(queue) = self.queues.get(&build) else { continue };
+                let found = queue.iter().enumerate().find_map(|(i, job)| {
+                    let spec = &self.jobs.get(job)?.spec;
+                    self.place(spec).map(|worker| (i, *job, worker))
+                });
+                let Some((index, job_id, worker)) = found else { continue };
+                let queue = self.queues.get_mut(&build).expect("present");
+                queue.remove(index);
+                if queue.is_empty() {
+                    self.queues.remove(&build);
+                }
+                let job = self.jobs.get_mut(&job_id).expect("queued jobs exist");
+                job.assigned = Some(worker.clone());
+                job.waiting_said = false;
+                self.workers.get_mut(&worker).expect("placed on a worker").running.insert(job_id);
+                effects.push(ClusterEffect::Assign { job: job_id, epoch: job.epoch, worker });
+                self.cursor = build;
+                placed_any = true;
+                if !self.workers.values().any(WorkerEntry::has_slot) {
+                    return;
+                }
+            }
+            if !placed_any {
+                return;
+            }
+        }
+    }
+
+    /// The worker for a job, if one of its platform has a free slot.
+    fn place(&self, spec: &JobSpec) -> Option<String> {
+        let candidates: Vec<&WorkerEntry> =
+            self.workers.values().filter(|w| w.has_slot() && w.runs(spec.platform.as_ref())).collect();
+        let locality = |w: &WorkerEntry| -> u64 {
+            spec.inputs.iter().filter(|l| w.layers.contains(&l.diff_id)).map(|l| l.size.max(1)).sum()
+        };
+        let local = candidates
+            .iter()
+            .max_by(|a, b| locality(a).cmp(&locality(b)).then(b.load().total_cmp(&a.load())))
+            .filter(|w| locality(w) > 0 && w.load() <= self.settings.locality_load_bound);
+        let chosen = local.or_else(|| {
+            candidates.iter().min_by(|a, b| a.load().total_cmp(&b.load()).then(locality(b).cmp(&locality(a))))
+        })?;
+        Some(chosen.info.name.clone())
+    }
+}
+
+fn describe_workers(workers: &BTreeMap<String, WorkerEntry>) -> String {
+    if workers.is_empty() {
+        return "none".to_string();
+    }
+    let described: Vec<String> = workers
+        .values()
+        .map(|w| {
+            let platforms: Vec<String> = w.info.platforms.iter().map(|p| p.to_string()).collect();
+            format!("{} ({})", w.info.name, platforms.join(", "))
+        })
+        .collect();
+    described.join(", ")
+}
+
+#[cfg(test)]
+mod tests;
