@@ -2,7 +2,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["kiln/v1/control.proto"];
+    let files = ["kiln/v1/control.proto", "kiln/v1/worker.proto", "kiln/v1/blobs.proto"];
     let descriptors = protox::compile(files, [&root])?;
     tonic_prost_build::configure().compile_fds(descriptors)?;
     for file in files {

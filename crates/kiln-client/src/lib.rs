@@ -2,11 +2,19 @@
 //! embedded default) or TCP (`http://host:port`) and turns the event stream into Rust
 //! values (the only place besides `kiln-api` that sees proto types).
 
+mod blobs;
+pub mod convert;
+mod worker;
+
+pub use blobs::{UploadStats, fetch_blob, fetch_from_any};
+pub use worker::{Assignment, FromCoordinator, WorkerLink, WorkerSession};
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use hyper_util::rt::TokioIo;
 use kiln_proto::v1::{self, build_event::Event, control_client::ControlClient};
+use kiln_solver::cluster::{WorkerInfo, WorkerStatus};
 use kiln_solver::{LogLine, LogStream, Status, VertexRecord};
 use kiln_types::Digest;
 use tonic::transport::{Channel, Endpoint};
@@ -36,6 +44,8 @@ pub struct BuildRequest {
     pub secrets: HashMap<String, Vec<u8>>,
     /// `--output` specs.
     pub outputs: Vec<String>,
+    /// An uploaded context (instead of `context`, for a daemon on another machine).
+    pub context_manifest: Option<kiln_context::ContextManifest>,
 }
 
 /// A build event as the client sees it.
@@ -101,6 +111,12 @@ pub struct Info {
     pub root: String,
     /// Platforms it builds.
     pub platforms: Vec<String>,
+    /// `standalone` or `coordinator`.
+    pub role: String,
+    /// Connected workers (a coordinator).
+    pub workers: u32,
+    /// Jobs waiting for a worker.
+    pub queued: u64,
 }
 
 impl Client {
@@ -125,7 +141,44 @@ impl Client {
     pub async fn info(&self) -> Result<Info, String> {
         let info =
             self.control.clone().info(v1::InfoRequest {}).await.map_err(|e| e.message().to_string())?.into_inner();
-        Ok(Info { version: info.version, worker: info.worker, root: info.root, platforms: info.platforms })
+        Ok(Info {
+            version: info.version,
+            worker: info.worker,
+            root: info.root,
+            platforms: info.platforms,
+            role: info.role,
+            workers: info.workers,
+            queued: info.queued,
+        })
+    }
+
+    /// The workers of the cluster.
+    pub async fn workers(&self) -> Result<Vec<WorkerStatus>, String> {
+        let response = self
+            .control
+            .clone()
+            .list_workers(v1::ListWorkersRequest {})
+            .await
+            .map_err(|e| e.message().to_string())?
+            .into_inner();
+        Ok(response
+            .workers
+            .into_iter()
+            .map(|w| WorkerStatus {
+                info: WorkerInfo {
+                    name: w.name,
+                    platforms: w.platforms.iter().filter_map(|p| p.parse().ok()).collect(),
+                    labels: w.labels.into_iter().collect(),
+                    max_parallelism: w.max_parallelism as usize,
+                    free_disk: w.free_disk,
+                    address: w.address,
+                },
+                running: w.running as usize,
+                draining: w.draining,
+                last_heartbeat: w.last_heartbeat,
+                layers: w.layers as usize,
+            })
+            .collect())
     }
 
     /// Starts a build; events arrive on the stream until [`BuildEvent::Result`]. Dropping the
@@ -143,6 +196,7 @@ impl Client {
             max_parallelism: request.max_parallelism.unwrap_or(0),
             secrets: request.secrets,
             outputs: request.outputs,
+            context: request.context_manifest.as_ref().map(convert::manifest_to_proto),
         };
         let stream = self.control.clone().build(request).await.map_err(|e| e.message().to_string())?.into_inner();
         Ok(BuildEvents { stream })

@@ -12,6 +12,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use kiln_dockerfile::context::{ContextEntry, ContextError, ContextFiles, EntryKind};
+
+mod stored;
+
+pub use stored::{ContextManifest, ManifestEntry, ManifestKind, StoredContext};
+
+/// A build context the worker can copy from: a directory, or an uploaded manifest.
+pub trait BuildContext: ContextFiles + Send + Sync {
+    /// Copies the selected entries (with the directories above them) into `dest`, owned by
+    /// root, keeping modes and modification times.
+    fn materialize(&self, selected: &[&ContextEntry], dest: &Path) -> io::Result<()>;
+}
 use kiln_dockerfile::ignore::{PatternList, WalkState};
 use kiln_types::{Digest, Sha256Writer};
 
@@ -37,9 +48,10 @@ impl FsContext {
         &self.root
     }
 
-    /// Copies the selected entries (with the directories above them) into `dest`, owned by
-    /// root, keeping modes and modification times.
-    pub fn materialize(&self, selected: &[&ContextEntry], dest: &Path) -> io::Result<()> {
+}
+
+impl BuildContext for FsContext {
+    fn materialize(&self, selected: &[&ContextEntry], dest: &Path) -> io::Result<()> {
         let mut dirs: Vec<(PathBuf, PathBuf)> = Vec::new();
         for entry in selected {
             let source = self.root.join(&entry.path);
@@ -72,11 +84,17 @@ impl FsContext {
 fn finish_entry(source: &Path, target: &Path) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = fs::symlink_metadata(source)?;
+    let nsec = u32::try_from(meta.mtime_nsec()).unwrap_or(0);
+    finish(target, meta.mode(), (meta.mtime(), nsec), meta.file_type().is_symlink())
+}
+
+/// Root ownership, a mode and a modification time.
+fn finish(target: &Path, mode: u32, mtime: (i64, u32), symlink: bool) -> io::Result<()> {
     std::os::unix::fs::lchown(target, Some(0), Some(0))?;
-    if !meta.file_type().is_symlink() {
-        fs::set_permissions(target, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    if !symlink {
+        fs::set_permissions(target, fs::Permissions::from_mode(mode & 0o7777))?;
     }
-    let mtime = nix::sys::time::TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+    let mtime = nix::sys::time::TimeSpec::new(mtime.0, i64::from(mtime.1));
     nix::sys::stat::utimensat(None, target, &mtime, &mtime, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
         .map_err(io::Error::from)
 }

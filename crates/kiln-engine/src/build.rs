@@ -139,7 +139,7 @@ impl Engine {
         let _ = progress.send(Progress::Planned { vertices: plan.graph.vertices.iter().map(initial_record).collect() });
 
         let inputs = BuildInputs {
-            contexts: HashMap::from([("context".to_string(), context)]),
+            contexts: HashMap::from([("context".to_string(), context as Arc<dyn kiln_context::BuildContext>)]),
             secrets: request.secrets.clone(),
         };
         let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };

@@ -1,7 +1,7 @@
 //! Generated gRPC code only; `kiln-api` converts between these types and Kiln's own.
 #![allow(missing_docs)]
 
-/// `kiln.v1`: the control service.
+/// `kiln.v1`: the control, worker and blob services.
 pub mod v1 {
     tonic::include_proto!("kiln.v1");
 }

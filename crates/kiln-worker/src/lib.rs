@@ -20,11 +20,13 @@ mod fileop;
 mod mounts;
 mod platforms;
 mod source;
+mod transfer;
 mod user;
 
 pub use executor::LocalExecutor;
 pub use kiln_solver::{LogLine, LogSink, LogStream};
 pub use platforms::runnable_platforms;
+pub use transfer::BlobFetcher;
 pub use user::{ResolvedUser, resolve_owner, resolve_user};
 
 use std::collections::HashMap;
@@ -34,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kiln_cas::BlobStore;
-use kiln_context::FsContext;
+use kiln_context::BuildContext;
 use kiln_graph::{Input, Op, Vertex};
 use kiln_kv::SharedKv;
 use kiln_layer::{LayerId, SnapshotStore};
@@ -62,7 +64,7 @@ pub struct VertexOutput {
 #[derive(Default, Clone)]
 pub struct BuildInputs {
     /// Local contexts by name (`context` is the main one).
-    pub contexts: HashMap<String, Arc<FsContext>>,
+    pub contexts: HashMap<String, Arc<dyn BuildContext>>,
     /// Secrets by id.
     pub secrets: HashMap<String, Vec<u8>>,
 }
@@ -139,6 +141,8 @@ pub struct Worker {
     snapshots: Arc<SnapshotStore>,
     registry: RegistryClient,
     cache_mounts: mounts::CacheMounts,
+    /// Layers being fetched from peers, so concurrent jobs fetch each once.
+    fetching: std::sync::Mutex<HashMap<kiln_types::Digest, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Worker {
@@ -160,7 +164,14 @@ impl Worker {
             return Err(failed(format!("cannot run {} to clean up old containers", config.runner.display())));
         }
         let cache_mounts = mounts::CacheMounts::new(config.root.join("cache"));
-        Ok(Worker { config, cas: Arc::new(cas), snapshots: Arc::new(snapshots), registry, cache_mounts })
+        Ok(Worker {
+            config,
+            cas: Arc::new(cas),
+            snapshots: Arc::new(snapshots),
+            registry,
+            cache_mounts,
+            fetching: std::sync::Mutex::default(),
+        })
     }
 
     /// The blob store.

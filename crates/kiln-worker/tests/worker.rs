@@ -97,7 +97,7 @@ impl Fixture {
 
 fn inputs(context: &Arc<FsContext>, secrets: &[(&str, &str)]) -> BuildInputs {
     BuildInputs {
-        contexts: HashMap::from([("context".to_string(), Arc::clone(context))]),
+        contexts: HashMap::from([("context".to_string(), Arc::clone(context) as Arc<dyn kiln_context::BuildContext>)]),
         secrets: secrets.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
     }
 }

@@ -1,0 +1,124 @@
+//! Blob transfer: uploading a build context (find-missing first, then only what is
+//! missing) and fetching blobs from a peer's blob service into a store.
+
+use std::collections::HashMap;
+use std::io::Read as _;
+
+use kiln_cas::BlobStore;
+use kiln_context::{ContextManifest, FsContext, ManifestKind};
+use kiln_proto::v1::{self, blobs_client::BlobsClient};
+use kiln_types::Digest;
+use tonic::transport::Endpoint;
+
+use crate::Client;
+
+const CHUNK: usize = 1 << 20;
+
+/// What an upload sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UploadStats {
+    /// Files in the context.
+    pub files: u64,
+    /// Files whose content the daemon lacked and received.
+    pub uploaded_files: u64,
+    /// Their bytes.
+    pub uploaded_bytes: u64,
+}
+
+impl Client {
+    /// Hashes the context, asks the daemon which contents it lacks and uploads only those.
+    pub async fn upload_context(&self, context: std::sync::Arc<FsContext>) -> Result<(ContextManifest, UploadStats), String> {
+        let walked = std::sync::Arc::clone(&context);
+        let manifest = tokio::task::spawn_blocking(move || walked.manifest())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("reading build context {}: {e}", context.root().display()))?;
+        let blobs = manifest.blobs();
+        let mut paths: HashMap<Digest, String> = HashMap::new();
+        for entry in &manifest.entries {
+            if let ManifestKind::File { digest, .. } = &entry.kind {
+                paths.entry(*digest).or_insert_with(|| entry.path.clone());
+            }
+        }
+        let request = v1::FindMissingRequest { digests: blobs.iter().map(|(d, _)| d.to_string()).collect() };
+        let missing = self.control.clone().find_missing(request).await.map_err(|e| e.message().to_string())?;
+        let missing: Vec<Digest> = missing.into_inner().missing.iter().filter_map(|d| d.parse().ok()).collect();
+        let mut stats = UploadStats {
+            files: manifest.entries.iter().filter(|e| matches!(e.kind, ManifestKind::File { .. })).count() as u64,
+            ..UploadStats::default()
+        };
+        if missing.is_empty() {
+            return Ok((manifest, stats));
+        }
+        let files: Vec<(Digest, std::path::PathBuf)> =
+            missing.iter().filter_map(|d| paths.get(d).map(|p| (*d, context.file_path(p)))).collect();
+        stats.uploaded_files = files.len() as u64;
+        let (sender, receiver) = tokio::sync::mpsc::channel::<v1::BlobChunkUpload>(8);
+        // Files are read on a blocking thread and streamed in chunks.
+        let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            for (digest, path) in files {
+                let mut file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let mut first = true;
+                loop {
+                    let mut data = vec![0; CHUNK];
+                    let n = file.read(&mut data).map_err(|e| format!("{}: {e}", path.display()))?;
+                    if n == 0 && !first {
+                        break;
+                    }
+                    data.truncate(n);
+                    let digest = if first { digest.to_string() } else { String::new() };
+                    first = false;
+                    if sender.blocking_send(v1::BlobChunkUpload { digest, data }).is_err() {
+                        return Ok(());
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        });
+        let response = self
+            .control
+            .clone()
+            .upload(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .map_err(|e| format!("uploading the build context: {}", e.message()))?
+            .into_inner();
+        reader.await.map_err(|e| e.to_string())??;
+        stats.uploaded_bytes = response.bytes;
+        Ok((manifest, stats))
+    }
+}
+
+/// Fetches `digest` from the blob service at `address` into `store`, verifying it.
+pub async fn fetch_blob(address: &str, digest: &Digest, store: &BlobStore) -> Result<(), String> {
+    let endpoint = Endpoint::from_shared(address.to_string()).map_err(|e| format!("{address}: {e}"))?;
+    let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    let mut stream = BlobsClient::new(channel)
+        .fetch(v1::FetchRequest { digest: digest.to_string() })
+        .await
+        .map_err(|e| format!("{address}: {}", e.message()))?
+        .into_inner();
+    let mut ingest = store.ingest().map_err(|e| e.to_string())?;
+    while let Some(chunk) = stream.message().await.map_err(|e| format!("{address}: {}", e.message()))? {
+        std::io::Write::write_all(&mut ingest, &chunk.data).map_err(|e| e.to_string())?;
+    }
+    ingest.commit(Some(digest)).map_err(|e| format!("from {address}: {e}"))?;
+    Ok(())
+}
+
+/// Fetches `digest` from the first of `peers` that has it.
+pub async fn fetch_from_any(peers: &[String], digest: &Digest, store: &BlobStore) -> Result<(), String> {
+    let mut errors = Vec::new();
+    for peer in peers {
+        match fetch_blob(peer, digest, store).await {
+            Ok(()) => return Ok(()),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        return Err(format!("{digest}: no peer holds it"));
+    }
+    Err(errors.join("; "))
+}

@@ -1,0 +1,178 @@
+//! A worker's session with its coordinator: register, then heartbeats, job progress and
+//! results one way, assignments and cancellations the other.
+
+use std::collections::HashMap;
+
+use kiln_context::ContextManifest;
+use kiln_graph::Vertex;
+use kiln_proto::v1::{self, coordinator_message, worker_message, workers_client::WorkersClient};
+use kiln_solver::cluster::{JobId, Layers, WorkerInfo};
+use kiln_solver::{Executed, LogLine, LogStream};
+use kiln_types::Digest;
+use tokio::sync::mpsc;
+use tonic::transport::Endpoint;
+
+use crate::convert::{layers_from_proto, layers_to_proto, manifest_from_proto, parse_digest};
+
+/// A job as the worker receives it.
+#[derive(Debug)]
+pub struct Assignment {
+    /// The job.
+    pub job: JobId,
+    /// Its epoch (echoed back).
+    pub epoch: u32,
+    /// The vertex.
+    pub vertex: Vertex,
+    /// Its inputs' layers.
+    pub inputs: Vec<Layers>,
+    /// Peers holding each input layer.
+    pub sources: HashMap<Digest, Vec<String>>,
+    /// Secrets (RUN steps only).
+    pub secrets: HashMap<String, Vec<u8>>,
+    /// Context manifests (context sources only).
+    pub contexts: HashMap<String, ContextManifest>,
+    /// The blob service holding the contexts' files.
+    pub context_address: String,
+}
+
+/// What the coordinator sends.
+#[derive(Debug)]
+pub enum FromCoordinator {
+    /// Run a job.
+    Assign(Box<Assignment>),
+    /// Stop a job.
+    Cancel(JobId),
+}
+
+/// The sending half of a session (cheap to clone).
+#[derive(Clone)]
+pub struct WorkerLink {
+    sender: mpsc::UnboundedSender<v1::WorkerMessage>,
+}
+
+/// A registered session.
+pub struct WorkerSession {
+    /// Sends to the coordinator.
+    pub link: WorkerLink,
+    /// The session's lease: heartbeat well within it.
+    pub lease_ms: u64,
+    /// What the coordinator sends, until the connection ends.
+    pub incoming: mpsc::Receiver<Result<FromCoordinator, String>>,
+}
+
+impl WorkerSession {
+    /// Connects to the coordinator at `address` (`http://HOST:PORT`) and registers.
+    pub async fn connect(address: &str, info: &WorkerInfo, layers: &[Digest]) -> Result<WorkerSession, String> {
+        let endpoint = Endpoint::from_shared(address.to_string()).map_err(|e| format!("{address}: {e}"))?;
+        let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let register = v1::Register {
+            name: info.name.clone(),
+            platforms: info.platforms.iter().map(|p| p.to_string()).collect(),
+            labels: info.labels.clone().into_iter().collect(),
+            max_parallelism: info.max_parallelism as u32,
+            free_disk: info.free_disk,
+            address: info.address.clone(),
+            layers: layers.iter().map(|d| d.to_string()).collect(),
+        };
+        let _ = sender.send(v1::WorkerMessage { message: Some(worker_message::Message::Register(register)) });
+        let mut stream = WorkersClient::new(channel)
+            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver))
+            .await
+            .map_err(|e| format!("{address}: {}", e.message()))?
+            .into_inner();
+        let first = stream.message().await.map_err(|e| format!("{address}: {}", e.message()))?;
+        let lease_ms = match first.and_then(|m| m.message) {
+            Some(coordinator_message::Message::Registered(registered)) => registered.lease_ms,
+            _ => return Err(format!("{address}: the coordinator did not accept the registration")),
+        };
+        let (incoming_sender, incoming) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let message = match stream.message().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = incoming_sender.send(Err(e.message().to_string())).await;
+                        return;
+                    }
+                };
+                let converted = match message.message {
+                    Some(coordinator_message::Message::Assign(assign)) => assignment(assign).map(FromCoordinator::Assign),
+                    Some(coordinator_message::Message::Cancel(cancel)) => Ok(FromCoordinator::Cancel(cancel.job)),
+                    _ => continue,
+                };
+                if incoming_sender.send(converted).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(WorkerSession { link: WorkerLink { sender }, lease_ms, incoming })
+    }
+}
+
+fn assignment(assign: v1::Assign) -> Result<Box<Assignment>, String> {
+    let vertex: Vertex =
+        serde_json::from_slice(&assign.vertex).map_err(|e| format!("job {}: bad vertex: {e}", assign.job))?;
+    let inputs = assign.inputs.into_iter().map(layers_from_proto).collect::<Result<_, _>>()?;
+    let mut sources = HashMap::new();
+    for source in assign.sources {
+        sources.insert(parse_digest(&source.diff_id, "layer source")?, source.peers);
+    }
+    let mut contexts = HashMap::new();
+    for (name, manifest) in assign.contexts {
+        contexts.insert(name, manifest_from_proto(manifest)?);
+    }
+    Ok(Box::new(Assignment {
+        job: assign.job,
+        epoch: assign.epoch,
+        vertex,
+        inputs,
+        sources,
+        secrets: assign.secrets,
+        contexts,
+        context_address: assign.context_address,
+    }))
+}
+
+impl WorkerLink {
+    fn send(&self, message: worker_message::Message) {
+        let _ = self.sender.send(v1::WorkerMessage { message: Some(message) });
+    }
+
+    /// Renews the lease.
+    pub fn heartbeat(&self, free_disk: u64) {
+        self.send(worker_message::Message::Heartbeat(v1::Heartbeat { free_disk }));
+    }
+
+    /// Takes no new work.
+    pub fn drain(&self) {
+        self.send(worker_message::Message::Drain(v1::Drain {}));
+    }
+
+    /// A line of a job's output.
+    pub fn log(&self, job: JobId, epoch: u32, line: LogLine) {
+        let stderr = line.stream == LogStream::Stderr;
+        self.send(worker_message::Message::Log(v1::JobLog { job, epoch, stderr, line: line.line }));
+    }
+
+    /// A job's result.
+    pub fn result(&self, job: JobId, epoch: u32, result: Result<Executed<Layers>, String>) {
+        let message = match result {
+            Ok(executed) => v1::JobResult {
+                job,
+                epoch,
+                error: String::new(),
+                output: Some(layers_to_proto(&executed.output)),
+                pin: executed.pin.map(|p| p.to_string()).unwrap_or_default(),
+            },
+            Err(error) => v1::JobResult { job, epoch, error, output: None, pin: String::new() },
+        };
+        self.send(worker_message::Message::Result(message));
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        !self.sender.is_closed()
+    }
+}

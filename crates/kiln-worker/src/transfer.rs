@@ -1,0 +1,99 @@
+//! Moving layers and context files between machines: a layer travels as its uncompressed
+//! tar, named by that tar's digest (its diff id), and is stored in the blob store on both
+//! ends, so any worker that holds it can serve it to the next one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kiln_cas::BlobStore;
+use kiln_layer::{Compression, LayerId, TarOptions};
+use kiln_solver::BoxFuture;
+use kiln_solver::cluster::LayerDesc;
+use kiln_types::Digest;
+
+use crate::{Snapshot, Worker, blocking};
+
+/// Fetches a blob by digest from one of `peers` (blob service addresses) into a store,
+/// verifying the digest.
+pub trait BlobFetcher: Send + Sync {
+    /// Fetches `digest` into `store`.
+    fn fetch(&self, digest: Digest, peers: Vec<String>, store: Arc<BlobStore>) -> BoxFuture<Result<(), String>>;
+}
+
+impl Worker {
+    /// The snapshot's layers as content: each is exported as an uncompressed tar into the
+    /// blob store once (cached), where peers can fetch it by its diff id.
+    pub async fn describe(&self, snapshot: &Snapshot) -> Result<Vec<LayerDesc>, String> {
+        let (snapshots, cas, layers) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas), snapshot.layers.clone());
+        blocking(move || {
+            layers
+                .iter()
+                .map(|id| {
+                    let blob = snapshots
+                        .export(id, &cas, Compression::None, &TarOptions::default())
+                        .map_err(|e| format!("layer {id}: {e}"))?;
+                    Ok(LayerDesc { diff_id: blob.digest, size: blob.size })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// The local chain for `layers`, fetching the ones this worker lacks from the peers in
+    /// `sources` (concurrent requests for one layer fetch it once).
+    pub async fn ensure_layers(
+        &self,
+        layers: &[LayerDesc],
+        sources: &HashMap<Digest, Vec<String>>,
+        fetcher: &dyn BlobFetcher,
+    ) -> Result<Snapshot, String> {
+        let mut chain = Vec::with_capacity(layers.len());
+        for layer in layers {
+            chain.push(self.ensure_layer(layer, sources.get(&layer.diff_id).cloned().unwrap_or_default(), fetcher).await?);
+        }
+        Ok(Snapshot { layers: chain })
+    }
+
+    async fn ensure_layer(&self, layer: &LayerDesc, peers: Vec<String>, fetcher: &dyn BlobFetcher) -> Result<LayerId, String> {
+        let diff_id = layer.diff_id;
+        let lookup = |snapshots: &kiln_layer::SnapshotStore| snapshots.layer_for_diff_id(&diff_id).map_err(|e| e.to_string());
+        if let Some(id) = lookup(&self.snapshots)? {
+            return Ok(id);
+        }
+        let lock = {
+            let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(fetching.entry(diff_id).or_default())
+        };
+        let _guard = lock.lock().await;
+        let result = async {
+            if let Some(id) = lookup(&self.snapshots)? {
+                return Ok(id);
+            }
+            if !self.cas.contains(&diff_id) {
+                if peers.is_empty() {
+                    return Err(format!("layer {diff_id} is on no connected worker"));
+                }
+                fetcher.fetch(diff_id, peers, Arc::clone(&self.cas)).await.map_err(|e| format!("layer {diff_id}: {e}"))?;
+            }
+            let (snapshots, cas) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas));
+            blocking(move || {
+                let blob = cas.open_blob(&diff_id).map_err(|e| e.to_string())?;
+                snapshots.import_layer(blob, Some(&diff_id)).map_err(|e| format!("layer {diff_id}: {e}"))
+            })
+            .await
+        }
+        .await;
+        self.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&diff_id);
+        result
+    }
+
+    /// Fetches the blobs among `digests` that the store lacks from `address`.
+    pub async fn ensure_blobs(&self, digests: &[Digest], address: &str, fetcher: &dyn BlobFetcher) -> Result<(), String> {
+        for digest in digests {
+            if !self.cas.contains(digest) {
+                fetcher.fetch(*digest, vec![address.to_string()], Arc::clone(&self.cas)).await?;
+            }
+        }
+        Ok(())
+    }
+}
