@@ -24,5 +24,6 @@ pub(crate) fn build_request(request: v1::BuildRequest) -> Result<BuildRequest, S
         max_parallelism: (request.max_parallelism > 0).then_some(request.max_parallelism as usize),
         secrets: request.secrets.into_iter().collect(),
         outputs,
+        context_manifest: request.context.map(kiln_client::convert::manifest_from_proto).transpose()?,
     })
 }

@@ -2,18 +2,29 @@
 //! socket (the embedded default) or TCP. Converts domain types to proto (`to_proto`) and
 //! requests from proto (`from_proto`); no other daemon crate sees proto types.
 
+mod blobs;
 mod from_proto;
 mod to_proto;
+mod workers;
+
+pub use blobs::BlobsService;
+pub use workers::WorkersService;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_engine::Engine;
+use kiln_proto::v1::blobs_server::BlobsServer;
 use kiln_proto::v1::control_server::{Control, ControlServer};
-use kiln_proto::v1::{BuildEvent, BuildRequest, InfoRequest, InfoResponse, build_event};
+use kiln_proto::v1::workers_server::WorkersServer;
+use kiln_proto::v1::{
+    BlobChunkUpload, BuildEvent, BuildRequest, FindMissingRequest, FindMissingResponse, InfoRequest, InfoResponse,
+    ListWorkersRequest, ListWorkersResponse, UploadResponse, WorkerDescription, build_event,
+};
+use kiln_types::Digest;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 /// The control service.
 pub struct ControlService {
@@ -62,12 +73,81 @@ impl Control for ControlService {
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let cluster = self.engine.cluster();
+        let (queued, _) = cluster.map(|c| c.counters()).unwrap_or_default();
         Ok(Response::new(InfoResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             worker: self.engine.name().to_string(),
             root: self.root.display().to_string(),
             platforms: self.engine.platforms().iter().map(|p| p.to_string()).collect(),
+            role: if cluster.is_some() { "coordinator" } else { "standalone" }.to_string(),
+            workers: cluster.map_or(0, |c| c.workers().len() as u32),
+            queued: queued as u64,
         }))
+    }
+
+    async fn find_missing(&self, request: Request<FindMissingRequest>) -> Result<Response<FindMissingResponse>, Status> {
+        let cas = self.engine.worker().cas();
+        let mut missing = Vec::new();
+        for text in request.into_inner().digests {
+            let digest: Digest = text.parse().map_err(|e| Status::invalid_argument(format!("{text}: {e}")))?;
+            if !cas.contains(&digest) {
+                missing.push(text);
+            }
+        }
+        Ok(Response::new(FindMissingResponse { missing }))
+    }
+
+    async fn upload(&self, request: Request<Streaming<BlobChunkUpload>>) -> Result<Response<UploadResponse>, Status> {
+        let cas = Arc::clone(self.engine.worker().cas());
+        let mut stream = request.into_inner();
+        let (mut blobs, mut bytes) = (0u64, 0u64);
+        let mut current: Option<(Digest, kiln_cas::Ingest<'_>)> = None;
+        let finish = |current: Option<(Digest, kiln_cas::Ingest<'_>)>| -> Result<u64, Status> {
+            match current {
+                Some((digest, ingest)) => ingest
+                    .commit(Some(&digest))
+                    .map(|info| info.size)
+                    .map_err(|e| Status::invalid_argument(format!("upload {digest}: {e}"))),
+                None => Ok(0),
+            }
+        };
+        while let Some(chunk) = stream.message().await? {
+            if !chunk.digest.is_empty() {
+                bytes += finish(current.take())?;
+                let digest: Digest =
+                    chunk.digest.parse().map_err(|e| Status::invalid_argument(format!("{}: {e}", chunk.digest)))?;
+                let ingest = cas.ingest().map_err(|e| Status::internal(e.to_string()))?;
+                current = Some((digest, ingest));
+                blobs += 1;
+            }
+            let Some((_, ingest)) = current.as_mut() else {
+                return Err(Status::invalid_argument("an upload starts with a chunk naming its digest"));
+            };
+            std::io::Write::write_all(ingest, &chunk.data).map_err(|e| Status::internal(e.to_string()))?;
+        }
+        bytes += finish(current.take())?;
+        Ok(Response::new(UploadResponse { blobs, bytes }))
+    }
+
+    async fn list_workers(&self, _: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+        let workers = self.engine.cluster().map(|c| c.workers()).unwrap_or_default();
+        let workers = workers
+            .into_iter()
+            .map(|w| WorkerDescription {
+                name: w.info.name,
+                platforms: w.info.platforms.iter().map(|p| p.to_string()).collect(),
+                labels: w.info.labels.into_iter().collect(),
+                max_parallelism: w.info.max_parallelism as u32,
+                running: w.running as u32,
+                free_disk: w.info.free_disk,
+                address: w.info.address,
+                draining: w.draining,
+                last_heartbeat: w.last_heartbeat,
+                layers: w.layers as u64,
+            })
+            .collect();
+        Ok(Response::new(ListWorkersResponse { workers }))
     }
 }
 
@@ -89,14 +169,33 @@ pub async fn serve_unix(
         .map_err(|e| e.to_string())
 }
 
-/// Serves the control service on a TCP address until `shutdown` completes.
+/// The services one TCP listener serves.
+#[derive(Default)]
+pub struct Services {
+    /// The client-facing control service.
+    pub control: Option<ControlService>,
+    /// The worker service (a coordinator).
+    pub workers: Option<WorkersService>,
+    /// The blob service.
+    pub blobs: Option<BlobsService>,
+}
+
+/// Serves `services` on a TCP listener until `shutdown` completes. Each connection gets a
+/// bounded number of concurrent requests, and idle connections are probed with keepalives
+/// (a peer that vanished is noticed).
 pub async fn serve_tcp(
-    service: ControlService,
+    services: Services,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), String> {
     tonic::transport::Server::builder()
-        .add_service(ControlServer::new(service))
+        .concurrency_limit_per_connection(256)
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_optional_service(services.control.map(ControlServer::new))
+        .add_optional_service(services.workers.map(WorkersServer::new))
+        .add_optional_service(services.blobs.map(BlobsServer::new))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(|e| e.to_string())

@@ -74,7 +74,7 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
     }
     let (file_name, dockerfile) = read_dockerfile(&context, args.file.as_deref())?;
     let (dockerignore, _) = read_dockerignore(&context, args.file.as_deref())?;
-    let request = BuildRequest {
+    let mut request = BuildRequest {
         dockerfile,
         file_name,
         context,
@@ -86,8 +86,23 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
         max_parallelism: args.max_parallelism,
         secrets: read_secrets(&args.secrets)?,
         outputs: outputs(&args)?,
+        context_manifest: None,
     };
     let client = embedded::connect(address).await?;
+    // A daemon reached over TCP may be on another machine: send the context, content-addressed
+    // (only the files it lacks travel).
+    let mut upload = None;
+    if address.is_some_and(|a| !a.starts_with("unix://")) {
+        let ignore = kiln_dockerfile::ignore::PatternList::parse_ignore_file(&request.dockerignore)
+            .map_err(|e| anyhow::anyhow!(".dockerignore: {e}"))?;
+        let dir = request.context.clone();
+        let walked = tokio::task::spawn_blocking(move || kiln_context::FsContext::walk(&dir, &ignore))
+            .await?
+            .with_context(|| format!("reading build context {}", request.context.display()))?;
+        let (manifest, stats) = client.upload_context(std::sync::Arc::new(walked)).await.map_err(anyhow::Error::msg)?;
+        request.context_manifest = Some(manifest);
+        upload = Some(stats);
+    }
     let mut events = client.build(request).await.map_err(anyhow::Error::msg)?;
     let mut renderer = Renderer::new(args.progress);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -111,6 +126,7 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
             "status": if error.is_none() { "succeeded" } else { "failed" },
             "error": error,
             "containerimage.digest": image.map(|d| d.to_string()),
+            "context": upload,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&metadata)?)
             .with_context(|| format!("writing {}", path.display()))?;

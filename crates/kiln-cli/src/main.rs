@@ -2,6 +2,7 @@
 //! build on a daemon (the embedded one, started on demand, unless `--addr`).
 
 mod build;
+mod cluster;
 mod embedded;
 mod input;
 mod plan;
@@ -28,15 +29,23 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Build an image from a Dockerfile.
     Build(build::BuildArgs),
+    /// List the cluster's workers with their load.
+    Workers(cluster::WorkersArgs),
+    /// Describe the daemon (a coordinator or a standalone one).
+    Info(cluster::InfoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let address = cli.addr.as_deref();
+    let run = |future: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<bool>>>>| {
+        tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|runtime| runtime.block_on(future))
+    };
     let result = match cli.command {
         Command::Plan(args) => plan::run(args).map(|()| true),
-        Command::Build(args) => tokio::runtime::Runtime::new()
-            .map_err(anyhow::Error::from)
-            .and_then(|runtime| runtime.block_on(build::run(args, cli.addr.as_deref()))),
+        Command::Build(args) => run(Box::pin(build::run(args, address))),
+        Command::Workers(args) => run(Box::pin(cluster::workers(args, address))),
+        Command::Info(args) => run(Box::pin(cluster::info(args, address))),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

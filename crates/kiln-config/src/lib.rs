@@ -86,6 +86,8 @@ pub struct WorkerSection {
     /// The coordinator's URL, `http://HOST:PORT`. Required unless the file also has a
     /// `[coordinator]` (standalone).
     pub coordinator: Option<String>,
+    /// The worker's unique name in the cluster. Default: `HOSTNAME-PORT` of `listen`.
+    pub name: Option<String>,
     /// Address of this worker's blob service for peers, `HOST:PORT`. Default: `127.0.0.1:0`.
     #[serde(default = "default_worker_listen")]
     pub listen: String,
@@ -178,6 +180,8 @@ pub struct CoordinatorConfig {
 pub struct WorkerConfig {
     /// The coordinator's URL (`None` when standalone).
     pub coordinator: Option<String>,
+    /// The worker's name.
+    pub name: String,
     /// Blob service address.
     pub listen: SocketAddr,
     /// State directory.
@@ -280,12 +284,21 @@ impl ConfigFile {
                 let size = |key: &str, value: &Option<String>| {
                     value.as_deref().map(|v| parse_size(v).map_err(|e| invalid(key, e))).transpose()
                 };
+                let listen: SocketAddr = w
+                    .listen
+                    .parse()
+                    .map_err(|e| invalid("worker.listen", format!("{:?} is not HOST:PORT ({e})", w.listen)))?;
+                let name = match &w.name {
+                    Some(name) if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                        return Err(invalid("worker.name", format!("{name:?} must be non-empty, without spaces")));
+                    }
+                    Some(name) => name.clone(),
+                    None => format!("{}-{}", hostname(), listen.port()),
+                };
                 Some(WorkerConfig {
                     coordinator: coordinator_url,
-                    listen: w
-                        .listen
-                        .parse()
-                        .map_err(|e| invalid("worker.listen", format!("{:?} is not HOST:PORT ({e})", w.listen)))?,
+                    name,
+                    listen,
                     root: w.root.clone(),
                     platforms,
                     labels: w.labels.clone(),
@@ -316,3 +329,12 @@ impl ConfigFile {
 
 #[cfg(test)]
 mod tests;
+
+/// This machine's host name (`kiln` when unknown).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kiln".to_string())
+}

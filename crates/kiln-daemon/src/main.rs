@@ -1,16 +1,26 @@
-//! `kilnd`: the Kiln daemon. `kilnd --standalone` runs the coordinator and a worker in one
-//! process and serves the control API on a unix socket in its state directory (the embedded
-//! default that `kiln` starts when none runs), and on TCP with `--listen`.
+//! `kilnd`: the Kiln daemon, in one of three roles chosen by its config:
+//! - standalone (`--standalone`, or a config with both sections): a coordinator and a worker
+//!   in one process, serving the control API on a unix socket in its state directory (the
+//!   embedded default that `kiln` starts when none runs) and on TCP with `--listen`;
+//! - coordinator (`[coordinator]` only): the control API, the worker service and the blob
+//!   service (uploaded contexts) on `coordinator.listen`, scheduling on connected workers;
+//! - worker (`[worker]` only): executes assignments from `worker.coordinator` and serves its
+//!   layers to peers on `worker.listen`.
 
-use std::path::PathBuf;
+mod agent;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use kiln_api::ControlService;
-use kiln_config::ConfigFile;
+use kiln_api::{BlobsService, ControlService, Services, WorkersService};
+use kiln_config::{ConfigFile, CoordinatorConfig, WorkerConfig as WorkerSettings};
 use kiln_engine::{Engine, EngineConfig};
-use kiln_worker::WorkerConfig;
+use kiln_solver::cluster::{ClusterSettings, WorkerInfo};
+use kiln_worker::{Worker, WorkerConfig};
+use tokio::sync::watch;
 
 #[derive(Parser)]
 #[command(name = "kilnd", version, about = "The Kiln daemon")]
@@ -36,62 +46,49 @@ struct Args {
     max_parallelism: Option<usize>,
 }
 
+enum Role {
+    Standalone(Option<WorkerSettings>),
+    Coordinator(CoordinatorConfig),
+    Worker(WorkerSettings),
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    let mut worker_settings = None;
-    if let Some(path) = &args.config {
-        let config = ConfigFile::load(path)?.validate(&path.display().to_string())?;
-        match (config.coordinator, config.worker) {
-            (Some(coordinator), Some(worker)) => {
-                args.standalone = true;
-                args.root = worker.root.clone();
-                args.listen.get_or_insert(coordinator.listen.to_string());
-                args.max_parallelism.get_or_insert(worker.max_parallelism);
-                worker_settings = Some(worker);
+    let role = match &args.config {
+        Some(path) => {
+            let config = ConfigFile::load(path)?.validate(&path.display().to_string())?;
+            match (config.coordinator, config.worker) {
+                (Some(coordinator), Some(worker)) => {
+                    args.root = worker.root.clone();
+                    args.listen.get_or_insert(coordinator.listen.to_string());
+                    args.max_parallelism.get_or_insert(worker.max_parallelism);
+                    Role::Standalone(Some(worker))
+                }
+                (Some(coordinator), None) => {
+                    args.root = coordinator.root.clone();
+                    Role::Coordinator(coordinator)
+                }
+                (None, Some(worker)) => {
+                    if worker.coordinator.is_none() {
+                        bail!("{}: worker.coordinator is required for a worker alone", path.display());
+                    }
+                    args.root = worker.root.clone();
+                    Role::Worker(worker)
+                }
+                (None, None) => bail!("{}: needs a [coordinator] or a [worker] section", path.display()),
             }
-            _ => bail!(
-                "{}: a coordinator or a worker alone is not supported by this kilnd yet; give both sections (standalone)",
-                path.display()
-            ),
         }
-    }
-    if !args.standalone {
-        bail!(
-            "only --standalone is supported by this kilnd (the cluster roles come with [coordinator]/[worker] config)"
-        );
-    }
-    let root = std::path::absolute(&args.root).context("resolving --root")?;
-    let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
-
-    let mut worker = WorkerConfig::new(&root).map_err(anyhow::Error::msg)?;
-    if let Some(settings) = &worker_settings {
-        worker.cgroup_parent = settings.cgroup_parent.clone();
-        worker.step_timeout = settings.step_timeout;
-        worker.registry.insecure = settings.insecure_registries.clone();
-    }
-    let max_parallelism =
-        args.max_parallelism.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
-    // A worker may declare only platforms it can run (natively or through a fix-binary
-    // binfmt emulator); by default it declares all of them.
-    let runnable = kiln_worker::runnable_platforms();
-    let platforms = match &worker_settings {
-        Some(settings) => {
-            if let Some(missing) = settings.platforms.iter().find(|p| !runnable.contains(p)) {
-                let runnable: Vec<String> = runnable.iter().map(|p| p.to_string()).collect();
-                bail!("worker.platforms: {missing} cannot run on this machine (it runs {})", runnable.join(", "));
-            }
-            settings.platforms.clone()
-        }
-        None => runnable,
+        None if args.standalone => Role::Standalone(None),
+        None => bail!("give --standalone or --config FILE with [coordinator] and/or [worker]"),
     };
-    let engine = Arc::new(Engine::start(EngineConfig { worker, max_parallelism, name: "local".into(), platforms })?);
-    eprintln!("kilnd: standalone, state in {}, socket {}", root.display(), socket.display());
+    let root = std::path::absolute(&args.root).context("resolving the state directory")?;
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let pid_file = root.join("kilnd.pid");
     std::fs::write(&pid_file, std::process::id().to_string())
         .with_context(|| format!("writing {}", pid_file.display()))?;
 
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -101,17 +98,70 @@ async fn main() -> anyhow::Result<()> {
         }
         let _ = stop.send(true);
     });
-    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
+    let result = match role {
+        Role::Standalone(settings) => standalone(&args, &root, settings, stopped).await,
+        Role::Coordinator(config) => coordinator(&args, &root, config, stopped).await,
+        Role::Worker(settings) => worker(&root, settings, stopped).await,
     };
+    let _ = std::fs::remove_file(&pid_file);
+    result
+}
+
+fn until_stopped(mut stopped: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    }
+}
+
+/// The worker settings of a config section over the defaults for `root`.
+fn worker_config(root: &Path, settings: Option<&WorkerSettings>) -> anyhow::Result<WorkerConfig> {
+    let mut worker = WorkerConfig::new(root).map_err(anyhow::Error::msg)?;
+    if let Some(settings) = settings {
+        worker.cgroup_parent = settings.cgroup_parent.clone();
+        worker.step_timeout = settings.step_timeout;
+        worker.registry.insecure = settings.insecure_registries.clone();
+    }
+    Ok(worker)
+}
+
+/// A worker may declare only platforms it can run (natively or through a fix-binary binfmt
+/// emulator); by default it declares all of them.
+fn platforms(settings: Option<&WorkerSettings>) -> anyhow::Result<Vec<kiln_types::Platform>> {
+    let runnable = kiln_worker::runnable_platforms();
+    let Some(settings) = settings else { return Ok(runnable) };
+    if let Some(missing) = settings.platforms.iter().find(|p| !runnable.contains(p)) {
+        let runnable: Vec<String> = runnable.iter().map(|p| p.to_string()).collect();
+        bail!("worker.platforms: {missing} cannot run on this machine (it runs {})", runnable.join(", "));
+    }
+    Ok(settings.platforms.clone())
+}
+
+async fn bind(address: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("listening on {address}"))?;
+    eprintln!("kilnd: listening on {}", listener.local_addr()?);
+    Ok(listener)
+}
+
+async fn standalone(
+    args: &Args,
+    root: &Path,
+    settings: Option<WorkerSettings>,
+    stopped: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
+    let worker = worker_config(root, settings.as_ref())?;
+    let max_parallelism =
+        args.max_parallelism.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let platforms = platforms(settings.as_ref())?;
+    let engine = Arc::new(Engine::start(EngineConfig { worker, max_parallelism, name: "local".into(), platforms })?);
+    eprintln!("kilnd: standalone, state in {}, socket {}", root.display(), socket.display());
     let mut servers = tokio::task::JoinSet::new();
     if let Some(listen) = &args.listen {
-        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
-        eprintln!("kilnd: listening on {}", listener.local_addr()?);
-        let service = ControlService::new(Arc::clone(&engine), &root);
-        servers.spawn(kiln_api::serve_tcp(service, listener, until_stopped(stopped.clone())));
+        let listener = bind(listen).await?;
+        let services = Services { control: Some(ControlService::new(Arc::clone(&engine), root)), ..Services::default() };
+        servers.spawn(kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone())));
     }
-    let service = ControlService::new(Arc::clone(&engine), &root);
+    let service = ControlService::new(Arc::clone(&engine), root);
     let unix_socket = socket.clone();
     let unix_stop = until_stopped(stopped.clone());
     servers.spawn(async move { kiln_api::serve_unix(service, &unix_socket, unix_stop).await });
@@ -119,6 +169,74 @@ async fn main() -> anyhow::Result<()> {
         result?.map_err(anyhow::Error::msg)?;
     }
     let _ = std::fs::remove_file(&socket);
-    let _ = std::fs::remove_file(&pid_file);
+    Ok(())
+}
+
+async fn coordinator(
+    args: &Args,
+    root: &Path,
+    config: CoordinatorConfig,
+    stopped: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let settings = ClusterSettings {
+        lease_ms: config.lease_timeout.as_millis() as u64,
+        placement_timeout_ms: config.placement_timeout.as_millis() as u64,
+        retry_budget: config.retry_budget,
+        ..ClusterSettings::default()
+    };
+    let lease_ms = settings.lease_ms;
+    let engine_config =
+        EngineConfig { worker: worker_config(root, None)?, max_parallelism: 1, name: "coordinator".into(), platforms: vec![] };
+    let engine = Arc::new(Engine::start_coordinator(engine_config, settings, Arc::new(agent::PeerFetcher))?);
+    let cluster = Arc::clone(engine.cluster().expect("a coordinator has a cluster"));
+    let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
+    eprintln!("kilnd: coordinator, state in {}, socket {}", root.display(), socket.display());
+    let listener = bind(&config.listen.to_string()).await?;
+    let services = Services {
+        control: Some(ControlService::new(Arc::clone(&engine), root)),
+        // Workers fetch uploaded context files from the coordinator they connected to.
+        workers: Some(WorkersService::new(cluster, "", lease_ms)),
+        blobs: Some(BlobsService::new(Arc::clone(engine.worker().cas()))),
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone())));
+    let service = ControlService::new(Arc::clone(&engine), root);
+    let unix_socket = socket.clone();
+    let unix_stop = until_stopped(stopped.clone());
+    servers.spawn(async move { kiln_api::serve_unix(service, &unix_socket, unix_stop).await });
+    while let Some(result) = servers.join_next().await {
+        result?.map_err(anyhow::Error::msg)?;
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+async fn worker(root: &Path, settings: WorkerSettings, stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let platforms = platforms(Some(&settings))?;
+    let config = worker_config(root, Some(&settings))?;
+    let kv: kiln_kv::SharedKv =
+        Arc::new(kiln_kv::SledKv::open(&root.join("db")).with_context(|| format!("opening {}", root.display()))?);
+    let worker = Arc::new(Worker::open(config, kv)?);
+    let listener = bind(&settings.listen.to_string()).await?;
+    let local = listener.local_addr()?;
+    let host = if local.ip().is_unspecified() { settings.name.clone() } else { local.ip().to_string() };
+    let info = WorkerInfo {
+        name: settings.name.clone(),
+        platforms,
+        labels: settings.labels.clone(),
+        max_parallelism: settings.max_parallelism,
+        free_disk: 0,
+        address: format!("http://{host}:{}", local.port()),
+    };
+    let coordinator = settings.coordinator.clone().expect("checked when the role was chosen");
+    eprintln!("kilnd: worker {} for {coordinator}, state in {}", info.name, root.display());
+    let services = Services { blobs: Some(BlobsService::new(Arc::clone(worker.cas()))), ..Services::default() };
+    // The blob service outlives the session a little: peers may still fetch while draining.
+    let (serve_stop, serve_stopped) = watch::channel(false);
+    let server = tokio::spawn(kiln_api::serve_tcp(services, listener, until_stopped(serve_stopped)));
+    agent::run(Arc::clone(&worker), root.to_path_buf(), info, coordinator, stopped).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = serve_stop.send(true);
+    server.await?.map_err(anyhow::Error::msg)?;
     Ok(())
 }

@@ -4,18 +4,29 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kiln_context::FsContext;
+use kiln_context::{BuildContext, ContextManifest, FsContext, StoredContext};
 use kiln_dockerfile::ignore::PatternList;
 use kiln_dockerfile::image::{ImageConfig, ImageMetadata};
 use kiln_dockerfile::{BuildPlan, ConvertOptions, convert};
 use kiln_graph::{Op, SourceOp};
-use kiln_solver::{BuildOptions, Event, LogLine, VertexRecord};
+use kiln_solver::cluster::ClusterBuild;
+use kiln_solver::{BuildHandle, BuildOptions, Event, LogLine, VertexRecord};
 use kiln_types::{Digest, ImageReference, Platform};
 use kiln_worker::BuildInputs;
 use tokio::sync::mpsc;
 
 use crate::history::{self, BaseHistories};
-use crate::{Engine, OutputSpec};
+use crate::{Engine, Mode, OutputSpec};
+
+/// What a coordinator's workers need of a build: its contexts (sent with context sources)
+/// and secrets (sent with RUN steps).
+#[derive(Debug, Default)]
+pub struct ClusterData {
+    /// Context manifests by name; their files are blobs in the coordinator's store.
+    pub contexts: HashMap<String, Arc<ContextManifest>>,
+    /// Secrets by id.
+    pub secrets: HashMap<String, Vec<u8>>,
+}
 
 /// What a client asks to build.
 #[derive(Debug, Clone, Default)]
@@ -42,6 +53,9 @@ pub struct BuildRequest {
     pub secrets: HashMap<String, Vec<u8>>,
     /// Where the result goes.
     pub outputs: Vec<OutputSpec>,
+    /// An uploaded context (its files are blobs in this engine's store), instead of
+    /// `context`.
+    pub context_manifest: Option<ContextManifest>,
 }
 
 /// Progress of a build, in order.
@@ -126,47 +140,91 @@ impl Engine {
         request: BuildRequest,
         progress: mpsc::UnboundedSender<Progress>,
     ) -> Result<BuildSummary, BuildFailure> {
-        let ignore = PatternList::parse_ignore_file(&request.dockerignore)
-            .map_err(|e| BuildFailure::early(format!(".dockerignore: {e}")))?;
-        let context_dir = request.context.clone();
-        let context = tokio::task::spawn_blocking(move || FsContext::walk(&context_dir, &ignore))
-            .await
-            .map_err(|e| BuildFailure::early(e.to_string()))?
-            .map_err(|e| BuildFailure::early(format!("reading build context {}: {e}", request.context.display())))?;
-        let context = Arc::new(context);
+        let context = self.context(&request).await.map_err(BuildFailure::early)?;
         let (plan, bases) = self.plan(&request, &context).await.map_err(BuildFailure::early)?;
-        self.check_platforms(&plan).map_err(BuildFailure::early)?;
+        if let Mode::Local(_) = self.mode {
+            self.check_platforms(&plan).map_err(BuildFailure::early)?;
+        }
         let _ = progress.send(Progress::Planned { vertices: plan.graph.vertices.iter().map(initial_record).collect() });
 
-        let inputs = BuildInputs {
-            contexts: HashMap::from([("context".to_string(), context as Arc<dyn kiln_context::BuildContext>)]),
-            secrets: request.secrets.clone(),
-        };
         let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };
-        let mut handle = self.solver.submit(plan.graph.clone(), options, Arc::new(inputs));
-        let mut vertex_outputs = HashMap::new();
-        let (result, records) = loop {
-            match handle.events.recv().await {
-                Some(Event::Started { vertex, at }) => drop(progress.send(Progress::Started { vertex, at })),
-                Some(Event::Log { vertex, line }) => drop(progress.send(Progress::Log { vertex, line })),
-                Some(Event::Completed { record, error, output }) => {
-                    if let Some(output) = output {
-                        vertex_outputs.insert(record.digest, output);
-                    }
-                    let _ = progress.send(Progress::Completed { record, error });
+        let graph = plan.graph.clone();
+        let (results, vertex_layers, records) = match &self.mode {
+            Mode::Local(solver) => {
+                let inputs = BuildInputs {
+                    contexts: HashMap::from([("context".to_string(), context)]),
+                    secrets: request.secrets.clone(),
+                };
+                let (result, records, outputs) = follow(solver.submit(graph, options, Arc::new(inputs)), &progress).await?;
+                let counts = outputs.iter().map(|(d, s)| (*d, s.layers.len())).collect();
+                match result {
+                    Ok(results) => (results, counts, records),
+                    Err(message) => return Err(BuildFailure { message, records }),
                 }
-                Some(Event::Finished(result, records)) => break (result, records),
-                None => return Err(BuildFailure::early("the solver stopped")),
+            }
+            Mode::Cluster { solver, cluster, fetcher } => {
+                let manifest = request.context_manifest.clone().unwrap_or_default();
+                let data = ClusterData {
+                    contexts: HashMap::from([("context".to_string(), Arc::new(manifest))]),
+                    secrets: request.secrets.clone(),
+                };
+                let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let handle = solver.submit(graph, options, Arc::new(ClusterBuild { id, data }));
+                let (result, records, outputs) = follow(handle, &progress).await?;
+                let counts: HashMap<Digest, usize> = outputs.iter().map(|(d, l)| (*d, l.layers.len())).collect();
+                let layers = match result {
+                    Ok(layers) => layers,
+                    Err(message) => return Err(BuildFailure { message, records }),
+                };
+                // The export runs here: bring the result layers from the workers holding them.
+                let step = self.step(&progress, "fetching result layers from workers");
+                let mut results = Vec::with_capacity(layers.len());
+                for output in layers {
+                    let Some(output) = output else {
+                        results.push(None);
+                        continue;
+                    };
+                    let sources = output.layers.iter().map(|l| (l.diff_id, cluster.holders(&l.diff_id))).collect();
+                    match self.worker.ensure_layers(&output.layers, &sources, fetcher.as_ref()).await {
+                        Ok(snapshot) => results.push(Some(snapshot)),
+                        Err(message) => return Err(BuildFailure { message, records }),
+                    }
+                }
+                step.done();
+                (results, counts, records)
             }
         };
-        let results = match result {
-            Ok(results) => results,
-            Err(message) => return Err(BuildFailure { message, records }),
-        };
-        match self.export(&plan, &results, &vertex_outputs, &bases, &request, &progress).await {
+        match self.export(&plan, &results, &vertex_layers, &bases, &request, &progress).await {
             Ok(image) => Ok(BuildSummary { records, image }),
             Err(message) => Err(BuildFailure { message, records }),
         }
+    }
+
+    /// The build context: an uploaded manifest over this engine's blob store (every file
+    /// must have been uploaded), or a directory on this machine.
+    async fn context(&self, request: &BuildRequest) -> Result<Arc<dyn BuildContext>, String> {
+        if let Some(manifest) = &request.context_manifest {
+            let cas = self.worker.cas();
+            if let Some((digest, _)) = manifest.blobs().into_iter().find(|(digest, _)| !cas.contains(digest)) {
+                let path = manifest
+                    .entries
+                    .iter()
+                    .find(|e| matches!(&e.kind, kiln_context::ManifestKind::File { digest: d, .. } if *d == digest))
+                    .map_or("?", |e| e.path.as_str());
+                return Err(format!("build context: {path} ({digest}) was not uploaded"));
+            }
+            return Ok(Arc::new(StoredContext::new(manifest, Arc::clone(cas))));
+        }
+        if matches!(self.mode, Mode::Cluster { .. }) {
+            return Err("a coordinator builds uploaded contexts only (connect with `kiln --addr`)".into());
+        }
+        let ignore = PatternList::parse_ignore_file(&request.dockerignore).map_err(|e| format!(".dockerignore: {e}"))?;
+        let context_dir = request.context.clone();
+        let context = tokio::task::spawn_blocking(move || FsContext::walk(&context_dir, &ignore))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("reading build context {}: {e}", request.context.display()))?;
+        Ok(Arc::new(context))
     }
 
     /// Every RUN must be for a platform this engine runs; never a silent fallback to another.
@@ -191,7 +249,7 @@ impl Engine {
     async fn plan(
         &self,
         request: &BuildRequest,
-        context: &Arc<FsContext>,
+        context: &Arc<dyn BuildContext>,
     ) -> Result<(BuildPlan, BaseHistories), String> {
         let first = convert_blocking(request, context, ResolvedImages(HashMap::new())).await?;
         // Each (reference, platform) is one source vertex: the graph already merged repeats.
@@ -226,7 +284,7 @@ impl Engine {
 /// selects (cached in the context, so the second pass reads nothing again).
 async fn convert_blocking(
     request: &BuildRequest,
-    context: &Arc<FsContext>,
+    context: &Arc<dyn BuildContext>,
     images: ResolvedImages,
 ) -> Result<BuildPlan, String> {
     let (dockerfile, context) = (request.dockerfile.clone(), Arc::clone(context));
@@ -246,6 +304,29 @@ async fn convert_blocking(
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// Follows a build's events to the end, forwarding progress: its result, records and every
+/// vertex's output.
+async fn follow<O>(
+    mut handle: BuildHandle<O>,
+    progress: &mpsc::UnboundedSender<Progress>,
+) -> Result<(Result<Vec<Option<O>>, String>, Vec<VertexRecord>, HashMap<Digest, O>), BuildFailure> {
+    let mut outputs = HashMap::new();
+    loop {
+        match handle.events.recv().await {
+            Some(Event::Started { vertex, at }) => drop(progress.send(Progress::Started { vertex, at })),
+            Some(Event::Log { vertex, line }) => drop(progress.send(Progress::Log { vertex, line })),
+            Some(Event::Completed { record, error, output }) => {
+                if let Some(output) = output {
+                    outputs.insert(record.digest, output);
+                }
+                let _ = progress.send(Progress::Completed { record, error });
+            }
+            Some(Event::Finished(result, records)) => return Ok((result, records, outputs)),
+            None => return Err(BuildFailure::early("the solver stopped")),
+        }
+    }
 }
 
 fn initial_record(vertex: &kiln_graph::Vertex) -> VertexRecord {

@@ -22,7 +22,7 @@ impl Engine {
         &self,
         plan: &BuildPlan,
         results: &[Option<Snapshot>],
-        vertex_outputs: &HashMap<Digest, Snapshot>,
+        vertex_layers: &HashMap<Digest, usize>,
         bases: &BaseHistories,
         request: &BuildRequest,
         progress: &mpsc::UnboundedSender<Progress>,
@@ -54,7 +54,7 @@ impl Engine {
                     .graph
                     .outputs
                     .iter()
-                    .map(|o| history::history(&plan.graph, o.digest, vertex_outputs, bases, &created))
+                    .map(|o| history::history(&plan.graph, o.digest, vertex_layers, bases, &created))
                     .collect();
                 slot.insert(self.store_images(plan, &snapshots, &histories, media, options, &created).await?);
                 step.done();
@@ -160,21 +160,21 @@ impl Engine {
         store_index(self.worker.cas(), manifests, media).map_err(|e| e.to_string())
     }
 
-    fn step<'a>(&self, progress: &'a mpsc::UnboundedSender<Progress>, name: &str) -> ExportStep<'a> {
+    pub(crate) fn step<'a>(&self, progress: &'a mpsc::UnboundedSender<Progress>, name: &str) -> ExportStep<'a> {
         let started = now_ms();
         let _ = progress.send(Progress::Export { name: name.to_string(), started, completed: None });
         ExportStep { progress, name: name.to_string(), started }
     }
 }
 
-struct ExportStep<'a> {
+pub(crate) struct ExportStep<'a> {
     progress: &'a mpsc::UnboundedSender<Progress>,
     name: String,
     started: u64,
 }
 
 impl ExportStep<'_> {
-    fn done(self) {
+    pub(crate) fn done(self) {
         let _ =
             self.progress.send(Progress::Export { name: self.name, started: self.started, completed: Some(now_ms()) });
     }

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use kiln_graph::{Graph, Input, Op, SourceOp};
 use kiln_registry::History;
 use kiln_types::{Digest, Platform};
-use kiln_worker::Snapshot;
 
 /// Base image history entries, by reference and platform.
 pub(crate) type BaseHistories = HashMap<(String, Platform), Vec<History>>;
@@ -28,7 +27,7 @@ pub(crate) fn from_config(entries: &[serde_json::Value]) -> Vec<History> {
 pub(crate) fn history(
     graph: &Graph,
     output: Option<Digest>,
-    outputs: &HashMap<Digest, Snapshot>,
+    outputs: &HashMap<Digest, usize>,
     bases: &BaseHistories,
     created: &str,
 ) -> Option<Vec<History>> {
@@ -40,14 +39,14 @@ pub(crate) fn history(
     Some(entries)
 }
 
-fn layers(outputs: &HashMap<Digest, Snapshot>, digest: &Digest) -> Option<usize> {
-    outputs.get(digest).map(|s| s.layers.len())
+fn layers(outputs: &HashMap<Digest, usize>, digest: &Digest) -> Option<usize> {
+    outputs.get(digest).copied()
 }
 
 fn walk(
     digest: Digest,
     graph: &HashMap<Digest, &kiln_graph::Vertex>,
-    outputs: &HashMap<Digest, Snapshot>,
+    outputs: &HashMap<Digest, usize>,
     bases: &BaseHistories,
     created: &str,
     entries: &mut Vec<History>,

@@ -10,15 +10,16 @@ mod export;
 mod history;
 mod output;
 
-pub use build::{BuildFailure, BuildRequest, BuildSummary, Progress};
+pub use build::{BuildFailure, BuildRequest, BuildSummary, ClusterData, Progress};
 pub use output::OutputSpec;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_kv::{SharedKv, SledKv};
+use kiln_solver::cluster::{Cluster, ClusterExecutor, ClusterSettings};
 use kiln_solver::{Solver, SolverConfig};
-use kiln_worker::{LocalExecutor, Worker, WorkerConfig};
+use kiln_worker::{BlobFetcher, LocalExecutor, Worker, WorkerConfig};
 
 /// How an engine runs.
 #[derive(Debug, Clone)]
@@ -33,13 +34,28 @@ pub struct EngineConfig {
     pub platforms: Vec<kiln_types::Platform>,
 }
 
-/// A worker and the solver that schedules on it.
+/// The stores of this daemon and the solver that schedules builds: on its own worker
+/// (standalone), or on a cluster of remote workers (a coordinator, whose own stores then
+/// only hold uploaded contexts and what it exports).
 pub struct Engine {
     worker: Arc<Worker>,
-    solver: Solver<LocalExecutor>,
+    mode: Mode,
     name: String,
     platforms: Vec<kiln_types::Platform>,
+    next_build: std::sync::atomic::AtomicU64,
 }
+
+enum Mode {
+    Local(Solver<LocalExecutor>),
+    Cluster {
+        solver: Solver<ClusterExecutor<ClusterData>>,
+        cluster: Arc<Cluster<ClusterData>>,
+        fetcher: Arc<dyn BlobFetcher>,
+    },
+}
+
+/// The execution slots of a coordinator's solver: placement bounds the work per worker.
+const CLUSTER_SLOTS: usize = 1 << 20;
 
 /// Why an engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +81,40 @@ impl Engine {
         let executor = Arc::new(LocalExecutor::new(Arc::clone(&worker), &config.name));
         let solver = Solver::start(executor, SolverConfig { worker_parallelism: config.max_parallelism }, Some(kv))?;
         let platforms = if config.platforms.is_empty() { kiln_worker::runnable_platforms() } else { config.platforms };
-        Ok(Engine { worker, solver, name: config.name, platforms })
+        Ok(Engine { worker, mode: Mode::Local(solver), name: config.name, platforms, next_build: 1.into() })
+    }
+
+    /// A coordinator: builds run on the cluster's workers, which connect to it; `fetcher`
+    /// brings result layers from them for export.
+    pub fn start_coordinator(
+        config: EngineConfig,
+        settings: ClusterSettings,
+        fetcher: Arc<dyn BlobFetcher>,
+    ) -> Result<Engine, EngineError> {
+        let root = config.worker.root.clone();
+        let fail = |message: String| EngineError { root: root.clone(), message };
+        std::fs::create_dir_all(&root).map_err(|e| fail(e.to_string()))?;
+        let kv: SharedKv = Arc::new(SledKv::open(&root.join("db")).map_err(|e| fail(e.to_string()))?);
+        let worker = Arc::new(Worker::open(config.worker, Arc::clone(&kv)).map_err(|e| fail(e.to_string()))?);
+        let cluster = Cluster::new(settings);
+        cluster.start_ticker(std::time::Duration::from_millis(200));
+        let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
+        let solver = Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS }, Some(kv)).map_err(fail)?;
+        Ok(Engine {
+            worker,
+            mode: Mode::Cluster { solver, cluster, fetcher },
+            name: config.name,
+            platforms: config.platforms,
+            next_build: 1.into(),
+        })
+    }
+
+    /// The cluster, on a coordinator.
+    pub fn cluster(&self) -> Option<&Arc<Cluster<ClusterData>>> {
+        match &self.mode {
+            Mode::Cluster { cluster, .. } => Some(cluster),
+            Mode::Local(_) => None,
+        }
     }
 
     /// The worker.
@@ -78,8 +127,16 @@ impl Engine {
         &self.name
     }
 
-    /// The platforms it executes RUN steps for.
-    pub fn platforms(&self) -> &[kiln_types::Platform] {
-        &self.platforms
+    /// The platforms it executes RUN steps for (a coordinator: its workers').
+    pub fn platforms(&self) -> Vec<kiln_types::Platform> {
+        match self.cluster() {
+            Some(cluster) => {
+                let mut platforms: Vec<_> = cluster.workers().into_iter().flat_map(|w| w.info.platforms).collect();
+                platforms.sort_by_key(|p| p.to_string());
+                platforms.dedup();
+                platforms
+            }
+            None => self.platforms.clone(),
+        }
     }
 }

@@ -201,6 +201,11 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         self.lock().state.workers()
     }
 
+    /// The blob addresses of the workers holding a layer.
+    pub fn holders(&self, diff_id: &Digest) -> Vec<String> {
+        self.lock().state.holders(diff_id, "")
+    }
+
     /// Jobs waiting for a worker, and late reports dropped so far.
     pub fn counters(&self) -> (usize, u64) {
         let inner = self.lock();

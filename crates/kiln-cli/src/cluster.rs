@@ -1,0 +1,117 @@
+//! `kiln workers` and `kiln info`: what the daemon (a coordinator or a standalone one) says
+//! about itself and its workers.
+
+use clap::{Args, ValueEnum};
+use kiln_solver::cluster::WorkerStatus;
+
+use crate::embedded;
+
+/// Output format of listings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// A table.
+    Table,
+    /// JSON.
+    Json,
+}
+
+/// Arguments of `kiln workers`.
+#[derive(Args)]
+pub struct WorkersArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+/// Arguments of `kiln info`.
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+/// One worker as `--format json` prints it (a stable shape).
+fn worker_json(worker: &WorkerStatus) -> serde_json::Value {
+    serde_json::json!({
+        "name": worker.info.name,
+        "platforms": worker.info.platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "labels": worker.info.labels,
+        "max_parallelism": worker.info.max_parallelism,
+        "running": worker.running,
+        "free_disk": worker.info.free_disk,
+        "address": worker.info.address,
+        "state": if worker.draining { "draining" } else { "ready" },
+        "last_heartbeat": worker.last_heartbeat,
+        "layers": worker.layers,
+    })
+}
+
+/// Runs `kiln workers`.
+pub async fn workers(args: WorkersArgs, address: Option<&str>) -> anyhow::Result<bool> {
+    let client = embedded::connect(address).await?;
+    let workers = client.workers().await.map_err(anyhow::Error::msg)?;
+    match args.format {
+        Format::Json => {
+            let list: Vec<serde_json::Value> = workers.iter().map(worker_json).collect();
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        }
+        Format::Table => {
+            println!("{:<24} {:<28} {:>7} {:>9} {:<9} ADDRESS", "NAME", "PLATFORMS", "RUNNING", "FREE DISK", "STATE");
+            for w in &workers {
+                let platforms: Vec<String> = w.info.platforms.iter().map(|p| p.to_string()).collect();
+                println!(
+                    "{:<24} {:<28} {:>7} {:>9} {:<9} {}",
+                    w.info.name,
+                    platforms.join(","),
+                    format!("{}/{}", w.running, w.info.max_parallelism),
+                    human_bytes(w.info.free_disk),
+                    if w.draining { "draining" } else { "ready" },
+                    w.info.address
+                );
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Runs `kiln info`.
+pub async fn info(args: InfoArgs, address: Option<&str>) -> anyhow::Result<bool> {
+    let client = embedded::connect(address).await?;
+    let info = client.info().await.map_err(anyhow::Error::msg)?;
+    match args.format {
+        Format::Json => {
+            let value = serde_json::json!({
+                "version": info.version,
+                "role": info.role,
+                "root": info.root,
+                "platforms": info.platforms,
+                "workers": info.workers,
+                "queued": info.queued,
+            });
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        Format::Table => {
+            println!("Version:   {}", info.version);
+            println!("Role:      {}", info.role);
+            println!("Root:      {}", info.root);
+            println!("Platforms: {}", info.platforms.join(", "));
+            if info.role == "coordinator" {
+                println!("Workers:   {}", info.workers);
+                println!("Queued:    {}", info.queued);
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes}B") } else { format!("{value:.1}{}", UNITS[unit]) }
+}

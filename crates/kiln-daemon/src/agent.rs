@@ -1,0 +1,164 @@
+//! The worker role: a session with the coordinator (reconnecting when it drops), each
+//! assignment run as its own task (inputs fetched from peers, context files from the
+//! coordinator, then [`Worker::execute`]), heartbeats within the lease, and drain on
+//! shutdown: running jobs finish, nothing new is taken.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_cas::BlobStore;
+use kiln_client::{Assignment, FromCoordinator, WorkerLink, WorkerSession};
+use kiln_context::{BuildContext, StoredContext};
+use kiln_dockerfile::context::select;
+use kiln_dockerfile::ignore::PatternList;
+use kiln_graph::{Op, SourceOp};
+use kiln_solver::cluster::{JobId, Layers, WorkerInfo};
+use kiln_solver::{BoxFuture, Executed, LogSink};
+use kiln_types::Digest;
+use kiln_worker::{BlobFetcher, BuildInputs, Worker};
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinSet};
+
+/// Fetches blobs from peers' (or the coordinator's) blob services.
+pub struct PeerFetcher;
+
+impl BlobFetcher for PeerFetcher {
+    fn fetch(&self, digest: Digest, peers: Vec<String>, store: Arc<BlobStore>) -> BoxFuture<Result<(), String>> {
+        Box::pin(async move { kiln_client::fetch_from_any(&peers, &digest, &store).await })
+    }
+}
+
+/// Runs the worker role until `stop` turns true (then drains).
+pub async fn run(
+    worker: Arc<Worker>,
+    root: std::path::PathBuf,
+    info: WorkerInfo,
+    coordinator: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let layers: Vec<Digest> = worker.cas().list().unwrap_or_default().into_iter().map(|b| b.digest).collect();
+        let mut current = info.clone();
+        current.free_disk = free_disk(&root);
+        match WorkerSession::connect(&coordinator, &current, &layers).await {
+            Ok(session) => {
+                eprintln!("kilnd: worker {} registered with {coordinator}", info.name);
+                delay = Duration::from_millis(200);
+                if serve(Arc::clone(&worker), &root, session, &coordinator, &mut stop).await {
+                    return;
+                }
+                eprintln!("kilnd: lost the coordinator {coordinator}; reconnecting");
+            }
+            Err(e) => eprintln!("kilnd: {e}; retrying in {} ms", delay.as_millis()),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Serves one session; true when it ended by draining.
+async fn serve(
+    worker: Arc<Worker>,
+    disk_root: &std::path::Path,
+    mut session: WorkerSession,
+    coordinator: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let link = session.link.clone();
+    let mut heartbeat = tokio::time::interval(Duration::from_millis((session.lease_ms / 3).max(100)));
+    let mut jobs: JoinSet<JobId> = JoinSet::new();
+    let mut running: HashMap<JobId, AbortHandle> = HashMap::new();
+    let mut draining = *stop.borrow();
+    if draining {
+        link.drain();
+    }
+    loop {
+        if draining && running.is_empty() {
+            return true;
+        }
+        tokio::select! {
+            _ = heartbeat.tick() => link.heartbeat(free_disk(disk_root)),
+            _ = stop.changed(), if !draining => {
+                draining = true;
+                link.drain();
+                eprintln!("kilnd: draining: finishing {} running jobs", running.len());
+            }
+            Some(done) = jobs.join_next(), if !running.is_empty() => {
+                if let Ok(job) = done {
+                    running.remove(&job);
+                }
+            }
+            message = session.incoming.recv() => match message {
+                Some(Ok(FromCoordinator::Assign(assignment))) => {
+                    let job = assignment.job;
+                    let task = run_job(Arc::clone(&worker), *assignment, link.clone(), coordinator.to_string());
+                    running.insert(job, jobs.spawn(async move { task.await; job }));
+                }
+                Some(Ok(FromCoordinator::Cancel(job))) => {
+                    if let Some(task) = running.remove(&job) {
+                        task.abort();
+                    }
+                }
+                Some(Err(_)) | None => {
+                    // The coordinator is gone: it requeues these jobs elsewhere.
+                    jobs.abort_all();
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+async fn run_job(worker: Arc<Worker>, assignment: Assignment, link: WorkerLink, coordinator: String) {
+    let (job, epoch) = (assignment.job, assignment.epoch);
+    let result = execute(&worker, assignment, &link, &coordinator).await;
+    link.result(job, epoch, result);
+}
+
+async fn execute(
+    worker: &Worker,
+    assignment: Assignment,
+    link: &WorkerLink,
+    coordinator: &str,
+) -> Result<Executed<Layers>, String> {
+    let (job, epoch) = (assignment.job, assignment.epoch);
+    let fetcher = PeerFetcher;
+    let mut inputs = Vec::with_capacity(assignment.inputs.len());
+    for layers in &assignment.inputs {
+        inputs.push(worker.ensure_layers(&layers.layers, &assignment.sources, &fetcher).await?);
+    }
+    let address = if assignment.context_address.is_empty() { coordinator } else { &assignment.context_address };
+    let mut contexts: HashMap<String, Arc<dyn BuildContext>> = HashMap::new();
+    for (name, manifest) in &assignment.contexts {
+        let context = StoredContext::new(manifest, Arc::clone(worker.cas()));
+        // Only the files this source selects travel.
+        if let Op::Source(SourceOp::Local { include, exclude, .. }) = &assignment.vertex.op {
+            let patterns = PatternList::new(exclude).map_err(|e| format!("--exclude: {e}"))?;
+            let selected = select(&context, include, &patterns).map_err(|e| e.to_string())?;
+            worker.ensure_blobs(&manifest.digests_of(&selected), address, &fetcher).await?;
+        }
+        contexts.insert(name.clone(), Arc::new(context));
+    }
+    let build = BuildInputs { contexts, secrets: assignment.secrets };
+    let log_link = link.clone();
+    let logs = LogSink::new(move |line| {
+        log_link.log(job, epoch, line);
+        log_link.is_open()
+    });
+    let output = worker.execute(&assignment.vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
+    let layers = worker.describe(&output.snapshot).await?;
+    Ok(Executed { output: Layers { layers }, pin: output.image.map(|i| i.manifest_digest), worker: None })
+}
+
+/// Free bytes on the filesystem holding `path`.
+fn free_disk(path: &std::path::Path) -> u64 {
+    nix::sys::statvfs::statvfs(path).map(|s| s.blocks_available() * s.fragment_size()).unwrap_or(0)
+}
