@@ -86,7 +86,10 @@ impl Control for ControlService {
         }))
     }
 
-    async fn find_missing(&self, request: Request<FindMissingRequest>) -> Result<Response<FindMissingResponse>, Status> {
+    async fn find_missing(
+        &self,
+        request: Request<FindMissingRequest>,
+    ) -> Result<Response<FindMissingResponse>, Status> {
         let cas = self.engine.worker().cas();
         let mut missing = Vec::new();
         for text in request.into_inner().digests {

@@ -37,10 +37,7 @@ type MessageStream = Pin<Box<dyn Stream<Item = Result<v1::CoordinatorMessage, St
 impl Workers for WorkersService {
     type SessionStream = MessageStream;
 
-    async fn session(
-        &self,
-        request: Request<Streaming<v1::WorkerMessage>>,
-    ) -> Result<Response<MessageStream>, Status> {
+    async fn session(&self, request: Request<Streaming<v1::WorkerMessage>>) -> Result<Response<MessageStream>, Status> {
         let mut incoming = request.into_inner();
         let first = incoming.message().await?.and_then(|m| m.message);
         let Some(worker_message::Message::Register(register)) = first else {
@@ -59,7 +56,7 @@ impl Workers for WorkersService {
         tokio::spawn(async move {
             while let Some(to_worker) = assignments.recv().await {
                 let converted = match to_worker {
-                    ToWorker::Assign(job) => coordinator_message::Message::Assign(assign(job, &address)),
+                    ToWorker::Assign(job) => coordinator_message::Message::Assign(assign(*job, &address)),
                     ToWorker::Cancel { job } => coordinator_message::Message::Cancel(v1::CancelJob { job }),
                 };
                 if sender.send(Ok(message(converted))).is_err() {
@@ -131,12 +128,9 @@ fn assign(job: Job<ClusterData>, address: &str) -> v1::Assign {
         _ => Default::default(),
     };
     let contexts = match &job.vertex.op {
-        Op::Source(SourceOp::Local { name, .. }) => data
-            .contexts
-            .get(name)
-            .map(|manifest| (name.clone(), manifest_to_proto(manifest)))
-            .into_iter()
-            .collect(),
+        Op::Source(SourceOp::Local { name, .. }) => {
+            data.contexts.get(name).map(|manifest| (name.clone(), manifest_to_proto(manifest))).into_iter().collect()
+        }
         _ => Default::default(),
     };
     v1::Assign {

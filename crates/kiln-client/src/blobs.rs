@@ -27,7 +27,10 @@ pub struct UploadStats {
 
 impl Client {
     /// Hashes the context, asks the daemon which contents it lacks and uploads only those.
-    pub async fn upload_context(&self, context: std::sync::Arc<FsContext>) -> Result<(ContextManifest, UploadStats), String> {
+    pub async fn upload_context(
+        &self,
+        context: std::sync::Arc<FsContext>,
+    ) -> Result<(ContextManifest, UploadStats), String> {
         let walked = std::sync::Arc::clone(&context);
         let manifest = tokio::task::spawn_blocking(move || walked.manifest())
             .await

@@ -42,7 +42,10 @@ pub fn manifest_from_proto(manifest: v1::ContextManifest) -> Result<ContextManif
             2 => ManifestKind::Symlink(e.link),
             other => return Err(format!("context entry {}: unknown kind {other}", e.path)),
         };
-        if e.path.is_empty() || e.path.starts_with('/') || e.path.split('/').any(|p| p == ".." || p == "." || p.is_empty()) {
+        if e.path.is_empty()
+            || e.path.starts_with('/')
+            || e.path.split('/').any(|p| p == ".." || p == "." || p.is_empty())
+        {
             return Err(format!("context entry {:?}: not a clean relative path", e.path));
         }
         entries.push(ManifestEntry { path: e.path, kind, mode: e.mode & 0o7777, mtime: (e.mtime, e.mtime_nsec) });

@@ -98,7 +98,9 @@ impl WorkerSession {
                     }
                 };
                 let converted = match message.message {
-                    Some(coordinator_message::Message::Assign(assign)) => assignment(assign).map(FromCoordinator::Assign),
+                    Some(coordinator_message::Message::Assign(assign)) => {
+                        assignment(assign).map(FromCoordinator::Assign)
+                    }
                     Some(coordinator_message::Message::Cancel(cancel)) => Ok(FromCoordinator::Cancel(cancel.job)),
                     _ => continue,
                 };

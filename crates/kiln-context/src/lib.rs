@@ -47,7 +47,6 @@ impl FsContext {
     pub fn root(&self) -> &Path {
         &self.root
     }
-
 }
 
 impl BuildContext for FsContext {

@@ -170,9 +170,8 @@ impl BuildContext for StoredContext {
                 }
                 ManifestKind::Symlink(link) => std::os::unix::fs::symlink(link, &target)?,
                 ManifestKind::File { digest, .. } => {
-                    fs::copy(self.blobs.path(digest), &target).map_err(|e| {
-                        io::Error::new(e.kind(), format!("{} (blob {digest}): {e}", entry.path))
-                    })?;
+                    fs::copy(self.blobs.path(digest), &target)
+                        .map_err(|e| io::Error::new(e.kind(), format!("{} (blob {digest}): {e}", entry.path)))?;
                 }
             }
             finish(&target, stored.mode, stored.mtime, matches!(stored.kind, ManifestKind::Symlink(_)))?;

@@ -13,7 +13,7 @@ use kiln_context::{BuildContext, StoredContext};
 use kiln_dockerfile::context::select;
 use kiln_dockerfile::ignore::PatternList;
 use kiln_graph::{Op, SourceOp};
-use kiln_solver::cluster::{JobId, Layers, WorkerInfo};
+use kiln_solver::cluster::{JobId, LOST_INPUT, Layers, WorkerInfo};
 use kiln_solver::{BoxFuture, Executed, LogSink};
 use kiln_types::Digest;
 use kiln_worker::{BlobFetcher, BuildInputs, Worker};
@@ -133,7 +133,9 @@ async fn execute(
     let fetcher = PeerFetcher;
     let mut inputs = Vec::with_capacity(assignment.inputs.len());
     for layers in &assignment.inputs {
-        inputs.push(worker.ensure_layers(&layers.layers, &assignment.sources, &fetcher).await?);
+        // The coordinator recomputes an input that vanished with its worker, then retries.
+        let chain = worker.ensure_layers(&layers.layers, &assignment.sources, &fetcher).await;
+        inputs.push(chain.map_err(|e| format!("{LOST_INPUT}{e}"))?);
     }
     let address = if assignment.context_address.is_empty() { coordinator } else { &assignment.context_address };
     let mut contexts: HashMap<String, Arc<dyn BuildContext>> = HashMap::new();

@@ -107,10 +107,8 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
-fn until_stopped(mut stopped: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send {
-    async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    }
+async fn until_stopped(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
 }
 
 /// The worker settings of a config section over the defaults for `root`.
@@ -158,7 +156,8 @@ async fn standalone(
     let mut servers = tokio::task::JoinSet::new();
     if let Some(listen) = &args.listen {
         let listener = bind(listen).await?;
-        let services = Services { control: Some(ControlService::new(Arc::clone(&engine), root)), ..Services::default() };
+        let services =
+            Services { control: Some(ControlService::new(Arc::clone(&engine), root)), ..Services::default() };
         servers.spawn(kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone())));
     }
     let service = ControlService::new(Arc::clone(&engine), root);
@@ -185,8 +184,12 @@ async fn coordinator(
         ..ClusterSettings::default()
     };
     let lease_ms = settings.lease_ms;
-    let engine_config =
-        EngineConfig { worker: worker_config(root, None)?, max_parallelism: 1, name: "coordinator".into(), platforms: vec![] };
+    let engine_config = EngineConfig {
+        worker: worker_config(root, None)?,
+        max_parallelism: 1,
+        name: "coordinator".into(),
+        platforms: vec![],
+    };
     let engine = Arc::new(Engine::start_coordinator(engine_config, settings, Arc::new(agent::PeerFetcher))?);
     let cluster = Arc::clone(engine.cluster().expect("a coordinator has a cluster"));
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));

@@ -155,7 +155,8 @@ impl Engine {
                     contexts: HashMap::from([("context".to_string(), context)]),
                     secrets: request.secrets.clone(),
                 };
-                let (result, records, outputs) = follow(solver.submit(graph, options, Arc::new(inputs)), &progress).await?;
+                let (result, records, outputs) =
+                    follow(solver.submit(graph, options, Arc::new(inputs)), &progress).await?;
                 let counts = outputs.iter().map(|(d, s)| (*d, s.layers.len())).collect();
                 match result {
                     Ok(results) => (results, counts, records),
@@ -184,8 +185,7 @@ impl Engine {
                         results.push(None);
                         continue;
                     };
-                    let sources = output.layers.iter().map(|l| (l.diff_id, cluster.holders(&l.diff_id))).collect();
-                    match self.worker.ensure_layers(&output.layers, &sources, fetcher.as_ref()).await {
+                    match self.fetch_result(cluster, fetcher.as_ref(), output).await {
                         Ok(snapshot) => results.push(Some(snapshot)),
                         Err(message) => return Err(BuildFailure { message, records }),
                     }
@@ -197,6 +197,27 @@ impl Engine {
         match self.export(&plan, &results, &vertex_layers, &bases, &request, &progress).await {
             Ok(image) => Ok(BuildSummary { records, image }),
             Err(message) => Err(BuildFailure { message, records }),
+        }
+    }
+
+    /// Brings a result's layers here from the workers holding them (recomputing them first
+    /// when they were lost with their worker; once more if a holder vanishes meanwhile).
+    async fn fetch_result(
+        &self,
+        cluster: &Arc<kiln_solver::cluster::Cluster<ClusterData>>,
+        fetcher: &dyn kiln_worker::BlobFetcher,
+        output: kiln_solver::cluster::Layers,
+    ) -> Result<kiln_worker::Snapshot, String> {
+        let logs = kiln_solver::LogSink::new(|_| true);
+        let mut attempt = 0;
+        loop {
+            let layers = Arc::clone(cluster).recover(output.clone(), logs.clone()).await?;
+            let sources = layers.layers.iter().map(|l| (l.diff_id, cluster.holders(&l.diff_id))).collect();
+            match self.worker.ensure_layers(&layers.layers, &sources, fetcher).await {
+                Ok(snapshot) => return Ok(snapshot),
+                Err(_) if attempt < 2 => attempt += 1,
+                Err(error) => return Err(error),
+            }
         }
     }
 
@@ -218,7 +239,8 @@ impl Engine {
         if matches!(self.mode, Mode::Cluster { .. }) {
             return Err("a coordinator builds uploaded contexts only (connect with `kiln --addr`)".into());
         }
-        let ignore = PatternList::parse_ignore_file(&request.dockerignore).map_err(|e| format!(".dockerignore: {e}"))?;
+        let ignore =
+            PatternList::parse_ignore_file(&request.dockerignore).map_err(|e| format!(".dockerignore: {e}"))?;
         let context_dir = request.context.clone();
         let context = tokio::task::spawn_blocking(move || FsContext::walk(&context_dir, &ignore))
             .await

@@ -99,7 +99,8 @@ impl Engine {
         let cluster = Cluster::new(settings);
         cluster.start_ticker(std::time::Duration::from_millis(200));
         let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
-        let solver = Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS }, Some(kv)).map_err(fail)?;
+        let solver =
+            Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS }, Some(kv)).map_err(fail)?;
         Ok(Engine {
             worker,
             mode: Mode::Cluster { solver, cluster, fetcher },

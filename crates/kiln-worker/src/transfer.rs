@@ -49,14 +49,22 @@ impl Worker {
     ) -> Result<Snapshot, String> {
         let mut chain = Vec::with_capacity(layers.len());
         for layer in layers {
-            chain.push(self.ensure_layer(layer, sources.get(&layer.diff_id).cloned().unwrap_or_default(), fetcher).await?);
+            chain.push(
+                self.ensure_layer(layer, sources.get(&layer.diff_id).cloned().unwrap_or_default(), fetcher).await?,
+            );
         }
         Ok(Snapshot { layers: chain })
     }
 
-    async fn ensure_layer(&self, layer: &LayerDesc, peers: Vec<String>, fetcher: &dyn BlobFetcher) -> Result<LayerId, String> {
+    async fn ensure_layer(
+        &self,
+        layer: &LayerDesc,
+        peers: Vec<String>,
+        fetcher: &dyn BlobFetcher,
+    ) -> Result<LayerId, String> {
         let diff_id = layer.diff_id;
-        let lookup = |snapshots: &kiln_layer::SnapshotStore| snapshots.layer_for_diff_id(&diff_id).map_err(|e| e.to_string());
+        let lookup =
+            |snapshots: &kiln_layer::SnapshotStore| snapshots.layer_for_diff_id(&diff_id).map_err(|e| e.to_string());
         if let Some(id) = lookup(&self.snapshots)? {
             return Ok(id);
         }
@@ -73,7 +81,10 @@ impl Worker {
                 if peers.is_empty() {
                     return Err(format!("layer {diff_id} is on no connected worker"));
                 }
-                fetcher.fetch(diff_id, peers, Arc::clone(&self.cas)).await.map_err(|e| format!("layer {diff_id}: {e}"))?;
+                fetcher
+                    .fetch(diff_id, peers, Arc::clone(&self.cas))
+                    .await
+                    .map_err(|e| format!("layer {diff_id}: {e}"))?;
             }
             let (snapshots, cas) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas));
             blocking(move || {
@@ -88,7 +99,12 @@ impl Worker {
     }
 
     /// Fetches the blobs among `digests` that the store lacks from `address`.
-    pub async fn ensure_blobs(&self, digests: &[Digest], address: &str, fetcher: &dyn BlobFetcher) -> Result<(), String> {
+    pub async fn ensure_blobs(
+        &self,
+        digests: &[Digest],
+        address: &str,
+        fetcher: &dyn BlobFetcher,
+    ) -> Result<(), String> {
         for digest in digests {
             if !self.cas.contains(digest) {
                 fetcher.fetch(*digest, vec![address.to_string()], Arc::clone(&self.cas)).await?;

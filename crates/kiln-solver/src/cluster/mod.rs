@@ -5,6 +5,12 @@
 //! A job's result is the first report for its current assignment (worker and epoch). A worker
 //! that disconnects or misses its lease loses its jobs: they are requeued with a new epoch,
 //! so whatever it reports later is dropped as late, never counted twice.
+//!
+//! A lost worker also takes the only copy of layers it produced. Each result remembers its
+//! recipe (vertex, inputs, build); before a job runs, inputs that no connected worker holds
+//! any more are recomputed from their recipes (recursively), and the new layers stand in for
+//! the lost ones from then on. A worker that finds an input gone while fetching it reports
+//! [`LOST_INPUT`], and the job is prepared and placed again.
 
 pub mod state;
 
@@ -21,6 +27,29 @@ use state::{ClusterCommand, ClusterEffect, ClusterState, JobSpec};
 pub use state::{ClusterSettings, JobId, LayerDesc, Layers, WorkerInfo, WorkerStatus};
 
 use crate::{BoxFuture, Executed, Executor, LogLine, LogSink, LogStream, now_ms};
+
+/// The prefix of a job error that means an input layer could not be fetched: the job is
+/// retried after recomputing lost inputs.
+pub const LOST_INPUT: &str = "lost input: ";
+
+/// Times a job is prepared again after [`LOST_INPUT`].
+const LOST_INPUT_RETRIES: u32 = 3;
+
+/// Recipes kept for recomputing lost results (oldest forgotten first).
+const MAX_RECIPES: usize = 100_000;
+
+/// How a result was made.
+struct Recipe<B> {
+    vertex: Vertex,
+    inputs: Vec<Layers>,
+    build: Arc<ClusterBuild<B>>,
+}
+
+impl<B> Clone for Recipe<B> {
+    fn clone(&self) -> Self {
+        Recipe { vertex: self.vertex.clone(), inputs: self.inputs.clone(), build: Arc::clone(&self.build) }
+    }
+}
 
 /// A build's inputs as the cluster carries them: an id (builds take turns) and whatever the
 /// workers need (contexts, secrets).
@@ -53,7 +82,7 @@ pub struct Job<B> {
 #[derive(Debug)]
 pub enum ToWorker<B> {
     /// Run a job.
-    Assign(Job<B>),
+    Assign(Box<Job<B>>),
     /// Stop a job.
     Cancel {
         /// The job.
@@ -75,6 +104,10 @@ struct Inner<B> {
     links: HashMap<String, (u64, mpsc::UnboundedSender<ToWorker<B>>)>,
     pending: HashMap<JobId, Pending<B>>,
     late: u64,
+    recipes: HashMap<Layers, Recipe<B>>,
+    recipe_order: std::collections::VecDeque<Layers>,
+    /// Recomputed results standing in for lost ones.
+    substitutes: HashMap<Layers, Layers>,
 }
 
 /// The coordinator's view of its workers, and the solver's executor over them.
@@ -92,6 +125,9 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 links: HashMap::new(),
                 pending: HashMap::new(),
                 late: 0,
+                recipes: HashMap::new(),
+                recipe_order: std::collections::VecDeque::new(),
+                substitutes: HashMap::new(),
             }),
             next_job: AtomicU64::new(1),
         })
@@ -250,7 +286,7 @@ impl<B> Inner<B> {
                 };
                 if let Some((_, link)) = self.links.get(worker) {
                     // A closed link shows up as a disconnect, which requeues the job.
-                    let _ = link.send(ToWorker::Assign(assignment));
+                    let _ = link.send(ToWorker::Assign(Box::new(assignment)));
                 }
             }
             ClusterEffect::Revoke { job, worker } => {
@@ -313,36 +349,131 @@ impl<B: Send + Sync + 'static> Executor for ClusterExecutor<B> {
         build: Arc<ClusterBuild<B>>,
         logs: LogSink,
     ) -> BoxFuture<Result<Executed<Layers>, String>> {
-        // A merge stacks its inputs' layers: nothing to run.
-        if matches!(vertex.op, Op::Merge(_)) {
-            let layers = inputs.into_iter().flat_map(|l| l.layers).collect();
-            return Box::pin(async move { Ok(Executed { output: Layers { layers }, pin: None, worker: None }) });
-        }
-        let cluster = Arc::clone(&self.0);
-        Box::pin(async move {
-            let job = cluster.next_job.fetch_add(1, Ordering::Relaxed);
-            let spec = JobSpec {
-                build: build.id,
-                platform: required_platform(&vertex),
-                inputs: inputs.iter().flat_map(|l| l.layers.iter().copied()).collect(),
-            };
-            let (done, result) = oneshot::channel();
-            {
-                let mut inner = cluster.lock();
-                inner.pending.insert(job, Pending { vertex, inputs, build, logs, done, epoch: 0 });
-                let effects = inner.state.apply(ClusterCommand::Submit { job, spec, at: now_ms() });
-                for effect in &effects {
-                    inner.perform(effect);
-                }
-            }
-            let mut guard = CancelOnDrop { cluster: Arc::clone(&cluster), job, armed: true };
-            let result = result.await.unwrap_or_else(|_| Err("the cluster dropped the job".into()));
-            guard.armed = false;
-            result
-        })
+        Box::pin(run(Arc::clone(&self.0), vertex, inputs, build, logs))
     }
 
     fn worker_name(&self) -> String {
         "cluster".to_string()
+    }
+}
+
+/// Executes a vertex on the cluster: recovers lost inputs, places the job, waits for its
+/// result, and remembers the recipe.
+fn run<B: Send + Sync + 'static>(
+    cluster: Arc<Cluster<B>>,
+    vertex: Vertex,
+    inputs: Vec<Layers>,
+    build: Arc<ClusterBuild<B>>,
+    logs: LogSink,
+) -> BoxFuture<Result<Executed<Layers>, String>> {
+    Box::pin(async move {
+        // A merge stacks its inputs' layers: nothing to run.
+        if matches!(vertex.op, Op::Merge(_)) {
+            let inputs: Vec<Layers> = inputs.iter().map(|i| cluster.substitute(i)).collect();
+            let output = Layers { layers: inputs.iter().flat_map(|l| l.layers.iter().copied()).collect() };
+            cluster.remember(&output, Recipe { vertex, inputs, build });
+            return Ok(Executed { output, pin: None, worker: None });
+        }
+        let mut attempt = 0;
+        loop {
+            let mut ready = Vec::with_capacity(inputs.len());
+            for input in &inputs {
+                ready.push(Arc::clone(&cluster).recover(input.clone(), logs.clone()).await?);
+            }
+            let result = cluster.place(vertex.clone(), ready.clone(), Arc::clone(&build), logs.clone()).await;
+            match result {
+                Err(error) if error.starts_with(LOST_INPUT) && attempt < LOST_INPUT_RETRIES => attempt += 1,
+                Ok(executed) => {
+                    cluster.remember(&executed.output, Recipe { vertex, inputs: ready, build });
+                    return Ok(executed);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    })
+}
+
+impl<B: Send + Sync + 'static> Cluster<B> {
+    /// What stands in for `layers` (itself unless it was recomputed).
+    fn substitute(&self, layers: &Layers) -> Layers {
+        let inner = self.lock();
+        let mut current = layers;
+        // Bounded: a recomputation never yields layers that were substituted before.
+        for _ in 0..16 {
+            match inner.substitutes.get(current) {
+                Some(next) => current = next,
+                None => break,
+            }
+        }
+        current.clone()
+    }
+
+    fn remember(&self, output: &Layers, recipe: Recipe<B>) {
+        if output.layers.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        if inner.recipes.insert(output.clone(), recipe).is_none() {
+            inner.recipe_order.push_back(output.clone());
+        }
+        while inner.recipe_order.len() > MAX_RECIPES {
+            if let Some(old) = inner.recipe_order.pop_front() {
+                inner.recipes.remove(&old);
+            }
+        }
+    }
+
+    /// `layers` where some connected worker holds every layer: itself, what replaced it, or
+    /// a recomputation from its recipe.
+    pub fn recover(self: Arc<Self>, layers: Layers, logs: LogSink) -> BoxFuture<Result<Layers, String>> {
+        Box::pin(async move {
+            let current = self.substitute(&layers);
+            let recipe = {
+                let inner = self.lock();
+                if current.layers.iter().all(|l| !inner.state.holders(&l.diff_id, "").is_empty()) {
+                    return Ok(current);
+                }
+                inner.recipes.get(&current).cloned()
+            };
+            let Some(recipe) = recipe else {
+                return Err(format!("{LOST_INPUT}layers of an earlier result were lost with their worker"));
+            };
+            let _ = logs.send(LogLine {
+                stream: LogStream::Stderr,
+                line: format!("recomputing {}: its result was lost with its worker", recipe.vertex.meta.name),
+            });
+            let executed = run(Arc::clone(&self), recipe.vertex, recipe.inputs, recipe.build, logs).await?;
+            self.lock().substitutes.insert(current, executed.output.clone());
+            Ok(executed.output)
+        })
+    }
+
+    /// Queues one job and waits for its result; dropping the future cancels the job.
+    async fn place(
+        self: &Arc<Self>,
+        vertex: Vertex,
+        inputs: Vec<Layers>,
+        build: Arc<ClusterBuild<B>>,
+        logs: LogSink,
+    ) -> Result<Executed<Layers>, String> {
+        let job = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let spec = JobSpec {
+            build: build.id,
+            platform: required_platform(&vertex),
+            inputs: inputs.iter().flat_map(|l| l.layers.iter().copied()).collect(),
+        };
+        let (done, result) = oneshot::channel();
+        {
+            let mut inner = self.lock();
+            inner.pending.insert(job, Pending { vertex, inputs, build, logs, done, epoch: 0 });
+            let effects = inner.state.apply(ClusterCommand::Submit { job, spec, at: now_ms() });
+            for effect in &effects {
+                inner.perform(effect);
+            }
+        }
+        let mut guard = CancelOnDrop { cluster: Arc::clone(self), job, armed: true };
+        let result = result.await.unwrap_or_else(|_| Err("the cluster dropped the job".into()));
+        guard.armed = false;
+        result
     }
 }

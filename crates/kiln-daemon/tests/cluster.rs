@@ -1,0 +1,427 @@
+//! A real cluster: one coordinator and several workers, each a separate `kilnd` process on
+//! its own 127.0.N.x address, running real containers and pushing to a real registry; the
+//! `kiln` binary is the client. Each test has its own cluster (`N` distinct per test).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_cas::BlobStore;
+use kiln_kv::MemoryKv;
+use kiln_registry::{Descriptor, MediaTypes, OCI_MANIFEST, PlatformField, RegistryClient, RegistryOptions};
+use kiln_testkit::{TestRegistry, arm64_busybox_rootfs, busybox_rootfs, store_image, workspace_binary};
+use serde_json::Value;
+
+struct Cluster {
+    registry: TestRegistry,
+    /// An amd64 + arm64 busybox index.
+    base: String,
+    dir: tempfile::TempDir,
+    net: u8,
+    coordinator: Child,
+    workers: Vec<(String, Child)>,
+}
+
+impl Cluster {
+    /// A coordinator on 127.0.`net`.1:7070 and one worker per platform given, on
+    /// 127.0.`net`.(2..):7071, each with `slots` executions at once.
+    fn start(net: u8, workers: &[&str], slots: usize, coordinator_extra: &str) -> Cluster {
+        workspace_binary("kiln-runner");
+        let registry = TestRegistry::start();
+        let dir = tempfile::tempdir().unwrap();
+        let base = push_base(&registry, dir.path());
+        let config = dir.path().join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[coordinator]\nlisten = \"127.0.{net}.1:7070\"\nroot = \"{}\"\nlease-timeout = \"3s\"\n{coordinator_extra}",
+                dir.path().join("coordinator").display()
+            ),
+        )
+        .unwrap();
+        let coordinator = kilnd(&config, &dir.path().join("coordinator.log"));
+        let mut cluster = Cluster { registry, base, net, coordinator, workers: Vec::new(), dir };
+        for (i, platform) in workers.iter().enumerate() {
+            cluster.start_worker(&format!("w{}-{}", i + 1, platform.replace('/', "-")), i as u8 + 2, platform, slots);
+        }
+        cluster.wait_for_workers(workers.len());
+        cluster
+    }
+
+    fn start_worker(&mut self, name: &str, host: u8, platform: &str, slots: usize) {
+        let config = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[worker]\ncoordinator = \"http://127.0.{net}.1:7070\"\nname = \"{name}\"\nlisten = \"127.0.{net}.{host}:7071\"\n\
+                 root = \"{}\"\nplatforms = [\"{platform}\"]\nmax-parallelism = {slots}\n",
+                self.dir.path().join(name).display(),
+                net = self.net
+            ),
+        )
+        .unwrap();
+        let child = kilnd(&config, &self.dir.path().join(format!("{name}.log")));
+        self.workers.push((name.to_string(), child));
+    }
+
+    fn addr(&self) -> String {
+        format!("http://127.0.{}.1:7070", self.net)
+    }
+
+    fn kiln(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(workspace_binary("kiln"));
+        command.arg("--addr").arg(self.addr()).args(args).env_remove("KILN_ADDR");
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.kiln(args).output().unwrap()
+    }
+
+    fn workers_json(&self) -> Vec<Value> {
+        let out = self.run(&["workers", "--format", "json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+    }
+
+    fn wait_for_workers(&self, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.run(&["workers", "--format", "json"]);
+            if out.status.success()
+                && serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().len() == count
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "workers did not register: {}", self.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn context(&self, name: &str, dockerfile: &str) -> PathBuf {
+        let context = self.dir.path().join(name);
+        std::fs::create_dir_all(&context).unwrap();
+        std::fs::write(context.join("Dockerfile"), dockerfile.replace("BASE", &self.base)).unwrap();
+        context
+    }
+
+    fn logs(&self) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "log") {
+                all += &format!(
+                    "\n--- {}\n{}",
+                    entry.path().display(),
+                    std::fs::read_to_string(entry.path()).unwrap_or_default()
+                );
+            }
+        }
+        all
+    }
+
+    /// Builds `context`, returning the metadata file's content.
+    fn build(&self, context: &Path, extra: &[&str]) -> Value {
+        let metadata = self.dir.path().join(format!("meta-{}.json", unique()));
+        let mut args = vec![
+            "build",
+            context.to_str().unwrap(),
+            "--progress",
+            "plain",
+            "--metadata-file",
+            metadata.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = self.run(&args);
+        assert!(out.status.success(), "build failed: {}\n{}", text(&out.stderr), self.logs());
+        read_json(&metadata)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.workers {
+            stop(child);
+        }
+        stop(&mut self.coordinator);
+    }
+}
+
+fn kilnd(config: &Path, log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(workspace_binary("kilnd"))
+        .arg("--config")
+        .arg(config)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGTERM (workers drain), then SIGKILL after a bounded wait.
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Pushes a two-platform busybox index (Debian's arm64 busybox for arm64).
+fn push_base(registry: &TestRegistry, dir: &Path) -> String {
+    let cas = Arc::new(BlobStore::open(&dir.join("base-cas"), Arc::new(MemoryKv::new())).unwrap());
+    busybox_rootfs(&dir.join("rootfs-amd64"));
+    arm64_busybox_rootfs(&dir.join("rootfs-arm64"));
+    let mut manifests = Vec::new();
+    for (platform, rootfs) in [("linux/amd64", "rootfs-amd64"), ("linux/arm64", "rootfs-arm64")] {
+        let digest = store_image(&cas, &dir.join(rootfs), platform);
+        let (os, architecture) = platform.split_once('/').unwrap();
+        manifests.push(Descriptor {
+            media_type: OCI_MANIFEST.into(),
+            digest,
+            size: cas.info(&digest).unwrap().size,
+            platform: Some(PlatformField { architecture: architecture.into(), os: os.into(), variant: None }),
+            annotations: Default::default(),
+        });
+    }
+    let index = kiln_registry::store_index(&cas, manifests, MediaTypes::Oci).unwrap();
+    let base = registry.reference("kiln/busybox:cluster");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(RegistryClient::new(RegistryOptions::default()).unwrap().push(&base, &index.digest, &cas))
+        .unwrap();
+    base.to_string()
+}
+
+/// The record of the vertex whose name contains `needle`.
+fn record<'a>(metadata: &'a Value, needle: &str) -> &'a Value {
+    metadata["vertices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"].as_str().unwrap().contains(needle))
+        .unwrap_or_else(|| panic!("no vertex {needle} in {metadata:#}"))
+}
+
+#[test]
+fn stages_spread_over_workers_and_platforms_build_on_their_own_workers_into_one_index() {
+    let cluster = Cluster::start(11, &["linux/amd64", "linux/amd64", "linux/arm64"], 1, "");
+    let workers = cluster.workers_json();
+    let names: Vec<&str> = workers.iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["w1-linux-amd64", "w2-linux-amd64", "w3-linux-arm64"]);
+    assert_eq!(workers[2]["platforms"], serde_json::json!(["linux/arm64"]));
+    assert_eq!(workers[0]["state"], "ready");
+    assert_eq!(workers[0]["address"], "http://127.0.11.2:7071");
+    let info = cluster.run(&["info", "--format", "json"]);
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!((info["role"].as_str(), info["workers"].as_u64()), (Some("coordinator"), Some(3)));
+
+    // Independent stages spread over both amd64 workers (one slot each).
+    let context = cluster.context(
+        "stages",
+        "FROM BASE AS base\n\
+         FROM base AS one\nRUN sleep 1 && echo one > /one\n\
+         FROM base AS two\nRUN sleep 1 && echo two > /two\n\
+         FROM base\nCOPY --from=one /one /one\nCOPY --from=two /two /two\n",
+    );
+    let out = cluster.dir.path().join("stages-out");
+    let metadata =
+        cluster.build(&context, &["--platform", "linux/amd64", "-o", &format!("type=local,dest={}", out.display())]);
+    let one = record(&metadata, "RUN sleep 1 && echo one")["worker"].as_str().unwrap().to_string();
+    let two = record(&metadata, "RUN sleep 1 && echo two")["worker"].as_str().unwrap().to_string();
+    assert_ne!(one, two, "{metadata:#}");
+    assert!(one.contains("amd64") && two.contains("amd64"), "{one} {two}");
+    assert_eq!(std::fs::read_to_string(out.join("one")).unwrap(), "one\n");
+    assert_eq!(std::fs::read_to_string(out.join("two")).unwrap(), "two\n");
+
+    // Two platforms: each RUN on a worker of its platform (arm64 through qemu), one index.
+    let context = cluster.context("multi", "FROM BASE\nRUN uname -m > /arch\n");
+    let pushed = format!("{}/kiln/multi:v1", cluster.registry.addr);
+    let out = cluster.dir.path().join("multi-out");
+    let metadata = cluster.build(
+        &context,
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-o",
+            &format!("type=image,name={pushed},push=true"),
+            "-o",
+            &format!("type=local,dest={}", out.display()),
+        ],
+    );
+    for run in metadata["vertices"].as_array().unwrap().iter().filter(|v| v["name"].as_str().unwrap().contains("RUN")) {
+        let platform = run["platform"].as_str().unwrap().replace('/', "-");
+        assert!(run["worker"].as_str().unwrap().ends_with(&platform), "{run}");
+    }
+    assert_eq!(std::fs::read_to_string(out.join("linux_amd64/arch")).unwrap(), "x86_64\n");
+    assert_eq!(std::fs::read_to_string(out.join("linux_arm64/arch")).unwrap(), "aarch64\n");
+    let inspect = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false", &format!("docker://{pushed}")])
+        .output()
+        .unwrap();
+    let index: Value = serde_json::from_slice(&inspect.stdout).unwrap_or_else(|_| panic!("{}", text(&inspect.stderr)));
+    let platforms: Vec<String> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(platforms, ["amd64", "arm64"]);
+}
+
+#[test]
+fn ten_concurrent_clients_sharing_a_step_execute_it_once() {
+    let cluster = Cluster::start(12, &["linux/amd64", "linux/amd64"], 4, "");
+    let dockerfile =
+        "FROM BASE\nRUN sleep 1 && cat /proc/sys/kernel/random/uuid > /shared\nARG N\nRUN echo $N > /own\n";
+    let mut children = Vec::new();
+    for n in 0..10 {
+        let context = cluster.context(&format!("client{n}"), dockerfile);
+        let metadata = cluster.dir.path().join(format!("client{n}.json"));
+        let out = cluster.dir.path().join(format!("client{n}-out"));
+        let child = cluster
+            .kiln(&[
+                "build",
+                context.to_str().unwrap(),
+                "--progress",
+                "plain",
+                "--build-arg",
+                &format!("N={n}"),
+                "--metadata-file",
+                metadata.to_str().unwrap(),
+                "-o",
+                &format!("type=local,dest={}", out.display()),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        children.push((metadata, out, child));
+    }
+    let mut executed = 0;
+    let mut shared = Vec::new();
+    for (n, (metadata, out, child)) in children.into_iter().enumerate() {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "client {n}: {}\n{}", text(&output.stderr), cluster.logs());
+        let metadata = read_json(&metadata);
+        let status = record(&metadata, "RUN sleep 1")["status"].as_str().unwrap().to_string();
+        assert!(["executed", "deduplicated", "cached"].contains(&status.as_str()), "{status}");
+        executed += usize::from(status == "executed");
+        assert_eq!(std::fs::read_to_string(out.join("own")).unwrap(), format!("{n}\n"));
+        shared.push(std::fs::read_to_string(out.join("shared")).unwrap());
+    }
+    assert_eq!(executed, 1, "the shared step ran once cluster-wide");
+    assert!(shared.iter().all(|s| *s == shared[0]), "every client got the one result: {shared:?}");
+}
+
+#[test]
+fn a_worker_killed_mid_build_loses_no_build() {
+    let cluster = Cluster::start(13, &["linux/amd64", "linux/amd64"], 2, "");
+    let context = cluster.context(
+        "kill",
+        "FROM BASE AS base\nRUN echo base > /base\n\
+         FROM base AS a\nRUN sleep 2 && echo a > /a\n\
+         FROM base AS b\nRUN sleep 2 && echo b > /b\n\
+         FROM base AS c\nRUN sleep 2 && echo c > /c\n\
+         FROM base AS d\nRUN sleep 2 && echo d > /d\n\
+         FROM base\nCOPY --from=a /a /a\nCOPY --from=b /b /b\nCOPY --from=c /c /c\nCOPY --from=d /d /d\n",
+    );
+    let out = cluster.dir.path().join("kill-out");
+    let metadata = cluster.dir.path().join("kill.json");
+    let build = cluster
+        .kiln(&[
+            "build",
+            context.to_str().unwrap(),
+            "--metadata-file",
+            metadata.to_str().unwrap(),
+            "--progress",
+            "plain",
+            "-o",
+            &format!("type=local,dest={}", out.display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the worker that runs a sleep step as soon as it runs one: it also holds layers
+    // other steps need (the base stage), which must be recomputed elsewhere.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let victim = loop {
+        let busy = cluster.workers_json().into_iter().find(|w| w["running"].as_u64().unwrap() > 0);
+        if let Some(worker) = busy {
+            break worker["name"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no worker got work");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut cluster = cluster;
+    let child = &mut cluster.workers.iter_mut().find(|(name, _)| *name == victim).unwrap().1;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let output = build.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}\n{}", text(&output.stderr), cluster.logs());
+    for file in ["base", "a", "b", "c", "d"] {
+        assert_eq!(std::fs::read_to_string(out.join(file)).unwrap(), format!("{file}\n"));
+    }
+    let names: Vec<String> = cluster.workers_json().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect();
+    assert!(!names.contains(&victim), "{names:?}");
+    let metadata = read_json(&metadata);
+    for run in
+        metadata["vertices"].as_array().unwrap().iter().filter(|v| v["name"].as_str().unwrap().contains("sleep 2"))
+    {
+        assert_ne!(run["worker"].as_str(), Some(victim.as_str()), "{run}");
+    }
+}
+
+#[test]
+fn a_rebuild_after_one_edit_uploads_one_file_and_a_platform_without_workers_times_out() {
+    let cluster = Cluster::start(14, &["linux/amd64"], 4, "placement-timeout = \"2s\"\n");
+    let context = cluster.context("edit", "FROM BASE\nCOPY . /src\nRUN cat /src/file7.txt > /seven\n");
+    for i in 0..20 {
+        std::fs::write(context.join(format!("file{i}.txt")), format!("content {i}\n")).unwrap();
+    }
+    let out = cluster.dir.path().join("edit-out");
+    let local = format!("type=local,dest={}", out.display());
+    let first = cluster.build(&context, &["-o", &local]);
+    assert_eq!(first["context"]["files"], 21);
+    assert_eq!(first["context"]["uploaded_files"], 21);
+    let again = cluster.build(&context, &["-o", &local]);
+    assert_eq!(again["context"]["uploaded_files"], 0);
+    std::fs::write(context.join("file7.txt"), "edited\n").unwrap();
+    let edited = cluster.build(&context, &["-o", &local]);
+    assert_eq!(edited["context"]["uploaded_files"], 1);
+    assert_eq!(edited["context"]["uploaded_bytes"], 7);
+    assert_eq!(std::fs::read_to_string(out.join("seven")).unwrap(), "edited\n");
+
+    // No arm64 worker: the RUN waits, then fails naming the platform and the workers.
+    let context = cluster.context("arm", "FROM scratch\nRUN true\n");
+    let started = Instant::now();
+    let out = cluster.run(&["build", context.to_str().unwrap(), "--platform", "linux/arm64", "--progress", "plain"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("no worker for linux/arm64 within 2 s (connected: w1-linux-amd64 (linux/amd64))"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+}
