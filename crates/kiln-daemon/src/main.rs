@@ -84,9 +84,6 @@ async fn main() -> anyhow::Result<()> {
     };
     let root = std::path::absolute(&args.root).context("resolving the state directory")?;
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let pid_file = root.join("kilnd.pid");
-    std::fs::write(&pid_file, std::process::id().to_string())
-        .with_context(|| format!("writing {}", pid_file.display()))?;
 
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
@@ -98,13 +95,29 @@ async fn main() -> anyhow::Result<()> {
         }
         let _ = stop.send(true);
     });
-    let result = match role {
+    match role {
         Role::Standalone(settings) => standalone(&args, &root, settings, stopped).await,
         Role::Coordinator(config) => coordinator(&args, &root, config, stopped).await,
         Role::Worker(settings) => worker(&root, settings, stopped).await,
-    };
-    let _ = std::fs::remove_file(&pid_file);
-    result
+    }
+}
+
+/// `ROOT/kilnd.pid`, written once the state directory is ours (its database opened, which a
+/// second daemon on the same directory cannot), removed when the daemon ends.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(root: &Path) -> anyhow::Result<PidFile> {
+        let path = root.join("kilnd.pid");
+        std::fs::write(&path, std::process::id().to_string()).with_context(|| format!("writing {}", path.display()))?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 async fn until_stopped(mut stopped: watch::Receiver<bool>) {
@@ -152,6 +165,7 @@ async fn standalone(
         args.max_parallelism.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     let platforms = platforms(settings.as_ref())?;
     let engine = Arc::new(Engine::start(EngineConfig { worker, max_parallelism, name: "local".into(), platforms })?);
+    let _pid = PidFile::write(root)?;
     eprintln!("kilnd: standalone, state in {}, socket {}", root.display(), socket.display());
     let mut servers = tokio::task::JoinSet::new();
     if let Some(listen) = &args.listen {
@@ -191,6 +205,7 @@ async fn coordinator(
         platforms: vec![],
     };
     let engine = Arc::new(Engine::start_coordinator(engine_config, settings, Arc::new(agent::PeerFetcher))?);
+    let _pid = PidFile::write(root)?;
     let cluster = Arc::clone(engine.cluster().expect("a coordinator has a cluster"));
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
     eprintln!("kilnd: coordinator, state in {}, socket {}", root.display(), socket.display());
@@ -220,6 +235,7 @@ async fn worker(root: &Path, settings: WorkerSettings, stopped: watch::Receiver<
     let kv: kiln_kv::SharedKv =
         Arc::new(kiln_kv::SledKv::open(&root.join("db")).with_context(|| format!("opening {}", root.display()))?);
     let worker = Arc::new(Worker::open(config, kv)?);
+    let _pid = PidFile::write(root)?;
     let listener = bind(&settings.listen.to_string()).await?;
     let local = listener.local_addr()?;
     let host = if local.ip().is_unspecified() { settings.name.clone() } else { local.ip().to_string() };

@@ -161,7 +161,7 @@ fn kilnd(config: &Path, log: &Path) -> Child {
 
 /// SIGTERM (workers drain), then SIGKILL after a bounded wait.
 fn stop(child: &mut Child) {
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = Command::new("kill").arg(child.id().to_string()).stderr(Stdio::null()).status();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {

@@ -47,7 +47,7 @@ fn standalone_daemon_serves_its_socket_and_stops_on_sigterm() {
     assert!(!socket.exists() && !root.path().join("kilnd.pid").exists());
 
     let refused = Command::new(env!("CARGO_BIN_EXE_kilnd")).output().unwrap();
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("only --standalone"));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("give --standalone or --config FILE"));
 }
 
 #[test]

@@ -1,13 +1,18 @@
 //! Coordinator scale with fake workers: BUILDS concurrent builds, each a chain of VERTICES
 //! vertices, on an executor that finishes every vertex at once. Prints one JSON object:
 //! dispatch throughput, p50/p99 dispatch latency (an input finishing → its user starting)
-//! and peak RSS. `cargo run --release -p kiln-solver --example dispatch -- BUILDS VERTICES SLOTS`
+//! and peak RSS. `cargo run --release -p kiln-solver --example dispatch -- BUILDS VERTICES SLOTS [WORKERS]`
+//!
+//! With WORKERS, vertices go through the coordinator's cluster path instead: placement in
+//! `ClusterState`, assignments over each fake worker's channel, results reported back. Each
+//! fake worker has SLOTS slots; latency is an input's report → its user's assignment arriving.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_graph::{ExecOp, GraphBuilder, Input, NetworkMode, Op, Output, SecurityMode, SourceOp, Vertex, VertexMeta};
+use kiln_solver::cluster::{Cluster, ClusterBuild, ClusterExecutor, ClusterSettings, Layers, ToWorker, WorkerInfo};
 use kiln_solver::{BoxFuture, BuildOptions, Executed, Executor, LogSink, Solver, SolverConfig};
 use kiln_types::{Digest, Platform};
 
@@ -75,6 +80,46 @@ fn rss_mb() -> f64 {
     kb / 1024.0
 }
 
+/// Fake workers on a cluster: each answers every assignment at once.
+fn start_fake_workers(cluster: &Arc<Cluster<()>>, workers: usize, slots: usize) -> Arc<Mutex<Vec<Duration>>> {
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let finished: Arc<Mutex<HashMap<Digest, Instant>>> = Arc::default();
+    for n in 0..workers {
+        let info = WorkerInfo {
+            name: format!("fake-{n}"),
+            platforms: vec![Platform::host()],
+            labels: Default::default(),
+            max_parallelism: slots,
+            free_disk: 0,
+            address: format!("http://fake-{n}"),
+        };
+        let (session, mut assignments) = cluster.register(info, vec![]);
+        let (cluster, latencies, finished) = (Arc::clone(cluster), Arc::clone(&latencies), Arc::clone(&finished));
+        tokio::spawn(async move {
+            let name = format!("fake-{n}");
+            let mut beat = Instant::now();
+            while let Some(message) = assignments.recv().await {
+                let ToWorker::Assign(job) = message else { continue };
+                let now = Instant::now();
+                {
+                    let mut finished = finished.lock().unwrap();
+                    if let Some(input) = job.vertex.inputs.first().and_then(|d| finished.get(d)) {
+                        latencies.lock().unwrap().push(now.saturating_duration_since(*input));
+                    }
+                    finished.insert(job.vertex.digest, Instant::now());
+                }
+                let output = Layers::default();
+                cluster.report(&name, job.id, job.epoch, Ok(Executed { output, pin: None, worker: None }));
+                if beat.elapsed() > Duration::from_secs(1) {
+                    cluster.heartbeat(&name, session, 0);
+                    beat = Instant::now();
+                }
+            }
+        });
+    }
+    latencies
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -83,9 +128,8 @@ async fn main() {
         args.get(1).copied().unwrap_or(50),
         args.get(2).copied().unwrap_or(100),
     );
+    let workers = args.get(3).copied();
     let graphs: Vec<_> = (0..builds).map(|b| chain(b, vertices)).collect();
-    let fake = Arc::new(Fake::default());
-    let solver = Solver::start(Arc::clone(&fake), SolverConfig { worker_parallelism: slots }, None).unwrap();
     let peak = Arc::new(Mutex::new(rss_mb()));
     let sampler = {
         let peak = Arc::clone(&peak);
@@ -101,15 +145,42 @@ async fn main() {
         })
     };
     let started = Instant::now();
-    let mut handles: Vec<_> =
-        graphs.into_iter().map(|g| solver.submit(g, BuildOptions::default(), Arc::new(()))).collect();
-    for handle in &mut handles {
-        let (result, _) = handle.wait().await;
-        result.expect("fake builds succeed");
-    }
+    let latencies = match workers {
+        None => {
+            let fake = Arc::new(Fake::default());
+            let solver = Solver::start(Arc::clone(&fake), SolverConfig { worker_parallelism: slots }, None).unwrap();
+            let mut handles: Vec<_> =
+                graphs.into_iter().map(|g| solver.submit(g, BuildOptions::default(), Arc::new(()))).collect();
+            for handle in &mut handles {
+                let (result, _) = handle.wait().await;
+                result.expect("fake builds succeed");
+            }
+            let latencies = fake.latencies.lock().unwrap().clone();
+            latencies
+        }
+        Some(workers) => {
+            let cluster = Cluster::<()>::new(ClusterSettings { lease_ms: 60_000, ..ClusterSettings::default() });
+            let latencies = start_fake_workers(&cluster, workers, slots);
+            let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
+            let solver = Solver::start(executor, SolverConfig { worker_parallelism: 1 << 20 }, None).unwrap();
+            let mut handles: Vec<_> = graphs
+                .into_iter()
+                .enumerate()
+                .map(|(id, g)| {
+                    solver.submit(g, BuildOptions::default(), Arc::new(ClusterBuild { id: id as u64, data: () }))
+                })
+                .collect();
+            for handle in &mut handles {
+                let (result, _) = handle.wait().await;
+                result.expect("fake builds succeed");
+            }
+            let latencies = latencies.lock().unwrap().clone();
+            latencies
+        }
+    };
     let elapsed = started.elapsed();
     sampler.abort();
-    let mut latencies = fake.latencies.lock().unwrap().clone();
+    let mut latencies = latencies;
     latencies.sort();
     let percentile = |p: f64| {
         latencies
@@ -121,7 +192,7 @@ async fn main() {
     println!(
         "{}",
         serde_json::json!({
-            "builds": builds, "vertices_per_build": vertices, "slots": slots,
+            "builds": builds, "vertices_per_build": vertices, "slots": slots, "workers": workers,
             "vertices": total,
             "seconds": elapsed.as_secs_f64(),
             "dispatches_per_second": total as f64 / elapsed.as_secs_f64(),
