@@ -155,8 +155,7 @@ async fn main() {
                 let (result, _) = handle.wait().await;
                 result.expect("fake builds succeed");
             }
-            let latencies = fake.latencies.lock().unwrap().clone();
-            latencies
+            fake.latencies.lock().unwrap().clone()
         }
         Some(workers) => {
             let cluster = Cluster::<()>::new(ClusterSettings { lease_ms: 60_000, ..ClusterSettings::default() });
@@ -174,8 +173,7 @@ async fn main() {
                 let (result, _) = handle.wait().await;
                 result.expect("fake builds succeed");
             }
-            let latencies = latencies.lock().unwrap().clone();
-            latencies
+            latencies.lock().unwrap().clone()
         }
     };
     let elapsed = started.elapsed();
