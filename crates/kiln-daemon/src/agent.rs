@@ -68,12 +68,12 @@ pub async fn run(
 async fn serve(
     worker: Arc<Worker>,
     disk_root: &std::path::Path,
-    mut session: WorkerSession,
+    session: WorkerSession,
     coordinator: &str,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
-    let link = session.link.clone();
-    let mut heartbeat = tokio::time::interval(Duration::from_millis((session.lease_ms / 3).max(100)));
+    let WorkerSession { link, lease_ms, mut incoming } = session;
+    let mut heartbeat = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(100)));
     let mut jobs: JoinSet<JobId> = JoinSet::new();
     let mut running: HashMap<JobId, AbortHandle> = HashMap::new();
     let mut draining = *stop.borrow();
@@ -82,6 +82,11 @@ async fn serve(
     }
     loop {
         if draining && running.is_empty() {
+            // Close our side and wait for the coordinator to close its own: it has then
+            // seen every result sent.
+            drop(link);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), async { while incoming.recv().await.is_some() {} }).await;
             return true;
         }
         tokio::select! {
@@ -96,7 +101,7 @@ async fn serve(
                     running.remove(&job);
                 }
             }
-            message = session.incoming.recv() => match message {
+            message = incoming.recv() => match message {
                 Some(Ok(FromCoordinator::Assign(assignment))) => {
                     let job = assignment.job;
                     let task = run_job(Arc::clone(&worker), *assignment, link.clone(), coordinator.to_string());

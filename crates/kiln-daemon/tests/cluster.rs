@@ -425,3 +425,80 @@ fn a_rebuild_after_one_edit_uploads_one_file_and_a_platform_without_workers_time
     );
     assert!(started.elapsed() >= Duration::from_secs(2));
 }
+
+#[test]
+fn a_draining_worker_finishes_its_step_and_takes_no_more() {
+    let mut cluster = Cluster::start(15, &["linux/amd64", "linux/amd64"], 1, "");
+    let context = cluster.context("drain", "FROM BASE\nRUN sleep 2 && echo done > /done\n");
+    let metadata = cluster.dir.path().join("drain.json");
+    let out = cluster.dir.path().join("drain-out");
+    let mut build = cluster
+        .kiln(&[
+            "build",
+            context.to_str().unwrap(),
+            "--progress",
+            "plain",
+            "--metadata-file",
+            metadata.to_str().unwrap(),
+            "-o",
+            &format!("type=local,dest={}", out.display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the RUN step to start (the image source before it ran and finished).
+    let (lines_sender, lines) = std::sync::mpsc::channel();
+    let stderr = build.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = lines_sender.send(line.clone());
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
+    while !lines.recv_timeout(Duration::from_secs(60)).expect("the build runs").contains("RUN sleep 2") {}
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let victim = loop {
+        let busy = cluster.workers_json().into_iter().find(|w| w["running"].as_u64().unwrap() > 0);
+        if let Some(worker) = busy {
+            break worker["name"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no worker got work");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let child = &mut cluster.workers.iter_mut().find(|(name, _)| *name == victim).unwrap().1;
+    Command::new("kill").arg(child.id().to_string()).status().unwrap();
+    // It shows as draining while its step runs.
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    loop {
+        let states = cluster.workers_json();
+        let state = states.iter().find(|w| w["name"] == victim.as_str()).map(|w| w["state"].clone());
+        if state == Some(Value::from("draining")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{states:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let status = build.wait().unwrap();
+    let progress = reader.join().unwrap();
+    assert!(status.success(), "{progress}\n{}", cluster.logs());
+    assert_eq!(std::fs::read_to_string(out.join("done")).unwrap(), "done\n");
+    let metadata = read_json(&metadata);
+    assert_eq!(record(&metadata, "RUN sleep 2")["worker"].as_str(), Some(victim.as_str()), "it finished its step");
+    let child = &mut cluster.workers.iter_mut().find(|(name, _)| *name == victim).unwrap().1;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the drained worker did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "a drained worker exits cleanly");
+    let names: Vec<String> = cluster.workers_json().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect();
+    assert!(!names.contains(&victim), "{names:?}");
+}

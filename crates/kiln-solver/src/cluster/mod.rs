@@ -13,6 +13,8 @@
 //! [`LOST_INPUT`], and the job is prepared and placed again.
 
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

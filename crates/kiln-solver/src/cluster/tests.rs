@@ -1,0 +1,122 @@
+//! The cluster driver with in-process fake workers: results, lost workers, recomputation.
+
+use std::sync::Mutex;
+
+use kiln_graph::{ExecOp, Input, NetworkMode, SecurityMode, VertexMeta};
+use kiln_types::Platform;
+
+use super::*;
+
+fn info(name: &str) -> WorkerInfo {
+    WorkerInfo {
+        name: name.into(),
+        platforms: vec![Platform::host()],
+        labels: Default::default(),
+        max_parallelism: 4,
+        free_disk: 0,
+        address: format!("http://{name}"),
+    }
+}
+
+fn exec(name: &str, inputs: Vec<Digest>) -> Vertex {
+    let op = Op::Exec(ExecOp {
+        args: vec![name.to_string()],
+        env: vec![],
+        cwd: "/".into(),
+        user: String::new(),
+        network: NetworkMode::None,
+        security: SecurityMode::Sandbox,
+        rootfs: if inputs.is_empty() { Input::Scratch } else { Input::Index(0) },
+        mounts: vec![],
+        platform: Platform::host(),
+    });
+    let meta = VertexMeta { name: name.into(), stage: None, platform: None, lines: None };
+    Vertex { digest: kiln_graph::vertex_digest(&op, &inputs), op, inputs, meta }
+}
+
+/// A fake worker that answers each assignment with one layer named after the vertex and the
+/// worker (so a recomputation elsewhere gives different layers), logging what it ran.
+fn fake(cluster: &Arc<Cluster<()>>, name: &str, ran: Arc<Mutex<Vec<(String, String)>>>) -> u64 {
+    let (session, mut assignments) = cluster.register(info(name), vec![]);
+    let (cluster, name) = (Arc::clone(cluster), name.to_string());
+    tokio::spawn(async move {
+        while let Some(ToWorker::Assign(job)) = assignments.recv().await {
+            ran.lock().unwrap().push((job.vertex.meta.name.clone(), name.clone()));
+            let layer =
+                LayerDesc { diff_id: Digest::of(format!("{}@{name}", job.vertex.meta.name).as_bytes()), size: 10 };
+            let output = Layers { layers: job.inputs.iter().flat_map(|l| l.layers.clone()).chain([layer]).collect() };
+            cluster.report(&name, job.id, job.epoch, Ok(Executed { output, pin: None, worker: None }));
+        }
+    });
+    session
+}
+
+fn build() -> Arc<ClusterBuild<()>> {
+    Arc::new(ClusterBuild { id: 1, data: () })
+}
+
+#[tokio::test]
+async fn a_result_lost_with_its_worker_is_recomputed_before_its_user_runs() {
+    let cluster = Cluster::<()>::new(ClusterSettings::default());
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let executor = ClusterExecutor(Arc::clone(&cluster));
+    let a = fake(&cluster, "a", Arc::clone(&ran));
+
+    let base = exec("base", vec![]);
+    let first = executor.execute(base.clone(), vec![], build(), LogSink::new(|_| true)).await.unwrap();
+    assert_eq!(first.worker.as_deref(), Some("a"));
+
+    // Worker a goes away with the only copy of base's layer; b arrives.
+    cluster.disconnect("a", a);
+    fake(&cluster, "b", Arc::clone(&ran));
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let lines = Arc::clone(&lines);
+        LogSink::new(move |line| {
+            lines.lock().unwrap().push(line.line);
+            true
+        })
+    };
+    let user = exec("user", vec![base.digest]);
+    let second = executor.execute(user, vec![first.output.clone()], build(), sink).await.unwrap();
+    assert_eq!(
+        *ran.lock().unwrap(),
+        [("base".to_string(), "a".to_string()), ("base".into(), "b".into()), ("user".into(), "b".into())]
+    );
+    // The user ran over the recomputed layer, which now stands in for the lost one.
+    let recomputed = LayerDesc { diff_id: Digest::of(b"base@b"), size: 10 };
+    assert_eq!(second.output.layers[0], recomputed);
+    assert_eq!(cluster.substitute(&first.output).layers, [recomputed]);
+    assert_eq!(*lines.lock().unwrap(), ["recomputing base: its result was lost with its worker"]);
+}
+
+#[tokio::test]
+async fn a_lost_result_without_a_recipe_fails_as_a_lost_input() {
+    let cluster = Cluster::<()>::new(ClusterSettings::default());
+    fake(&cluster, "b", Arc::new(Mutex::new(Vec::new())));
+    let ghost = Layers { layers: vec![LayerDesc { diff_id: Digest::of(b"ghost"), size: 1 }] };
+    let error = Arc::clone(&cluster).recover(ghost, LogSink::new(|_| true)).await.unwrap_err();
+    assert!(error.starts_with(LOST_INPUT), "{error}");
+}
+
+#[tokio::test]
+async fn merges_run_nowhere_and_a_dropped_execution_cancels_its_job() {
+    let cluster = Cluster::<()>::new(ClusterSettings::default());
+    let executor = ClusterExecutor(Arc::clone(&cluster));
+    let layer = |n: &[u8]| LayerDesc { diff_id: Digest::of(n), size: 1 };
+    let merge = Vertex {
+        digest: Digest::of(b"merge"),
+        op: Op::Merge(kiln_graph::MergeOp {}),
+        inputs: vec![Digest::of(b"x"), Digest::of(b"y")],
+        meta: VertexMeta { name: "merge".into(), stage: None, platform: None, lines: None },
+    };
+    let inputs = vec![Layers { layers: vec![layer(b"1")] }, Layers { layers: vec![layer(b"2")] }];
+    let merged = executor.execute(merge, inputs, build(), LogSink::new(|_| true)).await.unwrap();
+    assert_eq!(merged.output.layers, [layer(b"1"), layer(b"2")]);
+
+    // No worker: the job queues; dropping the execution removes it.
+    let pending = executor.execute(exec("waits", vec![]), vec![], build(), LogSink::new(|_| true));
+    let timed_out = tokio::time::timeout(std::time::Duration::from_millis(50), pending).await;
+    assert!(timed_out.is_err());
+    assert_eq!(cluster.counters().0, 0);
+}
