@@ -167,21 +167,36 @@ async fn standalone(
     let engine = Arc::new(Engine::start(EngineConfig { worker, max_parallelism, name: "local".into(), platforms })?);
     let _pid = PidFile::write(root)?;
     eprintln!("kilnd: standalone, state in {}, socket {}", root.display(), socket.display());
+    let tcp = match &args.listen {
+        Some(listen) => Some((
+            bind(listen).await?,
+            Services { control: Some(ControlService::new(Arc::clone(&engine), root)), ..Services::default() },
+        )),
+        None => None,
+    };
+    serve(&engine, root, &socket, tcp, stopped).await
+}
+
+/// Serves the control API on the unix socket and `tcp`'s services on its listener until
+/// stopped; removes the socket at the end.
+async fn serve(
+    engine: &Arc<Engine>,
+    root: &Path,
+    socket: &Path,
+    tcp: Option<(tokio::net::TcpListener, Services)>,
+    stopped: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let mut servers = tokio::task::JoinSet::new();
-    if let Some(listen) = &args.listen {
-        let listener = bind(listen).await?;
-        let services =
-            Services { control: Some(ControlService::new(Arc::clone(&engine), root)), ..Services::default() };
+    if let Some((listener, services)) = tcp {
         servers.spawn(kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone())));
     }
-    let service = ControlService::new(Arc::clone(&engine), root);
-    let unix_socket = socket.clone();
-    let unix_stop = until_stopped(stopped.clone());
-    servers.spawn(async move { kiln_api::serve_unix(service, &unix_socket, unix_stop).await });
+    let service = ControlService::new(Arc::clone(engine), root);
+    let unix_socket = socket.to_path_buf();
+    servers.spawn(async move { kiln_api::serve_unix(service, &unix_socket, until_stopped(stopped)).await });
     while let Some(result) = servers.join_next().await {
         result?.map_err(anyhow::Error::msg)?;
     }
-    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(socket);
     Ok(())
 }
 
@@ -216,17 +231,7 @@ async fn coordinator(
         workers: Some(WorkersService::new(cluster, "", lease_ms)),
         blobs: Some(BlobsService::new(Arc::clone(engine.worker().cas()))),
     };
-    let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone())));
-    let service = ControlService::new(Arc::clone(&engine), root);
-    let unix_socket = socket.clone();
-    let unix_stop = until_stopped(stopped.clone());
-    servers.spawn(async move { kiln_api::serve_unix(service, &unix_socket, unix_stop).await });
-    while let Some(result) = servers.join_next().await {
-        result?.map_err(anyhow::Error::msg)?;
-    }
-    let _ = std::fs::remove_file(&socket);
-    Ok(())
+    serve(&engine, root, &socket, Some((listener, services)), stopped).await
 }
 
 async fn worker(root: &Path, settings: WorkerSettings, stopped: watch::Receiver<bool>) -> anyhow::Result<()> {

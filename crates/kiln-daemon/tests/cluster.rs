@@ -99,6 +99,19 @@ impl Cluster {
         }
     }
 
+    /// The name of the first worker seen running a job.
+    fn busy_worker(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let busy = self.workers_json().into_iter().find(|w| w["running"].as_u64().unwrap() > 0);
+            if let Some(worker) = busy {
+                return worker["name"].as_str().unwrap().to_string();
+            }
+            assert!(Instant::now() < deadline, "no worker got work");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn context(&self, name: &str, dockerfile: &str) -> PathBuf {
         let context = self.dir.path().join(name);
         std::fs::create_dir_all(&context).unwrap();
@@ -363,15 +376,7 @@ fn a_worker_killed_mid_build_loses_no_build() {
         .unwrap();
     // Kill the worker that runs a sleep step as soon as it runs one: it also holds layers
     // other steps need (the base stage), which must be recomputed elsewhere.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let victim = loop {
-        let busy = cluster.workers_json().into_iter().find(|w| w["running"].as_u64().unwrap() > 0);
-        if let Some(worker) = busy {
-            break worker["name"].as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "no worker got work");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let victim = cluster.busy_worker();
     std::thread::sleep(Duration::from_millis(300));
     let mut cluster = cluster;
     let child = &mut cluster.workers.iter_mut().find(|(name, _)| *name == victim).unwrap().1;
@@ -460,15 +465,7 @@ fn a_draining_worker_finishes_its_step_and_takes_no_more() {
         all
     });
     while !lines.recv_timeout(Duration::from_secs(60)).expect("the build runs").contains("RUN sleep 2") {}
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let victim = loop {
-        let busy = cluster.workers_json().into_iter().find(|w| w["running"].as_u64().unwrap() > 0);
-        if let Some(worker) = busy {
-            break worker["name"].as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "no worker got work");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let victim = cluster.busy_worker();
     let child = &mut cluster.workers.iter_mut().find(|(name, _)| *name == victim).unwrap().1;
     Command::new("kill").arg(child.id().to_string()).status().unwrap();
     // It shows as draining while its step runs.
