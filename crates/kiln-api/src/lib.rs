@@ -102,34 +102,37 @@ impl Control for ControlService {
     }
 
     async fn upload(&self, request: Request<Streaming<BlobChunkUpload>>) -> Result<Response<UploadResponse>, Status> {
-        let cas = Arc::clone(self.engine.worker().cas());
+        let cas = self.engine.worker().cas();
         let mut stream = request.into_inner();
         let (mut blobs, mut bytes) = (0u64, 0u64);
-        let mut current: Option<(Digest, kiln_cas::Ingest<'_>)> = None;
-        let finish = |current: Option<(Digest, kiln_cas::Ingest<'_>)>| -> Result<u64, Status> {
-            match current {
-                Some((digest, ingest)) => ingest
-                    .commit(Some(&digest))
-                    .map(|info| info.size)
-                    .map_err(|e| Status::invalid_argument(format!("upload {digest}: {e}"))),
-                None => Ok(0),
-            }
-        };
+        // The blob being received: its chunks go to a writer on a blocking thread.
+        type Writer = (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<Result<kiln_cas::BlobInfo, String>>);
+        let mut current: Option<(Digest, Writer)> = None;
+        async fn finish(current: Option<(Digest, Writer)>) -> Result<u64, Status> {
+            let Some((digest, (chunks, writer))) = current else { return Ok(0) };
+            drop(chunks);
+            let written = writer.await.map_err(|e| Status::internal(e.to_string()))?;
+            written.map(|info| info.size).map_err(|e| Status::invalid_argument(format!("upload {digest}: {e}")))
+        }
         while let Some(chunk) = stream.message().await? {
             if !chunk.digest.is_empty() {
-                bytes += finish(current.take())?;
+                bytes += finish(current.take()).await?;
                 let digest: Digest =
                     chunk.digest.parse().map_err(|e| Status::invalid_argument(format!("{}: {e}", chunk.digest)))?;
-                let ingest = cas.ingest().map_err(|e| Status::internal(e.to_string()))?;
-                current = Some((digest, ingest));
+                current = Some((digest, kiln_client::blob_writer(Arc::clone(cas), digest)));
                 blobs += 1;
             }
-            let Some((_, ingest)) = current.as_mut() else {
+            let Some((digest, (chunks, _))) = current.as_ref() else {
                 return Err(Status::invalid_argument("an upload starts with a chunk naming its digest"));
             };
-            std::io::Write::write_all(ingest, &chunk.data).map_err(|e| Status::internal(e.to_string()))?;
+            if chunks.send(chunk.data).await.is_err() {
+                // The writer failed; finishing reports why.
+                let digest = *digest;
+                finish(current.take()).await?;
+                return Err(Status::internal(format!("upload {digest}: the writer stopped")));
+            }
         }
-        bytes += finish(current.take())?;
+        bytes += finish(current.take()).await?;
         Ok(Response::new(UploadResponse { blobs, bytes }))
     }
 

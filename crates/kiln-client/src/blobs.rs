@@ -3,12 +3,14 @@
 
 use std::collections::HashMap;
 use std::io::Read as _;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_cas::BlobStore;
 use kiln_context::{ContextManifest, FsContext, ManifestKind};
 use kiln_proto::v1::{self, blobs_client::BlobsClient};
 use kiln_types::Digest;
-use tonic::transport::Endpoint;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::Client;
 
@@ -94,25 +96,65 @@ impl Client {
     }
 }
 
+/// A blob being written into a store off the async threads: chunks go to the returned
+/// sender; dropping it ends the blob, which the handle then verifies against `expected`,
+/// syncs and publishes.
+pub fn blob_writer(
+    store: Arc<BlobStore>,
+    expected: Digest,
+) -> (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<Result<kiln_cas::BlobInfo, String>>) {
+    let (sender, mut chunks) = mpsc::channel::<Vec<u8>>(8);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut ingest = store.ingest().map_err(|e| e.to_string())?;
+        while let Some(chunk) = chunks.blocking_recv() {
+            std::io::Write::write_all(&mut ingest, &chunk).map_err(|e| e.to_string())?;
+        }
+        ingest.commit(Some(&expected)).map_err(|e| e.to_string())
+    });
+    (sender, writer)
+}
+
+/// A channel to a blob service, shared by every fetch from it in this process (connected
+/// lazily; it reconnects by itself after the peer comes back).
+fn channel(address: &str) -> Result<Channel, String> {
+    static CHANNELS: OnceLock<Mutex<HashMap<String, Channel>>> = OnceLock::new();
+    let mut channels = CHANNELS.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(channel) = channels.get(address) {
+        return Ok(channel.clone());
+    }
+    let channel = Endpoint::from_shared(address.to_string())
+        .map_err(|e| format!("{address}: {e}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy();
+    channels.insert(address.to_string(), channel.clone());
+    Ok(channel)
+}
+
 /// Fetches `digest` from the blob service at `address` into `store`, verifying it.
-pub async fn fetch_blob(address: &str, digest: &Digest, store: &BlobStore) -> Result<(), String> {
-    let endpoint = Endpoint::from_shared(address.to_string()).map_err(|e| format!("{address}: {e}"))?;
-    let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
-    let mut stream = BlobsClient::new(channel)
+pub async fn fetch_blob(address: &str, digest: &Digest, store: &Arc<BlobStore>) -> Result<(), String> {
+    let mut stream = BlobsClient::new(channel(address)?)
         .fetch(v1::FetchRequest { digest: digest.to_string() })
         .await
         .map_err(|e| format!("{address}: {}", e.message()))?
         .into_inner();
-    let mut ingest = store.ingest().map_err(|e| e.to_string())?;
-    while let Some(chunk) = stream.message().await.map_err(|e| format!("{address}: {}", e.message()))? {
-        std::io::Write::write_all(&mut ingest, &chunk.data).map_err(|e| e.to_string())?;
+    let (chunks, writer) = blob_writer(Arc::clone(store), *digest);
+    let received = async {
+        while let Some(chunk) = stream.message().await.map_err(|e| format!("{address}: {}", e.message()))? {
+            if chunks.send(chunk.data).await.is_err() {
+                break;
+            }
+        }
+        Ok::<(), String>(())
     }
-    ingest.commit(Some(digest)).map_err(|e| format!("from {address}: {e}"))?;
-    Ok(())
+    .await;
+    drop(chunks);
+    let written = writer.await.map_err(|e| e.to_string())?;
+    received?;
+    written.map(drop).map_err(|e| format!("from {address}: {e}"))
 }
 
 /// Fetches `digest` from the first of `peers` that has it.
-pub async fn fetch_from_any(peers: &[String], digest: &Digest, store: &BlobStore) -> Result<(), String> {
+pub async fn fetch_from_any(peers: &[String], digest: &Digest, store: &Arc<BlobStore>) -> Result<(), String> {
     let mut errors = Vec::new();
     for peer in peers {
         match fetch_blob(peer, digest, store).await {

@@ -6,7 +6,7 @@ mod blobs;
 pub mod convert;
 mod worker;
 
-pub use blobs::{UploadStats, fetch_blob, fetch_from_any};
+pub use blobs::{UploadStats, blob_writer, fetch_blob, fetch_from_any};
 pub use worker::{Assignment, FromCoordinator, WorkerLink, WorkerSession};
 
 use std::collections::{BTreeMap, HashMap};

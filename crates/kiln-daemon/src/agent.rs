@@ -10,13 +10,11 @@ use std::time::Duration;
 use kiln_cas::BlobStore;
 use kiln_client::{Assignment, FromCoordinator, WorkerLink, WorkerSession};
 use kiln_context::{BuildContext, StoredContext};
-use kiln_dockerfile::context::select;
-use kiln_dockerfile::ignore::PatternList;
 use kiln_graph::{Op, SourceOp};
 use kiln_solver::cluster::{JobId, LOST_INPUT, Layers, WorkerInfo};
 use kiln_solver::{BoxFuture, Executed, LogSink};
 use kiln_types::Digest;
-use kiln_worker::{BlobFetcher, BuildInputs, Worker};
+use kiln_worker::{BlobFetcher, BuildInputs, Worker, select_context};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 
@@ -148,8 +146,7 @@ async fn execute(
         let context = StoredContext::new(manifest, Arc::clone(worker.cas()));
         // Only the files this source selects travel.
         if let Op::Source(SourceOp::Local { include, exclude, .. }) = &assignment.vertex.op {
-            let patterns = PatternList::new(exclude).map_err(|e| format!("--exclude: {e}"))?;
-            let selected = select(&context, include, &patterns).map_err(|e| e.to_string())?;
+            let selected = select_context(&context, include, exclude)?;
             worker.ensure_blobs(&manifest.digests_of(&selected), address, &fetcher).await?;
         }
         contexts.insert(name.clone(), Arc::new(context));

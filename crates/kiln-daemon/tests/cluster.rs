@@ -133,6 +133,16 @@ impl Cluster {
         all
     }
 
+    /// Starts `kiln build CONTEXT --progress plain --metadata-file METADATA -o type=local,dest=OUT
+    /// EXTRA...` with stderr piped.
+    fn spawn_build(&self, context: &Path, metadata: &Path, out: &Path, extra: &[&str]) -> Child {
+        let local = format!("type=local,dest={}", out.display());
+        let mut args = vec!["build", context.to_str().unwrap(), "--progress", "plain"];
+        args.extend_from_slice(&["--metadata-file", metadata.to_str().unwrap(), "-o", &local]);
+        args.extend_from_slice(extra);
+        self.kiln(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
     /// Builds `context`, returning the metadata file's content.
     fn build(&self, context: &Path, extra: &[&str]) -> Value {
         let metadata = self.dir.path().join(format!("meta-{}.json", unique()));
@@ -310,23 +320,7 @@ fn ten_concurrent_clients_sharing_a_step_execute_it_once() {
         let context = cluster.context(&format!("client{n}"), dockerfile);
         let metadata = cluster.dir.path().join(format!("client{n}.json"));
         let out = cluster.dir.path().join(format!("client{n}-out"));
-        let child = cluster
-            .kiln(&[
-                "build",
-                context.to_str().unwrap(),
-                "--progress",
-                "plain",
-                "--build-arg",
-                &format!("N={n}"),
-                "--metadata-file",
-                metadata.to_str().unwrap(),
-                "-o",
-                &format!("type=local,dest={}", out.display()),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = cluster.spawn_build(&context, &metadata, &out, &["--build-arg", &format!("N={n}")]);
         children.push((metadata, out, child));
     }
     let mut executed = 0;
@@ -359,21 +353,7 @@ fn a_worker_killed_mid_build_loses_no_build() {
     );
     let out = cluster.dir.path().join("kill-out");
     let metadata = cluster.dir.path().join("kill.json");
-    let build = cluster
-        .kiln(&[
-            "build",
-            context.to_str().unwrap(),
-            "--metadata-file",
-            metadata.to_str().unwrap(),
-            "--progress",
-            "plain",
-            "-o",
-            &format!("type=local,dest={}", out.display()),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let build = cluster.spawn_build(&context, &metadata, &out, &[]);
     // Kill the worker that runs a sleep step as soon as it runs one: it also holds layers
     // other steps need (the base stage), which must be recomputed elsewhere.
     let victim = cluster.busy_worker();
@@ -437,21 +417,7 @@ fn a_draining_worker_finishes_its_step_and_takes_no_more() {
     let context = cluster.context("drain", "FROM BASE\nRUN sleep 2 && echo done > /done\n");
     let metadata = cluster.dir.path().join("drain.json");
     let out = cluster.dir.path().join("drain-out");
-    let mut build = cluster
-        .kiln(&[
-            "build",
-            context.to_str().unwrap(),
-            "--progress",
-            "plain",
-            "--metadata-file",
-            metadata.to_str().unwrap(),
-            "-o",
-            &format!("type=local,dest={}", out.display()),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut build = cluster.spawn_build(&context, &metadata, &out, &[]);
     // Wait for the RUN step to start (the image source before it ran and finished).
     let (lines_sender, lines) = std::sync::mpsc::channel();
     let stderr = build.stderr.take().unwrap();

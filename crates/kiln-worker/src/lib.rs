@@ -26,6 +26,7 @@ mod user;
 pub use executor::LocalExecutor;
 pub use kiln_solver::{LogLine, LogSink, LogStream};
 pub use platforms::runnable_platforms;
+pub use source::select_context;
 pub use transfer::BlobFetcher;
 pub use user::{ResolvedUser, resolve_owner, resolve_user};
 

@@ -3,12 +3,23 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;
 
-use kiln_dockerfile::context::select;
+use kiln_context::BuildContext;
+use kiln_dockerfile::context::{ContextEntry, select};
 use kiln_dockerfile::ignore::PatternList;
 use kiln_graph::SourceOp;
 use kiln_layer::LayerId;
 
 use crate::{BuildInputs, Snapshot, VertexOutput, Worker, blocking};
+
+/// The entries of `context` a context source selects (`include` paths, minus `exclude`).
+pub fn select_context<'a>(
+    context: &'a dyn BuildContext,
+    include: &[String],
+    exclude: &[String],
+) -> Result<Vec<&'a ContextEntry>, String> {
+    let patterns = PatternList::new(exclude).map_err(|e| format!("--exclude: {e}"))?;
+    select(context, include, &patterns).map_err(|e| e.to_string())
+}
 
 impl Worker {
     pub(crate) async fn source(&self, source: &SourceOp, build: &BuildInputs) -> Result<VertexOutput, String> {
@@ -40,8 +51,7 @@ impl Worker {
                 let (include, exclude) = (include.clone(), exclude.clone());
                 let snapshots = Arc::clone(&self.snapshots);
                 let layers = blocking(move || {
-                    let patterns = PatternList::new(&exclude).map_err(|e| format!("--exclude: {e}"))?;
-                    let selected = select(context.as_ref(), &include, &patterns).map_err(|e| e.to_string())?;
+                    let selected = select_context(context.as_ref(), &include, &exclude)?;
                     let active = snapshots.prepare(&[]).map_err(|e| e.to_string())?;
                     context
                         .materialize(&selected, &active.root())

@@ -153,12 +153,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     }
 
     fn apply(&self, command: ClusterCommand) -> Vec<ClusterEffect> {
-        let mut inner = self.lock();
-        let effects = inner.state.apply(command);
-        for effect in &effects {
-            inner.perform(effect);
-        }
-        effects
+        self.lock().apply(command)
     }
 
     /// A worker connected: returns its session and the channel of its assignments.
@@ -253,14 +248,20 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     fn cancel(&self, job: JobId) {
         let mut inner = self.lock();
         inner.pending.remove(&job);
-        let effects = inner.state.apply(ClusterCommand::Cancel { job });
-        for effect in &effects {
-            inner.perform(effect);
-        }
+        inner.apply(ClusterCommand::Cancel { job });
     }
 }
 
 impl<B> Inner<B> {
+    /// Applies a command to the state and performs its effects.
+    fn apply(&mut self, command: ClusterCommand) -> Vec<ClusterEffect> {
+        let effects = self.state.apply(command);
+        for effect in &effects {
+            self.perform(effect);
+        }
+        effects
+    }
+
     fn perform(&mut self, effect: &ClusterEffect) {
         match effect {
             ClusterEffect::Registered { .. } | ClusterEffect::Accept { .. } => {}
@@ -468,10 +469,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         {
             let mut inner = self.lock();
             inner.pending.insert(job, Pending { vertex, inputs, build, logs, done, epoch: 0 });
-            let effects = inner.state.apply(ClusterCommand::Submit { job, spec, at: now_ms() });
-            for effect in &effects {
-                inner.perform(effect);
-            }
+            inner.apply(ClusterCommand::Submit { job, spec, at: now_ms() });
         }
         let mut guard = CancelOnDrop { cluster: Arc::clone(self), job, armed: true };
         let result = result.await.unwrap_or_else(|_| Err("the cluster dropped the job".into()));
