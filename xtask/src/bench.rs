@@ -1,6 +1,8 @@
-//! `cargo xtask bench`: each scenario under `bench/scenarios/` built by Kiln and, when Docker
-//! is installed, by Docker's BuildKit from the same base image bytes; runs interleaved after a
-//! warm-up; median, min and max wall time, overhead over the critical path, and the ratio.
+//! `cargo xtask bench`: each scenario under `bench/scenarios/` built by Kiln and by a
+//! reference on the same machine in the same run (Docker's BuildKit from the same base image
+//! bytes when Docker is installed; `skopeo copy` for pushes and pulls); runs interleaved
+//! after a warm-up; median, min and max wall time, overhead over the critical path, and the
+//! ratio. Then the coordinator's dispatch with fake workers (`dispatch.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,7 +11,52 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::{base_image, cargo, setup, workspace_root};
+use crate::{base_image, cargo, dispatch, setup, workspace_root};
+
+/// How a scenario's runs are made.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// Every step executes (`--no-cache`).
+    Cold,
+    /// Warm rebuilds.
+    Cached,
+    /// One context file changes before every run.
+    Edit,
+    /// The generated context's every file changes before every run, so all of it moves
+    /// (Kiln over TCP: hashed, find-missing, uploaded).
+    Upload,
+    /// The generated context stays the same: a warm rebuild that still has to check it.
+    Reupload,
+    /// A cached build pushing its image to a new repository of the local registry, against
+    /// `skopeo copy` of the same image from an OCI layout.
+    Push,
+    /// A build `FROM` the scenario's image on a daemon with an empty store (pull, unpack and
+    /// one trivial step), against `skopeo copy` of the image into an empty OCI layout.
+    Pull,
+}
+
+impl Mode {
+    fn parse(text: &str) -> anyhow::Result<Mode> {
+        Ok(match text {
+            "cold" => Mode::Cold,
+            "cached" => Mode::Cached,
+            "edit" => Mode::Edit,
+            "upload" => Mode::Upload,
+            "reupload" => Mode::Reupload,
+            "push" => Mode::Push,
+            "pull" => Mode::Pull,
+            other => bail!("unknown mode {other:?} (cold, cached, edit, upload, reupload, push, pull)"),
+        })
+    }
+}
+
+/// Files the xtask writes into the scenario's copy: `files` files of `bytes / files` bytes
+/// of pseudo-random (incompressible) content under `data/`.
+#[derive(Clone, Copy)]
+struct Generate {
+    files: usize,
+    bytes: u64,
+}
 
 /// A scenario's `scenario.json`.
 struct Scenario {
@@ -17,14 +64,15 @@ struct Scenario {
     /// The build context with the Dockerfile: the scenario's own directory, or another
     /// scenario's (`"context": "../NAME"`) when only the mode or limits differ.
     dir: PathBuf,
-    /// The critical path in seconds (what an ideal scheduler with no overhead would take).
-    ideal: f64,
-    /// `cold` (no cache), `cached` (warm cache), `edit` (one context file changes per run).
-    mode: String,
+    /// The critical path in seconds (what an ideal scheduler with no overhead would take);
+    /// none for transfer scenarios.
+    ideal: Option<f64>,
+    mode: Mode,
     concurrent: usize,
     max_parallelism: Option<u32>,
     edit: Option<String>,
     executions: Option<u64>,
+    generate: Option<Generate>,
 }
 
 fn load_scenarios(only: Option<&str>) -> anyhow::Result<Vec<Scenario>> {
@@ -39,12 +87,17 @@ fn load_scenarios(only: Option<&str>) -> anyhow::Result<Vec<Scenario>> {
             &std::fs::read(dir.join("scenario.json")).with_context(|| format!("{name}/scenario.json"))?,
         )?;
         scenarios.push(Scenario {
-            ideal: spec["ideal"].as_f64().unwrap_or(0.0),
-            mode: spec["mode"].as_str().unwrap_or("cold").to_string(),
+            ideal: spec["ideal"].as_f64(),
+            mode: Mode::parse(spec["mode"].as_str().unwrap_or("cold"))
+                .with_context(|| format!("{name}/scenario.json"))?,
             concurrent: spec["concurrent"].as_u64().unwrap_or(1) as usize,
             max_parallelism: spec["max_parallelism"].as_u64().map(|n| n as u32),
             edit: spec["edit"].as_str().map(str::to_string),
             executions: spec["executions"].as_u64(),
+            generate: spec.get("generate").map(|g| Generate {
+                files: g["files"].as_u64().unwrap_or(1).max(1) as usize,
+                bytes: g["bytes"].as_u64().unwrap_or(0),
+            }),
             dir: match spec["context"].as_str() {
                 Some(other) => dir.join(other),
                 None => dir.clone(),
@@ -52,19 +105,95 @@ fn load_scenarios(only: Option<&str>) -> anyhow::Result<Vec<Scenario>> {
             name,
         });
     }
-    if scenarios.is_empty() {
-        bail!("no scenario matches {only:?} under {}", root.display());
-    }
     Ok(scenarios)
+}
+
+/// A `kilnd --standalone` of the bench, stopped when dropped.
+struct Kilnd {
+    child: Child,
+    root: PathBuf,
+    /// `--addr` for clients that should go over TCP (and so upload their context).
+    addr: String,
+}
+
+/// Loopback ports of the bench daemons' TCP listeners: the shared daemon's, and the one of
+/// a scenario's own daemon.
+const SHARED_PORT: u16 = 17_331;
+const OWN_PORT: u16 = 17_332;
+
+impl Kilnd {
+    /// Stops a daemon left on `root` (by its pid file), optionally empties `root`, and
+    /// starts a fresh release daemon with a high worker limit (so "unlimited" scenarios are
+    /// limited only by the build), also listening on loopback TCP.
+    fn start(root: &Path, fresh: bool, port: u16) -> anyhow::Result<Kilnd> {
+        stop_pid_file(&root.join("kilnd.pid"));
+        if fresh {
+            remove_tree(root)?;
+        }
+        std::fs::create_dir_all(root)?;
+        let log = std::fs::File::create(root.join("kilnd.log"))?;
+        let listen = format!("127.0.0.1:{port}");
+        use std::os::unix::process::CommandExt as _;
+        let child = Command::new(workspace_root().join("target/release/kilnd"))
+            .args(["--standalone", "--max-parallelism", "64", "--listen", &listen, "--root"])
+            .arg(root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting kilnd")?;
+        let kilnd = Kilnd { child, root: root.to_path_buf(), addr: format!("http://{listen}") };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !root.join("kilnd.sock").exists() || std::net::TcpStream::connect(&listen).is_err() {
+            if Instant::now() > deadline {
+                bail!("kilnd did not start; see {}", root.join("kilnd.log").display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(kilnd)
+    }
+}
+
+impl Drop for Kilnd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn stop_pid_file(pid_file: &Path) {
+    let Ok(pid) = std::fs::read_to_string(pid_file) else { return };
+    let _ = Command::new("kill").arg(pid.trim()).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{}", pid.trim())).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes a daemon's state directory (its overlay mounts are gone with the daemon).
+fn remove_tree(root: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(root) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", root.display())),
+    }
 }
 
 /// The tools being compared.
 struct Bench {
     kiln: PathBuf,
-    kiln_root: PathBuf,
     base: String,
+    /// The registry the base image lives in (pushes go there too).
+    registry: String,
+    /// Makes repository names of this run unique, so a push always sends its blobs.
+    nonce: u64,
     docker: Option<Dockerd>,
+    bench_dir: PathBuf,
     work: PathBuf,
+    /// Large trees to remove after the last scenario: removing them sooner would slow the
+    /// next scenario's file creation (ext4 skips recently freed inodes for a while).
+    leftovers: std::cell::RefCell<Vec<PathBuf>>,
 }
 
 struct Dockerd {
@@ -79,30 +208,73 @@ impl Drop for Dockerd {
     }
 }
 
+/// A scenario's timed runs.
+struct Measured {
+    kiln: Vec<f64>,
+    reference: Vec<f64>,
+    /// The reference's name.
+    tool: &'static str,
+    /// Kiln's last timed run.
+    last: Option<RunResult>,
+}
+
+/// What one timed build (or set of concurrent builds) did.
+struct RunResult {
+    seconds: f64,
+    executed: u64,
+    uploaded_files: u64,
+    uploaded_bytes: u64,
+}
+
 /// Runs the benchmark.
 pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> anyhow::Result<()> {
     setup::ensure_packages()?;
     let base = base_image::run()?;
-    cargo(&["build", "--release", "--quiet", "--workspace", "--bins"])?;
+    cargo(&["build", "--release", "--quiet", "--workspace", "--bins", "--examples"])?;
     let root = workspace_root();
     let bench_dir = root.join("target/kiln-bench");
     std::fs::create_dir_all(&bench_dir)?;
-    let kiln_root = bench_dir.join("kiln");
-    restart_kilnd(&root.join("target/release/kilnd"), &kiln_root)?;
-    let docker = start_docker(&bench_dir, &root.join("target/kiln-base/oci"))?;
-    let bench = Bench { kiln: root.join("target/release/kiln"), kiln_root, base, docker, work: bench_dir.join("work") };
+    let scenarios = load_scenarios(only.as_deref())?;
+    let with_dispatch = only.as_deref().is_none_or(|o| o == "dispatch");
+    if scenarios.is_empty() && !with_dispatch {
+        bail!("no scenario matches {only:?} under {}", root.join("bench/scenarios").display());
+    }
 
     let mut results = Vec::new();
-    for scenario in load_scenarios(only.as_deref())? {
-        eprintln!("== {}", scenario.name);
-        results.push(bench.scenario(&scenario, runs)?);
+    let mut docker_used = false;
+    if !scenarios.is_empty() {
+        let kilnd = Kilnd::start(&bench_dir.join("kiln"), false, SHARED_PORT)?;
+        let docker = start_docker(&bench_dir, &root.join("target/kiln-base/oci"))?;
+        docker_used = docker.is_some();
+        let registry = base.split('/').next().unwrap_or(base_image::DEFAULT_REGISTRY).to_string();
+        let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let bench = Bench {
+            kiln: root.join("target/release/kiln"),
+            base,
+            registry,
+            nonce,
+            docker,
+            work: bench_dir.join("work"),
+            bench_dir: bench_dir.clone(),
+            leftovers: Default::default(),
+        };
+        for scenario in &scenarios {
+            eprintln!("== {}", scenario.name);
+            results.push(bench.scenario(scenario, &kilnd, runs)?);
+        }
+        bench.docker_prune();
+        for dir in bench.leftovers.take() {
+            remove_tree(&dir)?;
+        }
     }
+    let dispatch = if with_dispatch { dispatch::run(&root.join("target/release/examples/dispatch"))? } else { vec![] };
     let report = json!({
         "date": kiln_date(),
         "machine": machine(),
         "runs": runs,
-        "docker": bench.docker.is_some(),
+        "docker": docker_used,
         "scenarios": results,
+        "dispatch": dispatch,
     });
     let json_path = json_path.unwrap_or_else(|| bench_dir.join("results.json"));
     std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)?;
@@ -114,59 +286,105 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
 }
 
 impl Bench {
-    fn scenario(&self, scenario: &Scenario, runs: usize) -> anyhow::Result<Value> {
+    fn scenario(&self, scenario: &Scenario, kilnd: &Kilnd, runs: usize) -> anyhow::Result<Value> {
         let dir = self.work.join(&scenario.name);
-        let _ = std::fs::remove_dir_all(&dir);
+        remove_tree(&dir)?;
         copy_dir(&scenario.dir, &dir)?;
+        if let Some(generate) = scenario.generate {
+            generate_files(&dir, generate, 0)?;
+        }
+        let Measured { kiln, reference, tool, last } = match scenario.mode {
+            Mode::Push => self.push(scenario, &dir, kilnd, runs)?,
+            Mode::Pull => self.pull(scenario, &dir, kilnd, runs)?,
+            Mode::Upload | Mode::Reupload => {
+                // Their own daemon, so hundreds of megabytes do not stay in the shared store.
+                let root = self.bench_dir.join(format!("kiln-{}", scenario.name));
+                let own = Kilnd::start(&root, true, OWN_PORT)?;
+                let measured = self.builds(scenario, &dir, &own, runs);
+                drop(own);
+                self.leftovers.borrow_mut().push(root);
+                measured?
+            }
+            _ => self.builds(scenario, &dir, kilnd, runs)?,
+        };
+        if scenario.generate.is_some() {
+            self.leftovers.borrow_mut().push(dir);
+        }
+        let kiln = stats(&kiln);
+        let reference = (!reference.is_empty()).then(|| stats(&reference));
+        let median = |v: &Value| v["median"].as_f64().unwrap_or(0.0);
+        let ratio = reference.as_ref().map(|r| median(&kiln) / median(r));
+        Ok(json!({
+            "name": scenario.name,
+            "mode": format!("{:?}", scenario.mode).to_lowercase(),
+            "ideal": scenario.ideal,
+            "kiln": kiln,
+            "reference": reference,
+            "reference_tool": reference.as_ref().map(|_| tool),
+            "overhead": scenario.ideal.map(|ideal| median(&kiln) - ideal),
+            "ratio": ratio,
+            "executions": last.as_ref().map(|r| r.executed),
+            "expected_executions": scenario.executions,
+            "uploaded_files": last.as_ref().filter(|_| scenario.generate.is_some()).map(|r| r.uploaded_files),
+            "uploaded_bytes": last.as_ref().filter(|_| scenario.generate.is_some()).map(|r| r.uploaded_bytes),
+        }))
+    }
+
+    /// Builds of the scenario by Kiln and BuildKit, interleaved after one warm-up each.
+    fn builds(&self, scenario: &Scenario, dir: &Path, kilnd: &Kilnd, runs: usize) -> anyhow::Result<Measured> {
         let mut kiln_times = Vec::new();
         let mut docker_times = Vec::new();
-        let mut executions = None;
-        // One warm-up each, then interleaved timed runs.
+        let mut last = None;
         for round in 0..=runs {
-            if let Some(file) = &scenario.edit {
-                std::fs::write(dir.join(file), format!("edited {round} kiln\n"))?;
-            }
-            let (seconds, executed) = self.kiln_run(scenario, &dir, round)?;
+            self.prepare(scenario, dir, round * 2)?;
+            let result = self.kiln_run(scenario, dir, kilnd, round)?;
             if round > 0 {
-                kiln_times.push(seconds);
-                executions = Some(executed);
+                kiln_times.push(result.seconds);
+                last = Some(result);
             }
             if self.docker.is_some() {
-                if let Some(file) = &scenario.edit {
-                    std::fs::write(dir.join(file), format!("edited {round} docker\n"))?;
-                }
-                let seconds = self.docker_run(scenario, &dir)?;
+                self.prepare(scenario, dir, round * 2 + 1)?;
+                let seconds = self.docker_run(scenario, dir)?;
                 if round > 0 {
                     docker_times.push(seconds);
                 }
             }
         }
-        let kiln = stats(&kiln_times);
-        let docker = (!docker_times.is_empty()).then(|| stats(&docker_times));
-        let ratio = docker.as_ref().map(|d| kiln["median"].as_f64().unwrap() / d["median"].as_f64().unwrap());
-        Ok(json!({
-            "name": scenario.name,
-            "ideal": scenario.ideal,
-            "kiln": kiln,
-            "buildkit": docker,
-            "overhead": kiln["median"].as_f64().unwrap() - scenario.ideal,
-            "ratio": ratio,
-            "executions": executions,
-            "expected_executions": scenario.executions,
-        }))
+        Ok(Measured { kiln: kiln_times, reference: docker_times, tool: "BuildKit", last })
     }
 
-    /// One timed Kiln run (all concurrent builds); returns seconds and executed exec vertices.
-    fn kiln_run(&self, scenario: &Scenario, dir: &Path, round: usize) -> anyhow::Result<(f64, u64)> {
-        let cold = scenario.mode == "cold";
+    /// Changes the context before a run as the mode wants; `salt` differs for every run.
+    fn prepare(&self, scenario: &Scenario, dir: &Path, salt: usize) -> anyhow::Result<()> {
+        if let Some(file) = &scenario.edit {
+            std::fs::write(dir.join(file), format!("edited {salt}\n"))?;
+        }
+        if let (Mode::Upload, Some(generate)) = (scenario.mode, scenario.generate) {
+            generate_files(dir, generate, salt as u64 + 1)?;
+        }
+        Ok(())
+    }
+
+    fn kiln_command(&self, kilnd: &Kilnd, tcp: bool) -> Command {
+        let mut command = Command::new(&self.kiln);
+        command.env("KILN_ROOT", &kilnd.root).env_remove("KILN_ADDR");
+        command.arg("build");
+        if tcp {
+            command.args(["--addr", &kilnd.addr]);
+        }
+        command.args(["--progress", "plain", "--build-arg", &format!("BASE={}", self.base)]);
+        command
+    }
+
+    /// One timed Kiln run (all concurrent builds), with its executed RUN steps and uploads
+    /// summed over the builds' metadata files.
+    fn kiln_run(&self, scenario: &Scenario, dir: &Path, kilnd: &Kilnd, round: usize) -> anyhow::Result<RunResult> {
+        let tcp = matches!(scenario.mode, Mode::Upload | Mode::Reupload);
         let started = Instant::now();
         let children: Vec<(Child, PathBuf)> = (0..scenario.concurrent)
             .map(|i| {
                 let metadata = self.work.join(format!("{}-{round}-{i}.json", scenario.name));
-                let mut command = Command::new(&self.kiln);
-                command.env("KILN_ROOT", &self.kiln_root).env_remove("KILN_ADDR");
-                command.args(["build", "--progress", "plain", "--build-arg", &format!("BASE={}", self.base)]);
-                if cold {
+                let mut command = self.kiln_command(kilnd, tcp);
+                if scenario.mode == Mode::Cold {
                     command.arg("--no-cache");
                 }
                 if let Some(n) = scenario.max_parallelism {
@@ -176,31 +394,43 @@ impl Bench {
                 command.spawn().map(|child| (child, metadata))
             })
             .collect::<Result<_, _>>()?;
-        let mut executed = 0;
+        let mut result = RunResult { seconds: 0.0, executed: 0, uploaded_files: 0, uploaded_bytes: 0 };
+        let mut metadata_files = Vec::new();
         for (mut child, metadata) in children {
             if !child.wait()?.success() {
                 bail!("kiln build of {} failed (see {})", scenario.name, metadata.display());
             }
+            metadata_files.push(metadata);
+        }
+        result.seconds = started.elapsed().as_secs_f64();
+        for metadata in metadata_files {
             let metadata: Value = serde_json::from_slice(&std::fs::read(&metadata)?)?;
-            executed += metadata["vertices"]
+            result.executed += metadata["vertices"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter(|v| v["kind"] == "exec" && v["status"] == "executed")
                 .count() as u64;
+            result.uploaded_files += metadata["context"]["uploaded_files"].as_u64().unwrap_or(0);
+            result.uploaded_bytes += metadata["context"]["uploaded_bytes"].as_u64().unwrap_or(0);
         }
-        Ok((started.elapsed().as_secs_f64(), executed))
+        Ok(result)
+    }
+
+    fn docker_command(&self, args: &[&str]) -> Command {
+        let docker = self.docker.as_ref().expect("checked");
+        let mut command = Command::new("/usr/bin/docker");
+        command.env("DOCKER_HOST", &docker.host).env("DOCKER_BUILDKIT", "1").args(args);
+        command
     }
 
     fn docker_run(&self, scenario: &Scenario, dir: &Path) -> anyhow::Result<f64> {
-        let docker = self.docker.as_ref().expect("checked");
         let started = Instant::now();
         let children: Vec<Child> = (0..scenario.concurrent)
             .map(|_| {
-                let mut command = Command::new("/usr/bin/docker");
-                command.env("DOCKER_HOST", &docker.host).env("DOCKER_BUILDKIT", "1");
-                command.args(["build", "--network=none", "-q", "--build-arg", "BASE=kiln/busybox:latest"]);
-                if scenario.mode == "cold" {
+                let mut command =
+                    self.docker_command(&["build", "--network=none", "-q", "--build-arg", "BASE=kiln/busybox:latest"]);
+                if scenario.mode == Mode::Cold {
                     command.arg("--no-cache");
                 }
                 command.arg(dir).stdout(Stdio::null()).stderr(Stdio::null()).spawn()
@@ -213,6 +443,142 @@ impl Bench {
         }
         Ok(started.elapsed().as_secs_f64())
     }
+
+    /// Drops Docker's build cache and dangling images (the large scenarios leave gigabytes).
+    fn docker_prune(&self) {
+        if self.docker.is_some() {
+            let _ = self.docker_command(&["builder", "prune", "-af"]).stdout(Stdio::null()).status();
+            let _ = self.docker_command(&["image", "prune", "-f"]).stdout(Stdio::null()).status();
+        }
+    }
+
+    /// Kiln pushing the scenario's (cached) image to a new repository per run, against
+    /// `skopeo copy` of the same image from an OCI layout to a new repository per run.
+    fn push(&self, scenario: &Scenario, dir: &Path, kilnd: &Kilnd, runs: usize) -> anyhow::Result<Measured> {
+        let layout = self.work.join(format!("{}-layout", scenario.name));
+        let (mut kiln_times, mut skopeo_times) = (Vec::new(), Vec::new());
+        for round in 0..=runs {
+            let name = format!("{}/bench/{}-kiln-{}-{round}:latest", self.registry, scenario.name, self.nonce);
+            let seconds = self.kiln_push(kilnd, dir, &name)?;
+            if round == 0 {
+                // The reference copies the very image Kiln pushed.
+                remove_tree(&layout)?;
+                skopeo(&["copy", "--quiet", "--src-tls-verify=false", &format!("docker://{name}"), &oci(&layout)])?;
+            } else {
+                kiln_times.push(seconds);
+            }
+            let target =
+                format!("docker://{}/bench/{}-skopeo-{}-{round}:latest", self.registry, scenario.name, self.nonce);
+            let started = Instant::now();
+            skopeo(&["copy", "--quiet", "--dest-tls-verify=false", &oci(&layout), &target])?;
+            if round > 0 {
+                skopeo_times.push(started.elapsed().as_secs_f64());
+            }
+        }
+        remove_tree(&layout)?;
+        Ok(Measured { kiln: kiln_times, reference: skopeo_times, tool: "skopeo copy", last: None })
+    }
+
+    /// One `kiln build` pushing the image to `name`; its wall time.
+    fn kiln_push(&self, kilnd: &Kilnd, dir: &Path, name: &str) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let output = self
+            .kiln_command(kilnd, false)
+            .arg("--output")
+            .arg(format!("type=image,name={name},push=true"))
+            .arg(dir)
+            .output()?;
+        if !output.status.success() {
+            bail!("kiln build --output ...push=true of {name} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// A daemon with an empty store building `FROM` the scenario's image (pushed once by the
+    /// shared daemon), against `skopeo copy` of the image into an empty OCI layout.
+    fn pull(&self, scenario: &Scenario, dir: &Path, kilnd: &Kilnd, runs: usize) -> anyhow::Result<Measured> {
+        let image = format!("{}/bench/{}-{}:latest", self.registry, scenario.name, self.nonce);
+        self.kiln_push(kilnd, dir, &image)?;
+        let from = self.work.join(format!("{}-from", scenario.name));
+        remove_tree(&from)?;
+        std::fs::create_dir_all(&from)?;
+        std::fs::write(from.join("Dockerfile"), format!("FROM {image}\nRUN true\n"))?;
+        let root = self.bench_dir.join(format!("kiln-{}", scenario.name));
+        let layout = self.work.join(format!("{}-layout", scenario.name));
+        let (mut kiln_times, mut skopeo_times) = (Vec::new(), Vec::new());
+        let mut last = None;
+        for round in 0..=runs {
+            let empty = Kilnd::start(&root, true, OWN_PORT)?;
+            let result = self.kiln_run(
+                &Scenario {
+                    name: scenario.name.clone(),
+                    dir: from.clone(),
+                    ideal: None,
+                    mode: Mode::Cold,
+                    concurrent: 1,
+                    max_parallelism: None,
+                    edit: None,
+                    executions: None,
+                    generate: None,
+                },
+                &from,
+                &empty,
+                round,
+            )?;
+            drop(empty);
+            remove_tree(&layout)?;
+            let started = Instant::now();
+            skopeo(&["copy", "--quiet", "--src-tls-verify=false", &format!("docker://{image}"), &oci(&layout)])?;
+            if round > 0 {
+                skopeo_times.push(started.elapsed().as_secs_f64());
+                kiln_times.push(result.seconds);
+                last = Some(result);
+            }
+        }
+        remove_tree(&root)?;
+        remove_tree(&layout)?;
+        Ok(Measured { kiln: kiln_times, reference: skopeo_times, tool: "skopeo copy", last })
+    }
+}
+
+fn oci(layout: &Path) -> String {
+    format!("oci:{}:image", layout.display())
+}
+
+/// Runs skopeo without its blob-info cache, which would otherwise turn a push into a
+/// cross-repository mount of blobs it saw before and measure nothing.
+fn skopeo(args: &[&str]) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file("/var/lib/containers/cache/blob-info-cache-v1.boltdb");
+    let output = Command::new("skopeo").args(args).output().context("running skopeo")?;
+    if !output.status.success() {
+        bail!("skopeo {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(())
+}
+
+/// Writes the generated files under `dir/data/`, their content a function of `salt` (so a
+/// new salt changes every file) and of the file's index.
+fn generate_files(dir: &Path, generate: Generate, salt: u64) -> anyhow::Result<()> {
+    let size = (generate.bytes / generate.files as u64) as usize;
+    let mut buffer = vec![0u8; size];
+    for index in 0..generate.files {
+        let sub = dir.join(format!("data/{:03}", index / 100));
+        if index % 100 == 0 {
+            std::fs::create_dir_all(&sub)?;
+        }
+        // splitmix64: fast, and incompressible enough that gzip cannot shrink it.
+        let mut state = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64).wrapping_add(1);
+        for word in buffer.chunks_mut(8) {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            word.copy_from_slice(&z.to_le_bytes()[..word.len()]);
+        }
+        std::fs::write(sub.join(format!("{index:05}.bin")), &buffer)?;
+    }
+    Ok(())
 }
 
 fn stats(samples: &[f64]) -> Value {
@@ -228,7 +594,12 @@ fn markdown(report: &Value) -> String {
         report["date"].as_str().unwrap_or("?"),
         report["runs"]
     );
-    out.push_str("| scenario | ideal | Kiln | overhead | BuildKit | Kiln/BuildKit | executions (expected) |\n|---|---|---|---|---|---|---|\n");
+    let scenarios = report["scenarios"].as_array().cloned().unwrap_or_default();
+    if !scenarios.is_empty() {
+        out.push_str(
+            "| scenario | ideal | Kiln | overhead | reference | Kiln/reference | executions (expected) | uploaded |\n|---|---|---|---|---|---|---|---|\n",
+        );
+    }
     let cell = |v: &Value| match v.get("median") {
         Some(m) => format!(
             "{:.2} ({:.2}–{:.2})",
@@ -238,55 +609,31 @@ fn markdown(report: &Value) -> String {
         ),
         None => "n/a".into(),
     };
-    for s in report["scenarios"].as_array().into_iter().flatten() {
+    for s in &scenarios {
         let ratio = s["ratio"].as_f64().map_or("n/a".into(), |r| format!("{r:.2}"));
         let executions = match (s["executions"].as_u64(), s["expected_executions"].as_u64()) {
             (Some(got), Some(want)) => format!("{got} ({want})"),
             (Some(got), None) => got.to_string(),
             _ => "".into(),
         };
+        let reference = match s["reference_tool"].as_str() {
+            Some(tool) => format!("{tool} {}", cell(&s["reference"])),
+            None => "n/a".into(),
+        };
+        let uploaded = match (s["uploaded_files"].as_u64(), s["uploaded_bytes"].as_u64()) {
+            (Some(files), Some(bytes)) => format!("{files} files, {:.1} MiB", bytes as f64 / 1048576.0),
+            _ => "".into(),
+        };
         out.push_str(&format!(
-            "| {} | {:.2} | {} | {:+.2} | {} | {ratio} | {executions} |\n",
+            "| {} | {} | {} | {} | {reference} | {ratio} | {executions} | {uploaded} |\n",
             s["name"].as_str().unwrap_or("?"),
-            s["ideal"].as_f64().unwrap_or(0.0),
+            s["ideal"].as_f64().map_or("–".into(), |i| format!("{i:.2}")),
             cell(&s["kiln"]),
-            s["overhead"].as_f64().unwrap_or(0.0),
-            cell(&s["buildkit"]),
+            s["overhead"].as_f64().map_or("–".into(), |o| format!("{o:+.2}")),
         ));
     }
+    out.push_str(&dispatch::markdown(report["dispatch"].as_array().map(Vec::as_slice).unwrap_or_default()));
     out
-}
-
-/// Stops a daemon left on the bench root and starts a fresh release one with a high worker
-/// limit (so "unlimited" scenarios are limited only by the build).
-fn restart_kilnd(kilnd: &Path, root: &Path) -> anyhow::Result<()> {
-    if let Ok(pid) = std::fs::read_to_string(root.join("kilnd.pid")) {
-        let _ = Command::new("kill").arg(pid.trim()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{}", pid.trim())).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    std::fs::create_dir_all(root)?;
-    let log = std::fs::File::create(root.join("kilnd.log"))?;
-    use std::os::unix::process::CommandExt as _;
-    Command::new(kilnd)
-        .args(["--standalone", "--max-parallelism", "64", "--root"])
-        .arg(root)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("starting kilnd")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !root.join("kilnd.sock").exists() {
-        if Instant::now() > deadline {
-            bail!("kilnd did not start; see {}", root.join("kilnd.log").display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 /// A private dockerd with the base image loaded from the same OCI layout, when Docker is

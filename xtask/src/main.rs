@@ -3,6 +3,7 @@
 mod base_image;
 mod bench;
 mod conformance;
+mod dispatch;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -35,9 +36,10 @@ enum Task {
     /// Run a real build on the embedded default (after setting up packages, base image and
     /// registry) and show its progress and result.
     Demo,
-    /// Measure the scenarios under bench/scenarios with Kiln and Docker's BuildKit, side by side.
+    /// Measure the scenarios under bench/scenarios with Kiln and a reference (Docker's
+    /// BuildKit, skopeo) side by side, then the coordinator's dispatch with fake workers.
     Bench {
-        /// Only this scenario.
+        /// Only this scenario (`dispatch`: only the coordinator's dispatch).
         #[arg(long)]
         scenario: Option<String>,
         /// Timed runs per tool (after one warm-up).

@@ -13,6 +13,8 @@ pub use workers::WorkersService;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use kiln_cas::Unsynced;
+use kiln_client::BlobWriter;
 use kiln_engine::Engine;
 use kiln_proto::v1::blobs_server::BlobsServer;
 use kiln_proto::v1::control_server::{Control, ControlServer};
@@ -23,7 +25,8 @@ use kiln_proto::v1::{
 };
 use kiln_types::Digest;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 /// The control service.
@@ -105,21 +108,23 @@ impl Control for ControlService {
         let cas = self.engine.worker().cas();
         let mut stream = request.into_inner();
         let (mut blobs, mut bytes) = (0u64, 0u64);
-        // The blob being received: its chunks go to a writer on a blocking thread.
-        type Writer = (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<Result<kiln_cas::BlobInfo, String>>);
-        let mut current: Option<(Digest, Writer)> = None;
-        async fn finish(current: Option<(Digest, Writer)>) -> Result<u64, Status> {
-            let Some((digest, (chunks, writer))) = current else { return Ok(0) };
+        // The blob being received: its chunks go to a writer on a blocking thread. Received
+        // blobs wait unsynced, and are synced all at once and published at the end: one
+        // filesystem sync instead of one fsync per file of the context.
+        let mut current: Option<(Digest, BlobWriter<Unsynced>)> = None;
+        let mut received = Vec::new();
+        async fn finish(current: Option<(Digest, BlobWriter<Unsynced>)>) -> Result<Option<Unsynced>, Status> {
+            let Some((digest, (chunks, writer))) = current else { return Ok(None) };
             drop(chunks);
             let written = writer.await.map_err(|e| Status::internal(e.to_string()))?;
-            written.map(|info| info.size).map_err(|e| Status::invalid_argument(format!("upload {digest}: {e}")))
+            written.map(Some).map_err(|e| Status::invalid_argument(format!("upload {digest}: {e}")))
         }
         while let Some(chunk) = stream.message().await? {
             if !chunk.digest.is_empty() {
-                bytes += finish(current.take()).await?;
+                received.extend(finish(current.take()).await?);
                 let digest: Digest =
                     chunk.digest.parse().map_err(|e| Status::invalid_argument(format!("{}: {e}", chunk.digest)))?;
-                current = Some((digest, kiln_client::blob_writer(Arc::clone(cas), digest)));
+                current = Some((digest, kiln_client::unsynced_blob_writer(Arc::clone(cas), digest)));
                 blobs += 1;
             }
             let Some((digest, (chunks, _))) = current.as_ref() else {
@@ -132,7 +137,13 @@ impl Control for ControlService {
                 return Err(Status::internal(format!("upload {digest}: the writer stopped")));
             }
         }
-        bytes += finish(current.take()).await?;
+        received.extend(finish(current.take()).await?);
+        let cas = Arc::clone(cas);
+        let published = tokio::task::spawn_blocking(move || cas.publish(received))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("publishing uploaded blobs: {e}")))?;
+        bytes += published.iter().map(|info| info.size).sum::<u64>();
         Ok(Response::new(UploadResponse { blobs, bytes }))
     }
 
@@ -169,6 +180,8 @@ pub async fn serve_unix(
     }
     let listener = tokio::net::UnixListener::bind(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     tonic::transport::Server::builder()
+        .initial_stream_window_size(kiln_client::STREAM_WINDOW)
+        .initial_connection_window_size(kiln_client::CONNECTION_WINDOW)
         .add_service(ControlServer::new(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
@@ -196,13 +209,14 @@ pub async fn serve_tcp(
 ) -> Result<(), String> {
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(256)
-        .tcp_nodelay(true)
+        .initial_stream_window_size(kiln_client::STREAM_WINDOW)
+        .initial_connection_window_size(kiln_client::CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_optional_service(services.control.map(ControlServer::new))
         .add_optional_service(services.workers.map(WorkersServer::new))
         .add_optional_service(services.blobs.map(BlobsServer::new))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
         .map_err(|e| e.to_string())
 }

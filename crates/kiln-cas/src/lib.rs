@@ -239,19 +239,80 @@ impl Ingest<'_> {
 
     /// Verifies the digest (when expected), syncs and publishes the blob under its digest.
     pub fn commit(mut self, expected: Option<&Digest>) -> Result<BlobInfo, CasError> {
-        let file = self.file.take().expect("commit runs once");
+        let (file, info) = self.close(expected)?;
+        file.sync_all().map_err(io_at(&self.tmp))?;
+        drop(file);
+        let tmp = std::mem::take(&mut self.tmp);
+        self.store.publish_one(&tmp, info)
+    }
+
+    /// Verifies the digest (when expected) and closes the blob without syncing it, for
+    /// [`BlobStore::publish`] to sync a whole batch at once.
+    pub fn finish_unsynced(mut self, expected: Option<&Digest>) -> Result<Unsynced, CasError> {
+        let (file, info) = self.close(expected)?;
+        drop(file);
+        Ok(Unsynced { tmp: std::mem::take(&mut self.tmp), info })
+    }
+
+    fn close(&mut self, expected: Option<&Digest>) -> Result<(File, BlobInfo), CasError> {
+        let file = self.file.take().expect("closed once");
         let actual = std::mem::take(&mut self.hasher).finish();
         if let Some(expected) = expected
             && *expected != actual
         {
             return Err(CasError::DigestMismatch { expected: *expected, actual, size: self.size });
         }
-        file.sync_all().map_err(io_at(&self.tmp))?;
-        drop(file);
-        let dest = self.store.path(&actual);
-        fs::rename(&self.tmp, &dest).map_err(io_at(&dest))?;
-        self.store.record(actual, self.size)?;
-        Ok(BlobInfo { digest: actual, size: self.size })
+        Ok((file, BlobInfo { digest: actual, size: self.size }))
+    }
+}
+
+/// A blob written and verified but not synced or published yet; dropped unpublished, it
+/// leaves nothing behind.
+pub struct Unsynced {
+    tmp: PathBuf,
+    info: BlobInfo,
+}
+
+impl Unsynced {
+    /// The blob's digest and size.
+    pub fn info(&self) -> BlobInfo {
+        self.info
+    }
+}
+
+impl Drop for Unsynced {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl BlobStore {
+    /// Makes `blobs` durable with one sync of the store's filesystem (instead of one fsync
+    /// per blob: thousands of small context files) and publishes them.
+    pub fn publish(&self, blobs: Vec<Unsynced>) -> Result<Vec<BlobInfo>, CasError> {
+        if blobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = self.ingest_dir();
+        let handle = File::open(&dir).map_err(io_at(&dir))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&handle))
+            .map_err(|e| CasError::Io { path: dir.clone(), source: e.into() })?;
+        blobs
+            .into_iter()
+            .map(|mut blob| {
+                let tmp = std::mem::take(&mut blob.tmp);
+                self.publish_one(&tmp, blob.info)
+            })
+            .collect()
+    }
+
+    fn publish_one(&self, tmp: &Path, info: BlobInfo) -> Result<BlobInfo, CasError> {
+        let dest = self.path(&info.digest);
+        fs::rename(tmp, &dest).map_err(io_at(&dest))?;
+        self.record(info.digest, info.size)?;
+        Ok(info)
     }
 }
 

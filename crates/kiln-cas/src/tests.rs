@@ -102,3 +102,30 @@ fn index_survives_reopen_with_sled() {
     assert_eq!(cas.list().unwrap().len(), 1);
     assert_eq!(cas.info(&digest).unwrap().size, 16);
 }
+
+#[test]
+fn unsynced_blobs_appear_only_when_published_as_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let cas = store(dir.path());
+    let mut batch = Vec::new();
+    for content in [&b"first"[..], b"second"] {
+        let mut ingest = cas.ingest().unwrap();
+        ingest.write_all(content).unwrap();
+        batch.push(ingest.finish_unsynced(Some(&Digest::of(content))).unwrap());
+    }
+    assert!(!cas.contains(&Digest::of(b"first")), "visible before publication");
+    let published = cas.publish(batch).unwrap();
+    assert_eq!(published.iter().map(|b| b.digest).collect::<Vec<_>>(), [Digest::of(b"first"), Digest::of(b"second")]);
+    assert_eq!(cas.read(&Digest::of(b"second")).unwrap(), b"second");
+    assert_eq!(std::fs::read_dir(dir.path().join("ingest")).unwrap().count(), 0);
+
+    // Verified before it waits; one dropped unpublished leaves no temporary file.
+    let mut wrong = cas.ingest().unwrap();
+    wrong.write_all(b"third").unwrap();
+    assert!(matches!(wrong.finish_unsynced(Some(&Digest::of(b"other"))), Err(CasError::DigestMismatch { .. })));
+    let mut dropped = cas.ingest().unwrap();
+    dropped.write_all(b"fourth").unwrap();
+    drop(dropped.finish_unsynced(None).unwrap());
+    assert!(!cas.contains(&Digest::of(b"fourth")));
+    assert_eq!(std::fs::read_dir(dir.path().join("ingest")).unwrap().count(), 0);
+}

@@ -96,10 +96,20 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
         let ignore = kiln_dockerfile::ignore::PatternList::parse_ignore_file(&request.dockerignore)
             .map_err(|e| anyhow::anyhow!(".dockerignore: {e}"))?;
         let dir = request.context.clone();
-        let walked = tokio::task::spawn_blocking(move || kiln_context::FsContext::walk(&dir, &ignore))
-            .await?
-            .with_context(|| format!("reading build context {}", request.context.display()))?;
-        let (manifest, stats) = client.upload_context(std::sync::Arc::new(walked)).await.map_err(anyhow::Error::msg)?;
+        let walked = tokio::task::spawn_blocking(move || {
+            let walked = kiln_context::FsContext::walk(&dir, &ignore)?;
+            Ok::<_, std::io::Error>(match hash_cache_file(&dir) {
+                Some(file) => walked.with_hash_cache(kiln_context::HashCache::load(&file)),
+                None => walked,
+            })
+        })
+        .await?
+        .with_context(|| format!("reading build context {}", request.context.display()))?;
+        let walked = std::sync::Arc::new(walked);
+        let (manifest, stats) =
+            client.upload_context(std::sync::Arc::clone(&walked)).await.map_err(anyhow::Error::msg)?;
+        // Only a cache: a failure to save it costs the next build a re-read.
+        let _ = walked.save_hash_cache();
         request.context_manifest = Some(manifest);
         upload = Some(stats);
     }
@@ -188,4 +198,17 @@ fn read_secrets(specs: &[String]) -> anyhow::Result<HashMap<String, Vec<u8>>> {
         secrets.insert(id.to_string(), value);
     }
     Ok(secrets)
+}
+
+/// Where the digests of the files of the context `dir` are remembered between builds:
+/// `KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`, under `contexts/`, one
+/// file per context directory.
+fn hash_cache_file(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    let base = env("KILN_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("kiln")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/kiln")))?;
+    let canonical = std::fs::canonicalize(dir).ok()?;
+    let key = kiln_types::Digest::of(canonical.as_os_str().as_encoded_bytes());
+    Some(base.join("contexts").join(format!("{}.json", key.hex())))
 }

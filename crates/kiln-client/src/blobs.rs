@@ -10,7 +10,7 @@ use kiln_context::{ContextManifest, FsContext, ManifestKind};
 use kiln_proto::v1::{self, blobs_client::BlobsClient};
 use kiln_types::Digest;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::Client;
 
@@ -62,21 +62,26 @@ impl Client {
         // Files are read on a blocking thread and streamed in chunks.
         let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
             for (digest, path) in files {
-                let mut file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let mut remaining = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
+                let mut file = file.take(u64::MAX);
                 let mut first = true;
+                // Chunks of at most CHUNK bytes, sized to what is left (most context files
+                // are small); an empty file is one empty chunk.
                 loop {
-                    let mut data = vec![0; CHUNK];
-                    let n = file.read(&mut data).map_err(|e| format!("{}: {e}", path.display()))?;
+                    let mut data = Vec::with_capacity(remaining.clamp(1, CHUNK as u64) as usize);
+                    file.set_limit(CHUNK as u64);
+                    let n = file.read_to_end(&mut data).map_err(|e| format!("{}: {e}", path.display()))?;
                     if n == 0 && !first {
                         break;
                     }
-                    data.truncate(n);
+                    remaining = remaining.saturating_sub(n as u64);
                     let digest = if first { digest.to_string() } else { String::new() };
                     first = false;
                     if sender.blocking_send(v1::BlobChunkUpload { digest, data }).is_err() {
                         return Ok(());
                     }
-                    if n == 0 {
+                    if n < CHUNK {
                         break;
                     }
                 }
@@ -99,17 +104,30 @@ impl Client {
 /// A blob being written into a store off the async threads: chunks go to the returned
 /// sender; dropping it ends the blob, which the handle then verifies against `expected`,
 /// syncs and publishes.
-pub fn blob_writer(
+pub fn blob_writer(store: Arc<BlobStore>, expected: Digest) -> BlobWriter<kiln_cas::BlobInfo> {
+    writer(store, move |ingest| ingest.commit(Some(&expected)))
+}
+
+/// Like [`blob_writer`], but the blob is only verified and closed, for the receiver to
+/// publish a whole batch with one sync ([`BlobStore::publish`]).
+pub fn unsynced_blob_writer(store: Arc<BlobStore>, expected: Digest) -> BlobWriter<kiln_cas::Unsynced> {
+    writer(store, move |ingest| ingest.finish_unsynced(Some(&expected)))
+}
+
+/// The chunk sender of a blob being written, and the handle that finishes it.
+pub type BlobWriter<T> = (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<Result<T, String>>);
+
+fn writer<T: Send + 'static>(
     store: Arc<BlobStore>,
-    expected: Digest,
-) -> (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<Result<kiln_cas::BlobInfo, String>>) {
+    finish: impl FnOnce(kiln_cas::Ingest<'_>) -> Result<T, kiln_cas::CasError> + Send + 'static,
+) -> BlobWriter<T> {
     let (sender, mut chunks) = mpsc::channel::<Vec<u8>>(8);
     let writer = tokio::task::spawn_blocking(move || {
         let mut ingest = store.ingest().map_err(|e| e.to_string())?;
         while let Some(chunk) = chunks.blocking_recv() {
             std::io::Write::write_all(&mut ingest, &chunk).map_err(|e| e.to_string())?;
         }
-        ingest.commit(Some(&expected)).map_err(|e| e.to_string())
+        finish(ingest).map_err(|e| e.to_string())
     });
     (sender, writer)
 }
@@ -122,10 +140,7 @@ fn channel(address: &str) -> Result<Channel, String> {
     if let Some(channel) = channels.get(address) {
         return Ok(channel.clone());
     }
-    let channel = Endpoint::from_shared(address.to_string())
-        .map_err(|e| format!("{address}: {e}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect_lazy();
+    let channel = crate::endpoint(address)?.connect_timeout(std::time::Duration::from_secs(5)).connect_lazy();
     channels.insert(address.to_string(), channel.clone());
     Ok(channel)
 }

@@ -6,7 +6,7 @@ mod blobs;
 pub mod convert;
 mod worker;
 
-pub use blobs::{UploadStats, blob_writer, fetch_blob, fetch_from_any};
+pub use blobs::{BlobWriter, UploadStats, blob_writer, fetch_blob, fetch_from_any, unsynced_blob_writer};
 pub use worker::{Assignment, FromCoordinator, WorkerLink, WorkerSession};
 
 use std::collections::{BTreeMap, HashMap};
@@ -119,19 +119,37 @@ pub struct Info {
     pub queued: u64,
 }
 
+/// HTTP/2 flow-control windows of Kiln's connections: large enough that streaming a
+/// context or a blob is not held back by a round trip every 64 KiB.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// The whole connection's window.
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
+
+/// An endpoint for `http://HOST:PORT` with Kiln's transport settings.
+pub fn endpoint(address: &str) -> Result<Endpoint, String> {
+    Ok(tuned(Endpoint::from_shared(address.to_string()).map_err(|e| format!("{address}: {e}"))?))
+}
+
+fn tuned(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+}
+
 impl Client {
     /// Connects to `unix:///path/to/socket` or `http://host:port`.
     pub async fn connect(address: &str) -> Result<Client, String> {
         let channel = if let Some(path) = address.strip_prefix("unix://") {
             let path = PathBuf::from(path);
-            Endpoint::from_static("http://kilnd.local")
+            tuned(Endpoint::from_static("http://kilnd.local"))
                 .connect_with_connector(tower::service_fn(move |_| {
                     let path = path.clone();
                     async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
                 }))
                 .await
         } else {
-            Endpoint::from_shared(address.to_string()).map_err(|e| format!("{address}: {e}"))?.connect().await
+            endpoint(address)?.connect().await
         }
         .map_err(|e| format!("cannot connect to {address}: {e}"))?;
         Ok(Client { control: ControlClient::new(channel) })

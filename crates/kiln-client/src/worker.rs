@@ -10,7 +10,6 @@ use kiln_solver::cluster::{JobId, Layers, WorkerInfo};
 use kiln_solver::{Executed, LogLine, LogStream};
 use kiln_types::Digest;
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
 
 use crate::convert::{layers_from_proto, layers_to_proto, manifest_from_proto, parse_digest};
 
@@ -63,7 +62,7 @@ pub struct WorkerSession {
 impl WorkerSession {
     /// Connects to the coordinator at `address` (`http://HOST:PORT`) and registers.
     pub async fn connect(address: &str, info: &WorkerInfo, layers: &[Digest]) -> Result<WorkerSession, String> {
-        let endpoint = Endpoint::from_shared(address.to_string()).map_err(|e| format!("{address}: {e}"))?;
+        let endpoint = crate::endpoint(address)?;
         let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
         let (sender, receiver) = mpsc::unbounded_channel();
         let register = v1::Register {

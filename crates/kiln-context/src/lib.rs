@@ -13,8 +13,10 @@ use std::sync::Mutex;
 
 use kiln_dockerfile::context::{ContextEntry, ContextError, ContextFiles, EntryKind};
 
+mod hash_cache;
 mod stored;
 
+pub use hash_cache::HashCache;
 pub use stored::{ContextManifest, ManifestEntry, ManifestKind, StoredContext};
 
 /// A build context the worker can copy from: a directory, or an uploaded manifest.
@@ -31,6 +33,7 @@ pub struct FsContext {
     root: PathBuf,
     entries: Vec<ContextEntry>,
     digests: Mutex<HashMap<String, Digest>>,
+    remembered: Option<Mutex<HashCache>>,
 }
 
 impl FsContext {
@@ -40,7 +43,22 @@ impl FsContext {
         let mut entries = Vec::new();
         walk_dir(root, "", ignore, &WalkState::default(), &mut entries)?;
         entries.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(FsContext { root: root.to_path_buf(), entries, digests: Mutex::default() })
+        Ok(FsContext { root: root.to_path_buf(), entries, digests: Mutex::default(), remembered: None })
+    }
+
+    /// Takes file digests from `cache` where the files are unchanged, and remembers new ones
+    /// there (see [`FsContext::save_hash_cache`]).
+    pub fn with_hash_cache(mut self, cache: HashCache) -> FsContext {
+        self.remembered = Some(Mutex::new(cache));
+        self
+    }
+
+    /// Saves the digests computed or confirmed so far into the hash cache, when there is one.
+    pub fn save_hash_cache(&self) -> io::Result<()> {
+        match &self.remembered {
+            Some(cache) => cache.lock().unwrap_or_else(|p| p.into_inner()).save(),
+            None => Ok(()),
+        }
     }
 
     /// The context directory.
@@ -145,10 +163,26 @@ impl ContextFiles for FsContext {
             return Ok(*d);
         }
         let read_error = |e: io::Error| ContextError::Read { path: path.to_owned(), message: e.to_string() };
-        let mut file = fs::File::open(self.root.join(path)).map_err(read_error)?;
+        let file_path = self.root.join(path);
+        // Metadata before the content: a change while reading leaves a newer stamp.
+        let meta = match &self.remembered {
+            Some(cache) => {
+                let meta = fs::metadata(&file_path).map_err(read_error)?;
+                if let Some(digest) = cache.lock().unwrap_or_else(|p| p.into_inner()).lookup(path, &meta) {
+                    self.digests.lock().unwrap_or_else(|p| p.into_inner()).insert(path.to_owned(), digest);
+                    return Ok(digest);
+                }
+                Some(meta)
+            }
+            None => None,
+        };
+        let mut file = fs::File::open(&file_path).map_err(read_error)?;
         let mut hasher = Sha256Writer::new();
         io::copy(&mut file, &mut hasher).map_err(read_error)?;
         let digest = hasher.finish();
+        if let (Some(cache), Some(meta)) = (&self.remembered, meta) {
+            cache.lock().unwrap_or_else(|p| p.into_inner()).record(path, &meta, digest);
+        }
         self.digests.lock().unwrap_or_else(|p| p.into_inner()).insert(path.to_owned(), digest);
         Ok(digest)
     }

@@ -350,7 +350,8 @@ impl RegistryClient {
             let file = tokio::fs::File::open(&path).await.map_err(|e| {
                 RegistryError::new(&action, &name, ErrorKind::Invalid, format!("{}: {e}", path.display()))
             })?;
-            let stream = tokio_util::io::ReaderStream::new(file).map_err(OciDistributionError::IoError);
+            let stream =
+                tokio_util::io::ReaderStream::with_capacity(file, 1 << 18).map_err(OciDistributionError::IoError);
             client
                 .push_blob_stream(&oci, stream, &digest, Some(blob.size))
                 .await

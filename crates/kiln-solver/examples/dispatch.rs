@@ -1,11 +1,13 @@
 //! Coordinator scale with fake workers: BUILDS concurrent builds, each a chain of VERTICES
 //! vertices, on an executor that finishes every vertex at once. Prints one JSON object:
 //! dispatch throughput, p50/p99 dispatch latency (an input finishing → its user starting)
-//! and peak RSS. `cargo run --release -p kiln-solver --example dispatch -- BUILDS VERTICES SLOTS [WORKERS]`
+//! and peak RSS. `cargo run --release -p kiln-solver --example dispatch -- BUILDS VERTICES SLOTS [WORKERS [EXEC_MS]]`
 //!
 //! With WORKERS, vertices go through the coordinator's cluster path instead: placement in
 //! `ClusterState`, assignments over each fake worker's channel, results reported back. Each
 //! fake worker has SLOTS slots; latency is an input's report → its user's assignment arriving.
+//! With EXEC_MS, each fake worker holds every vertex that long before reporting it (a load
+//! below saturation: BUILDS ÷ EXEC_MS vertices per millisecond at most).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -81,7 +83,12 @@ fn rss_mb() -> f64 {
 }
 
 /// Fake workers on a cluster: each answers every assignment at once.
-fn start_fake_workers(cluster: &Arc<Cluster<()>>, workers: usize, slots: usize) -> Arc<Mutex<Vec<Duration>>> {
+fn start_fake_workers(
+    cluster: &Arc<Cluster<()>>,
+    workers: usize,
+    slots: usize,
+    exec: Duration,
+) -> Arc<Mutex<Vec<Duration>>> {
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let finished: Arc<Mutex<HashMap<Digest, Instant>>> = Arc::default();
     for n in 0..workers {
@@ -101,15 +108,25 @@ fn start_fake_workers(cluster: &Arc<Cluster<()>>, workers: usize, slots: usize) 
             while let Some(message) = assignments.recv().await {
                 let ToWorker::Assign(job) = message else { continue };
                 let now = Instant::now();
-                {
-                    let mut finished = finished.lock().unwrap();
-                    if let Some(input) = job.vertex.inputs.first().and_then(|d| finished.get(d)) {
-                        latencies.lock().unwrap().push(now.saturating_duration_since(*input));
-                    }
-                    finished.insert(job.vertex.digest, Instant::now());
+                if let Some(input) = job.vertex.inputs.first().and_then(|d| finished.lock().unwrap().get(d).copied()) {
+                    latencies.lock().unwrap().push(now.saturating_duration_since(input));
                 }
-                let output = Layers::default();
-                cluster.report(&name, job.id, job.epoch, Ok(Executed { output, pin: None, worker: None }));
+                let report = {
+                    let (cluster, finished, name) = (Arc::clone(&cluster), Arc::clone(&finished), name.clone());
+                    move || {
+                        finished.lock().unwrap().insert(job.vertex.digest, Instant::now());
+                        let output = Layers::default();
+                        cluster.report(&name, job.id, job.epoch, Ok(Executed { output, pin: None, worker: None }));
+                    }
+                };
+                if exec.is_zero() {
+                    report();
+                } else {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(exec).await;
+                        report();
+                    });
+                }
                 if beat.elapsed() > Duration::from_secs(1) {
                     cluster.heartbeat(&name, session, 0);
                     beat = Instant::now();
@@ -129,6 +146,7 @@ async fn main() {
         args.get(2).copied().unwrap_or(100),
     );
     let workers = args.get(3).copied();
+    let exec = Duration::from_millis(args.get(4).copied().unwrap_or(0) as u64);
     let graphs: Vec<_> = (0..builds).map(|b| chain(b, vertices)).collect();
     let peak = Arc::new(Mutex::new(rss_mb()));
     let sampler = {
@@ -159,7 +177,7 @@ async fn main() {
         }
         Some(workers) => {
             let cluster = Cluster::<()>::new(ClusterSettings { lease_ms: 60_000, ..ClusterSettings::default() });
-            let latencies = start_fake_workers(&cluster, workers, slots);
+            let latencies = start_fake_workers(&cluster, workers, slots, exec);
             let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
             let solver = Solver::start(executor, SolverConfig { worker_parallelism: 1 << 20 }, None).unwrap();
             let mut handles: Vec<_> = graphs
@@ -191,6 +209,7 @@ async fn main() {
         "{}",
         serde_json::json!({
             "builds": builds, "vertices_per_build": vertices, "slots": slots, "workers": workers,
+            "exec_ms": exec.as_millis() as u64,
             "vertices": total,
             "seconds": elapsed.as_secs_f64(),
             "dispatches_per_second": total as f64 / elapsed.as_secs_f64(),
