@@ -6,8 +6,9 @@
 //! With WORKERS, vertices go through the coordinator's cluster path instead: placement in
 //! `ClusterState`, assignments over each fake worker's channel, results reported back. Each
 //! fake worker has SLOTS slots; latency is an input's report → its user's assignment arriving.
-//! With EXEC_MS, each fake worker holds every vertex that long before reporting it (a load
-//! below saturation: BUILDS ÷ EXEC_MS vertices per millisecond at most).
+//! With EXEC_MS, each fake worker holds every vertex for EXEC_MS on average (uniformly
+//! between half and one and a half times) before reporting it: a load below saturation,
+//! about BUILDS ÷ EXEC_MS vertices per millisecond.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -111,6 +112,7 @@ fn start_fake_workers(
                 if let Some(input) = job.vertex.inputs.first().and_then(|d| finished.lock().unwrap().get(d).copied()) {
                     latencies.lock().unwrap().push(now.saturating_duration_since(input));
                 }
+                let id = job.id;
                 let report = {
                     let (cluster, finished, name) = (Arc::clone(&cluster), Arc::clone(&finished), name.clone());
                     move || {
@@ -122,6 +124,10 @@ fn start_fake_workers(
                 if exec.is_zero() {
                     report();
                 } else {
+                    // Uniform in [exec/2, 3·exec/2) by job: steps of real builds do not end
+                    // in lockstep.
+                    let spread = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+                    let exec = exec.mul_f64(0.5 + spread);
                     tokio::spawn(async move {
                         tokio::time::sleep(exec).await;
                         report();

@@ -502,21 +502,28 @@ impl ClusterState {
         }
     }
 
-    /// The worker for a job, if one of its platform has a free slot.
+    /// The worker for a job, if one of its platform has a free slot: the one holding the
+    /// most input bytes while its load is within the bound, else the least loaded (ties: more
+    /// input bytes, then the first name). One pass over the workers.
     fn place(&self, spec: &JobSpec) -> Option<String> {
-        let candidates: Vec<&WorkerEntry> =
-            self.workers.values().filter(|w| w.has_slot() && w.runs(spec.platform.as_ref())).collect();
-        let locality = |w: &WorkerEntry| -> u64 {
-            spec.inputs.iter().filter(|l| w.layers.contains(&l.diff_id)).map(|l| l.size.max(1)).sum()
-        };
-        let local = candidates
-            .iter()
-            .max_by(|a, b| locality(a).cmp(&locality(b)).then(b.load().total_cmp(&a.load())))
-            .filter(|w| locality(w) > 0 && w.load() <= self.settings.locality_load_bound);
-        let chosen = local.or_else(|| {
-            candidates.iter().min_by(|a, b| a.load().total_cmp(&b.load()).then(locality(b).cmp(&locality(a))))
-        })?;
-        Some(chosen.info.name.clone())
+        // (input bytes held, load, worker) of the best local and the least loaded candidate.
+        let mut local: Option<(u64, f64, &WorkerEntry)> = None;
+        let mut least: Option<(u64, f64, &WorkerEntry)> = None;
+        for worker in self.workers.values().filter(|w| w.has_slot() && w.runs(spec.platform.as_ref())) {
+            let held: u64 =
+                spec.inputs.iter().filter(|l| worker.layers.contains(&l.diff_id)).map(|l| l.size.max(1)).sum();
+            let load = worker.load();
+            if held > 0
+                && load <= self.settings.locality_load_bound
+                && local.is_none_or(|(h, l, _)| held > h || (held == h && load < l))
+            {
+                local = Some((held, load, worker));
+            }
+            if least.is_none_or(|(h, l, _)| load < l || (load == l && held > h)) {
+                least = Some((held, load, worker));
+            }
+        }
+        local.or(least).map(|(_, _, worker)| worker.info.name.clone())
     }
 }
 
