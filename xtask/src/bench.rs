@@ -260,7 +260,11 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
         };
         for scenario in &scenarios {
             eprintln!("== {}", scenario.name);
-            results.push(bench.scenario(scenario, &kilnd, runs)?);
+            // One scenario failing (say, the reference tripping) does not lose the others.
+            results.push(bench.scenario(scenario, &kilnd, runs).unwrap_or_else(|e| {
+                eprintln!("{}: {e:#}", scenario.name);
+                json!({"name": scenario.name, "error": format!("{e:#}")})
+            }));
         }
         bench.docker_prune();
         for dir in bench.leftovers.take() {
@@ -424,24 +428,45 @@ impl Bench {
         command
     }
 
+    /// One timed BuildKit run (all concurrent builds); a run where a build failed is made
+    /// once more before giving up (BuildKit 0.8 occasionally fails one of 20 parallel
+    /// containers), and reported with its log.
     fn docker_run(&self, scenario: &Scenario, dir: &Path) -> anyhow::Result<f64> {
-        let started = Instant::now();
-        let children: Vec<Child> = (0..scenario.concurrent)
-            .map(|_| {
-                let mut command =
-                    self.docker_command(&["build", "--network=none", "-q", "--build-arg", "BASE=kiln/busybox:latest"]);
-                if scenario.mode == Mode::Cold {
-                    command.arg("--no-cache");
+        let mut failure = None;
+        for _ in 0..2 {
+            let started = Instant::now();
+            let children: Vec<(Child, PathBuf)> = (0..scenario.concurrent)
+                .map(|i| {
+                    let log = self.work.join(format!("{}-docker-{i}.log", scenario.name));
+                    let mut command = self.docker_command(&[
+                        "build",
+                        "--network=none",
+                        "--progress=plain",
+                        "--build-arg",
+                        "BASE=kiln/busybox:latest",
+                    ]);
+                    if scenario.mode == Mode::Cold {
+                        command.arg("--no-cache");
+                    }
+                    let file = std::fs::File::create(&log)?;
+                    command.arg(dir).stdout(Stdio::null()).stderr(file).spawn().map(|child| (child, log))
+                })
+                .collect::<Result<_, std::io::Error>>()?;
+            let mut failed = None;
+            for (mut child, log) in children {
+                if !child.wait()?.success() {
+                    failed = Some(log);
                 }
-                command.arg(dir).stdout(Stdio::null()).stderr(Stdio::null()).spawn()
-            })
-            .collect::<Result<_, _>>()?;
-        for mut child in children {
-            if !child.wait()?.success() {
-                bail!("docker build of {} failed", scenario.name);
+            }
+            match failed {
+                None => return Ok(started.elapsed().as_secs_f64()),
+                Some(log) => {
+                    eprintln!("docker build of {} failed (see {}); once more", scenario.name, log.display());
+                    failure = Some(log);
+                }
             }
         }
-        Ok(started.elapsed().as_secs_f64())
+        bail!("docker build of {} failed twice (see {})", scenario.name, failure.unwrap_or_default().display())
     }
 
     /// Drops Docker's build cache and dangling images (the large scenarios leave gigabytes).
@@ -610,6 +635,14 @@ fn markdown(report: &Value) -> String {
         None => "n/a".into(),
     };
     for s in &scenarios {
+        if let Some(error) = s["error"].as_str() {
+            out.push_str(&format!(
+                "| {} | failed: {} |||||||\n",
+                s["name"].as_str().unwrap_or("?"),
+                error.replace('|', "/")
+            ));
+            continue;
+        }
         let ratio = s["ratio"].as_f64().map_or("n/a".into(), |r| format!("{r:.2}"));
         let executions = match (s["executions"].as_u64(), s["expected_executions"].as_u64()) {
             (Some(got), Some(want)) => format!("{got} ({want})"),
