@@ -190,10 +190,8 @@ struct Bench {
     nonce: u64,
     docker: Option<Dockerd>,
     bench_dir: PathBuf,
+    /// This run's copies of the scenarios (`work-NONCE`).
     work: PathBuf,
-    /// Large trees to remove after the last scenario: removing them sooner would slow the
-    /// next scenario's file creation (ext4 skips recently freed inodes for a while).
-    leftovers: std::cell::RefCell<Vec<PathBuf>>,
 }
 
 struct Dockerd {
@@ -254,9 +252,8 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
             registry,
             nonce,
             docker,
-            work: bench_dir.join("work"),
+            work: bench_dir.join(format!("work-{nonce}")),
             bench_dir: bench_dir.clone(),
-            leftovers: Default::default(),
         };
         for scenario in &scenarios {
             eprintln!("== {}", scenario.name);
@@ -266,9 +263,15 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
                 json!({"name": scenario.name, "error": format!("{e:#}")})
             }));
         }
+        // Large trees go only now, this run's and any a failed run left: removing them
+        // sooner would slow the next scenario's file creation (ext4 skips recently freed
+        // inodes for a while).
         bench.docker_prune();
-        for dir in bench.leftovers.take() {
-            remove_tree(&dir)?;
+        for entry in std::fs::read_dir(&bench_dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("work-") || name.starts_with("kiln-") {
+                remove_tree(&entry.path())?;
+            }
         }
     }
     let dispatch = if with_dispatch { dispatch::run(&root.join("target/release/examples/dispatch"))? } else { vec![] };
@@ -302,18 +305,12 @@ impl Bench {
             Mode::Pull => self.pull(scenario, &dir, kilnd, runs)?,
             Mode::Upload | Mode::Reupload => {
                 // Their own daemon, so hundreds of megabytes do not stay in the shared store.
-                let root = self.bench_dir.join(format!("kiln-{}", scenario.name));
+                let root = self.bench_dir.join(format!("kiln-{}-{}", scenario.name, self.nonce));
                 let own = Kilnd::start(&root, true, OWN_PORT)?;
-                let measured = self.builds(scenario, &dir, &own, runs);
-                drop(own);
-                self.leftovers.borrow_mut().push(root);
-                measured?
+                self.builds(scenario, &dir, &own, runs)?
             }
             _ => self.builds(scenario, &dir, kilnd, runs)?,
         };
-        if scenario.generate.is_some() {
-            self.leftovers.borrow_mut().push(dir);
-        }
         let kiln = stats(&kiln);
         let reference = (!reference.is_empty()).then(|| stats(&reference));
         let median = |v: &Value| v["median"].as_f64().unwrap_or(0.0);
@@ -360,7 +357,8 @@ impl Bench {
     /// Changes the context before a run as the mode wants; `salt` differs for every run.
     fn prepare(&self, scenario: &Scenario, dir: &Path, salt: usize) -> anyhow::Result<()> {
         if let Some(file) = &scenario.edit {
-            std::fs::write(dir.join(file), format!("edited {salt}\n"))?;
+            // The nonce too: the daemons' caches outlive a bench run.
+            std::fs::write(dir.join(file), format!("edited {} {salt}\n", self.nonce))?;
         }
         if let (Mode::Upload, Some(generate)) = (scenario.mode, scenario.generate) {
             generate_files(dir, generate, salt as u64 + 1)?;
@@ -528,7 +526,7 @@ impl Bench {
         remove_tree(&from)?;
         std::fs::create_dir_all(&from)?;
         std::fs::write(from.join("Dockerfile"), format!("FROM {image}\nRUN true\n"))?;
-        let root = self.bench_dir.join(format!("kiln-{}", scenario.name));
+        let root = self.bench_dir.join(format!("kiln-{}-{}", scenario.name, self.nonce));
         let layout = self.work.join(format!("{}-layout", scenario.name));
         let (mut kiln_times, mut skopeo_times) = (Vec::new(), Vec::new());
         let mut last = None;
