@@ -109,7 +109,7 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
         let (manifest, stats) =
             client.upload_context(std::sync::Arc::clone(&walked)).await.map_err(anyhow::Error::msg)?;
         // Only a cache: a failure to save it costs the next build a re-read.
-        let _ = walked.save_hash_cache();
+        let _ = tokio::task::spawn_blocking(move || walked.save_hash_cache()).await;
         request.context_manifest = Some(manifest);
         upload = Some(stats);
     }
