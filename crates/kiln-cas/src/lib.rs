@@ -273,13 +273,6 @@ pub struct Unsynced {
     info: BlobInfo,
 }
 
-impl Unsynced {
-    /// The blob's digest and size.
-    pub fn info(&self) -> BlobInfo {
-        self.info
-    }
-}
-
 impl Drop for Unsynced {
     fn drop(&mut self) {
         if !self.tmp.as_os_str().is_empty() {

@@ -83,7 +83,7 @@ fn rss_mb() -> f64 {
     kb / 1024.0
 }
 
-/// Fake workers on a cluster: each answers every assignment at once.
+/// Fake workers on a cluster: each answers every assignment at once, or after about `exec`.
 fn start_fake_workers(
     cluster: &Arc<Cluster<()>>,
     workers: usize,

@@ -503,26 +503,25 @@ impl ClusterState {
     }
 
     /// The worker for a job, if one of its platform has a free slot: the one holding the
-    /// most input bytes while its load is within the bound, else the least loaded (ties: more
-    /// input bytes, then the first name). One pass over the workers.
+    /// most input bytes (ties: the less loaded, then the last name) when it holds any and its
+    /// load is within the bound, else the least loaded (ties: more input bytes, then the first
+    /// name). One pass over the workers, each worker's input bytes computed once.
     fn place(&self, spec: &JobSpec) -> Option<String> {
-        // (input bytes held, load, worker) of the best local and the least loaded candidate.
-        let mut local: Option<(u64, f64, &WorkerEntry)> = None;
+        // (input bytes held, load, worker) of the most local and of the least loaded candidate.
+        let mut most: Option<(u64, f64, &WorkerEntry)> = None;
         let mut least: Option<(u64, f64, &WorkerEntry)> = None;
         for worker in self.workers.values().filter(|w| w.has_slot() && w.runs(spec.platform.as_ref())) {
             let held: u64 =
                 spec.inputs.iter().filter(|l| worker.layers.contains(&l.diff_id)).map(|l| l.size.max(1)).sum();
             let load = worker.load();
-            if held > 0
-                && load <= self.settings.locality_load_bound
-                && local.is_none_or(|(h, l, _)| held > h || (held == h && load < l))
-            {
-                local = Some((held, load, worker));
+            if most.is_none_or(|(h, l, _)| held > h || (held == h && load <= l)) {
+                most = Some((held, load, worker));
             }
             if least.is_none_or(|(h, l, _)| load < l || (load == l && held > h)) {
                 least = Some((held, load, worker));
             }
         }
+        let local = most.filter(|(held, load, _)| *held > 0 && *load <= self.settings.locality_load_bound);
         local.or(least).map(|(_, _, worker)| worker.info.name.clone())
     }
 }
