@@ -25,5 +25,6 @@ pub(crate) fn build_request(request: v1::BuildRequest) -> Result<BuildRequest, S
         secrets: request.secrets.into_iter().collect(),
         outputs,
         context_manifest: request.context.map(kiln_client::convert::manifest_from_proto).transpose()?,
+        spool: None,
     })
 }

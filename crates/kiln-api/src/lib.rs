@@ -3,6 +3,7 @@
 //! requests from proto (`from_proto`); no other daemon crate sees proto types.
 
 mod blobs;
+mod exports;
 mod from_proto;
 mod to_proto;
 mod workers;
@@ -33,12 +34,15 @@ use tonic::{Request, Response, Status, Streaming};
 pub struct ControlService {
     engine: Arc<Engine>,
     root: PathBuf,
+    next_spool: std::sync::atomic::AtomicU64,
 }
 
 impl ControlService {
-    /// A service over `engine`, whose state lives in `root`.
+    /// A service over `engine`, whose state lives in `root`. Export spools a crashed daemon
+    /// left behind are removed.
     pub fn new(engine: Arc<Engine>, root: &Path) -> ControlService {
-        ControlService { engine, root: root.to_path_buf() }
+        let _ = std::fs::remove_dir_all(root.join(exports::SPOOL_DIR));
+        ControlService { engine, root: root.to_path_buf(), next_spool: std::sync::atomic::AtomicU64::new(1) }
     }
 }
 
@@ -47,7 +51,16 @@ impl Control for ControlService {
     type BuildStream = ReceiverStream<Result<BuildEvent, Status>>;
 
     async fn build(&self, request: Request<BuildRequest>) -> Result<Response<Self::BuildStream>, Status> {
-        let request = from_proto::build_request(request.into_inner()).map_err(Status::invalid_argument)?;
+        let over_tcp = request.extensions().get::<tonic::transport::server::TcpConnectInfo>().is_some();
+        let mut request = from_proto::build_request(request.into_inner()).map_err(Status::invalid_argument)?;
+        if over_tcp && request.context_manifest.is_none() {
+            return Err(Status::permission_denied(
+                "a daemon reads a build context from its own filesystem only for clients on its unix socket; \
+                 over TCP the client uploads the context (kiln --addr does)",
+            ));
+        }
+        let spool = exports::spool_path(&self.root, self.next_spool.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        request.spool = Some(spool.clone());
         let (events, stream) = mpsc::channel(256);
         let engine = Arc::clone(&self.engine);
         tokio::spawn(async move {
@@ -61,6 +74,7 @@ impl Control for ControlService {
                     result = &mut build => break result,
                     Some(event) = progress_events.recv() => {
                         if events.send(Ok(to_proto::progress(event))).await.is_err() {
+                            exports::remove_spool(spool).await;
                             return;
                         }
                     }
@@ -69,6 +83,15 @@ impl Control for ControlService {
             while let Ok(event) = progress_events.try_recv() {
                 let _ = events.send(Ok(to_proto::progress(event))).await;
             }
+            // File outputs travel to the client before the result.
+            let result = match result {
+                Ok(summary) => match exports::send(&summary.files, &events).await {
+                    Ok(()) => Ok(summary),
+                    Err(message) => Err(kiln_engine::BuildFailure { message, records: summary.records }),
+                },
+                Err(failure) => Err(failure),
+            };
+            exports::remove_spool(spool).await;
             let result = to_proto::result(result);
             let _ = events.send(Ok(BuildEvent { event: Some(build_event::Event::Result(result)) })).await;
         });

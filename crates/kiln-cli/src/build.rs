@@ -10,6 +10,7 @@ use clap::Args;
 use kiln_client::{BuildEvent, BuildRequest};
 
 use crate::embedded;
+use crate::exports::{ExportWriter, Piece};
 use crate::input::{parse_build_args, read_dockerfile, read_dockerignore};
 use crate::progress::{Mode, Renderer, records_json};
 
@@ -113,23 +114,34 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
         request.context_manifest = Some(manifest);
         upload = Some(stats);
     }
+    let writer = ExportWriter::start(&request.outputs);
     let mut events = client.build(request).await.map_err(anyhow::Error::msg)?;
     let mut renderer = Renderer::new(args.progress);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let (error, image, records) = loop {
+    // The metadata file is written however the build ends, a lost connection included.
+    let (mut error, image, records) = loop {
         tokio::select! {
-            event = events.next() => match event.map_err(anyhow::Error::msg)? {
-                Some(BuildEvent::Result { error, image, records }) => {
+            event = events.next() => match event {
+                Ok(Some(BuildEvent::ExportData { output, unpack_into, data, last })) => {
+                    writer.send(Piece { output, unpack_into, data, last }).await;
+                }
+                Ok(Some(BuildEvent::Result { error, image, records })) => {
                     renderer.event(&BuildEvent::Result { error: error.clone(), image, records: records.clone() });
                     break (error, image, records);
                 }
-                Some(event) => renderer.event(&event),
-                None => bail!("the daemon closed the build without a result"),
+                Ok(Some(event)) => renderer.event(&event),
+                Ok(None) => break (Some("the daemon closed the build without a result".to_string()), None, Vec::new()),
+                Err(lost) => break (Some(lost), None, Vec::new()),
             },
             _ = tick.tick() => renderer.draw(false),
         }
     };
     renderer.draw(true);
+    if let Err(failed) = writer.finish().await
+        && error.is_none()
+    {
+        error = Some(format!("{failed:#}"));
+    }
     if let Some(path) = &args.metadata_file {
         let metadata = serde_json::json!({
             "vertices": records_json(&records),
@@ -150,8 +162,8 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
     }
 }
 
-/// `--output` specs with `dest=` made absolute (the daemon may run elsewhere on this
-/// machine), plus the `-t`/`--push` shorthands.
+/// `--output` specs with `dest=` made absolute (this client writes them, from the files the
+/// daemon streams back), plus the `-t`/`--push` shorthands.
 fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<String>> {
     let mut outputs = Vec::new();
     for spec in &args.outputs {

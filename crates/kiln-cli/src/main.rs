@@ -4,6 +4,7 @@
 mod build;
 mod cluster;
 mod embedded;
+mod exports;
 mod input;
 mod plan;
 mod progress;

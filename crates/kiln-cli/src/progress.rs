@@ -115,7 +115,7 @@ impl Renderer {
                     }
                 }
             }
-            BuildEvent::Result { .. } => {}
+            BuildEvent::ExportData { .. } | BuildEvent::Result { .. } => {}
         }
         if self.mode == Mode::Tty {
             self.draw(false);
@@ -223,6 +223,9 @@ fn json_event(event: &BuildEvent) -> serde_json::Value {
         BuildEvent::Export { name, started, completed } => serde_json::json!({
             "type": "export", "name": name, "started": rfc3339_millis(*started), "completed": completed.map(rfc3339_millis)
         }),
+        BuildEvent::ExportData { output, data, last, .. } => {
+            serde_json::json!({"type": "export-data", "output": output, "bytes": data.len(), "last": last})
+        }
         BuildEvent::Result { error, image, .. } => serde_json::json!({
             "type": "result", "ok": error.is_none(), "error": error, "image": image.map(|d| d.to_string())
         }),

@@ -32,7 +32,8 @@ pub fn manifest_to_proto(manifest: &ContextManifest) -> v1::ContextManifest {
     v1::ContextManifest { entries }
 }
 
-/// A manifest as received; bad entries are errors naming the path.
+/// A manifest as received, validated ([`ContextManifest::validate`]); bad entries are errors
+/// naming the path.
 pub fn manifest_from_proto(manifest: v1::ContextManifest) -> Result<ContextManifest, String> {
     let mut entries = Vec::with_capacity(manifest.entries.len());
     for e in manifest.entries {
@@ -42,15 +43,11 @@ pub fn manifest_from_proto(manifest: v1::ContextManifest) -> Result<ContextManif
             2 => ManifestKind::Symlink(e.link),
             other => return Err(format!("context entry {}: unknown kind {other}", e.path)),
         };
-        if e.path.is_empty()
-            || e.path.starts_with('/')
-            || e.path.split('/').any(|p| p == ".." || p == "." || p.is_empty())
-        {
-            return Err(format!("context entry {:?}: not a clean relative path", e.path));
-        }
         entries.push(ManifestEntry { path: e.path, kind, mode: e.mode & 0o7777, mtime: (e.mtime, e.mtime_nsec) });
     }
-    Ok(ContextManifest { entries })
+    let manifest = ContextManifest { entries };
+    manifest.validate()?;
+    Ok(manifest)
 }
 
 /// Layers as sent.

@@ -83,6 +83,19 @@ pub enum BuildEvent {
         /// End.
         completed: Option<u64>,
     },
+    /// A piece of a file output, which the client writes (the daemon never writes a
+    /// client's paths); every file ends with a piece marked `last`.
+    ExportData {
+        /// The output (index into [`BuildRequest::outputs`]).
+        output: usize,
+        /// `type=local`: the file is a tar to unpack into this directory under `dest` (`""`:
+        /// `dest` itself). Otherwise `None`: the file is `dest`.
+        unpack_into: Option<String>,
+        /// The bytes.
+        data: Vec<u8>,
+        /// The file's last piece.
+        last: bool,
+    },
     /// The end: always last.
     Result {
         /// The error, when the build failed.
@@ -287,6 +300,12 @@ fn from_proto(event: Event) -> BuildEvent {
         Event::Export(step) => {
             BuildEvent::Export { name: step.name, started: step.started, completed: nonzero(step.completed) }
         }
+        Event::ExportData(piece) => BuildEvent::ExportData {
+            output: piece.output as usize,
+            unpack_into: piece.unpack.then_some(piece.subdir),
+            data: piece.data,
+            last: piece.last,
+        },
         Event::Result(result) => BuildEvent::Result {
             error: (!result.ok).then_some(result.error),
             image: nonempty(result.image_digest).map(|d| digest(&d)),

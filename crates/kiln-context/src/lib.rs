@@ -13,9 +13,11 @@ use std::sync::Mutex;
 
 use kiln_dockerfile::context::{ContextEntry, ContextError, ContextFiles, EntryKind};
 
+mod confined;
 mod hash_cache;
 mod stored;
 
+pub use confined::{ConfinedDir, EntryMeta};
 pub use hash_cache::HashCache;
 pub use stored::{ContextManifest, ManifestEntry, ManifestKind, StoredContext};
 
@@ -69,51 +71,35 @@ impl FsContext {
 
 impl BuildContext for FsContext {
     fn materialize(&self, selected: &[&ContextEntry], dest: &Path) -> io::Result<()> {
-        let mut dirs: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let root = ConfinedDir::open(dest)?;
+        let mut dirs: Vec<(&str, EntryMeta)> = Vec::new();
         for entry in selected {
             let source = self.root.join(&entry.path);
-            let target = dest.join(&entry.path);
-            if let Some(parent) = target.parent() {
-                fs::create_dir_all(parent)?;
-            }
+            let meta = source_meta(&source)?;
             match &entry.kind {
                 EntryKind::Dir => {
-                    fs::create_dir_all(&target)?;
-                    dirs.push((source, target));
+                    root.create_dir(&entry.path)?;
+                    dirs.push((&entry.path, meta));
                     continue;
                 }
-                EntryKind::Symlink(link) => std::os::unix::fs::symlink(link, &target)?,
-                EntryKind::File => {
-                    fs::copy(&source, &target)?;
-                }
+                EntryKind::Symlink(link) => root.create_symlink(&entry.path, link)?,
+                EntryKind::File => root.create_file(&entry.path, &mut fs::File::open(&source)?)?,
             }
-            finish_entry(&source, &target)?;
+            root.finish(&entry.path, meta)?;
         }
         // Directory times last: creating their children changed them.
-        for (source, target) in dirs.iter().rev() {
-            finish_entry(source, target)?;
+        for (path, meta) in dirs.iter().rev() {
+            root.finish(path, *meta)?;
         }
         Ok(())
     }
 }
 
-/// Root ownership, the source's mode and modification time.
-fn finish_entry(source: &Path, target: &Path) -> io::Result<()> {
+/// The mode and modification time of a context file, not following a symlink.
+fn source_meta(source: &Path) -> io::Result<EntryMeta> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = fs::symlink_metadata(source)?;
-    let nsec = u32::try_from(meta.mtime_nsec()).unwrap_or(0);
-    finish(target, meta.mode(), (meta.mtime(), nsec), meta.file_type().is_symlink())
-}
-
-/// Root ownership, a mode and a modification time.
-fn finish(target: &Path, mode: u32, mtime: (i64, u32), symlink: bool) -> io::Result<()> {
-    std::os::unix::fs::lchown(target, Some(0), Some(0))?;
-    if !symlink {
-        fs::set_permissions(target, fs::Permissions::from_mode(mode & 0o7777))?;
-    }
-    let mtime = nix::sys::time::TimeSpec::new(mtime.0, i64::from(mtime.1));
-    nix::sys::stat::utimensat(None, target, &mtime, &mtime, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
-        .map_err(io::Error::from)
+    Ok(EntryMeta { mode: meta.mode(), mtime: (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0)) })
 }
 
 /// Walks one directory. Exclusion uses the parent's match state, as BuildKit's fsutil

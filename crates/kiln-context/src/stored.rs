@@ -15,7 +15,7 @@ use kiln_dockerfile::context::{ContextEntry, ContextError, ContextFiles, EntryKi
 use kiln_types::Digest;
 use serde::{Deserialize, Serialize};
 
-use crate::{BuildContext, FsContext, finish};
+use crate::{BuildContext, ConfinedDir, EntryMeta, FsContext};
 
 /// One entry of a [`ContextManifest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +64,40 @@ impl ContextManifest {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Checks a manifest from an untrusted sender: every path is clean and relative, appears
+    /// once, and has only directories of the manifest (or nothing) among its parents, so no
+    /// entry can be written through a symlink or over a file. The error names the entry.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut kinds: HashMap<&str, &ManifestKind> = HashMap::with_capacity(self.entries.len());
+        for entry in &self.entries {
+            let path = entry.path.as_str();
+            if path.is_empty()
+                || path.starts_with('/')
+                || path.split('/').any(|p| p == ".." || p == "." || p.is_empty())
+            {
+                return Err(format!("context entry {path:?}: not a clean relative path"));
+            }
+            if kinds.insert(path, &entry.kind).is_some() {
+                return Err(format!("context entry {path:?}: listed twice"));
+            }
+        }
+        for entry in &self.entries {
+            let parents = entry.path.match_indices('/').map(|(at, _)| &entry.path[..at]);
+            for parent in parents {
+                match kinds.get(parent) {
+                    None | Some(ManifestKind::Dir) => {}
+                    Some(ManifestKind::Symlink(_)) => {
+                        return Err(format!("context entry {:?}: its parent {parent:?} is a symlink", entry.path));
+                    }
+                    Some(ManifestKind::File { .. }) => {
+                        return Err(format!("context entry {:?}: its parent {parent:?} is a file", entry.path));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The file digests the given entries need.
@@ -153,32 +187,85 @@ impl ContextFiles for StoredContext {
 
 impl BuildContext for StoredContext {
     fn materialize(&self, selected: &[&ContextEntry], dest: &Path) -> io::Result<()> {
-        let mut dirs: Vec<(&ManifestEntry, PathBuf)> = Vec::new();
+        let root = ConfinedDir::open(dest)?;
+        let mut dirs: Vec<(&str, EntryMeta)> = Vec::new();
         for entry in selected {
             let Some(stored) = self.by_path.get(&entry.path) else {
                 return Err(io::Error::other(format!("{}: not in the context manifest", entry.path)));
             };
-            let target = dest.join(&entry.path);
-            if let Some(parent) = target.parent() {
-                fs::create_dir_all(parent)?;
-            }
+            let meta = EntryMeta { mode: stored.mode, mtime: stored.mtime };
             match &stored.kind {
                 ManifestKind::Dir => {
-                    fs::create_dir_all(&target)?;
-                    dirs.push((stored, target));
+                    root.create_dir(&entry.path)?;
+                    dirs.push((&entry.path, meta));
                     continue;
                 }
-                ManifestKind::Symlink(link) => std::os::unix::fs::symlink(link, &target)?,
+                ManifestKind::Symlink(link) => root.create_symlink(&entry.path, link)?,
                 ManifestKind::File { digest, .. } => {
-                    fs::copy(self.blobs.path(digest), &target)
+                    let mut blob = fs::File::open(self.blobs.path(digest))
                         .map_err(|e| io::Error::new(e.kind(), format!("{} (blob {digest}): {e}", entry.path)))?;
+                    root.create_file(&entry.path, &mut blob)?;
                 }
             }
-            finish(&target, stored.mode, stored.mtime, matches!(stored.kind, ManifestKind::Symlink(_)))?;
+            root.finish(&entry.path, meta)?;
         }
-        for (stored, target) in dirs.iter().rev() {
-            finish(target, stored.mode, stored.mtime, false)?;
+        for (path, meta) in dirs.iter().rev() {
+            root.finish(path, *meta)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_kv::MemoryKv;
+
+    use super::*;
+
+    fn entry(path: &str, kind: ManifestKind) -> ManifestEntry {
+        ManifestEntry { path: path.into(), kind, mode: 0o644, mtime: (0, 0) }
+    }
+
+    #[test]
+    fn manifests_with_entries_below_symlinks_or_files_are_refused() {
+        let file = || ManifestKind::File { digest: Digest::of(b"x"), size: 1 };
+        let check = |entries: Vec<ManifestEntry>| ContextManifest { entries }.validate();
+        let through_link =
+            check(vec![entry("a", ManifestKind::Symlink("/etc/cron.d".into())), entry("a/evil", file())]);
+        assert_eq!(through_link.unwrap_err(), "context entry \"a/evil\": its parent \"a\" is a symlink");
+        let twice = check(vec![entry("a", ManifestKind::Symlink("/etc/passwd".into())), entry("a", file())]);
+        assert_eq!(twice.unwrap_err(), "context entry \"a\": listed twice");
+        assert!(check(vec![entry("f", file()), entry("f/g", file())]).unwrap_err().contains("is a file"));
+        assert!(check(vec![entry("x/../y", file())]).unwrap_err().contains("not a clean relative path"));
+        assert!(check(vec![entry("d", ManifestKind::Dir), entry("d/f", file()), entry("e/f", file())]).is_ok());
+    }
+
+    #[test]
+    fn materialising_an_unchecked_manifest_never_writes_outside_the_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("victim"), "keep").unwrap();
+        let blobs = Arc::new(BlobStore::open(&dir.path().join("cas"), Arc::new(MemoryKv::new())).unwrap());
+        let digest = blobs.put(b"evil", None).unwrap().digest;
+        let file = ManifestKind::File { digest, size: 4 };
+        let manifest = ContextManifest {
+            entries: vec![
+                entry("a", ManifestKind::Symlink(outside.display().to_string())),
+                entry("a/evil", file.clone()),
+                entry("v", ManifestKind::Symlink(outside.join("victim").display().to_string())),
+                entry("v", file),
+            ],
+        };
+        let context = StoredContext::new(&manifest, blobs);
+        let dest = dir.path().join("dest");
+        for (link, through) in [(0, 1), (2, 3)] {
+            let selected = [&context.entries()[link], &context.entries()[through]];
+            let err = context.materialize(&selected, &dest).unwrap_err();
+            assert!(err.to_string().contains(&context.entries()[through].path), "{err}");
+            std::fs::remove_dir_all(&dest).unwrap();
+        }
+        assert!(!outside.join("evil").exists());
+        assert_eq!(std::fs::read_to_string(outside.join("victim")).unwrap(), "keep");
     }
 }

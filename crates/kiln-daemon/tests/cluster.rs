@@ -13,6 +13,9 @@ use kiln_registry::{Descriptor, MediaTypes, OCI_MANIFEST, PlatformField, Registr
 use kiln_testkit::{TestRegistry, arm64_busybox_rootfs, busybox_rootfs, store_image, workspace_binary};
 use serde_json::Value;
 
+#[path = "cluster/hardening.rs"]
+mod hardening;
+
 struct Cluster {
     registry: TestRegistry,
     /// An amd64 + arm64 busybox index.
@@ -63,6 +66,37 @@ impl Cluster {
         .unwrap();
         let child = kilnd(&config, &self.dir.path().join(format!("{name}.log")));
         self.workers.push((name.to_string(), child));
+    }
+
+    /// SIGKILLs the coordinator and starts it again on the same state directory.
+    fn restart_coordinator(&mut self) {
+        self.coordinator.kill().unwrap();
+        self.coordinator.wait().unwrap();
+        let config = self.dir.path().join("coordinator.toml");
+        self.coordinator = kilnd(&config, &self.dir.path().join(format!("coordinator-{}.log", unique())));
+    }
+
+    /// Stops worker `index` (SIGTERM: it drains and exits) and starts a fresh one named
+    /// `name` on 127.0.N.`host` with the same platform and slots, waiting until it is the
+    /// one registered.
+    fn replace_worker(&mut self, index: usize, name: &str, host: u8) {
+        let (old, mut child) = self.workers.remove(index);
+        stop(&mut child);
+        let config = std::fs::read_to_string(self.dir.path().join(format!("{old}.toml"))).unwrap();
+        let platform = config.lines().find_map(|l| l.strip_prefix("platforms = [\"")).unwrap();
+        let platform = platform.trim_end_matches("\"]").to_string();
+        let slots = config.lines().find_map(|l| l.strip_prefix("max-parallelism = ")).unwrap().parse().unwrap();
+        self.start_worker(name, host, &platform, slots);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let names: Vec<String> =
+                self.workers_json().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect();
+            if names.contains(&name.to_string()) && !names.contains(&old) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{name} did not replace {old}: {names:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn addr(&self) -> String {

@@ -56,6 +56,10 @@ pub struct BuildRequest {
     /// An uploaded context (its files are blobs in this engine's store), instead of
     /// `context`.
     pub context_manifest: Option<ContextManifest>,
+    /// When set, file outputs are written here (output `i` as `SPOOL/i…`) instead of at their
+    /// `dest`, which then only names them: a daemon streams them to its client, which writes
+    /// its own paths ([`BuildSummary::files`]).
+    pub spool: Option<PathBuf>,
 }
 
 /// Progress of a build, in order.
@@ -105,6 +109,20 @@ pub struct BuildSummary {
     pub records: Vec<VertexRecord>,
     /// The image (manifest or index) digest, when an image was exported.
     pub image: Option<Digest>,
+    /// The files written into [`BuildRequest::spool`], in output order.
+    pub files: Vec<SpooledFile>,
+}
+
+/// A file output written into the spool for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpooledFile {
+    /// The output (index into [`BuildRequest::outputs`]).
+    pub output: usize,
+    /// `type=local`: a tar to unpack into this directory under the output's `dest` (`""`:
+    /// `dest` itself). Other types: `None`, the file is `dest`.
+    pub unpack_into: Option<String>,
+    /// Where it is in the spool.
+    pub path: PathBuf,
 }
 
 /// A failed build: the message names the step, its Dockerfile line and output.
@@ -194,8 +212,15 @@ impl Engine {
                 (results, counts, records)
             }
         };
+        // The cache entries this build made are durable before anyone hears it is done (a
+        // daemon killed right after would otherwise lose them to sled's periodic flush).
+        let kv = Arc::clone(&self.kv);
+        let flushed = tokio::task::spawn_blocking(move || kv.flush().map_err(|e| e.to_string())).await;
+        if let Err(error) = flushed.map_err(|e| e.to_string()).and_then(|flushed| flushed) {
+            return Err(BuildFailure { message: format!("flushing the cache index: {error}"), records });
+        }
         match self.export(&plan, &results, &vertex_layers, &bases, &request, &progress).await {
-            Ok(image) => Ok(BuildSummary { records, image }),
+            Ok((image, files)) => Ok(BuildSummary { records, image, files }),
             Err(message) => Err(BuildFailure { message, records }),
         }
     }
@@ -211,7 +236,7 @@ impl Engine {
         let logs = kiln_solver::LogSink::new(|_| true);
         let mut attempt = 0;
         loop {
-            let layers = Arc::clone(cluster).recover(output.clone(), logs.clone()).await?;
+            let layers = Arc::clone(cluster).recover(output.clone(), logs.clone(), 0).await?;
             let sources = layers.layers.iter().map(|l| (l.diff_id, cluster.holders(&l.diff_id))).collect();
             match self.worker.ensure_layers(&layers.layers, &sources, fetcher).await {
                 Ok(snapshot) => return Ok(snapshot),

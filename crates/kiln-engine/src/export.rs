@@ -14,10 +14,11 @@ use kiln_worker::Snapshot;
 use tokio::sync::mpsc;
 
 use crate::history::{self, BaseHistories};
-use crate::{BuildRequest, Engine, OutputSpec, Progress};
+use crate::{BuildRequest, Engine, OutputSpec, Progress, SpooledFile};
 
 impl Engine {
-    /// Runs every requested output; returns the image digest when an image was made.
+    /// Runs every requested output; returns the image digest when an image was made, and
+    /// the files written into the request's spool.
     pub(crate) async fn export(
         &self,
         plan: &BuildPlan,
@@ -26,7 +27,7 @@ impl Engine {
         bases: &BaseHistories,
         request: &BuildRequest,
         progress: &mpsc::UnboundedSender<Progress>,
-    ) -> Result<Option<Digest>, String> {
+    ) -> Result<(Option<Digest>, Vec<SpooledFile>), String> {
         let epoch = match request.build_args.get("SOURCE_DATE_EPOCH") {
             Some(text) => {
                 Some(text.parse::<u64>().map_err(|_| format!("SOURCE_DATE_EPOCH={text} is not a number of seconds"))?)
@@ -39,7 +40,9 @@ impl Engine {
         let snapshots: Vec<&Snapshot> = results.iter().map(|r| r.as_ref().unwrap_or(&empty)).collect();
         let mut images: HashMap<MediaTypes, Descriptor> = HashMap::new();
         let mut image_digest = None;
-        for output in &request.outputs {
+        let mut files = Vec::new();
+        for (index, output) in request.outputs.iter().enumerate() {
+            let spooled = request.spool.as_ref().map(|spool| spool.join(index.to_string()));
             let media = match output {
                 OutputSpec::Image { media, .. } => Some(*media),
                 OutputSpec::Oci { .. } => Some(MediaTypes::Oci),
@@ -84,17 +87,29 @@ impl Engine {
                     let image = images[&media].clone();
                     image_digest = Some(image.digest);
                     let step = self.step(progress, &format!("writing {}", dest.display()));
-                    let (cas, dest, names) = (Arc::clone(self.worker.cas()), dest.clone(), names.clone());
-                    tokio::task::spawn_blocking(move || write_archive(&dest, &image, &names, &cas, format))
+                    let path = spooled.clone().unwrap_or_else(|| dest.clone());
+                    let (cas, names) = (Arc::clone(self.worker.cas()), names.clone());
+                    let written = path.clone();
+                    tokio::task::spawn_blocking(move || write_archive(&written, &image, &names, &cas, format))
                         .await
                         .map_err(|e| e.to_string())??;
+                    files.extend(spooled.map(|path| SpooledFile { output: index, unpack_into: None, path }));
                     step.done();
                 }
                 OutputSpec::Local { dest } => {
                     let step = self.step(progress, &format!("copying files to {}", dest.display()));
                     for (i, snapshot) in snapshots.iter().enumerate() {
-                        let target = if snapshots.len() == 1 { dest.clone() } else { dest.join(platform_dir(plan, i)) };
-                        self.worker.export_local(snapshot, &target).await?;
+                        let subdir = if snapshots.len() == 1 { String::new() } else { platform_dir(plan, i) };
+                        match &spooled {
+                            // The client unpacks a tar of the files where it wants them.
+                            Some(spooled) => {
+                                std::fs::create_dir_all(spooled).map_err(|e| format!("{}: {e}", spooled.display()))?;
+                                let path = spooled.join(format!("{i}.tar"));
+                                self.worker.export_tar(snapshot, &path, options).await?;
+                                files.push(SpooledFile { output: index, unpack_into: Some(subdir), path });
+                            }
+                            None => self.worker.export_local(snapshot, &dest.join(subdir)).await?,
+                        }
                     }
                     step.done();
                 }
@@ -103,12 +118,13 @@ impl Engine {
                         return Err("type=tar holds one platform; use type=local for several".into());
                     }
                     let step = self.step(progress, &format!("writing {}", dest.display()));
-                    self.worker.export_tar(snapshots[0], dest, options).await?;
+                    self.worker.export_tar(snapshots[0], spooled.as_ref().unwrap_or(dest), options).await?;
+                    files.extend(spooled.map(|path| SpooledFile { output: index, unpack_into: None, path }));
                     step.done();
                 }
             }
         }
-        Ok(image_digest)
+        Ok((image_digest, files))
     }
 
     /// The image of each output platform, under an index when there are several.

@@ -10,7 +10,7 @@ mod export;
 mod history;
 mod output;
 
-pub use build::{BuildFailure, BuildRequest, BuildSummary, ClusterData, Progress};
+pub use build::{BuildFailure, BuildRequest, BuildSummary, ClusterData, Progress, SpooledFile};
 pub use output::OutputSpec;
 
 use std::path::PathBuf;
@@ -39,6 +39,8 @@ pub struct EngineConfig {
 /// only hold uploaded contexts and what it exports).
 pub struct Engine {
     worker: Arc<Worker>,
+    /// The metadata store (the solver's cache index lives in it).
+    kv: SharedKv,
     mode: Mode,
     name: String,
     platforms: Vec<kiln_types::Platform>,
@@ -79,9 +81,13 @@ impl Engine {
     pub fn with_kv(config: EngineConfig, kv: SharedKv) -> Result<Engine, String> {
         let worker = Arc::new(Worker::open(config.worker, Arc::clone(&kv)).map_err(|e| e.to_string())?);
         let executor = Arc::new(LocalExecutor::new(Arc::clone(&worker), &config.name));
-        let solver = Solver::start(executor, SolverConfig { worker_parallelism: config.max_parallelism }, Some(kv))?;
+        let solver = Solver::start(
+            executor,
+            SolverConfig { worker_parallelism: config.max_parallelism },
+            Some(Arc::clone(&kv)),
+        )?;
         let platforms = if config.platforms.is_empty() { kiln_worker::runnable_platforms() } else { config.platforms };
-        Ok(Engine { worker, mode: Mode::Local(solver), name: config.name, platforms, next_build: 1.into() })
+        Ok(Engine { worker, kv, mode: Mode::Local(solver), name: config.name, platforms, next_build: 1.into() })
     }
 
     /// A coordinator: builds run on the cluster's workers, which connect to it; `fetcher`
@@ -99,10 +105,11 @@ impl Engine {
         let cluster = Cluster::new(settings);
         cluster.start_ticker(std::time::Duration::from_millis(200));
         let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
-        let solver =
-            Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS }, Some(kv)).map_err(fail)?;
+        let solver = Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS }, Some(Arc::clone(&kv)))
+            .map_err(fail)?;
         Ok(Engine {
             worker,
+            kv,
             mode: Mode::Cluster { solver, cluster, fetcher },
             name: config.name,
             platforms: config.platforms,

@@ -200,7 +200,10 @@ impl Unpacker<'_> {
     ) -> Result<(), LayerError> {
         let uid = header.uid().unwrap_or(0) as u32;
         let gid = header.gid().unwrap_or(0) as u32;
-        lchown(path, Some(uid), Some(gid)).map_err(io_at(path))?;
+        // Only root can give files away; anyone else unpacks them as their own (as tar does).
+        if nix::unistd::geteuid().is_root() {
+            lchown(path, Some(uid), Some(gid)).map_err(io_at(path))?;
+        }
         let kind = header.entry_type();
         if kind != tar::EntryType::Symlink {
             // chown clears set-id bits, so the mode goes on afterwards.

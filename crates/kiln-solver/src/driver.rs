@@ -1,7 +1,7 @@
 //! The async driver around [`SolverState`]: one task owns the state and handles one event at
 //! a time; executions run as their own tasks and report back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use kiln_graph::{Graph, Op};
@@ -175,8 +175,12 @@ impl<E: Executor> Driver<E> {
                 self.state.apply(Command::Finished { key, result, at })
             }
         };
-        for effect in effects {
-            self.perform(effect);
+        // Effects in order; answering a cache check adds more, which run right after it.
+        let mut queue: VecDeque<Effect<E::Output>> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            for (i, effect) in self.perform(effect).into_iter().enumerate() {
+                queue.insert(i, effect);
+            }
         }
     }
 
@@ -190,7 +194,8 @@ impl<E: Executor> Driver<E> {
         }
     }
 
-    fn perform(&mut self, effect: Effect<E::Output>) {
+    /// Performs one effect; returns the effects of the command it answered, if any.
+    fn perform(&mut self, effect: Effect<E::Output>) -> Vec<Effect<E::Output>> {
         match effect {
             Effect::Emit { build, event } => self.emit(build, event),
             Effect::Replay { key, build, vertex } => {
@@ -205,6 +210,15 @@ impl<E: Executor> Driver<E> {
                     let _ = kv.put(CACHE_TREE, key.to_string().as_bytes(), &value);
                 }
             }
+            Effect::Forget { key } => {
+                if let Some(kv) = &self.kv {
+                    let _ = kv.delete(CACHE_TREE, key.to_string().as_bytes());
+                }
+            }
+            Effect::CheckCached { build, index, key, output } => {
+                let available = self.executor.available(&output);
+                return self.state.apply(Command::CacheChecked { build, index, key, available, at: now_ms() });
+            }
             Effect::Abort { key } => {
                 if let Some(task) = self.running.remove(&key) {
                     task.abort();
@@ -212,7 +226,7 @@ impl<E: Executor> Driver<E> {
                 self.logs.remove(&key);
             }
             Effect::Run { key, vertex, inputs, build } => {
-                let Some((context, _)) = self.builds.get(&build) else { return };
+                let Some((context, _)) = self.builds.get(&build) else { return Vec::new() };
                 let (executor, context, sender) =
                     (Arc::clone(&self.executor), Arc::clone(context), self.sender.clone());
                 // Sources resolve and transfer; only real work takes a worker slot.
@@ -233,5 +247,6 @@ impl<E: Executor> Driver<E> {
                 self.running.insert(key, task);
             }
         }
+        Vec::new()
     }
 }

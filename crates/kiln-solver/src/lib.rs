@@ -110,6 +110,13 @@ pub trait Executor: Send + Sync + 'static {
 
     /// The name of the worker that executes, for records.
     fn worker_name(&self) -> String;
+
+    /// Whether a cached output can still be used as an input (a cluster's layers may have
+    /// gone with their worker). A cache hit whose output is gone is executed again.
+    fn available(&self, output: &Self::Output) -> bool {
+        let _ = output;
+        true
+    }
 }
 
 /// Progress of one build, in order; [`Event::Finished`] is always last.

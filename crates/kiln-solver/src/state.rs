@@ -101,6 +101,20 @@ pub enum Command<O> {
         /// The build.
         build: BuildId,
     },
+    /// The answer to [`Effect::CheckCached`]: whether the cached output still exists
+    /// somewhere the executor can use it.
+    CacheChecked {
+        /// The build.
+        build: BuildId,
+        /// The vertex (index in the build's graph).
+        index: usize,
+        /// The cache key.
+        key: Digest,
+        /// Whether the output can still be used.
+        available: bool,
+        /// The time.
+        at: u64,
+    },
     /// A cache entry known from earlier runs.
     Restore {
         /// The cache key.
@@ -151,6 +165,23 @@ pub enum Effect<O> {
         key: Digest,
         /// The result.
         output: O,
+    },
+    /// Ask the executor whether a cached output still exists (its layers may have gone with
+    /// their worker) and answer with [`Command::CacheChecked`] before anything else.
+    CheckCached {
+        /// The build.
+        build: BuildId,
+        /// The vertex.
+        index: usize,
+        /// The cache key.
+        key: Digest,
+        /// The cached output.
+        output: O,
+    },
+    /// Delete a persisted cache entry whose output is gone.
+    Forget {
+        /// The cache key.
+        key: Digest,
     },
 }
 
@@ -249,10 +280,13 @@ impl<O: Clone> SolverState<O> {
     pub fn apply(&mut self, command: Command<O>) -> Vec<Effect<O>> {
         let mut effects = Vec::new();
         match command {
-            Command::Submit { build, graph, options, at } => self.submit(build, graph, options, at, &mut effects),
+            Command::Submit { build, graph, options, at: _ } => self.submit(build, graph, options, &mut effects),
             Command::Started { key, worker, at } => self.started(key, worker, at, &mut effects),
             Command::Finished { key, result, at } => self.finished(key, result, at, &mut effects),
             Command::Cancel { build } => self.fail_build(build, "the build was cancelled".into(), &mut effects),
+            Command::CacheChecked { build, index, key, available, at } => {
+                self.cache_checked(build, index, key, available, at, &mut effects);
+            }
             Command::Restore { key, output } => {
                 self.cache.insert(key, output);
             }
@@ -260,7 +294,7 @@ impl<O: Clone> SolverState<O> {
         effects
     }
 
-    fn submit(&mut self, id: BuildId, graph: Graph, options: BuildOptions, at: u64, effects: &mut Vec<Effect<O>>) {
+    fn submit(&mut self, id: BuildId, graph: Graph, options: BuildOptions, effects: &mut Vec<Effect<O>>) {
         let index: HashMap<Digest, usize> = graph.vertices.iter().enumerate().map(|(i, v)| (v.digest, i)).collect();
         let mut users = vec![Vec::new(); graph.vertices.len()];
         let mut states = Vec::with_capacity(graph.vertices.len());
@@ -286,13 +320,13 @@ impl<O: Clone> SolverState<O> {
         let roots: Vec<usize> = (0..build.vertices.len()).filter(|i| build.vertices[*i].inputs.is_empty()).collect();
         self.builds.insert(id, build);
         for root in roots {
-            self.ready(id, root, at, effects);
+            self.ready(id, root, effects);
         }
         self.finish_if_done(id, effects);
     }
 
     /// All inputs of the vertex are done: serve it from the cache, join a job, or start one.
-    fn ready(&mut self, id: BuildId, index: usize, at: u64, effects: &mut Vec<Effect<O>>) {
+    fn ready(&mut self, id: BuildId, index: usize, effects: &mut Vec<Effect<O>>) {
         let Some(build) = self.builds.get_mut(&id) else { return };
         let vertex = &build.vertices[index];
         let mut input_keys = Vec::with_capacity(vertex.inputs.len());
@@ -311,8 +345,8 @@ impl<O: Clone> SolverState<O> {
             && !build.options.no_cache
             && let Some(output) = self.cache.get(&key).cloned()
         {
-            build.records[index].started = Some(at);
-            self.complete(id, index, output, key, Status::Cached, at, effects);
+            build.states[index] = VertexState::Waiting;
+            effects.push(Effect::CheckCached { build: id, index, key, output });
             return;
         }
         build.states[index] = VertexState::Waiting;
@@ -331,6 +365,35 @@ impl<O: Clone> SolverState<O> {
         self.jobs.insert(key, job);
         build.queue.push_back(key);
         self.start_queued(id, effects);
+    }
+
+    /// A cache hit was checked: serve it, or forget the entry and run the vertex.
+    fn cache_checked(
+        &mut self,
+        id: BuildId,
+        index: usize,
+        key: Digest,
+        available: bool,
+        at: u64,
+        effects: &mut Vec<Effect<O>>,
+    ) {
+        let Some(build) = self.builds.get_mut(&id) else { return };
+        if !matches!(build.states.get(index), Some(VertexState::Waiting)) {
+            return;
+        }
+        match self.cache.get(&key).cloned().filter(|_| available) {
+            Some(output) => {
+                build.records[index].started = Some(at);
+                self.complete(id, index, output, key, Status::Cached, at, effects);
+            }
+            None => {
+                // A result whose layers exist nowhere any more is a miss, never a failure.
+                if self.cache.remove(&key).is_some() {
+                    effects.push(Effect::Forget { key });
+                }
+                self.ready(id, index, effects);
+            }
+        }
     }
 
     fn start_queued(&mut self, id: BuildId, effects: &mut Vec<Effect<O>>) {
@@ -442,7 +505,7 @@ impl<O: Clone> SolverState<O> {
             }
         }
         for user in now_ready {
-            self.ready(id, user, at, effects);
+            self.ready(id, user, effects);
         }
         self.finish_if_done(id, effects);
     }

@@ -40,6 +40,10 @@ const LOST_INPUT_RETRIES: u32 = 3;
 /// Recipes kept for recomputing lost results (oldest forgotten first).
 const MAX_RECIPES: usize = 100_000;
 
+/// Recipes followed, one inside the other, to recover one input: more than any chain of
+/// layers an overlay mount can stack, so only a broken recipe table reaches it.
+const MAX_RECOVERY_DEPTH: usize = 256;
+
 /// How a result was made.
 struct Recipe<B> {
     vertex: Vertex,
@@ -352,22 +356,33 @@ impl<B: Send + Sync + 'static> Executor for ClusterExecutor<B> {
         build: Arc<ClusterBuild<B>>,
         logs: LogSink,
     ) -> BoxFuture<Result<Executed<Layers>, String>> {
-        Box::pin(run(Arc::clone(&self.0), vertex, inputs, build, logs))
+        Box::pin(run(Arc::clone(&self.0), vertex, inputs, build, logs, 0))
     }
 
     fn worker_name(&self) -> String {
         "cluster".to_string()
     }
+
+    /// Layers some connected worker holds, or that can be recomputed from a recipe. After a
+    /// coordinator restart the recipes are gone, so a cached result whose worker left is a
+    /// miss and runs again.
+    fn available(&self, output: &Layers) -> bool {
+        let current = self.0.substitute(output);
+        let inner = self.0.lock();
+        current.layers.iter().all(|l| !inner.state.holders(&l.diff_id, "").is_empty())
+            || inner.recipes.contains_key(&current)
+    }
 }
 
 /// Executes a vertex on the cluster: recovers lost inputs, places the job, waits for its
-/// result, and remembers the recipe.
+/// result, and remembers the recipe. `depth` counts the recoveries this run is part of.
 fn run<B: Send + Sync + 'static>(
     cluster: Arc<Cluster<B>>,
     vertex: Vertex,
     inputs: Vec<Layers>,
     build: Arc<ClusterBuild<B>>,
     logs: LogSink,
+    depth: usize,
 ) -> BoxFuture<Result<Executed<Layers>, String>> {
     Box::pin(async move {
         // A merge stacks its inputs' layers: nothing to run.
@@ -381,7 +396,7 @@ fn run<B: Send + Sync + 'static>(
         loop {
             let mut ready = Vec::with_capacity(inputs.len());
             for input in &inputs {
-                ready.push(Arc::clone(&cluster).recover(input.clone(), logs.clone()).await?);
+                ready.push(Arc::clone(&cluster).recover(input.clone(), logs.clone(), depth).await?);
             }
             let result = cluster.place(vertex.clone(), ready.clone(), Arc::clone(&build), logs.clone()).await;
             match result {
@@ -411,12 +426,17 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         current.clone()
     }
 
+    /// Remembers how `output` was made. A step whose output is one of its inputs (a RUN that
+    /// changed nothing, a merge of one input) made nothing: its recipe would name the result
+    /// as its own input, so it is not kept. The first recipe of a result stays; a later one
+    /// made the same layers again and adds nothing.
     fn remember(&self, output: &Layers, recipe: Recipe<B>) {
-        if output.layers.is_empty() {
+        if output.layers.is_empty() || recipe.inputs.contains(output) {
             return;
         }
         let mut inner = self.lock();
-        if inner.recipes.insert(output.clone(), recipe).is_none() {
+        if let std::collections::hash_map::Entry::Vacant(slot) = inner.recipes.entry(output.clone()) {
+            slot.insert(recipe);
             inner.recipe_order.push_back(output.clone());
         }
         while inner.recipe_order.len() > MAX_RECIPES {
@@ -427,8 +447,9 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     }
 
     /// `layers` where some connected worker holds every layer: itself, what replaced it, or
-    /// a recomputation from its recipe.
-    pub fn recover(self: Arc<Self>, layers: Layers, logs: LogSink) -> BoxFuture<Result<Layers, String>> {
+    /// a recomputation from its recipe. `depth` recoveries are already under way around this
+    /// one; past [`MAX_RECOVERY_DEPTH`] the input counts as lost.
+    pub fn recover(self: Arc<Self>, layers: Layers, logs: LogSink, depth: usize) -> BoxFuture<Result<Layers, String>> {
         Box::pin(async move {
             let current = self.substitute(&layers);
             let recipe = {
@@ -441,12 +462,20 @@ impl<B: Send + Sync + 'static> Cluster<B> {
             let Some(recipe) = recipe else {
                 return Err(format!("{LOST_INPUT}layers of an earlier result were lost with their worker"));
             };
+            if depth >= MAX_RECOVERY_DEPTH {
+                return Err(format!(
+                    "{LOST_INPUT}recomputing {} needs more than {MAX_RECOVERY_DEPTH} lost results recomputed first",
+                    recipe.vertex.meta.name
+                ));
+            }
             let _ = logs.send(LogLine {
                 stream: LogStream::Stderr,
                 line: format!("recomputing {}: its result was lost with its worker", recipe.vertex.meta.name),
             });
-            let executed = run(Arc::clone(&self), recipe.vertex, recipe.inputs, recipe.build, logs).await?;
-            self.lock().substitutes.insert(current, executed.output.clone());
+            let executed = run(Arc::clone(&self), recipe.vertex, recipe.inputs, recipe.build, logs, depth + 1).await?;
+            if executed.output != current {
+                self.lock().substitutes.insert(current, executed.output.clone());
+            }
             Ok(executed.output)
         })
     }

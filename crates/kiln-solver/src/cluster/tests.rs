@@ -44,7 +44,9 @@ fn fake(cluster: &Arc<Cluster<()>>, name: &str, ran: Arc<Mutex<Vec<(String, Stri
             ran.lock().unwrap().push((job.vertex.meta.name.clone(), name.clone()));
             let layer =
                 LayerDesc { diff_id: Digest::of(format!("{}@{name}", job.vertex.meta.name).as_bytes()), size: 10 };
-            let output = Layers { layers: job.inputs.iter().flat_map(|l| l.layers.clone()).chain([layer]).collect() };
+            // A step named `noop…` changes nothing, like `RUN cat /x`: its output is its input.
+            let new = Some(layer).filter(|_| !job.vertex.meta.name.starts_with("noop"));
+            let output = Layers { layers: job.inputs.iter().flat_map(|l| l.layers.clone()).chain(new).collect() };
             cluster.report(&name, job.id, job.epoch, Ok(Executed { output, pin: None, worker: None }));
         }
     });
@@ -91,11 +93,52 @@ async fn a_result_lost_with_its_worker_is_recomputed_before_its_user_runs() {
 }
 
 #[tokio::test]
+async fn a_lost_step_that_added_no_layer_is_recovered_through_its_producer() {
+    let cluster = Cluster::<()>::new(ClusterSettings::default());
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let executor = ClusterExecutor(Arc::clone(&cluster));
+    let a = fake(&cluster, "a", Arc::clone(&ran));
+    let sink = || LogSink::new(|_| true);
+    let base = exec("base", vec![]);
+    let first = executor.execute(base.clone(), vec![], build(), sink()).await.unwrap();
+    let noop = exec("noop cat", vec![base.digest]);
+    let same = executor.execute(noop.clone(), vec![first.output.clone()], build(), sink()).await.unwrap();
+    assert_eq!(same.output, first.output);
+
+    cluster.disconnect("a", a);
+    fake(&cluster, "b", Arc::clone(&ran));
+    let recovered = Arc::clone(&cluster).recover(same.output, sink(), 0).await.unwrap();
+    assert_eq!(recovered.layers, [LayerDesc { diff_id: Digest::of(b"base@b"), size: 10 }]);
+    assert_eq!(ran.lock().unwrap().last(), Some(&("base".to_string(), "b".to_string())));
+    let user = executor.execute(exec("user", vec![noop.digest]), vec![first.output], build(), sink()).await.unwrap();
+    assert_eq!(user.output.layers[0], recovered.layers[0]);
+}
+
+#[tokio::test]
+async fn recovery_deeper_than_the_bound_fails_as_a_lost_input() {
+    let cluster = Cluster::<()>::new(ClusterSettings::default());
+    let executor = ClusterExecutor(Arc::clone(&cluster));
+    let a = fake(&cluster, "a", Arc::new(Mutex::new(Vec::new())));
+    let mut output = Layers::default();
+    let mut parent = vec![];
+    for n in 0..=MAX_RECOVERY_DEPTH {
+        let step = exec(&format!("step{n}"), parent);
+        let inputs = if output.layers.is_empty() { vec![] } else { vec![output] };
+        output = executor.execute(step.clone(), inputs, build(), LogSink::new(|_| true)).await.unwrap().output;
+        parent = vec![step.digest];
+    }
+    cluster.disconnect("a", a);
+    fake(&cluster, "b", Arc::new(Mutex::new(Vec::new())));
+    let error = Arc::clone(&cluster).recover(output, LogSink::new(|_| true), 0).await.unwrap_err();
+    assert!(error.starts_with(LOST_INPUT) && error.contains("more than 256"), "{error}");
+}
+
+#[tokio::test]
 async fn a_lost_result_without_a_recipe_fails_as_a_lost_input() {
     let cluster = Cluster::<()>::new(ClusterSettings::default());
     fake(&cluster, "b", Arc::new(Mutex::new(Vec::new())));
     let ghost = Layers { layers: vec![LayerDesc { diff_id: Digest::of(b"ghost"), size: 1 }] };
-    let error = Arc::clone(&cluster).recover(ghost, LogSink::new(|_| true)).await.unwrap_err();
+    let error = Arc::clone(&cluster).recover(ghost, LogSink::new(|_| true), 0).await.unwrap_err();
     assert!(error.starts_with(LOST_INPUT), "{error}");
 }
 
@@ -119,4 +162,19 @@ async fn merges_run_nowhere_and_a_dropped_execution_cancels_its_job() {
     let timed_out = tokio::time::timeout(std::time::Duration::from_millis(50), pending).await;
     assert!(timed_out.is_err());
     assert_eq!(cluster.counters().0, 0);
+}
+
+#[tokio::test]
+async fn outputs_are_available_while_held_or_recomputable() {
+    let cluster = Cluster::<()>::new(ClusterSettings::default());
+    let executor = ClusterExecutor(Arc::clone(&cluster));
+    let a = fake(&cluster, "a", Arc::new(Mutex::new(Vec::new())));
+    let made = executor.execute(exec("base", vec![]), vec![], build(), LogSink::new(|_| true)).await.unwrap();
+    assert!(executor.available(&made.output));
+    cluster.disconnect("a", a);
+    assert!(executor.available(&made.output), "its recipe can make it again");
+    // What a restarted coordinator knows from its cache index: layers, no recipe.
+    let restored = Layers { layers: vec![LayerDesc { diff_id: Digest::of(b"from before"), size: 1 }] };
+    assert!(!executor.available(&restored));
+    assert!(executor.available(&Layers::default()));
 }

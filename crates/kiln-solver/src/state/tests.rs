@@ -64,15 +64,33 @@ fn ok(output: &str, pin: Option<Digest>) -> Result<Executed<String>, String> {
 }
 
 /// Runs every `Run` effect to success (outputs named after the vertex), repeatedly, and
-/// returns all effects.
-fn drive(state: &mut State, mut effects: Vec<Effect<String>>, pin: Digest) -> Vec<Effect<String>> {
+/// returns all effects. Every cached output is still available.
+fn drive(state: &mut State, effects: Vec<Effect<String>>, pin: Digest) -> Vec<Effect<String>> {
+    drive_with(state, effects, pin, |_| true)
+}
+
+/// [`drive`], answering cache checks with `available`.
+fn drive_with(
+    state: &mut State,
+    mut effects: Vec<Effect<String>>,
+    pin: Digest,
+    available: impl Fn(&str) -> bool,
+) -> Vec<Effect<String>> {
     let mut all = Vec::new();
     while !effects.is_empty() {
         let mut next = Vec::new();
         for effect in &effects {
-            if let Effect::Run { key, vertex, .. } = effect {
-                let pin = matches!(vertex.op, Op::Source(_)).then_some(pin);
-                next.extend(state.apply(Command::Finished { key: *key, result: ok(&vertex.meta.name, pin), at: 2 }));
+            match effect {
+                Effect::Run { key, vertex, .. } => {
+                    let pin = matches!(vertex.op, Op::Source(_)).then_some(pin);
+                    let result = ok(&vertex.meta.name, pin);
+                    next.extend(state.apply(Command::Finished { key: *key, result, at: 2 }));
+                }
+                Effect::CheckCached { build, index, key, output } => {
+                    let (build, index, key, available) = (*build, *index, *key, available(output));
+                    next.extend(state.apply(Command::CacheChecked { build, index, key, available, at: 2 }));
+                }
+                _ => {}
             }
         }
         all.extend(effects);
@@ -125,6 +143,26 @@ fn a_finished_build_is_served_from_the_cache_unless_no_cache() {
     let submitted = submit(&mut state, 4, graph(&["a"]), BuildOptions::default());
     let effects = drive(&mut state, submitted, Digest::of(b"new manifest"));
     assert_eq!(runs(&effects).len(), 3);
+}
+
+#[test]
+fn a_cached_output_that_is_gone_is_forgotten_and_executed_again() {
+    let mut state = State::default();
+    let pin = Digest::of(b"manifest");
+    let effects = submit(&mut state, 1, graph(&["a", "b"]), BuildOptions::default());
+    drive(&mut state, effects, pin);
+
+    // `RUN a`'s output went with its worker; `RUN b`'s and the merge's are still there.
+    let submitted = submit(&mut state, 2, graph(&["a", "b"]), BuildOptions::default());
+    let effects = drive_with(&mut state, submitted, pin, |output| output != "RUN a");
+    let ran: Vec<String> = runs(&effects).into_iter().map(|r| r.1).collect();
+    assert_eq!(ran, ["FROM", "RUN a"]);
+    let forgotten = effects.iter().filter(|e| matches!(e, Effect::Forget { .. })).count();
+    assert_eq!(forgotten, 1);
+    let (result, records) = finished(&effects, 2).unwrap();
+    assert_eq!(result.unwrap(), vec![Some("merge".to_string())]);
+    let status = |name: &str| records.iter().find(|r| r.name == name).unwrap().status;
+    assert_eq!((status("RUN a"), status("RUN b"), status("merge")), (Status::Executed, Status::Cached, Status::Cached));
 }
 
 #[test]

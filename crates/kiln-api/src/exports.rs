@@ -1,0 +1,58 @@
+//! File outputs go back to the client. The engine writes them into a spool under the
+//! daemon's root; they are streamed to the client as `ExportData` pieces and the spool is
+//! removed. A daemon never writes at a path a client names (as buildx, whose exporters
+//! write on the client side).
+
+use std::path::{Path, PathBuf};
+
+use kiln_engine::SpooledFile;
+use kiln_proto::v1::{BuildEvent, ExportData, build_event};
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// The directory under the daemon's root that holds every build's spool.
+pub(crate) const SPOOL_DIR: &str = "exports";
+
+/// The size of one piece: small enough that the 256 events a build's stream buffers stay
+/// well under the message limit and in a bounded amount of memory.
+const PIECE: usize = 256 * 1024;
+
+/// The spool of build number `n`.
+pub(crate) fn spool_path(root: &Path, n: u64) -> PathBuf {
+    root.join(SPOOL_DIR).join(n.to_string())
+}
+
+/// Removes a spool (off the async threads: it may hold a whole root filesystem as a tar).
+pub(crate) async fn remove_spool(spool: PathBuf) {
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(spool)).await;
+}
+
+/// Sends every file, in pieces, each file ending with a piece marked last. An error names
+/// the output; a client that left ends the sending quietly (its build is over anyway).
+pub(crate) async fn send(
+    files: &[SpooledFile],
+    events: &mpsc::Sender<Result<BuildEvent, Status>>,
+) -> Result<(), String> {
+    for file in files {
+        let fail = |e: std::io::Error| format!("sending output {} to the client: {e}", file.output);
+        let mut reader = tokio::fs::File::open(&file.path).await.map_err(fail)?;
+        loop {
+            let mut data = Vec::with_capacity(PIECE);
+            (&mut reader).take(PIECE as u64).read_to_end(&mut data).await.map_err(fail)?;
+            let last = data.len() < PIECE;
+            let piece = ExportData {
+                output: file.output as u32,
+                unpack: file.unpack_into.is_some(),
+                subdir: file.unpack_into.clone().unwrap_or_default(),
+                data,
+                last,
+            };
+            let event = BuildEvent { event: Some(build_event::Event::ExportData(piece)) };
+            if events.send(Ok(event)).await.is_err() || last {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
