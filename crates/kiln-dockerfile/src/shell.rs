@@ -105,6 +105,14 @@ pub enum ShellError {
         /// The whole input word.
         word: String,
     },
+    /// The expansion grew past [`MAX_WORD_LEN`] bytes.
+    #[error("the expansion of {word} is longer than {limit} bytes")]
+    TooLong {
+        /// The limit that was exceeded.
+        limit: usize,
+        /// The input word (its start, when it is long itself).
+        word: String,
+    },
     /// The pattern of a `#`, `%` or `/` operator is malformed.
     #[error("invalid pattern ({pattern}) in {word}: {reason}")]
     InvalidPattern {
@@ -120,6 +128,12 @@ pub enum ShellError {
 /// How deeply `${...}` substitutions may nest. Each level recurses, so the limit keeps
 /// hostile input from overflowing the stack; real Dockerfiles nest a handful of levels.
 pub const MAX_NESTING: usize = 200;
+
+/// The longest expansion of one word, in bytes: eight times what Linux accepts as one
+/// argument or environment string (`MAX_ARG_STRLEN`, 128 KiB), so any word a step can use
+/// fits, and `ARG A2=${A1}${A1}`-style doubling fails at this size instead of exhausting
+/// memory.
+pub const MAX_WORD_LEN: usize = 1 << 20;
 
 /// BuildKit's Dockerfile shell lexer. It is cheap to clone and holds no per-word state.
 #[derive(Debug, Clone)]
@@ -248,6 +262,19 @@ impl<'a> Scan<'a> {
         self.source.to_string()
     }
 
+    /// Fails once an expansion passes [`MAX_WORD_LEN`].
+    fn check_len(&self, text: &str) -> Result<(), ShellError> {
+        if text.len() <= MAX_WORD_LEN { Ok(()) } else { Err(self.too_long()) }
+    }
+
+    fn too_long(&self) -> ShellError {
+        let mut word: String = self.source.chars().take(80).collect();
+        if word.len() < self.source.len() {
+            word.push('…');
+        }
+        ShellError::TooLong { limit: MAX_WORD_LEN, word }
+    }
+
     /// Scans until `stop` (consumed) or, when `stop` is `None`, the end of input. Returns the
     /// expanded text and its split words. `raw_escapes` says whether escape characters are
     /// kept; operators override it for their nested words, as BuildKit does.
@@ -274,6 +301,7 @@ impl<'a> Scan<'a> {
                 }
             };
             result.push_str(&text);
+            self.check_len(&result)?;
             self.add_text(&mut words, &text, split);
         }
         match stop {
@@ -363,7 +391,10 @@ impl<'a> Scan<'a> {
             match self.peek() {
                 None => return Err(ShellError::UnterminatedDoubleQuote { word: self.word() }),
                 Some('"') => break,
-                Some('$') => result.push_str(&self.dollar()?),
+                Some('$') => {
+                    result.push_str(&self.dollar()?);
+                    self.check_len(&result)?;
+                }
                 Some(_) => self.double_quoted_char(raw_escapes, &mut result),
             }
         }
@@ -586,7 +617,7 @@ impl<'a> Scan<'a> {
         let glob = self.glob(&pattern, &pattern, true)?;
         let text: Vec<char> = value.unwrap_or_default().chars().collect();
         if all {
-            return Ok(replace_all(&glob, &text, &replacement));
+            return replace_all(&glob, &text, &replacement, MAX_WORD_LEN).ok_or_else(|| self.too_long());
         }
         let Some((start, end)) = glob.find(&text, 0, false) else {
             return Ok(text.iter().collect());

@@ -119,9 +119,9 @@ impl Converter<'_> {
             if let Some(doc) = opener.and_then(|_| heredocs.next()) {
                 let mut doc = doc.clone();
                 if doc.expand {
-                    let env = state.expansion_env();
                     let lexer = Lexer::new('\\').skip_process_quotes(true);
-                    doc.content = lexer.process_word(&doc.content, &env)?;
+                    doc.content = lexer.process_word(&doc.content, state)?;
+                    self.charge(doc.content.len())?;
                 }
                 sources.push(Source::Inline(doc));
                 continue;

@@ -57,11 +57,13 @@ impl Converter<'_> {
             root: None,
             config: Default::default(),
             args: Vec::new(),
+            arg_names: Default::default(),
             cmd_set: false,
             cmd_index: 0,
             cmd_total,
             show_name: self.file.stages.len() > 1,
             show_platform: self.prefix_platform,
+            env_index: Default::default(),
         };
         let explicit_platform = stage.from.platform.is_some();
         if let Some(parent) = self.find_stage(&base, Some(index), false) {
@@ -77,8 +79,11 @@ impl Converter<'_> {
         } else {
             self.start_from_image(&mut state, &base, stage.line)?;
         }
-        if state.config.env_get("PATH").is_none() {
-            state.config.env_set("PATH", DEFAULT_PATH);
+        state.index_env();
+        // A stage starts with its base's variables: they count against the conversion's size.
+        self.charge(state.variables_len())?;
+        if state.env_get("PATH").is_none() {
+            state.env_set("PATH", DEFAULT_PATH);
         }
         Ok(state)
     }
@@ -149,8 +154,9 @@ impl Converter<'_> {
     }
 
     pub(super) fn expand(&self, state: &StageState, word: &str) -> Result<String, Failure> {
-        let env = state.expansion_env();
-        Ok(self.lexer.process_word(word, &env)?)
+        let expanded = self.lexer.process_word(word, state)?;
+        self.charge(expanded.len())?;
+        Ok(expanded)
     }
 
     fn dispatch_env(&mut self, state: &mut StageState, pairs: &[KeyValue]) -> Result<(), Failure> {
@@ -165,7 +171,7 @@ impl Converter<'_> {
             expanded.push((key, self.expand(state, &kv.value)?));
         }
         for (key, value) in expanded {
-            state.config.env_set(&key, &value);
+            state.env_set(&key, &value);
         }
         Ok(())
     }
@@ -177,10 +183,7 @@ impl Converter<'_> {
                 (None, Some(default)) => Some(self.expand(state, default)?),
                 (None, None) => self.meta_env.iter().rev().find(|(k, _)| *k == decl.key).map(|(_, v)| v.clone()),
             };
-            state.args.retain(|(k, _)| *k != decl.key);
-            if let Some(v) = value {
-                state.args.push((decl.key.clone(), v));
-            }
+            state.arg_set(&decl.key, value);
         }
         Ok(())
     }
@@ -215,9 +218,8 @@ impl Converter<'_> {
     }
 
     fn dispatch_expose(&mut self, state: &mut StageState, words: &[String]) -> Result<(), Failure> {
-        let env = state.expansion_env();
         for word in words {
-            for spec in self.lexer.process_words(word, &env)? {
+            for spec in self.lexer.process_words(word, &*state)? {
                 for port in parse_port_spec(&spec)? {
                     state.config.exposed_ports.insert(port);
                 }

@@ -20,16 +20,17 @@ impl Converter<'_> {
         let rootfs = state.root_input(&mut inputs);
         let mut mounts = Vec::new();
         for spec in &run.mounts {
-            let env = state.expansion_env();
-            let lexer = &self.lexer;
-            let mount = parse_mount(spec, &mut |v| lexer.process_word(v, &env).map_err(|e| e.to_string()))
+            let expanded = &*state;
+            let mount = parse_mount(spec, &mut |v| self.expand(expanded, v).map_err(|e| e.to_string()))
                 .map_err(|e| format!("--mount: {e}"))?;
             mounts.push(self.mount(state, command, mount, &mut inputs)?);
         }
         let args = self.run_args(state, run, &mut mounts, &mut inputs)?;
+        let env = state.run_env();
+        self.charge(args.iter().chain(&env).map(String::len).sum())?;
         let op = Op::Exec(ExecOp {
             args,
-            env: state.run_env(),
+            env,
             cwd: if state.config.working_dir.is_empty() { "/".into() } else { state.config.working_dir.clone() },
             user: state.config.user.clone(),
             network: run.network,

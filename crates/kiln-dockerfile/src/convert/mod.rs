@@ -88,6 +88,15 @@ pub(crate) enum Failure {
     Located(FrontendError),
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Message(message) => f.write_str(message),
+            Failure::Located(error) => error.fmt(f),
+        }
+    }
+}
+
 impl From<String> for Failure {
     fn from(message: String) -> Self {
         Failure::Message(message)
@@ -164,6 +173,12 @@ fn resolve_target(file: &Dockerfile, target: Option<&str>) -> Result<usize, Stri
 /// chain a handful of stages.
 pub const MAX_STAGE_DEPTH: usize = 32;
 
+/// The most bytes one conversion may produce from expansions, inherited variables and the
+/// commands and environments of RUN steps: BuildKit refuses build definitions over 16 MiB
+/// (its gRPC message limit), and a bound keeps a small hostile Dockerfile (variables doubled
+/// again and again, a large environment copied into every step) from exhausting memory.
+pub const MAX_CONVERTED_BYTES: usize = 16 << 20;
+
 /// Per-stage conversion progress, so each stage converts once and cycles are caught.
 #[derive(Clone)]
 enum Slot {
@@ -186,6 +201,8 @@ pub(crate) struct Converter<'a> {
     meta_env: Vec<(String, String)>,
     lexer: Lexer,
     warnings: Vec<String>,
+    /// Bytes left of [`MAX_CONVERTED_BYTES`].
+    budget: std::cell::Cell<usize>,
 }
 
 /// The automatic platform ARGs BuildKit defines.
@@ -236,7 +253,24 @@ impl<'a> Converter<'a> {
             meta_env,
             lexer,
             warnings: Vec::new(),
+            budget: std::cell::Cell::new(MAX_CONVERTED_BYTES),
         })
+    }
+
+    /// Counts `bytes` against [`MAX_CONVERTED_BYTES`]; the error is located by the caller.
+    pub(crate) fn charge(&self, bytes: usize) -> Result<(), Failure> {
+        match self.budget.get().checked_sub(bytes) {
+            Some(left) => {
+                self.budget.set(left);
+                Ok(())
+            }
+            None => Err(format!(
+                "the build definition grows past {} MiB here (expanded variables and the commands and \
+                 environments of its steps), BuildKit's limit",
+                MAX_CONVERTED_BYTES >> 20
+            )
+            .into()),
+        }
     }
 
     /// Converts stage `index` (once) and returns its result. `referrer` is the stage and

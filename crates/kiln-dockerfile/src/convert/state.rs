@@ -1,5 +1,7 @@
 //! The state of a stage while its instructions are converted.
 
+use std::collections::HashMap;
+
 use kiln_graph::{Input, VertexMeta};
 use kiln_types::{Digest, Platform};
 
@@ -31,6 +33,8 @@ pub(crate) struct StageState {
     pub config: ImageConfig,
     /// ARGs declared in this stage that have a value, in order.
     pub args: Vec<(String, String)>,
+    /// The names in `args`, so a new ARG costs no scan of the others.
+    pub arg_names: std::collections::HashSet<String>,
     /// A CMD was set in this stage (ENTRYPOINT then keeps it).
     pub cmd_set: bool,
     /// Number of the next vertex-producing instruction, for `[name i/n]`.
@@ -41,24 +45,74 @@ pub(crate) struct StageState {
     pub show_name: bool,
     /// Show the platform in vertex names (multi-platform builds).
     pub show_platform: bool,
+    /// Where each variable is in `config.env` (its last entry), so ENV and lookups cost the
+    /// same however many variables the stage has.
+    pub env_index: HashMap<String, usize>,
+}
+
+/// Variables visible to expansion: ENV, else the stage's ARGs (ENV wins).
+impl crate::shell::Env for StageState {
+    fn get(&self, name: &str) -> Option<String> {
+        match self.env_get(name) {
+            Some(value) => Some(value.to_owned()),
+            None if self.arg_names.contains(name) => {
+                self.args.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            }
+            None => None,
+        }
+    }
 }
 
 impl StageState {
-    /// Variables visible to expansion: stage ARGs, overridden by ENV (ENV wins).
-    pub fn expansion_env(&self) -> Vec<(String, String)> {
-        let mut env = self.args.clone();
-        env.extend(self.config.env.iter().filter_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            Some((k.to_owned(), v.to_owned()))
-        }));
-        env
+    /// Indexes `config.env` after the config was replaced (a new stage's base).
+    pub fn index_env(&mut self) {
+        self.env_index.clear();
+        for (i, entry) in self.config.env.iter().enumerate() {
+            let key = entry.split_once('=').map_or(entry.as_str(), |(k, _)| k);
+            self.env_index.insert(key.to_owned(), i);
+        }
+    }
+
+    /// The value of an ENV variable.
+    pub fn env_get(&self, key: &str) -> Option<&str> {
+        let entry = &self.config.env[*self.env_index.get(key)?];
+        Some(entry.split_once('=').map_or("", |(_, v)| v))
+    }
+
+    /// Sets an ENV variable, replacing an earlier value in place.
+    pub fn env_set(&mut self, key: &str, value: &str) {
+        let entry = format!("{key}={value}");
+        match self.env_index.get(key) {
+            Some(&i) => self.config.env[i] = entry,
+            None => {
+                self.env_index.insert(key.to_owned(), self.config.env.len());
+                self.config.env.push(entry);
+            }
+        }
+    }
+
+    /// Declares an ARG (`None`: without a value), moving it after the others.
+    pub fn arg_set(&mut self, key: &str, value: Option<String>) {
+        if self.arg_names.remove(key) {
+            self.args.retain(|(k, _)| k != key);
+        }
+        if let Some(value) = value {
+            self.arg_names.insert(key.to_owned());
+            self.args.push((key.to_owned(), value));
+        }
+    }
+
+    /// The bytes of the stage's variables.
+    pub fn variables_len(&self) -> usize {
+        self.config.env.iter().map(String::len).sum::<usize>()
+            + self.args.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
     }
 
     /// The environment of a RUN: the image env plus ARGs it does not define, and PATH.
     pub fn run_env(&self) -> Vec<String> {
         let mut env = self.config.env.clone();
         for (k, v) in &self.args {
-            if self.config.env_get(k).is_none() {
+            if self.env_get(k).is_none() {
                 env.push(format!("{k}={v}"));
             }
         }

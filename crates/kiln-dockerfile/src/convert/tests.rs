@@ -401,3 +401,52 @@ fn deep_stage_chains_convert_up_to_the_limit_and_then_fail_cleanly() {
         }
     }
 }
+
+#[test]
+fn doubled_variables_and_copied_environments_fail_at_a_bound_naming_the_line() {
+    let mut dockerfile = String::from("FROM scratch\nARG A0=0123456789abcdef\n");
+    for n in 1..=26 {
+        dockerfile += &format!("ARG A{n}=${{A{}}}${{A{}}}\n", n - 1, n - 1);
+    }
+    dockerfile += "RUN true\n";
+    let error = build().error(&dockerfile);
+    // 16 << 17 is the first value over 1 MiB: line 2 + 17.
+    assert!(error.starts_with("Dockerfile:19"), "{error}");
+    assert!(error.contains("is longer than 1048576 bytes"), "{error}");
+
+    // Many variables under the word limit, copied into many steps: the whole-build bound.
+    let mut dockerfile = String::from("FROM scratch\nARG A0=0123456789abcdef\n");
+    for n in 1..=15 {
+        dockerfile += &format!("ARG A{n}=${{A{}}}${{A{}}}\n", n - 1, n - 1);
+    }
+    for n in 0..40 {
+        dockerfile += &format!("ENV V{n}=$A15\nRUN true\n");
+    }
+    let error = build().error(&dockerfile);
+    assert!(error.contains("grows past 16 MiB"), "{error}");
+    assert!(error.starts_with("Dockerfile:"), "{error}");
+
+    // A replacement that multiplies a value is bounded too.
+    let error = build().error("FROM scratch\nARG A=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\nARG B=${A//a/$A$A$A$A}\nARG C=${B//a/$B}\n");
+    assert!(error.starts_with("Dockerfile:4") && error.contains("longer than"), "{error}");
+}
+
+#[test]
+fn many_env_and_arg_instructions_convert_with_every_value() {
+    // Each instruction looks up and sets variables through an index: linear in the file.
+    let mut dockerfile = String::from("FROM scratch\n");
+    for n in 0..20_000 {
+        dockerfile += &format!("ENV V{n}=${{V0:-start}}-{n}\nARG A{n}=$V{n}\n");
+    }
+    dockerfile += "ENV V5=again\nRUN true\n";
+    let plan = build().plan(&dockerfile);
+    let env = &execs(&plan.graph)[0].env;
+    assert_eq!(
+        (env[0].as_str(), env[6].as_str()),
+        ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "V5=again"),
+        "replaced in place"
+    );
+    assert_eq!(env[20_000], "V19999=start-0-19999");
+    assert!(env.contains(&"A7=start-0-7".to_string()), "ARGs without an ENV of their name join the RUN's env");
+    assert_eq!(env.iter().filter(|e| e.starts_with('V')).count(), 20_000);
+}

@@ -4,7 +4,7 @@ use super::{is_digit, is_letter};
 
 /// Replaces every match the way Go's `Regexp.ReplaceAllString` does: an empty match right
 /// after a previous match is skipped, and `$0` in the replacement stands for the match.
-pub(super) fn replace_all(glob: &Glob, text: &[char], replacement: &str) -> String {
+pub(super) fn replace_all(glob: &Glob, text: &[char], replacement: &str, limit: usize) -> Option<String> {
     let mut out = String::new();
     let (mut last_end, mut search) = (0, 0);
     while search <= text.len() {
@@ -15,13 +15,16 @@ pub(super) fn replace_all(glob: &Glob, text: &[char], replacement: &str) -> Stri
         if end > last_end || start == 0 {
             let matched: String = text[start..end].iter().collect();
             out.push_str(&expand_template(replacement, &matched));
+            if out.len() > limit {
+                return None;
+            }
         }
         last_end = end;
         // Always move on by at least one character, so an empty match cannot repeat forever.
         search = if search + 1 > end { search + 1 } else { end };
     }
     out.extend(&text[last_end..]);
-    out
+    Some(out)
 }
 
 /// Expands a Go regexp replacement template. The glob has no capture groups, so `$0` and
