@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_cas::Unsynced;
-use kiln_client::BlobWriter;
+use kiln_client::{BlobWriter, MAX_MESSAGE};
 use kiln_engine::Engine;
 use kiln_proto::v1::blobs_server::BlobsServer;
 use kiln_proto::v1::control_server::{Control, ControlServer};
@@ -205,10 +205,14 @@ pub async fn serve_unix(
     tonic::transport::Server::builder()
         .initial_stream_window_size(kiln_client::STREAM_WINDOW)
         .initial_connection_window_size(kiln_client::CONNECTION_WINDOW)
-        .add_service(ControlServer::new(service))
+        .add_service(control_server(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .map_err(|e| e.to_string())
+}
+
+fn control_server(service: ControlService) -> ControlServer<ControlService> {
+    ControlServer::new(service).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
 }
 
 /// The services one TCP listener serves.
@@ -236,9 +240,13 @@ pub async fn serve_tcp(
         .initial_connection_window_size(kiln_client::CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_optional_service(services.control.map(ControlServer::new))
-        .add_optional_service(services.workers.map(WorkersServer::new))
-        .add_optional_service(services.blobs.map(BlobsServer::new))
+        .add_optional_service(services.control.map(control_server))
+        .add_optional_service(services.workers.map(|workers| {
+            WorkersServer::new(workers).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
+        }))
+        .add_optional_service(
+            services.blobs.map(|blobs| BlobsServer::new(blobs).max_encoding_message_size(MAX_MESSAGE)),
+        )
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
         .map_err(|e| e.to_string())

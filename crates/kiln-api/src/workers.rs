@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use kiln_client::MAX_MESSAGE;
 use kiln_client::convert::{layers_from_proto, layers_to_proto, manifest_to_proto};
 use kiln_engine::ClusterData;
 use kiln_graph::{Op, SourceOp};
@@ -46,49 +47,75 @@ impl Workers for WorkersService {
         let info = worker_info(register.clone()).map_err(Status::invalid_argument)?;
         let layers = register.layers.iter().filter_map(|d| d.parse().ok()).collect();
         let name = info.name.clone();
-        let (session, mut assignments) = self.cluster.register(info, layers);
+        let (session, mut assignments) = self.cluster.register(info, layers).map_err(|reason| {
+            eprintln!("kilnd: refused a worker registration: {reason}");
+            Status::already_exists(reason)
+        })?;
         let (outgoing, stream) = mpsc::unbounded_channel::<Result<v1::CoordinatorMessage, Status>>();
         let registered = v1::Registered { session, lease_ms: self.lease_ms };
         let _ = outgoing.send(Ok(message(coordinator_message::Message::Registered(registered))));
 
         let address = self.address.clone();
         let sender = outgoing.clone();
+        let (cluster, worker) = (Arc::clone(&self.cluster), name.clone());
+        // Set when the worker's side ended first: then there is nothing to close.
+        let worker_left = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let left = Arc::clone(&worker_left);
         tokio::spawn(async move {
             while let Some(to_worker) = assignments.recv().await {
                 let converted = match to_worker {
-                    ToWorker::Assign(job) => coordinator_message::Message::Assign(assign(*job, &address)),
+                    ToWorker::Assign(job) => match assign(*job, &address) {
+                        Ok(assign) => coordinator_message::Message::Assign(assign),
+                        // Too large to send: the job fails alone, the session goes on.
+                        Err((job, epoch, error)) => {
+                            eprintln!("kilnd: worker {worker}: job {job}: {error}");
+                            cluster.report(&worker, job, epoch, Err(error));
+                            continue;
+                        }
+                    },
                     ToWorker::Cancel { job } => coordinator_message::Message::Cancel(v1::CancelJob { job }),
                 };
                 if sender.send(Ok(message(converted))).is_err() {
                     return;
                 }
             }
+            // The cluster ended this session (its lease expired, the same worker registered
+            // again, or the coordinator is stopping): close the stream, so a worker that is
+            // still alive registers anew instead of heartbeating into a dead session.
+            if left.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let reason = format!(
+                "worker {worker}: the coordinator ended session {session} (lease expired, replaced, or shutting down)"
+            );
+            eprintln!("kilnd: {reason}");
+            let _ = sender.send(Err(Status::unavailable(reason)));
         });
 
         let cluster = Arc::clone(&self.cluster);
         tokio::spawn(async move {
-            loop {
-                let next = incoming.message().await;
-                let Ok(Some(v1::WorkerMessage { message: Some(received) })) = next else {
-                    if let Ok(Some(_)) = next {
-                        continue;
-                    }
-                    break;
-                };
-                match received {
-                    worker_message::Message::Heartbeat(beat) => cluster.heartbeat(&name, session, beat.free_disk),
-                    worker_message::Message::Log(log) => {
-                        let stream = if log.stderr { LogStream::Stderr } else { LogStream::Stdout };
-                        cluster.log(log.job, log.epoch, LogLine { stream, line: log.line });
-                    }
-                    worker_message::Message::Result(result) => {
-                        let (job, epoch) = (result.job, result.epoch);
-                        cluster.report(&name, job, epoch, job_result(result));
-                    }
-                    worker_message::Message::Drain(_) => cluster.drain(&name, session),
-                    worker_message::Message::Register(_) => {}
+            let why = loop {
+                match incoming.message().await {
+                    Ok(Some(v1::WorkerMessage { message: Some(received) })) => match received {
+                        worker_message::Message::Heartbeat(beat) => cluster.heartbeat(&name, session, beat.free_disk),
+                        worker_message::Message::Log(log) => {
+                            let stream = if log.stderr { LogStream::Stderr } else { LogStream::Stdout };
+                            cluster.log(log.job, log.epoch, LogLine { stream, line: log.line });
+                        }
+                        worker_message::Message::Result(result) => {
+                            let (job, epoch) = (result.job, result.epoch);
+                            cluster.report(&name, job, epoch, job_result(result));
+                        }
+                        worker_message::Message::Drain(_) => cluster.drain(&name, session),
+                        worker_message::Message::Register(_) => {}
+                    },
+                    Ok(Some(_)) => {}
+                    Ok(None) => break "the worker closed it".to_string(),
+                    Err(status) => break format!("{} ({:?})", status.message(), status.code()),
                 }
-            }
+            };
+            eprintln!("kilnd: worker {name}: session {session} ended: {why}");
+            worker_left.store(true, std::sync::atomic::Ordering::SeqCst);
             cluster.disconnect(&name, session);
             drop(outgoing);
         });
@@ -121,7 +148,8 @@ fn worker_info(register: v1::Register) -> Result<WorkerInfo, String> {
 }
 
 /// An assignment as sent: secrets only with RUN steps, contexts only with context sources.
-fn assign(job: Job<ClusterData>, address: &str) -> v1::Assign {
+/// One larger than [`MAX_MESSAGE`] cannot be sent: the job, its epoch and why.
+fn assign(job: Job<ClusterData>, address: &str) -> Result<v1::Assign, (u64, u32, String)> {
     let data = &job.build.data;
     let secrets = match &job.vertex.op {
         Op::Exec(_) => data.secrets.clone(),
@@ -133,7 +161,7 @@ fn assign(job: Job<ClusterData>, address: &str) -> v1::Assign {
         }
         _ => Default::default(),
     };
-    v1::Assign {
+    let assign = v1::Assign {
         job: job.id,
         epoch: job.epoch,
         vertex: serde_json::to_vec(&job.vertex).expect("vertices serialise"),
@@ -146,7 +174,20 @@ fn assign(job: Job<ClusterData>, address: &str) -> v1::Assign {
         secrets,
         contexts,
         context_address: address.to_string(),
+    };
+    // Room for the message's own framing under the limit.
+    let size = prost::Message::encoded_len(&assign);
+    if size + 1024 > MAX_MESSAGE {
+        let error = format!(
+            "{}: its assignment is {} MiB, over the {} MiB limit of a worker message (its environment, \
+             secrets or build context are too large)",
+            job.vertex.meta.name,
+            size >> 20,
+            MAX_MESSAGE >> 20
+        );
+        return Err((job.id, job.epoch, error));
     }
+    Ok(assign)
 }
 
 fn job_result(result: v1::JobResult) -> Result<Executed<Layers>, String> {

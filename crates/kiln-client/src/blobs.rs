@@ -148,6 +148,7 @@ fn channel(address: &str) -> Result<Channel, String> {
 /// Fetches `digest` from the blob service at `address` into `store`, verifying it.
 pub async fn fetch_blob(address: &str, digest: &Digest, store: &Arc<BlobStore>) -> Result<(), String> {
     let mut stream = BlobsClient::new(channel(address)?)
+        .max_decoding_message_size(crate::MAX_MESSAGE)
         .fetch(v1::FetchRequest { digest: digest.to_string() })
         .await
         .map_err(|e| format!("{address}: {}", e.message()))?

@@ -138,6 +138,12 @@ pub const STREAM_WINDOW: u32 = 4 << 20;
 /// The whole connection's window.
 pub const CONNECTION_WINDOW: u32 = 8 << 20;
 
+/// The largest message any Kiln stream encodes or decodes, set on every client and server.
+/// Build requests carry context manifests (about 150 bytes a file) and worker assignments
+/// carry a step's environment (at most 16 MiB after conversion), secrets and manifests; an
+/// assignment over this size fails its own job instead of breaking the worker's session.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
 /// An endpoint for `http://HOST:PORT` with Kiln's transport settings.
 pub fn endpoint(address: &str) -> Result<Endpoint, String> {
     Ok(tuned(Endpoint::from_shared(address.to_string()).map_err(|e| format!("{address}: {e}"))?))
@@ -165,7 +171,9 @@ impl Client {
             endpoint(address)?.connect().await
         }
         .map_err(|e| format!("cannot connect to {address}: {e}"))?;
-        Ok(Client { control: ControlClient::new(channel) })
+        let control =
+            ControlClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+        Ok(Client { control })
     }
 
     /// Asks the daemon to describe itself.

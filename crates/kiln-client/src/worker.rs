@@ -41,6 +41,15 @@ pub enum FromCoordinator {
     Assign(Box<Assignment>),
     /// Stop a job.
     Cancel(JobId),
+    /// An assignment this worker could not read: report it failed (the session goes on).
+    Unreadable {
+        /// The job.
+        job: JobId,
+        /// Its epoch.
+        epoch: u32,
+        /// Why.
+        error: String,
+    },
 }
 
 /// The sending half of a session (cheap to clone).
@@ -76,6 +85,8 @@ impl WorkerSession {
         };
         let _ = sender.send(v1::WorkerMessage { message: Some(worker_message::Message::Register(register)) });
         let mut stream = WorkersClient::new(channel)
+            .max_decoding_message_size(crate::MAX_MESSAGE)
+            .max_encoding_message_size(crate::MAX_MESSAGE)
             .session(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver))
             .await
             .map_err(|e| format!("{address}: {}", e.message()))?
@@ -98,7 +109,11 @@ impl WorkerSession {
                 };
                 let converted = match message.message {
                     Some(coordinator_message::Message::Assign(assign)) => {
-                        assignment(assign).map(FromCoordinator::Assign)
+                        let (job, epoch) = (assign.job, assign.epoch);
+                        Ok(assignment(assign).map_or_else(
+                            |error| FromCoordinator::Unreadable { job, epoch, error },
+                            FromCoordinator::Assign,
+                        ))
                     }
                     Some(coordinator_message::Message::Cancel(cancel)) => Ok(FromCoordinator::Cancel(cancel.job)),
                     _ => continue,

@@ -47,10 +47,10 @@ pub async fn run(
             Ok(session) => {
                 eprintln!("kilnd: worker {} registered with {coordinator}", info.name);
                 delay = Duration::from_millis(200);
-                if serve(Arc::clone(&worker), &root, session, &coordinator, &mut stop).await {
-                    return;
+                match serve(Arc::clone(&worker), &root, session, &coordinator, &mut stop).await {
+                    None => return,
+                    Some(why) => eprintln!("kilnd: lost the session with {coordinator}: {why}; reconnecting"),
                 }
-                eprintln!("kilnd: lost the coordinator {coordinator}; reconnecting");
             }
             Err(e) => eprintln!("kilnd: {e}; retrying in {} ms", delay.as_millis()),
         }
@@ -62,14 +62,14 @@ pub async fn run(
     }
 }
 
-/// Serves one session; true when it ended by draining.
+/// Serves one session: `None` when it ended by draining, else why it broke.
 async fn serve(
     worker: Arc<Worker>,
     disk_root: &std::path::Path,
     session: WorkerSession,
     coordinator: &str,
     stop: &mut watch::Receiver<bool>,
-) -> bool {
+) -> Option<String> {
     let WorkerSession { link, lease_ms, mut incoming } = session;
     let mut heartbeat = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(100)));
     let mut jobs: JoinSet<JobId> = JoinSet::new();
@@ -85,7 +85,7 @@ async fn serve(
             drop(link);
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), async { while incoming.recv().await.is_some() {} }).await;
-            return true;
+            return None;
         }
         tokio::select! {
             _ = heartbeat.tick() => link.heartbeat(free_disk(disk_root)),
@@ -105,15 +105,23 @@ async fn serve(
                     let task = run_job(Arc::clone(&worker), *assignment, link.clone(), coordinator.to_string());
                     running.insert(job, jobs.spawn(async move { task.await; job }));
                 }
+                Some(Ok(FromCoordinator::Unreadable { job, epoch, error })) => {
+                    eprintln!("kilnd: job {job}: unreadable assignment: {error}");
+                    link.result(job, epoch, Err(error));
+                }
                 Some(Ok(FromCoordinator::Cancel(job))) => {
                     if let Some(task) = running.remove(&job) {
                         task.abort();
                     }
                 }
-                Some(Err(_)) | None => {
-                    // The coordinator is gone: it requeues these jobs elsewhere.
+                Some(Err(why)) => {
+                    // The coordinator ended the session: it requeues these jobs elsewhere.
                     jobs.abort_all();
-                    return false;
+                    return Some(why);
+                }
+                None => {
+                    jobs.abort_all();
+                    return Some("the connection closed".into());
                 }
             }
         }

@@ -177,8 +177,15 @@ async fn standalone(
     serve(&engine, root, &socket, tcp, stopped).await
 }
 
+/// How long in-flight requests (builds streaming their results, worker sessions closing)
+/// get to finish once the daemon is asked to stop, before it stops anyway: well within the
+/// 30 s Kubernetes gives a pod between SIGTERM and SIGKILL.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Serves the control API on the unix socket and `tcp`'s services on its listener until
-/// stopped; removes the socket at the end.
+/// stopped, then shuts down in order: no new connections, worker sessions closed (workers
+/// reconnect to the next coordinator), in-flight requests given [`SHUTDOWN_GRACE`], the
+/// cache index flushed, the socket removed.
 async fn serve(
     engine: &Arc<Engine>,
     root: &Path,
@@ -192,12 +199,37 @@ async fn serve(
     }
     let service = ControlService::new(Arc::clone(engine), root);
     let unix_socket = socket.to_path_buf();
-    servers.spawn(async move { kiln_api::serve_unix(service, &unix_socket, until_stopped(stopped)).await });
-    while let Some(result) = servers.join_next().await {
-        result?.map_err(anyhow::Error::msg)?;
+    servers.spawn({
+        let stopped = stopped.clone();
+        async move { kiln_api::serve_unix(service, &unix_socket, until_stopped(stopped)).await }
+    });
+    let result = tokio::select! {
+        // A server that ends on its own failed (its listener broke).
+        Some(ended) = servers.join_next() => Some(ended),
+        () = until_stopped(stopped) => None,
+    };
+    if let Some(cluster) = engine.cluster() {
+        let closed = cluster.close_sessions();
+        eprintln!("kilnd: stopping: closed {closed} worker sessions");
     }
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(ended) = servers.join_next().await {
+            ended?.map_err(anyhow::Error::msg)?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await;
+    if drained.is_err() {
+        eprintln!("kilnd: stopping with requests still open after {} s", SHUTDOWN_GRACE.as_secs());
+        servers.abort_all();
+    }
+    let flushing = Arc::clone(engine);
+    tokio::task::spawn_blocking(move || flushing.flush()).await?.map_err(anyhow::Error::msg)?;
     let _ = std::fs::remove_file(socket);
-    Ok(())
+    match result {
+        Some(ended) => ended?.map_err(anyhow::Error::msg),
+        None => drained.unwrap_or(Ok(())),
+    }
 }
 
 async fn coordinator(

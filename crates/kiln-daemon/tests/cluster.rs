@@ -52,19 +52,22 @@ impl Cluster {
         cluster
     }
 
+    /// Starts a worker on 127.0.N.`host`; its files (config, state, log) are named after its
+    /// name and host, so two workers may claim one name.
     fn start_worker(&mut self, name: &str, host: u8, platform: &str, slots: usize) {
-        let config = self.dir.path().join(format!("{name}.toml"));
+        let files = format!("{name}-{host}");
+        let config = self.dir.path().join(format!("{files}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[worker]\ncoordinator = \"http://127.0.{net}.1:7070\"\nname = \"{name}\"\nlisten = \"127.0.{net}.{host}:7071\"\n\
                  root = \"{}\"\nplatforms = [\"{platform}\"]\nmax-parallelism = {slots}\n",
-                self.dir.path().join(name).display(),
+                self.dir.path().join(&files).display(),
                 net = self.net
             ),
         )
         .unwrap();
-        let child = kilnd(&config, &self.dir.path().join(format!("{name}.log")));
+        let child = kilnd(&config, &self.dir.path().join(format!("{files}.log")));
         self.workers.push((name.to_string(), child));
     }
 
@@ -82,7 +85,16 @@ impl Cluster {
     fn replace_worker(&mut self, index: usize, name: &str, host: u8) {
         let (old, mut child) = self.workers.remove(index);
         stop(&mut child);
-        let config = std::fs::read_to_string(self.dir.path().join(format!("{old}.toml"))).unwrap();
+        let config = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.extension().is_some_and(|e| e == "toml")
+                    && p.file_name().unwrap().to_string_lossy().starts_with(&format!("{old}-"))
+            })
+            .unwrap();
+        let config = std::fs::read_to_string(config).unwrap();
         let platform = config.lines().find_map(|l| l.strip_prefix("platforms = [\"")).unwrap();
         let platform = platform.trim_end_matches("\"]").to_string();
         let slots = config.lines().find_map(|l| l.strip_prefix("max-parallelism = ")).unwrap().parse().unwrap();

@@ -125,6 +125,12 @@ impl Engine {
         }
     }
 
+    /// Makes every cache entry and record so far durable (blocking: call it off the async
+    /// threads).
+    pub fn flush(&self) -> Result<(), String> {
+        self.kv.flush().map_err(|e| format!("flushing the metadata store: {e}"))
+    }
+
     /// The worker.
     pub fn worker(&self) -> &Arc<Worker> {
         &self.worker

@@ -69,13 +69,20 @@ pub(crate) fn classify(error: &OciDistributionError) -> (ErrorKind, String) {
             let kind = envelope
                 .errors
                 .iter()
-                .map(|e| match e.code {
+                .map(|e| match &e.code {
                     OciErrorCode::Unauthorized | OciErrorCode::Denied => ErrorKind::Unauthorized,
                     OciErrorCode::ManifestUnknown
                     | OciErrorCode::BlobUnknown
                     | OciErrorCode::NameUnknown
                     | OciErrorCode::NotFound => ErrorKind::NotFound,
                     OciErrorCode::Toomanyrequests => ErrorKind::Server,
+                    // oci-client keeps the envelope but not the HTTP status of a 4xx: the
+                    // distribution spec's codes for 429 and 503 say "try again".
+                    OciErrorCode::Other(code)
+                        if code.eq_ignore_ascii_case("UNAVAILABLE") || code.eq_ignore_ascii_case("TOOMANYREQUESTS") =>
+                    {
+                        ErrorKind::Server
+                    }
                     _ => ErrorKind::Invalid,
                 })
                 .next()

@@ -243,3 +243,48 @@ async fn a_registry_that_never_answers_times_out_after_retries() {
     assert!(err.to_string().contains("kiln/silent:v1") && err.to_string().contains("after 2 attempts"), "{err}");
     silent.abort();
 }
+
+#[tokio::test]
+async fn a_429_with_any_transient_error_code_is_retried() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    // Every request is refused as rate limited, with the code Docker's registry uses for 503.
+    let busy = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut buffer = vec![0; 64 * 1024];
+                while let Ok(n) = socket.read(&mut buffer).await {
+                    if n == 0 || !buffer[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return;
+                    }
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"slow down"}]}"#;
+                    let response = format!(
+                        "HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if socket.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let scratch = tempfile::tempdir().unwrap();
+    let reference: ImageReference = format!("{addr}/kiln/busy:v1").parse().unwrap();
+    let options = RegistryOptions { attempts: 3, ..RegistryOptions::default() };
+    let err = RegistryClient::new(options)
+        .unwrap()
+        .resolve(&reference, &"linux/amd64".parse().unwrap(), &store(scratch.path()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Server, "{err}");
+    assert!(err.to_string().contains("after 3 attempts"), "{err}");
+    // Each attempt is a probe of /v2/ and the manifest request: three attempts, six requests.
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 6, "{err}");
+    busy.abort();
+}

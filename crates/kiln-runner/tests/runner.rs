@@ -113,7 +113,10 @@ fn exit_code_output_user_env_and_cwd_come_through() {
 #[test]
 fn network_none_has_only_loopback_and_it_is_up() {
     let sandbox = Sandbox::new();
-    let script = "ls /sys/class/net; cat /sys/class/net/lo/operstate; nc -l -p 4000 > /tmp/got & sleep 0.2; \
+    // The client connects once the listener is in LISTEN state (port 4000 is 0FA0 in
+    // /proc/net/tcp or tcp6), however long a busy machine takes to start it.
+    let script = "ls /sys/class/net; cat /sys/class/net/lo/operstate; nc -l -p 4000 > /tmp/got & \
+                  until grep -qsE ':0FA0 [0-9A-F]+:0000 0A' /proc/net/tcp /proc/net/tcp6; do sleep 0.01; done; \
                   echo ping | nc 127.0.0.1 4000; wait; cat /tmp/got";
     let mut spec = sandbox.spec("netnone", script);
     spec.mounts.push(RunMount { target: "/tmp".into(), kind: RunMountKind::Tmpfs { size: Some(1 << 20) } });
@@ -130,9 +133,29 @@ fn network_none_has_only_loopback_and_it_is_up() {
 }
 
 #[test]
+fn insecure_steps_get_the_privileges_the_runner_holds() {
+    let sandbox = Sandbox::new();
+    let mut spec = sandbox.spec("insecure", "grep -E '^Cap(Eff|Bnd)' /proc/self/status");
+    spec.insecure = true;
+    let (result, stdout, stderr) = sandbox.run(&spec);
+    assert_eq!(result.exit_code, 0, "{stderr}");
+    let mask = |name: &str, text: &str| {
+        let line = text.lines().find_map(|l| l.strip_prefix(name)).unwrap();
+        u64::from_str_radix(line.trim(), 16).unwrap()
+    };
+    let ours = mask("CapBnd:", &std::fs::read_to_string("/proc/self/status").unwrap());
+    let effective = mask("CapEff:", &stdout);
+    // CAP_SYS_ADMIN is granted, and nothing the runner's bounding set lacks.
+    assert_ne!(effective & (1 << 21), 0, "{stdout}");
+    assert_eq!(effective & !ours, 0, "{stdout}");
+    sandbox.assert_clean();
+}
+
+#[test]
 fn pids_and_memory_limits_are_enforced() {
     let sandbox = Sandbox::new();
-    let script = "for i in 1 2 3 4 5 6 7 8; do sleep 0.2 & done; wait";
+    // Eight children alive at once (they are killed, never awaited), however slow the machine.
+    let script = "p=''; for i in 1 2 3 4 5 6 7 8; do sleep 100 & p=\"$p $!\"; done; kill $p; wait";
     let (_, _, stderr) = sandbox.run(&sandbox.spec("unlimited", script));
     assert!(!stderr.contains("can't fork"), "{stderr}");
     let mut spec = sandbox.spec("pids", script);

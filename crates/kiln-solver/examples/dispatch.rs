@@ -101,7 +101,7 @@ fn start_fake_workers(
             free_disk: 0,
             address: format!("http://fake-{n}"),
         };
-        let (session, mut assignments) = cluster.register(info, vec![]);
+        let (session, mut assignments) = cluster.register(info, vec![]).expect("fake workers have unique names");
         let (cluster, latencies, finished) = (Arc::clone(cluster), Arc::clone(&latencies), Arc::clone(&finished));
         tokio::spawn(async move {
             let name = format!("fake-{n}");

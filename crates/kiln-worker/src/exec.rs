@@ -196,18 +196,46 @@ impl Worker {
     }
 }
 
-/// Forwards lines to the log sink and keeps the last few.
+/// The longest log line forwarded; longer output is cut into lines of this size, so one
+/// step that prints megabytes without a newline cannot make a message no stream carries.
+const MAX_LOG_LINE: usize = 16 * 1024;
+
+/// Forwards lines to the log sink and keeps the last few. Output that is not UTF-8 is
+/// forwarded lossily: the pipe is read to its end whatever the step prints, so a step never
+/// blocks on a full pipe nobody reads.
 async fn pump(reader: impl AsyncRead + Unpin, stream: LogStream, logs: Option<&LogSink>) -> VecDeque<String> {
-    let mut lines = BufReader::new(reader).lines();
+    let mut reader = BufReader::new(reader);
     let mut tail = VecDeque::new();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut line = Vec::new();
+    let mut emit = |line: &mut Vec<u8>| {
+        let text = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(line)).into_owned();
+        line.clear();
         if let Some(logs) = logs {
-            let _ = logs.send(LogLine { stream, line: line.clone() });
+            let _ = logs.send(LogLine { stream, line: text.clone() });
         }
-        tail.push_back(line);
+        tail.push_back(text);
         if tail.len() > TAIL_LINES {
             tail.pop_front();
         }
+    };
+    loop {
+        let buffer = match reader.fill_buf().await {
+            Ok(buffer) if !buffer.is_empty() => buffer,
+            _ => break,
+        };
+        let (length, complete) = match buffer.iter().position(|&b| b == b'\n') {
+            Some(end) => (end + 1, true),
+            None => (buffer.len(), false),
+        };
+        let taken = length.min(MAX_LOG_LINE - line.len());
+        line.extend_from_slice(&buffer[..taken]);
+        reader.consume(taken);
+        if (complete && taken == length) || line.len() >= MAX_LOG_LINE {
+            emit(&mut line);
+        }
+    }
+    if !line.is_empty() {
+        emit(&mut line);
     }
     tail
 }

@@ -155,3 +155,87 @@ fn cached_results_whose_workers_left_are_recomputed_or_missed_never_fatal() {
     assert_eq!(record(&metadata, "RUN cat /x")["status"], "cached", "{metadata:#}");
     assert!(cluster.coordinator.try_wait().unwrap().is_none(), "the coordinator is alive: {}", cluster.logs());
 }
+
+/// Waits until `log` (a file of the cluster's directory) contains `needle`.
+fn wait_for_log(cluster: &Cluster, log: &str, needle: &str) {
+    let path = cluster.dir.path().join(log);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&path).unwrap_or_default().contains(needle) {
+        assert!(Instant::now() < deadline, "{log} never said {needle:?}: {}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the workers the coordinator lists, as (name, address), are `expected`.
+fn wait_for_listed(cluster: &Cluster, expected: &[(&str, &str)]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed: Vec<(String, String)> = cluster
+            .workers_json()
+            .iter()
+            .map(|w| (w["name"].as_str().unwrap().to_string(), w["address"].as_str().unwrap().to_string()))
+            .collect();
+        if listed.iter().map(|(n, a)| (n.as_str(), a.as_str())).eq(expected.iter().copied()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "listed {listed:?}, expected {expected:?}: {}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    assert!(Command::new("kill").args(["-s", name, &child.id().to_string()]).status().unwrap().success());
+}
+
+#[test]
+fn sessions_refuse_duplicate_names_and_paused_or_oversized_work_does_not_wedge_workers() {
+    let mut cluster = Cluster::start(18, &["linux/amd64"], 2, "");
+    let first = "http://127.0.18.2:7071";
+
+    // A second worker under the same name is refused, and says so in both logs.
+    cluster.start_worker("w1-linux-amd64", 3, "linux/amd64", 2);
+    wait_for_log(&cluster, "w1-linux-amd64-3.log", "worker names must be unique");
+    wait_for_log(&cluster, "coordinator.log", "refused a worker registration");
+    wait_for_listed(&cluster, &[("w1-linux-amd64", first)]);
+    // When the first leaves, the second takes the name.
+    let (_, mut original) = cluster.workers.remove(0);
+    original.kill().unwrap();
+    original.wait().unwrap();
+    wait_for_listed(&cluster, &[("w1-linux-amd64", "http://127.0.18.3:7071")]);
+
+    // A worker paused past its lease is dropped; resumed, it registers again.
+    let paused = &cluster.workers[0].1;
+    signal(paused, "STOP");
+    wait_for_listed(&cluster, &[]);
+    signal(paused, "CONT");
+    wait_for_listed(&cluster, &[("w1-linux-amd64", "http://127.0.18.3:7071")]);
+    wait_for_log(&cluster, "w1-linux-amd64-3.log", "lost the session with http://127.0.18.1:7070");
+
+    // An assignment over the message limit fails its own job with a clear error; one over
+    // the old 4 MiB decode limit (a 5 MiB script) runs; the worker's session survives both.
+    let script = |body: String| format!("FROM BASE\nRUN <<EOF\n#!/bin/sh\n: {body}\necho ran > /ran\nEOF\n");
+    let huge = cluster.context("huge", &script("\u{1}".repeat(11 << 20)));
+    let out = cluster.run(&["build", huge.to_str().unwrap(), "--progress", "plain"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("over the 64 MiB limit of a worker message"), "{stderr}");
+    let large = cluster.context("large", &script("x".repeat(5 << 20)));
+    let out = cluster.dir.path().join("large-out");
+    cluster.build(&large, &["-o", &format!("type=local,dest={}", out.display())]);
+    assert_eq!(std::fs::read_to_string(out.join("ran")).unwrap(), "ran\n");
+    let log = std::fs::read_to_string(cluster.dir.path().join("w1-linux-amd64-3.log")).unwrap();
+    assert_eq!(log.matches("lost the session").count(), 1, "only the pause broke a session: {log}");
+
+    // SIGTERM stops the coordinator promptly although a worker is connected.
+    signal(&cluster.coordinator, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = cluster.coordinator.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the coordinator ignored SIGTERM: {}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{}", cluster.logs());
+    wait_for_log(&cluster, "coordinator.log", "stopping: closed 1 worker sessions");
+}

@@ -160,28 +160,41 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         self.lock().apply(command)
     }
 
-    /// A worker connected: returns its session and the channel of its assignments.
-    pub fn register(&self, info: WorkerInfo, layers: Vec<Digest>) -> (u64, mpsc::UnboundedReceiver<ToWorker<B>>) {
+    /// A worker connected: returns its session and the channel of its assignments, or why it
+    /// was refused (another worker holds its name).
+    pub fn register(
+        &self,
+        info: WorkerInfo,
+        layers: Vec<Digest>,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<ToWorker<B>>), String> {
         let name = info.name.clone();
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut inner = self.lock();
         // The link exists before the state may assign to it.
-        inner.links.insert(name.clone(), (0, sender));
+        let previous = inner.links.insert(name.clone(), (0, sender));
         let effects = inner.state.apply(ClusterCommand::Register { info, layers, at: now_ms() });
-        let session = effects
-            .iter()
-            .find_map(|e| match e {
-                ClusterEffect::Registered { session, .. } => Some(*session),
-                _ => None,
-            })
-            .expect("registering yields a session");
+        let mut session = None;
+        for effect in &effects {
+            match effect {
+                ClusterEffect::Registered { session: new, .. } => session = Some(*new),
+                ClusterEffect::Refused { reason, .. } => {
+                    match previous {
+                        Some(link) => inner.links.insert(name, link),
+                        None => inner.links.remove(&name),
+                    };
+                    return Err(reason.clone());
+                }
+                _ => {}
+            }
+        }
+        let session = session.ok_or_else(|| format!("worker {name}: the registration was not recorded"))?;
         if let Some(link) = inner.links.get_mut(&name) {
             link.0 = session;
         }
         for effect in &effects {
             inner.perform(effect);
         }
-        (session, receiver)
+        Ok((session, receiver))
     }
 
     /// A worker renewed its lease.
@@ -196,6 +209,15 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         if inner.links.get(worker).is_some_and(|(s, _)| *s == session) {
             inner.links.remove(worker);
         }
+    }
+
+    /// Ends every worker's session (the coordinator is stopping): their streams close and
+    /// the workers register again with whichever coordinator answers next. Returns how many.
+    pub fn close_sessions(&self) -> usize {
+        let mut inner = self.lock();
+        let closed = inner.links.len();
+        inner.links.clear();
+        closed
     }
 
     /// A worker drains: it takes no new jobs.
@@ -268,7 +290,7 @@ impl<B> Inner<B> {
 
     fn perform(&mut self, effect: &ClusterEffect) {
         match effect {
-            ClusterEffect::Registered { .. } | ClusterEffect::Accept { .. } => {}
+            ClusterEffect::Registered { .. } | ClusterEffect::Refused { .. } | ClusterEffect::Accept { .. } => {}
             ClusterEffect::Lost { worker, session } => {
                 if self.links.get(worker).is_some_and(|(s, _)| s == session) {
                     self.links.remove(worker);

@@ -175,6 +175,13 @@ pub enum ClusterEffect {
         /// Its session.
         session: u64,
     },
+    /// A registration was refused: another worker holds a live session under its name.
+    Refused {
+        /// The name.
+        worker: String,
+        /// Why, for both ends' logs.
+        reason: String,
+    },
     /// Send the job to the worker.
     Assign {
         /// The job.
@@ -289,7 +296,17 @@ impl ClusterState {
         let mut effects = Vec::new();
         match command {
             ClusterCommand::Register { info, layers, at } => {
-                if self.workers.contains_key(&info.name) {
+                if let Some(live) = self.workers.get(&info.name) {
+                    // The same worker coming back (a restart, a new connection) replaces its old
+                    // session; another one under the same name would silently take its place.
+                    if live.info.address != info.address {
+                        let reason = format!(
+                            "a worker named {} is already connected from {} (this one is at {}); worker names must be unique",
+                            info.name, live.info.address, info.address
+                        );
+                        effects.push(ClusterEffect::Refused { worker: info.name, reason });
+                        return effects;
+                    }
                     self.lose(&info.name.clone(), at, &mut effects);
                 }
                 self.sessions += 1;

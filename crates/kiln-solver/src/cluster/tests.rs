@@ -37,7 +37,7 @@ fn exec(name: &str, inputs: Vec<Digest>) -> Vertex {
 /// A fake worker that answers each assignment with one layer named after the vertex and the
 /// worker (so a recomputation elsewhere gives different layers), logging what it ran.
 fn fake(cluster: &Arc<Cluster<()>>, name: &str, ran: Arc<Mutex<Vec<(String, String)>>>) -> u64 {
-    let (session, mut assignments) = cluster.register(info(name), vec![]);
+    let (session, mut assignments) = cluster.register(info(name), vec![]).unwrap();
     let (cluster, name) = (Arc::clone(cluster), name.to_string());
     tokio::spawn(async move {
         while let Some(ToWorker::Assign(job)) = assignments.recv().await {
