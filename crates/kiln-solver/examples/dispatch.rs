@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kiln_graph::{ExecOp, GraphBuilder, Input, NetworkMode, Op, Output, SecurityMode, SourceOp, Vertex, VertexMeta};
 use kiln_solver::cluster::{Cluster, ClusterBuild, ClusterExecutor, ClusterSettings, Layers, ToWorker, WorkerInfo};
-use kiln_solver::{BoxFuture, BuildOptions, Executed, Executor, LogSink, Solver, SolverConfig};
+use kiln_solver::{BoxFuture, BuildOptions, Executed, Executor, Failed, LogSink, Solver, SolverConfig};
 use kiln_types::{Digest, Platform};
 
 #[derive(Default)]
@@ -30,7 +30,7 @@ impl Executor for Fake {
     type Output = u64;
     type Build = ();
 
-    fn execute(&self, vertex: Vertex, _: Vec<u64>, _: Arc<()>, _: LogSink) -> BoxFuture<Result<Executed<u64>, String>> {
+    fn execute(&self, vertex: Vertex, _: Vec<u64>, _: Arc<()>, _: LogSink) -> BoxFuture<Result<Executed<u64>, Failed>> {
         let now = Instant::now();
         let mut finished = self.finished.lock().unwrap();
         if let Some(input) = vertex.inputs.first().and_then(|d| finished.get(d)) {

@@ -11,7 +11,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::state::{BuildId, BuildOptions, Command, Effect, SolverState};
-use crate::{Event, Executed, Executor, LogLine, LogSink, now_ms};
+use crate::{Event, Executed, Executor, Failed, LogLine, LogSink, now_ms};
 
 const CACHE_TREE: &str = "solver-cache";
 
@@ -48,7 +48,7 @@ enum Message<E: Executor> {
     },
     Finished {
         key: Digest,
-        result: Result<Executed<E::Output>, String>,
+        result: Result<Executed<E::Output>, Failed>,
         at: u64,
     },
 }

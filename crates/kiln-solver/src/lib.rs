@@ -92,6 +92,28 @@ pub struct Executed<O> {
     pub worker: Option<String>,
 }
 
+/// Why an execution failed, and on which worker when the executor knows better than
+/// [`Executor::worker_name`] (a cluster), so a failed step's record names where it ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    /// What went wrong.
+    pub message: String,
+    /// The worker it failed on.
+    pub worker: Option<String>,
+}
+
+impl From<String> for Failed {
+    fn from(message: String) -> Failed {
+        Failed { message, worker: None }
+    }
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// The thing that executes a vertex: the one placement interface.
 pub trait Executor: Send + Sync + 'static {
     /// A vertex result, stored in the cache index.
@@ -106,7 +128,7 @@ pub trait Executor: Send + Sync + 'static {
         inputs: Vec<Self::Output>,
         build: Arc<Self::Build>,
         logs: LogSink,
-    ) -> BoxFuture<Result<Executed<Self::Output>, String>>;
+    ) -> BoxFuture<Result<Executed<Self::Output>, Failed>>;
 
     /// The name of the worker that executes, for records.
     fn worker_name(&self) -> String;

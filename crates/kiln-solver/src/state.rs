@@ -11,7 +11,7 @@ use kiln_graph::{Graph, Op, SourceOp, Vertex, vertex_digest};
 use kiln_types::{Digest, Sha256Writer};
 use serde::{Deserialize, Serialize};
 
-use crate::{Event, Executed};
+use crate::{Event, Executed, Failed};
 
 /// A build's id, unique within one solver.
 pub type BuildId = u64;
@@ -92,7 +92,7 @@ pub enum Command<O> {
         /// The job's cache key.
         key: Digest,
         /// The result or the error message.
-        result: Result<Executed<O>, String>,
+        result: Result<Executed<O>, Failed>,
         /// The time.
         at: u64,
     },
@@ -424,7 +424,7 @@ impl<O: Clone> SolverState<O> {
         }
     }
 
-    fn finished(&mut self, key: Digest, result: Result<Executed<O>, String>, at: u64, effects: &mut Vec<Effect<O>>) {
+    fn finished(&mut self, key: Digest, result: Result<Executed<O>, Failed>, at: u64, effects: &mut Vec<Effect<O>>) {
         let Some(job) = self.jobs.remove(&key) else { return }; // aborted: nothing to record
         if let Some(owner) = self.builds.get_mut(&job.owner) {
             owner.running = owner.running.saturating_sub(1);
@@ -459,7 +459,10 @@ impl<O: Clone> SolverState<O> {
                     self.complete(id, index, executed.output.clone(), user_key, status, at, effects);
                 }
             }
-            Err(error) => {
+            Err(Failed { message: error, worker: failed_on }) => {
+                if failed_on.is_some() {
+                    worker = failed_on;
+                }
                 for (id, index) in job.waiters {
                     let Some(build) = self.builds.get_mut(&id) else { continue };
                     build.states[index] = VertexState::Failed;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use kiln_graph::Vertex;
-use kiln_solver::{BoxFuture, Executed, Executor, LogSink};
+use kiln_solver::{BoxFuture, Executed, Executor, Failed, LogSink};
 
 use crate::{BuildInputs, Snapshot, Worker};
 
@@ -30,10 +30,11 @@ impl Executor for LocalExecutor {
         inputs: Vec<Snapshot>,
         build: Arc<BuildInputs>,
         logs: LogSink,
-    ) -> BoxFuture<Result<Executed<Snapshot>, String>> {
+    ) -> BoxFuture<Result<Executed<Snapshot>, Failed>> {
         let worker = Arc::clone(&self.worker);
         Box::pin(async move {
-            let output = worker.execute(&vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
+            let output =
+                worker.execute(&vertex, &inputs, &build, Some(&logs)).await.map_err(|e| Failed::from(e.to_string()))?;
             Ok(Executed { output: output.snapshot, pin: output.image.map(|image| image.manifest_digest), worker: None })
         })
     }

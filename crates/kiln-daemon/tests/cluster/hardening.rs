@@ -140,6 +140,15 @@ fn cached_results_whose_workers_left_are_recomputed_or_missed_never_fatal() {
     };
     build(&cluster, "first");
 
+    // A failed step names the worker it failed on.
+    let failing = cluster.context("failing", "FROM BASE\nRUN exit 3\n");
+    let metadata = cluster.dir.path().join("failing.json");
+    let out = cluster.run(&["build", failing.to_str().unwrap(), "--metadata-file", metadata.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let metadata = read_json(&metadata);
+    assert_eq!(record(&metadata, "RUN exit 3")["status"], "failed", "{metadata:#}");
+    assert_eq!(record(&metadata, "RUN exit 3")["worker"], "w1-linux-amd64", "{metadata:#}");
+
     // The coordinator restarts (recipes are gone, the cache index stays) and the worker is
     // replaced by a fresh one: the cached entries' layers exist nowhere, so they are misses.
     cluster.restart_coordinator();
@@ -226,7 +235,12 @@ fn sessions_refuse_duplicate_names_and_paused_or_oversized_work_does_not_wedge_w
     let log = std::fs::read_to_string(cluster.dir.path().join("w1-linux-amd64-3.log")).unwrap();
     assert_eq!(log.matches("lost the session").count(), 1, "only the pause broke a session: {log}");
 
-    // SIGTERM stops the coordinator promptly although a worker is connected.
+    // SIGTERM stops the coordinator promptly although a worker is connected and a build
+    // runs; the client loses its connection and still writes its metadata file.
+    let slow = cluster.context("slow", "FROM BASE\nRUN sleep 60\n");
+    let metadata = cluster.dir.path().join("slow.json");
+    let client = cluster.spawn_build(&slow, &metadata, &cluster.dir.path().join("slow-out"), &[]);
+    cluster.busy_worker();
     signal(&cluster.coordinator, "TERM");
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
@@ -238,4 +252,9 @@ fn sessions_refuse_duplicate_names_and_paused_or_oversized_work_does_not_wedge_w
     };
     assert!(status.success(), "{}", cluster.logs());
     wait_for_log(&cluster, "coordinator.log", "stopping: closed 1 worker sessions");
+    let output = client.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let metadata = read_json(&metadata);
+    assert_eq!(metadata["status"], "failed", "{metadata:#}");
+    assert!(metadata["error"].as_str().unwrap().contains("the daemon"), "{metadata:#}");
 }

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use state::{ClusterCommand, ClusterEffect, ClusterState, JobSpec};
 pub use state::{ClusterSettings, JobId, LayerDesc, Layers, WorkerInfo, WorkerStatus};
 
-use crate::{BoxFuture, Executed, Executor, LogLine, LogSink, LogStream, now_ms};
+use crate::{BoxFuture, Executed, Executor, Failed, LogLine, LogSink, LogStream, now_ms};
 
 /// The prefix of a job error that means an input layer could not be fetched: the job is
 /// retried after recomputing lost inputs.
@@ -101,7 +101,7 @@ struct Pending<B> {
     inputs: Vec<Layers>,
     build: Arc<ClusterBuild<B>>,
     logs: LogSink,
-    done: oneshot::Sender<Result<Executed<Layers>, String>>,
+    done: oneshot::Sender<Result<Executed<Layers>, Failed>>,
     epoch: u32,
 }
 
@@ -244,10 +244,10 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 && let Some(pending) = inner.pending.remove(job)
                 && let Some(result) = result.take()
             {
-                let result = result.map(|mut executed| {
-                    executed.worker = Some(worker.clone());
-                    executed
-                });
+                let result = match result {
+                    Ok(executed) => Ok(Executed { worker: Some(worker.clone()), ..executed }),
+                    Err(message) => Err(Failed { message, worker: Some(worker.clone()) }),
+                };
                 let _ = pending.done.send(result);
             } else {
                 inner.perform(effect);
@@ -326,7 +326,7 @@ impl<B> Inner<B> {
             ClusterEffect::Late { .. } => self.late += 1,
             ClusterEffect::Fail { job, error } => {
                 if let Some(pending) = self.pending.remove(job) {
-                    let _ = pending.done.send(Err(format!("{}: {error}", pending.vertex.meta.name)));
+                    let _ = pending.done.send(Err(format!("{}: {error}", pending.vertex.meta.name).into()));
                 }
             }
             ClusterEffect::Waiting { job, message } => {
@@ -377,7 +377,7 @@ impl<B: Send + Sync + 'static> Executor for ClusterExecutor<B> {
         inputs: Vec<Layers>,
         build: Arc<ClusterBuild<B>>,
         logs: LogSink,
-    ) -> BoxFuture<Result<Executed<Layers>, String>> {
+    ) -> BoxFuture<Result<Executed<Layers>, Failed>> {
         Box::pin(run(Arc::clone(&self.0), vertex, inputs, build, logs, 0))
     }
 
@@ -405,7 +405,7 @@ fn run<B: Send + Sync + 'static>(
     build: Arc<ClusterBuild<B>>,
     logs: LogSink,
     depth: usize,
-) -> BoxFuture<Result<Executed<Layers>, String>> {
+) -> BoxFuture<Result<Executed<Layers>, Failed>> {
     Box::pin(async move {
         // A merge stacks its inputs' layers: nothing to run.
         if matches!(vertex.op, Op::Merge(_)) {
@@ -418,11 +418,13 @@ fn run<B: Send + Sync + 'static>(
         loop {
             let mut ready = Vec::with_capacity(inputs.len());
             for input in &inputs {
-                ready.push(Arc::clone(&cluster).recover(input.clone(), logs.clone(), depth).await?);
+                ready.push(
+                    Arc::clone(&cluster).recover(input.clone(), logs.clone(), depth).await.map_err(Failed::from)?,
+                );
             }
             let result = cluster.place(vertex.clone(), ready.clone(), Arc::clone(&build), logs.clone()).await;
             match result {
-                Err(error) if error.starts_with(LOST_INPUT) && attempt < LOST_INPUT_RETRIES => attempt += 1,
+                Err(error) if error.message.starts_with(LOST_INPUT) && attempt < LOST_INPUT_RETRIES => attempt += 1,
                 Ok(executed) => {
                     cluster.remember(&executed.output, Recipe { vertex, inputs: ready, build });
                     return Ok(executed);
@@ -494,7 +496,9 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 stream: LogStream::Stderr,
                 line: format!("recomputing {}: its result was lost with its worker", recipe.vertex.meta.name),
             });
-            let executed = run(Arc::clone(&self), recipe.vertex, recipe.inputs, recipe.build, logs, depth + 1).await?;
+            let executed = run(Arc::clone(&self), recipe.vertex, recipe.inputs, recipe.build, logs, depth + 1)
+                .await
+                .map_err(|failed| failed.message)?;
             if executed.output != current {
                 self.lock().substitutes.insert(current, executed.output.clone());
             }
@@ -509,7 +513,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         inputs: Vec<Layers>,
         build: Arc<ClusterBuild<B>>,
         logs: LogSink,
-    ) -> Result<Executed<Layers>, String> {
+    ) -> Result<Executed<Layers>, Failed> {
         let job = self.next_job.fetch_add(1, Ordering::Relaxed);
         let spec = JobSpec {
             build: build.id,
@@ -523,7 +527,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
             inner.apply(ClusterCommand::Submit { job, spec, at: now_ms() });
         }
         let mut guard = CancelOnDrop { cluster: Arc::clone(self), job, armed: true };
-        let result = result.await.unwrap_or_else(|_| Err("the cluster dropped the job".into()));
+        let result = result.await.unwrap_or_else(|_| Err(String::from("the cluster dropped the job").into()));
         guard.armed = false;
         result
     }

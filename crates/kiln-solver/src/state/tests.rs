@@ -59,7 +59,7 @@ fn finished(effects: &[Effect<String>], build: BuildId) -> Option<Ending> {
     })
 }
 
-fn ok(output: &str, pin: Option<Digest>) -> Result<Executed<String>, String> {
+fn ok(output: &str, pin: Option<Digest>) -> Result<Executed<String>, Failed> {
     Ok(Executed { output: output.into(), pin, worker: None })
 }
 
@@ -187,7 +187,7 @@ fn a_failing_shared_job_fails_every_waiting_build_with_its_error() {
     let (source, _) = runs(&first)[0];
     let effects = state.apply(Command::Finished { key: source, result: ok("base", Some(Digest::of(b"m"))), at: 2 });
     let (boom, _) = runs(&effects)[0];
-    let effects = state.apply(Command::Finished { key: boom, result: Err("exit code: 1".into()), at: 3 });
+    let effects = state.apply(Command::Finished { key: boom, result: Err(String::from("exit code: 1").into()), at: 3 });
     for build in [1, 2] {
         let (result, records) = finished(&effects, build).unwrap();
         assert_eq!(result.unwrap_err(), "exit code: 1");
