@@ -84,6 +84,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let root = std::path::absolute(&args.root).context("resolving the state directory")?;
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    // Uploaded contexts, layers and caches are root's alone, as in /var/lib/docker (0710):
+    // other local users can neither list nor read anything below the state directory.
+    std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o710))
+        .with_context(|| format!("restricting {} to its owner", root.display()))?;
 
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {

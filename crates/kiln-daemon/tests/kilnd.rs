@@ -14,7 +14,10 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
 
 #[test]
 fn standalone_daemon_serves_its_socket_and_stops_on_sigterm() {
+    use std::os::unix::fs::PermissionsExt as _;
     let root = tempfile::tempdir().unwrap();
+    // Open to everyone before the daemon starts, as a directory created by hand may be.
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let runner = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner");
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_kilnd"))
         .args(["--standalone", "--root"])
@@ -32,6 +35,14 @@ fn standalone_daemon_serves_its_socket_and_stops_on_sigterm() {
     });
     assert_eq!(info.root, root.path().display().to_string());
     assert_eq!(info.worker, "local");
+    // The state directory is root's alone: another user lists nothing in it.
+    assert_eq!(std::fs::metadata(root.path()).unwrap().permissions().mode() & 0o7777, 0o710);
+    let nobody = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "ls"])
+        .arg(root.path().join("blobs"))
+        .output()
+        .unwrap();
+    assert!(!nobody.status.success(), "{}", String::from_utf8_lossy(&nobody.stdout));
     let pid = std::fs::read_to_string(root.path().join("kilnd.pid")).unwrap();
     assert_eq!(pid.trim(), daemon.id().to_string());
 

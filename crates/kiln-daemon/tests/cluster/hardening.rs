@@ -153,6 +153,10 @@ fn cached_results_whose_workers_left_are_recomputed_or_missed_never_fatal() {
     // replaced by a fresh one: the cached entries' layers exist nowhere, so they are misses.
     cluster.restart_coordinator();
     cluster.wait_for_workers(1);
+    // The SIGKILL came right after the build: its cache entries were durable already, and
+    // the worker that came back holds their layers.
+    let metadata = build(&cluster, "after-kill");
+    assert_eq!(record(&metadata, "RUN echo x")["status"], "cached", "{metadata:#}");
     cluster.replace_worker(0, "w2", 3);
     let metadata = build(&cluster, "after-restart");
     assert_eq!(record(&metadata, "RUN echo x")["status"], "executed", "{metadata:#}");
