@@ -35,14 +35,29 @@ pub struct ControlService {
     engine: Arc<Engine>,
     root: PathBuf,
     next_spool: std::sync::atomic::AtomicU64,
+    upload_idle_timeout: std::time::Duration,
 }
+
+/// How long a context upload may send nothing before it is ended, unless configured.
+pub const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl ControlService {
     /// A service over `engine`, whose state lives in `root`. Export spools a crashed daemon
     /// left behind are removed.
     pub fn new(engine: Arc<Engine>, root: &Path) -> ControlService {
         let _ = std::fs::remove_dir_all(root.join(exports::SPOOL_DIR));
-        ControlService { engine, root: root.to_path_buf(), next_spool: std::sync::atomic::AtomicU64::new(1) }
+        ControlService {
+            engine,
+            root: root.to_path_buf(),
+            next_spool: std::sync::atomic::AtomicU64::new(1),
+            upload_idle_timeout: UPLOAD_IDLE_TIMEOUT,
+        }
+    }
+
+    /// Ends uploads that send nothing for `timeout` (default [`UPLOAD_IDLE_TIMEOUT`]).
+    pub fn with_upload_idle_timeout(mut self, timeout: std::time::Duration) -> ControlService {
+        self.upload_idle_timeout = timeout;
+        self
     }
 }
 
@@ -142,7 +157,14 @@ impl Control for ControlService {
             let written = writer.await.map_err(|e| Status::internal(e.to_string()))?;
             written.map(Some).map_err(|e| Status::invalid_argument(format!("upload {digest}: {e}")))
         }
-        while let Some(chunk) = stream.message().await? {
+        // A client that stops sending holds a connection slot and a partial ingest file: it
+        // gets an idle limit, and dropping the writer removes the partial file.
+        let idle = self.upload_idle_timeout;
+        loop {
+            let next = tokio::time::timeout(idle, stream.message()).await.map_err(|_| {
+                Status::deadline_exceeded(format!("upload stalled: nothing received for {} s", idle.as_secs_f32()))
+            });
+            let Some(chunk) = next?? else { break };
             if !chunk.digest.is_empty() {
                 received.extend(finish(current.take()).await?);
                 let digest: Digest =

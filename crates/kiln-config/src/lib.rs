@@ -77,6 +77,10 @@ pub struct CoordinatorSection {
     /// Times a vertex is requeued after its worker is lost. Default: `3`.
     #[serde(default = "default_retry_budget")]
     pub retry_budget: u32,
+    /// A context upload that sends nothing for this long is ended (its partial file removed).
+    /// Default: `60s`.
+    #[serde(default = "default_upload_idle_timeout")]
+    pub upload_idle_timeout: String,
 }
 
 /// `[worker]`.
@@ -138,6 +142,10 @@ fn default_worker_root() -> PathBuf {
 fn default_lease_timeout() -> String {
     "10s".into()
 }
+fn default_upload_idle_timeout() -> String {
+    "60s".into()
+}
+
 fn default_placement_timeout() -> String {
     "5m".into()
 }
@@ -173,6 +181,8 @@ pub struct CoordinatorConfig {
     pub placement_timeout: Duration,
     /// Requeues per vertex after worker loss.
     pub retry_budget: u32,
+    /// Idle limit of a context upload.
+    pub upload_idle_timeout: Duration,
 }
 
 /// The worker role, typed.
@@ -248,6 +258,8 @@ impl ConfigFile {
                 placement_timeout: parse_duration(&c.placement_timeout)
                     .map_err(|e| invalid("coordinator.placement-timeout", e))?,
                 retry_budget: c.retry_budget,
+                upload_idle_timeout: parse_duration(&c.upload_idle_timeout)
+                    .map_err(|e| invalid("coordinator.upload-idle-timeout", e))?,
             }),
         };
         let worker = match &self.worker {

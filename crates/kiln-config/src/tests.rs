@@ -33,6 +33,7 @@ fn defaults_fill_what_is_left_out() {
     let config = validate("[coordinator]\nlisten = \"127.0.0.1:7070\"\n").unwrap();
     let coordinator = config.coordinator.unwrap();
     assert_eq!((coordinator.lease_timeout, coordinator.retry_budget), (Duration::from_secs(10), 3));
+    assert_eq!(coordinator.upload_idle_timeout, Duration::from_secs(60));
 }
 
 #[test]

@@ -58,6 +58,53 @@ fn result_error(events: &[BuildEvent]) -> Option<String> {
     }
 }
 
+/// A request message with the wire shape of `FindMissingRequest` whose strings may be any
+/// bytes (invalid UTF-8 cannot be sent through the generated types).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawFindMissing {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    digests: Vec<Vec<u8>>,
+}
+
+/// Sends `request` to `Control/FindMissing` as raw bytes.
+async fn raw_find_missing(address: &str, request: RawFindMissing) -> Result<(), tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(address.to_string()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<RawFindMissing, kiln_proto::v1::FindMissingResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/kiln.v1.Control/FindMissing");
+    grpc.unary(tonic::Request::new(request), path, codec).await.map(drop)
+}
+
+#[test]
+fn malformed_and_stalled_requests_get_clear_ends() {
+    let cluster = Cluster::start(19, &[], 1, "upload-idle-timeout = \"1s\"\n");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+
+    // Invalid UTF-8 in a string field is the client's error, not the server's.
+    let status = runtime.block_on(raw_find_missing(&cluster.addr(), RawFindMissing { digests: vec![vec![0xff, 0xfe]] }));
+    let status = status.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // An upload that starts a blob and then sends nothing is ended, its partial file removed.
+    let (chunks, stalled) = tokio::sync::mpsc::channel(1);
+    let status = runtime.block_on(async {
+        let mut control = kiln_proto::v1::control_client::ControlClient::connect(cluster.addr()).await.unwrap();
+        let digest = Digest::of(b"never finished").to_string();
+        chunks.send(kiln_proto::v1::BlobChunkUpload { digest, data: vec![1; 1000] }).await.unwrap();
+        control.upload(tokio_stream::wrappers::ReceiverStream::new(stalled)).await.unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("upload stalled"), "{status:?}");
+    let ingest = cluster.dir.path().join("coordinator/blobs/ingest");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&ingest).map(|d| d.count()).unwrap_or(0) > 0 {
+        assert!(Instant::now() < deadline, "a partial upload stayed in {}", ingest.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(chunks);
+}
+
 #[test]
 fn hostile_manifests_and_client_paths_never_reach_the_coordinators_files() {
     let cluster = Cluster::start(16, &["linux/amd64"], 2, "");
