@@ -262,7 +262,9 @@ async fn coordinator(
     eprintln!("kilnd: coordinator, state in {}, socket {}", root.display(), socket.display());
     let listener = bind(&config.listen.to_string()).await?;
     let services = Services {
-        control: Some(ControlService::new(Arc::clone(&engine), root).with_upload_idle_timeout(config.upload_idle_timeout)),
+        control: Some(
+            ControlService::new(Arc::clone(&engine), root).with_upload_idle_timeout(config.upload_idle_timeout),
+        ),
         // Workers fetch uploaded context files from the coordinator they connected to.
         workers: Some(WorkersService::new(cluster, "", lease_ms)),
         blobs: Some(BlobsService::new(Arc::clone(engine.worker().cas()))),

@@ -310,21 +310,62 @@ impl Engine {
             })
             .collect();
         if wanted.is_empty() {
+            check_layer_depth(&first, &HashMap::new())?;
             return Ok((first, BaseHistories::new()));
         }
         let registry = self.worker.registry();
         let cas = self.worker.cas();
         let mut configs = HashMap::new();
         let mut bases = BaseHistories::new();
+        let mut base_layers = HashMap::new();
         for (reference, platform) in wanted {
             let image = registry.resolve(&reference, &platform, cas).await.map_err(|e| e.to_string())?;
             let config = serde_json::from_value(image.config.config.clone()).unwrap_or_default();
             bases.insert((reference.to_string(), platform.clone()), history::from_config(&image.config.history));
+            base_layers.insert((reference.clone(), platform.clone()), image.manifest.layers.len());
             configs.insert((reference.to_string(), platform), config);
         }
         let plan = convert_blocking(request, context, ResolvedImages(configs)).await?;
+        check_layer_depth(&plan, &base_layers)?;
         Ok((plan, bases))
     }
+}
+
+/// Refuses, before anything runs, a build whose steps would stack more layers than one
+/// overlay mount can ([`kiln_layer::MAX_LAYERS`]). Each RUN or file step is counted as a
+/// layer (one that changes nothing adds none, so this is an upper bound), a base image as
+/// its manifest's layers, a context as one.
+fn check_layer_depth(plan: &BuildPlan, base_layers: &HashMap<(ImageReference, Platform), usize>) -> Result<(), String> {
+    let mut depth: HashMap<Digest, usize> = HashMap::with_capacity(plan.graph.vertices.len());
+    for vertex in &plan.graph.vertices {
+        let inputs: Vec<usize> = vertex.inputs.iter().map(|d| depth.get(d).copied().unwrap_or(0)).collect();
+        let on = |input: &kiln_graph::Input| match input {
+            kiln_graph::Input::Index(i) => inputs.get(*i).copied().unwrap_or(0),
+            kiln_graph::Input::Scratch => 0,
+        };
+        // A step mounts every input (its root read-write, the others as views).
+        let mounted = inputs.iter().copied().max().unwrap_or(0);
+        if matches!(vertex.op, Op::Exec(_) | Op::File(_)) && mounted > kiln_layer::MAX_LAYERS {
+            let lines = vertex.meta.lines.map(|(start, _)| format!(" (line {start})")).unwrap_or_default();
+            return Err(format!(
+                "{}{lines}: its filesystem would stack {mounted} layers, more than the {} one overlay mount takes \
+                 (combine steps or start from a flattened image)",
+                vertex.meta.name,
+                kiln_layer::MAX_LAYERS
+            ));
+        }
+        let own = match &vertex.op {
+            Op::Source(SourceOp::Image { reference, platform }) => {
+                base_layers.get(&(reference.clone(), platform.clone())).copied().unwrap_or(0)
+            }
+            Op::Source(_) => 1,
+            Op::Merge(_) => inputs.iter().sum(),
+            Op::Exec(exec) => on(&exec.rootfs) + 1,
+            Op::File(file) => on(&file.base) + 1,
+        };
+        depth.insert(vertex.digest, own);
+    }
+    Ok(())
 }
 
 /// Converts off the async threads: the front end reads and hashes the context files a COPY

@@ -207,6 +207,15 @@ async fn base_image_config_reaches_the_graph_and_failures_name_the_line() {
     let (result, _) = fixture.build(fixture.request("FROM BASE\nCOPY missing.txt /\n", &[], vec![])).await;
     let message = result.unwrap_err().message;
     assert!(message.contains("Dockerfile:2") && message.contains("missing.txt"), "{message}");
+
+    // More layers than one overlay mount stacks: refused before any step runs.
+    let deep = format!("FROM BASE\nRUN echo first > /first\n{}", "RUN true\n".repeat(kiln_layer::MAX_LAYERS));
+    let (result, _) = fixture.build(fixture.request(&deep, &[], vec![])).await;
+    let failure = result.unwrap_err();
+    let last = kiln_layer::MAX_LAYERS + 2;
+    assert!(failure.message.contains(&format!("(line {last})")), "{}", failure.message);
+    assert!(failure.message.contains("would stack 501 layers"), "{}", failure.message);
+    assert!(failure.records.is_empty(), "nothing ran");
 }
 
 /// A private `dockerd` (Debian's docker.io) with its state in a temporary directory; stopped

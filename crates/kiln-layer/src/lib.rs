@@ -19,7 +19,7 @@ pub use export::{
     write_layer_tar,
 };
 pub use resolve::{MAX_SYMLINK_HOPS, clean_lexically, resolve_in_root};
-pub use snapshot::{ActiveSnapshot, LayerId, LayerRecord, SnapshotStore};
+pub use snapshot::{ActiveSnapshot, LayerId, LayerRecord, MAX_LAYERS, SnapshotStore};
 pub use unpack::{UnpackStats, extract_archive, is_archive, unpack_layer};
 
 use std::io;
@@ -65,7 +65,10 @@ pub enum LayerError {
     #[error("layer {0} is not in the snapshot store")]
     MissingLayer(LayerId),
     /// The chain is too long for one overlay mount.
-    #[error("{0} layers are too many for one overlay mount")]
+    #[error(
+        "{0} layers are too many for one overlay mount (overlayfs stacks at most {MAX_LAYERS}; kernels before 6.8 \
+         take fewer, as many as fit in one page of mount options)"
+    )]
     TooManyLayers(usize),
     /// mount(2) or umount(2) failed.
     #[error("overlay mount at {target}: {reason}")]

@@ -29,6 +29,9 @@ const BLOBS_TREE: &str = "layer-blobs";
 /// Mount options must fit in one page; leave room for the upper and work paths.
 const MAX_MOUNT_OPTIONS: usize = 3800;
 
+/// The most lower directories one overlay mount stacks (overlayfs's `OVL_MAX_STACK`).
+pub const MAX_LAYERS: usize = 500;
+
 /// The id of a layer in the store: 16 hex characters, short to keep overlay options small.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -142,11 +145,10 @@ impl SnapshotStore {
             fs::create_dir(path).map_err(io_at(path))?;
         }
         if chain.is_empty() {
-            lowers = self.root.join("e0").display().to_string();
+            lowers = vec![self.root.join("e0")];
         }
-        let options = format!("lowerdir={lowers},upperdir={},workdir={}", upper.display(), work.display());
         let mut active = ActiveSnapshot { dir, chain: chain.to_vec(), mounted: false };
-        mount_overlay(&merged, &options, MsFlags::empty(), chain.len())?;
+        mount_overlay(&merged, &lowers, Some((&upper, &work)))?;
         active.mounted = true;
         Ok(active)
     }
@@ -159,13 +161,10 @@ impl SnapshotStore {
         fs::create_dir(&merged).map_err(io_at(&merged))?;
         // Overlayfs without an upper directory wants at least two lower directories.
         for empty in ["e0", "e1"].iter().take(2usize.saturating_sub(chain.len())) {
-            if !lowers.is_empty() {
-                lowers.push(':');
-            }
-            lowers.push_str(&self.root.join(empty).display().to_string());
+            lowers.push(self.root.join(empty));
         }
         let mut view = ActiveSnapshot { dir, chain: chain.to_vec(), mounted: false };
-        mount_overlay(&merged, &format!("lowerdir={lowers}"), MsFlags::MS_RDONLY, chain.len())?;
+        mount_overlay(&merged, &lowers, None)?;
         view.mounted = true;
         Ok(view)
     }
@@ -270,15 +269,16 @@ impl SnapshotStore {
         Ok(id)
     }
 
-    fn lowerdirs(&self, chain: &[LayerId]) -> Result<String, LayerError> {
+    /// The chain's layer directories, topmost first (overlayfs order).
+    fn lowerdirs(&self, chain: &[LayerId]) -> Result<Vec<PathBuf>, LayerError> {
         let mut parts = Vec::with_capacity(chain.len());
         for id in chain.iter().rev() {
             if !self.has_layer(id) {
                 return Err(LayerError::MissingLayer(id.clone()));
             }
-            parts.push(self.layer_path(id).display().to_string());
+            parts.push(self.layer_path(id));
         }
-        Ok(parts.join(":"))
+        Ok(parts)
     }
 
     fn new_active_dir(&self) -> Result<PathBuf, LayerError> {
@@ -297,12 +297,50 @@ fn unique() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
-fn mount_overlay(merged: &Path, options: &str, flags: MsFlags, layers: usize) -> Result<(), LayerError> {
-    if options.len() > MAX_MOUNT_OPTIONS {
-        return Err(LayerError::TooManyLayers(layers));
+/// Mounts an overlay of `lowers` (topmost first) at `merged`, read-write over `upper` and
+/// `work` when given, else read-only. A chain whose options fit one page is mounted with
+/// mount(2); a longer one through the new mount API, adding one lower directory at a time
+/// (`lowerdir+`, Linux 6.8), up to overlayfs's own limit of [`MAX_LAYERS`].
+fn mount_overlay(merged: &Path, lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Result<(), LayerError> {
+    if lowers.len() > MAX_LAYERS {
+        return Err(LayerError::TooManyLayers(lowers.len()));
     }
-    nix::mount::mount(Some("overlay"), merged, Some("overlay"), flags, Some(options))
-        .map_err(|errno| LayerError::Mount { target: merged.to_path_buf(), reason: errno.desc().to_string() })
+    let joined: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
+    let mut options = format!("lowerdir={}", joined.join(":"));
+    if let Some((upper, work)) = upper {
+        options += &format!(",upperdir={},workdir={}", upper.display(), work.display());
+    }
+    let flags = if upper.is_some() { MsFlags::empty() } else { MsFlags::MS_RDONLY };
+    if options.len() <= MAX_MOUNT_OPTIONS {
+        return nix::mount::mount(Some("overlay"), merged, Some("overlay"), flags, Some(options.as_str()))
+            .map_err(|errno| LayerError::Mount { target: merged.to_path_buf(), reason: errno.desc().to_string() });
+    }
+    mount_overlay_incrementally(merged, lowers, upper).map_err(|errno| match errno {
+        // A kernel without `lowerdir+` (before 6.8).
+        rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS => LayerError::TooManyLayers(lowers.len()),
+        other => LayerError::Mount { target: merged.to_path_buf(), reason: other.to_string() },
+    })
+}
+
+fn mount_overlay_incrementally(
+    merged: &Path,
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+) -> rustix::io::Result<()> {
+    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
+    let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    for lower in lowers {
+        rustix::mount::fsconfig_set_string(&fs, "lowerdir+", lower.as_path())?;
+    }
+    let mut attributes = MountAttrFlags::MOUNT_ATTR_RDONLY;
+    if let Some((upper, work)) = upper {
+        rustix::mount::fsconfig_set_string(&fs, "upperdir", upper)?;
+        rustix::mount::fsconfig_set_string(&fs, "workdir", work)?;
+        attributes = MountAttrFlags::empty();
+    }
+    rustix::mount::fsconfig_create(&fs)?;
+    let mount = rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attributes)?;
+    rustix::mount::move_mount(&mount, "", rustix::fs::CWD, merged, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
 }
 
 fn unmount_quietly(merged: &Path) {

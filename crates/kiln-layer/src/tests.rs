@@ -367,3 +367,32 @@ fn archives_extract_inside_the_root_following_its_symlinks() {
         extract_archive(&hostile(&[("../../x", Regular, "")])[..], root.path(), &root.path().join("usr")).unwrap_err();
     assert!(matches!(err, LayerError::TarSlip { .. }), "{err}");
 }
+
+#[test]
+fn chains_longer_than_a_page_of_mount_options_mount_up_to_overlayfs_limit() {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = SnapshotStore::open(&scratch.path().join("snap"), Arc::new(MemoryKv::new())).unwrap();
+    // 200 layers of about 70 bytes of path each: far more than one page of options.
+    let mut chain = Vec::new();
+    for n in 0..200 {
+        let src = scratch.path().join(format!("src{n}"));
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join(format!("f{n}")), n.to_string()).unwrap();
+        fs::write(src.join("top"), n.to_string()).unwrap();
+        let tar = export_plain(&src);
+        chain.push(store.import_layer(&tar[..], Some(&kiln_types::Digest::of(&tar))).unwrap());
+    }
+    let active = store.prepare(&chain).unwrap();
+    assert_eq!(fs::read_to_string(active.root().join("f0")).unwrap(), "0");
+    assert_eq!(fs::read_to_string(active.root().join("top")).unwrap(), "199", "the last layer is on top");
+    fs::write(active.root().join("new"), "x").unwrap();
+    assert!(store.commit(active).unwrap().is_some());
+    let view = store.view(&chain).unwrap();
+    assert_eq!(fs::read_to_string(view.root().join("f150")).unwrap(), "150");
+    drop(view);
+
+    let too_many: Vec<LayerId> = std::iter::repeat_n(chain[0].clone(), MAX_LAYERS + 1).collect();
+    let err = store.view(&too_many).unwrap_err();
+    assert!(matches!(err, LayerError::TooManyLayers(501)), "{err}");
+    assert_eq!(mounts_under(scratch.path()), 0);
+}

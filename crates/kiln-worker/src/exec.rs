@@ -57,6 +57,7 @@ impl Worker {
         name: &str,
     ) -> Result<Snapshot, WorkerError> {
         let fail = |message: String| WorkerError::Failed { vertex: name.to_string(), message };
+        fits_exec(&exec.args, &exec.env).map_err(fail)?;
         let base = chain(&exec.rootfs, inputs).map_err(fail)?.to_vec();
         let id = self.step_id();
         let step_dir = StepDir(self.config.root.join("steps").join(&id));
@@ -194,6 +195,35 @@ impl Worker {
         let result = serde_json::from_slice(&bytes).map_err(|e| format!("parsing the runner's result: {e}"))?;
         Ok((result, tail))
     }
+}
+
+/// Linux's limit on one argument or environment string, terminating NUL included
+/// (`MAX_ARG_STRLEN`, 32 pages).
+const MAX_ARG_STRLEN: usize = 32 * 4096;
+
+/// Whether a command and environment can be handed to execve, which fails with a bare E2BIG
+/// (the step would end with exit code 255) when one string or all of them are too long.
+fn fits_exec(args: &[String], env: &[String]) -> Result<(), String> {
+    let e2big = "the command and environment are too big for Linux to start the step (E2BIG)";
+    for (kind, text) in args.iter().map(|a| ("an argument", a)).chain(env.iter().map(|e| ("the variable", e))) {
+        if text.len() + 1 > MAX_ARG_STRLEN {
+            let what = match kind {
+                "the variable" => format!("the variable {}", text.split('=').next().unwrap_or_default()),
+                _ => format!("an argument starting {:?}", text.chars().take(40).collect::<String>()),
+            };
+            return Err(format!(
+                "{e2big}: {what} is {} bytes, over the {MAX_ARG_STRLEN}-byte limit for one string",
+                text.len()
+            ));
+        }
+    }
+    // Each string costs its bytes, its NUL and a pointer on the new process's stack.
+    let total: usize = args.iter().chain(env).map(|s| s.len() + 1 + std::mem::size_of::<usize>()).sum();
+    let limit = nix::unistd::sysconf(nix::unistd::SysconfVar::ARG_MAX).ok().flatten().unwrap_or(2 << 20) as usize;
+    if total > limit {
+        return Err(format!("{e2big}: {total} bytes in all, over this worker's ARG_MAX of {limit}"));
+    }
+    Ok(())
 }
 
 /// The longest log line forwarded; longer output is cut into lines of this size, so one

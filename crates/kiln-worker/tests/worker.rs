@@ -200,6 +200,12 @@ async fn failures_name_the_step_its_line_exit_code_and_output() {
     let err = fixture.build(&graph, &inputs(&context, &[])).await.unwrap_err().to_string();
     assert!(err.contains("unable to find user ghost"), "{err}");
 
+    // A variable too long to start a process with says so, instead of a bare exit code 255.
+    let big = "x".repeat(200_000);
+    let (graph, context) = fixture.plan(&format!("FROM BASE\nENV BIG={big}\nRUN true\n"), &fixture.context(&[]));
+    let err = fixture.build(&graph, &inputs(&context, &[])).await.unwrap_err().to_string();
+    assert!(err.contains("(E2BIG)") && err.contains("the variable BIG is 200004 bytes"), "{err}");
+
     let (graph, context) =
         fixture.plan("FROM BASE\nRUN --mount=type=secret,id=missing,required=true true\n", &fixture.context(&[]));
     let err = fixture.build(&graph, &inputs(&context, &[])).await.unwrap_err().to_string();

@@ -82,7 +82,8 @@ fn malformed_and_stalled_requests_get_clear_ends() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
     // Invalid UTF-8 in a string field is the client's error, not the server's.
-    let status = runtime.block_on(raw_find_missing(&cluster.addr(), RawFindMissing { digests: vec![vec![0xff, 0xfe]] }));
+    let status =
+        runtime.block_on(raw_find_missing(&cluster.addr(), RawFindMissing { digests: vec![vec![0xff, 0xfe]] }));
     let status = status.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
