@@ -236,7 +236,7 @@ impl Engine {
         let logs = kiln_solver::LogSink::new(|_| true);
         let mut attempt = 0;
         loop {
-            let layers = Arc::clone(cluster).recover(output.clone(), logs.clone(), 0).await?;
+            let layers = Arc::clone(cluster).recover(output.clone(), logs.clone()).await?;
             let sources = layers.layers.iter().map(|l| (l.diff_id, cluster.holders(&l.diff_id))).collect();
             match self.worker.ensure_layers(&layers.layers, &sources, fetcher).await {
                 Ok(snapshot) => return Ok(snapshot),

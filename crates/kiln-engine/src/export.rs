@@ -41,6 +41,9 @@ impl Engine {
         let mut images: HashMap<MediaTypes, Descriptor> = HashMap::new();
         let mut image_digest = None;
         let mut files = Vec::new();
+        if let Some(spool) = &request.spool {
+            tokio::fs::create_dir_all(spool).await.map_err(|e| format!("{}: {e}", spool.display()))?;
+        }
         for (index, output) in request.outputs.iter().enumerate() {
             let spooled = request.spool.as_ref().map(|spool| spool.join(index.to_string()));
             let media = match output {

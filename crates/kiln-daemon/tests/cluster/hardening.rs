@@ -173,6 +173,11 @@ fn hostile_manifests_and_client_paths_never_reach_the_coordinators_files() {
     assert_eq!(std::fs::read_to_string(out.join("hello")).unwrap(), "hi\n");
     let listing = Command::new("tar").arg("tf").arg(&tar).output().unwrap();
     assert!(text(&listing.stdout).lines().any(|l| l.trim_start_matches("./") == "hello"), "{}", text(&listing.stdout));
+    // A single file output, into a directory the client has to create.
+    let oci = cluster.dir.path().join("new-dir/image.tar");
+    cluster.build(&context, &["-o", &format!("type=oci,dest={}", oci.display())]);
+    let listing = Command::new("tar").arg("tf").arg(&oci).output().unwrap();
+    assert!(text(&listing.stdout).lines().any(|l| l == "index.json"), "{}", text(&listing.stdout));
 }
 
 #[test]

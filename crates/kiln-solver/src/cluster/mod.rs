@@ -40,9 +40,9 @@ const LOST_INPUT_RETRIES: u32 = 3;
 /// Recipes kept for recomputing lost results (oldest forgotten first).
 const MAX_RECIPES: usize = 100_000;
 
-/// Recipes followed, one inside the other, to recover one input: more than any chain of
-/// layers an overlay mount can stack, so only a broken recipe table reaches it.
-const MAX_RECOVERY_DEPTH: usize = 256;
+/// Recipes followed, one below the other, to recover one input: more than any chain of
+/// layers an overlay mount can stack (500), so only a broken recipe table reaches it.
+const MAX_RECOVERY_DEPTH: usize = 1024;
 
 /// How a result was made.
 struct Recipe<B> {
@@ -378,7 +378,7 @@ impl<B: Send + Sync + 'static> Executor for ClusterExecutor<B> {
         build: Arc<ClusterBuild<B>>,
         logs: LogSink,
     ) -> BoxFuture<Result<Executed<Layers>, Failed>> {
-        Box::pin(run(Arc::clone(&self.0), vertex, inputs, build, logs, 0))
+        Box::pin(run(Arc::clone(&self.0), vertex, inputs, build, logs))
     }
 
     fn worker_name(&self) -> String {
@@ -397,30 +397,24 @@ impl<B: Send + Sync + 'static> Executor for ClusterExecutor<B> {
 }
 
 /// Executes a vertex on the cluster: recovers lost inputs, places the job, waits for its
-/// result, and remembers the recipe. `depth` counts the recoveries this run is part of.
+/// result, and remembers the recipe.
 fn run<B: Send + Sync + 'static>(
     cluster: Arc<Cluster<B>>,
     vertex: Vertex,
     inputs: Vec<Layers>,
     build: Arc<ClusterBuild<B>>,
     logs: LogSink,
-    depth: usize,
 ) -> BoxFuture<Result<Executed<Layers>, Failed>> {
     Box::pin(async move {
         // A merge stacks its inputs' layers: nothing to run.
         if matches!(vertex.op, Op::Merge(_)) {
-            let inputs: Vec<Layers> = inputs.iter().map(|i| cluster.substitute(i)).collect();
-            let output = Layers { layers: inputs.iter().flat_map(|l| l.layers.iter().copied()).collect() };
-            cluster.remember(&output, Recipe { vertex, inputs, build });
-            return Ok(Executed { output, pin: None, worker: None });
+            return Ok(cluster.merge(vertex, &inputs, build));
         }
         let mut attempt = 0;
         loop {
             let mut ready = Vec::with_capacity(inputs.len());
             for input in &inputs {
-                ready.push(
-                    Arc::clone(&cluster).recover(input.clone(), logs.clone(), depth).await.map_err(Failed::from)?,
-                );
+                ready.push(Arc::clone(&cluster).recover(input.clone(), logs.clone()).await.map_err(Failed::from)?);
             }
             let result = cluster.place(vertex.clone(), ready.clone(), Arc::clone(&build), logs.clone()).await;
             match result {
@@ -470,39 +464,79 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         }
     }
 
+    /// A merge's output: its inputs' layers stacked (as they stand now), remembered.
+    fn merge(&self, vertex: Vertex, inputs: &[Layers], build: Arc<ClusterBuild<B>>) -> Executed<Layers> {
+        let inputs: Vec<Layers> = inputs.iter().map(|i| self.substitute(i)).collect();
+        let output = Layers { layers: inputs.iter().flat_map(|l| l.layers.iter().copied()).collect() };
+        self.remember(&output, Recipe { vertex, inputs, build });
+        Executed { output, pin: None, worker: None }
+    }
+
+    /// Whether connected workers hold every layer.
+    fn held(&self, layers: &Layers) -> bool {
+        let inner = self.lock();
+        layers.layers.iter().all(|l| !inner.state.holders(&l.diff_id, "").is_empty())
+    }
+
     /// `layers` where some connected worker holds every layer: itself, what replaced it, or
-    /// a recomputation from its recipe. `depth` recoveries are already under way around this
-    /// one; past [`MAX_RECOVERY_DEPTH`] the input counts as lost.
-    pub fn recover(self: Arc<Self>, layers: Layers, logs: LogSink, depth: usize) -> BoxFuture<Result<Layers, String>> {
+    /// a recomputation from its recipe, whose own lost inputs are recomputed first. The
+    /// results still to recompute are an explicit stack, never a recursion, so a long chain
+    /// of lost steps costs no stack; past [`MAX_RECOVERY_DEPTH`] the input counts as lost.
+    pub fn recover(self: Arc<Self>, layers: Layers, logs: LogSink) -> BoxFuture<Result<Layers, String>> {
         Box::pin(async move {
-            let current = self.substitute(&layers);
-            let recipe = {
-                let inner = self.lock();
-                if current.layers.iter().all(|l| !inner.state.holders(&l.diff_id, "").is_empty()) {
-                    return Ok(current);
+            let mut pending = vec![layers];
+            let mut attempt = 0;
+            while let Some(wanted) = pending.last() {
+                let current = self.substitute(wanted);
+                if self.held(&current) {
+                    pending.pop();
+                    if pending.is_empty() {
+                        return Ok(current);
+                    }
+                    continue;
                 }
-                inner.recipes.get(&current).cloned()
-            };
-            let Some(recipe) = recipe else {
-                return Err(format!("{LOST_INPUT}layers of an earlier result were lost with their worker"));
-            };
-            if depth >= MAX_RECOVERY_DEPTH {
-                return Err(format!(
-                    "{LOST_INPUT}recomputing {} needs more than {MAX_RECOVERY_DEPTH} lost results recomputed first",
-                    recipe.vertex.meta.name
-                ));
+                let recipe = self.lock().recipes.get(&current).cloned();
+                let Some(recipe) = recipe else {
+                    return Err(format!("{LOST_INPUT}layers of an earlier result were lost with their worker"));
+                };
+                let inputs: Vec<Layers> = recipe.inputs.iter().map(|i| self.substitute(i)).collect();
+                if let Some(missing) = inputs.iter().find(|i| !self.held(i)) {
+                    if pending.len() >= MAX_RECOVERY_DEPTH {
+                        return Err(format!(
+                            "{LOST_INPUT}recomputing {} needs more than {MAX_RECOVERY_DEPTH} lost results recomputed first",
+                            recipe.vertex.meta.name
+                        ));
+                    }
+                    pending.push(missing.clone());
+                    continue;
+                }
+                let _ = logs.send(LogLine {
+                    stream: LogStream::Stderr,
+                    line: format!("recomputing {}: its result was lost with its worker", recipe.vertex.meta.name),
+                });
+                let made = if matches!(recipe.vertex.op, Op::Merge(_)) {
+                    self.merge(recipe.vertex, &inputs, recipe.build)
+                } else {
+                    let placed =
+                        self.place(recipe.vertex.clone(), inputs.clone(), Arc::clone(&recipe.build), logs.clone());
+                    match placed.await {
+                        Ok(executed) => {
+                            self.remember(&executed.output, Recipe { inputs, ..recipe });
+                            executed
+                        }
+                        // An input vanished between the check and the fetch: look again.
+                        Err(failed) if failed.message.starts_with(LOST_INPUT) && attempt < LOST_INPUT_RETRIES => {
+                            attempt += 1;
+                            continue;
+                        }
+                        Err(failed) => return Err(failed.message),
+                    }
+                };
+                if made.output != current {
+                    self.lock().substitutes.insert(current, made.output);
+                }
             }
-            let _ = logs.send(LogLine {
-                stream: LogStream::Stderr,
-                line: format!("recomputing {}: its result was lost with its worker", recipe.vertex.meta.name),
-            });
-            let executed = run(Arc::clone(&self), recipe.vertex, recipe.inputs, recipe.build, logs, depth + 1)
-                .await
-                .map_err(|failed| failed.message)?;
-            if executed.output != current {
-                self.lock().substitutes.insert(current, executed.output.clone());
-            }
-            Ok(executed.output)
+            Err(format!("{LOST_INPUT}nothing to recover"))
         })
     }
 

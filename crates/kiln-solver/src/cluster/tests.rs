@@ -107,7 +107,7 @@ async fn a_lost_step_that_added_no_layer_is_recovered_through_its_producer() {
 
     cluster.disconnect("a", a);
     fake(&cluster, "b", Arc::clone(&ran));
-    let recovered = Arc::clone(&cluster).recover(same.output, sink(), 0).await.unwrap();
+    let recovered = Arc::clone(&cluster).recover(same.output, sink()).await.unwrap();
     assert_eq!(recovered.layers, [LayerDesc { diff_id: Digest::of(b"base@b"), size: 10 }]);
     assert_eq!(ran.lock().unwrap().last(), Some(&("base".to_string(), "b".to_string())));
     let user = executor.execute(exec("user", vec![noop.digest]), vec![first.output], build(), sink()).await.unwrap();
@@ -129,8 +129,8 @@ async fn recovery_deeper_than_the_bound_fails_as_a_lost_input() {
     }
     cluster.disconnect("a", a);
     fake(&cluster, "b", Arc::new(Mutex::new(Vec::new())));
-    let error = Arc::clone(&cluster).recover(output, LogSink::new(|_| true), 0).await.unwrap_err();
-    assert!(error.starts_with(LOST_INPUT) && error.contains("more than 256"), "{error}");
+    let error = Arc::clone(&cluster).recover(output, LogSink::new(|_| true)).await.unwrap_err();
+    assert!(error.starts_with(LOST_INPUT) && error.contains("more than 1024"), "{error}");
 }
 
 #[tokio::test]
@@ -138,7 +138,7 @@ async fn a_lost_result_without_a_recipe_fails_as_a_lost_input() {
     let cluster = Cluster::<()>::new(ClusterSettings::default());
     fake(&cluster, "b", Arc::new(Mutex::new(Vec::new())));
     let ghost = Layers { layers: vec![LayerDesc { diff_id: Digest::of(b"ghost"), size: 1 }] };
-    let error = Arc::clone(&cluster).recover(ghost, LogSink::new(|_| true), 0).await.unwrap_err();
+    let error = Arc::clone(&cluster).recover(ghost, LogSink::new(|_| true)).await.unwrap_err();
     assert!(error.starts_with(LOST_INPUT), "{error}");
 }
 
