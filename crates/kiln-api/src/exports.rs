@@ -18,9 +18,20 @@ pub(crate) const SPOOL_DIR: &str = "exports";
 /// well under the message limit and in a bounded amount of memory.
 const PIECE: usize = 256 * 1024;
 
-/// The spool of build number `n`.
-pub(crate) fn spool_path(root: &Path, n: u64) -> PathBuf {
+/// A fresh spool for one build (numbered across every service of this process).
+pub(crate) fn new_spool(root: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     root.join(SPOOL_DIR).join(n.to_string())
+}
+
+/// Removes the spools a stopped or crashed daemon left in `root`; call it once at start,
+/// before serving.
+pub fn clear_spools(root: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(root.join(SPOOL_DIR)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Removes a spool (off the async threads: it may hold a whole root filesystem as a tar).

@@ -9,6 +9,7 @@ mod to_proto;
 mod workers;
 
 pub use blobs::BlobsService;
+pub use exports::clear_spools;
 pub use workers::WorkersService;
 
 use std::path::{Path, PathBuf};
@@ -34,7 +35,6 @@ use tonic::{Request, Response, Status, Streaming};
 pub struct ControlService {
     engine: Arc<Engine>,
     root: PathBuf,
-    next_spool: std::sync::atomic::AtomicU64,
     upload_idle_timeout: std::time::Duration,
 }
 
@@ -42,16 +42,9 @@ pub struct ControlService {
 pub const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl ControlService {
-    /// A service over `engine`, whose state lives in `root`. Export spools a crashed daemon
-    /// left behind are removed.
+    /// A service over `engine`, whose state lives in `root`.
     pub fn new(engine: Arc<Engine>, root: &Path) -> ControlService {
-        let _ = std::fs::remove_dir_all(root.join(exports::SPOOL_DIR));
-        ControlService {
-            engine,
-            root: root.to_path_buf(),
-            next_spool: std::sync::atomic::AtomicU64::new(1),
-            upload_idle_timeout: UPLOAD_IDLE_TIMEOUT,
-        }
+        ControlService { engine, root: root.to_path_buf(), upload_idle_timeout: UPLOAD_IDLE_TIMEOUT }
     }
 
     /// Ends uploads that send nothing for `timeout` (default [`UPLOAD_IDLE_TIMEOUT`]).
@@ -74,7 +67,7 @@ impl Control for ControlService {
                  over TCP the client uploads the context (kiln --addr does)",
             ));
         }
-        let spool = exports::spool_path(&self.root, self.next_spool.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let spool = exports::new_spool(&self.root);
         request.spool = Some(spool.clone());
         let (events, stream) = mpsc::channel(256);
         let engine = Arc::clone(&self.engine);

@@ -114,7 +114,7 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
         request.context_manifest = Some(manifest);
         upload = Some(stats);
     }
-    let writer = ExportWriter::start(&request.outputs);
+    let writer = ExportWriter::start(&request.outputs)?;
     let mut events = client.build(request).await.map_err(anyhow::Error::msg)?;
     let mut renderer = Renderer::new(args.progress);
     let mut tick = tokio::time::interval(Duration::from_millis(100));

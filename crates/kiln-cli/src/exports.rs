@@ -33,7 +33,7 @@ pub struct ExportWriter {
 impl ExportWriter {
     /// A writer for the destinations of `outputs` (the `--output` specs as sent, with
     /// absolute `dest=` paths).
-    pub fn start(outputs: &[String]) -> ExportWriter {
+    pub fn start(outputs: &[String]) -> anyhow::Result<ExportWriter> {
         let dests: Vec<Option<PathBuf>> = outputs.iter().map(|spec| dest_of(spec)).collect();
         let (pieces, mut received) = mpsc::channel::<Piece>(16);
         let thread = std::thread::Builder::new()
@@ -55,8 +55,8 @@ impl ExportWriter {
                     None => bail!("the daemon ended before sending every output file"),
                 }
             })
-            .expect("spawning the export writer thread");
-        ExportWriter { pieces, thread }
+            .context("starting the thread that writes the build's files")?;
+        Ok(ExportWriter { pieces, thread })
     }
 
     /// Hands a piece to the writer thread.

@@ -90,7 +90,8 @@ pub struct WorkerSection {
     /// The coordinator's URL, `http://HOST:PORT`. Required unless the file also has a
     /// `[coordinator]` (standalone).
     pub coordinator: Option<String>,
-    /// The worker's unique name in the cluster. Default: `HOSTNAME-PORT` of `listen`.
+    /// The worker's unique name in the cluster. Default: `HOSTNAME-PORT` of `listen`, or
+    /// `HOSTNAME-IP-PORT` when `listen` names an address.
     pub name: Option<String>,
     /// Address of this worker's blob service for peers, `HOST:PORT`. Default: `127.0.0.1:0`.
     #[serde(default = "default_worker_listen")]
@@ -305,7 +306,10 @@ impl ConfigFile {
                         return Err(invalid("worker.name", format!("{name:?} must be non-empty, without spaces")));
                     }
                     Some(name) => name.clone(),
-                    None => format!("{}-{}", hostname(), listen.port()),
+                    // Unique per listening address: two workers on one host listen on
+                    // different addresses, and a worker name belongs to one live session.
+                    None if listen.ip().is_unspecified() => format!("{}-{}", hostname(), listen.port()),
+                    None => format!("{}-{}-{}", hostname(), listen.ip(), listen.port()),
                 };
                 Some(WorkerConfig {
                     coordinator: coordinator_url,

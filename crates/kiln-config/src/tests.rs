@@ -30,6 +30,14 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(worker.gc.keep_duration, Duration::from_secs(48 * 3600));
     assert_eq!(worker.gc.reserved_space, 10_000_000_000);
     assert!(worker.max_parallelism >= 4);
+    let named = |listen: &str| {
+        let text = format!("[worker]\ncoordinator = \"http://127.0.0.1:7070\"\nlisten = \"{listen}\"\n");
+        validate(&text).unwrap().worker.unwrap().name
+    };
+    // Two workers of one host listen on different addresses, so their default names differ.
+    assert_ne!(named("127.0.0.2:7071"), named("127.0.0.3:7071"));
+    assert!(named("127.0.0.2:7071").ends_with("-127.0.0.2-7071"), "{}", named("127.0.0.2:7071"));
+    assert!(named("0.0.0.0:7071").ends_with("-7071") && !named("0.0.0.0:7071").contains("0.0.0.0"));
     let config = validate("[coordinator]\nlisten = \"127.0.0.1:7070\"\n").unwrap();
     let coordinator = config.coordinator.unwrap();
     assert_eq!((coordinator.lease_timeout, coordinator.retry_budget), (Duration::from_secs(10), 3));

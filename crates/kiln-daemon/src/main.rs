@@ -197,6 +197,9 @@ async fn serve(
     tcp: Option<(tokio::net::TcpListener, Services)>,
     stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    // The state directory is ours (its database is open): what an earlier daemon spooled is
+    // garbage now.
+    kiln_api::clear_spools(root).with_context(|| format!("clearing old export spools in {}", root.display()))?;
     let mut servers = tokio::task::JoinSet::new();
     if let Some((listener, services)) = tcp {
         servers.spawn(kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone())));
