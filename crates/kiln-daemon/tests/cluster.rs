@@ -111,6 +111,10 @@ impl Cluster {
         }
     }
 
+    fn coordinator_alive(&mut self) -> bool {
+        self.coordinator.try_wait().unwrap().is_none()
+    }
+
     fn addr(&self) -> String {
         format!("http://127.0.{}.1:7070", self.net)
     }
