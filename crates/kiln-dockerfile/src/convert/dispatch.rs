@@ -4,7 +4,7 @@
 use kiln_graph::{Chown, FileAction, FileOp, Op, SourceOp};
 use kiln_types::{ImageReference, Platform};
 
-use super::state::{DEFAULT_PATH, StageResult, StageState};
+use super::state::{StageResult, StageState};
 use super::{Converter, Failure, FrontendError};
 use crate::image::HealthConfig;
 use crate::instructions::{ArgDecl, Command, CommandLine, Healthcheck, Instruction, KeyValue, parse_instruction};
@@ -34,7 +34,7 @@ impl Converter<'_> {
             let line = Some(command.start_line);
             self.dispatch(&mut state, command).map_err(|f| self.error(&name, line, f))?;
         }
-        Ok(StageResult { root: state.root, config: state.config, platform: state.platform })
+        Ok(StageResult { root: state.root, config: state.config, env: state.env, platform: state.platform })
     }
 
     fn start_stage(&mut self, index: usize) -> Result<StageState, Failure> {
@@ -56,20 +56,21 @@ impl Converter<'_> {
             platform,
             root: None,
             config: Default::default(),
-            args: Vec::new(),
-            arg_names: Default::default(),
+            env: Default::default(),
             cmd_set: false,
             cmd_index: 0,
             cmd_total,
             show_name: self.file.stages.len() > 1,
             show_platform: self.prefix_platform,
-            env_index: Default::default(),
+            config_env_index: Default::default(),
         };
+        let mut inherited = Default::default();
         let explicit_platform = stage.from.platform.is_some();
         if let Some(parent) = self.find_stage(&base, Some(index), false) {
             let result = self.stage(parent, Some((&state.name, stage.line)))?;
             state.root = result.root;
             state.config = result.config;
+            inherited = result.env;
             if !explicit_platform {
                 state.platform = result.platform;
             }
@@ -79,12 +80,9 @@ impl Converter<'_> {
         } else {
             self.start_from_image(&mut state, &base, stage.line)?;
         }
-        state.index_env();
+        state.start_env(inherited);
         // A stage starts with its base's variables: they count against the conversion's size.
-        self.charge(state.variables_len())?;
-        if state.env_get("PATH").is_none() {
-            state.env_set("PATH", DEFAULT_PATH);
-        }
+        self.charge(state.env.byte_len())?;
         Ok(state)
     }
 
@@ -171,7 +169,7 @@ impl Converter<'_> {
             expanded.push((key, self.expand(state, &kv.value)?));
         }
         for (key, value) in expanded {
-            state.env_set(&key, &value);
+            state.set_env(&key, &value);
         }
         Ok(())
     }
@@ -183,7 +181,11 @@ impl Converter<'_> {
                 (None, Some(default)) => Some(self.expand(state, default)?),
                 (None, None) => self.meta_env.iter().rev().find(|(k, _)| *k == decl.key).map(|(_, v)| v.clone()),
             };
-            state.arg_set(&decl.key, value);
+            // An ARG with a value joins the build state's environment (RUN steps, expansions,
+            // child stages), after what is there: it overrides an earlier ENV of its name.
+            if let Some(value) = value {
+                state.env.set(&decl.key, &value);
+            }
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 
 mod copy;
 mod dispatch;
+mod env;
 mod exec;
 mod state;
 

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use kiln_graph::{Input, VertexMeta};
 use kiln_types::{Digest, Platform};
 
+use super::env::EnvList;
 use crate::image::ImageConfig;
 
 /// BuildKit's default PATH for Linux, used when the base image defines none.
@@ -17,6 +18,8 @@ pub(crate) struct StageResult {
     pub root: Option<Digest>,
     /// The accumulated image config.
     pub config: ImageConfig,
+    /// The build state's environment (ENV and ARG values), which `FROM <stage>` inherits.
+    pub env: EnvList,
     /// The platform the stage was built for.
     pub platform: Platform,
 }
@@ -31,10 +34,8 @@ pub(crate) struct StageState {
     pub root: Option<Digest>,
     /// Current image config.
     pub config: ImageConfig,
-    /// ARGs declared in this stage that have a value, in order.
-    pub args: Vec<(String, String)>,
-    /// The names in `args`, so a new ARG costs no scan of the others.
-    pub arg_names: std::collections::HashSet<String>,
+    /// The build state's environment: what RUN steps get and expansions read.
+    pub env: EnvList,
     /// A CMD was set in this stage (ENTRYPOINT then keeps it).
     pub cmd_set: bool,
     /// Number of the next vertex-producing instruction, for `[name i/n]`.
@@ -45,81 +46,60 @@ pub(crate) struct StageState {
     pub show_name: bool,
     /// Show the platform in vertex names (multi-platform builds).
     pub show_platform: bool,
-    /// Where each variable is in `config.env` (its last entry), so ENV and lookups cost the
-    /// same however many variables the stage has.
-    pub env_index: HashMap<String, usize>,
+    /// Where each variable is in `config.env`, so an ENV costs the same however many
+    /// variables the image has.
+    pub config_env_index: HashMap<String, usize>,
 }
 
-/// Variables visible to expansion: ENV, else the stage's ARGs (ENV wins).
+/// Variables visible to expansion: the build state's environment.
 impl crate::shell::Env for StageState {
     fn get(&self, name: &str) -> Option<String> {
-        match self.env_get(name) {
-            Some(value) => Some(value.to_owned()),
-            None if self.arg_names.contains(name) => {
-                self.args.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-            }
-            None => None,
-        }
+        self.env.get(name).map(str::to_owned)
     }
 }
 
 impl StageState {
-    /// Indexes `config.env` after the config was replaced (a new stage's base).
-    pub fn index_env(&mut self) {
-        self.env_index.clear();
+    /// Sets up the environment once the stage's base is known, as BuildKit does: the image
+    /// config gets the default PATH when it has none, and the build state's environment
+    /// (`inherited`: empty, or the parent stage's with its ARG values) gets every config
+    /// variable set again, in the config's order.
+    pub fn start_env(&mut self, inherited: EnvList) {
+        self.config_env_index.clear();
         for (i, entry) in self.config.env.iter().enumerate() {
             let key = entry.split_once('=').map_or(entry.as_str(), |(k, _)| k);
-            self.env_index.insert(key.to_owned(), i);
+            self.config_env_index.insert(key.to_owned(), i);
+        }
+        if !self.config_env_index.contains_key("PATH") {
+            self.config_env_set("PATH", DEFAULT_PATH);
+        }
+        self.env = inherited;
+        for entry in &self.config.env {
+            let (key, value) = entry.split_once('=').unwrap_or((entry.as_str(), ""));
+            self.env.set(key, value);
         }
     }
 
-    /// The value of an ENV variable.
-    pub fn env_get(&self, key: &str) -> Option<&str> {
-        let entry = &self.config.env[*self.env_index.get(key)?];
-        Some(entry.split_once('=').map_or("", |(_, v)| v))
+    /// ENV: the variable goes into the image config (replacing an earlier value in place) and
+    /// the build state's environment (after every other variable).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.config_env_set(key, value);
+        self.env.set(key, value);
     }
 
-    /// Sets an ENV variable, replacing an earlier value in place.
-    pub fn env_set(&mut self, key: &str, value: &str) {
+    fn config_env_set(&mut self, key: &str, value: &str) {
         let entry = format!("{key}={value}");
-        match self.env_index.get(key) {
+        match self.config_env_index.get(key) {
             Some(&i) => self.config.env[i] = entry,
             None => {
-                self.env_index.insert(key.to_owned(), self.config.env.len());
+                self.config_env_index.insert(key.to_owned(), self.config.env.len());
                 self.config.env.push(entry);
             }
         }
     }
 
-    /// Declares an ARG (`None`: without a value), moving it after the others.
-    pub fn arg_set(&mut self, key: &str, value: Option<String>) {
-        if self.arg_names.remove(key) {
-            self.args.retain(|(k, _)| k != key);
-        }
-        if let Some(value) = value {
-            self.arg_names.insert(key.to_owned());
-            self.args.push((key.to_owned(), value));
-        }
-    }
-
-    /// The bytes of the stage's variables.
-    pub fn variables_len(&self) -> usize {
-        self.config.env.iter().map(String::len).sum::<usize>()
-            + self.args.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-    }
-
-    /// The environment of a RUN: the image env plus ARGs it does not define, and PATH.
+    /// The environment of a RUN.
     pub fn run_env(&self) -> Vec<String> {
-        let mut env = self.config.env.clone();
-        for (k, v) in &self.args {
-            if self.env_get(k).is_none() {
-                env.push(format!("{k}={v}"));
-            }
-        }
-        if !env.iter().any(|kv| kv.starts_with("PATH=")) {
-            env.push(format!("PATH={DEFAULT_PATH}"));
-        }
-        env
+        self.env.to_vec()
     }
 
     /// The root filesystem as an op input, given the vertex inputs being assembled.

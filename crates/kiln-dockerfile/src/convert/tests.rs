@@ -200,12 +200,40 @@ fn args_follow_buildkit_scoping() {
 }
 
 #[test]
-fn env_uses_old_values_within_one_instruction_and_wins_over_arg() {
-    let plan = build().plan("FROM busybox\nENV a=old\nENV a=new b=$a\nARG a=from-arg\nRUN env\n");
+fn env_uses_old_values_within_one_instruction_and_the_later_of_env_and_arg_wins() {
+    let plan = build().plan("FROM busybox\nENV a=old\nENV a=new b=$a\nARG c=from-arg\nENV c=env\nRUN env\n");
     let exec = execs(&plan.graph)[0];
     assert_eq!(env_of(exec, "a"), Some("new"));
     assert_eq!(env_of(exec, "b"), Some("old"));
+    assert_eq!(env_of(exec, "c"), Some("env"), "an ENV after an ARG of its name wins");
     assert_eq!(plan.images[0].env_get("b"), Some("old"));
+
+    // An ARG after an ENV of its name overrides it for RUN and expansions, as BuildKit does;
+    // the image config keeps the ENV value.
+    let file = "FROM busybox\nENV A=1\nARG A=2\nENV B=$A\nRUN echo $A $B\n";
+    let plan = build().plan(file);
+    let exec = execs(&plan.graph)[0];
+    assert_eq!((env_of(exec, "A"), env_of(exec, "B")), (Some("2"), Some("2")));
+    assert_eq!((plan.images[0].env_get("A"), plan.images[0].env_get("B")), (Some("1"), Some("2")));
+    let plan = Build { args: vec![("A", "3")], ..build() }.plan(file);
+    let exec = execs(&plan.graph)[0];
+    assert_eq!((env_of(exec, "A"), env_of(exec, "B")), (Some("3"), Some("3")));
+    // Setting a variable again moves it after the others, as BuildKit's state environment.
+    let plan = build().plan("FROM scratch\nENV A=1 B=2\nARG A=3\nRUN env\n");
+    assert_eq!(execs(&plan.graph)[0].env[1..], ["B=2", "A=3"]);
+}
+
+#[test]
+fn arg_values_reach_child_stages_and_the_parents_env_is_set_again_on_top() {
+    let file = "FROM busybox AS base\nARG FOO=bar\nENV E=1\nARG E=2\n\
+                FROM base\nRUN env\nARG COPY_OF=$FOO\nRUN echo $COPY_OF\n";
+    let plan = build().plan(file);
+    let execs = execs(&plan.graph);
+    assert_eq!(env_of(execs[0], "FOO"), Some("bar"), "an ARG value is part of the stage's state");
+    assert_eq!(env_of(execs[1], "COPY_OF"), Some("bar"), "expansions in the child see it");
+    // BuildKit sets the inherited config's variables again on top of the parent's state.
+    assert_eq!(env_of(execs[0], "E"), Some("1"));
+    assert_eq!(plan.images[0].env_get("FOO"), None, "ARG values never enter the image config");
 }
 
 #[test]
@@ -441,12 +469,10 @@ fn many_env_and_arg_instructions_convert_with_every_value() {
     dockerfile += "ENV V5=again\nRUN true\n";
     let plan = build().plan(&dockerfile);
     let env = &execs(&plan.graph)[0].env;
-    assert_eq!(
-        (env[0].as_str(), env[6].as_str()),
-        ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "V5=again"),
-        "replaced in place"
-    );
-    assert_eq!(env[20_000], "V19999=start-0-19999");
+    assert_eq!(env[0], "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    assert_eq!(env.last().unwrap(), "V5=again", "set again: moved after the others");
+    assert!(env.contains(&"V19999=start-0-19999".to_string()));
+    assert_eq!(plan.images[0].env[6], "V5=again", "the image config replaces in place");
     assert!(env.contains(&"A7=start-0-7".to_string()), "ARGs without an ENV of their name join the RUN's env");
     assert_eq!(env.iter().filter(|e| e.starts_with('V')).count(), 20_000);
 }
