@@ -107,7 +107,12 @@ impl Converter<'_> {
         m: RunMount,
         inputs: &mut Vec<Digest>,
     ) -> Result<Mount, Failure> {
+        // A relative or missing target is under the working directory, as in BuildKit, where
+        // only a target that is the root itself is refused.
         let target = state.resolve_path(m.target.as_deref().unwrap_or_default());
+        if target == "/" {
+            return Err(format!("invalid mount target {target:?}").into());
+        }
         let kind = match m.kind {
             MountType::Bind => {
                 let (input, source) = self.mount_source(state, command, &m, inputs)?;

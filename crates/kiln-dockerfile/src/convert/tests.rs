@@ -281,6 +281,30 @@ fn workdir_and_relative_paths() {
 }
 
 #[test]
+fn mounts_without_a_target_go_to_the_working_directory() {
+    let file = "FROM busybox AS bins\nFROM busybox\nWORKDIR /work\nRUN --mount=from=bins --mount=type=cache,id=c ls\n\
+                RUN --mount=type=cache,target=rel --mount=type=cache true\n";
+    let plan = build().plan(file);
+    let execs = execs(&plan.graph);
+    let kinds: Vec<_> = execs[0].mounts.iter().map(|m| (m.target.as_str(), &m.kind)).collect();
+    assert!(matches!(kinds[0], ("/work", MountKind::Bind { readwrite: false, .. })), "{kinds:?}");
+    assert!(matches!(kinds[1], ("/work", MountKind::Cache { .. })), "{kinds:?}");
+    // BuildKit names a cache after its target as written, cleaned: "rel", and "." for none.
+    let ids: Vec<(&str, &str)> = execs[1]
+        .mounts
+        .iter()
+        .filter_map(|m| match &m.kind {
+            MountKind::Cache { id, .. } => Some((m.target.as_str(), id.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, [("/work/rel", "rel"), ("/work", ".")]);
+    // Only a mount that would cover the root is refused.
+    let err = build().error("FROM busybox\nRUN --mount=type=cache ls\n");
+    assert!(err.contains("Dockerfile:2") && err.contains("invalid mount target \"/\""), "{err}");
+}
+
+#[test]
 fn run_forms_mounts_and_heredocs() {
     let file = "FROM busybox\nSHELL [\"/bin/bash\", \"-c\"]\nRUN [\"echo\", \"exec\"]\nRUN --network=none --mount=type=cache,target=/root/.cache --mount=type=secret,id=tok --mount=target=/src,source=src echo shell\nRUN <<EOF\necho heredoc\nEOF\nRUN <<EOF\n#!/bin/sh\necho script\nEOF\n";
     let plan = build().plan(file);

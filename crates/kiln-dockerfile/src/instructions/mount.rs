@@ -207,12 +207,31 @@ fn parse_sharing(value: &str) -> Result<CacheSharing, String> {
     }
 }
 
+/// Go's `path.Clean`: `.` for nothing, `..` kept where it cannot be resolved in a relative
+/// path, dropped at the root of an absolute one.
+fn go_clean(path: &str) -> String {
+    let absolute = path.starts_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." if parts.last().is_some_and(|p| *p != "..") => {
+                parts.pop();
+            }
+            ".." if absolute => {}
+            p => parts.push(p),
+        }
+    }
+    match (absolute, parts.is_empty()) {
+        (true, _) => format!("/{}", parts.join("/")),
+        (false, true) => ".".to_owned(),
+        (false, false) => parts.join("/"),
+    }
+}
+
 fn finish_mount(mut mount: RunMount, readonly: Option<bool>, spec: &str) -> Result<RunMount, String> {
     mount.readonly = readonly.unwrap_or(mount.kind == MountType::Bind);
     match mount.kind {
-        MountType::Bind | MountType::Cache | MountType::Tmpfs if mount.target.is_none() => {
-            return Err(format!("mount {spec:?} has no target"));
-        }
         MountType::Secret => {
             if mount.id.is_none() {
                 let base = mount.target.as_deref().map(|t| t.rsplit('/').next().unwrap_or(t).to_owned());
@@ -228,7 +247,9 @@ fn finish_mount(mut mount: RunMount, readonly: Option<bool>, spec: &str) -> Resu
         MountType::Ssh => {
             mount.id.get_or_insert_with(|| "default".to_owned());
         }
-        MountType::Cache if mount.id.is_none() => mount.id = mount.target.clone(),
+        // BuildKit names the cache after the target as written, cleaned (`path.Clean`): a
+        // cache without a target is the cache ".", whatever the working directory.
+        MountType::Cache if mount.id.is_none() => mount.id = Some(go_clean(mount.target.as_deref().unwrap_or(""))),
         _ => {}
     }
     let takes_from = matches!(mount.kind, MountType::Bind | MountType::Cache);
@@ -278,6 +299,15 @@ mod tests {
     }
 
     #[test]
+    fn a_target_may_be_left_out_and_cache_ids_are_cleaned_as_go_does() {
+        assert_eq!(parse("type=cache").unwrap().id.as_deref(), Some("."));
+        assert_eq!(parse("type=cache,target=a/./b/").unwrap().id.as_deref(), Some("a/b"));
+        assert_eq!(parse("type=cache,target=/x/../y").unwrap().id.as_deref(), Some("/y"));
+        assert_eq!(parse("type=cache,target=../up").unwrap().id.as_deref(), Some("../up"));
+        assert_eq!(parse("from=bins").unwrap().target, None);
+    }
+
+    #[test]
     fn quoted_csv_fields() {
         let m = parse("type=bind,\"source=a,b\",target=/x").unwrap();
         assert_eq!(m.source.as_deref(), Some("a,b"));
@@ -287,7 +317,6 @@ mod tests {
     fn rejects_bad_specs() {
         for bad in [
             "type=nfs,target=/x",
-            "type=cache",
             "type=cache,target=/x,sharing=sometimes",
             "type=secret",
             "target=/x,color=red",
