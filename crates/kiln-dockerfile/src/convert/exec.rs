@@ -26,7 +26,19 @@ impl Converter<'_> {
             mounts.push(self.mount(state, command, mount, &mut inputs)?);
         }
         let args = self.run_args(state, run, &mut mounts, &mut inputs)?;
-        let env = state.run_env();
+        let mut env = state.run_env();
+        // As BuildKit's exec op: ssh mounts without a target are `ssh_agent.<i>`, i counting
+        // the step's ssh mounts, and the first one is SSH_AUTH_SOCK unless the env sets it.
+        let ssh_targets = mounts.iter_mut().filter(|m| matches!(m.kind, MountKind::Ssh(_)));
+        for (i, mount) in ssh_targets.enumerate() {
+            if mount.target.is_empty() {
+                mount.target = format!("/run/buildkit/ssh_agent.{i}");
+            }
+        }
+        let first_ssh = mounts.iter().find(|m| matches!(m.kind, MountKind::Ssh(_)));
+        if let Some(first) = first_ssh.filter(|_| state.env.get("SSH_AUTH_SOCK").is_none()) {
+            env.push(format!("SSH_AUTH_SOCK={}", first.target));
+        }
         self.charge(args.iter().chain(&env).map(String::len).sum())?;
         let op = Op::Exec(ExecOp {
             args,
@@ -110,7 +122,7 @@ impl Converter<'_> {
         // A relative or missing target is under the working directory, as in BuildKit, where
         // only a target that is the root itself is refused.
         let target = state.resolve_path(m.target.as_deref().unwrap_or_default());
-        if target == "/" {
+        if target == "/" && matches!(m.kind, MountType::Bind | MountType::Cache | MountType::Tmpfs) {
             return Err(format!("invalid mount target {target:?}").into());
         }
         let kind = match m.kind {
@@ -152,7 +164,8 @@ impl Converter<'_> {
         };
         let target = match (&kind, &m.target) {
             (MountKind::Secret(_), None) => String::new(),
-            (MountKind::Ssh(_), None) => "/run/buildkit/ssh_agent.0".into(),
+            // Numbered among the step's ssh mounts once they are all known (`dispatch_run`).
+            (MountKind::Ssh(_), None) => String::new(),
             _ => target,
         };
         Ok(Mount { target, kind })

@@ -500,3 +500,16 @@ fn many_env_and_arg_instructions_convert_with_every_value() {
     assert!(env.contains(&"A7=start-0-7".to_string()), "ARGs without an ENV of their name join the RUN's env");
     assert_eq!(env.iter().filter(|e| e.starts_with('V')).count(), 20_000);
 }
+
+#[test]
+fn ssh_mounts_are_numbered_and_the_first_is_ssh_auth_sock() {
+    let plan = build().plan(
+        "FROM busybox\nRUN --mount=type=ssh --mount=type=ssh,id=other --mount=type=ssh,target=/s ls\n\
+         ENV SSH_AUTH_SOCK=/mine\nRUN --mount=type=ssh ls\n",
+    );
+    let execs = execs(&plan.graph);
+    let targets: Vec<&str> = execs[0].mounts.iter().map(|m| m.target.as_str()).collect();
+    assert_eq!(targets, ["/run/buildkit/ssh_agent.0", "/run/buildkit/ssh_agent.1", "/s"]);
+    assert_eq!(env_of(execs[0], "SSH_AUTH_SOCK"), Some("/run/buildkit/ssh_agent.0"));
+    assert_eq!(env_of(execs[1], "SSH_AUTH_SOCK"), Some("/mine"), "an ENV of it wins");
+}
