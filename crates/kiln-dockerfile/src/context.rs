@@ -96,7 +96,8 @@ fn matches_wildcard(pattern: &str, path: &str) -> Result<bool, ContextError> {
 }
 
 /// The entries selected by COPY-style `sources` (context-relative, cleaned, may hold
-/// wildcards), minus `exclude` patterns. Errors name the first source that selects nothing.
+/// wildcards), minus `exclude` patterns. Errors name the first plain path that selects
+/// nothing; a wildcard that matches nothing selects nothing.
 pub fn select<'a>(
     context: &'a dyn ContextFiles,
     sources: &[String],
@@ -115,8 +116,9 @@ pub fn select<'a>(
                 }
             }
         }
-        // The context root always exists, even when `.dockerignore` leaves it empty.
-        if !any && !source.is_empty() {
+        // The context root always exists, even when `.dockerignore` leaves it empty; a
+        // wildcard may match nothing (BuildKit's AllowEmptyWildcard).
+        if !any && !source.is_empty() && !has_glob(source) {
             return Err(ContextError::NotFound(source.clone()));
         }
     }
@@ -226,8 +228,9 @@ mod tests {
         let c = ctx(&[("a.txt", "1")], "");
         let err = select(&c, &["nope".into()], &PatternList::default()).unwrap_err();
         assert_eq!(err.to_string(), "nope: not found in the build context");
-        let err = select(&c, &["*.md".into()], &PatternList::default()).unwrap_err();
-        assert!(err.to_string().contains("*.md"));
+        // A wildcard may match nothing, as BuildKit allows (`COPY yarn.lock* ./`).
+        let selected = select(&c, &["a.txt".into(), "*.md".into(), "b[x]".into()], &PatternList::default()).unwrap();
+        assert_eq!(selected.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), ["a.txt"]);
     }
 
     #[test]

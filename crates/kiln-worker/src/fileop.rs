@@ -123,11 +123,8 @@ fn expand_sources(copy: &CopyAction, source_root: &Path) -> Result<Vec<(String, 
     for source in &copy.sources {
         let clean = source.trim_start_matches('/').trim_end_matches('/');
         if has_glob(clean) {
-            let before = expanded.len();
+            // A wildcard may match nothing, as in BuildKit (`COPY yarn.lock* ./`).
             glob_walk(source_root, "", clean.split('/').collect::<Vec<_>>().as_slice(), &mut expanded)?;
-            if expanded.len() == before {
-                return Err(format!("{source}: no source files were specified (no match)"));
-            }
         } else {
             let host = resolve_in_root(source_root, clean, true).map_err(|e| format!("{source}: {e}"))?;
             if fs::symlink_metadata(&host).is_err() {

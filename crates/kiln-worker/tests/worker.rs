@@ -195,6 +195,12 @@ async fn failures_name_the_step_its_line_exit_code_and_output() {
     let (graph, context) = fixture.plan("FROM BASE AS a\nFROM BASE\nCOPY --from=a /nope /x\n", &fixture.context(&[]));
     let err = fixture.build(&graph, &inputs(&context, &[])).await.unwrap_err().to_string();
     assert!(err.contains("/nope: not found") && err.contains("(line 3)"), "{err}");
+    // A wildcard that matches nothing is a no-op, as in BuildKit.
+    let file = "FROM BASE AS a\nFROM BASE\nCOPY --from=a /nope* /etc/pass[w]d /x/\n";
+    let (graph, context) = fixture.plan(file, &fixture.context(&[]));
+    let done = fixture.build(&graph, &inputs(&context, &[])).await.unwrap();
+    let last = &done[&graph.vertices.last().unwrap().digest];
+    assert!(content(&fixture.worker, last, "x/passwd").is_some());
 
     let (graph, context) = fixture.plan("FROM BASE\nUSER ghost\nRUN true\n", &fixture.context(&[]));
     let err = fixture.build(&graph, &inputs(&context, &[])).await.unwrap_err().to_string();

@@ -51,7 +51,6 @@ impl Converter<'_> {
         command: &Command,
         copy: &AddCopy,
     ) -> Result<(), Failure> {
-        let keyword = if copy.is_add { "ADD" } else { "COPY" };
         let sources = self.expand_sources(state, copy)?;
         let dest_word = self.expand(state, &copy.dest)?;
         let dest_is_dir =
@@ -59,12 +58,6 @@ impl Converter<'_> {
         let mut dest = state.resolve_path(&dest_word);
         if dest_is_dir && dest != "/" {
             dest.push('/');
-        }
-        if copy.sources.len() > 1 && !dest_is_dir {
-            return Err(format!(
-                "when using {keyword} with more than one source file, the destination must be a directory and end with a /"
-            )
-            .into());
         }
         let chown = match &copy.chown {
             Some(c) => Some(parse_chown(&self.expand(state, c)?)),

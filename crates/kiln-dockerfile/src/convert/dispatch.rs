@@ -293,10 +293,14 @@ fn health_config(check: &Healthcheck) -> HealthConfig {
 }
 
 /// `user[:group]` as written.
+/// `USER[:GROUP]` as BuildKit's `llb.WithUser` reads it: an empty user or group is id 0
+/// (`--chown=${UID}:${GID}` with both unset is `0:0`); without `:GROUP` the user's own
+/// group applies when the step runs.
 pub(super) fn parse_chown(spec: &str) -> Chown {
+    let or_root = |name: &str| if name.is_empty() { "0".to_owned() } else { name.to_owned() };
     match spec.split_once(':') {
-        Some((user, group)) => Chown { user: user.to_owned(), group: Some(group.to_owned()) },
-        None => Chown { user: spec.to_owned(), group: None },
+        Some((user, group)) => Chown { user: or_root(user), group: Some(or_root(group)) },
+        None => Chown { user: or_root(spec), group: None },
     }
 }
 
