@@ -56,6 +56,7 @@ impl Engine {
                 && let std::collections::hash_map::Entry::Vacant(slot) = images.entry(media)
             {
                 let step = self.step(progress, "exporting layers and image config");
+                self.keep_base_blobs(plan).await?;
                 let histories: Vec<Option<Vec<History>>> = plan
                     .graph
                     .outputs
@@ -128,6 +129,27 @@ impl Engine {
             }
         }
         Ok((image_digest, files))
+    }
+
+    /// Base layers are exported as the blobs they were pulled as. A worker records them when
+    /// it pulls; a coordinator, whose layers arrived from workers as plain tars, pulls the
+    /// base images' blobs itself (each once: the store keeps them).
+    async fn keep_base_blobs(&self, plan: &BuildPlan) -> Result<(), String> {
+        if self.cluster().is_none() {
+            return Ok(());
+        }
+        for vertex in &plan.graph.vertices {
+            if let kiln_graph::Op::Source(kiln_graph::SourceOp::Image { reference, platform }) = &vertex.op {
+                let image = self
+                    .worker
+                    .registry()
+                    .pull(reference, platform, self.worker.cas())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.worker.record_origins(&image).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The image of each output platform, under an index when there are several.

@@ -471,3 +471,64 @@ async fn run_steps_execute_on_each_requested_platform_and_unknown_platforms_fail
     let message = fixture.build(request).await.0.unwrap_err().message;
     assert!(message.contains("no worker runs linux/s390x") && message.contains("linux/amd64"), "{message}");
 }
+
+/// Pushes `REGISTRY/kiln/foreign:v1`: a busybox image whose layer GNU tar and gzip wrote,
+/// as a base from another tool is; returns its reference.
+async fn push_foreign_base(fixture: &Fixture) -> String {
+    let dir = fixture.dir.path().join("foreign");
+    busybox_rootfs(&dir.join("rootfs"));
+    let tar = dir.join("layer.tar");
+    run("tar", &["--sort=name", "-C", dir.join("rootfs").to_str().unwrap(), "-cf", tar.to_str().unwrap(), "."]);
+    run("gzip", &["-9", "-n", "-k", tar.to_str().unwrap()]);
+    let cas = Arc::new(BlobStore::open(&dir.join("cas"), Arc::new(MemoryKv::new())).unwrap());
+    let diff_id = kiln_types::Digest::of(&std::fs::read(&tar).unwrap());
+    let layer = cas.put(&std::fs::read(dir.join("layer.tar.gz")).unwrap(), None).unwrap();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
+    });
+    let config = cas.put(&serde_json::to_vec(&config).unwrap(), None).unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.digest.to_string(), "size": config.size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer.digest.to_string(), "size": layer.size}],
+    });
+    let manifest = cas.put(&serde_json::to_vec(&manifest).unwrap(), None).unwrap();
+    let reference = fixture.registry.reference("kiln/foreign:v1");
+    RegistryClient::new(RegistryOptions::default()).unwrap().push(&reference, &manifest.digest, &cas).await.unwrap();
+    reference.to_string()
+}
+
+#[tokio::test]
+async fn base_layers_keep_their_blobs_and_a_push_beside_the_base_uploads_only_new_ones() {
+    let fixture = Fixture::new().await;
+    let raw = |reference: &str| -> serde_json::Value {
+        serde_json::from_str(&run("skopeo", &["inspect", "--raw", "--tls-verify=false", reference])).unwrap()
+    };
+    let config = |reference: &str| -> serde_json::Value {
+        serde_json::from_str(&run("skopeo", &["inspect", "--config", "--tls-verify=false", reference])).unwrap()
+    };
+    let foreign = push_foreign_base(&fixture).await;
+    let base = format!("docker://{foreign}");
+    let (base_layer, base_diff) =
+        (raw(&base)["layers"][0]["digest"].clone(), config(&base)["rootfs"]["diff_ids"][0].clone());
+
+    // Pushed into the base's repository; Kiln would write the base layer differently.
+    let pushed = format!("{}/kiln/foreign:derived", fixture.registry.addr);
+    let oci = fixture.dir.path().join("derived.tar");
+    let outputs = vec![
+        OutputSpec::parse(&format!("type=image,name={pushed},push=true")).unwrap(),
+        OutputSpec::parse(&format!("type=oci,dest={}", oci.display())).unwrap(),
+    ];
+    let request = fixture.request(&format!("FROM {foreign}\nRUN echo new > /new\n"), &[], outputs);
+    let before = fixture.registry.blob_count();
+    fixture.build(request).await.0.unwrap();
+    // The new layer, the config and the manifest: the base layer was not sent again.
+    assert_eq!(fixture.registry.blob_count() - before, 3);
+    let derived = format!("docker://{pushed}");
+    assert_eq!(raw(&derived)["layers"][0]["digest"], base_layer);
+    assert_eq!(config(&derived)["rootfs"]["diff_ids"][0], base_diff);
+    assert_eq!(raw(&derived)["layers"].as_array().unwrap().len(), 2);
+    let archived = raw(&format!("oci-archive:{}", oci.display()));
+    assert_eq!(archived["layers"][0]["digest"], base_layer, "{archived}");
+}

@@ -26,6 +26,8 @@ use crate::{LayerError, io_at};
 const LAYERS_TREE: &str = "layers";
 const DIFF_IDS_TREE: &str = "layer-diff-ids";
 const BLOBS_TREE: &str = "layer-blobs";
+/// The blob a layer was pulled as, by diff id: exported as is, never re-encoded.
+const ORIGINS_TREE: &str = "layer-origins";
 /// Mount options must fit in one page; leave room for the upper and work paths.
 const MAX_MOUNT_OPTIONS: usize = 3800;
 
@@ -228,7 +230,36 @@ impl SnapshotStore {
         chain.iter().rev().find_map(|id| fs::symlink_metadata(self.layer_path(id).join(rel)).ok())
     }
 
-    /// Exports a layer to the blob store, reusing an earlier export with the same settings.
+    /// Remembers the blob a layer came from a registry as (its digest, size and compression,
+    /// and its diff id), so exporting the layer gives that exact blob back.
+    pub fn record_origin(&self, blob: &LayerBlob) -> Result<(), LayerError> {
+        let value = serde_json::to_vec(blob).expect("serialisable");
+        self.kv.put(ORIGINS_TREE, blob.diff_id.hex().as_bytes(), &value)?;
+        Ok(())
+    }
+
+    /// A layer as an image layer: the blob it was pulled as when it came from a registry
+    /// (while the store holds it), so base layers keep their digests and diff ids whatever
+    /// the export settings, as BuildKit keeps them; otherwise [`SnapshotStore::export`].
+    pub fn export_image_layer(
+        &self,
+        id: &LayerId,
+        cas: &BlobStore,
+        compression: Compression,
+        options: &TarOptions,
+    ) -> Result<LayerBlob, LayerError> {
+        if let Some(diff_id) = self.record(id)?.and_then(|r| r.diff_id)
+            && let Some(bytes) = self.kv.get(ORIGINS_TREE, diff_id.hex().as_bytes())?
+            && let Ok(origin) = serde_json::from_slice::<LayerBlob>(&bytes)
+            && cas.contains(&origin.digest)
+        {
+            return Ok(origin);
+        }
+        self.export(id, cas, compression, options)
+    }
+
+    /// Exports a layer to the blob store with exactly these settings, reusing an earlier
+    /// export with the same settings.
     pub fn export(
         &self,
         id: &LayerId,

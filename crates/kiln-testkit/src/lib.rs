@@ -77,6 +77,19 @@ impl TestRegistry {
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
+
+    /// How many blobs (layers, configs and manifests) the registry stores.
+    pub fn blob_count(&self) -> usize {
+        fn count(dir: &std::path::Path) -> usize {
+            std::fs::read_dir(dir).map_or(0, |entries| {
+                entries
+                    .flatten()
+                    .map(|e| if e.path().is_dir() { count(&e.path()) } else { usize::from(e.file_name() == "data") })
+                    .sum()
+            })
+        }
+        count(&self.data().join("docker/registry/v2/blobs"))
+    }
 }
 
 impl Drop for TestRegistry {

@@ -10,14 +10,17 @@ use crate::fileop::copy_contents;
 use crate::{Snapshot, Worker, blocking};
 
 impl Worker {
-    /// Each layer of the snapshot as a compressed blob in the blob store (cached per layer).
+    /// Each layer of the snapshot as a compressed blob in the blob store (cached per layer);
+    /// layers pulled from a registry are the blobs they were pulled as.
     pub async fn export_layers(&self, snapshot: &Snapshot, options: TarOptions) -> Result<Vec<LayerBlob>, String> {
         let (snapshots, cas, layers) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas), snapshot.layers.clone());
         blocking(move || {
             layers
                 .iter()
                 .map(|id| {
-                    snapshots.export(id, &cas, Compression::Gzip, &options).map_err(|e| format!("layer {id}: {e}"))
+                    snapshots
+                        .export_image_layer(id, &cas, Compression::Gzip, &options)
+                        .map_err(|e| format!("layer {id}: {e}"))
                 })
                 .collect()
         })

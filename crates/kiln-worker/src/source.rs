@@ -7,7 +7,7 @@ use kiln_context::BuildContext;
 use kiln_dockerfile::context::{ContextEntry, select};
 use kiln_dockerfile::ignore::PatternList;
 use kiln_graph::SourceOp;
-use kiln_layer::LayerId;
+use kiln_layer::{Compression, LayerBlob, LayerId};
 
 use crate::{BuildInputs, Snapshot, VertexOutput, Worker, blocking};
 
@@ -21,7 +21,39 @@ pub fn select_context<'a>(
     select(context, include, &patterns).map_err(|e| e.to_string())
 }
 
+/// Each layer of a pulled image as the blob it was pulled as.
+pub fn layer_origins(image: &kiln_registry::ResolvedImage) -> Vec<LayerBlob> {
+    image
+        .layers()
+        .filter_map(|(layer, diff_id)| {
+            let compression = compression_of(&layer.media_type)?;
+            Some(LayerBlob { digest: layer.digest, diff_id: *diff_id, size: layer.size, compression })
+        })
+        .collect()
+}
+
+/// The compression a layer media type names (OCI and Docker types); `None` for one Kiln does
+/// not write (such a layer is exported as Kiln writes it).
+fn compression_of(media_type: &str) -> Option<Compression> {
+    match media_type {
+        t if t.ends_with("+zstd") || t.ends_with(".tar.zstd") => Some(Compression::Zstd),
+        t if t.ends_with("+gzip") || t.ends_with(".tar.gzip") => Some(Compression::Gzip),
+        t if t.ends_with(".tar") || t.ends_with(".diff.tar") => Some(Compression::None),
+        _ => None,
+    }
+}
+
 impl Worker {
+    /// Remembers the blobs an image's layers were pulled as (already in the blob store), so
+    /// exports keep them (a coordinator pulls the base images of a build before exporting).
+    pub async fn record_origins(&self, image: &kiln_registry::ResolvedImage) -> Result<(), String> {
+        let (snapshots, origins) = (Arc::clone(&self.snapshots), layer_origins(image));
+        blocking(move || {
+            origins.iter().try_for_each(|origin| snapshots.record_origin(origin).map_err(|e| e.to_string()))
+        })
+        .await
+    }
+
     pub(crate) async fn source(&self, source: &SourceOp, build: &BuildInputs) -> Result<VertexOutput, String> {
         match source {
             SourceOp::Image { reference, platform } => {
@@ -40,6 +72,7 @@ impl Worker {
                     Ok(chain)
                 })
                 .await?;
+                self.record_origins(&image).await?;
                 Ok(VertexOutput { snapshot: Snapshot { layers: chain }, image: Some(image) })
             }
             SourceOp::Local { name, include, exclude, .. } => {
