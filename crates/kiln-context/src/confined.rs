@@ -57,6 +57,14 @@ impl ConfinedDir {
         rustix::fs::symlinkat(target, &parent, name).map_err(|e| self.error(rel, e))
     }
 
+    /// Makes `rel` (which must not exist) another link to the file `existing`, both inside
+    /// this directory.
+    pub fn create_hard_link(&self, existing: &str, rel: &str) -> io::Result<()> {
+        let (from_dir, from_name) = self.parent(existing)?;
+        let (to_dir, to_name) = self.parent(rel)?;
+        rustix::fs::linkat(&from_dir, from_name, &to_dir, to_name, AtFlags::empty()).map_err(|e| self.error(rel, e))
+    }
+
     /// Gives the entry `rel` root ownership, `meta.mode` (unless it is a symlink) and
     /// `meta.mtime`, without following a symlink at `rel`.
     pub fn finish(&self, rel: &str, meta: EntryMeta) -> io::Result<()> {

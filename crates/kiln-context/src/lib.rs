@@ -73,9 +73,18 @@ impl BuildContext for FsContext {
     fn materialize(&self, selected: &[&ContextEntry], dest: &Path) -> io::Result<()> {
         let root = ConfinedDir::open(dest)?;
         let mut dirs: Vec<(&str, EntryMeta)> = Vec::new();
+        // Files linked from several selected paths stay one file with several links.
+        let mut linked: HashMap<(u64, u64), &str> = HashMap::new();
         for entry in selected {
             let source = self.root.join(&entry.path);
             let meta = source_meta(&source)?;
+            if let (EntryKind::File, Some(inode)) = (&entry.kind, hard_linked(&source)?) {
+                if let Some(first) = linked.get(&inode) {
+                    root.create_hard_link(first, &entry.path)?;
+                    continue;
+                }
+                linked.insert(inode, &entry.path);
+            }
             match &entry.kind {
                 EntryKind::Dir => {
                     root.create_dir(&entry.path)?;
@@ -93,6 +102,13 @@ impl BuildContext for FsContext {
         }
         Ok(())
     }
+}
+
+/// The (device, inode) of a file with more than one link.
+fn hard_linked(path: &Path) -> io::Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::symlink_metadata(path)?;
+    Ok((meta.nlink() > 1).then(|| (meta.dev(), meta.ino())))
 }
 
 /// The mode and modification time of a context file, not following a symlink.

@@ -116,6 +116,24 @@ pub fn select<'a>(
                 }
             }
         }
+        // A source through symlinks of the context (itself one, or below one) is followed,
+        // as BuildKit's copy does: the links and what they lead to are selected too.
+        if !has_glob(source) {
+            let (links, target) = follow_links(context, source)?;
+            if !links.is_empty() {
+                let under: Vec<&ContextEntry> =
+                    context.entries().iter().filter(|e| is_under(&e.path, &target)).collect();
+                if under.is_empty() && !target.is_empty() {
+                    return Err(ContextError::NotFound(source.clone()));
+                }
+                any = true;
+                for entry in links.into_iter().chain(under) {
+                    if !exclude.is_excluded(&entry.path) {
+                        chosen.insert(&entry.path, entry);
+                    }
+                }
+            }
+        }
         // The context root always exists, even when `.dockerignore` leaves it empty; a
         // wildcard may match nothing (BuildKit's AllowEmptyWildcard).
         if !any && !source.is_empty() && !has_glob(source) {
@@ -123,6 +141,47 @@ pub fn select<'a>(
         }
     }
     Ok(chosen.into_values().collect())
+}
+
+/// The entry at exactly `path`.
+fn entry_at<'a>(context: &'a dyn ContextFiles, path: &str) -> Option<&'a ContextEntry> {
+    let entries = context.entries();
+    entries.binary_search_by(|e| e.path.as_str().cmp(path)).ok().map(|i| &entries[i])
+}
+
+/// Follows the context's symlinks along `path` (absolute targets from the context root, at
+/// most 40 of them, as Linux): the symlink entries passed and the path they lead to.
+fn follow_links<'a>(
+    context: &'a dyn ContextFiles,
+    path: &str,
+) -> Result<(Vec<&'a ContextEntry>, String), ContextError> {
+    let mut links = Vec::new();
+    let mut pending: std::collections::VecDeque<String> = path.split('/').map(str::to_owned).collect();
+    let mut resolved: Vec<String> = Vec::new();
+    while let Some(part) = pending.pop_front() {
+        match part.as_str() {
+            "" | "." => continue,
+            ".." => {
+                resolved.pop();
+                continue;
+            }
+            _ => resolved.push(part),
+        }
+        let Some(entry) = entry_at(context, &resolved.join("/")) else { continue };
+        let EntryKind::Symlink(target) = &entry.kind else { continue };
+        if links.len() >= 40 {
+            return Err(ContextError::NotFound(format!("{path} (too many levels of symbolic links)")));
+        }
+        links.push(entry);
+        resolved.pop();
+        if target.starts_with('/') {
+            resolved.clear();
+        }
+        for part in target.split('/').rev() {
+            pending.push_front(part.to_owned());
+        }
+    }
+    Ok((links, resolved.join("/")))
 }
 
 /// Digest of a selection: every selected path with its kind, mode and content. Paths are

@@ -163,14 +163,26 @@ struct CopyOptions {
     owner: Option<(u32, u32)>,
     mode: Option<Chmod>,
     exclude: PatternList,
+    /// Files with several links copied so far, by (device, inode): later links to one of
+    /// them become hard links to its copy, as BuildKit keeps them.
+    links: HashMap<(u64, u64), PathBuf>,
+}
+
+impl CopyOptions {
+    /// The mode of a directory the copy creates (the destination and its missing parents):
+    /// 0755, or what `--chmod` makes of it (BuildKit 0.21 and later).
+    fn created_dir_mode(&self) -> u32 {
+        self.mode.as_ref().map_or(0o755, |chmod| chmod.apply(0o755, true))
+    }
 }
 
 fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Result<(), String> {
-    let options = CopyOptions {
+    let mut options = CopyOptions {
         root: dest_root.to_path_buf(),
         owner: owner(dest_root, copy.chown.as_ref())?,
         mode: copy.chmod.as_deref().map(Chmod::parse).transpose()?,
         exclude: PatternList::new(&copy.exclude).map_err(|e| format!("--exclude: {e}"))?,
+        links: HashMap::new(),
     };
     let sources = expand_sources(copy, source_root)?;
     let dest_text = &copy.dest;
@@ -199,12 +211,13 @@ fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Resul
         if let Some(parent) = target.parent()
             && !parent.exists()
         {
-            mkdir(dest_root, parent, true, 0o755, options.owner).map_err(|e| format!("{}: {e}", parent.display()))?;
+            let mode = options.created_dir_mode();
+            mkdir(dest_root, parent, true, mode, options.owner).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
         if meta.is_dir() {
-            copy_tree(&host, &target, "", &options)?;
+            copy_tree(&host, &target, "", &mut options)?;
         } else {
-            copy_entry(&host, &target, &options)?;
+            copy_entry(&host, &target, &mut options)?;
         }
     }
     Ok(())
@@ -213,21 +226,35 @@ fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Resul
 /// Copies a directory's contents into an existing directory, keeping owners, modes and times
 /// (seeding a cache mount from `from=`).
 pub(crate) fn copy_contents(source: &Path, target: &Path) -> Result<(), String> {
-    let options = CopyOptions { root: target.to_path_buf(), owner: None, mode: None, exclude: PatternList::default() };
-    copy_tree(source, target, "", &options)
+    let mut options = CopyOptions {
+        root: target.to_path_buf(),
+        owner: None,
+        mode: None,
+        exclude: PatternList::default(),
+        links: HashMap::new(),
+    };
+    copy_tree(source, target, "", &mut options)
 }
 
 /// Copies a directory's contents (not the directory itself, as COPY does) into `target`.
-fn copy_tree(source: &Path, target: &Path, rel: &str, options: &CopyOptions) -> Result<(), String> {
+/// `rel` is empty for the copy's destination, which is created 0755 (or `--chmod`'s mode)
+/// and owned by `--chown` or root; directories below it keep their source's mode and owner
+/// (`--chmod`/`--chown` applied), as BuildKit copies them. Existing directories keep theirs.
+fn copy_tree(source: &Path, target: &Path, rel: &str, options: &mut CopyOptions) -> Result<(), String> {
     // A symlink where a directory goes is followed inside the destination root, as BuildKit
     // does, never to the host.
     let target = &within(&options.root, target, true)?;
     if !target.is_dir() {
         remove_non_dir(target)?;
         fs::create_dir(target).map_err(|e| format!("{}: {e}", target.display()))?;
-        let mode = fs::metadata(source).map(|m| m.mode() & 0o7777).unwrap_or(0o755);
-        let mode = options.mode.as_ref().map_or(mode, |chmod| chmod.apply(mode, true));
-        set_meta(target, Some(mode), options.owner.or(Some((0, 0))))?;
+        let (mode, owner) = if rel.is_empty() {
+            (options.created_dir_mode(), options.owner.unwrap_or((0, 0)))
+        } else {
+            let meta = fs::metadata(source).map_err(|e| format!("{}: {e}", source.display()))?;
+            let mode = options.mode.as_ref().map_or(meta.mode() & 0o7777, |chmod| chmod.apply(meta.mode(), true));
+            (mode, options.owner.unwrap_or((meta.uid(), meta.gid())))
+        };
+        set_meta(target, Some(mode), Some(owner))?;
     }
     let mut entries: Vec<_> =
         fs::read_dir(source).map_err(|e| format!("{}: {e}", source.display()))?.flatten().collect();
@@ -254,10 +281,21 @@ fn copy_tree(source: &Path, target: &Path, rel: &str, options: &CopyOptions) -> 
     copy_times(source, target)
 }
 
-/// Copies one non-directory entry, never writing through an existing symlink.
-fn copy_entry(from: &Path, to: &Path, options: &CopyOptions) -> Result<(), String> {
+/// Copies one non-directory entry, never writing through an existing symlink. A file linked
+/// from several places becomes one file with several links again.
+fn copy_entry(from: &Path, to: &Path, options: &mut CopyOptions) -> Result<(), String> {
     let meta = fs::symlink_metadata(from).map_err(|e| format!("{}: {e}", from.display()))?;
     remove_non_dir(to)?;
+    let inode = (meta.dev(), meta.ino());
+    if meta.nlink() > 1
+        && !meta.is_dir()
+        && let Some(first) = options.links.get(&inode)
+    {
+        return fs::hard_link(first, to).map_err(|e| format!("{}: {e}", to.display()));
+    }
+    if meta.nlink() > 1 && !meta.is_dir() {
+        options.links.insert(inode, to.to_path_buf());
+    }
     if meta.file_type().is_symlink() {
         let link = fs::read_link(from).map_err(|e| format!("{}: {e}", from.display()))?;
         std::os::unix::fs::symlink(link, to).map_err(|e| format!("{}: {e}", to.display()))?;

@@ -369,3 +369,49 @@ COPY d/ /u/
     assert_eq!(content(&fixture.worker, &result, &format!("/u/{marker}")).as_deref(), Some("inside\n"));
     fixture.assert_nothing_left();
 }
+
+#[tokio::test]
+async fn copies_keep_links_owners_and_buildkits_modes_and_follow_context_symlinks() {
+    use std::os::unix::fs::MetadataExt as _;
+    let fixture = Fixture::new().await;
+    let context = fixture.context(&[("real.txt", "real\n"), ("one", "linked\n")]);
+    std::fs::hard_link(context.join("one"), context.join("two")).unwrap();
+    std::os::unix::fs::symlink("real.txt", context.join("link.txt")).unwrap();
+    std::fs::create_dir(context.join("dir")).unwrap();
+    std::fs::write(context.join("dir/f"), "in dir\n").unwrap();
+    std::os::unix::fs::symlink("dir", context.join("dirlink")).unwrap();
+    std::fs::create_dir(context.join("nested")).unwrap();
+    std::os::unix::fs::symlink("../real.txt", context.join("nested/inner")).unwrap();
+    let dockerfile = "FROM BASE AS s\n\
+        RUN mkdir /h && echo x > /h/a && ln /h/a /h/b && mkdir -p /d/sub && chown 56:78 /d/sub && mkdir -m 0700 /src7\n\
+        FROM BASE\n\
+        COPY --from=s /h /h\n\
+        COPY --from=s /d /d\n\
+        COPY --from=s /src7 /dst7\n\
+        COPY --chmod=0700 --from=s /h/a /deep/er/file\n\
+        COPY one two /ctx/\n\
+        COPY link.txt /l\n\
+        COPY dirlink /dl\n\
+        COPY nested/inner /n\n";
+    let (graph, context) = fixture.plan(dockerfile, &context);
+    let done = fixture.build(&graph, &inputs(&context, &[])).await.unwrap();
+    let last = &done[&graph.vertices.last().unwrap().digest];
+    let view = fixture.worker.snapshots().view(&last.layers).unwrap();
+    let meta = |path: &str| std::fs::symlink_metadata(view.root().join(path)).unwrap();
+    // Hard links stay one file, from a stage and from the context.
+    assert_eq!(meta("h/a").ino(), meta("h/b").ino());
+    assert_eq!(meta("h/a").nlink(), 2);
+    assert_eq!(meta("ctx/one").ino(), meta("ctx/two").ino());
+    // Directories below a copied one keep their owner; the destination is created 0755.
+    assert_eq!((meta("d/sub").uid(), meta("d/sub").gid()), (56, 78));
+    assert_eq!(meta("dst7").mode() & 0o7777, 0o755);
+    // Parents a COPY creates take --chmod's mode.
+    assert_eq!((meta("deep").mode() & 0o7777, meta("deep/er").mode() & 0o7777), (0o700, 0o700));
+    // Context symlinks are followed and copied under the source's name.
+    assert_eq!(std::fs::read_to_string(view.root().join("l")).unwrap(), "real\n");
+    assert!(meta("l").is_file());
+    assert_eq!(std::fs::read_to_string(view.root().join("dl/f")).unwrap(), "in dir\n");
+    assert_eq!(std::fs::read_to_string(view.root().join("n")).unwrap(), "real\n");
+    drop(view);
+    fixture.assert_nothing_left();
+}
