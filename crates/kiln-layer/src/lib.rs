@@ -20,7 +20,7 @@ pub use export::{
 };
 pub use resolve::{MAX_SYMLINK_HOPS, clean_lexically, resolve_in_root};
 pub use snapshot::{ActiveSnapshot, LayerId, LayerRecord, MAX_LAYERS, SnapshotStore};
-pub use unpack::{UnpackStats, extract_archive, is_archive, unpack_layer};
+pub use unpack::{UnpackStats, extract_archive, extract_archive_as, is_archive, unpack_layer};
 
 use std::io;
 use std::path::{Path, PathBuf};

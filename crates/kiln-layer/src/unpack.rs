@@ -34,7 +34,7 @@ pub fn unpack_layer(reader: impl Read, dest: &Path) -> Result<UnpackStats, Layer
     fs::create_dir_all(dest).map_err(io_at(dest))?;
     let decompressed = decompress(reader).map_err(io_at(dest))?;
     let mut hashing = HashingReader { inner: decompressed, hasher: Sha256Writer::new() };
-    let mut unpacker = Unpacker { dest, confine: Confine::Layer, dir_times: Vec::new(), entries: 0 };
+    let mut unpacker = Unpacker { dest, confine: Confine::Layer, dir_times: Vec::new(), entries: 0, owner: None };
     {
         let mut archive = tar::Archive::new(&mut hashing);
         for entry in archive.entries().map_err(io_at(dest))? {
@@ -74,8 +74,25 @@ pub fn is_archive(path: &Path) -> bool {
 /// names and links resolve inside `root` (symlinks in the existing tree are followed there),
 /// `.wh.` files are ordinary files. Returns the number of entries.
 pub fn extract_archive(reader: impl Read, root: &Path, dest: &Path) -> Result<u64, LayerError> {
+    extract_archive_as(reader, root, dest, None)
+}
+
+/// [`extract_archive`] with every entry, and the directories it creates for `dest`, owned by
+/// `owner` when given (`ADD --chown` of a local archive, as BuildKit 0.23 and later).
+pub fn extract_archive_as(
+    reader: impl Read,
+    root: &Path,
+    dest: &Path,
+    owner: Option<(u32, u32)>,
+) -> Result<u64, LayerError> {
+    let missing: Vec<&Path> = dest.ancestors().take_while(|p| p.starts_with(root) && !p.exists()).collect();
     fs::create_dir_all(dest).map_err(io_at(dest))?;
-    let mut unpacker = Unpacker { dest, confine: Confine::Root(root), dir_times: Vec::new(), entries: 0 };
+    if let Some((uid, gid)) = owner {
+        for created in missing {
+            lchown(created, Some(uid), Some(gid)).map_err(io_at(created))?;
+        }
+    }
+    let mut unpacker = Unpacker { dest, confine: Confine::Root(root), dir_times: Vec::new(), entries: 0, owner };
     let mut archive = tar::Archive::new(decompress(reader).map_err(io_at(dest))?);
     for entry in archive.entries().map_err(io_at(dest))? {
         let entry = entry.map_err(|e| LayerError::BadTar { reason: e.to_string() })?;
@@ -113,6 +130,8 @@ struct Unpacker<'a> {
     /// Directory modification times, applied last because writing children changes them.
     dir_times: Vec<(PathBuf, u64)>,
     entries: u64,
+    /// Every entry's owner instead of the archive's.
+    owner: Option<(u32, u32)>,
 }
 
 impl Unpacker<'_> {
@@ -198,8 +217,7 @@ impl Unpacker<'_> {
         path: &Path,
         mode: u32,
     ) -> Result<(), LayerError> {
-        let uid = header.uid().unwrap_or(0) as u32;
-        let gid = header.gid().unwrap_or(0) as u32;
+        let (uid, gid) = self.owner.unwrap_or((header.uid().unwrap_or(0) as u32, header.gid().unwrap_or(0) as u32));
         // Only root can give files away; anyone else unpacks them as their own (as tar does).
         if nix::unistd::geteuid().is_root() {
             lchown(path, Some(uid), Some(gid)).map_err(io_at(path))?;

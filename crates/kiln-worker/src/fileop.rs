@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use kiln_dockerfile::ignore::{PatternList, glob_match, has_glob};
 use kiln_graph::{Chown, CopyAction, FileAction, FileOp, Input};
-use kiln_layer::{ActiveSnapshot, SnapshotStore, extract_archive, is_archive, resolve_in_root};
+use kiln_layer::{ActiveSnapshot, SnapshotStore, extract_archive_as, is_archive, resolve_in_root};
 use nix::sys::stat::{UtimensatFlags, utimensat};
 use nix::sys::time::TimeSpec;
 
@@ -193,7 +193,7 @@ fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Resul
         if copy.unpack && meta.is_file() && is_archive(&host) {
             // ADD of a local archive extracts it into the destination directory.
             let file = fs::File::open(&host).map_err(|e| format!("{rel}: {e}"))?;
-            extract_archive(file, dest_root, &dest).map_err(|e| format!("ADD {rel}: {e}"))?;
+            extract_archive_as(file, dest_root, &dest, options.owner).map_err(|e| format!("ADD {rel}: {e}"))?;
             continue;
         }
         let target = if copy.parents {

@@ -65,7 +65,9 @@ pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<ResolvedUser, String> {
         gid = resolve_group(&groups, group)?;
     }
     let mut additional_gids = vec![gid];
-    if let Some(name) = name {
+    // Supplementary groups come from /etc/group only when no group is given (`USER app` gets
+    // them, `USER app:staff` and `USER 1500:1500` do not), as BuildKit's runc does.
+    if let Some(name) = name.filter(|_| group.is_none()) {
         for entry in groups.iter().filter(|g| g.members.contains(&name)) {
             if !additional_gids.contains(&entry.id) {
                 additional_gids.push(entry.id);
@@ -116,8 +118,10 @@ mod tests {
         assert_eq!(user("app").unwrap(), ResolvedUser { uid: 1000, gid: 1001, additional_gids: vec![1001, 10] });
         assert_eq!(user("1000").unwrap().gid, 1001);
         assert_eq!(user("4242").unwrap(), ResolvedUser { uid: 4242, gid: 0, additional_gids: vec![0] });
-        assert_eq!(user("app:wheel").unwrap().gid, 10);
-        assert_eq!(user("app:77").unwrap().gid, 77);
+        // A given group replaces the supplementary ones: only it is in the list.
+        assert_eq!(user("app:wheel").unwrap(), ResolvedUser { uid: 1000, gid: 10, additional_gids: vec![10] });
+        assert_eq!(user("app:77").unwrap(), ResolvedUser { uid: 1000, gid: 77, additional_gids: vec![77] });
+        assert_eq!(user("1000:1001").unwrap().additional_gids, [1001]);
         assert!(user("ghost").unwrap_err().contains("unable to find user ghost"));
         assert!(user("app:ghosts").unwrap_err().contains("unable to find group ghosts"));
         assert_eq!(resolve_owner(root.path(), "app", None).unwrap(), (1000, 1001));

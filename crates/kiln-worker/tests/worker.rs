@@ -415,3 +415,46 @@ async fn copies_keep_links_owners_and_buildkits_modes_and_follow_context_symlink
     drop(view);
     fixture.assert_nothing_left();
 }
+
+#[tokio::test]
+async fn add_chown_owns_extracted_archives_and_a_given_group_drops_supplementary_ones() {
+    use std::os::unix::fs::MetadataExt as _;
+    let fixture = Fixture::new().await;
+    let context = fixture.context(&[]);
+    let staging = fixture.dir.path().join("staging");
+    std::fs::create_dir_all(staging.join("pkg")).unwrap();
+    std::fs::write(staging.join("pkg/one.txt"), "one\n").unwrap();
+    let tar = std::process::Command::new("tar")
+        .args(["--owner=12", "--group=34", "-czf"])
+        .arg(context.join("bundle.tar.gz"))
+        .arg("-C")
+        .arg(&staging)
+        .arg("pkg")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let dockerfile = "FROM BASE\n\
+        ADD --chown=1500:1600 bundle.tar.gz /opt/new/\n\
+        RUN echo 'u:x:1500:1500::/:/bin/sh' >> /etc/passwd && echo 'g:x:1500:' >> /etc/group \
+            && echo 'extra:x:1700:u' >> /etc/group && mkdir -m 777 /out\n\
+        USER u:g\nRUN id -G > /out/named\n\
+        USER 1500:1500\nRUN id -G > /out/numeric\n\
+        USER u\nRUN id -G > /out/plain\n";
+    let (graph, context) = fixture.plan(dockerfile, &context);
+    let done = fixture.build(&graph, &inputs(&context, &[])).await.unwrap();
+    let last = &done[&graph.vertices.last().unwrap().digest];
+    let view = fixture.worker.snapshots().view(&last.layers).unwrap();
+    let owner = |path: &str| {
+        let meta = std::fs::symlink_metadata(view.root().join(path)).unwrap();
+        (meta.uid(), meta.gid())
+    };
+    // The destination ADD creates, and every extracted entry, belong to --chown.
+    for path in ["opt/new", "opt/new/pkg", "opt/new/pkg/one.txt"] {
+        assert_eq!(owner(path), (1500, 1600), "{path}");
+    }
+    let read = |path: &str| std::fs::read_to_string(view.root().join(path)).unwrap();
+    assert_eq!((read("out/named"), read("out/numeric")), ("1500\n".to_string(), "1500\n".to_string()));
+    assert_eq!(read("out/plain"), "1500 1700\n", "without a group, /etc/group's groups join");
+    drop(view);
+    fixture.assert_nothing_left();
+}
