@@ -322,13 +322,22 @@ async fn files_match_what_docker_buildkit_builds_from_the_same_dockerfile() {
     );
     dockerd.ok(&["load", "-i", archive.to_str().unwrap()]);
 
+    // Besides the basics: hard links and owners of subdirectories copied from a stage, a new
+    // directory copy's mode, context symlinks as sources, several sources into a directory
+    // without a trailing slash (where Docker 20.10's BuildKit agrees with current BuildKit).
     let dockerfile = "\
 FROM BASE AS build
 RUN mkdir -p /out/sub && echo compiled > /out/app && chmod 750 /out/app && ln -s app /out/link && echo deep > /out/sub/f
+RUN ln /out/app /out/hard && chown 56:78 /out/sub && mkdir -m 0700 /src7 && echo s > /src7/f
 FROM BASE
 WORKDIR /srv
 COPY --from=build /out/ ./
+COPY --from=build /src7 /dst7
 COPY notes.txt ./
+COPY notes-link.txt /linked/
+COPY notes.txt notes-link.txt /srv/many
+COPY note*.txt /srv/wild
+COPY notes.txt notes-link.txt /srv/
 RUN mkdir -p /data && chown 1234:5678 /data && rm /bin/vi && rm -rf /home && echo changed >> /etc/group
 USER nobody
 RUN echo as-nobody > /tmp/who
@@ -340,10 +349,12 @@ RUN echo as-nobody > /tmp/who
         OutputSpec::Docker { dest: image_archive.clone(), names: vec!["kiln/built:v1".into()] },
     ];
     let request = fixture.request(dockerfile, &[("notes.txt", "notes\n")], outputs);
+    std::os::unix::fs::symlink("notes.txt", request.context.join("notes-link.txt")).unwrap();
     fixture.build(request).await.0.unwrap();
 
     let docker_context = fixture.dir.path().join("docker-context");
     std::fs::create_dir_all(&docker_context).unwrap();
+    std::os::unix::fs::symlink("notes.txt", docker_context.join("notes-link.txt")).unwrap();
     std::fs::write(docker_context.join("Dockerfile"), dockerfile.replace("BASE", "kiln/busybox:latest")).unwrap();
     std::fs::copy(fixture.dir.path().join("context/notes.txt"), docker_context.join("notes.txt")).unwrap();
     dockerd.ok(&["build", "--network=none", "-q", "-t", "reference", docker_context.to_str().unwrap()]);

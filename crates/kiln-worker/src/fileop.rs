@@ -187,8 +187,11 @@ fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Resul
     let sources = expand_sources(copy, source_root)?;
     let dest_text = &copy.dest;
     let dest = resolve_in_root(dest_root, dest_text, true).map_err(|e| format!("{dest_text}: {e}"))?;
-    let into_dir = dest_text.ends_with('/') || sources.len() > 1 || dest.is_dir();
+    // Each source is copied to the destination in turn, as BuildKit copies them: into it
+    // when it ends with `/` or is a directory by then, else onto it (several files onto one
+    // path that is not a directory leave the last one).
     for (rel, host) in sources {
+        let into_dir = dest_text.ends_with('/') || dest.is_dir();
         let meta = fs::metadata(&host).map_err(|e| format!("{rel}: {e}"))?;
         if copy.unpack && meta.is_file() && is_archive(&host) {
             // ADD of a local archive extracts it into the destination directory.
