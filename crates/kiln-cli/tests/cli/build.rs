@@ -172,3 +172,35 @@ fn concurrent_local_builds_share_one_daemon_and_one_execution() {
         .unwrap();
     assert_eq!(text(&daemons.stdout).lines().count(), 1, "one embedded daemon");
 }
+
+#[test]
+fn real_world_shaped_dockerfiles_build_as_buildkit_builds_them() {
+    let setup = Setup::new();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/real-world");
+    let base = format!("BASE={}", setup.base);
+    let build = |name: &str| {
+        let out = setup.dir.path().join(format!("{name}-out"));
+        let context = fixtures.join(name);
+        let local = format!("type=local,dest={}", out.display());
+        let output = setup.run(&["build", context.to_str().unwrap(), "--build-arg", &base, "-o", &local]);
+        assert!(output.status.success(), "{name}: {}", text(&output.stderr));
+        out
+    };
+    // ARG and ENV values inherited from the base stage, a tool stage mounted at the working
+    // directory, optional vendor files.
+    let out = build("go-tools");
+    assert_eq!(std::fs::read_to_string(out.join("usr/local/share/shfmt.txt")).unwrap(), "shfmt -mod=vendor\n");
+    assert_eq!(
+        std::fs::read_to_string(out.join("usr/local/share/built.txt")).unwrap(),
+        "go1.22 amd64 noninteractive\n"
+    );
+    assert!(out.join("src/go.mod").exists());
+    // Optional lock files, an unset --chown.
+    let out = build("node-app");
+    assert!(std::fs::read_to_string(out.join("app/installed.json")).unwrap().contains("\"app\""));
+    assert_eq!(std::fs::read_to_string(out.join("app/src/index.js")).unwrap(), "console.log(\"hi\")\n");
+    for fixture in ["go-tools", "node-app"] {
+        let (ok, _, stderr) = super::kiln(&["plan", fixtures.join(fixture).to_str().unwrap(), "--format", "json"]);
+        assert!(ok, "{fixture}: {stderr}");
+    }
+}
