@@ -26,6 +26,7 @@ pub fn manifest_to_proto(manifest: &ContextManifest) -> v1::ContextManifest {
                 link,
                 mtime: e.mtime.0,
                 mtime_nsec: e.mtime.1,
+                raw_path: e.raw_path.clone().unwrap_or_default(),
             }
         })
         .collect();
@@ -43,7 +44,9 @@ pub fn manifest_from_proto(manifest: v1::ContextManifest) -> Result<ContextManif
             2 => ManifestKind::Symlink(e.link),
             other => return Err(format!("context entry {}: unknown kind {other}", e.path)),
         };
-        entries.push(ManifestEntry { path: e.path, kind, mode: e.mode & 0o7777, mtime: (e.mtime, e.mtime_nsec) });
+        let raw_path = (!e.raw_path.is_empty()).then_some(e.raw_path);
+        let mtime = (e.mtime, e.mtime_nsec);
+        entries.push(ManifestEntry { path: e.path, kind, mode: e.mode & 0o7777, mtime, raw_path });
     }
     let manifest = ContextManifest { entries };
     manifest.validate()?;

@@ -3,10 +3,11 @@
 //! symlink (one written earlier by the same untrusted input, or planted before) can send a
 //! write outside the directory or onto an existing file.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 
@@ -35,13 +36,13 @@ impl ConfinedDir {
 
     /// Creates the directory `rel` and any missing parents (mode 0755 until finished); an
     /// existing directory is fine, anything else there is an error.
-    pub fn create_dir(&self, rel: &str) -> io::Result<()> {
+    pub fn create_dir(&self, rel: &Path) -> io::Result<()> {
         let (parent, name) = self.parent(rel)?;
         open_or_create_dir(&parent, name).map(drop).map_err(|e| self.error(rel, e))
     }
 
     /// Creates the file `rel` (which must not exist) with the content of `source`.
-    pub fn create_file(&self, rel: &str, source: &mut impl io::Read) -> io::Result<()> {
+    pub fn create_file(&self, rel: &Path, source: &mut impl io::Read) -> io::Result<()> {
         let (parent, name) = self.parent(rel)?;
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let fd =
@@ -52,14 +53,14 @@ impl ConfinedDir {
 
     /// Creates the symlink `rel` (which must not exist) pointing at `target`. The target is
     /// stored as written and never followed here.
-    pub fn create_symlink(&self, rel: &str, target: &str) -> io::Result<()> {
+    pub fn create_symlink(&self, rel: &Path, target: &str) -> io::Result<()> {
         let (parent, name) = self.parent(rel)?;
         rustix::fs::symlinkat(target, &parent, name).map_err(|e| self.error(rel, e))
     }
 
     /// Makes `rel` (which must not exist) another link to the file `existing`, both inside
     /// this directory.
-    pub fn create_hard_link(&self, existing: &str, rel: &str) -> io::Result<()> {
+    pub fn create_hard_link(&self, existing: &Path, rel: &Path) -> io::Result<()> {
         let (from_dir, from_name) = self.parent(existing)?;
         let (to_dir, to_name) = self.parent(rel)?;
         rustix::fs::linkat(&from_dir, from_name, &to_dir, to_name, AtFlags::empty()).map_err(|e| self.error(rel, e))
@@ -67,7 +68,7 @@ impl ConfinedDir {
 
     /// Gives the entry `rel` root ownership, `meta.mode` (unless it is a symlink) and
     /// `meta.mtime`, without following a symlink at `rel`.
-    pub fn finish(&self, rel: &str, meta: EntryMeta) -> io::Result<()> {
+    pub fn finish(&self, rel: &Path, meta: EntryMeta) -> io::Result<()> {
         let (parent, name) = self.parent(rel)?;
         let fail = |e| self.error(rel, e);
         rustix::fs::chownat(
@@ -94,14 +95,18 @@ impl ConfinedDir {
 
     /// The directory holding `rel`, opened without following symlinks (missing directories
     /// are created), and the last component's name.
-    fn parent<'a>(&self, rel: &'a str) -> io::Result<(OwnedFd, &'a str)> {
-        let mut parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
-        let Some(name) = parts.pop() else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{rel:?}: empty path")));
-        };
-        if name == ".." || parts.contains(&"..") {
-            return Err(self.error(rel, rustix::io::Errno::ACCESS));
+    fn parent<'a>(&self, rel: &'a Path) -> io::Result<(OwnedFd, &'a OsStr)> {
+        let mut parts: Vec<&OsStr> = Vec::new();
+        for component in rel.components() {
+            match component {
+                Component::Normal(name) => parts.push(name),
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+                Component::ParentDir => return Err(self.error(rel, rustix::io::Errno::ACCESS)),
+            }
         }
+        let Some(name) = parts.pop() else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{}: empty path", rel.display())));
+        };
         let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
         let mut dir = rustix::fs::openat(&self.fd, ".", flags, Mode::empty())?;
         for part in parts {
@@ -110,7 +115,7 @@ impl ConfinedDir {
         Ok((dir, name))
     }
 
-    fn error(&self, rel: &str, errno: rustix::io::Errno) -> io::Error {
+    fn error(&self, rel: &Path, errno: rustix::io::Errno) -> io::Error {
         let why = match errno {
             rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
                 "a parent is a symlink or not a directory (writes never leave the destination)".to_string()
@@ -119,12 +124,12 @@ impl ConfinedDir {
             rustix::io::Errno::ACCESS => "`..` is not allowed".to_string(),
             other => io::Error::from(other).to_string(),
         };
-        io::Error::new(io::Error::from(errno).kind(), format!("{rel} in {}: {why}", self.path.display()))
+        io::Error::new(io::Error::from(errno).kind(), format!("{} in {}: {why}", rel.display(), self.path.display()))
     }
 }
 
 /// The directory `name` in `parent`, created (0755) when missing; a symlink is refused.
-fn open_or_create_dir(parent: &OwnedFd, name: &str) -> rustix::io::Result<OwnedFd> {
+fn open_or_create_dir(parent: &OwnedFd, name: &OsStr) -> rustix::io::Result<OwnedFd> {
     match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755)) {
         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
         Err(e) => return Err(e),
@@ -144,32 +149,32 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let root = ConfinedDir::open(dir.path()).unwrap();
-        root.create_symlink("a", outside.path().to_str().unwrap()).unwrap();
-        let err = root.create_file("a/evil", &mut &b"x"[..]).unwrap_err();
+        root.create_symlink(Path::new("a"), outside.path().to_str().unwrap()).unwrap();
+        let err = root.create_file(Path::new("a/evil"), &mut &b"x"[..]).unwrap_err();
         assert!(err.to_string().contains("a/evil"), "{err}");
         assert!(err.to_string().contains("symlink"), "{err}");
-        assert!(root.create_dir("a/sub").is_err());
+        assert!(root.create_dir(Path::new("a/sub")).is_err());
         assert!(!outside.path().join("evil").exists() && !outside.path().join("sub").exists());
 
         // An existing file (or a symlink to one) is never written through.
         std::fs::write(outside.path().join("victim"), "keep").unwrap();
-        root.create_symlink("v", outside.path().join("victim").to_str().unwrap()).unwrap();
-        let err = root.create_file("v", &mut &b"x"[..]).unwrap_err();
+        root.create_symlink(Path::new("v"), outside.path().join("victim").to_str().unwrap()).unwrap();
+        let err = root.create_file(Path::new("v"), &mut &b"x"[..]).unwrap_err();
         assert!(err.to_string().contains("already exists"), "{err}");
-        root.finish("v", EntryMeta { mode: 0o777, mtime: (1, 0) }).unwrap();
+        root.finish(Path::new("v"), EntryMeta { mode: 0o777, mtime: (1, 0) }).unwrap();
         assert_eq!(std::fs::read_to_string(outside.path().join("victim")).unwrap(), "keep");
-        assert!(root.create_file("../x", &mut &b"x"[..]).is_err());
+        assert!(root.create_file(Path::new("../x"), &mut &b"x"[..]).is_err());
     }
 
     #[test]
     fn entries_get_their_mode_time_and_missing_parents() {
         let dir = tempfile::tempdir().unwrap();
         let root = ConfinedDir::open(dir.path()).unwrap();
-        root.create_file("d/e/f", &mut &b"hi"[..]).unwrap();
-        root.finish("d/e/f", EntryMeta { mode: 0o640, mtime: (1000, 5) }).unwrap();
-        root.create_dir("d/e").unwrap();
+        root.create_file(Path::new("d/e/f"), &mut &b"hi"[..]).unwrap();
+        root.finish(Path::new("d/e/f"), EntryMeta { mode: 0o640, mtime: (1000, 5) }).unwrap();
+        root.create_dir(Path::new("d/e")).unwrap();
         symlink("/nowhere", dir.path().join("l")).unwrap();
-        root.finish("l", EntryMeta { mode: 0o600, mtime: (7, 0) }).unwrap();
+        root.finish(Path::new("l"), EntryMeta { mode: 0o600, mtime: (7, 0) }).unwrap();
         use std::os::unix::fs::MetadataExt as _;
         let meta = std::fs::metadata(dir.path().join("d/e/f")).unwrap();
         assert_eq!((meta.mode() & 0o7777, meta.mtime(), meta.mtime_nsec()), (0o640, 1000, 5));

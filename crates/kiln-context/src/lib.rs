@@ -34,6 +34,9 @@ use kiln_types::{Digest, Sha256Writer};
 pub struct FsContext {
     root: PathBuf,
     entries: Vec<ContextEntry>,
+    /// The real relative path of each entry whose name is not UTF-8 (its `path` holds it
+    /// lossily, for matching and display).
+    raw_paths: HashMap<String, PathBuf>,
     digests: Mutex<HashMap<String, Digest>>,
     remembered: Option<Mutex<HashCache>>,
 }
@@ -42,10 +45,17 @@ impl FsContext {
     /// Lists `root`, leaving out what `ignore` excludes. Excluded directories are skipped
     /// whole unless an exception pattern may re-include something below them.
     pub fn walk(root: &Path, ignore: &PatternList) -> io::Result<FsContext> {
-        let mut entries = Vec::new();
-        walk_dir(root, "", ignore, &WalkState::default(), &mut entries)?;
+        let mut walked = Walked::default();
+        walk_dir(root, "", Path::new(""), ignore, &WalkState::default(), &mut walked)?;
+        let Walked { mut entries, raw_paths } = walked;
         entries.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(FsContext { root: root.to_path_buf(), entries, digests: Mutex::default(), remembered: None })
+        Ok(FsContext { root: root.to_path_buf(), entries, raw_paths, digests: Mutex::default(), remembered: None })
+    }
+
+    /// An entry's path relative to the context, as the filesystem has it (its bytes, when
+    /// they are not UTF-8).
+    pub fn relative_path<'a>(&'a self, path: &'a str) -> &'a Path {
+        self.raw_paths.get(path).map_or(Path::new(path), PathBuf::as_path)
     }
 
     /// Takes file digests from `cache` where the files are unchanged, and remembers new ones
@@ -72,29 +82,30 @@ impl FsContext {
 impl BuildContext for FsContext {
     fn materialize(&self, selected: &[&ContextEntry], dest: &Path) -> io::Result<()> {
         let root = ConfinedDir::open(dest)?;
-        let mut dirs: Vec<(&str, EntryMeta)> = Vec::new();
+        let mut dirs: Vec<(&Path, EntryMeta)> = Vec::new();
         // Files linked from several selected paths stay one file with several links.
-        let mut linked: HashMap<(u64, u64), &str> = HashMap::new();
+        let mut linked: HashMap<(u64, u64), &Path> = HashMap::new();
         for entry in selected {
-            let source = self.root.join(&entry.path);
+            let rel = self.relative_path(&entry.path);
+            let source = self.root.join(rel);
             let meta = source_meta(&source)?;
             if let (EntryKind::File, Some(inode)) = (&entry.kind, hard_linked(&source)?) {
                 if let Some(first) = linked.get(&inode) {
-                    root.create_hard_link(first, &entry.path)?;
+                    root.create_hard_link(first, rel)?;
                     continue;
                 }
-                linked.insert(inode, &entry.path);
+                linked.insert(inode, rel);
             }
             match &entry.kind {
                 EntryKind::Dir => {
-                    root.create_dir(&entry.path)?;
-                    dirs.push((&entry.path, meta));
+                    root.create_dir(rel)?;
+                    dirs.push((rel, meta));
                     continue;
                 }
-                EntryKind::Symlink(link) => root.create_symlink(&entry.path, link)?,
-                EntryKind::File => root.create_file(&entry.path, &mut fs::File::open(&source)?)?,
+                EntryKind::Symlink(link) => root.create_symlink(rel, link)?,
+                EntryKind::File => root.create_file(rel, &mut fs::File::open(&source)?)?,
             }
-            root.finish(&entry.path, meta)?;
+            root.finish(rel, meta)?;
         }
         // Directory times last: creating their children changed them.
         for (path, meta) in dirs.iter().rev() {
@@ -118,20 +129,33 @@ fn source_meta(source: &Path) -> io::Result<EntryMeta> {
     Ok(EntryMeta { mode: meta.mode(), mtime: (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0)) })
 }
 
+/// What a walk found: the entries, and the real paths of those that are not UTF-8.
+#[derive(Default)]
+struct Walked {
+    entries: Vec<ContextEntry>,
+    raw_paths: HashMap<String, PathBuf>,
+}
+
 /// Walks one directory. Exclusion uses the parent's match state, as BuildKit's fsutil
-/// walker does (moby's `MatchesUsingParentResults`).
+/// walker does (moby's `MatchesUsingParentResults`). Names that are not UTF-8 are matched
+/// and shown lossily (as Go reads them) and kept as bytes for reading and copying.
 fn walk_dir(
     dir: &Path,
     prefix: &str,
+    raw_prefix: &Path,
     ignore: &PatternList,
     parent: &WalkState,
-    out: &mut Vec<ContextEntry>,
+    out: &mut Walked,
 ) -> io::Result<()> {
     let mut children: Vec<_> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     children.sort_by_key(|e| e.file_name());
     for child in children {
         let name = child.file_name().to_string_lossy().into_owned();
         let path = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+        let raw = raw_prefix.join(child.file_name());
+        if raw.to_str() != Some(path.as_str()) {
+            out.raw_paths.insert(path.clone(), raw.clone());
+        }
         let meta = fs::symlink_metadata(child.path())?;
         let (excluded, state) = ignore.walk_match(&path, parent);
         let mode = meta.permissions().mode() & 0o7777;
@@ -140,16 +164,16 @@ fn walk_dir(
                 continue;
             }
             if !excluded {
-                out.push(ContextEntry { path: path.clone(), kind: EntryKind::Dir, mode });
+                out.entries.push(ContextEntry { path: path.clone(), kind: EntryKind::Dir, mode });
             }
-            walk_dir(&child.path(), &path, ignore, &state, out)?;
+            walk_dir(&child.path(), &path, &raw, ignore, &state, out)?;
         } else if !excluded {
             let kind = if meta.file_type().is_symlink() {
                 EntryKind::Symlink(fs::read_link(child.path())?.to_string_lossy().into_owned())
             } else {
                 EntryKind::File
             };
-            out.push(ContextEntry { path, kind, mode });
+            out.entries.push(ContextEntry { path, kind, mode });
         }
     }
     Ok(())
@@ -165,7 +189,7 @@ impl ContextFiles for FsContext {
             return Ok(*d);
         }
         let read_error = |e: io::Error| ContextError::Read { path: path.to_owned(), message: e.to_string() };
-        let file_path = self.root.join(path);
+        let file_path = self.root.join(self.relative_path(path));
         // Metadata before the content: a change while reading leaves a newer stamp.
         let meta = match &self.remembered {
             Some(cache) => {

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +29,19 @@ pub struct ManifestEntry {
     pub mode: u32,
     /// Modification time: seconds and nanoseconds.
     pub mtime: (i64, u32),
+    /// The path's bytes when they are not UTF-8 (`path` then holds them lossily).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_path: Option<Vec<u8>>,
+}
+
+impl ManifestEntry {
+    /// The path relative to the context, as bytes when the name is not UTF-8.
+    pub fn relative_path(&self) -> PathBuf {
+        match &self.raw_path {
+            Some(bytes) => PathBuf::from(std::ffi::OsStr::from_bytes(bytes)),
+            None => PathBuf::from(&self.path),
+        }
+    }
 }
 
 /// What a manifest entry is.
@@ -79,6 +93,13 @@ impl ContextManifest {
             {
                 return Err(format!("context entry {path:?}: not a clean relative path"));
             }
+            if let Some(raw) = &entry.raw_path
+                && (raw.is_empty()
+                    || raw.starts_with(b"/")
+                    || raw.split(|b| *b == b'/').any(|p| p == b".." || p == b"." || p.is_empty()))
+            {
+                return Err(format!("context entry {path:?}: its raw path is not a clean relative path"));
+            }
             if kinds.insert(path, &entry.kind).is_some() {
                 return Err(format!("context entry {path:?}: listed twice"));
             }
@@ -121,7 +142,8 @@ impl FsContext {
     pub fn manifest(&self) -> io::Result<ContextManifest> {
         let mut entries = Vec::with_capacity(self.entries().len());
         for entry in self.entries() {
-            let meta = fs::symlink_metadata(self.root().join(&entry.path))?;
+            let rel = self.relative_path(&entry.path);
+            let meta = fs::symlink_metadata(self.root().join(rel))?;
             let kind = match &entry.kind {
                 EntryKind::File => {
                     let digest = self.file_digest(&entry.path).map_err(|e| io::Error::other(e.to_string()))?;
@@ -131,14 +153,15 @@ impl FsContext {
                 EntryKind::Symlink(target) => ManifestKind::Symlink(target.clone()),
             };
             let mtime = (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0));
-            entries.push(ManifestEntry { path: entry.path.clone(), kind, mode: entry.mode, mtime });
+            let raw_path = (rel.to_str() != Some(entry.path.as_str())).then(|| rel.as_os_str().as_bytes().to_vec());
+            entries.push(ManifestEntry { path: entry.path.clone(), kind, mode: entry.mode, mtime, raw_path });
         }
         Ok(ContextManifest { entries })
     }
 
     /// The path of a file of this context (for uploads).
     pub fn file_path(&self, path: &str) -> PathBuf {
-        self.root().join(path)
+        self.root().join(self.relative_path(path))
     }
 }
 
@@ -188,26 +211,27 @@ impl ContextFiles for StoredContext {
 impl BuildContext for StoredContext {
     fn materialize(&self, selected: &[&ContextEntry], dest: &Path) -> io::Result<()> {
         let root = ConfinedDir::open(dest)?;
-        let mut dirs: Vec<(&str, EntryMeta)> = Vec::new();
+        let mut dirs: Vec<(PathBuf, EntryMeta)> = Vec::new();
         for entry in selected {
             let Some(stored) = self.by_path.get(&entry.path) else {
                 return Err(io::Error::other(format!("{}: not in the context manifest", entry.path)));
             };
             let meta = EntryMeta { mode: stored.mode, mtime: stored.mtime };
+            let rel = stored.relative_path();
             match &stored.kind {
                 ManifestKind::Dir => {
-                    root.create_dir(&entry.path)?;
-                    dirs.push((&entry.path, meta));
+                    root.create_dir(&rel)?;
+                    dirs.push((rel, meta));
                     continue;
                 }
-                ManifestKind::Symlink(link) => root.create_symlink(&entry.path, link)?,
+                ManifestKind::Symlink(link) => root.create_symlink(&rel, link)?,
                 ManifestKind::File { digest, .. } => {
                     let mut blob = fs::File::open(self.blobs.path(digest))
                         .map_err(|e| io::Error::new(e.kind(), format!("{} (blob {digest}): {e}", entry.path)))?;
-                    root.create_file(&entry.path, &mut blob)?;
+                    root.create_file(&rel, &mut blob)?;
                 }
             }
-            root.finish(&entry.path, meta)?;
+            root.finish(&rel, meta)?;
         }
         for (path, meta) in dirs.iter().rev() {
             root.finish(path, *meta)?;
@@ -223,7 +247,7 @@ mod tests {
     use super::*;
 
     fn entry(path: &str, kind: ManifestKind) -> ManifestEntry {
-        ManifestEntry { path: path.into(), kind, mode: 0o644, mtime: (0, 0) }
+        ManifestEntry { path: path.into(), kind, mode: 0o644, mtime: (0, 0), raw_path: None }
     }
 
     #[test]

@@ -15,10 +15,11 @@ pub const MAX_SYMLINK_HOPS: usize = 40;
 /// Resolves `path` (absolute or relative to the root) inside `root`. Symlinks in every
 /// component are followed with the root as `/`; the last component is followed only when
 /// `follow_last` is set. Missing components are fine: the result is where they would be.
-pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> io::Result<PathBuf> {
+pub fn resolve_in_root(root: &Path, path: impl AsRef<Path>, follow_last: bool) -> io::Result<PathBuf> {
+    let path = path.as_ref();
     let mut hops = 0;
     let mut resolved: Vec<std::ffi::OsString> = Vec::new();
-    let mut pending: Vec<std::ffi::OsString> = components(Path::new(path)).into_iter().rev().collect();
+    let mut pending: Vec<std::ffi::OsString> = components(path).into_iter().rev().collect();
     while let Some(component) = pending.pop() {
         if component == ".." {
             resolved.pop();
@@ -31,7 +32,7 @@ pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> io::Result
             Ok(meta) if meta.file_type().is_symlink() && (follow_last || !is_last) => {
                 hops += 1;
                 if hops > MAX_SYMLINK_HOPS {
-                    return Err(io::Error::other(format!("{path}: too many levels of symbolic links")));
+                    return Err(io::Error::other(format!("{}: too many levels of symbolic links", path.display())));
                 }
                 let target = std::fs::read_link(&candidate)?;
                 if target.is_absolute() {
@@ -66,9 +67,9 @@ fn join(root: &Path, parts: &[std::ffi::OsString]) -> PathBuf {
 /// The path relative to the root with `.` and `..` removed lexically, or `None` when `..`
 /// would climb above the root. Used for names that must not be resolved through symlinks,
 /// such as tar entry names.
-pub fn clean_lexically(path: &str) -> Option<PathBuf> {
+pub fn clean_lexically(path: &(impl AsRef<Path> + ?Sized)) -> Option<PathBuf> {
     let mut parts: Vec<&OsStr> = Vec::new();
-    for component in Path::new(path).components() {
+    for component in path.as_ref().components() {
         match component {
             Component::Normal(name) => parts.push(name),
             Component::ParentDir => {

@@ -136,9 +136,12 @@ struct Unpacker<'a> {
 
 impl Unpacker<'_> {
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), LayerError> {
-        let raw_name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        // Names are bytes: a name that is not UTF-8 is kept as it is (and shown lossily).
+        let name_bytes = entry.path_bytes().into_owned();
+        let raw_name = String::from_utf8_lossy(&name_bytes).into_owned();
         let slip = |reason: &str| LayerError::TarSlip { entry: raw_name.clone(), reason: reason.to_string() };
-        let rel = clean_lexically(&raw_name).ok_or_else(|| slip("climbs out of the layer with `..`"))?;
+        let rel = clean_lexically(std::ffi::OsStr::from_bytes(&name_bytes))
+            .ok_or_else(|| slip("climbs out of the layer with `..`"))?;
         let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
             return Ok(()); // The root itself ("./"): nothing to create.
         };
@@ -187,8 +190,9 @@ impl Unpacker<'_> {
             }
             tar::EntryType::Link => {
                 let target = entry.link_name_bytes().ok_or_else(|| slip("hard link without a target"))?;
-                let target = String::from_utf8_lossy(&target).into_owned();
-                let source = self.hardlink_source(&target).map_err(|reason| slip(&reason))?;
+                let source = self
+                    .hardlink_source(Path::new(std::ffi::OsStr::from_bytes(&target)))
+                    .map_err(|reason| slip(&reason))?;
                 fs::hard_link(&source, &path).map_err(io_at(&path))?;
                 return Ok(());
             }
@@ -251,8 +255,8 @@ impl Unpacker<'_> {
     fn ensure_parent(&self, rel: &Path) -> Result<PathBuf, ParentError> {
         if let Confine::Root(root) = self.confine {
             let parent = self.dest.join(rel.parent().unwrap_or(Path::new("")));
-            let relative = parent.strip_prefix(root).unwrap_or(&parent).to_string_lossy().into_owned();
-            let resolved = resolve_in_root(root, &relative, true).map_err(|e| ParentError::Io(parent.clone(), e))?;
+            let relative = parent.strip_prefix(root).unwrap_or(&parent);
+            let resolved = resolve_in_root(root, relative, true).map_err(|e| ParentError::Io(parent.clone(), e))?;
             fs::create_dir_all(&resolved).map_err(|e| ParentError::Io(resolved.clone(), e))?;
             return Ok(resolved);
         }
@@ -273,12 +277,13 @@ impl Unpacker<'_> {
         Ok(current)
     }
 
-    fn hardlink_source(&self, target: &str) -> Result<PathBuf, String> {
-        let rel = clean_lexically(target).ok_or("hard link target climbs out of the layer")?;
+    fn hardlink_source(&self, target_path: &Path) -> Result<PathBuf, String> {
+        let target = target_path.display();
+        let rel = clean_lexically(target_path).ok_or("hard link target climbs out of the layer")?;
         if let Confine::Root(root) = self.confine {
             let full = self.dest.join(&rel);
-            let relative = full.strip_prefix(root).unwrap_or(&full).to_string_lossy().into_owned();
-            let source = resolve_in_root(root, &relative, false).map_err(|e| e.to_string())?;
+            let relative = full.strip_prefix(root).unwrap_or(&full);
+            let source = resolve_in_root(root, relative, false).map_err(|e| e.to_string())?;
             return match fs::symlink_metadata(&source) {
                 Ok(meta) if !meta.is_dir() => Ok(source),
                 Ok(_) => Err(format!("hard link target {target} is a directory")),

@@ -118,35 +118,37 @@ fn mkdir(root: &Path, target: &Path, parents: bool, mode: u32, owner: Option<(u3
 }
 
 /// Source paths after wildcard expansion, as (path relative to the source root, host path).
-fn expand_sources(copy: &CopyAction, source_root: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+/// Names are kept as the filesystem has them (bytes that need not be UTF-8).
+fn expand_sources(copy: &CopyAction, source_root: &Path) -> Result<Vec<(PathBuf, PathBuf)>, String> {
     let mut expanded = Vec::new();
     for source in &copy.sources {
         let clean = source.trim_start_matches('/').trim_end_matches('/');
         if has_glob(clean) {
             // A wildcard may match nothing, as in BuildKit (`COPY yarn.lock* ./`).
-            glob_walk(source_root, "", clean.split('/').collect::<Vec<_>>().as_slice(), &mut expanded)?;
+            glob_walk(source_root, Path::new(""), clean.split('/').collect::<Vec<_>>().as_slice(), &mut expanded)?;
         } else {
             let host = resolve_in_root(source_root, clean, true).map_err(|e| format!("{source}: {e}"))?;
             if fs::symlink_metadata(&host).is_err() {
                 return Err(format!("{source}: not found"));
             }
-            expanded.push((clean.to_string(), host));
+            expanded.push((PathBuf::from(clean), host));
         }
     }
     Ok(expanded)
 }
 
-fn glob_walk(root: &Path, prefix: &str, segments: &[&str], out: &mut Vec<(String, PathBuf)>) -> Result<(), String> {
+/// Matches names lossily, as Go matches them, and keeps the real names.
+fn glob_walk(root: &Path, prefix: &Path, segments: &[&str], out: &mut Vec<(PathBuf, PathBuf)>) -> Result<(), String> {
     let Some((first, rest)) = segments.split_first() else { return Ok(()) };
     let dir = resolve_in_root(root, prefix, true).map_err(|e| e.to_string())?;
     let Ok(entries) = fs::read_dir(&dir) else { return Ok(()) };
-    let mut names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<std::ffi::OsString> = entries.flatten().map(|e| e.file_name()).collect();
     names.sort();
     for name in names {
-        if !glob_match(first, &name).map_err(|e| format!("{first}: {e}"))? {
+        if !glob_match(first, &name.to_string_lossy()).map_err(|e| format!("{first}: {e}"))? {
             continue;
         }
-        let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        let rel = prefix.join(&name);
         if rest.is_empty() {
             let host = resolve_in_root(root, &rel, true).map_err(|e| e.to_string())?;
             out.push((rel, host));
@@ -192,11 +194,12 @@ fn copy_action(copy: &CopyAction, source_root: &Path, dest_root: &Path) -> Resul
     // path that is not a directory leave the last one).
     for (rel, host) in sources {
         let into_dir = dest_text.ends_with('/') || dest.is_dir();
-        let meta = fs::metadata(&host).map_err(|e| format!("{rel}: {e}"))?;
+        let meta = fs::metadata(&host).map_err(|e| format!("{}: {e}", rel.display()))?;
         if copy.unpack && meta.is_file() && is_archive(&host) {
             // ADD of a local archive extracts it into the destination directory.
-            let file = fs::File::open(&host).map_err(|e| format!("{rel}: {e}"))?;
-            extract_archive_as(file, dest_root, &dest, options.owner).map_err(|e| format!("ADD {rel}: {e}"))?;
+            let file = fs::File::open(&host).map_err(|e| format!("{}: {e}", rel.display()))?;
+            extract_archive_as(file, dest_root, &dest, options.owner)
+                .map_err(|e| format!("ADD {}: {e}", rel.display()))?;
             continue;
         }
         let target = if copy.parents {
@@ -314,8 +317,8 @@ fn copy_entry(from: &Path, to: &Path, options: &mut CopyOptions) -> Result<(), S
 
 /// `path` (somewhere under `root`) re-resolved inside `root`.
 fn within(root: &Path, path: &Path, follow_last: bool) -> Result<PathBuf, String> {
-    let rel = path.strip_prefix(root).unwrap_or(path).to_string_lossy().into_owned();
-    resolve_in_root(root, &rel, follow_last).map_err(|e| format!("{rel}: {e}"))
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    resolve_in_root(root, rel, follow_last).map_err(|e| format!("{}: {e}", rel.display()))
 }
 
 fn remove_non_dir(path: &Path) -> Result<(), String> {

@@ -204,3 +204,30 @@ fn real_world_shaped_dockerfiles_build_as_buildkit_builds_them() {
         assert!(ok, "{fixture}: {stderr}");
     }
 }
+
+/// Writes files whose names are not UTF-8 into `context`, returning the names' bytes.
+pub(crate) fn non_utf8_files(context: &Path) -> [Vec<u8>; 2] {
+    use std::os::unix::ffi::OsStrExt as _;
+    let file = b"caf\xe9.txt".to_vec();
+    let dir = b"d\xff".to_vec();
+    std::fs::write(context.join(std::ffi::OsStr::from_bytes(&file)), "latin-1\n").unwrap();
+    std::fs::create_dir(context.join(std::ffi::OsStr::from_bytes(&dir))).unwrap();
+    std::fs::write(context.join(std::ffi::OsStr::from_bytes(&dir)).join("x"), "in dir\n").unwrap();
+    [file, dir]
+}
+
+#[test]
+fn context_names_that_are_not_utf8_are_kept_as_bytes() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let setup = Setup::new();
+    let context = setup.context("bytes", "FROM BASE\nCOPY . /ctx/\nCOPY caf*.txt /wild/\n");
+    let [file, dir] = non_utf8_files(&context);
+    let out = setup.dir.path().join("bytes-out");
+    let local = format!("type=local,dest={}", out.display());
+    let output = setup.run(&["build", context.to_str().unwrap(), "-o", &local]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let name = |dir: &str, bytes: &[u8]| out.join(dir).join(std::ffi::OsStr::from_bytes(bytes));
+    assert_eq!(std::fs::read_to_string(name("ctx", &file)).unwrap(), "latin-1\n");
+    assert_eq!(std::fs::read_to_string(name("ctx", &dir).join("x")).unwrap(), "in dir\n");
+    assert_eq!(std::fs::read_to_string(name("wild", &file)).unwrap(), "latin-1\n");
+}
