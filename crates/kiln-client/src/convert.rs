@@ -27,6 +27,7 @@ pub fn manifest_to_proto(manifest: &ContextManifest) -> v1::ContextManifest {
                 mtime: e.mtime.0,
                 mtime_nsec: e.mtime.1,
                 raw_path: e.raw_path.clone().unwrap_or_default(),
+                hardlink_of: e.hardlink_of.clone().unwrap_or_default(),
             }
         })
         .collect();
@@ -45,8 +46,9 @@ pub fn manifest_from_proto(manifest: v1::ContextManifest) -> Result<ContextManif
             other => return Err(format!("context entry {}: unknown kind {other}", e.path)),
         };
         let raw_path = (!e.raw_path.is_empty()).then_some(e.raw_path);
+        let hardlink_of = (!e.hardlink_of.is_empty()).then_some(e.hardlink_of);
         let mtime = (e.mtime, e.mtime_nsec);
-        entries.push(ManifestEntry { path: e.path, kind, mode: e.mode & 0o7777, mtime, raw_path });
+        entries.push(ManifestEntry { path: e.path, kind, mode: e.mode & 0o7777, mtime, raw_path, hardlink_of });
     }
     let manifest = ContextManifest { entries };
     manifest.validate()?;

@@ -32,6 +32,9 @@ pub struct ManifestEntry {
     /// The path's bytes when they are not UTF-8 (`path` then holds them lossily).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_path: Option<Vec<u8>>,
+    /// For a file: an earlier file entry it is a hard link of (the same inode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardlink_of: Option<String>,
 }
 
 impl ManifestEntry {
@@ -105,6 +108,14 @@ impl ContextManifest {
             }
         }
         for entry in &self.entries {
+            if let Some(first) = &entry.hardlink_of
+                && !matches!(
+                    (&entry.kind, kinds.get(first.as_str())),
+                    (ManifestKind::File { .. }, Some(ManifestKind::File { .. }))
+                )
+            {
+                return Err(format!("context entry {:?}: a hard link of {first:?}, which is not a file", entry.path));
+            }
             let parents = entry.path.match_indices('/').map(|(at, _)| &entry.path[..at]);
             for parent in parents {
                 match kinds.get(parent) {
@@ -141,9 +152,19 @@ impl FsContext {
     /// The manifest of this context: reads and hashes every file.
     pub fn manifest(&self) -> io::Result<ContextManifest> {
         let mut entries = Vec::with_capacity(self.entries().len());
+        let mut inodes: HashMap<(u64, u64), &str> = HashMap::new();
         for entry in self.entries() {
             let rel = self.relative_path(&entry.path);
             let meta = fs::symlink_metadata(self.root().join(rel))?;
+            let mut hardlink_of = None;
+            if entry.kind == EntryKind::File && meta.nlink() > 1 {
+                match inodes.entry((meta.dev(), meta.ino())) {
+                    std::collections::hash_map::Entry::Occupied(first) => hardlink_of = Some(first.get().to_string()),
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(&entry.path);
+                    }
+                }
+            }
             let kind = match &entry.kind {
                 EntryKind::File => {
                     let digest = self.file_digest(&entry.path).map_err(|e| io::Error::other(e.to_string()))?;
@@ -154,7 +175,14 @@ impl FsContext {
             };
             let mtime = (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0));
             let raw_path = (rel.to_str() != Some(entry.path.as_str())).then(|| rel.as_os_str().as_bytes().to_vec());
-            entries.push(ManifestEntry { path: entry.path.clone(), kind, mode: entry.mode, mtime, raw_path });
+            entries.push(ManifestEntry {
+                path: entry.path.clone(),
+                kind,
+                mode: entry.mode,
+                mtime,
+                raw_path,
+                hardlink_of,
+            });
         }
         Ok(ContextManifest { entries })
     }
@@ -212,12 +240,21 @@ impl BuildContext for StoredContext {
     fn materialize(&self, selected: &[&ContextEntry], dest: &Path) -> io::Result<()> {
         let root = ConfinedDir::open(dest)?;
         let mut dirs: Vec<(PathBuf, EntryMeta)> = Vec::new();
+        // Files written so far by path: a hard link of one of them links to it again.
+        let mut written: HashMap<&str, PathBuf> = HashMap::new();
         for entry in selected {
             let Some(stored) = self.by_path.get(&entry.path) else {
                 return Err(io::Error::other(format!("{}: not in the context manifest", entry.path)));
             };
             let meta = EntryMeta { mode: stored.mode, mtime: stored.mtime };
             let rel = stored.relative_path();
+            if let Some(first) = stored.hardlink_of.as_deref().and_then(|p| written.get(p)) {
+                root.create_hard_link(first, &rel)?;
+                continue;
+            }
+            if matches!(stored.kind, ManifestKind::File { .. }) {
+                written.insert(stored.hardlink_of.as_deref().unwrap_or(&stored.path), rel.clone());
+            }
             match &stored.kind {
                 ManifestKind::Dir => {
                     root.create_dir(&rel)?;
@@ -247,7 +284,7 @@ mod tests {
     use super::*;
 
     fn entry(path: &str, kind: ManifestKind) -> ManifestEntry {
-        ManifestEntry { path: path.into(), kind, mode: 0o644, mtime: (0, 0), raw_path: None }
+        ManifestEntry { path: path.into(), kind, mode: 0o644, mtime: (0, 0), raw_path: None, hardlink_of: None }
     }
 
     #[test]

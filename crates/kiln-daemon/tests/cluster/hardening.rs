@@ -132,8 +132,14 @@ fn hostile_manifests_and_client_paths_never_reach_the_coordinators_files() {
     std::fs::write(host.join("victim"), "keep").unwrap();
 
     // A symlink entry followed by an entry below it: refused at upload, nothing written.
-    let entry =
-        |path: &str, kind| ManifestEntry { path: path.into(), kind, mode: 0o644, mtime: (0, 0), raw_path: None };
+    let entry = |path: &str, kind| ManifestEntry {
+        path: path.into(),
+        kind,
+        mode: 0o644,
+        mtime: (0, 0),
+        raw_path: None,
+        hardlink_of: None,
+    };
     let file = ManifestKind::File { digest: Digest::of(b"evil"), size: 4 };
     let manifest = ContextManifest {
         entries: vec![
@@ -192,16 +198,21 @@ fn hostile_manifests_and_client_paths_never_reach_the_coordinators_files() {
     assert_eq!(std::fs::read_to_string(out.join("hello")).unwrap(), "hi\n");
     let listing = Command::new("tar").arg("tf").arg(&tar).output().unwrap();
     assert!(text(&listing.stdout).lines().any(|l| l.trim_start_matches("./") == "hello"), "{}", text(&listing.stdout));
-    // Names that are not UTF-8 travel as bytes through the upload.
+    // Names that are not UTF-8 travel as bytes through the upload, and hard links as links.
     {
         use std::os::unix::ffi::OsStrExt as _;
+        use std::os::unix::fs::MetadataExt as _;
         let raw = std::ffi::OsStr::from_bytes(b"caf\xe9.txt");
         std::fs::write(context.join(raw), "latin-1\n").unwrap();
+        std::fs::hard_link(context.join("hello"), context.join("hello-link")).unwrap();
         std::fs::write(context.join("Dockerfile"), "FROM scratch\nCOPY . /all/\n").unwrap();
         let bytes_out = cluster.dir.path().join("bytes-out");
         cluster.build(&context, &["-o", &format!("type=local,dest={}", bytes_out.display())]);
         assert_eq!(std::fs::read_to_string(bytes_out.join("all").join(raw)).unwrap(), "latin-1\n");
+        let ino = |name: &str| std::fs::metadata(bytes_out.join("all").join(name)).unwrap().ino();
+        assert_eq!(ino("hello"), ino("hello-link"), "one file with two links");
         std::fs::remove_file(context.join(raw)).unwrap();
+        std::fs::remove_file(context.join("hello-link")).unwrap();
         std::fs::write(context.join("Dockerfile"), "FROM scratch\nCOPY hello /\n").unwrap();
     }
     // A single file output, into a directory the client has to create.
