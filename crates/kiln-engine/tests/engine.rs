@@ -322,21 +322,35 @@ async fn files_match_what_docker_buildkit_builds_from_the_same_dockerfile() {
     );
     dockerd.ok(&["load", "-i", archive.to_str().unwrap()]);
 
-    // Besides the basics: hard links and owners of subdirectories copied from a stage, a new
-    // directory copy's mode, context symlinks as sources, several sources into a directory
-    // without a trailing slash (where Docker 20.10's BuildKit agrees with current BuildKit).
+    // Besides the basics, where Docker 20.10's BuildKit agrees with current BuildKit: ARG
+    // values inherited by a child stage and an ARG overriding an earlier ENV, a mount without
+    // a target at the working directory, hard links and owners of subdirectories copied from
+    // a stage, a new directory copy's mode, context symlinks as sources, several sources and
+    // wildcards onto a path without a trailing slash, wildcards matching nothing, an unset
+    // --chown.
     let dockerfile = "\
 FROM BASE AS build
 RUN mkdir -p /out/sub && echo compiled > /out/app && chmod 750 /out/app && ln -s app /out/link && echo deep > /out/sub/f
 RUN ln /out/app /out/hard && chown 56:78 /out/sub && mkdir -m 0700 /src7 && echo s > /src7/f
+FROM BASE AS argbase
+ARG FROM_PARENT=inherited
+ENV OVER=env
+ARG OVER=arg
+ENV AFTER=$OVER
+FROM argbase AS argchild
+RUN echo \"$FROM_PARENT $OVER $AFTER\" > /args
 FROM BASE
 WORKDIR /srv
+COPY --from=argchild /args ./
+RUN --mount=from=build cat out/app > /tmp/mounted
 COPY --from=build /out/ ./
 COPY --from=build /src7 /dst7
 COPY notes.txt ./
 COPY notes-link.txt /linked/
 COPY notes.txt notes-link.txt /srv/many
 COPY note*.txt /srv/wild
+COPY notes.txt missing*.txt /srv/optional/
+COPY --chown=${UNSET_UID}:${UNSET_GID} notes.txt /srv/owned
 COPY notes.txt notes-link.txt /srv/
 RUN mkdir -p /data && chown 1234:5678 /data && rm /bin/vi && rm -rf /home && echo changed >> /etc/group
 USER nobody
