@@ -199,7 +199,14 @@ fn real_world_shaped_dockerfiles_build_as_buildkit_builds_them() {
     let out = build("node-app");
     assert!(std::fs::read_to_string(out.join("app/installed.json")).unwrap().contains("\"app\""));
     assert_eq!(std::fs::read_to_string(out.join("app/src/index.js")).unwrap(), "console.log(\"hi\")\n");
-    for fixture in ["go-tools", "node-app"] {
+    // Inherited ARG and ENV, an optional ssh mount left out, a heredoc, --chown and --chmod.
+    let out = build("python-service");
+    let resolved = std::fs::read_to_string(out.join("srv/app/resolved.txt")).unwrap();
+    assert_eq!(resolved, "index https://pypi.example/simple ssh /run/buildkit/ssh_agent.0\nflask==3.0\n");
+    use std::os::unix::fs::MetadataExt as _;
+    let code = std::fs::metadata(out.join("srv/app/code")).unwrap();
+    assert_eq!((code.mode() & 0o7777, code.uid(), code.gid()), (0o750, 1000, 1000));
+    for fixture in ["go-tools", "node-app", "python-service"] {
         let (ok, _, stderr) = super::kiln(&["plan", fixtures.join(fixture).to_str().unwrap(), "--format", "json"]);
         assert!(ok, "{fixture}: {stderr}");
     }
