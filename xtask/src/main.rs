@@ -4,6 +4,7 @@ mod base_image;
 mod bench;
 mod conformance;
 mod dispatch;
+mod fences;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -21,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Everything CI checks: formatting, clippy, tests, the conformance corpus.
+    /// Everything CI checks: formatting, clippy, the architecture's fences, licences and bans
+    /// (cargo-deny), tests, the conformance corpus.
     Ci {
         /// BuildKit Dockerfile conformance corpus (default: found next to the repository).
         #[arg(long)]
@@ -49,6 +51,9 @@ enum Task {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Check the architecture's fences: pure crates, one owner per heavy dependency, no
+    /// unused dependencies.
+    Fences,
     /// Build a small busybox base image (OCI layout under target/kiln-base/oci), push it to
     /// the local registry (started when none answers) and print its reference last.
     BaseImage,
@@ -65,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Demo => demo(),
+        Task::Fences => fences::check(&workspace_root()),
         Task::Bench { scenario, runs, json } => bench::run(scenario, runs.max(1), json),
         Task::BaseImage => {
             let reference = base_image::run()?;
@@ -102,6 +108,9 @@ fn ci(corpus: Option<PathBuf>) -> anyhow::Result<()> {
     setup::ensure_arm64()?;
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
+    fences::check(&workspace_root())?;
+    setup::ensure_cargo_deny()?;
+    cargo(&["deny", "--log-level", "error", "check", "licenses", "bans"])?;
     cargo(&["test", "--workspace", "--quiet"])?;
     match corpus.or_else(find_corpus) {
         Some(corpus) => {

@@ -98,3 +98,15 @@ pub fn ensure_packages() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The cargo-deny release the licence and ban checks run with.
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
+/// Installs cargo-deny from crates.io when it is missing (a few minutes, once per machine).
+pub fn ensure_cargo_deny() -> anyhow::Result<()> {
+    let installed = Command::new("cargo").args(["deny", "--version"]).output();
+    if installed.is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_DENY_VERSION)) {
+        return Ok(());
+    }
+    run("cargo", &["install", "--locked", "--quiet", "cargo-deny", "--version", CARGO_DENY_VERSION])
+}

@@ -176,7 +176,7 @@ fn assign(job: Job<ClusterData>, address: &str) -> Result<v1::Assign, (u64, u32,
         context_address: address.to_string(),
     };
     // Room for the message's own framing under the limit.
-    let size = prost::Message::encoded_len(&assign);
+    let size = kiln_proto::encoded_len(&assign);
     if size + 1024 > MAX_MESSAGE {
         let error = format!(
             "{}: its assignment is {} MiB, over the {} MiB limit of a worker message (its environment, \
