@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use kiln_runner::{Limits, Network, RunMount, RunMountKind, RunResult, RunSpec};
+use kiln_runner_spec::{Limits, Network, RunMount, RunMountKind, RunResult, RunSpec};
 use libcontainer::capabilities::CapabilityExt as _;
 use libcontainer::container::Container;
 use libcontainer::container::builder::ContainerBuilder;

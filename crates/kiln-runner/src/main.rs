@@ -9,7 +9,7 @@ mod container;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use kiln_runner::{RUNNER_FAILED, RunSpec};
+use kiln_runner_spec::{RUNNER_FAILED, RunSpec};
 
 fn main() {
     if let Err(error) = dispatch(std::env::args().skip(1).collect()) {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_runner::{Limits, Network, RunMount, RunMountKind, RunResult, RunSpec};
+use kiln_runner_spec::{Limits, Network, RunMount, RunMountKind, RunResult, RunSpec};
 
 struct Sandbox {
     dir: tempfile::TempDir,
@@ -239,7 +239,7 @@ fn a_missing_command_is_a_runner_error() {
     spec.args = vec!["/no/such/binary".into()];
     let (child, _) = sandbox.spawn(&spec);
     let output = child.wait_with_output().unwrap();
-    assert_eq!(output.status.code(), Some(kiln_runner::RUNNER_FAILED));
+    assert_eq!(output.status.code(), Some(kiln_runner_spec::RUNNER_FAILED));
     assert!(String::from_utf8_lossy(&output.stderr).contains("kiln-runner:"));
     sandbox.assert_clean();
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use kiln_graph::{ExecOp, NetworkMode, SecurityMode};
 use kiln_layer::resolve_in_root;
-use kiln_runner::{Network, RunMount, RunMountKind, RunResult, RunSpec};
+use kiln_runner_spec::{Network, RunMount, RunMountKind, RunResult, RunSpec};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 
 use crate::user::resolve_user;

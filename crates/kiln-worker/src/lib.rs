@@ -42,7 +42,7 @@ use kiln_graph::{Input, Op, Vertex};
 use kiln_kv::SharedKv;
 use kiln_layer::{LayerId, SnapshotStore};
 use kiln_registry::{Credentials, RegistryClient, RegistryOptions, ResolvedImage};
-use kiln_runner::Limits;
+use kiln_runner_spec::Limits;
 use serde::{Deserialize, Serialize};
 
 /// A vertex result: a chain of layers, bottom first.
@@ -97,7 +97,7 @@ impl WorkerConfig {
         };
         Ok(WorkerConfig {
             root: root.to_path_buf(),
-            runner: kiln_runner::locate().unwrap_or_else(|| PathBuf::from("kiln-runner")),
+            runner: kiln_runner_spec::locate().unwrap_or_else(|| PathBuf::from("kiln-runner")),
             cgroup_parent: "/kiln".to_string(),
             limits: Limits::default(),
             step_timeout: None,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kiln_graph::{CacheSharing, Mount, MountKind};
 use kiln_layer::{ActiveSnapshot, resolve_in_root};
-use kiln_runner::{RunMount, RunMountKind};
+use kiln_runner_spec::{RunMount, RunMountKind};
 use kiln_types::Digest;
 use tokio::sync::OwnedMutexGuard;
 

@@ -1,8 +1,10 @@
 //! What the worker tells `kiln-runner` to run, and what the runner reports back.
 //!
-//! The library half holds only these plain data types and the way to find the executable;
-//! the libcontainer half lives in the binary, because libcontainer forks and changes the
-//! process's working directory, so it must never run inside the multi-threaded daemon.
+//! This crate holds only these plain data types and the way to find the executable, so
+//! whatever names a step (the worker) never compiles libcontainer; the libcontainer half is
+//! the `kiln-runner` package, a binary, because libcontainer forks and changes the process's
+//! working directory, so it must never run inside the multi-threaded daemon (youki keeps
+//! `libcontainer` and the `youki` binary apart likewise).
 //!
 //! Protocol: the worker writes a [`RunSpec`] as JSON and starts
 //! `kiln-runner run --spec FILE --result FILE` with the step's output pipes as stdout and
