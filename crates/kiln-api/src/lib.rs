@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 /// The control service.
 pub struct ControlService {
@@ -69,40 +70,50 @@ impl Control for ControlService {
         }
         let spool = exports::new_spool(&self.root);
         request.spool = Some(spool.clone());
+        let build_id = spool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let span = tracing::info_span!("build", id = %build_id, file = %request.file_name);
+        span.in_scope(|| tracing::info!(over_tcp, "build started"));
         let (events, stream) = mpsc::channel(256);
         let engine = Arc::clone(&self.engine);
-        tokio::spawn(async move {
-            let (progress, mut progress_events) = mpsc::unbounded_channel();
-            let build = engine.build(request, progress);
-            tokio::pin!(build);
-            // Forward progress while the build runs; a closed stream means the client left,
-            // and dropping the build future cancels this build's part of the work.
-            let result = loop {
-                tokio::select! {
-                    result = &mut build => break result,
-                    Some(event) = progress_events.recv() => {
-                        if events.send(Ok(to_proto::progress(event))).await.is_err() {
-                            exports::remove_spool(spool).await;
-                            return;
+        tokio::spawn(
+            async move {
+                let (progress, mut progress_events) = mpsc::unbounded_channel();
+                let build = engine.build(request, progress);
+                tokio::pin!(build);
+                // Forward progress while the build runs; a closed stream means the client left,
+                // and dropping the build future cancels this build's part of the work.
+                let result = loop {
+                    tokio::select! {
+                        result = &mut build => break result,
+                        Some(event) = progress_events.recv() => {
+                            if events.send(Ok(to_proto::progress(event))).await.is_err() {
+                                exports::remove_spool(spool).await;
+                                return;
+                            }
                         }
                     }
+                };
+                while let Ok(event) = progress_events.try_recv() {
+                    let _ = events.send(Ok(to_proto::progress(event))).await;
                 }
-            };
-            while let Ok(event) = progress_events.try_recv() {
-                let _ = events.send(Ok(to_proto::progress(event))).await;
+                // File outputs travel to the client before the result.
+                let result = match result {
+                    Ok(summary) => match exports::send(&summary.files, &events).await {
+                        Ok(()) => Ok(summary),
+                        Err(message) => Err(kiln_engine::BuildFailure { message, records: summary.records }),
+                    },
+                    Err(failure) => Err(failure),
+                };
+                exports::remove_spool(spool).await;
+                match &result {
+                    Ok(_) => tracing::info!("build succeeded"),
+                    Err(failure) => tracing::info!("build failed: {}", failure.message),
+                }
+                let result = to_proto::result(result);
+                let _ = events.send(Ok(BuildEvent { event: Some(build_event::Event::Result(result)) })).await;
             }
-            // File outputs travel to the client before the result.
-            let result = match result {
-                Ok(summary) => match exports::send(&summary.files, &events).await {
-                    Ok(()) => Ok(summary),
-                    Err(message) => Err(kiln_engine::BuildFailure { message, records: summary.records }),
-                },
-                Err(failure) => Err(failure),
-            };
-            exports::remove_spool(spool).await;
-            let result = to_proto::result(result);
-            let _ = events.send(Ok(BuildEvent { event: Some(build_event::Event::Result(result)) })).await;
-        });
+            .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(stream)))
     }
 

@@ -15,6 +15,7 @@ use kiln_solver::{Executed, LogLine, LogStream};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 /// The worker service of a coordinator.
 pub struct WorkersService {
@@ -48,9 +49,12 @@ impl Workers for WorkersService {
         let layers = register.layers.iter().filter_map(|d| d.parse().ok()).collect();
         let name = info.name.clone();
         let (session, mut assignments) = self.cluster.register(info, layers).map_err(|reason| {
-            eprintln!("kilnd: refused a worker registration: {reason}");
+            tracing::warn!("refused a worker registration: {reason}");
             Status::already_exists(reason)
         })?;
+        // Every line about this session carries the worker and the session.
+        let span = tracing::info_span!("worker_session", worker = %name, session);
+        span.in_scope(|| tracing::info!("registered"));
         let (outgoing, stream) = mpsc::unbounded_channel::<Result<v1::CoordinatorMessage, Status>>();
         let registered = v1::Registered { session, lease_ms: self.lease_ms };
         let _ = outgoing.send(Ok(message(coordinator_message::Message::Registered(registered))));
@@ -68,7 +72,7 @@ impl Workers for WorkersService {
                         Ok(assign) => coordinator_message::Message::Assign(assign),
                         // Too large to send: the job fails alone, the session goes on.
                         Err((job, epoch, error)) => {
-                            eprintln!("kilnd: worker {worker}: job {job}: {error}");
+                            tracing::warn!(job, "{error}");
                             cluster.report(&worker, job, epoch, Err(error));
                             continue;
                         }
@@ -88,37 +92,42 @@ impl Workers for WorkersService {
             let reason = format!(
                 "worker {worker}: the coordinator ended session {session} (lease expired, replaced, or shutting down)"
             );
-            eprintln!("kilnd: {reason}");
+            tracing::info!("{reason}");
             let _ = sender.send(Err(Status::unavailable(reason)));
-        });
+        }.instrument(span.clone()));
 
         let cluster = Arc::clone(&self.cluster);
-        tokio::spawn(async move {
-            let why = loop {
-                match incoming.message().await {
-                    Ok(Some(v1::WorkerMessage { message: Some(received) })) => match received {
-                        worker_message::Message::Heartbeat(beat) => cluster.heartbeat(&name, session, beat.free_disk),
-                        worker_message::Message::Log(log) => {
-                            let stream = if log.stderr { LogStream::Stderr } else { LogStream::Stdout };
-                            cluster.log(log.job, log.epoch, LogLine { stream, line: log.line });
-                        }
-                        worker_message::Message::Result(result) => {
-                            let (job, epoch) = (result.job, result.epoch);
-                            cluster.report(&name, job, epoch, job_result(result));
-                        }
-                        worker_message::Message::Drain(_) => cluster.drain(&name, session),
-                        worker_message::Message::Register(_) => {}
-                    },
-                    Ok(Some(_)) => {}
-                    Ok(None) => break "the worker closed it".to_string(),
-                    Err(status) => break format!("{} ({:?})", status.message(), status.code()),
-                }
-            };
-            eprintln!("kilnd: worker {name}: session {session} ended: {why}");
-            worker_left.store(true, std::sync::atomic::Ordering::SeqCst);
-            cluster.disconnect(&name, session);
-            drop(outgoing);
-        });
+        tokio::spawn(
+            async move {
+                let why = loop {
+                    match incoming.message().await {
+                        Ok(Some(v1::WorkerMessage { message: Some(received) })) => match received {
+                            worker_message::Message::Heartbeat(beat) => {
+                                cluster.heartbeat(&name, session, beat.free_disk)
+                            }
+                            worker_message::Message::Log(log) => {
+                                let stream = if log.stderr { LogStream::Stderr } else { LogStream::Stdout };
+                                cluster.log(log.job, log.epoch, LogLine { stream, line: log.line });
+                            }
+                            worker_message::Message::Result(result) => {
+                                let (job, epoch) = (result.job, result.epoch);
+                                cluster.report(&name, job, epoch, job_result(result));
+                            }
+                            worker_message::Message::Drain(_) => cluster.drain(&name, session),
+                            worker_message::Message::Register(_) => {}
+                        },
+                        Ok(Some(_)) => {}
+                        Ok(None) => break "the worker closed it".to_string(),
+                        Err(status) => break format!("{} ({:?})", status.message(), status.code()),
+                    }
+                };
+                tracing::info!("session ended: {why}");
+                worker_left.store(true, std::sync::atomic::Ordering::SeqCst);
+                cluster.disconnect(&name, session);
+                drop(outgoing);
+            }
+            .instrument(span.clone()),
+        );
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(stream);
         Ok(Response::new(Box::pin(stream)))
     }

@@ -17,6 +17,7 @@ use kiln_types::Digest;
 use kiln_worker::{BlobFetcher, BuildInputs, Worker, select_context};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
+use tracing::Instrument as _;
 
 /// Fetches blobs from peers' (or the coordinator's) blob services.
 pub struct PeerFetcher;
@@ -45,14 +46,14 @@ pub async fn run(
         current.free_disk = free_disk(&root);
         match WorkerSession::connect(&coordinator, &current, &layers).await {
             Ok(session) => {
-                eprintln!("kilnd: worker {} registered with {coordinator}", info.name);
+                tracing::info!(worker = %info.name, "registered with {coordinator}");
                 delay = Duration::from_millis(200);
                 match serve(Arc::clone(&worker), &root, session, &coordinator, &mut stop).await {
                     None => return,
-                    Some(why) => eprintln!("kilnd: lost the session with {coordinator}: {why}; reconnecting"),
+                    Some(why) => tracing::warn!("lost the session with {coordinator}: {why}; reconnecting"),
                 }
             }
-            Err(e) => eprintln!("kilnd: {e}; retrying in {} ms", delay.as_millis()),
+            Err(e) => tracing::warn!("{e}; retrying in {} ms", delay.as_millis()),
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -92,7 +93,7 @@ async fn serve(
             _ = stop.changed(), if !draining => {
                 draining = true;
                 link.drain();
-                eprintln!("kilnd: draining: finishing {} running jobs", running.len());
+                tracing::info!("draining: finishing {} running jobs", running.len());
             }
             Some(done) = jobs.join_next(), if !running.is_empty() => {
                 if let Ok(job) = done {
@@ -106,7 +107,7 @@ async fn serve(
                     running.insert(job, jobs.spawn(async move { task.await; job }));
                 }
                 Some(Ok(FromCoordinator::Unreadable { job, epoch, error })) => {
-                    eprintln!("kilnd: job {job}: unreadable assignment: {error}");
+                    tracing::warn!(job, "unreadable assignment: {error}");
                     link.result(job, epoch, Err(error));
                 }
                 Some(Ok(FromCoordinator::Cancel(job))) => {
@@ -130,7 +131,11 @@ async fn serve(
 
 async fn run_job(worker: Arc<Worker>, assignment: Assignment, link: WorkerLink, coordinator: String) {
     let (job, epoch) = (assignment.job, assignment.epoch);
-    let result = execute(&worker, assignment, &link, &coordinator).await;
+    let span = tracing::info_span!("job", job, epoch, vertex = %assignment.vertex.meta.name);
+    let result = execute(&worker, assignment, &link, &coordinator).instrument(span.clone()).await;
+    if let Err(error) = &result {
+        span.in_scope(|| tracing::info!("failed: {error}"));
+    }
     link.result(job, epoch, result);
 }
 

@@ -44,6 +44,31 @@ struct Args {
     /// on IO or sleep; BuildKit has no limit unless configured).
     #[arg(long)]
     max_parallelism: Option<usize>,
+    /// Log lines as text or as one JSON object each; levels come from `RUST_LOG` (default
+    /// `info`).
+    #[arg(long, env = "KILN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How `kilnd` writes its log.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr with `tracing`: text (colours only on a terminal) or JSON lines, each with
+/// the spans it happened in (worker session, job, build), so one build can be followed
+/// across the coordinator's and the workers' logs.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+    }
 }
 
 enum Role {
@@ -55,6 +80,7 @@ enum Role {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    init_logging(args.log_format);
     let role = match &args.config {
         Some(path) => {
             let config = ConfigFile::load(path)?.validate(&path.display().to_string())?;
@@ -153,7 +179,7 @@ fn platforms(settings: Option<&WorkerSettings>) -> anyhow::Result<Vec<kiln_types
 
 async fn bind(address: &str) -> anyhow::Result<tokio::net::TcpListener> {
     let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("listening on {address}"))?;
-    eprintln!("kilnd: listening on {}", listener.local_addr()?);
+    tracing::info!("listening on {}", listener.local_addr()?);
     Ok(listener)
 }
 
@@ -170,7 +196,7 @@ async fn standalone(
     let platforms = platforms(settings.as_ref())?;
     let engine = Arc::new(Engine::start(EngineConfig { worker, max_parallelism, name: "local".into(), platforms })?);
     let _pid = PidFile::write(root)?;
-    eprintln!("kilnd: standalone, state in {}, socket {}", root.display(), socket.display());
+    tracing::info!("standalone, state in {}, socket {}", root.display(), socket.display());
     let tcp = match &args.listen {
         Some(listen) => Some((
             bind(listen).await?,
@@ -217,7 +243,7 @@ async fn serve(
     };
     if let Some(cluster) = engine.cluster() {
         let closed = cluster.close_sessions();
-        eprintln!("kilnd: stopping: closed {closed} worker sessions");
+        tracing::info!("stopping: closed {closed} worker sessions");
     }
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while let Some(ended) = servers.join_next().await {
@@ -227,7 +253,7 @@ async fn serve(
     })
     .await;
     if drained.is_err() {
-        eprintln!("kilnd: stopping with requests still open after {} s", SHUTDOWN_GRACE.as_secs());
+        tracing::warn!("stopping with requests still open after {} s", SHUTDOWN_GRACE.as_secs());
         servers.abort_all();
     }
     let flushing = Arc::clone(engine);
@@ -262,7 +288,7 @@ async fn coordinator(
     let _pid = PidFile::write(root)?;
     let cluster = Arc::clone(engine.cluster().expect("a coordinator has a cluster"));
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
-    eprintln!("kilnd: coordinator, state in {}, socket {}", root.display(), socket.display());
+    tracing::info!("coordinator, state in {}, socket {}", root.display(), socket.display());
     let listener = bind(&config.listen.to_string()).await?;
     let services = Services {
         control: Some(
@@ -294,7 +320,7 @@ async fn worker(root: &Path, settings: WorkerSettings, stopped: watch::Receiver<
         address: format!("http://{host}:{}", local.port()),
     };
     let coordinator = settings.coordinator.clone().expect("checked when the role was chosen");
-    eprintln!("kilnd: worker {} for {coordinator}, state in {}", info.name, root.display());
+    tracing::info!("worker {} for {coordinator}, state in {}", info.name, root.display());
     let services = Services { blobs: Some(BlobsService::new(Arc::clone(worker.cas()))), ..Services::default() };
     // The blob service outlives the session a little: peers may still fetch while draining.
     let (serve_stop, serve_stopped) = watch::channel(false);

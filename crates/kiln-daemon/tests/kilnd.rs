@@ -76,10 +76,13 @@ fn a_config_file_with_both_roles_runs_standalone_and_bad_files_are_named() {
     )
     .unwrap();
     let runner = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner");
+    let log = dir.path().join("kilnd.log");
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_kilnd"))
         .arg("--config")
         .arg(&config)
+        .args(["--log-format", "json"])
         .env("KILN_RUNNER", &runner)
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     wait_until("the TCP listener", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
@@ -91,6 +94,14 @@ fn a_config_file_with_both_roles_runs_standalone_and_bad_files_are_named() {
     assert_eq!(info.root, root.display().to_string());
     Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
     assert!(daemon.wait().unwrap().success());
+    // `--log-format json`: one JSON object per line, with level, target and message.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let listening = format!("listening on 127.0.0.1:{port}");
+    assert!(lines.iter().any(|l| l["fields"]["message"] == listening.as_str() && l["level"] == "INFO"), "{lines:?}");
 
     std::fs::write(&config, "[worker]\ncoordinator = \"http://127.0.0.1:1\"\nmax-paralelism = 2\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_kilnd")).arg("--config").arg(&config).output().unwrap();
