@@ -15,8 +15,8 @@ use kiln_solver::cluster::{JobId, LOST_INPUT, Layers, WorkerInfo};
 use kiln_solver::{BoxFuture, Executed, LogSink};
 use kiln_types::Digest;
 use kiln_worker::{BlobFetcher, BuildInputs, Worker, select_context};
-use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 /// Fetches blobs from peers' (or the coordinator's) blob services.
@@ -28,17 +28,17 @@ impl BlobFetcher for PeerFetcher {
     }
 }
 
-/// Runs the worker role until `stop` turns true (then drains).
+/// Runs the worker role until `stop` is cancelled (then drains).
 pub async fn run(
     worker: Arc<Worker>,
     root: std::path::PathBuf,
     info: WorkerInfo,
     coordinator: String,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(200);
     loop {
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             return;
         }
         let layers: Vec<Digest> = worker.cas().list().unwrap_or_default().into_iter().map(|b| b.digest).collect();
@@ -48,7 +48,7 @@ pub async fn run(
             Ok(session) => {
                 tracing::info!(worker = %info.name, "registered with {coordinator}");
                 delay = Duration::from_millis(200);
-                match serve(Arc::clone(&worker), &root, session, &coordinator, &mut stop).await {
+                match serve(Arc::clone(&worker), &root, session, &coordinator, &stop).await {
                     None => return,
                     Some(why) => tracing::warn!("lost the session with {coordinator}: {why}; reconnecting"),
                 }
@@ -57,7 +57,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stop.changed() => {}
+            () = stop.cancelled() => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
@@ -69,13 +69,13 @@ async fn serve(
     disk_root: &std::path::Path,
     session: WorkerSession,
     coordinator: &str,
-    stop: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
 ) -> Option<String> {
     let WorkerSession { link, lease_ms, mut incoming } = session;
     let mut heartbeat = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(100)));
     let mut jobs: JoinSet<JobId> = JoinSet::new();
     let mut running: HashMap<JobId, AbortHandle> = HashMap::new();
-    let mut draining = *stop.borrow();
+    let mut draining = stop.is_cancelled();
     if draining {
         link.drain();
     }
@@ -90,7 +90,7 @@ async fn serve(
         }
         tokio::select! {
             _ = heartbeat.tick() => link.heartbeat(free_disk(disk_root)),
-            _ = stop.changed(), if !draining => {
+            () = stop.cancelled(), if !draining => {
                 draining = true;
                 link.drain();
                 tracing::info!("draining: finishing {} running jobs", running.len());

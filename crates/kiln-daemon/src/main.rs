@@ -20,7 +20,7 @@ use kiln_config::{ConfigFile, CoordinatorConfig, WorkerConfig as WorkerSettings}
 use kiln_engine::{Engine, EngineConfig};
 use kiln_solver::cluster::{ClusterSettings, WorkerInfo};
 use kiln_worker::{Worker, WorkerConfig};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "kilnd", version, about = "The Kiln daemon")]
@@ -115,15 +115,19 @@ async fn main() -> anyhow::Result<()> {
     std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o710))
         .with_context(|| format!("restricting {} to its owner", root.display()))?;
 
-    let (stop, stopped) = watch::channel(false);
+    // One token stops everything: SIGTERM or SIGINT cancels it, and every part of the daemon
+    // shuts down in order from it.
+    let stopped = CancellationToken::new();
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("handling SIGTERM")?;
+    let stop = stopped.clone();
     tokio::spawn(async move {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
         }
-        let _ = stop.send(true);
+        tracing::info!("stopping");
+        stop.cancel();
     });
     match role {
         Role::Standalone(settings) => standalone(&args, &root, settings, stopped).await,
@@ -150,8 +154,8 @@ impl Drop for PidFile {
     }
 }
 
-async fn until_stopped(mut stopped: watch::Receiver<bool>) {
-    let _ = stopped.wait_for(|stop| *stop).await;
+async fn until_stopped(stopped: CancellationToken) {
+    stopped.cancelled_owned().await;
 }
 
 /// The worker settings of a config section over the defaults for `root`.
@@ -187,7 +191,7 @@ async fn standalone(
     args: &Args,
     root: &Path,
     settings: Option<WorkerSettings>,
-    stopped: watch::Receiver<bool>,
+    stopped: CancellationToken,
 ) -> anyhow::Result<()> {
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
     let worker = worker_config(root, settings.as_ref())?;
@@ -221,7 +225,7 @@ async fn serve(
     root: &Path,
     socket: &Path,
     tcp: Option<(tokio::net::TcpListener, Services)>,
-    stopped: watch::Receiver<bool>,
+    stopped: CancellationToken,
 ) -> anyhow::Result<()> {
     // The state directory is ours (its database is open): what an earlier daemon spooled is
     // garbage now.
@@ -269,7 +273,7 @@ async fn coordinator(
     args: &Args,
     root: &Path,
     config: CoordinatorConfig,
-    stopped: watch::Receiver<bool>,
+    stopped: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = ClusterSettings {
         lease_ms: config.lease_timeout.as_millis() as u64,
@@ -301,7 +305,7 @@ async fn coordinator(
     serve(&engine, root, &socket, Some((listener, services)), stopped).await
 }
 
-async fn worker(root: &Path, settings: WorkerSettings, stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn worker(root: &Path, settings: WorkerSettings, stopped: CancellationToken) -> anyhow::Result<()> {
     let platforms = platforms(Some(&settings))?;
     let config = worker_config(root, Some(&settings))?;
     let kv: kiln_kv::SharedKv =
@@ -322,12 +326,15 @@ async fn worker(root: &Path, settings: WorkerSettings, stopped: watch::Receiver<
     let coordinator = settings.coordinator.clone().expect("checked when the role was chosen");
     tracing::info!("worker {} for {coordinator}, state in {}", info.name, root.display());
     let services = Services { blobs: Some(BlobsService::new(Arc::clone(worker.cas()))), ..Services::default() };
-    // The blob service outlives the session a little: peers may still fetch while draining.
-    let (serve_stop, serve_stopped) = watch::channel(false);
-    let server = tokio::spawn(kiln_api::serve_tcp(services, listener, until_stopped(serve_stopped)));
+    // The blob service outlives the session: peers may still fetch while the worker drains.
+    // It stops once the session has ended, finishing the fetches under way (bounded).
+    let session_over = CancellationToken::new();
+    let server = tokio::spawn(kiln_api::serve_tcp(services, listener, until_stopped(session_over.clone())));
     agent::run(Arc::clone(&worker), root.to_path_buf(), info, coordinator, stopped).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let _ = serve_stop.send(true);
-    server.await?.map_err(anyhow::Error::msg)?;
+    session_over.cancel();
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(served) => served?.map_err(anyhow::Error::msg)?,
+        Err(_) => tracing::warn!("stopping with blob fetches still open after {} s", SHUTDOWN_GRACE.as_secs()),
+    }
     Ok(())
 }
