@@ -43,7 +43,7 @@ impl Cluster {
             ),
         )
         .unwrap();
-        let coordinator = kilnd(&config, &dir.path().join("coordinator.log"));
+        let coordinator = coordinator_kilnd(&config, &dir.path().join("coordinator.log"));
         let mut cluster = Cluster { registry, base, net, coordinator, workers: Vec::new(), dir };
         for (i, platform) in workers.iter().enumerate() {
             cluster.start_worker(&format!("w{}-{}", i + 1, platform.replace('/', "-")), i as u8 + 2, platform, slots);
@@ -76,7 +76,7 @@ impl Cluster {
         self.coordinator.kill().unwrap();
         self.coordinator.wait().unwrap();
         let config = self.dir.path().join("coordinator.toml");
-        self.coordinator = kilnd(&config, &self.dir.path().join(format!("coordinator-{}.log", unique())));
+        self.coordinator = coordinator_kilnd(&config, &self.dir.path().join(format!("coordinator-{}.log", unique())));
     }
 
     /// Stops worker `index` (SIGTERM: it drains and exits) and starts a fresh one named
@@ -221,15 +221,19 @@ impl Drop for Cluster {
 }
 
 fn kilnd(config: &Path, log: &Path) -> Child {
+    kilnd_command(config, log).spawn().unwrap()
+}
+
+/// A coordinator `kilnd`, with no runner to find: it executes nothing itself.
+fn coordinator_kilnd(config: &Path, log: &Path) -> Child {
+    kilnd_command(config, log).env("KILN_RUNNER", "/nonexistent/kiln-runner").spawn().unwrap()
+}
+
+fn kilnd_command(config: &Path, log: &Path) -> Command {
     let log = std::fs::File::create(log).unwrap();
-    Command::new(workspace_binary("kilnd"))
-        .arg("--config")
-        .arg(config)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap()
+    let mut command = Command::new(workspace_binary("kilnd"));
+    command.arg("--config").arg(config).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null());
+    command
 }
 
 /// SIGTERM (workers drain), then SIGKILL after a bounded wait.

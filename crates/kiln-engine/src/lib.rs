@@ -101,7 +101,8 @@ impl Engine {
         let fail = |message: String| EngineError { root: root.clone(), message };
         std::fs::create_dir_all(&root).map_err(|e| fail(e.to_string()))?;
         let kv: SharedKv = Arc::new(SledKv::open(&root.join("db")).map_err(|e| fail(e.to_string()))?);
-        let worker = Arc::new(Worker::open(config.worker, Arc::clone(&kv)).map_err(|e| fail(e.to_string()))?);
+        // A coordinator executes nothing itself: its stores and registry client, no runner.
+        let worker = Arc::new(Worker::open_stores(config.worker, Arc::clone(&kv)).map_err(|e| fail(e.to_string()))?);
         let cluster = Cluster::new(settings);
         cluster.start_ticker(std::time::Duration::from_millis(200));
         let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));

@@ -148,12 +148,11 @@ pub struct Worker {
 
 impl Worker {
     /// Opens the worker's stores under `config.root` (clearing what a crash left) with
-    /// metadata in `kv`.
+    /// metadata in `kv`, ready to execute steps with `config.runner`.
     pub fn open(config: WorkerConfig, kv: SharedKv) -> Result<Worker, WorkerError> {
         let failed = |message: String| WorkerError::Failed { vertex: "worker".into(), message };
-        let cas = BlobStore::open(&config.root.join("blobs"), kv.clone()).map_err(|e| failed(e.to_string()))?;
-        let snapshots = SnapshotStore::open(&config.root.join("snapshots"), kv).map_err(|e| failed(e.to_string()))?;
-        let registry = RegistryClient::new(config.registry.clone()).map_err(|e| failed(e.to_string()))?;
+        let worker = Worker::open_stores(config, kv)?;
+        let config = &worker.config;
         let steps = config.root.join("steps");
         let _ = std::fs::remove_dir_all(&steps);
         std::fs::create_dir_all(&steps).map_err(|e| failed(format!("{}: {e}", steps.display())))?;
@@ -164,6 +163,17 @@ impl Worker {
         if !cleanup.map(|s| s.success()).unwrap_or(false) {
             return Err(failed(format!("cannot run {} to clean up old containers", config.runner.display())));
         }
+        Ok(worker)
+    }
+
+    /// Opens only the stores (blobs, snapshots) and the registry client: what a coordinator
+    /// uses to receive contexts, bring result layers in and export. It never executes a step,
+    /// so it needs no runner.
+    pub fn open_stores(config: WorkerConfig, kv: SharedKv) -> Result<Worker, WorkerError> {
+        let failed = |message: String| WorkerError::Failed { vertex: "worker".into(), message };
+        let cas = BlobStore::open(&config.root.join("blobs"), kv.clone()).map_err(|e| failed(e.to_string()))?;
+        let snapshots = SnapshotStore::open(&config.root.join("snapshots"), kv).map_err(|e| failed(e.to_string()))?;
+        let registry = RegistryClient::new(config.registry.clone()).map_err(|e| failed(e.to_string()))?;
         let cache_mounts = mounts::CacheMounts::new(config.root.join("cache"));
         Ok(Worker {
             config,
