@@ -24,8 +24,19 @@ struct StepDir(PathBuf);
 
 impl Drop for StepDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let dir = &self.0;
+        blocking_in_drop(|| drop(std::fs::remove_dir_all(dir)));
     }
+}
+
+/// Runs blocking cleanup from a `Drop` that may happen on an async thread (a cancelled
+/// step): the runtime is told the thread blocks, so its other tasks move on, while the
+/// cleanup still finishes before the drop returns (later drops, such as the overlay unmount,
+/// rely on it).
+fn blocking_in_drop(cleanup: impl FnOnce()) {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread { tokio::task::block_in_place(cleanup) } else { cleanup() }
 }
 
 /// Deletes the step's container if the runner did not finish (killed or cancelled).
@@ -39,10 +50,12 @@ struct RunnerGuard {
 impl Drop for RunnerGuard {
     fn drop(&mut self) {
         if !self.finished {
-            let _ = std::process::Command::new(&self.runner)
-                .args(["cleanup", "--id", &self.id, "--state-root"])
-                .arg(&self.state_root)
-                .status();
+            blocking_in_drop(|| {
+                let _ = std::process::Command::new(&self.runner)
+                    .args(["cleanup", "--id", &self.id, "--state-root"])
+                    .arg(&self.state_root)
+                    .status();
+            });
         }
     }
 }

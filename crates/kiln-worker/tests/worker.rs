@@ -244,24 +244,29 @@ async fn cancelling_a_running_step_leaves_nothing_behind() {
     fixture.assert_nothing_left();
 }
 
-/// `python3 -m http.server` on a free loopback port, serving `dir`; killed on drop.
+/// `python3 -m http.server` on a loopback port of its own choosing (port 0, read back from
+/// its banner, so no other test can take the port in between), serving `dir`; killed on drop.
 struct HttpServer(std::process::Child, u16);
 
 impl HttpServer {
     fn start(dir: &Path) -> HttpServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = std::process::Command::new("python3")
-            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new("python3")
+            .args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory"])
             .arg(dir)
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "http.server did not start");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        // "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
+        let mut banner = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut banner).unwrap();
+        let port = banner
+            .split_whitespace()
+            .skip_while(|word| *word != "port")
+            .nth(1)
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("http.server banner without a port: {banner:?}"));
         HttpServer(child, port)
     }
 }
