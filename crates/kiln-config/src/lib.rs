@@ -57,6 +57,17 @@ pub struct ConfigFile {
     pub coordinator: Option<CoordinatorSection>,
     /// The worker role.
     pub worker: Option<WorkerSection>,
+    /// How the daemon logs.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LogSection {
+    /// `text` or `json` (one object per line); `kilnd --log-format` wins. Default: `text`.
+    pub format: Option<String>,
 }
 
 /// `[coordinator]`.
@@ -167,6 +178,8 @@ pub struct Config {
     pub coordinator: Option<CoordinatorConfig>,
     /// The worker role, when configured.
     pub worker: Option<WorkerConfig>,
+    /// Log JSON lines instead of text (`[log] format = "json"`).
+    pub log_json: bool,
 }
 
 /// The coordinator role, typed.
@@ -339,7 +352,12 @@ impl ConfigFile {
                 })
             }
         };
-        Ok(Config { coordinator, worker })
+        let log_json = match self.log.format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => return Err(invalid("log.format", format!("{other:?} is not text or json"))),
+        };
+        Ok(Config { coordinator, worker, log_json })
     }
 }
 

@@ -58,6 +58,10 @@ fn mistakes_are_errors_that_name_the_key() {
             "worker.gc.reserved-space",
         ),
         ("[coordinator]\nlisten = \"127.0.0.1:1\"\nlease-timeout = \"10 parsecs\"\n", "coordinator.lease-timeout"),
+        (
+            "[coordinator]\nlisten = \"127.0.0.1:1\"\n[log]\nformat = \"xml\"\n",
+            "log.format: \"xml\" is not text or json",
+        ),
         ("[runner]\n", "unknown field `runner`"),
         ("", "needs a [coordinator] or a [worker]"),
         ("[worker\n", "kiln.toml"),

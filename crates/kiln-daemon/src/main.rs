@@ -44,10 +44,10 @@ struct Args {
     /// on IO or sleep; BuildKit has no limit unless configured).
     #[arg(long)]
     max_parallelism: Option<usize>,
-    /// Log lines as text or as one JSON object each; levels come from `RUST_LOG` (default
-    /// `info`).
-    #[arg(long, env = "KILN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    /// Log lines as text or as one JSON object each (default: the config's `[log] format`,
+    /// else text); levels come from `RUST_LOG` (default `info`).
+    #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 /// How `kilnd` writes its log.
@@ -80,10 +80,13 @@ enum Role {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    init_logging(args.log_format);
+    let mut log_format = args.log_format.unwrap_or(LogFormat::Text);
     let role = match &args.config {
         Some(path) => {
             let config = ConfigFile::load(path)?.validate(&path.display().to_string())?;
+            if config.log_json && args.log_format.is_none() {
+                log_format = LogFormat::Json;
+            }
             match (config.coordinator, config.worker) {
                 (Some(coordinator), Some(worker)) => {
                     args.root = worker.root.clone();
@@ -108,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
         None if args.standalone => Role::Standalone(None),
         None => bail!("give --standalone or --config FILE with [coordinator] and/or [worker]"),
     };
+    init_logging(log_format);
     let root = std::path::absolute(&args.root).context("resolving the state directory")?;
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     // Uploaded contexts, layers and caches are root's alone, as in /var/lib/docker (0710):

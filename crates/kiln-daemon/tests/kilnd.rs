@@ -70,7 +70,8 @@ fn a_config_file_with_both_roles_runs_standalone_and_bad_files_are_named() {
     std::fs::write(
         &config,
         format!(
-            "[coordinator]\nlisten = \"127.0.0.1:{port}\"\n[worker]\nroot = \"{}\"\nmax-parallelism = 2\n",
+            "[coordinator]\nlisten = \"127.0.0.1:{port}\"\n[worker]\nroot = \"{}\"\nmax-parallelism = 2\n\
+             [log]\nformat = \"json\"\n",
             root.display()
         ),
     )
@@ -80,7 +81,6 @@ fn a_config_file_with_both_roles_runs_standalone_and_bad_files_are_named() {
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_kilnd"))
         .arg("--config")
         .arg(&config)
-        .args(["--log-format", "json"])
         .env("KILN_RUNNER", &runner)
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -94,7 +94,7 @@ fn a_config_file_with_both_roles_runs_standalone_and_bad_files_are_named() {
     assert_eq!(info.root, root.display().to_string());
     Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
     assert!(daemon.wait().unwrap().success());
-    // `--log-format json`: one JSON object per line, with level, target and message.
+    // `[log] format = "json"` (or `--log-format json`): one JSON object per line.
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
