@@ -127,14 +127,21 @@ fn temporary_for(dest: &Path, unpack: bool) -> anyhow::Result<tempfile::NamedTem
         _ => std::env::temp_dir(),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // 0666 less the umask, as any file this user writes (a tempfile is 0600 otherwise).
+    use std::os::unix::fs::PermissionsExt as _;
     tempfile::Builder::new()
         .prefix(".kiln-output-")
+        .permissions(std::fs::Permissions::from_mode(0o666))
         .tempfile_in(&dir)
         .with_context(|| format!("writing in {}", dir.display()))
 }
 
 /// Unpacks a local output's tar into `dest/subdir`, every entry confined to `dest`.
 fn unpack(tar: &mut std::fs::File, dest: &Path, subdir: &str) -> anyhow::Result<()> {
+    // The daemon names a platform directory (`linux_amd64`) or nothing: never a path.
+    if !subdir.is_empty() && (subdir.contains('/') || subdir == "." || subdir == "..") {
+        bail!("the daemon sent files for a directory {subdir:?} that is not one name under {}", dest.display());
+    }
     tar.rewind()?;
     std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
     let target = dest.join(subdir);

@@ -204,8 +204,9 @@ pub struct CoordinatorConfig {
 pub struct WorkerConfig {
     /// The coordinator's URL (`None` when standalone).
     pub coordinator: Option<String>,
-    /// The worker's name.
-    pub name: String,
+    /// The worker's name, when the file gives one; otherwise [`default_worker_name`] of the
+    /// address it bound.
+    pub name: Option<String>,
     /// Blob service address.
     pub listen: SocketAddr,
     /// State directory.
@@ -318,11 +319,8 @@ impl ConfigFile {
                     Some(name) if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) => {
                         return Err(invalid("worker.name", format!("{name:?} must be non-empty, without spaces")));
                     }
-                    Some(name) => name.clone(),
-                    // Unique per listening address: two workers on one host listen on
-                    // different addresses, and a worker name belongs to one live session.
-                    None if listen.ip().is_unspecified() => format!("{}-{}", hostname(), listen.port()),
-                    None => format!("{}-{}-{}", hostname(), listen.ip(), listen.port()),
+                    Some(name) => Some(name.clone()),
+                    None => None,
                 };
                 Some(WorkerConfig {
                     coordinator: coordinator_url,
@@ -363,6 +361,18 @@ impl ConfigFile {
 
 #[cfg(test)]
 mod tests;
+
+/// The name of a worker that gives none: unique per address it listens on (two workers on
+/// one host listen on different addresses, and a name belongs to one live session), so
+/// `bound` must be the address actually bound (a configured port 0 is a port chosen then).
+/// `HOSTNAME-PORT` when listening on every address, else `HOSTNAME-IP-PORT`.
+pub fn default_worker_name(bound: SocketAddr) -> String {
+    if bound.ip().is_unspecified() {
+        format!("{}-{}", hostname(), bound.port())
+    } else {
+        format!("{}-{}-{}", hostname(), bound.ip(), bound.port())
+    }
+}
 
 /// This machine's host name (`kiln` when unknown).
 fn hostname() -> String {

@@ -32,7 +32,9 @@ fn defaults_fill_what_is_left_out() {
     assert!(worker.max_parallelism >= 4);
     let named = |listen: &str| {
         let text = format!("[worker]\ncoordinator = \"http://127.0.0.1:7070\"\nlisten = \"{listen}\"\n");
-        validate(&text).unwrap().worker.unwrap().name
+        let listen: std::net::SocketAddr = listen.parse().unwrap();
+        assert_eq!(validate(&text).unwrap().worker.unwrap().name, None);
+        crate::default_worker_name(listen)
     };
     // Two workers of one host listen on different addresses, so their default names differ.
     assert_ne!(named("127.0.0.2:7071"), named("127.0.0.3:7071"));

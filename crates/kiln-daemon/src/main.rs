@@ -233,7 +233,10 @@ async fn serve(
 ) -> anyhow::Result<()> {
     // The state directory is ours (its database is open): what an earlier daemon spooled is
     // garbage now.
-    kiln_api::clear_spools(root).with_context(|| format!("clearing old export spools in {}", root.display()))?;
+    let spools = root.to_path_buf();
+    tokio::task::spawn_blocking(move || kiln_api::clear_spools(&spools))
+        .await?
+        .with_context(|| format!("clearing old export spools in {}", root.display()))?;
     let mut servers = tokio::task::JoinSet::new();
     if let Some((listener, services)) = tcp {
         servers.spawn(kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone())));
@@ -247,8 +250,10 @@ async fn serve(
     let result = tokio::select! {
         // A server that ends on its own failed (its listener broke).
         Some(ended) = servers.join_next() => Some(ended),
-        () = until_stopped(stopped) => None,
+        () = until_stopped(stopped.clone()) => None,
     };
+    // However it came to this, every server stops now.
+    stopped.cancel();
     if let Some(cluster) = engine.cluster() {
         let closed = cluster.close_sessions();
         tracing::info!("stopping: closed {closed} worker sessions");
@@ -318,9 +323,10 @@ async fn worker(root: &Path, settings: WorkerSettings, stopped: CancellationToke
     let _pid = PidFile::write(root)?;
     let listener = bind(&settings.listen.to_string()).await?;
     let local = listener.local_addr()?;
-    let host = if local.ip().is_unspecified() { settings.name.clone() } else { local.ip().to_string() };
+    let name = settings.name.clone().unwrap_or_else(|| kiln_config::default_worker_name(local));
+    let host = if local.ip().is_unspecified() { name.clone() } else { local.ip().to_string() };
     let info = WorkerInfo {
-        name: settings.name.clone(),
+        name,
         platforms,
         labels: settings.labels.clone(),
         max_parallelism: settings.max_parallelism,

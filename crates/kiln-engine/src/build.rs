@@ -167,55 +167,60 @@ impl Engine {
 
         let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };
         let graph = plan.graph.clone();
-        let (results, vertex_layers, records) = match &self.mode {
-            Mode::Local(solver) => {
-                let inputs = BuildInputs {
-                    contexts: HashMap::from([("context".to_string(), context)]),
-                    secrets: request.secrets.clone(),
-                };
-                let (result, records, outputs) =
-                    follow(solver.submit(graph, options, Arc::new(inputs)), &progress).await?;
-                let counts = outputs.iter().map(|(d, s)| (*d, s.layers.len())).collect();
-                match result {
-                    Ok(results) => (results, counts, records),
-                    Err(message) => return Err(BuildFailure { message, records }),
-                }
-            }
-            Mode::Cluster { solver, cluster, fetcher } => {
-                let manifest = request.context_manifest.clone().unwrap_or_default();
-                let data = ClusterData {
-                    contexts: HashMap::from([("context".to_string(), Arc::new(manifest))]),
-                    secrets: request.secrets.clone(),
-                };
-                let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let handle = solver.submit(graph, options, Arc::new(ClusterBuild { id, data }));
-                let (result, records, outputs) = follow(handle, &progress).await?;
-                let counts: HashMap<Digest, usize> = outputs.iter().map(|(d, l)| (*d, l.layers.len())).collect();
-                let layers = match result {
-                    Ok(layers) => layers,
-                    Err(message) => return Err(BuildFailure { message, records }),
-                };
-                // The export runs here: bring the result layers from the workers holding them.
-                let step = self.step(&progress, "fetching result layers from workers");
-                let mut results = Vec::with_capacity(layers.len());
-                for output in layers {
-                    let Some(output) = output else {
-                        results.push(None);
-                        continue;
+        let solved = async {
+            Ok(match &self.mode {
+                Mode::Local(solver) => {
+                    let inputs = BuildInputs {
+                        contexts: HashMap::from([("context".to_string(), context)]),
+                        secrets: request.secrets.clone(),
                     };
-                    match self.fetch_result(cluster, fetcher.as_ref(), output).await {
-                        Ok(snapshot) => results.push(Some(snapshot)),
+                    let (result, records, outputs) =
+                        follow(solver.submit(graph, options, Arc::new(inputs)), &progress).await?;
+                    let counts = outputs.iter().map(|(d, s)| (*d, s.layers.len())).collect();
+                    match result {
+                        Ok(results) => (results, counts, records),
                         Err(message) => return Err(BuildFailure { message, records }),
                     }
                 }
-                step.done();
-                (results, counts, records)
-            }
-        };
-        // The cache entries this build made are durable before anyone hears it is done (a
-        // daemon killed right after would otherwise lose them to sled's periodic flush).
+                Mode::Cluster { solver, cluster, fetcher } => {
+                    let manifest = request.context_manifest.clone().unwrap_or_default();
+                    let data = ClusterData {
+                        contexts: HashMap::from([("context".to_string(), Arc::new(manifest))]),
+                        secrets: request.secrets.clone(),
+                    };
+                    let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let handle = solver.submit(graph, options, Arc::new(ClusterBuild { id, data }));
+                    let (result, records, outputs) = follow(handle, &progress).await?;
+                    let counts: HashMap<Digest, usize> = outputs.iter().map(|(d, l)| (*d, l.layers.len())).collect();
+                    let layers = match result {
+                        Ok(layers) => layers,
+                        Err(message) => return Err(BuildFailure { message, records }),
+                    };
+                    // The export runs here: bring the result layers from the workers holding them.
+                    let step = self.step(&progress, "fetching result layers from workers");
+                    let mut results = Vec::with_capacity(layers.len());
+                    for output in layers {
+                        let Some(output) = output else {
+                            results.push(None);
+                            continue;
+                        };
+                        match self.fetch_result(cluster, fetcher.as_ref(), output).await {
+                            Ok(snapshot) => results.push(Some(snapshot)),
+                            Err(message) => return Err(BuildFailure { message, records }),
+                        }
+                    }
+                    step.done();
+                    (results, counts, records)
+                }
+            })
+        }
+        .await;
+        // The cache entries this build made are durable before anyone hears it is done,
+        // succeeded or failed (a daemon killed right after would otherwise lose them to
+        // sled's periodic flush).
         let kv = Arc::clone(&self.kv);
         let flushed = tokio::task::spawn_blocking(move || kv.flush().map_err(|e| e.to_string())).await;
+        let (results, vertex_layers, records) = solved?;
         if let Err(error) = flushed.map_err(|e| e.to_string()).and_then(|flushed| flushed) {
             return Err(BuildFailure { message: format!("flushing the cache index: {error}"), records });
         }

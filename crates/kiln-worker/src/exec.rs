@@ -261,11 +261,17 @@ async fn pump(reader: impl AsyncRead + Unpin, stream: LogStream, logs: Option<&L
             tail.pop_front();
         }
     };
+    // Set after a line was cut at the limit: a newline right after it ends that line.
+    let mut cut = false;
     loop {
         let buffer = match reader.fill_buf().await {
             Ok(buffer) if !buffer.is_empty() => buffer,
             _ => break,
         };
+        if std::mem::take(&mut cut) && buffer[0] == b'\n' {
+            reader.consume(1);
+            continue;
+        }
         let (length, complete) = match buffer.iter().position(|&b| b == b'\n') {
             Some(end) => (end + 1, true),
             None => (buffer.len(), false),
@@ -273,8 +279,11 @@ async fn pump(reader: impl AsyncRead + Unpin, stream: LogStream, logs: Option<&L
         let taken = length.min(MAX_LOG_LINE - line.len());
         line.extend_from_slice(&buffer[..taken]);
         reader.consume(taken);
-        if (complete && taken == length) || line.len() >= MAX_LOG_LINE {
+        if complete && taken == length {
             emit(&mut line);
+        } else if line.len() >= MAX_LOG_LINE {
+            emit(&mut line);
+            cut = true;
         }
     }
     if !line.is_empty() {
@@ -292,4 +301,26 @@ fn missing_paths(rootfs: &Path, targets: &[String]) -> Vec<String> {
         .filter(|path| std::fs::symlink_metadata(path).is_err())
         .filter_map(|path| path.strip_prefix(rootfs).ok().map(|rel| rel.to_string_lossy().into_owned()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn output_is_cut_into_bounded_lines_read_lossily() {
+        let mut output = b"first\n".to_vec();
+        output.extend(std::iter::repeat_n(b'x', MAX_LOG_LINE));
+        output.extend(b"\nbad \xff byte\n");
+        output.extend(std::iter::repeat_n(b'y', MAX_LOG_LINE + 10));
+        output.extend(b"\nlast without newline");
+        let tail = pump(&output[..], LogStream::Stdout, None).await;
+        let lines: Vec<String> = tail.into_iter().collect();
+        let x = "x".repeat(MAX_LOG_LINE);
+        let y = "y".repeat(MAX_LOG_LINE);
+        assert_eq!(
+            lines,
+            ["first".to_string(), x, "bad \u{FFFD} byte".into(), y, "y".repeat(10), "last without newline".into()]
+        );
+    }
 }

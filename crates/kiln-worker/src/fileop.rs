@@ -291,14 +291,19 @@ fn copy_tree(source: &Path, target: &Path, rel: &str, options: &mut CopyOptions)
 /// from several places becomes one file with several links again.
 fn copy_entry(from: &Path, to: &Path, options: &mut CopyOptions) -> Result<(), String> {
     let meta = fs::symlink_metadata(from).map_err(|e| format!("{}: {e}", from.display()))?;
-    remove_non_dir(to)?;
     let inode = (meta.dev(), meta.ino());
     if meta.nlink() > 1
         && !meta.is_dir()
         && let Some(first) = options.links.get(&inode)
     {
+        // Two links copied onto one path: the file is already there.
+        if first == to {
+            return Ok(());
+        }
+        remove_non_dir(to)?;
         return fs::hard_link(first, to).map_err(|e| format!("{}: {e}", to.display()));
     }
+    remove_non_dir(to)?;
     if meta.nlink() > 1 && !meta.is_dir() {
         options.links.insert(inode, to.to_path_buf());
     }

@@ -385,14 +385,12 @@ impl<B: Send + Sync + 'static> Executor for ClusterExecutor<B> {
         "cluster".to_string()
     }
 
-    /// Layers some connected worker holds, or that can be recomputed from a recipe. After a
+    /// Layers some connected worker holds, or that recipes can make again down to layers
+    /// that are held (what [`Cluster::recover`] would do, without doing it). After a
     /// coordinator restart the recipes are gone, so a cached result whose worker left is a
     /// miss and runs again.
     fn available(&self, output: &Layers) -> bool {
-        let current = self.0.substitute(output);
-        let inner = self.0.lock();
-        current.layers.iter().all(|l| !inner.state.holders(&l.diff_id, "").is_empty())
-            || inner.recipes.contains_key(&current)
+        self.0.recoverable(output)
     }
 }
 
@@ -470,6 +468,24 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         let output = Layers { layers: inputs.iter().flat_map(|l| l.layers.iter().copied()).collect() };
         self.remember(&output, Recipe { vertex, inputs, build });
         Executed { output, pin: None, worker: None }
+    }
+
+    /// Whether `layers` are held, or recipes lead from them to held layers (at most
+    /// [`MAX_RECOVERY_DEPTH`] recipes deep, as recovery goes).
+    fn recoverable(&self, layers: &Layers) -> bool {
+        let mut pending = vec![(self.substitute(layers), 0)];
+        let mut seen = std::collections::HashSet::new();
+        while let Some((current, depth)) = pending.pop() {
+            if self.held(&current) || !seen.insert(current.clone()) {
+                continue;
+            }
+            let inputs = match self.lock().recipes.get(&current) {
+                Some(recipe) if depth < MAX_RECOVERY_DEPTH => recipe.inputs.clone(),
+                _ => return false,
+            };
+            pending.extend(inputs.iter().map(|input| (self.substitute(input), depth + 1)));
+        }
+        true
     }
 
     /// Whether connected workers hold every layer.

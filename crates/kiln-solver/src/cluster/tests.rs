@@ -37,7 +37,17 @@ fn exec(name: &str, inputs: Vec<Digest>) -> Vertex {
 /// A fake worker that answers each assignment with one layer named after the vertex and the
 /// worker (so a recomputation elsewhere gives different layers), logging what it ran.
 fn fake(cluster: &Arc<Cluster<()>>, name: &str, ran: Arc<Mutex<Vec<(String, String)>>>) -> u64 {
-    let (session, mut assignments) = cluster.register(info(name), vec![]).unwrap();
+    fake_holding(cluster, name, ran, vec![])
+}
+
+/// [`fake`], registering with `layers` already held.
+fn fake_holding(
+    cluster: &Arc<Cluster<()>>,
+    name: &str,
+    ran: Arc<Mutex<Vec<(String, String)>>>,
+    layers: Vec<Digest>,
+) -> u64 {
+    let (session, mut assignments) = cluster.register(info(name), layers).unwrap();
     let (cluster, name) = (Arc::clone(cluster), name.to_string());
     tokio::spawn(async move {
         while let Some(ToWorker::Assign(job)) = assignments.recv().await {
@@ -177,4 +187,22 @@ async fn outputs_are_available_while_held_or_recomputable() {
     let restored = Layers { layers: vec![LayerDesc { diff_id: Digest::of(b"from before"), size: 1 }] };
     assert!(!executor.available(&restored));
     assert!(executor.available(&Layers::default()));
+}
+
+#[tokio::test]
+async fn an_output_is_unavailable_when_its_recipes_lead_to_lost_layers() {
+    let cluster = Cluster::<()>::new(ClusterSettings::default());
+    let executor = ClusterExecutor(Arc::clone(&cluster));
+    // What a restarted coordinator knows of an earlier result: layers, no recipe; the
+    // worker that comes back still holds them.
+    let restored = Layers { layers: vec![LayerDesc { diff_id: Digest::of(b"restored"), size: 1 }] };
+    let a = fake_holding(&cluster, "a", Arc::new(Mutex::new(Vec::new())), vec![Digest::of(b"restored")]);
+    assert!(executor.available(&restored));
+    let user = exec("user", vec![Digest::of(b"x")]);
+    let made = executor.execute(user, vec![restored.clone()], build(), LogSink::new(|_| true)).await.unwrap();
+    cluster.disconnect("a", a);
+    fake(&cluster, "b", Arc::new(Mutex::new(Vec::new())));
+    // The user's recipe needs the restored layers, which nothing holds and nothing can make.
+    assert!(!executor.available(&restored));
+    assert!(!executor.available(&made.output), "a recipe over lost inputs is no way back");
 }
