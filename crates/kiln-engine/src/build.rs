@@ -15,7 +15,7 @@ use kiln_types::{Digest, ImageReference, Platform};
 use kiln_worker::BuildInputs;
 use tokio::sync::mpsc;
 
-use crate::history::{self, BaseHistories};
+use crate::history::{self, Bases};
 use crate::{Engine, Mode, OutputSpec};
 
 /// What a coordinator's workers need of a build: its contexts (sent with context sources)
@@ -302,7 +302,7 @@ impl Engine {
         &self,
         request: &BuildRequest,
         context: &Arc<dyn BuildContext>,
-    ) -> Result<(BuildPlan, BaseHistories), String> {
+    ) -> Result<(BuildPlan, Bases), String> {
         let first = convert_blocking(request, context, ResolvedImages(HashMap::new())).await?;
         // Each (reference, platform) is one source vertex: the graph already merged repeats.
         let wanted: Vec<(ImageReference, Platform)> = first
@@ -316,17 +316,20 @@ impl Engine {
             .collect();
         if wanted.is_empty() {
             check_layer_depth(&first, &HashMap::new())?;
-            return Ok((first, BaseHistories::new()));
+            return Ok((first, Bases::default()));
         }
         let registry = self.worker.registry();
         let cas = self.worker.cas();
         let mut configs = HashMap::new();
-        let mut bases = BaseHistories::new();
+        let mut bases = Bases::default();
         let mut base_layers = HashMap::new();
         for (reference, platform) in wanted {
             let image = registry.resolve(&reference, &platform, cas).await.map_err(|e| e.to_string())?;
             let config = serde_json::from_value(image.config.config.clone()).unwrap_or_default();
-            bases.insert((reference.to_string(), platform.clone()), history::from_config(&image.config.history));
+            bases
+                .histories
+                .insert((reference.to_string(), platform.clone()), history::from_config(&image.config.history));
+            bases.digests.insert((reference.clone(), platform.clone()), image.manifest_digest);
             base_layers.insert((reference.clone(), platform.clone()), image.manifest.layers.len());
             configs.insert((reference.to_string(), platform), config);
         }

@@ -13,7 +13,7 @@ use kiln_types::{Digest, rfc3339_millis};
 use kiln_worker::Snapshot;
 use tokio::sync::mpsc;
 
-use crate::history::{self, BaseHistories};
+use crate::history::{self, Bases};
 use crate::{BuildRequest, Engine, OutputSpec, Progress, SpooledFile};
 
 impl Engine {
@@ -24,7 +24,7 @@ impl Engine {
         plan: &BuildPlan,
         results: &[Option<Snapshot>],
         vertex_layers: &HashMap<Digest, usize>,
-        bases: &BaseHistories,
+        bases: &Bases,
         request: &BuildRequest,
         progress: &mpsc::UnboundedSender<Progress>,
     ) -> Result<(Option<Digest>, Vec<SpooledFile>), String> {
@@ -47,7 +47,7 @@ impl Engine {
         let images_out =
             request.outputs.iter().any(|o| !matches!(o, OutputSpec::Local { .. } | OutputSpec::Tar { .. }));
         if images_out {
-            self.keep_base_blobs(plan).await?;
+            self.keep_base_blobs(bases).await?;
         }
         for (index, output) in request.outputs.iter().enumerate() {
             let spooled = request.spool.as_ref().map(|spool| spool.join(index.to_string()));
@@ -65,7 +65,7 @@ impl Engine {
                     .graph
                     .outputs
                     .iter()
-                    .map(|o| history::history(&plan.graph, o.digest, vertex_layers, bases, &created))
+                    .map(|o| history::history(&plan.graph, o.digest, vertex_layers, &bases.histories, &created))
                     .collect();
                 slot.insert(self.store_images(plan, &snapshots, &histories, media, options, &created).await?);
                 step.done();
@@ -140,20 +140,17 @@ impl Engine {
     /// Base layers are exported as the blobs they were pulled as. A worker records them when
     /// it pulls; a coordinator, whose layers arrived from workers as plain tars, pulls the
     /// base images' blobs itself (each once: the store keeps them).
-    async fn keep_base_blobs(&self, plan: &BuildPlan) -> Result<(), String> {
+    async fn keep_base_blobs(&self, bases: &Bases) -> Result<(), String> {
         if self.cluster().is_none() {
             return Ok(());
         }
-        for vertex in &plan.graph.vertices {
-            if let kiln_graph::Op::Source(kiln_graph::SourceOp::Image { reference, platform }) = &vertex.op {
-                let image = self
-                    .worker
-                    .registry()
-                    .pull(reference, platform, self.worker.cas())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.worker.record_origins(&image).await?;
-            }
+        for ((reference, platform), digest) in &bases.digests {
+            // The manifest the build resolved, not whatever the tag names by now.
+            let mut pinned = reference.clone();
+            pinned.digest = Some(*digest);
+            let image =
+                self.worker.registry().pull(&pinned, platform, self.worker.cas()).await.map_err(|e| e.to_string())?;
+            self.worker.record_origins(&image).await?;
         }
         Ok(())
     }

@@ -10,6 +10,16 @@ use kiln_types::{Digest, Platform};
 /// Base image history entries, by reference and platform.
 pub(crate) type BaseHistories = HashMap<(String, Platform), Vec<History>>;
 
+/// What planning learnt of a build's base images: their histories, and the manifest each
+/// (reference, platform) resolved to (exports pull exactly that, never the tag again).
+#[derive(Default)]
+pub(crate) struct Bases {
+    /// Histories by (reference as written, platform).
+    pub histories: BaseHistories,
+    /// Resolved manifest digests by (reference, platform).
+    pub digests: HashMap<(kiln_types::ImageReference, Platform), kiln_types::Digest>,
+}
+
 /// History entries of registry JSON.
 pub(crate) fn from_config(entries: &[serde_json::Value]) -> Vec<History> {
     entries
