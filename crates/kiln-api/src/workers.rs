@@ -46,7 +46,12 @@ impl Workers for WorkersService {
             return Err(Status::invalid_argument("a worker session starts with Register"));
         };
         let info = worker_info(register.clone()).map_err(Status::invalid_argument)?;
-        let layers = register.layers.iter().filter_map(|d| d.parse().ok()).collect();
+        let layers = register
+            .layers
+            .iter()
+            .map(|d| kiln_client::convert::parse_digest(d, "a registered layer"))
+            .collect::<Result<_, _>>()
+            .map_err(Status::invalid_argument)?;
         let name = info.name.clone();
         let (session, mut assignments) = self.cluster.register(info, layers).map_err(|reason| {
             tracing::warn!("refused a worker registration: {reason}");

@@ -255,14 +255,15 @@ impl BuildEvents {
                 return Ok(None);
             };
             if let Some(event) = event.event {
-                return Ok(Some(from_proto(event)));
+                return from_proto(event).map(Some).map_err(|e| format!("the daemon sent a malformed event: {e}"));
             }
         }
     }
 }
 
-fn digest(text: &str) -> Digest {
-    text.parse().unwrap_or_else(|_| Digest::of(text.as_bytes()))
+/// A digest from the wire: malformed is an error, never re-hashed into something else.
+fn digest(text: &str, what: &str) -> Result<Digest, String> {
+    convert::parse_digest(text, what)
 }
 
 fn nonzero(value: u64) -> Option<u64> {
@@ -273,9 +274,9 @@ fn nonempty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
 }
 
-fn record(record: v1::VertexRecord) -> VertexRecord {
-    VertexRecord {
-        digest: digest(&record.digest),
+fn record(record: v1::VertexRecord) -> Result<VertexRecord, String> {
+    Ok(VertexRecord {
+        digest: digest(&record.digest, "vertex record")?,
         name: record.name,
         kind: record.kind,
         stage: nonempty(record.stage),
@@ -290,19 +291,22 @@ fn record(record: v1::VertexRecord) -> VertexRecord {
         platform: nonempty(record.platform),
         started: nonzero(record.started),
         completed: nonzero(record.completed),
-    }
+    })
 }
 
-fn from_proto(event: Event) -> BuildEvent {
-    match event {
-        Event::Planned(planned) => BuildEvent::Planned(planned.vertices.into_iter().map(record).collect()),
-        Event::Started(started) => BuildEvent::Started { vertex: digest(&started.digest), at: started.at },
+fn from_proto(event: Event) -> Result<BuildEvent, String> {
+    let records = |records: Vec<v1::VertexRecord>| records.into_iter().map(record).collect::<Result<Vec<_>, _>>();
+    Ok(match event {
+        Event::Planned(planned) => BuildEvent::Planned(records(planned.vertices)?),
+        Event::Started(started) => {
+            BuildEvent::Started { vertex: digest(&started.digest, "started vertex")?, at: started.at }
+        }
         Event::Log(log) => BuildEvent::Log {
-            vertex: digest(&log.digest),
+            vertex: digest(&log.digest, "log line's vertex")?,
             line: LogLine { stream: if log.stderr { LogStream::Stderr } else { LogStream::Stdout }, line: log.line },
         },
         Event::Completed(completed) => BuildEvent::Completed {
-            record: completed.record.map(record).unwrap_or_else(|| record(v1::VertexRecord::default())),
+            record: record(completed.record.ok_or("a completed vertex without its record")?)?,
             error: nonempty(completed.error),
         },
         Event::Export(step) => {
@@ -316,8 +320,26 @@ fn from_proto(event: Event) -> BuildEvent {
         },
         Event::Result(result) => BuildEvent::Result {
             error: (!result.ok).then_some(result.error),
-            image: nonempty(result.image_digest).map(|d| digest(&d)),
-            records: result.records.into_iter().map(record).collect(),
+            image: nonempty(result.image_digest).map(|d| digest(&d, "image")).transpose()?,
+            records: records(result.records)?,
         },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_digests_from_the_wire_are_errors_not_rehashed() {
+        let started = |digest: &str| Event::Started(v1::VertexStarted { digest: digest.into(), at: 1 });
+        let good = Digest::of(b"vertex");
+        assert!(
+            matches!(from_proto(started(&good.to_string())), Ok(BuildEvent::Started { vertex, .. }) if vertex == good)
+        );
+        let error = from_proto(started("sha256:nothex")).unwrap_err();
+        assert!(error.contains("started vertex") && error.contains("sha256:nothex"), "{error}");
+        let completed = Event::Completed(v1::VertexCompleted { record: None, error: String::new() });
+        assert!(from_proto(completed).unwrap_err().contains("without its record"));
     }
 }
