@@ -88,8 +88,8 @@ impl BuildContext for FsContext {
         for entry in selected {
             let rel = self.relative_path(&entry.path);
             let source = self.root.join(rel);
-            let meta = source_meta(&source)?;
-            if let (EntryKind::File, Some(inode)) = (&entry.kind, hard_linked(&source)?) {
+            let (meta, inode) = source_meta(&source)?;
+            if let (EntryKind::File, Some(inode)) = (&entry.kind, inode) {
                 if let Some(first) = linked.get(&inode) {
                     root.create_hard_link(first, rel)?;
                     continue;
@@ -115,18 +115,13 @@ impl BuildContext for FsContext {
     }
 }
 
-/// The (device, inode) of a file with more than one link.
-fn hard_linked(path: &Path) -> io::Result<Option<(u64, u64)>> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = fs::symlink_metadata(path)?;
-    Ok((meta.nlink() > 1).then(|| (meta.dev(), meta.ino())))
-}
-
-/// The mode and modification time of a context file, not following a symlink.
-fn source_meta(source: &Path) -> io::Result<EntryMeta> {
+/// The mode and modification time of a context file, not following a symlink, and its
+/// (device, inode) when it has more than one link: one stat for both.
+fn source_meta(source: &Path) -> io::Result<(EntryMeta, Option<(u64, u64)>)> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = fs::symlink_metadata(source)?;
-    Ok(EntryMeta { mode: meta.mode(), mtime: (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0)) })
+    let entry = EntryMeta { mode: meta.mode(), mtime: (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0)) };
+    Ok((entry, (meta.nlink() > 1).then(|| (meta.dev(), meta.ino()))))
 }
 
 /// What a walk found: the entries, and the real paths of those that are not UTF-8.

@@ -249,9 +249,7 @@ impl SnapshotStore {
         options: &TarOptions,
     ) -> Result<LayerBlob, LayerError> {
         if let Some(diff_id) = self.record(id)?.and_then(|r| r.diff_id)
-            && let Some(bytes) = self.kv.get(ORIGINS_TREE, diff_id.hex().as_bytes())?
-            && let Ok(origin) = serde_json::from_slice::<LayerBlob>(&bytes)
-            && cas.contains(&origin.digest)
+            && let Some(origin) = self.stored_blob(ORIGINS_TREE, diff_id.hex().as_bytes(), cas)?
         {
             return Ok(origin);
         }
@@ -268,15 +266,18 @@ impl SnapshotStore {
         options: &TarOptions,
     ) -> Result<LayerBlob, LayerError> {
         let key = format!("{id}/{compression:?}/{:?}", options.source_date_epoch);
-        if let Some(bytes) = self.kv.get(BLOBS_TREE, key.as_bytes())?
-            && let Ok(blob) = serde_json::from_slice::<LayerBlob>(&bytes)
-            && cas.contains(&blob.digest)
-        {
+        if let Some(blob) = self.stored_blob(BLOBS_TREE, key.as_bytes(), cas)? {
             return Ok(blob);
         }
         let blob = export_layer(&self.layer_path(id), cas, compression, options)?;
         self.kv.put(BLOBS_TREE, key.as_bytes(), &serde_json::to_vec(&blob).expect("serialisable"))?;
         Ok(blob)
+    }
+
+    /// A blob recorded under `key` in `tree`, if the blob store still holds it.
+    fn stored_blob(&self, tree: &str, key: &[u8], cas: &BlobStore) -> Result<Option<LayerBlob>, LayerError> {
+        let blob = self.kv.get(tree, key)?.and_then(|bytes| serde_json::from_slice::<LayerBlob>(&bytes).ok());
+        Ok(blob.filter(|blob| cas.contains(&blob.digest)))
     }
 
     /// The stored record of a layer.

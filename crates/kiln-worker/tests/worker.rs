@@ -278,14 +278,13 @@ impl Drop for HttpServer {
     }
 }
 
-#[tokio::test]
-async fn add_unpacks_local_archives_and_downloads_urls_with_checksums() {
-    let fixture = Fixture::new().await;
-    let context = fixture.context(&[]);
+/// `context/bundle.tar.gz`: `pkg/one.txt` ("one\n") packed by GNU tar with `tar_args`.
+fn bundle(fixture: &Fixture, context: &Path, tar_args: &[&str]) {
     let staging = fixture.dir.path().join("staging");
     std::fs::create_dir_all(staging.join("pkg")).unwrap();
     std::fs::write(staging.join("pkg/one.txt"), "one\n").unwrap();
     let tar = std::process::Command::new("tar")
+        .args(tar_args)
         .arg("-czf")
         .arg(context.join("bundle.tar.gz"))
         .arg("-C")
@@ -294,6 +293,13 @@ async fn add_unpacks_local_archives_and_downloads_urls_with_checksums() {
         .status()
         .unwrap();
     assert!(tar.success());
+}
+
+#[tokio::test]
+async fn add_unpacks_local_archives_and_downloads_urls_with_checksums() {
+    let fixture = Fixture::new().await;
+    let context = fixture.context(&[]);
+    bundle(&fixture, &context, &[]);
     let served = fixture.dir.path().join("served");
     std::fs::create_dir_all(&served).unwrap();
     std::fs::write(served.join("payload.txt"), "downloaded\n").unwrap();
@@ -426,18 +432,7 @@ async fn add_chown_owns_extracted_archives_and_a_given_group_drops_supplementary
     use std::os::unix::fs::MetadataExt as _;
     let fixture = Fixture::new().await;
     let context = fixture.context(&[]);
-    let staging = fixture.dir.path().join("staging");
-    std::fs::create_dir_all(staging.join("pkg")).unwrap();
-    std::fs::write(staging.join("pkg/one.txt"), "one\n").unwrap();
-    let tar = std::process::Command::new("tar")
-        .args(["--owner=12", "--group=34", "-czf"])
-        .arg(context.join("bundle.tar.gz"))
-        .arg("-C")
-        .arg(&staging)
-        .arg("pkg")
-        .status()
-        .unwrap();
-    assert!(tar.success());
+    bundle(&fixture, &context, &["--owner=12", "--group=34"]);
     let dockerfile = "FROM BASE\n\
         ADD --chown=1500:1600 bundle.tar.gz /opt/new/\n\
         RUN echo 'u:x:1500:1500::/:/bin/sh' >> /etc/passwd && echo 'g:x:1500:' >> /etc/group \
