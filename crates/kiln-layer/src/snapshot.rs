@@ -376,9 +376,34 @@ fn mount_overlay_incrementally(
 }
 
 fn unmount_quietly(merged: &Path) {
-    if nix::mount::umount2(merged, MntFlags::empty()).is_err() {
-        let _ = nix::mount::umount2(merged, MntFlags::MNT_DETACH);
+    let _ = unmount(merged);
+}
+
+/// How often an unmount that finds the mount busy is tried again before it is detached.
+const UNMOUNT_ATTEMPTS: u32 = 6;
+
+/// Unmounts `merged`. A mount is busy for a moment when another thread of this process
+/// spawns a child: between clone and exec the child holds a copy of every open descriptor,
+/// including one a copy into the snapshot had open at that instant. Such a mount is tried
+/// again after 1, 2, 4, 8 and 16 ms, then detached: it leaves the mount table at once, and
+/// the kernel drops it when the child execs and its copied descriptors close. The upper
+/// directory is complete either way; nothing writes through a descriptor that is about to
+/// be closed by exec.
+fn unmount(merged: &Path) -> Result<(), LayerError> {
+    for attempt in 0..UNMOUNT_ATTEMPTS {
+        match nix::mount::umount2(merged, MntFlags::empty()) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EBUSY) if attempt + 1 < UNMOUNT_ATTEMPTS => {
+                std::thread::sleep(std::time::Duration::from_millis(1 << attempt));
+            }
+            Err(nix::errno::Errno::EBUSY) => break,
+            Err(errno) => {
+                return Err(LayerError::Mount { target: merged.to_path_buf(), reason: errno.desc().to_string() });
+            }
+        }
     }
+    nix::mount::umount2(merged, MntFlags::MNT_DETACH)
+        .map_err(|errno| LayerError::Mount { target: merged.to_path_buf(), reason: errno.desc().to_string() })
 }
 
 /// A mounted snapshot; dropping it unmounts and removes its directories.
@@ -402,9 +427,7 @@ impl ActiveSnapshot {
 
     fn unmount(&mut self) -> Result<(), LayerError> {
         if self.mounted {
-            let merged = self.root();
-            nix::mount::umount2(&merged, MntFlags::empty())
-                .map_err(|errno| LayerError::Mount { target: merged.clone(), reason: errno.desc().to_string() })?;
+            unmount(&self.root())?;
             self.mounted = false;
         }
         Ok(())

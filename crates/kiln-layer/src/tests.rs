@@ -308,6 +308,23 @@ fn overlay_snapshot_captures_changes_as_a_layer() {
 }
 
 #[test]
+fn a_mount_held_busy_by_another_process_still_commits() {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = SnapshotStore::open(&scratch.path().join("snap"), Arc::new(MemoryKv::new())).unwrap();
+    let active = store.prepare(&[]).unwrap();
+    fs::write(active.root().join("made"), b"made").unwrap();
+    // A process whose working directory is inside the mount keeps it busy, as a child
+    // between clone and exec does with a copied descriptor.
+    let mut holder = std::process::Command::new("sleep").arg("600").current_dir(active.root()).spawn().unwrap();
+    let layer = store.commit(active);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let layer = layer.unwrap().expect("the change makes a layer");
+    assert_eq!(fs::read(store.layer_path(&layer).join("made")).unwrap(), b"made");
+    assert_eq!(mounts_under(scratch.path()), 0, "detached from the mount table");
+}
+
+#[test]
 fn reopening_the_store_clears_a_crashed_mount() {
     let scratch = tempfile::tempdir().unwrap();
     let root = scratch.path().join("snap");
