@@ -1,4 +1,4 @@
-//! The coordinator's dispatch with fake workers: `crates/kiln-solver/examples/dispatch.rs`
+//! The coordinator's dispatch with fake workers: `crates/kiln-cluster/examples/dispatch.rs`
 //! over 100 and 1,000 concurrent builds of 50 vertices on 10 and 100 workers, each row the
 //! median of three runs by throughput.
 

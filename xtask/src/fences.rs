@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 /// Crates that do no IO: nothing async may enter their normal dependency closure.
-const PURE: &[&str] = &["kiln-types", "kiln-graph", "kiln-dockerfile"];
+const PURE: &[&str] = &["kiln-types", "kiln-graph", "kiln-model", "kiln-dockerfile"];
 
 /// What a pure crate must never depend on, directly or not.
 const FORBIDDEN_IN_PURE: &[&str] = &["tokio", "tonic", "hyper", "mio"];

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use kiln_engine::SpooledFile;
-use kiln_proto::v1::{BuildEvent, ExportData, build_event};
+use kiln_model::BuildEvent as DomainEvent;
+use kiln_proto::convert::event_to_proto;
+use kiln_proto::v1::BuildEvent;
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -52,14 +54,9 @@ pub(crate) async fn send(
             let mut data = Vec::with_capacity(PIECE);
             (&mut reader).take(PIECE as u64).read_to_end(&mut data).await.map_err(fail)?;
             let last = data.len() < PIECE;
-            let piece = ExportData {
-                output: file.output as u32,
-                unpack: file.unpack_into.is_some(),
-                subdir: file.unpack_into.clone().unwrap_or_default(),
-                data,
-                last,
-            };
-            let event = BuildEvent { event: Some(build_event::Event::ExportData(piece)) };
+            let piece =
+                DomainEvent::ExportData { output: file.output, unpack_into: file.unpack_into.clone(), data, last };
+            let event = event_to_proto(piece);
             if events.send(Ok(event)).await.is_err() || last {
                 break;
             }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use kiln_engine::{BuildRequest, OutputSpec};
+use kiln_proto::convert::manifest_from_proto;
 use kiln_proto::v1;
 
 pub(crate) fn build_request(request: v1::BuildRequest) -> Result<BuildRequest, String> {
@@ -24,7 +25,7 @@ pub(crate) fn build_request(request: v1::BuildRequest) -> Result<BuildRequest, S
         max_parallelism: (request.max_parallelism > 0).then_some(request.max_parallelism as usize),
         secrets: request.secrets.into_iter().collect(),
         outputs,
-        context_manifest: request.context.map(kiln_client::convert::manifest_from_proto).transpose()?,
+        context_manifest: request.context.map(manifest_from_proto).transpose().map_err(|e| e.to_string())?,
         spool: None,
     })
 }

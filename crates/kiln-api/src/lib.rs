@@ -5,7 +5,6 @@
 mod blobs;
 mod exports;
 mod from_proto;
-mod to_proto;
 mod workers;
 
 pub use blobs::BlobsService;
@@ -16,14 +15,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_cas::Unsynced;
-use kiln_client::{BlobWriter, MAX_MESSAGE};
+use kiln_client::BlobWriter;
 use kiln_engine::Engine;
+use kiln_model::BuildEvent as DomainEvent;
+use kiln_proto::MAX_MESSAGE;
+use kiln_proto::convert::{event_to_proto, worker_to_proto};
 use kiln_proto::v1::blobs_server::BlobsServer;
 use kiln_proto::v1::control_server::{Control, ControlServer};
 use kiln_proto::v1::workers_server::WorkersServer;
 use kiln_proto::v1::{
     BlobChunkUpload, BuildEvent, BuildRequest, FindMissingRequest, FindMissingResponse, InfoRequest, InfoResponse,
-    ListWorkersRequest, ListWorkersResponse, UploadResponse, WorkerDescription, build_event,
+    ListWorkersRequest, ListWorkersResponse, UploadResponse,
 };
 use kiln_types::Digest;
 use tokio::sync::mpsc;
@@ -86,7 +88,7 @@ impl Control for ControlService {
                     tokio::select! {
                         result = &mut build => break result,
                         Some(event) = progress_events.recv() => {
-                            if events.send(Ok(to_proto::progress(event))).await.is_err() {
+                            if events.send(Ok(event_to_proto(event))).await.is_err() {
                                 exports::remove_spool(spool).await;
                                 return;
                             }
@@ -94,7 +96,7 @@ impl Control for ControlService {
                     }
                 };
                 while let Ok(event) = progress_events.try_recv() {
-                    let _ = events.send(Ok(to_proto::progress(event))).await;
+                    let _ = events.send(Ok(event_to_proto(event))).await;
                 }
                 // File outputs travel to the client before the result.
                 let result = match result {
@@ -109,8 +111,13 @@ impl Control for ControlService {
                     Ok(_) => tracing::info!("build succeeded"),
                     Err(failure) => tracing::info!("build failed: {}", failure.message),
                 }
-                let result = to_proto::result(result);
-                let _ = events.send(Ok(BuildEvent { event: Some(build_event::Event::Result(result)) })).await;
+                let result = match result {
+                    Ok(summary) => DomainEvent::Result { error: None, image: summary.image, records: summary.records },
+                    Err(failure) => {
+                        DomainEvent::Result { error: Some(failure.message), image: None, records: failure.records }
+                    }
+                };
+                let _ = events.send(Ok(event_to_proto(result))).await;
             }
             .instrument(span),
         );
@@ -198,21 +205,7 @@ impl Control for ControlService {
 
     async fn list_workers(&self, _: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
         let workers = self.engine.cluster().map(|c| c.workers()).unwrap_or_default();
-        let workers = workers
-            .into_iter()
-            .map(|w| WorkerDescription {
-                name: w.info.name,
-                platforms: w.info.platforms.iter().map(|p| p.to_string()).collect(),
-                labels: w.info.labels.into_iter().collect(),
-                max_parallelism: w.info.max_parallelism as u32,
-                running: w.running as u32,
-                free_disk: w.info.free_disk,
-                address: w.info.address,
-                draining: w.draining,
-                last_heartbeat: w.last_heartbeat,
-                layers: w.layers as u64,
-            })
-            .collect();
+        let workers = workers.into_iter().map(|w| worker_to_proto(&w)).collect();
         Ok(Response::new(ListWorkersResponse { workers }))
     }
 }
@@ -229,8 +222,8 @@ pub async fn serve_unix(
     }
     let listener = tokio::net::UnixListener::bind(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     tonic::transport::Server::builder()
-        .initial_stream_window_size(kiln_client::STREAM_WINDOW)
-        .initial_connection_window_size(kiln_client::CONNECTION_WINDOW)
+        .initial_stream_window_size(kiln_proto::STREAM_WINDOW)
+        .initial_connection_window_size(kiln_proto::CONNECTION_WINDOW)
         .add_service(control_server(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
@@ -262,8 +255,8 @@ pub async fn serve_tcp(
 ) -> Result<(), String> {
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(256)
-        .initial_stream_window_size(kiln_client::STREAM_WINDOW)
-        .initial_connection_window_size(kiln_client::CONNECTION_WINDOW)
+        .initial_stream_window_size(kiln_proto::STREAM_WINDOW)
+        .initial_connection_window_size(kiln_proto::CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_optional_service(services.control.map(control_server))

@@ -4,14 +4,15 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use kiln_client::MAX_MESSAGE;
-use kiln_client::convert::{layers_from_proto, layers_to_proto, manifest_to_proto};
+use kiln_cluster::{Cluster, Job, ToWorker};
 use kiln_engine::ClusterData;
 use kiln_graph::{Op, SourceOp};
+use kiln_proto::MAX_MESSAGE;
+use kiln_proto::convert::{
+    job_result_from_proto, layers_to_proto, log_line_from_proto, manifest_to_proto, register_from_proto,
+};
 use kiln_proto::v1::workers_server::Workers;
 use kiln_proto::v1::{self, coordinator_message, worker_message};
-use kiln_solver::cluster::{Cluster, Job, Layers, ToWorker, WorkerInfo};
-use kiln_solver::{Executed, LogLine, LogStream};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -45,13 +46,7 @@ impl Workers for WorkersService {
         let Some(worker_message::Message::Register(register)) = first else {
             return Err(Status::invalid_argument("a worker session starts with Register"));
         };
-        let info = worker_info(register.clone()).map_err(Status::invalid_argument)?;
-        let layers = register
-            .layers
-            .iter()
-            .map(|d| kiln_client::convert::parse_digest(d, "a registered layer"))
-            .collect::<Result<_, _>>()
-            .map_err(Status::invalid_argument)?;
+        let (info, layers) = register_from_proto(register).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let name = info.name.clone();
         let (session, mut assignments) = self.cluster.register(info, layers).map_err(|reason| {
             tracing::warn!("refused a worker registration: {reason}");
@@ -111,12 +106,14 @@ impl Workers for WorkersService {
                                 cluster.heartbeat(&name, session, beat.free_disk)
                             }
                             worker_message::Message::Log(log) => {
-                                let stream = if log.stderr { LogStream::Stderr } else { LogStream::Stdout };
-                                cluster.log(log.job, log.epoch, LogLine { stream, line: log.line });
+                                let (job, epoch) = (log.job, log.epoch);
+                                cluster.log(job, epoch, log_line_from_proto(log));
                             }
                             worker_message::Message::Result(result) => {
                                 let (job, epoch) = (result.job, result.epoch);
-                                cluster.report(&name, job, epoch, job_result(result));
+                                let result = job_result_from_proto(result)
+                                    .unwrap_or_else(|e| Err(format!("worker {name} sent a malformed result: {e}")));
+                                cluster.report(&name, job, epoch, result);
                             }
                             worker_message::Message::Drain(_) => cluster.drain(&name, session),
                             worker_message::Message::Register(_) => {}
@@ -140,25 +137,6 @@ impl Workers for WorkersService {
 
 fn message(message: coordinator_message::Message) -> v1::CoordinatorMessage {
     v1::CoordinatorMessage { message: Some(message) }
-}
-
-fn worker_info(register: v1::Register) -> Result<WorkerInfo, String> {
-    if register.name.is_empty() {
-        return Err("a worker needs a name".into());
-    }
-    let platforms = register
-        .platforms
-        .iter()
-        .map(|p| p.parse().map_err(|e| format!("worker {}: platform {p}: {e}", register.name)))
-        .collect::<Result<_, String>>()?;
-    Ok(WorkerInfo {
-        name: register.name,
-        platforms,
-        labels: register.labels.into_iter().collect(),
-        max_parallelism: register.max_parallelism.max(1) as usize,
-        free_disk: register.free_disk,
-        address: register.address,
-    })
 }
 
 /// An assignment as sent: secrets only with RUN steps, contexts only with context sources.
@@ -202,13 +180,4 @@ fn assign(job: Job<ClusterData>, address: &str) -> Result<v1::Assign, (u64, u32,
         return Err((job.id, job.epoch, error));
     }
     Ok(assign)
-}
-
-fn job_result(result: v1::JobResult) -> Result<Executed<Layers>, String> {
-    if !result.error.is_empty() {
-        return Err(result.error);
-    }
-    let output = layers_from_proto(result.output.unwrap_or_default())?;
-    let pin = if result.pin.is_empty() { None } else { Some(result.pin.parse().map_err(|e| format!("pin: {e}"))?) };
-    Ok(Executed { output, pin, worker: None })
 }

@@ -2,7 +2,7 @@
 //! about itself and its workers.
 
 use clap::{Args, ValueEnum};
-use kiln_solver::cluster::WorkerStatus;
+use kiln_model::WorkerStatus;
 
 use crate::embedded;
 

@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::time::Instant;
 
 use kiln_client::BuildEvent;
-use kiln_solver::{Status, VertexRecord};
+use kiln_model::{Status, VertexRecord};
 use kiln_types::{Digest, rfc3339_millis};
 
 /// The progress format.
@@ -62,7 +62,7 @@ impl Renderer {
     fn elapsed(step: &Step) -> f64 {
         match (step.started, step.completed) {
             (Some(start), Some(end)) => end.saturating_sub(start) as f64 / 1000.0,
-            (Some(start), None) => kiln_solver::now_ms().saturating_sub(start) as f64 / 1000.0,
+            (Some(start), None) => kiln_types::now_ms().saturating_sub(start) as f64 / 1000.0,
             _ => 0.0,
         }
     }

@@ -5,13 +5,15 @@ use std::collections::HashMap;
 
 use kiln_context::ContextManifest;
 use kiln_graph::Vertex;
+use kiln_model::{Executed, JobId, Layers, LogLine, WorkerInfo};
 use kiln_proto::v1::{self, coordinator_message, worker_message, workers_client::WorkersClient};
-use kiln_solver::cluster::{JobId, Layers, WorkerInfo};
-use kiln_solver::{Executed, LogLine, LogStream};
 use kiln_types::Digest;
 use tokio::sync::mpsc;
 
-use crate::convert::{layers_from_proto, layers_to_proto, manifest_from_proto, parse_digest};
+use kiln_proto::convert::{
+    WireError, job_log_to_proto, job_result_to_proto, layers_from_proto, manifest_from_proto, parse_digest,
+    register_to_proto,
+};
 
 /// A job as the worker receives it.
 #[derive(Debug)]
@@ -74,15 +76,7 @@ impl WorkerSession {
         let endpoint = crate::endpoint(address)?;
         let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
         let (sender, receiver) = mpsc::unbounded_channel();
-        let register = v1::Register {
-            name: info.name.clone(),
-            platforms: info.platforms.iter().map(|p| p.to_string()).collect(),
-            labels: info.labels.clone().into_iter().collect(),
-            max_parallelism: info.max_parallelism as u32,
-            free_disk: info.free_disk,
-            address: info.address.clone(),
-            layers: layers.iter().map(|d| d.to_string()).collect(),
-        };
+        let register = register_to_proto(info, layers);
         let _ = sender.send(v1::WorkerMessage { message: Some(worker_message::Message::Register(register)) });
         let mut stream = WorkersClient::new(channel)
             .max_decoding_message_size(crate::MAX_MESSAGE)
@@ -128,19 +122,20 @@ impl WorkerSession {
 }
 
 fn assignment(assign: v1::Assign) -> Result<Box<Assignment>, String> {
-    let vertex: Vertex =
-        serde_json::from_slice(&assign.vertex).map_err(|e| format!("job {}: bad vertex: {e}", assign.job))?;
-    let inputs = assign.inputs.into_iter().map(layers_from_proto).collect::<Result<_, _>>()?;
+    let job = assign.job;
+    let vertex: Vertex = serde_json::from_slice(&assign.vertex).map_err(|e| format!("job {job}: bad vertex: {e}"))?;
+    let wire = |e: WireError| format!("job {job}: {e}");
+    let inputs = assign.inputs.into_iter().map(layers_from_proto).collect::<Result<_, _>>().map_err(wire)?;
     let mut sources = HashMap::new();
     for source in assign.sources {
-        sources.insert(parse_digest(&source.diff_id, "layer source")?, source.peers);
+        sources.insert(parse_digest(&source.diff_id, "layer source").map_err(wire)?, source.peers);
     }
     let mut contexts = HashMap::new();
     for (name, manifest) in assign.contexts {
-        contexts.insert(name, manifest_from_proto(manifest)?);
+        contexts.insert(name, manifest_from_proto(manifest).map_err(wire)?);
     }
     Ok(Box::new(Assignment {
-        job: assign.job,
+        job,
         epoch: assign.epoch,
         vertex,
         inputs,
@@ -168,22 +163,12 @@ impl WorkerLink {
 
     /// A line of a job's output.
     pub fn log(&self, job: JobId, epoch: u32, line: LogLine) {
-        let stderr = line.stream == LogStream::Stderr;
-        self.send(worker_message::Message::Log(v1::JobLog { job, epoch, stderr, line: line.line }));
+        self.send(worker_message::Message::Log(job_log_to_proto(job, epoch, line)));
     }
 
     /// A job's result.
     pub fn result(&self, job: JobId, epoch: u32, result: Result<Executed<Layers>, String>) {
-        let message = match result {
-            Ok(executed) => v1::JobResult {
-                job,
-                epoch,
-                error: String::new(),
-                output: Some(layers_to_proto(&executed.output)),
-                pin: executed.pin.map(|p| p.to_string()).unwrap_or_default(),
-            },
-            Err(error) => v1::JobResult { job, epoch, error, output: None, pin: String::new() },
-        };
+        let message = job_result_to_proto(job, epoch, result);
         self.send(worker_message::Message::Result(message));
     }
 

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use kiln_cas::BlobStore;
 use kiln_client::{Assignment, FromCoordinator, WorkerLink, WorkerSession};
+use kiln_cluster::LOST_INPUT;
 use kiln_context::{BuildContext, StoredContext};
 use kiln_graph::{Op, SourceOp};
-use kiln_solver::cluster::{JobId, LOST_INPUT, Layers, WorkerInfo};
-use kiln_solver::{BoxFuture, Executed, LogSink};
+use kiln_model::{BoxFuture, Executed, JobId, Layers, LogSink, WorkerInfo};
 use kiln_types::Digest;
 use kiln_worker::{BlobFetcher, BuildInputs, Worker, select_context};
 use tokio::task::{AbortHandle, JoinSet};

@@ -16,9 +16,10 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use kiln_api::{BlobsService, ControlService, Services, WorkersService};
+use kiln_cluster::ClusterSettings;
 use kiln_config::{ConfigFile, CoordinatorConfig, WorkerConfig as WorkerSettings};
 use kiln_engine::{Engine, EngineConfig};
-use kiln_solver::cluster::{ClusterSettings, WorkerInfo};
+use kiln_model::WorkerInfo;
 use kiln_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 

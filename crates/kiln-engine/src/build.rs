@@ -4,13 +4,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kiln_cluster::ClusterBuild;
 use kiln_context::{BuildContext, ContextManifest, FsContext, StoredContext};
 use kiln_dockerfile::ignore::PatternList;
 use kiln_dockerfile::image::{ImageConfig, ImageMetadata};
 use kiln_dockerfile::{BuildPlan, ConvertOptions, convert};
 use kiln_graph::{Op, SourceOp};
-use kiln_solver::cluster::ClusterBuild;
-use kiln_solver::{BuildHandle, BuildOptions, Event, LogLine, VertexRecord};
+use kiln_model::{BuildEvent, LogSink, VertexRecord};
+use kiln_solver::{BuildHandle, BuildOptions, Event};
 use kiln_types::{Digest, ImageReference, Platform};
 use kiln_worker::BuildInputs;
 use tokio::sync::mpsc;
@@ -60,46 +61,6 @@ pub struct BuildRequest {
     /// `dest`, which then only names them: a daemon streams them to its client, which writes
     /// its own paths ([`BuildSummary::files`]).
     pub spool: Option<PathBuf>,
-}
-
-/// Progress of a build, in order.
-#[derive(Debug, Clone)]
-pub enum Progress {
-    /// The graph is known: every vertex, in execution order.
-    Planned {
-        /// Initial records (status `skipped` until they finish).
-        vertices: Vec<VertexRecord>,
-    },
-    /// A vertex started.
-    Started {
-        /// The vertex.
-        vertex: Digest,
-        /// Milliseconds since the epoch.
-        at: u64,
-    },
-    /// A line of a vertex's output.
-    Log {
-        /// The vertex.
-        vertex: Digest,
-        /// The line.
-        line: LogLine,
-    },
-    /// A vertex finished.
-    Completed {
-        /// Its record.
-        record: VertexRecord,
-        /// Its error, if it failed.
-        error: Option<String>,
-    },
-    /// An export step (`exporting layers`, `pushing REF`, ...).
-    Export {
-        /// What is exported.
-        name: String,
-        /// Start, ms since the epoch.
-        started: u64,
-        /// End, once done.
-        completed: Option<u64>,
-    },
 }
 
 /// A finished build.
@@ -156,14 +117,14 @@ impl Engine {
     pub async fn build(
         &self,
         request: BuildRequest,
-        progress: mpsc::UnboundedSender<Progress>,
+        progress: mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<BuildSummary, BuildFailure> {
         let context = self.context(&request).await.map_err(BuildFailure::early)?;
         let (plan, bases) = self.plan(&request, &context).await.map_err(BuildFailure::early)?;
         if let Mode::Local(_) = self.mode {
             self.check_platforms(&plan).map_err(BuildFailure::early)?;
         }
-        let _ = progress.send(Progress::Planned { vertices: plan.graph.vertices.iter().map(initial_record).collect() });
+        let _ = progress.send(BuildEvent::Planned(plan.graph.vertices.iter().map(VertexRecord::planned).collect()));
 
         let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };
         let graph = plan.graph.clone();
@@ -234,11 +195,11 @@ impl Engine {
     /// when they were lost with their worker; once more if a holder vanishes meanwhile).
     async fn fetch_result(
         &self,
-        cluster: &Arc<kiln_solver::cluster::Cluster<ClusterData>>,
+        cluster: &Arc<kiln_cluster::Cluster<ClusterData>>,
         fetcher: &dyn kiln_worker::BlobFetcher,
-        output: kiln_solver::cluster::Layers,
+        output: kiln_model::Layers,
     ) -> Result<kiln_worker::Snapshot, String> {
-        let logs = kiln_solver::LogSink::new(|_| true);
+        let logs = LogSink::discard();
         let mut attempt = 0;
         loop {
             let layers = Arc::clone(cluster).recover(output.clone(), logs.clone()).await?;
@@ -406,35 +367,15 @@ async fn convert_blocking(
 /// vertex's output.
 async fn follow<O>(
     mut handle: BuildHandle<O>,
-    progress: &mpsc::UnboundedSender<Progress>,
+    progress: &mpsc::UnboundedSender<BuildEvent>,
 ) -> Result<(Result<Vec<Option<O>>, String>, Vec<VertexRecord>, HashMap<Digest, O>), BuildFailure> {
     let mut outputs = HashMap::new();
     loop {
         match handle.events.recv().await {
-            Some(Event::Started { vertex, at }) => drop(progress.send(Progress::Started { vertex, at })),
-            Some(Event::Log { vertex, line }) => drop(progress.send(Progress::Log { vertex, line })),
-            Some(Event::Completed { record, error, output }) => {
-                if let Some(output) = output {
-                    outputs.insert(record.digest, output);
-                }
-                let _ = progress.send(Progress::Completed { record, error });
-            }
+            Some(Event::Progress(event)) => drop(progress.send(event)),
+            Some(Event::Output { vertex, output }) => drop(outputs.insert(vertex, output)),
             Some(Event::Finished(result, records)) => return Ok((result, records, outputs)),
             None => return Err(BuildFailure::early("the solver stopped")),
         }
-    }
-}
-
-fn initial_record(vertex: &kiln_graph::Vertex) -> VertexRecord {
-    VertexRecord {
-        digest: vertex.digest,
-        name: vertex.meta.name.clone(),
-        kind: vertex.op.kind().as_str().to_string(),
-        stage: vertex.meta.stage.clone(),
-        status: kiln_solver::Status::Skipped,
-        worker: None,
-        platform: vertex.meta.platform.as_ref().map(|p| p.to_string()),
-        started: None,
-        completed: None,
     }
 }

@@ -8,13 +8,15 @@ use kiln_layer::TarOptions;
 use kiln_registry::{
     ArchiveFormat, Descriptor, History, MediaTypes, NewImage, NewLayer, store_image, store_index, write_archive,
 };
-use kiln_solver::now_ms;
+use kiln_types::now_ms;
 use kiln_types::{Digest, rfc3339_millis};
 use kiln_worker::Snapshot;
 use tokio::sync::mpsc;
 
 use crate::history::{self, Bases};
-use crate::{BuildRequest, Engine, OutputSpec, Progress, SpooledFile};
+use kiln_model::BuildEvent;
+
+use crate::{BuildRequest, Engine, OutputSpec, SpooledFile};
 
 impl Engine {
     /// Runs every requested output; returns the image digest when an image was made, and
@@ -26,7 +28,7 @@ impl Engine {
         vertex_layers: &HashMap<Digest, usize>,
         bases: &Bases,
         request: &BuildRequest,
-        progress: &mpsc::UnboundedSender<Progress>,
+        progress: &mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<(Option<Digest>, Vec<SpooledFile>), String> {
         let epoch = match request.build_args.get("SOURCE_DATE_EPOCH") {
             Some(text) => {
@@ -204,23 +206,26 @@ impl Engine {
         store_index(self.worker.cas(), manifests, media).map_err(|e| e.to_string())
     }
 
-    pub(crate) fn step<'a>(&self, progress: &'a mpsc::UnboundedSender<Progress>, name: &str) -> ExportStep<'a> {
+    pub(crate) fn step<'a>(&self, progress: &'a mpsc::UnboundedSender<BuildEvent>, name: &str) -> ExportStep<'a> {
         let started = now_ms();
-        let _ = progress.send(Progress::Export { name: name.to_string(), started, completed: None });
+        let _ = progress.send(BuildEvent::Export { name: name.to_string(), started, completed: None });
         ExportStep { progress, name: name.to_string(), started }
     }
 }
 
 pub(crate) struct ExportStep<'a> {
-    progress: &'a mpsc::UnboundedSender<Progress>,
+    progress: &'a mpsc::UnboundedSender<BuildEvent>,
     name: String,
     started: u64,
 }
 
 impl ExportStep<'_> {
     pub(crate) fn done(self) {
-        let _ =
-            self.progress.send(Progress::Export { name: self.name, started: self.started, completed: Some(now_ms()) });
+        let _ = self.progress.send(BuildEvent::Export {
+            name: self.name,
+            started: self.started,
+            completed: Some(now_ms()),
+        });
     }
 }
 

@@ -10,14 +10,14 @@ mod export;
 mod history;
 mod output;
 
-pub use build::{BuildFailure, BuildRequest, BuildSummary, ClusterData, Progress, SpooledFile};
+pub use build::{BuildFailure, BuildRequest, BuildSummary, ClusterData, SpooledFile};
 pub use output::OutputSpec;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kiln_cluster::{Cluster, ClusterExecutor, ClusterSettings};
 use kiln_kv::{SharedKv, SledKv};
-use kiln_solver::cluster::{Cluster, ClusterExecutor, ClusterSettings};
 use kiln_solver::{Solver, SolverConfig};
 use kiln_worker::{BlobFetcher, LocalExecutor, Worker, WorkerConfig};
 

@@ -6,10 +6,10 @@ use std::process::Command;
 use std::sync::Arc;
 
 use kiln_cas::BlobStore;
-use kiln_engine::{BuildRequest, Engine, EngineConfig, OutputSpec, Progress};
+use kiln_engine::{BuildRequest, Engine, EngineConfig, OutputSpec};
 use kiln_kv::MemoryKv;
+use kiln_model::{BuildEvent, Status};
 use kiln_registry::{RegistryClient, RegistryOptions};
-use kiln_solver::Status;
 use kiln_testkit::{TestRegistry, busybox_rootfs, runner_binary, store_image};
 use kiln_worker::WorkerConfig;
 use tokio::sync::mpsc;
@@ -57,7 +57,7 @@ impl Fixture {
     async fn build(
         &self,
         request: BuildRequest,
-    ) -> (Result<kiln_engine::BuildSummary, kiln_engine::BuildFailure>, Vec<Progress>) {
+    ) -> (Result<kiln_engine::BuildSummary, kiln_engine::BuildFailure>, Vec<BuildEvent>) {
         let (sender, mut receiver) = mpsc::unbounded_channel();
         let result = self.engine.build(request, sender).await;
         let mut progress = Vec::new();
@@ -132,7 +132,7 @@ CMD [\"cat\", \"/srv/app\"]
     assert!(
         progress
             .iter()
-            .any(|p| matches!(p, Progress::Export { name, completed: Some(_), .. } if name.starts_with("pushing")))
+            .any(|p| matches!(p, BuildEvent::Export { name, completed: Some(_), .. } if name.starts_with("pushing")))
     );
 
     // Another client reads the pushed image: config and files.

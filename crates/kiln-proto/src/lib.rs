@@ -1,7 +1,20 @@
-//! Generated gRPC code only; `kiln-api` converts between these types and Kiln's own.
-#![allow(missing_docs)]
+//! The wire: gRPC code generated from `proto/kiln/v1`, its codec, and the one conversion
+//! between these messages and Kiln's own types ([`convert`]), used by both ends.
 
 pub mod codec;
+pub mod convert;
+
+/// HTTP/2 flow-control windows of Kiln's connections: large enough that streaming a
+/// context or a blob is not held back by a round trip every 64 KiB.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// The whole connection's window.
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
+
+/// The largest message any Kiln stream encodes or decodes, set on every client and server.
+/// Build requests carry context manifests (about 150 bytes a file) and worker assignments
+/// carry a step's environment (at most 16 MiB after conversion), secrets and manifests; an
+/// assignment over this size fails its own job instead of breaking the worker's session.
+pub const MAX_MESSAGE: usize = 64 << 20;
 
 /// The encoded size of a message (to check it against a stream's limit before sending).
 pub fn encoded_len(message: &impl prost::Message) -> usize {
@@ -9,6 +22,7 @@ pub fn encoded_len(message: &impl prost::Message) -> usize {
 }
 
 /// `kiln.v1`: the control, worker and blob services.
+#[allow(missing_docs)]
 pub mod v1 {
     tonic::include_proto!("kiln.v1");
 }

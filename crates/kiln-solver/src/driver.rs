@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use kiln_graph::{Graph, Op};
 use kiln_kv::SharedKv;
-use kiln_types::Digest;
+use kiln_model::{BuildEvent, Executed, Executor, Failed, LogLine, LogSink};
+use kiln_types::{Digest, now_ms};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
+use crate::Event;
 use crate::state::{BuildId, BuildOptions, Command, Effect, SolverState};
-use crate::{Event, Executed, Executor, Failed, LogLine, LogSink, now_ms};
 
 const CACHE_TREE: &str = "solver-cache";
 
@@ -164,7 +165,7 @@ impl<E: Executor> Driver<E> {
             }
             Message::Log { key, line } => {
                 for (build, vertex) in self.state.waiters(&key) {
-                    self.emit(build, Event::Log { vertex, line: line.clone() });
+                    self.emit(build, Event::Progress(BuildEvent::Log { vertex, line: line.clone() }));
                 }
                 self.logs.entry(key).or_default().push(line);
                 Vec::new()
@@ -200,7 +201,7 @@ impl<E: Executor> Driver<E> {
             Effect::Emit { build, event } => self.emit(build, event),
             Effect::Replay { key, build, vertex } => {
                 for line in self.logs.get(&key).cloned().unwrap_or_default() {
-                    self.emit(build, Event::Log { vertex, line });
+                    self.emit(build, Event::Progress(BuildEvent::Log { vertex, line }));
                 }
             }
             Effect::Store { key, output } => {

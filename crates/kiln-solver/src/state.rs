@@ -9,9 +9,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use kiln_graph::{Graph, Op, SourceOp, Vertex, vertex_digest};
 use kiln_types::{Digest, Sha256Writer};
-use serde::{Deserialize, Serialize};
 
-use crate::{Event, Executed, Failed};
+use kiln_model::{BuildEvent, Executed, Failed, Status, VertexRecord};
+
+use crate::Event;
 
 /// A build's id, unique within one solver.
 pub type BuildId = u64;
@@ -23,45 +24,6 @@ pub struct BuildOptions {
     pub no_cache: bool,
     /// At most this many of the build's own executions at once (`--max-parallelism`).
     pub max_parallelism: Option<usize>,
-}
-
-/// How a vertex ended, as the metadata file reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// This build executed it.
-    Executed,
-    /// The cache had it.
-    Cached,
-    /// Another build was executing it; this one waited for that result.
-    Deduplicated,
-    /// It never ran (the build failed or was cancelled first).
-    Skipped,
-    /// It failed.
-    Failed,
-}
-
-/// One vertex of a build, for progress and the metadata file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VertexRecord {
-    /// Vertex digest.
-    pub digest: Digest,
-    /// Progress name, e.g. `[build 2/3] RUN make`.
-    pub name: String,
-    /// `source`, `exec`, `file` or `merge`, as `kiln plan` prints it.
-    pub kind: String,
-    /// The stage it was created for.
-    pub stage: Option<String>,
-    /// How it ended.
-    pub status: Status,
-    /// The worker that executed it (for deduplicated vertices: the one the result came from).
-    pub worker: Option<String>,
-    /// Its platform.
-    pub platform: Option<String>,
-    /// When execution started (ms since the epoch).
-    pub started: Option<u64>,
-    /// When it finished (ms since the epoch).
-    pub completed: Option<u64>,
 }
 
 /// An input to [`SolverState::apply`].
@@ -304,7 +266,7 @@ impl<O: Clone> SolverState<O> {
             }
             states.push(VertexState::Blocked(vertex.inputs.len()));
         }
-        let records = graph.vertices.iter().map(record_of).collect();
+        let records = graph.vertices.iter().map(VertexRecord::planned).collect();
         let outputs = graph.outputs.iter().map(|o| o.digest.map(|d| index[&d])).collect();
         let build = Build {
             vertices: graph.vertices,
@@ -355,7 +317,10 @@ impl<O: Clone> SolverState<O> {
             job.waiters.push((id, index));
             if let Some((started, _)) = &job.started {
                 build.records[index].started = Some(*started);
-                effects.push(Effect::Emit { build: id, event: Event::Started { vertex: vertex_digest, at: *started } });
+                effects.push(Effect::Emit {
+                    build: id,
+                    event: Event::Progress(BuildEvent::Started { vertex: vertex_digest, at: *started }),
+                });
                 effects.push(Effect::Replay { key, build: id, vertex: vertex_digest });
             }
             return;
@@ -419,7 +384,7 @@ impl<O: Clone> SolverState<O> {
             if let Some(build) = self.builds.get_mut(id) {
                 build.records[*index].started = Some(at);
                 let vertex = build.vertices[*index].digest;
-                effects.push(Effect::Emit { build: *id, event: Event::Started { vertex, at } });
+                effects.push(Effect::Emit { build: *id, event: Event::Progress(BuildEvent::Started { vertex, at }) });
             }
         }
     }
@@ -471,7 +436,7 @@ impl<O: Clone> SolverState<O> {
                     record.worker = worker.clone();
                     record.completed = Some(at);
                     let record = record.clone();
-                    let event = Event::Completed { record, error: Some(error.clone()), output: None };
+                    let event = Event::Progress(BuildEvent::Completed { record, error: Some(error.clone()) });
                     effects.push(Effect::Emit { build: id, event });
                     self.fail_build(id, error.clone(), effects);
                 }
@@ -496,8 +461,9 @@ impl<O: Clone> SolverState<O> {
         let record = &mut build.records[index];
         record.status = status;
         record.completed = Some(at);
-        let event = Event::Completed { record: record.clone(), error: None, output: Some(output) };
-        effects.push(Effect::Emit { build: id, event });
+        let completed = BuildEvent::Completed { record: record.clone(), error: None };
+        effects.push(Effect::Emit { build: id, event: Event::Output { vertex: record.digest, output } });
+        effects.push(Effect::Emit { build: id, event: Event::Progress(completed) });
         let mut now_ready = Vec::new();
         for user in build.users[index].clone() {
             if let VertexState::Blocked(left) = &mut build.states[user] {
@@ -564,20 +530,6 @@ impl<O: Clone> SolverState<O> {
             self.start_queued(heir, effects);
         }
         effects.push(Effect::Emit { build: id, event: Event::Finished(Err(error), build.records) });
-    }
-}
-
-fn record_of(vertex: &Vertex) -> VertexRecord {
-    VertexRecord {
-        digest: vertex.digest,
-        name: vertex.meta.name.clone(),
-        kind: vertex.op.kind().as_str().to_string(),
-        stage: vertex.meta.stage.clone(),
-        status: Status::Skipped,
-        worker: None,
-        platform: vertex.meta.platform.as_ref().map(|p| p.to_string()),
-        started: None,
-        completed: None,
     }
 }
 

@@ -28,4 +28,4 @@ mod time;
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use platform::{Platform, PlatformError};
 pub use reference::{ImageReference, ReferenceError};
-pub use time::rfc3339_millis;
+pub use time::{now_ms, rfc3339_millis};

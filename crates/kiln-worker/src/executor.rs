@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use kiln_graph::Vertex;
-use kiln_solver::{BoxFuture, Executed, Executor, Failed, LogSink};
+use kiln_model::{BoxFuture, Executed, Executor, Failed, LogSink};
 
 use crate::{BuildInputs, Snapshot, Worker};
 

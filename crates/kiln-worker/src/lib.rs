@@ -24,7 +24,7 @@ mod transfer;
 mod user;
 
 pub use executor::LocalExecutor;
-pub use kiln_solver::{LogLine, LogSink, LogStream};
+use kiln_model::{LogLine, LogSink, LogStream};
 pub use platforms::runnable_platforms;
 pub use source::select_context;
 pub use transfer::BlobFetcher;

@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use kiln_cas::BlobStore;
 use kiln_layer::{Compression, LayerId, TarOptions};
-use kiln_solver::BoxFuture;
-use kiln_solver::cluster::LayerDesc;
+use kiln_model::{BoxFuture, LayerDesc};
 use kiln_types::Digest;
 
 use crate::{Snapshot, Worker, blocking};

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use kiln_kv::{MemoryKv, SharedKv};
-use kiln_solver::{BuildOptions, Event, Solver, SolverConfig, Status, VertexRecord};
+use kiln_model::{BuildEvent, Status, VertexRecord};
+use kiln_solver::{BuildOptions, Event, Solver, SolverConfig};
 use kiln_worker::{LocalExecutor, Snapshot};
 
 use super::*;
@@ -190,7 +191,7 @@ async fn concurrent_builds_share_one_execution_and_one_failure() {
         let mut ending = None;
         while let Some(event) = handle.events.recv().await {
             match event {
-                Event::Log { line, .. } if line.line == "the-shared-output" => logged = true,
+                Event::Progress(BuildEvent::Log { line, .. }) if line.line == "the-shared-output" => logged = true,
                 Event::Finished(result, _) => ending = Some(result),
                 _ => {}
             }

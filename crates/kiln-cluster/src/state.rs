@@ -10,59 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
+use kiln_model::{JobId, LayerDesc, WorkerInfo, WorkerStatus};
 use kiln_types::{Digest, Platform};
-use serde::{Deserialize, Serialize};
-
-/// A job's id, unique in the coordinator.
-pub type JobId = u64;
-
-/// A layer by content: the digest of its uncompressed tar and that tar's size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct LayerDesc {
-    /// The diff id.
-    pub diff_id: Digest,
-    /// Bytes of the uncompressed tar.
-    pub size: u64,
-}
-
-/// A vertex result in the cluster: its filesystem as layers, bottom first.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Layers {
-    /// The layers.
-    pub layers: Vec<LayerDesc>,
-}
-
-/// What a worker tells about itself when it registers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkerInfo {
-    /// Its unique name.
-    pub name: String,
-    /// Platforms it runs.
-    pub platforms: Vec<Platform>,
-    /// Free-form labels.
-    pub labels: BTreeMap<String, String>,
-    /// Jobs at once.
-    pub max_parallelism: usize,
-    /// Free bytes on its state directory's disk.
-    pub free_disk: u64,
-    /// Its blob service (`http://HOST:PORT`) for peers.
-    pub address: String,
-}
-
-/// A worker as listed by `kiln workers`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkerStatus {
-    /// What it registered.
-    pub info: WorkerInfo,
-    /// Jobs running on it.
-    pub running: usize,
-    /// It finishes its work and takes no more.
-    pub draining: bool,
-    /// Its last heartbeat (ms since the epoch).
-    pub last_heartbeat: u64,
-    /// Layers the coordinator knows it holds.
-    pub layers: usize,
-}
 
 /// Timeouts and bounds.
 #[derive(Debug, Clone)]

@@ -14,9 +14,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln_cluster::{Cluster, ClusterBuild, ClusterExecutor, ClusterSettings, ToWorker};
 use kiln_graph::{ExecOp, GraphBuilder, Input, NetworkMode, Op, Output, SecurityMode, SourceOp, Vertex, VertexMeta};
-use kiln_solver::cluster::{Cluster, ClusterBuild, ClusterExecutor, ClusterSettings, Layers, ToWorker, WorkerInfo};
-use kiln_solver::{BoxFuture, BuildOptions, Executed, Executor, Failed, LogSink, Solver, SolverConfig};
+use kiln_model::{BoxFuture, Executed, Executor, Failed, Layers, LogSink, WorkerInfo};
+use kiln_solver::{BuildOptions, Solver, SolverConfig};
 use kiln_types::{Digest, Platform};
 
 #[derive(Default)]

@@ -22,13 +22,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kiln_graph::{Op, SourceOp, Vertex};
-use kiln_types::Digest;
+use kiln_model::{
+    BoxFuture, Executed, Executor, Failed, JobId, Layers, LogLine, LogSink, LogStream, WorkerInfo, WorkerStatus,
+};
+use kiln_types::{Digest, now_ms};
 use tokio::sync::{mpsc, oneshot};
 
+pub use state::ClusterSettings;
 use state::{ClusterCommand, ClusterEffect, ClusterState, JobSpec};
-pub use state::{ClusterSettings, JobId, LayerDesc, Layers, WorkerInfo, WorkerStatus};
-
-use crate::{BoxFuture, Executed, Executor, Failed, LogLine, LogSink, LogStream, now_ms};
 
 /// The prefix of a job error that means an input layer could not be fetched: the job is
 /// retried after recomputing lost inputs.

@@ -5,6 +5,8 @@ use std::sync::Mutex;
 use kiln_graph::{ExecOp, Input, NetworkMode, SecurityMode, VertexMeta};
 use kiln_types::Platform;
 
+use kiln_model::LayerDesc;
+
 use super::*;
 
 fn info(name: &str) -> WorkerInfo {

@@ -1,0 +1,77 @@
+//! The one placement interface: the thing that executes a vertex.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use kiln_graph::Vertex;
+use kiln_types::Digest;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::LogSink;
+
+/// A boxed future the executor returns.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What executing a vertex produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Executed<O> {
+    /// The result (a snapshot, on a local worker).
+    pub output: O,
+    /// For sources that resolve something (an image's manifest digest): what they resolved
+    /// to. It pins the cache keys of everything below.
+    pub pin: Option<Digest>,
+    /// The worker that executed it, when the executor knows better than
+    /// [`Executor::worker_name`] (a cluster).
+    pub worker: Option<String>,
+}
+
+/// Why an execution failed, and on which worker when the executor knows better than
+/// [`Executor::worker_name`] (a cluster), so a failed step's record names where it ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    /// What went wrong.
+    pub message: String,
+    /// The worker it failed on.
+    pub worker: Option<String>,
+}
+
+impl From<String> for Failed {
+    fn from(message: String) -> Failed {
+        Failed { message, worker: None }
+    }
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The thing that executes a vertex: the one placement interface.
+pub trait Executor: Send + Sync + 'static {
+    /// A vertex result, stored in the cache index.
+    type Output: Clone + Send + Sync + Serialize + DeserializeOwned + 'static;
+    /// Per-build inputs (contexts, secrets) the executor needs.
+    type Build: Send + Sync + 'static;
+
+    /// Executes `vertex` over its inputs' outputs. Dropping the future cancels the work.
+    fn execute(
+        &self,
+        vertex: Vertex,
+        inputs: Vec<Self::Output>,
+        build: Arc<Self::Build>,
+        logs: LogSink,
+    ) -> BoxFuture<Result<Executed<Self::Output>, Failed>>;
+
+    /// The name of the worker that executes, for records.
+    fn worker_name(&self) -> String;
+
+    /// Whether a cached output can still be used as an input (a cluster's layers may have
+    /// gone with their worker). A cache hit whose output is gone is executed again.
+    fn available(&self, output: &Self::Output) -> bool {
+        let _ = output;
+        true
+    }
+}

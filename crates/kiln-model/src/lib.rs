@@ -1,0 +1,19 @@
+//! The vocabulary every part of Kiln speaks, below the scheduler and the worker: a vertex's
+//! output lines, its record and how it ended, the one build event type that the engine emits,
+//! the daemon streams and the client reads, what workers and layers look like to the cluster,
+//! and the executor interface that places a vertex.
+//!
+//! Plain data and one trait; no IO and no async runtime. The wire twins of these types live in
+//! `kiln-proto`, with the one conversion both ends use.
+
+mod event;
+mod executor;
+mod log;
+mod record;
+mod worker;
+
+pub use event::BuildEvent;
+pub use executor::{BoxFuture, Executed, Executor, Failed};
+pub use log::{LogLine, LogSink, LogStream};
+pub use record::{Status, UnknownStatus, VertexRecord};
+pub use worker::{JobId, LayerDesc, Layers, WorkerInfo, WorkerStatus};

@@ -1,0 +1,51 @@
+//! A vertex's output, line by line.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// Which stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// One line of a vertex's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// The stream.
+    pub stream: LogStream,
+    /// The text, without newline.
+    pub line: String,
+}
+
+/// Where an executor sends a vertex's output lines (to every build waiting on the vertex).
+#[derive(Clone)]
+pub struct LogSink(Arc<dyn Fn(LogLine) -> bool + Send + Sync>);
+
+impl LogSink {
+    /// A sink that calls `deliver` for each line; `deliver` says whether anyone still listens.
+    pub fn new(deliver: impl Fn(LogLine) -> bool + Send + Sync + 'static) -> LogSink {
+        LogSink(Arc::new(deliver))
+    }
+
+    /// A sink nobody reads.
+    pub fn discard() -> LogSink {
+        LogSink::new(|_| true)
+    }
+
+    /// Sends one line; `Err` when nobody listens any more.
+    pub fn send(&self, line: LogLine) -> Result<(), LogLine> {
+        if (self.0)(line.clone()) { Ok(()) } else { Err(line) }
+    }
+}
+
+impl std::fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogSink")
+    }
+}

@@ -1,0 +1,425 @@
+//! The one conversion between Kiln's domain types (`kiln-model`, context manifests) and
+//! their wire twins, used by both ends: the daemon's services and the client. Whatever
+//! arrives is checked: a malformed digest, platform or status is a [`WireError`] naming what
+//! it belonged to, never re-hashed, defaulted or dropped.
+
+use kiln_context::{ContextManifest, ManifestEntry, ManifestKind};
+use kiln_model::{
+    BuildEvent, Executed, LayerDesc, Layers, LogLine, LogStream, Status, UnknownStatus, VertexRecord, WorkerInfo,
+    WorkerStatus,
+};
+use kiln_types::{Digest, DigestError, PlatformError};
+
+use crate::v1::{self, build_event::Event};
+
+/// A message from the other end that does not make sense.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// A digest that does not parse.
+    #[error("{what}: bad digest {text:?}: {source}")]
+    Digest {
+        /// What it belonged to.
+        what: String,
+        /// What arrived.
+        text: String,
+        /// Why it is wrong.
+        #[source]
+        source: DigestError,
+    },
+    /// A platform that does not parse.
+    #[error("{what}: platform {text:?}: {source}")]
+    Platform {
+        /// What it belonged to.
+        what: String,
+        /// What arrived.
+        text: String,
+        /// Why it is wrong.
+        #[source]
+        source: PlatformError,
+    },
+    /// A vertex status that is not one of Kiln's.
+    #[error("vertex {digest}: {source}")]
+    Status {
+        /// The vertex.
+        digest: Digest,
+        /// The name that arrived.
+        #[source]
+        source: UnknownStatus,
+    },
+    /// A context manifest that is not well formed (its validation names the entry).
+    #[error("{0}")]
+    Manifest(String),
+    /// A required part of a message is missing.
+    #[error("{0}")]
+    Missing(&'static str),
+}
+
+/// A digest, or an error naming what it belonged to.
+pub fn parse_digest(text: &str, what: &str) -> Result<Digest, WireError> {
+    text.parse().map_err(|source| WireError::Digest { what: what.to_string(), text: text.to_string(), source })
+}
+
+fn nonzero(value: u64) -> Option<u64> {
+    (value != 0).then_some(value)
+}
+
+fn nonempty(value: String) -> Option<String> {
+    (!value.is_empty()).then_some(value)
+}
+
+/// A vertex record as sent.
+pub fn record_to_proto(record: &VertexRecord) -> v1::VertexRecord {
+    v1::VertexRecord {
+        digest: record.digest.to_string(),
+        name: record.name.clone(),
+        kind: record.kind.clone(),
+        stage: record.stage.clone().unwrap_or_default(),
+        status: record.status.as_str().to_string(),
+        worker: record.worker.clone().unwrap_or_default(),
+        platform: record.platform.clone().unwrap_or_default(),
+        started: record.started.unwrap_or(0),
+        completed: record.completed.unwrap_or(0),
+    }
+}
+
+/// A vertex record as received.
+pub fn record_from_proto(record: v1::VertexRecord) -> Result<VertexRecord, WireError> {
+    let digest = parse_digest(&record.digest, "vertex record")?;
+    let status: Status = record.status.parse().map_err(|source| WireError::Status { digest, source })?;
+    Ok(VertexRecord {
+        digest,
+        name: record.name,
+        kind: record.kind,
+        stage: nonempty(record.stage),
+        status,
+        worker: nonempty(record.worker),
+        platform: nonempty(record.platform),
+        started: nonzero(record.started),
+        completed: nonzero(record.completed),
+    })
+}
+
+fn records_from_proto(records: Vec<v1::VertexRecord>) -> Result<Vec<VertexRecord>, WireError> {
+    records.into_iter().map(record_from_proto).collect()
+}
+
+/// A build event as sent.
+pub fn event_to_proto(event: BuildEvent) -> v1::BuildEvent {
+    let event = match event {
+        BuildEvent::Planned(vertices) => {
+            Event::Planned(v1::Planned { vertices: vertices.iter().map(record_to_proto).collect() })
+        }
+        BuildEvent::Started { vertex, at } => Event::Started(v1::VertexStarted { digest: vertex.to_string(), at }),
+        BuildEvent::Log { vertex, line } => Event::Log(v1::VertexLog {
+            digest: vertex.to_string(),
+            stderr: line.stream == LogStream::Stderr,
+            line: line.line,
+        }),
+        BuildEvent::Completed { record, error } => Event::Completed(v1::VertexCompleted {
+            record: Some(record_to_proto(&record)),
+            error: error.unwrap_or_default(),
+        }),
+        BuildEvent::Export { name, started, completed } => {
+            Event::Export(v1::ExportStep { name, started, completed: completed.unwrap_or(0) })
+        }
+        BuildEvent::ExportData { output, unpack_into, data, last } => Event::ExportData(v1::ExportData {
+            output: output as u32,
+            unpack: unpack_into.is_some(),
+            subdir: unpack_into.unwrap_or_default(),
+            data,
+            last,
+        }),
+        BuildEvent::Result { error, image, records } => Event::Result(v1::BuildResult {
+            ok: error.is_none(),
+            error: error.unwrap_or_default(),
+            image_digest: image.map(|d| d.to_string()).unwrap_or_default(),
+            records: records.iter().map(record_to_proto).collect(),
+        }),
+    };
+    v1::BuildEvent { event: Some(event) }
+}
+
+/// A build event as received.
+pub fn event_from_proto(event: Event) -> Result<BuildEvent, WireError> {
+    Ok(match event {
+        Event::Planned(planned) => BuildEvent::Planned(records_from_proto(planned.vertices)?),
+        Event::Started(started) => {
+            BuildEvent::Started { vertex: parse_digest(&started.digest, "started vertex")?, at: started.at }
+        }
+        Event::Log(log) => BuildEvent::Log {
+            vertex: parse_digest(&log.digest, "log line's vertex")?,
+            line: LogLine { stream: if log.stderr { LogStream::Stderr } else { LogStream::Stdout }, line: log.line },
+        },
+        Event::Completed(completed) => BuildEvent::Completed {
+            record: record_from_proto(
+                completed.record.ok_or(WireError::Missing("a completed vertex without its record"))?,
+            )?,
+            error: nonempty(completed.error),
+        },
+        Event::Export(step) => {
+            BuildEvent::Export { name: step.name, started: step.started, completed: nonzero(step.completed) }
+        }
+        Event::ExportData(piece) => BuildEvent::ExportData {
+            output: piece.output as usize,
+            unpack_into: piece.unpack.then_some(piece.subdir),
+            data: piece.data,
+            last: piece.last,
+        },
+        Event::Result(result) => BuildEvent::Result {
+            error: (!result.ok).then_some(result.error),
+            image: nonempty(result.image_digest).map(|d| parse_digest(&d, "image")).transpose()?,
+            records: records_from_proto(result.records)?,
+        },
+    })
+}
+
+/// A context manifest as sent.
+pub fn manifest_to_proto(manifest: &ContextManifest) -> v1::ContextManifest {
+    let entries = manifest
+        .entries
+        .iter()
+        .map(|e| {
+            let (kind, digest, size, link) = match &e.kind {
+                ManifestKind::File { digest, size } => (0, digest.to_string(), *size, String::new()),
+                ManifestKind::Dir => (1, String::new(), 0, String::new()),
+                ManifestKind::Symlink(target) => (2, String::new(), 0, target.clone()),
+            };
+            v1::ContextEntry {
+                path: e.path.clone(),
+                kind,
+                mode: e.mode,
+                digest,
+                size,
+                link,
+                mtime: e.mtime.0,
+                mtime_nsec: e.mtime.1,
+                raw_path: e.raw_path.clone().unwrap_or_default(),
+                hardlink_of: e.hardlink_of.clone().unwrap_or_default(),
+            }
+        })
+        .collect();
+    v1::ContextManifest { entries }
+}
+
+/// A context manifest as received, validated ([`ContextManifest::validate`]); bad entries
+/// are errors naming the path.
+pub fn manifest_from_proto(manifest: v1::ContextManifest) -> Result<ContextManifest, WireError> {
+    let mut entries = Vec::with_capacity(manifest.entries.len());
+    for e in manifest.entries {
+        let kind = match e.kind {
+            0 => ManifestKind::File {
+                digest: parse_digest(&e.digest, &format!("context entry {}", e.path))?,
+                size: e.size,
+            },
+            1 => ManifestKind::Dir,
+            2 => ManifestKind::Symlink(e.link),
+            other => return Err(WireError::Manifest(format!("context entry {}: unknown kind {other}", e.path))),
+        };
+        let raw_path = (!e.raw_path.is_empty()).then_some(e.raw_path);
+        let hardlink_of = (!e.hardlink_of.is_empty()).then_some(e.hardlink_of);
+        let mtime = (e.mtime, e.mtime_nsec);
+        entries.push(ManifestEntry { path: e.path, kind, mode: e.mode & 0o7777, mtime, raw_path, hardlink_of });
+    }
+    let manifest = ContextManifest { entries };
+    manifest.validate().map_err(WireError::Manifest)?;
+    Ok(manifest)
+}
+
+/// Layers as sent.
+pub fn layers_to_proto(layers: &Layers) -> v1::LayerChain {
+    v1::LayerChain {
+        layers: layers.layers.iter().map(|l| v1::Layer { diff_id: l.diff_id.to_string(), size: l.size }).collect(),
+    }
+}
+
+/// Layers as received.
+pub fn layers_from_proto(chain: v1::LayerChain) -> Result<Layers, WireError> {
+    let layers = chain
+        .layers
+        .into_iter()
+        .map(|l| Ok(LayerDesc { diff_id: parse_digest(&l.diff_id, "layer")?, size: l.size }))
+        .collect::<Result<_, WireError>>()?;
+    Ok(Layers { layers })
+}
+
+/// A worker's registration as sent: what it is and the layers it already holds.
+pub fn register_to_proto(info: &WorkerInfo, layers: &[Digest]) -> v1::Register {
+    v1::Register {
+        name: info.name.clone(),
+        platforms: info.platforms.iter().map(|p| p.to_string()).collect(),
+        labels: info.labels.clone().into_iter().collect(),
+        max_parallelism: info.max_parallelism as u32,
+        free_disk: info.free_disk,
+        address: info.address.clone(),
+        layers: layers.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
+/// A worker's registration as received.
+pub fn register_from_proto(register: v1::Register) -> Result<(WorkerInfo, Vec<Digest>), WireError> {
+    if register.name.is_empty() {
+        return Err(WireError::Missing("a worker needs a name"));
+    }
+    let what = format!("worker {}", register.name);
+    let layers = register
+        .layers
+        .iter()
+        .map(|d| parse_digest(d, &format!("{what}: a registered layer")))
+        .collect::<Result<_, _>>()?;
+    let info = WorkerInfo {
+        platforms: platforms_from_proto(&register.platforms, &what)?,
+        name: register.name,
+        labels: register.labels.into_iter().collect(),
+        max_parallelism: register.max_parallelism.max(1) as usize,
+        free_disk: register.free_disk,
+        address: register.address,
+    };
+    Ok((info, layers))
+}
+
+fn platforms_from_proto(platforms: &[String], what: &str) -> Result<Vec<kiln_types::Platform>, WireError> {
+    platforms
+        .iter()
+        .map(|p| p.parse().map_err(|source| WireError::Platform { what: what.to_string(), text: p.clone(), source }))
+        .collect()
+}
+
+/// A worker's state as listed.
+pub fn worker_to_proto(worker: &WorkerStatus) -> v1::WorkerDescription {
+    v1::WorkerDescription {
+        name: worker.info.name.clone(),
+        platforms: worker.info.platforms.iter().map(|p| p.to_string()).collect(),
+        labels: worker.info.labels.clone().into_iter().collect(),
+        max_parallelism: worker.info.max_parallelism as u32,
+        running: worker.running as u32,
+        free_disk: worker.info.free_disk,
+        address: worker.info.address.clone(),
+        draining: worker.draining,
+        last_heartbeat: worker.last_heartbeat,
+        layers: worker.layers as u64,
+    }
+}
+
+/// A worker's state as received.
+pub fn worker_from_proto(worker: v1::WorkerDescription) -> Result<WorkerStatus, WireError> {
+    let what = format!("worker {}", worker.name);
+    Ok(WorkerStatus {
+        info: WorkerInfo {
+            platforms: platforms_from_proto(&worker.platforms, &what)?,
+            name: worker.name,
+            labels: worker.labels.into_iter().collect(),
+            max_parallelism: worker.max_parallelism as usize,
+            free_disk: worker.free_disk,
+            address: worker.address,
+        },
+        running: worker.running as usize,
+        draining: worker.draining,
+        last_heartbeat: worker.last_heartbeat,
+        layers: worker.layers as usize,
+    })
+}
+
+/// A line of a job's output as a worker sends it.
+pub fn job_log_to_proto(job: u64, epoch: u32, line: LogLine) -> v1::JobLog {
+    v1::JobLog { job, epoch, stderr: line.stream == LogStream::Stderr, line: line.line }
+}
+
+/// A line of a job's output as the coordinator receives it.
+pub fn log_line_from_proto(log: v1::JobLog) -> LogLine {
+    LogLine { stream: if log.stderr { LogStream::Stderr } else { LogStream::Stdout }, line: log.line }
+}
+
+/// A job's result as sent: its layers and pin, or the error.
+pub fn job_result_to_proto(job: u64, epoch: u32, result: Result<Executed<Layers>, String>) -> v1::JobResult {
+    match result {
+        Ok(executed) => v1::JobResult {
+            job,
+            epoch,
+            error: String::new(),
+            output: Some(layers_to_proto(&executed.output)),
+            pin: executed.pin.map(|p| p.to_string()).unwrap_or_default(),
+        },
+        Err(error) => v1::JobResult { job, epoch, error, output: None, pin: String::new() },
+    }
+}
+
+/// A job's result as received: `Ok(Err(message))` is a job that failed, `Err` a malformed
+/// message.
+pub fn job_result_from_proto(result: v1::JobResult) -> Result<Result<Executed<Layers>, String>, WireError> {
+    if !result.error.is_empty() {
+        return Ok(Err(result.error));
+    }
+    let output = layers_from_proto(result.output.unwrap_or_default())?;
+    let pin = nonempty(result.pin).map(|pin| parse_digest(&pin, "a job's pin")).transpose()?;
+    Ok(Ok(Executed { output, pin, worker: None }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(status: &str) -> v1::VertexRecord {
+        v1::VertexRecord { digest: Digest::of(b"v").to_string(), status: status.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn malformed_digests_and_statuses_from_the_wire_are_errors_not_rehashed() {
+        let started = |digest: &str| Event::Started(v1::VertexStarted { digest: digest.into(), at: 1 });
+        let good = Digest::of(b"vertex");
+        assert!(
+            matches!(event_from_proto(started(&good.to_string())), Ok(BuildEvent::Started { vertex, .. }) if vertex == good)
+        );
+        let error = event_from_proto(started("sha256:nothex")).unwrap_err().to_string();
+        assert!(error.contains("started vertex") && error.contains("sha256:nothex"), "{error}");
+        let completed = Event::Completed(v1::VertexCompleted { record: None, error: String::new() });
+        assert!(event_from_proto(completed).unwrap_err().to_string().contains("without its record"));
+        let error = record_from_proto(record("running")).unwrap_err().to_string();
+        assert!(error.contains("running") && error.contains(&Digest::of(b"v").to_string()), "{error}");
+    }
+
+    #[test]
+    fn every_event_survives_the_round_trip() {
+        let record = VertexRecord {
+            digest: Digest::of(b"v"),
+            name: "[1/2] RUN make".into(),
+            kind: "exec".into(),
+            stage: Some("build".into()),
+            status: Status::Deduplicated,
+            worker: Some("w1".into()),
+            platform: Some("linux/arm64".into()),
+            started: Some(5),
+            completed: Some(9),
+        };
+        let events = [
+            BuildEvent::Planned(vec![record.clone()]),
+            BuildEvent::Started { vertex: record.digest, at: 5 },
+            BuildEvent::Log { vertex: record.digest, line: LogLine { stream: LogStream::Stderr, line: "x".into() } },
+            BuildEvent::Completed { record: record.clone(), error: Some("exit 1".into()) },
+            BuildEvent::Export { name: "pushing r".into(), started: 3, completed: None },
+            BuildEvent::ExportData { output: 1, unpack_into: Some("linux_arm64".into()), data: vec![1, 2], last: true },
+            BuildEvent::Result { error: None, image: Some(Digest::of(b"i")), records: vec![record] },
+        ];
+        for event in events {
+            let wire = event_to_proto(event.clone()).event.unwrap();
+            assert_eq!(event_from_proto(wire).unwrap(), event);
+        }
+    }
+
+    #[test]
+    fn registrations_name_the_worker_in_their_errors() {
+        let info = WorkerInfo {
+            name: "w1".into(),
+            platforms: vec!["linux/amd64".parse().unwrap()],
+            labels: Default::default(),
+            max_parallelism: 2,
+            free_disk: 7,
+            address: "http://127.0.0.1:1".into(),
+        };
+        let layers = vec![Digest::of(b"l")];
+        let sent = register_to_proto(&info, &layers);
+        assert_eq!(register_from_proto(sent.clone()).unwrap(), (info, layers));
+        let bad = v1::Register { platforms: vec!["plan9".into()], ..sent };
+        let error = register_from_proto(bad).unwrap_err().to_string();
+        assert!(error.contains("worker w1") && error.contains("plan9"), "{error}");
+    }
+}
