@@ -4,7 +4,6 @@
 
 mod blobs;
 mod exports;
-mod from_proto;
 mod workers;
 
 pub use blobs::BlobsService;
@@ -19,7 +18,7 @@ use kiln_client::BlobWriter;
 use kiln_engine::Engine;
 use kiln_model::BuildEvent as DomainEvent;
 use kiln_proto::MAX_MESSAGE;
-use kiln_proto::convert::{event_to_proto, worker_to_proto};
+use kiln_proto::convert::{event_to_proto, request_from_proto, worker_to_proto};
 use kiln_proto::v1::blobs_server::BlobsServer;
 use kiln_proto::v1::control_server::{Control, ControlServer};
 use kiln_proto::v1::workers_server::WorkersServer;
@@ -63,7 +62,7 @@ impl Control for ControlService {
 
     async fn build(&self, request: Request<BuildRequest>) -> Result<Response<Self::BuildStream>, Status> {
         let over_tcp = request.extensions().get::<tonic::transport::server::TcpConnectInfo>().is_some();
-        let mut request = from_proto::build_request(request.into_inner()).map_err(Status::invalid_argument)?;
+        let request = request_from_proto(request.into_inner()).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if over_tcp && request.context_manifest.is_none() {
             return Err(Status::permission_denied(
                 "a daemon reads a build context from its own filesystem only for clients on its unix socket; \
@@ -71,7 +70,6 @@ impl Control for ControlService {
             ));
         }
         let spool = exports::new_spool(&self.root);
-        request.spool = Some(spool.clone());
         let build_id = spool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let span = tracing::info_span!("build", id = %build_id, file = %request.file_name);
         span.in_scope(|| tracing::info!(over_tcp, "build started"));
@@ -80,7 +78,7 @@ impl Control for ControlService {
         tokio::spawn(
             async move {
                 let (progress, mut progress_events) = mpsc::unbounded_channel();
-                let build = engine.build(request, progress);
+                let build = engine.build(request, Some(&spool), progress);
                 tokio::pin!(build);
                 // Forward progress while the build runs; a closed stream means the client left,
                 // and dropping the build future cancels this build's part of the work.
@@ -89,7 +87,7 @@ impl Control for ControlService {
                         result = &mut build => break result,
                         Some(event) = progress_events.recv() => {
                             if events.send(Ok(event_to_proto(event))).await.is_err() {
-                                exports::remove_spool(spool).await;
+                                exports::remove_spool(spool.clone()).await;
                                 return;
                             }
                         }
@@ -106,7 +104,7 @@ impl Control for ControlService {
                     },
                     Err(failure) => Err(failure),
                 };
-                exports::remove_spool(spool).await;
+                exports::remove_spool(spool.clone()).await;
                 match &result {
                     Ok(_) => tracing::info!("build succeeded"),
                     Err(failure) => tracing::info!("build failed: {}", failure.message),

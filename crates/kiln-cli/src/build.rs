@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use kiln_client::{BuildEvent, BuildRequest};
+use kiln_model::OutputSpec;
+use kiln_types::MediaTypes;
 
 use crate::embedded;
 use crate::exports::{ExportWriter, Piece};
@@ -82,9 +84,9 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
         dockerignore,
         target: args.target.clone(),
         build_args: parse_build_args(&args.build_args)?,
-        platforms: args.platform.iter().filter(|p| !p.is_empty()).cloned().collect(),
+        platforms: platforms(&args.platform)?,
         no_cache: args.no_cache,
-        max_parallelism: args.max_parallelism,
+        max_parallelism: args.max_parallelism.map(|n| n as usize),
         secrets: read_secrets(&args.secrets)?,
         outputs: outputs(&args)?,
         context_manifest: None,
@@ -164,26 +166,23 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
 
 /// `--output` specs with `dest=` made absolute (this client writes them, from the files the
 /// daemon streams back), plus the `-t`/`--push` shorthands.
-fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<String>> {
+/// `--platform` values, checked here so a typo is reported before anything is sent.
+fn platforms(values: &[String]) -> anyhow::Result<Vec<kiln_types::Platform>> {
+    values.iter().filter(|p| !p.is_empty()).map(|p| p.parse().with_context(|| format!("--platform {p}"))).collect()
+}
+
+fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
     let mut outputs = Vec::new();
     for spec in &args.outputs {
-        let absolute = |path: &str| std::path::absolute(path).map(|p| p.display().to_string());
-        if !spec.contains('=') {
-            outputs.push(format!("type=local,dest={}", absolute(spec)?));
-            continue;
+        let mut output = OutputSpec::parse(spec)?;
+        if let Some(dest) = output.dest_mut() {
+            *dest = std::path::absolute(&*dest).with_context(|| format!("--output {spec:?}"))?;
         }
-        let parts: Vec<String> = spec
-            .split(',')
-            .map(|part| match part.split_once('=') {
-                Some(("dest", path)) => absolute(path).map(|p| format!("dest={p}")),
-                _ => Ok(part.to_string()),
-            })
-            .collect::<Result<_, _>>()?;
-        outputs.push(parts.join(","));
+        outputs.push(output);
     }
     if outputs.is_empty() {
         for tag in &args.tags {
-            outputs.push(format!("type=image,name={tag},push={}", args.push));
+            outputs.push(OutputSpec::Image { names: vec![tag.clone()], push: args.push, media: MediaTypes::Docker });
         }
     } else if args.push {
         bail!("--push goes with -t NAME, not with --output (use type=image,push=true)");

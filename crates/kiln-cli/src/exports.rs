@@ -9,6 +9,7 @@ use std::io::{Seek as _, Write as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
+use kiln_model::OutputSpec;
 use tokio::sync::mpsc;
 
 /// One piece of a file output, as it arrived.
@@ -33,8 +34,8 @@ pub struct ExportWriter {
 impl ExportWriter {
     /// A writer for the destinations of `outputs` (the `--output` specs as sent, with
     /// absolute `dest=` paths).
-    pub fn start(outputs: &[String]) -> anyhow::Result<ExportWriter> {
-        let dests: Vec<Option<PathBuf>> = outputs.iter().map(|spec| dest_of(spec)).collect();
+    pub fn start(outputs: &[OutputSpec]) -> anyhow::Result<ExportWriter> {
+        let dests: Vec<Option<PathBuf>> = outputs.iter().map(|o| o.dest().map(Path::to_path_buf)).collect();
         let (pieces, mut received) = mpsc::channel::<Piece>(16);
         let thread = std::thread::Builder::new()
             .name("kiln-exports".into())
@@ -77,13 +78,6 @@ impl ExportWriter {
 
 /// The `dest=` of a spec (a bare path is `type=local,dest=PATH`), or `None` for outputs
 /// without files.
-fn dest_of(spec: &str) -> Option<PathBuf> {
-    if !spec.contains('=') {
-        return Some(PathBuf::from(spec));
-    }
-    spec.split(',').find_map(|part| part.split_once('=').filter(|(k, _)| k.trim() == "dest")).map(|(_, v)| v.into())
-}
-
 struct Files {
     dests: Vec<Option<PathBuf>>,
     open: HashMap<(usize, Option<String>), tempfile::NamedTempFile>,

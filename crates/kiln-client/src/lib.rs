@@ -8,44 +8,14 @@ mod worker;
 pub use blobs::{BlobWriter, UploadStats, blob_writer, fetch_blob, fetch_from_any, unsynced_blob_writer};
 pub use worker::{Assignment, FromCoordinator, WorkerLink, WorkerSession};
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use hyper_util::rt::TokioIo;
-pub use kiln_model::BuildEvent;
 use kiln_model::WorkerStatus;
-use kiln_proto::convert::{event_from_proto, manifest_to_proto, worker_from_proto};
+pub use kiln_model::{BuildEvent, BuildRequest};
+use kiln_proto::convert::{event_from_proto, request_to_proto, worker_from_proto};
 use kiln_proto::v1::{self, control_client::ControlClient};
 use tonic::transport::{Channel, Endpoint};
-
-/// What to build (paths absolute, on the daemon's machine).
-#[derive(Debug, Clone, Default)]
-pub struct BuildRequest {
-    /// The Dockerfile's text.
-    pub dockerfile: String,
-    /// Its name, for error messages.
-    pub file_name: String,
-    /// The context directory.
-    pub context: PathBuf,
-    /// The `.dockerignore` text that applies.
-    pub dockerignore: String,
-    /// Target stage.
-    pub target: Option<String>,
-    /// Build arguments.
-    pub build_args: BTreeMap<String, String>,
-    /// Platforms, as `os/arch[/variant]`.
-    pub platforms: Vec<String>,
-    /// `--no-cache`.
-    pub no_cache: bool,
-    /// `--max-parallelism`.
-    pub max_parallelism: Option<u32>,
-    /// Secrets by id.
-    pub secrets: HashMap<String, Vec<u8>>,
-    /// `--output` specs.
-    pub outputs: Vec<String>,
-    /// An uploaded context (instead of `context`, for a daemon on another machine).
-    pub context_manifest: Option<kiln_context::ContextManifest>,
-}
 
 /// A connection to a daemon.
 #[derive(Clone)]
@@ -136,20 +106,7 @@ impl Client {
     /// Starts a build; events arrive on the stream until [`BuildEvent::Result`]. Dropping the
     /// stream cancels the build.
     pub async fn build(&self, request: BuildRequest) -> Result<BuildEvents, String> {
-        let request = v1::BuildRequest {
-            dockerfile: request.dockerfile,
-            file_name: request.file_name,
-            context_path: request.context.display().to_string(),
-            dockerignore: request.dockerignore,
-            target: request.target.unwrap_or_default(),
-            build_args: request.build_args.into_iter().collect(),
-            platforms: request.platforms,
-            no_cache: request.no_cache,
-            max_parallelism: request.max_parallelism.unwrap_or(0),
-            secrets: request.secrets,
-            outputs: request.outputs,
-            context: request.context_manifest.as_ref().map(manifest_to_proto),
-        };
+        let request = request_to_proto(&request);
         let stream = self.control.clone().build(request).await.map_err(|e| e.message().to_string())?.into_inner();
         Ok(BuildEvents { stream })
     }

@@ -19,7 +19,8 @@ mod stored;
 
 pub use confined::{ConfinedDir, EntryMeta};
 pub use hash_cache::HashCache;
-pub use stored::{ContextManifest, ManifestEntry, ManifestKind, StoredContext};
+pub use kiln_model::{ContextManifest, ManifestEntry, ManifestError, ManifestKind};
+pub use stored::StoredContext;
 
 /// A build context the worker can copy from: a directory, or an uploaded manifest.
 pub trait BuildContext: ContextFiles + Send + Sync {

@@ -13,140 +13,10 @@ use std::sync::Arc;
 
 use kiln_cas::BlobStore;
 use kiln_dockerfile::context::{ContextEntry, ContextError, ContextFiles, EntryKind};
+use kiln_model::{ContextManifest, ManifestEntry, ManifestKind};
 use kiln_types::Digest;
-use serde::{Deserialize, Serialize};
 
 use crate::{BuildContext, ConfinedDir, EntryMeta, FsContext};
-
-/// One entry of a [`ContextManifest`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ManifestEntry {
-    /// Relative `/`-separated path.
-    pub path: String,
-    /// `file`, `dir` or the symlink's target.
-    pub kind: ManifestKind,
-    /// Permission bits.
-    pub mode: u32,
-    /// Modification time: seconds and nanoseconds.
-    pub mtime: (i64, u32),
-    /// The path's bytes when they are not UTF-8 (`path` then holds them lossily).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub raw_path: Option<Vec<u8>>,
-    /// For a file: an earlier file entry it is a hard link of (the same inode).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hardlink_of: Option<String>,
-}
-
-impl ManifestEntry {
-    /// The path relative to the context, as bytes when the name is not UTF-8.
-    pub fn relative_path(&self) -> PathBuf {
-        match &self.raw_path {
-            Some(bytes) => PathBuf::from(std::ffi::OsStr::from_bytes(bytes)),
-            None => PathBuf::from(&self.path),
-        }
-    }
-}
-
-/// What a manifest entry is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ManifestKind {
-    /// A regular file: its content's digest and size.
-    File {
-        /// sha256 of the content.
-        digest: Digest,
-        /// Bytes.
-        size: u64,
-    },
-    /// A directory.
-    Dir,
-    /// A symbolic link and its target.
-    Symlink(String),
-}
-
-/// A build context as entries with content digests, sorted by path.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContextManifest {
-    /// The entries.
-    pub entries: Vec<ManifestEntry>,
-}
-
-impl ContextManifest {
-    /// Every distinct file digest with its size.
-    pub fn blobs(&self) -> Vec<(Digest, u64)> {
-        let mut seen = std::collections::HashSet::new();
-        self.entries
-            .iter()
-            .filter_map(|e| match &e.kind {
-                ManifestKind::File { digest, size } if seen.insert(*digest) => Some((*digest, *size)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Checks a manifest from an untrusted sender: every path is clean and relative, appears
-    /// once, and has only directories of the manifest (or nothing) among its parents, so no
-    /// entry can be written through a symlink or over a file. The error names the entry.
-    pub fn validate(&self) -> Result<(), String> {
-        let mut kinds: HashMap<&str, &ManifestKind> = HashMap::with_capacity(self.entries.len());
-        for entry in &self.entries {
-            let path = entry.path.as_str();
-            if path.is_empty()
-                || path.starts_with('/')
-                || path.split('/').any(|p| p == ".." || p == "." || p.is_empty())
-            {
-                return Err(format!("context entry {path:?}: not a clean relative path"));
-            }
-            if let Some(raw) = &entry.raw_path
-                && (raw.is_empty()
-                    || raw.starts_with(b"/")
-                    || raw.split(|b| *b == b'/').any(|p| p == b".." || p == b"." || p.is_empty()))
-            {
-                return Err(format!("context entry {path:?}: its raw path is not a clean relative path"));
-            }
-            if kinds.insert(path, &entry.kind).is_some() {
-                return Err(format!("context entry {path:?}: listed twice"));
-            }
-        }
-        for entry in &self.entries {
-            if let Some(first) = &entry.hardlink_of
-                && !matches!(
-                    (&entry.kind, kinds.get(first.as_str())),
-                    (ManifestKind::File { .. }, Some(ManifestKind::File { .. }))
-                )
-            {
-                return Err(format!("context entry {:?}: a hard link of {first:?}, which is not a file", entry.path));
-            }
-            let parents = entry.path.match_indices('/').map(|(at, _)| &entry.path[..at]);
-            for parent in parents {
-                match kinds.get(parent) {
-                    None | Some(ManifestKind::Dir) => {}
-                    Some(ManifestKind::Symlink(_)) => {
-                        return Err(format!("context entry {:?}: its parent {parent:?} is a symlink", entry.path));
-                    }
-                    Some(ManifestKind::File { .. }) => {
-                        return Err(format!("context entry {:?}: its parent {parent:?} is a file", entry.path));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The file digests the given entries need.
-    pub fn digests_of(&self, selected: &[&ContextEntry]) -> Vec<Digest> {
-        let by_path: HashMap<&str, &ManifestEntry> = self.entries.iter().map(|e| (e.path.as_str(), e)).collect();
-        let mut digests: Vec<Digest> = selected
-            .iter()
-            .filter_map(|s| match by_path.get(s.path.as_str()).map(|e| &e.kind) {
-                Some(ManifestKind::File { digest, .. }) => Some(*digest),
-                _ => None,
-            })
-            .collect();
-        digests.sort();
-        digests.dedup();
-        digests
-    }
-}
 
 impl FsContext {
     /// The manifest of this context: reads and hashes every file.
@@ -290,7 +160,7 @@ mod tests {
     #[test]
     fn manifests_with_entries_below_symlinks_or_files_are_refused() {
         let file = || ManifestKind::File { digest: Digest::of(b"x"), size: 1 };
-        let check = |entries: Vec<ManifestEntry>| ContextManifest { entries }.validate();
+        let check = |entries: Vec<ManifestEntry>| ContextManifest { entries }.validate().map_err(|e| e.to_string());
         let through_link =
             check(vec![entry("a", ManifestKind::Symlink("/etc/cron.d".into())), entry("a/evil", file())]);
         assert_eq!(through_link.unwrap_err(), "context entry \"a/evil\": its parent \"a\" is a symlink");

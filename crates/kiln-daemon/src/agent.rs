@@ -160,7 +160,9 @@ async fn execute(
         // Only the files this source selects travel.
         if let Op::Source(SourceOp::Local { include, exclude, .. }) = &assignment.vertex.op {
             let selected = select_context(&context, include, exclude)?;
-            worker.ensure_blobs(&manifest.digests_of(&selected), address, &fetcher).await?;
+            worker
+                .ensure_blobs(&manifest.digests_of(selected.iter().map(|e| e.path.as_str())), address, &fetcher)
+                .await?;
         }
         contexts.insert(name.clone(), Arc::new(context));
     }

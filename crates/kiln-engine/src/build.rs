@@ -1,7 +1,7 @@
 //! One build: context, two-pass conversion, solve, export.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_cluster::ClusterBuild;
@@ -10,14 +10,14 @@ use kiln_dockerfile::ignore::PatternList;
 use kiln_dockerfile::image::{ImageConfig, ImageMetadata};
 use kiln_dockerfile::{BuildPlan, ConvertOptions, convert};
 use kiln_graph::{Op, SourceOp};
-use kiln_model::{BuildEvent, LogSink, VertexRecord};
+use kiln_model::{BuildEvent, BuildRequest, LogSink, VertexRecord};
 use kiln_solver::{BuildHandle, BuildOptions, Event};
 use kiln_types::{Digest, ImageReference, Platform};
 use kiln_worker::BuildInputs;
 use tokio::sync::mpsc;
 
 use crate::history::{self, Bases};
-use crate::{Engine, Mode, OutputSpec};
+use crate::{Engine, Mode};
 
 /// What a coordinator's workers need of a build: its contexts (sent with context sources)
 /// and secrets (sent with RUN steps).
@@ -29,40 +29,6 @@ pub struct ClusterData {
     pub secrets: HashMap<String, Vec<u8>>,
 }
 
-/// What a client asks to build.
-#[derive(Debug, Clone, Default)]
-pub struct BuildRequest {
-    /// The Dockerfile's text.
-    pub dockerfile: String,
-    /// Its name, for error messages.
-    pub file_name: String,
-    /// The context directory (on the engine's machine).
-    pub context: PathBuf,
-    /// The `.dockerignore` text that applies.
-    pub dockerignore: String,
-    /// Target stage (default: the last).
-    pub target: Option<String>,
-    /// Build arguments.
-    pub build_args: BTreeMap<String, String>,
-    /// Target platforms (default: the engine's).
-    pub platforms: Vec<Platform>,
-    /// `--no-cache`.
-    pub no_cache: bool,
-    /// `--max-parallelism`.
-    pub max_parallelism: Option<usize>,
-    /// Secrets by id.
-    pub secrets: HashMap<String, Vec<u8>>,
-    /// Where the result goes.
-    pub outputs: Vec<OutputSpec>,
-    /// An uploaded context (its files are blobs in this engine's store), instead of
-    /// `context`.
-    pub context_manifest: Option<ContextManifest>,
-    /// When set, file outputs are written here (output `i` as `SPOOL/i…`) instead of at their
-    /// `dest`, which then only names them: a daemon streams them to its client, which writes
-    /// its own paths ([`BuildSummary::files`]).
-    pub spool: Option<PathBuf>,
-}
-
 /// A finished build.
 #[derive(Debug, Clone)]
 pub struct BuildSummary {
@@ -70,7 +36,7 @@ pub struct BuildSummary {
     pub records: Vec<VertexRecord>,
     /// The image (manifest or index) digest, when an image was exported.
     pub image: Option<Digest>,
-    /// The files written into [`BuildRequest::spool`], in output order.
+    /// The files written into the build's spool, in output order.
     pub files: Vec<SpooledFile>,
 }
 
@@ -117,6 +83,7 @@ impl Engine {
     pub async fn build(
         &self,
         request: BuildRequest,
+        spool: Option<&Path>,
         progress: mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<BuildSummary, BuildFailure> {
         let context = self.context(&request).await.map_err(BuildFailure::early)?;
@@ -185,7 +152,7 @@ impl Engine {
         if let Err(error) = flushed.map_err(|e| e.to_string()).and_then(|flushed| flushed) {
             return Err(BuildFailure { message: format!("flushing the cache index: {error}"), records });
         }
-        match self.export(&plan, &results, &vertex_layers, &bases, &request, &progress).await {
+        match self.export(&plan, &results, &vertex_layers, &bases, &request, spool, &progress).await {
             Ok((image, files)) => Ok(BuildSummary { records, image, files }),
             Err(message) => Err(BuildFailure { message, records }),
         }

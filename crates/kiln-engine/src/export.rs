@@ -1,26 +1,27 @@
 //! Exporting a solved build: image documents, pushes, tarballs, plain files.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use kiln_dockerfile::BuildPlan;
 use kiln_layer::TarOptions;
+use kiln_model::{BuildEvent, BuildRequest, OutputSpec};
 use kiln_registry::{
     ArchiveFormat, Descriptor, History, MediaTypes, NewImage, NewLayer, store_image, store_index, write_archive,
 };
-use kiln_types::now_ms;
-use kiln_types::{Digest, rfc3339_millis};
+use kiln_types::{Digest, now_ms, rfc3339_millis};
 use kiln_worker::Snapshot;
 use tokio::sync::mpsc;
 
 use crate::history::{self, Bases};
-use kiln_model::BuildEvent;
 
-use crate::{BuildRequest, Engine, OutputSpec, SpooledFile};
+use crate::{Engine, SpooledFile};
 
 impl Engine {
     /// Runs every requested output; returns the image digest when an image was made, and
     /// the files written into the request's spool.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn export(
         &self,
         plan: &BuildPlan,
@@ -28,6 +29,7 @@ impl Engine {
         vertex_layers: &HashMap<Digest, usize>,
         bases: &Bases,
         request: &BuildRequest,
+        spool: Option<&Path>,
         progress: &mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<(Option<Digest>, Vec<SpooledFile>), String> {
         let epoch = match request.build_args.get("SOURCE_DATE_EPOCH") {
@@ -43,7 +45,7 @@ impl Engine {
         let mut images: HashMap<MediaTypes, Descriptor> = HashMap::new();
         let mut image_digest = None;
         let mut files = Vec::new();
-        if let Some(spool) = &request.spool {
+        if let Some(spool) = spool {
             tokio::fs::create_dir_all(spool).await.map_err(|e| format!("{}: {e}", spool.display()))?;
         }
         let images_out =
@@ -52,7 +54,7 @@ impl Engine {
             self.keep_base_blobs(bases).await?;
         }
         for (index, output) in request.outputs.iter().enumerate() {
-            let spooled = request.spool.as_ref().map(|spool| spool.join(index.to_string()));
+            let spooled = spool.map(|spool| spool.join(index.to_string()));
             let media = match output {
                 OutputSpec::Image { media, .. } => Some(*media),
                 OutputSpec::Oci { .. } => Some(MediaTypes::Oci),

@@ -8,10 +8,9 @@
 mod build;
 mod export;
 mod history;
-mod output;
 
-pub use build::{BuildFailure, BuildRequest, BuildSummary, ClusterData, SpooledFile};
-pub use output::OutputSpec;
+pub use build::{BuildFailure, BuildSummary, ClusterData, SpooledFile};
+pub use kiln_model::{BuildRequest, OutputSpec};
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -59,7 +59,7 @@ impl Fixture {
         request: BuildRequest,
     ) -> (Result<kiln_engine::BuildSummary, kiln_engine::BuildFailure>, Vec<BuildEvent>) {
         let (sender, mut receiver) = mpsc::unbounded_channel();
-        let result = self.engine.build(request, sender).await;
+        let result = self.engine.build(request, None, sender).await;
         let mut progress = Vec::new();
         while let Ok(event) = receiver.try_recv() {
             progress.push(event);

@@ -9,11 +9,17 @@
 mod event;
 mod executor;
 mod log;
+mod manifest;
+mod output;
 mod record;
+mod request;
 mod worker;
 
 pub use event::BuildEvent;
 pub use executor::{BoxFuture, Executed, Executor, Failed};
 pub use log::{LogLine, LogSink, LogStream};
+pub use manifest::{ContextManifest, ManifestEntry, ManifestError, ManifestKind};
+pub use output::{OutputSpec, OutputSpecError};
 pub use record::{Status, UnknownStatus, VertexRecord};
+pub use request::BuildRequest;
 pub use worker::{JobId, LayerDesc, Layers, WorkerInfo, WorkerStatus};

@@ -3,9 +3,11 @@
 //! arrives is checked: a malformed digest, platform or status is a [`WireError`] naming what
 //! it belonged to, never re-hashed, defaulted or dropped.
 
-use kiln_context::{ContextManifest, ManifestEntry, ManifestKind};
+use std::path::PathBuf;
+
 use kiln_model::{
-    BuildEvent, Executed, LayerDesc, Layers, LogLine, LogStream, Status, UnknownStatus, VertexRecord, WorkerInfo,
+    BuildEvent, BuildRequest, ContextManifest, Executed, LayerDesc, Layers, LogLine, LogStream, ManifestEntry,
+    ManifestError, ManifestKind, OutputSpec, OutputSpecError, Status, UnknownStatus, VertexRecord, WorkerInfo,
     WorkerStatus,
 };
 use kiln_types::{Digest, DigestError, PlatformError};
@@ -47,8 +49,11 @@ pub enum WireError {
         source: UnknownStatus,
     },
     /// A context manifest that is not well formed (its validation names the entry).
-    #[error("{0}")]
-    Manifest(String),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// An output spec that does not parse.
+    #[error(transparent)]
+    Output(#[from] OutputSpecError),
     /// A required part of a message is missing.
     #[error("{0}")]
     Missing(&'static str),
@@ -173,6 +178,43 @@ pub fn event_from_proto(event: Event) -> Result<BuildEvent, WireError> {
     })
 }
 
+/// A build request as sent.
+pub fn request_to_proto(request: &BuildRequest) -> v1::BuildRequest {
+    v1::BuildRequest {
+        dockerfile: request.dockerfile.clone(),
+        file_name: request.file_name.clone(),
+        context_path: request.context.display().to_string(),
+        dockerignore: request.dockerignore.clone(),
+        target: request.target.clone().unwrap_or_default(),
+        build_args: request.build_args.clone().into_iter().collect(),
+        platforms: request.platforms.iter().map(|p| p.to_string()).collect(),
+        no_cache: request.no_cache,
+        max_parallelism: request.max_parallelism.unwrap_or(0) as u32,
+        secrets: request.secrets.clone(),
+        outputs: request.outputs.iter().map(|o| o.to_string()).collect(),
+        context: request.context_manifest.as_ref().map(manifest_to_proto),
+    }
+}
+
+/// A build request as received: platforms, outputs and the manifest checked.
+pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, WireError> {
+    let outputs = request.outputs.iter().map(|o| OutputSpec::parse(o)).collect::<Result<_, _>>()?;
+    Ok(BuildRequest {
+        platforms: platforms_from_proto(&request.platforms, "--platform")?,
+        dockerfile: request.dockerfile,
+        file_name: if request.file_name.is_empty() { "Dockerfile".into() } else { request.file_name },
+        context: PathBuf::from(request.context_path),
+        dockerignore: request.dockerignore,
+        target: nonempty(request.target),
+        build_args: request.build_args.into_iter().collect(),
+        no_cache: request.no_cache,
+        max_parallelism: (request.max_parallelism > 0).then_some(request.max_parallelism as usize),
+        secrets: request.secrets,
+        outputs,
+        context_manifest: request.context.map(manifest_from_proto).transpose()?,
+    })
+}
+
 /// A context manifest as sent.
 pub fn manifest_to_proto(manifest: &ContextManifest) -> v1::ContextManifest {
     let entries = manifest
@@ -213,7 +255,12 @@ pub fn manifest_from_proto(manifest: v1::ContextManifest) -> Result<ContextManif
             },
             1 => ManifestKind::Dir,
             2 => ManifestKind::Symlink(e.link),
-            other => return Err(WireError::Manifest(format!("context entry {}: unknown kind {other}", e.path))),
+            other => {
+                return Err(WireError::Manifest(ManifestError(format!(
+                    "context entry {}: unknown kind {other}",
+                    e.path
+                ))));
+            }
         };
         let raw_path = (!e.raw_path.is_empty()).then_some(e.raw_path);
         let hardlink_of = (!e.hardlink_of.is_empty()).then_some(e.hardlink_of);
@@ -221,7 +268,7 @@ pub fn manifest_from_proto(manifest: v1::ContextManifest) -> Result<ContextManif
         entries.push(ManifestEntry { path: e.path, kind, mode: e.mode & 0o7777, mtime, raw_path, hardlink_of });
     }
     let manifest = ContextManifest { entries };
-    manifest.validate().map_err(WireError::Manifest)?;
+    manifest.validate()?;
     Ok(manifest)
 }
 
@@ -403,6 +450,26 @@ mod tests {
             let wire = event_to_proto(event.clone()).event.unwrap();
             assert_eq!(event_from_proto(wire).unwrap(), event);
         }
+    }
+
+    #[test]
+    fn build_requests_survive_the_round_trip_and_bad_fields_are_named() {
+        let request = BuildRequest {
+            dockerfile: "FROM scratch\n".into(),
+            file_name: "Dockerfile.app".into(),
+            context: "/ctx".into(),
+            target: Some("app".into()),
+            platforms: vec!["linux/arm64/v8".parse().unwrap()],
+            max_parallelism: Some(3),
+            outputs: vec![OutputSpec::parse("type=oci,dest=/o.tar,name=a:1").unwrap()],
+            context_manifest: Some(ContextManifest { entries: vec![] }),
+            ..Default::default()
+        };
+        assert_eq!(request_from_proto(request_to_proto(&request)).unwrap(), request);
+        let bad = v1::BuildRequest { outputs: vec!["type=cloud".into()], ..Default::default() };
+        assert!(request_from_proto(bad).unwrap_err().to_string().contains("type=cloud"));
+        let bad = v1::BuildRequest { platforms: vec!["plan9".into()], ..Default::default() };
+        assert!(request_from_proto(bad).unwrap_err().to_string().contains("--platform"));
     }
 
     #[test]

@@ -14,14 +14,7 @@ use crate::image::{
     OCI_INDEX, OCI_MANIFEST, PlatformField,
 };
 
-/// Which family of media types documents use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MediaTypes {
-    /// OCI image spec types.
-    Oci,
-    /// Docker schema 2 types (what `docker pull` has always read).
-    Docker,
-}
+pub use kiln_types::MediaTypes;
 
 /// A layer of a new image.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,11 +21,13 @@ macro_rules! serde_as_string {
 }
 
 mod digest;
+mod media;
 mod platform;
 mod reference;
 mod time;
 
 pub use digest::{Digest, DigestError, Sha256Writer};
+pub use media::MediaTypes;
 pub use platform::{Platform, PlatformError};
 pub use reference::{ImageReference, ReferenceError};
 pub use time::{now_ms, rfc3339_millis};

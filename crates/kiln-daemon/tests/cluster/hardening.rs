@@ -46,7 +46,7 @@ fn request(dockerfile: &str, manifest: Option<ContextManifest>, outputs: &[Strin
         no_cache: false,
         max_parallelism: None,
         secrets: Default::default(),
-        outputs: outputs.to_vec(),
+        outputs: outputs.iter().map(|o| kiln_model::OutputSpec::parse(o).unwrap()).collect(),
         context_manifest: manifest,
     }
 }
