@@ -7,6 +7,7 @@ use std::sync::Arc;
 use kiln_cluster::{Cluster, Job, ToWorker};
 use kiln_engine::ClusterData;
 use kiln_graph::{Op, SourceOp};
+use kiln_model::Failed;
 use kiln_proto::MAX_MESSAGE;
 use kiln_proto::convert::{
     job_result_from_proto, layers_to_proto, log_line_from_proto, manifest_to_proto, register_from_proto,
@@ -73,7 +74,7 @@ impl Workers for WorkersService {
                         // Too large to send: the job fails alone, the session goes on.
                         Err((job, epoch, error)) => {
                             tracing::warn!(job, "{error}");
-                            cluster.report(&worker, job, epoch, Err(error));
+                            cluster.report(&worker, job, epoch, Err(Failed::from(error)));
                             continue;
                         }
                     },
@@ -111,8 +112,9 @@ impl Workers for WorkersService {
                             }
                             worker_message::Message::Result(result) => {
                                 let (job, epoch) = (result.job, result.epoch);
-                                let result = job_result_from_proto(result)
-                                    .unwrap_or_else(|e| Err(format!("worker {name} sent a malformed result: {e}")));
+                                let result = job_result_from_proto(result).unwrap_or_else(|e| {
+                                    Err(Failed::from(format!("worker {name} sent a malformed result: {e}")))
+                                });
                                 cluster.report(&name, job, epoch, result);
                             }
                             worker_message::Message::Drain(_) => cluster.drain(&name, session),

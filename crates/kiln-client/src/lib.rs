@@ -6,7 +6,7 @@ mod blobs;
 mod worker;
 
 pub use blobs::{BlobWriter, UploadStats, blob_writer, fetch_blob, fetch_from_any, unsynced_blob_writer};
-pub use worker::{Assignment, FromCoordinator, WorkerLink, WorkerSession};
+pub use worker::{WorkerLink, WorkerSession};
 
 use std::path::PathBuf;
 

@@ -3,9 +3,8 @@
 
 use std::collections::HashMap;
 
-use kiln_context::ContextManifest;
 use kiln_graph::Vertex;
-use kiln_model::{Executed, JobId, Layers, LogLine, WorkerInfo};
+use kiln_model::{Assignment, Executed, Failed, FromCoordinator, JobId, Layers, LogLine, WorkerInfo};
 use kiln_proto::v1::{self, coordinator_message, worker_message, workers_client::WorkersClient};
 use kiln_types::Digest;
 use tokio::sync::mpsc;
@@ -14,45 +13,6 @@ use kiln_proto::convert::{
     WireError, job_log_to_proto, job_result_to_proto, layers_from_proto, manifest_from_proto, parse_digest,
     register_to_proto,
 };
-
-/// A job as the worker receives it.
-#[derive(Debug)]
-pub struct Assignment {
-    /// The job.
-    pub job: JobId,
-    /// Its epoch (echoed back).
-    pub epoch: u32,
-    /// The vertex.
-    pub vertex: Vertex,
-    /// Its inputs' layers.
-    pub inputs: Vec<Layers>,
-    /// Peers holding each input layer.
-    pub sources: HashMap<Digest, Vec<String>>,
-    /// Secrets (RUN steps only).
-    pub secrets: HashMap<String, Vec<u8>>,
-    /// Context manifests (context sources only).
-    pub contexts: HashMap<String, ContextManifest>,
-    /// The blob service holding the contexts' files.
-    pub context_address: String,
-}
-
-/// What the coordinator sends.
-#[derive(Debug)]
-pub enum FromCoordinator {
-    /// Run a job.
-    Assign(Box<Assignment>),
-    /// Stop a job.
-    Cancel(JobId),
-    /// An assignment this worker could not read: report it failed (the session goes on).
-    Unreadable {
-        /// The job.
-        job: JobId,
-        /// Its epoch.
-        epoch: u32,
-        /// Why.
-        error: String,
-    },
-}
 
 /// The sending half of a session (cheap to clone).
 #[derive(Clone)]
@@ -167,7 +127,7 @@ impl WorkerLink {
     }
 
     /// A job's result.
-    pub fn result(&self, job: JobId, epoch: u32, result: Result<Executed<Layers>, String>) {
+    pub fn result(&self, job: JobId, epoch: u32, result: Result<Executed<Layers>, Failed>) {
         let message = job_result_to_proto(job, epoch, result);
         self.send(worker_message::Message::Result(message));
     }

@@ -10,7 +10,7 @@
 //! recipe (vertex, inputs, build); before a job runs, inputs that no connected worker holds
 //! any more are recomputed from their recipes (recursively), and the new layers stand in for
 //! the lost ones from then on. A worker that finds an input gone while fetching it reports
-//! [`LOST_INPUT`], and the job is prepared and placed again.
+//! a lost input ([`Failed::lost_input`]), and the job is prepared and placed again.
 
 pub mod state;
 #[cfg(test)]
@@ -31,11 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use state::ClusterSettings;
 use state::{ClusterCommand, ClusterEffect, ClusterState, JobSpec};
 
-/// The prefix of a job error that means an input layer could not be fetched: the job is
-/// retried after recomputing lost inputs.
-pub const LOST_INPUT: &str = "lost input: ";
-
-/// Times a job is prepared again after [`LOST_INPUT`].
+/// Times a job is prepared again after a lost input ([`Failed::lost_input`]).
 const LOST_INPUT_RETRIES: u32 = 3;
 
 /// Recipes kept for recomputing lost results (oldest forgotten first).
@@ -235,7 +231,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     }
 
     /// A worker's result for a job.
-    pub fn report(&self, worker: &str, job: JobId, epoch: u32, result: Result<Executed<Layers>, String>) {
+    pub fn report(&self, worker: &str, job: JobId, epoch: u32, result: Result<Executed<Layers>, Failed>) {
         let layers = result.as_ref().map(|e| e.output.layers.clone()).unwrap_or_default();
         let mut inner = self.lock();
         let effects = inner.state.apply(ClusterCommand::Report { job, epoch, worker: worker.into(), layers });
@@ -247,7 +243,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
             {
                 let result = match result {
                     Ok(executed) => Ok(Executed { worker: Some(worker.clone()), ..executed }),
-                    Err(message) => Err(Failed { message, worker: Some(worker.clone()) }),
+                    Err(failed) => Err(failed.on(worker.clone())),
                 };
                 let _ = pending.done.send(result);
             } else {
@@ -413,11 +409,11 @@ fn run<B: Send + Sync + 'static>(
         loop {
             let mut ready = Vec::with_capacity(inputs.len());
             for input in &inputs {
-                ready.push(Arc::clone(&cluster).recover(input.clone(), logs.clone()).await.map_err(Failed::from)?);
+                ready.push(Arc::clone(&cluster).recover(input.clone(), logs.clone()).await?);
             }
             let result = cluster.place(vertex.clone(), ready.clone(), Arc::clone(&build), logs.clone()).await;
             match result {
-                Err(error) if error.message.starts_with(LOST_INPUT) && attempt < LOST_INPUT_RETRIES => attempt += 1,
+                Err(error) if error.lost_input && attempt < LOST_INPUT_RETRIES => attempt += 1,
                 Ok(executed) => {
                     cluster.remember(&executed.output, Recipe { vertex, inputs: ready, build });
                     return Ok(executed);
@@ -499,7 +495,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     /// a recomputation from its recipe, whose own lost inputs are recomputed first. The
     /// results still to recompute are an explicit stack, never a recursion, so a long chain
     /// of lost steps costs no stack; past [`MAX_RECOVERY_DEPTH`] the input counts as lost.
-    pub fn recover(self: Arc<Self>, layers: Layers, logs: LogSink) -> BoxFuture<Result<Layers, String>> {
+    pub fn recover(self: Arc<Self>, layers: Layers, logs: LogSink) -> BoxFuture<Result<Layers, Failed>> {
         Box::pin(async move {
             let mut pending = vec![layers];
             let mut attempt = 0;
@@ -514,15 +510,15 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 }
                 let recipe = self.lock().recipes.get(&current).cloned();
                 let Some(recipe) = recipe else {
-                    return Err(format!("{LOST_INPUT}layers of an earlier result were lost with their worker"));
+                    return Err(Failed::lost_input("layers of an earlier result were lost with their worker"));
                 };
                 let inputs: Vec<Layers> = recipe.inputs.iter().map(|i| self.substitute(i)).collect();
                 if let Some(missing) = inputs.iter().find(|i| !self.held(i)) {
                     if pending.len() >= MAX_RECOVERY_DEPTH {
-                        return Err(format!(
-                            "{LOST_INPUT}recomputing {} needs more than {MAX_RECOVERY_DEPTH} lost results recomputed first",
+                        return Err(Failed::lost_input(format!(
+                            "recomputing {} needs more than {MAX_RECOVERY_DEPTH} lost results recomputed first",
                             recipe.vertex.meta.name
-                        ));
+                        )));
                     }
                     pending.push(missing.clone());
                     continue;
@@ -542,18 +538,18 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                             executed
                         }
                         // An input vanished between the check and the fetch: look again.
-                        Err(failed) if failed.message.starts_with(LOST_INPUT) && attempt < LOST_INPUT_RETRIES => {
+                        Err(failed) if failed.lost_input && attempt < LOST_INPUT_RETRIES => {
                             attempt += 1;
                             continue;
                         }
-                        Err(failed) => return Err(failed.message),
+                        Err(failed) => return Err(failed),
                     }
                 };
                 if made.output != current {
                     self.lock().substitutes.insert(current, made.output);
                 }
             }
-            Err(format!("{LOST_INPUT}nothing to recover"))
+            Err(Failed::lost_input("nothing to recover"))
         })
     }
 

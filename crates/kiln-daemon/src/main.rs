@@ -341,7 +341,16 @@ async fn worker(root: &Path, settings: WorkerSettings, stopped: CancellationToke
     // It stops once the session has ended, finishing the fetches under way (bounded).
     let session_over = CancellationToken::new();
     let server = tokio::spawn(kiln_api::serve_tcp(services, listener, until_stopped(session_over.clone())));
-    agent::run(Arc::clone(&worker), root.to_path_buf(), info, coordinator, stopped).await;
+    let control = Arc::new(agent::Coordinator(coordinator));
+    kiln_worker::agent::run(
+        Arc::clone(&worker),
+        control,
+        Arc::new(agent::PeerFetcher),
+        info,
+        root.to_path_buf(),
+        stopped,
+    )
+    .await;
     session_over.cancel();
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(served) => served?.map_err(anyhow::Error::msg)?,

@@ -169,7 +169,8 @@ impl Engine {
         let logs = LogSink::discard();
         let mut attempt = 0;
         loop {
-            let layers = Arc::clone(cluster).recover(output.clone(), logs.clone()).await?;
+            let layers =
+                Arc::clone(cluster).recover(output.clone(), logs.clone()).await.map_err(|failed| failed.to_string())?;
             let sources = layers.layers.iter().map(|l| (l.diff_id, cluster.holders(&l.diff_id))).collect();
             match self.worker.ensure_layers(&layers.layers, &sources, fetcher).await {
                 Ok(snapshot) => return Ok(snapshot),

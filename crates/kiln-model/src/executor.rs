@@ -35,19 +35,39 @@ pub struct Failed {
     pub message: String,
     /// The worker it failed on.
     pub worker: Option<String>,
+    /// An input's layers could not be fetched (they went with their worker): the step itself
+    /// did not fail, and a cluster recomputes the input and places the step again.
+    pub lost_input: bool,
+}
+
+impl Failed {
+    /// A step whose input was lost (see [`Failed::lost_input`]).
+    pub fn lost_input(message: impl Into<String>) -> Failed {
+        Failed { message: message.into(), worker: None, lost_input: true }
+    }
+
+    /// The same failure, on `worker`.
+    pub fn on(self, worker: impl Into<String>) -> Failed {
+        Failed { worker: Some(worker.into()), ..self }
+    }
 }
 
 impl From<String> for Failed {
     fn from(message: String) -> Failed {
-        Failed { message, worker: None }
+        Failed { message, worker: None, lost_input: false }
     }
 }
 
 impl std::fmt::Display for Failed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.lost_input {
+            f.write_str("lost input: ")?;
+        }
         f.write_str(&self.message)
     }
 }
+
+impl std::error::Error for Failed {}
 
 /// The thing that executes a vertex: the one placement interface.
 pub trait Executor: Send + Sync + 'static {

@@ -6,6 +6,7 @@
 //! Plain data and one trait; no IO and no async runtime. The wire twins of these types live in
 //! `kiln-proto`, with the one conversion both ends use.
 
+mod assignment;
 mod event;
 mod executor;
 mod log;
@@ -15,6 +16,7 @@ mod record;
 mod request;
 mod worker;
 
+pub use assignment::{Assignment, FromCoordinator};
 pub use event::BuildEvent;
 pub use executor::{BoxFuture, Executed, Executor, Failed};
 pub use log::{LogLine, LogSink, LogStream};

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use kiln_model::{
-    BuildEvent, BuildRequest, ContextManifest, Executed, LayerDesc, Layers, LogLine, LogStream, ManifestEntry,
+    BuildEvent, BuildRequest, ContextManifest, Executed, Failed, LayerDesc, Layers, LogLine, LogStream, ManifestEntry,
     ManifestError, ManifestKind, OutputSpec, OutputSpecError, Status, UnknownStatus, VertexRecord, WorkerInfo,
     WorkerStatus,
 };
@@ -377,7 +377,7 @@ pub fn log_line_from_proto(log: v1::JobLog) -> LogLine {
 }
 
 /// A job's result as sent: its layers and pin, or the error.
-pub fn job_result_to_proto(job: u64, epoch: u32, result: Result<Executed<Layers>, String>) -> v1::JobResult {
+pub fn job_result_to_proto(job: u64, epoch: u32, result: Result<Executed<Layers>, Failed>) -> v1::JobResult {
     match result {
         Ok(executed) => v1::JobResult {
             job,
@@ -385,16 +385,24 @@ pub fn job_result_to_proto(job: u64, epoch: u32, result: Result<Executed<Layers>
             error: String::new(),
             output: Some(layers_to_proto(&executed.output)),
             pin: executed.pin.map(|p| p.to_string()).unwrap_or_default(),
+            lost_input: false,
         },
-        Err(error) => v1::JobResult { job, epoch, error, output: None, pin: String::new() },
+        Err(failed) => v1::JobResult {
+            job,
+            epoch,
+            error: failed.message,
+            output: None,
+            pin: String::new(),
+            lost_input: failed.lost_input,
+        },
     }
 }
 
-/// A job's result as received: `Ok(Err(message))` is a job that failed, `Err` a malformed
+/// A job's result as received: `Ok(Err(failed))` is a job that failed, `Err` a malformed
 /// message.
-pub fn job_result_from_proto(result: v1::JobResult) -> Result<Result<Executed<Layers>, String>, WireError> {
+pub fn job_result_from_proto(result: v1::JobResult) -> Result<Result<Executed<Layers>, Failed>, WireError> {
     if !result.error.is_empty() {
-        return Ok(Err(result.error));
+        return Ok(Err(Failed { message: result.error, worker: None, lost_input: result.lost_input }));
     }
     let output = layers_from_proto(result.output.unwrap_or_default())?;
     let pin = nonempty(result.pin).map(|pin| parse_digest(&pin, "a job's pin")).transpose()?;
@@ -470,6 +478,15 @@ mod tests {
         assert!(request_from_proto(bad).unwrap_err().to_string().contains("type=cloud"));
         let bad = v1::BuildRequest { platforms: vec!["plan9".into()], ..Default::default() };
         assert!(request_from_proto(bad).unwrap_err().to_string().contains("--platform"));
+    }
+
+    #[test]
+    fn a_lost_input_stays_a_lost_input_across_the_wire() {
+        let lost = Failed::lost_input("layer sha256:ab: no peer has it");
+        let received = job_result_from_proto(job_result_to_proto(4, 2, Err(lost.clone()))).unwrap();
+        assert_eq!(received, Err(lost));
+        let failed = Failed::from("exit code: 1".to_string());
+        assert_eq!(job_result_from_proto(job_result_to_proto(4, 2, Err(failed.clone()))).unwrap(), Err(failed));
     }
 
     #[test]

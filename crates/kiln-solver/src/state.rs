@@ -424,7 +424,9 @@ impl<O: Clone> SolverState<O> {
                     self.complete(id, index, executed.output.clone(), user_key, status, at, effects);
                 }
             }
-            Err(Failed { message: error, worker: failed_on }) => {
+            Err(failed) => {
+                let error = failed.to_string();
+                let failed_on = failed.worker;
                 if failed_on.is_some() {
                     worker = failed_on;
                 }

@@ -12,6 +12,7 @@
 //! it, on success, failure or cancellation (drop of the future); secrets are only ever in a
 //! per-step directory outside every snapshot.
 
+pub mod agent;
 mod chmod;
 mod exec;
 mod executor;

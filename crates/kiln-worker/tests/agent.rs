@@ -1,0 +1,264 @@
+//! The worker's session loop in-process, over a control plane made of channels: registration,
+//! heartbeats, assignments (run, unreadable, with a lost input), reconnection after a broken
+//! session, and drain on stop. Every wait is for an event, bounded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_cas::BlobStore;
+use kiln_context::FsContext;
+use kiln_dockerfile::image::NoImageMetadata;
+use kiln_dockerfile::{ConvertOptions, convert};
+use kiln_graph::{Op, SourceOp, Vertex};
+use kiln_kv::MemoryKv;
+use kiln_model::{
+    Assignment, BoxFuture, ContextManifest, Executed, Failed, FromCoordinator, JobId, LayerDesc, Layers, LogLine,
+    WorkerInfo,
+};
+use kiln_types::{Digest, Platform};
+use kiln_worker::agent::{self, ControlPlane, Session, SessionLink};
+use kiln_worker::{BlobFetcher, Worker, WorkerConfig};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The longest any awaited event may take on a loaded machine.
+const EVENT: Duration = Duration::from_secs(30);
+
+/// What the worker sent.
+#[derive(Debug)]
+enum Sent {
+    Heartbeat,
+    Drain,
+    Result(JobId, Result<Executed<Layers>, Failed>),
+}
+
+/// One registration as the control plane saw it.
+struct Registered {
+    info: WorkerInfo,
+    to_worker: mpsc::Sender<Result<FromCoordinator, String>>,
+    sent: mpsc::UnboundedReceiver<Sent>,
+}
+
+impl Registered {
+    /// The next message that is not a heartbeat or a log line.
+    async fn next(&mut self) -> Sent {
+        loop {
+            match tokio::time::timeout(EVENT, self.sent.recv()).await.expect("the worker answers").expect("open") {
+                Sent::Heartbeat => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        loop {
+            if let Sent::Heartbeat = tokio::time::timeout(EVENT, self.sent.recv()).await.expect("a heartbeat").unwrap()
+            {
+                return;
+            }
+        }
+    }
+
+    async fn assign(&self, assignment: Assignment) {
+        self.to_worker.send(Ok(FromCoordinator::Assign(Box::new(assignment)))).await.unwrap();
+    }
+}
+
+#[derive(Clone)]
+struct Link(mpsc::UnboundedSender<Sent>);
+
+impl SessionLink for Link {
+    fn heartbeat(&self, _: u64) {
+        let _ = self.0.send(Sent::Heartbeat);
+    }
+    fn drain(&self) {
+        let _ = self.0.send(Sent::Drain);
+    }
+    fn log(&self, _: JobId, _: u32, _: LogLine) {}
+    fn result(&self, job: JobId, _: u32, result: Result<Executed<Layers>, Failed>) {
+        let _ = self.0.send(Sent::Result(job, result));
+    }
+    fn is_open(&self) -> bool {
+        !self.0.is_closed()
+    }
+}
+
+struct Plane(mpsc::UnboundedSender<Registered>);
+
+impl ControlPlane for Plane {
+    type Link = Link;
+
+    fn connect(&self, info: WorkerInfo, _: Vec<Digest>) -> BoxFuture<Result<Session<Link>, String>> {
+        let (to_worker, incoming) = mpsc::channel(16);
+        let (link, sent) = mpsc::unbounded_channel();
+        let _ = self.0.send(Registered { info, to_worker, sent });
+        Box::pin(async move { Ok(Session { link: Link(link), lease_ms: 300, incoming }) })
+    }
+
+    fn address(&self) -> String {
+        "http://control.test".into()
+    }
+}
+
+/// Serves blobs from memory and remembers what was asked of it.
+#[derive(Default)]
+struct Blobs {
+    held: HashMap<Digest, Vec<u8>>,
+    asked: Mutex<Vec<(Digest, Vec<String>)>>,
+}
+
+impl BlobFetcher for Blobs {
+    fn fetch(&self, digest: Digest, peers: Vec<String>, store: Arc<BlobStore>) -> BoxFuture<Result<(), String>> {
+        self.asked.lock().unwrap().push((digest, peers.clone()));
+        let bytes = self.held.get(&digest).cloned();
+        Box::pin(async move {
+            let bytes = bytes.ok_or_else(|| format!("{digest}: none of {peers:?} has it"))?;
+            store.put(&bytes, Some(&digest)).map(|_| ()).map_err(|e| e.to_string())
+        })
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    worker: Arc<Worker>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let config = WorkerConfig::new(&dir.path().join("worker")).unwrap();
+        // Context sources and lost inputs never start a container: no runner needed.
+        let worker = Arc::new(Worker::open_stores(config, Arc::new(MemoryKv::new())).unwrap());
+        Fixture { dir, worker }
+    }
+
+    /// The context source vertex of `COPY . /` over a directory holding `files`, and the
+    /// directory's manifest and file contents.
+    fn context_source(&self, files: &[(&str, &str)]) -> (Vertex, ContextManifest, HashMap<Digest, Vec<u8>>) {
+        let root = self.dir.path().join("context");
+        std::fs::create_dir_all(&root).unwrap();
+        for (name, content) in files {
+            std::fs::write(root.join(name), content).unwrap();
+        }
+        let context = FsContext::walk(&root, &Default::default()).unwrap();
+        let options = ConvertOptions {
+            file_name: "Dockerfile".into(),
+            target: None,
+            build_args: Default::default(),
+            platforms: vec!["linux/amd64".parse::<Platform>().unwrap()],
+            build_platform: Platform::host(),
+            context: &context,
+            images: &NoImageMetadata,
+        };
+        let graph = convert("FROM scratch\nCOPY . /\n", &options).unwrap().graph;
+        let source = graph
+            .vertices
+            .into_iter()
+            .find(|v| matches!(v.op, Op::Source(SourceOp::Local { .. })))
+            .expect("a context source");
+        let blobs = files.iter().map(|(_, content)| (Digest::of(content.as_bytes()), content.as_bytes().to_vec()));
+        (source, context.manifest().unwrap(), blobs.collect())
+    }
+}
+
+fn info() -> WorkerInfo {
+    WorkerInfo {
+        name: "w-test".into(),
+        platforms: vec![Platform::host()],
+        labels: Default::default(),
+        max_parallelism: 2,
+        free_disk: 0,
+        address: "http://127.0.0.1:1".into(),
+    }
+}
+
+fn assignment(job: JobId, vertex: Vertex) -> Assignment {
+    Assignment {
+        job,
+        epoch: 1,
+        vertex,
+        inputs: Vec::new(),
+        sources: HashMap::new(),
+        secrets: HashMap::new(),
+        contexts: HashMap::new(),
+        context_address: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_session_runs_its_assignments_reports_failures_and_drains_on_stop() {
+    let fixture = Fixture::new();
+    let (vertex, manifest, blobs) = fixture.context_source(&[("a.txt", "alpha\n"), ("b.txt", "beta\n")]);
+    let blobs = Arc::new(Blobs { held: blobs, ..Blobs::default() });
+    let (plane, mut registrations) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let agent = tokio::spawn(agent::run(
+        Arc::clone(&fixture.worker),
+        Arc::new(Plane(plane)),
+        blobs.clone(),
+        info(),
+        fixture.dir.path().to_path_buf(),
+        stop.clone(),
+    ));
+    let mut session = tokio::time::timeout(EVENT, registrations.recv()).await.unwrap().unwrap();
+    assert_eq!(session.info.name, "w-test");
+    assert!(session.info.free_disk > 0, "heartbeats and registrations carry the free disk");
+    session.heartbeat().await;
+
+    // An assignment the worker could not read fails its job; the session goes on.
+    let unreadable = FromCoordinator::Unreadable { job: 1, epoch: 1, error: "job 1: bad vertex".into() };
+    session.to_worker.send(Ok(unreadable)).await.unwrap();
+    match session.next().await {
+        Sent::Result(1, Err(failed)) => assert!(!failed.lost_input && failed.message.contains("bad vertex")),
+        other => panic!("{other:?}"),
+    }
+
+    // An input nobody holds any more is a lost input, not a failed step.
+    let gone = Layers { layers: vec![LayerDesc { diff_id: Digest::of(b"gone"), size: 4 }] };
+    session.assign(Assignment { inputs: vec![gone], ..assignment(2, vertex.clone()) }).await;
+    match session.next().await {
+        Sent::Result(2, Err(failed)) => assert!(failed.lost_input, "{failed}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A context source: its files come from the context's blob service, the result is layers.
+    let contexts = HashMap::from([("context".to_string(), manifest)]);
+    let context_address = "http://context.test".to_string();
+    session.assign(Assignment { contexts, context_address, ..assignment(3, vertex) }).await;
+    match session.next().await {
+        Sent::Result(3, Ok(executed)) => assert_eq!(executed.output.layers.len(), 1),
+        other => panic!("{other:?}"),
+    }
+    let asked = blobs.asked.lock().unwrap().clone();
+    assert!(asked.iter().any(|(d, peers)| *d == Digest::of(b"alpha\n") && peers == &["http://context.test"]));
+
+    // Stop: the worker drains, closes its side, and returns once the control plane closes.
+    stop.cancel();
+    assert!(matches!(session.next().await, Sent::Drain));
+    drop(session.to_worker);
+    tokio::time::timeout(EVENT, agent).await.expect("the agent returns after draining").unwrap();
+}
+
+#[tokio::test]
+async fn a_broken_session_is_registered_again() {
+    let fixture = Fixture::new();
+    let (plane, mut registrations) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let agent = tokio::spawn(agent::run(
+        Arc::clone(&fixture.worker),
+        Arc::new(Plane(plane)),
+        Arc::new(Blobs::default()),
+        info(),
+        fixture.dir.path().to_path_buf(),
+        stop.clone(),
+    ));
+    let first = tokio::time::timeout(EVENT, registrations.recv()).await.unwrap().unwrap();
+    first.to_worker.send(Err("worker w-test: the coordinator ended session 1".into())).await.unwrap();
+    let mut second = tokio::time::timeout(EVENT, registrations.recv()).await.expect("registers again").unwrap();
+    second.heartbeat().await;
+    stop.cancel();
+    assert!(matches!(second.next().await, Sent::Drain));
+    drop(second.to_worker);
+    tokio::time::timeout(EVENT, agent).await.expect("the agent returns after draining").unwrap();
+}
