@@ -5,11 +5,14 @@ use std::io::Read as _;
 use std::sync::Arc;
 
 use kiln_cas::BlobStore;
+use kiln_proto::convert::parse_digest;
 use kiln_proto::v1::blobs_server::Blobs;
 use kiln_proto::v1::{BlobChunk, FetchRequest};
-use kiln_types::Digest;
+
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+
+use crate::error::ApiError;
 use tonic::{Request, Response, Status};
 
 const CHUNK: usize = 1 << 20;
@@ -32,8 +35,8 @@ impl Blobs for BlobsService {
 
     async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<Self::FetchStream>, Status> {
         let text = request.into_inner().digest;
-        let digest: Digest = text.parse().map_err(|e| Status::invalid_argument(format!("{text}: {e}")))?;
-        let mut file = self.store.open_blob(&digest).map_err(|_| Status::not_found(format!("no blob {digest}")))?;
+        let digest = parse_digest(&text, "a blob to fetch").map_err(ApiError::from)?;
+        let mut file = self.store.open_blob(&digest).map_err(|_| ApiError::NoBlob(digest))?;
         let (sender, receiver) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             loop {
@@ -41,7 +44,7 @@ impl Blobs for BlobsService {
                 let n = match file.read(&mut data) {
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = sender.blocking_send(Err(Status::internal(format!("{digest}: {e}"))));
+                        let _ = sender.blocking_send(Err(ApiError::Read { digest, source: e }.into()));
                         return;
                     }
                 };

@@ -41,14 +41,23 @@ pub(crate) async fn remove_spool(spool: PathBuf) {
     let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(spool)).await;
 }
 
+/// A spooled output that could not be read back to send it.
+#[derive(Debug, thiserror::Error)]
+#[error("sending output {output} to the client: {source}")]
+pub(crate) struct SendError {
+    output: usize,
+    #[source]
+    source: std::io::Error,
+}
+
 /// Sends every file, in pieces, each file ending with a piece marked last. An error names
 /// the output; a client that left ends the sending quietly (its build is over anyway).
 pub(crate) async fn send(
     files: &[SpooledFile],
     events: &mpsc::Sender<Result<BuildEvent, Status>>,
-) -> Result<(), String> {
+) -> Result<(), SendError> {
     for file in files {
-        let fail = |e: std::io::Error| format!("sending output {} to the client: {e}", file.output);
+        let fail = |source| SendError { output: file.output, source };
         let mut reader = tokio::fs::File::open(&file.path).await.map_err(fail)?;
         loop {
             let mut data = Vec::with_capacity(PIECE);

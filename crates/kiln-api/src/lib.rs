@@ -3,22 +3,24 @@
 //! requests from proto (`from_proto`); no other daemon crate sees proto types.
 
 mod blobs;
+mod error;
 mod exports;
 mod workers;
 
 pub use blobs::BlobsService;
+pub use error::{ApiError, ServeError};
 pub use exports::clear_spools;
 pub use workers::WorkersService;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kiln_cas::Unsynced;
+use kiln_cas::{CasError, Unsynced};
 use kiln_client::BlobWriter;
 use kiln_engine::Engine;
 use kiln_model::BuildEvent as DomainEvent;
 use kiln_proto::MAX_MESSAGE;
-use kiln_proto::convert::{event_to_proto, request_from_proto, worker_to_proto};
+use kiln_proto::convert::{event_to_proto, parse_digest, request_from_proto, worker_to_proto};
 use kiln_proto::v1::blobs_server::BlobsServer;
 use kiln_proto::v1::control_server::{Control, ControlServer};
 use kiln_proto::v1::workers_server::WorkersServer;
@@ -62,12 +64,9 @@ impl Control for ControlService {
 
     async fn build(&self, request: Request<BuildRequest>) -> Result<Response<Self::BuildStream>, Status> {
         let over_tcp = request.extensions().get::<tonic::transport::server::TcpConnectInfo>().is_some();
-        let request = request_from_proto(request.into_inner()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let request = request_from_proto(request.into_inner()).map_err(ApiError::from)?;
         if over_tcp && request.context_manifest.is_none() {
-            return Err(Status::permission_denied(
-                "a daemon reads a build context from its own filesystem only for clients on its unix socket; \
-                 over TCP the client uploads the context (kiln --addr does)",
-            ));
+            return Err(ApiError::LocalContextOverTcp.into());
         }
         let spool = exports::new_spool(&self.root);
         let build_id = spool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -100,7 +99,9 @@ impl Control for ControlService {
                 let result = match result {
                     Ok(summary) => match exports::send(&summary.files, &events).await {
                         Ok(()) => Ok(summary),
-                        Err(message) => Err(kiln_engine::BuildFailure { message, records: summary.records }),
+                        Err(error) => {
+                            Err(kiln_engine::BuildFailure { message: error.to_string(), records: summary.records })
+                        }
                     },
                     Err(failure) => Err(failure),
                 };
@@ -143,7 +144,7 @@ impl Control for ControlService {
         let cas = self.engine.worker().cas();
         let mut missing = Vec::new();
         for text in request.into_inner().digests {
-            let digest: Digest = text.parse().map_err(|e| Status::invalid_argument(format!("{text}: {e}")))?;
+            let digest = parse_digest(&text, "a digest to look for").map_err(ApiError::from)?;
             if !cas.contains(&digest) {
                 missing.push(text);
             }
@@ -163,40 +164,49 @@ impl Control for ControlService {
         async fn finish(current: Option<(Digest, BlobWriter<Unsynced>)>) -> Result<Option<Unsynced>, Status> {
             let Some((digest, (chunks, writer))) = current else { return Ok(None) };
             drop(chunks);
-            let written = writer.await.map_err(|e| Status::internal(e.to_string()))?;
-            written.map(Some).map_err(|e| Status::invalid_argument(format!("upload {digest}: {e}")))
+            let written = writer.await.map_err(ApiError::from)?;
+            written.map(Some).map_err(|e| {
+                let sender_at_fault = matches!(
+                    &e,
+                    kiln_client::ClientError::Store {
+                        source: CasError::DigestMismatch { .. } | CasError::SizeMismatch { .. },
+                        ..
+                    }
+                );
+                ApiError::Upload { digest, reason: e.to_string(), sender_at_fault }.into()
+            })
         }
         // A client that stops sending holds a connection slot and a partial ingest file: it
         // gets an idle limit, and dropping the writer removes the partial file.
         let idle = self.upload_idle_timeout;
         loop {
-            let next = tokio::time::timeout(idle, stream.message()).await.map_err(|_| {
-                Status::deadline_exceeded(format!("upload stalled: nothing received for {} s", idle.as_secs_f32()))
-            });
+            let next = tokio::time::timeout(idle, stream.message())
+                .await
+                .map_err(|_| Status::from(ApiError::UploadStalled { seconds: idle.as_secs_f32() }));
             let Some(chunk) = next?? else { break };
             if !chunk.digest.is_empty() {
                 received.extend(finish(current.take()).await?);
-                let digest: Digest =
-                    chunk.digest.parse().map_err(|e| Status::invalid_argument(format!("{}: {e}", chunk.digest)))?;
+                let digest = parse_digest(&chunk.digest, "an uploaded blob").map_err(ApiError::from)?;
                 current = Some((digest, kiln_client::unsynced_blob_writer(Arc::clone(cas), digest)));
                 blobs += 1;
             }
             let Some((digest, (chunks, _))) = current.as_ref() else {
-                return Err(Status::invalid_argument("an upload starts with a chunk naming its digest"));
+                return Err(ApiError::UploadWithoutDigest.into());
             };
             if chunks.send(chunk.data).await.is_err() {
                 // The writer failed; finishing reports why.
                 let digest = *digest;
                 finish(current.take()).await?;
-                return Err(Status::internal(format!("upload {digest}: the writer stopped")));
+                let reason = "the writer stopped".to_string();
+                return Err(ApiError::Upload { digest, reason, sender_at_fault: false }.into());
             }
         }
         received.extend(finish(current.take()).await?);
         let cas = Arc::clone(cas);
         let published = tokio::task::spawn_blocking(move || cas.publish(received))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("publishing uploaded blobs: {e}")))?;
+            .map_err(ApiError::from)?
+            .map_err(|source| ApiError::Store { what: "publishing uploaded blobs".into(), source })?;
         bytes += published.iter().map(|info| info.size).sum::<u64>();
         Ok(Response::new(UploadResponse { blobs, bytes }))
     }
@@ -214,18 +224,19 @@ pub async fn serve_unix(
     service: ControlService,
     socket: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
+    let at = |source| ServeError::Socket { path: socket.to_path_buf(), source };
     if socket.exists() {
-        std::fs::remove_file(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+        std::fs::remove_file(socket).map_err(at)?;
     }
-    let listener = tokio::net::UnixListener::bind(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    let listener = tokio::net::UnixListener::bind(socket).map_err(at)?;
     tonic::transport::Server::builder()
         .initial_stream_window_size(kiln_proto::STREAM_WINDOW)
         .initial_connection_window_size(kiln_proto::CONNECTION_WINDOW)
         .add_service(control_server(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(ServeError::from)
 }
 
 fn control_server(service: ControlService) -> ControlServer<ControlService> {
@@ -250,7 +261,7 @@ pub async fn serve_tcp(
     services: Services,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(256)
         .initial_stream_window_size(kiln_proto::STREAM_WINDOW)
@@ -266,5 +277,5 @@ pub async fn serve_tcp(
         )
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(ServeError::from)
 }

@@ -19,6 +19,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
+use crate::error::ApiError;
+
 /// The worker service of a coordinator.
 pub struct WorkersService {
     cluster: Arc<Cluster<ClusterData>>,
@@ -45,13 +47,13 @@ impl Workers for WorkersService {
         let mut incoming = request.into_inner();
         let first = incoming.message().await?.and_then(|m| m.message);
         let Some(worker_message::Message::Register(register)) = first else {
-            return Err(Status::invalid_argument("a worker session starts with Register"));
+            return Err(ApiError::NotRegistered.into());
         };
-        let (info, layers) = register_from_proto(register).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (info, layers) = register_from_proto(register).map_err(ApiError::from)?;
         let name = info.name.clone();
         let (session, mut assignments) = self.cluster.register(info, layers).map_err(|reason| {
             tracing::warn!("refused a worker registration: {reason}");
-            Status::already_exists(reason)
+            Status::from(ApiError::RegistrationRefused(reason))
         })?;
         // Every line about this session carries the worker and the session.
         let span = tracing::info_span!("worker_session", worker = %name, session);
@@ -94,7 +96,7 @@ impl Workers for WorkersService {
                 "worker {worker}: the coordinator ended session {session} (lease expired, replaced, or shutting down)"
             );
             tracing::info!("{reason}");
-            let _ = sender.send(Err(Status::unavailable(reason)));
+            let _ = sender.send(Err(ApiError::SessionEnded(reason).into()));
         }.instrument(span.clone()));
 
         let cluster = Arc::clone(&self.cluster);

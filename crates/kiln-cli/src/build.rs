@@ -133,7 +133,7 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
                 }
                 Ok(Some(event)) => renderer.event(&event),
                 Ok(None) => break (Some("the daemon closed the build without a result".to_string()), None, Vec::new()),
-                Err(lost) => break (Some(lost), None, Vec::new()),
+                Err(lost) => break (Some(lost.to_string()), None, Vec::new()),
             },
             _ = tick.tick() => renderer.draw(false),
         }

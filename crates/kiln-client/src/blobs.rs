@@ -12,7 +12,7 @@ use kiln_types::Digest;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::Client;
+use crate::{Client, ClientError};
 
 const CHUNK: usize = 1 << 20;
 
@@ -32,12 +32,11 @@ impl Client {
     pub async fn upload_context(
         &self,
         context: std::sync::Arc<FsContext>,
-    ) -> Result<(ContextManifest, UploadStats), String> {
+    ) -> Result<(ContextManifest, UploadStats), ClientError> {
         let walked = std::sync::Arc::clone(&context);
         let manifest = tokio::task::spawn_blocking(move || walked.manifest())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("reading build context {}: {e}", context.root().display()))?;
+            .await?
+            .map_err(|source| ClientError::Io { path: context.root().to_path_buf(), source })?;
         let blobs = manifest.blobs();
         let mut paths: HashMap<Digest, String> = HashMap::new();
         for entry in &manifest.entries {
@@ -46,7 +45,7 @@ impl Client {
             }
         }
         let request = v1::FindMissingRequest { digests: blobs.iter().map(|(d, _)| d.to_string()).collect() };
-        let missing = self.control.clone().find_missing(request).await.map_err(|e| e.message().to_string())?;
+        let missing = self.control.clone().find_missing(request).await.map_err(|e| ClientError::rpc("", e))?;
         let missing: Vec<Digest> = missing.into_inner().missing.iter().filter_map(|d| d.parse().ok()).collect();
         let mut stats = UploadStats {
             files: manifest.entries.iter().filter(|e| matches!(e.kind, ManifestKind::File { .. })).count() as u64,
@@ -60,10 +59,11 @@ impl Client {
         stats.uploaded_files = files.len() as u64;
         let (sender, receiver) = tokio::sync::mpsc::channel::<v1::BlobChunkUpload>(8);
         // Files are read on a blocking thread and streamed in chunks.
-        let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let reader = tokio::task::spawn_blocking(move || -> Result<(), ClientError> {
             for (digest, path) in files {
-                let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                let mut remaining = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
+                let io = |source| ClientError::Io { path: path.clone(), source };
+                let file = std::fs::File::open(&path).map_err(io)?;
+                let mut remaining = file.metadata().map_err(io)?.len();
                 let mut file = file.take(u64::MAX);
                 let mut first = true;
                 // Chunks of at most CHUNK bytes, sized to what is left (most context files
@@ -71,7 +71,7 @@ impl Client {
                 loop {
                     let mut data = Vec::with_capacity(remaining.clamp(1, CHUNK as u64) as usize);
                     file.set_limit(CHUNK as u64);
-                    let n = file.read_to_end(&mut data).map_err(|e| format!("{}: {e}", path.display()))?;
+                    let n = file.read_to_end(&mut data).map_err(io)?;
                     if n == 0 && !first {
                         break;
                     }
@@ -93,9 +93,9 @@ impl Client {
             .clone()
             .upload(tokio_stream::wrappers::ReceiverStream::new(receiver))
             .await
-            .map_err(|e| format!("uploading the build context: {}", e.message()))?
+            .map_err(|e| ClientError::rpc("uploading the build context", e))?
             .into_inner();
-        reader.await.map_err(|e| e.to_string())??;
+        reader.await??;
         stats.uploaded_bytes = response.bytes;
         Ok((manifest, stats))
     }
@@ -105,36 +105,39 @@ impl Client {
 /// sender; dropping it ends the blob, which the handle then verifies against `expected`,
 /// syncs and publishes.
 pub fn blob_writer(store: Arc<BlobStore>, expected: Digest) -> BlobWriter<kiln_cas::BlobInfo> {
-    writer(store, move |ingest| ingest.commit(Some(&expected)))
+    writer(store, expected, move |ingest| ingest.commit(Some(&expected)))
 }
 
 /// Like [`blob_writer`], but the blob is only verified and closed, for the receiver to
 /// publish a whole batch with one sync ([`BlobStore::publish`]).
 pub fn unsynced_blob_writer(store: Arc<BlobStore>, expected: Digest) -> BlobWriter<kiln_cas::Unsynced> {
-    writer(store, move |ingest| ingest.finish_unsynced(Some(&expected)))
+    writer(store, expected, move |ingest| ingest.finish_unsynced(Some(&expected)))
 }
 
 /// The chunk sender of a blob being written, and the handle that finishes it.
-pub type BlobWriter<T> = (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<Result<T, String>>);
+pub type BlobWriter<T> = (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<Result<T, ClientError>>);
 
 fn writer<T: Send + 'static>(
     store: Arc<BlobStore>,
+    expected: Digest,
     finish: impl FnOnce(kiln_cas::Ingest<'_>) -> Result<T, kiln_cas::CasError> + Send + 'static,
 ) -> BlobWriter<T> {
     let (sender, mut chunks) = mpsc::channel::<Vec<u8>>(8);
     let writer = tokio::task::spawn_blocking(move || {
-        let mut ingest = store.ingest().map_err(|e| e.to_string())?;
+        let failed = |source| ClientError::Store { digest: expected, source };
+        let mut ingest = store.ingest().map_err(failed)?;
         while let Some(chunk) = chunks.blocking_recv() {
-            std::io::Write::write_all(&mut ingest, &chunk).map_err(|e| e.to_string())?;
+            std::io::Write::write_all(&mut ingest, &chunk)
+                .map_err(|source| ClientError::Write { digest: expected, source })?;
         }
-        finish(ingest).map_err(|e| e.to_string())
+        finish(ingest).map_err(failed)
     });
     (sender, writer)
 }
 
 /// A channel to a blob service, shared by every fetch from it in this process (connected
 /// lazily; it reconnects by itself after the peer comes back).
-fn channel(address: &str) -> Result<Channel, String> {
+fn channel(address: &str) -> Result<Channel, ClientError> {
     static CHANNELS: OnceLock<Mutex<HashMap<String, Channel>>> = OnceLock::new();
     let mut channels = CHANNELS.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner());
     if let Some(channel) = channels.get(address) {
@@ -146,40 +149,37 @@ fn channel(address: &str) -> Result<Channel, String> {
 }
 
 /// Fetches `digest` from the blob service at `address` into `store`, verifying it.
-pub async fn fetch_blob(address: &str, digest: &Digest, store: &Arc<BlobStore>) -> Result<(), String> {
+pub async fn fetch_blob(address: &str, digest: &Digest, store: &Arc<BlobStore>) -> Result<(), ClientError> {
     let mut stream = BlobsClient::new(channel(address)?)
         .max_decoding_message_size(crate::MAX_MESSAGE)
         .fetch(v1::FetchRequest { digest: digest.to_string() })
         .await
-        .map_err(|e| format!("{address}: {}", e.message()))?
+        .map_err(|e| ClientError::rpc(address, e))?
         .into_inner();
     let (chunks, writer) = blob_writer(Arc::clone(store), *digest);
     let received = async {
-        while let Some(chunk) = stream.message().await.map_err(|e| format!("{address}: {}", e.message()))? {
+        while let Some(chunk) = stream.message().await.map_err(|e| ClientError::rpc(address, e))? {
             if chunks.send(chunk.data).await.is_err() {
                 break;
             }
         }
-        Ok::<(), String>(())
+        Ok::<(), ClientError>(())
     }
     .await;
     drop(chunks);
-    let written = writer.await.map_err(|e| e.to_string())?;
+    let written = writer.await?;
     received?;
-    written.map(drop).map_err(|e| format!("from {address}: {e}"))
+    written.map(drop)
 }
 
 /// Fetches `digest` from the first of `peers` that has it.
-pub async fn fetch_from_any(peers: &[String], digest: &Digest, store: &Arc<BlobStore>) -> Result<(), String> {
-    let mut errors = Vec::new();
+pub async fn fetch_from_any(peers: &[String], digest: &Digest, store: &Arc<BlobStore>) -> Result<(), ClientError> {
+    let mut reasons = Vec::new();
     for peer in peers {
         match fetch_blob(peer, digest, store).await {
             Ok(()) => return Ok(()),
-            Err(e) => errors.push(e),
+            Err(e) => reasons.push(format!("from {peer}: {e}")),
         }
     }
-    if errors.is_empty() {
-        return Err(format!("{digest}: no peer holds it"));
-    }
-    Err(errors.join("; "))
+    Err(ClientError::NoPeer { digest: *digest, reasons })
 }

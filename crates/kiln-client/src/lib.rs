@@ -3,9 +3,11 @@
 //! values (the only place besides `kiln-api` that sees proto types).
 
 mod blobs;
+mod error;
 mod worker;
 
 pub use blobs::{BlobWriter, UploadStats, blob_writer, fetch_blob, fetch_from_any, unsynced_blob_writer};
+pub use error::ClientError;
 pub use worker::{WorkerLink, WorkerSession};
 
 use std::path::PathBuf;
@@ -45,8 +47,10 @@ pub struct Info {
 pub use kiln_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
 
 /// An endpoint for `http://HOST:PORT` with Kiln's transport settings.
-pub fn endpoint(address: &str) -> Result<Endpoint, String> {
-    Ok(tuned(Endpoint::from_shared(address.to_string()).map_err(|e| format!("{address}: {e}"))?))
+pub fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
+    let endpoint = Endpoint::from_shared(address.to_string())
+        .map_err(|e| ClientError::Address { address: address.to_string(), reason: e.to_string() })?;
+    Ok(tuned(endpoint))
 }
 
 fn tuned(endpoint: Endpoint) -> Endpoint {
@@ -58,7 +62,7 @@ fn tuned(endpoint: Endpoint) -> Endpoint {
 
 impl Client {
     /// Connects to `unix:///path/to/socket` or `http://host:port`.
-    pub async fn connect(address: &str) -> Result<Client, String> {
+    pub async fn connect(address: &str) -> Result<Client, ClientError> {
         let channel = if let Some(path) = address.strip_prefix("unix://") {
             let path = PathBuf::from(path);
             tuned(Endpoint::from_static("http://kilnd.local"))
@@ -70,16 +74,16 @@ impl Client {
         } else {
             endpoint(address)?.connect().await
         }
-        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        .map_err(|source| ClientError::Connect { address: address.to_string(), source })?;
         let control =
             ControlClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
         Ok(Client { control })
     }
 
     /// Asks the daemon to describe itself.
-    pub async fn info(&self) -> Result<Info, String> {
+    pub async fn info(&self) -> Result<Info, ClientError> {
         let info =
-            self.control.clone().info(v1::InfoRequest {}).await.map_err(|e| e.message().to_string())?.into_inner();
+            self.control.clone().info(v1::InfoRequest {}).await.map_err(|e| ClientError::rpc("", e))?.into_inner();
         Ok(Info {
             version: info.version,
             worker: info.worker,
@@ -92,22 +96,23 @@ impl Client {
     }
 
     /// The workers of the cluster.
-    pub async fn workers(&self) -> Result<Vec<WorkerStatus>, String> {
+    pub async fn workers(&self) -> Result<Vec<WorkerStatus>, ClientError> {
         let response = self
             .control
             .clone()
             .list_workers(v1::ListWorkersRequest {})
             .await
-            .map_err(|e| e.message().to_string())?
+            .map_err(|e| ClientError::rpc("", e))?
             .into_inner();
-        response.workers.into_iter().map(|w| worker_from_proto(w).map_err(|e| format!("the daemon: {e}"))).collect()
+        let malformed = |source| ClientError::Malformed { what: "the daemon".into(), source };
+        response.workers.into_iter().map(|w| worker_from_proto(w).map_err(malformed)).collect()
     }
 
     /// Starts a build; events arrive on the stream until [`BuildEvent::Result`]. Dropping the
     /// stream cancels the build.
-    pub async fn build(&self, request: BuildRequest) -> Result<BuildEvents, String> {
+    pub async fn build(&self, request: BuildRequest) -> Result<BuildEvents, ClientError> {
         let request = request_to_proto(&request);
-        let stream = self.control.clone().build(request).await.map_err(|e| e.message().to_string())?.into_inner();
+        let stream = self.control.clone().build(request).await.map_err(|e| ClientError::rpc("", e))?.into_inner();
         Ok(BuildEvents { stream })
     }
 }
@@ -119,15 +124,15 @@ pub struct BuildEvents {
 
 impl BuildEvents {
     /// The next event; `None` after the result.
-    pub async fn next(&mut self) -> Result<Option<BuildEvent>, String> {
+    pub async fn next(&mut self) -> Result<Option<BuildEvent>, ClientError> {
         loop {
-            let Some(event) = self.stream.message().await.map_err(|e| format!("the daemon: {}", e.message()))? else {
+            let Some(event) = self.stream.message().await.map_err(|e| ClientError::rpc("the daemon", e))? else {
                 return Ok(None);
             };
             if let Some(event) = event.event {
                 return event_from_proto(event)
                     .map(Some)
-                    .map_err(|e| format!("the daemon sent a malformed event: {e}"));
+                    .map_err(|source| ClientError::Malformed { what: "the daemon".into(), source });
             }
         }
     }

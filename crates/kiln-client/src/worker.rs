@@ -9,6 +9,8 @@ use kiln_proto::v1::{self, coordinator_message, worker_message, workers_client::
 use kiln_types::Digest;
 use tokio::sync::mpsc;
 
+use crate::ClientError;
+
 use kiln_proto::convert::{
     WireError, job_log_to_proto, job_result_to_proto, layers_from_proto, manifest_from_proto, parse_digest,
     register_to_proto,
@@ -26,15 +28,18 @@ pub struct WorkerSession {
     pub link: WorkerLink,
     /// The session's lease: heartbeat well within it.
     pub lease_ms: u64,
-    /// What the coordinator sends, until the connection ends.
+    /// What the coordinator sends, until the connection ends. An `Err` is why the
+    /// coordinator ended the session, as its status said: a reason to log before
+    /// registering again, never acted on by kind.
     pub incoming: mpsc::Receiver<Result<FromCoordinator, String>>,
 }
 
 impl WorkerSession {
     /// Connects to the coordinator at `address` (`http://HOST:PORT`) and registers.
-    pub async fn connect(address: &str, info: &WorkerInfo, layers: &[Digest]) -> Result<WorkerSession, String> {
+    pub async fn connect(address: &str, info: &WorkerInfo, layers: &[Digest]) -> Result<WorkerSession, ClientError> {
         let endpoint = crate::endpoint(address)?;
-        let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        let channel =
+            endpoint.connect().await.map_err(|source| ClientError::Connect { address: address.to_string(), source })?;
         let (sender, receiver) = mpsc::unbounded_channel();
         let register = register_to_proto(info, layers);
         let _ = sender.send(v1::WorkerMessage { message: Some(worker_message::Message::Register(register)) });
@@ -43,12 +48,15 @@ impl WorkerSession {
             .max_encoding_message_size(crate::MAX_MESSAGE)
             .session(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver))
             .await
-            .map_err(|e| format!("{address}: {}", e.message()))?
+            .map_err(|e| ClientError::rpc(address, e))?
             .into_inner();
-        let first = stream.message().await.map_err(|e| format!("{address}: {}", e.message()))?;
+        let first = stream.message().await.map_err(|e| ClientError::rpc(address, e))?;
         let lease_ms = match first.and_then(|m| m.message) {
             Some(coordinator_message::Message::Registered(registered)) => registered.lease_ms,
-            _ => return Err(format!("{address}: the coordinator did not accept the registration")),
+            _ => {
+                let source = WireError::Missing("a session that starts with Registered");
+                return Err(ClientError::Malformed { what: address.to_string(), source });
+            }
         };
         let (incoming_sender, incoming) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -81,6 +89,8 @@ impl WorkerSession {
     }
 }
 
+/// An assignment as received. The error is the message the worker reports back as the
+/// job's failure ([`FromCoordinator::Unreadable`]), so it stays text, naming the job.
 fn assignment(assign: v1::Assign) -> Result<Box<Assignment>, String> {
     let job = assign.job;
     let vertex: Vertex = serde_json::from_slice(&assign.vertex).map_err(|e| format!("job {job}: bad vertex: {e}"))?;

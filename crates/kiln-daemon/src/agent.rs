@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use kiln_cas::BlobStore;
-use kiln_client::{WorkerLink, WorkerSession};
+use kiln_client::{ClientError, WorkerLink, WorkerSession};
 use kiln_model::{BoxFuture, Executed, Failed, JobId, Layers, LogLine, WorkerInfo};
 use kiln_types::Digest;
 use kiln_worker::BlobFetcher;
@@ -15,7 +15,7 @@ pub struct PeerFetcher;
 
 impl BlobFetcher for PeerFetcher {
     fn fetch(&self, digest: Digest, peers: Vec<String>, store: Arc<BlobStore>) -> BoxFuture<Result<(), String>> {
-        Box::pin(async move { kiln_client::fetch_from_any(&peers, &digest, &store).await })
+        Box::pin(async move { kiln_client::fetch_from_any(&peers, &digest, &store).await.map_err(|e| e.to_string()) })
     }
 }
 
@@ -24,8 +24,9 @@ pub struct Coordinator(pub String);
 
 impl ControlPlane for Coordinator {
     type Link = Link;
+    type Error = ClientError;
 
-    fn connect(&self, info: WorkerInfo, layers: Vec<Digest>) -> BoxFuture<Result<Session<Link>, String>> {
+    fn connect(&self, info: WorkerInfo, layers: Vec<Digest>) -> BoxFuture<Result<Session<Link>, ClientError>> {
         let address = self.0.clone();
         Box::pin(async move {
             let WorkerSession { link, lease_ms, incoming } = WorkerSession::connect(&address, &info, &layers).await?;

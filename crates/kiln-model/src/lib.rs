@@ -7,6 +7,7 @@
 //! `kiln-proto`, with the one conversion both ends use.
 
 mod assignment;
+mod error;
 mod event;
 mod executor;
 mod log;
@@ -17,6 +18,7 @@ mod request;
 mod worker;
 
 pub use assignment::{Assignment, FromCoordinator};
+pub use error::ErrorKind;
 pub use event::BuildEvent;
 pub use executor::{BoxFuture, Executed, Executor, Failed};
 pub use log::{LogLine, LogSink, LogStream};

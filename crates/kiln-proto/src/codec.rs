@@ -2,6 +2,7 @@
 //! decode (invalid UTF-8 in a string, a truncated field) is the sender's fault and answered
 //! with `INVALID_ARGUMENT` instead of prost's `INTERNAL`.
 
+use kiln_model::ErrorKind;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::ProstCodec;
@@ -45,7 +46,9 @@ impl<D: Decoder<Error = Status>> Decoder for KilnDecoder<D> {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
         self.0.decode(buf).map_err(|status| match status.code() {
-            tonic::Code::Internal => Status::invalid_argument(format!("malformed message: {}", status.message())),
+            tonic::Code::Internal => {
+                crate::status(ErrorKind::BadRequest, format!("malformed message: {}", status.message()))
+            }
             _ => status,
         })
     }

@@ -3,6 +3,9 @@
 
 pub mod codec;
 pub mod convert;
+mod status;
+
+pub use status::{kind_of, status};
 
 /// HTTP/2 flow-control windows of Kiln's connections: large enough that streaming a
 /// context or a blob is not held back by a round trip every 64 KiB.

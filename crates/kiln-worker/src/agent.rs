@@ -59,9 +59,11 @@ pub struct Session<L> {
 pub trait ControlPlane: Send + Sync + 'static {
     /// The sending half of its sessions.
     type Link: SessionLink;
+    /// Why a registration failed (logged before the next attempt).
+    type Error: std::fmt::Display + Send;
 
     /// Registers `info` with the layers this worker already holds and opens a session.
-    fn connect(&self, info: WorkerInfo, layers: Vec<Digest>) -> BoxFuture<Result<Session<Self::Link>, String>>;
+    fn connect(&self, info: WorkerInfo, layers: Vec<Digest>) -> BoxFuture<Result<Session<Self::Link>, Self::Error>>;
 
     /// Where the control plane is, for logs (`http://HOST:PORT`).
     fn address(&self) -> String;

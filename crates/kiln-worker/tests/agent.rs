@@ -88,8 +88,9 @@ struct Plane(mpsc::UnboundedSender<Registered>);
 
 impl ControlPlane for Plane {
     type Link = Link;
+    type Error = std::convert::Infallible;
 
-    fn connect(&self, info: WorkerInfo, _: Vec<Digest>) -> BoxFuture<Result<Session<Link>, String>> {
+    fn connect(&self, info: WorkerInfo, _: Vec<Digest>) -> BoxFuture<Result<Session<Link>, Self::Error>> {
         let (to_worker, incoming) = mpsc::channel(16);
         let (link, sent) = mpsc::unbounded_channel();
         let _ = self.0.send(Registered { info, to_worker, sent });

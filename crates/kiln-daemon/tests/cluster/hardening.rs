@@ -8,10 +8,13 @@ use kiln_client::{BuildEvent, BuildRequest, Client};
 use kiln_context::{ContextManifest, FsContext, ManifestEntry, ManifestKind};
 use kiln_types::Digest;
 
+use kiln_client::ClientError;
+use kiln_model::ErrorKind;
+
 use super::*;
 
 /// Runs a crafted build to its end: the start error, or every event.
-fn crafted_build(cluster: &Cluster, request: BuildRequest) -> Result<Vec<BuildEvent>, String> {
+fn crafted_build(cluster: &Cluster, request: BuildRequest) -> Result<Vec<BuildEvent>, ClientError> {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let client = Client::connect(&cluster.addr()).await?;
@@ -150,18 +153,20 @@ fn hostile_manifests_and_client_paths_never_reach_the_coordinators_files() {
     };
     let refused = crafted_build(&cluster, request("FROM scratch\nCOPY a/evil /\n", Some(manifest), &[]));
     let error = refused.unwrap_err();
-    assert!(error.contains("\"a/evil\": its parent \"a\" is a symlink"), "{error}");
+    assert_eq!(error.kind(), ErrorKind::BadRequest, "{error}");
+    assert!(error.to_string().contains("\"a/evil\": its parent \"a\" is a symlink"), "{error}");
     let manifest = ContextManifest {
         entries: vec![entry("v", ManifestKind::Symlink(host.join("victim").display().to_string())), entry("v", file)],
     };
     let error = crafted_build(&cluster, request("FROM scratch\nCOPY v /\n", Some(manifest), &[])).unwrap_err();
-    assert!(error.contains("\"v\": listed twice"), "{error}");
+    assert!(error.to_string().contains("\"v\": listed twice"), "{error}");
     assert!(!host.join("evil").exists());
     assert_eq!(std::fs::read_to_string(host.join("victim")).unwrap(), "keep");
 
     // Over TCP a daemon never reads a context path of its own host.
     let error = crafted_build(&cluster, request("FROM scratch\nCOPY . /\n", None, &[])).unwrap_err();
-    assert!(error.contains("only for clients on its unix socket"), "{error}");
+    assert_eq!(error.kind(), ErrorKind::Refused, "{error}");
+    assert!(error.to_string().contains("only for clients on its unix socket"), "{error}");
 
     // File outputs come back to the client; the coordinator writes none of the paths.
     let context = cluster.context("outputs", "");

@@ -1,0 +1,115 @@
+//! The services' errors, each of one [`ErrorKind`], answered as the status
+//! [`kiln_proto::status`] maps it to: the one place a kind becomes a gRPC code.
+
+use kiln_model::ErrorKind;
+use kiln_proto::convert::WireError;
+use kiln_types::Digest;
+use tonic::Status;
+
+/// Why a request was not served.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request does not make sense (a bad digest, platform, output or manifest).
+    #[error(transparent)]
+    Malformed(#[from] WireError),
+    /// A worker session must start by registering.
+    #[error("a worker session starts with Register")]
+    NotRegistered,
+    /// The cluster refused a registration (a name already in use).
+    #[error("{0}")]
+    RegistrationRefused(String),
+    /// A build over TCP named a context path on the daemon's own host.
+    #[error(
+        "a daemon reads a build context from its own filesystem only for clients on its unix socket; \
+         over TCP the client uploads the context (kiln --addr does)"
+    )]
+    LocalContextOverTcp,
+    /// An upload's first chunk did not name its blob.
+    #[error("an upload starts with a chunk naming its digest")]
+    UploadWithoutDigest,
+    /// An uploaded blob was not what its digest said, or could not be stored.
+    #[error("upload {digest}: {reason}")]
+    Upload {
+        /// The blob.
+        digest: Digest,
+        /// What went wrong.
+        reason: String,
+        /// Whether the sender's bytes were at fault (else the store).
+        sender_at_fault: bool,
+    },
+    /// An upload stopped sending.
+    #[error("upload stalled: nothing received for {seconds} s")]
+    UploadStalled {
+        /// The idle limit it exceeded.
+        seconds: f32,
+    },
+    /// The blob store failed.
+    #[error("{what}: {source}")]
+    Store {
+        /// What it was doing.
+        what: String,
+        /// Why.
+        #[source]
+        source: kiln_cas::CasError,
+    },
+    /// The coordinator ended a worker's session: the worker registers again.
+    #[error("{0}")]
+    SessionEnded(String),
+    /// A stored blob could not be read.
+    #[error("blob {digest}: {source}")]
+    Read {
+        /// The blob.
+        digest: Digest,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No such blob here.
+    #[error("no blob {0}")]
+    NoBlob(Digest),
+    /// A task of the service died.
+    #[error("a service task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl ApiError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ApiError::Malformed(_) | ApiError::NotRegistered | ApiError::UploadWithoutDigest => ErrorKind::BadRequest,
+            ApiError::Upload { sender_at_fault: true, .. } => ErrorKind::BadRequest,
+            ApiError::RegistrationRefused(_) => ErrorKind::Conflict,
+            ApiError::LocalContextOverTcp => ErrorKind::Refused,
+            ApiError::UploadStalled { .. } => ErrorKind::TimedOut,
+            ApiError::SessionEnded(_) => ErrorKind::Unavailable,
+            ApiError::NoBlob(_) => ErrorKind::NotFound,
+            ApiError::Upload { sender_at_fault: false, .. }
+            | ApiError::Store { .. }
+            | ApiError::Read { .. }
+            | ApiError::Task(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Why a server stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Its unix socket could not be set up.
+    #[error("{}: {source}", path.display())]
+    Socket {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        kiln_proto::status(error.kind(), error.to_string())
+    }
+}

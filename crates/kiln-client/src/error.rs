@@ -1,0 +1,107 @@
+//! What can go wrong talking to a daemon, a coordinator or a peer.
+
+use std::path::PathBuf;
+
+use kiln_model::ErrorKind;
+use kiln_proto::convert::WireError;
+use kiln_types::Digest;
+
+/// An error of this client; [`ClientError::kind`] says whether to fix, retry or give up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The address does not parse.
+    #[error("{address}: {reason}")]
+    Address {
+        /// The address given.
+        address: String,
+        /// Why it is not one.
+        reason: String,
+    },
+    /// Nothing answers there.
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        /// The address.
+        address: String,
+        /// The transport's reason.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The other end answered with an error status.
+    #[error("{message}")]
+    Rpc {
+        /// What kind of failure the status stands for.
+        kind: ErrorKind,
+        /// Its message, with what the call was about.
+        message: String,
+    },
+    /// The other end sent something that does not make sense.
+    #[error("{what} sent a malformed message: {source}")]
+    Malformed {
+        /// Who sent it.
+        what: String,
+        /// What is wrong with it.
+        #[source]
+        source: WireError,
+    },
+    /// A local file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blob could not be stored (it did not match its digest, or the store failed).
+    #[error("blob {digest}: {source}")]
+    Store {
+        /// The blob.
+        digest: Digest,
+        /// The store's reason.
+        #[source]
+        source: kiln_cas::CasError,
+    },
+    /// Writing a received blob failed.
+    #[error("blob {digest}: writing it: {source}")]
+    Write {
+        /// The blob.
+        digest: Digest,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No peer could provide a blob: each one's reason, or none held it.
+    #[error("{digest}: {}", if reasons.is_empty() { "no peer holds it".to_string() } else { reasons.join("; ") })]
+    NoPeer {
+        /// The blob.
+        digest: Digest,
+        /// Why each peer failed.
+        reasons: Vec<String>,
+    },
+    /// A job this client ran in the background died.
+    #[error("a background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl ClientError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ClientError::Address { .. } => ErrorKind::BadRequest,
+            ClientError::Connect { .. } | ClientError::NoPeer { .. } => ErrorKind::Unavailable,
+            ClientError::Rpc { kind, .. } => *kind,
+            ClientError::Malformed { .. }
+            | ClientError::Store { .. }
+            | ClientError::Write { .. }
+            | ClientError::Task(_) => ErrorKind::Internal,
+            ClientError::Io { .. } => ErrorKind::BadRequest,
+        }
+    }
+
+    /// An error status, its message prefixed with what the call was about (`""`: nothing).
+    pub(crate) fn rpc(what: &str, status: tonic::Status) -> ClientError {
+        let message =
+            if what.is_empty() { status.message().to_string() } else { format!("{what}: {}", status.message()) };
+        ClientError::Rpc { kind: kiln_proto::kind_of(status.code()), message }
+    }
+}
