@@ -141,7 +141,7 @@ impl Control for ControlService {
         &self,
         request: Request<FindMissingRequest>,
     ) -> Result<Response<FindMissingResponse>, Status> {
-        let cas = self.engine.worker().cas();
+        let cas = self.engine.stores().cas();
         let mut missing = Vec::new();
         for text in request.into_inner().digests {
             let digest = parse_digest(&text, "a digest to look for").map_err(ApiError::from)?;
@@ -153,7 +153,7 @@ impl Control for ControlService {
     }
 
     async fn upload(&self, request: Request<Streaming<BlobChunkUpload>>) -> Result<Response<UploadResponse>, Status> {
-        let cas = self.engine.worker().cas();
+        let cas = self.engine.stores().cas();
         let mut stream = request.into_inner();
         let (mut blobs, mut bytes) = (0u64, 0u64);
         // The blob being received: its chunks go to a writer on a blocking thread. Received

@@ -310,7 +310,7 @@ async fn coordinator(
         ),
         // Workers fetch uploaded context files from the coordinator they connected to.
         workers: Some(WorkersService::new(cluster, "", lease_ms)),
-        blobs: Some(BlobsService::new(Arc::clone(engine.worker().cas()))),
+        blobs: Some(BlobsService::new(Arc::clone(engine.stores().cas()))),
     };
     serve(&engine, root, &socket, Some((listener, services)), stopped).await
 }

@@ -172,7 +172,7 @@ impl Engine {
             let layers =
                 Arc::clone(cluster).recover(output.clone(), logs.clone()).await.map_err(|failed| failed.to_string())?;
             let sources = layers.layers.iter().map(|l| (l.diff_id, cluster.holders(&l.diff_id))).collect();
-            match self.worker.ensure_layers(&layers.layers, &sources, fetcher).await {
+            match self.stores.ensure_layers(&layers.layers, &sources, fetcher).await {
                 Ok(snapshot) => return Ok(snapshot),
                 Err(_) if attempt < 2 => attempt += 1,
                 Err(error) => return Err(error),
@@ -184,7 +184,7 @@ impl Engine {
     /// must have been uploaded), or a directory on this machine.
     async fn context(&self, request: &BuildRequest) -> Result<Arc<dyn BuildContext>, String> {
         if let Some(manifest) = &request.context_manifest {
-            let cas = self.worker.cas();
+            let cas = self.stores.cas();
             if let Some((digest, _)) = manifest.blobs().into_iter().find(|(digest, _)| !cas.contains(digest)) {
                 let path = manifest
                     .entries
@@ -247,8 +247,8 @@ impl Engine {
             check_layer_depth(&first, &HashMap::new())?;
             return Ok((first, Bases::default()));
         }
-        let registry = self.worker.registry();
-        let cas = self.worker.cas();
+        let registry = self.stores.registry();
+        let cas = self.stores.cas();
         let mut configs = HashMap::new();
         let mut bases = Bases::default();
         let mut base_layers = HashMap::new();

@@ -82,9 +82,9 @@ impl Engine {
                         for name in names {
                             let reference = name.parse().map_err(|e| format!("--output name={name}: {e}"))?;
                             let step = self.step(progress, &format!("pushing {name}"));
-                            self.worker
+                            self.stores
                                 .registry()
-                                .push(&reference, &image.digest, self.worker.cas())
+                                .push(&reference, &image.digest, self.stores.cas())
                                 .await
                                 .map_err(|e| e.to_string())?;
                             step.done();
@@ -100,7 +100,7 @@ impl Engine {
                     image_digest = Some(image.digest);
                     let step = self.step(progress, &format!("writing {}", dest.display()));
                     let path = spooled.clone().unwrap_or_else(|| dest.clone());
-                    let (cas, names) = (Arc::clone(self.worker.cas()), names.clone());
+                    let (cas, names) = (Arc::clone(self.stores.cas()), names.clone());
                     let written = path.clone();
                     tokio::task::spawn_blocking(move || write_archive(&written, &image, &names, &cas, format))
                         .await
@@ -119,10 +119,10 @@ impl Engine {
                                     .await
                                     .map_err(|e| format!("{}: {e}", spooled.display()))?;
                                 let path = spooled.join(format!("{i}.tar"));
-                                self.worker.export_tar(snapshot, &path, options).await?;
+                                self.stores.export_tar(snapshot, &path, options).await?;
                                 files.push(SpooledFile { output: index, unpack_into: Some(subdir), path });
                             }
-                            None => self.worker.export_local(snapshot, &dest.join(subdir)).await?,
+                            None => self.stores.export_local(snapshot, &dest.join(subdir)).await?,
                         }
                     }
                     step.done();
@@ -132,7 +132,7 @@ impl Engine {
                         return Err("type=tar holds one platform; use type=local for several".into());
                     }
                     let step = self.step(progress, &format!("writing {}", dest.display()));
-                    self.worker.export_tar(snapshots[0], spooled.as_ref().unwrap_or(dest), options).await?;
+                    self.stores.export_tar(snapshots[0], spooled.as_ref().unwrap_or(dest), options).await?;
                     files.extend(spooled.map(|path| SpooledFile { output: index, unpack_into: None, path }));
                     step.done();
                 }
@@ -153,8 +153,8 @@ impl Engine {
             let mut pinned = reference.clone();
             pinned.digest = Some(*digest);
             let image =
-                self.worker.registry().pull(&pinned, platform, self.worker.cas()).await.map_err(|e| e.to_string())?;
-            self.worker.record_origins(&image).await?;
+                self.stores.registry().pull(&pinned, platform, self.stores.cas()).await.map_err(|e| e.to_string())?;
+            self.stores.record_origins(&image).await?;
         }
         Ok(())
     }
@@ -171,7 +171,7 @@ impl Engine {
     ) -> Result<Descriptor, String> {
         let mut manifests = Vec::new();
         for (i, snapshot) in snapshots.iter().enumerate() {
-            let blobs = self.worker.export_layers(snapshot, options).await?;
+            let blobs = self.stores.export_layers(snapshot, options).await?;
             let layers: Vec<NewLayer> = blobs
                 .iter()
                 .map(|b| NewLayer {
@@ -198,14 +198,14 @@ impl Engine {
                 history,
                 created: created.to_string(),
             };
-            manifests.push(store_image(self.worker.cas(), &image, media).map_err(|e| e.to_string())?);
+            manifests.push(store_image(self.stores.cas(), &image, media).map_err(|e| e.to_string())?);
         }
         if manifests.len() == 1 {
             let mut single = manifests.remove(0);
             single.platform = None;
             return Ok(single);
         }
-        store_index(self.worker.cas(), manifests, media).map_err(|e| e.to_string())
+        store_index(self.stores.cas(), manifests, media).map_err(|e| e.to_string())
     }
 
     pub(crate) fn step<'a>(&self, progress: &'a mpsc::UnboundedSender<BuildEvent>, name: &str) -> ExportStep<'a> {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use kiln_cluster::{Cluster, ClusterExecutor, ClusterSettings};
 use kiln_kv::{SharedKv, SledKv};
 use kiln_solver::{Solver, SolverConfig};
-use kiln_worker::{BlobFetcher, LocalExecutor, Worker, WorkerConfig};
+use kiln_worker::{BlobFetcher, LocalExecutor, Stores, Worker, WorkerConfig};
 
 /// How an engine runs.
 #[derive(Debug, Clone)]
@@ -37,7 +37,8 @@ pub struct EngineConfig {
 /// (standalone), or on a cluster of remote workers (a coordinator, whose own stores then
 /// only hold uploaded contexts and what it exports).
 pub struct Engine {
-    worker: Arc<Worker>,
+    /// Where contexts arrive, results are brought in and exports are made from.
+    stores: Arc<Stores>,
     /// The metadata store (the solver's cache index lives in it).
     kv: SharedKv,
     mode: Mode,
@@ -79,14 +80,15 @@ impl Engine {
     /// Like [`Engine::start`] with a given metadata store.
     pub fn with_kv(config: EngineConfig, kv: SharedKv) -> Result<Engine, String> {
         let worker = Arc::new(Worker::open(config.worker, Arc::clone(&kv)).map_err(|e| e.to_string())?);
-        let executor = Arc::new(LocalExecutor::new(Arc::clone(&worker), &config.name));
+        let stores = Arc::clone(worker.stores());
+        let executor = Arc::new(LocalExecutor::new(worker, &config.name));
         let solver = Solver::start(
             executor,
             SolverConfig { worker_parallelism: config.max_parallelism },
             Some(Arc::clone(&kv)),
         )?;
         let platforms = if config.platforms.is_empty() { kiln_worker::runnable_platforms() } else { config.platforms };
-        Ok(Engine { worker, kv, mode: Mode::Local(solver), name: config.name, platforms, next_build: 1.into() })
+        Ok(Engine { stores, kv, mode: Mode::Local(solver), name: config.name, platforms, next_build: 1.into() })
     }
 
     /// A coordinator: builds run on the cluster's workers, which connect to it; `fetcher`
@@ -101,14 +103,16 @@ impl Engine {
         std::fs::create_dir_all(&root).map_err(|e| fail(e.to_string()))?;
         let kv: SharedKv = Arc::new(SledKv::open(&root.join("db")).map_err(|e| fail(e.to_string()))?);
         // A coordinator executes nothing itself: its stores and registry client, no runner.
-        let worker = Arc::new(Worker::open_stores(config.worker, Arc::clone(&kv)).map_err(|e| fail(e.to_string()))?);
+        let stores = Stores::open(&config.worker.root, config.worker.registry.clone(), Arc::clone(&kv))
+            .map_err(|e| fail(e.to_string()))?;
+        let stores = Arc::new(stores);
         let cluster = Cluster::new(settings);
         cluster.start_ticker(std::time::Duration::from_millis(200));
         let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
         let solver = Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS }, Some(Arc::clone(&kv)))
             .map_err(fail)?;
         Ok(Engine {
-            worker,
+            stores,
             kv,
             mode: Mode::Cluster { solver, cluster, fetcher },
             name: config.name,
@@ -131,9 +135,9 @@ impl Engine {
         self.kv.flush().map_err(|e| format!("flushing the metadata store: {e}"))
     }
 
-    /// The worker.
-    pub fn worker(&self) -> &Arc<Worker> {
-        &self.worker
+    /// The stores builds use: contexts, results brought in, exports.
+    pub fn stores(&self) -> &Arc<Stores> {
+        &self.stores
     }
 
     /// The worker's name.

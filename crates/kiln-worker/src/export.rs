@@ -7,9 +7,9 @@ use std::sync::Arc;
 use kiln_layer::{Compression, LayerBlob, TarOptions, write_layer_tar};
 
 use crate::fileop::copy_contents;
-use crate::{Snapshot, Worker, blocking};
+use crate::{Snapshot, Stores, blocking};
 
-impl Worker {
+impl Stores {
     /// Each layer of the snapshot as a compressed blob in the blob store (cached per layer);
     /// layers pulled from a registry are the blobs they were pulled as.
     pub async fn export_layers(&self, snapshot: &Snapshot, options: TarOptions) -> Result<Vec<LayerBlob>, String> {

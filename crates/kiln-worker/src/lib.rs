@@ -21,6 +21,7 @@ mod fileop;
 mod mounts;
 mod platforms;
 mod source;
+mod stores;
 mod transfer;
 mod user;
 
@@ -28,6 +29,7 @@ pub use executor::LocalExecutor;
 use kiln_model::{LogLine, LogSink, LogStream};
 pub use platforms::runnable_platforms;
 pub use source::select_context;
+pub use stores::Stores;
 pub use transfer::BlobFetcher;
 pub use user::{ResolvedUser, resolve_owner, resolve_user};
 
@@ -37,12 +39,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use kiln_cas::BlobStore;
 use kiln_context::BuildContext;
 use kiln_graph::{Input, Op, Vertex};
 use kiln_kv::SharedKv;
-use kiln_layer::{LayerId, SnapshotStore};
-use kiln_registry::{Credentials, RegistryClient, RegistryOptions, ResolvedImage};
+use kiln_layer::LayerId;
+use kiln_registry::{Credentials, RegistryOptions, ResolvedImage};
 use kiln_runner_spec::Limits;
 use serde::{Deserialize, Serialize};
 
@@ -136,15 +137,20 @@ fn tail_text(tail: &[String]) -> String {
     if tail.is_empty() { String::new() } else { format!("\n{}", tail.join("\n")) }
 }
 
-/// The worker's stores and clients.
+/// A worker: the node's [`Stores`] (which it dereferences to) and what executing steps
+/// needs besides them (the runner, cache mounts).
 pub struct Worker {
     config: WorkerConfig,
-    cas: Arc<BlobStore>,
-    snapshots: Arc<SnapshotStore>,
-    registry: RegistryClient,
+    stores: Arc<Stores>,
     cache_mounts: mounts::CacheMounts,
-    /// Layers being fetched from peers, so concurrent jobs fetch each once.
-    fetching: std::sync::Mutex<HashMap<kiln_types::Digest, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::ops::Deref for Worker {
+    type Target = Stores;
+
+    fn deref(&self) -> &Stores {
+        &self.stores
+    }
 }
 
 impl Worker {
@@ -152,8 +158,7 @@ impl Worker {
     /// metadata in `kv`, ready to execute steps with `config.runner`.
     pub fn open(config: WorkerConfig, kv: SharedKv) -> Result<Worker, WorkerError> {
         let failed = |message: String| WorkerError::Failed { vertex: "worker".into(), message };
-        let worker = Worker::open_stores(config, kv)?;
-        let config = &worker.config;
+        let stores = Arc::new(Stores::open(&config.root, config.registry.clone(), kv)?);
         let steps = config.root.join("steps");
         let _ = std::fs::remove_dir_all(&steps);
         std::fs::create_dir_all(&steps).map_err(|e| failed(format!("{}: {e}", steps.display())))?;
@@ -164,41 +169,13 @@ impl Worker {
         if !cleanup.map(|s| s.success()).unwrap_or(false) {
             return Err(failed(format!("cannot run {} to clean up old containers", config.runner.display())));
         }
-        Ok(worker)
-    }
-
-    /// Opens only the stores (blobs, snapshots) and the registry client: what a coordinator
-    /// uses to receive contexts, bring result layers in and export. It never executes a step,
-    /// so it needs no runner.
-    pub fn open_stores(config: WorkerConfig, kv: SharedKv) -> Result<Worker, WorkerError> {
-        let failed = |message: String| WorkerError::Failed { vertex: "worker".into(), message };
-        let cas = BlobStore::open(&config.root.join("blobs"), kv.clone()).map_err(|e| failed(e.to_string()))?;
-        let snapshots = SnapshotStore::open(&config.root.join("snapshots"), kv).map_err(|e| failed(e.to_string()))?;
-        let registry = RegistryClient::new(config.registry.clone()).map_err(|e| failed(e.to_string()))?;
         let cache_mounts = mounts::CacheMounts::new(config.root.join("cache"));
-        Ok(Worker {
-            config,
-            cas: Arc::new(cas),
-            snapshots: Arc::new(snapshots),
-            registry,
-            cache_mounts,
-            fetching: std::sync::Mutex::default(),
-        })
+        Ok(Worker { config, stores, cache_mounts })
     }
 
-    /// The blob store.
-    pub fn cas(&self) -> &Arc<BlobStore> {
-        &self.cas
-    }
-
-    /// The snapshot store.
-    pub fn snapshots(&self) -> &Arc<SnapshotStore> {
-        &self.snapshots
-    }
-
-    /// The registry client (shared by pulls, resolution and pushes).
-    pub fn registry(&self) -> &RegistryClient {
-        &self.registry
+    /// The stores this worker executes over (shared with whoever exports from them).
+    pub fn stores(&self) -> &Arc<Stores> {
+        &self.stores
     }
 
     /// Executes `vertex` given the outputs of its inputs, in order; a RUN step's output

@@ -9,7 +9,7 @@ use kiln_dockerfile::ignore::PatternList;
 use kiln_graph::SourceOp;
 use kiln_layer::{Compression, LayerBlob, LayerId};
 
-use crate::{BuildInputs, Snapshot, VertexOutput, Worker, blocking};
+use crate::{BuildInputs, Snapshot, Stores, VertexOutput, Worker, blocking};
 
 /// The entries of `context` a context source selects (`include` paths, minus `exclude`).
 pub fn select_context<'a>(
@@ -43,7 +43,7 @@ fn compression_of(media_type: &str) -> Option<Compression> {
     }
 }
 
-impl Worker {
+impl Stores {
     /// Remembers the blobs an image's layers were pulled as (already in the blob store), so
     /// exports keep them (a coordinator pulls the base images of a build before exporting).
     pub async fn record_origins(&self, image: &kiln_registry::ResolvedImage) -> Result<(), String> {
@@ -53,7 +53,9 @@ impl Worker {
         })
         .await
     }
+}
 
+impl Worker {
     pub(crate) async fn source(&self, source: &SourceOp, build: &BuildInputs) -> Result<VertexOutput, String> {
         match source {
             SourceOp::Image { reference, platform } => {

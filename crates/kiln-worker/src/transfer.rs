@@ -10,7 +10,7 @@ use kiln_layer::{Compression, LayerId, TarOptions};
 use kiln_model::{BoxFuture, LayerDesc};
 use kiln_types::Digest;
 
-use crate::{Snapshot, Worker, blocking};
+use crate::{Snapshot, Stores, blocking};
 
 /// Fetches a blob by digest from one of `peers` (blob service addresses) into a store,
 /// verifying the digest.
@@ -19,7 +19,7 @@ pub trait BlobFetcher: Send + Sync {
     fn fetch(&self, digest: Digest, peers: Vec<String>, store: Arc<BlobStore>) -> BoxFuture<Result<(), String>>;
 }
 
-impl Worker {
+impl Stores {
     /// The snapshot's layers as content: each is exported as an uncompressed tar into the
     /// blob store once (cached), where peers can fetch it by its diff id.
     pub async fn describe(&self, snapshot: &Snapshot) -> Result<Vec<LayerDesc>, String> {

@@ -128,9 +128,9 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let config = WorkerConfig::new(&dir.path().join("worker")).unwrap();
-        // Context sources and lost inputs never start a container: no runner needed.
-        let worker = Arc::new(Worker::open_stores(config, Arc::new(MemoryKv::new())).unwrap());
+        let mut config = WorkerConfig::new(&dir.path().join("worker")).unwrap();
+        config.runner = kiln_testkit::runner_binary();
+        let worker = Arc::new(Worker::open(config, Arc::new(MemoryKv::new())).unwrap());
         Fixture { dir, worker }
     }
 

@@ -1,0 +1,56 @@
+//! What a node keeps and moves: the blob store, the snapshot store and the registry client.
+//! A worker executes steps over them; a coordinator, which executes nothing, opens only
+//! these to receive contexts, bring result layers in and export images and files.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use kiln_cas::BlobStore;
+use kiln_kv::SharedKv;
+use kiln_layer::SnapshotStore;
+use kiln_registry::{RegistryClient, RegistryOptions};
+
+use crate::WorkerError;
+
+/// A node's stores and registry client. Transfers (`describe`, `ensure_layers`,
+/// `ensure_blobs`) and exports (`export_layers`, `export_local`, `export_tar`) are theirs.
+pub struct Stores {
+    pub(crate) cas: Arc<BlobStore>,
+    pub(crate) snapshots: Arc<SnapshotStore>,
+    pub(crate) registry: RegistryClient,
+    /// Layers being fetched from peers, so concurrent jobs fetch each once.
+    pub(crate) fetching: std::sync::Mutex<HashMap<kiln_types::Digest, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Stores {
+    /// Opens the blob and snapshot stores under `root` (clearing mounts a crash left) with
+    /// metadata in `kv`, and a registry client. No runner is needed.
+    pub fn open(root: &Path, registry: RegistryOptions, kv: SharedKv) -> Result<Stores, WorkerError> {
+        let failed = |message: String| WorkerError::Failed { vertex: "worker".into(), message };
+        let cas = BlobStore::open(&root.join("blobs"), kv.clone()).map_err(|e| failed(e.to_string()))?;
+        let snapshots = SnapshotStore::open(&root.join("snapshots"), kv).map_err(|e| failed(e.to_string()))?;
+        let registry = RegistryClient::new(registry).map_err(|e| failed(e.to_string()))?;
+        Ok(Stores {
+            cas: Arc::new(cas),
+            snapshots: Arc::new(snapshots),
+            registry,
+            fetching: std::sync::Mutex::default(),
+        })
+    }
+
+    /// The blob store.
+    pub fn cas(&self) -> &Arc<BlobStore> {
+        &self.cas
+    }
+
+    /// The snapshot store.
+    pub fn snapshots(&self) -> &Arc<SnapshotStore> {
+        &self.snapshots
+    }
+
+    /// The registry client (shared by pulls, resolution and pushes).
+    pub fn registry(&self) -> &RegistryClient {
+        &self.registry
+    }
+}
