@@ -31,6 +31,7 @@ use kiln_proto::v1::{
 use kiln_types::Digest;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
@@ -40,6 +41,8 @@ pub struct ControlService {
     engine: Arc<Engine>,
     root: PathBuf,
     upload_idle_timeout: std::time::Duration,
+    /// Where each build's task is tracked, so a stopping daemon can wait for them.
+    tasks: TaskTracker,
 }
 
 /// How long a context upload may send nothing before it is ended, unless configured.
@@ -48,7 +51,14 @@ pub const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 impl ControlService {
     /// A service over `engine`, whose state lives in `root`.
     pub fn new(engine: Arc<Engine>, root: &Path) -> ControlService {
-        ControlService { engine, root: root.to_path_buf(), upload_idle_timeout: UPLOAD_IDLE_TIMEOUT }
+        let tasks = TaskTracker::new();
+        ControlService { engine, root: root.to_path_buf(), upload_idle_timeout: UPLOAD_IDLE_TIMEOUT, tasks }
+    }
+
+    /// Tracks its builds' tasks in `tasks` (the daemon's, which it waits for when stopping).
+    pub fn tracked_by(mut self, tasks: TaskTracker) -> ControlService {
+        self.tasks = tasks;
+        self
     }
 
     /// Ends uploads that send nothing for `timeout` (default [`UPLOAD_IDLE_TIMEOUT`]).
@@ -74,7 +84,7 @@ impl Control for ControlService {
         span.in_scope(|| tracing::info!(over_tcp, "build started"));
         let (events, stream) = mpsc::channel(256);
         let engine = Arc::clone(&self.engine);
-        tokio::spawn(
+        self.tasks.spawn(
             async move {
                 let (progress, mut progress_events) = mpsc::unbounded_channel();
                 let build = engine.build(request, Some(&spool), progress);
@@ -84,6 +94,12 @@ impl Control for ControlService {
                 let result = loop {
                     tokio::select! {
                         result = &mut build => break result,
+                        // The client left (or the daemon is stopping and dropped its stream)
+                        // while nothing was to be sent: the build ends here too.
+                        () = events.closed() => {
+                            exports::remove_spool(spool.clone()).await;
+                            return;
+                        }
                         Some(event) = progress_events.recv() => {
                             if events.send(Ok(event_to_proto(event))).await.is_err() {
                                 exports::remove_spool(spool.clone()).await;

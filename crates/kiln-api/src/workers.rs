@@ -16,6 +16,7 @@ use kiln_proto::v1::workers_server::Workers;
 use kiln_proto::v1::{self, coordinator_message, worker_message};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
@@ -27,13 +28,21 @@ pub struct WorkersService {
     /// Where workers fetch uploaded context files (this coordinator's blob service).
     address: String,
     lease_ms: u64,
+    /// Where each session's tasks are tracked.
+    tasks: TaskTracker,
 }
 
 impl WorkersService {
+    /// Tracks its sessions' tasks in `tasks` (the daemon's, which it waits for when stopping).
+    pub fn tracked_by(mut self, tasks: TaskTracker) -> WorkersService {
+        self.tasks = tasks;
+        self
+    }
+
     /// A service registering workers into `cluster`; `address` is this coordinator's blob
     /// service for context files.
     pub fn new(cluster: Arc<Cluster<ClusterData>>, address: &str, lease_ms: u64) -> WorkersService {
-        WorkersService { cluster, address: address.to_string(), lease_ms }
+        WorkersService { cluster, address: address.to_string(), lease_ms, tasks: TaskTracker::new() }
     }
 }
 
@@ -68,7 +77,7 @@ impl Workers for WorkersService {
         // Set when the worker's side ended first: then there is nothing to close.
         let worker_left = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let left = Arc::clone(&worker_left);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             while let Some(to_worker) = assignments.recv().await {
                 let converted = match to_worker {
                     ToWorker::Assign(job) => match assign(*job, &address) {
@@ -100,7 +109,7 @@ impl Workers for WorkersService {
         }.instrument(span.clone()));
 
         let cluster = Arc::clone(&self.cluster);
-        tokio::spawn(
+        self.tasks.spawn(
             async move {
                 let why = loop {
                     match incoming.message().await {

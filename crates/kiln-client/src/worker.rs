@@ -8,6 +8,7 @@ use kiln_model::{Assignment, Executed, Failed, FromCoordinator, JobId, Layers, L
 use kiln_proto::v1::{self, coordinator_message, worker_message, workers_client::WorkersClient};
 use kiln_types::Digest;
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::ClientError;
 
@@ -59,7 +60,7 @@ impl WorkerSession {
             }
         };
         let (incoming_sender, incoming) = mpsc::channel(64);
-        tokio::spawn(async move {
+        let reader = async move {
             loop {
                 let message = match stream.message().await {
                     Ok(Some(message)) => message,
@@ -84,7 +85,8 @@ impl WorkerSession {
                     return;
                 }
             }
-        });
+        };
+        tokio::spawn(reader.instrument(tracing::info_span!("session_reader", coordinator = %address)));
         Ok(WorkerSession { link: WorkerLink { sender }, lease_ms, incoming })
     }
 }

@@ -27,6 +27,7 @@ use kiln_model::{
 };
 use kiln_types::{Digest, now_ms};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
 
 pub use state::ClusterSettings;
 use state::{ClusterCommand, ClusterEffect, ClusterState, JobSpec};
@@ -139,14 +140,15 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     /// Ticks the state every `period` (leases, placement timeouts) while the cluster lives.
     pub fn start_ticker(self: &Arc<Self>, period: Duration) {
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
+        let ticks = async move {
             let mut interval = tokio::time::interval(period);
             loop {
                 interval.tick().await;
                 let Some(cluster) = weak.upgrade() else { return };
                 cluster.apply(ClusterCommand::Tick { at: now_ms() });
             }
-        });
+        };
+        tokio::spawn(ticks.instrument(tracing::info_span!("cluster_ticker")));
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<B>> {

@@ -22,6 +22,8 @@ use kiln_engine::{Engine, EngineConfig};
 use kiln_model::WorkerInfo;
 use kiln_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 #[derive(Parser)]
 #[command(name = "kilnd", version, about = "The Kiln daemon")]
@@ -121,22 +123,25 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("restricting {} to its owner", root.display()))?;
 
     // One token stops everything: SIGTERM or SIGINT cancels it, and every part of the daemon
-    // shuts down in order from it.
+    // shuts down in order from it. One tracker holds the tasks that serve requests (builds,
+    // worker sessions), which a stopping daemon waits for before flushing its state.
     let stopped = CancellationToken::new();
+    let tasks = TaskTracker::new();
     let mut terminate =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("handling SIGTERM")?;
     let stop = stopped.clone();
-    tokio::spawn(async move {
+    let signals = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
         }
         tracing::info!("stopping");
         stop.cancel();
-    });
+    };
+    tokio::spawn(signals.instrument(tracing::info_span!("signals")));
     match role {
-        Role::Standalone(settings) => standalone(&args, &root, settings, stopped).await,
-        Role::Coordinator(config) => coordinator(&args, &root, config, stopped).await,
+        Role::Standalone(settings) => standalone(&args, &root, settings, Lifecycle { stopped, tasks }).await,
+        Role::Coordinator(config) => coordinator(&args, &root, config, Lifecycle { stopped, tasks }).await,
         Role::Worker(settings) => worker(&root, settings, stopped).await,
     }
 }
@@ -157,6 +162,13 @@ impl Drop for PidFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// How the parts of a serving daemon stop together: the one token, and the tracker of the
+/// tasks serving requests.
+struct Lifecycle {
+    stopped: CancellationToken,
+    tasks: TaskTracker,
 }
 
 async fn until_stopped(stopped: CancellationToken) {
@@ -196,7 +208,7 @@ async fn standalone(
     args: &Args,
     root: &Path,
     settings: Option<WorkerSettings>,
-    stopped: CancellationToken,
+    lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
     let worker = worker_config(root, settings.as_ref())?;
@@ -209,11 +221,14 @@ async fn standalone(
     let tcp = match &args.listen {
         Some(listen) => Some((
             bind(listen).await?,
-            Services { control: Some(ControlService::new(Arc::clone(&engine), root)), ..Services::default() },
+            Services {
+                control: Some(ControlService::new(Arc::clone(&engine), root).tracked_by(lifecycle.tasks.clone())),
+                ..Services::default()
+            },
         )),
         None => None,
     };
-    serve(&engine, root, &socket, tcp, stopped).await
+    serve(&engine, root, &socket, tcp, lifecycle).await
 }
 
 /// How long in-flight requests (builds streaming their results, worker sessions closing)
@@ -223,15 +238,17 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves the control API on the unix socket and `tcp`'s services on its listener until
 /// stopped, then shuts down in order: no new connections, worker sessions closed (workers
-/// reconnect to the next coordinator), in-flight requests given [`SHUTDOWN_GRACE`], the
+/// reconnect to the next coordinator), in-flight requests and the build tasks behind them given
+/// one [`SHUTDOWN_GRACE`] together, the
 /// cache index flushed, the socket removed.
 async fn serve(
     engine: &Arc<Engine>,
     root: &Path,
     socket: &Path,
     tcp: Option<(tokio::net::TcpListener, Services)>,
-    stopped: CancellationToken,
+    lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
+    let Lifecycle { stopped, tasks } = lifecycle;
     // The state directory is ours (its database is open): what an earlier daemon spooled is
     // garbage now.
     let spools = root.to_path_buf();
@@ -242,7 +259,7 @@ async fn serve(
     if let Some((listener, services)) = tcp {
         servers.spawn(kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone())));
     }
-    let service = ControlService::new(Arc::clone(engine), root);
+    let service = ControlService::new(Arc::clone(engine), root).tracked_by(tasks.clone());
     let unix_socket = socket.to_path_buf();
     servers.spawn({
         let stopped = stopped.clone();
@@ -259,7 +276,10 @@ async fn serve(
         let closed = cluster.close_sessions();
         tracing::info!("stopping: closed {closed} worker sessions");
     }
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+    // One grace for everything still serving: the servers' open requests, then the tasks
+    // behind them (builds whose clients are gone still record what they computed).
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    let drained = tokio::time::timeout_at(deadline, async {
         while let Some(ended) = servers.join_next().await {
             ended?.map_err(anyhow::Error::msg)?;
         }
@@ -270,6 +290,14 @@ async fn serve(
         tracing::warn!("stopping with requests still open after {} s", SHUTDOWN_GRACE.as_secs());
         servers.abort_all();
     }
+    tasks.close();
+    if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            "stopping with {} request tasks still running after {} s",
+            tasks.len(),
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
     let flushing = Arc::clone(engine);
     tokio::task::spawn_blocking(move || flushing.flush()).await?.map_err(anyhow::Error::msg)?;
     let _ = std::fs::remove_file(socket);
@@ -279,12 +307,7 @@ async fn serve(
     }
 }
 
-async fn coordinator(
-    args: &Args,
-    root: &Path,
-    config: CoordinatorConfig,
-    stopped: CancellationToken,
-) -> anyhow::Result<()> {
+async fn coordinator(args: &Args, root: &Path, config: CoordinatorConfig, lifecycle: Lifecycle) -> anyhow::Result<()> {
     let settings = ClusterSettings {
         lease_ms: config.lease_timeout.as_millis() as u64,
         placement_timeout_ms: config.placement_timeout.as_millis() as u64,
@@ -306,13 +329,15 @@ async fn coordinator(
     let listener = bind(&config.listen.to_string()).await?;
     let services = Services {
         control: Some(
-            ControlService::new(Arc::clone(&engine), root).with_upload_idle_timeout(config.upload_idle_timeout),
+            ControlService::new(Arc::clone(&engine), root)
+                .with_upload_idle_timeout(config.upload_idle_timeout)
+                .tracked_by(lifecycle.tasks.clone()),
         ),
         // Workers fetch uploaded context files from the coordinator they connected to.
-        workers: Some(WorkersService::new(cluster, "", lease_ms)),
+        workers: Some(WorkersService::new(cluster, "", lease_ms).tracked_by(lifecycle.tasks.clone())),
         blobs: Some(BlobsService::new(Arc::clone(engine.stores().cas()))),
     };
-    serve(&engine, root, &socket, Some((listener, services)), stopped).await
+    serve(&engine, root, &socket, Some((listener, services)), lifecycle).await
 }
 
 async fn worker(root: &Path, settings: WorkerSettings, stopped: CancellationToken) -> anyhow::Result<()> {

@@ -10,6 +10,7 @@ use kiln_model::{BuildEvent, Executed, Executor, Failed, LogLine, LogSink};
 use kiln_types::{Digest, now_ms};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use crate::Event;
 use crate::state::{BuildId, BuildOptions, Command, Effect, SolverState};
@@ -117,7 +118,7 @@ impl<E: Executor> Solver<E> {
             running: HashMap::new(),
             logs: HashMap::new(),
         };
-        tokio::spawn(driver.run(receiver));
+        tokio::spawn(driver.run(receiver).instrument(tracing::info_span!("solver")));
         Ok(Solver { sender, next_build: std::sync::atomic::AtomicU64::new(1) })
     }
 

@@ -11,7 +11,9 @@ use kiln_runner_spec::{Network, RunMount, RunMountKind, RunResult, RunSpec};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 
 use crate::user::resolve_user;
-use crate::{BuildInputs, LogLine, LogSink, LogStream, Snapshot, Worker, WorkerError, blocking, chain};
+use crate::{
+    BuildInputs, LogLine, LogSink, LogStream, Mounted, Snapshot, Worker, WorkerError, blocking, blocking_in_drop, chain,
+};
 
 /// Output lines kept for the error message of a failed step.
 const TAIL_LINES: usize = 20;
@@ -27,16 +29,6 @@ impl Drop for StepDir {
         let dir = &self.0;
         blocking_in_drop(|| drop(std::fs::remove_dir_all(dir)));
     }
-}
-
-/// Runs blocking cleanup from a `Drop` that may happen on an async thread (a cancelled
-/// step): the runtime is told the thread blocks, so its other tasks move on, while the
-/// cleanup still finishes before the drop returns (later drops, such as the overlay unmount,
-/// rely on it).
-fn blocking_in_drop(cleanup: impl FnOnce()) {
-    let multi_thread = tokio::runtime::Handle::try_current()
-        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if multi_thread { tokio::task::block_in_place(cleanup) } else { cleanup() }
 }
 
 /// Deletes the step's container if the runner did not finish (killed or cancelled).
@@ -89,6 +81,8 @@ impl Worker {
         })
         .await
         .map_err(fail)?;
+        // From here a step that fails or is cancelled unmounts off the async threads.
+        let active = Mounted::new(active);
         let rootfs = active.root();
 
         let mut mounts = self.prepare_mounts(&exec.mounts, inputs, build, &step_dir.0).await.map_err(fail)?;
@@ -140,7 +134,7 @@ impl Worker {
                 tail: tail.into_iter().collect(),
             });
         }
-        let snapshots = Arc::clone(&self.snapshots);
+        let (snapshots, active) = (Arc::clone(&self.snapshots), active.into_inner());
         let layer =
             blocking(move || snapshots.commit_pruned(active, &stubs).map_err(|e| e.to_string())).await.map_err(fail)?;
         let mut layers = base;

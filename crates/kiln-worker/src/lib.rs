@@ -228,6 +228,43 @@ fn vertex_name(vertex: &Vertex) -> String {
     }
 }
 
+/// Runs blocking cleanup from a `Drop` that may happen on an async thread (a cancelled
+/// step): the runtime is told the thread blocks, so its other tasks move on, while the
+/// cleanup still finishes before the drop returns (later drops, such as the overlay unmount,
+/// rely on it).
+fn blocking_in_drop(cleanup: impl FnOnce()) {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread { tokio::task::block_in_place(cleanup) } else { cleanup() }
+}
+
+/// A mounted snapshot held across awaits: if it is dropped there (a failed or cancelled
+/// step), the unmount runs as blocking work, not on the async thread as a plain drop would.
+struct Mounted(Option<kiln_layer::ActiveSnapshot>);
+
+impl Mounted {
+    fn new(active: kiln_layer::ActiveSnapshot) -> Mounted {
+        Mounted(Some(active))
+    }
+
+    fn root(&self) -> PathBuf {
+        self.0.as_ref().expect("mounted until taken").root()
+    }
+
+    /// The snapshot, to commit it (off the async threads).
+    fn into_inner(mut self) -> kiln_layer::ActiveSnapshot {
+        self.0.take().expect("mounted until taken")
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(active) = self.0.take() {
+            blocking_in_drop(move || drop(active));
+        }
+    }
+}
+
 /// Runs blocking filesystem work off the async threads.
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
     tokio::task::spawn_blocking(work).await.map_err(|e| format!("worker task failed: {e}"))?

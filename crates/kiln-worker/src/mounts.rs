@@ -12,7 +12,7 @@ use kiln_types::Digest;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::fileop::copy_contents;
-use crate::{BuildInputs, Snapshot, Worker, blocking, chain};
+use crate::{BuildInputs, Snapshot, Worker, blocking, blocking_in_drop, chain};
 
 /// Cache mount directories: `ROOT/<sha256(id)>/<instance>`. Instance 0 is shared and locked
 /// mounts' directory; `private` mounts take the first instance nobody holds.
@@ -66,6 +66,16 @@ pub(crate) struct PreparedMounts {
     guards: Vec<OwnedMutexGuard<()>>,
 }
 
+impl Drop for PreparedMounts {
+    /// Unmounts the views off the async threads, before the cache locks are released.
+    fn drop(&mut self) {
+        let views = std::mem::take(&mut self.views);
+        if !views.is_empty() {
+            blocking_in_drop(move || drop(views));
+        }
+    }
+}
+
 impl Worker {
     /// Prepares the mounts of a RUN step; secrets go to `step_dir`, never into a snapshot.
     pub(crate) async fn prepare_mounts(
@@ -82,8 +92,12 @@ impl Worker {
                 MountKind::Bind { input, source, readwrite } => {
                     let layers = chain(input, inputs)?.to_vec();
                     // A writable bind mount gets its own overlay, thrown away afterwards.
-                    let view = if *readwrite { self.snapshots.prepare(&layers) } else { self.snapshots.view(&layers) }
-                        .map_err(|e| format!("--mount target={target}: {e}"))?;
+                    let (snapshots, writable, at) = (Arc::clone(&self.snapshots), *readwrite, target.clone());
+                    let view = blocking(move || {
+                        if writable { snapshots.prepare(&layers) } else { snapshots.view(&layers) }
+                            .map_err(|e| format!("--mount target={at}: {e}"))
+                    })
+                    .await?;
                     let host = resolve_in_root(&view.root(), source, true).map_err(|e| format!("{source}: {e}"))?;
                     if !host.exists() {
                         return Err(format!("--mount target={target}: {source} not found in the mounted filesystem"));
