@@ -62,7 +62,7 @@ impl Workers for WorkersService {
         let name = info.name.clone();
         let (session, mut assignments) = self.cluster.register(info, layers).map_err(|reason| {
             tracing::warn!("refused a worker registration: {reason}");
-            Status::from(ApiError::RegistrationRefused(reason))
+            Status::from(ApiError::RegistrationRefused(reason.0))
         })?;
         // Every line about this session carries the worker and the session.
         let span = tracing::info_span!("worker_session", worker = %name, session);

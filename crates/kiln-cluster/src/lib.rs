@@ -32,6 +32,19 @@ use tracing::Instrument as _;
 pub use state::ClusterSettings;
 use state::{ClusterCommand, ClusterEffect, ClusterState, JobSpec};
 
+/// Why a worker's registration was refused (its name is taken); the message names both
+/// workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Times a job is prepared again after a lost input ([`Failed::lost_input`]).
 const LOST_INPUT_RETRIES: u32 = 3;
 
@@ -165,7 +178,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         &self,
         info: WorkerInfo,
         layers: Vec<Digest>,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<ToWorker<B>>), String> {
+    ) -> Result<(u64, mpsc::UnboundedReceiver<ToWorker<B>>), Refused> {
         let name = info.name.clone();
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut inner = self.lock();
@@ -181,12 +194,12 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                         Some(link) => inner.links.insert(name, link),
                         None => inner.links.remove(&name),
                     };
-                    return Err(reason.clone());
+                    return Err(Refused(reason.clone()));
                 }
                 _ => {}
             }
         }
-        let session = session.ok_or_else(|| format!("worker {name}: the registration was not recorded"))?;
+        let session = session.ok_or_else(|| Refused(format!("worker {name}: the registration was not recorded")))?;
         if let Some(link) = inner.links.get_mut(&name) {
             link.0 = session;
         }

@@ -7,7 +7,7 @@
 
 mod units;
 
-pub use units::{parse_duration, parse_size};
+pub use units::{UnitError, parse_duration, parse_size};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -258,6 +258,7 @@ impl ConfigFile {
     pub fn validate(&self, path: &str) -> Result<Config, ConfigError> {
         let invalid =
             |key: &str, message: String| ConfigError::Invalid { path: path.to_string(), key: key.to_string(), message };
+        let unit = |key: &str, error: UnitError| invalid(key, error.to_string());
         if self.coordinator.is_none() && self.worker.is_none() {
             return Err(invalid("(file)", "needs a [coordinator] or a [worker] section".into()));
         }
@@ -269,12 +270,12 @@ impl ConfigFile {
                     .parse()
                     .map_err(|e| invalid("coordinator.listen", format!("{:?} is not HOST:PORT ({e})", c.listen)))?,
                 root: c.root.clone(),
-                lease_timeout: parse_duration(&c.lease_timeout).map_err(|e| invalid("coordinator.lease-timeout", e))?,
+                lease_timeout: parse_duration(&c.lease_timeout).map_err(|e| unit("coordinator.lease-timeout", e))?,
                 placement_timeout: parse_duration(&c.placement_timeout)
-                    .map_err(|e| invalid("coordinator.placement-timeout", e))?,
+                    .map_err(|e| unit("coordinator.placement-timeout", e))?,
                 retry_budget: c.retry_budget,
                 upload_idle_timeout: parse_duration(&c.upload_idle_timeout)
-                    .map_err(|e| invalid("coordinator.upload-idle-timeout", e))?,
+                    .map_err(|e| unit("coordinator.upload-idle-timeout", e))?,
             }),
         };
         let worker = match &self.worker {
@@ -309,7 +310,7 @@ impl ConfigFile {
                     None => 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
                 };
                 let size = |key: &str, value: &Option<String>| {
-                    value.as_deref().map(|v| parse_size(v).map_err(|e| invalid(key, e))).transpose()
+                    value.as_deref().map(|v| parse_size(v).map_err(|e| unit(key, e))).transpose()
                 };
                 let listen: SocketAddr = w
                     .listen
@@ -334,7 +335,7 @@ impl ConfigFile {
                     step_timeout: w
                         .step_timeout
                         .as_deref()
-                        .map(|t| parse_duration(t).map_err(|e| invalid("worker.step-timeout", e)))
+                        .map(|t| parse_duration(t).map_err(|e| unit("worker.step-timeout", e)))
                         .transpose()?,
                     insecure_registries: w.insecure_registries.clone(),
                     gc: GcPolicy {
@@ -343,7 +344,7 @@ impl ConfigFile {
                         max_used_space: size("worker.gc.max-used-space", &w.gc.max_used_space)?,
                         min_free_space: size("worker.gc.min-free-space", &w.gc.min_free_space)?,
                         keep_duration: match &w.gc.keep_duration {
-                            Some(d) => parse_duration(d).map_err(|e| invalid("worker.gc.keep-duration", e))?,
+                            Some(d) => parse_duration(d).map_err(|e| unit("worker.gc.keep-duration", e))?,
                             None => Duration::from_secs(48 * 3600),
                         },
                     },

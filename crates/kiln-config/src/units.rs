@@ -2,30 +2,44 @@
 
 use std::time::Duration;
 
+/// A duration or size that does not parse; the value is quoted as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    /// Not `N` and a duration unit.
+    #[error("{0:?} is not a duration like 10s, 5m or 48h")]
+    Duration(String),
+    /// Not `N` and a size unit.
+    #[error("{0:?} is not a size like 512MiB or 10GB")]
+    Size(String),
+    /// More than fits in 64 bits of its unit.
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
 /// Parses `N` followed by `ms`, `s`, `m`, `h` or `d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 10s, 5m or 48h"))?;
+    let value: u64 = number.parse().map_err(|_| UnitError::Duration(text.to_string()))?;
     let millis = match unit {
         "ms" => 1,
         "s" => 1000,
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => return Err(format!("{text:?} is not a duration like 10s, 5m or 48h")),
+        _ => return Err(UnitError::Duration(text.to_string())),
     };
-    value.checked_mul(millis).map(Duration::from_millis).ok_or_else(|| format!("{text:?} is too long"))
+    value.checked_mul(millis).map(Duration::from_millis).ok_or_else(|| UnitError::TooLarge(text.to_string()))
 }
 
 /// Parses a byte count with an optional `KB/MB/GB/TB` (powers of 1000) or `KiB/MiB/GiB/TiB`
 /// (powers of 1024) suffix.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, UnitError> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a size like 512MiB or 10GB"))?;
+    let value: u64 = number.parse().map_err(|_| UnitError::Size(text.to_string()))?;
     let factor: u64 = match unit.trim() {
         "" | "B" => 1,
         "KB" => 1000,
@@ -36,7 +50,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
         "TiB" => 1 << 40,
-        _ => return Err(format!("{text:?} is not a size like 512MiB or 10GB")),
+        _ => return Err(UnitError::Size(text.to_string())),
     };
-    value.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
+    value.checked_mul(factor).ok_or_else(|| UnitError::TooLarge(text.to_string()))
 }

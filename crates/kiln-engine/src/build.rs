@@ -16,6 +16,7 @@ use kiln_types::{Digest, ImageReference, Platform};
 use kiln_worker::BuildInputs;
 use tokio::sync::mpsc;
 
+use crate::error::BuildError;
 use crate::history::{self, Bases};
 use crate::{Engine, Mode};
 
@@ -86,10 +87,10 @@ impl Engine {
         spool: Option<&Path>,
         progress: mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<BuildSummary, BuildFailure> {
-        let context = self.context(&request).await.map_err(BuildFailure::early)?;
-        let (plan, bases) = self.plan(&request, &context).await.map_err(BuildFailure::early)?;
+        let context = self.context(&request).await.map_err(|e| BuildFailure::early(e.to_string()))?;
+        let (plan, bases) = self.plan(&request, &context).await.map_err(|e| BuildFailure::early(e.to_string()))?;
         if let Mode::Local(_) = self.mode {
-            self.check_platforms(&plan).map_err(BuildFailure::early)?;
+            self.check_platforms(&plan).map_err(|e| BuildFailure::early(e.to_string()))?;
         }
         let _ = progress.send(BuildEvent::Planned(plan.graph.vertices.iter().map(VertexRecord::planned).collect()));
 
@@ -134,7 +135,7 @@ impl Engine {
                         };
                         match self.fetch_result(cluster, fetcher.as_ref(), output).await {
                             Ok(snapshot) => results.push(Some(snapshot)),
-                            Err(message) => return Err(BuildFailure { message, records }),
+                            Err(error) => return Err(BuildFailure { message: error.to_string(), records }),
                         }
                     }
                     step.done();
@@ -147,14 +148,15 @@ impl Engine {
         // succeeded or failed (a daemon killed right after would otherwise lose them to
         // sled's periodic flush).
         let kv = Arc::clone(&self.kv);
-        let flushed = tokio::task::spawn_blocking(move || kv.flush().map_err(|e| e.to_string())).await;
+        let flushed = tokio::task::spawn_blocking(move || kv.flush()).await;
         let (results, vertex_layers, records) = solved?;
-        if let Err(error) = flushed.map_err(|e| e.to_string()).and_then(|flushed| flushed) {
-            return Err(BuildFailure { message: format!("flushing the cache index: {error}"), records });
+        let flushed = flushed.map_err(BuildError::from).and_then(|flushed| flushed.map_err(BuildError::from));
+        if let Err(error) = flushed {
+            return Err(BuildFailure { message: error.to_string(), records });
         }
         match self.export(&plan, &results, &vertex_layers, &bases, &request, spool, &progress).await {
             Ok((image, files)) => Ok(BuildSummary { records, image, files }),
-            Err(message) => Err(BuildFailure { message, records }),
+            Err(error) => Err(BuildFailure { message: error.to_string(), records }),
         }
     }
 
@@ -165,24 +167,24 @@ impl Engine {
         cluster: &Arc<kiln_cluster::Cluster<ClusterData>>,
         fetcher: &dyn kiln_worker::BlobFetcher,
         output: kiln_model::Layers,
-    ) -> Result<kiln_worker::Snapshot, String> {
+    ) -> Result<kiln_worker::Snapshot, BuildError> {
         let logs = LogSink::discard();
         let mut attempt = 0;
         loop {
-            let layers =
-                Arc::clone(cluster).recover(output.clone(), logs.clone()).await.map_err(|failed| failed.to_string())?;
+            let recovered = Arc::clone(cluster).recover(output.clone(), logs.clone()).await;
+            let layers = recovered.map_err(|failed| BuildError::Results(failed.to_string()))?;
             let sources = layers.layers.iter().map(|l| (l.diff_id, cluster.holders(&l.diff_id))).collect();
             match self.stores.ensure_layers(&layers.layers, &sources, fetcher).await {
                 Ok(snapshot) => return Ok(snapshot),
                 Err(_) if attempt < 2 => attempt += 1,
-                Err(error) => return Err(error),
+                Err(error) => return Err(BuildError::Results(error)),
             }
         }
     }
 
     /// The build context: an uploaded manifest over this engine's blob store (every file
     /// must have been uploaded), or a directory on this machine.
-    async fn context(&self, request: &BuildRequest) -> Result<Arc<dyn BuildContext>, String> {
+    async fn context(&self, request: &BuildRequest) -> Result<Arc<dyn BuildContext>, BuildError> {
         if let Some(manifest) = &request.context_manifest {
             let cas = self.stores.cas();
             if let Some((digest, _)) = manifest.blobs().into_iter().find(|(digest, _)| !cas.contains(digest)) {
@@ -191,36 +193,33 @@ impl Engine {
                     .iter()
                     .find(|e| matches!(&e.kind, kiln_context::ManifestKind::File { digest: d, .. } if *d == digest))
                     .map_or("?", |e| e.path.as_str());
-                return Err(format!("build context: {path} ({digest}) was not uploaded"));
+                return Err(BuildError::NotUploaded { path: path.to_string(), digest });
             }
             return Ok(Arc::new(StoredContext::new(manifest, Arc::clone(cas))));
         }
         if matches!(self.mode, Mode::Cluster { .. }) {
-            return Err("a coordinator builds uploaded contexts only (connect with `kiln --addr`)".into());
+            return Err(BuildError::LocalContextOnCoordinator);
         }
-        let ignore =
-            PatternList::parse_ignore_file(&request.dockerignore).map_err(|e| format!(".dockerignore: {e}"))?;
+        let ignore = PatternList::parse_ignore_file(&request.dockerignore)?;
         let context_dir = request.context.clone();
         let context = tokio::task::spawn_blocking(move || FsContext::walk(&context_dir, &ignore))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("reading build context {}: {e}", request.context.display()))?;
+            .await?
+            .map_err(|source| BuildError::Context { path: request.context.clone(), source })?;
         Ok(Arc::new(context))
     }
 
     /// Every RUN must be for a platform this engine runs; never a silent fallback to another.
-    fn check_platforms(&self, plan: &BuildPlan) -> Result<(), String> {
+    fn check_platforms(&self, plan: &BuildPlan) -> Result<(), BuildError> {
         for vertex in &plan.graph.vertices {
             if let Op::Exec(exec) = &vertex.op
                 && !self.platforms.contains(&exec.platform)
             {
                 let available: Vec<String> = self.platforms.iter().map(|p| p.to_string()).collect();
-                return Err(format!(
-                    "{}: no worker runs {} (this one runs {})",
-                    vertex.meta.name,
-                    exec.platform,
-                    available.join(", ")
-                ));
+                return Err(BuildError::Platform {
+                    vertex: vertex.meta.name.clone(),
+                    platform: exec.platform.to_string(),
+                    available: available.join(", "),
+                });
             }
         }
         Ok(())
@@ -231,7 +230,7 @@ impl Engine {
         &self,
         request: &BuildRequest,
         context: &Arc<dyn BuildContext>,
-    ) -> Result<(BuildPlan, Bases), String> {
+    ) -> Result<(BuildPlan, Bases), BuildError> {
         let first = convert_blocking(request, context, ResolvedImages(HashMap::new())).await?;
         // Each (reference, platform) is one source vertex: the graph already merged repeats.
         let wanted: Vec<(ImageReference, Platform)> = first
@@ -253,7 +252,7 @@ impl Engine {
         let mut bases = Bases::default();
         let mut base_layers = HashMap::new();
         for (reference, platform) in wanted {
-            let image = registry.resolve(&reference, &platform, cas).await.map_err(|e| e.to_string())?;
+            let image = registry.resolve(&reference, &platform, cas).await?;
             let config = serde_json::from_value(image.config.config.clone()).unwrap_or_default();
             bases
                 .histories
@@ -272,7 +271,10 @@ impl Engine {
 /// overlay mount can ([`kiln_layer::MAX_LAYERS`]). Each RUN or file step is counted as a
 /// layer (one that changes nothing adds none, so this is an upper bound), a base image as
 /// its manifest's layers, a context as one.
-fn check_layer_depth(plan: &BuildPlan, base_layers: &HashMap<(ImageReference, Platform), usize>) -> Result<(), String> {
+fn check_layer_depth(
+    plan: &BuildPlan,
+    base_layers: &HashMap<(ImageReference, Platform), usize>,
+) -> Result<(), BuildError> {
     let mut depth: HashMap<Digest, usize> = HashMap::with_capacity(plan.graph.vertices.len());
     for vertex in &plan.graph.vertices {
         let inputs: Vec<usize> = vertex.inputs.iter().map(|d| depth.get(d).copied().unwrap_or(0)).collect();
@@ -284,12 +286,7 @@ fn check_layer_depth(plan: &BuildPlan, base_layers: &HashMap<(ImageReference, Pl
         let mounted = inputs.iter().copied().max().unwrap_or(0);
         if matches!(vertex.op, Op::Exec(_) | Op::File(_)) && mounted > kiln_layer::MAX_LAYERS {
             let lines = vertex.meta.lines.map(|(start, _)| format!(" (line {start})")).unwrap_or_default();
-            return Err(format!(
-                "{}{lines}: its filesystem would stack {mounted} layers, more than the {} one overlay mount takes \
-                 (combine steps or start from a flattened image)",
-                vertex.meta.name,
-                kiln_layer::MAX_LAYERS
-            ));
+            return Err(BuildError::TooDeep { vertex: format!("{}{lines}", vertex.meta.name), depth: mounted });
         }
         let own = match &vertex.op {
             Op::Source(SourceOp::Image { reference, platform }) => {
@@ -311,7 +308,7 @@ async fn convert_blocking(
     request: &BuildRequest,
     context: &Arc<dyn BuildContext>,
     images: ResolvedImages,
-) -> Result<BuildPlan, String> {
+) -> Result<BuildPlan, BuildError> {
     let (dockerfile, context) = (request.dockerfile.clone(), Arc::clone(context));
     let (file_name, target) = (request.file_name.clone(), request.target.clone());
     let (build_args, platforms) = (request.build_args.clone(), request.platforms.clone());
@@ -325,10 +322,10 @@ async fn convert_blocking(
             context: context.as_ref(),
             images: &images,
         };
-        convert(&dockerfile, &options).map_err(|e| e.to_string())
+        convert(&dockerfile, &options)
     })
-    .await
-    .map_err(|e| e.to_string())?
+    .await?
+    .map_err(BuildError::from)
 }
 
 /// Follows a build's events to the end, forwarding progress: its result, records and every

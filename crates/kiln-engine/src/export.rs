@@ -14,6 +14,7 @@ use kiln_types::{Digest, now_ms, rfc3339_millis};
 use kiln_worker::Snapshot;
 use tokio::sync::mpsc;
 
+use crate::error::BuildError;
 use crate::history::{self, Bases};
 
 use crate::{Engine, SpooledFile};
@@ -31,11 +32,9 @@ impl Engine {
         request: &BuildRequest,
         spool: Option<&Path>,
         progress: &mpsc::UnboundedSender<BuildEvent>,
-    ) -> Result<(Option<Digest>, Vec<SpooledFile>), String> {
+    ) -> Result<(Option<Digest>, Vec<SpooledFile>), BuildError> {
         let epoch = match request.build_args.get("SOURCE_DATE_EPOCH") {
-            Some(text) => {
-                Some(text.parse::<u64>().map_err(|_| format!("SOURCE_DATE_EPOCH={text} is not a number of seconds"))?)
-            }
+            Some(text) => Some(text.parse::<u64>().map_err(|_| BuildError::SourceDateEpoch(text.clone()))?),
             None => None,
         };
         let options = TarOptions { source_date_epoch: epoch };
@@ -46,7 +45,9 @@ impl Engine {
         let mut image_digest = None;
         let mut files = Vec::new();
         if let Some(spool) = spool {
-            tokio::fs::create_dir_all(spool).await.map_err(|e| format!("{}: {e}", spool.display()))?;
+            tokio::fs::create_dir_all(spool)
+                .await
+                .map_err(|source| BuildError::Io { path: spool.to_path_buf(), source })?;
         }
         let images_out =
             request.outputs.iter().any(|o| !matches!(o, OutputSpec::Local { .. } | OutputSpec::Tar { .. }));
@@ -80,13 +81,10 @@ impl Engine {
                     image_digest = Some(image.digest);
                     if *push {
                         for name in names {
-                            let reference = name.parse().map_err(|e| format!("--output name={name}: {e}"))?;
+                            let reference =
+                                name.parse().map_err(|source| BuildError::OutputName { name: name.clone(), source })?;
                             let step = self.step(progress, &format!("pushing {name}"));
-                            self.stores
-                                .registry()
-                                .push(&reference, &image.digest, self.stores.cas())
-                                .await
-                                .map_err(|e| e.to_string())?;
+                            self.stores.registry().push(&reference, &image.digest, self.stores.cas()).await?;
                             step.done();
                         }
                     }
@@ -103,8 +101,7 @@ impl Engine {
                     let (cas, names) = (Arc::clone(self.stores.cas()), names.clone());
                     let written = path.clone();
                     tokio::task::spawn_blocking(move || write_archive(&written, &image, &names, &cas, format))
-                        .await
-                        .map_err(|e| e.to_string())??;
+                        .await??;
                     files.extend(spooled.map(|path| SpooledFile { output: index, unpack_into: None, path }));
                     step.done();
                 }
@@ -117,22 +114,27 @@ impl Engine {
                             Some(spooled) => {
                                 tokio::fs::create_dir_all(spooled)
                                     .await
-                                    .map_err(|e| format!("{}: {e}", spooled.display()))?;
+                                    .map_err(|source| BuildError::Io { path: spooled.clone(), source })?;
                                 let path = spooled.join(format!("{i}.tar"));
-                                self.stores.export_tar(snapshot, &path, options).await?;
+                                self.stores.export_tar(snapshot, &path, options).await.map_err(BuildError::Results)?;
                                 files.push(SpooledFile { output: index, unpack_into: Some(subdir), path });
                             }
-                            None => self.stores.export_local(snapshot, &dest.join(subdir)).await?,
+                            None => self
+                                .stores
+                                .export_local(snapshot, &dest.join(subdir))
+                                .await
+                                .map_err(BuildError::Results)?,
                         }
                     }
                     step.done();
                 }
                 OutputSpec::Tar { dest } => {
                     if snapshots.len() != 1 {
-                        return Err("type=tar holds one platform; use type=local for several".into());
+                        return Err(BuildError::TarMultiPlatform);
                     }
                     let step = self.step(progress, &format!("writing {}", dest.display()));
-                    self.stores.export_tar(snapshots[0], spooled.as_ref().unwrap_or(dest), options).await?;
+                    let path = spooled.as_ref().unwrap_or(dest);
+                    self.stores.export_tar(snapshots[0], path, options).await.map_err(BuildError::Results)?;
                     files.extend(spooled.map(|path| SpooledFile { output: index, unpack_into: None, path }));
                     step.done();
                 }
@@ -144,7 +146,7 @@ impl Engine {
     /// Base layers are exported as the blobs they were pulled as. A worker records them when
     /// it pulls; a coordinator, whose layers arrived from workers as plain tars, pulls the
     /// base images' blobs itself (each once: the store keeps them).
-    async fn keep_base_blobs(&self, bases: &Bases) -> Result<(), String> {
+    async fn keep_base_blobs(&self, bases: &Bases) -> Result<(), BuildError> {
         if self.cluster().is_none() {
             return Ok(());
         }
@@ -152,9 +154,8 @@ impl Engine {
             // The manifest the build resolved, not whatever the tag names by now.
             let mut pinned = reference.clone();
             pinned.digest = Some(*digest);
-            let image =
-                self.stores.registry().pull(&pinned, platform, self.stores.cas()).await.map_err(|e| e.to_string())?;
-            self.stores.record_origins(&image).await?;
+            let image = self.stores.registry().pull(&pinned, platform, self.stores.cas()).await?;
+            self.stores.record_origins(&image).await.map_err(BuildError::Results)?;
         }
         Ok(())
     }
@@ -168,10 +169,10 @@ impl Engine {
         media: MediaTypes,
         options: TarOptions,
         created: &str,
-    ) -> Result<Descriptor, String> {
+    ) -> Result<Descriptor, BuildError> {
         let mut manifests = Vec::new();
         for (i, snapshot) in snapshots.iter().enumerate() {
-            let blobs = self.stores.export_layers(snapshot, options).await?;
+            let blobs = self.stores.export_layers(snapshot, options).await.map_err(BuildError::Results)?;
             let layers: Vec<NewLayer> = blobs
                 .iter()
                 .map(|b| NewLayer {
@@ -193,19 +194,19 @@ impl Engine {
             });
             let image = NewImage {
                 platform: plan.graph.outputs[i].platform.clone(),
-                config: serde_json::to_value(&plan.images[i]).map_err(|e| e.to_string())?,
+                config: serde_json::to_value(&plan.images[i]).expect("image configs serialise"),
                 layers,
                 history,
                 created: created.to_string(),
             };
-            manifests.push(store_image(self.stores.cas(), &image, media).map_err(|e| e.to_string())?);
+            manifests.push(store_image(self.stores.cas(), &image, media)?);
         }
         if manifests.len() == 1 {
             let mut single = manifests.remove(0);
             single.platform = None;
             return Ok(single);
         }
-        store_index(self.stores.cas(), manifests, media).map_err(|e| e.to_string())
+        Ok(store_index(self.stores.cas(), manifests, media)?)
     }
 
     pub(crate) fn step<'a>(&self, progress: &'a mpsc::UnboundedSender<BuildEvent>, name: &str) -> ExportStep<'a> {

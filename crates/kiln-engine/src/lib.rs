@@ -6,10 +6,12 @@
 //! the result is exported (an image in the store, pushed, tarballs, plain files).
 
 mod build;
+mod error;
 mod export;
 mod history;
 
 pub use build::{BuildFailure, BuildSummary, ClusterData, SpooledFile};
+pub use error::BuildError;
 pub use kiln_model::{BuildRequest, OutputSpec};
 
 use std::path::PathBuf;
@@ -59,27 +61,42 @@ enum Mode {
 /// The execution slots of a coordinator's solver: placement bounds the work per worker.
 const CLUSTER_SLOTS: usize = 1 << 20;
 
-/// Why an engine could not start.
+/// Why an engine could not start, naming its state directory.
 #[derive(Debug, thiserror::Error)]
-#[error("starting the engine in {root}: {message}")]
+#[error("starting the engine in {}: {source}", root.display())]
 pub struct EngineError {
     root: PathBuf,
-    message: String,
+    #[source]
+    source: StartError,
+}
+
+/// What failed while an engine started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Its state directory could not be created.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Its metadata store could not be opened or read.
+    #[error(transparent)]
+    Kv(#[from] kiln_kv::KvError),
+    /// Its worker or stores could not be opened.
+    #[error(transparent)]
+    Worker(#[from] kiln_worker::WorkerError),
 }
 
 impl Engine {
     /// Opens the worker's stores (one sled database under the root) and starts the solver.
     pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
         let root = config.worker.root.clone();
-        let fail = |message: String| EngineError { root: root.clone(), message };
-        std::fs::create_dir_all(&root).map_err(|e| fail(e.to_string()))?;
-        let kv: SharedKv = Arc::new(SledKv::open(&root.join("db")).map_err(|e| fail(e.to_string()))?);
+        let fail = |source: StartError| EngineError { root: root.clone(), source };
+        std::fs::create_dir_all(&root).map_err(|e| fail(e.into()))?;
+        let kv: SharedKv = Arc::new(SledKv::open(&root.join("db")).map_err(|e| fail(e.into()))?);
         Engine::with_kv(config, kv).map_err(fail)
     }
 
     /// Like [`Engine::start`] with a given metadata store.
-    pub fn with_kv(config: EngineConfig, kv: SharedKv) -> Result<Engine, String> {
-        let worker = Arc::new(Worker::open(config.worker, Arc::clone(&kv)).map_err(|e| e.to_string())?);
+    pub fn with_kv(config: EngineConfig, kv: SharedKv) -> Result<Engine, StartError> {
+        let worker = Arc::new(Worker::open(config.worker, Arc::clone(&kv))?);
         let stores = Arc::clone(worker.stores());
         let executor = Arc::new(LocalExecutor::new(worker, &config.name));
         let solver = Solver::start(
@@ -99,18 +116,18 @@ impl Engine {
         fetcher: Arc<dyn BlobFetcher>,
     ) -> Result<Engine, EngineError> {
         let root = config.worker.root.clone();
-        let fail = |message: String| EngineError { root: root.clone(), message };
-        std::fs::create_dir_all(&root).map_err(|e| fail(e.to_string()))?;
-        let kv: SharedKv = Arc::new(SledKv::open(&root.join("db")).map_err(|e| fail(e.to_string()))?);
+        let fail = |source: StartError| EngineError { root: root.clone(), source };
+        std::fs::create_dir_all(&root).map_err(|e| fail(e.into()))?;
+        let kv: SharedKv = Arc::new(SledKv::open(&root.join("db")).map_err(|e| fail(e.into()))?);
         // A coordinator executes nothing itself: its stores and registry client, no runner.
         let stores = Stores::open(&config.worker.root, config.worker.registry.clone(), Arc::clone(&kv))
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(e.into()))?;
         let stores = Arc::new(stores);
         let cluster = Cluster::new(settings);
         cluster.start_ticker(std::time::Duration::from_millis(200));
         let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
         let solver = Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS }, Some(Arc::clone(&kv)))
-            .map_err(fail)?;
+            .map_err(|e| fail(e.into()))?;
         Ok(Engine {
             stores,
             kv,
@@ -131,8 +148,8 @@ impl Engine {
 
     /// Makes every cache entry and record so far durable (blocking: call it off the async
     /// threads).
-    pub fn flush(&self) -> Result<(), String> {
-        self.kv.flush().map_err(|e| format!("flushing the metadata store: {e}"))
+    pub fn flush(&self) -> Result<(), kiln_kv::KvError> {
+        self.kv.flush()
     }
 
     /// The stores builds use: contexts, results brought in, exports.

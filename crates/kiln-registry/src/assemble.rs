@@ -173,14 +173,15 @@ pub fn write_archive(
     names: &[String],
     cas: &BlobStore,
     format: ArchiveFormat,
-) -> Result<(), String> {
-    let file = std::fs::File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+) -> Result<(), ArchiveError> {
+    let at = |source| ArchiveError::Io { path: dest.to_path_buf(), source };
+    let file = std::fs::File::create(dest).map_err(at)?;
     let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
     let mut blobs = Vec::new();
     collect_blobs(cas, &image.digest, &mut blobs)?;
     blobs.sort();
     blobs.dedup();
-    add_file(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    add_file(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(at)?;
     let mut entries = Vec::new();
     for name in names.iter().map(Some).chain(names.is_empty().then_some(None)) {
         let mut entry = image.clone();
@@ -197,11 +198,11 @@ pub fn write_archive(
         manifests: entries,
         annotations: BTreeMap::new(),
     };
-    add_file(&mut tar, "index.json", &json(&index))?;
+    add_file(&mut tar, "index.json", &json(&index)).map_err(at)?;
     if format == ArchiveFormat::Docker {
-        let manifest = match ManifestKind::parse(&cas.read(&image.digest).map_err(|e| e.to_string())?) {
+        let manifest = match ManifestKind::parse(&cas.read(&image.digest)?) {
             Ok(ManifestKind::Image(manifest)) => manifest,
-            _ => return Err("type=docker holds one platform; use type=oci for a multi-platform image".into()),
+            _ => return Err(ArchiveError::DockerMultiPlatform),
         };
         let path = |d: &Digest| format!("blobs/sha256/{}", d.hex());
         let docker = serde_json::json!([{
@@ -209,33 +210,63 @@ pub fn write_archive(
             "RepoTags": names,
             "Layers": manifest.layers.iter().map(|l| path(&l.digest)).collect::<Vec<_>>(),
         }]);
-        add_file(&mut tar, "manifest.json", &json(&docker))?;
+        add_file(&mut tar, "manifest.json", &json(&docker)).map_err(at)?;
     }
     for digest in blobs {
         let mut header = tar::Header::new_ustar();
-        let size = cas.info(&digest).map_err(|e| e.to_string())?.size;
+        let size = cas.info(&digest)?.size;
         header.set_size(size);
         header.set_mode(0o644);
         header.set_mtime(0);
-        let blob = cas.open_blob(&digest).map_err(|e| e.to_string())?;
-        tar.append_data(&mut header, format!("blobs/sha256/{}", digest.hex()), blob).map_err(|e| e.to_string())?;
+        let blob = cas.open_blob(&digest)?;
+        tar.append_data(&mut header, format!("blobs/sha256/{}", digest.hex()), blob).map_err(at)?;
     }
-    let mut out = tar.into_inner().map_err(|e| e.to_string())?;
-    out.flush().map_err(|e| format!("{}: {e}", dest.display()))
+    let mut out = tar.into_inner().map_err(at)?;
+    out.flush().map_err(at)
 }
 
-fn add_file(tar: &mut tar::Builder<impl Write>, name: &str, bytes: &[u8]) -> Result<(), String> {
+/// An image archive that could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// Writing the archive failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The archive.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blob of the image could not be read.
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    /// A manifest or index of the image does not parse.
+    #[error("{digest}: {reason}")]
+    Manifest {
+        /// The document.
+        digest: Digest,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// `type=docker` was asked for an index.
+    #[error("type=docker holds one platform; use type=oci for a multi-platform image")]
+    DockerMultiPlatform,
+}
+
+fn add_file(tar: &mut tar::Builder<impl Write>, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     let mut header = tar::Header::new_ustar();
     header.set_size(bytes.len() as u64);
     header.set_mode(0o644);
     header.set_mtime(0);
-    tar.append_data(&mut header, name, bytes).map_err(|e| e.to_string())
+    tar.append_data(&mut header, name, bytes)
 }
 
-fn collect_blobs(cas: &BlobStore, digest: &Digest, out: &mut Vec<Digest>) -> Result<(), String> {
+fn collect_blobs(cas: &BlobStore, digest: &Digest, out: &mut Vec<Digest>) -> Result<(), ArchiveError> {
     out.push(*digest);
-    let bytes = cas.read(digest).map_err(|e| e.to_string())?;
-    match ManifestKind::parse(&bytes).map_err(|e| format!("{digest}: {e}"))? {
+    let bytes = cas.read(digest)?;
+    let parsed =
+        ManifestKind::parse(&bytes).map_err(|e| ArchiveError::Manifest { digest: *digest, reason: e.to_string() })?;
+    match parsed {
         ManifestKind::Image(manifest) => {
             out.push(manifest.config.digest);
             out.extend(manifest.layers.iter().map(|l| l.digest));

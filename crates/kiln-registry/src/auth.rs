@@ -7,6 +7,40 @@ use base64::Engine as _;
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
 
+/// A Docker config whose credentials cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file's content is wrong.
+    #[error("{}: {source}", path.display())]
+    In {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: Box<CredentialsError>,
+    },
+    /// Not JSON of a Docker config's shape.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// An `auths.KEY.auth` value that is not `base64(user:password)`.
+    #[error("auths.{key}.auth {problem}")]
+    Auth {
+        /// The registry key.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
 /// Credentials per registry host.
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
@@ -36,27 +70,31 @@ impl Credentials {
     }
 
     /// Reads a Docker config file; a missing file means no credentials.
-    pub fn load(path: &Path) -> Result<Credentials, String> {
+    pub fn load(path: &Path) -> Result<Credentials, CredentialsError> {
         let text = match std::fs::read(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Credentials::default()),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(source) => return Err(CredentialsError::Read { path: path.to_path_buf(), source }),
         };
-        Credentials::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        Credentials::parse(&text)
+            .map_err(|source| CredentialsError::In { path: path.to_path_buf(), source: Box::new(source) })
     }
 
     /// Parses the `auths` section of a Docker config.
-    pub fn parse(text: &[u8]) -> Result<Credentials, String> {
-        let config: DockerConfig = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &[u8]) -> Result<Credentials, CredentialsError> {
+        let config: DockerConfig = serde_json::from_slice(text)?;
         let mut by_host = BTreeMap::new();
         for (key, entry) in config.auths {
             let pair = match (entry.auth, entry.username, entry.password) {
                 (Some(auth), _, _) if !auth.is_empty() => {
-                    let decoded = base64::engine::general_purpose::STANDARD
-                        .decode(auth.trim())
-                        .map_err(|e| format!("auths.{key}.auth is not base64: {e}"))?;
-                    let decoded = String::from_utf8(decoded).map_err(|_| format!("auths.{key}.auth is not UTF-8"))?;
-                    let (user, pass) = decoded.split_once(':').ok_or_else(|| format!("auths.{key}.auth has no `:`"))?;
+                    let decoded = base64::engine::general_purpose::STANDARD.decode(auth.trim()).map_err(|e| {
+                        CredentialsError::Auth { key: key.clone(), problem: format!("is not base64: {e}") }
+                    })?;
+                    let decoded = String::from_utf8(decoded)
+                        .map_err(|_| CredentialsError::Auth { key: key.clone(), problem: "is not UTF-8".into() })?;
+                    let (user, pass) = decoded
+                        .split_once(':')
+                        .ok_or_else(|| CredentialsError::Auth { key: key.clone(), problem: "has no `:`".into() })?;
                     (user.to_string(), pass.to_string())
                 }
                 (_, Some(user), Some(pass)) => (user, pass),
@@ -114,7 +152,7 @@ mod tests {
 
     #[test]
     fn bad_config_is_a_clear_error() {
-        let err = Credentials::parse(br#"{"auths": {"r.example": {"auth": "%%%"}}}"#).unwrap_err();
+        let err = Credentials::parse(br#"{"auths": {"r.example": {"auth": "%%%"}}}"#).unwrap_err().to_string();
         assert!(err.contains("auths.r.example.auth is not base64"), "{err}");
         assert!(Credentials::load(Path::new("/nonexistent/config.json")).unwrap().by_host.is_empty());
     }

@@ -19,8 +19,10 @@ mod image;
 mod layout;
 mod sink;
 
-pub use assemble::{ArchiveFormat, History, MediaTypes, NewImage, NewLayer, store_image, store_index, write_archive};
-pub use auth::Credentials;
+pub use assemble::{
+    ArchiveError, ArchiveFormat, History, MediaTypes, NewImage, NewLayer, store_image, store_index, write_archive,
+};
+pub use auth::{Credentials, CredentialsError};
 pub use client::{RegistryClient, RegistryOptions};
 pub use error::{ErrorKind, RegistryError};
 pub use http::Download;

@@ -114,10 +114,14 @@ fn exit_code_output_user_env_and_cwd_come_through() {
 fn network_none_has_only_loopback_and_it_is_up() {
     let sandbox = Sandbox::new();
     // The client connects once the listener is in LISTEN state (port 4000 is 0FA0 in
-    // /proc/net/tcp or tcp6), however long a busy machine takes to start it.
-    let script = "ls /sys/class/net; cat /sys/class/net/lo/operstate; nc -l -p 4000 > /tmp/got & \
+    // /proc/net/tcp or tcp6), however long a busy machine takes to start it. Its input is a
+    // file, readable at once: busybox nc half-closes at the end of its stdin, and a client
+    // whose input was still being written could see the listener's end first and quit
+    // without sending.
+    let script = "ls /sys/class/net; cat /sys/class/net/lo/operstate; echo ping > /tmp/ping; \
+                  nc -l -p 4000 > /tmp/got < /dev/null & \
                   until grep -qsE ':0FA0 [0-9A-F]+:0000 0A' /proc/net/tcp /proc/net/tcp6; do sleep 0.01; done; \
-                  echo ping | nc 127.0.0.1 4000; wait; cat /tmp/got";
+                  nc 127.0.0.1 4000 < /tmp/ping; wait; cat /tmp/got";
     let mut spec = sandbox.spec("netnone", script);
     spec.mounts.push(RunMount { target: "/tmp".into(), kind: RunMountKind::Tmpfs { size: Some(1 << 20) } });
     let (result, stdout, stderr) = sandbox.run(&spec);

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use kiln_graph::{Graph, Op};
-use kiln_kv::SharedKv;
+use kiln_kv::{KvError, SharedKv};
 use kiln_model::{BuildEvent, Executed, Executor, Failed, LogLine, LogSink};
 use kiln_types::{Digest, now_ms};
 use tokio::sync::{Semaphore, mpsc};
@@ -97,10 +97,10 @@ pub struct Solver<E: Executor> {
 impl<E: Executor> Solver<E> {
     /// Starts the driver task. Cache entries persist in `kv` when given (and are loaded
     /// from it now).
-    pub fn start(executor: Arc<E>, config: SolverConfig, kv: Option<SharedKv>) -> Result<Solver<E>, String> {
+    pub fn start(executor: Arc<E>, config: SolverConfig, kv: Option<SharedKv>) -> Result<Solver<E>, KvError> {
         let mut state = SolverState::default();
         if let Some(kv) = &kv {
-            for (key, value) in kv.scan_prefix(CACHE_TREE, b"").map_err(|e| e.to_string())? {
+            for (key, value) in kv.scan_prefix(CACHE_TREE, b"")? {
                 let key = std::str::from_utf8(&key).ok().and_then(|k| k.parse::<Digest>().ok());
                 if let (Some(key), Ok(output)) = (key, serde_json::from_slice(&value)) {
                     state.apply(Command::Restore { key, output });

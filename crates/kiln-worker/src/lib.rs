@@ -92,7 +92,7 @@ pub struct WorkerConfig {
 impl WorkerConfig {
     /// Defaults for a worker rooted at `root`, using the runner found next to this program
     /// and the credentials of `~/.docker/config.json` (an unreadable file is an error).
-    pub fn new(root: &Path) -> Result<WorkerConfig, String> {
+    pub fn new(root: &Path) -> Result<WorkerConfig, kiln_registry::CredentialsError> {
         let credentials = match Credentials::default_path() {
             Some(path) => Credentials::load(&path)?,
             None => Credentials::default(),
