@@ -172,12 +172,12 @@ impl Engine {
         let mut attempt = 0;
         loop {
             let recovered = Arc::clone(cluster).recover(output.clone(), logs.clone()).await;
-            let layers = recovered.map_err(|failed| BuildError::Results(failed.to_string()))?;
+            let layers = recovered?;
             let sources = layers.layers.iter().map(|l| (l.diff_id, cluster.holders(&l.diff_id))).collect();
             match self.stores.ensure_layers(&layers.layers, &sources, fetcher).await {
                 Ok(snapshot) => return Ok(snapshot),
                 Err(_) if attempt < 2 => attempt += 1,
-                Err(error) => return Err(BuildError::Results(error)),
+                Err(error) => return Err(error.into()),
             }
         }
     }

@@ -89,10 +89,12 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
-    /// The build's results could not be brought here or exported (the worker's message names
-    /// the layer or path).
-    #[error("{0}")]
-    Results(String),
+    /// The build's results could not be brought here or exported (naming the layer or path).
+    #[error(transparent)]
+    Store(#[from] kiln_worker::StoreError),
+    /// A result went with its worker and could not be made again.
+    #[error(transparent)]
+    Lost(#[from] kiln_model::Failed),
     /// The metadata store could not be flushed.
     #[error("flushing the cache index: {0}")]
     Flush(#[from] kiln_kv::KvError),

@@ -116,14 +116,10 @@ impl Engine {
                                     .await
                                     .map_err(|source| BuildError::Io { path: spooled.clone(), source })?;
                                 let path = spooled.join(format!("{i}.tar"));
-                                self.stores.export_tar(snapshot, &path, options).await.map_err(BuildError::Results)?;
+                                self.stores.export_tar(snapshot, &path, options).await?;
                                 files.push(SpooledFile { output: index, unpack_into: Some(subdir), path });
                             }
-                            None => self
-                                .stores
-                                .export_local(snapshot, &dest.join(subdir))
-                                .await
-                                .map_err(BuildError::Results)?,
+                            None => self.stores.export_local(snapshot, &dest.join(subdir)).await?,
                         }
                     }
                     step.done();
@@ -134,7 +130,7 @@ impl Engine {
                     }
                     let step = self.step(progress, &format!("writing {}", dest.display()));
                     let path = spooled.as_ref().unwrap_or(dest);
-                    self.stores.export_tar(snapshots[0], path, options).await.map_err(BuildError::Results)?;
+                    self.stores.export_tar(snapshots[0], path, options).await?;
                     files.extend(spooled.map(|path| SpooledFile { output: index, unpack_into: None, path }));
                     step.done();
                 }
@@ -155,7 +151,7 @@ impl Engine {
             let mut pinned = reference.clone();
             pinned.digest = Some(*digest);
             let image = self.stores.registry().pull(&pinned, platform, self.stores.cas()).await?;
-            self.stores.record_origins(&image).await.map_err(BuildError::Results)?;
+            self.stores.record_origins(&image).await?;
         }
         Ok(())
     }
@@ -172,7 +168,7 @@ impl Engine {
     ) -> Result<Descriptor, BuildError> {
         let mut manifests = Vec::new();
         for (i, snapshot) in snapshots.iter().enumerate() {
-            let blobs = self.stores.export_layers(snapshot, options).await.map_err(BuildError::Results)?;
+            let blobs = self.stores.export_layers(snapshot, options).await?;
             let layers: Vec<NewLayer> = blobs
                 .iter()
                 .map(|b| NewLayer {

@@ -217,7 +217,7 @@ async fn execute<L: SessionLink>(
     for layers in &assignment.inputs {
         // The control plane recomputes an input that vanished with its worker, then retries.
         let chain = worker.ensure_layers(&layers.layers, &assignment.sources, fetcher).await;
-        inputs.push(chain.map_err(Failed::lost_input)?);
+        inputs.push(chain.map_err(|e| Failed::lost_input(e.to_string()))?);
     }
     let address = if assignment.context_address.is_empty() { coordinator } else { &assignment.context_address };
     let mut contexts: HashMap<String, Arc<dyn BuildContext>> = HashMap::new();
@@ -227,7 +227,7 @@ async fn execute<L: SessionLink>(
         if let Op::Source(SourceOp::Local { include, exclude, .. }) = &assignment.vertex.op {
             let selected = select_context(&context, include, exclude)?;
             let digests = manifest.digests_of(selected.iter().map(|e| e.path.as_str()));
-            worker.ensure_blobs(&digests, address, fetcher).await?;
+            worker.ensure_blobs(&digests, address, fetcher).await.map_err(|e| Failed::from(e.to_string()))?;
         }
         contexts.insert(name.clone(), Arc::new(context));
     }
@@ -238,7 +238,7 @@ async fn execute<L: SessionLink>(
         log_link.is_open()
     });
     let output = worker.execute(&assignment.vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
-    let layers = worker.describe(&output.snapshot).await?;
+    let layers = worker.describe(&output.snapshot).await.map_err(|e| Failed::from(e.to_string()))?;
     Ok(Executed { output: Layers { layers }, pin: output.image.map(|i| i.manifest_digest), worker: None })
 }
 

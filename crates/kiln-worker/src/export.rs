@@ -7,49 +7,49 @@ use std::sync::Arc;
 use kiln_layer::{Compression, LayerBlob, TarOptions, write_layer_tar};
 
 use crate::fileop::copy_contents;
-use crate::{Snapshot, Stores, blocking};
+use crate::{Snapshot, StoreError, Stores};
 
 impl Stores {
     /// Each layer of the snapshot as a compressed blob in the blob store (cached per layer);
     /// layers pulled from a registry are the blobs they were pulled as.
-    pub async fn export_layers(&self, snapshot: &Snapshot, options: TarOptions) -> Result<Vec<LayerBlob>, String> {
+    pub async fn export_layers(&self, snapshot: &Snapshot, options: TarOptions) -> Result<Vec<LayerBlob>, StoreError> {
         let (snapshots, cas, layers) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas), snapshot.layers.clone());
-        blocking(move || {
+        tokio::task::spawn_blocking(move || {
             layers
                 .iter()
                 .map(|id| {
                     snapshots
                         .export_image_layer(id, &cas, Compression::Gzip, &options)
-                        .map_err(|e| format!("layer {id}: {e}"))
+                        .map_err(|source| StoreError::Layer { layer: id.to_string(), source })
                 })
                 .collect()
         })
-        .await
+        .await?
     }
 
     /// Copies the snapshot's files into `dest` (created when missing), keeping owners,
     /// modes and times.
-    pub async fn export_local(&self, snapshot: &Snapshot, dest: &Path) -> Result<(), String> {
+    pub async fn export_local(&self, snapshot: &Snapshot, dest: &Path) -> Result<(), StoreError> {
         let (snapshots, layers, dest) = (Arc::clone(&self.snapshots), snapshot.layers.clone(), dest.to_path_buf());
-        blocking(move || {
-            let view = snapshots.view(&layers).map_err(|e| e.to_string())?;
-            std::fs::create_dir_all(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-            copy_contents(&view.root(), &dest)
+        tokio::task::spawn_blocking(move || {
+            let view = snapshots.view(&layers)?;
+            std::fs::create_dir_all(&dest).map_err(|source| StoreError::Io { path: dest.clone(), source })?;
+            copy_contents(&view.root(), &dest).map_err(StoreError::Copy)
         })
-        .await
+        .await?
     }
 
     /// Writes the snapshot's files as one tarball.
-    pub async fn export_tar(&self, snapshot: &Snapshot, dest: &Path, options: TarOptions) -> Result<(), String> {
+    pub async fn export_tar(&self, snapshot: &Snapshot, dest: &Path, options: TarOptions) -> Result<(), StoreError> {
         let (snapshots, layers, dest): (_, _, PathBuf) =
             (Arc::clone(&self.snapshots), snapshot.layers.clone(), dest.to_path_buf());
-        blocking(move || {
-            let view = snapshots.view(&layers).map_err(|e| e.to_string())?;
-            let file = std::fs::File::create(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-            let writer =
-                write_layer_tar(&view.root(), std::io::BufWriter::new(file), &options).map_err(|e| e.to_string())?;
-            writer.into_inner().map(drop).map_err(|e| format!("{}: {e}", dest.display()))
+        tokio::task::spawn_blocking(move || {
+            let io = |source| StoreError::Io { path: dest.clone(), source };
+            let view = snapshots.view(&layers)?;
+            let file = std::fs::File::create(&dest).map_err(io)?;
+            let writer = write_layer_tar(&view.root(), std::io::BufWriter::new(file), &options)?;
+            writer.into_inner().map(drop).map_err(|e| io(e.into_error()))
         })
-        .await
+        .await?
     }
 }

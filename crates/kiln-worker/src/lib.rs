@@ -29,7 +29,7 @@ pub use executor::LocalExecutor;
 use kiln_model::{LogLine, LogSink, LogStream};
 pub use platforms::runnable_platforms;
 pub use source::select_context;
-pub use stores::Stores;
+pub use stores::{StoreError, Stores};
 pub use transfer::BlobFetcher;
 pub use user::{ResolvedUser, resolve_owner, resolve_user};
 

@@ -9,7 +9,7 @@ use kiln_dockerfile::ignore::PatternList;
 use kiln_graph::SourceOp;
 use kiln_layer::{Compression, LayerBlob, LayerId};
 
-use crate::{BuildInputs, Snapshot, Stores, VertexOutput, Worker, blocking};
+use crate::{BuildInputs, Snapshot, StoreError, Stores, VertexOutput, Worker, blocking};
 
 /// The entries of `context` a context source selects (`include` paths, minus `exclude`).
 pub fn select_context<'a>(
@@ -46,12 +46,12 @@ fn compression_of(media_type: &str) -> Option<Compression> {
 impl Stores {
     /// Remembers the blobs an image's layers were pulled as (already in the blob store), so
     /// exports keep them (a coordinator pulls the base images of a build before exporting).
-    pub async fn record_origins(&self, image: &kiln_registry::ResolvedImage) -> Result<(), String> {
+    pub async fn record_origins(&self, image: &kiln_registry::ResolvedImage) -> Result<(), StoreError> {
         let (snapshots, origins) = (Arc::clone(&self.snapshots), layer_origins(image));
-        blocking(move || {
-            origins.iter().try_for_each(|origin| snapshots.record_origin(origin).map_err(|e| e.to_string()))
-        })
-        .await
+        let recorded = tokio::task::spawn_blocking(move || {
+            origins.iter().try_for_each(|origin| snapshots.record_origin(origin).map_err(StoreError::from))
+        });
+        recorded.await?
     }
 }
 
@@ -74,7 +74,7 @@ impl Worker {
                     Ok(chain)
                 })
                 .await?;
-                self.record_origins(&image).await?;
+                self.record_origins(&image).await.map_err(|e| e.to_string())?;
                 Ok(VertexOutput { snapshot: Snapshot { layers: chain }, image: Some(image) })
             }
             SourceOp::Local { name, include, exclude, .. } => {

@@ -11,7 +11,56 @@ use kiln_kv::SharedKv;
 use kiln_layer::SnapshotStore;
 use kiln_registry::{RegistryClient, RegistryOptions};
 
+use kiln_layer::LayerError;
+use kiln_types::Digest;
+
 use crate::WorkerError;
+
+/// Why moving or exporting content failed; each names the layer, blob or path.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A layer could not be exported, imported or found.
+    #[error("layer {layer}: {source}")]
+    Layer {
+        /// The layer (its id or diff id).
+        layer: String,
+        /// Why.
+        #[source]
+        source: LayerError,
+    },
+    /// A snapshot could not be mounted or read.
+    #[error(transparent)]
+    Snapshot(#[from] LayerError),
+    /// A layer is held by no connected worker: it went with its worker.
+    #[error("layer {0} is on no connected worker")]
+    Unavailable(Digest),
+    /// Fetching a blob from peers failed.
+    #[error("{digest}: {reason}")]
+    Fetch {
+        /// The blob.
+        digest: Digest,
+        /// The fetcher's reason (each peer's).
+        reason: String,
+    },
+    /// The blob store failed.
+    #[error(transparent)]
+    Cas(#[from] kiln_cas::CasError),
+    /// Writing an export failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Copying a snapshot's files out failed (the message names the path).
+    #[error("{0}")]
+    Copy(String),
+    /// The blocking task doing the work died.
+    #[error("worker task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
 
 /// A node's stores and registry client. Transfers (`describe`, `ensure_layers`,
 /// `ensure_blobs`) and exports (`export_layers`, `export_local`, `export_tar`) are theirs.

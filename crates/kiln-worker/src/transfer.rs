@@ -10,32 +10,33 @@ use kiln_layer::{Compression, LayerId, TarOptions};
 use kiln_model::{BoxFuture, LayerDesc};
 use kiln_types::Digest;
 
-use crate::{Snapshot, Stores, blocking};
+use crate::{Snapshot, StoreError, Stores};
 
 /// Fetches a blob by digest from one of `peers` (blob service addresses) into a store,
 /// verifying the digest.
 pub trait BlobFetcher: Send + Sync {
-    /// Fetches `digest` into `store`.
+    /// Fetches `digest` into `store`. The error is the reason as the transport tells it
+    /// (each peer's), which [`StoreError::Fetch`] carries with the digest.
     fn fetch(&self, digest: Digest, peers: Vec<String>, store: Arc<BlobStore>) -> BoxFuture<Result<(), String>>;
 }
 
 impl Stores {
     /// The snapshot's layers as content: each is exported as an uncompressed tar into the
     /// blob store once (cached), where peers can fetch it by its diff id.
-    pub async fn describe(&self, snapshot: &Snapshot) -> Result<Vec<LayerDesc>, String> {
+    pub async fn describe(&self, snapshot: &Snapshot) -> Result<Vec<LayerDesc>, StoreError> {
         let (snapshots, cas, layers) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas), snapshot.layers.clone());
-        blocking(move || {
+        tokio::task::spawn_blocking(move || {
             layers
                 .iter()
                 .map(|id| {
                     let blob = snapshots
                         .export(id, &cas, Compression::None, &TarOptions::default())
-                        .map_err(|e| format!("layer {id}: {e}"))?;
+                        .map_err(|source| StoreError::Layer { layer: id.to_string(), source })?;
                     Ok(LayerDesc { diff_id: blob.digest, size: blob.size })
                 })
                 .collect()
         })
-        .await
+        .await?
     }
 
     /// The local chain for `layers`, fetching the ones this worker lacks from the peers in
@@ -45,7 +46,7 @@ impl Stores {
         layers: &[LayerDesc],
         sources: &HashMap<Digest, Vec<String>>,
         fetcher: &dyn BlobFetcher,
-    ) -> Result<Snapshot, String> {
+    ) -> Result<Snapshot, StoreError> {
         let mut chain = Vec::with_capacity(layers.len());
         for layer in layers {
             chain.push(
@@ -60,10 +61,10 @@ impl Stores {
         layer: &LayerDesc,
         peers: Vec<String>,
         fetcher: &dyn BlobFetcher,
-    ) -> Result<LayerId, String> {
+    ) -> Result<LayerId, StoreError> {
         let diff_id = layer.diff_id;
-        let lookup =
-            |snapshots: &kiln_layer::SnapshotStore| snapshots.layer_for_diff_id(&diff_id).map_err(|e| e.to_string());
+        let failed = move |source| StoreError::Layer { layer: diff_id.to_string(), source };
+        let lookup = |snapshots: &kiln_layer::SnapshotStore| snapshots.layer_for_diff_id(&diff_id).map_err(failed);
         if let Some(id) = lookup(&self.snapshots)? {
             return Ok(id);
         }
@@ -78,19 +79,19 @@ impl Stores {
             }
             if !self.cas.contains(&diff_id) {
                 if peers.is_empty() {
-                    return Err(format!("layer {diff_id} is on no connected worker"));
+                    return Err(StoreError::Unavailable(diff_id));
                 }
                 fetcher
                     .fetch(diff_id, peers, Arc::clone(&self.cas))
                     .await
-                    .map_err(|e| format!("layer {diff_id}: {e}"))?;
+                    .map_err(|reason| StoreError::Fetch { digest: diff_id, reason })?;
             }
             let (snapshots, cas) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas));
-            blocking(move || {
-                let blob = cas.open_blob(&diff_id).map_err(|e| e.to_string())?;
-                snapshots.import_layer(blob, Some(&diff_id)).map_err(|e| format!("layer {diff_id}: {e}"))
+            tokio::task::spawn_blocking(move || {
+                let blob = cas.open_blob(&diff_id)?;
+                snapshots.import_layer(blob, Some(&diff_id)).map_err(failed)
             })
-            .await
+            .await?
         }
         .await;
         self.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&diff_id);
@@ -103,10 +104,13 @@ impl Stores {
         digests: &[Digest],
         address: &str,
         fetcher: &dyn BlobFetcher,
-    ) -> Result<(), String> {
+    ) -> Result<(), StoreError> {
         for digest in digests {
             if !self.cas.contains(digest) {
-                fetcher.fetch(*digest, vec![address.to_string()], Arc::clone(&self.cas)).await?;
+                fetcher
+                    .fetch(*digest, vec![address.to_string()], Arc::clone(&self.cas))
+                    .await
+                    .map_err(|reason| StoreError::Fetch { digest: *digest, reason })?;
             }
         }
         Ok(())
