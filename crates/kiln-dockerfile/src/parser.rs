@@ -3,6 +3,9 @@
 //! This is BuildKit's `parser` package behaviour: it knows how each instruction splits its
 //! arguments but does no variable expansion and does not judge whether an instruction is
 //! valid (that is [`crate::instructions`]). Line numbers are 1-based and refer to the file.
+//!
+//! The helpers for one line return a message; [`parse`] wraps it into [`ParseError`] with the
+//! file and line.
 
 mod dump;
 mod words;

@@ -328,7 +328,8 @@ async fn convert_blocking(
     .map_err(BuildError::from)
 }
 
-/// Follows a build's events to the end, forwarding progress: its result, records and every
+/// Follows a build's events to the end, forwarding progress: its result (the error as the
+/// solver's `Event::Finished` words it, naming the failed vertex), records and every
 /// vertex's output.
 async fn follow<O>(
     mut handle: BuildHandle<O>,

@@ -4,6 +4,9 @@
 //! result can be an overlay lower directory as is. Entry names with `..` that climb out,
 //! entries whose parent is a symlink, and hard links to outside paths are errors that name
 //! the entry (tar-slip), never writes outside the destination.
+//!
+//! Entry-level helpers return a message that the unpacker wraps with the entry into
+//! `LayerError::BadTar`.
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};

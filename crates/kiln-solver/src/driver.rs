@@ -77,7 +77,7 @@ impl<O> BuildHandle<O> {
         (self.cancel)();
     }
 
-    /// Waits for the end, dropping progress events.
+    /// Waits for the end, dropping progress events (the error as in [`Event::Finished`]).
     pub async fn wait(&mut self) -> (Result<Vec<Option<O>>, String>, Vec<crate::VertexRecord>) {
         while let Some(event) = self.events.recv().await {
             if let Event::Finished(result, records) = event {

@@ -38,6 +38,7 @@ pub enum Event<O> {
         output: O,
     },
     /// The build is over: one result per graph output (`None` for an empty image), or the
-    /// error; and the record of every vertex.
+    /// error; and the record of every vertex. The error is the message the build reports,
+    /// already naming the vertex (and worker) it came from: what failed is in the records.
     Finished(Result<Vec<Option<O>>, String>, Vec<VertexRecord>),
 }

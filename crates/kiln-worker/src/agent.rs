@@ -51,7 +51,8 @@ pub struct Session<L> {
     pub link: L,
     /// The lease: heartbeats go three times within it.
     pub lease_ms: u64,
-    /// What the control plane sends, until the session ends (`Err`: why it broke).
+    /// What the control plane sends, until the session ends (`Err`: why it broke, a reason
+    /// to log before registering again, never acted on by kind).
     pub incoming: mpsc::Receiver<Result<FromCoordinator, String>>,
 }
 

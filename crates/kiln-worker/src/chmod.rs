@@ -1,4 +1,6 @@
 //! `COPY --chmod`: octal (`755`) or symbolic (`u+x,g-w,o=r`) modes, as chmod(1) without umask.
+//!
+//! A mode that does not parse is a message naming it, which the COPY wraps with its vertex.
 
 /// A parsed `--chmod` value.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,4 +1,7 @@
 //! Exec vertices: a container over an overlay of the rootfs chain, run by `kiln-runner`.
+//!
+//! Helper errors are messages naming the mount, file or limit; `exec` wraps them with the
+//! vertex into `WorkerError::Failed` (a step that ran and failed is `StepFailed`).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,8 @@
 //! File vertices: COPY, mkfile, mkdir and rm applied to an overlay of the base chain, with
 //! every path resolved inside its own root.
+//!
+//! Errors here are messages naming the path: `Worker::execute` wraps them with the vertex
+//! (name and Dockerfile line) into `WorkerError::Failed`, the typed error callers see.
 
 use std::collections::HashMap;
 use std::fs;

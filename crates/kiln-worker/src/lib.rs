@@ -211,7 +211,7 @@ impl Worker {
     }
 }
 
-/// The chain an op input refers to.
+/// The chain an op input refers to; a missing input is a message the vertex wraps.
 fn chain<'a>(input: &Input, inputs: &'a [Snapshot]) -> Result<&'a [LayerId], String> {
     match input {
         Input::Scratch => Ok(&[]),
@@ -265,7 +265,8 @@ impl Drop for Mounted {
     }
 }
 
-/// Runs blocking filesystem work off the async threads.
+/// Runs blocking filesystem work off the async threads, for the step internals whose errors
+/// are messages (each module says how they reach a typed error).
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
     tokio::task::spawn_blocking(work).await.map_err(|e| format!("worker task failed: {e}"))?
 }

@@ -1,4 +1,7 @@
 //! `RUN --mount`: bind views of other inputs, persistent cache directories, tmpfs, secrets.
+//!
+//! Errors are messages naming the mount (`--mount target=...`, `cache ID`, the secret);
+//! `exec` wraps them with the vertex into `WorkerError::Failed`.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt as _;

@@ -1,4 +1,7 @@
 //! Source vertices: base images (pulled once, layers unpacked once) and build contexts.
+//!
+//! Errors are messages naming the image, path or pattern; `Worker::execute` wraps them with
+//! the vertex into `WorkerError::Failed`.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;

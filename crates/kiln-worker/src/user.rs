@@ -1,4 +1,7 @@
 //! `USER` and `--chown` names resolved against the step's own `/etc/passwd` and `/etc/group`.
+//!
+//! Errors are messages naming the user or group; the step that asked wraps them with its
+//! vertex into `WorkerError::Failed`.
 
 use std::path::Path;
 

@@ -304,7 +304,8 @@ pub(super) fn parse_chown(spec: &str) -> Chown {
     }
 }
 
-/// `80`, `80/udp`, `8000-8002/tcp` into `port/proto` entries.
+/// `80`, `80/udp`, `8000-8002/tcp` into `port/proto` entries; the error names the spec and
+/// EXPOSE wraps it with its line and stage.
 fn parse_port_spec(spec: &str) -> Result<Vec<String>, String> {
     let (ports, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
     let proto = proto.to_ascii_lowercase();

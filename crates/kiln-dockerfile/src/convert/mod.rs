@@ -158,6 +158,8 @@ pub fn convert(text: &str, options: &ConvertOptions<'_>) -> Result<BuildPlan, Fr
     Ok(BuildPlan { graph, images, target: dockerfile.stages[target].display_name(), warnings })
 }
 
+/// The index of the target stage; the error names the target and is wrapped with the file
+/// into a [`FrontendError`] by [`convert`].
 fn resolve_target(file: &Dockerfile, target: Option<&str>) -> Result<usize, String> {
     let Some(name) = target else { return Ok(file.stages.len() - 1) };
     let lower = name.to_lowercase();

@@ -1,5 +1,7 @@
 //! Builder flags (`--name=value`) with BuildKit's `BFlags` rules: known names only, string
 //! flags need a value, bool flags take an optional `=true|false`, list flags may repeat.
+//!
+//! Errors are messages naming the flag; the instruction wraps them with the file and line.
 
 use std::collections::BTreeMap;
 

@@ -3,6 +3,9 @@
 //! Arguments stay unexpanded here: expansion needs the stage environment, which only
 //! [`crate::convert`] knows. This layer checks what can be checked without it: argument
 //! counts, flags, stage names, JSON forms, mount specs and ONBUILD triggers.
+//!
+//! The per-instruction helpers return a message; [`parse_instruction`]'s caller wraps it
+//! into [`InstructionError`] with the file, line and instruction, the typed error callers see.
 
 mod flags;
 mod mount;

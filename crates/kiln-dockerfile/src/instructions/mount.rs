@@ -1,4 +1,7 @@
 //! `RUN --mount=...` specifications: CSV fields of `key=value`, BuildKit's defaults and checks.
+//!
+//! Errors are messages naming the field and the spec; the RUN instruction wraps them into
+//! its [`super::InstructionError`] with the file and line.
 
 use kiln_graph::CacheSharing;
 

@@ -1,4 +1,6 @@
 //! Glob patterns of `${v#p}`, `${v%p}` and `${v/p/r}`, matched as BuildKit's Go regexps are.
+//!
+//! A pattern that does not compile is a message the lexer wraps into its `ShellError`.
 
 use super::{is_digit, is_letter};
 
