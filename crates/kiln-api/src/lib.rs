@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_cas::{CasError, Unsynced};
-use kiln_client::BlobWriter;
 use kiln_engine::Engine;
 use kiln_model::BuildEvent as DomainEvent;
 use kiln_proto::MAX_MESSAGE;
@@ -175,20 +174,14 @@ impl Control for ControlService {
         // The blob being received: its chunks go to a writer on a blocking thread. Received
         // blobs wait unsynced, and are synced all at once and published at the end: one
         // filesystem sync instead of one fsync per file of the context.
-        let mut current: Option<(Digest, BlobWriter<Unsynced>)> = None;
+        let mut current: Option<(Digest, kiln_cas::BlobWriter<Unsynced>)> = None;
         let mut received = Vec::new();
-        async fn finish(current: Option<(Digest, BlobWriter<Unsynced>)>) -> Result<Option<Unsynced>, Status> {
+        async fn finish(current: Option<(Digest, kiln_cas::BlobWriter<Unsynced>)>) -> Result<Option<Unsynced>, Status> {
             let Some((digest, (chunks, writer))) = current else { return Ok(None) };
             drop(chunks);
             let written = writer.await.map_err(ApiError::from)?;
             written.map(Some).map_err(|e| {
-                let sender_at_fault = matches!(
-                    &e,
-                    kiln_client::ClientError::Store {
-                        source: CasError::DigestMismatch { .. } | CasError::SizeMismatch { .. },
-                        ..
-                    }
-                );
+                let sender_at_fault = matches!(e, CasError::DigestMismatch { .. } | CasError::SizeMismatch { .. });
                 ApiError::Upload { digest, reason: e.to_string(), sender_at_fault }.into()
             })
         }
@@ -203,7 +196,7 @@ impl Control for ControlService {
             if !chunk.digest.is_empty() {
                 received.extend(finish(current.take()).await?);
                 let digest = parse_digest(&chunk.digest, "an uploaded blob").map_err(ApiError::from)?;
-                current = Some((digest, kiln_client::unsynced_blob_writer(Arc::clone(cas), digest)));
+                current = Some((digest, kiln_cas::unsynced_blob_writer(Arc::clone(cas), digest)));
                 blobs += 1;
             }
             let Some((digest, (chunks, _))) = current.as_ref() else {

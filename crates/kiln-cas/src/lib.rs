@@ -8,8 +8,10 @@
 //!   [`BlobStore::ingest`] with an expected digest, so a corrupt transfer is an error naming
 //!   both digests, not a poisoned cache.
 
+mod stream;
 mod verify;
 
+pub use stream::{BlobWriter, blob_writer, unsynced_blob_writer};
 pub use verify::VerifyingReader;
 
 use std::fs::{self, File};

@@ -9,7 +9,6 @@ use kiln_cas::BlobStore;
 use kiln_context::{ContextManifest, FsContext, ManifestKind};
 use kiln_proto::v1::{self, blobs_client::BlobsClient};
 use kiln_types::Digest;
-use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use crate::{Client, ClientError};
@@ -101,40 +100,6 @@ impl Client {
     }
 }
 
-/// A blob being written into a store off the async threads: chunks go to the returned
-/// sender; dropping it ends the blob, which the handle then verifies against `expected`,
-/// syncs and publishes.
-pub fn blob_writer(store: Arc<BlobStore>, expected: Digest) -> BlobWriter<kiln_cas::BlobInfo> {
-    writer(store, expected, move |ingest| ingest.commit(Some(&expected)))
-}
-
-/// Like [`blob_writer`], but the blob is only verified and closed, for the receiver to
-/// publish a whole batch with one sync ([`BlobStore::publish`]).
-pub fn unsynced_blob_writer(store: Arc<BlobStore>, expected: Digest) -> BlobWriter<kiln_cas::Unsynced> {
-    writer(store, expected, move |ingest| ingest.finish_unsynced(Some(&expected)))
-}
-
-/// The chunk sender of a blob being written, and the handle that finishes it.
-pub type BlobWriter<T> = (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<Result<T, ClientError>>);
-
-fn writer<T: Send + 'static>(
-    store: Arc<BlobStore>,
-    expected: Digest,
-    finish: impl FnOnce(kiln_cas::Ingest<'_>) -> Result<T, kiln_cas::CasError> + Send + 'static,
-) -> BlobWriter<T> {
-    let (sender, mut chunks) = mpsc::channel::<Vec<u8>>(8);
-    let writer = tokio::task::spawn_blocking(move || {
-        let failed = |source| ClientError::Store { digest: expected, source };
-        let mut ingest = store.ingest().map_err(failed)?;
-        while let Some(chunk) = chunks.blocking_recv() {
-            std::io::Write::write_all(&mut ingest, &chunk)
-                .map_err(|source| ClientError::Write { digest: expected, source })?;
-        }
-        finish(ingest).map_err(failed)
-    });
-    (sender, writer)
-}
-
 /// A channel to a blob service, shared by every fetch from it in this process (connected
 /// lazily; it reconnects by itself after the peer comes back).
 fn channel(address: &str) -> Result<Channel, ClientError> {
@@ -156,7 +121,7 @@ pub async fn fetch_blob(address: &str, digest: &Digest, store: &Arc<BlobStore>) 
         .await
         .map_err(|e| ClientError::rpc(address, e))?
         .into_inner();
-    let (chunks, writer) = blob_writer(Arc::clone(store), *digest);
+    let (chunks, writer) = kiln_cas::blob_writer(Arc::clone(store), *digest);
     let received = async {
         while let Some(chunk) = stream.message().await.map_err(|e| ClientError::rpc(address, e))? {
             if chunks.send(chunk.data).await.is_err() {
@@ -169,7 +134,7 @@ pub async fn fetch_blob(address: &str, digest: &Digest, store: &Arc<BlobStore>) 
     drop(chunks);
     let written = writer.await?;
     received?;
-    written.map(drop)
+    written.map(drop).map_err(|source| ClientError::Store { digest: *digest, source })
 }
 
 /// Fetches `digest` from the first of `peers` that has it.

@@ -61,15 +61,6 @@ pub enum ClientError {
         #[source]
         source: kiln_cas::CasError,
     },
-    /// Writing a received blob failed.
-    #[error("blob {digest}: writing it: {source}")]
-    Write {
-        /// The blob.
-        digest: Digest,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
     /// No peer could provide a blob: each one's reason, or none held it.
     #[error("{digest}: {}", if reasons.is_empty() { "no peer holds it".to_string() } else { reasons.join("; ") })]
     NoPeer {
@@ -90,10 +81,7 @@ impl ClientError {
             ClientError::Address { .. } => ErrorKind::BadRequest,
             ClientError::Connect { .. } | ClientError::NoPeer { .. } => ErrorKind::Unavailable,
             ClientError::Rpc { kind, .. } => *kind,
-            ClientError::Malformed { .. }
-            | ClientError::Store { .. }
-            | ClientError::Write { .. }
-            | ClientError::Task(_) => ErrorKind::Internal,
+            ClientError::Malformed { .. } | ClientError::Store { .. } | ClientError::Task(_) => ErrorKind::Internal,
             ClientError::Io { .. } => ErrorKind::BadRequest,
         }
     }

@@ -6,7 +6,7 @@ mod blobs;
 mod error;
 mod worker;
 
-pub use blobs::{BlobWriter, UploadStats, blob_writer, fetch_blob, fetch_from_any, unsynced_blob_writer};
+pub use blobs::{UploadStats, fetch_blob, fetch_from_any};
 pub use error::ClientError;
 pub use worker::{WorkerLink, WorkerSession};
 
