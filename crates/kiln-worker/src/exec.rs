@@ -69,18 +69,20 @@ impl Worker {
         let base = chain(&exec.rootfs, inputs).map_err(fail)?.to_vec();
         let id = self.step_id();
         let step_dir = StepDir(self.config.root.join("steps").join(&id));
-        std::fs::create_dir_all(&step_dir.0).map_err(|e| fail(format!("{}: {e}", step_dir.0.display())))?;
 
-        // Mount, read the image's users and create the working directory off the async threads.
+        // Create the step directory with its runtime files, mount, read the image's users and
+        // create the working directory, off the async threads.
         let (snapshots, chain_for_mount) = (Arc::clone(&self.snapshots), base.clone());
-        let (user_spec, cwd_spec) = (exec.user.clone(), exec.cwd.clone());
-        let (active, user) = blocking(move || {
+        let (user_spec, cwd_spec, dir) = (exec.user.clone(), exec.cwd.clone(), step_dir.0.clone());
+        let (active, user, mut run_mounts) = blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let run_mounts = runtime_files(&dir)?;
             let active = snapshots.prepare(&chain_for_mount).map_err(|e| e.to_string())?;
             let user = resolve_user(&active.root(), &user_spec)?;
             let cwd =
                 resolve_in_root(&active.root(), &cwd_spec, true).map_err(|e| format!("working directory: {e}"))?;
             std::fs::create_dir_all(&cwd).map_err(|e| format!("creating working directory {cwd_spec}: {e}"))?;
-            Ok((active, user))
+            Ok((active, user, run_mounts))
         })
         .await
         .map_err(fail)?;
@@ -89,7 +91,6 @@ impl Worker {
         let rootfs = active.root();
 
         let mut mounts = self.prepare_mounts(&exec.mounts, inputs, build, &step_dir.0).await.map_err(fail)?;
-        let mut run_mounts = self.runtime_files(&step_dir.0).map_err(fail)?;
         run_mounts.append(&mut mounts.run_mounts);
         let targets: Vec<String> =
             RUNTIME_TARGETS.iter().map(|t| t.to_string()).chain(run_mounts.iter().map(|m| m.target.clone())).collect();
@@ -145,20 +146,6 @@ impl Worker {
         Ok(Snapshot { layers })
     }
 
-    /// `/etc/hosts` and `/etc/resolv.conf` for the step, outside its rootfs.
-    fn runtime_files(&self, step_dir: &Path) -> Result<Vec<RunMount>, String> {
-        let hosts = step_dir.join("hosts");
-        let resolv = step_dir.join("resolv.conf");
-        std::fs::write(&hosts, HOSTS).map_err(|e| e.to_string())?;
-        let host_resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
-        std::fs::write(&resolv, host_resolv).map_err(|e| e.to_string())?;
-        let bind = |target: &str, source: PathBuf| RunMount {
-            target: target.to_string(),
-            kind: RunMountKind::Bind { source, readonly: false },
-        };
-        Ok(vec![bind("/etc/hosts", hosts), bind("/etc/resolv.conf", resolv)])
-    }
-
     /// Starts the runner, streams its output to the log sink, and waits for the result.
     async fn run_container(
         &self,
@@ -168,7 +155,8 @@ impl Worker {
     ) -> Result<(RunResult, VecDeque<String>), String> {
         let spec_path = step_dir.join("spec.json");
         let result_path = step_dir.join("result.json");
-        std::fs::write(&spec_path, serde_json::to_vec(spec).expect("serialisable")).map_err(|e| e.to_string())?;
+        let (written, bytes) = (spec_path.clone(), serde_json::to_vec(spec).expect("serialisable"));
+        blocking(move || std::fs::write(&written, bytes).map_err(|e| format!("{}: {e}", written.display()))).await?;
         let mut guard = RunnerGuard {
             runner: self.config.runner.clone(),
             state_root: spec.state_root.clone(),
@@ -201,10 +189,26 @@ impl Worker {
             let reason = tail.back().cloned().unwrap_or_else(|| format!("runner exited with {status}"));
             return Err(format!("running the step failed: {reason}"));
         }
-        let bytes = std::fs::read(&result_path).map_err(|e| format!("reading the runner's result: {e}"))?;
+        let bytes =
+            blocking(move || std::fs::read(&result_path).map_err(|e| format!("reading the runner's result: {e}")))
+                .await?;
         let result = serde_json::from_slice(&bytes).map_err(|e| format!("parsing the runner's result: {e}"))?;
         Ok((result, tail))
     }
+}
+
+/// `/etc/hosts` and `/etc/resolv.conf` for the step, outside its rootfs (blocking).
+fn runtime_files(step_dir: &Path) -> Result<Vec<RunMount>, String> {
+    let hosts = step_dir.join("hosts");
+    let resolv = step_dir.join("resolv.conf");
+    std::fs::write(&hosts, HOSTS).map_err(|e| e.to_string())?;
+    let host_resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
+    std::fs::write(&resolv, host_resolv).map_err(|e| e.to_string())?;
+    let bind = |target: &str, source: PathBuf| RunMount {
+        target: target.to_string(),
+        kind: RunMountKind::Bind { source, readonly: false },
+    };
+    Ok(vec![bind("/etc/hosts", hosts), bind("/etc/resolv.conf", resolv)])
 }
 
 /// Linux's limit on one argument or environment string, terminating NUL included

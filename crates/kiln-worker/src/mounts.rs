@@ -153,14 +153,18 @@ impl Worker {
                     }
                     if !target.is_empty() {
                         let dir = step_dir.join("secrets");
-                        std::fs::create_dir_all(&dir).map_err(|e| format!("secret {}: {e}", secret.id))?;
                         let file = dir.join(Digest::of(secret.id.as_bytes()).hex());
-                        std::fs::write(&file, value)
-                            .and_then(|()| {
-                                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(secret.mode))
-                            })
-                            .and_then(|()| std::os::unix::fs::chown(&file, Some(secret.uid), Some(secret.gid)))
-                            .map_err(|e| format!("secret {}: {e}", secret.id))?;
+                        let (written, value, secret) = (file.clone(), value.clone(), secret.clone());
+                        blocking(move || {
+                            std::fs::create_dir_all(&dir)
+                                .and_then(|()| std::fs::write(&written, value))
+                                .and_then(|()| {
+                                    std::fs::set_permissions(&written, std::fs::Permissions::from_mode(secret.mode))
+                                })
+                                .and_then(|()| std::os::unix::fs::chown(&written, Some(secret.uid), Some(secret.gid)))
+                                .map_err(|e| format!("secret {}: {e}", secret.id))
+                        })
+                        .await?;
                         prepared.run_mounts.push(bind(target, file, true));
                     }
                 }
