@@ -1,6 +1,6 @@
 //! The daemon's gRPC boundary: the control service over an [`Engine`], served on a unix
-//! socket (the embedded default) or TCP. Converts domain types to proto (`to_proto`) and
-//! requests from proto (`from_proto`); no other daemon crate sees proto types.
+//! socket (the embedded default) or TCP, and the worker and blob services. Messages become
+//! domain types and back through `kiln_proto::convert`; every refusal is an [`ApiError`].
 
 mod blobs;
 mod error;
@@ -30,6 +30,7 @@ use kiln_proto::v1::{
 use kiln_types::Digest;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
@@ -42,6 +43,8 @@ pub struct ControlService {
     upload_idle_timeout: std::time::Duration,
     /// Where each build's task is tracked, so a stopping daemon can wait for them.
     tasks: TaskTracker,
+    /// Cancelled by a daemon whose grace ran out: the builds still running end.
+    abandoned: CancellationToken,
 }
 
 /// How long a context upload may send nothing before it is ended, unless configured.
@@ -50,13 +53,15 @@ pub const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 impl ControlService {
     /// A service over `engine`, whose state lives in `root`.
     pub fn new(engine: Arc<Engine>, root: &Path) -> ControlService {
-        let tasks = TaskTracker::new();
-        ControlService { engine, root: root.to_path_buf(), upload_idle_timeout: UPLOAD_IDLE_TIMEOUT, tasks }
+        let (tasks, abandoned) = (TaskTracker::new(), CancellationToken::new());
+        ControlService { engine, root: root.to_path_buf(), upload_idle_timeout: UPLOAD_IDLE_TIMEOUT, tasks, abandoned }
     }
 
-    /// Tracks its builds' tasks in `tasks` (the daemon's, which it waits for when stopping).
-    pub fn tracked_by(mut self, tasks: TaskTracker) -> ControlService {
+    /// Tracks its builds' tasks in `tasks` (the daemon's, which it waits for when stopping);
+    /// once `abandoned` is cancelled, builds still running end with an error.
+    pub fn tracked_by(mut self, tasks: TaskTracker, abandoned: CancellationToken) -> ControlService {
         self.tasks = tasks;
+        self.abandoned = abandoned;
         self
     }
 
@@ -82,30 +87,35 @@ impl Control for ControlService {
         let span = tracing::info_span!("build", id = %build_id, file = %request.file_name);
         span.in_scope(|| tracing::info!(over_tcp, "build started"));
         let (events, stream) = mpsc::channel(256);
-        let engine = Arc::clone(&self.engine);
+        let (engine, abandoned) = (Arc::clone(&self.engine), self.abandoned.clone());
         self.tasks.spawn(
             async move {
                 let (progress, mut progress_events) = mpsc::unbounded_channel();
-                let build = engine.build(request, Some(&spool), progress);
-                tokio::pin!(build);
-                // Forward progress while the build runs; a closed stream means the client left,
-                // and dropping the build future cancels this build's part of the work.
+                let mut build = Box::pin(engine.build(request, Some(&spool), progress));
+                // Forward progress while the build runs. A client that left (its stream closed,
+                // even while nothing was to be sent) ends the build; so does a daemon that
+                // stops after its grace. Dropping the build future cancels this build's part
+                // of the work.
                 let result = loop {
                     tokio::select! {
-                        result = &mut build => break result,
-                        // The client left (or the daemon is stopping and dropped its stream)
-                        // while nothing was to be sent: the build ends here too.
-                        () = events.closed() => {
-                            exports::remove_spool(spool.clone()).await;
-                            return;
+                        result = &mut build => break Some(result),
+                        () = events.closed() => break None,
+                        () = abandoned.cancelled() => {
+                            let message = "the daemon stopped before the build finished".to_string();
+                            break Some(Err(kiln_engine::BuildFailure { message, records: Vec::new() }));
                         }
                         Some(event) = progress_events.recv() => {
                             if events.send(Ok(event_to_proto(event))).await.is_err() {
-                                exports::remove_spool(spool.clone()).await;
-                                return;
+                                break None;
                             }
                         }
                     }
+                };
+                drop(build);
+                let Some(result) = result else {
+                    tracing::info!("the client left: build cancelled");
+                    exports::remove_spool(spool.clone()).await;
+                    return;
                 };
                 while let Ok(event) = progress_events.try_recv() {
                     let _ = events.send(Ok(event_to_proto(event))).await;
@@ -131,7 +141,12 @@ impl Control for ControlService {
                         DomainEvent::Result { error: Some(failure.message), image: None, records: failure.records }
                     }
                 };
-                let _ = events.send(Ok(event_to_proto(result))).await;
+                if abandoned.is_cancelled() {
+                    // A stopping daemon does not wait for a client that does not read.
+                    let _ = events.try_send(Ok(event_to_proto(result)));
+                } else {
+                    let _ = events.send(Ok(event_to_proto(result))).await;
+                }
             }
             .instrument(span),
         );

@@ -15,18 +15,17 @@ pub type BlobWriter<T> = (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<Result<
 /// sender; dropping it ends the blob, which the handle then verifies against `expected`,
 /// syncs and publishes.
 pub fn blob_writer(store: Arc<BlobStore>, expected: Digest) -> BlobWriter<BlobInfo> {
-    writer(store, expected, move |ingest| ingest.commit(Some(&expected)))
+    writer(store, move |ingest| ingest.commit(Some(&expected)))
 }
 
 /// Like [`blob_writer`], but the blob is only verified and closed, for the receiver to
 /// publish a whole batch with one sync ([`BlobStore::publish`]).
 pub fn unsynced_blob_writer(store: Arc<BlobStore>, expected: Digest) -> BlobWriter<Unsynced> {
-    writer(store, expected, move |ingest| ingest.finish_unsynced(Some(&expected)))
+    writer(store, move |ingest| ingest.finish_unsynced(Some(&expected)))
 }
 
 fn writer<T: Send + 'static>(
     store: Arc<BlobStore>,
-    expected: Digest,
     finish: impl FnOnce(Ingest<'_>) -> Result<T, CasError> + Send + 'static,
 ) -> BlobWriter<T> {
     let (sender, mut chunks) = mpsc::channel::<Vec<u8>>(8);
@@ -34,7 +33,7 @@ fn writer<T: Send + 'static>(
         let mut ingest = store.ingest()?;
         while let Some(chunk) = chunks.blocking_recv() {
             std::io::Write::write_all(&mut ingest, &chunk)
-                .map_err(|source| CasError::Io { path: store.path(&expected), source })?;
+                .map_err(|source| CasError::Io { path: ingest.tmp.clone(), source })?;
         }
         finish(ingest)
     });

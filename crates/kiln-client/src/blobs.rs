@@ -35,7 +35,7 @@ impl Client {
         let walked = std::sync::Arc::clone(&context);
         let manifest = tokio::task::spawn_blocking(move || walked.manifest())
             .await?
-            .map_err(|source| ClientError::Io { path: context.root().to_path_buf(), source })?;
+            .map_err(|source| ClientError::Context { path: context.root().to_path_buf(), source })?;
         let blobs = manifest.blobs();
         let mut paths: HashMap<Digest, String> = HashMap::new();
         for entry in &manifest.entries {
@@ -143,7 +143,7 @@ pub async fn fetch_from_any(peers: &[String], digest: &Digest, store: &Arc<BlobS
     for peer in peers {
         match fetch_blob(peer, digest, store).await {
             Ok(()) => return Ok(()),
-            Err(e) => reasons.push(format!("from {peer}: {e}")),
+            Err(e) => reasons.push(e.to_string()),
         }
     }
     Err(ClientError::NoPeer { digest: *digest, reasons })

@@ -43,6 +43,15 @@ pub enum ClientError {
         #[source]
         source: WireError,
     },
+    /// The context directory could not be read.
+    #[error("reading build context {}: {source}", path.display())]
+    Context {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A local file could not be read.
     #[error("{}: {source}", path.display())]
     Io {
@@ -61,8 +70,8 @@ pub enum ClientError {
         #[source]
         source: kiln_cas::CasError,
     },
-    /// No peer could provide a blob: each one's reason, or none held it.
-    #[error("{digest}: {}", if reasons.is_empty() { "no peer holds it".to_string() } else { reasons.join("; ") })]
+    /// No peer could provide a blob: each one's reason (naming the peer), or none held it.
+    #[error("{}", if reasons.is_empty() { format!("{digest}: no peer holds it") } else { reasons.join("; ") })]
     NoPeer {
         /// The blob.
         digest: Digest,
@@ -82,7 +91,7 @@ impl ClientError {
             ClientError::Connect { .. } | ClientError::NoPeer { .. } => ErrorKind::Unavailable,
             ClientError::Rpc { kind, .. } => *kind,
             ClientError::Malformed { .. } | ClientError::Store { .. } | ClientError::Task(_) => ErrorKind::Internal,
-            ClientError::Io { .. } => ErrorKind::BadRequest,
+            ClientError::Io { .. } | ClientError::Context { .. } => ErrorKind::BadRequest,
         }
     }
 

@@ -1,6 +1,7 @@
 //! A typed client of a Kiln daemon: connects over a unix socket (`unix:///path`, the
 //! embedded default) or TCP (`http://host:port`) and turns the event stream into Rust
-//! values (the only place besides `kiln-api` that sees proto types).
+//! values through `kiln_proto::convert` (with `kiln-api`, the only places that see proto
+//! types).
 
 mod blobs;
 mod error;
@@ -44,7 +45,7 @@ pub struct Info {
     pub queued: u64,
 }
 
-pub use kiln_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
+use kiln_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
 
 /// An endpoint for `http://HOST:PORT` with Kiln's transport settings.
 pub fn endpoint(address: &str) -> Result<Endpoint, ClientError> {

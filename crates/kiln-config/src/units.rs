@@ -11,7 +11,10 @@ pub enum UnitError {
     /// Not `N` and a size unit.
     #[error("{0:?} is not a size like 512MiB or 10GB")]
     Size(String),
-    /// More than fits in 64 bits of its unit.
+    /// A duration longer than 64 bits of milliseconds.
+    #[error("{0:?} is too long")]
+    TooLong(String),
+    /// A size larger than 64 bits of bytes.
     #[error("{0:?} is too large")]
     TooLarge(String),
 }
@@ -30,7 +33,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
         "d" => 86_400_000,
         _ => return Err(UnitError::Duration(text.to_string())),
     };
-    value.checked_mul(millis).map(Duration::from_millis).ok_or_else(|| UnitError::TooLarge(text.to_string()))
+    value.checked_mul(millis).map(Duration::from_millis).ok_or_else(|| UnitError::TooLong(text.to_string()))
 }
 
 /// Parses a byte count with an optional `KB/MB/GB/TB` (powers of 1000) or `KiB/MiB/GiB/TiB`

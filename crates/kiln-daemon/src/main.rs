@@ -126,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
     // shuts down in order from it. One tracker holds the tasks that serve requests (builds,
     // worker sessions), which a stopping daemon waits for before flushing its state.
     let stopped = CancellationToken::new();
-    let tasks = TaskTracker::new();
+    let (tasks, abandoned) = (TaskTracker::new(), CancellationToken::new());
     let mut terminate =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("handling SIGTERM")?;
     let stop = stopped.clone();
@@ -140,8 +140,8 @@ async fn main() -> anyhow::Result<()> {
     };
     tokio::spawn(signals.instrument(tracing::info_span!("signals")));
     match role {
-        Role::Standalone(settings) => standalone(&args, &root, settings, Lifecycle { stopped, tasks }).await,
-        Role::Coordinator(config) => coordinator(&args, &root, config, Lifecycle { stopped, tasks }).await,
+        Role::Standalone(settings) => standalone(&args, &root, settings, Lifecycle { stopped, tasks, abandoned }).await,
+        Role::Coordinator(config) => coordinator(&args, &root, config, Lifecycle { stopped, tasks, abandoned }).await,
         Role::Worker(settings) => worker(&root, settings, stopped).await,
     }
 }
@@ -169,6 +169,8 @@ impl Drop for PidFile {
 struct Lifecycle {
     stopped: CancellationToken,
     tasks: TaskTracker,
+    /// Cancelled when the grace has run out: builds still running end.
+    abandoned: CancellationToken,
 }
 
 async fn until_stopped(stopped: CancellationToken) {
@@ -222,7 +224,10 @@ async fn standalone(
         Some(listen) => Some((
             bind(listen).await?,
             Services {
-                control: Some(ControlService::new(Arc::clone(&engine), root).tracked_by(lifecycle.tasks.clone())),
+                control: Some(
+                    ControlService::new(Arc::clone(&engine), root)
+                        .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone()),
+                ),
                 ..Services::default()
             },
         )),
@@ -236,6 +241,9 @@ async fn standalone(
 /// 30 s Kubernetes gives a pod between SIGTERM and SIGKILL.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// How long builds ended after [`SHUTDOWN_GRACE`] get to clean up before the index is flushed.
+const ABANDON_GRACE: Duration = Duration::from_secs(2);
+
 /// Serves the control API on the unix socket and `tcp`'s services on its listener until
 /// stopped, then shuts down in order: no new connections, worker sessions closed (workers
 /// reconnect to the next coordinator), in-flight requests and the build tasks behind them given
@@ -248,7 +256,7 @@ async fn serve(
     tcp: Option<(tokio::net::TcpListener, Services)>,
     lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
-    let Lifecycle { stopped, tasks } = lifecycle;
+    let Lifecycle { stopped, tasks, abandoned } = lifecycle;
     // The state directory is ours (its database is open): what an earlier daemon spooled is
     // garbage now.
     let spools = root.to_path_buf();
@@ -257,13 +265,15 @@ async fn serve(
         .with_context(|| format!("clearing old export spools in {}", root.display()))?;
     let mut servers = tokio::task::JoinSet::new();
     if let Some((listener, services)) = tcp {
-        servers.spawn(kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone())));
+        let serving = kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone()));
+        servers.spawn(serving.instrument(tracing::info_span!("tcp_server")));
     }
-    let service = ControlService::new(Arc::clone(engine), root).tracked_by(tasks.clone());
+    let service = ControlService::new(Arc::clone(engine), root).tracked_by(tasks.clone(), abandoned.clone());
     let unix_socket = socket.to_path_buf();
     servers.spawn({
         let stopped = stopped.clone();
         async move { kiln_api::serve_unix(service, &unix_socket, until_stopped(stopped)).await }
+            .instrument(tracing::info_span!("unix_server"))
     });
     let result = tokio::select! {
         // A server that ends on its own failed (its listener broke).
@@ -292,14 +302,16 @@ async fn serve(
     }
     tasks.close();
     if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
-        tracing::warn!(
-            "stopping with {} request tasks still running after {} s",
-            tasks.len(),
-            SHUTDOWN_GRACE.as_secs()
-        );
+        // The grace is over: the builds still running end now, and get a moment to record
+        // their end (their spools removed, their jobs cancelled) before the index is flushed.
+        tracing::warn!("stopping: ending {} builds still running after {} s", tasks.len(), SHUTDOWN_GRACE.as_secs());
+        abandoned.cancel();
+        if tokio::time::timeout(ABANDON_GRACE, tasks.wait()).await.is_err() {
+            tracing::warn!("stopping with {} request tasks still running", tasks.len());
+        }
     }
     let flushing = Arc::clone(engine);
-    tokio::task::spawn_blocking(move || flushing.flush()).await?.map_err(anyhow::Error::msg)?;
+    tokio::task::spawn_blocking(move || flushing.flush()).await?.context("flushing the metadata store")?;
     let _ = std::fs::remove_file(socket);
     match result {
         Some(ended) => ended?.map_err(anyhow::Error::msg),
@@ -331,7 +343,7 @@ async fn coordinator(args: &Args, root: &Path, config: CoordinatorConfig, lifecy
         control: Some(
             ControlService::new(Arc::clone(&engine), root)
                 .with_upload_idle_timeout(config.upload_idle_timeout)
-                .tracked_by(lifecycle.tasks.clone()),
+                .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone()),
         ),
         // Workers fetch uploaded context files from the coordinator they connected to.
         workers: Some(WorkersService::new(cluster, "", lease_ms).tracked_by(lifecycle.tasks.clone())),

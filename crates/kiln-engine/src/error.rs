@@ -62,6 +62,9 @@ pub enum BuildError {
     /// An image archive could not be written.
     #[error(transparent)]
     Archive(#[from] kiln_registry::ArchiveError),
+    /// An image config could not be encoded.
+    #[error("encoding the image config: {0}")]
+    Config(#[from] serde_json::Error),
     /// An image document could not be stored.
     #[error(transparent)]
     Cas(#[from] kiln_cas::CasError),

@@ -190,7 +190,7 @@ impl Engine {
             });
             let image = NewImage {
                 platform: plan.graph.outputs[i].platform.clone(),
-                config: serde_json::to_value(&plan.images[i]).expect("image configs serialise"),
+                config: serde_json::to_value(&plan.images[i])?,
                 layers,
                 history,
                 created: created.to_string(),

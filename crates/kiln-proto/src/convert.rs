@@ -29,7 +29,7 @@ pub enum WireError {
         source: DigestError,
     },
     /// A platform that does not parse.
-    #[error("{what}: platform {text:?}: {source}")]
+    #[error("{what} {text}: {source}")]
     Platform {
         /// What it belonged to.
         what: String,
@@ -314,7 +314,7 @@ pub fn register_from_proto(register: v1::Register) -> Result<(WorkerInfo, Vec<Di
         .map(|d| parse_digest(d, &format!("{what}: a registered layer")))
         .collect::<Result<_, _>>()?;
     let info = WorkerInfo {
-        platforms: platforms_from_proto(&register.platforms, &what)?,
+        platforms: platforms_from_proto(&register.platforms, &format!("{what}: platform"))?,
         name: register.name,
         labels: register.labels.into_iter().collect(),
         max_parallelism: register.max_parallelism.max(1) as usize,
@@ -349,7 +349,7 @@ pub fn worker_to_proto(worker: &WorkerStatus) -> v1::WorkerDescription {
 
 /// A worker's state as received.
 pub fn worker_from_proto(worker: v1::WorkerDescription) -> Result<WorkerStatus, WireError> {
-    let what = format!("worker {}", worker.name);
+    let what = format!("worker {}: platform", worker.name);
     Ok(WorkerStatus {
         info: WorkerInfo {
             platforms: platforms_from_proto(&worker.platforms, &what)?,
@@ -398,11 +398,19 @@ pub fn job_result_to_proto(job: u64, epoch: u32, result: Result<Executed<Layers>
     }
 }
 
+/// How workers before `JobResult.lost_input` marked a lost input: a prefix of the error.
+const LEGACY_LOST_INPUT: &str = "lost input: ";
+
 /// A job's result as received: `Ok(Err(failed))` is a job that failed, `Err` a malformed
 /// message.
 pub fn job_result_from_proto(result: v1::JobResult) -> Result<Result<Executed<Layers>, Failed>, WireError> {
     if !result.error.is_empty() {
-        return Ok(Err(Failed { message: result.error, worker: None, lost_input: result.lost_input }));
+        // A worker from before the flag said so with a prefix of its message.
+        let (message, lost_input) = match result.error.strip_prefix(LEGACY_LOST_INPUT) {
+            Some(rest) => (rest.to_string(), true),
+            None => (result.error, result.lost_input),
+        };
+        return Ok(Err(Failed { message, worker: None, lost_input }));
     }
     let output = layers_from_proto(result.output.unwrap_or_default())?;
     let pin = nonempty(result.pin).map(|pin| parse_digest(&pin, "a job's pin")).transpose()?;
@@ -487,6 +495,8 @@ mod tests {
         assert_eq!(received, Err(lost));
         let failed = Failed::from("exit code: 1".to_string());
         assert_eq!(job_result_from_proto(job_result_to_proto(4, 2, Err(failed.clone()))).unwrap(), Err(failed));
+        let legacy = v1::JobResult { error: "lost input: layer sha256:ab".into(), ..Default::default() };
+        assert_eq!(job_result_from_proto(legacy).unwrap(), Err(Failed::lost_input("layer sha256:ab")));
     }
 
     #[test]

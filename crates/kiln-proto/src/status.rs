@@ -27,9 +27,12 @@ pub fn kind_of(code: Code) -> ErrorKind {
         Code::NotFound => ErrorKind::NotFound,
         Code::AlreadyExists => ErrorKind::Conflict,
         Code::PermissionDenied | Code::Unauthenticated => ErrorKind::Refused,
-        Code::Unavailable | Code::ResourceExhausted | Code::Aborted | Code::Cancelled => ErrorKind::Unavailable,
+        // A stream cut mid-way (a reset connection) arrives as UNKNOWN: a transport fault.
+        Code::Unavailable | Code::ResourceExhausted | Code::Aborted | Code::Cancelled | Code::Unknown => {
+            ErrorKind::Unavailable
+        }
         Code::DeadlineExceeded => ErrorKind::TimedOut,
-        Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => ErrorKind::Internal,
+        Code::Ok | Code::Internal | Code::DataLoss => ErrorKind::Internal,
     }
 }
 

@@ -22,7 +22,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::{BlobFetcher, BuildInputs, Worker, select_context};
+use crate::{BlobFetcher, BuildInputs, StoreError, Worker, select_context};
 
 /// The first wait before reconnecting; it doubles up to [`MAX_RECONNECT_DELAY`].
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(200);
@@ -218,7 +218,12 @@ async fn execute<L: SessionLink>(
     for layers in &assignment.inputs {
         // The control plane recomputes an input that vanished with its worker, then retries.
         let chain = worker.ensure_layers(&layers.layers, &assignment.sources, fetcher).await;
-        inputs.push(chain.map_err(|e| Failed::lost_input(e.to_string()))?);
+        inputs.push(chain.map_err(|e| match e {
+            // Gone with its worker, or no peer could send it: the coordinator makes it again.
+            StoreError::Unavailable(_) | StoreError::Fetch { .. } => Failed::lost_input(e.to_string()),
+            // A local failure (a full disk, a broken store) fails the step here.
+            other => Failed::from(other.to_string()),
+        })?);
     }
     let address = if assignment.context_address.is_empty() { coordinator } else { &assignment.context_address };
     let mut contexts: HashMap<String, Arc<dyn BuildContext>> = HashMap::new();
@@ -226,7 +231,9 @@ async fn execute<L: SessionLink>(
         let context = StoredContext::new(manifest, Arc::clone(worker.cas()));
         // Only the files this source selects travel.
         if let Op::Source(SourceOp::Local { include, exclude, .. }) = &assignment.vertex.op {
-            let selected = select_context(&context, include, exclude)?;
+            let name = &assignment.vertex.meta.name;
+            let selected =
+                select_context(&context, include, exclude).map_err(|e| Failed::from(format!("{name}: {e}")))?;
             let digests = manifest.digests_of(selected.iter().map(|e| e.path.as_str()));
             worker.ensure_blobs(&digests, address, fetcher).await.map_err(|e| Failed::from(e.to_string()))?;
         }

@@ -28,10 +28,9 @@ mod user;
 pub use executor::LocalExecutor;
 use kiln_model::{LogLine, LogSink, LogStream};
 pub use platforms::runnable_platforms;
-pub use source::select_context;
+pub(crate) use source::select_context;
 pub use stores::{StoreError, Stores};
 pub use transfer::BlobFetcher;
-pub use user::{ResolvedUser, resolve_owner, resolve_user};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

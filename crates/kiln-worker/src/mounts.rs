@@ -95,16 +95,20 @@ impl Worker {
                 MountKind::Bind { input, source, readwrite } => {
                     let layers = chain(input, inputs)?.to_vec();
                     // A writable bind mount gets its own overlay, thrown away afterwards.
-                    let (snapshots, writable, at) = (Arc::clone(&self.snapshots), *readwrite, target.clone());
-                    let view = blocking(move || {
-                        if writable { snapshots.prepare(&layers) } else { snapshots.view(&layers) }
-                            .map_err(|e| format!("--mount target={at}: {e}"))
+                    let (snapshots, writable, at, source) =
+                        (Arc::clone(&self.snapshots), *readwrite, target.clone(), source.clone());
+                    let (view, host) = blocking(move || {
+                        let view = if writable { snapshots.prepare(&layers) } else { snapshots.view(&layers) }
+                            .map_err(|e| format!("--mount target={at}: {e}"))?;
+                        let host = resolve_in_root(&view.root(), &source, true).map_err(|e| format!("{source}: {e}"));
+                        // Unmounted here, off the async threads, when the source is not there.
+                        match host {
+                            Ok(host) if host.exists() => Ok((view, host)),
+                            Ok(_) => Err(format!("--mount target={at}: {source} not found in the mounted filesystem")),
+                            Err(e) => Err(e),
+                        }
                     })
                     .await?;
-                    let host = resolve_in_root(&view.root(), source, true).map_err(|e| format!("{source}: {e}"))?;
-                    if !host.exists() {
-                        return Err(format!("--mount target={target}: {source} not found in the mounted filesystem"));
-                    }
                     prepared.views.push(view);
                     prepared.run_mounts.push(bind(target, host, !readwrite));
                 }

@@ -15,7 +15,7 @@ use kiln_layer::{Compression, LayerBlob, LayerId};
 use crate::{BuildInputs, Snapshot, StoreError, Stores, VertexOutput, Worker, blocking};
 
 /// The entries of `context` a context source selects (`include` paths, minus `exclude`).
-pub fn select_context<'a>(
+pub(crate) fn select_context<'a>(
     context: &'a dyn BuildContext,
     include: &[String],
     exclude: &[String],

@@ -35,8 +35,10 @@ pub enum StoreError {
     #[error("layer {0} is on no connected worker")]
     Unavailable(Digest),
     /// Fetching a blob from peers failed.
-    #[error("{digest}: {reason}")]
+    #[error("{what} {digest}: {reason}")]
     Fetch {
+        /// `layer` or `context file`.
+        what: &'static str,
         /// The blob.
         digest: Digest,
         /// The fetcher's reason (each peer's).

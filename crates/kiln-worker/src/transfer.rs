@@ -81,10 +81,11 @@ impl Stores {
                 if peers.is_empty() {
                     return Err(StoreError::Unavailable(diff_id));
                 }
-                fetcher
-                    .fetch(diff_id, peers, Arc::clone(&self.cas))
-                    .await
-                    .map_err(|reason| StoreError::Fetch { digest: diff_id, reason })?;
+                fetcher.fetch(diff_id, peers, Arc::clone(&self.cas)).await.map_err(|reason| StoreError::Fetch {
+                    what: "layer",
+                    digest: diff_id,
+                    reason,
+                })?;
             }
             let (snapshots, cas) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas));
             tokio::task::spawn_blocking(move || {
@@ -110,7 +111,7 @@ impl Stores {
                 fetcher
                     .fetch(*digest, vec![address.to_string()], Arc::clone(&self.cas))
                     .await
-                    .map_err(|reason| StoreError::Fetch { digest: *digest, reason })?;
+                    .map_err(|reason| StoreError::Fetch { what: "context file", digest: *digest, reason })?;
             }
         }
         Ok(())

@@ -9,7 +9,7 @@ use kiln_layer::resolve_in_root;
 
 /// Numeric ids for a process or a file owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolvedUser {
+pub(crate) struct ResolvedUser {
     /// User id.
     pub uid: u32,
     /// Primary group id.
@@ -43,7 +43,7 @@ fn read_table(rootfs: &Path, file: &str) -> Vec<Entry> {
 
 /// Resolves `user[:group]` (names or numbers) as Docker does: a named user must exist in
 /// the image's passwd file; a numeric one need not, and then has group 0.
-pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<ResolvedUser, String> {
+pub(crate) fn resolve_user(rootfs: &Path, spec: &str) -> Result<ResolvedUser, String> {
     let (user, group) = match spec.split_once(':') {
         Some((user, group)) => (user, Some(group)),
         None => (spec, None),
@@ -81,7 +81,7 @@ pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<ResolvedUser, String> {
 }
 
 /// Resolves owner ids for `--chown=user[:group]`; the group defaults to the user's.
-pub fn resolve_owner(rootfs: &Path, user: &str, group: Option<&str>) -> Result<(u32, u32), String> {
+pub(crate) fn resolve_owner(rootfs: &Path, user: &str, group: Option<&str>) -> Result<(u32, u32), String> {
     let resolved = resolve_user(rootfs, user)?;
     let gid = match group {
         Some(group) => resolve_group(&read_table(rootfs, "/etc/group"), group)?,
