@@ -34,16 +34,9 @@ use state::{ClusterCommand, ClusterEffect, ClusterState, JobSpec};
 
 /// Why a worker's registration was refused (its name is taken); the message names both
 /// workers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct Refused(pub String);
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Refused {}
 
 /// Times a job is prepared again after a lost input ([`Failed::lost_input`]).
 const LOST_INPUT_RETRIES: u32 = 3;

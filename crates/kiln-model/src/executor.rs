@@ -29,7 +29,8 @@ pub struct Executed<O> {
 
 /// Why an execution failed, and on which worker when the executor knows better than
 /// [`Executor::worker_name`] (a cluster), so a failed step's record names where it ran.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", if *lost_input { Failed::LOST_INPUT } else { "" })]
 pub struct Failed {
     /// What went wrong.
     pub message: String,
@@ -41,6 +42,10 @@ pub struct Failed {
 }
 
 impl Failed {
+    /// How a lost input's message starts when shown (and how workers before the
+    /// `lost_input` flag marked one).
+    pub const LOST_INPUT: &str = "lost input: ";
+
     /// A step whose input was lost (see [`Failed::lost_input`]).
     pub fn lost_input(message: impl Into<String>) -> Failed {
         Failed { message: message.into(), worker: None, lost_input: true }
@@ -57,17 +62,6 @@ impl From<String> for Failed {
         Failed { message, worker: None, lost_input: false }
     }
 }
-
-impl std::fmt::Display for Failed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.lost_input {
-            f.write_str("lost input: ")?;
-        }
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Failed {}
 
 /// The thing that executes a vertex: the one placement interface.
 pub trait Executor: Send + Sync + 'static {

@@ -10,16 +10,9 @@ use kiln_types::Digest;
 use serde::{Deserialize, Serialize};
 
 /// A manifest from an untrusted sender that is not well formed; the message names the entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct ManifestError(pub String);
-
-impl std::fmt::Display for ManifestError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ManifestError {}
 
 /// One entry of a [`ContextManifest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,21 +44,14 @@ pub enum OutputSpec {
 }
 
 /// An `--output` spec that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--output {spec:?}: {reason}")]
 pub struct OutputSpecError {
     /// The spec as given.
     pub spec: String,
     /// What is wrong with it.
     pub reason: String,
 }
-
-impl std::fmt::Display for OutputSpecError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "--output {:?}: {}", self.spec, self.reason)
-    }
-}
-
-impl std::error::Error for OutputSpecError {}
 
 impl OutputSpec {
     /// Parses `type=image,name=REF,push=true` and the other forms; a bare path means

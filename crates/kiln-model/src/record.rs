@@ -44,16 +44,9 @@ impl std::fmt::Display for Status {
 }
 
 /// A status name that is none of [`Status::ALL`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown vertex status {0:?}")]
 pub struct UnknownStatus(pub String);
-
-impl std::fmt::Display for UnknownStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "unknown vertex status {:?}", self.0)
-    }
-}
-
-impl std::error::Error for UnknownStatus {}
 
 impl std::str::FromStr for Status {
     type Err = UnknownStatus;

@@ -398,15 +398,12 @@ pub fn job_result_to_proto(job: u64, epoch: u32, result: Result<Executed<Layers>
     }
 }
 
-/// How workers before `JobResult.lost_input` marked a lost input: a prefix of the error.
-const LEGACY_LOST_INPUT: &str = "lost input: ";
-
 /// A job's result as received: `Ok(Err(failed))` is a job that failed, `Err` a malformed
 /// message.
 pub fn job_result_from_proto(result: v1::JobResult) -> Result<Result<Executed<Layers>, Failed>, WireError> {
     if !result.error.is_empty() {
         // A worker from before the flag said so with a prefix of its message.
-        let (message, lost_input) = match result.error.strip_prefix(LEGACY_LOST_INPUT) {
+        let (message, lost_input) = match result.error.strip_prefix(Failed::LOST_INPUT) {
             Some(rest) => (rest.to_string(), true),
             None => (result.error, result.lost_input),
         };

@@ -87,7 +87,10 @@ pub async fn run<C: ControlPlane>(
         if stop.is_cancelled() {
             return;
         }
-        let layers: Vec<Digest> = worker.cas().list().unwrap_or_default().into_iter().map(|b| b.digest).collect();
+        // The blob index can be large: listed off the async threads.
+        let cas = Arc::clone(worker.cas());
+        let listed = tokio::task::spawn_blocking(move || cas.list().unwrap_or_default()).await;
+        let layers: Vec<Digest> = listed.unwrap_or_default().into_iter().map(|b| b.digest).collect();
         let current = WorkerInfo { free_disk: free_disk(&disk), ..info.clone() };
         match control.connect(current, layers).await {
             Ok(session) => {
