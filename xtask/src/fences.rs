@@ -16,7 +16,7 @@ const PURE: &[&str] = &["kiln-types", "kiln-graph", "kiln-model", "kiln-dockerfi
 const FORBIDDEN_IN_PURE: &[&str] = &["tokio", "tonic", "hyper", "mio"];
 
 /// Heavy dependencies and the crates allowed to name them as normal dependencies. A
-/// dependency not used yet (aws-sdk-s3, raft, opentelemetry) is listed so its first user
+/// dependency not used yet (raft, opentelemetry) is listed so its first user
 /// has to be the one named here.
 const OWNERS: &[(&str, &[&str])] = &[
     ("sled", &["kiln-kv"]),
@@ -26,7 +26,8 @@ const OWNERS: &[(&str, &[&str])] = &[
     ("prost", &["kiln-proto"]),
     ("tonic", &["kiln-proto", "kiln-api", "kiln-client"]),
     ("kiln-proto", &["kiln-api", "kiln-client"]),
-    ("aws-sdk-s3", &["kiln-cas"]),
+    ("aws-sdk-s3", &["kiln-cache"]),
+    ("aws-config", &["kiln-cache"]),
     ("raft", &["kiln-raft"]),
     ("opentelemetry", &["kiln-telemetry"]),
 ];

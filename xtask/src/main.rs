@@ -106,6 +106,7 @@ fn find_corpus() -> Option<PathBuf> {
 fn ci(corpus: Option<PathBuf>) -> anyhow::Result<()> {
     setup::ensure_packages()?;
     setup::ensure_arm64()?;
+    setup::ensure_moto()?;
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
     fences::check(&workspace_root())?;

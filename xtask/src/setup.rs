@@ -15,7 +15,32 @@ const PACKAGES: &[(&str, &str)] = &[
     // arm64 binaries on this x86-64 machine, for multi-platform builds.
     ("qemu-user-static", "/usr/bin/qemu-aarch64-static"),
     ("binfmt-support", "/usr/sbin/update-binfmts"),
+    // A virtual environment for the S3 server the cache tests use (moto, from PyPI).
+    ("python3-venv", "/usr/share/doc/python3-venv/copyright"),
 ];
+
+/// The moto release the S3 tests run against.
+const MOTO_VERSION: &str = "5.2.1";
+
+/// Where `moto_server` is installed when the machine has none on its PATH (kiln-testkit
+/// looks here too).
+pub fn moto_venv() -> std::path::PathBuf {
+    crate::workspace_root().join("target/kiln-moto")
+}
+
+/// Makes an S3-compatible server available to the tests: `moto_server` from PyPI in a
+/// virtual environment under `target/`, unless one is on the PATH already.
+pub fn ensure_moto() -> anyhow::Result<()> {
+    let on_path = Command::new("moto_server").arg("--help").output().is_ok_and(|o| o.status.success());
+    let venv = moto_venv();
+    if on_path || venv.join("bin/moto_server").exists() {
+        return Ok(());
+    }
+    run("python3", &["-m", "venv", venv.to_str().unwrap_or_default()])?;
+    let pip = venv.join("bin/pip");
+    let package = format!("moto[server]=={MOTO_VERSION}");
+    run(pip.to_str().unwrap_or_default(), &["install", "--quiet", &package])
+}
 
 /// Where the arm64 busybox lands (tests and the base image read it from here).
 pub fn arm64_busybox() -> std::path::PathBuf {

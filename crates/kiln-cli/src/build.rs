@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use kiln_client::{BuildEvent, BuildRequest};
-use kiln_model::OutputSpec;
+use kiln_model::{CacheDirection, CacheLocation, CacheSpec, OutputSpec};
 use kiln_types::MediaTypes;
 
 use crate::embedded;
@@ -40,10 +40,10 @@ pub struct BuildArgs {
     /// Execute every step even when the cache has it.
     #[arg(long)]
     no_cache: bool,
-    /// Import cache from a registry or S3 (not supported yet).
+    /// Import cache: `type=registry,ref=REF`, `type=s3,bucket=B,region=R[,...]` or `type=local,src=DIR`.
     #[arg(long = "cache-from", value_name = "SPEC")]
     cache_from: Vec<String>,
-    /// Export cache to a registry or S3 (not supported yet).
+    /// Export cache: `type=registry,ref=REF`, `type=s3,...` or `type=local,dest=DIR`, with `mode=min|max`.
     #[arg(long = "cache-to", value_name = "SPEC")]
     cache_to: Vec<String>,
     /// Output: `type=image,name=REF,push=true`, `type=oci|docker,dest=F.tar`, `type=local,dest=DIR`, `type=tar,dest=F.tar`.
@@ -68,9 +68,6 @@ pub struct BuildArgs {
 
 /// Runs `kiln build`; returns whether the build succeeded (errors before it started are `Err`).
 pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool> {
-    if !args.cache_from.is_empty() || !args.cache_to.is_empty() {
-        bail!("--cache-from/--cache-to: remote cache import and export are not supported yet");
-    }
     let context = std::path::absolute(&args.context).context("resolving the context path")?;
     if !context.is_dir() {
         bail!("build context {} is not a directory", context.display());
@@ -90,6 +87,8 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
         secrets: read_secrets(&args.secrets)?,
         outputs: outputs(&args)?,
         context_manifest: None,
+        cache_from: caches(&args.cache_from, CacheDirection::From)?,
+        cache_to: caches(&args.cache_to, CacheDirection::To)?,
     };
     let client = embedded::connect(address).await?;
     // A daemon reached over TCP may be on another machine: send the context, content-addressed
@@ -188,6 +187,19 @@ fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
         bail!("--push goes with -t NAME, not with --output (use type=image,push=true)");
     }
     Ok(outputs)
+}
+
+/// Cache specs, with local directories made absolute (the daemon reads and writes them).
+fn caches(specs: &[String], direction: CacheDirection) -> anyhow::Result<Vec<CacheSpec>> {
+    let mut caches = Vec::new();
+    for text in specs {
+        let mut spec = CacheSpec::parse(text, direction)?;
+        if let CacheLocation::Local { dir, .. } = &mut spec.location {
+            *dir = std::path::absolute(&*dir).with_context(|| format!("cache {text:?}"))?;
+        }
+        caches.push(spec);
+    }
+    Ok(caches)
 }
 
 fn read_secrets(specs: &[String]) -> anyhow::Result<HashMap<String, Vec<u8>>> {

@@ -200,6 +200,7 @@ fn record_json(record: &VertexRecord) -> serde_json::Value {
         "platform": record.platform,
         "started": record.started.map(rfc3339_millis),
         "completed": record.completed.map(rfc3339_millis),
+        "cache_source": record.cache_source,
     })
 }
 

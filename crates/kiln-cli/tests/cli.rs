@@ -4,6 +4,8 @@ use std::process::Command;
 
 #[path = "cli/build.rs"]
 mod build;
+#[path = "cli/cache.rs"]
+mod cache;
 #[path = "cli/plan.rs"]
 mod plan;
 

@@ -59,7 +59,12 @@ fn fake_holding(
             // A step named `noop…` changes nothing, like `RUN cat /x`: its output is its input.
             let new = Some(layer).filter(|_| !job.vertex.meta.name.starts_with("noop"));
             let output = Layers { layers: job.inputs.iter().flat_map(|l| l.layers.clone()).chain(new).collect() };
-            cluster.report(&name, job.id, job.epoch, Ok(Executed { output, pin: None, worker: None }));
+            cluster.report(
+                &name,
+                job.id,
+                job.epoch,
+                Ok(Executed { output, pin: None, worker: None, cache_source: None }),
+            );
         }
     });
     session

@@ -16,6 +16,7 @@ use kiln_types::{Digest, ImageReference, Platform};
 use kiln_worker::BuildInputs;
 use tokio::sync::mpsc;
 
+use crate::cache::VertexOutputs;
 use crate::error::BuildError;
 use crate::history::{self, Bases};
 use crate::{Engine, Mode};
@@ -96,18 +97,23 @@ impl Engine {
 
         let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };
         let graph = plan.graph.clone();
+        let has_caches = !request.cache_from.is_empty() || !request.cache_to.is_empty();
+        if has_caches && matches!(self.mode, Mode::Cluster { .. }) {
+            return Err(BuildFailure::early(BuildError::CacheOnCoordinator.to_string()));
+        }
         let solved = async {
             Ok(match &self.mode {
                 Mode::Local(solver) => {
                     let inputs = BuildInputs {
                         contexts: HashMap::from([("context".to_string(), context)]),
                         secrets: request.secrets.clone(),
+                        cache: self.import_caches(&request, &progress).await,
                     };
                     let (result, records, outputs) =
                         follow(solver.submit(graph, options, Arc::new(inputs)), &progress).await?;
-                    let counts = outputs.iter().map(|(d, s)| (*d, s.layers.len())).collect();
+                    let counts = outputs.iter().map(|(d, (_, s))| (*d, s.layers.len())).collect();
                     match result {
-                        Ok(results) => (results, counts, records),
+                        Ok(results) => (results, counts, records, outputs),
                         Err(message) => return Err(BuildFailure { message, records }),
                     }
                 }
@@ -120,7 +126,8 @@ impl Engine {
                     let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let handle = solver.submit(graph, options, Arc::new(ClusterBuild { id, data }));
                     let (result, records, outputs) = follow(handle, &progress).await?;
-                    let counts: HashMap<Digest, usize> = outputs.iter().map(|(d, l)| (*d, l.layers.len())).collect();
+                    let counts: HashMap<Digest, usize> =
+                        outputs.iter().map(|(d, (_, l))| (*d, l.layers.len())).collect();
                     let layers = match result {
                         Ok(layers) => layers,
                         Err(message) => return Err(BuildFailure { message, records }),
@@ -139,7 +146,7 @@ impl Engine {
                         }
                     }
                     step.done();
-                    (results, counts, records)
+                    (results, counts, records, HashMap::new())
                 }
             })
         }
@@ -149,12 +156,18 @@ impl Engine {
         // sled's periodic flush).
         let kv = Arc::clone(&self.kv);
         let flushed = tokio::task::spawn_blocking(move || kv.flush()).await;
-        let (results, vertex_layers, records) = solved?;
+        let (results, vertex_layers, records, outputs) = solved?;
         let flushed = flushed.map_err(BuildError::from).and_then(|flushed| flushed.map_err(BuildError::from));
         if let Err(error) = flushed {
             return Err(BuildFailure { message: error.to_string(), records });
         }
-        match self.export(&plan, &results, &vertex_layers, &bases, &request, spool, &progress).await {
+        let exported = async {
+            let (image, files) =
+                self.export(&plan, &results, &vertex_layers, &bases, &request, spool, &progress).await?;
+            self.export_caches(&request, &plan, &records, &outputs, &results, &progress).await?;
+            Ok::<_, BuildError>((image, files))
+        };
+        match exported.await {
             Ok((image, files)) => Ok(BuildSummary { records, image, files }),
             Err(error) => Err(BuildFailure { message: error.to_string(), records }),
         }
@@ -330,16 +343,16 @@ async fn convert_blocking(
 
 /// Follows a build's events to the end, forwarding progress: its result (the error as the
 /// solver's `Event::Finished` words it, naming the failed vertex), records and every
-/// vertex's output.
+/// vertex's cache key and output.
 async fn follow<O>(
     mut handle: BuildHandle<O>,
     progress: &mpsc::UnboundedSender<BuildEvent>,
-) -> Result<(Result<Vec<Option<O>>, String>, Vec<VertexRecord>, HashMap<Digest, O>), BuildFailure> {
+) -> Result<(Result<Vec<Option<O>>, String>, Vec<VertexRecord>, VertexOutputs<O>), BuildFailure> {
     let mut outputs = HashMap::new();
     loop {
         match handle.events.recv().await {
             Some(Event::Progress(event)) => drop(progress.send(event)),
-            Some(Event::Output { vertex, output }) => drop(outputs.insert(vertex, output)),
+            Some(Event::Output { vertex, key, output }) => drop(outputs.insert(vertex, (key, output))),
             Some(Event::Finished(result, records)) => return Ok((result, records, outputs)),
             None => return Err(BuildFailure::early("the solver stopped")),
         }

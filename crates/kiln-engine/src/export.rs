@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kiln_dockerfile::BuildPlan;
-use kiln_layer::TarOptions;
+use kiln_layer::{Compression, TarOptions};
 use kiln_model::{BuildEvent, BuildRequest, OutputSpec};
 use kiln_registry::{
     ArchiveFormat, Descriptor, History, MediaTypes, NewImage, NewLayer, store_image, store_index, write_archive,
@@ -33,11 +33,8 @@ impl Engine {
         spool: Option<&Path>,
         progress: &mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<(Option<Digest>, Vec<SpooledFile>), BuildError> {
-        let epoch = match request.build_args.get("SOURCE_DATE_EPOCH") {
-            Some(text) => Some(text.parse::<u64>().map_err(|_| BuildError::SourceDateEpoch(text.clone()))?),
-            None => None,
-        };
-        let options = TarOptions { source_date_epoch: epoch };
+        let options = tar_options(request)?;
+        let epoch = options.source_date_epoch;
         let created = rfc3339_millis(epoch.map_or_else(now_ms, |seconds| seconds * 1000));
         let empty = Snapshot::default();
         let snapshots: Vec<&Snapshot> = results.iter().map(|r| r.as_ref().unwrap_or(&empty)).collect();
@@ -168,7 +165,7 @@ impl Engine {
     ) -> Result<Descriptor, BuildError> {
         let mut manifests = Vec::new();
         for (i, snapshot) in snapshots.iter().enumerate() {
-            let blobs = self.stores.export_layers(snapshot, options).await?;
+            let blobs = self.stores.export_layers(snapshot, Compression::Gzip, options).await?;
             let layers: Vec<NewLayer> = blobs
                 .iter()
                 .map(|b| NewLayer {
@@ -226,6 +223,15 @@ impl ExportStep<'_> {
             completed: Some(now_ms()),
         });
     }
+}
+
+/// How layers are written for this request (`SOURCE_DATE_EPOCH` clamps their times).
+pub(crate) fn tar_options(request: &BuildRequest) -> Result<TarOptions, BuildError> {
+    let epoch = match request.build_args.get("SOURCE_DATE_EPOCH") {
+        Some(text) => Some(text.parse::<u64>().map_err(|_| BuildError::SourceDateEpoch(text.clone()))?),
+        None => None,
+    };
+    Ok(TarOptions { source_date_epoch: epoch })
 }
 
 fn platform_dir(plan: &BuildPlan, index: usize) -> String {

@@ -6,6 +6,7 @@
 //! the result is exported (an image in the store, pushed, tarballs, plain files).
 
 mod build;
+mod cache;
 mod error;
 mod export;
 mod history;

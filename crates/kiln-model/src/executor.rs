@@ -25,6 +25,16 @@ pub struct Executed<O> {
     /// The worker that executed it, when the executor knows better than
     /// [`Executor::worker_name`] (a cluster).
     pub worker: Option<String>,
+    /// Set when the result was imported from a cache rather than executed: which one
+    /// (`registry:REF`, `s3:BUCKET/NAME`, `local:DIR`, `shared`).
+    pub cache_source: Option<String>,
+}
+
+impl<O> Executed<O> {
+    /// An executed result (no pin, worker or cache source).
+    pub fn new(output: O) -> Executed<O> {
+        Executed { output, pin: None, worker: None, cache_source: None }
+    }
 }
 
 /// Why an execution failed, and on which worker when the executor knows better than
@@ -87,5 +97,17 @@ pub trait Executor: Send + Sync + 'static {
     fn available(&self, output: &Self::Output) -> bool {
         let _ = output;
         true
+    }
+
+    /// The result for cache key `key` from a cache the build imports, brought here so it can
+    /// be used, with [`Executed::cache_source`] set; `None` when no imported cache has the
+    /// key. An error is a miss: the vertex is executed instead, after a warning in its log.
+    fn import(
+        &self,
+        key: &Digest,
+        build: &Arc<Self::Build>,
+    ) -> Option<BoxFuture<Result<Executed<Self::Output>, String>>> {
+        let _ = (key, build);
+        None
     }
 }

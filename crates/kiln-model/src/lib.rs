@@ -7,6 +7,7 @@
 //! `kiln-proto`, with the one conversion both ends use.
 
 mod assignment;
+mod cache;
 mod error;
 mod event;
 mod executor;
@@ -18,6 +19,9 @@ mod request;
 mod worker;
 
 pub use assignment::{Assignment, FromCoordinator};
+pub use cache::{
+    CacheCompression, CacheDirection, CacheLocation, CacheMode, CacheSpec, CacheSpecError, DEFAULT_CACHE_NAME,
+};
 pub use error::ErrorKind;
 pub use event::BuildEvent;
 pub use executor::{BoxFuture, Executed, Executor, Failed};

@@ -77,6 +77,9 @@ pub struct VertexRecord {
     pub started: Option<u64>,
     /// When it finished (ms since the epoch).
     pub completed: Option<u64>,
+    /// For a cached vertex, where the result came from: `local`, `worker:NAME`,
+    /// `registry:REF`, `s3:BUCKET/NAME`, `local:DIR` or `shared`.
+    pub cache_source: Option<String>,
 }
 
 impl VertexRecord {
@@ -92,6 +95,7 @@ impl VertexRecord {
             platform: vertex.meta.platform.as_ref().map(|p| p.to_string()),
             started: None,
             completed: None,
+            cache_source: None,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use kiln_types::Platform;
 
-use crate::{ContextManifest, OutputSpec};
+use crate::{CacheSpec, ContextManifest, OutputSpec};
 
 /// What a client asks to build: the one request type of the CLI, the client, the daemon
 /// and the engine. Its wire twin is `kiln.v1.BuildRequest`.
@@ -36,4 +36,8 @@ pub struct BuildRequest {
     /// An uploaded context (its files are blobs in the daemon's store), instead of
     /// `context`: what a client on another machine sends.
     pub context_manifest: Option<ContextManifest>,
+    /// `--cache-from`: caches to import.
+    pub cache_from: Vec<CacheSpec>,
+    /// `--cache-to`: caches to export to.
+    pub cache_to: Vec<CacheSpec>,
 }

@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 
 use kiln_model::{
-    BuildEvent, BuildRequest, ContextManifest, Executed, Failed, LayerDesc, Layers, LogLine, LogStream, ManifestEntry,
-    ManifestError, ManifestKind, OutputSpec, OutputSpecError, Status, UnknownStatus, VertexRecord, WorkerInfo,
-    WorkerStatus,
+    BuildEvent, BuildRequest, CacheDirection, CacheSpec, CacheSpecError, ContextManifest, Executed, Failed, LayerDesc,
+    Layers, LogLine, LogStream, ManifestEntry, ManifestError, ManifestKind, OutputSpec, OutputSpecError, Status,
+    UnknownStatus, VertexRecord, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, DigestError, PlatformError};
 
@@ -54,6 +54,9 @@ pub enum WireError {
     /// An output spec that does not parse.
     #[error(transparent)]
     Output(#[from] OutputSpecError),
+    /// A cache spec that does not parse.
+    #[error(transparent)]
+    Cache(#[from] CacheSpecError),
     /// A required part of a message is missing.
     #[error("{0}")]
     Missing(&'static str),
@@ -84,6 +87,7 @@ pub fn record_to_proto(record: &VertexRecord) -> v1::VertexRecord {
         platform: record.platform.clone().unwrap_or_default(),
         started: record.started.unwrap_or(0),
         completed: record.completed.unwrap_or(0),
+        cache_source: record.cache_source.clone().unwrap_or_default(),
     }
 }
 
@@ -101,6 +105,7 @@ pub fn record_from_proto(record: v1::VertexRecord) -> Result<VertexRecord, WireE
         platform: nonempty(record.platform),
         started: nonzero(record.started),
         completed: nonzero(record.completed),
+        cache_source: nonempty(record.cache_source),
     })
 }
 
@@ -193,12 +198,19 @@ pub fn request_to_proto(request: &BuildRequest) -> v1::BuildRequest {
         secrets: request.secrets.clone(),
         outputs: request.outputs.iter().map(|o| o.to_string()).collect(),
         context: request.context_manifest.as_ref().map(manifest_to_proto),
+        cache_from: request.cache_from.iter().map(|c| c.to_string()).collect(),
+        cache_to: request.cache_to.iter().map(|c| c.to_string()).collect(),
     }
 }
 
 /// A build request as received: platforms, outputs and the manifest checked.
 pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, WireError> {
     let outputs = request.outputs.iter().map(|o| OutputSpec::parse(o)).collect::<Result<_, _>>()?;
+    let caches = |specs: &[String], direction| {
+        specs.iter().map(|c| CacheSpec::parse(c, direction)).collect::<Result<Vec<_>, _>>()
+    };
+    let (cache_from, cache_to) =
+        (caches(&request.cache_from, CacheDirection::From)?, caches(&request.cache_to, CacheDirection::To)?);
     Ok(BuildRequest {
         platforms: platforms_from_proto(&request.platforms, "--platform")?,
         dockerfile: request.dockerfile,
@@ -212,6 +224,8 @@ pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, Wir
         secrets: request.secrets,
         outputs,
         context_manifest: request.context.map(manifest_from_proto).transpose()?,
+        cache_from,
+        cache_to,
     })
 }
 
@@ -411,7 +425,7 @@ pub fn job_result_from_proto(result: v1::JobResult) -> Result<Result<Executed<La
     }
     let output = layers_from_proto(result.output.unwrap_or_default())?;
     let pin = nonempty(result.pin).map(|pin| parse_digest(&pin, "a job's pin")).transpose()?;
-    Ok(Ok(Executed { output, pin, worker: None }))
+    Ok(Ok(Executed { output, pin, worker: None, cache_source: None }))
 }
 
 #[cfg(test)]
@@ -449,6 +463,7 @@ mod tests {
             platform: Some("linux/arm64".into()),
             started: Some(5),
             completed: Some(9),
+            cache_source: Some("registry:r/c".into()),
         };
         let events = [
             BuildEvent::Planned(vec![record.clone()]),

@@ -204,6 +204,16 @@ impl RegistryClient {
         Ok(resolved)
     }
 
+    /// The manifest tagged `image` as it is stored, or `None` when the registry has no such
+    /// tag (or repository).
+    pub async fn manifest_bytes(&self, image: &ImageReference) -> Result<Option<Vec<u8>>, RegistryError> {
+        match self.fetch_manifest(image, image.digest).await {
+            Ok((bytes, _)) => Ok(Some(bytes)),
+            Err(error) if error.kind == ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Fetches a manifest (by tag, or by `digest` when given), verifies it and stores it.
     async fn fetch_manifest(
         &self,
@@ -308,7 +318,9 @@ impl RegistryClient {
         self.push(&by_digest, &child.digest, cas).await
     }
 
-    async fn push_manifest(&self, image: &ImageReference, bytes: &[u8]) -> Result<(), RegistryError> {
+    /// Pushes manifest bytes (their `mediaType` is the content type) as `image`; the blobs they
+    /// reference must be in the repository already.
+    pub async fn push_manifest(&self, image: &ImageReference, bytes: &[u8]) -> Result<(), RegistryError> {
         let name = image.to_string();
         let media_type = serde_json::from_slice::<serde_json::Value>(bytes)
             .ok()
@@ -331,12 +343,14 @@ impl RegistryClient {
         .await
     }
 
-    async fn push_blob(
+    /// Pushes a blob of the blob store to the image's repository unless it is there already;
+    /// returns whether it was sent.
+    pub async fn push_blob(
         &self,
         image: &ImageReference,
         blob: &Descriptor,
         cas: &Arc<BlobStore>,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<bool, RegistryError> {
         let name = image.to_string();
         let action = format!("pushing blob {} to", blob.digest);
         let client = self.client_for(image).await;
@@ -344,7 +358,7 @@ impl RegistryClient {
         let digest = blob.digest.to_string();
         self.retry(&action, image, || async {
             if client.blob_exists(&oci, &digest).await.map_err(|e| oci_error(&action, &name, &e))? {
-                return Ok(());
+                return Ok(false);
             }
             let path = cas.path(&blob.digest);
             let file = tokio::fs::File::open(&path).await.map_err(|e| {
@@ -355,7 +369,7 @@ impl RegistryClient {
             client
                 .push_blob_stream(&oci, stream, &digest, Some(blob.size))
                 .await
-                .map(|_| ())
+                .map(|_| true)
                 .map_err(|e| oci_error(&action, &name, &e))
         })
         .await

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kiln_graph::{Graph, Op};
 use kiln_kv::{KvError, SharedKv};
-use kiln_model::{BuildEvent, Executed, Executor, Failed, LogLine, LogSink};
+use kiln_model::{BuildEvent, Executed, Executor, Failed, LogLine, LogSink, LogStream};
 use kiln_types::{Digest, now_ms};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -227,22 +227,40 @@ impl<E: Executor> Driver<E> {
                 }
                 self.logs.remove(&key);
             }
-            Effect::Run { key, vertex, inputs, build } => {
+            Effect::Run { key, vertex, inputs, build, import } => {
                 let Some((context, _)) = self.builds.get(&build) else { return Vec::new() };
+                let imported = if import { self.executor.import(&key, context) } else { None };
                 let (executor, context, sender) =
                     (Arc::clone(&self.executor), Arc::clone(context), self.sender.clone());
                 // Sources resolve and transfer; only real work takes a worker slot.
                 let slots = matches!(vertex.op, Op::Exec(_) | Op::File(_)).then(|| Arc::clone(&self.slots));
                 let task = tokio::spawn(async move {
-                    let _slot = match slots {
-                        Some(slots) => Some(slots.acquire_owned().await.expect("the semaphore is never closed")),
-                        None => None,
-                    };
-                    let _ = sender.send(Message::Started { key, at: now_ms() });
                     // Lines go straight into the driver's queue, tagged with the job, ahead of
                     // the job's result (no task per job).
                     let log_sender = sender.clone();
                     let logs = LogSink::new(move |line| log_sender.send(Message::Log { key, line }).is_ok());
+                    // An imported result needs no slot; a failed import is a miss.
+                    let tried_import = imported.is_some();
+                    if let Some(imported) = imported {
+                        let _ = sender.send(Message::Started { key, at: now_ms() });
+                        match imported.await {
+                            Ok(executed) => {
+                                let _ = sender.send(Message::Finished { key, result: Ok(executed), at: now_ms() });
+                                return;
+                            }
+                            Err(reason) => {
+                                let line = format!("WARNING: {reason}; executing the step");
+                                let _ = logs.send(LogLine { stream: LogStream::Stderr, line });
+                            }
+                        }
+                    }
+                    let _slot = match slots {
+                        Some(slots) => Some(slots.acquire_owned().await.expect("the semaphore is never closed")),
+                        None => None,
+                    };
+                    if !tried_import {
+                        let _ = sender.send(Message::Started { key, at: now_ms() });
+                    }
                     let result = executor.execute(*vertex, inputs, context, logs).await;
                     let _ = sender.send(Message::Finished { key, result, at: now_ms() });
                 });

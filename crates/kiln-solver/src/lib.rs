@@ -34,6 +34,8 @@ pub enum Event<O> {
     Output {
         /// The vertex.
         vertex: Digest,
+        /// Its cache key (what a cache export records it under).
+        key: Digest,
         /// Its result.
         output: O,
     },

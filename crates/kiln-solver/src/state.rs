@@ -99,6 +99,9 @@ pub enum Effect<O> {
         inputs: Vec<O>,
         /// The build whose inputs (contexts, secrets) the execution uses.
         build: BuildId,
+        /// The result may come from a cache the build imports (it is cacheable and the
+        /// build is not `--no-cache`).
+        import: bool,
     },
     /// Stop a job nobody waits for any more; its result must not be recorded.
     Abort {
@@ -174,6 +177,8 @@ struct Build<O> {
 
 struct Job<O> {
     vertex: Vertex,
+    /// May be imported from the owner's caches.
+    import: bool,
     inputs: Vec<O>,
     owner: BuildId,
     waiters: Vec<(BuildId, usize)>,
@@ -325,8 +330,16 @@ impl<O: Clone> SolverState<O> {
             }
             return;
         }
-        let job =
-            Job { vertex: vertex.clone(), inputs, owner: id, waiters: vec![(id, index)], started: None, cacheable };
+        let import = cacheable && !build.options.no_cache;
+        let job = Job {
+            vertex: vertex.clone(),
+            import,
+            inputs,
+            owner: id,
+            waiters: vec![(id, index)],
+            started: None,
+            cacheable,
+        };
         self.jobs.insert(key, job);
         build.queue.push_back(key);
         self.start_queued(id, effects);
@@ -349,6 +362,7 @@ impl<O: Clone> SolverState<O> {
         match self.cache.get(&key).cloned().filter(|_| available) {
             Some(output) => {
                 build.records[index].started = Some(at);
+                build.records[index].cache_source = Some("local".into());
                 self.complete(id, index, output, key, Status::Cached, at, effects);
             }
             None => {
@@ -373,6 +387,7 @@ impl<O: Clone> SolverState<O> {
                 vertex: Box::new(job.vertex.clone()),
                 inputs: job.inputs.clone(),
                 build: id,
+                import: job.import,
             });
         }
     }
@@ -412,14 +427,19 @@ impl<O: Clone> SolverState<O> {
                     self.cache.insert(user_key, executed.output.clone());
                     effects.push(Effect::Store { key: user_key, output: executed.output.clone() });
                 }
+                // Imported from a cache, or (a source) resolved to what this node already had.
+                let source = executed.cache_source.clone().or_else(|| already_had.then(|| "local".to_string()));
                 for (id, index) in job.waiters {
-                    let status = match (id == job.owner, already_had) {
+                    let status = match (id == job.owner, source.is_some()) {
                         (true, true) => Status::Cached,
                         (true, false) => Status::Executed,
                         (false, _) => Status::Deduplicated,
                     };
                     if let Some(build) = self.builds.get_mut(&id) {
                         build.records[index].worker = worker.clone();
+                        if status == Status::Cached {
+                            build.records[index].cache_source.clone_from(&source);
+                        }
                     }
                     self.complete(id, index, executed.output.clone(), user_key, status, at, effects);
                 }
@@ -464,7 +484,7 @@ impl<O: Clone> SolverState<O> {
         record.status = status;
         record.completed = Some(at);
         let completed = BuildEvent::Completed { record: record.clone(), error: None };
-        effects.push(Effect::Emit { build: id, event: Event::Output { vertex: record.digest, output } });
+        effects.push(Effect::Emit { build: id, event: Event::Output { vertex: record.digest, key, output } });
         effects.push(Effect::Emit { build: id, event: Event::Progress(completed) });
         let mut now_ready = Vec::new();
         for user in build.users[index].clone() {

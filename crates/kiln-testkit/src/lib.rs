@@ -99,6 +99,108 @@ impl Drop for TestRegistry {
     }
 }
 
+/// An S3-compatible server (`moto_server`, from PyPI) on a free loopback port with one empty
+/// bucket; killed on drop. Clients authenticate with any key: set [`TestS3::ENV`].
+pub struct TestS3 {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// The bucket.
+    pub bucket: String,
+}
+
+impl TestS3 {
+    /// The AWS environment a client of this server needs.
+    pub const ENV: [(&str, &str); 3] = [
+        ("AWS_ACCESS_KEY_ID", "kiln-test"),
+        ("AWS_SECRET_ACCESS_KEY", "kiln-test"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+
+    /// Starts the server, waits until it answers and creates `bucket`.
+    pub fn start(bucket: &str) -> TestS3 {
+        let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("an address").port();
+        let addr = format!("127.0.0.1:{port}");
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/kiln-moto/bin/moto_server");
+        let program = if venv.exists() { venv } else { PathBuf::from("moto_server") };
+        let child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server is installed (cargo xtask ci installs it)");
+        let mut server = TestS3 { child, endpoint: format!("http://{addr}"), bucket: bucket.to_string() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Python takes a while to start: wait for an answer, then create the bucket.
+        while server.request("PUT", &format!("/{bucket}")).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start on {addr}");
+            assert!(server.child.try_wait().ok().flatten().is_none(), "moto_server exited");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// A `--cache-to`/`--cache-from` spec for the cache `name` in the bucket.
+    pub fn cache_spec(&self, name: &str) -> String {
+        format!(
+            "type=s3,bucket={},region=us-east-1,endpoint_url={},name={name},use_path_style=true",
+            self.bucket, self.endpoint
+        )
+    }
+
+    /// The keys stored in the bucket.
+    pub fn keys(&self) -> Vec<String> {
+        let listing = self.request("GET", &format!("/{}?list-type=2", self.bucket)).expect("listing the bucket");
+        listing
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|part| part.split_once("</Key>"))
+            .map(|(key, _)| key.to_string())
+            .collect()
+    }
+
+    /// An object's bytes.
+    pub fn get(&self, key: &str) -> Vec<u8> {
+        let response = self.request("GET", &format!("/{}/{key}", self.bucket)).expect("reading an object");
+        response.split_once("\r\n\r\n").map(|(_, body)| body.as_bytes().to_vec()).unwrap_or_default()
+    }
+
+    /// Deletes an object (a blob lost from the cache).
+    pub fn delete(&self, key: &str) {
+        self.request("DELETE", &format!("/{}/{key}", self.bucket)).expect("deleting an object");
+    }
+
+    /// One HTTP/1.1 request with a made-up signature (moto does not check signatures); the
+    /// response on a 2xx.
+    fn request(&self, method: &str, path: &str) -> std::io::Result<String> {
+        use std::io::{Read as _, Write as _};
+        let addr = self.endpoint.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        // Anonymous requests may not read private objects; any credential may.
+        let auth =
+            "AWS4-HMAC-SHA256 Credential=kiln-test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response.split(' ').nth(1).unwrap_or("");
+        if !status.starts_with('2') {
+            return Err(std::io::Error::other(format!("{method} {path}: {}", response.lines().next().unwrap_or(""))));
+        }
+        Ok(response)
+    }
+}
+
+impl Drop for TestS3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The arm64 static busybox `cargo xtask ci` fetches (`$KILN_ARM64_BUSYBOX` overrides).
 pub fn arm64_busybox() -> PathBuf {
     std::env::var_os("KILN_ARM64_BUSYBOX")

@@ -40,7 +40,7 @@ async fn main() {
     let mut config = WorkerConfig::new(&dir.path().join("worker")).unwrap();
     config.runner = runner_binary();
     let worker = Worker::open(config, Arc::new(MemoryKv::new())).unwrap();
-    let build = BuildInputs { contexts: HashMap::new(), secrets: HashMap::new() };
+    let build = BuildInputs { contexts: HashMap::new(), secrets: HashMap::new(), ..BuildInputs::default() };
     let meta = |name: &str| VertexMeta { name: name.into(), stage: None, platform: None, lines: None };
     let source = Vertex {
         digest: Digest::of(b"source"),

@@ -242,7 +242,7 @@ async fn execute<L: SessionLink>(
         }
         contexts.insert(name.clone(), Arc::new(context));
     }
-    let build = BuildInputs { contexts, secrets: assignment.secrets };
+    let build = BuildInputs { contexts, secrets: assignment.secrets, ..BuildInputs::default() };
     let log_link = link.clone();
     let logs = LogSink::new(move |line| {
         log_link.log(job, epoch, line);
@@ -250,7 +250,12 @@ async fn execute<L: SessionLink>(
     });
     let output = worker.execute(&assignment.vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
     let layers = worker.describe(&output.snapshot).await.map_err(|e| Failed::from(e.to_string()))?;
-    Ok(Executed { output: Layers { layers }, pin: output.image.map(|i| i.manifest_digest), worker: None })
+    Ok(Executed {
+        output: Layers { layers },
+        pin: output.image.map(|i| i.manifest_digest),
+        worker: None,
+        cache_source: None,
+    })
 }
 
 /// Free bytes on the filesystem holding `path`.

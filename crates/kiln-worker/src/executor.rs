@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use kiln_graph::Vertex;
 use kiln_model::{BoxFuture, Executed, Executor, Failed, LogSink};
+use kiln_types::Digest;
 
 use crate::{BuildInputs, Snapshot, Worker};
 
@@ -35,11 +36,25 @@ impl Executor for LocalExecutor {
         Box::pin(async move {
             let output =
                 worker.execute(&vertex, &inputs, &build, Some(&logs)).await.map_err(|e| Failed::from(e.to_string()))?;
-            Ok(Executed { output: output.snapshot, pin: output.image.map(|image| image.manifest_digest), worker: None })
+            Ok(Executed {
+                output: output.snapshot,
+                pin: output.image.map(|image| image.manifest_digest),
+                worker: None,
+                cache_source: None,
+            })
         })
     }
 
     fn worker_name(&self) -> String {
         self.name.clone()
+    }
+
+    fn import(&self, key: &Digest, build: &Arc<BuildInputs>) -> Option<BoxFuture<Result<Executed<Snapshot>, String>>> {
+        let hit = build.cache.get(key)?.clone();
+        let worker = Arc::clone(&self.worker);
+        Some(Box::pin(async move {
+            let snapshot = worker.import_cached(&hit).await.map_err(|e| e.to_string())?;
+            Ok(Executed { cache_source: Some(hit.store.label().to_string()), ..Executed::new(snapshot) })
+        }))
     }
 }

@@ -10,16 +10,21 @@ use crate::fileop::copy_contents;
 use crate::{Snapshot, StoreError, Stores};
 
 impl Stores {
-    /// Each layer of the snapshot as a compressed blob in the blob store (cached per layer);
-    /// layers pulled from a registry are the blobs they were pulled as.
-    pub async fn export_layers(&self, snapshot: &Snapshot, options: TarOptions) -> Result<Vec<LayerBlob>, StoreError> {
+    /// Each layer of the snapshot as a blob with this compression in the blob store (cached
+    /// per layer); layers pulled from a registry or a cache are the blobs they came as.
+    pub async fn export_layers(
+        &self,
+        snapshot: &Snapshot,
+        compression: Compression,
+        options: TarOptions,
+    ) -> Result<Vec<LayerBlob>, StoreError> {
         let (snapshots, cas, layers) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas), snapshot.layers.clone());
         tokio::task::spawn_blocking(move || {
             layers
                 .iter()
                 .map(|id| {
                     snapshots
-                        .export_image_layer(id, &cas, Compression::Gzip, &options)
+                        .export_image_layer(id, &cas, compression, &options)
                         .map_err(|source| StoreError::Layer { layer: id.to_string(), source })
                 })
                 .collect()

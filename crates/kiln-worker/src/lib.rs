@@ -69,6 +69,8 @@ pub struct BuildInputs {
     pub contexts: HashMap<String, Arc<dyn BuildContext>>,
     /// Secrets by id.
     pub secrets: HashMap<String, Vec<u8>>,
+    /// The records of the caches the build imports (`--cache-from`).
+    pub cache: kiln_cache::Imports,
 }
 
 /// How a worker runs steps.

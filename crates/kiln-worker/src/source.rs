@@ -37,7 +37,7 @@ pub fn layer_origins(image: &kiln_registry::ResolvedImage) -> Vec<LayerBlob> {
 
 /// The compression a layer media type names (OCI and Docker types); `None` for one Kiln does
 /// not write (such a layer is exported as Kiln writes it).
-fn compression_of(media_type: &str) -> Option<Compression> {
+pub(crate) fn compression_of(media_type: &str) -> Option<Compression> {
     match media_type {
         t if t.ends_with("+zstd") || t.ends_with(".tar.zstd") => Some(Compression::Zstd),
         t if t.ends_with("+gzip") || t.ends_with(".tar.gzip") => Some(Compression::Gzip),

@@ -5,11 +5,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use kiln_cache::CacheHit;
 use kiln_cas::BlobStore;
-use kiln_layer::{Compression, LayerId, TarOptions};
+use kiln_layer::{Compression, LayerBlob, LayerId, TarOptions};
 use kiln_model::{BoxFuture, LayerDesc};
 use kiln_types::Digest;
 
+use crate::source::compression_of;
 use crate::{Snapshot, StoreError, Stores};
 
 /// Fetches a blob by digest from one of `peers` (blob service addresses) into a store,
@@ -63,6 +65,31 @@ impl Stores {
         fetcher: &dyn BlobFetcher,
     ) -> Result<LayerId, StoreError> {
         let diff_id = layer.diff_id;
+        // Peers serve a layer as its uncompressed tar, named by its diff id.
+        let fetch = async {
+            if peers.is_empty() {
+                return Err(StoreError::Unavailable(diff_id));
+            }
+            fetcher.fetch(diff_id, peers, Arc::clone(&self.cas)).await.map_err(|reason| StoreError::Fetch {
+                what: "layer",
+                digest: diff_id,
+                reason,
+            })
+        };
+        self.ensure_layer_from(diff_id, diff_id, None, fetch).await
+    }
+
+    /// The layer with `diff_id`, unpacked from the blob `blob` (fetched by `fetch` when the
+    /// blob store lacks it) unless the snapshot store has it already; concurrent requests for
+    /// one layer unpack it once. `origin`, when given, is remembered as the blob the layer
+    /// exports as.
+    async fn ensure_layer_from(
+        &self,
+        diff_id: Digest,
+        blob: Digest,
+        origin: Option<LayerBlob>,
+        fetch: impl Future<Output = Result<(), StoreError>>,
+    ) -> Result<LayerId, StoreError> {
         let failed = move |source| StoreError::Layer { layer: diff_id.to_string(), source };
         let lookup = |snapshots: &kiln_layer::SnapshotStore| snapshots.layer_for_diff_id(&diff_id).map_err(failed);
         if let Some(id) = lookup(&self.snapshots)? {
@@ -77,26 +104,46 @@ impl Stores {
             if let Some(id) = lookup(&self.snapshots)? {
                 return Ok(id);
             }
-            if !self.cas.contains(&diff_id) {
-                if peers.is_empty() {
-                    return Err(StoreError::Unavailable(diff_id));
-                }
-                fetcher.fetch(diff_id, peers, Arc::clone(&self.cas)).await.map_err(|reason| StoreError::Fetch {
-                    what: "layer",
-                    digest: diff_id,
-                    reason,
-                })?;
+            if !self.cas.contains(&blob) {
+                fetch.await?;
             }
             let (snapshots, cas) = (Arc::clone(&self.snapshots), Arc::clone(&self.cas));
             tokio::task::spawn_blocking(move || {
-                let blob = cas.open_blob(&diff_id)?;
-                snapshots.import_layer(blob, Some(&diff_id)).map_err(failed)
+                let id = snapshots.import_layer(cas.open_blob(&blob)?, Some(&diff_id)).map_err(failed)?;
+                if let Some(origin) = &origin {
+                    snapshots.record_origin(origin).map_err(failed)?;
+                }
+                Ok(id)
             })
             .await?
         }
         .await;
         self.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&diff_id);
         result
+    }
+
+    /// The local chain of a result imported from a cache: each layer this node lacks is
+    /// fetched from the cache (verified) and unpacked, and keeps the blob it came as for
+    /// image exports. A layer the cache does not have is an error naming it and the cache.
+    pub async fn import_cached(&self, hit: &CacheHit) -> Result<Snapshot, StoreError> {
+        let mut chain = Vec::with_capacity(hit.layers.len());
+        for layer in &hit.layers {
+            let origin = compression_of(&layer.blob.media_type).map(|compression| LayerBlob {
+                digest: layer.blob.digest,
+                diff_id: layer.diff_id,
+                size: layer.blob.size,
+                compression,
+            });
+            let fetch = async {
+                hit.store.fetch_blob(&layer.blob, &self.cas).await.map_err(|e| StoreError::Fetch {
+                    what: "layer",
+                    digest: layer.diff_id,
+                    reason: e.to_string(),
+                })
+            };
+            chain.push(self.ensure_layer_from(layer.diff_id, layer.blob.digest, origin, fetch).await?);
+        }
+        Ok(Snapshot { layers: chain })
     }
 
     /// Fetches the blobs among `digests` that the store lacks from `address`.

@@ -99,6 +99,7 @@ fn inputs(context: &Arc<FsContext>, secrets: &[(&str, &str)]) -> BuildInputs {
     BuildInputs {
         contexts: HashMap::from([("context".to_string(), Arc::clone(context) as Arc<dyn kiln_context::BuildContext>)]),
         secrets: secrets.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+        ..BuildInputs::default()
     }
 }
 

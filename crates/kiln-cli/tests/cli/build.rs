@@ -12,15 +12,16 @@ use kiln_registry::{RegistryClient, RegistryOptions};
 use kiln_testkit::{TestRegistry, busybox_rootfs, store_image, workspace_binary};
 use serde_json::Value;
 
-/// A state directory whose embedded daemon is stopped at the end.
-struct Setup {
-    registry: TestRegistry,
+/// A state directory whose embedded daemon is stopped at the end (and more of them, for
+/// tests that need several daemons: each under its own name).
+pub(crate) struct Setup {
+    pub(crate) registry: TestRegistry,
     base: String,
-    dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Setup {
-    fn new() -> Setup {
+    pub(crate) fn new() -> Setup {
         // `kiln` finds `kilnd` next to itself; `kilnd` finds `kiln-runner` the same way.
         workspace_binary("kilnd");
         workspace_binary("kiln-runner");
@@ -41,7 +42,14 @@ impl Setup {
         self.dir.path().join("state")
     }
 
-    fn context(&self, name: &str, dockerfile: &str) -> PathBuf {
+    /// Runs `kiln` against another embedded daemon, with its own state directory `name`.
+    pub(crate) fn run_in(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command.args(args).env("KILN_ROOT", self.dir.path().join(name)).env_remove("KILN_ADDR");
+        command.envs(env.iter().copied()).output().unwrap()
+    }
+
+    pub(crate) fn context(&self, name: &str, dockerfile: &str) -> PathBuf {
         let context = self.dir.path().join(name);
         std::fs::create_dir_all(&context).unwrap();
         std::fs::write(context.join("Dockerfile"), dockerfile.replace("BASE", &self.base)).unwrap();
@@ -60,21 +68,25 @@ impl Setup {
 }
 
 impl Drop for Setup {
+    /// Stops every embedded daemon started under the test's directory.
     fn drop(&mut self) {
-        let Ok(pid) = std::fs::read_to_string(self.root().join("kilnd.pid")) else { return };
-        let _ = Command::new("kill").arg(pid.trim()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{}", pid.trim())).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else { return };
+        for entry in entries.flatten() {
+            let Ok(pid) = std::fs::read_to_string(entry.path().join("kilnd.pid")) else { continue };
+            let _ = Command::new("kill").arg(pid.trim()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{}", pid.trim())).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn read_metadata(path: &Path) -> Value {
+pub(crate) fn read_metadata(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
@@ -130,8 +142,11 @@ fn builds_report_progress_metadata_results_and_failures() {
     }
     assert_eq!(read_metadata(&meta)["status"], "failed");
 
-    let out = setup.run(&["build", "--cache-to", "type=registry,ref=x", context_arg]);
-    assert!(!out.status.success() && text(&out.stderr).contains("not supported yet"));
+    let out = setup.run(&["build", "--cache-to", "type=registry", context_arg]);
+    assert!(
+        !out.status.success()
+            && text(&out.stderr).contains("--cache-to \"type=registry\": type=registry needs ref=REF")
+    );
 }
 
 #[test]

@@ -51,6 +51,7 @@ fn request(dockerfile: &str, manifest: Option<ContextManifest>, outputs: &[Strin
         secrets: Default::default(),
         outputs: outputs.iter().map(|o| kiln_model::OutputSpec::parse(o).unwrap()).collect(),
         context_manifest: manifest,
+        ..BuildRequest::default()
     }
 }
 

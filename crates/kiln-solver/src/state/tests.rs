@@ -60,7 +60,7 @@ fn finished(effects: &[Effect<String>], build: BuildId) -> Option<Ending> {
 }
 
 fn ok(output: &str, pin: Option<Digest>) -> Result<Executed<String>, Failed> {
-    Ok(Executed { output: output.into(), pin, worker: None })
+    Ok(Executed { output: output.into(), pin, worker: None, cache_source: None })
 }
 
 /// Runs every `Run` effect to success (outputs named after the vertex), repeatedly, and
@@ -230,4 +230,50 @@ fn replaying_the_same_commands_gives_the_same_effects() {
         log
     };
     assert_eq!(script(&mut State::default()), script(&mut State::default()));
+}
+
+#[test]
+fn imported_results_are_cached_with_their_source_and_no_cache_never_imports() {
+    let mut state = State::default();
+    let mut effects = submit(&mut state, 1, graph(&["a"]), BuildOptions::default());
+    let mut records = None;
+    while !effects.is_empty() {
+        let mut next = Vec::new();
+        for effect in &effects {
+            if let Effect::Run { key, vertex, import, .. } = effect {
+                let source = matches!(vertex.op, Op::Source(_));
+                // Sources resolve every build: never imported.
+                assert_eq!(*import, !source, "{}", vertex.meta.name);
+                let result = match source {
+                    true => ok("FROM", Some(Digest::of(b"pin"))),
+                    false => {
+                        Ok(Executed { cache_source: Some("registry:r/c".into()), ..Executed::new("imported".into()) })
+                    }
+                };
+                next.extend(state.apply(Command::Finished { key: *key, result, at: 2 }));
+            }
+        }
+        records = finished(&next, 1).or(records);
+        effects = next;
+    }
+    let (result, records) = records.expect("the build finished");
+    assert!(result.is_ok());
+    let run = records.iter().find(|r| r.name == "RUN a").unwrap();
+    assert_eq!((run.status, run.cache_source.as_deref()), (Status::Cached, Some("registry:r/c")));
+    let from = records.iter().find(|r| r.name == "FROM").unwrap();
+    assert_eq!((from.status, from.cache_source.as_deref()), (Status::Executed, None));
+
+    // The local cache serves the next build, and says so; --no-cache runs without importing.
+    let mut second = State::default();
+    let effects = submit(&mut second, 1, graph(&["a"]), BuildOptions::default());
+    drive(&mut second, effects, Digest::of(b"pin"));
+    let effects = submit(&mut second, 2, graph(&["a"]), BuildOptions::default());
+    let (_, records) = finished(&drive(&mut second, effects, Digest::of(b"pin")), 2).unwrap();
+    let run = records.iter().find(|r| r.name == "RUN a").unwrap();
+    assert_eq!((run.status, run.cache_source.as_deref()), (Status::Cached, Some("local")));
+    let options = BuildOptions { no_cache: true, ..BuildOptions::default() };
+    let effects = submit(&mut second, 3, graph(&["a"]), options);
+    let all = drive(&mut second, effects, Digest::of(b"pin"));
+    assert_eq!(runs(&all).len(), 2, "FROM and RUN a both run");
+    assert!(all.iter().all(|e| !matches!(e, Effect::Run { import: true, .. })));
 }

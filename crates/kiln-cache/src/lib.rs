@@ -1,0 +1,257 @@
+//! The shared cache tier: results exported to a registry, an S3 bucket or a directory, and
+//! imported by any daemon or worker, so the cache outlives the node that built it.
+//!
+//! - [`format`]: Kiln's cache format, one OCI image manifest per cache whose config blob maps
+//!   cache keys to result layers.
+//! - [`CacheStore`]: where a cache lives, with [`RegistryStore`] and [`ObjectCache`] over
+//!   [`S3Objects`], [`DirObjects`] or [`MemoryObjects`] (the in-memory twin for tests).
+//! - [`Imports`]: the records of the caches a build imports, by key; [`export`] writes one.
+//!
+//! Invariants: a blob enters a node's blob store only through the store's verified writes
+//! (digest and size checked), so a corrupt cache is a miss, never a wrong result; an export
+//! writes every blob before the manifest that names them.
+
+pub mod format;
+mod s3;
+mod store;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use kiln_cas::BlobStore;
+use kiln_model::{CacheLocation, CacheSpec};
+use kiln_registry::{Descriptor, RegistryClient};
+use kiln_types::Digest;
+
+pub use format::{CacheConfig, CacheLayer, CacheRecord, FormatError};
+pub use s3::S3Objects;
+pub use store::{CacheStore, DirObjects, Fut, MemoryObjects, ObjectCache, ObjectStore, RegistryStore};
+
+/// Blobs moved at once by one export.
+const PARALLEL_UPLOADS: usize = 4;
+
+/// A cache operation that failed, naming the cache and what was being done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cache {cache}: {action}: {reason}")]
+pub struct CacheError {
+    /// The cache (`registry:REF`, `s3:BUCKET/NAME`, `local:DIR`).
+    pub cache: String,
+    /// What was being done.
+    pub action: String,
+    /// Why it failed.
+    pub reason: String,
+}
+
+impl CacheError {
+    /// An error of the cache `cache`.
+    pub fn new(cache: &str, action: &str, reason: impl std::fmt::Display) -> CacheError {
+        CacheError { cache: cache.to_string(), action: action.to_string(), reason: reason.to_string() }
+    }
+}
+
+/// Opens the cache a spec names (an S3 client resolves its credentials here).
+pub async fn open(spec: &CacheSpec, registry: &RegistryClient) -> Result<Arc<dyn CacheStore>, CacheError> {
+    let label = spec.source();
+    Ok(match &spec.location {
+        CacheLocation::Registry { reference } => Arc::new(RegistryStore::new(reference, registry.clone())?),
+        CacheLocation::S3 { bucket, region, endpoint_url, prefix, name, use_path_style } => {
+            let objects = S3Objects::connect(bucket, region, endpoint_url.as_deref(), *use_path_style).await;
+            Arc::new(ObjectCache::new(label, objects, prefix, name))
+        }
+        CacheLocation::Local { dir, name } => Arc::new(ObjectCache::new(label, DirObjects::new(dir), "", name)),
+    })
+}
+
+/// A layer of a cached result: its blob and its diff id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedLayer {
+    /// The blob as the cache stores it.
+    pub blob: Descriptor,
+    /// The digest of its uncompressed tar.
+    pub diff_id: Digest,
+}
+
+/// A result an imported cache holds.
+#[derive(Clone)]
+pub struct CacheHit {
+    /// Its layers, bottom first.
+    pub layers: Vec<CachedLayer>,
+    /// The cache that holds them.
+    pub store: Arc<dyn CacheStore>,
+}
+
+/// The records of the caches a build imports, by cache key; the first cache that has a key
+/// serves it.
+#[derive(Clone, Default)]
+pub struct Imports {
+    hits: HashMap<Digest, CacheHit>,
+}
+
+impl Imports {
+    /// Reads each cache's manifest and config (through `cas`). A cache that cannot be read is
+    /// left out with a warning naming it and why; the build goes on without it.
+    pub async fn load(stores: &[Arc<dyn CacheStore>], cas: &Arc<BlobStore>) -> (Imports, Vec<String>) {
+        let mut imports = Imports::default();
+        let mut warnings = Vec::new();
+        for store in stores {
+            match read_config(store.as_ref(), cas).await {
+                Ok(Some(config)) => imports.add(store, config),
+                Ok(None) => warnings.push(format!("cache {}: nothing was exported there yet", store.label())),
+                Err(error) => warnings.push(format!("{error}; importing without it")),
+            }
+        }
+        (imports, warnings)
+    }
+
+    fn add(&mut self, store: &Arc<dyn CacheStore>, config: CacheConfig) {
+        for record in config.records {
+            let layers = record
+                .layers
+                .iter()
+                .map(|digest| {
+                    let layer = &config.layers[digest]; // CacheConfig::parse checked it is there
+                    CachedLayer {
+                        blob: Descriptor {
+                            media_type: layer.media_type.clone(),
+                            digest: *digest,
+                            size: layer.size,
+                            platform: None,
+                            annotations: Default::default(),
+                        },
+                        diff_id: layer.diff_id,
+                    }
+                })
+                .collect();
+            self.hits.entry(record.key).or_insert_with(|| CacheHit { layers, store: Arc::clone(store) });
+        }
+    }
+
+    /// The imported result for a cache key.
+    pub fn get(&self, key: &Digest) -> Option<&CacheHit> {
+        self.hits.get(key)
+    }
+
+    /// How many keys the imported caches hold.
+    pub fn len(&self) -> usize {
+        self.hits.len()
+    }
+
+    /// Whether no imported cache holds anything.
+    pub fn is_empty(&self) -> bool {
+        self.hits.is_empty()
+    }
+}
+
+/// The cache's config, `None` when nothing was exported there yet.
+async fn read_config(store: &dyn CacheStore, cas: &Arc<BlobStore>) -> Result<Option<CacheConfig>, CacheError> {
+    let Some(manifest) = store.read_manifest().await? else { return Ok(None) };
+    let invalid = |e: FormatError| CacheError::new(store.label(), "reading the manifest", e);
+    let config = format::config_of(&manifest).map_err(invalid)?;
+    store.fetch_blob(&config, cas).await?;
+    let bytes = blocking(store, "reading the config", {
+        let cas = Arc::clone(cas);
+        move || cas.read(&config.digest)
+    })
+    .await?;
+    CacheConfig::parse(&bytes).map(Some).map_err(invalid)
+}
+
+/// Blob-store work off the async threads; its error is the cache's.
+async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    store: &dyn CacheStore,
+    action: &str,
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, CacheError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|e| CacheError::new(store.label(), action, e)),
+        Err(e) => Err(CacheError::new(store.label(), action, e)),
+    }
+}
+
+/// One result an export writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportRecord {
+    /// Its cache key.
+    pub key: Digest,
+    /// The vertex's platform (empty when it has none).
+    pub platform: String,
+    /// Its layers, bottom first, as blobs of the node's blob store.
+    pub layers: Vec<CachedLayer>,
+}
+
+/// What an export did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExportStats {
+    /// Records written.
+    pub records: usize,
+    /// Layer blobs they name.
+    pub blobs: usize,
+    /// Blobs that had to be uploaded (the others were there).
+    pub uploaded: usize,
+    /// Bytes uploaded.
+    pub uploaded_bytes: u64,
+}
+
+/// Writes `records` to the cache: their blobs (those it lacks), then the config and the
+/// manifest. Records of the platforms they were built for replace the cache's; the cache's
+/// records for other platforms are kept (see [`CacheConfig::merged`]).
+pub async fn export(
+    store: &dyn CacheStore,
+    records: Vec<ExportRecord>,
+    cas: &Arc<BlobStore>,
+) -> Result<ExportStats, CacheError> {
+    let platforms: BTreeSet<String> = records.iter().map(|r| r.platform.clone()).collect();
+    let mut new = CacheConfig { version: format::VERSION, ..CacheConfig::default() };
+    let mut blobs = Vec::new();
+    for record in &records {
+        for layer in &record.layers {
+            let described =
+                CacheLayer { diff_id: layer.diff_id, size: layer.blob.size, media_type: layer.blob.media_type.clone() };
+            if new.layers.insert(layer.blob.digest, described).is_none() {
+                blobs.push(layer.blob.clone());
+            }
+        }
+        new.records.push(CacheRecord {
+            key: record.key,
+            platform: record.platform.clone(),
+            layers: record.layers.iter().map(|l| l.blob.digest).collect(),
+        });
+    }
+    // A cache that cannot be read as Kiln's is overwritten; one that cannot be reached fails.
+    let previous = match read_config(store, cas).await {
+        Ok(previous) => previous,
+        Err(error) if error.action == "reading the manifest" => None,
+        Err(error) => return Err(error),
+    };
+    let merged = CacheConfig::merged(previous, new, &platforms);
+    // Collected first: a closure inside the stream type trips the compiler's Send check for
+    // callers that spawn this future. `buffered` keeps the order, to pair sizes back.
+    let pushes: Vec<_> = blobs.iter().map(|blob| store.push_blob(blob, cas)).collect();
+    let sent: Vec<bool> = futures_util::stream::iter(pushes).buffered(PARALLEL_UPLOADS).try_collect().await?;
+    let uploads: Vec<(bool, u64)> = sent.into_iter().zip(blobs.iter().map(|b| b.size)).collect();
+    let config = merged.to_bytes();
+    let info = blocking(store, "storing the config", {
+        let (cas, config) = (Arc::clone(cas), config.clone());
+        move || cas.put(&config, None)
+    })
+    .await?;
+    let config_blob = Descriptor {
+        media_type: format::CACHE_CONFIG_MEDIA_TYPE.into(),
+        digest: info.digest,
+        size: info.size,
+        platform: None,
+        annotations: Default::default(),
+    };
+    store.push_blob(&config_blob, cas).await?;
+    store.write_manifest(merged.manifest(&config)).await?;
+    Ok(ExportStats {
+        records: records.len(),
+        blobs: blobs.len(),
+        uploaded: uploads.iter().filter(|(sent, _)| *sent).count(),
+        uploaded_bytes: uploads.iter().filter(|(sent, _)| *sent).map(|(_, size)| size).sum(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,148 @@
+use std::sync::atomic::Ordering;
+
+use kiln_kv::MemoryKv;
+
+use super::*;
+
+const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+struct Node {
+    _dir: tempfile::TempDir,
+    cas: Arc<BlobStore>,
+}
+
+fn node() -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let cas = BlobStore::open(dir.path(), Arc::new(MemoryKv::default())).unwrap();
+    Node { _dir: dir, cas: Arc::new(cas) }
+}
+
+/// A layer blob stored in `node` (its bytes stand in for a compressed tar).
+fn layer(node: &Node, content: &str) -> CachedLayer {
+    let info = node.cas.put(content.as_bytes(), None).unwrap();
+    CachedLayer {
+        blob: Descriptor {
+            media_type: GZIP.into(),
+            digest: info.digest,
+            size: info.size,
+            platform: None,
+            annotations: Default::default(),
+        },
+        diff_id: Digest::of(format!("diff of {content}").as_bytes()),
+    }
+}
+
+fn record(n: u8, platform: &str, layers: &[&CachedLayer]) -> ExportRecord {
+    ExportRecord {
+        key: Digest::of(&[n]),
+        platform: platform.into(),
+        layers: layers.iter().map(|l| (*l).clone()).collect(),
+    }
+}
+
+fn memory_cache() -> Arc<ObjectCache<MemoryObjects>> {
+    Arc::new(ObjectCache::new("s3:twin/kiln".into(), MemoryObjects::default(), "ci/", "kiln"))
+}
+
+#[tokio::test]
+async fn an_export_is_imported_by_another_node_with_its_blobs() {
+    let (a, b) = (node(), node());
+    let (base, top) = (layer(&a, "base"), layer(&a, "top"));
+    let cache = memory_cache();
+    let records = vec![record(1, "linux/amd64", &[&base]), record(2, "linux/amd64", &[&base, &top])];
+    let stats = export(cache.as_ref(), records, &a.cas).await.unwrap();
+    assert_eq!((stats.records, stats.blobs, stats.uploaded), (2, 2, 2));
+    let keys = cache.objects().keys();
+    assert!(keys.contains(&"ci/manifests/kiln".to_string()), "{keys:?}");
+    assert!(keys.contains(&format!("ci/blobs/sha256/{}", top.blob.digest.hex())), "{keys:?}");
+
+    let store: Arc<dyn CacheStore> = cache.clone();
+    let (imports, warnings) = Imports::load(&[store], &b.cas).await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(imports.len(), 2);
+    let hit = imports.get(&Digest::of(&[2])).expect("imported");
+    assert_eq!(hit.layers, [base.clone(), top.clone()]);
+    assert_eq!(hit.store.label(), "s3:twin/kiln");
+    for layer in &hit.layers {
+        hit.store.fetch_blob(&layer.blob, &b.cas).await.unwrap();
+    }
+    assert_eq!(b.cas.read(&top.blob.digest).unwrap(), b"top");
+
+    // The same export again uploads no layer: only the config and the manifest change.
+    let before = cache.objects().uploads.load(Ordering::SeqCst);
+    let again = vec![record(1, "linux/amd64", &[&base]), record(2, "linux/amd64", &[&base, &top])];
+    let stats = export(cache.as_ref(), again, &a.cas).await.unwrap();
+    assert_eq!(stats.uploaded, 0);
+    assert_eq!(cache.objects().uploads.load(Ordering::SeqCst), before, "at most the config, which is unchanged");
+}
+
+#[tokio::test]
+async fn exports_of_other_platforms_are_kept_and_the_same_platform_is_replaced() {
+    let a = node();
+    let cache = memory_cache();
+    let (amd, arm, amd2) = (layer(&a, "amd"), layer(&a, "arm"), layer(&a, "amd2"));
+    export(cache.as_ref(), vec![record(1, "linux/amd64", &[&amd])], &a.cas).await.unwrap();
+    export(cache.as_ref(), vec![record(2, "linux/arm64", &[&arm])], &a.cas).await.unwrap();
+    export(cache.as_ref(), vec![record(3, "linux/amd64", &[&amd2])], &a.cas).await.unwrap();
+    let store: Arc<dyn CacheStore> = cache.clone();
+    let (imports, _) = Imports::load(&[store], &node().cas).await;
+    assert!(imports.get(&Digest::of(&[1])).is_none(), "replaced by the later amd64 export");
+    assert!(imports.get(&Digest::of(&[2])).is_some(), "arm64 kept");
+    assert!(imports.get(&Digest::of(&[3])).is_some());
+}
+
+#[tokio::test]
+async fn unreadable_caches_are_warnings_and_unwritable_ones_errors() {
+    let a = node();
+    let cache = memory_cache();
+    let store: Arc<dyn CacheStore> = cache.clone();
+    let (imports, warnings) = Imports::load(&[Arc::clone(&store)], &a.cas).await;
+    assert!(imports.is_empty());
+    assert_eq!(warnings, ["cache s3:twin/kiln: nothing was exported there yet"]);
+
+    cache.objects().fail.store(true, Ordering::SeqCst);
+    let (_, warnings) = Imports::load(&[Arc::clone(&store)], &a.cas).await;
+    assert!(warnings[0].contains("s3:twin/kiln") && warnings[0].contains("injected"), "{warnings:?}");
+    let err = export(cache.as_ref(), vec![record(1, "", &[&layer(&a, "x")])], &a.cas).await.unwrap_err();
+    assert!(err.to_string().contains("cache s3:twin/kiln") && err.to_string().contains("injected"), "{err}");
+    cache.objects().fail.store(false, Ordering::SeqCst);
+
+    // A manifest that is not Kiln's is overwritten by an export, and a warning on import.
+    cache.objects().put("ci/manifests/kiln".into(), b"{}".to_vec()).await.unwrap();
+    let (_, warnings) = Imports::load(&[Arc::clone(&store)], &a.cas).await;
+    assert!(warnings[0].contains("manifest is not valid"), "{warnings:?}");
+    export(cache.as_ref(), vec![record(1, "", &[&layer(&a, "x")])], &a.cas).await.unwrap();
+    assert_eq!(Imports::load(&[store], &a.cas).await.0.len(), 1);
+}
+
+#[tokio::test]
+async fn a_corrupt_or_missing_blob_never_enters_the_store() {
+    let (a, b) = (node(), node());
+    let cache = memory_cache();
+    let good = layer(&a, "good");
+    export(cache.as_ref(), vec![record(1, "", &[&good])], &a.cas).await.unwrap();
+    let key = format!("ci/blobs/sha256/{}", good.blob.digest.hex());
+    cache.objects().put(key.clone(), b"evil".to_vec()).await.unwrap();
+    let err = cache.fetch_blob(&good.blob, &b.cas).await.unwrap_err();
+    assert!(err.to_string().contains(&key), "{err}");
+    assert!(!b.cas.contains(&good.blob.digest));
+    cache.objects().remove(&key);
+    assert!(cache.fetch_blob(&good.blob, &b.cas).await.unwrap_err().to_string().contains("no such object"));
+}
+
+#[tokio::test]
+async fn a_directory_cache_round_trips() {
+    let (a, b) = (node(), node());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ObjectCache::new("local:d".into(), DirObjects::new(dir.path()), "", "kiln");
+    let top = layer(&a, "top");
+    export(&cache, vec![record(7, "linux/amd64", &[&top])], &a.cas).await.unwrap();
+    assert!(dir.path().join("manifests/kiln").is_file());
+    assert!(dir.path().join("blobs/sha256").join(top.blob.digest.hex()).is_file());
+    let store: Arc<dyn CacheStore> = Arc::new(cache);
+    let (imports, warnings) = Imports::load(&[store], &b.cas).await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let hit = imports.get(&Digest::of(&[7])).unwrap();
+    hit.store.fetch_blob(&hit.layers[0].blob, &b.cas).await.unwrap();
+    assert_eq!(b.cas.read(&top.blob.digest).unwrap(), b"top");
+}
