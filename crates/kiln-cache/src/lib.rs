@@ -96,9 +96,11 @@ impl Imports {
         let mut warnings = Vec::new();
         for store in stores {
             match read_config(store.as_ref(), cas).await {
-                Ok(Some(config)) => imports.add(store, config),
-                Ok(None) => warnings.push(format!("cache {}: nothing was exported there yet", store.label())),
-                Err(error) => warnings.push(format!("{error}; importing without it")),
+                Ok(Previous::Found(config)) => imports.add(store, config),
+                Ok(Previous::Missing) => {
+                    warnings.push(format!("cache {}: nothing was exported there yet", store.label()));
+                }
+                Ok(Previous::Unusable(error)) | Err(error) => warnings.push(format!("{error}; importing without it")),
             }
         }
         (imports, warnings)
@@ -143,18 +145,36 @@ impl Imports {
     }
 }
 
-/// The cache's config, `None` when nothing was exported there yet.
-async fn read_config(store: &dyn CacheStore, cas: &Arc<BlobStore>) -> Result<Option<CacheConfig>, CacheError> {
-    let Some(manifest) = store.read_manifest().await? else { return Ok(None) };
-    let invalid = |e: FormatError| CacheError::new(store.label(), "reading the manifest", e);
-    let config = format::config_of(&manifest).map_err(invalid)?;
-    store.fetch_blob(&config, cas).await?;
-    let bytes = blocking(store, "reading the config", {
-        let cas = Arc::clone(cas);
-        move || cas.read(&config.digest)
+/// What a cache holds before an export or for an import.
+enum Previous {
+    /// Nothing was exported there yet.
+    Missing,
+    /// A Kiln cache.
+    Found(CacheConfig),
+    /// A manifest that is not a readable Kiln cache (another format, a lost or corrupt
+    /// config): an export replaces it.
+    Unusable(CacheError),
+}
+
+/// The cache's config; an error only when its manifest cannot be read (the store is
+/// unreachable or refuses).
+async fn read_config(store: &dyn CacheStore, cas: &Arc<BlobStore>) -> Result<Previous, CacheError> {
+    let Some(manifest) = store.read_manifest().await? else { return Ok(Previous::Missing) };
+    let config = async {
+        let invalid = |e: FormatError| CacheError::new(store.label(), "reading the manifest", e);
+        let config = format::config_of(&manifest).map_err(invalid)?;
+        store.fetch_blob(&config, cas).await?;
+        let bytes = blocking(store, "reading the config", {
+            let cas = Arc::clone(cas);
+            move || cas.read(&config.digest)
+        })
+        .await?;
+        CacheConfig::parse(&bytes).map_err(invalid)
+    };
+    Ok(match config.await {
+        Ok(config) => Previous::Found(config),
+        Err(error) => Previous::Unusable(error),
     })
-    .await?;
-    CacheConfig::parse(&bytes).map(Some).map_err(invalid)
 }
 
 /// Blob-store work off the async threads; its error is the cache's.
@@ -219,10 +239,9 @@ pub async fn export(
         });
     }
     // A cache that cannot be read as Kiln's is overwritten; one that cannot be reached fails.
-    let previous = match read_config(store, cas).await {
-        Ok(previous) => previous,
-        Err(error) if error.action == "reading the manifest" => None,
-        Err(error) => return Err(error),
+    let previous = match read_config(store, cas).await? {
+        Previous::Found(config) => Some(config),
+        Previous::Missing | Previous::Unusable(_) => None,
     };
     let merged = CacheConfig::merged(previous, new, &platforms);
     // Collected first: a closure inside the stream type trips the compiler's Send check for

@@ -146,3 +146,20 @@ async fn a_directory_cache_round_trips() {
     hit.store.fetch_blob(&hit.layers[0].blob, &b.cas).await.unwrap();
     assert_eq!(b.cas.read(&top.blob.digest).unwrap(), b"top");
 }
+
+#[tokio::test]
+async fn a_cache_whose_config_is_lost_is_replaced_by_the_next_export() {
+    let a = node();
+    let cache = memory_cache();
+    export(cache.as_ref(), vec![record(1, "", &[&layer(&a, "x")])], &a.cas).await.unwrap();
+    let manifest = cache.objects().get("ci/manifests/kiln".into()).await.unwrap().unwrap();
+    let config = format::config_of(&manifest).unwrap();
+    assert!(cache.objects().remove(&format!("ci/blobs/sha256/{}", config.digest.hex())));
+    let store: Arc<dyn CacheStore> = cache.clone();
+    let (imports, warnings) = Imports::load(&[Arc::clone(&store)], &node().cas).await;
+    assert!(imports.is_empty() && warnings[0].contains("no such object"), "{warnings:?}");
+    export(cache.as_ref(), vec![record(2, "", &[&layer(&a, "y")])], &a.cas).await.unwrap();
+    let (imports, warnings) = Imports::load(&[store], &node().cas).await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert!(imports.get(&Digest::of(&[2])).is_some() && imports.len() == 1);
+}

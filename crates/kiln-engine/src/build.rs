@@ -88,6 +88,10 @@ impl Engine {
         spool: Option<&Path>,
         progress: mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<BuildSummary, BuildFailure> {
+        let has_caches = !request.cache_from.is_empty() || !request.cache_to.is_empty();
+        if has_caches && matches!(self.mode, Mode::Cluster { .. }) {
+            return Err(BuildFailure::early(BuildError::CacheOnCoordinator.to_string()));
+        }
         let context = self.context(&request).await.map_err(|e| BuildFailure::early(e.to_string()))?;
         let (plan, bases) = self.plan(&request, &context).await.map_err(|e| BuildFailure::early(e.to_string()))?;
         if let Mode::Local(_) = self.mode {
@@ -97,10 +101,6 @@ impl Engine {
 
         let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };
         let graph = plan.graph.clone();
-        let has_caches = !request.cache_from.is_empty() || !request.cache_to.is_empty();
-        if has_caches && matches!(self.mode, Mode::Cluster { .. }) {
-            return Err(BuildFailure::early(BuildError::CacheOnCoordinator.to_string()));
-        }
         let solved = async {
             Ok(match &self.mode {
                 Mode::Local(solver) => {
