@@ -11,6 +11,7 @@ use kiln_model::Failed;
 use kiln_proto::MAX_MESSAGE;
 use kiln_proto::convert::{
     job_result_from_proto, layers_to_proto, log_line_from_proto, manifest_to_proto, register_from_proto,
+    tier_blob_to_proto,
 };
 use kiln_proto::v1::workers_server::Workers;
 use kiln_proto::v1::{self, coordinator_message, worker_message};
@@ -174,7 +175,10 @@ fn assign(job: Job<ClusterData>, address: &str) -> Result<v1::Assign, (u64, u32,
         sources: job
             .sources
             .into_iter()
-            .map(|(diff_id, peers)| v1::LayerSource { diff_id: diff_id.to_string(), peers })
+            .map(|(diff_id, peers)| {
+                let tier = job.tier.iter().find(|(d, _)| *d == diff_id).map(|(_, blob)| tier_blob_to_proto(blob));
+                v1::LayerSource { diff_id: diff_id.to_string(), peers, tier }
+            })
             .collect(),
         secrets,
         contexts,

@@ -50,11 +50,16 @@ impl CacheError {
     }
 }
 
-/// Opens the cache a spec names (an S3 client resolves its credentials here).
-pub async fn open(spec: &CacheSpec, registry: &RegistryClient) -> Result<Arc<dyn CacheStore>, CacheError> {
-    let label = spec.source();
+/// Opens the cache a spec names (an S3 client resolves its credentials here), called
+/// `label` in records and messages (by default [`CacheSpec::source`]).
+pub async fn open(
+    spec: &CacheSpec,
+    label: Option<&str>,
+    registry: &RegistryClient,
+) -> Result<Arc<dyn CacheStore>, CacheError> {
+    let label = label.map_or_else(|| spec.source(), str::to_string);
     Ok(match &spec.location {
-        CacheLocation::Registry { reference } => Arc::new(RegistryStore::new(reference, registry.clone())?),
+        CacheLocation::Registry { reference } => Arc::new(RegistryStore::new(label, reference, registry.clone())?),
         CacheLocation::S3 { bucket, region, endpoint_url, prefix, name, use_path_style } => {
             let objects = S3Objects::connect(bucket, region, endpoint_url.as_deref(), *use_path_style).await;
             Arc::new(ObjectCache::new(label, objects, prefix, name))

@@ -32,6 +32,9 @@ pub trait CacheStore: Send + Sync {
     /// Copies a blob into `cas` unless it is there, checking digest and size.
     fn fetch_blob<'a>(&'a self, blob: &'a Descriptor, cas: &'a Arc<BlobStore>) -> Fut<'a, Result<(), CacheError>>;
 
+    /// Whether the cache holds the blob.
+    fn has_blob<'a>(&'a self, blob: &'a Descriptor) -> Fut<'a, Result<bool, CacheError>>;
+
     /// Copies a blob of `cas` into the cache unless the cache has it; returns whether it
     /// was sent.
     fn push_blob<'a>(&'a self, blob: &'a Descriptor, cas: &'a Arc<BlobStore>) -> Fut<'a, Result<bool, CacheError>>;
@@ -45,9 +48,8 @@ pub struct RegistryStore {
 }
 
 impl RegistryStore {
-    /// The cache tagged `reference`.
-    pub fn new(reference: &str, client: RegistryClient) -> Result<RegistryStore, CacheError> {
-        let label = format!("registry:{reference}");
+    /// The cache tagged `reference`, called `label` in records and messages.
+    pub fn new(label: String, reference: &str, client: RegistryClient) -> Result<RegistryStore, CacheError> {
         let reference: ImageReference = reference.parse().map_err(|e| CacheError::new(&label, "parsing ref", e))?;
         Ok(RegistryStore { label, reference, client })
     }
@@ -79,6 +81,15 @@ impl CacheStore for RegistryStore {
                 .fetch_blob(&self.reference, blob, cas)
                 .await
                 .map_err(|e| CacheError::new(&self.label, "fetching", e))
+        })
+    }
+
+    fn has_blob<'a>(&'a self, blob: &'a Descriptor) -> Fut<'a, Result<bool, CacheError>> {
+        Box::pin(async move {
+            self.client
+                .blob_exists(&self.reference, &blob.digest)
+                .await
+                .map_err(|e| CacheError::new(&self.label, "checking", e))
         })
     }
 
@@ -121,7 +132,8 @@ pub struct ObjectCache<S> {
 }
 
 impl<S: ObjectStore> ObjectCache<S> {
-    /// The cache `name` under `prefix` (empty or ending with `/`) of `objects`.
+    /// The cache `name` under `prefix` (empty or ending with `/`) of `objects`, called
+    /// `label` in records and messages.
     pub fn new(label: String, objects: S, prefix: &str, name: &str) -> ObjectCache<S> {
         ObjectCache { label, objects, prefix: prefix.to_string(), name: name.to_string() }
     }
@@ -172,6 +184,16 @@ impl<S: ObjectStore> CacheStore for ObjectCache<S> {
                 .download(key.clone(), blob, cas)
                 .await
                 .map_err(|e| CacheError::new(&self.label, &format!("fetching {key}"), e))
+        })
+    }
+
+    fn has_blob<'a>(&'a self, blob: &'a Descriptor) -> Fut<'a, Result<bool, CacheError>> {
+        Box::pin(async move {
+            let key = self.blob_key(&blob.digest);
+            self.objects
+                .exists(key.clone())
+                .await
+                .map_err(|e| CacheError::new(&self.label, &format!("checking {key}"), e))
         })
     }
 

@@ -14,7 +14,7 @@ use crate::ClientError;
 
 use kiln_proto::convert::{
     WireError, job_log_to_proto, job_result_to_proto, layers_from_proto, manifest_from_proto, parse_digest,
-    register_to_proto,
+    register_to_proto, tier_blob_from_proto,
 };
 
 /// The sending half of a session (cheap to clone).
@@ -99,8 +99,13 @@ fn assignment(assign: v1::Assign) -> Result<Box<Assignment>, String> {
     let wire = |e: WireError| format!("job {job}: {e}");
     let inputs = assign.inputs.into_iter().map(layers_from_proto).collect::<Result<_, _>>().map_err(wire)?;
     let mut sources = HashMap::new();
+    let mut tier = HashMap::new();
     for source in assign.sources {
-        sources.insert(parse_digest(&source.diff_id, "layer source").map_err(wire)?, source.peers);
+        let diff_id = parse_digest(&source.diff_id, "layer source").map_err(wire)?;
+        if let Some(blob) = source.tier {
+            tier.insert(diff_id, tier_blob_from_proto(blob).map_err(wire)?);
+        }
+        sources.insert(diff_id, source.peers);
     }
     let mut contexts = HashMap::new();
     for (name, manifest) in assign.contexts {
@@ -112,6 +117,7 @@ fn assignment(assign: v1::Assign) -> Result<Box<Assignment>, String> {
         vertex,
         inputs,
         sources,
+        tier,
         secrets: assign.secrets,
         contexts,
         context_address: assign.context_address,

@@ -196,7 +196,11 @@ async fn main() {
                 .into_iter()
                 .enumerate()
                 .map(|(id, g)| {
-                    solver.submit(g, BuildOptions::default(), Arc::new(ClusterBuild { id: id as u64, data: () }))
+                    solver.submit(
+                        g,
+                        BuildOptions::default(),
+                        Arc::new(ClusterBuild { id: id as u64, data: (), imports: None }),
+                    )
                 })
                 .collect();
             for handle in &mut handles {

@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use kiln_graph::{Op, SourceOp, Vertex};
 use kiln_model::{
-    BoxFuture, Executed, Executor, Failed, JobId, Layers, LogLine, LogSink, LogStream, WorkerInfo, WorkerStatus,
+    BoxFuture, Executed, Executor, Failed, JobId, LayerDesc, Layers, LogLine, LogSink, LogStream, TierBlob, WorkerInfo,
+    WorkerStatus,
 };
 use kiln_types::{Digest, now_ms};
 use tokio::sync::{mpsc, oneshot};
@@ -61,14 +62,35 @@ impl<B> Clone for Recipe<B> {
     }
 }
 
-/// A build's inputs as the cluster carries them: an id (builds take turns) and whatever the
-/// workers need (contexts, secrets).
-#[derive(Debug)]
+/// A build's inputs as the cluster carries them: an id (builds take turns), whatever the
+/// workers need (contexts, secrets), and the caches it imports.
 pub struct ClusterBuild<B> {
     /// The build's id.
     pub id: u64,
     /// What workers need.
     pub data: B,
+    /// The build's imported caches, when it has any.
+    pub imports: Option<ImportFn>,
+}
+
+impl<B: std::fmt::Debug> std::fmt::Debug for ClusterBuild<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBuild").field("id", &self.id).field("data", &self.data).finish_non_exhaustive()
+    }
+}
+
+/// Looks a cache key up in a build's imported caches: `None` when none has it, otherwise a
+/// future that checks the cache still has every layer blob (an error is a miss).
+pub type ImportFn = Arc<dyn Fn(&Digest) -> Option<BoxFuture<Result<TierHit, String>>> + Send + Sync>;
+
+/// A result an imported cache holds, with its blobs checked to be there.
+#[derive(Debug, Clone)]
+pub struct TierHit {
+    /// Each layer (its size is the blob's, as the cache does not record the tar's) and the
+    /// blob that holds it.
+    pub layers: Vec<(LayerDesc, TierBlob)>,
+    /// The cache, as records name it.
+    pub source: String,
 }
 
 /// Everything a worker needs for one job.
@@ -84,6 +106,8 @@ pub struct Job<B> {
     pub inputs: Vec<Layers>,
     /// Peers (blob addresses) holding each input layer the worker may lack.
     pub sources: Vec<(Digest, Vec<String>)>,
+    /// Shared-cache blobs of input layers, for those no peer serves.
+    pub tier: Vec<(Digest, TierBlob)>,
     /// The build's inputs.
     pub build: Arc<ClusterBuild<B>>,
 }
@@ -118,6 +142,9 @@ struct Inner<B> {
     recipe_order: std::collections::VecDeque<Layers>,
     /// Recomputed results standing in for lost ones.
     substitutes: HashMap<Layers, Layers>,
+    /// Layers a shared cache holds, by diff id: results no worker holds can be fetched from
+    /// there instead of being recomputed.
+    tier: HashMap<Digest, TierBlob>,
 }
 
 /// The coordinator's view of its workers, and the solver's executor over them.
@@ -138,6 +165,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 recipes: HashMap::new(),
                 recipe_order: std::collections::VecDeque::new(),
                 substitutes: HashMap::new(),
+                tier: HashMap::new(),
             }),
             next_job: AtomicU64::new(1),
         })
@@ -270,6 +298,17 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         self.lock().state.holders(diff_id, "")
     }
 
+    /// Records that a shared cache holds these layers (an export wrote them, or an import
+    /// found them), so a result whose workers are gone is fetched from there.
+    pub fn add_tier(&self, layers: impl IntoIterator<Item = (Digest, TierBlob)>) {
+        self.lock().tier.extend(layers);
+    }
+
+    /// The shared cache's blob of a layer, if one holds it.
+    pub fn tier_blob(&self, diff_id: &Digest) -> Option<TierBlob> {
+        self.lock().tier.get(diff_id).cloned()
+    }
+
     /// Jobs waiting for a worker, and late reports dropped so far.
     pub fn counters(&self) -> (usize, u64) {
         let inner = self.lock();
@@ -305,9 +344,13 @@ impl<B> Inner<B> {
                 let Some(pending) = self.pending.get_mut(job) else { return };
                 pending.epoch = *epoch;
                 let mut sources = Vec::new();
+                let mut tier = Vec::new();
                 for layer in pending.inputs.iter().flat_map(|l| &l.layers) {
                     if !sources.iter().any(|(d, _)| *d == layer.diff_id) {
                         sources.push((layer.diff_id, self.state.holders(&layer.diff_id, worker)));
+                        if let Some(blob) = self.tier.get(&layer.diff_id) {
+                            tier.push((layer.diff_id, blob.clone()));
+                        }
                     }
                 }
                 let assignment = Job {
@@ -316,6 +359,7 @@ impl<B> Inner<B> {
                     vertex: pending.vertex.clone(),
                     inputs: pending.inputs.clone(),
                     sources,
+                    tier,
                     build: Arc::clone(&pending.build),
                 };
                 if let Some((_, link)) = self.links.get(worker) {
@@ -394,8 +438,37 @@ impl<B: Send + Sync + 'static> Executor for ClusterExecutor<B> {
     /// that are held (what [`Cluster::recover`] would do, without doing it). After a
     /// coordinator restart the recipes are gone, so a cached result whose worker left is a
     /// miss and runs again.
-    fn available(&self, output: &Layers) -> bool {
-        self.0.recoverable(output)
+    ///
+    /// The source is `worker:NAME` when connected workers hold every layer (NAME holds the
+    /// top one), `shared` when the shared cache holds the ones no worker does, `local` when
+    /// it would be recomputed.
+    fn available(&self, output: &Layers) -> Option<String> {
+        let current = self.0.substitute(output);
+        let inner = self.0.lock();
+        let on_workers = current.layers.iter().all(|l| inner.state.holder_name(&l.diff_id).is_some());
+        if on_workers {
+            let top = current.layers.last().and_then(|l| inner.state.holder_name(&l.diff_id));
+            return Some(top.map_or_else(|| "local".into(), |name| format!("worker:{name}")));
+        }
+        drop(inner);
+        self.0.recoverable(output).then(|| if self.0.held(&current) { "shared" } else { "local" }.to_string())
+    }
+
+    /// An imported result is used where the cache holds it: nothing moves until a step
+    /// needs its layers, which its worker then fetches from the cache.
+    fn import(
+        &self,
+        key: &Digest,
+        build: &Arc<ClusterBuild<B>>,
+    ) -> Option<BoxFuture<Result<Executed<Layers>, String>>> {
+        let checked = (build.imports.as_ref()?)(key)?;
+        let cluster = Arc::clone(&self.0);
+        Some(Box::pin(async move {
+            let hit = checked.await?;
+            cluster.add_tier(hit.layers.iter().map(|(layer, blob)| (layer.diff_id, blob.clone())));
+            let output = Layers { layers: hit.layers.iter().map(|(layer, _)| *layer).collect() };
+            Ok(Executed { cache_source: Some(hit.source), ..Executed::new(output) })
+        }))
     }
 }
 
@@ -493,10 +566,13 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         true
     }
 
-    /// Whether connected workers hold every layer.
+    /// Whether every layer is on a connected worker or in the shared cache.
     fn held(&self, layers: &Layers) -> bool {
         let inner = self.lock();
-        layers.layers.iter().all(|l| !inner.state.holders(&l.diff_id, "").is_empty())
+        layers
+            .layers
+            .iter()
+            .all(|l| inner.tier.contains_key(&l.diff_id) || !inner.state.holders(&l.diff_id, "").is_empty())
     }
 
     /// `layers` where some connected worker holds every layer: itself, what replaced it, or

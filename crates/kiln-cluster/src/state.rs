@@ -350,6 +350,11 @@ impl ClusterState {
             .collect()
     }
 
+    /// The name of a worker holding a layer (the first by name), if any does.
+    pub fn holder_name(&self, diff_id: &Digest) -> Option<String> {
+        self.workers.values().filter(|e| e.layers.contains(diff_id)).map(|e| e.info.name.clone()).min()
+    }
+
     /// Jobs waiting for a worker.
     pub fn queued(&self) -> usize {
         self.queues.values().map(VecDeque::len).sum()

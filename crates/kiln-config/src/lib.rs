@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_model::{CacheDirection, CacheMode, CacheSpec};
 use kiln_types::Platform;
 use serde::Deserialize;
 
@@ -92,6 +93,20 @@ pub struct CoordinatorSection {
     /// Default: `60s`.
     #[serde(default = "default_upload_idle_timeout")]
     pub upload_idle_timeout: String,
+    /// The fleet's shared cache.
+    #[serde(default)]
+    pub cache: CoordinatorCacheSection,
+}
+
+/// `[coordinator.cache]`: the shared cache tier every build imports from and exports to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CoordinatorCacheSection {
+    /// A `--cache-to` spec (`type=s3,...`, `type=registry,...`, `type=local,dest=...`).
+    /// Default: none.
+    pub shared: Option<String>,
+    /// What each build exports to it: `min` or `max`. Default: `max`.
+    pub mode: Option<String>,
 }
 
 /// `[worker]`.
@@ -197,6 +212,8 @@ pub struct CoordinatorConfig {
     pub retry_budget: u32,
     /// Idle limit of a context upload.
     pub upload_idle_timeout: Duration,
+    /// The shared cache tier (with the mode builds export in).
+    pub shared_cache: Option<CacheSpec>,
 }
 
 /// The worker role, typed.
@@ -276,6 +293,21 @@ impl ConfigFile {
                 retry_budget: c.retry_budget,
                 upload_idle_timeout: parse_duration(&c.upload_idle_timeout)
                     .map_err(|e| unit("coordinator.upload-idle-timeout", e))?,
+                shared_cache: match &c.cache.shared {
+                    None => None,
+                    Some(text) => {
+                        let mut spec = CacheSpec::parse(text, CacheDirection::To)
+                            .map_err(|e| invalid("coordinator.cache.shared", e.reason))?;
+                        spec.mode = match c.cache.mode.as_deref() {
+                            None | Some("max") => CacheMode::Max,
+                            Some("min") => CacheMode::Min,
+                            Some(other) => {
+                                return Err(invalid("coordinator.cache.mode", format!("{other:?} is not min or max")));
+                            }
+                        };
+                        Some(spec)
+                    }
+                },
             }),
         };
         let worker = match &self.worker {

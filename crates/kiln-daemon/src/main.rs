@@ -333,7 +333,9 @@ async fn coordinator(args: &Args, root: &Path, config: CoordinatorConfig, lifecy
         name: "coordinator".into(),
         platforms: vec![],
     };
-    let engine = Arc::new(Engine::start_coordinator(engine_config, settings, Arc::new(agent::PeerFetcher))?);
+    let shared_cache = config.shared_cache.clone();
+    let engine =
+        Arc::new(Engine::start_coordinator(engine_config, settings, Arc::new(agent::PeerFetcher), shared_cache)?);
     let _pid = PidFile::write(root)?;
     let cluster = Arc::clone(engine.cluster().expect("a coordinator has a cluster"));
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));

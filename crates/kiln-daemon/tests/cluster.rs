@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 use kiln_cas::BlobStore;
 use kiln_kv::MemoryKv;
 use kiln_registry::{Descriptor, MediaTypes, OCI_MANIFEST, PlatformField, RegistryClient, RegistryOptions};
-use kiln_testkit::{TestRegistry, arm64_busybox_rootfs, busybox_rootfs, store_image, workspace_binary};
+use kiln_testkit::{TestRegistry, TestS3, arm64_busybox_rootfs, busybox_rootfs, store_image, workspace_binary};
 use serde_json::Value;
 
+#[path = "cluster/cache.rs"]
+mod cache;
 #[path = "cluster/hardening.rs"]
 mod hardening;
 
@@ -229,10 +231,12 @@ fn coordinator_kilnd(config: &Path, log: &Path) -> Child {
     kilnd_command(config, log).env("KILN_RUNNER", "/nonexistent/kiln-runner").spawn().unwrap()
 }
 
+/// A `kilnd` logging to `log`, with credentials for the tests' S3 servers.
 fn kilnd_command(config: &Path, log: &Path) -> Command {
     let log = std::fs::File::create(log).unwrap();
     let mut command = Command::new(workspace_binary("kilnd"));
     command.arg("--config").arg(config).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null());
+    command.envs(TestS3::ENV);
     command
 }
 

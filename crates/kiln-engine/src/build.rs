@@ -54,6 +54,13 @@ pub struct SpooledFile {
     pub path: PathBuf,
 }
 
+/// Each vertex's cache key and result as the solver made it, and (on a cluster) the build's
+/// results as layers, for the cache export.
+enum Solved {
+    Local(VertexOutputs<kiln_worker::Snapshot>),
+    Cluster(VertexOutputs<kiln_model::Layers>, Vec<Option<kiln_model::Layers>>),
+}
+
 /// A failed build: the message names the step, its Dockerfile line and output.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -88,10 +95,6 @@ impl Engine {
         spool: Option<&Path>,
         progress: mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<BuildSummary, BuildFailure> {
-        let has_caches = !request.cache_from.is_empty() || !request.cache_to.is_empty();
-        if has_caches && matches!(self.mode, Mode::Cluster { .. }) {
-            return Err(BuildFailure::early(BuildError::CacheOnCoordinator.to_string()));
-        }
         let context = self.context(&request).await.map_err(|e| BuildFailure::early(e.to_string()))?;
         let (plan, bases) = self.plan(&request, &context).await.map_err(|e| BuildFailure::early(e.to_string()))?;
         if let Mode::Local(_) = self.mode {
@@ -101,19 +104,20 @@ impl Engine {
 
         let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };
         let graph = plan.graph.clone();
+        let imports = self.import_caches(&request, &progress).await;
         let solved = async {
             Ok(match &self.mode {
                 Mode::Local(solver) => {
                     let inputs = BuildInputs {
                         contexts: HashMap::from([("context".to_string(), context)]),
                         secrets: request.secrets.clone(),
-                        cache: self.import_caches(&request, &progress).await,
+                        cache: imports.records(),
                     };
                     let (result, records, outputs) =
                         follow(solver.submit(graph, options, Arc::new(inputs)), &progress).await?;
                     let counts = outputs.iter().map(|(d, (_, s))| (*d, s.layers.len())).collect();
                     match result {
-                        Ok(results) => (results, counts, records, outputs),
+                        Ok(results) => (results, counts, records, Solved::Local(outputs)),
                         Err(message) => return Err(BuildFailure { message, records }),
                     }
                 }
@@ -124,7 +128,8 @@ impl Engine {
                         secrets: request.secrets.clone(),
                     };
                     let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let handle = solver.submit(graph, options, Arc::new(ClusterBuild { id, data }));
+                    let build = ClusterBuild { id, data, imports: imports.lookup() };
+                    let handle = solver.submit(graph, options, Arc::new(build));
                     let (result, records, outputs) = follow(handle, &progress).await?;
                     let counts: HashMap<Digest, usize> =
                         outputs.iter().map(|(d, (_, l))| (*d, l.layers.len())).collect();
@@ -135,7 +140,7 @@ impl Engine {
                     // The export runs here: bring the result layers from the workers holding them.
                     let step = self.step(&progress, "fetching result layers from workers");
                     let mut results = Vec::with_capacity(layers.len());
-                    for output in layers {
+                    for output in layers.clone() {
                         let Some(output) = output else {
                             results.push(None);
                             continue;
@@ -146,7 +151,7 @@ impl Engine {
                         }
                     }
                     step.done();
-                    (results, counts, records, HashMap::new())
+                    (results, counts, records, Solved::Cluster(outputs, layers))
                 }
             })
         }
@@ -164,7 +169,14 @@ impl Engine {
         let exported = async {
             let (image, files) =
                 self.export(&plan, &results, &vertex_layers, &bases, &request, spool, &progress).await?;
-            self.export_caches(&request, &plan, &records, &outputs, &results, &progress).await?;
+            match &outputs {
+                Solved::Local(outputs) => {
+                    self.export_caches(&request, &plan, &records, outputs, &results, &progress).await?;
+                }
+                Solved::Cluster(outputs, layers) => {
+                    self.export_caches(&request, &plan, &records, outputs, layers, &progress).await?;
+                }
+            }
             Ok::<_, BuildError>((image, files))
         };
         match exported.await {
@@ -175,7 +187,7 @@ impl Engine {
 
     /// Brings a result's layers here from the workers holding them (recomputing them first
     /// when they were lost with their worker; once more if a holder vanishes meanwhile).
-    async fn fetch_result(
+    pub(crate) async fn fetch_result(
         &self,
         cluster: &Arc<kiln_cluster::Cluster<ClusterData>>,
         fetcher: &dyn kiln_worker::BlobFetcher,
@@ -187,7 +199,8 @@ impl Engine {
             let recovered = Arc::clone(cluster).recover(output.clone(), logs.clone()).await;
             let layers = recovered?;
             let sources = layers.layers.iter().map(|l| (l.diff_id, cluster.holders(&l.diff_id))).collect();
-            match self.stores.ensure_layers(&layers.layers, &sources, fetcher).await {
+            let tier = layers.layers.iter().filter_map(|l| Some((l.diff_id, cluster.tier_blob(&l.diff_id)?))).collect();
+            match self.stores.ensure_layers(&layers.layers, &sources, &tier, fetcher).await {
                 Ok(snapshot) => return Ok(snapshot),
                 Err(_) if attempt < 2 => attempt += 1,
                 Err(error) => return Err(error.into()),

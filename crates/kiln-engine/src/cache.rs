@@ -1,43 +1,77 @@
-//! A build's remote caches: `--cache-from` read before the solve (the solver imports a
-//! vertex's result from them instead of executing it), `--cache-to` written after it.
+//! A build's remote caches: `--cache-from` (and a coordinator's shared tier) read before the
+//! solve, so the solver imports a vertex's result from them instead of executing it;
+//! `--cache-to` (and the shared tier) written after it.
+//!
+//! Standalone, an imported result is fetched and unpacked here. On a coordinator it stays
+//! where the cache holds it: the cluster records the cache's blob of each layer, and the
+//! worker whose step needs it fetches it from there.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 
-use kiln_cache::{CachedLayer, ExportRecord, Imports};
+use kiln_cache::{CacheStore, CachedLayer, ExportRecord, Imports};
+use kiln_cluster::{ImportFn, TierHit};
 use kiln_dockerfile::BuildPlan;
 use kiln_graph::Op;
-use kiln_layer::Compression;
-use kiln_model::{BuildEvent, BuildRequest, CacheCompression, CacheMode, CacheSpec, VertexRecord};
+use kiln_layer::{Compression, TarOptions};
+use kiln_model::{
+    BuildEvent, BuildRequest, CacheCompression, CacheMode, CacheSpec, LayerDesc, Layers, TierBlob, VertexRecord,
+};
 use kiln_registry::Descriptor;
 use kiln_types::Digest;
 use kiln_worker::Snapshot;
 use tokio::sync::mpsc;
 
-use crate::Engine;
 use crate::error::BuildError;
 use crate::export::tar_options;
+use crate::{Engine, Mode};
 
 /// Each finished vertex's cache key and result, by vertex digest.
 pub(crate) type VertexOutputs<O> = HashMap<Digest, (Digest, O)>;
 
+/// How records and workers name the coordinator's shared tier.
+const SHARED: &str = "shared";
+
+/// The caches a build imports, read.
+pub(crate) struct BuildImports {
+    imports: Arc<Imports>,
+    /// Each cache's spec by label, for workers to open it.
+    specs: HashMap<String, String>,
+}
+
 impl Engine {
-    /// Reads the caches the build imports. One that cannot be opened or read is a warning
-    /// naming it and why, and the build goes on without it.
+    /// The caches a build exports to: its `--cache-to` and the shared tier.
+    fn exports_of(&self, request: &BuildRequest) -> Vec<(CacheSpec, Option<&'static str>)> {
+        let shared = self.shared_cache.iter().map(|spec| (spec.clone(), Some(SHARED)));
+        request.cache_to.iter().map(|spec| (spec.clone(), None)).chain(shared).collect()
+    }
+
+    /// Reads the caches the build imports (the shared tier first). One that cannot be
+    /// opened or read is a warning naming it and why, and the build goes on without it.
     pub(crate) async fn import_caches(
         &self,
         request: &BuildRequest,
         progress: &mpsc::UnboundedSender<BuildEvent>,
-    ) -> Imports {
-        if request.cache_from.is_empty() {
-            return Imports::default();
+    ) -> BuildImports {
+        let shared = self.shared_cache.iter().map(|spec| (spec, Some(SHARED)));
+        let wanted: Vec<(&CacheSpec, Option<&str>)> =
+            shared.chain(request.cache_from.iter().map(|spec| (spec, None))).collect();
+        let mut specs = HashMap::new();
+        if wanted.is_empty() {
+            return BuildImports { imports: Arc::default(), specs };
         }
-        let names: Vec<String> = request.cache_from.iter().map(CacheSpec::source).collect();
+        let names: Vec<String> =
+            wanted.iter().map(|(spec, label)| label.map_or_else(|| spec.source(), String::from)).collect();
         let step = self.step(progress, &format!("importing cache manifests from {}", names.join(", ")));
         let mut stores = Vec::new();
         let mut warnings = Vec::new();
-        for spec in &request.cache_from {
-            match kiln_cache::open(spec, self.stores.registry()).await {
-                Ok(store) => stores.push(store),
+        for (spec, label) in wanted {
+            match kiln_cache::open(spec, label, self.stores.registry()).await {
+                Ok(store) => {
+                    specs.insert(store.label().to_string(), spec.to_string());
+                    stores.push(store);
+                }
                 Err(error) => warnings.push(format!("{error}; importing without it")),
             }
         }
@@ -46,23 +80,24 @@ impl Engine {
         for warning in warnings.into_iter().chain(more) {
             self.step(progress, &format!("WARNING: {warning}")).done();
         }
-        imports
+        BuildImports { imports: Arc::new(imports), specs }
     }
 
-    /// Writes the build's results to each `--cache-to`. A failed export fails the build
-    /// unless its spec says `ignore-error=true` (then it is a warning).
-    pub(crate) async fn export_caches(
+    /// Writes the build's results to each cache it exports to. A failed export fails the
+    /// build unless its spec says `ignore-error=true` (then it is a warning).
+    pub(crate) async fn export_caches<O: Exported>(
         &self,
         request: &BuildRequest,
         plan: &BuildPlan,
         records: &[VertexRecord],
-        outputs: &VertexOutputs<Snapshot>,
-        results: &[Option<Snapshot>],
+        outputs: &VertexOutputs<O>,
+        results: &[Option<O>],
         progress: &mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<(), BuildError> {
-        for spec in &request.cache_to {
-            let step = self.step(progress, &format!("exporting cache to {}", spec.source()));
-            match self.export_cache(spec, request, plan, records, outputs, results).await {
+        for (spec, label) in self.exports_of(request) {
+            let name = label.map_or_else(|| spec.source(), String::from);
+            let step = self.step(progress, &format!("exporting cache to {name}"));
+            match self.export_cache(&spec, label, request, plan, records, outputs, results).await {
                 Ok(()) => step.done(),
                 Err(error) if spec.ignore_error => {
                     step.done();
@@ -74,14 +109,16 @@ impl Engine {
         Ok(())
     }
 
-    async fn export_cache(
+    #[allow(clippy::too_many_arguments)]
+    async fn export_cache<O: Exported>(
         &self,
         spec: &CacheSpec,
+        label: Option<&str>,
         request: &BuildRequest,
         plan: &BuildPlan,
         records: &[VertexRecord],
-        outputs: &VertexOutputs<Snapshot>,
-        results: &[Option<Snapshot>],
+        outputs: &VertexOutputs<O>,
+        results: &[Option<O>],
     ) -> Result<(), BuildError> {
         let options = tar_options(request)?;
         let compression = match spec.compression {
@@ -90,37 +127,156 @@ impl Engine {
         };
         let sources: HashSet<Digest> =
             plan.graph.vertices.iter().filter(|v| matches!(v.op, Op::Source(_))).map(|v| v.digest).collect();
-        let finals: Vec<&Snapshot> = results.iter().flatten().collect();
+        let finals: Vec<Vec<String>> = results.iter().flatten().map(Exported::chain).collect();
+        let target = spec.to_string();
         let mut keys = HashSet::new();
         let mut exported = Vec::new();
         for record in records {
             // Sources are not cached remotely: a context is sent again and an image resolved.
-            let Some((key, snapshot)) = outputs.get(&record.digest) else { continue };
+            let Some((key, output)) = outputs.get(&record.digest) else { continue };
             if sources.contains(&record.digest) || !keys.insert(*key) {
                 continue;
             }
             // mode=min: the vertices whose results are layers of an exported result.
-            if spec.mode == CacheMode::Min && !finals.iter().any(|f| f.layers.starts_with(&snapshot.layers)) {
+            let chain = output.chain();
+            if spec.mode == CacheMode::Min && !finals.iter().any(|f| f.starts_with(&chain)) {
                 continue;
             }
-            let blobs = self.stores.export_layers(snapshot, compression, options).await?;
-            let layers = blobs
-                .into_iter()
-                .map(|blob| CachedLayer {
-                    blob: Descriptor {
-                        media_type: blob.compression.oci_media_type().into(),
-                        digest: blob.digest,
-                        size: blob.size,
-                        platform: None,
-                        annotations: Default::default(),
-                    },
-                    diff_id: blob.diff_id,
-                })
-                .collect();
+            let layers = output.cached_layers(self, &target, compression, options).await?;
             exported.push(ExportRecord { key: *key, platform: record.platform.clone().unwrap_or_default(), layers });
         }
-        let store = kiln_cache::open(spec, self.stores.registry()).await?;
-        kiln_cache::export(store.as_ref(), exported, self.stores.cas()).await?;
+        let store = kiln_cache::open(spec, label, self.stores.registry()).await?;
+        kiln_cache::export(store.as_ref(), exported.clone(), self.stores.cas()).await?;
+        // What the shared tier holds now can stand in for layers whose workers leave.
+        if let (Some(SHARED), Mode::Cluster { cluster, .. }) = (label, &self.mode) {
+            cluster.add_tier(exported.iter().flat_map(|r| &r.layers).map(|l| (l.diff_id, tier_blob(&target, l))));
+        }
         Ok(())
+    }
+}
+
+/// A result as an export sees it: its layer chain (to tell which results are layers of an
+/// exported one) and its layers as blobs the export can write.
+pub(crate) trait Exported: Sync {
+    /// The chain, bottom first, as comparable names.
+    fn chain(&self) -> Vec<String>;
+
+    /// Its layers as blobs in this engine's blob store, or already in `target` (a spec).
+    fn cached_layers(
+        &self,
+        engine: &Engine,
+        target: &str,
+        compression: Compression,
+        options: TarOptions,
+    ) -> impl Future<Output = Result<Vec<CachedLayer>, BuildError>> + Send;
+}
+
+/// A standalone result: layers of this engine's snapshot store.
+impl Exported for Snapshot {
+    fn chain(&self) -> Vec<String> {
+        self.layers.iter().map(ToString::to_string).collect()
+    }
+
+    async fn cached_layers(
+        &self,
+        engine: &Engine,
+        _target: &str,
+        compression: Compression,
+        options: TarOptions,
+    ) -> Result<Vec<CachedLayer>, BuildError> {
+        let blobs = engine.stores.export_layers(self, compression, options).await?;
+        Ok(blobs
+            .into_iter()
+            .map(|blob| CachedLayer {
+                blob: descriptor(blob.compression.oci_media_type(), blob.digest, blob.size),
+                diff_id: blob.diff_id,
+            })
+            .collect())
+    }
+}
+
+/// A cluster result: layers on workers or in the shared tier. Layers the target cache holds
+/// already are named as they are there; otherwise the result is brought here first.
+impl Exported for Layers {
+    fn chain(&self) -> Vec<String> {
+        self.layers.iter().map(|l| l.diff_id.to_string()).collect()
+    }
+
+    async fn cached_layers(
+        &self,
+        engine: &Engine,
+        target: &str,
+        compression: Compression,
+        options: TarOptions,
+    ) -> Result<Vec<CachedLayer>, BuildError> {
+        let Mode::Cluster { cluster, fetcher, .. } = &engine.mode else {
+            unreachable!("cluster results exist only on a coordinator")
+        };
+        let there: Option<Vec<CachedLayer>> = self
+            .layers
+            .iter()
+            .map(|l| {
+                let blob = cluster.tier_blob(&l.diff_id).filter(|b| b.cache == target)?;
+                Some(CachedLayer { blob: descriptor(&blob.media_type, blob.digest, blob.size), diff_id: l.diff_id })
+            })
+            .collect();
+        if let Some(there) = there {
+            return Ok(there);
+        }
+        let snapshot = engine.fetch_result(cluster, fetcher.as_ref(), self.clone()).await?;
+        snapshot.cached_layers(engine, target, compression, options).await
+    }
+}
+
+fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
+    Descriptor { media_type: media_type.into(), digest, size, platform: None, annotations: Default::default() }
+}
+
+fn tier_blob(cache: &str, layer: &CachedLayer) -> TierBlob {
+    TierBlob {
+        cache: cache.to_string(),
+        digest: layer.blob.digest,
+        size: layer.blob.size,
+        media_type: layer.blob.media_type.clone(),
+    }
+}
+
+impl BuildImports {
+    /// The solver's import lookup for a cluster build: a hit is used where its cache holds
+    /// it, once every blob is seen to be there (each checked once per build).
+    pub(crate) fn lookup(&self) -> Option<ImportFn> {
+        if self.imports.is_empty() {
+            return None;
+        }
+        let (imports, specs) = (Arc::clone(&self.imports), self.specs.clone());
+        let seen: Arc<Mutex<HashSet<Digest>>> = Arc::default();
+        Some(Arc::new(move |key: &Digest| {
+            let hit = imports.get(key)?.clone();
+            let spec = specs.get(hit.store.label())?.clone();
+            let seen = Arc::clone(&seen);
+            Some(Box::pin(async move {
+                let store: &dyn CacheStore = hit.store.as_ref();
+                for layer in &hit.layers {
+                    if seen.lock().unwrap_or_else(|p| p.into_inner()).contains(&layer.blob.digest) {
+                        continue;
+                    }
+                    if !store.has_blob(&layer.blob).await.map_err(|e| e.to_string())? {
+                        return Err(format!("cache {}: blob {} is gone", store.label(), layer.blob.digest));
+                    }
+                    seen.lock().unwrap_or_else(|p| p.into_inner()).insert(layer.blob.digest);
+                }
+                let layers = hit
+                    .layers
+                    .iter()
+                    .map(|l| (LayerDesc { diff_id: l.diff_id, size: l.blob.size }, tier_blob(&spec, l)))
+                    .collect();
+                Ok(TierHit { layers, source: store.label().to_string() })
+            }) as kiln_model::BoxFuture<_>)
+        }))
+    }
+
+    /// The imported records, for a standalone build's worker.
+    pub(crate) fn records(&self) -> Imports {
+        Imports::clone(&self.imports)
     }
 }

@@ -59,9 +59,6 @@ pub enum BuildError {
     /// A cache export failed (the message names the cache).
     #[error(transparent)]
     Cache(#[from] kiln_cache::CacheError),
-    /// Cache flags sent to a coordinator, which does not import or export caches yet.
-    #[error("--cache-from/--cache-to: a coordinator does not import or export caches yet (a standalone daemon does)")]
-    CacheOnCoordinator,
     /// A registry failed (resolving a base, pulling its blobs, pushing).
     #[error(transparent)]
     Registry(#[from] kiln_registry::RegistryError),

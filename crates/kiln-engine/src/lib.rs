@@ -48,6 +48,8 @@ pub struct Engine {
     name: String,
     platforms: Vec<kiln_types::Platform>,
     next_build: std::sync::atomic::AtomicU64,
+    /// A coordinator's shared cache tier: every build imports from it and exports to it.
+    shared_cache: Option<kiln_model::CacheSpec>,
 }
 
 enum Mode {
@@ -106,15 +108,25 @@ impl Engine {
             Some(Arc::clone(&kv)),
         )?;
         let platforms = if config.platforms.is_empty() { kiln_worker::runnable_platforms() } else { config.platforms };
-        Ok(Engine { stores, kv, mode: Mode::Local(solver), name: config.name, platforms, next_build: 1.into() })
+        Ok(Engine {
+            stores,
+            kv,
+            mode: Mode::Local(solver),
+            name: config.name,
+            platforms,
+            next_build: 1.into(),
+            shared_cache: None,
+        })
     }
 
     /// A coordinator: builds run on the cluster's workers, which connect to it; `fetcher`
-    /// brings result layers from them for export.
+    /// brings result layers from them for export. With a `shared_cache`, every build imports
+    /// from it and exports to it.
     pub fn start_coordinator(
         config: EngineConfig,
         settings: ClusterSettings,
         fetcher: Arc<dyn BlobFetcher>,
+        shared_cache: Option<kiln_model::CacheSpec>,
     ) -> Result<Engine, EngineError> {
         let root = config.worker.root.clone();
         let fail = |source: StartError| EngineError { root: root.clone(), source };
@@ -136,6 +148,7 @@ impl Engine {
             name: config.name,
             platforms: config.platforms,
             next_build: 1.into(),
+            shared_cache,
         })
     }
 

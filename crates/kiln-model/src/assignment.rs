@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use kiln_graph::Vertex;
 use kiln_types::Digest;
 
-use crate::{ContextManifest, JobId, Layers};
+use crate::{ContextManifest, JobId, Layers, TierBlob};
 
 /// A job as the worker receives it.
 #[derive(Debug)]
@@ -20,6 +20,9 @@ pub struct Assignment {
     pub inputs: Vec<Layers>,
     /// Peers holding each input layer.
     pub sources: HashMap<Digest, Vec<String>>,
+    /// The shared cache's blob of each input layer it holds (by diff id), fetched from there
+    /// when no peer serves the layer.
+    pub tier: HashMap<Digest, TierBlob>,
     /// Secrets (RUN steps only).
     pub secrets: HashMap<String, Vec<u8>>,
     /// Context manifests (context sources only).

@@ -94,9 +94,13 @@ pub trait Executor: Send + Sync + 'static {
 
     /// Whether a cached output can still be used as an input (a cluster's layers may have
     /// gone with their worker). A cache hit whose output is gone is executed again.
-    fn available(&self, output: &Self::Output) -> bool {
+    ///
+    /// The answer is where the output is used from, as records' `cache_source` says it
+    /// (`local` by default; a cluster names a worker or the shared tier), `None` when it is
+    /// gone.
+    fn available(&self, output: &Self::Output) -> Option<String> {
         let _ = output;
-        true
+        Some("local".into())
     }
 
     /// The result for cache key `key` from a cache the build imports, brought here so it can

@@ -30,4 +30,4 @@ pub use manifest::{ContextManifest, ManifestEntry, ManifestError, ManifestKind};
 pub use output::{OutputSpec, OutputSpecError};
 pub use record::{Status, UnknownStatus, VertexRecord};
 pub use request::BuildRequest;
-pub use worker::{JobId, LayerDesc, Layers, WorkerInfo, WorkerStatus};
+pub use worker::{JobId, LayerDesc, Layers, TierBlob, WorkerInfo, WorkerStatus};

@@ -24,7 +24,21 @@ pub struct Layers {
     pub layers: Vec<LayerDesc>,
 }
 
-/// What a worker tells about itself when it registers.
+/// A layer's blob in a shared cache: where a node fetches a layer that no live worker
+/// holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TierBlob {
+    /// The cache, as a `--cache-from` spec (`type=s3,...`, `type=registry,...`).
+    pub cache: String,
+    /// The blob's digest (of its compressed bytes).
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// Its media type (the compression).
+    pub media_type: String,
+}
+
+/// What the worker tells about itself when it registers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerInfo {
     /// Its unique name.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use kiln_model::{
     BuildEvent, BuildRequest, CacheDirection, CacheSpec, CacheSpecError, ContextManifest, Executed, Failed, LayerDesc,
     Layers, LogLine, LogStream, ManifestEntry, ManifestError, ManifestKind, OutputSpec, OutputSpecError, Status,
-    UnknownStatus, VertexRecord, WorkerInfo, WorkerStatus,
+    TierBlob, UnknownStatus, VertexRecord, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, DigestError, PlatformError};
 
@@ -180,6 +180,26 @@ pub fn event_from_proto(event: Event) -> Result<BuildEvent, WireError> {
             image: nonempty(result.image_digest).map(|d| parse_digest(&d, "image")).transpose()?,
             records: records_from_proto(result.records)?,
         },
+    })
+}
+
+/// A shared-cache blob as sent.
+pub fn tier_blob_to_proto(blob: &TierBlob) -> v1::TierBlob {
+    v1::TierBlob {
+        cache: blob.cache.clone(),
+        digest: blob.digest.to_string(),
+        size: blob.size,
+        media_type: blob.media_type.clone(),
+    }
+}
+
+/// A shared-cache blob as received.
+pub fn tier_blob_from_proto(blob: v1::TierBlob) -> Result<TierBlob, WireError> {
+    Ok(TierBlob {
+        digest: parse_digest(&blob.digest, "shared cache blob")?,
+        cache: blob.cache,
+        size: blob.size,
+        media_type: blob.media_type,
     })
 }
 

@@ -343,6 +343,19 @@ impl RegistryClient {
         .await
     }
 
+    /// Whether the image's repository has the blob.
+    pub async fn blob_exists(&self, image: &ImageReference, digest: &Digest) -> Result<bool, RegistryError> {
+        let name = image.to_string();
+        let action = format!("checking blob {digest} of");
+        let client = self.client_for(image).await;
+        let oci = to_oci(image);
+        let digest = digest.to_string();
+        self.retry(&action, image, || async {
+            client.blob_exists(&oci, &digest).await.map_err(|e| oci_error(&action, &name, &e))
+        })
+        .await
+    }
+
     /// Pushes a blob of the blob store to the image's repository unless it is there already;
     /// returns whether it was sent.
     pub async fn push_blob(

@@ -218,8 +218,8 @@ impl<E: Executor> Driver<E> {
                 }
             }
             Effect::CheckCached { build, index, key, output } => {
-                let available = self.executor.available(&output);
-                return self.state.apply(Command::CacheChecked { build, index, key, available, at: now_ms() });
+                let source = self.executor.available(&output);
+                return self.state.apply(Command::CacheChecked { build, index, key, source, at: now_ms() });
             }
             Effect::Abort { key } => {
                 if let Some(task) = self.running.remove(&key) {

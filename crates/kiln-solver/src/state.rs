@@ -72,8 +72,8 @@ pub enum Command<O> {
         index: usize,
         /// The cache key.
         key: Digest,
-        /// Whether the output can still be used.
-        available: bool,
+        /// Where the output can still be used from (`None`: it is gone).
+        source: Option<String>,
         /// The time.
         at: u64,
     },
@@ -251,8 +251,8 @@ impl<O: Clone> SolverState<O> {
             Command::Started { key, worker, at } => self.started(key, worker, at, &mut effects),
             Command::Finished { key, result, at } => self.finished(key, result, at, &mut effects),
             Command::Cancel { build } => self.fail_build(build, "the build was cancelled".into(), &mut effects),
-            Command::CacheChecked { build, index, key, available, at } => {
-                self.cache_checked(build, index, key, available, at, &mut effects);
+            Command::CacheChecked { build, index, key, source, at } => {
+                self.cache_checked(build, index, key, source, at, &mut effects);
             }
             Command::Restore { key, output } => {
                 self.cache.insert(key, output);
@@ -351,7 +351,7 @@ impl<O: Clone> SolverState<O> {
         id: BuildId,
         index: usize,
         key: Digest,
-        available: bool,
+        source: Option<String>,
         at: u64,
         effects: &mut Vec<Effect<O>>,
     ) {
@@ -359,10 +359,10 @@ impl<O: Clone> SolverState<O> {
         if !matches!(build.states.get(index), Some(VertexState::Waiting)) {
             return;
         }
-        match self.cache.get(&key).cloned().filter(|_| available) {
+        match self.cache.get(&key).cloned().filter(|_| source.is_some()) {
             Some(output) => {
                 build.records[index].started = Some(at);
-                build.records[index].cache_source = Some("local".into());
+                build.records[index].cache_source = source;
                 self.complete(id, index, output, key, Status::Cached, at, effects);
             }
             None => {

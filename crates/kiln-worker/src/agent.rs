@@ -220,7 +220,7 @@ async fn execute<L: SessionLink>(
     let mut inputs = Vec::with_capacity(assignment.inputs.len());
     for layers in &assignment.inputs {
         // The control plane recomputes an input that vanished with its worker, then retries.
-        let chain = worker.ensure_layers(&layers.layers, &assignment.sources, fetcher).await;
+        let chain = worker.ensure_layers(&layers.layers, &assignment.sources, &assignment.tier, fetcher).await;
         inputs.push(chain.map_err(|e| match e {
             // Gone with its worker, or no peer could send it: the coordinator makes it again.
             StoreError::Unavailable(_) | StoreError::Fetch { .. } => Failed::lost_input(e.to_string()),

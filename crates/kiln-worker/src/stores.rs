@@ -72,6 +72,8 @@ pub struct Stores {
     pub(crate) registry: RegistryClient,
     /// Layers being fetched from peers, so concurrent jobs fetch each once.
     pub(crate) fetching: std::sync::Mutex<HashMap<kiln_types::Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// Shared caches opened to fetch layers, by spec.
+    pub(crate) tiers: tokio::sync::Mutex<HashMap<String, Arc<dyn kiln_cache::CacheStore>>>,
 }
 
 impl Stores {
@@ -87,6 +89,7 @@ impl Stores {
             snapshots: Arc::new(snapshots),
             registry,
             fetching: std::sync::Mutex::default(),
+            tiers: tokio::sync::Mutex::default(),
         })
     }
 

@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kiln_cache::CacheHit;
+use kiln_cache::{CacheHit, CacheStore, CachedLayer};
 use kiln_cas::BlobStore;
 use kiln_layer::{Compression, LayerBlob, LayerId, TarOptions};
-use kiln_model::{BoxFuture, LayerDesc};
+use kiln_model::{BoxFuture, CacheDirection, CacheSpec, LayerDesc, TierBlob};
+use kiln_registry::Descriptor;
 use kiln_types::Digest;
 
 use crate::source::compression_of;
@@ -42,18 +43,27 @@ impl Stores {
     }
 
     /// The local chain for `layers`, fetching the ones this worker lacks from the peers in
-    /// `sources` (concurrent requests for one layer fetch it once).
+    /// `sources`, or from the shared cache's blob in `tier` when no peer serves it
+    /// (concurrent requests for one layer fetch it once).
     pub async fn ensure_layers(
         &self,
         layers: &[LayerDesc],
         sources: &HashMap<Digest, Vec<String>>,
+        tier: &HashMap<Digest, TierBlob>,
         fetcher: &dyn BlobFetcher,
     ) -> Result<Snapshot, StoreError> {
         let mut chain = Vec::with_capacity(layers.len());
         for layer in layers {
-            chain.push(
-                self.ensure_layer(layer, sources.get(&layer.diff_id).cloned().unwrap_or_default(), fetcher).await?,
-            );
+            let peers = sources.get(&layer.diff_id).cloned().unwrap_or_default();
+            let id = match (self.ensure_layer(layer, peers, fetcher).await, tier.get(&layer.diff_id)) {
+                (Ok(id), _) => id,
+                // No peer has it any more: the shared cache does.
+                (Err(StoreError::Unavailable(_) | StoreError::Fetch { .. }), Some(blob)) => {
+                    self.ensure_from_tier(layer.diff_id, blob).await?
+                }
+                (Err(error), _) => return Err(error),
+            };
+            chain.push(id);
         }
         Ok(Snapshot { layers: chain })
     }
@@ -77,6 +87,38 @@ impl Stores {
             })
         };
         self.ensure_layer_from(diff_id, diff_id, None, fetch).await
+    }
+
+    /// A layer from a shared cache's blob (the cache opened once per node).
+    async fn ensure_from_tier(&self, diff_id: Digest, blob: &TierBlob) -> Result<LayerId, StoreError> {
+        let failed = |reason: String| StoreError::Fetch { what: "layer", digest: diff_id, reason };
+        let store = self.tier_store(&blob.cache).await.map_err(failed)?;
+        let layer = CachedLayer {
+            blob: Descriptor {
+                media_type: blob.media_type.clone(),
+                digest: blob.digest,
+                size: blob.size,
+                platform: None,
+                annotations: Default::default(),
+            },
+            diff_id,
+        };
+        self.ensure_cached_layer(&layer, store.as_ref()).await
+    }
+
+    /// The cache a spec names, opened once.
+    async fn tier_store(&self, spec: &str) -> Result<Arc<dyn CacheStore>, String> {
+        let mut stores = self.tiers.lock().await;
+        if let Some(store) = stores.get(spec) {
+            return Ok(Arc::clone(store));
+        }
+        // An export spec (a directory as dest=) names the same cache.
+        let parsed = CacheSpec::parse(spec, CacheDirection::From)
+            .or_else(|_| CacheSpec::parse(spec, CacheDirection::To))
+            .map_err(|e| e.to_string())?;
+        let store = kiln_cache::open(&parsed, Some("shared"), &self.registry).await.map_err(|e| e.to_string())?;
+        stores.insert(spec.to_string(), Arc::clone(&store));
+        Ok(store)
     }
 
     /// The layer with `diff_id`, unpacked from the blob `blob` (fetched by `fetch` when the
@@ -128,22 +170,28 @@ impl Stores {
     pub async fn import_cached(&self, hit: &CacheHit) -> Result<Snapshot, StoreError> {
         let mut chain = Vec::with_capacity(hit.layers.len());
         for layer in &hit.layers {
-            let origin = compression_of(&layer.blob.media_type).map(|compression| LayerBlob {
-                digest: layer.blob.digest,
-                diff_id: layer.diff_id,
-                size: layer.blob.size,
-                compression,
-            });
-            let fetch = async {
-                hit.store.fetch_blob(&layer.blob, &self.cas).await.map_err(|e| StoreError::Fetch {
-                    what: "layer",
-                    digest: layer.diff_id,
-                    reason: e.to_string(),
-                })
-            };
-            chain.push(self.ensure_layer_from(layer.diff_id, layer.blob.digest, origin, fetch).await?);
+            chain.push(self.ensure_cached_layer(layer, hit.store.as_ref()).await?);
         }
         Ok(Snapshot { layers: chain })
+    }
+
+    /// One layer of a cache: fetched (verified) unless a layer with its diff id is here,
+    /// unpacked, and keeping the blob it came as for image exports.
+    async fn ensure_cached_layer(&self, layer: &CachedLayer, store: &dyn CacheStore) -> Result<LayerId, StoreError> {
+        let origin = compression_of(&layer.blob.media_type).map(|compression| LayerBlob {
+            digest: layer.blob.digest,
+            diff_id: layer.diff_id,
+            size: layer.blob.size,
+            compression,
+        });
+        let fetch = async {
+            store.fetch_blob(&layer.blob, &self.cas).await.map_err(|e| StoreError::Fetch {
+                what: "layer",
+                digest: layer.diff_id,
+                reason: e.to_string(),
+            })
+        };
+        self.ensure_layer_from(layer.diff_id, layer.blob.digest, origin, fetch).await
     }
 
     /// Fetches the blobs among `digests` that the store lacks from `address`.

@@ -181,6 +181,7 @@ fn assignment(job: JobId, vertex: Vertex) -> Assignment {
         vertex,
         inputs: Vec::new(),
         sources: HashMap::new(),
+        tier: HashMap::new(),
         secrets: HashMap::new(),
         contexts: HashMap::new(),
         context_address: String::new(),

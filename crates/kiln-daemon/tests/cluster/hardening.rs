@@ -126,10 +126,6 @@ fn malformed_and_stalled_requests_get_clear_ends() {
     let metadata = cluster.build(&context, &[]);
     assert_eq!(metadata["status"], "succeeded", "{metadata:#}");
 
-    // Cache flags a coordinator does not serve yet are refused in words, not ignored.
-    let out = cluster.run(&["build", context.to_str().unwrap(), "--cache-to", "type=local,dest=/tmp/never"]);
-    let stderr = text(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("a coordinator does not import or export caches"), "{stderr}");
     assert!(cluster.coordinator_alive(), "{}", cluster.logs());
 }
 

@@ -87,8 +87,14 @@ fn drive_with(
                     next.extend(state.apply(Command::Finished { key: *key, result, at: 2 }));
                 }
                 Effect::CheckCached { build, index, key, output } => {
-                    let (build, index, key, available) = (*build, *index, *key, available(output));
-                    next.extend(state.apply(Command::CacheChecked { build, index, key, available, at: 2 }));
+                    let source = available(output).then(|| "local".to_string());
+                    next.extend(state.apply(Command::CacheChecked {
+                        build: *build,
+                        index: *index,
+                        key: *key,
+                        source,
+                        at: 2,
+                    }));
                 }
                 _ => {}
             }

@@ -1,0 +1,68 @@
+//! The fleet's shared cache tier (`[coordinator.cache] shared`, a real S3 server): results
+//! outlive the workers that built them and the coordinator's memory of them.
+
+use std::time::{Duration, Instant};
+
+use kiln_testkit::TestS3;
+
+use super::{Cluster, record};
+
+#[test]
+fn results_whose_workers_are_gone_come_from_the_shared_tier_not_recomputed() {
+    let s3 = TestS3::start("kiln-fleet");
+    let shared = format!("[coordinator.cache]\nshared = \"{}\"\n", s3.cache_spec("fleet"));
+    let mut cluster = Cluster::start(20, &["linux/amd64"], 2, &shared);
+    let first = cluster.context("first", "FROM BASE\nRUN echo one > /one\n");
+    let metadata = cluster.build(&first, &[]);
+    assert_eq!(record(&metadata, "echo one")["status"], "executed", "{metadata:#}");
+    assert!(s3.keys().iter().any(|k| k == "manifests/fleet"), "{:?}", s3.keys());
+
+    // The only worker holding the result dies; a new, empty one takes its place.
+    let (_, mut killed) = cluster.workers.remove(0);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    cluster.start_worker("w2", 3, "linux/amd64", 2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.workers_json().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect::<Vec<_>>() != ["w2"] {
+        assert!(Instant::now() < deadline, "w2 did not replace the killed worker: {}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = cluster.context("second", "FROM BASE\nRUN echo one > /one\nRUN cat /one > /two\n");
+    let out = cluster.dir.path().join("second-out");
+    let local = format!("type=local,dest={}", out.display());
+    let metadata = cluster.build(&second, &["-o", &local]);
+    let one = record(&metadata, "echo one");
+    assert_eq!(
+        (one["status"].as_str(), one["cache_source"].as_str()),
+        (Some("cached"), Some("shared")),
+        "{metadata:#}"
+    );
+    let two = record(&metadata, "cat /one");
+    assert_eq!((two["status"].as_str(), two["worker"].as_str()), (Some("executed"), Some("w2")), "{metadata:#}");
+    assert_eq!(std::fs::read_to_string(out.join("two")).unwrap(), "one\n");
+
+    // A restarted coordinator with a fresh worker knows nothing where the layers are: the
+    // shared tier's manifest says, and nothing runs again.
+    cluster.restart_coordinator();
+    cluster.wait_for_workers(1);
+    cluster.replace_worker(0, "w3", 4);
+    let out = cluster.dir.path().join("third-out");
+    let local = format!("type=local,dest={}", out.display());
+    let metadata = cluster.build(&second, &["-o", &local]);
+    for step in ["echo one", "cat /one"] {
+        let run = record(&metadata, step);
+        assert_eq!(
+            (run["status"].as_str(), run["cache_source"].as_str()),
+            (Some("cached"), Some("shared")),
+            "{metadata:#}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(out.join("two")).unwrap(), "one\n");
+
+    // A cache flag on a coordinator: the client's own cache, beside the shared one.
+    let own = cluster.dir.path().join("own-cache");
+    let to = format!("type=local,dest={}", own.display());
+    let metadata = cluster.build(&second, &["--cache-to", &to]);
+    assert_eq!(metadata["status"], "succeeded", "{metadata:#}");
+    assert!(own.join("manifests/kiln").is_file(), "{}", cluster.logs());
+}
