@@ -44,6 +44,11 @@ fn defaults_fill_what_is_left_out() {
     let coordinator = config.coordinator.unwrap();
     assert_eq!((coordinator.lease_timeout, coordinator.retry_budget), (Duration::from_secs(10), 3));
     assert_eq!(coordinator.upload_idle_timeout, Duration::from_secs(60));
+    assert_eq!(coordinator.shared_cache, None);
+    let shared =
+        "[coordinator]\nlisten = \"127.0.0.1:7070\"\n[coordinator.cache]\nshared = \"type=registry,ref=r/c\"\n";
+    let spec = validate(shared).unwrap().coordinator.unwrap().shared_cache.unwrap();
+    assert_eq!((spec.source(), spec.mode), ("registry:r/c".to_string(), kiln_model::CacheMode::Max));
 }
 
 #[test]
@@ -51,6 +56,14 @@ fn mistakes_are_errors_that_name_the_key() {
     let cases = [
         ("[worker]\ncoordinator = \"http://c:1\"\nmax-paralelism = 4\n", "unknown field `max-paralelism`"),
         ("[coordinator]\nlisten = \"nowhere\"\n", "coordinator.listen"),
+        (
+            "[coordinator]\nlisten = \"127.0.0.1:1\"\n[coordinator.cache]\nshared = \"type=s3\"\n",
+            "coordinator.cache.shared",
+        ),
+        (
+            "[coordinator]\nlisten = \"127.0.0.1:1\"\n[coordinator.cache]\nshared = \"r/c\"\nmode = \"all\"\n",
+            "coordinator.cache.mode",
+        ),
         ("[worker]\ncoordinator = \"ftp://c:1\"\n", "worker.coordinator"),
         ("[worker]\nroot = \"/w\"\n", "worker.coordinator: required"),
         ("[worker]\ncoordinator = \"http://c:1\"\nplatforms = [\"linux/amd64\", \"\"]\n", "worker.platforms[1]"),
