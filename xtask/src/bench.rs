@@ -33,6 +33,12 @@ enum Mode {
     /// A build `FROM` the scenario's image on a daemon with an empty store (pull, unpack and
     /// one trivial step), against `skopeo copy` of the image into an empty OCI layout.
     Pull,
+    /// A cached build exporting its cache (mode=max) to a new registry ref, against BuildKit
+    /// building with the inline cache and pushing the image to a new repository.
+    CacheExport,
+    /// A daemon with an empty store building with `--cache-from` until every step is cached,
+    /// against BuildKit with an empty build cache and `--cache-from` the inline-cache image.
+    CacheImport,
 }
 
 impl Mode {
@@ -45,7 +51,11 @@ impl Mode {
             "reupload" => Mode::Reupload,
             "push" => Mode::Push,
             "pull" => Mode::Pull,
-            other => bail!("unknown mode {other:?} (cold, cached, edit, upload, reupload, push, pull)"),
+            "cache-export" => Mode::CacheExport,
+            "cache-import" => Mode::CacheImport,
+            other => bail!(
+                "unknown mode {other:?} (cold, cached, edit, upload, reupload, push, pull, cache-export, cache-import)"
+            ),
         })
     }
 }
@@ -305,6 +315,8 @@ impl Bench {
         let Measured { kiln, reference, tool, last } = match scenario.mode {
             Mode::Push => self.push(scenario, &dir, kilnd, runs)?,
             Mode::Pull => self.pull(scenario, &dir, kilnd, runs)?,
+            Mode::CacheExport => self.cache_export(scenario, &dir, kilnd, runs)?,
+            Mode::CacheImport => self.cache_import(scenario, &dir, kilnd, runs)?,
             Mode::Upload | Mode::Reupload => {
                 // Their own daemon, so hundreds of megabytes do not stay in the shared store.
                 let root = self.bench_dir.join(format!("kiln-{}-{}", scenario.name, self.nonce));
@@ -519,6 +531,124 @@ impl Bench {
         Ok(started.elapsed().as_secs_f64())
     }
 
+    /// One `kiln build` of `dir` with `args` on `kilnd`; its wall time and executed RUN steps.
+    fn kiln_timed(&self, kilnd: &Kilnd, dir: &Path, args: &[&str]) -> anyhow::Result<(f64, u64)> {
+        let metadata = self.work.join(format!("timed-{}.json", self.nonce));
+        let started = Instant::now();
+        let output =
+            self.kiln_command(kilnd, false).args(args).arg("--metadata-file").arg(&metadata).arg(dir).output()?;
+        let seconds = started.elapsed().as_secs_f64();
+        if !output.status.success() {
+            bail!("kiln build {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let metadata: Value = serde_json::from_slice(&std::fs::read(&metadata)?)?;
+        let executed = metadata["vertices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["kind"] == "exec" && v["status"] == "executed")
+            .count() as u64;
+        Ok((seconds, executed))
+    }
+
+    /// One docker command that must succeed; its wall time.
+    fn docker_timed(&self, args: &[&str]) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let output = self.docker_command(args).output()?;
+        if !output.status.success() {
+            bail!("docker {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// BuildKit building `dir` with the inline cache into `tag`, then pushing it.
+    fn docker_export(&self, dir: &Path, tag: &str) -> anyhow::Result<f64> {
+        let dir = dir.to_string_lossy();
+        let build = self.docker_timed(&[
+            "build",
+            "--network=none",
+            "--build-arg",
+            "BASE=kiln/busybox:latest",
+            "--build-arg",
+            "BUILDKIT_INLINE_CACHE=1",
+            "-t",
+            tag,
+            &dir,
+        ])?;
+        Ok(build + self.docker_timed(&["push", "--quiet", tag])?)
+    }
+
+    /// Kiln exporting the (cached) scenario's cache with mode=max to a new ref per run,
+    /// against BuildKit's inline cache export (build and push) to a new repository per run.
+    /// The re-export of an unchanged cache to the same ref is reported apart.
+    fn cache_export(&self, scenario: &Scenario, dir: &Path, kilnd: &Kilnd, runs: usize) -> anyhow::Result<Measured> {
+        let (mut kiln_times, mut docker_times, mut again) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..=runs {
+            let reference = format!("{}/bench/{}-kiln-{}-{round}:cache", self.registry, scenario.name, self.nonce);
+            let to = format!("type=registry,ref={reference},mode=max");
+            let (seconds, _) = self.kiln_timed(kilnd, dir, &["--cache-to", &to])?;
+            let (unchanged, _) = self.kiln_timed(kilnd, dir, &["--cache-to", &to])?;
+            if self.docker.is_some() {
+                let tag = format!("{}/bench/{}-docker-{}-{round}:latest", self.registry, scenario.name, self.nonce);
+                let seconds = self.docker_export(dir, &tag)?;
+                if round > 0 {
+                    docker_times.push(seconds);
+                }
+            }
+            if round > 0 {
+                kiln_times.push(seconds);
+                again.push(unchanged);
+            }
+        }
+        eprintln!("{}: unchanged re-export, median {:.2} s", scenario.name, median(&again));
+        Ok(Measured { kiln: kiln_times, reference: docker_times, tool: "BuildKit inline cache", last: None })
+    }
+
+    /// An empty Kiln daemon importing the scenario's cache (exported once, mode=max) until
+    /// every step is cached, against BuildKit with its build cache pruned building with
+    /// `--cache-from` an image pushed with the inline cache.
+    fn cache_import(&self, scenario: &Scenario, dir: &Path, kilnd: &Kilnd, runs: usize) -> anyhow::Result<Measured> {
+        let reference = format!("{}/bench/{}-kiln-{}:cache", self.registry, scenario.name, self.nonce);
+        self.kiln_timed(kilnd, dir, &["--cache-to", &format!("type=registry,ref={reference},mode=max")])?;
+        let tag = format!("{}/bench/{}-docker-{}:latest", self.registry, scenario.name, self.nonce);
+        if self.docker.is_some() {
+            self.docker_export(dir, &tag)?;
+        }
+        let root = self.bench_dir.join(format!("kiln-{}-{}", scenario.name, self.nonce));
+        let from = format!("type=registry,ref={reference}");
+        let (mut kiln_times, mut docker_times) = (Vec::new(), Vec::new());
+        for round in 0..=runs {
+            let empty = Kilnd::start(&root, true, OWN_PORT)?;
+            let (seconds, executed) = self.kiln_timed(&empty, dir, &["--cache-from", &from])?;
+            drop(empty);
+            if executed > 0 {
+                bail!("{executed} steps executed on import; every one should be cached");
+            }
+            if self.docker.is_some() {
+                self.docker_prune();
+                let _ = self.docker_command(&["rmi", "-f", &tag]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+                let dir = dir.to_string_lossy();
+                let seconds = self.docker_timed(&[
+                    "build",
+                    "--network=none",
+                    "--build-arg",
+                    "BASE=kiln/busybox:latest",
+                    "--cache-from",
+                    &tag,
+                    &dir,
+                ])?;
+                if round > 0 {
+                    docker_times.push(seconds);
+                }
+            }
+            if round > 0 {
+                kiln_times.push(seconds);
+            }
+        }
+        remove_tree(&root)?;
+        Ok(Measured { kiln: kiln_times, reference: docker_times, tool: "BuildKit inline cache", last: None })
+    }
+
     /// A daemon with an empty store building `FROM` the scenario's image (pushed once by the
     /// shared daemon), against `skopeo copy` of the image into an empty OCI layout.
     fn pull(&self, scenario: &Scenario, dir: &Path, kilnd: &Kilnd, runs: usize) -> anyhow::Result<Measured> {
@@ -610,6 +740,10 @@ fn stats(samples: &[f64]) -> Value {
     let mut sorted = samples.to_vec();
     sorted.sort_by(f64::total_cmp);
     json!({"median": sorted[sorted.len() / 2], "min": sorted[0], "max": sorted[sorted.len() - 1], "samples": samples})
+}
+
+fn median(samples: &[f64]) -> f64 {
+    stats(samples)["median"].as_f64().unwrap_or(0.0)
 }
 
 fn markdown(report: &Value) -> String {
