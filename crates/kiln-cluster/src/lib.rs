@@ -304,6 +304,17 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         self.lock().tier.extend(layers);
     }
 
+    /// Forgets the shared cache's blobs of the layers among `inputs` that no worker holds
+    /// (after a worker could not fetch one of them).
+    fn forget_unheld_tier(&self, inputs: &[Layers]) {
+        let mut inner = self.lock();
+        for layer in inputs.iter().flat_map(|l| &l.layers) {
+            if inner.state.holder_name(&layer.diff_id).is_none() {
+                inner.tier.remove(&layer.diff_id);
+            }
+        }
+    }
+
     /// The shared cache's blob of a layer, if one holds it.
     pub fn tier_blob(&self, diff_id: &Digest) -> Option<TierBlob> {
         self.lock().tier.get(diff_id).cloned()
@@ -494,7 +505,12 @@ fn run<B: Send + Sync + 'static>(
             }
             let result = cluster.place(vertex.clone(), ready.clone(), Arc::clone(&build), logs.clone()).await;
             match result {
-                Err(error) if error.lost_input && attempt < LOST_INPUT_RETRIES => attempt += 1,
+                Err(error) if error.lost_input && attempt < LOST_INPUT_RETRIES => {
+                    // A layer the shared cache was to serve may be gone from it: recompute it
+                    // rather than send the next worker there again.
+                    cluster.forget_unheld_tier(&ready);
+                    attempt += 1;
+                }
                 Ok(executed) => {
                     cluster.remember(&executed.output, Recipe { vertex, inputs: ready, build });
                     return Ok(executed);

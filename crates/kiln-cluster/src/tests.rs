@@ -223,3 +223,46 @@ async fn an_output_is_unavailable_when_its_recipes_lead_to_lost_layers() {
     assert!(executor.available(&restored).is_none());
     assert!(executor.available(&made.output).is_none(), "a recipe over lost inputs is no way back");
 }
+
+#[tokio::test]
+async fn a_shared_layer_a_worker_cannot_fetch_is_recomputed_not_trusted_again() {
+    let cluster = Cluster::<()>::new(ClusterSettings::default());
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let executor = ClusterExecutor(Arc::clone(&cluster));
+    let a = fake(&cluster, "a", Arc::clone(&ran));
+    let base = exec("base", vec![]);
+    let first = executor.execute(base.clone(), vec![], build(), LogSink::new(|_| true)).await.unwrap();
+    let layer = first.output.layers[0].diff_id;
+    let blob = TierBlob {
+        cache: "type=local,src=/gone".into(),
+        digest: Digest::of(b"blob"),
+        size: 1,
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+    };
+    cluster.add_tier([(layer, blob)]);
+    cluster.disconnect("a", a);
+
+    // Worker b finds the shared blob gone on its first job, then works.
+    let (_, mut assignments) = cluster.register(info("b"), vec![]).unwrap();
+    let (worker, log) = (Arc::clone(&cluster), Arc::clone(&ran));
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Some(ToWorker::Assign(job)) = assignments.recv().await {
+            if std::mem::take(&mut first) {
+                let failed = Failed::lost_input("cache local:/gone: no such object");
+                worker.report("b", job.id, job.epoch, Err(failed));
+                continue;
+            }
+            log.lock().unwrap().push((job.vertex.meta.name.clone(), "b".to_string()));
+            let new = LayerDesc { diff_id: Digest::of(format!("{}@b", job.vertex.meta.name).as_bytes()), size: 10 };
+            let layers = job.inputs.iter().flat_map(|l| l.layers.clone()).chain(Some(new)).collect();
+            worker.report("b", job.id, job.epoch, Ok(Executed::new(Layers { layers })));
+        }
+    });
+    let user = exec("user", vec![base.digest]);
+    let done = executor.execute(user, vec![first.output], build(), LogSink::new(|_| true)).await.unwrap();
+    assert_eq!(done.worker.as_deref(), Some("b"));
+    assert_eq!(cluster.tier_blob(&layer), None, "the stale tier entry is forgotten");
+    let ran = ran.lock().unwrap().clone();
+    assert!(ran.contains(&("base".to_string(), "b".to_string())), "base recomputed on b: {ran:?}");
+}
