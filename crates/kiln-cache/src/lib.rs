@@ -26,7 +26,10 @@ use kiln_types::Digest;
 
 pub use format::{CacheConfig, CacheLayer, CacheRecord, FormatError};
 pub use s3::S3Objects;
-pub use store::{CacheStore, DirObjects, Fut, MemoryObjects, ObjectCache, ObjectStore, RegistryStore};
+pub use store::{CacheStore, DirObjects, Fut, MAX_MANIFEST, MemoryObjects, ObjectCache, ObjectStore, RegistryStore};
+
+/// The largest cache config read (a few hundred bytes per record).
+const MAX_CONFIG: u64 = 256 << 20;
 
 /// Blobs moved at once by one export.
 const PARALLEL_UPLOADS: usize = 4;
@@ -168,6 +171,10 @@ async fn read_config(store: &dyn CacheStore, cas: &Arc<BlobStore>) -> Result<Pre
     let config = async {
         let invalid = |e: FormatError| CacheError::new(store.label(), "reading the manifest", e);
         let config = format::config_of(&manifest).map_err(invalid)?;
+        if config.size > MAX_CONFIG {
+            let reason = format!("its config is {} bytes, more than the {MAX_CONFIG} read", config.size);
+            return Err(CacheError::new(store.label(), "reading the manifest", reason));
+        }
         store.fetch_blob(&config, cas).await?;
         let bytes = blocking(store, "reading the config", {
             let cas = Arc::clone(cas);

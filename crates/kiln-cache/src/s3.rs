@@ -40,9 +40,12 @@ fn reason(error: impl std::error::Error) -> String {
 }
 
 impl ObjectStore for S3Objects {
-    fn get(&self, key: String) -> Fut<'_, Result<Option<Vec<u8>>, String>> {
+    fn get(&self, key: String, max: u64) -> Fut<'_, Result<Option<Vec<u8>>, String>> {
         Box::pin(async move {
             match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
+                Ok(object) if object.content_length().is_none_or(|n| n < 0 || n as u64 > max) => {
+                    Err(format!("{key}: {:?} bytes, more than the {max} read", object.content_length()))
+                }
                 Ok(object) => {
                     let bytes = object.body.collect().await.map_err(reason)?;
                     Ok(Some(bytes.into_bytes().to_vec()))

@@ -14,6 +14,10 @@ use kiln_types::{Digest, ImageReference};
 
 use crate::CacheError;
 
+/// The largest cache manifest read (one names every layer blob of the cache: a million of
+/// them fit).
+pub const MAX_MANIFEST: u64 = 256 << 20;
+
 /// A boxed future borrowing the store.
 pub type Fut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -106,8 +110,9 @@ impl CacheStore for RegistryStore {
 /// Named objects: what S3, a directory and the in-memory twin have in common. Errors are
 /// the reasons, which the cache wraps with its label and the object's key.
 pub trait ObjectStore: Send + Sync {
-    /// A small object's bytes, `None` when it does not exist.
-    fn get(&self, key: String) -> Fut<'_, Result<Option<Vec<u8>>, String>>;
+    /// A small object's bytes, `None` when it does not exist; one larger than `max` bytes is
+    /// an error, never read.
+    fn get(&self, key: String, max: u64) -> Fut<'_, Result<Option<Vec<u8>>, String>>;
     /// Writes a small object.
     fn put(&self, key: String, bytes: Vec<u8>) -> Fut<'_, Result<(), String>>;
     /// Whether the object exists.
@@ -160,7 +165,8 @@ impl<S: ObjectStore> CacheStore for ObjectCache<S> {
     fn read_manifest(&self) -> Fut<'_, Result<Option<Vec<u8>>, CacheError>> {
         Box::pin(async move {
             let key = self.manifest_key();
-            self.objects.get(key.clone()).await.map_err(|e| CacheError::new(&self.label, &format!("reading {key}"), e))
+            let read = self.objects.get(key.clone(), MAX_MANIFEST).await;
+            read.map_err(|e| CacheError::new(&self.label, &format!("reading {key}"), e))
         })
     }
 
@@ -245,11 +251,19 @@ fn write_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::i
 }
 
 impl ObjectStore for DirObjects {
-    fn get(&self, key: String) -> Fut<'_, Result<Option<Vec<u8>>, String>> {
-        Box::pin(blocking(self.dir.join(key), |path| match std::fs::read(path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+    fn get(&self, key: String, max: u64) -> Fut<'_, Result<Option<Vec<u8>>, String>> {
+        Box::pin(blocking(self.dir.join(key), move |path| {
+            let file = match std::fs::File::open(path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, max + 1), &mut bytes)?;
+            if bytes.len() as u64 > max {
+                return Err(std::io::Error::other(format!("larger than {max} bytes")));
+            }
+            Ok(Some(bytes))
         }))
     }
 
@@ -331,10 +345,14 @@ impl MemoryObjects {
 }
 
 impl ObjectStore for MemoryObjects {
-    fn get(&self, key: String) -> Fut<'_, Result<Option<Vec<u8>>, String>> {
+    fn get(&self, key: String, max: u64) -> Fut<'_, Result<Option<Vec<u8>>, String>> {
         Box::pin(async move {
             self.check()?;
-            Ok(self.objects().get(&key).cloned())
+            let object = self.objects().get(&key).cloned();
+            match object {
+                Some(bytes) if bytes.len() as u64 > max => Err(format!("{key}: larger than {max} bytes")),
+                other => Ok(other),
+            }
         })
     }
 

@@ -145,6 +145,11 @@ async fn a_directory_cache_round_trips() {
     let hit = imports.get(&Digest::of(&[7])).unwrap();
     hit.store.fetch_blob(&hit.layers[0].blob, &b.cas).await.unwrap();
     assert_eq!(b.cas.read(&top.blob.digest).unwrap(), b"top");
+    // An object larger than asked for is refused, not read.
+    let objects = DirObjects::new(dir.path());
+    let small = objects.get("manifests/kiln".into(), 4).await.unwrap_err();
+    assert!(small.contains("larger than 4 bytes"), "{small}");
+    assert_eq!(objects.get("manifests/none".into(), 4).await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -152,7 +157,7 @@ async fn a_cache_whose_config_is_lost_is_replaced_by_the_next_export() {
     let a = node();
     let cache = memory_cache();
     export(cache.as_ref(), vec![record(1, "", &[&layer(&a, "x")])], &a.cas).await.unwrap();
-    let manifest = cache.objects().get("ci/manifests/kiln".into()).await.unwrap().unwrap();
+    let manifest = cache.objects().get("ci/manifests/kiln".into(), 1 << 20).await.unwrap().unwrap();
     let config = format::config_of(&manifest).unwrap();
     assert!(cache.objects().remove(&format!("ci/blobs/sha256/{}", config.digest.hex())));
     let store: Arc<dyn CacheStore> = cache.clone();
