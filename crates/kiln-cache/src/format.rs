@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 pub const CACHE_CONFIG_MEDIA_TYPE: &str = "application/vnd.kiln.cache.config.v1+json";
 /// The media type of the manifest (a plain OCI image manifest).
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The records a fleet's shared cache keeps (the newest; a few hundred bytes each).
+pub const MAX_SHARED_RECORDS: usize = 200_000;
+
 /// The format's version; a cache written by a later, incompatible Kiln is not read.
 pub const VERSION: u32 = 1;
 
@@ -111,6 +114,34 @@ impl CacheConfig {
                 }
             }
         }
+        let named: BTreeSet<Digest> = merged.records.iter().flat_map(|r| r.layers.iter().copied()).collect();
+        merged.layers.retain(|digest, _| named.contains(digest));
+        merged.version = VERSION;
+        merged
+    }
+
+    /// This export's records first, then what the cache held under other keys (newest
+    /// first, as the cache keeps them), at most `limit` records: the oldest go first. The
+    /// layer table keeps exactly the layers some record names.
+    pub fn accumulated(previous: Option<CacheConfig>, new: CacheConfig, limit: usize) -> CacheConfig {
+        let mut merged = new;
+        if let Some(previous) = previous {
+            let mut keys: BTreeSet<Digest> = merged.records.iter().map(|r| r.key).collect();
+            for record in previous.records {
+                if merged.records.len() >= limit {
+                    break;
+                }
+                if keys.insert(record.key) {
+                    for layer in &record.layers {
+                        if let Some(described) = previous.layers.get(layer) {
+                            merged.layers.entry(*layer).or_insert_with(|| described.clone());
+                        }
+                    }
+                    merged.records.push(record);
+                }
+            }
+        }
+        merged.records.truncate(limit);
         let named: BTreeSet<Digest> = merged.records.iter().flat_map(|r| r.layers.iter().copied()).collect();
         merged.layers.retain(|digest, _| named.contains(digest));
         merged.version = VERSION;

@@ -24,7 +24,7 @@ use kiln_model::{CacheLocation, CacheSpec};
 use kiln_registry::{Descriptor, RegistryClient};
 use kiln_types::Digest;
 
-pub use format::{CacheConfig, CacheLayer, CacheRecord, FormatError};
+pub use format::{CacheConfig, CacheLayer, CacheRecord, FormatError, MAX_SHARED_RECORDS};
 pub use s3::S3Objects;
 pub use store::{CacheStore, DirObjects, Fut, MAX_MANIFEST, MemoryObjects, ObjectCache, ObjectStore, RegistryStore};
 
@@ -164,29 +164,39 @@ enum Previous {
     Unusable(CacheError),
 }
 
-/// The cache's config; an error only when its manifest cannot be read (the store is
-/// unreachable or refuses).
+/// The cache's config; an error when the store cannot be read (unreachable, refusing, or a
+/// config blob it says it has but does not serve), never for content that is not a
+/// readable Kiln cache.
 async fn read_config(store: &dyn CacheStore, cas: &Arc<BlobStore>) -> Result<Previous, CacheError> {
     let Some(manifest) = store.read_manifest().await? else { return Ok(Previous::Missing) };
-    let config = async {
-        let invalid = |e: FormatError| CacheError::new(store.label(), "reading the manifest", e);
-        let config = format::config_of(&manifest).map_err(invalid)?;
-        if config.size > MAX_CONFIG {
-            let reason = format!("its config is {} bytes, more than the {MAX_CONFIG} read", config.size);
-            return Err(CacheError::new(store.label(), "reading the manifest", reason));
+    let unusable =
+        |reason: String| Ok(Previous::Unusable(CacheError::new(store.label(), "reading the manifest", reason)));
+    let config = match format::config_of(&manifest) {
+        Ok(config) if config.size > MAX_CONFIG => {
+            return unusable(format!("its config is {} bytes, more than the {MAX_CONFIG} read", config.size));
         }
-        store.fetch_blob(&config, cas).await?;
-        let bytes = blocking(store, "reading the config", {
-            let cas = Arc::clone(cas);
-            move || cas.read(&config.digest)
-        })
-        .await?;
-        CacheConfig::parse(&bytes).map_err(invalid)
+        Ok(config) => config,
+        Err(error) => return unusable(error.to_string()),
     };
-    Ok(match config.await {
-        Ok(config) => Previous::Found(config),
-        Err(error) => Previous::Unusable(error),
+    if let Err(error) = store.fetch_blob(&config, cas).await {
+        // A config the cache no longer has makes the cache unusable; one it cannot serve
+        // now is the store failing.
+        return match store.has_blob(&config).await {
+            Ok(false) => unusable(format!("its config {} is gone", config.digest)),
+            _ => Err(error),
+        };
+    }
+    // Read and parsed off the async threads. (Configs stay in the blob store, where a
+    // concurrent build may be reading the same one, until the blob store's GC.)
+    let parsed = blocking(store, "reading the config", {
+        let cas = Arc::clone(cas);
+        move || cas.read(&config.digest).map(|bytes| CacheConfig::parse(&bytes))
     })
+    .await?;
+    match parsed {
+        Ok(config) => Ok(Previous::Found(config)),
+        Err(error) => unusable(error.to_string()),
+    }
 }
 
 /// Blob-store work off the async threads; its error is the cache's.
@@ -225,12 +235,23 @@ pub struct ExportStats {
     pub uploaded_bytes: u64,
 }
 
+/// What an export keeps of the records a cache held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merge {
+    /// Records of the platforms this export built are replaced, the others kept (a
+    /// build's own cache, as buildx's; see [`CacheConfig::merged`]).
+    ReplacePlatforms,
+    /// Every record is kept unless this export rewrites its key, newest first, at most this
+    /// many (a fleet's shared cache, which every build of every project writes).
+    Accumulate(usize),
+}
+
 /// Writes `records` to the cache: their blobs (those it lacks), then the config and the
-/// manifest. Records of the platforms they were built for replace the cache's; the cache's
-/// records for other platforms are kept (see [`CacheConfig::merged`]).
+/// manifest, keeping what the cache held as `merge` says.
 pub async fn export(
     store: &dyn CacheStore,
     records: Vec<ExportRecord>,
+    merge: Merge,
     cas: &Arc<BlobStore>,
 ) -> Result<ExportStats, CacheError> {
     let platforms: BTreeSet<String> = records.iter().map(|r| r.platform.clone()).collect();
@@ -255,18 +276,25 @@ pub async fn export(
         Previous::Found(config) => Some(config),
         Previous::Missing | Previous::Unusable(_) => None,
     };
-    let merged = CacheConfig::merged(previous, new, &platforms);
+    let merged = match merge {
+        Merge::ReplacePlatforms => CacheConfig::merged(previous, new, &platforms),
+        Merge::Accumulate(limit) => CacheConfig::accumulated(previous, new, limit),
+    };
     // Collected first: a closure inside the stream type trips the compiler's Send check for
     // callers that spawn this future. `buffered` keeps the order, to pair sizes back.
     let pushes: Vec<_> = blobs.iter().map(|blob| store.push_blob(blob, cas)).collect();
     let sent: Vec<bool> = futures_util::stream::iter(pushes).buffered(PARALLEL_UPLOADS).try_collect().await?;
     let uploads: Vec<(bool, u64)> = sent.into_iter().zip(blobs.iter().map(|b| b.size)).collect();
-    let config = merged.to_bytes();
-    let info = blocking(store, "storing the config", {
-        let (cas, config) = (Arc::clone(cas), config.clone());
-        move || cas.put(&config, None)
+    let (config, manifest, info) = blocking(store, "storing the config", {
+        let cas = Arc::clone(cas);
+        move || {
+            let config = merged.to_bytes();
+            let manifest = merged.manifest(&config);
+            cas.put(&config, None).map(|info| (config, manifest, info))
+        }
     })
     .await?;
+    drop(config);
     let config_blob = Descriptor {
         media_type: format::CACHE_CONFIG_MEDIA_TYPE.into(),
         digest: info.digest,
@@ -275,7 +303,7 @@ pub async fn export(
         annotations: Default::default(),
     };
     store.push_blob(&config_blob, cas).await?;
-    store.write_manifest(merged.manifest(&config)).await?;
+    store.write_manifest(manifest).await?;
     Ok(ExportStats {
         records: records.len(),
         blobs: blobs.len(),

@@ -245,6 +245,8 @@ fn write_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::i
     std::fs::create_dir_all(dir)?;
     let mut temp = tempfile::NamedTempFile::new_in(dir)?;
     fill(temp.as_file_mut())?;
+    // Readable by whoever reads the directory (a CI job uploading it, another daemon).
+    std::fs::set_permissions(temp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     temp.as_file().sync_all()?;
     temp.persist(path).map_err(|e| e.error)?;
     Ok(())

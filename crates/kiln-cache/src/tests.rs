@@ -50,7 +50,7 @@ async fn an_export_is_imported_by_another_node_with_its_blobs() {
     let (base, top) = (layer(&a, "base"), layer(&a, "top"));
     let cache = memory_cache();
     let records = vec![record(1, "linux/amd64", &[&base]), record(2, "linux/amd64", &[&base, &top])];
-    let stats = export(cache.as_ref(), records, &a.cas).await.unwrap();
+    let stats = export(cache.as_ref(), records, Merge::ReplacePlatforms, &a.cas).await.unwrap();
     assert_eq!((stats.records, stats.blobs, stats.uploaded), (2, 2, 2));
     let keys = cache.objects().keys();
     assert!(keys.contains(&"ci/manifests/kiln".to_string()), "{keys:?}");
@@ -71,7 +71,7 @@ async fn an_export_is_imported_by_another_node_with_its_blobs() {
     // The same export again uploads no layer: only the config and the manifest change.
     let before = cache.objects().uploads.load(Ordering::SeqCst);
     let again = vec![record(1, "linux/amd64", &[&base]), record(2, "linux/amd64", &[&base, &top])];
-    let stats = export(cache.as_ref(), again, &a.cas).await.unwrap();
+    let stats = export(cache.as_ref(), again, Merge::ReplacePlatforms, &a.cas).await.unwrap();
     assert_eq!(stats.uploaded, 0);
     assert_eq!(cache.objects().uploads.load(Ordering::SeqCst), before, "at most the config, which is unchanged");
 }
@@ -81,14 +81,24 @@ async fn exports_of_other_platforms_are_kept_and_the_same_platform_is_replaced()
     let a = node();
     let cache = memory_cache();
     let (amd, arm, amd2) = (layer(&a, "amd"), layer(&a, "arm"), layer(&a, "amd2"));
-    export(cache.as_ref(), vec![record(1, "linux/amd64", &[&amd])], &a.cas).await.unwrap();
-    export(cache.as_ref(), vec![record(2, "linux/arm64", &[&arm])], &a.cas).await.unwrap();
-    export(cache.as_ref(), vec![record(3, "linux/amd64", &[&amd2])], &a.cas).await.unwrap();
+    export(cache.as_ref(), vec![record(1, "linux/amd64", &[&amd])], Merge::ReplacePlatforms, &a.cas).await.unwrap();
+    export(cache.as_ref(), vec![record(2, "linux/arm64", &[&arm])], Merge::ReplacePlatforms, &a.cas).await.unwrap();
+    export(cache.as_ref(), vec![record(3, "linux/amd64", &[&amd2])], Merge::ReplacePlatforms, &a.cas).await.unwrap();
     let store: Arc<dyn CacheStore> = cache.clone();
     let (imports, _) = Imports::load(&[store], &node().cas).await;
     assert!(imports.get(&Digest::of(&[1])).is_none(), "replaced by the later amd64 export");
     assert!(imports.get(&Digest::of(&[2])).is_some(), "arm64 kept");
     assert!(imports.get(&Digest::of(&[3])).is_some());
+
+    // A fleet's shared cache keeps every key, newest first, up to its limit.
+    let shared = memory_cache();
+    for (n, layer) in [(1, &amd), (2, &arm), (3, &amd2)] {
+        export(shared.as_ref(), vec![record(n, "linux/amd64", &[layer])], Merge::Accumulate(2), &a.cas).await.unwrap();
+    }
+    let store: Arc<dyn CacheStore> = shared.clone();
+    let (imports, _) = Imports::load(&[store], &node().cas).await;
+    assert!(imports.get(&Digest::of(&[1])).is_none(), "the oldest went over the limit");
+    assert!(imports.get(&Digest::of(&[2])).is_some() && imports.get(&Digest::of(&[3])).is_some());
 }
 
 #[tokio::test]
@@ -103,7 +113,9 @@ async fn unreadable_caches_are_warnings_and_unwritable_ones_errors() {
     cache.objects().fail.store(true, Ordering::SeqCst);
     let (_, warnings) = Imports::load(&[Arc::clone(&store)], &a.cas).await;
     assert!(warnings[0].contains("s3:twin/kiln") && warnings[0].contains("injected"), "{warnings:?}");
-    let err = export(cache.as_ref(), vec![record(1, "", &[&layer(&a, "x")])], &a.cas).await.unwrap_err();
+    let err = export(cache.as_ref(), vec![record(1, "", &[&layer(&a, "x")])], Merge::ReplacePlatforms, &a.cas)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("cache s3:twin/kiln") && err.to_string().contains("injected"), "{err}");
     cache.objects().fail.store(false, Ordering::SeqCst);
 
@@ -111,7 +123,7 @@ async fn unreadable_caches_are_warnings_and_unwritable_ones_errors() {
     cache.objects().put("ci/manifests/kiln".into(), b"{}".to_vec()).await.unwrap();
     let (_, warnings) = Imports::load(&[Arc::clone(&store)], &a.cas).await;
     assert!(warnings[0].contains("manifest is not valid"), "{warnings:?}");
-    export(cache.as_ref(), vec![record(1, "", &[&layer(&a, "x")])], &a.cas).await.unwrap();
+    export(cache.as_ref(), vec![record(1, "", &[&layer(&a, "x")])], Merge::ReplacePlatforms, &a.cas).await.unwrap();
     assert_eq!(Imports::load(&[store], &a.cas).await.0.len(), 1);
 }
 
@@ -120,7 +132,7 @@ async fn a_corrupt_or_missing_blob_never_enters_the_store() {
     let (a, b) = (node(), node());
     let cache = memory_cache();
     let good = layer(&a, "good");
-    export(cache.as_ref(), vec![record(1, "", &[&good])], &a.cas).await.unwrap();
+    export(cache.as_ref(), vec![record(1, "", &[&good])], Merge::ReplacePlatforms, &a.cas).await.unwrap();
     let key = format!("ci/blobs/sha256/{}", good.blob.digest.hex());
     cache.objects().put(key.clone(), b"evil".to_vec()).await.unwrap();
     let err = cache.fetch_blob(&good.blob, &b.cas).await.unwrap_err();
@@ -136,7 +148,7 @@ async fn a_directory_cache_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let cache = ObjectCache::new("local:d".into(), DirObjects::new(dir.path()), "", "kiln");
     let top = layer(&a, "top");
-    export(&cache, vec![record(7, "linux/amd64", &[&top])], &a.cas).await.unwrap();
+    export(&cache, vec![record(7, "linux/amd64", &[&top])], Merge::ReplacePlatforms, &a.cas).await.unwrap();
     assert!(dir.path().join("manifests/kiln").is_file());
     assert!(dir.path().join("blobs/sha256").join(top.blob.digest.hex()).is_file());
     let store: Arc<dyn CacheStore> = Arc::new(cache);
@@ -156,14 +168,14 @@ async fn a_directory_cache_round_trips() {
 async fn a_cache_whose_config_is_lost_is_replaced_by_the_next_export() {
     let a = node();
     let cache = memory_cache();
-    export(cache.as_ref(), vec![record(1, "", &[&layer(&a, "x")])], &a.cas).await.unwrap();
+    export(cache.as_ref(), vec![record(1, "", &[&layer(&a, "x")])], Merge::ReplacePlatforms, &a.cas).await.unwrap();
     let manifest = cache.objects().get("ci/manifests/kiln".into(), 1 << 20).await.unwrap().unwrap();
     let config = format::config_of(&manifest).unwrap();
     assert!(cache.objects().remove(&format!("ci/blobs/sha256/{}", config.digest.hex())));
     let store: Arc<dyn CacheStore> = cache.clone();
     let (imports, warnings) = Imports::load(&[Arc::clone(&store)], &node().cas).await;
-    assert!(imports.is_empty() && warnings[0].contains("no such object"), "{warnings:?}");
-    export(cache.as_ref(), vec![record(2, "", &[&layer(&a, "y")])], &a.cas).await.unwrap();
+    assert!(imports.is_empty() && warnings[0].contains("is gone"), "{warnings:?}");
+    export(cache.as_ref(), vec![record(2, "", &[&layer(&a, "y")])], Merge::ReplacePlatforms, &a.cas).await.unwrap();
     let (imports, warnings) = Imports::load(&[store], &node().cas).await;
     assert!(warnings.is_empty(), "{warnings:?}");
     assert!(imports.get(&Digest::of(&[2])).is_some() && imports.len() == 1);

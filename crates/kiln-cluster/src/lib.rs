@@ -45,6 +45,10 @@ const LOST_INPUT_RETRIES: u32 = 3;
 /// Recipes kept for recomputing lost results (oldest forgotten first).
 const MAX_RECIPES: usize = 100_000;
 
+/// Shared-cache layer locations kept (oldest forgotten first; a forgotten one is found again
+/// in the cache's manifest by the next build that imports it).
+const MAX_TIER_LAYERS: usize = 1_000_000;
+
 /// Recipes followed, one below the other, to recover one input: more than any chain of
 /// layers an overlay mount can stack (500), so only a broken recipe table reaches it.
 const MAX_RECOVERY_DEPTH: usize = 1024;
@@ -143,8 +147,9 @@ struct Inner<B> {
     /// Recomputed results standing in for lost ones.
     substitutes: HashMap<Layers, Layers>,
     /// Layers a shared cache holds, by diff id: results no worker holds can be fetched from
-    /// there instead of being recomputed.
+    /// there instead of being recomputed. At most [`MAX_TIER_LAYERS`], oldest forgotten first.
     tier: HashMap<Digest, TierBlob>,
+    tier_order: std::collections::VecDeque<Digest>,
 }
 
 /// The coordinator's view of its workers, and the solver's executor over them.
@@ -166,6 +171,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 recipe_order: std::collections::VecDeque::new(),
                 substitutes: HashMap::new(),
                 tier: HashMap::new(),
+                tier_order: std::collections::VecDeque::new(),
             }),
             next_job: AtomicU64::new(1),
         })
@@ -301,7 +307,17 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     /// Records that a shared cache holds these layers (an export wrote them, or an import
     /// found them), so a result whose workers are gone is fetched from there.
     pub fn add_tier(&self, layers: impl IntoIterator<Item = (Digest, TierBlob)>) {
-        self.lock().tier.extend(layers);
+        let mut inner = self.lock();
+        for (diff_id, blob) in layers {
+            if inner.tier.insert(diff_id, blob).is_none() {
+                inner.tier_order.push_back(diff_id);
+            }
+        }
+        while inner.tier_order.len() > MAX_TIER_LAYERS {
+            if let Some(old) = inner.tier_order.pop_front() {
+                inner.tier.remove(&old);
+            }
+        }
     }
 
     /// Forgets the shared cache's blobs of the layers among `inputs` that no worker holds
@@ -466,18 +482,23 @@ impl<B: Send + Sync + 'static> Executor for ClusterExecutor<B> {
     }
 
     /// An imported result is used where the cache holds it: nothing moves until a step
-    /// needs its layers, which its worker then fetches from the cache.
+    /// needs its layers, which its worker then fetches from the cache. Its recipe is kept,
+    /// so a blob the cache loses later means a recomputation, not a failed build.
     fn import(
         &self,
         key: &Digest,
+        vertex: &Vertex,
+        inputs: &[Layers],
         build: &Arc<ClusterBuild<B>>,
     ) -> Option<BoxFuture<Result<Executed<Layers>, String>>> {
         let checked = (build.imports.as_ref()?)(key)?;
         let cluster = Arc::clone(&self.0);
+        let recipe = Recipe { vertex: vertex.clone(), inputs: inputs.to_vec(), build: Arc::clone(build) };
         Some(Box::pin(async move {
             let hit = checked.await?;
             cluster.add_tier(hit.layers.iter().map(|(layer, blob)| (layer.diff_id, blob.clone())));
             let output = Layers { layers: hit.layers.iter().map(|(layer, _)| *layer).collect() };
+            cluster.remember(&output, recipe);
             Ok(Executed { cache_source: Some(hit.source), ..Executed::new(output) })
         }))
     }

@@ -298,6 +298,8 @@ impl ConfigFile {
                     Some(text) => {
                         let mut spec = CacheSpec::parse(text, CacheDirection::To)
                             .map_err(|e| invalid("coordinator.cache.shared", e.reason))?;
+                        // An unreachable shared cache must not fail every build of the fleet.
+                        spec.ignore_error = true;
                         spec.mode = match c.cache.mode.as_deref() {
                             None | Some("max") => CacheMode::Max,
                             Some("min") => CacheMode::Min,

@@ -95,6 +95,7 @@ impl Engine {
         spool: Option<&Path>,
         progress: mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<BuildSummary, BuildFailure> {
+        self.check_caches(&request).map_err(|e| BuildFailure::early(e.to_string()))?;
         let context = self.context(&request).await.map_err(|e| BuildFailure::early(e.to_string()))?;
         let (plan, bases) = self.plan(&request, &context).await.map_err(|e| BuildFailure::early(e.to_string()))?;
         if let Mode::Local(_) = self.mode {

@@ -10,13 +10,14 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use kiln_cache::{CacheStore, CachedLayer, ExportRecord, Imports};
+use kiln_cache::{CacheStore, CachedLayer, ExportRecord, Imports, Merge};
 use kiln_cluster::{ImportFn, TierHit};
 use kiln_dockerfile::BuildPlan;
 use kiln_graph::Op;
 use kiln_layer::{Compression, TarOptions};
 use kiln_model::{
-    BuildEvent, BuildRequest, CacheCompression, CacheMode, CacheSpec, LayerDesc, Layers, TierBlob, VertexRecord,
+    BuildEvent, BuildRequest, CacheCompression, CacheLocation, CacheMode, CacheSpec, LayerDesc, Layers, TierBlob,
+    VertexRecord,
 };
 use kiln_registry::Descriptor;
 use kiln_types::Digest;
@@ -41,6 +42,22 @@ pub(crate) struct BuildImports {
 }
 
 impl Engine {
+    /// Refuses a `type=local` cache the daemon would read or write for someone else: a
+    /// client over TCP (its directory is on its own machine), or any client of a coordinator
+    /// (whose workers could not reach the directory).
+    pub(crate) fn check_caches(&self, request: &BuildRequest) -> Result<(), BuildError> {
+        let remote = request.context_manifest.is_some() || matches!(self.mode, Mode::Cluster { .. });
+        let local = request
+            .cache_from
+            .iter()
+            .chain(&request.cache_to)
+            .find(|s| matches!(s.location, CacheLocation::Local { .. }));
+        match local {
+            Some(spec) if remote => Err(BuildError::LocalCache(spec.source())),
+            _ => Ok(()),
+        }
+    }
+
     /// The caches a build exports to: its `--cache-to` and the shared tier.
     fn exports_of(&self, request: &BuildRequest) -> Vec<(CacheSpec, Option<&'static str>)> {
         let shared = self.shared_cache.iter().map(|spec| (spec.clone(), Some(SHARED)));
@@ -58,7 +75,8 @@ impl Engine {
         let wanted: Vec<(&CacheSpec, Option<&str>)> =
             shared.chain(request.cache_from.iter().map(|spec| (spec, None))).collect();
         let mut specs = HashMap::new();
-        if wanted.is_empty() {
+        // --no-cache imports nothing, so nothing is read.
+        if wanted.is_empty() || request.no_cache {
             return BuildImports { imports: Arc::default(), specs };
         }
         let names: Vec<String> =
@@ -146,7 +164,13 @@ impl Engine {
             exported.push(ExportRecord { key: *key, platform: record.platform.clone().unwrap_or_default(), layers });
         }
         let store = kiln_cache::open(spec, label, self.stores.registry()).await?;
-        kiln_cache::export(store.as_ref(), exported.clone(), self.stores.cas()).await?;
+        // The shared tier gathers every build's records; a build's own cache holds its last
+        // build per platform, as buildx's does.
+        let merge = match label {
+            Some(SHARED) => Merge::Accumulate(kiln_cache::MAX_SHARED_RECORDS),
+            _ => Merge::ReplacePlatforms,
+        };
+        kiln_cache::export(store.as_ref(), exported.clone(), merge, self.stores.cas()).await?;
         // What the shared tier holds now can stand in for layers whose workers leave.
         if let (Some(SHARED), Mode::Cluster { cluster, .. }) = (label, &self.mode) {
             cluster.add_tier(exported.iter().flat_map(|r| &r.layers).map(|l| (l.diff_id, tier_blob(&target, l))));

@@ -59,6 +59,12 @@ pub enum BuildError {
     /// A cache export failed (the message names the cache).
     #[error(transparent)]
     Cache(#[from] kiln_cache::CacheError),
+    /// A `type=local` cache from a client whose directory the daemon cannot serve.
+    #[error(
+        "cache {0}: type=local caches are for clients on the daemon's own machine (the embedded default); \
+         use type=registry or type=s3"
+    )]
+    LocalCache(String),
     /// A registry failed (resolving a base, pulling its blobs, pushing).
     #[error(transparent)]
     Registry(#[from] kiln_registry::RegistryError),

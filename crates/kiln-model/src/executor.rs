@@ -103,15 +103,18 @@ pub trait Executor: Send + Sync + 'static {
         Some("local".into())
     }
 
-    /// The result for cache key `key` from a cache the build imports, brought here so it can
-    /// be used, with [`Executed::cache_source`] set; `None` when no imported cache has the
-    /// key. An error is a miss: the vertex is executed instead, after a warning in its log.
+    /// The result of `vertex` (cache key `key`, over `inputs`) from a cache the build
+    /// imports, made usable, with [`Executed::cache_source`] set; `None` when no imported
+    /// cache has the key. An error is a miss: the vertex is executed instead, after a warning
+    /// in its log.
     fn import(
         &self,
         key: &Digest,
+        vertex: &Vertex,
+        inputs: &[Self::Output],
         build: &Arc<Self::Build>,
     ) -> Option<BoxFuture<Result<Executed<Self::Output>, String>>> {
-        let _ = (key, build);
+        let _ = (key, vertex, inputs, build);
         None
     }
 }

@@ -229,7 +229,7 @@ impl<E: Executor> Driver<E> {
             }
             Effect::Run { key, vertex, inputs, build, import } => {
                 let Some((context, _)) = self.builds.get(&build) else { return Vec::new() };
-                let imported = if import { self.executor.import(&key, context) } else { None };
+                let imported = if import { self.executor.import(&key, &vertex, &inputs, context) } else { None };
                 let (executor, context, sender) =
                     (Arc::clone(&self.executor), Arc::clone(context), self.sender.clone());
                 // Sources resolve and transfer; only real work takes a worker slot.

@@ -49,7 +49,13 @@ impl Executor for LocalExecutor {
         self.name.clone()
     }
 
-    fn import(&self, key: &Digest, build: &Arc<BuildInputs>) -> Option<BoxFuture<Result<Executed<Snapshot>, String>>> {
+    fn import(
+        &self,
+        key: &Digest,
+        _vertex: &Vertex,
+        _inputs: &[Snapshot],
+        build: &Arc<BuildInputs>,
+    ) -> Option<BoxFuture<Result<Executed<Snapshot>, String>>> {
         let hit = build.cache.get(key)?.clone();
         let worker = Arc::clone(&self.worker);
         Some(Box::pin(async move {

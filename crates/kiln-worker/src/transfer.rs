@@ -116,7 +116,7 @@ impl Stores {
         let parsed = CacheSpec::parse(spec, CacheDirection::From)
             .or_else(|_| CacheSpec::parse(spec, CacheDirection::To))
             .map_err(|e| e.to_string())?;
-        let store = kiln_cache::open(&parsed, Some("shared"), &self.registry).await.map_err(|e| e.to_string())?;
+        let store = kiln_cache::open(&parsed, None, &self.registry).await.map_err(|e| e.to_string())?;
         stores.insert(spec.to_string(), Arc::clone(&store));
         Ok(store)
     }

@@ -59,10 +59,16 @@ fn results_whose_workers_are_gone_come_from_the_shared_tier_not_recomputed() {
     }
     assert_eq!(std::fs::read_to_string(out.join("two")).unwrap(), "one\n");
 
-    // A cache flag on a coordinator: the client's own cache, beside the shared one.
-    let own = cluster.dir.path().join("own-cache");
-    let to = format!("type=local,dest={}", own.display());
-    let metadata = cluster.build(&second, &["--cache-to", &to]);
+    // A cache flag on a coordinator: the client's own cache, beside the shared one; a
+    // directory cache the workers could not reach is refused.
+    let metadata = cluster.build(&second, &["--cache-to", &s3.cache_spec("own")]);
     assert_eq!(metadata["status"], "succeeded", "{metadata:#}");
-    assert!(own.join("manifests/kiln").is_file(), "{}", cluster.logs());
+    assert!(s3.keys().iter().any(|k| k == "manifests/own"), "{:?}", s3.keys());
+    let local = format!("type=local,dest={}", cluster.dir.path().join("own").display());
+    let out = cluster.run(&["build", second.to_str().unwrap(), "--cache-to", &local]);
+    let stderr = super::text(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("type=local caches are for clients on the daemon's own machine"),
+        "{stderr}"
+    );
 }
