@@ -582,7 +582,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         let inputs: Vec<Layers> = inputs.iter().map(|i| self.substitute(i)).collect();
         let output = Layers { layers: inputs.iter().flat_map(|l| l.layers.iter().copied()).collect() };
         self.remember(&output, Recipe { vertex, inputs, build });
-        Executed { output, pin: None, worker: None, cache_source: None }
+        Executed::new(output)
     }
 
     /// Whether `layers` are held, or recipes lead from them to held layers (at most

@@ -445,7 +445,7 @@ pub fn job_result_from_proto(result: v1::JobResult) -> Result<Result<Executed<La
     }
     let output = layers_from_proto(result.output.unwrap_or_default())?;
     let pin = nonempty(result.pin).map(|pin| parse_digest(&pin, "a job's pin")).transpose()?;
-    Ok(Ok(Executed { output, pin, worker: None, cache_source: None }))
+    Ok(Ok(Executed { pin, ..Executed::new(output) }))
 }
 
 #[cfg(test)]

@@ -250,12 +250,7 @@ async fn execute<L: SessionLink>(
     });
     let output = worker.execute(&assignment.vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
     let layers = worker.describe(&output.snapshot).await.map_err(|e| Failed::from(e.to_string()))?;
-    Ok(Executed {
-        output: Layers { layers },
-        pin: output.image.map(|i| i.manifest_digest),
-        worker: None,
-        cache_source: None,
-    })
+    Ok(Executed { pin: output.image.map(|i| i.manifest_digest), ..Executed::new(Layers { layers }) })
 }
 
 /// Free bytes on the filesystem holding `path`.

@@ -36,12 +36,7 @@ impl Executor for LocalExecutor {
         Box::pin(async move {
             let output =
                 worker.execute(&vertex, &inputs, &build, Some(&logs)).await.map_err(|e| Failed::from(e.to_string()))?;
-            Ok(Executed {
-                output: output.snapshot,
-                pin: output.image.map(|image| image.manifest_digest),
-                worker: None,
-                cache_source: None,
-            })
+            Ok(Executed { pin: output.image.map(|image| image.manifest_digest), ..Executed::new(output.snapshot) })
         })
     }
 
