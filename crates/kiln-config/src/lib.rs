@@ -105,7 +105,8 @@ pub struct CoordinatorCacheSection {
     /// A `--cache-to` spec (`type=s3,...`, `type=registry,...`, `type=local,dest=...`).
     /// Default: none.
     pub shared: Option<String>,
-    /// What each build exports to it: `min` or `max`. Default: `max`.
+    /// What each build exports to it: `min` or `max` (or `mode=` inside `shared`, not both).
+    /// Default: `max`.
     pub mode: Option<String>,
 }
 
@@ -300,7 +301,11 @@ impl ConfigFile {
                             .map_err(|e| invalid("coordinator.cache.shared", e.reason))?;
                         // An unreachable shared cache must not fail every build of the fleet.
                         spec.ignore_error = true;
+                        if c.cache.mode.is_some() && text.split(',').any(|part| part.trim().starts_with("mode=")) {
+                            return Err(invalid("coordinator.cache.mode", "the mode is given in `shared` too".into()));
+                        }
                         spec.mode = match c.cache.mode.as_deref() {
+                            None if text.split(',').any(|part| part.trim().starts_with("mode=")) => spec.mode,
                             None | Some("max") => CacheMode::Max,
                             Some("min") => CacheMode::Min,
                             Some(other) => {

@@ -64,6 +64,10 @@ fn mistakes_are_errors_that_name_the_key() {
             "[coordinator]\nlisten = \"127.0.0.1:1\"\n[coordinator.cache]\nshared = \"r/c\"\nmode = \"all\"\n",
             "coordinator.cache.mode",
         ),
+        (
+            "[coordinator]\nlisten = \"127.0.0.1:1\"\n[coordinator.cache]\nshared = \"type=registry,ref=r/c,mode=min\"\nmode = \"max\"\n",
+            "given in `shared` too",
+        ),
         ("[worker]\ncoordinator = \"ftp://c:1\"\n", "worker.coordinator"),
         ("[worker]\nroot = \"/w\"\n", "worker.coordinator: required"),
         ("[worker]\ncoordinator = \"http://c:1\"\nplatforms = [\"linux/amd64\", \"\"]\n", "worker.platforms[1]"),

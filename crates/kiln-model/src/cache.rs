@@ -161,6 +161,11 @@ impl CacheSpec {
         let name = take("name");
         let location = match kind.as_str() {
             "registry" => {
+                if name.is_some() {
+                    return Err(error(
+                        "option \"name\" does not apply to type=registry (the ref names the cache)".into(),
+                    ));
+                }
                 let reference = take("ref").ok_or_else(|| error("type=registry needs ref=REF".into()))?;
                 CacheLocation::Registry { reference }
             }
@@ -303,6 +308,7 @@ mod tests {
             ("type=registry,ref=r,colour=red", To, "unknown option"),
             ("type=local,dest=/c,name=a/b", To, "one path component"),
             ("type=registry,ref=a,ref=b", To, "given twice"),
+            ("type=registry,ref=a,name=b", To, "does not apply"),
         ] {
             let err = CacheSpec::parse(bad, direction).unwrap_err().to_string();
             assert!(err.contains(message) && err.contains(bad), "{bad}: {err}");
