@@ -557,3 +557,31 @@ async fn base_layers_keep_their_blobs_and_a_push_beside_the_base_uploads_only_ne
     let archived = raw(&format!("oci-archive:{}", oci.display()));
     assert_eq!(archived["layers"][0]["digest"], base_layer, "{archived}");
 }
+
+#[tokio::test]
+async fn a_cached_result_whose_layer_was_removed_is_a_miss_not_a_failure() {
+    let fixture = Fixture::new().await;
+    let dockerfile = "FROM BASE\nRUN echo kept > /kept\n";
+    let (first, _) = fixture.build(fixture.request(dockerfile, &[], vec![])).await;
+    let run = |summary: &kiln_engine::BuildSummary| {
+        summary
+            .records
+            .iter()
+            .find(|r| r.name.contains("echo kept"))
+            .map(|r| (r.status, r.cache_source.clone()))
+            .unwrap()
+    };
+    assert_eq!(run(&first.unwrap()), (Status::Executed, None));
+    let (second, _) = fixture.build(fixture.request(dockerfile, &[], vec![])).await;
+    assert_eq!(run(&second.unwrap()), (Status::Cached, Some("local".into())));
+    // Every layer directory goes (as GC would take them): the next build executes again.
+    let layers = fixture.dir.path().join("engine/snapshots/l");
+    for entry in std::fs::read_dir(&layers).unwrap() {
+        std::fs::remove_dir_all(entry.unwrap().path()).unwrap();
+    }
+    let out = fixture.dir.path().join("third-out");
+    let (third, _) =
+        fixture.build(fixture.request(dockerfile, &[], vec![OutputSpec::Local { dest: out.clone() }])).await;
+    assert_eq!(run(&third.unwrap()), (Status::Executed, None));
+    assert_eq!(std::fs::read_to_string(out.join("kept")).unwrap(), "kept\n");
+}

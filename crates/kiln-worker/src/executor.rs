@@ -44,6 +44,13 @@ impl Executor for LocalExecutor {
         self.name.clone()
     }
 
+    /// A cached snapshot is usable while every layer is in the store (a layer removed since,
+    /// by hand or by GC, makes the hit a miss). One stat per layer, on the directory cache.
+    fn available(&self, output: &Snapshot) -> Option<String> {
+        let snapshots = self.worker.snapshots();
+        output.layers.iter().all(|layer| snapshots.has_layer(layer)).then(|| "local".to_string())
+    }
+
     fn import(
         &self,
         key: &Digest,
