@@ -28,6 +28,9 @@ pub struct CacheLayer {
     pub size: u64,
     /// The blob's media type (its compression).
     pub media_type: String,
+    /// The size of the uncompressed tar, when the exporter knew it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tar_size: Option<u64>,
 }
 
 /// One cached result: the layers of the result of the vertex with this cache key.
@@ -205,6 +208,7 @@ mod tests {
             diff_id: digest(100 + n),
             size: n.into(),
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            tar_size: Some(u64::from(n) * 10),
         }
     }
 

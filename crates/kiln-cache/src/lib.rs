@@ -78,6 +78,8 @@ pub struct CachedLayer {
     pub blob: Descriptor,
     /// The digest of its uncompressed tar.
     pub diff_id: Digest,
+    /// The size of its uncompressed tar, when known.
+    pub tar_size: Option<u64>,
 }
 
 /// A result an imported cache holds.
@@ -130,6 +132,7 @@ impl Imports {
                             annotations: Default::default(),
                         },
                         diff_id: layer.diff_id,
+                        tar_size: layer.tar_size,
                     }
                 })
                 .collect();
@@ -259,8 +262,12 @@ pub async fn export(
     let mut blobs = Vec::new();
     for record in &records {
         for layer in &record.layers {
-            let described =
-                CacheLayer { diff_id: layer.diff_id, size: layer.blob.size, media_type: layer.blob.media_type.clone() };
+            let described = CacheLayer {
+                diff_id: layer.diff_id,
+                size: layer.blob.size,
+                media_type: layer.blob.media_type.clone(),
+                tar_size: layer.tar_size,
+            };
             if new.layers.insert(layer.blob.digest, described).is_none() {
                 blobs.push(layer.blob.clone());
             }

@@ -29,6 +29,7 @@ fn layer(node: &Node, content: &str) -> CachedLayer {
             annotations: Default::default(),
         },
         diff_id: Digest::of(format!("diff of {content}").as_bytes()),
+        tar_size: Some(10 * content.len() as u64),
     }
 }
 

@@ -214,6 +214,7 @@ impl Exported for Snapshot {
             .map(|blob| CachedLayer {
                 blob: descriptor(blob.compression.oci_media_type(), blob.digest, blob.size),
                 diff_id: blob.diff_id,
+                tar_size: blob.tar_size,
             })
             .collect())
     }
@@ -241,7 +242,11 @@ impl Exported for Layers {
             .iter()
             .map(|l| {
                 let blob = cluster.tier_blob(&l.diff_id).filter(|b| b.cache == target)?;
-                Some(CachedLayer { blob: descriptor(&blob.media_type, blob.digest, blob.size), diff_id: l.diff_id })
+                Some(CachedLayer {
+                    blob: descriptor(&blob.media_type, blob.digest, blob.size),
+                    diff_id: l.diff_id,
+                    tar_size: Some(l.size),
+                })
             })
             .collect();
         if let Some(there) = there {
@@ -292,7 +297,12 @@ impl BuildImports {
                 let layers = hit
                     .layers
                     .iter()
-                    .map(|l| (LayerDesc { diff_id: l.diff_id, size: l.blob.size }, tier_blob(&spec, l)))
+                    .map(|l| {
+                        // A cluster's layers are sized as their tars (the blob's size stands in
+                        // when the exporter did not know it).
+                        let size = l.tar_size.unwrap_or(l.blob.size);
+                        (LayerDesc { diff_id: l.diff_id, size }, tier_blob(&spec, l))
+                    })
                     .collect();
                 Ok(TierHit { layers, source: store.label().to_string() })
             }) as kiln_model::BoxFuture<_>)

@@ -66,6 +66,10 @@ pub struct LayerBlob {
     pub size: u64,
     /// The compression used.
     pub compression: Compression,
+    /// Bytes of the uncompressed tar, when known (Kiln wrote it; not for a pulled blob or a
+    /// record from before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tar_size: Option<u64>,
 }
 
 /// Writes the layer directory as a tar into `out`.
@@ -86,36 +90,48 @@ pub fn export_layer(
     options: &TarOptions,
 ) -> Result<LayerBlob, LayerError> {
     let ingest = cas.ingest()?;
-    let (diff_id, ingest) = match compression {
+    let (diff_id, tar_size, ingest) = match compression {
         Compression::None => {
             let hashing = write_layer_tar(dir, HashingWriter::new(ingest), options)?;
-            hashing.finish()
+            let written = hashing.written();
+            let (diff_id, ingest) = hashing.finish();
+            (diff_id, written, ingest)
         }
         Compression::Gzip => {
             let encoder = flate2::write::GzEncoder::new(ingest, flate2::Compression::default());
-            let (diff_id, encoder) = write_layer_tar(dir, HashingWriter::new(encoder), options)?.finish();
-            (diff_id, encoder.finish().map_err(io_at(dir))?)
+            let hashing = write_layer_tar(dir, HashingWriter::new(encoder), options)?;
+            let written = hashing.written();
+            let (diff_id, encoder) = hashing.finish();
+            (diff_id, written, encoder.finish().map_err(io_at(dir))?)
         }
         Compression::Zstd => {
             let encoder = zstd::Encoder::new(ingest, 3).map_err(io_at(dir))?;
-            let (diff_id, encoder) = write_layer_tar(dir, HashingWriter::new(encoder), options)?.finish();
-            (diff_id, encoder.finish().map_err(io_at(dir))?)
+            let hashing = write_layer_tar(dir, HashingWriter::new(encoder), options)?;
+            let written = hashing.written();
+            let (diff_id, encoder) = hashing.finish();
+            (diff_id, written, encoder.finish().map_err(io_at(dir))?)
         }
     };
     let info = ingest.commit(None)?;
-    Ok(LayerBlob { digest: info.digest, diff_id, size: info.size, compression })
+    Ok(LayerBlob { digest: info.digest, diff_id, size: info.size, compression, tar_size: Some(tar_size) })
 }
 
 /// Passes bytes through while hashing them.
 pub struct HashingWriter<W> {
     inner: W,
     hasher: Sha256Writer,
+    written: u64,
 }
 
 impl<W> HashingWriter<W> {
     /// Wraps `inner`.
     pub fn new(inner: W) -> Self {
-        HashingWriter { inner, hasher: Sha256Writer::new() }
+        HashingWriter { inner, hasher: Sha256Writer::new(), written: 0 }
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     /// The digest of everything written, and the inner writer.
@@ -128,6 +144,7 @@ impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
+        self.written += n as u64;
         Ok(n)
     }
 

@@ -30,7 +30,7 @@ pub fn layer_origins(image: &kiln_registry::ResolvedImage) -> Vec<LayerBlob> {
         .layers()
         .filter_map(|(layer, diff_id)| {
             let compression = compression_of(&layer.media_type)?;
-            Some(LayerBlob { digest: layer.digest, diff_id: *diff_id, size: layer.size, compression })
+            Some(LayerBlob { digest: layer.digest, diff_id: *diff_id, size: layer.size, compression, tar_size: None })
         })
         .collect()
 }

@@ -102,6 +102,7 @@ impl Stores {
                 annotations: Default::default(),
             },
             diff_id,
+            tar_size: None,
         };
         self.ensure_cached_layer(&layer, store.as_ref()).await
     }
@@ -183,6 +184,7 @@ impl Stores {
             diff_id: layer.diff_id,
             size: layer.blob.size,
             compression,
+            tar_size: layer.tar_size,
         });
         let fetch = async {
             store.fetch_blob(&layer.blob, &self.cas).await.map_err(|e| StoreError::Fetch {
