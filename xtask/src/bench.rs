@@ -561,20 +561,18 @@ impl Bench {
         Ok(started.elapsed().as_secs_f64())
     }
 
+    /// One timed `docker build` of `dir` from the bench's base image, with `args`.
+    fn docker_build(&self, dir: &Path, args: &[&str]) -> anyhow::Result<f64> {
+        let mut all = vec!["build", "--network=none", "--build-arg", "BASE=kiln/busybox:latest"];
+        all.extend_from_slice(args);
+        let dir = dir.to_string_lossy();
+        all.push(&dir);
+        self.docker_timed(&all)
+    }
+
     /// BuildKit building `dir` with the inline cache into `tag`, then pushing it.
     fn docker_export(&self, dir: &Path, tag: &str) -> anyhow::Result<f64> {
-        let dir = dir.to_string_lossy();
-        let build = self.docker_timed(&[
-            "build",
-            "--network=none",
-            "--build-arg",
-            "BASE=kiln/busybox:latest",
-            "--build-arg",
-            "BUILDKIT_INLINE_CACHE=1",
-            "-t",
-            tag,
-            &dir,
-        ])?;
+        let build = self.docker_build(dir, &["--build-arg", "BUILDKIT_INLINE_CACHE=1", "-t", tag])?;
         Ok(build + self.docker_timed(&["push", "--quiet", tag])?)
     }
 
@@ -627,16 +625,7 @@ impl Bench {
             if self.docker.is_some() {
                 self.docker_prune();
                 let _ = self.docker_command(&["rmi", "-f", &tag]).stdout(Stdio::null()).stderr(Stdio::null()).status();
-                let dir = dir.to_string_lossy();
-                let seconds = self.docker_timed(&[
-                    "build",
-                    "--network=none",
-                    "--build-arg",
-                    "BASE=kiln/busybox:latest",
-                    "--cache-from",
-                    &tag,
-                    &dir,
-                ])?;
+                let seconds = self.docker_build(dir, &["--cache-from", &tag])?;
                 if round > 0 {
                     docker_times.push(seconds);
                 }

@@ -13,6 +13,17 @@ use serde::{Deserialize, Serialize};
 pub const CACHE_CONFIG_MEDIA_TYPE: &str = "application/vnd.kiln.cache.config.v1+json";
 /// The media type of the manifest (a plain OCI image manifest).
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+/// What an export keeps of the records a cache held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merge {
+    /// Records of the platforms this export built are replaced, the others kept (a
+    /// build's own cache, as buildx's).
+    ReplacePlatforms,
+    /// Every record is kept unless this export rewrites its key, newest first, at most this
+    /// many (a fleet's shared cache, which every build of every project writes).
+    Accumulate(usize),
+}
+
 /// The records a fleet's shared cache keeps (the newest; a few hundred bytes each).
 pub const MAX_SHARED_RECORDS: usize = 200_000;
 
@@ -83,6 +94,13 @@ pub enum FormatError {
     },
 }
 
+impl CacheLayer {
+    /// The blob `digest` as this layer describes it.
+    pub fn descriptor(&self, digest: Digest) -> Descriptor {
+        Descriptor::new(self.media_type.clone(), digest, self.size)
+    }
+}
+
 impl CacheConfig {
     /// Parses and checks a config blob: every record's layers are described.
     pub fn parse(bytes: &[u8]) -> Result<CacheConfig, FormatError> {
@@ -99,42 +117,27 @@ impl CacheConfig {
         Ok(config)
     }
 
-    /// This export's records over what the cache held: records of `platforms` (the ones this
-    /// build built) are replaced, the other platforms' records are kept, and the layer table
-    /// keeps exactly the layers some record names.
-    pub fn merged(previous: Option<CacheConfig>, new: CacheConfig, platforms: &BTreeSet<String>) -> CacheConfig {
+    /// This export's records over what the cache held, as `merge` says: they come first,
+    /// then the records kept (in the order the cache had them), at most `limit` of them with
+    /// [`Merge::Accumulate`]; the layer table keeps exactly the layers some record names.
+    pub fn merged(previous: Option<CacheConfig>, new: CacheConfig, merge: Merge) -> CacheConfig {
+        let platforms: BTreeSet<String> = new.records.iter().map(|r| r.platform.clone()).collect();
+        let limit = match merge {
+            Merge::ReplacePlatforms => usize::MAX,
+            Merge::Accumulate(limit) => limit,
+        };
         let mut merged = new;
         if let Some(previous) = previous {
             let mut keys: BTreeSet<Digest> = merged.records.iter().map(|r| r.key).collect();
             for record in previous.records {
-                if !platforms.contains(&record.platform) && keys.insert(record.key) {
-                    for layer in &record.layers {
-                        if let Some(described) = previous.layers.get(layer) {
-                            merged.layers.entry(*layer).or_insert_with(|| described.clone());
-                        }
-                    }
-                    merged.records.push(record);
-                }
-            }
-        }
-        let named: BTreeSet<Digest> = merged.records.iter().flat_map(|r| r.layers.iter().copied()).collect();
-        merged.layers.retain(|digest, _| named.contains(digest));
-        merged.version = VERSION;
-        merged
-    }
-
-    /// This export's records first, then what the cache held under other keys (newest
-    /// first, as the cache keeps them), at most `limit` records: the oldest go first. The
-    /// layer table keeps exactly the layers some record names.
-    pub fn accumulated(previous: Option<CacheConfig>, new: CacheConfig, limit: usize) -> CacheConfig {
-        let mut merged = new;
-        if let Some(previous) = previous {
-            let mut keys: BTreeSet<Digest> = merged.records.iter().map(|r| r.key).collect();
-            for record in previous.records {
+                let kept = match merge {
+                    Merge::ReplacePlatforms => !platforms.contains(&record.platform),
+                    Merge::Accumulate(_) => true,
+                };
                 if merged.records.len() >= limit {
                     break;
                 }
-                if keys.insert(record.key) {
+                if kept && keys.insert(record.key) {
                     for layer in &record.layers {
                         if let Some(described) = previous.layers.get(layer) {
                             merged.layers.entry(*layer).or_insert_with(|| described.clone());
@@ -161,24 +164,8 @@ impl CacheConfig {
         let manifest = Manifest {
             schema_version: 2,
             media_type: Some(MANIFEST_MEDIA_TYPE.into()),
-            config: Descriptor {
-                media_type: CACHE_CONFIG_MEDIA_TYPE.into(),
-                digest: Digest::of(config),
-                size: config.len() as u64,
-                platform: None,
-                annotations: BTreeMap::new(),
-            },
-            layers: self
-                .layers
-                .iter()
-                .map(|(digest, layer)| Descriptor {
-                    media_type: layer.media_type.clone(),
-                    digest: *digest,
-                    size: layer.size,
-                    platform: None,
-                    annotations: BTreeMap::new(),
-                })
-                .collect(),
+            config: Descriptor::new(CACHE_CONFIG_MEDIA_TYPE, Digest::of(config), config.len() as u64),
+            layers: self.layers.iter().map(|(digest, layer)| layer.descriptor(*digest)).collect(),
             annotations: BTreeMap::new(),
         };
         serde_json::to_vec(&manifest).expect("a manifest serialises")
@@ -228,8 +215,7 @@ mod tests {
     fn an_export_replaces_its_platforms_and_keeps_the_others() {
         let previous = config(&[(1, "linux/amd64", &[1, 2]), (2, "linux/arm64", &[1, 3])]);
         let new = config(&[(3, "linux/amd64", &[1, 4])]);
-        let platforms = BTreeSet::from(["linux/amd64".to_string()]);
-        let merged = CacheConfig::merged(Some(previous), new, &platforms);
+        let merged = CacheConfig::merged(Some(previous), new, Merge::ReplacePlatforms);
         let keys: Vec<Digest> = merged.records.iter().map(|r| r.key).collect();
         assert_eq!(keys, [digest(3), digest(2)]);
         // Layer 2 went with the replaced record; 3 stays for arm64.

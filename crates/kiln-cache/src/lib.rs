@@ -15,16 +15,16 @@ pub mod format;
 mod s3;
 mod store;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use kiln_cas::BlobStore;
-use kiln_model::{CacheLocation, CacheSpec};
+use kiln_model::{CacheLocation, CacheSpec, TierBlob};
 use kiln_registry::{Descriptor, RegistryClient};
 use kiln_types::Digest;
 
-pub use format::{CacheConfig, CacheLayer, CacheRecord, FormatError, MAX_SHARED_RECORDS};
+pub use format::{CacheConfig, CacheLayer, CacheRecord, FormatError, MAX_SHARED_RECORDS, Merge};
 pub use s3::S3Objects;
 pub use store::{CacheStore, DirObjects, Fut, MAX_MANIFEST, MemoryObjects, ObjectCache, ObjectStore, RegistryStore};
 
@@ -82,6 +82,23 @@ pub struct CachedLayer {
     pub tar_size: Option<u64>,
 }
 
+impl CachedLayer {
+    /// The layer from a shared cache's blob.
+    pub fn from_tier(diff_id: Digest, tar_size: Option<u64>, blob: &TierBlob) -> CachedLayer {
+        CachedLayer { blob: Descriptor::new(blob.media_type.clone(), blob.digest, blob.size), diff_id, tar_size }
+    }
+
+    /// Where the cache `cache` (a spec) holds this layer, as assignments carry it.
+    pub fn in_tier(&self, cache: &str) -> TierBlob {
+        TierBlob {
+            cache: cache.to_string(),
+            digest: self.blob.digest,
+            size: self.blob.size,
+            media_type: self.blob.media_type.clone(),
+        }
+    }
+}
+
 /// A result an imported cache holds.
 #[derive(Clone)]
 pub struct CacheHit {
@@ -123,17 +140,7 @@ impl Imports {
                 .iter()
                 .map(|digest| {
                     let layer = &config.layers[digest]; // CacheConfig::parse checked it is there
-                    CachedLayer {
-                        blob: Descriptor {
-                            media_type: layer.media_type.clone(),
-                            digest: *digest,
-                            size: layer.size,
-                            platform: None,
-                            annotations: Default::default(),
-                        },
-                        diff_id: layer.diff_id,
-                        tar_size: layer.tar_size,
-                    }
+                    CachedLayer { blob: layer.descriptor(*digest), diff_id: layer.diff_id, tar_size: layer.tar_size }
                 })
                 .collect();
             self.hits.entry(record.key).or_insert_with(|| CacheHit { layers, store: Arc::clone(store) });
@@ -238,17 +245,6 @@ pub struct ExportStats {
     pub uploaded_bytes: u64,
 }
 
-/// What an export keeps of the records a cache held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Merge {
-    /// Records of the platforms this export built are replaced, the others kept (a
-    /// build's own cache, as buildx's; see [`CacheConfig::merged`]).
-    ReplacePlatforms,
-    /// Every record is kept unless this export rewrites its key, newest first, at most this
-    /// many (a fleet's shared cache, which every build of every project writes).
-    Accumulate(usize),
-}
-
 /// Writes `records` to the cache: their blobs (those it lacks), then the config and the
 /// manifest, keeping what the cache held as `merge` says.
 pub async fn export(
@@ -257,7 +253,6 @@ pub async fn export(
     merge: Merge,
     cas: &Arc<BlobStore>,
 ) -> Result<ExportStats, CacheError> {
-    let platforms: BTreeSet<String> = records.iter().map(|r| r.platform.clone()).collect();
     let mut new = CacheConfig { version: format::VERSION, ..CacheConfig::default() };
     let mut blobs = Vec::new();
     for record in &records {
@@ -283,32 +278,21 @@ pub async fn export(
         Previous::Found(config) => Some(config),
         Previous::Missing | Previous::Unusable(_) => None,
     };
-    let merged = match merge {
-        Merge::ReplacePlatforms => CacheConfig::merged(previous, new, &platforms),
-        Merge::Accumulate(limit) => CacheConfig::accumulated(previous, new, limit),
-    };
+    let merged = CacheConfig::merged(previous, new, merge);
     // Collected first: a closure inside the stream type trips the compiler's Send check for
     // callers that spawn this future. `buffered` keeps the order, to pair sizes back.
     let pushes: Vec<_> = blobs.iter().map(|blob| store.push_blob(blob, cas)).collect();
     let sent: Vec<bool> = futures_util::stream::iter(pushes).buffered(PARALLEL_UPLOADS).try_collect().await?;
     let uploads: Vec<(bool, u64)> = sent.into_iter().zip(blobs.iter().map(|b| b.size)).collect();
-    let (config, manifest, info) = blocking(store, "storing the config", {
+    let (manifest, info) = blocking(store, "storing the config", {
         let cas = Arc::clone(cas);
         move || {
             let config = merged.to_bytes();
-            let manifest = merged.manifest(&config);
-            cas.put(&config, None).map(|info| (config, manifest, info))
+            cas.put(&config, None).map(|info| (merged.manifest(&config), info))
         }
     })
     .await?;
-    drop(config);
-    let config_blob = Descriptor {
-        media_type: format::CACHE_CONFIG_MEDIA_TYPE.into(),
-        digest: info.digest,
-        size: info.size,
-        platform: None,
-        annotations: Default::default(),
-    };
+    let config_blob = Descriptor::new(format::CACHE_CONFIG_MEDIA_TYPE, info.digest, info.size);
     store.push_blob(&config_blob, cas).await?;
     store.write_manifest(manifest).await?;
     Ok(ExportStats {

@@ -117,13 +117,14 @@ pub trait ObjectStore: Send + Sync {
     fn put(&self, key: String, bytes: Vec<u8>) -> Fut<'_, Result<(), String>>;
     /// Whether the object exists.
     fn exists(&self, key: String) -> Fut<'_, Result<bool, String>>;
-    /// Streams an object into `cas` as the blob `blob` (digest and size checked).
+    /// Streams an object into `cas` as the blob `blob`: its digest is checked, and no more
+    /// than one byte past its size is read. Returns the bytes stored.
     fn download<'a>(
         &'a self,
         key: String,
         blob: &'a Descriptor,
         cas: &'a Arc<BlobStore>,
-    ) -> Fut<'a, Result<(), String>>;
+    ) -> Fut<'a, Result<u64, String>>;
     /// Uploads a file as the object.
     fn upload(&self, key: String, file: PathBuf, size: u64) -> Fut<'_, Result<(), String>>;
 }
@@ -186,10 +187,14 @@ impl<S: ObjectStore> CacheStore for ObjectCache<S> {
                 return Ok(());
             }
             let key = self.blob_key(&blob.digest);
-            self.objects
-                .download(key.clone(), blob, cas)
-                .await
-                .map_err(|e| CacheError::new(&self.label, &format!("fetching {key}"), e))
+            let error = |e| CacheError::new(&self.label, &format!("fetching {key}"), e);
+            let stored = self.objects.download(key.clone(), blob, cas).await.map_err(error)?;
+            // The content is the blob (its digest matched); a size that differs is a cache that
+            // describes its blobs wrongly.
+            if stored != blob.size {
+                return Err(error(format!("{stored} bytes, the cache says {}", blob.size)));
+            }
+            Ok(())
         })
     }
 
@@ -282,24 +287,13 @@ impl ObjectStore for DirObjects {
         key: String,
         blob: &'a Descriptor,
         cas: &'a Arc<BlobStore>,
-    ) -> Fut<'a, Result<(), String>> {
+    ) -> Fut<'a, Result<u64, String>> {
         let (cas, digest, size) = (Arc::clone(cas), blob.digest, blob.size);
-        let path = self.dir.join(key);
-        Box::pin(async move {
-            let shown = path.display().to_string();
-            tokio::task::spawn_blocking(move || {
-                let file = std::fs::File::open(&path).map_err(|e| format!("{shown}: {e}"))?;
-                let info =
-                    cas.put_reader(&mut std::io::BufReader::new(file), Some(&digest)).map_err(|e| e.to_string())?;
-                if info.size != size {
-                    let _ = cas.delete(&digest);
-                    return Err(format!("{shown}: {} bytes, the cache says {size}", info.size));
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|e| e.to_string())?
-        })
+        Box::pin(blocking(self.dir.join(key), move |path| {
+            let file = std::io::Read::take(std::fs::File::open(path)?, size + 1);
+            let stored = cas.put_reader(&mut std::io::BufReader::new(file), Some(&digest));
+            stored.map(|info| info.size).map_err(std::io::Error::other)
+        }))
     }
 
     fn upload(&self, key: String, file: PathBuf, _size: u64) -> Fut<'_, Result<(), String>> {
@@ -378,14 +372,11 @@ impl ObjectStore for MemoryObjects {
         key: String,
         blob: &'a Descriptor,
         cas: &'a Arc<BlobStore>,
-    ) -> Fut<'a, Result<(), String>> {
+    ) -> Fut<'a, Result<u64, String>> {
         Box::pin(async move {
             self.check()?;
             let bytes = self.objects().get(&key).cloned().ok_or_else(|| format!("{key}: no such object"))?;
-            if bytes.len() as u64 != blob.size {
-                return Err(format!("{key}: {} bytes, the cache says {}", bytes.len(), blob.size));
-            }
-            cas.put(&bytes, Some(&blob.digest)).map(drop).map_err(|e| e.to_string())
+            cas.put(&bytes, Some(&blob.digest)).map(|info| info.size).map_err(|e| e.to_string())
         })
     }
 

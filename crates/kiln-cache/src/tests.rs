@@ -21,13 +21,7 @@ fn node() -> Node {
 fn layer(node: &Node, content: &str) -> CachedLayer {
     let info = node.cas.put(content.as_bytes(), None).unwrap();
     CachedLayer {
-        blob: Descriptor {
-            media_type: GZIP.into(),
-            digest: info.digest,
-            size: info.size,
-            platform: None,
-            annotations: Default::default(),
-        },
+        blob: Descriptor::new(GZIP, info.digest, info.size),
         diff_id: Digest::of(format!("diff of {content}").as_bytes()),
         tar_size: Some(10 * content.len() as u64),
     }

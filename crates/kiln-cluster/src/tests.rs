@@ -49,10 +49,25 @@ fn fake_holding(
     ran: Arc<Mutex<Vec<(String, String)>>>,
     layers: Vec<Digest>,
 ) -> u64 {
+    fake_failing(cluster, name, ran, layers, |_| None)
+}
+
+/// [`fake_holding`], failing the jobs `fail` answers for instead of running them.
+fn fake_failing(
+    cluster: &Arc<Cluster<()>>,
+    name: &str,
+    ran: Arc<Mutex<Vec<(String, String)>>>,
+    layers: Vec<Digest>,
+    mut fail: impl FnMut(&Job<()>) -> Option<Failed> + Send + 'static,
+) -> u64 {
     let (session, mut assignments) = cluster.register(info(name), layers).unwrap();
     let (cluster, name) = (Arc::clone(cluster), name.to_string());
     tokio::spawn(async move {
         while let Some(ToWorker::Assign(job)) = assignments.recv().await {
+            if let Some(failed) = fail(&job) {
+                cluster.report(&name, job.id, job.epoch, Err(failed));
+                continue;
+            }
             ran.lock().unwrap().push((job.vertex.meta.name.clone(), name.clone()));
             let layer =
                 LayerDesc { diff_id: Digest::of(format!("{}@{name}", job.vertex.meta.name).as_bytes()), size: 10 };
@@ -243,21 +258,9 @@ async fn a_shared_layer_a_worker_cannot_fetch_is_recomputed_not_trusted_again() 
     cluster.disconnect("a", a);
 
     // Worker b finds the shared blob gone on its first job, then works.
-    let (_, mut assignments) = cluster.register(info("b"), vec![]).unwrap();
-    let (worker, log) = (Arc::clone(&cluster), Arc::clone(&ran));
-    tokio::spawn(async move {
-        let mut first = true;
-        while let Some(ToWorker::Assign(job)) = assignments.recv().await {
-            if std::mem::take(&mut first) {
-                let failed = Failed::lost_input("cache local:/gone: no such object");
-                worker.report("b", job.id, job.epoch, Err(failed));
-                continue;
-            }
-            log.lock().unwrap().push((job.vertex.meta.name.clone(), "b".to_string()));
-            let new = LayerDesc { diff_id: Digest::of(format!("{}@b", job.vertex.meta.name).as_bytes()), size: 10 };
-            let layers = job.inputs.iter().flat_map(|l| l.layers.clone()).chain(Some(new)).collect();
-            worker.report("b", job.id, job.epoch, Ok(Executed::new(Layers { layers })));
-        }
+    let mut fresh = true;
+    fake_failing(&cluster, "b", Arc::clone(&ran), vec![], move |_| {
+        std::mem::take(&mut fresh).then(|| Failed::lost_input("cache local:/gone: no such object"))
     });
     let user = exec("user", vec![base.digest]);
     let done = executor.execute(user, vec![first.output], build(), LogSink::new(|_| true)).await.unwrap();

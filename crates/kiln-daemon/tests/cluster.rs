@@ -101,14 +101,22 @@ impl Cluster {
         let platform = platform.trim_end_matches("\"]").to_string();
         let slots = config.lines().find_map(|l| l.strip_prefix("max-parallelism = ")).unwrap().parse().unwrap();
         self.start_worker(name, host, &platform, slots);
+        self.wait_for_names(&format!("{name} replacing {old}"), |names| {
+            names.iter().any(|n| n == name) && !names.contains(&old)
+        });
+    }
+
+    /// Polls the coordinator's worker list until `done` holds for the registered names (the
+    /// coordinator offers no event to wait on); `what` names the wait if it times out.
+    fn wait_for_names(&self, what: &str, done: impl Fn(&[String]) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let names: Vec<String> =
                 self.workers_json().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect();
-            if names.contains(&name.to_string()) && !names.contains(&old) {
+            if done(&names) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{name} did not replace {old}: {names:?}");
+            assert!(Instant::now() < deadline, "{what}: workers are {names:?}\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(50));
         }
     }

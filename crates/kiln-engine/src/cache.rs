@@ -16,8 +16,7 @@ use kiln_dockerfile::BuildPlan;
 use kiln_graph::Op;
 use kiln_layer::{Compression, TarOptions};
 use kiln_model::{
-    BuildEvent, BuildRequest, CacheCompression, CacheLocation, CacheMode, CacheSpec, LayerDesc, Layers, TierBlob,
-    VertexRecord,
+    BuildEvent, BuildRequest, CacheCompression, CacheLocation, CacheMode, CacheSpec, LayerDesc, Layers, VertexRecord,
 };
 use kiln_registry::Descriptor;
 use kiln_types::Digest;
@@ -58,10 +57,17 @@ impl Engine {
         }
     }
 
-    /// The caches a build exports to: its `--cache-to` and the shared tier.
-    fn exports_of(&self, request: &BuildRequest) -> Vec<(CacheSpec, Option<&'static str>)> {
-        let shared = self.shared_cache.iter().map(|spec| (spec.clone(), Some(SHARED)));
-        request.cache_to.iter().map(|spec| (spec.clone(), None)).chain(shared).collect()
+    /// The request's caches `specs` and the shared tier (first on import, last on export,
+    /// so the tier's records win and the build's own cache is written first), each with the
+    /// label the shared tier goes by.
+    fn with_shared<'a>(
+        &'a self,
+        specs: &'a [CacheSpec],
+        shared_first: bool,
+    ) -> Vec<(&'a CacheSpec, Option<&'static str>)> {
+        let shared = self.shared_cache.iter().map(|spec| (spec, Some(SHARED)));
+        let own = specs.iter().map(|spec| (spec, None));
+        if shared_first { shared.chain(own).collect() } else { own.chain(shared).collect() }
     }
 
     /// Reads the caches the build imports (the shared tier first). One that cannot be
@@ -71,16 +77,13 @@ impl Engine {
         request: &BuildRequest,
         progress: &mpsc::UnboundedSender<BuildEvent>,
     ) -> BuildImports {
-        let shared = self.shared_cache.iter().map(|spec| (spec, Some(SHARED)));
-        let wanted: Vec<(&CacheSpec, Option<&str>)> =
-            shared.chain(request.cache_from.iter().map(|spec| (spec, None))).collect();
+        let wanted = self.with_shared(&request.cache_from, true);
         let mut specs = HashMap::new();
         // --no-cache imports nothing, so nothing is read.
         if wanted.is_empty() || request.no_cache {
             return BuildImports { imports: Arc::default(), specs };
         }
-        let names: Vec<String> =
-            wanted.iter().map(|(spec, label)| label.map_or_else(|| spec.source(), String::from)).collect();
+        let names: Vec<String> = wanted.iter().map(|(spec, label)| name(spec, *label)).collect();
         let step = self.step(progress, &format!("importing cache manifests from {}", names.join(", ")));
         let mut stores = Vec::new();
         let mut warnings = Vec::new();
@@ -112,10 +115,9 @@ impl Engine {
         results: &[Option<O>],
         progress: &mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<(), BuildError> {
-        for (spec, label) in self.exports_of(request) {
-            let name = label.map_or_else(|| spec.source(), String::from);
-            let step = self.step(progress, &format!("exporting cache to {name}"));
-            match self.export_cache(&spec, label, request, plan, records, outputs, results).await {
+        for (spec, label) in self.with_shared(&request.cache_to, false) {
+            let step = self.step(progress, &format!("exporting cache to {}", name(spec, label)));
+            match self.export_cache(spec, label, request, plan, records, outputs, results).await {
                 Ok(()) => step.done(),
                 Err(error) if spec.ignore_error => {
                     step.done();
@@ -173,10 +175,15 @@ impl Engine {
         kiln_cache::export(store.as_ref(), exported.clone(), merge, self.stores.cas()).await?;
         // What the shared tier holds now can stand in for layers whose workers leave.
         if let (Some(SHARED), Mode::Cluster { cluster, .. }) = (label, &self.mode) {
-            cluster.add_tier(exported.iter().flat_map(|r| &r.layers).map(|l| (l.diff_id, tier_blob(&target, l))));
+            cluster.add_tier(exported.iter().flat_map(|r| &r.layers).map(|l| (l.diff_id, l.in_tier(&target))));
         }
         Ok(())
     }
+}
+
+/// How progress names a cache: its label when it has one, else its source.
+fn name(spec: &CacheSpec, label: Option<&str>) -> String {
+    label.map_or_else(|| spec.source(), String::from)
 }
 
 /// A result as an export sees it: its layer chain (to tell which results are layers of an
@@ -212,7 +219,7 @@ impl Exported for Snapshot {
         Ok(blobs
             .into_iter()
             .map(|blob| CachedLayer {
-                blob: descriptor(blob.compression.oci_media_type(), blob.digest, blob.size),
+                blob: Descriptor::new(blob.compression.oci_media_type(), blob.digest, blob.size),
                 diff_id: blob.diff_id,
                 tar_size: blob.tar_size,
             })
@@ -242,11 +249,7 @@ impl Exported for Layers {
             .iter()
             .map(|l| {
                 let blob = cluster.tier_blob(&l.diff_id).filter(|b| b.cache == target)?;
-                Some(CachedLayer {
-                    blob: descriptor(&blob.media_type, blob.digest, blob.size),
-                    diff_id: l.diff_id,
-                    tar_size: Some(l.size),
-                })
+                Some(CachedLayer::from_tier(l.diff_id, Some(l.size), &blob))
             })
             .collect();
         if let Some(there) = there {
@@ -254,19 +257,6 @@ impl Exported for Layers {
         }
         let snapshot = engine.fetch_result(cluster, fetcher.as_ref(), self.clone()).await?;
         snapshot.cached_layers(engine, target, compression, options).await
-    }
-}
-
-fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
-    Descriptor { media_type: media_type.into(), digest, size, platform: None, annotations: Default::default() }
-}
-
-fn tier_blob(cache: &str, layer: &CachedLayer) -> TierBlob {
-    TierBlob {
-        cache: cache.to_string(),
-        digest: layer.blob.digest,
-        size: layer.blob.size,
-        media_type: layer.blob.media_type.clone(),
     }
 }
 
@@ -301,7 +291,7 @@ impl BuildImports {
                         // A cluster's layers are sized as their tars (the blob's size stands in
                         // when the exporter did not know it).
                         let size = l.tar_size.unwrap_or(l.blob.size);
-                        (LayerDesc { diff_id: l.diff_id, size }, tier_blob(&spec, l))
+                        (LayerDesc { diff_id: l.diff_id, size }, l.in_tier(&spec))
                     })
                     .collect();
                 Ok(TierHit { layers, source: store.label().to_string() })
@@ -310,7 +300,7 @@ impl BuildImports {
     }
 
     /// The imported records, for a standalone build's worker.
-    pub(crate) fn records(&self) -> Imports {
-        Imports::clone(&self.imports)
+    pub(crate) fn records(&self) -> Arc<Imports> {
+        Arc::clone(&self.imports)
     }
 }

@@ -43,6 +43,13 @@ pub struct Descriptor {
     pub annotations: BTreeMap<String, String>,
 }
 
+impl Descriptor {
+    /// A descriptor of plain content: no platform, no annotations.
+    pub fn new(media_type: impl Into<String>, digest: Digest, size: u64) -> Descriptor {
+        Descriptor { media_type: media_type.into(), digest, size, platform: None, annotations: BTreeMap::new() }
+    }
+}
+
 /// The `platform` object of an index entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlatformField {

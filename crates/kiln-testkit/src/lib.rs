@@ -123,20 +123,27 @@ impl TestS3 {
         let addr = format!("127.0.0.1:{port}");
         let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/kiln-moto/bin/moto_server");
         let program = if venv.exists() { venv } else { PathBuf::from("moto_server") };
-        let child = Command::new(&program)
+        let mut child = Command::new(&program)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("moto_server is installed (cargo xtask ci installs it)");
-        let mut server = TestS3 { child, endpoint: format!("http://{addr}"), bucket: bucket.to_string() };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        // Python takes a while to start: wait for an answer, then create the bucket.
-        while server.request("PUT", &format!("/{bucket}")).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start on {addr}");
-            assert!(server.child.try_wait().ok().flatten().is_none(), "moto_server exited");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // Python takes a while to start: wait for the line it prints once it listens. The
+        // reader keeps draining its request log, which would otherwise fill the pipe.
+        let stderr = child.stderr.take().expect("piped");
+        let (listening, started) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut listening = Some(listening);
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+                if line.contains("Running on") {
+                    listening.take().map(|l| l.send(()));
+                }
+            }
+        });
+        let server = TestS3 { child, endpoint: format!("http://{addr}"), bucket: bucket.to_string() };
+        started.recv_timeout(Duration::from_secs(60)).expect("moto_server did not start listening");
+        server.request("PUT", &format!("/{bucket}")).expect("creating the bucket");
         server
     }
 

@@ -70,7 +70,7 @@ pub struct BuildInputs {
     /// Secrets by id.
     pub secrets: HashMap<String, Vec<u8>>,
     /// The records of the caches the build imports (`--cache-from`).
-    pub cache: kiln_cache::Imports,
+    pub cache: Arc<kiln_cache::Imports>,
 }
 
 /// How a worker runs steps.

@@ -9,7 +9,6 @@ use kiln_cache::{CacheHit, CacheStore, CachedLayer};
 use kiln_cas::BlobStore;
 use kiln_layer::{Compression, LayerBlob, LayerId, TarOptions};
 use kiln_model::{BoxFuture, CacheDirection, CacheSpec, LayerDesc, TierBlob};
-use kiln_registry::Descriptor;
 use kiln_types::Digest;
 
 use crate::source::compression_of;
@@ -93,18 +92,7 @@ impl Stores {
     async fn ensure_from_tier(&self, diff_id: Digest, blob: &TierBlob) -> Result<LayerId, StoreError> {
         let failed = |reason: String| StoreError::Fetch { what: "layer", digest: diff_id, reason };
         let store = self.tier_store(&blob.cache).await.map_err(failed)?;
-        let layer = CachedLayer {
-            blob: Descriptor {
-                media_type: blob.media_type.clone(),
-                digest: blob.digest,
-                size: blob.size,
-                platform: None,
-                annotations: Default::default(),
-            },
-            diff_id,
-            tar_size: None,
-        };
-        self.ensure_cached_layer(&layer, store.as_ref()).await
+        self.ensure_cached_layer(&CachedLayer::from_tier(diff_id, None, blob), store.as_ref()).await
     }
 
     /// The cache a spec names, opened once.

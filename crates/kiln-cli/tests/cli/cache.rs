@@ -25,6 +25,13 @@ COPY --from=build /built-file /copied
 RUN cat /data.txt /copied > /final
 ";
 
+/// The test's context: [`DOCKERFILE`] and the file it copies.
+fn app(setup: &Setup) -> std::path::PathBuf {
+    let context = setup.context("app", DOCKERFILE);
+    std::fs::write(context.join("data.txt"), "data\n").unwrap();
+    context
+}
+
 /// Runs a build in the daemon `state`; returns the metadata file's contents.
 fn build(setup: &Setup, state: &str, context: &Path, args: &[&str]) -> Value {
     let meta = setup.dir.path().join(format!("{state}.json"));
@@ -66,8 +73,7 @@ fn steps(metadata: &Value) -> BTreeMap<String, (String, String)> {
 fn a_cache_exported_by_one_daemon_serves_an_empty_one() {
     let setup = Setup::new();
     let s3 = TestS3::start("kiln-cache");
-    let context = setup.context("app", DOCKERFILE);
-    std::fs::write(context.join("data.txt"), "data\n").unwrap();
+    let context = app(&setup);
     let registry_cache = format!("{}/cache/app:buildcache", setup.registry.addr);
     let local_cache = setup.dir.path().join("local-cache");
     let image = |name: &str| format!("type=image,name={}/out/{name}:1,push=true", setup.registry.addr);
@@ -131,8 +137,7 @@ fn a_cache_exported_by_one_daemon_serves_an_empty_one() {
 fn broken_caches_are_misses_and_warnings_but_exports_fail_loudly() {
     let setup = Setup::new();
     let s3 = TestS3::start("kiln-broken");
-    let context = setup.context("app", DOCKERFILE);
-    std::fs::write(context.join("data.txt"), "data\n").unwrap();
+    let context = app(&setup);
     let spec = s3.cache_spec("app");
     build(&setup, "a", &context, &["--cache-to", &format!("{spec},mode=max")]);
 

@@ -1,8 +1,6 @@
 //! The fleet's shared cache tier (`[coordinator.cache] shared`, a real S3 server): results
 //! outlive the workers that built them and the coordinator's memory of them.
 
-use std::time::{Duration, Instant};
-
 use kiln_testkit::TestS3;
 
 use super::{Cluster, record};
@@ -22,11 +20,7 @@ fn results_whose_workers_are_gone_come_from_the_shared_tier_not_recomputed() {
     killed.kill().unwrap();
     killed.wait().unwrap();
     cluster.start_worker("w2", 3, "linux/amd64", 2);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while cluster.workers_json().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect::<Vec<_>>() != ["w2"] {
-        assert!(Instant::now() < deadline, "w2 did not replace the killed worker: {}", cluster.logs());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cluster.wait_for_names("w2 replacing the killed worker", |names| names == ["w2"]);
     let second = cluster.context("second", "FROM BASE\nRUN echo one > /one\nRUN cat /one > /two\n");
     let out = cluster.dir.path().join("second-out");
     let local = format!("type=local,dest={}", out.display());
