@@ -585,3 +585,20 @@ async fn a_cached_result_whose_layer_was_removed_is_a_miss_not_a_failure() {
     assert_eq!(run(&third.unwrap()), (Status::Executed, None));
     assert_eq!(std::fs::read_to_string(out.join("kept")).unwrap(), "kept\n");
 }
+
+#[tokio::test]
+async fn a_directory_cache_is_refused_to_a_client_on_another_machine() {
+    let fixture = Fixture::new().await;
+    let mut request = fixture.request("FROM BASE\n", &[], vec![]);
+    // An uploaded context: the client is not on this machine.
+    request.context_manifest = Some(kiln_model::ContextManifest::default());
+    let dir = fixture.dir.path().join("never");
+    request.cache_to = vec![
+        kiln_model::CacheSpec::parse(&format!("type=local,dest={}", dir.display()), kiln_model::CacheDirection::To)
+            .unwrap(),
+    ];
+    let (result, _) = fixture.build(request).await;
+    let error = result.unwrap_err().message;
+    assert!(error.contains("type=local caches are for clients on the daemon's own machine"), "{error}");
+    assert!(!dir.exists());
+}

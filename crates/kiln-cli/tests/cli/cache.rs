@@ -102,7 +102,10 @@ fn a_cache_exported_by_one_daemon_serves_an_empty_one() {
     assert!(steps(&a).values().all(|(status, _)| status == "executed"), "{a}");
     let keys = s3.keys();
     assert!(keys.iter().any(|k| k == "manifests/max") && keys.iter().any(|k| k == "manifests/min"), "{keys:?}");
-    assert!(local_cache.join("manifests/kiln").is_file());
+    // Readable by whoever reads the directory, though a root daemon wrote it.
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&local_cache.join("manifests/kiln").metadata().unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o644);
 
     // Each kind of cache, into an empty daemon: every step is cached from it, and the image is
     // the same bytes (same layers, same diff ids).
