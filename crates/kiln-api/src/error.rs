@@ -70,6 +70,12 @@ pub enum ApiError {
     /// A task of the service died.
     #[error("a service task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// Listing or pruning the worker's store failed (the message names the path or blob).
+    #[error("the worker's store: {0}")]
+    Storage(String),
+    /// The daemon has no store of records to list or prune (a coordinator without a cluster).
+    #[error("this daemon has no worker store")]
+    NoStore,
 }
 
 impl ApiError {
@@ -86,7 +92,9 @@ impl ApiError {
             ApiError::Upload { sender_at_fault: false, .. }
             | ApiError::Store { .. }
             | ApiError::Read { .. }
-            | ApiError::Task(_) => ErrorKind::Internal,
+            | ApiError::Task(_)
+            | ApiError::Storage(_) => ErrorKind::Internal,
+            ApiError::NoStore => ErrorKind::Refused,
         }
     }
 }

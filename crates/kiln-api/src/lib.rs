@@ -5,11 +5,13 @@
 mod blobs;
 mod error;
 mod exports;
+mod storage;
 mod workers;
 
 pub use blobs::BlobsService;
 pub use error::{ApiError, ServeError};
 pub use exports::clear_spools;
+pub use storage::StorageService;
 pub use workers::WorkersService;
 
 use std::path::{Path, PathBuf};
@@ -22,10 +24,12 @@ use kiln_proto::MAX_MESSAGE;
 use kiln_proto::convert::{event_to_proto, parse_digest, request_from_proto, worker_to_proto};
 use kiln_proto::v1::blobs_server::BlobsServer;
 use kiln_proto::v1::control_server::{Control, ControlServer};
+use kiln_proto::v1::storage_server::StorageServer;
 use kiln_proto::v1::workers_server::WorkersServer;
 use kiln_proto::v1::{
-    BlobChunkUpload, BuildEvent, BuildRequest, FindMissingRequest, FindMissingResponse, InfoRequest, InfoResponse,
-    ListWorkersRequest, ListWorkersResponse, UploadResponse,
+    BlobChunkUpload, BuildEvent, BuildRequest, DiskUsageRequest, DiskUsageResponse, FindMissingRequest,
+    FindMissingResponse, InfoRequest, InfoResponse, ListWorkersRequest, ListWorkersResponse, PruneRequest,
+    PruneResponse, UploadResponse,
 };
 use kiln_types::Digest;
 use tokio::sync::mpsc;
@@ -240,6 +244,25 @@ impl Control for ControlService {
         let workers = workers.into_iter().map(|w| worker_to_proto(&w)).collect();
         Ok(Response::new(ListWorkersResponse { workers }))
     }
+
+    async fn disk_usage(&self, _: Request<DiskUsageRequest>) -> Result<Response<DiskUsageResponse>, Status> {
+        let response = match (self.engine.gc(), self.engine.cluster()) {
+            (Some(gc), _) => storage::local_usage(gc, self.engine.name()).await?,
+            (None, Some(cluster)) => storage::cluster_usage(cluster).await,
+            (None, None) => return Err(ApiError::NoStore.into()),
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn prune(&self, request: Request<PruneRequest>) -> Result<Response<PruneResponse>, Status> {
+        let request = request.into_inner();
+        let response = match (self.engine.gc(), self.engine.cluster()) {
+            (Some(gc), _) => PruneResponse { evicted: Vec::new(), ..storage::local_prune(gc, &request).await? },
+            (None, Some(cluster)) => storage::cluster_prune(cluster, request).await,
+            (None, None) => return Err(ApiError::NoStore.into()),
+        };
+        Ok(Response::new(response))
+    }
 }
 
 /// Serves the control service on a unix socket until `shutdown` completes. A stale socket
@@ -276,6 +299,8 @@ pub struct Services {
     pub workers: Option<WorkersService>,
     /// The blob service.
     pub blobs: Option<BlobsService>,
+    /// A worker's store (its coordinator lists and prunes it).
+    pub storage: Option<StorageService>,
 }
 
 /// Serves `services` on a TCP listener until `shutdown` completes. Each connection gets a
@@ -298,6 +323,9 @@ pub async fn serve_tcp(
         }))
         .add_optional_service(
             services.blobs.map(|blobs| BlobsServer::new(blobs).max_encoding_message_size(MAX_MESSAGE)),
+        )
+        .add_optional_service(
+            services.storage.map(|storage| StorageServer::new(storage).max_encoding_message_size(MAX_MESSAGE)),
         )
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await

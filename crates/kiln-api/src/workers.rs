@@ -130,6 +130,11 @@ impl Workers for WorkersService {
                                 cluster.report(&name, job, epoch, result);
                             }
                             worker_message::Message::Drain(_) => cluster.drain(&name, session),
+                            worker_message::Message::Evicted(evicted) => {
+                                // Unreadable digests name nothing the cluster knows.
+                                let layers = evicted.layers.iter().filter_map(|d| d.parse().ok()).collect();
+                                cluster.evicted(&name, session, layers);
+                            }
                             worker_message::Message::Register(_) => {}
                         },
                         Ok(Some(_)) => {}

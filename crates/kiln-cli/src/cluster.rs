@@ -105,7 +105,7 @@ pub async fn info(args: InfoArgs, address: Option<&str>) -> anyhow::Result<bool>
     Ok(true)
 }
 
-fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
     let mut unit = 0;

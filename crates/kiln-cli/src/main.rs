@@ -3,6 +3,7 @@
 
 mod build;
 mod cluster;
+mod disk;
 mod embedded;
 mod exports;
 mod input;
@@ -34,6 +35,10 @@ enum Command {
     Workers(cluster::WorkersArgs),
     /// Describe the daemon (a coordinator or a standalone one).
     Info(cluster::InfoArgs),
+    /// Show what the worker stores hold (with --addr to a coordinator: every worker's).
+    Du(disk::DuArgs),
+    /// Remove what no build uses from the worker stores, least recently used first.
+    Prune(disk::PruneArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +52,8 @@ fn main() -> ExitCode {
         Command::Build(args) => run(Box::pin(build::run(args, address))),
         Command::Workers(args) => run(Box::pin(cluster::workers(args, address))),
         Command::Info(args) => run(Box::pin(cluster::info(args, address))),
+        Command::Du(args) => run(Box::pin(disk::du(args, address))),
+        Command::Prune(args) => run(Box::pin(disk::prune(args, address))),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

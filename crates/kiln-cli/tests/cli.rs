@@ -6,6 +6,8 @@ use std::process::Command;
 mod build;
 #[path = "cli/cache.rs"]
 mod cache;
+#[path = "cli/gc.rs"]
+mod gc;
 #[path = "cli/plan.rs"]
 mod plan;
 

@@ -14,9 +14,9 @@ pub use worker::{WorkerLink, WorkerSession};
 use std::path::PathBuf;
 
 use hyper_util::rt::TokioIo;
-use kiln_model::WorkerStatus;
 pub use kiln_model::{BuildEvent, BuildRequest};
-use kiln_proto::convert::{event_from_proto, request_to_proto, worker_from_proto};
+use kiln_model::{PruneOptions, PruneReport, UsageRecord, WorkerStatus};
+use kiln_proto::convert::{event_from_proto, prune_to_proto, request_to_proto, usage_from_proto, worker_from_proto};
 use kiln_proto::v1::{self, control_client::ControlClient};
 use tonic::transport::{Channel, Endpoint};
 
@@ -107,6 +107,34 @@ impl Client {
             .into_inner();
         let malformed = |source| ClientError::Malformed { what: "the daemon".into(), source };
         response.workers.into_iter().map(|w| worker_from_proto(w).map_err(malformed)).collect()
+    }
+
+    /// What the daemon's worker store holds (a coordinator: every connected worker's), and
+    /// the workers that did not answer, with why.
+    pub async fn disk_usage(&self) -> Result<(Vec<UsageRecord>, Vec<String>), ClientError> {
+        let response = self
+            .control
+            .clone()
+            .disk_usage(v1::DiskUsageRequest {})
+            .await
+            .map_err(|e| ClientError::rpc("", e))?
+            .into_inner();
+        let malformed = |source| ClientError::Malformed { what: "the daemon".into(), source };
+        let records = response.records.into_iter().map(|r| usage_from_proto(r).map_err(malformed));
+        Ok((records.collect::<Result<_, _>>()?, response.errors))
+    }
+
+    /// Removes what `options` selects from the worker stores; what was freed, and the
+    /// workers that did not answer, with why.
+    pub async fn prune(&self, options: &PruneOptions) -> Result<(PruneReport, Vec<String>), ClientError> {
+        let response = self
+            .control
+            .clone()
+            .prune(prune_to_proto(options))
+            .await
+            .map_err(|e| ClientError::rpc("", e))?
+            .into_inner();
+        Ok((PruneReport { reclaimed: response.reclaimed, records: response.records }, response.errors))
     }
 
     /// Starts a build; events arrive on the stream until [`BuildEvent::Result`]. Dropping the

@@ -134,6 +134,12 @@ impl WorkerLink {
         self.send(worker_message::Message::Heartbeat(v1::Heartbeat { free_disk }));
     }
 
+    /// Layers garbage collection removed, by diff id.
+    pub fn evicted(&self, layers: &[kiln_types::Digest]) {
+        let layers = layers.iter().map(ToString::to_string).collect();
+        self.send(worker_message::Message::Evicted(v1::Evicted { layers }));
+    }
+
     /// Takes no new work.
     pub fn drain(&self) {
         self.send(worker_message::Message::Drain(v1::Drain {}));

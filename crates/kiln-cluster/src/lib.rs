@@ -241,6 +241,19 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         self.apply(ClusterCommand::Heartbeat { worker: worker.into(), session, free_disk, at: now_ms() });
     }
 
+    /// A worker's garbage collection removed these layers.
+    pub fn evicted(&self, worker: &str, session: u64, layers: Vec<Digest>) {
+        self.apply(ClusterCommand::Evicted { worker: worker.into(), session, layers });
+    }
+
+    /// Layers a worker removed when its coordinator asked it to prune (its current session).
+    pub fn evicted_by(&self, worker: &str, layers: Vec<Digest>) {
+        let session = self.lock().links.get(worker).map(|(session, _)| *session);
+        if let Some(session) = session {
+            self.evicted(worker, session, layers);
+        }
+    }
+
     /// A worker's connection ended.
     pub fn disconnect(&self, worker: &str, session: u64) {
         self.apply(ClusterCommand::Disconnect { worker: worker.into(), session, at: now_ms() });
@@ -469,7 +482,7 @@ impl<B: Send + Sync + 'static> Executor for ClusterExecutor<B> {
     /// The source is `worker:NAME` when connected workers hold every layer (NAME holds the
     /// top one), `shared` when the shared cache holds the ones no worker does, `local` when
     /// it would be recomputed.
-    fn available(&self, output: &Layers) -> Option<String> {
+    fn available(&self, output: &Layers, _build: &Arc<ClusterBuild<B>>) -> Option<String> {
         let current = self.0.substitute(output);
         let inner = self.0.lock();
         let on_workers = current.layers.iter().all(|l| inner.state.holder_name(&l.diff_id).is_some());

@@ -75,6 +75,15 @@ pub enum ClusterCommand {
         /// The time.
         at: u64,
     },
+    /// A worker removed layers (garbage collection): no job is sent to it for them.
+    Evicted {
+        /// The worker.
+        worker: String,
+        /// Its session.
+        session: u64,
+        /// The layers' diff ids.
+        layers: Vec<Digest>,
+    },
     /// A worker finishes what it runs and takes nothing new.
     Drain {
         /// The worker.
@@ -282,6 +291,13 @@ impl ClusterState {
             ClusterCommand::Disconnect { worker, session, at } => {
                 if self.workers.get(&worker).is_some_and(|e| e.session == session) {
                     self.lose(&worker, at, &mut effects);
+                }
+            }
+            ClusterCommand::Evicted { worker, session, layers } => {
+                if let Some(entry) = self.workers.get_mut(&worker).filter(|e| e.session == session) {
+                    for layer in &layers {
+                        entry.layers.remove(layer);
+                    }
                 }
             }
             ClusterCommand::Drain { worker, session } => {

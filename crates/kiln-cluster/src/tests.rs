@@ -202,13 +202,13 @@ async fn outputs_are_available_while_held_or_recomputable() {
     let executor = ClusterExecutor(Arc::clone(&cluster));
     let a = fake(&cluster, "a", Arc::new(Mutex::new(Vec::new())));
     let made = executor.execute(exec("base", vec![]), vec![], build(), LogSink::new(|_| true)).await.unwrap();
-    assert_eq!(executor.available(&made.output).as_deref(), Some("worker:a"));
+    assert_eq!(executor.available(&made.output, &build()).as_deref(), Some("worker:a"));
     cluster.disconnect("a", a);
-    assert_eq!(executor.available(&made.output).as_deref(), Some("local"), "its recipe can make it again");
+    assert_eq!(executor.available(&made.output, &build()).as_deref(), Some("local"), "its recipe can make it again");
     // What a restarted coordinator knows from its cache index: layers, no recipe.
     let restored = Layers { layers: vec![LayerDesc { diff_id: Digest::of(b"from before"), size: 1 }] };
-    assert_eq!(executor.available(&restored), None);
-    assert!(executor.available(&Layers::default()).is_some());
+    assert_eq!(executor.available(&restored, &build()), None);
+    assert!(executor.available(&Layers::default(), &build()).is_some());
     // Unless the shared cache holds them: then they are fetched from there.
     let blob = TierBlob {
         cache: "type=local,src=/c".into(),
@@ -217,7 +217,7 @@ async fn outputs_are_available_while_held_or_recomputable() {
         media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
     };
     cluster.add_tier([(Digest::of(b"from before"), blob.clone())]);
-    assert_eq!(executor.available(&restored).as_deref(), Some("shared"));
+    assert_eq!(executor.available(&restored, &build()).as_deref(), Some("shared"));
     assert_eq!(cluster.tier_blob(&Digest::of(b"from before")), Some(blob));
 }
 
@@ -229,14 +229,14 @@ async fn an_output_is_unavailable_when_its_recipes_lead_to_lost_layers() {
     // worker that comes back still holds them.
     let restored = Layers { layers: vec![LayerDesc { diff_id: Digest::of(b"restored"), size: 1 }] };
     let a = fake_holding(&cluster, "a", Arc::new(Mutex::new(Vec::new())), vec![Digest::of(b"restored")]);
-    assert!(executor.available(&restored).is_some());
+    assert!(executor.available(&restored, &build()).is_some());
     let user = exec("user", vec![Digest::of(b"x")]);
     let made = executor.execute(user, vec![restored.clone()], build(), LogSink::new(|_| true)).await.unwrap();
     cluster.disconnect("a", a);
     fake(&cluster, "b", Arc::new(Mutex::new(Vec::new())));
     // The user's recipe needs the restored layers, which nothing holds and nothing can make.
-    assert!(executor.available(&restored).is_none());
-    assert!(executor.available(&made.output).is_none(), "a recipe over lost inputs is no way back");
+    assert!(executor.available(&restored, &build()).is_none());
+    assert!(executor.available(&made.output, &build()).is_none(), "a recipe over lost inputs is no way back");
 }
 
 #[tokio::test]

@@ -147,17 +147,17 @@ pub struct WorkerSection {
     pub gc: GcSection,
 }
 
-/// `[worker.gc]`: BuildKit's policy knobs.
+/// `[worker.gc]`: BuildKit's policy knobs (docs/gc.md).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GcSection {
-    /// Space kept even when unused, e.g. `10GB`. Default: `10GB`.
+    /// Never collect below this, e.g. `10GB`. Default: 10% of the disk, at most 10 GB.
     pub reserved_space: Option<String>,
-    /// Collect above this much used space. Default: no limit.
+    /// Collect above this much used space. Default: 60% of the disk, at most 100 GB.
     pub max_used_space: Option<String>,
-    /// Collect when less than this is free on the disk. Default: none.
+    /// Collect while less than this is free on the disk. Default: no such limit.
     pub min_free_space: Option<String>,
-    /// Keep records used within this long. Default: `48h`.
+    /// Records unused for longer than this are collected even under the limits. Default: `48h`.
     pub keep_duration: Option<String>,
 }
 
@@ -245,11 +245,11 @@ pub struct WorkerConfig {
     pub gc: GcPolicy,
 }
 
-/// Garbage collection limits, in bytes and time.
+/// Garbage collection limits, in bytes and time; `None` takes the default for the disk.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GcPolicy {
     /// Always kept.
-    pub reserved_space: u64,
+    pub reserved_space: Option<u64>,
     /// Upper bound on used space.
     pub max_used_space: Option<u64>,
     /// Lower bound on free disk space.
@@ -378,8 +378,7 @@ impl ConfigFile {
                         .transpose()?,
                     insecure_registries: w.insecure_registries.clone(),
                     gc: GcPolicy {
-                        reserved_space: size("worker.gc.reserved-space", &w.gc.reserved_space)?
-                            .unwrap_or(10_000_000_000),
+                        reserved_space: size("worker.gc.reserved-space", &w.gc.reserved_space)?,
                         max_used_space: size("worker.gc.max-used-space", &w.gc.max_used_space)?,
                         min_free_space: size("worker.gc.min-free-space", &w.gc.min_free_space)?,
                         keep_duration: match &w.gc.keep_duration {

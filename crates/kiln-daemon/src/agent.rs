@@ -52,6 +52,10 @@ impl SessionLink for Link {
         self.0.drain();
     }
 
+    fn evicted(&self, layers: &[Digest]) {
+        self.0.evicted(layers);
+    }
+
     fn log(&self, job: JobId, epoch: u32, line: LogLine) {
         self.0.log(job, epoch, line);
     }

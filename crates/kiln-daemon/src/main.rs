@@ -184,6 +184,13 @@ fn worker_config(root: &Path, settings: Option<&WorkerSettings>) -> anyhow::Resu
         worker.cgroup_parent = settings.cgroup_parent.clone();
         worker.step_timeout = settings.step_timeout;
         worker.registry.insecure = settings.insecure_registries.clone();
+        let gc = &settings.gc;
+        worker.gc = kiln_worker::GcPolicy {
+            reserved_space: gc.reserved_space,
+            max_used_space: gc.max_used_space,
+            min_free_space: gc.min_free_space,
+            keep_duration: gc.keep_duration,
+        };
     }
     Ok(worker)
 }
@@ -218,6 +225,9 @@ async fn standalone(
         args.max_parallelism.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     let platforms = platforms(settings.as_ref())?;
     let engine = Arc::new(Engine::start(EngineConfig { worker, max_parallelism, name: "local".into(), platforms })?);
+    if let Some(gc) = engine.gc() {
+        tokio::spawn(Arc::clone(gc).run(lifecycle.stopped.clone()).instrument(tracing::info_span!("gc")));
+    }
     let _pid = PidFile::write(root)?;
     tracing::info!("standalone, state in {}, socket {}", root.display(), socket.display());
     let tcp = match &args.listen {
@@ -350,20 +360,21 @@ async fn coordinator(args: &Args, root: &Path, config: CoordinatorConfig, lifecy
         // Workers fetch uploaded context files from the coordinator they connected to.
         workers: Some(WorkersService::new(cluster, "", lease_ms).tracked_by(lifecycle.tasks.clone())),
         blobs: Some(BlobsService::new(Arc::clone(engine.stores().cas()))),
+        storage: None,
     };
     serve(&engine, root, &socket, Some((listener, services)), lifecycle).await
 }
 
 async fn worker(root: &Path, settings: WorkerSettings, stopped: CancellationToken) -> anyhow::Result<()> {
     let platforms = platforms(Some(&settings))?;
-    let config = worker_config(root, Some(&settings))?;
+    let listener = bind(&settings.listen.to_string()).await?;
+    let local = listener.local_addr()?;
+    let name = settings.name.clone().unwrap_or_else(|| kiln_config::default_worker_name(local));
+    let config = WorkerConfig { name: name.clone(), ..worker_config(root, Some(&settings))? };
     let kv: kiln_kv::SharedKv =
         Arc::new(kiln_kv::SledKv::open(&root.join("db")).with_context(|| format!("opening {}", root.display()))?);
     let worker = Arc::new(Worker::open(config, kv)?);
     let _pid = PidFile::write(root)?;
-    let listener = bind(&settings.listen.to_string()).await?;
-    let local = listener.local_addr()?;
-    let name = settings.name.clone().unwrap_or_else(|| kiln_config::default_worker_name(local));
     let host = if local.ip().is_unspecified() { name.clone() } else { local.ip().to_string() };
     let info = WorkerInfo {
         name,
@@ -375,7 +386,11 @@ async fn worker(root: &Path, settings: WorkerSettings, stopped: CancellationToke
     };
     let coordinator = settings.coordinator.clone().expect("checked when the role was chosen");
     tracing::info!("worker {} for {coordinator}, state in {}", info.name, root.display());
-    let services = Services { blobs: Some(BlobsService::new(Arc::clone(worker.cas()))), ..Services::default() };
+    let services = Services {
+        blobs: Some(BlobsService::new(Arc::clone(worker.cas()))),
+        storage: Some(kiln_api::StorageService::new(Arc::clone(worker.gc()))),
+        ..Services::default()
+    };
     // The blob service outlives the session: peers may still fetch while the worker drains.
     // It stops once the session has ended, finishing the fetches under way (bounded).
     let session_over = CancellationToken::new();

@@ -15,6 +15,8 @@ use serde_json::Value;
 
 #[path = "cluster/cache.rs"]
 mod cache;
+#[path = "cluster/gc.rs"]
+mod gc;
 #[path = "cluster/hardening.rs"]
 mod hardening;
 
@@ -57,13 +59,18 @@ impl Cluster {
     /// Starts a worker on 127.0.N.`host`; its files (config, state, log) are named after its
     /// name and host, so two workers may claim one name.
     fn start_worker(&mut self, name: &str, host: u8, platform: &str, slots: usize) {
+        self.start_worker_with(name, host, platform, slots, "");
+    }
+
+    /// [`Cluster::start_worker`] with `extra` appended to its config.
+    fn start_worker_with(&mut self, name: &str, host: u8, platform: &str, slots: usize, extra: &str) {
         let files = format!("{name}-{host}");
         let config = self.dir.path().join(format!("{files}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[worker]\ncoordinator = \"http://127.0.{net}.1:7070\"\nname = \"{name}\"\nlisten = \"127.0.{net}.{host}:7071\"\n\
-                 root = \"{}\"\nplatforms = [\"{platform}\"]\nmax-parallelism = {slots}\n",
+                 root = \"{}\"\nplatforms = [\"{platform}\"]\nmax-parallelism = {slots}\n{extra}",
                 self.dir.path().join(&files).display(),
                 net = self.net
             ),

@@ -88,12 +88,33 @@ impl ImageMetadata for ResolvedImages {
 }
 
 impl Engine {
-    /// Runs a build to the end, sending progress as it goes.
+    /// Runs a build to the end, sending progress as it goes. On a standalone daemon the
+    /// build holds every layer it uses until it ends; then garbage collection runs if the
+    /// store may be over its limits (`kiln du` after the build sees the result).
     pub async fn build(
         &self,
         request: BuildRequest,
         spool: Option<&Path>,
         progress: mpsc::UnboundedSender<BuildEvent>,
+    ) -> Result<BuildSummary, BuildFailure> {
+        let hold = self.gc.as_ref().map(|_| Arc::new(self.stores.snapshots().hold()));
+        let result = self.build_holding(request, spool, progress, hold.clone()).await;
+        if let Some(hold) = hold {
+            hold.release();
+        }
+        if let Some(gc) = &self.gc {
+            // Runs on; what it removed matters to nobody here.
+            drop(gc.collect_soon().await);
+        }
+        result
+    }
+
+    async fn build_holding(
+        &self,
+        request: BuildRequest,
+        spool: Option<&Path>,
+        progress: mpsc::UnboundedSender<BuildEvent>,
+        hold: Option<Arc<kiln_layer::Hold>>,
     ) -> Result<BuildSummary, BuildFailure> {
         self.check_caches(&request).map_err(|e| BuildFailure::early(e.to_string()))?;
         let context = self.context(&request).await.map_err(|e| BuildFailure::early(e.to_string()))?;
@@ -113,6 +134,7 @@ impl Engine {
                         contexts: HashMap::from([("context".to_string(), context)]),
                         secrets: request.secrets.clone(),
                         cache: imports.records(),
+                        hold,
                     };
                     let (result, records, outputs) =
                         follow(solver.submit(graph, options, Arc::new(inputs)), &progress).await?;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use kiln_cluster::{Cluster, ClusterExecutor, ClusterSettings};
 use kiln_kv::{SharedKv, SledKv};
 use kiln_solver::{Solver, SolverConfig};
-use kiln_worker::{BlobFetcher, LocalExecutor, Stores, Worker, WorkerConfig};
+use kiln_worker::{BlobFetcher, Gc, LocalExecutor, Stores, Worker, WorkerConfig};
 
 /// How an engine runs.
 #[derive(Debug, Clone)]
@@ -50,6 +50,8 @@ pub struct Engine {
     next_build: std::sync::atomic::AtomicU64,
     /// A coordinator's shared cache tier: every build imports from it and exports to it.
     shared_cache: Option<kiln_model::CacheSpec>,
+    /// The worker's garbage collector (standalone).
+    gc: Option<Arc<Gc>>,
 }
 
 enum Mode {
@@ -84,7 +86,13 @@ pub enum StartError {
     Kv(#[from] kiln_kv::KvError),
     /// Its worker or stores could not be opened.
     #[error(transparent)]
-    Worker(#[from] kiln_worker::WorkerError),
+    Worker(Box<kiln_worker::WorkerError>),
+}
+
+impl From<kiln_worker::WorkerError> for StartError {
+    fn from(error: kiln_worker::WorkerError) -> StartError {
+        StartError::Worker(Box::new(error))
+    }
 }
 
 impl Engine {
@@ -99,8 +107,10 @@ impl Engine {
 
     /// Like [`Engine::start`] with a given metadata store.
     pub fn with_kv(config: EngineConfig, kv: SharedKv) -> Result<Engine, StartError> {
-        let worker = Arc::new(Worker::open(config.worker, Arc::clone(&kv))?);
+        let worker = WorkerConfig { name: config.name.clone(), ..config.worker };
+        let worker = Arc::new(Worker::open(worker, Arc::clone(&kv))?);
         let stores = Arc::clone(worker.stores());
+        let gc = Some(Arc::clone(worker.gc()));
         let executor = Arc::new(LocalExecutor::new(worker, &config.name));
         let solver = Solver::start(
             executor,
@@ -116,6 +126,7 @@ impl Engine {
             platforms,
             next_build: 1.into(),
             shared_cache: None,
+            gc,
         })
     }
 
@@ -149,6 +160,7 @@ impl Engine {
             platforms: config.platforms,
             next_build: 1.into(),
             shared_cache,
+            gc: None,
         })
     }
 
@@ -169,6 +181,12 @@ impl Engine {
     /// The stores builds use: contexts, results brought in, exports.
     pub fn stores(&self) -> &Arc<Stores> {
         &self.stores
+    }
+
+    /// The garbage collector of a standalone daemon's worker (a coordinator has none: its
+    /// workers collect their own stores).
+    pub fn gc(&self) -> Option<&Arc<Gc>> {
+        self.gc.as_ref()
     }
 
     /// The worker's name.

@@ -13,14 +13,16 @@ mod export;
 mod resolve;
 mod snapshot;
 mod unpack;
+mod usage;
 
 pub use export::{
     Compression, HashingWriter, LayerBlob, OPAQUE_MARKER, OPAQUE_XATTR, TarOptions, WHITEOUT_PREFIX, export_layer,
     write_layer_tar,
 };
 pub use resolve::{MAX_SYMLINK_HOPS, clean_lexically, resolve_in_root};
-pub use snapshot::{ActiveSnapshot, LayerId, LayerRecord, MAX_LAYERS, SnapshotStore};
+pub use snapshot::{ActiveSnapshot, LayerId, LayerRecord, LayerUsage, MAX_LAYERS, Removed, SnapshotStore};
 pub use unpack::{UnpackStats, extract_archive, extract_archive_as, is_archive, unpack_layer};
+pub use usage::{Hold, LayerUse, disk_usage};
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -10,6 +10,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::export::{Compression, LayerBlob, OPAQUE_XATTR, TarOptions, export_layer};
 use crate::unpack::unpack_layer;
+use crate::usage::{Hold, LayerUse, Shared, USAGE_TREE, disk_usage};
 use crate::{LayerError, io_at};
 
 const LAYERS_TREE: &str = "layers";
@@ -68,10 +70,37 @@ pub struct LayerRecord {
     pub diff_id: Option<Digest>,
 }
 
+/// A layer as garbage collection sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerUsage {
+    /// The layer.
+    pub id: LayerId,
+    /// Its diff id, when known (imported, or exported once).
+    pub diff_id: Option<Digest>,
+    /// Its directory plus the blobs kept for it (exports, the blob it was pulled as).
+    pub size: u64,
+    /// The blobs kept for it.
+    pub blobs: Vec<Digest>,
+    /// Its use as recorded; `None` for a layer being made right now.
+    pub usage: Option<LayerUse>,
+    /// Whether a hold has it.
+    pub in_use: bool,
+}
+
+/// What removing a layer freed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// Its diff id, when known: peers and the coordinator knew it by that.
+    pub diff_id: Option<Digest>,
+    /// The bytes freed (directory and blobs).
+    pub size: u64,
+}
+
 /// Layer directories plus the overlay mounts over them.
 pub struct SnapshotStore {
     root: PathBuf,
     kv: SharedKv,
+    shared: Arc<Shared>,
 }
 
 static MOUNT_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -79,7 +108,8 @@ static MOUNT_COUNTER: AtomicU64 = AtomicU64::new(0);
 impl SnapshotStore {
     /// Opens the store, unmounting and removing whatever a crashed process left active.
     pub fn open(root: &Path, kv: SharedKv) -> Result<SnapshotStore, LayerError> {
-        let store = SnapshotStore { root: root.to_path_buf(), kv };
+        let shared = Arc::new(Shared { holds: Default::default(), kv: kv.clone(), layers: root.join("l") });
+        let store = SnapshotStore { root: root.to_path_buf(), kv, shared };
         let active = root.join("a");
         if active.exists() {
             for entry in fs::read_dir(&active).map_err(io_at(&active))? {
@@ -88,11 +118,149 @@ impl SnapshotStore {
                 fs::remove_dir_all(&dir).map_err(io_at(&dir))?;
             }
         }
-        for dir in ["l", "a", "e0", "e1"] {
+        let trash = root.join("trash");
+        if trash.exists() {
+            fs::remove_dir_all(&trash).map_err(io_at(&trash))?;
+        }
+        for dir in ["l", "a", "e0", "e1", "trash"] {
             let dir = root.join(dir);
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         }
+        store.record_orphans()?;
         Ok(store)
+    }
+
+    /// Gives every layer without a usage record one (a process stopped before the hold that
+    /// made it was released, or a store from before records), dated by its directory, and
+    /// drops records whose layer is gone. Nothing runs yet, so no layer is being made.
+    fn record_orphans(&self) -> Result<(), LayerError> {
+        for id in self.layer_ids()? {
+            if self.shared.record(&id)?.is_none() {
+                let modified = fs::metadata(self.layer_path(&id)).and_then(|m| m.modified()).ok();
+                let last_used =
+                    modified.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis() as u64);
+                self.shared.put_record(&id, &LayerUse { last_used, ..LayerUse::default() })?;
+            }
+        }
+        for (key, _) in self.kv.scan_prefix(USAGE_TREE, b"")? {
+            let id = LayerId::parse(&String::from_utf8_lossy(&key));
+            if id.is_none_or(|id| !self.has_layer(&id)) {
+                self.kv.delete(USAGE_TREE, &key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The ids of the layers in the store.
+    fn layer_ids(&self) -> Result<Vec<LayerId>, LayerError> {
+        let dir = self.root.join("l");
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_at(&dir))? {
+            let entry = entry.map_err(io_at(&dir))?;
+            if let Some(id) = LayerId::parse(&entry.file_name().to_string_lossy()) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// A new, empty hold: layers added to it stay until it is released (or dropped).
+    pub fn hold(&self) -> Hold {
+        Hold::new(Arc::clone(&self.shared))
+    }
+
+    /// Every layer with its size, use and whether it is held. Sizes of directories are
+    /// measured once (layers never change); blobs are looked up each time.
+    pub fn usage(&self, cas: &BlobStore) -> Result<Vec<LayerUsage>, LayerError> {
+        let mut layers = Vec::new();
+        for id in self.layer_ids()? {
+            let mut usage = self.shared.record(&id)?;
+            let dir_size = match usage.and_then(|u| u.dir_size) {
+                Some(size) => size,
+                None => {
+                    let size = disk_usage(&self.layer_path(&id))?;
+                    // Recorded only for a layer that has a record: one being made has none.
+                    let holds = self.shared.lock();
+                    if let Some(record) = self.shared.record(&id)? {
+                        let record = LayerUse { dir_size: Some(size), ..record };
+                        self.shared.put_record(&id, &record)?;
+                        usage = Some(record);
+                    }
+                    drop(holds);
+                    size
+                }
+            };
+            let (diff_id, blobs) = self.layer_blobs(&id)?;
+            let blob_size: u64 = blobs.iter().filter_map(|b| cas.info(b).ok()).map(|info| info.size).sum();
+            let in_use = self.shared.lock().is_held(&id);
+            layers.push(LayerUsage { id, diff_id, size: dir_size + blob_size, blobs, usage, in_use });
+        }
+        Ok(layers)
+    }
+
+    /// A layer's diff id, when known, and the blobs kept for it: its exports, the blob it was
+    /// pulled or fetched as, and its uncompressed tar (what peers fetch).
+    fn layer_blobs(&self, id: &LayerId) -> Result<(Option<Digest>, Vec<Digest>), LayerError> {
+        let mut diff_id = self.record(id)?.and_then(|r| r.diff_id);
+        let mut blobs = Vec::new();
+        for (_, value) in self.kv.scan_prefix(BLOBS_TREE, format!("{id}/").as_bytes())? {
+            if let Ok(blob) = serde_json::from_slice::<LayerBlob>(&value) {
+                diff_id.get_or_insert(blob.diff_id);
+                blobs.push(blob.digest);
+            }
+        }
+        if let Some(diff_id) = diff_id {
+            let origin = self.kv.get(ORIGINS_TREE, diff_id.hex().as_bytes())?;
+            if let Some(origin) = origin.and_then(|bytes| serde_json::from_slice::<LayerBlob>(&bytes).ok()) {
+                blobs.push(origin.digest);
+            }
+            blobs.push(diff_id);
+        }
+        blobs.sort();
+        blobs.dedup();
+        Ok((diff_id, blobs))
+    }
+
+    /// Removes a layer, its records and the blobs kept for it, unless it is held or was used
+    /// since the oldest live hold began (then `None`). The directory leaves the store at once
+    /// (renamed away under the hold lock) and is deleted after.
+    pub fn remove_layer(&self, id: &LayerId, cas: &BlobStore) -> Result<Option<Removed>, LayerError> {
+        let holds = self.shared.lock();
+        let Some(usage) = self.shared.record(id)? else { return Ok(None) };
+        if !holds.removable(id, usage.last_used) {
+            return Ok(None);
+        }
+        let (diff_id, blobs) = self.layer_blobs(id)?;
+        let dir = self.layer_path(id);
+        let trash = self.root.join("trash").join(format!("{id}-{}", MOUNT_COUNTER.fetch_add(1, Ordering::Relaxed)));
+        match fs::rename(&dir, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_at(&dir)(e)),
+        }
+        let mut size = usage.dir_size.unwrap_or(0);
+        for blob in &blobs {
+            size += cas.info(blob).map(|info| info.size).unwrap_or(0);
+            cas.delete(blob)?;
+        }
+        for (key, _) in self.kv.scan_prefix(BLOBS_TREE, format!("{id}/").as_bytes())? {
+            self.kv.delete(BLOBS_TREE, &key)?;
+        }
+        if let Some(diff_id) = diff_id {
+            let key = diff_id.hex();
+            if self.kv.get(DIFF_IDS_TREE, key.as_bytes())?.is_some_and(|owner| owner == id.as_str().as_bytes()) {
+                self.kv.delete(DIFF_IDS_TREE, key.as_bytes())?;
+            }
+            self.kv.delete(ORIGINS_TREE, key.as_bytes())?;
+        }
+        self.kv.delete(LAYERS_TREE, id.as_str().as_bytes())?;
+        self.kv.delete(USAGE_TREE, id.as_str().as_bytes())?;
+        drop(holds);
+        if usage.dir_size.is_none() {
+            size += disk_usage(&trash)?;
+        }
+        fs::remove_dir_all(&trash).map_err(io_at(&trash))?;
+        Ok(Some(Removed { diff_id, size }))
     }
 
     /// The directory holding a layer's files.
@@ -105,10 +273,19 @@ impl SnapshotStore {
         self.layer_path(id).is_dir()
     }
 
-    /// The layer already unpacked from a tar with this diff id, if any.
+    /// The layer already unpacked from a tar with this diff id, if any. Finding it is a use:
+    /// it stays while the holds live now do (the caller holds it next).
     pub fn layer_for_diff_id(&self, diff_id: &Digest) -> Result<Option<LayerId>, LayerError> {
         let found = self.kv.get(DIFF_IDS_TREE, diff_id.hex().as_bytes())?;
-        Ok(found.and_then(|id| LayerId::parse(&String::from_utf8_lossy(&id))).filter(|id| self.has_layer(id)))
+        let Some(id) = found.and_then(|id| LayerId::parse(&String::from_utf8_lossy(&id))) else { return Ok(None) };
+        let _holds = self.shared.lock();
+        if !self.has_layer(&id) {
+            return Ok(None);
+        }
+        if self.shared.record(&id)?.is_some() {
+            self.shared.touch(&id, false)?;
+        }
+        Ok(Some(id))
     }
 
     /// Unpacks a layer tar (any compression) into the store, once: a layer with the same diff

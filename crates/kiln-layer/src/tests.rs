@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use kiln_cas::BlobStore;
 use kiln_kv::MemoryKv;
+use kiln_types::now_ms;
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 
 use super::*;
@@ -412,4 +413,79 @@ fn chains_longer_than_a_page_of_mount_options_mount_up_to_overlayfs_limit() {
     let err = store.view(&too_many).unwrap_err();
     assert!(matches!(err, LayerError::TooManyLayers(501)), "{err}");
     assert_eq!(mounts_under(scratch.path()), 0);
+}
+
+/// Commits a layer holding one file of `bytes` bytes.
+fn layer_of(store: &SnapshotStore, name: &str, bytes: usize) -> LayerId {
+    let active = store.prepare(&[]).unwrap();
+    fs::write(active.root().join(name), vec![7u8; bytes]).unwrap();
+    store.commit(active).unwrap().expect("a change")
+}
+
+#[test]
+fn held_and_freshly_made_layers_are_never_removed_and_removal_frees_blobs_and_records() {
+    let scratch = tempfile::tempdir().unwrap();
+    let kv: kiln_kv::SharedKv = Arc::new(MemoryKv::new());
+    let cas = BlobStore::open(&scratch.path().join("blobs"), kv.clone()).unwrap();
+    let store = SnapshotStore::open(&scratch.path().join("snap"), kv.clone()).unwrap();
+
+    // A layer that no hold has released yet has no record: it is being made.
+    let fresh = layer_of(&store, "fresh", 10_000);
+    assert_eq!(store.remove_layer(&fresh, &cas).unwrap(), None);
+
+    let hold = store.hold();
+    hold.add(std::slice::from_ref(&fresh)).unwrap();
+    let exported = store.export(&fresh, &cas, Compression::Gzip, &TarOptions::default()).unwrap();
+    assert_eq!(store.remove_layer(&fresh, &cas).unwrap(), None, "held");
+    let usage = store.usage(&cas).unwrap();
+    assert_eq!(usage.len(), 1);
+    assert!(usage[0].in_use && usage[0].usage.is_none());
+    assert!(usage[0].size >= 10_000 + exported.size, "{usage:?}");
+    hold.release();
+
+    let record = store.usage(&cas).unwrap()[0].usage.expect("recorded on release");
+    assert_eq!(record.usage_count, 1);
+    let removed = store.remove_layer(&fresh, &cas).unwrap().expect("unused and released");
+    assert_eq!(removed.diff_id, Some(exported.diff_id));
+    assert!(removed.size >= 10_000 + exported.size, "{removed:?}");
+    assert!(!store.has_layer(&fresh));
+    assert!(!cas.contains(&exported.digest), "its export is freed with it");
+    assert!(store.usage(&cas).unwrap().is_empty());
+    assert_eq!(fs::read_dir(scratch.path().join("snap/trash")).unwrap().count(), 0);
+
+    // Holding a layer that is gone says which.
+    let hold = store.hold();
+    assert_eq!(hold.add(std::slice::from_ref(&fresh)), Err(fresh.clone()));
+}
+
+#[test]
+fn a_hold_started_before_a_layer_was_used_keeps_it() {
+    let scratch = tempfile::tempdir().unwrap();
+    let kv: kiln_kv::SharedKv = Arc::new(MemoryKv::new());
+    let cas = BlobStore::open(&scratch.path().join("blobs"), kv.clone()).unwrap();
+    let store = SnapshotStore::open(&scratch.path().join("snap"), kv.clone()).unwrap();
+    let layer = layer_of(&store, "shared", 100);
+    let first = store.hold();
+    first.add(std::slice::from_ref(&layer)).unwrap();
+    // A second build starts while the first still has the layer, and reaches it later
+    // (deduplication) without having held it yet.
+    let second = store.hold();
+    drop(first);
+    assert_eq!(store.remove_layer(&layer, &cas).unwrap(), None);
+    drop(second);
+    let record = store.usage(&cas).unwrap()[0].usage.unwrap();
+    while now_ms() <= record.last_used {}
+    assert!(store.remove_layer(&layer, &cas).unwrap().is_some());
+}
+
+#[test]
+fn reopening_records_layers_a_stopped_process_left_unrecorded() {
+    let scratch = tempfile::tempdir().unwrap();
+    let kv: kiln_kv::SharedKv = Arc::new(MemoryKv::new());
+    let cas = BlobStore::open(&scratch.path().join("blobs"), kv.clone()).unwrap();
+    let root = scratch.path().join("snap");
+    let layer = layer_of(&SnapshotStore::open(&root, kv.clone()).unwrap(), "left", 100);
+    let store = SnapshotStore::open(&root, kv).unwrap();
+    assert!(store.usage(&cas).unwrap()[0].usage.is_some());
+    assert!(store.remove_layer(&layer, &cas).unwrap().is_some());
 }

@@ -97,9 +97,10 @@ pub trait Executor: Send + Sync + 'static {
     ///
     /// The answer is where the output is used from, as records' `cache_source` says it
     /// (`local` by default; a cluster names a worker or the shared tier), `None` when it is
-    /// gone.
-    fn available(&self, output: &Self::Output) -> Option<String> {
-        let _ = output;
+    /// gone. From then on the output is kept for `build` (a worker's garbage collection
+    /// leaves it alone until the build ends).
+    fn available(&self, output: &Self::Output, build: &Arc<Self::Build>) -> Option<String> {
+        let _ = (output, build);
         Some("local".into())
     }
 

@@ -8,6 +8,7 @@
 
 mod assignment;
 mod cache;
+mod disk;
 mod error;
 mod event;
 mod executor;
@@ -22,6 +23,7 @@ pub use assignment::{Assignment, FromCoordinator};
 pub use cache::{
     CacheCompression, CacheDirection, CacheLocation, CacheMode, CacheSpec, CacheSpecError, DEFAULT_CACHE_NAME,
 };
+pub use disk::{PruneOptions, PruneReport, RecordKind, UsageRecord};
 pub use error::ErrorKind;
 pub use event::BuildEvent;
 pub use executor::{BoxFuture, Executed, Executor, Failed};

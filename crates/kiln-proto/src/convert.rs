@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use kiln_model::{
     BuildEvent, BuildRequest, CacheDirection, CacheSpec, CacheSpecError, ContextManifest, Executed, Failed, LayerDesc,
-    Layers, LogLine, LogStream, ManifestEntry, ManifestError, ManifestKind, OutputSpec, OutputSpecError, Status,
-    TierBlob, UnknownStatus, VertexRecord, WorkerInfo, WorkerStatus,
+    Layers, LogLine, LogStream, ManifestEntry, ManifestError, ManifestKind, OutputSpec, OutputSpecError, PruneOptions,
+    Status, TierBlob, UnknownStatus, UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, DigestError, PlatformError};
 
@@ -60,6 +60,14 @@ pub enum WireError {
     /// A required part of a message is missing.
     #[error("{0}")]
     Missing(&'static str),
+    /// A disk usage record of a kind Kiln does not have.
+    #[error("usage record {id}: {reason}")]
+    RecordKind {
+        /// The record.
+        id: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A digest, or an error naming what it belonged to.
@@ -88,6 +96,51 @@ pub fn record_to_proto(record: &VertexRecord) -> v1::VertexRecord {
         started: record.started.unwrap_or(0),
         completed: record.completed.unwrap_or(0),
         cache_source: record.cache_source.clone().unwrap_or_default(),
+    }
+}
+
+/// A disk usage record as sent.
+pub fn usage_to_proto(record: &UsageRecord) -> v1::UsageRecord {
+    v1::UsageRecord {
+        id: record.id.clone(),
+        kind: record.kind.as_str().to_string(),
+        size: record.size,
+        last_used: record.last_used.unwrap_or(0),
+        usage_count: record.usage_count,
+        in_use: record.in_use,
+        worker: record.worker.clone(),
+    }
+}
+
+/// A disk usage record as received.
+pub fn usage_from_proto(record: v1::UsageRecord) -> Result<UsageRecord, WireError> {
+    let kind = record.kind.parse().map_err(|reason| WireError::RecordKind { id: record.id.clone(), reason })?;
+    Ok(UsageRecord {
+        id: record.id,
+        kind,
+        size: record.size,
+        last_used: nonzero(record.last_used),
+        usage_count: record.usage_count,
+        in_use: record.in_use,
+        worker: record.worker,
+    })
+}
+
+/// Prune options as sent.
+pub fn prune_to_proto(options: &PruneOptions) -> v1::PruneRequest {
+    v1::PruneRequest {
+        all: options.all,
+        keep_storage: options.keep_storage,
+        until_ms: options.until.map_or(0, |until| until.as_millis() as u64),
+    }
+}
+
+/// Prune options as received.
+pub fn prune_from_proto(request: &v1::PruneRequest) -> PruneOptions {
+    PruneOptions {
+        all: request.all,
+        keep_storage: request.keep_storage,
+        until: nonzero(request.until_ms).map(std::time::Duration::from_millis),
     }
 }
 

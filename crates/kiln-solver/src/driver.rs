@@ -218,7 +218,9 @@ impl<E: Executor> Driver<E> {
                 }
             }
             Effect::CheckCached { build, index, key, output } => {
-                let source = self.executor.available(&output);
+                // A build that is gone (cancelled) uses nothing more.
+                let context = self.builds.get(&build).map(|(context, _)| context);
+                let source = context.and_then(|context| self.executor.available(&output, context));
                 return self.state.apply(Command::CacheChecked { build, index, key, source, at: now_ms() });
             }
             Effect::Abort { key } => {

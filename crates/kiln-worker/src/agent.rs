@@ -22,7 +22,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::{BlobFetcher, BuildInputs, StoreError, Worker, select_context};
+use crate::{BlobFetcher, BuildInputs, StoreError, Worker, free_space, select_context};
 
 /// The first wait before reconnecting; it doubles up to [`MAX_RECONNECT_DELAY`].
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(200);
@@ -37,6 +37,8 @@ pub trait SessionLink: Clone + Send + Sync + 'static {
     fn heartbeat(&self, free_disk: u64);
     /// Takes no new work.
     fn drain(&self);
+    /// Layers garbage collection removed (diff ids).
+    fn evicted(&self, layers: &[Digest]);
     /// A line of a job's output.
     fn log(&self, job: JobId, epoch: u32, line: LogLine);
     /// A job's result.
@@ -91,7 +93,7 @@ pub async fn run<C: ControlPlane>(
         let cas = Arc::clone(worker.cas());
         let listed = tokio::task::spawn_blocking(move || cas.list().unwrap_or_default()).await;
         let layers: Vec<Digest> = listed.unwrap_or_default().into_iter().map(|b| b.digest).collect();
-        let current = WorkerInfo { free_disk: free_disk(&disk), ..info.clone() };
+        let current = WorkerInfo { free_disk: free_space(&disk), ..info.clone() };
         match control.connect(current, layers).await {
             Ok(session) => {
                 tracing::info!(worker = %info.name, "registered with {address}");
@@ -130,6 +132,7 @@ impl Served<'_> {
     ) -> Option<String> {
         let Session { link, lease_ms, mut incoming } = session;
         let mut heartbeat = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(100)));
+        let mut collect = tokio::time::interval(crate::GC_INTERVAL);
         let mut jobs: JoinSet<JobId> = JoinSet::new();
         let mut running: HashMap<JobId, AbortHandle> = HashMap::new();
         let mut draining = stop.is_cancelled();
@@ -146,7 +149,11 @@ impl Served<'_> {
                 return None;
             }
             tokio::select! {
-                _ = heartbeat.tick() => link.heartbeat(free_disk(disk)),
+                _ = heartbeat.tick() => link.heartbeat(free_space(disk)),
+                _ = collect.tick() => {
+                    let (gc, link) = (Arc::clone(self.worker.gc()), link.clone());
+                    tokio::spawn(async move { collected(gc.collect().await, &link) });
+                }
                 () = stop.cancelled(), if !draining => {
                     draining = true;
                     link.drain();
@@ -206,7 +213,23 @@ async fn run_job<L: SessionLink>(
     if let Err(error) = &result {
         span.in_scope(|| tracing::info!("failed: {error}"));
     }
+    // The job's layers are released: collect if the store may be over its limits, started
+    // before the result goes out (so a `du` that follows the build sees it done).
+    let collecting = worker.gc().collect_soon().await;
     link.result(job, epoch, result);
+    match collecting.await {
+        Ok(result) => collected(result, &link),
+        Err(error) => tracing::warn!("garbage collection: {error}"),
+    }
+}
+
+/// Tells the coordinator which layers a collection removed.
+fn collected<L: SessionLink>(result: Result<crate::Collected, StoreError>, link: &L) {
+    match result {
+        Ok(collected) if !collected.evicted.is_empty() => link.evicted(&collected.evicted),
+        Ok(_) => {}
+        Err(error) => tracing::warn!("garbage collection: {error}"),
+    }
 }
 
 async fn execute<L: SessionLink>(
@@ -217,16 +240,21 @@ async fn execute<L: SessionLink>(
     coordinator: &str,
 ) -> Result<Executed<Layers>, Failed> {
     let (job, epoch) = (assignment.job, assignment.epoch);
+    // The job's layers stay until it is done (garbage collection leaves them).
+    let hold = Arc::new(worker.snapshots().hold());
     let mut inputs = Vec::with_capacity(assignment.inputs.len());
     for layers in &assignment.inputs {
         // The control plane recomputes an input that vanished with its worker, then retries.
         let chain = worker.ensure_layers(&layers.layers, &assignment.sources, &assignment.tier, fetcher).await;
-        inputs.push(chain.map_err(|e| match e {
+        let chain = chain.map_err(|e| match e {
             // Gone with its worker, or no peer could send it: the coordinator makes it again.
             StoreError::Unavailable(_) | StoreError::Fetch { .. } => Failed::lost_input(e.to_string()),
             // A local failure (a full disk, a broken store) fails the step here.
             other => Failed::from(other.to_string()),
-        })?);
+        })?;
+        // Collected between the fetch and now: as good as never fetched.
+        hold.add(&chain.layers).map_err(|gone| Failed::lost_input(format!("layer {gone} was collected")))?;
+        inputs.push(chain);
     }
     let address = if assignment.context_address.is_empty() { coordinator } else { &assignment.context_address };
     let mut contexts: HashMap<String, Arc<dyn BuildContext>> = HashMap::new();
@@ -242,18 +270,15 @@ async fn execute<L: SessionLink>(
         }
         contexts.insert(name.clone(), Arc::new(context));
     }
-    let build = BuildInputs { contexts, secrets: assignment.secrets, ..BuildInputs::default() };
+    let build =
+        BuildInputs { contexts, secrets: assignment.secrets, hold: Some(Arc::clone(&hold)), ..BuildInputs::default() };
     let log_link = link.clone();
     let logs = LogSink::new(move |line| {
         log_link.log(job, epoch, line);
         log_link.is_open()
     });
     let output = worker.execute(&assignment.vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
+    build.hold(&output.snapshot.layers)?;
     let layers = worker.describe(&output.snapshot).await.map_err(|e| Failed::from(e.to_string()))?;
     Ok(Executed { pin: output.image.map(|i| i.manifest_digest), ..Executed::new(Layers { layers }) })
-}
-
-/// Free bytes on the filesystem holding `path`.
-fn free_disk(path: &Path) -> u64 {
-    nix::sys::statvfs::statvfs(path).map(|s| s.blocks_available() * s.fragment_size()).unwrap_or(0)
 }

@@ -131,12 +131,15 @@ impl Worker {
             } else {
                 format!("exit code: {}", result.exit_code)
             };
-            return Err(WorkerError::StepFailed {
+            let failed = WorkerError::StepFailed {
                 vertex: name.to_string(),
                 command: exec.args.join(" "),
                 status,
                 tail: tail.into_iter().collect(),
-            });
+            };
+            // Measured now, while the step's writes still take the space (tools do not all
+            // say ENOSPC: busybox says "I/O error").
+            return Err(self.out_of_space_if_full(failed));
         }
         let (snapshots, active) = (Arc::clone(&self.snapshots), active.into_inner());
         let layer =

@@ -36,6 +36,7 @@ impl Executor for LocalExecutor {
         Box::pin(async move {
             let output =
                 worker.execute(&vertex, &inputs, &build, Some(&logs)).await.map_err(|e| Failed::from(e.to_string()))?;
+            build.hold(&output.snapshot.layers).map_err(Failed::from)?;
             Ok(Executed { pin: output.image.map(|image| image.manifest_digest), ..Executed::new(output.snapshot) })
         })
     }
@@ -45,10 +46,12 @@ impl Executor for LocalExecutor {
     }
 
     /// A cached snapshot is usable while every layer is in the store (a layer removed since,
-    /// by hand or by GC, makes the hit a miss). One stat per layer, on the directory cache.
-    fn available(&self, output: &Snapshot) -> Option<String> {
+    /// by hand or by GC, makes the hit a miss); the build holds them from then on. One stat
+    /// per layer, on the directory cache.
+    fn available(&self, output: &Snapshot, build: &Arc<BuildInputs>) -> Option<String> {
         let snapshots = self.worker.snapshots();
-        output.layers.iter().all(|layer| snapshots.has_layer(layer)).then(|| "local".to_string())
+        let present = output.layers.iter().all(|layer| snapshots.has_layer(layer));
+        (present && build.hold(&output.layers).is_ok()).then(|| "local".to_string())
     }
 
     fn import(
@@ -59,9 +62,10 @@ impl Executor for LocalExecutor {
         build: &Arc<BuildInputs>,
     ) -> Option<BoxFuture<Result<Executed<Snapshot>, String>>> {
         let hit = build.cache.get(key)?.clone();
-        let worker = Arc::clone(&self.worker);
+        let (worker, build) = (Arc::clone(&self.worker), Arc::clone(build));
         Some(Box::pin(async move {
             let snapshot = worker.import_cached(&hit).await.map_err(|e| e.to_string())?;
+            build.hold(&snapshot.layers)?;
             Ok(Executed { cache_source: Some(hit.store.label().to_string()), ..Executed::new(snapshot) })
         }))
     }

@@ -18,6 +18,7 @@ mod exec;
 mod executor;
 mod export;
 mod fileop;
+mod gc;
 mod mounts;
 mod platforms;
 mod source;
@@ -26,6 +27,7 @@ mod transfer;
 mod user;
 
 pub use executor::LocalExecutor;
+pub use gc::{BLOB_GRACE, Collected, GC_INTERVAL, Gc, GcLimits, GcPolicy, free_space};
 use kiln_model::{LogLine, LogSink, LogStream};
 pub use platforms::runnable_platforms;
 pub(crate) use source::select_context;
@@ -71,6 +73,19 @@ pub struct BuildInputs {
     pub secrets: HashMap<String, Vec<u8>>,
     /// The records of the caches the build imports (`--cache-from`).
     pub cache: Arc<kiln_cache::Imports>,
+    /// The layers the build (or job) uses, kept from garbage collection until it ends.
+    pub hold: Option<Arc<kiln_layer::Hold>>,
+}
+
+impl BuildInputs {
+    /// Holds `layers` for the build; a layer that is gone (collected since it was found) is
+    /// the error, naming it.
+    pub fn hold(&self, layers: &[LayerId]) -> Result<(), String> {
+        match &self.hold {
+            Some(hold) => hold.add(layers).map_err(|gone| format!("layer {gone} was removed from the store")),
+            None => Ok(()),
+        }
+    }
 }
 
 /// How a worker runs steps.
@@ -78,6 +93,8 @@ pub struct BuildInputs {
 pub struct WorkerConfig {
     /// State directory (blobs, layers, cache mounts, runner state).
     pub root: PathBuf,
+    /// The worker's name, in errors.
+    pub name: String,
     /// The `kiln-runner` executable.
     pub runner: PathBuf,
     /// cgroup path prefix for step containers.
@@ -88,6 +105,8 @@ pub struct WorkerConfig {
     pub step_timeout: Option<Duration>,
     /// Registry access.
     pub registry: RegistryOptions,
+    /// Garbage collection of the store.
+    pub gc: GcPolicy,
 }
 
 impl WorkerConfig {
@@ -100,11 +119,13 @@ impl WorkerConfig {
         };
         Ok(WorkerConfig {
             root: root.to_path_buf(),
+            name: "local".to_string(),
             runner: kiln_runner_spec::locate().unwrap_or_else(|| PathBuf::from("kiln-runner")),
             cgroup_parent: "/kiln".to_string(),
             limits: Limits::default(),
             step_timeout: None,
             registry: RegistryOptions { credentials, ..RegistryOptions::default() },
+            gc: GcPolicy::default(),
         })
     }
 }
@@ -124,6 +145,21 @@ pub enum WorkerError {
         /// The last output lines.
         tail: Vec<String>,
     },
+    /// The disk under the worker's state directory filled while the step ran; the step's
+    /// changes were thrown away and the store is as before.
+    #[error("{vertex}: worker {worker}: no space left on the disk holding {} ({free} bytes free): {cause}", path.display())]
+    DiskFull {
+        /// The vertex's name, with its Dockerfile line.
+        vertex: String,
+        /// The worker's name.
+        worker: String,
+        /// The worker's state directory.
+        path: PathBuf,
+        /// Free bytes after the step's changes were removed.
+        free: u64,
+        /// What failed, as it was reported.
+        cause: String,
+    },
     /// Anything else: a missing path, a bad user, a registry or store failure.
     #[error("{vertex}: {message}")]
     Failed {
@@ -132,6 +168,22 @@ pub enum WorkerError {
         /// What went wrong.
         message: String,
     },
+}
+
+/// Free space under which a failed step is taken to have filled the disk.
+const FULL_DISK: u64 = 1 << 20;
+
+/// Whether a step failed because a disk filled: it was seen full, or the process's own
+/// error output, or Kiln's writing of its layer, says ENOSPC ("No space left on device";
+/// `EDQUOT` says "Disk quota exceeded").
+fn says_out_of_space(error: &WorkerError) -> bool {
+    const SIGNS: [&str; 2] = ["No space left on device", "Disk quota exceeded"];
+    let text = match error {
+        WorkerError::StepFailed { tail, .. } => tail.join("\n"),
+        WorkerError::Failed { message, .. } => message.clone(),
+        WorkerError::DiskFull { .. } => return true,
+    };
+    SIGNS.iter().any(|sign| text.contains(sign))
 }
 
 fn tail_text(tail: &[String]) -> String {
@@ -144,6 +196,7 @@ pub struct Worker {
     config: WorkerConfig,
     stores: Arc<Stores>,
     cache_mounts: mounts::CacheMounts,
+    gc: Arc<Gc>,
 }
 
 impl std::ops::Deref for Worker {
@@ -159,7 +212,7 @@ impl Worker {
     /// metadata in `kv`, ready to execute steps with `config.runner`.
     pub fn open(config: WorkerConfig, kv: SharedKv) -> Result<Worker, WorkerError> {
         let failed = |message: String| WorkerError::Failed { vertex: "worker".into(), message };
-        let stores = Arc::new(Stores::open(&config.root, config.registry.clone(), kv)?);
+        let stores = Arc::new(Stores::open(&config.root, config.registry.clone(), kv.clone())?);
         let steps = config.root.join("steps");
         let _ = std::fs::remove_dir_all(&steps);
         std::fs::create_dir_all(&steps).map_err(|e| failed(format!("{}: {e}", steps.display())))?;
@@ -170,8 +223,21 @@ impl Worker {
         if !cleanup.map(|s| s.success()).unwrap_or(false) {
             return Err(failed(format!("cannot run {} to clean up old containers", config.runner.display())));
         }
-        let cache_mounts = mounts::CacheMounts::new(config.root.join("cache"));
-        Ok(Worker { config, stores, cache_mounts })
+        let cache_mounts = mounts::CacheMounts::new(config.root.join("cache"), kv);
+        mounts::clear_trash(cache_mounts.root()).map_err(failed)?;
+        let gc = Gc::new(
+            Arc::clone(&stores),
+            Arc::clone(cache_mounts.uses()),
+            cache_mounts.root().to_path_buf(),
+            config.root.clone(),
+            &config.gc,
+        );
+        Ok(Worker { config, stores, cache_mounts, gc: Arc::new(gc) })
+    }
+
+    /// The worker's garbage collector.
+    pub fn gc(&self) -> &Arc<Gc> {
+        &self.gc
     }
 
     /// The stores this worker executes over (shared with whoever exports from them).
@@ -194,13 +260,51 @@ impl Worker {
             return Err(fail(format!("expected {} inputs, got {}", vertex.inputs.len(), inputs.len())));
         }
         let plain = |snapshot: Snapshot| VertexOutput { snapshot, image: None };
-        match &vertex.op {
+        if matches!(vertex.op, Op::Exec(_) | Op::File(_)) && self.gc.disk_low() {
+            // Below `min-free-space`: make room before the step writes.
+            if let Err(error) = self.gc.collect().await {
+                tracing::warn!("garbage collection before {name}: {error}");
+            }
+        }
+        let result = match &vertex.op {
             Op::Source(source) => self.source(source, build).await.map_err(fail),
             Op::Exec(exec) => self.exec(exec, inputs, build, logs, &name).await.map(plain),
             Op::File(file) => self.file(file, inputs).await.map(plain).map_err(fail),
             Op::Merge(_) => {
                 Ok(plain(Snapshot { layers: inputs.iter().flat_map(|s| s.layers.iter().cloned()).collect() }))
             }
+        };
+        let error = match result {
+            Err(error) if says_out_of_space(&error) => self.out_of_space(error),
+            other => return other,
+        };
+        // The step's mounts are gone by now, and what it wrote with them: collect garbage so
+        // that the next step has room.
+        if let Err(gc_error) = self.gc.collect().await {
+            tracing::warn!("garbage collection after a full disk: {gc_error}");
+        }
+        Err(error)
+    }
+
+    /// `failed` as [`WorkerError::DiskFull`] when the disk under the state directory is
+    /// (nearly) full now.
+    fn out_of_space_if_full(&self, failed: WorkerError) -> WorkerError {
+        if free_space(&self.config.root) < FULL_DISK { self.out_of_space(failed) } else { failed }
+    }
+
+    /// `failed` as [`WorkerError::DiskFull`] (unchanged if it is one), naming the worker and
+    /// the state directory.
+    fn out_of_space(&self, failed: WorkerError) -> WorkerError {
+        let vertex = match &failed {
+            WorkerError::DiskFull { .. } => return failed,
+            WorkerError::StepFailed { vertex, .. } | WorkerError::Failed { vertex, .. } => vertex.clone(),
+        };
+        WorkerError::DiskFull {
+            vertex: vertex.clone(),
+            worker: self.config.name.clone(),
+            path: self.config.root.clone(),
+            free: free_space(&self.config.root),
+            cause: failed.to_string().trim_start_matches(&format!("{vertex}: ")).to_string(),
         }
     }
 

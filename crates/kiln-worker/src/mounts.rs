@@ -25,11 +25,119 @@ pub(crate) struct CacheMounts {
     /// Held while a cache directory is created and seeded, so concurrent first uses of a
     /// shared cache create it once.
     creating: tokio::sync::Mutex<()>,
+    /// Steps using each directory now, and its recorded uses (garbage collection's view).
+    uses: Arc<MountUses>,
+}
+
+/// Which cache directories steps use now; uses are recorded in the KV store when they end.
+pub(crate) struct MountUses {
+    users: Mutex<HashMap<PathBuf, usize>>,
+    kv: kiln_kv::SharedKv,
+}
+
+/// Cache mount uses, by directory relative to the cache root.
+const MOUNT_USES_TREE: &str = "cache-mount-uses";
+
+/// A recorded use of a cache directory.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct MountUse {
+    pub(crate) last_used: u64,
+    pub(crate) usage_count: u64,
+}
+
+impl MountUses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, usize>> {
+        self.users.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The recorded use of `relative` (`<digest>/<instance>`).
+    pub(crate) fn recorded(&self, relative: &str) -> MountUse {
+        let bytes = self.kv.get(MOUNT_USES_TREE, relative.as_bytes()).ok().flatten();
+        bytes.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    /// Runs `remove` on `dir` unless a step uses it, with new uses held off meanwhile;
+    /// returns whether it ran.
+    pub(crate) fn remove_unused<E>(
+        &self,
+        dir: &Path,
+        relative: &str,
+        remove: impl FnOnce() -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let users = self.lock();
+        if users.contains_key(dir) {
+            return Ok(false);
+        }
+        remove()?;
+        let _ = self.kv.delete(MOUNT_USES_TREE, relative.as_bytes());
+        drop(users);
+        Ok(true)
+    }
+
+    pub(crate) fn in_use(&self, dir: &Path) -> bool {
+        self.lock().contains_key(dir)
+    }
+}
+
+/// A step's use of a cache directory: it cannot be collected until this drops.
+pub(crate) struct MountUser {
+    uses: Arc<MountUses>,
+    dir: PathBuf,
+    relative: String,
+}
+
+impl Drop for MountUser {
+    fn drop(&mut self) {
+        let mut users = self.uses.lock();
+        let mut recorded = self.uses.recorded(&self.relative);
+        recorded.last_used = kiln_types::now_ms();
+        recorded.usage_count += 1;
+        // A lost record only makes the directory look older than it is.
+        let _ = self.uses.kv.put(
+            MOUNT_USES_TREE,
+            self.relative.as_bytes(),
+            &serde_json::to_vec(&recorded).expect("serialisable"),
+        );
+        if let Some(count) = users.get_mut(&self.dir) {
+            *count -= 1;
+            if *count == 0 {
+                users.remove(&self.dir);
+            }
+        }
+    }
+}
+
+/// Removes what a collection stopped in the middle of removing left in the cache root.
+pub(crate) fn clear_trash(root: &Path) -> Result<(), String> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Ok(()) };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".trash-") {
+            std::fs::remove_dir_all(entry.path()).map_err(|e| format!("{}: {e}", entry.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 impl CacheMounts {
-    pub(crate) fn new(root: PathBuf) -> CacheMounts {
-        CacheMounts { root, locks: Mutex::default(), creating: tokio::sync::Mutex::new(()) }
+    pub(crate) fn new(root: PathBuf, kv: kiln_kv::SharedKv) -> CacheMounts {
+        let uses = Arc::new(MountUses { users: Mutex::default(), kv });
+        CacheMounts { root, locks: Mutex::default(), creating: tokio::sync::Mutex::new(()), uses }
+    }
+
+    /// The cache root, whose `<digest>/<instance>` directories are the cache mounts.
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(crate) fn uses(&self) -> &Arc<MountUses> {
+        &self.uses
+    }
+
+    /// Marks `dir` used by a step until the returned guard drops.
+    fn use_dir(&self, dir: &Path) -> MountUser {
+        *self.uses.lock().entry(dir.to_path_buf()).or_default() += 1;
+        let relative = dir.strip_prefix(&self.root).unwrap_or(dir).display().to_string();
+        MountUser { uses: Arc::clone(&self.uses), dir: dir.to_path_buf(), relative }
     }
 
     fn lock_for(&self, dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
@@ -67,6 +175,7 @@ pub(crate) struct PreparedMounts {
     pub(crate) env: Vec<String>,
     views: Vec<ActiveSnapshot>,
     guards: Vec<OwnedMutexGuard<()>>,
+    users: Vec<MountUser>,
 }
 
 impl Drop for PreparedMounts {
@@ -114,6 +223,7 @@ impl Worker {
                 }
                 MountKind::Cache { id, sharing, from, source, readonly, mode, uid, gid } => {
                     let (dir, guard) = self.cache_mounts.acquire(id, *sharing).await?;
+                    prepared.users.push(self.cache_mounts.use_dir(&dir));
                     let creating = self.cache_mounts.creating.lock().await;
                     if !dir.exists() {
                         // A new cache starts as a copy of `from` (at `source`) when given.

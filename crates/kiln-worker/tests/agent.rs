@@ -75,6 +75,7 @@ impl SessionLink for Link {
     fn drain(&self) {
         let _ = self.0.send(Sent::Drain);
     }
+    fn evicted(&self, _: &[kiln_types::Digest]) {}
     fn log(&self, _: JobId, _: u32, _: LogLine) {}
     fn result(&self, job: JobId, _: u32, result: Result<Executed<Layers>, Failed>) {
         let _ = self.0.send(Sent::Result(job, result));
