@@ -15,7 +15,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kiln_layer::LayerId;
@@ -118,10 +117,6 @@ pub struct Gc {
     limits: GcLimits,
     /// One collection, prune or usage listing at a time.
     running: Arc<tokio::sync::Mutex<()>>,
-    /// The store's size at the last full listing, and the disk's free space then: between
-    /// listings the store grew by at most what the disk lost.
-    listed: AtomicU64,
-    free_then: AtomicU64,
 }
 
 impl Gc {
@@ -133,24 +128,7 @@ impl Gc {
         policy: &GcPolicy,
     ) -> Gc {
         let limits = policy.limits(disk_size(&disk));
-        let free_then = AtomicU64::new(free_space(&disk));
-        // Unknown until listed: the first check lists.
-        let listed = AtomicU64::new(u64::MAX);
-        Gc { stores, mounts, cache_root, disk, limits, running: Arc::default(), listed, free_then }
-    }
-
-    /// Whether the store may be over a limit (one statvfs, no listing): its size at the last
-    /// listing plus what the disk lost since is above `max-used-space`, or the disk is low.
-    fn may_be_over(&self) -> bool {
-        let free = free_space(&self.disk);
-        let grown = self.free_then.load(Ordering::Relaxed).saturating_sub(free);
-        let estimate = self.listed.load(Ordering::Relaxed).saturating_add(grown);
-        estimate > self.limits.max_used || self.limits.min_free.is_some_and(|min| free < min)
-    }
-
-    fn remember_listing(&self, total: u64) {
-        self.listed.store(total, Ordering::Relaxed);
-        self.free_then.store(free_space(&self.disk), Ordering::Relaxed);
+        Gc { stores, mounts, cache_root, disk, limits, running: Arc::default() }
     }
 
     /// The limits in force.
@@ -184,15 +162,16 @@ impl Gc {
         .await?
     }
 
-    /// After a build or job: applies the policy in the background when the store may be
-    /// over a limit (see [`Gc::may_be_over`]), starting now, so that a `usage` or `prune`
-    /// called after this returns sees the result. The handle gives what was removed.
+    /// After a build or job: applies the policy in the background, starting now, so that a
+    /// `usage` or `prune` called after this returns sees the result. The handle gives what
+    /// was removed. (Listing is cheap after the first time: a layer's directory is measured
+    /// once, a cache directory again only after a step used it.)
     pub async fn collect_soon(self: &Arc<Self>) -> tokio::task::JoinHandle<Result<Collected, StoreError>> {
         let running = Arc::clone(&self.running).lock_owned().await;
         let gc = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let _running = running;
-            if gc.may_be_over() { gc.collect_now() } else { Ok(Collected::default()) }
+            gc.collect_now()
         })
     }
 
@@ -240,7 +219,6 @@ impl Gc {
                 free += freed;
             }
         }
-        self.remember_listing(total);
         if collected.report.records > 0 {
             tracing::info!(
                 records = collected.report.records,
@@ -270,7 +248,6 @@ impl Gc {
                 total = total.saturating_sub(freed);
             }
         }
-        self.remember_listing(total);
         Ok(collected)
     }
 
@@ -360,7 +337,14 @@ impl Gc {
         for dir in mount_dirs(&self.cache_root)? {
             let relative = dir.strip_prefix(&self.cache_root).unwrap_or(&dir).display().to_string();
             let recorded = self.mounts.recorded(&relative);
-            let size = kiln_layer::disk_usage(&dir)?;
+            let size = match self.mounts.measured(&dir) {
+                Some(size) => size,
+                None => {
+                    let size = kiln_layer::disk_usage(&dir)?;
+                    self.mounts.remember_size(&dir, size);
+                    size
+                }
+            };
             entries.push(Entry {
                 record: UsageRecord {
                     id: relative,

@@ -33,6 +33,8 @@ pub(crate) struct CacheMounts {
 pub(crate) struct MountUses {
     users: Mutex<HashMap<PathBuf, usize>>,
     kv: kiln_kv::SharedKv,
+    /// Sizes measured since the directory was last used (a use forgets it).
+    sizes: Mutex<HashMap<PathBuf, u64>>,
 }
 
 /// Cache mount uses, by directory relative to the cache root.
@@ -70,12 +72,24 @@ impl MountUses {
         }
         remove()?;
         let _ = self.kv.delete(MOUNT_USES_TREE, relative.as_bytes());
+        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).remove(dir);
         drop(users);
         Ok(true)
     }
 
     pub(crate) fn in_use(&self, dir: &Path) -> bool {
         self.lock().contains_key(dir)
+    }
+
+    /// The size measured since the directory was last used, if any.
+    pub(crate) fn measured(&self, dir: &Path) -> Option<u64> {
+        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).get(dir).copied()
+    }
+
+    pub(crate) fn remember_size(&self, dir: &Path, size: u64) {
+        if !self.in_use(dir) {
+            self.sizes.lock().unwrap_or_else(|p| p.into_inner()).insert(dir.to_path_buf(), size);
+        }
     }
 }
 
@@ -89,6 +103,7 @@ pub(crate) struct MountUser {
 impl Drop for MountUser {
     fn drop(&mut self) {
         let mut users = self.uses.lock();
+        self.uses.sizes.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.dir);
         let mut recorded = self.uses.recorded(&self.relative);
         recorded.last_used = kiln_types::now_ms();
         recorded.usage_count += 1;
@@ -120,7 +135,7 @@ pub(crate) fn clear_trash(root: &Path) -> Result<(), String> {
 
 impl CacheMounts {
     pub(crate) fn new(root: PathBuf, kv: kiln_kv::SharedKv) -> CacheMounts {
-        let uses = Arc::new(MountUses { users: Mutex::default(), kv });
+        let uses = Arc::new(MountUses { users: Mutex::default(), kv, sizes: Mutex::default() });
         CacheMounts { root, locks: Mutex::default(), creating: tokio::sync::Mutex::new(()), uses }
     }
 
