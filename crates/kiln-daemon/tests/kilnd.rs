@@ -85,7 +85,10 @@ fn a_config_file_with_both_roles_runs_standalone_and_bad_files_are_named() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_until("the TCP listener", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    // Waits for the daemon to say it listens: probing the port with connects could succeed
+    // by a TCP self-connect (a probe's own source port is the free port) and then hold it.
+    let listening = format!("listening on 127.0.0.1:{port}");
+    wait_until("the TCP listener", || std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&listening)));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let info = runtime.block_on(async {
         let client = kiln_client::Client::connect(&format!("http://127.0.0.1:{port}")).await.unwrap();
