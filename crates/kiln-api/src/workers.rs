@@ -10,8 +10,8 @@ use kiln_graph::{Op, SourceOp};
 use kiln_model::Failed;
 use kiln_proto::MAX_MESSAGE;
 use kiln_proto::convert::{
-    job_result_from_proto, layers_to_proto, log_line_from_proto, manifest_to_proto, register_from_proto,
-    tier_blob_to_proto,
+    job_result_from_proto, layers_to_proto, log_line_from_proto, manifest_to_proto, push_to_proto, pushed_from_proto,
+    register_from_proto, tier_blob_to_proto,
 };
 use kiln_proto::v1::workers_server::Workers;
 use kiln_proto::v1::{self, coordinator_message, worker_message};
@@ -91,6 +91,7 @@ impl Workers for WorkersService {
                         }
                     },
                     ToWorker::Cancel { job } => coordinator_message::Message::Cancel(v1::CancelJob { job }),
+                    ToWorker::Push(push) => coordinator_message::Message::Push(push_to_proto(&push)),
                 };
                 if sender.send(Ok(message(converted))).is_err() {
                     return;
@@ -130,6 +131,11 @@ impl Workers for WorkersService {
                                 cluster.report(&name, job, epoch, result);
                             }
                             worker_message::Message::Drain(_) => cluster.drain(&name, session),
+                            worker_message::Message::Pushed(pushed) => match pushed_from_proto(pushed) {
+                                Ok((request, result)) => cluster.pushed(&name, request, result),
+                                // The waiter hears nothing and times out with the session.
+                                Err(error) => tracing::warn!("a malformed push answer: {error}"),
+                            },
                             worker_message::Message::Evicted(evicted) => {
                                 // Unreadable digests name nothing the cluster knows.
                                 let layers = evicted.layers.iter().filter_map(|d| d.parse().ok()).collect();

@@ -14,7 +14,7 @@ use crate::ClientError;
 
 use kiln_proto::convert::{
     WireError, job_log_to_proto, job_result_to_proto, layers_from_proto, manifest_from_proto, parse_digest,
-    register_to_proto, tier_blob_from_proto,
+    push_from_proto, pushed_to_proto, register_to_proto, tier_blob_from_proto,
 };
 
 /// The sending half of a session (cheap to clone).
@@ -79,6 +79,13 @@ impl WorkerSession {
                         ))
                     }
                     Some(coordinator_message::Message::Cancel(cancel)) => Ok(FromCoordinator::Cancel(cancel.job)),
+                    Some(coordinator_message::Message::Push(push)) => {
+                        let request = push.request;
+                        Ok(push_from_proto(push).map_or_else(
+                            |e| FromCoordinator::UnreadablePush { request, error: e.to_string() },
+                            FromCoordinator::Push,
+                        ))
+                    }
                     _ => continue,
                 };
                 if incoming_sender.send(converted).await.is_err() {
@@ -132,6 +139,11 @@ impl WorkerLink {
     /// Renews the lease.
     pub fn heartbeat(&self, free_disk: u64) {
         self.send(worker_message::Message::Heartbeat(v1::Heartbeat { free_disk }));
+    }
+
+    /// The answer to a push.
+    pub fn pushed(&self, request: u64, result: Result<Vec<kiln_model::PushedLayer>, String>) {
+        self.send(worker_message::Message::Pushed(pushed_to_proto(request, result)));
     }
 
     /// Layers garbage collection removed, by diff id.

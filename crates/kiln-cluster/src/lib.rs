@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use kiln_graph::{Op, SourceOp, Vertex};
 use kiln_model::{
-    BoxFuture, Executed, Executor, Failed, JobId, LayerDesc, Layers, LogLine, LogSink, LogStream, TierBlob, WorkerInfo,
-    WorkerStatus,
+    BoxFuture, CacheCompression, Executed, Executor, Failed, JobId, LayerDesc, Layers, LogLine, LogSink, LogStream,
+    PushRequest, PushTarget, PushedLayer, TierBlob, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, now_ms};
 use tokio::sync::{mpsc, oneshot};
@@ -126,7 +126,12 @@ pub enum ToWorker<B> {
         /// The job.
         job: JobId,
     },
+    /// Push layers it holds to a cache or a registry.
+    Push(PushRequest),
 }
+
+/// What a push answered with: the layers as pushed, or why not.
+pub type Pushed = Result<Vec<PushedLayer>, String>;
 
 struct Pending<B> {
     vertex: Vertex,
@@ -150,6 +155,8 @@ struct Inner<B> {
     /// there instead of being recomputed. At most [`MAX_TIER_LAYERS`], oldest forgotten first.
     tier: HashMap<Digest, TierBlob>,
     tier_order: std::collections::VecDeque<Digest>,
+    /// Pushes sent to workers and not answered yet, by request: the worker and the waiter.
+    pushes: HashMap<u64, (String, oneshot::Sender<Pushed>)>,
 }
 
 /// The coordinator's view of its workers, and the solver's executor over them.
@@ -172,6 +179,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 substitutes: HashMap::new(),
                 tier: HashMap::new(),
                 tier_order: std::collections::VecDeque::new(),
+                pushes: HashMap::new(),
             }),
             next_job: AtomicU64::new(1),
         })
@@ -260,6 +268,8 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         let mut inner = self.lock();
         if inner.links.get(worker).is_some_and(|(s, _)| *s == session) {
             inner.links.remove(worker);
+            // Its pushes will not be answered: their waiters hear so.
+            inner.pushes.retain(|_, (pusher, _)| pusher != worker);
         }
     }
 
@@ -269,7 +279,49 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         let mut inner = self.lock();
         let closed = inner.links.len();
         inner.links.clear();
+        inner.pushes.clear();
         closed
+    }
+
+    /// The least loaded connected worker holding all of `layers`, if any.
+    pub fn holder_of_all(&self, layers: &[Digest]) -> Option<String> {
+        self.lock().state.holder_of_all(layers)
+    }
+
+    /// Asks `worker` to push `layers` (which it holds) to `target`, and waits for its answer:
+    /// the layers as pushed, or why not (it failed, or left before answering).
+    pub async fn push(
+        &self,
+        worker: &str,
+        layers: Vec<Digest>,
+        target: PushTarget,
+        compression: CacheCompression,
+        source_date_epoch: Option<u64>,
+    ) -> Pushed {
+        let (sender, answer) = oneshot::channel();
+        {
+            let mut inner = self.lock();
+            let request = self.next_job.fetch_add(1, Ordering::Relaxed);
+            let Some((_, link)) = inner.links.get(worker) else {
+                return Err(format!("worker {worker} is not connected"));
+            };
+            let push = PushRequest { request, layers, target, compression, source_date_epoch };
+            if link.send(ToWorker::Push(push)).is_err() {
+                return Err(format!("worker {worker} is not connected"));
+            }
+            inner.pushes.insert(request, (worker.to_string(), sender));
+        }
+        answer.await.unwrap_or_else(|_| Err(format!("worker {worker} left before it answered a push")))
+    }
+
+    /// A worker's answer to a push (one it was not asked, or another worker's, is dropped).
+    pub fn pushed(&self, worker: &str, request: u64, result: Pushed) {
+        let mut inner = self.lock();
+        if inner.pushes.get(&request).is_some_and(|(pusher, _)| pusher == worker)
+            && let Some((_, waiter)) = inner.pushes.remove(&request)
+        {
+            let _ = waiter.send(result);
+        }
     }
 
     /// A worker drains: it takes no new jobs.

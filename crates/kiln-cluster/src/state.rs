@@ -366,7 +366,16 @@ impl ClusterState {
             .collect()
     }
 
-    /// The name of a worker holding a layer (the first by name), if any does.
+    /// The least loaded connected worker holding every one of these layers, if any.
+    pub fn holder_of_all(&self, diff_ids: &[Digest]) -> Option<String> {
+        self.workers
+            .values()
+            .filter(|e| diff_ids.iter().all(|d| e.layers.contains(d)))
+            .min_by(|a, b| a.load().total_cmp(&b.load()).then_with(|| a.info.name.cmp(&b.info.name)))
+            .map(|e| e.info.name.clone())
+    }
+
+    /// The name of a connected worker holding a layer (the first by name), if any.
     pub fn holder_name(&self, diff_id: &Digest) -> Option<String> {
         self.workers.values().filter(|e| e.layers.contains(diff_id)).map(|e| e.info.name.clone()).min()
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use kiln_cas::BlobStore;
 use kiln_client::{ClientError, WorkerLink, WorkerSession};
-use kiln_model::{BoxFuture, Executed, Failed, JobId, Layers, LogLine, WorkerInfo};
+use kiln_model::{BoxFuture, Executed, Failed, JobId, Layers, LogLine, PushedLayer, WorkerInfo};
 use kiln_types::Digest;
 use kiln_worker::BlobFetcher;
 use kiln_worker::agent::{ControlPlane, Session, SessionLink};
@@ -54,6 +54,10 @@ impl SessionLink for Link {
 
     fn evicted(&self, layers: &[Digest]) {
         self.0.evicted(layers);
+    }
+
+    fn pushed(&self, request: u64, result: Result<Vec<PushedLayer>, String>) {
+        self.0.pushed(request, result);
     }
 
     fn log(&self, job: JobId, epoch: u32, line: LogLine) {

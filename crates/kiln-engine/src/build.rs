@@ -160,20 +160,16 @@ impl Engine {
                         Ok(layers) => layers,
                         Err(message) => return Err(BuildFailure { message, records }),
                     };
-                    // The export runs here: bring the result layers from the workers holding them.
-                    let step = self.step(&progress, "fetching result layers from workers");
-                    let mut results = Vec::with_capacity(layers.len());
-                    for output in layers.clone() {
-                        let Some(output) = output else {
-                            results.push(None);
-                            continue;
-                        };
-                        match self.fetch_result(cluster, fetcher.as_ref(), output).await {
-                            Ok(snapshot) => results.push(Some(snapshot)),
+                    // Files and tarballs are exported here: bring the result layers from the
+                    // workers holding them. Pushes go from the workers (`push_from_workers`).
+                    let results = if pushes_only(&request) {
+                        vec![None; layers.len()]
+                    } else {
+                        match self.fetch_results(cluster, fetcher.as_ref(), &layers, &progress).await {
+                            Ok(results) => results,
                             Err(error) => return Err(BuildFailure { message: error.to_string(), records }),
                         }
-                    }
-                    step.done();
+                    };
                     (results, counts, records, Solved::Cluster(outputs, layers))
                 }
             })
@@ -190,8 +186,25 @@ impl Engine {
             return Err(BuildFailure { message: error.to_string(), records });
         }
         let exported = async {
-            let (image, files) =
-                self.export(&plan, &results, &vertex_layers, &bases, &request, spool, &progress).await?;
+            let pushed = match (&self.mode, &outputs) {
+                (Mode::Cluster { cluster, .. }, Solved::Cluster(_, layers))
+                    if pushes_only(&request) && !request.outputs.is_empty() =>
+                {
+                    self.push_from_workers(cluster, &plan, layers, &vertex_layers, &bases, &request, &progress).await?
+                }
+                _ => None,
+            };
+            let (image, files) = match (pushed, &self.mode, &outputs) {
+                (Some(image), _, _) => (image, Vec::new()),
+                // The workers could not push: bring the layers here and push from here.
+                (None, Mode::Cluster { cluster, fetcher, .. }, Solved::Cluster(_, layers))
+                    if pushes_only(&request) && !request.outputs.is_empty() =>
+                {
+                    let results = self.fetch_results(cluster, fetcher.as_ref(), layers, &progress).await?;
+                    self.export(&plan, &results, &vertex_layers, &bases, &request, spool, &progress).await?
+                }
+                _ => self.export(&plan, &results, &vertex_layers, &bases, &request, spool, &progress).await?,
+            };
             match &outputs {
                 Solved::Local(outputs) => {
                     self.export_caches(&request, &plan, &records, outputs, &results, &progress).await?;
@@ -206,6 +219,26 @@ impl Engine {
             Ok((image, files)) => Ok(BuildSummary { records, image, files }),
             Err(error) => Err(BuildFailure { message: error.to_string(), records }),
         }
+    }
+
+    /// Brings every result's layers here from the workers holding them.
+    async fn fetch_results(
+        &self,
+        cluster: &Arc<kiln_cluster::Cluster<ClusterData>>,
+        fetcher: &dyn kiln_worker::BlobFetcher,
+        layers: &[Option<kiln_model::Layers>],
+        progress: &mpsc::UnboundedSender<BuildEvent>,
+    ) -> Result<Vec<Option<kiln_worker::Snapshot>>, BuildError> {
+        let step = self.step(progress, "fetching result layers from workers");
+        let mut results = Vec::with_capacity(layers.len());
+        for output in layers {
+            results.push(match output {
+                Some(output) => Some(self.fetch_result(cluster, fetcher, output.clone()).await?),
+                None => None,
+            });
+        }
+        step.done();
+        Ok(results)
     }
 
     /// Brings a result's layers here from the workers holding them (recomputing them first
@@ -393,4 +426,10 @@ async fn follow<O>(
             None => return Err(BuildFailure::early("the solver stopped")),
         }
     }
+}
+
+/// Whether every output is an image push (or there is none): then a cluster's workers push
+/// the layers and nothing needs to be brought to the coordinator.
+fn pushes_only(request: &BuildRequest) -> bool {
+    request.outputs.iter().all(|o| matches!(o, kiln_model::OutputSpec::Image { push: true, .. }))
 }

@@ -16,7 +16,8 @@ use kiln_dockerfile::BuildPlan;
 use kiln_graph::Op;
 use kiln_layer::{Compression, TarOptions};
 use kiln_model::{
-    BuildEvent, BuildRequest, CacheCompression, CacheLocation, CacheMode, CacheSpec, LayerDesc, Layers, VertexRecord,
+    BuildEvent, BuildRequest, CacheCompression, CacheLocation, CacheMode, CacheSpec, LayerDesc, Layers, PushTarget,
+    VertexRecord,
 };
 use kiln_registry::Descriptor;
 use kiln_types::Digest;
@@ -228,7 +229,8 @@ impl Exported for Snapshot {
 }
 
 /// A cluster result: layers on workers or in the shared tier. Layers the target cache holds
-/// already are named as they are there; otherwise the result is brought here first.
+/// already are named as they are there; otherwise the worker holding them pushes them to the
+/// cache itself, and only when no worker can is the result brought here first.
 impl Exported for Layers {
     fn chain(&self) -> Vec<String> {
         self.layers.iter().map(|l| l.diff_id.to_string()).collect()
@@ -254,6 +256,27 @@ impl Exported for Layers {
             .collect();
         if let Some(there) = there {
             return Ok(there);
+        }
+        let diff_ids: Vec<Digest> = self.layers.iter().map(|l| l.diff_id).collect();
+        if let Some(worker) = cluster.holder_of_all(&diff_ids) {
+            let compression = match compression {
+                Compression::Zstd => CacheCompression::Zstd,
+                _ => CacheCompression::Gzip,
+            };
+            let target = PushTarget::Cache(target.to_string());
+            match cluster.push(&worker, diff_ids, target, compression, options.source_date_epoch).await {
+                Ok(pushed) => {
+                    return Ok(pushed
+                        .into_iter()
+                        .map(|l| CachedLayer {
+                            blob: Descriptor::new(l.media_type, l.digest, l.size),
+                            diff_id: l.diff_id,
+                            tar_size: l.tar_size,
+                        })
+                        .collect());
+                }
+                Err(reason) => tracing::warn!("worker {worker} could not push to the cache: {reason}; exporting here"),
+            }
         }
         let snapshot = engine.fetch_result(cluster, fetcher.as_ref(), self.clone()).await?;
         snapshot.cached_layers(engine, target, compression, options).await

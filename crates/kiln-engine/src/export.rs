@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kiln_dockerfile::BuildPlan;
 use kiln_layer::{Compression, TarOptions};
-use kiln_model::{BuildEvent, BuildRequest, OutputSpec};
+use kiln_model::{BuildEvent, BuildRequest, CacheCompression, Layers, OutputSpec, PushTarget};
 use kiln_registry::{
     ArchiveFormat, Descriptor, History, MediaTypes, NewImage, NewLayer, store_image, store_index, write_archive,
 };
@@ -63,13 +63,12 @@ impl Engine {
                 && let std::collections::hash_map::Entry::Vacant(slot) = images.entry(media)
             {
                 let step = self.step(progress, "exporting layers and image config");
-                let histories: Vec<Option<Vec<History>>> = plan
-                    .graph
-                    .outputs
-                    .iter()
-                    .map(|o| history::history(&plan.graph, o.digest, vertex_layers, &bases.histories, &created))
-                    .collect();
-                slot.insert(self.store_images(plan, &snapshots, &histories, media, options, &created).await?);
+                let histories = histories(plan, vertex_layers, bases, &created);
+                let mut layers = Vec::with_capacity(snapshots.len());
+                for snapshot in &snapshots {
+                    layers.push(self.image_layers(snapshot, options).await?);
+                }
+                slot.insert(self.store_images(plan, layers, &histories, media, &created)?);
                 step.done();
             }
             match output {
@@ -153,28 +152,128 @@ impl Engine {
         Ok(())
     }
 
-    /// The image of each output platform, under an index when there are several.
-    async fn store_images(
+    /// A snapshot's layers as image layers (gzip, or the blobs they were pulled as) in this
+    /// engine's blob store.
+    async fn image_layers(&self, snapshot: &Snapshot, options: TarOptions) -> Result<Vec<NewLayer>, BuildError> {
+        let blobs = self.stores.export_layers(snapshot, Compression::Gzip, options).await?;
+        Ok(blobs
+            .iter()
+            .map(|b| NewLayer {
+                digest: b.digest,
+                diff_id: b.diff_id,
+                size: b.size,
+                media_type: b.compression.oci_media_type().into(),
+            })
+            .collect())
+    }
+
+    /// A cluster build whose outputs are all image pushes: the worker holding each result's
+    /// layers pushes them straight to every named repository (the coordinator is no longer
+    /// the fleet's bandwidth bottleneck); the coordinator writes the configs and manifests
+    /// and pushes those, with the base layers, exported as the blobs they were pulled as
+    /// from its own store. `None` when a result's layers are on no single worker or a push
+    /// failed: then the coordinator brings the layers in and exports as for other outputs.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn push_from_workers(
+        &self,
+        cluster: &kiln_cluster::Cluster<crate::ClusterData>,
+        plan: &BuildPlan,
+        results: &[Option<Layers>],
+        vertex_layers: &HashMap<Digest, usize>,
+        bases: &Bases,
+        request: &BuildRequest,
+        progress: &mpsc::UnboundedSender<BuildEvent>,
+    ) -> Result<Option<Option<Digest>>, BuildError> {
+        let options = tar_options(request)?;
+        let created = rfc3339_millis(options.source_date_epoch.map_or_else(now_ms, |seconds| seconds * 1000));
+        let names: Vec<&String> = request
+            .outputs
+            .iter()
+            .flat_map(|o| match o {
+                OutputSpec::Image { names, .. } => names.iter().collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        self.keep_base_blobs(bases).await?;
+        let step = self.step(progress, "pushing layers from the workers holding them");
+        let mut platforms = Vec::with_capacity(results.len());
+        for result in results {
+            let chain = result.as_ref().map(|l| l.layers.as_slice()).unwrap_or_default();
+            // Base layers as pulled, from here; the rest from a worker.
+            let mut here = HashMap::new();
+            for layer in chain {
+                let origin = self.stores.snapshots().origin(&layer.diff_id, self.stores.cas());
+                if let Some(origin) = origin.map_err(kiln_worker::StoreError::from)? {
+                    here.insert(layer.diff_id, origin);
+                }
+            }
+            let theirs: Vec<Digest> = chain.iter().map(|l| l.diff_id).filter(|d| !here.contains_key(d)).collect();
+            let mut pushed = HashMap::new();
+            if !theirs.is_empty() {
+                let Some(worker) = cluster.holder_of_all(&theirs) else { return Ok(None) };
+                for name in &names {
+                    let target = PushTarget::Registry((*name).clone());
+                    let epoch = options.source_date_epoch;
+                    match cluster.push(&worker, theirs.clone(), target, CacheCompression::Gzip, epoch).await {
+                        Ok(layers) => pushed.extend(layers.into_iter().map(|l| (l.diff_id, l))),
+                        Err(reason) => {
+                            tracing::warn!("worker {worker} could not push to {name}: {reason}; exporting here");
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+            let layers = chain
+                .iter()
+                .map(|layer| match (here.get(&layer.diff_id), pushed.get(&layer.diff_id)) {
+                    (Some(origin), _) => NewLayer {
+                        digest: origin.digest,
+                        diff_id: origin.diff_id,
+                        size: origin.size,
+                        media_type: origin.compression.oci_media_type().into(),
+                    },
+                    (None, Some(pushed)) => NewLayer {
+                        digest: pushed.digest,
+                        diff_id: pushed.diff_id,
+                        size: pushed.size,
+                        media_type: pushed.media_type.clone(),
+                    },
+                    (None, None) => unreachable!("every layer is here or was pushed"),
+                })
+                .collect();
+            platforms.push(layers);
+        }
+        step.done();
+        let histories = histories(plan, vertex_layers, bases, &created);
+        let mut image_digest = None;
+        for output in &request.outputs {
+            let OutputSpec::Image { names, media, .. } = output else { continue };
+            let image = self.store_images(plan, platforms.clone(), &histories, *media, &created)?;
+            image_digest = Some(image.digest);
+            for name in names {
+                let reference = name.parse().map_err(|source| BuildError::OutputName { name: name.clone(), source })?;
+                let step = self.step(progress, &format!("pushing {name}"));
+                // The workers' layers are there already; the config, the manifests and the
+                // base layers go from here.
+                self.stores.registry().push(&reference, &image.digest, self.stores.cas()).await?;
+                step.done();
+            }
+        }
+        Ok(Some(image_digest))
+    }
+
+    /// The image of each output platform from its layers, under an index when there are
+    /// several.
+    fn store_images(
         &self,
         plan: &BuildPlan,
-        snapshots: &[&Snapshot],
+        platforms: Vec<Vec<NewLayer>>,
         histories: &[Option<Vec<History>>],
         media: MediaTypes,
-        options: TarOptions,
         created: &str,
     ) -> Result<Descriptor, BuildError> {
         let mut manifests = Vec::new();
-        for (i, snapshot) in snapshots.iter().enumerate() {
-            let blobs = self.stores.export_layers(snapshot, Compression::Gzip, options).await?;
-            let layers: Vec<NewLayer> = blobs
-                .iter()
-                .map(|b| NewLayer {
-                    digest: b.digest,
-                    diff_id: b.diff_id,
-                    size: b.size,
-                    media_type: b.compression.oci_media_type().into(),
-                })
-                .collect();
+        for (i, layers) in platforms.into_iter().enumerate() {
             let history = histories[i].clone().unwrap_or_else(|| {
                 layers
                     .iter()
@@ -232,6 +331,20 @@ pub(crate) fn tar_options(request: &BuildRequest) -> Result<TarOptions, BuildErr
         None => None,
     };
     Ok(TarOptions { source_date_epoch: epoch })
+}
+
+/// The image history of each output platform.
+fn histories(
+    plan: &BuildPlan,
+    vertex_layers: &HashMap<Digest, usize>,
+    bases: &Bases,
+    created: &str,
+) -> Vec<Option<Vec<History>>> {
+    plan.graph
+        .outputs
+        .iter()
+        .map(|o| history::history(&plan.graph, o.digest, vertex_layers, &bases.histories, created))
+        .collect()
 }
 
 fn platform_dir(plan: &BuildPlan, index: usize) -> String {

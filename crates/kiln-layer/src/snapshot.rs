@@ -448,7 +448,30 @@ impl SnapshotStore {
         }
         let blob = export_layer(&self.layer_path(id), cas, compression, options)?;
         self.kv.put(BLOBS_TREE, key.as_bytes(), &serde_json::to_vec(&blob).expect("serialisable"))?;
+        self.learn_diff_id(id, &blob.diff_id)?;
         Ok(blob)
+    }
+
+    /// Records the diff id an export found for a layer committed without one, so the layer
+    /// is found by it ([`SnapshotStore::layer_for_diff_id`]: a peer's or a push's request).
+    fn learn_diff_id(&self, id: &LayerId, diff_id: &Digest) -> Result<(), LayerError> {
+        if self.record(id)?.is_some_and(|r| r.diff_id.is_some()) {
+            return Ok(());
+        }
+        let record = serde_json::to_vec(&LayerRecord { diff_id: Some(*diff_id) }).expect("serialisable");
+        self.kv.put(LAYERS_TREE, id.as_str().as_bytes(), &record)?;
+        // Another layer with the same content keeps the name, while it exists.
+        let owner = self.kv.get(DIFF_IDS_TREE, diff_id.hex().as_bytes())?;
+        let owner = owner.and_then(|owner| LayerId::parse(&String::from_utf8_lossy(&owner)));
+        if owner.is_none_or(|owner| !self.has_layer(&owner)) {
+            self.kv.put(DIFF_IDS_TREE, diff_id.hex().as_bytes(), id.as_str().as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The blob a layer with this diff id was pulled as, while the blob store holds it.
+    pub fn origin(&self, diff_id: &Digest, cas: &BlobStore) -> Result<Option<LayerBlob>, LayerError> {
+        self.stored_blob(ORIGINS_TREE, diff_id.hex().as_bytes(), cas)
     }
 
     /// A blob recorded under `key` in `tree`, if the blob store still holds it.

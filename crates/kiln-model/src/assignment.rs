@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use kiln_graph::Vertex;
 use kiln_types::Digest;
 
-use crate::{ContextManifest, JobId, Layers, TierBlob};
+use crate::{CacheCompression, ContextManifest, JobId, Layers, TierBlob};
 
 /// A job as the worker receives it.
 #[derive(Debug)]
@@ -47,4 +47,53 @@ pub enum FromCoordinator {
         /// Why.
         error: String,
     },
+    /// Push layers this worker holds.
+    Push(PushRequest),
+    /// A push request this worker could not read: answer it failed.
+    UnreadablePush {
+        /// The request.
+        request: u64,
+        /// Why.
+        error: String,
+    },
+}
+
+/// Layers a worker holds, pushed by it straight to a cache or a registry (an export runs on
+/// the workers holding the layers; only descriptors go back to the coordinator).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushRequest {
+    /// The request, echoed in the answer.
+    pub request: u64,
+    /// The layers, by diff id, bottom first.
+    pub layers: Vec<Digest>,
+    /// Where they go.
+    pub target: PushTarget,
+    /// How layers not yet compressed are compressed.
+    pub compression: CacheCompression,
+    /// `SOURCE_DATE_EPOCH` for layer tars written for the push.
+    pub source_date_epoch: Option<u64>,
+}
+
+/// Where a worker pushes layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushTarget {
+    /// A cache, as a `--cache-to` spec.
+    Cache(String),
+    /// The repository of an image reference.
+    Registry(String),
+}
+
+/// A layer as pushed: the blob it is there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushedLayer {
+    /// Its diff id.
+    pub diff_id: Digest,
+    /// The blob's digest.
+    pub digest: Digest,
+    /// The blob's size.
+    pub size: u64,
+    /// The blob's media type.
+    pub media_type: String,
+    /// The uncompressed tar's size, when the worker wrote the tar.
+    pub tar_size: Option<u64>,
 }

@@ -19,7 +19,7 @@ mod record;
 mod request;
 mod worker;
 
-pub use assignment::{Assignment, FromCoordinator};
+pub use assignment::{Assignment, FromCoordinator, PushRequest, PushTarget, PushedLayer};
 pub use cache::{
     CacheCompression, CacheDirection, CacheLocation, CacheMode, CacheSpec, CacheSpecError, DEFAULT_CACHE_NAME,
 };

@@ -6,9 +6,10 @@
 use std::path::PathBuf;
 
 use kiln_model::{
-    BuildEvent, BuildRequest, CacheDirection, CacheSpec, CacheSpecError, ContextManifest, Executed, Failed, LayerDesc,
-    Layers, LogLine, LogStream, ManifestEntry, ManifestError, ManifestKind, OutputSpec, OutputSpecError, PruneOptions,
-    Status, TierBlob, UnknownStatus, UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
+    BuildEvent, BuildRequest, CacheCompression, CacheDirection, CacheSpec, CacheSpecError, ContextManifest, Executed,
+    Failed, LayerDesc, Layers, LogLine, LogStream, ManifestEntry, ManifestError, ManifestKind, OutputSpec,
+    OutputSpecError, PruneOptions, PushRequest, PushTarget, PushedLayer, Status, TierBlob, UnknownStatus, UsageRecord,
+    VertexRecord, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, DigestError, PlatformError};
 
@@ -60,6 +61,14 @@ pub enum WireError {
     /// A required part of a message is missing.
     #[error("{0}")]
     Missing(&'static str),
+    /// A push request or answer that does not make sense.
+    #[error("push {request}: {reason}")]
+    Push {
+        /// The request.
+        request: u64,
+        /// Why.
+        reason: String,
+    },
     /// A disk usage record of a kind Kiln does not have.
     #[error("usage record {id}: {reason}")]
     RecordKind {
@@ -483,6 +492,86 @@ pub fn job_result_to_proto(job: u64, epoch: u32, result: Result<Executed<Layers>
             lost_input: failed.lost_input,
         },
     }
+}
+
+/// A push request as sent.
+pub fn push_to_proto(push: &PushRequest) -> v1::PushLayers {
+    let (cache, repository) = match &push.target {
+        PushTarget::Cache(spec) => (spec.clone(), String::new()),
+        PushTarget::Registry(reference) => (String::new(), reference.clone()),
+    };
+    v1::PushLayers {
+        request: push.request,
+        layers: push.layers.iter().map(ToString::to_string).collect(),
+        cache,
+        repository,
+        compression: match push.compression {
+            CacheCompression::Gzip => "gzip",
+            CacheCompression::Zstd => "zstd",
+        }
+        .into(),
+        source_date_epoch: push.source_date_epoch,
+    }
+}
+
+/// A push request as received.
+pub fn push_from_proto(push: v1::PushLayers) -> Result<PushRequest, WireError> {
+    let request = push.request;
+    let invalid = |reason: String| WireError::Push { request, reason };
+    let layers = push.layers.iter().map(|d| parse_digest(d, "pushed layer")).collect::<Result<_, _>>()?;
+    let target = match (push.cache.is_empty(), push.repository.is_empty()) {
+        (false, true) => PushTarget::Cache(push.cache),
+        (true, false) => PushTarget::Registry(push.repository),
+        _ => return Err(invalid("exactly one of a cache and a repository".into())),
+    };
+    let compression = match push.compression.as_str() {
+        "gzip" => CacheCompression::Gzip,
+        "zstd" => CacheCompression::Zstd,
+        other => return Err(invalid(format!("unknown compression {other:?}"))),
+    };
+    Ok(PushRequest { request, layers, target, compression, source_date_epoch: push.source_date_epoch })
+}
+
+/// A push's answer as sent.
+pub fn pushed_to_proto(request: u64, result: Result<Vec<PushedLayer>, String>) -> v1::Pushed {
+    match result {
+        Ok(layers) => v1::Pushed {
+            request,
+            error: String::new(),
+            layers: layers
+                .into_iter()
+                .map(|l| v1::PushedLayer {
+                    diff_id: l.diff_id.to_string(),
+                    digest: l.digest.to_string(),
+                    size: l.size,
+                    media_type: l.media_type,
+                    tar_size: l.tar_size.unwrap_or(0),
+                })
+                .collect(),
+        },
+        Err(error) => v1::Pushed { request, error, layers: Vec::new() },
+    }
+}
+
+/// A push's answer as received: the request and what was pushed (or why not).
+pub fn pushed_from_proto(pushed: v1::Pushed) -> Result<(u64, Result<Vec<PushedLayer>, String>), WireError> {
+    if !pushed.error.is_empty() {
+        return Ok((pushed.request, Err(pushed.error)));
+    }
+    let layers = pushed
+        .layers
+        .into_iter()
+        .map(|l| {
+            Ok(PushedLayer {
+                diff_id: parse_digest(&l.diff_id, "pushed layer")?,
+                digest: parse_digest(&l.digest, "pushed blob")?,
+                size: l.size,
+                media_type: l.media_type,
+                tar_size: nonzero(l.tar_size),
+            })
+        })
+        .collect::<Result<_, WireError>>()?;
+    Ok((pushed.request, Ok(layers)))
 }
 
 /// A job's result as received: `Ok(Err(failed))` is a job that failed, `Err` a malformed

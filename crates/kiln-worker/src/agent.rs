@@ -14,7 +14,7 @@ use std::time::Duration;
 use kiln_context::{BuildContext, StoredContext};
 use kiln_graph::{Op, SourceOp};
 use kiln_model::{
-    Assignment, BoxFuture, Executed, Failed, FromCoordinator, JobId, Layers, LogLine, LogSink, WorkerInfo,
+    Assignment, BoxFuture, Executed, Failed, FromCoordinator, JobId, Layers, LogLine, LogSink, PushedLayer, WorkerInfo,
 };
 use kiln_types::Digest;
 use tokio::sync::mpsc;
@@ -39,6 +39,8 @@ pub trait SessionLink: Clone + Send + Sync + 'static {
     fn drain(&self);
     /// Layers garbage collection removed (diff ids).
     fn evicted(&self, layers: &[Digest]);
+    /// The answer to a push.
+    fn pushed(&self, request: u64, result: Result<Vec<PushedLayer>, String>);
     /// A line of a job's output.
     fn log(&self, job: JobId, epoch: u32, line: LogLine);
     /// A job's result.
@@ -179,6 +181,20 @@ impl Served<'_> {
                     Some(Ok(FromCoordinator::Unreadable { job, epoch, error })) => {
                         tracing::warn!(job, "unreadable assignment: {error}");
                         link.result(job, epoch, Err(Failed::from(error)));
+                    }
+                    Some(Ok(FromCoordinator::Push(push))) => {
+                        // Not a job: nothing waits for it on drain (the coordinator falls back
+                        // to exporting itself when the session ends first).
+                        let (worker, link) = (Arc::clone(&self.worker), link.clone());
+                        let span = tracing::info_span!("push", request = push.request);
+                        tokio::spawn(async move {
+                            let result = worker.push_layers(&push).await.map_err(|e| e.to_string());
+                            link.pushed(push.request, result);
+                        }.instrument(span));
+                    }
+                    Some(Ok(FromCoordinator::UnreadablePush { request, error })) => {
+                        tracing::warn!(request, "unreadable push: {error}");
+                        link.pushed(request, Err(error));
                     }
                     Some(Ok(FromCoordinator::Cancel(job))) => {
                         if let Some(task) = running.remove(&job) {

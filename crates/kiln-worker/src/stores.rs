@@ -56,6 +56,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// Pushing layers to a cache or a registry failed.
+    #[error("pushing to {target}: {reason}")]
+    Push {
+        /// The cache or image reference.
+        target: String,
+        /// Why.
+        reason: String,
+    },
     /// Copying a snapshot's files out failed (the message names the path).
     #[error("{0}")]
     Copy(String),

@@ -96,7 +96,7 @@ impl Stores {
     }
 
     /// The cache a spec names, opened once.
-    async fn tier_store(&self, spec: &str) -> Result<Arc<dyn CacheStore>, String> {
+    pub(crate) async fn tier_store(&self, spec: &str) -> Result<Arc<dyn CacheStore>, String> {
         let mut stores = self.tiers.lock().await;
         if let Some(store) = stores.get(spec) {
             return Ok(Arc::clone(store));

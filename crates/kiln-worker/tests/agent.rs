@@ -76,6 +76,7 @@ impl SessionLink for Link {
         let _ = self.0.send(Sent::Drain);
     }
     fn evicted(&self, _: &[kiln_types::Digest]) {}
+    fn pushed(&self, _: u64, _: Result<Vec<kiln_model::PushedLayer>, String>) {}
     fn log(&self, _: JobId, _: u32, _: LogLine) {}
     fn result(&self, job: JobId, _: u32, result: Result<Executed<Layers>, Failed>) {
         let _ = self.0.send(Sent::Result(job, result));
