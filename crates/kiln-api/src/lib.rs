@@ -246,9 +246,10 @@ impl Control for ControlService {
     }
 
     async fn disk_usage(&self, _: Request<DiskUsageRequest>) -> Result<Response<DiskUsageResponse>, Status> {
-        let response = match (self.engine.gc(), self.engine.cluster()) {
-            (Some(gc), _) => storage::local_usage(gc, self.engine.name()).await?,
-            (None, Some(cluster)) => storage::cluster_usage(cluster).await,
+        // A coordinator answers for its workers' stores, a standalone daemon for its own.
+        let response = match (self.engine.cluster(), self.engine.gc()) {
+            (Some(cluster), _) => storage::cluster_usage(cluster).await,
+            (None, Some(gc)) => storage::local_usage(gc, self.engine.name()).await?,
             (None, None) => return Err(ApiError::NoStore.into()),
         };
         Ok(Response::new(response))
@@ -256,9 +257,9 @@ impl Control for ControlService {
 
     async fn prune(&self, request: Request<PruneRequest>) -> Result<Response<PruneResponse>, Status> {
         let request = request.into_inner();
-        let response = match (self.engine.gc(), self.engine.cluster()) {
-            (Some(gc), _) => PruneResponse { evicted: Vec::new(), ..storage::local_prune(gc, &request).await? },
-            (None, Some(cluster)) => storage::cluster_prune(cluster, request).await,
+        let response = match (self.engine.cluster(), self.engine.gc()) {
+            (Some(cluster), _) => storage::cluster_prune(cluster, request).await,
+            (None, Some(gc)) => PruneResponse { evicted: Vec::new(), ..storage::local_prune(gc, &request).await? },
             (None, None) => return Err(ApiError::NoStore.into()),
         };
         Ok(Response::new(response))

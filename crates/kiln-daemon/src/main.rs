@@ -346,6 +346,9 @@ async fn coordinator(args: &Args, root: &Path, config: CoordinatorConfig, lifecy
     let shared_cache = config.shared_cache.clone();
     let engine =
         Arc::new(Engine::start_coordinator(engine_config, settings, Arc::new(agent::PeerFetcher), shared_cache)?);
+    if let Some(gc) = engine.gc() {
+        tokio::spawn(Arc::clone(gc).run(lifecycle.stopped.clone()).instrument(tracing::info_span!("gc")));
+    }
     let _pid = PidFile::write(root)?;
     let cluster = Arc::clone(engine.cluster().expect("a coordinator has a cluster"));
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));

@@ -147,6 +147,7 @@ impl Engine {
         let stores = Stores::open(&config.worker.root, config.worker.registry.clone(), Arc::clone(&kv))
             .map_err(|e| fail(e.into()))?;
         let stores = Arc::new(stores);
+        let gc = Gc::for_stores(Arc::clone(&stores), Arc::clone(&kv), &config.worker.root, &config.worker.gc);
         let cluster = Cluster::new(settings);
         cluster.start_ticker(std::time::Duration::from_millis(200));
         let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
@@ -160,7 +161,7 @@ impl Engine {
             platforms: config.platforms,
             next_build: 1.into(),
             shared_cache,
-            gc: None,
+            gc: Some(Arc::new(gc)),
         })
     }
 
@@ -183,8 +184,8 @@ impl Engine {
         &self.stores
     }
 
-    /// The garbage collector of a standalone daemon's worker (a coordinator has none: its
-    /// workers collect their own stores).
+    /// The garbage collector of this daemon's stores: a standalone daemon's worker, or a
+    /// coordinator's own store (its workers collect theirs).
     pub fn gc(&self) -> Option<&Arc<Gc>> {
         self.gc.as_ref()
     }

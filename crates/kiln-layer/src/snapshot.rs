@@ -164,6 +164,12 @@ impl SnapshotStore {
         Ok(ids)
     }
 
+    /// When the oldest live hold began (ms since the epoch), if any lives: blobs written
+    /// shortly before it may be that build's (an uploaded context).
+    pub fn oldest_hold(&self) -> Option<u64> {
+        self.shared.lock().oldest()
+    }
+
     /// A new, empty hold: layers added to it stay until it is released (or dropped).
     pub fn hold(&self) -> Hold {
         Hold::new(Arc::clone(&self.shared))
@@ -497,6 +503,10 @@ impl SnapshotStore {
         self.kv.put(LAYERS_TREE, id.as_str().as_bytes(), &record)?;
         if let Some(diff_id) = diff_id {
             self.kv.put(DIFF_IDS_TREE, diff_id.hex().as_bytes(), id.as_str().as_bytes())?;
+            // An imported layer is used now: kept while the holds live now do, collected after
+            // even if no hold takes it (a committed one is always taken by the hold that made it).
+            let _holds = self.shared.lock();
+            self.shared.touch(&id, false)?;
         }
         Ok(id)
     }

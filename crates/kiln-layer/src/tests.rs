@@ -489,3 +489,23 @@ fn reopening_records_layers_a_stopped_process_left_unrecorded() {
     assert!(store.usage(&cas).unwrap()[0].usage.is_some());
     assert!(store.remove_layer(&layer, &cas).unwrap().is_some());
 }
+
+#[test]
+fn an_imported_layer_is_recorded_kept_while_older_holds_live_and_collected_after() {
+    let scratch = tempfile::tempdir().unwrap();
+    let kv: kiln_kv::SharedKv = Arc::new(MemoryKv::new());
+    let cas = BlobStore::open(&scratch.path().join("blobs"), kv.clone()).unwrap();
+    let store = SnapshotStore::open(&scratch.path().join("snap"), kv.clone()).unwrap();
+    let source = scratch.path().join("src");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("file"), b"imported").unwrap();
+    let tar = export_plain(&source);
+    // A build began before the import (a coordinator bringing a result in for its export).
+    let build = store.hold();
+    let id = store.import_layer(&tar[..], Some(&kiln_types::Digest::of(&tar))).unwrap();
+    let record = store.usage(&cas).unwrap()[0].usage.expect("recorded on import");
+    assert_eq!(store.remove_layer(&id, &cas).unwrap(), None, "the build may still use it");
+    drop(build);
+    while now_ms() <= record.last_used {}
+    assert!(store.remove_layer(&id, &cas).unwrap().is_some(), "nobody holds it: it does not leak");
+}

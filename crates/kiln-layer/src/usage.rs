@@ -2,9 +2,10 @@
 //! much space it takes, and which layers are held.
 //!
 //! A [`Hold`] keeps layers (a build's, or a job's) from being removed until it is released;
-//! releasing it records the use. A layer is removable only when no hold has it, it has a
-//! usage record (a layer committed a moment ago has none until the hold that made it is
-//! released) and it was last used before the oldest live hold began: a build running since
+//! releasing it records the use (an imported layer's use is recorded when it is imported).
+//! A layer is removable only when no hold has it, it has a usage record (a layer committed a
+//! moment ago has none until the hold that made it is released) and it was last used before
+//! the oldest live hold began: a build running since
 //! then may still reach it through another build's result (deduplication) without having
 //! held it yet. Removal and holding take one lock, so a layer is never both.
 
@@ -49,6 +50,11 @@ impl Holds {
 
     pub(crate) fn is_held(&self, id: &LayerId) -> bool {
         self.counts.contains_key(id)
+    }
+
+    /// When the oldest live hold began, if any lives.
+    pub(crate) fn oldest(&self) -> Option<u64> {
+        self.starts.keys().next().copied()
     }
 }
 

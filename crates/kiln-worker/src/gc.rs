@@ -10,8 +10,8 @@
 //!   `min-free-space` free, any record goes, down to `reserved-space`.
 //!
 //! Invariants: a layer a build or job holds ([`kiln_layer::Hold`]), a cache directory a step
-//! mounts and a blob written in the last [`BLOB_GRACE`] (an upload or pull in flight) are
-//! never removed; one collection or prune runs at a time, and `du` waits for it.
+//! mounts and a blob written less than [`BLOB_GRACE`] before the oldest running build began
+//! (its uploaded context, a pull in flight) are never removed; one collection or prune runs at a time, and `du` waits for it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,8 +25,8 @@ use crate::StoreError;
 use crate::mounts::MountUses;
 use crate::stores::Stores;
 
-/// A blob younger than this is kept: it may belong to an upload or a pull whose build has
-/// not held anything yet.
+/// A blob written less than this before the oldest running build began (or since) is kept:
+/// it may be that build's uploaded context or pulled image, which it holds no layer of yet.
 pub const BLOB_GRACE: Duration = Duration::from_secs(10 * 60);
 
 /// How often a worker applies the policy unasked (the age limit needs it; a build or job that
@@ -129,6 +129,13 @@ impl Gc {
     ) -> Gc {
         let limits = policy.limits(disk_size(&disk));
         Gc { stores, mounts, cache_root, disk, limits, running: Arc::default() }
+    }
+
+    /// A collector of stores without cache mounts (a coordinator's: uploaded contexts,
+    /// result layers brought in for file exports, base images pulled for image exports).
+    pub fn for_stores(stores: Arc<Stores>, kv: kiln_kv::SharedKv, root: &Path, policy: &GcPolicy) -> Gc {
+        let cache_root = root.join("cache");
+        Gc::new(stores, Arc::new(MountUses::new(kv)), cache_root, root.to_path_buf(), policy)
     }
 
     /// The limits in force.
@@ -315,7 +322,9 @@ impl Gc {
                 target: Target::Layer(layer.id),
             });
         }
-        let grace = now_ms().saturating_sub(BLOB_GRACE.as_millis() as u64);
+        let now = now_ms();
+        let oldest = snapshots.oldest_hold().unwrap_or(now).min(now);
+        let grace = oldest.saturating_sub(BLOB_GRACE.as_millis() as u64);
         for blob in cas.list()? {
             if owned.contains(&blob.digest) {
                 continue;

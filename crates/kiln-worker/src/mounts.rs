@@ -48,6 +48,10 @@ pub(crate) struct MountUse {
 }
 
 impl MountUses {
+    pub(crate) fn new(kv: kiln_kv::SharedKv) -> MountUses {
+        MountUses { users: Mutex::default(), kv, sizes: Mutex::default() }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, usize>> {
         self.users.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -135,7 +139,7 @@ pub(crate) fn clear_trash(root: &Path) -> Result<(), String> {
 
 impl CacheMounts {
     pub(crate) fn new(root: PathBuf, kv: kiln_kv::SharedKv) -> CacheMounts {
-        let uses = Arc::new(MountUses { users: Mutex::default(), kv, sizes: Mutex::default() });
+        let uses = Arc::new(MountUses::new(kv));
         CacheMounts { root, locks: Mutex::default(), creating: tokio::sync::Mutex::new(()), uses }
     }
 
