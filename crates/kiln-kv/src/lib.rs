@@ -224,7 +224,19 @@ mod tests {
             let kv = SledKv::open(dir.path()).unwrap();
             check_store(&kv);
         }
-        let reopened = SledKv::open(dir.path()).unwrap();
+        // sled's flusher thread lets go of the database's file lock a moment after the last
+        // handle drops (on its next wake-up); there is no event to wait on, so retry opening
+        // while the lock is still held, within a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let reopened = loop {
+            match SledKv::open(dir.path()) {
+                Ok(kv) => break kv,
+                Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         assert_eq!(reopened.get("t", b"a/3").unwrap().as_deref(), Some(&b"three"[..]));
         assert_eq!(reopened.get("other", b"a/9").unwrap().as_deref(), Some(&b"elsewhere"[..]));
     }
