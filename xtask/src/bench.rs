@@ -313,7 +313,7 @@ impl Bench {
             generate_files(&dir, generate, 0)?;
         }
         let Measured { kiln, reference, tool, last } = match scenario.mode {
-            Mode::Push => self.push(scenario, &dir, kilnd, runs)?,
+            Mode::Push => self.push(scenario, &dir, runs)?,
             Mode::Pull => self.pull(scenario, &dir, kilnd, runs)?,
             Mode::CacheExport => self.cache_export(scenario, &dir, kilnd, runs)?,
             Mode::CacheImport => self.cache_import(scenario, &dir, kilnd, runs)?,
@@ -490,13 +490,19 @@ impl Bench {
     }
 
     /// Kiln pushing the scenario's (cached) image to a new repository per run, against
-    /// `skopeo copy` of the same image from an OCI layout to a new repository per run.
-    fn push(&self, scenario: &Scenario, dir: &Path, kilnd: &Kilnd, runs: usize) -> anyhow::Result<Measured> {
+    /// `skopeo copy` of the same image from an OCI layout to a new repository per run. Both
+    /// upload: Kiln's daemon is restarted before each run (on the same store), so it does not
+    /// remember the repositories it could mount the blobs from, as skopeo's blob-info cache
+    /// is removed.
+    fn push(&self, scenario: &Scenario, dir: &Path, runs: usize) -> anyhow::Result<Measured> {
         let layout = self.work.join(format!("{}-layout", scenario.name));
+        let root = self.bench_dir.join(format!("kiln-{}-{}", scenario.name, self.nonce));
         let (mut kiln_times, mut skopeo_times) = (Vec::new(), Vec::new());
         for round in 0..=runs {
             let name = format!("{}/bench/{}-kiln-{}-{round}:latest", self.registry, scenario.name, self.nonce);
-            let seconds = self.kiln_push(kilnd, dir, &name)?;
+            let kilnd = Kilnd::start(&root, round == 0, OWN_PORT)?;
+            let seconds = self.kiln_push(&kilnd, dir, &name)?;
+            drop(kilnd);
             if round == 0 {
                 // The reference copies the very image Kiln pushed.
                 remove_tree(&layout)?;
@@ -513,6 +519,7 @@ impl Bench {
             }
         }
         remove_tree(&layout)?;
+        remove_tree(&root)?;
         Ok(Measured { kiln: kiln_times, reference: skopeo_times, tool: "skopeo copy", last: None })
     }
 

@@ -25,14 +25,14 @@ use kiln_registry::{Descriptor, RegistryClient};
 use kiln_types::Digest;
 
 pub use format::{CacheConfig, CacheLayer, CacheRecord, FormatError, MAX_SHARED_RECORDS, Merge};
-pub use s3::S3Objects;
+pub use s3::{PART_SIZE, S3Objects};
 pub use store::{CacheStore, DirObjects, Fut, MAX_MANIFEST, MemoryObjects, ObjectCache, ObjectStore, RegistryStore};
 
 /// The largest cache config read (a few hundred bytes per record).
 const MAX_CONFIG: u64 = 256 << 20;
 
 /// Blobs moved at once by one export.
-const PARALLEL_UPLOADS: usize = 4;
+const PARALLEL_UPLOADS: usize = 16;
 
 /// A cache operation that failed, naming the cache and what was being done.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -278,29 +278,55 @@ pub async fn export(
         Previous::Found(config) => Some(config),
         Previous::Missing | Previous::Unusable(_) => None,
     };
+    // Blobs the cache's manifest names are not checked again where the store keeps them.
+    let (listed, blobs): (Vec<_>, Vec<_>) = blobs.into_iter().partition(|blob| {
+        store.keeps_manifest_blobs() && previous.as_ref().is_some_and(|p| p.layers.contains_key(&blob.digest))
+    });
     let merged = CacheConfig::merged(previous, new, merge);
+    // The config goes up alongside the layers: only the manifest must wait for both.
+    let config = async {
+        let (manifest, info) = blocking(store, "storing the config", {
+            let cas = Arc::clone(cas);
+            move || {
+                let config = merged.to_bytes();
+                cas.put(&config, None).map(|info| (merged.manifest(&config), info))
+            }
+        })
+        .await?;
+        let config_blob = Descriptor::new(format::CACHE_CONFIG_MEDIA_TYPE, info.digest, info.size);
+        store.push_blob(&config_blob, cas).await?;
+        Ok(manifest)
+    };
+    let (mut uploads, manifest) = futures_util::future::try_join(push_blobs(store, &blobs, cas), config).await?;
+    if let Err(error) = store.write_manifest(manifest.clone()).await {
+        // A listed blob may be gone after all (the manifest was replaced meanwhile): check
+        // and send them, then write the manifest again.
+        if listed.is_empty() {
+            return Err(error);
+        }
+        uploads.extend(push_blobs(store, &listed, cas).await?);
+        store.write_manifest(manifest).await?;
+    }
+    Ok(ExportStats {
+        records: records.len(),
+        blobs: blobs.len() + listed.len(),
+        uploaded: uploads.iter().filter(|(sent, _)| *sent).count(),
+        uploaded_bytes: uploads.iter().filter(|(sent, _)| *sent).map(|(_, size)| size).sum(),
+    })
+}
+
+/// Sends the blobs the cache lacks, [`PARALLEL_UPLOADS`] at a time; returns for each
+/// whether it was sent, and its size.
+async fn push_blobs(
+    store: &dyn CacheStore,
+    blobs: &[Descriptor],
+    cas: &Arc<BlobStore>,
+) -> Result<Vec<(bool, u64)>, CacheError> {
     // Collected first: a closure inside the stream type trips the compiler's Send check for
     // callers that spawn this future. `buffered` keeps the order, to pair sizes back.
     let pushes: Vec<_> = blobs.iter().map(|blob| store.push_blob(blob, cas)).collect();
     let sent: Vec<bool> = futures_util::stream::iter(pushes).buffered(PARALLEL_UPLOADS).try_collect().await?;
-    let uploads: Vec<(bool, u64)> = sent.into_iter().zip(blobs.iter().map(|b| b.size)).collect();
-    let (manifest, info) = blocking(store, "storing the config", {
-        let cas = Arc::clone(cas);
-        move || {
-            let config = merged.to_bytes();
-            cas.put(&config, None).map(|info| (merged.manifest(&config), info))
-        }
-    })
-    .await?;
-    let config_blob = Descriptor::new(format::CACHE_CONFIG_MEDIA_TYPE, info.digest, info.size);
-    store.push_blob(&config_blob, cas).await?;
-    store.write_manifest(manifest).await?;
-    Ok(ExportStats {
-        records: records.len(),
-        blobs: blobs.len(),
-        uploaded: uploads.iter().filter(|(sent, _)| *sent).count(),
-        uploaded_bytes: uploads.iter().filter(|(sent, _)| *sent).map(|(_, size)| size).sum(),
-    })
+    Ok(sent.into_iter().zip(blobs.iter().map(|b| b.size)).collect())
 }
 
 #[cfg(test)]

@@ -2,21 +2,31 @@
 //! module of Kiln that speaks S3. Credentials come from the standard AWS environment variables
 //! and config files.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::error::DisplayErrorContext;
-use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use kiln_cas::BlobStore;
 use kiln_registry::Descriptor;
 
 use crate::store::{Fut, ObjectStore};
 
+/// The part size of multipart uploads: S3 takes at most 5 GiB in one PUT, and parts move
+/// in parallel.
+pub const PART_SIZE: u64 = 256 << 20;
+
+/// Parts of one object uploaded at once.
+const PARALLEL_PARTS: usize = 4;
+
 /// One bucket.
 pub struct S3Objects {
     client: Client,
     bucket: String,
+    part_size: u64,
 }
 
 impl S3Objects {
@@ -31,7 +41,97 @@ impl S3Objects {
         if let Some(url) = endpoint_url {
             config = config.endpoint_url(url);
         }
-        S3Objects { client: Client::from_conf(config.build()), bucket: bucket.to_string() }
+        S3Objects::new(Client::from_conf(config.build()), bucket)
+    }
+
+    /// `bucket` through a client configured by the caller.
+    pub fn new(client: Client, bucket: &str) -> S3Objects {
+        S3Objects { client, bucket: bucket.to_string(), part_size: PART_SIZE }
+    }
+
+    /// Objects larger than `bytes` are uploaded in parts of that size (at least 5 MiB, S3's
+    /// smallest part), instead of [`PART_SIZE`].
+    pub fn with_part_size(mut self, bytes: u64) -> S3Objects {
+        self.part_size = bytes.max(5 << 20);
+        self
+    }
+
+    /// Uploads `file` in parts; a failed upload is aborted, so no parts are left behind.
+    async fn upload_parts(&self, key: &str, file: &Path, size: u64) -> Result<(), String> {
+        let created =
+            self.client.create_multipart_upload().bucket(&self.bucket).key(key).send().await.map_err(reason)?;
+        let upload_id = created.upload_id().ok_or("the server gave no upload id")?.to_string();
+        let parts = size.div_ceil(self.part_size);
+        // Collected first: a closure inside the stream type trips the compiler's Send check.
+        let uploads: Vec<_> = (0..parts).map(|n| self.upload_part(key, &upload_id, file, n, size)).collect();
+        let sent: Result<Vec<CompletedPart>, String> =
+            futures_util::stream::iter(uploads).buffered(PARALLEL_PARTS).try_collect().await;
+        let completed = match sent {
+            Ok(parts) => {
+                let upload = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+                let completed = self
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .multipart_upload(upload)
+                    .send()
+                    .await;
+                match completed {
+                    Ok(_) => Ok(()),
+                    // A success whose body the SDK cannot read (moto 5 names its root element
+                    // differently): the object itself says whether the upload completed.
+                    Err(error) if error.raw_response().is_some_and(|r| r.status().as_u16() == 200) => {
+                        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+                            Ok(head) if head.content_length() == i64::try_from(size).ok() => Ok(()),
+                            _ => Err(reason(error)),
+                        }
+                    }
+                    Err(error) => Err(reason(error)),
+                }
+            }
+            Err(error) => Err(error),
+        };
+        if completed.is_err() {
+            // Best effort: the error that matters is the one above.
+            let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id);
+            let _ = abort.send().await;
+        }
+        completed
+    }
+
+    /// Uploads part `n` (from 0) of `file`.
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        file: &Path,
+        n: u64,
+        size: u64,
+    ) -> Result<CompletedPart, String> {
+        let offset = n * self.part_size;
+        let length = self.part_size.min(size - offset);
+        let body = ByteStream::read_from()
+            .path(file)
+            .offset(offset)
+            .length(Length::Exact(length))
+            .build()
+            .await
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let number = i32::try_from(n + 1).map_err(|_| format!("{} parts are too many", n + 1))?;
+        let part = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("part {number}: {}", reason(e)))?;
+        Ok(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(str::to_string)).build())
     }
 }
 
@@ -110,8 +210,11 @@ impl ObjectStore for S3Objects {
         })
     }
 
-    fn upload(&self, key: String, file: PathBuf, _size: u64) -> Fut<'_, Result<(), String>> {
+    fn upload(&self, key: String, file: PathBuf, size: u64) -> Fut<'_, Result<(), String>> {
         Box::pin(async move {
+            if size > self.part_size {
+                return self.upload_parts(&key, &file, size).await;
+            }
             let body = ByteStream::from_path(&file).await.map_err(|e| format!("{}: {e}", file.display()))?;
             self.client.put_object().bucket(&self.bucket).key(&key).body(body).send().await.map_err(reason)?;
             Ok(())

@@ -42,6 +42,14 @@ pub trait CacheStore: Send + Sync {
     /// Copies a blob of `cas` into the cache unless the cache has it; returns whether it
     /// was sent.
     fn push_blob<'a>(&'a self, blob: &'a Descriptor, cas: &'a Arc<BlobStore>) -> Fut<'a, Result<bool, CacheError>>;
+
+    /// Whether the blobs the current manifest names are certainly there: the store keeps
+    /// what a manifest references (a registry does, and refuses a manifest naming a blob it
+    /// lacks), so an export need not check them again. An object store does not: a
+    /// lifecycle rule may expire blobs under a manifest.
+    fn keeps_manifest_blobs(&self) -> bool {
+        false
+    }
 }
 
 /// A cache in a registry repository: blobs are the repository's, the manifest is tagged.
@@ -104,6 +112,10 @@ impl CacheStore for RegistryStore {
                 .await
                 .map_err(|e| CacheError::new(&self.label, "pushing", e))
         })
+    }
+
+    fn keeps_manifest_blobs(&self) -> bool {
+        true
     }
 }
 

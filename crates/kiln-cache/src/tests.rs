@@ -72,6 +72,36 @@ async fn an_export_is_imported_by_another_node_with_its_blobs() {
 }
 
 #[tokio::test]
+async fn a_registry_cache_checks_no_listed_blob_again_unless_the_registry_lost_one() {
+    let registry = kiln_testkit::TestRegistry::start();
+    let a = node();
+    let (base, top) = (layer(&a, "base"), layer(&a, "top"));
+    let client = RegistryClient::new(kiln_registry::RegistryOptions::default()).unwrap();
+    let reference = format!("{}/cache/app:kiln", registry.addr);
+    let store = RegistryStore::new(format!("registry:{reference}"), &reference, client).unwrap();
+    let records = || vec![record(1, "linux/amd64", &[&base]), record(2, "linux/amd64", &[&base, &top])];
+    let stats = export(&store, records(), Merge::ReplacePlatforms, &a.cas).await.unwrap();
+    assert_eq!((stats.blobs, stats.uploaded), (2, 2));
+    let stats = export(&store, records(), Merge::ReplacePlatforms, &a.cas).await.unwrap();
+    assert_eq!((stats.blobs, stats.uploaded), (2, 0), "listed in the manifest, so neither checked nor sent");
+
+    // The repository loses a blob its manifest names: the registry refuses the next manifest,
+    // and the export checks its blobs and sends the lost one.
+    registry.delete_blob("cache/app", &top.blob.digest);
+    let stats = export(&store, records(), Merge::ReplacePlatforms, &a.cas).await.unwrap();
+    assert_eq!((stats.blobs, stats.uploaded), (2, 1));
+    let b = node();
+    let store: Arc<dyn CacheStore> = Arc::new(store);
+    let (imports, warnings) = Imports::load(&[store], &b.cas).await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let hit = imports.get(&Digest::of(&[2])).expect("imported");
+    for layer in &hit.layers {
+        hit.store.fetch_blob(&layer.blob, &b.cas).await.unwrap();
+    }
+    assert_eq!(b.cas.read(&top.blob.digest).unwrap(), b"top");
+}
+
+#[tokio::test]
 async fn exports_of_other_platforms_are_kept_and_the_same_platform_is_replaced() {
     let a = node();
     let cache = memory_cache();
@@ -174,4 +204,31 @@ async fn a_cache_whose_config_is_lost_is_replaced_by_the_next_export() {
     let (imports, warnings) = Imports::load(&[store], &node().cas).await;
     assert!(warnings.is_empty(), "{warnings:?}");
     assert!(imports.get(&Digest::of(&[2])).is_some() && imports.len() == 1);
+}
+
+#[tokio::test]
+async fn large_blobs_go_to_s3_in_parts() {
+    let server = kiln_testkit::TestS3::start("kiln-parts");
+    let credentials = aws_sdk_s3::config::Credentials::new("kiln-test", "kiln-test", None, None, "test");
+    let config = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(credentials)
+        .endpoint_url(&server.endpoint)
+        .force_path_style(true)
+        .build();
+    let objects = S3Objects::new(aws_sdk_s3::Client::from_conf(config), &server.bucket).with_part_size(5 << 20);
+    let cache = ObjectCache::new("s3:kiln-parts/kiln".into(), objects, "", "kiln");
+    let a = node();
+    // 11 MiB of varied bytes: three parts of 5, 5 and 1 MiB.
+    let content: Vec<u8> = (0..11u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let info = a.cas.put(&content, None).unwrap();
+    let blob = Descriptor::new(GZIP, info.digest, info.size);
+    assert!(cache.push_blob(&blob, &a.cas).await.unwrap(), "sent");
+    assert!(!cache.push_blob(&blob, &a.cas).await.unwrap(), "there already");
+    let b = node();
+    cache.fetch_blob(&blob, &b.cas).await.unwrap();
+    assert_eq!(b.cas.read(&blob.digest).unwrap(), content);
+    // Nothing is left of the upload but the object.
+    assert_eq!(server.keys(), [format!("blobs/sha256/{}", blob.digest.hex())]);
 }

@@ -205,7 +205,8 @@ fn caches(specs: &[String], direction: CacheDirection) -> anyhow::Result<Vec<Cac
 fn read_secrets(specs: &[String]) -> anyhow::Result<HashMap<String, Vec<u8>>> {
     let mut secrets = HashMap::new();
     for spec in specs {
-        let fields: HashMap<&str, &str> = spec.split(',').filter_map(|p| p.split_once('=')).collect();
+        let fields = kiln_model::spec_fields(spec).map_err(|e| anyhow::anyhow!("--secret {spec}: {e}"))?;
+        let fields: HashMap<&str, &str> = fields.iter().filter_map(|p| p.split_once('=')).collect();
         let id = fields.get("id").with_context(|| format!("--secret {spec}: needs id=ID"))?;
         let value = match (fields.get("src").or(fields.get("source")), fields.get("env")) {
             (Some(path), _) => {

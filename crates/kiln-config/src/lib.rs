@@ -301,11 +301,13 @@ impl ConfigFile {
                             .map_err(|e| invalid("coordinator.cache.shared", e.reason))?;
                         // An unreachable shared cache must not fail every build of the fleet.
                         spec.ignore_error = true;
-                        if c.cache.mode.is_some() && text.split(',').any(|part| part.trim().starts_with("mode=")) {
+                        let has_mode = kiln_model::spec_fields(text)
+                            .is_ok_and(|fields| fields.iter().any(|field| field.starts_with("mode=")));
+                        if c.cache.mode.is_some() && has_mode {
                             return Err(invalid("coordinator.cache.mode", "the mode is given in `shared` too".into()));
                         }
                         spec.mode = match c.cache.mode.as_deref() {
-                            None if text.split(',').any(|part| part.trim().starts_with("mode=")) => spec.mode,
+                            None if has_mode => spec.mode,
                             None | Some("max") => CacheMode::Max,
                             Some("min") => CacheMode::Min,
                             Some(other) => {

@@ -114,7 +114,7 @@ impl CacheSpec {
             fields.insert("type", spec.is_empty().then(String::new).unwrap_or_else(|| "registry".into()));
             fields.insert("ref", spec.to_string());
         } else {
-            for part in spec.split(',') {
+            for part in crate::spec_fields(spec).map_err(error)? {
                 let (key, value) = part.split_once('=').ok_or_else(|| error(format!("{part:?} is not KEY=VALUE")))?;
                 let key = key.trim();
                 let known = [

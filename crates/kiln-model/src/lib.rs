@@ -17,6 +17,7 @@ mod manifest;
 mod output;
 mod record;
 mod request;
+mod spec;
 mod worker;
 
 pub use assignment::{Assignment, FromCoordinator, PushRequest, PushTarget, PushedLayer};
@@ -32,4 +33,5 @@ pub use manifest::{ContextManifest, ManifestEntry, ManifestError, ManifestKind};
 pub use output::{OutputSpec, OutputSpecError};
 pub use record::{Status, UnknownStatus, VertexRecord};
 pub use request::BuildRequest;
+pub use spec::spec_fields;
 pub use worker::{JobId, LayerDesc, Layers, TierBlob, WorkerInfo, WorkerStatus};

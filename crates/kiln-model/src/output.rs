@@ -62,7 +62,7 @@ impl OutputSpec {
         if !spec.contains('=') {
             return Ok(OutputSpec::Local { dest: PathBuf::from(spec) });
         }
-        for part in spec.split(',') {
+        for part in crate::spec_fields(spec).map_err(error)? {
             let (key, value) = part.split_once('=').ok_or_else(|| error(format!("{part:?} is not KEY=VALUE")))?;
             fields.insert(key.trim().to_string(), value.trim().to_string());
         }

@@ -1,7 +1,8 @@
 //! Pull and push over the OCI distribution API, with retries, into and out of the blob store.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,6 +11,7 @@ use kiln_cas::{BlobStore, CasError};
 use kiln_types::{Digest, ImageReference, Platform};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
 use crate::auth::Credentials;
@@ -54,7 +56,18 @@ pub struct RegistryClient {
     http: Client,
     pub(crate) web: reqwest::Client,
     pub(crate) options: Arc<RegistryOptions>,
+    /// Per registry, whether it asks anonymous clients to authenticate (its `/v2/` answers
+    /// with a challenge). One that does not is sent no credentials, so the OCI client does
+    /// not probe `/v2/` again before every request.
+    challenges: Arc<Mutex<HashMap<String, bool>>>,
+    /// A repository each blob is known to be in, by registry and digest (pushed there,
+    /// pulled from there): a push to another repository of the same registry mounts it
+    /// from there instead of uploading it (Docker's cross-repository mount).
+    sources: Arc<Mutex<HashMap<(String, Digest), String>>>,
 }
+
+/// Blob sources remembered; past that the memory starts over.
+const MAX_SOURCES: usize = 100_000;
 
 impl RegistryClient {
     /// A client with these options.
@@ -82,6 +95,8 @@ impl RegistryClient {
             http: build(ClientProtocol::Http)?,
             web,
             options: Arc::new(options),
+            challenges: Arc::default(),
+            sources: Arc::default(),
         })
     }
 
@@ -95,10 +110,53 @@ impl RegistryClient {
 
     pub(crate) async fn client_for(&self, image: &ImageReference) -> &Client {
         let client = if self.plain_http(&image.registry) { &self.http } else { &self.https };
-        let auth = self.options.credentials.for_registry(&image.registry);
-        let oci = to_oci(image);
-        client.store_auth_if_needed(oci.resolve_registry(), &auth).await;
+        if !self.anonymous(&image.registry).await {
+            let auth = self.options.credentials.for_registry(&image.registry);
+            client.store_auth_if_needed(to_oci(image).resolve_registry(), &auth).await;
+        }
         client
+    }
+
+    /// Whether requests to the registry go without credentials: none are configured for
+    /// it and it does not challenge anonymous clients.
+    async fn anonymous(&self, registry: &str) -> bool {
+        matches!(self.options.credentials.for_registry(registry), RegistryAuth::Anonymous)
+            && !self.challenges_anonymous(registry).await
+    }
+
+    /// Whether the registry challenges anonymous clients (asked once; a registry that
+    /// cannot be asked is assumed to, which costs a probe per request as before).
+    async fn challenges_anonymous(&self, registry: &str) -> bool {
+        if let Some(known) = self.challenges.lock().expect("challenges lock").get(registry) {
+            return *known;
+        }
+        let scheme = if self.plain_http(registry) { "http" } else { "https" };
+        let probe = self.web.get(format!("{scheme}://{registry}/v2/")).send();
+        let Ok(Ok(answer)) = tokio::time::timeout(self.options.timeout, probe).await else { return true };
+        let challenges = answer.headers().contains_key(http::header::WWW_AUTHENTICATE);
+        self.challenges.lock().expect("challenges lock").insert(registry.to_string(), challenges);
+        challenges
+    }
+
+    /// Remembers that the image's repository holds the blob.
+    fn remember_source(&self, image: &ImageReference, digest: Digest) {
+        let mut sources = self.sources.lock().expect("sources lock");
+        if sources.len() >= MAX_SOURCES {
+            sources.clear();
+        }
+        sources.insert((image.registry.clone(), digest), image.repository.clone());
+    }
+
+    /// Another repository of the image's registry known to hold the blob.
+    fn source_for(&self, image: &ImageReference, digest: Digest) -> Option<ImageReference> {
+        let sources = self.sources.lock().expect("sources lock");
+        let repository = sources.get(&(image.registry.clone(), digest)).filter(|r| **r != image.repository)?;
+        Some(ImageReference {
+            registry: image.registry.clone(),
+            repository: repository.clone(),
+            tag: None,
+            digest: Some(digest),
+        })
     }
 
     /// Runs `operation` with a timeout, retrying transient failures with backoff.
@@ -227,12 +285,19 @@ impl RegistryClient {
         }
         let oci = to_oci(&target);
         let client = self.client_for(image).await;
+        let anonymous = self.anonymous(&image.registry).await;
         let auth = self.options.credentials.for_registry(&image.registry);
-        let (bytes, _) = self
+        let bytes = self
             .retry("pulling manifest of", image, || async {
+                if anonymous {
+                    // The OCI client would store the (anonymous) credentials and probe `/v2/`
+                    // before every later request.
+                    return self.get_manifest(&target, &name).await;
+                }
                 client
                     .pull_manifest_raw(&oci, &auth, &ACCEPTED_MANIFESTS)
                     .await
+                    .map(|(bytes, _)| bytes)
                     .map_err(|e| oci_error("pulling manifest of", &name, &e))
             })
             .await?;
@@ -248,6 +313,28 @@ impl RegistryClient {
             ));
         }
         Ok((bytes.to_vec(), actual))
+    }
+
+    /// A manifest from a registry that asks for no credentials, by tag or digest.
+    async fn get_manifest(&self, image: &ImageReference, name: &str) -> Result<Bytes, RegistryError> {
+        let action = "pulling manifest of";
+        let scheme = if self.plain_http(&image.registry) { "http" } else { "https" };
+        let reference =
+            image.digest.map_or_else(|| image.tag.clone().unwrap_or_else(|| "latest".into()), |d| d.to_string());
+        let url = format!("{scheme}://{}/v2/{}/manifests/{reference}", image.registry, image.repository);
+        let failure = |kind, message: String| RegistryError::new(action, name, kind, message);
+        let response = self
+            .web
+            .get(&url)
+            .header(http::header::ACCEPT, ACCEPTED_MANIFESTS.join(", "))
+            .send()
+            .await
+            .map_err(|e| failure(request_kind(&e), e.to_string()))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(failure(status_kind(status), format!("the registry answered {status}")));
+        }
+        response.bytes().await.map_err(|e| failure(request_kind(&e), format!("reading the manifest: {e}")))
     }
 
     /// Streams a blob into the blob store unless it is there already; digest and size are
@@ -270,7 +357,10 @@ impl RegistryClient {
             let stream =
                 client.pull_blob_stream(&oci, digest.as_str()).await.map_err(|e| oci_error(&action, &name, &e))?;
             match stream_into_store(stream.stream, cas, Some(blob.digest), Some(blob.size)).await {
-                Ok(_) => Ok(()),
+                Ok(_) => {
+                    self.remember_source(image, blob.digest);
+                    Ok(())
+                }
                 Err(SinkError::Body(e)) => Err(RegistryError::new(&action, &name, ErrorKind::Network, e)),
                 Err(SinkError::Task(e)) => Err(RegistryError::new(&action, &name, ErrorKind::Invalid, e)),
                 Err(SinkError::Store(e)) => Err(cas_error(&action, &name, e)),
@@ -357,7 +447,8 @@ impl RegistryClient {
     }
 
     /// Pushes a blob of the blob store to the image's repository unless it is there already;
-    /// returns whether it was sent.
+    /// returns whether it was sent. A blob known to be in another repository of the registry
+    /// is mounted from there, in one request.
     pub async fn push_blob(
         &self,
         image: &ImageReference,
@@ -369,23 +460,34 @@ impl RegistryClient {
         let client = self.client_for(image).await;
         let oci = to_oci(image);
         let digest = blob.digest.to_string();
-        self.retry(&action, image, || async {
-            if client.blob_exists(&oci, &digest).await.map_err(|e| oci_error(&action, &name, &e))? {
-                return Ok(false);
-            }
-            let path = cas.path(&blob.digest);
-            let file = tokio::fs::File::open(&path).await.map_err(|e| {
-                RegistryError::new(&action, &name, ErrorKind::Invalid, format!("{}: {e}", path.display()))
-            })?;
-            let stream =
-                tokio_util::io::ReaderStream::with_capacity(file, 1 << 18).map_err(OciDistributionError::IoError);
-            client
-                .push_blob_stream(&oci, stream, &digest, Some(blob.size))
-                .await
-                .map(|_| true)
-                .map_err(|e| oci_error(&action, &name, &e))
-        })
-        .await
+        // A mount that fails (the source lost the blob, a registry that does not mount)
+        // falls back to the upload.
+        if let Some(source) = self.source_for(image, blob.digest)
+            && client.mount_blob(&oci, &to_oci(&source), &digest).await.is_ok()
+        {
+            self.remember_source(image, blob.digest);
+            return Ok(false);
+        }
+        let sent = self
+            .retry(&action, image, || async {
+                if client.blob_exists(&oci, &digest).await.map_err(|e| oci_error(&action, &name, &e))? {
+                    return Ok(false);
+                }
+                let path = cas.path(&blob.digest);
+                let file = tokio::fs::File::open(&path).await.map_err(|e| {
+                    RegistryError::new(&action, &name, ErrorKind::Invalid, format!("{}: {e}", path.display()))
+                })?;
+                let stream =
+                    tokio_util::io::ReaderStream::with_capacity(file, 1 << 18).map_err(OciDistributionError::IoError);
+                client
+                    .push_blob_stream(&oci, stream, &digest, Some(blob.size))
+                    .await
+                    .map(|_| true)
+                    .map_err(|e| oci_error(&action, &name, &e))
+            })
+            .await?;
+        self.remember_source(image, blob.digest);
+        Ok(sent)
     }
 }
 
@@ -398,6 +500,21 @@ fn to_oci(image: &ImageReference) -> Reference {
         (None, Some(digest)) => Reference::with_digest(registry, repository, digest.to_string()),
         (Some(tag), None) => Reference::with_tag(registry, repository, tag.clone()),
         (None, None) => Reference::with_tag(registry, repository, "latest".to_string()),
+    }
+}
+
+/// The kind of a failed HTTP request.
+pub(crate) fn request_kind(error: &reqwest::Error) -> ErrorKind {
+    if error.is_timeout() { ErrorKind::Timeout } else { ErrorKind::Network }
+}
+
+/// The kind of an HTTP error status.
+pub(crate) fn status_kind(status: reqwest::StatusCode) -> ErrorKind {
+    match status.as_u16() {
+        401 | 403 => ErrorKind::Unauthorized,
+        404 | 410 => ErrorKind::NotFound,
+        429 | 500..=599 => ErrorKind::Server,
+        _ => ErrorKind::Invalid,
     }
 }
 

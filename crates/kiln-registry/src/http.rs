@@ -5,7 +5,7 @@ use std::sync::Arc;
 use kiln_cas::{BlobStore, CasError};
 use kiln_types::Digest;
 
-use crate::client::RegistryClient;
+use crate::client::{RegistryClient, request_kind, status_kind};
 use crate::error::{ErrorKind, RegistryError};
 use crate::sink::{SinkError, stream_into_store};
 
@@ -31,19 +31,10 @@ impl RegistryClient {
         let action = "downloading";
         self.retry(action, &url, || async {
             let failure = |kind, message: String| RegistryError::new(action, url, kind, message);
-            let response = self.web.get(url).send().await.map_err(|e| {
-                let kind = if e.is_timeout() { ErrorKind::Timeout } else { ErrorKind::Network };
-                failure(kind, e.to_string())
-            })?;
+            let response = self.web.get(url).send().await.map_err(|e| failure(request_kind(&e), e.to_string()))?;
             let status = response.status();
             if !status.is_success() {
-                let kind = match status.as_u16() {
-                    401 | 403 => ErrorKind::Unauthorized,
-                    404 | 410 => ErrorKind::NotFound,
-                    429 | 500..=599 => ErrorKind::Server,
-                    _ => ErrorKind::Invalid,
-                };
-                return Err(failure(kind, format!("the server answered {status}")));
+                return Err(failure(status_kind(status), format!("the server answered {status}")));
             }
             match stream_into_store(response.bytes_stream(), cas, checksum.copied(), None).await {
                 Ok(info) => Ok(Download { digest: info.digest, size: info.size }),

@@ -288,3 +288,32 @@ async fn a_429_with_any_transient_error_code_is_retried() {
     assert!(requests.load(std::sync::atomic::Ordering::SeqCst) >= 3, "{err}");
     busy.abort();
 }
+
+#[tokio::test]
+async fn blobs_another_repository_holds_are_mounted_and_uploaded_when_the_mount_fails() {
+    let registry = TestRegistry::start();
+    let scratch = tempfile::tempdir().unwrap();
+    let cas = store(&scratch.path().join("cas"));
+    let manifest = build_image(&cas, scratch.path(), "linux/amd64", "mounted");
+    let ManifestKind::Image(manifest) = ManifestKind::parse(&cas.read(&manifest).unwrap()).unwrap() else {
+        panic!("an image manifest")
+    };
+    let layer = &manifest.layers[0];
+    let repo = |name: &str| registry.reference(&format!("kiln/{name}:v1"));
+    let client = client();
+    assert!(client.push_blob(&repo("a"), layer, &cas).await.unwrap(), "uploaded to a");
+    assert!(!client.blob_exists(&repo("b"), &layer.digest).await.unwrap());
+    assert!(!client.push_blob(&repo("b"), layer, &cas).await.unwrap(), "mounted into b from a, not uploaded");
+    assert!(client.blob_exists(&repo("b"), &layer.digest).await.unwrap());
+    // A client that does not know where the blob is uploads it.
+    assert!(self::client().push_blob(&repo("c"), layer, &cas).await.unwrap());
+
+    // The repository the client last saw the blob in loses it: the mount fails and the
+    // blob is uploaded instead.
+    registry.delete_blob("kiln/b", &layer.digest);
+    assert!(!client.blob_exists(&repo("b"), &layer.digest).await.unwrap());
+    assert!(client.push_blob(&repo("d"), layer, &cas).await.unwrap(), "uploaded after the failed mount");
+    let fresh = store(&scratch.path().join("fresh"));
+    client.fetch_blob(&repo("d"), layer, &fresh).await.unwrap();
+    assert_eq!(fresh.read(&layer.digest).unwrap(), cas.read(&layer.digest).unwrap());
+}

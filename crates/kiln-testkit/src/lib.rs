@@ -78,6 +78,20 @@ impl TestRegistry {
         self.dir.path().join("data")
     }
 
+    /// Unlinks a blob from a repository through the registry's API (the blob stays in the
+    /// registry's storage for other repositories).
+    pub fn delete_blob(&self, repository: &str, digest: &Digest) {
+        use std::io::{Read as _, Write as _};
+        let addr = &self.addr;
+        let mut stream = std::net::TcpStream::connect(addr).expect("the registry answers");
+        write!(stream, "DELETE /v2/{repository}/blobs/{digest} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+            .expect("a request");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("an answer");
+        let status = answer.lines().next().unwrap_or_default();
+        assert!(status.contains(" 202 "), "deleting {digest} from {repository}: {status}");
+    }
+
     /// How many blobs (layers, configs and manifests) the registry stores.
     pub fn blob_count(&self) -> usize {
         fn count(dir: &std::path::Path) -> usize {
