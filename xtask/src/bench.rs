@@ -145,7 +145,7 @@ impl Kilnd {
         let listen = format!("127.0.0.1:{port}");
         use std::os::unix::process::CommandExt as _;
         let child = Command::new(workspace_root().join("target/release/kilnd"))
-            .args(["--standalone", "--max-parallelism", "64", "--listen", &listen, "--root"])
+            .args(["--standalone", "--insecure", "--max-parallelism", "64", "--listen", &listen, "--root"])
             .arg(root)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -215,7 +215,9 @@ fn unused_workspace_dependencies(root: &Path, metadata: &Value, violations: &mut
     let used: BTreeSet<&str> = workspace_packages(metadata)
         .iter()
         .flat_map(|p| p["dependencies"].as_array().into_iter().flatten())
-        .filter_map(|d| d["name"].as_str())
+        // A renamed dependency (`webpki = { package = "rustls-webpki" }`) is declared by its
+        // new name.
+        .flat_map(|d| [d["name"].as_str(), d["rename"].as_str()].into_iter().flatten())
         .collect();
     let mut section = "";
     for line in text.lines() {

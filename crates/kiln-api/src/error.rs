@@ -76,6 +76,33 @@ pub enum ApiError {
     /// The daemon has no store of records to list or prune (a coordinator without a cluster).
     #[error("this daemon has no worker store")]
     NoStore,
+    /// A client request without a token, where the daemon has tokens.
+    #[error("this daemon needs a token: pass --token TOKEN or set KILN_TOKEN")]
+    NoToken,
+    /// A token the daemon does not know (or an `authorization` header that is not one).
+    #[error("the daemon knows no such token: check --token or KILN_TOKEN")]
+    UnknownToken,
+    /// A caller whose role does not allow the request.
+    #[error("{action} needs an admin token; the token {token:?} has the role {role}")]
+    NotAdmin {
+        /// What was asked.
+        action: &'static str,
+        /// The caller's token.
+        token: String,
+        /// Its role.
+        role: kiln_model::Role,
+    },
+    /// A node service called without a certificate from the cluster's CA.
+    #[error(
+        "{0} takes only nodes of the cluster: connect with a certificate signed by its CA ([tls] in kilnd's config)"
+    )]
+    NotANode(&'static str),
+    /// A worker registering under a name its certificate is not valid for.
+    #[error("worker {name:?}: its certificate is not valid for that name (a worker's name is its certificate's)")]
+    NotThatWorker {
+        /// The name it claimed.
+        name: String,
+    },
 }
 
 impl ApiError {
@@ -94,7 +121,8 @@ impl ApiError {
             | ApiError::Read { .. }
             | ApiError::Task(_)
             | ApiError::Storage(_) => ErrorKind::Internal,
-            ApiError::NoStore => ErrorKind::Refused,
+            ApiError::NoStore | ApiError::NotAdmin { .. } | ApiError::NotThatWorker { .. } => ErrorKind::Refused,
+            ApiError::NoToken | ApiError::UnknownToken | ApiError::NotANode(_) => ErrorKind::Unauthenticated,
         }
     }
 }

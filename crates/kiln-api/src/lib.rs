@@ -2,20 +2,25 @@
 //! socket (the embedded default) or TCP, and the worker and blob services. Messages become
 //! domain types and back through `kiln_proto::convert`; every refusal is an [`ApiError`].
 
+mod auth;
 mod blobs;
 mod error;
 mod exports;
 mod storage;
 mod workers;
 
+pub use auth::Access;
 pub use blobs::BlobsService;
 pub use error::{ApiError, ServeError};
 pub use exports::clear_spools;
 pub use storage::StorageService;
 pub use workers::WorkersService;
 
+use auth::{Authenticate, NodesOnly};
+use kiln_proto::tls::NodeTls;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tonic::service::interceptor::InterceptedService;
 
 use kiln_cas::{CasError, Unsynced};
 use kiln_engine::Engine;
@@ -49,6 +54,8 @@ pub struct ControlService {
     tasks: TaskTracker,
     /// Cancelled by a daemon whose grace ran out: the builds still running end.
     abandoned: CancellationToken,
+    /// This node's TLS, for asking workers (disk usage, prune).
+    node_tls: Option<NodeTls>,
 }
 
 /// How long a context upload may send nothing before it is ended, unless configured.
@@ -58,7 +65,20 @@ impl ControlService {
     /// A service over `engine`, whose state lives in `root`.
     pub fn new(engine: Arc<Engine>, root: &Path) -> ControlService {
         let (tasks, abandoned) = (TaskTracker::new(), CancellationToken::new());
-        ControlService { engine, root: root.to_path_buf(), upload_idle_timeout: UPLOAD_IDLE_TIMEOUT, tasks, abandoned }
+        ControlService {
+            engine,
+            root: root.to_path_buf(),
+            upload_idle_timeout: UPLOAD_IDLE_TIMEOUT,
+            tasks,
+            abandoned,
+            node_tls: None,
+        }
+    }
+
+    /// Asks workers over mutual TLS as this node.
+    pub fn with_node_tls(mut self, tls: Option<NodeTls>) -> ControlService {
+        self.node_tls = tls;
+        self
     }
 
     /// Tracks its builds' tasks in `tasks` (the daemon's, which it waits for when stopping);
@@ -239,16 +259,21 @@ impl Control for ControlService {
         Ok(Response::new(UploadResponse { blobs, bytes }))
     }
 
-    async fn list_workers(&self, _: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+    async fn list_workers(
+        &self,
+        request: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        auth::admin(&auth::caller_of(&request), "listing the workers")?;
         let workers = self.engine.cluster().map(|c| c.workers()).unwrap_or_default();
         let workers = workers.into_iter().map(|w| worker_to_proto(&w)).collect();
         Ok(Response::new(ListWorkersResponse { workers }))
     }
 
-    async fn disk_usage(&self, _: Request<DiskUsageRequest>) -> Result<Response<DiskUsageResponse>, Status> {
+    async fn disk_usage(&self, request: Request<DiskUsageRequest>) -> Result<Response<DiskUsageResponse>, Status> {
+        auth::admin(&auth::caller_of(&request), "listing disk usage")?;
         // A coordinator answers for its workers' stores, a standalone daemon for its own.
         let response = match (self.engine.cluster(), self.engine.gc()) {
-            (Some(cluster), _) => storage::cluster_usage(cluster).await,
+            (Some(cluster), _) => storage::cluster_usage(cluster, self.node_tls.as_ref()).await,
             (None, Some(gc)) => storage::local_usage(gc, self.engine.name()).await?,
             (None, None) => return Err(ApiError::NoStore.into()),
         };
@@ -256,9 +281,10 @@ impl Control for ControlService {
     }
 
     async fn prune(&self, request: Request<PruneRequest>) -> Result<Response<PruneResponse>, Status> {
+        auth::admin(&auth::caller_of(&request), "pruning")?;
         let request = request.into_inner();
         let response = match (self.engine.cluster(), self.engine.gc()) {
-            (Some(cluster), _) => storage::cluster_prune(cluster, request).await,
+            (Some(cluster), _) => storage::cluster_prune(cluster, self.node_tls.as_ref(), request).await,
             (None, Some(gc)) => PruneResponse { evicted: Vec::new(), ..storage::local_prune(gc, &request).await? },
             (None, None) => return Err(ApiError::NoStore.into()),
         };
@@ -281,14 +307,20 @@ pub async fn serve_unix(
     tonic::transport::Server::builder()
         .initial_stream_window_size(kiln_proto::STREAM_WINDOW)
         .initial_connection_window_size(kiln_proto::CONNECTION_WINDOW)
-        .add_service(control_server(service))
+        .add_service(control_server(service, Access::local()))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .map_err(ServeError::from)
 }
 
-fn control_server(service: ControlService) -> ControlServer<ControlService> {
-    ControlServer::new(service).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
+/// The control service, every request authenticated by `access`.
+fn control_server(
+    service: ControlService,
+    access: Access,
+) -> InterceptedService<ControlServer<ControlService>, Authenticate> {
+    let server =
+        ControlServer::new(service).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+    InterceptedService::new(server, Authenticate(access))
 }
 
 /// The services one TCP listener serves.
@@ -302,6 +334,11 @@ pub struct Services {
     pub blobs: Option<BlobsService>,
     /// A worker's store (its coordinator lists and prunes it).
     pub storage: Option<StorageService>,
+    /// Who may call them.
+    pub access: Access,
+    /// This node's TLS for the listener (`None`: plain TCP). Clients of the control service
+    /// may connect without a certificate (they present tokens); only nodes call the others.
+    pub tls: Option<NodeTls>,
 }
 
 /// Serves `services` on a TCP listener until `shutdown` completes. Each connection gets a
@@ -312,22 +349,31 @@ pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = services.tls.and_then(|tls| tls.server(services.control.is_some())) {
+        builder = builder.tls_config(tls)?;
+    }
+    let access = services.access;
+    builder
         .concurrency_limit_per_connection(256)
         .initial_stream_window_size(kiln_proto::STREAM_WINDOW)
         .initial_connection_window_size(kiln_proto::CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_optional_service(services.control.map(control_server))
+        .add_optional_service(services.control.map(|control| control_server(control, access.clone())))
         .add_optional_service(services.workers.map(|workers| {
-            WorkersServer::new(workers).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
+            WorkersServer::new(workers.with_access(access.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE)
         }))
-        .add_optional_service(
-            services.blobs.map(|blobs| BlobsServer::new(blobs).max_encoding_message_size(MAX_MESSAGE)),
-        )
-        .add_optional_service(
-            services.storage.map(|storage| StorageServer::new(storage).max_encoding_message_size(MAX_MESSAGE)),
-        )
+        .add_optional_service(services.blobs.map(|blobs| {
+            let server = BlobsServer::new(blobs).max_encoding_message_size(MAX_MESSAGE);
+            InterceptedService::new(server, NodesOnly(access.clone(), "the blob service"))
+        }))
+        .add_optional_service(services.storage.map(|storage| {
+            let server = StorageServer::new(storage).max_encoding_message_size(MAX_MESSAGE);
+            InterceptedService::new(server, NodesOnly(access.clone(), "the storage service"))
+        }))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
         .map_err(ServeError::from)

@@ -4,6 +4,7 @@
 //! parallel, each record naming its worker and each worker that did not answer named in
 //! `errors`.
 
+use kiln_proto::tls::NodeTls;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +75,7 @@ pub(crate) async fn local_prune(gc: &Arc<Gc>, request: &PruneRequest) -> Result<
 /// there is none.
 async fn ask_workers<T: Send + 'static, F>(
     cluster: &Arc<Cluster<ClusterData>>,
+    tls: Option<&NodeTls>,
     ask: impl Fn(StorageClient<tonic::transport::Channel>) -> F,
 ) -> Vec<(String, Result<T, String>)>
 where
@@ -82,8 +84,13 @@ where
     let mut asked = tokio::task::JoinSet::new();
     for worker in cluster.workers() {
         let name = worker.info.name.clone();
-        let endpoint = tonic::transport::Endpoint::from_shared(worker.info.address.clone())
-            .map(|e| e.connect_timeout(Duration::from_secs(5)).timeout(WORKER_TIMEOUT));
+        let address = worker.info.address.clone();
+        let endpoint = tonic::transport::Endpoint::from_shared(address.clone())
+            .map(|e| e.connect_timeout(Duration::from_secs(5)).timeout(WORKER_TIMEOUT))
+            .and_then(|e| match tls {
+                Some(tls) if address.starts_with("https://") => e.tls_config(tls.client()),
+                _ => Ok(e),
+            });
         let channel = match endpoint {
             Ok(endpoint) => endpoint.connect_lazy(),
             Err(e) => {
@@ -103,10 +110,10 @@ where
 }
 
 /// Every connected worker's records.
-pub(crate) async fn cluster_usage(cluster: &Arc<Cluster<ClusterData>>) -> DiskUsageResponse {
+pub(crate) async fn cluster_usage(cluster: &Arc<Cluster<ClusterData>>, tls: Option<&NodeTls>) -> DiskUsageResponse {
     let mut response = DiskUsageResponse::default();
     for (worker, answer) in
-        ask_workers(cluster, |mut client| async move { client.disk_usage(DiskUsageRequest {}).await }).await
+        ask_workers(cluster, tls, |mut client| async move { client.disk_usage(DiskUsageRequest {}).await }).await
     {
         match answer {
             Ok(answer) => response.records.extend(answer.records.into_iter().map(|mut record| {
@@ -120,9 +127,13 @@ pub(crate) async fn cluster_usage(cluster: &Arc<Cluster<ClusterData>>) -> DiskUs
 }
 
 /// Prunes every connected worker; the layers each removed are no longer expected there.
-pub(crate) async fn cluster_prune(cluster: &Arc<Cluster<ClusterData>>, request: PruneRequest) -> PruneResponse {
+pub(crate) async fn cluster_prune(
+    cluster: &Arc<Cluster<ClusterData>>,
+    tls: Option<&NodeTls>,
+    request: PruneRequest,
+) -> PruneResponse {
     let mut response = PruneResponse::default();
-    let answers = ask_workers(cluster, |mut client| async move { client.prune(request).await }).await;
+    let answers = ask_workers(cluster, tls, |mut client| async move { client.prune(request).await }).await;
     for (worker, answer) in answers {
         match answer {
             Ok(answer) => {

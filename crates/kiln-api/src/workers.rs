@@ -31,6 +31,8 @@ pub struct WorkersService {
     lease_ms: u64,
     /// Where each session's tasks are tracked.
     tasks: TaskTracker,
+    /// Who may register (a worker's certificate must name it).
+    access: crate::Access,
 }
 
 impl WorkersService {
@@ -43,7 +45,19 @@ impl WorkersService {
     /// A service registering workers into `cluster`; `address` is this coordinator's blob
     /// service for context files.
     pub fn new(cluster: Arc<Cluster<ClusterData>>, address: &str, lease_ms: u64) -> WorkersService {
-        WorkersService { cluster, address: address.to_string(), lease_ms, tasks: TaskTracker::new() }
+        WorkersService {
+            cluster,
+            address: address.to_string(),
+            lease_ms,
+            tasks: TaskTracker::new(),
+            access: crate::Access::default(),
+        }
+    }
+
+    /// Checks registrations with `access` (its listener's).
+    pub(crate) fn with_access(mut self, access: crate::Access) -> WorkersService {
+        self.access = access;
+        self
     }
 }
 
@@ -54,13 +68,20 @@ impl Workers for WorkersService {
     type SessionStream = MessageStream;
 
     async fn session(&self, request: Request<Streaming<v1::WorkerMessage>>) -> Result<Response<MessageStream>, Status> {
-        let mut incoming = request.into_inner();
+        self.access.node(&request, "the worker service")?;
+        let (_, extensions, mut incoming) = request.into_parts();
         let first = incoming.message().await?.and_then(|m| m.message);
         let Some(worker_message::Message::Register(register)) = first else {
             return Err(ApiError::NotRegistered.into());
         };
         let (info, layers) = register_from_proto(register).map_err(ApiError::from)?;
         let name = info.name.clone();
+        // The name it registers under must be one its certificate was issued for.
+        let certified = Request::from_parts(tonic::metadata::MetadataMap::new(), extensions, ());
+        if let Err(refused) = self.access.worker(&certified, &name) {
+            tracing::warn!("refused a worker registration: {refused}");
+            return Err(refused.into());
+        }
         let (session, mut assignments) = self.cluster.register(info, layers).map_err(|reason| {
             tracing::warn!("refused a worker registration: {reason}");
             Status::from(ApiError::RegistrationRefused(reason.0))

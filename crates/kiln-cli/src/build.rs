@@ -67,7 +67,7 @@ pub struct BuildArgs {
 }
 
 /// Runs `kiln build`; returns whether the build succeeded (errors before it started are `Err`).
-pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool> {
+pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<bool> {
     let context = std::path::absolute(&args.context).context("resolving the context path")?;
     if !context.is_dir() {
         bail!("build context {} is not a directory", context.display());
@@ -90,11 +90,11 @@ pub async fn run(args: BuildArgs, address: Option<&str>) -> anyhow::Result<bool>
         cache_from: caches(&args.cache_from, CacheDirection::From)?,
         cache_to: caches(&args.cache_to, CacheDirection::To)?,
     };
-    let client = embedded::connect(address).await?;
+    let client = daemon.connect().await?;
     // A daemon reached over TCP may be on another machine: send the context, content-addressed
     // (only the files it lacks travel).
     let mut upload = None;
-    if address.is_some_and(|a| !a.starts_with("unix://")) {
+    if daemon.address.as_deref().is_some_and(|a| !a.starts_with("unix://")) {
         let ignore = kiln_dockerfile::ignore::PatternList::parse_ignore_file(&request.dockerignore)
             .map_err(|e| anyhow::anyhow!(".dockerignore: {e}"))?;
         let dir = request.context.clone();

@@ -48,8 +48,8 @@ fn worker_json(worker: &WorkerStatus) -> serde_json::Value {
 }
 
 /// Runs `kiln workers`.
-pub async fn workers(args: WorkersArgs, address: Option<&str>) -> anyhow::Result<bool> {
-    let client = embedded::connect(address).await?;
+pub async fn workers(args: WorkersArgs, daemon: &embedded::Daemon) -> anyhow::Result<bool> {
+    let client = daemon.connect().await?;
     let workers = client.workers().await.map_err(anyhow::Error::msg)?;
     match args.format {
         Format::Json => {
@@ -76,8 +76,8 @@ pub async fn workers(args: WorkersArgs, address: Option<&str>) -> anyhow::Result
 }
 
 /// Runs `kiln info`.
-pub async fn info(args: InfoArgs, address: Option<&str>) -> anyhow::Result<bool> {
-    let client = embedded::connect(address).await?;
+pub async fn info(args: InfoArgs, daemon: &embedded::Daemon) -> anyhow::Result<bool> {
+    let client = daemon.connect().await?;
     let info = client.info().await.map_err(anyhow::Error::msg)?;
     match args.format {
         Format::Json => {

@@ -71,8 +71,8 @@ fn record_json(record: &UsageRecord) -> serde_json::Value {
 }
 
 /// Runs `kiln du`.
-pub async fn du(args: DuArgs, address: Option<&str>) -> anyhow::Result<bool> {
-    let client = embedded::connect(address).await?;
+pub async fn du(args: DuArgs, daemon: &embedded::Daemon) -> anyhow::Result<bool> {
+    let client = daemon.connect().await?;
     let (mut records, errors) = client.disk_usage().await.map_err(anyhow::Error::msg)?;
     warn_unanswered(&errors);
     // Biggest first, as `docker buildx du` lists them.
@@ -124,9 +124,9 @@ pub async fn du(args: DuArgs, address: Option<&str>) -> anyhow::Result<bool> {
 }
 
 /// Runs `kiln prune`.
-pub async fn prune(args: PruneArgs, address: Option<&str>) -> anyhow::Result<bool> {
+pub async fn prune(args: PruneArgs, daemon: &embedded::Daemon) -> anyhow::Result<bool> {
     let options = PruneOptions { all: args.all, keep_storage: args.keep_storage, until: args.filter.into_iter().max() };
-    let client = embedded::connect(address).await?;
+    let client = daemon.connect().await?;
     let (report, errors) = client.prune(&options).await.map_err(anyhow::Error::msg)?;
     warn_unanswered(&errors);
     match args.format {

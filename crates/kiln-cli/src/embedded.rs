@@ -7,18 +7,35 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use kiln_client::Client;
+use kiln_client::{Client, ClientOptions, NodeTls};
 
 /// The state directory: `$KILN_ROOT`, or `/var/lib/kiln`.
 pub fn root() -> PathBuf {
     std::env::var_os("KILN_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
 }
 
-/// Connects to `address`, or to the embedded daemon (starting it when needed).
-pub async fn connect(address: Option<&str>) -> anyhow::Result<Client> {
-    if let Some(address) = address {
-        return Client::connect(address).await.map_err(anyhow::Error::msg);
+/// The daemon the command talks to, and how.
+pub struct Daemon {
+    /// `--addr`: none for the embedded daemon.
+    pub address: Option<String>,
+    /// `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
+    /// `--token`.
+    pub token: Option<String>,
+}
+
+impl Daemon {
+    /// Connects to `--addr`, or to the embedded daemon (starting it when needed).
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let Some(address) = &self.address else { return connect_embedded().await };
+        let tls = self.tls_ca.as_deref().map(|ca| NodeTls::load(ca, None)).transpose()?;
+        let options = ClientOptions { tls, token: self.token.clone() };
+        Client::connect_with(address, &options).await.map_err(anyhow::Error::msg)
     }
+}
+
+/// Connects to the embedded daemon, starting it when none answers.
+async fn connect_embedded() -> anyhow::Result<Client> {
     let root = std::path::absolute(root())?;
     let address = format!("unix://{}", root.join("kilnd.sock").display());
     if let Ok(client) = Client::connect(&address).await {

@@ -18,9 +18,16 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "kiln", version, about)]
 struct Cli {
-    /// Daemon to use (`unix:///path` or `http://host:port`); default: the embedded one.
+    /// Daemon to use (`unix:///path`, `https://host:port` or `http://host:port`); default: the
+    /// embedded one.
     #[arg(long, global = true, env = "KILN_ADDR")]
     addr: Option<String>,
+    /// The CA certificate that signed the daemon's (for `https://` addresses).
+    #[arg(long, global = true, env = "KILN_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The token the daemon knows this client by.
+    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,7 +50,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let address = cli.addr.as_deref();
+    let daemon = embedded::Daemon { address: cli.addr, tls_ca: cli.tls_ca, token: cli.token };
+    let address = &daemon;
     let run = |future: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<bool>>>>| {
         tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|runtime| runtime.block_on(future))
     };

@@ -11,7 +11,7 @@ use kiln_proto::v1::{self, blobs_client::BlobsClient};
 use kiln_types::Digest;
 use tonic::transport::Channel;
 
-use crate::{Client, ClientError};
+use crate::{Client, ClientError, NodeTls};
 
 const CHUNK: usize = 1 << 20;
 
@@ -101,21 +101,28 @@ impl Client {
 }
 
 /// A channel to a blob service, shared by every fetch from it in this process (connected
-/// lazily; it reconnects by itself after the peer comes back).
-fn channel(address: &str) -> Result<Channel, ClientError> {
+/// lazily; it reconnects by itself after the peer comes back). A process is one node, with
+/// one TLS identity.
+fn channel(address: &str, tls: Option<&NodeTls>) -> Result<Channel, ClientError> {
     static CHANNELS: OnceLock<Mutex<HashMap<String, Channel>>> = OnceLock::new();
     let mut channels = CHANNELS.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner());
     if let Some(channel) = channels.get(address) {
         return Ok(channel.clone());
     }
-    let channel = crate::endpoint(address)?.connect_timeout(std::time::Duration::from_secs(5)).connect_lazy();
+    let channel = crate::endpoint(address, tls)?.connect_timeout(std::time::Duration::from_secs(5)).connect_lazy();
     channels.insert(address.to_string(), channel.clone());
     Ok(channel)
 }
 
-/// Fetches `digest` from the blob service at `address` into `store`, verifying it.
-pub async fn fetch_blob(address: &str, digest: &Digest, store: &Arc<BlobStore>) -> Result<(), ClientError> {
-    let mut stream = BlobsClient::new(channel(address)?)
+/// Fetches `digest` from the blob service at `address` into `store`, verifying it; `tls`
+/// is this node's (the blob service takes only nodes of the cluster).
+pub async fn fetch_blob(
+    address: &str,
+    tls: Option<&NodeTls>,
+    digest: &Digest,
+    store: &Arc<BlobStore>,
+) -> Result<(), ClientError> {
+    let mut stream = BlobsClient::new(channel(address, tls)?)
         .max_decoding_message_size(crate::MAX_MESSAGE)
         .fetch(v1::FetchRequest { digest: digest.to_string() })
         .await
@@ -138,10 +145,15 @@ pub async fn fetch_blob(address: &str, digest: &Digest, store: &Arc<BlobStore>) 
 }
 
 /// Fetches `digest` from the first of `peers` that has it.
-pub async fn fetch_from_any(peers: &[String], digest: &Digest, store: &Arc<BlobStore>) -> Result<(), ClientError> {
+pub async fn fetch_from_any(
+    peers: &[String],
+    tls: Option<&NodeTls>,
+    digest: &Digest,
+    store: &Arc<BlobStore>,
+) -> Result<(), ClientError> {
     let mut reasons = Vec::new();
     for peer in peers {
-        match fetch_blob(peer, digest, store).await {
+        match fetch_blob(peer, tls, digest, store).await {
             Ok(()) => return Ok(()),
             Err(e) => reasons.push(e.to_string()),
         }

@@ -17,6 +17,9 @@ pub enum ClientError {
         /// Why it is not one.
         reason: String,
     },
+    /// The token cannot travel in a request header.
+    #[error("the token is not printable ASCII text")]
+    Token,
     /// Nothing answers there.
     #[error("cannot connect to {address}: {source}")]
     Connect {
@@ -87,7 +90,7 @@ impl ClientError {
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            ClientError::Address { .. } => ErrorKind::BadRequest,
+            ClientError::Address { .. } | ClientError::Token => ErrorKind::BadRequest,
             ClientError::Connect { .. } | ClientError::NoPeer { .. } => ErrorKind::Unavailable,
             ClientError::Rpc { kind, .. } => *kind,
             ClientError::Malformed { .. } | ClientError::Store { .. } | ClientError::Task(_) => ErrorKind::Internal,

@@ -9,6 +9,7 @@ mod worker;
 
 pub use blobs::{UploadStats, fetch_blob, fetch_from_any};
 pub use error::ClientError;
+pub use kiln_proto::tls::{NodeTls, TlsError};
 pub use worker::{WorkerLink, WorkerSession};
 
 use std::path::PathBuf;
@@ -18,12 +19,35 @@ pub use kiln_model::{BuildEvent, BuildRequest};
 use kiln_model::{PruneOptions, PruneReport, UsageRecord, WorkerStatus};
 use kiln_proto::convert::{event_from_proto, prune_to_proto, request_to_proto, usage_from_proto, worker_from_proto};
 use kiln_proto::v1::{self, control_client::ControlClient};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 /// A connection to a daemon.
 #[derive(Clone)]
 pub struct Client {
-    control: ControlClient<Channel>,
+    control: ControlClient<InterceptedService<Channel, Bearer>>,
+}
+
+/// How a client reaches a daemon over TCP.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// For `https://` addresses: the CA that signed the daemon's certificate.
+    pub tls: Option<NodeTls>,
+    /// The bearer token the daemon knows this client by.
+    pub token: Option<String>,
+}
+
+/// Adds the client's token to every request.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
 }
 
 /// What the daemon says about itself.
@@ -47,10 +71,21 @@ pub struct Info {
 
 use kiln_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
 
-/// An endpoint for `http://HOST:PORT` with Kiln's transport settings.
-pub fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
-    let endpoint = Endpoint::from_shared(address.to_string())
-        .map_err(|e| ClientError::Address { address: address.to_string(), reason: e.to_string() })?;
+/// An endpoint for `http://HOST:PORT`, or `https://HOST:PORT` with `tls` (the server's
+/// certificate checked against the CA, this end's own presented when it has one), with
+/// Kiln's transport settings.
+pub fn endpoint(address: &str, tls: Option<&NodeTls>) -> Result<Endpoint, ClientError> {
+    let invalid = |reason: String| ClientError::Address { address: address.to_string(), reason };
+    let endpoint = Endpoint::from_shared(address.to_string()).map_err(|e| invalid(e.to_string()))?;
+    let endpoint = match (address.starts_with("https://"), tls) {
+        (false, _) => endpoint,
+        (true, Some(tls)) => endpoint.tls_config(tls.client()).map_err(|e| invalid(e.to_string()))?,
+        (true, None) => {
+            return Err(invalid(
+                "https:// needs the CA that signed the server's certificate (--tls-ca FILE or KILN_TLS_CA)".into(),
+            ));
+        }
+    };
     Ok(tuned(endpoint))
 }
 
@@ -64,6 +99,16 @@ fn tuned(endpoint: Endpoint) -> Endpoint {
 impl Client {
     /// Connects to `unix:///path/to/socket` or `http://host:port`.
     pub async fn connect(address: &str) -> Result<Client, ClientError> {
+        Client::connect_with(address, &ClientOptions::default()).await
+    }
+
+    /// Connects to `unix:///path/to/socket`, `http://host:port` or `https://host:port`,
+    /// presenting the options' token on every request.
+    pub async fn connect_with(address: &str, options: &ClientOptions) -> Result<Client, ClientError> {
+        let bearer = match &options.token {
+            None => Bearer(None),
+            Some(token) => Bearer(Some(format!("Bearer {token}").parse().map_err(|_| ClientError::Token)?)),
+        };
         let channel = if let Some(path) = address.strip_prefix("unix://") {
             let path = PathBuf::from(path);
             tuned(Endpoint::from_static("http://kilnd.local"))
@@ -73,11 +118,12 @@ impl Client {
                 }))
                 .await
         } else {
-            endpoint(address)?.connect().await
+            endpoint(address, options.tls.as_ref())?.connect().await
         }
         .map_err(|source| ClientError::Connect { address: address.to_string(), source })?;
-        let control =
-            ControlClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+        let control = ControlClient::with_interceptor(channel, bearer)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
         Ok(Client { control })
     }
 

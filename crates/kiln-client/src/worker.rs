@@ -36,9 +36,15 @@ pub struct WorkerSession {
 }
 
 impl WorkerSession {
-    /// Connects to the coordinator at `address` (`http://HOST:PORT`) and registers.
-    pub async fn connect(address: &str, info: &WorkerInfo, layers: &[Digest]) -> Result<WorkerSession, ClientError> {
-        let endpoint = crate::endpoint(address)?;
+    /// Connects to the coordinator at `address` (`http://HOST:PORT`, or `https://` with
+    /// this node's `tls`) and registers.
+    pub async fn connect(
+        address: &str,
+        tls: Option<&crate::NodeTls>,
+        info: &WorkerInfo,
+        layers: &[Digest],
+    ) -> Result<WorkerSession, ClientError> {
+        let endpoint = crate::endpoint(address, tls)?;
         let channel =
             endpoint.connect().await.map_err(|source| ClientError::Connect { address: address.to_string(), source })?;
         let (sender, receiver) = mpsc::unbounded_channel();

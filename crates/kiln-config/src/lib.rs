@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_model::{CacheDirection, CacheMode, CacheSpec};
+use kiln_model::{CacheDirection, CacheMode, CacheSpec, ClientToken};
 use kiln_types::Platform;
 use serde::Deserialize;
 
@@ -61,6 +61,44 @@ pub struct ConfigFile {
     /// How the daemon logs.
     #[serde(default)]
     pub log: LogSection,
+    /// Certificates for every listener and every connection to another node.
+    #[serde(default)]
+    pub tls: TlsSection,
+    /// `[[tokens]]`: the client tokens of a standalone daemon (those of a coordinator are
+    /// `[[coordinator.tokens]]`).
+    #[serde(default)]
+    pub tokens: Vec<TokenSection>,
+}
+
+/// `[tls]`: one CA for the cluster, and this node's certificate (named after the node, with
+/// every host it is reached at) and key, PEM files. Required for every daemon that listens
+/// on TCP, unless `insecure = true`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsSection {
+    /// The CA certificate that signs every node's certificate.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (chain).
+    pub cert: Option<PathBuf>,
+    /// This node's private key.
+    pub key: Option<PathBuf>,
+    /// Plain TCP without TLS or node identities: loopback tests only. Default: `false`.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// One client token: `[[coordinator.tokens]]` or `[[tokens]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TokenSection {
+    /// What logs call it.
+    pub name: String,
+    /// The tenant its builds belong to.
+    pub tenant: String,
+    /// `build` or `admin`.
+    pub role: String,
+    /// The token's SHA-256, hex (`printf %s TOKEN | sha256sum`); never the token itself.
+    pub sha256: String,
 }
 
 /// `[log]`.
@@ -96,6 +134,10 @@ pub struct CoordinatorSection {
     /// The fleet's shared cache.
     #[serde(default)]
     pub cache: CoordinatorCacheSection,
+    /// Client tokens; without any, every client that reaches the port is an admin of the
+    /// default tenant.
+    #[serde(default)]
+    pub tokens: Vec<TokenSection>,
 }
 
 /// `[coordinator.cache]`: the shared cache tier every build imports from and exports to.
@@ -196,6 +238,26 @@ pub struct Config {
     pub worker: Option<WorkerConfig>,
     /// Log JSON lines instead of text (`[log] format = "json"`).
     pub log_json: bool,
+    /// How TCP connections are secured.
+    pub tls: Tls,
+    /// Client tokens (the coordinator's, or a standalone daemon's `[[tokens]]`).
+    pub tokens: Vec<ClientToken>,
+}
+
+/// How a daemon's TCP connections are secured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// Mutual TLS between nodes, TLS for clients.
+    Files {
+        /// The cluster's CA certificate.
+        ca: PathBuf,
+        /// This node's certificate.
+        cert: PathBuf,
+        /// Its private key.
+        key: PathBuf,
+    },
+    /// Plain TCP (`insecure = true`).
+    Insecure,
 }
 
 /// The coordinator role, typed.
@@ -396,8 +458,76 @@ impl ConfigFile {
             Some("json") => true,
             Some(other) => return Err(invalid("log.format", format!("{other:?} is not text or json"))),
         };
-        Ok(Config { coordinator, worker, log_json })
+        let tls = match (&self.tls.ca, &self.tls.cert, &self.tls.key, self.tls.insecure) {
+            (Some(ca), Some(cert), Some(key), false) => {
+                Tls::Files { ca: ca.clone(), cert: cert.clone(), key: key.clone() }
+            }
+            (None, None, None, true) => Tls::Insecure,
+            (Some(_), Some(_), Some(_), true) => {
+                return Err(invalid("tls.insecure", "certificates are given: remove `insecure = true`".into()));
+            }
+            (None, None, None, false) => {
+                return Err(invalid(
+                    "tls",
+                    "kilnd serves TCP: give ca, cert and key (`kilnd certs` writes a development set), \
+                     or insecure = true for loopback tests"
+                        .into(),
+                ));
+            }
+            (ca, cert, _, _) => {
+                let missing = if ca.is_none() {
+                    "ca"
+                } else if cert.is_none() {
+                    "cert"
+                } else {
+                    "key"
+                };
+                return Err(invalid(&format!("tls.{missing}"), "required with the other two".into()));
+            }
+        };
+        if let Some(url) = worker.as_ref().and_then(|w| w.coordinator.as_deref()) {
+            match (&tls, url.starts_with("https://")) {
+                (Tls::Files { .. }, false) => {
+                    return Err(invalid("worker.coordinator", format!("{url:?}: https:// with [tls] certificates")));
+                }
+                (Tls::Insecure, true) => {
+                    return Err(invalid("worker.coordinator", format!("{url:?}: http:// with insecure = true")));
+                }
+                _ => {}
+            }
+        }
+        let (tokens, key) = match &self.coordinator {
+            Some(c) => (&c.tokens, "coordinator.tokens"),
+            None => (&self.tokens, "tokens"),
+        };
+        if self.coordinator.is_some() && !self.tokens.is_empty() {
+            return Err(invalid("tokens", "a coordinator's tokens are [[coordinator.tokens]]".into()));
+        }
+        let tokens = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, token)| client_token(token).map_err(|message| invalid(&format!("{key}[{i}]"), message)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, token) in tokens.iter().enumerate() {
+            if tokens[..i].iter().any(|t| t.sha256 == token.sha256) {
+                return Err(invalid(&format!("{key}[{i}]"), format!("{:?} has another token's sha256", token.name)));
+            }
+        }
+        Ok(Config { coordinator, worker, log_json, tls, tokens })
     }
+}
+
+/// A token entry, checked.
+fn client_token(token: &TokenSection) -> Result<ClientToken, String> {
+    let sha256 = token.sha256.to_ascii_lowercase();
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("sha256 of {:?}: 64 hex digits, the SHA-256 of the token", token.name));
+    }
+    if token.tenant.is_empty() || token.tenant.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("tenant of {:?}: {:?} must be non-empty, without spaces", token.name, token.tenant));
+    }
+    let role = token.role.parse().map_err(|e| format!("role of {:?}: {e}", token.name))?;
+    Ok(ClientToken { name: token.name.clone(), tenant: token.tenant.clone(), role, sha256 })
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@
 
 use super::*;
 
+/// Validates `text`, with `[tls] insecure = true` added when it has no `[tls]` of its own.
 fn validate(text: &str) -> Result<Config, String> {
-    ConfigFile::parse(text, "kiln.toml").and_then(|file| file.validate("kiln.toml")).map_err(|e| e.to_string())
+    let text = if text.contains("[tls]") { text.to_string() } else { format!("{text}\n[tls]\ninsecure = true\n") };
+    ConfigFile::parse(&text, "kiln.toml").and_then(|file| file.validate("kiln.toml")).map_err(|e| e.to_string())
 }
 
 #[test]
@@ -89,6 +91,48 @@ fn mistakes_are_errors_that_name_the_key() {
         let err = validate(text).unwrap_err();
         assert!(err.contains(expected), "{text:?}: {err}");
         assert!(err.starts_with("kiln.toml"), "{err}");
+    }
+}
+
+#[test]
+fn tls_and_tokens() {
+    let worker = "[worker]\ncoordinator = \"https://c:1\"\n";
+    let files = format!("{worker}[tls]\nca = \"/t/ca.pem\"\ncert = \"/t/w.pem\"\nkey = \"/t/w-key.pem\"\n");
+    let tls = validate(&files).unwrap().tls;
+    let expected = Tls::Files { ca: "/t/ca.pem".into(), cert: "/t/w.pem".into(), key: "/t/w-key.pem".into() };
+    assert_eq!(tls, expected);
+    assert_eq!(validate("[worker]\ncoordinator = \"http://c:1\"\n").unwrap().tls, Tls::Insecure);
+    assert!(validate(worker).unwrap_err().contains("worker.coordinator: \"https://c:1\": http:// with insecure"));
+    let hash = "a".repeat(64);
+    let coordinator =
+        |tokens: &str| format!("[coordinator]\nlisten = \"127.0.0.1:1\"\n{tokens}[tls]\ninsecure = true\n");
+    let token = |name: &str, role: &str, sha: &str| {
+        format!(
+            "[[coordinator.tokens]]\nname = \"{name}\"\ntenant = \"team-a\"\nrole = \"{role}\"\nsha256 = \"{sha}\"\n"
+        )
+    };
+    let tokens = validate(&coordinator(&token("ci", "build", &hash.to_uppercase()))).unwrap().tokens;
+    assert_eq!(
+        tokens,
+        [ClientToken {
+            name: "ci".into(),
+            tenant: "team-a".into(),
+            role: kiln_model::Role::Build,
+            sha256: hash.clone()
+        }]
+    );
+    let cases = [
+        (format!("{worker}[tls]\n"), "tls: kilnd serves TCP".to_string()),
+        (format!("{worker}[tls]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\n"), "tls.key: required".to_string()),
+        (format!("{files}insecure = true\n"), "tls.insecure".to_string()),
+        (files.replace("https", "http"), "worker.coordinator: \"http://c:1\": https://".to_string()),
+        (coordinator(&token("ci", "root", &hash)), "coordinator.tokens[0]: role of \"ci\"".to_string()),
+        (coordinator(&token("ci", "build", "abc")), "coordinator.tokens[0]: sha256".to_string()),
+        (coordinator(&(token("a", "build", &hash) + &token("b", "admin", &hash))), "coordinator.tokens[1]".to_string()),
+    ];
+    for (text, expected) in cases {
+        let err = validate(&text).unwrap_err();
+        assert!(err.contains(&expected), "{text:?}: {err}");
     }
 }
 

@@ -4,38 +4,49 @@
 use std::sync::Arc;
 
 use kiln_cas::BlobStore;
-use kiln_client::{ClientError, WorkerLink, WorkerSession};
+use kiln_client::{ClientError, NodeTls, WorkerLink, WorkerSession};
 use kiln_model::{BoxFuture, Executed, Failed, JobId, Layers, LogLine, PushedLayer, WorkerInfo};
 use kiln_types::Digest;
 use kiln_worker::BlobFetcher;
 use kiln_worker::agent::{ControlPlane, Session, SessionLink};
 
-/// Fetches blobs from peers' (or the coordinator's) blob services.
-pub struct PeerFetcher;
+/// Fetches blobs from peers' (or the coordinator's) blob services, as this node (`None`:
+/// plain TCP).
+pub struct PeerFetcher(pub Option<NodeTls>);
 
 impl BlobFetcher for PeerFetcher {
     fn fetch(&self, digest: Digest, peers: Vec<String>, store: Arc<BlobStore>) -> BoxFuture<Result<(), String>> {
-        Box::pin(async move { kiln_client::fetch_from_any(&peers, &digest, &store).await.map_err(|e| e.to_string()) })
+        let tls = self.0.clone();
+        Box::pin(async move {
+            kiln_client::fetch_from_any(&peers, tls.as_ref(), &digest, &store).await.map_err(|e| e.to_string())
+        })
     }
 }
 
-/// A coordinator's worker service at `http://HOST:PORT`.
-pub struct Coordinator(pub String);
+/// A coordinator's worker service at `http://HOST:PORT` (or `https://`, connected to as this
+/// node).
+pub struct Coordinator {
+    /// Its address.
+    pub address: String,
+    /// This node's TLS.
+    pub tls: Option<NodeTls>,
+}
 
 impl ControlPlane for Coordinator {
     type Link = Link;
     type Error = ClientError;
 
     fn connect(&self, info: WorkerInfo, layers: Vec<Digest>) -> BoxFuture<Result<Session<Link>, ClientError>> {
-        let address = self.0.clone();
+        let (address, tls) = (self.address.clone(), self.tls.clone());
         Box::pin(async move {
-            let WorkerSession { link, lease_ms, incoming } = WorkerSession::connect(&address, &info, &layers).await?;
+            let WorkerSession { link, lease_ms, incoming } =
+                WorkerSession::connect(&address, tls.as_ref(), &info, &layers).await?;
             Ok(Session { link: Link(link), lease_ms, incoming })
         })
     }
 
     fn address(&self) -> String {
-        self.0.clone()
+        self.address.clone()
     }
 }
 

@@ -8,6 +8,7 @@
 //!   layers to peers on `worker.listen`.
 
 mod agent;
+mod certs;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,9 +16,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use kiln_api::{BlobsService, ControlService, Services, WorkersService};
+use kiln_api::{Access, BlobsService, ControlService, Services, WorkersService};
+use kiln_client::NodeTls;
 use kiln_cluster::ClusterSettings;
-use kiln_config::{ConfigFile, CoordinatorConfig, WorkerConfig as WorkerSettings};
+use kiln_config::{ConfigFile, CoordinatorConfig, Tls, WorkerConfig as WorkerSettings};
 use kiln_engine::{Engine, EngineConfig};
 use kiln_model::WorkerInfo;
 use kiln_worker::{Worker, WorkerConfig};
@@ -28,6 +30,8 @@ use tracing::Instrument as _;
 #[derive(Parser)]
 #[command(name = "kilnd", version, about = "The Kiln daemon")]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Configuration file with `[coordinator]` and/or `[worker]` sections.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -40,9 +44,13 @@ struct Args {
     /// Unix socket for clients (default: ROOT/kilnd.sock).
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Also serve clients on this TCP address (HOST:PORT).
+    /// Also serve clients on this TCP address (HOST:PORT); needs `--insecure` (or a config
+    /// with `[tls]` certificates).
     #[arg(long)]
     listen: Option<String>,
+    /// Serve `--listen` as plain TCP, without TLS or tokens (loopback tests only).
+    #[arg(long)]
+    insecure: bool,
     /// Executions at once on this worker (default: four per CPU, since build steps often wait
     /// on IO or sleep; BuildKit has no limit unless configured).
     #[arg(long)]
@@ -51,6 +59,25 @@ struct Args {
     /// else text); levels come from `RUST_LOG` (default `info`).
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+}
+
+/// What `kilnd` does besides serving.
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Write a development CA (`ca.pem`, `ca-key.pem`; an existing pair in DIR is reused)
+    /// and a certificate and key for each node (`NAME.pem`, `NAME-key.pem`), valid for its
+    /// name and every host.
+    Certs {
+        /// The directory to write to.
+        #[arg(long)]
+        out: PathBuf,
+        /// Node names (a worker's name is its certificate's).
+        #[arg(long, value_delimiter = ',', required = true)]
+        names: Vec<String>,
+        /// Host names and IP addresses the nodes are reached at.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+    },
 }
 
 /// How `kilnd` writes its log.
@@ -80,17 +107,67 @@ enum Role {
     Worker(WorkerSettings),
 }
 
+/// How a daemon's TCP listeners and connections are secured, and who may call it.
+#[derive(Clone)]
+struct Security {
+    /// This node's TLS (`None`: plain TCP, `insecure`).
+    tls: Option<NodeTls>,
+    /// Client tokens.
+    tokens: Vec<kiln_model::ClientToken>,
+}
+
+impl Security {
+    /// Loads the config's certificates.
+    fn load(tls: &Tls, tokens: Vec<kiln_model::ClientToken>) -> anyhow::Result<Security> {
+        let tls = match tls {
+            Tls::Files { ca, cert, key } => Some(NodeTls::load(ca, Some((cert, key)))?),
+            Tls::Insecure => None,
+        };
+        Ok(Security { tls, tokens })
+    }
+
+    /// A listener's access rules and TLS; `clients` when build clients connect to it.
+    fn listener(&self, address: &std::net::SocketAddr, clients: bool) -> (Access, Option<NodeTls>) {
+        match &self.tls {
+            Some(tls) => (Access::tcp(true, self.tokens.clone()), Some(tls.clone())),
+            None => {
+                tracing::warn!(
+                    "INSECURE: {address} is plain TCP without TLS: no node identities, and anyone who reaches it can \
+                     read the traffic{}; for loopback tests only",
+                    if clients { " and submit builds" } else { " and fetch its blobs" }
+                );
+                (Access::tcp(false, self.tokens.clone()), None)
+            }
+        }
+    }
+
+    /// The URL scheme of this node's addresses.
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    if let Some(Command::Certs { out, names, hosts }) = &args.command {
+        for file in certs::generate(out, names, hosts)? {
+            println!("{}", file.display());
+        }
+        return Ok(());
+    }
     let mut log_format = args.log_format.unwrap_or(LogFormat::Text);
-    let role = match &args.config {
+    let (role, security) = match &args.config {
         Some(path) => {
             let config = ConfigFile::load(path)?.validate(&path.display().to_string())?;
             if config.log_json && args.log_format.is_none() {
                 log_format = LogFormat::Json;
             }
-            match (config.coordinator, config.worker) {
+            if args.insecure {
+                bail!("--insecure is for --standalone without --config: the config's [tls] says how to listen");
+            }
+            let security = Security::load(&config.tls, config.tokens)?;
+            let role = match (config.coordinator, config.worker) {
                 (Some(coordinator), Some(worker)) => {
                     args.root = worker.root.clone();
                     args.listen.get_or_insert(coordinator.listen.to_string());
@@ -109,9 +186,18 @@ async fn main() -> anyhow::Result<()> {
                     Role::Worker(worker)
                 }
                 (None, None) => bail!("{}: needs a [coordinator] or a [worker] section", path.display()),
-            }
+            };
+            (role, security)
         }
-        None if args.standalone => Role::Standalone(None),
+        None if args.standalone => {
+            if args.listen.is_some() && !args.insecure {
+                bail!(
+                    "--listen serves TCP: add --insecure for plain TCP (loopback tests only), or use --config \
+                     with [tls] certificates and [[tokens]]"
+                );
+            }
+            (Role::Standalone(None), Security { tls: None, tokens: Vec::new() })
+        }
         None => bail!("give --standalone or --config FILE with [coordinator] and/or [worker]"),
     };
     init_logging(log_format);
@@ -139,10 +225,11 @@ async fn main() -> anyhow::Result<()> {
         stop.cancel();
     };
     tokio::spawn(signals.instrument(tracing::info_span!("signals")));
+    let lifecycle = Lifecycle { stopped, tasks, abandoned };
     match role {
-        Role::Standalone(settings) => standalone(&args, &root, settings, Lifecycle { stopped, tasks, abandoned }).await,
-        Role::Coordinator(config) => coordinator(&args, &root, config, Lifecycle { stopped, tasks, abandoned }).await,
-        Role::Worker(settings) => worker(&root, settings, stopped).await,
+        Role::Standalone(settings) => standalone(&args, &root, settings, &security, lifecycle).await,
+        Role::Coordinator(config) => coordinator(&args, &root, config, &security, lifecycle).await,
+        Role::Worker(settings) => worker(&root, settings, &security, lifecycle.stopped).await,
     }
 }
 
@@ -217,6 +304,7 @@ async fn standalone(
     args: &Args,
     root: &Path,
     settings: Option<WorkerSettings>,
+    security: &Security,
     lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
@@ -231,16 +319,13 @@ async fn standalone(
     let _pid = PidFile::write(root)?;
     tracing::info!("standalone, state in {}, socket {}", root.display(), socket.display());
     let tcp = match &args.listen {
-        Some(listen) => Some((
-            bind(listen).await?,
-            Services {
-                control: Some(
-                    ControlService::new(Arc::clone(&engine), root)
-                        .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone()),
-                ),
-                ..Services::default()
-            },
-        )),
+        Some(listen) => {
+            let listener = bind(listen).await?;
+            let (access, tls) = security.listener(&listener.local_addr()?, true);
+            let control = ControlService::new(Arc::clone(&engine), root)
+                .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone());
+            Some((listener, Services { control: Some(control), access, tls, ..Services::default() }))
+        }
         None => None,
     };
     serve(&engine, root, &socket, tcp, lifecycle).await
@@ -329,7 +414,13 @@ async fn serve(
     }
 }
 
-async fn coordinator(args: &Args, root: &Path, config: CoordinatorConfig, lifecycle: Lifecycle) -> anyhow::Result<()> {
+async fn coordinator(
+    args: &Args,
+    root: &Path,
+    config: CoordinatorConfig,
+    security: &Security,
+    lifecycle: Lifecycle,
+) -> anyhow::Result<()> {
     let settings = ClusterSettings {
         lease_ms: config.lease_timeout.as_millis() as u64,
         placement_timeout_ms: config.placement_timeout.as_millis() as u64,
@@ -344,8 +435,12 @@ async fn coordinator(args: &Args, root: &Path, config: CoordinatorConfig, lifecy
         platforms: vec![],
     };
     let shared_cache = config.shared_cache.clone();
-    let engine =
-        Arc::new(Engine::start_coordinator(engine_config, settings, Arc::new(agent::PeerFetcher), shared_cache)?);
+    let engine = Arc::new(Engine::start_coordinator(
+        engine_config,
+        settings,
+        Arc::new(agent::PeerFetcher(security.tls.clone())),
+        shared_cache,
+    )?);
     if let Some(gc) = engine.gc() {
         tokio::spawn(Arc::clone(gc).run(lifecycle.stopped.clone()).instrument(tracing::info_span!("gc")));
     }
@@ -354,21 +449,33 @@ async fn coordinator(args: &Args, root: &Path, config: CoordinatorConfig, lifecy
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
     tracing::info!("coordinator, state in {}, socket {}", root.display(), socket.display());
     let listener = bind(&config.listen.to_string()).await?;
+    let (access, tls) = security.listener(&listener.local_addr()?, true);
+    if security.tokens.is_empty() {
+        tracing::warn!("no [[coordinator.tokens]]: every client that reaches {} is an admin", config.listen);
+    }
     let services = Services {
         control: Some(
             ControlService::new(Arc::clone(&engine), root)
                 .with_upload_idle_timeout(config.upload_idle_timeout)
+                .with_node_tls(security.tls.clone())
                 .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone()),
         ),
         // Workers fetch uploaded context files from the coordinator they connected to.
         workers: Some(WorkersService::new(cluster, "", lease_ms).tracked_by(lifecycle.tasks.clone())),
         blobs: Some(BlobsService::new(Arc::clone(engine.stores().cas()))),
         storage: None,
+        access,
+        tls,
     };
     serve(&engine, root, &socket, Some((listener, services)), lifecycle).await
 }
 
-async fn worker(root: &Path, settings: WorkerSettings, stopped: CancellationToken) -> anyhow::Result<()> {
+async fn worker(
+    root: &Path,
+    settings: WorkerSettings,
+    security: &Security,
+    stopped: CancellationToken,
+) -> anyhow::Result<()> {
     let platforms = platforms(Some(&settings))?;
     let listener = bind(&settings.listen.to_string()).await?;
     let local = listener.local_addr()?;
@@ -385,24 +492,28 @@ async fn worker(root: &Path, settings: WorkerSettings, stopped: CancellationToke
         labels: settings.labels.clone(),
         max_parallelism: settings.max_parallelism,
         free_disk: 0,
-        address: format!("http://{host}:{}", local.port()),
+        address: format!("{}://{host}:{}", security.scheme(), local.port()),
     };
     let coordinator = settings.coordinator.clone().expect("checked when the role was chosen");
     tracing::info!("worker {} for {coordinator}, state in {}", info.name, root.display());
+    // Only nodes of the cluster connect here: the coordinator and peer workers.
+    let (access, tls) = security.listener(&local, false);
     let services = Services {
         blobs: Some(BlobsService::new(Arc::clone(worker.cas()))),
         storage: Some(kiln_api::StorageService::new(Arc::clone(worker.gc()))),
+        access,
+        tls,
         ..Services::default()
     };
     // The blob service outlives the session: peers may still fetch while the worker drains.
     // It stops once the session has ended, finishing the fetches under way (bounded).
     let session_over = CancellationToken::new();
     let server = tokio::spawn(kiln_api::serve_tcp(services, listener, until_stopped(session_over.clone())));
-    let control = Arc::new(agent::Coordinator(coordinator));
+    let control = Arc::new(agent::Coordinator { address: coordinator, tls: security.tls.clone() });
     kiln_worker::agent::run(
         Arc::clone(&worker),
         control,
-        Arc::new(agent::PeerFetcher),
+        Arc::new(agent::PeerFetcher(security.tls.clone())),
         info,
         root.to_path_buf(),
         stopped,

@@ -1,6 +1,7 @@
 //! A real cluster: one coordinator and several workers, each a separate `kilnd` process on
 //! its own 127.0.N.x address, running real containers and pushing to a real registry; the
-//! `kiln` binary is the client. Each test has its own cluster (`N` distinct per test).
+//! `kiln` binary is the client. Each test has its own cluster (`N` distinct per test). Every
+//! connection is mutual TLS, with certificates from `kilnd certs`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -19,6 +20,8 @@ mod cache;
 mod gc;
 #[path = "cluster/hardening.rs"]
 mod hardening;
+#[path = "cluster/security.rs"]
+mod security;
 
 struct Cluster {
     registry: TestRegistry,
@@ -28,27 +31,36 @@ struct Cluster {
     net: u8,
     coordinator: Child,
     workers: Vec<(String, Child)>,
+    /// The token `kiln` passes (a cluster with `[[coordinator.tokens]]`).
+    token: Option<String>,
 }
 
 impl Cluster {
     /// A coordinator on 127.0.`net`.1:7070 and one worker per platform given, on
     /// 127.0.`net`.(2..):7071, each with `slots` executions at once.
     fn start(net: u8, workers: &[&str], slots: usize, coordinator_extra: &str) -> Cluster {
+        Cluster::start_as(net, workers, slots, coordinator_extra, None)
+    }
+
+    /// [`Cluster::start`], `kiln` passing `token`.
+    fn start_as(net: u8, workers: &[&str], slots: usize, coordinator_extra: &str, token: Option<&str>) -> Cluster {
         workspace_binary("kiln-runner");
         let registry = TestRegistry::start();
         let dir = tempfile::tempdir().unwrap();
         let base = push_base(&registry, dir.path());
         let config = dir.path().join("coordinator.toml");
+        let tls = certificate(dir.path(), "coordinator", &format!("127.0.{net}.1"));
         std::fs::write(
             &config,
             format!(
-                "[coordinator]\nlisten = \"127.0.{net}.1:7070\"\nroot = \"{}\"\nlease-timeout = \"3s\"\n{coordinator_extra}",
+                "[coordinator]\nlisten = \"127.0.{net}.1:7070\"\nroot = \"{}\"\nlease-timeout = \"3s\"\n{coordinator_extra}\n{tls}",
                 dir.path().join("coordinator").display()
             ),
         )
         .unwrap();
         let coordinator = coordinator_kilnd(&config, &dir.path().join("coordinator.log"));
-        let mut cluster = Cluster { registry, base, net, coordinator, workers: Vec::new(), dir };
+        let token = token.map(str::to_string);
+        let mut cluster = Cluster { registry, base, net, coordinator, workers: Vec::new(), dir, token };
         for (i, platform) in workers.iter().enumerate() {
             cluster.start_worker(&format!("w{}-{}", i + 1, platform.replace('/', "-")), i as u8 + 2, platform, slots);
         }
@@ -64,13 +76,19 @@ impl Cluster {
 
     /// [`Cluster::start_worker`] with `extra` appended to its config.
     fn start_worker_with(&mut self, name: &str, host: u8, platform: &str, slots: usize, extra: &str) {
+        let tls = certificate(self.dir.path(), name, &format!("127.0.{}.{host}", self.net));
+        self.start_worker_raw(name, host, platform, &format!("max-parallelism = {slots}\n{extra}\n{tls}"));
+    }
+
+    /// Starts a worker whose config ends with `rest` (its own `[tls]` included).
+    fn start_worker_raw(&mut self, name: &str, host: u8, platform: &str, rest: &str) {
         let files = format!("{name}-{host}");
         let config = self.dir.path().join(format!("{files}.toml"));
         std::fs::write(
             &config,
             format!(
-                "[worker]\ncoordinator = \"http://127.0.{net}.1:7070\"\nname = \"{name}\"\nlisten = \"127.0.{net}.{host}:7071\"\n\
-                 root = \"{}\"\nplatforms = [\"{platform}\"]\nmax-parallelism = {slots}\n{extra}",
+                "[worker]\ncoordinator = \"https://127.0.{net}.1:7070\"\nname = \"{name}\"\nlisten = \"127.0.{net}.{host}:7071\"\n\
+                 root = \"{}\"\nplatforms = [\"{platform}\"]\n{rest}",
                 self.dir.path().join(&files).display(),
                 net = self.net
             ),
@@ -133,12 +151,27 @@ impl Cluster {
     }
 
     fn addr(&self) -> String {
-        format!("http://127.0.{}.1:7070", self.net)
+        format!("https://127.0.{}.1:7070", self.net)
+    }
+
+    /// The cluster's CA certificate.
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("certs/ca.pem")
+    }
+
+    /// Client options for the coordinator: its CA, and `token`.
+    fn client_options(&self, token: Option<&str>) -> kiln_client::ClientOptions {
+        let tls = kiln_client::NodeTls::load(&self.ca(), None).unwrap();
+        kiln_client::ClientOptions { tls: Some(tls), token: token.map(str::to_string) }
     }
 
     fn kiln(&self, args: &[&str]) -> Command {
         let mut command = Command::new(workspace_binary("kiln"));
-        command.arg("--addr").arg(self.addr()).args(args).env_remove("KILN_ADDR");
+        command.arg("--addr").arg(self.addr()).arg("--tls-ca").arg(self.ca()).args(args);
+        command.env_remove("KILN_ADDR").env_remove("KILN_TOKEN").env_remove("KILN_TLS_CA");
+        if let Some(token) = &self.token {
+            command.env("KILN_TOKEN", token);
+        }
         command
     }
 
@@ -237,6 +270,19 @@ impl Drop for Cluster {
     }
 }
 
+/// Writes a certificate for node `name` at `host` (and the cluster's CA, the first time)
+/// under `DIR/certs` with `kilnd certs`; returns the `[tls]` section that uses it.
+fn certificate(dir: &Path, name: &str, host: &str) -> String {
+    let certs = dir.join("certs");
+    let out = Command::new(workspace_binary("kilnd"))
+        .args(["certs", "--out", certs.to_str().unwrap(), "--names", name, "--hosts", host])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kilnd certs: {}", text(&out.stderr));
+    let file = |suffix: &str| certs.join(format!("{name}{suffix}.pem")).display().to_string();
+    format!("[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n", certs.join("ca.pem").display(), file(""), file("-key"))
+}
+
 fn kilnd(config: &Path, log: &Path) -> Child {
     kilnd_command(config, log).spawn().unwrap()
 }
@@ -325,7 +371,7 @@ fn stages_spread_over_workers_and_platforms_build_on_their_own_workers_into_one_
     assert_eq!(names, ["w1-linux-amd64", "w2-linux-amd64", "w3-linux-arm64"]);
     assert_eq!(workers[2]["platforms"], serde_json::json!(["linux/arm64"]));
     assert_eq!(workers[0]["state"], "ready");
-    assert_eq!(workers[0]["address"], "http://127.0.11.2:7071");
+    assert_eq!(workers[0]["address"], "https://127.0.11.2:7071");
     let info = cluster.run(&["info", "--format", "json"]);
     let info: Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!((info["role"].as_str(), info["workers"].as_u64()), (Some("coordinator"), Some(3)));

@@ -71,7 +71,7 @@ fn a_config_file_with_both_roles_runs_standalone_and_bad_files_are_named() {
         &config,
         format!(
             "[coordinator]\nlisten = \"127.0.0.1:{port}\"\n[worker]\nroot = \"{}\"\nmax-parallelism = 2\n\
-             [log]\nformat = \"json\"\n",
+             [log]\nformat = \"json\"\n[tls]\ninsecure = true\n",
             root.display()
         ),
     )

@@ -13,6 +13,12 @@ pub enum ErrorKind {
     Conflict,
     /// Not allowed for this caller or over this transport.
     Refused,
+    /// The caller did not say who it is, or not believably (no token, an unknown token, no
+    /// certificate): authenticate and try again.
+    Unauthenticated,
+    /// Over a limit (a tenant's concurrent builds, its stored bytes): wait for its own work
+    /// to finish, or raise the limit.
+    Exhausted,
     /// Not now (the service is stopping, a session ended, a peer is down): retry later.
     Unavailable,
     /// It took too long (a stalled upload): retry, perhaps with a faster sender.

@@ -7,6 +7,7 @@
 //! `kiln-proto`, with the one conversion both ends use.
 
 mod assignment;
+mod auth;
 mod cache;
 mod disk;
 mod error;
@@ -21,6 +22,7 @@ mod spec;
 mod worker;
 
 pub use assignment::{Assignment, FromCoordinator, PushRequest, PushTarget, PushedLayer};
+pub use auth::{Caller, ClientToken, DEFAULT_TENANT, Role};
 pub use cache::{
     CacheCompression, CacheDirection, CacheLocation, CacheMode, CacheSpec, CacheSpecError, DEFAULT_CACHE_NAME,
 };

@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod convert;
 mod status;
+pub mod tls;
 
 pub use status::{kind_of, status};
 

@@ -10,6 +10,8 @@ pub fn status(kind: ErrorKind, message: impl Into<String>) -> Status {
         ErrorKind::NotFound => Code::NotFound,
         ErrorKind::Conflict => Code::AlreadyExists,
         ErrorKind::Refused => Code::PermissionDenied,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+        ErrorKind::Exhausted => Code::ResourceExhausted,
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::TimedOut => Code::DeadlineExceeded,
         ErrorKind::Internal => Code::Internal,
@@ -26,11 +28,11 @@ pub fn kind_of(code: Code) -> ErrorKind {
         }
         Code::NotFound => ErrorKind::NotFound,
         Code::AlreadyExists => ErrorKind::Conflict,
-        Code::PermissionDenied | Code::Unauthenticated => ErrorKind::Refused,
+        Code::PermissionDenied => ErrorKind::Refused,
+        Code::Unauthenticated => ErrorKind::Unauthenticated,
+        Code::ResourceExhausted => ErrorKind::Exhausted,
         // A stream cut mid-way (a reset connection) arrives as UNKNOWN: a transport fault.
-        Code::Unavailable | Code::ResourceExhausted | Code::Aborted | Code::Cancelled | Code::Unknown => {
-            ErrorKind::Unavailable
-        }
+        Code::Unavailable | Code::Aborted | Code::Cancelled | Code::Unknown => ErrorKind::Unavailable,
         Code::DeadlineExceeded => ErrorKind::TimedOut,
         Code::Ok | Code::Internal | Code::DataLoss => ErrorKind::Internal,
     }
@@ -47,6 +49,8 @@ mod tests {
             ErrorKind::NotFound,
             ErrorKind::Conflict,
             ErrorKind::Refused,
+            ErrorKind::Unauthenticated,
+            ErrorKind::Exhausted,
             ErrorKind::Unavailable,
             ErrorKind::TimedOut,
             ErrorKind::Internal,

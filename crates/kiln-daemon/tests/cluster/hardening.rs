@@ -17,7 +17,7 @@ use super::*;
 fn crafted_build(cluster: &Cluster, request: BuildRequest) -> Result<Vec<BuildEvent>, ClientError> {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let client = Client::connect(&cluster.addr()).await?;
+        let client = Client::connect_with(&cluster.addr(), &cluster.client_options(None)).await?;
         let mut events = client.build(request).await?;
         let mut all = Vec::new();
         while let Some(event) = events.next().await? {
@@ -31,7 +31,7 @@ fn crafted_build(cluster: &Cluster, request: BuildRequest) -> Result<Vec<BuildEv
 fn upload(cluster: &Cluster, dir: &Path) -> ContextManifest {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let client = Client::connect(&cluster.addr()).await.unwrap();
+        let client = Client::connect_with(&cluster.addr(), &cluster.client_options(None)).await.unwrap();
         let walked = FsContext::walk(dir, &Default::default()).unwrap();
         client.upload_context(Arc::new(walked)).await.unwrap().0
     })
@@ -70,9 +70,15 @@ struct RawFindMissing {
     digests: Vec<Vec<u8>>,
 }
 
+/// A channel to the cluster's coordinator over TLS.
+async fn channel(cluster: &Cluster) -> tonic::transport::Channel {
+    let options = cluster.client_options(None);
+    kiln_client::endpoint(&cluster.addr(), options.tls.as_ref()).unwrap().connect().await.unwrap()
+}
+
 /// Sends `request` to `Control/FindMissing` as raw bytes.
-async fn raw_find_missing(address: &str, request: RawFindMissing) -> Result<(), tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(address.to_string()).unwrap().connect().await.unwrap();
+async fn raw_find_missing(cluster: &Cluster, request: RawFindMissing) -> Result<(), tonic::Status> {
+    let channel = channel(cluster).await;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let codec = tonic_prost::ProstCodec::<RawFindMissing, kiln_proto::v1::FindMissingResponse>::default();
@@ -86,15 +92,14 @@ fn malformed_and_stalled_requests_get_clear_ends() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
     // Invalid UTF-8 in a string field is the client's error, not the server's.
-    let status =
-        runtime.block_on(raw_find_missing(&cluster.addr(), RawFindMissing { digests: vec![vec![0xff, 0xfe]] }));
+    let status = runtime.block_on(raw_find_missing(&cluster, RawFindMissing { digests: vec![vec![0xff, 0xfe]] }));
     let status = status.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
     // An upload that starts a blob and then sends nothing is ended, its partial file removed.
     let (chunks, stalled) = tokio::sync::mpsc::channel(1);
     let status = runtime.block_on(async {
-        let mut control = kiln_proto::v1::control_client::ControlClient::connect(cluster.addr()).await.unwrap();
+        let mut control = kiln_proto::v1::control_client::ControlClient::new(channel(&cluster).await);
         let digest = Digest::of(b"never finished").to_string();
         chunks.send(kiln_proto::v1::BlobChunkUpload { digest, data: vec![1; 1000] }).await.unwrap();
         control.upload(tokio_stream::wrappers::ReceiverStream::new(stalled)).await.unwrap_err()
@@ -272,7 +277,7 @@ fn cached_results_whose_workers_left_are_recomputed_or_missed_never_fatal() {
 }
 
 /// Waits until `log` (a file of the cluster's directory) contains `needle`.
-fn wait_for_log(cluster: &Cluster, log: &str, needle: &str) {
+pub(crate) fn wait_for_log(cluster: &Cluster, log: &str, needle: &str) {
     let path = cluster.dir.path().join(log);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&path).unwrap_or_default().contains(needle) {
@@ -305,7 +310,7 @@ fn signal(child: &Child, name: &str) {
 #[test]
 fn sessions_refuse_duplicate_names_and_paused_or_oversized_work_does_not_wedge_workers() {
     let mut cluster = Cluster::start(18, &["linux/amd64"], 2, "");
-    let first = "http://127.0.18.2:7071";
+    let first = "https://127.0.18.2:7071";
 
     // A second worker under the same name is refused, and says so in both logs.
     cluster.start_worker("w1-linux-amd64", 3, "linux/amd64", 2);
@@ -316,15 +321,15 @@ fn sessions_refuse_duplicate_names_and_paused_or_oversized_work_does_not_wedge_w
     let (_, mut original) = cluster.workers.remove(0);
     original.kill().unwrap();
     original.wait().unwrap();
-    wait_for_listed(&cluster, &[("w1-linux-amd64", "http://127.0.18.3:7071")]);
+    wait_for_listed(&cluster, &[("w1-linux-amd64", "https://127.0.18.3:7071")]);
 
     // A worker paused past its lease is dropped; resumed, it registers again.
     let paused = &cluster.workers[0].1;
     signal(paused, "STOP");
     wait_for_listed(&cluster, &[]);
     signal(paused, "CONT");
-    wait_for_listed(&cluster, &[("w1-linux-amd64", "http://127.0.18.3:7071")]);
-    wait_for_log(&cluster, "w1-linux-amd64-3.log", "lost the session with http://127.0.18.1:7070");
+    wait_for_listed(&cluster, &[("w1-linux-amd64", "https://127.0.18.3:7071")]);
+    wait_for_log(&cluster, "w1-linux-amd64-3.log", "lost the session with https://127.0.18.1:7070");
 
     // An assignment over the message limit fails its own job with a clear error; one over
     // the old 4 MiB decode limit (a 5 MiB script) runs; the worker's session survives both.

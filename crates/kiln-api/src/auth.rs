@@ -1,0 +1,111 @@
+//! Who may call what: client tokens (hashed in the daemon's config) mapping to a tenant and a
+//! role, and node certificates for the services only nodes call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kiln_model::{Caller, ClientToken, DEFAULT_TENANT, Role};
+use kiln_types::Digest;
+use tonic::{Request, Status};
+
+use crate::error::ApiError;
+
+/// The rules of one listener.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// The unix socket: every caller is local and trusted.
+    local: bool,
+    /// Connections are mutual TLS: node services need a certificate from the cluster's CA.
+    mutual_tls: bool,
+    /// Client tokens by the hex SHA-256 of the token; none: every client is an admin of the
+    /// default tenant.
+    tokens: Arc<HashMap<String, ClientToken>>,
+}
+
+impl Access {
+    /// The unix socket's: local access is the local trust model.
+    pub fn local() -> Access {
+        Access { local: true, ..Access::default() }
+    }
+
+    /// A TCP listener's: with `mutual_tls`, node services check certificates; with
+    /// `tokens`, every client request needs one of them.
+    pub fn tcp(mutual_tls: bool, tokens: Vec<ClientToken>) -> Access {
+        let tokens = tokens.into_iter().map(|t| (t.sha256.clone(), t)).collect();
+        Access { local: false, mutual_tls, tokens: Arc::new(tokens) }
+    }
+
+    /// The caller of a client request, from its bearer token.
+    pub fn caller<T>(&self, request: &Request<T>) -> Result<Caller, ApiError> {
+        if self.local {
+            return Ok(Caller::local("local"));
+        }
+        if self.tokens.is_empty() {
+            return Ok(Caller { name: "anonymous".into(), tenant: DEFAULT_TENANT.into(), role: Role::Admin });
+        }
+        let header = request.metadata().get("authorization").ok_or(ApiError::NoToken)?;
+        let token = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or(ApiError::UnknownToken)?;
+        let known = self.tokens.get(&Digest::of(token.as_bytes()).hex()).ok_or(ApiError::UnknownToken)?;
+        Ok(Caller { name: known.name.clone(), tenant: known.tenant.clone(), role: known.role })
+    }
+
+    /// Checks that a request to a node service (`service`) comes from a node: with mutual
+    /// TLS, one that presented a certificate the CA signed (the handshake checked it).
+    pub fn node<T>(&self, request: &Request<T>, service: &'static str) -> Result<(), ApiError> {
+        if self.local || !self.mutual_tls || request.peer_certs().is_some_and(|chain| !chain.is_empty()) {
+            Ok(())
+        } else {
+            Err(ApiError::NotANode(service))
+        }
+    }
+
+    /// Checks that a worker registering as `name` presented a certificate valid for it.
+    pub fn worker<T>(&self, request: &Request<T>, name: &str) -> Result<(), ApiError> {
+        self.node(request, "the worker service")?;
+        if !self.mutual_tls {
+            return Ok(());
+        }
+        let chain = request.peer_certs().unwrap_or_default();
+        if kiln_proto::tls::certificate_names(&chain, name) {
+            Ok(())
+        } else {
+            Err(ApiError::NotThatWorker { name: name.to_string() })
+        }
+    }
+}
+
+/// The caller a request was authenticated as ([`Authenticate`] put it there).
+pub(crate) fn caller_of<T>(request: &Request<T>) -> Caller {
+    request.extensions().get::<Caller>().cloned().unwrap_or_else(|| Caller::local("local"))
+}
+
+/// Refuses a caller that is not an admin.
+pub(crate) fn admin(caller: &Caller, action: &'static str) -> Result<(), Status> {
+    match caller.role {
+        Role::Admin => Ok(()),
+        role => Err(ApiError::NotAdmin { action, token: caller.name.clone(), role }.into()),
+    }
+}
+
+/// Authenticates every request to a client service, recording the caller in the request.
+#[derive(Clone)]
+pub(crate) struct Authenticate(pub(crate) Access);
+
+impl tonic::service::Interceptor for Authenticate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = self.0.caller(&request)?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+/// Lets only nodes call a node service.
+#[derive(Clone)]
+pub(crate) struct NodesOnly(pub(crate) Access, pub(crate) &'static str);
+
+impl tonic::service::Interceptor for NodesOnly {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        self.0.node(&request, self.1)?;
+        Ok(request)
+    }
+}

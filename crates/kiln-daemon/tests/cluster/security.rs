@@ -1,0 +1,87 @@
+//! Identity and transport: mutual TLS between the nodes, tokens for clients. Real
+//! certificates from `kilnd certs`, real processes.
+
+use super::hardening::wait_for_log;
+use super::*;
+
+/// The SHA-256 of a token, as a config holds it.
+fn sha256(token: &str) -> String {
+    kiln_types::Digest::of(token.as_bytes()).hex()
+}
+
+fn tokens() -> String {
+    let entry = |name: &str, tenant: &str, role: &str, token: &str| {
+        format!(
+            "[[coordinator.tokens]]\nname = \"{name}\"\ntenant = \"{tenant}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+            sha256(token)
+        )
+    };
+    entry("ci-team-a", "team-a", "build", "build-secret") + &entry("ops", "ops", "admin", "admin-secret")
+}
+
+#[test]
+fn clients_need_a_known_token_and_nodes_a_certificate_for_their_name() {
+    let mut cluster = Cluster::start_as(23, &["linux/amd64"], 2, &tokens(), Some("admin-secret"));
+    let with_token = |token: Option<&str>, args: &[&str]| {
+        let mut command = cluster.kiln(args);
+        command.env_remove("KILN_TOKEN");
+        if let Some(token) = token {
+            command.arg("--token").arg(token);
+        }
+        command.output().unwrap()
+    };
+
+    // No token, or a token the coordinator does not know: refused, saying what to pass.
+    for (token, expected) in
+        [(None, "needs a token: pass --token TOKEN or set KILN_TOKEN"), (Some("guess"), "knows no such token")]
+    {
+        let out = with_token(token, &["workers"]);
+        assert!(!out.status.success());
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(expected), "{token:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+    // A build token builds, but may not list the fleet.
+    let out = with_token(Some("build-secret"), &["workers"]);
+    assert!(text(&out.stderr).contains("listing the workers needs an admin token"), "{}", text(&out.stderr));
+    let context = cluster.context("app", "FROM BASE\nRUN echo hello > /greeting\n");
+    let dest = cluster.dir.path().join("out");
+    let local = format!("type=local,dest={}", dest.display());
+    let out = with_token(Some("build-secret"), &["build", context.to_str().unwrap(), "-o", &local]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), cluster.logs());
+    assert_eq!(std::fs::read_to_string(dest.join("greeting")).unwrap(), "hello\n");
+
+    // Without the CA the client cannot check the coordinator; over plain HTTP the TLS
+    // listener does not answer.
+    let mut no_ca = Command::new(workspace_binary("kiln"));
+    no_ca.args(["--addr", &cluster.addr(), "--token", "admin-secret", "workers"]).env_remove("KILN_TLS_CA");
+    let out = no_ca.env_remove("KILN_ADDR").output().unwrap();
+    assert!(text(&out.stderr).contains("https:// needs the CA"), "{}", text(&out.stderr));
+    let plain = cluster.addr().replace("https://", "http://");
+    let out = with_token(Some("admin-secret"), &["--addr", &plain, "workers"]);
+    assert!(!out.status.success());
+
+    // A worker whose certificate another CA signed never registers.
+    let foreign = cluster.dir.path().join("foreign");
+    let out = Command::new(workspace_binary("kilnd"))
+        .args(["certs", "--out", foreign.to_str().unwrap(), "--names", "rogue", "--hosts", "127.0.23.3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rogue_tls = format!(
+        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/rogue.pem\"\nkey = \"{0}/rogue-key.pem\"\n",
+        foreign.display()
+    );
+    cluster.start_worker_raw("rogue", 3, "linux/amd64", &rogue_tls);
+    wait_for_log(&cluster, "rogue-3.log", "cannot connect to https://127.0.23.1:7070");
+
+    // A worker with a certificate of the cluster's CA, issued for another name, cannot
+    // register under the first worker's name.
+    let own = certificate(cluster.dir.path(), "impostor", "127.0.23.4");
+    cluster.start_worker_raw("w1-linux-amd64", 4, "linux/amd64", &own);
+    wait_for_log(&cluster, "w1-linux-amd64-4.log", "its certificate is not valid for that name");
+    let names: Vec<String> = cluster.workers_json().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["w1-linux-amd64"]);
+    let listed = &cluster.workers_json()[0];
+    assert_eq!(listed["address"], "https://127.0.23.2:7071", "the original worker keeps its name");
+}

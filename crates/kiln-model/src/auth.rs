@@ -1,0 +1,77 @@
+//! Who is asking: the tenants and roles client tokens map to.
+
+use std::fmt;
+
+/// What a client may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Submit builds and read what they produced.
+    Build,
+    /// Everything, including the whole cluster's workers, disk usage and pruning.
+    Admin,
+}
+
+impl Role {
+    /// Its name in configs (`build`, `admin`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Build => "build",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Role, String> {
+        match text {
+            "build" => Ok(Role::Build),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("{other:?} is not build or admin")),
+        }
+    }
+}
+
+/// A client token as a daemon's config holds it: hashed, never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientToken {
+    /// What logs call it (`ci-team-a`).
+    pub name: String,
+    /// The tenant its builds belong to.
+    pub tenant: String,
+    /// What it may do.
+    pub role: Role,
+    /// The SHA-256 of the token, lowercase hex.
+    pub sha256: String,
+}
+
+/// The caller of a request, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's name (`local` for the unix socket, `anonymous` where no tokens are
+    /// configured).
+    pub name: String,
+    /// The tenant.
+    pub tenant: String,
+    /// The role.
+    pub role: Role,
+}
+
+/// The tenant of callers that no token names: the unix socket's and a daemon's without
+/// tokens.
+pub const DEFAULT_TENANT: &str = "default";
+
+impl Caller {
+    /// A caller of the default tenant with every right (the unix socket: local access is
+    /// the local trust model).
+    pub fn local(name: &str) -> Caller {
+        Caller { name: name.to_string(), tenant: DEFAULT_TENANT.to_string(), role: Role::Admin }
+    }
+}
