@@ -17,6 +17,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("binfmt-support", "/usr/sbin/update-binfmts"),
     // A virtual environment for the S3 server the cache tests use (moto, from PyPI).
     ("python3-venv", "/usr/share/doc/python3-venv/copyright"),
+    // The seccomp library the runner links (libcontainer's seccomp filters).
+    ("libseccomp-dev", "/usr/include/seccomp.h"),
+    ("pkg-config", "/usr/bin/pkg-config"),
 ];
 
 /// The moto release the S3 tests run against.

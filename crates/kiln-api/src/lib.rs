@@ -293,10 +293,13 @@ impl Control for ControlService {
 }
 
 /// Serves the control service on a unix socket until `shutdown` completes. A stale socket
-/// file from an earlier daemon is replaced.
+/// file from an earlier daemon is replaced. The socket is `0660`, owned by this user and
+/// `group` (by default this user's group), as `docker.sock` is: whoever may connect is
+/// trusted with the daemon.
 pub async fn serve_unix(
     service: ControlService,
     socket: &Path,
+    group: Option<u32>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let at = |source| ServeError::Socket { path: socket.to_path_buf(), source };
@@ -304,6 +307,10 @@ pub async fn serve_unix(
         std::fs::remove_file(socket).map_err(at)?;
     }
     let listener = tokio::net::UnixListener::bind(socket).map_err(at)?;
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o660)).map_err(at)?;
+    if let Some(group) = group {
+        std::os::unix::fs::chown(socket, None, Some(group)).map_err(at)?;
+    }
     tonic::transport::Server::builder()
         .initial_stream_window_size(kiln_proto::STREAM_WINDOW)
         .initial_connection_window_size(kiln_proto::CONNECTION_WINDOW)

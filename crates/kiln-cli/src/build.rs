@@ -64,6 +64,10 @@ pub struct BuildArgs {
     /// Secret for `RUN --mount=type=secret`: `id=ID,src=PATH` or `id=ID,env=VAR`.
     #[arg(long = "secret", value_name = "SPEC")]
     secrets: Vec<String>,
+    /// Grant an entitlement to the build's steps: `network.host` (`RUN --network=host`) or
+    /// `security.insecure` (`RUN --security=insecure`); the daemon's workers must grant it too.
+    #[arg(long = "allow", value_name = "ENTITLEMENT")]
+    allow: Vec<kiln_model::Entitlement>,
 }
 
 /// Runs `kiln build`; returns whether the build succeeded (errors before it started are `Err`).
@@ -89,6 +93,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         context_manifest: None,
         cache_from: caches(&args.cache_from, CacheDirection::From)?,
         cache_to: caches(&args.cache_to, CacheDirection::To)?,
+        allow: args.allow.iter().copied().collect(),
     };
     let client = daemon.connect().await?;
     // A daemon reached over TCP may be on another machine: send the context, content-addressed

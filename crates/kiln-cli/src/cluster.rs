@@ -44,6 +44,7 @@ fn worker_json(worker: &WorkerStatus) -> serde_json::Value {
         "state": if worker.draining { "draining" } else { "ready" },
         "last_heartbeat": worker.last_heartbeat,
         "layers": worker.layers,
+        "entitlements": worker.info.entitlements.iter().map(|e| e.as_str()).collect::<Vec<_>>(),
     })
 }
 

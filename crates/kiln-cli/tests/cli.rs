@@ -10,6 +10,8 @@ mod cache;
 mod gc;
 #[path = "cli/plan.rs"]
 mod plan;
+#[path = "cli/sandbox.rs"]
+mod sandbox;
 
 /// Runs `kiln` with `args`; returns success, stdout and stderr.
 fn kiln(args: &[&str]) -> (bool, String, String) {

@@ -101,6 +101,7 @@ fn start_fake_workers(
             max_parallelism: slots,
             free_disk: 0,
             address: format!("http://fake-{n}"),
+            entitlements: Vec::new(),
         };
         let (session, mut assignments) = cluster.register(info, vec![]).expect("fake workers have unique names");
         let (cluster, latencies, finished) = (Arc::clone(cluster), Arc::clone(&latencies), Arc::clone(&finished));

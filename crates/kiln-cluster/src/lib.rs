@@ -752,6 +752,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
             build: build.id,
             platform: required_platform(&vertex),
             inputs: inputs.iter().flat_map(|l| l.layers.iter().copied()).collect(),
+            entitlements: kiln_model::Entitlement::needed_by(&vertex.op),
         };
         let (done, result) = oneshot::channel();
         {

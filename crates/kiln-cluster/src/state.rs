@@ -41,6 +41,8 @@ pub struct JobSpec {
     pub platform: Option<Platform>,
     /// Its input layers (for locality).
     pub inputs: Vec<LayerDesc>,
+    /// What it needs beyond the sandbox: only workers granting all of it run it.
+    pub entitlements: Vec<kiln_model::Entitlement>,
 }
 
 /// An input to [`ClusterState::apply`].
@@ -212,8 +214,10 @@ impl WorkerEntry {
         !self.draining && self.running.len() < self.info.max_parallelism.max(1)
     }
 
-    fn runs(&self, platform: Option<&Platform>) -> bool {
-        platform.is_none_or(|p| self.info.platforms.contains(p))
+    /// Whether it may run the job: its platform, and every entitlement it needs granted.
+    fn runs(&self, spec: &JobSpec) -> bool {
+        spec.platform.as_ref().is_none_or(|p| self.info.platforms.contains(p))
+            && spec.entitlements.iter().all(|e| self.info.entitlements.contains(e))
     }
 }
 
@@ -429,11 +433,15 @@ impl ClusterState {
         for queue in self.queues.values() {
             for job_id in queue {
                 let Some(job) = self.jobs.get_mut(job_id) else { continue };
-                let platform = job.spec.platform.as_ref();
-                if self.workers.values().any(|w| !w.draining && w.runs(platform)) {
+                if self.workers.values().any(|w| !w.draining && w.runs(&job.spec)) {
                     continue;
                 }
-                let wanted = platform.map_or_else(|| "any platform".to_string(), |p| p.to_string());
+                let mut wanted =
+                    job.spec.platform.as_ref().map_or_else(|| "any platform".to_string(), |p| p.to_string());
+                if !job.spec.entitlements.is_empty() {
+                    let granting: Vec<&str> = job.spec.entitlements.iter().map(|e| e.as_str()).collect();
+                    wanted = format!("{wanted} granting {}", granting.join(", "));
+                }
                 if at.saturating_sub(job.queued_at) >= self.settings.placement_timeout_ms {
                     let error = format!(
                         "no worker for {wanted} within {} s (connected: {})",
@@ -506,7 +514,7 @@ impl ClusterState {
         // (input bytes held, load, worker) of the most local and of the least loaded candidate.
         let mut most: Option<(u64, f64, &WorkerEntry)> = None;
         let mut least: Option<(u64, f64, &WorkerEntry)> = None;
-        for worker in self.workers.values().filter(|w| w.has_slot() && w.runs(spec.platform.as_ref())) {
+        for worker in self.workers.values().filter(|w| w.has_slot() && w.runs(spec)) {
             let held: u64 =
                 spec.inputs.iter().filter(|l| worker.layers.contains(&l.diff_id)).map(|l| l.size.max(1)).sum();
             let load = worker.load();

@@ -17,6 +17,7 @@ fn info(name: &str) -> WorkerInfo {
         max_parallelism: 4,
         free_disk: 0,
         address: format!("http://{name}"),
+        entitlements: Vec::new(),
     }
 }
 

@@ -187,6 +187,10 @@ pub struct WorkerSection {
     /// Garbage collection of the worker's store.
     #[serde(default)]
     pub gc: GcSection,
+    /// What steps may do beyond the sandbox when a client asks (`--allow`): `network.host`,
+    /// `security.insecure` (buildkitd's `--allow-insecure-entitlement`). Default: none.
+    #[serde(default)]
+    pub entitlements: Vec<String>,
 }
 
 /// `[worker.gc]`: BuildKit's policy knobs (docs/gc.md).
@@ -305,6 +309,8 @@ pub struct WorkerConfig {
     pub insecure_registries: Vec<String>,
     /// GC policy.
     pub gc: GcPolicy,
+    /// Entitlements granted.
+    pub entitlements: Vec<kiln_model::Entitlement>,
 }
 
 /// Garbage collection limits, in bytes and time; `None` takes the default for the disk.
@@ -441,6 +447,12 @@ impl ConfigFile {
                         .map(|t| parse_duration(t).map_err(|e| unit("worker.step-timeout", e)))
                         .transpose()?,
                     insecure_registries: w.insecure_registries.clone(),
+                    entitlements: w
+                        .entitlements
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| e.parse().map_err(|m| invalid(&format!("worker.entitlements[{i}]"), m)))
+                        .collect::<Result<_, _>>()?,
                     gc: GcPolicy {
                         reserved_space: size("worker.gc.reserved-space", &w.gc.reserved_space)?,
                         max_used_space: size("worker.gc.max-used-space", &w.gc.max_used_space)?,

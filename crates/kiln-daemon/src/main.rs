@@ -44,6 +44,10 @@ struct Args {
     /// Unix socket for clients (default: ROOT/kilnd.sock).
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// The group whose members may use the unix socket (as dockerd's `--group`): the socket
+    /// is `0660` and the state directory `0710` with this group. Default: root's only.
+    #[arg(long)]
+    group: Option<String>,
     /// Also serve clients on this TCP address (HOST:PORT); needs `--insecure` (or a config
     /// with `[tls]` certificates).
     #[arg(long)]
@@ -207,6 +211,19 @@ async fn main() -> anyhow::Result<()> {
     // other local users can neither list nor read anything below the state directory.
     std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o710))
         .with_context(|| format!("restricting {} to its owner", root.display()))?;
+    // Members of `--group` reach the socket: they may pass through the state directory
+    // (not list it) to the socket, which they may open.
+    let group = match &args.group {
+        None => None,
+        Some(name) => {
+            let group = nix::unistd::Group::from_name(name)
+                .with_context(|| format!("--group {name}: looking it up"))?
+                .with_context(|| format!("--group {name}: no such group"))?;
+            std::os::unix::fs::chown(&root, None, Some(group.gid.as_raw()))
+                .with_context(|| format!("giving {} to the group {name}", root.display()))?;
+            Some(group.gid.as_raw())
+        }
+    };
 
     // One token stops everything: SIGTERM or SIGINT cancels it, and every part of the daemon
     // shuts down in order from it. One tracker holds the tasks that serve requests (builds,
@@ -227,8 +244,8 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(signals.instrument(tracing::info_span!("signals")));
     let lifecycle = Lifecycle { stopped, tasks, abandoned };
     match role {
-        Role::Standalone(settings) => standalone(&args, &root, settings, &security, lifecycle).await,
-        Role::Coordinator(config) => coordinator(&args, &root, config, &security, lifecycle).await,
+        Role::Standalone(settings) => standalone(&args, &root, settings, &security, group, lifecycle).await,
+        Role::Coordinator(config) => coordinator(&args, &root, config, &security, group, lifecycle).await,
         Role::Worker(settings) => worker(&root, settings, &security, lifecycle.stopped).await,
     }
 }
@@ -278,6 +295,7 @@ fn worker_config(root: &Path, settings: Option<&WorkerSettings>) -> anyhow::Resu
             min_free_space: gc.min_free_space,
             keep_duration: gc.keep_duration,
         };
+        worker.entitlements = settings.entitlements.clone();
     }
     Ok(worker)
 }
@@ -305,6 +323,7 @@ async fn standalone(
     root: &Path,
     settings: Option<WorkerSettings>,
     security: &Security,
+    group: Option<u32>,
     lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
@@ -328,7 +347,7 @@ async fn standalone(
         }
         None => None,
     };
-    serve(&engine, root, &socket, tcp, lifecycle).await
+    serve(&engine, root, (&socket, group), tcp, lifecycle).await
 }
 
 /// How long in-flight requests (builds streaming their results, worker sessions closing)
@@ -347,7 +366,7 @@ const ABANDON_GRACE: Duration = Duration::from_secs(2);
 async fn serve(
     engine: &Arc<Engine>,
     root: &Path,
-    socket: &Path,
+    (socket, group): (&Path, Option<u32>),
     tcp: Option<(tokio::net::TcpListener, Services)>,
     lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
@@ -367,7 +386,7 @@ async fn serve(
     let unix_socket = socket.to_path_buf();
     servers.spawn({
         let stopped = stopped.clone();
-        async move { kiln_api::serve_unix(service, &unix_socket, until_stopped(stopped)).await }
+        async move { kiln_api::serve_unix(service, &unix_socket, group, until_stopped(stopped)).await }
             .instrument(tracing::info_span!("unix_server"))
     });
     let result = tokio::select! {
@@ -419,6 +438,7 @@ async fn coordinator(
     root: &Path,
     config: CoordinatorConfig,
     security: &Security,
+    group: Option<u32>,
     lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
     let settings = ClusterSettings {
@@ -467,7 +487,7 @@ async fn coordinator(
         access,
         tls,
     };
-    serve(&engine, root, &socket, Some((listener, services)), lifecycle).await
+    serve(&engine, root, (&socket, group), Some((listener, services)), lifecycle).await
 }
 
 async fn worker(
@@ -493,6 +513,7 @@ async fn worker(
         max_parallelism: settings.max_parallelism,
         free_disk: 0,
         address: format!("{}://{host}:{}", security.scheme(), local.port()),
+        entitlements: settings.entitlements.clone(),
     };
     let coordinator = settings.coordinator.clone().expect("checked when the role was chosen");
     tracing::info!("worker {} for {coordinator}, state in {}", info.name, root.display());

@@ -12,22 +12,30 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
     }
 }
 
+/// Starts `kilnd --standalone ARGS --root ROOT` and waits for its socket.
+fn standalone(root: &Path, args: &[&str]) -> (std::process::Child, std::path::PathBuf) {
+    let runner = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner");
+    let daemon = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .arg("--standalone")
+        .args(args)
+        .arg("--root")
+        .arg(root)
+        .env("KILN_RUNNER", &runner)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = root.join("kilnd.sock");
+    wait_until("the socket", || socket.exists());
+    (daemon, socket)
+}
+
 #[test]
 fn standalone_daemon_serves_its_socket_and_stops_on_sigterm() {
     use std::os::unix::fs::PermissionsExt as _;
     let root = tempfile::tempdir().unwrap();
     // Open to everyone before the daemon starts, as a directory created by hand may be.
     std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let runner = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_kilnd"))
-        .args(["--standalone", "--root"])
-        .arg(root.path())
-        .env("KILN_RUNNER", &runner)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let socket = root.path().join("kilnd.sock");
-    wait_until("the socket", || socket.exists());
+    let (mut daemon, socket) = standalone(root.path(), &[]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let info = runtime.block_on(async {
         let client = kiln_client::Client::connect(&format!("unix://{}", socket.display())).await.unwrap();
@@ -59,6 +67,39 @@ fn standalone_daemon_serves_its_socket_and_stops_on_sigterm() {
 
     let refused = Command::new(env!("CARGO_BIN_EXE_kilnd")).output().unwrap();
     assert!(String::from_utf8_lossy(&refused.stderr).contains("give --standalone or --config FILE"));
+}
+
+/// Connects to `socket` as the user nobody with `group` as its only group; the error, if any.
+fn connect_as(socket: &Path, group: u32) -> String {
+    let connect = "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])";
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", &format!("--regid={group}"), "--clear-groups", "/usr/bin/python3", "-c", connect])
+        .arg(socket)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn the_socket_group_may_use_the_daemon_and_nobody_else() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let root = tempfile::tempdir().unwrap();
+    // Debian's `daemon` group (gid 1) stands in for a `kiln` group.
+    let (mut daemon, socket) = standalone(root.path(), &["--group", "daemon"]);
+    let metadata = std::fs::metadata(&socket).unwrap();
+    assert_eq!((metadata.permissions().mode() & 0o777, metadata.gid()), (0o660, 1));
+    let state = std::fs::metadata(root.path()).unwrap();
+    assert_eq!((state.permissions().mode() & 0o7777, state.gid()), (0o710, 1));
+    assert_eq!(connect_as(&socket, 1), "", "a member of the group connects");
+    assert!(connect_as(&socket, 65534).contains("Permission denied"), "others do not");
+    Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
+    assert!(daemon.wait().unwrap().success());
+    let unknown = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .args(["--standalone", "--group", "no-such-group-here", "--root"])
+        .arg(root.path())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("--group no-such-group-here: no such group"));
 }
 
 #[test]

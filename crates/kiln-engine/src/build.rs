@@ -122,6 +122,7 @@ impl Engine {
         if let Mode::Local(_) = self.mode {
             self.check_platforms(&plan).map_err(|e| BuildFailure::early(e.to_string()))?;
         }
+        self.check_entitlements(&request, &plan).map_err(|e| BuildFailure::early(e.to_string()))?;
         let _ = progress.send(BuildEvent::Planned(plan.graph.vertices.iter().map(VertexRecord::planned).collect()));
 
         let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };
@@ -291,6 +292,33 @@ impl Engine {
     }
 
     /// Every RUN must be for a platform this engine runs; never a silent fallback to another.
+    /// Refuses, before anything runs, a build with a step that needs an entitlement the
+    /// client did not allow (`--allow`), or that no worker for its platform grants.
+    fn check_entitlements(&self, request: &BuildRequest, plan: &BuildPlan) -> Result<(), BuildError> {
+        for vertex in &plan.graph.vertices {
+            let Op::Exec(exec) = &vertex.op else { continue };
+            for entitlement in kiln_model::Entitlement::needed_by(&vertex.op) {
+                let (name, flag) = (vertex.meta.name.clone(), entitlement.flag());
+                if !request.allow.contains(&entitlement) {
+                    return Err(BuildError::NotAllowed { vertex: name, flag, entitlement });
+                }
+                let (granted, by) = match &self.mode {
+                    Mode::Local(_) => (self.entitlements.contains(&entitlement), "this daemon".to_string()),
+                    Mode::Cluster { cluster, .. } => (
+                        cluster.workers().iter().any(|w| {
+                            w.info.platforms.contains(&exec.platform) && w.info.entitlements.contains(&entitlement)
+                        }),
+                        format!("any worker for {}", exec.platform),
+                    ),
+                };
+                if !granted {
+                    return Err(BuildError::NotGranted { vertex: name, flag, entitlement, by });
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check_platforms(&self, plan: &BuildPlan) -> Result<(), BuildError> {
         for vertex in &plan.graph.vertices {
             if let Op::Exec(exec) = &vertex.op

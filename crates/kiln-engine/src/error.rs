@@ -34,6 +34,28 @@ pub enum BuildError {
     /// The Dockerfile does not convert (the message names the file, line and stage).
     #[error(transparent)]
     Frontend(#[from] kiln_dockerfile::FrontendError),
+    /// A step needs an entitlement the client did not allow.
+    #[error("{vertex}: {flag} needs `--allow {entitlement}`")]
+    NotAllowed {
+        /// The step.
+        vertex: String,
+        /// The instruction's flag.
+        flag: &'static str,
+        /// What it needs.
+        entitlement: kiln_model::Entitlement,
+    },
+    /// A step needs an entitlement no worker grants.
+    #[error("{vertex}: {flag}: {entitlement} is not granted by {by} (worker.entitlements in its config)")]
+    NotGranted {
+        /// The step.
+        vertex: String,
+        /// The instruction's flag.
+        flag: &'static str,
+        /// What it needs.
+        entitlement: kiln_model::Entitlement,
+        /// "this daemon", or "any worker for linux/amd64".
+        by: String,
+    },
     /// A RUN step is for a platform this daemon does not run.
     #[error("{vertex}: no worker runs {platform} (this one runs {available})")]
     Platform {

@@ -47,6 +47,8 @@ pub struct Engine {
     mode: Mode,
     name: String,
     platforms: Vec<kiln_types::Platform>,
+    /// What this daemon's own worker grants (standalone); a coordinator asks its workers.
+    entitlements: Vec<kiln_model::Entitlement>,
     next_build: std::sync::atomic::AtomicU64,
     /// A coordinator's shared cache tier: every build imports from it and exports to it.
     shared_cache: Option<kiln_model::CacheSpec>,
@@ -107,6 +109,7 @@ impl Engine {
 
     /// Like [`Engine::start`] with a given metadata store.
     pub fn with_kv(config: EngineConfig, kv: SharedKv) -> Result<Engine, StartError> {
+        let entitlements = config.worker.entitlements.clone();
         let worker = WorkerConfig { name: config.name.clone(), ..config.worker };
         let worker = Arc::new(Worker::open(worker, Arc::clone(&kv))?);
         let stores = Arc::clone(worker.stores());
@@ -124,6 +127,7 @@ impl Engine {
             mode: Mode::Local(solver),
             name: config.name,
             platforms,
+            entitlements,
             next_build: 1.into(),
             shared_cache: None,
             gc,
@@ -159,6 +163,7 @@ impl Engine {
             mode: Mode::Cluster { solver, cluster, fetcher },
             name: config.name,
             platforms: config.platforms,
+            entitlements: Vec::new(),
             next_build: 1.into(),
             shared_cache,
             gc: Some(Arc::new(gc)),

@@ -10,6 +10,7 @@ mod assignment;
 mod auth;
 mod cache;
 mod disk;
+mod entitlement;
 mod error;
 mod event;
 mod executor;
@@ -27,6 +28,7 @@ pub use cache::{
     CacheCompression, CacheDirection, CacheLocation, CacheMode, CacheSpec, CacheSpecError, DEFAULT_CACHE_NAME,
 };
 pub use disk::{PruneOptions, PruneReport, RecordKind, UsageRecord};
+pub use entitlement::Entitlement;
 pub use error::ErrorKind;
 pub use event::BuildEvent;
 pub use executor::{BoxFuture, Executed, Executor, Failed};

@@ -1,11 +1,11 @@
 //! What a client asks to build.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use kiln_types::Platform;
 
-use crate::{CacheSpec, ContextManifest, OutputSpec};
+use crate::{CacheSpec, ContextManifest, Entitlement, OutputSpec};
 
 /// What a client asks to build: the one request type of the CLI, the client, the daemon
 /// and the engine. Its wire twin is `kiln.v1.BuildRequest`.
@@ -40,4 +40,6 @@ pub struct BuildRequest {
     pub cache_from: Vec<CacheSpec>,
     /// `--cache-to`: caches to export to.
     pub cache_to: Vec<CacheSpec>,
+    /// `--allow`: entitlements the client grants its build's steps.
+    pub allow: BTreeSet<Entitlement>,
 }

@@ -53,6 +53,9 @@ pub struct WorkerInfo {
     pub free_disk: u64,
     /// Its blob service (`http://HOST:PORT`) for peers.
     pub address: String,
+    /// Entitlements its config grants (`worker.entitlements`).
+    #[serde(default)]
+    pub entitlements: Vec<crate::Entitlement>,
 }
 
 /// A worker as listed by `kiln workers`.

@@ -3,13 +3,14 @@
 //! arrives is checked: a malformed digest, platform or status is a [`WireError`] naming what
 //! it belonged to, never re-hashed, defaulted or dropped.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use kiln_model::{
-    BuildEvent, BuildRequest, CacheCompression, CacheDirection, CacheSpec, CacheSpecError, ContextManifest, Executed,
-    Failed, LayerDesc, Layers, LogLine, LogStream, ManifestEntry, ManifestError, ManifestKind, OutputSpec,
-    OutputSpecError, PruneOptions, PushRequest, PushTarget, PushedLayer, Status, TierBlob, UnknownStatus, UsageRecord,
-    VertexRecord, WorkerInfo, WorkerStatus,
+    BuildEvent, BuildRequest, CacheCompression, CacheDirection, CacheSpec, CacheSpecError, ContextManifest,
+    Entitlement, Executed, Failed, LayerDesc, Layers, LogLine, LogStream, ManifestEntry, ManifestError, ManifestKind,
+    OutputSpec, OutputSpecError, PruneOptions, PushRequest, PushTarget, PushedLayer, Status, TierBlob, UnknownStatus,
+    UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, DigestError, PlatformError};
 
@@ -66,6 +67,14 @@ pub enum WireError {
     Push {
         /// The request.
         request: u64,
+        /// Why.
+        reason: String,
+    },
+    /// An entitlement Kiln does not know.
+    #[error("{what}: {reason}")]
+    Entitlement {
+        /// What it belonged to.
+        what: String,
         /// Why.
         reason: String,
     },
@@ -282,6 +291,7 @@ pub fn request_to_proto(request: &BuildRequest) -> v1::BuildRequest {
         context: request.context_manifest.as_ref().map(manifest_to_proto),
         cache_from: request.cache_from.iter().map(|c| c.to_string()).collect(),
         cache_to: request.cache_to.iter().map(|c| c.to_string()).collect(),
+        allow: request.allow.iter().map(|e| e.to_string()).collect(),
     }
 }
 
@@ -308,6 +318,7 @@ pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, Wir
         context_manifest: request.context.map(manifest_from_proto).transpose()?,
         cache_from,
         cache_to,
+        allow: entitlements_from_proto(&request.allow, "--allow")?,
     })
 }
 
@@ -395,6 +406,7 @@ pub fn register_to_proto(info: &WorkerInfo, layers: &[Digest]) -> v1::Register {
         free_disk: info.free_disk,
         address: info.address.clone(),
         layers: layers.iter().map(|d| d.to_string()).collect(),
+        entitlements: info.entitlements.iter().map(|e| e.to_string()).collect(),
     }
 }
 
@@ -416,8 +428,18 @@ pub fn register_from_proto(register: v1::Register) -> Result<(WorkerInfo, Vec<Di
         max_parallelism: register.max_parallelism.max(1) as usize,
         free_disk: register.free_disk,
         address: register.address,
+        entitlements: entitlements_from_proto(&register.entitlements, &format!("{what}: entitlements"))?
+            .into_iter()
+            .collect(),
     };
     Ok((info, layers))
+}
+
+fn entitlements_from_proto(names: &[String], what: &str) -> Result<BTreeSet<Entitlement>, WireError> {
+    names
+        .iter()
+        .map(|name| name.parse().map_err(|reason| WireError::Entitlement { what: what.to_string(), reason }))
+        .collect()
 }
 
 fn platforms_from_proto(platforms: &[String], what: &str) -> Result<Vec<kiln_types::Platform>, WireError> {
@@ -440,6 +462,7 @@ pub fn worker_to_proto(worker: &WorkerStatus) -> v1::WorkerDescription {
         draining: worker.draining,
         last_heartbeat: worker.last_heartbeat,
         layers: worker.layers as u64,
+        entitlements: worker.info.entitlements.iter().map(|e| e.to_string()).collect(),
     }
 }
 
@@ -454,6 +477,7 @@ pub fn worker_from_proto(worker: v1::WorkerDescription) -> Result<WorkerStatus, 
             max_parallelism: worker.max_parallelism as usize,
             free_disk: worker.free_disk,
             address: worker.address,
+            entitlements: entitlements_from_proto(&worker.entitlements, &what)?.into_iter().collect(),
         },
         running: worker.running as usize,
         draining: worker.draining,
@@ -682,12 +706,16 @@ mod tests {
             max_parallelism: 2,
             free_disk: 7,
             address: "http://127.0.0.1:1".into(),
+            entitlements: vec![Entitlement::SecurityInsecure],
         };
         let layers = vec![Digest::of(b"l")];
         let sent = register_to_proto(&info, &layers);
         assert_eq!(register_from_proto(sent.clone()).unwrap(), (info, layers));
-        let bad = v1::Register { platforms: vec!["plan9".into()], ..sent };
+        let bad = v1::Register { platforms: vec!["plan9".into()], ..sent.clone() };
         let error = register_from_proto(bad).unwrap_err().to_string();
         assert!(error.contains("worker w1") && error.contains("plan9"), "{error}");
+        let bad = v1::Register { entitlements: vec!["root".into()], ..sent };
+        let error = register_from_proto(bad).unwrap_err().to_string();
+        assert!(error.contains("worker w1: entitlements") && error.contains("unknown entitlement \"root\""), "{error}");
     }
 }

@@ -225,7 +225,9 @@ fn oci_spec(spec: &RunSpec) -> anyhow::Result<Spec> {
     process.set_args(Some(spec.args.clone()));
     process.set_env(Some(spec.env.clone()));
     process.set_cwd(PathBuf::from(&spec.cwd));
-    process.set_no_new_privileges(Some(false));
+    // A sandboxed step gains nothing by executing a set-user-id file (`no_new_privs`, as
+    // containerd sets it); an insecure one may.
+    process.set_no_new_privileges(Some(!spec.insecure));
     let user = process.user_mut();
     user.set_uid(spec.uid);
     user.set_gid(spec.gid);
@@ -271,6 +273,10 @@ fn oci_spec(spec: &RunSpec) -> anyhow::Result<Spec> {
     if spec.insecure {
         linux.set_masked_paths(Some(Vec::new()));
         linux.set_readonly_paths(Some(Vec::new()));
+    } else {
+        // The default masked (`/proc/kcore`, `/proc/keys`, ...) and read-only (`/proc/sys`,
+        // ...) paths stay as the spec's defaults have them.
+        linux.set_seccomp(Some(crate::seccomp::sandbox()?));
     }
     Ok(oci)
 }

@@ -5,6 +5,7 @@
 //! the library docs for the protocol with the worker.
 
 mod container;
+mod seccomp;
 
 use std::path::PathBuf;
 

@@ -107,6 +107,9 @@ pub struct WorkerConfig {
     pub registry: RegistryOptions,
     /// Garbage collection of the store.
     pub gc: GcPolicy,
+    /// What steps may do beyond the sandbox (`worker.entitlements`); a step needing another
+    /// fails before it runs.
+    pub entitlements: Vec<kiln_model::Entitlement>,
 }
 
 impl WorkerConfig {
@@ -126,6 +129,7 @@ impl WorkerConfig {
             step_timeout: None,
             registry: RegistryOptions { credentials, ..RegistryOptions::default() },
             gc: GcPolicy::default(),
+            entitlements: Vec::new(),
         })
     }
 }
@@ -260,6 +264,17 @@ impl Worker {
             return Err(fail(format!("expected {} inputs, got {}", vertex.inputs.len(), inputs.len())));
         }
         let plain = |snapshot: Snapshot| VertexOutput { snapshot, image: None };
+        // The coordinator places such steps only on workers that grant what they need; this
+        // worker checks again, whoever asked.
+        if let Some(missing) =
+            kiln_model::Entitlement::needed_by(&vertex.op).into_iter().find(|e| !self.config.entitlements.contains(e))
+        {
+            return Err(fail(format!(
+                "{} needs the entitlement {missing}, which worker {} does not grant (worker.entitlements)",
+                missing.flag(),
+                self.config.name
+            )));
+        }
         if matches!(vertex.op, Op::Exec(_) | Op::File(_)) && self.gc.disk_low() {
             // Below `min-free-space`: make room before the step writes.
             if let Err(error) = self.gc.collect().await {

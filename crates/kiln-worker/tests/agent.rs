@@ -173,6 +173,7 @@ fn info() -> WorkerInfo {
         max_parallelism: 2,
         free_disk: 0,
         address: "http://127.0.0.1:1".into(),
+        entitlements: Vec::new(),
     }
 }
 

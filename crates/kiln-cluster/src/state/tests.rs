@@ -24,6 +24,7 @@ fn info(name: &str, platform: Platform, slots: usize) -> WorkerInfo {
         max_parallelism: slots,
         free_disk: 0,
         address: format!("http://{name}"),
+        entitlements: Vec::new(),
     }
 }
 
@@ -49,7 +50,11 @@ fn submit(
     platform: Option<Platform>,
     inputs: Vec<LayerDesc>,
 ) -> Vec<ClusterEffect> {
-    state.apply(ClusterCommand::Submit { job, spec: JobSpec { build, platform, inputs }, at: 0 })
+    state.apply(ClusterCommand::Submit {
+        job,
+        spec: JobSpec { build, platform, inputs, entitlements: Vec::new() },
+        at: 0,
+    })
 }
 
 fn assigned(effects: &[ClusterEffect]) -> Vec<(JobId, u32, String)> {

@@ -85,3 +85,42 @@ fn clients_need_a_known_token_and_nodes_a_certificate_for_their_name() {
     let listed = &cluster.workers_json()[0];
     assert_eq!(listed["address"], "https://127.0.23.2:7071", "the original worker keeps its name");
 }
+
+#[test]
+fn entitled_steps_run_only_where_a_worker_grants_them_and_the_client_asked() {
+    let mut cluster = Cluster::start(24, &["linux/amd64"], 2, "");
+    cluster.start_worker_with("granting", 3, "linux/amd64", 2, "entitlements = [\"security.insecure\"]");
+    cluster.wait_for_workers(2);
+    let caps = "RUN grep CapEff /proc/self/status > /caps";
+    let dockerfile = format!("FROM BASE\n{caps}\nRUN --security=insecure grep CapEff /proc/self/status > /insecure\n");
+    let context = cluster.context("insecure", &dockerfile);
+    let dest = cluster.dir.path().join("insecure-out");
+    let local = format!("type=local,dest={}", dest.display());
+
+    // Not asked for: refused before anything runs.
+    let out = cluster.run(&["build", context.to_str().unwrap(), "--progress", "plain", "-o", &local]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("needs `--allow security.insecure`"), "{}", text(&out.stderr));
+    assert!(!dest.exists());
+
+    // Asked for: the step runs on the one worker that grants it, with more capabilities.
+    let metadata = cluster.build(&context, &["--allow", "security.insecure", "-o", &local]);
+    let insecure = metadata["vertices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"].as_str().unwrap().contains("--security=insecure"))
+        .unwrap();
+    assert_eq!(insecure["worker"], "granting", "{metadata}");
+    let effective = |file: &str| std::fs::read_to_string(dest.join(file)).unwrap();
+    assert_ne!(effective("caps"), effective("insecure"), "insecure gets more capabilities");
+
+    // No worker grants network.host.
+    let host = cluster.context("host", "FROM BASE\nRUN --network=host true\n");
+    let out = cluster.run(&["build", host.to_str().unwrap(), "--allow", "network.host"]);
+    assert!(
+        text(&out.stderr).contains("network.host is not granted by any worker for linux/amd64"),
+        "{}",
+        text(&out.stderr)
+    );
+}

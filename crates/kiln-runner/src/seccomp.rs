@@ -1,0 +1,380 @@
+//! The seccomp filter of a sandboxed step, after Docker's default profile for a container
+//! without `CAP_SYS_ADMIN`: the system calls a build needs are allowed, the rest fail with
+//! `EPERM`. Among those refused: `mount`, `umount2`, `unshare`, `setns`, `pivot_root`, the
+//! kernel keyring (`keyctl`, `add_key`, `request_key`), module loading, `bpf`, `perf_event_open`,
+//! `kexec_*`, `reboot`, `swapon`, clock and host-name changes; `clone` creating namespaces
+//! (a user namespace is how an unprivileged process gets to mount); `clone3`, whose flags a
+//! filter cannot read, fails with `ENOSYS` so that libc falls back to `clone`. An insecure
+//! step (`--security=insecure`) runs unconfined, as Docker's privileged mode does.
+
+use anyhow::Context as _;
+use libcontainer::oci_spec::runtime::{
+    Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator,
+    LinuxSyscall, LinuxSyscallBuilder,
+};
+
+/// System calls a sandboxed step may make, whatever their arguments. Names the kernel or
+/// the architecture lacks are skipped when the filter is built.
+const ALLOWED: &[&str] = &[
+    "accept",
+    "accept4",
+    "access",
+    "adjtimex",
+    "alarm",
+    "arch_prctl",
+    "bind",
+    "brk",
+    "cachestat",
+    "capget",
+    "capset",
+    "chdir",
+    "chmod",
+    "chown",
+    "chroot",
+    "clock_adjtime",
+    "clock_getres",
+    "clock_gettime",
+    "clock_nanosleep",
+    "close",
+    "close_range",
+    "connect",
+    "copy_file_range",
+    "creat",
+    "dup",
+    "dup2",
+    "dup3",
+    "epoll_create",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_pwait",
+    "epoll_pwait2",
+    "epoll_wait",
+    "eventfd",
+    "eventfd2",
+    "execve",
+    "execveat",
+    "exit",
+    "exit_group",
+    "faccessat",
+    "faccessat2",
+    "fadvise64",
+    "fallocate",
+    "fanotify_mark",
+    "fchdir",
+    "fchmod",
+    "fchmodat",
+    "fchmodat2",
+    "fchown",
+    "fchownat",
+    "fcntl",
+    "fdatasync",
+    "fgetxattr",
+    "flistxattr",
+    "flock",
+    "fork",
+    "fremovexattr",
+    "fsetxattr",
+    "fstat",
+    "fstatfs",
+    "fsync",
+    "ftruncate",
+    "futex",
+    "futex_requeue",
+    "futex_wait",
+    "futex_waitv",
+    "futex_wake",
+    "futimesat",
+    "getcpu",
+    "getcwd",
+    "getdents",
+    "getdents64",
+    "getegid",
+    "geteuid",
+    "getgid",
+    "getgroups",
+    "getitimer",
+    "getpeername",
+    "getpgid",
+    "getpgrp",
+    "getpid",
+    "getppid",
+    "getpriority",
+    "getrandom",
+    "getresgid",
+    "getresuid",
+    "getrlimit",
+    "get_robust_list",
+    "getrusage",
+    "getsid",
+    "getsockname",
+    "getsockopt",
+    "gettid",
+    "gettimeofday",
+    "getuid",
+    "getxattr",
+    "inotify_add_watch",
+    "inotify_init",
+    "inotify_init1",
+    "inotify_rm_watch",
+    "io_cancel",
+    "ioctl",
+    "io_destroy",
+    "io_getevents",
+    "io_pgetevents",
+    "ioprio_get",
+    "ioprio_set",
+    "io_setup",
+    "io_submit",
+    "kill",
+    "landlock_add_rule",
+    "landlock_create_ruleset",
+    "landlock_restrict_self",
+    "lchown",
+    "lgetxattr",
+    "link",
+    "linkat",
+    "listen",
+    "listxattr",
+    "llistxattr",
+    "lremovexattr",
+    "lseek",
+    "lsetxattr",
+    "lstat",
+    "madvise",
+    "map_shadow_stack",
+    "membarrier",
+    "memfd_create",
+    "mincore",
+    "mkdir",
+    "mkdirat",
+    "mknod",
+    "mknodat",
+    "mlock",
+    "mlock2",
+    "mlockall",
+    "mmap",
+    "modify_ldt",
+    "mprotect",
+    "mq_getsetattr",
+    "mq_notify",
+    "mq_open",
+    "mq_timedreceive",
+    "mq_timedsend",
+    "mq_unlink",
+    "mremap",
+    "msgctl",
+    "msgget",
+    "msgrcv",
+    "msgsnd",
+    "msync",
+    "munlock",
+    "munlockall",
+    "munmap",
+    "name_to_handle_at",
+    "nanosleep",
+    "newfstatat",
+    "open",
+    "openat",
+    "openat2",
+    "pause",
+    "pidfd_getfd",
+    "pidfd_open",
+    "pidfd_send_signal",
+    "pipe",
+    "pipe2",
+    "pkey_alloc",
+    "pkey_free",
+    "pkey_mprotect",
+    "poll",
+    "ppoll",
+    "prctl",
+    "pread64",
+    "preadv",
+    "preadv2",
+    "prlimit64",
+    "process_mrelease",
+    "pselect6",
+    "ptrace",
+    "pwrite64",
+    "pwritev",
+    "pwritev2",
+    "read",
+    "readahead",
+    "readlink",
+    "readlinkat",
+    "readv",
+    "recvfrom",
+    "recvmmsg",
+    "recvmsg",
+    "remap_file_pages",
+    "removexattr",
+    "rename",
+    "renameat",
+    "renameat2",
+    "restart_syscall",
+    "rmdir",
+    "rseq",
+    "rt_sigaction",
+    "rt_sigpending",
+    "rt_sigprocmask",
+    "rt_sigqueueinfo",
+    "rt_sigreturn",
+    "rt_sigsuspend",
+    "rt_sigtimedwait",
+    "rt_tgsigqueueinfo",
+    "sched_getaffinity",
+    "sched_getattr",
+    "sched_getparam",
+    "sched_get_priority_max",
+    "sched_get_priority_min",
+    "sched_getscheduler",
+    "sched_rr_get_interval",
+    "sched_setaffinity",
+    "sched_setattr",
+    "sched_setparam",
+    "sched_setscheduler",
+    "sched_yield",
+    "seccomp",
+    "select",
+    "semctl",
+    "semget",
+    "semop",
+    "semtimedop",
+    "sendfile",
+    "sendmmsg",
+    "sendmsg",
+    "sendto",
+    "setfsgid",
+    "setfsuid",
+    "setgid",
+    "setgroups",
+    "setitimer",
+    "setpgid",
+    "setpriority",
+    "setregid",
+    "setresgid",
+    "setresuid",
+    "setreuid",
+    "setrlimit",
+    "set_robust_list",
+    "setsid",
+    "setsockopt",
+    "set_tid_address",
+    "setuid",
+    "setxattr",
+    "shmat",
+    "shmctl",
+    "shmdt",
+    "shmget",
+    "shutdown",
+    "sigaltstack",
+    "signalfd",
+    "signalfd4",
+    "socket",
+    "socketpair",
+    "splice",
+    "stat",
+    "statfs",
+    "statx",
+    "symlink",
+    "symlinkat",
+    "sync",
+    "sync_file_range",
+    "syncfs",
+    "sysinfo",
+    "tee",
+    "tgkill",
+    "time",
+    "timer_create",
+    "timer_delete",
+    "timer_getoverrun",
+    "timer_gettime",
+    "timer_settime",
+    "timerfd_create",
+    "timerfd_gettime",
+    "timerfd_settime",
+    "times",
+    "tkill",
+    "truncate",
+    "umask",
+    "uname",
+    "unlink",
+    "unlinkat",
+    "utime",
+    "utimensat",
+    "utimes",
+    "vfork",
+    "vmsplice",
+    "wait4",
+    "waitid",
+    "write",
+    "writev",
+];
+
+/// The `clone` flags that create namespaces: `CLONE_NEWNS`, `CLONE_NEWCGROUP`, `CLONE_NEWUTS`,
+/// `CLONE_NEWIPC`, `CLONE_NEWUSER`, `CLONE_NEWPID`, `CLONE_NEWNET`.
+const NAMESPACE_FLAGS: u64 = 0x7E02_0000;
+
+/// `EPERM`, what a refused call returns.
+const EPERM: u32 = 1;
+/// `ENOSYS`, what `clone3` returns.
+const ENOSYS: u32 = 38;
+
+fn rule(names: &[&str], action: LinuxSeccompAction, errno: Option<u32>) -> anyhow::Result<LinuxSyscall> {
+    let mut builder = LinuxSyscallBuilder::default().names(names.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+    builder = builder.action(action);
+    if let Some(errno) = errno {
+        builder = builder.errno_ret(errno);
+    }
+    builder.build().context("a seccomp rule")
+}
+
+/// The filter: [`ALLOWED`], `clone` without namespace flags, the usual personalities,
+/// `clone3` as `ENOSYS`, every other call `EPERM`.
+pub fn sandbox() -> anyhow::Result<LinuxSeccomp> {
+    // libcontainer compares `(argument & value_two) == value`.
+    let no_namespaces = LinuxSeccompArgBuilder::default()
+        .index(0usize)
+        .value(0u64)
+        .value_two(NAMESPACE_FLAGS)
+        .op(LinuxSeccompOperator::ScmpCmpMaskedEq)
+        .build()
+        .context("the clone rule")?;
+    let clone = LinuxSyscallBuilder::default()
+        .names(vec!["clone".to_string()])
+        .action(LinuxSeccompAction::ScmpActAllow)
+        .args(vec![no_namespaces])
+        .build()
+        .context("the clone rule")?;
+    // The personalities Docker allows: Linux, 32-bit Linux, `UNAME26`, both, and the query.
+    let personalities = [0x0u64, 0x8, 0x2_0000, 0x2_0008, 0xffff_ffff]
+        .into_iter()
+        .map(|value| {
+            LinuxSeccompArgBuilder::default()
+                .index(0usize)
+                .value(value)
+                .op(LinuxSeccompOperator::ScmpCmpEq)
+                .build()
+                .context("the personality rule")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let personality = LinuxSyscallBuilder::default()
+        .names(vec!["personality".to_string()])
+        .action(LinuxSeccompAction::ScmpActAllow)
+        .args(personalities)
+        .build()
+        .context("the personality rule")?;
+    let syscalls = vec![
+        rule(ALLOWED, LinuxSeccompAction::ScmpActAllow, None)?,
+        clone,
+        personality,
+        rule(&["clone3"], LinuxSeccompAction::ScmpActErrno, Some(ENOSYS))?,
+    ];
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActErrno)
+        .default_errno_ret(EPERM)
+        .architectures(vec![Arch::ScmpArchNative])
+        .syscalls(syscalls)
+        .build()
+        .context("the seccomp filter")
+}
