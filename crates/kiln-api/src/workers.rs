@@ -185,14 +185,11 @@ fn message(message: coordinator_message::Message) -> v1::CoordinatorMessage {
     v1::CoordinatorMessage { message: Some(message) }
 }
 
-/// An assignment as sent: secrets only with RUN steps, contexts only with context sources.
-/// One larger than [`MAX_MESSAGE`] cannot be sent: the job, its epoch and why.
+/// An assignment as sent: only the secrets the step mounts, contexts only with context
+/// sources. One larger than [`MAX_MESSAGE`] cannot be sent: the job, its epoch and why.
 fn assign(job: Job<ClusterData>, address: &str) -> Result<v1::Assign, (u64, u32, String)> {
     let data = &job.build.data;
-    let secrets = match &job.vertex.op {
-        Op::Exec(_) => data.secrets.clone(),
-        _ => Default::default(),
-    };
+    let secrets = data.secrets_for(&job.vertex.op.secret_ids());
     let contexts = match &job.vertex.op {
         Op::Source(SourceOp::Local { name, .. }) => {
             data.contexts.get(name).map(|manifest| (name.clone(), manifest_to_proto(manifest))).into_iter().collect()

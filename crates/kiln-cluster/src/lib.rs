@@ -627,7 +627,9 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     /// as its own input, so it is not kept. The first recipe of a result stays; a later one
     /// made the same layers again and adds nothing.
     fn remember(&self, output: &Layers, recipe: Recipe<B>) {
-        if output.layers.is_empty() || recipe.inputs.contains(output) {
+        // A step that mounts secrets cannot be made again once its build (and with it the
+        // secrets) is gone: losing its result is a miss, which a later build runs itself.
+        if output.layers.is_empty() || recipe.inputs.contains(output) || !recipe.vertex.op.secret_ids().is_empty() {
             return;
         }
         let mut inner = self.lock();

@@ -27,8 +27,27 @@ use crate::{Engine, Mode};
 pub struct ClusterData {
     /// Context manifests by name; their files are blobs in the coordinator's store.
     pub contexts: HashMap<String, Arc<ContextManifest>>,
-    /// Secrets by id.
-    pub secrets: HashMap<String, Vec<u8>>,
+    /// Secrets by id, while the build runs: recipes kept for recomputing its results hold
+    /// this data after it ended, its secrets not.
+    secrets: std::sync::Mutex<HashMap<String, Vec<u8>>>,
+}
+
+impl ClusterData {
+    /// A build's data.
+    pub fn new(contexts: HashMap<String, Arc<ContextManifest>>, secrets: HashMap<String, Vec<u8>>) -> ClusterData {
+        ClusterData { contexts, secrets: std::sync::Mutex::new(secrets) }
+    }
+
+    /// The secrets a step mounts (those the build has).
+    pub fn secrets_for(&self, ids: &[&str]) -> HashMap<String, Vec<u8>> {
+        let secrets = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
+        ids.iter().filter_map(|id| secrets.get(*id).map(|value| (id.to_string(), value.clone()))).collect()
+    }
+
+    /// Drops the secrets: the build ended.
+    fn forget_secrets(&self) {
+        self.secrets.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
 }
 
 /// A finished build.
@@ -147,14 +166,17 @@ impl Engine {
                 }
                 Mode::Cluster { solver, cluster, fetcher } => {
                     let manifest = request.context_manifest.clone().unwrap_or_default();
-                    let data = ClusterData {
-                        contexts: HashMap::from([("context".to_string(), Arc::new(manifest))]),
-                        secrets: request.secrets.clone(),
-                    };
+                    let data = ClusterData::new(
+                        HashMap::from([("context".to_string(), Arc::new(manifest))]),
+                        request.secrets.clone(),
+                    );
                     let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let build = ClusterBuild { id, data, imports: imports.lookup() };
-                    let handle = solver.submit(graph, options, Arc::new(build));
-                    let (result, records, outputs) = follow(handle, &progress).await?;
+                    let build = Arc::new(ClusterBuild { id, data, imports: imports.lookup() });
+                    let handle = solver.submit(graph, options, Arc::clone(&build));
+                    let followed = follow(handle, &progress).await;
+                    // Its recipes outlive it; its secrets do not.
+                    build.data.forget_secrets();
+                    let (result, records, outputs) = followed?;
                     let counts: HashMap<Digest, usize> =
                         outputs.iter().map(|(d, (_, l))| (*d, l.layers.len())).collect();
                     let layers = match result {

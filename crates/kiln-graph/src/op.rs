@@ -66,6 +66,18 @@ impl Op {
             Op::Merge(_) => OpKind::Merge,
         }
     }
+
+    /// The ids of the secrets a RUN step mounts (none for other ops).
+    pub fn secret_ids(&self) -> Vec<&str> {
+        let Op::Exec(exec) = self else { return Vec::new() };
+        exec.mounts
+            .iter()
+            .filter_map(|mount| match &mount.kind {
+                MountKind::Secret(secret) => Some(secret.id.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// Content from outside the graph.

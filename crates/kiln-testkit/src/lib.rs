@@ -172,7 +172,7 @@ impl TestS3 {
     /// The keys stored in the bucket.
     pub fn keys(&self) -> Vec<String> {
         let listing = self.request("GET", &format!("/{}?list-type=2", self.bucket)).expect("listing the bucket");
-        listing
+        String::from_utf8_lossy(&listing)
             .split("<Key>")
             .skip(1)
             .filter_map(|part| part.split_once("</Key>"))
@@ -183,7 +183,8 @@ impl TestS3 {
     /// An object's bytes.
     pub fn get(&self, key: &str) -> Vec<u8> {
         let response = self.request("GET", &format!("/{}/{key}", self.bucket)).expect("reading an object");
-        response.split_once("\r\n\r\n").map(|(_, body)| body.as_bytes().to_vec()).unwrap_or_default()
+        let body = response.windows(4).position(|w| w == b"\r\n\r\n").map_or(response.len(), |at| at + 4);
+        response[body..].to_vec()
     }
 
     /// Deletes an object (a blob lost from the cache).
@@ -193,7 +194,7 @@ impl TestS3 {
 
     /// One HTTP/1.1 request with a made-up signature (moto does not check signatures); the
     /// response on a 2xx.
-    fn request(&self, method: &str, path: &str) -> std::io::Result<String> {
+    fn request(&self, method: &str, path: &str) -> std::io::Result<Vec<u8>> {
         use std::io::{Read as _, Write as _};
         let addr = self.endpoint.trim_start_matches("http://");
         let mut stream = std::net::TcpStream::connect(addr)?;
@@ -205,11 +206,11 @@ impl TestS3 {
             stream,
             "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response.split(' ').nth(1).unwrap_or("");
-        if !status.starts_with('2') {
-            return Err(std::io::Error::other(format!("{method} {path}: {}", response.lines().next().unwrap_or(""))));
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        let head = String::from_utf8_lossy(&response[..response.len().min(200)]).into_owned();
+        if !head.split(' ').nth(1).unwrap_or("").starts_with('2') {
+            return Err(std::io::Error::other(format!("{method} {path}: {}", head.lines().next().unwrap_or(""))));
         }
         Ok(response)
     }

@@ -34,6 +34,32 @@ impl Drop for StepDir {
     }
 }
 
+/// A tmpfs at `STEP/secrets`, for a step that mounts secrets: the secret files and the
+/// runner's spec (whose environment may hold a secret) never reach a disk. Unmounted (lazily,
+/// off the async threads) before the step directory is removed.
+struct SecretsTmpfs(PathBuf);
+
+impl SecretsTmpfs {
+    fn mount(step_dir: &Path) -> Result<SecretsTmpfs, String> {
+        use nix::mount::MsFlags;
+        let dir = step_dir.join("secrets");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        nix::mount::mount(Some("tmpfs"), &dir, Some("tmpfs"), flags, Some("size=64m,mode=0700"))
+            .map_err(|e| format!("mounting a tmpfs for the step's secrets at {}: {e}", dir.display()))?;
+        Ok(SecretsTmpfs(dir))
+    }
+}
+
+impl Drop for SecretsTmpfs {
+    fn drop(&mut self) {
+        let dir = &self.0;
+        blocking_in_drop(|| {
+            let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+        });
+    }
+}
+
 /// Deletes the step's container if the runner did not finish (killed or cancelled).
 struct RunnerGuard {
     runner: PathBuf,
@@ -90,6 +116,14 @@ impl Worker {
         let active = Mounted::new(active);
         let rootfs = active.root();
 
+        let uses_secrets = exec.mounts.iter().any(|m| matches!(m.kind, kiln_graph::MountKind::Secret(_)));
+        let secrets = match uses_secrets {
+            true => {
+                let dir = step_dir.0.clone();
+                Some(blocking(move || SecretsTmpfs::mount(&dir)).await.map_err(fail)?)
+            }
+            false => None,
+        };
         let mut mounts = self.prepare_mounts(&exec.mounts, inputs, build, &step_dir.0).await.map_err(fail)?;
         run_mounts.append(&mut mounts.run_mounts);
         let targets: Vec<String> =
@@ -100,7 +134,10 @@ impl Worker {
         env.append(&mut mounts.env);
         let spec = RunSpec {
             id: id.clone(),
-            state_root: self.config.root.join("runner"),
+            // libcontainer keeps the container's config (its environment) in its state.
+            state_root: secrets
+                .as_ref()
+                .map_or_else(|| self.config.root.join("runner"), |tmpfs| tmpfs.0.join("runner")),
             rootfs: rootfs.clone(),
             args: exec.args.clone(),
             env,
@@ -120,7 +157,9 @@ impl Worker {
             cgroup_parent: self.config.cgroup_parent.clone(),
             timeout_ms: self.config.step_timeout.map(|t| t.as_millis() as u64),
         };
-        let outcome = self.run_container(&spec, &step_dir.0, logs).await;
+        // The spec carries the step's environment, secrets included: on the tmpfs with them.
+        let spec_dir = secrets.as_ref().map_or(step_dir.0.as_path(), |tmpfs| tmpfs.0.as_path());
+        let outcome = self.run_container(&spec, spec_dir, &step_dir.0, logs).await;
         drop(mounts);
         let (result, tail) = outcome.map_err(fail)?;
         if result.exit_code != 0 {
@@ -153,10 +192,11 @@ impl Worker {
     async fn run_container(
         &self,
         spec: &RunSpec,
+        spec_dir: &Path,
         step_dir: &Path,
         logs: Option<&LogSink>,
     ) -> Result<(RunResult, VecDeque<String>), String> {
-        let spec_path = step_dir.join("spec.json");
+        let spec_path = spec_dir.join("spec.json");
         let result_path = step_dir.join("result.json");
         let (written, bytes) = (spec_path.clone(), serde_json::to_vec(spec).expect("serialisable"));
         blocking(move || std::fs::write(&written, bytes).map_err(|e| format!("{}: {e}", written.display()))).await?;

@@ -124,3 +124,70 @@ fn entitled_steps_run_only_where_a_worker_grants_them_and_the_client_asked() {
         text(&out.stderr)
     );
 }
+
+/// Files under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return found };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else { continue };
+        if kind.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if kind.is_file()
+            && std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_secret_leaves_no_trace_in_state_directories_outputs_caches_or_logs() {
+    let cluster = Cluster::start(25, &["linux/amd64"], 2, "");
+    let marker = format!("kiln-secret-marker-{}", unique());
+    let outside = tempfile::tempdir().unwrap();
+    let source = outside.path().join("token");
+    std::fs::write(&source, &marker).unwrap();
+    let context = cluster.context(
+        "secret",
+        "FROM BASE\n\
+         RUN --mount=type=secret,id=token sha256sum /run/secrets/token | cut -c1-64 > /digest\n\
+         RUN --mount=type=secret,id=token,env=TOKEN test -n \"$TOKEN\" && echo used > /used\n",
+    );
+    let out = cluster.dir.path().join("secret-out");
+    let s3 = TestS3::start("kiln-secrets");
+    let metadata = cluster.build(
+        &context,
+        &[
+            "--secret",
+            &format!("id=token,src={}", source.display()),
+            "-o",
+            &format!("type=local,dest={}", out.display()),
+            "--cache-to",
+            &format!("{},mode=max", s3.cache_spec("secrets")),
+        ],
+    );
+    // The steps saw the secret.
+    let digest = kiln_types::Digest::of(marker.as_bytes()).hex();
+    assert_eq!(std::fs::read_to_string(out.join("digest")).unwrap().trim(), digest, "{metadata}");
+    assert_eq!(std::fs::read_to_string(out.join("used")).unwrap(), "used\n");
+    // Nothing kept it: the coordinator's and the worker's state directories, their logs,
+    // the metadata file, the output and the exported cache.
+    let found = files_containing(cluster.dir.path(), marker.as_bytes());
+    assert!(found.is_empty(), "the secret is in {found:?}");
+    assert!(!metadata.to_string().contains(&marker));
+    let keys = s3.keys();
+    assert!(keys.iter().any(|k| k == "manifests/secrets"), "{keys:?}");
+    for key in keys {
+        let mut object = s3.get(&key);
+        if object.starts_with(&[0x1f, 0x8b]) {
+            // A layer: its files, uncompressed.
+            let mut tar = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&object[..]), &mut tar).unwrap();
+            object = tar;
+        }
+        assert!(!object.windows(marker.len()).any(|w| w == marker.as_bytes()), "the secret is in the cache's {key}");
+    }
+}
