@@ -16,17 +16,15 @@ pub use exports::clear_spools;
 pub use storage::StorageService;
 pub use workers::WorkersService;
 
-use auth::{Authenticate, NodesOnly};
-use kiln_proto::tls::NodeTls;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tonic::service::interceptor::InterceptedService;
 
 use kiln_cas::{CasError, Unsynced};
 use kiln_engine::Engine;
 use kiln_model::BuildEvent as DomainEvent;
 use kiln_proto::MAX_MESSAGE;
 use kiln_proto::convert::{event_to_proto, parse_digest, request_from_proto, worker_to_proto};
+use kiln_proto::tls::NodeTls;
 use kiln_proto::v1::blobs_server::BlobsServer;
 use kiln_proto::v1::control_server::{Control, ControlServer};
 use kiln_proto::v1::storage_server::StorageServer;
@@ -41,9 +39,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
+
+use crate::auth::{Authenticate, NodesOnly};
 
 /// The control service.
 pub struct ControlService {

@@ -69,7 +69,8 @@ impl Workers for WorkersService {
 
     async fn session(&self, request: Request<Streaming<v1::WorkerMessage>>) -> Result<Response<MessageStream>, Status> {
         self.access.node(&request, "the worker service")?;
-        let (_, extensions, mut incoming) = request.into_parts();
+        let chain = request.peer_certs().unwrap_or_default();
+        let mut incoming = request.into_inner();
         let first = incoming.message().await?.and_then(|m| m.message);
         let Some(worker_message::Message::Register(register)) = first else {
             return Err(ApiError::NotRegistered.into());
@@ -77,8 +78,7 @@ impl Workers for WorkersService {
         let (info, layers) = register_from_proto(register).map_err(ApiError::from)?;
         let name = info.name.clone();
         // The name it registers under must be one its certificate was issued for.
-        let certified = Request::from_parts(tonic::metadata::MetadataMap::new(), extensions, ());
-        if let Err(refused) = self.access.worker(&certified, &name) {
+        if let Err(refused) = self.access.worker(&chain, &name) {
             tracing::warn!("refused a worker registration: {refused}");
             return Err(refused.into());
         }

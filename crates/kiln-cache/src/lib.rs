@@ -299,8 +299,8 @@ pub async fn export(
     };
     let (mut uploads, manifest) = futures_util::future::try_join(push_blobs(store, &blobs, cas), config).await?;
     if let Err(error) = store.write_manifest(manifest.clone()).await {
-        // A listed blob may be gone after all (the manifest was replaced meanwhile): check
-        // and send them, then write the manifest again.
+        // The registry may have lost a listed blob (a manifest naming it is then refused):
+        // check and send them, then write the manifest again.
         if listed.is_empty() {
             return Err(error);
         }

@@ -67,30 +67,7 @@ impl S3Objects {
         let sent: Result<Vec<CompletedPart>, String> =
             futures_util::stream::iter(uploads).buffered(PARALLEL_PARTS).try_collect().await;
         let completed = match sent {
-            Ok(parts) => {
-                let upload = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
-                let completed = self
-                    .client
-                    .complete_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(&upload_id)
-                    .multipart_upload(upload)
-                    .send()
-                    .await;
-                match completed {
-                    Ok(_) => Ok(()),
-                    // A success whose body the SDK cannot read (moto 5 names its root element
-                    // differently): the object itself says whether the upload completed.
-                    Err(error) if error.raw_response().is_some_and(|r| r.status().as_u16() == 200) => {
-                        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
-                            Ok(head) if head.content_length() == i64::try_from(size).ok() => Ok(()),
-                            _ => Err(reason(error)),
-                        }
-                    }
-                    Err(error) => Err(reason(error)),
-                }
-            }
+            Ok(parts) => self.complete(key, &upload_id, parts, size).await,
             Err(error) => Err(error),
         };
         if completed.is_err() {
@@ -99,6 +76,33 @@ impl S3Objects {
             let _ = abort.send().await;
         }
         completed
+    }
+
+    /// Completes a multipart upload of `size` bytes from its parts.
+    async fn complete(&self, key: &str, upload_id: &str, parts: Vec<CompletedPart>, size: u64) -> Result<(), String> {
+        let upload = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+        let completed = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(upload)
+            .send()
+            .await;
+        let error = match completed {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        // A success whose body the SDK cannot read (moto 5 names its root element
+        // differently): the object itself says whether the upload completed.
+        if error.raw_response().is_some_and(|r| r.status().as_u16() == 200) {
+            let head = self.client.head_object().bucket(&self.bucket).key(key).send().await;
+            if head.is_ok_and(|head| head.content_length() == i64::try_from(size).ok()) {
+                return Ok(());
+            }
+        }
+        Err(reason(error))
     }
 
     /// Uploads part `n` (from 0) of `file`.

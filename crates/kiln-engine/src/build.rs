@@ -317,6 +317,8 @@ impl Engine {
     /// Refuses, before anything runs, a build with a step that needs an entitlement the
     /// client did not allow (`--allow`), or that no worker for its platform grants.
     fn check_entitlements(&self, request: &BuildRequest, plan: &BuildPlan) -> Result<(), BuildError> {
+        // A coordinator's workers, listed once, when a step needs an entitlement.
+        let mut workers = None;
         for vertex in &plan.graph.vertices {
             let Op::Exec(exec) = &vertex.op else { continue };
             for entitlement in kiln_model::Entitlement::needed_by(&vertex.op) {
@@ -327,7 +329,7 @@ impl Engine {
                 let (granted, by) = match &self.mode {
                     Mode::Local(_) => (self.entitlements.contains(&entitlement), "this daemon".to_string()),
                     Mode::Cluster { cluster, .. } => (
-                        cluster.workers().iter().any(|w| {
+                        workers.get_or_insert_with(|| cluster.workers()).iter().any(|w| {
                             w.info.platforms.contains(&exec.platform) && w.info.entitlements.contains(&entitlement)
                         }),
                         format!("any worker for {}", exec.platform),

@@ -69,14 +69,10 @@ impl Op {
 
     /// The ids of the secrets a RUN step mounts (none for other ops).
     pub fn secret_ids(&self) -> Vec<&str> {
-        let Op::Exec(exec) = self else { return Vec::new() };
-        exec.mounts
-            .iter()
-            .filter_map(|mount| match &mount.kind {
-                MountKind::Secret(secret) => Some(secret.id.as_str()),
-                _ => None,
-            })
-            .collect()
+        match self {
+            Op::Exec(exec) => exec.secret_ids(),
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -169,6 +165,19 @@ pub struct ExecOp {
     pub mounts: Vec<Mount>,
     /// The platform the command runs on.
     pub platform: Platform,
+}
+
+impl ExecOp {
+    /// The ids of the secrets it mounts.
+    pub fn secret_ids(&self) -> Vec<&str> {
+        self.mounts
+            .iter()
+            .filter_map(|mount| match &mount.kind {
+                MountKind::Secret(secret) => Some(secret.id.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// One `RUN --mount`.

@@ -108,6 +108,11 @@ impl RegistryClient {
             || host == "[::1]"
     }
 
+    /// The URL scheme the registry is spoken to with.
+    fn scheme(&self, registry: &str) -> &'static str {
+        if self.plain_http(registry) { "http" } else { "https" }
+    }
+
     pub(crate) async fn client_for(&self, image: &ImageReference) -> &Client {
         let client = if self.plain_http(&image.registry) { &self.http } else { &self.https };
         if !self.anonymous(&image.registry).await {
@@ -130,8 +135,7 @@ impl RegistryClient {
         if let Some(known) = self.challenges.lock().expect("challenges lock").get(registry) {
             return *known;
         }
-        let scheme = if self.plain_http(registry) { "http" } else { "https" };
-        let probe = self.web.get(format!("{scheme}://{registry}/v2/")).send();
+        let probe = self.web.get(format!("{}://{registry}/v2/", self.scheme(registry))).send();
         let Ok(Ok(answer)) = tokio::time::timeout(self.options.timeout, probe).await else { return true };
         let challenges = answer.headers().contains_key(http::header::WWW_AUTHENTICATE);
         self.challenges.lock().expect("challenges lock").insert(registry.to_string(), challenges);
@@ -318,10 +322,10 @@ impl RegistryClient {
     /// A manifest from a registry that asks for no credentials, by tag or digest.
     async fn get_manifest(&self, image: &ImageReference, name: &str) -> Result<Bytes, RegistryError> {
         let action = "pulling manifest of";
-        let scheme = if self.plain_http(&image.registry) { "http" } else { "https" };
         let reference =
             image.digest.map_or_else(|| image.tag.clone().unwrap_or_else(|| "latest".into()), |d| d.to_string());
-        let url = format!("{scheme}://{}/v2/{}/manifests/{reference}", image.registry, image.repository);
+        let (scheme, registry) = (self.scheme(&image.registry), &image.registry);
+        let url = format!("{scheme}://{registry}/v2/{}/manifests/{reference}", image.repository);
         let failure = |kind, message: String| RegistryError::new(action, name, kind, message);
         let response = self
             .web

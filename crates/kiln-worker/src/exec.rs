@@ -116,13 +116,11 @@ impl Worker {
         let active = Mounted::new(active);
         let rootfs = active.root();
 
-        let uses_secrets = exec.mounts.iter().any(|m| matches!(m.kind, kiln_graph::MountKind::Secret(_)));
-        let secrets = match uses_secrets {
-            true => {
-                let dir = step_dir.0.clone();
-                Some(blocking(move || SecretsTmpfs::mount(&dir)).await.map_err(fail)?)
-            }
-            false => None,
+        let secrets = if exec.secret_ids().is_empty() {
+            None
+        } else {
+            let dir = step_dir.0.clone();
+            Some(blocking(move || SecretsTmpfs::mount(&dir)).await.map_err(fail)?)
         };
         let mut mounts = self.prepare_mounts(&exec.mounts, inputs, build, &step_dir.0).await.map_err(fail)?;
         run_mounts.append(&mut mounts.run_mounts);

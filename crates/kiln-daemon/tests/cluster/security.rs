@@ -154,6 +154,7 @@ fn a_secret_leaves_no_trace_in_state_directories_outputs_caches_or_logs() {
         "secret",
         "FROM BASE\n\
          RUN --mount=type=secret,id=token sha256sum /run/secrets/token | cut -c1-64 > /digest\n\
+         RUN --mount=type=secret,id=token stat -f -c %T /run/secrets/token > /fstype\n\
          RUN --mount=type=secret,id=token,env=TOKEN test -n \"$TOKEN\" && echo used > /used\n",
     );
     let out = cluster.dir.path().join("secret-out");
@@ -173,6 +174,8 @@ fn a_secret_leaves_no_trace_in_state_directories_outputs_caches_or_logs() {
     let digest = kiln_types::Digest::of(marker.as_bytes()).hex();
     assert_eq!(std::fs::read_to_string(out.join("digest")).unwrap().trim(), digest, "{metadata}");
     assert_eq!(std::fs::read_to_string(out.join("used")).unwrap(), "used\n");
+    // The secret file the step saw lived on the worker's tmpfs, never on its disk.
+    assert_eq!(std::fs::read_to_string(out.join("fstype")).unwrap().trim(), "tmpfs");
     // Nothing kept it: the coordinator's and the worker's state directories, their logs,
     // the metadata file, the output and the exported cache.
     let found = files_containing(cluster.dir.path(), marker.as_bytes());
