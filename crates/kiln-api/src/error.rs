@@ -97,6 +97,39 @@ pub enum ApiError {
         "{0} takes only nodes of the cluster: connect with a certificate signed by its CA ([tls] in kilnd's config)"
     )]
     NotANode(&'static str),
+    /// A tenant at its `max-builds`.
+    #[error("tenant {tenant:?} has {limit} builds in progress, its limit (max-builds): wait for one to finish")]
+    TooManyBuilds {
+        /// The tenant.
+        tenant: String,
+        /// Its limit.
+        limit: usize,
+    },
+    /// A build whose graph would take its tenant over `max-queued-vertices`.
+    #[error(
+        "tenant {tenant:?} has {queued} vertices in progress and this build plans {asked}, over its limit of {limit} \
+         (max-queued-vertices)"
+    )]
+    TooManyVertices {
+        /// The tenant.
+        tenant: String,
+        /// Its limit.
+        limit: usize,
+        /// Vertices of its other builds.
+        queued: usize,
+        /// This build's.
+        asked: usize,
+    },
+    /// A context or an upload over the tenant's `max-upload`.
+    #[error("tenant {tenant:?} may upload at most {limit} bytes per build (max-upload); this context has {size}")]
+    UploadTooLarge {
+        /// The tenant.
+        tenant: String,
+        /// Its limit.
+        limit: u64,
+        /// What was sent or declared.
+        size: u64,
+    },
     /// A worker registering under a name its certificate is not valid for.
     #[error("worker {name:?}: its certificate is not valid for that name (a worker's name is its certificate's)")]
     NotThatWorker {
@@ -123,6 +156,9 @@ impl ApiError {
             | ApiError::Storage(_) => ErrorKind::Internal,
             ApiError::NoStore | ApiError::NotAdmin { .. } | ApiError::NotThatWorker { .. } => ErrorKind::Refused,
             ApiError::NoToken | ApiError::UnknownToken | ApiError::NotANode(_) => ErrorKind::Unauthenticated,
+            ApiError::TooManyBuilds { .. } | ApiError::TooManyVertices { .. } | ApiError::UploadTooLarge { .. } => {
+                ErrorKind::Exhausted
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ mod blobs;
 mod error;
 mod exports;
 mod storage;
+mod tenants;
 mod workers;
 
 pub use auth::Access;
@@ -14,6 +15,7 @@ pub use blobs::BlobsService;
 pub use error::{ApiError, ServeError};
 pub use exports::clear_spools;
 pub use storage::StorageService;
+pub use tenants::Tenants;
 pub use workers::WorkersService;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +59,8 @@ pub struct ControlService {
     abandoned: CancellationToken,
     /// This node's TLS, for asking workers (disk usage, prune).
     node_tls: Option<NodeTls>,
+    /// The tenants' cache groups and limits.
+    tenants: Arc<Tenants>,
 }
 
 /// How long a context upload may send nothing before it is ended, unless configured.
@@ -73,7 +77,14 @@ impl ControlService {
             tasks,
             abandoned,
             node_tls: None,
+            tenants: Arc::default(),
         }
+    }
+
+    /// Scopes and limits each tenant's builds by its policy.
+    pub fn with_tenants(mut self, tenants: Arc<Tenants>) -> ControlService {
+        self.tenants = tenants;
+        self
     }
 
     /// Asks workers over mutual TLS as this node.
@@ -103,13 +114,20 @@ impl Control for ControlService {
 
     async fn build(&self, request: Request<BuildRequest>) -> Result<Response<Self::BuildStream>, Status> {
         let over_tcp = request.extensions().get::<tonic::transport::server::TcpConnectInfo>().is_some();
-        let request = request_from_proto(request.into_inner()).map_err(ApiError::from)?;
+        let caller = auth::caller_of(&request);
+        let mut request = request_from_proto(request.into_inner()).map_err(ApiError::from)?;
         if over_tcp && request.context_manifest.is_none() {
             return Err(ApiError::LocalContextOverTcp.into());
         }
+        if let Some(manifest) = &request.context_manifest {
+            let bytes = manifest.blobs().iter().map(|(_, size)| size).sum();
+            self.tenants.check_upload(&caller.tenant, bytes)?;
+        }
+        let mut admission = self.tenants.admit(&caller.tenant)?;
+        request.cache_group = self.tenants.cache_group(&caller.tenant);
         let spool = exports::new_spool(&self.root);
         let build_id = spool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let span = tracing::info_span!("build", id = %build_id, file = %request.file_name);
+        let span = tracing::info_span!("build", id = %build_id, file = %request.file_name, tenant = %caller.tenant);
         span.in_scope(|| tracing::info!(over_tcp, "build started"));
         let (events, stream) = mpsc::channel(256);
         let (engine, abandoned) = (Arc::clone(&self.engine), self.abandoned.clone());
@@ -124,13 +142,25 @@ impl Control for ControlService {
                 let result = loop {
                     tokio::select! {
                         result = &mut build => break Some(result),
-                        () = events.closed() => break None,
+                        () = events.closed() => {
+                            tracing::info!("the client left: build cancelled");
+                            break None;
+                        }
                         () = abandoned.cancelled() => {
                             let message = "the daemon stopped before the build finished".to_string();
                             break Some(Err(kiln_engine::BuildFailure { message, records: Vec::new() }));
                         }
                         Some(event) = progress_events.recv() => {
+                            // The tenant's queued vertices are counted once the graph is known.
+                            if let DomainEvent::Planned(records) = &event
+                                && let Err(refused) = admission.plan(records.len())
+                            {
+                                tracing::info!("build refused: {refused}");
+                                let _ = events.send(Err(refused.into())).await;
+                                break None;
+                            }
                             if events.send(Ok(event_to_proto(event))).await.is_err() {
+                                tracing::info!("the client left: build cancelled");
                                 break None;
                             }
                         }
@@ -138,7 +168,6 @@ impl Control for ControlService {
                 };
                 drop(build);
                 let Some(result) = result else {
-                    tracing::info!("the client left: build cancelled");
                     exports::remove_spool(spool.clone()).await;
                     return;
                 };
@@ -172,6 +201,7 @@ impl Control for ControlService {
                 } else {
                     let _ = events.send(Ok(event_to_proto(result))).await;
                 }
+                drop(admission);
             }
             .instrument(span),
         );
@@ -196,18 +226,25 @@ impl Control for ControlService {
         &self,
         request: Request<FindMissingRequest>,
     ) -> Result<Response<FindMissingResponse>, Status> {
-        let cas = self.engine.stores().cas();
-        let mut missing = Vec::new();
-        for text in request.into_inner().digests {
-            let digest = parse_digest(&text, "a digest to look for").map_err(ApiError::from)?;
-            if !cas.contains(&digest) {
-                missing.push(text);
-            }
-        }
-        Ok(Response::new(FindMissingResponse { missing }))
+        // A blob another cache group sent is missing for this one: it must send the bytes.
+        let group = self.tenants.cache_group(&auth::caller_of(&request).tenant);
+        let digests = request.into_inner().digests;
+        let digests = digests
+            .iter()
+            .map(|text| parse_digest(text, "a digest to look for"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ApiError::from)?;
+        let missing = self
+            .engine
+            .not_uploaded(group.as_deref(), digests)
+            .await
+            .map_err(|e| ApiError::Store { what: "looking up uploaded blobs".into(), source: e.into() })?;
+        Ok(Response::new(FindMissingResponse { missing: missing.iter().map(Digest::to_string).collect() }))
     }
 
     async fn upload(&self, request: Request<Streaming<BlobChunkUpload>>) -> Result<Response<UploadResponse>, Status> {
+        let tenant = auth::caller_of(&request).tenant;
+        let group = self.tenants.cache_group(&tenant);
         let cas = self.engine.stores().cas();
         let mut stream = request.into_inner();
         let (mut blobs, mut bytes) = (0u64, 0u64);
@@ -233,6 +270,9 @@ impl Control for ControlService {
                 .await
                 .map_err(|_| Status::from(ApiError::UploadStalled { seconds: idle.as_secs_f32() }));
             let Some(chunk) = next?? else { break };
+            // Over the tenant's limit the stream ends; dropping the writer removes the file.
+            bytes += chunk.data.len() as u64;
+            self.tenants.check_upload(&tenant, bytes)?;
             if !chunk.digest.is_empty() {
                 received.extend(finish(current.take()).await?);
                 let digest = parse_digest(&chunk.digest, "an uploaded blob").map_err(ApiError::from)?;
@@ -251,12 +291,21 @@ impl Control for ControlService {
             }
         }
         received.extend(finish(current.take()).await?);
-        let cas = Arc::clone(cas);
-        let published = tokio::task::spawn_blocking(move || cas.publish(received))
-            .await
-            .map_err(ApiError::from)?
-            .map_err(|source| ApiError::Store { what: "publishing uploaded blobs".into(), source })?;
-        bytes += published.iter().map(|info| info.size).sum::<u64>();
+        let engine = Arc::clone(&self.engine);
+        let published = tokio::task::spawn_blocking(move || {
+            let published = engine
+                .stores()
+                .cas()
+                .publish(received)
+                .map_err(|source| ApiError::Store { what: "publishing uploaded blobs".into(), source })?;
+            // The group sent these bytes: its builds may use them.
+            engine
+                .record_uploads(group.as_deref(), published.iter().map(|info| info.digest))
+                .map_err(|e| ApiError::Store { what: "recording uploaded blobs".into(), source: e.into() })?;
+            Ok::<_, ApiError>(published)
+        });
+        let published = published.await.map_err(ApiError::from)??;
+        let bytes = published.iter().map(|info| info.size).sum::<u64>();
         Ok(Response::new(UploadResponse { blobs, bytes }))
     }
 

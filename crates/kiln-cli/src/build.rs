@@ -94,6 +94,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         cache_from: caches(&args.cache_from, CacheDirection::From)?,
         cache_to: caches(&args.cache_to, CacheDirection::To)?,
         allow: args.allow.iter().copied().collect(),
+        cache_group: None,
     };
     let client = daemon.connect().await?;
     // A daemon reached over TCP may be on another machine: send the context, content-addressed

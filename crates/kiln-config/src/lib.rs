@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_model::{CacheDirection, CacheMode, CacheSpec, ClientToken};
+use kiln_model::{CacheDirection, CacheMode, CacheSpec, ClientToken, TenantPolicy};
 use kiln_types::Platform;
 use serde::Deserialize;
 
@@ -68,6 +68,10 @@ pub struct ConfigFile {
     /// `[[coordinator.tokens]]`).
     #[serde(default)]
     pub tokens: Vec<TokenSection>,
+    /// `[tenants.NAME]`: a standalone daemon's tenant policies (a coordinator's are
+    /// `[coordinator.tenants.NAME]`).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantSection>,
 }
 
 /// `[tls]`: one CA for the cluster, and this node's certificate (named after the node, with
@@ -99,6 +103,21 @@ pub struct TokenSection {
     pub role: String,
     /// The token's SHA-256, hex (`printf %s TOKEN | sha256sum`); never the token itself.
     pub sha256: String,
+}
+
+/// `[coordinator.tenants.NAME]` or `[tenants.NAME]`: what one tenant shares and may use.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TenantSection {
+    /// The tenants with the same group share cache entries, in-flight work and uploaded
+    /// contexts. Default: the tenant's own name (`default` is the unix socket's group).
+    pub cache_group: Option<String>,
+    /// Builds in progress at once. Default: no limit.
+    pub max_builds: Option<usize>,
+    /// Vertices of the tenant's builds in progress. Default: no limit.
+    pub max_queued_vertices: Option<usize>,
+    /// Bytes of one build's context, and of one upload (`512MiB`). Default: no limit.
+    pub max_upload: Option<String>,
 }
 
 /// `[log]`.
@@ -138,6 +157,9 @@ pub struct CoordinatorSection {
     /// default tenant.
     #[serde(default)]
     pub tokens: Vec<TokenSection>,
+    /// Tenant policies, by tenant.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantSection>,
 }
 
 /// `[coordinator.cache]`: the shared cache tier every build imports from and exports to.
@@ -246,6 +268,8 @@ pub struct Config {
     pub tls: Tls,
     /// Client tokens (the coordinator's, or a standalone daemon's `[[tokens]]`).
     pub tokens: Vec<ClientToken>,
+    /// Tenant policies by tenant (the coordinator's, or a standalone daemon's).
+    pub tenants: BTreeMap<String, TenantPolicy>,
 }
 
 /// How a daemon's TCP connections are secured.
@@ -525,8 +549,43 @@ impl ConfigFile {
                 return Err(invalid(&format!("{key}[{i}]"), format!("{:?} has another token's sha256", token.name)));
             }
         }
-        Ok(Config { coordinator, worker, log_json, tls, tokens })
+        let (sections, key) = match &self.coordinator {
+            Some(c) => (&c.tenants, "coordinator.tenants"),
+            None => (&self.tenants, "tenants"),
+        };
+        if self.coordinator.is_some() && !self.tenants.is_empty() {
+            return Err(invalid("tenants", "a coordinator's tenants are [coordinator.tenants.NAME]".into()));
+        }
+        let mut tenants = BTreeMap::new();
+        for (name, section) in sections {
+            let key = format!("{key}.{name}");
+            let policy =
+                tenant_policy(section).map_err(|(field, message)| invalid(&format!("{key}.{field}"), message))?;
+            tenants.insert(name.clone(), policy);
+        }
+        Ok(Config { coordinator, worker, log_json, tls, tokens, tenants })
     }
+}
+
+/// A tenant section, checked; an error names the field.
+fn tenant_policy(section: &TenantSection) -> Result<TenantPolicy, (&'static str, String)> {
+    if let Some(group) = &section.cache_group
+        && (group.is_empty() || group.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err(("cache-group", format!("{group:?} must be non-empty, without spaces")));
+    }
+    let at_least_one = |field: &'static str, value: Option<usize>| match value {
+        Some(0) => Err((field, "at least 1 (leave it out for no limit)".to_string())),
+        _ => Ok(value),
+    };
+    let max_upload =
+        section.max_upload.as_deref().map(parse_size).transpose().map_err(|e| ("max-upload", e.to_string()))?;
+    Ok(TenantPolicy {
+        cache_group: section.cache_group.clone(),
+        max_builds: at_least_one("max-builds", section.max_builds)?,
+        max_queued_vertices: at_least_one("max-queued-vertices", section.max_queued_vertices)?,
+        max_upload,
+    })
 }
 
 /// A token entry, checked.

@@ -121,8 +121,24 @@ fn tls_and_tokens() {
             sha256: hash.clone()
         }]
     );
+    let tenants = "[coordinator.tenants.team-a]\ncache-group = \"shared\"\nmax-builds = 2\nmax-upload = \"1MiB\"\n";
+    let policies = validate(&coordinator(tenants)).unwrap().tenants;
+    let expected = kiln_model::TenantPolicy {
+        cache_group: Some("shared".into()),
+        max_builds: Some(2),
+        max_queued_vertices: None,
+        max_upload: Some(1 << 20),
+    };
+    assert_eq!(policies.get("team-a"), Some(&expected));
     let cases = [
         (format!("{worker}[tls]\n"), "tls: kilnd serves TCP".to_string()),
+        (
+            coordinator("[coordinator.tenants.a]\nmax-builds = 0\n"),
+            "coordinator.tenants.a.max-builds: at least 1".into(),
+        ),
+        (coordinator("[coordinator.tenants.a]\nmax-upload = \"lots\"\n"), "coordinator.tenants.a.max-upload".into()),
+        (coordinator("[coordinator.tenants.a]\ncache-group = \"\"\n"), "coordinator.tenants.a.cache-group".into()),
+        (coordinator("[coordinator.tenants.a]\nmax-build = 1\n"), "max-build".into()),
         (format!("{worker}[tls]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\n"), "tls.key: required".to_string()),
         (format!("{files}insecure = true\n"), "tls.insecure".to_string()),
         (files.replace("https", "http"), "worker.coordinator: \"http://c:1\": https://".to_string()),

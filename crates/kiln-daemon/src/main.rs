@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use kiln_api::{Access, BlobsService, ControlService, Services, WorkersService};
+use kiln_api::{Access, BlobsService, ControlService, Services, Tenants, WorkersService};
 use kiln_client::NodeTls;
 use kiln_cluster::ClusterSettings;
 use kiln_config::{ConfigFile, CoordinatorConfig, Tls, WorkerConfig as WorkerSettings};
@@ -118,16 +118,18 @@ struct Security {
     tls: Option<NodeTls>,
     /// Client tokens.
     tokens: Vec<kiln_model::ClientToken>,
+    /// The tenants' cache groups and limits, shared by every listener's control service.
+    tenants: Arc<Tenants>,
 }
 
 impl Security {
     /// Loads the config's certificates.
-    fn load(tls: &Tls, tokens: Vec<kiln_model::ClientToken>) -> anyhow::Result<Security> {
+    fn load(tls: &Tls, tokens: Vec<kiln_model::ClientToken>, tenants: Arc<Tenants>) -> anyhow::Result<Security> {
         let tls = match tls {
             Tls::Files { ca, cert, key } => Some(NodeTls::load(ca, Some((cert, key)))?),
             Tls::Insecure => None,
         };
-        Ok(Security { tls, tokens })
+        Ok(Security { tls, tokens, tenants })
     }
 
     /// A listener's access rules and TLS; `clients` when build clients connect to it.
@@ -170,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
             if args.insecure {
                 bail!("--insecure is for --standalone without --config: the config's [tls] says how to listen");
             }
-            let security = Security::load(&config.tls, config.tokens)?;
+            let security = Security::load(&config.tls, config.tokens, Tenants::new(config.tenants))?;
             let role = match (config.coordinator, config.worker) {
                 (Some(coordinator), Some(worker)) => {
                     args.root = worker.root.clone();
@@ -200,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
                      with [tls] certificates and [[tokens]]"
                 );
             }
-            (Role::Standalone(None), Security { tls: None, tokens: Vec::new() })
+            (Role::Standalone(None), Security { tls: None, tokens: Vec::new(), tenants: Arc::default() })
         }
         None => bail!("give --standalone or --config FILE with [coordinator] and/or [worker]"),
     };
@@ -342,12 +344,13 @@ async fn standalone(
             let listener = bind(listen).await?;
             let (access, tls) = security.listener(&listener.local_addr()?, true);
             let control = ControlService::new(Arc::clone(&engine), root)
+                .with_tenants(Arc::clone(&security.tenants))
                 .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone());
             Some((listener, Services { control: Some(control), access, tls, ..Services::default() }))
         }
         None => None,
     };
-    serve(&engine, root, (&socket, group), tcp, lifecycle).await
+    serve(&engine, root, (&socket, group), tcp, &security.tenants, lifecycle).await
 }
 
 /// How long in-flight requests (builds streaming their results, worker sessions closing)
@@ -368,6 +371,7 @@ async fn serve(
     root: &Path,
     (socket, group): (&Path, Option<u32>),
     tcp: Option<(tokio::net::TcpListener, Services)>,
+    tenants: &Arc<Tenants>,
     lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
     let Lifecycle { stopped, tasks, abandoned } = lifecycle;
@@ -382,7 +386,9 @@ async fn serve(
         let serving = kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone()));
         servers.spawn(serving.instrument(tracing::info_span!("tcp_server")));
     }
-    let service = ControlService::new(Arc::clone(engine), root).tracked_by(tasks.clone(), abandoned.clone());
+    let service = ControlService::new(Arc::clone(engine), root)
+        .with_tenants(Arc::clone(tenants))
+        .tracked_by(tasks.clone(), abandoned.clone());
     let unix_socket = socket.to_path_buf();
     servers.spawn({
         let stopped = stopped.clone();
@@ -478,6 +484,7 @@ async fn coordinator(
             ControlService::new(Arc::clone(&engine), root)
                 .with_upload_idle_timeout(config.upload_idle_timeout)
                 .with_node_tls(security.tls.clone())
+                .with_tenants(Arc::clone(&security.tenants))
                 .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone()),
         ),
         // Workers fetch uploaded context files from the coordinator they connected to.
@@ -487,7 +494,7 @@ async fn coordinator(
         access,
         tls,
     };
-    serve(&engine, root, (&socket, group), Some((listener, services)), lifecycle).await
+    serve(&engine, root, (&socket, group), Some((listener, services)), &security.tenants, lifecycle).await
 }
 
 async fn worker(

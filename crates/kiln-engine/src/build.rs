@@ -144,7 +144,11 @@ impl Engine {
         self.check_entitlements(&request, &plan).map_err(|e| BuildFailure::early(e.to_string()))?;
         let _ = progress.send(BuildEvent::Planned(plan.graph.vertices.iter().map(VertexRecord::planned).collect()));
 
-        let options = BuildOptions { no_cache: request.no_cache, max_parallelism: request.max_parallelism };
+        let options = BuildOptions {
+            no_cache: request.no_cache,
+            max_parallelism: request.max_parallelism,
+            scope: request.cache_group.clone(),
+        };
         let graph = plan.graph.clone();
         let imports = self.import_caches(&request, &progress).await;
         let solved = async {
@@ -291,8 +295,10 @@ impl Engine {
     /// must have been uploaded), or a directory on this machine.
     async fn context(&self, request: &BuildRequest) -> Result<Arc<dyn BuildContext>, BuildError> {
         if let Some(manifest) = &request.context_manifest {
-            let cas = self.stores.cas();
-            if let Some((digest, _)) = manifest.blobs().into_iter().find(|(digest, _)| !cas.contains(digest)) {
+            // Every file must have been sent by the build's own cache group.
+            let group = request.cache_group.as_deref();
+            let blobs = manifest.blobs().into_iter().map(|(digest, _)| digest).collect();
+            if let Some(digest) = self.not_uploaded(group, blobs).await?.first().copied() {
                 let path = manifest
                     .entries
                     .iter()
@@ -300,7 +306,7 @@ impl Engine {
                     .map_or("?", |e| e.path.as_str());
                 return Err(BuildError::NotUploaded { path: path.to_string(), digest });
             }
-            return Ok(Arc::new(StoredContext::new(manifest, Arc::clone(cas))));
+            return Ok(Arc::new(StoredContext::new(manifest, Arc::clone(self.stores.cas()))));
         }
         if matches!(self.mode, Mode::Cluster { .. }) {
             return Err(BuildError::LocalContextOnCoordinator);

@@ -129,9 +129,9 @@ pub enum BuildError {
     /// A result went with its worker and could not be made again.
     #[error(transparent)]
     Lost(#[from] kiln_model::Failed),
-    /// The metadata store could not be flushed.
-    #[error("flushing the cache index: {0}")]
-    Flush(#[from] kiln_kv::KvError),
+    /// The metadata store failed (flushing the cache index, looking up uploads).
+    #[error("the metadata store: {0}")]
+    Metadata(#[from] kiln_kv::KvError),
     /// A task of the build died.
     #[error("a build task failed: {0}")]
     Task(#[from] tokio::task::JoinError),

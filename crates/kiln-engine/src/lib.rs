@@ -10,6 +10,7 @@ mod cache;
 mod error;
 mod export;
 mod history;
+mod uploads;
 
 pub use build::{BuildFailure, BuildSummary, ClusterData, SpooledFile};
 pub use error::BuildError;

@@ -75,3 +75,28 @@ impl Caller {
         Caller { name: name.to_string(), tenant: DEFAULT_TENANT.to_string(), role: Role::Admin }
     }
 }
+
+/// What one tenant may use: `[coordinator.tenants.NAME]` (`[tenants.NAME]` on a standalone
+/// daemon). Every limit is off when unset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantPolicy {
+    /// The tenants that share cache entries, in-flight work and uploaded contexts: those with
+    /// the same group trust each other's results. Default: the tenant's own name.
+    pub cache_group: Option<String>,
+    /// Builds in progress at once.
+    pub max_builds: Option<usize>,
+    /// Vertices of the tenant's builds in progress (a new build's whole graph counts).
+    pub max_queued_vertices: Option<usize>,
+    /// Bytes of one build's uploaded context, and of one upload.
+    pub max_upload: Option<u64>,
+}
+
+impl TenantPolicy {
+    /// The cache group of `tenant` under this policy: `None` for the default group (the
+    /// unix socket's, and every tenant's when none is configured), whose cache keys are
+    /// unscoped.
+    pub fn cache_group(&self, tenant: &str) -> Option<String> {
+        let group = self.cache_group.as_deref().unwrap_or(tenant);
+        (group != DEFAULT_TENANT).then(|| group.to_string())
+    }
+}

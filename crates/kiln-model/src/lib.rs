@@ -23,7 +23,7 @@ mod spec;
 mod worker;
 
 pub use assignment::{Assignment, FromCoordinator, PushRequest, PushTarget, PushedLayer};
-pub use auth::{Caller, ClientToken, DEFAULT_TENANT, Role};
+pub use auth::{Caller, ClientToken, DEFAULT_TENANT, Role, TenantPolicy};
 pub use cache::{
     CacheCompression, CacheDirection, CacheLocation, CacheMode, CacheSpec, CacheSpecError, DEFAULT_CACHE_NAME,
 };

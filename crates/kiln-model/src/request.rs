@@ -42,4 +42,8 @@ pub struct BuildRequest {
     pub cache_to: Vec<CacheSpec>,
     /// `--allow`: entitlements the client grants its build's steps.
     pub allow: BTreeSet<Entitlement>,
+    /// The cache group the build's cache keys, in-flight work and uploaded context belong to
+    /// (`None`: the default group's). Set by the daemon from the caller's tenant; never sent
+    /// by a client.
+    pub cache_group: Option<String>,
 }

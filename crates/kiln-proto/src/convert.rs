@@ -319,6 +319,7 @@ pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, Wir
         cache_from,
         cache_to,
         allow: entitlements_from_proto(&request.allow, "--allow")?,
+        cache_group: None,
     })
 }
 

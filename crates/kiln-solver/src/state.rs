@@ -24,6 +24,9 @@ pub struct BuildOptions {
     pub no_cache: bool,
     /// At most this many of the build's own executions at once (`--max-parallelism`).
     pub max_parallelism: Option<usize>,
+    /// The cache group: builds of different groups neither share cache entries nor wait on
+    /// each other's jobs (`None`: the default group, whose keys are unscoped).
+    pub scope: Option<String>,
 }
 
 /// An input to [`SolverState::apply`].
@@ -214,6 +217,16 @@ pub fn cache_key(vertex: &Vertex, input_keys: &[Digest]) -> (Digest, bool) {
     }
 }
 
+/// The key of a vertex in a cache group: distinct from every other group's, so a result
+/// computed for one group is never served to (or joined by) another.
+fn scoped_key(key: &Digest, scope: &str) -> Digest {
+    let mut hasher = Sha256Writer::new();
+    hasher.field(b"kiln.scope");
+    hasher.field(scope.as_bytes());
+    hasher.field(key.as_bytes());
+    hasher.finish()
+}
+
 /// The key users of a source see once it resolved to `pin`.
 fn pinned_key(key: &Digest, pin: &Digest) -> Digest {
     let mut hasher = Sha256Writer::new();
@@ -308,6 +321,10 @@ impl<O: Clone> SolverState<O> {
             }
         }
         let (key, cacheable) = cache_key(vertex, &input_keys);
+        let key = match &build.options.scope {
+            Some(scope) => scoped_key(&key, scope),
+            None => key,
+        };
         if cacheable
             && !build.options.no_cache
             && let Some(output) = self.cache.get(&key).cloned()

@@ -15,9 +15,18 @@ use super::*;
 
 /// Runs a crafted build to its end: the start error, or every event.
 fn crafted_build(cluster: &Cluster, request: BuildRequest) -> Result<Vec<BuildEvent>, ClientError> {
+    crafted_build_as(cluster, None, request)
+}
+
+/// [`crafted_build`] with `token`.
+pub(crate) fn crafted_build_as(
+    cluster: &Cluster,
+    token: Option<&str>,
+    request: BuildRequest,
+) -> Result<Vec<BuildEvent>, ClientError> {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let client = Client::connect_with(&cluster.addr(), &cluster.client_options(None)).await?;
+        let client = Client::connect_with(&cluster.addr(), &cluster.client_options(token)).await?;
         let mut events = client.build(request).await?;
         let mut all = Vec::new();
         while let Some(event) = events.next().await? {
@@ -29,15 +38,24 @@ fn crafted_build(cluster: &Cluster, request: BuildRequest) -> Result<Vec<BuildEv
 
 /// A context directory's manifest, its files uploaded to the coordinator.
 fn upload(cluster: &Cluster, dir: &Path) -> ContextManifest {
+    upload_as(cluster, None, dir).0
+}
+
+/// [`upload`] with `token`, and what it sent.
+pub(crate) fn upload_as(
+    cluster: &Cluster,
+    token: Option<&str>,
+    dir: &Path,
+) -> (ContextManifest, kiln_client::UploadStats) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let client = Client::connect_with(&cluster.addr(), &cluster.client_options(None)).await.unwrap();
+        let client = Client::connect_with(&cluster.addr(), &cluster.client_options(token)).await.unwrap();
         let walked = FsContext::walk(dir, &Default::default()).unwrap();
-        client.upload_context(Arc::new(walked)).await.unwrap().0
+        client.upload_context(Arc::new(walked)).await.unwrap()
     })
 }
 
-fn request(dockerfile: &str, manifest: Option<ContextManifest>, outputs: &[String]) -> BuildRequest {
+pub(crate) fn request(dockerfile: &str, manifest: Option<ContextManifest>, outputs: &[String]) -> BuildRequest {
     BuildRequest {
         dockerfile: dockerfile.to_string(),
         file_name: "Dockerfile".into(),
@@ -55,7 +73,7 @@ fn request(dockerfile: &str, manifest: Option<ContextManifest>, outputs: &[Strin
     }
 }
 
-fn result_error(events: &[BuildEvent]) -> Option<String> {
+pub(crate) fn result_error(events: &[BuildEvent]) -> Option<String> {
     match events.last() {
         Some(BuildEvent::Result { error, .. }) => error.clone(),
         other => panic!("no result last: {other:?}"),

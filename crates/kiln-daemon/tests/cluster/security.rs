@@ -1,7 +1,7 @@
 //! Identity and transport: mutual TLS between the nodes, tokens for clients. Real
 //! certificates from `kilnd certs`, real processes.
 
-use super::hardening::wait_for_log;
+use super::hardening::{crafted_build_as, request, result_error, upload_as, wait_for_log};
 use super::*;
 
 /// The SHA-256 of a token, as a config holds it.
@@ -123,6 +123,143 @@ fn entitled_steps_run_only_where_a_worker_grants_them_and_the_client_asked() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// Tokens of three build tenants (team-c shares team-a's cache group) and an admin.
+fn tenant_tokens() -> String {
+    let entry = |tenant: &str, role: &str| {
+        format!(
+            "[[coordinator.tokens]]\nname = \"{tenant}\"\ntenant = \"{tenant}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+            sha256(&format!("{tenant}-token"))
+        )
+    };
+    let policies = "[coordinator.tenants.team-b]\nmax-builds = 1\nmax-upload = \"64KiB\"\n\
+                    [coordinator.tenants.team-c]\ncache-group = \"team-a\"\n";
+    entry("team-a", "build") + &entry("team-b", "build") + &entry("team-c", "build") + &entry("ops", "admin") + policies
+}
+
+/// `kiln build CONTEXT --metadata-file METADATA -o type=local,dest=OUT` as `tenant`, stderr
+/// piped.
+fn spawn_build_as(cluster: &Cluster, tenant: &str, context: &Path, metadata: &Path, out: &Path) -> Child {
+    let mut child = cluster.kiln(&[]);
+    let local = format!("type=local,dest={}", out.display());
+    child.args(["build", context.to_str().unwrap(), "--progress", "plain", "-o", &local]);
+    child.arg("--metadata-file").arg(metadata).env("KILN_TOKEN", format!("{tenant}-token"));
+    child.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Builds as `tenant`: the metadata and the output directory.
+fn build_as(cluster: &Cluster, tenant: &str, context: &Path) -> (Value, PathBuf) {
+    let (metadata, out) = (
+        cluster.dir.path().join(format!("meta-{}.json", unique())),
+        cluster.dir.path().join(format!("out-{}", unique())),
+    );
+    let output = spawn_build_as(cluster, tenant, context, &metadata, &out).wait_with_output().unwrap();
+    assert!(output.status.success(), "{tenant}: {}\n{}", text(&output.stderr), cluster.logs());
+    (read_json(&metadata), out)
+}
+
+#[test]
+fn tenants_share_no_results_or_uploads_unless_grouped_and_stay_within_their_limits() {
+    let cluster = Cluster::start_as(26, &["linux/amd64"], 4, &tenant_tokens(), Some("ops-token"));
+    let dockerfile = "FROM BASE\nCOPY note /note\nRUN sleep 2 && cat /proc/sys/kernel/random/uuid > /shared\n";
+    let contexts: Vec<PathBuf> = ["a", "b", "c"]
+        .iter()
+        .map(|t| {
+            let context = cluster.context(&format!("same-{t}"), dockerfile);
+            std::fs::write(context.join("note"), "the same context\n").unwrap();
+            context
+        })
+        .collect();
+
+    // team-a and team-b build the same thing at once: two executions, neither waits on or
+    // reports the other's vertex.
+    let (meta_a, out_a) = (cluster.dir.path().join("a.json"), cluster.dir.path().join("a-out"));
+    let (meta_b, out_b) = (cluster.dir.path().join("b.json"), cluster.dir.path().join("b-out"));
+    let first = spawn_build_as(&cluster, "team-a", &contexts[0], &meta_a, &out_a);
+    cluster.busy_worker();
+    let second = spawn_build_as(&cluster, "team-b", &contexts[1], &meta_b, &out_b);
+    for (tenant, child) in [("team-a", first), ("team-b", second)] {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{tenant}: {}\n{}", text(&output.stderr), cluster.logs());
+    }
+    for metadata in [&meta_a, &meta_b] {
+        let metadata = read_json(metadata);
+        assert_eq!(record(&metadata, "RUN sleep 2")["status"], "executed", "{metadata:#}");
+        let statuses: Vec<&str> =
+            metadata["vertices"].as_array().unwrap().iter().map(|v| v["status"].as_str().unwrap()).collect();
+        assert!(!statuses.contains(&"deduplicated") && !statuses.contains(&"cached"), "{statuses:?}");
+    }
+    let shared = |out: &Path| std::fs::read_to_string(out.join("shared")).unwrap();
+    assert_ne!(shared(&out_a), shared(&out_b), "each tenant computed its own result");
+
+    // team-c shares team-a's cache group: a hit on team-a's result. team-b hits its own.
+    let (metadata, out) = build_as(&cluster, "team-c", &contexts[2]);
+    assert_eq!(record(&metadata, "RUN sleep 2")["status"], "cached", "{metadata:#}");
+    assert_eq!(shared(&out), shared(&out_a));
+    let (metadata, out) = build_as(&cluster, "team-b", &contexts[1]);
+    assert_eq!(record(&metadata, "RUN sleep 2")["status"], "cached", "{metadata:#}");
+    assert_eq!(shared(&out), shared(&out_b));
+
+    // team-a's uploaded file: team-b cannot build from it by digest, and must send the
+    // bytes itself; team-c (same group) need not.
+    let private = cluster.dir.path().join("private");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::write(private.join("only-a"), format!("team-a's file {}\n", unique())).unwrap();
+    let (manifest, sent) = upload_as(&cluster, Some("team-a-token"), &private);
+    assert_eq!(sent.uploaded_files, 1);
+    let copy = |manifest| request("FROM scratch\nCOPY only-a /\n", Some(manifest), &[]);
+    let events = crafted_build_as(&cluster, Some("team-b-token"), copy(manifest.clone())).unwrap();
+    let error = result_error(&events).unwrap_or_default();
+    assert!(error.contains("only-a") && error.contains("was not uploaded"), "{error}");
+    assert_eq!(upload_as(&cluster, Some("team-c-token"), &private).1.uploaded_files, 0, "same group");
+    assert_eq!(upload_as(&cluster, Some("team-b-token"), &private).1.uploaded_files, 1, "team-b sends it");
+    let events = crafted_build_as(&cluster, Some("team-b-token"), copy(manifest)).unwrap();
+    assert_eq!(result_error(&events), None);
+
+    // team-b's limits: a context over max-upload, and a second build while one is in
+    // progress, are refused on one line.
+    let big = cluster.context("big", "FROM scratch\nCOPY big /\n");
+    std::fs::write(big.join("big"), vec![7u8; 100 << 10]).unwrap();
+    let output = spawn_build_as(
+        &cluster,
+        "team-b",
+        &big,
+        &cluster.dir.path().join("big.json"),
+        &cluster.dir.path().join("big-out"),
+    )
+    .wait_with_output()
+    .unwrap();
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("max-upload"), "{stderr}");
+    let long = cluster.context("long", "FROM BASE\nRUN sleep 120\n");
+    let mut running = spawn_build_as(
+        &cluster,
+        "team-b",
+        &long,
+        &cluster.dir.path().join("long.json"),
+        &cluster.dir.path().join("long-out"),
+    );
+    cluster.busy_worker();
+    let output = spawn_build_as(
+        &cluster,
+        "team-b",
+        &contexts[1],
+        &cluster.dir.path().join("c.json"),
+        &cluster.dir.path().join("c-out"),
+    )
+    .wait_with_output()
+    .unwrap();
+    let stderr = text(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("has 1 builds in progress, its limit (max-builds)"),
+        "{stderr}"
+    );
+    // Other tenants are not limited by team-b's builds.
+    let (metadata, _) = build_as(&cluster, "team-a", &contexts[0]);
+    assert_eq!(metadata["status"], "succeeded");
+    running.kill().unwrap();
+    running.wait().unwrap();
 }
 
 /// Files under `dir` whose bytes contain `needle`.

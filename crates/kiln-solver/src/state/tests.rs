@@ -129,6 +129,32 @@ fn identical_work_runs_once_across_concurrent_builds() {
 }
 
 #[test]
+fn cache_groups_share_neither_jobs_nor_cache_entries() {
+    let mut state = State::default();
+    let pin = Digest::of(b"manifest");
+    let scoped = |group: &str| BuildOptions { scope: Some(group.to_string()), ..Default::default() };
+    let first = submit(&mut state, 1, graph(&["a"]), scoped("team-a"));
+    let second = submit(&mut state, 2, graph(&["a"]), scoped("team-b"));
+    assert_eq!((runs(&first).len(), runs(&second).len()), (1, 1), "team-b does not wait on team-a's job");
+    let mut effects = first;
+    effects.extend(second);
+    let effects = drive(&mut state, effects, pin);
+    assert_eq!(runs(&effects).len(), 6, "source and a and the merge, once per group");
+    for build in [1, 2] {
+        let (_, records) = finished(&effects, build).unwrap();
+        assert!(records.iter().all(|r| r.status == Status::Executed), "{build}: {records:?}");
+    }
+
+    // A later build of each group hits its own group's entries; an unscoped one none.
+    let submitted = submit(&mut state, 3, graph(&["a"]), scoped("team-b"));
+    let effects = drive(&mut state, submitted, pin);
+    assert_eq!(runs(&effects).len(), 1, "only the source resolves");
+    let submitted = submit(&mut state, 4, graph(&["a"]), BuildOptions::default());
+    let effects = drive(&mut state, submitted, pin);
+    assert_eq!(runs(&effects).len(), 3, "the default group shares nothing with team-a or team-b");
+}
+
+#[test]
 fn a_finished_build_is_served_from_the_cache_unless_no_cache() {
     let mut state = State::default();
     let pin = Digest::of(b"manifest");

@@ -117,7 +117,7 @@ async fn max_parallelism_bounds_concurrent_executions() {
     assert!((2..=4).contains(&peak(&counts)), "worker max-parallelism 4: peak {}", peak(&counts));
 
     std::fs::remove_file(fixture.cache_dir("wide").join("counts")).unwrap();
-    let options = BuildOptions { max_parallelism: Some(3), no_cache: true };
+    let options = BuildOptions { max_parallelism: Some(3), no_cache: true, ..BuildOptions::default() };
     let (result, _) = solve(&fixture.solver(16, None), &graph, options, &inputs(&ctx, &[])).await;
     result.unwrap();
     let counts = fixture.evidence("wide", "counts");
