@@ -20,6 +20,9 @@ const PACKAGES: &[(&str, &str)] = &[
     // The seccomp library the runner links (libcontainer's seccomp filters).
     ("libseccomp-dev", "/usr/include/seccomp.h"),
     ("pkg-config", "/usr/bin/pkg-config"),
+    // The isolated network of RUN steps: namespaces, veth pairs, masquerading.
+    ("iproute2", "/usr/sbin/ip"),
+    ("iptables", "/usr/sbin/iptables"),
 ];
 
 /// The moto release the S3 tests run against.

@@ -213,6 +213,9 @@ pub struct WorkerSection {
     /// `security.insecure` (buildkitd's `--allow-insecure-entitlement`). Default: none.
     #[serde(default)]
     pub entitlements: Vec<String>,
+    /// The network of RUN steps without `--network`: `isolated` (a namespace of their own
+    /// with outbound access) or `worker` (the worker's). Default: `isolated`.
+    pub default_network: Option<String>,
 }
 
 /// `[worker.gc]`: BuildKit's policy knobs (docs/gc.md).
@@ -335,6 +338,8 @@ pub struct WorkerConfig {
     pub gc: GcPolicy,
     /// Entitlements granted.
     pub entitlements: Vec<kiln_model::Entitlement>,
+    /// The network of RUN steps without `--network`.
+    pub default_network: kiln_model::DefaultNetwork,
 }
 
 /// Garbage collection limits, in bytes and time; `None` takes the default for the disk.
@@ -477,6 +482,12 @@ impl ConfigFile {
                         .enumerate()
                         .map(|(i, e)| e.parse().map_err(|m| invalid(&format!("worker.entitlements[{i}]"), m)))
                         .collect::<Result<_, _>>()?,
+                    default_network: w
+                        .default_network
+                        .as_deref()
+                        .map(|n| n.parse().map_err(|m| invalid("worker.default-network", m)))
+                        .transpose()?
+                        .unwrap_or_default(),
                     gc: GcPolicy {
                         reserved_space: size("worker.gc.reserved-space", &w.gc.reserved_space)?,
                         max_used_space: size("worker.gc.max-used-space", &w.gc.max_used_space)?,

@@ -298,8 +298,28 @@ fn worker_config(root: &Path, settings: Option<&WorkerSettings>) -> anyhow::Resu
             keep_duration: gc.keep_duration,
         };
         worker.entitlements = settings.entitlements.clone();
+        worker.default_network = settings.default_network;
     }
     Ok(worker)
+}
+
+/// The addresses the coordinator's URL resolves to now: steps in the isolated network must
+/// not reach them (a name that does not resolve yet blocks nothing; its port still needs a
+/// certificate or a token).
+async fn coordinator_addresses(url: &str) -> Vec<std::net::SocketAddr> {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+    let authority = rest.split('/').next().unwrap_or_default();
+    let with_port = match authority.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() && !authority.ends_with(']') => authority.to_string(),
+        _ => format!("{authority}:{}", if scheme == "https" { 443 } else { 80 }),
+    };
+    match tokio::net::lookup_host(with_port).await {
+        Ok(addresses) => addresses.collect(),
+        Err(error) => {
+            tracing::warn!("resolving {url}: {error}");
+            Vec::new()
+        }
+    }
 }
 
 /// A worker may declare only platforms it can run (natively or through a fix-binary binfmt
@@ -507,7 +527,12 @@ async fn worker(
     let listener = bind(&settings.listen.to_string()).await?;
     let local = listener.local_addr()?;
     let name = settings.name.clone().unwrap_or_else(|| kiln_config::default_worker_name(local));
-    let config = WorkerConfig { name: name.clone(), ..worker_config(root, Some(&settings))? };
+    let coordinator = settings.coordinator.clone().expect("checked when the role was chosen");
+    let config = WorkerConfig {
+        name: name.clone(),
+        unreachable: coordinator_addresses(&coordinator).await,
+        ..worker_config(root, Some(&settings))?
+    };
     let kv: kiln_kv::SharedKv =
         Arc::new(kiln_kv::SledKv::open(&root.join("db")).with_context(|| format!("opening {}", root.display()))?);
     let worker = Arc::new(Worker::open(config, kv)?);
@@ -522,7 +547,6 @@ async fn worker(
         address: format!("{}://{host}:{}", security.scheme(), local.port()),
         entitlements: settings.entitlements.clone(),
     };
-    let coordinator = settings.coordinator.clone().expect("checked when the role was chosen");
     tracing::info!("worker {} for {coordinator}, state in {}", info.name, root.display());
     // Only nodes of the cluster connect here: the coordinator and peer workers.
     let (access, tls) = security.listener(&local, false);

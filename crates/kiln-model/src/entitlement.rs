@@ -65,3 +65,26 @@ impl std::str::FromStr for Entitlement {
         }
     }
 }
+
+/// The network of a RUN step that names none (`RUN --network=default`, the default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DefaultNetwork {
+    /// A network namespace of its own with outbound access, cut off from the worker, the
+    /// other steps, link-local addresses and the coordinator.
+    #[default]
+    Isolated,
+    /// The worker's own network namespace (where creating namespaces is not possible).
+    Worker,
+}
+
+impl std::str::FromStr for DefaultNetwork {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<DefaultNetwork, String> {
+        match text {
+            "isolated" => Ok(DefaultNetwork::Isolated),
+            "worker" => Ok(DefaultNetwork::Worker),
+            other => Err(format!("{other:?} is not isolated or worker")),
+        }
+    }
+}

@@ -28,7 +28,7 @@ pub use cache::{
     CacheCompression, CacheDirection, CacheLocation, CacheMode, CacheSpec, CacheSpecError, DEFAULT_CACHE_NAME,
 };
 pub use disk::{PruneOptions, PruneReport, RecordKind, UsageRecord};
-pub use entitlement::Entitlement;
+pub use entitlement::{DefaultNetwork, Entitlement};
 pub use error::ErrorKind;
 pub use event::BuildEvent;
 pub use executor::{BoxFuture, Executed, Executor, Failed};

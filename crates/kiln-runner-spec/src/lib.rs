@@ -59,15 +59,18 @@ pub struct RunSpec {
 }
 
 /// Which network namespace the step runs in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Network {
-    /// The worker's own network namespace (the default: in Kubernetes, the worker pod's).
+    /// The worker's own network namespace (`worker.default-network = "worker"`).
     Worker,
     /// A fresh namespace with only the loopback interface, up.
     None,
     /// The host's namespace; on a worker that is its own namespace too.
     Host,
+    /// A namespace the worker prepared (its `ip netns` path): the default, isolated from
+    /// the worker with outbound access.
+    Namespace(PathBuf),
 }
 
 /// A mount inside the container.

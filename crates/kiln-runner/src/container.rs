@@ -18,7 +18,7 @@ use libcontainer::oci_spec::runtime::{
     Spec,
 };
 use libcontainer::syscall::syscall::SyscallType;
-use nix::sched::{CloneFlags, unshare};
+use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::resource::{Resource, getrlimit};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
@@ -80,12 +80,21 @@ fn bundle_dir(state_root: &Path, id: &str) -> PathBuf {
 /// Runs the step to completion and deletes its container, whatever happens.
 pub fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
     cleanup(&spec.state_root, Some(&spec.id))?;
-    if spec.network == Network::None {
-        unshare(CloneFlags::CLONE_NEWNET).context("creating a network namespace")?;
-        // A fresh namespace has its loopback down; build steps expect 127.0.0.1 to work.
-        LinkClient::new(create_network_client())
-            .and_then(|mut links| links.set_up(1))
-            .map_err(|e| anyhow::anyhow!("bringing up loopback: {e}"))?;
+    match &spec.network {
+        Network::None => {
+            unshare(CloneFlags::CLONE_NEWNET).context("creating a network namespace")?;
+            // A fresh namespace has its loopback down; build steps expect 127.0.0.1 to work.
+            LinkClient::new(create_network_client())
+                .and_then(|mut links| links.set_up(1))
+                .map_err(|e| anyhow::anyhow!("bringing up loopback: {e}"))?;
+        }
+        Network::Namespace(path) => {
+            let namespace =
+                File::open(path).with_context(|| format!("opening the network namespace {}", path.display()))?;
+            setns(namespace, CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("entering the network namespace {}", path.display()))?;
+        }
+        Network::Worker | Network::Host => {}
     }
     let bundle = bundle_dir(&spec.state_root, &spec.id);
     fs::create_dir_all(&bundle).with_context(|| format!("creating {}", bundle.display()))?;

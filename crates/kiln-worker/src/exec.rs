@@ -100,15 +100,20 @@ impl Worker {
         // create the working directory, off the async threads.
         let (snapshots, chain_for_mount) = (Arc::clone(&self.snapshots), base.clone());
         let (user_spec, cwd_spec, dir) = (exec.user.clone(), exec.cwd.clone(), step_dir.0.clone());
-        let (active, user, mut run_mounts) = blocking(move || {
+        // The default network is a namespace from the pool (given back when the step ends);
+        // an insecure step may change its namespace, which is then deleted instead.
+        let insecure = exec.security == SecurityMode::Insecure;
+        let pool = self.networks.clone().filter(|_| exec.network == NetworkMode::Default);
+        let (active, user, mut run_mounts, lease) = blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let run_mounts = runtime_files(&dir)?;
+            let lease = pool.map(|pool| pool.lease(insecure)).transpose()?;
+            let run_mounts = runtime_files(&dir, lease.is_some())?;
             let active = snapshots.prepare(&chain_for_mount).map_err(|e| e.to_string())?;
             let user = resolve_user(&active.root(), &user_spec)?;
             let cwd =
                 resolve_in_root(&active.root(), &cwd_spec, true).map_err(|e| format!("working directory: {e}"))?;
             std::fs::create_dir_all(&cwd).map_err(|e| format!("creating working directory {cwd_spec}: {e}"))?;
-            Ok((active, user, run_mounts))
+            Ok((active, user, run_mounts, lease))
         })
         .await
         .map_err(fail)?;
@@ -144,12 +149,13 @@ impl Worker {
             gid: user.gid,
             additional_gids: user.additional_gids,
             hostname: "buildkitsandbox".into(),
-            network: match exec.network {
-                NetworkMode::Default => Network::Worker,
-                NetworkMode::None => Network::None,
-                NetworkMode::Host => Network::Host,
+            network: match (exec.network, &lease) {
+                (NetworkMode::Default, Some(lease)) => Network::Namespace(lease.path()),
+                (NetworkMode::Default, None) => Network::Worker,
+                (NetworkMode::None, _) => Network::None,
+                (NetworkMode::Host, _) => Network::Host,
             },
-            insecure: exec.security == SecurityMode::Insecure,
+            insecure,
             mounts: run_mounts,
             limits: self.config.limits,
             cgroup_parent: self.config.cgroup_parent.clone(),
@@ -159,6 +165,7 @@ impl Worker {
         let spec_dir = secrets.as_ref().map_or(step_dir.0.as_path(), |tmpfs| tmpfs.0.as_path());
         let outcome = self.run_container(&spec, spec_dir, &step_dir.0, logs).await;
         drop(mounts);
+        drop(lease);
         let (result, tail) = outcome.map_err(fail)?;
         if result.exit_code != 0 {
             let status = if result.timed_out {
@@ -239,12 +246,14 @@ impl Worker {
 }
 
 /// `/etc/hosts` and `/etc/resolv.conf` for the step, outside its rootfs (blocking).
-fn runtime_files(step_dir: &Path) -> Result<Vec<RunMount>, String> {
+fn runtime_files(step_dir: &Path, own_network: bool) -> Result<Vec<RunMount>, String> {
     let hosts = step_dir.join("hosts");
     let resolv = step_dir.join("resolv.conf");
     std::fs::write(&hosts, HOSTS).map_err(|e| e.to_string())?;
-    let host_resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
-    std::fs::write(&resolv, host_resolv).map_err(|e| e.to_string())?;
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    // A step in a namespace of its own cannot reach a resolver on the host's loopback.
+    let resolv_conf = if own_network { crate::netns::step_resolv_conf(&host_resolv) } else { host_resolv };
+    std::fs::write(&resolv, resolv_conf).map_err(|e| e.to_string())?;
     let bind = |target: &str, source: PathBuf| RunMount {
         target: target.to_string(),
         kind: RunMountKind::Bind { source, readonly: false },

@@ -20,6 +20,7 @@ mod export;
 mod fileop;
 mod gc;
 mod mounts;
+mod netns;
 mod platforms;
 mod source;
 mod stores;
@@ -110,6 +111,10 @@ pub struct WorkerConfig {
     /// What steps may do beyond the sandbox (`worker.entitlements`); a step needing another
     /// fails before it runs.
     pub entitlements: Vec<kiln_model::Entitlement>,
+    /// The network of RUN steps without `--network`.
+    pub default_network: kiln_model::DefaultNetwork,
+    /// Addresses steps in the isolated network must not reach (the coordinator's).
+    pub unreachable: Vec<std::net::SocketAddr>,
 }
 
 impl WorkerConfig {
@@ -130,6 +135,8 @@ impl WorkerConfig {
             registry: RegistryOptions { credentials, ..RegistryOptions::default() },
             gc: GcPolicy::default(),
             entitlements: Vec::new(),
+            default_network: kiln_model::DefaultNetwork::default(),
+            unreachable: Vec::new(),
         })
     }
 }
@@ -201,6 +208,8 @@ pub struct Worker {
     stores: Arc<Stores>,
     cache_mounts: mounts::CacheMounts,
     gc: Arc<Gc>,
+    /// The namespaces of steps in the isolated network.
+    networks: Option<Arc<netns::NetPool>>,
 }
 
 impl std::ops::Deref for Worker {
@@ -236,7 +245,9 @@ impl Worker {
             config.root.clone(),
             &config.gc,
         );
-        Ok(Worker { config, stores, cache_mounts, gc: Arc::new(gc) })
+        let networks = (config.default_network == kiln_model::DefaultNetwork::Isolated)
+            .then(|| Arc::new(netns::NetPool::new(config.unreachable.clone())));
+        Ok(Worker { config, stores, cache_mounts, gc: Arc::new(gc), networks })
     }
 
     /// The worker's garbage collector.

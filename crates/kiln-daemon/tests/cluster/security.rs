@@ -262,6 +262,95 @@ fn tenants_share_no_results_or_uploads_unless_grouped_and_stay_within_their_limi
     running.wait().unwrap();
 }
 
+/// A host outside the worker, in a network namespace of the test's: `10.250.NET.2`, with
+/// the link-local metadata address `169.254.169.254` too, serving `DIR/hello` over HTTP on
+/// port 8080. The worker's host routes to it.
+struct OutsideHost {
+    namespace: String,
+    server: Child,
+}
+
+impl OutsideHost {
+    fn start(net: u8, dir: &Path) -> OutsideHost {
+        let namespace = format!("kiln-test-outside-{net}");
+        let (outer, inner) = (format!("kto{net}"), format!("kti{net}"));
+        let (host, outside) = (format!("10.250.{net}.1"), format!("10.250.{net}.2"));
+        let _ = Command::new("ip").args(["netns", "del", &namespace]).output();
+        let _ = Command::new("ip").args(["route", "del", "169.254.169.254/32"]).output();
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+        };
+        ip(&["netns", "add", &namespace]);
+        ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &namespace]);
+        ip(&["addr", "add", &format!("{host}/24"), "dev", &outer]);
+        ip(&["link", "set", &outer, "up"]);
+        ip(&["-n", &namespace, "addr", "add", &format!("{outside}/24"), "dev", &inner]);
+        ip(&["-n", &namespace, "addr", "add", "169.254.169.254/32", "dev", &inner]);
+        ip(&["-n", &namespace, "link", "set", &inner, "up"]);
+        ip(&["-n", &namespace, "link", "set", "lo", "up"]);
+        ip(&["-n", &namespace, "route", "add", "default", "via", &host]);
+        ip(&["route", "add", "169.254.169.254/32", "via", &outside]);
+        std::fs::write(dir.join("hello"), "hello from outside\n").unwrap();
+        let server = Command::new("ip")
+            .args(["netns", "exec", &namespace, "python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"])
+            .arg("--directory")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let outside_host = OutsideHost { namespace, server };
+        // Ready once the host connects to both of its addresses.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for address in [format!("{outside}:8080"), "169.254.169.254:8080".to_string()] {
+            let address: std::net::SocketAddr = address.parse().unwrap();
+            while std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_err() {
+                assert!(Instant::now() < deadline, "the outside host's server did not start on {address}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        outside_host
+    }
+}
+
+impl Drop for OutsideHost {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("ip").args(["route", "del", "169.254.169.254/32"]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.namespace]).output();
+    }
+}
+
+#[test]
+fn a_run_step_reaches_outside_hosts_but_not_the_worker_the_coordinator_or_metadata() {
+    let cluster = Cluster::start(27, &["linux/amd64"], 2, "");
+    let served = cluster.dir.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let _outside = OutsideHost::start(27, &served);
+    // A service of the worker's host on every address (the worker's own are on loopback).
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let targets = format!(
+        "\"127.0.27.1 7070\" \"127.0.27.2 7071\" \"$gateway {port}\" \"10.250.27.1 {port}\" \"169.254.169.254 8080\""
+    );
+    let dockerfile = format!(
+        "FROM BASE\nRUN wget -q -O /outside http://10.250.27.2:8080/hello\n\
+         RUN gateway=$(ip route | awk '/default/ {{print $3}}') && for target in {targets}; do \
+         if nc -w 3 $target </dev/null; then echo \"reached $target\"; else echo \"blocked $target\"; fi; done > /reach\n"
+    );
+    let context = cluster.context("network", &dockerfile);
+    let dest = cluster.dir.path().join("network-out");
+    cluster.build(&context, &["-o", &format!("type=local,dest={}", dest.display())]);
+    assert_eq!(std::fs::read_to_string(dest.join("outside")).unwrap(), "hello from outside\n");
+    let reach = std::fs::read_to_string(dest.join("reach")).unwrap();
+    assert_eq!(reach.lines().count(), 5, "{reach}");
+    assert!(reach.lines().all(|line| line.starts_with("blocked")), "{reach}");
+    assert!(!reach.contains("blocked  "), "the step found its gateway: {reach}");
+    drop(listener);
+}
+
 /// Files under `dir` whose bytes contain `needle`.
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut found = Vec::new();
