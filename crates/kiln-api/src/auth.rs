@@ -10,6 +10,7 @@ use tonic::transport::CertificateDer;
 use tonic::{Request, Status};
 
 use crate::error::ApiError;
+use crate::limits::RateLimits;
 
 /// The rules of one listener.
 #[derive(Clone, Default)]
@@ -21,6 +22,8 @@ pub struct Access {
     /// Client tokens by the hex SHA-256 of the token; none: every client is an admin of the
     /// default tenant.
     tokens: Arc<HashMap<String, ClientToken>>,
+    /// Request rates per token and per connection (TCP).
+    limits: Option<Arc<RateLimits>>,
 }
 
 impl Access {
@@ -33,7 +36,7 @@ impl Access {
     /// `tokens`, every client request needs one of them.
     pub fn tcp(mutual_tls: bool, tokens: Vec<ClientToken>) -> Access {
         let tokens = tokens.into_iter().map(|t| (t.sha256.clone(), t)).collect();
-        Access { local: false, mutual_tls, tokens: Arc::new(tokens) }
+        Access { local: false, mutual_tls, tokens: Arc::new(tokens), limits: Some(Arc::new(RateLimits::new())) }
     }
 
     /// The caller of a client request, from its bearer token.
@@ -48,6 +51,13 @@ impl Access {
         let token = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or(ApiError::UnknownToken)?;
         let known = self.tokens.get(&Digest::of(token.as_bytes()).hex()).ok_or(ApiError::UnknownToken)?;
         Ok(Caller { name: known.name.clone(), tenant: known.tenant.clone(), role: known.role })
+    }
+
+    /// Counts a client request against its token's and its connection's rates.
+    fn within_rate<T>(&self, request: &Request<T>) -> Result<(), ApiError> {
+        let Some(limits) = &self.limits else { return Ok(()) };
+        let token = request.extensions().get::<Caller>().filter(|_| !self.tokens.is_empty()).map(|c| c.name.as_str());
+        limits.check(token, request.remote_addr())
     }
 
     /// Checks that a request to a node service (`service`) comes from a node: with mutual
@@ -92,6 +102,7 @@ impl tonic::service::Interceptor for Authenticate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let caller = self.0.caller(&request)?;
         request.extensions_mut().insert(caller);
+        self.0.within_rate(&request)?;
         Ok(request)
     }
 }

@@ -97,6 +97,16 @@ pub enum ApiError {
         "{0} takes only nodes of the cluster: connect with a certificate signed by its CA ([tls] in kilnd's config)"
     )]
     NotANode(&'static str),
+    /// A token or a connection over its request rate.
+    #[error("{who}: over {per_second} requests per second (bursts of {burst}): slow down and retry")]
+    RateLimited {
+        /// The token or the connection.
+        who: String,
+        /// The sustained rate.
+        per_second: u32,
+        /// The burst.
+        burst: u32,
+    },
     /// A tenant at its `max-builds`.
     #[error("tenant {tenant:?} has {limit} builds in progress, its limit (max-builds): wait for one to finish")]
     TooManyBuilds {
@@ -156,9 +166,10 @@ impl ApiError {
             | ApiError::Storage(_) => ErrorKind::Internal,
             ApiError::NoStore | ApiError::NotAdmin { .. } | ApiError::NotThatWorker { .. } => ErrorKind::Refused,
             ApiError::NoToken | ApiError::UnknownToken | ApiError::NotANode(_) => ErrorKind::Unauthenticated,
-            ApiError::TooManyBuilds { .. } | ApiError::TooManyVertices { .. } | ApiError::UploadTooLarge { .. } => {
-                ErrorKind::Exhausted
-            }
+            ApiError::TooManyBuilds { .. }
+            | ApiError::TooManyVertices { .. }
+            | ApiError::UploadTooLarge { .. }
+            | ApiError::RateLimited { .. } => ErrorKind::Exhausted,
         }
     }
 }

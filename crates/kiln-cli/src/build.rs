@@ -96,6 +96,8 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         allow: args.allow.iter().copied().collect(),
         cache_group: None,
     };
+    // Refused here, before the context is read or sent, as the daemon would refuse it.
+    request.check_bounds()?;
     let client = daemon.connect().await?;
     // A daemon reached over TCP may be on another machine: send the context, content-addressed
     // (only the files it lacks travel).

@@ -152,3 +152,160 @@ fn a_config_file_with_both_roles_runs_standalone_and_bad_files_are_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("kiln.toml") && stderr.contains("max-paralelism"), "{stderr}");
 }
+
+/// Starts a standalone daemon from `config` (its TCP listener on `port`), logging to `log`.
+fn from_config(config: &Path, log: &Path, port: u16) -> Stopped {
+    let runner = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner");
+    let daemon = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .arg("--config")
+        .arg(config)
+        .env("KILN_RUNNER", &runner)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon = Stopped(daemon);
+    let listening = format!("listening on 127.0.0.1:{port}");
+    wait_until("the TCP listener", || std::fs::read_to_string(log).is_ok_and(|l| l.contains(&listening)));
+    daemon
+}
+
+/// A daemon killed when the test ends, however it ends.
+struct Stopped(std::process::Child);
+
+impl Stopped {
+    /// Stops it with SIGTERM and checks that it exits cleanly.
+    fn stop(mut self) {
+        Command::new("kill").arg(self.0.id().to_string()).status().unwrap();
+        assert!(self.0.wait().unwrap().success());
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Calls `Info` over one connection until refused (at most `bound` times): the calls that
+/// passed, and the refusal.
+fn info_until_refused(address: &str, token: Option<&str>, bound: usize) -> (usize, kiln_client::ClientError) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let options = kiln_client::ClientOptions { tls: None, token: token.map(str::to_string) };
+        let client = kiln_client::Client::connect_with(address, &options).await.unwrap();
+        for passed in 0..bound {
+            if let Err(error) = client.info().await {
+                return (passed, error);
+            }
+        }
+        panic!("{bound} requests over one connection were all served");
+    })
+}
+
+#[test]
+fn rates_tenant_limits_and_request_bounds_are_enforced_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let sha = |token: &str| kiln_types::Digest::of(token.as_bytes()).hex();
+    let token = |name: &str| {
+        format!(
+            "[[coordinator.tokens]]\nname = \"{name}\"\ntenant = \"{name}\"\nrole = \"build\"\nsha256 = \"{}\"\n",
+            sha(name)
+        )
+    };
+    let config = dir.path().join("kiln.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[coordinator]\nlisten = \"127.0.0.1:{port}\"\n[worker]\nroot = \"{}\"\n[tls]\ninsecure = true\n{}{}\
+             [coordinator.tenants.small]\nmax-queued-vertices = 2\n",
+            dir.path().join("root").display(),
+            token("small") + &token("busy"),
+            token("calm"),
+        ),
+    )
+    .unwrap();
+    let daemon = from_config(&config, &dir.path().join("kilnd.log"), port);
+    let address = format!("http://127.0.0.1:{port}");
+
+    // A token over its rate is refused on its own; another token is not.
+    let (passed, refused) = info_until_refused(&address, Some("busy"), 5000);
+    assert!(passed >= kiln_api::TOKEN_RATE.1 as usize, "{passed}");
+    assert_eq!(refused.kind(), kiln_model::ErrorKind::Exhausted, "{refused}");
+    assert!(refused.to_string().contains("token \"busy\": over 50 requests per second"), "{refused}");
+    let (passed, _) = info_until_refused(&address, Some("calm"), 5000);
+    assert!(passed >= kiln_api::TOKEN_RATE.1 as usize, "calm was limited by busy: {passed}");
+
+    // A build planning more vertices than its tenant may have: refused on one line.
+    let context = dir.path().join("context");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::write(context.join("a"), "a").unwrap();
+    std::fs::write(context.join("Dockerfile"), "FROM scratch\nCOPY a /a\nCOPY a /b\nCOPY a /c\n").unwrap();
+    let kiln = |token: &str, args: &[&str]| {
+        Command::new(Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln"))
+            .args(["--addr", &address, "--token", token])
+            .args(args)
+            .env_remove("KILN_ADDR")
+            .output()
+            .unwrap()
+    };
+    let out = kiln("small", &["build", context.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("tenant \"small\"") && stderr.contains("(max-queued-vertices)"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    // Oversized parts of a request: the CLI refuses before sending, the daemon if sent.
+    let mut args = vec!["build".to_string(), context.display().to_string()];
+    for n in 0..=kiln_model::bounds::BUILD_ARGS {
+        args.extend(["--build-arg".to_string(), format!("A{n}=v")]);
+    }
+    let out = kiln("calm", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--build-arg is 1025 arguments, over the limit of 1024"),
+        "{stderr}"
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let refused = runtime.block_on(async {
+        let options = kiln_client::ClientOptions { tls: None, token: Some("calm".into()) };
+        let client = kiln_client::Client::connect_with(&address, &options).await.unwrap();
+        let request = kiln_client::BuildRequest {
+            dockerfile: "#".repeat(kiln_model::bounds::DOCKERFILE + 1),
+            file_name: "Dockerfile.huge".into(),
+            context_manifest: Some(Default::default()),
+            ..Default::default()
+        };
+        client.build(request).await.err()
+    });
+    let refused = refused.expect("an oversized Dockerfile was accepted");
+    assert_eq!(refused.kind(), kiln_model::ErrorKind::BadRequest, "{refused}");
+    let expected = format!("the Dockerfile Dockerfile.huge is {} bytes", kiln_model::bounds::DOCKERFILE + 1);
+    assert!(refused.to_string().contains(&expected), "{refused}");
+
+    daemon.stop();
+
+    // Without tokens, each connection has its own rate.
+    let root = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = root.path().join("kilnd.log");
+    let daemon = Stopped(
+        Command::new(env!("CARGO_BIN_EXE_kilnd"))
+            .args(["--standalone", "--insecure", "--listen", &format!("127.0.0.1:{port}"), "--root"])
+            .arg(root.path().join("root"))
+            .env("KILN_RUNNER", Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let listening = format!("listening on 127.0.0.1:{port}");
+    wait_until("the TCP listener", || std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&listening)));
+    let address = format!("http://127.0.0.1:{port}");
+    let (passed, refused) = info_until_refused(&address, None, 10_000);
+    assert!(passed >= kiln_api::CONNECTION_RATE.1 as usize, "{passed}");
+    assert!(refused.to_string().contains("connection from 127.0.0.1:"), "{refused}");
+    daemon.stop();
+}

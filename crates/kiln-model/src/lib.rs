@@ -36,6 +36,6 @@ pub use log::{LogLine, LogSink, LogStream};
 pub use manifest::{ContextManifest, ManifestEntry, ManifestError, ManifestKind};
 pub use output::{OutputSpec, OutputSpecError};
 pub use record::{Status, UnknownStatus, VertexRecord};
-pub use request::BuildRequest;
+pub use request::{BuildRequest, OversizedRequest, bounds};
 pub use spec::spec_fields;
 pub use worker::{JobId, LayerDesc, Layers, TierBlob, WorkerInfo, WorkerStatus};

@@ -47,3 +47,77 @@ pub struct BuildRequest {
     /// by a client.
     pub cache_group: Option<String>,
 }
+
+/// Bounds on what one build request carries, checked by the client before it sends and by
+/// the daemon when the request arrives.
+pub mod bounds {
+    /// The Dockerfile's text (BuildKit's gRPC limit is 16 MiB; a heredoc script may be large).
+    pub const DOCKERFILE: usize = 16 << 20;
+    /// The `.dockerignore` text.
+    pub const DOCKERIGNORE: usize = 1 << 20;
+    /// Build arguments.
+    pub const BUILD_ARGS: usize = 1024;
+    /// One build argument, name and value (Linux's limit on one exec string).
+    pub const BUILD_ARG: usize = 128 << 10;
+    /// Secrets.
+    pub const SECRETS: usize = 256;
+    /// One secret (BuildKit's limit).
+    pub const SECRET: usize = 500 << 10;
+}
+
+/// A request over one of its [`bounds`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} is {size} {unit}, over the limit of {limit}")]
+pub struct OversizedRequest {
+    /// What is too large (`the Dockerfile Dockerfile.dev`, `--build-arg NAME`).
+    pub what: String,
+    /// Its size.
+    pub size: usize,
+    /// `bytes` or a count's noun.
+    pub unit: &'static str,
+    /// The bound.
+    pub limit: usize,
+}
+
+impl BuildRequest {
+    /// Checks the request against [`bounds`].
+    pub fn check_bounds(&self) -> Result<(), OversizedRequest> {
+        let over = |what: String, size: usize, unit: &'static str, limit: usize| {
+            if size > limit { Err(OversizedRequest { what, size, unit, limit }) } else { Ok(()) }
+        };
+        over(format!("the Dockerfile {}", self.file_name), self.dockerfile.len(), "bytes", bounds::DOCKERFILE)?;
+        over("the .dockerignore".into(), self.dockerignore.len(), "bytes", bounds::DOCKERIGNORE)?;
+        over("--build-arg".into(), self.build_args.len(), "arguments", bounds::BUILD_ARGS)?;
+        for (name, value) in &self.build_args {
+            over(format!("--build-arg {name}"), name.len() + value.len() + 1, "bytes", bounds::BUILD_ARG)?;
+        }
+        over("--secret".into(), self.secrets.len(), "secrets", bounds::SECRETS)?;
+        for (id, value) in &self.secrets {
+            over(format!("--secret id={id}"), value.len(), "bytes", bounds::SECRET)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_parts_are_named() {
+        let mut request = BuildRequest { file_name: "Dockerfile.dev".into(), ..BuildRequest::default() };
+        request.check_bounds().unwrap();
+        request.build_args.insert("BIG".into(), "x".repeat(bounds::BUILD_ARG));
+        let error = request.check_bounds().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("--build-arg BIG is {} bytes, over the limit of {}", bounds::BUILD_ARG + 4, bounds::BUILD_ARG)
+        );
+        request.build_args.clear();
+        request.dockerfile = "#".repeat(bounds::DOCKERFILE + 1);
+        assert!(request.check_bounds().unwrap_err().to_string().starts_with("the Dockerfile Dockerfile.dev is"));
+        request.dockerfile.clear();
+        request.secrets.insert("npm".into(), vec![0; bounds::SECRET + 1]);
+        assert!(request.check_bounds().unwrap_err().to_string().starts_with("--secret id=npm"));
+    }
+}

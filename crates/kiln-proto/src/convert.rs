@@ -59,6 +59,9 @@ pub enum WireError {
     /// A cache spec that does not parse.
     #[error(transparent)]
     Cache(#[from] CacheSpecError),
+    /// A request over a bound.
+    #[error(transparent)]
+    Oversized(#[from] kiln_model::OversizedRequest),
     /// A required part of a message is missing.
     #[error("{0}")]
     Missing(&'static str),
@@ -303,7 +306,7 @@ pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, Wir
     };
     let (cache_from, cache_to) =
         (caches(&request.cache_from, CacheDirection::From)?, caches(&request.cache_to, CacheDirection::To)?);
-    Ok(BuildRequest {
+    let request = BuildRequest {
         platforms: platforms_from_proto(&request.platforms, "--platform")?,
         dockerfile: request.dockerfile,
         file_name: if request.file_name.is_empty() { "Dockerfile".into() } else { request.file_name },
@@ -320,7 +323,9 @@ pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, Wir
         cache_to,
         allow: entitlements_from_proto(&request.allow, "--allow")?,
         cache_group: None,
-    })
+    };
+    request.check_bounds()?;
+    Ok(request)
 }
 
 /// A context manifest as sent.

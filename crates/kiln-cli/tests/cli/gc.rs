@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -97,7 +98,16 @@ impl Tmpfs {
 }
 
 impl Drop for Tmpfs {
+    /// A daemon rooted on the tmpfs stops first: once unmounted, its pid file is out of
+    /// sight of `Setup`'s drop, and the daemon would outlive the test.
     fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.0.join("kilnd.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{}", pid.trim())).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
