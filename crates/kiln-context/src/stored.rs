@@ -168,6 +168,7 @@ mod tests {
         assert_eq!(twice.unwrap_err(), "context entry \"a\": listed twice");
         assert!(check(vec![entry("f", file()), entry("f/g", file())]).unwrap_err().contains("is a file"));
         assert!(check(vec![entry("x/../y", file())]).unwrap_err().contains("not a clean relative path"));
+        assert!(check(vec![entry("x\0y", file())]).unwrap_err().contains("not a clean relative path"));
         assert!(check(vec![entry("d", ManifestKind::Dir), entry("d/f", file()), entry("e/f", file())]).is_ok());
     }
 

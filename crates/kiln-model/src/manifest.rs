@@ -88,6 +88,7 @@ impl ContextManifest {
             let path = entry.path.as_str();
             if path.is_empty()
                 || path.starts_with('/')
+                || path.contains('\0')
                 || path.split('/').any(|p| p == ".." || p == "." || p.is_empty())
             {
                 return Err(ManifestError(format!("context entry {path:?}: not a clean relative path")));
@@ -95,6 +96,7 @@ impl ContextManifest {
             if let Some(raw) = &entry.raw_path
                 && (raw.is_empty()
                     || raw.starts_with(b"/")
+                    || raw.contains(&0)
                     || raw.split(|b| *b == b'/').any(|p| p == b".." || p == b"." || p.is_empty()))
             {
                 return Err(ManifestError(format!(

@@ -9,8 +9,8 @@
 //!
 //! Addresses: each namespace is a /30 of `10.89.0.0/16` (the worker's end `.1`, the step's
 //! `.2`), allocated host-wide under a lock file, since several workers may share a host.
-//! Namespaces are named `kiln-PID-N` after the worker's process: what a crashed worker
-//! left is deleted by the next one to start.
+//! Namespaces are named `kiln-PID-BLOCK` after the worker's process and their /30: what a
+//! crashed worker left is deleted by the next one to start.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -52,9 +52,6 @@ struct PoolState {
     ready: bool,
 }
 
-/// Numbers the namespaces of this process (one process may hold several pools).
-static CREATED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
 impl NetPool {
     /// An empty pool; namespaces are made as steps need them. Steps will not reach
     /// `blocked` (TCP).
@@ -82,8 +79,7 @@ impl NetPool {
                 return Ok(namespace);
             }
         }
-        let number = CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        create(&format!("kiln-{}-{number}", std::process::id()), number)
+        create()
     }
 }
 
@@ -170,11 +166,10 @@ fn host_rules(blocked: &[SocketAddr]) -> Result<(), String> {
     ensure_rule("filter", "INPUT", &["-i", &steps, "-j", "DROP"])
 }
 
-/// Creates namespace `name` (the process's `number`-th) with its veth pair, on a free /30.
-fn create(name: &str, number: u32) -> Result<Namespace, String> {
-    let namespace = Namespace { name: name.to_string() };
-    let outside = format!("{INTERFACE_PREFIX}{:x}x{number}", std::process::id());
-    let inside = format!("{outside}i");
+/// Creates a namespace with its veth pair on a free /30. Its names come from the /30, which
+/// is unique on the host while the namespace lives: `kiln-PID-BLOCK`, interfaces `knBLOCK`
+/// (hex, within Linux's 15 characters).
+fn create() -> Result<Namespace, String> {
     // Addresses are allocated host-wide: the lock spans finding a free /30 and taking it.
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -184,7 +179,11 @@ fn create(name: &str, number: u32) -> Result<Namespace, String> {
         .map_err(|e| format!("step network: {LOCK}: {e}"))?;
     let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| format!("step network: locking {LOCK}: {e}"))?;
-    let (host, step) = free_pair()?;
+    let (block, host, step) = free_block()?;
+    let name = format!("kiln-{}-{block}", std::process::id());
+    let outside = format!("{INTERFACE_PREFIX}{block:x}");
+    let inside = format!("{outside}i");
+    let name = name.as_str();
     let created = (|| {
         run("ip", &["netns", "add", name])?;
         run("ip", &["link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns", name])?;
@@ -200,11 +199,12 @@ fn create(name: &str, number: u32) -> Result<Namespace, String> {
         delete(name);
         return Err(error);
     }
-    Ok(namespace)
+    Ok(Namespace { name: name.to_string() })
 }
 
-/// The first /30 of [`SUBNET`] no interface on the host uses: (the worker's end, the step's).
-fn free_pair() -> Result<(Ipv4Addr, Ipv4Addr), String> {
+/// The first /30 of [`SUBNET`] no interface on the host uses: its number within the subnet,
+/// the worker's end and the step's.
+fn free_block() -> Result<(u32, Ipv4Addr, Ipv4Addr), String> {
     let output = Command::new("ip")
         .args(["-o", "-4", "addr", "show"])
         .output()
@@ -218,7 +218,7 @@ fn free_pair() -> Result<(Ipv4Addr, Ipv4Addr), String> {
     let base = u32::from(Ipv4Addr::new(10, 89, 0, 0)) >> 2;
     (base..base + (1 << 14))
         .find(|block| !used.contains(block))
-        .map(|block| (Ipv4Addr::from((block << 2) + 1), Ipv4Addr::from((block << 2) + 2)))
+        .map(|block| (block - base, Ipv4Addr::from((block << 2) + 1), Ipv4Addr::from((block << 2) + 2)))
         .ok_or_else(|| format!("step network: every /30 of {SUBNET} is in use"))
 }
 
