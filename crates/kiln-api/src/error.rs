@@ -97,6 +97,19 @@ pub enum ApiError {
         "{0} takes only nodes of the cluster: connect with a certificate signed by its CA ([tls] in kilnd's config)"
     )]
     NotANode(&'static str),
+    /// An upload that would take the tenant's stored contexts over `max-stored`.
+    #[error(
+        "tenant {tenant:?} may keep at most {limit} bytes of uploaded contexts (max-stored); with this upload it \
+         would keep {size}: wait for garbage collection or ask an admin to prune"
+    )]
+    StoredTooMuch {
+        /// The tenant.
+        tenant: String,
+        /// Its limit.
+        limit: u64,
+        /// What it would keep.
+        size: u64,
+    },
     /// A token or a connection over its request rate.
     #[error("{who}: over {per_second} requests per second (bursts of {burst}): slow down and retry")]
     RateLimited {
@@ -169,6 +182,7 @@ impl ApiError {
             ApiError::TooManyBuilds { .. }
             | ApiError::TooManyVertices { .. }
             | ApiError::UploadTooLarge { .. }
+            | ApiError::StoredTooMuch { .. }
             | ApiError::RateLimited { .. } => ErrorKind::Exhausted,
         }
     }

@@ -247,6 +247,15 @@ impl Control for ControlService {
     async fn upload(&self, request: Request<Streaming<BlobChunkUpload>>) -> Result<Response<UploadResponse>, Status> {
         let tenant = auth::caller_of(&request).tenant;
         let group = self.tenants.cache_group(&tenant);
+        // What the tenant's group keeps stored already counts against its `max-stored`.
+        let stored = match self.tenants.max_stored(&tenant) {
+            Some(_) => self
+                .engine
+                .uploaded_bytes(group.as_deref())
+                .await
+                .map_err(|e| ApiError::Store { what: "summing uploaded blobs".into(), source: e.into() })?,
+            None => 0,
+        };
         let cas = self.engine.stores().cas();
         let mut stream = request.into_inner();
         let (mut blobs, mut bytes) = (0u64, 0u64);
@@ -275,6 +284,7 @@ impl Control for ControlService {
             // Over the tenant's limit the stream ends; dropping the writer removes the file.
             bytes += chunk.data.len() as u64;
             self.tenants.check_upload(&tenant, bytes)?;
+            self.tenants.check_stored(&tenant, stored + bytes)?;
             if !chunk.digest.is_empty() {
                 received.extend(finish(current.take()).await?);
                 let digest = parse_digest(&chunk.digest, "an uploaded blob").map_err(ApiError::from)?;
@@ -302,7 +312,7 @@ impl Control for ControlService {
                 .map_err(|source| ApiError::Store { what: "publishing uploaded blobs".into(), source })?;
             // The group sent these bytes: its builds may use them.
             engine
-                .record_uploads(group.as_deref(), published.iter().map(|info| info.digest))
+                .record_uploads(group.as_deref(), published.iter().map(|info| (info.digest, info.size)))
                 .map_err(|e| ApiError::Store { what: "recording uploaded blobs".into(), source: e.into() })?;
             Ok::<_, ApiError>(published)
         });

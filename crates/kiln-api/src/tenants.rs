@@ -49,6 +49,22 @@ impl Tenants {
         }
     }
 
+    /// The tenant's `max-stored`, if it has one.
+    pub(crate) fn max_stored(&self, tenant: &str) -> Option<u64> {
+        self.policy(tenant).max_stored
+    }
+
+    /// Checks the `bytes` of uploaded contexts the tenant's group would keep against its
+    /// `max-stored`.
+    pub(crate) fn check_stored(&self, tenant: &str, bytes: u64) -> Result<(), ApiError> {
+        match self.max_stored(tenant) {
+            Some(limit) if bytes > limit => {
+                Err(ApiError::StoredTooMuch { tenant: tenant.to_string(), limit, size: bytes })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Counts a new build of `tenant`, or refuses it at `max-builds`. The build counts until
     /// the admission is dropped.
     pub(crate) fn admit(self: &Arc<Self>, tenant: &str) -> Result<Admission, ApiError> {

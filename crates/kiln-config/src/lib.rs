@@ -118,6 +118,9 @@ pub struct TenantSection {
     pub max_queued_vertices: Option<usize>,
     /// Bytes of one build's context, and of one upload (`512MiB`). Default: no limit.
     pub max_upload: Option<String>,
+    /// Bytes of uploaded contexts the tenant's cache group keeps stored (`10GiB`). Default:
+    /// no limit.
+    pub max_stored: Option<String>,
 }
 
 /// `[log]`.
@@ -589,13 +592,15 @@ fn tenant_policy(section: &TenantSection) -> Result<TenantPolicy, (&'static str,
         Some(0) => Err((field, "at least 1 (leave it out for no limit)".to_string())),
         _ => Ok(value),
     };
-    let max_upload =
-        section.max_upload.as_deref().map(parse_size).transpose().map_err(|e| ("max-upload", e.to_string()))?;
+    let size = |field: &'static str, value: &Option<String>| {
+        value.as_deref().map(parse_size).transpose().map_err(|e| (field, e.to_string()))
+    };
     Ok(TenantPolicy {
         cache_group: section.cache_group.clone(),
         max_builds: at_least_one("max-builds", section.max_builds)?,
         max_queued_vertices: at_least_one("max-queued-vertices", section.max_queued_vertices)?,
-        max_upload,
+        max_upload: size("max-upload", &section.max_upload)?,
+        max_stored: size("max-stored", &section.max_stored)?,
     })
 }
 

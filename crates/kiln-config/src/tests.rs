@@ -128,6 +128,7 @@ fn tls_and_tokens() {
         max_builds: Some(2),
         max_queued_vertices: None,
         max_upload: Some(1 << 20),
+        max_stored: None,
     };
     assert_eq!(policies.get("team-a"), Some(&expected));
     let cases = [

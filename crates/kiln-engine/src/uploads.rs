@@ -11,26 +11,50 @@ use kiln_types::Digest;
 
 use crate::Engine;
 
-/// `GROUP \0 DIGEST` → nothing: the group sent the blob's bytes.
+/// `GROUP \0 DIGEST` → the blob's size (8 bytes, little-endian): the group sent its bytes.
 const UPLOADS_TREE: &str = "context-uploads";
 
 fn upload_key(group: Option<&str>, digest: &Digest) -> Vec<u8> {
-    format!("{}\0{digest}", group.unwrap_or(DEFAULT_TENANT)).into_bytes()
+    let mut key = upload_prefix(group);
+    key.extend_from_slice(digest.to_string().as_bytes());
+    key
+}
+
+fn upload_prefix(group: Option<&str>) -> Vec<u8> {
+    format!("{}\0", group.unwrap_or(DEFAULT_TENANT)).into_bytes()
 }
 
 impl Engine {
-    /// Records that `group` (`None`: the default group) sent `digests`. Blocking: call it
-    /// off the async threads.
+    /// Records that `group` (`None`: the default group) sent the blobs `(digest, size)`.
+    /// Blocking: call it off the async threads.
     pub fn record_uploads(
         &self,
         group: Option<&str>,
-        digests: impl IntoIterator<Item = Digest>,
+        blobs: impl IntoIterator<Item = (Digest, u64)>,
     ) -> Result<(), KvError> {
         let mut batch = Batch::default();
-        for digest in digests {
-            batch.put(upload_key(group, &digest), Vec::new());
+        for (digest, size) in blobs {
+            batch.put(upload_key(group, &digest), size.to_le_bytes().to_vec());
         }
         self.kv.apply(UPLOADS_TREE, &batch)
+    }
+
+    /// The bytes of the blobs `group` sent that the store still holds.
+    pub async fn uploaded_bytes(&self, group: Option<&str>) -> Result<u64, KvError> {
+        let (cas, kv) = (Arc::clone(self.stores.cas()), Arc::clone(&self.kv));
+        let prefix = upload_prefix(group);
+        let sum = tokio::task::spawn_blocking(move || {
+            let mut total = 0u64;
+            for (key, value) in kv.scan_prefix(UPLOADS_TREE, &prefix)? {
+                let digest = std::str::from_utf8(&key[prefix.len()..]).ok().and_then(|d| d.parse::<Digest>().ok());
+                let size = value.try_into().map(u64::from_le_bytes).unwrap_or(0);
+                if digest.is_some_and(|digest| cas.contains(&digest)) {
+                    total += size;
+                }
+            }
+            Ok(total)
+        });
+        sum.await.map_err(|e| KvError::Transaction(format!("summing uploads: {e}")))?
     }
 
     /// Of `digests`, those `group` may not use: not in the store, or not sent by the group.

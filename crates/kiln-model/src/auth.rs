@@ -89,6 +89,8 @@ pub struct TenantPolicy {
     pub max_queued_vertices: Option<usize>,
     /// Bytes of one build's uploaded context, and of one upload.
     pub max_upload: Option<u64>,
+    /// Bytes of uploaded contexts the tenant's cache group keeps stored.
+    pub max_stored: Option<u64>,
 }
 
 impl TenantPolicy {

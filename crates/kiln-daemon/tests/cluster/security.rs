@@ -133,7 +133,7 @@ fn tenant_tokens() -> String {
             sha256(&format!("{tenant}-token"))
         )
     };
-    let policies = "[coordinator.tenants.team-b]\nmax-builds = 1\nmax-upload = \"64KiB\"\n\
+    let policies = "[coordinator.tenants.team-b]\nmax-builds = 1\nmax-upload = \"64KiB\"\nmax-stored = \"96KiB\"\n\
                     [coordinator.tenants.team-c]\ncache-group = \"team-a\"\n";
     entry("team-a", "build") + &entry("team-b", "build") + &entry("team-c", "build") + &entry("ops", "admin") + policies
 }
@@ -232,6 +232,16 @@ fn tenants_share_no_results_or_uploads_unless_grouped_and_stay_within_their_limi
     .unwrap();
     let stderr = text(&output.stderr);
     assert!(!output.status.success() && stderr.contains("max-upload"), "{stderr}");
+    // Each 60 KiB context fits max-upload; the second would keep more than max-stored.
+    for (n, fits) in [(1, true), (2, false)] {
+        let context = cluster.context(&format!("stored-{n}"), "FROM scratch\nCOPY data /\n");
+        std::fs::write(context.join("data"), vec![n as u8; 60 << 10]).unwrap();
+        let (metadata, out) = (cluster.dir.path().join(format!("s{n}.json")), cluster.dir.path().join(format!("s{n}")));
+        let output = spawn_build_as(&cluster, "team-b", &context, &metadata, &out).wait_with_output().unwrap();
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.success(), fits, "{stderr}");
+        assert!(fits || stderr.contains("(max-stored)"), "{stderr}");
+    }
     let long = cluster.context("long", "FROM BASE\nRUN sleep 120\n");
     let mut running = spawn_build_as(
         &cluster,
