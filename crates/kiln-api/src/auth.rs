@@ -53,11 +53,15 @@ impl Access {
         Ok(Caller { name: known.name.clone(), tenant: known.tenant.clone(), role: known.role })
     }
 
-    /// Counts a client request against its token's and its connection's rates.
-    fn within_rate<T>(&self, request: &Request<T>) -> Result<(), ApiError> {
-        let Some(limits) = &self.limits else { return Ok(()) };
-        let token = request.extensions().get::<Caller>().filter(|_| !self.tokens.is_empty()).map(|c| c.name.as_str());
-        limits.check(token, request.remote_addr())
+    /// Counts a client request against its address's rate, before it is authenticated.
+    fn within_peer_rate<T>(&self, request: &Request<T>) -> Result<(), ApiError> {
+        self.limits.as_ref().map_or(Ok(()), |limits| limits.check_peer(request.remote_addr()))
+    }
+
+    /// Counts an authenticated client request against its token's rate.
+    fn within_token_rate(&self, caller: &Caller) -> Result<(), ApiError> {
+        let token = Some(caller.name.as_str()).filter(|_| !self.tokens.is_empty());
+        self.limits.as_ref().map_or(Ok(()), |limits| limits.check_token(token))
     }
 
     /// Checks that a request to a node service (`service`) comes from a node: with mutual
@@ -100,9 +104,10 @@ pub(crate) struct Authenticate(pub(crate) Access);
 
 impl tonic::service::Interceptor for Authenticate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        self.0.within_peer_rate(&request)?;
         let caller = self.0.caller(&request)?;
+        self.0.within_token_rate(&caller)?;
         request.extensions_mut().insert(caller);
-        self.0.within_rate(&request)?;
         Ok(request)
     }
 }

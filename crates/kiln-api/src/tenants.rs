@@ -29,8 +29,15 @@ impl Tenants {
         Arc::new(Tenants { policies, usage: Mutex::default() })
     }
 
-    fn policy(&self, tenant: &str) -> TenantPolicy {
-        self.policies.get(tenant).cloned().unwrap_or_default()
+    fn policy(&self, tenant: &str) -> &TenantPolicy {
+        const UNLIMITED: TenantPolicy = TenantPolicy {
+            cache_group: None,
+            max_builds: None,
+            max_queued_vertices: None,
+            max_upload: None,
+            max_stored: None,
+        };
+        self.policies.get(tenant).unwrap_or(&UNLIMITED)
     }
 
     /// The cache group of `tenant` (`None`: the default group).
@@ -41,12 +48,11 @@ impl Tenants {
     /// Checks `bytes` of one build's context, or of one upload, against the tenant's
     /// `max-upload`.
     pub(crate) fn check_upload(&self, tenant: &str, bytes: u64) -> Result<(), ApiError> {
-        match self.policy(tenant).max_upload {
-            Some(limit) if bytes > limit => {
-                Err(ApiError::UploadTooLarge { tenant: tenant.to_string(), limit, size: bytes })
-            }
-            _ => Ok(()),
-        }
+        within(self.policy(tenant).max_upload, bytes, |limit| ApiError::UploadTooLarge {
+            tenant: tenant.to_string(),
+            limit,
+            size: bytes,
+        })
     }
 
     /// The tenant's `max-stored`, if it has one.
@@ -57,12 +63,11 @@ impl Tenants {
     /// Checks the `bytes` of uploaded contexts the tenant's group would keep against its
     /// `max-stored`.
     pub(crate) fn check_stored(&self, tenant: &str, bytes: u64) -> Result<(), ApiError> {
-        match self.max_stored(tenant) {
-            Some(limit) if bytes > limit => {
-                Err(ApiError::StoredTooMuch { tenant: tenant.to_string(), limit, size: bytes })
-            }
-            _ => Ok(()),
-        }
+        within(self.policy(tenant).max_stored, bytes, |limit| ApiError::StoredTooMuch {
+            tenant: tenant.to_string(),
+            limit,
+            size: bytes,
+        })
     }
 
     /// Counts a new build of `tenant`, or refuses it at `max-builds`. The build counts until
@@ -78,6 +83,14 @@ impl Tenants {
         }
         used.builds += 1;
         Ok(Admission { tenants: Arc::clone(self), tenant: tenant.to_string(), vertices: 0 })
+    }
+}
+
+/// `bytes` within `limit`, or the error for the limit.
+fn within(limit: Option<u64>, bytes: u64, error: impl FnOnce(u64) -> ApiError) -> Result<(), ApiError> {
+    match limit {
+        Some(limit) if bytes > limit => Err(error(limit)),
+        _ => Ok(()),
     }
 }
 

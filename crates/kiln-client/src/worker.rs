@@ -134,6 +134,7 @@ fn assignment(assign: v1::Assign) -> Result<Box<Assignment>, String> {
         secrets: assign.secrets,
         contexts,
         context_address: assign.context_address,
+        cache_group: (!assign.cache_group.is_empty()).then_some(assign.cache_group),
     }))
 }
 

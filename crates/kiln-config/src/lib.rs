@@ -573,6 +573,12 @@ impl ConfigFile {
         let mut tenants = BTreeMap::new();
         for (name, section) in sections {
             let key = format!("{key}.{name}");
+            if name != kiln_model::DEFAULT_TENANT && !tokens.iter().any(|t| t.tenant == *name) {
+                return Err(invalid(
+                    &key,
+                    format!("no token names the tenant {name:?} (a typo would lift its limits)"),
+                ));
+            }
             let policy =
                 tenant_policy(section).map_err(|(field, message)| invalid(&format!("{key}.{field}"), message))?;
             tenants.insert(name.clone(), policy);

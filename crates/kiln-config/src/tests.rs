@@ -121,8 +121,10 @@ fn tls_and_tokens() {
             sha256: hash.clone()
         }]
     );
-    let tenants = "[coordinator.tenants.team-a]\ncache-group = \"shared\"\nmax-builds = 2\nmax-upload = \"1MiB\"\n";
-    let policies = validate(&coordinator(tenants)).unwrap().tenants;
+    let with_tenant =
+        |section: &str| coordinator(&(token("ci", "build", &hash) + "[coordinator.tenants.team-a]\n" + section));
+    let tenants = "cache-group = \"shared\"\nmax-builds = 2\nmax-upload = \"1MiB\"\n";
+    let policies = validate(&with_tenant(tenants)).unwrap().tenants;
     let expected = kiln_model::TenantPolicy {
         cache_group: Some("shared".into()),
         max_builds: Some(2),
@@ -133,13 +135,14 @@ fn tls_and_tokens() {
     assert_eq!(policies.get("team-a"), Some(&expected));
     let cases = [
         (format!("{worker}[tls]\n"), "tls: kilnd serves TCP".to_string()),
+        (with_tenant("max-builds = 0\n"), "coordinator.tenants.team-a.max-builds: at least 1".into()),
+        (with_tenant("max-upload = \"lots\"\n"), "coordinator.tenants.team-a.max-upload".into()),
+        (with_tenant("cache-group = \"\"\n"), "coordinator.tenants.team-a.cache-group".into()),
+        (with_tenant("max-build = 1\n"), "max-build".into()),
         (
-            coordinator("[coordinator.tenants.a]\nmax-builds = 0\n"),
-            "coordinator.tenants.a.max-builds: at least 1".into(),
+            coordinator("[coordinator.tenants.team-b]\nmax-builds = 1\n"),
+            "coordinator.tenants.team-b: no token names the tenant \"team-b\"".into(),
         ),
-        (coordinator("[coordinator.tenants.a]\nmax-upload = \"lots\"\n"), "coordinator.tenants.a.max-upload".into()),
-        (coordinator("[coordinator.tenants.a]\ncache-group = \"\"\n"), "coordinator.tenants.a.cache-group".into()),
-        (coordinator("[coordinator.tenants.a]\nmax-build = 1\n"), "max-build".into()),
         (format!("{worker}[tls]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\n"), "tls.key: required".to_string()),
         (format!("{files}insecure = true\n"), "tls.insecure".to_string()),
         (files.replace("https", "http"), "worker.coordinator: \"http://c:1\": https://".to_string()),

@@ -59,6 +59,10 @@ struct Args {
     /// on IO or sleep; BuildKit has no limit unless configured).
     #[arg(long)]
     max_parallelism: Option<usize>,
+    /// The network of RUN steps without `--network`: `isolated` (a namespace of their own,
+    /// the default) or `worker` (the daemon's; `[worker] default-network` in a config).
+    #[arg(long)]
+    default_network: Option<kiln_model::DefaultNetwork>,
     /// Log lines as text or as one JSON object each (default: the config's `[log] format`,
     /// else text); levels come from `RUST_LOG` (default `info`).
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
@@ -349,7 +353,10 @@ async fn standalone(
     lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
-    let worker = worker_config(root, settings.as_ref())?;
+    let mut worker = worker_config(root, settings.as_ref())?;
+    if let Some(network) = args.default_network {
+        worker.default_network = network;
+    }
     let max_parallelism =
         args.max_parallelism.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     let platforms = platforms(settings.as_ref())?;

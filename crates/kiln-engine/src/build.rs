@@ -30,12 +30,18 @@ pub struct ClusterData {
     /// Secrets by id, while the build runs: recipes kept for recomputing its results hold
     /// this data after it ended, its secrets not.
     secrets: std::sync::Mutex<HashMap<String, Vec<u8>>>,
+    /// The build's cache group: its jobs' cache mounts are the group's.
+    pub cache_group: Option<String>,
 }
 
 impl ClusterData {
     /// A build's data.
-    pub fn new(contexts: HashMap<String, Arc<ContextManifest>>, secrets: HashMap<String, Vec<u8>>) -> ClusterData {
-        ClusterData { contexts, secrets: std::sync::Mutex::new(secrets) }
+    pub fn new(
+        contexts: HashMap<String, Arc<ContextManifest>>,
+        secrets: HashMap<String, Vec<u8>>,
+        cache_group: Option<String>,
+    ) -> ClusterData {
+        ClusterData { contexts, secrets: std::sync::Mutex::new(secrets), cache_group }
     }
 
     /// The secrets a step mounts (those the build has).
@@ -147,7 +153,7 @@ impl Engine {
         let options = BuildOptions {
             no_cache: request.no_cache,
             max_parallelism: request.max_parallelism,
-            scope: request.cache_group.clone(),
+            cache_group: request.cache_group.clone(),
         };
         let graph = plan.graph.clone();
         let imports = self.import_caches(&request, &progress).await;
@@ -159,6 +165,7 @@ impl Engine {
                         secrets: request.secrets.clone(),
                         cache: imports.records(),
                         hold,
+                        cache_group: request.cache_group.clone(),
                     };
                     let (result, records, outputs) =
                         follow(solver.submit(graph, options, Arc::new(inputs)), &progress).await?;
@@ -173,6 +180,7 @@ impl Engine {
                     let data = ClusterData::new(
                         HashMap::from([("context".to_string(), Arc::new(manifest))]),
                         request.secrets.clone(),
+                        request.cache_group.clone(),
                     );
                     let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let build = Arc::new(ClusterBuild { id, data, imports: imports.lookup() });

@@ -64,7 +64,8 @@ impl Engine {
         let lookups = tokio::task::spawn_blocking(move || {
             let mut missing = Vec::new();
             for digest in digests {
-                if !cas.contains(&digest) || kv.get(UPLOADS_TREE, &upload_key(group.as_deref(), &digest))?.is_none() {
+                // Ownership first: whether another group stored the blob stays unobservable.
+                if kv.get(UPLOADS_TREE, &upload_key(group.as_deref(), &digest))?.is_none() || !cas.contains(&digest) {
                     missing.push(digest);
                 }
             }

@@ -29,6 +29,9 @@ pub struct Assignment {
     pub contexts: HashMap<String, ContextManifest>,
     /// The blob service holding the contexts' files.
     pub context_address: String,
+    /// The cache group of the job's build (`None`: the default group): its cache mounts are
+    /// that group's.
+    pub cache_group: Option<String>,
 }
 
 /// What the coordinator sends.

@@ -63,6 +63,9 @@ pub mod bounds {
     pub const SECRETS: usize = 256;
     /// One secret (BuildKit's limit).
     pub const SECRET: usize = 500 << 10;
+    /// Everything above together: within the 64 MiB of a gRPC message, with room for the
+    /// context manifest.
+    pub const TOTAL: usize = 32 << 20;
 }
 
 /// A request over one of its [`bounds`].
@@ -95,7 +98,16 @@ impl BuildRequest {
         for (id, value) in &self.secrets {
             over(format!("--secret id={id}"), value.len(), "bytes", bounds::SECRET)?;
         }
-        Ok(())
+        let total = self.dockerfile.len()
+            + self.dockerignore.len()
+            + self.build_args.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>()
+            + self.secrets.iter().map(|(id, value)| id.len() + value.len()).sum::<usize>();
+        over(
+            "the Dockerfile, .dockerignore, build arguments and secrets together".into(),
+            total,
+            "bytes",
+            bounds::TOTAL,
+        )
     }
 }
 

@@ -26,7 +26,7 @@ pub struct BuildOptions {
     pub max_parallelism: Option<usize>,
     /// The cache group: builds of different groups neither share cache entries nor wait on
     /// each other's jobs (`None`: the default group, whose keys are unscoped).
-    pub scope: Option<String>,
+    pub cache_group: Option<String>,
 }
 
 /// An input to [`SolverState::apply`].
@@ -321,8 +321,8 @@ impl<O: Clone> SolverState<O> {
             }
         }
         let (key, cacheable) = cache_key(vertex, &input_keys);
-        let key = match &build.options.scope {
-            Some(scope) => scoped_key(&key, scope),
+        let key = match &build.options.cache_group {
+            Some(group) => scoped_key(&key, group),
             None => key,
         };
         if cacheable

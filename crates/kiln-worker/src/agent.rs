@@ -286,8 +286,13 @@ async fn execute<L: SessionLink>(
         }
         contexts.insert(name.clone(), Arc::new(context));
     }
-    let build =
-        BuildInputs { contexts, secrets: assignment.secrets, hold: Some(Arc::clone(&hold)), ..BuildInputs::default() };
+    let build = BuildInputs {
+        contexts,
+        secrets: assignment.secrets,
+        hold: Some(Arc::clone(&hold)),
+        cache_group: assignment.cache_group,
+        ..BuildInputs::default()
+    };
     let log_link = link.clone();
     let logs = LogSink::new(move |line| {
         log_link.log(job, epoch, line);

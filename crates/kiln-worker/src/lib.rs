@@ -76,6 +76,9 @@ pub struct BuildInputs {
     pub cache: Arc<kiln_cache::Imports>,
     /// The layers the build (or job) uses, kept from garbage collection until it ends.
     pub hold: Option<Arc<kiln_layer::Hold>>,
+    /// The build's cache group (`None`: the default group): its cache mounts are the
+    /// group's, never another tenant's.
+    pub cache_group: Option<String>,
 }
 
 impl BuildInputs {

@@ -164,9 +164,20 @@ impl CacheMounts {
         Arc::clone(locks.entry(dir.to_path_buf()).or_default())
     }
 
-    /// The directory for a cache mount, and the lock that keeps it ours until the step ends.
-    async fn acquire(&self, id: &str, sharing: CacheSharing) -> Result<(PathBuf, Option<OwnedMutexGuard<()>>), String> {
-        let base = self.root.join(Digest::of(id.as_bytes()).hex());
+    /// The directory for a cache mount of `group` (`None`: the default group, whose
+    /// directories are named by the id alone), and the lock that keeps it ours until the
+    /// step ends.
+    async fn acquire(
+        &self,
+        group: Option<&str>,
+        id: &str,
+        sharing: CacheSharing,
+    ) -> Result<(PathBuf, Option<OwnedMutexGuard<()>>), String> {
+        let key = match group {
+            Some(group) => Digest::of(format!("{group}\0{id}").as_bytes()),
+            None => Digest::of(id.as_bytes()),
+        };
+        let base = self.root.join(key.hex());
         match sharing {
             CacheSharing::Shared => Ok((base.join("0"), None)),
             CacheSharing::Locked => {
@@ -241,7 +252,7 @@ impl Worker {
                     prepared.run_mounts.push(bind(target, host, !readwrite));
                 }
                 MountKind::Cache { id, sharing, from, source, readonly, mode, uid, gid } => {
-                    let (dir, guard) = self.cache_mounts.acquire(id, *sharing).await?;
+                    let (dir, guard) = self.cache_mounts.acquire(build.cache_group.as_deref(), id, *sharing).await?;
                     prepared.users.push(self.cache_mounts.use_dir(&dir));
                     let creating = self.cache_mounts.creating.lock().await;
                     if !dir.exists() {

@@ -2,7 +2,7 @@
 //! through the worker (routed and masqueraded) but no way to the worker itself, to other
 //! steps, to the link-local metadata address or to the coordinator.
 //!
-//! Creating a namespace and its veth pair takes a few `ip` commands (tens of milliseconds),
+//! Creating a namespace and its veth pair takes a few `ip` commands (60–100 ms here),
 //! so namespaces are kept in a pool, as BuildKit keeps its CNI namespaces: a step takes one
 //! and gives it back. A step with `--security=insecure` could have changed its namespace
 //! (it has `CAP_NET_ADMIN`): its namespace is deleted instead of reused.
@@ -10,7 +10,11 @@
 //! Addresses: each namespace is a /30 of `10.89.0.0/16` (the worker's end `.1`, the step's
 //! `.2`), allocated host-wide under a lock file, since several workers may share a host.
 //! Namespaces are named `kiln-PID-BLOCK` after the worker's process and their /30: what a
-//! crashed worker left is deleted by the next one to start.
+//! crashed worker left is deleted when the next one sets up its first namespace.
+//!
+//! IPv6 is off on the worker's end of each pair, so a step has no IPv6 neighbour to reach
+//! the worker through. Forwarding (`net.ipv4.ip_forward`) is switched on for the host and
+//! left on.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -19,8 +23,8 @@ use std::sync::{Arc, Mutex};
 
 /// The addresses of every step namespace.
 const SUBNET: &str = "10.89.0.0/16";
-/// Interfaces on the worker's side are `kn…`: the rules match them all with `kn+`.
-const INTERFACE_PREFIX: &str = "kn";
+/// Interfaces on the worker's side are `kiln…`: the rules match them all with `kiln+`.
+const INTERFACE_PREFIX: &str = "kiln";
 /// Where `ip netns` keeps its namespaces.
 const NETNS_DIR: &str = "/run/netns";
 /// Held while allocating addresses.
@@ -42,7 +46,10 @@ impl Namespace {
 pub(crate) struct NetPool {
     state: Mutex<PoolState>,
     /// What steps must not reach besides the worker itself (the coordinator).
-    blocked: Vec<SocketAddr>,
+    unreachable: Vec<SocketAddr>,
+    /// The nameservers steps may query (port 53), even on the worker's host or a link-local
+    /// address (NodeLocal DNSCache, a cloud's resolver).
+    resolvers: Vec<std::net::IpAddr>,
 }
 
 #[derive(Default)]
@@ -54,9 +61,10 @@ struct PoolState {
 
 impl NetPool {
     /// An empty pool; namespaces are made as steps need them. Steps will not reach
-    /// `blocked` (TCP).
-    pub(crate) fn new(blocked: Vec<SocketAddr>) -> NetPool {
-        NetPool { state: Mutex::default(), blocked }
+    /// `unreachable` (TCP), and may query the host's nameservers.
+    pub(crate) fn new(unreachable: Vec<SocketAddr>) -> NetPool {
+        let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        NetPool { state: Mutex::default(), unreachable, resolvers: nameservers(&step_resolv_conf(&host)) }
     }
 
     /// A namespace for one step, given back when the lease is dropped: deleted instead
@@ -72,7 +80,7 @@ impl NetPool {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if !state.ready {
                 remove_orphans();
-                host_rules(&self.blocked)?;
+                host_rules(&self.unreachable, &self.resolvers)?;
                 state.ready = true;
             }
             if let Some(namespace) = state.free.pop() {
@@ -122,7 +130,7 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
     let output = Command::new(program).args(args).output().map_err(|e| {
         format!(
             "step network: running {program}: {e} (the default RUN network needs iproute2 and iptables; \
-             `worker.default-network = \"worker\"` runs steps in the worker's network instead)"
+             `worker.default-network = \"worker\"` or `kilnd --default-network worker` runs steps in the worker's network)"
         )
     })?;
     if output.status.success() {
@@ -142,8 +150,10 @@ fn ensure_rule(table: &str, chain: &str, rule: &[&str]) -> Result<(), String> {
 }
 
 /// The host's side: forwarding on, steps masqueraded outbound, and dropped towards the
-/// worker itself, each other, link-local addresses and `blocked`.
-fn host_rules(blocked: &[SocketAddr]) -> Result<(), String> {
+/// worker itself, each other, link-local addresses and `unreachable` (matched by the
+/// address a step dialled too, so a virtual IP translated to it is caught), except DNS to
+/// `resolvers`.
+fn host_rules(unreachable: &[SocketAddr], resolvers: &[std::net::IpAddr]) -> Result<(), String> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
         .map_err(|e| format!("step network: enabling forwarding: {e}"))?;
     let steps = format!("{INTERFACE_PREFIX}+");
@@ -156,18 +166,35 @@ fn host_rules(blocked: &[SocketAddr]) -> Result<(), String> {
     )?;
     ensure_rule("filter", "FORWARD", &["-i", &steps, "-j", "ACCEPT"])?;
     // Loopback addresses need no rule: a step's loopback is its own.
-    for address in blocked.iter().filter(|a| a.is_ipv4() && !a.ip().is_loopback()) {
+    for address in unreachable.iter().filter(|a| a.is_ipv4() && !a.ip().is_loopback()) {
         let (ip, port) = (address.ip().to_string(), address.port().to_string());
         ensure_rule("filter", "FORWARD", &["-i", &steps, "-d", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"])?;
+        let dialled = ["-m", "conntrack", "--ctorigdst", &ip, "--ctorigdstport", &port];
+        let rule: Vec<&str> = ["-i", &steps, "-p", "tcp"].into_iter().chain(dialled).chain(["-j", "DROP"]).collect();
+        ensure_rule("filter", "FORWARD", &rule)?;
     }
     ensure_rule("filter", "FORWARD", &["-i", &steps, "-d", "169.254.0.0/16", "-j", "DROP"])?;
     ensure_rule("filter", "FORWARD", &["-i", &steps, "-o", &steps, "-j", "DROP"])?;
     // Anything addressed to the worker's host itself: its services, whichever address.
-    ensure_rule("filter", "INPUT", &["-i", &steps, "-j", "DROP"])
+    ensure_rule("filter", "INPUT", &["-i", &steps, "-j", "DROP"])?;
+    // Inserted last, so first: DNS to the nameservers steps are given.
+    for resolver in resolvers.iter().filter(|ip| ip.is_ipv4()) {
+        let ip = resolver.to_string();
+        for protocol in ["udp", "tcp"] {
+            for chain in ["INPUT", "FORWARD"] {
+                ensure_rule(
+                    "filter",
+                    chain,
+                    &["-i", &steps, "-d", &ip, "-p", protocol, "--dport", "53", "-j", "ACCEPT"],
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Creates a namespace with its veth pair on a free /30. Its names come from the /30, which
-/// is unique on the host while the namespace lives: `kiln-PID-BLOCK`, interfaces `knBLOCK`
+/// is unique on the host while the namespace lives: `kiln-PID-BLOCK`, interfaces `kilnBLOCK`
 /// (hex, within Linux's 15 characters).
 fn create() -> Result<Namespace, String> {
     // Addresses are allocated host-wide: the lock spans finding a free /30 and taking it.
@@ -184,9 +211,15 @@ fn create() -> Result<Namespace, String> {
     let outside = format!("{INTERFACE_PREFIX}{block:x}");
     let inside = format!("{outside}i");
     let name = name.as_str();
+    // A name that exists is not ours to delete.
+    run("ip", &["netns", "add", name])?;
     let created = (|| {
-        run("ip", &["netns", "add", name])?;
         run("ip", &["link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns", name])?;
+        // Without IPv6 on the worker's end, a step has no link-local way to the worker.
+        let ipv6 = format!("/proc/sys/net/ipv6/conf/{outside}/disable_ipv6");
+        if Path::new(&ipv6).exists() {
+            std::fs::write(&ipv6, "1").map_err(|e| format!("step network: {ipv6}: {e}"))?;
+        }
         run("ip", &["addr", "add", &format!("{host}/30"), "dev", &outside])?;
         run("ip", &["link", "set", &outside, "up"])?;
         run("ip", &["-n", name, "addr", "add", &format!("{step}/30"), "dev", &inside])?;
@@ -241,6 +274,11 @@ fn remove_orphans() {
     }
 }
 
+/// The nameservers a resolv.conf names.
+fn nameservers(resolv_conf: &str) -> Vec<std::net::IpAddr> {
+    resolv_conf.lines().filter_map(|line| line.trim().strip_prefix("nameserver")?.trim().parse().ok()).collect()
+}
+
 /// `/etc/resolv.conf` for a step in its own namespace: the host's, without nameservers on
 /// the host's loopback (unreachable from the step); Docker's fallback when none is left.
 pub(crate) fn step_resolv_conf(host: &str) -> String {
@@ -267,5 +305,7 @@ mod tests {
         let host = "search example.org\nnameserver 127.0.0.53\nnameserver 10.96.0.10\n";
         assert_eq!(step_resolv_conf(host), "search example.org\nnameserver 10.96.0.10\n");
         assert_eq!(step_resolv_conf("nameserver ::1\n"), "nameserver 8.8.8.8\nnameserver 8.8.4.4\n");
+        let allowed = nameservers(&step_resolv_conf("nameserver 169.254.20.10\nnameserver 127.0.0.53\n"));
+        assert_eq!(allowed, ["169.254.20.10".parse::<std::net::IpAddr>().unwrap()]);
     }
 }

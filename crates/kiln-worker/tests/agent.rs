@@ -188,6 +188,7 @@ fn assignment(job: JobId, vertex: Vertex) -> Assignment {
         secrets: HashMap::new(),
         contexts: HashMap::new(),
         context_address: String::new(),
+        cache_group: None,
     }
 }
 

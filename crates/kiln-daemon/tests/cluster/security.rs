@@ -217,6 +217,17 @@ fn tenants_share_no_results_or_uploads_unless_grouped_and_stay_within_their_limi
     let events = crafted_build_as(&cluster, Some("team-b-token"), copy(manifest)).unwrap();
     assert_eq!(result_error(&events), None);
 
+    // A cache mount is the cache group's: team-b neither sees nor shares team-a's files.
+    let writer =
+        cluster.context("cache-writer", "FROM BASE\nRUN --mount=type=cache,target=/cache echo a > /cache/mark\n");
+    build_as(&cluster, "team-a", &writer);
+    let reader = "FROM BASE\nRUN --mount=type=cache,target=/cache cat /cache/mark > /seen || echo nothing > /seen\n";
+    for (tenant, expected) in [("team-b", "nothing\n"), ("team-c", "a\n")] {
+        let context = cluster.context(&format!("cache-reader-{tenant}"), reader);
+        let (_, out) = build_as(&cluster, tenant, &context);
+        assert_eq!(std::fs::read_to_string(out.join("seen")).unwrap(), expected, "{tenant}");
+    }
+
     // team-b's limits: a context over max-upload, and a second build while one is in
     // progress, are refused on one line.
     let big = cluster.context("big", "FROM scratch\nCOPY big /\n");

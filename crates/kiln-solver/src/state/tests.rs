@@ -132,7 +132,7 @@ fn identical_work_runs_once_across_concurrent_builds() {
 fn cache_groups_share_neither_jobs_nor_cache_entries() {
     let mut state = State::default();
     let pin = Digest::of(b"manifest");
-    let scoped = |group: &str| BuildOptions { scope: Some(group.to_string()), ..Default::default() };
+    let scoped = |group: &str| BuildOptions { cache_group: Some(group.to_string()), ..Default::default() };
     let first = submit(&mut state, 1, graph(&["a"]), scoped("team-a"));
     let second = submit(&mut state, 2, graph(&["a"]), scoped("team-b"));
     assert_eq!((runs(&first).len(), runs(&second).len()), (1, 1), "team-b does not wait on team-a's job");
