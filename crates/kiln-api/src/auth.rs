@@ -22,7 +22,7 @@ pub struct Access {
     /// Client tokens by the hex SHA-256 of the token; none: every client is an admin of the
     /// default tenant.
     tokens: Arc<HashMap<String, ClientToken>>,
-    /// Request rates per token and per connection (TCP).
+    /// Request rates per client address and per token (TCP).
     limits: Option<Arc<RateLimits>>,
 }
 

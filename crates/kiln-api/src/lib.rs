@@ -258,7 +258,7 @@ impl Control for ControlService {
         };
         let cas = self.engine.stores().cas();
         let mut stream = request.into_inner();
-        let (mut blobs, mut bytes) = (0u64, 0u64);
+        let (mut blobs, mut received_bytes) = (0u64, 0u64);
         // The blob being received: its chunks go to a writer on a blocking thread. Received
         // blobs wait unsynced, and are synced all at once and published at the end: one
         // filesystem sync instead of one fsync per file of the context.
@@ -282,9 +282,9 @@ impl Control for ControlService {
                 .map_err(|_| Status::from(ApiError::UploadStalled { seconds: idle.as_secs_f32() }));
             let Some(chunk) = next?? else { break };
             // Over the tenant's limit the stream ends; dropping the writer removes the file.
-            bytes += chunk.data.len() as u64;
-            self.tenants.check_upload(&tenant, bytes)?;
-            self.tenants.check_stored(&tenant, stored + bytes)?;
+            received_bytes += chunk.data.len() as u64;
+            self.tenants.check_upload(&tenant, received_bytes)?;
+            self.tenants.check_stored(&tenant, stored + received_bytes)?;
             if !chunk.digest.is_empty() {
                 received.extend(finish(current.take()).await?);
                 let digest = parse_digest(&chunk.digest, "an uploaded blob").map_err(ApiError::from)?;

@@ -107,7 +107,7 @@ impl Worker {
         let (active, user, mut run_mounts, lease) = blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let lease = pool.map(|pool| pool.lease(insecure)).transpose()?;
-            let run_mounts = runtime_files(&dir, lease.is_some())?;
+            let run_mounts = runtime_files(&dir, lease.as_ref().map(crate::netns::Lease::resolv_conf))?;
             let active = snapshots.prepare(&chain_for_mount).map_err(|e| e.to_string())?;
             let user = resolve_user(&active.root(), &user_spec)?;
             let cwd =
@@ -246,13 +246,16 @@ impl Worker {
 }
 
 /// `/etc/hosts` and `/etc/resolv.conf` for the step, outside its rootfs (blocking).
-fn runtime_files(step_dir: &Path, own_network: bool) -> Result<Vec<RunMount>, String> {
+fn runtime_files(step_dir: &Path, resolv_conf: Option<&str>) -> Result<Vec<RunMount>, String> {
     let hosts = step_dir.join("hosts");
     let resolv = step_dir.join("resolv.conf");
     std::fs::write(&hosts, HOSTS).map_err(|e| e.to_string())?;
-    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    // A step in a namespace of its own cannot reach a resolver on the host's loopback.
-    let resolv_conf = if own_network { crate::netns::step_resolv_conf(&host_resolv) } else { host_resolv };
+    // A step in a namespace of its own gets its network's (no resolver on the host's
+    // loopback); one in the worker's network the host's own, as it is now.
+    let resolv_conf = match resolv_conf {
+        Some(text) => text.to_string(),
+        None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    };
     std::fs::write(&resolv, resolv_conf).map_err(|e| e.to_string())?;
     let bind = |target: &str, source: PathBuf| RunMount {
         target: target.to_string(),

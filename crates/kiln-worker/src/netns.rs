@@ -47,9 +47,8 @@ pub(crate) struct NetPool {
     state: Mutex<PoolState>,
     /// What steps must not reach besides the worker itself (the coordinator).
     unreachable: Vec<SocketAddr>,
-    /// The nameservers steps may query (port 53), even on the worker's host or a link-local
-    /// address (NodeLocal DNSCache, a cloud's resolver).
-    resolvers: Vec<std::net::IpAddr>,
+    /// The `/etc/resolv.conf` steps get, read once: the DNS rules allow its nameservers.
+    resolv_conf: String,
 }
 
 #[derive(Default)]
@@ -64,7 +63,7 @@ impl NetPool {
     /// `unreachable` (TCP), and may query the host's nameservers.
     pub(crate) fn new(unreachable: Vec<SocketAddr>) -> NetPool {
         let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        NetPool { state: Mutex::default(), unreachable, resolvers: nameservers(&step_resolv_conf(&host)) }
+        NetPool { state: Mutex::default(), unreachable, resolv_conf: step_resolv_conf(&host) }
     }
 
     /// A namespace for one step, given back when the lease is dropped: deleted instead
@@ -80,7 +79,7 @@ impl NetPool {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if !state.ready {
                 remove_orphans();
-                host_rules(&self.unreachable, &self.resolvers)?;
+                host_rules(&self.unreachable, &nameservers(&self.resolv_conf))?;
                 state.ready = true;
             }
             if let Some(namespace) = state.free.pop() {
@@ -102,6 +101,12 @@ impl Lease {
     /// The namespace's path, for the runner to enter.
     pub(crate) fn path(&self) -> PathBuf {
         self.namespace.as_ref().map(Namespace::path).unwrap_or_default()
+    }
+
+    /// The step's `/etc/resolv.conf`: nameservers it can reach, which the rules let it query
+    /// (even on the worker's host or a link-local address: NodeLocal DNSCache, a cloud's).
+    pub(crate) fn resolv_conf(&self) -> &str {
+        &self.pool.resolv_conf
     }
 }
 
@@ -281,7 +286,7 @@ fn nameservers(resolv_conf: &str) -> Vec<std::net::IpAddr> {
 
 /// `/etc/resolv.conf` for a step in its own namespace: the host's, without nameservers on
 /// the host's loopback (unreachable from the step); Docker's fallback when none is left.
-pub(crate) fn step_resolv_conf(host: &str) -> String {
+fn step_resolv_conf(host: &str) -> String {
     let mut lines: Vec<&str> = host
         .lines()
         .filter(|line| {

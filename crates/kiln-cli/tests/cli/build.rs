@@ -72,13 +72,19 @@ impl Drop for Setup {
     fn drop(&mut self) {
         let Ok(entries) = std::fs::read_dir(self.dir.path()) else { return };
         for entry in entries.flatten() {
-            let Ok(pid) = std::fs::read_to_string(entry.path().join("kilnd.pid")) else { continue };
-            let _ = Command::new("kill").arg(pid.trim()).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Path::new(&format!("/proc/{}", pid.trim())).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            stop_daemon(&entry.path());
         }
+    }
+}
+
+/// Stops the embedded daemon rooted at `root`, if one runs, and waits (a while) for it to
+/// exit. It is not this process's child, so its exit is seen in `/proc`.
+pub(crate) fn stop_daemon(root: &Path) {
+    let Ok(pid) = std::fs::read_to_string(root.join("kilnd.pid")) else { return };
+    let _ = Command::new("kill").arg(pid.trim()).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{}", pid.trim())).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

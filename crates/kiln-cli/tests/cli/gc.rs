@@ -3,11 +3,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::build::{Setup, text};
+use crate::build::{Setup, stop_daemon, text};
 
 fn json(setup: &Setup, state: &str, args: &[&str]) -> Value {
     let out = setup.run_in(state, args, &[]);
@@ -101,13 +100,7 @@ impl Drop for Tmpfs {
     /// A daemon rooted on the tmpfs stops first: once unmounted, its pid file is out of
     /// sight of `Setup`'s drop, and the daemon would outlive the test.
     fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.0.join("kilnd.pid")) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Path::new(&format!("/proc/{}", pid.trim())).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        stop_daemon(&self.0);
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }

@@ -313,25 +313,28 @@ impl OutsideHost {
         ip(&["-n", &namespace, "route", "add", "default", "via", &host]);
         ip(&["route", "add", "169.254.169.254/32", "via", &outside]);
         std::fs::write(dir.join("hello"), "hello from outside\n").unwrap();
-        let server = Command::new("ip")
+        let mut server = Command::new("ip")
             .args(["netns", "exec", &namespace, "python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"])
             .arg("--directory")
             .arg(dir)
-            .stdout(Stdio::null())
+            .env("PYTHONUNBUFFERED", "1")
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let outside_host = OutsideHost { namespace, server };
-        // Ready once the host connects to both of its addresses.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Ready once it says it serves on stdout (the line comes after its listen()); an end
+        // of its output first means it failed.
+        let stdout = server.stdout.take().unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let serving = lines.find(|line| line.as_ref().is_ok_and(|l| l.starts_with("Serving HTTP")));
+        assert!(serving.is_some(), "the outside host's server did not start");
+        // The host itself reaches both of its addresses: what the step cannot is the rules'.
         for address in [format!("{outside}:8080"), "169.254.169.254:8080".to_string()] {
             let address: std::net::SocketAddr = address.parse().unwrap();
-            while std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_err() {
-                assert!(Instant::now() < deadline, "the outside host's server did not start on {address}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("the host cannot reach {address}: {e}"));
         }
-        outside_host
+        OutsideHost { namespace, server }
     }
 }
 
