@@ -2,7 +2,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["kiln/v1/control.proto", "kiln/v1/worker.proto", "kiln/v1/blobs.proto"];
+    let files = ["kiln/v1/control.proto", "kiln/v1/worker.proto", "kiln/v1/blobs.proto", "kiln/v1/raft.proto"];
     let descriptors = protox::compile(files, [&root])?;
     // Malformed messages are the sender's error (INVALID_ARGUMENT), not the server's.
     tonic_prost_build::configure().codec_path("crate::codec::KilnCodec").compile_fds(descriptors)?;

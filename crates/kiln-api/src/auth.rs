@@ -11,6 +11,7 @@ use tonic::{Request, Status};
 
 use crate::error::ApiError;
 use crate::limits::RateLimits;
+use crate::replication::Replication;
 
 /// The rules of one listener.
 #[derive(Clone, Default)]
@@ -24,6 +25,8 @@ pub struct Access {
     tokens: Arc<HashMap<String, ClientToken>>,
     /// Request rates per client address and per token (TCP).
     limits: Option<Arc<RateLimits>>,
+    /// A replicated coordinator's member: only the leader serves clients and workers.
+    replication: Option<Arc<Replication>>,
 }
 
 impl Access {
@@ -36,7 +39,34 @@ impl Access {
     /// `tokens`, every client request needs one of them.
     pub fn tcp(mutual_tls: bool, tokens: Vec<ClientToken>) -> Access {
         let tokens = tokens.into_iter().map(|t| (t.sha256.clone(), t)).collect();
-        Access { local: false, mutual_tls, tokens: Arc::new(tokens), limits: Some(Arc::new(RateLimits::new())) }
+        Access {
+            local: false,
+            mutual_tls,
+            tokens: Arc::new(tokens),
+            limits: Some(Arc::new(RateLimits::new())),
+            replication: None,
+        }
+    }
+
+    /// Serves clients and workers only while `replication`'s member leads.
+    pub fn led_by(mut self, replication: Option<Arc<Replication>>) -> Access {
+        self.replication = replication;
+        self
+    }
+
+    /// Ok unless this is a replicated coordinator that does not lead.
+    pub(crate) fn leading(&self) -> Result<(), ApiError> {
+        self.replication.as_ref().map_or(Ok(()), |replication| replication.leading())
+    }
+
+    /// Checks that a node speaking for a raft member presented a certificate (`chain`) valid
+    /// for the member's host.
+    pub(crate) fn member(&self, chain: &[CertificateDer<'_>], host: &str) -> Result<(), ApiError> {
+        if self.local || !self.mutual_tls || kiln_proto::tls::certificate_names(chain, host) {
+            Ok(())
+        } else {
+            Err(ApiError::NotANode("the raft service"))
+        }
     }
 
     /// The caller of a client request, from its bearer token.
@@ -107,6 +137,7 @@ impl tonic::service::Interceptor for Authenticate {
         self.0.within_peer_rate(&request)?;
         let caller = self.0.caller(&request)?;
         self.0.within_token_rate(&caller)?;
+        self.0.leading()?;
         request.extensions_mut().insert(caller);
         Ok(request)
     }

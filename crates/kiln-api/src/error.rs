@@ -153,6 +153,23 @@ pub enum ApiError {
         /// What was sent or declared.
         size: u64,
     },
+    /// A replicated coordinator that does not lead (the leader's URL when it knows one).
+    #[error("this coordinator is not the leader: {}", leader.as_deref().map_or("no leader is elected yet, try again".to_string(), |url| format!("the leader is {url}")))]
+    NotLeader {
+        /// The leader's URL.
+        leader: Option<String>,
+    },
+    /// The replicated log failed (stopped, or could not confirm a read).
+    #[error("the replicated log: {0}")]
+    Replication(String),
+    /// A raft message from a node whose certificate is not valid for the member it claims to be.
+    #[error("raft member {member}: the sender's certificate is not valid for {host}")]
+    NotThatMember {
+        /// The member claimed.
+        member: u64,
+        /// Its host in `peers`.
+        host: String,
+    },
     /// A worker registering under a name its certificate is not valid for.
     #[error("worker {name:?}: its certificate is not valid for that name (a worker's name is its certificate's)")]
     NotThatWorker {
@@ -170,14 +187,19 @@ impl ApiError {
             ApiError::RegistrationRefused(_) => ErrorKind::Conflict,
             ApiError::LocalContextOverTcp => ErrorKind::Refused,
             ApiError::UploadStalled { .. } => ErrorKind::TimedOut,
-            ApiError::SessionEnded(_) => ErrorKind::Unavailable,
+            ApiError::SessionEnded(_) | ApiError::NotLeader { .. } | ApiError::Replication(_) => {
+                ErrorKind::Unavailable
+            }
             ApiError::NoBlob(_) => ErrorKind::NotFound,
             ApiError::Upload { sender_at_fault: false, .. }
             | ApiError::Store { .. }
             | ApiError::Read { .. }
             | ApiError::Task(_)
             | ApiError::Storage(_) => ErrorKind::Internal,
-            ApiError::NoStore | ApiError::NotAdmin { .. } | ApiError::NotThatWorker { .. } => ErrorKind::Refused,
+            ApiError::NoStore
+            | ApiError::NotAdmin { .. }
+            | ApiError::NotThatWorker { .. }
+            | ApiError::NotThatMember { .. } => ErrorKind::Refused,
             ApiError::NoToken | ApiError::UnknownToken | ApiError::NotANode(_) => ErrorKind::Unauthenticated,
             ApiError::TooManyBuilds { .. }
             | ApiError::TooManyVertices { .. }
@@ -207,6 +229,9 @@ pub enum ServeError {
 
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Status {
-        kiln_proto::status(error.kind(), error.to_string())
+        match &error {
+            ApiError::NotLeader { leader } => kiln_proto::not_leader(leader.as_deref(), error.to_string()),
+            _ => kiln_proto::status(error.kind(), error.to_string()),
+        }
     }
 }

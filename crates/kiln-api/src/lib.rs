@@ -7,6 +7,7 @@ mod blobs;
 mod error;
 mod exports;
 mod limits;
+mod replication;
 mod storage;
 mod tenants;
 mod workers;
@@ -16,6 +17,7 @@ pub use blobs::BlobsService;
 pub use error::{ApiError, ServeError};
 pub use exports::clear_spools;
 pub use limits::{CONNECTION_RATE, TOKEN_RATE};
+pub use replication::{RaftService, Replication};
 pub use storage::StorageService;
 pub use tenants::Tenants;
 pub use workers::WorkersService;
@@ -30,6 +32,7 @@ use kiln_proto::MAX_MESSAGE;
 use kiln_proto::convert::{event_to_proto, parse_digest, request_from_proto, worker_to_proto};
 use kiln_proto::tls::NodeTls;
 use kiln_proto::v1::blobs_server::BlobsServer;
+use kiln_proto::v1::raft_server::RaftServer;
 use kiln_proto::v1::control_server::{Control, ControlServer};
 use kiln_proto::v1::storage_server::StorageServer;
 use kiln_proto::v1::workers_server::WorkersServer;
@@ -61,6 +64,8 @@ pub struct ControlService {
     abandoned: CancellationToken,
     /// This node's TLS, for asking workers (disk usage, prune).
     node_tls: Option<NodeTls>,
+    /// A replicated coordinator's member.
+    replication: Option<Arc<Replication>>,
     /// The tenants' cache groups and limits.
     tenants: Arc<Tenants>,
 }
@@ -79,8 +84,16 @@ impl ControlService {
             tasks,
             abandoned,
             node_tls: None,
+            replication: None,
             tenants: Arc::default(),
         }
+    }
+
+    /// A replicated coordinator: current reads wait for a read index, and `kiln info` shows
+    /// the replica set. (Which requests a follower refuses is the listener's [`Access`].)
+    pub fn replicated(mut self, replication: Option<Arc<Replication>>) -> ControlService {
+        self.replication = replication;
+        self
     }
 
     /// Scopes and limits each tenant's builds by its policy.
@@ -211,6 +224,9 @@ impl Control for ControlService {
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        if let Some(replication) = &self.replication {
+            replication.read_barrier().await?;
+        }
         let cluster = self.engine.cluster();
         let (queued, _) = cluster.map(|c| c.counters()).unwrap_or_default();
         Ok(Response::new(InfoResponse {
@@ -221,6 +237,7 @@ impl Control for ControlService {
             role: if cluster.is_some() { "coordinator" } else { "standalone" }.to_string(),
             workers: cluster.map_or(0, |c| c.workers().len() as u32),
             queued: queued as u64,
+            raft: self.replication.as_ref().map(|replication| replication.status()),
         }))
     }
 
@@ -326,6 +343,9 @@ impl Control for ControlService {
         request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
         auth::admin(&auth::caller_of(&request), "listing the workers")?;
+        if let Some(replication) = &self.replication {
+            replication.read_barrier().await?;
+        }
         let workers = self.engine.cluster().map(|c| c.workers()).unwrap_or_default();
         let workers = workers.into_iter().map(|w| worker_to_proto(&w)).collect();
         Ok(Response::new(ListWorkersResponse { workers }))
@@ -403,6 +423,8 @@ pub struct Services {
     pub blobs: Option<BlobsService>,
     /// A worker's store (its coordinator lists and prunes it).
     pub storage: Option<StorageService>,
+    /// A replicated coordinator's raft traffic.
+    pub raft: Option<RaftService>,
     /// Who may call them.
     pub access: Access,
     /// This node's TLS for the listener (`None`: plain TCP). Clients of the control service
@@ -438,6 +460,12 @@ pub async fn serve_tcp(
         .add_optional_service(services.blobs.map(|blobs| {
             let server = BlobsServer::new(blobs).max_encoding_message_size(MAX_MESSAGE);
             InterceptedService::new(server, NodesOnly(access.clone(), "the blob service"))
+        }))
+        .add_optional_service(services.raft.map(|raft| {
+            let server = RaftServer::new(raft.with_access(access.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE);
+            InterceptedService::new(server, NodesOnly(access.clone(), "the raft service"))
         }))
         .add_optional_service(services.storage.map(|storage| {
             let server = StorageServer::new(storage).max_encoding_message_size(MAX_MESSAGE);

@@ -69,6 +69,7 @@ impl Workers for WorkersService {
 
     async fn session(&self, request: Request<Streaming<v1::WorkerMessage>>) -> Result<Response<MessageStream>, Status> {
         self.access.node(&request, "the worker service")?;
+        self.access.leading()?;
         let chain = request.peer_certs().unwrap_or_default();
         let mut incoming = request.into_inner();
         let first = incoming.message().await?.and_then(|m| m.message);

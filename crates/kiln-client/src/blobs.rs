@@ -44,8 +44,13 @@ impl Client {
             }
         }
         let request = v1::FindMissingRequest { digests: blobs.iter().map(|(d, _)| d.to_string()).collect() };
-        let missing = self.control.clone().find_missing(request).await.map_err(|e| ClientError::rpc("", e))?;
-        let missing: Vec<Digest> = missing.into_inner().missing.iter().filter_map(|d| d.parse().ok()).collect();
+        let missing = self
+            .call("", |mut control| {
+                let request = request.clone();
+                async move { control.find_missing(request).await }
+            })
+            .await?;
+        let missing: Vec<Digest> = missing.missing.iter().filter_map(|d| d.parse().ok()).collect();
         let mut stats = UploadStats {
             files: manifest.entries.iter().filter(|e| matches!(e.kind, ManifestKind::File { .. })).count() as u64,
             ..UploadStats::default()
@@ -88,8 +93,7 @@ impl Client {
             Ok(())
         });
         let response = self
-            .control
-            .clone()
+            .control()
             .upload(tokio_stream::wrappers::ReceiverStream::new(receiver))
             .await
             .map_err(|e| ClientError::rpc("uploading the build context", e))?

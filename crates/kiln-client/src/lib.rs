@@ -5,14 +5,17 @@
 
 mod blobs;
 mod error;
+mod raft;
 mod worker;
 
 pub use blobs::{UploadStats, fetch_blob, fetch_from_any};
 pub use error::ClientError;
 pub use kiln_proto::tls::{NodeTls, TlsError};
+pub use raft::RaftLink;
 pub use worker::{WorkerLink, WorkerSession};
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use hyper_util::rt::TokioIo;
 pub use kiln_model::{BuildEvent, BuildRequest};
@@ -23,10 +26,23 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 /// A connection to a daemon.
+///
+/// Over TCP it may name several coordinators (a comma-separated list): it connects to the
+/// first that answers and, when one that does not lead refuses a call, goes to the leader it
+/// names (or, while an election runs, tries the others) and calls again.
 #[derive(Clone)]
 pub struct Client {
-    control: ControlClient<InterceptedService<Channel, Bearer>>,
+    control: Arc<Mutex<Control>>,
+    /// The coordinators it may talk to (one for a unix socket).
+    addresses: Arc<Vec<String>>,
+    options: ClientOptions,
+    bearer: Bearer,
 }
+
+type Control = ControlClient<InterceptedService<Channel, Bearer>>;
+
+/// How many times one call follows a redirection or tries another coordinator.
+const MAX_HOPS: u32 = 12;
 
 /// How a client reaches a daemon over TCP.
 #[derive(Debug, Clone, Default)]
@@ -67,6 +83,34 @@ pub struct Info {
     pub workers: u32,
     /// Jobs waiting for a worker.
     pub queued: u64,
+    /// A replicated coordinator's replica set.
+    pub raft: Option<RaftInfo>,
+}
+
+/// The replica set, as the leader that answered sees it.
+#[derive(Debug, Clone)]
+pub struct RaftInfo {
+    /// The member that answered.
+    pub node_id: u64,
+    /// The leader (0: none known).
+    pub leader: u64,
+    /// The term.
+    pub term: u64,
+    /// Every member.
+    pub members: Vec<RaftMemberInfo>,
+}
+
+/// One member of the replica set.
+#[derive(Debug, Clone)]
+pub struct RaftMemberInfo {
+    /// Its id.
+    pub id: u64,
+    /// Its URL.
+    pub address: String,
+    /// `leader`, `follower` or `candidate` (empty: unknown).
+    pub role: String,
+    /// The last log index it applied (the answering member) or holds (the others).
+    pub applied: u64,
 }
 
 use kiln_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
@@ -102,13 +146,40 @@ impl Client {
         Client::connect_with(address, &ClientOptions::default()).await
     }
 
-    /// Connects to `unix:///path/to/socket`, `http://host:port` or `https://host:port`,
-    /// presenting the options' token on every request.
+    /// Connects to `unix:///path/to/socket`, `http://host:port` or `https://host:port` (or a
+    /// comma-separated list of TCP addresses: the first that answers), presenting the
+    /// options' token on every request.
     pub async fn connect_with(address: &str, options: &ClientOptions) -> Result<Client, ClientError> {
         let bearer = match &options.token {
             None => Bearer(None),
             Some(token) => Bearer(Some(format!("Bearer {token}").parse().map_err(|_| ClientError::Token)?)),
         };
+        let addresses: Vec<String> = if address.starts_with("unix://") {
+            vec![address.to_string()]
+        } else {
+            address.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_string).collect()
+        };
+        if addresses.is_empty() {
+            return Err(ClientError::Address { address: address.to_string(), reason: "names no daemon".into() });
+        }
+        let control = Client::connect_first(&addresses, options, &bearer).await?;
+        Ok(Client { control: Arc::new(Mutex::new(control)), addresses: Arc::new(addresses), options: options.clone(), bearer })
+    }
+
+    /// A control client of the first of `addresses` that answers.
+    async fn connect_first(addresses: &[String], options: &ClientOptions, bearer: &Bearer) -> Result<Control, ClientError> {
+        let mut failure = None;
+        for address in addresses {
+            match Client::connect_one(address, options, bearer).await {
+                Ok(control) => return Ok(control),
+                Err(error @ (ClientError::Address { .. } | ClientError::Token)) => return Err(error),
+                Err(error) => failure = Some(error),
+            }
+        }
+        Err(failure.expect("at least one address"))
+    }
+
+    async fn connect_one(address: &str, options: &ClientOptions, bearer: &Bearer) -> Result<Control, ClientError> {
         let channel = if let Some(path) = address.strip_prefix("unix://") {
             let path = PathBuf::from(path);
             tuned(Endpoint::from_static("http://kilnd.local"))
@@ -121,16 +192,65 @@ impl Client {
             endpoint(address, options.tls.as_ref())?.connect().await
         }
         .map_err(|source| ClientError::Connect { address: address.to_string(), source })?;
-        let control = ControlClient::with_interceptor(channel, bearer)
+        Ok(ControlClient::with_interceptor(channel, bearer.clone())
             .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
-        Ok(Client { control })
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    /// The connection calls go to now.
+    pub(crate) fn control(&self) -> Control {
+        self.control.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+
+    /// After a call failed with `status`: moves to the coordinator that should answer it (the
+    /// leader a follower named; while an election runs or the coordinator is gone, the next in
+    /// the list after a short pause) and says whether to call again.
+    pub(crate) async fn redirect(&self, status: &tonic::Status, hops: &mut u32) -> bool {
+        if status.code() != tonic::Code::Unavailable || *hops >= MAX_HOPS {
+            return false;
+        }
+        let redirect = kiln_proto::redirect_of(status);
+        if redirect.is_none() && self.addresses.len() < 2 {
+            return false;
+        }
+        *hops += 1;
+        let candidates: Vec<String> = match redirect {
+            Some(kiln_proto::Redirect::Leader(leader)) => vec![leader],
+            _ => {
+                // An election takes about a second: pause a little longer each time.
+                tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(*hops))).await;
+                let start = *hops as usize % self.addresses.len();
+                self.addresses.iter().cycle().skip(start).take(self.addresses.len()).cloned().collect()
+            }
+        };
+        match Client::connect_first(&candidates, &self.options, &self.bearer).await {
+            Ok(control) => {
+                *self.control.lock().unwrap_or_else(|poison| poison.into_inner()) = control;
+                true
+            }
+            Err(_) => *hops < MAX_HOPS,
+        }
+    }
+
+    /// Makes a unary call, following redirections.
+    pub(crate) async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Control) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut hops = 0;
+        loop {
+            match call(self.control()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if self.redirect(&status, &mut hops).await => continue,
+                Err(status) => return Err(ClientError::rpc(what, status)),
+            }
+        }
     }
 
     /// Asks the daemon to describe itself.
     pub async fn info(&self) -> Result<Info, ClientError> {
-        let info =
-            self.control.clone().info(v1::InfoRequest {}).await.map_err(|e| ClientError::rpc("", e))?.into_inner();
+        let info = self.call("", |mut control| async move { control.info(v1::InfoRequest {}).await }).await?;
         Ok(Info {
             version: info.version,
             worker: info.worker,
@@ -139,18 +259,23 @@ impl Client {
             role: info.role,
             workers: info.workers,
             queued: info.queued,
+            raft: info.raft.map(|raft| RaftInfo {
+                node_id: raft.node_id,
+                leader: raft.leader,
+                term: raft.term,
+                members: raft
+                    .members
+                    .into_iter()
+                    .map(|m| RaftMemberInfo { id: m.id, address: m.address, role: m.role, applied: m.applied })
+                    .collect(),
+            }),
         })
     }
 
     /// The workers of the cluster.
     pub async fn workers(&self) -> Result<Vec<WorkerStatus>, ClientError> {
-        let response = self
-            .control
-            .clone()
-            .list_workers(v1::ListWorkersRequest {})
-            .await
-            .map_err(|e| ClientError::rpc("", e))?
-            .into_inner();
+        let response =
+            self.call("", |mut control| async move { control.list_workers(v1::ListWorkersRequest {}).await }).await?;
         let malformed = |source| ClientError::Malformed { what: "the daemon".into(), source };
         response.workers.into_iter().map(|w| worker_from_proto(w).map_err(malformed)).collect()
     }
@@ -158,13 +283,8 @@ impl Client {
     /// What the daemon's worker store holds (a coordinator: every connected worker's), and
     /// the workers that did not answer, with why.
     pub async fn disk_usage(&self) -> Result<(Vec<UsageRecord>, Vec<String>), ClientError> {
-        let response = self
-            .control
-            .clone()
-            .disk_usage(v1::DiskUsageRequest {})
-            .await
-            .map_err(|e| ClientError::rpc("", e))?
-            .into_inner();
+        let response =
+            self.call("", |mut control| async move { control.disk_usage(v1::DiskUsageRequest {}).await }).await?;
         let malformed = |source| ClientError::Malformed { what: "the daemon".into(), source };
         let records = response.records.into_iter().map(|r| usage_from_proto(r).map_err(malformed));
         Ok((records.collect::<Result<_, _>>()?, response.errors))
@@ -173,13 +293,10 @@ impl Client {
     /// Removes what `options` selects from the worker stores; what was freed, and the
     /// workers that did not answer, with why.
     pub async fn prune(&self, options: &PruneOptions) -> Result<(PruneReport, Vec<String>), ClientError> {
+        let request = prune_to_proto(options);
         let response = self
-            .control
-            .clone()
-            .prune(prune_to_proto(options))
-            .await
-            .map_err(|e| ClientError::rpc("", e))?
-            .into_inner();
+            .call("", |mut control| async move { control.prune(request).await })
+            .await?;
         Ok((PruneReport { reclaimed: response.reclaimed, records: response.records }, response.errors))
     }
 
@@ -187,7 +304,12 @@ impl Client {
     /// stream cancels the build.
     pub async fn build(&self, request: BuildRequest) -> Result<BuildEvents, ClientError> {
         let request = request_to_proto(&request);
-        let stream = self.control.clone().build(request).await.map_err(|e| ClientError::rpc("", e))?.into_inner();
+        let stream = self
+            .call("", |mut control| {
+                let request = request.clone();
+                async move { control.build(request).await }
+            })
+            .await?;
         Ok(BuildEvents { stream })
     }
 }

@@ -163,6 +163,12 @@ pub struct CoordinatorSection {
     /// Tenant policies, by tenant.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantSection>,
+    /// This coordinator's id among `peers`. Default: none (a single coordinator).
+    pub node_id: Option<u64>,
+    /// Every replicated coordinator, this one included, as `ID=URL` (`1=https://HOST:PORT`).
+    /// Default: none.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// `[coordinator.cache]`: the shared cache tier every build imports from and exports to.
@@ -311,6 +317,63 @@ pub struct CoordinatorConfig {
     pub upload_idle_timeout: Duration,
     /// The shared cache tier (with the mode builds export in).
     pub shared_cache: Option<CacheSpec>,
+    /// The replica set, when the coordinator is replicated.
+    pub replicas: Option<Replicas>,
+}
+
+/// A replicated coordinator's place in its replica set (`node-id`, `peers`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replicas {
+    /// This coordinator's id.
+    pub node_id: u64,
+    /// Every member's URL by id, this one's included.
+    pub peers: BTreeMap<u64, String>,
+}
+
+/// The coordinator URLs of a worker's `coordinator` (or a client's `--addr`): a
+/// comma-separated list.
+pub fn coordinator_urls(list: &str) -> Vec<&str> {
+    list.split(',').map(str::trim).filter(|url| !url.is_empty()).collect()
+}
+
+/// Whether `url` is `http://HOST:PORT` or `https://HOST:PORT`.
+fn is_node_url(url: &str) -> bool {
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    rest.is_some_and(|r| !r.is_empty() && !r.contains('/') && r.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()))
+}
+
+/// The `node-id` and `peers` of `[coordinator]`, checked.
+fn replicas(section: &CoordinatorSection) -> Result<Option<Replicas>, (&'static str, String)> {
+    let node_id = match (section.node_id, section.peers.is_empty()) {
+        (None, true) => return Ok(None),
+        (None, false) => return Err(("coordinator.node-id", "required with peers".into())),
+        (Some(_), true) => return Err(("coordinator.peers", "required with node-id".into())),
+        (Some(0), false) => return Err(("coordinator.node-id", "must be at least 1".into())),
+        (Some(id), false) => id,
+    };
+    let mut peers = BTreeMap::new();
+    for peer in &section.peers {
+        let (id, url) = peer
+            .split_once('=')
+            .ok_or_else(|| ("coordinator.peers", format!("{peer:?} is not ID=URL")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|id| *id > 0)
+            .ok_or_else(|| ("coordinator.peers", format!("{peer:?}: the id must be a number from 1")))?;
+        let url = url.trim();
+        if !is_node_url(url) {
+            return Err(("coordinator.peers", format!("{peer:?}: {url:?} is not http(s)://HOST:PORT")));
+        }
+        if peers.insert(id, url.to_string()).is_some() {
+            return Err(("coordinator.peers", format!("the id {id} is listed twice")));
+        }
+    }
+    if !peers.contains_key(&node_id) {
+        return Err(("coordinator.node-id", format!("{node_id} is not among the peers")));
+    }
+    Ok(Some(Replicas { node_id, peers }))
 }
 
 /// The worker role, typed.
@@ -394,6 +457,7 @@ impl ConfigFile {
                 retry_budget: c.retry_budget,
                 upload_idle_timeout: parse_duration(&c.upload_idle_timeout)
                     .map_err(|e| unit("coordinator.upload-idle-timeout", e))?,
+                replicas: replicas(c).map_err(|(key, message)| invalid(key, message))?,
                 shared_cache: match &c.cache.shared {
                     None => None,
                     Some(text) => {
@@ -423,12 +487,15 @@ impl ConfigFile {
             None => None,
             Some(w) => {
                 let coordinator_url = match (&w.coordinator, &self.coordinator) {
-                    (Some(url), _) => {
-                        let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
-                        if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
+                    (Some(list), _) => {
+                        let urls = coordinator_urls(list);
+                        if urls.is_empty() {
+                            return Err(invalid("worker.coordinator", "names no coordinator".into()));
+                        }
+                        if let Some(url) = urls.iter().find(|url| !is_node_url(url)) {
                             return Err(invalid("worker.coordinator", format!("{url:?} is not http://HOST:PORT")));
                         }
-                        Some(url.clone())
+                        Some(list.clone())
                     }
                     (None, Some(_)) => None,
                     (None, None) => {
@@ -535,13 +602,20 @@ impl ConfigFile {
                 return Err(invalid(&format!("tls.{missing}"), "required with the other two".into()));
             }
         };
-        if let Some(url) = worker.as_ref().and_then(|w| w.coordinator.as_deref()) {
+        let worker_urls = worker.as_ref().and_then(|w| w.coordinator.as_deref()).map(coordinator_urls);
+        let peer_urls = coordinator.as_ref().and_then(|c| c.replicas.as_ref()).map(|r| r.peers.values());
+        let (key, urls): (&str, Vec<&str>) = match (worker_urls, peer_urls) {
+            (Some(urls), _) => ("worker.coordinator", urls),
+            (None, Some(peers)) => ("coordinator.peers", peers.map(String::as_str).collect()),
+            (None, None) => ("", Vec::new()),
+        };
+        for url in urls {
             match (&tls, url.starts_with("https://")) {
                 (Tls::Files { .. }, false) => {
-                    return Err(invalid("worker.coordinator", format!("{url:?}: https:// with [tls] certificates")));
+                    return Err(invalid(key, format!("{url:?}: https:// with [tls] certificates")));
                 }
                 (Tls::Insecure, true) => {
-                    return Err(invalid("worker.coordinator", format!("{url:?}: http:// with insecure = true")));
+                    return Err(invalid(key, format!("{url:?}: http:// with insecure = true")));
                 }
                 _ => {}
             }

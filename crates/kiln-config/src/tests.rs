@@ -165,3 +165,38 @@ fn units_parse() {
     assert_eq!(parse_size("42").unwrap(), 42);
     assert!(parse_duration("5").is_err() && parse_size("5XB").is_err());
 }
+
+#[test]
+fn replicated_coordinators_and_coordinator_lists() {
+    let coordinator = |keys: &str| format!("[coordinator]\nlisten = \"127.0.0.1:1\"\n{keys}");
+    let peers = "peers = [\"1=http://127.0.0.1:7070\", \"2=http://127.0.0.2:7070\", \" 3 = http://c3:7070\"]\n";
+    let config = validate(&coordinator(&format!("node-id = 2\n{peers}"))).unwrap();
+    let replicas = config.coordinator.unwrap().replicas.unwrap();
+    assert_eq!(replicas.node_id, 2);
+    assert_eq!(replicas.peers.len(), 3);
+    assert_eq!(replicas.peers[&3], "http://c3:7070");
+    assert_eq!(validate(&coordinator("")).unwrap().coordinator.unwrap().replicas, None);
+    let cases = [
+        (format!("node-id = 4\n{peers}"), "coordinator.node-id: 4 is not among the peers"),
+        (format!("node-id = 0\n{peers}"), "coordinator.node-id: must be at least 1"),
+        (peers.to_string(), "coordinator.node-id: required with peers"),
+        ("node-id = 1\n".to_string(), "coordinator.peers: required with node-id"),
+        ("node-id = 1\npeers = [\"1=http://a:1\", \"1=http://b:1\"]\n".into(), "the id 1 is listed twice"),
+        ("node-id = 1\npeers = [\"http://a:1\"]\n".into(), "is not ID=URL"),
+        ("node-id = 1\npeers = [\"x=http://a:1\"]\n".into(), "the id must be a number"),
+        ("node-id = 1\npeers = [\"1=http://a\"]\n".into(), "is not http(s)://HOST:PORT"),
+        ("node-id = 1\npeers = [\"1=https://a:1\"]\n[tls]\ninsecure = true\n".into(), "coordinator.peers: \"https://a:1\": http://"),
+    ];
+    for (keys, expected) in cases {
+        let error = validate(&coordinator(&keys)).unwrap_err();
+        assert!(error.contains(expected), "{keys:?}: {error}");
+    }
+
+    let worker = validate("[worker]\ncoordinator = \"http://a:1, http://b:2,http://c:3\"\n").unwrap().worker.unwrap();
+    let list = worker.coordinator.unwrap();
+    assert_eq!(crate::coordinator_urls(&list), vec!["http://a:1", "http://b:2", "http://c:3"]);
+    let error = validate("[worker]\ncoordinator = \"http://a:1,ftp://b:2\"\n").unwrap_err();
+    assert!(error.contains("worker.coordinator: \"ftp://b:2\""), "{error}");
+    let error = validate("[worker]\ncoordinator = \" , \"\n").unwrap_err();
+    assert!(error.contains("names no coordinator"), "{error}");
+}

@@ -6,7 +6,7 @@ pub mod convert;
 mod status;
 pub mod tls;
 
-pub use status::{kind_of, status};
+pub use status::{LEADER_HEADER, Redirect, kind_of, not_leader, redirect_of, status};
 
 /// HTTP/2 flow-control windows of Kiln's connections: large enough that streaming a
 /// context or a blob is not held back by a round trip every 64 KiB.

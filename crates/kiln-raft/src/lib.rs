@@ -9,11 +9,13 @@
 //! asked for (a linearizable read on the leader). This is the only crate that imports raft.
 
 mod log;
+mod machine;
 mod node;
 mod storage;
 
 use std::time::Duration;
 
+pub use machine::{KvMachine, Write};
 pub use node::Node;
 pub use storage::KvStorage;
 
@@ -117,10 +119,11 @@ pub trait StateMachine: Send + 'static {
 
 /// How encoded raft messages reach other members.
 pub trait Transport: Send + Sync + 'static {
-    /// Sends `messages` to member `to`, in order, without blocking. Messages may be lost;
-    /// the sender reports a member it cannot reach ([`Node::report_unreachable`]) and the
-    /// outcome of a batch holding a snapshot ([`Node::report_snapshot`]).
-    fn send(&self, to: u64, messages: Vec<Vec<u8>>);
+    /// Sends `messages` to member `to`, in order, without blocking; `snapshot` when one of
+    /// them carries a snapshot. Messages may be lost; the sender reports a member it cannot
+    /// reach ([`Node::report_unreachable`]) and the outcome of a batch holding a snapshot
+    /// ([`Node::report_snapshot`]).
+    fn send(&self, to: u64, messages: Vec<Vec<u8>>, snapshot: bool);
 }
 
 /// A member's role.

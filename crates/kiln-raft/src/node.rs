@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kiln_kv::SharedKv;
 use protobuf::Message as _;
-use raft::prelude::{Entry, EntryType, Message};
+use raft::prelude::{Entry, EntryType, Message, MessageType};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 
@@ -392,13 +392,15 @@ impl<M: StateMachine> Replica<M> {
     }
 
     fn send(&self, messages: Vec<Message>) {
-        let mut by_member: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut by_member: BTreeMap<u64, (Vec<Vec<u8>>, bool)> = BTreeMap::new();
         for message in messages {
             let bytes = message.write_to_bytes().expect("raft's messages have no required fields");
-            by_member.entry(message.to).or_default().push(bytes);
+            let (batch, snapshot) = by_member.entry(message.to).or_default();
+            *snapshot |= message.get_msg_type() == MessageType::MsgSnapshot;
+            batch.push(bytes);
         }
-        for (to, batch) in by_member {
-            self.transport.send(to, batch);
+        for (to, (batch, snapshot)) in by_member {
+            self.transport.send(to, batch, snapshot);
         }
     }
 

@@ -23,7 +23,7 @@ struct Link {
 }
 
 impl Transport for Link {
-    fn send(&self, to: u64, messages: Vec<Vec<u8>>) {
+    fn send(&self, to: u64, messages: Vec<Vec<u8>>, _snapshot: bool) {
         let cut = self.net.cut.lock().unwrap();
         if cut.contains(&self.from) || cut.contains(&to) {
             return;

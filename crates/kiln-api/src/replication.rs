@@ -1,0 +1,141 @@
+//! A replicated coordinator's side of the API: only the leader serves clients and workers
+//! (the others answer with the leader's URL), reads that must be current wait for a read
+//! index, and the raft service hands peers' messages to the local member.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_proto::v1::raft_server::Raft;
+use kiln_proto::v1::{RaftAck, RaftBatch, RaftMember, RaftStatus};
+use kiln_raft::{Node, RaftError};
+use tonic::{Request, Response, Status};
+
+use crate::Access;
+use crate::error::ApiError;
+
+/// How long a linearizable read waits for the leader to confirm its office.
+const READ_PATIENCE: Duration = Duration::from_secs(5);
+
+/// This coordinator's member of the replica set, and every member's URL.
+pub struct Replication {
+    node: Arc<Node>,
+    peers: BTreeMap<u64, String>,
+}
+
+impl Replication {
+    /// `node` among `peers` (every member's URL by id).
+    pub fn new(node: Arc<Node>, peers: BTreeMap<u64, String>) -> Replication {
+        Replication { node, peers }
+    }
+
+    /// The member.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Member `id`'s URL.
+    pub fn address(&self, id: u64) -> Option<&str> {
+        self.peers.get(&id).map(String::as_str)
+    }
+
+    /// Ok while this coordinator leads; otherwise [`ApiError::NotLeader`] with the leader's
+    /// URL when one is known.
+    pub fn leading(&self) -> Result<(), ApiError> {
+        let status = self.node.status();
+        if status.is_leader() {
+            return Ok(());
+        }
+        Err(ApiError::NotLeader { leader: status.leader.and_then(|id| self.address(id)).map(str::to_string) })
+    }
+
+    /// Waits until this leader has confirmed its office with a quorum and applied everything
+    /// committed before: what it reads next is current.
+    pub async fn read_barrier(&self) -> Result<(), ApiError> {
+        match tokio::time::timeout(READ_PATIENCE, self.node.read_index()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::NotLeader { .. })) => Err(self.leading().err().unwrap_or(ApiError::NotLeader { leader: None })),
+            Ok(Err(error)) => Err(ApiError::Replication(error.to_string())),
+            Err(_) => Err(ApiError::Replication(format!(
+                "the leader could not confirm it still leads within {} s (is a quorum reachable?)",
+                READ_PATIENCE.as_secs()
+            ))),
+        }
+    }
+
+    /// The replica set as this member sees it.
+    pub fn status(&self) -> RaftStatus {
+        let status = self.node.status();
+        RaftStatus {
+            node_id: status.id,
+            leader: status.leader.unwrap_or(0),
+            term: status.term,
+            members: status
+                .members
+                .iter()
+                .map(|member| RaftMember {
+                    id: member.id,
+                    address: self.address(member.id).unwrap_or_default().to_string(),
+                    role: member.role.map(|role| role.as_str().to_string()).unwrap_or_default(),
+                    applied: member.applied.unwrap_or(0),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The raft service: messages from other members, as bytes.
+pub struct RaftService {
+    replication: Arc<Replication>,
+    access: Access,
+}
+
+impl RaftService {
+    /// Delivers to `replication`'s member.
+    pub fn new(replication: Arc<Replication>) -> RaftService {
+        RaftService { replication, access: Access::default() }
+    }
+
+    pub(crate) fn with_access(mut self, access: Access) -> RaftService {
+        self.access = access;
+        self
+    }
+}
+
+/// The host of a `http(s)://HOST:PORT` URL.
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let host = rest.rsplit_once(':').map_or(rest, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+#[tonic::async_trait]
+impl Raft for RaftService {
+    async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        self.access.node(&request, "the raft service")?;
+        let chain = request.peer_certs().map(|chain| chain.to_vec()).unwrap_or_default();
+        let batch = request.into_inner();
+        let host = self.replication.address(batch.from).map(host_of).ok_or_else(|| {
+            ApiError::Replication(format!("a raft message from member {}, which is not in peers", batch.from))
+        })?;
+        // Any node of the cluster has a certificate from the CA; only the member's own may
+        // speak for it (raft-rs decodes with rust-protobuf 2, not for untrusted input).
+        self.access.member(&chain, host).map_err(|_| ApiError::NotThatMember { member: batch.from, host: host.to_string() })?;
+        let node = self.replication.node();
+        if batch.to != node.id() {
+            return Err(ApiError::Replication(format!("a raft message for member {} reached member {}", batch.to, node.id())).into());
+        }
+        node.receive(batch.from, &batch.messages).map_err(|error| ApiError::Replication(error.to_string()))?;
+        Ok(Response::new(RaftAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hosts_of_urls() {
+        assert_eq!(super::host_of("https://127.0.0.2:7070"), "127.0.0.2");
+        assert_eq!(super::host_of("http://coordinator-1.kiln:7070"), "coordinator-1.kiln");
+        assert_eq!(super::host_of("https://[::1]:7070"), "::1");
+    }
+}
