@@ -16,7 +16,7 @@ const PURE: &[&str] = &["kiln-types", "kiln-graph", "kiln-model", "kiln-dockerfi
 const FORBIDDEN_IN_PURE: &[&str] = &["tokio", "tonic", "hyper", "mio"];
 
 /// Heavy dependencies and the crates allowed to name them as normal dependencies. A
-/// dependency not used yet (raft, opentelemetry) is listed so its first user
+/// dependency not used yet (opentelemetry) is listed so its first user
 /// has to be the one named here.
 const OWNERS: &[(&str, &[&str])] = &[
     ("sled", &["kiln-kv"]),
@@ -29,6 +29,8 @@ const OWNERS: &[(&str, &[&str])] = &[
     ("aws-sdk-s3", &["kiln-cache"]),
     ("aws-config", &["kiln-cache"]),
     ("raft", &["kiln-raft"]),
+    ("protobuf", &["kiln-raft"]),
+    ("slog", &["kiln-raft"]),
     ("opentelemetry", &["kiln-telemetry"]),
 ];
 

@@ -187,9 +187,7 @@ impl ApiError {
             ApiError::RegistrationRefused(_) => ErrorKind::Conflict,
             ApiError::LocalContextOverTcp => ErrorKind::Refused,
             ApiError::UploadStalled { .. } => ErrorKind::TimedOut,
-            ApiError::SessionEnded(_) | ApiError::NotLeader { .. } | ApiError::Replication(_) => {
-                ErrorKind::Unavailable
-            }
+            ApiError::SessionEnded(_) | ApiError::NotLeader { .. } | ApiError::Replication(_) => ErrorKind::Unavailable,
             ApiError::NoBlob(_) => ErrorKind::NotFound,
             ApiError::Upload { sender_at_fault: false, .. }
             | ApiError::Store { .. }

@@ -32,8 +32,8 @@ use kiln_proto::MAX_MESSAGE;
 use kiln_proto::convert::{event_to_proto, parse_digest, request_from_proto, worker_to_proto};
 use kiln_proto::tls::NodeTls;
 use kiln_proto::v1::blobs_server::BlobsServer;
-use kiln_proto::v1::raft_server::RaftServer;
 use kiln_proto::v1::control_server::{Control, ControlServer};
+use kiln_proto::v1::raft_server::RaftServer;
 use kiln_proto::v1::storage_server::StorageServer;
 use kiln_proto::v1::workers_server::WorkersServer;
 use kiln_proto::v1::{
@@ -146,6 +146,7 @@ impl Control for ControlService {
         span.in_scope(|| tracing::info!(over_tcp, "build started"));
         let (events, stream) = mpsc::channel(256);
         let (engine, abandoned) = (Arc::clone(&self.engine), self.abandoned.clone());
+        let replication = self.replication.clone();
         self.tasks.spawn(
             async move {
                 let (progress, mut progress_events) = mpsc::unbounded_channel();
@@ -164,6 +165,12 @@ impl Control for ControlService {
                         () = abandoned.cancelled() => {
                             let message = "the daemon stopped before the build finished".to_string();
                             break Some(Err(kiln_engine::BuildFailure { message, records: Vec::new() }));
+                        }
+                        refusal = deposed(replication.as_deref()) => {
+                            // Another coordinator leads now: the client takes the build there.
+                            tracing::info!("no longer the leader: build handed back to the client");
+                            let _ = events.send(Err(refusal.into())).await;
+                            break None;
                         }
                         Some(event) = progress_events.recv() => {
                             // The tenant's queued vertices are counted once the graph is known.
@@ -396,10 +403,26 @@ pub async fn serve_unix(
     tonic::transport::Server::builder()
         .initial_stream_window_size(kiln_proto::STREAM_WINDOW)
         .initial_connection_window_size(kiln_proto::CONNECTION_WINDOW)
-        .add_service(control_server(service, Access::local()))
+        .add_service({
+            // A follower's socket refuses like its TCP port: builds run where the workers are.
+            let access = Access::local().led_by(service.replication.clone());
+            control_server(service, access)
+        })
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .map_err(ServeError::from)
+}
+
+/// Resolves, with the refusal to send, once a replicated coordinator's member stops leading;
+/// never without replication.
+async fn deposed(replication: Option<&Replication>) -> ApiError {
+    match replication {
+        Some(replication) => {
+            replication.deposed().await;
+            replication.leading().err().unwrap_or(ApiError::NotLeader { leader: None })
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The control service, every request authenticated by `access`.

@@ -49,12 +49,20 @@ impl Replication {
         Err(ApiError::NotLeader { leader: status.leader.and_then(|id| self.address(id)).map(str::to_string) })
     }
 
+    /// Resolves once this member does not lead (at once when it does not now).
+    pub async fn deposed(&self) {
+        let mut status = self.node.subscribe();
+        let _ = status.wait_for(|status| !status.is_leader()).await;
+    }
+
     /// Waits until this leader has confirmed its office with a quorum and applied everything
     /// committed before: what it reads next is current.
     pub async fn read_barrier(&self) -> Result<(), ApiError> {
         match tokio::time::timeout(READ_PATIENCE, self.node.read_index()).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::NotLeader { .. })) => Err(self.leading().err().unwrap_or(ApiError::NotLeader { leader: None })),
+            Ok(Err(RaftError::NotLeader { .. })) => {
+                Err(self.leading().err().unwrap_or(ApiError::NotLeader { leader: None }))
+            }
             Ok(Err(error)) => Err(ApiError::Replication(error.to_string())),
             Err(_) => Err(ApiError::Replication(format!(
                 "the leader could not confirm it still leads within {} s (is a quorum reachable?)",
@@ -120,10 +128,17 @@ impl Raft for RaftService {
         })?;
         // Any node of the cluster has a certificate from the CA; only the member's own may
         // speak for it (raft-rs decodes with rust-protobuf 2, not for untrusted input).
-        self.access.member(&chain, host).map_err(|_| ApiError::NotThatMember { member: batch.from, host: host.to_string() })?;
+        self.access
+            .member(&chain, host)
+            .map_err(|_| ApiError::NotThatMember { member: batch.from, host: host.to_string() })?;
         let node = self.replication.node();
         if batch.to != node.id() {
-            return Err(ApiError::Replication(format!("a raft message for member {} reached member {}", batch.to, node.id())).into());
+            return Err(ApiError::Replication(format!(
+                "a raft message for member {} reached member {}",
+                batch.to,
+                node.id()
+            ))
+            .into());
         }
         node.receive(batch.from, &batch.messages).map_err(|error| ApiError::Replication(error.to_string()))?;
         Ok(Response::new(RaftAck {}))

@@ -82,7 +82,7 @@ pub async fn info(args: InfoArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
     let info = client.info().await.map_err(anyhow::Error::msg)?;
     match args.format {
         Format::Json => {
-            let value = serde_json::json!({
+            let mut value = serde_json::json!({
                 "version": info.version,
                 "role": info.role,
                 "root": info.root,
@@ -90,6 +90,9 @@ pub async fn info(args: InfoArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
                 "workers": info.workers,
                 "queued": info.queued,
             });
+            if let Some(raft) = &info.raft {
+                value["raft"] = raft_json(raft);
+            }
             println!("{}", serde_json::to_string_pretty(&value)?);
         }
         Format::Table => {
@@ -101,9 +104,31 @@ pub async fn info(args: InfoArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
                 println!("Workers:   {}", info.workers);
                 println!("Queued:    {}", info.queued);
             }
+            if let Some(raft) = &info.raft {
+                println!("Raft:      member {} answered, term {}", raft.node_id, raft.term);
+                for member in &raft.members {
+                    let role = if member.role.is_empty() { "unknown" } else { &member.role };
+                    println!("  {:>3} {:<10} applied {:>8}  {}", member.id, role, member.applied, member.address);
+                }
+            }
         }
     }
     Ok(true)
+}
+
+/// The replica set as `kiln info --format json` prints it (DESIGN.md "High availability").
+fn raft_json(raft: &kiln_client::RaftInfo) -> serde_json::Value {
+    serde_json::json!({
+        "node_id": raft.node_id,
+        "leader": (raft.leader != 0).then_some(raft.leader),
+        "term": raft.term,
+        "members": raft.members.iter().map(|member| serde_json::json!({
+            "id": member.id,
+            "address": member.address,
+            "role": if member.role.is_empty() { None } else { Some(&member.role) },
+            "applied": member.applied,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 pub(crate) fn human_bytes(bytes: u64) -> String {

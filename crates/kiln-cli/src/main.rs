@@ -18,8 +18,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "kiln", version, about)]
 struct Cli {
-    /// Daemon to use (`unix:///path`, `https://host:port` or `http://host:port`); default: the
-    /// embedded one.
+    /// Daemon to use (`unix:///path`, `https://host:port` or `http://host:port`, or several
+    /// replicated coordinators, comma-separated: the leader is found); default: the embedded
+    /// one.
     #[arg(long, global = true, env = "KILN_ADDR")]
     addr: Option<String>,
     /// The CA certificate that signed the daemon's (for `https://` addresses).

@@ -37,6 +37,14 @@ pub enum ClientError {
         /// Its message, with what the call was about.
         message: String,
     },
+    /// A replicated coordinator that does not lead refused, pointing elsewhere.
+    #[error("{message}")]
+    NotLeader {
+        /// Its message.
+        message: String,
+        /// Where it pointed: the leader, or nowhere yet (an election).
+        redirect: kiln_proto::Redirect,
+    },
     /// The other end sent something that does not make sense.
     #[error("{what} sent a malformed message: {source}")]
     Malformed {
@@ -91,7 +99,9 @@ impl ClientError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ClientError::Address { .. } | ClientError::Token => ErrorKind::BadRequest,
-            ClientError::Connect { .. } | ClientError::NoPeer { .. } => ErrorKind::Unavailable,
+            ClientError::Connect { .. } | ClientError::NoPeer { .. } | ClientError::NotLeader { .. } => {
+                ErrorKind::Unavailable
+            }
             ClientError::Rpc { kind, .. } => *kind,
             ClientError::Malformed { .. } | ClientError::Store { .. } | ClientError::Task(_) => ErrorKind::Internal,
             ClientError::Io { .. } | ClientError::Context { .. } => ErrorKind::BadRequest,
@@ -102,6 +112,17 @@ impl ClientError {
     pub(crate) fn rpc(what: &str, status: tonic::Status) -> ClientError {
         let message =
             if what.is_empty() { status.message().to_string() } else { format!("{what}: {}", status.message()) };
-        ClientError::Rpc { kind: kiln_proto::kind_of(status.code()), message }
+        match kiln_proto::redirect_of(&status) {
+            Some(redirect) => ClientError::NotLeader { message, redirect },
+            None => ClientError::Rpc { kind: kiln_proto::kind_of(status.code()), message },
+        }
+    }
+
+    /// The leader a refusing follower named, if this is such a refusal and it named one.
+    pub fn leader(&self) -> Option<&str> {
+        match self {
+            ClientError::NotLeader { redirect: kiln_proto::Redirect::Leader(url), .. } => Some(url),
+            _ => None,
+        }
     }
 }

@@ -12,6 +12,7 @@ pub use blobs::{UploadStats, fetch_blob, fetch_from_any};
 pub use error::ClientError;
 pub use kiln_proto::tls::{NodeTls, TlsError};
 pub use raft::RaftLink;
+
 pub use worker::{WorkerLink, WorkerSession};
 
 use std::path::PathBuf;
@@ -130,8 +131,21 @@ pub fn endpoint(address: &str, tls: Option<&NodeTls>) -> Result<Endpoint, Client
             ));
         }
     };
-    Ok(tuned(endpoint))
+    // A peer that stops answering (a frozen or partitioned coordinator) is noticed within
+    // seconds, not when the kernel gives up on the connection.
+    Ok(tuned(endpoint)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
 }
+
+/// How long a TCP connection (and its TLS handshake) may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often an open connection is probed.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a probe may go unanswered before the connection counts as dead.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn tuned(endpoint: Endpoint) -> Endpoint {
     endpoint
@@ -163,11 +177,20 @@ impl Client {
             return Err(ClientError::Address { address: address.to_string(), reason: "names no daemon".into() });
         }
         let control = Client::connect_first(&addresses, options, &bearer).await?;
-        Ok(Client { control: Arc::new(Mutex::new(control)), addresses: Arc::new(addresses), options: options.clone(), bearer })
+        Ok(Client {
+            control: Arc::new(Mutex::new(control)),
+            addresses: Arc::new(addresses),
+            options: options.clone(),
+            bearer,
+        })
     }
 
     /// A control client of the first of `addresses` that answers.
-    async fn connect_first(addresses: &[String], options: &ClientOptions, bearer: &Bearer) -> Result<Control, ClientError> {
+    async fn connect_first(
+        addresses: &[String],
+        options: &ClientOptions,
+        bearer: &Bearer,
+    ) -> Result<Control, ClientError> {
         let mut failure = None;
         for address in addresses {
             match Client::connect_one(address, options, bearer).await {
@@ -294,9 +317,7 @@ impl Client {
     /// workers that did not answer, with why.
     pub async fn prune(&self, options: &PruneOptions) -> Result<(PruneReport, Vec<String>), ClientError> {
         let request = prune_to_proto(options);
-        let response = self
-            .call("", |mut control| async move { control.prune(request).await })
-            .await?;
+        let response = self.call("", |mut control| async move { control.prune(request).await }).await?;
         Ok((PruneReport { reclaimed: response.reclaimed, records: response.records }, response.errors))
     }
 

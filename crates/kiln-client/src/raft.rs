@@ -18,7 +18,8 @@ impl RaftLink {
     /// A link to the member at `address` (`https://` with this node's `tls`).
     pub fn new(address: &str, tls: Option<&NodeTls>) -> Result<RaftLink, ClientError> {
         let channel = endpoint(address, tls)?.connect_timeout(std::time::Duration::from_secs(1)).connect_lazy();
-        let client = RaftClient::new(channel).max_encoding_message_size(MAX_MESSAGE).max_decoding_message_size(MAX_MESSAGE);
+        let client =
+            RaftClient::new(channel).max_encoding_message_size(MAX_MESSAGE).max_decoding_message_size(MAX_MESSAGE);
         Ok(RaftLink { client, address: address.to_string() })
     }
 

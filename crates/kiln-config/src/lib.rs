@@ -339,7 +339,9 @@ pub fn coordinator_urls(list: &str) -> Vec<&str> {
 /// Whether `url` is `http://HOST:PORT` or `https://HOST:PORT`.
 fn is_node_url(url: &str) -> bool {
     let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
-    rest.is_some_and(|r| !r.is_empty() && !r.contains('/') && r.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()))
+    rest.is_some_and(|r| {
+        !r.is_empty() && !r.contains('/') && r.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    })
 }
 
 /// The `node-id` and `peers` of `[coordinator]`, checked.
@@ -353,9 +355,7 @@ fn replicas(section: &CoordinatorSection) -> Result<Option<Replicas>, (&'static 
     };
     let mut peers = BTreeMap::new();
     for peer in &section.peers {
-        let (id, url) = peer
-            .split_once('=')
-            .ok_or_else(|| ("coordinator.peers", format!("{peer:?} is not ID=URL")))?;
+        let (id, url) = peer.split_once('=').ok_or_else(|| ("coordinator.peers", format!("{peer:?} is not ID=URL")))?;
         let id: u64 = id
             .trim()
             .parse()

@@ -185,7 +185,10 @@ fn replicated_coordinators_and_coordinator_lists() {
         ("node-id = 1\npeers = [\"http://a:1\"]\n".into(), "is not ID=URL"),
         ("node-id = 1\npeers = [\"x=http://a:1\"]\n".into(), "the id must be a number"),
         ("node-id = 1\npeers = [\"1=http://a\"]\n".into(), "is not http(s)://HOST:PORT"),
-        ("node-id = 1\npeers = [\"1=https://a:1\"]\n[tls]\ninsecure = true\n".into(), "coordinator.peers: \"https://a:1\": http://"),
+        (
+            "node-id = 1\npeers = [\"1=https://a:1\"]\n[tls]\ninsecure = true\n".into(),
+            "coordinator.peers: \"https://a:1\": http://",
+        ),
     ];
     for (keys, expected) in cases {
         let error = validate(&coordinator(&keys)).unwrap_err();

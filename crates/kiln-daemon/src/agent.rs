@@ -23,30 +23,67 @@ impl BlobFetcher for PeerFetcher {
     }
 }
 
-/// A coordinator's worker service at `http://HOST:PORT` (or `https://`, connected to as this
-/// node).
+/// The worker service of a coordinator at `http://HOST:PORT` (or `https://`, connected to as
+/// this node), or of whichever of several replicated coordinators leads.
 pub struct Coordinator {
-    /// Its address.
-    pub address: String,
+    /// Their addresses (`worker.coordinator`, a comma-separated list).
+    addresses: Vec<String>,
+    /// The one to try first: the last that accepted, or the leader the last refusal named.
+    preferred: Arc<std::sync::Mutex<String>>,
     /// This node's TLS.
-    pub tls: Option<NodeTls>,
+    tls: Option<NodeTls>,
+}
+
+impl Coordinator {
+    /// The coordinators of `list` (comma-separated URLs), reached as this node (`tls`).
+    pub fn new(list: &str, tls: Option<NodeTls>) -> Coordinator {
+        let addresses: Vec<String> = kiln_config::coordinator_urls(list).into_iter().map(str::to_string).collect();
+        let preferred = Arc::new(std::sync::Mutex::new(addresses.first().cloned().unwrap_or_default()));
+        Coordinator { addresses, preferred, tls }
+    }
 }
 
 impl ControlPlane for Coordinator {
     type Link = Link;
     type Error = ClientError;
 
+    /// Registers with the preferred coordinator; a follower's refusal sends the worker to the
+    /// leader it names, and a coordinator that does not answer to the next in the list. What
+    /// the last one tried said is the error (the agent retries with backoff).
     fn connect(&self, info: WorkerInfo, layers: Vec<Digest>) -> BoxFuture<Result<Session<Link>, ClientError>> {
-        let (address, tls) = (self.address.clone(), self.tls.clone());
+        let (addresses, preferred, tls) = (self.addresses.clone(), Arc::clone(&self.preferred), self.tls.clone());
         Box::pin(async move {
-            let WorkerSession { link, lease_ms, incoming } =
-                WorkerSession::connect(&address, tls.as_ref(), &info, &layers).await?;
-            Ok(Session { link: Link(link), lease_ms, incoming })
+            let first = preferred.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut candidates = vec![first.clone()];
+            candidates.extend(addresses.iter().filter(|a| **a != first).cloned());
+            let mut failure = None;
+            let mut tried = 0;
+            while tried < candidates.len() {
+                let address = candidates[tried].clone();
+                tried += 1;
+                match WorkerSession::connect(&address, tls.as_ref(), &info, &layers).await {
+                    Ok(WorkerSession { link, lease_ms, incoming }) => {
+                        *preferred.lock().unwrap_or_else(|p| p.into_inner()) = address;
+                        return Ok(Session { link: Link(link), lease_ms, incoming });
+                    }
+                    Err(error) => {
+                        if let Some(leader) = error.leader()
+                            && !candidates[..tried].iter().any(|c| c == leader)
+                        {
+                            // Try the leader next.
+                            candidates.retain(|c| c != leader);
+                            candidates.insert(tried, leader.to_string());
+                        }
+                        failure = Some(error);
+                    }
+                }
+            }
+            Err(failure.expect("at least one coordinator"))
         })
     }
 
     fn address(&self) -> String {
-        self.address.clone()
+        self.preferred.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

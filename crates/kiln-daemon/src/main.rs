@@ -9,6 +9,7 @@
 
 mod agent;
 mod certs;
+mod replica;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -377,7 +378,7 @@ async fn standalone(
         }
         None => None,
     };
-    serve(&engine, root, (&socket, group), tcp, &security.tenants, lifecycle).await
+    serve(&engine, root, (&socket, group), tcp, &security.tenants, None, lifecycle).await
 }
 
 /// How long in-flight requests (builds streaming their results, worker sessions closing)
@@ -399,6 +400,7 @@ async fn serve(
     (socket, group): (&Path, Option<u32>),
     tcp: Option<(tokio::net::TcpListener, Services)>,
     tenants: &Arc<Tenants>,
+    replication: Option<Arc<kiln_api::Replication>>,
     lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
     let Lifecycle { stopped, tasks, abandoned } = lifecycle;
@@ -415,6 +417,7 @@ async fn serve(
     }
     let service = ControlService::new(Arc::clone(engine), root)
         .with_tenants(Arc::clone(tenants))
+        .replicated(replication)
         .tracked_by(tasks.clone(), abandoned.clone());
     let unix_socket = socket.to_path_buf();
     servers.spawn({
@@ -488,12 +491,22 @@ async fn coordinator(
         platforms: vec![],
     };
     let shared_cache = config.shared_cache.clone();
+    let kv = Engine::open_store(root)?;
+    // A replicated coordinator keeps its cache index through the log.
+    let replicated = config.replicas.as_ref().map(|_| replica::replicated_store(&kv));
+    let cache_index = replicated.as_ref().map_or_else(|| Arc::clone(&kv), |store| Arc::clone(&store.cache_index));
     let engine = Arc::new(Engine::start_coordinator(
         engine_config,
         settings,
         Arc::new(agent::PeerFetcher(security.tls.clone())),
         shared_cache,
+        Arc::clone(&kv),
+        cache_index,
     )?);
+    let replication = match (&config.replicas, replicated) {
+        (Some(replicas), Some(store)) => Some(replica::start(replicas, kv, store, &engine, security.tls.clone())?),
+        _ => None,
+    };
     if let Some(gc) = engine.gc() {
         tokio::spawn(Arc::clone(gc).run(lifecycle.stopped.clone()).instrument(tracing::info_span!("gc")));
     }
@@ -503,8 +516,12 @@ async fn coordinator(
     tracing::info!("coordinator, state in {}, socket {}", root.display(), socket.display());
     let listener = bind(&config.listen.to_string()).await?;
     let (access, tls) = security.listener(&listener.local_addr()?, true);
+    let access = access.led_by(replication.clone());
     if security.tokens.is_empty() {
         tracing::warn!("no [[coordinator.tokens]]: every client that reaches {} is an admin", config.listen);
+    }
+    if replication.is_some() && security.tls.is_none() {
+        tracing::warn!("raft traffic travels in plain TCP (insecure = true): any host that reaches the port can join");
     }
     let services = Services {
         control: Some(
@@ -512,8 +529,10 @@ async fn coordinator(
                 .with_upload_idle_timeout(config.upload_idle_timeout)
                 .with_node_tls(security.tls.clone())
                 .with_tenants(Arc::clone(&security.tenants))
+                .replicated(replication.clone())
                 .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone()),
         ),
+        raft: replication.clone().map(kiln_api::RaftService::new),
         // Workers fetch uploaded context files from the coordinator they connected to.
         workers: Some(WorkersService::new(cluster, "", lease_ms).tracked_by(lifecycle.tasks.clone())),
         blobs: Some(BlobsService::new(Arc::clone(engine.stores().cas()))),
@@ -521,7 +540,21 @@ async fn coordinator(
         access,
         tls,
     };
-    serve(&engine, root, (&socket, group), Some((listener, services)), &security.tenants, lifecycle).await
+    let result = serve(
+        &engine,
+        root,
+        (&socket, group),
+        Some((listener, services)),
+        &security.tenants,
+        replication.clone(),
+        lifecycle,
+    )
+    .await;
+    if let Some(replication) = replication {
+        let node = Arc::clone(replication.node());
+        tokio::task::spawn_blocking(move || node.stop()).await?;
+    }
+    result
 }
 
 async fn worker(
@@ -537,7 +570,13 @@ async fn worker(
     let coordinator = settings.coordinator.clone().expect("checked when the role was chosen");
     let config = WorkerConfig {
         name: name.clone(),
-        unreachable: coordinator_addresses(&coordinator).await,
+        unreachable: {
+            let mut addresses = Vec::new();
+            for url in kiln_config::coordinator_urls(&coordinator) {
+                addresses.extend(coordinator_addresses(url).await);
+            }
+            addresses
+        },
         ..worker_config(root, Some(&settings))?
     };
     let kv: kiln_kv::SharedKv =
@@ -568,7 +607,7 @@ async fn worker(
     // It stops once the session has ended, finishing the fetches under way (bounded).
     let session_over = CancellationToken::new();
     let server = tokio::spawn(kiln_api::serve_tcp(services, listener, until_stopped(session_over.clone())));
-    let control = Arc::new(agent::Coordinator { address: coordinator, tls: security.tls.clone() });
+    let control = Arc::new(agent::Coordinator::new(&coordinator, security.tls.clone()));
     kiln_worker::agent::run(
         Arc::clone(&worker),
         control,

@@ -135,19 +135,29 @@ impl Engine {
         })
     }
 
-    /// A coordinator: builds run on the cluster's workers, which connect to it; `fetcher`
-    /// brings result layers from them for export. With a `shared_cache`, every build imports
-    /// from it and exports to it.
+    /// Opens the metadata store of a daemon rooted at `root` (`ROOT/db`), which a coordinator
+    /// shares with its replicated log.
+    pub fn open_store(root: &std::path::Path) -> Result<SharedKv, EngineError> {
+        let fail = |source: StartError| EngineError { root: root.to_path_buf(), source };
+        std::fs::create_dir_all(root).map_err(|e| fail(e.into()))?;
+        Ok(Arc::new(SledKv::open(&root.join("db")).map_err(|e| fail(e.into()))?))
+    }
+
+    /// A coordinator over `kv` (from [`Engine::open_store`]): builds run on the cluster's
+    /// workers, which connect to it; `fetcher` brings result layers from them for export.
+    /// With a `shared_cache`, every build imports from it and exports to it. The cache
+    /// index is kept through `cache_index`: `kv` itself, or a replicated coordinator's
+    /// store whose writes go through the log.
     pub fn start_coordinator(
         config: EngineConfig,
         settings: ClusterSettings,
         fetcher: Arc<dyn BlobFetcher>,
         shared_cache: Option<kiln_model::CacheSpec>,
+        kv: SharedKv,
+        cache_index: SharedKv,
     ) -> Result<Engine, EngineError> {
         let root = config.worker.root.clone();
         let fail = |source: StartError| EngineError { root: root.clone(), source };
-        std::fs::create_dir_all(&root).map_err(|e| fail(e.into()))?;
-        let kv: SharedKv = Arc::new(SledKv::open(&root.join("db")).map_err(|e| fail(e.into()))?);
         // A coordinator executes nothing itself: its stores and registry client, no runner.
         let stores = Stores::open(&config.worker.root, config.worker.registry.clone(), Arc::clone(&kv))
             .map_err(|e| fail(e.into()))?;
@@ -156,7 +166,7 @@ impl Engine {
         let cluster = Cluster::new(settings);
         cluster.start_ticker(std::time::Duration::from_millis(200));
         let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
-        let solver = Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS }, Some(Arc::clone(&kv)))
+        let solver = Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS }, Some(cache_index))
             .map_err(|e| fail(e.into()))?;
         Ok(Engine {
             stores,
@@ -169,6 +179,14 @@ impl Engine {
             shared_cache,
             gc: Some(Arc::new(gc)),
         })
+    }
+
+    /// Learns a cache index entry a replicated coordinator's leader stored (`Some`) or
+    /// forgot (`None`), as the bytes of the solver's cache tree ([`kiln_solver::CACHE_TREE`]).
+    pub fn learn_cache_entry(&self, key: &[u8], value: Option<&[u8]>) {
+        if let Mode::Cluster { solver, .. } = &self.mode {
+            solver.learn(key, value);
+        }
     }
 
     /// The cluster, on a coordinator.

@@ -11,12 +11,14 @@
 mod log;
 mod machine;
 mod node;
+mod replicated;
 mod storage;
 
 use std::time::Duration;
 
 pub use machine::{KvMachine, Write};
 pub use node::Node;
+pub use replicated::{Proposer, ReplicatedKv};
 pub use storage::KvStorage;
 
 /// How often the node ticks. With [`HEARTBEAT_TICKS`] and [`ELECTION_TICKS`]: a leader sends
@@ -69,7 +71,9 @@ pub enum RaftError {
     #[error("the replicated log has stopped")]
     Stopped,
     /// The stored log lists other members than the configuration.
-    #[error("the raft log was started with the members {kept:?}, the configuration lists {configured:?}; membership changes are not supported")]
+    #[error(
+        "the raft log was started with the members {kept:?}, the configuration lists {configured:?}; membership changes are not supported"
+    )]
     Members {
         /// The members in the stored log.
         kept: Vec<u64>,

@@ -343,9 +343,8 @@ mod tests {
         let counter = Arc::clone(&seen);
         let other: SharedKv = Arc::new(MemoryKv::new());
         other.put("cache", b"stale", b"left from before").unwrap();
-        let mut restored = KvMachine::new(Arc::clone(&other), &TREES)
-            .unwrap()
-            .observed_by(move |_| *counter.lock().unwrap() += 1);
+        let mut restored =
+            KvMachine::new(Arc::clone(&other), &TREES).unwrap().observed_by(move |_| *counter.lock().unwrap() += 1);
         restored.restore(40, &snapshot).unwrap();
         assert_eq!(restored.applied(), 40);
         assert_eq!(contents(other.as_ref()), contents(kv.as_ref()));

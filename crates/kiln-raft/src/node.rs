@@ -107,10 +107,11 @@ impl Node {
             snapshot_every: config.snapshot_every,
             keep_entries: config.keep_entries,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("raft-{}", config.id))
-            .spawn(move || member.run(inbox))
-            .map_err(|error| RaftError::Apply { index: 0, reason: format!("starting the raft thread: {error}") })?;
+        let thread =
+            std::thread::Builder::new()
+                .name(format!("raft-{}", config.id))
+                .spawn(move || member.run(inbox))
+                .map_err(|error| RaftError::Apply { index: 0, reason: format!("starting the raft thread: {error}") })?;
         Ok(Node { id: config.id, requests, status, thread: Mutex::new(Some(thread)) })
     }
 
@@ -123,10 +124,16 @@ impl Node {
     /// here. Only the leader proposes: elsewhere this is [`RaftError::NotLeader`]. A leader
     /// that loses its office before the entry commits answers `NotLeader` too, and the entry
     /// may or may not commit later.
-    pub async fn propose(&self, data: Vec<u8>) -> Result<u64, RaftError> {
+    ///
+    /// The entry is handed to the member when this is called, not when the future is first
+    /// polled: entries proposed one after the other are in the log in that order.
+    pub fn propose(&self, data: Vec<u8>) -> impl Future<Output = Result<u64, RaftError>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        self.requests.send(Request::Propose { data, reply }).map_err(|_| RaftError::Stopped)?;
-        answer.await.map_err(|_| RaftError::Stopped)?
+        let sent = self.requests.send(Request::Propose { data, reply });
+        async move {
+            sent.map_err(|_| RaftError::Stopped)?;
+            answer.await.map_err(|_| RaftError::Stopped)?
+        }
     }
 
     /// A linearizable read barrier: resolves on the leader, with the commit index it
@@ -292,9 +299,9 @@ impl<M: StateMachine> Replica<M> {
                 }
             }
             Request::Unreachable(member) => self.raw.report_unreachable(member),
-            Request::SnapshotSent { to, delivered } => self
-                .raw
-                .report_snapshot(to, if delivered { SnapshotStatus::Finish } else { SnapshotStatus::Failure }),
+            Request::SnapshotSent { to, delivered } => {
+                self.raw.report_snapshot(to, if delivered { SnapshotStatus::Finish } else { SnapshotStatus::Failure })
+            }
             Request::Stop => return true,
         }
         false
@@ -450,11 +457,7 @@ impl<M: StateMachine> Replica<M> {
                 } else {
                     None
                 },
-                applied: if id == raft.id {
-                    Some(self.applied)
-                } else {
-                    is_leader.then_some(progress.matched)
-                },
+                applied: if id == raft.id { Some(self.applied) } else { is_leader.then_some(progress.matched) },
             })
             .collect();
         members.sort_by_key(|member| member.id);

@@ -153,9 +153,7 @@ impl Cluster {
     async fn wait(&self, id: u64, condition: impl FnMut(&Status) -> bool) -> Status {
         let mut status = self.nodes[&id].subscribe();
         let seen = tokio::time::timeout(PATIENCE, status.wait_for(condition)).await;
-        seen.unwrap_or_else(|_| panic!("member {id} never got there: {:?}", self.nodes[&id].status()))
-            .unwrap()
-            .clone()
+        seen.unwrap_or_else(|_| panic!("member {id} never got there: {:?}", self.nodes[&id].status())).unwrap().clone()
     }
 
     /// Waits until one of `among` leads in a term after `after`, and returns it.

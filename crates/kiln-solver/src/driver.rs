@@ -15,7 +15,8 @@ use tracing::Instrument as _;
 use crate::Event;
 use crate::state::{BuildId, BuildOptions, Command, Effect, SolverState};
 
-const CACHE_TREE: &str = "solver-cache";
+/// The key-value tree of the cache index: cache key (text) → the result (JSON).
+pub const CACHE_TREE: &str = "solver-cache";
 
 /// How the driver runs executions.
 #[derive(Debug, Clone)]
@@ -53,6 +54,8 @@ enum Message<E: Executor> {
         result: Result<Executed<E::Output>, Failed>,
         at: u64,
     },
+    /// A cache entry stored or forgotten elsewhere (a replicated coordinator's leader).
+    Learn(Command<E::Output>),
 }
 
 /// A handle on a running build: its events and a way to cancel it.
@@ -101,9 +104,8 @@ impl<E: Executor> Solver<E> {
         let mut state = SolverState::default();
         if let Some(kv) = &kv {
             for (key, value) in kv.scan_prefix(CACHE_TREE, b"")? {
-                let key = std::str::from_utf8(&key).ok().and_then(|k| k.parse::<Digest>().ok());
-                if let (Some(key), Ok(output)) = (key, serde_json::from_slice(&value)) {
-                    state.apply(Command::Restore { key, output });
+                if let Some(command) = learnt(&key, Some(&value)) {
+                    state.apply(command);
                 }
             }
         }
@@ -122,6 +124,15 @@ impl<E: Executor> Solver<E> {
         Ok(Solver { sender, next_build: std::sync::atomic::AtomicU64::new(1) })
     }
 
+    /// Learns a cache entry another member of a replicated coordinator stored (`Some`, the
+    /// bytes the cache tree keeps) or forgot (`None`). An entry that does not parse is
+    /// ignored: a lost entry only costs an execution.
+    pub fn learn(&self, key: &[u8], value: Option<&[u8]>) {
+        if let Some(command) = learnt(key, value) {
+            let _ = self.sender.send(Message::Learn(command));
+        }
+    }
+
     /// Submits a build; its progress arrives on the handle.
     pub fn submit(&self, graph: Graph, options: BuildOptions, build: Arc<E::Build>) -> BuildHandle<E::Output> {
         let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -129,6 +140,15 @@ impl<E: Executor> Solver<E> {
         let _ = self.sender.send(Message::Submit { graph, options, build, events, id });
         let sender = self.sender.clone();
         BuildHandle { id, events: receiver, cancel: Box::new(move || drop(sender.send(Message::Cancel(id)))) }
+    }
+}
+
+/// The command that records the cache tree's entry `key` (`value`: stored; `None`: gone).
+fn learnt<O: serde::de::DeserializeOwned>(key: &[u8], value: Option<&[u8]>) -> Option<Command<O>> {
+    let key = std::str::from_utf8(key).ok()?.parse::<Digest>().ok()?;
+    match value {
+        Some(value) => Some(Command::Restore { key, output: serde_json::from_slice(value).ok()? }),
+        None => Some(Command::Forget { key }),
     }
 }
 
@@ -176,6 +196,7 @@ impl<E: Executor> Driver<E> {
                 self.logs.remove(&key);
                 self.state.apply(Command::Finished { key, result, at })
             }
+            Message::Learn(command) => self.state.apply(command),
         };
         // Effects in order; answering a cache check adds more, which run right after it.
         let mut queue: VecDeque<Effect<E::Output>> = effects.into();

@@ -80,12 +80,17 @@ pub enum Command<O> {
         /// The time.
         at: u64,
     },
-    /// A cache entry known from earlier runs.
+    /// A cache entry known from earlier runs (or from a replicated coordinator's leader).
     Restore {
         /// The cache key.
         key: Digest,
         /// The result.
         output: O,
+    },
+    /// A cache entry a replicated coordinator's leader forgot.
+    Forget {
+        /// The cache key.
+        key: Digest,
     },
 }
 
@@ -269,6 +274,9 @@ impl<O: Clone> SolverState<O> {
             }
             Command::Restore { key, output } => {
                 self.cache.insert(key, output);
+            }
+            Command::Forget { key } => {
+                self.cache.remove(&key);
             }
         }
         effects

@@ -1,0 +1,270 @@
+//! Replicated coordinators: three coordinator `kilnd`s (raft over mutual TLS) on 127.0.N.1-3
+//! and workers that know all three; `kiln` is given the list. Leaders are SIGKILLed and
+//! SIGSTOPped; followers are killed and restarted.
+
+use super::*;
+
+struct Replicated {
+    /// Serves the base image for as long as the cluster runs.
+    _registry: TestRegistry,
+    base: String,
+    dir: tempfile::TempDir,
+    net: u8,
+    /// Member `i + 1`'s process, while it runs.
+    coordinators: Vec<Option<Child>>,
+    workers: Vec<Child>,
+}
+
+impl Replicated {
+    /// Three coordinators and `workers` amd64 workers with two slots each.
+    fn start(net: u8, workers: usize) -> Replicated {
+        workspace_binary("kiln-runner");
+        let registry = TestRegistry::start();
+        let dir = tempfile::tempdir().unwrap();
+        let base = push_base(&registry, dir.path());
+        let mut cluster =
+            Replicated { _registry: registry, base, dir, net, coordinators: Vec::new(), workers: Vec::new() };
+        for id in 1..=3 {
+            cluster.coordinators.push(None);
+            cluster.start_coordinator(id);
+        }
+        for i in 0..workers {
+            let host = format!("127.0.{net}.{}", 11 + i);
+            let name = format!("w{}", i + 1);
+            let tls = certificate(cluster.dir.path(), &name, &host);
+            let config = cluster.dir.path().join(format!("{name}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[worker]\ncoordinator = \"{}\"\nname = \"{name}\"\nlisten = \"{host}:7071\"\nroot = \"{}\"\n\
+                     platforms = [\"linux/amd64\"]\nmax-parallelism = 2\n{tls}",
+                    cluster.list(),
+                    cluster.dir.path().join(&name).display(),
+                ),
+            )
+            .unwrap();
+            cluster.workers.push(kilnd(&config, &cluster.dir.path().join(format!("{name}.log"))));
+        }
+        cluster
+    }
+
+    fn url(&self, id: u64) -> String {
+        format!("https://127.0.{}.{id}:7070", self.net)
+    }
+
+    /// Every coordinator's URL, comma-separated.
+    fn list(&self) -> String {
+        (1..=3).map(|id| self.url(id)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Starts member `id` (again) on its state directory.
+    fn start_coordinator(&mut self, id: u64) {
+        let name = format!("coordinator-{id}");
+        let config = self.dir.path().join(format!("{name}.toml"));
+        if !config.exists() {
+            let tls = certificate(self.dir.path(), &name, &format!("127.0.{}.{id}", self.net));
+            let peers: Vec<String> = (1..=3).map(|peer| format!("\"{peer}={}\"", self.url(peer))).collect();
+            std::fs::write(
+                &config,
+                format!(
+                    "[coordinator]\nlisten = \"127.0.{}.{id}:7070\"\nroot = \"{}\"\nlease-timeout = \"3s\"\n\
+                     node-id = {id}\npeers = [{}]\n{tls}",
+                    self.net,
+                    self.dir.path().join(&name).display(),
+                    peers.join(", ")
+                ),
+            )
+            .unwrap();
+        }
+        let log = self.dir.path().join(format!("{name}-{}.log", unique()));
+        self.coordinators[id as usize - 1] = Some(coordinator_kilnd(&config, &log));
+    }
+
+    fn signal(&self, id: u64, signal: &str) {
+        let child = self.coordinators[id as usize - 1].as_ref().expect("member running");
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn kill(&mut self, id: u64) {
+        let mut child = self.coordinators[id as usize - 1].take().expect("member running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn kiln(&self, addr: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(workspace_binary("kiln"));
+        command.arg("--addr").arg(addr).arg("--tls-ca").arg(self.dir.path().join("certs/ca.pem")).args(args);
+        command.env_remove("KILN_ADDR").env_remove("KILN_TOKEN").env_remove("KILN_TLS_CA");
+        command
+    }
+
+    /// `kiln info --format json` through `addr`, or why it failed.
+    fn info(&self, addr: &str) -> Result<Value, String> {
+        let out = self.kiln(addr, &["info", "--format", "json"]).output().unwrap();
+        if !out.status.success() {
+            return Err(text(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// Polls `kiln info` through the list until `done` holds for its answer (the cluster
+    /// offers no event to wait on); `what` names the wait when it times out.
+    fn wait_for(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = Err(String::new());
+        while Instant::now() < deadline {
+            last = self.info(&self.list());
+            if let Ok(info) = &last
+                && done(info)
+            {
+                return info.clone();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{what}: the last answer was {last:?}\n{}", self.logs());
+    }
+
+    /// Waits for a leader other than `not` whose term is above `term`, with `workers` workers
+    /// registered with it.
+    fn wait_for_leader(&self, not: Option<u64>, term: u64, workers: u64) -> Value {
+        self.wait_for("a new leader with its workers", |info| {
+            let leader = info["raft"]["leader"].as_u64();
+            leader.is_some()
+                && leader != not
+                && info["raft"]["term"].as_u64().unwrap() > term
+                && info["workers"].as_u64() == Some(workers)
+        })
+    }
+
+    fn context(&self, name: &str, dockerfile: &str) -> PathBuf {
+        let context = self.dir.path().join(name);
+        std::fs::create_dir_all(&context).unwrap();
+        std::fs::write(context.join("Dockerfile"), dockerfile.replace("BASE", &self.base)).unwrap();
+        context
+    }
+
+    /// Builds `context` through the list into `out`; the metadata.
+    fn build(&self, context: &Path, out: &Path) -> Value {
+        let metadata = self.dir.path().join(format!("meta-{}.json", unique()));
+        let local = format!("type=local,dest={}", out.display());
+        let args = ["build", context.to_str().unwrap(), "--progress", "plain", "--metadata-file"];
+        let out = self.kiln(&self.list(), &args).arg(&metadata).args(["-o", &local]).output().unwrap();
+        assert!(out.status.success(), "build failed: {}\n{}", text(&out.stderr), self.logs());
+        read_json(&metadata)
+    }
+
+    fn logs(&self) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "log") {
+                let content = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                all += &format!("\n--- {}\n{content}", entry.path().display());
+            }
+        }
+        all
+    }
+}
+
+impl Drop for Replicated {
+    fn drop(&mut self) {
+        for child in &mut self.workers {
+            stop(child);
+        }
+        for child in self.coordinators.iter_mut().flatten() {
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            stop(child);
+        }
+    }
+}
+
+fn leader_of(info: &Value) -> u64 {
+    info["raft"]["leader"].as_u64().expect("a leader")
+}
+
+fn term_of(info: &Value) -> u64 {
+    info["raft"]["term"].as_u64().unwrap()
+}
+
+fn roles(info: &Value) -> Vec<(u64, String)> {
+    let members = info["raft"]["members"].as_array().unwrap();
+    members.iter().map(|m| (m["id"].as_u64().unwrap(), m["role"].as_str().unwrap_or("").to_string())).collect()
+}
+
+#[test]
+fn replicated_coordinators_keep_the_cluster_through_the_loss_of_a_leader_or_a_follower() {
+    let mut cluster = Replicated::start(28, 2);
+    let info = cluster.wait_for_leader(None, 0, 2);
+    let leader = leader_of(&info);
+    assert_eq!(info["raft"]["node_id"].as_u64(), Some(leader), "the leader answers: {info:#}");
+    let expected: Vec<(u64, String)> =
+        (1..=3).map(|id| (id, if id == leader { "leader" } else { "follower" }.to_string())).collect();
+    assert_eq!(roles(&info), expected, "{info:#}");
+    for member in info["raft"]["members"].as_array().unwrap() {
+        assert_eq!(member["address"].as_str(), Some(cluster.url(member["id"].as_u64().unwrap()).as_str()));
+    }
+    // A follower's address alone reaches the leader: it answers with the leader's URL and
+    // the client goes there.
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let through_follower = cluster.info(&cluster.url(follower)).unwrap();
+    assert_eq!(through_follower["raft"]["node_id"].as_u64(), Some(leader), "{through_follower:#}");
+
+    let context = cluster.context("steps", "FROM BASE\nRUN echo one > /one\nRUN cat /one > /two\n");
+    let metadata = cluster.build(&context, &cluster.dir.path().join("out-1"));
+    assert_eq!(record(&metadata, "echo one")["status"], "executed", "{metadata:#}");
+
+    // The leader dies: another is elected, the workers register with it, and what the old
+    // leader recorded (the cache index) is there: nothing runs again.
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    let info = cluster.wait_for_leader(Some(leader), term_of(&info), 2);
+    eprintln!("a new leader and both workers {} ms after the SIGKILL", killed_at.elapsed().as_millis());
+    let second = leader_of(&info);
+    let out = cluster.dir.path().join("out-2");
+    let metadata = cluster.build(&context, &out);
+    for step in ["echo one", "cat /one"] {
+        assert_eq!(record(&metadata, step)["status"], "cached", "{metadata:#}");
+    }
+    assert_eq!(std::fs::read_to_string(out.join("two")).unwrap(), "one\n");
+
+    // The old leader comes back as a follower and catches up.
+    cluster.start_coordinator(leader);
+    let info = cluster.wait_for("the old leader back as a follower", |info| {
+        let members = info["raft"]["members"].as_array().unwrap();
+        let commit = members.iter().map(|m| m["applied"].as_u64().unwrap()).max().unwrap();
+        members.iter().any(|m| {
+            m["id"].as_u64() == Some(leader) && m["role"] == "follower" && m["applied"].as_u64() == Some(commit)
+        })
+    });
+    assert_eq!(leader_of(&info), second);
+
+    // A follower dies: nothing visible happens.
+    let follower = (1..=3).find(|id| *id != second).unwrap();
+    cluster.kill(follower);
+    let context = cluster.context("after-follower", "FROM BASE\nRUN echo two > /two\n");
+    let out = cluster.dir.path().join("out-3");
+    let metadata = cluster.build(&context, &out);
+    assert_eq!(record(&metadata, "echo two")["status"], "executed", "{metadata:#}");
+    assert_eq!(leader_of(&cluster.info(&cluster.list()).unwrap()), second);
+    cluster.start_coordinator(follower);
+
+    // The leader stops (SIGSTOP): the others elect a leader and go on without it; when it
+    // resumes it follows the new one.
+    let info = cluster.wait_for("all three members", |info| roles(info).iter().all(|(_, role)| !role.is_empty()));
+    cluster.signal(second, "STOP");
+    let info = cluster.wait_for_leader(Some(second), term_of(&info), 2);
+    let third = leader_of(&info);
+    let context = cluster.context("after-stop", "FROM BASE\nRUN echo three > /three\n");
+    let metadata = cluster.build(&context, &cluster.dir.path().join("out-4"));
+    assert_eq!(record(&metadata, "echo three")["status"], "executed", "{metadata:#}");
+    cluster.signal(second, "CONT");
+    let info = cluster.wait_for("the stopped leader following", |info| {
+        roles(info).iter().any(|(id, role)| *id == second && role == "follower")
+    });
+    assert_eq!(leader_of(&info), third, "{info:#}");
+    assert!(
+        (1..=3).all(|id| cluster.coordinators[id as usize - 1].as_mut().unwrap().try_wait().unwrap().is_none()),
+        "a coordinator exited: {}",
+        cluster.logs()
+    );
+}

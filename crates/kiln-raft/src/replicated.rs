@@ -1,0 +1,102 @@
+//! A [`Kv`] whose writes to the replicated trees go through the log: reads are the node's
+//! own store; a write is proposed (in the order it was made) and reaches the store when its
+//! entry applies, on every member alike.
+
+use std::sync::Weak;
+
+use kiln_kv::{Batch, Kv, KvError, Pairs, SharedKv};
+use tokio::sync::mpsc;
+
+use crate::{Node, Write};
+
+/// The most writes merged into one entry.
+const MAX_WRITES_PER_ENTRY: usize = 256;
+
+/// The node's store, with the writes to `trees` replicated.
+pub struct ReplicatedKv {
+    local: SharedKv,
+    trees: Vec<String>,
+    writes: mpsc::UnboundedSender<Write>,
+}
+
+impl ReplicatedKv {
+    /// Wraps `local`, replicating writes to `trees`; the returned [`Proposer`] proposes them
+    /// once the node runs ([`Proposer::run`]).
+    pub fn new(local: SharedKv, trees: &[&str]) -> (ReplicatedKv, Proposer) {
+        let (writes, queue) = mpsc::unbounded_channel();
+        let trees = trees.iter().map(|tree| tree.to_string()).collect();
+        (ReplicatedKv { local, trees, writes }, Proposer { queue })
+    }
+
+    fn replicate(&self, tree: &str, batch: Batch) -> bool {
+        if !self.trees.iter().any(|t| t == tree) {
+            return false;
+        }
+        // The proposer stops only with the daemon; a write after that is lost like any write
+        // a crash interrupts.
+        let _ = self.writes.send(Write { tree: tree.to_string(), batch });
+        true
+    }
+}
+
+impl Kv for ReplicatedKv {
+    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.local.get(tree, key)
+    }
+
+    fn put(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        let mut batch = Batch::default();
+        batch.put(key, value);
+        if self.replicate(tree, batch) { Ok(()) } else { self.local.put(tree, key, value) }
+    }
+
+    fn delete(&self, tree: &str, key: &[u8]) -> Result<(), KvError> {
+        let mut batch = Batch::default();
+        batch.delete(key);
+        if self.replicate(tree, batch) { Ok(()) } else { self.local.delete(tree, key) }
+    }
+
+    fn scan_prefix(&self, tree: &str, prefix: &[u8]) -> Result<Pairs, KvError> {
+        self.local.scan_prefix(tree, prefix)
+    }
+
+    fn apply(&self, tree: &str, batch: &Batch) -> Result<(), KvError> {
+        if self.replicate(tree, batch.clone()) { Ok(()) } else { self.local.apply(tree, batch) }
+    }
+
+    fn flush(&self) -> Result<(), KvError> {
+        self.local.flush()
+    }
+}
+
+/// Proposes the writes of a [`ReplicatedKv`], merging consecutive writes to one tree.
+pub struct Proposer {
+    queue: mpsc::UnboundedReceiver<Write>,
+}
+
+impl Proposer {
+    /// Proposes writes until the store is dropped. A write made where the node does not lead
+    /// is dropped (only the leader writes replicated state).
+    pub async fn run(mut self, node: Weak<Node>) {
+        while let Some(first) = self.queue.recv().await {
+            let mut entries = vec![first];
+            while entries.len() < MAX_WRITES_PER_ENTRY {
+                let Ok(next) = self.queue.try_recv() else { break };
+                match entries.last_mut() {
+                    Some(last) if last.tree == next.tree => last.batch.changes.extend(next.batch.changes),
+                    _ => entries.push(next),
+                }
+            }
+            let Some(node) = node.upgrade() else { return };
+            for entry in entries {
+                let tree = entry.tree.clone();
+                let proposed = node.propose(entry.encode());
+                tokio::spawn(async move {
+                    if let Err(error) = proposed.await {
+                        tracing::warn!("a write to {tree} was not replicated: {error}");
+                    }
+                });
+            }
+        }
+    }
+}
