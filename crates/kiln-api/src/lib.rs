@@ -150,7 +150,12 @@ impl Control for ControlService {
         self.tasks.spawn(
             async move {
                 let (progress, mut progress_events) = mpsc::unbounded_channel();
-                let mut build = Box::pin(engine.build(request, Some(&spool), progress));
+                let mut build = Box::pin(async {
+                    if let Some(replication) = &replication {
+                        replication.recovered().await;
+                    }
+                    engine.build(request, Some(&spool), progress).await
+                });
                 // Forward progress while the build runs. A client that left (its stream closed,
                 // even while nothing was to be sent) ends the build; so does a daemon that
                 // stops after its grace. Dropping the build future cancels this build's part

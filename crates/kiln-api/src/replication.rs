@@ -21,12 +21,30 @@ const READ_PATIENCE: Duration = Duration::from_secs(5);
 pub struct Replication {
     node: Arc<Node>,
     peers: BTreeMap<u64, String>,
+    /// The last term whose leader (this member) has taken over: builds start once it is the
+    /// current term.
+    recovered: tokio::sync::watch::Sender<u64>,
 }
 
 impl Replication {
     /// `node` among `peers` (every member's URL by id).
     pub fn new(node: Arc<Node>, peers: BTreeMap<u64, String>) -> Replication {
-        Replication { node, peers }
+        Replication { node, peers, recovered: tokio::sync::watch::Sender::new(0) }
+    }
+
+    /// Lets builds start in `term`, whose leader this member is, once it has taken over:
+    /// a new leader first waits for the workers that served the old one (their layers back
+    /// the cache index; a build that started sooner would find its cached steps' layers
+    /// nowhere and run them again).
+    pub fn set_recovered(&self, term: u64) {
+        self.recovered.send_replace(term);
+    }
+
+    /// Resolves once this member, leading, has taken over its term.
+    pub async fn recovered(&self) {
+        let mut recovered = self.recovered.subscribe();
+        let term = self.node.status().term;
+        let _ = recovered.wait_for(|recovered| *recovered >= term).await;
     }
 
     /// The member.

@@ -102,6 +102,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
     // A daemon reached over TCP may be on another machine: send the context, content-addressed
     // (only the files it lacks travel).
     let mut upload = None;
+    let mut walked_context = None;
     if daemon.address.as_deref().is_some_and(|a| !a.starts_with("unix://")) {
         let ignore = kiln_dockerfile::ignore::PatternList::parse_ignore_file(&request.dockerignore)
             .map_err(|e| anyhow::anyhow!(".dockerignore: {e}"))?;
@@ -119,19 +120,23 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         let (manifest, stats) =
             client.upload_context(std::sync::Arc::clone(&walked)).await.map_err(anyhow::Error::msg)?;
         // Only a cache: a failure to save it costs the next build a re-read.
-        let _ = tokio::task::spawn_blocking(move || walked.save_hash_cache()).await;
+        let saving = std::sync::Arc::clone(&walked);
+        let _ = tokio::task::spawn_blocking(move || saving.save_hash_cache()).await;
         request.context_manifest = Some(manifest);
         upload = Some(stats);
+        walked_context = Some(walked);
     }
     let writer = ExportWriter::start(&request.outputs)?;
-    let mut events = client.build(request).await.map_err(anyhow::Error::msg)?;
+    let mut events = client.build(request.clone()).await.map_err(anyhow::Error::msg)?;
     let mut renderer = Renderer::new(args.progress);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let (mut resubmitted, mut exporting) = (0, false);
     // The metadata file is written however the build ends, a lost connection included.
     let (mut error, image, records) = loop {
         tokio::select! {
             event = events.next() => match event {
                 Ok(Some(BuildEvent::ExportData { output, unpack_into, data, last })) => {
+                    exporting = true;
                     writer.send(Piece { output, unpack_into, data, last }).await;
                 }
                 Ok(Some(BuildEvent::Result { error, image, records })) => {
@@ -140,6 +145,23 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
                 }
                 Ok(Some(event)) => renderer.event(&event),
                 Ok(None) => break (Some("the daemon closed the build without a result".to_string()), None, Vec::new()),
+                // The replicated coordinator that led the build is gone (or leads no more):
+                // the build goes to the new leader, whose log has every step that finished.
+                Err(lost) if resubmitted < MAX_RESUBMISSIONS && !exporting && client.survives(&lost) => {
+                    resubmitted += 1;
+                    eprintln!("the coordinator running the build was lost ({lost}); submitting it to the new leader");
+                    let resumed = async {
+                        if let Some(walked) = &walked_context {
+                            // The new leader may lack what only the old one received.
+                            client.upload_context(std::sync::Arc::clone(walked)).await?;
+                        }
+                        client.build(request.clone()).await
+                    };
+                    match resumed.await {
+                        Ok(resumed) => events = resumed,
+                        Err(failed) => break (Some(failed.to_string()), None, Vec::new()),
+                    }
+                }
                 Err(lost) => break (Some(lost.to_string()), None, Vec::new()),
             },
             _ = tick.tick() => renderer.draw(false),
@@ -170,6 +192,9 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         }
     }
 }
+
+/// How many times one build follows its replicated coordinator to a new leader.
+const MAX_RESUBMISSIONS: u32 = 3;
 
 /// `--output` specs with `dest=` made absolute (this client writes them, from the files the
 /// daemon streams back), plus the `-t`/`--push` shorthands.

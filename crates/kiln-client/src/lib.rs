@@ -229,7 +229,8 @@ impl Client {
     /// leader a follower named; while an election runs or the coordinator is gone, the next in
     /// the list after a short pause) and says whether to call again.
     pub(crate) async fn redirect(&self, status: &tonic::Status, hops: &mut u32) -> bool {
-        if status.code() != tonic::Code::Unavailable || *hops >= MAX_HOPS {
+        // A connection that broke under the call surfaces as UNAVAILABLE, CANCELLED or UNKNOWN.
+        if kiln_proto::kind_of(status.code()) != kiln_model::ErrorKind::Unavailable || *hops >= MAX_HOPS {
             return false;
         }
         let redirect = kiln_proto::redirect_of(status);
@@ -237,22 +238,30 @@ impl Client {
             return false;
         }
         *hops += 1;
-        let candidates: Vec<String> = match redirect {
-            Some(kiln_proto::Redirect::Leader(leader)) => vec![leader],
-            _ => {
-                // An election takes about a second: pause a little longer each time.
-                tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(*hops))).await;
-                let start = *hops as usize % self.addresses.len();
-                self.addresses.iter().cycle().skip(start).take(self.addresses.len()).cloned().collect()
-            }
-        };
-        match Client::connect_first(&candidates, &self.options, &self.bearer).await {
-            Ok(control) => {
-                *self.control.lock().unwrap_or_else(|poison| poison.into_inner()) = control;
-                true
-            }
-            Err(_) => *hops < MAX_HOPS,
+        if let Some(kiln_proto::Redirect::Leader(leader)) = &redirect
+            && let Ok(control) = Client::connect_one(leader, &self.options, &self.bearer).await
+        {
+            *self.control.lock().unwrap_or_else(|poison| poison.into_inner()) = control;
+            return true;
         }
+        // No leader yet, or the one named is gone (the others have not noticed yet): an
+        // election takes about a second, so pause a little longer each time, then try the
+        // list from the next address on.
+        tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(*hops))).await;
+        let start = *hops as usize % self.addresses.len();
+        let candidates: Vec<String> =
+            self.addresses.iter().cycle().skip(start).take(self.addresses.len()).cloned().collect();
+        if let Ok(control) = Client::connect_first(&candidates, &self.options, &self.bearer).await {
+            *self.control.lock().unwrap_or_else(|poison| poison.into_inner()) = control;
+        }
+        *hops < MAX_HOPS
+    }
+
+    /// Whether a call that failed with `error` may be made again elsewhere: the coordinator
+    /// that took it leads no more, or is gone while others of a replica set are listed.
+    pub fn survives(&self, error: &ClientError) -> bool {
+        matches!(error, ClientError::NotLeader { .. })
+            || (self.addresses.len() > 1 && error.kind() == kiln_model::ErrorKind::Unavailable)
     }
 
     /// Makes a unary call, following redirections.

@@ -174,7 +174,12 @@ async fn main() {
     let latencies = match workers {
         None => {
             let fake = Arc::new(Fake::default());
-            let solver = Solver::start(Arc::clone(&fake), SolverConfig { worker_parallelism: slots }, None).unwrap();
+            let solver = Solver::start(
+                Arc::clone(&fake),
+                SolverConfig { worker_parallelism: slots, ..SolverConfig::default() },
+                None,
+            )
+            .unwrap();
             let mut handles: Vec<_> =
                 graphs.into_iter().map(|g| solver.submit(g, BuildOptions::default(), Arc::new(()))).collect();
             for handle in &mut handles {
@@ -187,7 +192,9 @@ async fn main() {
             let cluster = Cluster::<()>::new(ClusterSettings { lease_ms: 60_000, ..ClusterSettings::default() });
             let latencies = start_fake_workers(&cluster, workers, slots, exec);
             let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
-            let solver = Solver::start(executor, SolverConfig { worker_parallelism: 1 << 20 }, None).unwrap();
+            let solver =
+                Solver::start(executor, SolverConfig { worker_parallelism: 1 << 20, ..SolverConfig::default() }, None)
+                    .unwrap();
             let mut handles: Vec<_> = graphs
                 .into_iter()
                 .enumerate()

@@ -142,6 +142,9 @@ struct Pending<B> {
     epoch: u32,
 }
 
+/// What hears of workers registering and being lost ([`Cluster::observe_membership`]).
+pub type Membership = Arc<dyn Fn(&str, bool) + Send + Sync>;
+
 struct Inner<B> {
     state: ClusterState,
     links: HashMap<String, (u64, mpsc::UnboundedSender<ToWorker<B>>)>,
@@ -157,6 +160,8 @@ struct Inner<B> {
     tier_order: std::collections::VecDeque<Digest>,
     /// Pushes sent to workers and not answered yet, by request: the worker and the waiter.
     pushes: HashMap<u64, (String, oneshot::Sender<Pushed>)>,
+    /// Hears of every worker that registers (`true`) or is lost (`false`).
+    membership: Option<Membership>,
 }
 
 /// The coordinator's view of its workers, and the solver's executor over them.
@@ -180,9 +185,23 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 tier: HashMap::new(),
                 tier_order: std::collections::VecDeque::new(),
                 pushes: HashMap::new(),
+                membership: None,
             }),
             next_job: AtomicU64::new(1),
         })
+    }
+
+    /// Tells `observer` of every worker that registers (`true`) and every worker lost
+    /// (`false`; its lease ran out or it drained): a replicated coordinator records who its
+    /// workers are, so that a new leader knows whom to wait for. Called under the cluster's
+    /// lock: it must not block.
+    pub fn observe_membership(&self, observer: Membership) {
+        self.lock().membership = Some(observer);
+    }
+
+    /// The workers registered now, by name.
+    pub fn registered(&self) -> Vec<String> {
+        self.lock().links.keys().cloned().collect()
     }
 
     /// Ticks the state every `period` (leases, placement timeouts) while the cluster lives.
@@ -426,10 +445,18 @@ impl<B> Inner<B> {
 
     fn perform(&mut self, effect: &ClusterEffect) {
         match effect {
-            ClusterEffect::Registered { .. } | ClusterEffect::Refused { .. } | ClusterEffect::Accept { .. } => {}
+            ClusterEffect::Registered { worker, .. } => {
+                if let Some(membership) = &self.membership {
+                    membership(worker, true);
+                }
+            }
+            ClusterEffect::Refused { .. } | ClusterEffect::Accept { .. } => {}
             ClusterEffect::Lost { worker, session } => {
                 if self.links.get(worker).is_some_and(|(s, _)| s == session) {
                     self.links.remove(worker);
+                }
+                if let Some(membership) = &self.membership {
+                    membership(worker, false);
                 }
             }
             ClusterEffect::Assign { job, epoch, worker } => {

@@ -494,7 +494,10 @@ async fn coordinator(
     let kv = Engine::open_store(root)?;
     // A replicated coordinator keeps its cache index through the log.
     let replicated = config.replicas.as_ref().map(|_| replica::replicated_store(&kv));
-    let cache_index = replicated.as_ref().map_or_else(|| Arc::clone(&kv), |store| Arc::clone(&store.cache_index));
+    let cache_index = match &replicated {
+        Some(store) => (Arc::clone(&store.cache_index), Some(Arc::clone(&store.durable))),
+        None => (Arc::clone(&kv), None),
+    };
     let engine = Arc::new(Engine::start_coordinator(
         engine_config,
         settings,
@@ -504,7 +507,9 @@ async fn coordinator(
         cache_index,
     )?);
     let replication = match (&config.replicas, replicated) {
-        (Some(replicas), Some(store)) => Some(replica::start(replicas, kv, store, &engine, security.tls.clone())?),
+        (Some(replicas), Some(store)) => {
+            Some(replica::start(replicas, kv, store, &engine, security.tls.clone(), config.lease_timeout)?)
+        }
         _ => None,
     };
     if let Some(gc) = engine.gc() {

@@ -17,8 +17,14 @@ use kiln_raft::{KvMachine, Node, Proposer, RaftConfig, ReplicatedKv, Transport};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
+/// The workers registered with the leader (name → nothing): whom a new leader waits for.
+const WORKERS_TREE: &str = "cluster-workers";
+
 /// The trees of the coordinator's store that every member keeps alike.
-const REPLICATED_TREES: [&str; 1] = [kiln_solver::CACHE_TREE];
+const REPLICATED_TREES: [&str; 2] = [kiln_solver::CACHE_TREE, WORKERS_TREE];
+
+/// How often a new leader looks whether the old one's workers are back.
+const RECOVERY_POLL: Duration = Duration::from_millis(50);
 
 /// How long one batch may take to reach a member before it counts as unreachable: several
 /// heartbeats, well under the election timeout.
@@ -27,17 +33,33 @@ const SEND_TIMEOUT: Duration = Duration::from_millis(500);
 /// Batches waiting for a member; beyond this, messages for it are dropped (raft sends again).
 const QUEUE: usize = 256;
 
-/// The cache index's store for the engine: writes go through the log.
+/// The coordinator's store with the replicated trees written through the log.
 pub struct ReplicatedStore {
-    /// What the engine's solver keeps its cache index in.
+    /// The store as the engine's solver keeps its cache index in it.
     pub cache_index: SharedKv,
+    /// Commits a finished step's cache entry before the step counts as done.
+    pub durable: kiln_solver::Durable,
     proposer: Proposer,
 }
 
 /// Wraps the coordinator's store so that its replicated trees are written through the log.
 pub fn replicated_store(kv: &SharedKv) -> ReplicatedStore {
     let (replicated, proposer) = ReplicatedKv::new(Arc::clone(kv), &REPLICATED_TREES);
-    ReplicatedStore { cache_index: Arc::new(replicated), proposer }
+    let replicated = Arc::new(replicated);
+    let writer = Arc::clone(&replicated);
+    let durable: kiln_solver::Durable = Arc::new(move |key, value| {
+        let mut batch = kiln_kv::Batch::default();
+        batch.put(key.to_string(), value);
+        let written = writer.write_durably(kiln_solver::CACHE_TREE, batch);
+        Box::pin(async move {
+            // Not committed (this member was deposed, or lost its quorum): the build ends
+            // here anyway, and the new leader runs the step again.
+            if let Err(error) = written.await {
+                tracing::warn!("cache entry {key} not committed: {error}");
+            }
+        })
+    });
+    ReplicatedStore { cache_index: replicated, durable, proposer }
 }
 
 /// Starts this coordinator's member over `kv` (the engine's store): the log in its `raft`
@@ -48,6 +70,7 @@ pub fn start(
     store: ReplicatedStore,
     engine: &Arc<Engine>,
     tls: Option<NodeTls>,
+    lease: Duration,
 ) -> anyhow::Result<Arc<Replication>> {
     let id = replicas.node_id;
     let node_slot: Arc<OnceLock<Weak<Node>>> = Arc::default();
@@ -82,18 +105,79 @@ pub fn start(
     tokio::spawn(store.proposer.run(Arc::downgrade(&node)).instrument(tracing::info_span!("raft_proposer")));
     tracing::info!("member {id} of {} replicated coordinators", replicas.peers.len());
     let replication = Arc::new(Replication::new(node, replicas.peers.clone()));
-    tokio::spawn(
-        follow_leadership(Arc::clone(&replication), Arc::downgrade(engine))
-            .instrument(tracing::info_span!("leadership")),
-    );
+    let cluster = engine.cluster().expect("a coordinator has a cluster");
+    let members = Arc::clone(&store.cache_index);
+    cluster.observe_membership(Arc::new(move |worker, joined| {
+        // Only the leader's writes commit; a deposed leader's are dropped.
+        let _ = if joined {
+            members.put(WORKERS_TREE, worker.as_bytes(), b"")
+        } else {
+            members.delete(WORKERS_TREE, worker.as_bytes())
+        };
+    }));
+    let recovery = Recovery { replication: Arc::clone(&replication), kv: store.cache_index, lease };
+    tokio::spawn(follow_leadership(recovery, Arc::downgrade(engine)).instrument(tracing::info_span!("leadership")));
     Ok(replication)
 }
 
-/// Logs each change of leader; when this member stops leading, closes its worker sessions
+/// What a new leader needs to take over.
+struct Recovery {
+    replication: Arc<Replication>,
+    /// The store, its replicated trees written through the log.
+    kv: SharedKv,
+    /// The workers' lease: how long the old leader's workers get to come back.
+    lease: Duration,
+}
+
+impl Recovery {
+    /// Holds builds of `term` back until every worker the old leader had is registered here,
+    /// or a lease has passed (those that did not come back are forgotten): a cached step's
+    /// layers are known only once their worker registered.
+    async fn take_over(&self, term: u64, engine: &Engine) {
+        self.wait_for_workers(engine).await;
+        self.replication.set_recovered(term);
+    }
+
+    /// Waits for the workers the replicated registry lists (see [`Recovery::take_over`]).
+    async fn wait_for_workers(&self, engine: &Engine) {
+        let Some(cluster) = engine.cluster() else { return };
+        let expected: Vec<String> = match self.kv.scan_prefix(WORKERS_TREE, b"") {
+            Ok(pairs) => pairs.into_iter().map(|(name, _)| String::from_utf8_lossy(&name).into_owned()).collect(),
+            Err(error) => {
+                tracing::warn!("reading the workers of the old leader: {error}");
+                Vec::new()
+            }
+        };
+        if expected.is_empty() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.lease;
+        let missing = loop {
+            let registered = cluster.registered();
+            let missing: Vec<&String> = expected.iter().filter(|name| !registered.contains(name)).collect();
+            if missing.is_empty() || tokio::time::Instant::now() >= deadline || self.replication.leading().is_err() {
+                break missing;
+            }
+            tokio::time::sleep(RECOVERY_POLL).await;
+        };
+        if missing.is_empty() {
+            tracing::info!("the old leader's {} workers are back: builds start", expected.len());
+        } else {
+            tracing::warn!("workers {missing:?} did not come back within the lease: builds start without them");
+            for name in missing {
+                let _ = self.kv.delete(WORKERS_TREE, name.as_bytes());
+            }
+        }
+    }
+}
+
+/// Logs each change of leader; when this member starts leading, waits for the old leader's
+/// workers before builds start (`Recovery`); when it stops leading, closes its worker sessions
 /// (the workers go to the new leader; builds here end, see `kiln_api`).
-async fn follow_leadership(replication: Arc<Replication>, engine: Weak<Engine>) {
+async fn follow_leadership(recovery: Recovery, engine: Weak<Engine>) {
+    let replication = Arc::clone(&recovery.replication);
     let mut status = replication.node().subscribe();
-    let (mut leading, mut leader) = (false, None);
+    let (mut leading, mut leader, mut taken_over) = (false, None, 0);
     loop {
         let now = status.borrow_and_update().clone();
         if now.stopped {
@@ -117,6 +201,15 @@ async fn follow_leadership(replication: Arc<Replication>, engine: Weak<Engine>) 
         {
             let closed = cluster.close_sessions();
             tracing::info!("no longer the leader: closed {closed} worker sessions");
+        }
+        // Each term this member leads is taken over once (a change of status seen late may
+        // hide a loss and a new election in between).
+        if now.is_leader()
+            && now.term != taken_over
+            && let Some(engine) = engine.upgrade()
+        {
+            taken_over = now.term;
+            recovery.take_over(now.term, &engine).await;
         }
         leading = now.is_leader();
         if status.changed().await.is_err() {

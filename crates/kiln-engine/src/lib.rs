@@ -118,7 +118,7 @@ impl Engine {
         let executor = Arc::new(LocalExecutor::new(worker, &config.name));
         let solver = Solver::start(
             executor,
-            SolverConfig { worker_parallelism: config.max_parallelism },
+            SolverConfig { worker_parallelism: config.max_parallelism, ..SolverConfig::default() },
             Some(Arc::clone(&kv)),
         )?;
         let platforms = if config.platforms.is_empty() { kiln_worker::runnable_platforms() } else { config.platforms };
@@ -147,14 +147,15 @@ impl Engine {
     /// workers, which connect to it; `fetcher` brings result layers from them for export.
     /// With a `shared_cache`, every build imports from it and exports to it. The cache
     /// index is kept through `cache_index`: `kv` itself, or a replicated coordinator's
-    /// store whose writes go through the log.
+    /// store whose writes go through the log, with `durable` committing each finished
+    /// step's entry before the step counts as done.
     pub fn start_coordinator(
         config: EngineConfig,
         settings: ClusterSettings,
         fetcher: Arc<dyn BlobFetcher>,
         shared_cache: Option<kiln_model::CacheSpec>,
         kv: SharedKv,
-        cache_index: SharedKv,
+        (cache_index, durable): (SharedKv, Option<kiln_solver::Durable>),
     ) -> Result<Engine, EngineError> {
         let root = config.worker.root.clone();
         let fail = |source: StartError| EngineError { root: root.clone(), source };
@@ -166,8 +167,9 @@ impl Engine {
         let cluster = Cluster::new(settings);
         cluster.start_ticker(std::time::Duration::from_millis(200));
         let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
-        let solver = Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS }, Some(cache_index))
-            .map_err(|e| fail(e.into()))?;
+        let solver =
+            Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS, durable }, Some(cache_index))
+                .map_err(|e| fail(e.into()))?;
         Ok(Engine {
             stores,
             kv,

@@ -5,7 +5,7 @@
 use std::sync::Weak;
 
 use kiln_kv::{Batch, Kv, KvError, Pairs, SharedKv};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{Node, Write};
 
@@ -16,8 +16,17 @@ const MAX_WRITES_PER_ENTRY: usize = 256;
 pub struct ReplicatedKv {
     local: SharedKv,
     trees: Vec<String>,
-    writes: mpsc::UnboundedSender<Write>,
+    writes: mpsc::UnboundedSender<Queued>,
 }
+
+/// A write waiting to be proposed, and who waits for its commit.
+struct Queued {
+    write: Write,
+    reply: Option<Waiter>,
+}
+
+/// Who waits for a write's commit: its index, or why not.
+type Waiter = oneshot::Sender<Result<u64, String>>;
 
 impl ReplicatedKv {
     /// Wraps `local`, replicating writes to `trees`; the returned [`Proposer`] proposes them
@@ -34,8 +43,27 @@ impl ReplicatedKv {
         }
         // The proposer stops only with the daemon; a write after that is lost like any write
         // a crash interrupts.
-        let _ = self.writes.send(Write { tree: tree.to_string(), batch });
+        let _ = self.writes.send(Queued { write: Write { tree: tree.to_string(), batch }, reply: None });
         true
+    }
+
+    /// Writes `batch` to the replicated `tree`; resolves with the entry's index once it is
+    /// committed and applied here, or with why not (this member does not lead, the log
+    /// stopped).
+    pub fn write_durably(
+        &self,
+        tree: &str,
+        batch: Batch,
+    ) -> impl Future<Output = Result<u64, String>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued { write: Write { tree: tree.to_string(), batch }, reply: Some(reply) };
+        let sent = self.writes.send(queued).is_ok();
+        async move {
+            if !sent {
+                return Err("the replicated log has stopped".to_string());
+            }
+            answer.await.unwrap_or_else(|_| Err("the replicated log has stopped".to_string()))
+        }
     }
 }
 
@@ -71,7 +99,7 @@ impl Kv for ReplicatedKv {
 
 /// Proposes the writes of a [`ReplicatedKv`], merging consecutive writes to one tree.
 pub struct Proposer {
-    queue: mpsc::UnboundedReceiver<Write>,
+    queue: mpsc::UnboundedReceiver<Queued>,
 }
 
 impl Proposer {
@@ -79,21 +107,35 @@ impl Proposer {
     /// is dropped (only the leader writes replicated state).
     pub async fn run(mut self, node: Weak<Node>) {
         while let Some(first) = self.queue.recv().await {
-            let mut entries = vec![first];
-            while entries.len() < MAX_WRITES_PER_ENTRY {
-                let Ok(next) = self.queue.try_recv() else { break };
+            let mut entries: Vec<(Write, Vec<Waiter>)> = Vec::new();
+            let mut next = Some(first);
+            let mut merged = 0;
+            while let Some(Queued { write, reply }) = next.take() {
                 match entries.last_mut() {
-                    Some(last) if last.tree == next.tree => last.batch.changes.extend(next.batch.changes),
-                    _ => entries.push(next),
+                    Some((last, replies)) if last.tree == write.tree => {
+                        last.batch.changes.extend(write.batch.changes);
+                        replies.extend(reply);
+                    }
+                    _ => entries.push((write, reply.into_iter().collect())),
+                }
+                merged += 1;
+                if merged < MAX_WRITES_PER_ENTRY {
+                    next = self.queue.try_recv().ok();
                 }
             }
             let Some(node) = node.upgrade() else { return };
-            for entry in entries {
+            for (entry, replies) in entries {
                 let tree = entry.tree.clone();
                 let proposed = node.propose(entry.encode());
                 tokio::spawn(async move {
-                    if let Err(error) = proposed.await {
+                    let result = proposed.await.map_err(|error| error.to_string());
+                    if let Err(error) = &result
+                        && replies.is_empty()
+                    {
                         tracing::warn!("a write to {tree} was not replicated: {error}");
+                    }
+                    for reply in replies {
+                        let _ = reply.send(result.clone());
                     }
                 });
             }

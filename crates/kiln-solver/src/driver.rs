@@ -1,7 +1,7 @@
 //! The async driver around [`SolverState`]: one task owns the state and handles one event at
 //! a time; executions run as their own tasks and report back.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use kiln_graph::{Graph, Op};
@@ -19,16 +19,33 @@ use crate::state::{BuildId, BuildOptions, Command, Effect, SolverState};
 pub const CACHE_TREE: &str = "solver-cache";
 
 /// How the driver runs executions.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SolverConfig {
     /// The worker's max-parallelism: executions of exec and file vertices at once, held only
     /// around the execution itself (not around cache lookups or source resolution).
     pub worker_parallelism: usize,
+    /// Makes a finished job's cache entry durable before the solver acts on the result.
+    pub durable: Option<Durable>,
+}
+
+/// Records a finished job's cache entry (the cache key, and the entry's bytes as the cache
+/// tree keeps them) before the solver reports the vertex done: a replicated coordinator
+/// commits it to the log, so a step reported done is never executed again after a failover.
+/// A failure to record is the recorder's to report; the build goes on.
+pub type Durable = Arc<dyn Fn(Digest, Vec<u8>) -> kiln_model::BoxFuture<()> + Send + Sync>;
+
+impl std::fmt::Debug for SolverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SolverConfig")
+            .field("worker_parallelism", &self.worker_parallelism)
+            .field("durable", &self.durable.is_some())
+            .finish()
+    }
 }
 
 impl Default for SolverConfig {
     fn default() -> Self {
-        SolverConfig { worker_parallelism: 16 }
+        SolverConfig { worker_parallelism: 16, durable: None }
     }
 }
 
@@ -53,6 +70,8 @@ enum Message<E: Executor> {
         key: Digest,
         result: Result<Executed<E::Output>, Failed>,
         at: u64,
+        /// The result's cache entry is durable already ([`SolverConfig::durable`]).
+        recorded: bool,
     },
     /// A cache entry stored or forgotten elsewhere (a replicated coordinator's leader).
     Learn(Command<E::Output>),
@@ -119,6 +138,8 @@ impl<E: Executor> Solver<E> {
             builds: HashMap::new(),
             running: HashMap::new(),
             logs: HashMap::new(),
+            durable: config.durable,
+            recorded: HashSet::new(),
         };
         tokio::spawn(driver.run(receiver).instrument(tracing::info_span!("solver")));
         Ok(Solver { sender, next_build: std::sync::atomic::AtomicU64::new(1) })
@@ -143,6 +164,13 @@ impl<E: Executor> Solver<E> {
     }
 }
 
+/// Makes the cache entry of a finished job durable through `durable`; whether it did.
+async fn record<O: serde::Serialize>(durable: Option<&Durable>, key: Digest, output: &O) -> bool {
+    let Some(durable) = durable else { return false };
+    durable(key, serde_json::to_vec(output).expect("outputs serialise")).await;
+    true
+}
+
 /// The command that records the cache tree's entry `key` (`value`: stored; `None`: gone).
 fn learnt<O: serde::de::DeserializeOwned>(key: &[u8], value: Option<&[u8]>) -> Option<Command<O>> {
     let key = std::str::from_utf8(key).ok()?.parse::<Digest>().ok()?;
@@ -165,6 +193,9 @@ struct Driver<E: Executor> {
     running: HashMap<Digest, JoinHandle<()>>,
     /// Output so far of each running job, replayed to builds that join it late.
     logs: HashMap<Digest, Vec<LogLine>>,
+    durable: Option<Durable>,
+    /// Finished jobs whose cache entries `durable` recorded (their `Store` is done).
+    recorded: HashSet<Digest>,
 }
 
 impl<E: Executor> Driver<E> {
@@ -191,9 +222,12 @@ impl<E: Executor> Driver<E> {
                 self.logs.entry(key).or_default().push(line);
                 Vec::new()
             }
-            Message::Finished { key, result, at } => {
+            Message::Finished { key, result, at, recorded } => {
                 self.running.remove(&key);
                 self.logs.remove(&key);
+                if recorded {
+                    self.recorded.insert(key);
+                }
                 self.state.apply(Command::Finished { key, result, at })
             }
             Message::Learn(command) => self.state.apply(command),
@@ -227,6 +261,9 @@ impl<E: Executor> Driver<E> {
                 }
             }
             Effect::Store { key, output } => {
+                if self.recorded.remove(&key) {
+                    return Vec::new();
+                }
                 if let Some(kv) = &self.kv {
                     let value = serde_json::to_vec(&output).expect("outputs serialise");
                     // A lost cache entry only costs a re-execution; never fail a build for it.
@@ -250,7 +287,8 @@ impl<E: Executor> Driver<E> {
                 }
                 self.logs.remove(&key);
             }
-            Effect::Run { key, vertex, inputs, build, import } => {
+            Effect::Run { key, vertex, inputs, build, import, cacheable } => {
+                let durable = if cacheable { self.durable.clone() } else { None };
                 let Some((context, _)) = self.builds.get(&build) else { return Vec::new() };
                 let imported = if import { self.executor.import(&key, &vertex, &inputs, context) } else { None };
                 let (executor, context, sender) =
@@ -268,7 +306,9 @@ impl<E: Executor> Driver<E> {
                         let _ = sender.send(Message::Started { key, at: now_ms() });
                         match imported.await {
                             Ok(executed) => {
-                                let _ = sender.send(Message::Finished { key, result: Ok(executed), at: now_ms() });
+                                let recorded = record(durable.as_ref(), key, &executed.output).await;
+                                let finished = Message::Finished { key, result: Ok(executed), at: now_ms(), recorded };
+                                let _ = sender.send(finished);
                                 return;
                             }
                             Err(reason) => {
@@ -285,7 +325,11 @@ impl<E: Executor> Driver<E> {
                         let _ = sender.send(Message::Started { key, at: now_ms() });
                     }
                     let result = executor.execute(*vertex, inputs, context, logs).await;
-                    let _ = sender.send(Message::Finished { key, result, at: now_ms() });
+                    let recorded = match &result {
+                        Ok(executed) => record(durable.as_ref(), key, &executed.output).await,
+                        Err(_) => false,
+                    };
+                    let _ = sender.send(Message::Finished { key, result, at: now_ms(), recorded });
                 });
                 self.running.insert(key, task);
             }

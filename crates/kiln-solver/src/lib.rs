@@ -18,7 +18,7 @@
 mod driver;
 pub mod state;
 
-pub use driver::{BuildHandle, CACHE_TREE, Solver, SolverConfig};
+pub use driver::{BuildHandle, CACHE_TREE, Durable, Solver, SolverConfig};
 pub use state::BuildOptions;
 
 use kiln_model::{BuildEvent, VertexRecord};

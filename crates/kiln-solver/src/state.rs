@@ -110,6 +110,8 @@ pub enum Effect<O> {
         /// The result may come from a cache the build imports (it is cacheable and the
         /// build is not `--no-cache`).
         import: bool,
+        /// Its result goes into the cache index.
+        cacheable: bool,
     },
     /// Stop a job nobody waits for any more; its result must not be recorded.
     Abort {
@@ -413,6 +415,7 @@ impl<O: Clone> SolverState<O> {
                 inputs: job.inputs.clone(),
                 build: id,
                 import: job.import,
+                cacheable: job.cacheable,
             });
         }
     }

@@ -268,3 +268,87 @@ fn replicated_coordinators_keep_the_cluster_through_the_loss_of_a_leader_or_a_fo
         cluster.logs()
     );
 }
+
+/// Whether plain progress `log` shows the step whose line contains `needle` done.
+fn step_done(log: &str, needle: &str) -> bool {
+    let number = log.lines().find_map(|line| {
+        let (number, rest) = line.strip_prefix('#')?.split_once(' ')?;
+        rest.contains(needle).then(|| number.to_string())
+    });
+    number.is_some_and(|number| log.lines().any(|line| line.starts_with(&format!("#{number} DONE"))))
+}
+
+/// A `kiln build` running in the background, its progress collected as it comes.
+struct Running {
+    child: Child,
+    progress: Arc<std::sync::Mutex<String>>,
+    metadata: PathBuf,
+    out: PathBuf,
+}
+
+impl Running {
+    fn start(cluster: &Replicated, name: &str, dockerfile: &str) -> Running {
+        let context = cluster.context(name, dockerfile);
+        let metadata = cluster.dir.path().join(format!("{name}.json"));
+        let out = cluster.dir.path().join(format!("{name}-out"));
+        let local = format!("type=local,dest={}", out.display());
+        let args = ["build", context.to_str().unwrap(), "--progress", "plain", "-o", &local, "--metadata-file"];
+        let mut child = cluster
+            .kiln(&cluster.list(), &args)
+            .arg(&metadata)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let progress = Arc::new(std::sync::Mutex::new(String::new()));
+        let collected = Arc::clone(&progress);
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut progress = collected.lock().unwrap();
+                progress.push_str(&line);
+                progress.push('\n');
+            }
+        });
+        Running { child, progress, metadata, out }
+    }
+
+    fn progress(&self) -> String {
+        self.progress.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_step_again() {
+    let mut cluster = Replicated::start(29, 2);
+    let info = cluster.wait_for_leader(None, 0, 2);
+    let leader = leader_of(&info);
+    let builds: Vec<Running> = (0..10)
+        .map(|i| {
+            let dockerfile =
+                format!("FROM BASE\nRUN echo first-{i} > /first\nRUN sleep 3 && echo second-{i} > /second\n");
+            Running::start(&cluster, &format!("build-{i}"), &dockerfile)
+        })
+        .collect();
+    // Every build has a finished step when the leader dies (the second steps are running or
+    // waiting for a slot).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !(0..10).all(|i| step_done(&builds[i].progress(), &format!("echo first-{i}"))) {
+        assert!(Instant::now() < deadline, "the first steps did not finish\n{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    for (i, mut build) in builds.into_iter().enumerate() {
+        let status = build.child.wait().unwrap();
+        let progress = build.progress();
+        assert!(status.success(), "build {i} failed:\n{progress}\n{}", cluster.logs());
+        assert!(progress.contains("submitting it to the new leader"), "build {i}:\n{progress}");
+        let metadata = read_json(&build.metadata);
+        assert_eq!(record(&metadata, &format!("echo first-{i}"))["status"], "cached", "build {i}: {metadata:#}");
+        assert_eq!(std::fs::read_to_string(build.out.join("first")).unwrap(), format!("first-{i}\n"));
+        assert_eq!(std::fs::read_to_string(build.out.join("second")).unwrap(), format!("second-{i}\n"));
+    }
+    eprintln!("10 builds finished {} ms after the leader's SIGKILL", killed_at.elapsed().as_millis());
+}
