@@ -267,6 +267,21 @@ fn replicated_coordinators_keep_the_cluster_through_the_loss_of_a_leader_or_a_fo
         "a coordinator exited: {}",
         cluster.logs()
     );
+
+    // All three die and come back: a leader, its workers and the cache index are back.
+    let term = term_of(&info);
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    for id in 1..=3 {
+        cluster.start_coordinator(id);
+    }
+    cluster.wait_for_leader(None, term, 2);
+    let out = cluster.dir.path().join("out-5");
+    let metadata = cluster.build(&context, &out);
+    assert_eq!(record(&metadata, "echo three")["status"], "cached", "{metadata:#}");
+    assert_eq!(std::fs::read_to_string(out.join("three")).unwrap(), "three
+");
 }
 
 /// Whether plain progress `log` shows the step whose line contains `needle` done.
