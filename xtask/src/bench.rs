@@ -251,6 +251,8 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
     // Dispatch first, on a quiet machine: after the scenarios the kernel is still discarding
     // the gigabytes they removed.
     let dispatch = if with_dispatch { dispatch::run(&root.join("target/release/examples/dispatch"))? } else { vec![] };
+    let failover =
+        if with_dispatch { dispatch::failover(&root.join("target/release/examples/failover"))? } else { vec![] };
     let mut results = Vec::new();
     let mut docker_used = false;
     if !scenarios.is_empty() {
@@ -294,6 +296,7 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
         "docker": docker_used,
         "scenarios": results,
         "dispatch": dispatch,
+        "failover": failover,
     });
     let json_path = json_path.unwrap_or_else(|| bench_dir.join("results.json"));
     std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)?;
@@ -796,6 +799,7 @@ fn markdown(report: &Value) -> String {
         ));
     }
     out.push_str(&dispatch::markdown(report["dispatch"].as_array().map(Vec::as_slice).unwrap_or_default()));
+    out.push_str(&dispatch::failover_markdown(report["failover"].as_array().map(Vec::as_slice).unwrap_or_default()));
     out
 }
 

@@ -11,8 +11,7 @@ mod worker;
 pub use blobs::{UploadStats, fetch_blob, fetch_from_any};
 pub use error::ClientError;
 pub use kiln_proto::tls::{NodeTls, TlsError};
-pub use raft::RaftLink;
-
+pub use raft::{NodeSlot, RaftLinks};
 pub use worker::{WorkerLink, WorkerSession};
 
 use std::path::PathBuf;

@@ -3,18 +3,16 @@
 //! Kiln's gRPC, mutual TLS), the replicated state it keeps (the cache index), and what a
 //! change of leader does here.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use kiln_api::Replication;
-use kiln_client::{NodeTls, RaftLink};
+use kiln_client::{NodeTls, RaftLinks};
 use kiln_config::Replicas;
 use kiln_engine::Engine;
 use kiln_kv::SharedKv;
-use kiln_raft::{KvMachine, Node, Proposer, RaftConfig, ReplicatedKv, Transport};
-use tokio::sync::mpsc;
+use kiln_raft::{KvMachine, Node, Proposer, RaftConfig, ReplicatedKv};
 use tracing::Instrument as _;
 
 /// The workers registered with the leader (name → nothing): whom a new leader waits for.
@@ -25,13 +23,6 @@ const REPLICATED_TREES: [&str; 2] = [kiln_solver::CACHE_TREE, WORKERS_TREE];
 
 /// How often a new leader looks whether the old one's workers are back.
 const RECOVERY_POLL: Duration = Duration::from_millis(50);
-
-/// How long one batch may take to reach a member before it counts as unreachable: several
-/// heartbeats, well under the election timeout.
-const SEND_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// Batches waiting for a member; beyond this, messages for it are dropped (raft sends again).
-const QUEUE: usize = 256;
 
 /// The coordinator's store with the replicated trees written through the log.
 pub struct ReplicatedStore {
@@ -54,8 +45,12 @@ pub fn replicated_store(kv: &SharedKv) -> ReplicatedStore {
         Box::pin(async move {
             // Not committed (this member was deposed, or lost its quorum): the build ends
             // here anyway, and the new leader runs the step again.
-            if let Err(error) = written.await {
-                tracing::warn!("cache entry {key} not committed: {error}");
+            match written.await {
+                Ok(_) => true,
+                Err(error) => {
+                    tracing::warn!("cache entry {key} not committed: {error}");
+                    false
+                }
             }
         })
     });
@@ -73,8 +68,9 @@ pub fn start(
     lease: Duration,
 ) -> anyhow::Result<Arc<Replication>> {
     let id = replicas.node_id;
-    let node_slot: Arc<OnceLock<Weak<Node>>> = Arc::default();
-    let links = Links::start(id, &replicas.peers, tls.as_ref(), &node_slot)?;
+    let node_slot: kiln_client::NodeSlot = Arc::default();
+    let links = RaftLinks::start(id, &replicas.peers, tls.as_ref(), &node_slot)
+        .map_err(|(member, error)| anyhow::anyhow!("coordinator.peers: member {member}: {error}"))?;
     let learner = Arc::downgrade(engine);
     let store_kv = Arc::clone(&kv);
     let machine = KvMachine::new(Arc::clone(&kv), &REPLICATED_TREES)
@@ -214,89 +210,6 @@ async fn follow_leadership(recovery: Recovery, engine: Weak<Engine>) {
         leading = now.is_leader();
         if status.changed().await.is_err() {
             return;
-        }
-    }
-}
-
-/// A batch for one member.
-struct Outgoing {
-    messages: Vec<Vec<u8>>,
-    snapshot: bool,
-}
-
-/// The links to the other members: one queue and one sending task each, so a slow member
-/// holds up nobody else and messages to one member stay in order.
-struct Links {
-    queues: BTreeMap<u64, mpsc::Sender<Outgoing>>,
-    node: Arc<OnceLock<Weak<Node>>>,
-}
-
-impl Links {
-    fn start(
-        from: u64,
-        peers: &BTreeMap<u64, String>,
-        tls: Option<&NodeTls>,
-        node: &Arc<OnceLock<Weak<Node>>>,
-    ) -> anyhow::Result<Arc<Links>> {
-        let mut queues = BTreeMap::new();
-        for (&to, address) in peers.iter().filter(|(id, _)| **id != from) {
-            let link = RaftLink::new(address, tls).with_context(|| format!("coordinator.peers: member {to}"))?;
-            let (sender, receiver) = mpsc::channel(QUEUE);
-            queues.insert(to, sender);
-            let deliver = deliver(link, from, to, receiver, Arc::clone(node));
-            tokio::spawn(deliver.instrument(tracing::info_span!("raft_link", to)));
-        }
-        Ok(Arc::new(Links { queues, node: Arc::clone(node) }))
-    }
-}
-
-impl Transport for Links {
-    fn send(&self, to: u64, messages: Vec<Vec<u8>>, snapshot: bool) {
-        let Some(queue) = self.queues.get(&to) else { return };
-        if queue.try_send(Outgoing { messages, snapshot }).is_err()
-            && let Some(node) = self.node.get().and_then(Weak::upgrade)
-        {
-            node.report_unreachable(to);
-            if snapshot {
-                node.report_snapshot(to, false);
-            }
-        }
-    }
-}
-
-/// Sends what is queued for member `to`, everything waiting in one batch.
-async fn deliver(
-    link: RaftLink,
-    from: u64,
-    to: u64,
-    mut queue: mpsc::Receiver<Outgoing>,
-    node: Arc<OnceLock<Weak<Node>>>,
-) {
-    let mut reachable = true;
-    while let Some(first) = queue.recv().await {
-        let (mut messages, mut snapshot) = (first.messages, first.snapshot);
-        while let Ok(next) = queue.try_recv() {
-            messages.extend(next.messages);
-            snapshot |= next.snapshot;
-        }
-        let sent = tokio::time::timeout(SEND_TIMEOUT, link.send(from, to, messages)).await;
-        let failure = match sent {
-            Ok(Ok(())) => None,
-            Ok(Err(error)) => Some(error.to_string()),
-            Err(_) => Some(format!("no answer within {} ms", SEND_TIMEOUT.as_millis())),
-        };
-        let Some(node) = node.get().and_then(Weak::upgrade) else { return };
-        if let Some(failure) = &failure {
-            node.report_unreachable(to);
-            if reachable {
-                tracing::warn!("raft member {to} unreachable: {failure}");
-            }
-        } else if !reachable {
-            tracing::info!("raft member {to} reachable again");
-        }
-        reachable = failure.is_none();
-        if snapshot {
-            node.report_snapshot(to, reachable);
         }
     }
 }

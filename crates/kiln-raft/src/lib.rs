@@ -25,12 +25,14 @@ pub use storage::KvStorage;
 /// heartbeats every 100 ms; a follower that heard nothing for a randomized 0.6–1.2 s starts a
 /// (pre-)vote, so a new leader is in place about 1 s after the old one died (well under the
 /// 2 s goal; etcd's rule of thumb is about twice the election timeout) while a busy 2-core
-/// machine's scheduling hiccups (tens of milliseconds) do not start elections.
-pub const TICK: Duration = Duration::from_millis(100);
+/// machine's scheduling hiccups (tens of milliseconds) do not start elections. The tick is
+/// finer than the heartbeat so that the randomized timeouts fall in 30 distinct slots: two
+/// followers rarely campaign at once and split the vote.
+pub const TICK: Duration = Duration::from_millis(20);
 /// Ticks between a leader's heartbeats.
-pub const HEARTBEAT_TICKS: usize = 1;
+pub const HEARTBEAT_TICKS: usize = 5;
 /// Ticks of silence before a follower campaigns (randomized up to twice as many).
-pub const ELECTION_TICKS: usize = 6;
+pub const ELECTION_TICKS: usize = 30;
 
 /// One member's settings.
 #[derive(Debug, Clone)]
@@ -41,17 +43,19 @@ pub struct RaftConfig {
     pub voters: Vec<u64>,
     /// The tick.
     pub tick: Duration,
-    /// Entries applied between two snapshots (the log is compacted to each).
-    pub snapshot_every: u64,
-    /// Entries kept behind a snapshot, so that a peer slightly behind gets entries rather
-    /// than the whole snapshot.
+    /// Entries applied between two compactions of the log. The applied state is in the
+    /// store (the state machine keeps it in the same store as the log, so one sync covers
+    /// both), so compacting takes no snapshot: one is made when a member far behind needs it.
+    pub compact_every: u64,
+    /// Entries kept behind the applied index when compacting, so that a member slightly
+    /// behind gets entries rather than a snapshot.
     pub keep_entries: u64,
 }
 
 impl RaftConfig {
     /// The defaults for member `id` of `voters`.
     pub fn new(id: u64, voters: Vec<u64>) -> RaftConfig {
-        RaftConfig { id, voters, tick: TICK, snapshot_every: 10_000, keep_entries: 1_000 }
+        RaftConfig { id, voters, tick: TICK, compact_every: 10_000, keep_entries: 10_000 }
     }
 }
 
@@ -111,8 +115,13 @@ pub enum RaftError {
 pub trait StateMachine: Send + 'static {
     /// Applies the committed entry `index`. Entries are applied again after a restart from
     /// the last index this state machine reported durable ([`StateMachine::applied`]), so
-    /// applying must be idempotent.
+    /// applying must be idempotent. The machine may hold what an entry does until
+    /// [`StateMachine::applied_through`].
     fn apply(&mut self, index: u64, data: &[u8]) -> Result<(), String>;
+    /// Every entry up to `index` has been handed to [`StateMachine::apply`]: their effects
+    /// must be in place (and `index` recorded as applied) when this returns. Called once per
+    /// run of committed entries, so a machine can write them together.
+    fn applied_through(&mut self, index: u64) -> Result<(), String>;
     /// The whole state, as of the last applied entry.
     fn snapshot(&mut self) -> Vec<u8>;
     /// Replaces the whole state by a snapshot taken at `index`.

@@ -125,6 +125,8 @@ pub struct KvMachine {
     trees: Vec<String>,
     applied: u64,
     observer: Option<Observer>,
+    /// Writes applied but not in the store yet (until `applied_through`).
+    pending: Vec<Write>,
 }
 
 impl KvMachine {
@@ -135,7 +137,13 @@ impl KvMachine {
             .get(APPLIED_TREE, APPLIED_KEY)?
             .and_then(|bytes| bytes.try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(0);
-        Ok(KvMachine { kv, trees: trees.iter().map(|t| t.to_string()).collect(), applied, observer: None })
+        Ok(KvMachine {
+            kv,
+            trees: trees.iter().map(|t| t.to_string()).collect(),
+            applied,
+            observer: None,
+            pending: Vec::new(),
+        })
     }
 
     /// Calls `observer` with every write applied (after it is in the store), and with `None`
@@ -153,15 +161,33 @@ impl KvMachine {
 }
 
 impl StateMachine for KvMachine {
-    fn apply(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+    fn apply(&mut self, _index: u64, data: &[u8]) -> Result<(), String> {
         let write = Write::decode(data)?;
         if !self.trees.contains(&write.tree) {
             return Err(format!("a write to {:?}, which is not replicated", write.tree));
         }
-        self.kv.apply(&write.tree, &write.batch).map_err(|e| e.to_string())?;
+        self.pending.push(write);
+        Ok(())
+    }
+
+    /// Writes what the entries did, one batch per tree (each tree's changes in log order;
+    /// trees are independent), then the applied index, then tells the observer.
+    fn applied_through(&mut self, index: u64) -> Result<(), String> {
+        let pending = std::mem::take(&mut self.pending);
+        for tree in &self.trees {
+            let mut batch = Batch::default();
+            for write in pending.iter().filter(|write| &write.tree == tree) {
+                batch.changes.extend(write.batch.changes.iter().cloned());
+            }
+            if !batch.changes.is_empty() {
+                self.kv.apply(tree, &batch).map_err(|e| e.to_string())?;
+            }
+        }
         self.record_applied(index)?;
         if let Some(observer) = &mut self.observer {
-            observer(Some(&write));
+            for write in &pending {
+                observer(Some(write));
+            }
         }
         Ok(())
     }
@@ -183,6 +209,7 @@ impl StateMachine for KvMachine {
     }
 
     fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+        self.pending.clear();
         let mut reader = Reader(data);
         let mut trees = Vec::new();
         if !data.is_empty() {
@@ -288,21 +315,34 @@ mod tests {
         TREES.iter().map(|tree| (tree.to_string(), kv.scan_prefix(tree, b"").unwrap())).collect()
     }
 
+    /// Applies the log from the machine's applied index on, in runs of `run` entries.
     fn apply_all(machine: &mut KvMachine, log: &[Vec<u8>]) {
+        apply_in_runs(machine, log, 7);
+    }
+
+    fn apply_in_runs(machine: &mut KvMachine, log: &[Vec<u8>], run: usize) {
         let from = machine.applied() as usize;
+        let mut last = from;
         for (i, entry) in log.iter().enumerate().skip(from) {
             machine.apply(i as u64 + 1, entry).unwrap();
+            last = i + 1;
+            if last.is_multiple_of(run) {
+                machine.applied_through(last as u64).unwrap();
+            }
         }
+        machine.applied_through(last as u64).unwrap();
     }
 
     #[test]
     fn the_same_log_makes_the_same_state_on_every_member() {
         let entries = log(7, 200);
-        let states: Vec<_> = (0..3)
-            .map(|_| {
+        // Members apply the same log in runs of different lengths.
+        let states: Vec<_> = [1, 5, 64]
+            .into_iter()
+            .map(|run| {
                 let kv: SharedKv = Arc::new(MemoryKv::new());
                 let mut machine = KvMachine::new(Arc::clone(&kv), &TREES).unwrap();
-                apply_all(&mut machine, &entries);
+                apply_in_runs(&mut machine, &entries, run);
                 assert_eq!(machine.applied(), 200);
                 contents(kv.as_ref())
             })
@@ -352,6 +392,10 @@ mod tests {
         apply_all(&mut restored, &entries);
         assert_eq!(contents(other.as_ref()), contents(kv.as_ref()));
         assert_eq!(*seen.lock().unwrap(), 1 + 60);
+        // Entries applied but not yet through are not in the store.
+        let more = log(5, 1);
+        restored.apply(101, &more[0]).unwrap();
+        assert_eq!(restored.applied(), 100);
         assert_eq!(KvMachine::new(other, &TREES).unwrap().applied(), 100);
     }
 
@@ -363,6 +407,7 @@ mod tests {
         for cut in 0..good.len() {
             assert!(machine.apply(1, &good[..cut]).is_err(), "truncated at {cut}");
         }
+        assert!(machine.apply(1, &good).is_ok());
         let mut trailing = good.clone();
         trailing.push(0);
         assert!(machine.apply(1, &trailing).unwrap_err().contains("after the end"));

@@ -22,6 +22,9 @@ use crate::{ELECTION_TICKS, HEARTBEAT_TICKS, Member, RaftConfig, RaftError, Role
 /// can delay the tick.
 const MAX_REQUESTS_PER_TURN: usize = 4096;
 
+/// Readies one turn handles at most before it takes requests again.
+const MAX_READIES_PER_TURN: usize = 8;
+
 /// The most bytes of entries in one append message.
 const MAX_MESSAGE_BYTES: u64 = 1 << 20;
 
@@ -62,6 +65,13 @@ impl Node {
                 .restore(kept_index, kept.get_data())
                 .map_err(|reason| RaftError::Apply { index: kept_index, reason })?;
             applied = kept_index;
+        }
+        let truncated = storage.first_index_now() - 1;
+        if applied < truncated {
+            return Err(RaftError::Corrupt(format!(
+                "the state machine has applied up to entry {applied}, but the log starts after {truncated} \
+                 (the state machine must live in the log's store)"
+            )));
         }
         // The state machine may have made an entry durable before the commit index that
         // covers it was: raft-rs starts from what it knows committed, and the entries in
@@ -104,7 +114,7 @@ impl Node {
             was_leader: false,
             status: status_sender,
             tick: config.tick,
-            snapshot_every: config.snapshot_every,
+            compact_every: config.compact_every,
             keep_entries: config.keep_entries,
         };
         let thread =
@@ -216,7 +226,7 @@ struct Replica<M> {
     was_leader: bool,
     status: watch::Sender<Status>,
     tick: Duration,
-    snapshot_every: u64,
+    compact_every: u64,
     keep_entries: u64,
 }
 
@@ -248,7 +258,19 @@ impl<M: StateMachine> Replica<M> {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break Ok(()),
             }
-            if let Err(error) = self.on_ready() {
+            // Handling one Ready can make another (a commit that advanced, messages to send
+            // after persisting): take them now rather than at the next request or tick.
+            let mut readied = Ok(());
+            for _ in 0..MAX_READIES_PER_TURN {
+                if !self.raw.has_ready() {
+                    break;
+                }
+                readied = self.on_ready();
+                if readied.is_err() {
+                    break;
+                }
+            }
+            if let Err(error) = readied {
                 break Err(error);
             }
             self.publish();
@@ -353,14 +375,19 @@ impl<M: StateMachine> Replica<M> {
     }
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), RaftError> {
-        for entry in entries {
-            let index = entry.index;
+        let Some(last) = entries.last().map(|entry| entry.index) else { return Ok(()) };
+        for entry in &entries {
             // Empty entries are new leaders' markers; membership is fixed, so a configuration
             // change never arrives.
             if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
+                let index = entry.index;
                 self.machine.apply(index, &entry.data).map_err(|reason| RaftError::Apply { index, reason })?;
             }
-            self.applied = index;
+        }
+        self.machine.applied_through(last).map_err(|reason| RaftError::Apply { index: last, reason })?;
+        self.applied = last;
+        for entry in &entries {
+            let index = entry.index;
             while let Some(entry_proposed) = self.proposals.first_entry() {
                 if *entry_proposed.key() > index {
                     break;
@@ -386,14 +413,18 @@ impl<M: StateMachine> Replica<M> {
         }
     }
 
+    /// Compacts the log every `compact_every` entries, and makes a snapshot of the applied
+    /// state when a member far behind asked for one.
     fn maybe_snapshot(&mut self) -> Result<(), RaftError> {
-        let kept = self.raw.store().snapshot_kept().get_metadata().index;
-        let due = self.applied >= kept + self.snapshot_every;
-        if self.applied > kept && (due || self.raw.store().wants_snapshot()) {
+        let keep = self.keep_entries;
+        if self.applied >= self.raw.store().first_index_now() + self.compact_every + keep {
+            let applied = self.applied;
+            self.raw.mut_store().compact(applied.saturating_sub(keep))?;
+        }
+        if self.raw.store().wants_snapshot() {
             let data = self.machine.snapshot();
             let applied = self.applied;
-            let keep = self.keep_entries;
-            self.raw.mut_store().compact(applied, data, keep)?;
+            self.raw.mut_store().keep_snapshot(applied, data)?;
         }
         Ok(())
     }

@@ -2,15 +2,21 @@
 //! own store; a write is proposed (in the order it was made) and reaches the store when its
 //! entry applies, on every member alike.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 use kiln_kv::{Batch, Kv, KvError, Pairs, SharedKv};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{Node, Write};
 
-/// The most writes merged into one entry.
-const MAX_WRITES_PER_ENTRY: usize = 256;
+/// The most bytes of keys and values merged into one entry: well under the size at which
+/// sled stores a value apart (a quarter of its 512 KiB segments), so appending an entry stays
+/// one write to its log.
+const MAX_ENTRY_BYTES: usize = 32 << 10;
+
+/// Entries proposed and not committed yet, at most: writes made meanwhile wait and are
+/// merged, so a busy leader proposes fewer, larger entries (group commit).
+const IN_FLIGHT: usize = 16;
 
 /// The node's store, with the writes to `trees` replicated.
 pub struct ReplicatedKv {
@@ -97,6 +103,13 @@ impl Kv for ReplicatedKv {
     }
 }
 
+fn change_bytes(change: &kiln_kv::Change) -> usize {
+    match change {
+        kiln_kv::Change::Put(key, value) => key.len() + value.len(),
+        kiln_kv::Change::Delete(key) => key.len(),
+    }
+}
+
 /// Proposes the writes of a [`ReplicatedKv`], merging consecutive writes to one tree.
 pub struct Proposer {
     queue: mpsc::UnboundedReceiver<Queued>,
@@ -106,11 +119,13 @@ impl Proposer {
     /// Proposes writes until the store is dropped. A write made where the node does not lead
     /// is dropped (only the leader writes replicated state).
     pub async fn run(mut self, node: Weak<Node>) {
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         while let Some(first) = self.queue.recv().await {
             let mut entries: Vec<(Write, Vec<Waiter>)> = Vec::new();
             let mut next = Some(first);
-            let mut merged = 0;
+            let mut bytes = 0;
             while let Some(Queued { write, reply }) = next.take() {
+                bytes += write.batch.changes.iter().map(change_bytes).sum::<usize>();
                 match entries.last_mut() {
                     Some((last, replies)) if last.tree == write.tree => {
                         last.batch.changes.extend(write.batch.changes);
@@ -118,17 +133,18 @@ impl Proposer {
                     }
                     _ => entries.push((write, reply.into_iter().collect())),
                 }
-                merged += 1;
-                if merged < MAX_WRITES_PER_ENTRY {
+                if bytes < MAX_ENTRY_BYTES {
                     next = self.queue.try_recv().ok();
                 }
             }
             let Some(node) = node.upgrade() else { return };
             for (entry, replies) in entries {
                 let tree = entry.tree.clone();
+                let permit = Arc::clone(&in_flight).acquire_owned().await.expect("the semaphore is never closed");
                 let proposed = node.propose(entry.encode());
                 tokio::spawn(async move {
                     let result = proposed.await.map_err(|error| error.to_string());
+                    drop(permit);
                     if let Err(error) = &result
                         && replies.is_empty()
                     {

@@ -185,9 +185,31 @@ impl KvStorage {
         self.write(&batch, true)
     }
 
-    /// Keeps `data`, the state machine as of the applied entry `index`, as the snapshot, and
-    /// drops the entries before `index - keep` (those after stay for peers slightly behind).
-    pub fn compact(&mut self, index: u64, data: Vec<u8>, keep: u64) -> Result<(), RaftError> {
+    /// The first index still in the log.
+    pub fn first_index_now(&self) -> u64 {
+        self.truncated.0 + 1
+    }
+
+    /// Drops the entries up to `upto` (applied: the state machine holds what they did).
+    pub fn compact(&mut self, upto: u64) -> Result<(), RaftError> {
+        if upto <= self.truncated.0 {
+            return Ok(());
+        }
+        assert!(upto <= self.last(), "compacting to {upto}, past the log's end at {}", self.last());
+        let term = raft::Storage::term(self, upto)?;
+        let mut batch = Batch::default();
+        for dropped in self.truncated.0 + 1..=upto {
+            batch.delete(entry_key(dropped));
+        }
+        self.entries.drain(..(upto - self.truncated.0) as usize);
+        self.truncated = (upto, term);
+        batch.put(TRUNCATED, truncation(self.truncated));
+        self.write(&batch, true)
+    }
+
+    /// Keeps `data`, the state machine as of the applied entry `index`, as the snapshot a
+    /// member far behind receives.
+    pub fn keep_snapshot(&mut self, index: u64, data: Vec<u8>) -> Result<(), RaftError> {
         let term = raft::Storage::term(self, index)?;
         let mut snapshot = Snapshot::default();
         snapshot.set_data(data.into());
@@ -199,16 +221,6 @@ impl KvStorage {
         batch.put(SNAPSHOT, encode(&snapshot));
         self.snapshot = snapshot;
         self.wants_snapshot.set(false);
-        let upto = index.saturating_sub(keep);
-        if upto > self.truncated.0 {
-            let upto_term = raft::Storage::term(self, upto)?;
-            for dropped in self.truncated.0 + 1..=upto {
-                batch.delete(entry_key(dropped));
-            }
-            self.entries.drain(..(upto - self.truncated.0) as usize);
-            self.truncated = (upto, upto_term);
-            batch.put(TRUNCATED, truncation(self.truncated));
-        }
         self.write(&batch, true)
     }
 
@@ -272,7 +284,8 @@ impl raft::Storage for KvStorage {
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let kept = self.snapshot.get_metadata().index;
-        if kept == 0 || kept < request_index {
+        // A snapshot older than the log's start leaves a gap: a newer one is made.
+        if kept == 0 || kept < request_index || kept < self.truncated.0 {
             self.wants_snapshot.set(true);
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
@@ -318,14 +331,16 @@ mod tests {
     }
 
     #[test]
-    fn compaction_keeps_a_tail_and_the_snapshot_answers_for_the_rest() {
+    fn compaction_drops_the_applied_log_and_a_snapshot_answers_for_it() {
         let kv: SharedKv = Arc::new(kiln_kv::MemoryKv::new());
         let mut storage = KvStorage::open(Arc::clone(&kv), &[1]).unwrap();
         let entries: Vec<Entry> = (1..=10).map(|i| entry(i, 1 + i / 6)).collect();
         storage.append(&entries, None, true).unwrap();
         assert!(storage.snapshot(1, 2).is_err(), "no snapshot yet");
         assert!(storage.wants_snapshot());
-        storage.compact(8, b"state at 8".to_vec(), 2).unwrap();
+        storage.compact(6).unwrap();
+        assert!(storage.wants_snapshot(), "compacting makes no snapshot");
+        storage.keep_snapshot(8, b"state at 8".to_vec()).unwrap();
         assert!(!storage.wants_snapshot());
         assert_eq!(storage.first_index().unwrap(), 7);
         assert_eq!(storage.term(6).unwrap(), 2);

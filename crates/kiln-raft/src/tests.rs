@@ -55,6 +55,10 @@ impl StateMachine for Applied {
         Ok(())
     }
 
+    fn applied_through(&mut self, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+
     fn snapshot(&mut self) -> Vec<u8> {
         let state = self.0.lock().unwrap();
         let mut bytes = Vec::new();
@@ -101,11 +105,11 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(members: u64, snapshot_every: u64, keep_entries: u64) -> Cluster {
+    fn new(members: u64, compact_every: u64, keep_entries: u64) -> Cluster {
         let voters: Vec<u64> = (1..=members).collect();
         let config = RaftConfig {
             tick: Duration::from_millis(50),
-            snapshot_every,
+            compact_every,
             keep_entries,
             ..RaftConfig::new(0, voters.clone())
         };

@@ -24,15 +24,17 @@ pub struct SolverConfig {
     /// The worker's max-parallelism: executions of exec and file vertices at once, held only
     /// around the execution itself (not around cache lookups or source resolution).
     pub worker_parallelism: usize,
-    /// Makes a finished job's cache entry durable before the solver acts on the result.
+    /// Makes a finished job's cache entry durable before any build is told it is done.
     pub durable: Option<Durable>,
 }
 
 /// Records a finished job's cache entry (the cache key, and the entry's bytes as the cache
-/// tree keeps them) before the solver reports the vertex done: a replicated coordinator
-/// commits it to the log, so a step reported done is never executed again after a failover.
-/// A failure to record is the recorder's to report; the build goes on.
-pub type Durable = Arc<dyn Fn(Digest, Vec<u8>) -> kiln_model::BoxFuture<()> + Send + Sync>;
+/// tree keeps them); resolves with whether it did. A replicated coordinator commits it to the
+/// log. The solver goes on at once (the job's users are dispatched) but holds back every
+/// event of the builds that waited on the job until the entry is recorded: a step reported
+/// done is never executed again after a failover. An entry that could not be recorded keeps
+/// those builds' events back until they end (a deposed leader's builds are ended).
+pub type Durable = Arc<dyn Fn(Digest, Vec<u8>) -> kiln_model::BoxFuture<bool> + Send + Sync>;
 
 impl std::fmt::Debug for SolverConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,9 +72,12 @@ enum Message<E: Executor> {
         key: Digest,
         result: Result<Executed<E::Output>, Failed>,
         at: u64,
-        /// The result's cache entry is durable already ([`SolverConfig::durable`]).
-        recorded: bool,
+        /// The result's cache entry is being recorded ([`SolverConfig::durable`]):
+        /// [`Message::Recorded`] follows.
+        recording: bool,
     },
+    /// A finished job's cache entry is recorded (`true`), or will not be.
+    Recorded(Digest, bool),
     /// A cache entry stored or forgotten elsewhere (a replicated coordinator's leader).
     Learn(Command<E::Output>),
 }
@@ -140,6 +145,9 @@ impl<E: Executor> Solver<E> {
             logs: HashMap::new(),
             durable: config.durable,
             recorded: HashSet::new(),
+            recording: None,
+            gates: HashMap::new(),
+            gated: HashMap::new(),
         };
         tokio::spawn(driver.run(receiver).instrument(tracing::info_span!("solver")));
         Ok(Solver { sender, next_build: std::sync::atomic::AtomicU64::new(1) })
@@ -164,11 +172,37 @@ impl<E: Executor> Solver<E> {
     }
 }
 
-/// Makes the cache entry of a finished job durable through `durable`; whether it did.
-async fn record<O: serde::Serialize>(durable: Option<&Durable>, key: Digest, output: &O) -> bool {
-    let Some(durable) = durable else { return false };
-    durable(key, serde_json::to_vec(output).expect("outputs serialise")).await;
-    true
+/// Hands a job's result to the driver, then records its cache entry through `durable`
+/// (when given and the job succeeded) and says so.
+async fn finish<E: Executor>(
+    sender: mpsc::UnboundedSender<Message<E>>,
+    durable: Option<Durable>,
+    key: Digest,
+    result: Result<Executed<E::Output>, Failed>,
+) {
+    let entry = match (&durable, &result) {
+        (Some(_), Ok(executed)) => Some(serde_json::to_vec(&executed.output).expect("outputs serialise")),
+        _ => None,
+    };
+    let _ = sender.send(Message::Finished { key, result, at: now_ms(), recording: entry.is_some() });
+    if let (Some(durable), Some(entry)) = (durable, entry) {
+        let recorded = durable(key, entry).await;
+        let _ = sender.send(Message::Recorded(key, recorded));
+    }
+}
+
+/// A build's events held back until the cache entries they report are recorded.
+struct Gate<O> {
+    /// The entries not recorded yet.
+    waiting: HashSet<Digest>,
+    /// Its events, in order.
+    held: Vec<Event<O>>,
+}
+
+impl<O> Default for Gate<O> {
+    fn default() -> Self {
+        Gate { waiting: HashSet::new(), held: Vec::new() }
+    }
 }
 
 /// The command that records the cache tree's entry `key` (`value`: stored; `None`: gone).
@@ -194,8 +228,14 @@ struct Driver<E: Executor> {
     /// Output so far of each running job, replayed to builds that join it late.
     logs: HashMap<Digest, Vec<LogLine>>,
     durable: Option<Durable>,
-    /// Finished jobs whose cache entries `durable` recorded (their `Store` is done).
+    /// Finished jobs whose cache entries `durable` records (their `Store` is done there).
     recorded: HashSet<Digest>,
+    /// The job whose effects are being performed while its entry is recorded.
+    recording: Option<Digest>,
+    /// Builds whose events are held back, by build.
+    gates: HashMap<BuildId, Gate<E::Output>>,
+    /// The builds held back by each entry being recorded.
+    gated: HashMap<Digest, Vec<BuildId>>,
 }
 
 impl<E: Executor> Driver<E> {
@@ -222,13 +262,18 @@ impl<E: Executor> Driver<E> {
                 self.logs.entry(key).or_default().push(line);
                 Vec::new()
             }
-            Message::Finished { key, result, at, recorded } => {
+            Message::Finished { key, result, at, recording } => {
                 self.running.remove(&key);
                 self.logs.remove(&key);
-                if recorded {
+                if recording {
                     self.recorded.insert(key);
+                    self.recording = Some(key);
                 }
                 self.state.apply(Command::Finished { key, result, at })
+            }
+            Message::Recorded(key, recorded) => {
+                self.release(key, recorded);
+                Vec::new()
             }
             Message::Learn(command) => self.state.apply(command),
         };
@@ -239,9 +284,54 @@ impl<E: Executor> Driver<E> {
                 queue.insert(i, effect);
             }
         }
+        self.recording = None;
     }
 
+    /// Sends `event` to `build`, unless the build's events are held back: while a finished
+    /// job's effects are performed and its entry is being recorded, and after that, until
+    /// every entry they wait for is recorded (so events keep their order).
     fn emit(&mut self, build: BuildId, event: Event<E::Output>) {
+        if let Some(key) = self.recording {
+            let gate = self.gates.entry(build).or_default();
+            if gate.waiting.insert(key) {
+                self.gated.entry(key).or_default().push(build);
+            }
+            gate.held.push(event);
+        } else if let Some(gate) = self.gates.get_mut(&build) {
+            gate.held.push(event);
+        } else {
+            self.deliver(build, event);
+        }
+    }
+
+    /// The entry of `key` is recorded (or will not be): builds waiting for nothing else get
+    /// their held events.
+    fn release(&mut self, key: Digest, recorded: bool) {
+        let builds = self.gated.remove(&key).unwrap_or_default();
+        if !recorded {
+            // Nothing waiting on it may be reported done: those builds are ended elsewhere (a
+            // leader that cannot commit is deposed), and their events are dropped.
+            for build in builds {
+                self.gates.remove(&build);
+            }
+            return;
+        }
+        let open: Vec<BuildId> = builds
+            .into_iter()
+            .filter(|build| {
+                self.gates.get_mut(build).is_some_and(|gate| gate.waiting.remove(&key) && gate.waiting.is_empty())
+            })
+            .collect();
+        for build in open {
+            if let Some(gate) = self.gates.remove(&build) {
+                for event in gate.held {
+                    self.deliver(build, event);
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, build: BuildId, event: Event<E::Output>) {
         let finished = matches!(event, Event::Finished(..));
         if let Some((_, events)) = self.builds.get(&build) {
             let _ = events.send(event);
@@ -289,6 +379,10 @@ impl<E: Executor> Driver<E> {
             }
             Effect::Run { key, vertex, inputs, build, import, cacheable } => {
                 let durable = if cacheable { self.durable.clone() } else { None };
+                let finish = move |sender: mpsc::UnboundedSender<Message<E>>,
+                                   result: Result<Executed<E::Output>, Failed>| {
+                    finish(sender, durable, key, result)
+                };
                 let Some((context, _)) = self.builds.get(&build) else { return Vec::new() };
                 let imported = if import { self.executor.import(&key, &vertex, &inputs, context) } else { None };
                 let (executor, context, sender) =
@@ -305,12 +399,7 @@ impl<E: Executor> Driver<E> {
                     if let Some(imported) = imported {
                         let _ = sender.send(Message::Started { key, at: now_ms() });
                         match imported.await {
-                            Ok(executed) => {
-                                let recorded = record(durable.as_ref(), key, &executed.output).await;
-                                let finished = Message::Finished { key, result: Ok(executed), at: now_ms(), recorded };
-                                let _ = sender.send(finished);
-                                return;
-                            }
+                            Ok(executed) => return finish(sender, Ok(executed)).await,
                             Err(reason) => {
                                 let line = format!("WARNING: {reason}; executing the step");
                                 let _ = logs.send(LogLine { stream: LogStream::Stderr, line });
@@ -325,11 +414,7 @@ impl<E: Executor> Driver<E> {
                         let _ = sender.send(Message::Started { key, at: now_ms() });
                     }
                     let result = executor.execute(*vertex, inputs, context, logs).await;
-                    let recorded = match &result {
-                        Ok(executed) => record(durable.as_ref(), key, &executed.output).await,
-                        Err(_) => false,
-                    };
-                    let _ = sender.send(Message::Finished { key, result, at: now_ms(), recorded });
+                    finish(sender, result).await;
                 });
                 self.running.insert(key, task);
             }

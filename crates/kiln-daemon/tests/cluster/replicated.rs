@@ -280,8 +280,11 @@ fn replicated_coordinators_keep_the_cluster_through_the_loss_of_a_leader_or_a_fo
     let out = cluster.dir.path().join("out-5");
     let metadata = cluster.build(&context, &out);
     assert_eq!(record(&metadata, "echo three")["status"], "cached", "{metadata:#}");
-    assert_eq!(std::fs::read_to_string(out.join("three")).unwrap(), "three
-");
+    assert_eq!(
+        std::fs::read_to_string(out.join("three")).unwrap(),
+        "three
+"
+    );
 }
 
 /// Whether plain progress `log` shows the step whose line contains `needle` done.

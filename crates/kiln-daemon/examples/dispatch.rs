@@ -1,7 +1,7 @@
 //! Coordinator scale with fake workers: BUILDS concurrent builds, each a chain of VERTICES
 //! vertices, on an executor that finishes every vertex at once. Prints one JSON object:
 //! dispatch throughput, p50/p99 dispatch latency (an input finishing → its user starting)
-//! and peak RSS. `cargo run --release -p kiln-solver --example dispatch -- BUILDS VERTICES SLOTS [WORKERS [EXEC_MS]]`
+//! and peak RSS.
 //!
 //! With WORKERS, vertices go through the coordinator's cluster path instead: placement in
 //! `ClusterState`, assignments over each fake worker's channel, results reported back. Each
@@ -9,6 +9,14 @@
 //! With EXEC_MS, each fake worker holds every vertex for EXEC_MS on average (uniformly
 //! between half and one and a half times) before reporting it: a load below saturation,
 //! about BUILDS ÷ EXEC_MS vertices per millisecond.
+//!
+//! With REPLICAS (after EXEC_MS; 0: none), the coordinator is replicated: REPLICAS raft
+//! members in this process, each on its own sled directory (synced) and serving the raft
+//! service on 127.0.0.ID over gRPC, and every finished vertex's cache entry commits through
+//! the log before the solver reports it done (as a replicated `kilnd` does). The row adds the
+//! commit latency per entry and the entries the log took.
+//!
+//! `cargo run --release -p kiln-daemon --example dispatch -- BUILDS VERTICES SLOTS [WORKERS [EXEC_MS [REPLICAS]]]`
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,8 +25,16 @@ use std::time::{Duration, Instant};
 use kiln_cluster::{Cluster, ClusterBuild, ClusterExecutor, ClusterSettings, ToWorker};
 use kiln_graph::{ExecOp, GraphBuilder, Input, NetworkMode, Op, Output, SecurityMode, SourceOp, Vertex, VertexMeta};
 use kiln_model::{BoxFuture, Executed, Executor, Failed, Layers, LogSink, WorkerInfo};
-use kiln_solver::{BuildOptions, Solver, SolverConfig};
+use kiln_raft::ReplicatedKv;
+use kiln_solver::{BuildOptions, CACHE_TREE, Durable, Solver, SolverConfig};
 use kiln_types::{Digest, Platform};
+
+// Killing and restarting members is the failover benchmark's.
+#[allow(dead_code)]
+#[path = "common/members.rs"]
+mod members;
+
+use members::Members;
 
 #[derive(Default)]
 struct Fake {
@@ -145,6 +161,45 @@ fn start_fake_workers(
     latencies
 }
 
+/// A replicated coordinator's log, in this process: the members and what commits through it.
+struct Replicated {
+    members: Members,
+    leader: u64,
+    durable: Durable,
+    /// Each cache entry's time from the write to its commit on the leader.
+    commits: Arc<Mutex<Vec<Duration>>>,
+}
+
+impl Replicated {
+    /// `count` raft members; returns once one leads.
+    async fn start(count: u64) -> Replicated {
+        let members = Members::start(count).await;
+        let leader = members.leader(None).await;
+        let (replicated, proposer) = ReplicatedKv::new(Arc::clone(&members.member(leader).kv), &[CACHE_TREE]);
+        tokio::spawn(proposer.run(Arc::downgrade(&members.member(leader).node)));
+        let replicated = Arc::new(replicated);
+        let commits: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let recorded = Arc::clone(&commits);
+        let durable: Durable = Arc::new(move |key, value| {
+            let started = Instant::now();
+            let mut batch = kiln_kv::Batch::default();
+            batch.put(key.to_string(), value);
+            let written = replicated.write_durably(CACHE_TREE, batch);
+            let recorded = Arc::clone(&recorded);
+            Box::pin(async move {
+                written.await.expect("the leader commits");
+                recorded.lock().unwrap().push(started.elapsed());
+                true
+            })
+        });
+        Replicated { members, leader, durable, commits }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted.get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or_default()
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -155,6 +210,8 @@ async fn main() {
     );
     let workers = args.get(3).copied();
     let exec = Duration::from_millis(args.get(4).copied().unwrap_or(0) as u64);
+    let replicas = args.get(5).copied().unwrap_or(0);
+    let replicated = if replicas > 0 { Some(Replicated::start(replicas as u64).await) } else { None };
     let graphs: Vec<_> = (0..builds).map(|b| chain(b, vertices)).collect();
     let peak = Arc::new(Mutex::new(rss_mb()));
     let sampler = {
@@ -192,9 +249,8 @@ async fn main() {
             let cluster = Cluster::<()>::new(ClusterSettings { lease_ms: 60_000, ..ClusterSettings::default() });
             let latencies = start_fake_workers(&cluster, workers, slots, exec);
             let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
-            let solver =
-                Solver::start(executor, SolverConfig { worker_parallelism: 1 << 20, ..SolverConfig::default() }, None)
-                    .unwrap();
+            let durable = replicated.as_ref().map(|replicated| Arc::clone(&replicated.durable));
+            let solver = Solver::start(executor, SolverConfig { worker_parallelism: 1 << 20, durable }, None).unwrap();
             let mut handles: Vec<_> = graphs
                 .into_iter()
                 .enumerate()
@@ -217,24 +273,25 @@ async fn main() {
     sampler.abort();
     let mut latencies = latencies;
     latencies.sort();
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
     let total = builds * vertices;
-    println!(
-        "{}",
-        serde_json::json!({
-            "builds": builds, "vertices_per_build": vertices, "slots": slots, "workers": workers,
-            "exec_ms": exec.as_millis() as u64,
-            "vertices": total,
-            "seconds": elapsed.as_secs_f64(),
-            "dispatches_per_second": total as f64 / elapsed.as_secs_f64(),
-            "p50_ms": percentile(0.50).as_secs_f64() * 1000.0,
-            "p99_ms": percentile(0.99).as_secs_f64() * 1000.0,
-            "peak_rss_mb": *peak.lock().unwrap(),
-        })
-    );
+    let mut row = serde_json::json!({
+        "builds": builds, "vertices_per_build": vertices, "slots": slots, "workers": workers,
+        "exec_ms": exec.as_millis() as u64,
+        "vertices": total,
+        "seconds": elapsed.as_secs_f64(),
+        "dispatches_per_second": total as f64 / elapsed.as_secs_f64(),
+        "p50_ms": percentile(&latencies, 0.50).as_secs_f64() * 1000.0,
+        "p99_ms": percentile(&latencies, 0.99).as_secs_f64() * 1000.0,
+        "peak_rss_mb": *peak.lock().unwrap(),
+        "replicas": replicas,
+    });
+    if let Some(replicated) = &replicated {
+        let mut commits = replicated.commits.lock().unwrap().clone();
+        commits.sort();
+        row["commit_p50_ms"] = (percentile(&commits, 0.50).as_secs_f64() * 1000.0).into();
+        row["commit_p99_ms"] = (percentile(&commits, 0.99).as_secs_f64() * 1000.0).into();
+        row["cache_entries"] = commits.len().into();
+        row["log_entries"] = replicated.members.member(replicated.leader).node.status().commit.into();
+    }
+    println!("{row}");
 }
