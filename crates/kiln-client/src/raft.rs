@@ -23,6 +23,13 @@ const SEND_TIMEOUT: Duration = Duration::from_millis(500);
 /// Batches waiting for a member; beyond this, messages for it are dropped (raft sends again).
 const QUEUE: usize = 256;
 
+/// The most bytes of messages one call carries (a snapshot alone may be larger, up to the
+/// transport's `MAX_MESSAGE`).
+const MAX_CALL_BYTES: usize = 8 << 20;
+
+/// How long a call may take for each byte it carries, beyond [`SEND_TIMEOUT`]: 10 MB/s.
+const NANOS_PER_BYTE: u64 = 100;
+
 /// The member a link reports to once it runs (set after [`Node::start`], which takes the
 /// links).
 pub type NodeSlot = Arc<OnceLock<Weak<Node>>>;
@@ -104,19 +111,37 @@ impl Transport for RaftLinks {
 /// Sends what is queued for member `to`, everything waiting in one batch.
 async fn deliver(link: RaftLink, from: u64, to: u64, mut queue: mpsc::Receiver<Outgoing>, node: NodeSlot) {
     let mut reachable = true;
-    while let Some(first) = queue.recv().await {
+    let mut carried: Option<Outgoing> = None;
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match queue.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
         let (mut messages, mut snapshot) = (first.messages, first.snapshot);
-        while let Ok(next) = queue.try_recv() {
+        let mut bytes: usize = messages.iter().map(Vec::len).sum();
+        while bytes < MAX_CALL_BYTES {
+            let Ok(next) = queue.try_recv() else { break };
+            let more: usize = next.messages.iter().map(Vec::len).sum();
+            if bytes + more > MAX_CALL_BYTES {
+                carried = Some(next);
+                break;
+            }
+            bytes += more;
             messages.extend(next.messages);
             snapshot |= next.snapshot;
         }
-        let sent = tokio::time::timeout(SEND_TIMEOUT, link.send(from, to, messages)).await;
+        let patience = SEND_TIMEOUT + Duration::from_nanos(bytes as u64 * NANOS_PER_BYTE);
+        let sent = tokio::time::timeout(patience, link.send(from, to, messages)).await;
         let failure = match sent {
             Ok(Ok(())) => None,
             Ok(Err(error)) => Some(error.to_string()),
-            Err(_) => Some(format!("no answer within {} ms", SEND_TIMEOUT.as_millis())),
+            Err(_) => Some(format!("no answer within {} ms", patience.as_millis())),
         };
-        let Some(node) = node.get().and_then(Weak::upgrade) else { return };
+        // Not started yet (the links exist before the member): nothing to tell.
+        let Some(node) = node.get().and_then(Weak::upgrade) else { continue };
         if let Some(failure) = &failure {
             node.report_unreachable(to);
             if reachable {

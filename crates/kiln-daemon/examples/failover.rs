@@ -1,10 +1,11 @@
 //! Failover under load: three raft members of a replicated coordinator in this process (each
 //! on its own synced sled directory, the raft service over gRPC on 127.0.0.ID), with writers
 //! committing cache entries through the leader all along. KILLS times the leader is killed
-//! (its server and node stop, as with SIGKILL); each time, the time from the kill to the
+//! (its server and node stop at once); each time, the time from the kill to the
 //! first entry the new leader commits is measured, then the old leader is started again and
 //! catches up before the next kill. Prints one JSON object: p50, p99 and max of those times,
-//! and the entries committed.
+//! every time, and the entries committed. (The member's store is closed cleanly; for the
+//! others a stopped member and a SIGKILLed one are the same.)
 //!
 //! `cargo run --release -p kiln-daemon --example failover -- [KILLS [WRITERS]]`
 

@@ -508,7 +508,8 @@ async fn coordinator(
     )?);
     let replication = match (&config.replicas, replicated) {
         (Some(replicas), Some(store)) => {
-            Some(replica::start(replicas, kv, store, &engine, security.tls.clone(), config.lease_timeout)?)
+            let stopping = lifecycle.stopped.clone();
+            Some(replica::start(replicas, kv, store, &engine, security.tls.clone(), config.lease_timeout, stopping)?)
         }
         _ => None,
     };

@@ -13,6 +13,7 @@ use kiln_config::Replicas;
 use kiln_engine::Engine;
 use kiln_kv::SharedKv;
 use kiln_raft::{KvMachine, Node, Proposer, RaftConfig, ReplicatedKv};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 /// The workers registered with the leader (name → nothing): whom a new leader waits for.
@@ -66,6 +67,7 @@ pub fn start(
     engine: &Arc<Engine>,
     tls: Option<NodeTls>,
     lease: Duration,
+    stopping: CancellationToken,
 ) -> anyhow::Result<Arc<Replication>> {
     let id = replicas.node_id;
     let node_slot: kiln_client::NodeSlot = Arc::default();
@@ -87,12 +89,11 @@ pub fn start(
                     }
                 }
                 Some(_) => {}
-                // A snapshot replaced the trees: learn the cache index again.
-                None => {
-                    for (key, value) in store_kv.scan_prefix(kiln_solver::CACHE_TREE, b"").unwrap_or_default() {
-                        engine.learn_cache_entry(&key, Some(&value));
-                    }
-                }
+                // A snapshot replaced the trees: the cache index is the snapshot's.
+                None => match store_kv.scan_prefix(kiln_solver::CACHE_TREE, b"") {
+                    Ok(entries) => engine.relearn_cache(entries),
+                    Err(error) => tracing::error!("reading the cache index a snapshot restored: {error}"),
+                },
             }
         });
     let config = RaftConfig::new(id, replicas.peers.keys().copied().collect());
@@ -102,17 +103,25 @@ pub fn start(
     tracing::info!("member {id} of {} replicated coordinators", replicas.peers.len());
     let replication = Arc::new(Replication::new(node, replicas.peers.clone()));
     let cluster = engine.cluster().expect("a coordinator has a cluster");
-    let members = Arc::clone(&store.cache_index);
+    let registry = Arc::clone(&store.cache_index);
+    let shutting_down = stopping.clone();
     cluster.observe_membership(Arc::new(move |worker, joined| {
-        // Only the leader's writes commit; a deposed leader's are dropped.
-        let _ = if joined {
-            members.put(WORKERS_TREE, worker.as_bytes(), b"")
+        // Only the leader's writes commit; a deposed leader's are dropped. Workers that leave
+        // because this coordinator stops stay listed: the next leader waits for them.
+        let written = if joined {
+            registry.put(WORKERS_TREE, worker.as_bytes(), b"")
+        } else if !shutting_down.is_cancelled() {
+            registry.delete(WORKERS_TREE, worker.as_bytes())
         } else {
-            members.delete(WORKERS_TREE, worker.as_bytes())
+            Ok(())
         };
+        if let Err(error) = written {
+            tracing::warn!("recording worker {worker} in {WORKERS_TREE}: {error}");
+        }
     }));
     let recovery = Recovery { replication: Arc::clone(&replication), kv: store.cache_index, lease };
-    tokio::spawn(follow_leadership(recovery, Arc::downgrade(engine)).instrument(tracing::info_span!("leadership")));
+    let following = follow_leadership(recovery, Arc::downgrade(engine), stopping);
+    tokio::spawn(following.instrument(tracing::info_span!("leadership")));
     Ok(replication)
 }
 
@@ -130,6 +139,14 @@ impl Recovery {
     /// or a lease has passed (those that did not come back are forgotten): a cached step's
     /// layers are known only once their worker registered.
     async fn take_over(&self, term: u64, engine: &Engine) {
+        // Everything committed before this term is applied here first (the registry and the
+        // cache index are current).
+        while let Err(error) = self.replication.read_barrier().await {
+            if self.replication.leading().is_err() {
+                return;
+            }
+            tracing::warn!("taking over term {term}: {error}; trying again");
+        }
         self.wait_for_workers(engine).await;
         self.replication.set_recovered(term);
     }
@@ -170,13 +187,19 @@ impl Recovery {
 /// Logs each change of leader; when this member starts leading, waits for the old leader's
 /// workers before builds start (`Recovery`); when it stops leading, closes its worker sessions
 /// (the workers go to the new leader; builds here end, see `kiln_api`).
-async fn follow_leadership(recovery: Recovery, engine: Weak<Engine>) {
+async fn follow_leadership(recovery: Recovery, engine: Weak<Engine>, stopping: CancellationToken) {
     let replication = Arc::clone(&recovery.replication);
     let mut status = replication.node().subscribe();
     let (mut leading, mut leader, mut taken_over) = (false, None, 0);
     loop {
         let now = status.borrow_and_update().clone();
         if now.stopped {
+            // The log stopped on its own (a store or state machine failure, logged by the
+            // member): a coordinator without it can only refuse, so it stops.
+            if !stopping.is_cancelled() {
+                tracing::error!("the replicated log stopped: stopping the coordinator");
+                stopping.cancel();
+            }
             return;
         }
         if now.leader != leader {

@@ -191,6 +191,13 @@ impl Engine {
         }
     }
 
+    /// Replaces the cache index by `entries` (a replicated coordinator's snapshot).
+    pub fn relearn_cache(&self, entries: Vec<(Vec<u8>, Vec<u8>)>) {
+        if let Mode::Cluster { solver, .. } = &self.mode {
+            solver.relearn(entries);
+        }
+    }
+
     /// The cluster, on a coordinator.
     pub fn cluster(&self) -> Option<&Arc<Cluster<ClusterData>>> {
         match &self.mode {

@@ -109,6 +109,17 @@ pub enum RaftError {
         /// The state machine's error.
         reason: String,
     },
+    /// The state machine could not be read into a snapshot.
+    #[error("taking a snapshot at entry {index}: {reason}")]
+    Snapshot {
+        /// The applied index it was for.
+        index: u64,
+        /// The state machine's error.
+        reason: String,
+    },
+    /// The member's thread could not be started.
+    #[error("starting the raft thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// What the replicated entries do: applied in log order, the same on every member.
@@ -122,8 +133,9 @@ pub trait StateMachine: Send + 'static {
     /// must be in place (and `index` recorded as applied) when this returns. Called once per
     /// run of committed entries, so a machine can write them together.
     fn applied_through(&mut self, index: u64) -> Result<(), String>;
-    /// The whole state, as of the last applied entry.
-    fn snapshot(&mut self) -> Vec<u8>;
+    /// The whole state, as of the last applied entry. A state that cannot be read is an
+    /// error (the member stops), never a smaller snapshot.
+    fn snapshot(&mut self) -> Result<Vec<u8>, String>;
     /// Replaces the whole state by a snapshot taken at `index`.
     fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String>;
     /// The last index whose effects are durable (0 when none).

@@ -133,10 +133,12 @@ impl KvMachine {
     /// Replicates `trees` of `kv` (a write to any other tree is refused, so that snapshots
     /// hold everything), from the applied index recorded there.
     pub fn new(kv: SharedKv, trees: &[&str]) -> Result<KvMachine, kiln_kv::KvError> {
-        let applied = kv
-            .get(APPLIED_TREE, APPLIED_KEY)?
-            .and_then(|bytes| bytes.try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
+        let applied = match kv.get(APPLIED_TREE, APPLIED_KEY)? {
+            None => 0,
+            Some(bytes) => u64::from_be_bytes(bytes.try_into().map_err(|_| {
+                kiln_kv::KvError::Transaction(format!("{APPLIED_TREE}/applied is not an 8-byte index"))
+            })?),
+        };
         Ok(KvMachine {
             kv,
             trees: trees.iter().map(|t| t.to_string()).collect(),
@@ -192,20 +194,18 @@ impl StateMachine for KvMachine {
         Ok(())
     }
 
-    fn snapshot(&mut self) -> Vec<u8> {
+    fn snapshot(&mut self) -> Result<Vec<u8>, String> {
         let mut bytes = vec![VERSION];
         bytes.extend_from_slice(&(self.trees.len() as u32).to_be_bytes());
         for tree in &self.trees {
             put_bytes(&mut bytes, tree.as_bytes());
             let mut batch = Batch::default();
-            // A store that cannot be read makes an empty tree here; the next snapshot is
-            // taken from the same store, and a restore checks what it receives.
-            for (key, value) in self.kv.scan_prefix(tree, b"").unwrap_or_default() {
+            for (key, value) in self.kv.scan_prefix(tree, b"").map_err(|e| format!("reading {tree}: {e}"))? {
                 batch.put(key, value);
             }
             put_batch(&mut bytes, &batch);
         }
-        bytes
+        Ok(bytes)
     }
 
     fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
@@ -377,7 +377,7 @@ mod tests {
         let kv: SharedKv = Arc::new(MemoryKv::new());
         let mut machine = KvMachine::new(Arc::clone(&kv), &TREES).unwrap();
         apply_all(&mut machine, &entries[..40]);
-        let snapshot = machine.snapshot();
+        let snapshot = machine.snapshot().unwrap();
 
         let seen = Arc::new(Mutex::new(0));
         let counter = Arc::clone(&seen);

@@ -109,6 +109,7 @@ impl Node {
             applied,
             proposals: BTreeMap::new(),
             reads: HashMap::new(),
+            early_reads: Vec::new(),
             waiting_reads: Vec::new(),
             next_read: 0,
             was_leader: false,
@@ -117,11 +118,10 @@ impl Node {
             compact_every: config.compact_every,
             keep_entries: config.keep_entries,
         };
-        let thread =
-            std::thread::Builder::new()
-                .name(format!("raft-{}", config.id))
-                .spawn(move || member.run(inbox))
-                .map_err(|error| RaftError::Apply { index: 0, reason: format!("starting the raft thread: {error}") })?;
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-{}", config.id))
+            .spawn(move || member.run(inbox))
+            .map_err(RaftError::Thread)?;
         Ok(Node { id: config.id, requests, status, thread: Mutex::new(Some(thread)) })
     }
 
@@ -220,6 +220,9 @@ struct Replica<M> {
     proposals: BTreeMap<u64, (u64, Reply)>,
     /// Reads raft has not confirmed yet, by context.
     reads: HashMap<u64, Reply>,
+    /// Reads asked for before this leader committed an entry of its term (raft-rs ignores
+    /// those): issued once it has.
+    early_reads: Vec<Reply>,
     /// Confirmed reads waiting for the apply of their index.
     waiting_reads: Vec<(u64, Reply)>,
     next_read: u64,
@@ -239,7 +242,9 @@ impl<M: StateMachine> Replica<M> {
                 self.raw.tick();
                 next_tick = now + self.tick;
             }
-            match inbox.recv_timeout(next_tick.saturating_duration_since(now)) {
+            // A Ready the tick made is handled now, not after the next request or tick.
+            let wait = if self.raw.has_ready() { Duration::ZERO } else { next_tick.saturating_duration_since(now) };
+            match inbox.recv_timeout(wait) {
                 Ok(request) => {
                     let mut stop = self.handle(request);
                     for _ in 1..MAX_REQUESTS_PER_TURN {
@@ -258,6 +263,7 @@ impl<M: StateMachine> Replica<M> {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break Ok(()),
             }
+            self.issue_early_reads();
             // Handling one Ready can make another (a commit that advanced, messages to send
             // after persisting): take them now rather than at the next request or tick.
             let mut readied = Ok(());
@@ -308,9 +314,11 @@ impl<M: StateMachine> Replica<M> {
                     let _ = reply.send(Err(self.not_leader()));
                     return false;
                 }
-                self.next_read += 1;
-                self.raw.read_index(self.next_read.to_be_bytes().to_vec());
-                self.reads.insert(self.next_read, reply);
+                if self.raw.raft.commit_to_current_term() {
+                    self.issue_read(reply);
+                } else {
+                    self.early_reads.push(reply);
+                }
             }
             Request::Receive(messages) => {
                 for message in messages {
@@ -327,6 +335,24 @@ impl<M: StateMachine> Replica<M> {
             Request::Stop => return true,
         }
         false
+    }
+
+    fn issue_read(&mut self, reply: Reply) {
+        self.next_read += 1;
+        self.raw.read_index(self.next_read.to_be_bytes().to_vec());
+        self.reads.insert(self.next_read, reply);
+    }
+
+    /// Issues the reads that waited for this leader's first commit in its term.
+    fn issue_early_reads(&mut self) {
+        if !self.early_reads.is_empty()
+            && self.raw.raft.state == StateRole::Leader
+            && self.raw.raft.commit_to_current_term()
+        {
+            for reply in std::mem::take(&mut self.early_reads) {
+                self.issue_read(reply);
+            }
+        }
     }
 
     fn not_leader(&self) -> RaftError {
@@ -371,7 +397,7 @@ impl<M: StateMachine> Replica<M> {
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply_to(self.applied);
         self.answer_reads();
-        self.maybe_snapshot()
+        self.compact_and_snapshot()
     }
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), RaftError> {
@@ -413,17 +439,17 @@ impl<M: StateMachine> Replica<M> {
         }
     }
 
-    /// Compacts the log every `compact_every` entries, and makes a snapshot of the applied
-    /// state when a member far behind asked for one.
-    fn maybe_snapshot(&mut self) -> Result<(), RaftError> {
+    /// Compacts the log once `compact_every` entries are applied beyond the kept ones, and
+    /// makes a snapshot of the applied state when a member far behind asked for one.
+    fn compact_and_snapshot(&mut self) -> Result<(), RaftError> {
         let keep = self.keep_entries;
         if self.applied >= self.raw.store().first_index_now() + self.compact_every + keep {
             let applied = self.applied;
             self.raw.mut_store().compact(applied.saturating_sub(keep))?;
         }
         if self.raw.store().wants_snapshot() {
-            let data = self.machine.snapshot();
             let applied = self.applied;
+            let data = self.machine.snapshot().map_err(|reason| RaftError::Snapshot { index: applied, reason })?;
             self.raw.mut_store().keep_snapshot(applied, data)?;
         }
         Ok(())
@@ -449,6 +475,9 @@ impl<M: StateMachine> Replica<M> {
         for (_, reply) in std::mem::take(&mut self.reads) {
             let _ = reply.send(Err(error()));
         }
+        for reply in std::mem::take(&mut self.early_reads) {
+            let _ = reply.send(Err(error()));
+        }
         for (_, reply) in std::mem::take(&mut self.waiting_reads) {
             let _ = reply.send(Err(error()));
         }
@@ -458,11 +487,7 @@ impl<M: StateMachine> Replica<M> {
         let raft = &self.raw.raft;
         let is_leader = raft.state == StateRole::Leader;
         if self.was_leader && !is_leader {
-            let error = self.not_leader();
-            let leader = match error {
-                RaftError::NotLeader { leader } => leader,
-                _ => None,
-            };
+            let leader = (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id);
             self.fail_waiting(|| RaftError::NotLeader { leader });
         }
         self.was_leader = is_leader;

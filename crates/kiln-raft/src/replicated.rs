@@ -18,7 +18,9 @@ const MAX_ENTRY_BYTES: usize = 32 << 10;
 /// merged, so a busy leader proposes fewer, larger entries (group commit).
 const IN_FLIGHT: usize = 16;
 
-/// The node's store, with the writes to `trees` replicated.
+/// The node's store, with the writes to `trees` replicated. Such a write returns `Ok` once
+/// queued: it is readable only after it commits, and one made where the member does not lead
+/// is dropped (with a warning), since only the leader writes replicated state.
 pub struct ReplicatedKv {
     local: SharedKv,
     trees: Vec<String>,
@@ -148,7 +150,7 @@ impl Proposer {
                     if let Err(error) = &result
                         && replies.is_empty()
                     {
-                        tracing::warn!("a write to {tree} was not replicated: {error}");
+                        tracing::warn!("a write to {tree} was not replicated (it is lost): {error}");
                     }
                     for reply in replies {
                         let _ = reply.send(result.clone());

@@ -59,7 +59,7 @@ impl StateMachine for Applied {
         Ok(())
     }
 
-    fn snapshot(&mut self) -> Vec<u8> {
+    fn snapshot(&mut self) -> Result<Vec<u8>, String> {
         let state = self.0.lock().unwrap();
         let mut bytes = Vec::new();
         for (index, data) in &state.entries {
@@ -67,7 +67,7 @@ impl StateMachine for Applied {
             bytes.extend_from_slice(&(data.len() as u32).to_be_bytes());
             bytes.extend_from_slice(data);
         }
-        bytes
+        Ok(bytes)
     }
 
     fn restore(&mut self, index: u64, mut data: &[u8]) -> Result<(), String> {
@@ -241,6 +241,9 @@ async fn a_new_leader_takes_over_when_the_leader_stops_and_the_log_goes_on() {
     let rest: Vec<u64> = all.iter().copied().filter(|&id| id != old).collect();
     let new = cluster.leader(&rest, term).await;
     assert_ne!(new, old);
+    // A read asked of a brand-new leader waits for its first commit, then answers.
+    let read = tokio::time::timeout(PATIENCE, cluster.nodes[&new].read_index()).await.expect("the read answered");
+    assert!(matches!(read, Ok(_) | Err(RaftError::NotLeader { .. })), "{read:?}");
     let mut last = 0;
     for i in 0..10 {
         last = cluster.propose(&rest, format!("after {i}").as_bytes()).await;

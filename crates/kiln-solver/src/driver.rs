@@ -144,8 +144,9 @@ impl<E: Executor> Solver<E> {
             running: HashMap::new(),
             logs: HashMap::new(),
             durable: config.durable,
-            recorded: HashSet::new(),
-            recording: None,
+            stored_by_durable: HashSet::new(),
+            uncommitted: HashSet::new(),
+            holding: Vec::new(),
             gates: HashMap::new(),
             gated: HashMap::new(),
         };
@@ -159,6 +160,15 @@ impl<E: Executor> Solver<E> {
     pub fn learn(&self, key: &[u8], value: Option<&[u8]>) {
         if let Some(command) = learnt(key, value) {
             let _ = self.sender.send(Message::Learn(command));
+        }
+    }
+
+    /// Replaces the whole cache index by `entries` (the bytes the cache tree keeps), as a
+    /// replicated coordinator's snapshot does.
+    pub fn relearn(&self, entries: Vec<(Vec<u8>, Vec<u8>)>) {
+        let _ = self.sender.send(Message::Learn(Command::ForgetAll));
+        for (key, value) in entries {
+            self.learn(&key, Some(&value));
         }
     }
 
@@ -191,19 +201,8 @@ async fn finish<E: Executor>(
     }
 }
 
-/// A build's events held back until the cache entries they report are recorded.
-struct Gate<O> {
-    /// The entries not recorded yet.
-    waiting: HashSet<Digest>,
-    /// Its events, in order.
-    held: Vec<Event<O>>,
-}
-
-impl<O> Default for Gate<O> {
-    fn default() -> Self {
-        Gate { waiting: HashSet::new(), held: Vec::new() }
-    }
-}
+/// A build's events held back, in order, each with the cache entries it waits for.
+type Gate<O> = VecDeque<(Vec<Digest>, Event<O>)>;
 
 /// The command that records the cache tree's entry `key` (`value`: stored; `None`: gone).
 fn learnt<O: serde::de::DeserializeOwned>(key: &[u8], value: Option<&[u8]>) -> Option<Command<O>> {
@@ -229,9 +228,11 @@ struct Driver<E: Executor> {
     logs: HashMap<Digest, Vec<LogLine>>,
     durable: Option<Durable>,
     /// Finished jobs whose cache entries `durable` records (their `Store` is done there).
-    recorded: HashSet<Digest>,
-    /// The job whose effects are being performed while its entry is recorded.
-    recording: Option<Digest>,
+    stored_by_durable: HashSet<Digest>,
+    /// Cache entries `durable` is recording.
+    uncommitted: HashSet<Digest>,
+    /// While a message is handled: the entries the events it emits report.
+    holding: Vec<Digest>,
     /// Builds whose events are held back, by build.
     gates: HashMap<BuildId, Gate<E::Output>>,
     /// The builds held back by each entry being recorded.
@@ -266,8 +267,9 @@ impl<E: Executor> Driver<E> {
                 self.running.remove(&key);
                 self.logs.remove(&key);
                 if recording {
-                    self.recorded.insert(key);
-                    self.recording = Some(key);
+                    self.stored_by_durable.insert(key);
+                    self.uncommitted.insert(key);
+                    self.holding.push(key);
                 }
                 self.state.apply(Command::Finished { key, result, at })
             }
@@ -284,49 +286,52 @@ impl<E: Executor> Driver<E> {
                 queue.insert(i, effect);
             }
         }
-        self.recording = None;
+        self.holding.clear();
     }
 
-    /// Sends `event` to `build`, unless the build's events are held back: while a finished
-    /// job's effects are performed and its entry is being recorded, and after that, until
-    /// every entry they wait for is recorded (so events keep their order).
+    /// Sends `event` to `build`, unless it must wait: an event that reports a job whose cache
+    /// entry is not recorded yet (emitted while that job's result, or a cache hit on it, is
+    /// handled) waits for the entry, and every later event of the build waits behind it.
     fn emit(&mut self, build: BuildId, event: Event<E::Output>) {
-        if let Some(key) = self.recording {
-            let gate = self.gates.entry(build).or_default();
-            if gate.waiting.insert(key) {
-                self.gated.entry(key).or_default().push(build);
-            }
-            gate.held.push(event);
-        } else if let Some(gate) = self.gates.get_mut(&build) {
-            gate.held.push(event);
-        } else {
-            self.deliver(build, event);
+        let keys: Vec<Digest> = self.holding.iter().filter(|key| self.uncommitted.contains(key)).copied().collect();
+        if keys.is_empty() && !self.gates.contains_key(&build) {
+            return self.deliver(build, event);
         }
+        for key in &keys {
+            self.gated.entry(*key).or_default().push(build);
+        }
+        self.gates.entry(build).or_default().push_back((keys, event));
     }
 
-    /// The entry of `key` is recorded (or will not be): builds waiting for nothing else get
-    /// their held events.
+    /// The entry of `key` is recorded (or will not be): the builds waiting on it get the
+    /// events that wait for nothing else, in order.
     fn release(&mut self, key: Digest, recorded: bool) {
-        let builds = self.gated.remove(&key).unwrap_or_default();
-        if !recorded {
-            // Nothing waiting on it may be reported done: those builds are ended elsewhere (a
-            // leader that cannot commit is deposed), and their events are dropped.
-            for build in builds {
+        self.uncommitted.remove(&key);
+        self.stored_by_durable.remove(&key);
+        let mut builds = self.gated.remove(&key).unwrap_or_default();
+        builds.sort_unstable();
+        builds.dedup();
+        for build in builds {
+            if !recorded {
+                // Nothing that waits on it may be reported done: the build ends here (a leader
+                // that cannot commit is deposed, and its builds' clients go elsewhere).
+                self.gates.remove(&build);
+                self.builds.remove(&build);
+                continue;
+            }
+            let Some(gate) = self.gates.get_mut(&build) else { continue };
+            let mut ready = Vec::new();
+            while let Some((keys, _)) = gate.front() {
+                if keys.iter().any(|key| self.uncommitted.contains(key)) {
+                    break;
+                }
+                ready.extend(gate.pop_front().map(|(_, event)| event));
+            }
+            if gate.is_empty() {
                 self.gates.remove(&build);
             }
-            return;
-        }
-        let open: Vec<BuildId> = builds
-            .into_iter()
-            .filter(|build| {
-                self.gates.get_mut(build).is_some_and(|gate| gate.waiting.remove(&key) && gate.waiting.is_empty())
-            })
-            .collect();
-        for build in open {
-            if let Some(gate) = self.gates.remove(&build) {
-                for event in gate.held {
-                    self.deliver(build, event);
-                }
+            for event in ready {
+                self.deliver(build, event);
             }
         }
     }
@@ -351,7 +356,7 @@ impl<E: Executor> Driver<E> {
                 }
             }
             Effect::Store { key, output } => {
-                if self.recorded.remove(&key) {
+                if self.stored_by_durable.remove(&key) {
                     return Vec::new();
                 }
                 if let Some(kv) = &self.kv {
@@ -366,6 +371,10 @@ impl<E: Executor> Driver<E> {
                 }
             }
             Effect::CheckCached { build, index, key, output } => {
+                // A hit on an entry still being recorded is reported once it is.
+                if self.uncommitted.contains(&key) {
+                    self.holding.push(key);
+                }
                 // A build that is gone (cancelled) uses nothing more.
                 let context = self.builds.get(&build).map(|(context, _)| context);
                 let source = context.and_then(|context| self.executor.available(&output, context));
@@ -420,5 +429,115 @@ impl<E: Executor> Driver<E> {
             }
         }
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_graph::{ExecOp, GraphBuilder, Input, NetworkMode, Output, SecurityMode, SourceOp, Vertex, VertexMeta};
+    use kiln_model::BoxFuture;
+    use kiln_types::Platform;
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    /// Runs every vertex at once, telling the test which.
+    struct Instant(mpsc::UnboundedSender<Digest>);
+
+    impl Executor for Instant {
+        type Output = u64;
+        type Build = ();
+
+        fn execute(
+            &self,
+            vertex: Vertex,
+            _: Vec<u64>,
+            _: Arc<()>,
+            _: LogSink,
+        ) -> BoxFuture<Result<Executed<u64>, Failed>> {
+            let _ = self.0.send(vertex.digest);
+            Box::pin(async { Ok(Executed::new(1)) })
+        }
+
+        fn worker_name(&self) -> String {
+            "instant".into()
+        }
+    }
+
+    /// A context source and two exec steps on it, one after the other.
+    fn chain() -> Graph {
+        let meta = |name: &str| VertexMeta { name: name.into(), stage: None, platform: None, lines: None };
+        let mut graph = GraphBuilder::new();
+        let source = Op::Source(SourceOp::Local {
+            name: "context".into(),
+            include: vec![],
+            exclude: vec![],
+            content: Digest::of(b"context"),
+        });
+        let mut last = graph.add(source, vec![], meta("source")).unwrap();
+        for step in ["one", "two"] {
+            let op = Op::Exec(ExecOp {
+                args: vec![step.into()],
+                env: vec![],
+                cwd: "/".into(),
+                user: String::new(),
+                network: NetworkMode::None,
+                security: SecurityMode::Sandbox,
+                rootfs: Input::Index(0),
+                mounts: vec![],
+                platform: Platform::host(),
+            });
+            last = graph.add(op, vec![last], meta(step)).unwrap();
+        }
+        graph.finish(vec![Output { platform: Platform::host(), digest: Some(last) }])
+    }
+
+    /// A solver whose cache entries are recorded when the test says.
+    fn solver() -> (Solver<Instant>, mpsc::UnboundedReceiver<Digest>, mpsc::UnboundedReceiver<oneshot::Sender<bool>>) {
+        let (executed, runs) = mpsc::unbounded_channel();
+        let (asked, records) = mpsc::unbounded_channel();
+        let durable: Durable = Arc::new(move |_, _| {
+            let (answer, answered) = oneshot::channel();
+            let _ = asked.send(answer);
+            Box::pin(async move { answered.await.unwrap_or(false) })
+        });
+        let config = SolverConfig { worker_parallelism: 4, durable: Some(durable) };
+        (Solver::start(Arc::new(Instant(executed)), config, None).unwrap(), runs, records)
+    }
+
+    fn completed(event: &Event<u64>) -> bool {
+        matches!(event, Event::Output { .. } | Event::Progress(BuildEvent::Completed { .. }) | Event::Finished(..))
+    }
+
+    #[tokio::test]
+    async fn a_step_is_reported_done_only_once_recorded_while_its_users_run_at_once() {
+        let (solver, mut runs, mut records) = solver();
+        let mut build = solver.submit(chain(), BuildOptions::default(), Arc::new(()));
+        // The source's entry is being recorded: its user runs, but nothing is reported done.
+        let source = records.recv().await.unwrap();
+        let one = runs.recv().await.unwrap();
+        let second = records.recv().await.unwrap();
+        while let Ok(event) = build.events.try_recv() {
+            assert!(!completed(&event), "reported before its entry was recorded: {event:?}");
+        }
+        source.send(true).unwrap();
+        second.send(true).unwrap();
+        let two = runs.recv().await.unwrap();
+        assert_ne!(one, two);
+        records.recv().await.unwrap().send(true).unwrap();
+        let (result, records) = build.wait().await;
+        assert_eq!(result.unwrap(), vec![Some(1)]);
+        assert_eq!(records.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_build_waiting_on_an_entry_that_is_not_recorded_is_never_told_it_is_done() {
+        let (solver, _runs, mut records) = solver();
+        let mut build = solver.submit(chain(), BuildOptions::default(), Arc::new(()));
+        records.recv().await.unwrap().send(false).unwrap();
+        // Its events end without a result: the build is ended elsewhere (a deposed leader).
+        while let Some(event) = build.events.recv().await {
+            assert!(!completed(&event), "{event:?}");
+        }
     }
 }

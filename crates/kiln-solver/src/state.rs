@@ -92,6 +92,8 @@ pub enum Command<O> {
         /// The cache key.
         key: Digest,
     },
+    /// Every cache entry is forgotten (a replicated coordinator's snapshot replaces them).
+    ForgetAll,
 }
 
 /// What the driver must do after a command.
@@ -280,6 +282,7 @@ impl<O: Clone> SolverState<O> {
             Command::Forget { key } => {
                 self.cache.remove(&key);
             }
+            Command::ForgetAll => self.cache.clear(),
         }
         effects
     }

@@ -1,7 +1,7 @@
 //! The raft members of a replicated coordinator in one process, for the benchmarks: each on
 //! its own sled directory (synced, as in `kilnd`) and serving the raft service over gRPC on
-//! 127.0.0.ID, the way separate coordinators do. A member can be killed (its server and node
-//! stopped, its store closed) and started again on the same directory and address.
+//! 127.0.0.ID, the way separate coordinators do. A member can be stopped at once (its server
+//! and node stopped, its store closed) and started again on the same directory and address.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -84,8 +84,8 @@ impl Members {
         }
     }
 
-    /// Kills member `id`: its server stops answering and its node stops, as with SIGKILL
-    /// (what it synced stays; nothing else is flushed).
+    /// Stops member `id` at once: its server stops answering and its node stops. Unlike a
+    /// SIGKILL, its store is closed cleanly; for the others it is gone all the same.
     pub async fn kill(&mut self, id: u64) {
         let member = self.running.remove(&id).expect("a running member");
         member.server.abort();
