@@ -13,7 +13,6 @@
 mod members;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_raft::Write;
@@ -37,7 +36,7 @@ async fn main() {
     // The writers propose to whoever leads now; a refusal (no leader, or a deposed one) is
     // tried again on the next leader.
     let (leaders, current) = watch::channel(Some(Arc::clone(&members.member(leader).node)));
-    let committed = Arc::new(AtomicU64::new(0));
+    let committed = Arc::new(watch::Sender::new(0u64));
     for writer in 0..writers as u64 {
         let (mut current, committed) = (current.clone(), Arc::clone(&committed));
         tokio::spawn(async move {
@@ -50,7 +49,7 @@ async fn main() {
                 };
                 n += 1;
                 if node.propose(entry(n)).await.is_ok() {
-                    committed.fetch_add(1, Ordering::Relaxed);
+                    committed.send_modify(|count| *count += 1);
                 } else {
                     let _ = tokio::time::timeout(Duration::from_millis(50), current.changed()).await;
                 }
@@ -60,10 +59,8 @@ async fn main() {
     let mut times = Vec::new();
     for _ in 0..kills {
         // Load first: the writers commit through this leader.
-        let before = committed.load(Ordering::Relaxed);
-        while committed.load(Ordering::Relaxed) < before + 100 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let before = *committed.borrow();
+        let _ = committed.subscribe().wait_for(|count| *count >= before + 100).await;
         let killed_at = Instant::now();
         let _ = leaders.send(None);
         members.kill(leader).await;
@@ -92,7 +89,7 @@ async fn main() {
             "p50_ms": at(0.5),
             "p99_ms": at(0.99),
             "max_ms": times.last().unwrap().as_secs_f64() * 1000.0,
-            "committed": committed.load(Ordering::Relaxed),
+            "committed": *committed.borrow(),
             "all_ms": times.iter().map(|t| (t.as_secs_f64() * 1000.0).round()).collect::<Vec<_>>(),
         })
     );

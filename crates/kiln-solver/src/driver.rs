@@ -388,10 +388,6 @@ impl<E: Executor> Driver<E> {
             }
             Effect::Run { key, vertex, inputs, build, import, cacheable } => {
                 let durable = if cacheable { self.durable.clone() } else { None };
-                let finish = move |sender: mpsc::UnboundedSender<Message<E>>,
-                                   result: Result<Executed<E::Output>, Failed>| {
-                    finish(sender, durable, key, result)
-                };
                 let Some((context, _)) = self.builds.get(&build) else { return Vec::new() };
                 let imported = if import { self.executor.import(&key, &vertex, &inputs, context) } else { None };
                 let (executor, context, sender) =
@@ -408,7 +404,7 @@ impl<E: Executor> Driver<E> {
                     if let Some(imported) = imported {
                         let _ = sender.send(Message::Started { key, at: now_ms() });
                         match imported.await {
-                            Ok(executed) => return finish(sender, Ok(executed)).await,
+                            Ok(executed) => return finish(sender, durable, key, Ok(executed)).await,
                             Err(reason) => {
                                 let line = format!("WARNING: {reason}; executing the step");
                                 let _ = logs.send(LogLine { stream: LogStream::Stderr, line });
@@ -423,7 +419,7 @@ impl<E: Executor> Driver<E> {
                         let _ = sender.send(Message::Started { key, at: now_ms() });
                     }
                     let result = executor.execute(*vertex, inputs, context, logs).await;
-                    finish(sender, result).await;
+                    finish(sender, durable, key, result).await;
                 });
                 self.running.insert(key, task);
             }

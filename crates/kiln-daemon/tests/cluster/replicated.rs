@@ -305,7 +305,8 @@ struct Running {
 }
 
 impl Running {
-    fn start(cluster: &Replicated, name: &str, dockerfile: &str) -> Running {
+    /// Starts the build; `lines` hears of each progress line it prints.
+    fn start(cluster: &Replicated, name: &str, dockerfile: &str, lines: std::sync::mpsc::Sender<()>) -> Running {
         let context = cluster.context(name, dockerfile);
         let metadata = cluster.dir.path().join(format!("{name}.json"));
         let out = cluster.dir.path().join(format!("{name}-out"));
@@ -327,6 +328,7 @@ impl Running {
                 let mut progress = collected.lock().unwrap();
                 progress.push_str(&line);
                 progress.push('\n');
+                let _ = lines.send(());
             }
         });
         Running { child, progress, metadata, out }
@@ -342,19 +344,20 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
     let mut cluster = Replicated::start(29, 2);
     let info = cluster.wait_for_leader(None, 0, 2);
     let leader = leader_of(&info);
+    let (lines, printed) = std::sync::mpsc::channel();
     let builds: Vec<Running> = (0..10)
         .map(|i| {
             let dockerfile =
                 format!("FROM BASE\nRUN echo first-{i} > /first\nRUN sleep 3 && echo second-{i} > /second\n");
-            Running::start(&cluster, &format!("build-{i}"), &dockerfile)
+            Running::start(&cluster, &format!("build-{i}"), &dockerfile, lines.clone())
         })
         .collect();
     // Every build has a finished step when the leader dies (the second steps are running or
     // waiting for a slot).
     let deadline = Instant::now() + Duration::from_secs(120);
     while !(0..10).all(|i| step_done(&builds[i].progress(), &format!("echo first-{i}"))) {
-        assert!(Instant::now() < deadline, "the first steps did not finish\n{}", cluster.logs());
-        std::thread::sleep(Duration::from_millis(50));
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(printed.recv_timeout(left).is_ok(), "the first steps did not finish\n{}", cluster.logs());
     }
     // A build may have finished already (its second step ran early); the last to finish its
     // first step is still running its second.
