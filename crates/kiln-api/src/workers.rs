@@ -76,14 +76,14 @@ impl Workers for WorkersService {
         let Some(worker_message::Message::Register(register)) = first else {
             return Err(ApiError::NotRegistered.into());
         };
-        let (info, layers) = register_from_proto(register).map_err(ApiError::from)?;
+        let (info, layers, held) = register_from_proto(register).map_err(ApiError::from)?;
         let name = info.name.clone();
         // The name it registers under must be one its certificate was issued for.
         if let Err(refused) = self.access.worker(&chain, &name) {
             tracing::warn!("refused a worker registration: {refused}");
             return Err(refused.into());
         }
-        let (session, mut assignments) = self.cluster.register(info, layers).map_err(|reason| {
+        let (session, mut assignments) = self.cluster.register(info, layers, held).map_err(|reason| {
             tracing::warn!("refused a worker registration: {reason}");
             Status::from(ApiError::RegistrationRefused(reason.0))
         })?;

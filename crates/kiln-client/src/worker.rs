@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use kiln_graph::Vertex;
-use kiln_model::{Assignment, Executed, Failed, FromCoordinator, JobId, Layers, LogLine, WorkerInfo};
+use kiln_model::{Assignment, Executed, Failed, FromCoordinator, HeldWork, JobId, Layers, LogLine, WorkerInfo};
 use kiln_proto::v1::{self, coordinator_message, worker_message, workers_client::WorkersClient};
 use kiln_types::Digest;
 use tokio::sync::mpsc;
@@ -37,18 +37,19 @@ pub struct WorkerSession {
 
 impl WorkerSession {
     /// Connects to the coordinator at `address` (`http://HOST:PORT`, or `https://` with
-    /// this node's `tls`) and registers.
+    /// this node's `tls`) and registers, with the layers and the lost session's jobs it holds.
     pub async fn connect(
         address: &str,
         tls: Option<&crate::NodeTls>,
         info: &WorkerInfo,
         layers: &[Digest],
+        held: &[HeldWork],
     ) -> Result<WorkerSession, ClientError> {
         let endpoint = crate::endpoint(address, tls)?;
         let channel =
             endpoint.connect().await.map_err(|source| ClientError::Connect { address: address.to_string(), source })?;
         let (sender, receiver) = mpsc::unbounded_channel();
-        let register = register_to_proto(info, layers);
+        let register = register_to_proto(info, layers, held);
         let _ = sender.send(v1::WorkerMessage { message: Some(worker_message::Message::Register(register)) });
         let mut stream = WorkersClient::new(channel)
             .max_decoding_message_size(crate::MAX_MESSAGE)

@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use kiln_graph::{Op, SourceOp, Vertex};
 use kiln_model::{
-    BoxFuture, CacheCompression, Executed, Executor, Failed, JobId, LayerDesc, Layers, LogLine, LogSink, LogStream,
-    PushRequest, PushTarget, PushedLayer, TierBlob, WorkerInfo, WorkerStatus,
+    BoxFuture, CacheCompression, Executed, Executor, Failed, HeldWork, JobId, LayerDesc, Layers, LogLine, LogSink,
+    LogStream, PushRequest, PushTarget, PushedLayer, TierBlob, Work, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, now_ms};
 use tokio::sync::{mpsc, oneshot};
@@ -75,6 +75,9 @@ pub struct ClusterBuild<B> {
     pub data: B,
     /// The build's imported caches, when it has any.
     pub imports: Option<ImportFn>,
+    /// The cache group whose cache mounts its steps see (`None`: the default): part of what
+    /// a job computes ([`kiln_model::work_of`]).
+    pub cache_group: Option<String>,
 }
 
 impl<B: std::fmt::Debug> std::fmt::Debug for ClusterBuild<B> {
@@ -136,6 +139,8 @@ pub type Pushed = Result<Vec<PushedLayer>, String>;
 struct Pending<B> {
     vertex: Vertex,
     inputs: Vec<Layers>,
+    /// What it computes, when a worker may hold it across a lost session.
+    work: Option<Work>,
     build: Arc<ClusterBuild<B>>,
     logs: LogSink,
     done: oneshot::Sender<Result<Executed<Layers>, Failed>>,
@@ -162,6 +167,10 @@ struct Inner<B> {
     pushes: HashMap<u64, (String, oneshot::Sender<Pushed>)>,
     /// Hears of every worker that registers (`true`) or is lost (`false`).
     membership: Option<Membership>,
+    /// Work that connected workers kept across a lost session (running or finished), as
+    /// they registered with it, and the worker holding it. Taken by the first job that needs
+    /// it; a worker's entries go when it is lost.
+    held: HashMap<Work, String>,
 }
 
 /// The coordinator's view of its workers, and the solver's executor over them.
@@ -186,6 +195,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 tier_order: std::collections::VecDeque::new(),
                 pushes: HashMap::new(),
                 membership: None,
+                held: HashMap::new(),
             }),
             next_job: AtomicU64::new(1),
         })
@@ -226,12 +236,15 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         self.lock().apply(command)
     }
 
-    /// A worker connected: returns its session and the channel of its assignments, or why it
-    /// was refused (another worker holds its name).
+    /// A worker connected, holding `layers` and the work it kept from a lost session
+    /// (`held`): returns its session and the channel of its assignments, or why it was refused
+    /// (another worker holds its name). Queued jobs whose work it holds are adopted by it at
+    /// once; jobs placed later take the rest of its held work.
     pub fn register(
         &self,
         info: WorkerInfo,
         layers: Vec<Digest>,
+        held: Vec<HeldWork>,
     ) -> Result<(u64, mpsc::UnboundedReceiver<ToWorker<B>>), Refused> {
         let name = info.name.clone();
         let (sender, receiver) = mpsc::unbounded_channel();
@@ -259,6 +272,27 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         }
         for effect in &effects {
             inner.perform(effect);
+        }
+        if !held.is_empty() {
+            let finished = held.iter().filter(|h| h.finished).count();
+            tracing::info!(worker = %name, "it kept {} jobs across its lost session ({finished} finished)", held.len());
+            for HeldWork { work, .. } in held {
+                inner.held.insert(work, name.clone());
+            }
+            let queued: Vec<JobId> = inner
+                .pending
+                .iter()
+                .filter(|(_, p)| p.work.is_some_and(|w| inner.held.get(&w) == Some(&name)))
+                .map(|(job, _)| *job)
+                .collect();
+            for job in queued {
+                let effects = inner.apply(ClusterCommand::Adopt { job, worker: name.clone() });
+                if !effects.is_empty()
+                    && let Some(work) = inner.pending.get(&job).and_then(|p| p.work)
+                {
+                    inner.held.remove(&work);
+                }
+            }
         }
         Ok((session, receiver))
     }
@@ -455,13 +489,18 @@ impl<B> Inner<B> {
                 if self.links.get(worker).is_some_and(|(s, _)| s == session) {
                     self.links.remove(worker);
                 }
+                self.held.retain(|_, by| by != worker);
                 if let Some(membership) = &self.membership {
                     membership(worker, false);
                 }
             }
-            ClusterEffect::Assign { job, epoch, worker } => {
+            ClusterEffect::Assign { job, epoch, worker, adopted } => {
                 let Some(pending) = self.pending.get_mut(job) else { return };
                 pending.epoch = *epoch;
+                if *adopted {
+                    let line = format!("adopted: worker {worker} kept this step across the change of coordinator");
+                    let _ = pending.logs.send(LogLine { stream: LogStream::Stderr, line });
+                }
                 let mut sources = Vec::new();
                 let mut tier = Vec::new();
                 for layer in pending.inputs.iter().flat_map(|l| &l.layers) {
@@ -777,6 +816,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         logs: LogSink,
     ) -> Result<Executed<Layers>, Failed> {
         let job = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let work = kiln_model::work_of(&vertex, &inputs, build.cache_group.as_deref());
         let spec = JobSpec {
             build: build.id,
             platform: required_platform(&vertex),
@@ -786,8 +826,9 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         let (done, result) = oneshot::channel();
         {
             let mut inner = self.lock();
-            inner.pending.insert(job, Pending { vertex, inputs, build, logs, done, epoch: 0 });
-            inner.apply(ClusterCommand::Submit { job, spec, at: now_ms() });
+            inner.pending.insert(job, Pending { vertex, inputs, work, build, logs, done, epoch: 0 });
+            let held_by = work.and_then(|w| inner.held.remove(&w));
+            inner.apply(ClusterCommand::Submit { job, spec, held_by, at: now_ms() });
         }
         let mut guard = CancelOnDrop { cluster: Arc::clone(self), job, armed: true };
         let result = result.await.unwrap_or_else(|_| Err(String::from("the cluster dropped the job").into()));

@@ -99,8 +99,21 @@ pub enum ClusterCommand {
         job: JobId,
         /// What placement needs.
         spec: JobSpec,
+        /// A worker that holds the job's work already (it kept it running, or its result,
+        /// across a lost session): the job is adopted there, past its slots, when it can run
+        /// it; otherwise it is queued as usual.
+        held_by: Option<String>,
         /// The time.
         at: u64,
+    },
+    /// A queued job's work turned out to be held by a worker (it registered with it): the
+    /// job is adopted there, as with [`ClusterCommand::Submit`]'s `held_by`. A job that is
+    /// not queued (assigned, finished, unknown) is left alone.
+    Adopt {
+        /// The job.
+        job: JobId,
+        /// The worker holding its work.
+        worker: String,
     },
     /// A worker's result for an assignment (success or a step failure alike).
     Report {
@@ -150,6 +163,8 @@ pub enum ClusterEffect {
         epoch: u32,
         /// The worker.
         worker: String,
+        /// The worker holds the job's work already: it attaches the job to it.
+        adopted: bool,
     },
     /// Tell the worker to stop the job.
     Revoke {
@@ -309,11 +324,15 @@ impl ClusterState {
                     entry.draining = true;
                 }
             }
-            ClusterCommand::Submit { job, spec, at } => {
+            ClusterCommand::Submit { job, spec, held_by, at } => {
                 self.queues.entry(spec.build).or_default().push_back(job);
                 self.jobs
                     .insert(job, Job { spec, epoch: 0, losses: 0, assigned: None, queued_at: at, waiting_said: false });
+                if let Some(worker) = held_by {
+                    self.adopt(job, &worker, &mut effects);
+                }
             }
+            ClusterCommand::Adopt { job, worker } => self.adopt(job, &worker, &mut effects),
             ClusterCommand::Report { job, epoch, worker, layers } => {
                 let current =
                     self.jobs.get(&job).is_some_and(|j| j.epoch == epoch && j.assigned.as_ref() == Some(&worker));
@@ -489,11 +508,7 @@ impl ClusterState {
                 if queue.is_empty() {
                     self.queues.remove(&build);
                 }
-                let job = self.jobs.get_mut(&job_id).expect("queued jobs exist");
-                job.assigned = Some(worker.clone());
-                job.waiting_said = false;
-                self.workers.get_mut(&worker).expect("placed on a worker").running.insert(job_id);
-                effects.push(ClusterEffect::Assign { job: job_id, epoch: job.epoch, worker });
+                self.assign(job_id, worker, false, effects);
                 self.cursor = build;
                 placed_any = true;
                 if !self.workers.values().any(WorkerEntry::has_slot) {
@@ -504,6 +519,27 @@ impl ClusterState {
                 return;
             }
         }
+    }
+
+    /// Assigns a job taken off its queue to a worker.
+    fn assign(&mut self, job_id: JobId, worker: String, adopted: bool, effects: &mut Vec<ClusterEffect>) {
+        let job = self.jobs.get_mut(&job_id).expect("queued jobs exist");
+        job.assigned = Some(worker.clone());
+        job.waiting_said = false;
+        self.workers.get_mut(&worker).expect("assigned to a connected worker").running.insert(job_id);
+        effects.push(ClusterEffect::Assign { job: job_id, epoch: job.epoch, worker, adopted });
+    }
+
+    /// Assigns a queued job to the worker holding its work, when that worker is connected,
+    /// not draining and may run it. Its slots do not count: the work runs there already.
+    fn adopt(&mut self, job_id: JobId, worker: &str, effects: &mut Vec<ClusterEffect>) {
+        let Some(job) = self.jobs.get(&job_id).filter(|j| j.assigned.is_none()) else { return };
+        if !self.workers.get(worker).is_some_and(|w| !w.draining && w.runs(&job.spec)) {
+            return;
+        }
+        let build = job.spec.build;
+        self.unqueue(build, job_id);
+        self.assign(job_id, worker.to_string(), true, effects);
     }
 
     /// The worker for a job, if one of its platform has a free slot: the one holding the

@@ -61,7 +61,7 @@ fn fake_failing(
     layers: Vec<Digest>,
     mut fail: impl FnMut(&Job<()>) -> Option<Failed> + Send + 'static,
 ) -> u64 {
-    let (session, mut assignments) = cluster.register(info(name), layers).unwrap();
+    let (session, mut assignments) = cluster.register(info(name), layers, vec![]).unwrap();
     let (cluster, name) = (Arc::clone(cluster), name.to_string());
     tokio::spawn(async move {
         while let Some(ToWorker::Assign(job)) = assignments.recv().await {
@@ -86,8 +86,19 @@ fn fake_failing(
     session
 }
 
+/// A log sink, and the lines it received.
+fn collecting() -> (LogSink, Arc<Mutex<Vec<String>>>) {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let received = Arc::clone(&lines);
+    let sink = LogSink::new(move |line| {
+        received.lock().unwrap().push(line.line);
+        true
+    });
+    (sink, lines)
+}
+
 fn build() -> Arc<ClusterBuild<()>> {
-    Arc::new(ClusterBuild { id: 1, data: (), imports: None })
+    Arc::new(ClusterBuild { id: 1, data: (), imports: None, cache_group: None })
 }
 
 #[tokio::test]
@@ -104,14 +115,7 @@ async fn a_result_lost_with_its_worker_is_recomputed_before_its_user_runs() {
     // Worker a goes away with the only copy of base's layer; b arrives.
     cluster.disconnect("a", a);
     fake(&cluster, "b", Arc::clone(&ran));
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = {
-        let lines = Arc::clone(&lines);
-        LogSink::new(move |line| {
-            lines.lock().unwrap().push(line.line);
-            true
-        })
-    };
+    let (sink, lines) = collecting();
     let user = exec("user", vec![base.digest]);
     let second = executor.execute(user, vec![first.output.clone()], build(), sink).await.unwrap();
     assert_eq!(
@@ -269,4 +273,32 @@ async fn a_shared_layer_a_worker_cannot_fetch_is_recomputed_not_trusted_again() 
     assert_eq!(cluster.tier_blob(&layer), None, "the stale tier entry is forgotten");
     let ran = ran.lock().unwrap().clone();
     assert!(ran.contains(&("base".to_string(), "b".to_string())), "base recomputed on b: {ran:?}");
+}
+
+#[tokio::test]
+async fn work_a_worker_kept_across_a_lost_session_is_adopted_by_it_not_placed_by_locality() {
+    let cluster = Cluster::<()>::new(ClusterSettings::default());
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let executor = ClusterExecutor(Arc::clone(&cluster));
+    let base = Layers { layers: vec![LayerDesc { diff_id: Digest::of(b"base"), size: 1000 }] };
+    let step = exec("step", vec![Digest::of(b"base vertex")]);
+    // b holds the step's input, so locality would send the step there; a kept the step
+    // running when it lost its coordinator, and registers saying so.
+    fake_holding(&cluster, "b", Arc::clone(&ran), vec![Digest::of(b"base")]);
+    let work = kiln_model::work_of(&step, std::slice::from_ref(&base), None).unwrap();
+    let (_, mut assignments) = cluster.register(info("a"), vec![], vec![HeldWork { work, finished: false }]).unwrap();
+    let (sink, lines) = collecting();
+    let running = tokio::spawn(executor.execute(step.clone(), vec![base.clone()], build(), sink));
+    let Some(ToWorker::Assign(job)) = assignments.recv().await else { panic!("no assignment for the holder") };
+    assert_eq!(job.vertex.digest, step.digest);
+    let output = Layers { layers: vec![LayerDesc { diff_id: Digest::of(b"kept"), size: 1 }] };
+    cluster.report("a", job.id, job.epoch, Ok(Executed::new(output.clone())));
+    let executed = running.await.unwrap().unwrap();
+    assert_eq!((executed.output, executed.worker.as_deref()), (output, Some("a")));
+    assert!(ran.lock().unwrap().is_empty(), "b ran it too");
+    assert_eq!(*lines.lock().unwrap(), ["adopted: worker a kept this step across the change of coordinator"]);
+
+    // The held work was taken: the same step again is placed by locality.
+    let again = executor.execute(step, vec![base], build(), LogSink::new(|_| true)).await.unwrap();
+    assert_eq!(again.worker.as_deref(), Some("b"));
 }

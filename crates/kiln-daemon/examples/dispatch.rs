@@ -119,7 +119,8 @@ fn start_fake_workers(
             address: format!("http://fake-{n}"),
             entitlements: Vec::new(),
         };
-        let (session, mut assignments) = cluster.register(info, vec![]).expect("fake workers have unique names");
+        let (session, mut assignments) =
+            cluster.register(info, vec![], vec![]).expect("fake workers have unique names");
         let (cluster, latencies, finished) = (Arc::clone(cluster), Arc::clone(&latencies), Arc::clone(&finished));
         tokio::spawn(async move {
             let name = format!("fake-{n}");
@@ -258,7 +259,7 @@ async fn main() {
                     solver.submit(
                         g,
                         BuildOptions::default(),
-                        Arc::new(ClusterBuild { id: id as u64, data: (), imports: None }),
+                        Arc::new(ClusterBuild { id: id as u64, data: (), imports: None, cache_group: None }),
                     )
                 })
                 .collect();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use kiln_cas::BlobStore;
 use kiln_client::{ClientError, NodeTls, WorkerLink, WorkerSession};
-use kiln_model::{BoxFuture, Executed, Failed, JobId, Layers, LogLine, PushedLayer, WorkerInfo};
+use kiln_model::{BoxFuture, Executed, Failed, HeldWork, JobId, Layers, LogLine, PushedLayer, WorkerInfo};
 use kiln_types::Digest;
 use kiln_worker::BlobFetcher;
 use kiln_worker::agent::{ControlPlane, Session, SessionLink};
@@ -50,7 +50,12 @@ impl ControlPlane for Coordinator {
     /// Registers with the preferred coordinator; a follower's refusal sends the worker to the
     /// leader it names, and a coordinator that does not answer to the next in the list. What
     /// the last one tried said is the error (the agent retries with backoff).
-    fn connect(&self, info: WorkerInfo, layers: Vec<Digest>) -> BoxFuture<Result<Session<Link>, ClientError>> {
+    fn connect(
+        &self,
+        info: WorkerInfo,
+        layers: Vec<Digest>,
+        held: Vec<HeldWork>,
+    ) -> BoxFuture<Result<Session<Link>, ClientError>> {
         let (addresses, preferred, tls) = (self.addresses.clone(), Arc::clone(&self.preferred), self.tls.clone());
         Box::pin(async move {
             let first = preferred.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -61,7 +66,7 @@ impl ControlPlane for Coordinator {
             while tried < candidates.len() {
                 let address = candidates[tried].clone();
                 tried += 1;
-                match WorkerSession::connect(&address, tls.as_ref(), &info, &layers).await {
+                match WorkerSession::connect(&address, tls.as_ref(), &info, &layers, &held).await {
                     Ok(WorkerSession { link, lease_ms, incoming }) => {
                         *preferred.lock().unwrap_or_else(|p| p.into_inner()) = address;
                         return Ok(Session { link: Link(link), lease_ms, incoming });

@@ -183,7 +183,8 @@ impl Engine {
                         request.cache_group.clone(),
                     );
                     let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let build = Arc::new(ClusterBuild { id, data, imports: imports.lookup() });
+                    let cache_group = request.cache_group.clone();
+                    let build = Arc::new(ClusterBuild { id, data, imports: imports.lookup(), cache_group });
                     let handle = solver.submit(graph, options, Arc::clone(&build));
                     let followed = follow(handle, &progress).await;
                     // Its recipes outlive it; its secrets do not.

@@ -7,6 +7,43 @@ use kiln_types::Digest;
 
 use crate::{CacheCompression, ContextManifest, JobId, Layers, TierBlob};
 
+/// The identity of a job's work: what it computes ([`work_of`]), the same on every
+/// coordinator and worker. A worker that lost its coordinator keeps running its jobs and
+/// reports them by work at its next registration; whichever coordinator then needs the
+/// same work adopts the running job (or takes the finished result) instead of running it
+/// again.
+pub type Work = Digest;
+
+/// A job a worker kept across a lost session, as its registration reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldWork {
+    /// What it computes.
+    pub work: Work,
+    /// `true`: it finished and its result waits to be asked for; `false`: still running.
+    pub finished: bool,
+}
+
+/// What a job computes: its vertex (which names the op and its inputs' vertices), the
+/// layers of its inputs, and the cache group whose cache mounts it sees. `None` for a
+/// context source, whose files come from its build rather than from the vertex: two builds'
+/// context sources may share a vertex and differ in content, so they are never adopted.
+pub fn work_of(vertex: &Vertex, inputs: &[Layers], cache_group: Option<&str>) -> Option<Work> {
+    if matches!(vertex.op, kiln_graph::Op::Source(kiln_graph::SourceOp::Local { .. })) {
+        return None;
+    }
+    let mut hash = kiln_types::Sha256Writer::new();
+    hash.field(b"kiln-work-v1");
+    hash.field(vertex.digest.as_bytes());
+    hash.field(cache_group.unwrap_or("").as_bytes());
+    for input in inputs {
+        hash.field(&(input.layers.len() as u64).to_le_bytes());
+        for layer in &input.layers {
+            hash.field(layer.diff_id.as_bytes());
+        }
+    }
+    Some(hash.finish())
+}
+
 /// A job as the worker receives it.
 #[derive(Debug)]
 pub struct Assignment {
@@ -32,6 +69,13 @@ pub struct Assignment {
     /// The cache group of the job's build (`None`: the default group): its cache mounts are
     /// that group's.
     pub cache_group: Option<String>,
+}
+
+impl Assignment {
+    /// What the job computes ([`work_of`]).
+    pub fn work(&self) -> Option<Work> {
+        work_of(&self.vertex, &self.inputs, self.cache_group.as_deref())
+    }
 }
 
 /// What the coordinator sends.

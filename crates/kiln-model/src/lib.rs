@@ -22,7 +22,7 @@ mod request;
 mod spec;
 mod worker;
 
-pub use assignment::{Assignment, FromCoordinator, PushRequest, PushTarget, PushedLayer};
+pub use assignment::{Assignment, FromCoordinator, HeldWork, PushRequest, PushTarget, PushedLayer, Work, work_of};
 pub use auth::{Caller, ClientToken, DEFAULT_TENANT, Role, TenantPolicy};
 pub use cache::{
     CacheCompression, CacheDirection, CacheLocation, CacheMode, CacheSpec, CacheSpecError, DEFAULT_CACHE_NAME,

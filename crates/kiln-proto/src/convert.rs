@@ -8,9 +8,9 @@ use std::path::PathBuf;
 
 use kiln_model::{
     BuildEvent, BuildRequest, CacheCompression, CacheDirection, CacheSpec, CacheSpecError, ContextManifest,
-    Entitlement, Executed, Failed, LayerDesc, Layers, LogLine, LogStream, ManifestEntry, ManifestError, ManifestKind,
-    OutputSpec, OutputSpecError, PruneOptions, PushRequest, PushTarget, PushedLayer, Status, TierBlob, UnknownStatus,
-    UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
+    Entitlement, Executed, Failed, HeldWork, LayerDesc, Layers, LogLine, LogStream, ManifestEntry, ManifestError,
+    ManifestKind, OutputSpec, OutputSpecError, PruneOptions, PushRequest, PushTarget, PushedLayer, Status, TierBlob,
+    UnknownStatus, UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, DigestError, PlatformError};
 
@@ -403,7 +403,7 @@ pub fn layers_from_proto(chain: v1::LayerChain) -> Result<Layers, WireError> {
 }
 
 /// A worker's registration as sent: what it is and the layers it already holds.
-pub fn register_to_proto(info: &WorkerInfo, layers: &[Digest]) -> v1::Register {
+pub fn register_to_proto(info: &WorkerInfo, layers: &[Digest], held: &[HeldWork]) -> v1::Register {
     v1::Register {
         name: info.name.clone(),
         platforms: info.platforms.iter().map(|p| p.to_string()).collect(),
@@ -413,11 +413,12 @@ pub fn register_to_proto(info: &WorkerInfo, layers: &[Digest]) -> v1::Register {
         address: info.address.clone(),
         layers: layers.iter().map(|d| d.to_string()).collect(),
         entitlements: info.entitlements.iter().map(|e| e.to_string()).collect(),
+        held: held.iter().map(|h| v1::HeldJob { work: h.work.to_string(), finished: h.finished }).collect(),
     }
 }
 
-/// A worker's registration as received.
-pub fn register_from_proto(register: v1::Register) -> Result<(WorkerInfo, Vec<Digest>), WireError> {
+/// A worker's registration as received: what it is, the layers it holds, the jobs it kept.
+pub fn register_from_proto(register: v1::Register) -> Result<(WorkerInfo, Vec<Digest>, Vec<HeldWork>), WireError> {
     if register.name.is_empty() {
         return Err(WireError::Missing("a worker needs a name"));
     }
@@ -427,6 +428,14 @@ pub fn register_from_proto(register: v1::Register) -> Result<(WorkerInfo, Vec<Di
         .iter()
         .map(|d| parse_digest(d, &format!("{what}: a registered layer")))
         .collect::<Result<_, _>>()?;
+    let held = register
+        .held
+        .iter()
+        .map(|h| {
+            let work = parse_digest(&h.work, &format!("{what}: a held job"))?;
+            Ok(HeldWork { work, finished: h.finished })
+        })
+        .collect::<Result<_, WireError>>()?;
     let info = WorkerInfo {
         platforms: platforms_from_proto(&register.platforms, &format!("{what}: platform"))?,
         name: register.name,
@@ -438,7 +447,7 @@ pub fn register_from_proto(register: v1::Register) -> Result<(WorkerInfo, Vec<Di
             .into_iter()
             .collect(),
     };
-    Ok((info, layers))
+    Ok((info, layers, held))
 }
 
 fn entitlements_from_proto(names: &[String], what: &str) -> Result<BTreeSet<Entitlement>, WireError> {
@@ -715,8 +724,12 @@ mod tests {
             entitlements: vec![Entitlement::SecurityInsecure],
         };
         let layers = vec![Digest::of(b"l")];
-        let sent = register_to_proto(&info, &layers);
-        assert_eq!(register_from_proto(sent.clone()).unwrap(), (info, layers));
+        let held = vec![HeldWork { work: Digest::of(b"w"), finished: true }];
+        let sent = register_to_proto(&info, &layers, &held);
+        assert_eq!(register_from_proto(sent.clone()).unwrap(), (info, layers, held));
+        let bad = v1::Register { held: vec![v1::HeldJob { work: "nope".into(), finished: false }], ..sent.clone() };
+        let error = register_from_proto(bad).unwrap_err().to_string();
+        assert!(error.contains("worker w1: a held job"), "{error}");
         let bad = v1::Register { platforms: vec!["plan9".into()], ..sent.clone() };
         let error = register_from_proto(bad).unwrap_err().to_string();
         assert!(error.contains("worker w1") && error.contains("plan9"), "{error}");

@@ -3,18 +3,26 @@
 //! coordinator, then [`Worker::execute`]), heartbeats within the lease, and drain on stop:
 //! running jobs finish, nothing new is taken.
 //!
+//! A lost session does not stop its jobs. They run on as orphans, and a result that comes
+//! while no session is open is kept. The next registration reports them by what they compute
+//! ([`kiln_model::work_of`]); an assignment of the same work, under whatever job id and epoch
+//! the (possibly new) coordinator gives it, attaches to the orphan or takes its kept result
+//! instead of running the step again. What nobody adopts within [`ADOPTION_GRACE`] of the
+//! registration is stopped and dropped.
+//!
 //! The control plane is a trait ([`ControlPlane`], [`SessionLink`]): the daemon plugs in the
 //! gRPC session with a coordinator, tests an in-process one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kiln_context::{BuildContext, StoredContext};
 use kiln_graph::{Op, SourceOp};
 use kiln_model::{
-    Assignment, BoxFuture, Executed, Failed, FromCoordinator, JobId, Layers, LogLine, LogSink, PushedLayer, WorkerInfo,
+    Assignment, BoxFuture, Executed, Failed, FromCoordinator, HeldWork, JobId, Layers, LogLine, LogSink, PushedLayer,
+    Work, WorkerInfo,
 };
 use kiln_types::Digest;
 use tokio::sync::mpsc;
@@ -30,6 +38,12 @@ const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(200);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 /// How long a drained worker waits for the control plane to close its side.
 const DRAIN_CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long after registering again the jobs of a lost session wait to be adopted: longer
+/// than a new leader takes to recover (it waits up to a lease for its workers) plus a
+/// client's resubmission. Then running ones are stopped and kept results dropped.
+pub const ADOPTION_GRACE: Duration = Duration::from_secs(30);
+/// Results of orphaned jobs kept at most (the oldest are dropped first).
+const MAX_KEPT_RESULTS: usize = 256;
 
 /// What a worker sends on a session (cheap to clone; one clone per running job).
 pub trait SessionLink: Clone + Send + Sync + 'static {
@@ -67,8 +81,14 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// Why a registration failed (logged before the next attempt).
     type Error: std::fmt::Display + Send;
 
-    /// Registers `info` with the layers this worker already holds and opens a session.
-    fn connect(&self, info: WorkerInfo, layers: Vec<Digest>) -> BoxFuture<Result<Session<Self::Link>, Self::Error>>;
+    /// Registers `info` with the layers this worker already holds and the jobs it kept from a
+    /// lost session, and opens a session.
+    fn connect(
+        &self,
+        info: WorkerInfo,
+        layers: Vec<Digest>,
+        held: Vec<HeldWork>,
+    ) -> BoxFuture<Result<Session<Self::Link>, Self::Error>>;
 
     /// Where the control plane is, for logs (`http://HOST:PORT`).
     fn address(&self) -> String;
@@ -87,6 +107,7 @@ pub async fn run<C: ControlPlane>(
 ) {
     let address = control.address();
     let mut delay = FIRST_RECONNECT_DELAY;
+    let mut jobs = Jobs::default();
     loop {
         if stop.is_cancelled() {
             return;
@@ -96,12 +117,14 @@ pub async fn run<C: ControlPlane>(
         let listed = tokio::task::spawn_blocking(move || cas.list().unwrap_or_default()).await;
         let layers: Vec<Digest> = listed.unwrap_or_default().into_iter().map(|b| b.digest).collect();
         let current = WorkerInfo { free_disk: free_space(&disk), ..info.clone() };
-        match control.connect(current, layers).await {
+        jobs.collect();
+        let held = jobs.held();
+        match control.connect(current, layers, held.clone()).await {
             Ok(session) => {
-                tracing::info!(worker = %info.name, "registered with {address}");
+                tracing::info!(worker = %info.name, "registered with {address}, holding {} jobs of its lost session", held.len());
                 delay = FIRST_RECONNECT_DELAY;
                 let served = Served { worker: Arc::clone(&worker), fetcher: Arc::clone(&fetcher), address: &address };
-                match served.serve(session, &disk, &stop).await {
+                match served.serve(session, &mut jobs, &disk, &stop).await {
                     None => return,
                     Some(why) => tracing::warn!("lost the session with {address}: {why}; reconnecting"),
                 }
@@ -113,6 +136,156 @@ pub async fn run<C: ControlPlane>(
             () = stop.cancelled() => {}
         }
         delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+    }
+}
+
+/// Where a job's logs and result go: a session's link and the job as that session knows it
+/// (id, epoch); `None` while the job is an orphan of a lost session.
+type Binding<L> = Arc<Mutex<Option<(L, JobId, u32)>>>;
+
+fn bound<L>(binding: &Binding<L>) -> MutexGuard<'_, Option<(L, JobId, u32)>> {
+    binding.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running job.
+struct Task<L> {
+    /// What it computes (`None`: it cannot be adopted).
+    work: Option<Work>,
+    binding: Binding<L>,
+    abort: AbortHandle,
+}
+
+/// The result of a job that finished as an orphan, waiting for a coordinator to ask for its
+/// work; its layers stay held from garbage collection meanwhile.
+struct Kept {
+    result: Result<Executed<Layers>, Failed>,
+    _hold: Arc<kiln_layer::Hold>,
+}
+
+/// The jobs a worker runs, across its sessions.
+struct Jobs<L> {
+    set: JoinSet<(u64, Option<Kept>)>,
+    tasks: HashMap<u64, Task<L>>,
+    kept: HashMap<Work, Kept>,
+    /// Kept results, oldest first.
+    kept_order: VecDeque<Work>,
+    next: u64,
+}
+
+impl<L> Default for Jobs<L> {
+    fn default() -> Self {
+        Jobs { set: JoinSet::new(), tasks: HashMap::new(), kept: HashMap::new(), kept_order: VecDeque::new(), next: 0 }
+    }
+}
+
+impl<L: SessionLink> Jobs<L> {
+    /// Runs a job bound to a session.
+    fn spawn(
+        &mut self,
+        work: Option<Work>,
+        binding: Binding<L>,
+        job: impl Future<Output = Option<Kept>> + Send + 'static,
+    ) {
+        let id = self.next;
+        self.next += 1;
+        let abort = self.set.spawn(async move { (id, job.await) });
+        self.tasks.insert(id, Task { work, binding, abort });
+    }
+
+    /// A job is done: an orphan's result is kept for whoever adopts its work.
+    fn finished(&mut self, id: u64, kept: Option<Kept>) {
+        let Some(task) = self.tasks.remove(&id) else { return };
+        if let (Some(work), Some(kept)) = (task.work, kept) {
+            if self.kept.insert(work, kept).is_none() {
+                self.kept_order.push_back(work);
+            }
+            while self.kept_order.len() > MAX_KEPT_RESULTS {
+                if let Some(old) = self.kept_order.pop_front() {
+                    self.kept.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Takes in the jobs that ended since the last look (between sessions nobody waits for
+    /// them).
+    fn collect(&mut self) {
+        while let Some(done) = self.set.try_join_next() {
+            if let Ok((id, kept)) = done {
+                self.finished(id, kept);
+            }
+        }
+    }
+
+    /// The orphans, as a registration reports them.
+    fn held(&self) -> Vec<HeldWork> {
+        let running = self
+            .tasks
+            .values()
+            .filter(|t| bound(&t.binding).is_none())
+            .filter_map(|t| t.work.map(|work| HeldWork { work, finished: false }));
+        let finished = self.kept_order.iter().map(|work| HeldWork { work: *work, finished: true });
+        running.chain(finished).collect()
+    }
+
+    fn has_orphans(&self) -> bool {
+        !self.kept.is_empty() || self.tasks.values().any(|t| bound(&t.binding).is_none())
+    }
+
+    /// The session is lost: its jobs run on as orphans, except those nobody could adopt.
+    fn orphan_all(&mut self) {
+        self.tasks.retain(|_, task| {
+            *bound(&task.binding) = None;
+            if task.work.is_none() {
+                task.abort.abort();
+            }
+            task.work.is_some()
+        });
+    }
+
+    /// Stops the orphans and drops kept results: returns how many there were.
+    fn drop_orphans(&mut self) -> usize {
+        let before = self.tasks.len() + self.kept.len();
+        self.tasks.retain(|_, task| {
+            let orphan = bound(&task.binding).is_none();
+            if orphan {
+                task.abort.abort();
+            }
+            !orphan
+        });
+        self.kept.clear();
+        self.kept_order.clear();
+        before - self.tasks.len()
+    }
+
+    /// Stops the job the session knows as `job`.
+    fn cancel(&mut self, job: JobId) {
+        self.tasks.retain(|_, task| {
+            let cancelled = bound(&task.binding).as_ref().is_some_and(|(_, j, _)| *j == job);
+            if cancelled {
+                task.abort.abort();
+            }
+            !cancelled
+        });
+    }
+
+    /// Attaches an assignment to the orphan computing the same work, or answers it with the
+    /// result kept for that work: `false` when this worker holds no such work.
+    fn adopt(&mut self, assignment: &Assignment, link: &L) -> bool {
+        let Some(work) = assignment.work() else { return false };
+        let (job, epoch) = (assignment.job, assignment.epoch);
+        let name = &assignment.vertex.meta.name;
+        if let Some(kept) = self.kept.remove(&work) {
+            self.kept_order.retain(|w| *w != work);
+            tracing::info!(job, epoch, vertex = %name, "adopted: it finished while no coordinator was connected");
+            link.result(job, epoch, kept.result);
+            return true;
+        }
+        let orphan = self.tasks.values().find(|t| t.work == Some(work) && bound(&t.binding).is_none());
+        let Some(orphan) = orphan else { return false };
+        *bound(&orphan.binding) = Some((link.clone(), job, epoch));
+        tracing::info!(job, epoch, vertex = %name, "adopted: it ran on across the lost session");
+        true
     }
 }
 
@@ -129,20 +302,22 @@ impl Served<'_> {
     async fn serve<L: SessionLink>(
         &self,
         session: Session<L>,
+        jobs: &mut Jobs<L>,
         disk: &Path,
         stop: &CancellationToken,
     ) -> Option<String> {
         let Session { link, lease_ms, mut incoming } = session;
         let mut heartbeat = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(100)));
         let mut collect = tokio::time::interval(crate::GC_INTERVAL);
-        let mut jobs: JoinSet<JobId> = JoinSet::new();
-        let mut running: HashMap<JobId, AbortHandle> = HashMap::new();
+        // The orphans of the lost session wait this long to be adopted.
+        let mut adoption = jobs.has_orphans().then(|| tokio::time::Instant::now() + ADOPTION_GRACE);
         let mut draining = stop.is_cancelled();
         if draining {
+            jobs.drop_orphans();
             link.drain();
         }
         loop {
-            if draining && running.is_empty() {
+            if draining && jobs.tasks.is_empty() {
                 // Close our side and wait for the control plane to close its own: it has then
                 // seen every result sent.
                 drop(link);
@@ -156,27 +331,38 @@ impl Served<'_> {
                     let (gc, link) = (Arc::clone(self.worker.gc()), link.clone());
                     tokio::spawn(async move { collected(gc.collect().await, &link) });
                 }
+                () = sleep_until(adoption), if adoption.is_some() => {
+                    adoption = None;
+                    let dropped = jobs.drop_orphans();
+                    if dropped > 0 {
+                        tracing::info!("stopped or dropped {dropped} jobs of the lost session: no coordinator adopted them");
+                    }
+                }
                 () = stop.cancelled(), if !draining => {
                     draining = true;
+                    jobs.drop_orphans();
                     link.drain();
-                    tracing::info!("draining: finishing {} running jobs", running.len());
+                    tracing::info!("draining: finishing {} running jobs", jobs.tasks.len());
                 }
-                Some(done) = jobs.join_next(), if !running.is_empty() => {
-                    if let Ok(job) = done {
-                        running.remove(&job);
+                Some(done) = jobs.set.join_next(), if !jobs.set.is_empty() => {
+                    if let Ok((id, kept)) = done {
+                        jobs.finished(id, kept);
                     }
                 }
                 message = incoming.recv() => match message {
                     Some(Ok(FromCoordinator::Assign(assignment))) => {
-                        let job = assignment.job;
-                        let task = run_job(
-                            Arc::clone(&self.worker),
-                            Arc::clone(&self.fetcher),
-                            *assignment,
-                            link.clone(),
-                            self.address.to_string(),
-                        );
-                        running.insert(job, jobs.spawn(async move { task.await; job }));
+                        if !jobs.adopt(&assignment, &link) {
+                            let work = assignment.work();
+                            let binding = Arc::new(Mutex::new(Some((link.clone(), assignment.job, assignment.epoch))));
+                            let task = run_job(
+                                Arc::clone(&self.worker),
+                                Arc::clone(&self.fetcher),
+                                *assignment,
+                                Arc::clone(&binding),
+                                self.address.to_string(),
+                            );
+                            jobs.spawn(work, binding, task);
+                        }
                     }
                     Some(Ok(FromCoordinator::Unreadable { job, epoch, error })) => {
                         tracing::warn!(job, "unreadable assignment: {error}");
@@ -196,18 +382,15 @@ impl Served<'_> {
                         tracing::warn!(request, "unreadable push: {error}");
                         link.pushed(request, Err(error));
                     }
-                    Some(Ok(FromCoordinator::Cancel(job))) => {
-                        if let Some(task) = running.remove(&job) {
-                            task.abort();
-                        }
-                    }
+                    Some(Ok(FromCoordinator::Cancel(job))) => jobs.cancel(job),
                     Some(Err(why)) => {
-                        // The control plane ended the session: it requeues these jobs elsewhere.
-                        jobs.abort_all();
+                        // The control plane ended the session; the jobs run on for whichever
+                        // coordinator adopts them.
+                        jobs.orphan_all();
                         return Some(why);
                     }
                     None => {
-                        jobs.abort_all();
+                        jobs.orphan_all();
                         return Some("the connection closed".into());
                     }
                 }
@@ -216,19 +399,40 @@ impl Served<'_> {
     }
 }
 
+/// Waits until `deadline` (forever when there is none).
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a job and reports its result where its binding points then; an orphan's result
+/// (no session bound) is returned to be kept.
 async fn run_job<L: SessionLink>(
     worker: Arc<Worker>,
     fetcher: Arc<dyn BlobFetcher>,
     assignment: Assignment,
-    link: L,
+    binding: Binding<L>,
     coordinator: String,
-) {
+) -> Option<Kept> {
     let (job, epoch) = (assignment.job, assignment.epoch);
     let span = tracing::info_span!("job", job, epoch, vertex = %assignment.vertex.meta.name);
-    let result = execute(&worker, fetcher.as_ref(), assignment, &link, &coordinator).instrument(span.clone()).await;
+    span.in_scope(|| tracing::info!("started"));
+    // The job's layers stay until it is done (garbage collection leaves them), and after it
+    // for as long as its result is kept.
+    let hold = Arc::new(worker.snapshots().hold());
+    let result =
+        execute(&worker, fetcher.as_ref(), assignment, &binding, &hold, &coordinator).instrument(span.clone()).await;
     if let Err(error) = &result {
         span.in_scope(|| tracing::info!("failed: {error}"));
     }
+    let current = bound(&binding).clone();
+    let Some((link, job, epoch)) = current else {
+        span.in_scope(|| tracing::info!("finished as an orphan: its result is kept"));
+        return Some(Kept { result, _hold: hold });
+    };
+    drop(hold);
     // The job's layers are released: collect if the store may be over its limits, started
     // before the result goes out (so a `du` that follows the build sees it done).
     let collecting = worker.gc().collect_soon().await;
@@ -237,6 +441,7 @@ async fn run_job<L: SessionLink>(
         Ok(result) => collected(result, &link),
         Err(error) => tracing::warn!("garbage collection: {error}"),
     }
+    None
 }
 
 /// Tells the coordinator which layers a collection removed.
@@ -252,12 +457,10 @@ async fn execute<L: SessionLink>(
     worker: &Worker,
     fetcher: &dyn BlobFetcher,
     assignment: Assignment,
-    link: &L,
+    binding: &Binding<L>,
+    hold: &Arc<kiln_layer::Hold>,
     coordinator: &str,
 ) -> Result<Executed<Layers>, Failed> {
-    let (job, epoch) = (assignment.job, assignment.epoch);
-    // The job's layers stay until it is done (garbage collection leaves them).
-    let hold = Arc::new(worker.snapshots().hold());
     let mut inputs = Vec::with_capacity(assignment.inputs.len());
     for layers in &assignment.inputs {
         // The control plane recomputes an input that vanished with its worker, then retries.
@@ -289,14 +492,18 @@ async fn execute<L: SessionLink>(
     let build = BuildInputs {
         contexts,
         secrets: assignment.secrets,
-        hold: Some(Arc::clone(&hold)),
+        hold: Some(Arc::clone(hold)),
         cache_group: assignment.cache_group,
         ..BuildInputs::default()
     };
-    let log_link = link.clone();
-    let logs = LogSink::new(move |line| {
-        log_link.log(job, epoch, line);
-        log_link.is_open()
+    // Lines go to the job's session; an orphan's are dropped.
+    let binding = Arc::clone(binding);
+    let logs = LogSink::new(move |line| match &*bound(&binding) {
+        Some((link, job, epoch)) => {
+            link.log(*job, *epoch, line);
+            link.is_open()
+        }
+        None => true,
     });
     let output = worker.execute(&assignment.vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
     build.hold(&output.snapshot.layers)?;

@@ -13,8 +13,8 @@ use kiln_dockerfile::{ConvertOptions, convert};
 use kiln_graph::{Op, SourceOp, Vertex};
 use kiln_kv::MemoryKv;
 use kiln_model::{
-    Assignment, BoxFuture, ContextManifest, Executed, Failed, FromCoordinator, JobId, LayerDesc, Layers, LogLine,
-    WorkerInfo,
+    Assignment, BoxFuture, ContextManifest, Executed, Failed, FromCoordinator, HeldWork, JobId, LayerDesc, Layers,
+    LogLine, WorkerInfo,
 };
 use kiln_types::{Digest, Platform};
 use kiln_worker::agent::{self, ControlPlane, Session, SessionLink};
@@ -36,6 +36,7 @@ enum Sent {
 /// One registration as the control plane saw it.
 struct Registered {
     info: WorkerInfo,
+    held: Vec<HeldWork>,
     to_worker: mpsc::Sender<Result<FromCoordinator, String>>,
     sent: mpsc::UnboundedReceiver<Sent>,
 }
@@ -92,10 +93,15 @@ impl ControlPlane for Plane {
     type Link = Link;
     type Error = std::convert::Infallible;
 
-    fn connect(&self, info: WorkerInfo, _: Vec<Digest>) -> BoxFuture<Result<Session<Link>, Self::Error>> {
+    fn connect(
+        &self,
+        info: WorkerInfo,
+        _: Vec<Digest>,
+        held: Vec<HeldWork>,
+    ) -> BoxFuture<Result<Session<Link>, Self::Error>> {
         let (to_worker, incoming) = mpsc::channel(16);
         let (link, sent) = mpsc::unbounded_channel();
-        let _ = self.0.send(Registered { info, to_worker, sent });
+        let _ = self.0.send(Registered { info, held, to_worker, sent });
         Box::pin(async move { Ok(Session { link: Link(link), lease_ms: 300, incoming }) })
     }
 
@@ -118,6 +124,30 @@ impl BlobFetcher for Blobs {
         Box::pin(async move {
             let bytes = bytes.ok_or_else(|| format!("{digest}: none of {peers:?} has it"))?;
             store.put(&bytes, Some(&digest)).map(|_| ()).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Holds every fetch until its digest is released, then fails it (nobody has the blob);
+/// tells of each fetch as it starts.
+struct Gated {
+    asked: mpsc::UnboundedSender<Digest>,
+    released: Mutex<HashMap<Digest, Arc<tokio::sync::Notify>>>,
+}
+
+impl Gated {
+    fn gate(&self, digest: Digest) -> Arc<tokio::sync::Notify> {
+        Arc::clone(self.released.lock().unwrap().entry(digest).or_default())
+    }
+}
+
+impl BlobFetcher for Gated {
+    fn fetch(&self, digest: Digest, _: Vec<String>, _: Arc<BlobStore>) -> BoxFuture<Result<(), String>> {
+        let _ = self.asked.send(digest);
+        let gate = self.gate(digest);
+        Box::pin(async move {
+            gate.notified().await;
+            Err(format!("{digest}: nobody has it"))
         })
     }
 }
@@ -263,6 +293,78 @@ async fn a_broken_session_is_registered_again() {
     first.to_worker.send(Err("worker w-test: the coordinator ended session 1".into())).await.unwrap();
     let mut second = tokio::time::timeout(EVENT, registrations.recv()).await.expect("registers again").unwrap();
     second.heartbeat().await;
+    stop.cancel();
+    assert!(matches!(second.next().await, Sent::Drain));
+    drop(second.to_worker);
+    tokio::time::timeout(EVENT, agent).await.expect("the agent returns after draining").unwrap();
+}
+
+#[tokio::test]
+async fn jobs_of_a_lost_session_run_on_and_are_adopted_under_the_next_sessions_job_ids() {
+    let fixture = Fixture::new();
+    let (source, ..) = fixture.context_source(&[("a.txt", "alpha\n")]);
+    // A step that is not a context source (those are never adopted): its input fetch is where
+    // the job waits, as long as the test wants.
+    let step = Vertex { op: Op::Merge(Default::default()), ..source };
+    let input = |name: &str| Layers { layers: vec![LayerDesc { diff_id: Digest::of(name.as_bytes()), size: 1 }] };
+    // Job `job` of `step` over the input named `name`, which a peer is said to hold.
+    let job = |job: JobId, epoch: u32, name: &str| {
+        let sources = HashMap::from([(Digest::of(name.as_bytes()), vec!["http://peer.test".to_string()])]);
+        Assignment { epoch, inputs: vec![input(name)], sources, ..assignment(job, step.clone()) }
+    };
+    let (asked, mut fetches) = mpsc::unbounded_channel();
+    let gated = Arc::new(Gated { asked, released: Mutex::new(HashMap::new()) });
+    let (plane, mut registrations) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let agent = tokio::spawn(agent::run(
+        Arc::clone(&fixture.worker),
+        Arc::new(Plane(plane)),
+        gated.clone(),
+        info(),
+        fixture.dir.path().to_path_buf(),
+        stop.clone(),
+    ));
+    let first = tokio::time::timeout(EVENT, registrations.recv()).await.unwrap().unwrap();
+    assert!(first.held.is_empty());
+    for (id, name) in [(1, "a"), (2, "b")] {
+        first.assign(job(id, 1, name)).await;
+        let digest = tokio::time::timeout(EVENT, fetches.recv()).await.unwrap().unwrap();
+        assert_eq!(digest, Digest::of(name.as_bytes()));
+    }
+    // The session breaks while both wait on their inputs: they run on, and the next
+    // registration reports them by what they compute.
+    first.to_worker.send(Err("the coordinator died".into())).await.unwrap();
+    let mut second = tokio::time::timeout(EVENT, registrations.recv()).await.unwrap().unwrap();
+    let work = |name: &str| job(0, 0, name).work().expect("a step's work");
+    let mut held = second.held.clone();
+    held.sort_by_key(|h| h.work);
+    let mut expected =
+        vec![HeldWork { work: work("a"), finished: false }, HeldWork { work: work("b"), finished: false }];
+    expected.sort_by_key(|h| h.work);
+    assert_eq!(held, expected);
+
+    // The new coordinator assigns the same work under its own job ids: the orphans answer.
+    second.assign(job(11, 3, "a")).await;
+    gated.gate(Digest::of(b"a")).notify_one();
+    match second.next().await {
+        Sent::Result(11, Err(failed)) => assert!(failed.lost_input, "{failed}"),
+        other => panic!("{other:?}"),
+    }
+    // Released before or after its adoption, the other one answers too.
+    gated.gate(Digest::of(b"b")).notify_one();
+    second.assign(job(12, 3, "b")).await;
+    match second.next().await {
+        Sent::Result(12, Err(failed)) => assert!(failed.lost_input, "{failed}"),
+        other => panic!("{other:?}"),
+    }
+    // Neither ran again: each input was fetched once.
+    assert!(fetches.try_recv().is_err(), "a step ran twice");
+
+    // Work it no longer holds runs as any job does.
+    second.assign(job(13, 3, "a")).await;
+    assert_eq!(tokio::time::timeout(EVENT, fetches.recv()).await.unwrap().unwrap(), Digest::of(b"a"));
+    gated.gate(Digest::of(b"a")).notify_one();
+    assert!(matches!(second.next().await, Sent::Result(13, Err(_))));
     stop.cancel();
     assert!(matches!(second.next().await, Sent::Drain));
     drop(second.to_worker);

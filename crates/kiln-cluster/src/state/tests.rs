@@ -53,6 +53,7 @@ fn submit(
     state.apply(ClusterCommand::Submit {
         job,
         spec: JobSpec { build, platform, inputs, entitlements: Vec::new() },
+        held_by: None,
         at: 0,
     })
 }
@@ -61,7 +62,7 @@ fn assigned(effects: &[ClusterEffect]) -> Vec<(JobId, u32, String)> {
     effects
         .iter()
         .filter_map(|e| match e {
-            ClusterEffect::Assign { job, epoch, worker } => Some((*job, *epoch, worker.clone())),
+            ClusterEffect::Assign { job, epoch, worker, .. } => Some((*job, *epoch, worker.clone())),
             _ => None,
         })
         .collect()
@@ -216,4 +217,29 @@ fn a_stale_session_cannot_heartbeat_or_disconnect_the_new_one() {
     assert_ne!(old, new);
     assert!(state.apply(ClusterCommand::Disconnect { worker: "a".into(), session: old, at: 1 }).is_empty());
     assert_eq!(state.workers().len(), 1);
+}
+
+#[test]
+fn a_job_whose_work_a_worker_holds_is_adopted_there_past_its_slots_and_only_there() {
+    let mut state = ClusterState::new(settings());
+    register(&mut state, info("a", amd64(), 1), vec![]);
+    register(&mut state, info("b", amd64(), 1), vec![]);
+    assert_eq!(assigned(&submit(&mut state, 1, 1, Some(amd64()), vec![])), vec![(1, 0, "a".into())]);
+    // a's only slot is taken, yet the work it holds goes to it, marked adopted.
+    let spec = JobSpec { build: 1, platform: Some(amd64()), inputs: vec![], entitlements: vec![] };
+    let effects = state.apply(ClusterCommand::Submit { job: 2, spec: spec.clone(), held_by: Some("a".into()), at: 0 });
+    assert_eq!(effects, vec![ClusterEffect::Assign { job: 2, epoch: 0, worker: "a".into(), adopted: true }]);
+    // A holder that cannot run the job (another platform) or is gone: the job is placed as usual.
+    register(&mut state, info("c", arm64(), 1), vec![]);
+    let effects = state.apply(ClusterCommand::Submit { job: 3, spec: spec.clone(), held_by: Some("c".into()), at: 0 });
+    assert_eq!(assigned(&effects), vec![(3, 0, "b".into())]);
+    let effects = state.apply(ClusterCommand::Submit { job: 4, spec, held_by: Some("gone".into()), at: 0 });
+    assert!(assigned(&effects).is_empty());
+    assert_eq!(state.queued(), 1);
+    // A queued job is adopted by a worker that turns out to hold its work (it registered with
+    // it), full or not; an assigned one is left alone.
+    let effects = state.apply(ClusterCommand::Adopt { job: 4, worker: "b".into() });
+    assert_eq!(effects, vec![ClusterEffect::Assign { job: 4, epoch: 0, worker: "b".into(), adopted: true }]);
+    assert_eq!(state.queued(), 0);
+    assert!(state.apply(ClusterCommand::Adopt { job: 1, worker: "b".into() }).is_empty());
 }

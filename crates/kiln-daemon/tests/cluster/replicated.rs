@@ -366,6 +366,7 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
     assert!(finished.iter().any(|done| !done), "every build finished before the kill");
     let killed_at = Instant::now();
     cluster.kill(leader);
+    let mut adopted = 0;
     for (i, mut build) in builds.into_iter().enumerate() {
         let status = build.child.wait().unwrap();
         let progress = build.progress();
@@ -380,6 +381,21 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
         assert!(progress.contains("submitting it to the new leader"), "build {i}:\n{progress}");
         let metadata = read_json(&build.metadata);
         assert_eq!(record(&metadata, &format!("echo first-{i}"))["status"], "cached", "build {i}: {metadata:#}");
+        adopted += progress.matches("adopted: worker").count();
     }
     eprintln!("10 builds finished {} ms after the leader's SIGKILL", killed_at.elapsed().as_millis());
+    // The second steps running at the kill ran on and were adopted by the new leader: no step
+    // started twice on any worker.
+    let workers: String = ["w1", "w2"]
+        .iter()
+        .map(|w| std::fs::read_to_string(cluster.dir.path().join(format!("{w}.log"))).unwrap())
+        .collect();
+    for i in 0..10 {
+        for step in [format!("echo first-{i}"), format!("echo second-{i}")] {
+            let starts = workers.lines().filter(|l| l.contains(&step) && l.ends_with("started")).count();
+            assert_eq!(starts, 1, "{step} started {starts} times\n{workers}");
+        }
+    }
+    eprintln!("{adopted} running steps adopted by the new leader");
+    assert!(adopted > 0, "no running step was adopted\n{}", cluster.logs());
 }
