@@ -162,6 +162,12 @@ pub enum ApiError {
     /// The replicated log failed (stopped, or could not confirm a read).
     #[error("the replicated log: {0}")]
     Replication(String),
+    /// A new build under an id the history has already.
+    #[error("build {0}: a build with this id exists already (a client reattaching sends its attempt)")]
+    BuildExists(String),
+    /// The build history could not be read or written.
+    #[error("the build history: {0}")]
+    History(String),
     /// A raft message from a node whose certificate is not valid for the member it claims to be.
     #[error("raft member {member}: the sender's certificate is not valid for {host}")]
     NotThatMember {
@@ -184,7 +190,7 @@ impl ApiError {
         match self {
             ApiError::Malformed(_) | ApiError::NotRegistered | ApiError::UploadWithoutDigest => ErrorKind::BadRequest,
             ApiError::Upload { sender_at_fault: true, .. } => ErrorKind::BadRequest,
-            ApiError::RegistrationRefused(_) => ErrorKind::Conflict,
+            ApiError::RegistrationRefused(_) | ApiError::BuildExists(_) => ErrorKind::Conflict,
             ApiError::LocalContextOverTcp => ErrorKind::Refused,
             ApiError::UploadStalled { .. } => ErrorKind::TimedOut,
             ApiError::SessionEnded(_) | ApiError::NotLeader { .. } | ApiError::Replication(_) => ErrorKind::Unavailable,
@@ -193,6 +199,7 @@ impl ApiError {
             | ApiError::Store { .. }
             | ApiError::Read { .. }
             | ApiError::Task(_)
+            | ApiError::History(_)
             | ApiError::Storage(_) => ErrorKind::Internal,
             ApiError::NoStore
             | ApiError::NotAdmin { .. }

@@ -4,6 +4,7 @@
 
 mod auth;
 mod blobs;
+mod builds;
 mod error;
 mod exports;
 mod limits;
@@ -14,6 +15,7 @@ mod workers;
 
 pub use auth::Access;
 pub use blobs::BlobsService;
+pub use builds::{BUILDS_TREE, BuildBook};
 pub use error::{ApiError, ServeError};
 pub use exports::clear_spools;
 pub use limits::{CONNECTION_RATE, TOKEN_RATE};
@@ -29,7 +31,7 @@ use kiln_cas::{CasError, Unsynced};
 use kiln_engine::Engine;
 use kiln_model::BuildEvent as DomainEvent;
 use kiln_proto::MAX_MESSAGE;
-use kiln_proto::convert::{event_to_proto, parse_digest, request_from_proto, worker_to_proto};
+use kiln_proto::convert::{build_entry_to_proto, event_to_proto, parse_digest, request_from_proto, worker_to_proto};
 use kiln_proto::tls::NodeTls;
 use kiln_proto::v1::blobs_server::BlobsServer;
 use kiln_proto::v1::control_server::{Control, ControlServer};
@@ -38,8 +40,8 @@ use kiln_proto::v1::storage_server::StorageServer;
 use kiln_proto::v1::workers_server::WorkersServer;
 use kiln_proto::v1::{
     BlobChunkUpload, BuildEvent, BuildRequest, DiskUsageRequest, DiskUsageResponse, FindMissingRequest,
-    FindMissingResponse, InfoRequest, InfoResponse, ListWorkersRequest, ListWorkersResponse, PruneRequest,
-    PruneResponse, UploadResponse,
+    FindMissingResponse, InfoRequest, InfoResponse, ListBuildsRequest, ListBuildsResponse, ListWorkersRequest,
+    ListWorkersResponse, PruneRequest, PruneResponse, UploadResponse,
 };
 use kiln_types::Digest;
 use tokio::sync::mpsc;
@@ -68,6 +70,8 @@ pub struct ControlService {
     replication: Option<Arc<Replication>>,
     /// The tenants' cache groups and limits.
     tenants: Arc<Tenants>,
+    /// Where builds are recorded.
+    builds: BuildBook,
 }
 
 /// How long a context upload may send nothing before it is ended, unless configured.
@@ -77,6 +81,7 @@ impl ControlService {
     /// A service over `engine`, whose state lives in `root`.
     pub fn new(engine: Arc<Engine>, root: &Path) -> ControlService {
         let (tasks, abandoned) = (TaskTracker::new(), CancellationToken::new());
+        let builds = BuildBook::Local(Arc::clone(engine.store()));
         ControlService {
             engine,
             root: root.to_path_buf(),
@@ -86,12 +91,16 @@ impl ControlService {
             node_tls: None,
             replication: None,
             tenants: Arc::default(),
+            builds,
         }
     }
 
     /// A replicated coordinator: current reads wait for a read index, and `kiln info` shows
     /// the replica set. (Which requests a follower refuses is the listener's [`Access`].)
     pub fn replicated(mut self, replication: Option<Arc<Replication>>) -> ControlService {
+        if let Some(store) = replication.as_ref().and_then(|r| r.build_store()) {
+            self.builds = BuildBook::Replicated(Arc::clone(store));
+        }
         self.replication = replication;
         self
     }
@@ -141,21 +150,40 @@ impl Control for ControlService {
         let mut admission = self.tenants.admit(&caller.tenant)?;
         request.cache_group = self.tenants.cache_group(&caller.tenant);
         let spool = exports::new_spool(&self.root);
-        let build_id = spool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let span = tracing::info_span!("build", id = %build_id, file = %request.file_name, tenant = %caller.tenant);
-        span.in_scope(|| tracing::info!(over_tcp, "build started"));
+        let id = request.id.clone().unwrap_or_else(kiln_model::new_build_id);
+        let span = tracing::info_span!("build", %id, file = %request.file_name, tenant = %caller.tenant);
+        span.in_scope(|| tracing::info!(over_tcp, attempt = request.attempt, "build submitted"));
         let (events, stream) = mpsc::channel(256);
         let (engine, abandoned) = (Arc::clone(&self.engine), self.abandoned.clone());
-        let replication = self.replication.clone();
+        let (replication, book) = (self.replication.clone(), self.builds.clone());
         self.tasks.spawn(
             async move {
-                let (progress, mut progress_events) = mpsc::unbounded_channel();
-                let mut build = Box::pin(async {
+                // A new leader starts builds once it has taken over; the build is in the history
+                // (the replicated log) before it starts.
+                let begun = async {
                     if let Some(replication) = &replication {
                         replication.recovered().await;
                     }
-                    engine.build(request, Some(&spool), progress).await
-                });
+                    book.begin(&request, &caller.tenant, &id).await
+                };
+                let begun = tokio::select! {
+                    begun = begun => begun,
+                    refusal = deposed(replication.as_deref()) => Err(refusal),
+                    () = events.closed() => Err(ApiError::SessionEnded("the client left".into())),
+                };
+                let entry = match begun {
+                    Ok(entry) => entry,
+                    Err(refused) => {
+                        tracing::info!("build refused: {refused}");
+                        let _ = events.send(Err(refused.into())).await;
+                        exports::remove_spool(spool).await;
+                        return;
+                    }
+                };
+                let (progress, mut progress_events) = mpsc::unbounded_channel();
+                let mut build = Box::pin(engine.build(request, Some(&spool), progress));
+                // Why the build ended without a result, if it does.
+                let mut ending = Ending::Cancelled;
                 // Forward progress while the build runs. A client that left (its stream closed,
                 // even while nothing was to be sent) ends the build; so does a daemon that
                 // stops after its grace. Dropping the build future cancels this build's part
@@ -175,6 +203,7 @@ impl Control for ControlService {
                             // Another coordinator leads now: the client takes the build there.
                             tracing::info!("no longer the leader: build handed back to the client");
                             let _ = events.send(Err(refusal.into())).await;
+                            ending = Ending::HandedOver;
                             break None;
                         }
                         Some(event) = progress_events.recv() => {
@@ -183,6 +212,7 @@ impl Control for ControlService {
                                 && let Err(refused) = admission.plan(records.len())
                             {
                                 tracing::info!("build refused: {refused}");
+                                ending = Ending::Refused(refused.to_string());
                                 let _ = events.send(Err(refused.into())).await;
                                 break None;
                             }
@@ -196,6 +226,12 @@ impl Control for ControlService {
                 drop(build);
                 let Some(result) = result else {
                     exports::remove_spool(spool.clone()).await;
+                    match ending {
+                        // A build handed back to its client is the new leader's to record.
+                        Ending::HandedOver => {}
+                        Ending::Refused(error) => book.record_end(entry.ended("failed", Some(error), &[])).await,
+                        Ending::Cancelled => book.record_end(entry.ended("cancelled", None, &[])).await,
+                    }
                     return;
                 };
                 while let Ok(event) = progress_events.try_recv() {
@@ -216,12 +252,13 @@ impl Control for ControlService {
                     Ok(_) => tracing::info!("build succeeded"),
                     Err(failure) => tracing::info!("build failed: {}", failure.message),
                 }
-                let result = match result {
-                    Ok(summary) => DomainEvent::Result { error: None, image: summary.image, records: summary.records },
-                    Err(failure) => {
-                        DomainEvent::Result { error: Some(failure.message), image: None, records: failure.records }
-                    }
+                let (error, image, records) = match result {
+                    Ok(summary) => (None, summary.image, summary.records),
+                    Err(failure) => (Some(failure.message), None, failure.records),
                 };
+                let status = if error.is_none() { "succeeded" } else { "failed" };
+                let ended = entry.ended(status, error.clone(), &records);
+                let result = DomainEvent::Result { error, image, records };
                 if abandoned.is_cancelled() {
                     // A stopping daemon does not wait for a client that does not read.
                     let _ = events.try_send(Ok(event_to_proto(result)));
@@ -229,6 +266,7 @@ impl Control for ControlService {
                     let _ = events.send(Ok(event_to_proto(result))).await;
                 }
                 drop(admission);
+                book.record_end(ended).await;
             }
             .instrument(span),
         );
@@ -363,6 +401,18 @@ impl Control for ControlService {
         Ok(Response::new(ListWorkersResponse { workers }))
     }
 
+    async fn list_builds(&self, request: Request<ListBuildsRequest>) -> Result<Response<ListBuildsResponse>, Status> {
+        let caller = auth::caller_of(&request);
+        if let Some(replication) = &self.replication {
+            replication.read_barrier().await?;
+        }
+        let tenant = (caller.role != kiln_model::Role::Admin).then_some(caller.tenant);
+        let book = self.builds.clone();
+        let entries =
+            tokio::task::spawn_blocking(move || book.list(tenant.as_deref())).await.map_err(ApiError::from)??;
+        Ok(Response::new(ListBuildsResponse { builds: entries.iter().map(build_entry_to_proto).collect() }))
+    }
+
     async fn disk_usage(&self, request: Request<DiskUsageRequest>) -> Result<Response<DiskUsageResponse>, Status> {
         auth::admin(&auth::caller_of(&request), "listing disk usage")?;
         // A coordinator answers for its workers' stores, a standalone daemon for its own.
@@ -416,6 +466,16 @@ pub async fn serve_unix(
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .map_err(ServeError::from)
+}
+
+/// How a build ended without a result.
+enum Ending {
+    /// Its client left (or the daemon gave up on it).
+    Cancelled,
+    /// A limit refused it once its graph was known.
+    Refused(String),
+    /// This coordinator stopped leading: the client reattaches to the build on the new leader.
+    HandedOver,
 }
 
 /// Resolves, with the refusal to send, once a replicated coordinator's member stops leading;

@@ -24,12 +24,25 @@ pub struct Replication {
     /// The last term whose leader (this member) has taken over: builds start once it is the
     /// current term.
     recovered: tokio::sync::watch::Sender<u64>,
+    /// The store whose replicated trees hold the build history ([`crate::BUILDS_TREE`]).
+    store: Option<Arc<kiln_raft::ReplicatedKv>>,
 }
 
 impl Replication {
     /// `node` among `peers` (every member's URL by id).
     pub fn new(node: Arc<Node>, peers: BTreeMap<u64, String>) -> Replication {
-        Replication { node, peers, recovered: tokio::sync::watch::Sender::new(0) }
+        Replication { node, peers, recovered: tokio::sync::watch::Sender::new(0), store: None }
+    }
+
+    /// Records builds in `store`, whose replicated trees include [`crate::BUILDS_TREE`].
+    pub fn recording_builds_in(mut self, store: Arc<kiln_raft::ReplicatedKv>) -> Replication {
+        self.store = Some(store);
+        self
+    }
+
+    /// The store recording builds, if one was given.
+    pub fn build_store(&self) -> Option<&Arc<kiln_raft::ReplicatedKv>> {
+        self.store.as_ref()
     }
 
     /// Lets builds start in `term`, whose leader this member is, once it has taken over:

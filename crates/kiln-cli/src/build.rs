@@ -95,6 +95,9 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         cache_to: caches(&args.cache_to, CacheDirection::To)?,
         allow: args.allow.iter().copied().collect(),
         cache_group: None,
+        // Chosen here, so a client that loses its coordinator can reattach to the build.
+        id: Some(kiln_model::new_build_id()),
+        attempt: 0,
     };
     // Refused here, before the context is read or sent, as the daemon would refuse it.
     request.check_bounds()?;
@@ -130,7 +133,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
     let mut events = client.build(request.clone()).await.map_err(anyhow::Error::msg)?;
     let mut renderer = Renderer::new(args.progress);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let (mut resubmitted, mut exporting) = (0, false);
+    let mut exporting = false;
     // The metadata file is written however the build ends, a lost connection included.
     let (mut error, image, records) = loop {
         tokio::select! {
@@ -146,10 +149,12 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
                 Ok(Some(event)) => renderer.event(&event),
                 Ok(None) => break (Some("the daemon closed the build without a result".to_string()), None, Vec::new()),
                 // The replicated coordinator that led the build is gone (or leads no more):
-                // the build goes to the new leader, whose log has every step that finished.
-                Err(lost) if resubmitted < MAX_RESUBMISSIONS && !exporting && client.survives(&lost) => {
-                    resubmitted += 1;
-                    eprintln!("the coordinator running the build was lost ({lost}); submitting it to the new leader");
+                // the client reattaches to the build on the new leader, whose log has the
+                // build and every step that finished.
+                Err(lost) if request.attempt < MAX_REATTACHMENTS && !exporting && client.survives(&lost) => {
+                    request.attempt += 1;
+                    let id = request.id.as_deref().unwrap_or_default();
+                    eprintln!("the coordinator running the build was lost ({lost}); reattaching to build {id} on the new leader");
                     let resumed = async {
                         if let Some(walked) = &walked_context {
                             // The new leader may lack what only the old one received.
@@ -175,6 +180,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
     }
     if let Some(path) = &args.metadata_file {
         let metadata = serde_json::json!({
+            "build_id": request.id,
             "vertices": records_json(&records),
             "status": if error.is_none() { "succeeded" } else { "failed" },
             "error": error,
@@ -184,6 +190,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         std::fs::write(path, serde_json::to_vec_pretty(&metadata)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    eprintln!("build id: {}", request.id.as_deref().unwrap_or_default());
     match error {
         None => Ok(true),
         Some(error) => {
@@ -194,7 +201,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
 }
 
 /// How many times one build follows its replicated coordinator to a new leader.
-const MAX_RESUBMISSIONS: u32 = 3;
+const MAX_REATTACHMENTS: u32 = 3;
 
 /// `--output` specs with `dest=` made absolute (this client writes them, from the files the
 /// daemon streams back), plus the `-t`/`--push` shorthands.

@@ -6,6 +6,7 @@ mod cluster;
 mod disk;
 mod embedded;
 mod exports;
+mod history;
 mod input;
 mod plan;
 mod progress;
@@ -47,6 +48,8 @@ enum Command {
     Du(disk::DuArgs),
     /// Remove what no build uses from the worker stores, least recently used first.
     Prune(disk::PruneArgs),
+    /// The builds the daemon remembers.
+    History(history::HistoryArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Info(args) => run(Box::pin(cluster::info(args, address))),
         Command::Du(args) => run(Box::pin(disk::du(args, address))),
         Command::Prune(args) => run(Box::pin(disk::prune(args, address))),
+        Command::History(args) => run(Box::pin(history::run(args, address))),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

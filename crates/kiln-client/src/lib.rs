@@ -311,6 +311,13 @@ impl Client {
         response.workers.into_iter().map(|w| worker_from_proto(w).map_err(malformed)).collect()
     }
 
+    /// The build history, oldest first (the caller's tenant's builds; an admin's: everyone's).
+    pub async fn builds(&self) -> Result<Vec<kiln_model::BuildEntry>, ClientError> {
+        let response =
+            self.call("", |mut control| async move { control.list_builds(v1::ListBuildsRequest {}).await }).await?;
+        Ok(response.builds.into_iter().map(kiln_proto::convert::build_entry_from_proto).collect())
+    }
+
     /// What the daemon's worker store holds (a coordinator: every connected worker's), and
     /// the workers that did not answer, with why.
     pub async fn disk_usage(&self) -> Result<(Vec<UsageRecord>, Vec<String>), ClientError> {

@@ -1,7 +1,7 @@
 //! A replicated coordinator's member (`[coordinator] node-id` and `peers`): the raft node on
 //! the coordinator's store, its links to the other members (raft messages as bytes inside
-//! Kiln's gRPC, mutual TLS), the replicated state it keeps (the cache index), and what a
-//! change of leader does here.
+//! Kiln's gRPC, mutual TLS), the replicated state it keeps (the cache index, the worker
+//! registry, the build history), and what a change of leader does here.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -20,7 +20,7 @@ use tracing::Instrument as _;
 const WORKERS_TREE: &str = "cluster-workers";
 
 /// The trees of the coordinator's store that every member keeps alike.
-const REPLICATED_TREES: [&str; 2] = [kiln_solver::CACHE_TREE, WORKERS_TREE];
+const REPLICATED_TREES: [&str; 3] = [kiln_solver::CACHE_TREE, WORKERS_TREE, kiln_api::BUILDS_TREE];
 
 /// How often a new leader looks whether the old one's workers are back.
 const RECOVERY_POLL: Duration = Duration::from_millis(50);
@@ -31,6 +31,8 @@ pub struct ReplicatedStore {
     pub cache_index: SharedKv,
     /// Commits a finished step's cache entry before the step counts as done.
     pub durable: kiln_solver::Durable,
+    /// The same store, for the build history's committed writes.
+    replicated: Arc<ReplicatedKv>,
     proposer: Proposer,
 }
 
@@ -55,7 +57,7 @@ pub fn replicated_store(kv: &SharedKv) -> ReplicatedStore {
             }
         })
     });
-    ReplicatedStore { cache_index: replicated, durable, proposer }
+    ReplicatedStore { cache_index: Arc::clone(&replicated) as SharedKv, durable, replicated, proposer }
 }
 
 /// Starts this coordinator's member over `kv` (the engine's store): the log in its `raft`
@@ -101,7 +103,8 @@ pub fn start(
     let _ = node_slot.set(Arc::downgrade(&node));
     tokio::spawn(store.proposer.run(Arc::downgrade(&node)).instrument(tracing::info_span!("raft_proposer")));
     tracing::info!("member {id} of {} replicated coordinators", replicas.peers.len());
-    let replication = Arc::new(Replication::new(node, replicas.peers.clone()));
+    let replication =
+        Arc::new(Replication::new(node, replicas.peers.clone()).recording_builds_in(Arc::clone(&store.replicated)));
     let cluster = engine.cluster().expect("a coordinator has a cluster");
     let registry = Arc::clone(&store.cache_index);
     let shutting_down = stopping.clone();

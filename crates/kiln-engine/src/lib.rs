@@ -206,6 +206,11 @@ impl Engine {
         }
     }
 
+    /// The daemon's key-value store (the cache index, records, the build history).
+    pub fn store(&self) -> &SharedKv {
+        &self.kv
+    }
+
     /// Makes every cache entry and record so far durable (blocking: call it off the async
     /// threads).
     pub fn flush(&self) -> Result<(), kiln_kv::KvError> {

@@ -46,6 +46,12 @@ pub struct BuildRequest {
     /// (`None`: the default group's). Set by the daemon from the caller's tenant; never sent
     /// by a client.
     pub cache_group: Option<String>,
+    /// The build's id, chosen by the client (as buildx chooses its ref); `None`: the daemon
+    /// picks one.
+    pub id: Option<String>,
+    /// 0 for a new build; N for the client's Nth submission of the same build after losing
+    /// the coordinator that ran it (it reattaches to the recorded build).
+    pub attempt: u32,
 }
 
 /// Bounds on what one build request carries, checked by the client before it sends and by

@@ -7,10 +7,10 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use kiln_model::{
-    BuildEvent, BuildRequest, CacheCompression, CacheDirection, CacheSpec, CacheSpecError, ContextManifest,
-    Entitlement, Executed, Failed, HeldWork, LayerDesc, Layers, LogLine, LogStream, ManifestEntry, ManifestError,
-    ManifestKind, OutputSpec, OutputSpecError, PruneOptions, PushRequest, PushTarget, PushedLayer, Status, TierBlob,
-    UnknownStatus, UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
+    BuildCounts, BuildEntry, BuildEvent, BuildRequest, CacheCompression, CacheDirection, CacheSpec, CacheSpecError,
+    ContextManifest, Entitlement, Executed, Failed, HeldWork, LayerDesc, Layers, LogLine, LogStream, ManifestEntry,
+    ManifestError, ManifestKind, OutputSpec, OutputSpecError, PruneOptions, PushRequest, PushTarget, PushedLayer,
+    Status, TierBlob, UnknownStatus, UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, DigestError, PlatformError};
 
@@ -81,6 +81,9 @@ pub enum WireError {
         /// Why.
         reason: String,
     },
+    /// A build id that is not a plain name (the message names it).
+    #[error("{0}")]
+    BuildId(String),
     /// A disk usage record of a kind Kiln does not have.
     #[error("usage record {id}: {reason}")]
     RecordKind {
@@ -295,6 +298,8 @@ pub fn request_to_proto(request: &BuildRequest) -> v1::BuildRequest {
         cache_from: request.cache_from.iter().map(|c| c.to_string()).collect(),
         cache_to: request.cache_to.iter().map(|c| c.to_string()).collect(),
         allow: request.allow.iter().map(|e| e.to_string()).collect(),
+        build_id: request.id.clone().unwrap_or_default(),
+        attempt: request.attempt,
     }
 }
 
@@ -306,6 +311,10 @@ pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, Wir
     };
     let (cache_from, cache_to) =
         (caches(&request.cache_from, CacheDirection::From)?, caches(&request.cache_to, CacheDirection::To)?);
+    let id = nonempty(request.build_id);
+    if let Some(id) = &id {
+        kiln_model::check_build_id(id).map_err(WireError::BuildId)?;
+    }
     let request = BuildRequest {
         platforms: platforms_from_proto(&request.platforms, "--platform")?,
         dockerfile: request.dockerfile,
@@ -323,6 +332,8 @@ pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, Wir
         cache_to,
         allow: entitlements_from_proto(&request.allow, "--allow")?,
         cache_group: None,
+        id,
+        attempt: request.attempt,
     };
     request.check_bounds()?;
     Ok(request)
@@ -462,6 +473,50 @@ fn platforms_from_proto(platforms: &[String], what: &str) -> Result<Vec<kiln_typ
         .iter()
         .map(|p| p.parse().map_err(|source| WireError::Platform { what: what.to_string(), text: p.clone(), source }))
         .collect()
+}
+
+/// A history entry as sent.
+pub fn build_entry_to_proto(entry: &BuildEntry) -> v1::BuildSummary {
+    let counts = &entry.counts;
+    v1::BuildSummary {
+        id: entry.id.clone(),
+        status: entry.status.clone(),
+        started: entry.started,
+        completed: entry.completed.unwrap_or(0),
+        target: entry.target.clone().unwrap_or_default(),
+        platforms: entry.platforms.clone(),
+        tenant: entry.tenant.clone(),
+        submissions: entry.submissions,
+        counts: Some(v1::BuildCounts {
+            executed: counts.executed,
+            cached: counts.cached,
+            deduplicated: counts.deduplicated,
+            failed: counts.failed,
+        }),
+        error: entry.error.clone().unwrap_or_default(),
+    }
+}
+
+/// A history entry as received.
+pub fn build_entry_from_proto(summary: v1::BuildSummary) -> BuildEntry {
+    let counts = summary.counts.unwrap_or_default();
+    BuildEntry {
+        id: summary.id,
+        status: summary.status,
+        started: summary.started,
+        completed: nonzero(summary.completed),
+        target: nonempty(summary.target),
+        platforms: summary.platforms,
+        tenant: summary.tenant,
+        submissions: summary.submissions,
+        counts: BuildCounts {
+            executed: counts.executed,
+            cached: counts.cached,
+            deduplicated: counts.deduplicated,
+            failed: counts.failed,
+        },
+        error: nonempty(summary.error),
+    }
 }
 
 /// A worker's state as listed.

@@ -146,7 +146,22 @@ fn builds_report_progress_metadata_results_and_failures() {
     for expected in ["ERROR: failed to solve", "exit code: 3", "(line 2)", "doomed-output"] {
         assert!(stderr.contains(expected), "{expected:?} missing: {stderr}");
     }
-    assert_eq!(read_metadata(&meta)["status"], "failed");
+    let failed = read_metadata(&meta);
+    assert_eq!(failed["status"], "failed");
+
+    // The daemon's history has the three builds, under the ids they printed at the end.
+    let id = failed["build_id"].as_str().unwrap();
+    assert!(stderr.contains(&format!("build id: {id}")), "{stderr}");
+    let out = setup.run(&["history", "ls", "--format", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let history: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let counts = |b: &Value, outcome: &str| b["counts"][outcome].as_u64().unwrap();
+    let statuses: Vec<(&str, u64, u64)> =
+        history.iter().map(|b| (b["status"].as_str().unwrap(), counts(b, "executed"), counts(b, "failed"))).collect();
+    assert_eq!(statuses, [("succeeded", 5, 0), ("succeeded", 0, 0), ("failed", 0, 1)], "{history:#?}");
+    assert_eq!(history[2]["id"], id);
+    assert!(history[2]["error"].as_str().unwrap().contains("exit code: 3"), "{history:#?}");
+    assert!(history[1]["completed"].as_str().unwrap().ends_with('Z'), "RFC 3339: {history:#?}");
 
     let out = setup.run(&["build", "--cache-to", "type=registry", context_arg]);
     assert!(

@@ -99,6 +99,13 @@ impl Replicated {
         command
     }
 
+    /// `kiln history ls --format json` through the list.
+    fn history(&self) -> Vec<Value> {
+        let out = self.kiln(&self.list(), &["history", "ls", "--format", "json"]).output().unwrap();
+        assert!(out.status.success(), "kiln history ls: {}\n{}", text(&out.stderr), self.logs());
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// `kiln info --format json` through `addr`, or why it failed.
     fn info(&self, addr: &str) -> Result<Value, String> {
         let out = self.kiln(addr, &["info", "--format", "json"]).output().unwrap();
@@ -270,6 +277,8 @@ fn replicated_coordinators_keep_the_cluster_through_the_loss_of_a_leader_or_a_fo
 
     // All three die and come back: a leader, its workers and the cache index are back.
     let term = term_of(&info);
+    let before = cluster.history();
+    assert_eq!(before.len(), 4, "{before:#?}");
     for id in 1..=3 {
         cluster.kill(id);
     }
@@ -280,6 +289,13 @@ fn replicated_coordinators_keep_the_cluster_through_the_loss_of_a_leader_or_a_fo
     let out = cluster.dir.path().join("out-5");
     let metadata = cluster.build(&context, &out);
     assert_eq!(record(&metadata, "echo three")["status"], "cached", "{metadata:#}");
+    // The build history is back with them: the four builds before, then this one.
+    let history = cluster.history();
+    assert_eq!(history.len(), 5, "{history:#?}");
+    assert_eq!(history[..4], before[..], "{history:#?}");
+    assert!(history.iter().all(|b| b["status"] == "succeeded" && b["submissions"] == 1), "{history:#?}");
+    assert_eq!(history[4]["id"], metadata["build_id"]);
+    assert_eq!(history[4]["counts"]["cached"], 2, "{history:#?}");
     assert_eq!(
         std::fs::read_to_string(out.join("three")).unwrap(),
         "three
@@ -366,7 +382,7 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
     assert!(finished.iter().any(|done| !done), "every build finished before the kill");
     let killed_at = Instant::now();
     cluster.kill(leader);
-    let mut adopted = 0;
+    let (mut adopted, mut reattached) = (0, Vec::new());
     for (i, mut build) in builds.into_iter().enumerate() {
         let status = build.child.wait().unwrap();
         let progress = build.progress();
@@ -378,8 +394,10 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
         }
         // Under way at the kill: it went to the new leader, where the step it had seen done
         // was not run again.
-        assert!(progress.contains("submitting it to the new leader"), "build {i}:\n{progress}");
         let metadata = read_json(&build.metadata);
+        let id = metadata["build_id"].as_str().unwrap().to_string();
+        assert!(progress.contains(&format!("reattaching to build {id} on the new leader")), "build {i}:\n{progress}");
+        reattached.push(id);
         assert_eq!(record(&metadata, &format!("echo first-{i}"))["status"], "cached", "build {i}: {metadata:#}");
         adopted += progress.matches("adopted: worker").count();
     }
@@ -398,4 +416,15 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
     }
     eprintln!("{adopted} running steps adopted by the new leader");
     assert!(adopted > 0, "no running step was adopted\n{}", cluster.logs());
+    // The new leader knew the builds its clients reattached to: they were in the log.
+    let history = cluster.history();
+    assert_eq!(history.len(), 10, "{history:#?}");
+    for id in &reattached {
+        let entry = history.iter().find(|b| b["id"] == id.as_str()).expect("every build in the history");
+        assert_eq!(
+            (&entry["status"], &entry["submissions"]),
+            (&serde_json::json!("succeeded"), &serde_json::json!(2)),
+            "{entry:#}"
+        );
+    }
 }
