@@ -17,6 +17,9 @@ use crate::error::ApiError;
 /// How long a linearizable read waits for the leader to confirm its office.
 const READ_PATIENCE: Duration = Duration::from_secs(5);
 
+/// Raft batches up to this many bytes are decoded on the async thread that received them.
+const DECODE_IN_PLACE: usize = 256 * 1024;
+
 /// This coordinator's member of the replica set, and every member's URL.
 pub struct Replication {
     node: Arc<Node>,
@@ -171,7 +174,16 @@ impl Raft for RaftService {
             ))
             .into());
         }
-        node.receive(batch.from, &batch.messages).map_err(|error| ApiError::Replication(error.to_string()))?;
+        // Decoding a large batch (log entries, a snapshot) is CPU work for a blocking thread;
+        // heartbeats and acknowledgements are decoded here.
+        let size: usize = batch.messages.iter().map(Vec::len).sum();
+        let received = if size > DECODE_IN_PLACE {
+            let (node, from) = (Arc::clone(node), batch.from);
+            tokio::task::spawn_blocking(move || node.receive(from, &batch.messages)).await.map_err(ApiError::from)?
+        } else {
+            node.receive(batch.from, &batch.messages)
+        };
+        received.map_err(|error| ApiError::Replication(error.to_string()))?;
         Ok(Response::new(RaftAck {}))
     }
 }

@@ -135,6 +135,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut exporting = false;
     // The metadata file is written however the build ends, a lost connection included.
+    let mut ran = false;
     let (mut error, image, records) = loop {
         tokio::select! {
             event = events.next() => match event {
@@ -143,6 +144,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
                     writer.send(Piece { output, unpack_into, data, last }).await;
                 }
                 Ok(Some(BuildEvent::Result { error, image, records })) => {
+                    ran = true;
                     renderer.event(&BuildEvent::Result { error: error.clone(), image, records: records.clone() });
                     break (error, image, records);
                 }
@@ -190,7 +192,11 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         std::fs::write(path, serde_json::to_vec_pretty(&metadata)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    eprintln!("build id: {}", request.id.as_deref().unwrap_or_default());
+    // A build the daemon ran has an entry in its history under this id; a refused or lost
+    // one ends with its error alone.
+    if ran {
+        eprintln!("build id: {}", request.id.as_deref().unwrap_or_default());
+    }
     match error {
         None => Ok(true),
         Some(error) => {

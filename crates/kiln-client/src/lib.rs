@@ -6,12 +6,14 @@
 mod blobs;
 mod error;
 mod raft;
+mod targets;
 mod worker;
 
 pub use blobs::{UploadStats, fetch_blob, fetch_from_any};
 pub use error::ClientError;
 pub use kiln_proto::tls::{NodeTls, TlsError};
 pub use raft::{NodeSlot, RaftLinks};
+pub use targets::{Target, resolve};
 pub use worker::{WorkerLink, WorkerSession};
 
 use std::path::PathBuf;
@@ -27,14 +29,17 @@ use tonic::transport::{Channel, Endpoint};
 
 /// A connection to a daemon.
 ///
-/// Over TCP it may name several coordinators (a comma-separated list): it connects to the
-/// first that answers and, when one that does not lead refuses a call, goes to the leader it
-/// names (or, while an election runs, tries the others) and calls again.
+/// Over TCP it may name several coordinators (a comma-separated list, or a name that resolves
+/// to several addresses): it connects to the first that answers and, when one that does not
+/// lead refuses a call, goes to the leader it names (or, while an election runs, tries the
+/// others) and calls again.
 #[derive(Clone)]
 pub struct Client {
     control: Arc<Mutex<Control>>,
-    /// The coordinators it may talk to (one for a unix socket).
+    /// The coordinators it was given (one for a unix socket).
     addresses: Arc<Vec<String>>,
+    /// What they stand for, as last resolved.
+    targets: Arc<Mutex<Vec<Target>>>,
     options: ClientOptions,
     bearer: Bearer,
 }
@@ -119,11 +124,24 @@ use kiln_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
 /// certificate checked against the CA, this end's own presented when it has one), with
 /// Kiln's transport settings.
 pub fn endpoint(address: &str, tls: Option<&NodeTls>) -> Result<Endpoint, ClientError> {
-    let invalid = |reason: String| ClientError::Address { address: address.to_string(), reason };
+    endpoint_to(&Target::url(address), tls)
+}
+
+/// [`endpoint`] for a target: one that came from a name has its certificate checked against
+/// the name.
+pub fn endpoint_to(target: &Target, tls: Option<&NodeTls>) -> Result<Endpoint, ClientError> {
+    let address = target.url.as_str();
+    let invalid = |reason: String| ClientError::Address { address: target.to_string(), reason };
     let endpoint = Endpoint::from_shared(address.to_string()).map_err(|e| invalid(e.to_string()))?;
     let endpoint = match (address.starts_with("https://"), tls) {
         (false, _) => endpoint,
-        (true, Some(tls)) => endpoint.tls_config(tls.client()).map_err(|e| invalid(e.to_string()))?,
+        (true, Some(tls)) => {
+            let config = match &target.name {
+                Some(name) => tls.client().domain_name(name.clone()),
+                None => tls.client(),
+            };
+            endpoint.tls_config(config).map_err(|e| invalid(e.to_string()))?
+        }
         (true, None) => {
             return Err(invalid(
                 "https:// needs the CA that signed the server's certificate (--tls-ca FILE or KILN_TLS_CA)".into(),
@@ -160,8 +178,8 @@ impl Client {
     }
 
     /// Connects to `unix:///path/to/socket`, `http://host:port` or `https://host:port` (or a
-    /// comma-separated list of TCP addresses: the first that answers), presenting the
-    /// options' token on every request.
+    /// comma-separated list of TCP addresses, or a name with several addresses: the first that
+    /// answers), presenting the options' token on every request.
     pub async fn connect_with(address: &str, options: &ClientOptions) -> Result<Client, ClientError> {
         let bearer = match &options.token {
             None => Bearer(None),
@@ -175,24 +193,26 @@ impl Client {
         if addresses.is_empty() {
             return Err(ClientError::Address { address: address.to_string(), reason: "names no daemon".into() });
         }
-        let control = Client::connect_first(&addresses, options, &bearer).await?;
+        let targets = resolve(&addresses).await;
+        let control = Client::connect_first(&targets, options, &bearer).await?;
         Ok(Client {
             control: Arc::new(Mutex::new(control)),
             addresses: Arc::new(addresses),
+            targets: Arc::new(Mutex::new(targets)),
             options: options.clone(),
             bearer,
         })
     }
 
-    /// A control client of the first of `addresses` that answers.
+    /// A control client of the first of `targets` that answers.
     async fn connect_first(
-        addresses: &[String],
+        targets: &[Target],
         options: &ClientOptions,
         bearer: &Bearer,
     ) -> Result<Control, ClientError> {
         let mut failure = None;
-        for address in addresses {
-            match Client::connect_one(address, options, bearer).await {
+        for target in targets {
+            match Client::connect_one(target, options, bearer).await {
                 Ok(control) => return Ok(control),
                 Err(error @ (ClientError::Address { .. } | ClientError::Token)) => return Err(error),
                 Err(error) => failure = Some(error),
@@ -201,8 +221,8 @@ impl Client {
         Err(failure.expect("at least one address"))
     }
 
-    async fn connect_one(address: &str, options: &ClientOptions, bearer: &Bearer) -> Result<Control, ClientError> {
-        let channel = if let Some(path) = address.strip_prefix("unix://") {
+    async fn connect_one(target: &Target, options: &ClientOptions, bearer: &Bearer) -> Result<Control, ClientError> {
+        let channel = if let Some(path) = target.url.strip_prefix("unix://") {
             let path = PathBuf::from(path);
             tuned(Endpoint::from_static("http://kilnd.local"))
                 .connect_with_connector(tower::service_fn(move |_| {
@@ -211,9 +231,9 @@ impl Client {
                 }))
                 .await
         } else {
-            endpoint(address, options.tls.as_ref())?.connect().await
+            endpoint_to(target, options.tls.as_ref())?.connect().await
         }
-        .map_err(|source| ClientError::Connect { address: address.to_string(), source })?;
+        .map_err(|source| ClientError::Connect { address: target.to_string(), source })?;
         Ok(ControlClient::with_interceptor(channel, bearer.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE))
@@ -233,12 +253,12 @@ impl Client {
             return false;
         }
         let redirect = kiln_proto::redirect_of(status);
-        if redirect.is_none() && self.addresses.len() < 2 {
+        if redirect.is_none() && !self.replicated() {
             return false;
         }
         *hops += 1;
         if let Some(kiln_proto::Redirect::Leader(leader)) = &redirect
-            && let Ok(control) = Client::connect_one(leader, &self.options, &self.bearer).await
+            && let Ok(control) = Client::connect_one(&Target::url(leader), &self.options, &self.bearer).await
         {
             *self.control.lock().unwrap_or_else(|poison| poison.into_inner()) = control;
             return true;
@@ -247,9 +267,11 @@ impl Client {
         // election takes about a second, so pause a little longer each time, then try the
         // list from the next address on.
         tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(*hops))).await;
-        let start = *hops as usize % self.addresses.len();
-        let candidates: Vec<String> =
-            self.addresses.iter().cycle().skip(start).take(self.addresses.len()).cloned().collect();
+        // Names are resolved again: a member that came back may have a new address.
+        let targets = resolve(&self.addresses).await;
+        *self.targets.lock().unwrap_or_else(|poison| poison.into_inner()) = targets.clone();
+        let start = *hops as usize % targets.len().max(1);
+        let candidates: Vec<Target> = targets.iter().cycle().skip(start).take(targets.len()).cloned().collect();
         if let Ok(control) = Client::connect_first(&candidates, &self.options, &self.bearer).await {
             *self.control.lock().unwrap_or_else(|poison| poison.into_inner()) = control;
         }
@@ -260,7 +282,12 @@ impl Client {
     /// that took it leads no more, or is gone while others of a replica set are listed.
     pub fn survives(&self, error: &ClientError) -> bool {
         matches!(error, ClientError::NotLeader { .. })
-            || (self.addresses.len() > 1 && error.kind() == kiln_model::ErrorKind::Unavailable)
+            || (self.replicated() && error.kind() == kiln_model::ErrorKind::Unavailable)
+    }
+
+    /// Whether it was given several coordinators (a list, or a name with several addresses).
+    fn replicated(&self) -> bool {
+        self.targets.lock().unwrap_or_else(|poison| poison.into_inner()).len() > 1
     }
 
     /// Makes a unary call, following redirections.

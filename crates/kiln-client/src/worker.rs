@@ -36,18 +36,19 @@ pub struct WorkerSession {
 }
 
 impl WorkerSession {
-    /// Connects to the coordinator at `address` (`http://HOST:PORT`, or `https://` with
+    /// Connects to the coordinator `target` (`http://HOST:PORT`, or `https://` with
     /// this node's `tls`) and registers, with the layers and the lost session's jobs it holds.
     pub async fn connect(
-        address: &str,
+        target: &crate::Target,
         tls: Option<&crate::NodeTls>,
         info: &WorkerInfo,
         layers: &[Digest],
         held: &[HeldWork],
     ) -> Result<WorkerSession, ClientError> {
-        let endpoint = crate::endpoint(address, tls)?;
+        let address = target.to_string();
+        let endpoint = crate::endpoint_to(target, tls)?;
         let channel =
-            endpoint.connect().await.map_err(|source| ClientError::Connect { address: address.to_string(), source })?;
+            endpoint.connect().await.map_err(|source| ClientError::Connect { address: address.clone(), source })?;
         let (sender, receiver) = mpsc::unbounded_channel();
         let register = register_to_proto(info, layers, held);
         let _ = sender.send(v1::WorkerMessage { message: Some(worker_message::Message::Register(register)) });
@@ -56,9 +57,9 @@ impl WorkerSession {
             .max_encoding_message_size(crate::MAX_MESSAGE)
             .session(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver))
             .await
-            .map_err(|e| ClientError::rpc(address, e))?
+            .map_err(|e| ClientError::rpc(&address, e))?
             .into_inner();
-        let first = stream.message().await.map_err(|e| ClientError::rpc(address, e))?;
+        let first = stream.message().await.map_err(|e| ClientError::rpc(&address, e))?;
         let lease_ms = match first.and_then(|m| m.message) {
             Some(coordinator_message::Message::Registered(registered)) => registered.lease_ms,
             _ => {

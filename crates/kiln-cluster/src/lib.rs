@@ -171,6 +171,8 @@ struct Inner<B> {
     /// they registered with it, and the worker holding it. Taken by the first job that needs
     /// it; a worker's entries go when it is lost.
     held: HashMap<Work, String>,
+    /// Counts registrations: a change tells of a worker that registered.
+    registrations: tokio::sync::watch::Sender<u64>,
 }
 
 /// The coordinator's view of its workers, and the solver's executor over them.
@@ -196,6 +198,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 pushes: HashMap::new(),
                 membership: None,
                 held: HashMap::new(),
+                registrations: tokio::sync::watch::Sender::new(0),
             }),
             next_job: AtomicU64::new(1),
         })
@@ -212,6 +215,11 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     /// The workers registered now, by name.
     pub fn registered(&self) -> Vec<String> {
         self.lock().links.keys().cloned().collect()
+    }
+
+    /// Changes each time a worker registers (then [`Cluster::registered`] names it).
+    pub fn watch_registrations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.lock().registrations.subscribe()
     }
 
     /// Ticks the state every `period` (leases, placement timeouts) while the cluster lives.
@@ -483,6 +491,7 @@ impl<B> Inner<B> {
                 if let Some(membership) = &self.membership {
                     membership(worker, true);
                 }
+                self.registrations.send_modify(|count| *count += 1);
             }
             ClusterEffect::Refused { .. } | ClusterEffect::Accept { .. } => {}
             ClusterEffect::Lost { worker, session } => {

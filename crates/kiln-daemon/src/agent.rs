@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use kiln_cas::BlobStore;
-use kiln_client::{ClientError, NodeTls, WorkerLink, WorkerSession};
+use kiln_client::{ClientError, NodeTls, Target, WorkerLink, WorkerSession};
 use kiln_model::{BoxFuture, Executed, Failed, HeldWork, JobId, Layers, LogLine, PushedLayer, WorkerInfo};
 use kiln_types::Digest;
 use kiln_worker::BlobFetcher;
@@ -26,10 +26,11 @@ impl BlobFetcher for PeerFetcher {
 /// The worker service of a coordinator at `http://HOST:PORT` (or `https://`, connected to as
 /// this node), or of whichever of several replicated coordinators leads.
 pub struct Coordinator {
-    /// Their addresses (`worker.coordinator`, a comma-separated list).
+    /// Their addresses (`worker.coordinator`, a comma-separated list, or a name with several
+    /// addresses: `kiln_client::resolve`).
     addresses: Vec<String>,
     /// The one to try first: the last that accepted, or the leader the last refusal named.
-    preferred: Arc<std::sync::Mutex<String>>,
+    preferred: Arc<std::sync::Mutex<Option<Target>>>,
     /// This node's TLS.
     tls: Option<NodeTls>,
 }
@@ -38,8 +39,7 @@ impl Coordinator {
     /// The coordinators of `list` (comma-separated URLs), reached as this node (`tls`).
     pub fn new(list: &str, tls: Option<NodeTls>) -> Coordinator {
         let addresses: Vec<String> = kiln_config::coordinator_urls(list).into_iter().map(str::to_string).collect();
-        let preferred = Arc::new(std::sync::Mutex::new(addresses.first().cloned().unwrap_or_default()));
-        Coordinator { addresses, preferred, tls }
+        Coordinator { addresses, preferred: Arc::default(), tls }
     }
 }
 
@@ -59,36 +59,46 @@ impl ControlPlane for Coordinator {
         let (addresses, preferred, tls) = (self.addresses.clone(), Arc::clone(&self.preferred), self.tls.clone());
         Box::pin(async move {
             let first = preferred.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let mut candidates = vec![first.clone()];
-            candidates.extend(addresses.iter().filter(|a| **a != first).cloned());
+            let mut candidates: Vec<Target> = first.iter().cloned().collect();
+            for target in kiln_client::resolve(&addresses).await {
+                if !candidates.contains(&target) {
+                    candidates.push(target);
+                }
+            }
             let mut failure = None;
             let mut tried = 0;
             while tried < candidates.len() {
-                let address = candidates[tried].clone();
+                let target = candidates[tried].clone();
                 tried += 1;
-                match WorkerSession::connect(&address, tls.as_ref(), &info, &layers, &held).await {
+                match WorkerSession::connect(&target, tls.as_ref(), &info, &layers, &held).await {
                     Ok(WorkerSession { link, lease_ms, incoming }) => {
-                        *preferred.lock().unwrap_or_else(|p| p.into_inner()) = address;
+                        *preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(target);
                         return Ok(Session { link: Link(link), lease_ms, incoming });
                     }
                     Err(error) => {
-                        if let Some(leader) = error.leader()
-                            && !candidates[..tried].iter().any(|c| c == leader)
+                        if let Some(leader) = error.leader().map(Target::url)
+                            && !candidates[..tried].contains(&leader)
                         {
                             // Try the leader next.
-                            candidates.retain(|c| c != leader);
-                            candidates.insert(tried, leader.to_string());
+                            candidates.retain(|c| *c != leader);
+                            candidates.insert(tried, leader);
                         }
                         failure = Some(error);
                     }
                 }
             }
-            Err(failure.expect("at least one coordinator"))
+            Err(failure.unwrap_or_else(|| ClientError::Address {
+                address: String::new(),
+                reason: "worker.coordinator names no coordinator".into(),
+            }))
         })
     }
 
     fn address(&self) -> String {
-        self.preferred.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        match &*self.preferred.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(target) => target.to_string(),
+            None => self.addresses.join(","),
+        }
     }
 }
 

@@ -557,8 +557,15 @@ async fn coordinator(
     )
     .await;
     if let Some(replication) = replication {
+        // Stopped on its own (not by this stop): the coordinator fails, so that its
+        // supervisor sees it and restarts it.
+        let failed = replication.node().status().stopped;
         let node = Arc::clone(replication.node());
         tokio::task::spawn_blocking(move || node.stop()).await?;
+        if failed {
+            result?;
+            bail!("the replicated log stopped (the error above says why)");
+        }
     }
     result
 }

@@ -22,9 +22,6 @@ const WORKERS_TREE: &str = "cluster-workers";
 /// The trees of the coordinator's store that every member keeps alike.
 const REPLICATED_TREES: [&str; 3] = [kiln_solver::CACHE_TREE, WORKERS_TREE, kiln_api::BUILDS_TREE];
 
-/// How often a new leader looks whether the old one's workers are back.
-const RECOVERY_POLL: Duration = Duration::from_millis(50);
-
 /// The coordinator's store with the replicated trees written through the log.
 pub struct ReplicatedStore {
     /// The store as the engine's solver keeps its cache index in it.
@@ -168,13 +165,20 @@ impl Recovery {
             return;
         }
         let deadline = tokio::time::Instant::now() + self.lease;
+        let mut registrations = cluster.watch_registrations();
         let missing = loop {
+            // Registrations after this look change the watch: none is missed.
+            registrations.borrow_and_update();
             let registered = cluster.registered();
             let missing: Vec<&String> = expected.iter().filter(|name| !registered.contains(name)).collect();
-            if missing.is_empty() || tokio::time::Instant::now() >= deadline || self.replication.leading().is_err() {
+            if missing.is_empty() {
                 break missing;
             }
-            tokio::time::sleep(RECOVERY_POLL).await;
+            tokio::select! {
+                changed = registrations.changed() => if changed.is_err() { break missing },
+                () = tokio::time::sleep_until(deadline) => break missing,
+                () = self.replication.deposed() => break missing,
+            }
         };
         if missing.is_empty() {
             tracing::info!("the old leader's {} workers are back: builds start", expected.len());

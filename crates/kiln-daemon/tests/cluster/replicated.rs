@@ -62,7 +62,9 @@ impl Replicated {
         let name = format!("coordinator-{id}");
         let config = self.dir.path().join(format!("{name}.toml"));
         if !config.exists() {
-            let tls = certificate(self.dir.path(), &name, &format!("127.0.{}.{id}", self.net));
+            // Valid for its address and for the name every member's address answers to.
+            let hosts = format!("127.0.{}.{id},{ALL_MEMBERS}", self.net);
+            let tls = certificate(self.dir.path(), &name, &hosts);
             let peers: Vec<String> = (1..=3).map(|peer| format!("\"{peer}={}\"", self.url(peer))).collect();
             std::fs::write(
                 &config,
@@ -185,6 +187,9 @@ impl Drop for Replicated {
     }
 }
 
+/// The name that resolves to every coordinator, for clients whose `/etc/hosts` says so.
+const ALL_MEMBERS: &str = "kiln-coordinators";
+
 fn leader_of(info: &Value) -> u64 {
     info["raft"]["leader"].as_u64().expect("a leader")
 }
@@ -245,15 +250,23 @@ fn replicated_coordinators_keep_the_cluster_through_the_loss_of_a_leader_or_a_fo
     });
     assert_eq!(leader_of(&info), second);
 
-    // A follower dies: nothing visible happens.
+    // A follower dies: nothing visible happens (no election, builds go on), and back, it
+    // catches up with what was committed without it.
     let follower = (1..=3).find(|id| *id != second).unwrap();
     cluster.kill(follower);
     let context = cluster.context("after-follower", "FROM BASE\nRUN echo two > /two\n");
     let out = cluster.dir.path().join("out-3");
     let metadata = cluster.build(&context, &out);
     assert_eq!(record(&metadata, "echo two")["status"], "executed", "{metadata:#}");
-    assert_eq!(leader_of(&cluster.info(&cluster.list()).unwrap()), second);
+    assert_eq!(std::fs::read_to_string(out.join("two")).unwrap(), "two\n");
+    let without = cluster.info(&cluster.list()).unwrap();
+    assert_eq!((leader_of(&without), term_of(&without)), (second, term_of(&info)), "{without:#}");
     cluster.start_coordinator(follower);
+    cluster.wait_for("the follower back and caught up", |info| {
+        let members = info["raft"]["members"].as_array().unwrap();
+        let leader_applied = members.iter().find(|m| m["role"] == "leader").and_then(|m| m["applied"].as_u64());
+        members.iter().any(|m| m["id"].as_u64() == Some(follower) && m["applied"].as_u64() == leader_applied)
+    });
 
     // The leader stops (SIGSTOP): the others elect a leader and go on without it; when it
     // resumes it follows the new one.
@@ -427,4 +440,48 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
             "{entry:#}"
         );
     }
+}
+
+/// `kiln ARGS` with `--addr https://kiln-coordinators:7070`, in a mount namespace of its own
+/// where `/etc/hosts` is `hosts`: the name resolves to the addresses listed there, for this
+/// process only.
+fn kiln_by_name(cluster: &Replicated, hosts: &Path, args: &[&str]) -> std::process::Output {
+    let script = "mount --bind \"$0\" /etc/hosts && exec \"$@\"";
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "--propagation", "private", "sh", "-c", script]).arg(hosts);
+    command.arg(workspace_binary("kiln")).arg("--addr").arg(format!("https://{ALL_MEMBERS}:7070"));
+    command.arg("--tls-ca").arg(cluster.dir.path().join("certs/ca.pem")).args(args);
+    command.env_remove("KILN_ADDR").env_remove("KILN_TOKEN").env_remove("KILN_TLS_CA");
+    command.output().unwrap()
+}
+
+#[test]
+fn one_name_that_resolves_to_every_coordinator_reaches_the_leader_before_and_after_a_failover() {
+    let mut cluster = Replicated::start(30, 1);
+    let info = cluster.wait_for_leader(None, 0, 1);
+    let leader = leader_of(&info);
+    // The leader's address comes first: once it is killed, the name's first address is dead.
+    let order: Vec<u64> = std::iter::once(leader).chain((1..=3).filter(|id| *id != leader)).collect();
+    let hosts = cluster.dir.path().join("hosts");
+    let lines: String = order.iter().map(|id| format!("127.0.{}.{id} {ALL_MEMBERS}\n", cluster.net)).collect();
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n{lines}")).unwrap();
+
+    let out = kiln_by_name(&cluster, &hosts, &["info", "--format", "json"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), cluster.logs());
+    let through_name: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(through_name["raft"]["node_id"].as_u64(), Some(leader), "{through_name:#}");
+
+    cluster.kill(leader);
+    let info = cluster.wait_for_leader(Some(leader), term_of(&info), 1);
+    let context = cluster.context("by-name", "FROM BASE\nRUN echo named > /named\n");
+    let dest = cluster.dir.path().join("by-name-out");
+    let output = format!("type=local,dest={}", dest.display());
+    let args = ["build", context.to_str().unwrap(), "--progress", "plain", "-o", &output];
+    let out = kiln_by_name(&cluster, &hosts, &args);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), cluster.logs());
+    assert_eq!(std::fs::read_to_string(dest.join("named")).unwrap(), "named\n");
+    let out = kiln_by_name(&cluster, &hosts, &["info", "--format", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let through_name: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(through_name["raft"]["node_id"], info["raft"]["leader"], "{through_name:#}");
 }
