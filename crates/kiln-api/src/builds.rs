@@ -8,11 +8,69 @@ use std::sync::Arc;
 use kiln_kv::SharedKv;
 use kiln_model::BuildEntry;
 use kiln_raft::ReplicatedKv;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 
 /// The tree holding the entries, by build id.
 pub const BUILDS_TREE: &str = "builds";
+
+/// The builds running on this daemon, by id: one run per id at a time.
+#[derive(Clone, Default)]
+pub(crate) struct Runs(Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, CancellationToken)>>>);
+
+/// A build's claim on its id while it runs here; dropping it lets the id go.
+pub(crate) struct Run {
+    runs: Runs,
+    id: String,
+    generation: u64,
+    replaced: CancellationToken,
+}
+
+impl Runs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, CancellationToken)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims `id` for a run. A new build (`attempt` 0) under an id running here is refused;
+    /// a reattachment replaces the run it reattaches to (its client left it), which ends
+    /// without recording anything.
+    pub(crate) fn claim(&self, id: &str, attempt: u32) -> Result<Run, ApiError> {
+        let mut runs = self.lock();
+        let generation = match runs.get(id) {
+            Some(_) if attempt == 0 => return Err(ApiError::BuildExists(id.to_string())),
+            Some((generation, old)) => {
+                old.cancel();
+                generation + 1
+            }
+            None => 0,
+        };
+        let replaced = CancellationToken::new();
+        runs.insert(id.to_string(), (generation, replaced.clone()));
+        Ok(Run { runs: self.clone(), id: id.to_string(), generation, replaced })
+    }
+}
+
+impl Run {
+    /// Resolves once a reattachment replaced this run.
+    pub(crate) async fn replaced(&self) {
+        self.replaced.cancelled().await
+    }
+
+    /// Whether this run is still the one its id names here.
+    fn current(&self) -> bool {
+        self.runs.lock().get(&self.id).is_some_and(|(generation, _)| *generation == self.generation)
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let mut runs = self.runs.lock();
+        if runs.get(&self.id).is_some_and(|(generation, _)| *generation == self.generation) {
+            runs.remove(&self.id);
+        }
+    }
+}
 
 /// Where builds are recorded.
 #[derive(Clone)]
@@ -121,8 +179,12 @@ impl BuildBook {
         Ok(entry)
     }
 
-    /// Records how a build ended; a failure to is logged (the build's result stands).
-    pub(crate) async fn record_end(&self, entry: kiln_model::BuildEntry) {
+    /// Records how `run` ended, unless a reattachment replaced it; a failure to is logged
+    /// (the build's result stands).
+    pub(crate) async fn record_end(&self, run: &Run, entry: kiln_model::BuildEntry) {
+        if !run.current() {
+            return;
+        }
         if let Err(error) = self.record(&entry).await {
             tracing::warn!("recording the end of build {}: {error}", entry.id);
         }
@@ -148,7 +210,8 @@ mod tests {
         // Another tenant cannot take it over.
         assert!(matches!(book.begin(&request(1), "team-b", "b1").await, Err(ApiError::BuildExists(_))));
         // Its client reattaching: the same build, submitted once more.
-        book.record_end(first.ended("failed", Some("lost".into()), &[])).await;
+        let run = Runs::default().claim("b1", 0).unwrap();
+        book.record_end(&run, first.ended("failed", Some("lost".into()), &[])).await;
         let again = book.begin(&request(1), "team-a", "b1").await.unwrap();
         assert_eq!((again.started, again.submissions, again.status.as_str()), (first.started, 2, "running"));
         assert_eq!((again.completed, again.error), (None, None));
@@ -158,5 +221,24 @@ mod tests {
         let listed: Vec<String> = book.list(Some("team-a")).unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(listed, ["b1", "b2"]);
         assert!(book.list(Some("team-b")).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_run_per_id_and_a_reattachment_replaces_the_run_it_reattaches_to() {
+        let runs = Runs::default();
+        let first = runs.claim("b1", 0).unwrap();
+        assert!(matches!(runs.claim("b1", 0), Err(ApiError::BuildExists(_))));
+        let second = runs.claim("b1", 1).unwrap();
+        first.replaced().await;
+        assert!(!first.current() && second.current());
+        // The replaced run's end is not recorded over the new run's entry.
+        let book = BuildBook::Local(Arc::new(kiln_kv::MemoryKv::new()));
+        let entry = book.begin(&request(1), "team-a", "b1").await.unwrap();
+        book.record_end(&first, entry.ended("cancelled", None, &[])).await;
+        assert_eq!(book.get("b1").unwrap().unwrap().status, "running");
+        drop(first);
+        assert!(second.current(), "the replaced run leaves the id to the new one");
+        drop(second);
+        runs.claim("b1", 0).unwrap();
     }
 }

@@ -72,6 +72,8 @@ pub struct ControlService {
     tenants: Arc<Tenants>,
     /// Where builds are recorded.
     builds: BuildBook,
+    /// The builds running here, by id.
+    runs: builds::Runs,
 }
 
 /// How long a context upload may send nothing before it is ended, unless configured.
@@ -92,6 +94,7 @@ impl ControlService {
             replication: None,
             tenants: Arc::default(),
             builds,
+            runs: builds::Runs::default(),
         }
     }
 
@@ -155,7 +158,7 @@ impl Control for ControlService {
         span.in_scope(|| tracing::info!(over_tcp, attempt = request.attempt, "build submitted"));
         let (events, stream) = mpsc::channel(256);
         let (engine, abandoned) = (Arc::clone(&self.engine), self.abandoned.clone());
-        let (replication, book) = (self.replication.clone(), self.builds.clone());
+        let (replication, book, runs) = (self.replication.clone(), self.builds.clone(), self.runs.clone());
         self.tasks.spawn(
             async move {
                 // A new leader starts builds once it has taken over; the build is in the history
@@ -164,15 +167,16 @@ impl Control for ControlService {
                     if let Some(replication) = &replication {
                         replication.recovered().await;
                     }
-                    book.begin(&request, &caller.tenant, &id).await
+                    let run = runs.claim(&id, request.attempt)?;
+                    Ok::<_, ApiError>((run, book.begin(&request, &caller.tenant, &id).await?))
                 };
                 let begun = tokio::select! {
                     begun = begun => begun,
                     refusal = deposed(replication.as_deref()) => Err(refusal),
                     () = events.closed() => Err(ApiError::SessionEnded("the client left".into())),
                 };
-                let entry = match begun {
-                    Ok(entry) => entry,
+                let (run, entry) = match begun {
+                    Ok(begun) => begun,
                     Err(refused) => {
                         tracing::info!("build refused: {refused}");
                         let _ = events.send(Err(refused.into())).await;
@@ -206,6 +210,11 @@ impl Control for ControlService {
                             ending = Ending::HandedOver;
                             break None;
                         }
+                        () = run.replaced() => {
+                            tracing::info!("its client reattached to the build: this run ends");
+                            ending = Ending::HandedOver;
+                            break None;
+                        }
                         Some(event) = progress_events.recv() => {
                             // The tenant's queued vertices are counted once the graph is known.
                             if let DomainEvent::Planned(records) = &event
@@ -227,10 +236,10 @@ impl Control for ControlService {
                 let Some(result) = result else {
                     exports::remove_spool(spool.clone()).await;
                     match ending {
-                        // A build handed back to its client is the new leader's to record.
+                        // A build handed back to its client is the next run's to record.
                         Ending::HandedOver => {}
-                        Ending::Refused(error) => book.record_end(entry.ended("failed", Some(error), &[])).await,
-                        Ending::Cancelled => book.record_end(entry.ended("cancelled", None, &[])).await,
+                        Ending::Refused(error) => book.record_end(&run, entry.ended("failed", Some(error), &[])).await,
+                        Ending::Cancelled => book.record_end(&run, entry.ended("cancelled", None, &[])).await,
                     }
                     return;
                 };
@@ -257,7 +266,9 @@ impl Control for ControlService {
                     Err(failure) => (Some(failure.message), None, failure.records),
                 };
                 let status = if error.is_none() { "succeeded" } else { "failed" };
-                let ended = entry.ended(status, error.clone(), &records);
+                // Recorded before the client hears the result: a `kiln history` that follows
+                // sees the build ended.
+                book.record_end(&run, entry.ended(status, error.clone(), &records)).await;
                 let result = DomainEvent::Result { error, image, records };
                 if abandoned.is_cancelled() {
                     // A stopping daemon does not wait for a client that does not read.
@@ -266,7 +277,6 @@ impl Control for ControlService {
                     let _ = events.send(Ok(event_to_proto(result))).await;
                 }
                 drop(admission);
-                book.record_end(ended).await;
             }
             .instrument(span),
         );
@@ -474,7 +484,8 @@ enum Ending {
     Cancelled,
     /// A limit refused it once its graph was known.
     Refused(String),
-    /// This coordinator stopped leading: the client reattaches to the build on the new leader.
+    /// This coordinator stopped leading (the client reattaches to the build on the new
+    /// leader), or the client already reattached to a new run here.
     HandedOver,
 }
 

@@ -57,6 +57,10 @@ async fn expand(url: &str) -> Vec<Target> {
             addresses.push(address);
         }
     }
+    // Members of one replica set share an address family; a name with an IPv4 and an IPv6
+    // address (`localhost`, a dual-stack host) is one daemon.
+    let family = addresses.first().is_some_and(SocketAddr::is_ipv4);
+    addresses.retain(|a| a.is_ipv4() == family);
     if addresses.len() < 2 {
         return as_given;
     }
@@ -90,7 +94,8 @@ mod tests {
     async fn a_name_with_one_address_and_addresses_stay_as_given() {
         let urls = vec!["http://127.0.0.1:1".to_string(), "http://127.0.0.1:1".to_string(), "http://[::1]:2".into()];
         assert_eq!(resolve(&urls).await, [Target::url("http://127.0.0.1:1"), Target::url("http://[::1]:2")]);
-        let unknown = vec!["https://no-such-host.invalid:7070".to_string()];
-        assert_eq!(resolve(&unknown).await, [Target::url("https://no-such-host.invalid:7070")]);
+        // localhost has an IPv4 and an IPv6 address: one daemon, not two.
+        let local = vec!["http://localhost:7070".to_string()];
+        assert_eq!(resolve(&local).await, [Target::url("http://localhost:7070")]);
     }
 }

@@ -16,7 +16,7 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -168,9 +168,10 @@ struct Inner<B> {
     /// Hears of every worker that registers (`true`) or is lost (`false`).
     membership: Option<Membership>,
     /// Work that connected workers kept across a lost session (running or finished), as
-    /// they registered with it, and the worker holding it. Taken by the first job that needs
-    /// it; a worker's entries go when it is lost.
-    held: HashMap<Work, String>,
+    /// they registered with it: the worker holding it and when it registered. Taken by the
+    /// first job that needs it within [`kiln_model::ADOPTION_GRACE_MS`] (the worker drops
+    /// it then); a worker's entries go when it is lost.
+    held_work: HashMap<Work, (String, u64)>,
     /// Counts registrations: a change tells of a worker that registered.
     registrations: tokio::sync::watch::Sender<u64>,
 }
@@ -197,7 +198,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 tier_order: std::collections::VecDeque::new(),
                 pushes: HashMap::new(),
                 membership: None,
-                held: HashMap::new(),
+                held_work: HashMap::new(),
                 registrations: tokio::sync::watch::Sender::new(0),
             }),
             next_job: AtomicU64::new(1),
@@ -246,8 +247,9 @@ impl<B: Send + Sync + 'static> Cluster<B> {
 
     /// A worker connected, holding `layers` and the work it kept from a lost session
     /// (`held`): returns its session and the channel of its assignments, or why it was refused
-    /// (another worker holds its name). Queued jobs whose work it holds are adopted by it at
-    /// once; jobs placed later take the rest of its held work.
+    /// (another worker holds its name). Jobs waiting for work it holds (queued, or its own
+    /// from that session) are adopted by it at once; jobs placed later take the rest of its
+    /// held work.
     pub fn register(
         &self,
         info: WorkerInfo,
@@ -257,9 +259,19 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         let name = info.name.clone();
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut inner = self.lock();
+        // Jobs needing work it kept (one per work) go back to it before anything is placed.
+        let held: HashSet<Work> = held.iter().map(|h| h.work).collect();
+        let mut adopt: HashMap<Work, JobId> = HashMap::new();
+        for (job, pending) in &inner.pending {
+            if let Some(work) = pending.work.filter(|w| held.contains(w)) {
+                adopt.entry(work).and_modify(|j| *j = (*j).min(*job)).or_insert(*job);
+            }
+        }
         // The link exists before the state may assign to it.
         let previous = inner.links.insert(name.clone(), (0, sender));
-        let effects = inner.state.apply(ClusterCommand::Register { info, layers, at: now_ms() });
+        let at = now_ms();
+        let adopt_jobs = adopt.values().copied().collect();
+        let effects = inner.state.apply(ClusterCommand::Register { info, layers, adopt: adopt_jobs, at });
         let mut session = None;
         for effect in &effects {
             match effect {
@@ -282,23 +294,18 @@ impl<B: Send + Sync + 'static> Cluster<B> {
             inner.perform(effect);
         }
         if !held.is_empty() {
-            let finished = held.iter().filter(|h| h.finished).count();
-            tracing::info!(worker = %name, "it kept {} jobs across its lost session ({finished} finished)", held.len());
-            for HeldWork { work, .. } in held {
-                inner.held.insert(work, name.clone());
-            }
-            let queued: Vec<JobId> = inner
-                .pending
+            let adopted: HashSet<JobId> = effects
                 .iter()
-                .filter(|(_, p)| p.work.is_some_and(|w| inner.held.get(&w) == Some(&name)))
-                .map(|(job, _)| *job)
+                .filter_map(|e| match e {
+                    ClusterEffect::Assign { job, adopted: true, .. } => Some(*job),
+                    _ => None,
+                })
                 .collect();
-            for job in queued {
-                let effects = inner.apply(ClusterCommand::Adopt { job, worker: name.clone() });
-                if !effects.is_empty()
-                    && let Some(work) = inner.pending.get(&job).and_then(|p| p.work)
-                {
-                    inner.held.remove(&work);
+            tracing::info!(worker = %name, "it kept {} jobs across its lost session; {} adopted at once", held.len(), adopted.len());
+            // The rest waits for the jobs that will need it, for as long as the worker keeps it.
+            for work in held {
+                if !adopt.get(&work).is_some_and(|job| adopted.contains(job)) {
+                    inner.held_work.insert(work, (name.clone(), at));
                 }
             }
         }
@@ -498,7 +505,7 @@ impl<B> Inner<B> {
                 if self.links.get(worker).is_some_and(|(s, _)| s == session) {
                     self.links.remove(worker);
                 }
-                self.held.retain(|_, by| by != worker);
+                self.held_work.retain(|_, (by, _)| by != worker);
                 if let Some(membership) = &self.membership {
                     membership(worker, false);
                 }
@@ -507,7 +514,7 @@ impl<B> Inner<B> {
                 let Some(pending) = self.pending.get_mut(job) else { return };
                 pending.epoch = *epoch;
                 if *adopted {
-                    let line = format!("adopted: worker {worker} kept this step across the change of coordinator");
+                    let line = format!("adopted: worker {worker} kept this step running across its lost session");
                     let _ = pending.logs.send(LogLine { stream: LogStream::Stderr, line });
                 }
                 let mut sources = Vec::new();
@@ -836,8 +843,12 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         {
             let mut inner = self.lock();
             inner.pending.insert(job, Pending { vertex, inputs, work, build, logs, done, epoch: 0 });
-            let held_by = work.and_then(|w| inner.held.remove(&w));
-            inner.apply(ClusterCommand::Submit { job, spec, held_by, at: now_ms() });
+            let at = now_ms();
+            let held_by = work
+                .and_then(|w| inner.held_work.remove(&w))
+                .filter(|(_, since)| at.saturating_sub(*since) < kiln_model::ADOPTION_GRACE_MS)
+                .map(|(worker, _)| worker);
+            inner.apply(ClusterCommand::Submit { job, spec, held_by, at });
         }
         let mut guard = CancelOnDrop { cluster: Arc::clone(self), job, armed: true };
         let result = result.await.unwrap_or_else(|_| Err(String::from("the cluster dropped the job").into()));

@@ -54,6 +54,10 @@ pub enum ClusterCommand {
         info: WorkerInfo,
         /// Layers it already holds.
         layers: Vec<Digest>,
+        /// Jobs whose work it kept from its lost session: adopted by it (past its slots,
+        /// where it can run them) before anything else is placed, those of its own old
+        /// session included.
+        adopt: Vec<JobId>,
         /// The time.
         at: u64,
     },
@@ -105,15 +109,6 @@ pub enum ClusterCommand {
         held_by: Option<String>,
         /// The time.
         at: u64,
-    },
-    /// A queued job's work turned out to be held by a worker (it registered with it): the
-    /// job is adopted there, as with [`ClusterCommand::Submit`]'s `held_by`. A job that is
-    /// not queued (assigned, finished, unknown) is left alone.
-    Adopt {
-        /// The job.
-        job: JobId,
-        /// The worker holding its work.
-        worker: String,
     },
     /// A worker's result for an assignment (success or a step failure alike).
     Report {
@@ -272,7 +267,7 @@ impl ClusterState {
     pub fn apply(&mut self, command: ClusterCommand) -> Vec<ClusterEffect> {
         let mut effects = Vec::new();
         match command {
-            ClusterCommand::Register { info, layers, at } => {
+            ClusterCommand::Register { info, layers, adopt, at } => {
                 if let Some(live) = self.workers.get(&info.name) {
                     // The same worker coming back (a restart, a new connection) replaces its old
                     // session; another one under the same name would silently take its place.
@@ -298,7 +293,10 @@ impl ClusterState {
                     layers: layers.into_iter().collect(),
                 };
                 self.workers.insert(name.clone(), entry);
-                effects.push(ClusterEffect::Registered { worker: name, session: self.sessions });
+                effects.push(ClusterEffect::Registered { worker: name.clone(), session: self.sessions });
+                for job in adopt {
+                    self.adopt(job, &name, &mut effects);
+                }
             }
             ClusterCommand::Heartbeat { worker, session, free_disk, at } => {
                 if let Some(entry) = self.workers.get_mut(&worker).filter(|e| e.session == session) {
@@ -332,7 +330,6 @@ impl ClusterState {
                     self.adopt(job, &worker, &mut effects);
                 }
             }
-            ClusterCommand::Adopt { job, worker } => self.adopt(job, &worker, &mut effects),
             ClusterCommand::Report { job, epoch, worker, layers } => {
                 let current =
                     self.jobs.get(&job).is_some_and(|j| j.epoch == epoch && j.assigned.as_ref() == Some(&worker));

@@ -296,7 +296,7 @@ async fn work_a_worker_kept_across_a_lost_session_is_adopted_by_it_not_placed_by
     let executed = running.await.unwrap().unwrap();
     assert_eq!((executed.output, executed.worker.as_deref()), (output, Some("a")));
     assert!(ran.lock().unwrap().is_empty(), "b ran it too");
-    assert_eq!(*lines.lock().unwrap(), ["adopted: worker a kept this step across the change of coordinator"]);
+    assert_eq!(*lines.lock().unwrap(), ["adopted: worker a kept this step running across its lost session"]);
 
     // The held work was taken: the same step again is placed by locality.
     let again = executor.execute(step, vec![base], build(), LogSink::new(|_| true)).await.unwrap();

@@ -177,7 +177,7 @@ impl Recovery {
             tokio::select! {
                 changed = registrations.changed() => if changed.is_err() { break missing },
                 () = tokio::time::sleep_until(deadline) => break missing,
-                () = self.replication.deposed() => break missing,
+                () = self.replication.deposed() => return,
             }
         };
         if missing.is_empty() {

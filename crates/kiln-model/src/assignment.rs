@@ -14,6 +14,12 @@ use crate::{CacheCompression, ContextManifest, JobId, Layers, TierBlob};
 /// again.
 pub type Work = Digest;
 
+/// How long after a worker registers again the jobs it kept from its lost session wait to be
+/// adopted (ms). Then the worker stops them and drops their kept results, and coordinators
+/// forget them: longer than a new leader takes to recover (it waits up to a lease for its
+/// workers) plus a client's reattachment.
+pub const ADOPTION_GRACE_MS: u64 = 30_000;
+
 /// A job a worker kept across a lost session, as its registration reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldWork {

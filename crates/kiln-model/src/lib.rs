@@ -23,7 +23,9 @@ mod request;
 mod spec;
 mod worker;
 
-pub use assignment::{Assignment, FromCoordinator, HeldWork, PushRequest, PushTarget, PushedLayer, Work, work_of};
+pub use assignment::{
+    ADOPTION_GRACE_MS, Assignment, FromCoordinator, HeldWork, PushRequest, PushTarget, PushedLayer, Work, work_of,
+};
 pub use auth::{Caller, ClientToken, DEFAULT_TENANT, Role, TenantPolicy};
 pub use cache::{
     CacheCompression, CacheDirection, CacheLocation, CacheMode, CacheSpec, CacheSpecError, DEFAULT_CACHE_NAME,

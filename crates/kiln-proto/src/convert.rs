@@ -424,7 +424,7 @@ pub fn register_to_proto(info: &WorkerInfo, layers: &[Digest], held: &[HeldWork]
         address: info.address.clone(),
         layers: layers.iter().map(|d| d.to_string()).collect(),
         entitlements: info.entitlements.iter().map(|e| e.to_string()).collect(),
-        held: held.iter().map(|h| v1::HeldJob { work: h.work.to_string(), finished: h.finished }).collect(),
+        held: held.iter().map(|h| v1::HeldWork { work: h.work.to_string(), finished: h.finished }).collect(),
     }
 }
 
@@ -782,7 +782,7 @@ mod tests {
         let held = vec![HeldWork { work: Digest::of(b"w"), finished: true }];
         let sent = register_to_proto(&info, &layers, &held);
         assert_eq!(register_from_proto(sent.clone()).unwrap(), (info, layers, held));
-        let bad = v1::Register { held: vec![v1::HeldJob { work: "nope".into(), finished: false }], ..sent.clone() };
+        let bad = v1::Register { held: vec![v1::HeldWork { work: "nope".into(), finished: false }], ..sent.clone() };
         let error = register_from_proto(bad).unwrap_err().to_string();
         assert!(error.contains("worker w1: a held job"), "{error}");
         let bad = v1::Register { platforms: vec!["plan9".into()], ..sent.clone() };

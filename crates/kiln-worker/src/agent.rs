@@ -38,12 +38,16 @@ const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(200);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 /// How long a drained worker waits for the control plane to close its side.
 const DRAIN_CLOSE_GRACE: Duration = Duration::from_secs(5);
-/// How long after registering again the jobs of a lost session wait to be adopted: longer
-/// than a new leader takes to recover (it waits up to a lease for its workers) plus a
-/// client's resubmission. Then running ones are stopped and kept results dropped.
-pub const ADOPTION_GRACE: Duration = Duration::from_secs(30);
-/// Results of orphaned jobs kept at most (the oldest are dropped first).
+/// How long after registering again the jobs of a lost session wait to be adopted
+/// ([`kiln_model::ADOPTION_GRACE_MS`]). Then running ones are stopped and kept results dropped.
+pub const ADOPTION_GRACE: Duration = Duration::from_millis(kiln_model::ADOPTION_GRACE_MS);
+/// Results of orphaned jobs kept at most (the oldest are dropped first), and results sent
+/// remembered at most.
 const MAX_KEPT_RESULTS: usize = 256;
+/// How long a result sent is remembered: if the session is lost within this time, the
+/// coordinator may have died before it recorded the result, and the result is kept for the
+/// next one. It covers a dead coordinator's detection (the keepalive, a few seconds).
+const RECENT: Duration = Duration::from_secs(10);
 
 /// What a worker sends on a session (cheap to clone; one clone per running job).
 pub trait SessionLink: Clone + Send + Sync + 'static {
@@ -139,12 +143,36 @@ pub async fn run<C: ControlPlane>(
     }
 }
 
-/// Where a job's logs and result go: a session's link and the job as that session knows it
-/// (id, epoch); `None` while the job is an orphan of a lost session.
-type Binding<L> = Arc<Mutex<Option<(L, JobId, u32)>>>;
+/// Where a job's logs and result go.
+enum Route<L> {
+    /// A session's link, and the job as that session knows it (id, epoch).
+    Session(L, JobId, u32),
+    /// Nowhere yet: its session was lost, and it runs on for whoever adopts it.
+    Orphan,
+    /// It ended with no open session to tell: its result is on its way to [`Jobs::kept`].
+    Kept,
+}
 
-fn bound<L>(binding: &Binding<L>) -> MutexGuard<'_, Option<(L, JobId, u32)>> {
+/// A job's route, shared by its task and the session loop.
+type Binding<L> = Arc<Mutex<Route<L>>>;
+
+fn route<L>(binding: &Binding<L>) -> MutexGuard<'_, Route<L>> {
     binding.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where a finished job's result goes now: an open session (its link and the job as that
+/// session knows it), or, when there is none, nowhere (the route becomes [`Route::Kept`] and
+/// the result is to be kept). Decided under the route's lock, so an adoption either happens
+/// before (and gets the result) or sees `Kept` (and takes the kept result).
+fn destination<L: SessionLink>(binding: &Binding<L>) -> Option<(L, JobId, u32)> {
+    let mut route = route(binding);
+    match &*route {
+        Route::Session(link, job, epoch) if link.is_open() => Some((link.clone(), *job, *epoch)),
+        _ => {
+            *route = Route::Kept;
+            None
+        }
+    }
 }
 
 /// A running job.
@@ -155,54 +183,83 @@ struct Task<L> {
     abort: AbortHandle,
 }
 
-/// The result of a job that finished as an orphan, waiting for a coordinator to ask for its
-/// work; its layers stay held from garbage collection meanwhile.
+/// A job's result kept for whoever asks for its work: its layers stay held from garbage
+/// collection meanwhile (when they still were at the end).
 struct Kept {
     result: Result<Executed<Layers>, Failed>,
-    _hold: Arc<kiln_layer::Hold>,
+    _hold: Option<Arc<kiln_layer::Hold>>,
+}
+
+/// How a job's task ended.
+enum Ended {
+    /// Its result went to its session; kept a while in case that session is lost before the
+    /// coordinator recorded it.
+    Sent(Kept),
+    /// No open session: its result is kept.
+    Kept(Kept),
 }
 
 /// The jobs a worker runs, across its sessions.
 struct Jobs<L> {
-    set: JoinSet<(u64, Option<Kept>)>,
+    set: JoinSet<(u64, Ended)>,
     tasks: HashMap<u64, Task<L>>,
+    /// Results waiting to be adopted, by work.
     kept: HashMap<Work, Kept>,
     /// Kept results, oldest first.
     kept_order: VecDeque<Work>,
+    /// Results sent in the last [`RECENT`], newest last: when the session is lost they are
+    /// kept, as the coordinator may have died before it recorded them.
+    recent: VecDeque<(tokio::time::Instant, Work, Kept)>,
     next: u64,
 }
 
 impl<L> Default for Jobs<L> {
     fn default() -> Self {
-        Jobs { set: JoinSet::new(), tasks: HashMap::new(), kept: HashMap::new(), kept_order: VecDeque::new(), next: 0 }
+        Jobs {
+            set: JoinSet::new(),
+            tasks: HashMap::new(),
+            kept: HashMap::new(),
+            kept_order: VecDeque::new(),
+            recent: VecDeque::new(),
+            next: 0,
+        }
     }
 }
 
 impl<L: SessionLink> Jobs<L> {
     /// Runs a job bound to a session.
-    fn spawn(
-        &mut self,
-        work: Option<Work>,
-        binding: Binding<L>,
-        job: impl Future<Output = Option<Kept>> + Send + 'static,
-    ) {
+    fn spawn(&mut self, work: Option<Work>, binding: Binding<L>, job: impl Future<Output = Ended> + Send + 'static) {
         let id = self.next;
         self.next += 1;
         let abort = self.set.spawn(async move { (id, job.await) });
         self.tasks.insert(id, Task { work, binding, abort });
     }
 
-    /// A job is done: an orphan's result is kept for whoever adopts its work.
-    fn finished(&mut self, id: u64, kept: Option<Kept>) {
-        let Some(task) = self.tasks.remove(&id) else { return };
-        if let (Some(work), Some(kept)) = (task.work, kept) {
-            if self.kept.insert(work, kept).is_none() {
-                self.kept_order.push_back(work);
-            }
-            while self.kept_order.len() > MAX_KEPT_RESULTS {
-                if let Some(old) = self.kept_order.pop_front() {
-                    self.kept.remove(&old);
+    /// A job's task ended: a result nobody received is kept for whoever adopts its work; one
+    /// sent is remembered for [`RECENT`].
+    fn finished(&mut self, id: u64, ended: Ended) {
+        let Some(Task { work: Some(work), .. }) = self.tasks.remove(&id) else { return };
+        match ended {
+            Ended::Kept(kept) => self.keep(work, kept),
+            Ended::Sent(sent) => {
+                let now = tokio::time::Instant::now();
+                self.recent.push_back((now, work, sent));
+                while self.recent.len() > MAX_KEPT_RESULTS
+                    || self.recent.front().is_some_and(|(at, ..)| *at + RECENT < now)
+                {
+                    self.recent.pop_front();
                 }
+            }
+        }
+    }
+
+    fn keep(&mut self, work: Work, kept: Kept) {
+        if self.kept.insert(work, kept).is_none() {
+            self.kept_order.push_back(work);
+        }
+        while self.kept_order.len() > MAX_KEPT_RESULTS {
+            if let Some(old) = self.kept_order.pop_front() {
+                self.kept.remove(&old);
             }
         }
     }
@@ -211,43 +268,57 @@ impl<L: SessionLink> Jobs<L> {
     /// them).
     fn collect(&mut self) {
         while let Some(done) = self.set.try_join_next() {
-            if let Ok((id, kept)) = done {
-                self.finished(id, kept);
+            if let Ok((id, ended)) = done {
+                self.finished(id, ended);
             }
         }
     }
 
     /// The orphans, as a registration reports them.
     fn held(&self) -> Vec<HeldWork> {
-        let running = self
-            .tasks
-            .values()
-            .filter(|t| bound(&t.binding).is_none())
-            .filter_map(|t| t.work.map(|work| HeldWork { work, finished: false }));
-        let finished = self.kept_order.iter().map(|work| HeldWork { work: *work, finished: true });
-        running.chain(finished).collect()
+        let mut held: Vec<HeldWork> = Vec::new();
+        for task in self.tasks.values() {
+            let finished = match &*route(&task.binding) {
+                Route::Session(..) => continue,
+                Route::Orphan => false,
+                Route::Kept => true,
+            };
+            held.extend(task.work.map(|work| HeldWork { work, finished }));
+        }
+        held.extend(self.kept_order.iter().map(|work| HeldWork { work: *work, finished: true }));
+        held
     }
 
     fn has_orphans(&self) -> bool {
-        !self.kept.is_empty() || self.tasks.values().any(|t| bound(&t.binding).is_none())
+        !self.kept.is_empty() || self.tasks.values().any(|t| !matches!(&*route(&t.binding), Route::Session(..)))
     }
 
-    /// The session is lost: its jobs run on as orphans, except those nobody could adopt.
+    /// The session is lost: its jobs run on as orphans (except those nobody could adopt), and
+    /// the results it received last are kept.
     fn orphan_all(&mut self) {
         self.tasks.retain(|_, task| {
-            *bound(&task.binding) = None;
+            let mut route = route(&task.binding);
+            if matches!(&*route, Route::Session(..)) {
+                *route = Route::Orphan;
+            }
             if task.work.is_none() {
                 task.abort.abort();
             }
             task.work.is_some()
         });
+        let now = tokio::time::Instant::now();
+        while let Some((at, work, kept)) = self.recent.pop_front() {
+            if at + RECENT >= now {
+                self.keep(work, kept);
+            }
+        }
     }
 
     /// Stops the orphans and drops kept results: returns how many there were.
     fn drop_orphans(&mut self) -> usize {
         let before = self.tasks.len() + self.kept.len();
         self.tasks.retain(|_, task| {
-            let orphan = bound(&task.binding).is_none();
+            let orphan = matches!(&*route(&task.binding), Route::Orphan);
             if orphan {
                 task.abort.abort();
             }
@@ -261,7 +332,7 @@ impl<L: SessionLink> Jobs<L> {
     /// Stops the job the session knows as `job`.
     fn cancel(&mut self, job: JobId) {
         self.tasks.retain(|_, task| {
-            let cancelled = bound(&task.binding).as_ref().is_some_and(|(_, j, _)| *j == job);
+            let cancelled = matches!(&*route(&task.binding), Route::Session(_, j, _) if *j == job);
             if cancelled {
                 task.abort.abort();
             }
@@ -271,21 +342,40 @@ impl<L: SessionLink> Jobs<L> {
 
     /// Attaches an assignment to the orphan computing the same work, or answers it with the
     /// result kept for that work: `false` when this worker holds no such work.
-    fn adopt(&mut self, assignment: &Assignment, link: &L) -> bool {
+    async fn adopt(&mut self, assignment: &Assignment, link: &L) -> bool {
         let Some(work) = assignment.work() else { return false };
         let (job, epoch) = (assignment.job, assignment.epoch);
         let name = &assignment.vertex.meta.name;
-        if let Some(kept) = self.kept.remove(&work) {
-            self.kept_order.retain(|w| *w != work);
-            tracing::info!(job, epoch, vertex = %name, "adopted: it finished while no coordinator was connected");
-            link.result(job, epoch, kept.result);
-            return true;
+        loop {
+            if let Some(kept) = self.kept.remove(&work) {
+                self.kept_order.retain(|w| *w != work);
+                tracing::info!(job, epoch, vertex = %name, "adopted: it finished while no coordinator was connected");
+                link.result(job, epoch, kept.result);
+                return true;
+            }
+            let mut ending = false;
+            for task in self.tasks.values().filter(|t| t.work == Some(work)) {
+                let mut route = route(&task.binding);
+                match &*route {
+                    Route::Orphan => {
+                        *route = Route::Session(link.clone(), job, epoch);
+                        tracing::info!(job, epoch, vertex = %name, "adopted: it ran on across the lost session");
+                        return true;
+                    }
+                    Route::Kept => ending = true,
+                    Route::Session(..) => {}
+                }
+            }
+            if !ending {
+                return false;
+            }
+            // Its result is on its way to being kept: take in the jobs that end until it is.
+            match self.set.join_next().await {
+                Some(Ok((id, ended))) => self.finished(id, ended),
+                Some(Err(_)) => {}
+                None => return false,
+            }
         }
-        let orphan = self.tasks.values().find(|t| t.work == Some(work) && bound(&t.binding).is_none());
-        let Some(orphan) = orphan else { return false };
-        *bound(&orphan.binding) = Some((link.clone(), job, epoch));
-        tracing::info!(job, epoch, vertex = %name, "adopted: it ran on across the lost session");
-        true
     }
 }
 
@@ -345,15 +435,16 @@ impl Served<'_> {
                     tracing::info!("draining: finishing {} running jobs", jobs.tasks.len());
                 }
                 Some(done) = jobs.set.join_next(), if !jobs.set.is_empty() => {
-                    if let Ok((id, kept)) = done {
-                        jobs.finished(id, kept);
+                    if let Ok((id, ended)) = done {
+                        jobs.finished(id, ended);
                     }
                 }
                 message = incoming.recv() => match message {
                     Some(Ok(FromCoordinator::Assign(assignment))) => {
-                        if !jobs.adopt(&assignment, &link) {
+                        if !jobs.adopt(&assignment, &link).await {
                             let work = assignment.work();
-                            let binding = Arc::new(Mutex::new(Some((link.clone(), assignment.job, assignment.epoch))));
+                            let session = Route::Session(link.clone(), assignment.job, assignment.epoch);
+                            let binding = Arc::new(Mutex::new(session));
                             let task = run_job(
                                 Arc::clone(&self.worker),
                                 Arc::clone(&self.fetcher),
@@ -407,15 +498,15 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Runs a job and reports its result where its binding points then; an orphan's result
-/// (no session bound) is returned to be kept.
+/// Runs a job and reports its result to the session its route names then; with no open
+/// session, the result is returned to be kept.
 async fn run_job<L: SessionLink>(
     worker: Arc<Worker>,
     fetcher: Arc<dyn BlobFetcher>,
     assignment: Assignment,
     binding: Binding<L>,
     coordinator: String,
-) -> Option<Kept> {
+) -> Ended {
     let (job, epoch) = (assignment.job, assignment.epoch);
     let span = tracing::info_span!("job", job, epoch, vertex = %assignment.vertex.meta.name);
     span.in_scope(|| tracing::info!("started"));
@@ -427,21 +518,25 @@ async fn run_job<L: SessionLink>(
     if let Err(error) = &result {
         span.in_scope(|| tracing::info!("failed: {error}"));
     }
-    let current = bound(&binding).clone();
-    let Some((link, job, epoch)) = current else {
-        span.in_scope(|| tracing::info!("finished as an orphan: its result is kept"));
-        return Some(Kept { result, _hold: hold });
-    };
+    if destination(&binding).is_none() {
+        span.in_scope(|| tracing::info!("ended with no coordinator connected: its result is kept"));
+        return Ended::Kept(Kept { result, _hold: Some(hold) });
+    }
     drop(hold);
     // The job's layers are released: collect if the store may be over its limits, started
     // before the result goes out (so a `du` that follows the build sees it done).
     let collecting = worker.gc().collect_soon().await;
-    link.result(job, epoch, result);
+    // The session may have been lost meanwhile, or the job adopted under another.
+    let Some((link, job, epoch)) = destination(&binding) else {
+        span.in_scope(|| tracing::info!("its session was lost as it ended: its result is kept"));
+        return Ended::Kept(Kept { result, _hold: None });
+    };
+    link.result(job, epoch, result.clone());
     match collecting.await {
-        Ok(result) => collected(result, &link),
+        Ok(collection) => collected(collection, &link),
         Err(error) => tracing::warn!("garbage collection: {error}"),
     }
-    None
+    Ended::Sent(Kept { result, _hold: None })
 }
 
 /// Tells the coordinator which layers a collection removed.
@@ -498,12 +593,18 @@ async fn execute<L: SessionLink>(
     };
     // Lines go to the job's session; an orphan's are dropped.
     let binding = Arc::clone(binding);
-    let logs = LogSink::new(move |line| match &*bound(&binding) {
-        Some((link, job, epoch)) => {
-            link.log(*job, *epoch, line);
-            link.is_open()
+    let logs = LogSink::new(move |line| {
+        let session = match &*route(&binding) {
+            Route::Session(link, job, epoch) => Some((link.clone(), *job, *epoch)),
+            Route::Orphan | Route::Kept => None,
+        };
+        match session {
+            Some((link, job, epoch)) => {
+                link.log(job, epoch, line);
+                link.is_open()
+            }
+            None => true,
         }
-        None => true,
     });
     let output = worker.execute(&assignment.vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
     build.hold(&output.snapshot.layers)?;

@@ -33,7 +33,7 @@ fn settings() -> ClusterSettings {
 }
 
 fn register(state: &mut ClusterState, info: WorkerInfo, layers: Vec<Digest>) -> u64 {
-    let effects = state.apply(ClusterCommand::Register { info, layers, at: 0 });
+    let effects = state.apply(ClusterCommand::Register { info, layers, adopt: vec![], at: 0 });
     effects
         .iter()
         .find_map(|e| match e {
@@ -105,7 +105,8 @@ fn a_job_without_a_worker_of_its_platform_waits_then_fails() {
 fn a_worker_arriving_in_time_takes_the_waiting_job() {
     let mut state = ClusterState::new(settings());
     assert!(assigned(&submit(&mut state, 1, 1, Some(arm64()), vec![])).is_empty());
-    let effects = state.apply(ClusterCommand::Register { info: info("b", arm64(), 1), layers: vec![], at: 10 });
+    let effects =
+        state.apply(ClusterCommand::Register { info: info("b", arm64(), 1), layers: vec![], adopt: vec![], at: 10 });
     assert_eq!(assigned(&effects), vec![(1, 0, "b".into())]);
 }
 
@@ -146,7 +147,8 @@ fn builds_take_turns() {
         submit(&mut state, job, 1, None, vec![]);
     }
     submit(&mut state, 100, 2, None, vec![]);
-    let effects = state.apply(ClusterCommand::Register { info: info("a", amd64(), 2), layers: vec![], at: 0 });
+    let effects =
+        state.apply(ClusterCommand::Register { info: info("a", amd64(), 2), layers: vec![], adopt: vec![], at: 0 });
     let jobs: Vec<JobId> = assigned(&effects).into_iter().map(|(job, _, _)| job).collect();
     assert_eq!(jobs, vec![1, 100]);
 }
@@ -156,7 +158,8 @@ fn a_lost_worker_requeues_its_jobs_with_a_new_epoch_and_late_reports_are_dropped
     let mut state = ClusterState::new(settings());
     let a = register(&mut state, info("a", amd64(), 1), vec![]);
     assert_eq!(assigned(&submit(&mut state, 1, 1, None, vec![])), vec![(1, 0, "a".into())]);
-    let effects = state.apply(ClusterCommand::Register { info: info("b", amd64(), 1), layers: vec![], at: 0 });
+    let effects =
+        state.apply(ClusterCommand::Register { info: info("b", amd64(), 1), layers: vec![], adopt: vec![], at: 0 });
     assert!(assigned(&effects).is_empty());
     let effects = state.apply(ClusterCommand::Disconnect { worker: "a".into(), session: a, at: 10 });
     assert_eq!(effects[0], ClusterEffect::Lost { worker: "a".into(), session: a });
@@ -175,8 +178,12 @@ fn an_expired_lease_loses_the_worker_and_the_retry_budget_bounds_requeues() {
     let mut state = ClusterState::new(settings());
     submit(&mut state, 1, 1, None, vec![]);
     for (round, at) in [(0u64, 0u64), (1, 2000), (2, 4000)] {
-        let effects =
-            state.apply(ClusterCommand::Register { info: info(&format!("w{round}"), amd64(), 1), layers: vec![], at });
+        let effects = state.apply(ClusterCommand::Register {
+            info: info(&format!("w{round}"), amd64(), 1),
+            layers: vec![],
+            adopt: vec![],
+            at,
+        });
         assert_eq!(assigned(&effects), vec![(1, round as u32, format!("w{round}"))]);
         let effects = state.apply(ClusterCommand::Tick { at: at + 1000 });
         assert!(matches!(&effects[0], ClusterEffect::Lost { worker, .. } if *worker == format!("w{round}")));
@@ -236,10 +243,19 @@ fn a_job_whose_work_a_worker_holds_is_adopted_there_past_its_slots_and_only_ther
     let effects = state.apply(ClusterCommand::Submit { job: 4, spec, held_by: Some("gone".into()), at: 0 });
     assert!(assigned(&effects).is_empty());
     assert_eq!(state.queued(), 1);
-    // A queued job is adopted by a worker that turns out to hold its work (it registered with
-    // it), full or not; an assigned one is left alone.
-    let effects = state.apply(ClusterCommand::Adopt { job: 4, worker: "b".into() });
-    assert_eq!(effects, vec![ClusterEffect::Assign { job: 4, epoch: 0, worker: "b".into(), adopted: true }]);
+    // A queued job is adopted by the worker that registers holding its work; one assigned
+    // elsewhere is left alone.
+    let effects =
+        state.apply(ClusterCommand::Register { info: info("d", amd64(), 1), layers: vec![], adopt: vec![4, 1], at: 0 });
+    assert_eq!(assigned(&effects), vec![(4, 0, "d".into())]);
+    assert!(effects.contains(&ClusterEffect::Assign { job: 4, epoch: 0, worker: "d".into(), adopted: true }));
     assert_eq!(state.queued(), 0);
-    assert!(state.apply(ClusterCommand::Adopt { job: 1, worker: "b".into() }).is_empty());
+
+    // A worker registering again gets back the jobs of its old session it kept, before they
+    // can be placed on another worker with a free slot.
+    let effects =
+        state.apply(ClusterCommand::Register { info: info("a", amd64(), 1), layers: vec![], adopt: vec![1, 2], at: 1 });
+    let mut back = assigned(&effects);
+    back.sort();
+    assert_eq!(back, vec![(1, 1, "a".into()), (2, 1, "a".into())]);
 }

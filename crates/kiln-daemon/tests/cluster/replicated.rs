@@ -395,6 +395,14 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
     assert!(finished.iter().any(|done| !done), "every build finished before the kill");
     let killed_at = Instant::now();
     cluster.kill(leader);
+    // The new leader's first assignment: the first step adopted (what ran at the kill is
+    // assigned first, to the worker that holds it).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !builds.iter().any(|b| b.progress().contains("adopted: worker")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(printed.recv_timeout(left).is_ok(), "nothing was adopted\n{}", cluster.logs());
+    }
+    eprintln!("the new leader's first assignment {} ms after the SIGKILL", killed_at.elapsed().as_millis());
     let (mut adopted, mut reattached) = (0, Vec::new());
     for (i, mut build) in builds.into_iter().enumerate() {
         let status = build.child.wait().unwrap();
@@ -427,7 +435,7 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
             assert_eq!(starts, 1, "{step} started {starts} times\n{workers}");
         }
     }
-    eprintln!("{adopted} running steps adopted by the new leader");
+    eprintln!("{adopted} steps adopted by the new leader (running or finished on a worker at the kill)");
     assert!(adopted > 0, "no running step was adopted\n{}", cluster.logs());
     // The new leader knew the builds its clients reattached to: they were in the log.
     let history = cluster.history();
