@@ -15,9 +15,22 @@ use crate::error::ApiError;
 /// The tree holding the entries, by build id.
 pub const BUILDS_TREE: &str = "builds";
 
-/// The builds running on this daemon, by id: one run per id at a time.
+/// The most entries the history keeps: the oldest go first. An entry is small (a request
+/// summary is at most about 32 KiB, usually a few), and the history is part of a replicated
+/// coordinator's snapshots. Issue #20's retention settings replace this bound.
+pub const MAX_ENTRIES: usize = 1000;
+
+/// How many builds end between two looks at the history's size.
+const PRUNE_EVERY: u64 = 50;
+
+/// The builds running on this daemon, by id: one run per id at a time. A daemon's control
+/// services (its unix socket's and its TCP listener's) share one.
 #[derive(Clone, Default)]
-pub(crate) struct Runs(Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, CancellationToken)>>>);
+pub struct Runs {
+    running: Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, CancellationToken)>>>,
+    /// Builds ended here, counted for pruning the history.
+    ended: Arc<std::sync::atomic::AtomicU64>,
+}
 
 /// A build's claim on its id while it runs here; dropping it lets the id go.
 pub(crate) struct Run {
@@ -29,7 +42,12 @@ pub(crate) struct Run {
 
 impl Runs {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, CancellationToken)>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether build `id` runs here.
+    fn running(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
     }
 
     /// Claims `id` for a run. A new build (`attempt` 0) under an id running here is refused;
@@ -118,12 +136,19 @@ impl BuildBook {
     }
 
     /// Records `entry`. A replicated book resolves once the entry is committed: a build
-    /// starts only once its submission is in the log. A local one writes it at once.
-    pub async fn record(&self, entry: &BuildEntry) -> Result<(), ApiError> {
+    /// starts only once its submission is in the log. A local one writes it at once, and
+    /// syncs it to disk first when `sync` is set (a daemon that dies next still has it).
+    pub async fn record(&self, entry: &BuildEntry, sync: bool) -> Result<(), ApiError> {
         let value = serde_json::to_vec(entry).map_err(|e| ApiError::History(format!("build {}: {e}", entry.id)))?;
         match self {
             BuildBook::Local(kv) => {
-                kv.put(BUILDS_TREE, entry.id.as_bytes(), &value).map_err(|e| ApiError::History(e.to_string()))
+                kv.put(BUILDS_TREE, entry.id.as_bytes(), &value).map_err(|e| ApiError::History(e.to_string()))?;
+                if sync {
+                    let kv = Arc::clone(kv);
+                    let flushed = tokio::task::spawn_blocking(move || kv.flush()).await.map_err(ApiError::from)?;
+                    flushed.map_err(|e| ApiError::History(e.to_string()))?;
+                }
+                Ok(())
             }
             BuildBook::Replicated(kv) => {
                 let mut batch = kiln_kv::Batch::default();
@@ -139,13 +164,17 @@ impl BuildBook {
     pub(crate) async fn begin(
         &self,
         request: &kiln_model::BuildRequest,
-        tenant: &str,
+        caller: &kiln_model::Caller,
         id: &str,
     ) -> Result<kiln_model::BuildEntry, ApiError> {
+        let summary = kiln_model::RequestSummary::of(request, &caller.name);
         let recorded = self.get(id)?;
         let entry = match recorded {
-            Some(recorded) if request.attempt == 0 || recorded.tenant != tenant => {
+            Some(recorded) if request.attempt == 0 || recorded.tenant != caller.tenant => {
                 return Err(ApiError::BuildExists(id.to_string()));
+            }
+            Some(recorded) if !recorded.request.same_build(&summary) => {
+                return Err(ApiError::NotTheSameBuild(id.to_string()));
             }
             Some(recorded) => {
                 tracing::info!(
@@ -169,14 +198,32 @@ impl BuildBook {
                 completed: None,
                 target: request.target.clone(),
                 platforms: request.platforms.iter().map(|p| p.to_string()).collect(),
-                tenant: tenant.to_string(),
+                tenant: caller.tenant.clone(),
                 submissions: request.attempt + 1,
                 counts: Default::default(),
                 error: None,
+                request: summary,
             },
         };
-        self.record(&entry).await?;
+        self.record(&entry, true).await?;
         Ok(entry)
+    }
+
+    /// Ends the entries left `running` that do not run here (`why` is their error): the builds
+    /// of a daemon that stopped, or of a lost leader whose clients did not reattach.
+    pub(crate) async fn settle(&self, runs: &Runs, why: &str) {
+        let book = self.clone();
+        let entries = match tokio::task::spawn_blocking(move || book.list(None)).await {
+            Ok(Ok(entries)) => entries,
+            Ok(Err(error)) => return tracing::warn!("settling abandoned builds: {error}"),
+            Err(error) => return tracing::warn!("settling abandoned builds: {error}"),
+        };
+        for entry in entries.into_iter().filter(|e| e.status == "running" && !runs.running(&e.id)) {
+            match self.record(&entry.ended("failed", Some(why.to_string()), &[]), false).await {
+                Ok(()) => tracing::info!("build {}: {why}", entry.id),
+                Err(error) => return tracing::warn!("settling build {}: {error}", entry.id),
+            }
+        }
     }
 
     /// Records how `run` ended, unless a reattachment replaced it; a failure to is logged
@@ -185,8 +232,32 @@ impl BuildBook {
         if !run.current() {
             return;
         }
-        if let Err(error) = self.record(&entry).await {
+        if let Err(error) = self.record(&entry, false).await {
             tracing::warn!("recording the end of build {}: {error}", entry.id);
+        }
+        if run.runs.ended.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
+            self.prune(MAX_ENTRIES).await;
+        }
+    }
+
+    /// Removes the oldest entries of builds that ended, beyond `max`.
+    pub(crate) async fn prune(&self, max: usize) {
+        let book = self.clone();
+        let pruned = tokio::task::spawn_blocking(move || {
+            let entries = book.list(None)?;
+            let ended: Vec<&BuildEntry> = entries.iter().filter(|e| e.status != "running").collect();
+            let over = entries.len().saturating_sub(max).min(ended.len());
+            for entry in &ended[..over] {
+                book.kv().delete(BUILDS_TREE, entry.id.as_bytes()).map_err(|e| ApiError::History(e.to_string()))?;
+            }
+            Ok::<_, ApiError>(over)
+        })
+        .await;
+        match pruned {
+            Ok(Ok(0)) => {}
+            Ok(Ok(pruned)) => tracing::info!("the build history dropped its {pruned} oldest entries"),
+            Ok(Err(error)) => tracing::warn!("pruning the build history: {error}"),
+            Err(error) => tracing::warn!("pruning the build history: {error}"),
         }
     }
 }
@@ -196,27 +267,41 @@ mod tests {
     use super::*;
 
     fn request(attempt: u32) -> kiln_model::BuildRequest {
-        kiln_model::BuildRequest { attempt, target: Some("app".into()), ..Default::default() }
+        kiln_model::BuildRequest {
+            attempt,
+            target: Some("app".into()),
+            dockerfile: "FROM scratch\n".into(),
+            ..Default::default()
+        }
+    }
+
+    fn caller(tenant: &str) -> kiln_model::Caller {
+        kiln_model::Caller { name: format!("ci-{tenant}"), tenant: tenant.into(), role: kiln_model::Role::Build }
     }
 
     #[tokio::test]
     async fn builds_begin_once_and_are_reattached_only_by_their_tenant() {
         let book = BuildBook::Local(Arc::new(kiln_kv::MemoryKv::new()));
-        let first = book.begin(&request(0), "team-a", "b1").await.unwrap();
+        let first = book.begin(&request(0), &caller("team-a"), "b1").await.unwrap();
         assert_eq!((first.status.as_str(), first.submissions, first.target.as_deref()), ("running", 1, Some("app")));
         // The same id as a new build: refused, naming it.
-        let error = book.begin(&request(0), "team-a", "b1").await.unwrap_err();
+        let error = book.begin(&request(0), &caller("team-a"), "b1").await.unwrap_err();
         assert!(matches!(error, ApiError::BuildExists(_)) && error.to_string().contains("build b1"), "{error}");
         // Another tenant cannot take it over.
-        assert!(matches!(book.begin(&request(1), "team-b", "b1").await, Err(ApiError::BuildExists(_))));
+        assert!(matches!(book.begin(&request(1), &caller("team-b"), "b1").await, Err(ApiError::BuildExists(_))));
         // Its client reattaching: the same build, submitted once more.
         let run = Runs::default().claim("b1", 0).unwrap();
         book.record_end(&run, first.ended("failed", Some("lost".into()), &[])).await;
-        let again = book.begin(&request(1), "team-a", "b1").await.unwrap();
+        let again = book.begin(&request(1), &caller("team-a"), "b1").await.unwrap();
         assert_eq!((again.started, again.submissions, again.status.as_str()), (first.started, 2, "running"));
         assert_eq!((again.completed, again.error), (None, None));
+        // A reattachment must ask for the same build.
+        let other = kiln_model::BuildRequest { dockerfile: "FROM other\n".into(), ..request(1) };
+        let error = book.begin(&other, &caller("team-a"), "b1").await.unwrap_err();
+        assert!(matches!(error, ApiError::NotTheSameBuild(_)) && error.to_string().contains("build b1"), "{error}");
+        assert_eq!(again.request.dockerfile, "FROM scratch\n");
         // A reattachment whose first submission never reached the log starts a new entry.
-        let unknown = book.begin(&request(2), "team-a", "b2").await.unwrap();
+        let unknown = book.begin(&request(2), &caller("team-a"), "b2").await.unwrap();
         assert_eq!(unknown.submissions, 3);
         let listed: Vec<String> = book.list(Some("team-a")).unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(listed, ["b1", "b2"]);
@@ -233,12 +318,26 @@ mod tests {
         assert!(!first.current() && second.current());
         // The replaced run's end is not recorded over the new run's entry.
         let book = BuildBook::Local(Arc::new(kiln_kv::MemoryKv::new()));
-        let entry = book.begin(&request(1), "team-a", "b1").await.unwrap();
+        let entry = book.begin(&request(1), &caller("team-a"), "b1").await.unwrap();
         book.record_end(&first, entry.ended("cancelled", None, &[])).await;
         assert_eq!(book.get("b1").unwrap().unwrap().status, "running");
         drop(first);
         assert!(second.current(), "the replaced run leaves the id to the new one");
         drop(second);
         runs.claim("b1", 0).unwrap();
+    }
+
+    #[tokio::test]
+    async fn pruning_drops_the_oldest_ended_entries_and_keeps_running_ones() {
+        let book = BuildBook::Local(Arc::new(kiln_kv::MemoryKv::new()));
+        for n in 0..5u64 {
+            let entry = book.begin(&request(0), &caller("team-a"), &format!("b{n}")).await.unwrap();
+            let entry = BuildEntry { started: n, ..entry };
+            let entry = if n == 0 { entry } else { entry.ended("succeeded", None, &[]) };
+            book.record(&entry, false).await.unwrap();
+        }
+        book.prune(3).await;
+        let left: Vec<String> = book.list(None).unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(left, ["b0", "b3", "b4"], "the running b0 stays; b1 and b2 go");
     }
 }

@@ -165,6 +165,9 @@ pub enum ApiError {
     /// A new build under an id the history has already.
     #[error("build {0}: a build with this id exists already (a client reattaching sends its attempt)")]
     BuildExists(String),
+    /// A reattachment whose request is not the recorded build's.
+    #[error("build {0}: a reattachment must send the request of the build it reattaches to, and this one differs")]
+    NotTheSameBuild(String),
     /// The build history could not be read or written.
     #[error("the build history: {0}")]
     History(String),
@@ -190,7 +193,9 @@ impl ApiError {
         match self {
             ApiError::Malformed(_) | ApiError::NotRegistered | ApiError::UploadWithoutDigest => ErrorKind::BadRequest,
             ApiError::Upload { sender_at_fault: true, .. } => ErrorKind::BadRequest,
-            ApiError::RegistrationRefused(_) | ApiError::BuildExists(_) => ErrorKind::Conflict,
+            ApiError::RegistrationRefused(_) | ApiError::BuildExists(_) | ApiError::NotTheSameBuild(_) => {
+                ErrorKind::Conflict
+            }
             ApiError::LocalContextOverTcp => ErrorKind::Refused,
             ApiError::UploadStalled { .. } => ErrorKind::TimedOut,
             ApiError::SessionEnded(_) | ApiError::NotLeader { .. } | ApiError::Replication(_) => ErrorKind::Unavailable,

@@ -15,7 +15,7 @@ mod workers;
 
 pub use auth::Access;
 pub use blobs::BlobsService;
-pub use builds::{BUILDS_TREE, BuildBook};
+pub use builds::{BUILDS_TREE, BuildBook, Runs};
 pub use error::{ApiError, ServeError};
 pub use exports::clear_spools;
 pub use limits::{CONNECTION_RATE, TOKEN_RATE};
@@ -128,6 +128,45 @@ impl ControlService {
         self
     }
 
+    /// Shares `runs` (the builds running on this daemon) with its other control service.
+    pub fn with_runs(mut self, runs: Runs) -> ControlService {
+        self.runs = runs;
+        self
+    }
+
+    /// The builds running on this daemon.
+    pub fn runs(&self) -> Runs {
+        self.runs.clone()
+    }
+
+    /// Ends, in the background, the history entries left `running` with nobody to finish them:
+    /// at once for a single daemon (they are an earlier process's), and for a replicated
+    /// coordinator each time it has taken over a term, once clients have had
+    /// [`kiln_model::ADOPTION_GRACE_MS`] to reattach. Call it on one of a daemon's services.
+    pub fn settle_abandoned_builds(&self) {
+        let (book, runs, replication) = (self.builds.clone(), self.runs.clone(), self.replication.clone());
+        let settling = async move {
+            let Some(replication) = replication else {
+                book.settle(&runs, "the daemon stopped before the build finished").await;
+                return;
+            };
+            let mut recovered = replication.watch_recovered();
+            if *recovered.borrow() != 0 {
+                // A term taken over before this started.
+                recovered.mark_changed();
+            }
+            while recovered.changed().await.is_ok() {
+                let term = *recovered.borrow_and_update();
+                tokio::time::sleep(std::time::Duration::from_millis(kiln_model::ADOPTION_GRACE_MS)).await;
+                if replication.leading().is_ok() && replication.node().status().term == term {
+                    let why = "its coordinator was lost and its client did not reattach";
+                    book.settle(&runs, why).await;
+                }
+            }
+        };
+        tokio::spawn(settling.instrument(tracing::info_span!("settle_builds")));
+    }
+
     /// Ends uploads that send nothing for `timeout` (default [`UPLOAD_IDLE_TIMEOUT`]).
     pub fn with_upload_idle_timeout(mut self, timeout: std::time::Duration) -> ControlService {
         self.upload_idle_timeout = timeout;
@@ -168,7 +207,7 @@ impl Control for ControlService {
                         replication.recovered().await;
                     }
                     let run = runs.claim(&id, request.attempt)?;
-                    Ok::<_, ApiError>((run, book.begin(&request, &caller.tenant, &id).await?))
+                    Ok::<_, ApiError>((run, book.begin(&request, &caller, &id).await?))
                 };
                 let begun = tokio::select! {
                     begun = begun => begun,

@@ -56,6 +56,11 @@ impl Replication {
         self.recovered.send_replace(term);
     }
 
+    /// The last term this member has taken over, as it changes.
+    pub fn watch_recovered(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.recovered.subscribe()
+    }
+
     /// Resolves once this member, leading, has taken over its term.
     pub async fn recovered(&self) {
         let mut recovered = self.recovered.subscribe();

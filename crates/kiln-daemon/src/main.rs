@@ -411,6 +411,8 @@ async fn serve(
         .await?
         .with_context(|| format!("clearing old export spools in {}", root.display()))?;
     let mut servers = tokio::task::JoinSet::new();
+    // Both control services know the builds running here (a client may reattach through either).
+    let runs = tcp.as_ref().and_then(|(_, services)| services.control.as_ref()).map(|c| c.runs()).unwrap_or_default();
     if let Some((listener, services)) = tcp {
         let serving = kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone()));
         servers.spawn(serving.instrument(tracing::info_span!("tcp_server")));
@@ -418,7 +420,9 @@ async fn serve(
     let service = ControlService::new(Arc::clone(engine), root)
         .with_tenants(Arc::clone(tenants))
         .replicated(replication)
+        .with_runs(runs)
         .tracked_by(tasks.clone(), abandoned.clone());
+    service.settle_abandoned_builds();
     let unix_socket = socket.to_path_buf();
     servers.spawn({
         let stopped = stopped.clone();

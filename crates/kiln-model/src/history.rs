@@ -3,12 +3,20 @@
 //! the entries in its replicated log, so a new leader knows every build and a client that lost
 //! its coordinator reattaches to its build by id.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use crate::{Status, VertexRecord};
+use crate::{BuildRequest, Status, VertexRecord};
 
 /// The longest build id: a client's id longer than this is refused.
 pub const MAX_BUILD_ID: usize = 64;
+
+/// The most of a Dockerfile's text an entry keeps (its first 16 KiB).
+const MAX_KEPT_DOCKERFILE: usize = 16 << 10;
+/// The most build arguments an entry keeps, and the most of each value.
+const MAX_KEPT_ARGS: usize = 64;
+const MAX_KEPT_ARG: usize = 256;
 
 /// A build as the history records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +42,72 @@ pub struct BuildEntry {
     pub counts: BuildCounts,
     /// Why it failed.
     pub error: Option<String>,
+    /// What it was asked.
+    #[serde(default)]
+    pub request: RequestSummary,
+}
+
+/// What a build was asked, as its history keeps it: the request without its secrets and
+/// without the context's file list (its size stands in for it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestSummary {
+    /// The Dockerfile's name.
+    pub file_name: String,
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// `--build-arg`s.
+    pub build_args: BTreeMap<String, String>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--output` specs.
+    pub outputs: Vec<String>,
+    /// `--cache-from` specs.
+    pub cache_from: Vec<String>,
+    /// `--cache-to` specs.
+    pub cache_to: Vec<String>,
+    /// Files in the uploaded context (0: a local context path, or none).
+    pub context_files: u64,
+    /// Their bytes.
+    pub context_bytes: u64,
+    /// The token name that submitted it (`local` on the unix socket).
+    pub submitted_by: String,
+}
+
+impl RequestSummary {
+    /// The summary of `request`, submitted by `caller`: at most the first 16 KiB of the
+    /// Dockerfile, 64 build arguments and 256 bytes of each, so that an entry stays small.
+    pub fn of(request: &BuildRequest, caller: &str) -> RequestSummary {
+        let blobs = request.context_manifest.as_ref().map(|m| m.blobs()).unwrap_or_default();
+        let args = request.build_args.iter().take(MAX_KEPT_ARGS);
+        RequestSummary {
+            file_name: request.file_name.clone(),
+            dockerfile: prefix(&request.dockerfile, MAX_KEPT_DOCKERFILE).to_string(),
+            build_args: args.map(|(k, v)| (k.clone(), prefix(v, MAX_KEPT_ARG).to_string())).collect(),
+            no_cache: request.no_cache,
+            outputs: request.outputs.iter().map(|o| o.to_string()).collect(),
+            cache_from: request.cache_from.iter().map(|c| c.to_string()).collect(),
+            cache_to: request.cache_to.iter().map(|c| c.to_string()).collect(),
+            context_files: request.context_manifest.as_ref().map_or(0, |m| m.entries.len() as u64),
+            context_bytes: blobs.iter().map(|(_, size)| size).sum(),
+            submitted_by: caller.to_string(),
+        }
+    }
+
+    /// Whether `other` asks for the same build (who sent it aside): what a reattachment must
+    /// send.
+    pub fn same_build(&self, other: &RequestSummary) -> bool {
+        RequestSummary { submitted_by: String::new(), ..self.clone() }
+            == RequestSummary { submitted_by: String::new(), ..other.clone() }
+    }
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+fn prefix(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 impl BuildEntry {
@@ -115,6 +189,19 @@ pub fn new_build_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_summary_keeps_a_bounded_part_of_a_large_request() {
+        let mut request = BuildRequest { dockerfile: "é".repeat(20_000), ..Default::default() };
+        for n in 0..100 {
+            request.build_args.insert(format!("A{n:03}"), "v".repeat(1000));
+        }
+        let summary = RequestSummary::of(&request, "ci");
+        assert!(summary.dockerfile.len() <= 16 << 10 && summary.dockerfile.chars().all(|c| c == 'é'));
+        assert_eq!(summary.build_args.len(), 64);
+        assert!(summary.build_args.values().all(|v| v.len() == 256));
+        assert!(summary.same_build(&RequestSummary::of(&request, "another token")));
+    }
 
     #[test]
     fn new_ids_are_valid_and_differ() {

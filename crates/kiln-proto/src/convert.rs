@@ -516,6 +516,8 @@ pub fn build_entry_from_proto(summary: v1::BuildSummary) -> BuildEntry {
             failed: counts.failed,
         },
         error: nonempty(summary.error),
+        // A listing carries no request.
+        request: Default::default(),
     }
 }
 

@@ -274,3 +274,38 @@ fn context_names_that_are_not_utf8_are_kept_as_bytes() {
     assert_eq!(std::fs::read_to_string(name("ctx", &dir).join("x")).unwrap(), "in dir\n");
     assert_eq!(std::fs::read_to_string(name("wild", &file)).unwrap(), "latin-1\n");
 }
+
+#[test]
+fn a_build_its_daemon_died_under_is_ended_in_the_history_by_the_next_daemon() {
+    use std::io::BufRead as _;
+    let setup = Setup::new();
+    let context = setup.context("slow", "FROM BASE\nRUN sleep 20\n");
+    let mut build = setup
+        .kiln(&["build", "--progress", "plain", context.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The step runs: the build is in the history. Then the daemon dies under it.
+    let stderr = std::io::BufReader::new(build.stderr.take().unwrap());
+    let mut lines = stderr.lines().map_while(Result::ok);
+    assert!(lines.any(|line| line.contains("RUN sleep 20")), "the step never started");
+    let pid = std::fs::read_to_string(setup.root().join("kilnd.pid")).unwrap();
+    assert!(Command::new("kill").args(["-KILL", pid.trim()]).status().unwrap().success());
+    assert!(!build.wait().unwrap().success());
+
+    // The next daemon (started by the next command) ends the entry nobody will finish.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let entry = loop {
+        let out = setup.run(&["history", "ls", "--format", "json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let history: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(history.len(), 1, "{history:#?}");
+        if history[0]["status"] != "running" || Instant::now() > deadline {
+            break history[0].clone();
+        }
+        // The history offers no event to wait on.
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(entry["status"], "failed", "{entry:#}");
+    assert_eq!(entry["error"], "the daemon stopped before the build finished", "{entry:#}");
+}

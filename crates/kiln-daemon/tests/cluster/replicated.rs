@@ -381,10 +381,17 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
             Running::start(&cluster, &format!("build-{i}"), &dockerfile, lines.clone())
         })
         .collect();
+    // One more, whose client goes with the leader: nobody reattaches to it.
+    let abandoned_dockerfile = "FROM BASE\nRUN echo abandoned > /first\nRUN sleep 2\n";
+    let mut abandoned = Running::start(&cluster, "abandoned", abandoned_dockerfile, lines.clone());
     // Every build has a finished step when the leader dies (the second steps are running or
     // waiting for a slot).
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !(0..10).all(|i| step_done(&builds[i].progress(), &format!("echo first-{i}"))) {
+    let first_steps_done = |builds: &[Running], abandoned: &Running| {
+        (0..10).all(|i| step_done(&builds[i].progress(), &format!("echo first-{i}")))
+            && step_done(&abandoned.progress(), "echo abandoned")
+    };
+    while !first_steps_done(&builds, &abandoned) {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(printed.recv_timeout(left).is_ok(), "the first steps did not finish\n{}", cluster.logs());
     }
@@ -393,8 +400,14 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
     let mut builds = builds;
     let finished: Vec<bool> = builds.iter_mut().map(|b| b.child.try_wait().unwrap().is_some()).collect();
     assert!(finished.iter().any(|done| !done), "every build finished before the kill");
+    // Its client stops before the leader dies (so the leader does not see it leave), and dies
+    // after.
+    let abandoned_pid = abandoned.child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &abandoned_pid]).status().unwrap().success());
     let killed_at = Instant::now();
     cluster.kill(leader);
+    abandoned.child.kill().unwrap();
+    abandoned.child.wait().unwrap();
     // The new leader's first assignment: the first step adopted (what ran at the kill is
     // assigned first, to the worker that holds it).
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -439,7 +452,7 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
     assert!(adopted > 0, "no running step was adopted\n{}", cluster.logs());
     // The new leader knew the builds its clients reattached to: they were in the log.
     let history = cluster.history();
-    assert_eq!(history.len(), 10, "{history:#?}");
+    assert_eq!(history.len(), 11, "{history:#?}");
     for id in &reattached {
         let entry = history.iter().find(|b| b["id"] == id.as_str()).expect("every build in the history");
         assert_eq!(
@@ -448,6 +461,22 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
             "{entry:#}"
         );
     }
+    // The build nobody reattached to is ended once its client has had the grace to come back.
+    let finished_ids: Vec<Value> =
+        (0..10).map(|i| read_json(&cluster.dir.path().join(format!("build-{i}.json")))["build_id"].clone()).collect();
+    let deadline = Instant::now() + Duration::from_millis(kiln_model::ADOPTION_GRACE_MS) + Duration::from_secs(60);
+    let settled = loop {
+        let history = cluster.history();
+        let entry =
+            history.into_iter().find(|b| !finished_ids.contains(&b["id"])).expect("the abandoned build's entry");
+        if entry["status"] != "running" || Instant::now() > deadline {
+            break entry;
+        }
+        // The history offers no event to wait on.
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(settled["status"], "failed", "{settled:#}");
+    assert!(settled["error"].as_str().unwrap().contains("did not reattach"), "{settled:#}");
 }
 
 /// `kiln ARGS` with `--addr https://kiln-coordinators:7070`, in a mount namespace of its own
