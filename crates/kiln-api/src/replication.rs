@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_proto::v1::raft_server::Raft;
-use kiln_proto::v1::{RaftAck, RaftBatch, RaftMember, RaftStatus};
+use kiln_proto::v1::{RaftAck, RaftBatch, RaftMember, RaftPiece, RaftStatus};
 use kiln_raft::{Node, RaftError};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::Access;
 use crate::error::ApiError;
@@ -19,6 +19,10 @@ const READ_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Raft batches up to this many bytes are decoded on the async thread that received them.
 const DECODE_IN_PLACE: usize = 256 * 1024;
+
+/// The largest message a member takes in pieces (`SendLarge`): a snapshot of the replicated
+/// state, held whole in memory while it is received.
+const MAX_LARGE_MESSAGE: usize = 2 << 30;
 
 /// This coordinator's member of the replica set, and every member's URL.
 pub struct Replication {
@@ -156,39 +160,70 @@ fn host_of(url: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
+impl RaftService {
+    /// Checks that messages from member `from` to member `to` come from that member (its
+    /// certificate in `chain`) and are for this one.
+    fn check(&self, chain: &[tonic::transport::CertificateDer<'static>], from: u64, to: u64) -> Result<(), ApiError> {
+        let host = self.replication.address(from).map(host_of).ok_or_else(|| {
+            ApiError::Replication(format!("a raft message from member {from}, which is not in peers"))
+        })?;
+        // Any node of the cluster has a certificate from the CA; only the member's own may
+        // speak for it (raft-rs decodes with rust-protobuf 2, not for untrusted input).
+        self.access
+            .member(chain, host)
+            .map_err(|_| ApiError::NotThatMember { member: from, host: host.to_string() })?;
+        let id = self.replication.node().id();
+        if to != id {
+            return Err(ApiError::Replication(format!("a raft message for member {to} reached member {id}")));
+        }
+        Ok(())
+    }
+
+    /// Hands checked messages to the member. Decoding a large batch (log entries, a snapshot)
+    /// is CPU work for a blocking thread; heartbeats and acknowledgements are decoded here.
+    async fn deliver(&self, from: u64, messages: Vec<Vec<u8>>) -> Result<(), ApiError> {
+        let node = self.replication.node();
+        let size: usize = messages.iter().map(Vec::len).sum();
+        let received = if size > DECODE_IN_PLACE {
+            let node = Arc::clone(node);
+            tokio::task::spawn_blocking(move || node.receive(from, &messages)).await.map_err(ApiError::from)?
+        } else {
+            node.receive(from, &messages)
+        };
+        received.map_err(|error| ApiError::Replication(error.to_string()))
+    }
+}
+
 #[tonic::async_trait]
 impl Raft for RaftService {
     async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         self.access.node(&request, "the raft service")?;
         let chain = request.peer_certs().map(|chain| chain.to_vec()).unwrap_or_default();
         let batch = request.into_inner();
-        let host = self.replication.address(batch.from).map(host_of).ok_or_else(|| {
-            ApiError::Replication(format!("a raft message from member {}, which is not in peers", batch.from))
-        })?;
-        // Any node of the cluster has a certificate from the CA; only the member's own may
-        // speak for it (raft-rs decodes with rust-protobuf 2, not for untrusted input).
-        self.access
-            .member(&chain, host)
-            .map_err(|_| ApiError::NotThatMember { member: batch.from, host: host.to_string() })?;
-        let node = self.replication.node();
-        if batch.to != node.id() {
-            return Err(ApiError::Replication(format!(
-                "a raft message for member {} reached member {}",
-                batch.to,
-                node.id()
-            ))
-            .into());
-        }
-        // Decoding a large batch (log entries, a snapshot) is CPU work for a blocking thread;
-        // heartbeats and acknowledgements are decoded here.
-        let size: usize = batch.messages.iter().map(Vec::len).sum();
-        let received = if size > DECODE_IN_PLACE {
-            let (node, from) = (Arc::clone(node), batch.from);
-            tokio::task::spawn_blocking(move || node.receive(from, &batch.messages)).await.map_err(ApiError::from)?
-        } else {
-            node.receive(batch.from, &batch.messages)
+        self.check(&chain, batch.from, batch.to)?;
+        self.deliver(batch.from, batch.messages).await?;
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn send_large(&self, request: Request<Streaming<RaftPiece>>) -> Result<Response<RaftAck>, Status> {
+        self.access.node(&request, "the raft service")?;
+        let chain = request.peer_certs().map(|chain| chain.to_vec()).unwrap_or_default();
+        let mut pieces = request.into_inner();
+        let Some(first) = pieces.message().await? else {
+            return Err(ApiError::Replication("a large raft message without pieces".into()).into());
         };
-        received.map_err(|error| ApiError::Replication(error.to_string()))?;
+        // Checked before anything more is taken in.
+        self.check(&chain, first.from, first.to)?;
+        let mut message = first.data;
+        while let Some(piece) = pieces.message().await? {
+            if message.len() + piece.data.len() > MAX_LARGE_MESSAGE {
+                let limit = MAX_LARGE_MESSAGE >> 20;
+                let error = format!("a raft message from member {} over {limit} MiB", first.from);
+                return Err(ApiError::Replication(error).into());
+            }
+            message.extend_from_slice(&piece.data);
+        }
+        self.deliver(first.from, vec![message]).await?;
         Ok(Response::new(RaftAck {}))
     }
 }

@@ -23,8 +23,8 @@ const SEND_TIMEOUT: Duration = Duration::from_millis(500);
 /// Batches waiting for a member; beyond this, messages for it are dropped (raft sends again).
 const QUEUE: usize = 256;
 
-/// The most bytes of messages one call carries (a snapshot alone may be larger, up to the
-/// transport's `MAX_MESSAGE`).
+/// The most bytes of messages one batch carries; a larger message (a snapshot) travels alone,
+/// in pieces of this size (`SendLarge`).
 const MAX_CALL_BYTES: usize = 8 << 20;
 
 /// How long a call may take for each byte it carries, beyond [`SEND_TIMEOUT`]: 10 MB/s.
@@ -49,15 +49,59 @@ impl RaftLink {
         Ok(RaftLink { client, address: address.to_string() })
     }
 
-    async fn send(&self, from: u64, to: u64, messages: Vec<Vec<u8>>) -> Result<(), ClientError> {
-        let batch = v1::RaftBatch { from, to, messages };
-        self.client
-            .clone()
-            .send(batch)
-            .await
-            .map_err(|status| ClientError::rpc(&format!("raft member {to} at {}", self.address), status))?;
+    async fn send(&self, from: u64, to: u64, call: Call) -> Result<(), ClientError> {
+        let sent = match call {
+            Call::Batch(messages) => self.client.clone().send(v1::RaftBatch { from, to, messages }).await,
+            Call::Large(message) => {
+                let pieces: Vec<v1::RaftPiece> = message
+                    .chunks(MAX_CALL_BYTES)
+                    .enumerate()
+                    .map(|(i, data)| {
+                        let (from, to) = if i == 0 { (from, to) } else { (0, 0) };
+                        v1::RaftPiece { from, to, data: data.to_vec() }
+                    })
+                    .collect();
+                self.client.clone().send_large(tokio_stream::iter(pieces)).await
+            }
+        };
+        sent.map_err(|status| ClientError::rpc(&format!("raft member {to} at {}", self.address), status))?;
         Ok(())
     }
+}
+
+/// One call to a member: a batch of messages, or one message too large for a batch.
+enum Call {
+    Batch(Vec<Vec<u8>>),
+    Large(Vec<u8>),
+}
+
+impl Call {
+    fn bytes(&self) -> usize {
+        match self {
+            Call::Batch(messages) => messages.iter().map(Vec::len).sum(),
+            Call::Large(message) => message.len(),
+        }
+    }
+}
+
+/// `messages` as calls, in order: runs of small messages as batches, each large one alone.
+fn calls(messages: Vec<Vec<u8>>) -> Vec<Call> {
+    let mut calls = Vec::new();
+    let mut batch = Vec::new();
+    for message in messages {
+        if message.len() > MAX_CALL_BYTES {
+            if !batch.is_empty() {
+                calls.push(Call::Batch(std::mem::take(&mut batch)));
+            }
+            calls.push(Call::Large(message));
+        } else {
+            batch.push(message);
+        }
+    }
+    if !batch.is_empty() {
+        calls.push(Call::Batch(batch));
+    }
+    calls
 }
 
 /// A batch for one member.
@@ -133,13 +177,19 @@ async fn deliver(link: RaftLink, from: u64, to: u64, mut queue: mpsc::Receiver<O
             messages.extend(next.messages);
             snapshot |= next.snapshot;
         }
-        let patience = SEND_TIMEOUT + Duration::from_nanos(bytes as u64 * NANOS_PER_BYTE);
-        let sent = tokio::time::timeout(patience, link.send(from, to, messages)).await;
-        let failure = match sent {
-            Ok(Ok(())) => None,
-            Ok(Err(error)) => Some(error.to_string()),
-            Err(_) => Some(format!("no answer within {} ms", patience.as_millis())),
-        };
+        let mut failure = None;
+        for call in calls(messages) {
+            let patience = SEND_TIMEOUT + Duration::from_nanos(call.bytes() as u64 * NANOS_PER_BYTE);
+            failure = match tokio::time::timeout(patience, link.send(from, to, call)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(error.to_string()),
+                Err(_) => Some(format!("no answer within {} ms", patience.as_millis())),
+            };
+            // What follows a lost message would arrive out of order: raft sends it again.
+            if failure.is_some() {
+                break;
+            }
+        }
         // Not started yet (the links exist before the member): nothing to tell.
         let Some(node) = node.get().and_then(Weak::upgrade) else { continue };
         if let Some(failure) = &failure {
@@ -154,5 +204,19 @@ async fn deliver(link: RaftLink, from: u64, to: u64, mut queue: mpsc::Receiver<O
         if snapshot {
             node.report_snapshot(to, reachable);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_messages_travel_alone_and_the_order_is_kept() {
+        let (small, large) = (vec![1u8; 10], vec![2u8; MAX_CALL_BYTES + 1]);
+        let split = calls(vec![small.clone(), small.clone(), large.clone(), small.clone()]);
+        let shapes: Vec<(bool, usize)> = split.iter().map(|c| (matches!(c, Call::Large(_)), c.bytes())).collect();
+        assert_eq!(shapes, [(false, 20), (true, MAX_CALL_BYTES + 1), (false, 10)]);
+        assert!(calls(Vec::new()).is_empty());
     }
 }

@@ -18,6 +18,9 @@ pub enum KvError {
     /// A transaction could not be applied.
     #[error("key-value store transaction: {0}")]
     Transaction(String),
+    /// A replicated store refused a write: too much waits to be replicated.
+    #[error("{0}")]
+    Backlog(String),
 }
 
 /// One change in a [`Batch`].
