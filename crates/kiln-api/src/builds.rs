@@ -15,9 +15,10 @@ use crate::error::ApiError;
 /// The tree holding the entries, by build id.
 pub const BUILDS_TREE: &str = "builds";
 
-/// The most entries the history keeps: the oldest go first. An entry is small (a request
-/// summary is at most about 32 KiB, usually a few), and the history is part of a replicated
-/// coordinator's snapshots. Issue #20's retention settings replace this bound.
+/// The most entries the history keeps, about: every [`PRUNE_EVERY`] builds a daemon ends, the
+/// ended entries that started first go beyond it. An entry is small (at most about 80 KiB,
+/// usually a few), and the history is part of a replicated coordinator's snapshots. Issue
+/// #20's retention settings replace this bound.
 pub const MAX_ENTRIES: usize = 1000;
 
 /// How many builds end between two looks at the history's size.
@@ -43,11 +44,6 @@ pub(crate) struct Run {
 impl Runs {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, CancellationToken)>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether build `id` runs here.
-    fn running(&self, id: &str) -> bool {
-        self.lock().contains_key(id)
     }
 
     /// Claims `id` for a run. A new build (`attempt` 0) under an id running here is refused;
@@ -135,45 +131,64 @@ impl BuildBook {
         Ok(entries)
     }
 
-    /// Records `entry`. A replicated book resolves once the entry is committed: a build
-    /// starts only once its submission is in the log. A local one writes it at once, and
-    /// syncs it to disk first when `sync` is set (a daemon that dies next still has it).
-    pub async fn record(&self, entry: &BuildEntry, sync: bool) -> Result<(), ApiError> {
+    /// Writes `entry` now (a local book) or queues it for the log (a replicated one); the
+    /// future resolves once a replicated write is committed.
+    fn queue(&self, entry: &BuildEntry) -> Result<impl Future<Output = Result<(), ApiError>> + use<>, ApiError> {
         let value = serde_json::to_vec(entry).map_err(|e| ApiError::History(format!("build {}: {e}", entry.id)))?;
-        match self {
+        let committed = match self {
             BuildBook::Local(kv) => {
                 kv.put(BUILDS_TREE, entry.id.as_bytes(), &value).map_err(|e| ApiError::History(e.to_string()))?;
-                if sync {
-                    let kv = Arc::clone(kv);
-                    let flushed = tokio::task::spawn_blocking(move || kv.flush()).await.map_err(ApiError::from)?;
-                    flushed.map_err(|e| ApiError::History(e.to_string()))?;
-                }
-                Ok(())
+                None
             }
             BuildBook::Replicated(kv) => {
                 let mut batch = kiln_kv::Batch::default();
                 batch.put(entry.id.as_bytes(), value);
-                kv.write_durably(BUILDS_TREE, batch).await.map(|_| ()).map_err(ApiError::Replication)
+                Some(kv.write_durably(BUILDS_TREE, batch))
             }
-        }
+        };
+        Ok(async move {
+            match committed {
+                Some(committed) => committed.await.map(|_| ()).map_err(ApiError::Replication),
+                None => Ok(()),
+            }
+        })
     }
 
-    /// Records build `id` as running before it starts: a new entry, or the recorded
-    /// one of a build whose client reattaches (`attempt` > 0) after losing the coordinator that
-    /// ran it. A new build under a recorded id, or one of another tenant, is refused.
-    pub(crate) async fn begin(
+    /// Records `entry`. A replicated book resolves once the entry is committed: a build
+    /// starts only once its submission is in the log. A local one writes it at once, and
+    /// syncs it to disk first when `sync` is set (a daemon that dies next still has it).
+    pub async fn record(&self, entry: &BuildEntry, sync: bool) -> Result<(), ApiError> {
+        self.queue(entry)?.await?;
+        if let (BuildBook::Local(kv), true) = (self, sync) {
+            let kv = Arc::clone(kv);
+            let flushed = tokio::task::spawn_blocking(move || kv.flush()).await.map_err(ApiError::from)?;
+            flushed.map_err(|e| ApiError::History(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The entry build `id` starts with, not written yet: a new one, or the recorded one of a
+    /// build whose client reattaches (`attempt` > 0) after losing the coordinator that ran
+    /// it. A new build under a recorded id, a reattachment by another tenant or with another
+    /// request, is refused.
+    pub(crate) fn admit(
         &self,
         request: &kiln_model::BuildRequest,
         caller: &kiln_model::Caller,
         id: &str,
-    ) -> Result<kiln_model::BuildEntry, ApiError> {
+    ) -> Result<BuildEntry, ApiError> {
         let summary = kiln_model::RequestSummary::of(request, &caller.name);
-        let recorded = self.get(id)?;
-        let entry = match recorded {
+        let target = request.target.clone();
+        let platforms: Vec<String> = request.platforms.iter().map(|p| p.to_string()).collect();
+        let entry = match self.get(id)? {
             Some(recorded) if request.attempt == 0 || recorded.tenant != caller.tenant => {
                 return Err(ApiError::BuildExists(id.to_string()));
             }
-            Some(recorded) if !recorded.request.same_build(&summary) => {
+            Some(recorded)
+                if !recorded.request.same_build(&summary)
+                    || recorded.target != target
+                    || recorded.platforms != platforms =>
+            {
                 return Err(ApiError::NotTheSameBuild(id.to_string()));
             }
             Some(recorded) => {
@@ -182,7 +197,7 @@ impl BuildBook {
                     "reattached: the build was {} when its coordinator was lost",
                     recorded.status
                 );
-                kiln_model::BuildEntry {
+                BuildEntry {
                     status: "running".into(),
                     completed: None,
                     submissions: recorded.submissions + 1,
@@ -191,13 +206,13 @@ impl BuildBook {
                     ..recorded
                 }
             }
-            None => kiln_model::BuildEntry {
+            None => BuildEntry {
                 id: id.to_string(),
                 status: "running".into(),
                 started: kiln_types::now_ms(),
                 completed: None,
-                target: request.target.clone(),
-                platforms: request.platforms.iter().map(|p| p.to_string()).collect(),
+                target,
+                platforms,
                 tenant: caller.tenant.clone(),
                 submissions: request.attempt + 1,
                 counts: Default::default(),
@@ -205,12 +220,13 @@ impl BuildBook {
                 request: summary,
             },
         };
-        self.record(&entry, true).await?;
         Ok(entry)
     }
 
     /// Ends the entries left `running` that do not run here (`why` is their error): the builds
-    /// of a daemon that stopped, or of a lost leader whose clients did not reattach.
+    /// of a daemon that stopped, or of a lost leader whose clients did not reattach. Each is
+    /// checked and written under the lock of `runs`, so a build that starts, ends or
+    /// reattaches meanwhile is not overwritten.
     pub(crate) async fn settle(&self, runs: &Runs, why: &str) {
         let book = self.clone();
         let entries = match tokio::task::spawn_blocking(move || book.list(None)).await {
@@ -218,17 +234,31 @@ impl BuildBook {
             Ok(Err(error)) => return tracing::warn!("settling abandoned builds: {error}"),
             Err(error) => return tracing::warn!("settling abandoned builds: {error}"),
         };
-        for entry in entries.into_iter().filter(|e| e.status == "running" && !runs.running(&e.id)) {
-            match self.record(&entry.ended("failed", Some(why.to_string()), &[]), false).await {
-                Ok(()) => tracing::info!("build {}: {why}", entry.id),
-                Err(error) => return tracing::warn!("settling build {}: {error}", entry.id),
+        for listed in entries.into_iter().filter(|e| e.status == "running") {
+            let queued = {
+                let running = runs.lock();
+                match self.get(&listed.id) {
+                    Ok(Some(now)) if !running.contains_key(&now.id) && now.status == "running" => {
+                        self.queue(&now.ended("failed", Some(why.to_string()), &[]))
+                    }
+                    Ok(_) => continue,
+                    Err(error) => Err(error),
+                }
+            };
+            match queued {
+                Ok(committed) => match committed.await {
+                    Ok(()) => tracing::info!("build {}: {why}", listed.id),
+                    Err(error) => return tracing::warn!("settling build {}: {error}", listed.id),
+                },
+                Err(error) => return tracing::warn!("settling build {}: {error}", listed.id),
             }
         }
     }
 
     /// Records how `run` ended, unless a reattachment replaced it; a failure to is logged
-    /// (the build's result stands).
-    pub(crate) async fn record_end(&self, run: &Run, entry: kiln_model::BuildEntry) {
+    /// (the build's result stands). Every [`PRUNE_EVERY`] ends, the history is pruned in the
+    /// background.
+    pub(crate) async fn record_end(&self, run: &Run, entry: BuildEntry) {
         if !run.current() {
             return;
         }
@@ -236,21 +266,29 @@ impl BuildBook {
             tracing::warn!("recording the end of build {}: {error}", entry.id);
         }
         if run.runs.ended.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
-            self.prune(MAX_ENTRIES).await;
+            let (book, runs) = (self.clone(), run.runs.clone());
+            tokio::spawn(async move { book.prune(&runs, MAX_ENTRIES).await });
         }
     }
 
-    /// Removes the oldest entries of builds that ended, beyond `max`.
-    pub(crate) async fn prune(&self, max: usize) {
-        let book = self.clone();
+    /// Removes the oldest entries of builds that ended, beyond `max`. An entry is checked
+    /// again under the lock of `runs` before it goes: one reattached meanwhile stays.
+    pub(crate) async fn prune(&self, runs: &Runs, max: usize) {
+        let (book, runs) = (self.clone(), runs.clone());
         let pruned = tokio::task::spawn_blocking(move || {
             let entries = book.list(None)?;
             let ended: Vec<&BuildEntry> = entries.iter().filter(|e| e.status != "running").collect();
             let over = entries.len().saturating_sub(max).min(ended.len());
+            let mut pruned = 0;
             for entry in &ended[..over] {
-                book.kv().delete(BUILDS_TREE, entry.id.as_bytes()).map_err(|e| ApiError::History(e.to_string()))?;
+                let running = runs.lock();
+                let still_ended = book.get(&entry.id)?.is_some_and(|now| now.status != "running");
+                if still_ended && !running.contains_key(&entry.id) {
+                    book.kv().delete(BUILDS_TREE, entry.id.as_bytes()).map_err(|e| ApiError::History(e.to_string()))?;
+                    pruned += 1;
+                }
             }
-            Ok::<_, ApiError>(over)
+            Ok::<_, ApiError>(pruned)
         })
         .await;
         match pruned {
@@ -275,6 +313,18 @@ mod tests {
         }
     }
 
+    /// Admits and records, as a build does.
+    async fn begin(
+        book: &BuildBook,
+        request: &kiln_model::BuildRequest,
+        caller: &kiln_model::Caller,
+        id: &str,
+    ) -> Result<BuildEntry, ApiError> {
+        let entry = book.admit(request, caller, id)?;
+        book.record(&entry, true).await?;
+        Ok(entry)
+    }
+
     fn caller(tenant: &str) -> kiln_model::Caller {
         kiln_model::Caller { name: format!("ci-{tenant}"), tenant: tenant.into(), role: kiln_model::Role::Build }
     }
@@ -282,26 +332,26 @@ mod tests {
     #[tokio::test]
     async fn builds_begin_once_and_are_reattached_only_by_their_tenant() {
         let book = BuildBook::Local(Arc::new(kiln_kv::MemoryKv::new()));
-        let first = book.begin(&request(0), &caller("team-a"), "b1").await.unwrap();
+        let first = begin(&book, &request(0), &caller("team-a"), "b1").await.unwrap();
         assert_eq!((first.status.as_str(), first.submissions, first.target.as_deref()), ("running", 1, Some("app")));
         // The same id as a new build: refused, naming it.
-        let error = book.begin(&request(0), &caller("team-a"), "b1").await.unwrap_err();
+        let error = begin(&book, &request(0), &caller("team-a"), "b1").await.unwrap_err();
         assert!(matches!(error, ApiError::BuildExists(_)) && error.to_string().contains("build b1"), "{error}");
         // Another tenant cannot take it over.
-        assert!(matches!(book.begin(&request(1), &caller("team-b"), "b1").await, Err(ApiError::BuildExists(_))));
+        assert!(matches!(begin(&book, &request(1), &caller("team-b"), "b1").await, Err(ApiError::BuildExists(_))));
         // Its client reattaching: the same build, submitted once more.
         let run = Runs::default().claim("b1", 0).unwrap();
         book.record_end(&run, first.ended("failed", Some("lost".into()), &[])).await;
-        let again = book.begin(&request(1), &caller("team-a"), "b1").await.unwrap();
+        let again = begin(&book, &request(1), &caller("team-a"), "b1").await.unwrap();
         assert_eq!((again.started, again.submissions, again.status.as_str()), (first.started, 2, "running"));
         assert_eq!((again.completed, again.error), (None, None));
         // A reattachment must ask for the same build.
         let other = kiln_model::BuildRequest { dockerfile: "FROM other\n".into(), ..request(1) };
-        let error = book.begin(&other, &caller("team-a"), "b1").await.unwrap_err();
+        let error = begin(&book, &other, &caller("team-a"), "b1").await.unwrap_err();
         assert!(matches!(error, ApiError::NotTheSameBuild(_)) && error.to_string().contains("build b1"), "{error}");
         assert_eq!(again.request.dockerfile, "FROM scratch\n");
         // A reattachment whose first submission never reached the log starts a new entry.
-        let unknown = book.begin(&request(2), &caller("team-a"), "b2").await.unwrap();
+        let unknown = begin(&book, &request(2), &caller("team-a"), "b2").await.unwrap();
         assert_eq!(unknown.submissions, 3);
         let listed: Vec<String> = book.list(Some("team-a")).unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(listed, ["b1", "b2"]);
@@ -318,7 +368,7 @@ mod tests {
         assert!(!first.current() && second.current());
         // The replaced run's end is not recorded over the new run's entry.
         let book = BuildBook::Local(Arc::new(kiln_kv::MemoryKv::new()));
-        let entry = book.begin(&request(1), &caller("team-a"), "b1").await.unwrap();
+        let entry = begin(&book, &request(1), &caller("team-a"), "b1").await.unwrap();
         book.record_end(&first, entry.ended("cancelled", None, &[])).await;
         assert_eq!(book.get("b1").unwrap().unwrap().status, "running");
         drop(first);
@@ -331,12 +381,12 @@ mod tests {
     async fn pruning_drops_the_oldest_ended_entries_and_keeps_running_ones() {
         let book = BuildBook::Local(Arc::new(kiln_kv::MemoryKv::new()));
         for n in 0..5u64 {
-            let entry = book.begin(&request(0), &caller("team-a"), &format!("b{n}")).await.unwrap();
+            let entry = begin(&book, &request(0), &caller("team-a"), &format!("b{n}")).await.unwrap();
             let entry = BuildEntry { started: n, ..entry };
             let entry = if n == 0 { entry } else { entry.ended("succeeded", None, &[]) };
             book.record(&entry, false).await.unwrap();
         }
-        book.prune(3).await;
+        book.prune(&Runs::default(), 3).await;
         let left: Vec<String> = book.list(None).unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(left, ["b0", "b3", "b4"], "the running b0 stays; b1 and b2 go");
     }

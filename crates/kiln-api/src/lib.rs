@@ -206,8 +206,11 @@ impl Control for ControlService {
                     if let Some(replication) = &replication {
                         replication.recovered().await;
                     }
+                    // Checked before the run it reattaches to is replaced.
+                    let entry = book.admit(&request, &caller, &id)?;
                     let run = runs.claim(&id, request.attempt)?;
-                    Ok::<_, ApiError>((run, book.begin(&request, &caller, &id).await?))
+                    book.record(&entry, true).await?;
+                    Ok::<_, ApiError>((run, entry))
                 };
                 let begun = tokio::select! {
                     begun = begun => begun,

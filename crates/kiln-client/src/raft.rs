@@ -53,14 +53,13 @@ impl RaftLink {
         let sent = match call {
             Call::Batch(messages) => self.client.clone().send(v1::RaftBatch { from, to, messages }).await,
             Call::Large(message) => {
-                let pieces: Vec<v1::RaftPiece> = message
-                    .chunks(MAX_CALL_BYTES)
-                    .enumerate()
-                    .map(|(i, data)| {
-                        let (from, to) = if i == 0 { (from, to) } else { (0, 0) };
-                        v1::RaftPiece { from, to, data: data.to_vec() }
-                    })
-                    .collect();
+                // Each piece is copied out as the stream is polled: one at a time in memory.
+                let count = message.len().div_ceil(MAX_CALL_BYTES);
+                let pieces = (0..count).map(move |i| {
+                    let data = message[i * MAX_CALL_BYTES..((i + 1) * MAX_CALL_BYTES).min(message.len())].to_vec();
+                    let (from, to) = if i == 0 { (from, to) } else { (0, 0) };
+                    v1::RaftPiece { from, to, data }
+                });
                 self.client.clone().send_large(tokio_stream::iter(pieces)).await
             }
         };
@@ -84,17 +83,21 @@ impl Call {
     }
 }
 
-/// `messages` as calls, in order: runs of small messages as batches, each large one alone.
+/// `messages` as calls, in order: runs of small messages as batches of at most
+/// [`MAX_CALL_BYTES`], each large one alone.
 fn calls(messages: Vec<Vec<u8>>) -> Vec<Call> {
     let mut calls = Vec::new();
-    let mut batch = Vec::new();
+    let (mut batch, mut bytes) = (Vec::new(), 0);
     for message in messages {
+        let full = bytes + message.len() > MAX_CALL_BYTES;
+        if (full || message.len() > MAX_CALL_BYTES) && !batch.is_empty() {
+            calls.push(Call::Batch(std::mem::take(&mut batch)));
+            bytes = 0;
+        }
         if message.len() > MAX_CALL_BYTES {
-            if !batch.is_empty() {
-                calls.push(Call::Batch(std::mem::take(&mut batch)));
-            }
             calls.push(Call::Large(message));
         } else {
+            bytes += message.len();
             batch.push(message);
         }
     }
@@ -217,6 +220,11 @@ mod tests {
         let split = calls(vec![small.clone(), small.clone(), large.clone(), small.clone()]);
         let shapes: Vec<(bool, usize)> = split.iter().map(|c| (matches!(c, Call::Large(_)), c.bytes())).collect();
         assert_eq!(shapes, [(false, 20), (true, MAX_CALL_BYTES + 1), (false, 10)]);
+        // Many small messages make several batches, none over the bound.
+        let half = vec![3u8; MAX_CALL_BYTES / 2];
+        let split = calls(vec![half.clone(), half.clone(), half.clone()]);
+        let sizes: Vec<usize> = split.iter().map(Call::bytes).collect();
+        assert_eq!(sizes, [MAX_CALL_BYTES, MAX_CALL_BYTES / 2]);
         assert!(calls(Vec::new()).is_empty());
     }
 }

@@ -28,17 +28,34 @@ async fn a_member_down_for_long_catches_up_from_a_snapshot_larger_than_a_message
     let behind = (1..=3).find(|id| *id != leader).unwrap();
     members.kill(behind).await;
 
-    let (replicated, proposer) = ReplicatedKv::new(Arc::clone(&members.member(leader).kv), &[CACHE_TREE]);
-    tokio::spawn(proposer.run(Arc::downgrade(&members.member(leader).node)));
     let value = |n: usize| vec![n as u8; VALUE];
+    let mut leader = leader;
+    let writer = |leader: u64| {
+        let (replicated, proposer) = ReplicatedKv::new(Arc::clone(&members.member(leader).kv), &[CACHE_TREE]);
+        tokio::spawn(proposer.run(Arc::downgrade(&members.member(leader).node)));
+        replicated
+    };
+    let mut replicated = writer(leader);
     for n in 0..VALUES {
-        let mut batch = Batch::default();
-        batch.put(format!("key-{n:03}"), value(n));
-        replicated.write_durably(CACHE_TREE, batch).await.expect("the leader commits");
+        // A busy machine may see the leader change: the write goes to the next one.
+        for attempt in 0.. {
+            let mut batch = Batch::default();
+            batch.put(format!("key-{n:03}"), value(n));
+            match replicated.write_durably(CACHE_TREE, batch).await {
+                Ok(_) => break,
+                Err(error) if attempt < 5 => {
+                    eprintln!("write {n}: {error}; to the current leader");
+                    leader = members.leader(None).await;
+                    replicated = writer(leader);
+                }
+                Err(error) => panic!("write {n}: {error}"),
+            }
+        }
     }
 
     // Back, it is far behind a log that starts after its last entry: only a snapshot helps.
     members.restart(behind).await;
+    let leader = members.leader(Some(behind)).await;
     let target = members.member(leader).node.status().commit;
     let mut status = members.member(behind).node.subscribe();
     let caught_up = tokio::time::timeout(Duration::from_secs(120), status.wait_for(|s| s.applied >= target)).await;

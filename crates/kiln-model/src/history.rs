@@ -14,9 +14,12 @@ pub const MAX_BUILD_ID: usize = 64;
 
 /// The most of a Dockerfile's text an entry keeps (its first 16 KiB).
 const MAX_KEPT_DOCKERFILE: usize = 16 << 10;
-/// The most build arguments an entry keeps, and the most of each value.
+/// The most build arguments, outputs and caches an entry keeps, and the most of each name,
+/// value or spec.
 const MAX_KEPT_ARGS: usize = 64;
 const MAX_KEPT_ARG: usize = 256;
+const MAX_KEPT_SPECS: usize = 16;
+const MAX_KEPT_SPEC: usize = 1024;
 
 /// A build as the history records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,19 +77,25 @@ pub struct RequestSummary {
 }
 
 impl RequestSummary {
-    /// The summary of `request`, submitted by `caller`: at most the first 16 KiB of the
-    /// Dockerfile, 64 build arguments and 256 bytes of each, so that an entry stays small.
+    /// The summary of `request`, submitted by `caller`, bounded so that an entry stays under
+    /// about 80 KiB: at most the first 16 KiB of the Dockerfile, 64 build arguments of 256
+    /// bytes (name and value each), 16 outputs and 16 caches of each kind of 1 KiB each.
     pub fn of(request: &BuildRequest, caller: &str) -> RequestSummary {
         let blobs = request.context_manifest.as_ref().map(|m| m.blobs()).unwrap_or_default();
         let args = request.build_args.iter().take(MAX_KEPT_ARGS);
+        let specs = |specs: Vec<String>| -> Vec<String> {
+            specs.iter().take(MAX_KEPT_SPECS).map(|s| prefix(s, MAX_KEPT_SPEC).to_string()).collect()
+        };
         RequestSummary {
-            file_name: request.file_name.clone(),
+            file_name: prefix(&request.file_name, MAX_KEPT_ARG).to_string(),
             dockerfile: prefix(&request.dockerfile, MAX_KEPT_DOCKERFILE).to_string(),
-            build_args: args.map(|(k, v)| (k.clone(), prefix(v, MAX_KEPT_ARG).to_string())).collect(),
+            build_args: args
+                .map(|(k, v)| (prefix(k, MAX_KEPT_ARG).to_string(), prefix(v, MAX_KEPT_ARG).to_string()))
+                .collect(),
             no_cache: request.no_cache,
-            outputs: request.outputs.iter().map(|o| o.to_string()).collect(),
-            cache_from: request.cache_from.iter().map(|c| c.to_string()).collect(),
-            cache_to: request.cache_to.iter().map(|c| c.to_string()).collect(),
+            outputs: specs(request.outputs.iter().map(|o| o.to_string()).collect()),
+            cache_from: specs(request.cache_from.iter().map(|c| c.to_string()).collect()),
+            cache_to: specs(request.cache_to.iter().map(|c| c.to_string()).collect()),
             context_files: request.context_manifest.as_ref().map_or(0, |m| m.entries.len() as u64),
             context_bytes: blobs.iter().map(|(_, size)| size).sum(),
             submitted_by: caller.to_string(),
@@ -94,10 +103,12 @@ impl RequestSummary {
     }
 
     /// Whether `other` asks for the same build (who sent it aside): what a reattachment must
-    /// send.
+    /// send. An entry recorded before entries kept requests (an empty summary) matches any.
     pub fn same_build(&self, other: &RequestSummary) -> bool {
-        RequestSummary { submitted_by: String::new(), ..self.clone() }
-            == RequestSummary { submitted_by: String::new(), ..other.clone() }
+        let empty = self.file_name.is_empty() && self.dockerfile.is_empty();
+        empty
+            || RequestSummary { submitted_by: String::new(), ..self.clone() }
+                == RequestSummary { submitted_by: String::new(), ..other.clone() }
     }
 }
 

@@ -98,7 +98,7 @@ impl ReplicatedKv {
         &self,
         tree: &str,
         batch: Batch,
-    ) -> impl Future<Output = Result<u64, String>> + Send + 'static {
+    ) -> impl Future<Output = Result<u64, String>> + Send + 'static + use<> {
         let (reply, answer) = oneshot::channel();
         let queued = Queued { write: Write { tree: tree.to_string(), batch }, reply: Some(reply) };
         let sent = self.enqueue(queued);

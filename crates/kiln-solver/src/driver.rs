@@ -362,7 +362,9 @@ impl<E: Executor> Driver<E> {
                 if let Some(kv) = &self.kv {
                     let value = serde_json::to_vec(&output).expect("outputs serialise");
                     // A lost cache entry only costs a re-execution; never fail a build for it.
-                    let _ = kv.put(CACHE_TREE, key.to_string().as_bytes(), &value);
+                    if let Err(error) = kv.put(CACHE_TREE, key.to_string().as_bytes(), &value) {
+                        tracing::warn!("cache entry {key} not recorded: {error}");
+                    }
                 }
             }
             Effect::Forget { key } => {

@@ -292,6 +292,12 @@ fn a_build_its_daemon_died_under_is_ended_in_the_history_by_the_next_daemon() {
     let pid = std::fs::read_to_string(setup.root().join("kilnd.pid")).unwrap();
     assert!(Command::new("kill").args(["-KILL", pid.trim()]).status().unwrap().success());
     assert!(!build.wait().unwrap().success());
+    // Gone (its store's lock released) before the next daemon opens the store.
+    let gone = Instant::now() + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{}", pid.trim())).exists() {
+        assert!(Instant::now() < gone, "the daemon outlived its SIGKILL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // The next daemon (started by the next command) ends the entry nobody will finish.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -382,7 +382,7 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
         })
         .collect();
     // One more, whose client goes with the leader: nobody reattaches to it.
-    let abandoned_dockerfile = "FROM BASE\nRUN echo abandoned > /first\nRUN sleep 2\n";
+    let abandoned_dockerfile = "FROM BASE\nRUN echo abandoned > /first\nRUN sleep 30\n";
     let mut abandoned = Running::start(&cluster, "abandoned", abandoned_dockerfile, lines.clone());
     // Every build has a finished step when the leader dies (the second steps are running or
     // waiting for a slot).
@@ -402,6 +402,7 @@ fn builds_under_way_when_the_leader_is_killed_finish_without_running_a_finished_
     assert!(finished.iter().any(|done| !done), "every build finished before the kill");
     // Its client stops before the leader dies (so the leader does not see it leave), and dies
     // after.
+    assert!(abandoned.child.try_wait().unwrap().is_none(), "the abandoned build ended before the kill");
     let abandoned_pid = abandoned.child.id().to_string();
     assert!(Command::new("kill").args(["-STOP", &abandoned_pid]).status().unwrap().success());
     let killed_at = Instant::now();
