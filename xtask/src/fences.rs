@@ -32,6 +32,8 @@ const OWNERS: &[(&str, &[&str])] = &[
     ("protobuf", &["kiln-raft"]),
     ("slog", &["kiln-raft"]),
     ("opentelemetry", &["kiln-telemetry"]),
+    ("prometheus", &["kiln-telemetry"]),
+    ("axum", &["kiln-telemetry"]),
 ];
 
 /// Checks every fence; the error lists each violation with the crate and the path to it.

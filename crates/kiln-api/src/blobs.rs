@@ -8,6 +8,7 @@ use kiln_cas::BlobStore;
 use kiln_proto::convert::parse_digest;
 use kiln_proto::v1::blobs_server::Blobs;
 use kiln_proto::v1::{BlobChunk, FetchRequest};
+use kiln_telemetry::{Direction, Transfer};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -55,6 +56,7 @@ impl Blobs for BlobsService {
                 if sender.blocking_send(Ok(BlobChunk { digest: String::new(), data })).is_err() {
                     return;
                 }
+                kiln_telemetry::metrics().transferred(Transfer::Peer, Direction::Out, n as u64);
             }
         });
         Ok(Response::new(ReceiverStream::new(receiver)))

@@ -31,6 +31,17 @@ pub struct Runs {
     running: Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, CancellationToken)>>>,
     /// Builds ended here, counted for pruning the history.
     ended: Arc<std::sync::atomic::AtomicU64>,
+    /// Builds submitted here and not begun yet (a new leader taking over).
+    waiting: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A build counted among [`Runs::counts`]'s waiting ones while it lives.
+pub(crate) struct Waiting(Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A build's claim on its id while it runs here; dropping it lets the id go.
@@ -44,6 +55,17 @@ pub(crate) struct Run {
 impl Runs {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, CancellationToken)>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Builds running here, and builds submitted and waiting to begin.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.lock().len() as u64, self.waiting.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Counts a submitted build as waiting until the guard drops.
+    pub(crate) fn wait(&self) -> Waiting {
+        self.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(Arc::clone(&self.waiting))
     }
 
     /// Claims `id` for a run. A new build (`attempt` 0) under an id running here is refused;
@@ -83,6 +105,27 @@ impl Drop for Run {
         if runs.get(&self.id).is_some_and(|(generation, _)| *generation == self.generation) {
             runs.remove(&self.id);
         }
+    }
+}
+
+/// Counts a build that ended, and its vertices, in the metrics.
+fn count_end(entry: &BuildEntry) {
+    use kiln_telemetry::{BuildStatus, Outcome, metrics};
+    let metrics = metrics();
+    metrics.build_ended(match entry.status.as_str() {
+        "succeeded" => BuildStatus::Succeeded,
+        "cancelled" => BuildStatus::Cancelled,
+        _ => BuildStatus::Failed,
+    });
+    let counts = &entry.counts;
+    let outcomes = [
+        (Outcome::Executed, counts.executed),
+        (Outcome::Cached, counts.cached),
+        (Outcome::Deduplicated, counts.deduplicated),
+        (Outcome::Failed, counts.failed),
+    ];
+    for (outcome, count) in outcomes {
+        metrics.vertices_ended(outcome, count);
     }
 }
 
@@ -262,6 +305,7 @@ impl BuildBook {
         if !run.current() {
             return;
         }
+        count_end(&entry);
         if let Err(error) = self.record(&entry, false).await {
             tracing::warn!("recording the end of build {}: {error}", entry.id);
         }

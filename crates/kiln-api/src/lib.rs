@@ -212,11 +212,13 @@ impl Control for ControlService {
                     book.record(&entry, true).await?;
                     Ok::<_, ApiError>((run, entry))
                 };
+                let waiting = runs.wait();
                 let begun = tokio::select! {
                     begun = begun => begun,
                     refusal = deposed(replication.as_deref()) => Err(refusal),
                     () = events.closed() => Err(ApiError::SessionEnded("the client left".into())),
                 };
+                drop(waiting);
                 let (run, entry) = match begun {
                     Ok(begun) => begun,
                     Err(refused) => {

@@ -61,6 +61,11 @@ impl Replication {
     }
 
     /// The last term this member has taken over, as it changes.
+    pub fn is_recovered(&self, term: u64) -> bool {
+        *self.recovered.borrow() >= term
+    }
+
+    /// Watches the last term taken over.
     pub fn watch_recovered(&self) -> tokio::sync::watch::Receiver<u64> {
         self.recovered.subscribe()
     }

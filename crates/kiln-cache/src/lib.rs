@@ -326,6 +326,10 @@ async fn push_blobs(
     // callers that spawn this future. `buffered` keeps the order, to pair sizes back.
     let pushes: Vec<_> = blobs.iter().map(|blob| store.push_blob(blob, cas)).collect();
     let sent: Vec<bool> = futures_util::stream::iter(pushes).buffered(PARALLEL_UPLOADS).try_collect().await?;
+    let metrics = kiln_telemetry::metrics();
+    for (_, blob) in sent.iter().zip(blobs).filter(|(sent, _)| **sent) {
+        metrics.transferred(kiln_telemetry::Transfer::Shared, kiln_telemetry::Direction::Out, blob.size);
+    }
     Ok(sent.into_iter().zip(blobs.iter().map(|b| b.size)).collect())
 }
 

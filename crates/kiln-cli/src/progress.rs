@@ -190,7 +190,7 @@ impl Renderer {
 }
 
 fn record_json(record: &VertexRecord) -> serde_json::Value {
-    serde_json::json!({
+    let mut json = serde_json::json!({
         "digest": record.digest.to_string(),
         "name": record.name,
         "kind": record.kind,
@@ -201,7 +201,12 @@ fn record_json(record: &VertexRecord) -> serde_json::Value {
         "started": record.started.map(rfc3339_millis),
         "completed": record.completed.map(rfc3339_millis),
         "cache_source": record.cache_source,
-    })
+    });
+    // Executed vertices say where their time went (ms per phase).
+    if !record.phases.is_empty() {
+        json["phases"] = serde_json::to_value(record.phases).expect("phases serialise");
+    }
+    json
 }
 
 /// The metadata file's vertex list.

@@ -19,7 +19,7 @@ mod tests;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_graph::{Op, SourceOp, Vertex};
 use kiln_model::{
@@ -145,6 +145,9 @@ struct Pending<B> {
     logs: LogSink,
     done: oneshot::Sender<Result<Executed<Layers>, Failed>>,
     epoch: u32,
+    /// When it was submitted, and when it was last assigned to a worker.
+    submitted: Instant,
+    assigned: Option<Instant>,
 }
 
 /// What hears of workers registering and being lost ([`Cluster::observe_membership`]).
@@ -417,7 +420,7 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 && let Some(result) = result.take()
             {
                 let result = match result {
-                    Ok(executed) => Ok(Executed { worker: Some(worker.clone()), ..executed }),
+                    Ok(executed) => Ok(Executed { worker: Some(worker.clone()), ..pending.timed(executed) }),
                     Err(failed) => Err(failed.on(worker.clone())),
                 };
                 let _ = pending.done.send(result);
@@ -430,6 +433,16 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     /// The connected workers.
     pub fn workers(&self) -> Vec<WorkerStatus> {
         self.lock().state.workers()
+    }
+
+    /// Jobs waiting for a worker and jobs running, per required platform (`None`: any).
+    pub fn jobs_by_platform(&self) -> std::collections::BTreeMap<Option<kiln_types::Platform>, (usize, usize)> {
+        self.lock().state.jobs_by_platform()
+    }
+
+    /// Bytes of the shared tier's layers this coordinator knows of.
+    pub fn tier_bytes(&self) -> u64 {
+        self.lock().tier.values().map(|blob| blob.size).sum()
     }
 
     /// The blob addresses of the workers holding a layer.
@@ -482,6 +495,19 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     }
 }
 
+impl<B> Pending<B> {
+    /// `executed` with its queue (submitted until assigned), and the round trip's overhead
+    /// beyond the worker's own time counted as dispatch latency.
+    fn timed(&self, mut executed: Executed<Layers>) -> Executed<Layers> {
+        let Some(assigned) = self.assigned else { return executed };
+        let queue = assigned.saturating_duration_since(self.submitted);
+        executed.phases.queue_ms = Some(u64::try_from(queue.as_millis()).unwrap_or(u64::MAX));
+        let on_worker = Duration::from_millis(executed.phases.on_worker_ms());
+        kiln_telemetry::metrics().dispatched(assigned.elapsed().saturating_sub(on_worker));
+        executed
+    }
+}
+
 impl<B> Inner<B> {
     /// Applies a command to the state and performs its effects.
     fn apply(&mut self, command: ClusterCommand) -> Vec<ClusterEffect> {
@@ -513,6 +539,7 @@ impl<B> Inner<B> {
             ClusterEffect::Assign { job, epoch, worker, adopted } => {
                 let Some(pending) = self.pending.get_mut(job) else { return };
                 pending.epoch = *epoch;
+                pending.assigned = Some(Instant::now());
                 if *adopted {
                     let line = format!("adopted: worker {worker} kept this step running across its lost session");
                     let _ = pending.logs.send(LogLine { stream: LogStream::Stderr, line });
@@ -626,6 +653,10 @@ impl<B: Send + Sync + 'static> Executor for ClusterExecutor<B> {
         }
         drop(inner);
         self.0.recoverable(output).then(|| if self.0.held(&current) { "shared" } else { "local" }.to_string())
+    }
+
+    fn imports_caches(&self, build: &Arc<ClusterBuild<B>>) -> bool {
+        build.imports.is_some()
     }
 
     /// An imported result is used where the cache holds it: nothing moves until a step
@@ -842,7 +873,9 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         let (done, result) = oneshot::channel();
         {
             let mut inner = self.lock();
-            inner.pending.insert(job, Pending { vertex, inputs, work, build, logs, done, epoch: 0 });
+            let submitted = Instant::now();
+            let pending = Pending { vertex, inputs, work, build, logs, done, epoch: 0, submitted, assigned: None };
+            inner.pending.insert(job, pending);
             let at = now_ms();
             let held_by = work
                 .and_then(|w| inner.held_work.remove(&w))

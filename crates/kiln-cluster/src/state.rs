@@ -405,6 +405,20 @@ impl ClusterState {
         self.queues.values().map(VecDeque::len).sum()
     }
 
+    /// Jobs waiting for a worker and jobs running, per required platform (`None`: any
+    /// worker runs it).
+    pub fn jobs_by_platform(&self) -> BTreeMap<Option<Platform>, (usize, usize)> {
+        let mut counts: BTreeMap<Option<Platform>, (usize, usize)> = BTreeMap::new();
+        for job in self.jobs.values() {
+            let (queued, running) = counts.entry(job.spec.platform.clone()).or_default();
+            match job.assigned {
+                Some(_) => *running += 1,
+                None => *queued += 1,
+            }
+        }
+        counts
+    }
+
     fn unqueue(&mut self, build: u64, job: JobId) {
         if let Some(queue) = self.queues.get_mut(&build) {
             queue.retain(|j| *j != job);

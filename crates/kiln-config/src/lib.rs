@@ -169,6 +169,9 @@ pub struct CoordinatorSection {
     /// Default: none.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/v1/queue` are served (plain HTTP),
+    /// `HOST:PORT`. Default: none.
+    pub metrics_listen: Option<String>,
 }
 
 /// `[coordinator.cache]`: the shared cache tier every build imports from and exports to.
@@ -225,6 +228,9 @@ pub struct WorkerSection {
     /// The network of RUN steps without `--network`: `isolated` (a namespace of their own
     /// with outbound access) or `worker` (the worker's). Default: `isolated`.
     pub default_network: Option<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (plain HTTP), `HOST:PORT`.
+    /// Default: none.
+    pub metrics_listen: Option<String>,
 }
 
 /// `[worker.gc]`: BuildKit's policy knobs (docs/gc.md).
@@ -319,6 +325,8 @@ pub struct CoordinatorConfig {
     pub shared_cache: Option<CacheSpec>,
     /// The replica set, when the coordinator is replicated.
     pub replicas: Option<Replicas>,
+    /// The metrics and health listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A replicated coordinator's place in its replica set (`node-id`, `peers`).
@@ -328,6 +336,11 @@ pub struct Replicas {
     pub node_id: u64,
     /// Every member's URL by id, this one's included.
     pub peers: BTreeMap<u64, String>,
+}
+
+/// An optional `HOST:PORT`, parsed.
+fn socket_address(text: Option<&str>) -> Result<Option<SocketAddr>, String> {
+    text.map(|text| text.parse().map_err(|e| format!("{text:?} is not HOST:PORT ({e})"))).transpose()
 }
 
 /// The coordinator URLs of a worker's `coordinator` (or a client's `--addr`): a
@@ -406,6 +419,8 @@ pub struct WorkerConfig {
     pub entitlements: Vec<kiln_model::Entitlement>,
     /// The network of RUN steps without `--network`.
     pub default_network: kiln_model::DefaultNetwork,
+    /// The metrics and health listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Garbage collection limits, in bytes and time; `None` takes the default for the disk.
@@ -458,6 +473,8 @@ impl ConfigFile {
                 upload_idle_timeout: parse_duration(&c.upload_idle_timeout)
                     .map_err(|e| unit("coordinator.upload-idle-timeout", e))?,
                 replicas: replicas(c).map_err(|(key, message)| invalid(key, message))?,
+                metrics_listen: socket_address(c.metrics_listen.as_deref())
+                    .map_err(|message| invalid("coordinator.metrics-listen", message))?,
                 shared_cache: match &c.cache.shared {
                     None => None,
                     Some(text) => {
@@ -558,6 +575,8 @@ impl ConfigFile {
                         .map(|n| n.parse().map_err(|m| invalid("worker.default-network", m)))
                         .transpose()?
                         .unwrap_or_default(),
+                    metrics_listen: socket_address(w.metrics_listen.as_deref())
+                        .map_err(|message| invalid("worker.metrics-listen", message))?,
                     gc: GcPolicy {
                         reserved_space: size("worker.gc.reserved-space", &w.gc.reserved_space)?,
                         max_used_space: size("worker.gc.max-used-space", &w.gc.max_used_space)?,

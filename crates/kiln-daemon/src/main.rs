@@ -9,6 +9,7 @@
 
 mod agent;
 mod certs;
+mod probe;
 mod replica;
 
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use kiln_api::{Access, BlobsService, ControlService, Services, Tenants, WorkersService};
+use kiln_api::{Access, BlobsService, ControlService, Runs, Services, Tenants, WorkersService};
 use kiln_client::NodeTls;
 use kiln_cluster::ClusterSettings;
 use kiln_config::{ConfigFile, CoordinatorConfig, Tls, WorkerConfig as WorkerSettings};
@@ -64,6 +65,14 @@ struct Args {
     /// the default) or `worker` (the daemon's; `[worker] default-network` in a config).
     #[arg(long)]
     default_network: Option<kiln_model::DefaultNetwork>,
+    /// A worker's name, over its config's `worker.name` (one config for a pool of workers,
+    /// each pod naming itself).
+    #[arg(long, env = "KILN_WORKER_NAME")]
+    worker_name: Option<String>,
+    /// Serve `/metrics`, `/healthz`, `/readyz` and `/v1/queue` on this TCP address
+    /// (HOST:PORT, plain HTTP; `metrics-listen` in a config).
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Log lines as text or as one JSON object each (default: the config's `[log] format`,
     /// else text); levels come from `RUST_LOG` (default `info`).
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
@@ -182,6 +191,9 @@ async fn main() -> anyhow::Result<()> {
                 (Some(coordinator), Some(worker)) => {
                     args.root = worker.root.clone();
                     args.listen.get_or_insert(coordinator.listen.to_string());
+                    if let Some(address) = coordinator.metrics_listen.or(worker.metrics_listen) {
+                        args.metrics_listen.get_or_insert(address.to_string());
+                    }
                     args.max_parallelism.get_or_insert(worker.max_parallelism);
                     Role::Standalone(Some(worker))
                 }
@@ -189,9 +201,15 @@ async fn main() -> anyhow::Result<()> {
                     args.root = coordinator.root.clone();
                     Role::Coordinator(coordinator)
                 }
-                (None, Some(worker)) => {
+                (None, Some(mut worker)) => {
                     if worker.coordinator.is_none() {
                         bail!("{}: worker.coordinator is required for a worker alone", path.display());
+                    }
+                    if let Some(name) = &args.worker_name {
+                        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                            bail!("--worker-name {name:?} must be non-empty, without spaces");
+                        }
+                        worker.name = Some(name.clone());
                     }
                     args.root = worker.root.clone();
                     Role::Worker(worker)
@@ -339,6 +357,18 @@ fn platforms(settings: Option<&WorkerSettings>) -> anyhow::Result<Vec<kiln_types
     Ok(settings.platforms.clone())
 }
 
+/// Serves the metrics and health endpoints on `address` for as long as the daemon runs.
+async fn serve_metrics(address: &str, probe: Arc<dyn kiln_telemetry::Probe>) -> anyhow::Result<()> {
+    let listener = bind(address).await.context("metrics-listen")?;
+    let serving = async move {
+        if let Err(error) = kiln_telemetry::serve(listener, probe, std::future::pending()).await {
+            tracing::error!("the metrics listener failed: {error}");
+        }
+    };
+    tokio::spawn(serving.instrument(tracing::info_span!("metrics_server")));
+    Ok(())
+}
+
 async fn bind(address: &str) -> anyhow::Result<tokio::net::TcpListener> {
     let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("listening on {address}"))?;
     tracing::info!("listening on {}", listener.local_addr()?);
@@ -367,18 +397,30 @@ async fn standalone(
     }
     let _pid = PidFile::write(root)?;
     tracing::info!("standalone, state in {}, socket {}", root.display(), socket.display());
+    let runs = Runs::default();
+    if let Some(address) = &args.metrics_listen {
+        let probe = probe::Builds {
+            engine: Arc::clone(&engine),
+            runs: runs.clone(),
+            replication: None,
+            slots: max_parallelism,
+            stopped: lifecycle.stopped.clone(),
+        };
+        serve_metrics(address, Arc::new(probe)).await?;
+    }
     let tcp = match &args.listen {
         Some(listen) => {
             let listener = bind(listen).await?;
             let (access, tls) = security.listener(&listener.local_addr()?, true);
             let control = ControlService::new(Arc::clone(&engine), root)
                 .with_tenants(Arc::clone(&security.tenants))
+                .with_runs(runs.clone())
                 .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone());
             Some((listener, Services { control: Some(control), access, tls, ..Services::default() }))
         }
         None => None,
     };
-    serve(&engine, root, (&socket, group), tcp, &security.tenants, None, lifecycle).await
+    serve(&engine, root, (&socket, group), tcp, (&security.tenants, runs), None, lifecycle).await
 }
 
 /// How long in-flight requests (builds streaming their results, worker sessions closing)
@@ -399,7 +441,7 @@ async fn serve(
     root: &Path,
     (socket, group): (&Path, Option<u32>),
     tcp: Option<(tokio::net::TcpListener, Services)>,
-    tenants: &Arc<Tenants>,
+    (tenants, runs): (&Arc<Tenants>, Runs),
     replication: Option<Arc<kiln_api::Replication>>,
     lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
@@ -411,8 +453,8 @@ async fn serve(
         .await?
         .with_context(|| format!("clearing old export spools in {}", root.display()))?;
     let mut servers = tokio::task::JoinSet::new();
-    // Both control services know the builds running here (a client may reattach through either).
-    let runs = tcp.as_ref().and_then(|(_, services)| services.control.as_ref()).map(|c| c.runs()).unwrap_or_default();
+    // Both control services know the builds running here (a client may reattach through
+    // either): `runs` is theirs.
     if let Some((listener, services)) = tcp {
         let serving = kiln_api::serve_tcp(services, listener, until_stopped(stopped.clone()));
         servers.spawn(serving.instrument(tracing::info_span!("tcp_server")));
@@ -521,6 +563,17 @@ async fn coordinator(
         tokio::spawn(Arc::clone(gc).run(lifecycle.stopped.clone()).instrument(tracing::info_span!("gc")));
     }
     let _pid = PidFile::write(root)?;
+    let runs = Runs::default();
+    if let Some(address) = config.metrics_listen {
+        let probe = probe::Builds {
+            engine: Arc::clone(&engine),
+            runs: runs.clone(),
+            replication: replication.clone(),
+            slots: 0,
+            stopped: lifecycle.stopped.clone(),
+        };
+        serve_metrics(&address.to_string(), Arc::new(probe)).await?;
+    }
     let cluster = Arc::clone(engine.cluster().expect("a coordinator has a cluster"));
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
     tracing::info!("coordinator, state in {}, socket {}", root.display(), socket.display());
@@ -540,6 +593,7 @@ async fn coordinator(
                 .with_node_tls(security.tls.clone())
                 .with_tenants(Arc::clone(&security.tenants))
                 .replicated(replication.clone())
+                .with_runs(runs.clone())
                 .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone()),
         ),
         raft: replication.clone().map(kiln_api::RaftService::new),
@@ -555,7 +609,7 @@ async fn coordinator(
         root,
         (&socket, group),
         Some((listener, services)),
-        &security.tenants,
+        (&security.tenants, runs),
         replication.clone(),
         lifecycle,
     )
@@ -624,6 +678,11 @@ async fn worker(
     // It stops once the session has ended, finishing the fetches under way (bounded).
     let session_over = CancellationToken::new();
     let server = tokio::spawn(kiln_api::serve_tcp(services, listener, until_stopped(session_over.clone())));
+    let registered = tokio::sync::watch::Sender::new(false);
+    if let Some(address) = settings.metrics_listen {
+        let probe = probe::WorkerProbe { registered: registered.subscribe(), stopped: stopped.clone() };
+        serve_metrics(&address.to_string(), Arc::new(probe)).await?;
+    }
     let control = Arc::new(agent::Coordinator::new(&coordinator, security.tls.clone()));
     kiln_worker::agent::run(
         Arc::clone(&worker),
@@ -631,7 +690,7 @@ async fn worker(
         Arc::new(agent::PeerFetcher(security.tls.clone())),
         info,
         root.to_path_buf(),
-        stopped,
+        (stopped, registered),
     )
     .await;
     session_over.cancel();

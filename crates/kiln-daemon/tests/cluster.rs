@@ -20,6 +20,8 @@ mod cache;
 mod gc;
 #[path = "cluster/hardening.rs"]
 mod hardening;
+#[path = "cluster/operations.rs"]
+mod operations;
 #[path = "cluster/replicated.rs"]
 mod replicated;
 #[path = "cluster/security.rs"]

@@ -315,3 +315,38 @@ fn rates_tenant_limits_and_request_bounds_are_enforced_with_clear_errors() {
     assert!(refused.to_string().contains("client 127.0.0.1: over 100 requests per second"), "{refused}");
     daemon.stop();
 }
+
+#[test]
+fn a_standalone_daemon_serves_metrics_health_and_its_queue() {
+    use kiln_testkit::{http_get, sample};
+    let root = tempfile::tempdir().unwrap();
+    let address = "127.0.32.1:9090";
+    let (mut daemon, _) =
+        standalone(&root.path().join("state"), &["--metrics-listen", address, "--max-parallelism", "3"]);
+    wait_until("the metrics listener", || http_get(address, "/healthz").0 == 200);
+    assert_eq!(http_get(address, "/readyz"), (200, "ready\n".to_string()));
+    let queue: serde_json::Value = serde_json::from_str(&http_get(address, "/v1/queue").1).unwrap();
+    let host = kiln_types::Platform::host().to_string();
+    let load = &queue["platforms"][&host];
+    assert_eq!((&load["queued"], &load["workers"], &load["slots_free"]), (&0.into(), &1.into(), &3.into()), "{queue}");
+
+    let context = root.path().join("context");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::write(context.join("Dockerfile"), "FROM scratch\nCOPY a /a\n").unwrap();
+    std::fs::write(context.join("a"), "a\n").unwrap();
+    let built = Command::new(kiln_testkit::workspace_binary("kiln"))
+        .args(["build", "--progress", "plain"])
+        .arg(&context)
+        .env("KILN_ROOT", root.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let page = http_get(address, "/metrics").1;
+    assert_eq!(sample(&page, "kiln_builds_total{status=\"succeeded\"}"), 1.0, "{page}");
+    assert!(sample(&page, "kiln_vertices_total{outcome=\"executed\"}") >= 1.0, "{page}");
+    assert!(sample(&page, "kiln_vertex_phase_seconds_count{phase=\"execute\"}") >= 1.0, "{page}");
+    assert_eq!(sample(&page, &format!("kiln_worker_slots{{platform=\"{host}\",state=\"free\"}}")), 3.0, "{page}");
+
+    Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
+    assert!(daemon.wait().unwrap().success());
+}

@@ -198,6 +198,15 @@ impl Engine {
         }
     }
 
+    /// A standalone daemon's executions waiting for a slot and holding one (`None` on a
+    /// coordinator: its cluster knows its queues).
+    pub fn local_load(&self) -> Option<(usize, usize)> {
+        match &self.mode {
+            Mode::Local(solver) => Some(solver.load()),
+            Mode::Cluster { .. } => None,
+        }
+    }
+
     /// The cluster, on a coordinator.
     pub fn cluster(&self) -> Option<&Arc<Cluster<ClusterData>>> {
         match &self.mode {

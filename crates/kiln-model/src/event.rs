@@ -28,7 +28,7 @@ pub enum BuildEvent {
     /// A vertex finished: executed, cached, deduplicated, or failed.
     Completed {
         /// Its record.
-        record: VertexRecord,
+        record: Box<VertexRecord>,
         /// The error, when it failed.
         error: Option<String>,
     },

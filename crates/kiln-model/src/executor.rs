@@ -28,12 +28,14 @@ pub struct Executed<O> {
     /// Set when the result was imported from a cache rather than executed: which one
     /// (`registry:REF`, `s3:BUCKET/NAME`, `local:DIR`, `shared`).
     pub cache_source: Option<String>,
+    /// Where the execution's time went, as far as the executor measured it.
+    pub phases: crate::Phases,
 }
 
 impl<O> Executed<O> {
-    /// An executed result (no pin, worker or cache source).
+    /// An executed result (no pin, worker, cache source or phases).
     pub fn new(output: O) -> Executed<O> {
-        Executed { output, pin: None, worker: None, cache_source: None }
+        Executed { output, pin: None, worker: None, cache_source: None, phases: crate::Phases::default() }
     }
 }
 
@@ -117,5 +119,12 @@ pub trait Executor: Send + Sync + 'static {
     ) -> Option<BoxFuture<Result<Executed<Self::Output>, String>>> {
         let _ = (key, vertex, inputs, build);
         None
+    }
+
+    /// Whether `build` imports any cache (so that [`Executor::import`] answering `None` is
+    /// a miss, counted in the metrics).
+    fn imports_caches(&self, build: &Arc<Self::Build>) -> bool {
+        let _ = build;
+        false
     }
 }

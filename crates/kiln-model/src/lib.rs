@@ -39,7 +39,7 @@ pub use history::{BuildCounts, BuildEntry, MAX_BUILD_ID, RequestSummary, check_b
 pub use log::{LogLine, LogSink, LogStream};
 pub use manifest::{ContextManifest, ManifestEntry, ManifestError, ManifestKind};
 pub use output::{OutputSpec, OutputSpecError};
-pub use record::{Status, UnknownStatus, VertexRecord};
+pub use record::{Phases, Status, UnknownStatus, VertexRecord};
 pub use request::{BuildRequest, OversizedRequest, bounds};
 pub use spec::spec_fields;
 pub use worker::{JobId, LayerDesc, Layers, TierBlob, WorkerInfo, WorkerStatus};

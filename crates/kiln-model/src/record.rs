@@ -80,6 +80,39 @@ pub struct VertexRecord {
     /// For a cached vertex, where the result came from: `local`, `worker:NAME`,
     /// `registry:REF`, `s3:BUCKET/NAME`, `local:DIR` or `shared`.
     pub cache_source: Option<String>,
+    /// For an executed vertex, where its time went.
+    #[serde(default, skip_serializing_if = "Phases::is_empty")]
+    pub phases: Phases,
+}
+
+/// Where an execution's time went, in milliseconds; a phase that did not happen (a standalone
+/// worker fetches nothing) is `None`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phases {
+    /// Ready, waiting for a worker slot (on a cluster: until the worker was assigned it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<u64>,
+    /// Fetching its inputs on the worker: layers from peers or the shared tier, context files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_ms: Option<u64>,
+    /// Running the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execute_ms: Option<u64>,
+    /// Turning its result into layer blobs (a cluster worker, for its peers and the shared tier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_ms: Option<u64>,
+}
+
+impl Phases {
+    /// No phase measured.
+    pub fn is_empty(&self) -> bool {
+        *self == Phases::default()
+    }
+
+    /// The worker's own time: fetch, execute and export.
+    pub fn on_worker_ms(&self) -> u64 {
+        [self.fetch_ms, self.execute_ms, self.export_ms].into_iter().flatten().sum()
+    }
 }
 
 impl VertexRecord {
@@ -96,6 +129,7 @@ impl VertexRecord {
             started: None,
             completed: None,
             cache_source: None,
+            phases: Phases::default(),
         }
     }
 }

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use kiln_model::{
     BuildCounts, BuildEntry, BuildEvent, BuildRequest, CacheCompression, CacheDirection, CacheSpec, CacheSpecError,
     ContextManifest, Entitlement, Executed, Failed, HeldWork, LayerDesc, Layers, LogLine, LogStream, ManifestEntry,
-    ManifestError, ManifestKind, OutputSpec, OutputSpecError, PruneOptions, PushRequest, PushTarget, PushedLayer,
-    Status, TierBlob, UnknownStatus, UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
+    ManifestError, ManifestKind, OutputSpec, OutputSpecError, Phases, PruneOptions, PushRequest, PushTarget,
+    PushedLayer, Status, TierBlob, UnknownStatus, UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, DigestError, PlatformError};
 
@@ -120,6 +120,28 @@ pub fn record_to_proto(record: &VertexRecord) -> v1::VertexRecord {
         started: record.started.unwrap_or(0),
         completed: record.completed.unwrap_or(0),
         cache_source: record.cache_source.clone().unwrap_or_default(),
+        phases: phases_to_proto(&record.phases),
+    }
+}
+
+/// Phases as sent (`None` when none was measured).
+fn phases_to_proto(phases: &Phases) -> Option<v1::Phases> {
+    (!phases.is_empty()).then_some(v1::Phases {
+        queue_ms: phases.queue_ms,
+        fetch_ms: phases.fetch_ms,
+        execute_ms: phases.execute_ms,
+        export_ms: phases.export_ms,
+    })
+}
+
+/// Phases as received.
+fn phases_from_proto(phases: Option<v1::Phases>) -> Phases {
+    let phases = phases.unwrap_or_default();
+    Phases {
+        queue_ms: phases.queue_ms,
+        fetch_ms: phases.fetch_ms,
+        execute_ms: phases.execute_ms,
+        export_ms: phases.export_ms,
     }
 }
 
@@ -183,6 +205,7 @@ pub fn record_from_proto(record: v1::VertexRecord) -> Result<VertexRecord, WireE
         started: nonzero(record.started),
         completed: nonzero(record.completed),
         cache_source: nonempty(record.cache_source),
+        phases: phases_from_proto(record.phases),
     })
 }
 
@@ -238,9 +261,9 @@ pub fn event_from_proto(event: Event) -> Result<BuildEvent, WireError> {
             line: LogLine { stream: if log.stderr { LogStream::Stderr } else { LogStream::Stdout }, line: log.line },
         },
         Event::Completed(completed) => BuildEvent::Completed {
-            record: record_from_proto(
+            record: Box::new(record_from_proto(
                 completed.record.ok_or(WireError::Missing("a completed vertex without its record"))?,
-            )?,
+            )?),
             error: nonempty(completed.error),
         },
         Event::Export(step) => {
@@ -578,6 +601,7 @@ pub fn job_result_to_proto(job: u64, epoch: u32, result: Result<Executed<Layers>
             output: Some(layers_to_proto(&executed.output)),
             pin: executed.pin.map(|p| p.to_string()).unwrap_or_default(),
             lost_input: false,
+            phases: phases_to_proto(&executed.phases),
         },
         Err(failed) => v1::JobResult {
             job,
@@ -586,6 +610,7 @@ pub fn job_result_to_proto(job: u64, epoch: u32, result: Result<Executed<Layers>
             output: None,
             pin: String::new(),
             lost_input: failed.lost_input,
+            phases: None,
         },
     }
 }
@@ -683,7 +708,7 @@ pub fn job_result_from_proto(result: v1::JobResult) -> Result<Result<Executed<La
     }
     let output = layers_from_proto(result.output.unwrap_or_default())?;
     let pin = nonempty(result.pin).map(|pin| parse_digest(&pin, "a job's pin")).transpose()?;
-    Ok(Ok(Executed { pin, ..Executed::new(output) }))
+    Ok(Ok(Executed { pin, phases: phases_from_proto(result.phases), ..Executed::new(output) }))
 }
 
 #[cfg(test)]
@@ -722,12 +747,13 @@ mod tests {
             started: Some(5),
             completed: Some(9),
             cache_source: Some("registry:r/c".into()),
+            phases: Phases { queue_ms: Some(0), fetch_ms: None, execute_ms: Some(12), export_ms: Some(3) },
         };
         let events = [
             BuildEvent::Planned(vec![record.clone()]),
             BuildEvent::Started { vertex: record.digest, at: 5 },
             BuildEvent::Log { vertex: record.digest, line: LogLine { stream: LogStream::Stderr, line: "x".into() } },
-            BuildEvent::Completed { record: record.clone(), error: Some("exit 1".into()) },
+            BuildEvent::Completed { record: Box::new(record.clone()), error: Some("exit 1".into()) },
             BuildEvent::Export { name: "pushing r".into(), started: 3, completed: None },
             BuildEvent::ExportData { output: 1, unpack_into: Some("linux_arm64".into()), data: vec![1, 2], last: true },
             BuildEvent::Result { error: None, image: Some(Digest::of(b"i")), records: vec![record] },

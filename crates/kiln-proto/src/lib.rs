@@ -26,7 +26,8 @@ pub fn encoded_len(message: &impl prost::Message) -> usize {
 }
 
 /// `kiln.v1`: the control, worker and blob services.
-#[allow(missing_docs)]
+// Generated: prost's oneofs hold messages inline (a vertex record is the largest).
+#[allow(missing_docs, clippy::large_enum_variant)]
 pub mod v1 {
     tonic::include_proto!("kiln.v1");
 }

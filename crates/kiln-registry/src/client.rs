@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use kiln_cas::{BlobStore, CasError};
+use kiln_telemetry::{Direction, Transfer};
 use kiln_types::{Digest, ImageReference, Platform};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
@@ -256,6 +257,7 @@ impl RegistryClient {
         cas: &Arc<BlobStore>,
     ) -> Result<ResolvedImage, RegistryError> {
         let resolved = self.resolve(image, platform, cas).await?;
+        let missing: u64 = resolved.manifest.layers.iter().filter(|l| !cas.contains(&l.digest)).map(|l| l.size).sum();
         // Collected first: a closure inside the stream type trips the compiler's Send check
         // for callers that box this future.
         let fetches: Vec<_> = resolved.manifest.layers.iter().map(|layer| self.fetch_blob(image, layer, cas)).collect();
@@ -263,6 +265,7 @@ impl RegistryClient {
             .buffer_unordered(self.options.parallel_downloads.max(1))
             .try_collect::<Vec<()>>()
             .await?;
+        kiln_telemetry::metrics().transferred(Transfer::Registry, Direction::In, missing);
         Ok(resolved)
     }
 
@@ -388,7 +391,9 @@ impl RegistryClient {
         {
             ManifestKind::Image(manifest) => {
                 for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
-                    self.push_blob(image, blob, cas).await?;
+                    if self.push_blob(image, blob, cas).await? {
+                        kiln_telemetry::metrics().transferred(Transfer::Registry, Direction::Out, blob.size);
+                    }
                 }
             }
             ManifestKind::Index(index) => {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use kiln_graph::{Graph, Op};
 use kiln_kv::{KvError, SharedKv};
 use kiln_model::{BuildEvent, Executed, Executor, Failed, LogLine, LogSink, LogStream};
-use kiln_types::{Digest, now_ms};
+use kiln_telemetry::{Phase, Tier, metrics};
+use kiln_types::{Digest, elapsed_ms, now_ms};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
@@ -119,6 +120,30 @@ impl<O> BuildHandle<O> {
 pub struct Solver<E: Executor> {
     sender: mpsc::UnboundedSender<Message<E>>,
     next_build: std::sync::atomic::AtomicU64,
+    load: Arc<Load>,
+}
+
+/// Executions waiting for a worker slot, and holding one.
+#[derive(Default)]
+struct Load {
+    waiting: std::sync::atomic::AtomicUsize,
+    running: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one execution in a [`Load`] counter while it lives.
+struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(counter: &'a std::sync::atomic::AtomicUsize) -> Counted<'a> {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Counted(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl<E: Executor> Solver<E> {
@@ -134,7 +159,9 @@ impl<E: Executor> Solver<E> {
             }
         }
         let (sender, receiver) = mpsc::unbounded_channel();
+        let load = Arc::new(Load::default());
         let driver = Driver {
+            load: Arc::clone(&load),
             state,
             executor,
             kv,
@@ -151,7 +178,7 @@ impl<E: Executor> Solver<E> {
             gated: HashMap::new(),
         };
         tokio::spawn(driver.run(receiver).instrument(tracing::info_span!("solver")));
-        Ok(Solver { sender, next_build: std::sync::atomic::AtomicU64::new(1) })
+        Ok(Solver { sender, next_build: std::sync::atomic::AtomicU64::new(1), load })
     }
 
     /// Learns a cache entry another member of a replicated coordinator stored (`Some`, the
@@ -170,6 +197,13 @@ impl<E: Executor> Solver<E> {
         for (key, value) in entries {
             self.learn(&key, Some(&value));
         }
+    }
+
+    /// Executions waiting for a worker slot, and executions holding one (exec and file
+    /// steps; sources take none).
+    pub fn load(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.load.waiting.load(Relaxed), self.load.running.load(Relaxed))
     }
 
     /// Submits a build; its progress arrives on the handle.
@@ -201,6 +235,21 @@ async fn finish<E: Executor>(
     }
 }
 
+/// Counts an execution's phases in the metrics.
+fn observe(phases: &kiln_model::Phases) {
+    let measured = [
+        (Phase::Queue, phases.queue_ms),
+        (Phase::Fetch, phases.fetch_ms),
+        (Phase::Execute, phases.execute_ms),
+        (Phase::Export, phases.export_ms),
+    ];
+    for (phase, ms) in measured {
+        if let Some(ms) = ms {
+            metrics().phase(phase, std::time::Duration::from_millis(ms));
+        }
+    }
+}
+
 /// A build's events held back, in order, each with the cache entries it waits for.
 type Gate<O> = VecDeque<(Vec<Digest>, Event<O>)>;
 
@@ -221,6 +270,7 @@ struct Driver<E: Executor> {
     executor: Arc<E>,
     kv: Option<SharedKv>,
     slots: Arc<Semaphore>,
+    load: Arc<Load>,
     sender: mpsc::UnboundedSender<Message<E>>,
     builds: HashMap<BuildId, BuildEntry<E>>,
     running: HashMap<Digest, JoinHandle<()>>,
@@ -380,6 +430,10 @@ impl<E: Executor> Driver<E> {
                 // A build that is gone (cancelled) uses nothing more.
                 let context = self.builds.get(&build).map(|(context, _)| context);
                 let source = context.and_then(|context| self.executor.available(&output, context));
+                // Misses are counted when the job runs (a stale entry is one miss, not two).
+                if source.is_some() {
+                    metrics().cache_lookup(Tier::Local, true);
+                }
                 return self.state.apply(Command::CacheChecked { build, index, key, source, at: now_ms() });
             }
             Effect::Abort { key } => {
@@ -392,8 +446,14 @@ impl<E: Executor> Driver<E> {
                 let durable = if cacheable { self.durable.clone() } else { None };
                 let Some((context, _)) = self.builds.get(&build) else { return Vec::new() };
                 let imported = if import { self.executor.import(&key, &vertex, &inputs, context) } else { None };
-                let (executor, context, sender) =
-                    (Arc::clone(&self.executor), Arc::clone(context), self.sender.clone());
+                if import {
+                    metrics().cache_lookup(Tier::Local, false);
+                    if imported.is_none() && self.executor.imports_caches(context) {
+                        metrics().cache_lookup(Tier::Shared, false);
+                    }
+                }
+                let (executor, context, sender, load) =
+                    (Arc::clone(&self.executor), Arc::clone(context), self.sender.clone(), Arc::clone(&self.load));
                 // Sources resolve and transfer; only real work takes a worker slot.
                 let slots = matches!(vertex.op, Op::Exec(_) | Op::File(_)).then(|| Arc::clone(&self.slots));
                 let task = tokio::spawn(async move {
@@ -405,7 +465,9 @@ impl<E: Executor> Driver<E> {
                     let tried_import = imported.is_some();
                     if let Some(imported) = imported {
                         let _ = sender.send(Message::Started { key, at: now_ms() });
-                        match imported.await {
+                        let imported = imported.await;
+                        metrics().cache_lookup(Tier::Shared, imported.is_ok());
+                        match imported {
                             Ok(executed) => return finish(sender, durable, key, Ok(executed)).await,
                             Err(reason) => {
                                 let line = format!("WARNING: {reason}; executing the step");
@@ -413,14 +475,26 @@ impl<E: Executor> Driver<E> {
                             }
                         }
                     }
+                    let waiting = std::time::Instant::now();
                     let _slot = match slots {
-                        Some(slots) => Some(slots.acquire_owned().await.expect("the semaphore is never closed")),
+                        Some(slots) => {
+                            let _waiting = Counted::new(&load.waiting);
+                            let slot = slots.acquire_owned().await.expect("the semaphore is never closed");
+                            Some((slot, Counted::new(&load.running)))
+                        }
                         None => None,
                     };
+                    let waited = elapsed_ms(waiting);
                     if !tried_import {
                         let _ = sender.send(Message::Started { key, at: now_ms() });
                     }
-                    let result = executor.execute(*vertex, inputs, context, logs).await;
+                    let result = executor.execute(*vertex, inputs, context, logs).await.map(|mut executed| {
+                        // The wait for a slot here comes before any queue of the executor's.
+                        let queue = &mut executed.phases.queue_ms;
+                        *queue = Some(waited + queue.unwrap_or(0));
+                        observe(&executed.phases);
+                        executed
+                    });
                     finish(sender, durable, key, result).await;
                 });
                 self.running.insert(key, task);

@@ -468,8 +468,10 @@ impl<O: Clone> SolverState<O> {
                     };
                     if let Some(build) = self.builds.get_mut(&id) {
                         build.records[index].worker = worker.clone();
-                        if status == Status::Cached {
-                            build.records[index].cache_source.clone_from(&source);
+                        match status {
+                            Status::Cached => build.records[index].cache_source.clone_from(&source),
+                            Status::Executed => build.records[index].phases = executed.phases,
+                            _ => {}
                         }
                     }
                     self.complete(id, index, executed.output.clone(), user_key, status, at, effects);
@@ -489,7 +491,8 @@ impl<O: Clone> SolverState<O> {
                     record.worker = worker.clone();
                     record.completed = Some(at);
                     let record = record.clone();
-                    let event = Event::Progress(BuildEvent::Completed { record, error: Some(error.clone()) });
+                    let event =
+                        Event::Progress(BuildEvent::Completed { record: Box::new(record), error: Some(error.clone()) });
                     effects.push(Effect::Emit { build: id, event });
                     self.fail_build(id, error.clone(), effects);
                 }
@@ -514,7 +517,7 @@ impl<O: Clone> SolverState<O> {
         let record = &mut build.records[index];
         record.status = status;
         record.completed = Some(at);
-        let completed = BuildEvent::Completed { record: record.clone(), error: None };
+        let completed = BuildEvent::Completed { record: Box::new(record.clone()), error: None };
         effects.push(Effect::Emit { build: id, event: Event::Output { vertex: record.digest, key, output } });
         effects.push(Effect::Emit { build: id, event: Event::Progress(completed) });
         let mut now_ready = Vec::new();

@@ -319,3 +319,25 @@ pub fn mounts_under(root: &Path) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// `GET path` from a plain-HTTP server at `address` (HTTP/1.0, read to the end): the status
+/// and the body; status 0 and the error when nothing listens there (yet).
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = match std::net::TcpStream::connect(address) {
+        Ok(stream) => stream,
+        Err(error) => return (0, format!("connecting to {address}: {error}")),
+    };
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("sending the request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("reading the response");
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `series` (`name` or `name{label="value",...}`, labels in the
+/// order Prometheus' text format sorts them) in a `/metrics` page; 0 when it is absent.
+pub fn sample(page: &str, series: &str) -> f64 {
+    page.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}

@@ -16,15 +16,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_context::{BuildContext, StoredContext};
 use kiln_graph::{Op, SourceOp};
 use kiln_model::{
-    Assignment, BoxFuture, Executed, Failed, FromCoordinator, HeldWork, JobId, Layers, LogLine, LogSink, PushedLayer,
-    Work, WorkerInfo,
+    Assignment, BoxFuture, Executed, Failed, FromCoordinator, HeldWork, JobId, Layers, LogLine, LogSink, Phases,
+    PushedLayer, Work, WorkerInfo,
 };
-use kiln_types::Digest;
+use kiln_types::{Digest, elapsed_ms};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -100,14 +100,15 @@ pub trait ControlPlane: Send + Sync + 'static {
 
 /// Runs the worker role until `stop` is cancelled, then drains: registers (again after a
 /// broken session, backing off), runs assignments, and returns once the running jobs are done.
-/// `disk` is the directory whose free space heartbeats report.
+/// `disk` is the directory whose free space heartbeats report; `registered` says whether a
+/// session is open.
 pub async fn run<C: ControlPlane>(
     worker: Arc<Worker>,
     control: Arc<C>,
     fetcher: Arc<dyn BlobFetcher>,
     info: WorkerInfo,
     disk: PathBuf,
-    stop: CancellationToken,
+    (stop, registered): (CancellationToken, tokio::sync::watch::Sender<bool>),
 ) {
     let address = control.address();
     let mut delay = FIRST_RECONNECT_DELAY;
@@ -128,7 +129,10 @@ pub async fn run<C: ControlPlane>(
                 tracing::info!(worker = %info.name, "registered with {address}, holding {} jobs of its lost session", held.len());
                 delay = FIRST_RECONNECT_DELAY;
                 let served = Served { worker: Arc::clone(&worker), fetcher: Arc::clone(&fetcher), address: &address };
-                match served.serve(session, &mut jobs, &disk, &stop).await {
+                registered.send_replace(true);
+                let ended = served.serve(session, &mut jobs, &disk, &stop).await;
+                registered.send_replace(false);
+                match ended {
                     None => return,
                     Some(why) => tracing::warn!("lost the session with {address}: {why}; reconnecting"),
                 }
@@ -556,6 +560,7 @@ async fn execute<L: SessionLink>(
     hold: &Arc<kiln_layer::Hold>,
     coordinator: &str,
 ) -> Result<Executed<Layers>, Failed> {
+    let fetching = Instant::now();
     let mut inputs = Vec::with_capacity(assignment.inputs.len());
     for layers in &assignment.inputs {
         // The control plane recomputes an input that vanished with its worker, then retries.
@@ -584,6 +589,7 @@ async fn execute<L: SessionLink>(
         }
         contexts.insert(name.clone(), Arc::new(context));
     }
+    let mut phases = Phases { fetch_ms: Some(elapsed_ms(fetching)), ..Phases::default() };
     let build = BuildInputs {
         contexts,
         secrets: assignment.secrets,
@@ -606,8 +612,12 @@ async fn execute<L: SessionLink>(
             None => true,
         }
     });
+    let executing = Instant::now();
     let output = worker.execute(&assignment.vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
     build.hold(&output.snapshot.layers)?;
+    phases.execute_ms = Some(elapsed_ms(executing));
+    let exporting = Instant::now();
     let layers = worker.describe(&output.snapshot).await.map_err(|e| Failed::from(e.to_string()))?;
-    Ok(Executed { pin: output.image.map(|i| i.manifest_digest), ..Executed::new(Layers { layers }) })
+    phases.export_ms = Some(elapsed_ms(exporting));
+    Ok(Executed { pin: output.image.map(|i| i.manifest_digest), phases, ..Executed::new(Layers { layers }) })
 }

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use kiln_graph::Vertex;
-use kiln_model::{BoxFuture, Executed, Executor, Failed, LogSink};
-use kiln_types::Digest;
+use kiln_model::{BoxFuture, Executed, Executor, Failed, LogSink, Phases};
+use kiln_types::{Digest, elapsed_ms};
 
 use crate::{BuildInputs, Snapshot, Worker};
 
@@ -34,10 +34,16 @@ impl Executor for LocalExecutor {
     ) -> BoxFuture<Result<Executed<Snapshot>, Failed>> {
         let worker = Arc::clone(&self.worker);
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let output =
                 worker.execute(&vertex, &inputs, &build, Some(&logs)).await.map_err(|e| Failed::from(e.to_string()))?;
             build.hold(&output.snapshot.layers).map_err(Failed::from)?;
-            Ok(Executed { pin: output.image.map(|image| image.manifest_digest), ..Executed::new(output.snapshot) })
+            let phases = Phases { execute_ms: Some(elapsed_ms(started)), ..Phases::default() };
+            Ok(Executed {
+                pin: output.image.map(|image| image.manifest_digest),
+                phases,
+                ..Executed::new(output.snapshot)
+            })
         })
     }
 
@@ -52,6 +58,10 @@ impl Executor for LocalExecutor {
         let snapshots = self.worker.snapshots();
         let present = output.layers.iter().all(|layer| snapshots.has_layer(layer));
         (present && build.hold(&output.layers).is_ok()).then(|| "local".to_string())
+    }
+
+    fn imports_caches(&self, build: &Arc<BuildInputs>) -> bool {
+        !build.cache.is_empty()
     }
 
     fn import(

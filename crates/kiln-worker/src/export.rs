@@ -7,6 +7,7 @@ use std::sync::Arc;
 use kiln_layer::{Compression, LayerBlob, TarOptions, write_layer_tar};
 use kiln_model::{CacheCompression, PushRequest, PushTarget, PushedLayer};
 use kiln_registry::Descriptor;
+use kiln_telemetry::{Direction, Transfer, metrics};
 
 use crate::fileop::copy_contents;
 use crate::{Snapshot, StoreError, Stores};
@@ -39,14 +40,18 @@ impl Stores {
                 let failed = |reason: String| StoreError::Push { target: spec.clone(), reason };
                 let store = self.tier_store(spec).await.map_err(failed)?;
                 for blob in &descriptors {
-                    store.push_blob(blob, &self.cas).await.map_err(|e| failed(e.to_string()))?;
+                    if store.push_blob(blob, &self.cas).await.map_err(|e| failed(e.to_string()))? {
+                        metrics().transferred(Transfer::Shared, Direction::Out, blob.size);
+                    }
                 }
             }
             PushTarget::Registry(reference) => {
                 let failed = |reason: String| StoreError::Push { target: reference.clone(), reason };
                 let image = reference.parse().map_err(|e: kiln_types::ReferenceError| failed(e.to_string()))?;
                 for blob in &descriptors {
-                    self.registry.push_blob(&image, blob, &self.cas).await.map_err(|e| failed(e.to_string()))?;
+                    if self.registry.push_blob(&image, blob, &self.cas).await.map_err(|e| failed(e.to_string()))? {
+                        metrics().transferred(Transfer::Registry, Direction::Out, blob.size);
+                    }
                 }
             }
         }

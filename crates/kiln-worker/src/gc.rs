@@ -226,6 +226,7 @@ impl Gc {
                 free += freed;
             }
         }
+        kiln_telemetry::metrics().collected(collected.report.reclaimed, total);
         if collected.report.records > 0 {
             tracing::info!(
                 records = collected.report.records,
@@ -255,6 +256,7 @@ impl Gc {
                 total = total.saturating_sub(freed);
             }
         }
+        kiln_telemetry::metrics().collected(collected.report.reclaimed, total);
         Ok(collected)
     }
 

@@ -9,6 +9,7 @@ use kiln_cache::{CacheHit, CacheStore, CachedLayer};
 use kiln_cas::BlobStore;
 use kiln_layer::{Compression, LayerBlob, LayerId, TarOptions};
 use kiln_model::{BoxFuture, CacheDirection, CacheSpec, LayerDesc, TierBlob};
+use kiln_telemetry::{Direction, Transfer, metrics};
 use kiln_types::Digest;
 
 use crate::source::compression_of;
@@ -83,7 +84,9 @@ impl Stores {
                 what: "layer",
                 digest: diff_id,
                 reason,
-            })
+            })?;
+            metrics().transferred(Transfer::Peer, Direction::In, layer.size);
+            Ok(())
         };
         self.ensure_layer_from(diff_id, diff_id, None, fetch).await
     }
@@ -179,7 +182,9 @@ impl Stores {
                 what: "layer",
                 digest: layer.diff_id,
                 reason: e.to_string(),
-            })
+            })?;
+            metrics().transferred(Transfer::Shared, Direction::In, layer.blob.size);
+            Ok(())
         };
         self.ensure_layer_from(layer.diff_id, layer.blob.digest, origin, fetch).await
     }
@@ -197,6 +202,9 @@ impl Stores {
                     .fetch(*digest, vec![address.to_string()], Arc::clone(&self.cas))
                     .await
                     .map_err(|reason| StoreError::Fetch { what: "context file", digest: *digest, reason })?;
+                // One stat after a transfer over the network.
+                let size = std::fs::metadata(self.cas.path(digest)).map_or(0, |m| m.len());
+                metrics().transferred(Transfer::Peer, Direction::In, size);
             }
         }
         Ok(())

@@ -235,7 +235,7 @@ async fn a_session_runs_its_assignments_reports_failures_and_drains_on_stop() {
         blobs.clone(),
         info(),
         fixture.dir.path().to_path_buf(),
-        stop.clone(),
+        (stop.clone(), tokio::sync::watch::Sender::new(false)),
     ));
     let mut session = tokio::time::timeout(EVENT, registrations.recv()).await.unwrap().unwrap();
     assert_eq!(session.info.name, "w-test");
@@ -287,7 +287,7 @@ async fn a_broken_session_is_registered_again() {
         Arc::new(Blobs::default()),
         info(),
         fixture.dir.path().to_path_buf(),
-        stop.clone(),
+        (stop.clone(), tokio::sync::watch::Sender::new(false)),
     ));
     let first = tokio::time::timeout(EVENT, registrations.recv()).await.unwrap().unwrap();
     first.to_worker.send(Err("worker w-test: the coordinator ended session 1".into())).await.unwrap();
@@ -322,7 +322,7 @@ async fn jobs_of_a_lost_session_run_on_and_are_adopted_under_the_next_sessions_j
         gated.clone(),
         info(),
         fixture.dir.path().to_path_buf(),
-        stop.clone(),
+        (stop.clone(), tokio::sync::watch::Sender::new(false)),
     ));
     let first = tokio::time::timeout(EVENT, registrations.recv()).await.unwrap().unwrap();
     assert!(first.held.is_empty());

@@ -60,7 +60,7 @@ fn finished(effects: &[Effect<String>], build: BuildId) -> Option<Ending> {
 }
 
 fn ok(output: &str, pin: Option<Digest>) -> Result<Executed<String>, Failed> {
-    Ok(Executed { output: output.into(), pin, worker: None, cache_source: None })
+    Ok(Executed { pin, ..Executed::new(output.into()) })
 }
 
 /// Runs every `Run` effect to success (outputs named after the vertex), repeatedly, and

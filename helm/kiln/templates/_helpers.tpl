@@ -1,0 +1,99 @@
+{{/* The release's base name. */}}
+{{- define "kiln.fullname" -}}
+{{- if contains "kiln" .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-kiln" .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kiln.labels" -}}
+app.kubernetes.io/name: kiln
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "kiln.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* The coordinators' StatefulSet and headless Service. */}}
+{{- define "kiln.coordinator" -}}
+{{ include "kiln.fullname" . }}-coordinator
+{{- end -}}
+
+{{/* The DNS suffix of the release's namespace. */}}
+{{- define "kiln.domain" -}}
+{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}
+{{- end -}}
+
+{{/* Every coordinator member as ID=URL, for peers. */}}
+{{- define "kiln.peers" -}}
+{{- $coordinator := include "kiln.coordinator" . -}}
+{{- $domain := include "kiln.domain" . -}}
+{{- $peers := list -}}
+{{- range $i := until (int .Values.coordinator.replicas) -}}
+{{- $peers = append $peers (printf "%d=https://%s-%d.%s.%s:%d" (add1 $i) $coordinator $i $coordinator $domain (int $.Values.coordinator.port)) -}}
+{{- end -}}
+{{- $peers | toJson -}}
+{{- end -}}
+
+{{/* What workers dial: the headless Service, which resolves to every member. */}}
+{{- define "kiln.coordinatorUrl" -}}
+https://{{ include "kiln.coordinator" . }}.{{ include "kiln.domain" . }}:{{ .Values.coordinator.port }}
+{{- end -}}
+
+{{/* The TLS Secret of the coordinators, and of a pool (given as (list $ pool)). */}}
+{{- define "kiln.coordinatorTlsSecret" -}}
+{{- if eq .Values.tls.mode "secrets" -}}{{ .Values.tls.coordinatorSecret }}{{- else -}}{{ include "kiln.coordinator" . }}-tls{{- end -}}
+{{- end -}}
+
+{{- define "kiln.poolTlsSecret" -}}
+{{- $root := index . 0 -}}{{- $pool := index . 1 -}}
+{{- if eq $root.Values.tls.mode "secrets" -}}{{ index $root.Values.tls.poolSecrets $pool.name }}{{- else -}}{{ include "kiln.fullname" $root }}-worker-{{ $pool.name }}-tls{{- end -}}
+{{- end -}}
+
+{{/* The names a coordinator's certificate covers. */}}
+{{- define "kiln.coordinatorNames" -}}
+{{- $coordinator := include "kiln.coordinator" . -}}
+{{- $domain := include "kiln.domain" . -}}
+{{- $client := include "kiln.fullname" . -}}
+{{- list (printf "%s.%s" $coordinator $domain) (printf "*.%s.%s" $coordinator $domain) (printf "%s.%s" $client $domain) (printf "%s.%s.svc" $client .Release.Namespace) (printf "%s.%s" $client .Release.Namespace) $client | toJson -}}
+{{- end -}}
+
+{{/* The names a pool's certificate covers: each worker is named after its pod. */}}
+{{- define "kiln.poolNames" -}}
+{{- $root := index . 0 -}}{{- $pool := index . 1 -}}
+{{- list (printf "*.%s-worker-%s.%s" (include "kiln.fullname" $root) $pool.name (include "kiln.domain" $root)) | toJson -}}
+{{- end -}}
+
+{{/* kubernetes.io/arch of a platform (linux/arm64/v8 → arm64). */}}
+{{- define "kiln.arch" -}}
+{{- index (splitList "/" .) 1 -}}
+{{- end -}}
+
+{{/* The kilnd security context of a worker: containers in containers need what buildkitd
+     needs rootful. Privileged gives it: mounting overlay snapshots and /proc, namespaces
+     (pid, mount, network, uts, ipc), writing the cgroup tree for each step, veth pairs and
+     masquerading for the isolated step network. Nothing less lets libcontainer work inside
+     a pod (a read-only /sys/fs/cgroup otherwise). */}}
+{{- define "kiln.workerSecurityContext" -}}
+privileged: true
+runAsUser: 0
+runAsNonRoot: false
+{{- end -}}
+
+{{/* A coordinator runs no container: no privilege at all. */}}
+{{- define "kiln.coordinatorSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
