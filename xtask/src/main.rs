@@ -54,6 +54,10 @@ enum Task {
     /// Check the architecture's fences: pure crates, one owner per heavy dependency, no
     /// unused dependencies.
     Fences,
+    /// Check the deployment files without a cluster: render the Helm chart (helm/kiln) for
+    /// several fleets and check every manifest and invariant (tests/helm/test_chart.py), and
+    /// check deploy/compose.yaml with docker-compose.
+    Deploy,
     /// Build a small busybox base image (OCI layout under target/kiln-base/oci), push it to
     /// the local registry (started when none answers) and print its reference last.
     BaseImage,
@@ -71,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Demo => demo(),
         Task::Fences => fences::check(&workspace_root()),
+        Task::Deploy => deploy(),
         Task::Bench { scenario, runs, json } => bench::run(scenario, runs.max(1), json),
         Task::BaseImage => {
             let reference = base_image::run()?;
@@ -113,6 +118,7 @@ fn ci(corpus: Option<PathBuf>) -> anyhow::Result<()> {
     setup::ensure_cargo_deny()?;
     cargo(&["deny", "--log-level", "error", "check", "licenses", "bans"])?;
     cargo(&["test", "--workspace", "--quiet"])?;
+    deploy()?;
     match corpus.or_else(find_corpus) {
         Some(corpus) => {
             let totals = conformance::run(&corpus)?;
@@ -123,6 +129,48 @@ fn ci(corpus: Option<PathBuf>) -> anyhow::Result<()> {
         None => eprintln!("conformance corpus not found (set KILN_CONFORMANCE_CORPUS); skipped"),
     }
     eprintln!("ci: all green");
+    Ok(())
+}
+
+/// `cargo xtask deploy`: the chart's tests in the Helm library's virtual environment, against
+/// the kilnd of this tree (which checks the configs the chart writes), and the compose file.
+fn deploy() -> anyhow::Result<()> {
+    setup::ensure_packages()?;
+    let python = setup::ensure_helm_tools()?;
+    cargo(&["build", "--quiet", "--bin", "kilnd"])?;
+    let root = workspace_root();
+    let status = Command::new(&python)
+        .arg(root.join("tests/helm/test_chart.py"))
+        .arg(root.join("helm/kiln"))
+        .arg(root.join("target/debug/kilnd"))
+        .status()
+        .context("running tests/helm/test_chart.py")?;
+    if !status.success() {
+        bail!("the Helm chart's tests failed");
+    }
+    let compose = Command::new("docker-compose")
+        .args(["--file"])
+        .arg(root.join("deploy/compose.yaml"))
+        .args(["config", "--quiet"])
+        .status()
+        .context("running docker-compose config")?;
+    if !compose.success() {
+        bail!("docker-compose refuses deploy/compose.yaml");
+    }
+    // The example configs, read as kilnd reads them.
+    for dir in ["deploy/compose", "deploy/config"] {
+        for entry in std::fs::read_dir(root.join(dir))? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let checked =
+                    Command::new(root.join("target/debug/kilnd")).arg("--config").arg(&path).arg("check").status()?;
+                if !checked.success() {
+                    bail!("kilnd refuses {}", path.display());
+                }
+            }
+        }
+    }
+    eprintln!("deploy: the chart and the compose file check out");
     Ok(())
 }
 

@@ -23,7 +23,32 @@ const PACKAGES: &[(&str, &str)] = &[
     // The isolated network of RUN steps: namespaces, veth pairs, masquerading.
     ("iproute2", "/usr/sbin/ip"),
     ("iptables", "/usr/sbin/iptables"),
+    // deploy/compose.yaml is checked with it; openssl reads the chart's certificates.
+    ("docker-compose", "/usr/bin/docker-compose"),
+    ("openssl", "/usr/bin/openssl"),
 ];
+
+/// The Helm library (Helm 4's SDK over its C ABI: no helm binary, no network) and the
+/// Kubernetes schemas the chart's tests use, from PyPI.
+const HELM_TOOLS: &[&str] = &["helm-python-sdk==0.2.2", "kubernetes-validate==1.37.0", "PyYAML==6.0.4"];
+
+/// The virtual environment with [`HELM_TOOLS`], made when missing; returns its python.
+pub fn ensure_helm_tools() -> anyhow::Result<std::path::PathBuf> {
+    let venv = crate::workspace_root().join("target/kiln-helm");
+    let python = venv.join("bin/python");
+    let marker = venv.join("kiln-tools.txt");
+    let wanted = HELM_TOOLS.join("\n");
+    if std::fs::read_to_string(&marker).is_ok_and(|installed| installed == wanted) {
+        return Ok(python);
+    }
+    run("python3", &["-m", "venv", venv.to_str().unwrap_or_default()])?;
+    let pip = venv.join("bin/pip");
+    let mut args = vec!["install", "--quiet"];
+    args.extend_from_slice(HELM_TOOLS);
+    run(pip.to_str().unwrap_or_default(), &args)?;
+    std::fs::write(&marker, wanted)?;
+    Ok(python)
+}
 
 /// The moto release the S3 tests run against.
 const MOTO_VERSION: &str = "5.2.1";

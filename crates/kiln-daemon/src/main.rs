@@ -82,6 +82,13 @@ struct Args {
 /// What `kilnd` does besides serving.
 #[derive(clap::Subcommand)]
 enum Command {
+    /// Check the `--config` file (every key, as the daemon would read it) and say which
+    /// role it gives, without starting anything.
+    Check,
+    /// Drain the daemon of the state directory (`--root`): SIGTERM to the pid in
+    /// `ROOT/kilnd.pid` (a worker finishes its steps and takes no more), then wait until it
+    /// has exited (a Kubernetes `preStop` hook).
+    Drain,
     /// Write a development CA (`ca.pem`, `ca-key.pem`; an existing pair in DIR is reused)
     /// and a certificate and key for each node (`NAME.pem`, `NAME-key.pem`), valid for its
     /// name and every host.
@@ -176,10 +183,25 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    match &args.command {
+        Some(Command::Drain) => return drain(&args.root).await,
+        Some(Command::Check) if args.config.is_none() => bail!("kilnd check needs --config FILE"),
+        _ => {}
+    }
     let mut log_format = args.log_format.unwrap_or(LogFormat::Text);
     let (role, security) = match &args.config {
         Some(path) => {
             let config = ConfigFile::load(path)?.validate(&path.display().to_string())?;
+            if let Some(Command::Check) = &args.command {
+                let role = match (&config.coordinator, &config.worker) {
+                    (Some(_), Some(_)) => "standalone",
+                    (Some(c), None) if c.replicas.is_some() => "replicated coordinator",
+                    (Some(_), None) => "coordinator",
+                    (None, _) => "worker",
+                };
+                println!("{}: a valid {role} config", path.display());
+                return Ok(());
+            }
             if config.log_json && args.log_format.is_none() {
                 log_format = LogFormat::Json;
             }
@@ -273,6 +295,36 @@ async fn main() -> anyhow::Result<()> {
         Role::Coordinator(config) => coordinator(&args, &root, config, &security, group, lifecycle).await,
         Role::Worker(settings) => worker(&root, settings, &security, lifecycle.stopped).await,
     }
+}
+
+/// `kilnd drain`: SIGTERM to the daemon of `root`, then wait for it to exit.
+async fn drain(root: &Path) -> anyhow::Result<()> {
+    let file = root.join("kilnd.pid");
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let pid: i32 = text.trim().parse().with_context(|| format!("{}: {text:?} is not a pid", file.display()))?;
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).with_context(|| format!("signalling {pid}"))?;
+    eprintln!("draining kilnd {pid}");
+    // Nothing announces a process's end to an unrelated process: look until it is gone (the
+    // hook's own grace bounds the wait).
+    while running(pid) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("kilnd {pid} has exited");
+    Ok(())
+}
+
+/// Whether `pid` still runs: it exists and has not exited (a zombie, not reaped yet by its
+/// parent, has).
+fn running(pid: nix::unistd::Pid) -> bool {
+    if nix::sys::signal::kill(pid, None).is_err() {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // `PID (COMM) STATE ...`: the command may hold spaces and parentheses, the state follows
+    // the last `)`.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
 }
 
 /// `ROOT/kilnd.pid`, written once the state directory is ours (its database opened, which a

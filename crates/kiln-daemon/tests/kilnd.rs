@@ -347,6 +347,14 @@ fn a_standalone_daemon_serves_metrics_health_and_its_queue() {
     assert!(sample(&page, "kiln_vertex_phase_seconds_count{phase=\"execute\"}") >= 1.0, "{page}");
     assert_eq!(sample(&page, &format!("kiln_worker_slots{{platform=\"{host}\",state=\"free\"}}")), 3.0, "{page}");
 
-    Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
-    assert!(daemon.wait().unwrap().success());
+    // `kilnd drain` (a pod's preStop hook) stops the daemon and returns once it has exited.
+    let drained = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .arg("--root")
+        .arg(root.path().join("state"))
+        .arg("drain")
+        .output()
+        .unwrap();
+    assert!(drained.status.success(), "{}", String::from_utf8_lossy(&drained.stderr));
+    assert!(String::from_utf8_lossy(&drained.stderr).contains("has exited"));
+    assert!(daemon.try_wait().unwrap().is_some_and(|status| status.success()), "the daemon is gone");
 }

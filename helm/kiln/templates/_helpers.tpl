@@ -97,3 +97,42 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* What a pool leaves out (a pool list in values replaces the default one whole). */}}
+{{- define "kiln.poolDefaults" -}}
+replicas: 1
+minReplicas: 1
+maxReplicas: 4
+gc: {}
+cache:
+  type: emptyDir
+  size: 50Gi
+  storageClassName: ""
+resources: {}
+labels: {}
+tolerations: []
+terminationGracePeriodSeconds: 3600
+{{- end -}}
+
+{{/* The pools, each over the defaults. */}}
+{{- define "kiln.pools" -}}
+{{- $pools := list -}}
+{{- $defaults := include "kiln.poolDefaults" . | fromYaml -}}
+{{- range .Values.workerPools -}}
+{{- /* Key by key: merge would take a default over a given 0 (minReplicas: 0). */ -}}
+{{- $pool := deepCopy . -}}
+{{- range $key, $value := $defaults -}}
+{{- if not (hasKey $pool $key) -}}
+{{- $_ := set $pool $key $value -}}
+{{- else if kindIs "map" $value -}}
+{{- range $inner, $default := $value -}}
+{{- if not (hasKey (index $pool $key) $inner) -}}
+{{- $_ := set (index $pool $key) $inner $default -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $pools = append $pools $pool -}}
+{{- end -}}
+{{- toJson $pools -}}
+{{- end -}}
