@@ -15,9 +15,7 @@ const PURE: &[&str] = &["kiln-types", "kiln-graph", "kiln-model", "kiln-dockerfi
 /// What a pure crate must never depend on, directly or not.
 const FORBIDDEN_IN_PURE: &[&str] = &["tokio", "tonic", "hyper", "mio"];
 
-/// Heavy dependencies and the crates allowed to name them as normal dependencies. A
-/// dependency not used yet (opentelemetry) is listed so its first user
-/// has to be the one named here.
+/// Heavy dependencies and the crates allowed to name them as normal dependencies.
 const OWNERS: &[(&str, &[&str])] = &[
     ("sled", &["kiln-kv"]),
     ("oci-client", &["kiln-registry"]),
@@ -32,6 +30,9 @@ const OWNERS: &[(&str, &[&str])] = &[
     ("protobuf", &["kiln-raft"]),
     ("slog", &["kiln-raft"]),
     ("opentelemetry", &["kiln-telemetry"]),
+    ("opentelemetry_sdk", &["kiln-telemetry"]),
+    ("opentelemetry-otlp", &["kiln-telemetry"]),
+    ("tracing-opentelemetry", &["kiln-telemetry"]),
     ("prometheus", &["kiln-telemetry"]),
     ("axum", &["kiln-telemetry"]),
 ];

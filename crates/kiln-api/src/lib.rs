@@ -193,7 +193,23 @@ impl Control for ControlService {
         request.cache_group = self.tenants.cache_group(&caller.tenant);
         let spool = exports::new_spool(&self.root);
         let id = request.id.clone().unwrap_or_else(kiln_model::new_build_id);
-        let span = tracing::info_span!("build", %id, file = %request.file_name, tenant = %caller.tenant);
+        // The build's log span, and its trace (a CI pipeline run, under the client's own trace).
+        let platforms: Vec<String> = request.platforms.iter().map(ToString::to_string).collect();
+        let span = tracing::info_span!(
+            target: kiln_telemetry::TRACE_TARGET,
+            "build",
+            %id,
+            file = %request.file_name,
+            tenant = %caller.tenant,
+            otel.name = "kiln build",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            cicd.pipeline.name = request.target.as_deref().unwrap_or(&request.file_name),
+            cicd.pipeline.run.id = %id,
+            kiln.build.id = %id,
+            kiln.platforms = platforms.join(","),
+        );
+        kiln_telemetry::set_parent(&span, &request.trace.traceparent, &request.trace.tracestate);
         span.in_scope(|| tracing::info!(over_tcp, attempt = request.attempt, "build submitted"));
         let (events, stream) = mpsc::channel(256);
         let (engine, abandoned) = (Arc::clone(&self.engine), self.abandoned.clone());
@@ -260,6 +276,7 @@ impl Control for ControlService {
                             break None;
                         }
                         Some(event) = progress_events.recv() => {
+                            trace_reused(&event);
                             // The tenant's queued vertices are counted once the graph is known.
                             if let DomainEvent::Planned(records) = &event
                                 && let Err(refused) = admission.plan(records.len())
@@ -288,6 +305,7 @@ impl Control for ControlService {
                     return;
                 };
                 while let Ok(event) = progress_events.try_recv() {
+                    trace_reused(&event);
                     let _ = events.send(Ok(event_to_proto(event))).await;
                 }
                 // File outputs travel to the client before the result.
@@ -310,6 +328,7 @@ impl Control for ControlService {
                     Err(failure) => (Some(failure.message), None, failure.records),
                 };
                 let status = if error.is_none() { "succeeded" } else { "failed" };
+                tracing::Span::current().record("otel.status_code", if error.is_none() { "OK" } else { "ERROR" });
                 // Recorded before the client hears the result: a `kiln history` that follows
                 // sees the build ended.
                 book.record_end(&run, entry.ended(status, error.clone(), &records)).await;
@@ -535,6 +554,28 @@ enum Ending {
 
 /// Resolves, with the refusal to send, once a replicated coordinator's member stops leading;
 /// never without replication.
+/// A vertex the build took from a cache or from another build's run: a span of its own in the
+/// build's trace, at its end (a vertex the build executed has its span, with its phases, from
+/// the solver).
+fn trace_reused(event: &DomainEvent) {
+    let DomainEvent::Completed { record, .. } = event else { return };
+    let outcome = match record.status {
+        kiln_model::Status::Cached => "cached",
+        kiln_model::Status::Deduplicated => "deduplicated",
+        _ => return,
+    };
+    let _span = tracing::info_span!(
+        target: kiln_telemetry::TRACE_TARGET,
+        "vertex",
+        otel.name = %record.name,
+        cicd.pipeline.task.name = %record.name,
+        kiln.vertex.digest = %record.digest,
+        kiln.cache = outcome,
+        kiln.cache_source = record.cache_source.as_deref().unwrap_or(""),
+        kiln.worker = record.worker.as_deref().unwrap_or(""),
+    );
+}
+
 async fn deposed(replication: Option<&Replication>) -> ApiError {
     match replication {
         Some(replication) => {

@@ -98,6 +98,8 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         // Chosen here, so a client that loses its coordinator can reattach to the build.
         id: Some(kiln_model::new_build_id()),
         attempt: 0,
+        // A CI job's trace contains its image build (as buildx honours TRACEPARENT).
+        trace: kiln_model::TraceContext::from_env(),
     };
     // Refused here, before the context is read or sent, as the daemon would refuse it.
     request.check_bounds()?;

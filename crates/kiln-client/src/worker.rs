@@ -137,6 +137,7 @@ fn assignment(assign: v1::Assign) -> Result<Box<Assignment>, String> {
         contexts,
         context_address: assign.context_address,
         cache_group: (!assign.cache_group.is_empty()).then_some(assign.cache_group),
+        traceparent: (!assign.traceparent.is_empty()).then_some(assign.traceparent),
     }))
 }
 

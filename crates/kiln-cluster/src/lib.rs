@@ -117,6 +117,8 @@ pub struct Job<B> {
     pub tier: Vec<(Digest, TierBlob)>,
     /// The build's inputs.
     pub build: Arc<ClusterBuild<B>>,
+    /// The W3C `traceparent` of the vertex's span, when traced.
+    pub traceparent: Option<String>,
 }
 
 /// A message for a worker.
@@ -148,6 +150,9 @@ struct Pending<B> {
     /// When it was submitted, and when it was last assigned to a worker.
     submitted: Instant,
     assigned: Option<Instant>,
+    /// Its queue phase's span, ended when it is assigned; the vertex span's trace context.
+    queue_span: Option<tracing::Span>,
+    traceparent: Option<String>,
 }
 
 /// What hears of workers registering and being lost ([`Cluster::observe_membership`]).
@@ -540,6 +545,7 @@ impl<B> Inner<B> {
                 let Some(pending) = self.pending.get_mut(job) else { return };
                 pending.epoch = *epoch;
                 pending.assigned = Some(Instant::now());
+                pending.queue_span = None;
                 if *adopted {
                     let line = format!("adopted: worker {worker} kept this step running across its lost session");
                     let _ = pending.logs.send(LogLine { stream: LogStream::Stderr, line });
@@ -562,6 +568,7 @@ impl<B> Inner<B> {
                     sources,
                     tier,
                     build: Arc::clone(&pending.build),
+                    traceparent: pending.traceparent.clone(),
                 };
                 if let Some((_, link)) = self.links.get(worker) {
                     // A closed link shows up as a disconnect, which requeues the job.
@@ -874,7 +881,21 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         {
             let mut inner = self.lock();
             let submitted = Instant::now();
-            let pending = Pending { vertex, inputs, work, build, logs, done, epoch: 0, submitted, assigned: None };
+            let traceparent = kiln_telemetry::traceparent(&tracing::Span::current());
+            let queue_span = Some(kiln_telemetry::phase_span(kiln_telemetry::Phase::Queue));
+            let pending = Pending {
+                vertex,
+                inputs,
+                work,
+                build,
+                logs,
+                done,
+                epoch: 0,
+                submitted,
+                assigned: None,
+                queue_span,
+                traceparent,
+            };
             inner.pending.insert(job, pending);
             let at = now_ms();
             let held_by = work

@@ -114,15 +114,44 @@ enum LogFormat {
 
 /// Logs to stderr with `tracing`: text (colours only on a terminal) or JSON lines, each with
 /// the spans it happened in (worker session, job, build), so one build can be followed
-/// across the coordinator's and the workers' logs.
-fn init_logging(format: LogFormat) {
+/// across the coordinator's and the workers' logs. With an OTLP endpoint in the standard
+/// `OTEL_*` variables, builds, vertices and phases are also exported as traces (whatever
+/// `RUST_LOG` keeps in the log); `instance` names this process in them.
+fn init_logging(format: LogFormat, instance: &str) -> anyhow::Result<Option<kiln_telemetry::Traces>> {
     use std::io::IsTerminal as _;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let log = match format {
+        LogFormat::Text => log.with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Json => log.json().with_current_span(true).with_span_list(true).boxed(),
+    };
+    let (traces, exporter) = match kiln_telemetry::otlp_layer(instance).map_err(anyhow::Error::msg)? {
+        Some((layer, exporter)) => (Some(layer), Some(exporter)),
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(log.with_filter(filter)).with(traces).init();
+    if exporter.is_some() {
+        tracing::info!("exporting traces over OTLP as {instance}");
+    }
+    Ok(exporter)
+}
+
+/// The name of this process in traces (`service.instance.id`).
+fn instance_name(role: &Role, args: &Args) -> String {
+    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    match role {
+        Role::Standalone(_) => format!("standalone@{host}"),
+        Role::Coordinator(config) => match &config.replicas {
+            Some(replicas) => format!("coordinator-{}@{host}", replicas.node_id),
+            None => format!("coordinator@{host}"),
+        },
+        Role::Worker(settings) => {
+            args.worker_name.clone().or_else(|| settings.name.clone()).unwrap_or_else(|| format!("worker@{host}"))
+        }
     }
 }
 
@@ -251,7 +280,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => bail!("give --standalone or --config FILE with [coordinator] and/or [worker]"),
     };
-    init_logging(log_format);
+    let exporter = init_logging(log_format, &instance_name(&role, &args))?;
     let root = std::path::absolute(&args.root).context("resolving the state directory")?;
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     // Uploaded contexts, layers and caches are root's alone, as in /var/lib/docker (0710):
@@ -290,11 +319,16 @@ async fn main() -> anyhow::Result<()> {
     };
     tokio::spawn(signals.instrument(tracing::info_span!("signals")));
     let lifecycle = Lifecycle { stopped, tasks, abandoned };
-    match role {
+    let result = match role {
         Role::Standalone(settings) => standalone(&args, &root, settings, &security, group, lifecycle).await,
         Role::Coordinator(config) => coordinator(&args, &root, config, &security, group, lifecycle).await,
         Role::Worker(settings) => worker(&root, settings, &security, lifecycle.stopped).await,
+    };
+    if let Some(exporter) = exporter {
+        // The spans still buffered go out before the process ends.
+        tokio::task::spawn_blocking(move || exporter.shutdown()).await?;
     }
+    result
 }
 
 /// `kilnd drain`: SIGTERM to the daemon of `root`, then wait for it to exit.

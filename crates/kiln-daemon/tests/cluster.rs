@@ -26,6 +26,8 @@ mod operations;
 mod replicated;
 #[path = "cluster/security.rs"]
 mod security;
+#[path = "cluster/traces.rs"]
+mod traces;
 
 struct Cluster {
     registry: TestRegistry,
@@ -37,6 +39,8 @@ struct Cluster {
     workers: Vec<(String, Child)>,
     /// The token `kiln` passes (a cluster with `[[coordinator.tokens]]`).
     token: Option<String>,
+    /// Environment of the workers started and the coordinator restarted from now on.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -64,7 +68,8 @@ impl Cluster {
         .unwrap();
         let coordinator = coordinator_kilnd(&config, &dir.path().join("coordinator.log"));
         let token = token.map(str::to_string);
-        let mut cluster = Cluster { registry, base, net, coordinator, workers: Vec::new(), dir, token };
+        let mut cluster =
+            Cluster { registry, base, net, coordinator, workers: Vec::new(), dir, token, env: Vec::new() };
         for (i, platform) in workers.iter().enumerate() {
             cluster.start_worker(&format!("w{}-{}", i + 1, platform.replace('/', "-")), i as u8 + 2, platform, slots);
         }
@@ -98,7 +103,8 @@ impl Cluster {
             ),
         )
         .unwrap();
-        let child = kilnd(&config, &self.dir.path().join(format!("{files}.log")));
+        let log = self.dir.path().join(format!("{files}.log"));
+        let child = kilnd_command(&config, &log).envs(self.env.iter().cloned()).spawn().unwrap();
         self.workers.push((name.to_string(), child));
     }
 
@@ -107,7 +113,10 @@ impl Cluster {
         self.coordinator.kill().unwrap();
         self.coordinator.wait().unwrap();
         let config = self.dir.path().join("coordinator.toml");
-        self.coordinator = coordinator_kilnd(&config, &self.dir.path().join(format!("coordinator-{}.log", unique())));
+        let log = self.dir.path().join(format!("coordinator-{}.log", unique()));
+        let mut command = kilnd_command(&config, &log);
+        command.env("KILN_RUNNER", "/nonexistent/kiln-runner").envs(self.env.iter().cloned());
+        self.coordinator = command.spawn().unwrap();
     }
 
     /// Stops worker `index` (SIGTERM: it drains and exits) and starts a fresh one named

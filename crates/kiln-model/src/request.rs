@@ -52,6 +52,35 @@ pub struct BuildRequest {
     /// 0 for a new build; N for the client's Nth submission of the same build after losing
     /// the coordinator that ran it (it reattaches to the recorded build).
     pub attempt: u32,
+    /// The W3C trace context the build's trace continues (the client's `TRACEPARENT` and
+    /// `TRACESTATE`, as buildx takes them); empty: a trace of its own.
+    pub trace: TraceContext,
+}
+
+/// A W3C trace context (`traceparent`, `tracestate`), carried from process to process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    /// `00-TRACEID-SPANID-FLAGS`; empty: none.
+    pub traceparent: String,
+    /// Vendors' state, passed along.
+    pub tracestate: String,
+}
+
+impl TraceContext {
+    /// The longest `traceparent` or `tracestate` kept (the W3C limits are far below it).
+    pub const MAX: usize = 1024;
+
+    /// The context of the `TRACEPARENT` and `TRACESTATE` environment variables.
+    pub fn from_env() -> TraceContext {
+        let var = |name: &str| std::env::var(name).unwrap_or_default().trim().to_string();
+        TraceContext { traceparent: var("TRACEPARENT"), tracestate: var("TRACESTATE") }.bounded()
+    }
+
+    /// Itself, with a part past [`TraceContext::MAX`] dropped (a trace context is a hint).
+    pub fn bounded(self) -> TraceContext {
+        let keep = |text: String| if text.len() > TraceContext::MAX { String::new() } else { text };
+        TraceContext { traceparent: keep(self.traceparent), tracestate: keep(self.tracestate) }
+    }
 }
 
 /// Bounds on what one build request carries, checked by the client before it sends and by

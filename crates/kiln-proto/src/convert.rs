@@ -10,7 +10,7 @@ use kiln_model::{
     BuildCounts, BuildEntry, BuildEvent, BuildRequest, CacheCompression, CacheDirection, CacheSpec, CacheSpecError,
     ContextManifest, Entitlement, Executed, Failed, HeldWork, LayerDesc, Layers, LogLine, LogStream, ManifestEntry,
     ManifestError, ManifestKind, OutputSpec, OutputSpecError, Phases, PruneOptions, PushRequest, PushTarget,
-    PushedLayer, Status, TierBlob, UnknownStatus, UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
+    PushedLayer, Status, TierBlob, TraceContext, UnknownStatus, UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, DigestError, PlatformError};
 
@@ -323,6 +323,8 @@ pub fn request_to_proto(request: &BuildRequest) -> v1::BuildRequest {
         allow: request.allow.iter().map(|e| e.to_string()).collect(),
         build_id: request.id.clone().unwrap_or_default(),
         attempt: request.attempt,
+        traceparent: request.trace.traceparent.clone(),
+        tracestate: request.trace.tracestate.clone(),
     }
 }
 
@@ -357,6 +359,7 @@ pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, Wir
         cache_group: None,
         id,
         attempt: request.attempt,
+        trace: TraceContext { traceparent: request.traceparent, tracestate: request.tracestate }.bounded(),
     };
     request.check_bounds()?;
     Ok(request)

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use kiln_graph::{Graph, Op};
 use kiln_kv::{KvError, SharedKv};
 use kiln_model::{BuildEvent, Executed, Executor, Failed, LogLine, LogSink, LogStream};
-use kiln_telemetry::{Phase, Tier, metrics};
+use kiln_telemetry::{Phase, Tier, metrics, phase_span};
 use kiln_types::{Digest, elapsed_ms, now_ms};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -59,6 +59,7 @@ enum Message<E: Executor> {
         build: Arc<E::Build>,
         events: mpsc::UnboundedSender<Event<E::Output>>,
         id: BuildId,
+        span: tracing::Span,
     },
     Cancel(BuildId),
     Started {
@@ -210,7 +211,9 @@ impl<E: Executor> Solver<E> {
     pub fn submit(&self, graph: Graph, options: BuildOptions, build: Arc<E::Build>) -> BuildHandle<E::Output> {
         let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (events, receiver) = mpsc::unbounded_channel();
-        let _ = self.sender.send(Message::Submit { graph, options, build, events, id });
+        // The caller's span (a build's) is the parent of its vertices' spans.
+        let span = tracing::Span::current();
+        let _ = self.sender.send(Message::Submit { graph, options, build, events, id, span });
         let sender = self.sender.clone();
         BuildHandle { id, events: receiver, cancel: Box::new(move || drop(sender.send(Message::Cancel(id)))) }
     }
@@ -233,6 +236,25 @@ async fn finish<E: Executor>(
         let recorded = durable(key, entry).await;
         let _ = sender.send(Message::Recorded(key, recorded));
     }
+}
+
+/// The span of a job's execution (a CI task run, in its owner build's trace), under `parent`.
+fn vertex_span(vertex: &kiln_graph::Vertex, key: &Digest, parent: &tracing::Span) -> tracing::Span {
+    let platform = vertex.meta.platform.as_ref().map(ToString::to_string).unwrap_or_default();
+    tracing::info_span!(
+        target: kiln_telemetry::TRACE_TARGET,
+        parent: parent,
+        "vertex",
+        otel.name = %vertex.meta.name,
+        otel.status_code = tracing::field::Empty,
+        cicd.pipeline.task.name = %vertex.meta.name,
+        cicd.pipeline.task.run.id = %key,
+        kiln.vertex.digest = %vertex.digest,
+        kiln.platform = platform,
+        kiln.worker = tracing::field::Empty,
+        kiln.cache = tracing::field::Empty,
+        kiln.cache_source = tracing::field::Empty,
+    )
 }
 
 /// Counts an execution's phases in the metrics.
@@ -263,7 +285,9 @@ fn learnt<O: serde::de::DeserializeOwned>(key: &[u8], value: Option<&[u8]>) -> O
 }
 
 /// A build's executor inputs and where its events go.
-type BuildEntry<E> = (Arc<<E as Executor>::Build>, mpsc::UnboundedSender<Event<<E as Executor>::Output>>);
+/// A build's executor context, its events, and the span its vertices' spans go under.
+type BuildEntry<E> =
+    (Arc<<E as Executor>::Build>, mpsc::UnboundedSender<Event<<E as Executor>::Output>>, tracing::Span);
 
 struct Driver<E: Executor> {
     state: SolverState<E::Output>,
@@ -298,8 +322,8 @@ impl<E: Executor> Driver<E> {
 
     fn handle(&mut self, message: Message<E>) {
         let effects = match message {
-            Message::Submit { graph, options, build, events, id } => {
-                self.builds.insert(id, (build, events));
+            Message::Submit { graph, options, build, events, id, span } => {
+                self.builds.insert(id, (build, events, span));
                 self.state.apply(Command::Submit { build: id, graph, options, at: now_ms() })
             }
             Message::Cancel(id) => self.state.apply(Command::Cancel { build: id }),
@@ -388,7 +412,7 @@ impl<E: Executor> Driver<E> {
 
     fn deliver(&mut self, build: BuildId, event: Event<E::Output>) {
         let finished = matches!(event, Event::Finished(..));
-        if let Some((_, events)) = self.builds.get(&build) {
+        if let Some((_, events, _)) = self.builds.get(&build) {
             let _ = events.send(event);
         }
         if finished {
@@ -428,7 +452,7 @@ impl<E: Executor> Driver<E> {
                     self.holding.push(key);
                 }
                 // A build that is gone (cancelled) uses nothing more.
-                let context = self.builds.get(&build).map(|(context, _)| context);
+                let context = self.builds.get(&build).map(|(context, _, _)| context);
                 let source = context.and_then(|context| self.executor.available(&output, context));
                 // Misses are counted when the job runs (a stale entry is one miss, not two).
                 if source.is_some() {
@@ -444,7 +468,8 @@ impl<E: Executor> Driver<E> {
             }
             Effect::Run { key, vertex, inputs, build, import, cacheable } => {
                 let durable = if cacheable { self.durable.clone() } else { None };
-                let Some((context, _)) = self.builds.get(&build) else { return Vec::new() };
+                let Some((context, _, parent)) = self.builds.get(&build) else { return Vec::new() };
+                let span = vertex_span(&vertex, &key, parent);
                 let imported = if import { self.executor.import(&key, &vertex, &inputs, context) } else { None };
                 if import {
                     metrics().cache_lookup(Tier::Local, false);
@@ -456,47 +481,69 @@ impl<E: Executor> Driver<E> {
                     (Arc::clone(&self.executor), Arc::clone(context), self.sender.clone(), Arc::clone(&self.load));
                 // Sources resolve and transfer; only real work takes a worker slot.
                 let slots = matches!(vertex.op, Op::Exec(_) | Op::File(_)).then(|| Arc::clone(&self.slots));
-                let task = tokio::spawn(async move {
-                    // Lines go straight into the driver's queue, tagged with the job, ahead of
-                    // the job's result (no task per job).
-                    let log_sender = sender.clone();
-                    let logs = LogSink::new(move |line| log_sender.send(Message::Log { key, line }).is_ok());
-                    // An imported result needs no slot; a failed import is a miss.
-                    let tried_import = imported.is_some();
-                    if let Some(imported) = imported {
-                        let _ = sender.send(Message::Started { key, at: now_ms() });
-                        let imported = imported.await;
-                        metrics().cache_lookup(Tier::Shared, imported.is_ok());
-                        match imported {
-                            Ok(executed) => return finish(sender, durable, key, Ok(executed)).await,
-                            Err(reason) => {
-                                let line = format!("WARNING: {reason}; executing the step");
-                                let _ = logs.send(LogLine { stream: LogStream::Stderr, line });
+                let vertex_trace = span.clone();
+                let task = tokio::spawn(
+                    async move {
+                        // Lines go straight into the driver's queue, tagged with the job, ahead of
+                        // the job's result (no task per job).
+                        let log_sender = sender.clone();
+                        let logs = LogSink::new(move |line| log_sender.send(Message::Log { key, line }).is_ok());
+                        // An imported result needs no slot; a failed import is a miss.
+                        let tried_import = imported.is_some();
+                        if let Some(imported) = imported {
+                            let _ = sender.send(Message::Started { key, at: now_ms() });
+                            let imported = imported.await;
+                            metrics().cache_lookup(Tier::Shared, imported.is_ok());
+                            match imported {
+                                Ok(executed) => {
+                                    let source = executed.cache_source.as_deref().unwrap_or("");
+                                    vertex_trace.record("kiln.cache", "cached").record("kiln.cache_source", source);
+                                    return finish(sender, durable, key, Ok(executed)).await;
+                                }
+                                Err(reason) => {
+                                    let line = format!("WARNING: {reason}; executing the step");
+                                    let _ = logs.send(LogLine { stream: LogStream::Stderr, line });
+                                }
                             }
                         }
-                    }
-                    let waiting = std::time::Instant::now();
-                    let _slot = match slots {
-                        Some(slots) => {
-                            let _waiting = Counted::new(&load.waiting);
-                            let slot = slots.acquire_owned().await.expect("the semaphore is never closed");
-                            Some((slot, Counted::new(&load.running)))
+                        let waiting = std::time::Instant::now();
+                        let _slot = match slots {
+                            Some(slots) => {
+                                let _waiting = Counted::new(&load.waiting);
+                                let _queue = phase_span(Phase::Queue);
+                                let slot = slots.acquire_owned().await.expect("the semaphore is never closed");
+                                Some((slot, Counted::new(&load.running)))
+                            }
+                            None => None,
+                        };
+                        let waited = elapsed_ms(waiting);
+                        if !tried_import {
+                            let _ = sender.send(Message::Started { key, at: now_ms() });
                         }
-                        None => None,
-                    };
-                    let waited = elapsed_ms(waiting);
-                    if !tried_import {
-                        let _ = sender.send(Message::Started { key, at: now_ms() });
+                        let worker = executor.worker_name();
+                        let result = executor.execute(*vertex, inputs, context, logs).await;
+                        match &result {
+                            Ok(executed) => {
+                                let worker = executed.worker.as_deref().unwrap_or(&worker);
+                                vertex_trace.record("kiln.cache", "executed").record("kiln.worker", worker);
+                            }
+                            Err(failed) => {
+                                let worker = failed.worker.as_deref().unwrap_or(&worker);
+                                vertex_trace.record("kiln.cache", "failed").record("kiln.worker", worker);
+                                vertex_trace.record("otel.status_code", "ERROR");
+                            }
+                        }
+                        let result = result.map(|mut executed| {
+                            // The wait for a slot here comes before any queue of the executor's.
+                            let queue = &mut executed.phases.queue_ms;
+                            *queue = Some(waited + queue.unwrap_or(0));
+                            observe(&executed.phases);
+                            executed
+                        });
+                        finish(sender, durable, key, result).await;
                     }
-                    let result = executor.execute(*vertex, inputs, context, logs).await.map(|mut executed| {
-                        // The wait for a slot here comes before any queue of the executor's.
-                        let queue = &mut executed.phases.queue_ms;
-                        *queue = Some(waited + queue.unwrap_or(0));
-                        observe(&executed.phases);
-                        executed
-                    });
-                    finish(sender, durable, key, result).await;
-                });
+                    .instrument(span),
+                );
                 self.running.insert(key, task);
             }
         }

@@ -1,15 +1,17 @@
 //! Kiln's operations surface: the process's metrics ([`metrics()`], Prometheus text) and the
 //! HTTP endpoints a daemon serves on `metrics-listen` ([`serve`]): `/metrics`, `/healthz`,
 //! `/readyz` and `/v1/queue` (the queue per platform and pool, for KEDA's `metrics-api`
-//! trigger). Tracing setup joins it with OpenTelemetry.
+//! trigger); and traces over OTLP ([`otlp_layer`]): a build, its vertices and their phases.
 
 mod http;
 mod metrics;
+mod traces;
 
 pub use http::{Probe, serve};
 pub use metrics::{
     BuildStatus, Direction, Metrics, Outcome, Phase, PlatformLoad, PoolLoad, RaftState, State, Tier, Transfer, metrics,
 };
+pub use traces::{TRACE_TARGET, Traces, otlp_layer, phase_span, set_parent, traceparent};
 
 /// The platform key of vertices any worker may run (context sources).
 pub const ANY_PLATFORM: &str = "any";

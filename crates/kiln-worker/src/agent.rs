@@ -24,6 +24,7 @@ use kiln_model::{
     Assignment, BoxFuture, Executed, Failed, FromCoordinator, HeldWork, JobId, Layers, LogLine, LogSink, Phases,
     PushedLayer, Work, WorkerInfo,
 };
+use kiln_telemetry::Phase;
 use kiln_types::{Digest, elapsed_ms};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -560,7 +561,14 @@ async fn execute<L: SessionLink>(
     hold: &Arc<kiln_layer::Hold>,
     coordinator: &str,
 ) -> Result<Executed<Layers>, Failed> {
+    // The phases' spans go under the coordinator's span of the vertex.
+    let traced = |phase| {
+        let span = kiln_telemetry::phase_span(phase);
+        kiln_telemetry::set_parent(&span, assignment.traceparent.as_deref().unwrap_or(""), "");
+        span
+    };
     let fetching = Instant::now();
+    let fetch_span = traced(Phase::Fetch);
     let mut inputs = Vec::with_capacity(assignment.inputs.len());
     for layers in &assignment.inputs {
         // The control plane recomputes an input that vanished with its worker, then retries.
@@ -590,6 +598,7 @@ async fn execute<L: SessionLink>(
         contexts.insert(name.clone(), Arc::new(context));
     }
     let mut phases = Phases { fetch_ms: Some(elapsed_ms(fetching)), ..Phases::default() };
+    drop(fetch_span);
     let build = BuildInputs {
         contexts,
         secrets: assignment.secrets,
@@ -613,11 +622,15 @@ async fn execute<L: SessionLink>(
         }
     });
     let executing = Instant::now();
+    let execute_span = traced(Phase::Execute);
     let output = worker.execute(&assignment.vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
     build.hold(&output.snapshot.layers)?;
     phases.execute_ms = Some(elapsed_ms(executing));
+    drop(execute_span);
     let exporting = Instant::now();
+    let export_span = traced(Phase::Export);
     let layers = worker.describe(&output.snapshot).await.map_err(|e| Failed::from(e.to_string()))?;
     phases.export_ms = Some(elapsed_ms(exporting));
+    drop(export_span);
     Ok(Executed { pin: output.image.map(|i| i.manifest_digest), phases, ..Executed::new(Layers { layers }) })
 }

@@ -35,6 +35,7 @@ impl Executor for LocalExecutor {
         let worker = Arc::clone(&self.worker);
         Box::pin(async move {
             let started = std::time::Instant::now();
+            let _span = kiln_telemetry::phase_span(kiln_telemetry::Phase::Execute);
             let output =
                 worker.execute(&vertex, &inputs, &build, Some(&logs)).await.map_err(|e| Failed::from(e.to_string()))?;
             build.hold(&output.snapshot.layers).map_err(Failed::from)?;
