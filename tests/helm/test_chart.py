@@ -5,7 +5,7 @@ selects its architecture, disruption budgets cover every workload, probes point 
 kilnd serves on the port it serves them, the raft peers match the replicas, certificates cover
 exactly the names their holders use, and autoscalers read the pool's queue.
 
-Run by `cargo xtask chart` (and `cargo xtask ci`): python test_chart.py CHART KILND.
+Run by `cargo xtask deploy` (and `cargo xtask ci`): python test_chart.py CHART KILND.
 """
 
 import copy
@@ -100,7 +100,7 @@ def check_probes(workload, metrics_port):
     kilnd = container(workload)
     ports = {p["name"]: p["containerPort"] for p in kilnd["ports"]}
     assert ports["metrics"] == metrics_port, (ports, metrics_port)
-    for probe, path in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]:
+    for probe, path in [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]:
         get = kilnd[probe]["httpGet"]
         assert get["path"] == path and get["port"] == "metrics", (workload["metadata"]["name"], probe, get)
 
@@ -147,6 +147,12 @@ def check_fleet(objects, values):
     assert coordinator["spec"]["serviceName"] == "kiln-coordinator"
     check_probes(coordinator, 9090)
     check_pdb(objects, coordinator)
+    # Clients get the gRPC port only; the queue and metrics stay on an in-cluster Service.
+    client = one(objects, "Service", "kiln")
+    assert [p["name"] for p in client["spec"]["ports"]] == ["grpc"], client["spec"]["ports"]
+    metrics_service = one(objects, "Service", "kiln-metrics")
+    assert metrics_service["spec"]["type"] == "ClusterIP"
+    assert [p["port"] for p in metrics_service["spec"]["ports"]] == [9090]
     claims = coordinator["spec"]["volumeClaimTemplates"]
     assert [c["metadata"]["name"] for c in claims] == ["state"], "a claim per coordinator"
     configs = config_files(objects)
@@ -199,10 +205,20 @@ def check_fleet(objects, values):
         cache = pool.get("cache", {"type": "emptyDir"})
         claims = [c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates", [])]
         volumes = {v["name"]: v for v in spec["volumes"]}
+        used = toml_value(text, "max-used-space")
         if cache["type"] == "pvc":
             assert claims == ["state"] and "state" not in volumes
+            assert used == (f'"{pool["gc"]["maxUsedSpace"]}"' if pool.get("gc", {}).get("maxUsedSpace") else None), used
         else:
             assert claims == [] and "emptyDir" in volumes["state"]
+            # Collected before the emptyDir's limit evicts the pod.
+            size = cache.get("size", "50Gi")
+            limit = int(size[:-2]) * (1024 if size.endswith("Gi") else 1024 * 1024)
+            if not pool.get("gc", {}).get("maxUsedSpace"):
+                assert used == f'"{limit * 8 // 10}MiB"', used
+            assert volumes["state"]["emptyDir"]["sizeLimit"] == size
+        expected_image = pool.get("image", {}).get("repository", values.get("image", {}).get("repository", "kiln/kilnd"))
+        assert kilnd["image"].startswith(expected_image + ":"), kilnd["image"]
         headless = one(objects, "Service", name)
         assert headless["spec"]["clusterIP"] == "None"
         if coordinator_names is not None:
@@ -221,8 +237,11 @@ def check_fleet(objects, values):
         assert blobs["ports"] == [{"port": "blobs"}]
         assert blobs["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "kiln"}}}]
         assert metrics["ports"] == [{"port": "metrics"}]
+        # No empty `from` (that would admit anyone, outside the cluster too).
+        assert metrics["from"] == [{"namespaceSelector": {}}], metrics
         coordinator_policy = one(objects, "NetworkPolicy", "kiln-coordinator")
-        assert coordinator_policy["spec"]["ingress"][0]["ports"] == [{"port": "grpc"}]
+        [grpc, coordinator_metrics] = coordinator_policy["spec"]["ingress"]
+        assert grpc["ports"] == [{"port": "grpc"}] and coordinator_metrics["from"] == [{"namespaceSelector": {}}]
 
 
 def check_autoscaling(objects, values, pool, name, workload):
@@ -244,7 +263,7 @@ def check_autoscaling(objects, values, pool, name, workload):
         [trigger] = spec["triggers"]
         if trigger["type"] == "metrics-api":
             url = urllib.parse.urlparse(trigger["metadata"]["url"])
-            assert (url.hostname, url.port, url.path) == (f"kiln.{DOMAIN}", 9090, "/v1/queue"), url
+            assert (url.hostname, url.port, url.path) == (f"kiln-metrics.{DOMAIN}", 9090, "/v1/queue"), url
             query = urllib.parse.parse_qs(url.query)
             assert query == {"pool": [pool["name"]], "platform": [pool["platform"]]}, query
             assert trigger["metadata"]["valueLocation"] == "demand"
@@ -326,6 +345,20 @@ def test_five_coordinators_prometheus_triggers_and_hpa():
         check_fleet(objects, values)
 
 
+def test_existing_secrets_must_be_named():
+    try:
+        render(with_values(FLEET, tls={"mode": "secrets", "coordinatorSecret": "kiln-tls"}))
+    except helm.HelmError as error:
+        assert "tls.poolSecrets.amd64" in str(error), error
+    else:
+        raise AssertionError("rendered without the pools' secrets")
+    values = with_values(FLEET, tls={"mode": "secrets", "coordinatorSecret": "c", "poolSecrets": {"amd64": "a", "arm64": "b"}})
+    objects = render(values)
+    arm = one(objects, "StatefulSet", "kiln-worker-arm64")
+    [tls] = [v for v in arm["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == "b"
+
+
 def test_cert_manager_issues_the_certificates():
     values = with_values(FLEET, tls={"mode": "certManager", "certManager": {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}})
     objects = render(values)
@@ -335,6 +368,28 @@ def test_cert_manager_issues_the_certificates():
     assert f"*.kiln-coordinator.{DOMAIN}" in certificates["kiln-coordinator-tls"]["spec"]["dnsNames"]
     assert certificates["kiln-worker-arm64-tls"]["spec"]["dnsNames"] == [f"*.kiln-worker-arm64.{DOMAIN}"]
     assert not [s for s in named(objects, "Secret") if s.endswith("-tls")], "cert-manager writes them"
+
+
+def test_a_pools_change_restarts_only_that_pool_and_long_names_fit():
+    before = {o["metadata"]["name"]: o for o in render(FLEET) if o["kind"] == "StatefulSet"}
+    changed = copy.deepcopy(FLEET)
+    changed["workerPools"][1]["maxParallelism"] = 6
+    after = {o["metadata"]["name"]: o for o in render(changed) if o["kind"] == "StatefulSet"}
+    checksum = lambda workload: workload["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert checksum(before["kiln-worker-arm64"]) != checksum(after["kiln-worker-arm64"])
+    for name in ["kiln-worker-amd64", "kiln-coordinator"]:
+        assert checksum(before[name]) == checksum(after[name]), f"{name} restarts for another pool's change"
+    # The longest names the schema allows still fit Kubernetes' limits.
+    values = with_values(FLEET, workerPools=[{"name": "p" * 16, "platform": "linux/arm64", "maxParallelism": 1}])
+    objects = render(values, name="a-very-long-release-name-for-the-ci-fleet")
+    for obj in objects:
+        limit = 52 if obj["kind"] == "StatefulSet" else 63
+        assert len(obj["metadata"]["name"]) <= limit, (obj["kind"], obj["metadata"]["name"])
+    # A pool with its own image (one per architecture).
+    values = copy.deepcopy(FLEET)
+    values["workerPools"][1]["image"] = {"repository": "registry.example/kilnd-arm64", "tag": "1"}
+    arm = one(render(values), "StatefulSet", "kiln-worker-arm64")
+    assert container(arm)["image"] == "registry.example/kilnd-arm64:1"
 
 
 def test_wrong_values_fail_at_install_with_the_key_named():
@@ -347,6 +402,10 @@ def test_wrong_values_fail_at_install_with_the_key_named():
         (with_values(FLEET, workerPools=[{"name": "x", "platform": "linux/amd64", "maxParallelism": 1,
                                            "labels": {"pool": "y"}}]), "labels"),
         (with_values({}, tokens=[{"name": "t", "sha256": "not-hex"}]), "sha256"),
+        # The platform as kilnd names it (the queue is looked up by that name).
+        (with_values(FLEET, workerPools=[{"name": "x", "platform": "linux/arm64/v8", "maxParallelism": 1}]), "platform"),
+        (with_values(FLEET, workerPools=[{"name": "x", "platform": "linux/amd64", "maxParallelism": 1,
+                                           "cache": {"type": "emptyDir", "size": "50G"}}]), "size"),
     ]
     for values, key in wrong:
         try:

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::{base_image, cargo, dispatch, setup, workspace_root};
+use crate::{base_image, cargo, dispatch, setup, warmup, workspace_root};
 
 /// How a scenario's runs are made.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -244,7 +244,8 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
     std::fs::create_dir_all(&bench_dir)?;
     let scenarios = load_scenarios(only.as_deref())?;
     let with_dispatch = only.as_deref().is_none_or(|o| o == "dispatch");
-    if scenarios.is_empty() && !with_dispatch {
+    let with_fleet = only.as_deref().is_none_or(|o| o == "fleet");
+    if scenarios.is_empty() && !with_dispatch && !with_fleet {
         bail!("no scenario matches {only:?} under {}", root.join("bench/scenarios").display());
     }
 
@@ -253,6 +254,14 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
     let dispatch = if with_dispatch { dispatch::run(&root.join("target/release/examples/dispatch"))? } else { vec![] };
     let failover =
         if with_dispatch { dispatch::failover(&root.join("target/release/examples/failover"))? } else { vec![] };
+    let (warmup, tracing) = if with_fleet {
+        (
+            warmup::run(&base, &bench_dir)?,
+            dispatch::trace_overhead(&root.join("target/release/examples/trace_overhead"))?,
+        )
+    } else {
+        (vec![], Value::Null)
+    };
     let mut results = Vec::new();
     let mut docker_used = false;
     if !scenarios.is_empty() {
@@ -297,6 +306,8 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
         "scenarios": results,
         "dispatch": dispatch,
         "failover": failover,
+        "warmup": warmup,
+        "tracing": tracing,
     });
     let json_path = json_path.unwrap_or_else(|| bench_dir.join("results.json"));
     std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)?;
@@ -800,6 +811,8 @@ fn markdown(report: &Value) -> String {
     }
     out.push_str(&dispatch::markdown(report["dispatch"].as_array().map(Vec::as_slice).unwrap_or_default()));
     out.push_str(&dispatch::failover_markdown(report["failover"].as_array().map(Vec::as_slice).unwrap_or_default()));
+    out.push_str(&warmup::markdown(report["warmup"].as_array().map(Vec::as_slice).unwrap_or_default()));
+    out.push_str(&dispatch::trace_overhead_markdown(&report["tracing"]));
     out
 }
 

@@ -6,6 +6,7 @@ mod conformance;
 mod dispatch;
 mod fences;
 mod setup;
+mod warmup;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,7 +42,8 @@ enum Task {
     /// Measure the scenarios under bench/scenarios with Kiln and a reference (Docker's
     /// BuildKit, skopeo) side by side, then the coordinator's dispatch with fake workers.
     Bench {
-        /// Only this scenario (`dispatch`: only the coordinator's dispatch).
+        /// Only this scenario (`dispatch`: only the coordinator's dispatch; `fleet`: only a
+        /// fresh worker's warm-up and the cost of tracing).
         #[arg(long)]
         scenario: Option<String>,
         /// Timed runs per tool (after one warm-up).

@@ -193,23 +193,23 @@ impl Control for ControlService {
         request.cache_group = self.tenants.cache_group(&caller.tenant);
         let spool = exports::new_spool(&self.root);
         let id = request.id.clone().unwrap_or_else(kiln_model::new_build_id);
-        // The build's log span, and its trace (a CI pipeline run, under the client's own trace).
+        let span = tracing::info_span!("build", %id, file = %request.file_name, tenant = %caller.tenant);
+        // Its trace: a CI pipeline run, under the client's own trace when it has one.
         let platforms: Vec<String> = request.platforms.iter().map(ToString::to_string).collect();
-        let span = tracing::info_span!(
+        let trace = tracing::info_span!(
             target: kiln_telemetry::TRACE_TARGET,
-            "build",
-            %id,
-            file = %request.file_name,
-            tenant = %caller.tenant,
+            parent: &span,
+            "kiln_build",
             otel.name = "kiln build",
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
             cicd.pipeline.name = request.target.as_deref().unwrap_or(&request.file_name),
             cicd.pipeline.run.id = %id,
             kiln.build.id = %id,
+            kiln.build.status = tracing::field::Empty,
             kiln.platforms = platforms.join(","),
         );
-        kiln_telemetry::set_parent(&span, &request.trace.traceparent, &request.trace.tracestate);
+        kiln_telemetry::set_parent(&trace, &request.trace.traceparent, &request.trace.tracestate);
         span.in_scope(|| tracing::info!(over_tcp, attempt = request.attempt, "build submitted"));
         let (events, stream) = mpsc::channel(256);
         let (engine, abandoned) = (Arc::clone(&self.engine), self.abandoned.clone());
@@ -238,6 +238,7 @@ impl Control for ControlService {
                 let (run, entry) = match begun {
                     Ok(begun) => begun,
                     Err(refused) => {
+                        trace.record("kiln.build.status", "refused").record("otel.status_code", "ERROR");
                         tracing::info!("build refused: {refused}");
                         let _ = events.send(Err(refused.into())).await;
                         exports::remove_spool(spool).await;
@@ -245,7 +246,7 @@ impl Control for ControlService {
                     }
                 };
                 let (progress, mut progress_events) = mpsc::unbounded_channel();
-                let mut build = Box::pin(engine.build(request, Some(&spool), progress));
+                let mut build = Box::pin(engine.build(request, Some(&spool), progress).instrument(trace.clone()));
                 // Why the build ended without a result, if it does.
                 let mut ending = Ending::Cancelled;
                 // Forward progress while the build runs. A client that left (its stream closed,
@@ -276,7 +277,6 @@ impl Control for ControlService {
                             break None;
                         }
                         Some(event) = progress_events.recv() => {
-                            trace_reused(&event);
                             // The tenant's queued vertices are counted once the graph is known.
                             if let DomainEvent::Planned(records) = &event
                                 && let Err(refused) = admission.plan(records.len())
@@ -296,6 +296,15 @@ impl Control for ControlService {
                 drop(build);
                 let Some(result) = result else {
                     exports::remove_spool(spool.clone()).await;
+                    let status = match &ending {
+                        Ending::HandedOver => "handed-over",
+                        Ending::Refused(_) => "refused",
+                        Ending::Cancelled => "cancelled",
+                    };
+                    trace.record("kiln.build.status", status);
+                    if matches!(ending, Ending::Refused(_)) {
+                        trace.record("otel.status_code", "ERROR");
+                    }
                     match ending {
                         // A build handed back to its client is the next run's to record.
                         Ending::HandedOver => {}
@@ -305,7 +314,6 @@ impl Control for ControlService {
                     return;
                 };
                 while let Ok(event) = progress_events.try_recv() {
-                    trace_reused(&event);
                     let _ = events.send(Ok(event_to_proto(event))).await;
                 }
                 // File outputs travel to the client before the result.
@@ -328,7 +336,9 @@ impl Control for ControlService {
                     Err(failure) => (Some(failure.message), None, failure.records),
                 };
                 let status = if error.is_none() { "succeeded" } else { "failed" };
-                tracing::Span::current().record("otel.status_code", if error.is_none() { "OK" } else { "ERROR" });
+                trace
+                    .record("kiln.build.status", status)
+                    .record("otel.status_code", if error.is_none() { "OK" } else { "ERROR" });
                 // Recorded before the client hears the result: a `kiln history` that follows
                 // sees the build ended.
                 book.record_end(&run, entry.ended(status, error.clone(), &records)).await;
@@ -554,28 +564,6 @@ enum Ending {
 
 /// Resolves, with the refusal to send, once a replicated coordinator's member stops leading;
 /// never without replication.
-/// A vertex the build took from a cache or from another build's run: a span of its own in the
-/// build's trace, at its end (a vertex the build executed has its span, with its phases, from
-/// the solver).
-fn trace_reused(event: &DomainEvent) {
-    let DomainEvent::Completed { record, .. } = event else { return };
-    let outcome = match record.status {
-        kiln_model::Status::Cached => "cached",
-        kiln_model::Status::Deduplicated => "deduplicated",
-        _ => return,
-    };
-    let _span = tracing::info_span!(
-        target: kiln_telemetry::TRACE_TARGET,
-        "vertex",
-        otel.name = %record.name,
-        cicd.pipeline.task.name = %record.name,
-        kiln.vertex.digest = %record.digest,
-        kiln.cache = outcome,
-        kiln.cache_source = record.cache_source.as_deref().unwrap_or(""),
-        kiln.worker = record.worker.as_deref().unwrap_or(""),
-    );
-}
-
 async fn deposed(replication: Option<&Replication>) -> ApiError {
     match replication {
         Some(replication) => {

@@ -214,7 +214,8 @@ fn assign(job: Job<ClusterData>, address: &str) -> Result<v1::Assign, (u64, u32,
         contexts,
         context_address: address.to_string(),
         cache_group: data.cache_group.clone().unwrap_or_default(),
-        traceparent: job.traceparent.clone().unwrap_or_default(),
+        traceparent: job.trace.as_ref().map(|t| t.traceparent.clone()).unwrap_or_default(),
+        tracestate: job.trace.as_ref().map(|t| t.tracestate.clone()).unwrap_or_default(),
     };
     // Room for the message's own framing under the limit.
     let size = kiln_proto::encoded_len(&assign);

@@ -137,7 +137,9 @@ fn assignment(assign: v1::Assign) -> Result<Box<Assignment>, String> {
         contexts,
         context_address: assign.context_address,
         cache_group: (!assign.cache_group.is_empty()).then_some(assign.cache_group),
-        traceparent: (!assign.traceparent.is_empty()).then_some(assign.traceparent),
+        trace: (!assign.traceparent.is_empty()).then(|| {
+            kiln_model::TraceContext { traceparent: assign.traceparent, tracestate: assign.tracestate }.bounded()
+        }),
     }))
 }
 

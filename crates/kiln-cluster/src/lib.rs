@@ -117,8 +117,8 @@ pub struct Job<B> {
     pub tier: Vec<(Digest, TierBlob)>,
     /// The build's inputs.
     pub build: Arc<ClusterBuild<B>>,
-    /// The W3C `traceparent` of the vertex's span, when traced.
-    pub traceparent: Option<String>,
+    /// The trace context of the vertex's span, when traced.
+    pub trace: Option<kiln_model::TraceContext>,
 }
 
 /// A message for a worker.
@@ -147,12 +147,15 @@ struct Pending<B> {
     logs: LogSink,
     done: oneshot::Sender<Result<Executed<Layers>, Failed>>,
     epoch: u32,
-    /// When it was submitted, and when it was last assigned to a worker.
+    /// When it was submitted, when it was first assigned to a worker, and how many times
+    /// (a lost worker's jobs are assigned again; an adopted one was running already).
     submitted: Instant,
     assigned: Option<Instant>,
+    assignments: u32,
+    adopted: bool,
     /// Its queue phase's span, ended when it is assigned; the vertex span's trace context.
     queue_span: Option<tracing::Span>,
-    traceparent: Option<String>,
+    trace: Option<kiln_model::TraceContext>,
 }
 
 /// What hears of workers registering and being lost ([`Cluster::observe_membership`]).
@@ -501,14 +504,18 @@ impl<B: Send + Sync + 'static> Cluster<B> {
 }
 
 impl<B> Pending<B> {
-    /// `executed` with its queue (submitted until assigned), and the round trip's overhead
-    /// beyond the worker's own time counted as dispatch latency.
+    /// `executed` with its queue (submitted until first assigned), and the round trip's
+    /// overhead beyond the worker's own time counted as dispatch latency (for a job run by
+    /// the one worker it was assigned to: a job assigned again, or adopted while it ran, has
+    /// no such round trip).
     fn timed(&self, mut executed: Executed<Layers>) -> Executed<Layers> {
         let Some(assigned) = self.assigned else { return executed };
         let queue = assigned.saturating_duration_since(self.submitted);
         executed.phases.queue_ms = Some(u64::try_from(queue.as_millis()).unwrap_or(u64::MAX));
-        let on_worker = Duration::from_millis(executed.phases.on_worker_ms());
-        kiln_telemetry::metrics().dispatched(assigned.elapsed().saturating_sub(on_worker));
+        if self.assignments == 1 && !self.adopted {
+            let on_worker = Duration::from_millis(executed.phases.on_worker_ms());
+            kiln_telemetry::metrics().dispatched(assigned.elapsed().saturating_sub(on_worker));
+        }
         executed
     }
 }
@@ -544,7 +551,9 @@ impl<B> Inner<B> {
             ClusterEffect::Assign { job, epoch, worker, adopted } => {
                 let Some(pending) = self.pending.get_mut(job) else { return };
                 pending.epoch = *epoch;
-                pending.assigned = Some(Instant::now());
+                pending.assigned.get_or_insert_with(Instant::now);
+                pending.assignments += 1;
+                pending.adopted |= *adopted;
                 pending.queue_span = None;
                 if *adopted {
                     let line = format!("adopted: worker {worker} kept this step running across its lost session");
@@ -568,7 +577,7 @@ impl<B> Inner<B> {
                     sources,
                     tier,
                     build: Arc::clone(&pending.build),
-                    traceparent: pending.traceparent.clone(),
+                    trace: pending.trace.clone(),
                 };
                 if let Some((_, link)) = self.links.get(worker) {
                     // A closed link shows up as a disconnect, which requeues the job.
@@ -881,7 +890,8 @@ impl<B: Send + Sync + 'static> Cluster<B> {
         {
             let mut inner = self.lock();
             let submitted = Instant::now();
-            let traceparent = kiln_telemetry::traceparent(&tracing::Span::current());
+            let trace = kiln_telemetry::context_of(&tracing::Span::current())
+                .map(|(traceparent, tracestate)| kiln_model::TraceContext { traceparent, tracestate });
             let queue_span = Some(kiln_telemetry::phase_span(kiln_telemetry::Phase::Queue));
             let pending = Pending {
                 vertex,
@@ -893,8 +903,10 @@ impl<B: Send + Sync + 'static> Cluster<B> {
                 epoch: 0,
                 submitted,
                 assigned: None,
+                assignments: 0,
+                adopted: false,
                 queue_span,
-                traceparent,
+                trace,
             };
             inner.pending.insert(job, pending);
             let at = now_ms();

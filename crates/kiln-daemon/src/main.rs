@@ -141,7 +141,7 @@ fn init_logging(format: LogFormat, instance: &str) -> anyhow::Result<Option<kiln
 }
 
 /// The name of this process in traces (`service.instance.id`).
-fn instance_name(role: &Role, args: &Args) -> String {
+fn instance_name(role: &Role) -> String {
     let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     match role {
         Role::Standalone(_) => format!("standalone@{host}"),
@@ -149,8 +149,9 @@ fn instance_name(role: &Role, args: &Args) -> String {
             Some(replicas) => format!("coordinator-{}@{host}", replicas.node_id),
             None => format!("coordinator@{host}"),
         },
+        // The name it will register under (a listener on port 0 gets its name once bound).
         Role::Worker(settings) => {
-            args.worker_name.clone().or_else(|| settings.name.clone()).unwrap_or_else(|| format!("worker@{host}"))
+            settings.name.clone().unwrap_or_else(|| kiln_config::default_worker_name(settings.listen))
         }
     }
 }
@@ -159,6 +160,67 @@ enum Role {
     Standalone(Option<WorkerSettings>),
     Coordinator(CoordinatorConfig),
     Worker(WorkerSettings),
+}
+
+impl Role {
+    /// What it is, in words.
+    fn describe(&self) -> &'static str {
+        match self {
+            Role::Standalone(_) => "standalone",
+            Role::Coordinator(config) if config.replicas.is_some() => "replicated coordinator",
+            Role::Coordinator(_) => "coordinator",
+            Role::Worker(_) => "worker",
+        }
+    }
+}
+
+/// The role a config's sections give, with the flags that stand in for its keys applied
+/// (`--metrics-listen`, `--worker-name`) and its own (`root`, `listen`, ...) taken into `args`.
+fn role_of(
+    coordinator: Option<CoordinatorConfig>,
+    worker: Option<WorkerSettings>,
+    args: &mut Args,
+    path: &Path,
+) -> anyhow::Result<Role> {
+    if args.worker_name.is_some() && !matches!((&coordinator, &worker), (None, Some(_))) {
+        bail!("--worker-name names a worker: {} is not a worker's config", path.display());
+    }
+    let role = match (coordinator, worker) {
+        (Some(coordinator), Some(worker)) => {
+            args.root = worker.root.clone();
+            args.listen.get_or_insert(coordinator.listen.to_string());
+            args.max_parallelism.get_or_insert(worker.max_parallelism);
+            if let Some(address) = coordinator.metrics_listen.or(worker.metrics_listen) {
+                args.metrics_listen.get_or_insert(address.to_string());
+            }
+            Role::Standalone(Some(worker))
+        }
+        (Some(coordinator), None) => {
+            args.root = coordinator.root.clone();
+            if let Some(address) = coordinator.metrics_listen {
+                args.metrics_listen.get_or_insert(address.to_string());
+            }
+            Role::Coordinator(coordinator)
+        }
+        (None, Some(mut worker)) => {
+            if worker.coordinator.is_none() {
+                bail!("{}: worker.coordinator is required for a worker alone", path.display());
+            }
+            if let Some(name) = &args.worker_name {
+                if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    bail!("--worker-name {name:?} must be non-empty, without spaces");
+                }
+                worker.name = Some(name.clone());
+            }
+            args.root = worker.root.clone();
+            if let Some(address) = worker.metrics_listen {
+                args.metrics_listen.get_or_insert(address.to_string());
+            }
+            Role::Worker(worker)
+        }
+        (None, None) => bail!("{}: needs a [coordinator] or a [worker] section", path.display()),
+    };
+    Ok(role)
 }
 
 /// How a daemon's TCP listeners and connections are secured, and who may call it.
@@ -212,63 +274,28 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    match &args.command {
-        Some(Command::Drain) => return drain(&args.root).await,
-        Some(Command::Check) if args.config.is_none() => bail!("kilnd check needs --config FILE"),
-        _ => {}
+    if let Some(Command::Drain) = &args.command {
+        return drain(&args).await;
     }
     let mut log_format = args.log_format.unwrap_or(LogFormat::Text);
-    let (role, security) = match &args.config {
+    let (role, security) = match args.config.clone() {
         Some(path) => {
-            let config = ConfigFile::load(path)?.validate(&path.display().to_string())?;
-            if let Some(Command::Check) = &args.command {
-                let role = match (&config.coordinator, &config.worker) {
-                    (Some(_), Some(_)) => "standalone",
-                    (Some(c), None) if c.replicas.is_some() => "replicated coordinator",
-                    (Some(_), None) => "coordinator",
-                    (None, _) => "worker",
-                };
-                println!("{}: a valid {role} config", path.display());
-                return Ok(());
-            }
+            let config = ConfigFile::load(&path)?.validate(&path.display().to_string())?;
             if config.log_json && args.log_format.is_none() {
                 log_format = LogFormat::Json;
             }
             if args.insecure {
                 bail!("--insecure is for --standalone without --config: the config's [tls] says how to listen");
             }
+            let role = role_of(config.coordinator, config.worker, &mut args, &path)?;
+            if let Some(Command::Check) = &args.command {
+                println!("{}: a valid {} config", path.display(), role.describe());
+                return Ok(());
+            }
             let security = Security::load(&config.tls, config.tokens, Tenants::new(config.tenants))?;
-            let role = match (config.coordinator, config.worker) {
-                (Some(coordinator), Some(worker)) => {
-                    args.root = worker.root.clone();
-                    args.listen.get_or_insert(coordinator.listen.to_string());
-                    if let Some(address) = coordinator.metrics_listen.or(worker.metrics_listen) {
-                        args.metrics_listen.get_or_insert(address.to_string());
-                    }
-                    args.max_parallelism.get_or_insert(worker.max_parallelism);
-                    Role::Standalone(Some(worker))
-                }
-                (Some(coordinator), None) => {
-                    args.root = coordinator.root.clone();
-                    Role::Coordinator(coordinator)
-                }
-                (None, Some(mut worker)) => {
-                    if worker.coordinator.is_none() {
-                        bail!("{}: worker.coordinator is required for a worker alone", path.display());
-                    }
-                    if let Some(name) = &args.worker_name {
-                        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                            bail!("--worker-name {name:?} must be non-empty, without spaces");
-                        }
-                        worker.name = Some(name.clone());
-                    }
-                    args.root = worker.root.clone();
-                    Role::Worker(worker)
-                }
-                (None, None) => bail!("{}: needs a [coordinator] or a [worker] section", path.display()),
-            };
             (role, security)
         }
+        None if matches!(args.command, Some(Command::Check)) => bail!("kilnd check needs --config FILE"),
         None if args.standalone => {
             if args.listen.is_some() && !args.insecure {
                 bail!(
@@ -280,7 +307,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => bail!("give --standalone or --config FILE with [coordinator] and/or [worker]"),
     };
-    let exporter = init_logging(log_format, &instance_name(&role, &args))?;
+    let exporter = init_logging(log_format, &instance_name(&role))?;
     let root = std::path::absolute(&args.root).context("resolving the state directory")?;
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     // Uploaded contexts, layers and caches are root's alone, as in /var/lib/docker (0710):
@@ -322,7 +349,9 @@ async fn main() -> anyhow::Result<()> {
     let result = match role {
         Role::Standalone(settings) => standalone(&args, &root, settings, &security, group, lifecycle).await,
         Role::Coordinator(config) => coordinator(&args, &root, config, &security, group, lifecycle).await,
-        Role::Worker(settings) => worker(&root, settings, &security, lifecycle.stopped).await,
+        Role::Worker(settings) => {
+            worker(&root, settings, &security, args.metrics_listen.as_deref(), lifecycle.stopped).await
+        }
     };
     if let Some(exporter) = exporter {
         // The spans still buffered go out before the process ends.
@@ -331,11 +360,29 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
-/// `kilnd drain`: SIGTERM to the daemon of `root`, then wait for it to exit.
-async fn drain(root: &Path) -> anyhow::Result<()> {
+/// `kilnd drain`: SIGTERM to the daemon of the state directory (the config's, else `--root`),
+/// then wait for it to exit.
+async fn drain(args: &Args) -> anyhow::Result<()> {
+    let root = match &args.config {
+        Some(path) => {
+            let config = ConfigFile::load(path)?.validate(&path.display().to_string())?;
+            match (config.coordinator, config.worker) {
+                (_, Some(worker)) => worker.root,
+                (Some(coordinator), None) => coordinator.root,
+                (None, None) => bail!("{}: needs a [coordinator] or a [worker] section", path.display()),
+            }
+        }
+        None => args.root.clone(),
+    };
     let file = root.join("kilnd.pid");
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let pid: i32 = text.trim().parse().with_context(|| format!("{}: {text:?} is not a pid", file.display()))?;
+    // A pid file a crashed daemon left may name another process by now.
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    if exe.file_name().is_none_or(|name| !name.to_string_lossy().starts_with("kilnd")) {
+        eprintln!("{} names no running kilnd (pid {pid}): nothing to drain", file.display());
+        return Ok(());
+    }
     let pid = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).with_context(|| format!("signalling {pid}"))?;
     eprintln!("draining kilnd {pid}");
@@ -650,7 +697,7 @@ async fn coordinator(
     }
     let _pid = PidFile::write(root)?;
     let runs = Runs::default();
-    if let Some(address) = config.metrics_listen {
+    if let Some(address) = &args.metrics_listen {
         let probe = probe::Builds {
             engine: Arc::clone(&engine),
             runs: runs.clone(),
@@ -658,7 +705,7 @@ async fn coordinator(
             slots: 0,
             stopped: lifecycle.stopped.clone(),
         };
-        serve_metrics(&address.to_string(), Arc::new(probe)).await?;
+        serve_metrics(address, Arc::new(probe)).await?;
     }
     let cluster = Arc::clone(engine.cluster().expect("a coordinator has a cluster"));
     let socket = args.socket.clone().unwrap_or_else(|| root.join("kilnd.sock"));
@@ -718,6 +765,7 @@ async fn worker(
     root: &Path,
     settings: WorkerSettings,
     security: &Security,
+    metrics_listen: Option<&str>,
     stopped: CancellationToken,
 ) -> anyhow::Result<()> {
     let platforms = platforms(Some(&settings))?;
@@ -765,9 +813,9 @@ async fn worker(
     let session_over = CancellationToken::new();
     let server = tokio::spawn(kiln_api::serve_tcp(services, listener, until_stopped(session_over.clone())));
     let registered = tokio::sync::watch::Sender::new(false);
-    if let Some(address) = settings.metrics_listen {
+    if let Some(address) = metrics_listen {
         let probe = probe::WorkerProbe { registered: registered.subscribe(), stopped: stopped.clone() };
-        serve_metrics(&address.to_string(), Arc::new(probe)).await?;
+        serve_metrics(address, Arc::new(probe)).await?;
     }
     let control = Arc::new(agent::Coordinator::new(&coordinator, security.tls.clone()));
     kiln_worker::agent::run(

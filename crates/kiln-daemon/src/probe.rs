@@ -29,24 +29,27 @@ impl Probe for Builds {
                 let jobs = cluster.jobs_by_platform();
                 let workers = cluster.workers();
                 state.platforms = platform_loads(&jobs, &workers);
-                state.pools = pool_loads(&workers, &state);
+                state.pools = pool_workers(&workers);
+                // Each pool with what is queued for it.
+                let pools = state.pools.keys().map(|name| (name.clone(), state.pool(name, &[]))).collect();
+                state.pools = pools;
                 state.shared_cache_bytes = Some(cluster.tier_bytes());
             }
             None => {
+                // One worker: its queue under its own platform (the others it runs through
+                // emulation share its slots).
                 let (queued, running) = self.engine.local_load().unwrap_or_default();
-                let (queued, running) = (queued as u64, running as u64);
-                let slots = self.slots as u64;
-                for platform in self.engine.platforms() {
-                    let load = PlatformLoad {
-                        queued,
-                        running,
-                        workers: u64::from(!self.stopped.is_cancelled()),
-                        draining: u64::from(self.stopped.is_cancelled()),
-                        slots_busy: running.min(slots),
-                        slots_free: slots.saturating_sub(running),
-                    };
-                    state.platforms.insert(platform.to_string(), load);
-                }
+                let (queued, running, slots) = (queued as u64, running as u64, self.slots as u64);
+                let stopping = self.stopped.is_cancelled();
+                let load = PlatformLoad {
+                    queued,
+                    running,
+                    workers: u64::from(!stopping),
+                    draining: u64::from(stopping),
+                    slots_busy: running.min(slots),
+                    slots_free: slots.saturating_sub(running),
+                };
+                state.platforms.insert(kiln_types::Platform::host().to_string(), load);
             }
         }
         if let Some(replication) = &self.replication {
@@ -110,8 +113,8 @@ fn platform_loads(
     loads
 }
 
-/// The workers of each pool (labelled `pool=NAME`), with the jobs queued for its platforms.
-fn pool_loads(workers: &[kiln_model::WorkerStatus], state: &State) -> BTreeMap<String, PoolLoad> {
+/// The workers of each pool (labelled `pool=NAME`): their platforms, slots and running jobs.
+fn pool_workers(workers: &[kiln_model::WorkerStatus]) -> BTreeMap<String, PoolLoad> {
     let mut pools: BTreeMap<String, PoolLoad> = BTreeMap::new();
     for worker in workers {
         let Some(name) = worker.info.labels.get(POOL_LABEL) else { continue };
@@ -128,14 +131,7 @@ fn pool_loads(workers: &[kiln_model::WorkerStatus], state: &State) -> BTreeMap<S
             pool.slots += worker.info.max_parallelism as u64;
         }
     }
-    let queued = State { pools: pools.clone(), ..state.clone() };
     pools
-        .into_iter()
-        .map(|(name, pool)| {
-            let load = queued.pool(&name, &pool.platforms);
-            (name, load)
-        })
-        .collect()
 }
 
 /// A worker: ready while registered with a coordinator and not draining.

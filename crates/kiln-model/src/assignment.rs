@@ -75,9 +75,9 @@ pub struct Assignment {
     /// The cache group of the job's build (`None`: the default group): its cache mounts are
     /// that group's.
     pub cache_group: Option<String>,
-    /// The W3C `traceparent` of the vertex's span, when traced: the worker's phase spans go
+    /// The trace context of the vertex's span, when traced: the worker's phase spans go
     /// under it.
-    pub traceparent: Option<String>,
+    pub trace: Option<crate::TraceContext>,
 }
 
 impl Assignment {

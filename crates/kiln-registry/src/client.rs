@@ -257,7 +257,6 @@ impl RegistryClient {
         cas: &Arc<BlobStore>,
     ) -> Result<ResolvedImage, RegistryError> {
         let resolved = self.resolve(image, platform, cas).await?;
-        let missing: u64 = resolved.manifest.layers.iter().filter(|l| !cas.contains(&l.digest)).map(|l| l.size).sum();
         // Collected first: a closure inside the stream type trips the compiler's Send check
         // for callers that box this future.
         let fetches: Vec<_> = resolved.manifest.layers.iter().map(|layer| self.fetch_blob(image, layer, cas)).collect();
@@ -265,7 +264,6 @@ impl RegistryClient {
             .buffer_unordered(self.options.parallel_downloads.max(1))
             .try_collect::<Vec<()>>()
             .await?;
-        kiln_telemetry::metrics().transferred(Transfer::Registry, Direction::In, missing);
         Ok(resolved)
     }
 
@@ -366,6 +364,8 @@ impl RegistryClient {
             match stream_into_store(stream.stream, cas, Some(blob.digest), Some(blob.size)).await {
                 Ok(_) => {
                     self.remember_source(image, blob.digest);
+                    // Every blob pulled: base images' and registry caches' alike.
+                    kiln_telemetry::metrics().transferred(Transfer::Registry, Direction::In, blob.size);
                     Ok(())
                 }
                 Err(SinkError::Body(e)) => Err(RegistryError::new(&action, &name, ErrorKind::Network, e)),
@@ -391,9 +391,7 @@ impl RegistryClient {
         {
             ManifestKind::Image(manifest) => {
                 for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
-                    if self.push_blob(image, blob, cas).await? {
-                        kiln_telemetry::metrics().transferred(Transfer::Registry, Direction::Out, blob.size);
-                    }
+                    self.push_blob(image, blob, cas).await?;
                 }
             }
             ManifestKind::Index(index) => {
@@ -496,6 +494,9 @@ impl RegistryClient {
             })
             .await?;
         self.remember_source(image, blob.digest);
+        if sent {
+            kiln_telemetry::metrics().transferred(Transfer::Registry, Direction::Out, blob.size);
+        }
         Ok(sent)
     }
 }

@@ -177,6 +177,7 @@ impl<E: Executor> Solver<E> {
             holding: Vec::new(),
             gates: HashMap::new(),
             gated: HashMap::new(),
+            spans: HashMap::new(),
         };
         tokio::spawn(driver.run(receiver).instrument(tracing::info_span!("solver")));
         Ok(Solver { sender, next_build: std::sync::atomic::AtomicU64::new(1), load })
@@ -238,18 +239,23 @@ async fn finish<E: Executor>(
     }
 }
 
-/// The span of a job's execution (a CI task run, in its owner build's trace), under `parent`.
-fn vertex_span(vertex: &kiln_graph::Vertex, key: &Digest, parent: &tracing::Span) -> tracing::Span {
-    let platform = vertex.meta.platform.as_ref().map(ToString::to_string).unwrap_or_default();
+/// A vertex's span (a CI task run, in its build's trace), under `parent` (the build's).
+fn vertex_span(
+    name: &str,
+    digest: &Digest,
+    platform: Option<&kiln_types::Platform>,
+    parent: &tracing::Span,
+) -> tracing::Span {
+    let platform = platform.map(ToString::to_string).unwrap_or_default();
     tracing::info_span!(
         target: kiln_telemetry::TRACE_TARGET,
         parent: parent,
         "vertex",
-        otel.name = %vertex.meta.name,
+        otel.name = name,
         otel.status_code = tracing::field::Empty,
-        cicd.pipeline.task.name = %vertex.meta.name,
-        cicd.pipeline.task.run.id = %key,
-        kiln.vertex.digest = %vertex.digest,
+        cicd.pipeline.task.name = name,
+        cicd.pipeline.task.run.id = tracing::field::Empty,
+        kiln.vertex.digest = %digest,
         kiln.platform = platform,
         kiln.worker = tracing::field::Empty,
         kiln.cache = tracing::field::Empty,
@@ -311,6 +317,8 @@ struct Driver<E: Executor> {
     gates: HashMap<BuildId, Gate<E::Output>>,
     /// The builds held back by each entry being recorded.
     gated: HashMap<Digest, Vec<BuildId>>,
+    /// The spans of jobs running, by the build that runs each and the vertex.
+    spans: HashMap<(BuildId, Digest), tracing::Span>,
 }
 
 impl<E: Executor> Driver<E> {
@@ -367,6 +375,9 @@ impl<E: Executor> Driver<E> {
     /// entry is not recorded yet (emitted while that job's result, or a cache hit on it, is
     /// handled) waits for the entry, and every later event of the build waits behind it.
     fn emit(&mut self, build: BuildId, event: Event<E::Output>) {
+        if let Event::Progress(BuildEvent::Completed { record, .. }) = &event {
+            self.trace_completed(build, record);
+        }
         let keys: Vec<Digest> = self.holding.iter().filter(|key| self.uncommitted.contains(key)).copied().collect();
         if keys.is_empty() && !self.gates.contains_key(&build) {
             return self.deliver(build, event);
@@ -390,7 +401,7 @@ impl<E: Executor> Driver<E> {
                 // Nothing that waits on it may be reported done: the build ends here (a leader
                 // that cannot commit is deposed, and its builds' clients go elsewhere).
                 self.gates.remove(&build);
-                self.builds.remove(&build);
+                self.forget(build);
                 continue;
             }
             let Some(gate) = self.gates.get_mut(&build) else { continue };
@@ -410,14 +421,44 @@ impl<E: Executor> Driver<E> {
         }
     }
 
+    /// A vertex of `build` ended: its span (the job's, for the build that ran it; otherwise
+    /// one at its end: a cache hit, another build's run) says how, and closes.
+    fn trace_completed(&mut self, build: BuildId, record: &crate::VertexRecord) {
+        let span = match self.spans.remove(&(build, record.digest)) {
+            Some(span) => span,
+            None => {
+                let Some((_, _, parent)) = self.builds.get(&build) else { return };
+                let platform = record.platform.as_deref().and_then(|p| p.parse().ok());
+                vertex_span(&record.name, &record.digest, platform.as_ref(), parent)
+            }
+        };
+        span.record("kiln.cache", record.status.as_str());
+        if let Some(worker) = &record.worker {
+            span.record("kiln.worker", worker.as_str());
+        }
+        if let Some(source) = &record.cache_source {
+            span.record("kiln.cache_source", source.as_str());
+        }
+        if record.status == kiln_model::Status::Failed {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+
     fn deliver(&mut self, build: BuildId, event: Event<E::Output>) {
         let finished = matches!(event, Event::Finished(..));
         if let Some((_, events, _)) = self.builds.get(&build) {
             let _ = events.send(event);
         }
         if finished {
-            self.builds.remove(&build);
+            self.forget(build);
         }
+    }
+
+    /// A build is over here: its entry and its jobs' spans go (a job still running for
+    /// other builds keeps its span until it ends).
+    fn forget(&mut self, build: BuildId) {
+        self.builds.remove(&build);
+        self.spans.retain(|(owner, _), _| *owner != build);
     }
 
     /// Performs one effect; returns the effects of the command it answered, if any.
@@ -469,7 +510,9 @@ impl<E: Executor> Driver<E> {
             Effect::Run { key, vertex, inputs, build, import, cacheable } => {
                 let durable = if cacheable { self.durable.clone() } else { None };
                 let Some((context, _, parent)) = self.builds.get(&build) else { return Vec::new() };
-                let span = vertex_span(&vertex, &key, parent);
+                // The job's span, under its build's; it says how the vertex ended when it does.
+                let span = vertex_span(&vertex.meta.name, &vertex.digest, vertex.meta.platform.as_ref(), parent);
+                span.record("cicd.pipeline.task.run.id", key.to_string());
                 let imported = if import { self.executor.import(&key, &vertex, &inputs, context) } else { None };
                 if import {
                     metrics().cache_lookup(Tier::Local, false);
@@ -479,9 +522,9 @@ impl<E: Executor> Driver<E> {
                 }
                 let (executor, context, sender, load) =
                     (Arc::clone(&self.executor), Arc::clone(context), self.sender.clone(), Arc::clone(&self.load));
+                self.spans.insert((build, vertex.digest), span.clone());
                 // Sources resolve and transfer; only real work takes a worker slot.
                 let slots = matches!(vertex.op, Op::Exec(_) | Op::File(_)).then(|| Arc::clone(&self.slots));
-                let vertex_trace = span.clone();
                 let task = tokio::spawn(
                     async move {
                         // Lines go straight into the driver's queue, tagged with the job, ahead of
@@ -495,48 +538,39 @@ impl<E: Executor> Driver<E> {
                             let imported = imported.await;
                             metrics().cache_lookup(Tier::Shared, imported.is_ok());
                             match imported {
-                                Ok(executed) => {
-                                    let source = executed.cache_source.as_deref().unwrap_or("");
-                                    vertex_trace.record("kiln.cache", "cached").record("kiln.cache_source", source);
-                                    return finish(sender, durable, key, Ok(executed)).await;
-                                }
+                                Ok(executed) => return finish(sender, durable, key, Ok(executed)).await,
                                 Err(reason) => {
                                     let line = format!("WARNING: {reason}; executing the step");
                                     let _ = logs.send(LogLine { stream: LogStream::Stderr, line });
                                 }
                             }
                         }
+                        // Only a step that waits for a slot has a queue phase here.
                         let waiting = std::time::Instant::now();
-                        let _slot = match slots {
+                        let (_slot, waited) = match slots {
                             Some(slots) => {
-                                let _waiting = Counted::new(&load.waiting);
-                                let _queue = phase_span(Phase::Queue);
-                                let slot = slots.acquire_owned().await.expect("the semaphore is never closed");
-                                Some((slot, Counted::new(&load.running)))
+                                let slot = match Arc::clone(&slots).try_acquire_owned() {
+                                    Ok(slot) => slot,
+                                    Err(_) => {
+                                        let _waiting = Counted::new(&load.waiting);
+                                        let _queue = phase_span(Phase::Queue);
+                                        slots.acquire_owned().await.expect("the semaphore is never closed")
+                                    }
+                                };
+                                (Some((slot, Counted::new(&load.running))), Some(elapsed_ms(waiting)))
                             }
-                            None => None,
+                            None => (None, None),
                         };
-                        let waited = elapsed_ms(waiting);
                         if !tried_import {
                             let _ = sender.send(Message::Started { key, at: now_ms() });
                         }
-                        let worker = executor.worker_name();
-                        let result = executor.execute(*vertex, inputs, context, logs).await;
-                        match &result {
-                            Ok(executed) => {
-                                let worker = executed.worker.as_deref().unwrap_or(&worker);
-                                vertex_trace.record("kiln.cache", "executed").record("kiln.worker", worker);
-                            }
-                            Err(failed) => {
-                                let worker = failed.worker.as_deref().unwrap_or(&worker);
-                                vertex_trace.record("kiln.cache", "failed").record("kiln.worker", worker);
-                                vertex_trace.record("otel.status_code", "ERROR");
-                            }
-                        }
-                        let result = result.map(|mut executed| {
+                        let result = executor.execute(*vertex, inputs, context, logs).await.map(|mut executed| {
                             // The wait for a slot here comes before any queue of the executor's.
                             let queue = &mut executed.phases.queue_ms;
-                            *queue = Some(waited + queue.unwrap_or(0));
+                            *queue = match (waited, *queue) {
+                                (None, None) => None,
+                                (waited, queue) => Some(waited.unwrap_or(0) + queue.unwrap_or(0)),
+                            };
                             observe(&executed.phases);
                             executed
                         });

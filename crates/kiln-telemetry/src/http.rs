@@ -36,23 +36,39 @@ pub async fn serve(
     probe: Arc<dyn Probe>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let port = listener.local_addr()?.port();
     let router = Router::new()
         .route("/metrics", get(scrape))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/v1/queue", get(queue))
-        .with_state(probe);
+        .with_state(Served { probe, port });
     axum::serve(listener, router).with_graceful_shutdown(stop).await
 }
 
-async fn scrape(Extract(probe): Extract<Arc<dyn Probe>>) -> Response {
-    let metrics = metrics();
-    metrics.show(&probe.state());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.encode()).into_response()
+/// What the handlers share: the probe, and the port served (a follower's redirect keeps it).
+#[derive(Clone)]
+struct Served {
+    probe: Arc<dyn Probe>,
+    port: u16,
 }
 
-async fn ready(Extract(probe): Extract<Arc<dyn Probe>>) -> Response {
-    match probe.ready() {
+async fn scrape(Extract(served): Extract<Served>) -> Response {
+    // One scrape at a time shows the state and encodes it (another could reset the pools'
+    // series in between).
+    static SCRAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let state = served.probe.state();
+    let text = {
+        let _scrape = SCRAPE.lock().unwrap_or_else(|p| p.into_inner());
+        let metrics = metrics();
+        metrics.show(&state);
+        metrics.encode()
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+async fn ready(Extract(served): Extract<Served>) -> Response {
+    match served.probe.ready() {
         Ok(()) => "ready\n".into_response(),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
     }
@@ -62,26 +78,19 @@ async fn ready(Extract(probe): Extract<Arc<dyn Probe>>) -> Response {
 /// with no worker connected; its `demand` is the autoscaling value. Without `pool`: every
 /// platform and every pool with workers connected.
 async fn queue(
-    Extract(probe): Extract<Arc<dyn Probe>>,
+    Extract(served): Extract<Served>,
     Query(query): Query<Vec<(String, String)>>,
     uri: axum::http::Uri,
-    headers: axum::http::HeaderMap,
 ) -> Response {
-    // Only the leader queues work: an autoscaler asking a follower is sent there.
-    if let Some(leader) = probe.leader_host() {
-        let port = headers
-            .get(header::HOST)
-            .and_then(|host| host.to_str().ok())
-            .and_then(|host| host.rsplit_once(':'))
-            .map(|(_, port)| port.to_string());
+    // Only the leader queues work: an autoscaler asking a follower is sent there, on the
+    // port it asked here (every member serves the same).
+    if let Some(leader) = served.probe.leader_host() {
         let path = uri.path_and_query().map_or("/v1/queue", |p| p.as_str());
-        let location = match port {
-            Some(port) => format!("http://{leader}:{port}{path}"),
-            None => format!("http://{leader}{path}"),
-        };
+        let host = if leader.contains(':') { format!("[{leader}]") } else { leader };
+        let location = format!("http://{host}:{}{path}", served.port);
         return axum::response::Redirect::temporary(&location).into_response();
     }
-    let state = probe.state();
+    let state = served.probe.state();
     let values = |key: &'static str| query.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str());
     match values("pool").next() {
         Some(pool) => {
@@ -89,7 +98,8 @@ async fn queue(
                 .flat_map(|p| p.split(','))
                 .map(str::trim)
                 .filter(|p| !p.is_empty())
-                .map(String::from)
+                // As the daemon names them: linux/arm64/v8 is linux/arm64, linux/arm is linux/arm/v7.
+                .map(|p| p.parse::<kiln_types::Platform>().map_or_else(|_| p.to_string(), |p| p.to_string()))
                 .collect();
             axum::Json(state.pool(pool, &platforms)).into_response()
         }
@@ -176,7 +186,7 @@ mod tests {
             serde_json::from_str(&get(address, "/v1/queue?pool=arm&platform=linux%2Farm64").await.1).unwrap();
         assert_eq!((&pool["queued"], &pool["workers"], &pool["demand"]), (&0.into(), &0.into(), &0.into()));
         let pool: serde_json::Value =
-            serde_json::from_str(&get(address, "/v1/queue?pool=amd&platform=linux/amd64").await.1).unwrap();
+            serde_json::from_str(&get(address, "/v1/queue?pool=amd&platform=linux/x86_64").await.1).unwrap();
         assert_eq!((&pool["queued"], &pool["slots"], &pool["demand"]), (&7.into(), &2.into(), &9.into()));
         assert_eq!(get(address, "/healthz").await.0, 200);
         assert_eq!(get(address, "/readyz").await, (503, "not ready: no leader\n".to_string()));
@@ -191,7 +201,8 @@ mod tests {
         let mut response = String::new();
         stream.read_to_string(&mut response).await.unwrap();
         assert!(response.starts_with("HTTP/1.0 307"), "{response}");
-        assert!(response.contains("location: http://leader.example:9090/v1/queue?pool=amd\r\n"), "{response}");
+        let location = format!("location: http://leader.example:{}/v1/queue?pool=amd\r\n", address.port());
+        assert!(response.contains(&location), "{response}");
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
     }

@@ -11,7 +11,7 @@ pub use http::{Probe, serve};
 pub use metrics::{
     BuildStatus, Direction, Metrics, Outcome, Phase, PlatformLoad, PoolLoad, RaftState, State, Tier, Transfer, metrics,
 };
-pub use traces::{TRACE_TARGET, Traces, otlp_layer, phase_span, set_parent, traceparent};
+pub use traces::{TRACE_TARGET, Traces, context_of, otlp_layer, phase_span, set_parent};
 
 /// The platform key of vertices any worker may run (context sources).
 pub const ANY_PLATFORM: &str = "any";

@@ -1,4 +1,4 @@
-//! The process's metrics, under the names of DESIGN.md "Operations".
+//! The process's metrics, under the names docs/operations.md lists.
 //!
 //! Events are counted where they happen, through [`metrics()`] (one registry per process, as
 //! Prometheus clients keep it): builds and vertices as they end, phases and dispatches as they
@@ -97,7 +97,7 @@ impl Phase {
 /// A cache tier (`kiln_cache_bytes{tier}`, `kiln_cache_lookups_total{tier}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tier {
-    /// A worker's own store (on a coordinator: the cache index of every worker's).
+    /// This daemon's own store (a worker's; a coordinator's uploads and exports).
     Local,
     /// The shared tier (registry or S3) and the caches builds import.
     Shared,
@@ -241,7 +241,17 @@ pub struct Metrics {
     raft_commit_index: IntGauge,
     gc_runs: IntCounter,
     gc_reclaimed: IntCounter,
+    /// The platform label values shown so far (at most [`MAX_PLATFORM_SERIES`]): a platform
+    /// that goes away reads 0 rather than vanishing.
+    platforms_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
+
+/// Platform series at most: platforms come from builds' requests (a job for a platform no
+/// worker runs waits in the queue), so past this many the rest are summed as `other`.
+const MAX_PLATFORM_SERIES: usize = 32;
+
+/// The label of the platforms past [`MAX_PLATFORM_SERIES`].
+const OTHER_PLATFORMS: &str = "other";
 
 /// Step times: from a few milliseconds (a cached file copy) to an hour (a compiler).
 const PHASE_BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0, 3600.0];
@@ -250,19 +260,25 @@ const PHASE_BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 const DISPATCH_BUCKETS: [f64; 12] = [0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
 impl State {
-    /// The load of the pool `name` whose workers run `platforms`: the vertices queued for
-    /// those platforms (or for any), and what its connected workers run and offer (nothing
-    /// when it has none: a pool scaled to zero still sees its queue).
+    /// The load of the pool `name` whose workers run `platforms` (none given: those of its
+    /// connected workers): the vertices queued for those platforms, and what its connected
+    /// workers run and offer (nothing when it has none: a pool scaled to zero still sees its
+    /// queue). Vertices any worker may run count for a pool with workers, and for every pool
+    /// when no worker at all is connected (something has to wake up for them), never to wake
+    /// one pool while another runs.
     pub fn pool(&self, name: &str, platforms: &[String]) -> PoolLoad {
+        let connected = self.pools.get(name).cloned().unwrap_or_default();
+        let platforms = if platforms.is_empty() { connected.platforms.clone() } else { platforms.to_vec() };
+        let anyone = self.platforms.values().any(|load| load.workers > 0);
+        let any = connected.workers > 0 || !anyone;
         let queued = self
             .platforms
             .iter()
-            .filter(|(platform, _)| *platform == crate::ANY_PLATFORM || platforms.contains(platform))
+            .filter(|(platform, _)| if *platform == crate::ANY_PLATFORM { any } else { platforms.contains(platform) })
             .map(|(_, load)| load.queued)
             .sum();
-        let connected = self.pools.get(name).cloned().unwrap_or_default();
         let running = connected.running;
-        PoolLoad { platforms: platforms.to_vec(), queued, demand: queued + running, ..connected }
+        PoolLoad { platforms, queued, demand: queued + running, ..connected }
     }
 }
 
@@ -341,9 +357,10 @@ impl Metrics {
             raft_term: gauge("kiln_raft_term", "The replicated log's current term"),
             raft_is_leader: gauge("kiln_raft_is_leader", "1 while this coordinator leads"),
             raft_commit_index: gauge("kiln_raft_commit_index", "The replicated log's highest committed index"),
-            gc_runs: counter("kiln_gc_runs_total", "Garbage collections and prunes run"),
+            gc_runs: counter("kiln_gc_runs_total", "Garbage collections and prunes that removed something"),
             gc_reclaimed: counter("kiln_gc_reclaimed_bytes_total", "Bytes garbage collections and prunes removed"),
             registry,
+            platforms_seen: std::sync::Mutex::default(),
         };
         // Every series of a closed label set exists from the start (at zero), so rates and
         // alerts work before the first event.
@@ -402,21 +419,45 @@ impl Metrics {
         self.transfer_bytes.with_label_values(&[kind.label(), direction.label()]).inc_by(bytes);
     }
 
-    /// A garbage collection or prune ran and removed `reclaimed` bytes, leaving `used` bytes
-    /// in the local store.
-    pub fn collected(&self, reclaimed: u64, used: u64) {
-        self.gc_runs.inc();
+    /// A garbage collection or prune ran and removed `records` records of `reclaimed` bytes,
+    /// leaving `used` bytes in the local store. (A worker looks after every job; only a look
+    /// that removed something counts as a run.)
+    pub fn collected(&self, records: u64, reclaimed: u64, used: u64) {
+        if records > 0 {
+            self.gc_runs.inc();
+        }
         self.gc_reclaimed.inc_by(reclaimed);
         self.cache_bytes.with_label_values(&[Tier::Local.label()]).set(saturate(used));
     }
 
     /// Shows `state` in the gauges (series of platforms and pools gone since are removed).
+    ///
+    /// A platform shown once stays, at 0 when gone (an alert on no ready workers fires); at
+    /// most [`MAX_PLATFORM_SERIES`] are, platforms with workers first, the rest summed as
+    /// `other`. A pool's demand is shown while it has workers (for a pool without, the
+    /// queue of its platforms is the signal).
     pub fn show(&self, state: &State) {
-        self.queue_depth.reset();
-        self.pool_demand.reset();
-        self.workers.reset();
-        self.worker_slots.reset();
-        for (platform, load) in &state.platforms {
+        let mut seen = self.platforms_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut series: BTreeMap<String, PlatformLoad> =
+            seen.iter().map(|p| (p.clone(), PlatformLoad::default())).collect();
+        let mut ordered: Vec<(&String, &PlatformLoad)> = state.platforms.iter().collect();
+        ordered.sort_by_key(|(_, load)| load.workers + load.draining == 0);
+        for (platform, load) in ordered {
+            let label = if seen.contains(platform) || seen.len() < MAX_PLATFORM_SERIES - 1 {
+                seen.insert(platform.clone());
+                platform.clone()
+            } else {
+                OTHER_PLATFORMS.to_string()
+            };
+            let shown = series.entry(label).or_default();
+            shown.queued += load.queued;
+            shown.workers += load.workers;
+            shown.draining += load.draining;
+            shown.slots_busy += load.slots_busy;
+            shown.slots_free += load.slots_free;
+        }
+        drop(seen);
+        for (platform, load) in &series {
             self.queue_depth.with_label_values(&[platform.as_str()]).set(saturate(load.queued));
             if platform == crate::ANY_PLATFORM {
                 continue;
@@ -426,6 +467,7 @@ impl Metrics {
             self.worker_slots.with_label_values(&[platform.as_str(), "busy"]).set(saturate(load.slots_busy));
             self.worker_slots.with_label_values(&[platform.as_str(), "free"]).set(saturate(load.slots_free));
         }
+        self.pool_demand.reset();
         for (pool, load) in &state.pools {
             self.pool_demand.with_label_values(&[pool.as_str()]).set(saturate(load.demand));
         }

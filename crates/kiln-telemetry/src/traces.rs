@@ -101,10 +101,11 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str, tracestate: &str) {
     let _ = span.set_parent(context);
 }
 
-/// The W3C `traceparent` of `span`, to carry its trace to another process; `None` when it is
-/// not traced.
-pub fn traceparent(span: &tracing::Span) -> Option<String> {
+/// The W3C trace context of `span` (`traceparent`, `tracestate`), to carry its trace to
+/// another process; `None` when it is not traced.
+pub fn context_of(span: &tracing::Span) -> Option<(String, String)> {
     let mut carrier = HashMap::new();
     TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
-    carrier.remove("traceparent")
+    let traceparent = carrier.remove("traceparent")?;
+    Some((traceparent, carrier.remove("tracestate").unwrap_or_default()))
 }

@@ -337,7 +337,10 @@ pub fn http_get(address: &str, path: &str) -> (u16, String) {
 }
 
 /// The value of the sample `series` (`name` or `name{label="value",...}`, labels in the
-/// order Prometheus' text format sorts them) in a `/metrics` page; 0 when it is absent.
+/// order Prometheus' text format sorts them) in a `/metrics` page; panics, showing the page,
+/// when the page lacks it.
 pub fn sample(page: &str, series: &str) -> f64 {
-    page.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
 }

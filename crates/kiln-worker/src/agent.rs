@@ -561,11 +561,13 @@ async fn execute<L: SessionLink>(
     hold: &Arc<kiln_layer::Hold>,
     coordinator: &str,
 ) -> Result<Executed<Layers>, Failed> {
-    // The phases' spans go under the coordinator's span of the vertex.
+    // The phases' spans go under the coordinator's span of the vertex (none when it is not
+    // traced: they would be traces of their own).
     let traced = |phase| {
+        let trace = assignment.trace.as_ref()?;
         let span = kiln_telemetry::phase_span(phase);
-        kiln_telemetry::set_parent(&span, assignment.traceparent.as_deref().unwrap_or(""), "");
-        span
+        kiln_telemetry::set_parent(&span, &trace.traceparent, &trace.tracestate);
+        Some(span)
     };
     let fetching = Instant::now();
     let fetch_span = traced(Phase::Fetch);

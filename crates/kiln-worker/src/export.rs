@@ -49,9 +49,7 @@ impl Stores {
                 let failed = |reason: String| StoreError::Push { target: reference.clone(), reason };
                 let image = reference.parse().map_err(|e: kiln_types::ReferenceError| failed(e.to_string()))?;
                 for blob in &descriptors {
-                    if self.registry.push_blob(&image, blob, &self.cas).await.map_err(|e| failed(e.to_string()))? {
-                        metrics().transferred(Transfer::Registry, Direction::Out, blob.size);
-                    }
+                    self.registry.push_blob(&image, blob, &self.cas).await.map_err(|e| failed(e.to_string()))?;
                 }
             }
         }

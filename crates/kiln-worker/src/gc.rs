@@ -226,7 +226,7 @@ impl Gc {
                 free += freed;
             }
         }
-        kiln_telemetry::metrics().collected(collected.report.reclaimed, total);
+        kiln_telemetry::metrics().collected(collected.report.records, collected.report.reclaimed, total);
         if collected.report.records > 0 {
             tracing::info!(
                 records = collected.report.records,
@@ -256,7 +256,7 @@ impl Gc {
                 total = total.saturating_sub(freed);
             }
         }
-        kiln_telemetry::metrics().collected(collected.report.reclaimed, total);
+        kiln_telemetry::metrics().collected(collected.report.records, collected.report.reclaimed, total);
         Ok(collected)
     }
 

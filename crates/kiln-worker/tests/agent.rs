@@ -219,7 +219,7 @@ fn assignment(job: JobId, vertex: Vertex) -> Assignment {
         contexts: HashMap::new(),
         context_address: String::new(),
         cache_group: None,
-        traceparent: None,
+        trace: None,
     }
 }
 

@@ -1,9 +1,9 @@
 {{/* The release's base name. */}}
 {{- define "kiln.fullname" -}}
 {{- if contains "kiln" .Release.Name -}}
-{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 24 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-kiln" .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- printf "%s-kiln" .Release.Name | trunc 24 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 
@@ -17,6 +17,85 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{- define "kiln.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* A pool's image (given as (list $ pool)): its own, else the chart's (one multi-arch image,
+     or one per architecture). */}}
+{{- define "kiln.poolImage" -}}
+{{- $root := index . 0 -}}{{- $pool := index . 1 -}}
+{{- $image := $pool.image | default dict -}}
+{{ $image.repository | default $root.Values.image.repository }}:{{ $image.tag | default $root.Values.image.tag | default $root.Chart.AppVersion }}
+{{- end -}}
+
+{{/* A coordinator member's config (given as (list $ INDEX)). */}}
+{{- define "kiln.coordinatorConfig" -}}
+{{- $root := index . 0 -}}{{- $i := index . 1 -}}
+{{- $replicas := int $root.Values.coordinator.replicas -}}
+[tls]
+ca = "/etc/kiln/tls/ca.crt"
+cert = "/etc/kiln/tls/tls.crt"
+key = "/etc/kiln/tls/tls.key"
+
+[coordinator]
+listen = "0.0.0.0:{{ $root.Values.coordinator.port }}"
+root = "/var/lib/kiln/state"
+metrics-listen = "0.0.0.0:{{ $root.Values.coordinator.metricsPort }}"
+lease-timeout = {{ $root.Values.coordinator.leaseTimeout | quote }}
+placement-timeout = {{ $root.Values.coordinator.placementTimeout | quote }}
+{{- if gt $replicas 1 }}
+node-id = {{ add1 $i }}
+peers = {{ include "kiln.peers" $root }}
+{{- end }}
+{{- with $root.Values.coordinator.sharedCache }}
+
+[coordinator.cache]
+shared = {{ . | quote }}
+{{- end }}
+{{- range $root.Values.tokens }}
+
+[[coordinator.tokens]]
+name = {{ .name | quote }}
+tenant = {{ .tenant | default "default" | quote }}
+role = {{ .role | default "build" | quote }}
+sha256 = {{ .sha256 | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* A pool's worker config (given as (list $ pool)). */}}
+{{- define "kiln.workerConfig" -}}
+{{- $root := index . 0 -}}{{- $pool := index . 1 -}}
+[tls]
+ca = "/etc/kiln/tls/ca.crt"
+cert = "/etc/kiln/tls/tls.crt"
+key = "/etc/kiln/tls/tls.key"
+
+[worker]
+coordinator = {{ include "kiln.coordinatorUrl" $root | quote }}
+listen = "0.0.0.0:7071"
+root = "/var/lib/kiln/state"
+platforms = [{{ $pool.platform | quote }}]
+max-parallelism = {{ $pool.maxParallelism }}
+metrics-listen = "0.0.0.0:9091"
+labels = { pool = {{ $pool.name | quote }}{{ range $key, $value := $pool.labels }}, {{ $key | quote }} = {{ $value | quote }}{{ end }} }
+
+[worker.gc]
+{{- with $pool.gc.reservedSpace }}
+reserved-space = {{ . | quote }}
+{{- end }}
+{{- if $pool.gc.maxUsedSpace }}
+max-used-space = {{ $pool.gc.maxUsedSpace | quote }}
+{{- else if eq $pool.cache.type "emptyDir" }}
+{{- /* An emptyDir's limit is not the disk's: collect at 80% of it, before the kubelet evicts. */}}
+{{- $size := $pool.cache.size }}
+{{- $mib := ternary (mul (int (trimSuffix "Ti" $size)) 1048576) (mul (int (trimSuffix "Gi" $size)) 1024) (hasSuffix "Ti" $size) }}
+max-used-space = "{{ div (mul $mib 8) 10 }}MiB"
+{{- end }}
+{{- with $pool.gc.minFreeSpace }}
+min-free-space = {{ . | quote }}
+{{- end }}
+{{- with $pool.gc.keepDuration }}
+keep-duration = {{ . | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* The coordinators' StatefulSet and headless Service. */}}
@@ -47,12 +126,12 @@ https://{{ include "kiln.coordinator" . }}.{{ include "kiln.domain" . }}:{{ .Val
 
 {{/* The TLS Secret of the coordinators, and of a pool (given as (list $ pool)). */}}
 {{- define "kiln.coordinatorTlsSecret" -}}
-{{- if eq .Values.tls.mode "secrets" -}}{{ .Values.tls.coordinatorSecret }}{{- else -}}{{ include "kiln.coordinator" . }}-tls{{- end -}}
+{{- if eq .Values.tls.mode "secrets" -}}{{ required "tls.coordinatorSecret is required with tls.mode=secrets" .Values.tls.coordinatorSecret }}{{- else -}}{{ include "kiln.coordinator" . }}-tls{{- end -}}
 {{- end -}}
 
 {{- define "kiln.poolTlsSecret" -}}
 {{- $root := index . 0 -}}{{- $pool := index . 1 -}}
-{{- if eq $root.Values.tls.mode "secrets" -}}{{ index $root.Values.tls.poolSecrets $pool.name }}{{- else -}}{{ include "kiln.fullname" $root }}-worker-{{ $pool.name }}-tls{{- end -}}
+{{- if eq $root.Values.tls.mode "secrets" -}}{{ required (printf "tls.poolSecrets.%s is required with tls.mode=secrets" $pool.name) (index $root.Values.tls.poolSecrets $pool.name) }}{{- else -}}{{ include "kiln.fullname" $root }}-worker-{{ $pool.name }}-tls{{- end -}}
 {{- end -}}
 
 {{/* The names a coordinator's certificate covers. */}}

@@ -22,6 +22,8 @@ struct Received {
     instance: String,
     start: u64,
     end: u64,
+    /// The span's status code (0 unset, 1 ok, 2 error).
+    status: i32,
 }
 
 impl Received {
@@ -70,6 +72,7 @@ impl TraceService for Service {
                         instance: instance.clone().unwrap_or_default(),
                         start: span.start_time_unix_nano,
                         end: span.end_time_unix_nano,
+                        status: span.status.as_ref().map_or(0, |s| s.code),
                     });
                 }
             }
@@ -83,10 +86,12 @@ impl TraceService for Service {
 fn a_build_is_one_trace_under_the_clients_traceparent_with_each_workers_phases() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let receiver = Arc::new(Receiver { spans: Mutex::default(), count: tokio::sync::watch::Sender::new(0) });
-    let address: std::net::SocketAddr = "127.0.33.9:4317".parse().unwrap();
+    // Listening before any daemon starts.
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.33.9:4317")).unwrap();
+    let address = listener.local_addr().unwrap();
     let serving =
         tonic::transport::Server::builder().add_service(TraceServiceServer::new(Service(Arc::clone(&receiver))));
-    runtime.spawn(serving.serve(address));
+    runtime.spawn(serving.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
 
     let mut cluster = Cluster::start(33, &[], 2, "");
     cluster.env = vec![
@@ -150,7 +155,7 @@ fn a_build_is_one_trace_under_the_clients_traceparent_with_each_workers_phases()
     assert_eq!(build.parent, ci_span, "the build's parent is the client's span");
     let metadata = read_json(&metadata);
     assert_eq!(build.attribute("cicd.pipeline.run.id"), metadata["build_id"].as_str().unwrap());
-    assert_eq!(build.attribute("otel.status_code"), "", "status travels as the span's status");
+    assert_eq!((build.status, build.attribute("kiln.build.status")), (1, "succeeded"), "{build:?}");
 
     for (step, file) in [("RUN echo one", "one"), ("RUN echo two", "two")] {
         let vertex = spans
@@ -163,36 +168,52 @@ fn a_build_is_one_trace_under_the_clients_traceparent_with_each_workers_phases()
         assert_eq!((vertex.attribute("kiln.worker"), vertex.attribute("kiln.cache")), ("w-traced", "executed"));
         let children: Vec<&Received> = spans.iter().filter(|s| s.parent == vertex.id).collect();
         // The queue on the coordinator; fetch, execute and export on the worker that ran it.
+        assert_eq!(children.len(), 4, "{step}: {children:#?}");
         for (phase, instance) in
             [("queue", "coordinator"), ("fetch", "w-traced"), ("execute", "w-traced"), ("export", "w-traced")]
         {
-            let span = children
-                .iter()
-                .find(|s| s.name == phase)
-                .unwrap_or_else(|| panic!("no {phase} span under {step}: {children:#?}"));
+            let [span] = children.iter().filter(|s| s.name == phase).collect::<Vec<_>>()[..] else {
+                panic!("not one {phase} span under {step}: {children:#?}")
+            };
             assert!(span.instance.starts_with(instance), "{phase} from {}", span.instance);
             assert!(vertex.start <= span.start && span.end <= vertex.end, "{phase} inside {step}: {span:?} {vertex:?}");
         }
         assert!(by_id.contains_key(vertex.parent.as_str()), "{file}: its parent was exported");
     }
 
-    // Built again: the steps are cached, each still a span of the new build's trace.
+    // Built again: the steps are cached, each still one span of the new build's trace.
+    let second_ci_span = "1111111111111111";
     let again = cluster
         .kiln(&["build", context.to_str().unwrap(), "--progress", "plain"])
-        .env("TRACEPARENT", format!("00-{trace}-{}-01", "1111111111111111"))
+        .env("TRACEPARENT", format!("00-{trace}-{second_ci_span}-01"))
         .output()
         .unwrap();
     assert!(again.status.success(), "{}", text_of(&again.stderr));
-    runtime.block_on(async {
+    let second = |spans: &[Received]| {
+        let build = spans.iter().find(|s| s.name == "kiln build" && s.parent == second_ci_span)?.clone();
+        let steps: Vec<Received> = spans.iter().filter(|s| s.parent == build.id).cloned().collect();
+        (steps.iter().filter(|s| s.name.contains("RUN echo")).count() >= 2).then_some((build, steps))
+    };
+    let (build, steps) = runtime.block_on(async {
         let mut count = receiver.count.subscribe();
-        let cached = |spans: &[Received]| spans.iter().filter(|s| s.attribute("kiln.cache") == "cached").count() >= 2;
         let waited = tokio::time::timeout(Duration::from_secs(60), async {
-            while !cached(&receiver.spans.lock().unwrap()) {
+            loop {
+                if let Some(found) = second(&receiver.spans.lock().unwrap()) {
+                    return found;
+                }
                 count.changed().await.unwrap();
             }
         });
-        waited.await.unwrap_or_else(|_| panic!("no cached spans: {:#?}", receiver.spans.lock().unwrap()));
+        waited.await.unwrap_or_else(|_| panic!("no second build's spans: {:#?}", receiver.spans.lock().unwrap()))
     });
+    let spans = receiver.spans.lock().unwrap().clone();
+    for step in ["RUN echo one", "RUN echo two"] {
+        let [span] = steps.iter().filter(|s| s.name.contains(step)).collect::<Vec<_>>()[..] else {
+            panic!("not one span of {step} under {build:?}: {steps:#?}")
+        };
+        assert_eq!(span.attribute("kiln.cache"), "cached", "{span:?}");
+        assert!(!spans.iter().any(|s| s.parent == span.id), "a cached step has no phases: {spans:#?}");
+    }
 }
 
 fn text_of(bytes: &[u8]) -> String {
