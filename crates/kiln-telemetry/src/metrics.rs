@@ -494,3 +494,49 @@ impl Metrics {
 fn saturate(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(queued: u64, workers: u64) -> PlatformLoad {
+        PlatformLoad { queued, workers, ..PlatformLoad::default() }
+    }
+
+    #[test]
+    fn work_for_any_worker_wakes_no_idle_pool_while_another_runs() {
+        let amd =
+            PoolLoad { platforms: vec!["linux/amd64".into()], workers: 1, slots: 4, running: 1, ..PoolLoad::default() };
+        let mut state = State {
+            platforms: [("linux/amd64".to_string(), load(3, 1)), (crate::ANY_PLATFORM.to_string(), load(2, 0))].into(),
+            pools: [("amd".to_string(), amd)].into(),
+            ..State::default()
+        };
+        let amd = state.pool("amd", &[]);
+        assert_eq!((amd.platforms.as_slice(), amd.queued, amd.demand), (["linux/amd64".to_string()].as_slice(), 5, 6));
+        assert_eq!(state.pool("arm", &["linux/arm64".into()]).demand, 0, "an idle pool stays idle");
+        // Nobody connected: every pool sees the work any worker may take.
+        state.platforms.get_mut("linux/amd64").unwrap().workers = 0;
+        state.pools.clear();
+        assert_eq!(state.pool("arm", &["linux/arm64".into()]).queued, 2);
+    }
+
+    #[test]
+    fn platform_series_are_bounded_and_stay_at_zero_once_gone() {
+        let metrics = Metrics::new();
+        let mut platforms: BTreeMap<String, PlatformLoad> =
+            (0..40).map(|i| (format!("linux/arch{i:02}"), load(1, u64::from(i == 39)))).collect();
+        metrics.show(&State { platforms: platforms.clone(), ..State::default() });
+        let text = metrics.encode();
+        let series = text.lines().filter(|l| l.starts_with("kiln_queue_depth{")).count();
+        assert_eq!(series, MAX_PLATFORM_SERIES, "{text}");
+        assert!(text.contains("kiln_queue_depth{platform=\"other\"} 9"), "{text}");
+        // The platform with a worker is never folded away.
+        assert!(text.contains("kiln_workers{platform=\"linux/arch39\",state=\"ready\"} 1"), "{text}");
+        platforms.remove("linux/arch39");
+        metrics.show(&State { platforms, ..State::default() });
+        let text = metrics.encode();
+        assert!(text.contains("kiln_workers{platform=\"linux/arch39\",state=\"ready\"} 0"), "{text}");
+        assert!(text.contains("kiln_queue_depth{platform=\"linux/arch39\"} 0"), "{text}");
+    }
+}

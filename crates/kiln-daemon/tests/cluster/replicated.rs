@@ -69,11 +69,11 @@ impl Replicated {
             std::fs::write(
                 &config,
                 format!(
-                    "[coordinator]\nlisten = \"127.0.{}.{id}:7070\"\nroot = \"{}\"\nlease-timeout = \"3s\"\n\
-                     node-id = {id}\npeers = [{}]\n{tls}",
-                    self.net,
+                    "[coordinator]\nlisten = \"127.0.{net}.{id}:7070\"\nroot = \"{}\"\nlease-timeout = \"3s\"\n\
+                     metrics-listen = \"127.0.{net}.{id}:9090\"\nnode-id = {id}\npeers = [{}]\n{tls}",
                     self.dir.path().join(&name).display(),
-                    peers.join(", ")
+                    peers.join(", "),
+                    net = self.net,
                 ),
             )
             .unwrap();
@@ -190,6 +190,16 @@ impl Drop for Replicated {
 /// The name that resolves to every coordinator, for clients whose `/etc/hosts` says so.
 const ALL_MEMBERS: &str = "kiln-coordinators";
 
+/// The whole response to `GET path` (status line and headers too).
+fn raw_get(address: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
 fn leader_of(info: &Value) -> u64 {
     info["raft"]["leader"].as_u64().expect("a leader")
 }
@@ -220,6 +230,20 @@ fn replicated_coordinators_keep_the_cluster_through_the_loss_of_a_leader_or_a_fo
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let through_follower = cluster.info(&cluster.url(follower)).unwrap();
     assert_eq!(through_follower["raft"]["node_id"].as_u64(), Some(leader), "{through_follower:#}");
+    // Each member's metrics: one leader, every member ready (a follower knows the leader),
+    // and a follower sends an autoscaler to the leader's queue.
+    for id in 1..=3 {
+        let address = format!("127.0.28.{id}:9090");
+        let page = kiln_testkit::http_get(&address, "/metrics").1;
+        let leads = kiln_testkit::sample(&page, "kiln_raft_is_leader");
+        assert_eq!(leads, f64::from(id == leader), "member {id}: {page}");
+        assert_eq!(kiln_testkit::sample(&page, "kiln_raft_term"), term_of(&info) as f64, "member {id}");
+        assert_eq!(kiln_testkit::http_get(&address, "/readyz").0, 200, "member {id}");
+    }
+    let (status, _) = kiln_testkit::http_get(&format!("127.0.28.{follower}:9090"), "/v1/queue?pool=p");
+    assert_eq!(status, 307);
+    let redirect = raw_get(&format!("127.0.28.{follower}:9090"), "/v1/queue?pool=p");
+    assert!(redirect.contains(&format!("location: http://127.0.28.{leader}:9090/v1/queue?pool=p\r\n")), "{redirect}");
 
     let context = cluster.context("steps", "FROM BASE\nRUN echo one > /one\nRUN cat /one > /two\n");
     let metadata = cluster.build(&context, &cluster.dir.path().join("out-1"));
