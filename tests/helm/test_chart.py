@@ -216,6 +216,8 @@ def check_fleet(objects, values):
             limit = int(size[:-2]) * (1024 if size.endswith("Gi") else 1024 * 1024)
             if not pool.get("gc", {}).get("maxUsedSpace"):
                 assert used == f'"{limit * 8 // 10}MiB"', used
+            if not pool.get("gc", {}).get("reservedSpace"):
+                assert toml_value(text, "reserved-space") == f'"{limit // 10}MiB"', text
             assert volumes["state"]["emptyDir"]["sizeLimit"] == size
         expected_image = pool.get("image", {}).get("repository", values.get("image", {}).get("repository", "kiln/kilnd"))
         assert kilnd["image"].startswith(expected_image + ":"), kilnd["image"]
@@ -271,7 +273,9 @@ def check_autoscaling(objects, values, pool, name, workload):
         else:
             assert trigger["type"] == "prometheus"
             query = trigger["metadata"]["query"]
-            assert f'kiln_pool_demand{{pool="{pool["name"]}"}}' in query and pool["platform"] in query, query
+            assert f'kiln_pool_demand{{pool="{pool["name"]}"}}' in query, query
+            assert f'kiln_queue_depth{{platform="{pool["platform"]}"}}' in query, query
+            assert 'unless on() (sum(kiln_workers{state="ready"}) > 0)' in query, query
             assert trigger["metadata"]["threshold"] == str(pool["maxParallelism"])
     else:
         spec = one(objects, "HorizontalPodAutoscaler", name)["spec"]
@@ -406,6 +410,8 @@ def test_wrong_values_fail_at_install_with_the_key_named():
         (with_values(FLEET, workerPools=[{"name": "x", "platform": "linux/arm64/v8", "maxParallelism": 1}]), "platform"),
         (with_values(FLEET, workerPools=[{"name": "x", "platform": "linux/amd64", "maxParallelism": 1,
                                            "cache": {"type": "emptyDir", "size": "50G"}}]), "size"),
+        (with_values(FLEET, workerPools=[{"name": "x", "platform": "linux/amd64", "maxParallelism": 1,
+                                           "cache": {"type": "emptyDir", "size": "08Gi"}}]), "size"),
     ]
     for values, key in wrong:
         try:

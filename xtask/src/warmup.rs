@@ -2,9 +2,10 @@
 //! shared tier (moto) and real `kilnd` workers on loopback. A graph is built on a first worker,
 //! which then goes with its store (as a pod scaled away does); the same graph plus one new step
 //! is submitted with no worker connected, and a fresh worker is started. Measured: the time from
-//! that worker's process start to its first assignment (the new step's, from its record: the
-//! moment it was queued plus its queue phase), and how much of the earlier graph the shared
-//! tier served the fresh worker's build.
+//! that worker's process start to its first assignment (the earliest of the build's jobs, from
+//! their records: the moment each was queued plus its queue phase; the base image's source
+//! comes first), how much of the earlier graph the shared tier served the fresh worker's build,
+//! and the bytes the worker fetched from the shared tier.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -91,7 +92,7 @@ fn worker_config(dir: &Path, name: &str, host: u8) -> anyhow::Result<PathBuf> {
         &config,
         format!(
             "[worker]\ncoordinator = \"http://127.0.40.1:7070\"\nname = \"{name}\"\nlisten = \"127.0.40.{host}:7071\"\n\
-             root = \"{}\"\nmax-parallelism = 4\n\n[tls]\ninsecure = true\n",
+             root = \"{}\"\nmax-parallelism = 4\nmetrics-listen = \"127.0.40.{host}:9091\"\n\n[tls]\ninsecure = true\n",
             dir.join(name).display()
         ),
     )?;
@@ -115,13 +116,17 @@ fn wait_for_queue(what: &str, done: impl Fn(&Value) -> bool) -> anyhow::Result<(
 }
 
 fn get_json(address: &str, path: &str) -> anyhow::Result<Value> {
+    Ok(serde_json::from_str(&get_text(address, path)?)?)
+}
+
+/// The body of `GET path`.
+fn get_text(address: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(address)?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    Ok(serde_json::from_str(body)?)
+    Ok(response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
 
 fn now_ms() -> u64 {
@@ -187,7 +192,7 @@ fn measure(dir: &Path, base: &str, s3: &str, run: usize) -> anyhow::Result<Value
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
-    wait_for_queue("the new step to queue", |queue| {
+    wait_for_queue("the build's first job to queue", |queue| {
         queue["platforms"].as_object().is_some_and(|p| p.values().any(|l| l["queued"].as_u64() > Some(0)))
     })?;
     let config = worker_config(dir, "fresh", 3)?;
@@ -205,13 +210,27 @@ fn measure(dir: &Path, base: &str, s3: &str, run: usize) -> anyhow::Result<Value
         .iter()
         .find(|r| r["name"].as_str().is_some_and(|n| n.contains("$NONCE")))
         .context("no record of the new step")?;
-    let queued_at = rfc3339_ms(new_step["started"].as_str().unwrap_or_default())?;
-    let queue_ms = new_step["phases"]["queue_ms"].as_u64().context("the new step has no queue phase")?;
-    let assigned_at = queued_at + queue_ms;
+    new_step["phases"]["fetch_ms"].as_u64().context("the new step fetched nothing")?;
+    // Each job's assignment: when it was queued, plus its queue phase.
+    let mut assigned = Vec::new();
+    for record in &records {
+        if let (Some(queued), Some(queue_ms)) = (record["started"].as_str(), record["phases"]["queue_ms"].as_u64()) {
+            assigned.push(rfc3339_ms(queued)? + queue_ms);
+        }
+    }
+    let first = assigned.into_iter().min().context("no job of the fresh worker's build was assigned")?;
     let earlier: Vec<&Value> = records.iter().filter(|r| r["digest"] != new_step["digest"]).collect();
     let shared = earlier.iter().filter(|r| r["status"] == "cached" && r["cache_source"] == "shared").count();
+    // What the fresh worker brought from the shared tier (the layers under the new step).
+    let page = get_text("127.0.40.3:9091", "/metrics")?;
+    let series = "kiln_transfer_bytes_total{direction=\"in\",kind=\"shared\"} ";
+    let fetched: f64 = page.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0);
+    if fetched <= 0.0 {
+        bail!("the fresh worker fetched nothing from the shared tier");
+    }
     Ok(json!({
-        "first_assignment_ms": assigned_at.saturating_sub(started),
+        "first_assignment_ms": first.saturating_sub(started),
+        "shared_bytes_in": fetched,
         "earlier_vertices": earlier.len(),
         "from_shared_tier": shared,
         "hit_rate": shared as f64 / earlier.len().max(1) as f64,
@@ -266,16 +285,17 @@ pub fn markdown(runs: &[Value]) -> String {
     let mut out = String::from(
         "\nA fresh worker (coordinator with an S3 shared tier, real kilnd processes on loopback; the first worker and its store gone): \
          from its process start to its first assignment, and the share of the earlier graph its first build took from the shared tier:\n\n\
-         | run | first assignment | from the shared tier |\n|---|---|---|\n",
+         | run | first assignment | from the shared tier | bytes fetched from it |\n|---|---|---|---|\n",
     );
     for (i, run) in runs.iter().enumerate() {
         out.push_str(&format!(
-            "| {} | {} ms | {} of {} ({:.0}%) |\n",
+            "| {} | {} ms | {} of {} ({:.0}%) | {:.1} KiB |\n",
             i + 1,
             run["first_assignment_ms"],
             run["from_shared_tier"],
             run["earlier_vertices"],
-            run["hit_rate"].as_f64().unwrap_or(0.0) * 100.0
+            run["hit_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            run["shared_bytes_in"].as_f64().unwrap_or(0.0) / 1024.0
         ));
     }
     out

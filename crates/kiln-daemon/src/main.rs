@@ -85,9 +85,9 @@ enum Command {
     /// Check the `--config` file (every key, as the daemon would read it) and say which
     /// role it gives, without starting anything.
     Check,
-    /// Drain the daemon of the state directory (`--root`): SIGTERM to the pid in
-    /// `ROOT/kilnd.pid` (a worker finishes its steps and takes no more), then wait until it
-    /// has exited (a Kubernetes `preStop` hook).
+    /// Drain the daemon of the state directory (the `--config`'s, else `--root`): SIGTERM to
+    /// the kilnd in `ROOT/kilnd.pid` (a worker finishes its steps and takes no more), then
+    /// wait until it has exited (a Kubernetes `preStop` hook).
     Drain,
     /// Write a development CA (`ca.pem`, `ca-key.pem`; an existing pair in DIR is reused)
     /// and a certificate and key for each node (`NAME.pem`, `NAME-key.pem`), valid for its
@@ -182,8 +182,11 @@ fn role_of(
     args: &mut Args,
     path: &Path,
 ) -> anyhow::Result<Role> {
-    if args.worker_name.is_some() && !matches!((&coordinator, &worker), (None, Some(_))) {
-        bail!("--worker-name names a worker: {} is not a worker's config", path.display());
+    if let Some(name) = &args.worker_name
+        && !matches!((&coordinator, &worker), (None, Some(_)))
+    {
+        // Perhaps from the environment (KILN_WORKER_NAME) of a pod that runs another role.
+        eprintln!("kilnd: the worker name {name:?} is ignored: {} is not a worker's config", path.display());
     }
     let role = match (coordinator, worker) {
         (Some(coordinator), Some(worker)) => {
@@ -377,9 +380,10 @@ async fn drain(args: &Args) -> anyhow::Result<()> {
     let file = root.join("kilnd.pid");
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let pid: i32 = text.trim().parse().with_context(|| format!("{}: {text:?} is not a pid", file.display()))?;
-    // A pid file a crashed daemon left may name another process by now.
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-    if exe.file_name().is_none_or(|name| !name.to_string_lossy().starts_with("kilnd")) {
+    // A pid file a crashed daemon left may name another process by now (its command name is
+    // readable by anyone).
+    let command = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if command.trim() != "kilnd" {
         eprintln!("{} names no running kilnd (pid {pid}): nothing to drain", file.display());
         return Ok(());
     }

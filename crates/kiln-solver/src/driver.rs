@@ -455,10 +455,16 @@ impl<E: Executor> Driver<E> {
     }
 
     /// A build is over here: its entry and its jobs' spans go (a job still running for
-    /// other builds keeps its span until it ends).
+    /// other builds keeps its span, which says its build went, until it ends).
     fn forget(&mut self, build: BuildId) {
         self.builds.remove(&build);
-        self.spans.retain(|(owner, _), _| *owner != build);
+        self.spans.retain(|(owner, _), span| {
+            let gone = *owner == build;
+            if gone {
+                span.record("kiln.cache", "abandoned");
+            }
+            !gone
+        });
     }
 
     /// Performs one effect; returns the effects of the command it answered, if any.
@@ -548,17 +554,16 @@ impl<E: Executor> Driver<E> {
                         // Only a step that waits for a slot has a queue phase here.
                         let waiting = std::time::Instant::now();
                         let (_slot, waited) = match slots {
-                            Some(slots) => {
-                                let slot = match Arc::clone(&slots).try_acquire_owned() {
-                                    Ok(slot) => slot,
-                                    Err(_) => {
-                                        let _waiting = Counted::new(&load.waiting);
-                                        let _queue = phase_span(Phase::Queue);
-                                        slots.acquire_owned().await.expect("the semaphore is never closed")
-                                    }
-                                };
-                                (Some((slot, Counted::new(&load.running))), Some(elapsed_ms(waiting)))
-                            }
+                            Some(slots) => match Arc::clone(&slots).try_acquire_owned() {
+                                Ok(slot) => (Some((slot, Counted::new(&load.running))), None),
+                                Err(_) => {
+                                    let queued = Counted::new(&load.waiting);
+                                    let queue = phase_span(Phase::Queue);
+                                    let slot = slots.acquire_owned().await.expect("the semaphore is never closed");
+                                    drop((queue, queued));
+                                    (Some((slot, Counted::new(&load.running))), Some(elapsed_ms(waiting)))
+                                }
+                            },
                             None => (None, None),
                         };
                         if !tried_import {

@@ -468,10 +468,13 @@ impl<O: Clone> SolverState<O> {
                     };
                     if let Some(build) = self.builds.get_mut(&id) {
                         build.records[index].worker = worker.clone();
-                        match status {
-                            Status::Cached => build.records[index].cache_source.clone_from(&source),
-                            Status::Executed => build.records[index].phases = executed.phases,
-                            _ => {}
+                        if status == Status::Cached {
+                            build.records[index].cache_source.clone_from(&source);
+                        }
+                        // The build whose job ran (a source that resolved to what was there
+                        // already ran too): where its time went.
+                        if id == job.owner {
+                            build.records[index].phases = executed.phases;
                         }
                     }
                     self.complete(id, index, executed.output.clone(), user_key, status, at, effects);

@@ -86,7 +86,7 @@ async fn queue(
     // port it asked here (every member serves the same).
     if let Some(leader) = served.probe.leader_host() {
         let path = uri.path_and_query().map_or("/v1/queue", |p| p.as_str());
-        let host = if leader.contains(':') { format!("[{leader}]") } else { leader };
+        let host = if leader.contains(':') && !leader.starts_with('[') { format!("[{leader}]") } else { leader };
         let location = format!("http://{host}:{}{path}", served.port);
         return axum::response::Redirect::temporary(&location).into_response();
     }

@@ -241,13 +241,23 @@ pub struct Metrics {
     raft_commit_index: IntGauge,
     gc_runs: IntCounter,
     gc_reclaimed: IntCounter,
-    /// The platform label values shown so far (at most [`MAX_PLATFORM_SERIES`]): a platform
-    /// that goes away reads 0 rather than vanishing.
-    platforms_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The platform series shown so far: a platform that goes away reads 0 rather than
+    /// vanishing.
+    platforms_seen: std::sync::Mutex<Seen>,
 }
 
-/// Platform series at most: platforms come from builds' requests (a job for a platform no
-/// worker runs waits in the queue), so past this many the rest are summed as `other`.
+/// The platform series shown so far.
+#[derive(Default)]
+struct Seen {
+    /// Platforms shown under their name.
+    platforms: std::collections::BTreeSet<String>,
+    /// Whether `other` was shown.
+    other: bool,
+}
+
+/// Platform series at most, of platforms no worker runs: those come from builds' requests (a
+/// job for a platform no worker runs waits in the queue), so past this many the rest are
+/// summed as `other`. A platform a worker runs is always shown.
 const MAX_PLATFORM_SERIES: usize = 32;
 
 /// The label of the platforms past [`MAX_PLATFORM_SERIES`].
@@ -430,23 +440,28 @@ impl Metrics {
         self.cache_bytes.with_label_values(&[Tier::Local.label()]).set(saturate(used));
     }
 
-    /// Shows `state` in the gauges (series of platforms and pools gone since are removed).
+    /// Shows `state` in the gauges.
     ///
-    /// A platform shown once stays, at 0 when gone (an alert on no ready workers fires); at
-    /// most [`MAX_PLATFORM_SERIES`] are, platforms with workers first, the rest summed as
-    /// `other`. A pool's demand is shown while it has workers (for a pool without, the
-    /// queue of its platforms is the signal).
+    /// A platform shown once stays, at 0 when gone (an alert on no ready workers fires). A
+    /// platform some worker runs is always shown; of the others (platforms only requested),
+    /// while fewer than [`MAX_PLATFORM_SERIES`] are shown, the rest summed as `other`. A
+    /// pool's demand is shown while it has workers (for a pool without, the queue of its
+    /// platforms is the signal).
     pub fn show(&self, state: &State) {
         let mut seen = self.platforms_seen.lock().unwrap_or_else(|p| p.into_inner());
         let mut series: BTreeMap<String, PlatformLoad> =
-            seen.iter().map(|p| (p.clone(), PlatformLoad::default())).collect();
-        let mut ordered: Vec<(&String, &PlatformLoad)> = state.platforms.iter().collect();
-        ordered.sort_by_key(|(_, load)| load.workers + load.draining == 0);
-        for (platform, load) in ordered {
-            let label = if seen.contains(platform) || seen.len() < MAX_PLATFORM_SERIES - 1 {
-                seen.insert(platform.clone());
+            seen.platforms.iter().map(|p| (p.clone(), PlatformLoad::default())).collect();
+        if seen.other {
+            series.insert(OTHER_PLATFORMS.to_string(), PlatformLoad::default());
+        }
+        for (platform, load) in &state.platforms {
+            let served = load.workers + load.draining > 0;
+            let room = seen.platforms.len() < MAX_PLATFORM_SERIES - 1;
+            let label = if served || room || seen.platforms.contains(platform) {
+                seen.platforms.insert(platform.clone());
                 platform.clone()
             } else {
+                seen.other = true;
                 OTHER_PLATFORMS.to_string()
             };
             let shown = series.entry(label).or_default();
@@ -529,14 +544,24 @@ mod tests {
         metrics.show(&State { platforms: platforms.clone(), ..State::default() });
         let text = metrics.encode();
         let series = text.lines().filter(|l| l.starts_with("kiln_queue_depth{")).count();
-        assert_eq!(series, MAX_PLATFORM_SERIES, "{text}");
-        assert!(text.contains("kiln_queue_depth{platform=\"other\"} 9"), "{text}");
+        // 31 requested platforms by name, the one a worker runs, and `other` for the 8 left.
+        assert_eq!(series, MAX_PLATFORM_SERIES + 1, "{text}");
+        assert!(text.contains("kiln_queue_depth{platform=\"other\"} 8"), "{text}");
         // The platform with a worker is never folded away.
         assert!(text.contains("kiln_workers{platform=\"linux/arch39\",state=\"ready\"} 1"), "{text}");
         platforms.remove("linux/arch39");
+        // Past the cap, a platform a worker runs is still shown under its name.
+        platforms.insert("linux/late".into(), load(0, 1));
+        let requested_only: Vec<String> = platforms.keys().filter(|p| p.starts_with("linux/arch3")).cloned().collect();
+        for platform in requested_only {
+            platforms.remove(&platform);
+        }
         metrics.show(&State { platforms, ..State::default() });
         let text = metrics.encode();
         assert!(text.contains("kiln_workers{platform=\"linux/arch39\",state=\"ready\"} 0"), "{text}");
         assert!(text.contains("kiln_queue_depth{platform=\"linux/arch39\"} 0"), "{text}");
+        assert!(text.contains("kiln_workers{platform=\"linux/late\",state=\"ready\"} 1"), "{text}");
+        // What was summed as `other` has gone: it reads 0.
+        assert!(text.contains("kiln_queue_depth{platform=\"other\"} 0"), "{text}");
     }
 }

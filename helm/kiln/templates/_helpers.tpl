@@ -79,15 +79,19 @@ metrics-listen = "0.0.0.0:9091"
 labels = { pool = {{ $pool.name | quote }}{{ range $key, $value := $pool.labels }}, {{ $key | quote }} = {{ $value | quote }}{{ end }} }
 
 [worker.gc]
-{{- with $pool.gc.reservedSpace }}
-reserved-space = {{ . | quote }}
+{{- /* An emptyDir's limit is not the disk's (which kilnd's defaults are made of): collect at
+       80% of it, keeping at most 10% of it, before the kubelet evicts the pod. */}}
+{{- $size := $pool.cache.size }}
+{{- $mib := ternary (mul (int64 (trimSuffix "Ti" $size)) 1048576) (mul (int64 (trimSuffix "Gi" $size)) 1024) (hasSuffix "Ti" $size) }}
+{{- $emptyDir := eq $pool.cache.type "emptyDir" }}
+{{- if $pool.gc.reservedSpace }}
+reserved-space = {{ $pool.gc.reservedSpace | quote }}
+{{- else if $emptyDir }}
+reserved-space = "{{ div $mib 10 }}MiB"
 {{- end }}
 {{- if $pool.gc.maxUsedSpace }}
 max-used-space = {{ $pool.gc.maxUsedSpace | quote }}
-{{- else if eq $pool.cache.type "emptyDir" }}
-{{- /* An emptyDir's limit is not the disk's: collect at 80% of it, before the kubelet evicts. */}}
-{{- $size := $pool.cache.size }}
-{{- $mib := ternary (mul (int (trimSuffix "Ti" $size)) 1048576) (mul (int (trimSuffix "Gi" $size)) 1024) (hasSuffix "Ti" $size) }}
+{{- else if $emptyDir }}
 max-used-space = "{{ div (mul $mib 8) 10 }}MiB"
 {{- end }}
 {{- with $pool.gc.minFreeSpace }}
