@@ -134,11 +134,6 @@ impl ControlService {
         self
     }
 
-    /// The builds running on this daemon.
-    pub fn runs(&self) -> Runs {
-        self.runs.clone()
-    }
-
     /// Ends, in the background, the history entries left `running` with nobody to finish them:
     /// at once for a single daemon (they are an earlier process's), and for a replicated
     /// coordinator each time it has taken over a term, once clients have had
