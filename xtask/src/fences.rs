@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 /// Crates that do no IO: nothing async may enter their normal dependency closure.
-const PURE: &[&str] = &["kiln-types", "kiln-graph", "kiln-model", "kiln-dockerfile"];
+const PURE: &[&str] = &["kiln-types", "kiln-graph", "kiln-model", "kiln-dockerfile", "kiln-bake"];
 
 /// What a pure crate must never depend on, directly or not.
 const FORBIDDEN_IN_PURE: &[&str] = &["tokio", "tonic", "hyper", "mio"];
@@ -34,6 +34,7 @@ const OWNERS: &[(&str, &[&str])] = &[
     ("opentelemetry-otlp", &["kiln-telemetry"]),
     ("tracing-opentelemetry", &["kiln-telemetry"]),
     ("prometheus", &["kiln-telemetry"]),
+    ("hcl-rs", &["kiln-bake"]),
     ("axum", &["kiln-telemetry"]),
 ];
 
@@ -180,6 +181,18 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 /// A dependency is used when its crate name appears as a path (`name::`), in a `use`, or as
 /// an `extern crate`, in any of the package's sources (as cargo-machete decides it).
 fn unused_dependencies(metadata: &Value, violations: &mut Vec<String>) -> anyhow::Result<()> {
+    // A package's library may have another name (`hcl-rs` is `hcl`).
+    let mut libraries: HashMap<&str, &str> = HashMap::new();
+    for package in metadata["packages"].as_array().into_iter().flatten() {
+        let lib = package["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "lib" || k == "proc-macro")));
+        if let (Some(name), Some(lib)) = (package["name"].as_str(), lib.and_then(|t| t["name"].as_str())) {
+            libraries.insert(name, lib);
+        }
+    }
     for package in workspace_packages(metadata) {
         let name = package["name"].as_str().unwrap_or("");
         let manifest = PathBuf::from(package["manifest_path"].as_str().unwrap_or(""));
@@ -192,7 +205,8 @@ fn unused_dependencies(metadata: &Value, violations: &mut Vec<String>) -> anyhow
         }
         let mut unused: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for dependency in package["dependencies"].as_array().into_iter().flatten() {
-            let dep = dependency["rename"].as_str().or(dependency["name"].as_str()).unwrap_or("");
+            let name = dependency["name"].as_str().unwrap_or("");
+            let dep = dependency["rename"].as_str().or_else(|| libraries.get(name).copied()).unwrap_or(name);
             let ident = dep.replace('-', "_");
             let used = [format!("{ident}::"), format!("use {ident}"), format!("extern crate {ident}")]
                 .iter()

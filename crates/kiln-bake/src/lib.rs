@@ -1,0 +1,253 @@
+//! Bake files as `docker buildx bake` reads them: HCL files (parsed by hcl-rs, evaluated by
+//! [`eval`] with bake's functions) of `variable`, `target` and `group` blocks, resolved into
+//! targets (`inherits` merged as buildx merges them) and printed in buildx's `--print` shape.
+//! Pure: the caller reads the files and the environment.
+
+mod eval;
+mod functions;
+mod target;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hcl::edit::Span as _;
+use serde_json::{Value, json};
+
+pub use target::Target;
+
+/// A bake file's name (for errors) and text.
+#[derive(Debug, Clone)]
+pub struct BakeFile {
+    /// Its name as given (`docker-bake.hcl`).
+    pub name: String,
+    /// Its text.
+    pub text: String,
+}
+
+/// Why bake files could not be read: the file and line, and what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct BakeError {
+    /// The file.
+    pub file: String,
+    /// The line, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The groups and targets of bake files, evaluated (not yet merged with what they inherit).
+#[derive(Debug, Clone, Default)]
+pub struct Definition {
+    /// Groups: their targets (or groups), in order.
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Targets as written (blocks of one name across files merged, later over earlier).
+    pub targets: BTreeMap<String, Target>,
+}
+
+/// Reads bake files, later files over earlier ones. `env` gives environment variables: a
+/// variable's value comes from the variable of its name when set.
+pub fn load(files: &[BakeFile], env: &dyn Fn(&str) -> Option<String>) -> Result<Definition, BakeError> {
+    let mut parsed = Vec::new();
+    let mut scope = eval::Scope::default();
+    // Variables first, from every file: a target may use one defined in a later file.
+    for file in files {
+        let body = hcl::edit::parser::parse_body(&file.text).map_err(|e| BakeError {
+            file: file.name.clone(),
+            line: Some(e.location().line()),
+            message: e.message().to_string(),
+        })?;
+        for structure in body.iter() {
+            let line = line_of(&file.text, structure.span());
+            let fail = |message: String| BakeError { file: file.name.clone(), line, message };
+            match structure {
+                hcl::edit::structure::Structure::Attribute(attribute) => {
+                    let expr = hcl::Expression::from(attribute.value.clone());
+                    scope.declare(attribute.key.as_str(), eval::Source::Expr(expr));
+                }
+                hcl::edit::structure::Structure::Block(block) if block.ident.as_str() == "variable" => {
+                    let name = single_label(block).map_err(fail)?;
+                    let mut default = None;
+                    for inner in block.body.iter() {
+                        match inner {
+                            hcl::edit::structure::Structure::Attribute(a) if a.key.as_str() == "default" => {
+                                default = Some(hcl::Expression::from(a.value.clone()));
+                            }
+                            hcl::edit::structure::Structure::Attribute(a) if a.key.as_str() == "description" => {}
+                            other => {
+                                let line = line_of(&file.text, other.span());
+                                return Err(BakeError {
+                                    file: file.name.clone(),
+                                    line,
+                                    message: format!("variable {name:?}: only default and description are supported"),
+                                });
+                            }
+                        }
+                    }
+                    let source = match env(&name) {
+                        Some(text) => eval::Source::Env(text, default),
+                        None => eval::Source::Expr(default.unwrap_or(hcl::Expression::String(String::new()))),
+                    };
+                    scope.declare(&name, source);
+                }
+                _ => {}
+            }
+        }
+        parsed.push((file, body));
+    }
+    let mut definition = Definition::default();
+    for (file, body) in &parsed {
+        for structure in body.iter() {
+            let hcl::edit::structure::Structure::Block(block) = structure else { continue };
+            let line = line_of(&file.text, block.span());
+            let fail = |message: String| BakeError { file: file.name.clone(), line, message };
+            match block.ident.as_str() {
+                "variable" => {}
+                "group" => {
+                    let name = single_label(block).map_err(fail)?;
+                    let mut targets = Vec::new();
+                    for inner in block.body.iter() {
+                        let line = line_of(&file.text, inner.span());
+                        let fail = |message: String| BakeError { file: file.name.clone(), line, message };
+                        match inner {
+                            hcl::edit::structure::Structure::Attribute(a) if a.key.as_str() == "targets" => {
+                                let value = scope
+                                    .eval(&hcl::Expression::from(a.value.clone()), &eval::Locals::default())
+                                    .map_err(|e| fail(format!("group {name:?}: targets: {e}")))?;
+                                targets = target::strings(&value)
+                                    .map_err(|e| fail(format!("group {name:?}: targets: {e}")))?;
+                            }
+                            hcl::edit::structure::Structure::Attribute(a) if a.key.as_str() == "description" => {}
+                            hcl::edit::structure::Structure::Attribute(a) => {
+                                return Err(fail(format!("group {name:?}: unknown attribute {}", a.key.as_str())));
+                            }
+                            hcl::edit::structure::Structure::Block(b) => {
+                                return Err(fail(format!("group {name:?}: unexpected block {}", b.ident.as_str())));
+                            }
+                        }
+                    }
+                    definition.groups.insert(name, targets);
+                }
+                "target" => {
+                    let name = single_label(block).map_err(fail)?;
+                    let mut target = Target::default();
+                    for inner in block.body.iter() {
+                        let line = line_of(&file.text, inner.span());
+                        let fail = |message: String| BakeError { file: file.name.clone(), line, message };
+                        let hcl::edit::structure::Structure::Attribute(a) = inner else {
+                            return Err(fail(format!("target {name:?}: unexpected block")));
+                        };
+                        let value = scope
+                            .eval(&hcl::Expression::from(a.value.clone()), &eval::Locals::default())
+                            .map_err(|e| fail(format!("target {name:?}: {}: {e}", a.key.as_str())))?;
+                        target.set(a.key.as_str(), value).map_err(|e| fail(format!("target {name:?}: {e}")))?;
+                    }
+                    // A target defined again (here or in a later file) merges over the first.
+                    let merged = match definition.targets.remove(&name) {
+                        Some(earlier) => earlier.merged_with(&target),
+                        None => target,
+                    };
+                    definition.targets.insert(name, merged);
+                }
+                other => return Err(fail(format!("unknown block {other:?} (variable, target and group are)"))),
+            }
+        }
+    }
+    Ok(definition)
+}
+
+/// The targets `requested` (targets or groups; none: the `default` group) resolve to, each
+/// merged with what it inherits, with buildx's defaults filled in.
+pub fn resolve(definition: &Definition, requested: &[String]) -> Result<BTreeMap<String, Target>, String> {
+    let requested = if requested.is_empty() { vec!["default".to_string()] } else { requested.to_vec() };
+    let mut names = BTreeSet::new();
+    for name in &requested {
+        expand(definition, name, &mut Vec::new(), &mut names)?;
+    }
+    let mut resolved = BTreeMap::new();
+    for name in names {
+        let mut target = inherited(definition, &name, &mut Vec::new())?;
+        target.fill_defaults();
+        resolved.insert(name, target);
+    }
+    Ok(resolved)
+}
+
+/// The target names a target or group stands for.
+fn expand(
+    definition: &Definition,
+    name: &str,
+    chain: &mut Vec<String>,
+    out: &mut BTreeSet<String>,
+) -> Result<(), String> {
+    if let Some(members) = definition.groups.get(name) {
+        if chain.iter().any(|c| c == name) {
+            chain.push(name.to_string());
+            return Err(format!("group cycle: {}", chain.join(" -> ")));
+        }
+        chain.push(name.to_string());
+        for member in members {
+            expand(definition, member, chain, out)?;
+        }
+        chain.pop();
+        return Ok(());
+    }
+    if definition.targets.contains_key(name) {
+        out.insert(name.to_string());
+        return Ok(());
+    }
+    Err(format!("no target or group named {name:?}"))
+}
+
+/// A target merged over the targets it inherits, in order.
+fn inherited(definition: &Definition, name: &str, chain: &mut Vec<String>) -> Result<Target, String> {
+    if chain.iter().any(|c| c == name) {
+        chain.push(name.to_string());
+        return Err(format!("inherits cycle: {}", chain.join(" -> ")));
+    }
+    let target = definition.targets.get(name).ok_or_else(|| match chain.last() {
+        Some(child) => format!("target {child:?} inherits {name:?}, which is no target"),
+        None => format!("no target named {name:?}"),
+    })?;
+    chain.push(name.to_string());
+    let mut merged = Target::default();
+    for parent in &target.inherits {
+        merged = merged.merged_with(&inherited(definition, parent, chain)?);
+    }
+    chain.pop();
+    let mut merged = merged.merged_with(target);
+    merged.inherits.clear();
+    Ok(merged)
+}
+
+/// `--print`'s JSON, in buildx's shape: the requested names as the `default` group (when more
+/// than one is requested or a group is), and every resolved target.
+pub fn print(requested: &[String], resolved: &BTreeMap<String, Target>) -> Value {
+    let mut names: Vec<&String> = resolved.keys().collect();
+    if !requested.is_empty() {
+        names = requested.iter().collect();
+        names.sort();
+    }
+    let targets: serde_json::Map<String, Value> =
+        resolved.iter().map(|(name, t)| (name.clone(), t.to_json())).collect();
+    json!({
+        "group": {"default": {"targets": names}},
+        "target": targets,
+    })
+}
+
+fn single_label(block: &hcl::edit::structure::Block) -> Result<String, String> {
+    match block.labels.as_slice() {
+        [label] => Ok(match label {
+            hcl::edit::structure::BlockLabel::String(s) => s.value().to_string(),
+            hcl::edit::structure::BlockLabel::Ident(i) => i.as_str().to_string(),
+        }),
+        labels => Err(format!("a {} block takes one name, not {}", block.ident.as_str(), labels.len())),
+    }
+}
+
+fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> Option<usize> {
+    span.map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
+}
+
+#[cfg(test)]
+mod tests;

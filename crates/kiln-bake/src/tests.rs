@@ -1,0 +1,184 @@
+//! Bake files → `--print` JSON, and errors with their file and line.
+
+use serde_json::json;
+
+use super::*;
+
+fn files(texts: &[(&str, &str)]) -> Vec<BakeFile> {
+    texts.iter().map(|(name, text)| BakeFile { name: name.to_string(), text: text.to_string() }).collect()
+}
+
+fn printed(texts: &[(&str, &str)], env: &[(&str, &str)], requested: &[&str]) -> Result<Value, String> {
+    let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let definition = load(&files(texts), &|name| env.get(name).cloned()).map_err(|e| e.to_string())?;
+    let requested: Vec<String> = requested.iter().map(|s| s.to_string()).collect();
+    let resolved = resolve(&definition, &requested)?;
+    Ok(print(&requested, &resolved))
+}
+
+const MONOREPO: &str = r#"
+variable "TAG" {
+  default = "latest"
+}
+variable "REGISTRY" {
+  default = "registry.example"
+}
+variable "DEBUG" {
+  default = false
+}
+PREFIX = "${REGISTRY}/team"
+
+group "default" {
+  targets = ["api", "web"]
+}
+
+target "base" {
+  dockerfile = "Dockerfile.base"
+  args = { GO_VERSION = "1.22", DEBUG = DEBUG ? "1" : "0" }
+  platforms = ["linux/amd64", "linux/arm64"]
+  cache-from = ["type=registry,ref=${PREFIX}/cache"]
+}
+
+target "api" {
+  inherits = ["base"]
+  context = "services/api"
+  contexts = { base = "target:base" }
+  args = { SERVICE = "api" }
+  tags = ["${PREFIX}/api:${TAG}", upper("${PREFIX}/api:${TAG}") == "X" ? "never" : "${PREFIX}/api:stable"]
+  cache-from = ["${PREFIX}/api-cache"]
+}
+
+target "web" {
+  inherits = ["base"]
+  context = "services/web"
+  platforms = ["linux/amd64"]
+  output = ["type=image,push=true", "out/web"]
+  labels = { "org.opencontainers.image.title" = join("-", ["web", TAG]) }
+  no-cache = true
+}
+"#;
+
+#[test]
+fn targets_inherit_merge_and_print_in_buildx_shape() {
+    let printed = printed(&[("docker-bake.hcl", MONOREPO)], &[("TAG", "v2"), ("DEBUG", "true")], &[]).unwrap();
+    let expected = json!({
+        "group": {"default": {"targets": ["api", "web"]}},
+        "target": {
+            "api": {
+                "context": "services/api",
+                "contexts": {"base": "target:base"},
+                "dockerfile": "Dockerfile.base",
+                "args": {"DEBUG": "1", "GO_VERSION": "1.22", "SERVICE": "api"},
+                "tags": ["registry.example/team/api:v2", "registry.example/team/api:stable"],
+                "cache-from": [
+                    {"type": "registry", "ref": "registry.example/team/cache"},
+                    {"type": "registry", "ref": "registry.example/team/api-cache"}
+                ],
+                "platforms": ["linux/amd64", "linux/arm64"]
+            },
+            "web": {
+                "context": "services/web",
+                "dockerfile": "Dockerfile.base",
+                "args": {"DEBUG": "1", "GO_VERSION": "1.22"},
+                "labels": {"org.opencontainers.image.title": "web-v2"},
+                "cache-from": [{"type": "registry", "ref": "registry.example/team/cache"}],
+                "platforms": ["linux/amd64"],
+                "output": [{"type": "image", "push": "true"}, {"type": "local", "dest": "out/web"}],
+                "no-cache": true
+            }
+        }
+    });
+    assert_eq!(printed, expected, "{printed:#}");
+}
+
+#[test]
+fn later_files_override_earlier_ones_and_targets_can_be_named() {
+    let override_file = r#"
+variable "TAG" {
+  default = "override"
+}
+target "api" {
+  tags = ["api:${TAG}"]
+}
+"#;
+    let printed =
+        printed(&[("docker-bake.hcl", MONOREPO), ("docker-bake.override.hcl", override_file)], &[], &["api"]).unwrap();
+    assert_eq!(printed["group"]["default"]["targets"], json!(["api"]));
+    assert_eq!(printed["target"]["api"]["tags"], json!(["api:override"]));
+    assert_eq!(printed["target"]["api"]["context"], "services/api", "the earlier definition stays under the later");
+    assert!(printed["target"].get("web").is_none());
+}
+
+#[test]
+fn expressions_templates_and_functions() {
+    let text = r#"
+variable "N" {
+  default = 3
+}
+variable "NAMES" {
+  default = ["a", "b"]
+}
+target "t" {
+  args = {
+    SUM = N * 2 + 1
+    LIST = join(",", [for name in NAMES : upper(name) if name != "b"])
+    MAP = length({ for name in NAMES : name => name })
+    HEREDOC = <<EOT
+%{ for n in NAMES }${n};%{ endfor }
+EOT
+    LOOKUP = lookup({ a = "x" }, "b", "fallback")
+    TRIM = trimsuffix(trimprefix("v1.2.3-rc", "v"), "-rc")
+    NEG = -N
+  }
+}
+"#;
+    let printed = printed(&[("f.hcl", text)], &[("N", "5")], &["t"]).unwrap();
+    let args = &printed["target"]["t"]["args"];
+    assert_eq!(args["SUM"], "11", "an override takes the default's type: {args}");
+    assert_eq!(args["LIST"], "A");
+    assert_eq!(args["MAP"], "2");
+    assert_eq!(args["HEREDOC"], "a;b;\n");
+    assert_eq!(args["LOOKUP"], "fallback");
+    assert_eq!(args["TRIM"], "1.2.3");
+    assert_eq!(args["NEG"], "-5");
+}
+
+#[test]
+fn errors_name_the_file_the_line_and_the_chain() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "target \"t\" {\n  context = \".\"\n  colour = \"red\"\n}\n",
+            "f.hcl:3: target \"t\": unknown attribute \"colour\"",
+            &["t"],
+        ),
+        (
+            "target \"t\" {\n  tags = [UNDEFINED]\n}\n",
+            "f.hcl:2: target \"t\": tags: unknown variable UNDEFINED",
+            &["t"],
+        ),
+        (
+            "variable \"A\" {\n  default = B\n}\nvariable \"B\" {\n  default = A\n}\ntarget \"t\" {\n  args = { X = A }\n}\n",
+            "variable cycle: A -> B -> A",
+            &["t"],
+        ),
+        (
+            "target \"a\" {\n  inherits = [\"b\"]\n}\ntarget \"b\" {\n  inherits = [\"a\"]\n}\n",
+            "inherits cycle: a -> b -> a",
+            &["a"],
+        ),
+        ("group \"g\" {\n  targets = [\"g\"]\n}\n", "group cycle: g -> g", &["g"]),
+        ("target \"t\" {}\n", "no target or group named \"missing\"", &["missing"]),
+        (
+            "target \"t\" {\n  args = { X = nosuch(1) }\n}\n",
+            "f.hcl:2: target \"t\": args: unknown function nosuch()",
+            &["t"],
+        ),
+        ("target \"t\" {\n  tags = [\n", "f.hcl:", &["t"]),
+        ("widget \"w\" {}\n", "f.hcl:1: unknown block \"widget\"", &["w"]),
+        ("target \"a\" {\n  inherits = [\"nope\"]\n}\n", "target \"a\" inherits \"nope\", which is no target", &["a"]),
+    ];
+    for (text, expected, requested) in cases {
+        let error = printed(&[("f.hcl", text)], &[], requested).unwrap_err();
+        assert!(error.contains(expected), "{text}\nwanted {expected:?} in {error:?}");
+    }
+}
