@@ -17,19 +17,66 @@ pub enum Source {
     Env(String, Option<Expression>),
 }
 
-/// The global scope: bake variables, resolved on first use.
+/// A `function` block: its parameters (the last one variadic, when given) and its result.
+#[derive(Debug, Clone)]
+pub struct Function {
+    /// The parameters' names.
+    pub params: Vec<String>,
+    /// The variadic parameter's name: the remaining arguments, as a list.
+    pub variadic: Option<String>,
+    /// The result.
+    pub result: Expression,
+}
+
+/// How deep user functions may call each other (a function calling itself forever stops
+/// here with an error).
+const MAX_CALL_DEPTH: usize = 64;
+
+/// The global scope: bake variables, resolved on first use, and user functions.
 #[derive(Default)]
 pub struct Scope {
     sources: HashMap<String, Source>,
     resolved: HashMap<String, Value>,
     /// The variables being resolved now, innermost last (for cycle chains).
     resolving: Vec<String>,
+    functions: HashMap<String, Function>,
+    depth: usize,
 }
 
 impl Scope {
     /// Declares a variable.
     pub fn declare(&mut self, name: &str, source: Source) {
         self.sources.insert(name.to_string(), source);
+    }
+
+    /// Declares a user function (over a standard one of the same name).
+    pub fn declare_function(&mut self, name: &str, function: Function) {
+        self.functions.insert(name.to_string(), function);
+    }
+
+    /// Calls the user function `name` (its result sees its parameters and the variables).
+    fn call_user(&mut self, name: &str, function: Function, mut args: Vec<Value>) -> Result<Value, String> {
+        let fixed = function.params.len();
+        if args.len() < fixed || (function.variadic.is_none() && args.len() > fixed) {
+            let more = if function.variadic.is_some() { " or more" } else { "" };
+            let plural = if fixed == 1 { "" } else { "s" };
+            return Err(format!("{name}(): takes {fixed} argument{plural}{more}, not {}", args.len()));
+        }
+        if self.depth >= MAX_CALL_DEPTH {
+            return Err(format!("{name}(): calls nest deeper than {MAX_CALL_DEPTH}"));
+        }
+        let rest = args.split_off(fixed);
+        let mut locals = Locals::default();
+        for (param, arg) in function.params.iter().zip(args) {
+            locals.set(param, arg);
+        }
+        if let Some(variadic) = &function.variadic {
+            locals.set(variadic, Value::Array(rest));
+        }
+        self.depth += 1;
+        let result = self.eval(&function.result, &locals).map_err(|e| format!("{name}(): {e}"));
+        self.depth -= 1;
+        result
     }
 
     /// The variable's value.
@@ -130,7 +177,11 @@ impl Scope {
                         _ => return Err(format!("{}(...): the last argument must be a list", call.name.name)),
                     }
                 }
-                crate::functions::call(call.name.name.as_str(), args)
+                let name = call.name.name.as_str();
+                match self.functions.get(name).cloned() {
+                    Some(function) => self.call_user(name, function, args),
+                    None => crate::functions::call(name, args),
+                }
             }
             Expression::Parenthesis(inner) => self.eval(inner, locals),
             Expression::Conditional(conditional) => match self.eval(&conditional.cond_expr, locals)? {

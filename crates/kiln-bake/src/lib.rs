@@ -64,6 +64,11 @@ pub fn load(files: &[BakeFile], env: &dyn Fn(&str) -> Option<String>) -> Result<
                     let expr = hcl::Expression::from(attribute.value.clone());
                     scope.declare(attribute.key.as_str(), eval::Source::Expr(expr));
                 }
+                hcl::edit::structure::Structure::Block(block) if block.ident.as_str() == "function" => {
+                    let name = single_label(block).map_err(fail)?;
+                    let function = function_of(block).map_err(|e| fail(format!("function {name:?}: {e}")))?;
+                    scope.declare_function(&name, function);
+                }
                 hcl::edit::structure::Structure::Block(block) if block.ident.as_str() == "variable" => {
                     let name = single_label(block).map_err(fail)?;
                     let mut default = None;
@@ -101,7 +106,7 @@ pub fn load(files: &[BakeFile], env: &dyn Fn(&str) -> Option<String>) -> Result<
             let line = line_of(&file.text, block.span());
             let fail = |message: String| BakeError { file: file.name.clone(), line, message };
             match block.ident.as_str() {
-                "variable" => {}
+                "variable" | "function" => {}
                 "group" => {
                     let name = single_label(block).map_err(fail)?;
                     let mut targets = Vec::new();
@@ -128,25 +133,84 @@ pub fn load(files: &[BakeFile], env: &dyn Fn(&str) -> Option<String>) -> Result<
                     definition.groups.insert(name, targets);
                 }
                 "target" => {
-                    let name = single_label(block).map_err(fail)?;
-                    let mut target = Target::default();
+                    let label = single_label(block).map_err(fail)?;
+                    let mut attributes = Vec::new();
                     for inner in block.body.iter() {
                         let line = line_of(&file.text, inner.span());
-                        let fail = |message: String| BakeError { file: file.name.clone(), line, message };
                         let hcl::edit::structure::Structure::Attribute(a) = inner else {
-                            return Err(fail(format!("target {name:?}: unexpected block")));
+                            let message = format!("target {label:?}: unexpected block");
+                            return Err(BakeError { file: file.name.clone(), line, message });
                         };
-                        let value = scope
-                            .eval(&hcl::Expression::from(a.value.clone()), &eval::Locals::default())
-                            .map_err(|e| fail(format!("target {name:?}: {}: {e}", a.key.as_str())))?;
-                        target.set(a.key.as_str(), value).map_err(|e| fail(format!("target {name:?}: {e}")))?;
+                        attributes.push((a.key.as_str().to_string(), hcl::Expression::from(a.value.clone()), line));
                     }
-                    // A target defined again (here or in a later file) merges over the first.
-                    let merged = match definition.targets.remove(&name) {
-                        Some(earlier) => earlier.merged_with(&target),
-                        None => target,
+                    let at = |key: &str| attributes.iter().find(|(k, _, _)| k == key);
+                    let (matrix, name) = (at("matrix"), at("name"));
+                    // A matrix makes one target per combination of its values, each named by
+                    // `name`, and a group under the block's label.
+                    let combinations = match matrix {
+                        Some((_, expr, line)) => {
+                            let fail = |message: String| BakeError { file: file.name.clone(), line: *line, message };
+                            let value = scope
+                                .eval(expr, &eval::Locals::default())
+                                .map_err(|e| fail(format!("target {label:?}: matrix: {e}")))?;
+                            combinations(&value).map_err(|e| fail(format!("target {label:?}: matrix: {e}")))?
+                        }
+                        None => vec![eval::Locals::default()],
                     };
-                    definition.targets.insert(name, merged);
+                    let mut generated = Vec::new();
+                    for locals in combinations {
+                        let target_name = match (matrix, name) {
+                            (None, None) => label.clone(),
+                            (None, Some(_)) => return Err(fail(format!("target {label:?}: name is for a matrix"))),
+                            (Some(_), None) => return Err(fail(format!("target {label:?}: a matrix needs a name"))),
+                            (Some(_), Some((_, expr, line))) => {
+                                let fail =
+                                    |message: String| BakeError { file: file.name.clone(), line: *line, message };
+                                let value = scope
+                                    .eval(expr, &locals)
+                                    .map_err(|e| fail(format!("target {label:?}: name: {e}")))?;
+                                let generated_name =
+                                    eval::text_of(&value).map_err(|e| fail(format!("target {label:?}: name: {e}")))?;
+                                if generated_name.is_empty()
+                                    || !generated_name
+                                        .chars()
+                                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                                {
+                                    return Err(fail(format!(
+                                        "target {label:?}: name {generated_name:?} may hold only letters, digits, _ and -"
+                                    )));
+                                }
+                                if generated.contains(&generated_name) {
+                                    return Err(fail(format!(
+                                        "target {label:?}: the matrix names two targets {generated_name:?}"
+                                    )));
+                                }
+                                generated_name
+                            }
+                        };
+                        let mut target = Target::default();
+                        for (key, expr, line) in &attributes {
+                            if key == "matrix" || key == "name" {
+                                continue;
+                            }
+                            let fail = |message: String| BakeError { file: file.name.clone(), line: *line, message };
+                            let value = scope
+                                .eval(expr, &locals)
+                                .map_err(|e| fail(format!("target {target_name:?}: {key}: {e}")))?;
+                            target.set(key, value).map_err(|e| fail(format!("target {target_name:?}: {e}")))?;
+                        }
+                        // A target defined again (here or in a later file) merges over the first.
+                        let merged = match definition.targets.remove(&target_name) {
+                            Some(earlier) => earlier.merged_with(&target),
+                            None => target,
+                        };
+                        definition.targets.insert(target_name.clone(), merged);
+                        generated.push(target_name);
+                    }
+                    if matrix.is_some() {
+                        generated.sort();
+                        definition.groups.insert(label, generated);
+                    }
                 }
                 other => return Err(fail(format!("unknown block {other:?} (variable, target and group are)"))),
             }
@@ -232,6 +296,59 @@ pub fn print(requested: &[String], resolved: &BTreeMap<String, Target>) -> Value
     json!({
         "group": {"default": {"targets": names}},
         "target": targets,
+    })
+}
+
+/// Every combination of a matrix's values (keys in order, the last varying fastest), each as
+/// the bindings of its keys.
+fn combinations(matrix: &Value) -> Result<Vec<eval::Locals>, String> {
+    let Value::Object(map) = matrix else { return Err(format!("{matrix} is not a map of lists")) };
+    let mut combinations = vec![eval::Locals::default()];
+    for (key, values) in map {
+        let Value::Array(values) = values else { return Err(format!("{key}: {values} is not a list")) };
+        if values.is_empty() {
+            return Err(format!("{key}: an empty list makes no target"));
+        }
+        combinations = combinations
+            .into_iter()
+            .flat_map(|locals| {
+                values.iter().map(move |value| {
+                    let mut locals = locals.clone();
+                    locals.set(key, value.clone());
+                    locals
+                })
+            })
+            .collect();
+    }
+    Ok(combinations)
+}
+
+/// A `function` block: `params = [a, b]`, `variadic_params = rest`, `result = EXPR`.
+fn function_of(block: &hcl::edit::structure::Block) -> Result<eval::Function, String> {
+    let (mut params, mut variadic, mut result) = (None, None, None);
+    let name_of = |expr: &hcl::Expression| match expr {
+        hcl::Expression::Variable(variable) => Ok(variable.as_str().to_string()),
+        other => Err(format!("{other} is not a parameter name")),
+    };
+    for inner in block.body.iter() {
+        let hcl::edit::structure::Structure::Attribute(a) = inner else { return Err("unexpected block".into()) };
+        let expr = hcl::Expression::from(a.value.clone());
+        match a.key.as_str() {
+            "params" => match &expr {
+                hcl::Expression::Array(items) => {
+                    params = Some(items.iter().map(name_of).collect::<Result<Vec<_>, _>>()?)
+                }
+                other => return Err(format!("params: {other} is not a list of names")),
+            },
+            "variadic_params" => variadic = Some(name_of(&expr)?),
+            "result" => result = Some(expr),
+            other => return Err(format!("unknown attribute {other:?}")),
+        }
+    }
+    Ok(eval::Function {
+        params: params.ok_or("params is required")?,
+        variadic,
+        result: result.ok_or("result is required")?,
     })
 }
 

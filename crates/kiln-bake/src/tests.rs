@@ -182,3 +182,67 @@ fn errors_name_the_file_the_line_and_the_chain() {
         assert!(error.contains(expected), "{text}\nwanted {expected:?} in {error:?}");
     }
 }
+
+#[test]
+fn a_matrix_makes_a_target_per_combination_and_a_group_of_them() {
+    let text = r#"
+function "image" {
+  params = [service, variant]
+  result = "registry.example/${service}:${variant}"
+}
+function "joined" {
+  params = [first]
+  variadic_params = rest
+  result = join("+", concat([first], rest))
+}
+target "app" {
+  matrix = {
+    service = ["api", "web"]
+    variant = ["alpine", "debian"]
+  }
+  name = "app-${service}-${variant}"
+  args = { SERVICE = service, ALL = joined(service, variant, "x") }
+  tags = [image(service, variant)]
+}
+"#;
+    let printed = printed(&[("f.hcl", text)], &[], &["app"]).unwrap();
+    let names = ["app-api-alpine", "app-api-debian", "app-web-alpine", "app-web-debian"];
+    assert_eq!(printed["group"]["default"]["targets"], json!(["app"]));
+    let targets = printed["target"].as_object().unwrap();
+    assert_eq!(targets.keys().collect::<Vec<_>>(), names.iter().collect::<Vec<_>>(), "{printed:#}");
+    assert_eq!(targets["app-web-debian"]["tags"], json!(["registry.example/web:debian"]));
+    assert_eq!(targets["app-api-alpine"]["args"], json!({"ALL": "api+alpine+x", "SERVICE": "api"}));
+}
+
+#[test]
+fn matrix_and_function_errors_say_what_is_wrong() {
+    let cases: &[(&str, &str)] = &[
+        ("target \"t\" {\n  matrix = { a = [\"x\", \"y\"] }\n}\n", "f.hcl:1: target \"t\": a matrix needs a name"),
+        (
+            "target \"t\" {\n  matrix = { a = [\"x\", \"y\"] }\n  name = \"same\"\n}\n",
+            "f.hcl:3: target \"t\": the matrix names two targets \"same\"",
+        ),
+        (
+            "target \"t\" {\n  matrix = { a = [\"x/y\"] }\n  name = a\n}\n",
+            "f.hcl:3: target \"t\": name \"x/y\" may hold only letters",
+        ),
+        ("target \"t\" {\n  name = \"n\"\n}\n", "target \"t\": name is for a matrix"),
+        (
+            "target \"t\" {\n  matrix = { a = \"x\" }\n  name = a\n}\n",
+            "f.hcl:2: target \"t\": matrix: a: \"x\" is not a list",
+        ),
+        (
+            "function \"f\" {\n  params = [x]\n  result = f(x)\n}\ntarget \"t\" {\n  args = { A = f(1) }\n}\n",
+            "calls nest deeper than 64",
+        ),
+        (
+            "function \"f\" {\n  params = [x]\n  result = x\n}\ntarget \"t\" {\n  args = { A = f(1, 2) }\n}\n",
+            "f(): takes 1 argument, not 2",
+        ),
+        ("function \"f\" {\n  result = 1\n}\n", "f.hcl:1: function \"f\": params is required"),
+    ];
+    for (text, expected) in cases {
+        let error = printed(&[("f.hcl", text)], &[], &["t"]).unwrap_err();
+        assert!(error.contains(expected), "{text}\nwanted {expected:?} in {error:?}");
+    }
+}
