@@ -5,12 +5,13 @@
 
 mod eval;
 mod functions;
+mod syntax;
 mod target;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use hcl::edit::Span as _;
 use serde_json::{Value, json};
+use syntax::Kind;
 
 pub use target::Target;
 
@@ -49,42 +50,29 @@ pub struct Definition {
 pub fn load(files: &[BakeFile], env: &dyn Fn(&str) -> Option<String>) -> Result<Definition, BakeError> {
     let mut parsed = Vec::new();
     let mut scope = eval::Scope::default();
-    // Variables first, from every file: a target may use one defined in a later file.
+    // Variables and functions first, from every file: a target may use one a later file
+    // defines.
     for file in files {
-        let body = hcl::edit::parser::parse_body(&file.text).map_err(|e| BakeError {
-            file: file.name.clone(),
-            line: Some(e.location().line()),
-            message: e.message().to_string(),
-        })?;
-        for structure in body.iter() {
-            let line = line_of(&file.text, structure.span());
-            let fail = |message: String| BakeError { file: file.name.clone(), line, message };
-            match structure {
-                hcl::edit::structure::Structure::Attribute(attribute) => {
-                    let expr = hcl::Expression::from(attribute.value.clone());
-                    scope.declare(attribute.key.as_str(), eval::Source::Expr(expr));
-                }
-                hcl::edit::structure::Structure::Block(block) if block.ident.as_str() == "function" => {
-                    let name = single_label(block).map_err(fail)?;
-                    let function = function_of(block).map_err(|e| fail(format!("function {name:?}: {e}")))?;
+        let items = syntax::parse(file)?;
+        for item in &items {
+            let fail = |message: String| BakeError { file: file.name.clone(), line: item.line, message };
+            match &item.kind {
+                Kind::Attribute { key, expr } => scope.declare(key, eval::Source::Expr(expr.clone())),
+                Kind::Block { ident, labels, body } if ident == "function" => {
+                    let name = single_label(ident, labels).map_err(fail)?;
+                    let function = function_of(body).map_err(|e| fail(format!("function {name:?}: {e}")))?;
                     scope.declare_function(&name, function);
                 }
-                hcl::edit::structure::Structure::Block(block) if block.ident.as_str() == "variable" => {
-                    let name = single_label(block).map_err(fail)?;
+                Kind::Block { ident, labels, body } if ident == "variable" => {
+                    let name = single_label(ident, labels).map_err(fail)?;
                     let mut default = None;
-                    for inner in block.body.iter() {
-                        match inner {
-                            hcl::edit::structure::Structure::Attribute(a) if a.key.as_str() == "default" => {
-                                default = Some(hcl::Expression::from(a.value.clone()));
-                            }
-                            hcl::edit::structure::Structure::Attribute(a) if a.key.as_str() == "description" => {}
-                            other => {
-                                let line = line_of(&file.text, other.span());
-                                return Err(BakeError {
-                                    file: file.name.clone(),
-                                    line,
-                                    message: format!("variable {name:?}: only default and description are supported"),
-                                });
+                    for inner in body {
+                        match &inner.kind {
+                            Kind::Attribute { key, expr } if key == "default" => default = Some(expr.clone()),
+                            Kind::Attribute { key, .. } if key == "description" => {}
+                            _ => {
+                                let message = format!("variable {name:?}: only default and description are supported");
+                                return Err(BakeError { file: file.name.clone(), line: inner.line, message });
                             }
                         }
                     }
@@ -97,126 +85,124 @@ pub fn load(files: &[BakeFile], env: &dyn Fn(&str) -> Option<String>) -> Result<
                 _ => {}
             }
         }
-        parsed.push((file, body));
+        parsed.push((file, items));
     }
     let mut definition = Definition::default();
-    for (file, body) in &parsed {
-        for structure in body.iter() {
-            let hcl::edit::structure::Structure::Block(block) = structure else { continue };
-            let line = line_of(&file.text, block.span());
-            let fail = |message: String| BakeError { file: file.name.clone(), line, message };
-            match block.ident.as_str() {
+    for (file, items) in &parsed {
+        for item in items {
+            let Kind::Block { ident, labels, body } = &item.kind else { continue };
+            let fail = |message: String| BakeError { file: file.name.clone(), line: item.line, message };
+            match ident.as_str() {
                 "variable" | "function" => {}
                 "group" => {
-                    let name = single_label(block).map_err(fail)?;
+                    let name = single_label(ident, labels).map_err(fail)?;
                     let mut targets = Vec::new();
-                    for inner in block.body.iter() {
-                        let line = line_of(&file.text, inner.span());
-                        let fail = |message: String| BakeError { file: file.name.clone(), line, message };
-                        match inner {
-                            hcl::edit::structure::Structure::Attribute(a) if a.key.as_str() == "targets" => {
+                    for inner in body {
+                        let fail = |message: String| BakeError { file: file.name.clone(), line: inner.line, message };
+                        match &inner.kind {
+                            Kind::Attribute { key, expr } if key == "targets" => {
                                 let value = scope
-                                    .eval(&hcl::Expression::from(a.value.clone()), &eval::Locals::default())
+                                    .eval(expr, &eval::Locals::default())
+                                    .and_then(|value| target::strings(&value))
                                     .map_err(|e| fail(format!("group {name:?}: targets: {e}")))?;
-                                targets = target::strings(&value)
-                                    .map_err(|e| fail(format!("group {name:?}: targets: {e}")))?;
+                                targets = value;
                             }
-                            hcl::edit::structure::Structure::Attribute(a) if a.key.as_str() == "description" => {}
-                            hcl::edit::structure::Structure::Attribute(a) => {
-                                return Err(fail(format!("group {name:?}: unknown attribute {}", a.key.as_str())));
+                            Kind::Attribute { key, .. } if key == "description" => {}
+                            Kind::Attribute { key, .. } => {
+                                return Err(fail(format!("group {name:?}: unknown attribute {key:?}")));
                             }
-                            hcl::edit::structure::Structure::Block(b) => {
-                                return Err(fail(format!("group {name:?}: unexpected block {}", b.ident.as_str())));
+                            Kind::Block { ident, .. } => {
+                                return Err(fail(format!("group {name:?}: unexpected block {ident:?}")));
                             }
                         }
                     }
                     definition.groups.insert(name, targets);
                 }
                 "target" => {
-                    let label = single_label(block).map_err(fail)?;
-                    let mut attributes = Vec::new();
-                    for inner in block.body.iter() {
-                        let line = line_of(&file.text, inner.span());
-                        let hcl::edit::structure::Structure::Attribute(a) = inner else {
-                            let message = format!("target {label:?}: unexpected block");
-                            return Err(BakeError { file: file.name.clone(), line, message });
-                        };
-                        attributes.push((a.key.as_str().to_string(), hcl::Expression::from(a.value.clone()), line));
-                    }
-                    let at = |key: &str| attributes.iter().find(|(k, _, _)| k == key);
-                    let (matrix, name) = (at("matrix"), at("name"));
-                    // A matrix makes one target per combination of its values, each named by
-                    // `name`, and a group under the block's label.
-                    let combinations = match matrix {
-                        Some((_, expr, line)) => {
-                            let fail = |message: String| BakeError { file: file.name.clone(), line: *line, message };
-                            let value = scope
-                                .eval(expr, &eval::Locals::default())
-                                .map_err(|e| fail(format!("target {label:?}: matrix: {e}")))?;
-                            combinations(&value).map_err(|e| fail(format!("target {label:?}: matrix: {e}")))?
-                        }
-                        None => vec![eval::Locals::default()],
-                    };
-                    let mut generated = Vec::new();
-                    for locals in combinations {
-                        let target_name = match (matrix, name) {
-                            (None, None) => label.clone(),
-                            (None, Some(_)) => return Err(fail(format!("target {label:?}: name is for a matrix"))),
-                            (Some(_), None) => return Err(fail(format!("target {label:?}: a matrix needs a name"))),
-                            (Some(_), Some((_, expr, line))) => {
-                                let fail =
-                                    |message: String| BakeError { file: file.name.clone(), line: *line, message };
-                                let value = scope
-                                    .eval(expr, &locals)
-                                    .map_err(|e| fail(format!("target {label:?}: name: {e}")))?;
-                                let generated_name =
-                                    eval::text_of(&value).map_err(|e| fail(format!("target {label:?}: name: {e}")))?;
-                                if generated_name.is_empty()
-                                    || !generated_name
-                                        .chars()
-                                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                                {
-                                    return Err(fail(format!(
-                                        "target {label:?}: name {generated_name:?} may hold only letters, digits, _ and -"
-                                    )));
-                                }
-                                if generated.contains(&generated_name) {
-                                    return Err(fail(format!(
-                                        "target {label:?}: the matrix names two targets {generated_name:?}"
-                                    )));
-                                }
-                                generated_name
-                            }
-                        };
-                        let mut target = Target::default();
-                        for (key, expr, line) in &attributes {
-                            if key == "matrix" || key == "name" {
-                                continue;
-                            }
-                            let fail = |message: String| BakeError { file: file.name.clone(), line: *line, message };
-                            let value = scope
-                                .eval(expr, &locals)
-                                .map_err(|e| fail(format!("target {target_name:?}: {key}: {e}")))?;
-                            target.set(key, value).map_err(|e| fail(format!("target {target_name:?}: {e}")))?;
-                        }
-                        // A target defined again (here or in a later file) merges over the first.
-                        let merged = match definition.targets.remove(&target_name) {
-                            Some(earlier) => earlier.merged_with(&target),
-                            None => target,
-                        };
-                        definition.targets.insert(target_name.clone(), merged);
-                        generated.push(target_name);
-                    }
-                    if matrix.is_some() {
-                        generated.sort();
-                        definition.groups.insert(label, generated);
-                    }
+                    let label = single_label(ident, labels).map_err(fail)?;
+                    define_targets(&mut definition, &mut scope, file, &label, body, item.line)?;
                 }
-                other => return Err(fail(format!("unknown block {other:?} (variable, target and group are)"))),
+                other => {
+                    return Err(fail(format!("unknown block {other:?} (variable, function, target and group are)")));
+                }
             }
         }
     }
     Ok(definition)
+}
+
+/// The targets of one `target` block: itself, or one per combination of its matrix (and a
+/// group under its label listing them), each merged over an earlier definition of its name.
+fn define_targets(
+    definition: &mut Definition,
+    scope: &mut eval::Scope,
+    file: &BakeFile,
+    label: &str,
+    body: &[syntax::Item],
+    line: Option<usize>,
+) -> Result<(), BakeError> {
+    let fail_at = |line: Option<usize>, message: String| BakeError { file: file.name.clone(), line, message };
+    let mut attributes = Vec::new();
+    for inner in body {
+        match &inner.kind {
+            Kind::Attribute { key, expr } => attributes.push((key.as_str(), expr, inner.line)),
+            Kind::Block { ident, .. } => {
+                return Err(fail_at(inner.line, format!("target {label:?}: unexpected block {ident:?}")));
+            }
+        }
+    }
+    let at = |key: &str| attributes.iter().find(|(k, _, _)| *k == key).copied();
+    let (matrix, name) = (at("matrix"), at("name"));
+    let combinations = match matrix {
+        Some((_, expr, line)) => scope
+            .eval(expr, &eval::Locals::default())
+            .and_then(|value| combinations(&value))
+            .map_err(|e| fail_at(line, format!("target {label:?}: matrix: {e}")))?,
+        None => vec![eval::Locals::default()],
+    };
+    let mut generated: Vec<String> = Vec::new();
+    for locals in combinations {
+        let target_name = match (matrix, name) {
+            (None, None) => label.to_string(),
+            (None, Some((_, _, line))) => return Err(fail_at(line, format!("target {label:?}: name is for a matrix"))),
+            (Some(_), None) => return Err(fail_at(line, format!("target {label:?}: a matrix needs a name"))),
+            (Some(_), Some((_, expr, line))) => {
+                let fail = |message: String| fail_at(line, format!("target {label:?}: name: {message}"));
+                let value = scope.eval(expr, &locals).map_err(fail)?;
+                let generated_name = eval::text_of(&value).map_err(fail)?;
+                if generated_name.is_empty()
+                    || !generated_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    return Err(fail(format!("{generated_name:?} may hold only letters, digits, _ and -")));
+                }
+                if generated.contains(&generated_name) {
+                    return Err(fail(format!("the matrix names two targets {generated_name:?}")));
+                }
+                generated_name
+            }
+        };
+        let mut target = Target::default();
+        for (key, expr, line) in &attributes {
+            if matches!(*key, "matrix" | "name") {
+                continue;
+            }
+            let fail = |message: String| fail_at(*line, format!("target {target_name:?}: {message}"));
+            let value = scope.eval(expr, &locals).map_err(|e| fail(format!("{key}: {e}")))?;
+            target.set(key, value).map_err(fail)?;
+        }
+        // A target defined again (here or in a later file) merges over the first.
+        let merged = match definition.targets.remove(&target_name) {
+            Some(earlier) => earlier.merged_with(&target),
+            None => target,
+        };
+        definition.targets.insert(target_name.clone(), merged);
+        generated.push(target_name);
+    }
+    if matrix.is_some() {
+        generated.sort();
+        definition.groups.insert(label.to_string(), generated);
+    }
+    Ok(())
 }
 
 /// The targets `requested` (targets or groups; none: the `default` group) resolve to, each
@@ -323,25 +309,26 @@ fn combinations(matrix: &Value) -> Result<Vec<eval::Locals>, String> {
     Ok(combinations)
 }
 
-/// A `function` block: `params = [a, b]`, `variadic_params = rest`, `result = EXPR`.
-fn function_of(block: &hcl::edit::structure::Block) -> Result<eval::Function, String> {
+/// A `function` block: `params = [a, b]`, `variadic_params = rest`, `result = EXPR` (names
+/// may be quoted, as JSON files write them).
+fn function_of(body: &[syntax::Item]) -> Result<eval::Function, String> {
     let (mut params, mut variadic, mut result) = (None, None, None);
     let name_of = |expr: &hcl::Expression| match expr {
         hcl::Expression::Variable(variable) => Ok(variable.as_str().to_string()),
+        hcl::Expression::String(name) => Ok(name.clone()),
         other => Err(format!("{other} is not a parameter name")),
     };
-    for inner in block.body.iter() {
-        let hcl::edit::structure::Structure::Attribute(a) = inner else { return Err("unexpected block".into()) };
-        let expr = hcl::Expression::from(a.value.clone());
-        match a.key.as_str() {
-            "params" => match &expr {
+    for inner in body {
+        let Kind::Attribute { key, expr } = &inner.kind else { return Err("unexpected block".into()) };
+        match key.as_str() {
+            "params" => match expr {
                 hcl::Expression::Array(items) => {
                     params = Some(items.iter().map(name_of).collect::<Result<Vec<_>, _>>()?)
                 }
                 other => return Err(format!("params: {other} is not a list of names")),
             },
-            "variadic_params" => variadic = Some(name_of(&expr)?),
-            "result" => result = Some(expr),
+            "variadic_params" => variadic = Some(name_of(expr)?),
+            "result" => result = Some(expr.clone()),
             other => return Err(format!("unknown attribute {other:?}")),
         }
     }
@@ -352,18 +339,11 @@ fn function_of(block: &hcl::edit::structure::Block) -> Result<eval::Function, St
     })
 }
 
-fn single_label(block: &hcl::edit::structure::Block) -> Result<String, String> {
-    match block.labels.as_slice() {
-        [label] => Ok(match label {
-            hcl::edit::structure::BlockLabel::String(s) => s.value().to_string(),
-            hcl::edit::structure::BlockLabel::Ident(i) => i.as_str().to_string(),
-        }),
-        labels => Err(format!("a {} block takes one name, not {}", block.ident.as_str(), labels.len())),
+fn single_label(ident: &str, labels: &[String]) -> Result<String, String> {
+    match labels {
+        [label] => Ok(label.clone()),
+        labels => Err(format!("a {ident} block takes one name, not {}", labels.len())),
     }
-}
-
-fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> Option<usize> {
-    span.map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
 }
 
 #[cfg(test)]

@@ -220,11 +220,11 @@ fn matrix_and_function_errors_say_what_is_wrong() {
         ("target \"t\" {\n  matrix = { a = [\"x\", \"y\"] }\n}\n", "f.hcl:1: target \"t\": a matrix needs a name"),
         (
             "target \"t\" {\n  matrix = { a = [\"x\", \"y\"] }\n  name = \"same\"\n}\n",
-            "f.hcl:3: target \"t\": the matrix names two targets \"same\"",
+            "f.hcl:3: target \"t\": name: the matrix names two targets \"same\"",
         ),
         (
             "target \"t\" {\n  matrix = { a = [\"x/y\"] }\n  name = a\n}\n",
-            "f.hcl:3: target \"t\": name \"x/y\" may hold only letters",
+            "f.hcl:3: target \"t\": name: \"x/y\" may hold only letters",
         ),
         ("target \"t\" {\n  name = \"n\"\n}\n", "target \"t\": name is for a matrix"),
         (
@@ -245,4 +245,37 @@ fn matrix_and_function_errors_say_what_is_wrong() {
         let error = printed(&[("f.hcl", text)], &[], &["t"]).unwrap_err();
         assert!(error.contains(expected), "{text}\nwanted {expected:?} in {error:?}");
     }
+}
+
+#[test]
+fn json_bake_files_read_like_hcl_with_strings_as_templates() {
+    let json_file = r#"{
+  "variable": {"TAG": {"default": "1.0"}},
+  "function": {"tagged": {"params": ["name"], "result": "${name}:${TAG}"}},
+  "group": {"default": {"targets": ["app"]}},
+  "target": {
+    "app": {
+      "context": "app",
+      "tags": ["${tagged(\"app\")}"],
+      "args": {"N": 3, "FLAG": true, "UNSET": null},
+      "platforms": ["linux/amd64"]
+    }
+  }
+}"#;
+    let app = printed(&[("docker-bake.json", json_file)], &[("TAG", "2.0")], &[]).unwrap();
+    assert_eq!(
+        app["target"]["app"],
+        json!({
+            "context": "app",
+            "dockerfile": "Dockerfile",
+            "args": {"FLAG": "true", "N": "3"},
+            "tags": ["app:2.0"],
+            "platforms": ["linux/amd64"]
+        }),
+        "{app:#}"
+    );
+    let error = printed(&[("bad.json", "{\n  \"target\": [1,\n")], &[], &[]).unwrap_err();
+    assert!(error.starts_with("bad.json:"), "{error}");
+    let error = printed(&[("x.json", r#"{"target": {"t": {"colour": "red"}}}"#)], &[], &["t"]).unwrap_err();
+    assert!(error.contains("x.json: target \"t\": unknown attribute \"colour\""), "{error}");
 }
