@@ -119,9 +119,287 @@ pub fn call(name: &str, args: Vec<Value>) -> Result<Value, String> {
                 _ => a / b,
             })
         }
-        _ => return Err(format!("unknown function {name}()")),
+        _ => return more(name, args).map_err(|e| if e.starts_with("unknown function") { e } else { fail(e) }),
     };
     Ok(value)
+}
+
+/// The functions past the first set: strings, collections, numbers, encodings, paths.
+fn more(name: &str, args: Vec<Value>) -> Result<Value, String> {
+    let arity =
+        |n: usize| if args.len() == n { Ok(()) } else { Err(format!("takes {n} arguments, not {}", args.len())) };
+    let text = |i: usize| text_of(&args[i]);
+    let num = |i: usize| args[i].as_f64().ok_or_else(|| format!("{} is not a number", args[i]));
+    Ok(match name {
+        "strlen" => {
+            arity(1)?;
+            number(text(0)?.chars().count() as f64)
+        }
+        "substr" => {
+            arity(3)?;
+            let chars: Vec<char> = text(0)?.chars().collect();
+            let (offset, length) = (num(1)? as i64, num(2)? as i64);
+            let start =
+                if offset < 0 { chars.len() as i64 + offset } else { offset }.clamp(0, chars.len() as i64) as usize;
+            let end = if length < 0 { chars.len() } else { (start + length as usize).min(chars.len()) };
+            Value::String(chars[start..end].iter().collect())
+        }
+        "title" => {
+            arity(1)?;
+            let mut out = String::new();
+            let mut start = true;
+            for c in text(0)?.chars() {
+                out.extend(if start { c.to_uppercase().collect::<Vec<_>>() } else { vec![c] });
+                start = c.is_whitespace();
+            }
+            Value::String(out)
+        }
+        "chomp" => {
+            arity(1)?;
+            Value::String(text(0)?.trim_end_matches(['\n', '\r']).to_string())
+        }
+        "trim" => {
+            arity(2)?;
+            let cutset: Vec<char> = text(1)?.chars().collect();
+            Value::String(text(0)?.trim_matches(cutset.as_slice()).to_string())
+        }
+        "indent" => {
+            arity(2)?;
+            let pad = " ".repeat(num(0)?.max(0.0) as usize);
+            Value::String(text(1)?.lines().collect::<Vec<_>>().join(&format!("\n{pad}")))
+        }
+        "format" => {
+            let Some(spec) = args.first() else { return Err("takes a format".into()) };
+            Value::String(format_go(&text_of(spec)?, &args[1..])?)
+        }
+        "reverse" | "reverselist" => {
+            arity(1)?;
+            match &args[0] {
+                Value::String(s) if name == "reverse" => Value::String(s.chars().rev().collect()),
+                other => Value::Array(list(other)?.iter().rev().cloned().collect()),
+            }
+        }
+        "distinct" => {
+            arity(1)?;
+            let mut out: Vec<Value> = Vec::new();
+            for item in list(&args[0])? {
+                if !out.contains(item) {
+                    out.push(item.clone());
+                }
+            }
+            Value::Array(out)
+        }
+        "flatten" => {
+            arity(1)?;
+            fn flat(value: &Value, out: &mut Vec<Value>) {
+                match value {
+                    Value::Array(items) => items.iter().for_each(|i| flat(i, out)),
+                    other => out.push(other.clone()),
+                }
+            }
+            let mut out = Vec::new();
+            flat(&args[0], &mut out);
+            Value::Array(out)
+        }
+        "compact" => {
+            arity(1)?;
+            Value::Array(
+                list(&args[0])?
+                    .iter()
+                    .filter(|v| !v.is_null() && **v != Value::String(String::new()))
+                    .cloned()
+                    .collect(),
+            )
+        }
+        "coalescelist" => {
+            args.iter().find(|v| v.as_array().is_some_and(|a| !a.is_empty())).cloned().ok_or("every list is empty")?
+        }
+        "element" => {
+            arity(2)?;
+            let items = list(&args[0])?;
+            if items.is_empty() {
+                return Err("the list is empty".into());
+            }
+            items[(num(1)?.max(0.0) as usize) % items.len()].clone()
+        }
+        "index" | "indexof" => {
+            arity(2)?;
+            let position = list(&args[0])?
+                .iter()
+                .position(|v| *v == args[1])
+                .ok_or_else(|| format!("{} is not in the list", args[1]))?;
+            number(position as f64)
+        }
+        "slice" => {
+            arity(3)?;
+            let items = list(&args[0])?;
+            let (start, end) = (num(1)? as usize, num(2)? as usize);
+            if start > end || end > items.len() {
+                return Err(format!("{start}..{end} is outside the list (length {})", items.len()));
+            }
+            Value::Array(items[start..end].to_vec())
+        }
+        "sort" => {
+            arity(1)?;
+            let mut items = list(&args[0])?.iter().map(text_of).collect::<Result<Vec<_>, _>>()?;
+            items.sort();
+            Value::Array(items.into_iter().map(Value::String).collect())
+        }
+        "zipmap" => {
+            arity(2)?;
+            let (keys, values) = (list(&args[0])?, list(&args[1])?);
+            if keys.len() != values.len() {
+                return Err(format!("{} keys and {} values", keys.len(), values.len()));
+            }
+            let mut map = Map::new();
+            for (k, v) in keys.iter().zip(values) {
+                map.insert(text_of(k)?, v.clone());
+            }
+            Value::Object(map)
+        }
+        "range" => {
+            let (start, end, step) = match args.len() {
+                1 => (0.0, num(0)?, 1.0),
+                2 => (num(0)?, num(1)?, 1.0),
+                3 => (num(0)?, num(1)?, num(2)?),
+                n => return Err(format!("takes 1 to 3 arguments, not {n}")),
+            };
+            if step == 0.0 || (end - start) / step > 1024.0 {
+                return Err("the range is empty-stepped or over 1024 long".into());
+            }
+            let mut out = Vec::new();
+            let mut at = start;
+            while (step > 0.0 && at < end) || (step < 0.0 && at > end) {
+                out.push(number(at));
+                at += step;
+            }
+            Value::Array(out)
+        }
+        "min" | "max" => {
+            let values = args
+                .iter()
+                .map(|v| v.as_f64().ok_or_else(|| format!("{v} is not a number")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let folded = values
+                .iter()
+                .copied()
+                .reduce(if name == "min" { f64::min } else { f64::max })
+                .ok_or("takes numbers")?;
+            number(folded)
+        }
+        "abs" | "ceil" | "floor" | "signum" | "negate" | "int" => {
+            arity(1)?;
+            let n = num(0)?;
+            number(match name {
+                "abs" => n.abs(),
+                "ceil" => n.ceil(),
+                "floor" => n.floor(),
+                "signum" => n.signum(),
+                "negate" => -n,
+                _ => n.trunc(),
+            })
+        }
+        "pow" | "modulo" => {
+            arity(2)?;
+            let (a, b) = (num(0)?, num(1)?);
+            if name == "modulo" && b == 0.0 {
+                return Err("division by zero".into());
+            }
+            number(if name == "pow" { a.powf(b) } else { a % b })
+        }
+        "parseint" => {
+            arity(2)?;
+            let base = num(1)? as u32;
+            if !(2..=36).contains(&base) {
+                return Err(format!("base {base} is not 2 to 36"));
+            }
+            let s = text(0)?;
+            number(i64::from_str_radix(&s, base).map_err(|e| format!("{s:?}: {e}"))? as f64)
+        }
+        "greaterthan" | "greaterthanorequalto" | "lessthan" | "lessthanorequalto" => {
+            arity(2)?;
+            let (a, b) = (num(0)?, num(1)?);
+            Value::Bool(match name {
+                "greaterthan" => a > b,
+                "greaterthanorequalto" => a >= b,
+                "lessthan" => a < b,
+                _ => a <= b,
+            })
+        }
+        "and" | "or" => {
+            let values = args
+                .iter()
+                .map(|v| v.as_bool().ok_or_else(|| format!("{v} is not true or false")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Value::Bool(if name == "and" { values.iter().all(|b| *b) } else { values.iter().any(|b| *b) })
+        }
+        "hasindex" => {
+            arity(2)?;
+            Value::Bool(match &args[0] {
+                Value::Array(items) => args[1].as_u64().is_some_and(|i| (i as usize) < items.len()),
+                Value::Object(map) => map.contains_key(&text(1)?),
+                _ => false,
+            })
+        }
+        "jsonencode" => {
+            arity(1)?;
+            Value::String(args[0].to_string())
+        }
+        "jsondecode" => {
+            arity(1)?;
+            serde_json::from_str(&text(0)?).map_err(|e| e.to_string())?
+        }
+        "urlencode" => {
+            arity(1)?;
+            let mut out = String::new();
+            for byte in text(0)?.bytes() {
+                match byte {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(byte as char),
+                    other => out.push_str(&format!("%{other:02X}")),
+                }
+            }
+            Value::String(out)
+        }
+        "basename" | "dirname" => {
+            arity(1)?;
+            let path = text(0)?;
+            let trimmed = path.trim_end_matches('/');
+            let (dir, base) = match trimmed.rsplit_once('/') {
+                Some(("", base)) => ("/", base),
+                Some((dir, base)) => (dir, base),
+                None if trimmed.is_empty() && path.starts_with('/') => ("/", "/"),
+                None => (".", trimmed),
+            };
+            Value::String(if name == "basename" { base } else { dir }.to_string())
+        }
+        _ => return Err(format!("unknown function {name}()")),
+    })
+}
+
+/// Go's `fmt.Sprintf` verbs bake files use: `%s`, `%d`, `%v`, `%q`, `%%`.
+fn format_go(spec: &str, args: &[Value]) -> Result<String, String> {
+    let mut out = String::new();
+    let mut chars = spec.chars();
+    let mut next = args.iter();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let verb = chars.next().ok_or("the format ends in %")?;
+        if verb == '%' {
+            out.push('%');
+            continue;
+        }
+        let arg = next.next().ok_or_else(|| format!("%{verb} has no argument"))?;
+        match verb {
+            's' | 'v' => out.push_str(&text_of(arg).unwrap_or_else(|_| arg.to_string())),
+            'd' => out.push_str(&(arg.as_f64().ok_or_else(|| format!("%d of {arg}"))? as i64).to_string()),
+            'q' => out.push_str(&Value::String(text_of(arg)?).to_string()),
+            other => return Err(format!("%{other} is not supported (%s, %d, %v, %q and %% are)")),
+        }
+    }
+    Ok(out)
 }
 
 fn list(value: &Value) -> Result<&Vec<Value>, String> {

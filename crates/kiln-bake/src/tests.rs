@@ -279,3 +279,60 @@ fn json_bake_files_read_like_hcl_with_strings_as_templates() {
     let error = printed(&[("x.json", r#"{"target": {"t": {"colour": "red"}}}"#)], &[], &["t"]).unwrap_err();
     assert!(error.contains("x.json: target \"t\": unknown attribute \"colour\""), "{error}");
 }
+
+/// The value of one expression, through a target's argument (as JSON text).
+fn value_of(expr: &str) -> Result<Value, String> {
+    let text = format!("target \"t\" {{\n  args = {{ V = jsonencode({expr}) }}\n}}\n");
+    let out = printed(&[("f.hcl", &text)], &[], &["t"])?;
+    Ok(serde_json::from_str(out["target"]["t"]["args"]["V"].as_str().unwrap()).unwrap())
+}
+
+#[test]
+fn standard_functions_give_what_buildx_gives() {
+    let cases: &[(&str, Value)] = &[
+        (r#"format("%s-%d-%q-%%", "a", 7, "b")"#, json!("a-7-\"b\"-%")),
+        (r#"substr("kilnd", 1, 3)"#, json!("iln")),
+        (r#"substr("kilnd", -2, -1)"#, json!("nd")),
+        (r#"strlen("héllo")"#, json!(5)),
+        (r#"title("hello big world")"#, json!("Hello Big World")),
+        (r#"chomp("x\n\n")"#, json!("x")),
+        (r#"trim("--x--", "-")"#, json!("x")),
+        (r#"indent(2, "a\nb")"#, json!("a\n  b")),
+        (r#"reverse([1, 2, 3])"#, json!([3, 2, 1])),
+        (r#"distinct(["a", "b", "a"])"#, json!(["a", "b"])),
+        (r#"flatten([["a"], ["b", ["c"]]])"#, json!(["a", "b", "c"])),
+        (r#"compact(["a", "", "b"])"#, json!(["a", "b"])),
+        (r#"element(["a", "b"], 3)"#, json!("b")),
+        (r#"indexof(["a", "b"], "b")"#, json!(1)),
+        (r#"slice(["a", "b", "c"], 1, 3)"#, json!(["b", "c"])),
+        (r#"sort(["b", "a"])"#, json!(["a", "b"])),
+        (r#"zipmap(["a", "b"], [1, 2])"#, json!({"a": 1, "b": 2})),
+        (r#"range(3)"#, json!([0, 1, 2])),
+        (r#"range(1, 10, 4)"#, json!([1, 5, 9])),
+        (r#"max(1, 7, 3)"#, json!(7)),
+        (r#"min(4, -2)"#, json!(-2)),
+        (r#"floor(2.7) + ceil(0.2)"#, json!(3)),
+        (r#"pow(2, 10)"#, json!(1024)),
+        (r#"parseint("ff", 16)"#, json!(255)),
+        (r#"and(true, greaterthan(2, 1))"#, json!(true)),
+        (r#"hasindex({ a = 1 }, "a")"#, json!(true)),
+        (r#"jsondecode("{\"k\": [1]}")"#, json!({"k": [1]})),
+        (r#"urlencode("a b/c")"#, json!("a%20b%2Fc")),
+        (r#"basename("/srv/app/")"#, json!("app")),
+        (r#"dirname("/srv/app/file")"#, json!("/srv/app")),
+        (r#"coalescelist([], ["x"])"#, json!(["x"])),
+        (r#"sanitize("a/b:c")"#, json!("a_b_c")),
+    ];
+    for (expr, expected) in cases {
+        assert_eq!(&value_of(expr).unwrap_or_else(|e| panic!("{expr}: {e}")), expected, "{expr}");
+    }
+    for (expr, error) in [
+        (r#"format("%x", 1)"#, "format(): %x is not supported"),
+        (r#"slice(["a"], 0, 5)"#, "slice(): 0..5 is outside the list"),
+        (r#"range(0, 1, 0)"#, "range(): the range"),
+        (r#"parseint("zz", 10)"#, "parseint(): \"zz\""),
+    ] {
+        let got = value_of(expr).unwrap_err();
+        assert!(got.contains(error), "{expr}: {got}");
+    }
+}
