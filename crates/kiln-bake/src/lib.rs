@@ -206,7 +206,9 @@ fn define_targets(
 }
 
 /// The targets `requested` (targets or groups; none: the `default` group) resolve to, each
-/// merged with what it inherits, with buildx's defaults filled in.
+/// merged with what it inherits, with buildx's defaults filled in; a target another one uses
+/// as a context (`target:NAME`) comes too, its output only the cache (`type=cacheonly`)
+/// unless it was requested.
 pub fn resolve(definition: &Definition, requested: &[String]) -> Result<BTreeMap<String, Target>, String> {
     let requested = if requested.is_empty() { vec!["default".to_string()] } else { requested.to_vec() };
     let mut names = BTreeSet::new();
@@ -214,12 +216,57 @@ pub fn resolve(definition: &Definition, requested: &[String]) -> Result<BTreeMap
         expand(definition, name, &mut Vec::new(), &mut names)?;
     }
     let mut resolved = BTreeMap::new();
-    for name in names {
+    let mut pending: Vec<(String, bool)> = names.into_iter().map(|name| (name, true)).collect();
+    while let Some((name, wanted)) = pending.pop() {
+        if resolved.contains_key(&name) {
+            continue;
+        }
         let mut target = inherited(definition, &name, &mut Vec::new())?;
         target.fill_defaults();
+        if !wanted {
+            target.output = vec!["type=cacheonly".to_string()];
+        }
+        for linked in target.linked_targets() {
+            if !definition.targets.contains_key(linked) {
+                return Err(format!("target {name:?}: context target:{linked}: no such target"));
+            }
+            pending.push((linked.to_string(), false));
+        }
         resolved.insert(name, target);
     }
+    if let Some(cycle) = context_cycle(&resolved) {
+        return Err(format!("target: contexts cycle: {}", cycle.join(" -> ")));
+    }
     Ok(resolved)
+}
+
+/// A chain of targets that use one another through `target:` contexts, back to its start.
+fn context_cycle(targets: &BTreeMap<String, Target>) -> Option<Vec<String>> {
+    fn visit<'a>(
+        targets: &'a BTreeMap<String, Target>,
+        name: &'a str,
+        chain: &mut Vec<&'a str>,
+        done: &mut BTreeSet<&'a str>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = chain.iter().position(|c| *c == name) {
+            let mut cycle: Vec<String> = chain[at..].iter().map(|c| c.to_string()).collect();
+            cycle.push(name.to_string());
+            return Some(cycle);
+        }
+        if !done.insert(name) {
+            return None;
+        }
+        chain.push(name);
+        for linked in targets.get(name).map(Target::linked_targets).unwrap_or_default() {
+            if let Some(cycle) = visit(targets, linked, chain, done) {
+                return Some(cycle);
+            }
+        }
+        chain.pop();
+        None
+    }
+    let mut done = BTreeSet::new();
+    targets.keys().find_map(|name| visit(targets, name, &mut Vec::new(), &mut done))
 }
 
 /// The target names a target or group stands for.
@@ -269,14 +316,18 @@ fn inherited(definition: &Definition, name: &str, chain: &mut Vec<String>) -> Re
     Ok(merged)
 }
 
-/// `--print`'s JSON, in buildx's shape: the requested names as the `default` group (when more
-/// than one is requested or a group is), and every resolved target.
-pub fn print(requested: &[String], resolved: &BTreeMap<String, Target>) -> Value {
-    let mut names: Vec<&String> = resolved.keys().collect();
-    if !requested.is_empty() {
-        names = requested.iter().collect();
-        names.sort();
-    }
+/// `--print`'s JSON, in buildx's shape: the names asked for as the `default` group (none
+/// asked for: the `default` group's targets), and every resolved target.
+pub fn print(definition: &Definition, requested: &[String], resolved: &BTreeMap<String, Target>) -> Value {
+    let mut names: Vec<String> = if requested.is_empty() {
+        let mut expanded = BTreeSet::new();
+        // Resolved already: expanding again cannot fail.
+        let _ = expand(definition, "default", &mut Vec::new(), &mut expanded);
+        expanded.into_iter().collect()
+    } else {
+        requested.to_vec()
+    };
+    names.sort();
     let targets: serde_json::Map<String, Value> =
         resolved.iter().map(|(name, t)| (name.clone(), t.to_json())).collect();
     json!({

@@ -112,6 +112,11 @@ impl Target {
         }
     }
 
+    /// The targets its `target:NAME` contexts name.
+    pub fn linked_targets(&self) -> Vec<&str> {
+        self.contexts.values().filter_map(|source| source.strip_prefix("target:")).collect()
+    }
+
     /// buildx's defaults: the context `.`, the Dockerfile `Dockerfile`.
     pub fn fill_defaults(&mut self) {
         self.context.get_or_insert_with(|| ".".to_string());

@@ -13,7 +13,7 @@ fn printed(texts: &[(&str, &str)], env: &[(&str, &str)], requested: &[&str]) -> 
     let definition = load(&files(texts), &|name| env.get(name).cloned()).map_err(|e| e.to_string())?;
     let requested: Vec<String> = requested.iter().map(|s| s.to_string()).collect();
     let resolved = resolve(&definition, &requested)?;
-    Ok(print(&requested, &resolved))
+    Ok(print(&definition, &requested, &resolved))
 }
 
 const MONOREPO: &str = r#"
@@ -64,6 +64,15 @@ fn targets_inherit_merge_and_print_in_buildx_shape() {
     let expected = json!({
         "group": {"default": {"targets": ["api", "web"]}},
         "target": {
+            // A context of api's: built for it, kept only in the cache.
+            "base": {
+                "context": ".",
+                "dockerfile": "Dockerfile.base",
+                "args": {"DEBUG": "1", "GO_VERSION": "1.22"},
+                "cache-from": [{"type": "registry", "ref": "registry.example/team/cache"}],
+                "platforms": ["linux/amd64", "linux/arm64"],
+                "output": [{"type": "cacheonly"}]
+            },
             "api": {
                 "context": "services/api",
                 "contexts": {"base": "target:base"},
@@ -335,4 +344,35 @@ fn standard_functions_give_what_buildx_gives() {
         let got = value_of(expr).unwrap_err();
         assert!(got.contains(error), "{expr}: {got}");
     }
+}
+
+#[test]
+fn target_contexts_bring_their_targets_and_cycles_are_named() {
+    let text = r#"
+target "base" {
+  dockerfile = "base.Dockerfile"
+}
+target "app" {
+  contexts = { base = "target:base", docs = "./docs" }
+}
+target "a" {
+  contexts = { b = "target:b" }
+}
+target "b" {
+  contexts = { a = "target:a" }
+}
+target "orphan" {
+  contexts = { x = "target:missing" }
+}
+"#;
+    let app = printed(&[("f.hcl", text)], &[], &["app"]).unwrap();
+    assert_eq!(app["group"]["default"]["targets"], json!(["app"]));
+    assert_eq!(app["target"]["base"]["output"], json!([{"type": "cacheonly"}]), "{app:#}");
+    assert!(app["target"]["app"].get("output").is_none());
+    let both = printed(&[("f.hcl", text)], &[], &["app", "base"]).unwrap();
+    assert!(both["target"]["base"].get("output").is_none(), "a requested target keeps its outputs");
+    let error = printed(&[("f.hcl", text)], &[], &["a"]).unwrap_err();
+    assert!(error.contains("target: contexts cycle: a -> b -> a"), "{error}");
+    let error = printed(&[("f.hcl", text)], &[], &["orphan"]).unwrap_err();
+    assert!(error.contains("target \"orphan\": context target:missing: no such target"), "{error}");
 }
