@@ -372,8 +372,70 @@ fn more(name: &str, args: Vec<Value>) -> Result<Value, String> {
             };
             Value::String(if name == "basename" { base } else { dir }.to_string())
         }
+        "base64encode" => {
+            arity(1)?;
+            use base64::Engine as _;
+            Value::String(base64::engine::general_purpose::STANDARD.encode(text(0)?))
+        }
+        "base64decode" => {
+            arity(1)?;
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD.decode(text(0)?).map_err(|e| e.to_string())?;
+            Value::String(String::from_utf8(bytes).map_err(|_| "the decoded bytes are not UTF-8".to_string())?)
+        }
+        "sha256" | "sha512" => {
+            arity(1)?;
+            use sha2::Digest as _;
+            let input = text(0)?;
+            Value::String(if name == "sha256" {
+                hex::encode(sha2::Sha256::digest(input.as_bytes()))
+            } else {
+                hex::encode(sha2::Sha512::digest(input.as_bytes()))
+            })
+        }
+        "regex_replace" => {
+            arity(3)?;
+            Value::String(pattern(&text(1)?)?.replace_all(&text(0)?, text(2)?.as_str()).into_owned())
+        }
+        "regex" | "regexall" => {
+            arity(2)?;
+            let (re, s) = (pattern(&text(0)?)?, text(1)?);
+            // A match is its text, the list of its groups, or the map of its named groups.
+            let matched = |captures: regex::Captures| -> Value {
+                let names: Vec<&str> = re.capture_names().flatten().collect();
+                if !names.is_empty() {
+                    let map = names
+                        .iter()
+                        .map(|n| {
+                            (n.to_string(), Value::String(captures.name(n).map_or("", |m| m.as_str()).to_string()))
+                        })
+                        .collect();
+                    Value::Object(map)
+                } else if captures.len() > 1 {
+                    Value::Array(
+                        captures
+                            .iter()
+                            .skip(1)
+                            .map(|m| Value::String(m.map_or("", |m| m.as_str()).to_string()))
+                            .collect(),
+                    )
+                } else {
+                    Value::String(captures.get(0).map_or("", |m| m.as_str()).to_string())
+                }
+            };
+            if name == "regex" {
+                matched(re.captures(&s).ok_or_else(|| format!("no match of {} in {s:?}", re.as_str()))?)
+            } else {
+                Value::Array(re.captures_iter(&s).map(matched).collect())
+            }
+        }
         _ => return Err(format!("unknown function {name}()")),
     })
+}
+
+/// A regular expression (bounded in size: a bake file is input).
+fn pattern(source: &str) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(source).size_limit(1 << 20).build().map_err(|e| format!("{source:?}: {e}"))
 }
 
 /// Go's `fmt.Sprintf` verbs bake files use: `%s`, `%d`, `%v`, `%q`, `%%`.

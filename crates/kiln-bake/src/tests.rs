@@ -331,6 +331,13 @@ fn standard_functions_give_what_buildx_gives() {
         (r#"dirname("/srv/app/file")"#, json!("/srv/app")),
         (r#"coalescelist([], ["x"])"#, json!(["x"])),
         (r#"sanitize("a/b:c")"#, json!("a_b_c")),
+        (r#"base64decode(base64encode("kiln"))"#, json!("kiln")),
+        (r#"base64encode("kiln")"#, json!("a2lsbg==")),
+        (r#"sha256("kiln")"#, json!("cdfe9ad58b46226d63eb322dacd35f4f7ac38096180c87258c142e4bca9a3cf5")),
+        (r#"regex_replace("v1.2.3", "[.]", "-")"#, json!("v1-2-3")),
+        (r#"regex("^v([0-9]+)[.]([0-9]+)", "v1.22.3")"#, json!(["1", "22"])),
+        (r#"regex("(?P<major>[0-9]+)", "v7")"#, json!({"major": "7"})),
+        (r#"regexall("[0-9]+", "a1b22")"#, json!(["1", "22"])),
     ];
     for (expr, expected) in cases {
         assert_eq!(&value_of(expr).unwrap_or_else(|e| panic!("{expr}: {e}")), expected, "{expr}");
