@@ -320,17 +320,23 @@ pub fn mounts_under(root: &Path) -> Vec<String> {
         .collect()
 }
 
-/// `GET path` from a plain-HTTP server at `address` (HTTP/1.0, read to the end): the status
-/// and the body; status 0 and the error when nothing listens there (yet).
-pub fn http_get(address: &str, path: &str) -> (u16, String) {
+/// The whole response (status line, headers, body) to `GET path` from a plain-HTTP server at
+/// `address` (HTTP/1.0, read to the end); `None` when nothing listens there (yet).
+pub fn http_response(address: &str, path: &str) -> Option<String> {
     use std::io::{Read as _, Write as _};
-    let mut stream = match std::net::TcpStream::connect(address) {
-        Ok(stream) => stream,
-        Err(error) => return (0, format!("connecting to {address}: {error}")),
-    };
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("sending the request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("reading the response");
+    Some(response)
+}
+
+/// `GET path` from a plain-HTTP server at `address`: the status and the body; status 0 and
+/// the error when nothing listens there (yet).
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    let Some(response) = http_response(address, path) else {
+        return (0, format!("connecting to {address}: nothing answers"));
+    };
     let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
     (status, body)

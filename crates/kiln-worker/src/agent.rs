@@ -595,7 +595,9 @@ async fn execute<L: SessionLink>(
             let selected =
                 select_context(&context, include, exclude).map_err(|e| Failed::from(format!("{name}: {e}")))?;
             let digests = manifest.digests_of(selected.iter().map(|e| e.path.as_str()));
-            worker.ensure_blobs(&digests, address, fetcher).await.map_err(|e| Failed::from(e.to_string()))?;
+            let sizes: HashMap<Digest, u64> = manifest.blobs().into_iter().collect();
+            let blobs: Vec<(Digest, u64)> = digests.iter().map(|d| (*d, sizes.get(d).copied().unwrap_or(0))).collect();
+            worker.ensure_blobs(&blobs, address, fetcher).await.map_err(|e| Failed::from(e.to_string()))?;
         }
         contexts.insert(name.clone(), Arc::new(context));
     }

@@ -189,22 +189,20 @@ impl Stores {
         self.ensure_layer_from(layer.diff_id, layer.blob.digest, origin, fetch).await
     }
 
-    /// Fetches the blobs among `digests` that the store lacks from `address`.
+    /// Fetches the blobs among `blobs` (digest, size) that the store lacks from `address`.
     pub async fn ensure_blobs(
         &self,
-        digests: &[Digest],
+        blobs: &[(Digest, u64)],
         address: &str,
         fetcher: &dyn BlobFetcher,
     ) -> Result<(), StoreError> {
-        for digest in digests {
+        for (digest, size) in blobs {
             if !self.cas.contains(digest) {
                 fetcher
                     .fetch(*digest, vec![address.to_string()], Arc::clone(&self.cas))
                     .await
                     .map_err(|reason| StoreError::Fetch { what: "context file", digest: *digest, reason })?;
-                // One stat after a transfer over the network.
-                let size = std::fs::metadata(self.cas.path(digest)).map_or(0, |m| m.len());
-                metrics().transferred(Transfer::Peer, Direction::In, size);
+                metrics().transferred(Transfer::Peer, Direction::In, *size);
             }
         }
         Ok(())

@@ -190,16 +190,6 @@ impl Drop for Replicated {
 /// The name that resolves to every coordinator, for clients whose `/etc/hosts` says so.
 const ALL_MEMBERS: &str = "kiln-coordinators";
 
-/// The whole response to `GET path` (status line and headers too).
-fn raw_get(address: &str, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 fn leader_of(info: &Value) -> u64 {
     info["raft"]["leader"].as_u64().expect("a leader")
 }
@@ -242,7 +232,7 @@ fn replicated_coordinators_keep_the_cluster_through_the_loss_of_a_leader_or_a_fo
     }
     let (status, _) = kiln_testkit::http_get(&format!("127.0.28.{follower}:9090"), "/v1/queue?pool=p");
     assert_eq!(status, 307);
-    let redirect = raw_get(&format!("127.0.28.{follower}:9090"), "/v1/queue?pool=p");
+    let redirect = kiln_testkit::http_response(&format!("127.0.28.{follower}:9090"), "/v1/queue?pool=p").unwrap();
     assert!(redirect.contains(&format!("location: http://127.0.28.{leader}:9090/v1/queue?pool=p\r\n")), "{redirect}");
 
     let context = cluster.context("steps", "FROM BASE\nRUN echo one > /one\nRUN cat /one > /two\n");
