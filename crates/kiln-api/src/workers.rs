@@ -192,9 +192,14 @@ fn assign(job: Job<ClusterData>, address: &str) -> Result<v1::Assign, (u64, u32,
     let data = &job.build.data;
     let secrets = data.secrets_for(&job.vertex.op.secret_ids());
     let contexts = match &job.vertex.op {
-        Op::Source(SourceOp::Local { name, .. }) => {
-            data.contexts.get(name).map(|manifest| (name.clone(), manifest_to_proto(manifest))).into_iter().collect()
-        }
+        // A nested build's context is known by the content it selects (`target:` contexts).
+        Op::Source(SourceOp::Local { name, content, .. }) => data
+            .contexts
+            .get(&content.to_string())
+            .or_else(|| data.contexts.get(name))
+            .map(|manifest| (name.clone(), manifest_to_proto(manifest)))
+            .into_iter()
+            .collect(),
         _ => Default::default(),
     };
     let assign = v1::Assign {

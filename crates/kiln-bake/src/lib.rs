@@ -5,6 +5,7 @@
 
 mod eval;
 mod functions;
+mod overrides;
 mod syntax;
 mod target;
 
@@ -13,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Value, json};
 use syntax::Kind;
 
+pub use overrides::Override;
 pub use target::Target;
 
 /// A bake file's name (for errors) and text.
@@ -208,29 +210,34 @@ fn define_targets(
 /// The targets `requested` (targets or groups; none: the `default` group) resolve to, each
 /// merged with what it inherits, with buildx's defaults filled in; a target another one uses
 /// as a context (`target:NAME`) comes too, its output only the cache (`type=cacheonly`)
-/// unless it was requested.
-pub fn resolve(definition: &Definition, requested: &[String]) -> Result<BTreeMap<String, Target>, String> {
+/// unless it was requested. `overrides` (`--set`) apply after what a target inherits.
+pub fn resolve(
+    definition: &Definition,
+    requested: &[String],
+    overrides: &[Override],
+) -> Result<BTreeMap<String, Target>, String> {
     let requested = if requested.is_empty() { vec!["default".to_string()] } else { requested.to_vec() };
     let mut names = BTreeSet::new();
     for name in &requested {
         expand(definition, name, &mut Vec::new(), &mut names)?;
     }
     let mut resolved = BTreeMap::new();
-    let mut pending: Vec<(String, bool)> = names.into_iter().map(|name| (name, true)).collect();
-    while let Some((name, wanted)) = pending.pop() {
+    let mut pending: Vec<String> = names.iter().cloned().collect();
+    while let Some(name) = pending.pop() {
         if resolved.contains_key(&name) {
             continue;
         }
         let mut target = inherited(definition, &name, &mut Vec::new())?;
+        overrides::apply(&mut target, &name, overrides)?;
         target.fill_defaults();
-        if !wanted {
+        if !names.contains(&name) {
             target.output = vec!["type=cacheonly".to_string()];
         }
         for linked in target.linked_targets() {
             if !definition.targets.contains_key(linked) {
                 return Err(format!("target {name:?}: context target:{linked}: no such target"));
             }
-            pending.push((linked.to_string(), false));
+            pending.push(linked.to_string());
         }
         resolved.insert(name, target);
     }

@@ -12,7 +12,7 @@ fn printed(texts: &[(&str, &str)], env: &[(&str, &str)], requested: &[&str]) -> 
     let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let definition = load(&files(texts), &|name| env.get(name).cloned()).map_err(|e| e.to_string())?;
     let requested: Vec<String> = requested.iter().map(|s| s.to_string()).collect();
-    let resolved = resolve(&definition, &requested)?;
+    let resolved = resolve(&definition, &requested, &[])?;
     Ok(print(&definition, &requested, &resolved))
 }
 
@@ -382,4 +382,64 @@ target "orphan" {
     assert!(error.contains("target: contexts cycle: a -> b -> a"), "{error}");
     let error = printed(&[("f.hcl", text)], &[], &["orphan"]).unwrap_err();
     assert!(error.contains("target \"orphan\": context target:missing: no such target"), "{error}");
+}
+
+#[test]
+fn set_overrides_apply_by_pattern_after_inherits() {
+    let text = r#"
+target "common" {
+  args = { A = "1" }
+}
+target "api" {
+  inherits = ["common"]
+  tags = ["api:1"]
+  platforms = ["linux/amd64"]
+}
+target "web" {
+  inherits = ["common"]
+  tags = ["web:1"]
+}
+group "default" {
+  targets = ["api", "web"]
+}
+"#;
+    let definition = load(&files(&[("docker-bake.hcl", text)]), &|_| None).unwrap();
+    let overrides: Vec<Override> = [
+        "*.platform=linux/arm64, linux/amd64",
+        "web.tags=web:2",
+        "web.tags+=web:3",
+        "api.tags+=api:2",
+        "w?b.args.B=2",
+        "api.no-cache=true",
+    ]
+    .iter()
+    .map(|s| Override::parse(s).unwrap())
+    .collect();
+    let resolved = resolve(&definition, &[], &overrides).unwrap();
+    assert_eq!(
+        print(&definition, &[], &resolved),
+        json!({
+            "group": {"default": {"targets": ["api", "web"]}},
+            "target": {
+                "api": {
+                    "context": ".", "dockerfile": "Dockerfile", "args": {"A": "1"},
+                    "tags": ["api:1", "api:2"], "platforms": ["linux/arm64", "linux/amd64"], "no-cache": true
+                },
+                "web": {
+                    "context": ".", "dockerfile": "Dockerfile", "args": {"A": "1", "B": "2"},
+                    "tags": ["web:2", "web:3"], "platforms": ["linux/arm64", "linux/amd64"]
+                }
+            }
+        })
+    );
+    for (text, error) in [
+        ("api.bogus=1", "--set api.bogus=1: unknown attribute \"bogus\""),
+        ("api.args=1", "--set api.args=1: args needs a name: api.args.NAME=VALUE"),
+        ("api", "--set api: expected PATTERN.KEY=VALUE"),
+        ("api.target+=x", "--set api.target+=x: += appends to lists; target is not one"),
+    ] {
+        assert_eq!(Override::parse(text).unwrap_err(), error);
+    }
+    let bad = [Override::parse("api.pull=maybe").unwrap()];
+    assert_eq!(resolve(&definition, &[], &bad).unwrap_err(), "--set api.pull=maybe: \"maybe\" is not true or false");
 }

@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use kiln_client::{BuildEvent, BuildRequest};
-use kiln_model::{CacheDirection, CacheLocation, CacheSpec, OutputSpec};
+use kiln_client::{BuildEvent, BuildRequest, Client, UploadStats};
+use kiln_model::{CacheDirection, CacheLocation, CacheSpec, NamedContext, OutputSpec};
 use kiln_types::MediaTypes;
 
 use crate::embedded;
@@ -37,9 +38,8 @@ pub struct BuildArgs {
     /// Target platforms, comma-separated (default: the daemon's).
     #[arg(long, value_delimiter = ',')]
     platform: Vec<String>,
-    /// Execute every step even when the cache has it.
-    #[arg(long)]
-    no_cache: bool,
+    #[command(flatten)]
+    run: RunArgs,
     /// Import cache: `type=registry,ref=REF`, `type=s3,bucket=B,region=R[,...]` or `type=local,src=DIR`.
     #[arg(long = "cache-from", value_name = "SPEC")]
     cache_from: Vec<String>,
@@ -52,22 +52,35 @@ pub struct BuildArgs {
     /// Shorthand for `--output type=image,push=true` with the `-t` names.
     #[arg(long)]
     push: bool,
-    /// Progress output.
-    #[arg(long, value_enum, default_value_t = Mode::Auto)]
-    progress: Mode,
-    /// Write a JSON summary of the build (one record per vertex) to this file.
-    #[arg(long = "metadata-file", value_name = "FILE")]
-    metadata_file: Option<PathBuf>,
-    /// At most this many of this build's steps at once.
-    #[arg(long = "max-parallelism", value_name = "N")]
-    max_parallelism: Option<u32>,
     /// Secret for `RUN --mount=type=secret`: `id=ID,src=PATH` or `id=ID,env=VAR`.
     #[arg(long = "secret", value_name = "SPEC")]
     secrets: Vec<String>,
+    /// A named context, `NAME=docker-image://REF`: what `FROM NAME` and `COPY --from=NAME`
+    /// mean instead of a stage or image of that name.
+    #[arg(long = "build-context", value_name = "NAME=VALUE")]
+    build_contexts: Vec<String>,
+}
+
+/// How `kiln build` and `kiln bake` run their builds.
+#[derive(Args)]
+pub(crate) struct RunArgs {
+    /// Execute every step even when the cache has it.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Progress output.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub progress: Mode,
+    /// Write a JSON summary of the build (one record per vertex; bake: one entry per target)
+    /// to this file.
+    #[arg(long = "metadata-file", value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
+    /// At most this many of a build's steps at once.
+    #[arg(long = "max-parallelism", value_name = "N")]
+    pub max_parallelism: Option<u32>,
     /// Grant an entitlement to the build's steps: `network.host` (`RUN --network=host`) or
     /// `security.insecure` (`RUN --security=insecure`); the daemon's workers must grant it too.
     #[arg(long = "allow", value_name = "ENTITLEMENT")]
-    allow: Vec<kiln_model::Entitlement>,
+    pub allow: Vec<kiln_model::Entitlement>,
 }
 
 /// Runs `kiln build`; returns whether the build succeeded (errors before it started are `Err`).
@@ -78,7 +91,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
     }
     let (file_name, dockerfile) = read_dockerfile(&context, args.file.as_deref())?;
     let (dockerignore, _) = read_dockerignore(&context, args.file.as_deref())?;
-    let mut request = BuildRequest {
+    let request = BuildRequest {
         dockerfile,
         file_name,
         context,
@@ -86,57 +99,210 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         target: args.target.clone(),
         build_args: parse_build_args(&args.build_args)?,
         platforms: platforms(&args.platform)?,
-        no_cache: args.no_cache,
-        max_parallelism: args.max_parallelism.map(|n| n as usize),
+        no_cache: args.run.no_cache,
+        max_parallelism: args.run.max_parallelism.map(|n| n as usize),
         secrets: read_secrets(&args.secrets)?,
-        outputs: outputs(&args)?,
+        outputs: outputs(&args.outputs, &args.tags, args.push)?,
         context_manifest: None,
         cache_from: caches(&args.cache_from, CacheDirection::From)?,
         cache_to: caches(&args.cache_to, CacheDirection::To)?,
-        allow: args.allow.iter().copied().collect(),
+        allow: args.run.allow.iter().copied().collect(),
         cache_group: None,
         // Chosen here, so a client that loses its coordinator can reattach to the build.
         id: Some(kiln_model::new_build_id()),
         attempt: 0,
         // A CI job's trace contains its image build (as buildx honours TRACEPARENT).
         trace: kiln_model::TraceContext::from_env(),
+        named_contexts: named_contexts(&args.build_contexts)?,
     };
     // Refused here, before the context is read or sent, as the daemon would refuse it.
     request.check_bounds()?;
     let client = daemon.connect().await?;
-    // A daemon reached over TCP may be on another machine: send the context, content-addressed
-    // (only the files it lacks travel).
-    let mut upload = None;
-    let mut walked_context = None;
-    if daemon.address.as_deref().is_some_and(|a| !a.starts_with("unix://")) {
-        let ignore = kiln_dockerfile::ignore::PatternList::parse_ignore_file(&request.dockerignore)
+    let renderer = std::sync::Mutex::new(Renderer::new(args.run.progress));
+    let progress = Progress { renderer: &renderer, target: None };
+    let contexts = Contexts::new(daemon);
+    let outcome = submit(&client, &contexts, request, &progress).await?;
+    progress.finish();
+    if let Some(path) = &args.run.metadata_file {
+        std::fs::write(path, serde_json::to_vec_pretty(&outcome.metadata())?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(outcome.report(None))
+}
+
+/// Where a build's progress goes: the command's one renderer, under the bake target's name.
+pub(crate) struct Progress<'a> {
+    /// The renderer every build of the command shares.
+    pub renderer: &'a std::sync::Mutex<Renderer>,
+    /// The bake target (`None` for `kiln build`).
+    pub target: Option<&'a str>,
+}
+
+impl Progress<'_> {
+    fn event(&self, event: &BuildEvent) {
+        self.renderer.lock().unwrap_or_else(|p| p.into_inner()).event(self.target, event);
+    }
+
+    fn draw(&self) {
+        self.renderer.lock().unwrap_or_else(|p| p.into_inner()).draw(false);
+    }
+
+    /// Draws the last frame.
+    pub fn finish(&self) {
+        self.renderer.lock().unwrap_or_else(|p| p.into_inner()).draw(true);
+    }
+}
+
+/// The contexts a command's builds send, walked and uploaded once per directory and
+/// `.dockerignore` (bake's targets often share one), when the daemon is on another machine.
+pub(crate) struct Contexts {
+    /// Whether contexts travel: the daemon is reached over TCP.
+    remote: bool,
+    sent: tokio::sync::Mutex<HashMap<(PathBuf, String), SentContext>>,
+}
+
+#[derive(Clone)]
+struct SentContext {
+    manifest: kiln_model::ContextManifest,
+    walked: Arc<kiln_context::FsContext>,
+    stats: UploadStats,
+}
+
+impl Contexts {
+    pub(crate) fn new(daemon: &embedded::Daemon) -> Contexts {
+        let remote = daemon.address.as_deref().is_some_and(|a| !a.starts_with("unix://"));
+        Contexts { remote, sent: Default::default() }
+    }
+
+    /// A daemon reached over TCP may be on another machine: the request's context, and
+    /// those of its `target:` named contexts, are sent content-addressed (only the files it
+    /// lacks travel) and the request carries their manifests. Returns the request's own
+    /// context's upload.
+    fn prepare<'a>(
+        &'a self,
+        client: &'a Client,
+        request: &'a mut BuildRequest,
+    ) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Option<UploadStats>>> + 'a>> {
+        Box::pin(async move {
+            if !self.remote {
+                return Ok(None);
+            }
+            let sent = self.send(client, &request.context, &request.dockerignore).await?;
+            request.context_manifest = Some(sent.manifest);
+            for context in request.named_contexts.values_mut() {
+                if let NamedContext::Target(nested) = context {
+                    self.prepare(client, nested).await?;
+                }
+            }
+            Ok(Some(sent.stats))
+        })
+    }
+
+    async fn send(&self, client: &Client, dir: &Path, dockerignore: &str) -> anyhow::Result<SentContext> {
+        let mut sent = self.sent.lock().await;
+        let key = (dir.to_path_buf(), dockerignore.to_string());
+        if let Some(context) = sent.get(&key) {
+            return Ok(context.clone());
+        }
+        let ignore = kiln_dockerfile::ignore::PatternList::parse_ignore_file(dockerignore)
             .map_err(|e| anyhow::anyhow!(".dockerignore: {e}"))?;
-        let dir = request.context.clone();
+        let owned = dir.to_path_buf();
         let walked = tokio::task::spawn_blocking(move || {
-            let walked = kiln_context::FsContext::walk(&dir, &ignore)?;
-            Ok::<_, std::io::Error>(match hash_cache_file(&dir) {
+            let walked = kiln_context::FsContext::walk(&owned, &ignore)?;
+            Ok::<_, std::io::Error>(match hash_cache_file(&owned) {
                 Some(file) => walked.with_hash_cache(kiln_context::HashCache::load(&file)),
                 None => walked,
             })
         })
         .await?
-        .with_context(|| format!("reading build context {}", request.context.display()))?;
-        let walked = std::sync::Arc::new(walked);
-        let (manifest, stats) =
-            client.upload_context(std::sync::Arc::clone(&walked)).await.map_err(anyhow::Error::msg)?;
+        .with_context(|| format!("reading build context {}", dir.display()))?;
+        let walked = Arc::new(walked);
+        let (manifest, stats) = client.upload_context(Arc::clone(&walked)).await.map_err(anyhow::Error::msg)?;
         // Only a cache: a failure to save it costs the next build a re-read.
-        let saving = std::sync::Arc::clone(&walked);
+        let saving = Arc::clone(&walked);
         let _ = tokio::task::spawn_blocking(move || saving.save_hash_cache()).await;
-        request.context_manifest = Some(manifest);
-        upload = Some(stats);
-        walked_context = Some(walked);
+        let context = SentContext { manifest, walked, stats };
+        sent.insert(key, context.clone());
+        Ok(context)
     }
+
+    /// Sends every context again: a new leader may lack what only the old one received.
+    async fn send_again(&self, client: &Client) -> Result<(), kiln_client::ClientError> {
+        let walked: Vec<_> = self.sent.lock().await.values().map(|c| Arc::clone(&c.walked)).collect();
+        for context in walked {
+            client.upload_context(context).await?;
+        }
+        Ok(())
+    }
+}
+
+/// How a build sent to the daemon ended.
+pub(crate) struct Outcome {
+    /// The build's id.
+    pub id: Option<String>,
+    /// Whether the daemon ran it (it then has a history entry).
+    pub ran: bool,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The image (manifest or index) digest, when an image was exported.
+    pub image: Option<kiln_types::Digest>,
+    /// Every vertex.
+    pub records: Vec<kiln_model::VertexRecord>,
+    /// The context upload, when the context was sent.
+    pub upload: Option<UploadStats>,
+}
+
+impl Outcome {
+    /// A build refused before it was sent (its request or context could not be made).
+    pub(crate) fn refused(error: String) -> Outcome {
+        Outcome { id: None, ran: false, error: Some(error), image: None, records: Vec::new(), upload: None }
+    }
+
+    /// The metadata file's JSON for this build.
+    pub(crate) fn metadata(&self) -> serde_json::Value {
+        serde_json::json!({
+            "build_id": self.id,
+            "vertices": records_json(&self.records),
+            "status": if self.error.is_none() { "succeeded" } else { "failed" },
+            "error": self.error,
+            "containerimage.digest": self.image.map(|d| d.to_string()),
+            "context": self.upload,
+        })
+    }
+
+    /// Prints the build's id and error (`target`: the bake target); whether it succeeded.
+    pub(crate) fn report(&self, target: Option<&str>) -> bool {
+        let prefix = target.map(|t| format!("target {t}: ")).unwrap_or_default();
+        // A build the daemon ran has an entry in its history under this id; a refused or
+        // lost one ends with its error alone.
+        if self.ran {
+            eprintln!("{prefix}build id: {}", self.id.as_deref().unwrap_or_default());
+        }
+        match &self.error {
+            None => true,
+            Some(error) => {
+                eprintln!("{prefix}ERROR: failed to solve: {error}");
+                false
+            }
+        }
+    }
+}
+
+/// Sends one build (its contexts first, when they travel) and follows it to the end:
+/// progress to `progress`, files written as the daemon streams them, the build followed to a
+/// new leader when its replicated coordinator is lost. The outcome is returned however the
+/// build ends, a lost connection included; `Err` is an error before the build was sent.
+pub(crate) async fn submit(
+    client: &Client,
+    contexts: &Contexts,
+    mut request: BuildRequest,
+    progress: &Progress<'_>,
+) -> anyhow::Result<Outcome> {
+    let upload = contexts.prepare(client, &mut request).await?;
     let writer = ExportWriter::start(&request.outputs)?;
     let mut events = client.build(request.clone()).await.map_err(anyhow::Error::msg)?;
-    let mut renderer = Renderer::new(args.progress);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut exporting = false;
-    // The metadata file is written however the build ends, a lost connection included.
     let mut ran = false;
     let (mut error, image, records) = loop {
         tokio::select! {
@@ -147,10 +313,10 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
                 }
                 Ok(Some(BuildEvent::Result { error, image, records })) => {
                     ran = true;
-                    renderer.event(&BuildEvent::Result { error: error.clone(), image, records: records.clone() });
+                    progress.event(&BuildEvent::Result { error: error.clone(), image, records: records.clone() });
                     break (error, image, records);
                 }
-                Ok(Some(event)) => renderer.event(&event),
+                Ok(Some(event)) => progress.event(&event),
                 Ok(None) => break (Some("the daemon closed the build without a result".to_string()), None, Vec::new()),
                 // The replicated coordinator that led the build is gone (or leads no more):
                 // the client reattaches to the build on the new leader, whose log has the
@@ -160,10 +326,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
                     let id = request.id.as_deref().unwrap_or_default();
                     eprintln!("the coordinator running the build was lost ({lost}); reattaching to build {id} on the new leader");
                     let resumed = async {
-                        if let Some(walked) = &walked_context {
-                            // The new leader may lack what only the old one received.
-                            client.upload_context(std::sync::Arc::clone(walked)).await?;
-                        }
+                        contexts.send_again(client).await?;
                         client.build(request.clone()).await
                     };
                     match resumed.await {
@@ -173,54 +336,30 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
                 }
                 Err(lost) => break (Some(lost.to_string()), None, Vec::new()),
             },
-            _ = tick.tick() => renderer.draw(false),
+            _ = tick.tick() => progress.draw(),
         }
     };
-    renderer.draw(true);
     if let Err(failed) = writer.finish().await
         && error.is_none()
     {
         error = Some(format!("{failed:#}"));
     }
-    if let Some(path) = &args.metadata_file {
-        let metadata = serde_json::json!({
-            "build_id": request.id,
-            "vertices": records_json(&records),
-            "status": if error.is_none() { "succeeded" } else { "failed" },
-            "error": error,
-            "containerimage.digest": image.map(|d| d.to_string()),
-            "context": upload,
-        });
-        std::fs::write(path, serde_json::to_vec_pretty(&metadata)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    // A build the daemon ran has an entry in its history under this id; a refused or lost
-    // one ends with its error alone.
-    if ran {
-        eprintln!("build id: {}", request.id.as_deref().unwrap_or_default());
-    }
-    match error {
-        None => Ok(true),
-        Some(error) => {
-            eprintln!("ERROR: failed to solve: {error}");
-            Ok(false)
-        }
-    }
+    Ok(Outcome { id: request.id, ran, error, image, records, upload })
 }
 
 /// How many times one build follows its replicated coordinator to a new leader.
 const MAX_REATTACHMENTS: u32 = 3;
 
-/// `--output` specs with `dest=` made absolute (this client writes them, from the files the
-/// daemon streams back), plus the `-t`/`--push` shorthands.
 /// `--platform` values, checked here so a typo is reported before anything is sent.
-fn platforms(values: &[String]) -> anyhow::Result<Vec<kiln_types::Platform>> {
+pub(crate) fn platforms(values: &[String]) -> anyhow::Result<Vec<kiln_types::Platform>> {
     values.iter().filter(|p| !p.is_empty()).map(|p| p.parse().with_context(|| format!("--platform {p}"))).collect()
 }
 
-fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
+/// `--output` specs with `dest=` made absolute (this client writes them, from the files the
+/// daemon streams back), plus the `-t`/`--push` shorthands.
+pub(crate) fn outputs(specs: &[String], tags: &[String], push: bool) -> anyhow::Result<Vec<OutputSpec>> {
     let mut outputs = Vec::new();
-    for spec in &args.outputs {
+    for spec in specs {
         let mut output = OutputSpec::parse(spec)?;
         if let Some(dest) = output.dest_mut() {
             *dest = std::path::absolute(&*dest).with_context(|| format!("--output {spec:?}"))?;
@@ -228,17 +367,30 @@ fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
         outputs.push(output);
     }
     if outputs.is_empty() {
-        for tag in &args.tags {
-            outputs.push(OutputSpec::Image { names: vec![tag.clone()], push: args.push, media: MediaTypes::Docker });
+        for tag in tags {
+            outputs.push(OutputSpec::Image { names: vec![tag.clone()], push, media: MediaTypes::Docker });
         }
-    } else if args.push {
+    } else if push {
         bail!("--push goes with -t NAME, not with --output (use type=image,push=true)");
     }
     Ok(outputs)
 }
 
+/// `--build-context NAME=docker-image://REF` values.
+fn named_contexts(values: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, NamedContext>> {
+    let mut named = std::collections::BTreeMap::new();
+    for value in values {
+        let Some((name, source)) = value.split_once('=').filter(|(name, _)| !name.is_empty()) else {
+            bail!("--build-context {value:?}: expected NAME=VALUE");
+        };
+        let context = NamedContext::parse_image(source).map_err(|e| anyhow::anyhow!("--build-context {name}: {e}"))?;
+        named.insert(name.to_lowercase(), context);
+    }
+    Ok(named)
+}
+
 /// Cache specs, with local directories made absolute (the daemon reads and writes them).
-fn caches(specs: &[String], direction: CacheDirection) -> anyhow::Result<Vec<CacheSpec>> {
+pub(crate) fn caches(specs: &[String], direction: CacheDirection) -> anyhow::Result<Vec<CacheSpec>> {
     let mut caches = Vec::new();
     for text in specs {
         let mut spec = CacheSpec::parse(text, direction)?;
@@ -250,7 +402,7 @@ fn caches(specs: &[String], direction: CacheDirection) -> anyhow::Result<Vec<Cac
     Ok(caches)
 }
 
-fn read_secrets(specs: &[String]) -> anyhow::Result<HashMap<String, Vec<u8>>> {
+pub(crate) fn read_secrets(specs: &[String]) -> anyhow::Result<HashMap<String, Vec<u8>>> {
     let mut secrets = HashMap::new();
     for spec in specs {
         let fields = kiln_model::spec_fields(spec).map_err(|e| anyhow::anyhow!("--secret {spec}: {e}"))?;

@@ -1,6 +1,7 @@
 //! `kiln`: the Kiln client. `kiln plan` prints a build graph offline; `kiln build` runs a
 //! build on a daemon (the embedded one, started on demand, unless `--addr`).
 
+mod bake;
 mod build;
 mod cluster;
 mod disk;
@@ -40,6 +41,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Build an image from a Dockerfile.
     Build(build::BuildArgs),
+    /// Build the targets of bake files (docker-bake.hcl, docker-bake.json).
+    Bake(bake::BakeArgs),
     /// List the cluster's workers with their load.
     Workers(cluster::WorkersArgs),
     /// Describe the daemon (a coordinator or a standalone one).
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(args) => plan::run(args).map(|()| true),
         Command::Build(args) => run(Box::pin(build::run(args, address))),
+        Command::Bake(args) => run(Box::pin(bake::run(args, address))),
         Command::Workers(args) => run(Box::pin(cluster::workers(args, address))),
         Command::Info(args) => run(Box::pin(cluster::info(args, address))),
         Command::Du(args) => run(Box::pin(disk::du(args, address))),

@@ -58,6 +58,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         build_platform: Platform::host(),
         context: &context,
         images: &NoImageMetadata,
+        named: &Default::default(),
     };
     let plan = convert(&text, &options)?;
     for warning in &plan.warnings {

@@ -35,7 +35,9 @@ pub struct Renderer {
     mode: Mode,
     begun: Instant,
     steps: Vec<Step>,
-    index: HashMap<Digest, usize>,
+    /// Steps by bake target (`""` for `kiln build`) and vertex: a vertex two targets share
+    /// is a step of each.
+    index: HashMap<(String, Digest), usize>,
     exports: HashMap<String, usize>,
     drawn: usize,
 }
@@ -67,20 +69,30 @@ impl Renderer {
         }
     }
 
-    /// Handles one event.
-    pub fn event(&mut self, event: &BuildEvent) {
+    /// Handles one event of a build (`target`: the bake target it is for, whose name
+    /// prefixes its steps').
+    pub fn event(&mut self, target: Option<&str>, event: &BuildEvent) {
         if self.mode == Mode::Json {
-            println!("{}", json_event(event));
+            let mut json = json_event(event);
+            if let Some(target) = target {
+                json["target"] = target.into();
+            }
+            println!("{json}");
             return;
         }
+        let key = |vertex: &Digest| (target.unwrap_or_default().to_string(), *vertex);
         match event {
             BuildEvent::Planned(vertices) => {
                 for record in vertices {
-                    self.add(record.digest, &record.name);
+                    let name = match target {
+                        Some(target) => format!("[{target}] {}", record.name),
+                        None => record.name.clone(),
+                    };
+                    self.add(key(&record.digest), &name);
                 }
             }
             BuildEvent::Started { vertex, at } => {
-                if let Some(&i) = self.index.get(vertex) {
+                if let Some(&i) = self.index.get(&key(vertex)) {
                     self.steps[i].started.get_or_insert(*at);
                     if self.mode == Mode::Plain {
                         eprintln!("#{} {}", self.steps[i].number, self.steps[i].name);
@@ -88,17 +100,22 @@ impl Renderer {
                 }
             }
             BuildEvent::Log { vertex, line } => {
-                if let (Mode::Plain, Some(&i)) = (self.mode, self.index.get(vertex)) {
+                if let (Mode::Plain, Some(&i)) = (self.mode, self.index.get(&key(vertex))) {
                     let at = self.begun.elapsed().as_secs_f64();
                     eprintln!("#{} {at:.3} {}", self.steps[i].number, line.line);
                 }
             }
-            BuildEvent::Completed { record, error } => self.completed(record, error.as_deref()),
+            BuildEvent::Completed { record, error } => self.completed(key(&record.digest), record, error.as_deref()),
             BuildEvent::Export { name, started, completed } => {
+                let name = match target {
+                    Some(target) => format!("[{target}] {name}"),
+                    None => name.clone(),
+                };
+                let name = &name;
                 let i = match self.exports.get(name) {
                     Some(&i) => i,
                     None => {
-                        let i = self.add(Digest::of(name.as_bytes()), name);
+                        let i = self.add(key(&Digest::of(name.as_bytes())), name);
                         self.exports.insert(name.clone(), i);
                         if self.mode == Mode::Plain {
                             eprintln!("#{} {name}", self.steps[i].number);
@@ -122,15 +139,15 @@ impl Renderer {
         }
     }
 
-    fn add(&mut self, digest: Digest, name: &str) -> usize {
+    fn add(&mut self, key: (String, Digest), name: &str) -> usize {
         let number = self.steps.len() + 1;
         self.steps.push(Step { name: name.to_string(), number, started: None, completed: None, status: None });
-        self.index.insert(digest, number - 1);
+        self.index.insert(key, number - 1);
         number - 1
     }
 
-    fn completed(&mut self, record: &VertexRecord, error: Option<&str>) {
-        let Some(&i) = self.index.get(&record.digest) else { return };
+    fn completed(&mut self, key: (String, Digest), record: &VertexRecord, error: Option<&str>) {
+        let Some(&i) = self.index.get(&key) else { return };
         let step = &mut self.steps[i];
         step.status = Some(record.status);
         step.started = step.started.or(record.started);

@@ -15,4 +15,4 @@ pub mod instructions;
 pub mod parser;
 pub mod shell;
 
-pub use convert::{BuildPlan, ConvertOptions, FrontendError, convert};
+pub use convert::{BuildPlan, ConvertOptions, FrontendError, NamedInput, convert};

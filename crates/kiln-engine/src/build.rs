@@ -1,6 +1,6 @@
 //! One build: context, two-pass conversion, solve, export.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -8,9 +8,9 @@ use kiln_cluster::ClusterBuild;
 use kiln_context::{BuildContext, ContextManifest, FsContext, StoredContext};
 use kiln_dockerfile::ignore::PatternList;
 use kiln_dockerfile::image::{ImageConfig, ImageMetadata};
-use kiln_dockerfile::{BuildPlan, ConvertOptions, convert};
+use kiln_dockerfile::{BuildPlan, ConvertOptions, NamedInput, convert};
 use kiln_graph::{Op, SourceOp};
-use kiln_model::{BuildEvent, BuildRequest, LogSink, VertexRecord};
+use kiln_model::{BuildEvent, BuildRequest, LogSink, NamedContext, VertexRecord};
 use kiln_solver::{BuildHandle, BuildOptions, Event};
 use kiln_types::{Digest, ImageReference, Platform};
 use kiln_worker::BuildInputs;
@@ -55,6 +55,24 @@ impl ClusterData {
         self.secrets.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
+
+/// The context a `target:` named context's build reads: the files a worker materialises
+/// for its context source vertices (the build's own context is the one named `context`).
+#[derive(Clone)]
+struct NestedContext {
+    files: Arc<dyn BuildContext>,
+    /// On a coordinator, its uploaded manifest.
+    manifest: Option<Arc<ContextManifest>>,
+}
+
+/// Nested builds' contexts by the content digest of the context source vertices that read
+/// them: workers look a context source up by its content first, then by its name.
+type NestedContexts = HashMap<Digest, NestedContext>;
+
+/// [`Engine::plan_named`]'s future.
+type PlanningNamed<'a> = std::pin::Pin<
+    Box<dyn Future<Output = Result<(BTreeMap<String, NamedInput>, NestedContexts), BuildError>> + Send + 'a>,
+>;
 
 /// A finished build.
 #[derive(Debug, Clone)]
@@ -143,7 +161,8 @@ impl Engine {
     ) -> Result<BuildSummary, BuildFailure> {
         self.check_caches(&request).map_err(|e| BuildFailure::early(e.to_string()))?;
         let context = self.context(&request).await.map_err(|e| BuildFailure::early(e.to_string()))?;
-        let (plan, bases) = self.plan(&request, &context).await.map_err(|e| BuildFailure::early(e.to_string()))?;
+        let (plan, bases, nested) =
+            self.plan(&request, &context).await.map_err(|e| BuildFailure::early(e.to_string()))?;
         if let Mode::Local(_) = self.mode {
             self.check_platforms(&plan).map_err(|e| BuildFailure::early(e.to_string()))?;
         }
@@ -160,8 +179,10 @@ impl Engine {
         let solved = async {
             Ok(match &self.mode {
                 Mode::Local(solver) => {
+                    let mut contexts = HashMap::from([("context".to_string(), context)]);
+                    contexts.extend(nested.iter().map(|(content, c)| (content.to_string(), Arc::clone(&c.files))));
                     let inputs = BuildInputs {
-                        contexts: HashMap::from([("context".to_string(), context)]),
+                        contexts,
                         secrets: request.secrets.clone(),
                         cache: imports.records(),
                         hold,
@@ -177,11 +198,11 @@ impl Engine {
                 }
                 Mode::Cluster { solver, cluster, fetcher } => {
                     let manifest = request.context_manifest.clone().unwrap_or_default();
-                    let data = ClusterData::new(
-                        HashMap::from([("context".to_string(), Arc::new(manifest))]),
-                        request.secrets.clone(),
-                        request.cache_group.clone(),
+                    let mut contexts = HashMap::from([("context".to_string(), Arc::new(manifest))]);
+                    contexts.extend(
+                        nested.iter().filter_map(|(content, c)| Some((content.to_string(), c.manifest.clone()?))),
                     );
+                    let data = ClusterData::new(contexts, request.secrets.clone(), request.cache_group.clone());
                     let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let cache_group = request.cache_group.clone();
                     let build = Arc::new(ClusterBuild { id, data, imports: imports.lookup(), cache_group });
@@ -374,13 +395,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Converts the Dockerfile, resolving the base images' configs in between.
+    /// Converts the Dockerfile, resolving the base images' configs in between; `target:`
+    /// named contexts are planned first, each a build of its own whose graph joins this one.
     async fn plan(
         &self,
         request: &BuildRequest,
         context: &Arc<dyn BuildContext>,
-    ) -> Result<(BuildPlan, Bases), BuildError> {
-        let first = convert_blocking(request, context, ResolvedImages(HashMap::new())).await?;
+    ) -> Result<(BuildPlan, Bases, NestedContexts), BuildError> {
+        let (named, nested) = self.plan_named(request).await?;
+        let first = convert_blocking(request, context, ResolvedImages(HashMap::new()), &named).await?;
         // Each (reference, platform) is one source vertex: the graph already merged repeats.
         let wanted: Vec<(ImageReference, Platform)> = first
             .graph
@@ -393,7 +416,7 @@ impl Engine {
             .collect();
         if wanted.is_empty() {
             check_layer_depth(&first, &HashMap::new())?;
-            return Ok((first, Bases::default()));
+            return Ok((first, Bases::default(), nested));
         }
         let registry = self.stores.registry();
         let cas = self.stores.cas();
@@ -410,9 +433,60 @@ impl Engine {
             base_layers.insert((reference.clone(), platform.clone()), image.manifest.layers.len());
             configs.insert((reference.to_string(), platform), config);
         }
-        let plan = convert_blocking(request, context, ResolvedImages(configs)).await?;
+        let plan = convert_blocking(request, context, ResolvedImages(configs), &named).await?;
         check_layer_depth(&plan, &base_layers)?;
-        Ok((plan, bases))
+        Ok((plan, bases, nested))
+    }
+
+    /// What the request's named contexts stand for in its conversion. A `target:` context
+    /// is planned as a build of its own (with its own context, for the request's platforms
+    /// unless it names its own, in the request's cache group); its context sources are read
+    /// from its context. Boxed: a nested plan may have targets of its own.
+    fn plan_named<'a>(&'a self, request: &'a BuildRequest) -> PlanningNamed<'a> {
+        Box::pin(self.plan_named_inner(request))
+    }
+
+    async fn plan_named_inner(
+        &self,
+        request: &BuildRequest,
+    ) -> Result<(BTreeMap<String, NamedInput>, NestedContexts), BuildError> {
+        let mut named = BTreeMap::new();
+        let mut contexts = NestedContexts::new();
+        for (name, context) in &request.named_contexts {
+            let input = match context {
+                NamedContext::Image(reference) => NamedInput::Image(reference.clone()),
+                NamedContext::Target(target) => {
+                    let mut target = (**target).clone();
+                    if target.platforms.is_empty() {
+                        target.platforms = request.platforms.clone();
+                    }
+                    target.cache_group = request.cache_group.clone();
+                    let planned = async {
+                        let files = self.context(&target).await?;
+                        let (plan, _, inner) = self.plan(&target, &files).await?;
+                        Ok::<_, BuildError>((plan, files, inner))
+                    };
+                    let (plan, files, inner) = planned
+                        .await
+                        .map_err(|source| BuildError::NamedContext { name: name.clone(), source: Box::new(source) })?;
+                    let mut plan = plan;
+                    // Its steps show whose they are in the using build's progress.
+                    for vertex in &mut plan.graph.vertices {
+                        vertex.meta.name = format!("[{name}] {}", vertex.meta.name);
+                    }
+                    let own = NestedContext { files, manifest: target.context_manifest.clone().map(Arc::new) };
+                    for vertex in &plan.graph.vertices {
+                        if let Op::Source(SourceOp::Local { content, .. }) = &vertex.op {
+                            let source = inner.get(content).unwrap_or(&own);
+                            contexts.insert(*content, source.clone());
+                        }
+                    }
+                    NamedInput::Plan(Arc::new(plan))
+                }
+            };
+            named.insert(name.clone(), input);
+        }
+        Ok((named, contexts))
     }
 }
 
@@ -457,7 +531,9 @@ async fn convert_blocking(
     request: &BuildRequest,
     context: &Arc<dyn BuildContext>,
     images: ResolvedImages,
+    named: &BTreeMap<String, NamedInput>,
 ) -> Result<BuildPlan, BuildError> {
+    let named = named.clone();
     let (dockerfile, context) = (request.dockerfile.clone(), Arc::clone(context));
     let (file_name, target) = (request.file_name.clone(), request.target.clone());
     let (build_args, platforms) = (request.build_args.clone(), request.platforms.clone());
@@ -470,6 +546,7 @@ async fn convert_blocking(
             build_platform: Platform::host(),
             context: context.as_ref(),
             images: &images,
+            named: &named,
         };
         convert(&dockerfile, &options)
     })

@@ -28,6 +28,15 @@ pub enum BuildError {
         /// Its content's digest.
         digest: Digest,
     },
+    /// A `target:` named context could not be planned.
+    #[error("named context {name}: {source}")]
+    NamedContext {
+        /// The context's name.
+        name: String,
+        /// Why its build could not be planned.
+        #[source]
+        source: Box<BuildError>,
+    },
     /// A coordinator was sent a context path.
     #[error("a coordinator builds uploaded contexts only (connect with `kiln --addr`)")]
     LocalContextOnCoordinator,

@@ -150,6 +150,15 @@ impl GraphBuilder {
         self.index.get(digest).map(|&i| &self.vertices[i])
     }
 
+    /// Adds every vertex of a finished graph (another build's, which a named context
+    /// brings in): each keeps its digest, and work the two graphs share is one vertex.
+    pub fn import(&mut self, graph: &Graph) -> Result<(), GraphError> {
+        for vertex in &graph.vertices {
+            self.add(vertex.op.clone(), vertex.inputs.clone(), vertex.meta.clone())?;
+        }
+        Ok(())
+    }
+
     /// Finishes the graph, keeping only vertices reachable from `outputs`.
     pub fn finish(self, outputs: Vec<Output>) -> Graph {
         let mut keep: HashSet<Digest> = HashSet::new();

@@ -40,6 +40,6 @@ pub use log::{LogLine, LogSink, LogStream};
 pub use manifest::{ContextManifest, ManifestEntry, ManifestError, ManifestKind};
 pub use output::{OutputSpec, OutputSpecError};
 pub use record::{Phases, Status, UnknownStatus, VertexRecord};
-pub use request::{BuildRequest, OversizedRequest, TraceContext, bounds};
+pub use request::{BuildRequest, NamedContext, OversizedRequest, TraceContext, bounds};
 pub use spec::spec_fields;
 pub use worker::{JobId, LayerDesc, Layers, TierBlob, WorkerInfo, WorkerStatus};

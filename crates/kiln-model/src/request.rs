@@ -55,6 +55,32 @@ pub struct BuildRequest {
     /// The W3C trace context the build's trace continues (the client's `TRACEPARENT` and
     /// `TRACESTATE`, as buildx takes them); empty: a trace of its own.
     pub trace: TraceContext,
+    /// Named contexts (`--build-context NAME=VALUE`, bake's `contexts`), by lowercase name:
+    /// what `FROM NAME`, `COPY --from=NAME` and `RUN --mount=from=NAME` mean, before any stage
+    /// or image of that name.
+    pub named_contexts: BTreeMap<String, NamedContext>,
+}
+
+/// What a named context is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamedContext {
+    /// `docker-image://REF`: an image.
+    Image(kiln_types::ImageReference),
+    /// Bake's `target:NAME`: another build whose result is part of this build's graph (its
+    /// `dockerfile`, `file_name`, `context`, `dockerignore`, `target`, `build_args`,
+    /// `platforms`, `context_manifest` and `named_contexts` are used; the rest is this build's).
+    Target(Box<BuildRequest>),
+}
+
+impl NamedContext {
+    /// Parses `--build-context`'s value: `docker-image://REF`; `target:` contexts are made by
+    /// bake, which knows the targets.
+    pub fn parse_image(value: &str) -> Result<NamedContext, String> {
+        let Some(reference) = value.strip_prefix("docker-image://") else {
+            return Err(format!("{value:?}: only docker-image://REF named contexts are supported here"));
+        };
+        reference.parse().map(NamedContext::Image).map_err(|e| format!("{value:?}: {e}"))
+    }
 }
 
 /// A W3C trace context (`traceparent`, `tracestate`), carried from process to process.
@@ -101,6 +127,10 @@ pub mod bounds {
     /// Everything above together: within the 64 MiB of a gRPC message, with room for the
     /// context manifest.
     pub const TOTAL: usize = 32 << 20;
+    /// Named contexts of one build, nested ones included.
+    pub const NAMED_CONTEXTS: usize = 256;
+    /// How deep `target:` contexts nest (a target built from a target built from ...).
+    pub const NAMED_CONTEXT_DEPTH: usize = 16;
 }
 
 /// A request over one of its [`bounds`].
@@ -120,6 +150,11 @@ pub struct OversizedRequest {
 impl BuildRequest {
     /// Checks the request against [`bounds`].
     pub fn check_bounds(&self) -> Result<(), OversizedRequest> {
+        let mut named = 0;
+        self.check_nested(0, &mut named)
+    }
+
+    fn check_nested(&self, depth: usize, named: &mut usize) -> Result<(), OversizedRequest> {
         let over = |what: String, size: usize, unit: &'static str, limit: usize| {
             if size > limit { Err(OversizedRequest { what, size, unit, limit }) } else { Ok(()) }
         };
@@ -142,7 +177,17 @@ impl BuildRequest {
             total,
             "bytes",
             bounds::TOTAL,
-        )
+        )?;
+        for (name, context) in &self.named_contexts {
+            *named += 1;
+            over("named contexts".into(), *named, "contexts", bounds::NAMED_CONTEXTS)?;
+            if let NamedContext::Target(nested) = context {
+                let what = format!("the chain of target contexts through {name}");
+                over(what, depth + 1, "levels", bounds::NAMED_CONTEXT_DEPTH)?;
+                nested.check_nested(depth + 1, named)?;
+            }
+        }
+        Ok(())
     }
 }
 

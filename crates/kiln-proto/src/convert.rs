@@ -3,14 +3,15 @@
 //! arrives is checked: a malformed digest, platform or status is a [`WireError`] naming what
 //! it belonged to, never re-hashed, defaulted or dropped.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use kiln_model::{
     BuildCounts, BuildEntry, BuildEvent, BuildRequest, CacheCompression, CacheDirection, CacheSpec, CacheSpecError,
     ContextManifest, Entitlement, Executed, Failed, HeldWork, LayerDesc, Layers, LogLine, LogStream, ManifestEntry,
-    ManifestError, ManifestKind, OutputSpec, OutputSpecError, Phases, PruneOptions, PushRequest, PushTarget,
-    PushedLayer, Status, TierBlob, TraceContext, UnknownStatus, UsageRecord, VertexRecord, WorkerInfo, WorkerStatus,
+    ManifestError, ManifestKind, NamedContext, OutputSpec, OutputSpecError, Phases, PruneOptions, PushRequest,
+    PushTarget, PushedLayer, Status, TierBlob, TraceContext, UnknownStatus, UsageRecord, VertexRecord, WorkerInfo,
+    WorkerStatus,
 };
 use kiln_types::{Digest, DigestError, PlatformError};
 
@@ -65,6 +66,9 @@ pub enum WireError {
     /// A required part of a message is missing.
     #[error("{0}")]
     Missing(&'static str),
+    /// A named context that does not make sense (the message names it).
+    #[error("named context {0}")]
+    NamedContext(String),
     /// A push request or answer that does not make sense.
     #[error("push {request}: {reason}")]
     Push {
@@ -325,6 +329,17 @@ pub fn request_to_proto(request: &BuildRequest) -> v1::BuildRequest {
         attempt: request.attempt,
         traceparent: request.trace.traceparent.clone(),
         tracestate: request.trace.tracestate.clone(),
+        named_contexts: request
+            .named_contexts
+            .iter()
+            .map(|(name, context)| {
+                let source = match context {
+                    NamedContext::Image(reference) => v1::named_context::Source::Image(reference.to_string()),
+                    NamedContext::Target(nested) => v1::named_context::Source::Target(request_to_proto(nested)),
+                };
+                (name.clone(), v1::NamedContext { source: Some(source) })
+            })
+            .collect(),
     }
 }
 
@@ -360,9 +375,42 @@ pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, Wir
         id,
         attempt: request.attempt,
         trace: TraceContext { traceparent: request.traceparent, tracestate: request.tracestate }.bounded(),
+        named_contexts: named_contexts_from_proto(request.named_contexts, 0)?,
     };
     request.check_bounds()?;
     Ok(request)
+}
+
+/// Named contexts as sent, nested `target:` builds at most
+/// [`kiln_model::bounds::NAMED_CONTEXT_DEPTH`] deep (checked before they are read further).
+fn named_contexts_from_proto(
+    contexts: std::collections::HashMap<String, v1::NamedContext>,
+    depth: usize,
+) -> Result<BTreeMap<String, NamedContext>, WireError> {
+    let mut named = BTreeMap::new();
+    for (name, context) in contexts {
+        let context = match context.source {
+            Some(v1::named_context::Source::Image(reference)) => NamedContext::Image(
+                reference.parse().map_err(|e| WireError::NamedContext(format!("{name}: {reference:?}: {e}")))?,
+            ),
+            Some(v1::named_context::Source::Target(nested)) => {
+                if depth + 1 > kiln_model::bounds::NAMED_CONTEXT_DEPTH {
+                    return Err(WireError::NamedContext(format!(
+                        "{name}: target contexts nest deeper than {} levels",
+                        kiln_model::bounds::NAMED_CONTEXT_DEPTH
+                    )));
+                }
+                let mut nested = nested;
+                let contexts = std::mem::take(&mut nested.named_contexts);
+                let mut request = request_from_proto(nested)?;
+                request.named_contexts = named_contexts_from_proto(contexts, depth + 1)?;
+                NamedContext::Target(Box::new(request))
+            }
+            None => return Err(WireError::NamedContext(format!("{name}: no source"))),
+        };
+        named.insert(name.to_lowercase(), context);
+    }
+    Ok(named)
 }
 
 /// A context manifest as sent.

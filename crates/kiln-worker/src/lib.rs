@@ -68,7 +68,8 @@ pub struct VertexOutput {
 /// Per-build inputs the graph refers to by name.
 #[derive(Default, Clone)]
 pub struct BuildInputs {
-    /// Local contexts by name (`context` is the main one).
+    /// Local contexts by name (`context` is the main one), and those of nested builds
+    /// (`target:` named contexts) by the `sha256:` content digest of the sources reading them.
     pub contexts: HashMap<String, Arc<dyn BuildContext>>,
     /// Secrets by id.
     pub secrets: HashMap<String, Vec<u8>>,

@@ -80,10 +80,13 @@ impl Worker {
                 self.record_origins(&image).await.map_err(|e| e.to_string())?;
                 Ok(VertexOutput { snapshot: Snapshot { layers: chain }, image: Some(image) })
             }
-            SourceOp::Local { name, include, exclude, .. } => {
+            SourceOp::Local { name, include, exclude, content } => {
+                // A nested build's context is known by the content it selects (`target:`
+                // named contexts), the build's own by its name.
                 let context = build
                     .contexts
-                    .get(name)
+                    .get(&content.to_string())
+                    .or_else(|| build.contexts.get(name))
                     .cloned()
                     .ok_or_else(|| format!("build context {name:?} was not provided"))?;
                 let (include, exclude) = (include.clone(), exclude.clone());

@@ -183,6 +183,7 @@ impl Fixture {
             build_platform: Platform::host(),
             context: &context,
             images: &NoImageMetadata,
+            named: &Default::default(),
         };
         let graph = convert("FROM scratch\nCOPY . /\n", &options).unwrap().graph;
         let source = graph

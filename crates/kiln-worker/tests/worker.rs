@@ -65,6 +65,7 @@ impl Fixture {
             build_platform: Platform::host(),
             context: context.as_ref(),
             images: &NoImageMetadata,
+            named: &Default::default(),
         };
         (convert(&text, &options).unwrap().graph, context)
     }

@@ -70,6 +70,7 @@ fuzz_target!(|data: &[u8]| {
             build_platform: Platform::host(),
             context: &context,
             images: &images,
+            named: &Default::default(),
         };
         let _ = convert(text, &options);
     }

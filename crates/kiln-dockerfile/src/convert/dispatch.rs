@@ -5,7 +5,7 @@ use kiln_graph::{Chown, FileAction, FileOp, Op, SourceOp};
 use kiln_types::{ImageReference, Platform};
 
 use super::state::{StageResult, StageState};
-use super::{Converter, Failure, FrontendError};
+use super::{Converter, Failure, FrontendError, NamedInput};
 use crate::image::HealthConfig;
 use crate::instructions::{ArgDecl, Command, CommandLine, Healthcheck, Instruction, KeyValue, parse_instruction};
 use crate::parser;
@@ -24,6 +24,13 @@ impl Converter<'_> {
         let stage = &self.file.stages[index];
         let name = stage.display_name();
         let line = Some(stage.line);
+        // A named context called like the stage replaces it, instructions and all.
+        if let Some(stage_name) = &stage.from.name
+            && let Some(input) = self.named(stage_name)
+        {
+            let replaced = self.replaced_stage(index, stage_name, input);
+            return replaced.map_err(|f| self.error(&name, line, f));
+        }
         let mut state = self.start_stage(index).map_err(|f| self.error(&name, line, f))?;
         let triggers = std::mem::take(&mut state.config.on_build);
         for trigger in &triggers {
@@ -43,13 +50,7 @@ impl Converter<'_> {
         if base.is_empty() {
             return Err(format!("base name ({}) should not be blank", stage.from.image).into());
         }
-        let platform = match &stage.from.platform {
-            Some(p) => {
-                let expanded = self.lexer.process_word(p, &self.meta_env)?;
-                expanded.parse::<Platform>().map_err(|e| format!("FROM --platform: {e}"))?
-            }
-            None => self.target_platform.clone(),
-        };
+        let platform = self.stage_platform(index)?;
         let cmd_total = 1 + stage.commands.iter().filter(|c| produces_vertex(c)).count();
         let mut state = StageState {
             name: stage.display_name(),
@@ -75,6 +76,14 @@ impl Converter<'_> {
                 state.platform = result.platform;
             }
             state.cmd_index += 1;
+        } else if let Some(input) = self.named(&base) {
+            let meta = state.next_meta(&format!("FROM {base}"), (stage.line, stage.line));
+            let result = self.named_result(&base, input, &state.platform, meta)?;
+            state.root = result.root;
+            state.config = result.config;
+            if !explicit_platform {
+                state.platform = result.platform;
+            }
         } else if base.eq_ignore_ascii_case("scratch") {
             state.cmd_index += 1;
         } else {
@@ -84,6 +93,30 @@ impl Converter<'_> {
         // A stage starts with its base's variables: they count against the conversion's size.
         self.charge(state.env.byte_len())?;
         Ok(state)
+    }
+
+    /// A stage's platform: its `FROM --platform`, else the target platform.
+    fn stage_platform(&self, index: usize) -> Result<Platform, Failure> {
+        Ok(match &self.file.stages[index].from.platform {
+            Some(p) => {
+                let expanded = self.lexer.process_word(p, &self.meta_env)?;
+                expanded.parse::<Platform>().map_err(|e| format!("FROM --platform: {e}"))?
+            }
+            None => self.target_platform.clone(),
+        })
+    }
+
+    /// The result of a stage a named context replaces.
+    fn replaced_stage(&mut self, index: usize, name: &str, input: &NamedInput) -> Result<StageResult, Failure> {
+        let platform = self.stage_platform(index)?;
+        let stage = &self.file.stages[index];
+        let meta = kiln_graph::VertexMeta {
+            name: format!("[{}] FROM {name} (named context)", stage.display_name()),
+            stage: Some(stage.display_name()),
+            platform: Some(platform.clone()),
+            lines: Some((stage.line, stage.line)),
+        };
+        self.named_result(name, input, &platform, meta)
     }
 
     fn start_from_image(&mut self, state: &mut StageState, base: &str, line: usize) -> Result<(), Failure> {

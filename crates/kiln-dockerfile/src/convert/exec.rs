@@ -190,7 +190,8 @@ impl Converter<'_> {
         Ok((input, format!("/{}", clean_relative(&source))))
     }
 
-    /// The filesystem named by `--from` or `from=`: a stage (by name or index), else an image.
+    /// The filesystem named by `--from` or `from=`: a stage (by name or index), else a named
+    /// context, else an image.
     pub(super) fn named_source(
         &mut self,
         state: &StageState,
@@ -200,6 +201,14 @@ impl Converter<'_> {
         if let Some(index) = self.find_stage(from, None, true) {
             let result = self.stage(index, Some((&state.name, command.start_line))).map_err(Failure::Located)?;
             return Ok(result.root);
+        }
+        if let Some(input) = self.named(from) {
+            let meta = state.unnumbered_meta(
+                format!("[{}] FROM {from}", state.name),
+                true,
+                Some((command.start_line, command.end_line)),
+            );
+            return Ok(self.named_result(from, input, &state.platform, meta)?.root);
         }
         if from.parse::<usize>().is_ok() {
             return Err(format!("--from={from}: there is no stage with that index").into());

@@ -15,7 +15,7 @@ mod state;
 use std::collections::BTreeMap;
 
 use kiln_graph::{Graph, GraphBuilder, Output};
-use kiln_types::Platform;
+use kiln_types::{ImageReference, Platform};
 
 use crate::context::ContextFiles;
 use crate::image::{ImageConfig, ImageMetadata};
@@ -39,6 +39,20 @@ pub struct ConvertOptions<'a> {
     pub context: &'a dyn ContextFiles,
     /// Base image configs known before the build.
     pub images: &'a dyn ImageMetadata,
+    /// Named contexts by lowercase name (`--build-context`, bake's `contexts`): a stage of that
+    /// name is replaced by it, and `FROM`, `COPY --from` and `--mount from=` naming no stage
+    /// find it before trying an image.
+    pub named: &'a BTreeMap<String, NamedInput>,
+}
+
+/// What a named context stands for in the conversion.
+#[derive(Debug, Clone)]
+pub enum NamedInput {
+    /// `docker-image://REF`: the image.
+    Image(ImageReference),
+    /// Bake's `target:NAME`: that build's output for the stage's platform (or its only
+    /// output), with its image config; its vertices become part of this graph.
+    Plan(std::sync::Arc<BuildPlan>),
 }
 
 /// The converted build: a graph plus the image config of each output.
@@ -313,6 +327,57 @@ impl<'a> Converter<'a> {
     fn referrer_error(&self, referrer: Option<(&str, usize)>, message: String) -> FrontendError {
         let (stage, line) = referrer.map_or((None, None), |(s, l)| (Some(s.to_owned()), Some(l)));
         FrontendError { file: self.options.file_name.clone(), line, stage, message }
+    }
+
+    /// The named context called `name`, if any.
+    pub(crate) fn named(&self, name: &str) -> Option<&'a NamedInput> {
+        self.options.named.get(&name.to_lowercase())
+    }
+
+    /// What the named context `name` stands for on `platform`: an image's source vertex
+    /// (`meta` names it), or the output of another build, whose vertices join this graph.
+    pub(crate) fn named_result(
+        &mut self,
+        name: &str,
+        input: &NamedInput,
+        platform: &Platform,
+        meta: kiln_graph::VertexMeta,
+    ) -> Result<StageResult, Failure> {
+        match input {
+            NamedInput::Image(reference) => {
+                let op = kiln_graph::Op::Source(kiln_graph::SourceOp::Image {
+                    reference: reference.clone(),
+                    platform: platform.clone(),
+                });
+                let root = self.builder.add(op, vec![], meta)?;
+                let config = self.options.images.config(reference, platform).unwrap_or_default();
+                Ok(StageResult { root: Some(root), config, env: Default::default(), platform: platform.clone() })
+            }
+            NamedInput::Plan(plan) => {
+                let outputs = &plan.graph.outputs;
+                let index = outputs
+                    .iter()
+                    .position(|o| o.platform == *platform)
+                    .or((outputs.len() == 1).then_some(0))
+                    .ok_or_else(|| {
+                        let built: Vec<String> = outputs.iter().map(|o| o.platform.to_string()).collect();
+                        format!(
+                            "named context {name}: target {} is built for {}, not {platform}",
+                            plan.target,
+                            built.join(", ")
+                        )
+                    })?;
+                self.builder.import(&plan.graph)?;
+                let output = &outputs[index];
+                let config = plan.images.get(index).cloned().unwrap_or_default();
+                Ok(StageResult {
+                    root: output.digest,
+                    config,
+                    env: Default::default(),
+                    platform: output.platform.clone(),
+                })
+            }
+        }
     }
 
     /// Finds a stage by name or, when `allow_index`, by number.

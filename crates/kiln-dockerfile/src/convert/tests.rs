@@ -16,6 +16,7 @@ struct Build<'a> {
     target: Option<&'a str>,
     args: Vec<(&'a str, &'a str)>,
     platforms: Vec<&'a str>,
+    named: BTreeMap<String, NamedInput>,
 }
 
 fn build<'a>() -> Build<'a> {
@@ -25,6 +26,7 @@ fn build<'a>() -> Build<'a> {
         target: None,
         args: vec![],
         platforms: vec![],
+        named: BTreeMap::new(),
     }
 }
 
@@ -39,6 +41,7 @@ impl Build<'_> {
             build_platform: "linux/amd64".parse().unwrap(),
             context: &context,
             images: &NoImageMetadata,
+            named: &self.named,
         };
         convert(dockerfile, &options)
     }
@@ -542,4 +545,65 @@ fn ssh_mounts_are_numbered_and_the_first_is_ssh_auth_sock() {
     assert_eq!(targets, ["/run/buildkit/ssh_agent.0", "/run/buildkit/ssh_agent.1", "/s"]);
     assert_eq!(env_of(execs[0], "SSH_AUTH_SOCK"), Some("/run/buildkit/ssh_agent.0"));
     assert_eq!(env_of(execs[1], "SSH_AUTH_SOCK"), Some("/mine"), "an ENV of it wins");
+}
+
+fn image_sources(graph: &Graph) -> Vec<String> {
+    graph
+        .vertices
+        .iter()
+        .filter_map(|v| match &v.op {
+            Op::Source(SourceOp::Image { reference, .. }) => Some(reference.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn named_image_contexts_stand_for_bases_stages_and_copy_sources() {
+    let mut b = build();
+    let image = |r: &str| NamedInput::Image(r.parse().unwrap());
+    b.named.insert("base".into(), image("alpine:3.19"));
+    b.named.insert("deps".into(), image("registry.example/deps:1"));
+    // A base name no stage has (names are case-insensitive); a stage the context replaces
+    // (its RUN is never converted), used as a COPY source.
+    let plan = b.plan("FROM busybox AS deps\nRUN slow\nFROM Base\nCOPY --from=deps /d /d\nRUN make\n");
+    assert_eq!(exec_commands(&plan.graph), ["make"], "the replaced stage's RUN is not converted");
+    let mut sources = image_sources(&plan.graph);
+    sources.sort();
+    assert_eq!(sources, ["docker.io/library/alpine:3.19", "registry.example/deps:1"]);
+}
+
+#[test]
+fn a_named_plan_joins_the_graph_with_its_config_and_platform() {
+    let mut base = build();
+    base.platforms = vec!["linux/amd64", "linux/arm64"];
+    let base_plan = base.plan("FROM busybox\nRUN make base\nENV FROM_BASE=yes\nWORKDIR /srv\n");
+    let mut b = build();
+    b.platforms = vec!["linux/arm64"];
+    b.named.insert("base".into(), NamedInput::Plan(std::sync::Arc::new(base_plan.clone())));
+    let plan =
+        b.plan("FROM base AS app\nRUN make app\nFROM busybox\nCOPY --from=app /srv /srv\nCOPY --from=base /srv /b\n");
+    let app = execs(&plan.graph).into_iter().find(|e| e.args.last().unwrap() == "make app").unwrap();
+    assert_eq!(env_of(app, "FROM_BASE"), Some("yes"), "the base's config comes with it");
+    assert_eq!(app.cwd, "/srv");
+    assert_eq!(app.platform, "linux/arm64".parse().unwrap());
+    // The arm64 output of the base plan, with the same digest, is the app's root.
+    let arm64 = base_plan.graph.outputs.iter().find(|o| o.platform.architecture == "arm64").unwrap();
+    let app_vertex = plan
+        .graph
+        .vertices
+        .iter()
+        .find(|v| matches!(&v.op, Op::Exec(e) if e.args.last().unwrap() == "make app"))
+        .unwrap();
+    assert_eq!(app_vertex.inputs, [arm64.digest.unwrap()]);
+    assert!(plan.graph.vertices.iter().any(|v| v.digest == arm64.digest.unwrap()));
+    // Only the arm64 half of the base is in the graph.
+    assert_eq!(exec_commands(&plan.graph).iter().filter(|c| *c == "make base").count(), 1);
+
+    b.platforms = vec!["linux/s390x"];
+    let error = b.error("FROM base\nRUN make app\n");
+    assert!(
+        error.contains("named context base: target stage-0 is built for linux/amd64, linux/arm64, not linux/s390x"),
+        "{error}"
+    );
 }
