@@ -14,6 +14,8 @@ use kiln_registry::{Descriptor, MediaTypes, OCI_MANIFEST, PlatformField, Registr
 use kiln_testkit::{TestRegistry, TestS3, arm64_busybox_rootfs, busybox_rootfs, store_image, workspace_binary};
 use serde_json::Value;
 
+#[path = "cluster/bake.rs"]
+mod bake;
 #[path = "cluster/cache.rs"]
 mod cache;
 #[path = "cluster/gc.rs"]
