@@ -158,9 +158,6 @@ fn request_for(
 ) -> anyhow::Result<BuildRequest> {
     let target = resolved.get(name).with_context(|| format!("no target named {name:?}"))?;
     let fail = |what: String| format!("target {name}: {what}");
-    if !target.labels.is_empty() {
-        bail!(fail("labels are not supported yet (docs/bake.md)".into()));
-    }
     let context = cwd.join(target.context.as_deref().unwrap_or("."));
     if !context.is_dir() {
         bail!(fail(format!("context {} is not a directory", context.display())));
@@ -185,13 +182,8 @@ fn request_for(
         let context = if let Some(linked) = source.strip_prefix("target:") {
             let nested = request_for(resolved, linked, cwd, args)?;
             NamedContext::Target(Box::new(nested))
-        } else if source.starts_with("docker-image://") {
-            NamedContext::parse_image(source)
-                .map_err(|e| anyhow::anyhow!(fail(format!("contexts.{context_name}: {e}"))))?
         } else {
-            bail!(fail(format!(
-                "contexts.{context_name} = {source:?}: only target:NAME and docker-image://REF contexts are supported yet"
-            )));
+            build::named_context(source, cwd).with_context(|| fail(format!("contexts.{context_name}")))?
         };
         named_contexts.insert(context_name.to_lowercase(), context);
     }
@@ -211,6 +203,7 @@ fn request_for(
         cache_to: build::caches(&cache_to, CacheDirection::To).with_context(|| fail("cache-to".into()))?,
         allow: args.run.allow.iter().copied().collect(),
         named_contexts,
+        labels: target.labels.iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect(),
         ..BuildRequest::default()
     })
 }

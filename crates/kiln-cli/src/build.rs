@@ -55,8 +55,11 @@ pub struct BuildArgs {
     /// Secret for `RUN --mount=type=secret`: `id=ID,src=PATH` or `id=ID,env=VAR`.
     #[arg(long = "secret", value_name = "SPEC")]
     secrets: Vec<String>,
-    /// A named context, `NAME=docker-image://REF`: what `FROM NAME` and `COPY --from=NAME`
-    /// mean instead of a stage or image of that name.
+    /// Set a label on the image: `KEY=VALUE`.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// A named context, `NAME=docker-image://REF` or `NAME=DIR`: what `FROM NAME` and
+    /// `COPY --from=NAME` mean instead of a stage or image of that name.
     #[arg(long = "build-context", value_name = "NAME=VALUE")]
     build_contexts: Vec<String>,
 }
@@ -114,6 +117,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         // A CI job's trace contains its image build (as buildx honours TRACEPARENT).
         trace: kiln_model::TraceContext::from_env(),
         named_contexts: named_contexts(&args.build_contexts)?,
+        labels: labels(&args.labels)?,
     };
     // Refused here, before the context is read or sent, as the daemon would refuse it.
     request.check_bounds()?;
@@ -190,8 +194,12 @@ impl Contexts {
             let sent = self.send(client, &request.context, &request.dockerignore).await?;
             request.context_manifest = Some(sent.manifest);
             for context in request.named_contexts.values_mut() {
-                if let NamedContext::Target(nested) = context {
-                    self.prepare(client, nested).await?;
+                match context {
+                    NamedContext::Target(nested) => drop(self.prepare(client, nested).await?),
+                    NamedContext::Local { dir, dockerignore, manifest } => {
+                        *manifest = Some(self.send(client, dir, dockerignore).await?.manifest);
+                    }
+                    NamedContext::Image(_) => {}
                 }
             }
             Ok(Some(sent.stats))
@@ -376,17 +384,43 @@ pub(crate) fn outputs(specs: &[String], tags: &[String], push: bool) -> anyhow::
     Ok(outputs)
 }
 
-/// `--build-context NAME=docker-image://REF` values.
+/// `--label KEY=VALUE` values.
+fn labels(values: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    values
+        .iter()
+        .map(|value| match value.split_once('=') {
+            Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+            _ => bail!("--label {value:?}: expected KEY=VALUE"),
+        })
+        .collect()
+}
+
+/// `--build-context NAME=docker-image://REF|DIR` values.
 fn named_contexts(values: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, NamedContext>> {
+    let cwd = std::env::current_dir().context("reading the current directory")?;
     let mut named = std::collections::BTreeMap::new();
     for value in values {
         let Some((name, source)) = value.split_once('=').filter(|(name, _)| !name.is_empty()) else {
             bail!("--build-context {value:?}: expected NAME=VALUE");
         };
-        let context = NamedContext::parse_image(source).map_err(|e| anyhow::anyhow!("--build-context {name}: {e}"))?;
+        let context = named_context(source, &cwd).with_context(|| format!("--build-context {name}"))?;
         named.insert(name.to_lowercase(), context);
     }
     Ok(named)
+}
+
+/// A named context's value (`docker-image://REF` or a directory, relative to `base`), a
+/// directory's `.dockerignore` read.
+pub(crate) fn named_context(value: &str, base: &Path) -> anyhow::Result<NamedContext> {
+    let mut context = NamedContext::parse(value, base).map_err(anyhow::Error::msg)?;
+    if let NamedContext::Local { dir, dockerignore, .. } = &mut context {
+        *dir = std::path::absolute(&*dir).with_context(|| format!("{value:?}"))?;
+        if !dir.is_dir() {
+            bail!("{} is not a directory", dir.display());
+        }
+        *dockerignore = read_dockerignore(dir, None)?.0;
+    }
+    Ok(context)
 }
 
 /// Cache specs, with local directories made absolute (the daemon reads and writes them).

@@ -40,7 +40,7 @@ enum Command {
     /// Print the build graph Kiln would execute, without running anything.
     Plan(plan::PlanArgs),
     /// Build an image from a Dockerfile.
-    Build(build::BuildArgs),
+    Build(Box<build::BuildArgs>),
     /// Build the targets of bake files (docker-bake.hcl, docker-bake.json).
     Bake(bake::BakeArgs),
     /// List the cluster's workers with their load.
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Plan(args) => plan::run(args).map(|()| true),
-        Command::Build(args) => run(Box::pin(build::run(args, address))),
+        Command::Build(args) => run(Box::pin(build::run(*args, address))),
         Command::Bake(args) => run(Box::pin(bake::run(args, address))),
         Command::Workers(args) => run(Box::pin(cluster::workers(args, address))),
         Command::Info(args) => run(Box::pin(cluster::info(args, address))),

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+#[path = "cli/bake.rs"]
+mod bake;
 #[path = "cli/build.rs"]
 mod build;
 #[path = "cli/cache.rs"]

@@ -71,7 +71,15 @@ type NestedContexts = HashMap<Digest, NestedContext>;
 
 /// [`Engine::plan_named`]'s future.
 type PlanningNamed<'a> = std::pin::Pin<
-    Box<dyn Future<Output = Result<(BTreeMap<String, NamedInput>, NestedContexts), BuildError>> + Send + 'a>,
+    Box<
+        dyn Future<
+                Output = Result<
+                    (BTreeMap<String, NamedInput>, NestedContexts, HashMap<String, NestedContext>),
+                    BuildError,
+                >,
+            > + Send
+            + 'a,
+    >,
 >;
 
 /// A finished build.
@@ -402,7 +410,7 @@ impl Engine {
         request: &BuildRequest,
         context: &Arc<dyn BuildContext>,
     ) -> Result<(BuildPlan, Bases, NestedContexts), BuildError> {
-        let (named, nested) = self.plan_named(request).await?;
+        let (named, mut nested, locals) = self.plan_named(request).await?;
         let first = convert_blocking(request, context, ResolvedImages(HashMap::new()), &named).await?;
         // Each (reference, platform) is one source vertex: the graph already merged repeats.
         let wanted: Vec<(ImageReference, Platform)> = first
@@ -416,7 +424,10 @@ impl Engine {
             .collect();
         if wanted.is_empty() {
             check_layer_depth(&first, &HashMap::new())?;
-            return Ok((first, Bases::default(), nested));
+            let mut plan = first;
+            label(&mut plan, request);
+            nested.extend(local_sources(&plan, &locals));
+            return Ok((plan, Bases::default(), nested));
         }
         let registry = self.stores.registry();
         let cas = self.stores.cas();
@@ -433,15 +444,19 @@ impl Engine {
             base_layers.insert((reference.clone(), platform.clone()), image.manifest.layers.len());
             configs.insert((reference.to_string(), platform), config);
         }
-        let plan = convert_blocking(request, context, ResolvedImages(configs), &named).await?;
+        let mut plan = convert_blocking(request, context, ResolvedImages(configs), &named).await?;
         check_layer_depth(&plan, &base_layers)?;
+        label(&mut plan, request);
+        nested.extend(local_sources(&plan, &locals));
         Ok((plan, bases, nested))
     }
 
     /// What the request's named contexts stand for in its conversion. A `target:` context
     /// is planned as a build of its own (with its own context, for the request's platforms
     /// unless it names its own, in the request's cache group); its context sources are read
-    /// from its context. Boxed: a nested plan may have targets of its own.
+    /// from its context. A directory is read as a context of its own, whose source vertex
+    /// carries the name `context:NAME` (the third map). Boxed: a nested plan may have
+    /// targets of its own.
     fn plan_named<'a>(&'a self, request: &'a BuildRequest) -> PlanningNamed<'a> {
         Box::pin(self.plan_named_inner(request))
     }
@@ -449,12 +464,30 @@ impl Engine {
     async fn plan_named_inner(
         &self,
         request: &BuildRequest,
-    ) -> Result<(BTreeMap<String, NamedInput>, NestedContexts), BuildError> {
+    ) -> Result<(BTreeMap<String, NamedInput>, NestedContexts, HashMap<String, NestedContext>), BuildError> {
         let mut named = BTreeMap::new();
         let mut contexts = NestedContexts::new();
+        let mut locals = HashMap::new();
         for (name, context) in &request.named_contexts {
             let input = match context {
                 NamedContext::Image(reference) => NamedInput::Image(reference.clone()),
+                NamedContext::Local { dir, dockerignore, manifest } => {
+                    let directory = BuildRequest {
+                        context: dir.clone(),
+                        dockerignore: dockerignore.clone(),
+                        context_manifest: manifest.clone(),
+                        cache_group: request.cache_group.clone(),
+                        ..BuildRequest::default()
+                    };
+                    let files = self
+                        .context(&directory)
+                        .await
+                        .map_err(|source| BuildError::NamedContext { name: name.clone(), source: Box::new(source) })?;
+                    let source = format!("context:{name}");
+                    let local = NestedContext { files: Arc::clone(&files), manifest: manifest.clone().map(Arc::new) };
+                    locals.insert(source.clone(), local);
+                    NamedInput::Local { source, files }
+                }
                 NamedContext::Target(target) => {
                     let mut target = (**target).clone();
                     if target.platforms.is_empty() {
@@ -486,7 +519,28 @@ impl Engine {
             };
             named.insert(name.clone(), input);
         }
-        Ok((named, contexts))
+        Ok((named, contexts, locals))
+    }
+}
+
+/// The directories of named contexts by the content of the source vertices reading them
+/// (`locals`: by the name those vertices carry).
+fn local_sources<'a>(
+    plan: &'a BuildPlan,
+    locals: &'a HashMap<String, NestedContext>,
+) -> impl Iterator<Item = (Digest, NestedContext)> + 'a {
+    plan.graph.vertices.iter().filter_map(|vertex| match &vertex.op {
+        Op::Source(SourceOp::Local { name, content, .. }) => Some((*content, locals.get(name)?.clone())),
+        _ => None,
+    })
+}
+
+/// Sets the request's `--label`s on every output's image config, over the Dockerfile's (as
+/// BuildKit's `label:` options do; a target using this build as a named context inherits
+/// them).
+fn label(plan: &mut BuildPlan, request: &BuildRequest) {
+    for image in &mut plan.images {
+        image.labels.extend(request.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
 }
 

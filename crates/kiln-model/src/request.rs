@@ -59,6 +59,8 @@ pub struct BuildRequest {
     /// what `FROM NAME`, `COPY --from=NAME` and `RUN --mount=from=NAME` mean, before any stage
     /// or image of that name.
     pub named_contexts: BTreeMap<String, NamedContext>,
+    /// `--label`: labels set on the image, over those of its Dockerfile.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What a named context is.
@@ -66,20 +68,37 @@ pub struct BuildRequest {
 pub enum NamedContext {
     /// `docker-image://REF`: an image.
     Image(kiln_types::ImageReference),
+    /// A local directory: its files (under its own `.dockerignore`) are the filesystem.
+    Local {
+        /// The directory (on the daemon's machine; used when no manifest is sent).
+        dir: PathBuf,
+        /// The `.dockerignore` text that applies to it.
+        dockerignore: String,
+        /// Its uploaded manifest, instead of `dir`: what a client on another machine sends.
+        manifest: Option<ContextManifest>,
+    },
     /// Bake's `target:NAME`: another build whose result is part of this build's graph (its
     /// `dockerfile`, `file_name`, `context`, `dockerignore`, `target`, `build_args`,
-    /// `platforms`, `context_manifest` and `named_contexts` are used; the rest is this build's).
+    /// `platforms`, `context_manifest`, `labels` and `named_contexts` are used; the rest is
+    /// this build's).
     Target(Box<BuildRequest>),
 }
 
 impl NamedContext {
-    /// Parses `--build-context`'s value: `docker-image://REF`; `target:` contexts are made by
-    /// bake, which knows the targets.
-    pub fn parse_image(value: &str) -> Result<NamedContext, String> {
-        let Some(reference) = value.strip_prefix("docker-image://") else {
-            return Err(format!("{value:?}: only docker-image://REF named contexts are supported here"));
-        };
-        reference.parse().map(NamedContext::Image).map_err(|e| format!("{value:?}: {e}"))
+    /// Parses `--build-context`'s value: `docker-image://REF` or a directory (relative ones
+    /// to `base`; its `.dockerignore` is read by the caller); `target:` contexts are made by
+    /// bake, which knows the targets. URLs (Git, HTTP) are refused: Kiln does not fetch them
+    /// as contexts yet.
+    pub fn parse(value: &str, base: &std::path::Path) -> Result<NamedContext, String> {
+        if let Some(reference) = value.strip_prefix("docker-image://") {
+            return reference.parse().map(NamedContext::Image).map_err(|e| format!("{value:?}: {e}"));
+        }
+        if value.contains("://") || value.starts_with("git@") || value.starts_with("target:") {
+            return Err(format!(
+                "{value:?}: Kiln takes docker-image://REF, a directory or (in bake) target:NAME as named contexts"
+            ));
+        }
+        Ok(NamedContext::Local { dir: base.join(value), dockerignore: String::new(), manifest: None })
     }
 }
 
@@ -161,6 +180,7 @@ impl BuildRequest {
         over(format!("the Dockerfile {}", self.file_name), self.dockerfile.len(), "bytes", bounds::DOCKERFILE)?;
         over("the .dockerignore".into(), self.dockerignore.len(), "bytes", bounds::DOCKERIGNORE)?;
         over("--build-arg".into(), self.build_args.len(), "arguments", bounds::BUILD_ARGS)?;
+        over("--label".into(), self.labels.len(), "labels", bounds::BUILD_ARGS)?;
         for (name, value) in &self.build_args {
             over(format!("--build-arg {name}"), name.len() + value.len() + 1, "bytes", bounds::BUILD_ARG)?;
         }
@@ -171,9 +191,10 @@ impl BuildRequest {
         let total = self.dockerfile.len()
             + self.dockerignore.len()
             + self.build_args.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>()
+            + self.labels.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>()
             + self.secrets.iter().map(|(id, value)| id.len() + value.len()).sum::<usize>();
         over(
-            "the Dockerfile, .dockerignore, build arguments and secrets together".into(),
+            "the Dockerfile, .dockerignore, build arguments, labels and secrets together".into(),
             total,
             "bytes",
             bounds::TOTAL,
@@ -181,10 +202,17 @@ impl BuildRequest {
         for (name, context) in &self.named_contexts {
             *named += 1;
             over("named contexts".into(), *named, "contexts", bounds::NAMED_CONTEXTS)?;
-            if let NamedContext::Target(nested) = context {
-                let what = format!("the chain of target contexts through {name}");
-                over(what, depth + 1, "levels", bounds::NAMED_CONTEXT_DEPTH)?;
-                nested.check_nested(depth + 1, named)?;
+            match context {
+                NamedContext::Target(nested) => {
+                    let what = format!("the chain of target contexts through {name}");
+                    over(what, depth + 1, "levels", bounds::NAMED_CONTEXT_DEPTH)?;
+                    nested.check_nested(depth + 1, named)?;
+                }
+                NamedContext::Local { dockerignore, .. } => {
+                    let what = format!("the .dockerignore of named context {name}");
+                    over(what, dockerignore.len(), "bytes", bounds::DOCKERIGNORE)?;
+                }
+                NamedContext::Image(_) => {}
             }
         }
         Ok(())

@@ -329,6 +329,7 @@ pub fn request_to_proto(request: &BuildRequest) -> v1::BuildRequest {
         attempt: request.attempt,
         traceparent: request.trace.traceparent.clone(),
         tracestate: request.trace.tracestate.clone(),
+        labels: request.labels.clone().into_iter().collect(),
         named_contexts: request
             .named_contexts
             .iter()
@@ -336,6 +337,13 @@ pub fn request_to_proto(request: &BuildRequest) -> v1::BuildRequest {
                 let source = match context {
                     NamedContext::Image(reference) => v1::named_context::Source::Image(reference.to_string()),
                     NamedContext::Target(nested) => v1::named_context::Source::Target(request_to_proto(nested)),
+                    NamedContext::Local { dir, dockerignore, manifest } => {
+                        v1::named_context::Source::Local(v1::LocalContext {
+                            path: dir.display().to_string(),
+                            dockerignore: dockerignore.clone(),
+                            manifest: manifest.as_ref().map(manifest_to_proto),
+                        })
+                    }
                 };
                 (name.clone(), v1::NamedContext { source: Some(source) })
             })
@@ -376,6 +384,7 @@ pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, Wir
         attempt: request.attempt,
         trace: TraceContext { traceparent: request.traceparent, tracestate: request.tracestate }.bounded(),
         named_contexts: named_contexts_from_proto(request.named_contexts, 0)?,
+        labels: request.labels.into_iter().collect(),
     };
     request.check_bounds()?;
     Ok(request)
@@ -406,6 +415,11 @@ fn named_contexts_from_proto(
                 request.named_contexts = named_contexts_from_proto(contexts, depth + 1)?;
                 NamedContext::Target(Box::new(request))
             }
+            Some(v1::named_context::Source::Local(local)) => NamedContext::Local {
+                dir: PathBuf::from(local.path),
+                dockerignore: local.dockerignore,
+                manifest: local.manifest.map(manifest_from_proto).transpose()?,
+            },
             None => return Err(WireError::NamedContext(format!("{name}: no source"))),
         };
         named.insert(name.to_lowercase(), context);

@@ -38,6 +38,11 @@ impl Setup {
         Setup { base: base.to_string(), registry, dir }
     }
 
+    /// The base image's reference.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
     fn root(&self) -> PathBuf {
         self.dir.path().join("state")
     }
@@ -62,7 +67,7 @@ impl Setup {
         command
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         self.kiln(args).output().unwrap()
     }
 }

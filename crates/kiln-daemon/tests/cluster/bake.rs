@@ -17,7 +17,7 @@ target "services" {
   name = "svc${n}"
   matrix = { n = ["1", "2", "3", "4", "5", "6"] }
   context = "svc${n}"
-  contexts = { base = "target:base" }
+  contexts = { base = "target:base", docs = "./docs" }
   platforms = ["linux/amd64"]
   output = ["type=local,dest=out/svc${n}"]
 }
@@ -31,6 +31,7 @@ target "img" {
   matrix = { flavor = ["a", "b"], size = ["s", "m"] }
   dockerfile-inline = "FROM BASE\nARG FLAVOR\nARG SIZE\nRUN echo $FLAVOR-$SIZE > /variant\n"
   args = { FLAVOR = flavor, SIZE = size }
+  labels = { "org.example.variant" = "${flavor}-${size}" }
   tags = ["${REGISTRY}/kiln/img:${flavor}-${size}"]
   platforms = ["linux/amd64"]
 }
@@ -78,11 +79,13 @@ fn a_bake_of_six_services_builds_their_base_once_over_two_workers_and_a_matrix_p
             dir.join("Dockerfile"),
             format!(
                 "FROM base\nRUN cat /proc/sys/kernel/random/uuid > /shared\nCOPY app.txt app.txt\n\
-                 RUN sleep 1 && echo $FROM_BASE-{n} > out\n"
+                 RUN sleep 1 && echo $FROM_BASE-{n} > out\nCOPY --from=docs /guide.md guide.md\n"
             ),
         )
         .unwrap();
     }
+    std::fs::create_dir_all(repo.join("docs")).unwrap();
+    std::fs::write(repo.join("docs/guide.md"), "# guide\n").unwrap();
     std::fs::write(repo.join("docker-bake.hcl"), BAKE).unwrap();
 
     let metadata = repo.join("metadata.json");
@@ -124,6 +127,7 @@ fn a_bake_of_six_services_builds_their_base_once_over_two_workers_and_a_matrix_p
         let svc = repo.join(format!("out/svc{n}"));
         assert_eq!(std::fs::read_to_string(svc.join("srv/out")).unwrap(), format!("yes-{n}\n"));
         assert_eq!(std::fs::read_to_string(svc.join("srv/app.txt")).unwrap(), format!("app {n}\n"));
+        assert_eq!(std::fs::read_to_string(svc.join("srv/guide.md")).unwrap(), "# guide\n", "a directory context");
         assert_eq!(std::fs::read_to_string(svc.join("base-id")).unwrap(), base_id);
         assert_eq!(std::fs::read_to_string(svc.join("shared")).unwrap(), shared_id);
         assert!(progress.contains(&format!("[svc{n}] [base] [2/3] RUN sleep 1")), "{progress}");
@@ -162,6 +166,17 @@ fn a_bake_of_six_services_builds_their_base_once_over_two_workers_and_a_matrix_p
             assert!(inspect.status.success(), "{name}: {}", text(&inspect.stderr));
             let digest = kiln_types::Digest::of(&inspect.stdout).to_string();
             assert_eq!(entry["containerimage.digest"].as_str(), Some(digest.as_str()), "{name}");
+            let config = Command::new("skopeo")
+                .args(["inspect", "--config", "--tls-verify=false", &format!("docker://{name}")])
+                .output()
+                .unwrap();
+            let config: Value = serde_json::from_slice(&config.stdout).unwrap();
+            let variant = format!("{flavor}-{size}");
+            assert_eq!(
+                config["config"]["Labels"]["org.example.variant"].as_str(),
+                Some(variant.as_str()),
+                "{config:#}"
+            );
         }
     }
 }

@@ -46,8 +46,16 @@ pub struct ConvertOptions<'a> {
 }
 
 /// What a named context stands for in the conversion.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum NamedInput {
+    /// A local directory: its files are the filesystem, read by a context source vertex
+    /// named `source`.
+    Local {
+        /// The context name the source vertex carries.
+        source: String,
+        /// The directory's files.
+        files: std::sync::Arc<dyn ContextFiles + Send + Sync>,
+    },
     /// `docker-image://REF`: the image.
     Image(ImageReference),
     /// Bake's `target:NAME`: that build's output for the stage's platform (or its only
@@ -352,6 +360,25 @@ impl<'a> Converter<'a> {
                 let root = self.builder.add(op, vec![], meta)?;
                 let config = self.options.images.config(reference, platform).unwrap_or_default();
                 Ok(StageResult { root: Some(root), config, env: Default::default(), platform: platform.clone() })
+            }
+            NamedInput::Local { source, files } => {
+                let everything = vec![String::new()];
+                let selected =
+                    crate::context::select(files.as_ref(), &everything, &crate::ignore::PatternList::default())?;
+                let content = crate::context::selection_digest(files.as_ref(), &selected)?;
+                let op = kiln_graph::Op::Source(kiln_graph::SourceOp::Local {
+                    name: source.clone(),
+                    include: everything,
+                    exclude: Vec::new(),
+                    content,
+                });
+                let root = self.builder.add(op, vec![], meta)?;
+                Ok(StageResult {
+                    root: Some(root),
+                    config: Default::default(),
+                    env: Default::default(),
+                    platform: platform.clone(),
+                })
             }
             NamedInput::Plan(plan) => {
                 let outputs = &plan.graph.outputs;
