@@ -3,6 +3,7 @@
 //! targets (`inherits` merged as buildx merges them) and printed in buildx's `--print` shape.
 //! Pure: the caller reads the files and the environment.
 
+mod compose;
 mod eval;
 mod functions;
 mod overrides;
@@ -55,7 +56,7 @@ pub fn load(files: &[BakeFile], env: &dyn Fn(&str) -> Option<String>) -> Result<
     // Variables and functions first, from every file: a target may use one a later file
     // defines.
     for file in files {
-        let items = syntax::parse(file)?;
+        let items = if compose::is_compose(&file.name) { Vec::new() } else { syntax::parse(file)? };
         for item in &items {
             let fail = |message: String| BakeError { file: file.name.clone(), line: item.line, message };
             match &item.kind {
@@ -91,6 +92,10 @@ pub fn load(files: &[BakeFile], env: &dyn Fn(&str) -> Option<String>) -> Result<
     }
     let mut definition = Definition::default();
     for (file, items) in &parsed {
+        if compose::is_compose(&file.name) {
+            compose::define(&mut definition, file, env)?;
+            continue;
+        }
         for item in items {
             let Kind::Block { ident, labels, body } = &item.kind else { continue };
             let fail = |message: String| BakeError { file: file.name.clone(), line: item.line, message };

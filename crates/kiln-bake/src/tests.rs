@@ -443,3 +443,92 @@ group "default" {
     let bad = [Override::parse("api.pull=maybe").unwrap()];
     assert_eq!(resolve(&definition, &[], &bad).unwrap_err(), "--set api.pull=maybe: \"maybe\" is not true or false");
 }
+
+#[test]
+fn compose_services_are_targets_and_bake_files_override_them() {
+    let compose = r#"
+services:
+  db:
+    image: postgres:16
+  base:
+    build: ./base
+    image: registry.example/base:${TAG:-dev}
+  api.v2:
+    build:
+      context: api
+      dockerfile: api.Dockerfile
+      args:
+        - GO_VERSION=1.22
+        - COST=$$5
+        - FROM_ENV
+      labels:
+        team: ${TEAM}
+      additional_contexts:
+        base: service:base
+        docs: ./docs
+      secrets:
+        - npm
+        - source: token
+          target: gh
+      x-bake:
+        platforms: [linux/amd64, linux/arm64]
+        cache-to: ["type=local,dest=cache"]
+    image: registry.example/api
+secrets:
+  npm:
+    file: ./npmrc
+  token:
+    environment: GH_TOKEN
+"#;
+    let bake = r#"
+target "api_v2" {
+  tags = ["registry.example/api:${TAG}"]
+}
+variable "TAG" {
+  default = "latest"
+}
+"#;
+    let files = [("compose.yaml", compose), ("docker-bake.hcl", bake)];
+    let out = printed(&files, &[("TAG", "v3"), ("TEAM", "core")], &[]).unwrap();
+    assert_eq!(
+        out,
+        json!({
+            "group": {"default": {"targets": ["api_v2", "base"]}},
+            "target": {
+                "api_v2": {
+                    "context": "api",
+                    "contexts": {"base": "target:base", "docs": "./docs"},
+                    "dockerfile": "api.Dockerfile",
+                    "args": {"COST": "$5", "GO_VERSION": "1.22"},
+                    "labels": {"team": "core"},
+                    "tags": ["registry.example/api:v3"],
+                    "cache-to": [{"type": "local", "dest": "cache"}],
+                    "secret": [{"id": "npm", "src": "./npmrc"}, {"id": "gh", "env": "GH_TOKEN"}],
+                    "platforms": ["linux/amd64", "linux/arm64"]
+                },
+                "base": {"context": "./base", "dockerfile": "Dockerfile", "tags": ["registry.example/base:v3"]}
+            }
+        })
+    );
+    // Unset variables take their defaults; files in a directory resolve contexts there.
+    let out = printed(&[("ci/compose.yml", "services:\n  app:\n    build: .\n    image: a:${TAG:-dev}\n")], &[], &[])
+        .unwrap();
+    assert_eq!(out["target"]["app"]["context"], "ci/.");
+    assert_eq!(out["target"]["app"]["tags"], json!(["a:dev"]));
+
+    for (text, error) in [
+        (
+            "services:\n  a:\n    build:\n      ssh: [default]\n",
+            "compose.yaml: services.a.build: ssh: not supported by Kiln",
+        ),
+        ("services:\n  a:\n    build: .\n    image: ${MUST:?set MUST}\n", "compose.yaml: MUST: set MUST"),
+        ("services:\n  a: [\n", "compose.yaml:3: "),
+        (
+            "services:\n  a:\n    build:\n      secrets: [nope]\n",
+            "services.a.build: secrets: \"nope\" is not in the top-level secrets",
+        ),
+    ] {
+        let error_text = printed(&[("compose.yaml", text)], &[], &[]).unwrap_err();
+        assert!(error_text.contains(error), "{text}: {error_text}");
+    }
+}

@@ -18,19 +18,24 @@ use crate::input::read_dockerignore;
 use crate::progress::Renderer;
 
 /// The files read without `-f`, in buildx's order (later ones override earlier ones).
-const DEFAULT_FILES: [&str; 4] =
-    ["docker-bake.json", "docker-bake.hcl", "docker-bake.override.json", "docker-bake.override.hcl"];
-
-/// Compose files buildx also reads by default; Kiln does not read them yet.
-const COMPOSE_FILES: [&str; 4] = ["compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"];
+const DEFAULT_FILES: [&str; 8] = [
+    "compose.yaml",
+    "compose.yml",
+    "docker-compose.yml",
+    "docker-compose.yaml",
+    "docker-bake.json",
+    "docker-bake.hcl",
+    "docker-bake.override.json",
+    "docker-bake.override.hcl",
+];
 
 /// Arguments of `kiln bake`, as `docker buildx bake` spells them.
 #[derive(Args)]
 pub struct BakeArgs {
     /// Targets or groups to build (default: the `default` group).
     targets: Vec<String>,
-    /// Bake file (repeatable; default: docker-bake.json, docker-bake.hcl and their
-    /// `.override` files, those present).
+    /// Bake file: HCL, JSON or compose (repeatable; default: compose.yaml, docker-bake.json,
+    /// docker-bake.hcl and the others buildx reads, those present).
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     files: Vec<PathBuf>,
     /// Override a target attribute: `PATTERN.KEY[.NAME][+]=VALUE` (`*.platform=linux/arm64`).
@@ -106,9 +111,6 @@ fn read_files(given: &[PathBuf]) -> anyhow::Result<Vec<BakeFile>> {
     let paths: Vec<PathBuf> = if given.is_empty() {
         let present: Vec<PathBuf> = DEFAULT_FILES.iter().map(PathBuf::from).filter(|p| p.is_file()).collect();
         if present.is_empty() {
-            if let Some(compose) = COMPOSE_FILES.iter().find(|f| Path::new(f).is_file()) {
-                bail!("{compose}: Kiln does not read compose files yet; write a docker-bake.hcl (docs/bake.md)");
-            }
             bail!("no bake file found (looked for {})", DEFAULT_FILES.join(", "));
         }
         present
@@ -118,9 +120,6 @@ fn read_files(given: &[PathBuf]) -> anyhow::Result<Vec<BakeFile>> {
     paths
         .iter()
         .map(|path| {
-            if COMPOSE_FILES.iter().any(|c| path.file_name() == Some(std::ffi::OsStr::new(c))) {
-                bail!("{}: Kiln does not read compose files yet (docs/bake.md)", path.display());
-            }
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             Ok(BakeFile { name: path.display().to_string(), text })
         })
