@@ -166,6 +166,21 @@ impl Scope {
                 }
                 Ok(value)
             }
+            // `try` and `can` see their arguments' errors: they evaluate them themselves.
+            Expression::FuncCall(call) if call.name.name.as_str() == "try" => {
+                let mut last = "try(): takes at least one argument".to_string();
+                for arg in &call.args {
+                    match self.eval(arg, locals) {
+                        Ok(value) => return Ok(value),
+                        Err(error) => last = error,
+                    }
+                }
+                Err(format!("try(): no argument evaluates; the last: {last}"))
+            }
+            Expression::FuncCall(call) if call.name.name.as_str() == "can" => match call.args.as_slice() {
+                [arg] => Ok(Value::Bool(self.eval(arg, locals).is_ok())),
+                _ => Err("can(): takes one argument".into()),
+            },
             Expression::FuncCall(call) => {
                 let mut args = Vec::with_capacity(call.args.len());
                 for arg in &call.args {

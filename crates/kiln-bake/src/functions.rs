@@ -429,6 +429,120 @@ fn more(name: &str, args: Vec<Value>) -> Result<Value, String> {
                 Value::Array(re.captures_iter(&s).map(matched).collect())
             }
         }
+        "md5" | "sha1" => {
+            arity(1)?;
+            let input = text(0)?;
+            Value::String(if name == "md5" {
+                use md5::Digest as _;
+                hex::encode(md5::Md5::digest(input.as_bytes()))
+            } else {
+                use sha1::Digest as _;
+                hex::encode(sha1::Sha1::digest(input.as_bytes()))
+            })
+        }
+        "uuidv4" | "uuid" => {
+            arity(0)?;
+            Value::String(uuid::Uuid::new_v4().to_string())
+        }
+        "uuidv5" => {
+            arity(2)?;
+            let namespace = match text(0)?.as_str() {
+                "dns" => uuid::Uuid::NAMESPACE_DNS,
+                "url" => uuid::Uuid::NAMESPACE_URL,
+                "oid" => uuid::Uuid::NAMESPACE_OID,
+                "x500" => uuid::Uuid::NAMESPACE_X500,
+                other => other.parse().map_err(|e| format!("namespace {other:?}: {e}"))?,
+            };
+            Value::String(uuid::Uuid::new_v5(&namespace, text(1)?.as_bytes()).to_string())
+        }
+        "timestamp" => {
+            arity(0)?;
+            Value::String(crate::dates::timestamp()?)
+        }
+        "formatdate" => {
+            arity(2)?;
+            Value::String(crate::dates::formatdate(&text(0)?, &text(1)?)?)
+        }
+        "timeadd" => {
+            arity(2)?;
+            Value::String(crate::dates::timeadd(&text(0)?, &text(1)?)?)
+        }
+        "setunion" | "setintersection" | "setsubtract" | "setsymmetricdifference" => {
+            let sets = args.iter().map(|a| list(a)).collect::<Result<Vec<_>, _>>()?;
+            let (first, rest) = sets.split_first().ok_or("takes at least one list")?;
+            let mut out: Vec<Value> = Vec::new();
+            let add = |v: &Value, out: &mut Vec<Value>| {
+                if !out.contains(v) {
+                    out.push(v.clone());
+                }
+            };
+            match name {
+                "setunion" => sets.iter().flat_map(|s| s.iter()).for_each(|v| add(v, &mut out)),
+                "setintersection" => {
+                    first.iter().filter(|v| rest.iter().all(|s| s.contains(v))).for_each(|v| add(v, &mut out))
+                }
+                "setsubtract" => {
+                    arity(2)?;
+                    first.iter().filter(|v| !rest[0].contains(v)).for_each(|v| add(v, &mut out))
+                }
+                _ => sets
+                    .iter()
+                    .flat_map(|s| s.iter())
+                    .filter(|v| sets.iter().filter(|s| s.contains(v)).count() % 2 == 1)
+                    .for_each(|v| add(v, &mut out)),
+            }
+            Value::Array(out)
+        }
+        "setproduct" => {
+            let mut product: Vec<Vec<Value>> = vec![Vec::new()];
+            for arg in &args {
+                let items = list(arg)?;
+                product = product
+                    .iter()
+                    .flat_map(|prefix| items.iter().map(move |item| [prefix.clone(), vec![item.clone()]].concat()))
+                    .collect();
+                if product.len() > 4096 {
+                    return Err("more than 4096 combinations".into());
+                }
+            }
+            Value::Array(if args.is_empty() { Vec::new() } else { product.into_iter().map(Value::Array).collect() })
+        }
+        "chunklist" => {
+            arity(2)?;
+            let items = list(&args[0])?;
+            let size = args[1].as_f64().filter(|n| *n >= 0.0).ok_or("the size is not a number")?;
+            match size as usize {
+                0 => Value::Array(vec![Value::Array(items.clone())]),
+                size => Value::Array(items.chunks(size).map(|c| Value::Array(c.to_vec())).collect()),
+            }
+        }
+        "formatlist" => {
+            let (spec, rest) = args.split_first().ok_or("takes a format")?;
+            let spec = text_of(spec)?;
+            let lengths: Vec<usize> = rest.iter().filter_map(|a| a.as_array().map(Vec::len)).collect();
+            let n = lengths.first().copied().unwrap_or(1);
+            if lengths.iter().any(|l| *l != n) {
+                return Err("the lists differ in length".into());
+            }
+            let mut out = Vec::with_capacity(n);
+            for i in 0..n {
+                let row: Vec<Value> =
+                    rest.iter().map(|a| a.as_array().map_or_else(|| a.clone(), |items| items[i].clone())).collect();
+                out.push(Value::String(format_go(&spec, &row)?));
+            }
+            Value::Array(out)
+        }
+        "log" => {
+            arity(2)?;
+            let (Some(x), Some(base)) = (args[0].as_f64(), args[1].as_f64()) else {
+                return Err("takes two numbers".into());
+            };
+            number(x.ln() / base.ln())
+        }
+        "byteslen" => {
+            arity(1)?;
+            number(text(0)?.len() as f64)
+        }
         _ => return Err(format!("unknown function {name}()")),
     })
 }

@@ -4,6 +4,7 @@
 //! Pure: the caller reads the files and the environment.
 
 mod compose;
+mod dates;
 mod eval;
 mod functions;
 mod overrides;

@@ -338,6 +338,33 @@ fn standard_functions_give_what_buildx_gives() {
         (r#"regex("^v([0-9]+)[.]([0-9]+)", "v1.22.3")"#, json!(["1", "22"])),
         (r#"regex("(?P<major>[0-9]+)", "v7")"#, json!({"major": "7"})),
         (r#"regexall("[0-9]+", "a1b22")"#, json!(["1", "22"])),
+        (r#"md5("kiln")"#, json!("9e8287435ae73a052c9459e215e46a28")),
+        (r#"sha1("kiln")"#, json!("7908ea50dacbb9a91898af51d70a054211d46dee")),
+        (r#"uuidv5("dns", "kiln.example")"#, json!("1776fae2-3566-5238-b9ea-e87a752dc868")),
+        (r#"length(uuidv4())"#, json!(36)),
+        (
+            r#"formatdate("YYYY-MM-DD'T'hh:mm:ss ZZZ EEE MMM D, h AA", "2024-02-29T13:04:05Z")"#,
+            json!("2024-02-29T13:04:05 UTC Thu Feb 29, 13 PM"),
+        ),
+        (
+            r#"formatdate("DD MMMM YY, HH:mm ZZZZZ EEEE", "2023-01-07T00:30:00+02:00")"#,
+            json!("07 January 23, 12:30 +02:00 Saturday"),
+        ),
+        (r#"formatdate("'It''s' YYYY", "1999-12-31T23:59:59Z")"#, json!("It's 1999")),
+        (r#"timeadd("2024-02-28T23:30:00Z", "1h30m")"#, json!("2024-02-29T01:00:00Z")),
+        (r#"timeadd("2024-01-01T00:00:00Z", "-1.5s")"#, json!("2023-12-31T23:59:58.5Z")),
+        (r#"can(regex("^[0-9]+$", timestamp())) || length(timestamp()) == 20"#, json!(true)),
+        (r#"setunion(["a", "b"], ["b", "c"])"#, json!(["a", "b", "c"])),
+        (r#"setintersection(["a", "b", "c"], ["c", "a"])"#, json!(["a", "c"])),
+        (r#"setsubtract(["a", "b", "c"], ["b"])"#, json!(["a", "c"])),
+        (r#"setsymmetricdifference(["a", "b"], ["b", "c"])"#, json!(["a", "c"])),
+        (r#"setproduct(["a", "b"], [1, 2])"#, json!([["a", 1], ["a", 2], ["b", 1], ["b", 2]])),
+        (r#"chunklist(["a", "b", "c"], 2)"#, json!([["a", "b"], ["c"]])),
+        (r#"formatlist("%s=%s", ["a", "b"], "x")"#, json!(["a=x", "b=x"])),
+        (r#"log(8, 2)"#, json!(3)),
+        (r#"try(jsondecode("{"), lookup({}, "k"), "fallback")"#, json!("fallback")),
+        (r#"try(unknown_variable, 1)"#, json!(1)),
+        (r#"[can(lookup({}, "k")), can(1)]"#, json!([false, true])),
     ];
     for (expr, expected) in cases {
         assert_eq!(&value_of(expr).unwrap_or_else(|e| panic!("{expr}: {e}")), expected, "{expr}");
@@ -347,6 +374,10 @@ fn standard_functions_give_what_buildx_gives() {
         (r#"slice(["a"], 0, 5)"#, "slice(): 0..5 is outside the list"),
         (r#"range(0, 1, 0)"#, "range(): the range"),
         (r#"parseint("zz", 10)"#, "parseint(): \"zz\""),
+        (r#"try(lookup({}, "k"))"#, "try(): no argument evaluates; the last: lookup(): no key \"k\""),
+        (r#"formatdate("YYY", "2024-01-01T00:00:00Z")"#, "formatdate(): \"YYY\": YYY is not a format letter sequence"),
+        (r#"timeadd("2024-01-01T00:00:00Z", "1d")"#, "timeadd(): \"1d\" is not a duration"),
+        (r#"formatdate("YYYY", "yesterday")"#, "formatdate(): \"yesterday\" is not an RFC 3339 timestamp"),
     ] {
         let got = value_of(expr).unwrap_err();
         assert!(got.contains(error), "{expr}: {got}");
