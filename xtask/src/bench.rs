@@ -39,6 +39,12 @@ enum Mode {
     /// A daemon with an empty store building with `--cache-from` until every step is cached,
     /// against BuildKit with an empty build cache and `--cache-from` the inline-cache image.
     CacheImport,
+    /// `kiln bake --no-cache` of the scenario's `docker-bake.hcl` (a `base` target and
+    /// `svc*` targets using it as `target:base`), against BuildKit building `base/` and then
+    /// every `svc*/` at once (`docker build &`; Docker 20.10 has no bake).
+    Bake,
+    /// [`Mode::Bake`], BuildKit building the services one after another.
+    BakeSequential,
 }
 
 impl Mode {
@@ -53,8 +59,11 @@ impl Mode {
             "pull" => Mode::Pull,
             "cache-export" => Mode::CacheExport,
             "cache-import" => Mode::CacheImport,
+            "bake" => Mode::Bake,
+            "bake-sequential" => Mode::BakeSequential,
             other => bail!(
-                "unknown mode {other:?} (cold, cached, edit, upload, reupload, push, pull, cache-export, cache-import)"
+                "unknown mode {other:?} (cold, cached, edit, upload, reupload, push, pull, cache-export, cache-import, \
+                 bake, bake-sequential)"
             ),
         })
     }
@@ -331,6 +340,7 @@ impl Bench {
             Mode::Pull => self.pull(scenario, &dir, kilnd, runs)?,
             Mode::CacheExport => self.cache_export(scenario, &dir, kilnd, runs)?,
             Mode::CacheImport => self.cache_import(scenario, &dir, kilnd, runs)?,
+            Mode::Bake | Mode::BakeSequential => self.bakes(scenario, &dir, kilnd, runs)?,
             Mode::Upload | Mode::Reupload => {
                 // Their own daemon, so hundreds of megabytes do not stay in the shared store.
                 let root = self.bench_dir.join(format!("kiln-{}-{}", scenario.name, self.nonce));
@@ -380,6 +390,96 @@ impl Bench {
             }
         }
         Ok(Measured { kiln: kiln_times, reference: docker_times, tool: "BuildKit", last })
+    }
+
+    /// `kiln bake` of the scenario against BuildKit building the same targets: the base, then
+    /// the services at once or one after another; interleaved after one warm-up each.
+    fn bakes(&self, scenario: &Scenario, dir: &Path, kilnd: &Kilnd, runs: usize) -> anyhow::Result<Measured> {
+        let (mut kiln_times, mut docker_times, mut last) = (Vec::new(), Vec::new(), None);
+        for round in 0..=runs {
+            let metadata = self.work.join(format!("{}-{round}.json", scenario.name));
+            let started = Instant::now();
+            let status = Command::new(&self.kiln)
+                .env("KILN_ROOT", &kilnd.root)
+                .env_remove("KILN_ADDR")
+                .env("BASE", &self.base)
+                .args(["bake", "--no-cache", "--progress", "plain", "--metadata-file"])
+                .arg(&metadata)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?;
+            let seconds = started.elapsed().as_secs_f64();
+            if !status.success() {
+                bail!("kiln bake of {} failed (see {})", scenario.name, metadata.display());
+            }
+            let metadata: Value = serde_json::from_slice(&std::fs::read(&metadata)?)?;
+            // A vertex several targets share counts once: its executing target's record.
+            let executed = metadata
+                .as_object()
+                .into_iter()
+                .flat_map(|targets| targets.values())
+                .flat_map(|target| target["vertices"].as_array().into_iter().flatten())
+                .filter(|v| v["kind"] == "exec" && v["status"] == "executed")
+                .count() as u64;
+            if round > 0 {
+                kiln_times.push(seconds);
+                last = Some(RunResult { seconds, executed, uploaded_files: 0, uploaded_bytes: 0 });
+            }
+            if self.docker.is_some() {
+                let seconds = self.docker_bake(scenario, dir)?;
+                if round > 0 {
+                    docker_times.push(seconds);
+                }
+            }
+        }
+        let tool = match scenario.mode {
+            Mode::BakeSequential => "BuildKit, one after another",
+            _ => "BuildKit, `docker build &` × 6",
+        };
+        Ok(Measured { kiln: kiln_times, reference: docker_times, tool, last })
+    }
+
+    /// BuildKit building a bake scenario's base, then its `svc*` directories (at once, or
+    /// one after another for [`Mode::BakeSequential`]), every step executed.
+    fn docker_bake(&self, scenario: &Scenario, dir: &Path) -> anyhow::Result<f64> {
+        let base_tag = format!("kiln-bench-bake-base:{}", self.nonce);
+        let build = |args: &[&str], context: &Path, log: &Path| -> anyhow::Result<Child> {
+            let mut command = self.docker_command(&["build", "--no-cache", "--network=none", "--progress=plain"]);
+            command.args(args).arg(context).stdout(Stdio::null()).stderr(std::fs::File::create(log)?);
+            Ok(command.spawn()?)
+        };
+        let mut services: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("svc")))
+            .collect();
+        services.sort();
+        let started = Instant::now();
+        let log = self.work.join(format!("{}-docker-base.log", scenario.name));
+        let base = ["--build-arg", "BASE=kiln/busybox:latest", "-t", base_tag.as_str()];
+        if !build(&base, &dir.join("base"), &log)?.wait()?.success() {
+            bail!("docker build of {} base failed (see {})", scenario.name, log.display());
+        }
+        let arg = format!("BASE_IMAGE={base_tag}");
+        let mut running = Vec::new();
+        for (i, service) in services.iter().enumerate() {
+            let log = self.work.join(format!("{}-docker-{i}.log", scenario.name));
+            let child = build(&["--build-arg", &arg], service, &log)?;
+            running.push((child, log));
+            if scenario.mode == Mode::BakeSequential {
+                let (mut child, log) = running.pop().expect("pushed");
+                if !child.wait()?.success() {
+                    bail!("docker build of {} failed (see {})", service.display(), log.display());
+                }
+            }
+        }
+        for (mut child, log) in running {
+            if !child.wait()?.success() {
+                bail!("docker build of {} failed (see {})", scenario.name, log.display());
+            }
+        }
+        Ok(started.elapsed().as_secs_f64())
     }
 
     /// Changes the context before a run as the mode wants; `salt` differs for every run.

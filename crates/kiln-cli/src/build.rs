@@ -58,8 +58,8 @@ pub struct BuildArgs {
     /// Set a label on the image: `KEY=VALUE`.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
-    /// A named context, `NAME=docker-image://REF` or `NAME=DIR`: what `FROM NAME` and
-    /// `COPY --from=NAME` mean instead of a stage or image of that name.
+    /// A named context, `NAME=docker-image://REF`, `NAME=URL` (Git or HTTP) or `NAME=DIR`:
+    /// what `FROM NAME` and `COPY --from=NAME` mean instead of a stage or image of that name.
     #[arg(long = "build-context", value_name = "NAME=VALUE")]
     build_contexts: Vec<String>,
 }
@@ -162,8 +162,13 @@ impl Progress<'_> {
 pub(crate) struct Contexts {
     /// Whether contexts travel: the daemon is reached over TCP.
     remote: bool,
-    sent: tokio::sync::Mutex<HashMap<(PathBuf, String), SentContext>>,
+    /// One cell per directory and `.dockerignore`: the first build needing it sends it, the
+    /// others wait for that (other directories go meanwhile).
+    sent: std::sync::Mutex<HashMap<(PathBuf, String), Arc<SendingContext>>>,
 }
+
+/// A context being sent, or sent.
+type SendingContext = tokio::sync::OnceCell<SentContext>;
 
 #[derive(Clone)]
 struct SentContext {
@@ -199,7 +204,7 @@ impl Contexts {
                     NamedContext::Local { dir, dockerignore, manifest } => {
                         *manifest = Some(self.send(client, dir, dockerignore).await?.manifest);
                     }
-                    NamedContext::Image(_) => {}
+                    NamedContext::Image(_) | NamedContext::Url(_) => {}
                 }
             }
             Ok(Some(sent.stats))
@@ -207,11 +212,14 @@ impl Contexts {
     }
 
     async fn send(&self, client: &Client, dir: &Path, dockerignore: &str) -> anyhow::Result<SentContext> {
-        let mut sent = self.sent.lock().await;
-        let key = (dir.to_path_buf(), dockerignore.to_string());
-        if let Some(context) = sent.get(&key) {
-            return Ok(context.clone());
-        }
+        let cell = {
+            let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(sent.entry((dir.to_path_buf(), dockerignore.to_string())).or_default())
+        };
+        cell.get_or_try_init(|| self.walk_and_upload(client, dir, dockerignore)).await.cloned()
+    }
+
+    async fn walk_and_upload(&self, client: &Client, dir: &Path, dockerignore: &str) -> anyhow::Result<SentContext> {
         let ignore = kiln_dockerfile::ignore::PatternList::parse_ignore_file(dockerignore)
             .map_err(|e| anyhow::anyhow!(".dockerignore: {e}"))?;
         let owned = dir.to_path_buf();
@@ -229,14 +237,15 @@ impl Contexts {
         // Only a cache: a failure to save it costs the next build a re-read.
         let saving = Arc::clone(&walked);
         let _ = tokio::task::spawn_blocking(move || saving.save_hash_cache()).await;
-        let context = SentContext { manifest, walked, stats };
-        sent.insert(key, context.clone());
-        Ok(context)
+        Ok(SentContext { manifest, walked, stats })
     }
 
     /// Sends every context again: a new leader may lack what only the old one received.
     async fn send_again(&self, client: &Client) -> Result<(), kiln_client::ClientError> {
-        let walked: Vec<_> = self.sent.lock().await.values().map(|c| Arc::clone(&c.walked)).collect();
+        let walked: Vec<_> = {
+            let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+            sent.values().filter_map(|cell| Some(Arc::clone(&cell.get()?.walked))).collect()
+        };
         for context in walked {
             client.upload_context(context).await?;
         }

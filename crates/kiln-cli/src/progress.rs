@@ -40,6 +40,9 @@ pub struct Renderer {
     index: HashMap<(String, Digest), usize>,
     exports: HashMap<String, usize>,
     drawn: usize,
+    /// When the live block was last drawn: builds running side by side (bake) share it, and
+    /// it is drawn at most ten times a second.
+    last_draw: Option<Instant>,
 }
 
 impl Renderer {
@@ -58,6 +61,7 @@ impl Renderer {
             index: HashMap::new(),
             exports: HashMap::new(),
             drawn: 0,
+            last_draw: None,
         }
     }
 
@@ -173,6 +177,10 @@ impl Renderer {
         if self.mode != Mode::Tty {
             return;
         }
+        if !finished && self.last_draw.is_some_and(|at| at.elapsed() < std::time::Duration::from_millis(100)) {
+            return;
+        }
+        self.last_draw = Some(Instant::now());
         let mut out = String::new();
         if self.drawn > 0 {
             out.push_str(&format!("\x1b[{}A", self.drawn));

@@ -471,6 +471,7 @@ impl Engine {
         for (name, context) in &request.named_contexts {
             let input = match context {
                 NamedContext::Image(reference) => NamedInput::Image(reference.clone()),
+                NamedContext::Url(url) => NamedInput::Url(url.clone()),
                 NamedContext::Local { dir, dockerignore, manifest } => {
                     let directory = BuildRequest {
                         context: dir.clone(),

@@ -77,6 +77,10 @@ pub enum NamedContext {
         /// Its uploaded manifest, instead of `dir`: what a client on another machine sends.
         manifest: Option<ContextManifest>,
     },
+    /// A URL: a Git repository (`git@`, `git://`, `ssh://`, `https://....git`) checked out,
+    /// or a file downloaded over HTTP(S) (under its URL's last path segment), as BuildKit
+    /// takes URL named contexts.
+    Url(String),
     /// Bake's `target:NAME`: another build whose result is part of this build's graph (its
     /// `dockerfile`, `file_name`, `context`, `dockerignore`, `target`, `build_args`,
     /// `platforms`, `context_manifest`, `labels` and `named_contexts` are used; the rest is
@@ -85,17 +89,21 @@ pub enum NamedContext {
 }
 
 impl NamedContext {
-    /// Parses `--build-context`'s value: `docker-image://REF` or a directory (relative ones
-    /// to `base`; its `.dockerignore` is read by the caller); `target:` contexts are made by
-    /// bake, which knows the targets. URLs (Git, HTTP) are refused: Kiln does not fetch them
-    /// as contexts yet.
+    /// Parses `--build-context`'s value: `docker-image://REF`, a URL, or a directory
+    /// (relative ones to `base`; its `.dockerignore` is read by the caller); `target:`
+    /// contexts are made by bake, which knows the targets.
     pub fn parse(value: &str, base: &std::path::Path) -> Result<NamedContext, String> {
         if let Some(reference) = value.strip_prefix("docker-image://") {
             return reference.parse().map(NamedContext::Image).map_err(|e| format!("{value:?}: {e}"));
         }
-        if value.contains("://") || value.starts_with("git@") || value.starts_with("target:") {
+        let lower = value.to_ascii_lowercase();
+        if ["http://", "https://", "git://", "ssh://", "git@"].iter().any(|scheme| lower.starts_with(scheme)) {
+            return Ok(NamedContext::Url(value.to_string()));
+        }
+        if value.contains("://") || value.starts_with("target:") {
             return Err(format!(
-                "{value:?}: Kiln takes docker-image://REF, a directory or (in bake) target:NAME as named contexts"
+                "{value:?}: Kiln takes docker-image://REF, a Git or HTTP(S) URL, a directory or (in bake) \
+                 target:NAME as named contexts"
             ));
         }
         Ok(NamedContext::Local { dir: base.join(value), dockerignore: String::new(), manifest: None })
@@ -212,7 +220,7 @@ impl BuildRequest {
                     let what = format!("the .dockerignore of named context {name}");
                     over(what, dockerignore.len(), "bytes", bounds::DOCKERIGNORE)?;
                 }
-                NamedContext::Image(_) => {}
+                NamedContext::Image(_) | NamedContext::Url(_) => {}
             }
         }
         Ok(())

@@ -336,6 +336,7 @@ pub fn request_to_proto(request: &BuildRequest) -> v1::BuildRequest {
             .map(|(name, context)| {
                 let source = match context {
                     NamedContext::Image(reference) => v1::named_context::Source::Image(reference.to_string()),
+                    NamedContext::Url(url) => v1::named_context::Source::Url(url.clone()),
                     NamedContext::Target(nested) => v1::named_context::Source::Target(request_to_proto(nested)),
                     NamedContext::Local { dir, dockerignore, manifest } => {
                         v1::named_context::Source::Local(v1::LocalContext {
@@ -415,6 +416,7 @@ fn named_contexts_from_proto(
                 request.named_contexts = named_contexts_from_proto(contexts, depth + 1)?;
                 NamedContext::Target(Box::new(request))
             }
+            Some(v1::named_context::Source::Url(url)) => NamedContext::Url(url),
             Some(v1::named_context::Source::Local(local)) => NamedContext::Local {
                 dir: PathBuf::from(local.path),
                 dockerignore: local.dockerignore,

@@ -350,3 +350,43 @@ pub fn sample(page: &str, series: &str) -> f64 {
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {series} in\n{page}"))
 }
+
+/// `python3 -m http.server` on a loopback port of its own choosing (port 0, read back from
+/// its banner, so no other test can take the port in between), serving a directory; killed
+/// on drop.
+pub struct HttpServer {
+    child: std::process::Child,
+    /// The port it listens on, on 127.0.0.1.
+    pub port: u16,
+}
+
+impl HttpServer {
+    /// Serves `dir`.
+    pub fn start(dir: &Path) -> HttpServer {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new("python3")
+            .args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory"])
+            .arg(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
+        let mut banner = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut banner).unwrap();
+        let port = banner
+            .split_whitespace()
+            .skip_while(|word| *word != "port")
+            .nth(1)
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("http.server banner without a port: {banner:?}"));
+        HttpServer { child, port }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -246,40 +246,6 @@ async fn cancelling_a_running_step_leaves_nothing_behind() {
     fixture.assert_nothing_left();
 }
 
-/// `python3 -m http.server` on a loopback port of its own choosing (port 0, read back from
-/// its banner, so no other test can take the port in between), serving `dir`; killed on drop.
-struct HttpServer(std::process::Child, u16);
-
-impl HttpServer {
-    fn start(dir: &Path) -> HttpServer {
-        use std::io::BufRead as _;
-        let mut child = std::process::Command::new("python3")
-            .args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory"])
-            .arg(dir)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
-        let mut banner = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut banner).unwrap();
-        let port = banner
-            .split_whitespace()
-            .skip_while(|word| *word != "port")
-            .nth(1)
-            .and_then(|port| port.parse().ok())
-            .unwrap_or_else(|| panic!("http.server banner without a port: {banner:?}"));
-        HttpServer(child, port)
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `context/bundle.tar.gz`: `pkg/one.txt` ("one\n") packed by GNU tar with `tar_args`.
 fn bundle(fixture: &Fixture, context: &Path, tar_args: &[&str]) {
     let staging = fixture.dir.path().join("staging");
@@ -305,8 +271,8 @@ async fn add_unpacks_local_archives_and_downloads_urls_with_checksums() {
     let served = fixture.dir.path().join("served");
     std::fs::create_dir_all(&served).unwrap();
     std::fs::write(served.join("payload.txt"), "downloaded\n").unwrap();
-    let server = HttpServer::start(&served);
-    let url = format!("http://127.0.0.1:{}/payload.txt", server.1);
+    let server = kiln_testkit::HttpServer::start(&served);
+    let url = format!("http://127.0.0.1:{}/payload.txt", server.port);
     let checksum = Digest::of(b"downloaded\n");
 
     let dockerfile = format!("FROM BASE\nADD bundle.tar.gz /opt/\nADD --checksum={checksum} {url} /downloads/\n");
@@ -322,7 +288,7 @@ async fn add_unpacks_local_archives_and_downloads_urls_with_checksums() {
     let err = fixture.build(&graph, &inputs(&ctx, &[])).await.unwrap_err().to_string();
     assert!(err.contains("checksum mismatch") && err.contains(&wrong.to_string()), "{err}");
 
-    let missing = format!("http://127.0.0.1:{}/missing.txt", server.1);
+    let missing = format!("http://127.0.0.1:{}/missing.txt", server.port);
     let (graph, ctx) = fixture.plan(&format!("FROM BASE\nADD {missing} /x\n"), &context);
     let err = fixture.build(&graph, &inputs(&ctx, &[])).await.unwrap_err().to_string();
     assert!(err.contains("404") && err.contains("missing.txt"), "{err}");

@@ -92,14 +92,21 @@ target "app" {
     assert!(text(&out.stderr).contains("bad.hcl:2: "), "{}", text(&out.stderr));
     let out = bake(&["nothing"], &[]);
     assert!(text(&out.stderr).contains("no target or group named \"nothing\""), "{}", text(&out.stderr));
-    let out = bake(&["--set", "app.contexts.docs=https://example.invalid/docs.git"], &[]);
+    let out = bake(&["--set", "app.contexts.docs=oci-layout://./layout"], &[]);
     assert!(text(&out.stderr).contains("target app: contexts.docs"), "{}", text(&out.stderr));
 }
 
 #[test]
 fn build_contexts_replace_images_and_stages_and_labels_reach_the_image() {
     let setup = Setup::new();
-    let context = setup.context("named", "FROM tools\nCOPY --from=docs /guide.md /guide.md\nLABEL from=dockerfile\n");
+    let context = setup.context(
+        "named",
+        "FROM tools\nCOPY --from=docs /guide.md /guide.md\nCOPY --from=notes /notes.txt /notes.txt\nLABEL from=dockerfile\n",
+    );
+    let served = setup.dir.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::write(served.join("notes.txt"), "downloaded\n").unwrap();
+    let server = kiln_testkit::HttpServer::start(&served);
     let docs = setup.dir.path().join("docs");
     std::fs::create_dir_all(&docs).unwrap();
     std::fs::write(docs.join("guide.md"), "named\n").unwrap();
@@ -112,6 +119,8 @@ fn build_contexts_replace_images_and_stages_and_labels_reach_the_image() {
         &format!("tools=docker-image://{}", setup.base()),
         "--build-context",
         &format!("docs={}", docs.display()),
+        "--build-context",
+        &format!("notes=http://127.0.0.1:{}/notes.txt", server.port),
         "--label",
         "extra=1",
         "--label",
@@ -123,6 +132,7 @@ fn build_contexts_replace_images_and_stages_and_labels_reach_the_image() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(std::fs::read_to_string(out_dir.join("guide.md")).unwrap(), "named\n");
+    assert_eq!(std::fs::read_to_string(out_dir.join("notes.txt")).unwrap(), "downloaded\n", "a URL context");
     assert!(out_dir.join("bin/busybox").exists(), "FROM tools is the image");
     let config = Command::new("skopeo")
         .args(["inspect", "--config", "--tls-verify=false", &format!("docker://{image}")])
@@ -132,7 +142,7 @@ fn build_contexts_replace_images_and_stages_and_labels_reach_the_image() {
     assert_eq!(config["config"]["Labels"], json!({"extra": "1", "from": "flag"}), "{config:#}");
 
     for (value, error) in [
-        ("x=https://example.invalid/x.git", "--build-context x: \"https://example.invalid/x.git\": Kiln takes"),
+        ("x=ftp://example.invalid/x", "--build-context x: \"ftp://example.invalid/x\": Kiln takes"),
         ("=y", "--build-context \"=y\": expected NAME=VALUE"),
         ("x=/nonexistent-dir", "--build-context x: /nonexistent-dir is not a directory"),
     ] {

@@ -24,12 +24,37 @@ enum Source {
     Inline(Heredoc),
 }
 
+/// The download of `url` and the file name it is stored under (the URL's last path
+/// segment, `__unnamed__` when it has none, as BuildKit names it).
+pub(super) fn http_op(url: &str, checksum: Option<Digest>) -> (Op, String) {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    let after_scheme = path.split_once("://").map_or(path, |(_, r)| r);
+    let filename = after_scheme.split_once('/').map(|(_, p)| p.rsplit('/').next().unwrap_or("")).unwrap_or("");
+    let filename = if filename.is_empty() { "__unnamed__".to_owned() } else { filename.to_owned() };
+    (Op::Source(SourceOp::Http { url: url.to_owned(), checksum, filename: filename.clone() }), filename)
+}
+
+/// The checkout of a Git URL (`REMOTE#REF:SUBDIR`).
+pub(super) fn git_op(url: &str, keep_git_dir: bool) -> Op {
+    let (remote, fragment) = url.split_once('#').map_or((url, None), |(r, f)| (r, Some(f)));
+    let (reference, subdir) = match fragment {
+        Some(f) => match f.split_once(':') {
+            Some((r, s)) => {
+                (Some(r.to_owned()).filter(|r| !r.is_empty()), Some(s.to_owned()).filter(|s| !s.is_empty()))
+            }
+            None => (Some(f.to_owned()).filter(|r| !r.is_empty()), None),
+        },
+        None => (None, None),
+    };
+    Op::Source(SourceOp::Git { remote: remote.to_owned(), reference, subdir, keep_git_dir })
+}
+
 fn is_url(s: &str) -> bool {
     let lower = s.to_ascii_lowercase();
     lower.starts_with("http://") || lower.starts_with("https://")
 }
 
-fn is_git(s: &str) -> bool {
+pub(super) fn is_git(s: &str) -> bool {
     let base = s.split('#').next().unwrap_or(s);
     s.starts_with("git@") || s.starts_with("git://") || s.starts_with("ssh://") || (is_url(s) && base.ends_with(".git"))
 }
@@ -184,11 +209,7 @@ impl Converter<'_> {
             Some(c) => Some(c.parse::<Digest>().map_err(|e| format!("--checksum: {e}"))?),
             None => None,
         };
-        let path = url.split(['?', '#']).next().unwrap_or(url);
-        let after_scheme = path.split_once("://").map_or(path, |(_, r)| r);
-        let filename = after_scheme.split_once('/').map(|(_, p)| p.rsplit('/').next().unwrap_or("")).unwrap_or("");
-        let filename = if filename.is_empty() { "__unnamed__".to_owned() } else { filename.to_owned() };
-        let op = Op::Source(SourceOp::Http { url: url.to_owned(), checksum, filename: filename.clone() });
+        let (op, filename) = http_op(url, checksum);
         let meta = state.unnumbered_meta(
             format!("[{}] ADD {url}", state.name),
             false,
@@ -205,17 +226,7 @@ impl Converter<'_> {
         url: &str,
         keep_git_dir: bool,
     ) -> Result<Digest, Failure> {
-        let (remote, fragment) = url.split_once('#').map_or((url, None), |(r, f)| (r, Some(f)));
-        let (reference, subdir) = match fragment {
-            Some(f) => match f.split_once(':') {
-                Some((r, s)) => {
-                    (Some(r.to_owned()).filter(|r| !r.is_empty()), Some(s.to_owned()).filter(|s| !s.is_empty()))
-                }
-                None => (Some(f.to_owned()).filter(|r| !r.is_empty()), None),
-            },
-            None => (None, None),
-        };
-        let op = Op::Source(SourceOp::Git { remote: remote.to_owned(), reference, subdir, keep_git_dir });
+        let op = git_op(url, keep_git_dir);
         let meta = state.unnumbered_meta(
             format!("[{}] ADD {url}", state.name),
             false,

@@ -58,6 +58,8 @@ pub enum NamedInput {
     },
     /// `docker-image://REF`: the image.
     Image(ImageReference),
+    /// A Git URL (checked out) or an HTTP(S) URL (downloaded under its last path segment).
+    Url(String),
     /// Bake's `target:NAME`: that build's output for the stage's platform (or its only
     /// output), with its image config; its vertices become part of this graph.
     Plan(std::sync::Arc<BuildPlan>),
@@ -351,15 +353,17 @@ impl<'a> Converter<'a> {
         platform: &Platform,
         meta: kiln_graph::VertexMeta,
     ) -> Result<StageResult, Failure> {
-        match input {
+        let (op, config) = match input {
             NamedInput::Image(reference) => {
                 let op = kiln_graph::Op::Source(kiln_graph::SourceOp::Image {
                     reference: reference.clone(),
                     platform: platform.clone(),
                 });
-                let root = self.builder.add(op, vec![], meta)?;
-                let config = self.options.images.config(reference, platform).unwrap_or_default();
-                Ok(StageResult { root: Some(root), config, env: Default::default(), platform: platform.clone() })
+                (op, self.options.images.config(reference, platform).unwrap_or_default())
+            }
+            NamedInput::Url(url) => {
+                let op = if copy::is_git(url) { copy::git_op(url, false) } else { copy::http_op(url, None).0 };
+                (op, ImageConfig::default())
             }
             NamedInput::Local { source, files } => {
                 let everything = vec![String::new()];
@@ -372,13 +376,7 @@ impl<'a> Converter<'a> {
                     exclude: Vec::new(),
                     content,
                 });
-                let root = self.builder.add(op, vec![], meta)?;
-                Ok(StageResult {
-                    root: Some(root),
-                    config: Default::default(),
-                    env: Default::default(),
-                    platform: platform.clone(),
-                })
+                (op, ImageConfig::default())
             }
             NamedInput::Plan(plan) => {
                 let outputs = &plan.graph.outputs;
@@ -397,14 +395,16 @@ impl<'a> Converter<'a> {
                 self.builder.import(&plan.graph)?;
                 let output = &outputs[index];
                 let config = plan.images.get(index).cloned().unwrap_or_default();
-                Ok(StageResult {
+                return Ok(StageResult {
                     root: output.digest,
                     config,
                     env: Default::default(),
                     platform: output.platform.clone(),
-                })
+                });
             }
-        }
+        };
+        let root = self.builder.add(op, vec![], meta)?;
+        Ok(StageResult { root: Some(root), config, env: Default::default(), platform: platform.clone() })
     }
 
     /// Finds a stage by name or, when `allow_index`, by number.

@@ -607,3 +607,24 @@ fn a_named_plan_joins_the_graph_with_its_config_and_platform() {
         "{error}"
     );
 }
+
+#[test]
+fn named_url_contexts_are_git_checkouts_or_downloads() {
+    let mut b = build();
+    b.named.insert("src".into(), NamedInput::Url("https://git.example/app.git#v1:web".into()));
+    b.named.insert("notes".into(), NamedInput::Url("https://files.example/dl/notes.txt?x=1".into()));
+    let plan = b.plan("FROM busybox\nCOPY --from=src / /src\nCOPY --from=notes /notes.txt /notes.txt\n");
+    let sources: Vec<&SourceOp> = plan
+        .graph
+        .vertices
+        .iter()
+        .filter_map(|v| match &v.op {
+            Op::Source(s @ (SourceOp::Git { .. } | SourceOp::Http { .. })) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sources.len(), 2, "{sources:?}");
+    assert!(sources.iter().any(|s| matches!(s, SourceOp::Git { remote, reference: Some(r), subdir: Some(d), .. }
+        if remote == "https://git.example/app.git" && r == "v1" && d == "web")));
+    assert!(sources.iter().any(|s| matches!(s, SourceOp::Http { filename, .. } if filename == "notes.txt")));
+}
