@@ -1,5 +1,5 @@
 //! Compose files as bake reads them: each service with a `build` section is a target named
-//! after it (`.` in a name becomes `_`), the `default` group lists them in file order, and
+//! after it (`.` in a name becomes `_`), the `default` group lists them (by name), and
 //! `build.x-bake` sets bake attributes compose lacks. Variables are interpolated from the
 //! environment as compose does (`$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR-default}`,
 //! `${VAR:?error}`, `${VAR?error}`, `$$`).
@@ -7,7 +7,9 @@
 use std::path::Path;
 
 use serde_json::{Map, Value};
-use yaml_rust2::{Yaml, YamlLoader};
+use yaml_rust2::Yaml;
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 use crate::{BakeError, BakeFile, Definition, Target};
 
@@ -24,23 +26,23 @@ pub(crate) fn define(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(), BakeError> {
     let fail = |line: Option<usize>, message: String| BakeError { file: file.name.clone(), line, message };
-    let documents =
-        YamlLoader::load_from_str(&file.text).map_err(|e| fail(Some(e.marker().line()), e.info().to_string()))?;
-    let Some(document) = documents.into_iter().next() else { return Ok(()) };
-    let document = json_of(&document, env).map_err(|e| fail(None, e))?;
+    let Some(document) = read_yaml(&file.text, env).map_err(|(line, e)| fail(line, e))? else { return Ok(()) };
     let Some(services) = document.get("services") else { return Ok(()) };
     let services = services.as_object().ok_or_else(|| fail(None, "services: not a map".into()))?;
     let secrets = document.get("secrets").and_then(Value::as_object).cloned().unwrap_or_default();
+    // Paths in a compose file are relative to its directory.
     let dir = Path::new(&file.name).parent().filter(|d| !d.as_os_str().is_empty());
-    let mut group = Vec::new();
+    let relative = |path: &str| match dir {
+        Some(dir) if !Path::new(path).is_absolute() => dir.join(path).display().to_string(),
+        _ => path.to_string(),
+    };
+    let mut group = definition.groups.remove("default").unwrap_or_default();
     for (service, body) in services {
         let Some(build) = body.get("build").filter(|b| !b.is_null()) else { continue };
         let name = service.replace('.', "_");
         let fail = |message: String| fail(None, format!("services.{service}.build: {message}"));
-        let mut target = target_of(build, body.get("image"), &secrets).map_err(fail)?;
-        if let (Some(dir), Some(context)) = (dir, &target.context) {
-            target.context = Some(dir.join(context).display().to_string());
-        }
+        let mut target = target_of(build, body.get("image"), &secrets, &relative).map_err(fail)?;
+        target.context = Some(relative(target.context.as_deref().unwrap_or(".")));
         if let Some(extension) = build.get("x-bake") {
             let extension = extension.as_object().ok_or_else(|| fail("x-bake: not a map".into()))?;
             for (key, value) in extension {
@@ -52,14 +54,21 @@ pub(crate) fn define(
             None => target,
         };
         definition.targets.insert(name.clone(), merged);
-        group.push(name);
+        if !group.contains(&name) {
+            group.push(name);
+        }
     }
     definition.groups.insert("default".to_string(), group);
     Ok(())
 }
 
 /// A service's `build` section (a context path, or a map) as a target.
-fn target_of(build: &Value, image: Option<&Value>, secrets: &Map<String, Value>) -> Result<Target, String> {
+fn target_of(
+    build: &Value,
+    image: Option<&Value>,
+    secrets: &Map<String, Value>,
+    relative: &dyn Fn(&str) -> String,
+) -> Result<Target, String> {
     let mut target = Target::default();
     if let Value::String(context) = build {
         target.context = Some(context.clone());
@@ -87,16 +96,18 @@ fn target_of(build: &Value, image: Option<&Value>, secrets: &Map<String, Value>)
                     .into_iter()
                     .filter_map(|(name, source)| {
                         let source = source?;
-                        // A service's image is that service's target.
+                        // A service's image is that service's target; a directory is relative
+                        // to the compose file.
                         let source = match source.strip_prefix("service:") {
                             Some(service) => format!("target:{}", service.replace('.', "_")),
-                            None => source,
+                            None if source.contains("://") || source.starts_with("target:") => source,
+                            None => relative(&source),
                         };
                         Some((name, source))
                     })
                     .collect();
             }
-            "secrets" => target.secret = service_secrets(value, secrets)?,
+            "secrets" => target.secret = service_secrets(value, secrets, relative)?,
             // Settings of the step sandbox that Kiln decides itself (docs/bake.md).
             "network" | "shm_size" | "isolation" | "x-bake" => {}
             other => return Err(format!("{other}: not supported by Kiln (docs/bake.md)")),
@@ -139,7 +150,11 @@ fn pairs(key: &str, value: &Value) -> Result<std::collections::BTreeMap<String, 
 
 /// A service's `build.secrets` (ids, or `{source, target}`) as bake secret specs, from the
 /// file's top-level `secrets` (`file:` or `environment:`).
-fn service_secrets(value: &Value, secrets: &Map<String, Value>) -> Result<Vec<String>, String> {
+fn service_secrets(
+    value: &Value,
+    secrets: &Map<String, Value>,
+    relative: &dyn Fn(&str) -> String,
+) -> Result<Vec<String>, String> {
     let items = value.as_array().ok_or("secrets: not a list")?;
     let mut specs = Vec::new();
     for item in items {
@@ -154,7 +169,7 @@ fn service_secrets(value: &Value, secrets: &Map<String, Value>) -> Result<Vec<St
         let defined = secrets.get(source).ok_or(format!("secrets: {source:?} is not in the top-level secrets"))?;
         let spec =
             match (defined.get("file").and_then(Value::as_str), defined.get("environment").and_then(Value::as_str)) {
-                (Some(file), _) => format!("id={id},src={file}"),
+                (Some(file), _) => format!("id={id},src={}", relative(file)),
                 (None, Some(var)) => format!("id={id},env={var}"),
                 (None, None) => return Err(format!("secrets: {source:?} has neither file nor environment")),
             };
@@ -163,30 +178,113 @@ fn service_secrets(value: &Value, secrets: &Map<String, Value>) -> Result<Vec<St
     Ok(specs)
 }
 
-/// A YAML node as JSON, its strings interpolated.
-fn json_of(node: &Yaml, env: &dyn Fn(&str) -> Option<String>) -> Result<Value, String> {
-    Ok(match node {
-        Yaml::String(text) => Value::String(interpolate(text, env)?),
-        Yaml::Integer(n) => Value::from(*n),
-        Yaml::Real(text) => text.parse::<f64>().ok().map(Value::from).unwrap_or_else(|| Value::String(text.clone())),
-        Yaml::Boolean(b) => Value::Bool(*b),
-        Yaml::Null => Value::Null,
-        Yaml::Array(items) => Value::Array(items.iter().map(|i| json_of(i, env)).collect::<Result<_, _>>()?),
-        Yaml::Hash(map) => {
-            let mut object = Map::new();
-            for (key, value) in map {
-                let key = match key {
-                    Yaml::String(s) => s.clone(),
-                    Yaml::Integer(n) => n.to_string(),
-                    Yaml::Boolean(b) => b.to_string(),
-                    other => return Err(format!("a map key that is not a string: {other:?}")),
-                };
-                object.insert(key, json_of(value, env)?);
-            }
-            Value::Object(object)
+/// The deepest nesting of a compose file's collections.
+const MAX_DEPTH: usize = 64;
+
+/// The most values a compose file may have.
+const MAX_NODES: usize = 1 << 20;
+
+/// The first document of a YAML text as JSON, its strings interpolated. Built from the
+/// parser's events: aliases are refused (expanding them is how a few lines of YAML grow
+/// into gigabytes), and nesting and size are bounded. The error has the line when known.
+fn read_yaml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Value>, (Option<usize>, String)> {
+    let mut builder = Builder { env, stack: Vec::new(), done: None, error: None, nodes: 0, documents: 0 };
+    Parser::new_from_str(text)
+        .load(&mut builder, false)
+        .map_err(|e| (Some(e.marker().line()), e.info().to_string()))?;
+    match builder.error {
+        Some(error) => Err(error),
+        None => Ok(builder.done),
+    }
+}
+
+/// Builds JSON from YAML events.
+struct Builder<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+    /// Open collections: an array, or an object with the key waiting for its value.
+    stack: Vec<(Value, Option<String>)>,
+    done: Option<Value>,
+    error: Option<(Option<usize>, String)>,
+    nodes: usize,
+    documents: usize,
+}
+
+impl Builder<'_> {
+    fn value(&mut self, value: Value) -> Result<(), String> {
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err(format!("more than {MAX_NODES} values"));
         }
-        Yaml::Alias(_) | Yaml::BadValue => return Err("an alias or a malformed value".into()),
-    })
+        let Some((parent, key)) = self.stack.last_mut() else {
+            self.done = Some(value);
+            return Ok(());
+        };
+        match (parent, key.take()) {
+            (Value::Object(map), Some(key)) => drop(map.insert(key, value)),
+            (Value::Object(_), None) => {
+                *key = Some(match value {
+                    Value::String(s) => s,
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    _ => return Err("a map key that is not a string".into()),
+                });
+            }
+            (parent, _) => {
+                if let Value::Array(items) = parent {
+                    items.push(value);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, collection: Value) -> Result<(), String> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(format!("nesting deeper than {MAX_DEPTH} levels"));
+        }
+        self.stack.push((collection, None));
+        Ok(())
+    }
+
+    fn event(&mut self, event: Event) -> Result<(), String> {
+        match event {
+            Event::DocumentStart => self.documents += 1,
+            // Only the first document is read.
+            _ if self.documents > 1 => {}
+            Event::Alias(_) => return Err("YAML aliases are not supported".into()),
+            Event::Scalar(text, style, _, _) => {
+                let value = match style {
+                    TScalarStyle::Plain => match Yaml::from_str(&text) {
+                        Yaml::Integer(n) => Value::from(n),
+                        Yaml::Real(real) => real.parse::<f64>().map_or(Value::String(real), Value::from),
+                        Yaml::Boolean(b) => Value::Bool(b),
+                        Yaml::Null => Value::Null,
+                        _ => Value::String(interpolate(&text, self.env)?),
+                    },
+                    _ => Value::String(interpolate(&text, self.env)?),
+                };
+                self.value(value)?;
+            }
+            Event::SequenceStart(..) => self.open(Value::Array(Vec::new()))?,
+            Event::MappingStart(..) => self.open(Value::Object(Map::new()))?,
+            Event::SequenceEnd | Event::MappingEnd => {
+                let (collection, _) = self.stack.pop().ok_or("unbalanced YAML")?;
+                self.value(collection)?;
+            }
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
+        }
+        Ok(())
+    }
+}
+
+impl MarkedEventReceiver for Builder<'_> {
+    fn on_event(&mut self, event: Event, mark: Marker) {
+        if self.error.is_none()
+            && let Err(error) = self.event(event)
+        {
+            self.error = Some((Some(mark.line()), error));
+        }
+    }
 }
 
 /// Compose's variable interpolation.

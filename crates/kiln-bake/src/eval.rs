@@ -134,6 +134,7 @@ impl Scope {
                     TemplateExpr::QuotedString(raw) => raw.clone(),
                     TemplateExpr::Heredoc(heredoc) => heredoc.template.clone(),
                 };
+                crate::nesting::check(&source, true).map_err(|(_, e)| format!("template {source:?}: {e}"))?;
                 let template: Template = source.parse().map_err(|e: hcl::Error| format!("template {source:?}: {e}"))?;
                 // A template that is one interpolation keeps its value's type ("${true}").
                 if let [Element::Interpolation(only)] = template.elements() {

@@ -7,6 +7,7 @@ mod compose;
 mod dates;
 mod eval;
 mod functions;
+mod nesting;
 mod overrides;
 mod syntax;
 mod target;

@@ -73,6 +73,11 @@ pub fn parse(file: &BakeFile) -> Result<Vec<Item>, BakeError> {
         }
         return Ok(items);
     }
+    crate::nesting::check(&file.text, false).map_err(|(line, message)| BakeError {
+        file: file.name.clone(),
+        line: Some(line),
+        message,
+    })?;
     let body = hcl::edit::parser::parse_body(&file.text).map_err(|e| BakeError {
         file: file.name.clone(),
         line: Some(e.location().line()),

@@ -542,18 +542,25 @@ variable "TAG" {
         })
     );
     // Unset variables take their defaults; files in a directory resolve contexts there.
-    let out = printed(&[("ci/compose.yml", "services:\n  app:\n    build: .\n    image: a:${TAG:-dev}\n")], &[], &[])
-        .unwrap();
+    let ci = "services:\n  app:\n    build:\n      additional_contexts: [docs=./docs]\n      secrets: [npm]\n    image: a:${TAG:-dev}\n\
+              secrets:\n  npm:\n    file: npmrc\n";
+    let other = "services:\n  tool:\n    build: tool\n";
+    let out = printed(&[("ci/compose.yml", ci), ("docker-compose.yml", other)], &[], &[]).unwrap();
     assert_eq!(out["target"]["app"]["context"], "ci/.");
+    assert_eq!(out["target"]["app"]["contexts"], json!({"docs": "ci/./docs"}));
+    assert_eq!(out["target"]["app"]["secret"], json!([{"id": "npm", "src": "ci/npmrc"}]));
     assert_eq!(out["target"]["app"]["tags"], json!(["a:dev"]));
+    assert_eq!(out["group"]["default"]["targets"], json!(["app", "tool"]), "two compose files' services");
 
     for (text, error) in [
         (
             "services:\n  a:\n    build:\n      ssh: [default]\n",
             "compose.yaml: services.a.build: ssh: not supported by Kiln",
         ),
-        ("services:\n  a:\n    build: .\n    image: ${MUST:?set MUST}\n", "compose.yaml: MUST: set MUST"),
+        ("services:\n  a:\n    build: .\n    image: ${MUST:?set MUST}\n", "compose.yaml:4: MUST: set MUST"),
         ("services:\n  a: [\n", "compose.yaml:3: "),
+        ("x: &x [1, 2]\ny: [*x, *x]\n", "compose.yaml:2: YAML aliases are not supported"),
+        (&format!("x: {}1{}\n", "[".repeat(70), "]".repeat(70)), "compose.yaml:1: nesting deeper than 64 levels"),
         (
             "services:\n  a:\n    build:\n      secrets: [nope]\n",
             "services.a.build: secrets: \"nope\" is not in the top-level secrets",
@@ -562,4 +569,43 @@ variable "TAG" {
         let error_text = printed(&[("compose.yaml", text)], &[], &[]).unwrap_err();
         assert!(error_text.contains(error), "{text}: {error_text}");
     }
+}
+
+#[test]
+fn unclosed_and_too_deep_nesting_is_refused_before_parsing() {
+    // Brackets inside strings, templates, heredocs and comments do not count.
+    let valid = r#"
+# a comment with { and [
+/* a block comment with ( { */
+target "t" {
+  // another { comment
+  args = { A = "}{", B = "${lower("}")}", C = "$${not {", D = "%%{ x" }
+  dockerfile-inline = <<-EOT
+    FROM busybox
+    RUN echo '{ [ ('
+  EOT
+  tags = ["a:${join("-", ["x", "}"])}"]
+}
+"#;
+    let out = printed(&[("f.hcl", valid)], &[], &["t"]).unwrap();
+    assert_eq!(out["target"]["t"]["args"]["B"], "}");
+    assert_eq!(out["target"]["t"]["tags"], json!(["a:x-}"]));
+    for (text, error) in [
+        ("target \"t\" {\n  args = { A = [\"x\"\n}\n", "f.hcl:2: this { is never closed"),
+        ("target \"t\" {\n  tags = [\"x\n", "f.hcl:2: this string is never closed"),
+        ("x = \"${lower(\n", "f.hcl:1: this ( is never closed"),
+        ("x = \"${lower(\"a\")\n", "f.hcl:1: this ${ or %{ is never closed"),
+    ] {
+        assert_eq!(printed(&[("f.hcl", text)], &[], &[]).unwrap_err(), error, "{text}");
+    }
+    let deep = format!("x = {}1{}\n", "[".repeat(40), "]".repeat(40));
+    assert_eq!(printed(&[("f.hcl", &deep)], &[], &[]).unwrap_err(), "f.hcl:1: nesting deeper than 32 levels");
+    // The input the fuzzer found: unclosed objects inside traversals; hcl-edit alone took
+    // seconds to minutes on it.
+    let fuzzed = "f= {U%U%{f= UUU%U%{fU*UU%U[S%U%U[UUUUU%U%{f= {}*SSS%UUU%U%{f*UU%U[UUU%U%U%U[U%U%{f= {}*USS%U[UUUUU%U%{fUU*UU%U[S%U%U[U*U%{f=SSUUUUU*SS%U[UUU%U%U%U[UUUUU%U%{".repeat(4);
+    assert!(printed(&[("f.hcl", &fuzzed)], &[], &[]).unwrap_err().contains("f.hcl:1: "));
+    // A JSON file's template strings are checked the same way.
+    let json_file = r#"{"target": {"t": {"tags": ["${lower(\"x\""]}}}"#;
+    let error = printed(&[("f.json", json_file)], &[], &["t"]).unwrap_err();
+    assert!(error.contains("template \"${lower(\\\"x\\\"\": this ( is never closed"), "{error}");
 }
