@@ -177,12 +177,16 @@ impl Control for ControlService {
         let over_tcp = request.extensions().get::<tonic::transport::server::TcpConnectInfo>().is_some();
         let caller = auth::caller_of(&request);
         let mut request = request_from_proto(request.into_inner()).map_err(ApiError::from)?;
-        if over_tcp && request.context_manifest.is_none() {
+        // A client over TCP sends every context it names (named and nested ones included):
+        // it may not make this daemon read its own disk.
+        let contexts = request.contexts();
+        if over_tcp && contexts.iter().any(|(_, manifest)| manifest.is_none()) {
             return Err(ApiError::LocalContextOverTcp.into());
         }
-        if let Some(manifest) = &request.context_manifest {
-            let bytes = manifest.blobs().iter().map(|(_, size)| size).sum();
-            self.tenants.check_upload(&caller.tenant, bytes)?;
+        let blobs: std::collections::HashMap<_, u64> =
+            contexts.iter().filter_map(|(_, manifest)| *manifest).flat_map(|manifest| manifest.blobs()).collect();
+        if !blobs.is_empty() {
+            self.tenants.check_upload(&caller.tenant, blobs.values().sum())?;
         }
         let mut admission = self.tenants.admit(&caller.tenant)?;
         request.cache_group = self.tenants.cache_group(&caller.tenant);

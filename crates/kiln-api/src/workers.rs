@@ -192,10 +192,10 @@ fn assign(job: Job<ClusterData>, address: &str) -> Result<v1::Assign, (u64, u32,
     let data = &job.build.data;
     let secrets = data.secrets_for(&job.vertex.op.secret_ids());
     let contexts = match &job.vertex.op {
-        // A nested build's context is known by the content it selects (`target:` contexts).
-        Op::Source(SourceOp::Local { name, content, .. }) => data
+        // A nested build's or a directory context is known by the source vertex's digest.
+        Op::Source(SourceOp::Local { name, .. }) => data
             .contexts
-            .get(&content.to_string())
+            .get(&job.vertex.digest.to_string())
             .or_else(|| data.contexts.get(name))
             .map(|manifest| (name.clone(), manifest_to_proto(manifest)))
             .into_iter()

@@ -223,11 +223,7 @@ pub fn resolve(
     requested: &[String],
     overrides: &[Override],
 ) -> Result<BTreeMap<String, Target>, String> {
-    let requested = if requested.is_empty() { vec!["default".to_string()] } else { requested.to_vec() };
-    let mut names = BTreeSet::new();
-    for name in &requested {
-        expand(definition, name, &mut Vec::new(), &mut names)?;
-    }
+    let names: BTreeSet<String> = targets_of(definition, requested)?.into_iter().collect();
     let mut resolved = BTreeMap::new();
     let mut pending: Vec<String> = names.iter().cloned().collect();
     while let Some(name) = pending.pop() {
@@ -252,6 +248,16 @@ pub fn resolve(
         return Err(format!("target: contexts cycle: {}", cycle.join(" -> ")));
     }
     Ok(resolved)
+}
+
+/// The targets `requested` (targets or groups; none: the `default` group) stand for, by name.
+pub fn targets_of(definition: &Definition, requested: &[String]) -> Result<Vec<String>, String> {
+    let requested = if requested.is_empty() { vec!["default".to_string()] } else { requested.to_vec() };
+    let mut names = BTreeSet::new();
+    for name in &requested {
+        expand(definition, name, &mut Vec::new(), &mut names)?;
+    }
+    Ok(names.into_iter().collect())
 }
 
 /// A chain of targets that use one another through `target:` contexts, back to its start.

@@ -80,8 +80,7 @@ impl Override {
 /// Applies the overrides that match `name`, in order. A list attribute set by `--set`
 /// (without `+`) is replaced by the values of the `--set`s of it; `+=` adds to the list.
 pub fn apply(target: &mut Target, name: &str, overrides: &[Override]) -> Result<(), String> {
-    let mut replaced: Vec<&str> = Vec::new();
-    let named = |key: &str| LISTS.iter().copied().find(|l| *l == key);
+    let mut replaced: Vec<String> = Vec::new();
     for o in overrides.iter().filter(|o| o.matches(name)) {
         let fail = |why: String| format!("--set {}: {why}", o.text);
         let boolean = || o.value.parse::<bool>().map_err(|_| fail(format!("{:?} is not true or false", o.value)));
@@ -114,9 +113,9 @@ pub fn apply(target: &mut Target, name: &str, overrides: &[Override]) -> Result<
                     "secret" => &mut target.secret,
                     _ => &mut target.platforms,
                 };
-                if !o.append && !replaced.contains(&list) {
+                if !o.append && !replaced.iter().any(|r| r == list) {
                     items.clear();
-                    replaced.extend(named(list));
+                    replaced.push(list.to_string());
                 }
                 items.extend(values);
             }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use kiln_bake::{BakeFile, Definition, Override, Target};
+use kiln_bake::{BakeFile, Override, Target};
 use kiln_client::BuildRequest;
 use kiln_model::{CacheDirection, NamedContext};
 
@@ -64,11 +64,12 @@ pub async fn run(args: BakeArgs, daemon: &embedded::Daemon) -> anyhow::Result<bo
         println!("{}", serde_json::to_string_pretty(&printed)?);
         return Ok(true);
     }
-    let requested = requested_targets(&definition, &args.targets);
+    let requested = kiln_bake::targets_of(&definition, &args.targets).map_err(anyhow::Error::msg)?;
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let mut requests = Vec::new();
+    let mut made = Requests { resolved: &resolved, cwd: &cwd, args: &args, made: BTreeMap::new() };
     for name in &requested {
-        let mut request = request_for(&resolved, name, &cwd, &args)?;
+        let (mut request, _) = made.request(name)?;
         request.id = Some(kiln_model::new_build_id());
         request.trace = kiln_model::TraceContext::from_env();
         request.check_bounds().with_context(|| format!("target {name}"))?;
@@ -126,36 +127,68 @@ fn read_files(given: &[PathBuf]) -> anyhow::Result<Vec<BakeFile>> {
         .collect()
 }
 
-/// The targets built: those asked for (groups expanded), else the `default` group's;
-/// targets only used as `target:` contexts are built inside their users' graphs.
-fn requested_targets(definition: &Definition, asked: &[String]) -> Vec<String> {
-    let printed = kiln_bake::print(definition, asked, &BTreeMap::new());
-    let names = printed["group"]["default"]["targets"].as_array().cloned().unwrap_or_default();
-    let mut targets = Vec::new();
-    for name in names.iter().filter_map(|n| n.as_str()) {
-        expand(definition, name, &mut targets);
-    }
-    targets
+/// The build requests of targets, each made once: a target used as a context by several
+/// others is one request, copied into each.
+struct Requests<'a> {
+    resolved: &'a BTreeMap<String, Target>,
+    cwd: &'a Path,
+    args: &'a BakeArgs,
+    /// Requests made, with the number of builds each holds (itself and its nested ones).
+    made: BTreeMap<String, (BuildRequest, usize)>,
 }
 
-fn expand(definition: &Definition, name: &str, out: &mut Vec<String>) {
-    match definition.groups.get(name) {
-        // Resolved already: groups do not cycle.
-        Some(members) => members.iter().for_each(|m| expand(definition, m, out)),
-        None if !out.iter().any(|t| t == name) => out.push(name.to_string()),
-        None => {}
+impl Requests<'_> {
+    /// The build request of target `name`, its `target:` contexts as nested requests (cycles
+    /// were refused by [`kiln_bake::resolve`]), and the number of builds it holds. A nested
+    /// target's secrets go to the request that holds it (the daemon mounts a build's
+    /// secrets into all of its steps, nested ones included).
+    fn request(&mut self, name: &str) -> anyhow::Result<(BuildRequest, usize)> {
+        if let Some(made) = self.made.get(name) {
+            return Ok(made.clone());
+        }
+        let target = self.resolved.get(name).with_context(|| format!("no target named {name:?}"))?;
+        let fail = |what: String| format!("target {name}: {what}");
+        let mut request = request_for(target, name, self.cwd, self.args)?;
+        let mut builds = 1;
+        for (context_name, source) in &target.contexts {
+            let context = match source.strip_prefix("target:") {
+                Some(linked) => {
+                    let (mut nested, count) = self.request(linked)?;
+                    builds += count;
+                    if builds > kiln_model::bounds::NAMED_CONTEXTS {
+                        bail!(fail(format!(
+                            "its target: contexts hold more than {} builds",
+                            kiln_model::bounds::NAMED_CONTEXTS
+                        )));
+                    }
+                    for (id, value) in std::mem::take(&mut nested.secrets) {
+                        match request.secrets.get(&id) {
+                            Some(ours) if *ours != value => bail!(fail(format!(
+                                "secret {id:?} differs from the one of target {linked} (contexts.{context_name})"
+                            ))),
+                            _ => drop(request.secrets.insert(id, value)),
+                        }
+                    }
+                    NamedContext::Target(Box::new(nested))
+                }
+                None => {
+                    build::named_context(source, self.cwd).with_context(|| fail(format!("contexts.{context_name}")))?
+                }
+            };
+            if request.named_contexts.insert(context_name.to_lowercase(), context).is_some() {
+                bail!(fail(format!(
+                    "two contexts are named {:?} (names are case-insensitive)",
+                    context_name.to_lowercase()
+                )));
+            }
+        }
+        self.made.insert(name.to_string(), (request.clone(), builds));
+        Ok((request, builds))
     }
 }
 
-/// The build request of target `name`, its `target:` contexts as nested requests (cycles
-/// were refused by [`kiln_bake::resolve`]).
-fn request_for(
-    resolved: &BTreeMap<String, Target>,
-    name: &str,
-    cwd: &Path,
-    args: &BakeArgs,
-) -> anyhow::Result<BuildRequest> {
-    let target = resolved.get(name).with_context(|| format!("no target named {name:?}"))?;
+/// The build request of one target, without its named contexts.
+fn request_for(target: &Target, name: &str, cwd: &Path, args: &BakeArgs) -> anyhow::Result<BuildRequest> {
     let fail = |what: String| format!("target {name}: {what}");
     let context = cwd.join(target.context.as_deref().unwrap_or("."));
     if !context.is_dir() {
@@ -175,17 +208,19 @@ fn request_for(
         |spec: &String| if spec.contains('=') { spec.clone() } else { format!("type=registry,ref={spec}") };
     let cache_from: Vec<String> = target.cache_from.iter().map(bare_registry).collect();
     let cache_to: Vec<String> = target.cache_to.iter().map(bare_registry).collect();
-    let outputs: Vec<String> = target.output.iter().filter(|o| !o.contains("type=cacheonly")).cloned().collect();
-    let mut named_contexts = BTreeMap::new();
-    for (context_name, source) in &target.contexts {
-        let context = if let Some(linked) = source.strip_prefix("target:") {
-            let nested = request_for(resolved, linked, cwd, args)?;
-            NamedContext::Target(Box::new(nested))
-        } else {
-            build::named_context(source, cwd).with_context(|| fail(format!("contexts.{context_name}")))?
-        };
-        named_contexts.insert(context_name.to_lowercase(), context);
-    }
+    // `--push` is buildx's `--set *.output=type=registry`: the tags, pushed, whatever the
+    // file's outputs. `type=cacheonly` exports nothing.
+    let outputs = if args.push {
+        if target.tags.is_empty() {
+            bail!(fail("--push needs tags to push to".into()));
+        }
+        build::outputs(&[], &target.tags, true)
+    } else if !target.output.is_empty() && target.output.iter().all(|o| o.contains("type=cacheonly")) {
+        Ok(Vec::new())
+    } else {
+        let outputs: Vec<String> = target.output.iter().filter(|o| !o.contains("type=cacheonly")).cloned().collect();
+        build::outputs(&outputs, &target.tags, false)
+    };
     Ok(BuildRequest {
         dockerfile,
         file_name,
@@ -197,11 +232,10 @@ fn request_for(
         no_cache: args.run.no_cache || target.no_cache == Some(true),
         max_parallelism: args.run.max_parallelism.map(|n| n as usize),
         secrets: build::read_secrets(&target.secret).with_context(|| fail("secret".into()))?,
-        outputs: build::outputs(&outputs, &target.tags, args.push).with_context(|| fail("output".into()))?,
+        outputs: outputs.with_context(|| fail("output".into()))?,
         cache_from: build::caches(&cache_from, CacheDirection::From).with_context(|| fail("cache-from".into()))?,
         cache_to: build::caches(&cache_to, CacheDirection::To).with_context(|| fail("cache-to".into()))?,
         allow: args.run.allow.iter().copied().collect(),
-        named_contexts,
         labels: target.labels.iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect(),
         ..BuildRequest::default()
     })

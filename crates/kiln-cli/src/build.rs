@@ -413,7 +413,9 @@ fn named_contexts(values: &[String]) -> anyhow::Result<std::collections::BTreeMa
             bail!("--build-context {value:?}: expected NAME=VALUE");
         };
         let context = named_context(source, &cwd).with_context(|| format!("--build-context {name}"))?;
-        named.insert(name.to_lowercase(), context);
+        if named.insert(name.to_lowercase(), context).is_some() {
+            bail!("--build-context {name}: given twice (names are case-insensitive)");
+        }
     }
     Ok(named)
 }

@@ -291,6 +291,37 @@ fn rates_tenant_limits_and_request_bounds_are_enforced_with_clear_errors() {
     let expected = format!("the Dockerfile Dockerfile.huge is {} bytes", kiln_model::bounds::DOCKERFILE + 1);
     assert!(refused.to_string().contains(&expected), "{refused}");
 
+    // Over TCP, no context may be a path on the daemon's disk: not a named directory, not a
+    // nested target's.
+    let uploaded = || kiln_client::BuildRequest {
+        dockerfile: "FROM secrets\nCOPY --from=secrets / /\n".into(),
+        context_manifest: Some(Default::default()),
+        ..Default::default()
+    };
+    let mut directory = uploaded();
+    directory.named_contexts.insert(
+        "secrets".into(),
+        kiln_model::NamedContext::Local { dir: "/etc".into(), dockerignore: String::new(), manifest: None },
+    );
+    let mut nested = uploaded();
+    nested.named_contexts.insert(
+        "secrets".into(),
+        kiln_model::NamedContext::Target(Box::new(kiln_client::BuildRequest {
+            dockerfile: "FROM scratch\nCOPY . /\n".into(),
+            context: "/etc".into(),
+            ..Default::default()
+        })),
+    );
+    for request in [directory, nested] {
+        let refused = runtime.block_on(async {
+            let options = kiln_client::ClientOptions { tls: None, token: Some("calm".into()) };
+            let client = kiln_client::Client::connect_with(&address, &options).await.unwrap();
+            client.build(request).await.err()
+        });
+        let refused = refused.expect("a path on the daemon's disk was accepted over TCP");
+        assert!(refused.to_string().contains("over TCP the client uploads the context"), "{refused}");
+    }
+
     daemon.stop();
 
     // Without tokens, each client address has its own rate.

@@ -65,8 +65,9 @@ struct NestedContext {
     manifest: Option<Arc<ContextManifest>>,
 }
 
-/// Nested builds' contexts by the content digest of the context source vertices that read
-/// them: workers look a context source up by its content first, then by its name.
+/// Nested builds' and directory contexts by the digest of the context source vertices that
+/// read them: workers look a context source up by its vertex digest first, then by its name
+/// (the build's own context, `context`).
 type NestedContexts = HashMap<Digest, NestedContext>;
 
 /// [`Engine::plan_named`]'s future.
@@ -188,7 +189,7 @@ impl Engine {
             Ok(match &self.mode {
                 Mode::Local(solver) => {
                     let mut contexts = HashMap::from([("context".to_string(), context)]);
-                    contexts.extend(nested.iter().map(|(content, c)| (content.to_string(), Arc::clone(&c.files))));
+                    contexts.extend(nested.iter().map(|(source, c)| (source.to_string(), Arc::clone(&c.files))));
                     let inputs = BuildInputs {
                         contexts,
                         secrets: request.secrets.clone(),
@@ -208,7 +209,7 @@ impl Engine {
                     let manifest = request.context_manifest.clone().unwrap_or_default();
                     let mut contexts = HashMap::from([("context".to_string(), Arc::new(manifest))]);
                     contexts.extend(
-                        nested.iter().filter_map(|(content, c)| Some((content.to_string(), c.manifest.clone()?))),
+                        nested.iter().filter_map(|(source, c)| Some((source.to_string(), c.manifest.clone()?))),
                     );
                     let data = ClusterData::new(contexts, request.secrets.clone(), request.cache_group.clone());
                     let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -510,9 +511,9 @@ impl Engine {
                     }
                     let own = NestedContext { files, manifest: target.context_manifest.clone().map(Arc::new) };
                     for vertex in &plan.graph.vertices {
-                        if let Op::Source(SourceOp::Local { content, .. }) = &vertex.op {
-                            let source = inner.get(content).unwrap_or(&own);
-                            contexts.insert(*content, source.clone());
+                        if let Op::Source(SourceOp::Local { .. }) = &vertex.op {
+                            let source = inner.get(&vertex.digest).unwrap_or(&own);
+                            contexts.insert(vertex.digest, source.clone());
                         }
                     }
                     NamedInput::Plan(Arc::new(plan))
@@ -524,14 +525,14 @@ impl Engine {
     }
 }
 
-/// The directories of named contexts by the content of the source vertices reading them
+/// The directories of named contexts by the digest of the source vertices reading them
 /// (`locals`: by the name those vertices carry).
 fn local_sources<'a>(
     plan: &'a BuildPlan,
     locals: &'a HashMap<String, NestedContext>,
 ) -> impl Iterator<Item = (Digest, NestedContext)> + 'a {
     plan.graph.vertices.iter().filter_map(|vertex| match &vertex.op {
-        Op::Source(SourceOp::Local { name, content, .. }) => Some((*content, locals.get(name)?.clone())),
+        Op::Source(SourceOp::Local { name, .. }) => Some((vertex.digest, locals.get(name)?.clone())),
         _ => None,
     })
 }

@@ -154,6 +154,8 @@ pub mod bounds {
     /// Everything above together: within the 64 MiB of a gRPC message, with room for the
     /// context manifest.
     pub const TOTAL: usize = 32 << 20;
+    /// Labels (`--label`, bake's `labels`).
+    pub const LABELS: usize = 1024;
     /// Named contexts of one build, nested ones included.
     pub const NAMED_CONTEXTS: usize = 256;
     /// How deep `target:` contexts nest (a target built from a target built from ...).
@@ -175,6 +177,21 @@ pub struct OversizedRequest {
 }
 
 impl BuildRequest {
+    /// Every context the request reads: its own, and those of its directory contexts and
+    /// nested `target:` builds, each as a directory on the daemon's machine or an uploaded
+    /// manifest.
+    pub fn contexts(&self) -> Vec<(&std::path::Path, Option<&ContextManifest>)> {
+        let mut all = vec![(self.context.as_path(), self.context_manifest.as_ref())];
+        for context in self.named_contexts.values() {
+            match context {
+                NamedContext::Local { dir, manifest, .. } => all.push((dir.as_path(), manifest.as_ref())),
+                NamedContext::Target(nested) => all.extend(nested.contexts()),
+                NamedContext::Image(_) | NamedContext::Url(_) => {}
+            }
+        }
+        all
+    }
+
     /// Checks the request against [`bounds`].
     pub fn check_bounds(&self) -> Result<(), OversizedRequest> {
         let mut named = 0;
@@ -188,7 +205,10 @@ impl BuildRequest {
         over(format!("the Dockerfile {}", self.file_name), self.dockerfile.len(), "bytes", bounds::DOCKERFILE)?;
         over("the .dockerignore".into(), self.dockerignore.len(), "bytes", bounds::DOCKERIGNORE)?;
         over("--build-arg".into(), self.build_args.len(), "arguments", bounds::BUILD_ARGS)?;
-        over("--label".into(), self.labels.len(), "labels", bounds::BUILD_ARGS)?;
+        over("labels".into(), self.labels.len(), "labels", bounds::LABELS)?;
+        for (name, value) in &self.labels {
+            over(format!("label {name}"), name.len() + value.len() + 1, "bytes", bounds::BUILD_ARG)?;
+        }
         for (name, value) in &self.build_args {
             over(format!("--build-arg {name}"), name.len() + value.len() + 1, "bytes", bounds::BUILD_ARG)?;
         }

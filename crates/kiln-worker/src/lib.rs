@@ -69,7 +69,8 @@ pub struct VertexOutput {
 #[derive(Default, Clone)]
 pub struct BuildInputs {
     /// Local contexts by name (`context` is the main one), and those of nested builds
-    /// (`target:` named contexts) by the `sha256:` content digest of the sources reading them.
+    /// (`target:` named contexts) and directory contexts by the digest of the source vertices
+    /// reading them.
     pub contexts: HashMap<String, Arc<dyn BuildContext>>,
     /// Secrets by id.
     pub secrets: HashMap<String, Vec<u8>>,

@@ -80,12 +80,13 @@ impl Worker {
                 self.record_origins(&image).await.map_err(|e| e.to_string())?;
                 Ok(VertexOutput { snapshot: Snapshot { layers: chain }, image: Some(image) })
             }
-            SourceOp::Local { name, include, exclude, content } => {
-                // A nested build's context is known by the content it selects (`target:`
-                // named contexts), the build's own by its name.
+            SourceOp::Local { name, include, exclude, .. } => {
+                // A nested build's or a directory context is known by the source vertex's
+                // digest (a source has no inputs), the build's own by its name.
+                let vertex = kiln_graph::vertex_digest(&kiln_graph::Op::Source(source.clone()), &[]);
                 let context = build
                     .contexts
-                    .get(&content.to_string())
+                    .get(&vertex.to_string())
                     .or_else(|| build.contexts.get(name))
                     .cloned()
                     .ok_or_else(|| format!("build context {name:?} was not provided"))?;

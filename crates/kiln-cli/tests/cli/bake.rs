@@ -16,7 +16,10 @@ fn bake_prints_merges_overrides_and_builds_targets_with_their_contexts() {
     std::fs::write(repo.join("docs/guide.md"), "guide\n").unwrap();
     std::fs::write(
         repo.join("Dockerfile.base"),
-        format!("FROM {}\nRUN echo base > /base\nENV FROM_BASE=1\n", setup.base()),
+        format!(
+            "FROM {}\nRUN echo base > /base\nENV FROM_BASE=1\nRUN --mount=type=secret,id=token cp /run/secrets/token /token\n",
+            setup.base()
+        ),
     )
     .unwrap();
     std::fs::write(
@@ -35,6 +38,7 @@ group "default" {
 }
 target "base" {
   dockerfile = "Dockerfile.base"
+  secret = ["id=token,env=BAKE_TOKEN"]
 }
 target "app" {
   contexts = { base = "target:base", docs = "docs" }
@@ -69,18 +73,25 @@ target "app" {
                     "labels": {"org.example.tag": "v2"},
                     "output": [{"type": "local", "dest": "out"}]
                 },
-                "base": {"context": ".", "dockerfile": "Dockerfile.base", "output": [{"type": "cacheonly"}]}
+                "base": {
+                    "context": ".", "dockerfile": "Dockerfile.base", "output": [{"type": "cacheonly"}],
+                    "secret": [{"id": "token", "env": "BAKE_TOKEN"}]
+                }
             }
         })
     );
 
-    let out = bake(&["--progress", "plain", "--set", "app.args.MSG=hi", "--metadata-file", "meta.json"], &[]);
+    let out = bake(
+        &["--progress", "plain", "--set", "app.args.MSG=hi", "--metadata-file", "meta.json"],
+        &[("BAKE_TOKEN", "s3cret")],
+    );
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(std::fs::read_to_string(repo.join("out/msg")).unwrap(), "hi-1\n");
     assert_eq!(std::fs::read_to_string(repo.join("out/base")).unwrap(), "base\n");
     assert_eq!(std::fs::read_to_string(repo.join("out/guide.md")).unwrap(), "guide\n");
-    assert!(stderr.contains("[app] [base] [2/2] RUN echo base"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(repo.join("out/token")).unwrap(), "s3cret", "the base target's secret");
+    assert!(stderr.contains("[app] [base] [2/3] RUN echo base"), "{stderr}");
     let metadata: Value = serde_json::from_slice(&std::fs::read(repo.join("meta.json")).unwrap()).unwrap();
     assert_eq!(metadata.as_object().unwrap().keys().collect::<Vec<_>>(), ["app"]);
     assert_eq!(metadata["app"]["status"], "succeeded");
@@ -92,7 +103,7 @@ target "app" {
     assert!(text(&out.stderr).contains("bad.hcl:2: "), "{}", text(&out.stderr));
     let out = bake(&["nothing"], &[]);
     assert!(text(&out.stderr).contains("no target or group named \"nothing\""), "{}", text(&out.stderr));
-    let out = bake(&["--set", "app.contexts.docs=oci-layout://./layout"], &[]);
+    let out = bake(&["--set", "app.contexts.docs=oci-layout://./layout"], &[("BAKE_TOKEN", "x")]);
     assert!(text(&out.stderr).contains("target app: contexts.docs"), "{}", text(&out.stderr));
 }
 

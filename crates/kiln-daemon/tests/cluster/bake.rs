@@ -37,6 +37,7 @@ target "img" {
 }
 target "broken" {
   dockerfile-inline = "FROM BASE\nRUN echo failing on purpose && exit 3\n"
+  tags = ["${REGISTRY}/kiln/broken:1"]
   platforms = ["linux/amd64"]
 }
 "#;
