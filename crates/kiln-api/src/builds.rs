@@ -24,15 +24,18 @@ pub const MAX_ENTRIES: usize = 1000;
 /// How many builds end between two looks at the history's size.
 const PRUNE_EVERY: u64 = 50;
 
-/// The builds running on this daemon, by id: one run per id at a time. A daemon's control
-/// services (its unix socket's and its TCP listener's) share one.
-#[derive(Clone, Default)]
+/// The builds running on this daemon, by id: one run per id at a time, and the journal of
+/// every build it runs. A daemon's control services (its unix socket's and its TCP
+/// listener's) share one.
+#[derive(Clone)]
 pub struct Runs {
     running: Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, CancellationToken)>>>,
     /// Builds ended here, counted for pruning the history.
     ended: Arc<std::sync::atomic::AtomicU64>,
     /// Builds submitted here and not begun yet (a new leader taking over).
     waiting: Arc<std::sync::atomic::AtomicU64>,
+    /// The builds' records and logs.
+    journal: Arc<crate::journal::Journal>,
 }
 
 /// A build counted among [`Runs::counts`]'s waiting ones while it lives.
@@ -53,6 +56,21 @@ pub(crate) struct Run {
 }
 
 impl Runs {
+    /// The builds of a daemon whose journals are kept in `kv`.
+    pub fn new(kv: SharedKv) -> Runs {
+        Runs {
+            running: Arc::default(),
+            ended: Arc::default(),
+            waiting: Arc::default(),
+            journal: Arc::new(crate::journal::Journal::new(kv)),
+        }
+    }
+
+    /// The journal of the builds run here.
+    pub fn journal(&self) -> &Arc<crate::journal::Journal> {
+        &self.journal
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, CancellationToken)>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -315,6 +333,18 @@ impl BuildBook {
         }
     }
 
+    /// Removes build `id`'s entry (through the log on a replicated book).
+    pub async fn remove(&self, id: &str) -> Result<(), ApiError> {
+        match self {
+            BuildBook::Local(kv) => kv.delete(BUILDS_TREE, id.as_bytes()).map_err(|e| ApiError::History(e.to_string())),
+            BuildBook::Replicated(kv) => {
+                let mut batch = kiln_kv::Batch::default();
+                batch.delete(id.as_bytes());
+                kv.write_durably(BUILDS_TREE, batch).await.map(|_| ()).map_err(ApiError::Replication)
+            }
+        }
+    }
+
     /// Removes the oldest entries of builds that ended, beyond `max`. An entry is checked
     /// again under the lock of `runs` before it goes: one reattached meanwhile stays.
     pub(crate) async fn prune(&self, runs: &Runs, max: usize) {
@@ -329,6 +359,7 @@ impl BuildBook {
                 let still_ended = book.get(&entry.id)?.is_some_and(|now| now.status != "running");
                 if still_ended && !running.contains_key(&entry.id) {
                     book.kv().delete(BUILDS_TREE, entry.id.as_bytes()).map_err(|e| ApiError::History(e.to_string()))?;
+                    runs.journal.remove(&entry.id)?;
                     pruned += 1;
                 }
             }
@@ -369,6 +400,10 @@ mod tests {
         Ok(entry)
     }
 
+    fn runs() -> Runs {
+        Runs::new(Arc::new(kiln_kv::MemoryKv::new()))
+    }
+
     fn caller(tenant: &str) -> kiln_model::Caller {
         kiln_model::Caller { name: format!("ci-{tenant}"), tenant: tenant.into(), role: kiln_model::Role::Build }
     }
@@ -384,7 +419,7 @@ mod tests {
         // Another tenant cannot take it over.
         assert!(matches!(begin(&book, &request(1), &caller("team-b"), "b1").await, Err(ApiError::BuildExists(_))));
         // Its client reattaching: the same build, submitted once more.
-        let run = Runs::default().claim("b1", 0).unwrap();
+        let run = runs().claim("b1", 0).unwrap();
         book.record_end(&run, first.ended("failed", Some("lost".into()), &[])).await;
         let again = begin(&book, &request(1), &caller("team-a"), "b1").await.unwrap();
         assert_eq!((again.started, again.submissions, again.status.as_str()), (first.started, 2, "running"));
@@ -404,7 +439,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_run_per_id_and_a_reattachment_replaces_the_run_it_reattaches_to() {
-        let runs = Runs::default();
+        let runs = runs();
         let first = runs.claim("b1", 0).unwrap();
         assert!(matches!(runs.claim("b1", 0), Err(ApiError::BuildExists(_))));
         let second = runs.claim("b1", 1).unwrap();
@@ -430,7 +465,7 @@ mod tests {
             let entry = if n == 0 { entry } else { entry.ended("succeeded", None, &[]) };
             book.record(&entry, false).await.unwrap();
         }
-        book.prune(&Runs::default(), 3).await;
+        book.prune(&runs(), 3).await;
         let left: Vec<String> = book.list(None).unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(left, ["b0", "b3", "b4"], "the running b0 stays; b1 and b2 go");
     }

@@ -168,6 +168,12 @@ pub enum ApiError {
     /// A reattachment whose request is not the recorded build's.
     #[error("build {0}: a reattachment must send the request of the build it reattaches to, and this one differs")]
     NotTheSameBuild(String),
+    /// No build of the caller's with this id in the history.
+    #[error("build {0}: not in the history")]
+    NoSuchBuild(String),
+    /// A build that has not ended cannot be removed.
+    #[error("build {0}: still running (remove it once it ended)")]
+    BuildRunning(String),
     /// The build history could not be read or written.
     #[error("the build history: {0}")]
     History(String),
@@ -199,7 +205,8 @@ impl ApiError {
             ApiError::LocalContextOverTcp => ErrorKind::Refused,
             ApiError::UploadStalled { .. } => ErrorKind::TimedOut,
             ApiError::SessionEnded(_) | ApiError::NotLeader { .. } | ApiError::Replication(_) => ErrorKind::Unavailable,
-            ApiError::NoBlob(_) => ErrorKind::NotFound,
+            ApiError::NoBlob(_) | ApiError::NoSuchBuild(_) => ErrorKind::NotFound,
+            ApiError::BuildRunning(_) => ErrorKind::Conflict,
             ApiError::Upload { sender_at_fault: false, .. }
             | ApiError::Store { .. }
             | ApiError::Read { .. }

@@ -7,6 +7,7 @@ mod blobs;
 mod builds;
 mod error;
 mod exports;
+mod journal;
 mod limits;
 mod replication;
 mod storage;
@@ -18,6 +19,7 @@ pub use blobs::BlobsService;
 pub use builds::{BUILDS_TREE, BuildBook, Runs};
 pub use error::{ApiError, ServeError};
 pub use exports::clear_spools;
+pub use journal::{Change, Journal};
 pub use limits::{CONNECTION_RATE, TOKEN_RATE};
 pub use replication::{RaftService, Replication};
 pub use storage::StorageService;
@@ -39,9 +41,10 @@ use kiln_proto::v1::raft_server::RaftServer;
 use kiln_proto::v1::storage_server::StorageServer;
 use kiln_proto::v1::workers_server::WorkersServer;
 use kiln_proto::v1::{
-    BlobChunkUpload, BuildEvent, BuildRequest, DiskUsageRequest, DiskUsageResponse, FindMissingRequest,
-    FindMissingResponse, InfoRequest, InfoResponse, ListBuildsRequest, ListBuildsResponse, ListWorkersRequest,
-    ListWorkersResponse, PruneRequest, PruneResponse, UploadResponse,
+    BlobChunkUpload, BuildEvent, BuildLogsRequest, BuildLogsResponse, BuildRequest, DiskUsageRequest,
+    DiskUsageResponse, FindMissingRequest, FindMissingResponse, InfoRequest, InfoResponse, InspectBuildRequest,
+    InspectBuildResponse, ListBuildsRequest, ListBuildsResponse, ListWorkersRequest, ListWorkersResponse, PruneRequest,
+    PruneResponse, RemoveBuildRequest, RemoveBuildResponse, StepLogs, UploadResponse, VertexLog,
 };
 use kiln_types::Digest;
 use tokio::sync::mpsc;
@@ -54,6 +57,21 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::auth::{Authenticate, NodesOnly};
+
+impl ControlService {
+    /// The history entry of build `id`, if `caller` may see it (its tenant's, or an admin's
+    /// any); otherwise the build is not there for it.
+    async fn visible_build(&self, caller: &kiln_model::Caller, id: &str) -> Result<kiln_model::BuildEntry, ApiError> {
+        if let Some(replication) = &self.replication {
+            replication.read_barrier().await?;
+        }
+        let (book, owned) = (self.builds.clone(), id.to_string());
+        let entry = tokio::task::spawn_blocking(move || book.get(&owned)).await??;
+        entry
+            .filter(|entry| caller.role == kiln_model::Role::Admin || entry.tenant == caller.tenant)
+            .ok_or_else(|| ApiError::NoSuchBuild(id.to_string()))
+    }
+}
 
 /// The control service.
 pub struct ControlService {
@@ -84,6 +102,7 @@ impl ControlService {
     pub fn new(engine: Arc<Engine>, root: &Path) -> ControlService {
         let (tasks, abandoned) = (TaskTracker::new(), CancellationToken::new());
         let builds = BuildBook::Local(Arc::clone(engine.store()));
+        let runs = builds::Runs::new(Arc::clone(engine.store()));
         ControlService {
             engine,
             root: root.to_path_buf(),
@@ -94,7 +113,7 @@ impl ControlService {
             replication: None,
             tenants: Arc::default(),
             builds,
-            runs: builds::Runs::default(),
+            runs,
         }
     }
 
@@ -244,6 +263,8 @@ impl Control for ControlService {
                         return;
                     }
                 };
+                let journal = Arc::clone(runs.journal());
+                journal.begin(&id);
                 let (progress, mut progress_events) = mpsc::unbounded_channel();
                 let mut build = Box::pin(engine.build(request, Some(&spool), progress).instrument(trace.clone()));
                 // Why the build ended without a result, if it does.
@@ -285,6 +306,7 @@ impl Control for ControlService {
                                 let _ = events.send(Err(refused.into())).await;
                                 break None;
                             }
+                            journal.event(&id, &event);
                             if events.send(Ok(event_to_proto(event))).await.is_err() {
                                 tracing::info!("the client left: build cancelled");
                                 break None;
@@ -304,6 +326,7 @@ impl Control for ControlService {
                     if matches!(ending, Ending::Refused(_)) {
                         trace.record("otel.status_code", "ERROR");
                     }
+                    journal.end(&id, &[]);
                     match ending {
                         // A build handed back to its client is the next run's to record.
                         Ending::HandedOver => {}
@@ -313,6 +336,7 @@ impl Control for ControlService {
                     return;
                 };
                 while let Ok(event) = progress_events.try_recv() {
+                    journal.event(&id, &event);
                     let _ = events.send(Ok(event_to_proto(event))).await;
                 }
                 // File outputs travel to the client before the result.
@@ -340,7 +364,9 @@ impl Control for ControlService {
                     .record("otel.status_code", if error.is_none() { "OK" } else { "ERROR" });
                 // Recorded before the client hears the result: a `kiln history` that follows
                 // sees the build ended.
+                journal.end(&id, &records);
                 book.record_end(&run, entry.ended(status, error.clone(), &records)).await;
+                journal.changed(&id);
                 let result = DomainEvent::Result { error, image, records };
                 if abandoned.is_cancelled() {
                     // A stopping daemon does not wait for a client that does not read.
@@ -493,6 +519,72 @@ impl Control for ControlService {
         let entries =
             tokio::task::spawn_blocking(move || book.list(tenant.as_deref())).await.map_err(ApiError::from)??;
         Ok(Response::new(ListBuildsResponse { builds: entries.iter().map(build_entry_to_proto).collect() }))
+    }
+
+    async fn inspect_build(
+        &self,
+        request: Request<InspectBuildRequest>,
+    ) -> Result<Response<InspectBuildResponse>, Status> {
+        let caller = auth::caller_of(&request);
+        let id = request.into_inner().id;
+        let entry = self.visible_build(&caller, &id).await?;
+        let journal = Arc::clone(self.runs.journal());
+        let records = tokio::task::spawn_blocking(move || journal.records(&id)).await.map_err(ApiError::from)??;
+        Ok(Response::new(InspectBuildResponse {
+            build: Some(build_entry_to_proto(&entry)),
+            records: records.iter().map(kiln_proto::convert::record_to_proto).collect(),
+            file_name: entry.request.file_name,
+            dockerfile: entry.request.dockerfile,
+            build_args: entry.request.build_args.into_iter().collect(),
+            submitted_by: entry.request.submitted_by,
+        }))
+    }
+
+    async fn build_logs(&self, request: Request<BuildLogsRequest>) -> Result<Response<BuildLogsResponse>, Status> {
+        let caller = auth::caller_of(&request);
+        let request = request.into_inner();
+        self.visible_build(&caller, &request.id).await?;
+        let vertex = match request.vertex.as_str() {
+            "" => None,
+            digest => Some(parse_digest(digest, "vertex").map_err(ApiError::from)?),
+        };
+        let journal = Arc::clone(self.runs.journal());
+        let logs = tokio::task::spawn_blocking(move || journal.logs(&request.id, vertex.as_ref()))
+            .await
+            .map_err(ApiError::from)??;
+        let steps = logs
+            .into_iter()
+            .map(|(vertex, log)| StepLogs {
+                vertex: vertex.to_string(),
+                lines: log
+                    .lines
+                    .into_iter()
+                    .map(|line| VertexLog {
+                        digest: String::new(),
+                        stderr: line.stream == kiln_model::LogStream::Stderr,
+                        line: line.line,
+                    })
+                    .collect(),
+                dropped: log.dropped,
+            })
+            .collect();
+        Ok(Response::new(BuildLogsResponse { steps }))
+    }
+
+    async fn remove_build(
+        &self,
+        request: Request<RemoveBuildRequest>,
+    ) -> Result<Response<RemoveBuildResponse>, Status> {
+        let caller = auth::caller_of(&request);
+        let id = request.into_inner().id;
+        let entry = self.visible_build(&caller, &id).await?;
+        if entry.status == "running" {
+            return Err(ApiError::BuildRunning(id).into());
+        }
+        self.builds.remove(&id).await?;
+        let journal = Arc::clone(self.runs.journal());
+        tokio::task::spawn_blocking(move || journal.remove(&id)).await.map_err(ApiError::from)??;
+        Ok(Response::new(RemoveBuildResponse {}))
     }
 
     async fn disk_usage(&self, request: Request<DiskUsageRequest>) -> Result<Response<DiskUsageResponse>, Status> {

@@ -231,6 +231,10 @@ fn record_json(record: &VertexRecord) -> serde_json::Value {
     if !record.phases.is_empty() {
         json["phases"] = serde_json::to_value(record.phases).expect("phases serialise");
     }
+    // A deduplicated vertex names the build that executed it.
+    if let Some(from) = &record.deduplicated_from {
+        json["deduplicated_from"] = from.as_str().into();
+    }
     json
 }
 

@@ -345,6 +345,75 @@ impl Client {
         Ok(response.builds.into_iter().map(kiln_proto::convert::build_entry_from_proto).collect())
     }
 
+    /// One build of the history, its request's summary filled in, with its vertex records.
+    pub async fn inspect_build(
+        &self,
+        id: &str,
+    ) -> Result<(kiln_model::BuildEntry, Vec<kiln_model::VertexRecord>), ClientError> {
+        let id = id.to_string();
+        let response = self
+            .call("", |mut control| {
+                let id = id.clone();
+                async move { control.inspect_build(v1::InspectBuildRequest { id }).await }
+            })
+            .await?;
+        let malformed = |source| ClientError::Malformed { what: "the daemon".into(), source };
+        let Some(build) = response.build else {
+            return Err(malformed(kiln_proto::convert::WireError::Missing("the build")));
+        };
+        let mut entry = kiln_proto::convert::build_entry_from_proto(build);
+        entry.request.file_name = response.file_name;
+        entry.request.dockerfile = response.dockerfile;
+        entry.request.build_args = response.build_args.into_iter().collect();
+        entry.request.submitted_by = response.submitted_by;
+        let records = response
+            .records
+            .into_iter()
+            .map(|r| kiln_proto::convert::record_from_proto(r).map_err(malformed))
+            .collect::<Result<_, _>>()?;
+        Ok((entry, records))
+    }
+
+    /// A build's kept step output, by vertex (`vertex`'s alone when given).
+    pub async fn build_logs(
+        &self,
+        id: &str,
+        vertex: Option<&kiln_types::Digest>,
+    ) -> Result<Vec<(kiln_types::Digest, kiln_model::StepLog)>, ClientError> {
+        let request =
+            v1::BuildLogsRequest { id: id.to_string(), vertex: vertex.map(|v| v.to_string()).unwrap_or_default() };
+        let response = self
+            .call("", |mut control| {
+                let request = request.clone();
+                async move { control.build_logs(request).await }
+            })
+            .await?;
+        let malformed = |source| ClientError::Malformed { what: "the daemon".into(), source };
+        let mut steps = Vec::new();
+        for step in response.steps {
+            let digest = kiln_proto::convert::parse_digest(&step.vertex, "vertex").map_err(malformed)?;
+            let mut log = kiln_model::StepLog::default();
+            log.dropped = step.dropped;
+            for line in step.lines {
+                let stream = if line.stderr { kiln_model::LogStream::Stderr } else { kiln_model::LogStream::Stdout };
+                log.push(kiln_model::LogLine { stream, line: line.line }, usize::MAX);
+            }
+            steps.push((digest, log));
+        }
+        Ok(steps)
+    }
+
+    /// Removes a build that ended from the history.
+    pub async fn remove_build(&self, id: &str) -> Result<(), ClientError> {
+        let id = id.to_string();
+        self.call("", |mut control| {
+            let id = id.clone();
+            async move { control.remove_build(v1::RemoveBuildRequest { id }).await }
+        })
+        .await?;
+        Ok(())
+    }
+
     /// What the daemon's worker store holds (a coordinator: every connected worker's), and
     /// the workers that did not answer, with why.
     pub async fn disk_usage(&self) -> Result<(Vec<UsageRecord>, Vec<String>), ClientError> {

@@ -534,7 +534,7 @@ async fn standalone(
     }
     let _pid = PidFile::write(root)?;
     tracing::info!("standalone, state in {}, socket {}", root.display(), socket.display());
-    let runs = Runs::default();
+    let runs = Runs::new(Arc::clone(engine.store()));
     if let Some(address) = &args.metrics_listen {
         let probe = probe::Builds {
             engine: Arc::clone(&engine),
@@ -700,7 +700,7 @@ async fn coordinator(
         tokio::spawn(Arc::clone(gc).run(lifecycle.stopped.clone()).instrument(tracing::info_span!("gc")));
     }
     let _pid = PidFile::write(root)?;
-    let runs = Runs::default();
+    let runs = Runs::new(Arc::clone(engine.store()));
     if let Some(address) = &args.metrics_listen {
         let probe = probe::Builds {
             engine: Arc::clone(&engine),

@@ -182,6 +182,7 @@ impl Engine {
             no_cache: request.no_cache,
             max_parallelism: request.max_parallelism,
             cache_group: request.cache_group.clone(),
+            name: request.id.clone(),
         };
         let graph = plan.graph.clone();
         let imports = self.import_caches(&request, &progress).await;

@@ -36,7 +36,7 @@ pub use error::ErrorKind;
 pub use event::BuildEvent;
 pub use executor::{BoxFuture, Executed, Executor, Failed};
 pub use history::{BuildCounts, BuildEntry, MAX_BUILD_ID, RequestSummary, check_build_id, new_build_id};
-pub use log::{LogLine, LogSink, LogStream};
+pub use log::{LogLine, LogSink, LogStream, MAX_STEP_LINES, StepLog};
 pub use manifest::{ContextManifest, ManifestEntry, ManifestError, ManifestKind};
 pub use output::{OutputSpec, OutputSpecError};
 pub use record::{Phases, Status, UnknownStatus, VertexRecord};

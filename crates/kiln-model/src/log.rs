@@ -49,3 +49,37 @@ impl std::fmt::Debug for LogSink {
         f.write_str("LogSink")
     }
 }
+
+/// The most lines kept per step.
+pub const MAX_STEP_LINES: usize = 4096;
+
+/// One step's kept output.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepLog {
+    /// Its last lines.
+    pub lines: std::collections::VecDeque<LogLine>,
+    /// Their bytes.
+    #[serde(default)]
+    bytes: usize,
+    /// Lines that rotated out.
+    pub dropped: u64,
+}
+
+impl StepLog {
+    /// The bytes of its lines.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Appends `line`, dropping the oldest lines past `limit` bytes or [`MAX_STEP_LINES`].
+    pub fn push(&mut self, line: LogLine, limit: usize) {
+        self.bytes += line.line.len();
+        self.lines.push_back(line);
+        while (self.bytes > limit || self.lines.len() > MAX_STEP_LINES)
+            && let Some(old) = self.lines.pop_front()
+        {
+            self.bytes -= old.line.len();
+            self.dropped += 1;
+        }
+    }
+}

@@ -83,6 +83,9 @@ pub struct VertexRecord {
     /// For an executed vertex, where its time went.
     #[serde(default, skip_serializing_if = "Phases::is_empty")]
     pub phases: Phases,
+    /// For a deduplicated vertex, the build that executed it (its id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deduplicated_from: Option<String>,
 }
 
 /// Where an execution's time went, in milliseconds; a phase that did not happen (a standalone
@@ -130,6 +133,7 @@ impl VertexRecord {
             completed: None,
             cache_source: None,
             phases: Phases::default(),
+            deduplicated_from: None,
         }
     }
 }

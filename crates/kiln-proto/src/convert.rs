@@ -125,6 +125,7 @@ pub fn record_to_proto(record: &VertexRecord) -> v1::VertexRecord {
         completed: record.completed.unwrap_or(0),
         cache_source: record.cache_source.clone().unwrap_or_default(),
         phases: phases_to_proto(&record.phases),
+        deduplicated_from: record.deduplicated_from.clone().unwrap_or_default(),
     }
 }
 
@@ -210,6 +211,7 @@ pub fn record_from_proto(record: v1::VertexRecord) -> Result<VertexRecord, WireE
         completed: nonzero(record.completed),
         cache_source: nonempty(record.cache_source),
         phases: phases_from_proto(record.phases),
+        deduplicated_from: nonempty(record.deduplicated_from),
     })
 }
 
@@ -815,6 +817,7 @@ mod tests {
             completed: Some(9),
             cache_source: Some("registry:r/c".into()),
             phases: Phases { queue_ms: Some(0), fetch_ms: None, execute_ms: Some(12), export_ms: Some(3) },
+            deduplicated_from: Some("b1".into()),
         };
         let events = [
             BuildEvent::Planned(vec![record.clone()]),

@@ -27,6 +27,9 @@ pub struct BuildOptions {
     /// The cache group: builds of different groups neither share cache entries nor wait on
     /// each other's jobs (`None`: the default group, whose keys are unscoped).
     pub cache_group: Option<String>,
+    /// The build's id, which the records of builds that wait on its jobs name
+    /// ([`VertexRecord::deduplicated_from`](kiln_model::VertexRecord)).
+    pub name: Option<String>,
 }
 
 /// An input to [`SolverState::apply`].
@@ -460,6 +463,7 @@ impl<O: Clone> SolverState<O> {
                 }
                 // Imported from a cache, or (a source) resolved to what this node already had.
                 let source = executed.cache_source.clone().or_else(|| already_had.then(|| "local".to_string()));
+                let owner = self.builds.get(&job.owner).and_then(|b| b.options.name.clone());
                 for (id, index) in job.waiters {
                     let status = match (id == job.owner, source.is_some()) {
                         (true, true) => Status::Cached,
@@ -475,6 +479,8 @@ impl<O: Clone> SolverState<O> {
                         // already ran too): where its time went.
                         if id == job.owner {
                             build.records[index].phases = executed.phases;
+                        } else {
+                            build.records[index].deduplicated_from.clone_from(&owner);
                         }
                     }
                     self.complete(id, index, executed.output.clone(), user_key, status, at, effects);

@@ -168,6 +168,22 @@ fn builds_report_progress_metadata_results_and_failures() {
     assert!(history[2]["error"].as_str().unwrap().contains("exit code: 3"), "{history:#?}");
     assert!(history[1]["completed"].as_str().unwrap().ends_with('Z'), "RFC 3339: {history:#?}");
 
+    // One build in full, its failing step's kept output, and its removal.
+    let out = setup.run(&["history", "inspect", id, "--format", "json"]);
+    let inspected: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out.stderr)));
+    assert_eq!((inspected["status"].as_str(), inspected["submitted_by"].as_str()), (Some("failed"), Some("local")));
+    assert!(inspected["dockerfile"].as_str().unwrap().contains("doomed-output"), "{inspected:#}");
+    let failed_step = inspected["vertices"].as_array().unwrap().iter().find(|v| v["status"] == "failed").unwrap();
+    assert!(failed_step["name"].as_str().unwrap().contains("RUN echo doomed-output"), "{inspected:#}");
+    let out = setup.run(&["history", "logs", id, "doomed"]);
+    assert!(text(&out.stdout).lines().any(|l| l == "doomed-output"), "{}{}", text(&out.stdout), text(&out.stderr));
+    let out = setup.run(&["history", "rm", id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = setup.run(&["history", "inspect", id]);
+    assert!(!out.status.success() && text(&out.stderr).contains(&format!("build {id}: not in the history")));
+    let out = setup.run(&["history", "ls", "--format", "json"]);
+    assert_eq!(serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap().len(), 2);
+
     let out = setup.run(&["build", "--cache-to", "type=registry", context_arg]);
     assert!(
         !out.status.success()
@@ -203,10 +219,23 @@ fn concurrent_local_builds_share_one_daemon_and_one_execution() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         let metadata = read_metadata(&meta);
         let run = metadata["vertices"].as_array().unwrap().iter().find(|v| v["kind"] == "exec").unwrap().clone();
-        runs.push(run["status"].as_str().unwrap().to_string());
+        runs.push((run["status"].as_str().unwrap().to_string(), metadata["build_id"].clone(), run));
     }
-    runs.sort();
-    assert_eq!(runs, ["deduplicated", "deduplicated", "executed"], "one execution for three builds");
+    runs.sort_by(|a, b| a.0.cmp(&b.0));
+    let statuses: Vec<&str> = runs.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(statuses, ["deduplicated", "deduplicated", "executed"], "one execution for three builds");
+    // A deduplicated step names the build that executed it, in the metadata and the history.
+    let executor = runs[2].1.as_str().unwrap();
+    for (_, id, run) in &runs[..2] {
+        assert_eq!(run["deduplicated_from"], executor, "{run}");
+        let out = setup.run(&["history", "inspect", id.as_str().unwrap(), "--format", "json"]);
+        let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let step = inspected["vertices"].as_array().unwrap().iter().find(|v| v["kind"] == "exec").unwrap();
+        assert_eq!(
+            (step["status"].as_str(), step["deduplicated_from"].as_str()),
+            (Some("deduplicated"), Some(executor))
+        );
+    }
     let daemons = Command::new("pgrep")
         .args(["-f", &format!("kilnd --standalone --root {}", setup.root().display())])
         .output()

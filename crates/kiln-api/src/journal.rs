@@ -1,0 +1,250 @@
+//! What the history keeps of a build beside its entry: every vertex's record (phases, worker,
+//! cache outcome, the build a deduplicated vertex waited on) and the steps' output, bounded.
+//! It lives in this daemon's own store: a replicated coordinator's entries are in the
+//! replicated log, and records and logs stay with the member that ran the build. While a
+//! build runs, its journal is in memory and every change is announced ([`Journal::watch`]),
+//! which the web UI streams to browsers.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use kiln_kv::SharedKv;
+use kiln_model::{BuildEvent, StepLog, VertexRecord};
+use kiln_types::Digest;
+use tokio::sync::broadcast;
+
+use crate::error::ApiError;
+
+/// Vertex records by build id.
+pub const RECORDS_TREE: &str = "history-records";
+/// Step output by `BUILD_ID/VERTEX_DIGEST`.
+pub const LOGS_TREE: &str = "history-logs";
+/// The most output kept per step: its last bytes (older lines rotate out).
+pub const MAX_STEP_LOG: usize = 256 << 10;
+/// The most output kept per build: past it, its other steps keep only their last lines.
+pub const MAX_BUILD_LOG: usize = 8 << 20;
+/// A running build's journal.
+#[derive(Default)]
+struct Live {
+    records: Vec<VertexRecord>,
+    index: HashMap<Digest, usize>,
+    logs: HashMap<Digest, StepLog>,
+    log_bytes: usize,
+}
+
+/// What changed, for those watching.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A build began, progressed or ended.
+    Build(String),
+    /// A build's entry and journal were removed.
+    Removed(String),
+}
+
+/// The journals of a daemon's builds.
+pub struct Journal {
+    kv: SharedKv,
+    live: Mutex<HashMap<String, Live>>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl Journal {
+    /// Journals kept in `kv`.
+    pub fn new(kv: SharedKv) -> Journal {
+        Journal { kv, live: Mutex::new(HashMap::new()), changes: broadcast::channel(1024).0 }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes from now on (a receiver that falls behind misses some and is told so).
+    pub fn watch(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Announces a change of build `id`'s entry.
+    pub fn changed(&self, id: &str) {
+        let _ = self.changes.send(Change::Build(id.to_string()));
+    }
+
+    /// Build `id` began.
+    pub fn begin(&self, id: &str) {
+        self.lock().insert(id.to_string(), Live::default());
+        self.changed(id);
+    }
+
+    /// Build `id`'s progress.
+    pub fn event(&self, id: &str, event: &BuildEvent) {
+        {
+            let mut live = self.lock();
+            let Some(build) = live.get_mut(id) else { return };
+            match event {
+                BuildEvent::Planned(records) => {
+                    build.index = records.iter().enumerate().map(|(i, r)| (r.digest, i)).collect();
+                    build.records = records.clone();
+                }
+                BuildEvent::Started { vertex, at } => {
+                    if let Some(&i) = build.index.get(vertex) {
+                        build.records[i].started.get_or_insert(*at);
+                    }
+                }
+                BuildEvent::Completed { record, .. } => {
+                    if let Some(&i) = build.index.get(&record.digest) {
+                        let started = build.records[i].started;
+                        build.records[i] = (**record).clone();
+                        build.records[i].started = build.records[i].started.or(started);
+                    }
+                }
+                BuildEvent::Log { vertex, line } => {
+                    let limit = if build.log_bytes > MAX_BUILD_LOG { 4 << 10 } else { MAX_STEP_LOG };
+                    let log = build.logs.entry(*vertex).or_default();
+                    let before = log.bytes();
+                    log.push(line.clone(), limit);
+                    build.log_bytes = (build.log_bytes + log.bytes()).saturating_sub(before);
+                    // Output lines are many: a line alone is not announced.
+                    return;
+                }
+                BuildEvent::Export { .. } | BuildEvent::ExportData { .. } | BuildEvent::Result { .. } => return,
+            }
+        }
+        self.changed(id);
+    }
+
+    /// Build `id` ended with `records`: its journal is written to the store. A failure to is
+    /// logged (the build's result stands).
+    pub fn end(&self, id: &str, records: &[VertexRecord]) {
+        let live = self.lock().remove(id).unwrap_or_default();
+        let records = if records.is_empty() { live.records } else { records.to_vec() };
+        let mut batch = kiln_kv::Batch::default();
+        let mut logs = kiln_kv::Batch::default();
+        match serde_json::to_vec(&records) {
+            Ok(value) => drop(batch.put(id.as_bytes(), value)),
+            Err(error) => tracing::warn!("build {id}: its records: {error}"),
+        }
+        for (vertex, log) in &live.logs {
+            if let Ok(value) = serde_json::to_vec(log) {
+                logs.put(format!("{id}/{vertex}").into_bytes(), value);
+            }
+        }
+        if let Err(error) = self.kv.apply(RECORDS_TREE, &batch).and_then(|()| self.kv.apply(LOGS_TREE, &logs)) {
+            tracing::warn!("build {id}: keeping its records and logs: {error}");
+        }
+        self.changed(id);
+    }
+
+    /// Build `id`'s records: the running build's so far, else the stored ones.
+    pub fn records(&self, id: &str) -> Result<Vec<VertexRecord>, ApiError> {
+        if let Some(build) = self.lock().get(id) {
+            return Ok(build.records.clone());
+        }
+        match self.kv.get(RECORDS_TREE, id.as_bytes()).map_err(|e| ApiError::History(e.to_string()))? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| ApiError::History(format!("build {id}: {e}"))),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Build `id`'s step output, by vertex (only `vertex`'s when given).
+    pub fn logs(&self, id: &str, vertex: Option<&Digest>) -> Result<Vec<(Digest, StepLog)>, ApiError> {
+        if let Some(build) = self.lock().get(id) {
+            let mut logs: Vec<(Digest, StepLog)> = build
+                .logs
+                .iter()
+                .filter(|(digest, _)| vertex.is_none_or(|v| v == *digest))
+                .map(|(digest, log)| (*digest, log.clone()))
+                .collect();
+            logs.sort_by_key(|(digest, _)| build.index.get(digest).copied());
+            return Ok(logs);
+        }
+        let prefix = match vertex {
+            Some(vertex) => format!("{id}/{vertex}"),
+            None => format!("{id}/"),
+        };
+        let pairs = self.kv.scan_prefix(LOGS_TREE, prefix.as_bytes()).map_err(|e| ApiError::History(e.to_string()))?;
+        let order: HashMap<Digest, usize> = self.records(id)?.iter().enumerate().map(|(i, r)| (r.digest, i)).collect();
+        let mut logs = Vec::new();
+        for (key, value) in pairs {
+            let key = String::from_utf8_lossy(&key);
+            let Some(digest) = key.split_once('/').and_then(|(_, d)| d.parse::<Digest>().ok()) else { continue };
+            let log: StepLog = serde_json::from_slice(&value).map_err(|e| ApiError::History(format!("{key}: {e}")))?;
+            logs.push((digest, log));
+        }
+        logs.sort_by_key(|(digest, _)| order.get(digest).copied());
+        Ok(logs)
+    }
+
+    /// Removes build `id`'s records and logs.
+    pub fn remove(&self, id: &str) -> Result<(), ApiError> {
+        let fail = |e: kiln_kv::KvError| ApiError::History(e.to_string());
+        self.kv.delete(RECORDS_TREE, id.as_bytes()).map_err(fail)?;
+        let mut batch = kiln_kv::Batch::default();
+        for (key, _) in self.kv.scan_prefix(LOGS_TREE, format!("{id}/").as_bytes()).map_err(fail)? {
+            batch.delete(key);
+        }
+        self.kv.apply(LOGS_TREE, &batch).map_err(fail)?;
+        let _ = self.changes.send(Change::Removed(id.to_string()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str) -> VertexRecord {
+        VertexRecord {
+            digest: Digest::of(name.as_bytes()),
+            name: name.into(),
+            kind: "exec".into(),
+            stage: None,
+            status: kiln_model::Status::Skipped,
+            worker: None,
+            platform: None,
+            started: None,
+            completed: None,
+            cache_source: None,
+            phases: Default::default(),
+            deduplicated_from: None,
+        }
+    }
+
+    fn line(text: &str) -> kiln_model::LogLine {
+        kiln_model::LogLine { stream: kiln_model::LogStream::Stdout, line: text.into() }
+    }
+
+    #[test]
+    fn a_journal_follows_a_build_keeps_its_last_output_and_is_removed_whole() {
+        let journal = Journal::new(std::sync::Arc::new(kiln_kv::MemoryKv::new()));
+        let mut changes = journal.watch();
+        let (a, b) = (record("a"), record("b"));
+        journal.begin("b1");
+        journal.event("b1", &BuildEvent::Planned(vec![a.clone(), b.clone()]));
+        journal.event("b1", &BuildEvent::Started { vertex: a.digest, at: 7 });
+        for n in 0..kiln_model::MAX_STEP_LINES + 10 {
+            journal.event("b1", &BuildEvent::Log { vertex: a.digest, line: line(&format!("line {n}")) });
+        }
+        let done = VertexRecord { status: kiln_model::Status::Executed, completed: Some(9), ..a.clone() };
+        journal.event("b1", &BuildEvent::Completed { record: Box::new(done.clone()), error: None });
+        let running = journal.records("b1").unwrap();
+        assert_eq!((running[0].started, running[0].status), (Some(7), kiln_model::Status::Executed));
+        let logs = journal.logs("b1", Some(&a.digest)).unwrap();
+        assert_eq!((logs[0].1.lines.len(), logs[0].1.dropped), (kiln_model::MAX_STEP_LINES, 10));
+        assert_eq!(logs[0].1.lines[0].line, "line 10", "the oldest lines rotate out");
+
+        journal.end("b1", &[done.clone(), b.clone()]);
+        assert_eq!(journal.records("b1").unwrap(), [done, b]);
+        assert_eq!(
+            journal.logs("b1", None).unwrap()[0].1.lines.back().unwrap().line,
+            format!("line {}", kiln_model::MAX_STEP_LINES + 9)
+        );
+        // Begin, plan, start, complete and end were announced; output lines were not.
+        let mut announced = 0;
+        while let Ok(change) = changes.try_recv() {
+            assert_eq!(change, Change::Build("b1".into()));
+            announced += 1;
+        }
+        assert_eq!(announced, 5);
+        journal.remove("b1").unwrap();
+        assert!(journal.records("b1").unwrap().is_empty() && journal.logs("b1", None).unwrap().is_empty());
+    }
+}
