@@ -35,7 +35,7 @@ const OWNERS: &[(&str, &[&str])] = &[
     ("tracing-opentelemetry", &["kiln-telemetry"]),
     ("prometheus", &["kiln-telemetry"]),
     ("hcl-rs", &["kiln-bake"]),
-    ("axum", &["kiln-telemetry"]),
+    ("axum", &["kiln-telemetry", "kiln-web"]),
 ];
 
 /// Checks every fence; the error lists each violation with the crate and the path to it.

@@ -26,6 +26,9 @@ const PACKAGES: &[(&str, &str)] = &[
     // deploy/compose.yaml is checked with it; openssl reads the chart's certificates.
     ("docker-compose", "/usr/bin/docker-compose"),
     ("openssl", "/usr/bin/openssl"),
+    // The web UI's tests drive a real headless browser over WebDriver.
+    ("chromium", "/usr/bin/chromium"),
+    ("chromium-driver", "/usr/bin/chromedriver"),
 ];
 
 /// The Helm library (Helm 4's SDK over its C ABI: no helm binary, no network) and the

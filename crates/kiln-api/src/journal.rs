@@ -32,20 +32,12 @@ struct Live {
     log_bytes: usize,
 }
 
-/// What changed, for those watching.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// A build began, progressed or ended.
-    Build(String),
-    /// A build's entry and journal were removed.
-    Removed(String),
-}
-
 /// The journals of a daemon's builds.
 pub struct Journal {
     kv: SharedKv,
     live: Mutex<HashMap<String, Live>>,
-    changes: broadcast::Sender<Change>,
+    /// The ids of builds that began, progressed, ended or were removed.
+    changes: broadcast::Sender<String>,
 }
 
 impl Journal {
@@ -59,13 +51,13 @@ impl Journal {
     }
 
     /// Changes from now on (a receiver that falls behind misses some and is told so).
-    pub fn watch(&self) -> broadcast::Receiver<Change> {
+    pub fn watch(&self) -> broadcast::Receiver<String> {
         self.changes.subscribe()
     }
 
     /// Announces a change of build `id`'s entry.
     pub fn changed(&self, id: &str) {
-        let _ = self.changes.send(Change::Build(id.to_string()));
+        let _ = self.changes.send(id.to_string());
     }
 
     /// Build `id` began.
@@ -182,7 +174,7 @@ impl Journal {
             batch.delete(key);
         }
         self.kv.apply(LOGS_TREE, &batch).map_err(fail)?;
-        let _ = self.changes.send(Change::Removed(id.to_string()));
+        self.changed(id);
         Ok(())
     }
 }
@@ -240,7 +232,7 @@ mod tests {
         // Begin, plan, start, complete and end were announced; output lines were not.
         let mut announced = 0;
         while let Ok(change) = changes.try_recv() {
-            assert_eq!(change, Change::Build("b1".into()));
+            assert_eq!(change, "b1");
             announced += 1;
         }
         assert_eq!(announced, 5);

@@ -19,7 +19,7 @@ pub use blobs::BlobsService;
 pub use builds::{BUILDS_TREE, BuildBook, Runs};
 pub use error::{ApiError, ServeError};
 pub use exports::clear_spools;
-pub use journal::{Change, Journal};
+pub use journal::Journal;
 pub use limits::{CONNECTION_RATE, TOKEN_RATE};
 pub use replication::{RaftService, Replication};
 pub use storage::StorageService;
@@ -145,6 +145,11 @@ impl ControlService {
         self.tasks = tasks;
         self.abandoned = abandoned;
         self
+    }
+
+    /// The build history it records into, and the builds (with their journals) it runs.
+    pub fn history(&self) -> (BuildBook, Runs) {
+        (self.builds.clone(), self.runs.clone())
     }
 
     /// Shares `runs` (the builds running on this daemon) with its other control service.

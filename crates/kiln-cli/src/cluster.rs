@@ -31,30 +31,13 @@ pub struct InfoArgs {
     format: Format,
 }
 
-/// One worker as `--format json` prints it (a stable shape).
-fn worker_json(worker: &WorkerStatus) -> serde_json::Value {
-    serde_json::json!({
-        "name": worker.info.name,
-        "platforms": worker.info.platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-        "labels": worker.info.labels,
-        "max_parallelism": worker.info.max_parallelism,
-        "running": worker.running,
-        "free_disk": worker.info.free_disk,
-        "address": worker.info.address,
-        "state": if worker.draining { "draining" } else { "ready" },
-        "last_heartbeat": worker.last_heartbeat,
-        "layers": worker.layers,
-        "entitlements": worker.info.entitlements.iter().map(|e| e.as_str()).collect::<Vec<_>>(),
-    })
-}
-
 /// Runs `kiln workers`.
 pub async fn workers(args: WorkersArgs, daemon: &embedded::Daemon) -> anyhow::Result<bool> {
     let client = daemon.connect().await?;
     let workers = client.workers().await.map_err(anyhow::Error::msg)?;
     match args.format {
         Format::Json => {
-            let list: Vec<serde_json::Value> = workers.iter().map(worker_json).collect();
+            let list: Vec<serde_json::Value> = workers.iter().map(WorkerStatus::to_json).collect();
             println!("{}", serde_json::to_string_pretty(&list)?);
         }
         Format::Table => {

@@ -57,12 +57,7 @@ fn entry_json(entry: &BuildEntry) -> serde_json::Value {
         "target": entry.target,
         "platforms": entry.platforms,
         "submissions": entry.submissions,
-        "counts": {
-            "executed": entry.counts.executed,
-            "cached": entry.counts.cached,
-            "deduplicated": entry.counts.deduplicated,
-            "failed": entry.counts.failed,
-        },
+        "counts": entry.counts,
         "error": entry.error,
     })
 }

@@ -172,6 +172,8 @@ pub struct CoordinatorSection {
     /// Where `/metrics`, `/healthz`, `/readyz` and `/v1/queue` are served (plain HTTP),
     /// `HOST:PORT`. Default: none.
     pub metrics_listen: Option<String>,
+    /// Where the build history's web UI is served (plain HTTP), `HOST:PORT`. Default: none.
+    pub web_listen: Option<String>,
 }
 
 /// `[coordinator.cache]`: the shared cache tier every build imports from and exports to.
@@ -327,6 +329,8 @@ pub struct CoordinatorConfig {
     pub replicas: Option<Replicas>,
     /// The metrics and health listener.
     pub metrics_listen: Option<SocketAddr>,
+    /// The web UI's listener.
+    pub web_listen: Option<SocketAddr>,
 }
 
 /// A replicated coordinator's place in its replica set (`node-id`, `peers`).
@@ -475,6 +479,8 @@ impl ConfigFile {
                 replicas: replicas(c).map_err(|(key, message)| invalid(key, message))?,
                 metrics_listen: socket_address(c.metrics_listen.as_deref())
                     .map_err(|message| invalid("coordinator.metrics-listen", message))?,
+                web_listen: socket_address(c.web_listen.as_deref())
+                    .map_err(|message| invalid("coordinator.web-listen", message))?,
                 shared_cache: match &c.cache.shared {
                     None => None,
                     Some(text) => {

@@ -11,6 +11,7 @@ mod agent;
 mod certs;
 mod probe;
 mod replica;
+mod web;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,6 +74,10 @@ struct Args {
     /// (HOST:PORT, plain HTTP; `metrics-listen` in a config).
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Serve the build history's web UI on this TCP address (HOST:PORT, plain HTTP;
+    /// `coordinator.web-listen` in a config).
+    #[arg(long)]
+    web_listen: Option<String>,
     /// Log lines as text or as one JSON object each (default: the config's `[log] format`,
     /// else text); levels come from `RUST_LOG` (default `info`).
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
@@ -196,12 +201,18 @@ fn role_of(
             if let Some(address) = coordinator.metrics_listen.or(worker.metrics_listen) {
                 args.metrics_listen.get_or_insert(address.to_string());
             }
+            if let Some(address) = coordinator.web_listen {
+                args.web_listen.get_or_insert(address.to_string());
+            }
             Role::Standalone(Some(worker))
         }
         (Some(coordinator), None) => {
             args.root = coordinator.root.clone();
             if let Some(address) = coordinator.metrics_listen {
                 args.metrics_listen.get_or_insert(address.to_string());
+            }
+            if let Some(address) = coordinator.web_listen {
+                args.web_listen.get_or_insert(address.to_string());
             }
             Role::Coordinator(coordinator)
         }
@@ -557,7 +568,14 @@ async fn standalone(
         }
         None => None,
     };
-    serve(&engine, root, (&socket, group), tcp, (&security.tenants, runs), None, lifecycle).await
+    let listeners = Listeners { tcp, web: args.web_listen.clone() };
+    serve(&engine, root, (&socket, group), listeners, (&security.tenants, runs), None, lifecycle).await
+}
+
+/// A daemon's listeners besides its unix socket: the control API over TCP, the web UI.
+struct Listeners {
+    tcp: Option<(tokio::net::TcpListener, Services)>,
+    web: Option<String>,
 }
 
 /// How long in-flight requests (builds streaming their results, worker sessions closing)
@@ -577,7 +595,7 @@ async fn serve(
     engine: &Arc<Engine>,
     root: &Path,
     (socket, group): (&Path, Option<u32>),
-    tcp: Option<(tokio::net::TcpListener, Services)>,
+    Listeners { tcp, web }: Listeners,
     (tenants, runs): (&Arc<Tenants>, Runs),
     replication: Option<Arc<kiln_api::Replication>>,
     lifecycle: Lifecycle,
@@ -602,6 +620,11 @@ async fn serve(
         .with_runs(runs)
         .tracked_by(tasks.clone(), abandoned.clone());
     service.settle_abandoned_builds();
+    if let Some(address) = &web {
+        let (book, runs) = service.history();
+        let history = web::History { book, runs, engine: Arc::clone(engine) };
+        web::serve(address, history, stopped.clone()).await?;
+    }
     let unix_socket = socket.to_path_buf();
     servers.spawn({
         let stopped = stopped.clone();
@@ -741,16 +764,10 @@ async fn coordinator(
         access,
         tls,
     };
-    let result = serve(
-        &engine,
-        root,
-        (&socket, group),
-        Some((listener, services)),
-        (&security.tenants, runs),
-        replication.clone(),
-        lifecycle,
-    )
-    .await;
+    let listeners = Listeners { tcp: Some((listener, services)), web: args.web_listen.clone() };
+    let result =
+        serve(&engine, root, (&socket, group), listeners, (&security.tenants, runs), replication.clone(), lifecycle)
+            .await;
     if let Some(replication) = replication {
         // Stopped on its own (not by this stop): the coordinator fails, so that its
         // supervisor sees it and restarts it.

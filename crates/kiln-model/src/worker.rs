@@ -72,3 +72,22 @@ pub struct WorkerStatus {
     /// Layers the coordinator knows it holds.
     pub layers: usize,
 }
+
+impl WorkerStatus {
+    /// The worker as `kiln workers --format json` and the web UI show it (a stable shape).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.info.name,
+            "platforms": self.info.platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "labels": self.info.labels,
+            "max_parallelism": self.info.max_parallelism,
+            "running": self.running,
+            "free_disk": self.info.free_disk,
+            "address": self.info.address,
+            "state": if self.draining { "draining" } else { "ready" },
+            "last_heartbeat": self.last_heartbeat,
+            "layers": self.layers,
+            "entitlements": self.info.entitlements.iter().map(|e| e.as_str()).collect::<Vec<_>>(),
+        })
+    }
+}

@@ -390,3 +390,17 @@ impl Drop for HttpServer {
         let _ = self.child.wait();
     }
 }
+
+/// Pushes the host's busybox as a linux/amd64 image to `registry` under `name`
+/// (`REPOSITORY:TAG`), its files staged under `dir`; returns the image's reference.
+pub fn push_busybox(registry: &TestRegistry, dir: &Path, name: &str) -> String {
+    let cas = std::sync::Arc::new(
+        BlobStore::open(&dir.join("image-cas"), std::sync::Arc::new(kiln_kv::MemoryKv::new())).unwrap(),
+    );
+    busybox_rootfs(&dir.join("rootfs"));
+    let manifest = store_image(&cas, &dir.join("rootfs"), "linux/amd64");
+    let reference = registry.reference(name);
+    let client = kiln_registry::RegistryClient::new(kiln_registry::RegistryOptions::default()).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(client.push(&reference, &manifest, &cas)).unwrap();
+    reference.to_string()
+}

@@ -3,13 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_cas::BlobStore;
-use kiln_kv::MemoryKv;
-use kiln_registry::{RegistryClient, RegistryOptions};
-use kiln_testkit::{TestRegistry, busybox_rootfs, store_image, workspace_binary};
+use kiln_testkit::{TestRegistry, workspace_binary};
 use serde_json::Value;
 
 /// A state directory whose embedded daemon is stopped at the end (and more of them, for
@@ -27,15 +23,8 @@ impl Setup {
         workspace_binary("kiln-runner");
         let registry = TestRegistry::start();
         let dir = tempfile::tempdir().unwrap();
-        let cas = Arc::new(BlobStore::open(&dir.path().join("image-cas"), Arc::new(MemoryKv::new())).unwrap());
-        busybox_rootfs(&dir.path().join("rootfs"));
-        let manifest = store_image(&cas, &dir.path().join("rootfs"), "linux/amd64");
-        let base = registry.reference("kiln/busybox:cli");
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime
-            .block_on(RegistryClient::new(RegistryOptions::default()).unwrap().push(&base, &manifest, &cas))
-            .unwrap();
-        Setup { base: base.to_string(), registry, dir }
+        let base = kiln_testkit::push_busybox(&registry, dir.path(), "kiln/busybox:cli");
+        Setup { base, registry, dir }
     }
 
     /// The base image's reference.

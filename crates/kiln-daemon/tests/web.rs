@@ -1,0 +1,244 @@
+//! The web UI in a real browser: a standalone `kilnd --web-listen` runs real builds (a
+//! registry's busybox, real containers), and headless Chromium, driven over WebDriver by
+//! Debian's chromedriver, reads the pages. Screenshots of each page go to
+//! `target/kiln-web-screenshots/` (the current ones are committed under `docs/images/`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use kiln_testkit::{TestRegistry, workspace_binary};
+
+/// How long the browser waits for what a page should show.
+const PAGE_WAIT: Duration = Duration::from_secs(60);
+
+/// A child process killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `condition` until it holds (for a process to start listening: no event tells).
+fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Site {
+    _registry: TestRegistry,
+    base: String,
+    dir: tempfile::TempDir,
+    _daemon: Killed,
+    socket: PathBuf,
+    web: String,
+}
+
+impl Site {
+    fn start() -> Site {
+        workspace_binary("kiln-runner");
+        let registry = TestRegistry::start();
+        let dir = tempfile::tempdir().unwrap();
+        let base = kiln_testkit::push_busybox(&registry, dir.path(), "kiln/busybox:web");
+        let root = dir.path().join("root");
+        let port = free_port();
+        let log = dir.path().join("kilnd.log");
+        let daemon = Killed(
+            Command::new(env!("CARGO_BIN_EXE_kilnd"))
+                .args(["--standalone", "--web-listen", &format!("127.0.0.1:{port}"), "--root"])
+                .arg(&root)
+                .env("KILN_RUNNER", workspace_binary("kiln-runner"))
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let listening = format!("listening on 127.0.0.1:{port}");
+        wait_until("the web listener", || std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&listening)));
+        Site {
+            _registry: registry,
+            base,
+            socket: root.join("kilnd.sock"),
+            dir,
+            _daemon: daemon,
+            web: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    fn context(&self, name: &str, dockerfile: &str) -> PathBuf {
+        let context = self.dir.path().join(name);
+        std::fs::create_dir_all(&context).unwrap();
+        std::fs::write(context.join("Dockerfile"), dockerfile.replace("BASE", &self.base)).unwrap();
+        context
+    }
+
+    /// Starts `kiln build CONTEXT` with a metadata file; returns it with the file.
+    fn spawn_build(&self, context: &Path) -> (Child, PathBuf) {
+        let metadata = context.with_extension("json");
+        let child = Command::new(workspace_binary("kiln"))
+            .args(["--addr", &format!("unix://{}", self.socket.display()), "build", "--progress", "plain"])
+            .arg("--metadata-file")
+            .arg(&metadata)
+            .arg(context)
+            .env_remove("KILN_ADDR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, metadata)
+    }
+
+    /// Builds `context` to its end; returns its metadata.
+    fn build(&self, context: &Path) -> serde_json::Value {
+        let (child, metadata) = self.spawn_build(context);
+        child.wait_with_output().unwrap();
+        serde_json::from_slice(&std::fs::read(metadata).unwrap()).unwrap()
+    }
+}
+
+/// Headless Chromium through chromedriver.
+async fn browser() -> (Killed, Client) {
+    let port = free_port();
+    let driver = Killed(
+        Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian's chromium-driver; cargo xtask installs it)"),
+    );
+    wait_until("chromedriver", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"]}),
+    );
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("a chromium session");
+    (driver, client)
+}
+
+async fn screenshot(client: &Client, name: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/kiln-web-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.png")), client.screenshot().await.unwrap()).unwrap();
+}
+
+async fn wait_for(client: &Client, css: &str) -> fantoccini::elements::Element {
+    client
+        .wait()
+        .at_most(PAGE_WAIT)
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css} never showed: {e}"))
+}
+
+#[test]
+fn the_web_ui_shows_builds_timelines_dedup_failures_and_updates_live() {
+    let site = Site::start();
+    // A build, a failing one, and two that share a step (one waits on the other).
+    let done =
+        site.build(&site.context("done", "FROM BASE\nRUN echo one > /one\nRUN echo two && echo to-stderr >&2\n"));
+    let failed = site.build(&site.context("failed", "FROM BASE\nRUN echo fine\nRUN echo doomed-output && exit 3\n"));
+    let shared = "FROM BASE\nRUN sleep 1 && echo shared > /shared\n";
+    let first = site.spawn_build(&site.context("shared-1", shared));
+    let second = site.spawn_build(&site.context("shared-2", shared));
+    let mut pair = Vec::new();
+    for (child, metadata) in [first, second] {
+        child.wait_with_output().unwrap();
+        pair.push(serde_json::from_slice::<serde_json::Value>(&std::fs::read(metadata).unwrap()).unwrap());
+    }
+    let id = |metadata: &serde_json::Value| metadata["build_id"].as_str().unwrap().to_string();
+    let step = |metadata: &serde_json::Value| {
+        metadata["vertices"].as_array().unwrap().iter().find(|v| v["kind"] == "exec").unwrap().clone()
+    };
+    pair.sort_by_key(|m| step(m)["status"] != "deduplicated");
+    let (waiter, executor) = (id(&pair[0]), id(&pair[1]));
+    assert_eq!(step(&pair[0])["status"], "deduplicated", "{pair:#?}");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (_driver, client) = browser().await;
+
+        // The builds: every one, with its status.
+        client.goto(&site.web).await.unwrap();
+        for (metadata, status) in [(&done, "succeeded"), (&failed, "failed"), (&pair[0], "succeeded")] {
+            wait_for(&client, &format!("tr.build[data-id='{}'][data-status='{status}']", id(metadata))).await;
+        }
+        screenshot(&client, "builds").await;
+
+        // A build's timeline: one bar per vertex, its outcome as a class, the worker's name.
+        client.goto(&format!("{}/builds/{}", site.web, id(&done))).await.unwrap();
+        wait_for(&client, "#timeline .row.vertex").await;
+        let bars = client.find_all(Locator::Css("#timeline .bar")).await.unwrap();
+        assert_eq!(bars.len(), done["vertices"].as_array().unwrap().len());
+        for vertex in done["vertices"].as_array().unwrap() {
+            let bar = client
+                .find(Locator::Css(&format!(".bar[data-digest='{}']", vertex["digest"].as_str().unwrap())))
+                .await
+                .unwrap();
+            let class = bar.attr("class").await.unwrap().unwrap_or_default();
+            assert!(class.contains(&format!("status-{}", vertex["status"].as_str().unwrap())), "{class} for {vertex}");
+            let row = format!(".row[data-digest='{}'] .worker", vertex["digest"].as_str().unwrap());
+            assert_eq!(client.find(Locator::Css(&row)).await.unwrap().text().await.unwrap(), "local");
+        }
+        // A step's output on click.
+        let run = done["vertices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"].as_str().unwrap().contains("echo two"))
+            .unwrap();
+        client
+            .find(Locator::Css(&format!(".bar[data-digest='{}']", run["digest"].as_str().unwrap())))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        client
+            .wait()
+            .at_most(PAGE_WAIT)
+            .for_element(Locator::XPath("//pre[@id='logs'][contains(., 'to-stderr')]"))
+            .await
+            .unwrap();
+        screenshot(&client, "build").await;
+
+        // A deduplicated step links to the build that executed it.
+        client.goto(&format!("{}/builds/{waiter}", site.web)).await.unwrap();
+        let link = wait_for(&client, "a.dedup").await;
+        assert_eq!(link.attr("href").await.unwrap().as_deref(), Some(format!("/builds/{executor}").as_str()));
+
+        // A failed build shows its failing line in context.
+        client.goto(&format!("{}/builds/{}", site.web, id(&failed))).await.unwrap();
+        let line = wait_for(&client, "#failing .failing-line").await;
+        assert!(line.text().await.unwrap().contains("exit 3"), "{}", line.text().await.unwrap());
+        assert!(client.find(Locator::Css(".bar.status-failed")).await.is_ok());
+        screenshot(&client, "failed").await;
+
+        // The builds page follows a build live: it appears running, then ends, without a reload.
+        client.goto(&site.web).await.unwrap();
+        wait_for(&client, "tr.build").await;
+        let (running, metadata) = site.spawn_build(&site.context("live", "FROM BASE\nRUN sleep 3\nRUN echo after\n"));
+        wait_for(&client, "tr.build[data-status='running']").await;
+        screenshot(&client, "running").await;
+        let output = running.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let live: serde_json::Value = serde_json::from_slice(&std::fs::read(metadata).unwrap()).unwrap();
+        wait_for(&client, &format!("tr.build[data-id='{}'][data-status='succeeded']", id(&live))).await;
+        client.close().await.unwrap();
+    });
+}

@@ -1,0 +1,225 @@
+// Kiln's history UI: the page is chosen by the path, data comes from /api, and the
+// server-sent event stream (/api/events) says which build changed, so the page re-reads it.
+"use strict";
+
+const main = document.getElementById("main");
+const path = window.location.pathname;
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "class") node.className = value;
+    else if (key === "style") node.setAttribute("style", value);
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function seconds(ms) {
+  return (ms / 1000).toFixed(ms < 10000 ? 2 : 1) + "s";
+}
+
+function duration(build) {
+  const end = build.completed || Date.now();
+  return seconds(end - build.started);
+}
+
+async function json(url) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(url + ": " + response.status + " " + (await response.text()));
+  return response.json();
+}
+
+// Replaces the page's content (absent parts, null, left out).
+function show(...parts) {
+  main.replaceChildren(...parts.filter((part) => part !== null && part !== undefined));
+}
+
+// Re-renders at most once per animation frame however many events arrive.
+function throttled(render) {
+  let pending = false;
+  return () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(async () => {
+      pending = false;
+      try { await render(); } catch (error) { main.replaceChildren(el("p", { class: "error" }, String(error))); }
+    });
+  };
+}
+
+function live(onBuild) {
+  const indicator = document.getElementById("live");
+  const source = new EventSource("/api/events");
+  source.onopen = () => indicator.classList.add("on");
+  source.onerror = () => indicator.classList.remove("on");
+  source.addEventListener("build", (event) => onBuild(event.data));
+  source.addEventListener("reload", () => onBuild(null));
+}
+
+// --- The builds -------------------------------------------------------------------------
+
+async function renderBuilds() {
+  const builds = await json("/api/builds");
+  const rows = builds.map((b) =>
+    el("tr", { class: "build", "data-id": b.id, "data-status": b.status },
+      el("td", {}, el("a", { href: "/builds/" + b.id }, b.id)),
+      el("td", { class: "status status-" + b.status }, b.status),
+      el("td", {}, b.target || b.file_name || "-"),
+      el("td", {}, duration(b)),
+      el("td", {}, new Date(b.started).toISOString().replace("T", " ").slice(0, 19)),
+      el("td", {}, b.submitted_by || "-"),
+      el("td", {}, b.counts.executed),
+      el("td", {}, b.counts.cached),
+      el("td", {}, b.counts.deduplicated)));
+  main.replaceChildren(
+    el("h1", {}, "Builds"),
+    builds.length === 0 ? el("p", { class: "muted" }, "No builds yet.") :
+      el("table", { id: "builds" },
+        el("thead", {}, el("tr", {}, ...["Build", "Status", "Target", "Duration", "Started", "By", "Executed", "Cached", "Deduplicated"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, ...rows)));
+}
+
+// --- One build's timeline ----------------------------------------------------------------
+
+// The steps on the critical path: from the step that ended last, back through the step that
+// ended last before each one started (records carry no edges; this is the chain that set
+// the build's length).
+function criticalPath(vertices) {
+  const timed = vertices.filter((v) => v.started && v.completed);
+  const path = new Set();
+  let current = timed.reduce((a, b) => (!a || b.completed > a.completed ? b : a), null);
+  while (current) {
+    path.add(current.digest);
+    const before = timed.filter((v) => v.completed <= current.started && !path.has(v.digest));
+    current = before.reduce((a, b) => (!a || b.completed > a.completed ? b : a), null);
+  }
+  return path;
+}
+
+function failingLine(build) {
+  const match = /\(line (\d+)\)/.exec(build.error || "");
+  if (!match || !build.dockerfile) return null;
+  const line = Number(match[1]);
+  const lines = build.dockerfile.split("\n");
+  const from = Math.max(1, line - 2), to = Math.min(lines.length, line + 2);
+  const shown = [];
+  for (let n = from; n <= to; n++) {
+    shown.push(el("div", { class: n === line ? "failing-line" : "" }, el("span", { class: "number" }, n), lines[n - 1]));
+  }
+  return el("div", { class: "dockerfile", id: "failing" }, ...shown);
+}
+
+async function showLogs(id, vertex) {
+  const target = document.getElementById("logs");
+  target.textContent = "…";
+  const log = await json("/api/builds/" + id + "/logs/" + vertex.digest);
+  const lines = log.lines.map((l) => l.line);
+  if (log.dropped > 0) lines.unshift("(" + log.dropped + " earlier lines were not kept)");
+  target.textContent = "# " + vertex.name + "\n" + (lines.length ? lines.join("\n") : "(no output)");
+}
+
+async function renderBuild(id) {
+  const build = await json("/api/builds/" + id);
+  const vertices = build.vertices || [];
+  const starts = vertices.map((v) => v.started).filter(Boolean);
+  const t0 = Math.min(build.started, ...starts);
+  const t1 = Math.max(build.completed || Date.now(), ...vertices.map((v) => v.completed || 0));
+  const span = Math.max(1, t1 - t0);
+  const critical = criticalPath(vertices);
+  const stages = new Map();
+  for (const v of vertices) {
+    const stage = v.stage || "—";
+    if (!stages.has(stage)) stages.set(stage, []);
+    stages.get(stage).push(v);
+  }
+  const rows = [];
+  for (const [stage, members] of stages) {
+    rows.push(el("div", { class: "stage" }, stage));
+    for (const v of members) {
+      const left = v.started ? ((v.started - t0) / span) * 100 : 0;
+      const end = v.completed || (v.started ? Date.now() : v.started);
+      const width = v.started ? Math.max(0.2, ((end - v.started) / span) * 100) : 0;
+      const phases = v.phases || {};
+      const total = (phases.queue_ms || 0) + (phases.fetch_ms || 0) + (phases.execute_ms || 0) + (phases.export_ms || 0);
+      // Where the time went, for a step that ran (a cached or deduplicated one is one colour).
+      const ran = v.status === "executed" || v.status === "failed";
+      const segments = total > 0 && ran
+        ? ["queue", "fetch", "execute", "export"].filter((p) => phases[p + "_ms"] > 0).map((p) =>
+            el("div", { class: "seg " + p, title: p + " " + phases[p + "_ms"] + " ms", style: "width:" + (phases[p + "_ms"] / total) * 100 + "%" }))
+        : [];
+      const running = v.started && !v.completed;
+      const bar = el("div", {
+        class: "bar status-" + v.status + (total > 0 && ran ? " phased" : "") + (running ? " running" : ""),
+        "data-digest": v.digest,
+        title: v.name + " — " + v.status,
+        style: "left:" + left + "%;width:" + width + "%",
+        onclick: () => showLogs(id, v),
+      }, ...segments);
+      const worker = v.started && v.worker
+        ? el("span", { class: "worker", style: "left:calc(" + Math.min(left + width, 100) + "% + 0.4em)" }, v.worker)
+        : null;
+      const dedup = v.deduplicated_from
+        ? el("a", { class: "dedup", href: "/builds/" + v.deduplicated_from }, "waited on " + v.deduplicated_from)
+        : null;
+      rows.push(el("div", { class: "row vertex" + (critical.has(v.digest) ? " critical" : ""), "data-status": v.status, "data-digest": v.digest },
+        el("div", { class: "label", title: v.name }, v.name, dedup),
+        el("div", { class: "track" }, v.started ? bar : null, worker)));
+    }
+  }
+  const summary = el("div", { class: "summary" },
+    el("div", {}, el("b", {}, "Status"), el("span", { class: "status status-" + build.status, id: "build-status" }, build.status)),
+    el("div", {}, el("b", {}, "Duration"), duration(build)),
+    el("div", {}, el("b", {}, "Dockerfile"), build.file_name || "-"),
+    el("div", {}, el("b", {}, "By"), build.submitted_by || "-"),
+    el("div", {}, el("b", {}, "Steps"), build.counts.executed + " executed, " + build.counts.cached + " cached, " + build.counts.deduplicated + " deduplicated"));
+  const legend = el("div", { class: "legend" },
+    ...[["queue", "#cfd8dc"], ["fetch", "#90caf9"], ["execute", "var(--executed)"], ["export", "#a5d6a7"], ["cached", "var(--cached)"], ["deduplicated", "var(--deduplicated)"], ["failed", "var(--failed)"]]
+      .map(([name, colour]) => el("span", {}, el("i", { style: "background:" + colour }), name)));
+  show(
+    el("h1", {}, "Build ", el("code", {}, build.id)),
+    summary,
+    build.error ? el("div", { class: "error", id: "error" }, build.error) : null,
+    failingLine(build),
+    legend,
+    el("div", { class: "timeline", id: "timeline" }, ...rows),
+    el("h2", {}, "Output"),
+    el("pre", { id: "logs" }, "Click a step to see its output."));
+}
+
+// --- Workers -------------------------------------------------------------------------------
+
+async function renderWorkers() {
+  const workers = await json("/api/workers");
+  main.replaceChildren(
+    el("h1", {}, "Workers"),
+    workers.length === 0 ? el("p", { class: "muted" }, "No workers (a standalone daemon is its own worker).") :
+      el("table", { id: "workers" },
+        el("thead", {}, el("tr", {}, ...["Name", "Platforms", "State", "Running", "Slots", "Address"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, ...workers.map((w) => el("tr", { class: "worker-row" },
+          el("td", {}, w.name), el("td", {}, (w.platforms || []).join(", ")), el("td", {}, w.state),
+          el("td", {}, w.running), el("td", {}, w.max_parallelism), el("td", {}, w.address))))));
+}
+
+// --- Routing -------------------------------------------------------------------------------
+
+const buildMatch = /^\/builds\/([A-Za-z0-9_-]+)$/.exec(path);
+if (buildMatch) {
+  const id = buildMatch[1];
+  const render = throttled(() => renderBuild(id));
+  render();
+  live((changed) => { if (changed === null || changed === id) render(); });
+} else if (path === "/workers") {
+  const render = throttled(renderWorkers);
+  render();
+  live(() => render());
+} else {
+  const render = throttled(renderBuilds);
+  render();
+  live(() => render());
+}

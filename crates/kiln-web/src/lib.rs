@@ -1,0 +1,158 @@
+//! The build history's web UI, served on `web-listen` (docs/web.md). Pages are one embedded
+//! HTML shell with embedded script and style (no CDN, no build step); the script reads the
+//! JSON API and re-reads what changed when the server-sent event stream says so:
+//!
+//! - `/` the builds, `/builds/ID` a build's timeline, `/workers` the workers;
+//! - `/api/builds`, `/api/builds/ID` (entry and vertex records), `/api/builds/ID/logs/VERTEX`,
+//!   `/api/workers`;
+//! - `/api/events`: `build` events naming the build that began, progressed or ended.
+//!
+//! The daemon supplies the data through [`Backend`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::Stream;
+use kiln_model::{BuildEntry, StepLog, VertexRecord, WorkerStatus};
+use kiln_types::Digest;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+/// What the web UI shows, from the daemon. Reads may block (the store): they run on
+/// blocking threads.
+pub trait Backend: Send + Sync + 'static {
+    /// Every build of the history, oldest first.
+    fn builds(&self) -> Result<Vec<BuildEntry>, String>;
+    /// One build with its vertex records, if the history has it.
+    fn build(&self, id: &str) -> Result<Option<(BuildEntry, Vec<VertexRecord>)>, String>;
+    /// A step's kept output.
+    fn logs(&self, id: &str, vertex: &Digest) -> Result<Option<StepLog>, String>;
+    /// The workers (none for a standalone daemon).
+    fn workers(&self) -> Vec<WorkerStatus>;
+    /// The ids of builds as they change.
+    fn watch(&self) -> broadcast::Receiver<String>;
+}
+
+const PAGE: &str = include_str!("../assets/index.html");
+const SCRIPT: &str = include_str!("../assets/app.js");
+const STYLE: &str = include_str!("../assets/app.css");
+
+/// Serves the UI on `listener` until `stop`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    backend: Arc<dyn Backend>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(backend)).with_graceful_shutdown(stop).await
+}
+
+/// The UI's routes.
+pub fn router(backend: Arc<dyn Backend>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/builds/{id}", get(page))
+        .route("/workers", get(page))
+        .route("/assets/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], SCRIPT) }))
+        .route("/assets/app.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE) }))
+        .route("/api/builds", get(builds))
+        .route("/api/builds/{id}", get(build))
+        .route("/api/builds/{id}/logs/{vertex}", get(logs))
+        .route("/api/workers", get(workers))
+        .route("/api/events", get(events))
+        .with_state(backend)
+}
+
+async fn page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE)
+}
+
+/// Runs a backend read on a blocking thread; its error is a 500 naming it.
+async fn read<T: Send + 'static>(
+    backend: Arc<dyn Backend>,
+    read: impl FnOnce(&dyn Backend) -> Result<T, String> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(move || read(backend.as_ref())).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err((StatusCode::INTERNAL_SERVER_ERROR, error).into_response()),
+        Err(error) => Err((StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()),
+    }
+}
+
+fn entry_json(entry: &BuildEntry) -> Value {
+    json!({
+        "id": entry.id,
+        "status": entry.status,
+        "started": entry.started,
+        "completed": entry.completed,
+        "target": entry.target,
+        "platforms": entry.platforms,
+        "counts": entry.counts,
+        "error": entry.error,
+        "file_name": entry.request.file_name,
+        "submitted_by": entry.request.submitted_by,
+    })
+}
+
+async fn builds(State(backend): State<Arc<dyn Backend>>) -> Response {
+    match read(backend, |b| b.builds()).await {
+        Ok(builds) => axum::Json(Value::Array(builds.iter().rev().map(entry_json).collect())).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn build(State(backend): State<Arc<dyn Backend>>, Path(id): Path<String>) -> Response {
+    let wanted = id.clone();
+    match read(backend, move |b| b.build(&wanted)).await {
+        Ok(Some((entry, records))) => {
+            let mut json = entry_json(&entry);
+            json["dockerfile"] = entry.request.dockerfile.clone().into();
+            json["vertices"] = serde_json::to_value(&records).unwrap_or_default();
+            axum::Json(json).into_response()
+        }
+        Ok(None) => (StatusCode::NOT_FOUND, format!("build {id}: not in the history")).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn logs(State(backend): State<Arc<dyn Backend>>, Path((id, vertex)): Path<(String, String)>) -> Response {
+    let Ok(digest) = vertex.parse::<Digest>() else {
+        return (StatusCode::BAD_REQUEST, format!("{vertex:?} is not a vertex digest")).into_response();
+    };
+    match read(backend, move |b| b.logs(&id, &digest)).await {
+        Ok(log) => {
+            let log = log.unwrap_or_default();
+            let lines: Vec<Value> = log.lines.iter().map(|l| json!({"stream": l.stream, "line": l.line})).collect();
+            axum::Json(json!({"lines": lines, "dropped": log.dropped})).into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+async fn workers(State(backend): State<Arc<dyn Backend>>) -> Response {
+    match read(backend, |b| Ok(b.workers())).await {
+        Ok(workers) => axum::Json(Value::Array(workers.iter().map(WorkerStatus::to_json).collect())).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// `build` events, each naming a build that changed; a browser that fell behind is told to
+/// read everything again (`reload`).
+async fn events(State(backend): State<Arc<dyn Backend>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let changes = backend.watch();
+    let stream = futures_util::stream::unfold(changes, |mut changes| async move {
+        let event = match changes.recv().await {
+            Ok(id) => Event::default().event("build").data(id),
+            Err(broadcast::error::RecvError::Lagged(_)) => Event::default().event("reload").data(""),
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(event), changes))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
