@@ -15,11 +15,26 @@ use crate::error::ApiError;
 /// The tree holding the entries, by build id.
 pub const BUILDS_TREE: &str = "builds";
 
-/// The most entries the history keeps, about: every [`PRUNE_EVERY`] builds a daemon ends, the
-/// ended entries that started first go beyond it. An entry is small (at most about 80 KiB,
-/// usually a few), and the history is part of a replicated coordinator's snapshots. Issue
-/// #20's retention settings replace this bound.
+/// The most entries the history keeps by default, about: every [`PRUNE_EVERY`] builds a
+/// daemon ends, the ended entries that started first go beyond it. An entry is small (at most
+/// about 80 KiB, usually a few), and the history is part of a replicated coordinator's
+/// snapshots.
 pub const MAX_ENTRIES: usize = 1000;
+
+/// What the history keeps (`history-max-builds`, `history-max-age`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// The most entries: past it, the oldest ended ones go.
+    pub max_builds: usize,
+    /// How long an ended build is kept, from its start.
+    pub max_age: Option<std::time::Duration>,
+}
+
+impl Default for Retention {
+    fn default() -> Retention {
+        Retention { max_builds: MAX_ENTRIES, max_age: None }
+    }
+}
 
 /// How many builds end between two looks at the history's size.
 const PRUNE_EVERY: u64 = 50;
@@ -36,6 +51,8 @@ pub struct Runs {
     waiting: Arc<std::sync::atomic::AtomicU64>,
     /// The builds' records and logs.
     journal: Arc<crate::journal::Journal>,
+    /// What the history keeps.
+    retention: Retention,
 }
 
 /// A build counted among [`Runs::counts`]'s waiting ones while it lives.
@@ -63,7 +80,19 @@ impl Runs {
             ended: Arc::default(),
             waiting: Arc::default(),
             journal: Arc::new(crate::journal::Journal::new(kv)),
+            retention: Retention::default(),
         }
+    }
+
+    /// What the history keeps.
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// Keeps the history within `retention`.
+    pub fn with_retention(mut self, retention: Retention) -> Runs {
+        self.retention = retention;
+        self
     }
 
     /// The journal of the builds run here.
@@ -329,7 +358,8 @@ impl BuildBook {
         }
         if run.runs.ended.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
             let (book, runs) = (self.clone(), run.runs.clone());
-            tokio::spawn(async move { book.prune(&runs, MAX_ENTRIES).await });
+            let retention = runs.retention;
+            tokio::spawn(async move { book.prune(&runs, retention).await });
         }
     }
 
@@ -345,16 +375,22 @@ impl BuildBook {
         }
     }
 
-    /// Removes the oldest entries of builds that ended, beyond `max`. An entry is checked
+    /// Removes the entries (and journals) of builds that ended: the oldest beyond
+    /// `retention.max_builds`, and those older than `retention.max_age`. An entry is checked
     /// again under the lock of `runs` before it goes: one reattached meanwhile stays.
-    pub(crate) async fn prune(&self, runs: &Runs, max: usize) {
+    pub(crate) async fn prune(&self, runs: &Runs, retention: Retention) {
         let (book, runs) = (self.clone(), runs.clone());
         let pruned = tokio::task::spawn_blocking(move || {
             let entries = book.list(None)?;
             let ended: Vec<&BuildEntry> = entries.iter().filter(|e| e.status != "running").collect();
-            let over = entries.len().saturating_sub(max).min(ended.len());
+            let over = entries.len().saturating_sub(retention.max_builds).min(ended.len());
+            let now = kiln_types::now_ms();
+            let too_old = |e: &&&BuildEntry| {
+                retention.max_age.is_some_and(|age| now.saturating_sub(e.started) > age.as_millis() as u64)
+            };
+            let expired = ended[over..].iter().filter(too_old);
             let mut pruned = 0;
-            for entry in &ended[..over] {
+            for entry in ended[..over].iter().chain(expired) {
                 let running = runs.lock();
                 let still_ended = book.get(&entry.id)?.is_some_and(|now| now.status != "running");
                 if still_ended && !running.contains_key(&entry.id) {
@@ -465,8 +501,14 @@ mod tests {
             let entry = if n == 0 { entry } else { entry.ended("succeeded", None, &[]) };
             book.record(&entry, false).await.unwrap();
         }
-        book.prune(&runs(), 3).await;
+        book.prune(&runs(), Retention { max_builds: 3, max_age: None }).await;
         let left: Vec<String> = book.list(None).unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(left, ["b0", "b3", "b4"], "the running b0 stays; b1 and b2 go");
+        // By age: b3 started at 3 ms, long ago; b4 now.
+        let recent = BuildEntry { started: kiln_types::now_ms(), ..book.get("b4").unwrap().unwrap() };
+        book.record(&recent, false).await.unwrap();
+        book.prune(&runs(), Retention { max_builds: 3, max_age: Some(std::time::Duration::from_secs(3600)) }).await;
+        let left: Vec<String> = book.list(None).unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(left, ["b0", "b4"], "b3 is older than an hour; the running b0 stays");
     }
 }

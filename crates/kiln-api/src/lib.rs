@@ -16,7 +16,7 @@ mod workers;
 
 pub use auth::Access;
 pub use blobs::BlobsService;
-pub use builds::{BUILDS_TREE, BuildBook, Runs};
+pub use builds::{BUILDS_TREE, BuildBook, MAX_ENTRIES, Retention, Runs};
 pub use error::{ApiError, ServeError};
 pub use exports::clear_spools;
 pub use journal::Journal;
@@ -57,6 +57,14 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::auth::{Authenticate, NodesOnly};
+
+/// Writes an ended build's journal to the store, off the async threads.
+async fn end_journal(journal: &Arc<journal::Journal>, id: &str, records: Vec<kiln_model::VertexRecord>) {
+    let (journal, id) = (Arc::clone(journal), id.to_string());
+    if let Err(error) = tokio::task::spawn_blocking(move || journal.end(&id, &records)).await {
+        tracing::warn!("keeping the build's records and logs: {error}");
+    }
+}
 
 impl ControlService {
     /// The history entry of build `id`, if `caller` may see it (its tenant's, or an admin's
@@ -167,6 +175,8 @@ impl ControlService {
         let settling = async move {
             let Some(replication) = replication else {
                 book.settle(&runs, "the daemon stopped before the build finished").await;
+                // What the retention let go while the daemon was down goes now.
+                book.prune(&runs, runs.retention()).await;
                 return;
             };
             let mut recovered = replication.watch_recovered();
@@ -331,7 +341,7 @@ impl Control for ControlService {
                     if matches!(ending, Ending::Refused(_)) {
                         trace.record("otel.status_code", "ERROR");
                     }
-                    journal.end(&id, &[]);
+                    end_journal(&journal, &id, Vec::new()).await;
                     match ending {
                         // A build handed back to its client is the next run's to record.
                         Ending::HandedOver => {}
@@ -369,7 +379,7 @@ impl Control for ControlService {
                     .record("otel.status_code", if error.is_none() { "OK" } else { "ERROR" });
                 // Recorded before the client hears the result: a `kiln history` that follows
                 // sees the build ended.
-                journal.end(&id, &records);
+                end_journal(&journal, &id, records.clone()).await;
                 book.record_end(&run, entry.ended(status, error.clone(), &records)).await;
                 journal.changed(&id);
                 let result = DomainEvent::Result { error, image, records };

@@ -174,6 +174,10 @@ pub struct CoordinatorSection {
     pub metrics_listen: Option<String>,
     /// Where the build history's web UI is served (plain HTTP), `HOST:PORT`. Default: none.
     pub web_listen: Option<String>,
+    /// The most builds the history keeps (the oldest ended ones go first). Default: 1000.
+    pub history_max_builds: Option<usize>,
+    /// How long the history keeps an ended build (`30d`). Default: no limit.
+    pub history_max_age: Option<String>,
 }
 
 /// `[coordinator.cache]`: the shared cache tier every build imports from and exports to.
@@ -331,6 +335,10 @@ pub struct CoordinatorConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The web UI's listener.
     pub web_listen: Option<SocketAddr>,
+    /// The history's retention: most builds.
+    pub history_max_builds: Option<usize>,
+    /// The history's retention: longest kept.
+    pub history_max_age: Option<Duration>,
 }
 
 /// A replicated coordinator's place in its replica set (`node-id`, `peers`).
@@ -481,6 +489,13 @@ impl ConfigFile {
                     .map_err(|message| invalid("coordinator.metrics-listen", message))?,
                 web_listen: socket_address(c.web_listen.as_deref())
                     .map_err(|message| invalid("coordinator.web-listen", message))?,
+                history_max_builds: c.history_max_builds,
+                history_max_age: c
+                    .history_max_age
+                    .as_deref()
+                    .map(parse_duration)
+                    .transpose()
+                    .map_err(|e| unit("coordinator.history-max-age", e))?,
                 shared_cache: match &c.cache.shared {
                     None => None,
                     Some(text) => {

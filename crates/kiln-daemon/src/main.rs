@@ -78,6 +78,14 @@ struct Args {
     /// `coordinator.web-listen` in a config).
     #[arg(long)]
     web_listen: Option<String>,
+    /// The most builds the history keeps, the oldest ended ones going first
+    /// (`coordinator.history-max-builds`; default 1000).
+    #[arg(long)]
+    history_max_builds: Option<usize>,
+    /// How long the history keeps an ended build, such as `30d` (`coordinator.history-max-age`;
+    /// default: no limit).
+    #[arg(long, value_parser = kiln_config::parse_duration)]
+    history_max_age: Option<Duration>,
     /// Log lines as text or as one JSON object each (default: the config's `[log] format`,
     /// else text); levels come from `RUST_LOG` (default `info`).
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
@@ -201,9 +209,7 @@ fn role_of(
             if let Some(address) = coordinator.metrics_listen.or(worker.metrics_listen) {
                 args.metrics_listen.get_or_insert(address.to_string());
             }
-            if let Some(address) = coordinator.web_listen {
-                args.web_listen.get_or_insert(address.to_string());
-            }
+            retention_from(args, &coordinator);
             Role::Standalone(Some(worker))
         }
         (Some(coordinator), None) => {
@@ -211,9 +217,7 @@ fn role_of(
             if let Some(address) = coordinator.metrics_listen {
                 args.metrics_listen.get_or_insert(address.to_string());
             }
-            if let Some(address) = coordinator.web_listen {
-                args.web_listen.get_or_insert(address.to_string());
-            }
+            retention_from(args, &coordinator);
             Role::Coordinator(coordinator)
         }
         (None, Some(mut worker)) => {
@@ -506,6 +510,27 @@ fn platforms(settings: Option<&WorkerSettings>) -> anyhow::Result<Vec<kiln_types
 }
 
 /// Serves the metrics and health endpoints on `address` for as long as the daemon runs.
+/// The web listener and the history's retention of a coordinator's config, under the flags.
+fn retention_from(args: &mut Args, coordinator: &kiln_config::CoordinatorConfig) {
+    if let Some(address) = coordinator.web_listen {
+        args.web_listen.get_or_insert(address.to_string());
+    }
+    if let Some(max) = coordinator.history_max_builds {
+        args.history_max_builds.get_or_insert(max);
+    }
+    if let Some(age) = coordinator.history_max_age {
+        args.history_max_age.get_or_insert(age);
+    }
+}
+
+/// The history's retention the flags (or the config) ask for.
+fn retention(args: &Args) -> kiln_api::Retention {
+    kiln_api::Retention {
+        max_builds: args.history_max_builds.unwrap_or(kiln_api::MAX_ENTRIES),
+        max_age: args.history_max_age,
+    }
+}
+
 async fn serve_metrics(address: &str, probe: Arc<dyn kiln_telemetry::Probe>) -> anyhow::Result<()> {
     let listener = bind(address).await.context("metrics-listen")?;
     let serving = async move {
@@ -545,7 +570,7 @@ async fn standalone(
     }
     let _pid = PidFile::write(root)?;
     tracing::info!("standalone, state in {}, socket {}", root.display(), socket.display());
-    let runs = Runs::new(Arc::clone(engine.store()));
+    let runs = Runs::new(Arc::clone(engine.store())).with_retention(retention(args));
     if let Some(address) = &args.metrics_listen {
         let probe = probe::Builds {
             engine: Arc::clone(&engine),
@@ -723,7 +748,7 @@ async fn coordinator(
         tokio::spawn(Arc::clone(gc).run(lifecycle.stopped.clone()).instrument(tracing::info_span!("gc")));
     }
     let _pid = PidFile::write(root)?;
-    let runs = Runs::new(Arc::clone(engine.store()));
+    let runs = Runs::new(Arc::clone(engine.store())).with_retention(retention(args));
     if let Some(address) = &args.metrics_listen {
         let probe = probe::Builds {
             engine: Arc::clone(&engine),

@@ -391,3 +391,53 @@ fn a_standalone_daemon_serves_metrics_health_and_its_queue() {
     assert!(String::from_utf8_lossy(&drained.stderr).contains("has exited"));
     assert!(daemon.try_wait().unwrap().is_some_and(|status| status.success()), "the daemon is gone");
 }
+
+#[test]
+fn the_history_keeps_what_its_retention_allows_and_prunes_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    let context = tempfile::tempdir().unwrap();
+    std::fs::write(context.path().join("Dockerfile"), "FROM scratch\nCOPY a /a\n").unwrap();
+    let kiln = |socket: &Path, args: &[&str]| {
+        Command::new(Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln"))
+            .args(["--addr", &format!("unix://{}", socket.display())])
+            .args(args)
+            .env_remove("KILN_ADDR")
+            .output()
+            .unwrap()
+    };
+    let ids = |socket: &Path| -> Vec<String> {
+        let out = kiln(socket, &["history", "ls", "--format", "json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        list.iter().map(|b| b["id"].as_str().unwrap().to_string()).collect()
+    };
+    let (mut daemon, socket) = standalone(root.path(), &[]);
+    for n in 0..3 {
+        std::fs::write(context.path().join("a"), format!("{n}")).unwrap();
+        let out = kiln(&socket, &["build", context.path().to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let all = ids(&socket);
+    assert_eq!(all.len(), 3);
+    Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
+    assert!(daemon.wait().unwrap().success());
+
+    // Restarted with room for two builds: the oldest goes, with its records.
+    let (mut daemon, socket) = standalone(root.path(), &["--history-max-builds", "2"]);
+    wait_until("the history pruned to two builds", || ids(&socket).len() == 2);
+    assert_eq!(ids(&socket), all[1..]);
+    let out = kiln(&socket, &["history", "inspect", &all[0]]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the history"));
+    let out = kiln(&socket, &["history", "inspect", &all[2], "--format", "json"]);
+    let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["vertices"].as_array().map(Vec::len), Some(2), "{inspected:#}");
+    Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
+    assert!(daemon.wait().unwrap().success());
+
+    // A bad age is refused, naming the flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .args(["--standalone", "--history-max-age", "soon", "--root"])
+        .arg(root.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--history-max-age"));
+}
