@@ -120,6 +120,14 @@ pub(crate) fn caller_of<T>(request: &Request<T>) -> Caller {
     request.extensions().get::<Caller>().cloned().unwrap_or_else(|| Caller::local("local"))
 }
 
+/// Refuses a caller that may only read (`action` says what it tried).
+pub(crate) fn builder(caller: &Caller, action: &'static str) -> Result<(), Status> {
+    match caller.role {
+        Role::Read => Err(ApiError::ReadOnly { action, token: caller.name.clone() }.into()),
+        Role::Build | Role::Admin => Ok(()),
+    }
+}
+
 /// Refuses a caller that is not an admin.
 pub(crate) fn admin(caller: &Caller, action: &'static str) -> Result<(), Status> {
     match caller.role {

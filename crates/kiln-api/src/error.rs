@@ -92,6 +92,14 @@ pub enum ApiError {
         /// Its role.
         role: kiln_model::Role,
     },
+    /// A read-only token asked for more than reading.
+    #[error("{action} needs a build or admin token; the token {token:?} may only read")]
+    ReadOnly {
+        /// What was asked.
+        action: &'static str,
+        /// The caller's token.
+        token: String,
+    },
     /// A node service called without a certificate from the cluster's CA.
     #[error(
         "{0} takes only nodes of the cluster: connect with a certificate signed by its CA ([tls] in kilnd's config)"
@@ -215,6 +223,7 @@ impl ApiError {
             | ApiError::Storage(_) => ErrorKind::Internal,
             ApiError::NoStore
             | ApiError::NotAdmin { .. }
+            | ApiError::ReadOnly { .. }
             | ApiError::NotThatWorker { .. }
             | ApiError::NotThatMember { .. } => ErrorKind::Refused,
             ApiError::NoToken | ApiError::UnknownToken | ApiError::NotANode(_) => ErrorKind::Unauthenticated,

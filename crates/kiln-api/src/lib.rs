@@ -210,6 +210,7 @@ impl Control for ControlService {
     async fn build(&self, request: Request<BuildRequest>) -> Result<Response<Self::BuildStream>, Status> {
         let over_tcp = request.extensions().get::<tonic::transport::server::TcpConnectInfo>().is_some();
         let caller = auth::caller_of(&request);
+        auth::builder(&caller, "building")?;
         let mut request = request_from_proto(request.into_inner()).map_err(ApiError::from)?;
         // A client over TCP sends every context it names (named and nested ones included):
         // it may not make this daemon read its own disk.
@@ -418,8 +419,10 @@ impl Control for ControlService {
         &self,
         request: Request<FindMissingRequest>,
     ) -> Result<Response<FindMissingResponse>, Status> {
+        let caller = auth::caller_of(&request);
+        auth::builder(&caller, "uploading a context")?;
         // A blob another cache group sent is missing for this one: it must send the bytes.
-        let group = self.tenants.cache_group(&auth::caller_of(&request).tenant);
+        let group = self.tenants.cache_group(&caller.tenant);
         let digests = request.into_inner().digests;
         let digests = digests
             .iter()
@@ -435,7 +438,9 @@ impl Control for ControlService {
     }
 
     async fn upload(&self, request: Request<Streaming<BlobChunkUpload>>) -> Result<Response<UploadResponse>, Status> {
-        let tenant = auth::caller_of(&request).tenant;
+        let caller = auth::caller_of(&request);
+        auth::builder(&caller, "uploading a context")?;
+        let tenant = caller.tenant;
         let group = self.tenants.cache_group(&tenant);
         // What the tenant's group keeps stored already counts against its `max-stored`.
         let stored = match self.tenants.max_stored(&tenant) {
@@ -592,6 +597,7 @@ impl Control for ControlService {
     ) -> Result<Response<RemoveBuildResponse>, Status> {
         let caller = auth::caller_of(&request);
         let id = request.into_inner().id;
+        auth::builder(&caller, "removing a build")?;
         let entry = self.visible_build(&caller, &id).await?;
         if entry.status == "running" {
             return Err(ApiError::BuildRunning(id).into());

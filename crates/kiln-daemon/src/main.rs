@@ -593,7 +593,7 @@ async fn standalone(
         }
         None => None,
     };
-    let listeners = Listeners { tcp, web: args.web_listen.clone() };
+    let listeners = Listeners { tcp, web: args.web_listen.clone(), tokens: security.tokens.clone() };
     serve(&engine, root, (&socket, group), listeners, (&security.tenants, runs), None, lifecycle).await
 }
 
@@ -601,6 +601,8 @@ async fn standalone(
 struct Listeners {
     tcp: Option<(tokio::net::TcpListener, Services)>,
     web: Option<String>,
+    /// The client tokens the web UI takes.
+    tokens: Vec<kiln_model::ClientToken>,
 }
 
 /// How long in-flight requests (builds streaming their results, worker sessions closing)
@@ -620,7 +622,7 @@ async fn serve(
     engine: &Arc<Engine>,
     root: &Path,
     (socket, group): (&Path, Option<u32>),
-    Listeners { tcp, web }: Listeners,
+    Listeners { tcp, web, tokens }: Listeners,
     (tenants, runs): (&Arc<Tenants>, Runs),
     replication: Option<Arc<kiln_api::Replication>>,
     lifecycle: Lifecycle,
@@ -647,7 +649,7 @@ async fn serve(
     service.settle_abandoned_builds();
     if let Some(address) = &web {
         let (book, runs) = service.history();
-        let history = web::History { book, runs, engine: Arc::clone(engine) };
+        let history = web::History { book, runs, engine: Arc::clone(engine), tokens };
         web::serve(address, history, stopped.clone()).await?;
     }
     let unix_socket = socket.to_path_buf();
@@ -789,7 +791,8 @@ async fn coordinator(
         access,
         tls,
     };
-    let listeners = Listeners { tcp: Some((listener, services)), web: args.web_listen.clone() };
+    let listeners =
+        Listeners { tcp: Some((listener, services)), web: args.web_listen.clone(), tokens: security.tokens.clone() };
     let result =
         serve(&engine, root, (&socket, group), listeners, (&security.tenants, runs), replication.clone(), lifecycle)
             .await;

@@ -9,14 +9,29 @@ use kiln_model::{BuildEntry, StepLog, VertexRecord, WorkerStatus};
 use kiln_types::Digest;
 use tracing::Instrument as _;
 
-/// What the web UI reads.
+/// What the web UI reads, and who may.
 pub struct History {
     pub book: BuildBook,
     pub runs: Runs,
     pub engine: Arc<Engine>,
+    /// The client tokens (none: whoever reaches the listener is an admin, as on the API).
+    pub tokens: Vec<kiln_model::ClientToken>,
 }
 
 impl kiln_web::Backend for History {
+    fn caller(&self, token: Option<&str>) -> Option<kiln_model::Caller> {
+        if self.tokens.is_empty() {
+            return Some(kiln_model::Caller {
+                name: "anonymous".into(),
+                tenant: kiln_model::DEFAULT_TENANT.into(),
+                role: kiln_model::Role::Admin,
+            });
+        }
+        let hash = Digest::of(token?.as_bytes()).hex();
+        let known = self.tokens.iter().find(|t| t.sha256 == hash)?;
+        Some(kiln_model::Caller { name: known.name.clone(), tenant: known.tenant.clone(), role: known.role })
+    }
+
     fn builds(&self) -> Result<Vec<BuildEntry>, String> {
         self.book.list(None).map_err(|e| e.to_string())
     }

@@ -242,3 +242,97 @@ fn the_web_ui_shows_builds_timelines_dedup_failures_and_updates_live() {
         client.close().await.unwrap();
     });
 }
+
+#[test]
+fn with_tokens_the_web_ui_asks_for_one_and_shows_a_tenant_its_own_builds() {
+    workspace_binary("kiln-runner");
+    let registry = TestRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let base = kiln_testkit::push_busybox(&registry, dir.path(), "kiln/busybox:tokens");
+    let (api, web) = (free_port(), free_port());
+    let sha = |token: &str| kiln_types::Digest::of(token.as_bytes()).hex();
+    let token = |name: &str, tenant: &str, role: &str| {
+        format!(
+            "[[coordinator.tokens]]\nname = \"{name}\"\ntenant = \"{tenant}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+            sha(name)
+        )
+    };
+    let config = dir.path().join("kiln.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[coordinator]\nlisten = \"127.0.0.1:{api}\"\nweb-listen = \"127.0.0.1:{web}\"\n[worker]\nroot = \"{}\"\n\
+             [tls]\ninsecure = true\n{}{}",
+            dir.path().join("root").display(),
+            token("viewer", "default", "read"),
+            token("stranger", "team-b", "read"),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("kilnd.log");
+    let _daemon = Killed(
+        Command::new(env!("CARGO_BIN_EXE_kilnd"))
+            .arg("--config")
+            .arg(&config)
+            .env("KILN_RUNNER", workspace_binary("kiln-runner"))
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let listening = format!("listening on 127.0.0.1:{web}");
+    wait_until("the web listener", || std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&listening)));
+    // A build over the unix socket (the default tenant's).
+    let context = dir.path().join("context");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::write(context.join("Dockerfile"), format!("FROM {base}\nRUN echo hi\n")).unwrap();
+    let kiln =
+        |args: &[&str]| Command::new(workspace_binary("kiln")).args(args).env_remove("KILN_ADDR").output().unwrap();
+    let socket = format!("unix://{}", dir.path().join("root/kilnd.sock").display());
+    let out = kiln(&["--addr", &socket, "build", context.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A read token may look, not build.
+    let tcp = format!("http://127.0.0.1:{api}");
+    let out = kiln(&["--addr", &tcp, "--token", "viewer", "build", context.to_str().unwrap()]);
+    let refused = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(refused.contains("needs a build or admin token; the token \"viewer\" may only read"), "{refused}");
+    let out = kiln(&["--addr", &tcp, "--token", "viewer", "history", "ls", "--format", "json"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().unwrap().len(), 1);
+    // The API wants a token.
+    let (status, _) = kiln_testkit::http_get(&format!("127.0.0.1:{web}"), "/api/builds");
+    assert_eq!(status, 401);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (_driver, client) = browser().await;
+        let site = format!("http://127.0.0.1:{web}");
+        let login = |token: &'static str| {
+            let (client, site) = (&client, &site);
+            async move {
+                client.goto(&format!("{site}/login")).await.unwrap();
+                wait_for(client, "#token").await.send_keys(token).await.unwrap();
+                client.find(Locator::Css("#login-button")).await.unwrap().click().await.unwrap();
+            }
+        };
+        // The pages send a browser without a token to the login.
+        client.goto(&site).await.unwrap();
+        wait_for(&client, "form#login").await;
+        login("not-a-token").await;
+        client
+            .wait()
+            .at_most(PAGE_WAIT)
+            .for_element(Locator::XPath("//p[@id='login-error'][contains(., 'not one of')]"))
+            .await
+            .unwrap();
+        // The default tenant's reader sees its build; another tenant's sees none.
+        login("viewer").await;
+        wait_for(&client, "tr.build[data-status='succeeded']").await;
+        login("stranger").await;
+        client
+            .wait()
+            .at_most(PAGE_WAIT)
+            .for_element(Locator::XPath("//p[contains(., 'No builds yet')]"))
+            .await
+            .unwrap();
+        client.close().await.unwrap();
+    });
+}

@@ -5,6 +5,8 @@ use std::fmt;
 /// What a client may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
+    /// Read its tenant's build history (`kiln history`, the web UI); no builds.
+    Read,
     /// Submit builds and read what they produced.
     Build,
     /// Everything, including the whole cluster's workers, disk usage and pruning.
@@ -15,6 +17,7 @@ impl Role {
     /// Its name in configs (`build`, `admin`).
     pub fn as_str(self) -> &'static str {
         match self {
+            Role::Read => "read",
             Role::Build => "build",
             Role::Admin => "admin",
         }
@@ -32,9 +35,10 @@ impl std::str::FromStr for Role {
 
     fn from_str(text: &str) -> Result<Role, String> {
         match text {
+            "read" => Ok(Role::Read),
             "build" => Ok(Role::Build),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("{other:?} is not build or admin")),
+            other => Err(format!("{other:?} is not read, build or admin")),
         }
     }
 }

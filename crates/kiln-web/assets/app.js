@@ -31,6 +31,10 @@ function duration(build) {
 
 async function json(url) {
   const response = await fetch(url);
+  if (response.status === 401) {
+    window.location.assign("/login");
+    throw new Error("a token is needed");
+  }
   if (!response.ok) throw new Error(url + ": " + response.status + " " + (await response.text()));
   return response.json();
 }
@@ -206,6 +210,28 @@ async function renderWorkers() {
           el("td", {}, w.running), el("td", {}, w.max_parallelism), el("td", {}, w.address))))));
 }
 
+// --- Login -----------------------------------------------------------------------------------
+
+function renderLogin() {
+  const input = el("input", { id: "token", type: "password", placeholder: "token", autocomplete: "off" });
+  const message = el("p", { id: "login-error", class: "muted" });
+  const submit = async (event) => {
+    event.preventDefault();
+    const response = await fetch("/api/login", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ token: input.value }),
+    });
+    if (response.ok) window.location.assign("/");
+    else message.textContent = "That token is not one of this daemon's.";
+  };
+  show(
+    el("h1", {}, "Log in"),
+    el("p", {}, "Give a token of this daemon's (a read token is enough to look)."),
+    el("form", { id: "login", onsubmit: submit }, input, " ", el("button", { id: "login-button", type: "submit" }, "Log in")),
+    message);
+}
+
 // --- Routing -------------------------------------------------------------------------------
 
 const buildMatch = /^\/builds\/([A-Za-z0-9_-]+)$/.exec(path);
@@ -214,6 +240,8 @@ if (buildMatch) {
   const render = throttled(() => renderBuild(id));
   render();
   live((changed) => { if (changed === null || changed === id) render(); });
+} else if (path === "/login") {
+  renderLogin();
 } else if (path === "/workers") {
   const render = throttled(renderWorkers);
   render();

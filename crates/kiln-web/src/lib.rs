@@ -14,13 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{Extension, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use futures_util::Stream;
-use kiln_model::{BuildEntry, StepLog, VertexRecord, WorkerStatus};
+use kiln_model::{BuildEntry, Caller, Role, StepLog, VertexRecord, WorkerStatus};
 use kiln_types::Digest;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -28,6 +29,9 @@ use tokio::sync::broadcast;
 /// What the web UI shows, from the daemon. Reads may block (the store): they run on
 /// blocking threads.
 pub trait Backend: Send + Sync + 'static {
+    /// Who presents `token` (`None`: no token): the daemon's client tokens decide, as they
+    /// do for its API; `None` refuses.
+    fn caller(&self, token: Option<&str>) -> Option<Caller>;
     /// Every build of the history, oldest first.
     fn builds(&self) -> Result<Vec<BuildEntry>, String>;
     /// One build with its vertex records, if the history has it.
@@ -59,6 +63,8 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .route("/", get(page))
         .route("/builds/{id}", get(page))
         .route("/workers", get(page))
+        .route("/login", get(page))
+        .route("/api/login", axum::routing::post(login))
         .route("/assets/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], SCRIPT) }))
         .route("/assets/app.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE) }))
         .route("/api/builds", get(builds))
@@ -66,7 +72,56 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .route("/api/builds/{id}/logs/{vertex}", get(logs))
         .route("/api/workers", get(workers))
         .route("/api/events", get(events))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&backend), authenticate))
         .with_state(backend)
+}
+
+/// The cookie a login sets.
+const COOKIE: &str = "kiln_token";
+
+/// The token a request presents: `Authorization: Bearer`, else the login's cookie.
+fn token(headers: &HeaderMap) -> Option<String> {
+    let bearer =
+        headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()?.strip_prefix("Bearer ").map(str::to_string));
+    bearer.or_else(|| {
+        headers.get_all(header::COOKIE).iter().filter_map(|h| h.to_str().ok()).flat_map(|h| h.split(';')).find_map(
+            |pair| pair.trim().strip_prefix(COOKIE).and_then(|rest| rest.strip_prefix('=')).map(str::to_string),
+        )
+    })
+}
+
+/// Lets through the login page, its API and the assets; every other request needs a caller
+/// (a page without one goes to the login, an API call is refused).
+async fn authenticate(State(backend): State<Arc<dyn Backend>>, mut request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if path == "/login" || path == "/api/login" || path.starts_with("/assets/") {
+        return next.run(request).await;
+    }
+    match backend.caller(token(request.headers()).as_deref()) {
+        Some(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        None if path.starts_with("/api/") => {
+            (StatusCode::UNAUTHORIZED, "a token is needed: log in at /login").into_response()
+        }
+        None => Redirect::to("/login").into_response(),
+    }
+}
+
+/// `{"token": "..."}`: a known token is kept in a cookie for the pages.
+async fn login(State(backend): State<Arc<dyn Backend>>, axum::Json(body): axum::Json<Value>) -> Response {
+    let token = body["token"].as_str().unwrap_or_default();
+    if token.is_empty() || token.contains([';', ' ', '\r', '\n']) || backend.caller(Some(token)).is_none() {
+        return (StatusCode::UNAUTHORIZED, "unknown token").into_response();
+    }
+    let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict");
+    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response()
+}
+
+/// Whether `caller` may see `entry`: its tenant's builds, an admin's all.
+fn visible(caller: &Caller, entry: &BuildEntry) -> bool {
+    caller.role == Role::Admin || entry.tenant == caller.tenant
 }
 
 async fn page() -> impl IntoResponse {
@@ -100,32 +155,47 @@ fn entry_json(entry: &BuildEntry) -> Value {
     })
 }
 
-async fn builds(State(backend): State<Arc<dyn Backend>>) -> Response {
+async fn builds(State(backend): State<Arc<dyn Backend>>, Extension(caller): Extension<Caller>) -> Response {
     match read(backend, |b| b.builds()).await {
-        Ok(builds) => axum::Json(Value::Array(builds.iter().rev().map(entry_json).collect())).into_response(),
+        Ok(builds) => {
+            let shown = builds.iter().rev().filter(|e| visible(&caller, e)).map(entry_json).collect();
+            axum::Json(Value::Array(shown)).into_response()
+        }
         Err(response) => response,
     }
 }
 
-async fn build(State(backend): State<Arc<dyn Backend>>, Path(id): Path<String>) -> Response {
+async fn build(
+    State(backend): State<Arc<dyn Backend>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
     let wanted = id.clone();
     match read(backend, move |b| b.build(&wanted)).await {
-        Ok(Some((entry, records))) => {
+        Ok(Some((entry, records))) if visible(&caller, &entry) => {
             let mut json = entry_json(&entry);
             json["dockerfile"] = entry.request.dockerfile.clone().into();
             json["vertices"] = serde_json::to_value(&records).unwrap_or_default();
             axum::Json(json).into_response()
         }
-        Ok(None) => (StatusCode::NOT_FOUND, format!("build {id}: not in the history")).into_response(),
+        Ok(_) => (StatusCode::NOT_FOUND, format!("build {id}: not in the history")).into_response(),
         Err(response) => response,
     }
 }
 
-async fn logs(State(backend): State<Arc<dyn Backend>>, Path((id, vertex)): Path<(String, String)>) -> Response {
+async fn logs(
+    State(backend): State<Arc<dyn Backend>>,
+    Extension(caller): Extension<Caller>,
+    Path((id, vertex)): Path<(String, String)>,
+) -> Response {
     let Ok(digest) = vertex.parse::<Digest>() else {
         return (StatusCode::BAD_REQUEST, format!("{vertex:?} is not a vertex digest")).into_response();
     };
-    match read(backend, move |b| b.logs(&id, &digest)).await {
+    let logs = move |b: &dyn Backend| {
+        let shown = b.build(&id)?.is_some_and(|(entry, _)| visible(&caller, &entry));
+        if shown { b.logs(&id, &digest) } else { Ok(None) }
+    };
+    match read(backend, logs).await {
         Ok(log) => {
             let log = log.unwrap_or_default();
             let lines: Vec<Value> = log.lines.iter().map(|l| json!({"stream": l.stream, "line": l.line})).collect();
@@ -135,7 +205,10 @@ async fn logs(State(backend): State<Arc<dyn Backend>>, Path((id, vertex)): Path<
     }
 }
 
-async fn workers(State(backend): State<Arc<dyn Backend>>) -> Response {
+async fn workers(State(backend): State<Arc<dyn Backend>>, Extension(caller): Extension<Caller>) -> Response {
+    if caller.role != Role::Admin {
+        return (StatusCode::FORBIDDEN, "the workers are an admin's to see").into_response();
+    }
     match read(backend, |b| Ok(b.workers())).await {
         Ok(workers) => axum::Json(Value::Array(workers.iter().map(WorkerStatus::to_json).collect())).into_response(),
         Err(response) => response,
@@ -144,15 +217,30 @@ async fn workers(State(backend): State<Arc<dyn Backend>>) -> Response {
 
 /// `build` events, each naming a build that changed; a browser that fell behind is told to
 /// read everything again (`reload`).
-async fn events(State(backend): State<Arc<dyn Backend>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+async fn events(
+    State(backend): State<Arc<dyn Backend>>,
+    Extension(caller): Extension<Caller>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let changes = backend.watch();
-    let stream = futures_util::stream::unfold(changes, |mut changes| async move {
-        let event = match changes.recv().await {
-            Ok(id) => Event::default().event("build").data(id),
-            Err(broadcast::error::RecvError::Lagged(_)) => Event::default().event("reload").data(""),
-            Err(broadcast::error::RecvError::Closed) => return None,
-        };
-        Some((Ok(event), changes))
-    });
+    let stream =
+        futures_util::stream::unfold((changes, backend, caller), |(mut changes, backend, caller)| async move {
+            let event = loop {
+                match changes.recv().await {
+                    Ok(id) => {
+                        // Only the caller's builds (a removed one is nobody's: every page re-reads).
+                        let (who, wanted) = (caller.clone(), id.clone());
+                        let shown = read(Arc::clone(&backend), move |b| {
+                            Ok(b.build(&wanted)?.is_none_or(|(entry, _)| visible(&who, &entry)))
+                        });
+                        if shown.await.unwrap_or(false) {
+                            break Event::default().event("build").data(id);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => break Event::default().event("reload").data(""),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            };
+            Some((Ok(event), (changes, backend, caller)))
+        });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
