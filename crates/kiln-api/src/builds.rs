@@ -366,7 +366,12 @@ impl BuildBook {
     /// Removes build `id`'s entry (through the log on a replicated book).
     pub async fn remove(&self, id: &str) -> Result<(), ApiError> {
         match self {
-            BuildBook::Local(kv) => kv.delete(BUILDS_TREE, id.as_bytes()).map_err(|e| ApiError::History(e.to_string())),
+            BuildBook::Local(kv) => {
+                let (kv, owned) = (Arc::clone(kv), id.to_string());
+                tokio::task::spawn_blocking(move || kv.delete(BUILDS_TREE, owned.as_bytes()))
+                    .await?
+                    .map_err(|e| ApiError::History(format!("build {id}: {e}")))
+            }
             BuildBook::Replicated(kv) => {
                 let mut batch = kiln_kv::Batch::default();
                 batch.delete(id.as_bytes());
@@ -389,17 +394,20 @@ impl BuildBook {
                 retention.max_age.is_some_and(|age| now.saturating_sub(e.started) > age.as_millis() as u64)
             };
             let expired = ended[over..].iter().filter(too_old);
-            let mut pruned = 0;
+            let mut pruned = Vec::new();
             for entry in ended[..over].iter().chain(expired) {
                 let running = runs.lock();
                 let still_ended = book.get(&entry.id)?.is_some_and(|now| now.status != "running");
                 if still_ended && !running.contains_key(&entry.id) {
                     book.kv().delete(BUILDS_TREE, entry.id.as_bytes()).map_err(|e| ApiError::History(e.to_string()))?;
-                    runs.journal.remove(&entry.id)?;
-                    pruned += 1;
+                    pruned.push(entry);
                 }
             }
-            Ok::<_, ApiError>(pruned)
+            // Their journals go once the lock of `runs` is released.
+            for entry in &pruned {
+                runs.journal.remove(&entry.id, &entry.tenant)?;
+            }
+            Ok::<_, ApiError>(pruned.len())
         })
         .await;
         match pruned {

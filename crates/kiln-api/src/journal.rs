@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use kiln_kv::SharedKv;
-use kiln_model::{BuildEvent, StepLog, VertexRecord};
+use kiln_model::{BuildChange, BuildEvent, StepLog, VertexRecord};
 use kiln_types::Digest;
 use tokio::sync::broadcast;
 
@@ -26,6 +26,9 @@ pub const MAX_BUILD_LOG: usize = 8 << 20;
 /// A running build's journal.
 #[derive(Default)]
 struct Live {
+    /// Which run of the build it is (a reattachment begins another run under the same id).
+    run: u64,
+    tenant: String,
     records: Vec<VertexRecord>,
     index: HashMap<Digest, usize>,
     logs: HashMap<Digest, StepLog>,
@@ -37,13 +40,15 @@ pub struct Journal {
     kv: SharedKv,
     live: Mutex<HashMap<String, Live>>,
     /// The ids of builds that began, progressed, ended or were removed.
-    changes: broadcast::Sender<String>,
+    changes: broadcast::Sender<BuildChange>,
+    /// The last run begun.
+    runs: std::sync::atomic::AtomicU64,
 }
 
 impl Journal {
     /// Journals kept in `kv`.
     pub fn new(kv: SharedKv) -> Journal {
-        Journal { kv, live: Mutex::new(HashMap::new()), changes: broadcast::channel(1024).0 }
+        Journal { kv, live: Mutex::new(HashMap::new()), changes: broadcast::channel(1024).0, runs: Default::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
@@ -51,24 +56,26 @@ impl Journal {
     }
 
     /// Changes from now on (a receiver that falls behind misses some and is told so).
-    pub fn watch(&self) -> broadcast::Receiver<String> {
+    pub fn watch(&self) -> broadcast::Receiver<BuildChange> {
         self.changes.subscribe()
     }
 
-    /// Announces a change of build `id`'s entry.
-    pub fn changed(&self, id: &str) {
-        let _ = self.changes.send(id.to_string());
+    /// Announces a change of build `id` (of `tenant`); `listed`: it began, ended or went.
+    pub fn changed(&self, id: &str, tenant: &str, listed: bool) {
+        let _ = self.changes.send(BuildChange { id: id.to_string(), tenant: tenant.to_string(), listed });
     }
 
-    /// Build `id` began.
-    pub fn begin(&self, id: &str) {
-        self.lock().insert(id.to_string(), Live::default());
-        self.changed(id);
+    /// Build `id` (of `tenant`) began a run; the run's number ends it ([`Journal::end`]).
+    pub fn begin(&self, id: &str, tenant: &str) -> u64 {
+        let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.lock().insert(id.to_string(), Live { run, tenant: tenant.to_string(), ..Live::default() });
+        self.changed(id, tenant, true);
+        run
     }
 
     /// Build `id`'s progress.
     pub fn event(&self, id: &str, event: &BuildEvent) {
-        {
+        let tenant = {
             let mut live = self.lock();
             let Some(build) = live.get_mut(id) else { return };
             match event {
@@ -99,22 +106,28 @@ impl Journal {
                 }
                 BuildEvent::Export { .. } | BuildEvent::ExportData { .. } | BuildEvent::Result { .. } => return,
             }
-        }
-        self.changed(id);
+            build.tenant.clone()
+        };
+        self.changed(id, &tenant, false);
     }
 
-    /// Build `id` ended with `records`: its journal is written to the store. A failure to is
-    /// logged (the build's result stands).
-    pub fn end(&self, id: &str, records: &[VertexRecord]) {
-        let live = self.lock().remove(id).unwrap_or_default();
-        let records = if records.is_empty() { live.records } else { records.to_vec() };
+    /// Run `run` of build `id` ended with `records` (empty: those it gathered): its journal is
+    /// written to the store, then leaves memory. A run that a reattachment replaced leaves the
+    /// new run's journal alone. A failure to write is logged (the build's result stands).
+    pub fn end(&self, id: &str, run: u64, records: &[VertexRecord]) {
+        let (records, logs_kept, tenant) = {
+            let live = self.lock();
+            let Some(build) = live.get(id).filter(|build| build.run == run) else { return };
+            let records = if records.is_empty() { build.records.clone() } else { records.to_vec() };
+            (records, build.logs.clone(), build.tenant.clone())
+        };
         let mut batch = kiln_kv::Batch::default();
         let mut logs = kiln_kv::Batch::default();
         match serde_json::to_vec(&records) {
             Ok(value) => drop(batch.put(id.as_bytes(), value)),
             Err(error) => tracing::warn!("build {id}: its records: {error}"),
         }
-        for (vertex, log) in &live.logs {
+        for (vertex, log) in &logs_kept {
             if let Ok(value) = serde_json::to_vec(log) {
                 logs.put(format!("{id}/{vertex}").into_bytes(), value);
             }
@@ -122,7 +135,13 @@ impl Journal {
         if let Err(error) = self.kv.apply(RECORDS_TREE, &batch).and_then(|()| self.kv.apply(LOGS_TREE, &logs)) {
             tracing::warn!("build {id}: keeping its records and logs: {error}");
         }
-        self.changed(id);
+        // Written before it leaves memory: a reader in between sees one or the other.
+        let mut live = self.lock();
+        if live.get(id).is_some_and(|build| build.run == run) {
+            live.remove(id);
+        }
+        drop(live);
+        self.changed(id, &tenant, true);
     }
 
     /// Build `id`'s records: the running build's so far, else the stored ones.
@@ -165,16 +184,16 @@ impl Journal {
         Ok(logs)
     }
 
-    /// Removes build `id`'s records and logs.
-    pub fn remove(&self, id: &str) -> Result<(), ApiError> {
-        let fail = |e: kiln_kv::KvError| ApiError::History(e.to_string());
+    /// Removes build `id`'s (of `tenant`) records and logs.
+    pub fn remove(&self, id: &str, tenant: &str) -> Result<(), ApiError> {
+        let fail = |e: kiln_kv::KvError| ApiError::History(format!("build {id}: {e}"));
         self.kv.delete(RECORDS_TREE, id.as_bytes()).map_err(fail)?;
         let mut batch = kiln_kv::Batch::default();
         for (key, _) in self.kv.scan_prefix(LOGS_TREE, format!("{id}/").as_bytes()).map_err(fail)? {
             batch.delete(key);
         }
         self.kv.apply(LOGS_TREE, &batch).map_err(fail)?;
-        self.changed(id);
+        self.changed(id, tenant, true);
         Ok(())
     }
 }
@@ -209,7 +228,7 @@ mod tests {
         let journal = Journal::new(std::sync::Arc::new(kiln_kv::MemoryKv::new()));
         let mut changes = journal.watch();
         let (a, b) = (record("a"), record("b"));
-        journal.begin("b1");
+        let run = journal.begin("b1", "team-a");
         journal.event("b1", &BuildEvent::Planned(vec![a.clone(), b.clone()]));
         journal.event("b1", &BuildEvent::Started { vertex: a.digest, at: 7 });
         for n in 0..kiln_model::MAX_STEP_LINES + 10 {
@@ -223,20 +242,30 @@ mod tests {
         assert_eq!((logs[0].1.lines.len(), logs[0].1.dropped), (kiln_model::MAX_STEP_LINES, 10));
         assert_eq!(logs[0].1.lines[0].line, "line 10", "the oldest lines rotate out");
 
-        journal.end("b1", &[done.clone(), b.clone()]);
+        // A replaced run's end leaves the journal of the run that replaced it alone.
+        let again = journal.begin("b1", "team-a");
+        journal.event("b1", &BuildEvent::Planned(vec![a.clone(), b.clone()]));
+        journal.event("b1", &BuildEvent::Log { vertex: a.digest, line: line("line 0") });
+        journal.end("b1", run, &[]);
+        assert_eq!(journal.logs("b1", Some(&a.digest)).unwrap()[0].1.lines.len(), 1, "the new run's journal");
+        for n in 1..kiln_model::MAX_STEP_LINES + 10 {
+            journal.event("b1", &BuildEvent::Log { vertex: a.digest, line: line(&format!("line {n}")) });
+        }
+        journal.end("b1", again, &[done.clone(), b.clone()]);
         assert_eq!(journal.records("b1").unwrap(), [done, b]);
         assert_eq!(
             journal.logs("b1", None).unwrap()[0].1.lines.back().unwrap().line,
             format!("line {}", kiln_model::MAX_STEP_LINES + 9)
         );
-        // Begin, plan, start, complete and end were announced; output lines were not.
-        let mut announced = 0;
+        // Begins, plans, a start, a completion and the end were announced, to team-a; the
+        // list changed at the begins and the end. Output lines were not announced.
+        let mut announced = Vec::new();
         while let Ok(change) = changes.try_recv() {
-            assert_eq!(change, "b1");
-            announced += 1;
+            assert_eq!((change.id.as_str(), change.tenant.as_str()), ("b1", "team-a"));
+            announced.push(change.listed);
         }
-        assert_eq!(announced, 5);
-        journal.remove("b1").unwrap();
+        assert_eq!(announced, [true, false, false, false, true, false, true]);
+        journal.remove("b1", "team-a").unwrap();
         assert!(journal.records("b1").unwrap().is_empty() && journal.logs("b1", None).unwrap().is_empty());
     }
 }

@@ -59,9 +59,9 @@ use tracing::Instrument as _;
 use crate::auth::{Authenticate, NodesOnly};
 
 /// Writes an ended build's journal to the store, off the async threads.
-async fn end_journal(journal: &Arc<journal::Journal>, id: &str, records: Vec<kiln_model::VertexRecord>) {
+async fn end_journal(journal: &Arc<journal::Journal>, id: &str, run: u64, records: Vec<kiln_model::VertexRecord>) {
     let (journal, id) = (Arc::clone(journal), id.to_string());
-    if let Err(error) = tokio::task::spawn_blocking(move || journal.end(&id, &records)).await {
+    if let Err(error) = tokio::task::spawn_blocking(move || journal.end(&id, run, &records)).await {
         tracing::warn!("keeping the build's records and logs: {error}");
     }
 }
@@ -227,6 +227,8 @@ impl Control for ControlService {
         request.cache_group = self.tenants.cache_group(&caller.tenant);
         let spool = exports::new_spool(&self.root);
         let id = request.id.clone().unwrap_or_else(kiln_model::new_build_id);
+        // Records of builds that wait on this one's steps name it by this id.
+        request.id = Some(id.clone());
         let span = tracing::info_span!("build", %id, file = %request.file_name, tenant = %caller.tenant);
         // Its trace: a CI pipeline run, under the client's own trace when it has one.
         let platforms: Vec<String> = request.platforms.iter().map(ToString::to_string).collect();
@@ -280,7 +282,7 @@ impl Control for ControlService {
                     }
                 };
                 let journal = Arc::clone(runs.journal());
-                journal.begin(&id);
+                let journal_run = journal.begin(&id, &entry.tenant);
                 let (progress, mut progress_events) = mpsc::unbounded_channel();
                 let mut build = Box::pin(engine.build(request, Some(&spool), progress).instrument(trace.clone()));
                 // Why the build ended without a result, if it does.
@@ -342,7 +344,7 @@ impl Control for ControlService {
                     if matches!(ending, Ending::Refused(_)) {
                         trace.record("otel.status_code", "ERROR");
                     }
-                    end_journal(&journal, &id, Vec::new()).await;
+                    end_journal(&journal, &id, journal_run, Vec::new()).await;
                     match ending {
                         // A build handed back to its client is the next run's to record.
                         Ending::HandedOver => {}
@@ -380,9 +382,9 @@ impl Control for ControlService {
                     .record("otel.status_code", if error.is_none() { "OK" } else { "ERROR" });
                 // Recorded before the client hears the result: a `kiln history` that follows
                 // sees the build ended.
-                end_journal(&journal, &id, records.clone()).await;
+                end_journal(&journal, &id, journal_run, records.clone()).await;
                 book.record_end(&run, entry.ended(status, error.clone(), &records)).await;
-                journal.changed(&id);
+                journal.changed(&id, &entry.tenant, true);
                 let result = DomainEvent::Result { error, image, records };
                 if abandoned.is_cancelled() {
                     // A stopping daemon does not wait for a client that does not read.
@@ -604,7 +606,7 @@ impl Control for ControlService {
         }
         self.builds.remove(&id).await?;
         let journal = Arc::clone(self.runs.journal());
-        tokio::task::spawn_blocking(move || journal.remove(&id)).await.map_err(ApiError::from)??;
+        tokio::task::spawn_blocking(move || journal.remove(&id, &entry.tenant)).await.map_err(ApiError::from)??;
         Ok(Response::new(RemoveBuildResponse {}))
     }
 

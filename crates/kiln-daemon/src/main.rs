@@ -209,7 +209,7 @@ fn role_of(
             if let Some(address) = coordinator.metrics_listen.or(worker.metrics_listen) {
                 args.metrics_listen.get_or_insert(address.to_string());
             }
-            retention_from(args, &coordinator);
+            history_settings_from(args, &coordinator);
             Role::Standalone(Some(worker))
         }
         (Some(coordinator), None) => {
@@ -217,7 +217,7 @@ fn role_of(
             if let Some(address) = coordinator.metrics_listen {
                 args.metrics_listen.get_or_insert(address.to_string());
             }
-            retention_from(args, &coordinator);
+            history_settings_from(args, &coordinator);
             Role::Coordinator(coordinator)
         }
         (None, Some(mut worker)) => {
@@ -509,9 +509,8 @@ fn platforms(settings: Option<&WorkerSettings>) -> anyhow::Result<Vec<kiln_types
     Ok(settings.platforms.clone())
 }
 
-/// Serves the metrics and health endpoints on `address` for as long as the daemon runs.
 /// The web listener and the history's retention of a coordinator's config, under the flags.
-fn retention_from(args: &mut Args, coordinator: &kiln_config::CoordinatorConfig) {
+fn history_settings_from(args: &mut Args, coordinator: &kiln_config::CoordinatorConfig) {
     if let Some(address) = coordinator.web_listen {
         args.web_listen.get_or_insert(address.to_string());
     }
@@ -531,6 +530,7 @@ fn retention(args: &Args) -> kiln_api::Retention {
     }
 }
 
+/// Serves the metrics and health endpoints on `address` for as long as the daemon runs.
 async fn serve_metrics(address: &str, probe: Arc<dyn kiln_telemetry::Probe>) -> anyhow::Result<()> {
     let listener = bind(address).await.context("metrics-listen")?;
     let serving = async move {
@@ -648,6 +648,9 @@ async fn serve(
         .tracked_by(tasks.clone(), abandoned.clone());
     service.settle_abandoned_builds();
     if let Some(address) = &web {
+        if tokens.is_empty() {
+            tracing::warn!("no client tokens: whoever reaches the web UI on {address} sees every build");
+        }
         let (book, runs) = service.history();
         let history = web::History { book, runs, engine: Arc::clone(engine), tokens };
         web::serve(address, history, stopped.clone()).await?;

@@ -51,7 +51,7 @@ impl kiln_web::Backend for History {
         self.engine.cluster().map(|c| c.workers()).unwrap_or_default()
     }
 
-    fn watch(&self) -> tokio::sync::broadcast::Receiver<String> {
+    fn watch(&self) -> tokio::sync::broadcast::Receiver<kiln_model::BuildChange> {
         self.runs.journal().watch()
     }
 }

@@ -135,6 +135,17 @@ impl BuildEntry {
     }
 }
 
+/// A change of a build, as the history announces it to watchers (the web UI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildChange {
+    /// The build.
+    pub id: String,
+    /// Its tenant: who may hear of it.
+    pub tenant: String,
+    /// It began, ended or was removed (the list of builds changed), not only progressed.
+    pub listed: bool,
+}
+
 /// A build's steps by outcome.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildCounts {

@@ -35,7 +35,7 @@ pub use entitlement::{DefaultNetwork, Entitlement};
 pub use error::ErrorKind;
 pub use event::BuildEvent;
 pub use executor::{BoxFuture, Executed, Executor, Failed};
-pub use history::{BuildCounts, BuildEntry, MAX_BUILD_ID, RequestSummary, check_build_id, new_build_id};
+pub use history::{BuildChange, BuildCounts, BuildEntry, MAX_BUILD_ID, RequestSummary, check_build_id, new_build_id};
 pub use log::{LogLine, LogSink, LogStream, MAX_STEP_LINES, StepLog};
 pub use manifest::{ContextManifest, ManifestEntry, ManifestError, ManifestKind};
 pub use output::{OutputSpec, OutputSpecError};

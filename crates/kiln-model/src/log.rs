@@ -53,6 +53,9 @@ impl std::fmt::Debug for LogSink {
 /// The most lines kept per step.
 pub const MAX_STEP_LINES: usize = 4096;
 
+/// What a kept line costs beyond its text, in bytes (its place in memory).
+pub const LINE_COST: usize = 32;
+
 /// One step's kept output.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepLog {
@@ -71,14 +74,15 @@ impl StepLog {
         self.bytes
     }
 
-    /// Appends `line`, dropping the oldest lines past `limit` bytes or [`MAX_STEP_LINES`].
+    /// Appends `line`, dropping the oldest lines past `limit` bytes or [`MAX_STEP_LINES`]. A
+    /// line counts [`LINE_COST`] bytes beyond its text (an empty line is not free).
     pub fn push(&mut self, line: LogLine, limit: usize) {
-        self.bytes += line.line.len();
+        self.bytes += line.line.len() + LINE_COST;
         self.lines.push_back(line);
         while (self.bytes > limit || self.lines.len() > MAX_STEP_LINES)
             && let Some(old) = self.lines.pop_front()
         {
-            self.bytes -= old.line.len();
+            self.bytes -= old.line.len() + LINE_COST;
             self.dropped += 1;
         }
     }

@@ -44,26 +44,28 @@ function show(...parts) {
   main.replaceChildren(...parts.filter((part) => part !== null && part !== undefined));
 }
 
-// Re-renders at most once per animation frame however many events arrive.
-function throttled(render) {
-  let pending = false;
-  return () => {
-    if (pending) return;
-    pending = true;
-    requestAnimationFrame(async () => {
-      pending = false;
-      try { await render(); } catch (error) { main.replaceChildren(el("p", { class: "error" }, String(error))); }
-    });
+// One render at a time, at most every `interval` ms, however many events arrive: an event
+// during a render runs one more after it, so the page ends on the latest state.
+function throttled(render, interval) {
+  let running = false, again = false;
+  const run = async () => {
+    running = true;
+    again = false;
+    try { await render(); } catch (error) { main.replaceChildren(el("p", { class: "error" }, String(error))); }
+    setTimeout(() => { running = false; if (again) run(); }, interval);
   };
+  return () => { if (running) again = true; else run(); };
 }
 
-function live(onBuild) {
+// Calls `onChange(id)` for the events named (`builds`: the list changed; `build`: a build
+// progressed), and `onChange(null)` when the page should read everything again.
+function live(names, onChange) {
   const indicator = document.getElementById("live");
   const source = new EventSource("/api/events");
   source.onopen = () => indicator.classList.add("on");
   source.onerror = () => indicator.classList.remove("on");
-  source.addEventListener("build", (event) => onBuild(event.data));
-  source.addEventListener("reload", () => onBuild(null));
+  for (const name of names) source.addEventListener(name, (event) => onChange(event.data));
+  source.addEventListener("reload", () => onChange(null));
 }
 
 // --- The builds -------------------------------------------------------------------------
@@ -119,7 +121,11 @@ function failingLine(build) {
   return el("div", { class: "dockerfile", id: "failing" }, ...shown);
 }
 
+// The step whose output is shown, kept across re-renders.
+let shownStep = null;
+
 async function showLogs(id, vertex) {
+  shownStep = vertex.digest;
   const target = document.getElementById("logs");
   target.textContent = "…";
   const log = await json("/api/builds/" + id + "/logs/" + vertex.digest);
@@ -194,6 +200,8 @@ async function renderBuild(id) {
     el("div", { class: "timeline", id: "timeline" }, ...rows),
     el("h2", {}, "Output"),
     el("pre", { id: "logs" }, "Click a step to see its output."));
+  const shown = vertices.find((v) => v.digest === shownStep);
+  if (shown) await showLogs(id, shown);
 }
 
 // --- Workers -------------------------------------------------------------------------------
@@ -237,17 +245,17 @@ function renderLogin() {
 const buildMatch = /^\/builds\/([A-Za-z0-9_-]+)$/.exec(path);
 if (buildMatch) {
   const id = buildMatch[1];
-  const render = throttled(() => renderBuild(id));
+  const render = throttled(() => renderBuild(id), 250);
   render();
-  live((changed) => { if (changed === null || changed === id) render(); });
+  live(["build", "builds"], (changed) => { if (changed === null || changed === id) render(); });
 } else if (path === "/login") {
   renderLogin();
 } else if (path === "/workers") {
-  const render = throttled(renderWorkers);
+  const render = throttled(renderWorkers, 1000);
   render();
-  live(() => render());
+  live(["builds"], () => render());
 } else {
-  const render = throttled(renderBuilds);
+  const render = throttled(renderBuilds, 1000);
   render();
-  live(() => render());
+  live(["builds"], () => render());
 }

@@ -21,7 +21,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use futures_util::Stream;
-use kiln_model::{BuildEntry, Caller, Role, StepLog, VertexRecord, WorkerStatus};
+use kiln_model::{BuildChange, BuildEntry, Caller, Role, StepLog, VertexRecord, WorkerStatus};
 use kiln_types::Digest;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -40,8 +40,8 @@ pub trait Backend: Send + Sync + 'static {
     fn logs(&self, id: &str, vertex: &Digest) -> Result<Option<StepLog>, String>;
     /// The workers (none for a standalone daemon).
     fn workers(&self) -> Vec<WorkerStatus>;
-    /// The ids of builds as they change.
-    fn watch(&self) -> broadcast::Receiver<String>;
+    /// The builds as they change.
+    fn watch(&self) -> broadcast::Receiver<BuildChange>;
 }
 
 const PAGE: &str = include_str!("../assets/index.html");
@@ -94,7 +94,7 @@ fn token(headers: &HeaderMap) -> Option<String> {
 /// (a page without one goes to the login, an API call is refused).
 async fn authenticate(State(backend): State<Arc<dyn Backend>>, mut request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    if path == "/login" || path == "/api/login" || path.starts_with("/assets/") {
+    if ["/login", "/api/login", "/assets/app.js", "/assets/app.css"].contains(&path) {
         return next.run(request).await;
     }
     match backend.caller(token(request.headers()).as_deref()) {
@@ -215,32 +215,26 @@ async fn workers(State(backend): State<Arc<dyn Backend>>, Extension(caller): Ext
     }
 }
 
-/// `build` events, each naming a build that changed; a browser that fell behind is told to
-/// read everything again (`reload`).
+/// The caller's builds as they change: `builds` when one began, ended or went (the list
+/// changed), `build` when one progressed, each with its id; `reload` when the browser fell
+/// behind and should read everything again.
 async fn events(
     State(backend): State<Arc<dyn Backend>>,
     Extension(caller): Extension<Caller>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let changes = backend.watch();
-    let stream =
-        futures_util::stream::unfold((changes, backend, caller), |(mut changes, backend, caller)| async move {
-            let event = loop {
-                match changes.recv().await {
-                    Ok(id) => {
-                        // Only the caller's builds (a removed one is nobody's: every page re-reads).
-                        let (who, wanted) = (caller.clone(), id.clone());
-                        let shown = read(Arc::clone(&backend), move |b| {
-                            Ok(b.build(&wanted)?.is_none_or(|(entry, _)| visible(&who, &entry)))
-                        });
-                        if shown.await.unwrap_or(false) {
-                            break Event::default().event("build").data(id);
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => break Event::default().event("reload").data(""),
-                    Err(broadcast::error::RecvError::Closed) => return None,
+    let stream = futures_util::stream::unfold((changes, caller), |(mut changes, caller)| async move {
+        let event = loop {
+            match changes.recv().await {
+                Ok(change) if caller.role == Role::Admin || change.tenant == caller.tenant => {
+                    break Event::default().event(if change.listed { "builds" } else { "build" }).data(change.id);
                 }
-            };
-            Some((Ok(event), (changes, backend, caller)))
-        });
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => break Event::default().event("reload").data(""),
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        };
+        Some((Ok(event), (changes, caller)))
+    });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
