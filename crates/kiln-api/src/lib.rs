@@ -100,6 +100,8 @@ pub struct ControlService {
     builds: BuildBook,
     /// The builds running here, by id.
     runs: builds::Runs,
+    /// The web UI's base URL, when the daemon serves one.
+    web: Option<String>,
 }
 
 /// How long a context upload may send nothing before it is ended, unless configured.
@@ -122,6 +124,7 @@ impl ControlService {
             tenants: Arc::default(),
             builds,
             runs,
+            web: None,
         }
     }
 
@@ -152,6 +155,12 @@ impl ControlService {
     pub fn tracked_by(mut self, tasks: TaskTracker, abandoned: CancellationToken) -> ControlService {
         self.tasks = tasks;
         self.abandoned = abandoned;
+        self
+    }
+
+    /// Tells clients the web UI's base URL (`http://HOST:PORT`).
+    pub fn with_web(mut self, web: Option<String>) -> ControlService {
+        self.web = web;
         self
     }
 
@@ -414,6 +423,7 @@ impl Control for ControlService {
             workers: cluster.map_or(0, |c| c.workers().len() as u32),
             queued: queued as u64,
             raft: self.replication.as_ref().map(|replication| replication.status()),
+            web: self.web.clone().unwrap_or_default(),
         }))
     }
 

@@ -131,7 +131,15 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         std::fs::write(path, serde_json::to_vec_pretty(&outcome.metadata())?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(outcome.report(None))
+    let succeeded = outcome.report(None);
+    // Where the build can be looked at, when the daemon serves its web UI.
+    if outcome.ran
+        && let (Ok(info), Some(id)) = (client.info().await, &outcome.id)
+        && let Some(web) = info.web
+    {
+        eprintln!("web: {web}/builds/{id}");
+    }
+    Ok(succeeded)
 }
 
 /// Where a build's progress goes: the command's one renderer, under the bake target's name.

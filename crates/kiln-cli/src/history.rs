@@ -39,6 +39,11 @@ enum HistoryCommand {
         /// The step.
         vertex: Option<String>,
     },
+    /// Print the web page of a build (the daemon's `web-listen`).
+    Open {
+        /// The build's id.
+        id: String,
+    },
     /// Remove a build that ended from the history, with its records and logs.
     Rm {
         /// The builds' ids.
@@ -69,6 +74,18 @@ pub async fn run(args: HistoryArgs, daemon: &embedded::Daemon) -> anyhow::Result
         HistoryCommand::Ls { format } => format,
         HistoryCommand::Inspect { id, format } => return inspect(&client, &id, format).await,
         HistoryCommand::Logs { id, vertex } => return logs(&client, &id, vertex.as_deref()).await,
+        HistoryCommand::Open { id } => {
+            // The build must be one the caller may see.
+            client.inspect_build(&id).await.map_err(anyhow::Error::msg)?;
+            let info = client.info().await.map_err(anyhow::Error::msg)?;
+            let Some(web) = info.web else {
+                anyhow::bail!(
+                    "the daemon serves no web UI (kilnd --web-listen HOST:PORT, or web-listen in its config)"
+                );
+            };
+            println!("{web}/builds/{id}");
+            return Ok(true);
+        }
         HistoryCommand::Rm { ids } => {
             for id in &ids {
                 client.remove_build(id).await.map_err(anyhow::Error::msg)?;

@@ -90,6 +90,8 @@ pub struct Info {
     pub queued: u64,
     /// A replicated coordinator's replica set.
     pub raft: Option<RaftInfo>,
+    /// The web UI's base URL (`http://HOST:PORT`), when it serves one.
+    pub web: Option<String>,
 }
 
 /// The replica set, as the leader that answered sees it.
@@ -317,6 +319,7 @@ impl Client {
             role: info.role,
             workers: info.workers,
             queued: info.queued,
+            web: Some(info.web).filter(|w| !w.is_empty()),
             raft: info.raft.map(|raft| RaftInfo {
                 node_id: raft.node_id,
                 leader: raft.leader,

@@ -588,6 +588,7 @@ async fn standalone(
             let control = ControlService::new(Arc::clone(&engine), root)
                 .with_tenants(Arc::clone(&security.tenants))
                 .with_runs(runs.clone())
+                .with_web(args.web_listen.as_ref().map(|a| format!("http://{a}")))
                 .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone());
             Some((listener, Services { control: Some(control), access, tls, ..Services::default() }))
         }
@@ -645,6 +646,7 @@ async fn serve(
         .with_tenants(Arc::clone(tenants))
         .replicated(replication)
         .with_runs(runs)
+        .with_web(web.as_ref().map(|a| format!("http://{a}")))
         .tracked_by(tasks.clone(), abandoned.clone());
     service.settle_abandoned_builds();
     if let Some(address) = &web {
@@ -784,6 +786,7 @@ async fn coordinator(
                 .with_tenants(Arc::clone(&security.tenants))
                 .replicated(replication.clone())
                 .with_runs(runs.clone())
+                .with_web(args.web_listen.as_ref().map(|a| format!("http://{a}")))
                 .tracked_by(lifecycle.tasks.clone(), lifecycle.abandoned.clone()),
         ),
         raft: replication.clone().map(kiln_api::RaftService::new),

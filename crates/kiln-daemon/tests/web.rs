@@ -241,6 +241,21 @@ fn the_web_ui_shows_builds_timelines_dedup_failures_and_updates_live() {
         wait_for(&client, &format!("tr.build[data-id='{}'][data-status='succeeded']", id(&live))).await;
         client.close().await.unwrap();
     });
+
+    // The CLI names the page of a build, and `kiln build` prints it at the end.
+    let kiln = |args: &[&str]| {
+        Command::new(workspace_binary("kiln"))
+            .args(["--addr", &format!("unix://{}", site.socket.display())])
+            .args(args)
+            .env_remove("KILN_ADDR")
+            .output()
+            .unwrap()
+    };
+    let out = kiln(&["history", "open", &id(&done)]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{}/builds/{}", site.web, id(&done)));
+    let out = kiln(&["build", site.dir.path().join("done").to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("web: {}/builds/", site.web)), "{stderr}");
 }
 
 #[test]
