@@ -43,12 +43,20 @@ pub struct Journal {
     changes: broadcast::Sender<BuildChange>,
     /// The last run begun.
     runs: std::sync::atomic::AtomicU64,
+    /// What ended builds' deduplicated steps saved ([`Journal::saved_ms`]), once known whole.
+    saved: Mutex<HashMap<String, u64>>,
 }
 
 impl Journal {
     /// Journals kept in `kv`.
     pub fn new(kv: SharedKv) -> Journal {
-        Journal { kv, live: Mutex::new(HashMap::new()), changes: broadcast::channel(1024).0, runs: Default::default() }
+        Journal {
+            kv,
+            live: Mutex::new(HashMap::new()),
+            changes: broadcast::channel(1024).0,
+            runs: Default::default(),
+            saved: Mutex::default(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
@@ -184,9 +192,47 @@ impl Journal {
         Ok(logs)
     }
 
+    /// The steps running builds have started and not ended, with their builds' ids (a step
+    /// several builds wait on is there once per build).
+    pub fn running(&self) -> Vec<(String, VertexRecord)> {
+        let live = self.lock();
+        let started = live.iter().flat_map(|(id, build)| {
+            let running = build.records.iter().filter(|r| r.started.is_some() && r.completed.is_none());
+            running.map(move |r| (id.clone(), r.clone()))
+        });
+        started.collect()
+    }
+
+    /// The execution time (ms) build `id`'s deduplicated steps did not spend: for each, what
+    /// the execution it waited on took, as the journal of the build that ran it has it. Known
+    /// whole (every such execution found), it is remembered.
+    pub fn saved_ms(&self, id: &str) -> Result<u64, ApiError> {
+        if let Some(saved) = self.saved.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(*saved);
+        }
+        let mut sources: HashMap<String, Vec<VertexRecord>> = HashMap::new();
+        let (mut saved, mut whole) = (0, true);
+        for record in self.records(id)? {
+            let Some(from) = record.deduplicated_from.as_deref().filter(|from| *from != id) else { continue };
+            if !sources.contains_key(from) {
+                sources.insert(from.to_string(), self.records(from)?);
+            }
+            let ran = sources[from].iter().find(|r| r.digest == record.digest).and_then(|r| r.phases.execute_ms);
+            match ran {
+                Some(ms) => saved += ms,
+                None => whole = false,
+            }
+        }
+        if whole && !self.lock().contains_key(id) {
+            self.saved.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), saved);
+        }
+        Ok(saved)
+    }
+
     /// Removes build `id`'s (of `tenant`) records and logs.
     pub fn remove(&self, id: &str, tenant: &str) -> Result<(), ApiError> {
         let fail = |e: kiln_kv::KvError| ApiError::History(format!("build {id}: {e}"));
+        self.saved.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.kv.delete(RECORDS_TREE, id.as_bytes()).map_err(fail)?;
         let mut batch = kiln_kv::Batch::default();
         for (key, _) in self.kv.scan_prefix(LOGS_TREE, format!("{id}/").as_bytes()).map_err(fail)? {
@@ -267,5 +313,43 @@ mod tests {
         assert_eq!(announced, [true, false, false, false, true, false, true]);
         journal.remove("b1", "team-a").unwrap();
         assert!(journal.records("b1").unwrap().is_empty() && journal.logs("b1", None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_deduplicated_step_saved_what_the_execution_it_waited_on_took() {
+        let journal = Journal::new(std::sync::Arc::new(kiln_kv::MemoryKv::new()));
+        let (shared, other) = (record("shared"), record("other"));
+        let phases = kiln_model::Phases { execute_ms: Some(1500), ..Default::default() };
+        let executed = VertexRecord { status: kiln_model::Status::Executed, phases, ..shared.clone() };
+        let waited = VertexRecord {
+            status: kiln_model::Status::Deduplicated,
+            deduplicated_from: Some("runner".into()),
+            ..shared.clone()
+        };
+        // While the step runs, it is running in both builds.
+        let (runner, waiter) = (journal.begin("runner", "t"), journal.begin("waiter", "t"));
+        for id in ["runner", "waiter"] {
+            journal.event(id, &BuildEvent::Planned(vec![shared.clone(), other.clone()]));
+            journal.event(id, &BuildEvent::Started { vertex: shared.digest, at: 5 });
+        }
+        let mut running = journal.running();
+        running.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            running.iter().map(|(id, r)| (id.as_str(), r.digest)).collect::<Vec<_>>(),
+            [("runner", shared.digest), ("waiter", shared.digest)]
+        );
+        // The waiter ended first: the runner's execution is not recorded yet, so nothing is
+        // known whole and nothing is remembered.
+        journal.end("waiter", waiter, &[waited, other.clone()]);
+        assert_eq!(journal.saved_ms("waiter").unwrap(), 0);
+        journal.end("runner", runner, &[executed, other]);
+        assert!(journal.running().is_empty());
+        assert_eq!(journal.saved_ms("waiter").unwrap(), 1500);
+        assert_eq!(journal.saved_ms("runner").unwrap(), 0);
+        // Its runner's journal gone, what was known is kept until the waiter goes too.
+        journal.remove("runner", "t").unwrap();
+        assert_eq!(journal.saved_ms("waiter").unwrap(), 1500);
+        journal.remove("waiter", "t").unwrap();
+        assert_eq!(journal.saved_ms("waiter").unwrap(), 0);
     }
 }

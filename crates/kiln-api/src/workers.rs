@@ -139,7 +139,7 @@ impl Workers for WorkersService {
                     match incoming.message().await {
                         Ok(Some(v1::WorkerMessage { message: Some(received) })) => match received {
                             worker_message::Message::Heartbeat(beat) => {
-                                cluster.heartbeat(&name, session, beat.free_disk)
+                                cluster.heartbeat(&name, session, beat.free_disk, beat.cache_bytes)
                             }
                             worker_message::Message::Log(log) => {
                                 let (job, epoch) = (log.job, log.epoch);

@@ -41,14 +41,18 @@ pub async fn workers(args: WorkersArgs, daemon: &embedded::Daemon) -> anyhow::Re
             println!("{}", serde_json::to_string_pretty(&list)?);
         }
         Format::Table => {
-            println!("{:<24} {:<28} {:>7} {:>9} {:<9} ADDRESS", "NAME", "PLATFORMS", "RUNNING", "FREE DISK", "STATE");
+            println!(
+                "{:<24} {:<28} {:>7} {:>9} {:>9} {:<9} ADDRESS",
+                "NAME", "PLATFORMS", "RUNNING", "CACHE", "FREE DISK", "STATE"
+            );
             for w in &workers {
                 let platforms: Vec<String> = w.info.platforms.iter().map(|p| p.to_string()).collect();
                 println!(
-                    "{:<24} {:<28} {:>7} {:>9} {:<9} {}",
+                    "{:<24} {:<28} {:>7} {:>9} {:>9} {:<9} {}",
                     w.info.name,
                     platforms.join(","),
                     format!("{}/{}", w.running, w.info.max_parallelism),
+                    human_bytes(w.info.cache_bytes),
                     human_bytes(w.info.free_disk),
                     if w.draining { "draining" } else { "ready" },
                     w.info.address

@@ -148,9 +148,9 @@ impl WorkerLink {
         let _ = self.sender.send(v1::WorkerMessage { message: Some(message) });
     }
 
-    /// Renews the lease.
-    pub fn heartbeat(&self, free_disk: u64) {
-        self.send(worker_message::Message::Heartbeat(v1::Heartbeat { free_disk }));
+    /// Renews the lease, telling the free disk and the cache's size.
+    pub fn heartbeat(&self, free_disk: u64, cache_bytes: u64) {
+        self.send(worker_message::Message::Heartbeat(v1::Heartbeat { free_disk, cache_bytes }));
     }
 
     /// The answer to a push.

@@ -324,8 +324,8 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     }
 
     /// A worker renewed its lease.
-    pub fn heartbeat(&self, worker: &str, session: u64, free_disk: u64) {
-        self.apply(ClusterCommand::Heartbeat { worker: worker.into(), session, free_disk, at: now_ms() });
+    pub fn heartbeat(&self, worker: &str, session: u64, free_disk: u64, cache_bytes: u64) {
+        self.apply(ClusterCommand::Heartbeat { worker: worker.into(), session, free_disk, cache_bytes, at: now_ms() });
     }
 
     /// A worker's garbage collection removed these layers.
@@ -441,6 +441,24 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     /// The connected workers.
     pub fn workers(&self) -> Vec<WorkerStatus> {
         self.lock().state.workers()
+    }
+
+    /// The steps the workers run now.
+    pub fn running_steps(&self) -> Vec<kiln_model::RunningStep> {
+        let inner = self.lock();
+        let now = now_ms();
+        let steps = inner.state.running_jobs().into_iter().filter_map(|(worker, job)| {
+            let pending = inner.pending.get(&job)?;
+            let running = pending.assigned.map_or(0, |at| at.elapsed().as_millis() as u64);
+            let vertex = &pending.vertex;
+            Some(kiln_model::RunningStep {
+                worker,
+                name: vertex.meta.name.clone(),
+                vertex: vertex.digest,
+                since: now.saturating_sub(running),
+            })
+        });
+        steps.collect()
     }
 
     /// Jobs waiting for a worker and jobs running, per required platform (`None`: any).

@@ -69,6 +69,8 @@ pub enum ClusterCommand {
         session: u64,
         /// Free disk now.
         free_disk: u64,
+        /// What its cache holds now.
+        cache_bytes: u64,
         /// The time.
         at: u64,
     },
@@ -298,11 +300,12 @@ impl ClusterState {
                     self.adopt(job, &name, &mut effects);
                 }
             }
-            ClusterCommand::Heartbeat { worker, session, free_disk, at } => {
+            ClusterCommand::Heartbeat { worker, session, free_disk, cache_bytes, at } => {
                 if let Some(entry) = self.workers.get_mut(&worker).filter(|e| e.session == session) {
                     entry.expires = at + self.settings.lease_ms;
                     entry.last_heartbeat = at;
                     entry.info.free_disk = free_disk;
+                    entry.info.cache_bytes = cache_bytes;
                 }
             }
             ClusterCommand::Disconnect { worker, session, at } => {
@@ -375,6 +378,11 @@ impl ClusterState {
                 layers: e.layers.len(),
             })
             .collect()
+    }
+
+    /// The jobs each worker runs, by worker.
+    pub fn running_jobs(&self) -> Vec<(String, JobId)> {
+        self.workers.values().flat_map(|e| e.running.iter().map(|job| (e.info.name.clone(), *job))).collect()
     }
 
     /// The blob addresses of workers holding a layer, `except` the named one.

@@ -16,6 +16,7 @@ fn info(name: &str) -> WorkerInfo {
         labels: Default::default(),
         max_parallelism: 4,
         free_disk: 0,
+        cache_bytes: 0,
         address: format!("http://{name}"),
         entitlements: Vec::new(),
     }

@@ -116,6 +116,7 @@ fn start_fake_workers(
             labels: Default::default(),
             max_parallelism: slots,
             free_disk: 0,
+            cache_bytes: 0,
             address: format!("http://fake-{n}"),
             entitlements: Vec::new(),
         };
@@ -153,7 +154,7 @@ fn start_fake_workers(
                     });
                 }
                 if beat.elapsed() > Duration::from_secs(1) {
-                    cluster.heartbeat(&name, session, 0);
+                    cluster.heartbeat(&name, session, 0, 0);
                     beat = Instant::now();
                 }
             }

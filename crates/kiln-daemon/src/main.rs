@@ -576,7 +576,6 @@ async fn standalone(
             engine: Arc::clone(&engine),
             runs: runs.clone(),
             replication: None,
-            slots: max_parallelism,
             stopped: lifecycle.stopped.clone(),
         };
         serve_metrics(address, Arc::new(probe)).await?;
@@ -644,7 +643,7 @@ async fn serve(
     }
     let service = ControlService::new(Arc::clone(engine), root)
         .with_tenants(Arc::clone(tenants))
-        .replicated(replication)
+        .replicated(replication.clone())
         .with_runs(runs)
         .with_web(web.as_ref().map(|a| format!("http://{a}")))
         .tracked_by(tasks.clone(), abandoned.clone());
@@ -654,7 +653,8 @@ async fn serve(
             tracing::warn!("no client tokens: whoever reaches the web UI on {address} sees every build");
         }
         let (book, runs) = service.history();
-        let history = web::History { book, runs, engine: Arc::clone(engine), tokens };
+        let load = probe::Builds { engine: Arc::clone(engine), runs, replication, stopped: stopped.clone() };
+        let history = web::History { book, load, tokens };
         web::serve(address, history, stopped.clone()).await?;
     }
     let unix_socket = socket.to_path_buf();
@@ -761,7 +761,6 @@ async fn coordinator(
             engine: Arc::clone(&engine),
             runs: runs.clone(),
             replication: replication.clone(),
-            slots: 0,
             stopped: lifecycle.stopped.clone(),
         };
         serve_metrics(address, Arc::new(probe)).await?;
@@ -850,6 +849,7 @@ async fn worker(
         labels: settings.labels.clone(),
         max_parallelism: settings.max_parallelism,
         free_disk: 0,
+        cache_bytes: 0,
         address: format!("{}://{host}:{}", security.scheme(), local.port()),
         entitlements: settings.entitlements.clone(),
     };

@@ -15,8 +15,6 @@ pub struct Builds {
     pub engine: Arc<Engine>,
     pub runs: Runs,
     pub replication: Option<Arc<Replication>>,
-    /// A standalone daemon's slots (its max-parallelism).
-    pub slots: usize,
     pub stopped: CancellationToken,
 }
 
@@ -39,7 +37,8 @@ impl Probe for Builds {
                 // One worker: its queue under its own platform (the others it runs through
                 // emulation share its slots).
                 let (queued, running) = self.engine.local_load().unwrap_or_default();
-                let (queued, running, slots) = (queued as u64, running as u64, self.slots as u64);
+                let slots = self.engine.local_slots().unwrap_or_default();
+                let (queued, running, slots) = (queued as u64, running as u64, slots as u64);
                 let stopping = self.stopped.is_cancelled();
                 let load = PlatformLoad {
                     queued,

@@ -1,21 +1,29 @@
 //! The build history's web UI (`web-listen`): `kiln-web` over this daemon's history entries,
-//! the journals of its builds, and its cluster's workers.
+//! the journals of its builds, and its cluster's workers and queues (those `metrics-listen`
+//! shows).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kiln_api::{BuildBook, Runs};
-use kiln_engine::Engine;
-use kiln_model::{BuildEntry, StepLog, VertexRecord, WorkerStatus};
+use kiln_api::BuildBook;
+use kiln_model::{BuildEntry, RunningStep, StepLog, VertexRecord, WorkerStatus};
+use kiln_telemetry::Probe as _;
 use kiln_types::Digest;
 use tracing::Instrument as _;
 
 /// What the web UI reads, and who may.
 pub struct History {
     pub book: BuildBook,
-    pub runs: Runs,
-    pub engine: Arc<Engine>,
+    /// The daemon's builds, queues and workers.
+    pub load: crate::probe::Builds,
     /// The client tokens (none: whoever reaches the listener is an admin, as on the API).
     pub tokens: Vec<kiln_model::ClientToken>,
+}
+
+impl History {
+    fn journal(&self) -> &kiln_api::Journal {
+        self.load.runs.journal()
+    }
 }
 
 impl kiln_web::Backend for History {
@@ -38,21 +46,58 @@ impl kiln_web::Backend for History {
 
     fn build(&self, id: &str) -> Result<Option<(BuildEntry, Vec<VertexRecord>)>, String> {
         let Some(entry) = self.book.get(id).map_err(|e| e.to_string())? else { return Ok(None) };
-        let records = self.runs.journal().records(id).map_err(|e| e.to_string())?;
+        let records = self.journal().records(id).map_err(|e| e.to_string())?;
         Ok(Some((entry, records)))
     }
 
     fn logs(&self, id: &str, vertex: &Digest) -> Result<Option<StepLog>, String> {
-        let logs = self.runs.journal().logs(id, Some(vertex)).map_err(|e| e.to_string())?;
+        let logs = self.journal().logs(id, Some(vertex)).map_err(|e| e.to_string())?;
         Ok(logs.into_iter().next().map(|(_, log)| log))
     }
 
     fn workers(&self) -> Vec<WorkerStatus> {
-        self.engine.cluster().map(|c| c.workers()).unwrap_or_default()
+        let engine = &self.load.engine;
+        match engine.cluster() {
+            Some(cluster) => cluster.workers(),
+            None => engine.local_worker().into_iter().collect(),
+        }
+    }
+
+    fn running(&self) -> Vec<RunningStep> {
+        let engine = &self.load.engine;
+        if let Some(cluster) = engine.cluster() {
+            return cluster.running_steps();
+        }
+        // A standalone daemon's steps are its builds' started ones: a step several builds
+        // wait on runs once.
+        let mut steps: BTreeMap<Digest, RunningStep> = BTreeMap::new();
+        for (_, record) in self.journal().running() {
+            let since = record.started.unwrap_or_default();
+            let step = steps.entry(record.digest).or_insert_with(|| RunningStep {
+                worker: engine.name().to_string(),
+                name: record.name.clone(),
+                vertex: record.digest,
+                since,
+            });
+            step.since = step.since.min(since);
+        }
+        steps.into_values().collect()
+    }
+
+    fn queues(&self) -> BTreeMap<String, kiln_web::Queue> {
+        let platforms = self.load.state().platforms;
+        platforms
+            .into_iter()
+            .map(|(p, load)| (p, kiln_web::Queue { queued: load.queued, running: load.running }))
+            .collect()
+    }
+
+    fn saved_ms(&self, id: &str) -> Result<u64, String> {
+        self.journal().saved_ms(id).map_err(|e| e.to_string())
     }
 
     fn watch(&self) -> tokio::sync::broadcast::Receiver<kiln_model::BuildChange> {
-        self.runs.journal().watch()
+        self.journal().watch()
     }
 }
 

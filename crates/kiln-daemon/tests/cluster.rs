@@ -547,7 +547,13 @@ fn a_rebuild_after_one_edit_uploads_one_file_and_a_platform_without_workers_time
 
 #[test]
 fn a_draining_worker_finishes_its_step_and_takes_no_more() {
-    let mut cluster = Cluster::start(15, &["linux/amd64", "linux/amd64"], 1, "");
+    let mut cluster = Cluster::start(15, &["linux/amd64", "linux/amd64"], 1, "web-listen = \"127.0.15.1:7080\"");
+    // The web UI's workers, with the steps they run.
+    let web_workers = || {
+        let (status, body) = kiln_testkit::http_get("127.0.15.1:7080", "/api/workers");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap().as_array().unwrap().clone()
+    };
     let context = cluster.context("drain", "FROM BASE\nRUN sleep 2 && echo done > /done\n");
     let metadata = cluster.dir.path().join("drain.json");
     let out = cluster.dir.path().join("drain-out");
@@ -566,6 +572,13 @@ fn a_draining_worker_finishes_its_step_and_takes_no_more() {
     });
     while !lines.recv_timeout(Duration::from_secs(60)).expect("the build runs").contains("RUN sleep 2") {}
     let victim = cluster.busy_worker();
+    // The web UI shows the step on its worker, with the worker's slots and heartbeat.
+    let shown = web_workers().into_iter().find(|w| w["name"] == victim.as_str()).unwrap();
+    let steps = shown["steps"].as_array().unwrap();
+    assert!(steps.len() == 1 && steps[0]["name"].as_str().unwrap().contains("RUN sleep 2"), "{shown}");
+    assert!(steps[0]["since"].as_u64().unwrap() <= kiln_types::now_ms(), "{shown}");
+    assert_eq!((shown["running"].as_u64(), shown["max_parallelism"].as_u64()), (Some(1), Some(1)), "{shown}");
+    assert!(shown["last_heartbeat"].as_u64().unwrap() > 0 && shown["cache_bytes"].is_u64(), "{shown}");
     let child = &mut cluster.workers.iter_mut().find(|(name, _)| *name == victim).unwrap().1;
     Command::new("kill").arg(child.id().to_string()).status().unwrap();
     // It shows as draining while its step runs.
@@ -574,6 +587,10 @@ fn a_draining_worker_finishes_its_step_and_takes_no_more() {
         let states = cluster.workers_json();
         let state = states.iter().find(|w| w["name"] == victim.as_str()).map(|w| w["state"].clone());
         if state == Some(Value::from("draining")) {
+            // The web UI agrees, and the step is still there: it finishes.
+            let shown = web_workers().into_iter().find(|w| w["name"] == victim.as_str()).unwrap();
+            assert_eq!(shown["state"], "draining", "{shown}");
+            assert_eq!(shown["steps"].as_array().unwrap().len(), 1, "{shown}");
             break;
         }
         assert!(Instant::now() < deadline, "{states:?}");

@@ -56,7 +56,14 @@ impl Site {
         let log = dir.path().join("kilnd.log");
         let daemon = Killed(
             Command::new(env!("CARGO_BIN_EXE_kilnd"))
-                .args(["--standalone", "--web-listen", &format!("127.0.0.1:{port}"), "--root"])
+                .args([
+                    "--standalone",
+                    "--max-parallelism",
+                    "2",
+                    "--web-listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--root",
+                ])
                 .arg(&root)
                 .env("KILN_RUNNER", workspace_binary("kiln-runner"))
                 .stderr(std::fs::File::create(&log).unwrap())
@@ -239,8 +246,46 @@ fn the_web_ui_shows_builds_timelines_dedup_failures_and_updates_live() {
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         let live: serde_json::Value = serde_json::from_slice(&std::fs::read(metadata).unwrap()).unwrap();
         wait_for(&client, &format!("tr.build[data-id='{}'][data-status='succeeded']", id(&live))).await;
+
+        // The workers page: this daemon's worker runs three stages two at a time (its
+        // max-parallelism), the third queued, and shows its cache.
+        client.goto(&format!("{}/workers", site.web)).await.unwrap();
+        wait_for(&client, "tr.worker-row[data-name='local'][data-state='ready']").await;
+        let stages = "FROM BASE AS one\nRUN sleep 4 && echo 1 > /a\nFROM BASE AS two\nRUN sleep 4 && echo 2 > /a\n\
+                      FROM BASE AS three\nRUN sleep 4 && echo 3 > /a\nFROM BASE\nCOPY --from=one /a /1\n\
+                      COPY --from=two /a /2\nCOPY --from=three /a /3\n";
+        let (busy, _) = site.spawn_build(&site.context("busy", stages));
+        let running = "//tr[@data-name='local']//div[contains(@class, 'running-step')][contains(., 'RUN sleep 4')]";
+        client.wait().at_most(PAGE_WAIT).for_element(Locator::XPath(running)).await.unwrap();
+        wait_for(&client, "tr[data-name='local'] td.slots[data-busy='2'][data-free='0']").await;
+        let cache = client.find(Locator::Css("tr[data-name='local'] td.cache")).await.unwrap();
+        let cached: u64 = cache.attr("data-bytes").await.unwrap().unwrap().parse().unwrap();
+        assert!(cached > 0, "the earlier builds' layers are in the cache");
+        screenshot(&client, "workers").await;
+        let output = busy.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+        // The cluster page: the hit rate, what deduplication saved (the shared step's second
+        // second), and the queue over time.
+        client.goto(&format!("{}/cluster", site.web)).await.unwrap();
+        let saved = wait_for(&client, "#dedup-saved").await;
+        let saved_ms: u64 = saved.attr("data-ms").await.unwrap().unwrap().parse().unwrap();
+        assert!(saved_ms >= 1000, "the shared step slept 1 s: {saved_ms} ms saved");
+        assert!(client.find(Locator::Css("#cache-hit-rate")).await.unwrap().text().await.unwrap().ends_with('%'));
+        let host = kiln_types::Platform::host().to_string();
+        wait_for(&client, &format!("#queue-chart polyline.queue-line[data-platform='{host}']")).await;
+        screenshot(&client, "cluster").await;
         client.close().await.unwrap();
     });
+    // The queue was sampled while the third stage waited for a slot.
+    let (status, body) = kiln_testkit::http_get(site.web.trim_start_matches("http://"), "/api/cluster");
+    assert_eq!(status, 200, "{body}");
+    let cluster: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let host = kiln_types::Platform::host().to_string();
+    let queued = cluster["queues"].as_array().unwrap().iter().filter_map(|s| s["platforms"][&host]["queued"].as_u64());
+    assert!(queued.max().unwrap_or(0) >= 1, "{cluster}");
+    let steps = &cluster["steps"];
+    assert!(steps["cached"].as_u64().unwrap() > 0 && steps["deduplicated"].as_u64().unwrap() >= 1, "{cluster}");
 
     // The CLI names the page of a build, and `kiln build` prints it at the end.
     let kiln = |args: &[&str]| {

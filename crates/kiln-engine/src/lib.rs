@@ -55,6 +55,8 @@ pub struct Engine {
     shared_cache: Option<kiln_model::CacheSpec>,
     /// The worker's garbage collector (standalone).
     gc: Option<Arc<Gc>>,
+    /// Executions at once on its own worker (standalone).
+    slots: usize,
 }
 
 enum Mode {
@@ -132,6 +134,7 @@ impl Engine {
             next_build: 1.into(),
             shared_cache: None,
             gc,
+            slots: config.max_parallelism,
         })
     }
 
@@ -180,6 +183,7 @@ impl Engine {
             next_build: 1.into(),
             shared_cache,
             gc: Some(Arc::new(gc)),
+            slots: CLUSTER_SLOTS,
         })
     }
 
@@ -205,6 +209,35 @@ impl Engine {
             Mode::Local(solver) => Some(solver.load()),
             Mode::Cluster { .. } => None,
         }
+    }
+
+    /// A standalone daemon's executions at once (`None` on a coordinator).
+    pub fn local_slots(&self) -> Option<usize> {
+        matches!(self.mode, Mode::Local(_)).then_some(self.slots)
+    }
+
+    /// A standalone daemon's own worker, as a coordinator's are listed (`None` on a
+    /// coordinator). It holds no coordinator's lease: its heartbeat is now.
+    pub fn local_worker(&self) -> Option<kiln_model::WorkerStatus> {
+        let (_, running) = self.local_load()?;
+        let gc = self.gc.as_ref();
+        let info = kiln_model::WorkerInfo {
+            name: self.name.clone(),
+            platforms: self.platforms.clone(),
+            labels: Default::default(),
+            max_parallelism: self.slots,
+            free_disk: gc.map_or(0, |gc| gc.free_disk()),
+            address: String::new(),
+            entitlements: self.entitlements.clone(),
+            cache_bytes: gc.map_or(0, |gc| gc.used()),
+        };
+        Some(kiln_model::WorkerStatus {
+            info,
+            running,
+            draining: false,
+            last_heartbeat: kiln_types::now_ms(),
+            layers: 0,
+        })
     }
 
     /// The cluster, on a coordinator.

@@ -56,6 +56,9 @@ pub struct WorkerInfo {
     /// Entitlements its config grants (`worker.entitlements`).
     #[serde(default)]
     pub entitlements: Vec<crate::Entitlement>,
+    /// Bytes its cache holds, as its last garbage collection measured (0: not yet).
+    #[serde(default)]
+    pub cache_bytes: u64,
 }
 
 /// A worker as listed by `kiln workers`.
@@ -83,6 +86,7 @@ impl WorkerStatus {
             "max_parallelism": self.info.max_parallelism,
             "running": self.running,
             "free_disk": self.info.free_disk,
+            "cache_bytes": self.info.cache_bytes,
             "address": self.info.address,
             "state": if self.draining { "draining" } else { "ready" },
             "last_heartbeat": self.last_heartbeat,
@@ -90,4 +94,17 @@ impl WorkerStatus {
             "entitlements": self.info.entitlements.iter().map(|e| e.as_str()).collect::<Vec<_>>(),
         })
     }
+}
+
+/// A step a worker runs now, as the web UI's workers page shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningStep {
+    /// The worker.
+    pub worker: String,
+    /// The step's name (`[stage 2/3] RUN ...`).
+    pub name: String,
+    /// Its vertex.
+    pub vertex: Digest,
+    /// When the worker was given it (ms since the epoch).
+    pub since: u64,
 }

@@ -66,6 +66,10 @@ function live(names, onChange) {
   source.onerror = () => indicator.classList.remove("on");
   for (const name of names) source.addEventListener(name, (event) => onChange(event.data));
   source.addEventListener("reload", () => onChange(null));
+  // A page left for another keeps no stream open (a browser allows six connections to a
+  // host: streams of pages kept for "back" would use them up); coming back reloads it.
+  window.addEventListener("pagehide", () => source.close());
+  window.addEventListener("pageshow", (event) => { if (event.persisted) window.location.reload(); });
 }
 
 // --- The builds -------------------------------------------------------------------------
@@ -206,16 +210,106 @@ async function renderBuild(id) {
 
 // --- Workers -------------------------------------------------------------------------------
 
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let unit = 0;
+  while (n >= 1024 && unit < units.length - 1) { n /= 1024; unit++; }
+  return (unit === 0 ? n : n.toFixed(1)) + " " + units[unit];
+}
+
+function ago(ms) {
+  const s = Math.max(0, (Date.now() - ms) / 1000);
+  return s < 1 ? "now" : s < 120 ? Math.round(s) + " s ago" : Math.round(s / 60) + " min ago";
+}
+
 async function renderWorkers() {
   const workers = await json("/api/workers");
+  const rows = workers.map((w) => {
+    const busy = Math.min(w.running, w.max_parallelism);
+    const labels = Object.entries(w.labels || {}).map(([k, v]) => el("span", { class: "tag" }, k + "=" + v));
+    const steps = (w.steps || []).map((s) => el("div", { class: "running-step", "data-vertex": s.vertex, title: s.vertex },
+      s.name, el("span", { class: "muted" }, " · " + seconds(Date.now() - s.since))));
+    return el("tr", { class: "worker-row", "data-name": w.name, "data-state": w.state },
+      el("td", {}, el("b", {}, w.name)),
+      el("td", {}, (w.platforms || []).join(", ")),
+      el("td", { class: "labels" }, ...labels),
+      el("td", { class: "state state-" + w.state }, w.state),
+      el("td", { class: "slots", "data-busy": busy, "data-free": w.max_parallelism - busy },
+        el("span", { class: "meter" }, el("i", { style: "width:" + (busy / Math.max(1, w.max_parallelism)) * 100 + "%" })),
+        busy + " busy / " + (w.max_parallelism - busy) + " free"),
+      el("td", { class: "steps" }, ...(steps.length ? steps : [el("span", { class: "muted" }, "idle")])),
+      el("td", { class: "cache", "data-bytes": w.cache_bytes }, w.cache_bytes ? bytes(w.cache_bytes) : "-"),
+      el("td", {}, bytes(w.free_disk)),
+      el("td", { class: "heartbeat" }, w.last_heartbeat ? ago(w.last_heartbeat) : "-"),
+      el("td", { class: "muted" }, w.address || "(this daemon)"));
+  });
   main.replaceChildren(
     el("h1", {}, "Workers"),
-    workers.length === 0 ? el("p", { class: "muted" }, "No workers (a standalone daemon is its own worker).") :
+    workers.length === 0 ? el("p", { class: "muted" }, "No workers are connected.") :
       el("table", { id: "workers" },
-        el("thead", {}, el("tr", {}, ...["Name", "Platforms", "State", "Running", "Slots", "Address"].map((h) => el("th", {}, h)))),
-        el("tbody", {}, ...workers.map((w) => el("tr", { class: "worker-row" },
-          el("td", {}, w.name), el("td", {}, (w.platforms || []).join(", ")), el("td", {}, w.state),
-          el("td", {}, w.running), el("td", {}, w.max_parallelism), el("td", {}, w.address))))));
+        el("thead", {}, el("tr", {}, ...["Name", "Platforms", "Labels", "State", "Slots", "Running steps", "Cache", "Free disk", "Heartbeat", "Address"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, ...rows)));
+}
+
+// --- The cluster ---------------------------------------------------------------------------
+
+const PALETTE = ["#1e88e5", "#e53935", "#43a047", "#fb8c00", "#8e24aa", "#00897b", "#6d4c41", "#546e7a"];
+
+// Each platform's queued steps over the samples, as an SVG line chart.
+function queueChart(samples) {
+  const width = 900, height = 220, pad = 32;
+  const platforms = [...new Set(samples.flatMap((s) => Object.keys(s.platforms)))].sort();
+  const t0 = samples.length ? samples[0].at : 0, t1 = samples.length ? samples[samples.length - 1].at : 1;
+  const peak = Math.max(1, ...samples.flatMap((s) => Object.values(s.platforms).map((q) => q.queued)));
+  const x = (at) => pad + ((at - t0) / Math.max(1, t1 - t0)) * (width - 2 * pad);
+  const y = (n) => height - pad - (n / peak) * (height - 2 * pad);
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("id", "queue-chart");
+  svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+  const add = (tag, attrs, text) => {
+    const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    svg.append(node);
+    return node;
+  };
+  add("line", { x1: pad, y1: height - pad, x2: width - pad, y2: height - pad, class: "axis" });
+  add("line", { x1: pad, y1: pad, x2: pad, y2: height - pad, class: "axis" });
+  add("text", { x: pad - 6, y: pad + 4, "text-anchor": "end", class: "tick" }, peak);
+  add("text", { x: pad - 6, y: height - pad, "text-anchor": "end", class: "tick" }, 0);
+  add("text", { x: pad, y: height - 8, class: "tick" }, samples.length ? new Date(t0).toTimeString().slice(0, 8) : "");
+  add("text", { x: width - pad, y: height - 8, "text-anchor": "end", class: "tick" }, samples.length ? new Date(t1).toTimeString().slice(0, 8) : "");
+  platforms.forEach((platform, i) => {
+    const points = samples.map((s) => x(s.at).toFixed(1) + "," + y((s.platforms[platform] || { queued: 0 }).queued).toFixed(1));
+    add("polyline", { points: points.join(" "), class: "queue-line", "data-platform": platform, stroke: PALETTE[i % PALETTE.length] });
+  });
+  const legend = el("div", { class: "legend" }, ...platforms.map((p, i) =>
+    el("span", {}, el("i", { style: "background:" + PALETTE[i % PALETTE.length] }), p)));
+  return el("div", { class: "chart" }, svg, legend);
+}
+
+function percent(rate) {
+  return rate === null ? "-" : (rate * 100).toFixed(1) + "%";
+}
+
+async function renderCluster() {
+  const cluster = await json("/api/cluster");
+  const steps = cluster.steps;
+  const tiles = el("div", { class: "tiles" },
+    el("div", { class: "tile" }, el("b", {}, "Builds"), el("span", { id: "build-count" }, cluster.builds)),
+    el("div", { class: "tile" }, el("b", {}, "Cache hit rate"), el("span", { id: "cache-hit-rate" }, percent(cluster.cache_hit_rate)),
+      el("small", {}, steps.cached + " of " + (steps.executed + steps.cached + steps.deduplicated + steps.failed) + " steps")),
+    el("div", { class: "tile" }, el("b", {}, "Deduplicated"), el("span", { id: "dedup-rate" }, percent(cluster.dedup_rate)),
+      el("small", {}, steps.deduplicated + " steps waited on another build")),
+    el("div", { class: "tile" }, el("b", {}, "Deduplication saved"),
+      el("span", { id: "dedup-saved", "data-ms": cluster.dedup_saved_ms }, (cluster.dedup_saved_ms / 1000).toFixed(1) + " CPU-s"),
+      el("small", {}, "execution time not spent twice")));
+  show(
+    el("h1", {}, "Cluster"),
+    tiles,
+    cluster.queues === null ? null : el("h2", {}, "Queued steps per platform"),
+    cluster.queues === null ? null : queueChart(cluster.queues),
+    cluster.queues === null ? null : el("p", { class: "muted" }, "Sampled every " + cluster.sample_every_ms / 1000 + " s; the last " + cluster.queues.length + " samples."));
 }
 
 // --- Login -----------------------------------------------------------------------------------
@@ -250,10 +344,12 @@ if (buildMatch) {
   live(["build", "builds"], (changed) => { if (changed === null || changed === id) render(); });
 } else if (path === "/login") {
   renderLogin();
-} else if (path === "/workers") {
-  const render = throttled(renderWorkers, 1000);
+} else if (path === "/workers" || path === "/cluster") {
+  // Heartbeats and queue samples change without a build event: read again every 2 s too.
+  const render = throttled(path === "/workers" ? renderWorkers : renderCluster, 1000);
   render();
-  live(["builds"], () => render());
+  setInterval(render, 2000);
+  live(["builds", "build"], () => render());
 } else {
   const render = throttled(renderBuilds, 1000);
   render();

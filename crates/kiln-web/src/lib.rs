@@ -2,15 +2,19 @@
 //! HTML shell with embedded script and style (no CDN, no build step); the script reads the
 //! JSON API and re-reads what changed when the server-sent event stream says so:
 //!
-//! - `/` the builds, `/builds/ID` a build's timeline, `/workers` the workers;
+//! - `/` the builds, `/builds/ID` a build's timeline, `/workers` the workers, `/cluster` the
+//!   queues over time, the cache's hit rate and what deduplication saved;
 //! - `/api/builds`, `/api/builds/ID` (entry and vertex records), `/api/builds/ID/logs/VERTEX`,
-//!   `/api/workers`;
-//! - `/api/events`: `build` events naming the build that began, progressed or ended.
+//!   `/api/workers` (with the steps each runs), `/api/cluster`;
+//! - `/api/events`: `builds` events when the list changed, `build` events when a build
+//!   progressed.
 //!
-//! The daemon supplies the data through [`Backend`].
+//! The daemon supplies the data through [`Backend`]; the queues are sampled here every
+//! [`SAMPLE_EVERY`], the last [`SAMPLES`] kept.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -21,7 +25,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use futures_util::Stream;
-use kiln_model::{BuildChange, BuildEntry, Caller, Role, StepLog, VertexRecord, WorkerStatus};
+use kiln_model::{BuildChange, BuildEntry, Caller, Role, RunningStep, StepLog, VertexRecord, WorkerStatus};
 use kiln_types::Digest;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -38,31 +42,94 @@ pub trait Backend: Send + Sync + 'static {
     fn build(&self, id: &str) -> Result<Option<(BuildEntry, Vec<VertexRecord>)>, String>;
     /// A step's kept output.
     fn logs(&self, id: &str, vertex: &Digest) -> Result<Option<StepLog>, String>;
-    /// The workers (none for a standalone daemon).
+    /// The workers (a standalone daemon's own).
     fn workers(&self) -> Vec<WorkerStatus>;
+    /// The steps the workers run now.
+    fn running(&self) -> Vec<RunningStep>;
+    /// Each platform's queue now (cheap: it is sampled on the async threads).
+    fn queues(&self) -> BTreeMap<String, Queue>;
+    /// The execution time (ms) build `id`'s deduplicated steps did not spend.
+    fn saved_ms(&self, id: &str) -> Result<u64, String>;
     /// The builds as they change.
     fn watch(&self) -> broadcast::Receiver<BuildChange>;
+}
+
+/// A platform's queue at a moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Queue {
+    /// Steps waiting for a slot.
+    pub queued: u64,
+    /// Steps running.
+    pub running: u64,
+}
+
+/// How often the queues are sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+/// Samples kept: the last half hour.
+pub const SAMPLES: usize = 900;
+
+/// The queues' samples, oldest first: when (ms since the epoch), and each platform's queue.
+#[derive(Default)]
+struct Samples(Mutex<VecDeque<(u64, BTreeMap<String, Queue>)>>);
+
+impl Samples {
+    fn push(&self, at: u64, queues: BTreeMap<String, Queue>) {
+        let mut samples = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if samples.len() == SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back((at, queues));
+    }
+
+    fn to_json(&self) -> Value {
+        let samples = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let json = samples.iter().map(|(at, queues)| {
+            let platforms: serde_json::Map<String, Value> = queues
+                .iter()
+                .map(|(platform, q)| (platform.clone(), json!({"queued": q.queued, "running": q.running})))
+                .collect();
+            json!({"at": at, "platforms": platforms})
+        });
+        Value::Array(json.collect())
+    }
+}
+
+/// Samples `backend`'s queues into `samples` every [`SAMPLE_EVERY`], for ever.
+async fn sample(backend: Arc<dyn Backend>, samples: Arc<Samples>) -> Infallible {
+    let mut ticks = tokio::time::interval(SAMPLE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticks.tick().await;
+        samples.push(kiln_types::now_ms(), backend.queues());
+    }
 }
 
 const PAGE: &str = include_str!("../assets/index.html");
 const SCRIPT: &str = include_str!("../assets/app.js");
 const STYLE: &str = include_str!("../assets/app.css");
 
-/// Serves the UI on `listener` until `stop`.
+/// Serves the UI on `listener` until `stop`, sampling the queues meanwhile.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     backend: Arc<dyn Backend>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(backend)).with_graceful_shutdown(stop).await
+    let samples = Arc::new(Samples::default());
+    let sampling = sample(Arc::clone(&backend), Arc::clone(&samples));
+    let serving = axum::serve(listener, router(backend, samples)).with_graceful_shutdown(stop);
+    tokio::select! {
+        served = serving => served,
+        never = sampling => match never {},
+    }
 }
 
 /// The UI's routes.
-pub fn router(backend: Arc<dyn Backend>) -> Router {
+fn router(backend: Arc<dyn Backend>, samples: Arc<Samples>) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/builds/{id}", get(page))
         .route("/workers", get(page))
+        .route("/cluster", get(page))
         .route("/login", get(page))
         .route("/api/login", axum::routing::post(login))
         .route("/assets/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], SCRIPT) }))
@@ -71,7 +138,9 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .route("/api/builds/{id}", get(build))
         .route("/api/builds/{id}/logs/{vertex}", get(logs))
         .route("/api/workers", get(workers))
+        .route("/api/cluster", get(cluster))
         .route("/api/events", get(events))
+        .layer(Extension(samples))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&backend), authenticate))
         .with_state(backend)
 }
@@ -205,12 +274,68 @@ async fn logs(
     }
 }
 
+/// The workers as `kiln workers --format json` lists them, each with the steps it runs
+/// (`steps`: `name`, `vertex`, `since`).
 async fn workers(State(backend): State<Arc<dyn Backend>>, Extension(caller): Extension<Caller>) -> Response {
     if caller.role != Role::Admin {
         return (StatusCode::FORBIDDEN, "the workers are an admin's to see").into_response();
     }
-    match read(backend, |b| Ok(b.workers())).await {
-        Ok(workers) => axum::Json(Value::Array(workers.iter().map(WorkerStatus::to_json).collect())).into_response(),
+    match read(backend, |b| Ok((b.workers(), b.running()))).await {
+        Ok((workers, running)) => {
+            let json = workers.iter().map(|worker| {
+                let mut json = worker.to_json();
+                let steps = running
+                    .iter()
+                    .filter(|step| step.worker == worker.info.name)
+                    .map(|step| json!({"name": step.name, "vertex": step.vertex.to_string(), "since": step.since}));
+                json["steps"] = Value::Array(steps.collect());
+                json
+            });
+            axum::Json(Value::Array(json.collect())).into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+/// The cluster at a glance: over the builds the caller sees, their steps by outcome, the
+/// share answered by the cache, and the execution time deduplication saved; for an admin,
+/// each platform's queue over the last [`SAMPLES`] samples.
+async fn cluster(
+    State(backend): State<Arc<dyn Backend>>,
+    Extension(caller): Extension<Caller>,
+    Extension(samples): Extension<Arc<Samples>>,
+) -> Response {
+    let admin = caller.role == Role::Admin;
+    let summary = move |b: &dyn Backend| {
+        let builds: Vec<BuildEntry> = b.builds()?.into_iter().filter(|e| visible(&caller, e)).collect();
+        let mut steps = kiln_model::BuildCounts::default();
+        let mut saved_ms = 0;
+        for entry in &builds {
+            steps.executed += entry.counts.executed;
+            steps.cached += entry.counts.cached;
+            steps.deduplicated += entry.counts.deduplicated;
+            steps.failed += entry.counts.failed;
+            if entry.counts.deduplicated > 0 && entry.completed.is_some() {
+                saved_ms += b.saved_ms(&entry.id)?;
+            }
+        }
+        Ok((builds.len(), steps, saved_ms))
+    };
+    match read(backend, summary).await {
+        Ok((builds, steps, saved_ms)) => {
+            let total = steps.executed + steps.cached + steps.deduplicated + steps.failed;
+            let rate = |n: u64| if total == 0 { Value::Null } else { json!(n as f64 / total as f64) };
+            axum::Json(json!({
+                "builds": builds,
+                "steps": steps,
+                "cache_hit_rate": rate(steps.cached),
+                "dedup_rate": rate(steps.deduplicated),
+                "dedup_saved_ms": saved_ms,
+                "sample_every_ms": SAMPLE_EVERY.as_millis() as u64,
+                "queues": if admin { samples.to_json() } else { Value::Null },
+            }))
+            .into_response()
+        }
         Err(response) => response,
     }
 }

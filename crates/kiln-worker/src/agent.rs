@@ -52,8 +52,9 @@ const RECENT: Duration = Duration::from_secs(10);
 
 /// What a worker sends on a session (cheap to clone; one clone per running job).
 pub trait SessionLink: Clone + Send + Sync + 'static {
-    /// Renews the lease, with the free bytes on the state directory's disk.
-    fn heartbeat(&self, free_disk: u64);
+    /// Renews the lease, with the free bytes on the state directory's disk and the bytes its
+    /// cache holds (as the last garbage collection measured).
+    fn heartbeat(&self, free_disk: u64, cache_bytes: u64);
     /// Takes no new work.
     fn drain(&self);
     /// Layers garbage collection removed (diff ids).
@@ -122,7 +123,7 @@ pub async fn run<C: ControlPlane>(
         let cas = Arc::clone(worker.cas());
         let listed = tokio::task::spawn_blocking(move || cas.list().unwrap_or_default()).await;
         let layers: Vec<Digest> = listed.unwrap_or_default().into_iter().map(|b| b.digest).collect();
-        let current = WorkerInfo { free_disk: free_space(&disk), ..info.clone() };
+        let current = WorkerInfo { free_disk: free_space(&disk), cache_bytes: worker.gc().used(), ..info.clone() };
         jobs.collect();
         let held = jobs.held();
         match control.connect(current, layers, held.clone()).await {
@@ -421,7 +422,7 @@ impl Served<'_> {
                 return None;
             }
             tokio::select! {
-                _ = heartbeat.tick() => link.heartbeat(free_space(disk)),
+                _ = heartbeat.tick() => link.heartbeat(free_space(disk), self.worker.gc().used()),
                 _ = collect.tick() => {
                     let (gc, link) = (Arc::clone(self.worker.gc()), link.clone());
                     tokio::spawn(async move { collected(gc.collect().await, &link) });

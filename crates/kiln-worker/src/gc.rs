@@ -117,6 +117,8 @@ pub struct Gc {
     limits: GcLimits,
     /// One collection, prune or usage listing at a time.
     running: Arc<tokio::sync::Mutex<()>>,
+    /// The store's size as the last collection or prune measured it (0: none has run).
+    used: std::sync::atomic::AtomicU64,
 }
 
 impl Gc {
@@ -128,7 +130,7 @@ impl Gc {
         policy: &GcPolicy,
     ) -> Gc {
         let limits = policy.limits(disk_size(&disk));
-        Gc { stores, mounts, cache_root, disk, limits, running: Arc::default() }
+        Gc { stores, mounts, cache_root, disk, limits, running: Arc::default(), used: Default::default() }
     }
 
     /// A collector of stores without cache mounts (a coordinator's: uploaded contexts,
@@ -141,6 +143,18 @@ impl Gc {
     /// The limits in force.
     pub fn limits(&self) -> GcLimits {
         self.limits
+    }
+
+    /// The store's size as the last collection or prune measured it (0: none has run).
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records what a collection or prune left: `records` removed, `reclaimed` bytes, `used`
+    /// bytes now.
+    fn measured(&self, records: u64, reclaimed: u64, used: u64) {
+        self.used.store(used, std::sync::atomic::Ordering::Relaxed);
+        kiln_telemetry::metrics().collected(records, reclaimed, used);
     }
 
     /// Every record of the store (`worker` left empty), after any collection under way.
@@ -198,6 +212,11 @@ impl Gc {
         }
     }
 
+    /// Free bytes on the state directory's disk now (one statvfs).
+    pub fn free_disk(&self) -> u64 {
+        free_space(&self.disk)
+    }
+
     /// Whether the disk is below `min-free-space` (one statvfs): a step should wait for a
     /// collection before it writes.
     pub fn disk_low(&self) -> bool {
@@ -226,7 +245,7 @@ impl Gc {
                 free += freed;
             }
         }
-        kiln_telemetry::metrics().collected(collected.report.records, collected.report.reclaimed, total);
+        self.measured(collected.report.records, collected.report.reclaimed, total);
         if collected.report.records > 0 {
             tracing::info!(
                 records = collected.report.records,
@@ -256,7 +275,7 @@ impl Gc {
                 total = total.saturating_sub(freed);
             }
         }
-        kiln_telemetry::metrics().collected(collected.report.records, collected.report.reclaimed, total);
+        self.measured(collected.report.records, collected.report.reclaimed, total);
         Ok(collected)
     }
 

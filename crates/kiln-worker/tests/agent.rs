@@ -70,7 +70,7 @@ impl Registered {
 struct Link(mpsc::UnboundedSender<Sent>);
 
 impl SessionLink for Link {
-    fn heartbeat(&self, _: u64) {
+    fn heartbeat(&self, _: u64, _: u64) {
         let _ = self.0.send(Sent::Heartbeat);
     }
     fn drain(&self) {
@@ -203,6 +203,7 @@ fn info() -> WorkerInfo {
         labels: Default::default(),
         max_parallelism: 2,
         free_disk: 0,
+        cache_bytes: 0,
         address: "http://127.0.0.1:1".into(),
         entitlements: Vec::new(),
     }

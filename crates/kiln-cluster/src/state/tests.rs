@@ -23,6 +23,7 @@ fn info(name: &str, platform: Platform, slots: usize) -> WorkerInfo {
         labels: BTreeMap::new(),
         max_parallelism: slots,
         free_disk: 0,
+        cache_bytes: 0,
         address: format!("http://{name}"),
         entitlements: Vec::new(),
     }
@@ -78,18 +79,33 @@ fn jobs_go_only_to_workers_of_their_platform() {
 }
 
 #[test]
+fn heartbeats_tell_the_disk_and_cache_and_running_jobs_are_listed_by_worker() {
+    let mut state = ClusterState::new(settings());
+    let session = register(&mut state, info("a", amd64(), 4), vec![]);
+    register(&mut state, info("b", amd64(), 4), vec![]);
+    state.apply(ClusterCommand::Heartbeat { worker: "a".into(), session, free_disk: 9, cache_bytes: 5, at: 700 });
+    let a = state.workers().into_iter().find(|w| w.info.name == "a").unwrap();
+    assert_eq!((a.info.free_disk, a.info.cache_bytes, a.last_heartbeat), (9, 5, 700));
+    let placed = assigned(&submit(&mut state, 1, 1, Some(amd64()), vec![]));
+    assert_eq!(placed.len(), 1);
+    let mut running = state.running_jobs();
+    running.sort();
+    assert_eq!(running, placed.iter().map(|(job, _, worker)| (worker.clone(), *job)).collect::<Vec<_>>());
+}
+
+#[test]
 fn a_job_without_a_worker_of_its_platform_waits_then_fails() {
     let mut state = ClusterState::new(settings());
     let session = register(&mut state, info("a", amd64(), 4), vec![]);
     assert!(assigned(&submit(&mut state, 1, 1, Some(arm64()), vec![])).is_empty());
-    state.apply(ClusterCommand::Heartbeat { worker: "a".into(), session, free_disk: 0, at: 900 });
+    state.apply(ClusterCommand::Heartbeat { worker: "a".into(), session, free_disk: 0, cache_bytes: 0, at: 900 });
     let effects = state.apply(ClusterCommand::Tick { at: 1000 });
     let waiting = effects.iter().find_map(|e| match e {
         ClusterEffect::Waiting { job: 1, message } => Some(message.clone()),
         _ => None,
     });
     assert_eq!(waiting.as_deref(), Some("waiting for a worker for linux/arm64 (connected: a (linux/amd64))"));
-    state.apply(ClusterCommand::Heartbeat { worker: "a".into(), session, free_disk: 0, at: 4900 });
+    state.apply(ClusterCommand::Heartbeat { worker: "a".into(), session, free_disk: 0, cache_bytes: 0, at: 4900 });
     let effects = state.apply(ClusterCommand::Tick { at: 5000 });
     assert_eq!(
         effects,
