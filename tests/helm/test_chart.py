@@ -337,6 +337,31 @@ def test_a_fleet_of_three_coordinators_and_two_arch_pools_scaled_by_keda():
     assert f'sha256 = "{"ab" * 32}"' in config
 
 
+def test_the_web_ui_is_served_on_its_port_when_enabled():
+    assert "kiln-web" not in named(render({}), "Service")
+    assert "web-listen" not in config_files(render({}))["coordinator-0.toml"]
+    values = with_values(FLEET, coordinator__web={"enabled": True, "port": 8088})
+    objects = render(values)
+    validate_schemas(objects)
+    check_configs_with_kilnd(objects)
+    for i in range(3):
+        assert 'web-listen = "0.0.0.0:8088"' in config_files(objects)[f"coordinator-{i}.toml"]
+    service = one(objects, "Service", "kiln-web")
+    assert service["spec"]["ports"] == [{"name": "web", "port": 8088, "targetPort": "web"}]
+    pods = one(objects, "StatefulSet", "kiln-coordinator")["spec"]["template"]
+    assert matches({"matchLabels": service["spec"]["selector"]}, pods["metadata"]["labels"])
+    ports = pods["spec"]["containers"][0]["ports"]
+    assert {"name": "web", "containerPort": 8088} in ports
+    policy = one(objects, "NetworkPolicy", "kiln-coordinator")
+    assert any({"port": "web"} in rule["ports"] for rule in policy["spec"]["ingress"])
+    try:
+        render(with_values(FLEET, coordinator__web={"enabled": True, "port": 0}))
+    except Exception as error:
+        assert "port" in str(error), error
+    else:
+        raise AssertionError("port 0 was taken")
+
+
 def test_five_coordinators_prometheus_triggers_and_hpa():
     for values in [
         with_values(FLEET, coordinator__replicas=5),

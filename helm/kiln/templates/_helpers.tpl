@@ -40,6 +40,9 @@ key = "/etc/kiln/tls/tls.key"
 listen = "0.0.0.0:{{ $root.Values.coordinator.port }}"
 root = "/var/lib/kiln/state"
 metrics-listen = "0.0.0.0:{{ $root.Values.coordinator.metricsPort }}"
+{{- if $root.Values.coordinator.web.enabled }}
+web-listen = "0.0.0.0:{{ $root.Values.coordinator.web.port }}"
+{{- end }}
 lease-timeout = {{ $root.Values.coordinator.leaseTimeout | quote }}
 placement-timeout = {{ $root.Values.coordinator.placementTimeout | quote }}
 {{- if gt $replicas 1 }}
