@@ -152,6 +152,17 @@ impl Journal {
         self.changed(id, &tenant, true);
     }
 
+    /// Run `run` of build `id` ended without a journal to keep (its task failed): it leaves
+    /// memory, and watchers hear the build changed.
+    pub fn abandon(&self, id: &str, run: u64) {
+        let mut live = self.lock();
+        let Some(build) = live.get(id).filter(|build| build.run == run) else { return };
+        let tenant = build.tenant.clone();
+        live.remove(id);
+        drop(live);
+        self.changed(id, &tenant, true);
+    }
+
     /// Build `id`'s records: the running build's so far, else the stored ones.
     pub fn records(&self, id: &str) -> Result<Vec<VertexRecord>, ApiError> {
         if let Some(build) = self.lock().get(id) {
@@ -297,6 +308,9 @@ mod tests {
         for n in 1..kiln_model::MAX_STEP_LINES + 10 {
             journal.event("b1", &BuildEvent::Log { vertex: a.digest, line: line(&format!("line {n}")) });
         }
+        // Abandoning a replaced run leaves the new run alone too.
+        journal.abandon("b1", run);
+        assert_eq!(journal.logs("b1", Some(&a.digest)).unwrap()[0].1.lines.len(), kiln_model::MAX_STEP_LINES);
         journal.end("b1", again, &[done.clone(), b.clone()]);
         assert_eq!(journal.records("b1").unwrap(), [done, b]);
         assert_eq!(
@@ -351,5 +365,17 @@ mod tests {
         assert_eq!(journal.saved_ms("waiter").unwrap(), 1500);
         journal.remove("waiter", "t").unwrap();
         assert_eq!(journal.saved_ms("waiter").unwrap(), 0);
+    }
+
+    #[test]
+    fn an_abandoned_run_leaves_memory_and_is_announced() {
+        let journal = Journal::new(std::sync::Arc::new(kiln_kv::MemoryKv::new()));
+        let run = journal.begin("b", "t");
+        journal.event("b", &BuildEvent::Planned(vec![record("a")]));
+        journal.event("b", &BuildEvent::Started { vertex: record("a").digest, at: 1 });
+        let mut changes = journal.watch();
+        journal.abandon("b", run);
+        assert!(journal.running().is_empty() && journal.records("b").unwrap().is_empty());
+        assert_eq!(changes.try_recv().unwrap(), BuildChange { id: "b".into(), tenant: "t".into(), listed: true });
     }
 }

@@ -58,11 +58,36 @@ use tracing::Instrument as _;
 
 use crate::auth::{Authenticate, NodesOnly};
 
-/// Writes an ended build's journal to the store, off the async threads.
-async fn end_journal(journal: &Arc<journal::Journal>, id: &str, run: u64, records: Vec<kiln_model::VertexRecord>) {
-    let (journal, id) = (Arc::clone(journal), id.to_string());
-    if let Err(error) = tokio::task::spawn_blocking(move || journal.end(&id, run, &records)).await {
-        tracing::warn!("keeping the build's records and logs: {error}");
+/// A build's run of its journal, ended by [`LiveJournal::end`]; a build task that ends
+/// without (it panicked) drops the journal from memory, so that it is neither kept for ever
+/// nor shown running.
+struct LiveJournal {
+    journal: Arc<journal::Journal>,
+    id: String,
+    run: Option<u64>,
+}
+
+impl LiveJournal {
+    fn begin(journal: &Arc<journal::Journal>, id: &str, tenant: &str) -> LiveJournal {
+        let run = journal.begin(id, tenant);
+        LiveJournal { journal: Arc::clone(journal), id: id.to_string(), run: Some(run) }
+    }
+
+    /// Writes the ended build's journal to the store, off the async threads.
+    async fn end(mut self, records: Vec<kiln_model::VertexRecord>) {
+        let Some(run) = self.run.take() else { return };
+        let (journal, id) = (Arc::clone(&self.journal), self.id.clone());
+        if let Err(error) = tokio::task::spawn_blocking(move || journal.end(&id, run, &records)).await {
+            tracing::warn!("keeping the build's records and logs: {error}");
+        }
+    }
+}
+
+impl Drop for LiveJournal {
+    fn drop(&mut self) {
+        if let Some(run) = self.run.take() {
+            self.journal.abandon(&self.id, run);
+        }
     }
 }
 
@@ -291,7 +316,7 @@ impl Control for ControlService {
                     }
                 };
                 let journal = Arc::clone(runs.journal());
-                let journal_run = journal.begin(&id, &entry.tenant);
+                let live_journal = LiveJournal::begin(&journal, &id, &entry.tenant);
                 let (progress, mut progress_events) = mpsc::unbounded_channel();
                 let mut build = Box::pin(engine.build(request, Some(&spool), progress).instrument(trace.clone()));
                 // Why the build ended without a result, if it does.
@@ -353,7 +378,7 @@ impl Control for ControlService {
                     if matches!(ending, Ending::Refused(_)) {
                         trace.record("otel.status_code", "ERROR");
                     }
-                    end_journal(&journal, &id, journal_run, Vec::new()).await;
+                    live_journal.end(Vec::new()).await;
                     match ending {
                         // A build handed back to its client is the next run's to record.
                         Ending::HandedOver => {}
@@ -391,7 +416,7 @@ impl Control for ControlService {
                     .record("otel.status_code", if error.is_none() { "OK" } else { "ERROR" });
                 // Recorded before the client hears the result: a `kiln history` that follows
                 // sees the build ended.
-                end_journal(&journal, &id, journal_run, records.clone()).await;
+                live_journal.end(records.clone()).await;
                 book.record_end(&run, entry.ended(status, error.clone(), &records)).await;
                 journal.changed(&id, &entry.tenant, true);
                 let result = DomainEvent::Result { error, image, records };

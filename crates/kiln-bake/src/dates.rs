@@ -23,37 +23,9 @@ pub fn timeadd(timestamp: &str, duration: &str) -> Result<String, String> {
 }
 
 fn go_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration (such as 1h30m, 10s, -5m)");
-    let (negative, mut rest) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text.strip_prefix('+').unwrap_or(text)),
-    };
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut nanos: f64 = 0.0;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
-        let value: f64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let scale = match &rest[..unit_end] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return Err(bad()),
-        };
-        nanos += value * scale;
-        rest = &rest[unit_end..];
-    }
-    if !nanos.is_finite() || nanos.abs() > i64::MAX as f64 {
-        return Err(bad());
-    }
-    let nanos = nanos as i64;
-    Ok(Duration::nanoseconds(if negative { -nanos } else { nanos }))
+    let nanos = kiln_types::parse_go_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration (such as 1h30m, 10s, -5m)"))?;
+    Ok(Duration::nanoseconds(nanos))
 }
 
 const MONTHS: [&str; 12] = [

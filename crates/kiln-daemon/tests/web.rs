@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use kiln_testkit::{TestRegistry, workspace_binary};
@@ -27,13 +27,17 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Polls `condition` until it holds (for a process to start listening: no event tells).
-fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
+/// Starts `kilnd`, its log in `log`, and waits for the line saying it serves the web UI on
+/// `web` (its port).
+fn kilnd(command: &mut Command, log: &Path, web: u16) -> Killed {
+    let mut child = command.env("KILN_RUNNER", workspace_binary("kiln-runner")).stderr(Stdio::piped()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let daemon = Killed(child);
+    let listening = format!("listening on 127.0.0.1:{web}");
+    if let Err(error) = kiln_testkit::wait_for_line(stderr, &listening, Some(log), Duration::from_secs(60)) {
+        panic!("kilnd: {error}\n{}", std::fs::read_to_string(log).unwrap_or_default());
     }
+    daemon
 }
 
 struct Site {
@@ -54,7 +58,7 @@ impl Site {
         let root = dir.path().join("root");
         let port = free_port();
         let log = dir.path().join("kilnd.log");
-        let daemon = Killed(
+        let daemon = kilnd(
             Command::new(env!("CARGO_BIN_EXE_kilnd"))
                 .args([
                     "--standalone",
@@ -64,14 +68,10 @@ impl Site {
                     &format!("127.0.0.1:{port}"),
                     "--root",
                 ])
-                .arg(&root)
-                .env("KILN_RUNNER", workspace_binary("kiln-runner"))
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
+                .arg(&root),
+            &log,
+            port,
         );
-        let listening = format!("listening on 127.0.0.1:{port}");
-        wait_until("the web listener", || std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&listening)));
         Site {
             _registry: registry,
             base,
@@ -116,15 +116,15 @@ impl Site {
 /// Headless Chromium through chromedriver.
 async fn browser() -> (Killed, Client) {
     let port = free_port();
-    let driver = Killed(
-        Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver (Debian's chromium-driver; cargo xtask installs it)"),
-    );
-    wait_until("chromedriver", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let mut child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver (Debian's chromium-driver; cargo xtask installs it)");
+    let stdout = child.stdout.take().unwrap();
+    let driver = Killed(child);
+    kiln_testkit::wait_for_line(stdout, "started successfully", None, Duration::from_secs(60)).expect("chromedriver");
     let mut capabilities = serde_json::Map::new();
     capabilities.insert(
         "goog:chromeOptions".into(),
@@ -330,17 +330,7 @@ fn with_tokens_the_web_ui_asks_for_one_and_shows_a_tenant_its_own_builds() {
     )
     .unwrap();
     let log = dir.path().join("kilnd.log");
-    let _daemon = Killed(
-        Command::new(env!("CARGO_BIN_EXE_kilnd"))
-            .arg("--config")
-            .arg(&config)
-            .env("KILN_RUNNER", workspace_binary("kiln-runner"))
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let listening = format!("listening on 127.0.0.1:{web}");
-    wait_until("the web listener", || std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&listening)));
+    let _daemon = kilnd(Command::new(env!("CARGO_BIN_EXE_kilnd")).arg("--config").arg(&config), &log, web);
     // A build over the unix socket (the default tenant's).
     let context = dir.path().join("context");
     std::fs::create_dir_all(&context).unwrap();

@@ -146,17 +146,9 @@ impl TestS3 {
         // Python takes a while to start: wait for the line it prints once it listens. The
         // reader keeps draining its request log, which would otherwise fill the pipe.
         let stderr = child.stderr.take().expect("piped");
-        let (listening, started) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut listening = Some(listening);
-            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-                if line.contains("Running on") {
-                    listening.take().map(|l| l.send(()));
-                }
-            }
-        });
+        let started = wait_for_line(stderr, "Running on", None, Duration::from_secs(60));
         let server = TestS3 { child, endpoint: format!("http://{addr}"), bucket: bucket.to_string() };
-        started.recv_timeout(Duration::from_secs(60)).expect("moto_server did not start listening");
+        started.expect("moto_server did not start listening");
         server.request("PUT", &format!("/{bucket}")).expect("creating the bucket");
         server
     }
@@ -318,6 +310,36 @@ pub fn mounts_under(root: &Path) -> Vec<String> {
         .filter(|p| p.starts_with(&root))
         .map(str::to_string)
         .collect()
+}
+
+/// Drains `stream` (a child's output) on a thread, appending each line to `log` when given,
+/// and waits up to `within` for a line containing `needle`: the event a starting server prints
+/// once it listens. An error says the stream ended or the time ran out first.
+pub fn wait_for_line(
+    stream: impl std::io::Read + Send + 'static,
+    needle: &str,
+    log: Option<&Path>,
+    within: Duration,
+) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut log = log.map(|path| std::fs::File::create(path).expect("creating the log"));
+    let (seen, heard) = std::sync::mpsc::channel();
+    let wanted = needle.to_string();
+    std::thread::spawn(move || {
+        let mut seen = Some(seen);
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stream)).map_while(Result::ok) {
+            if let Some(log) = &mut log {
+                let _ = writeln!(log, "{line}");
+            }
+            if line.contains(&wanted) {
+                seen.take().map(|s| s.send(()));
+            }
+        }
+    });
+    heard.recv_timeout(within).map_err(|e| match e {
+        std::sync::mpsc::RecvTimeoutError::Timeout => format!("no line with {needle:?} within {within:?}"),
+        std::sync::mpsc::RecvTimeoutError::Disconnected => format!("the output ended before a line with {needle:?}"),
+    })
 }
 
 /// The whole response (status line, headers, body) to `GET path` from a plain-HTTP server at

@@ -30,4 +30,4 @@ pub use digest::{Digest, DigestError, Sha256Writer};
 pub use media::MediaTypes;
 pub use platform::{Platform, PlatformError};
 pub use reference::{ImageReference, ReferenceError};
-pub use time::{elapsed_ms, now_ms, rfc3339_millis};
+pub use time::{elapsed_ms, now_ms, parse_go_duration, rfc3339_millis};

@@ -590,34 +590,10 @@ fn health_duration(flags: &Flags, name: &str) -> Result<Option<u64>, String> {
     Ok(Some(nanos))
 }
 
-/// Parses Go durations such as `30s`, `1m30s`, `1.5h`, `100ms`, `0`.
+/// Parses Go durations such as `30s`, `1m30s`, `1.5h`, `100ms`, `0` (a negative one is not a
+/// flag's).
 pub fn parse_go_duration(text: &str) -> Option<u64> {
-    if text == "0" {
-        return Some(0);
-    }
-    let mut total: f64 = 0.0;
-    let mut rest = text;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        let value: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return None,
-        };
-        total += value * scale;
-        rest = &rest[unit_len..];
-    }
-    (total.is_finite() && total < u64::MAX as f64).then_some(total as u64)
+    kiln_types::parse_go_duration(text).and_then(|nanos| u64::try_from(nanos).ok())
 }
 
 #[cfg(test)]

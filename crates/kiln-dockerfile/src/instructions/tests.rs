@@ -64,6 +64,12 @@ fn go_durations() {
     assert_eq!(parse_go_duration("2h45m"), Some(9_900_000_000_000));
     assert_eq!(parse_go_duration("5"), None);
     assert_eq!(parse_go_duration("x"), None);
+    assert_eq!(parse_go_duration("-1s"), None, "a flag's duration is not negative");
+    assert_eq!(kiln_types::parse_go_duration("-1m30s"), Some(-90_000_000_000));
+    assert_eq!(kiln_types::parse_go_duration("+250\u{b5}s"), Some(250_000));
+    assert_eq!(kiln_types::parse_go_duration("-"), None);
+    assert_eq!(kiln_types::parse_go_duration("1e3s"), None);
+    assert_eq!(kiln_types::parse_go_duration("99999999999h"), None, "overflow");
 }
 
 #[test]
