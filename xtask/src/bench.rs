@@ -89,6 +89,9 @@ struct Scenario {
     mode: Mode,
     concurrent: usize,
     max_parallelism: Option<u32>,
+    /// The scenario runs on a daemon of its own started with this `--max-parallelism` (the
+    /// shared daemon runs with the default, adaptive admission).
+    daemon_max_parallelism: Option<u32>,
     edit: Option<String>,
     executions: Option<u64>,
     generate: Option<Generate>,
@@ -111,6 +114,7 @@ fn load_scenarios(only: Option<&str>) -> anyhow::Result<Vec<Scenario>> {
                 .with_context(|| format!("{name}/scenario.json"))?,
             concurrent: spec["concurrent"].as_u64().unwrap_or(1) as usize,
             max_parallelism: spec["max_parallelism"].as_u64().map(|n| n as u32),
+            daemon_max_parallelism: spec["daemon_max_parallelism"].as_u64().map(|n| n as u32),
             edit: spec["edit"].as_str().map(str::to_string),
             executions: spec["executions"].as_u64(),
             generate: spec.get("generate").map(|g| Generate {
@@ -142,9 +146,9 @@ const OWN_PORT: u16 = 17_332;
 
 impl Kilnd {
     /// Stops a daemon left on `root` (by its pid file), optionally empties `root`, and
-    /// starts a fresh release daemon with a high worker limit (so "unlimited" scenarios are
-    /// limited only by the build), also listening on loopback TCP.
-    fn start(root: &Path, fresh: bool, port: u16) -> anyhow::Result<Kilnd> {
+    /// starts a fresh release daemon with default settings (its parallelism adapts to the
+    /// machine's pressure) or `--max-parallelism N`, also listening on loopback TCP.
+    fn start(root: &Path, fresh: bool, port: u16, max_parallelism: Option<u32>) -> anyhow::Result<Kilnd> {
         stop_pid_file(&root.join("kilnd.pid"));
         if fresh {
             remove_tree(root)?;
@@ -153,8 +157,12 @@ impl Kilnd {
         let log = std::fs::File::create(root.join("kilnd.log"))?;
         let listen = format!("127.0.0.1:{port}");
         use std::os::unix::process::CommandExt as _;
-        let child = Command::new(workspace_root().join("target/release/kilnd"))
-            .args(["--standalone", "--insecure", "--max-parallelism", "64", "--listen", &listen, "--root"])
+        let mut command = Command::new(workspace_root().join("target/release/kilnd"));
+        if let Some(n) = max_parallelism {
+            command.args(["--max-parallelism", &n.to_string()]);
+        }
+        let child = command
+            .args(["--standalone", "--insecure", "--listen", &listen, "--root"])
             .arg(root)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -179,6 +187,51 @@ impl Drop for Kilnd {
         let _ = Command::new("kill").arg(self.child.id().to_string()).status();
         let _ = self.child.wait();
     }
+}
+
+/// Samples the machine's memory in use (`MemTotal - MemAvailable`) every 10 ms on a thread
+/// until stopped: the peak above the start, whichever processes used it (a build's daemon,
+/// its containers, Docker's daemons).
+struct PeakMemory {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<u64>,
+    start: u64,
+}
+
+impl PeakMemory {
+    fn start() -> PeakMemory {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let start = memory_in_use();
+        let stopped = std::sync::Arc::clone(&stop);
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(memory_in_use());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        });
+        PeakMemory { stop, sampler, start }
+    }
+
+    /// The peak above the start, MiB.
+    fn stop(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = self.sampler.join().unwrap_or(0);
+        peak.saturating_sub(self.start) as f64 / 1024.0
+    }
+}
+
+/// `MemTotal - MemAvailable` in KiB.
+fn memory_in_use() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field("MemTotal:").saturating_sub(field("MemAvailable:"))
 }
 
 fn stop_pid_file(pid_file: &Path) {
@@ -226,9 +279,14 @@ impl Drop for Dockerd {
 }
 
 /// A scenario's timed runs.
+#[derive(Default)]
 struct Measured {
     kiln: Vec<f64>,
     reference: Vec<f64>,
+    /// The machine's peak memory in use over each timed run above its start (MiB), when
+    /// measured.
+    kiln_memory: Vec<f64>,
+    reference_memory: Vec<f64>,
     /// The reference's name.
     tool: &'static str,
     /// Kiln's last timed run.
@@ -238,6 +296,8 @@ struct Measured {
 /// What one timed build (or set of concurrent builds) did.
 struct RunResult {
     seconds: f64,
+    /// The machine's peak memory in use above the run's start (MiB).
+    peak_mib: f64,
     executed: u64,
     uploaded_files: u64,
     uploaded_bytes: u64,
@@ -274,7 +334,7 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
     let mut results = Vec::new();
     let mut docker_used = false;
     if !scenarios.is_empty() {
-        let kilnd = Kilnd::start(&bench_dir.join("kiln"), false, SHARED_PORT)?;
+        let kilnd = Kilnd::start(&bench_dir.join("kiln"), false, SHARED_PORT, None)?;
         let docker = start_docker(&bench_dir, &root.join("target/kiln-base/oci"))?;
         docker_used = docker.is_some();
         let registry = base.split('/').next().unwrap_or(base_image::DEFAULT_REGISTRY).to_string();
@@ -335,7 +395,7 @@ impl Bench {
         if let Some(generate) = scenario.generate {
             generate_files(&dir, generate, 0)?;
         }
-        let Measured { kiln, reference, tool, last } = match scenario.mode {
+        let Measured { kiln, reference, kiln_memory, reference_memory, tool, last } = match scenario.mode {
             Mode::Push => self.push(scenario, &dir, runs)?,
             Mode::Pull => self.pull(scenario, &dir, kilnd, runs)?,
             Mode::CacheExport => self.cache_export(scenario, &dir, kilnd, runs)?,
@@ -344,17 +404,27 @@ impl Bench {
             Mode::Upload | Mode::Reupload => {
                 // Their own daemon, so hundreds of megabytes do not stay in the shared store.
                 let root = self.bench_dir.join(format!("kiln-{}-{}", scenario.name, self.nonce));
-                let own = Kilnd::start(&root, true, OWN_PORT)?;
+                let own = Kilnd::start(&root, true, OWN_PORT, None)?;
                 self.builds(scenario, &dir, &own, runs)?
             }
-            _ => self.builds(scenario, &dir, kilnd, runs)?,
+            _ => match scenario.daemon_max_parallelism {
+                Some(n) => {
+                    let root = self.bench_dir.join(format!("kiln-{}-{}", scenario.name, self.nonce));
+                    let own = Kilnd::start(&root, true, OWN_PORT, Some(n))?;
+                    self.builds(scenario, &dir, &own, runs)?
+                }
+                None => self.builds(scenario, &dir, kilnd, runs)?,
+            },
         };
         let kiln = stats(&kiln);
         let reference = (!reference.is_empty()).then(|| stats(&reference));
         let median = |v: &Value| v["median"].as_f64().unwrap_or(0.0);
         let ratio = reference.as_ref().map(|r| median(&kiln) / median(r));
+        let median_of = |values: &[f64]| (!values.is_empty()).then(|| stats(values)["median"].clone());
         Ok(json!({
             "name": scenario.name,
+            "kiln_peak_mib": median_of(&kiln_memory),
+            "reference_peak_mib": median_of(&reference_memory),
             "mode": format!("{:?}", scenario.mode).to_lowercase(),
             "ideal": scenario.ideal,
             "kiln": kiln,
@@ -371,25 +441,34 @@ impl Bench {
 
     /// Builds of the scenario by Kiln and BuildKit, interleaved after one warm-up each.
     fn builds(&self, scenario: &Scenario, dir: &Path, kilnd: &Kilnd, runs: usize) -> anyhow::Result<Measured> {
-        let mut kiln_times = Vec::new();
-        let mut docker_times = Vec::new();
+        let (mut kiln_times, mut kiln_memory) = (Vec::new(), Vec::new());
+        let (mut docker_times, mut docker_memory) = (Vec::new(), Vec::new());
         let mut last = None;
         for round in 0..=runs {
             self.prepare(scenario, dir, round * 2)?;
             let result = self.kiln_run(scenario, dir, kilnd, round)?;
             if round > 0 {
                 kiln_times.push(result.seconds);
+                kiln_memory.push(result.peak_mib);
                 last = Some(result);
             }
             if self.docker.is_some() {
                 self.prepare(scenario, dir, round * 2 + 1)?;
-                let seconds = self.docker_run(scenario, dir)?;
+                let (seconds, peak_mib) = self.docker_run(scenario, dir)?;
                 if round > 0 {
                     docker_times.push(seconds);
+                    docker_memory.push(peak_mib);
                 }
             }
         }
-        Ok(Measured { kiln: kiln_times, reference: docker_times, tool: "BuildKit", last })
+        Ok(Measured {
+            kiln: kiln_times,
+            reference: docker_times,
+            kiln_memory,
+            reference_memory: docker_memory,
+            tool: "BuildKit",
+            last,
+        })
     }
 
     /// `kiln bake` of the scenario against BuildKit building the same targets: the base, then
@@ -424,7 +503,7 @@ impl Bench {
                 .count() as u64;
             if round > 0 {
                 kiln_times.push(seconds);
-                last = Some(RunResult { seconds, executed, uploaded_files: 0, uploaded_bytes: 0 });
+                last = Some(RunResult { seconds, executed, uploaded_files: 0, uploaded_bytes: 0, peak_mib: 0.0 });
             }
             if self.docker.is_some() {
                 let seconds = self.docker_bake(scenario, dir)?;
@@ -437,7 +516,7 @@ impl Bench {
             Mode::BakeSequential => "BuildKit, one after another",
             _ => "BuildKit, `docker build &` × 6",
         };
-        Ok(Measured { kiln: kiln_times, reference: docker_times, tool, last })
+        Ok(Measured { kiln: kiln_times, reference: docker_times, tool, last, ..Measured::default() })
     }
 
     /// BuildKit building a bake scenario's base, then its `svc*` directories (at once, or
@@ -509,6 +588,7 @@ impl Bench {
     /// summed over the builds' metadata files.
     fn kiln_run(&self, scenario: &Scenario, dir: &Path, kilnd: &Kilnd, round: usize) -> anyhow::Result<RunResult> {
         let tcp = matches!(scenario.mode, Mode::Upload | Mode::Reupload);
+        let memory = PeakMemory::start();
         let started = Instant::now();
         let children: Vec<(Child, PathBuf)> = (0..scenario.concurrent)
             .map(|i| {
@@ -524,7 +604,7 @@ impl Bench {
                 command.spawn().map(|child| (child, metadata))
             })
             .collect::<Result<_, _>>()?;
-        let mut result = RunResult { seconds: 0.0, executed: 0, uploaded_files: 0, uploaded_bytes: 0 };
+        let mut result = RunResult { seconds: 0.0, executed: 0, uploaded_files: 0, uploaded_bytes: 0, peak_mib: 0.0 };
         let mut metadata_files = Vec::new();
         for (mut child, metadata) in children {
             if !child.wait()?.success() {
@@ -533,6 +613,7 @@ impl Bench {
             metadata_files.push(metadata);
         }
         result.seconds = started.elapsed().as_secs_f64();
+        result.peak_mib = memory.stop();
         for metadata in metadata_files {
             let metadata: Value = serde_json::from_slice(&std::fs::read(&metadata)?)?;
             result.executed += metadata["vertices"]
@@ -557,9 +638,11 @@ impl Bench {
     /// One timed BuildKit run (all concurrent builds); a run where a build failed is made
     /// once more before giving up (BuildKit 0.8 occasionally fails one of 20 parallel
     /// containers), and reported with its log.
-    fn docker_run(&self, scenario: &Scenario, dir: &Path) -> anyhow::Result<f64> {
+    /// One timed run of BuildKit's builds: seconds, and the machine's peak memory (MiB).
+    fn docker_run(&self, scenario: &Scenario, dir: &Path) -> anyhow::Result<(f64, f64)> {
         let mut failure = None;
         for _ in 0..2 {
+            let memory = PeakMemory::start();
             let started = Instant::now();
             let children: Vec<(Child, PathBuf)> = (0..scenario.concurrent)
                 .map(|i| {
@@ -585,7 +668,7 @@ impl Bench {
                 }
             }
             match failed {
-                None => return Ok(started.elapsed().as_secs_f64()),
+                None => return Ok((started.elapsed().as_secs_f64(), memory.stop())),
                 Some(log) => {
                     eprintln!("docker build of {} failed (see {}); once more", scenario.name, log.display());
                     failure = Some(log);
@@ -614,7 +697,7 @@ impl Bench {
         let (mut kiln_times, mut skopeo_times) = (Vec::new(), Vec::new());
         for round in 0..=runs {
             let name = format!("{}/bench/{}-kiln-{}-{round}:latest", self.registry, scenario.name, self.nonce);
-            let kilnd = Kilnd::start(&root, round == 0, OWN_PORT)?;
+            let kilnd = Kilnd::start(&root, round == 0, OWN_PORT, None)?;
             let seconds = self.kiln_push(&kilnd, dir, &name)?;
             drop(kilnd);
             if round == 0 {
@@ -634,7 +717,7 @@ impl Bench {
         }
         remove_tree(&layout)?;
         remove_tree(&root)?;
-        Ok(Measured { kiln: kiln_times, reference: skopeo_times, tool: "skopeo copy", last: None })
+        Ok(Measured { kiln: kiln_times, reference: skopeo_times, tool: "skopeo copy", ..Measured::default() })
     }
 
     /// One `kiln build` pushing the image to `name`; its wall time.
@@ -720,7 +803,7 @@ impl Bench {
             }
         }
         eprintln!("{}: unchanged re-export, median {:.2} s", scenario.name, median(&again));
-        Ok(Measured { kiln: kiln_times, reference: docker_times, tool: "BuildKit inline cache", last: None })
+        Ok(Measured { kiln: kiln_times, reference: docker_times, tool: "BuildKit inline cache", ..Measured::default() })
     }
 
     /// An empty Kiln daemon importing the scenario's cache (exported once, mode=max) until
@@ -737,7 +820,7 @@ impl Bench {
         let from = format!("type=registry,ref={reference}");
         let (mut kiln_times, mut docker_times) = (Vec::new(), Vec::new());
         for round in 0..=runs {
-            let empty = Kilnd::start(&root, true, OWN_PORT)?;
+            let empty = Kilnd::start(&root, true, OWN_PORT, None)?;
             let (seconds, executed) = self.kiln_timed(&empty, dir, &["--cache-from", &from])?;
             drop(empty);
             if executed > 0 {
@@ -756,7 +839,7 @@ impl Bench {
             }
         }
         remove_tree(&root)?;
-        Ok(Measured { kiln: kiln_times, reference: docker_times, tool: "BuildKit inline cache", last: None })
+        Ok(Measured { kiln: kiln_times, reference: docker_times, tool: "BuildKit inline cache", ..Measured::default() })
     }
 
     /// A daemon with an empty store building `FROM` the scenario's image (pushed once by the
@@ -773,7 +856,7 @@ impl Bench {
         let (mut kiln_times, mut skopeo_times) = (Vec::new(), Vec::new());
         let mut last = None;
         for round in 0..=runs {
-            let empty = Kilnd::start(&root, true, OWN_PORT)?;
+            let empty = Kilnd::start(&root, true, OWN_PORT, None)?;
             let result = self.kiln_run(
                 &Scenario {
                     name: scenario.name.clone(),
@@ -782,6 +865,7 @@ impl Bench {
                     mode: Mode::Cold,
                     concurrent: 1,
                     max_parallelism: None,
+                    daemon_max_parallelism: None,
                     edit: None,
                     executions: None,
                     generate: None,
@@ -802,7 +886,7 @@ impl Bench {
         }
         remove_tree(&root)?;
         remove_tree(&layout)?;
-        Ok(Measured { kiln: kiln_times, reference: skopeo_times, tool: "skopeo copy", last })
+        Ok(Measured { kiln: kiln_times, reference: skopeo_times, tool: "skopeo copy", last, ..Measured::default() })
     }
 }
 

@@ -103,6 +103,8 @@ impl Journal {
                         build.records[i].started = build.records[i].started.or(started);
                     }
                 }
+                // Kiln's own words on a step are not its output.
+                BuildEvent::Log { line, .. } if line.stream == kiln_model::LogStream::Debug => return,
                 BuildEvent::Log { vertex, line } => {
                     let limit = if build.log_bytes > MAX_BUILD_LOG { 4 << 10 } else { MAX_STEP_LOG };
                     let log = build.logs.entry(*vertex).or_default();

@@ -44,7 +44,7 @@ use kiln_proto::v1::{
     BlobChunkUpload, BuildEvent, BuildLogsRequest, BuildLogsResponse, BuildRequest, DiskUsageRequest,
     DiskUsageResponse, FindMissingRequest, FindMissingResponse, InfoRequest, InfoResponse, InspectBuildRequest,
     InspectBuildResponse, ListBuildsRequest, ListBuildsResponse, ListWorkersRequest, ListWorkersResponse, PruneRequest,
-    PruneResponse, RemoveBuildRequest, RemoveBuildResponse, StepLogs, UploadResponse, VertexLog,
+    PruneResponse, RemoveBuildRequest, RemoveBuildResponse, StepLogs, UploadResponse,
 };
 use kiln_types::Digest;
 use tokio::sync::mpsc;
@@ -616,11 +616,7 @@ impl Control for ControlService {
                 lines: log
                     .lines
                     .into_iter()
-                    .map(|line| VertexLog {
-                        digest: String::new(),
-                        stderr: line.stream == kiln_model::LogStream::Stderr,
-                        line: line.line,
-                    })
+                    .map(|line| kiln_proto::convert::vertex_log_to_proto(String::new(), line))
                     .collect(),
                 dropped: log.dropped,
             })

@@ -76,7 +76,7 @@ pub async fn run(args: BakeArgs, daemon: &embedded::Daemon) -> anyhow::Result<bo
         requests.push((name.clone(), request));
     }
     let client = daemon.connect().await?;
-    let renderer = std::sync::Mutex::new(Renderer::new(args.run.progress));
+    let renderer = std::sync::Mutex::new(Renderer::new(args.run.progress, args.run.debug));
     let contexts = Contexts::new(daemon);
     let builds = requests.into_iter().map(|(name, request)| {
         let (client, contexts, renderer) = (&client, &contexts, &renderer);

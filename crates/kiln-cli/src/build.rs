@@ -73,6 +73,10 @@ pub(crate) struct RunArgs {
     /// Progress output.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub progress: Mode,
+    /// Show Kiln's own words on the steps in plain and JSON progress: why a step waiting
+    /// for a slot was admitted (docs/parallelism.md).
+    #[arg(long, env = "KILN_DEBUG")]
+    pub debug: bool,
     /// Write a JSON summary of the build (one record per vertex; bake: one entry per target)
     /// to this file.
     #[arg(long = "metadata-file", value_name = "FILE")]
@@ -122,7 +126,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
     // Refused here, before the context is read or sent, as the daemon would refuse it.
     request.check_bounds()?;
     let client = daemon.connect().await?;
-    let renderer = std::sync::Mutex::new(Renderer::new(args.run.progress));
+    let renderer = std::sync::Mutex::new(Renderer::new(args.run.progress, args.run.debug));
     let progress = Progress { renderer: &renderer, target: None };
     let contexts = Contexts::new(daemon);
     let outcome = submit(&client, &contexts, request, &progress).await?;

@@ -33,6 +33,8 @@ struct Step {
 /// Renders events as they arrive.
 pub struct Renderer {
     mode: Mode,
+    /// Kiln's debug lines are shown.
+    debug: bool,
     begun: Instant,
     steps: Vec<Step>,
     /// Steps by bake target (`""` for `kiln build`) and vertex: a vertex two targets share
@@ -46,8 +48,9 @@ pub struct Renderer {
 }
 
 impl Renderer {
-    /// A renderer for `mode` (`auto` resolved against stderr).
-    pub fn new(mode: Mode) -> Renderer {
+    /// A renderer for `mode` (`auto` resolved against stderr), showing debug lines when
+    /// `debug`.
+    pub fn new(mode: Mode, debug: bool) -> Renderer {
         use std::io::IsTerminal as _;
         let mode = match mode {
             Mode::Auto if std::io::stderr().is_terminal() => Mode::Tty,
@@ -56,6 +59,7 @@ impl Renderer {
         };
         Renderer {
             mode,
+            debug,
             begun: Instant::now(),
             steps: Vec::new(),
             index: HashMap::new(),
@@ -76,6 +80,12 @@ impl Renderer {
     /// Handles one event of a build (`target`: the bake target it is for, whose name
     /// prefixes its steps').
     pub fn event(&mut self, target: Option<&str>, event: &BuildEvent) {
+        if let BuildEvent::Log { line, .. } = event
+            && line.stream == kiln_model::LogStream::Debug
+            && !self.debug
+        {
+            return;
+        }
         if self.mode == Mode::Json {
             let mut json = json_event(event);
             if let Some(target) = target {

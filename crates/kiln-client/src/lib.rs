@@ -398,8 +398,7 @@ impl Client {
             let mut log = kiln_model::StepLog::default();
             log.dropped = step.dropped;
             for line in step.lines {
-                let stream = if line.stderr { kiln_model::LogStream::Stderr } else { kiln_model::LogStream::Stdout };
-                log.push(kiln_model::LogLine { stream, line: line.line }, usize::MAX);
+                log.push(kiln_proto::convert::vertex_log_from_proto(line), usize::MAX);
             }
             steps.push((digest, log));
         }

@@ -417,8 +417,9 @@ pub struct WorkerConfig {
     pub platforms: Vec<Platform>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
-    /// Executions at once.
-    pub max_parallelism: usize,
+    /// Executions at once, when set (a standalone daemon without it adapts to the machine's
+    /// pressure: docs/parallelism.md).
+    pub max_parallelism: Option<usize>,
     /// cgroup prefix.
     pub cgroup_parent: String,
     /// Step timeout.
@@ -433,6 +434,14 @@ pub struct WorkerConfig {
     pub default_network: kiln_model::DefaultNetwork,
     /// The metrics and health listener.
     pub metrics_listen: Option<SocketAddr>,
+}
+
+impl WorkerConfig {
+    /// The jobs a coordinator places on this worker at once: `max-parallelism`, by default
+    /// four per CPU (steps often wait on IO or sleep).
+    pub fn slots(&self) -> usize {
+        self.max_parallelism.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+    }
 }
 
 /// Garbage collection limits, in bytes and time; `None` takes the default for the disk.
@@ -550,11 +559,10 @@ impl ConfigFile {
                 if platforms.is_empty() {
                     platforms.push(Platform::host());
                 }
-                let max_parallelism = match w.max_parallelism {
-                    Some(0) => return Err(invalid("worker.max-parallelism", "must be at least 1".into())),
-                    Some(n) => n,
-                    None => 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-                };
+                if w.max_parallelism == Some(0) {
+                    return Err(invalid("worker.max-parallelism", "must be at least 1".into()));
+                }
+                let max_parallelism = w.max_parallelism;
                 let size = |key: &str, value: &Option<String>| {
                     value.as_deref().map(|v| parse_size(v).map_err(|e| unit(key, e))).transpose()
                 };

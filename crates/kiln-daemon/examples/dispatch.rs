@@ -235,7 +235,7 @@ async fn main() {
             let fake = Arc::new(Fake::default());
             let solver = Solver::start(
                 Arc::clone(&fake),
-                SolverConfig { worker_parallelism: slots, ..SolverConfig::default() },
+                SolverConfig { parallelism: kiln_solver::Parallelism::Fixed(slots), ..SolverConfig::default() },
                 None,
             )
             .unwrap();
@@ -252,7 +252,12 @@ async fn main() {
             let latencies = start_fake_workers(&cluster, workers, slots, exec);
             let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
             let durable = replicated.as_ref().map(|replicated| Arc::clone(&replicated.durable));
-            let solver = Solver::start(executor, SolverConfig { worker_parallelism: 1 << 20, durable }, None).unwrap();
+            let solver = Solver::start(
+                executor,
+                SolverConfig { parallelism: kiln_solver::Parallelism::Fixed(1 << 20), durable },
+                None,
+            )
+            .unwrap();
             let mut handles: Vec<_> = graphs
                 .into_iter()
                 .enumerate()

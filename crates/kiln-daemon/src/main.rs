@@ -23,7 +23,7 @@ use kiln_api::{Access, BlobsService, ControlService, Runs, Services, Tenants, Wo
 use kiln_client::NodeTls;
 use kiln_cluster::ClusterSettings;
 use kiln_config::{ConfigFile, CoordinatorConfig, Tls, WorkerConfig as WorkerSettings};
-use kiln_engine::{Engine, EngineConfig};
+use kiln_engine::{Engine, EngineConfig, Parallelism};
 use kiln_model::WorkerInfo;
 use kiln_worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
@@ -58,8 +58,8 @@ struct Args {
     /// Serve `--listen` as plain TCP, without TLS or tokens (loopback tests only).
     #[arg(long)]
     insecure: bool,
-    /// Executions at once on this worker (default: four per CPU, since build steps often wait
-    /// on IO or sleep; BuildKit has no limit unless configured).
+    /// Executions at once on this worker (default: as many as the machine takes without CPU
+    /// or memory pressure, docs/parallelism.md; BuildKit has no limit unless configured).
     #[arg(long)]
     max_parallelism: Option<usize>,
     /// The network of RUN steps without `--network`: `isolated` (a namespace of their own,
@@ -205,7 +205,9 @@ fn role_of(
         (Some(coordinator), Some(worker)) => {
             args.root = worker.root.clone();
             args.listen.get_or_insert(coordinator.listen.to_string());
-            args.max_parallelism.get_or_insert(worker.max_parallelism);
+            if let Some(n) = worker.max_parallelism {
+                args.max_parallelism.get_or_insert(n);
+            }
             if let Some(address) = coordinator.metrics_listen.or(worker.metrics_listen) {
                 args.metrics_listen.get_or_insert(address.to_string());
             }
@@ -561,10 +563,9 @@ async fn standalone(
     if let Some(network) = args.default_network {
         worker.default_network = network;
     }
-    let max_parallelism =
-        args.max_parallelism.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let parallelism = Parallelism::from_setting(args.max_parallelism);
     let platforms = platforms(settings.as_ref())?;
-    let engine = Arc::new(Engine::start(EngineConfig { worker, max_parallelism, name: "local".into(), platforms })?);
+    let engine = Arc::new(Engine::start(EngineConfig { worker, parallelism, name: "local".into(), platforms })?);
     if let Some(gc) = engine.gc() {
         tokio::spawn(Arc::clone(gc).run(lifecycle.stopped.clone()).instrument(tracing::info_span!("gc")));
     }
@@ -724,7 +725,7 @@ async fn coordinator(
     let lease_ms = settings.lease_ms;
     let engine_config = EngineConfig {
         worker: worker_config(root, None)?,
-        max_parallelism: 1,
+        parallelism: Parallelism::Fixed(1),
         name: "coordinator".into(),
         platforms: vec![],
     };
@@ -847,7 +848,7 @@ async fn worker(
         name,
         platforms,
         labels: settings.labels.clone(),
-        max_parallelism: settings.max_parallelism,
+        max_parallelism: settings.slots(),
         free_disk: 0,
         cache_bytes: 0,
         address: format!("{}://{host}:{}", security.scheme(), local.port()),

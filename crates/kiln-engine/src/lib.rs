@@ -15,6 +15,7 @@ mod uploads;
 pub use build::{BuildFailure, BuildSummary, ClusterData, SpooledFile};
 pub use error::BuildError;
 pub use kiln_model::{BuildRequest, OutputSpec};
+pub use kiln_solver::Parallelism;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ pub struct EngineConfig {
     /// The worker's settings (its root holds blobs, layers, caches and the solver's index).
     pub worker: WorkerConfig,
     /// Executions at once on this worker.
-    pub max_parallelism: usize,
+    pub parallelism: Parallelism,
     /// The worker's name in records.
     pub name: String,
     /// Platforms it executes RUN steps for (default: [`kiln_worker::runnable_platforms`]).
@@ -55,7 +56,7 @@ pub struct Engine {
     shared_cache: Option<kiln_model::CacheSpec>,
     /// The worker's garbage collector (standalone).
     gc: Option<Arc<Gc>>,
-    /// Executions at once on its own worker (standalone).
+    /// Executions at once on its own worker (standalone; adaptive: its ceiling).
     slots: usize,
 }
 
@@ -120,7 +121,7 @@ impl Engine {
         let executor = Arc::new(LocalExecutor::new(worker, &config.name));
         let solver = Solver::start(
             executor,
-            SolverConfig { worker_parallelism: config.max_parallelism, ..SolverConfig::default() },
+            SolverConfig { parallelism: config.parallelism, ..SolverConfig::default() },
             Some(Arc::clone(&kv)),
         )?;
         let platforms = if config.platforms.is_empty() { kiln_worker::runnable_platforms() } else { config.platforms };
@@ -134,7 +135,10 @@ impl Engine {
             next_build: 1.into(),
             shared_cache: None,
             gc,
-            slots: config.max_parallelism,
+            slots: match config.parallelism {
+                Parallelism::Fixed(n) => n,
+                Parallelism::Adaptive { ceiling } => ceiling,
+            },
         })
     }
 
@@ -170,9 +174,12 @@ impl Engine {
         let cluster = Cluster::new(settings);
         cluster.start_ticker(std::time::Duration::from_millis(200));
         let executor = Arc::new(ClusterExecutor(Arc::clone(&cluster)));
-        let solver =
-            Solver::start(executor, SolverConfig { worker_parallelism: CLUSTER_SLOTS, durable }, Some(cache_index))
-                .map_err(|e| fail(e.into()))?;
+        let solver = Solver::start(
+            executor,
+            SolverConfig { parallelism: Parallelism::Fixed(CLUSTER_SLOTS), durable },
+            Some(cache_index),
+        )
+        .map_err(|e| fail(e.into()))?;
         Ok(Engine {
             stores,
             kv,

@@ -33,9 +33,13 @@ impl Fixture {
         let mut worker = WorkerConfig::new(&dir.path().join("engine")).unwrap();
         worker.runner = runner_binary();
         worker.cgroup_parent = "/kiln-engine-test".into();
-        let engine =
-            Engine::start(EngineConfig { worker, max_parallelism: 4, name: "local".into(), platforms: vec![] })
-                .unwrap();
+        let engine = Engine::start(EngineConfig {
+            worker,
+            parallelism: kiln_engine::Parallelism::Fixed(4),
+            name: "local".into(),
+            platforms: vec![],
+        })
+        .unwrap();
         Fixture { base: base.to_string(), registry, dir, engine }
     }
 

@@ -12,6 +12,8 @@ pub enum LogStream {
     Stdout,
     /// Standard error.
     Stderr,
+    /// Kiln's own word on the step, shown with `kiln --debug` (an admission decision).
+    Debug,
 }
 
 /// One line of a vertex's output.

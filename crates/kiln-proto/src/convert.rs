@@ -226,11 +226,7 @@ pub fn event_to_proto(event: BuildEvent) -> v1::BuildEvent {
             Event::Planned(v1::Planned { vertices: vertices.iter().map(record_to_proto).collect() })
         }
         BuildEvent::Started { vertex, at } => Event::Started(v1::VertexStarted { digest: vertex.to_string(), at }),
-        BuildEvent::Log { vertex, line } => Event::Log(v1::VertexLog {
-            digest: vertex.to_string(),
-            stderr: line.stream == LogStream::Stderr,
-            line: line.line,
-        }),
+        BuildEvent::Log { vertex, line } => Event::Log(vertex_log_to_proto(vertex.to_string(), line)),
         BuildEvent::Completed { record, error } => Event::Completed(v1::VertexCompleted {
             record: Some(record_to_proto(&record)),
             error: error.unwrap_or_default(),
@@ -264,7 +260,7 @@ pub fn event_from_proto(event: Event) -> Result<BuildEvent, WireError> {
         }
         Event::Log(log) => BuildEvent::Log {
             vertex: parse_digest(&log.digest, "log line's vertex")?,
-            line: LogLine { stream: if log.stderr { LogStream::Stderr } else { LogStream::Stdout }, line: log.line },
+            line: vertex_log_from_proto(log),
         },
         Event::Completed(completed) => BuildEvent::Completed {
             record: Box::new(record_from_proto(
@@ -503,6 +499,26 @@ pub fn layers_from_proto(chain: v1::LayerChain) -> Result<Layers, WireError> {
         .map(|l| Ok(LayerDesc { diff_id: parse_digest(&l.diff_id, "layer")?, size: l.size }))
         .collect::<Result<_, WireError>>()?;
     Ok(Layers { layers })
+}
+
+/// A step's line as sent, under `digest` (empty where the message names the step).
+pub fn vertex_log_to_proto(digest: String, line: LogLine) -> v1::VertexLog {
+    v1::VertexLog {
+        digest,
+        stderr: line.stream == LogStream::Stderr,
+        debug: line.stream == LogStream::Debug,
+        line: line.line,
+    }
+}
+
+/// A step's line as received.
+pub fn vertex_log_from_proto(log: v1::VertexLog) -> LogLine {
+    let stream = match (log.debug, log.stderr) {
+        (true, _) => LogStream::Debug,
+        (false, true) => LogStream::Stderr,
+        (false, false) => LogStream::Stdout,
+    };
+    LogLine { stream, line: log.line }
 }
 
 /// A worker's registration as sent: what it is and the layers it already holds.

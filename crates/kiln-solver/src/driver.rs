@@ -4,12 +4,13 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use crate::admission::{Admission, Parallelism, PressureFiles};
 use kiln_graph::{Graph, Op};
 use kiln_kv::{KvError, SharedKv};
 use kiln_model::{BuildEvent, Executed, Executor, Failed, LogLine, LogSink, LogStream};
 use kiln_telemetry::{Phase, Tier, metrics, phase_span};
 use kiln_types::{Digest, elapsed_ms, now_ms};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
@@ -22,9 +23,9 @@ pub const CACHE_TREE: &str = "solver-cache";
 /// How the driver runs executions.
 #[derive(Clone)]
 pub struct SolverConfig {
-    /// The worker's max-parallelism: executions of exec and file vertices at once, held only
+    /// The worker's parallelism: executions of exec and file vertices at once, held only
     /// around the execution itself (not around cache lookups or source resolution).
-    pub worker_parallelism: usize,
+    pub parallelism: Parallelism,
     /// Makes a finished job's cache entry durable before any build is told it is done.
     pub durable: Option<Durable>,
 }
@@ -40,7 +41,7 @@ pub type Durable = Arc<dyn Fn(Digest, Vec<u8>) -> kiln_model::BoxFuture<bool> + 
 impl std::fmt::Debug for SolverConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SolverConfig")
-            .field("worker_parallelism", &self.worker_parallelism)
+            .field("parallelism", &self.parallelism)
             .field("durable", &self.durable.is_some())
             .finish()
     }
@@ -48,7 +49,7 @@ impl std::fmt::Debug for SolverConfig {
 
 impl Default for SolverConfig {
     fn default() -> Self {
-        SolverConfig { worker_parallelism: 16, durable: None }
+        SolverConfig { parallelism: Parallelism::Fixed(16), durable: None }
     }
 }
 
@@ -121,30 +122,7 @@ impl<O> BuildHandle<O> {
 pub struct Solver<E: Executor> {
     sender: mpsc::UnboundedSender<Message<E>>,
     next_build: std::sync::atomic::AtomicU64,
-    load: Arc<Load>,
-}
-
-/// Executions waiting for a worker slot, and holding one.
-#[derive(Default)]
-struct Load {
-    waiting: std::sync::atomic::AtomicUsize,
-    running: std::sync::atomic::AtomicUsize,
-}
-
-/// Counts one execution in a [`Load`] counter while it lives.
-struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl<'a> Counted<'a> {
-    fn new(counter: &'a std::sync::atomic::AtomicUsize) -> Counted<'a> {
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Counted(counter)
-    }
-}
-
-impl Drop for Counted<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
+    admission: Arc<Admission>,
 }
 
 impl<E: Executor> Solver<E> {
@@ -160,13 +138,16 @@ impl<E: Executor> Solver<E> {
             }
         }
         let (sender, receiver) = mpsc::unbounded_channel();
-        let load = Arc::new(Load::default());
+        let pressure = match config.parallelism {
+            Parallelism::Adaptive { .. } => PressureFiles::find().map(PressureFiles::pressure),
+            Parallelism::Fixed(_) => None,
+        };
+        let admission = Admission::new(config.parallelism, pressure);
         let driver = Driver {
-            load: Arc::clone(&load),
             state,
             executor,
             kv,
-            slots: Arc::new(Semaphore::new(config.worker_parallelism.max(1))),
+            admission: Arc::clone(&admission),
             sender: sender.clone(),
             builds: HashMap::new(),
             running: HashMap::new(),
@@ -180,7 +161,7 @@ impl<E: Executor> Solver<E> {
             spans: HashMap::new(),
         };
         tokio::spawn(driver.run(receiver).instrument(tracing::info_span!("solver")));
-        Ok(Solver { sender, next_build: std::sync::atomic::AtomicU64::new(1), load })
+        Ok(Solver { sender, next_build: std::sync::atomic::AtomicU64::new(1), admission })
     }
 
     /// Learns a cache entry another member of a replicated coordinator stored (`Some`, the
@@ -204,8 +185,7 @@ impl<E: Executor> Solver<E> {
     /// Executions waiting for a worker slot, and executions holding one (exec and file
     /// steps; sources take none).
     pub fn load(&self) -> (usize, usize) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (self.load.waiting.load(Relaxed), self.load.running.load(Relaxed))
+        self.admission.load()
     }
 
     /// Submits a build; its progress arrives on the handle.
@@ -299,8 +279,7 @@ struct Driver<E: Executor> {
     state: SolverState<E::Output>,
     executor: Arc<E>,
     kv: Option<SharedKv>,
-    slots: Arc<Semaphore>,
-    load: Arc<Load>,
+    admission: Arc<Admission>,
     sender: mpsc::UnboundedSender<Message<E>>,
     builds: HashMap<BuildId, BuildEntry<E>>,
     running: HashMap<Digest, JoinHandle<()>>,
@@ -526,11 +505,11 @@ impl<E: Executor> Driver<E> {
                         metrics().cache_lookup(Tier::Shared, false);
                     }
                 }
-                let (executor, context, sender, load) =
-                    (Arc::clone(&self.executor), Arc::clone(context), self.sender.clone(), Arc::clone(&self.load));
+                let (executor, context, sender) =
+                    (Arc::clone(&self.executor), Arc::clone(context), self.sender.clone());
                 self.spans.insert((build, vertex.digest), span.clone());
                 // Sources resolve and transfer; only real work takes a worker slot.
-                let slots = matches!(vertex.op, Op::Exec(_) | Op::File(_)).then(|| Arc::clone(&self.slots));
+                let admission = matches!(vertex.op, Op::Exec(_) | Op::File(_)).then(|| Arc::clone(&self.admission));
                 let task = tokio::spawn(
                     async move {
                         // Lines go straight into the driver's queue, tagged with the job, ahead of
@@ -553,15 +532,19 @@ impl<E: Executor> Driver<E> {
                         }
                         // Only a step that waits for a slot has a queue phase here.
                         let waiting = std::time::Instant::now();
-                        let (_slot, waited) = match slots {
-                            Some(slots) => match Arc::clone(&slots).try_acquire_owned() {
-                                Ok(slot) => (Some((slot, Counted::new(&load.running))), None),
-                                Err(_) => {
-                                    let queued = Counted::new(&load.waiting);
+                        let (_slot, waited) = match admission {
+                            Some(admission) => match admission.try_acquire() {
+                                Some(slot) => (Some(slot), None),
+                                None => {
                                     let queue = phase_span(Phase::Queue);
-                                    let slot = slots.acquire_owned().await.expect("the semaphore is never closed");
-                                    drop((queue, queued));
-                                    (Some((slot, Counted::new(&load.running))), Some(elapsed_ms(waiting)))
+                                    let (slot, decision) = admission.acquire().await;
+                                    drop(queue);
+                                    // Why a step past the CPUs was let in: for `--debug`.
+                                    if let Some(decision) = decision {
+                                        let line = format!("[admission] {decision}");
+                                        let _ = logs.send(LogLine { stream: LogStream::Debug, line });
+                                    }
+                                    (Some(slot), Some(elapsed_ms(waiting)))
                                 }
                             },
                             None => (None, None),
@@ -659,7 +642,7 @@ mod tests {
             let _ = asked.send(answer);
             Box::pin(async move { answered.await.unwrap_or(false) })
         });
-        let config = SolverConfig { worker_parallelism: 4, durable: Some(durable) };
+        let config = SolverConfig { parallelism: Parallelism::Fixed(4), durable: Some(durable) };
         (Solver::start(Arc::new(Instant(executed)), config, None).unwrap(), runs, records)
     }
 

@@ -15,9 +15,11 @@
 //! cache: they run every build, and their key is pinned by what they resolved to (the image's
 //! manifest digest), so a moved tag changes every key below it.
 
+pub mod admission;
 mod driver;
 pub mod state;
 
+pub use admission::Parallelism;
 pub use driver::{BuildHandle, CACHE_TREE, Durable, Solver, SolverConfig};
 pub use state::BuildOptions;
 

@@ -16,7 +16,15 @@ type Ending = (Result<Vec<Option<Snapshot>>, String>, Vec<VertexRecord>);
 impl Fixture {
     fn solver(&self, worker_parallelism: usize, kv: Option<SharedKv>) -> Solver<LocalExecutor> {
         let executor = Arc::new(LocalExecutor::new(Arc::clone(&self.worker), "local"));
-        Solver::start(executor, SolverConfig { worker_parallelism, ..SolverConfig::default() }, kv).unwrap()
+        Solver::start(
+            executor,
+            SolverConfig {
+                parallelism: kiln_solver::Parallelism::Fixed(worker_parallelism),
+                ..SolverConfig::default()
+            },
+            kv,
+        )
+        .unwrap()
     }
 
     /// A cache mount's directory on the host, where the steps leave their evidence.

@@ -1,0 +1,375 @@
+//! How many executions run at once on a worker (docs/parallelism.md).
+//!
+//! - [`Parallelism::Fixed`]: at most N (a set `max-parallelism`).
+//! - [`Parallelism::Adaptive`] (the default): as many as the machine takes. One per CPU is
+//!   admitted at once; past that, another step is admitted only while the machine is calm,
+//!   as Linux's pressure stall information says: over the last [`TICK`], tasks waited for a
+//!   CPU less than [`CPU_CALM`] of the time and for memory less than [`MEMORY_CALM`]. Every
+//!   calm tick admits up to one more step per CPU, so steps that sleep or wait on the network
+//!   are all running within a few ticks while compilers stay near one per CPU; the ceiling
+//!   bounds it all. Without pressure information (a kernel without PSI), it is fixed at
+//!   [`FALLBACK_PER_CPU`] per CPU.
+//!
+//! Each admission past the CPUs is a [`Decision`] the step's output tells at debug level.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+/// The limit on executions at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parallelism {
+    /// At most this many.
+    Fixed(usize),
+    /// As many as the machine takes without pressure, at most `ceiling`.
+    Adaptive {
+        /// The hard limit.
+        ceiling: usize,
+    },
+}
+
+impl Parallelism {
+    /// `max-parallelism` when set, else adaptive up to [`DEFAULT_CEILING_PER_CPU`] per CPU.
+    pub fn from_setting(max: Option<usize>) -> Parallelism {
+        match max {
+            Some(n) => Parallelism::Fixed(n.max(1)),
+            None => Parallelism::Adaptive { ceiling: DEFAULT_CEILING_PER_CPU * cpus() },
+        }
+    }
+}
+
+/// How often an adaptive admission reads the pressure while steps wait.
+pub const TICK: Duration = Duration::from_millis(20);
+/// Below this share of a tick with a task waiting for a CPU, the machine takes more.
+pub const CPU_CALM: f64 = 0.25;
+/// Below this share of a tick with a task waiting for memory, the machine takes more.
+pub const MEMORY_CALM: f64 = 0.02;
+/// The default ceiling of an adaptive admission, per CPU.
+pub const DEFAULT_CEILING_PER_CPU: usize = 32;
+/// Executions per CPU when the kernel gives no pressure information.
+pub const FALLBACK_PER_CPU: usize = 4;
+
+/// The CPUs this process may use.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Why a step waiting for a slot was admitted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    /// Steps running with it.
+    pub running: usize,
+    /// The share of the last tick some task waited for a CPU.
+    pub cpu: f64,
+    /// The share of the last tick some task waited for memory.
+    pub memory: f64,
+    /// How long it waited.
+    pub waited: Duration,
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "admitted as step {} at once after {} ms: CPU pressure {:.0}%, memory pressure {:.0}% (calm below {:.0}% and {:.0}%)",
+            self.running,
+            self.waited.as_millis(),
+            self.cpu * 100.0,
+            self.memory * 100.0,
+            CPU_CALM * 100.0,
+            MEMORY_CALM * 100.0
+        )
+    }
+}
+
+/// Reads the machine's stall totals now: (cpu, memory), µs during which some task waited.
+pub type Pressure = Arc<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
+
+/// Where the pressure is read: the `some` lines' stall totals (µs) of `cpu.pressure` and
+/// `memory.pressure` in this process's cgroup (v2), else of `/proc/pressure`.
+#[derive(Debug, Clone)]
+pub struct PressureFiles {
+    cpu: PathBuf,
+    memory: PathBuf,
+}
+
+impl PressureFiles {
+    /// This machine's, if the kernel keeps pressure information.
+    pub fn find() -> Option<PressureFiles> {
+        let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|text| {
+            let path = text.lines().find_map(|line| line.strip_prefix("0::"))?;
+            Some(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')))
+        });
+        let candidates = cgroup
+            .map(|dir| PressureFiles { cpu: dir.join("cpu.pressure"), memory: dir.join("memory.pressure") })
+            .into_iter()
+            .chain([PressureFiles {
+                cpu: PathBuf::from("/proc/pressure/cpu"),
+                memory: PathBuf::from("/proc/pressure/memory"),
+            }]);
+        candidates.into_iter().find(|files| files.read().is_some())
+    }
+
+    /// Reads them.
+    pub fn pressure(self) -> Pressure {
+        Arc::new(move || self.read())
+    }
+
+    /// The stall totals now: (cpu, memory) in µs.
+    fn read(&self) -> Option<(u64, u64)> {
+        Some((
+            some_total(&std::fs::read_to_string(&self.cpu).ok()?)?,
+            some_total(&std::fs::read_to_string(&self.memory).ok()?)?,
+        ))
+    }
+}
+
+/// The `total=` of a pressure file's `some` line.
+fn some_total(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("some "))?;
+    line.split_whitespace().find_map(|field| field.strip_prefix("total="))?.parse().ok()
+}
+
+/// A slot: the execution holds it while it runs.
+pub struct Permit {
+    admission: Arc<Admission>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.admission.release();
+    }
+}
+
+/// The executions of a worker at once.
+pub struct Admission {
+    /// Admitted at once without asking the machine.
+    floor: usize,
+    /// Never more than this.
+    ceiling: usize,
+    /// `None`: fixed at the floor.
+    pressure: Option<Pressure>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    running: usize,
+    /// Steps waiting, first come first admitted.
+    waiting: VecDeque<Waiter>,
+    /// Whether a task reads the pressure for the waiting steps.
+    watching: bool,
+}
+
+struct Waiter {
+    since: Instant,
+    admit: oneshot::Sender<Option<Decision>>,
+}
+
+impl Admission {
+    /// An admission of `parallelism` reading `pressure` (adaptive only; without it, an
+    /// adaptive admission is fixed at [`FALLBACK_PER_CPU`] per CPU).
+    pub fn new(parallelism: Parallelism, pressure: Option<Pressure>) -> Arc<Admission> {
+        let (floor, ceiling, pressure) = match parallelism {
+            Parallelism::Fixed(n) => (n.max(1), n.max(1), None),
+            Parallelism::Adaptive { ceiling } => match pressure {
+                Some(pressure) => (cpus().min(ceiling.max(1)), ceiling.max(1), Some(pressure)),
+                None => {
+                    let fixed = (FALLBACK_PER_CPU * cpus()).min(ceiling.max(1));
+                    (fixed, fixed, None)
+                }
+            },
+        };
+        Arc::new(Admission { floor, ceiling, pressure, state: Mutex::default() })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Steps waiting and running.
+    pub fn load(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.waiting.len(), state.running)
+    }
+
+    /// A slot at once, if one is free without asking the machine.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let mut state = self.lock();
+        if state.waiting.is_empty() && state.running < self.floor {
+            state.running += 1;
+            return Some(Permit { admission: Arc::clone(self) });
+        }
+        None
+    }
+
+    /// A slot, once admitted; with the decision when the machine's pressure admitted it.
+    pub async fn acquire(self: &Arc<Self>) -> (Permit, Option<Decision>) {
+        if let Some(permit) = self.try_acquire() {
+            return (permit, None);
+        }
+        let (admit, admitted) = oneshot::channel();
+        let watch = {
+            let mut state = self.lock();
+            state.waiting.push_back(Waiter { since: Instant::now(), admit });
+            let watch = self.pressure.is_some() && !state.watching;
+            state.watching |= watch;
+            watch
+        };
+        if watch {
+            tokio::spawn(Arc::clone(self).watch());
+        }
+        // The slot is ours once sent (a waiter that went away gives it back: see `admit`).
+        let decision = admitted.await.expect("an admission keeps its waiters until it admits them");
+        (Permit { admission: Arc::clone(self) }, decision)
+    }
+
+    /// A slot came back: the first waiter takes it while under the floor.
+    fn release(&self) {
+        let mut state = self.lock();
+        state.running -= 1;
+        while state.running < self.floor {
+            let Some(waiter) = state.waiting.pop_front() else { break };
+            state.running += 1;
+            if waiter.admit.send(None).is_err() {
+                state.running -= 1;
+            }
+        }
+    }
+
+    /// Reads the pressure every [`TICK`] while steps wait; each calm tick admits up to one
+    /// more per CPU, up to the ceiling.
+    async fn watch(self: Arc<Self>) {
+        let Some(read) = self.pressure.clone() else { return };
+        let mut last = (Instant::now(), read());
+        loop {
+            tokio::time::sleep(TICK).await;
+            let now = (Instant::now(), read());
+            let elapsed = now.0.duration_since(last.0).as_micros().max(1) as f64;
+            let share = |before: u64, after: u64| after.saturating_sub(before) as f64 / elapsed;
+            let (cpu, memory) = match (last.1, now.1) {
+                (Some((cpu0, mem0)), Some((cpu1, mem1))) => (share(cpu0, cpu1), share(mem0, mem1)),
+                // Unreadable now: take it as busy (admit only at the floor).
+                _ => (1.0, 1.0),
+            };
+            last = now;
+            let mut state = self.lock();
+            if state.waiting.is_empty() {
+                state.watching = false;
+                return;
+            }
+            if cpu >= CPU_CALM || memory >= MEMORY_CALM {
+                tracing::debug!(
+                    cpu,
+                    memory,
+                    running = state.running,
+                    waiting = state.waiting.len(),
+                    "admission: busy, holding"
+                );
+                continue;
+            }
+            let mut admitted = 0;
+            while admitted < self.floor && state.running < self.ceiling {
+                let Some(waiter) = state.waiting.pop_front() else { break };
+                state.running += 1;
+                let decision = Decision { running: state.running, cpu, memory, waited: waiter.since.elapsed() };
+                if waiter.admit.send(Some(decision)).is_ok() {
+                    admitted += 1;
+                    tracing::debug!(%decision, "admission");
+                } else {
+                    state.running -= 1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_some_total_is_read() {
+        let text = "some avg10=23.93 avg60=13.35 avg300=6.61 total=2541945693\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        assert_eq!(some_total(text), Some(2_541_945_693));
+        assert_eq!(some_total("full total=3\n"), None);
+    }
+
+    #[tokio::test]
+    async fn a_fixed_admission_takes_n_and_then_the_first_waiter() {
+        let admission = Admission::new(Parallelism::Fixed(2), None);
+        let (a, b) = (admission.try_acquire().unwrap(), admission.try_acquire().unwrap());
+        assert!(admission.try_acquire().is_none());
+        let waiting = tokio::spawn({
+            let admission = Arc::clone(&admission);
+            async move { admission.acquire().await }
+        });
+        while admission.load().0 == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(admission.load(), (1, 2));
+        drop(a);
+        let (_c, decision) = waiting.await.unwrap();
+        assert_eq!((decision, admission.load()), (None, (0, 2)));
+        drop(b);
+        assert_eq!(admission.load(), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn an_adaptive_admission_admits_past_the_cpus_while_calm_and_holds_under_pressure() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+        // Busy: each read finds the CPU stall total grown by more than any tick; calm: not.
+        let (busy, reads, total) =
+            (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let pressure: Pressure = {
+            let (busy, reads, total) = (Arc::clone(&busy), Arc::clone(&reads), Arc::clone(&total));
+            Arc::new(move || {
+                if busy.load(SeqCst) {
+                    total.fetch_add(3_600_000_000, SeqCst);
+                }
+                reads.fetch_add(1, SeqCst);
+                Some((total.load(SeqCst), 0))
+            })
+        };
+        let admission = Admission::new(Parallelism::Adaptive { ceiling: cpus() * 3 }, Some(pressure));
+        let held: Vec<Permit> = (0..cpus()).map(|_| admission.try_acquire().unwrap()).collect();
+        assert!(admission.try_acquire().is_none(), "one per CPU at once");
+        let waiters: Vec<_> = (0..cpus() * 3)
+            .map(|_| {
+                let admission = Arc::clone(&admission);
+                tokio::spawn(async move { admission.acquire().await })
+            })
+            .collect();
+        // Three busy readings (the first is the watch's start): nothing is admitted.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reads.load(SeqCst) < 4 {
+            assert!(Instant::now() < deadline, "the admission never read the pressure");
+            tokio::time::sleep(TICK / 4).await;
+        }
+        let (waiting, running) = admission.load();
+        assert_eq!((waiting, running), (cpus() * 3, cpus()), "nothing admitted under pressure");
+        busy.store(false, SeqCst);
+        // Calm: the waiters come in, one per CPU a tick, up to the ceiling.
+        let mut waiters = waiters.into_iter();
+        let mut admitted = Vec::new();
+        for waiter in waiters.by_ref().take(cpus() * 2) {
+            let (permit, decision) = waiter.await.unwrap();
+            let decision = decision.expect("admitted by the pressure");
+            assert!(decision.cpu < CPU_CALM && decision.running > cpus(), "{decision}");
+            admitted.push(permit);
+        }
+        assert_eq!(admission.load(), (cpus(), cpus() * 3), "the ceiling holds");
+        // Slots freed past the CPUs go to the waiters as the pressure allows.
+        drop(held);
+        for waiter in waiters {
+            let (permit, _) = waiter.await.unwrap();
+            admitted.push(permit);
+        }
+        assert_eq!(admission.load(), (0, cpus() * 3));
+        drop(admitted);
+        assert_eq!(admission.load(), (0, 0));
+    }
+}
