@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::{base_image, cargo, dispatch, setup, warmup, workspace_root};
+use crate::{base_image, burst, cargo, dispatch, setup, warmup, workspace_root};
 
 /// How a scenario's runs are made.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -266,9 +266,10 @@ struct Bench {
     work: PathBuf,
 }
 
-struct Dockerd {
+pub(crate) struct Dockerd {
     child: Child,
-    host: String,
+    /// Its `DOCKER_HOST`.
+    pub(crate) host: String,
 }
 
 impl Drop for Dockerd {
@@ -314,7 +315,8 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
     let scenarios = load_scenarios(only.as_deref())?;
     let with_dispatch = only.as_deref().is_none_or(|o| o == "dispatch");
     let with_fleet = only.as_deref().is_none_or(|o| o == "fleet");
-    if scenarios.is_empty() && !with_dispatch && !with_fleet {
+    let with_burst = only.as_deref().is_none_or(|o| o == "ci-burst");
+    if scenarios.is_empty() && !with_dispatch && !with_fleet && !with_burst {
         bail!("no scenario matches {only:?} under {}", root.join("bench/scenarios").display());
     }
 
@@ -341,7 +343,7 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
         let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let bench = Bench {
             kiln: root.join("target/release/kiln"),
-            base,
+            base: base.clone(),
             registry,
             nonce,
             docker,
@@ -367,6 +369,8 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
             }
         }
     }
+    // The burst last: it starts its own cluster and three Docker daemons.
+    let burst = if with_burst { burst::run(&base, &bench_dir)? } else { Value::Null };
     let report = json!({
         "date": kiln_date(),
         "machine": machine(),
@@ -377,6 +381,7 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
         "failover": failover,
         "warmup": warmup,
         "tracing": tracing,
+        "burst": burst,
     });
     let json_path = json_path.unwrap_or_else(|| bench_dir.join("results.json"));
     std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)?;
@@ -635,10 +640,9 @@ impl Bench {
         command
     }
 
-    /// One timed BuildKit run (all concurrent builds); a run where a build failed is made
-    /// once more before giving up (BuildKit 0.8 occasionally fails one of 20 parallel
-    /// containers), and reported with its log.
-    /// One timed run of BuildKit's builds: seconds, and the machine's peak memory (MiB).
+    /// One timed BuildKit run (all concurrent builds): seconds, and the machine's peak memory
+    /// (MiB). A run where a build failed is made once more before giving up (BuildKit 0.8
+    /// occasionally fails one of 20 parallel containers), and reported with its log.
     fn docker_run(&self, scenario: &Scenario, dir: &Path) -> anyhow::Result<(f64, f64)> {
         let mut failure = None;
         for _ in 0..2 {
@@ -997,29 +1001,36 @@ fn markdown(report: &Value) -> String {
     out.push_str(&dispatch::failover_markdown(report["failover"].as_array().map(Vec::as_slice).unwrap_or_default()));
     out.push_str(&warmup::markdown(report["warmup"].as_array().map(Vec::as_slice).unwrap_or_default()));
     out.push_str(&dispatch::trace_overhead_markdown(&report["tracing"]));
+    out.push_str(&burst::markdown(&report["burst"]));
     out
 }
 
 /// A private dockerd with the base image loaded from the same OCI layout, when Docker is
 /// installed.
 fn start_docker(bench_dir: &Path, layout: &Path) -> anyhow::Result<Option<Dockerd>> {
+    start_dockerd(bench_dir, layout, "docker")
+}
+
+/// A dockerd named `name` (its data root `BENCH/NAME`, its log `BENCH/NAME.log`, its socket
+/// of its own), with the base image loaded, when Docker is installed.
+pub(crate) fn start_dockerd(bench_dir: &Path, layout: &Path, name: &str) -> anyhow::Result<Option<Dockerd>> {
     if !Path::new("/usr/sbin/dockerd").exists() {
         eprintln!("Docker is not installed: measuring Kiln alone");
         return Ok(None);
     }
-    let exec_root = PathBuf::from(format!("/tmp/kiln-bench-docker-{}", std::process::id()));
+    let exec_root = PathBuf::from(format!("/tmp/kiln-bench-{name}-{}", std::process::id()));
     let host = format!("unix://{}/docker.sock", exec_root.display());
     std::fs::create_dir_all(&exec_root)?;
     let child = Command::new("dockerd")
         .args(["--iptables=false", "--bridge=none", "-H", &host])
         .arg("--data-root")
-        .arg(bench_dir.join("docker"))
+        .arg(bench_dir.join(name))
         .arg("--exec-root")
         .arg(exec_root.join("x"))
         .arg("--pidfile")
         .arg(exec_root.join("docker.pid"))
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(bench_dir.join("dockerd.log"))?)
+        .stderr(std::fs::File::create(bench_dir.join(format!("{name}.log")))?)
         .spawn()
         .context("starting dockerd")?;
     let docker = Dockerd { child, host };
@@ -1028,11 +1039,11 @@ fn start_docker(bench_dir: &Path, layout: &Path) -> anyhow::Result<Option<Docker
     let deadline = Instant::now() + Duration::from_secs(60);
     while !docker_cmd(&["info"])?.status.success() {
         if Instant::now() > deadline {
-            bail!("dockerd did not start; see {}", bench_dir.join("dockerd.log").display());
+            bail!("dockerd did not start; see {}", bench_dir.join(format!("{name}.log")).display());
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let archive = bench_dir.join("base.tar");
+    let archive = bench_dir.join(format!("{name}-base.tar"));
     let _ = std::fs::remove_file(&archive);
     let status = Command::new("skopeo")
         .args(["copy", "--quiet"])

@@ -2,6 +2,7 @@
 
 mod base_image;
 mod bench;
+mod burst;
 mod conformance;
 mod dispatch;
 mod fences;

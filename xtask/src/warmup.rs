@@ -23,7 +23,7 @@ const RUNS: usize = 3;
 const STEPS: usize = 12;
 
 /// A process of the measurement, killed when dropped.
-struct Process(Child);
+pub(crate) struct Process(Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -71,7 +71,7 @@ fn http(address: &str, method: &str, path: &str) -> anyhow::Result<u16> {
     Ok(response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0))
 }
 
-fn kilnd(config: &Path, log: &Path) -> anyhow::Result<Process> {
+pub(crate) fn kilnd(config: &Path, log: &Path) -> anyhow::Result<Process> {
     let log = std::fs::File::create(log)?;
     let child = Command::new(workspace_root().join("target/release/kilnd"))
         .arg("--config")
@@ -115,12 +115,12 @@ fn wait_for_queue(what: &str, done: impl Fn(&Value) -> bool) -> anyhow::Result<(
     }
 }
 
-fn get_json(address: &str, path: &str) -> anyhow::Result<Value> {
+pub(crate) fn get_json(address: &str, path: &str) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(&get_text(address, path)?)?)
 }
 
 /// The body of `GET path`.
-fn get_text(address: &str, path: &str) -> anyhow::Result<String> {
+pub(crate) fn get_text(address: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(address)?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
@@ -239,7 +239,7 @@ fn measure(dir: &Path, base: &str, s3: &str, run: usize) -> anyhow::Result<Value
 }
 
 /// `2026-12-03T20:33:31.587Z` as ms since the epoch (the metadata file's times).
-fn rfc3339_ms(text: &str) -> anyhow::Result<u64> {
+pub(crate) fn rfc3339_ms(text: &str) -> anyhow::Result<u64> {
     let parse = || -> Option<u64> {
         let (date, time) = text.strip_suffix('Z')?.split_once('T')?;
         let mut date = date.split('-').map(|p| p.parse::<i64>().ok());

@@ -441,3 +441,76 @@ fn the_history_keeps_what_its_retention_allows_and_prunes_at_start() {
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--history-max-age"));
 }
+
+#[test]
+fn without_max_parallelism_steps_past_the_cpus_start_while_the_machine_is_calm() {
+    let registry = kiln_testkit::TestRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let base = kiln_testkit::push_busybox(&registry, dir.path(), "kiln/busybox:admission");
+    // The machine's pressure, as the daemon is told to read it: calm (stall totals that do
+    // not grow), whatever else this machine runs.
+    let pressure = dir.path().join("pressure");
+    std::fs::create_dir_all(&pressure).unwrap();
+    for file in ["cpu.pressure", "memory.pressure"] {
+        let text = "some avg10=0.00 avg60=0.00 avg300=0.00 total=5\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        std::fs::write(pressure.join(file), text).unwrap();
+    }
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let stages = 3 * cpus;
+    let mut dockerfile = String::new();
+    for n in 0..stages {
+        dockerfile += &format!("FROM {base} AS s{n}\nRUN sleep 2 && echo {n} > /out\n");
+    }
+    dockerfile += &format!("FROM {base}\n");
+    for n in 0..stages {
+        dockerfile += &format!("COPY --from=s{n} /out /out{n}\n");
+    }
+    let context = dir.path().join("context");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
+
+    let root = dir.path().join("root");
+    let runner = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .args(["--standalone", "--root"])
+        .arg(&root)
+        .env("KILN_RUNNER", &runner)
+        .env("KILN_PRESSURE_DIR", &pressure)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = root.join("kilnd.sock");
+    wait_until("the socket", || socket.exists());
+    let metadata = dir.path().join("metadata.json");
+    let out = Command::new(Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln"))
+        .args(["--addr", &format!("unix://{}", socket.display()), "build", "--debug", "--progress", "plain"])
+        .arg("--metadata-file")
+        .arg(&metadata)
+        .arg(&context)
+        .env_remove("KILN_ADDR")
+        .output()
+        .unwrap();
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{progress}");
+    // Every RUN step ran at once: each started before any ended.
+    let metadata: serde_json::Value = serde_json::from_slice(&std::fs::read(&metadata).unwrap()).unwrap();
+    let runs: Vec<&serde_json::Value> =
+        metadata["vertices"].as_array().unwrap().iter().filter(|v| v["kind"] == "exec").collect();
+    assert_eq!(runs.len(), stages);
+    // RFC 3339 with milliseconds, whole seconds without them: made comparable as text.
+    let time = |v: &serde_json::Value, key: &str| {
+        let text = v[key].as_str().unwrap();
+        if text.contains('.') { text.to_string() } else { text.replace('Z', ".000Z") }
+    };
+    let last_start = runs.iter().map(|v| time(v, "started")).max().unwrap();
+    let first_end = runs.iter().map(|v| time(v, "completed")).min().unwrap();
+    assert!(
+        last_start < first_end,
+        "not all at once: the last started at {last_start}, the first ended at {first_end}"
+    );
+    // The steps past the CPUs say why they were let in.
+    let admitted = progress.lines().filter(|l| l.contains("[admission] admitted as step")).count();
+    assert_eq!(admitted, stages - cpus, "{progress}");
+    Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
+    assert!(daemon.wait().unwrap().success());
+}
