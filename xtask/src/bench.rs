@@ -194,7 +194,7 @@ impl Drop for Kilnd {
 /// its containers, Docker's daemons).
 struct PeakMemory {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    sampler: std::thread::JoinHandle<u64>,
+    sampler: Option<std::thread::JoinHandle<u64>>,
     start: u64,
 }
 
@@ -211,14 +211,21 @@ impl PeakMemory {
             }
             peak
         });
-        PeakMemory { stop, sampler, start }
+        PeakMemory { stop, sampler: Some(sampler), start }
     }
 
     /// The peak above the start, MiB.
-    fn stop(self) -> f64 {
+    fn stop(mut self) -> f64 {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let peak = self.sampler.join().unwrap_or(0);
+        let peak = self.sampler.take().and_then(|s| s.join().ok()).unwrap_or(0);
         peak.saturating_sub(self.start) as f64 / 1024.0
+    }
+}
+
+impl Drop for PeakMemory {
+    /// A run that failed stops its sampler too.
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -370,7 +377,14 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
         }
     }
     // The burst last: it starts its own cluster and three Docker daemons.
-    let burst = if with_burst { burst::run(&base, &bench_dir)? } else { Value::Null };
+    let burst = if with_burst {
+        burst::run(&base, &bench_dir).unwrap_or_else(|e| {
+            eprintln!("ci-burst: {e:#}");
+            json!({"error": format!("{e:#}")})
+        })
+    } else {
+        Value::Null
+    };
     let report = json!({
         "date": kiln_date(),
         "machine": machine(),

@@ -119,20 +119,35 @@ fn burst(start: &mut dyn FnMut(usize, usize, usize) -> anyhow::Result<Build>) ->
         }
         builds.push(start(k, service, revision)?);
     }
-    let mut times = Vec::new();
-    let mut logs = Vec::new();
-    for mut build in builds {
-        let status = build.child.wait()?;
-        if !status.success() {
-            bail!("a build failed; see {}", build.log.display());
+    // Each build's end is taken when it ends, whatever the order (one thread per build).
+    let waits: Vec<_> = builds
+        .into_iter()
+        .map(|mut build| {
+            std::thread::spawn(move || {
+                let status = build.child.wait();
+                (status, build.submitted.elapsed().as_secs_f64(), build.log, build.metadata)
+            })
+        })
+        .collect();
+    let (mut times, mut logs, mut failed) = (Vec::new(), Vec::new(), None);
+    for wait in waits {
+        let (status, seconds, log, metadata) = wait.join().map_err(|_| anyhow::anyhow!("a build's waiter panicked"))?;
+        if !status?.success() {
+            failed.get_or_insert(log.clone());
         }
-        times.push(build.submitted.elapsed().as_secs_f64());
-        logs.push((build.log, build.metadata));
+        times.push(seconds);
+        logs.push((log, metadata));
+    }
+    if let Some(log) = failed {
+        bail!("a build failed; see {}", log.display());
     }
     Ok(Run { makespan: began.elapsed().as_secs_f64(), times, logs })
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
@@ -193,7 +208,8 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Vec<Process>> {
     }
 }
 
-/// Bytes the workers fetched from each other, from the registry and from a shared tier.
+/// Bytes the workers took in: from each other, from the registry (the base image) and from
+/// a shared tier (none here).
 fn transfer_in() -> f64 {
     (2..2 + WORKERS)
         .filter_map(|host| get_text(&format!("127.0.{NET}.{host}:9091"), "/metrics").ok())
@@ -341,6 +357,9 @@ pub fn markdown(burst: &Value) -> String {
     if burst.is_null() {
         return String::new();
     }
+    if let Some(error) = burst["error"].as_str() {
+        return format!("\nCI burst: failed: {error}\n");
+    }
     let row = |name: &str, v: &Value| {
         if v.is_null() {
             return format!("| {name} | n/a |||||\n");
@@ -366,7 +385,7 @@ pub fn markdown(burst: &Value) -> String {
     format!(
         "\nCI burst: {} builds of {} services at once ({} unique RUN steps), one coordinator and three workers (max-parallelism 2) \
          against three Docker daemons given builds in turn; makespan and build times in seconds:\n\n\
-         | tool | makespan (median, min–max) | p50 build | p95 build | RUN steps executed per run | KiB fetched between workers per run |\n\
+         | tool | makespan (median, min–max) | p50 build | p95 build | RUN steps executed per run | KiB the workers took in per run |\n\
          |---|---|---|---|---|---|\n{}{}\nKiln/reference makespan: {}\n",
         burst["builds"],
         SERVICES,

@@ -239,7 +239,7 @@ fn measure(dir: &Path, base: &str, s3: &str, run: usize) -> anyhow::Result<Value
 }
 
 /// `2026-12-03T20:33:31.587Z` as ms since the epoch (the metadata file's times).
-pub(crate) fn rfc3339_ms(text: &str) -> anyhow::Result<u64> {
+fn rfc3339_ms(text: &str) -> anyhow::Result<u64> {
     let parse = || -> Option<u64> {
         let (date, time) = text.strip_suffix('Z')?.split_once('T')?;
         let mut date = date.split('-').map(|p| p.parse::<i64>().ok());

@@ -76,6 +76,7 @@ impl Journal {
     /// Build `id` (of `tenant`) began a run; the run's number ends it ([`Journal::end`]).
     pub fn begin(&self, id: &str, tenant: &str) -> u64 {
         let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.saved.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.lock().insert(id.to_string(), Live { run, tenant: tenant.to_string(), ..Live::default() });
         self.changed(id, tenant, true);
         run
@@ -223,6 +224,8 @@ impl Journal {
         if let Some(saved) = self.saved.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
             return Ok(*saved);
         }
+        // An ended build's records are final: read whether it runs before reading them.
+        let ended = !self.lock().contains_key(id);
         let mut sources: HashMap<String, Vec<VertexRecord>> = HashMap::new();
         let (mut saved, mut whole) = (0, true);
         for record in self.records(id)? {
@@ -236,7 +239,7 @@ impl Journal {
                 None => whole = false,
             }
         }
-        if whole && !self.lock().contains_key(id) {
+        if whole && ended {
             self.saved.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), saved);
         }
         Ok(saved)

@@ -78,7 +78,8 @@ impl LiveJournal {
         let Some(run) = self.run.take() else { return };
         let (journal, id) = (Arc::clone(&self.journal), self.id.clone());
         if let Err(error) = tokio::task::spawn_blocking(move || journal.end(&id, run, &records)).await {
-            tracing::warn!("keeping the build's records and logs: {error}");
+            tracing::warn!("the build's records and logs are lost: {error}");
+            self.journal.abandon(&self.id, run);
         }
     }
 }

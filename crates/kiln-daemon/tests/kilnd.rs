@@ -471,7 +471,7 @@ fn without_max_parallelism_steps_past_the_cpus_start_while_the_machine_is_calm()
 
     let root = dir.path().join("root");
     let runner = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+    let spawned = Command::new(env!("CARGO_BIN_EXE_kilnd"))
         .args(["--standalone", "--root"])
         .arg(&root)
         .env("KILN_RUNNER", &runner)
@@ -481,6 +481,15 @@ fn without_max_parallelism_steps_past_the_cpus_start_while_the_machine_is_calm()
         .unwrap();
     let socket = root.join("kilnd.sock");
     wait_until("the socket", || socket.exists());
+    // Stopped even when an assertion fails.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = Stop(spawned);
     let metadata = dir.path().join("metadata.json");
     let out = Command::new(Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln"))
         .args(["--addr", &format!("unix://{}", socket.display()), "build", "--debug", "--progress", "plain"])
@@ -508,9 +517,10 @@ fn without_max_parallelism_steps_past_the_cpus_start_while_the_machine_is_calm()
         last_start < first_end,
         "not all at once: the last started at {last_start}, the first ended at {first_end}"
     );
-    // The steps past the CPUs say why they were let in.
+    // The steps past the CPUs say why they were let in (a COPY that came while the last
+    // ones ran may say so too).
     let admitted = progress.lines().filter(|l| l.contains("[admission] admitted as step")).count();
-    assert_eq!(admitted, stages - cpus, "{progress}");
-    Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
-    assert!(daemon.wait().unwrap().success());
+    assert!(admitted >= stages - cpus, "{admitted} admissions told: {progress}");
+    Command::new("kill").arg(daemon.0.id().to_string()).status().unwrap();
+    assert!(daemon.0.wait().unwrap().success());
 }

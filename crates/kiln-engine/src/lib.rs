@@ -56,8 +56,6 @@ pub struct Engine {
     shared_cache: Option<kiln_model::CacheSpec>,
     /// The worker's garbage collector (standalone).
     gc: Option<Arc<Gc>>,
-    /// Executions at once on its own worker (standalone; adaptive: its ceiling).
-    slots: usize,
 }
 
 enum Mode {
@@ -135,10 +133,6 @@ impl Engine {
             next_build: 1.into(),
             shared_cache: None,
             gc,
-            slots: match config.parallelism {
-                Parallelism::Fixed(n) => n,
-                Parallelism::Adaptive { ceiling } => ceiling,
-            },
         })
     }
 
@@ -190,7 +184,6 @@ impl Engine {
             next_build: 1.into(),
             shared_cache,
             gc: Some(Arc::new(gc)),
-            slots: CLUSTER_SLOTS,
         })
     }
 
@@ -220,19 +213,23 @@ impl Engine {
 
     /// A standalone daemon's executions at once (`None` on a coordinator).
     pub fn local_slots(&self) -> Option<usize> {
-        matches!(self.mode, Mode::Local(_)).then_some(self.slots)
+        match &self.mode {
+            Mode::Local(solver) => Some(solver.slots()),
+            Mode::Cluster { .. } => None,
+        }
     }
 
     /// A standalone daemon's own worker, as a coordinator's are listed (`None` on a
     /// coordinator). It holds no coordinator's lease: its heartbeat is now.
     pub fn local_worker(&self) -> Option<kiln_model::WorkerStatus> {
         let (_, running) = self.local_load()?;
+        let slots = self.local_slots()?;
         let gc = self.gc.as_ref();
         let info = kiln_model::WorkerInfo {
             name: self.name.clone(),
             platforms: self.platforms.clone(),
             labels: Default::default(),
-            max_parallelism: self.slots,
+            max_parallelism: slots,
             free_disk: gc.map_or(0, |gc| gc.free_disk()),
             address: String::new(),
             entitlements: self.entitlements.clone(),

@@ -13,7 +13,7 @@
 //! Each admission past the CPUs is a [`Decision`] the step's output tells at debug level.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,24 +98,33 @@ pub struct PressureFiles {
 }
 
 impl PressureFiles {
-    /// This machine's, if the kernel keeps pressure information.
+    /// This machine's, if the kernel keeps pressure information: the files in the directory
+    /// `KILN_PRESSURE_DIR` names (`cpu.pressure`, `memory.pressure`), else the whole
+    /// machine's (`/proc/pressure/cpu`, `/proc/pressure/memory`). The machine's, not the
+    /// daemon's cgroup: the steps run in cgroups of their own, and they share the machine
+    /// with whatever else runs on it.
     pub fn find() -> Option<PressureFiles> {
-        if let Some(dir) = std::env::var_os("KILN_PRESSURE_DIR").map(PathBuf::from) {
-            let files = PressureFiles { cpu: dir.join("cpu.pressure"), memory: dir.join("memory.pressure") };
-            return files.read().is_some().then_some(files);
-        }
-        let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|text| {
-            let path = text.lines().find_map(|line| line.strip_prefix("0::"))?;
-            Some(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')))
-        });
-        let candidates = cgroup
-            .map(|dir| PressureFiles { cpu: dir.join("cpu.pressure"), memory: dir.join("memory.pressure") })
-            .into_iter()
-            .chain([PressureFiles {
+        let files = match std::env::var_os("KILN_PRESSURE_DIR").map(PathBuf::from) {
+            Some(dir) => PressureFiles { cpu: dir.join("cpu.pressure"), memory: dir.join("memory.pressure") },
+            None => PressureFiles {
                 cpu: PathBuf::from("/proc/pressure/cpu"),
                 memory: PathBuf::from("/proc/pressure/memory"),
-            }]);
-        candidates.into_iter().find(|files| files.read().is_some())
+            },
+        };
+        if files.read().is_some() {
+            tracing::info!(
+                "parallelism adapts to the pressure in {} and {}",
+                files.cpu.display(),
+                files.memory.display()
+            );
+            Some(files)
+        } else {
+            tracing::warn!(
+                "no pressure information in {}: at most {FALLBACK_PER_CPU} steps per CPU at once",
+                files.cpu.display()
+            );
+            None
+        }
     }
 
     /// Reads them.
@@ -138,14 +147,18 @@ fn some_total(text: &str) -> Option<u64> {
     line.split_whitespace().find_map(|field| field.strip_prefix("total="))?.parse().ok()
 }
 
-/// A slot: the execution holds it while it runs.
+/// A slot: the execution holds it while it runs. One the admission sent to a waiter that had
+/// gone is given back when the channel drops it.
 pub struct Permit {
-    admission: Arc<Admission>,
+    /// `None`: disarmed (never counted).
+    admission: Option<Arc<Admission>>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.admission.release();
+        if let Some(admission) = self.admission.take() {
+            admission.release();
+        }
     }
 }
 
@@ -167,11 +180,26 @@ struct State {
     waiting: VecDeque<Waiter>,
     /// Whether a task reads the pressure for the waiting steps.
     watching: bool,
+    next_waiter: u64,
 }
 
 struct Waiter {
+    id: u64,
     since: Instant,
-    admit: oneshot::Sender<Option<Decision>>,
+    admit: oneshot::Sender<(Permit, Option<Decision>)>,
+}
+
+/// A waiting step's place in the queue: a step that stops waiting (its build was cancelled)
+/// leaves it.
+struct Place<'a> {
+    admission: &'a Admission,
+    id: u64,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.admission.lock().waiting.retain(|waiter| waiter.id != self.id);
+    }
 }
 
 impl Admission {
@@ -195,6 +223,11 @@ impl Admission {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The most steps it lets run at once.
+    pub fn ceiling(&self) -> usize {
+        self.ceiling
+    }
+
     /// Steps waiting and running.
     pub fn load(&self) -> (usize, usize) {
         let state = self.lock();
@@ -204,45 +237,71 @@ impl Admission {
     /// A slot at once, if one is free without asking the machine.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         let mut state = self.lock();
+        self.take_at_once(&mut state)
+    }
+
+    fn take_at_once(self: &Arc<Self>, state: &mut State) -> Option<Permit> {
         if state.waiting.is_empty() && state.running < self.floor {
             state.running += 1;
-            return Some(Permit { admission: Arc::clone(self) });
+            return Some(Permit { admission: Some(Arc::clone(self)) });
         }
         None
     }
 
     /// A slot, once admitted; with the decision when the machine's pressure admitted it.
     pub async fn acquire(self: &Arc<Self>) -> (Permit, Option<Decision>) {
-        if let Some(permit) = self.try_acquire() {
-            return (permit, None);
-        }
         let (admit, admitted) = oneshot::channel();
-        let watch = {
+        let (place, watch) = {
             let mut state = self.lock();
-            state.waiting.push_back(Waiter { since: Instant::now(), admit });
+            // Checked and queued under one lock: a slot freed in between is not missed.
+            if let Some(permit) = self.take_at_once(&mut state) {
+                return (permit, None);
+            }
+            let id = state.next_waiter;
+            state.next_waiter += 1;
+            state.waiting.push_back(Waiter { id, since: Instant::now(), admit });
             let watch = self.pressure.is_some() && !state.watching;
             state.watching |= watch;
-            watch
+            (Place { admission: self, id }, watch)
         };
         if watch {
             tokio::spawn(Arc::clone(self).watch());
         }
-        // The slot is ours once sent (a waiter that went away gives it back: see `admit`).
-        let decision = admitted.await.expect("an admission keeps its waiters until it admits them");
-        (Permit { admission: Arc::clone(self) }, decision)
+        let admitted = admitted.await.expect("an admission keeps its waiters until it admits them");
+        drop(place);
+        admitted
+    }
+
+    /// Admits the first waiter that is still there; whether one was.
+    fn admit_first(self: &Arc<Self>, state: &mut State, decision: impl Fn(usize) -> Option<Decision>) -> bool {
+        while let Some(waiter) = state.waiting.pop_front() {
+            state.running += 1;
+            let mut decision = decision(state.running);
+            if let Some(decision) = &mut decision {
+                decision.waited = waiter.since.elapsed();
+            }
+            match waiter.admit.send((Permit { admission: Some(Arc::clone(self)) }, decision)) {
+                Ok(()) => {
+                    if let Some(decision) = decision {
+                        tracing::debug!(%decision, "admission");
+                    }
+                    return true;
+                }
+                Err((mut permit, _)) => {
+                    // It went: the slot was never taken (and the lock is held here).
+                    permit.admission = None;
+                    state.running -= 1;
+                }
+            }
+        }
+        false
     }
 
     /// A slot came back: the first waiter takes it while under the floor.
-    fn release(&self) {
+    fn release(self: Arc<Self>) {
         let mut state = self.lock();
         state.running -= 1;
-        while state.running < self.floor {
-            let Some(waiter) = state.waiting.pop_front() else { break };
-            state.running += 1;
-            if waiter.admit.send(None).is_err() {
-                state.running -= 1;
-            }
-        }
+        while state.running < self.floor && self.admit_first(&mut state, |_| None) {}
     }
 
     /// Reads the pressure every [`TICK`] while steps wait; each calm tick admits up to one
@@ -266,26 +325,16 @@ impl Admission {
                 state.watching = false;
                 return;
             }
+            // Below the floor, always (a slot freed is taken at once; this only mends).
+            while state.running < self.floor && self.admit_first(&mut state, |_| None) {}
             if cpu >= CPU_CALM || memory >= MEMORY_CALM {
-                tracing::debug!(
-                    cpu,
-                    memory,
-                    running = state.running,
-                    waiting = state.waiting.len(),
-                    "admission: busy, holding"
-                );
+                tracing::trace!(cpu, memory, running = state.running, waiting = state.waiting.len(), "admission: busy");
                 continue;
             }
-            let mut admitted = 0;
-            while admitted < self.floor && state.running < self.ceiling {
-                let Some(waiter) = state.waiting.pop_front() else { break };
-                state.running += 1;
-                let decision = Decision { running: state.running, cpu, memory, waited: waiter.since.elapsed() };
-                if waiter.admit.send(Some(decision)).is_ok() {
-                    admitted += 1;
-                    tracing::debug!(%decision, "admission");
-                } else {
-                    state.running -= 1;
+            let decision = |running| Some(Decision { running, cpu, memory, waited: Duration::ZERO });
+            for _ in 0..self.floor {
+                if state.running >= self.ceiling || !self.admit_first(&mut state, decision) {
+                    break;
                 }
             }
         }
@@ -321,6 +370,35 @@ mod tests {
         assert_eq!((decision, admission.load()), (None, (0, 2)));
         drop(b);
         assert_eq!(admission.load(), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_step_that_stops_waiting_gives_its_place_and_its_slot_back() {
+        let admission = Admission::new(Parallelism::Fixed(1), None);
+        let held = admission.try_acquire().unwrap();
+        let wait = |admission: &Arc<Admission>| {
+            let admission = Arc::clone(admission);
+            tokio::spawn(async move { admission.acquire().await })
+        };
+        // Cancelled while waiting: its place goes.
+        let waiter = wait(&admission);
+        while admission.load() != (1, 1) {
+            tokio::task::yield_now().await;
+        }
+        waiter.abort();
+        assert!(waiter.await.is_err_and(|e| e.is_cancelled()));
+        assert_eq!(admission.load(), (0, 1));
+        // Cancelled as it is admitted (before or after the slot reached it): the slot comes
+        // back either way.
+        let waiter = wait(&admission);
+        while admission.load() != (1, 1) {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(admission.load(), (0, 0));
+        assert!(admission.try_acquire().is_some(), "the slot is free");
     }
 
     #[tokio::test]
@@ -361,7 +439,7 @@ mod tests {
         let mut waiters = waiters.into_iter();
         let mut admitted = Vec::new();
         for waiter in waiters.by_ref().take(cpus() * 2) {
-            let (permit, decision) = waiter.await.unwrap();
+            let (permit, decision) = tokio::time::timeout(Duration::from_secs(30), waiter).await.unwrap().unwrap();
             let decision = decision.expect("admitted by the pressure");
             assert!(decision.cpu < CPU_CALM && decision.running > cpus(), "{decision}");
             admitted.push(permit);
@@ -370,7 +448,7 @@ mod tests {
         // Slots freed past the CPUs go to the waiters as the pressure allows.
         drop(held);
         for waiter in waiters {
-            let (permit, _) = waiter.await.unwrap();
+            let (permit, _) = tokio::time::timeout(Duration::from_secs(30), waiter).await.unwrap().unwrap();
             admitted.push(permit);
         }
         assert_eq!(admission.load(), (0, cpus() * 3));

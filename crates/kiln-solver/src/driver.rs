@@ -188,6 +188,11 @@ impl<E: Executor> Solver<E> {
         self.admission.load()
     }
 
+    /// The most executions it lets run at once (an adaptive admission's ceiling).
+    pub fn slots(&self) -> usize {
+        self.admission.ceiling()
+    }
+
     /// Submits a build; its progress arrives on the handle.
     pub fn submit(&self, graph: Graph, options: BuildOptions, build: Arc<E::Build>) -> BuildHandle<E::Output> {
         let id = self.next_build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
