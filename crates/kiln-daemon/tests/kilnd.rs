@@ -14,6 +14,11 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
 
 /// Starts `kilnd --standalone ARGS --root ROOT` and waits for its socket.
 fn standalone(root: &Path, args: &[&str]) -> (std::process::Child, std::path::PathBuf) {
+    standalone_with(root, args, &[])
+}
+
+/// [`standalone`] with more environment.
+fn standalone_with(root: &Path, args: &[&str], env: &[(&str, &Path)]) -> (std::process::Child, std::path::PathBuf) {
     let runner = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner");
     let daemon = Command::new(env!("CARGO_BIN_EXE_kilnd"))
         .arg("--standalone")
@@ -21,6 +26,7 @@ fn standalone(root: &Path, args: &[&str]) -> (std::process::Child, std::path::Pa
         .arg("--root")
         .arg(root)
         .env("KILN_RUNNER", &runner)
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -469,27 +475,9 @@ fn without_max_parallelism_steps_past_the_cpus_start_while_the_machine_is_calm()
     std::fs::create_dir_all(&context).unwrap();
     std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
 
-    let root = dir.path().join("root");
-    let runner = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln-runner");
-    let spawned = Command::new(env!("CARGO_BIN_EXE_kilnd"))
-        .args(["--standalone", "--root"])
-        .arg(&root)
-        .env("KILN_RUNNER", &runner)
-        .env("KILN_PRESSURE_DIR", &pressure)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let socket = root.join("kilnd.sock");
-    wait_until("the socket", || socket.exists());
+    let (daemon, socket) = standalone_with(&dir.path().join("root"), &[], &[("KILN_PRESSURE_DIR", &pressure)]);
     // Stopped even when an assertion fails.
-    struct Stop(std::process::Child);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut daemon = Stop(spawned);
+    let daemon = Stopped(daemon);
     let metadata = dir.path().join("metadata.json");
     let out = Command::new(Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln"))
         .args(["--addr", &format!("unix://{}", socket.display()), "build", "--debug", "--progress", "plain"])
@@ -521,6 +509,5 @@ fn without_max_parallelism_steps_past_the_cpus_start_while_the_machine_is_calm()
     // ones ran may say so too).
     let admitted = progress.lines().filter(|l| l.contains("[admission] admitted as step")).count();
     assert!(admitted >= stages - cpus, "{admitted} admissions told: {progress}");
-    Command::new("kill").arg(daemon.0.id().to_string()).status().unwrap();
-    assert!(daemon.0.wait().unwrap().success());
+    daemon.stop();
 }
