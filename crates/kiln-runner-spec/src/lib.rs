@@ -6,11 +6,13 @@
 //! working directory, so it must never run inside the multi-threaded daemon (youki keeps
 //! `libcontainer` and the `youki` binary apart likewise).
 //!
-//! Protocol: the worker writes a [`RunSpec`] as JSON and starts
-//! `kiln-runner run --spec FILE --result FILE` with the step's output pipes as stdout and
-//! stderr. The container inherits those pipes, so output streams straight to the worker. The
-//! runner writes a [`RunResult`] to the result file and exits 0; any other exit means the
-//! runner itself failed and its last stderr line says why. `kiln-runner cleanup --state-root
+//! Protocol: the worker starts `kiln-runner run --spec - --result FILE` with the step's
+//! output pipes as stdout and stderr, ahead of the step, and later writes a [`RunSpec`] as
+//! JSON to its standard input and closes it (`--spec FILE` reads a file instead; an empty
+//! standard input makes the runner exit 0 at once, doing nothing). The container inherits
+//! the output pipes, so output streams straight to the worker. The runner writes a
+//! [`RunResult`] to the result file and exits 0; any other exit means the runner itself
+//! failed and its last stderr line says why. `kiln-runner cleanup --state-root
 //! DIR [--id ID]` removes containers a killed runner left behind.
 
 use std::path::{Path, PathBuf};

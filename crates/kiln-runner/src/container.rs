@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use kiln_runner_spec::{Limits, Network, RunMount, RunMountKind, RunResult, RunSpec};
 use libcontainer::capabilities::CapabilityExt as _;
-use libcontainer::container::Container;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::network::link::LinkClient;
 use libcontainer::network::wrapper::create_network_client;
@@ -144,9 +143,7 @@ fn run_in_bundle(spec: &RunSpec, bundle: &Path) -> anyhow::Result<RunResult> {
     let elapsed_us = started.elapsed().as_micros() as u64;
     let _ = done.send(());
     let timed_out = watchdog.map(|w| w.join().unwrap_or(false)).unwrap_or(false);
-    // A delete that fails (processes still exiting) is finished by the cgroup sweep in
-    // `cleanup`, which `run` always calls; the step's result stands either way.
-    let _ = container.delete(true);
+    // The container is deleted by `cleanup`, which `run` always calls.
     Ok(RunResult { exit_code, signal, timed_out, elapsed_us })
 }
 
@@ -173,18 +170,14 @@ fn cleanup_one(state_root: &Path, id: &str) -> anyhow::Result<()> {
     let cgroup = Spec::load(bundle.join("config.json"))
         .ok()
         .and_then(|spec| spec.linux().as_ref().and_then(|linux| linux.cgroups_path().clone()));
-    if dir.exists() {
-        if let Ok(mut container) = Container::load(dir.clone()) {
-            // Failing here is expected when processes are still exiting; the cgroup sweep
-            // below finishes the job.
-            let _ = container.delete(true);
-        }
-        if dir.exists() {
-            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-    }
+    // Not libcontainer's delete: its cgroup manager reads the mount table once per
+    // controller (about a millisecond on a cgroup v1 host), and killing every process in
+    // the container's cgroup, init included, is all a build step's container needs.
     if let Some(cgroup) = cgroup {
         remove_cgroup(&cgroup)?;
+    }
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     if bundle.exists() {
         fs::remove_dir_all(&bundle).with_context(|| format!("removing {}", bundle.display()))?;

@@ -7,6 +7,7 @@
 mod container;
 mod seccomp;
 
+use std::io::Read as _;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
@@ -25,9 +26,19 @@ fn dispatch(args: Vec<String>) -> anyhow::Result<()> {
         |name: &str| -> Option<&String> { options.iter().position(|a| a == name).and_then(|i| options.get(i + 1)) };
     match command.as_str() {
         "run" => {
-            let spec_path = option("--spec").context("run needs --spec FILE")?;
+            let spec_path = option("--spec").context("run needs --spec FILE (or - for standard input)")?;
             let result_path = option("--result").context("run needs --result FILE")?;
-            let text = std::fs::read(spec_path).with_context(|| format!("reading {spec_path}"))?;
+            let text = if spec_path == "-" {
+                let mut text = Vec::new();
+                std::io::stdin().read_to_end(&mut text).context("reading the spec from standard input")?;
+                if text.is_empty() {
+                    // A runner started ahead of a step that never came (its worker stopped).
+                    return Ok(());
+                }
+                text
+            } else {
+                std::fs::read(spec_path).with_context(|| format!("reading {spec_path}"))?
+            };
             let spec: RunSpec = serde_json::from_slice(&text).with_context(|| format!("parsing {spec_path}"))?;
             let result = container::run(&spec)?;
             std::fs::write(result_path, serde_json::to_vec(&result)?).with_context(|| format!("writing {result_path}"))

@@ -1,5 +1,6 @@
 //! Runs the real `kiln-runner` binary on a busybox root filesystem (as root).
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -47,20 +48,13 @@ impl Sandbox {
         }
     }
 
+    /// Starts a runner and hands it the spec on its standard input, as the worker does.
     fn spawn(&self, spec: &RunSpec) -> (std::process::Child, PathBuf) {
-        let spec_path = self.dir.path().join(format!("{}.json", spec.id));
         let result_path = self.dir.path().join(format!("{}.result", spec.id));
-        std::fs::write(&spec_path, serde_json::to_vec(spec).unwrap()).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kiln-runner"))
-            .args(["run", "--spec"])
-            .arg(&spec_path)
-            .arg("--result")
-            .arg(&result_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = runner_command(&result_path).spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&serde_json::to_vec(spec).unwrap()).unwrap();
+        drop(stdin);
         (child, result_path)
     }
 
@@ -84,12 +78,36 @@ impl Sandbox {
     }
 }
 
+/// `kiln-runner run --spec - --result RESULT` with piped standard streams.
+fn runner_command(result: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln-runner"));
+    command
+        .args(["run", "--spec", "-", "--result"])
+        .arg(result)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
 fn wait_for(what: &str, condition: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn a_runner_whose_spec_never_comes_exits_quietly() {
+    let sandbox = Sandbox::new();
+    let result = sandbox.dir.path().join("never.result");
+    let mut child = runner_command(&result).spawn().unwrap();
+    drop(child.stdin.take());
+    let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
+    assert!(status.success(), "{}", String::from_utf8_lossy(&stderr));
+    assert!(stdout.is_empty() && stderr.is_empty());
+    assert!(!result.exists());
 }
 
 #[test]

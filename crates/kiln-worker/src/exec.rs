@@ -5,13 +5,12 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 
 use kiln_graph::{ExecOp, NetworkMode, SecurityMode};
 use kiln_layer::resolve_in_root;
 use kiln_runner_spec::{Network, RunMount, RunMountKind, RunResult, RunSpec};
-use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWriteExt as _, BufReader};
 
 use crate::user::resolve_user;
 use crate::{
@@ -24,7 +23,7 @@ const TAIL_LINES: usize = 20;
 const RUNTIME_TARGETS: [&str; 5] = ["/proc", "/dev", "/sys", "/etc/hosts", "/etc/resolv.conf"];
 const HOSTS: &str = "127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 
-/// Removes the step directory (secrets, spec, hosts files) however the step ends.
+/// Removes the step directory (secrets, hosts files) however the step ends.
 struct StepDir(PathBuf);
 
 impl Drop for StepDir {
@@ -35,7 +34,8 @@ impl Drop for StepDir {
 }
 
 /// A tmpfs at `STEP/secrets`, for a step that mounts secrets: the secret files and the
-/// runner's spec (whose environment may hold a secret) never reach a disk. Unmounted (lazily,
+/// container's state (libcontainer keeps its config, whose environment may hold a secret)
+/// never reach a disk. Unmounted (lazily,
 /// off the async threads) before the step directory is removed.
 struct SecretsTmpfs(PathBuf);
 
@@ -161,9 +161,7 @@ impl Worker {
             cgroup_parent: self.config.cgroup_parent.clone(),
             timeout_ms: self.config.step_timeout.map(|t| t.as_millis() as u64),
         };
-        // The spec carries the step's environment, secrets included: on the tmpfs with them.
-        let spec_dir = secrets.as_ref().map_or(step_dir.0.as_path(), |tmpfs| tmpfs.0.as_path());
-        let outcome = self.run_container(&spec, spec_dir, &step_dir.0, logs).await;
+        let outcome = self.run_container(&spec, logs).await;
         drop(mounts);
         drop(lease);
         let (result, tail) = outcome.map_err(fail)?;
@@ -193,36 +191,33 @@ impl Worker {
         Ok(Snapshot { layers })
     }
 
-    /// Starts the runner, streams its output to the log sink, and waits for the result.
+    /// Hands the spec to a runner, streams its output to the log sink, and waits for the
+    /// result. The spec carries the step's environment, secrets included: it goes over a
+    /// pipe and never reaches a disk.
     async fn run_container(
         &self,
         spec: &RunSpec,
-        spec_dir: &Path,
-        step_dir: &Path,
         logs: Option<&LogSink>,
     ) -> Result<(RunResult, VecDeque<String>), String> {
-        let spec_path = spec_dir.join("spec.json");
-        let result_path = step_dir.join("result.json");
-        let (written, bytes) = (spec_path.clone(), serde_json::to_vec(spec).expect("serialisable"));
-        blocking(move || std::fs::write(&written, bytes).map_err(|e| format!("{}: {e}", written.display()))).await?;
+        let starting = |e: std::io::Error| format!("starting {}: {e}", self.runners.program().display());
+        let mut runner = self.runners.take().map_err(starting)?;
         let mut guard = RunnerGuard {
             runner: self.config.runner.clone(),
             state_root: spec.state_root.clone(),
             id: spec.id.clone(),
             finished: false,
         };
-        let mut child = tokio::process::Command::new(&self.config.runner)
-            .arg("run")
-            .arg("--spec")
-            .arg(&spec_path)
-            .arg("--result")
-            .arg(&result_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", self.config.runner.display()))?;
+        let bytes = serde_json::to_vec(spec).expect("serialisable");
+        let mut stdin = runner.child.stdin.take().expect("piped");
+        if let Err(error) = stdin.write_all(&bytes).await {
+            // It died between being found alive and now: one started for this step instead.
+            tracing::warn!("an idle runner was gone ({error}); starting another");
+            runner = self.runners.take().map_err(starting)?;
+            stdin = runner.child.stdin.take().expect("piped");
+            stdin.write_all(&bytes).await.map_err(|e| format!("handing the step to the runner: {e}"))?;
+        }
+        drop(stdin);
+        let (mut child, result_path) = (runner.child, runner.result);
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let (out_tail, err_tail, status) =
@@ -233,13 +228,17 @@ impl Worker {
         while tail.len() > TAIL_LINES {
             tail.pop_front();
         }
+        let bytes = blocking(move || {
+            let bytes = std::fs::read(&result_path);
+            let _ = std::fs::remove_file(&result_path);
+            Ok(bytes)
+        })
+        .await?;
         if !status.success() {
             let reason = tail.back().cloned().unwrap_or_else(|| format!("runner exited with {status}"));
             return Err(format!("running the step failed: {reason}"));
         }
-        let bytes =
-            blocking(move || std::fs::read(&result_path).map_err(|e| format!("reading the runner's result: {e}")))
-                .await?;
+        let bytes = bytes.map_err(|e| format!("reading the runner's result: {e}"))?;
         let result = serde_json::from_slice(&bytes).map_err(|e| format!("parsing the runner's result: {e}"))?;
         Ok((result, tail))
     }

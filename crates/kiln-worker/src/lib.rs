@@ -22,6 +22,7 @@ mod gc;
 mod mounts;
 mod netns;
 mod platforms;
+mod runners;
 mod source;
 mod stores;
 mod transfer;
@@ -215,6 +216,8 @@ pub struct Worker {
     gc: Arc<Gc>,
     /// The namespaces of steps in the isolated network.
     networks: Option<Arc<netns::NetPool>>,
+    /// Runners started ahead of the steps.
+    runners: Arc<runners::RunnerPool>,
 }
 
 impl std::ops::Deref for Worker {
@@ -252,7 +255,8 @@ impl Worker {
         );
         let networks = (config.default_network == kiln_model::DefaultNetwork::Isolated)
             .then(|| Arc::new(netns::NetPool::new(config.unreachable.clone())));
-        Ok(Worker { config, stores, cache_mounts, gc: Arc::new(gc), networks })
+        let runners = runners::RunnerPool::new(config.runner.clone(), steps);
+        Ok(Worker { config, stores, cache_mounts, gc: Arc::new(gc), networks, runners })
     }
 
     /// The worker's garbage collector.
