@@ -21,6 +21,9 @@ use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::resource::{Resource, getrlimit};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
+use seccompiler::BpfProgram;
+
+use crate::seccomp::StepExecutor;
 
 /// Capabilities a build step gets by default: containerd's default set, as BuildKit uses.
 const DEFAULT_CAPABILITIES: &[Capability] = &[
@@ -76,8 +79,9 @@ fn bundle_dir(state_root: &Path, id: &str) -> PathBuf {
     state_root.join("b").join(id)
 }
 
-/// Runs the step to completion and deletes its container, whatever happens.
-pub fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
+/// Runs the step to completion and deletes its container, whatever happens. `sandbox` is
+/// the compiled seccomp filter of a sandboxed step (`seccomp::sandbox`).
+pub fn run(spec: &RunSpec, sandbox: BpfProgram) -> anyhow::Result<RunResult> {
     cleanup(&spec.state_root, Some(&spec.id))?;
     match &spec.network {
         Network::None => {
@@ -97,19 +101,21 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
     }
     let bundle = bundle_dir(&spec.state_root, &spec.id);
     fs::create_dir_all(&bundle).with_context(|| format!("creating {}", bundle.display()))?;
-    let result = run_in_bundle(spec, &bundle);
+    let executor = StepExecutor { filter: (!spec.insecure).then_some(sandbox) };
+    let result = run_in_bundle(spec, &bundle, executor);
     let cleaned = cleanup(&spec.state_root, Some(&spec.id));
     let result = result?;
     cleaned?;
     Ok(result)
 }
 
-fn run_in_bundle(spec: &RunSpec, bundle: &Path) -> anyhow::Result<RunResult> {
+fn run_in_bundle(spec: &RunSpec, bundle: &Path, executor: StepExecutor) -> anyhow::Result<RunResult> {
     oci_spec(spec)?.save(bundle.join("config.json")).context("writing config.json")?;
     let started = Instant::now();
     let mut container = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
         .with_root_path(containers_root(&spec.state_root))?
         .with_stdin(File::open("/dev/null")?)
+        .with_executor(executor)
         .validate_id()?
         .as_init(bundle)
         .with_systemd(false)
@@ -272,13 +278,12 @@ fn oci_spec(spec: &RunSpec) -> anyhow::Result<Spec> {
     }
     linux.set_cgroups_path(Some(PathBuf::from(format!("{}/{}", spec.cgroup_parent.trim_end_matches('/'), spec.id))));
     linux.set_resources(Some(resources(&spec.limits)?));
+    // A sandboxed step keeps the default masked (`/proc/kcore`, `/proc/keys`, ...) and
+    // read-only (`/proc/sys`, ...) paths; its seccomp filter is installed by the executor
+    // (`StepExecutor`).
     if spec.insecure {
         linux.set_masked_paths(Some(Vec::new()));
         linux.set_readonly_paths(Some(Vec::new()));
-    } else {
-        // The default masked (`/proc/kcore`, `/proc/keys`, ...) and read-only (`/proc/sys`,
-        // ...) paths stay as the spec's defaults have them.
-        linux.set_seccomp(Some(crate::seccomp::sandbox()?));
     }
     Ok(oci)
 }

@@ -28,6 +28,8 @@ fn dispatch(args: Vec<String>) -> anyhow::Result<()> {
         "run" => {
             let spec_path = option("--spec").context("run needs --spec FILE (or - for standard input)")?;
             let result_path = option("--result").context("run needs --result FILE")?;
+            // Compiled while a runner started ahead of its step waits for the spec.
+            let sandbox = seccomp::sandbox()?;
             let text = if spec_path == "-" {
                 let mut text = Vec::new();
                 std::io::stdin().read_to_end(&mut text).context("reading the spec from standard input")?;
@@ -40,7 +42,7 @@ fn dispatch(args: Vec<String>) -> anyhow::Result<()> {
                 std::fs::read(spec_path).with_context(|| format!("reading {spec_path}"))?
             };
             let spec: RunSpec = serde_json::from_slice(&text).with_context(|| format!("parsing {spec_path}"))?;
-            let result = container::run(&spec)?;
+            let result = container::run(&spec, sandbox)?;
             std::fs::write(result_path, serde_json::to_vec(&result)?).with_context(|| format!("writing {result_path}"))
         }
         "cleanup" => {

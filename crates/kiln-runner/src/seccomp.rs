@@ -6,12 +6,20 @@
 //! (a user namespace is how an unprivileged process gets to mount); `clone3`, whose flags a
 //! filter cannot read, fails with `ENOSYS` so that libc falls back to `clone`. An insecure
 //! step (`--security=insecure`) runs unconfined, as Docker's privileged mode does.
+//!
+//! libseccomp compiles the filter (it knows this architecture's system call numbers) before
+//! the runner reads its spec, while it waits for a step; the container's init process only
+//! installs the compiled program, through [`StepExecutor`], right before it executes the
+//! step's command.
+
+use std::io::{Read as _, Seek as _};
 
 use anyhow::Context as _;
-use libcontainer::oci_spec::runtime::{
-    Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator,
-    LinuxSyscall, LinuxSyscallBuilder,
-};
+use libcontainer::oci_spec::runtime::Spec;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use libseccomp::{ScmpAction, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
+use seccompiler::{BpfProgram, sock_filter};
 
 /// System calls a sandboxed step may make, whatever their arguments. Names the kernel or
 /// the architecture lacks are skipped when the filter is built.
@@ -316,65 +324,74 @@ const ALLOWED: &[&str] = &[
 const NAMESPACE_FLAGS: u64 = 0x7E02_0000;
 
 /// `EPERM`, what a refused call returns.
-const EPERM: u32 = 1;
+const EPERM: i32 = 1;
 /// `ENOSYS`, what `clone3` returns.
-const ENOSYS: u32 = 38;
+const ENOSYS: i32 = 38;
 
-fn rule(names: &[&str], action: LinuxSeccompAction, errno: Option<u32>) -> anyhow::Result<LinuxSyscall> {
-    let mut builder = LinuxSyscallBuilder::default().names(names.iter().map(|n| n.to_string()).collect::<Vec<_>>());
-    builder = builder.action(action);
-    if let Some(errno) = errno {
-        builder = builder.errno_ret(errno);
+/// The personalities Docker allows: Linux, 32-bit Linux, `UNAME26`, both, and the query.
+const PERSONALITIES: [u64; 5] = [0x0, 0x8, 0x2_0000, 0x2_0008, 0xffff_ffff];
+
+/// The filter, compiled: [`ALLOWED`], `clone` without namespace flags, the usual
+/// personalities, `clone3` as `ENOSYS`, every other call `EPERM`.
+pub fn sandbox() -> anyhow::Result<BpfProgram> {
+    let mut filter = ScmpFilterContext::new(ScmpAction::Errno(EPERM)).context("creating the seccomp filter")?;
+    let allow = |filter: &mut ScmpFilterContext, name: &str, conditions: &[ScmpArgCompare]| -> anyhow::Result<()> {
+        // A name this kernel's architecture lacks has nothing to allow.
+        let Ok(call) = ScmpSyscall::from_name(name) else { return Ok(()) };
+        filter.add_rule_conditional(ScmpAction::Allow, call, conditions).with_context(|| format!("allowing {name}"))?;
+        Ok(())
+    };
+    for name in ALLOWED {
+        allow(&mut filter, name, &[])?;
     }
-    builder.build().context("a seccomp rule")
+    allow(&mut filter, "clone", &[ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(NAMESPACE_FLAGS), 0)])?;
+    // One rule per value: the conditions of one rule must all hold.
+    for value in PERSONALITIES {
+        allow(&mut filter, "personality", &[ScmpArgCompare::new(0, ScmpCompareOp::Equal, value)])?;
+    }
+    if let Ok(clone3) = ScmpSyscall::from_name("clone3") {
+        filter.add_rule(ScmpAction::Errno(ENOSYS), clone3).context("refusing clone3")?;
+    }
+    export(&filter)
 }
 
-/// The filter: [`ALLOWED`], `clone` without namespace flags, the usual personalities,
-/// `clone3` as `ENOSYS`, every other call `EPERM`.
-pub fn sandbox() -> anyhow::Result<LinuxSeccomp> {
-    // libcontainer compares `(argument & value_two) == value`.
-    let no_namespaces = LinuxSeccompArgBuilder::default()
-        .index(0usize)
-        .value(0u64)
-        .value_two(NAMESPACE_FLAGS)
-        .op(LinuxSeccompOperator::ScmpCmpMaskedEq)
-        .build()
-        .context("the clone rule")?;
-    let clone = LinuxSyscallBuilder::default()
-        .names(vec!["clone".to_string()])
-        .action(LinuxSeccompAction::ScmpActAllow)
-        .args(vec![no_namespaces])
-        .build()
-        .context("the clone rule")?;
-    // The personalities Docker allows: Linux, 32-bit Linux, `UNAME26`, both, and the query.
-    let personalities = [0x0u64, 0x8, 0x2_0000, 0x2_0008, 0xffff_ffff]
-        .into_iter()
-        .map(|value| {
-            LinuxSeccompArgBuilder::default()
-                .index(0usize)
-                .value(value)
-                .op(LinuxSeccompOperator::ScmpCmpEq)
-                .build()
-                .context("the personality rule")
+/// The BPF program libseccomp would load for `filter`.
+fn export(filter: &ScmpFilterContext) -> anyhow::Result<BpfProgram> {
+    let memory = nix::sys::memfd::memfd_create(c"kiln-seccomp", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+        .context("creating a memory file for the seccomp filter")?;
+    filter.export_bpf(&memory).context("compiling the seccomp filter")?;
+    let mut file = std::fs::File::from(memory);
+    let mut bytes = Vec::new();
+    file.rewind().and_then(|()| file.read_to_end(&mut bytes)).context("reading the compiled seccomp filter")?;
+    // `struct sock_filter`: u16 code, u8 jt, u8 jf, u32 k, in the machine's byte order.
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|i| sock_filter {
+            code: u16::from_ne_bytes([i[0], i[1]]),
+            jt: i[2],
+            jf: i[3],
+            k: u32::from_ne_bytes([i[4], i[5], i[6], i[7]]),
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let personality = LinuxSyscallBuilder::default()
-        .names(vec!["personality".to_string()])
-        .action(LinuxSeccompAction::ScmpActAllow)
-        .args(personalities)
-        .build()
-        .context("the personality rule")?;
-    let syscalls = vec![
-        rule(ALLOWED, LinuxSeccompAction::ScmpActAllow, None)?,
-        clone,
-        personality,
-        rule(&["clone3"], LinuxSeccompAction::ScmpActErrno, Some(ENOSYS))?,
-    ];
-    LinuxSeccompBuilder::default()
-        .default_action(LinuxSeccompAction::ScmpActErrno)
-        .default_errno_ret(EPERM)
-        .architectures(vec![Arch::ScmpArchNative])
-        .syscalls(syscalls)
-        .build()
-        .context("the seccomp filter")
+        .collect())
+}
+
+/// libcontainer's executor (which checks the command exists and executes it), after
+/// installing the sandbox's compiled filter when the step has one.
+#[derive(Clone)]
+pub struct StepExecutor {
+    pub filter: Option<BpfProgram>,
+}
+
+impl Executor for StepExecutor {
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        if let Some(filter) = &self.filter {
+            seccompiler::apply_filter(filter)
+                .map_err(|e| ExecutorError::Other(format!("installing the seccomp filter: {e}")))?;
+        }
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
 }
