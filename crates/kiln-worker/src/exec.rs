@@ -94,7 +94,7 @@ impl Worker {
         fits_exec(&exec.args, &exec.env).map_err(fail)?;
         let base = chain(&exec.rootfs, inputs).map_err(fail)?.to_vec();
         let id = self.step_id();
-        let step_dir = StepDir(self.config.root.join("steps").join(&id));
+        let step_dir = StepDir(self.runtime.join("steps").join(&id));
 
         // Create the step directory with its runtime files, mount, read the image's users and
         // create the working directory, off the async threads.
@@ -138,9 +138,7 @@ impl Worker {
         let spec = RunSpec {
             id: id.clone(),
             // libcontainer keeps the container's config (its environment) in its state.
-            state_root: secrets
-                .as_ref()
-                .map_or_else(|| self.config.root.join("runner"), |tmpfs| tmpfs.0.join("runner")),
+            state_root: secrets.as_ref().map_or_else(|| self.runtime.join("runner"), |tmpfs| tmpfs.0.join("runner")),
             rootfs: rootfs.clone(),
             args: exec.args.clone(),
             env,

@@ -23,6 +23,7 @@ mod mounts;
 mod netns;
 mod platforms;
 mod runners;
+mod runtime;
 mod source;
 mod stores;
 mod transfer;
@@ -218,6 +219,9 @@ pub struct Worker {
     networks: Option<Arc<netns::NetPool>>,
     /// Runners started ahead of the steps.
     runners: Arc<runners::RunnerPool>,
+    /// What lives only as long as a step: the runner's state (`runner`) and the step
+    /// directories (`steps`); see [`runtime::open`].
+    runtime: PathBuf,
 }
 
 impl std::ops::Deref for Worker {
@@ -234,12 +238,13 @@ impl Worker {
     pub fn open(config: WorkerConfig, kv: SharedKv) -> Result<Worker, WorkerError> {
         let failed = |message: String| WorkerError::Failed { vertex: "worker".into(), message };
         let stores = Arc::new(Stores::open(&config.root, config.registry.clone(), kv.clone())?);
-        let steps = config.root.join("steps");
+        let runtime = runtime::open(&config.root).map_err(failed)?;
+        let steps = runtime.join("steps");
         let _ = std::fs::remove_dir_all(&steps);
         std::fs::create_dir_all(&steps).map_err(|e| failed(format!("{}: {e}", steps.display())))?;
         let cleanup = std::process::Command::new(&config.runner)
             .args(["cleanup", "--state-root"])
-            .arg(config.root.join("runner"))
+            .arg(runtime.join("runner"))
             .status();
         if !cleanup.map(|s| s.success()).unwrap_or(false) {
             return Err(failed(format!("cannot run {} to clean up old containers", config.runner.display())));
@@ -256,7 +261,12 @@ impl Worker {
         let networks = (config.default_network == kiln_model::DefaultNetwork::Isolated)
             .then(|| Arc::new(netns::NetPool::new(config.unreachable.clone())));
         let runners = runners::RunnerPool::new(config.runner.clone(), steps);
-        Ok(Worker { config, stores, cache_mounts, gc: Arc::new(gc), networks, runners })
+        Ok(Worker { config, stores, cache_mounts, gc: Arc::new(gc), networks, runners, runtime })
+    }
+
+    /// Where the runner's state and the step directories are (`runtime.rs`).
+    pub fn runtime_dir(&self) -> &Path {
+        &self.runtime
     }
 
     /// The worker's garbage collector.

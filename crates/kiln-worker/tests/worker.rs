@@ -87,11 +87,15 @@ impl Fixture {
 
     fn assert_nothing_left(&self) {
         let root = self.dir.path().join("worker");
+        let runtime = self.worker.runtime_dir();
         assert_eq!(mounts_under(&root), Vec::<String>::new());
-        for sub in ["runner/c", "runner/b", "steps", "snapshots/a"] {
+        assert_eq!(mounts_under(runtime), Vec::<String>::new());
+        for dir in [runtime.join("runner/c"), runtime.join("runner/b"), runtime.join("steps"), root.join("snapshots/a")]
+        {
+            // A directory no step needed yet is not there.
             let left: Vec<_> =
-                std::fs::read_dir(root.join(sub)).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-            assert!(left.is_empty(), "{sub}: {left:?}");
+                std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+            assert!(left.is_empty(), "{}: {left:?}", dir.display());
         }
     }
 }
@@ -228,7 +232,7 @@ async fn cancelling_a_running_step_leaves_nothing_behind() {
     let (graph, context) = fixture.plan("FROM BASE\nRUN sleep 60\n", &context);
     let build = inputs(&context, &[]);
     let base = fixture.worker.execute(&graph.vertices[0], &[], &build, None).await.unwrap().snapshot;
-    let containers = fixture.dir.path().join("worker/runner/c");
+    let containers = fixture.worker.runtime_dir().join("runner/c");
     let base = [base];
     let run = fixture.worker.execute(&graph.vertices[1], &base, &build, None);
     let watch = async {
