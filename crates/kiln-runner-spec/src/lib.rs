@@ -10,9 +10,11 @@
 //! output pipes as stdout and stderr, ahead of the step, and later writes a [`RunSpec`] as
 //! JSON to its standard input and closes it (`--spec FILE` reads a file instead; an empty
 //! standard input makes the runner exit 0 at once, doing nothing). The container inherits
-//! the output pipes, so output streams straight to the worker. The runner writes a
-//! [`RunResult`] to the result file and exits 0; any other exit means the runner itself
-//! failed and its last stderr line says why. `kiln-runner cleanup --state-root
+//! the output pipes, so output streams straight to the worker. The runner deletes the
+//! container, writes a [`RunResult`] to the result file, points its stdout and stderr at
+//! `/dev/null` (so the worker sees the pipes end without waiting for the process to exit)
+//! and exits 0. A runner that closes its output without a result failed, and its last
+//! stderr line says why. `kiln-runner cleanup --state-root
 //! DIR [--id ID]` removes containers a killed runner left behind.
 
 use std::path::{Path, PathBuf};

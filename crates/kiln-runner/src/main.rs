@@ -8,6 +8,7 @@ mod container;
 mod seccomp;
 
 use std::io::Read as _;
+use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
@@ -43,7 +44,15 @@ fn dispatch(args: Vec<String>) -> anyhow::Result<()> {
             };
             let spec: RunSpec = serde_json::from_slice(&text).with_context(|| format!("parsing {spec_path}"))?;
             let result = container::run(&spec, sandbox)?;
-            std::fs::write(result_path, serde_json::to_vec(&result)?).with_context(|| format!("writing {result_path}"))
+            std::fs::write(result_path, serde_json::to_vec(&result)?)
+                .with_context(|| format!("writing {result_path}"))?;
+            // The worker reads the result once the output pipes close: close them now rather
+            // than when this process has finished exiting.
+            let null = std::fs::File::options().write(true).open("/dev/null").context("opening /dev/null")?;
+            for output in [1, 2] {
+                nix::unistd::dup2(null.as_raw_fd(), output).context("closing the output pipes")?;
+            }
+            Ok(())
         }
         "cleanup" => {
             let state_root = PathBuf::from(option("--state-root").context("cleanup needs --state-root DIR")?);

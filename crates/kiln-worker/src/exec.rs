@@ -218,27 +218,33 @@ impl Worker {
         let (mut child, result_path) = (runner.child, runner.result);
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
-        let (out_tail, err_tail, status) =
-            tokio::join!(pump(stdout, LogStream::Stdout, logs), pump(stderr, LogStream::Stderr, logs), child.wait());
-        let status = status.map_err(|e| format!("waiting for the runner: {e}"))?;
-        guard.finished = true;
+        let (out_tail, err_tail) =
+            tokio::join!(pump(stdout, LogStream::Stdout, logs), pump(stderr, LogStream::Stderr, logs));
         let mut tail: VecDeque<String> = out_tail.into_iter().chain(err_tail).collect();
         while tail.len() > TAIL_LINES {
             tail.pop_front();
         }
+        // A runner that ran the step wrote its result, and deleted the container, before
+        // closing its output: the step is over without waiting for the process to exit (it
+        // is reaped in the background).
         let bytes = blocking(move || {
-            let bytes = std::fs::read(&result_path);
+            let bytes = std::fs::read(&result_path).ok();
             let _ = std::fs::remove_file(&result_path);
             Ok(bytes)
         })
         .await?;
-        if !status.success() {
-            let reason = tail.back().cloned().unwrap_or_else(|| format!("runner exited with {status}"));
-            return Err(format!("running the step failed: {reason}"));
+        if let Some(result) = bytes.and_then(|bytes| serde_json::from_slice::<RunResult>(&bytes).ok()) {
+            guard.finished = true;
+            tokio::spawn(async move { drop(child.wait().await) });
+            return Ok((result, tail));
         }
-        let bytes = bytes.map_err(|e| format!("reading the runner's result: {e}"))?;
-        let result = serde_json::from_slice(&bytes).map_err(|e| format!("parsing the runner's result: {e}"))?;
-        Ok((result, tail))
+        let status = child.wait().await.map_err(|e| format!("waiting for the runner: {e}"))?;
+        guard.finished = true;
+        let reason = match tail.back() {
+            Some(line) if !status.success() => line.clone(),
+            _ => format!("runner exited with {status} and no result"),
+        };
+        Err(format!("running the step failed: {reason}"))
     }
 }
 
