@@ -23,6 +23,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
 use seccompiler::BpfProgram;
 
+use crate::cgroup::{self, Hierarchies, StepCgroup};
 use crate::seccomp::StepExecutor;
 
 /// Capabilities a build step gets by default: containerd's default set, as BuildKit uses.
@@ -79,9 +80,15 @@ fn bundle_dir(state_root: &Path, id: &str) -> PathBuf {
     state_root.join("b").join(id)
 }
 
-/// Runs the step to completion and deletes its container, whatever happens. `sandbox` is
-/// the compiled seccomp filter of a sandboxed step (`seccomp::sandbox`).
-pub fn run(spec: &RunSpec, sandbox: BpfProgram) -> anyhow::Result<RunResult> {
+/// What the runner prepares before it has a step: the compiled seccomp filter of a sandboxed
+/// step and, on a cgroup v1 host, the hierarchies.
+pub struct Prepared {
+    pub sandbox: BpfProgram,
+    pub hierarchies: Option<Hierarchies>,
+}
+
+/// Runs the step to completion and deletes its container, whatever happens.
+pub fn run(spec: &RunSpec, prepared: Prepared) -> anyhow::Result<RunResult> {
     cleanup(&spec.state_root, Some(&spec.id))?;
     match &spec.network {
         Network::None => {
@@ -101,18 +108,26 @@ pub fn run(spec: &RunSpec, sandbox: BpfProgram) -> anyhow::Result<RunResult> {
     }
     let bundle = bundle_dir(&spec.state_root, &spec.id);
     fs::create_dir_all(&bundle).with_context(|| format!("creating {}", bundle.display()))?;
-    let executor = StepExecutor { filter: (!spec.insecure).then_some(sandbox) };
-    let result = run_in_bundle(spec, &bundle, executor);
+    let executor = StepExecutor { filter: (!spec.insecure).then_some(prepared.sandbox) };
+    let result = run_in_bundle(spec, &bundle, executor, prepared.hierarchies);
     let cleaned = cleanup(&spec.state_root, Some(&spec.id));
     let result = result?;
     cleaned?;
     Ok(result)
 }
 
-fn run_in_bundle(spec: &RunSpec, bundle: &Path, executor: StepExecutor) -> anyhow::Result<RunResult> {
-    oci_spec(spec)?.save(bundle.join("config.json")).context("writing config.json")?;
+fn run_in_bundle(
+    spec: &RunSpec,
+    bundle: &Path,
+    executor: StepExecutor,
+    hierarchies: Option<Hierarchies>,
+) -> anyhow::Result<RunResult> {
+    // On a cgroup v1 host the runner puts the container in its cgroup itself (`cgroup.rs`).
+    let cgroup = hierarchies.map(|found| StepCgroup::join(found, &cgroup_path(spec))).transpose()?;
+    oci_spec(spec, cgroup.is_none())?.save(bundle.join("config.json")).context("writing config.json")?;
     let started = Instant::now();
-    let mut container = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
+    let hidden = cgroup.as_ref().map(|_| cgroup::hide_from_libcontainer()).transpose()?;
+    let built = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
         .with_root_path(containers_root(&spec.state_root))?
         .with_stdin(File::open("/dev/null")?)
         .with_executor(executor)
@@ -121,7 +136,14 @@ fn run_in_bundle(spec: &RunSpec, bundle: &Path, executor: StepExecutor) -> anyho
         .with_systemd(false)
         .with_detach(false)
         .build()
-        .context("creating the container")?;
+        .context("creating the container");
+    if let Some(hidden) = hidden {
+        hidden.reveal()?;
+    }
+    let mut container = built?;
+    if let Some(cgroup) = cgroup {
+        cgroup.leave(&spec.limits)?;
+    }
     container.start().context("starting the container")?;
     let pid = container.pid().context("the started container has no pid")?;
 
@@ -224,7 +246,13 @@ fn remove_cgroup(cgroup: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn oci_spec(spec: &RunSpec) -> anyhow::Result<Spec> {
+/// The step's cgroup, absolute within each hierarchy: `PARENT/ID`.
+fn cgroup_path(spec: &RunSpec) -> PathBuf {
+    PathBuf::from(format!("{}/{}", spec.cgroup_parent.trim_end_matches('/'), spec.id))
+}
+
+/// The container's OCI spec; with `limits`, libcontainer sets the cgroup limits.
+fn oci_spec(spec: &RunSpec, limits: bool) -> anyhow::Result<Spec> {
     let mut oci = Spec::default();
     oci.set_hostname(Some(spec.hostname.clone()));
     oci.set_root(Some(RootBuilder::default().path(spec.rootfs.clone()).readonly(false).build()?));
@@ -276,8 +304,8 @@ fn oci_spec(spec: &RunSpec) -> anyhow::Result<Spec> {
         // The runner already sits in the namespace the step should use (see `run`).
         namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
     }
-    linux.set_cgroups_path(Some(PathBuf::from(format!("{}/{}", spec.cgroup_parent.trim_end_matches('/'), spec.id))));
-    linux.set_resources(Some(resources(&spec.limits)?));
+    linux.set_cgroups_path(Some(cgroup_path(spec)));
+    linux.set_resources(if limits { Some(resources(&spec.limits)?) } else { None });
     // A sandboxed step keeps the default masked (`/proc/kcore`, `/proc/keys`, ...) and
     // read-only (`/proc/sys`, ...) paths; its seccomp filter is installed by the executor
     // (`StepExecutor`).

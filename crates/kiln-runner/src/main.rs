@@ -4,6 +4,7 @@
 //! `clone3` and changes the process's working directory while it creates a container); see
 //! the library docs for the protocol with the worker.
 
+mod cgroup;
 mod container;
 mod seccomp;
 
@@ -29,8 +30,9 @@ fn dispatch(args: Vec<String>) -> anyhow::Result<()> {
         "run" => {
             let spec_path = option("--spec").context("run needs --spec FILE (or - for standard input)")?;
             let result_path = option("--result").context("run needs --result FILE")?;
-            // Compiled while a runner started ahead of its step waits for the spec.
-            let sandbox = seccomp::sandbox()?;
+            // Done while a runner started ahead of its step waits for the spec.
+            let prepared =
+                container::Prepared { sandbox: seccomp::sandbox()?, hierarchies: cgroup::Hierarchies::discover()? };
             let text = if spec_path == "-" {
                 let mut text = Vec::new();
                 std::io::stdin().read_to_end(&mut text).context("reading the spec from standard input")?;
@@ -43,7 +45,7 @@ fn dispatch(args: Vec<String>) -> anyhow::Result<()> {
                 std::fs::read(spec_path).with_context(|| format!("reading {spec_path}"))?
             };
             let spec: RunSpec = serde_json::from_slice(&text).with_context(|| format!("parsing {spec_path}"))?;
-            let result = container::run(&spec, sandbox)?;
+            let result = container::run(&spec, prepared)?;
             std::fs::write(result_path, serde_json::to_vec(&result)?)
                 .with_context(|| format!("writing {result_path}"))?;
             // The worker reads the result once the output pipes close: close them now rather

@@ -255,6 +255,43 @@ fn cleanup_removes_what_a_killed_runner_left() {
 }
 
 #[test]
+fn the_step_is_alone_in_its_cgroup_and_the_runner_is_not_in_it() {
+    let sandbox = Sandbox::new();
+    let mut spec = sandbox.spec("member", "exec sleep 60");
+    spec.cgroup_parent = "/kiln-runner-test-member".into();
+    let (mut child, _) = sandbox.spawn(&spec);
+    let procs: Vec<PathBuf> = ["pids", "memory", "unified"]
+        .iter()
+        .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}{}/member/cgroup.procs", spec.cgroup_parent)))
+        .collect();
+    let members = |file: &Path| -> Vec<String> {
+        std::fs::read_to_string(file).unwrap_or_default().lines().map(str::to_string).collect()
+    };
+    // The step's command is running once its process has exec'd sleep.
+    wait_for("the step to start", || {
+        procs
+            .iter()
+            .flat_map(|f| members(f))
+            .any(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("sleep")))
+    });
+    let runner = child.id().to_string();
+    for file in procs.iter().filter(|f| f.exists()) {
+        let pids = members(file);
+        assert_eq!(pids.len(), 1, "{}: {pids:?}", file.display());
+        assert_ne!(pids[0], runner, "{}: the runner is in the step's cgroup", file.display());
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_kiln-runner"))
+        .args(["cleanup", "--state-root"])
+        .arg(sandbox.state_root())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(!cgroup_exists(&spec.cgroup_parent, "member"), "cgroup left behind");
+}
+
+#[test]
 fn a_missing_command_is_a_runner_error() {
     let sandbox = Sandbox::new();
     let mut spec = sandbox.spec("missing", "");

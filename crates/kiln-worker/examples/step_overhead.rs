@@ -1,6 +1,7 @@
 //! Measures the per-step overhead of an exec vertex (`RUN true`): overlay mount, runner
 //! spawn, container create/start/exit/delete, upper-dir capture. Run as root:
-//! `cargo run --release -p kiln-worker --example step_overhead -- [RUNS]`.
+//! `cargo run --release -p kiln-worker --example step_overhead -- [RUNS]`, with `PAUSE_MS=N`
+//! to wait N ms before each step of the first series.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ fn summary(label: &str, mut samples: Vec<Duration>) {
 #[tokio::main]
 async fn main() {
     let runs: usize = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(30);
+    let pause = Duration::from_millis(std::env::var("PAUSE_MS").ok().and_then(|p| p.parse().ok()).unwrap_or(0));
     let registry = TestRegistry::start();
     let dir = tempfile::tempdir().unwrap();
     let cas = Arc::new(BlobStore::open(&dir.path().join("cas"), Arc::new(MemoryKv::new())).unwrap());
@@ -70,6 +72,9 @@ async fn main() {
     };
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs + 2 {
+        // A machine idle between steps, as between steps that take a while, pays for what the
+        // kernel does only when it has been idle (`PAUSE_MS=500`).
+        std::thread::sleep(pause);
         let started = Instant::now();
         worker.execute(&exec, std::slice::from_ref(&image), &build, None).await.unwrap();
         samples.push(started.elapsed());
