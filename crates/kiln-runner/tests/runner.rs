@@ -232,24 +232,30 @@ fn cgroup_exists(parent: &str, id: &str) -> bool {
     ["pids", "memory", "unified"].iter().any(|c| Path::new(&format!("/sys/fs/cgroup/{c}{parent}/{id}")).exists())
 }
 
-#[test]
-fn cleanup_removes_what_a_killed_runner_left() {
-    let sandbox = Sandbox::new();
-    let mut spec = sandbox.spec("orphan", "echo started; exec sleep 60");
-    spec.cgroup_parent = "/kiln-runner-test-orphan".into();
-    let (mut child, _) = sandbox.spawn(&spec);
-    let state = sandbox.state_root().join("c/orphan");
-    wait_for("the container to start", || {
-        state.join("state.json").exists() && cgroup_exists(&spec.cgroup_parent, "orphan")
-    });
-    child.kill().unwrap();
-    child.wait().unwrap();
+/// Kills the runner in the middle of its step, then runs `kiln-runner cleanup`, as the worker
+/// does for a runner that did not finish.
+fn kill_and_clean_up(sandbox: &Sandbox, mut runner: std::process::Child) {
+    runner.kill().unwrap();
+    runner.wait().unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_kiln-runner"))
         .args(["cleanup", "--state-root"])
         .arg(sandbox.state_root())
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+#[test]
+fn cleanup_removes_what_a_killed_runner_left() {
+    let sandbox = Sandbox::new();
+    let mut spec = sandbox.spec("orphan", "echo started; exec sleep 60");
+    spec.cgroup_parent = "/kiln-runner-test-orphan".into();
+    let (child, _) = sandbox.spawn(&spec);
+    let state = sandbox.state_root().join("c/orphan");
+    wait_for("the container to start", || {
+        state.join("state.json").exists() && cgroup_exists(&spec.cgroup_parent, "orphan")
+    });
+    kill_and_clean_up(&sandbox, child);
     sandbox.assert_clean();
     assert!(!cgroup_exists(&spec.cgroup_parent, "orphan"), "cgroup left behind");
 }
@@ -259,7 +265,7 @@ fn the_step_is_alone_in_its_cgroup_and_the_runner_is_not_in_it() {
     let sandbox = Sandbox::new();
     let mut spec = sandbox.spec("member", "exec sleep 60");
     spec.cgroup_parent = "/kiln-runner-test-member".into();
-    let (mut child, _) = sandbox.spawn(&spec);
+    let (child, _) = sandbox.spawn(&spec);
     let procs: Vec<PathBuf> = ["pids", "memory", "unified"]
         .iter()
         .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}{}/member/cgroup.procs", spec.cgroup_parent)))
@@ -280,14 +286,7 @@ fn the_step_is_alone_in_its_cgroup_and_the_runner_is_not_in_it() {
         assert_eq!(pids.len(), 1, "{}: {pids:?}", file.display());
         assert_ne!(pids[0], runner, "{}: the runner is in the step's cgroup", file.display());
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_kiln-runner"))
-        .args(["cleanup", "--state-root"])
-        .arg(sandbox.state_root())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    kill_and_clean_up(&sandbox, child);
     assert!(!cgroup_exists(&spec.cgroup_parent, "member"), "cgroup left behind");
 }
 
