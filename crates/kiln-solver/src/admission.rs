@@ -5,9 +5,9 @@
 //!   admitted at once; past that, another step is admitted only while the machine is calm,
 //!   as Linux's pressure stall information says: over the last [`TICK`], tasks waited for a
 //!   CPU less than [`CPU_CALM`] of the time and for memory less than [`MEMORY_CALM`]. Every
-//!   calm tick admits up to one more step per CPU, so steps that sleep or wait on the network
-//!   are all running within a few ticks while compilers stay near one per CPU; the ceiling
-//!   bounds it all. Without pressure information (a kernel without PSI), it is fixed at
+//!   calm tick admits up to as many more steps as run (at least one per CPU), so steps
+//!   that sleep or wait on the network are all running within a few ticks while compilers
+//!   stay near one per CPU; the ceiling bounds it all. Without pressure information (a kernel without PSI), it is fixed at
 //!   [`FALLBACK_PER_CPU`] per CPU.
 //!
 //! Each admission past the CPUs is a [`Decision`] the step's output tells at debug level.
@@ -304,8 +304,8 @@ impl Admission {
         while state.running < self.floor && self.admit_first(&mut state, |_| None) {}
     }
 
-    /// Reads the pressure every [`TICK`] while steps wait; each calm tick admits up to one
-    /// more per CPU, up to the ceiling.
+    /// Reads the pressure every [`TICK`] while steps wait; each calm tick admits up to as
+    /// many more as run (at least one per CPU), up to the ceiling.
     async fn watch(self: Arc<Self>) {
         let Some(read) = self.pressure.clone() else { return };
         let mut last = (Instant::now(), read());
@@ -332,7 +332,7 @@ impl Admission {
                 continue;
             }
             let decision = |running| Some(Decision { running, cpu, memory, waited: Duration::ZERO });
-            for _ in 0..self.floor {
+            for _ in 0..self.floor.max(state.running) {
                 if state.running >= self.ceiling || !self.admit_first(&mut state, decision) {
                     break;
                 }
@@ -438,7 +438,7 @@ mod tests {
         let (waiting, running) = admission.load();
         assert_eq!((waiting, running), (cpus() * 3, cpus()), "nothing admitted under pressure");
         busy.store(false, SeqCst);
-        // Calm: the waiters come in, one per CPU a tick, up to the ceiling.
+        // Calm: the waiters come in, a few a tick, up to the ceiling.
         let mut waiters = waiters.into_iter();
         let mut admitted = Vec::new();
         for waiter in waiters.by_ref().take(cpus() * 2) {
