@@ -17,8 +17,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("binfmt-support", "/usr/sbin/update-binfmts"),
     // A virtual environment for the S3 server the cache tests use (moto, from PyPI).
     ("python3-venv", "/usr/share/doc/python3-venv/copyright"),
-    // The seccomp library the runner links (libcontainer's seccomp filters).
+    // The seccomp library the runner links (it compiles the steps' filter).
     ("libseccomp-dev", "/usr/include/seccomp.h"),
+    // An XFS filesystem in a file: a context's files are reflinked from the blob store there.
+    ("xfsprogs", "/usr/sbin/mkfs.xfs"),
     ("pkg-config", "/usr/bin/pkg-config"),
     // The isolated network of RUN steps: namespaces, veth pairs, masquerading.
     ("iproute2", "/usr/sbin/ip"),

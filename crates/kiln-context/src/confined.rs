@@ -26,6 +26,15 @@ pub struct EntryMeta {
     pub mtime: (i64, u32),
 }
 
+/// How [`ConfinedDir::create_file_from`] made a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    /// Shares the source's data blocks until either is written.
+    Reflinked,
+    /// Its own copy of the data.
+    Copied,
+}
+
 impl ConfinedDir {
     /// Opens `path` (created when missing), which must be a directory.
     pub fn open(path: &Path) -> io::Result<ConfinedDir> {
@@ -49,6 +58,22 @@ impl ConfinedDir {
             rustix::fs::openat(&parent, name, flags, Mode::from_raw_mode(0o600)).map_err(|e| self.error(rel, e))?;
         io::copy(source, &mut File::from(fd))?;
         Ok(())
+    }
+
+    /// Creates the file `rel` (which must not exist) with the content of the file `source`:
+    /// a reflink (the same data blocks, copied when either is written) where the filesystem
+    /// makes them (XFS, Btrfs, both files on it), else a copy in the kernel. Says which.
+    pub fn create_file_from(&self, rel: &Path, source: &File) -> io::Result<Copied> {
+        let (parent, name) = self.parent(rel)?;
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd =
+            rustix::fs::openat(&parent, name, flags, Mode::from_raw_mode(0o600)).map_err(|e| self.error(rel, e))?;
+        // ext4 says EOPNOTSUPP, two filesystems EXDEV: copy then.
+        if rustix::fs::ioctl_ficlone(&fd, source).is_ok() {
+            return Ok(Copied::Reflinked);
+        }
+        io::copy(&mut &*source, &mut File::from(fd))?;
+        Ok(Copied::Copied)
     }
 
     /// Creates the symlink `rel` (which must not exist) pointing at `target`. The target is
@@ -141,8 +166,66 @@ fn open_or_create_dir(parent: &OwnedFd, name: &OsStr) -> rustix::io::Result<Owne
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;
+    use std::process::Command;
 
     use super::*;
+
+    /// An XFS filesystem in a sparse file, mounted on a loop device while it lives.
+    struct Xfs {
+        _dir: tempfile::TempDir,
+        mount: std::path::PathBuf,
+    }
+
+    impl Xfs {
+        fn new() -> Xfs {
+            let dir = tempfile::tempdir().unwrap();
+            let (image, mount) = (dir.path().join("xfs.img"), dir.path().join("mnt"));
+            File::create(&image).unwrap().set_len(512 << 20).unwrap();
+            std::fs::create_dir(&mount).unwrap();
+            let run = |program: &str, args: &[&std::ffi::OsStr]| {
+                let out = Command::new(program).args(args).output().unwrap();
+                assert!(out.status.success(), "{program}: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            run("mkfs.xfs", &["-q".as_ref(), image.as_os_str()]);
+            run("mount", &["-o".as_ref(), "loop".as_ref(), image.as_os_str(), mount.as_os_str()]);
+            Xfs { _dir: dir, mount }
+        }
+
+        fn free_bytes(&self) -> u64 {
+            let stat = rustix::fs::statvfs(&self.mount).unwrap();
+            stat.f_bfree * stat.f_frsize
+        }
+    }
+
+    impl Drop for Xfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.mount).status();
+        }
+    }
+
+    #[test]
+    fn files_from_a_file_are_reflinked_where_the_filesystem_can_and_copied_elsewhere() {
+        let xfs = Xfs::new();
+        let content: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+        let source_path = xfs.mount.join("blob");
+        std::fs::write(&source_path, &content).unwrap();
+        rustix::fs::sync();
+        let source = File::open(&source_path).unwrap();
+
+        let free = xfs.free_bytes();
+        let on_xfs = ConfinedDir::open(&xfs.mount.join("dest")).unwrap();
+        assert_eq!(on_xfs.create_file_from(Path::new("d/file"), &source).unwrap(), Copied::Reflinked);
+        rustix::fs::sync();
+        assert!(free - xfs.free_bytes() < 1 << 20, "a reflink took {} bytes", free - xfs.free_bytes());
+        // Writing one leaves the other as it was.
+        std::fs::write(xfs.mount.join("dest/d/file"), b"changed").unwrap();
+        assert_eq!(std::fs::read(&source_path).unwrap(), content);
+
+        let elsewhere = tempfile::tempdir().unwrap();
+        let copied = ConfinedDir::open(elsewhere.path()).unwrap();
+        assert_eq!(copied.create_file_from(Path::new("file"), &source).unwrap(), Copied::Copied);
+        assert_eq!(std::fs::read(elsewhere.path().join("file")).unwrap(), content);
+    }
 
     #[test]
     fn writes_never_follow_a_symlink_out_of_the_root() {

@@ -133,9 +133,9 @@ impl BuildContext for StoredContext {
                 }
                 ManifestKind::Symlink(link) => root.create_symlink(&rel, link)?,
                 ManifestKind::File { digest, .. } => {
-                    let mut blob = fs::File::open(self.blobs.path(digest))
+                    let blob = fs::File::open(self.blobs.path(digest))
                         .map_err(|e| io::Error::new(e.kind(), format!("{} (blob {digest}): {e}", entry.path)))?;
-                    root.create_file(&rel, &mut blob)?;
+                    root.create_file_from(&rel, &blob)?;
                 }
             }
             root.finish(&rel, meta)?;
