@@ -39,6 +39,11 @@ enum Mode {
     /// A daemon with an empty store building with `--cache-from` until every step is cached,
     /// against BuildKit with an empty build cache and `--cache-from` the inline-cache image.
     CacheImport,
+    /// A build from an empty store whose image goes to a new repository of the local
+    /// registry: its steps, then tar, compression (gzip), digests and upload of its layers.
+    /// Against BuildKit building with `--no-cache` and `docker push` of the image. Each run's
+    /// layer is new (the Dockerfile draws random bytes), so neither reuses a compressed blob.
+    Export,
     /// `kiln bake --no-cache` of the scenario's `docker-bake.hcl` (a `base` target and
     /// `svc*` targets using it as `target:base`), against BuildKit building `base/` and then
     /// every `svc*/` at once (`docker build &`; Docker 20.10 has no bake).
@@ -56,14 +61,15 @@ impl Mode {
             "upload" => Mode::Upload,
             "reupload" => Mode::Reupload,
             "push" => Mode::Push,
+            "export" => Mode::Export,
             "pull" => Mode::Pull,
             "cache-export" => Mode::CacheExport,
             "cache-import" => Mode::CacheImport,
             "bake" => Mode::Bake,
             "bake-sequential" => Mode::BakeSequential,
             other => bail!(
-                "unknown mode {other:?} (cold, cached, edit, upload, reupload, push, pull, cache-export, cache-import, \
-                 bake, bake-sequential)"
+                "unknown mode {other:?} (cold, cached, edit, upload, reupload, push, export, pull, cache-export, \
+                 cache-import, bake, bake-sequential)"
             ),
         })
     }
@@ -416,6 +422,7 @@ impl Bench {
         }
         let Measured { kiln, reference, kiln_memory, reference_memory, tool, last } = match scenario.mode {
             Mode::Push => self.push(scenario, &dir, runs)?,
+            Mode::Export => self.export(scenario, &dir, runs)?,
             Mode::Pull => self.pull(scenario, &dir, kilnd, runs)?,
             Mode::CacheExport => self.cache_export(scenario, &dir, kilnd, runs)?,
             Mode::CacheImport => self.cache_import(scenario, &dir, kilnd, runs)?,
@@ -736,6 +743,33 @@ impl Bench {
         remove_tree(&layout)?;
         remove_tree(&root)?;
         Ok(Measured { kiln: kiln_times, reference: skopeo_times, tool: "skopeo copy", ..Measured::default() })
+    }
+
+    fn export(&self, scenario: &Scenario, dir: &Path, runs: usize) -> anyhow::Result<Measured> {
+        let root = self.bench_dir.join(format!("kiln-{}-{}", scenario.name, self.nonce));
+        let (mut kiln_times, mut docker_times) = (Vec::new(), Vec::new());
+        for round in 0..=runs {
+            let name =
+                |tool: &str| format!("{}/bench/{}-{tool}-{}-{round}:latest", self.registry, scenario.name, self.nonce);
+            let kilnd = Kilnd::start(&root, true, OWN_PORT, None)?;
+            let kiln = self.kiln_push(&kilnd, dir, &name("kiln"))?;
+            drop(kilnd);
+            let tag = name("docker");
+            let docker =
+                self.docker_build(dir, &["--no-cache", "-t", &tag])? + self.docker_timed(&["push", "--quiet", &tag])?;
+            self.docker_timed(&["rmi", "--force", &tag])?;
+            if round > 0 {
+                kiln_times.push(kiln);
+                docker_times.push(docker);
+            }
+        }
+        remove_tree(&root)?;
+        Ok(Measured {
+            kiln: kiln_times,
+            reference: docker_times,
+            tool: "BuildKit + docker push",
+            ..Measured::default()
+        })
     }
 
     /// One `kiln build` pushing the image to `name`; its wall time.

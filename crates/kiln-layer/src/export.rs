@@ -98,7 +98,7 @@ pub fn export_layer(
             (diff_id, written, ingest)
         }
         Compression::Gzip => {
-            let encoder = flate2::write::GzEncoder::new(ingest, flate2::Compression::default());
+            let encoder = crate::pgzip::ParallelGzip::new(ingest, flate2::Compression::default());
             let hashing = write_layer_tar(dir, HashingWriter::new(encoder), options)?;
             let written = hashing.written();
             let (diff_id, encoder) = hashing.finish();

@@ -10,6 +10,7 @@
 //!   [`SnapshotStore::open`] clears what a killed process left.
 
 mod export;
+mod pgzip;
 mod resolve;
 mod snapshot;
 mod unpack;
