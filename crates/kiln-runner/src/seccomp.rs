@@ -375,8 +375,11 @@ fn export(filter: &ScmpFilterContext) -> anyhow::Result<BpfProgram> {
         .collect())
 }
 
-/// libcontainer's executor (which checks the command exists and executes it), after
-/// installing the sandbox's compiled filter when the step has one.
+/// Executes the step's command in the container's init process: after installing the
+/// sandbox's compiled filter when the step has one, through the standard library's `exec`,
+/// which gives the command default signal handling (the runner, a Rust program, ignores
+/// SIGPIPE, and an ignored signal stays ignored across `execve`: `yes | head` would never
+/// end). libcontainer's own executor checks beforehand that the command exists.
 #[derive(Clone)]
 pub struct StepExecutor {
     pub filter: Option<BpfProgram>,
@@ -384,11 +387,16 @@ pub struct StepExecutor {
 
 impl Executor for StepExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        use std::os::unix::process::CommandExt as _;
+        let args = spec.process().as_ref().and_then(|p| p.args().as_ref()).ok_or(ExecutorError::InvalidArg)?;
+        let (program, rest) = args.split_first().ok_or(ExecutorError::InvalidArg)?;
         if let Some(filter) = &self.filter {
             seccompiler::apply_filter(filter)
                 .map_err(|e| ExecutorError::Other(format!("installing the seccomp filter: {e}")))?;
         }
-        DefaultExecutor {}.exec(spec)
+        // The environment is the step's by now (libcontainer's `setup_envs`), PATH included.
+        let error = std::process::Command::new(program).arg0(program).args(rest).exec();
+        Err(ExecutorError::Other(format!("executing {program}: {error}")))
     }
 
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {

@@ -194,6 +194,24 @@ fn pids_and_memory_limits_are_enforced() {
 }
 
 #[test]
+fn the_step_starts_with_sigpipe_at_its_default_and_no_signal_blocked() {
+    let sandbox = Sandbox::new();
+    // `yes` ends when `head` stops reading only if SIGPIPE kills it: a step that inherited
+    // the runner's ignored SIGPIPE would loop until the timeout.
+    let spec = sandbox.spec("signals", "yes kiln | head -c 10; echo; exec grep -E '^Sig(Ign|Blk)' /proc/self/status");
+    let (result, stdout, _) = sandbox.run(&spec);
+    assert_eq!((result.exit_code, result.timed_out), (0, false), "{stdout}");
+    let mask = |name: &str| {
+        let line = stdout.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_else(|| panic!("{name} in {stdout}"));
+        u64::from_str_radix(line.trim(), 16).unwrap()
+    };
+    assert!(stdout.starts_with("kiln\nkiln\n"), "{stdout}");
+    assert_eq!(mask("SigIgn:") & (1 << (13 - 1)), 0, "SIGPIPE is ignored: {stdout}");
+    assert_eq!(mask("SigBlk:"), 0, "{stdout}");
+    sandbox.assert_clean();
+}
+
+#[test]
 fn timeout_kills_the_step() {
     let sandbox = Sandbox::new();
     let mut spec = sandbox.spec("timeout", "sleep 30");
