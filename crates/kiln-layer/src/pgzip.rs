@@ -2,8 +2,10 @@
 //! compressed on a thread of its own as raw deflate primed with the 32 KiB before it and
 //! ended by a sync flush (the last one by the stream's end), and the pieces are written in
 //! order between one gzip header and trailer. The result is one ordinary gzip member any
-//! gzip reads; it depends only on the input and the level, never on the threads' timing, so
-//! the same layer gets the same digest.
+//! gzip reads; it depends only on the input, the level and the deflate implementation
+//! (flate2's zlib-rs backend), never on the threads' timing, so the same layer gets the same
+//! digest. (The digests differ from those of Kiln before 2026-12-04, which compressed with
+//! miniz_oxide in one piece: a layer exported again after an upgrade gets a new digest.)
 
 use std::collections::VecDeque;
 use std::io::{self, Write};

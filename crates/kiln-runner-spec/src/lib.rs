@@ -9,7 +9,8 @@
 //! Protocol: the worker starts `kiln-runner run --spec - --result FILE` with the step's
 //! output pipes as stdout and stderr, ahead of the step, and later writes a [`RunSpec`] as
 //! JSON to its standard input and closes it (`--spec FILE` reads a file instead; an empty
-//! standard input makes the runner exit 0 at once, doing nothing). The container inherits
+//! standard input makes the runner exit 0, having run nothing). While it waits, the runner
+//! compiles the seccomp filter and finds the cgroup hierarchies. The container inherits
 //! the output pipes, so output streams straight to the worker. The runner deletes the
 //! container, writes a [`RunResult`] to the result file, points its stdout and stderr at
 //! `/dev/null` (so the worker sees the pipes end without waiting for the process to exit)

@@ -4,8 +4,10 @@
 //! `cgroup.procs`). That takes the kernel's global `cgroup_threadgroup_rwsem` for writing,
 //! which, once the machine has been idle for a few tens of milliseconds, waits for an RCU
 //! grace period: about 11 ms per step here, more than the rest of a step's start. A thread
-//! that moves itself (writing `0` to `tasks`) takes no global lock. So on a v1 host the runner
-//! creates the step's cgroup in every v1 hierarchy and moves itself in ([`StepCgroup::join`]);
+//! that moves itself (writing `0` to `tasks`) takes no global lock (on kernels since 5.x that
+//! skip it for a single thread; on older ones this costs what it did). So on a v1 host the
+//! runner creates the step's cgroup in the hierarchies of libcontainer's controllers and
+//! moves itself in ([`StepCgroup::join`]);
 //! libcontainer then forks the container from there with the cgroup filesystem out of its
 //! sight ([`hide_from_libcontainer`]), so that it moves nothing (and does not read the mount
 //! table once per controller); the runner moves itself back out and sets the limits
@@ -18,11 +20,47 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use kiln_runner_spec::Limits;
 
 /// Where the hierarchies are mounted.
 const ROOT: &str = "/sys/fs/cgroup";
+
+/// The controllers the runner puts a step under: libcontainer's list. Named hierarchies
+/// (`name=systemd`) and others stay as the runner has them, so that the service manager
+/// still finds the step's processes where it put the daemon.
+const CONTROLLERS: &[&str] = &[
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "devices",
+    "hugetlb",
+    "memory",
+    "pids",
+    "perf_event",
+    "blkio",
+    "net_prio",
+    "net_cls",
+    "freezer",
+];
+
+/// The devices a sandboxed step may use, as runc and Docker allow them: any device node may
+/// be created (`m`), and only these opened: null, zero, full, random, urandom, tty, console,
+/// ptmx, the pseudo-terminals and tun. No disk, however a step names it.
+pub const ALLOWED_DEVICES: &[&str] = &[
+    "c *:* m",
+    "b *:* m",
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:1 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+    "c 10:200 rwm",
+];
 
 /// One v1 hierarchy: where it is mounted, the runner's own cgroup in it, and its controllers.
 #[derive(Debug)]
@@ -82,9 +120,10 @@ impl StepCgroup {
         Ok(cgroup)
     }
 
-    /// Moves the runner back to its own cgroups and sets the step's limits. The container's
+    /// Moves the runner back to its own cgroups and sets the step's limits and, for a
+    /// sandboxed step, the devices it may use ([`ALLOWED_DEVICES`]). The container's
     /// processes stay.
-    pub fn leave(mut self, limits: &Limits) -> anyhow::Result<()> {
+    pub fn leave(mut self, limits: &Limits, sandboxed: bool) -> anyhow::Result<()> {
         for (hierarchy, _) in &self.joined {
             write(&hierarchy.own.join("tasks"), "0")?;
         }
@@ -105,6 +144,12 @@ impl StepCgroup {
             }
             if let Some(pids) = limits.pids.filter(|_| has("pids")) {
                 write(&dir.join("pids.max"), &pids.to_string())?;
+            }
+            if sandboxed && has("devices") {
+                write(&dir.join("devices.deny"), "a")?;
+                for rule in ALLOWED_DEVICES {
+                    write(&dir.join("devices.allow"), rule)?;
+                }
             }
         }
         Ok(())
@@ -137,17 +182,28 @@ pub fn hide_from_libcontainer() -> anyhow::Result<Hidden> {
 
 impl Hidden {
     /// Returns the runner to the host's mount namespace.
-    pub fn reveal(mut self) -> anyhow::Result<()> {
-        let host = self.host.take().expect("revealed once");
-        nix::sched::setns(host, nix::sched::CloneFlags::CLONE_NEWNS).context("returning to the host's mount namespace")
+    pub fn reveal(mut self) {
+        if let Some(host) = self.host.take() {
+            return_to(host);
+        }
     }
 }
 
 impl Drop for Hidden {
     fn drop(&mut self) {
         if let Some(host) = self.host.take() {
-            let _ = nix::sched::setns(host, nix::sched::CloneFlags::CLONE_NEWNS);
+            return_to(host);
         }
+    }
+}
+
+/// Enters the host's mount namespace again. A runner that cannot ends at once: where it is,
+/// it could not remove the step's cgroup, and the worker's `cleanup` (which it then runs)
+/// can.
+fn return_to(host: fs::File) {
+    if let Err(errno) = nix::sched::setns(host, nix::sched::CloneFlags::CLONE_NEWNS) {
+        eprintln!("kiln-runner: returning to the host's mount namespace: {errno}");
+        std::process::exit(kiln_runner_spec::RUNNER_FAILED);
     }
 }
 
@@ -175,18 +231,16 @@ fn hierarchies() -> anyhow::Result<Vec<Hierarchy>> {
         if mount.parent() != Some(Path::new(ROOT)) {
             continue;
         }
-        let controllers: BTreeSet<String> = right
-            .get(2)
-            .map(|options| options.split(','))
-            .into_iter()
-            .flatten()
-            .filter(|o| !matches!(*o, "rw" | "ro" | "xattr" | "noprefix" | "clone_children" | "favordynmods"))
-            .filter(|o| !o.starts_with("release_agent="))
-            .map(str::to_string)
-            .collect();
-        let Some((_, path)) = own.iter().find(|(set, _)| *set == controllers) else {
-            bail!("{} mounts cgroup controllers {controllers:?} this process is in no cgroup of", mount.display());
-        };
+        // The super options: controllers, `name=...` and options such as `rw` or `xattr`.
+        let options: BTreeSet<String> =
+            right.get(2).map(|options| options.split(',')).into_iter().flatten().map(str::to_string).collect();
+        let controllers: BTreeSet<String> =
+            options.iter().filter(|o| CONTROLLERS.contains(&o.as_str())).cloned().collect();
+        if controllers.is_empty() || options.iter().any(|o| o.starts_with("name=")) {
+            continue;
+        }
+        // This process's line for the hierarchy names the same controllers.
+        let Some((_, path)) = own.iter().find(|(set, _)| *set == controllers) else { continue };
         let path = path.strip_prefix(mount_root).unwrap_or(path);
         let own = mount.join(path.trim_start_matches('/'));
         found.push(Hierarchy { mount, own, controllers });

@@ -122,9 +122,10 @@ fn run_in_bundle(
     executor: StepExecutor,
     hierarchies: Option<Hierarchies>,
 ) -> anyhow::Result<RunResult> {
-    // On a cgroup v1 host the runner puts the container in its cgroup itself (`cgroup.rs`).
+    // The bundle first: `cleanup` finds the step's cgroup through it. On a cgroup v1 host the
+    // runner puts the container in its cgroup itself (`cgroup.rs`).
+    oci_spec(spec, hierarchies.is_none())?.save(bundle.join("config.json")).context("writing config.json")?;
     let cgroup = hierarchies.map(|found| StepCgroup::join(found, &cgroup_path(spec))).transpose()?;
-    oci_spec(spec, cgroup.is_none())?.save(bundle.join("config.json")).context("writing config.json")?;
     let started = Instant::now();
     let hidden = cgroup.as_ref().map(|_| cgroup::hide_from_libcontainer()).transpose()?;
     let built = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
@@ -138,11 +139,11 @@ fn run_in_bundle(
         .build()
         .context("creating the container");
     if let Some(hidden) = hidden {
-        hidden.reveal()?;
+        hidden.reveal();
     }
     let mut container = built?;
     if let Some(cgroup) = cgroup {
-        cgroup.leave(&spec.limits)?;
+        cgroup.leave(&spec.limits, !spec.insecure)?;
     }
     container.start().context("starting the container")?;
     let pid = container.pid().context("the started container has no pid")?;

@@ -60,24 +60,27 @@ impl Drop for SecretsTmpfs {
     }
 }
 
-/// Deletes the step's container if the runner did not finish (killed or cancelled).
+/// Deletes the step's container if the runner did not finish (killed or cancelled), and the
+/// runner's result file whatever happened.
 struct RunnerGuard {
     runner: PathBuf,
     state_root: PathBuf,
     id: String,
+    result: PathBuf,
     finished: bool,
 }
 
 impl Drop for RunnerGuard {
     fn drop(&mut self) {
-        if !self.finished {
-            blocking_in_drop(|| {
+        blocking_in_drop(|| {
+            if !self.finished {
                 let _ = std::process::Command::new(&self.runner)
                     .args(["cleanup", "--id", &self.id, "--state-root"])
                     .arg(&self.state_root)
                     .status();
-            });
-        }
+            }
+            let _ = std::fs::remove_file(&self.result);
+        });
     }
 }
 
@@ -94,7 +97,7 @@ impl Worker {
         fits_exec(&exec.args, &exec.env).map_err(fail)?;
         let base = chain(&exec.rootfs, inputs).map_err(fail)?.to_vec();
         let id = self.step_id();
-        let step_dir = StepDir(self.runtime.join("steps").join(&id));
+        let step_dir = StepDir(self.runtime.dir.join("steps").join(&id));
 
         // Create the step directory with its runtime files, mount, read the image's users and
         // create the working directory, off the async threads.
@@ -138,7 +141,9 @@ impl Worker {
         let spec = RunSpec {
             id: id.clone(),
             // libcontainer keeps the container's config (its environment) in its state.
-            state_root: secrets.as_ref().map_or_else(|| self.runtime.join("runner"), |tmpfs| tmpfs.0.join("runner")),
+            state_root: secrets
+                .as_ref()
+                .map_or_else(|| self.runtime.dir.join("runner"), |tmpfs| tmpfs.0.join("runner")),
             rootfs: rootfs.clone(),
             args: exec.args.clone(),
             env,
@@ -203,14 +208,17 @@ impl Worker {
             runner: self.config.runner.clone(),
             state_root: spec.state_root.clone(),
             id: spec.id.clone(),
+            result: runner.result.clone(),
             finished: false,
         };
         let bytes = serde_json::to_vec(spec).expect("serialisable");
         let mut stdin = runner.child.stdin.take().expect("piped");
         if let Err(error) = stdin.write_all(&bytes).await {
             // It died between being found alive and now: one started for this step instead.
-            tracing::warn!("an idle runner was gone ({error}); starting another");
+            let status = runner.child.try_wait();
+            tracing::warn!("an idle runner was gone ({error}, {status:?}); starting another");
             runner = self.runners.take().map_err(starting)?;
+            guard.result = runner.result.clone();
             stdin = runner.child.stdin.take().expect("piped");
             stdin.write_all(&bytes).await.map_err(|e| format!("handing the step to the runner: {e}"))?;
         }
@@ -227,13 +235,12 @@ impl Worker {
         // A runner that ran the step wrote its result, and deleted the container, before
         // closing its output: the step is over without waiting for the process to exit (it
         // is reaped in the background).
-        let bytes = blocking(move || {
-            let bytes = std::fs::read(&result_path).ok();
-            let _ = std::fs::remove_file(&result_path);
-            Ok(bytes)
-        })
-        .await?;
-        if let Some(result) = bytes.and_then(|bytes| serde_json::from_slice::<RunResult>(&bytes).ok()) {
+        let read = blocking(move || Ok(std::fs::read(&result_path))).await?;
+        let read = match read {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            other => Some(other.map_err(|e| format!("reading the runner's result: {e}"))?),
+        };
+        if let Some(result) = read.and_then(|bytes| serde_json::from_slice::<RunResult>(&bytes).ok()) {
             guard.finished = true;
             tokio::spawn(async move { drop(child.wait().await) });
             return Ok((result, tail));

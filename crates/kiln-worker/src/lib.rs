@@ -99,7 +99,8 @@ impl BuildInputs {
 /// How a worker runs steps.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// State directory (blobs, layers, cache mounts, runner state).
+    /// State directory (blobs, layers, cache mounts; the runner's state goes to the runtime
+    /// directory, `runtime.rs`).
     pub root: PathBuf,
     /// The worker's name, in errors.
     pub name: String,
@@ -220,8 +221,8 @@ pub struct Worker {
     /// Runners started ahead of the steps.
     runners: Arc<runners::RunnerPool>,
     /// What lives only as long as a step: the runner's state (`runner`) and the step
-    /// directories (`steps`); see [`runtime::open`].
-    runtime: PathBuf,
+    /// directories (`steps`), locked while the worker lives; see [`runtime::open`].
+    runtime: runtime::Runtime,
 }
 
 impl std::ops::Deref for Worker {
@@ -239,16 +240,19 @@ impl Worker {
         let failed = |message: String| WorkerError::Failed { vertex: "worker".into(), message };
         let stores = Arc::new(Stores::open(&config.root, config.registry.clone(), kv.clone())?);
         let runtime = runtime::open(&config.root).map_err(failed)?;
-        let steps = runtime.join("steps");
+        let steps = runtime.dir.join("steps");
         let _ = std::fs::remove_dir_all(&steps);
         std::fs::create_dir_all(&steps).map_err(|e| failed(format!("{}: {e}", steps.display())))?;
-        let cleanup = std::process::Command::new(&config.runner)
-            .args(["cleanup", "--state-root"])
-            .arg(runtime.join("runner"))
-            .status();
-        if !cleanup.map(|s| s.success()).unwrap_or(false) {
-            return Err(failed(format!("cannot run {} to clean up old containers", config.runner.display())));
+        // Containers a crash left, and those of a version that kept them in the state
+        // directory.
+        for state_root in [runtime.dir.join("runner"), config.root.join("runner")] {
+            let cleanup =
+                std::process::Command::new(&config.runner).args(["cleanup", "--state-root"]).arg(&state_root).status();
+            if !cleanup.map(|s| s.success()).unwrap_or(false) {
+                return Err(failed(format!("cannot run {} to clean up old containers", config.runner.display())));
+            }
         }
+        let _ = std::fs::remove_dir_all(config.root.join("steps"));
         let cache_mounts = mounts::CacheMounts::new(config.root.join("cache"), kv);
         mounts::clear_trash(cache_mounts.root()).map_err(failed)?;
         let gc = Gc::new(
@@ -266,7 +270,7 @@ impl Worker {
 
     /// Where the runner's state and the step directories are (`runtime.rs`).
     pub fn runtime_dir(&self) -> &Path {
-        &self.runtime
+        &self.runtime.dir
     }
 
     /// The worker's garbage collector.

@@ -52,8 +52,9 @@ impl RunnerPool {
     pub fn take(self: &Arc<Self>) -> std::io::Result<Runner> {
         let idle = loop {
             let Some(mut runner) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() else { break None };
-            if matches!(runner.child.try_wait(), Ok(None)) {
-                break Some(runner);
+            match runner.child.try_wait() {
+                Ok(None) => break Some(runner),
+                status => tracing::warn!("an idle {} ended before it had a step: {status:?}", self.program.display()),
             }
         };
         let runner = match idle {
@@ -90,16 +91,25 @@ impl RunnerPool {
         }
         let pool = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            while pool.idle.lock().unwrap_or_else(|e| e.into_inner()).len() < IDLE {
-                match pool.start() {
-                    Ok(runner) => pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push(runner),
-                    Err(error) => {
-                        tracing::warn!("starting an idle {}: {error}", pool.program.display());
-                        break;
+            let short = || pool.idle.lock().unwrap_or_else(|e| e.into_inner()).len() < IDLE;
+            loop {
+                while short() {
+                    match pool.start() {
+                        Ok(runner) => pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push(runner),
+                        Err(error) => {
+                            tracing::warn!("starting an idle {}: {error}", pool.program.display());
+                            pool.refilling.store(false, Ordering::Release);
+                            return;
+                        }
                     }
                 }
+                pool.refilling.store(false, Ordering::Release);
+                // A runner taken after the last look but before the flag was down found a
+                // refill still running: look again, unless another refill has started.
+                if !short() || pool.refilling.swap(true, Ordering::AcqRel) {
+                    return;
+                }
             }
-            pool.refilling.store(false, Ordering::Release);
         });
     }
 }

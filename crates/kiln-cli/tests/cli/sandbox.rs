@@ -17,6 +17,9 @@ const PROBES: &[(&str, bool)] = &[
     ("test -s /proc/kcore", false),
     ("test -s /proc/keys", false),
     ("touch /proc/sysrq-trigger", false),
+    // A device node may be made, but only the usual devices opened: not a disk.
+    ("mknod /probe-loop b 7 0 && exec 3< /probe-loop", false),
+    ("head -c 1 /dev/urandom > /dev/null && : > /dev/zero", true),
     ("echo kiln > /proc/sys/kernel/hostname", false),
 ];
 

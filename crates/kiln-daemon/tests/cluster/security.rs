@@ -430,6 +430,23 @@ fn a_secret_leaves_no_trace_in_state_directories_outputs_caches_or_logs() {
     // the metadata file, the output and the exported cache.
     let found = files_containing(cluster.dir.path(), marker.as_bytes());
     assert!(found.is_empty(), "the secret is in {found:?}");
+    // Nor the workers' runtime directories (on /dev/shm: the runner's state, the steps'
+    // files), which name their state directory.
+    let runtimes: Vec<_> = std::fs::read_dir("/dev/shm/kiln")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|dir| {
+            std::fs::read_to_string(dir.join("state-directory"))
+                .is_ok_and(|state| std::path::Path::new(&state).starts_with(cluster.dir.path()))
+        })
+        .collect();
+    assert!(!runtimes.is_empty(), "no runtime directory of the cluster's workers in /dev/shm/kiln");
+    for runtime in runtimes {
+        let found = files_containing(&runtime, marker.as_bytes());
+        assert!(found.is_empty(), "the secret is in {found:?}");
+    }
     assert!(!metadata.to_string().contains(&marker));
     let keys = s3.keys();
     assert!(keys.iter().any(|k| k == "manifests/secrets"), "{keys:?}");
