@@ -557,6 +557,7 @@ fn a_draining_worker_finishes_its_step_and_takes_no_more() {
     let context = cluster.context("drain", "FROM BASE\nRUN sleep 2 && echo done > /done\n");
     let metadata = cluster.dir.path().join("drain.json");
     let out = cluster.dir.path().join("drain-out");
+    let submitted = kiln_types::now_ms();
     let mut build = cluster.spawn_build(&context, &metadata, &out, &[]);
     // Wait for the RUN step to start (the image source before it ran and finished).
     let (lines_sender, lines) = std::sync::mpsc::channel();
@@ -576,7 +577,8 @@ fn a_draining_worker_finishes_its_step_and_takes_no_more() {
     let shown = web_workers().into_iter().find(|w| w["name"] == victim.as_str()).unwrap();
     let steps = shown["steps"].as_array().unwrap();
     assert!(steps.len() == 1 && steps[0]["name"].as_str().unwrap().contains("RUN sleep 2"), "{shown}");
-    assert!(steps[0]["since"].as_u64().unwrap() <= kiln_types::now_ms(), "{shown}");
+    let since = steps[0]["since"].as_u64().unwrap();
+    assert!((submitted..=kiln_types::now_ms()).contains(&since), "started before the build: {shown}");
     assert_eq!((shown["running"].as_u64(), shown["max_parallelism"].as_u64()), (Some(1), Some(1)), "{shown}");
     assert!(shown["last_heartbeat"].as_u64().unwrap() > 0 && shown["cache_bytes"].is_u64(), "{shown}");
     let child = &mut cluster.workers.iter_mut().find(|(name, _)| *name == victim).unwrap().1;
