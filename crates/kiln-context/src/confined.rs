@@ -52,11 +52,7 @@ impl ConfinedDir {
 
     /// Creates the file `rel` (which must not exist) with the content of `source`.
     pub fn create_file(&self, rel: &Path, source: &mut impl io::Read) -> io::Result<()> {
-        let (parent, name) = self.parent(rel)?;
-        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let fd =
-            rustix::fs::openat(&parent, name, flags, Mode::from_raw_mode(0o600)).map_err(|e| self.error(rel, e))?;
-        io::copy(source, &mut File::from(fd))?;
+        io::copy(source, &mut self.new_file(rel)?).map_err(|e| self.copy_error(rel, e))?;
         Ok(())
     }
 
@@ -64,16 +60,27 @@ impl ConfinedDir {
     /// a reflink (the same data blocks, copied when either is written) where the filesystem
     /// makes them (XFS, Btrfs, both files on it), else a copy in the kernel. Says which.
     pub fn create_file_from(&self, rel: &Path, source: &File) -> io::Result<Copied> {
+        let mut file = self.new_file(rel)?;
+        // ext4 says EOPNOTSUPP, two filesystems EXDEV: copy then.
+        if rustix::fs::ioctl_ficlone(&file, source).is_ok() {
+            return Ok(Copied::Reflinked);
+        }
+        io::copy(&mut &*source, &mut file).map_err(|e| self.copy_error(rel, e))?;
+        Ok(Copied::Copied)
+    }
+
+    /// The new, empty file `rel` (which must not exist), mode 0600 until finished.
+    fn new_file(&self, rel: &Path) -> io::Result<File> {
         let (parent, name) = self.parent(rel)?;
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let fd =
             rustix::fs::openat(&parent, name, flags, Mode::from_raw_mode(0o600)).map_err(|e| self.error(rel, e))?;
-        // ext4 says EOPNOTSUPP, two filesystems EXDEV: copy then.
-        if rustix::fs::ioctl_ficlone(&fd, source).is_ok() {
-            return Ok(Copied::Reflinked);
-        }
-        io::copy(&mut &*source, &mut File::from(fd))?;
-        Ok(Copied::Copied)
+        Ok(File::from(fd))
+    }
+
+    /// A failed copy into `rel`, naming it.
+    fn copy_error(&self, rel: &Path, error: io::Error) -> io::Error {
+        io::Error::new(error.kind(), format!("writing {} in {}: {error}", rel.display(), self.path.display()))
     }
 
     /// Creates the symlink `rel` (which must not exist) pointing at `target`. The target is

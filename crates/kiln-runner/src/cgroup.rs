@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use kiln_runner_spec::Limits;
 
 /// Where the hierarchies are mounted.
-const ROOT: &str = "/sys/fs/cgroup";
+pub const ROOT: &str = "/sys/fs/cgroup";
 
 /// The controllers the runner puts a step under: libcontainer's list. Named hierarchies
 /// (`name=systemd`) and others stay as the runner has them, so that the service manager

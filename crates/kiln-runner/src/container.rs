@@ -218,7 +218,7 @@ fn cleanup_one(state_root: &Path, id: &str) -> anyhow::Result<()> {
 /// directories, waiting a bounded time for the processes to exit.
 fn remove_cgroup(cgroup: &Path) -> anyhow::Result<()> {
     let relative = cgroup.strip_prefix("/").unwrap_or(cgroup);
-    let base = Path::new("/sys/fs/cgroup");
+    let base = Path::new(cgroup::ROOT);
     let mut dirs: Vec<PathBuf> = fs::read_dir(base)
         .into_iter()
         .flatten()
