@@ -139,7 +139,9 @@ impl Workers for WorkersService {
                     match incoming.message().await {
                         Ok(Some(v1::WorkerMessage { message: Some(received) })) => match received {
                             worker_message::Message::Heartbeat(beat) => {
-                                cluster.heartbeat(&name, session, beat.free_disk, beat.cache_bytes)
+                                let v1::Heartbeat { free_disk, cache_bytes, capacity } = beat;
+                                let beat = kiln_model::Beat { free_disk, cache_bytes, capacity: capacity as usize };
+                                cluster.heartbeat(&name, session, beat)
                             }
                             worker_message::Message::Log(log) => {
                                 let (job, epoch) = (log.job, log.epoch);

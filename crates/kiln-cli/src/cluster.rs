@@ -51,7 +51,7 @@ pub async fn workers(args: WorkersArgs, daemon: &embedded::Daemon) -> anyhow::Re
                     "{:<24} {:<28} {:>7} {:>9} {:>9} {:<9} {}",
                     w.info.name,
                     platforms.join(","),
-                    format!("{}/{}", w.running, w.info.max_parallelism),
+                    format!("{}/{}", w.running, w.info.slots()),
                     human_bytes(w.info.cache_bytes),
                     human_bytes(w.info.free_disk),
                     if w.draining { "draining" } else { "ready" },

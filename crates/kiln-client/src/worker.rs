@@ -148,9 +148,11 @@ impl WorkerLink {
         let _ = self.sender.send(v1::WorkerMessage { message: Some(message) });
     }
 
-    /// Renews the lease, telling the free disk and the cache's size.
-    pub fn heartbeat(&self, free_disk: u64, cache_bytes: u64) {
-        self.send(worker_message::Message::Heartbeat(v1::Heartbeat { free_disk, cache_bytes }));
+    /// Renews the lease, telling the free disk, the cache's size and the capacity.
+    pub fn heartbeat(&self, beat: kiln_model::Beat) {
+        let kiln_model::Beat { free_disk, cache_bytes, capacity } = beat;
+        let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
+        self.send(worker_message::Message::Heartbeat(v1::Heartbeat { free_disk, cache_bytes, capacity }));
     }
 
     /// The answer to a push.

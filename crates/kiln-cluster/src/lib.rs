@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use kiln_graph::{Op, SourceOp, Vertex};
 use kiln_model::{
-    BoxFuture, CacheCompression, Executed, Executor, Failed, HeldWork, JobId, LayerDesc, Layers, LogLine, LogSink,
-    LogStream, PushRequest, PushTarget, PushedLayer, TierBlob, Work, WorkerInfo, WorkerStatus,
+    Beat, BoxFuture, CacheCompression, Executed, Executor, Failed, HeldWork, JobId, LayerDesc, Layers, LogLine,
+    LogSink, LogStream, PushRequest, PushTarget, PushedLayer, TierBlob, Work, WorkerInfo, WorkerStatus,
 };
 use kiln_types::{Digest, now_ms};
 use tokio::sync::{mpsc, oneshot};
@@ -324,8 +324,8 @@ impl<B: Send + Sync + 'static> Cluster<B> {
     }
 
     /// A worker renewed its lease.
-    pub fn heartbeat(&self, worker: &str, session: u64, free_disk: u64, cache_bytes: u64) {
-        self.apply(ClusterCommand::Heartbeat { worker: worker.into(), session, free_disk, cache_bytes, at: now_ms() });
+    pub fn heartbeat(&self, worker: &str, session: u64, beat: Beat) {
+        self.apply(ClusterCommand::Heartbeat { worker: worker.into(), session, beat, at: now_ms() });
     }
 
     /// A worker's garbage collection removed these layers.
@@ -528,10 +528,13 @@ impl<B> Pending<B> {
     /// no such round trip).
     fn timed(&self, mut executed: Executed<Layers>) -> Executed<Layers> {
         let Some(assigned) = self.assigned else { return executed };
+        // The wait for a worker, then for a slot on it (an adaptive worker's admission).
+        let on_worker_queue = executed.phases.queue_ms.unwrap_or(0);
         let queue = assigned.saturating_duration_since(self.submitted);
-        executed.phases.queue_ms = Some(u64::try_from(queue.as_millis()).unwrap_or(u64::MAX));
+        let queue = u64::try_from(queue.as_millis()).unwrap_or(u64::MAX);
+        executed.phases.queue_ms = Some(queue.saturating_add(on_worker_queue));
         if self.assignments == 1 && !self.adopted {
-            let on_worker = Duration::from_millis(executed.phases.on_worker_ms());
+            let on_worker = Duration::from_millis(executed.phases.on_worker_ms().saturating_add(on_worker_queue));
             kiln_telemetry::metrics().dispatched(assigned.elapsed().saturating_sub(on_worker));
         }
         executed

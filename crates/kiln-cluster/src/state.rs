@@ -3,14 +3,15 @@
 //! deterministic function of [`ClusterCommand`]s (times arrive inside commands), so it can be
 //! replicated like the solver's state.
 //!
-//! Placement: a job goes only to a worker of its platform with a free slot. Among those, the
+//! Placement: a job goes only to a worker of its platform with a free slot (its slots are its
+//! capacity, which heartbeats update: [`WorkerInfo::slots`]). Among those, the
 //! worker holding most of the job's input bytes wins unless its load is above
 //! [`ClusterSettings::locality_load_bound`]; then the least-loaded one does. Builds take turns
 //! (round-robin over builds with queued jobs), so one huge build cannot starve a small one.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
-use kiln_model::{JobId, LayerDesc, WorkerInfo, WorkerStatus};
+use kiln_model::{Beat, JobId, LayerDesc, WorkerInfo, WorkerStatus};
 use kiln_types::{Digest, Platform};
 
 /// Timeouts and bounds.
@@ -67,10 +68,8 @@ pub enum ClusterCommand {
         worker: String,
         /// Its session.
         session: u64,
-        /// Free disk now.
-        free_disk: u64,
-        /// What its cache holds now.
-        cache_bytes: u64,
+        /// Its free disk, cache size and capacity now.
+        beat: Beat,
         /// The time.
         at: u64,
     },
@@ -219,11 +218,11 @@ struct WorkerEntry {
 
 impl WorkerEntry {
     fn load(&self) -> f64 {
-        self.running.len() as f64 / self.info.max_parallelism.max(1) as f64
+        self.running.len() as f64 / self.info.slots() as f64
     }
 
     fn has_slot(&self) -> bool {
-        !self.draining && self.running.len() < self.info.max_parallelism.max(1)
+        !self.draining && self.running.len() < self.info.slots()
     }
 
     /// Whether it may run the job: its platform, and every entitlement it needs granted.
@@ -300,12 +299,14 @@ impl ClusterState {
                     self.adopt(job, &name, &mut effects);
                 }
             }
-            ClusterCommand::Heartbeat { worker, session, free_disk, cache_bytes, at } => {
+            ClusterCommand::Heartbeat { worker, session, beat, at } => {
                 if let Some(entry) = self.workers.get_mut(&worker).filter(|e| e.session == session) {
                     entry.expires = at + self.settings.lease_ms;
                     entry.last_heartbeat = at;
-                    entry.info.free_disk = free_disk;
-                    entry.info.cache_bytes = cache_bytes;
+                    entry.info.free_disk = beat.free_disk;
+                    entry.info.cache_bytes = beat.cache_bytes;
+                    // A larger capacity places more jobs (below, as every command does).
+                    entry.info.capacity = beat.capacity;
                 }
             }
             ClusterCommand::Disconnect { worker, session, at } => {

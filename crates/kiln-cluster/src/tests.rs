@@ -15,6 +15,7 @@ fn info(name: &str) -> WorkerInfo {
         platforms: vec![Platform::host()],
         labels: Default::default(),
         max_parallelism: 4,
+        capacity: 0,
         free_disk: 0,
         cache_bytes: 0,
         address: format!("http://{name}"),

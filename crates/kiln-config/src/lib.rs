@@ -417,8 +417,8 @@ pub struct WorkerConfig {
     pub platforms: Vec<Platform>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
-    /// Executions at once, when set (a standalone daemon without it adapts to the machine's
-    /// pressure: docs/parallelism.md).
+    /// Executions at once, when set (without it, a worker adapts to its machine's pressure:
+    /// docs/parallelism.md).
     pub max_parallelism: Option<usize>,
     /// cgroup prefix.
     pub cgroup_parent: String,
@@ -434,14 +434,6 @@ pub struct WorkerConfig {
     pub default_network: kiln_model::DefaultNetwork,
     /// The metrics and health listener.
     pub metrics_listen: Option<SocketAddr>,
-}
-
-impl WorkerConfig {
-    /// The jobs a coordinator places on this worker at once: `max-parallelism`, by default
-    /// four per CPU (steps often wait on IO or sleep).
-    pub fn slots(&self) -> usize {
-        self.max_parallelism.unwrap_or_else(|| 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
-    }
 }
 
 /// Garbage collection limits, in bytes and time; `None` takes the default for the disk.

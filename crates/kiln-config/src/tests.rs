@@ -31,7 +31,7 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(worker.root, PathBuf::from("/var/lib/kiln/worker"));
     assert_eq!(worker.gc.keep_duration, Duration::from_secs(48 * 3600));
     assert_eq!(worker.gc.reserved_space, None, "a share of the disk, decided by the worker");
-    assert!(worker.slots() >= 4 && worker.max_parallelism.is_none());
+    assert!(worker.max_parallelism.is_none());
     let named = |listen: &str| {
         let text = format!("[worker]\ncoordinator = \"http://127.0.0.1:7070\"\nlisten = \"{listen}\"\n");
         let listen: std::net::SocketAddr = listen.parse().unwrap();

@@ -115,6 +115,7 @@ fn start_fake_workers(
             platforms: vec![Platform::host()],
             labels: Default::default(),
             max_parallelism: slots,
+            capacity: 0,
             free_disk: 0,
             cache_bytes: 0,
             address: format!("http://fake-{n}"),
@@ -154,7 +155,7 @@ fn start_fake_workers(
                     });
                 }
                 if beat.elapsed() > Duration::from_secs(1) {
-                    cluster.heartbeat(&name, session, 0, 0);
+                    cluster.heartbeat(&name, session, kiln_model::Beat::default());
                     beat = Instant::now();
                 }
             }

@@ -107,8 +107,8 @@ impl ControlPlane for Coordinator {
 pub struct Link(WorkerLink);
 
 impl SessionLink for Link {
-    fn heartbeat(&self, free_disk: u64, cache_bytes: u64) {
-        self.0.heartbeat(free_disk, cache_bytes);
+    fn heartbeat(&self, beat: kiln_model::Beat) {
+        self.0.heartbeat(beat);
     }
 
     fn drain(&self) {

@@ -844,11 +844,15 @@ async fn worker(
     let worker = Arc::new(Worker::open(config, kv)?);
     let _pid = PidFile::write(root)?;
     let host = if local.ip().is_unspecified() { name.clone() } else { local.ip().to_string() };
+    // Without max-parallelism, the worker's capacity adapts to its machine's pressure.
+    let parallelism = Parallelism::from_setting(settings.max_parallelism);
+    let admission = kiln_solver::admission::Admission::for_cluster(parallelism, parallelism.pressure());
     let info = WorkerInfo {
         name,
         platforms,
         labels: settings.labels.clone(),
-        max_parallelism: settings.slots(),
+        max_parallelism: admission.ceiling(),
+        capacity: *admission.capacity().borrow(),
         free_disk: 0,
         cache_bytes: 0,
         address: format!("{}://{host}:{}", security.scheme(), local.port()),
@@ -878,7 +882,7 @@ async fn worker(
         Arc::clone(&worker),
         control,
         Arc::new(agent::PeerFetcher(security.tls.clone())),
-        info,
+        (info, admission),
         root.to_path_buf(),
         (stopped, registered),
     )

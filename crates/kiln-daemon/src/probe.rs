@@ -98,7 +98,7 @@ fn platform_loads(
             } else {
                 load.workers += 1;
             }
-            let (slots, running) = (worker.info.max_parallelism as u64, worker.running as u64);
+            let (slots, running) = (worker.info.slots() as u64, worker.running as u64);
             load.slots_busy += running.min(slots);
             load.slots_free += slots.saturating_sub(running);
         }
@@ -127,7 +127,7 @@ fn pool_workers(workers: &[kiln_model::WorkerStatus]) -> BTreeMap<String, PoolLo
         pool.running += worker.running as u64;
         if !worker.draining {
             pool.workers += 1;
-            pool.slots += worker.info.max_parallelism as u64;
+            pool.slots += worker.info.slots() as u64;
         }
     }
     pools

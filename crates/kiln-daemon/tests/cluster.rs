@@ -546,6 +546,60 @@ fn a_rebuild_after_one_edit_uploads_one_file_and_a_platform_without_workers_time
 }
 
 #[test]
+fn an_adaptive_worker_takes_more_steps_than_cpus_while_its_machine_is_calm() {
+    // A worker without max-parallelism, reading pressure files whose stall totals never grow
+    // (a calm machine).
+    let mut cluster = Cluster::start(35, &[], 1, "");
+    let pressure = cluster.dir.path().join("pressure");
+    std::fs::create_dir_all(&pressure).unwrap();
+    let calm = "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+    for file in ["cpu.pressure", "memory.pressure"] {
+        std::fs::write(pressure.join(file), calm).unwrap();
+    }
+    cluster.env.push(("KILN_PRESSURE_DIR".into(), pressure.display().to_string()));
+    let tls = certificate(cluster.dir.path(), "adaptive", "127.0.35.2");
+    cluster.start_worker_raw("adaptive", 2, "linux/amd64", &tls);
+    cluster.wait_for_workers(1);
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let registered = cluster.workers_json().remove(0);
+    assert_eq!(
+        (registered["max_parallelism"].as_u64(), registered["slots"].as_u64()),
+        (Some(32 * cpus as u64), Some(cpus as u64)),
+        "{registered}"
+    );
+    // Steps that can only end together: each marks its start in a shared cache mount and
+    // waits for all the others' marks (giving up after 60 s). Placed one per CPU, they would
+    // never end.
+    let steps = cpus + 4;
+    let mut dockerfile = String::new();
+    for k in 0..steps {
+        dockerfile += &format!(
+            "FROM BASE AS s{k}\nRUN --mount=type=cache,target=/barrier,sharing=shared touch /barrier/{k} && n=0 && \
+             until [ \"$(ls /barrier | wc -l)\" -ge {steps} ]; do n=$((n+1)); \
+             if [ $n -ge 1200 ]; then echo \"only $(ls /barrier | wc -l) of {steps} steps ran at once\" >&2; exit 1; fi; \
+             sleep 0.05; done && touch /done-{k}\n"
+        );
+    }
+    dockerfile += "FROM BASE\n";
+    for k in 0..steps {
+        dockerfile += &format!("COPY --from=s{k} /done-{k} /\n");
+    }
+    let context = cluster.context("barrier", &dockerfile);
+    let out = cluster.dir.path().join("barrier-out");
+    let local = format!("type=local,dest={}", out.display());
+    let built = cluster.run(&["build", context.to_str().unwrap(), "--progress", "plain", "--debug", "-o", &local]);
+    let progress = text(&built.stderr);
+    assert!(built.status.success(), "build failed: {progress}\n{}", cluster.logs());
+    assert!((0..steps).all(|k| out.join(format!("done-{k}")).exists()));
+    // Each step let in past the CPUs says why, at debug level.
+    let admitted = progress.lines().filter(|l| l.contains("[admission] admitted as step")).count();
+    assert!(admitted >= steps - cpus, "{admitted} admissions shown:\n{progress}");
+    // The worker's capacity grew as far.
+    let grown = cluster.workers_json().remove(0);
+    assert!(grown["slots"].as_u64().unwrap() >= steps as u64, "{grown}");
+}
+
+#[test]
 fn a_draining_worker_finishes_its_step_and_takes_no_more() {
     let mut cluster = Cluster::start(15, &["linux/amd64", "linux/amd64"], 1, "web-listen = \"127.0.15.1:7080\"");
     // The web UI's workers, with the steps they run.

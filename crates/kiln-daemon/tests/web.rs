@@ -108,8 +108,11 @@ impl Site {
     /// Builds `context` to its end; returns its metadata.
     fn build(&self, context: &Path) -> serde_json::Value {
         let (child, metadata) = self.spawn_build(context);
-        child.wait_with_output().unwrap();
-        serde_json::from_slice(&std::fs::read(metadata).unwrap()).unwrap()
+        let output = child.wait_with_output().unwrap();
+        let written = std::fs::read(&metadata).unwrap_or_else(|e| {
+            panic!("no metadata from the build ({e}): {}", String::from_utf8_lossy(&output.stderr))
+        });
+        serde_json::from_slice(&written).unwrap()
     }
 }
 

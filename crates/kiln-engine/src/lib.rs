@@ -230,6 +230,7 @@ impl Engine {
             platforms: self.platforms.clone(),
             labels: Default::default(),
             max_parallelism: slots,
+            capacity: 0,
             free_disk: gc.map_or(0, |gc| gc.free_disk()),
             address: String::new(),
             entitlements: self.entitlements.clone(),

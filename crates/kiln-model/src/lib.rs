@@ -42,4 +42,4 @@ pub use output::{OutputSpec, OutputSpecError};
 pub use record::{Phases, Status, UnknownStatus, VertexRecord};
 pub use request::{BuildRequest, NamedContext, OversizedRequest, TraceContext, bounds};
 pub use spec::spec_fields;
-pub use worker::{JobId, LayerDesc, Layers, RunningStep, TierBlob, WorkerInfo, WorkerStatus};
+pub use worker::{Beat, JobId, LayerDesc, Layers, RunningStep, TierBlob, WorkerInfo, WorkerStatus};

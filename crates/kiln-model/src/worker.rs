@@ -47,8 +47,12 @@ pub struct WorkerInfo {
     pub platforms: Vec<Platform>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
-    /// Jobs at once.
+    /// Jobs at once, at most.
     pub max_parallelism: usize,
+    /// Jobs to place on it at once now (0: `max_parallelism`): an adaptive worker's grows
+    /// while its machine is calm and shrinks under pressure (docs/parallelism.md).
+    #[serde(default)]
+    pub capacity: usize,
     /// Free bytes on its state directory's disk.
     pub free_disk: u64,
     /// Its blob service (`http://HOST:PORT`) for peers.
@@ -59,6 +63,26 @@ pub struct WorkerInfo {
     /// Bytes its cache holds, as its last garbage collection measured (0: not yet).
     #[serde(default)]
     pub cache_bytes: u64,
+}
+
+impl WorkerInfo {
+    /// The jobs a coordinator places on it at once now: its capacity, within its
+    /// `max_parallelism`, at least one.
+    pub fn slots(&self) -> usize {
+        let capacity = if self.capacity == 0 { self.max_parallelism } else { self.capacity };
+        capacity.min(self.max_parallelism).max(1)
+    }
+}
+
+/// What a worker's heartbeat tells besides renewing its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Beat {
+    /// Free bytes on its state directory's disk.
+    pub free_disk: u64,
+    /// Bytes its cache holds, as its last garbage collection measured.
+    pub cache_bytes: u64,
+    /// Its capacity now ([`WorkerInfo::capacity`]).
+    pub capacity: usize,
 }
 
 /// A worker as listed by `kiln workers`.
@@ -84,6 +108,7 @@ impl WorkerStatus {
             "platforms": self.info.platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
             "labels": self.info.labels,
             "max_parallelism": self.info.max_parallelism,
+            "slots": self.info.slots(),
             "running": self.running,
             "free_disk": self.info.free_disk,
             "cache_bytes": self.info.cache_bytes,

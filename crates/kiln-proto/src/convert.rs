@@ -528,6 +528,7 @@ pub fn register_to_proto(info: &WorkerInfo, layers: &[Digest], held: &[HeldWork]
         platforms: info.platforms.iter().map(|p| p.to_string()).collect(),
         labels: info.labels.clone().into_iter().collect(),
         max_parallelism: info.max_parallelism as u32,
+        capacity: info.capacity as u32,
         free_disk: info.free_disk,
         cache_bytes: info.cache_bytes,
         address: info.address.clone(),
@@ -561,6 +562,7 @@ pub fn register_from_proto(register: v1::Register) -> Result<(WorkerInfo, Vec<Di
         name: register.name,
         labels: register.labels.into_iter().collect(),
         max_parallelism: register.max_parallelism.max(1) as usize,
+        capacity: register.capacity as usize,
         free_disk: register.free_disk,
         cache_bytes: register.cache_bytes,
         address: register.address,
@@ -638,6 +640,7 @@ pub fn worker_to_proto(worker: &WorkerStatus) -> v1::WorkerDescription {
         platforms: worker.info.platforms.iter().map(|p| p.to_string()).collect(),
         labels: worker.info.labels.clone().into_iter().collect(),
         max_parallelism: worker.info.max_parallelism as u32,
+        capacity: worker.info.capacity as u32,
         running: worker.running as u32,
         free_disk: worker.info.free_disk,
         cache_bytes: worker.info.cache_bytes,
@@ -658,6 +661,7 @@ pub fn worker_from_proto(worker: v1::WorkerDescription) -> Result<WorkerStatus, 
             name: worker.name,
             labels: worker.labels.into_iter().collect(),
             max_parallelism: worker.max_parallelism as usize,
+            capacity: worker.capacity as usize,
             free_disk: worker.free_disk,
             cache_bytes: worker.cache_bytes,
             address: worker.address,
@@ -672,12 +676,14 @@ pub fn worker_from_proto(worker: v1::WorkerDescription) -> Result<WorkerStatus, 
 
 /// A line of a job's output as a worker sends it.
 pub fn job_log_to_proto(job: u64, epoch: u32, line: LogLine) -> v1::JobLog {
-    v1::JobLog { job, epoch, stderr: line.stream == LogStream::Stderr, line: line.line }
+    let v1::VertexLog { stderr, debug, line, .. } = vertex_log_to_proto(String::new(), line);
+    v1::JobLog { job, epoch, stderr, debug, line }
 }
 
 /// A line of a job's output as the coordinator receives it.
 pub fn log_line_from_proto(log: v1::JobLog) -> LogLine {
-    LogLine { stream: if log.stderr { LogStream::Stderr } else { LogStream::Stdout }, line: log.line }
+    let v1::JobLog { stderr, debug, line, .. } = log;
+    vertex_log_from_proto(v1::VertexLog { digest: String::new(), stderr, debug, line })
 }
 
 /// A job's result as sent: its layers and pin, or the error.
@@ -886,12 +892,21 @@ mod tests {
     }
 
     #[test]
+    fn a_jobs_lines_keep_their_stream_across_the_wire() {
+        for stream in [LogStream::Stdout, LogStream::Stderr, LogStream::Debug] {
+            let line = LogLine { stream, line: "[admission] admitted".into() };
+            assert_eq!(log_line_from_proto(job_log_to_proto(1, 2, line.clone())), line);
+        }
+    }
+
+    #[test]
     fn registrations_name_the_worker_in_their_errors() {
         let info = WorkerInfo {
             name: "w1".into(),
             platforms: vec!["linux/amd64".parse().unwrap()],
             labels: Default::default(),
-            max_parallelism: 2,
+            max_parallelism: 8,
+            capacity: 5,
             free_disk: 7,
             cache_bytes: 3,
             address: "http://127.0.0.1:1".into(),

@@ -11,13 +11,18 @@
 //!   [`FALLBACK_PER_CPU`] per CPU.
 //!
 //! Each admission past the CPUs is a [`Decision`] the step's output tells at debug level.
+//!
+//! A cluster worker also tells its coordinator how many jobs to place on it at once, its
+//! [capacity](Admission::capacity): an adaptive one starts at one per CPU, and while it runs
+//! that many, each calm tick raises it by as many as run (as it would admit waiters), each
+//! busy tick lowers it to what runs (at least one per CPU).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 /// The limit on executions at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +42,15 @@ impl Parallelism {
         match max {
             Some(n) => Parallelism::Fixed(n.max(1)),
             None => Parallelism::Adaptive { ceiling: DEFAULT_CEILING_PER_CPU * cpus() },
+        }
+    }
+
+    /// The pressure an admission of it reads: the machine's ([`PressureFiles::find`]) when
+    /// adaptive, none when fixed.
+    pub fn pressure(self) -> Option<Pressure> {
+        match self {
+            Parallelism::Adaptive { .. } => PressureFiles::find().map(PressureFiles::pressure),
+            Parallelism::Fixed(_) => None,
         }
     }
 }
@@ -170,6 +184,9 @@ pub struct Admission {
     ceiling: usize,
     /// `None`: fixed at the floor.
     pressure: Option<Pressure>,
+    /// The jobs a coordinator may place at once, changed only when `told` (a cluster worker's).
+    capacity: watch::Sender<usize>,
+    told: bool,
     state: Mutex<State>,
 }
 
@@ -206,6 +223,16 @@ impl Admission {
     /// An admission of `parallelism` reading `pressure` (adaptive only; without it, an
     /// adaptive admission is fixed at [`FALLBACK_PER_CPU`] per CPU).
     pub fn new(parallelism: Parallelism, pressure: Option<Pressure>) -> Arc<Admission> {
+        Arc::new(Admission::build(parallelism, pressure, false))
+    }
+
+    /// [`Admission::new`] for a cluster worker: it keeps its [capacity](Admission::capacity)
+    /// for the coordinator.
+    pub fn for_cluster(parallelism: Parallelism, pressure: Option<Pressure>) -> Arc<Admission> {
+        Arc::new(Admission::build(parallelism, pressure, true))
+    }
+
+    fn build(parallelism: Parallelism, pressure: Option<Pressure>, told: bool) -> Admission {
         let (floor, ceiling, pressure) = match parallelism {
             Parallelism::Fixed(n) => (n.max(1), n.max(1), None),
             Parallelism::Adaptive { ceiling } => match pressure {
@@ -216,7 +243,7 @@ impl Admission {
                 }
             },
         };
-        Arc::new(Admission { floor, ceiling, pressure, state: Mutex::default() })
+        Admission { floor, ceiling, pressure, capacity: watch::Sender::new(floor), told, state: Mutex::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -228,6 +255,13 @@ impl Admission {
         self.ceiling
     }
 
+    /// The jobs a coordinator may place on this worker at once now, as it changes: fixed at
+    /// the limit, or (adaptive) one per CPU, grown while the machine is calm and this many
+    /// run, shrunk to what runs under pressure. Only [`Admission::for_cluster`] changes it.
+    pub fn capacity(&self) -> watch::Receiver<usize> {
+        self.capacity.subscribe()
+    }
+
     /// Steps waiting and running.
     pub fn load(&self) -> (usize, usize) {
         let state = self.lock();
@@ -237,7 +271,31 @@ impl Admission {
     /// A slot at once, if one is free without asking the machine.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         let mut state = self.lock();
-        self.take_at_once(&mut state)
+        let permit = self.take_at_once(&mut state);
+        if self.start_watching(&mut state) {
+            tokio::spawn(Arc::clone(self).watch());
+        }
+        permit
+    }
+
+    /// Whether the pressure is to be read now: steps wait, or this worker runs its whole
+    /// capacity (the coordinator may have more for it). Marks it read when it is to start.
+    fn start_watching(&self, state: &mut State) -> bool {
+        let start = self.pressure.is_some() && !state.watching && self.wants_reading(state);
+        state.watching |= start;
+        start
+    }
+
+    fn wants_reading(&self, state: &State) -> bool {
+        let saturated = self.told && state.running >= *self.capacity.borrow();
+        !state.waiting.is_empty() || saturated
+    }
+
+    /// Tells the coordinator a new capacity (nothing when it is the same).
+    fn set_capacity(&self, capacity: usize) {
+        if self.told {
+            self.capacity.send_if_modified(|old| std::mem::replace(old, capacity) != capacity);
+        }
     }
 
     fn take_at_once(self: &Arc<Self>, state: &mut State) -> Option<Permit> {
@@ -255,14 +313,15 @@ impl Admission {
             let mut state = self.lock();
             // Checked and queued under one lock: a slot freed in between is not missed.
             if let Some(permit) = self.take_at_once(&mut state) {
+                if self.start_watching(&mut state) {
+                    tokio::spawn(Arc::clone(self).watch());
+                }
                 return (permit, None);
             }
             let id = state.next_waiter;
             state.next_waiter += 1;
             state.waiting.push_back(Waiter { id, since: Instant::now(), admit });
-            let watch = self.pressure.is_some() && !state.watching;
-            state.watching |= watch;
-            (Place { admission: self, id }, watch)
+            (Place { admission: self, id }, self.start_watching(&mut state))
         };
         if watch {
             tokio::spawn(Arc::clone(self).watch());
@@ -304,8 +363,9 @@ impl Admission {
         while state.running < self.floor && self.admit_first(&mut state, |_| None) {}
     }
 
-    /// Reads the pressure every [`TICK`] while steps wait; each calm tick admits up to as
-    /// many more as run (at least one per CPU), up to the ceiling.
+    /// Reads the pressure every [`TICK`] while steps wait (or a cluster worker runs its whole
+    /// capacity); each calm tick admits up to as many more as run (at least one per CPU), up
+    /// to the ceiling, and raises the capacity as far; each busy tick lowers it to what runs.
     async fn watch(self: Arc<Self>) {
         let Some(read) = self.pressure.clone() else { return };
         let mut last = (Instant::now(), read());
@@ -321,7 +381,7 @@ impl Admission {
             };
             last = now;
             let mut state = self.lock();
-            if state.waiting.is_empty() {
+            if !self.wants_reading(&state) {
                 state.watching = false;
                 return;
             }
@@ -329,6 +389,7 @@ impl Admission {
             while state.running < self.floor && self.admit_first(&mut state, |_| None) {}
             if cpu >= CPU_CALM || memory >= MEMORY_CALM {
                 tracing::trace!(cpu, memory, running = state.running, waiting = state.waiting.len(), "admission: busy");
+                self.set_capacity(self.floor.max(state.running));
                 continue;
             }
             let decision = |running| Some(Decision { running, cpu, memory, waited: Duration::ZERO });
@@ -337,6 +398,9 @@ impl Admission {
                     break;
                 }
             }
+            let now = *self.capacity.borrow();
+            let grown = now.max(state.running + self.floor.max(state.running)).min(self.ceiling);
+            self.set_capacity(grown);
         }
     }
 }
@@ -403,25 +467,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_adaptive_admission_admits_past_the_cpus_while_calm_and_holds_under_pressure() {
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-        // Busy: each read finds the CPU stall total grown by more than any tick; calm: not.
-        let (busy, reads, total) =
-            (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        // Each reading is told (a permit is kept when nobody waits: none is lost).
-        let read = Arc::new(tokio::sync::Notify::new());
-        let pressure: Pressure = {
-            let (busy, reads, total, read) =
-                (Arc::clone(&busy), Arc::clone(&reads), Arc::clone(&total), Arc::clone(&read));
-            Arc::new(move || {
-                if busy.load(SeqCst) {
-                    total.fetch_add(3_600_000_000, SeqCst);
-                }
-                reads.fetch_add(1, SeqCst);
-                read.notify_one();
-                Some((total.load(SeqCst), 0))
-            })
-        };
-        let admission = Admission::new(Parallelism::Adaptive { ceiling: cpus() * 3 }, Some(pressure));
+        use std::sync::atomic::Ordering::SeqCst;
+        let test = TestPressure::new(true);
+        let admission = Admission::new(Parallelism::Adaptive { ceiling: cpus() * 3 }, Some(test.pressure()));
         let held: Vec<Permit> = (0..cpus()).map(|_| admission.try_acquire().unwrap()).collect();
         assert!(admission.try_acquire().is_none(), "one per CPU at once");
         let waiters: Vec<_> = (0..cpus() * 3)
@@ -431,13 +479,10 @@ mod tests {
             })
             .collect();
         // Three busy readings (the first is the watch's start): nothing is admitted.
-        while reads.load(SeqCst) < 4 {
-            let told = tokio::time::timeout(Duration::from_secs(30), read.notified()).await;
-            assert!(told.is_ok(), "the admission never read the pressure");
-        }
+        test.read_times(4).await;
         let (waiting, running) = admission.load();
         assert_eq!((waiting, running), (cpus() * 3, cpus()), "nothing admitted under pressure");
-        busy.store(false, SeqCst);
+        test.busy.store(false, SeqCst);
         // Calm: the waiters come in, a few a tick, up to the ceiling.
         let mut waiters = waiters.into_iter();
         let mut admitted = Vec::new();
@@ -457,5 +502,81 @@ mod tests {
         assert_eq!(admission.load(), (0, cpus() * 3));
         drop(admitted);
         assert_eq!(admission.load(), (0, 0));
+    }
+
+    /// A pressure the test sets: each read while busy finds the CPU stall total grown by more
+    /// than any tick. Reads are counted and told.
+    struct TestPressure {
+        busy: std::sync::atomic::AtomicBool,
+        reads: std::sync::atomic::AtomicU64,
+        total: std::sync::atomic::AtomicU64,
+        read: tokio::sync::Notify,
+    }
+
+    impl TestPressure {
+        fn new(busy: bool) -> Arc<TestPressure> {
+            Arc::new(TestPressure {
+                busy: busy.into(),
+                reads: 0.into(),
+                total: 0.into(),
+                read: tokio::sync::Notify::new(),
+            })
+        }
+
+        fn pressure(self: &Arc<Self>) -> Pressure {
+            use std::sync::atomic::Ordering::SeqCst;
+            let this = Arc::clone(self);
+            Arc::new(move || {
+                if this.busy.load(SeqCst) {
+                    this.total.fetch_add(3_600_000_000, SeqCst);
+                }
+                this.reads.fetch_add(1, SeqCst);
+                this.read.notify_one();
+                Some((this.total.load(SeqCst), 0))
+            })
+        }
+
+        /// Waits until it was read `n` times in all.
+        async fn read_times(&self, n: u64) {
+            while self.reads.load(std::sync::atomic::Ordering::SeqCst) < n {
+                let told = tokio::time::timeout(Duration::from_secs(30), self.read.notified()).await;
+                assert!(told.is_ok(), "the admission never read the pressure");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cluster_workers_capacity_grows_while_calm_and_full_and_shrinks_to_what_runs_under_pressure() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let test = TestPressure::new(true);
+        let admission = Admission::for_cluster(Parallelism::Adaptive { ceiling: cpus() * 3 }, Some(test.pressure()));
+        let mut capacity = admission.capacity();
+        assert_eq!(*capacity.borrow_and_update(), cpus(), "one job per CPU to begin with");
+        // Running its whole capacity, the worker reads the pressure; busy, it offers no more.
+        let held: Vec<Permit> = (0..cpus()).map(|_| admission.try_acquire().unwrap()).collect();
+        test.read_times(3).await;
+        assert!(!capacity.has_changed().unwrap(), "nothing more offered under pressure");
+        // Calm: it offers as many more as run.
+        test.busy.store(false, SeqCst);
+        tokio::time::timeout(Duration::from_secs(30), capacity.changed()).await.unwrap().unwrap();
+        assert_eq!(*capacity.borrow_and_update(), cpus() * 2);
+        // Under pressure again, with a job placed past the CPUs waiting: the capacity falls
+        // back to what runs, and the job waits.
+        test.busy.store(true, SeqCst);
+        let waiter = tokio::spawn({
+            let admission = Arc::clone(&admission);
+            async move { admission.acquire().await }
+        });
+        tokio::time::timeout(Duration::from_secs(30), capacity.changed()).await.unwrap().unwrap();
+        assert_eq!(*capacity.borrow_and_update(), cpus());
+        assert_eq!(admission.load(), (1, cpus()));
+        // A job ending lets the waiter in; a standalone admission's capacity never moves.
+        drop(held);
+        let (permit, _) = tokio::time::timeout(Duration::from_secs(30), waiter).await.unwrap().unwrap();
+        drop(permit);
+        let fixed =
+            Admission::new(Parallelism::Adaptive { ceiling: cpus() * 3 }, Some(TestPressure::new(false).pressure()));
+        let _held: Vec<Permit> = (0..cpus()).map(|_| fixed.try_acquire().unwrap()).collect();
+        assert_eq!((*fixed.capacity().borrow(), fixed.state.lock().unwrap().watching), (cpus(), false));
     }
 }

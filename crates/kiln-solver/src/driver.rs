@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use crate::admission::{Admission, Parallelism, PressureFiles};
+use crate::admission::{Admission, Parallelism};
 use kiln_graph::{Graph, Op};
 use kiln_kv::{KvError, SharedKv};
 use kiln_model::{BuildEvent, Executed, Executor, Failed, LogLine, LogSink, LogStream};
@@ -138,11 +138,7 @@ impl<E: Executor> Solver<E> {
             }
         }
         let (sender, receiver) = mpsc::unbounded_channel();
-        let pressure = match config.parallelism {
-            Parallelism::Adaptive { .. } => PressureFiles::find().map(PressureFiles::pressure),
-            Parallelism::Fixed(_) => None,
-        };
-        let admission = Admission::new(config.parallelism, pressure);
+        let admission = Admission::new(config.parallelism, config.parallelism.pressure());
         let driver = Driver {
             state,
             executor,

@@ -225,7 +225,9 @@ function ago(ms) {
 async function renderWorkers() {
   const workers = await json("/api/workers");
   const rows = workers.map((w) => {
-    const busy = Math.min(w.running, w.max_parallelism);
+    // Its slots now: an adaptive worker's capacity, within its max-parallelism.
+    const slots = w.slots ?? w.max_parallelism;
+    const busy = Math.min(w.running, slots);
     const labels = Object.entries(w.labels || {}).map(([k, v]) => el("span", { class: "tag" }, k + "=" + v));
     const steps = (w.steps || []).map((s) => el("div", { class: "running-step", "data-vertex": s.vertex, title: s.vertex },
       s.name, el("span", { class: "muted" }, " · " + seconds(Date.now() - s.since))));
@@ -234,9 +236,9 @@ async function renderWorkers() {
       el("td", {}, (w.platforms || []).join(", ")),
       el("td", { class: "labels" }, ...labels),
       el("td", { class: "state state-" + w.state }, w.state),
-      el("td", { class: "slots", "data-busy": busy, "data-free": w.max_parallelism - busy },
-        el("span", { class: "meter" }, el("i", { style: "width:" + (busy / Math.max(1, w.max_parallelism)) * 100 + "%" })),
-        busy + " busy / " + (w.max_parallelism - busy) + " free"),
+      el("td", { class: "slots", "data-busy": busy, "data-free": slots - busy },
+        el("span", { class: "meter" }, el("i", { style: "width:" + (busy / Math.max(1, slots)) * 100 + "%" })),
+        busy + " busy / " + (slots - busy) + " free"),
       el("td", { class: "steps" }, ...(steps.length ? steps : [el("span", { class: "muted" }, "idle")])),
       el("td", { class: "cache", "data-bytes": w.cache_bytes }, w.cache_bytes ? bytes(w.cache_bytes) : "-"),
       el("td", {}, bytes(w.free_disk)),

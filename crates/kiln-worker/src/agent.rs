@@ -3,6 +3,11 @@
 //! coordinator, then [`Worker::execute`]), heartbeats within the lease, and drain on stop:
 //! running jobs finish, nothing new is taken.
 //!
+//! Its `RUN` and file steps take a slot of its [`Admission`] (docs/parallelism.md), as a
+//! standalone daemon's do: an adaptive worker holds a placed step back while its machine is
+//! under pressure, and tells the coordinator its capacity (a heartbeat whenever it changes),
+//! which is how many jobs the coordinator places on it.
+//!
 //! A lost session does not stop its jobs. They run on as orphans, and a result that comes
 //! while no session is open is kept. The next registration reports them by what they compute
 //! ([`kiln_model::work_of`]); an assignment of the same work, under whatever job id and epoch
@@ -21,9 +26,10 @@ use std::time::{Duration, Instant};
 use kiln_context::{BuildContext, StoredContext};
 use kiln_graph::{Op, SourceOp};
 use kiln_model::{
-    Assignment, BoxFuture, Executed, Failed, FromCoordinator, HeldWork, JobId, Layers, LogLine, LogSink, Phases,
-    PushedLayer, Work, WorkerInfo,
+    Assignment, Beat, BoxFuture, Executed, Failed, FromCoordinator, HeldWork, JobId, Layers, LogLine, LogSink,
+    LogStream, Phases, PushedLayer, Work, WorkerInfo,
 };
+use kiln_solver::admission::Admission;
 use kiln_telemetry::Phase;
 use kiln_types::{Digest, elapsed_ms};
 use tokio::sync::mpsc;
@@ -52,9 +58,9 @@ const RECENT: Duration = Duration::from_secs(10);
 
 /// What a worker sends on a session (cheap to clone; one clone per running job).
 pub trait SessionLink: Clone + Send + Sync + 'static {
-    /// Renews the lease, with the free bytes on the state directory's disk and the bytes its
-    /// cache holds (as the last garbage collection measured).
-    fn heartbeat(&self, free_disk: u64, cache_bytes: u64);
+    /// Renews the lease, with the free bytes on the state directory's disk, the bytes its
+    /// cache holds (as the last garbage collection measured) and its capacity.
+    fn heartbeat(&self, beat: Beat);
     /// Takes no new work.
     fn drain(&self);
     /// Layers garbage collection removed (diff ids).
@@ -102,13 +108,14 @@ pub trait ControlPlane: Send + Sync + 'static {
 
 /// Runs the worker role until `stop` is cancelled, then drains: registers (again after a
 /// broken session, backing off), runs assignments, and returns once the running jobs are done.
+/// Its steps take slots of `admission` ([`Admission::for_cluster`]), whose capacity it tells.
 /// `disk` is the directory whose free space heartbeats report; `registered` says whether a
 /// session is open.
 pub async fn run<C: ControlPlane>(
     worker: Arc<Worker>,
     control: Arc<C>,
     fetcher: Arc<dyn BlobFetcher>,
-    info: WorkerInfo,
+    (info, admission): (WorkerInfo, Arc<Admission>),
     disk: PathBuf,
     (stop, registered): (CancellationToken, tokio::sync::watch::Sender<bool>),
 ) {
@@ -123,14 +130,24 @@ pub async fn run<C: ControlPlane>(
         let cas = Arc::clone(worker.cas());
         let listed = tokio::task::spawn_blocking(move || cas.list().unwrap_or_default()).await;
         let layers: Vec<Digest> = listed.unwrap_or_default().into_iter().map(|b| b.digest).collect();
-        let current = WorkerInfo { free_disk: free_space(&disk), cache_bytes: worker.gc().used(), ..info.clone() };
+        let current = WorkerInfo {
+            free_disk: free_space(&disk),
+            cache_bytes: worker.gc().used(),
+            capacity: *admission.capacity().borrow(),
+            ..info.clone()
+        };
         jobs.collect();
         let held = jobs.held();
         match control.connect(current, layers, held.clone()).await {
             Ok(session) => {
                 tracing::info!(worker = %info.name, "registered with {address}, holding {} jobs of its lost session", held.len());
                 delay = FIRST_RECONNECT_DELAY;
-                let served = Served { worker: Arc::clone(&worker), fetcher: Arc::clone(&fetcher), address: &address };
+                let served = Served {
+                    worker: Arc::clone(&worker),
+                    fetcher: Arc::clone(&fetcher),
+                    admission: Arc::clone(&admission),
+                    address: &address,
+                };
                 registered.send_replace(true);
                 let ended = served.serve(session, &mut jobs, &disk, &stop).await;
                 registered.send_replace(false);
@@ -389,6 +406,7 @@ impl<L: SessionLink> Jobs<L> {
 struct Served<'a> {
     worker: Arc<Worker>,
     fetcher: Arc<dyn BlobFetcher>,
+    admission: Arc<Admission>,
     /// The control plane's blob service, for context files.
     address: &'a str,
 }
@@ -404,6 +422,12 @@ impl Served<'_> {
     ) -> Option<String> {
         let Session { link, lease_ms, mut incoming } = session;
         let mut heartbeat = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(100)));
+        let mut capacity = self.admission.capacity();
+        let beat = |capacity: &mut tokio::sync::watch::Receiver<usize>| Beat {
+            free_disk: free_space(disk),
+            cache_bytes: self.worker.gc().used(),
+            capacity: *capacity.borrow_and_update(),
+        };
         let mut collect = tokio::time::interval(crate::GC_INTERVAL);
         // The orphans of the lost session wait this long to be adopted.
         let mut adoption = jobs.has_orphans().then(|| tokio::time::Instant::now() + ADOPTION_GRACE);
@@ -422,7 +446,9 @@ impl Served<'_> {
                 return None;
             }
             tokio::select! {
-                _ = heartbeat.tick() => link.heartbeat(free_space(disk), self.worker.gc().used()),
+                _ = heartbeat.tick() => link.heartbeat(beat(&mut capacity)),
+                // The admission outlives the session: its capacity never stops changing.
+                Ok(()) = capacity.changed() => link.heartbeat(beat(&mut capacity)),
                 _ = collect.tick() => {
                     let (gc, link) = (Arc::clone(self.worker.gc()), link.clone());
                     tokio::spawn(async move { collected(gc.collect().await, &link) });
@@ -454,6 +480,7 @@ impl Served<'_> {
                             let task = run_job(
                                 Arc::clone(&self.worker),
                                 Arc::clone(&self.fetcher),
+                                Arc::clone(&self.admission),
                                 *assignment,
                                 Arc::clone(&binding),
                                 self.address.to_string(),
@@ -509,6 +536,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 async fn run_job<L: SessionLink>(
     worker: Arc<Worker>,
     fetcher: Arc<dyn BlobFetcher>,
+    admission: Arc<Admission>,
     assignment: Assignment,
     binding: Binding<L>,
     coordinator: String,
@@ -519,8 +547,8 @@ async fn run_job<L: SessionLink>(
     // The job's layers stay until it is done (garbage collection leaves them), and after it
     // for as long as its result is kept.
     let hold = Arc::new(worker.snapshots().hold());
-    let result =
-        execute(&worker, fetcher.as_ref(), assignment, &binding, &hold, &coordinator).instrument(span.clone()).await;
+    let run = Run { worker: &worker, fetcher: fetcher.as_ref(), admission: &admission, coordinator: &coordinator };
+    let result = run.execute(assignment, &binding, &hold).instrument(span.clone()).await;
     if let Err(error) = &result {
         span.in_scope(|| tracing::info!("failed: {error}"));
     }
@@ -554,88 +582,121 @@ fn collected<L: SessionLink>(result: Result<crate::Collected, StoreError>, link:
     }
 }
 
-async fn execute<L: SessionLink>(
-    worker: &Worker,
-    fetcher: &dyn BlobFetcher,
-    assignment: Assignment,
-    binding: &Binding<L>,
-    hold: &Arc<kiln_layer::Hold>,
-    coordinator: &str,
-) -> Result<Executed<Layers>, Failed> {
-    // The phases' spans go under the coordinator's span of the vertex (none when it is not
-    // traced: they would be traces of their own).
-    let traced = |phase| {
-        let trace = assignment.trace.as_ref()?;
-        let span = kiln_telemetry::phase_span(phase);
-        kiln_telemetry::set_parent(&span, &trace.traceparent, &trace.tracestate);
-        Some(span)
-    };
-    let fetching = Instant::now();
-    let fetch_span = traced(Phase::Fetch);
-    let mut inputs = Vec::with_capacity(assignment.inputs.len());
-    for layers in &assignment.inputs {
-        // The control plane recomputes an input that vanished with its worker, then retries.
-        let chain = worker.ensure_layers(&layers.layers, &assignment.sources, &assignment.tier, fetcher).await;
-        let chain = chain.map_err(|e| match e {
-            // Gone with its worker, or no peer could send it: the coordinator makes it again.
-            StoreError::Unavailable(_) | StoreError::Fetch { .. } => Failed::lost_input(e.to_string()),
-            // A local failure (a full disk, a broken store) fails the step here.
-            other => Failed::from(other.to_string()),
-        })?;
-        // Collected between the fetch and now: as good as never fetched.
-        hold.add(&chain.layers).map_err(|gone| Failed::lost_input(format!("layer {gone} was collected")))?;
-        inputs.push(chain);
-    }
-    let address = if assignment.context_address.is_empty() { coordinator } else { &assignment.context_address };
-    let mut contexts: HashMap<String, Arc<dyn BuildContext>> = HashMap::new();
-    for (name, manifest) in &assignment.contexts {
-        let context = StoredContext::new(manifest, Arc::clone(worker.cas()));
-        // Only the files this source selects travel.
-        if let Op::Source(SourceOp::Local { include, exclude, .. }) = &assignment.vertex.op {
-            let name = &assignment.vertex.meta.name;
-            let selected =
-                select_context(&context, include, exclude).map_err(|e| Failed::from(format!("{name}: {e}")))?;
-            let digests = manifest.digests_of(selected.iter().map(|e| e.path.as_str()));
-            let sizes: HashMap<Digest, u64> = manifest.blobs().into_iter().collect();
-            let blobs: Vec<(Digest, u64)> = digests.iter().map(|d| (*d, sizes.get(d).copied().unwrap_or(0))).collect();
-            worker.ensure_blobs(&blobs, address, fetcher).await.map_err(|e| Failed::from(e.to_string()))?;
-        }
-        contexts.insert(name.clone(), Arc::new(context));
-    }
-    let mut phases = Phases { fetch_ms: Some(elapsed_ms(fetching)), ..Phases::default() };
-    drop(fetch_span);
-    let build = BuildInputs {
-        contexts,
-        secrets: assignment.secrets,
-        hold: Some(Arc::clone(hold)),
-        cache_group: assignment.cache_group,
-        ..BuildInputs::default()
-    };
-    // Lines go to the job's session; an orphan's are dropped.
-    let binding = Arc::clone(binding);
-    let logs = LogSink::new(move |line| {
-        let session = match &*route(&binding) {
-            Route::Session(link, job, epoch) => Some((link.clone(), *job, *epoch)),
-            Route::Orphan | Route::Kept => None,
+/// What a job runs with.
+struct Run<'a> {
+    worker: &'a Worker,
+    fetcher: &'a dyn BlobFetcher,
+    admission: &'a Arc<Admission>,
+    /// The control plane's blob service, for context files.
+    coordinator: &'a str,
+}
+
+impl Run<'_> {
+    /// Fetches the job's inputs, waits for a slot (`RUN` and file steps), executes it and
+    /// describes its output.
+    async fn execute<L: SessionLink>(
+        &self,
+        assignment: Assignment,
+        binding: &Binding<L>,
+        hold: &Arc<kiln_layer::Hold>,
+    ) -> Result<Executed<Layers>, Failed> {
+        let Run { worker, fetcher, admission, coordinator } = *self;
+        // The phases' spans go under the coordinator's span of the vertex (none when it is not
+        // traced: they would be traces of their own).
+        let traced = |phase| {
+            let trace = assignment.trace.as_ref()?;
+            let span = kiln_telemetry::phase_span(phase);
+            kiln_telemetry::set_parent(&span, &trace.traceparent, &trace.tracestate);
+            Some(span)
         };
-        match session {
-            Some((link, job, epoch)) => {
-                link.log(job, epoch, line);
-                link.is_open()
-            }
-            None => true,
+        let fetching = Instant::now();
+        let fetch_span = traced(Phase::Fetch);
+        let mut inputs = Vec::with_capacity(assignment.inputs.len());
+        for layers in &assignment.inputs {
+            // The control plane recomputes an input that vanished with its worker, then retries.
+            let chain = worker.ensure_layers(&layers.layers, &assignment.sources, &assignment.tier, fetcher).await;
+            let chain = chain.map_err(|e| match e {
+                // Gone with its worker, or no peer could send it: the coordinator makes it again.
+                StoreError::Unavailable(_) | StoreError::Fetch { .. } => Failed::lost_input(e.to_string()),
+                // A local failure (a full disk, a broken store) fails the step here.
+                other => Failed::from(other.to_string()),
+            })?;
+            // Collected between the fetch and now: as good as never fetched.
+            hold.add(&chain.layers).map_err(|gone| Failed::lost_input(format!("layer {gone} was collected")))?;
+            inputs.push(chain);
         }
-    });
-    let executing = Instant::now();
-    let execute_span = traced(Phase::Execute);
-    let output = worker.execute(&assignment.vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
-    build.hold(&output.snapshot.layers)?;
-    phases.execute_ms = Some(elapsed_ms(executing));
-    drop(execute_span);
-    let exporting = Instant::now();
-    let export_span = traced(Phase::Export);
-    let layers = worker.describe(&output.snapshot).await.map_err(|e| Failed::from(e.to_string()))?;
-    phases.export_ms = Some(elapsed_ms(exporting));
-    drop(export_span);
-    Ok(Executed { pin: output.image.map(|i| i.manifest_digest), phases, ..Executed::new(Layers { layers }) })
+        let address = if assignment.context_address.is_empty() { coordinator } else { &assignment.context_address };
+        let mut contexts: HashMap<String, Arc<dyn BuildContext>> = HashMap::new();
+        for (name, manifest) in &assignment.contexts {
+            let context = StoredContext::new(manifest, Arc::clone(worker.cas()));
+            // Only the files this source selects travel.
+            if let Op::Source(SourceOp::Local { include, exclude, .. }) = &assignment.vertex.op {
+                let name = &assignment.vertex.meta.name;
+                let selected =
+                    select_context(&context, include, exclude).map_err(|e| Failed::from(format!("{name}: {e}")))?;
+                let digests = manifest.digests_of(selected.iter().map(|e| e.path.as_str()));
+                let sizes: HashMap<Digest, u64> = manifest.blobs().into_iter().collect();
+                let blobs: Vec<(Digest, u64)> =
+                    digests.iter().map(|d| (*d, sizes.get(d).copied().unwrap_or(0))).collect();
+                worker.ensure_blobs(&blobs, address, fetcher).await.map_err(|e| Failed::from(e.to_string()))?;
+            }
+            contexts.insert(name.clone(), Arc::new(context));
+        }
+        let mut phases = Phases { fetch_ms: Some(elapsed_ms(fetching)), ..Phases::default() };
+        drop(fetch_span);
+        let build = BuildInputs {
+            contexts,
+            secrets: assignment.secrets,
+            hold: Some(Arc::clone(hold)),
+            cache_group: assignment.cache_group,
+            ..BuildInputs::default()
+        };
+        // Lines go to the job's session; an orphan's are dropped.
+        let binding = Arc::clone(binding);
+        let logs = LogSink::new(move |line| {
+            let session = match &*route(&binding) {
+                Route::Session(link, job, epoch) => Some((link.clone(), *job, *epoch)),
+                Route::Orphan | Route::Kept => None,
+            };
+            match session {
+                Some((link, job, epoch)) => {
+                    link.log(job, epoch, line);
+                    link.is_open()
+                }
+                None => true,
+            }
+        });
+        // Only real work takes a slot; a step past the CPUs waits while the machine is busy.
+        let waiting = Instant::now();
+        let _slot = match &assignment.vertex.op {
+            Op::Exec(_) | Op::File(_) => Some(match admission.try_acquire() {
+                Some(slot) => slot,
+                None => {
+                    let queue = traced(Phase::Queue);
+                    let (slot, decision) = admission.acquire().await;
+                    drop(queue);
+                    phases.queue_ms = Some(elapsed_ms(waiting));
+                    if let Some(decision) = decision {
+                        let line = format!("[admission] {decision}");
+                        let _ = logs.send(LogLine { stream: LogStream::Debug, line });
+                    }
+                    slot
+                }
+            }),
+            _ => None,
+        };
+        let executing = Instant::now();
+        let execute_span = traced(Phase::Execute);
+        let output =
+            worker.execute(&assignment.vertex, &inputs, &build, Some(&logs)).await.map_err(|e| e.to_string())?;
+        build.hold(&output.snapshot.layers)?;
+        phases.execute_ms = Some(elapsed_ms(executing));
+        drop(execute_span);
+        let exporting = Instant::now();
+        let export_span = traced(Phase::Export);
+        let layers = worker.describe(&output.snapshot).await.map_err(|e| Failed::from(e.to_string()))?;
+        phases.export_ms = Some(elapsed_ms(exporting));
+        drop(export_span);
+        Ok(Executed { pin: output.image.map(|i| i.manifest_digest), phases, ..Executed::new(Layers { layers }) })
+    }
 }

@@ -16,6 +16,7 @@ use kiln_model::{
     Assignment, BoxFuture, ContextManifest, Executed, Failed, FromCoordinator, HeldWork, JobId, LayerDesc, Layers,
     LogLine, WorkerInfo,
 };
+use kiln_solver::admission::{Admission, Parallelism};
 use kiln_types::{Digest, Platform};
 use kiln_worker::agent::{self, ControlPlane, Session, SessionLink};
 use kiln_worker::{BlobFetcher, Worker, WorkerConfig};
@@ -70,7 +71,7 @@ impl Registered {
 struct Link(mpsc::UnboundedSender<Sent>);
 
 impl SessionLink for Link {
-    fn heartbeat(&self, _: u64, _: u64) {
+    fn heartbeat(&self, _: kiln_model::Beat) {
         let _ = self.0.send(Sent::Heartbeat);
     }
     fn drain(&self) {
@@ -202,6 +203,7 @@ fn info() -> WorkerInfo {
         platforms: vec![Platform::host()],
         labels: Default::default(),
         max_parallelism: 2,
+        capacity: 0,
         free_disk: 0,
         cache_bytes: 0,
         address: "http://127.0.0.1:1".into(),
@@ -236,7 +238,7 @@ async fn a_session_runs_its_assignments_reports_failures_and_drains_on_stop() {
         Arc::clone(&fixture.worker),
         Arc::new(Plane(plane)),
         blobs.clone(),
-        info(),
+        (info(), Admission::for_cluster(Parallelism::Fixed(2), None)),
         fixture.dir.path().to_path_buf(),
         (stop.clone(), tokio::sync::watch::Sender::new(false)),
     ));
@@ -288,7 +290,7 @@ async fn a_broken_session_is_registered_again() {
         Arc::clone(&fixture.worker),
         Arc::new(Plane(plane)),
         Arc::new(Blobs::default()),
-        info(),
+        (info(), Admission::for_cluster(Parallelism::Fixed(2), None)),
         fixture.dir.path().to_path_buf(),
         (stop.clone(), tokio::sync::watch::Sender::new(false)),
     ));
@@ -323,7 +325,7 @@ async fn jobs_of_a_lost_session_run_on_and_are_adopted_under_the_next_sessions_j
         Arc::clone(&fixture.worker),
         Arc::new(Plane(plane)),
         gated.clone(),
-        info(),
+        (info(), Admission::for_cluster(Parallelism::Fixed(2), None)),
         fixture.dir.path().to_path_buf(),
         (stop.clone(), tokio::sync::watch::Sender::new(false)),
     ));

@@ -22,6 +22,7 @@ fn info(name: &str, platform: Platform, slots: usize) -> WorkerInfo {
         platforms: vec![platform],
         labels: BTreeMap::new(),
         max_parallelism: slots,
+        capacity: 0,
         free_disk: 0,
         cache_bytes: 0,
         address: format!("http://{name}"),
@@ -83,7 +84,12 @@ fn heartbeats_tell_the_disk_and_cache_and_running_jobs_are_listed_by_worker() {
     let mut state = ClusterState::new(settings());
     let session = register(&mut state, info("a", amd64(), 4), vec![]);
     register(&mut state, info("b", amd64(), 4), vec![]);
-    state.apply(ClusterCommand::Heartbeat { worker: "a".into(), session, free_disk: 9, cache_bytes: 5, at: 700 });
+    state.apply(ClusterCommand::Heartbeat {
+        worker: "a".into(),
+        session,
+        beat: Beat { free_disk: 9, cache_bytes: 5, capacity: 0 },
+        at: 700,
+    });
     let a = state.workers().into_iter().find(|w| w.info.name == "a").unwrap();
     assert_eq!((a.info.free_disk, a.info.cache_bytes, a.last_heartbeat), (9, 5, 700));
     let placed = assigned(&submit(&mut state, 1, 1, Some(amd64()), vec![]));
@@ -94,18 +100,44 @@ fn heartbeats_tell_the_disk_and_cache_and_running_jobs_are_listed_by_worker() {
 }
 
 #[test]
+fn a_worker_takes_as_many_jobs_as_its_capacity_says_within_its_max_parallelism() {
+    let mut state = ClusterState::new(settings());
+    let session = register(&mut state, WorkerInfo { capacity: 2, ..info("a", amd64(), 6) }, vec![]);
+    let placed: Vec<_> = (1..=8).flat_map(|job| assigned(&submit(&mut state, job, 1, None, vec![]))).collect();
+    assert_eq!(placed.len(), 2, "its capacity at registration");
+    let beat = |capacity| ClusterCommand::Heartbeat {
+        worker: "a".into(),
+        session,
+        beat: Beat { capacity, ..Beat::default() },
+        at: 10,
+    };
+    // A larger capacity places queued jobs at once, up to the worker's max-parallelism.
+    assert_eq!(assigned(&state.apply(beat(5))).len(), 3);
+    assert_eq!(assigned(&state.apply(beat(32))).len(), 1);
+    assert_eq!(state.workers()[0].info.slots(), 6);
+    // A smaller one places nothing until the running jobs are below it.
+    state.apply(beat(3));
+    for job in 1..=4 {
+        let report = ClusterCommand::Report { job, epoch: 0, worker: "a".into(), layers: vec![] };
+        let placed = assigned(&state.apply(report));
+        // Six ran: the fourth job's end leaves two, below three.
+        assert_eq!(placed.len(), usize::from(job == 4), "after job {job}");
+    }
+}
+
+#[test]
 fn a_job_without_a_worker_of_its_platform_waits_then_fails() {
     let mut state = ClusterState::new(settings());
     let session = register(&mut state, info("a", amd64(), 4), vec![]);
     assert!(assigned(&submit(&mut state, 1, 1, Some(arm64()), vec![])).is_empty());
-    state.apply(ClusterCommand::Heartbeat { worker: "a".into(), session, free_disk: 0, cache_bytes: 0, at: 900 });
+    state.apply(ClusterCommand::Heartbeat { worker: "a".into(), session, beat: Beat::default(), at: 900 });
     let effects = state.apply(ClusterCommand::Tick { at: 1000 });
     let waiting = effects.iter().find_map(|e| match e {
         ClusterEffect::Waiting { job: 1, message } => Some(message.clone()),
         _ => None,
     });
     assert_eq!(waiting.as_deref(), Some("waiting for a worker for linux/arm64 (connected: a (linux/amd64))"));
-    state.apply(ClusterCommand::Heartbeat { worker: "a".into(), session, free_disk: 0, cache_bytes: 0, at: 4900 });
+    state.apply(ClusterCommand::Heartbeat { worker: "a".into(), session, beat: Beat::default(), at: 4900 });
     let effects = state.apply(ClusterCommand::Tick { at: 5000 });
     assert_eq!(
         effects,
