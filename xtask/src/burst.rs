@@ -2,7 +2,8 @@
 //! submitted within a second, on three builders.
 //!
 //! - Kiln: one coordinator and three workers (`max-parallelism = 2` each), separate `kilnd`
-//!   processes on 127.0.41.x.
+//!   processes on 127.0.41.x; then the same with the workers' default, adaptive capacity
+//!   (docs/parallelism.md).
 //! - The reference: three independent Docker daemons (their own data roots and sockets), each
 //!   build given to one of them in turn, the way buildx gives a build to one node.
 //!
@@ -166,8 +167,9 @@ fn contexts(dir: &Path, per_second: f64) -> anyhow::Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// The cluster: its coordinator and workers.
-fn start_cluster(dir: &Path) -> anyhow::Result<Vec<Process>> {
+/// The cluster: its coordinator and workers, with `slots` each (`None`: adaptive).
+fn start_cluster(dir: &Path, slots: Option<usize>) -> anyhow::Result<Vec<Process>> {
+    let slots = slots.map_or_else(String::new, |n| format!("max-parallelism = {n}\n"));
     let coordinator = dir.join("coordinator.toml");
     std::fs::write(
         &coordinator,
@@ -184,7 +186,7 @@ fn start_cluster(dir: &Path) -> anyhow::Result<Vec<Process>> {
             &config,
             format!(
                 "[worker]\ncoordinator = \"http://127.0.{NET}.1:7070\"\nname = \"w{host}\"\nlisten = \"127.0.{NET}.{host}:7071\"\n\
-                 root = \"{}\"\nmax-parallelism = {SLOTS}\nmetrics-listen = \"127.0.{NET}.{host}:9091\"\n\n[tls]\ninsecure = true\n",
+                 root = \"{}\"\n{slots}metrics-listen = \"127.0.{NET}.{host}:9091\"\n\n[tls]\ninsecure = true\n",
                 dir.join(format!("w{host}")).display()
             ),
         )?;
@@ -265,20 +267,24 @@ fn summary(runs: &[(Run, usize, f64)]) -> Value {
     })
 }
 
-/// The burst, [`RUNS`] times after a warm-up, on Kiln and on three Docker daemons.
-pub fn run(base: &str, bench_dir: &Path) -> anyhow::Result<Value> {
-    let dir = bench_dir.join("burst");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let per_second = calibrate()?;
-    let contexts = contexts(&dir, per_second)?;
+/// The burst on Kiln, [`RUNS`] times after a warm-up, on a cluster of workers with `slots`
+/// each (`None`: adaptive).
+fn kiln_burst(
+    dir: &Path,
+    contexts: &[PathBuf],
+    base: &str,
+    slots: Option<usize>,
+) -> anyhow::Result<Vec<(Run, usize, f64)>> {
     let kiln = workspace_root().join("target/release/kiln");
     let nonce = |run: usize| format!("{}-{run}", std::process::id());
-
-    let cluster = start_cluster(&dir)?;
+    let what = slots.map_or_else(|| "adaptive workers".to_string(), |n| format!("max-parallelism {n}"));
+    // A cluster of its own, with nothing cached.
+    let dir = &dir.join(slots.map_or_else(|| "adaptive".to_string(), |n| format!("fixed-{n}")));
+    std::fs::create_dir_all(dir)?;
+    let cluster = start_cluster(dir, slots)?;
     let mut kiln_runs = Vec::new();
     for run in 0..=RUNS {
-        eprintln!("== ci-burst: Kiln, run {run} of {RUNS} (0: warm-up)");
+        eprintln!("== ci-burst: Kiln ({what}), run {run} of {RUNS} (0: warm-up)");
         let before = transfer_in();
         let outcome = burst(&mut |k, service, revision| {
             let (log, metadata) = (dir.join(format!("kiln-{run}-{k}.log")), dir.join(format!("kiln-{run}-{k}.json")));
@@ -303,6 +309,21 @@ pub fn run(base: &str, bench_dir: &Path) -> anyhow::Result<Value> {
         }
     }
     drop(cluster);
+    Ok(kiln_runs)
+}
+
+/// The burst, [`RUNS`] times after a warm-up, on Kiln (fixed and adaptive workers) and on
+/// three Docker daemons.
+pub fn run(base: &str, bench_dir: &Path) -> anyhow::Result<Value> {
+    let dir = bench_dir.join("burst");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let per_second = calibrate()?;
+    let contexts = contexts(&dir, per_second)?;
+    let nonce = |run: usize| format!("{}-{run}", std::process::id());
+
+    let kiln_runs = kiln_burst(&dir, &contexts, base, Some(SLOTS))?;
+    let adaptive_runs = kiln_burst(&dir, &contexts, base, None)?;
 
     let layout = workspace_root().join("target/kiln-base/oci");
     let mut daemons: Vec<Dockerd> = Vec::new();
@@ -337,6 +358,7 @@ pub fn run(base: &str, bench_dir: &Path) -> anyhow::Result<Value> {
     }
     drop(daemons);
     let kiln = summary(&kiln_runs);
+    let adaptive = summary(&adaptive_runs);
     let reference = (!docker_runs.is_empty()).then(|| summary(&docker_runs));
     let ratio = reference
         .as_ref()
@@ -347,6 +369,7 @@ pub fn run(base: &str, bench_dir: &Path) -> anyhow::Result<Value> {
         "unique_steps": unique_steps(),
         "cpu_per_second": per_second,
         "kiln": kiln,
+        "kiln_adaptive": adaptive,
         "reference": reference,
         "ratio": ratio,
     }))
@@ -386,11 +409,12 @@ pub fn markdown(burst: &Value) -> String {
         "\nCI burst: {} builds of {} services at once ({} unique RUN steps), one coordinator and three workers (max-parallelism 2) \
          against three Docker daemons given builds in turn; makespan and build times in seconds:\n\n\
          | tool | makespan (median, min–max) | p50 build | p95 build | RUN steps executed per run | KiB the workers took in per run |\n\
-         |---|---|---|---|---|---|\n{}{}\nKiln/reference makespan: {}\n",
+         |---|---|---|---|---|---|\n{}{}{}\nKiln/reference makespan: {}\n",
         burst["builds"],
         SERVICES,
         burst["unique_steps"],
         row("Kiln", &burst["kiln"]),
+        row("Kiln, adaptive workers (no max-parallelism)", &burst["kiln_adaptive"]),
         row("three Docker daemons", &burst["reference"]),
         burst["ratio"].as_f64().map_or("n/a".into(), |r| format!("{r:.2}")),
     )

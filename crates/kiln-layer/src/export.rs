@@ -105,7 +105,7 @@ pub fn export_layer(
             (diff_id, written, encoder.finish().map_err(io_at(dir))?)
         }
         Compression::Zstd => {
-            let encoder = zstd::Encoder::new(ingest, 3).map_err(io_at(dir))?;
+            let encoder = zstd_encoder(ingest, crate::pgzip::threads()).map_err(io_at(dir))?;
             let hashing = write_layer_tar(dir, HashingWriter::new(encoder), options)?;
             let written = hashing.written();
             let (diff_id, encoder) = hashing.finish();
@@ -114,6 +114,15 @@ pub fn export_layer(
     };
     let info = ingest.commit(None)?;
     Ok(LayerBlob { digest: info.digest, diff_id, size: info.size, compression, tar_size: Some(tar_size) })
+}
+
+/// A zstd encoder (level 3) compressing on `workers` threads. zstd's multi-threaded output
+/// depends only on the input, whatever the number of workers (one or more): a layer has one
+/// digest on every machine. Its jobs are 8 MiB at this level, so a small layer takes one.
+pub(crate) fn zstd_encoder<W: Write>(out: W, workers: usize) -> std::io::Result<zstd::Encoder<'static, W>> {
+    let mut encoder = zstd::Encoder::new(out, 3)?;
+    encoder.multithread(u32::try_from(workers.max(1)).unwrap_or(u32::MAX))?;
+    Ok(encoder)
 }
 
 /// Passes bytes through while hashing them.

@@ -134,6 +134,30 @@ fn layer_tar_has_exact_entries_with_whiteouts_and_opaque_markers() {
 }
 
 #[test]
+fn zstd_compresses_on_many_threads_into_bytes_that_do_not_depend_on_how_many() {
+    use std::io::Write as _;
+    // Three of zstd's 8 MiB jobs at level 3: half noise, half text.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let input: Vec<u8> = (0..17usize << 20)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            if i % 8192 < 4096 { state as u8 } else { b"kiln"[i % 4] }
+        })
+        .collect();
+    let compress = |workers| {
+        let mut encoder = crate::export::zstd_encoder(Vec::new(), workers).unwrap();
+        encoder.write_all(&input).unwrap();
+        encoder.finish().unwrap()
+    };
+    let one = compress(1);
+    assert_eq!(compress(3), one, "the same bytes on three threads as on one");
+    assert_ne!(zstd::encode_all(&input[..], 3).unwrap(), one, "multi-threaded mode is on");
+    assert_eq!(zstd::decode_all(&one[..]).unwrap(), input);
+}
+
+#[test]
 fn equal_content_gives_equal_digests_and_epoch_clamps_times() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     sample_layer(a.path());
