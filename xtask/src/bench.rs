@@ -329,7 +329,8 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
     let with_dispatch = only.as_deref().is_none_or(|o| o == "dispatch");
     let with_fleet = only.as_deref().is_none_or(|o| o == "fleet");
     let with_burst = only.as_deref().is_none_or(|o| o == "ci-burst");
-    if scenarios.is_empty() && !with_dispatch && !with_fleet && !with_burst {
+    let with_wide = only.as_deref().is_none_or(|o| o == "cluster-wide");
+    if scenarios.is_empty() && !with_dispatch && !with_fleet && !with_burst && !with_wide {
         bail!("no scenario matches {only:?} under {}", root.join("bench/scenarios").display());
     }
 
@@ -391,6 +392,14 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
     } else {
         Value::Null
     };
+    let cluster_wide = if with_wide {
+        burst::wide(&base, &bench_dir).unwrap_or_else(|e| {
+            eprintln!("cluster-wide: {e:#}");
+            json!({"error": format!("{e:#}")})
+        })
+    } else {
+        Value::Null
+    };
     let report = json!({
         "date": kiln_date(),
         "machine": machine(),
@@ -402,6 +411,7 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
         "warmup": warmup,
         "tracing": tracing,
         "burst": burst,
+        "cluster_wide": cluster_wide,
     });
     let json_path = json_path.unwrap_or_else(|| bench_dir.join("results.json"));
     std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)?;
@@ -1050,6 +1060,7 @@ fn markdown(report: &Value) -> String {
     out.push_str(&warmup::markdown(report["warmup"].as_array().map(Vec::as_slice).unwrap_or_default()));
     out.push_str(&dispatch::trace_overhead_markdown(&report["tracing"]));
     out.push_str(&burst::markdown(&report["burst"]));
+    out.push_str(&burst::wide_markdown(&report["cluster_wide"]));
     out
 }
 

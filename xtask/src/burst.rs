@@ -167,8 +167,8 @@ fn contexts(dir: &Path, per_second: f64) -> anyhow::Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// The cluster: its coordinator and workers, with `slots` each (`None`: adaptive).
-fn start_cluster(dir: &Path, slots: Option<usize>) -> anyhow::Result<Vec<Process>> {
+/// The cluster: its coordinator and `workers` workers, with `slots` each (`None`: adaptive).
+fn start_cluster(dir: &Path, workers: u8, slots: Option<usize>) -> anyhow::Result<Vec<Process>> {
     let slots = slots.map_or_else(String::new, |n| format!("max-parallelism = {n}\n"));
     let coordinator = dir.join("coordinator.toml");
     std::fs::write(
@@ -180,7 +180,7 @@ fn start_cluster(dir: &Path, slots: Option<usize>) -> anyhow::Result<Vec<Process
         ),
     )?;
     let mut processes = vec![kilnd(&coordinator, &dir.join("coordinator.log"))?];
-    for host in 2..2 + WORKERS {
+    for host in 2..2 + workers {
         let config = dir.join(format!("worker-{host}.toml"));
         std::fs::write(
             &config,
@@ -195,12 +195,12 @@ fn start_cluster(dir: &Path, slots: Option<usize>) -> anyhow::Result<Vec<Process
     // Ready once every worker registered.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let workers = get_json(&format!("127.0.{NET}.1:9090"), "/v1/queue").ok().map(|queue| {
+        let registered = get_json(&format!("127.0.{NET}.1:9090"), "/v1/queue").ok().map(|queue| {
             queue["platforms"]
                 .as_object()
                 .map_or(0, |p| p.values().map(|l| l["workers"].as_u64().unwrap_or(0)).max().unwrap_or(0))
         });
-        if workers == Some(u64::from(WORKERS)) {
+        if registered == Some(u64::from(workers)) {
             return Ok(processes);
         }
         if Instant::now() > deadline {
@@ -281,7 +281,7 @@ fn kiln_burst(
     // A cluster of its own, with nothing cached.
     let dir = &dir.join(slots.map_or_else(|| "adaptive".to_string(), |n| format!("fixed-{n}")));
     std::fs::create_dir_all(dir)?;
-    let cluster = start_cluster(dir, slots)?;
+    let cluster = start_cluster(dir, WORKERS, slots)?;
     let mut kiln_runs = Vec::new();
     for run in 0..=RUNS {
         eprintln!("== ci-burst: Kiln ({what}), run {run} of {RUNS} (0: warm-up)");
@@ -417,5 +417,72 @@ pub fn markdown(burst: &Value) -> String {
         row("Kiln, adaptive workers (no max-parallelism)", &burst["kiln_adaptive"]),
         row("three Docker daemons", &burst["reference"]),
         burst["ratio"].as_f64().map_or("n/a".into(), |r| format!("{r:.2}")),
+    )
+}
+
+/// `wide-20-sleep1` (20 stages of `sleep 1`) on a cluster of one worker, [`RUNS`] times after
+/// a warm-up each: with the worker's old default, four slots per CPU, and with its adaptive
+/// capacity. Makespans in seconds.
+pub fn wide(base: &str, bench_dir: &Path) -> anyhow::Result<Value> {
+    let dir = bench_dir.join("cluster-wide");
+    let _ = std::fs::remove_dir_all(&dir);
+    let context = workspace_root().join("bench/scenarios/wide-20-sleep1");
+    let kiln = workspace_root().join("target/release/kiln");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut results = serde_json::Map::new();
+    for (name, slots) in [("fixed", Some(4 * cpus)), ("adaptive", None)] {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let cluster = start_cluster(&dir, 1, slots)?;
+        let mut makespans = Vec::new();
+        for run in 0..=RUNS {
+            eprintln!("== cluster-wide: one worker ({name}), run {run} of {RUNS} (0: warm-up)");
+            let log = dir.join(format!("build-{run}.log"));
+            let began = Instant::now();
+            let status = Command::new(&kiln)
+                .args(["--addr", &format!("http://127.0.{NET}.1:7070"), "build", "--no-cache", "--progress", "plain"])
+                .args(["--build-arg", &format!("BASE={base}")])
+                .arg(&context)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log)?)
+                .status()?;
+            if !status.success() {
+                bail!("the build failed; see {}", log.display());
+            }
+            if run > 0 {
+                makespans.push(began.elapsed().as_secs_f64());
+            }
+        }
+        drop(cluster);
+        let stats = json!({"median": percentile(&makespans, 0.5), "min": percentile(&makespans, 0.0), "max": percentile(&makespans, 1.0), "samples": makespans, "slots": slots});
+        results.insert(name.to_string(), stats);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Value::Object(results))
+}
+
+/// [`wide`] as Markdown.
+pub fn wide_markdown(wide: &Value) -> String {
+    if wide.is_null() {
+        return String::new();
+    }
+    if let Some(error) = wide["error"].as_str() {
+        return format!("\nwide-20-sleep1 on a cluster: failed: {error}\n");
+    }
+    let cell = |v: &Value| {
+        format!(
+            "{:.2} ({:.2}–{:.2})",
+            v["median"].as_f64().unwrap_or(0.0),
+            v["min"].as_f64().unwrap_or(0.0),
+            v["max"].as_f64().unwrap_or(0.0)
+        )
+    };
+    format!(
+        "\nwide-20-sleep1 on a cluster of one worker (a coordinator and a worker, separate `kilnd`s), seconds:\n\n\
+         | worker | makespan (median, min–max) |\n|---|---|\n\
+         | max-parallelism {} (the old default, four per CPU) | {} |\n| adaptive (the default) | {} |\n",
+        wide["fixed"]["slots"],
+        cell(&wide["fixed"]),
+        cell(&wide["adaptive"]),
     )
 }
