@@ -203,7 +203,7 @@ impl Worker {
         logs: Option<&LogSink>,
     ) -> Result<(RunResult, VecDeque<String>), String> {
         let starting = |e: std::io::Error| format!("starting {}: {e}", self.runners.program().display());
-        let mut runner = self.runners.take().map_err(starting)?;
+        let mut runner = self.runners.take().await.map_err(starting)?;
         let mut guard = RunnerGuard {
             runner: self.config.runner.clone(),
             state_root: spec.state_root.clone(),
@@ -217,7 +217,7 @@ impl Worker {
             // It died between being found alive and now: one started for this step instead.
             let status = runner.child.try_wait();
             tracing::warn!("an idle runner was gone ({error}, {status:?}); starting another");
-            runner = self.runners.take().map_err(starting)?;
+            runner = self.runners.take().await.map_err(starting)?;
             guard.result = runner.result.clone();
             stdin = runner.child.stdin.take().expect("piped");
             stdin.write_all(&bytes).await.map_err(|e| format!("handing the step to the runner: {e}"))?;

@@ -47,9 +47,10 @@ impl RunnerPool {
         })
     }
 
-    /// A runner ready for a spec: an idle one that is still alive, or else one started now.
-    /// Either way the pool is topped up in the background. Needs a tokio runtime.
-    pub fn take(self: &Arc<Self>) -> std::io::Result<Runner> {
+    /// A runner ready for a spec: an idle one that is still alive, or else one started now
+    /// (on a blocking thread: forking is not free). Either way the pool is topped up in the
+    /// background.
+    pub async fn take(self: &Arc<Self>) -> std::io::Result<Runner> {
         let idle = loop {
             let Some(mut runner) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() else { break None };
             match runner.child.try_wait() {
@@ -59,7 +60,10 @@ impl RunnerPool {
         };
         let runner = match idle {
             Some(runner) => runner,
-            None => self.start()?,
+            None => {
+                let pool = Arc::clone(self);
+                tokio::task::spawn_blocking(move || pool.start()).await.map_err(std::io::Error::other)??
+            }
         };
         self.refill();
         Ok(runner)
@@ -128,7 +132,7 @@ mod tests {
         let dead_result = dead.result.clone();
         pool.idle.lock().unwrap().push(dead);
 
-        let mut taken = pool.take().unwrap();
+        let mut taken = pool.take().await.unwrap();
         assert_ne!(taken.result, dead_result, "the dead runner was handed out");
         assert!(taken.child.try_wait().unwrap().is_none(), "the runner taken is not running");
         // A runner whose spec never comes exits quietly once its standard input closes.
