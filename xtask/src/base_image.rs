@@ -186,13 +186,42 @@ pub fn registry_answers(addr: &str) -> bool {
     stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
 }
 
+/// The shared registry's directory (its config, data and log): `KILN_REGISTRY_DIR`, by
+/// default `/var/lib/kiln-registry`.
+pub fn registry_dir() -> PathBuf {
+    PathBuf::from(std::env::var("KILN_REGISTRY_DIR").unwrap_or_else(|_| "/var/lib/kiln-registry".into()))
+}
+
+/// Removes the repositories under `prefix/` from the shared registry and collects the blobs
+/// nothing references any more (the registry's own `garbage-collect`). Only while nothing
+/// pushes to it.
+pub fn prune_registry(prefix: &str) -> anyhow::Result<()> {
+    let dir = registry_dir();
+    let repositories = dir.join("data/docker/registry/v2/repositories").join(prefix);
+    if !repositories.exists() {
+        return Ok(());
+    }
+    std::fs::remove_dir_all(&repositories).with_context(|| format!("removing {}", repositories.display()))?;
+    let collected = Command::new("docker-registry")
+        .arg("garbage-collect")
+        .arg(dir.join("config.yml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running docker-registry garbage-collect")?;
+    if !collected.success() {
+        bail!("docker-registry garbage-collect {} failed: {collected}", dir.join("config.yml").display());
+    }
+    Ok(())
+}
+
 /// Starts Debian's `docker-registry` on `addr` in its own process group, so it outlives
 /// this command, unless a registry already answers there.
 pub fn ensure_registry(addr: &str) -> anyhow::Result<()> {
     if registry_answers(addr) {
         return Ok(());
     }
-    let dir = PathBuf::from(std::env::var("KILN_REGISTRY_DIR").unwrap_or_else(|_| "/var/lib/kiln-registry".into()));
+    let dir = registry_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let config = dir.join("config.yml");
     std::fs::write(

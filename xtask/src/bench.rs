@@ -320,6 +320,8 @@ struct RunResult {
 /// Runs the benchmark.
 pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> anyhow::Result<()> {
     setup::ensure_packages()?;
+    // What earlier runs pushed (export-1gib alone leaves 0.5 GiB a run) goes first.
+    base_image::prune_registry("bench")?;
     let base = base_image::run()?;
     cargo(&["build", "--release", "--quiet", "--workspace", "--bins", "--examples"])?;
     let root = workspace_root();

@@ -214,7 +214,7 @@ pub struct WorkerSection {
     /// Labels for placement. Default: none.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Executions at once. Default: four per CPU.
+    /// Executions at once. Default: adaptive, by the machine's pressure (docs/parallelism.md).
     pub max_parallelism: Option<usize>,
     /// cgroup path prefix for step containers. Default: `/kiln`.
     #[serde(default = "default_cgroup_parent")]

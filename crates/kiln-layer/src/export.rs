@@ -105,7 +105,8 @@ pub fn export_layer(
             (diff_id, written, encoder.finish().map_err(io_at(dir))?)
         }
         Compression::Zstd => {
-            let encoder = zstd_encoder(ingest, crate::pgzip::threads()).map_err(io_at(dir))?;
+            let workers = crate::compression_threads().min(ZSTD_WORKERS);
+            let encoder = zstd_encoder(ingest, workers).map_err(io_at(dir))?;
             let hashing = write_layer_tar(dir, HashingWriter::new(encoder), options)?;
             let written = hashing.written();
             let (diff_id, encoder) = hashing.finish();
@@ -115,6 +116,10 @@ pub fn export_layer(
     let info = ingest.commit(None)?;
     Ok(LayerBlob { digest: info.digest, diff_id, size: info.size, compression, tar_size: Some(tar_size) })
 }
+
+/// The most threads a zstd export uses: each holds 8 MiB jobs and their output, and the
+/// tar and its digest on one thread bound the export well before.
+const ZSTD_WORKERS: usize = 4;
 
 /// A zstd encoder (level 3) compressing on `workers` threads. zstd's multi-threaded output
 /// depends only on the input, whatever the number of workers (one or more): a layer has one

@@ -89,6 +89,11 @@ pub enum LayerError {
     Kv(#[from] kiln_kv::KvError),
 }
 
+/// The threads a layer is compressed on: one per CPU this process may use.
+pub(crate) fn compression_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
     move |source| LayerError::Io { path: path.to_path_buf(), source }
 }

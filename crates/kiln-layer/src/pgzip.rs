@@ -35,15 +35,10 @@ pub struct ParallelGzip<W: Write> {
     started: bool,
 }
 
-/// The threads a layer is compressed on: one per CPU this process may use.
-pub(crate) fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 impl<W: Write> ParallelGzip<W> {
     /// Compresses into `inner` at `level`, on as many threads as there are CPUs.
     pub fn new(inner: W, level: Compression) -> ParallelGzip<W> {
-        let threads = threads();
+        let threads = crate::compression_threads();
         ParallelGzip {
             inner,
             level,

@@ -13,9 +13,11 @@
 //! Each admission past the CPUs is a [`Decision`] the step's output tells at debug level.
 //!
 //! A cluster worker also tells its coordinator how many jobs to place on it at once, its
-//! [capacity](Admission::capacity): an adaptive one starts at one per CPU, and while it runs
-//! that many, each calm tick raises it by as many as run (as it would admit waiters), each
-//! busy tick lowers it to what runs (at least one per CPU).
+//! [capacity](Admission::capacity), counted in jobs placed on it ([`Admission::set_placed`]).
+//! An adaptive one starts at one per CPU. While the worker holds its whole capacity (or
+//! steps wait, or the capacity is more than it needs), the pressure is read every tick: a
+//! calm tick sets it to the jobs placed plus as many again (at least one per CPU), as the
+//! admission would let in that many more; a busy tick lowers it to the jobs placed.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -184,15 +186,19 @@ pub struct Admission {
     ceiling: usize,
     /// `None`: fixed at the floor.
     pressure: Option<Pressure>,
-    /// The jobs a coordinator may place at once, changed only when `told` (a cluster worker's).
+    /// The jobs a coordinator may place at once, changed only when `reports_capacity` (a
+    /// cluster worker's).
     capacity: watch::Sender<usize>,
-    told: bool,
+    reports_capacity: bool,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
     running: usize,
+    /// Jobs placed on this worker, as [`Admission::set_placed`] last told (a cluster
+    /// worker's).
+    placed: usize,
     /// Steps waiting, first come first admitted.
     waiting: VecDeque<Waiter>,
     /// Whether a task reads the pressure for the waiting steps.
@@ -232,7 +238,7 @@ impl Admission {
         Arc::new(Admission::build(parallelism, pressure, true))
     }
 
-    fn build(parallelism: Parallelism, pressure: Option<Pressure>, told: bool) -> Admission {
+    fn build(parallelism: Parallelism, pressure: Option<Pressure>, reports_capacity: bool) -> Admission {
         let (floor, ceiling, pressure) = match parallelism {
             Parallelism::Fixed(n) => (n.max(1), n.max(1), None),
             Parallelism::Adaptive { ceiling } => match pressure {
@@ -243,7 +249,8 @@ impl Admission {
                 }
             },
         };
-        Admission { floor, ceiling, pressure, capacity: watch::Sender::new(floor), told, state: Mutex::default() }
+        let capacity = watch::Sender::new(floor);
+        Admission { floor, ceiling, pressure, capacity, reports_capacity, state: Mutex::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -256,10 +263,27 @@ impl Admission {
     }
 
     /// The jobs a coordinator may place on this worker at once now, as it changes: fixed at
-    /// the limit, or (adaptive) one per CPU, grown while the machine is calm and this many
-    /// run, shrunk to what runs under pressure. Only [`Admission::for_cluster`] changes it.
+    /// the limit, or (adaptive) one per CPU, grown while the machine is calm and the worker
+    /// holds that many, shrunk to what it holds under pressure. Only
+    /// [`Admission::for_cluster`] changes it.
     pub fn capacity(&self) -> watch::Receiver<usize> {
         self.capacity.subscribe()
+    }
+
+    /// The capacity now.
+    pub fn current_capacity(&self) -> usize {
+        *self.capacity.borrow()
+    }
+
+    /// The jobs placed on this worker now (running, waiting for a slot, fetching inputs or
+    /// resolving a source): what its coordinator counts against the capacity. Needs a tokio
+    /// runtime (the pressure may be read from now on).
+    pub fn set_placed(self: &Arc<Self>, placed: usize) {
+        let mut state = self.lock();
+        state.placed = placed;
+        if self.start_watching(&mut state) {
+            tokio::spawn(Arc::clone(self).watch());
+        }
     }
 
     /// Steps waiting and running.
@@ -268,7 +292,8 @@ impl Admission {
         (state.waiting.len(), state.running)
     }
 
-    /// A slot at once, if one is free without asking the machine.
+    /// A slot at once, if one is free without asking the machine. Needs a tokio runtime (the
+    /// pressure may be read from now on).
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         let mut state = self.lock();
         let permit = self.take_at_once(&mut state);
@@ -278,22 +303,42 @@ impl Admission {
         permit
     }
 
-    /// Whether the pressure is to be read now: steps wait, or this worker runs its whole
-    /// capacity (the coordinator may have more for it). Marks it read when it is to start.
+    /// Whether the pressure is to be read now (see [`Admission::wants_reading`]). Marks it
+    /// read when it is to start.
     fn start_watching(&self, state: &mut State) -> bool {
         let start = self.pressure.is_some() && !state.watching && self.wants_reading(state);
         state.watching |= start;
         start
     }
 
+    /// Steps wait; or (a cluster worker) it holds its whole capacity, so the coordinator may
+    /// have more for it, or its capacity is more than a calm tick would give it now, so it
+    /// is to shrink.
     fn wants_reading(&self, state: &State) -> bool {
-        let saturated = self.told && state.running >= *self.capacity.borrow();
-        !state.waiting.is_empty() || saturated
+        if !state.waiting.is_empty() {
+            return true;
+        }
+        if !self.reports_capacity {
+            return false;
+        }
+        let (placed, capacity) = (self.placed(state), self.current_capacity());
+        placed >= capacity || capacity > self.calm_capacity(placed)
+    }
+
+    /// The jobs placed on this worker: as told, and at least those holding or awaiting a slot.
+    fn placed(&self, state: &State) -> usize {
+        state.placed.max(state.running + state.waiting.len())
+    }
+
+    /// The capacity of a worker holding `placed` jobs on a calm machine: as many again (at
+    /// least one per CPU more), within the ceiling.
+    fn calm_capacity(&self, placed: usize) -> usize {
+        (placed + self.floor.max(placed)).min(self.ceiling)
     }
 
     /// Tells the coordinator a new capacity (nothing when it is the same).
     fn set_capacity(&self, capacity: usize) {
-        if self.told {
+        if self.reports_capacity {
             self.capacity.send_if_modified(|old| std::mem::replace(old, capacity) != capacity);
         }
     }
@@ -363,9 +408,10 @@ impl Admission {
         while state.running < self.floor && self.admit_first(&mut state, |_| None) {}
     }
 
-    /// Reads the pressure every [`TICK`] while steps wait (or a cluster worker runs its whole
-    /// capacity); each calm tick admits up to as many more as run (at least one per CPU), up
-    /// to the ceiling, and raises the capacity as far; each busy tick lowers it to what runs.
+    /// Reads the pressure every [`TICK`] while [`Admission::wants_reading`]; each calm tick
+    /// admits up to as many more as run (at least one per CPU), up to the ceiling, and sets
+    /// the capacity to [`Admission::calm_capacity`]; each busy tick lowers it to the jobs
+    /// placed.
     async fn watch(self: Arc<Self>) {
         let Some(read) = self.pressure.clone() else { return };
         let mut last = (Instant::now(), read());
@@ -389,7 +435,7 @@ impl Admission {
             while state.running < self.floor && self.admit_first(&mut state, |_| None) {}
             if cpu >= CPU_CALM || memory >= MEMORY_CALM {
                 tracing::trace!(cpu, memory, running = state.running, waiting = state.waiting.len(), "admission: busy");
-                self.set_capacity(self.floor.max(state.running));
+                self.set_capacity(self.floor.max(self.placed(&state)).min(self.ceiling));
                 continue;
             }
             let decision = |running| Some(Decision { running, cpu, memory, waited: Duration::ZERO });
@@ -398,9 +444,7 @@ impl Admission {
                     break;
                 }
             }
-            let now = *self.capacity.borrow();
-            let grown = now.max(state.running + self.floor.max(state.running)).min(self.ceiling);
-            self.set_capacity(grown);
+            self.set_capacity(self.calm_capacity(self.placed(&state)));
         }
     }
 }
@@ -545,8 +589,14 @@ mod tests {
         }
     }
 
+    /// The capacity's next value.
+    async fn changed(capacity: &mut watch::Receiver<usize>) -> usize {
+        tokio::time::timeout(Duration::from_secs(30), capacity.changed()).await.unwrap().unwrap();
+        *capacity.borrow_and_update()
+    }
+
     #[tokio::test]
-    async fn a_cluster_workers_capacity_grows_while_calm_and_full_and_shrinks_to_what_runs_under_pressure() {
+    async fn a_cluster_workers_capacity_grows_while_calm_and_full_and_shrinks_to_what_it_holds() {
         use std::sync::atomic::Ordering::SeqCst;
         let test = TestPressure::new(true);
         let admission = Admission::for_cluster(Parallelism::Adaptive { ceiling: cpus() * 3 }, Some(test.pressure()));
@@ -558,25 +608,34 @@ mod tests {
         assert!(!capacity.has_changed().unwrap(), "nothing more offered under pressure");
         // Calm: it offers as many more as run.
         test.busy.store(false, SeqCst);
-        tokio::time::timeout(Duration::from_secs(30), capacity.changed()).await.unwrap().unwrap();
-        assert_eq!(*capacity.borrow_and_update(), cpus() * 2);
+        assert_eq!(changed(&mut capacity).await, cpus() * 2);
         // Under pressure again, with a job placed past the CPUs waiting: the capacity falls
-        // back to what runs, and the job waits.
+        // back to the jobs placed, and the job waits.
         test.busy.store(true, SeqCst);
         let waiter = tokio::spawn({
             let admission = Arc::clone(&admission);
             async move { admission.acquire().await }
         });
-        tokio::time::timeout(Duration::from_secs(30), capacity.changed()).await.unwrap().unwrap();
-        assert_eq!(*capacity.borrow_and_update(), cpus());
+        assert_eq!(changed(&mut capacity).await, cpus() + 1);
         assert_eq!(admission.load(), (1, cpus()));
-        // A job ending lets the waiter in; a standalone admission's capacity never moves.
+        // A job ending lets the waiter in.
         drop(held);
         let (permit, _) = tokio::time::timeout(Duration::from_secs(30), waiter).await.unwrap().unwrap();
         drop(permit);
-        let fixed =
+        // Jobs the worker holds without a slot (sources, fetches) count: holding its whole
+        // capacity so, it grows on a calm tick.
+        test.busy.store(false, SeqCst);
+        capacity.borrow_and_update();
+        admission.set_placed(cpus() + 1);
+        assert_eq!(changed(&mut capacity).await, (2 * cpus() + 2).min(3 * cpus()));
+        // Its jobs gone, it shrinks back to one per CPU.
+        admission.set_placed(0);
+        assert_eq!(changed(&mut capacity).await, cpus());
+        // A standalone admission's capacity never moves, and fills no reading.
+        let standalone =
             Admission::new(Parallelism::Adaptive { ceiling: cpus() * 3 }, Some(TestPressure::new(false).pressure()));
-        let _held: Vec<Permit> = (0..cpus()).map(|_| fixed.try_acquire().unwrap()).collect();
-        assert_eq!((*fixed.capacity().borrow(), fixed.state.lock().unwrap().watching), (cpus(), false));
+        let _held: Vec<Permit> = (0..cpus()).map(|_| standalone.try_acquire().unwrap()).collect();
+        let watching = standalone.state.lock().unwrap().watching;
+        assert_eq!((standalone.current_capacity(), watching), (cpus(), false));
     }
 }

@@ -43,6 +43,9 @@ use crate::{BlobFetcher, BuildInputs, StoreError, Worker, free_space, select_con
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(200);
 /// The longest wait between two registration attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+/// A capacity change goes to the control plane at once, but at most this often: a machine
+/// near the calm threshold could change it every pressure tick.
+const CAPACITY_BEAT: Duration = Duration::from_millis(100);
 /// How long a drained worker waits for the control plane to close its side.
 const DRAIN_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long after registering again the jobs of a lost session wait to be adopted
@@ -133,7 +136,7 @@ pub async fn run<C: ControlPlane>(
         let current = WorkerInfo {
             free_disk: free_space(&disk),
             cache_bytes: worker.gc().used(),
-            capacity: *admission.capacity().borrow(),
+            capacity: admission.current_capacity(),
             ..info.clone()
         };
         jobs.collect();
@@ -423,11 +426,14 @@ impl Served<'_> {
         let Session { link, lease_ms, mut incoming } = session;
         let mut heartbeat = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(100)));
         let mut capacity = self.admission.capacity();
-        let beat = |capacity: &mut tokio::sync::watch::Receiver<usize>| Beat {
-            free_disk: free_space(disk),
+        // Measured by the periodic heartbeats; a capacity change sends the last measure.
+        let mut free_disk = free_space(disk);
+        let beat = |free_disk, capacity: &mut tokio::sync::watch::Receiver<usize>| Beat {
+            free_disk,
             cache_bytes: self.worker.gc().used(),
             capacity: *capacity.borrow_and_update(),
         };
+        let (mut capacity_changed, mut next_capacity_beat) = (false, tokio::time::Instant::now());
         let mut collect = tokio::time::interval(crate::GC_INTERVAL);
         // The orphans of the lost session wait this long to be adopted.
         let mut adoption = jobs.has_orphans().then(|| tokio::time::Instant::now() + ADOPTION_GRACE);
@@ -437,6 +443,8 @@ impl Served<'_> {
             link.drain();
         }
         loop {
+            // What the coordinator counts against the capacity.
+            self.admission.set_placed(jobs.tasks.len());
             if draining && jobs.tasks.is_empty() {
                 // Close our side and wait for the control plane to close its own: it has then
                 // seen every result sent.
@@ -446,9 +454,17 @@ impl Served<'_> {
                 return None;
             }
             tokio::select! {
-                _ = heartbeat.tick() => link.heartbeat(beat(&mut capacity)),
+                _ = heartbeat.tick() => {
+                    free_disk = free_space(disk);
+                    link.heartbeat(beat(free_disk, &mut capacity));
+                }
                 // The admission outlives the session: its capacity never stops changing.
-                Ok(()) = capacity.changed() => link.heartbeat(beat(&mut capacity)),
+                Ok(()) = capacity.changed(), if !capacity_changed => capacity_changed = true,
+                () = tokio::time::sleep_until(next_capacity_beat), if capacity_changed => {
+                    capacity_changed = false;
+                    next_capacity_beat = tokio::time::Instant::now() + CAPACITY_BEAT;
+                    link.heartbeat(beat(free_disk, &mut capacity));
+                }
                 _ = collect.tick() => {
                     let (gc, link) = (Arc::clone(self.worker.gc()), link.clone());
                     tokio::spawn(async move { collected(gc.collect().await, &link) });
