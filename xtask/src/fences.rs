@@ -54,8 +54,11 @@ pub fn check(root: &Path) -> anyhow::Result<()> {
     owners(&metadata, &mut violations);
     unused_dependencies(&metadata, &mut violations)?;
     unused_workspace_dependencies(root, &metadata, &mut violations)?;
+    unsafe_code(root, &metadata, &mut violations)?;
     if violations.is_empty() {
-        eprintln!("fences: pure crates, dependency owners and unused dependencies are as ARCHITECTURE.md says");
+        eprintln!(
+            "fences: pure crates, dependency owners, unused dependencies and unsafe code are as ARCHITECTURE.md says"
+        );
         return Ok(());
     }
     for violation in &violations {
@@ -222,6 +225,28 @@ fn unused_dependencies(metadata: &Value, violations: &mut Vec<String>) -> anyhow
                 deps.join(", "),
                 manifest.display()
             ));
+        }
+    }
+    Ok(())
+}
+
+/// The one file allowed to lift the workspace's `unsafe_code = "deny"`: the runner's `bpf`
+/// system calls (a cgroup v2 host's device program).
+const UNSAFE_ISLAND: &str = "crates/kiln-runner/src/devices.rs";
+
+/// Unsafe code only in [`UNSAFE_ISLAND`]: no other source allows `unsafe_code`.
+fn unsafe_code(root: &Path, metadata: &Value, violations: &mut Vec<String>) -> anyhow::Result<()> {
+    let lint = ["allow(", "unsafe_code)"].concat();
+    for package in workspace_packages(metadata) {
+        let manifest = PathBuf::from(package["manifest_path"].as_str().unwrap_or(""));
+        let dir = manifest.parent().context("a manifest has a directory")?;
+        let mut files = Vec::new();
+        sources(dir, &mut files).with_context(|| format!("reading the sources of {}", dir.display()))?;
+        for file in files {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            if text.contains(&lint) && file != root.join(UNSAFE_ISLAND) {
+                violations.push(format!("{} allows unsafe code (only {UNSAFE_ISLAND} may)", file.display()));
+            }
         }
     }
     Ok(())

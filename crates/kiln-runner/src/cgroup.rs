@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use kiln_runner_spec::Limits;
 
+use crate::devices;
+
 /// Where the hierarchies are mounted.
 pub const ROOT: &str = "/sys/fs/cgroup";
 
@@ -42,24 +44,6 @@ const CONTROLLERS: &[&str] = &[
     "net_prio",
     "net_cls",
     "freezer",
-];
-
-/// The devices a sandboxed step may use, as runc and Docker allow them: any device node may
-/// be created (`m`), and only these opened: null, zero, full, random, urandom, tty, console,
-/// ptmx, the pseudo-terminals and tun. No disk, however a step names it.
-pub const ALLOWED_DEVICES: &[&str] = &[
-    "c *:* m",
-    "b *:* m",
-    "c 1:3 rwm",
-    "c 1:5 rwm",
-    "c 1:7 rwm",
-    "c 1:8 rwm",
-    "c 1:9 rwm",
-    "c 5:0 rwm",
-    "c 5:1 rwm",
-    "c 5:2 rwm",
-    "c 136:* rwm",
-    "c 10:200 rwm",
 ];
 
 /// One v1 hierarchy: where it is mounted, the runner's own cgroup in it, and its controllers.
@@ -89,6 +73,11 @@ impl Drop for StepCgroup {
     }
 }
 
+/// A cgroup's path (absolute within a hierarchy) relative to the hierarchy's mount.
+pub fn relative(path: &Path) -> &Path {
+    path.strip_prefix("/").unwrap_or(path)
+}
+
 /// The host's v1 hierarchies, found before the runner has a step.
 #[derive(Debug)]
 pub struct Hierarchies(Vec<Hierarchy>);
@@ -109,7 +98,7 @@ impl StepCgroup {
     /// Creates the cgroup `path` (absolute within each hierarchy) and moves the calling
     /// thread, the runner's only one, into it.
     pub fn join(hierarchies: Hierarchies, path: &Path) -> anyhow::Result<StepCgroup> {
-        let relative = path.strip_prefix("/").unwrap_or(path);
+        let relative = relative(path);
         let mut cgroup = StepCgroup { joined: Vec::new(), left: false };
         for hierarchy in hierarchies.0 {
             let dir = hierarchy.mount.join(relative);
@@ -121,7 +110,7 @@ impl StepCgroup {
     }
 
     /// Moves the runner back to its own cgroups and sets the step's limits and, for a
-    /// sandboxed step, the devices it may use ([`ALLOWED_DEVICES`]). The container's
+    /// sandboxed step, the devices it may use ([`devices::ALLOWED`]). The container's
     /// processes stay.
     pub fn leave(mut self, limits: &Limits, sandboxed: bool) -> anyhow::Result<()> {
         for (hierarchy, _) in &self.joined {
@@ -147,8 +136,8 @@ impl StepCgroup {
             }
             if sandboxed && has("devices") {
                 write(&dir.join("devices.deny"), "a")?;
-                for rule in ALLOWED_DEVICES {
-                    write(&dir.join("devices.allow"), rule)?;
+                for rule in devices::ALLOWED {
+                    write(&dir.join("devices.allow"), &rule.v1_line())?;
                 }
             }
         }

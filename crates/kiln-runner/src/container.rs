@@ -24,6 +24,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use seccompiler::BpfProgram;
 
 use crate::cgroup::{self, Hierarchies, StepCgroup};
+use crate::devices;
 use crate::seccomp::StepExecutor;
 
 /// Capabilities a build step gets by default: containerd's default set, as BuildKit uses.
@@ -142,8 +143,14 @@ fn run_in_bundle(
         hidden.reveal();
     }
     let mut container = built?;
-    if let Some(cgroup) = cgroup {
-        cgroup.leave(&spec.limits, !spec.insecure)?;
+    match cgroup {
+        Some(cgroup) => cgroup.leave(&spec.limits, !spec.insecure)?,
+        // A cgroup v2 host: libcontainer made the cgroup and set the limits; the devices
+        // are the runner's (`devices.rs`).
+        None if !spec.insecure => {
+            devices::restrict(&Path::new(cgroup::ROOT).join(cgroup::relative(&cgroup_path(spec))))?
+        }
+        None => {}
     }
     container.start().context("starting the container")?;
     let pid = container.pid().context("the started container has no pid")?;
@@ -217,7 +224,7 @@ fn cleanup_one(state_root: &Path, id: &str) -> anyhow::Result<()> {
 /// Kills every process in the cgroup (in every hierarchy: v1, hybrid or v2) and removes its
 /// directories, waiting a bounded time for the processes to exit.
 fn remove_cgroup(cgroup: &Path) -> anyhow::Result<()> {
-    let relative = cgroup.strip_prefix("/").unwrap_or(cgroup);
+    let relative = cgroup::relative(cgroup);
     let base = Path::new(cgroup::ROOT);
     let mut dirs: Vec<PathBuf> = fs::read_dir(base)
         .into_iter()

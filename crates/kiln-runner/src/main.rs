@@ -6,6 +6,7 @@
 
 mod cgroup;
 mod container;
+mod devices;
 mod seccomp;
 
 use std::io::Read as _;

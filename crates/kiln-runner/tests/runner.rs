@@ -50,8 +50,13 @@ impl Sandbox {
 
     /// Starts a runner and hands it the spec on its standard input, as the worker does.
     fn spawn(&self, spec: &RunSpec) -> (std::process::Child, PathBuf) {
+        self.spawn_with(spec, runner_command)
+    }
+
+    /// [`Sandbox::spawn`] with the runner started by `command` (given the result's path).
+    fn spawn_with(&self, spec: &RunSpec, command: fn(&Path) -> Command) -> (std::process::Child, PathBuf) {
         let result_path = self.dir.path().join(format!("{}.result", spec.id));
-        let mut child = runner_command(&result_path).spawn().unwrap();
+        let mut child = command(&result_path).spawn().unwrap();
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(&serde_json::to_vec(spec).unwrap()).unwrap();
         drop(stdin);
@@ -59,7 +64,12 @@ impl Sandbox {
     }
 
     fn run(&self, spec: &RunSpec) -> (RunResult, String, String) {
-        let (child, result_path) = self.spawn(spec);
+        self.run_with(spec, runner_command)
+    }
+
+    /// Runs `spec` to its end on a runner started by `command`.
+    fn run_with(&self, spec: &RunSpec, command: fn(&Path) -> Command) -> (RunResult, String, String) {
+        let (child, result_path) = self.spawn_with(spec, command);
         let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&stderr).into_owned();
         assert!(status.success(), "runner failed: {stderr}");
@@ -83,6 +93,24 @@ fn runner_command(result: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kiln-runner"));
     command
         .args(["run", "--spec", "-", "--result"])
+        .arg(result)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// [`runner_command`] on what looks to the runner like a cgroup v2 host: its own mount
+/// namespace with the unified hierarchy mounted at `/sys/fs/cgroup`, this machine's v1
+/// hierarchies out of its sight. libcontainer then makes the step's cgroup there, and only
+/// there (a device program restricts what runs in a cgroup v2 directory on a hybrid host as
+/// on a v2 one).
+fn runner_on_cgroup_v2(result: &Path) -> Command {
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$0\" run --spec - --result \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_kiln-runner"))
         .arg(result)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -170,6 +198,26 @@ fn insecure_steps_get_the_privileges_the_runner_holds() {
     // CAP_SYS_ADMIN is granted, and nothing the runner's bounding set lacks.
     assert_ne!(effective & (1 << 21), 0, "{stdout}");
     assert_eq!(effective & !ours, 0, "{stdout}");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn on_a_cgroup_v2_host_a_sandboxed_step_opens_only_the_usual_devices() {
+    let sandbox = Sandbox::new();
+    // A node for the loop device may be made, as on a v1 host; opening it is the probe.
+    let script = "rm -f /probe-loop && mknod /probe-loop b 7 0 && if (exec 3< /probe-loop) 2>/dev/null; then echo disk opened; \
+                  else echo disk refused; fi; head -c 1 /dev/urandom > /dev/null && : > /dev/null && echo usual used";
+    let mut spec = sandbox.spec("v2-devices", script);
+    spec.cgroup_parent = "/kiln-runner-test-v2".into();
+    let (result, stdout, stderr) = sandbox.run_with(&spec, runner_on_cgroup_v2);
+    assert_eq!(result.exit_code, 0, "{stderr}");
+    assert_eq!(stdout, "disk refused\nusual used\n");
+
+    spec.id = "v2-devices-insecure".into();
+    spec.insecure = true;
+    let (result, stdout, stderr) = sandbox.run_with(&spec, runner_on_cgroup_v2);
+    assert_eq!(result.exit_code, 0, "{stderr}");
+    assert_eq!(stdout, "disk opened\nusual used\n");
     sandbox.assert_clean();
 }
 
