@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use kiln_runner_spec::Limits;
 
 use crate::devices;
@@ -117,6 +117,11 @@ impl StepCgroup {
             write(&hierarchy.own.join("tasks"), "0")?;
         }
         self.left = true;
+        if sandboxed && !self.joined.iter().any(|(hierarchy, _)| hierarchy.controllers.contains("devices")) {
+            bail!(
+                "no devices cgroup hierarchy is mounted under {ROOT}: a sandboxed step's devices cannot be restricted"
+            );
+        }
         for (hierarchy, dir) in &self.joined {
             let has = |controller: &str| hierarchy.controllers.contains(controller);
             if let Some(bytes) = limits.memory_bytes.filter(|_| has("memory")) {

@@ -7,11 +7,15 @@
 //! without `CAP_SYS_RESOURCE` (and a hard limit below that) could then run no step at all,
 //! although kernels since 5.11 account BPF memory to the cgroup and never read the limit. So
 //! the runner assembles the program (a dozen instructions a rule, as runc does) and loads and
-//! attaches it with the `bpf` system call: the one `unsafe` of Kiln, in this module.
+//! attaches it with the `bpf` system call: Kiln's only `unsafe` code, in this module, behind
+//! two typed wrappers ([`prog_load`], [`prog_attach`]).
 
 #![allow(unsafe_code)]
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::ffi::CStr;
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -90,8 +94,10 @@ const PROG_TYPE_CGROUP_DEVICE: u32 = 15;
 const CMD_PROG_LOAD: libc::c_long = 5;
 const CMD_PROG_ATTACH: libc::c_long = 8;
 const ATTACH_CGROUP_DEVICE: u32 = 6;
-/// Other programs on the cgroup and its parents (a service manager's, a pod's) still run:
-/// a device is usable only if all allow it.
+/// Programs on the parents attached with the same flag (as systemd and runc attach theirs)
+/// still run: a device is usable only if all allow it. A parent's program attached without
+/// flags refuses the attach (`EPERM`); one attached with `BPF_F_ALLOW_OVERRIDE` is replaced
+/// by this one for the step.
 const F_ALLOW_MULTI: u32 = 2;
 
 /// One eBPF instruction, as the kernel reads it.
@@ -105,8 +111,11 @@ struct Insn {
     imm: i32,
 }
 
+/// The kernel's `dst_reg:4, src_reg:4` bitfields: the destination in the low bits on a
+/// little-endian machine, in the high bits on a big-endian one.
 const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn { code, regs: dst | (src << 4), off, imm }
+    let regs = if cfg!(target_endian = "little") { dst | (src << 4) } else { (dst << 4) | src };
+    Insn { code, regs, off, imm }
 }
 
 /// `dst = *(u32 *)(src + off)`
@@ -203,7 +212,6 @@ struct ProgLoad {
 
 /// `union bpf_attr` for `BPF_PROG_ATTACH`.
 #[repr(C)]
-#[derive(Default)]
 struct ProgAttach {
     target_fd: u32,
     attach_bpf_fd: u32,
@@ -211,63 +219,89 @@ struct ProgAttach {
     attach_flags: u32,
 }
 
-fn bpf<T>(command: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for `command`, passed with
-    // its size (the kernel reads the rest as zero); its pointers (instructions, license, log)
-    // point at memory that outlives the call.
-    let result =
-        unsafe { libc::syscall(libc::SYS_bpf, command, attr as *mut T, std::mem::size_of::<T>() as libc::c_uint) };
-    if result < 0 { Err(std::io::Error::last_os_error()) } else { Ok(result) }
-}
-
-/// Loads the device program of `rules` into the kernel. A refused program is loaded once
-/// more with the verifier's log, for the error (a log too small for the whole of it would
-/// itself fail the load).
-fn load(rules: &[Rule]) -> anyhow::Result<OwnedFd> {
-    let code = program(rules);
-    let license = c"Apache-2.0";
+/// `BPF_PROG_LOAD` of a device program: its instructions, and a buffer for the verifier's
+/// log (a log too small for all of it fails the load with `ENOSPC`).
+fn prog_load(code: &[Insn], license: &CStr, log: Option<&mut [u8]>) -> io::Result<OwnedFd> {
+    let (log_level, log_size, log_buf) = match log {
+        Some(log) => (1, log.len() as u32, log.as_mut_ptr() as u64),
+        None => (0, 0, 0),
+    };
     let mut attr = ProgLoad {
         prog_type: PROG_TYPE_CGROUP_DEVICE,
         insn_cnt: code.len() as u32,
         insns: code.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        ..ProgLoad::default()
+        log_level,
+        log_size,
+        log_buf,
     };
-    let fd = match bpf(CMD_PROG_LOAD, &mut attr) {
-        Ok(fd) => fd,
-        Err(error) => {
-            let mut log = vec![0u8; 1 << 20];
-            attr.log_level = 1;
-            attr.log_size = log.len() as u32;
-            attr.log_buf = log.as_mut_ptr() as u64;
-            let _ = bpf(CMD_PROG_LOAD, &mut attr).map(close);
-            let log = String::from_utf8_lossy(log.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
-            anyhow::bail!("loading the device program: {error}; the verifier said: {}", log.trim());
-        }
+    // SAFETY: `attr` is the `#[repr(C)]` prefix of `union bpf_attr` for BPF_PROG_LOAD, passed
+    // with its size (the kernel reads the rest as zero). Its pointers are to `code` and
+    // `license`, which the kernel only reads, and to `log`, writable for `log_size` bytes;
+    // all three outlive the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, CMD_PROG_LOAD, &mut attr as *mut ProgLoad, size_of::<ProgLoad>() as libc::c_uint)
     };
-    // SAFETY: a successful BPF_PROG_LOAD returns a new file descriptor, owned by nobody else.
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a successful BPF_PROG_LOAD returns a new file descriptor, nobody else's.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Closes a file descriptor a retried load returned.
-fn close(fd: libc::c_long) {
-    // SAFETY: as in `load`: the descriptor is new and nobody else's.
-    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+/// `BPF_PROG_ATTACH` of a device program to a cgroup directory.
+fn prog_attach(cgroup: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = ProgAttach {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: program.as_raw_fd() as u32,
+        attach_type: ATTACH_CGROUP_DEVICE,
+        attach_flags: F_ALLOW_MULTI,
+    };
+    // SAFETY: `attr` is the `#[repr(C)]` prefix of `union bpf_attr` for BPF_PROG_ATTACH,
+    // passed with its size; it holds no pointers, and both descriptors are open for the call.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            CMD_PROG_ATTACH,
+            &mut attr as *mut ProgAttach,
+            size_of::<ProgAttach>() as libc::c_uint,
+        )
+    };
+    if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Loads the device program of `rules` into the kernel. A program the verifier refused is
+/// loaded once more with its log, for the error.
+fn load(rules: &[Rule]) -> anyhow::Result<OwnedFd> {
+    let code = program(rules);
+    let license = c"Apache-2.0";
+    match prog_load(&code, license, None) {
+        Ok(program) => Ok(program),
+        Err(error) if matches!(error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => Err(error).context(
+            "loading the device program (a worker needs CAP_SYS_ADMIN or CAP_BPF in the host's user namespace)",
+        ),
+        Err(error) => {
+            let mut log = vec![0u8; 1 << 20];
+            let _ = prog_load(&code, license, Some(&mut log));
+            let log = String::from_utf8_lossy(log.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+            anyhow::bail!("loading the device program: {error}; the verifier said: {}", log.trim())
+        }
+    }
 }
 
 /// Restricts what runs in the cgroup v2 directory `cgroup` to the devices [`ALLOWED`].
 pub fn restrict(cgroup: &Path) -> anyhow::Result<()> {
     let program = load(ALLOWED)?;
     let dir = std::fs::File::open(cgroup).with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
-    let mut attr = ProgAttach {
-        target_fd: dir.as_raw_fd() as u32,
-        attach_bpf_fd: program.as_raw_fd() as u32,
-        attach_type: ATTACH_CGROUP_DEVICE,
-        attach_flags: F_ALLOW_MULTI,
-    };
-    bpf(CMD_PROG_ATTACH, &mut attr)
-        .with_context(|| format!("attaching the device program to the cgroup {}", cgroup.display()))?;
-    Ok(())
+    prog_attach(dir.as_fd(), program.as_fd()).map_err(|error| {
+        let hint = if error.raw_os_error() == Some(libc::EPERM) {
+            " (a parent cgroup holds a device program attached without BPF_F_ALLOW_MULTI, which \
+             allows no other below it; or the worker lacks CAP_SYS_ADMIN)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("attaching the device program to the cgroup {}: {error}{hint}", cgroup.display())
+    })
 }
 
 #[cfg(test)]
@@ -289,7 +323,8 @@ mod tests {
         let mut pc = 0;
         loop {
             let Insn { code: op, regs: r, off, imm } = code[pc];
-            let (dst, src) = ((r & 0xf) as usize, (r >> 4) as usize);
+            let (low, high) = ((r & 0xf) as usize, (r >> 4) as usize);
+            let (dst, src) = if cfg!(target_endian = "little") { (low, high) } else { (high, low) };
             pc += 1;
             match op {
                 0x61 => regs[dst] = ctx[off as usize / 4] as u64,

@@ -205,13 +205,15 @@ fn insecure_steps_get_the_privileges_the_runner_holds() {
 fn on_a_cgroup_v2_host_a_sandboxed_step_opens_only_the_usual_devices() {
     let sandbox = Sandbox::new();
     // A node for the loop device may be made, as on a v1 host; opening it is the probe.
-    let script = "rm -f /probe-loop && mknod /probe-loop b 7 0 && if (exec 3< /probe-loop) 2>/dev/null; then echo disk opened; \
+    let script = "rm -f /probe-loop && mknod /probe-loop b 7 0 && if (exec 3< /probe-loop); then echo disk opened; \
                   else echo disk refused; fi; head -c 1 /dev/urandom > /dev/null && : > /dev/null && echo usual used";
     let mut spec = sandbox.spec("v2-devices", script);
     spec.cgroup_parent = "/kiln-runner-test-v2".into();
     let (result, stdout, stderr) = sandbox.run_with(&spec, runner_on_cgroup_v2);
     assert_eq!(result.exit_code, 0, "{stderr}");
     assert_eq!(stdout, "disk refused\nusual used\n");
+    // Refused by the device program, not by anything else of the sandbox.
+    assert!(stderr.contains("/probe-loop: Operation not permitted"), "{stderr}");
 
     spec.id = "v2-devices-insecure".into();
     spec.insecure = true;
@@ -219,6 +221,10 @@ fn on_a_cgroup_v2_host_a_sandboxed_step_opens_only_the_usual_devices() {
     assert_eq!(result.exit_code, 0, "{stderr}");
     assert_eq!(stdout, "disk opened\nusual used\n");
     sandbox.assert_clean();
+    // The parent libcontainer made in the unified hierarchy (of a hybrid host, or of a v2
+    // one): it can be removed only if the steps' own cgroups are gone.
+    let parents = ["/sys/fs/cgroup/unified/kiln-runner-test-v2", "/sys/fs/cgroup/kiln-runner-test-v2"];
+    assert!(parents.iter().any(|parent| std::fs::remove_dir(parent).is_ok()), "a step's cgroup is left");
 }
 
 #[test]
