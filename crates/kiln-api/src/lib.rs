@@ -247,6 +247,7 @@ impl Control for ControlService {
         let caller = auth::caller_of(&request);
         auth::builder(&caller, "building")?;
         let mut request = request_from_proto(request.into_inner()).map_err(ApiError::from)?;
+        let debug = request.debug;
         // A client over TCP sends every context it names (named and nested ones included):
         // it may not make this daemon read its own disk.
         let contexts = request.contexts();
@@ -360,7 +361,7 @@ impl Control for ControlService {
                                 break None;
                             }
                             journal.event(&id, &event);
-                            if events.send(Ok(event_to_proto(event))).await.is_err() {
+                            if sent_to(&event, debug) && events.send(Ok(event_to_proto(event))).await.is_err() {
                                 tracing::info!("the client left: build cancelled");
                                 break None;
                             }
@@ -390,7 +391,9 @@ impl Control for ControlService {
                 };
                 while let Ok(event) = progress_events.try_recv() {
                     journal.event(&id, &event);
-                    let _ = events.send(Ok(event_to_proto(event))).await;
+                    if sent_to(&event, debug) {
+                        let _ = events.send(Ok(event_to_proto(event))).await;
+                    }
                 }
                 // File outputs travel to the client before the result.
                 let result = match result {
@@ -792,4 +795,10 @@ pub async fn serve_tcp(
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
         .map_err(ServeError::from)
+}
+
+/// Whether a build's client is sent `event`: Kiln's own lines on a step only if it asked
+/// (`--debug`).
+fn sent_to(event: &DomainEvent, debug: bool) -> bool {
+    debug || !matches!(event, DomainEvent::Log { line, .. } if line.stream == kiln_model::LogStream::Debug)
 }

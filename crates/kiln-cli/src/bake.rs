@@ -237,6 +237,7 @@ fn request_for(target: &Target, name: &str, cwd: &Path, args: &BakeArgs) -> anyh
         cache_to: build::caches(&cache_to, CacheDirection::To).with_context(|| fail("cache-to".into()))?,
         allow: args.run.allow.iter().copied().collect(),
         labels: target.labels.iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect(),
+        debug: args.run.debug,
         ..BuildRequest::default()
     })
 }

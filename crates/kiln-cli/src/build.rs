@@ -122,6 +122,7 @@ pub async fn run(args: BuildArgs, daemon: &embedded::Daemon) -> anyhow::Result<b
         trace: kiln_model::TraceContext::from_env(),
         named_contexts: named_contexts(&args.build_contexts)?,
         labels: labels(&args.labels)?,
+        debug: args.run.debug,
     };
     // Refused here, before the context is read or sent, as the daemon would refuse it.
     request.check_bounds()?;

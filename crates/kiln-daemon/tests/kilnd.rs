@@ -509,5 +509,31 @@ fn without_max_parallelism_steps_past_the_cpus_start_while_the_machine_is_calm()
     // ones ran may say so too).
     let admitted = progress.lines().filter(|l| l.contains("[admission] admitted as step")).count();
     assert!(admitted >= stages - cpus, "{admitted} admissions told: {progress}");
+
+    // A client that did not ask for them is sent none of those lines (the same build again,
+    // its steps run again, as the Rust client sends it without `debug`).
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (debug_lines, ended) = runtime.block_on(async {
+        let client = kiln_client::Client::connect(&format!("unix://{}", socket.display())).await.unwrap();
+        let request = kiln_model::BuildRequest {
+            dockerfile: std::fs::read_to_string(context.join("Dockerfile")).unwrap(),
+            file_name: "Dockerfile".into(),
+            context: context.clone(),
+            no_cache: true,
+            ..Default::default()
+        };
+        let mut events = client.build(request).await.unwrap();
+        let (mut debug, mut ended) = (0, false);
+        while let Some(event) = events.next().await.unwrap() {
+            match event {
+                kiln_model::BuildEvent::Log { line, .. } if line.stream == kiln_model::LogStream::Debug => debug += 1,
+                kiln_model::BuildEvent::Result { error, .. } => ended = error.is_none(),
+                _ => {}
+            }
+        }
+        (debug, ended)
+    });
+    assert!(ended, "the build without debug lines failed");
+    assert_eq!(debug_lines, 0);
     daemon.stop();
 }

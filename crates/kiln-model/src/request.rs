@@ -61,6 +61,9 @@ pub struct BuildRequest {
     pub named_contexts: BTreeMap<String, NamedContext>,
     /// `--label`: labels set on the image, over those of its Dockerfile.
     pub labels: BTreeMap<String, String>,
+    /// `--debug`: the build's client is sent Kiln's own lines on its steps
+    /// ([`crate::LogStream::Debug`]); without it they are left out.
+    pub debug: bool,
 }
 
 /// What a named context is.

@@ -328,6 +328,7 @@ pub fn request_to_proto(request: &BuildRequest) -> v1::BuildRequest {
         traceparent: request.trace.traceparent.clone(),
         tracestate: request.trace.tracestate.clone(),
         labels: request.labels.clone().into_iter().collect(),
+        debug: request.debug,
         named_contexts: request
             .named_contexts
             .iter()
@@ -384,6 +385,7 @@ pub fn request_from_proto(request: v1::BuildRequest) -> Result<BuildRequest, Wir
         trace: TraceContext { traceparent: request.traceparent, tracestate: request.tracestate }.bounded(),
         named_contexts: named_contexts_from_proto(request.named_contexts, 0)?,
         labels: request.labels.into_iter().collect(),
+        debug: request.debug,
     };
     request.check_bounds()?;
     Ok(request)
@@ -871,6 +873,7 @@ mod tests {
             max_parallelism: Some(3),
             outputs: vec![OutputSpec::parse("type=oci,dest=/o.tar,name=a:1").unwrap()],
             context_manifest: Some(ContextManifest { entries: vec![] }),
+            debug: true,
             ..Default::default()
         };
         assert_eq!(request_from_proto(request_to_proto(&request)).unwrap(), request);
