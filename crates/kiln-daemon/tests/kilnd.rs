@@ -439,6 +439,17 @@ fn the_history_keeps_what_its_retention_allows_and_prunes_at_start() {
     Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
     assert!(daemon.wait().unwrap().success());
 
+    // An idle daemon lets builds older than its maximum age go, without a restart or more
+    // builds ending.
+    let (daemon, socket) = standalone(root.path(), &["--history-max-age", "2s"]);
+    // Stopped even when an assertion fails.
+    let daemon = Stopped(daemon);
+    wait_until("the history emptied by age", || ids(&socket).is_empty());
+    let out = kiln(&socket, &["build", context.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the idle daemon pruned the build by age", || ids(&socket).is_empty());
+    daemon.stop();
+
     // A bad age is refused, naming the flag.
     let out = Command::new(env!("CARGO_BIN_EXE_kilnd"))
         .args(["--standalone", "--history-max-age", "soon", "--root"])
