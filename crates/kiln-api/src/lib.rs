@@ -204,12 +204,8 @@ impl ControlService {
     /// Ends, in the background, the history entries left `running` with nobody to finish them:
     /// at once for a single daemon (they are an earlier process's), and for a replicated
     /// coordinator each time it has taken over a term, once clients have had
-    /// [`kiln_model::ADOPTION_GRACE_MS`] to reattach. With a `history-max-age`, the history
-    /// is also pruned every quarter of it (at least every second, at most every ten minutes;
-    /// by the leader of replicated coordinators), so that an idle daemon lets old builds go
-    /// too. Call it on one of a daemon's services.
+    /// [`kiln_model::ADOPTION_GRACE_MS`] to reattach. Call it on one of a daemon's services.
     pub fn settle_abandoned_builds(&self) {
-        self.prune_by_age();
         let (book, runs, replication) = (self.builds.clone(), self.runs.clone(), self.replication.clone());
         let settling = async move {
             let Some(replication) = replication else {
@@ -235,24 +231,35 @@ impl ControlService {
         tokio::spawn(settling.instrument(tracing::info_span!("settle_builds")));
     }
 
-    /// Prunes the history every quarter of its `history-max-age`, if it has one.
-    fn prune_by_age(&self) {
+    /// With a `history-max-age`, prunes the history every quarter of it (no more often than
+    /// every second, and at least every ten minutes; on replicated coordinators, the leader
+    /// once it has taken over its term), so that an idle daemon lets old builds go too, until
+    /// `stopped`. The task is one of the daemon's tracked ones: a prune under way finishes
+    /// before the daemon flushes its store. Call it on one of a daemon's services.
+    pub fn prune_by_age(&self, stopped: CancellationToken) {
         let Some(age) = self.runs.retention().max_age else { return };
         let every = (age / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(600));
         let (book, runs, replication) = (self.builds.clone(), self.runs.clone(), self.replication.clone());
         let pruning = async move {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // The first tick is at once: a daemon prunes as it starts anyway.
+            // The first tick is at once, when the daemon prunes anyway (a single one as it
+            // starts, a replicated one as builds end).
             ticks.tick().await;
             loop {
-                ticks.tick().await;
-                if replication.as_ref().is_none_or(|replication| replication.leading().is_ok()) {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = stopped.cancelled() => return,
+                }
+                let leads = replication.as_ref().is_none_or(|replication| {
+                    replication.leading().is_ok() && replication.is_recovered(replication.node().status().term)
+                });
+                if leads {
                     book.prune(&runs, runs.retention()).await;
                 }
             }
         };
-        tokio::spawn(pruning.instrument(tracing::info_span!("prune_history")));
+        self.tasks.spawn(pruning.instrument(tracing::info_span!("prune_history")));
     }
 
     /// Ends uploads that send nothing for `timeout` (default [`UPLOAD_IDLE_TIMEOUT`]).

@@ -75,7 +75,8 @@ pub(crate) struct RunArgs {
     pub progress: Mode,
     /// Show Kiln's own words on the steps in plain and JSON progress: why a step waiting
     /// for a slot was admitted (docs/parallelism.md).
-    #[arg(long, env = "KILN_DEBUG")]
+    /// `KILN_DEBUG=1` (or `true`, `yes`, `on`) does the same.
+    #[arg(long, env = "KILN_DEBUG", value_parser = clap::builder::FalseyValueParser::new())]
     pub debug: bool,
     /// Write a JSON summary of the build (one record per vertex; bake: one entry per target)
     /// to this file.

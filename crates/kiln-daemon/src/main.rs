@@ -649,6 +649,7 @@ async fn serve(
         .with_web(web.as_ref().map(|a| format!("http://{a}")))
         .tracked_by(tasks.clone(), abandoned.clone());
     service.settle_abandoned_builds();
+    service.prune_by_age(stopped.clone());
     if let Some(address) = &web {
         if tokens.is_empty() {
             tracing::warn!("no client tokens: whoever reaches the web UI on {address} sees every build");
