@@ -317,6 +317,18 @@ struct RunResult {
     uploaded_bytes: u64,
 }
 
+/// A cluster scenario's report when it is `wanted`: its results, or its error (the rest of
+/// the run goes on).
+fn optional(wanted: bool, name: &str, run: impl FnOnce() -> anyhow::Result<Value>) -> Value {
+    if !wanted {
+        return Value::Null;
+    }
+    run().unwrap_or_else(|e| {
+        eprintln!("{name}: {e:#}");
+        json!({"error": format!("{e:#}")})
+    })
+}
+
 /// Runs the benchmark.
 pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> anyhow::Result<()> {
     setup::ensure_packages()?;
@@ -386,22 +398,8 @@ pub fn run(only: Option<String>, runs: usize, json_path: Option<PathBuf>) -> any
         }
     }
     // The burst last: it starts its own cluster and three Docker daemons.
-    let burst = if with_burst {
-        burst::run(&base, &bench_dir).unwrap_or_else(|e| {
-            eprintln!("ci-burst: {e:#}");
-            json!({"error": format!("{e:#}")})
-        })
-    } else {
-        Value::Null
-    };
-    let cluster_wide = if with_wide {
-        burst::wide(&base, &bench_dir).unwrap_or_else(|e| {
-            eprintln!("cluster-wide: {e:#}");
-            json!({"error": format!("{e:#}")})
-        })
-    } else {
-        Value::Null
-    };
+    let burst = optional(with_burst, "ci-burst", || burst::run(&base, &bench_dir));
+    let cluster_wide = optional(with_wide, "cluster-wide", || burst::wide(&base, &bench_dir));
     let report = json!({
         "date": kiln_date(),
         "machine": machine(),

@@ -853,7 +853,7 @@ async fn worker(
         platforms,
         labels: settings.labels.clone(),
         max_parallelism: admission.ceiling(),
-        capacity: *admission.capacity().borrow(),
+        capacity: admission.current_capacity(),
         free_disk: 0,
         cache_bytes: 0,
         address: format!("{}://{host}:{}", security.scheme(), local.port()),

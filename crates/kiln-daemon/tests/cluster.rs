@@ -151,14 +151,22 @@ impl Cluster {
     /// Polls the coordinator's worker list until `done` holds for the registered names (the
     /// coordinator offers no event to wait on); `what` names the wait if it times out.
     fn wait_for_names(&self, what: &str, done: impl Fn(&[String]) -> bool) {
+        let names = |workers: &[Value]| -> Vec<String> {
+            workers.iter().map(|w| w["name"].as_str().unwrap().to_string()).collect()
+        };
+        self.wait_for_workers_where(what, |workers| done(&names(workers)));
+    }
+
+    /// Polls `kiln workers --format json` until `done` holds for it (the coordinator offers
+    /// no event to wait on); `what` names the wait if it times out.
+    fn wait_for_workers_where(&self, what: &str, done: impl Fn(&[Value]) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let names: Vec<String> =
-                self.workers_json().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect();
-            if done(&names) {
+            let workers = self.workers_json();
+            if done(&workers) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{what}: workers are {names:?}\n{}", self.logs());
+            assert!(Instant::now() < deadline, "{what}: workers are {workers:?}\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -473,17 +481,10 @@ fn ten_concurrent_clients_sharing_a_step_execute_it_once() {
     }
     assert_eq!(executed, 1, "the shared step ran once cluster-wide");
     assert!(shared.iter().all(|s| *s == shared[0]), "every client got the one result: {shared:?}");
-    // The size of a worker's cache, measured when its jobs ended, comes with its heartbeats
-    // (polled: the coordinator offers no event to wait on).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let workers = cluster.workers_json();
-        if workers.iter().any(|w| w["cache_bytes"].as_u64().is_some_and(|bytes| bytes > 0)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no cache size told: {workers:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // The size of a worker's cache, measured when its jobs ended, comes with its heartbeats.
+    cluster.wait_for_workers_where("a cache size told", |workers| {
+        workers.iter().any(|w| w["cache_bytes"].as_u64().is_some_and(|bytes| bytes > 0))
+    });
 }
 
 #[test]
@@ -608,17 +609,10 @@ fn an_adaptive_worker_takes_more_steps_than_cpus_while_its_machine_is_calm() {
     // Each step let in past the CPUs says why, at debug level.
     let admitted = progress.lines().filter(|l| l.contains("[admission] admitted as step")).count();
     assert!(admitted >= steps - cpus, "{admitted} admissions shown:\n{progress}");
-    // Its jobs done, the worker's capacity goes back to one per CPU (polled: the coordinator
-    // offers no event to wait on).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let worker = cluster.workers_json().remove(0);
-        if worker["slots"].as_u64() == Some(cpus as u64) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the capacity did not shrink: {worker}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Its jobs done, the worker's capacity goes back to one per CPU.
+    cluster.wait_for_workers_where("the capacity shrunk back", |workers| {
+        workers[0]["slots"].as_u64() == Some(cpus as u64)
+    });
 }
 
 #[test]

@@ -163,6 +163,16 @@ fn some_total(text: &str) -> Option<u64> {
     line.split_whitespace().find_map(|field| field.strip_prefix("total="))?.parse().ok()
 }
 
+/// What a step that waited for its slot learns: how long, and the line saying why it was
+/// let in past the CPUs (shown with `--debug`).
+#[derive(Debug)]
+pub struct Waited {
+    /// The wait, in milliseconds.
+    pub ms: u64,
+    /// Why it was let in, when the machine's pressure let it in.
+    pub line: Option<kiln_model::LogLine>,
+}
+
 /// A slot: the execution holds it while it runs. One the admission sent to a waiter that had
 /// gone is given back when the channel drops it.
 pub struct Permit {
@@ -281,9 +291,7 @@ impl Admission {
     pub fn set_placed(self: &Arc<Self>, placed: usize) {
         let mut state = self.lock();
         state.placed = placed;
-        if self.start_watching(&mut state) {
-            tokio::spawn(Arc::clone(self).watch());
-        }
+        self.watch_if_wanted(&mut state);
     }
 
     /// Steps waiting and running.
@@ -297,18 +305,35 @@ impl Admission {
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         let mut state = self.lock();
         let permit = self.take_at_once(&mut state);
-        if self.start_watching(&mut state) {
-            tokio::spawn(Arc::clone(self).watch());
-        }
+        self.watch_if_wanted(&mut state);
         permit
     }
 
-    /// Whether the pressure is to be read now (see [`Admission::wants_reading`]). Marks it
-    /// read when it is to start.
-    fn start_watching(&self, state: &mut State) -> bool {
-        let start = self.pressure.is_some() && !state.watching && self.wants_reading(state);
-        state.watching |= start;
-        start
+    /// A slot: at once when one is free, else once admitted. For a step that waited, how
+    /// long, and (`--debug`) why it was let in past the CPUs. `waiting` makes what lives
+    /// while it waits (the queue phase's span).
+    pub async fn slot<G>(self: &Arc<Self>, waiting: impl FnOnce() -> G) -> (Permit, Option<Waited>) {
+        if let Some(permit) = self.try_acquire() {
+            return (permit, None);
+        }
+        let since = Instant::now();
+        let guard = waiting();
+        let (permit, decision) = self.acquire().await;
+        drop(guard);
+        let line = decision.map(|decision| kiln_model::LogLine {
+            stream: kiln_model::LogStream::Debug,
+            line: format!("[admission] {decision}"),
+        });
+        (permit, Some(Waited { ms: kiln_types::elapsed_ms(since), line }))
+    }
+
+    /// Starts reading the pressure if it is to be read now ([`Admission::wants_reading`]) and
+    /// nothing reads it yet.
+    fn watch_if_wanted(self: &Arc<Self>, state: &mut State) {
+        if self.pressure.is_some() && !state.watching && self.wants_reading(state) {
+            state.watching = true;
+            tokio::spawn(Arc::clone(self).watch());
+        }
     }
 
     /// Steps wait; or (a cluster worker) it holds its whole capacity, so the coordinator may
@@ -354,23 +379,19 @@ impl Admission {
     /// A slot, once admitted; with the decision when the machine's pressure admitted it.
     pub async fn acquire(self: &Arc<Self>) -> (Permit, Option<Decision>) {
         let (admit, admitted) = oneshot::channel();
-        let (place, watch) = {
+        let place = {
             let mut state = self.lock();
             // Checked and queued under one lock: a slot freed in between is not missed.
             if let Some(permit) = self.take_at_once(&mut state) {
-                if self.start_watching(&mut state) {
-                    tokio::spawn(Arc::clone(self).watch());
-                }
+                self.watch_if_wanted(&mut state);
                 return (permit, None);
             }
             let id = state.next_waiter;
             state.next_waiter += 1;
             state.waiting.push_back(Waiter { id, since: Instant::now(), admit });
-            (Place { admission: self, id }, self.start_watching(&mut state))
+            self.watch_if_wanted(&mut state);
+            Place { admission: self, id }
         };
-        if watch {
-            tokio::spawn(Arc::clone(self).watch());
-        }
         let admitted = admitted.await.expect("an admission keeps its waiters until it admits them");
         drop(place);
         admitted

@@ -9,7 +9,7 @@ use kiln_graph::{Graph, Op};
 use kiln_kv::{KvError, SharedKv};
 use kiln_model::{BuildEvent, Executed, Executor, Failed, LogLine, LogSink, LogStream};
 use kiln_telemetry::{Phase, Tier, metrics, phase_span};
-use kiln_types::{Digest, elapsed_ms, now_ms};
+use kiln_types::{Digest, now_ms};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
@@ -532,22 +532,15 @@ impl<E: Executor> Driver<E> {
                             }
                         }
                         // Only a step that waits for a slot has a queue phase here.
-                        let waiting = std::time::Instant::now();
                         let (_slot, waited) = match admission {
-                            Some(admission) => match admission.try_acquire() {
-                                Some(slot) => (Some(slot), None),
-                                None => {
-                                    let queue = phase_span(Phase::Queue);
-                                    let (slot, decision) = admission.acquire().await;
-                                    drop(queue);
-                                    // Why a step past the CPUs was let in: for `--debug`.
-                                    if let Some(decision) = decision {
-                                        let line = format!("[admission] {decision}");
-                                        let _ = logs.send(LogLine { stream: LogStream::Debug, line });
-                                    }
-                                    (Some(slot), Some(elapsed_ms(waiting)))
+                            Some(admission) => {
+                                let (slot, waited) = admission.slot(|| phase_span(Phase::Queue)).await;
+                                // Why a step past the CPUs was let in: for `--debug`.
+                                if let Some(line) = waited.as_ref().and_then(|w| w.line.clone()) {
+                                    let _ = logs.send(line);
                                 }
-                            },
+                                (Some(slot), waited.map(|w| w.ms))
+                            }
                             None => (None, None),
                         };
                         if !tried_import {

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use kiln_context::{BuildContext, StoredContext};
 use kiln_graph::{Op, SourceOp};
 use kiln_model::{
-    Assignment, Beat, BoxFuture, Executed, Failed, FromCoordinator, HeldWork, JobId, Layers, LogLine, LogSink,
-    LogStream, Phases, PushedLayer, Work, WorkerInfo,
+    Assignment, Beat, BoxFuture, Executed, Failed, FromCoordinator, HeldWork, JobId, Layers, LogLine, LogSink, Phases,
+    PushedLayer, Work, WorkerInfo,
 };
 use kiln_solver::admission::Admission;
 use kiln_telemetry::Phase;
@@ -683,22 +683,17 @@ impl Run<'_> {
             }
         });
         // Only real work takes a slot; a step past the CPUs waits while the machine is busy.
-        let waiting = Instant::now();
         let _slot = match &assignment.vertex.op {
-            Op::Exec(_) | Op::File(_) => Some(match admission.try_acquire() {
-                Some(slot) => slot,
-                None => {
-                    let queue = traced(Phase::Queue);
-                    let (slot, decision) = admission.acquire().await;
-                    drop(queue);
-                    phases.queue_ms = Some(elapsed_ms(waiting));
-                    if let Some(decision) = decision {
-                        let line = format!("[admission] {decision}");
-                        let _ = logs.send(LogLine { stream: LogStream::Debug, line });
+            Op::Exec(_) | Op::File(_) => {
+                let (slot, waited) = admission.slot(|| traced(Phase::Queue)).await;
+                if let Some(waited) = waited {
+                    phases.queue_ms = Some(waited.ms);
+                    if let Some(line) = waited.line {
+                        let _ = logs.send(line);
                     }
-                    slot
                 }
-            }),
+                Some(slot)
+            }
             _ => None,
         };
         let executing = Instant::now();
